@@ -1,0 +1,96 @@
+"""The leader's view of the worker fleet: slots, assignments in flight, liveness.
+
+Invariant 3: a token is spent only for a free worker slot. Free slots are the slots a
+worker announced minus the assignments this dispatcher handed it and has not seen finish.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from schemas.internal import Heartbeat
+
+
+@dataclass
+class AssignmentRecord:
+    id: str
+    worker: str
+    job_id: str
+    tier: str
+    key_id: str
+    ack: str
+    reservation: Any
+    at: float
+
+
+@dataclass
+class WorkerState:
+    id: str
+    slots: int
+    last_seen: float
+    draining: bool = False
+    assigned: dict[str, AssignmentRecord] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def free(self) -> int:
+        return 0 if self.draining else max(0, self.slots - len(self.assigned))
+
+
+class Fleet:
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.workers: dict[str, WorkerState] = {}
+        self.by_assignment: dict[str, AssignmentRecord] = {}
+
+    def beat(self, hb: Heartbeat, now: float) -> tuple[bool, list[AssignmentRecord]]:
+        """Record a heartbeat. Returns (is_new_worker, assignments the worker no longer has).
+
+        An assignment older than two heartbeats that the worker does not list was lost on
+        the way (or its outcome was): the caller returns the job to the queue.
+        """
+        state = self.workers.get(hb.worker)
+        is_new = state is None
+        if state is None:
+            state = self.workers[hb.worker] = WorkerState(hb.worker, hb.slots, now)
+        state.slots, state.last_seen, state.draining = hb.slots, now, hb.draining
+        state.info = {"pid": hb.pid, "host": hb.host, "calls": hb.calls, "started_at": hb.started_at}
+        listed = {item.assignment for item in hb.in_flight}
+        lost = [r for r in state.assigned.values() if r.id not in listed and now - r.at > 2.0]
+        for record in lost:
+            self.finish(record.id)
+        return is_new, lost
+
+    def free_slots(self) -> int:
+        return sum(w.free for w in self.workers.values())
+
+    def pick(self) -> WorkerState | None:
+        best = max(self.workers.values(), key=lambda w: w.free, default=None)
+        return best if best is not None and best.free > 0 else None
+
+    def assign(self, record: AssignmentRecord) -> None:
+        self.workers[record.worker].assigned[record.id] = record
+        self.by_assignment[record.id] = record
+
+    def finish(self, assignment_id: str) -> AssignmentRecord | None:
+        record = self.by_assignment.pop(assignment_id, None)
+        if record is not None and record.worker in self.workers:
+            self.workers[record.worker].assigned.pop(assignment_id, None)
+        return record
+
+    def expire(self, now: float) -> list[tuple[WorkerState, list[AssignmentRecord]]]:
+        """Remove workers silent for longer than the timeout; return them with their assignments."""
+        dead = [w for w in self.workers.values() if now - w.last_seen > self.timeout_s]
+        out = []
+        for worker in dead:
+            records = list(worker.assigned.values())
+            for record in records:
+                self.by_assignment.pop(record.id, None)
+            del self.workers[worker.id]
+            out.append((worker, records))
+        return out
+
+    def snapshot(self, now: float) -> list[dict]:
+        return [{"id": w.id, "slots": w.slots, "in_flight": len(w.assigned), "free": w.free, "draining": w.draining,
+                 "last_seen_s": round(now - w.last_seen, 2), **w.info} for w in self.workers.values()]

@@ -1,0 +1,99 @@
+"""Turning a JOBS message into a schedulable job, or into its `invalid` result.
+
+Everything a job could do wrong is caught here, before any key is chosen: bytes that are
+not JSON, schema violations, unknown upstreams, forbidden targets, expired deadlines,
+redelivery past its attempts, and poison messages that keep coming back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from nats.aio.msg import Msg
+
+from ratefleet.runtime.store import MSG_ID, REPLY_HEADER
+from schemas import Config, ErrorCode, Job, JobRejected, parse_job
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A validated job with everything the dispatcher needs to run and finish it."""
+
+    job: Job
+    job_id: str
+    tier: str
+    upstream: str
+    ack: str
+    reply_to: str | None
+    attempt: int
+    max_attempts: int
+    submitted_at: float
+    stream_seq: int
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A message that ends here: an invalid, expired or exhausted job, or a poison message."""
+
+    status: str  # invalid, expired, failed
+    code: ErrorCode
+    message: str
+    job_id: str
+    batch: str | None
+    tier: str
+    ack: str
+    reply_to: str | None
+    attempt: int
+    raw: bytes
+    job: Job | None = None
+
+
+def read_message(msg: Msg, tier: str, config: Config) -> Incoming | Refused:
+    meta = msg.metadata
+    headers = msg.headers or {}
+    reply_to = headers.get(REPLY_HEADER)
+    fallback_id = headers.get(MSG_ID) or f"s{meta.sequence.stream}"
+    attempt = meta.num_delivered
+
+    def refuse(status: str, code: ErrorCode, message: str, job_id: str | None = None,
+               batch: str | None = None, job: Job | None = None) -> Refused:
+        return Refused(status, code, message, job_id or fallback_id, batch, tier, msg.reply, reply_to, attempt,
+                       msg.data, job)
+
+    if attempt >= config.streams.max_deliver:
+        return refuse("failed", ErrorCode.POISON_MESSAGE,
+                      f"delivered {attempt} times without finishing (streams.max_deliver); moved to dead letters")
+    try:
+        job = parse_job(msg.data, max_bytes=config.streams.max_job_bytes)
+    except JobRejected as exc:
+        return refuse("invalid", exc.code, exc.message, exc.job_id, exc.batch)
+    job_id = job.id or fallback_id
+    problem = _check_against_config(job, config)
+    if problem is not None:
+        return refuse("invalid", problem[0], problem[1], job_id, job.batch, job)
+    max_attempts = job.max_attempts or config.tiers[tier].max_attempts
+    if attempt > max_attempts:
+        return refuse("failed", ErrorCode.ATTEMPTS_EXHAUSTED,
+                      f"delivered {attempt} times, more than max_attempts={max_attempts} (a worker stopped mid-call)",
+                      job_id, job.batch, job)
+    if job.expired(datetime.now(timezone.utc)):
+        return refuse("expired", ErrorCode.DEADLINE_EXCEEDED, "the deadline passed before the call could start",
+                      job_id, job.batch, job)
+    upstream = job.upstream or config.default_upstream()
+    return Incoming(job=job if job.id else job.model_copy(update={"id": job_id}), job_id=job_id, tier=tier,
+                    upstream=upstream, ack=msg.reply, reply_to=reply_to, attempt=attempt,
+                    max_attempts=max_attempts, submitted_at=meta.timestamp.timestamp(),
+                    stream_seq=meta.sequence.stream)
+
+
+def _check_against_config(job: Job, config: Config) -> tuple[ErrorCode, str] | None:
+    if job.upstream is None and config.default_upstream() is None:
+        return ErrorCode.UNKNOWN_UPSTREAM, f"upstream is required: several are configured ({sorted(config.upstreams)})"
+    name = job.upstream or config.default_upstream()
+    if name not in config.upstreams:
+        return ErrorCode.UNKNOWN_UPSTREAM, f"unknown upstream {name!r}; configured: {sorted(config.upstreams)}"
+    auth_header = config.upstreams[name].auth_header.lower()
+    if any(header.lower() == auth_header for header in job.request.headers):
+        return ErrorCode.FORBIDDEN_TARGET, f"header {config.upstreams[name].auth_header!r} is set by ratefleet"
+    return None

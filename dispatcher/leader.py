@@ -1,0 +1,274 @@
+"""The leader's session: pull jobs, ask the core what to dispatch, hand jobs to workers.
+
+It lives while this dispatcher holds the lease. It is the only writer of key state
+(invariant 2); it spends a token only when a worker slot is free (invariant 3); the
+decisions come from the pure core (invariant 4) and outcomes flow back into it (6).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import dataclass
+
+import anyio
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from dispatcher.core import Dispatch, Idle, Outcome, PendingJob, RateLimitInfo, Reject, Scheduler, WaitUntil
+from dispatcher.fleet import AssignmentRecord, Fleet
+from dispatcher.intake import Incoming, Refused, read_message
+from dispatcher.puller import TierPuller
+from dispatcher.spec import scheduler_spec
+from ratefleet.runtime.logs import get_logger
+from ratefleet.runtime.streams import tier_consumer
+from schemas import Config, ErrorInfo, Result, Subjects, Timings
+from schemas.internal import Assignment, Heartbeat, OutcomeReport
+from workers.finish import Finisher
+
+log = get_logger("ratefleet.leader")
+LOST = Outcome(kind="lost")
+
+
+@dataclass
+class Held:
+    incoming: Incoming
+    touched: float
+
+
+class LeaderSession:
+    def __init__(self, config: Config, nc: NatsClient, dispatcher_id: str):
+        self.config, self.nc, self.id = config, nc, dispatcher_id
+        self.subjects = Subjects(config.nats.prefix)
+        self.js = nc.jetstream()
+        self.finisher = Finisher(nc, self.js, self.subjects)
+        self.scheduler = Scheduler(scheduler_spec(config), time.monotonic(), conservative=True)
+        self.fleet = Fleet(config.dispatcher.worker_timeout_s)
+        self.held: dict[int, Held] = {}
+        self.pullers = {tier: TierPuller(nc, self.subjects.jobs_stream, tier_consumer(tier), tier,
+                                         config.dispatcher.window, self._on_job) for tier in config.tiers}
+        self.sequence = itertools.count(1)
+        self.wake = anyio.Event()
+        self.ready = False
+        self.since = time.time()
+        self.subs: list = []
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Dispatch until cancelled (lease lost or shutdown); then give back held jobs."""
+        self.subs = [
+            await self.nc.subscribe(self.subjects.heartbeat, cb=self._on_heartbeat, pending_msgs_limit=0),
+            await self.nc.subscribe(self.subjects.outcome, cb=self._on_outcome, pending_msgs_limit=0),
+            await self.nc.subscribe(self.subjects.leader_status, cb=self._on_status_request),
+        ]
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._housekeeping)
+                tg.start_soon(self._schedule)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._step_down()
+
+    async def _step_down(self) -> None:
+        for puller in self.pullers.values():
+            await puller.stop()
+        for sub in self.subs:
+            await sub.unsubscribe()
+        for held in self.held.values():
+            await self.finisher.nak(held.incoming.ack)
+        self.held.clear()
+        self.scheduler.discard_pending()
+        await self.nc.flush()
+
+    # -- scheduling -------------------------------------------------------------------------
+
+    async def _schedule(self) -> None:
+        # learn the fleet (and the calls in flight on each key) before spending a token
+        await anyio.sleep(self.config.workers.heartbeat_s * 1.5)
+        self.ready = True
+        for puller in self.pullers.values():
+            await puller.start()
+        while True:
+            timeout = await self._dispatch_ready()
+            with anyio.move_on_after(timeout):
+                await self.wake.wait()
+            self.wake = anyio.Event()
+
+    async def _dispatch_ready(self) -> float:
+        """Dispatch while workers have free slots; return how long to sleep."""
+        while self.fleet.free_slots() > 0:
+            now = time.monotonic()
+            decision = self.scheduler.next(now)
+            if isinstance(decision, Dispatch):
+                await self._hand_out(decision, now)
+            elif isinstance(decision, Reject):
+                held = self.held.pop(decision.job.handle, None)
+                if held is not None:
+                    await self._refuse_incoming(held.incoming, decision.code, decision.message)
+            elif isinstance(decision, WaitUntil):
+                return max(0.0, min(1.0, decision.at - now))
+            else:
+                assert isinstance(decision, Idle)
+                return 1.0
+        return 1.0
+
+    async def _hand_out(self, decision: Dispatch, now: float) -> None:
+        held = self.held.pop(decision.job.handle, None)
+        worker = self.fleet.pick()
+        if held is None or worker is None:  # cannot happen while slots are free; never leak tokens
+            self.scheduler.cancel(decision.reservation, now)
+            return
+        incoming = held.incoming
+        assignment = Assignment(
+            id=f"{self.id}.{next(self.sequence)}", job=incoming.job.model_dump(mode="json", by_alias=True, exclude_none=True),
+            job_id=incoming.job_id, tier=incoming.tier, upstream=incoming.upstream, key_id=decision.key_id,
+            pool=decision.pool, ack=incoming.ack, reply_to=incoming.reply_to, attempt=incoming.attempt,
+            max_attempts=incoming.max_attempts, submitted_at=incoming.submitted_at,
+            queued_ms=max(0.0, (time.time() - incoming.submitted_at) * 1000))
+        self.fleet.assign(AssignmentRecord(assignment.id, worker.id, incoming.job_id, incoming.tier, decision.key_id,
+                                           incoming.ack, decision.reservation, now))
+        await self.nc.publish(self.subjects.assign(worker.id), assignment.model_dump_json().encode())
+        puller = self.pullers[incoming.tier]
+        puller.held = self.scheduler.pending(incoming.tier)
+        await puller.top_up()
+
+    # -- intake -----------------------------------------------------------------------------
+
+    async def _on_job(self, tier: str, msg: Msg) -> None:
+        try:
+            verdict = read_message(msg, tier, self.config)
+        except Exception:
+            log.exception("could not read a job message; it comes back later", tier=tier)
+            await self.finisher.nak(msg.reply, 1.0)
+            return
+        if isinstance(verdict, Refused):
+            await self._finish_refused(verdict)
+            return
+        if verdict.stream_seq in self.held:
+            return  # a redelivery of a job we still hold
+        self.held[verdict.stream_seq] = Held(verdict, time.monotonic())
+        self.scheduler.add(PendingJob(job_id=verdict.job_id, tier=tier, upstream=verdict.upstream,
+                                      cost=verdict.job.cost, handle=verdict.stream_seq), time.monotonic())
+        self.pullers[tier].held = self.scheduler.pending(tier)
+        self.wake.set()
+
+    async def _refuse_incoming(self, incoming: Incoming, code: str, message: str) -> None:
+        log.warning("job refused", job_id=incoming.job_id, tier=incoming.tier, code=code, reason=message)
+        result = Result(job_id=incoming.job_id, status="failed", tier=incoming.tier, batch=incoming.job.batch,
+                        error=ErrorInfo(code=code, message=message), attempts=incoming.attempt,
+                        metadata=incoming.job.metadata, timings=_timings(incoming.submitted_at))
+        if await self.finisher.finish(result, ack=incoming.ack, reply_to=incoming.reply_to):
+            await self.finisher.dead(incoming.tier, result, job=incoming.job.model_dump(mode="json", by_alias=True))
+
+    async def _finish_refused(self, refused: Refused) -> None:
+        log.warning("job ended at intake", job_id=refused.job_id, tier=refused.tier, status=refused.status,
+                    code=str(refused.code), reason=refused.message)
+        job = refused.job
+        result = Result(job_id=refused.job_id, status=refused.status, tier=refused.tier, batch=refused.batch,
+                        error=ErrorInfo(code=refused.code, message=refused.message), attempts=refused.attempt,
+                        metadata=job.metadata if job else {})
+        stored = await self.finisher.finish(result, ack=refused.ack, reply_to=refused.reply_to)
+        if stored and refused.status != "expired":
+            await self.finisher.dead(refused.tier, result,
+                                     job=job.model_dump(mode="json", by_alias=True) if job else None,
+                                     raw=None if job else refused.raw)
+
+    # -- feedback ---------------------------------------------------------------------------
+
+    async def _on_outcome(self, msg: Msg) -> None:
+        try:
+            report = OutcomeReport.model_validate_json(msg.data)
+        except ValueError:
+            return
+        now = time.monotonic()
+        record = self.fleet.finish(report.assignment)
+        outcome = _outcome(report)
+        was_disabled = self._disabled(report.key_id)
+        if record is not None:
+            self.scheduler.complete(record.reservation, outcome, now)
+        elif report.kind != "none":
+            self.scheduler.complete_unknown(report.key_id, outcome, now)
+        if report.kind == "key_error" and not was_disabled and self._disabled(report.key_id):
+            log.error("KEY DISABLED: the upstream refused its credentials; fix the secret and restart the dispatcher",
+                      key_id=report.key_id, status=report.status)
+        self.wake.set()
+
+    def _disabled(self, key_id: str) -> bool:
+        return bool(self.scheduler.snapshot(time.monotonic())["keys"].get(key_id, {}).get("disabled"))
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            beat = Heartbeat.model_validate_json(msg.data)
+        except ValueError:
+            return
+        now = time.monotonic()
+        is_new, lost = self.fleet.beat(beat, now)
+        if is_new:
+            self._adopt(beat, now)
+            log.info("worker joined", worker=beat.worker, slots=beat.slots, in_flight=len(beat.in_flight))
+        for record in lost:
+            log.warning("assignment lost on its way; job goes back to the queue", job_id=record.job_id,
+                        worker=record.worker)
+            await self._return(record, now)
+        self.wake.set()
+
+    def _adopt(self, beat: Heartbeat, now: float) -> None:
+        """Calls a worker already has in flight (from an earlier leader) count against their keys."""
+        for item in beat.in_flight:
+            if item.assignment in self.fleet.by_assignment:
+                continue
+            for reservation in self.scheduler.adopt_in_flight(item.key_id, 1, now):
+                self.fleet.assign(AssignmentRecord(item.assignment, beat.worker, item.job_id, "?", item.key_id,
+                                                   "", reservation, now))
+
+    async def _return(self, record: AssignmentRecord, now: float) -> None:
+        self.scheduler.complete(record.reservation, LOST, now)
+        if record.ack:
+            await self.finisher.nak(record.ack)
+
+    async def _housekeeping(self) -> None:
+        interval = max(0.2, min(1.0, self.config.workers.heartbeat_s / 2))
+        keep_alive_after = self.config.streams.ack_wait_s / 3
+        while True:
+            await anyio.sleep(interval)
+            now = time.monotonic()
+            for worker, records in self.fleet.expire(now):
+                log.warning("worker silent; returning its jobs to the queue", worker=worker.id, jobs=len(records))
+                for record in records:
+                    await self._return(record, now)
+            for held in self.held.values():
+                if now - held.touched > keep_alive_after:
+                    held.touched = now
+                    await self.finisher.in_progress(held.incoming.ack)
+            if self.ready:
+                for puller in self.pullers.values():
+                    await puller.check_stale()
+            self.wake.set()
+
+    # -- status -----------------------------------------------------------------------------
+
+    async def _on_status_request(self, msg: Msg) -> None:
+        await msg.respond(json.dumps(self.status()).encode())
+
+    def status(self) -> dict:
+        now = time.monotonic()
+        snap = self.scheduler.snapshot(now)
+        return {"leader": self.id, "leader_since": self.since, "keys": snap["keys"], "tiers": snap["tiers"],
+                "workers": self.fleet.snapshot(now)}
+
+
+def _outcome(report: OutcomeReport) -> Outcome:
+    if report.kind == "none":
+        return LOST
+    limit = RateLimitInfo(**report.ratelimit) if report.ratelimit else None
+    return Outcome(kind=report.kind, status=report.status, retry_after_s=report.retry_after_s, ratelimit=limit,
+                   actual_cost=report.actual_cost, latency_ms=report.latency_ms)
+
+
+def _timings(submitted_at: float) -> Timings:
+    from datetime import datetime, timezone
+
+    return Timings(submitted_at=datetime.fromtimestamp(submitted_at, timezone.utc),
+                   total_ms=max(0.0, (time.time() - submitted_at) * 1000))

@@ -1,0 +1,77 @@
+"""Leader election through a NATS KV lease (invariant 2: one writer of key state).
+
+The bucket's TTL is the lease. `kv.create` takes it when free (it fails while another
+dispatcher holds it), `kv.update(last=rev)` renews it. A leader that cannot renew in
+time steps down before its lease can lapse; `release()` deletes it so a standby takes
+over at once instead of waiting for the TTL.
+"""
+
+from __future__ import annotations
+
+import time
+
+from nats.js import JetStreamContext
+from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.kv import KeyValue
+
+from ratefleet.runtime.logs import get_logger
+
+log = get_logger("ratefleet.lease")
+LEASE_KEY = "dispatcher"
+
+
+class LeaderLease:
+    def __init__(self, js: JetStreamContext, bucket: str, holder: str, ttl_s: float):
+        self.js, self.bucket, self.holder, self.ttl_s = js, bucket, holder, ttl_s
+        self.kv: KeyValue | None = None
+        self.revision: int | None = None
+        self.renewed_at = 0.0
+
+    @property
+    def held(self) -> bool:
+        return self.revision is not None and time.monotonic() - self.renewed_at < self.ttl_s * 0.8
+
+    async def open(self) -> None:
+        try:
+            self.kv = await self.js.key_value(self.bucket)
+        except (BucketNotFoundError, NotFoundError):
+            self.kv = await self.js.create_key_value(bucket=self.bucket, ttl=self.ttl_s, history=1)
+
+    async def try_acquire(self) -> bool:
+        """Take the lease if nobody holds it. True when we now hold it."""
+        assert self.kv is not None
+        try:
+            self.revision = await self.kv.create(LEASE_KEY, self.holder.encode())
+        except KeyWrongLastSequenceError:
+            return False
+        self.renewed_at = time.monotonic()
+        return True
+
+    async def renew(self) -> bool:
+        """Extend the lease; False when it was lost (expired, or taken by another)."""
+        assert self.kv is not None and self.revision is not None
+        started = time.monotonic()
+        try:
+            self.revision = await self.kv.update(LEASE_KEY, self.holder.encode(), last=self.revision)
+        except KeyWrongLastSequenceError:
+            self.revision = None
+            return False
+        self.renewed_at = started
+        return True
+
+    async def release(self) -> None:
+        if self.kv is None or self.revision is None:
+            return
+        try:
+            await self.kv.delete(LEASE_KEY, last=self.revision)
+        except Exception as exc:  # noqa: BLE001 - the TTL frees it anyway
+            log.warning("lease release failed; standbys take over when it expires", error=type(exc).__name__)
+        self.revision = None
+
+    async def current_holder(self) -> str | None:
+        assert self.kv is not None
+        try:
+            entry = await self.kv.get(LEASE_KEY)
+        except Exception:  # noqa: BLE001 - no entry, deleted or expired
+            return None
+        return entry.value.decode() if entry and entry.value else None

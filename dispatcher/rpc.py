@@ -1,0 +1,86 @@
+"""`<prefix>.rpc.<tier>`: request/reply for any NATS client.
+
+The job is stored in RATEFLEET_JOBS first, with the caller's inbox in the
+`Ratefleet-Reply-To` header; the worker that finishes it sends the Result there. Every
+dispatcher answers (queue group), leader or not, so submissions never wait for failover.
+"""
+
+from __future__ import annotations
+
+import json
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from ratefleet.errors import QueueFull, SubmitError
+from ratefleet.runtime.logs import get_logger
+from ratefleet.runtime.store import publish_job
+from schemas import Config, ErrorCode, ErrorInfo, Result, Subjects
+from schemas.job import new_job_id
+from schemas.subjects import is_token
+from workers.finish import Finisher
+
+log = get_logger("ratefleet.rpc")
+
+
+def _with_id(raw: bytes) -> tuple[str, bytes]:
+    """The job id from the payload, adding a fresh one to a JSON object that has none.
+
+    Payloads that are not JSON objects are stored as they are, under a fresh id: the
+    dispatcher turns them into an `invalid` result sent back to the caller.
+    """
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return new_job_id(), raw
+    if not isinstance(data, dict):
+        return new_job_id(), raw
+    job_id = data.get("id")
+    if isinstance(job_id, str) and is_token(job_id):
+        return job_id, raw
+    if job_id is None:
+        data["id"] = job_id = new_job_id()
+        return job_id, json.dumps(data).encode()
+    return new_job_id(), raw
+
+
+class RpcResponder:
+    def __init__(self, config: Config, nc: NatsClient):
+        self.config, self.nc = config, nc
+        self.js = nc.jetstream()
+        self.subjects = Subjects(config.nats.prefix)
+        self.finisher = Finisher(nc, self.js, self.subjects)
+
+    async def subscribe(self):
+        return await self.nc.subscribe(self.subjects.rpc("*"), queue="ratefleet-rpc", cb=self.handle,
+                                       pending_msgs_limit=0)
+
+    async def handle(self, msg: Msg) -> None:
+        tier = self.subjects.tier_of(msg.subject)
+        job_id, payload = _with_id(msg.data)
+        if tier not in self.config.tiers:
+            result = Result(job_id=job_id, status="invalid", tier=tier, error=ErrorInfo(
+                code=ErrorCode.UNKNOWN_TIER, message=f"unknown tier {tier!r}; configured: {list(self.config.tiers)}"))
+            await self.finisher.finish(result, ack=None, reply_to=msg.reply or None)
+            await self.finisher.dead("_", result, raw=msg.data)
+            return
+        try:
+            fresh = await publish_job(self.js, self.subjects, tier, job_id, payload, reply_to=msg.reply or None)
+        except SubmitError as exc:
+            code = "queue_full" if isinstance(exc, QueueFull) else "submit_failed"
+            log.warning("rpc job not stored", job_id=job_id, tier=tier, reason=str(exc))
+            if msg.reply:
+                refused = Result(job_id=job_id, status="failed", tier=tier, error=ErrorInfo(code=code, message=str(exc)))
+                await self.nc.publish(msg.reply, refused.to_json())
+            return
+        if not fresh and msg.reply:
+            await self._answer_duplicate(job_id, msg.reply)
+
+    async def _answer_duplicate(self, job_id: str, reply: str) -> None:
+        """A job id seen before: answer with its stored result when there already is one."""
+        try:
+            stored = await self.js.get_last_msg(self.subjects.results_stream, self.subjects.results("*", job_id))
+        except Exception:  # noqa: BLE001 - still running; the first requester gets the reply
+            log.info("duplicate rpc job still running; its result goes to the first requester", job_id=job_id)
+            return
+        await self.nc.publish(reply, stored.data)

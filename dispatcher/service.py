@@ -1,0 +1,119 @@
+"""The dispatcher process: topology, request/reply intake, leader election, status.
+
+Every dispatcher answers `rpc.<tier>` requests. Only the lease holder runs a
+LeaderSession; standbys poll the lease and take over when it lapses or is released.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import anyio
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from dispatcher.leader import LeaderSession
+from dispatcher.lease import LeaderLease
+from dispatcher.rpc import RpcResponder
+from ratefleet.runtime.logs import get_logger
+from ratefleet.runtime.streams import ensure_topology, tier_consumer
+from schemas import Config, Subjects
+
+log = get_logger("ratefleet.dispatcher")
+
+
+class Dispatcher:
+    def __init__(self, config: Config, nc: NatsClient, *, dispatcher_id: str | None = None):
+        self.config, self.nc = config, nc
+        self.id = dispatcher_id or f"d-{uuid.uuid4().hex[:6]}"
+        self.subjects = Subjects(config.nats.prefix)
+        self.js = nc.jetstream()
+        self.lease = LeaderLease(self.js, self.subjects.leader_bucket, self.id, config.dispatcher.lease_ttl_s)
+        self.session: LeaderSession | None = None
+
+    async def run(self, stop: anyio.Event) -> None:
+        await ensure_topology(self.js, self.config)
+        await self.lease.open()
+        rpc_sub = await RpcResponder(self.config, self.nc).subscribe()
+        status_sub = await self.nc.subscribe(self.subjects.admin_status, queue="ratefleet-status", cb=self._on_status)
+        log.info("dispatcher started", dispatcher=self.id, tiers=list(self.config.tiers))
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._campaign)
+                await stop.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await rpc_sub.unsubscribe()
+                await status_sub.unsubscribe()
+                await self.lease.release()
+                await self.nc.flush()
+            log.info("dispatcher stopped", dispatcher=self.id)
+
+    async def _campaign(self) -> None:
+        poll = min(0.25, self.config.dispatcher.lease_ttl_s / 6)
+        while True:
+            try:
+                acquired = await self.lease.try_acquire()
+            except Exception as exc:  # noqa: BLE001 - NATS away: keep trying
+                log.debug("lease attempt failed", error=type(exc).__name__)
+                acquired = False
+            if acquired:
+                await self._lead()
+            await anyio.sleep(poll)
+
+    async def _lead(self) -> None:
+        log.info("became leader", dispatcher=self.id)
+        self.session = LeaderSession(self.config, self.nc, self.id)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.session.run)
+                await self._keep_lease()
+                tg.cancel_scope.cancel()
+        finally:
+            self.session = None
+            log.warning("leadership ended", dispatcher=self.id)
+
+    async def _keep_lease(self) -> None:
+        """Renew the lease; return (ending the session) as soon as it may have lapsed."""
+        interval = self.config.dispatcher.lease_ttl_s / 4
+        while True:
+            await anyio.sleep(interval)
+            try:
+                with anyio.fail_after(interval):
+                    if not await self.lease.renew():
+                        return
+            except Exception as exc:  # noqa: BLE001 - timeout or disconnect
+                if not self.lease.held:
+                    log.warning("lease renewal failing; stepping down", error=type(exc).__name__)
+                    return
+
+    async def _on_status(self, msg: Msg) -> None:
+        """Any dispatcher answers; the leader's answer carries key and worker state."""
+        answer = {"dispatcher": self.id, "leader": await self.lease.current_holder(), "tiers": {}}
+        if self.session is not None:
+            answer.update(self.session.status())
+        else:
+            try:
+                reply = await self.nc.request(self.subjects.leader_status, b"", timeout=1.0)
+                answer.update(json.loads(reply.data))
+            except Exception:  # noqa: BLE001 - no leader right now; say so
+                answer["leader"] = None
+        answer["tiers"] = await self._tier_backlog(answer.get("tiers", {}))
+        answer["at"] = time.time()
+        await msg.respond(json.dumps(answer).encode())
+
+    async def _tier_backlog(self, tiers: dict) -> dict:
+        out = {}
+        for tier in self.config.tiers:
+            entry = dict(tiers.get(tier, {}))
+            try:
+                info = await self.js.consumer_info(self.subjects.jobs_stream, tier_consumer(tier))
+                entry["queued"] = info.num_pending
+                entry["unacked"] = info.num_ack_pending
+            except Exception:  # noqa: BLE001 - stream busy; the leader's view is still useful
+                pass
+            out[tier] = entry
+        return out

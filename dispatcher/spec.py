@@ -1,0 +1,24 @@
+"""Translating the validated config into the scheduling core's plain spec."""
+
+from __future__ import annotations
+
+from dispatcher.core import BreakerPolicy, CooldownPolicy, KeySpec, PoolSpec, SchedulerSpec, TierSpec
+from schemas import Config
+
+
+def scheduler_spec(config: Config) -> SchedulerSpec:
+    pools = []
+    for name, pool in config.pools.items():
+        upstream = config.pool_upstream(name)
+        keys = tuple(KeySpec(id=k.id, pool=name, upstream=upstream, rps=k.rps, burst=k.effective_burst,
+                             concurrency=k.concurrency, cost_per_minute=k.cost_per_minute) for k in pool.keys)
+        pools.append(PoolSpec(name=name, upstream=upstream, keys=keys))
+    tiers = tuple(TierSpec(name=name, weight=tier.weight, pools=tuple(config.tier_pools(name)))
+                  for name, tier in config.tiers.items())
+    d = config.dispatcher
+    return SchedulerSpec(
+        pools=tuple(pools), tiers=tiers, policy=d.policy,
+        breaker=BreakerPolicy(fail_max=d.breaker_fail_max, reset_timeout_s=d.breaker_reset_s),
+        cooldown=CooldownPolicy(base_s=d.cooldown_base_s, max_s=d.cooldown_max_s),
+        safety_s=d.safety_ms / 1000,
+    )

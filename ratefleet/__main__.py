@@ -1,0 +1,3 @@
+from ratefleet.cli import app
+
+app()

@@ -1,0 +1,175 @@
+"""The Python client: submit jobs, await one reply, follow a batch's results.
+
+    async with await Client.connect("nats://127.0.0.1:4222") as client:
+        await client.submit(job, tier="normal")                 # durable once it returns
+        result = await client.request(job, tier="vip", timeout=30)
+        async for result in client.results(batch="nightly-0412"): ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+from nats.aio.client import Client as NatsClient
+from nats.js.api import DeliverPolicy
+from nats.js.errors import APIError, NoStreamResponseError
+from pydantic import ValidationError
+
+from ratefleet.errors import JobInvalid, QueueFull, RequestTimeout, SubmitError
+from ratefleet.runtime.connect import connect
+from ratefleet.runtime.store import MSG_ID, publish_job
+from schemas import Job, Result, Subjects
+from schemas.config import DEFAULT_NATS_URL
+from schemas.job import describe_validation_error
+
+JobLike = Job | dict[str, Any]
+
+
+def as_job(job: JobLike, *, batch: str | None = None) -> Job:
+    """Validate a job (model or dict) and give it an id; raise JobInvalid naming the field."""
+    try:
+        model = job if isinstance(job, Job) else Job.model_validate(job)
+    except ValidationError as exc:
+        raise JobInvalid(describe_validation_error(exc)[1]) from None
+    if batch is not None and model.batch is None:
+        model = model.model_copy(update={"batch": batch})
+    return model.with_id()
+
+
+class Client:
+    def __init__(self, nc: NatsClient, prefix: str = "ratefleet"):
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.subjects = Subjects(prefix)
+
+    @classmethod
+    async def connect(cls, url: str = DEFAULT_NATS_URL, *, prefix: str = "ratefleet",
+                      name: str = "ratefleet-client") -> "Client":
+        return cls(await connect(url, name=name, forever=False), prefix)
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+    async def submit(self, job: JobLike, tier: str, *, batch: str | None = None) -> str:
+        """Store one job durably and return its id. Raises QueueFull, JobInvalid, SubmitError."""
+        model = as_job(job, batch=batch)
+        await self._publish(tier, model)
+        return model.id
+
+    async def _publish(self, tier: str, model: Job, reply_to: str | None = None) -> bool:
+        try:
+            return await publish_job(self.js, self.subjects, tier, model.id, model.to_json(), reply_to=reply_to)
+        except SubmitError as exc:
+            if "no stream takes" in str(exc):
+                raise SubmitError(f"unknown tier {tier!r}: no stream takes {self.subjects.jobs(tier)} "
+                                  "(tiers are configured in [tiers]; is a dispatcher running?)") from None
+            raise
+
+    async def submit_many(self, jobs: Iterable[JobLike], tier: str, *, batch: str | None = None,
+                          window: int = 2000, progress: Callable[[int], None] | None = None) -> list[str]:
+        """Store many jobs with pipelined publishes; returns their ids in order.
+
+        Stops at the first job the queue refuses (QueueFull says how many were stored).
+        """
+        ids: list[str] = []
+        pending: list[asyncio.Future] = []
+        for job in jobs:
+            model = as_job(job, batch=batch)
+            future = await self.js.publish_async(self.subjects.jobs(tier), model.to_json(), headers={MSG_ID: model.id})
+            pending.append(future)
+            ids.append(model.id)
+            if len(pending) >= window:
+                await self._settle(pending, len(ids) - len(pending), tier, progress)
+                pending = []
+        await self._settle(pending, len(ids) - len(pending), tier, progress)
+        return ids
+
+    async def _settle(self, futures: list[asyncio.Future], done_before: int, tier: str,
+                      progress: Callable[[int], None] | None) -> None:
+        for index, future in enumerate(futures):
+            try:
+                await asyncio.wait_for(future, 10.0)
+            except APIError as exc:
+                message = f"stored {done_before + index} jobs, then the queue refused one: {exc.description}"
+                if "maximum" in (exc.description or "").lower():
+                    raise QueueFull(message + "; retry later or raise streams.jobs_max_msgs") from None
+                raise SubmitError(message) from None
+            except NoStreamResponseError:
+                raise SubmitError(f"unknown tier {tier!r}: no stream takes {self.subjects.jobs(tier)}") from None
+            except (asyncio.TimeoutError, TimeoutError):
+                raise SubmitError(f"NATS did not confirm job {done_before + index + 1} in time; resubmitting is safe "
+                                  "(same ids are deduplicated)") from None
+            if progress:
+                progress(1)
+
+    async def request(self, job: JobLike, tier: str, *, timeout: float = 30.0) -> Result:
+        """Submit one job and wait for its Result (over the reply inbox)."""
+        model = as_job(job)
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox, max_msgs=1)
+        try:
+            fresh = await self._publish(tier, model, reply_to=inbox)
+            if not fresh:
+                stored = await self.stored_result(model.id)
+                if stored is not None:
+                    return stored
+            try:
+                msg = await sub.next_msg(timeout=timeout)
+            except (asyncio.TimeoutError, TimeoutError, Exception) as exc:
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                stored = await self.stored_result(model.id)
+                if stored is not None:
+                    return stored
+                raise RequestTimeout(f"no result for job {model.id} within {timeout}s; it is stored and still runs: "
+                                     f"collect it later with Client.results()/stored_result()") from None
+            return Result.from_json(msg.data)
+        finally:
+            await sub.unsubscribe()
+
+    async def stored_result(self, job_id: str, batch: str | None = None) -> Result | None:
+        """The stored Result of one job, or None when it has none yet."""
+        subject = self.subjects.results(batch, job_id) if batch is not None else self.subjects.results("*", job_id)
+        try:
+            msg = await self.js.get_last_msg(self.subjects.results_stream, subject)
+        except Exception:  # noqa: BLE001 - not found
+            return None
+        return Result.from_json(msg.data)
+
+    async def results(self, batch: str | None = None, *, follow: bool = False,
+                      idle_timeout: float = 1.0) -> AsyncIterator[Result]:
+        """Results of a batch (`None`: jobs without a batch). Stops when caught up unless `follow`."""
+        sub = await self.js.subscribe(self.subjects.batch_results(batch), ordered_consumer=True,
+                                      deliver_policy=DeliverPolicy.ALL)
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=idle_timeout)
+                except (asyncio.TimeoutError, TimeoutError):
+                    if follow:
+                        continue
+                    return
+                yield Result.from_json(msg.data)
+                if not follow and msg.metadata.num_pending == 0:
+                    return
+        finally:
+            await sub.unsubscribe()
+
+    async def status(self, timeout: float = 3.0) -> dict:
+        """The fleet's status (tiers, keys, workers) from a dispatcher."""
+        try:
+            reply = await self.nc.request(self.subjects.admin_status, b"", timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - nobody answers
+            raise SubmitError(f"no dispatcher answered {self.subjects.admin_status} ({type(exc).__name__}); "
+                              "is `ratefleet up` or `ratefleet dispatcher` running?") from None
+        return json.loads(reply.data)

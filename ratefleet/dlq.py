@@ -1,0 +1,73 @@
+"""Dead letters: list them, and replay the ones that hold a job under a new id."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from nats.js.api import DeliverPolicy
+from rich.console import Console
+from rich.table import Table
+
+from ratefleet.client import Client
+from ratefleet.runtime.store import publish_job
+from schemas.job import new_job_id
+
+
+async def read_dead(client: Client, tier: str | None, limit: int | None = None) -> list[tuple[int, dict]]:
+    """(stream sequence, letter) pairs, oldest first."""
+    subject = client.subjects.dead(tier or "*")
+    try:
+        info = await client.js.stream_info(client.subjects.dead_stream)
+    except Exception:  # noqa: BLE001 - no stream yet: no letters
+        return []
+    if info.state.messages == 0:
+        return []
+    sub = await client.js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    letters = []
+    try:
+        while limit is None or len(letters) < limit:
+            try:
+                msg = await sub.next_msg(timeout=1.0)
+            except (asyncio.TimeoutError, TimeoutError):
+                break
+            letters.append((msg.metadata.sequence.stream, json.loads(msg.data)))
+            if msg.metadata.num_pending == 0:
+                break
+    finally:
+        await sub.unsubscribe()
+    return letters
+
+
+async def list_dead(url: str, prefix: str, tier: str | None, limit: int, as_json: bool) -> None:
+    async with await Client.connect(url, prefix=prefix) as client:
+        letters = await read_dead(client, tier, limit)
+    if as_json:
+        for _seq, letter in letters:
+            print(json.dumps(letter))
+        return
+    table = Table("seq", "job id", "tier", "code", "reason", "attempts", "replayable", title=f"dead letters ({len(letters)})")
+    for seq, letter in letters:
+        reason = letter.get("reason") or {}
+        table.add_row(str(seq), str(letter.get("job_id")), str(letter.get("tier")), str(reason.get("code")),
+                      str(reason.get("message"))[:80], str(letter.get("attempts")), "yes" if letter.get("job") else "no")
+    Console().print(table)
+
+
+async def replay_dead(url: str, prefix: str, tier: str | None, job_id: str | None, purge: bool) -> int:
+    """Resubmit letters with a job, each under `<original>-r<n>` so its new Result can be stored."""
+    replayed = 0
+    async with await Client.connect(url, prefix=prefix) as client:
+        for seq, letter in await read_dead(client, tier):
+            job = letter.get("job")
+            if not job or (job_id and letter.get("job_id") != job_id):
+                continue
+            original = letter.get("job_id") or job.get("id") or "job"
+            job = {**job, "id": f"{original[:100]}-r{new_job_id()[:8]}",
+                   "metadata": {**(job.get("metadata") or {}), "replay_of": original}}
+            target_tier = letter.get("tier") if letter.get("tier") not in (None, "_") else "normal"
+            await publish_job(client.js, client.subjects, target_tier, job["id"], json.dumps(job).encode())
+            if purge:
+                await client.js.delete_msg(client.subjects.dead_stream, seq)
+            replayed += 1
+    return replayed

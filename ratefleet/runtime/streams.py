@@ -1,0 +1,85 @@
+"""Stream and consumer topology, created idempotently by every role at start.
+
+RATEFLEET_JOBS     work-queue, file storage, discard-new at its limits, dedup by job id;
+                   one durable pull consumer per tier (`tier-<name>`).
+RATEFLEET_RESULTS  limits retention, one message per subject for good (invariant 7).
+RATEFLEET_DEAD     dead letters, kept `dead_max_age_s`.
+"""
+
+from __future__ import annotations
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+
+from schemas import Config, Subjects
+
+
+def tier_consumer(tier: str) -> str:
+    return f"tier-{tier}"
+
+
+def stream_configs(config: Config) -> list[StreamConfig]:
+    subjects = Subjects(config.nats.prefix)
+    s = config.streams
+    return [
+        StreamConfig(
+            name=subjects.jobs_stream, subjects=[subjects.jobs("*")], retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE, discard=DiscardPolicy.NEW, max_msgs=s.jobs_max_msgs,
+            max_bytes=s.jobs_max_bytes, duplicate_window=s.duplicate_window_s, num_replicas=s.replicas,
+            max_msg_size=s.max_job_bytes + 4096,
+        ),
+        StreamConfig(
+            name=subjects.results_stream, subjects=[subjects.results("*", "*")], retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE, max_age=s.results_max_age_s, max_msgs_per_subject=1,
+            discard=DiscardPolicy.NEW, discard_new_per_subject=True, duplicate_window=min(s.duplicate_window_s, s.results_max_age_s),
+            num_replicas=s.replicas,
+        ),
+        StreamConfig(
+            name=subjects.dead_stream, subjects=[subjects.dead("*")], retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE, max_age=s.dead_max_age_s, num_replicas=s.replicas,
+        ),
+    ]
+
+
+def consumer_config(config: Config, tier: str) -> ConsumerConfig:
+    subjects = Subjects(config.nats.prefix)
+    return ConsumerConfig(
+        durable_name=tier_consumer(tier), filter_subject=subjects.jobs(tier), ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL, ack_wait=config.streams.ack_wait_s, max_deliver=config.streams.max_deliver,
+        max_ack_pending=-1, max_waiting=512,
+    )
+
+
+async def ensure_topology(js: JetStreamContext, config: Config) -> None:
+    """Create or update the three streams and the per-tier consumers. Safe to run concurrently."""
+    for stream in stream_configs(config):
+        await _ensure_stream(js, stream)
+    jobs_stream = Subjects(config.nats.prefix).jobs_stream
+    for tier in config.tiers:
+        wanted = consumer_config(config, tier)
+        try:
+            await js.add_consumer(jobs_stream, config=wanted)
+        except BadRequestError:
+            # exists with other settings (e.g. a changed ack_wait): update the mutable fields
+            await js.add_consumer(jobs_stream, config=wanted)
+
+
+async def _ensure_stream(js: JetStreamContext, stream: StreamConfig) -> None:
+    try:
+        await js.stream_info(stream.name)
+    except NotFoundError:
+        try:
+            await js.add_stream(stream)
+            return
+        except BadRequestError:
+            pass  # created concurrently by another process
+    await js.update_stream(stream)

@@ -1,0 +1,91 @@
+"""`ratefleet up`: embedded NATS when none answers, then dispatcher and worker processes.
+
+Children that die are restarted (with a short backoff). Ctrl-C or SIGTERM stops the
+workers first (they drain), then the dispatchers (they release the lease), then NATS.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ratefleet.runtime.embedded import EmbeddedNats, embedded_for, port_answers
+from ratefleet.runtime.logs import get_logger
+from schemas import Config
+
+log = get_logger("ratefleet.up")
+
+
+@dataclass
+class Child:
+    role: str
+    args: list[str]
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+    started: float = field(default=0.0)
+
+    def start(self, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", "ratefleet", *self.args], env=env)
+        self.started = time.monotonic()
+
+
+def _children(config_path: Path | None, workers: int, dispatchers: int) -> list[Child]:
+    conf = ["--config", str(config_path)] if config_path else []
+    return ([Child("dispatcher", ["dispatcher", *conf]) for _ in range(dispatchers)]
+            + [Child("worker", ["worker", *conf]) for _ in range(workers)])
+
+
+def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatchers: int) -> int:
+    embedded: EmbeddedNats | None = None
+    url = config.nats.url
+    if not port_answers(url):
+        embedded = embedded_for(url, config.nats.embedded_dir).start()
+        url = embedded.url
+        log.info("started embedded nats-server", url=url, store=str(embedded.store_dir))
+    env = {**os.environ, "RATEFLEET_NATS_URL": url}
+    children = _children(config_path, workers, dispatchers)
+    stopping = False
+
+    def on_signal(signum, _frame):
+        nonlocal stopping
+        stopping = True
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for child in children:
+            child.start(env)
+        log.info("fleet up", nats=url, dispatchers=dispatchers, workers=workers)
+        while not stopping:
+            time.sleep(0.2)
+            for child in children:
+                if child.process and child.process.poll() is not None and not stopping:
+                    log.warning("child exited; restarting", role=child.role, code=child.process.returncode)
+                    time.sleep(min(5.0, 0.5 * 2 ** min(child.restarts, 4)))
+                    child.restarts += 1
+                    child.start(env)
+    finally:
+        _stop_all(children, config.workers.grace_s)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+def _stop_all(children: list[Child], grace_s: float) -> None:
+    for role in ("worker", "dispatcher"):
+        group = [c.process for c in children if c.role == role and c.process and c.process.poll() is None]
+        for process in group:
+            process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s + 5
+        for process in group:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

@@ -1,0 +1,31 @@
+"""Rendering `ratefleet status` as tables."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def render_status(answer: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    leader = answer.get("leader") or "none (no dispatcher holds the lease)"
+    console.print(f"[bold]leader[/bold]: {leader}   answered by: {answer.get('dispatcher')}")
+    tiers = Table("tier", "queued", "pending (window)", "in flight", "dispatched", "unacked", title="tiers")
+    for name, t in (answer.get("tiers") or {}).items():
+        tiers.add_row(name, str(t.get("queued", "?")), str(t.get("pending", "-")), str(t.get("in_flight", "-")),
+                      str(t.get("dispatched", "-")), str(t.get("unacked", "-")))
+    console.print(tiers)
+    keys = Table("key", "pool", "tokens", "cost tokens", "in flight", "breaker", "cooldown s", "calls", "ok",
+                 "429s", "errors", "state", title="keys")
+    for key_id, k in (answer.get("keys") or {}).items():
+        state = f"DISABLED ({k.get('disabled_reason')})" if k.get("disabled") else "ok"
+        keys.add_row(key_id, str(k.get("pool")), str(k.get("tokens")), str(k.get("cost_tokens", "-")),
+                     f"{k.get('in_flight')}/{k.get('concurrency') or '∞'}", str(k.get("breaker")),
+                     str(k.get("cooldown_s")), str(k.get("calls")), str(k.get("ok")), str(k.get("rate_limited")),
+                     str(k.get("errors")), state)
+    console.print(keys)
+    workers = Table("worker", "slots", "in flight", "calls", "host", "pid", "seen s ago", "state", title="workers")
+    for w in answer.get("workers") or []:
+        workers.add_row(w["id"], str(w["slots"]), str(w["in_flight"]), str(w.get("calls")), str(w.get("host")),
+                        str(w.get("pid")), str(w.get("last_seen_s")), "draining" if w.get("draining") else "up")
+    console.print(workers)

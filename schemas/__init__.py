@@ -1,0 +1,29 @@
+"""The wire contract of ratefleet: pydantic models for what crosses a process boundary.
+
+`Job` and `Result` are the public JSON shapes, `Config` is the TOML file, `Subjects`
+names every NATS subject and stream. `internal` holds the dispatcher/worker protocol,
+which is not part of the public contract.
+"""
+
+from schemas.config import (
+    Config,
+    ConfigError,
+    DispatcherConfig,
+    KeyConfig,
+    PoolConfig,
+    StreamsConfig,
+    TierConfig,
+    UpstreamConfig,
+    WorkersConfig,
+    load_config,
+)
+from schemas.job import HttpRequest, Job, JobRejected, parse_job
+from schemas.result import ErrorCode, ErrorInfo, ResponseInfo, Result, ResultStatus, Timings
+from schemas.subjects import TOKEN_PATTERN, Subjects, is_token
+
+__all__ = [
+    "Config", "ConfigError", "DispatcherConfig", "ErrorCode", "ErrorInfo", "HttpRequest",
+    "Job", "JobRejected", "KeyConfig", "PoolConfig", "ResponseInfo", "Result",
+    "ResultStatus", "StreamsConfig", "Subjects", "TOKEN_PATTERN", "TierConfig", "Timings",
+    "UpstreamConfig", "WorkersConfig", "is_token", "load_config", "parse_job",
+]

@@ -1,0 +1,232 @@
+"""The TOML configuration, validated once at start.
+
+`load_config()` finds the file (`--config`, `$RATEFLEET_CONFIG`, `./ratefleet.toml`) and
+refuses a bad one with the file, the field and the reason. Secrets stay references
+(`env:NAME`, `file:PATH` or a literal) until a worker resolves them.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import warnings
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from schemas.subjects import TOKEN_PATTERN
+
+DEFAULT_TIERS = (("vip", 8), ("premium", 4), ("normal", 2), ("guest", 1))
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file, the field and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NatsConfig(_Strict):
+    url: str = DEFAULT_NATS_URL
+    prefix: str = Field(default="ratefleet", pattern=r"^[A-Za-z0-9_-]+$")
+    embedded_dir: str = ".ratefleet/nats"
+
+
+class UpstreamConfig(_Strict):
+    base_url: str
+    auth_header: str = "Authorization"
+    auth_scheme: str = "Bearer"
+    timeout_s: float = Field(default=60.0, gt=0)
+    usage_path: str | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+
+class KeyConfig(_Strict):
+    id: str = Field(pattern=TOKEN_PATTERN)
+    secret: SecretStr
+    rps: float = Field(gt=0)
+    burst: float | None = Field(default=None, ge=1)
+    concurrency: int | None = Field(default=None, ge=1)
+    cost_per_minute: float | None = Field(default=None, gt=0)
+
+    @property
+    def effective_burst(self) -> float:
+        return self.burst if self.burst is not None else max(1.0, self.rps)
+
+    @field_validator("secret")
+    @classmethod
+    def _secret_form(cls, value: SecretStr) -> SecretStr:
+        raw = value.get_secret_value()
+        if not raw:
+            raise ValueError("must not be empty (use env:NAME, file:PATH or a literal)")
+        if raw.startswith("env:") and not raw[4:]:
+            raise ValueError("env: needs a variable name, e.g. env:OPENAI_KEY_1")
+        if raw.startswith("file:") and not raw[5:]:
+            raise ValueError("file: needs a path, e.g. file:/run/secrets/k1")
+        return value
+
+    @property
+    def secret_is_literal(self) -> bool:
+        return not self.secret.get_secret_value().startswith(("env:", "file:"))
+
+
+class PoolConfig(_Strict):
+    upstream: str | None = None
+    keys: list[KeyConfig] = Field(min_length=1)
+
+
+class TierConfig(_Strict):
+    weight: int = Field(default=1, ge=1, le=1000)
+    pools: list[str] | None = None
+    max_attempts: int = Field(default=5, ge=1, le=100)
+
+
+class WorkersConfig(_Strict):
+    slots: int = Field(default=64, ge=1, le=10000)
+    transport: Literal["aiohttp", "httpcore"] = "aiohttp"
+    heartbeat_s: float = Field(default=1.0, gt=0)
+    grace_s: float = Field(default=30.0, ge=0)
+    id_prefix: str = Field(default="w", pattern=r"^[A-Za-z0-9_-]+$")
+
+
+class DispatcherConfig(_Strict):
+    policy: Literal["weighted", "strict"] = "weighted"
+    window: int = Field(default=64, ge=1, le=100000)
+    lease_ttl_s: float = Field(default=3.0, ge=0.5)
+    worker_timeout_s: float = Field(default=3.0, gt=0)
+    breaker_fail_max: int = Field(default=5, ge=1)
+    breaker_reset_s: float = Field(default=30.0, gt=0)
+    cooldown_base_s: float = Field(default=1.0, gt=0)
+    cooldown_max_s: float = Field(default=60.0, gt=0)
+    safety_ms: float = Field(default=50.0, ge=0)
+
+
+class StreamsConfig(_Strict):
+    jobs_max_msgs: int = Field(default=1_000_000, ge=-1)
+    jobs_max_bytes: int = Field(default=-1, ge=-1)
+    max_job_bytes: int = Field(default=1 << 20, ge=256)
+    ack_wait_s: float = Field(default=30.0, ge=1)
+    max_deliver: int = Field(default=20, ge=2)
+    duplicate_window_s: float = Field(default=600.0, gt=0)
+    results_max_age_s: float = Field(default=86400.0, gt=0)
+    dead_max_age_s: float = Field(default=7 * 86400.0, gt=0)
+    replicas: int = Field(default=1, ge=1, le=5)
+
+
+class Config(_Strict):
+    """The whole file. Tiers are listed highest priority first."""
+
+    nats: NatsConfig = NatsConfig()
+    upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
+    pools: dict[str, PoolConfig] = Field(default_factory=dict)
+    tiers: dict[str, TierConfig] = Field(default_factory=dict)
+    workers: WorkersConfig = WorkersConfig()
+    dispatcher: DispatcherConfig = DispatcherConfig()
+    streams: StreamsConfig = StreamsConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: dict) -> dict:
+        if isinstance(data, dict) and not data.get("tiers"):
+            pools = list((data.get("pools") or {}).keys())
+            data = {**data, "tiers": {name: {"weight": w, "pools": pools} for name, w in DEFAULT_TIERS}}
+        return data
+
+    @model_validator(mode="after")
+    def _references(self) -> "Config":
+        for name in [*self.tiers, *self.pools, *self.upstreams]:
+            if not name.replace("_", "a").replace("-", "a").isalnum():
+                raise ValueError(f"name {name!r} must match [A-Za-z0-9_-]+")
+        seen: set[str] = set()
+        for pool_name, pool in self.pools.items():
+            upstream = self.pool_upstream(pool_name)
+            if upstream not in self.upstreams:
+                raise ValueError(f"pools.{pool_name}.upstream: unknown upstream {upstream!r}; "
+                                 f"known: {sorted(self.upstreams)}")
+            for key in pool.keys:
+                if key.id in seen:
+                    raise ValueError(f"pools.{pool_name}.keys: key id {key.id!r} is used twice")
+                seen.add(key.id)
+        for tier_name, tier in self.tiers.items():
+            for pool_name in tier.pools or []:
+                if pool_name not in self.pools:
+                    raise ValueError(f"tiers.{tier_name}.pools: unknown pool {pool_name!r}; known: {sorted(self.pools)}")
+        return self
+
+    def pool_upstream(self, pool_name: str) -> str | None:
+        pool = self.pools[pool_name]
+        if pool.upstream:
+            return pool.upstream
+        if len(self.upstreams) == 1:
+            return next(iter(self.upstreams))
+        raise ValueError(f"pools.{pool_name}.upstream: required when more than one upstream is configured")
+
+    def tier_pools(self, tier: str) -> list[str]:
+        pools = self.tiers[tier].pools
+        return list(self.pools) if pools is None else pools
+
+    def default_upstream(self) -> str | None:
+        return next(iter(self.upstreams)) if len(self.upstreams) == 1 else None
+
+    def keys(self) -> dict[str, KeyConfig]:
+        return {key.id: key for pool in self.pools.values() for key in pool.keys}
+
+
+def config_path(explicit: str | os.PathLike | None) -> Path | None:
+    """The config file to use: explicit, else $RATEFLEET_CONFIG, else ./ratefleet.toml if present."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("RATEFLEET_CONFIG"):
+        return Path(os.environ["RATEFLEET_CONFIG"])
+    default = Path("ratefleet.toml")
+    return default if default.exists() else None
+
+
+def parse_config(data: dict, *, source: str = "<config>") -> Config:
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+    for key_id, key in config.keys().items():
+        if key.secret_is_literal:
+            warnings.warn(f"{source}: key {key_id!r} has a literal secret; use env:NAME or file:PATH outside local tests",
+                          stacklevel=2)
+    return config
+
+
+def load_config(path: str | os.PathLike | None = None, *, nats_url: str | None = None) -> Config:
+    """Load and validate the config; raise ConfigError naming the file, the field and why."""
+    found = config_path(path)
+    if found is None:
+        data: dict = {}
+        source = "<defaults>"
+    else:
+        source = str(found)
+        try:
+            data = tomllib.loads(found.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: no such config file (pass --config FILE or set RATEFLEET_CONFIG)") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    url = nats_url or os.environ.get("RATEFLEET_NATS_URL")
+    if url:
+        data = {**data, "nats": {**data.get("nats", {}), "url": url}}
+    return parse_config(data, source=source)
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors(include_url=False):
+        where = ".".join(str(p) for p in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{source}: {where}: {message}" if where else f"{source}: {message}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)

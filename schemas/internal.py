@@ -1,0 +1,61 @@
+"""The dispatcher/worker protocol on `<prefix>.internal.>` (not part of the public contract).
+
+dispatcher -> worker   Assignment     on internal.assign.<worker>   run this job on this key
+worker -> dispatcher   OutcomeReport  on internal.outcome           what happened, per call
+worker -> dispatcher   Heartbeat      on internal.heartbeat         alive, slots, calls in flight
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+OutcomeKind = Literal["ok", "rate_limited", "key_error", "upstream_error", "bad_request", "none"]
+
+
+class Assignment(BaseModel):
+    id: str
+    job: dict[str, Any]
+    job_id: str
+    tier: str
+    upstream: str
+    key_id: str
+    pool: str
+    ack: str  # reply subject of the JOBS message: any connection may ack/nak it
+    reply_to: str | None = None
+    attempt: int
+    max_attempts: int
+    submitted_at: float  # epoch seconds, the JOBS message timestamp
+    queued_ms: float
+
+
+class OutcomeReport(BaseModel):
+    assignment: str
+    worker: str
+    key_id: str
+    job_id: str
+    kind: OutcomeKind  # "none": no call was made (expired, invalid, secret missing)
+    status: int | None = None
+    retry_after_s: float | None = None
+    ratelimit: dict[str, float | None] | None = None
+    actual_cost: float | None = None
+    latency_ms: float | None = None
+    terminal: bool = True
+
+
+class InFlight(BaseModel):
+    assignment: str
+    key_id: str
+    job_id: str
+
+
+class Heartbeat(BaseModel):
+    worker: str
+    slots: int
+    in_flight: list[InFlight] = Field(default_factory=list)
+    draining: bool = False
+    pid: int | None = None
+    host: str | None = None
+    started_at: float | None = None
+    calls: int = 0

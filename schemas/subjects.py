@@ -1,0 +1,81 @@
+"""Subject and stream names. Everything is derived from one configurable prefix."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+TOKEN_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+_TOKEN = re.compile(TOKEN_PATTERN)
+NO_BATCH = "_"
+
+
+def is_token(value: str) -> bool:
+    """True when `value` can be one NATS subject token (job ids, batch names, tiers)."""
+    return bool(_TOKEN.match(value))
+
+
+@dataclass(frozen=True)
+class Subjects:
+    """All subjects and stream names for one `prefix` (default `ratefleet`)."""
+
+    prefix: str = "ratefleet"
+
+    @property
+    def stream_suffix(self) -> str:
+        return "" if self.prefix == "ratefleet" else "_" + re.sub(r"[^A-Za-z0-9]", "_", self.prefix).upper()
+
+    @property
+    def jobs_stream(self) -> str:
+        return "RATEFLEET_JOBS" + self.stream_suffix
+
+    @property
+    def results_stream(self) -> str:
+        return "RATEFLEET_RESULTS" + self.stream_suffix
+
+    @property
+    def dead_stream(self) -> str:
+        return "RATEFLEET_DEAD" + self.stream_suffix
+
+    @property
+    def leader_bucket(self) -> str:
+        return "ratefleet_leader" + self.stream_suffix.lower()
+
+    def jobs(self, tier: str = "*") -> str:
+        return f"{self.prefix}.jobs.{tier}"
+
+    def results(self, batch: str | None = "*", job_id: str = "*") -> str:
+        return f"{self.prefix}.results.{batch or NO_BATCH}.{job_id}"
+
+    def batch_results(self, batch: str | None) -> str:
+        return f"{self.prefix}.results.{batch or NO_BATCH}.*"
+
+    def rpc(self, tier: str = "*") -> str:
+        return f"{self.prefix}.rpc.{tier}"
+
+    def dead(self, tier: str = "*") -> str:
+        return f"{self.prefix}.dead.{tier}"
+
+    @property
+    def admin_status(self) -> str:
+        return f"{self.prefix}.admin.status"
+
+    # internal protocol (not part of the contract)
+    def assign(self, worker_id: str) -> str:
+        return f"{self.prefix}.internal.assign.{worker_id}"
+
+    @property
+    def heartbeat(self) -> str:
+        return f"{self.prefix}.internal.heartbeat"
+
+    @property
+    def outcome(self) -> str:
+        return f"{self.prefix}.internal.outcome"
+
+    @property
+    def leader_status(self) -> str:
+        return f"{self.prefix}.internal.status.leader"
+
+    def tier_of(self, subject: str) -> str:
+        """The tier token of a `<prefix>.jobs.<tier>` or `<prefix>.rpc.<tier>` subject."""
+        return subject.rsplit(".", 1)[-1]

@@ -1,0 +1,1 @@
+"""Workers: a bounded pool of upstream calls per process, results published, jobs acked."""

@@ -1,0 +1,57 @@
+"""Ending a job: store its one Result, answer the reply subject, then ack the JOBS message.
+
+The order is the invariant: the ack comes only after the Result is stored, so a crash
+anywhere before the ack means redelivery, and a second Result is refused by the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+
+from ratefleet.runtime.store import dead_letter, store_result
+from schemas import Result, Subjects
+
+
+class Finisher:
+    """Stores results, sends replies, acks and naks JOBS messages for any role."""
+
+    def __init__(self, nc: NatsClient, js: JetStreamContext, subjects: Subjects):
+        self.nc, self.js, self.subjects = nc, js, subjects
+
+    async def finish(self, result: Result, *, ack: str | None, reply_to: str | None) -> bool:
+        """Store, reply, ack; shielded so cancellation cannot lose the ack. True if newly stored."""
+        return await asyncio.shield(self._finish(result, ack, reply_to))
+
+    async def _finish(self, result: Result, ack: str | None, reply_to: str | None) -> bool:
+        stored = await store_result(self.js, self.subjects, result)
+        if reply_to:
+            payload = result.to_json() if stored else await self._stored_result(result) or result.to_json()
+            await self.nc.publish(reply_to, payload)
+        if ack:
+            await self.nc.publish(ack, b"+ACK")
+        return stored
+
+    async def _stored_result(self, result: Result) -> bytes | None:
+        try:
+            msg = await self.js.get_last_msg(self.subjects.results_stream, self.subjects.results(result.batch, result.job_id))
+        except Exception:  # noqa: BLE001 - the fresh result is an acceptable reply
+            return None
+        return msg.data
+
+    async def dead(self, tier: str, result: Result, *, job: dict | None = None, raw: bytes | None = None) -> None:
+        error = result.error
+        await dead_letter(self.js, self.subjects, tier, code=error.code if error else "unknown",
+                          message=error.message if error else "", job=job, raw=raw, job_id=result.job_id,
+                          attempts=result.attempts,
+                          last_error=result.response.model_dump(by_alias=True) if result.response else None)
+
+    async def nak(self, ack: str, delay_s: float = 0.0) -> None:
+        payload = b"-NAK" if delay_s <= 0 else b"-NAK " + json.dumps({"delay": int(delay_s * 1e9)}).encode()
+        await asyncio.shield(self.nc.publish(ack, payload))
+
+    async def in_progress(self, ack: str) -> None:
+        await self.nc.publish(ack, b"+WPI")

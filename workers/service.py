@@ -1,0 +1,232 @@
+"""The worker process: takes assignments, calls the upstream, finishes jobs, reports outcomes.
+
+Slots bound the upstream calls in flight. The dispatcher only assigns to a free slot
+(heartbeats carry the slot count and the calls in flight), so assignments never queue
+up here. On SIGTERM the worker stops taking jobs, lets calls finish for `grace_s`, and
+naks whatever is left so another worker runs it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import uuid
+from contextlib import asynccontextmanager
+from datetime import datetime, timezone
+
+import anyio
+import structlog
+from nats.aio.client import Client as NatsClient
+
+from ratefleet.errors import SecretUnavailable
+from ratefleet.runtime.logs import get_logger
+from schemas import Config, ErrorCode, ErrorInfo, Job, Result, Subjects, Timings
+from schemas.internal import Assignment, Heartbeat, InFlight, OutcomeReport
+from workers.executor import CallResult, UpstreamExecutor, build_client
+from workers.finish import Finisher
+from workers.secrets import SecretResolver
+
+log = get_logger("ratefleet.worker")
+RETRYABLE = {"rate_limited", "upstream_error", "key_error"}
+
+
+def retry_delay(kind: str, attempt: int, retry_after_s: float | None) -> float:
+    """How long a retryable job waits before its next delivery.
+
+    429 and 401/403 go back at once: the dispatcher cools down (honouring Retry-After) or
+    disables that key, and the job runs on another key as soon as one is free. 5xx,
+    timeouts and connection errors back off exponentially (Retry-After when given).
+    """
+    if kind in ("rate_limited", "key_error"):
+        return 0.0
+    if retry_after_s is not None:
+        return min(retry_after_s, 300.0)
+    return min(30.0, 0.25 * 2 ** (attempt - 1))
+
+
+class Worker:
+    def __init__(self, config: Config, nc: NatsClient, *, slots: int | None = None, worker_id: str | None = None):
+        self.config = config
+        self.nc = nc
+        self.subjects = Subjects(config.nats.prefix)
+        self.slots = slots or config.workers.slots
+        self.id = worker_id or f"{config.workers.id_prefix}-{uuid.uuid4().hex[:6]}"
+        self.finisher = Finisher(nc, nc.jetstream(), self.subjects)
+        self.secrets = SecretResolver(config)
+        self.in_flight: dict[str, InFlight] = {}
+        self.draining = False
+        self.calls = 0
+        self.started_at = time.time()
+        self._cancel_scopes: dict[str, anyio.CancelScope] = {}
+
+    async def run(self, stop: anyio.Event) -> None:
+        for problem in self.secrets.check_all():
+            log.warning("secret unavailable on this worker", problem=problem)
+        client = build_client(self.config.workers.transport, self.slots)
+        executor = UpstreamExecutor(client)
+        sub = await self.nc.subscribe(self.subjects.assign(self.id), pending_msgs_limit=0)
+        log.info("worker started", worker=self.id, slots=self.slots, transport=self.config.workers.transport)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._heartbeats)
+                tg.start_soon(self._take_assignments, sub, executor, tg)
+                await stop.wait()
+                await self._drain(sub)
+                tg.cancel_scope.cancel()
+        finally:
+            await client.aclose()
+            await self._send_heartbeat()
+
+    async def _take_assignments(self, sub, executor: UpstreamExecutor, tg: anyio.abc.TaskGroup) -> None:
+        async for msg in sub.messages:
+            try:
+                assignment = Assignment.model_validate_json(msg.data)
+            except ValueError:
+                log.error("malformed assignment ignored", worker=self.id)
+                continue
+            if self.draining:
+                await self.finisher.nak(assignment.ack)
+                await self._report(assignment, None, terminal=False)
+                continue
+            self.in_flight[assignment.id] = InFlight(assignment=assignment.id, key_id=assignment.key_id, job_id=assignment.job_id)
+            tg.start_soon(self._run_assignment, assignment, executor)
+
+    async def _drain(self, sub) -> None:
+        self.draining = True
+        await sub.unsubscribe()
+        await self._send_heartbeat()
+        grace = self.config.workers.grace_s
+        log.info("worker draining", worker=self.id, in_flight=len(self.in_flight), grace_s=grace)
+        with anyio.move_on_after(grace):
+            while self.in_flight:
+                await anyio.sleep(0.05)
+        for scope in list(self._cancel_scopes.values()):
+            scope.cancel()
+        with anyio.move_on_after(5):
+            while self.in_flight:
+                await anyio.sleep(0.02)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await self._send_heartbeat()
+            await anyio.sleep(self.config.workers.heartbeat_s)
+
+    async def _send_heartbeat(self) -> None:
+        beat = Heartbeat(worker=self.id, slots=self.slots, in_flight=list(self.in_flight.values()),
+                         draining=self.draining, pid=os.getpid(), host=socket.gethostname(),
+                         started_at=self.started_at, calls=self.calls)
+        try:
+            await self.nc.publish(self.subjects.heartbeat, beat.model_dump_json().encode())
+        except Exception as exc:  # noqa: BLE001 - disconnected: the next beat retries
+            log.debug("heartbeat not sent", error=type(exc).__name__)
+
+    async def _run_assignment(self, a: Assignment, executor: UpstreamExecutor) -> None:
+        structlog.contextvars.bind_contextvars(job_id=a.job_id, tier=a.tier, key_id=a.key_id, attempt=a.attempt, worker=self.id)
+        scope = anyio.CancelScope()
+        self._cancel_scopes[a.id] = scope
+        try:
+            with scope:
+                await self._execute(a, executor)
+            if scope.cancelled_caught:
+                log.warning("call abandoned at shutdown; job goes back to the queue")
+                await self.finisher.nak(a.ack)
+                await self._report(a, None, terminal=False)
+        except Exception:
+            log.exception("assignment failed; job goes back to the queue")
+            await self.finisher.nak(a.ack, 1.0)
+            await self._report(a, None, terminal=False)
+        finally:
+            self._cancel_scopes.pop(a.id, None)
+            self.in_flight.pop(a.id, None)
+
+    async def _execute(self, a: Assignment, executor: UpstreamExecutor) -> None:
+        job = Job.model_validate(a.job)
+        if job.expired(datetime.now(timezone.utc)):
+            log.info("job expired before its call")
+            await self._report(a, None, terminal=True)
+            await self.finisher.finish(self._result(a, "expired", error=ErrorInfo(
+                code=ErrorCode.DEADLINE_EXCEEDED, message="the deadline passed before the call could start")),
+                ack=a.ack, reply_to=a.reply_to)
+            return
+        try:
+            secret = self.secrets.get(a.key_id)
+        except SecretUnavailable as exc:
+            log.error("cannot resolve key secret; job goes back to the queue", problem=str(exc))
+            await self._report(a, None, terminal=False)
+            await self.finisher.nak(a.ack, 1.0)
+            return
+        upstream = self.config.upstreams[a.upstream]
+        queued_ms = max(0.0, (time.time() - a.submitted_at) * 1000)
+        async with self._keep_alive(a.ack):
+            call = await executor.call(job, upstream, secret)
+        self.calls += 1
+        await self._conclude(a, call, queued_ms)
+
+    async def _conclude(self, a: Assignment, call: CallResult, queued_ms: float) -> None:
+        retryable = call.kind in RETRYABLE
+        terminal = not retryable or a.attempt >= a.max_attempts
+        await self._report(a, call, terminal=terminal)
+        log.debug("call done", kind=call.kind, status=call.response.status if call.response else None,
+                  latency_ms=round(call.latency_ms, 1))
+        if not terminal:
+            delay = retry_delay(call.kind, a.attempt, call.retry_after_s)
+            log.info("retrying job", kind=call.kind, delay_s=delay)
+            await self.finisher.nak(a.ack, delay)
+            return
+        result = self._call_result(a, call, queued_ms)
+        stored = await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to)
+        if stored and result.error and result.error.code == ErrorCode.ATTEMPTS_EXHAUSTED:
+            await self.finisher.dead(a.tier, result, job=a.job)
+
+    def _call_result(self, a: Assignment, call: CallResult, queued_ms: float) -> Result:
+        if call.kind == "ok":
+            return self._result(a, "succeeded", response=call.response, queued_ms=queued_ms, upstream_ms=call.latency_ms)
+        if call.kind in RETRYABLE:
+            what = f"HTTP {call.response.status}" if call.response else call.error
+            error = ErrorInfo(code=ErrorCode.ATTEMPTS_EXHAUSTED, message=f"gave up after {a.attempt} attempts; last: {what}")
+        else:
+            error = ErrorInfo(code=ErrorCode.UPSTREAM_ERROR,
+                              message=f"the upstream refused the request with HTTP {call.response.status}; not retried")
+        return self._result(a, "failed", response=call.response, error=error, queued_ms=queued_ms, upstream_ms=call.latency_ms)
+
+    def _result(self, a: Assignment, status: str, *, response=None, error=None, queued_ms=None, upstream_ms=None) -> Result:
+        submitted = datetime.fromtimestamp(a.submitted_at, timezone.utc)
+        return Result(job_id=a.job_id, status=status, tier=a.tier, batch=a.job.get("batch"), response=response,
+                      error=error, attempts=a.attempt, key_id=a.key_id, pool=a.pool, worker=self.id,
+                      metadata=a.job.get("metadata") or {},
+                      timings=Timings(submitted_at=submitted, queued_ms=queued_ms, upstream_ms=upstream_ms,
+                                      total_ms=max(0.0, (time.time() - a.submitted_at) * 1000)))
+
+    async def _report(self, a: Assignment, call: CallResult | None, *, terminal: bool) -> None:
+        report = OutcomeReport(
+            assignment=a.id, worker=self.id, key_id=a.key_id, job_id=a.job_id, terminal=terminal,
+            kind=call.kind if call else "none", status=call.response.status if call and call.response else None,
+            retry_after_s=call.retry_after_s if call else None, ratelimit=call.ratelimit if call else None,
+            actual_cost=call.actual_cost if call else None, latency_ms=call.latency_ms if call else None)
+        self.in_flight.pop(a.id, None)
+        try:
+            await self.nc.publish(self.subjects.outcome, report.model_dump_json().encode())
+        except Exception as exc:  # noqa: BLE001 - the heartbeat reconciles a lost report
+            log.warning("outcome report not sent", error=type(exc).__name__)
+
+    def _keep_alive(self, ack: str):
+        return keep_alive(self.finisher, ack, max(0.5, self.config.streams.ack_wait_s / 3))
+
+
+@asynccontextmanager
+async def keep_alive(finisher: Finisher, ack: str, interval: float):
+    """While a slow call runs, keep its JOBS message alive with in-progress acks."""
+
+    async def beat() -> None:
+        while True:
+            await anyio.sleep(interval)
+            await finisher.in_progress(ack)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(beat)
+        try:
+            yield
+        finally:
+            tg.cancel_scope.cancel()
