@@ -14,8 +14,12 @@ log = get_logger("ratefleet.nats")
 async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever: bool = True) -> NatsClient:
     """Connect to `url`. Long-running roles reconnect forever; one-shot commands fail fast."""
 
+    holder: list[NatsClient] = []
+
     async def on_disconnect() -> None:
-        log.warning("nats disconnected", url=url)
+        if holder and (holder[0].is_closed or holder[0].is_draining):
+            return  # our own close
+        log.warning("nats disconnected; reconnecting", url=url)
 
     async def on_reconnect() -> None:
         log.info("nats reconnected", url=url)
@@ -24,7 +28,7 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
         log.debug("nats error", error=str(exc) or type(exc).__name__)
 
     try:
-        return await nats.connect(
+        nc = await nats.connect(
             url, name=name, connect_timeout=connect_timeout, allow_reconnect=True,
             max_reconnect_attempts=-1 if forever else 10, reconnect_time_wait=0.5,
             disconnected_cb=on_disconnect, reconnected_cb=on_reconnect, error_cb=on_error,
@@ -33,3 +37,5 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
     except Exception as exc:  # nats raises several unrelated types for "nobody there"
         raise NatsUnavailable(f"cannot reach NATS at {url} ({type(exc).__name__}: {exc}); "
                               "start one with `ratefleet up`, or pass --nats URL") from None
+    holder.append(nc)
+    return nc

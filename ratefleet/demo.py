@@ -1,0 +1,189 @@
+"""`ratefleet demo`: the whole system on this machine in about a minute.
+
+Starts an embedded nats-server, the mock upstream (4 keys, each with its own limits),
+one dispatcher and N workers as real processes; submits a guest flood and then a few vip
+jobs; shows live progress; prints jobs by status, per-key calls and 429s, and the queue
+wait of vip against guest jobs. Exit 0 when every job has exactly one result and no key
+was ever refused by the upstream for going over its limit.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import anyio
+import httpx
+import tomli_w
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from ratefleet.client import Client
+from ratefleet.runtime.embedded import EmbeddedNats
+
+DEMO_KEYS = {"k1": 20, "k2": 20, "k3": 10, "k4": 10}  # requests per second each
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _config(nats_url: str, upstream: str) -> dict:
+    keys = [{"id": k, "secret": f"env:RATEFLEET_DEMO_{k.upper()}", "rps": rps, "burst": 2} for k, rps in DEMO_KEYS.items()]
+    return {"nats": {"url": nats_url},
+            "upstreams": {"mock": {"base_url": upstream, "usage_path": "usage.total_tokens", "timeout_s": 10}},
+            "pools": {"shared": {"keys": keys}},
+            "workers": {"slots": 32, "heartbeat_s": 0.5}}
+
+
+def _job(i: int, tier: str) -> dict:
+    return {"request": {"path": "/v1/chat/completions",
+                        "json": {"model": "demo", "messages": [{"role": "user", "content": f"{tier} {i}"}]}},
+            "metadata": {"n": i}}
+
+
+def run_demo(guest_jobs: int = 400, vip_jobs: int = 20, workers: int = 2) -> int:
+    console = Console()
+    with tempfile.TemporaryDirectory(prefix="ratefleet-demo-") as tmp:
+        tmp_path = Path(tmp)
+        secrets = {f"RATEFLEET_DEMO_{k.upper()}": f"sk-demo-{k}-{os.urandom(6).hex()}" for k in DEMO_KEYS}
+        env = {**os.environ, **secrets, "RATEFLEET_LOG_LEVEL": "WARNING", "RATEFLEET_LOG_FORMAT": "json"}
+        port = _free_port()
+        key_flags = [f"--key={k}={secrets[f'RATEFLEET_DEMO_{k.upper()}']}:rps={rps}:burst=2" for k, rps in DEMO_KEYS.items()]
+        with EmbeddedNats(tmp_path / "nats") as server:
+            config_path = tmp_path / "ratefleet.toml"
+            upstream = f"http://127.0.0.1:{port}"
+            config_path.write_text(tomli_w.dumps(_config(server.url, upstream)))
+            procs = _start(env, tmp_path, config_path, port, key_flags, workers)
+            try:
+                return anyio.run(_drive, console, server.url, upstream, guest_jobs, vip_jobs)
+            finally:
+                for proc in procs:
+                    proc.terminate()
+                for proc in procs:
+                    try:
+                        proc.wait(10)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+
+
+def _start(env, tmp_path: Path, config_path: Path, port: int, key_flags: list[str], workers: int) -> list[subprocess.Popen]:
+    def spawn(*args: str, name: str) -> subprocess.Popen:
+        log = open(tmp_path / f"{name}.log", "ab")
+        return subprocess.Popen([sys.executable, "-m", "ratefleet", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    procs = [spawn("mock-upstream", "--port", str(port), *key_flags, name="mock")]
+    procs.append(spawn("dispatcher", "--config", str(config_path), name="dispatcher"))
+    procs += [spawn("worker", "--config", str(config_path), name=f"worker{i}") for i in range(workers)]
+    return procs
+
+
+async def _wait_ready(client: Client, upstream: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(trust_env=False) as http:
+        while time.monotonic() < deadline:
+            try:
+                status = await client.status(timeout=1.0)
+                await http.get(upstream + "/_mock/stats")
+                if status.get("leader") and status.get("workers"):
+                    return
+            except Exception:  # noqa: BLE001 - still starting
+                pass
+            await anyio.sleep(0.3)
+    raise RuntimeError("the demo fleet did not come up within 30 s (see the logs above)")
+
+
+async def _drive(console: Console, nats_url: str, upstream: str, guest_jobs: int, vip_jobs: int) -> int:
+    async with await Client.connect(nats_url) as client:
+        console.print("[bold]ratefleet demo[/bold]: embedded NATS, mock upstream with 4 keys "
+                      f"({sum(DEMO_KEYS.values())} req/s in all), 1 dispatcher, workers")
+        await _wait_ready(client, upstream)
+        started = time.monotonic()
+        await client.submit_many([_job(i, "guest") for i in range(guest_jobs)], "guest", batch="demo-guest")
+        await anyio.sleep(1.0)  # the flood is queued; now the vip jobs arrive behind it
+        await client.submit_many([_job(i, "vip") for i in range(vip_jobs)], "vip", batch="demo-vip")
+        results = await _follow(console, client, upstream, {"demo-guest": guest_jobs, "demo-vip": vip_jobs})
+        elapsed = time.monotonic() - started
+    async with httpx.AsyncClient(trust_env=False) as http:
+        stats = (await http.get(upstream + "/_mock/stats")).json()
+    return _summary(console, results, stats, guest_jobs + vip_jobs, elapsed)
+
+
+async def _follow(console: Console, client: Client, upstream: str, expected: dict[str, int]) -> dict[str, list]:
+    results: dict[str, dict] = {batch: {} for batch in expected}
+
+    def table() -> Table:
+        view = Table("batch", "done", "of", "succeeded", "other", title="progress")
+        for batch, total in expected.items():
+            got = results[batch].values()
+            ok = sum(1 for r in got if r.ok)
+            view.add_row(batch, str(len(got)), str(total), str(ok), str(len(got) - ok))
+        return view
+
+    async def follow(batch: str) -> None:
+        async for result in client.results(batch, follow=True):
+            results[batch].setdefault(result.job_id, result)
+            if len(results[batch]) >= expected[batch]:
+                return
+
+    with Live(table(), console=console, refresh_per_second=4) as live:
+        with anyio.move_on_after(90):
+            async with anyio.create_task_group() as tg:
+                for batch in expected:
+                    tg.start_soon(follow, batch)
+
+                async def refresh() -> None:
+                    while True:
+                        live.update(table())
+                        await anyio.sleep(0.25)
+
+                tg.start_soon(refresh)
+                while any(len(results[b]) < n for b, n in expected.items()):
+                    await anyio.sleep(0.1)
+                tg.cancel_scope.cancel()
+        live.update(table())
+    return {batch: list(found.values()) for batch, found in results.items()}
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _summary(console: Console, results: dict[str, list], stats: dict, total: int, elapsed: float) -> int:
+    all_results = [r for batch in results.values() for r in batch]
+    by_status = Counter(r.status for r in all_results)
+    jobs = Table("status", "jobs", title=f"jobs ({len(all_results)} of {total} in {elapsed:.1f} s)")
+    for status, count in sorted(by_status.items()):
+        jobs.add_row(status, str(count))
+    keys = Table("key", "limit req/s", "calls", "ok", "429s", "errors", title="per key (as the upstream counted)")
+    for key_id, k in sorted(stats.get("keys", {}).items()):
+        keys.add_row(key_id, str(DEMO_KEYS.get(key_id, "?")), str(k["calls"]), str(k["ok"]), str(k["rate_limited"]), str(k["errors"]))
+    waits = Table("tier", "jobs", "wait p50 ms", "wait p95 ms", "wait max ms", title="queue wait (submitted -> call)")
+    for batch, label in (("demo-vip", "vip"), ("demo-guest", "guest")):
+        queued = [r.timings.queued_ms for r in results[batch] if r.timings.queued_ms is not None]
+        waits.add_row(label, str(len(queued)), f"{_pct(queued, 0.5):.0f}", f"{_pct(queued, 0.95):.0f}",
+                      f"{max(queued) if queued else float('nan'):.0f}")
+    for view in (jobs, keys, waits):
+        console.print(view)
+    rate_limited = sum(k["rate_limited"] for k in stats.get("keys", {}).values())
+    ok = len(all_results) == total and rate_limited == 0
+    console.print("[green]every job has one result; no key went over its limit[/green]" if ok else
+                  f"[red]{total - len(all_results)} jobs without a result, {rate_limited} x 429[/red]")
+    if results["demo-vip"] and results["demo-guest"]:
+        vip_p50 = statistics.median(r.timings.queued_ms or 0 for r in results["demo-vip"])
+        guest_p50 = statistics.median(r.timings.queued_ms or 0 for r in results["demo-guest"])
+        console.print(f"vip jobs waited {vip_p50:.0f} ms (median) while the guest flood before them waited {guest_p50:.0f} ms")
+    return 0 if ok else 1

@@ -1,0 +1,172 @@
+"""The /v1 request pipeline: auth, route, body, forced status, limits, then the answer.
+
+Order matters and is part of the mock's behaviour:
+401 (no or unknown secret) -> 404/405 (unknown route) -> 400 (bad body) -> the key's
+forced status -> 429 (concurrency, requests, tokens; nothing spent) -> the call runs
+(latency, ``"mock"`` directive, ``fail_rate``) and holds a concurrency slot until answered.
+Only calls that got past the limits spend tokens. The secret never leaves `read_secret`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from ratefleet.mock import openai
+from ratefleet.mock.limits import format_duration, ratelimit_headers
+from ratefleet.mock.settings import MockSettings, check_status
+from ratefleet.mock.state import KeyEntry, MockState
+
+Builder = Callable[[dict[str, Any], int], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    method: str
+    build: Builder
+    charged: bool  # whether the call spends tokens_per_call from the cost bucket
+
+
+@dataclass(frozen=True)
+class Directive:
+    """A test's order for one call, from the body's ``"mock"`` object."""
+
+    status: int | None = None
+    sleep_s: float = 0.0
+    retry_after: int = 1
+
+
+def error(status: int, message: str, headers: Mapping[str, str] | None = None, **kw: Any) -> Response:
+    return JSONResponse(openai.error_body(status, message, **kw), status_code=status, headers=headers)
+
+
+def read_secret(headers: Mapping[str, str], settings: MockSettings) -> str | None:
+    """The secret from the auth header: ``<scheme> <secret>``, or bare when the scheme is ""."""
+    value = headers.get(settings.auth_header)
+    if not value:
+        return None
+    if settings.auth_scheme:
+        scheme, _, secret = value.partition(" ")
+        if scheme.lower() != settings.auth_scheme.lower():
+            return None
+        value = secret
+    return value.strip() or None
+
+
+def parse_directive(body: dict[str, Any]) -> Directive:
+    raw = body.get("mock")
+    if raw is None:
+        return Directive()
+    if not isinstance(raw, dict):
+        raise ValueError("'mock' must be an object like {\"status\": 503} or {\"sleep_ms\": 200}")
+    status = raw.get("status")
+    check_status("mock.status", status)
+    sleep_ms = raw.get("sleep_ms", 0)
+    retry_after = raw.get("retry_after", 1)
+    if isinstance(sleep_ms, bool) or not isinstance(sleep_ms, (int, float)) or not 0 <= sleep_ms <= 600_000:
+        raise ValueError("mock.sleep_ms must be a number of milliseconds within 0..600000")
+    if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
+        raise ValueError("mock.retry_after must be a whole number of seconds >= 0")
+    return Directive(status=status, sleep_s=sleep_ms / 1000.0, retry_after=retry_after)
+
+
+async def read_body(request: Request) -> dict[str, Any]:
+    """The JSON object body of a POST (GET has none); ValueError when it is not one."""
+    if request.method != "POST":
+        return {}
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("We could not parse the JSON body of your request.") from None
+    if not isinstance(body, dict):
+        raise ValueError("The request body must be a JSON object.")
+    return body
+
+
+class MockApi:
+    """Request handler (`handle`) for every path under /v1/."""
+
+    def __init__(self, state: MockState, clock: Callable[[], float]) -> None:
+        self.state = state
+        self.clock = clock
+        self.endpoints = {
+            "/v1/chat/completions": Endpoint("POST", openai.chat_completion, charged=True),
+            "/v1/embeddings": Endpoint("POST", openai.embeddings, charged=True),
+            "/v1/models": Endpoint("GET", openai.models, charged=False),
+        }
+
+    async def handle(self, request: Request) -> Response:
+        now = self.clock()
+        settings = self.state.settings
+        entry = self.state.resolve(read_secret(request.headers, settings), now)
+        try:
+            response = await self._answer(request, entry, now)
+        except BaseException:
+            self.state.record(entry, self._summary(request), 499, now)
+            raise
+        self.state.record(entry, self._summary(request), response.status_code, now)
+        return response
+
+    @staticmethod
+    def _summary(request: Request) -> tuple[str, str, str]:
+        return request.method, request.url.path, request.headers.get("host", "")
+
+    async def _answer(self, request: Request, entry: KeyEntry | None, now: float) -> Response:
+        if entry is None:
+            return error(401, "Incorrect API key provided.")
+        entry.arrive(now)
+        endpoint = self.endpoints.get(request.url.path)
+        if endpoint is None:
+            return error(404, f"Invalid URL ({request.method} {request.url.path})")
+        if request.method != endpoint.method:
+            return error(405, f"Method {request.method} not allowed for {request.url.path}")
+        try:
+            body = await read_body(request)
+            directive = parse_directive(body)
+            payload = endpoint.build(body, self.state.settings.tokens_per_call)
+        except ValueError as exc:
+            return error(400, str(exc))
+        if entry.forced_status is not None:
+            return self._forced(entry.forced_status, {}, payload, retry_after=1)
+        return await self._limited_call(entry, endpoint, directive, payload, now)
+
+    async def _limited_call(
+        self, entry: KeyEntry, endpoint: Endpoint, directive: Directive, payload: dict[str, Any], now: float
+    ) -> Response:
+        cost = self.state.settings.tokens_per_call if endpoint.charged else 0
+        admission = entry.limiter.admit(now, cost)
+        headers = ratelimit_headers(admission)
+        if not admission.allowed:
+            wait = "a moment" if math.isinf(admission.retry_after_s) else format_duration(admission.retry_after_s)
+            message = f"Rate limit reached for key {entry.key.id} on {admission.reason}. Please try again in {wait}."
+            return error(429, message, headers, error_type=admission.reason)
+        entry.note_in_flight()
+        try:
+            delay = self.state.latency_s() + directive.sleep_s
+            if delay > 0:
+                await asyncio.sleep(delay)
+            status = directive.status
+            if status is None and self.state.should_fail():
+                status = self.state.config.fail_status
+            return self._forced(status, headers, payload, retry_after=directive.retry_after)
+        finally:
+            entry.limiter.release()
+
+    @staticmethod
+    def _forced(status: int | None, headers: dict[str, str], payload: dict[str, Any], *, retry_after: int) -> Response:
+        """The normal answer, or the forced status with an OpenAI-style error body."""
+        if status is None or status == 200:
+            return JSONResponse(payload, headers=headers)
+        if status < 400:
+            return Response(status_code=status, headers=headers)  # e.g. 204, 304: no body allowed
+        if status == 429:
+            headers = {**headers, "retry-after": str(retry_after)}
+        return error(status, f"The mock upstream was told to answer {status}.", headers)
