@@ -1,0 +1,76 @@
+"""Config loading: defaults, references, and errors that name the file and the field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from schemas import ConfigError, load_config
+
+GOOD = """
+[upstreams.openai]
+base_url = "https://api.openai.com"
+
+[pools.shared]
+keys = [{ id = "k1", secret = "env:K1", rps = 20, burst = 5, concurrency = 4, cost_per_minute = 90000 }]
+
+[pools.vip]
+keys = [{ id = "k2", secret = "file:/run/secrets/k2", rps = 5 }]
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "ratefleet.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_give_four_tiers_over_every_pool_in_file_order(tmp_path):
+    config = load_config(write(tmp_path, GOOD))
+    assert list(config.tiers) == ["vip", "premium", "normal", "guest"]
+    assert [config.tiers[t].weight for t in config.tiers] == [8, 4, 2, 1]
+    assert config.tier_pools("guest") == ["shared", "vip"]
+    assert config.pool_upstream("vip") == "openai"
+    assert config.keys()["k2"].effective_burst == 5.0  # burst defaults to one second of rps
+    assert config.nats.url == "nats://127.0.0.1:4222" and config.workers.slots == 64
+
+
+@pytest.mark.parametrize("text, fragment", [
+    (GOOD.replace("rps = 20", "rps = 0"), "pools.shared.keys.0.rps"),
+    (GOOD.replace('"https://api.openai.com"', '"ftp://x"'), "upstreams.openai.base_url"),
+    (GOOD + '\n[tiers.vip]\npools = ["nope"]\n', "tiers.vip.pools: unknown pool 'nope'"),
+    (GOOD.replace('id = "k2"', 'id = "k1"'), "key id 'k1' is used twice"),
+    (GOOD.replace('secret = "env:K1"', 'secret = "env:"'), "env: needs a variable name"),
+    (GOOD + "\n[workers]\nslots = -3\n", "workers.slots"),
+    (GOOD + "\n[workers]\nsloths = 3\n", "workers.sloths"),
+    (GOOD + '\n[upstreams.other]\nbase_url = "http://b"\n', "pools.shared.upstream: required"),
+    ("[pools\n", "not valid TOML"),
+])
+def test_bad_config_is_refused_naming_file_and_field(tmp_path, text, fragment):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(path) in str(caught.value) and fragment in str(caught.value)
+
+
+def test_missing_file_says_how_to_point_at_one(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_env_overrides_and_literal_secret_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv("RATEFLEET_NATS_URL", "nats://10.1.2.3:4333")
+    with pytest.warns(UserWarning, match="literal secret"):
+        config = load_config(write(tmp_path, GOOD.replace('"env:K1"', '"sk-literal-123456"')))
+    assert config.nats.url == "nats://10.1.2.3:4333"
+    assert "sk-literal-123456" not in repr(config)
+
+
+def test_cli_refuses_bad_config_with_the_field_and_exit_2(tmp_path):
+    path = write(tmp_path, GOOD.replace("rps = 20", 'rps = "fast"'))
+    proc = subprocess.run([sys.executable, "-m", "ratefleet", "dispatcher", "--config", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "pools.shared.keys.0.rps" in proc.stderr and str(path) in proc.stderr
