@@ -38,12 +38,12 @@ class Held:
 
 
 class LeaderSession:
-    def __init__(self, config: Config, nc: NatsClient, dispatcher_id: str):
+    def __init__(self, config: Config, nc: NatsClient, dispatcher_id: str, *, conservative: bool = True):
         self.config, self.nc, self.id = config, nc, dispatcher_id
         self.subjects = Subjects(config.nats.prefix)
         self.js = nc.jetstream()
         self.finisher = Finisher(nc, self.js, self.subjects)
-        self.scheduler = Scheduler(scheduler_spec(config), time.monotonic(), conservative=True)
+        self.scheduler = Scheduler(scheduler_spec(config), time.monotonic(), conservative=conservative)
         self.fleet = Fleet(config.dispatcher.worker_timeout_s)
         self.held: dict[int, Held] = {}
         self.pullers = {tier: TierPuller(nc, self.subjects.jobs_stream, tier_consumer(tier), tier,
@@ -72,15 +72,20 @@ class LeaderSession:
                 await self._step_down()
 
     async def _step_down(self) -> None:
-        for puller in self.pullers.values():
-            await puller.stop()
-        for sub in self.subs:
-            await sub.unsubscribe()
-        for held in self.held.values():
-            await self.finisher.nak(held.incoming.ack)
+        """Stop pulling and give back every held job at once (best effort: NATS may be away,
+        in which case the jobs come back after ack_wait anyway)."""
+        try:
+            for puller in self.pullers.values():
+                await puller.stop()
+            for sub in self.subs:
+                await sub.unsubscribe()
+            for held in self.held.values():
+                await self.finisher.nak(held.incoming.ack)
+            await self.nc.flush(timeout=2)
+        except Exception as exc:  # noqa: BLE001 - see docstring
+            log.warning("could not hand back held jobs; they return after ack_wait", error=type(exc).__name__)
         self.held.clear()
         self.scheduler.discard_pending()
-        await self.nc.flush()
 
     # -- scheduling -------------------------------------------------------------------------
 

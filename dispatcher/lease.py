@@ -24,6 +24,7 @@ class LeaderLease:
     def __init__(self, js: JetStreamContext, bucket: str, holder: str, ttl_s: float):
         self.js, self.bucket, self.holder, self.ttl_s = js, bucket, holder, ttl_s
         self.kv: KeyValue | None = None
+        self.seen_kv: KeyValue | None = None
         self.revision: int | None = None
         self.renewed_at = 0.0
 
@@ -32,10 +33,34 @@ class LeaderLease:
         return self.revision is not None and time.monotonic() - self.renewed_at < self.ttl_s * 0.8
 
     async def open(self) -> None:
+        self.kv = await self._bucket(self.bucket, ttl=self.ttl_s)
+        self.seen_kv = await self._bucket(self.bucket + "_seen", ttl=None)
+
+    async def _bucket(self, name: str, ttl: float | None) -> KeyValue:
         try:
-            self.kv = await self.js.key_value(self.bucket)
+            return await self.js.key_value(name)
         except (BucketNotFoundError, NotFoundError):
-            self.kv = await self.js.create_key_value(bucket=self.bucket, ttl=self.ttl_s, history=1)
+            return await self.js.create_key_value(bucket=name, ttl=ttl, history=1)
+
+    async def last_leader_seen(self) -> float | None:
+        """Wall-clock time a leader last held the lease (None: never). A leader that was
+        active within a bucket's refill window may have spent its tokens: start empty."""
+        assert self.seen_kv is not None
+        try:
+            entry = await self.seen_kv.get(LEASE_KEY)
+        except Exception:  # noqa: BLE001 - no entry yet
+            return None
+        try:
+            return float(entry.value.decode()) if entry and entry.value else None
+        except ValueError:
+            return None
+
+    async def mark_seen(self) -> None:
+        assert self.seen_kv is not None
+        try:
+            await self.seen_kv.put(LEASE_KEY, str(time.time()).encode())
+        except Exception as exc:  # noqa: BLE001 - best effort; the next renewal writes again
+            log.debug("leader mark not written", error=type(exc).__name__)
 
     async def try_acquire(self) -> bool:
         """Take the lease if nobody holds it. True when we now hold it."""

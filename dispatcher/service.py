@@ -22,6 +22,9 @@ from ratefleet.runtime.streams import ensure_topology, tier_consumer
 from schemas import Config, Subjects
 
 log = get_logger("ratefleet.dispatcher")
+# A leader active this recently may have spent tokens a provider still counts (cost buckets
+# refill over a minute), so its successor starts with empty buckets.
+RECENT_LEADER_S = 65.0
 
 
 class Dispatcher:
@@ -61,12 +64,18 @@ class Dispatcher:
                 log.debug("lease attempt failed", error=type(exc).__name__)
                 acquired = False
             if acquired:
-                await self._lead()
+                try:
+                    await self._lead()
+                except Exception:  # noqa: BLE001 - a failed session must not end the dispatcher
+                    log.exception("leader session failed; campaigning again")
             await anyio.sleep(poll)
 
     async def _lead(self) -> None:
-        log.info("became leader", dispatcher=self.id)
-        self.session = LeaderSession(self.config, self.nc, self.id)
+        last = await self.lease.last_leader_seen()
+        conservative = last is not None and time.time() - last < RECENT_LEADER_S
+        await self.lease.mark_seen()
+        log.info("became leader", dispatcher=self.id, buckets="empty" if conservative else "full")
+        self.session = LeaderSession(self.config, self.nc, self.id, conservative=conservative)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.session.run)
@@ -85,6 +94,7 @@ class Dispatcher:
                 with anyio.fail_after(interval):
                     if not await self.lease.renew():
                         return
+                    await self.lease.mark_seen()
             except Exception as exc:  # noqa: BLE001 - timeout or disconnect
                 if not self.lease.held:
                     log.warning("lease renewal failing; stepping down", error=type(exc).__name__)

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from ratefleet.errors import JobInvalid, QueueFull, RequestTimeout, SubmitError
 from ratefleet.runtime.connect import connect
-from ratefleet.runtime.store import MSG_ID, publish_job
+from ratefleet.runtime.store import MSG_ID, TRANSIENT, publish_job
 from schemas import Job, Result, Subjects
 from schemas.config import DEFAULT_NATS_URL
 from schemas.job import describe_validation_error
@@ -79,24 +79,30 @@ class Client:
                           window: int = 2000, progress: Callable[[int], None] | None = None) -> list[str]:
         """Store many jobs with pipelined publishes; returns their ids in order.
 
-        Stops at the first job the queue refuses (QueueFull says how many were stored).
+        A publish that fails transiently (NATS restarting) is retried one by one with the
+        same id. Stops at the first job the queue refuses (QueueFull says how many were stored).
         """
         ids: list[str] = []
-        pending: list[asyncio.Future] = []
+        pending: list[tuple[Job, asyncio.Future]] = []
         for job in jobs:
             model = as_job(job, batch=batch)
-            future = await self.js.publish_async(self.subjects.jobs(tier), model.to_json(), headers={MSG_ID: model.id})
-            pending.append(future)
             ids.append(model.id)
+            try:
+                future = await self.js.publish_async(self.subjects.jobs(tier), model.to_json(),
+                                                     headers={MSG_ID: model.id})
+            except TRANSIENT:
+                future = asyncio.get_running_loop().create_future()
+                future.set_exception(TimeoutError())
+            pending.append((model, future))
             if len(pending) >= window:
                 await self._settle(pending, len(ids) - len(pending), tier, progress)
                 pending = []
         await self._settle(pending, len(ids) - len(pending), tier, progress)
         return ids
 
-    async def _settle(self, futures: list[asyncio.Future], done_before: int, tier: str,
+    async def _settle(self, pending: list[tuple[Job, asyncio.Future]], done_before: int, tier: str,
                       progress: Callable[[int], None] | None) -> None:
-        for index, future in enumerate(futures):
+        for index, (model, future) in enumerate(pending):
             try:
                 await asyncio.wait_for(future, 10.0)
             except APIError as exc:
@@ -104,11 +110,8 @@ class Client:
                 if "maximum" in (exc.description or "").lower():
                     raise QueueFull(message + "; retry later or raise streams.jobs_max_msgs") from None
                 raise SubmitError(message) from None
-            except NoStreamResponseError:
-                raise SubmitError(f"unknown tier {tier!r}: no stream takes {self.subjects.jobs(tier)}") from None
-            except (asyncio.TimeoutError, TimeoutError):
-                raise SubmitError(f"NATS did not confirm job {done_before + index + 1} in time; resubmitting is safe "
-                                  "(same ids are deduplicated)") from None
+            except (NoStreamResponseError, *TRANSIENT):
+                await self._publish(tier, model)  # one by one, retrying through a reconnect
             if progress:
                 progress(1)
 

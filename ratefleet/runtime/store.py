@@ -7,8 +7,14 @@ import json
 import time
 from typing import Any
 
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import nats.errors
 from nats.js import JetStreamContext
-from nats.js.errors import APIError, NoStreamResponseError
+from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
 
 from ratefleet.errors import QueueFull, SubmitError
 from schemas import Result, Subjects
@@ -19,19 +25,58 @@ MSG_ID = "Nats-Msg-Id"
 ALREADY_STORED = 10077  # maximum messages per subject exceeded: the job already has its result
 
 
+T = TypeVar("T")
+TRANSIENT = (TimeoutError, asyncio.TimeoutError, nats.errors.ConnectionClosedError, nats.errors.NoRespondersError,
+             nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError, ServiceUnavailableError,
+             NoStreamResponseError)
+
+
+async def retrying(operation: Callable[[], Awaitable[T]], *, for_s: float,
+                   permanent: Callable[[BaseException], Awaitable[bool]] | None = None) -> T:
+    """Run `operation`, retrying transient NATS failures (a restart, a reconnect) for `for_s`.
+
+    Safe for publishes that carry a `Nats-Msg-Id`: a retry of a publish that did land is a
+    duplicate the stream drops.
+    """
+    deadline = time.monotonic() + for_s
+    delay = 0.1
+    while True:
+        try:
+            return await operation()
+        except TRANSIENT as exc:
+            if time.monotonic() + delay > deadline or (permanent is not None and await permanent(exc)):
+                raise
+            await asyncio.sleep(delay)
+            delay = min(2.0, delay * 2)
+
+
 def _is_full(error: APIError) -> bool:
     text = (error.description or "").lower()
     return "maximum messages" in text or "maximum bytes" in text or error.err_code in (10047, 10048)
 
 
 async def publish_job(js: JetStreamContext, subjects: Subjects, tier: str, job_id: str, payload: bytes,
-                      *, reply_to: str | None = None, timeout: float = 5.0) -> bool:
-    """Store one job durably. Returns False when it was a duplicate inside the dedup window."""
+                      *, reply_to: str | None = None, timeout: float = 5.0, retry_for: float = 30.0) -> bool:
+    """Store one job durably. Returns False when it was a duplicate inside the dedup window.
+
+    Rides out a NATS restart or reconnect for `retry_for` seconds (same id, so no duplicate).
+    """
     headers = {MSG_ID: job_id}
     if reply_to:
         headers[REPLY_HEADER] = reply_to
+
+    async def unknown_tier(exc: BaseException) -> bool:
+        if not isinstance(exc, NoStreamResponseError):
+            return False
+        try:  # the stream answers, so nothing takes this subject: a tier that does not exist
+            await js.stream_info(subjects.jobs_stream)
+            return True
+        except Exception:  # noqa: BLE001 - the server is not ready yet: retry
+            return False
+
     try:
-        ack = await js.publish(subjects.jobs(tier), payload, headers=headers, timeout=timeout)
+        ack = await retrying(lambda: js.publish(subjects.jobs(tier), payload, headers=headers, timeout=timeout),
+                             for_s=retry_for, permanent=unknown_tier)
     except APIError as exc:
         if _is_full(exc):
             raise QueueFull(f"the job queue is full ({exc.description}); job {job_id} was NOT stored. "
@@ -40,9 +85,9 @@ async def publish_job(js: JetStreamContext, subjects: Subjects, tier: str, job_i
     except NoStreamResponseError:
         raise SubmitError(f"no stream takes {subjects.jobs(tier)}; run `ratefleet up` or a dispatcher "
                           "once to create the streams") from None
-    except TimeoutError:
-        raise SubmitError(f"NATS did not confirm job {job_id} within {timeout}s; it may or may not be stored "
-                          "(resubmitting with the same id is safe)") from None
+    except TRANSIENT as exc:
+        raise SubmitError(f"NATS did not confirm job {job_id} for {retry_for:.0f}s ({type(exc).__name__}); it may or "
+                          "may not be stored: is the NATS server up? Resubmitting with the same id is safe") from None
     return not ack.duplicate
 
 
@@ -50,7 +95,8 @@ async def store_result(js: JetStreamContext, subjects: Subjects, result: Result,
     """Store the terminal Result. False when the job already had one (error 10077 or dedup)."""
     subject = subjects.results(result.batch, result.job_id)
     try:
-        ack = await js.publish(subject, result.to_json(), headers={MSG_ID: result.job_id}, timeout=timeout)
+        ack = await retrying(lambda: js.publish(subject, result.to_json(), headers={MSG_ID: result.job_id},
+                                                timeout=timeout), for_s=120.0)
     except APIError as exc:
         if exc.err_code == ALREADY_STORED:
             return False
