@@ -190,7 +190,7 @@ class LeaderSession:
         now = time.monotonic()
         record = self.fleet.finish(report.assignment)
         outcome = _outcome(report)
-        was_disabled = self._disabled(report.key_id)
+        was_disabled = report.kind == "key_error" and self._disabled(report.key_id)
         if record is not None:
             self.scheduler.complete(record.reservation, outcome, now)
         elif report.kind != "none":

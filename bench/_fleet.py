@@ -1,0 +1,156 @@
+"""A whole ratefleet on this machine for benchmarks, as real processes.
+
+The same approach as `ratefleet demo` (ratefleet/demo.py): an embedded nats-server, the
+mock upstream (`ratefleet mock-upstream`) with N keys, one dispatcher and W worker
+processes, each `python -m ratefleet ...` with its own log file in a temporary directory.
+The fleet is configured with exactly the limits the mock enforces.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import httpx
+import tomli_w
+
+from ratefleet.client import Client
+from ratefleet.runtime.embedded import EmbeddedNats
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class KeyLimit:
+    id: str
+    rps: float
+    burst: float
+
+
+@dataclass
+class BenchFleet:
+    """`with BenchFleet(keys, workers=2) as fleet:` -> fleet.nats_url, fleet.upstream."""
+
+    keys: list[KeyLimit]
+    workers: int = 2
+    slots: int = 32
+    heartbeat_s: float = 0.5
+    dispatcher: dict = field(default_factory=dict)  # extra [dispatcher] settings
+    keep_logs: Path | None = None
+    tmp: Path = field(init=False)
+    nats_url: str = field(init=False, default="")
+    upstream: str = field(init=False, default="")
+    procs: list[subprocess.Popen] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._tmpdir = tempfile.TemporaryDirectory(prefix="ratefleet-bench-")
+        self.tmp = Path(self._tmpdir.name)
+        self._secrets = {f"RATEFLEET_BENCH_{k.id.upper()}": f"sk-bench-{k.id}-{os.urandom(6).hex()}" for k in self.keys}
+        self._nats: EmbeddedNats | None = None
+
+    # -- config ------------------------------------------------------------------------
+
+    def config(self) -> dict:
+        keys = [{"id": k.id, "secret": f"env:RATEFLEET_BENCH_{k.id.upper()}", "rps": k.rps, "burst": k.burst}
+                for k in self.keys]
+        data = {"nats": {"url": self.nats_url},
+                "upstreams": {"mock": {"base_url": self.upstream, "usage_path": "usage.total_tokens", "timeout_s": 10}},
+                "pools": {"shared": {"keys": keys}},
+                "workers": {"slots": self.slots, "heartbeat_s": self.heartbeat_s}}
+        if self.dispatcher:
+            data["dispatcher"] = dict(self.dispatcher)
+        return data
+
+    def _env(self) -> dict[str, str]:
+        env = {**os.environ, **self._secrets, "RATEFLEET_LOG_LEVEL": "WARNING", "RATEFLEET_LOG_FORMAT": "json"}
+        env.pop("RATEFLEET_NATS_URL", None)
+        env.pop("RATEFLEET_CONFIG", None)
+        return env
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def __enter__(self) -> "BenchFleet":
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _start(self) -> None:
+        self._nats = EmbeddedNats(self.tmp / "nats").start()
+        self.nats_url = self._nats.url
+        port = free_port()
+        self.upstream = f"http://127.0.0.1:{port}"
+        config_path = self.tmp / "ratefleet.toml"
+        config_path.write_text(tomli_w.dumps(self.config()))
+        key_flags = [f"--key={k.id}={self._secrets[f'RATEFLEET_BENCH_{k.id.upper()}']}:rps={k.rps:g}:burst={k.burst:g}"
+                     for k in self.keys]
+        self._spawn("mock-upstream", "--port", str(port), *key_flags, name="mock")
+        self._spawn("dispatcher", "--config", str(config_path), "--id", "d1", name="dispatcher")
+        for i in range(self.workers):
+            self._spawn("worker", "--config", str(config_path), "--id", f"w{i + 1}", name=f"worker{i + 1}")
+
+    def _spawn(self, *args: str, name: str) -> None:
+        with open(self.tmp / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "ratefleet", *args], env=self._env(),
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc.bench_name = name  # type: ignore[attr-defined]
+        self.procs.append(proc)
+
+    def logs(self) -> str:
+        return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in sorted(self.tmp.glob("*.log")))
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._nats is not None:
+            self._nats.stop()
+        if self.keep_logs is not None:
+            self.keep_logs.mkdir(parents=True, exist_ok=True)
+            for log in self.tmp.glob("*.log"):
+                shutil.copy(log, self.keep_logs / log.name)
+        self._tmpdir.cleanup()
+
+    # -- readiness ---------------------------------------------------------------------
+
+    async def wait_ready(self, client: Client, timeout: float = 30.0) -> dict:
+        """Until the mock answers and a leader reports every worker."""
+        deadline = time.monotonic() + timeout
+        last: object = None
+        async with httpx.AsyncClient(trust_env=False) as http:
+            while time.monotonic() < deadline:
+                dead = [p.bench_name for p in self.procs if p.poll() is not None]  # type: ignore[attr-defined]
+                if dead:
+                    raise RuntimeError(f"fleet process(es) exited early: {dead}\n{self.logs()}")
+                try:
+                    (await http.get(self.upstream + "/_mock/stats")).raise_for_status()
+                    status = await client.status(timeout=1.0)
+                    if status.get("leader") and len(status.get("workers") or []) >= self.workers:
+                        return status
+                    last = status
+                except Exception as exc:  # noqa: BLE001 - still starting
+                    last = exc
+                await anyio.sleep(0.2)
+        raise RuntimeError(f"the bench fleet did not come up within {timeout:.0f} s (last: {last})\n{self.logs()}")
