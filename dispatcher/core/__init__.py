@@ -1,0 +1,42 @@
+"""ratefleet's scheduling core: pure Python, `now` passed in, decisions returned as values.
+
+    Scheduler           scheduler.py  queue -> key decisions, outcome feedback, status
+    TierBook            tiers.py      tier FIFOs, stride (weighted) / strict ordering
+    Chain, pick_key     choice.py     pool fallback chain, key choice, never-runnable jobs
+    KeyState            key.py        one key: buckets, cooldown, disable, counters
+    KeyBreaker          breaker.py    aiobreaker state machine with monotonic timing
+    TokenBucket         bucket.py     x/time/rate-style bucket with safe refunds
+    parse_* / classify  signals.py    HTTP answer -> Outcome fields (used by workers)
+    specs and values    types.py
+"""
+
+from .breaker import BreakerState, KeyBreaker
+from .bucket import TokenBucket
+from .scheduler import LOOKAHEAD, Scheduler
+from .signals import classify, is_retryable, parse_duration, parse_ratelimit, parse_retry_after
+from .types import (
+    BreakerPolicy,
+    CooldownPolicy,
+    Decision,
+    Dispatch,
+    Idle,
+    KeySpec,
+    Outcome,
+    OutcomeKind,
+    PendingJob,
+    PoolSpec,
+    RateLimitInfo,
+    Reject,
+    Reservation,
+    SchedulerSpec,
+    TierSpec,
+    WaitUntil,
+)
+
+__all__ = [
+    "BreakerPolicy", "BreakerState", "CooldownPolicy", "Decision", "Dispatch", "Idle",
+    "KeyBreaker", "KeySpec", "LOOKAHEAD", "Outcome", "OutcomeKind", "PendingJob", "PoolSpec",
+    "RateLimitInfo", "Reject", "Reservation", "Scheduler", "SchedulerSpec", "TierSpec",
+    "TokenBucket", "WaitUntil", "classify", "is_retryable", "parse_duration",
+    "parse_ratelimit", "parse_retry_after",
+]

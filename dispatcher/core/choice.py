@@ -1,0 +1,87 @@
+"""Key choice along a tier's pool chain, and the test for jobs that can never run.
+
+A chain is the tier's pools, in fallback order, restricted to one upstream. The first
+pool with any usable key is used; within it the key with the most request tokens relative
+to capacity wins (ties: fewest calls in flight, then configuration order). Later pools
+are tried only when no key of the earlier ones is usable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .key import KeyState
+from .types import PendingJob
+
+NO_KEY_AVAILABLE = "no_key_available"
+
+
+@dataclass(frozen=True)
+class Chain:
+    """The keys a tier may use for one upstream, pool by pool in fallback order."""
+
+    tier: str
+    upstream: str
+    all_pools: tuple[str, ...]  # the tier's whole chain, for messages
+    pools: tuple[tuple[str, tuple[KeyState, ...]], ...]
+
+    def keys(self) -> list[KeyState]:
+        return [key for _, keys in self.pools for key in keys]
+
+
+@dataclass(frozen=True)
+class Reach:
+    """What a chain can ever serve: enabled keys and the largest cost capacity among them."""
+
+    enabled: int
+    largest_cost: float
+
+
+def reach(chain: Chain) -> Reach:
+    enabled = [key for key in chain.keys() if key.disabled_reason is None]
+    return Reach(len(enabled), max((key.cost_capacity for key in enabled), default=0.0))
+
+
+def never_runnable(chain: Chain, reach: Reach, job: PendingJob) -> str | None:
+    """Why `job` can never run on `chain` (the Reject message), or None if it can."""
+    if not chain.pools:
+        return (
+            f"tier {chain.tier!r} has no pool for upstream {job.upstream!r} "
+            f"(its pools: {', '.join(chain.all_pools) or 'none'}); "
+            f"add a pool of upstream {job.upstream!r} to tiers.{chain.tier}.pools"
+        )
+    names = ", ".join(name for name, _ in chain.pools)
+    if not reach.enabled:
+        return (
+            f"every key of pool(s) {names} (upstream {job.upstream!r}) used by tier "
+            f"{chain.tier!r} is disabled after 401/403; replace the keys or add a pool "
+            f"with working keys to tiers.{chain.tier}.pools"
+        )
+    if job.cost > reach.largest_cost:
+        return (
+            f"job cost {job.cost:g} exceeds the cost capacity (cost_per_minute) of every "
+            f"usable key of pool(s) {names} for tier {chain.tier!r} "
+            f"(largest: {reach.largest_cost:g}); split the job or raise cost_per_minute"
+        )
+    return None
+
+
+def pick_key(chain: Chain, cost: float, now: float, waits: list[float]) -> tuple[str, KeyState] | None:
+    """The (pool, key) to use now, or None; appends future ready times to `waits`."""
+    for pool, keys in chain.pools:
+        best: KeyState | None = None
+        best_rank: tuple[float, int] = (math.inf, 0)
+        for key in keys:
+            at = key.ready_at(now, cost)
+            if at is None:
+                continue
+            if at > now:
+                waits.append(at)
+                continue
+            rank = (-key.requests.advance(now) / key.requests.capacity, key.in_flight)
+            if best is None or rank < best_rank:
+                best, best_rank = key, rank
+        if best is not None:
+            return pool, best
+    return None

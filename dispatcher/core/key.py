@@ -1,0 +1,174 @@
+"""Everything the scheduler knows about one API key, and the signals that change it.
+
+A key is usable for a job of cost c at `now` when it is not disabled, its breaker admits a
+call (closed; half-open with no probe in flight; open past the reset timeout), its cooldown
+has ended, it is below its concurrency cap, and its request bucket holds 1 token and its
+cost bucket (when configured) c tokens. `ready_at` folds all of that into one time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .breaker import KeyBreaker
+from .bucket import TokenBucket
+from .types import BreakerPolicy, CooldownPolicy, KeySpec, Outcome, RateLimitInfo
+
+KEY_ERROR_REASON = "401/403"
+_MAX_DOUBLINGS = 62
+
+
+@dataclass
+class KeyStats:
+    """Outcome counters; `errors` counts upstream_error, key_error and bad_request."""
+
+    calls: int = 0
+    ok: int = 0
+    rate_limited: int = 0
+    errors: int = 0
+
+
+@dataclass(frozen=True)
+class Marks:
+    """Bucket marks of one reservation, needed to give its tokens back safely."""
+
+    requests: int
+    cost: int | None
+
+
+class KeyState:
+    """Limits, buckets, breaker, cooldown and counters of one key."""
+
+    def __init__(
+        self,
+        spec: KeySpec,
+        *,
+        safety_s: float,
+        breaker: BreakerPolicy,
+        cooldown: CooldownPolicy,
+        now: float,
+        conservative: bool,
+    ) -> None:
+        self.spec = spec
+        self.cooldown = cooldown
+        capacity = max(1.0, spec.burst - safety_s * spec.rps)
+        self.requests = TokenBucket(spec.rps, capacity, 0.0 if conservative else capacity, now)
+        self.cost: TokenBucket | None = None
+        if spec.cost_per_minute is not None:
+            cpm = spec.cost_per_minute
+            self.cost = TokenBucket(cpm / 60.0, cpm, 0.0 if conservative else cpm, now)
+        self.breaker = KeyBreaker(breaker, name=spec.id)
+        self.cooldown_until = -math.inf
+        self.streak_429 = 0
+        self.in_flight = 0
+        self.disabled_reason: str | None = None
+        self.stats = KeyStats()
+
+    @property
+    def cost_capacity(self) -> float:
+        return self.cost.capacity if self.cost is not None else math.inf
+
+    def ready_at(self, now: float, cost: float) -> float | None:
+        """Earliest time >= now this key can take a job of `cost`.
+
+        None when only a completion can free it (concurrency cap, probe in flight) or
+        nothing can (disabled, cost above the cost capacity).
+        """
+        if self.disabled_reason is not None or cost > self.cost_capacity:
+            return None
+        cap = self.spec.concurrency
+        if cap is not None and self.in_flight >= cap:
+            return None
+        gate = self.breaker.gate(now)
+        if gate is None:
+            return None
+        at = max(now, gate, self.cooldown_until, self.requests.ready_at(now, 1.0))
+        if self.cost is not None:
+            at = max(at, self.cost.ready_at(now, cost))
+        return at
+
+    def reserve(self, now: float, cost: float) -> Marks:
+        """Spend one request token and `cost` cost tokens, and count the call in flight."""
+        self.in_flight += 1
+        cost_mark = self.cost.take(now, cost) if self.cost is not None else None
+        return Marks(self.requests.take(now, 1.0), cost_mark)
+
+    def give_back(self, now: float, cost: float, marks: Marks) -> None:
+        """Undo `reserve` for a call that was never made."""
+        self.in_flight -= 1
+        self.requests.refund(now, 1.0, marks.requests)
+        if self.cost is not None and marks.cost is not None:
+            self.cost.refund(now, cost, marks.cost)
+
+    def correct_cost(self, now: float, reserved: float, actual: float | None, mark: int | None) -> None:
+        """Charge the difference between the actual and the reserved cost."""
+        if self.cost is None or actual is None or mark is None:
+            return
+        if actual > reserved:
+            self.cost.take(now, actual - reserved)
+        elif actual < reserved:
+            self.cost.refund(now, reserved - actual, mark)
+
+    def observe(self, outcome: Outcome, now: float) -> None:
+        """Apply a call's key signals: counters, 429 cooldown, disable, ratelimit resync."""
+        self._count(outcome)
+        if outcome.kind == "ok":
+            self.streak_429 = 0
+        elif outcome.kind == "rate_limited":
+            self.streak_429 += 1
+            self._cool(now, self._backoff(outcome.retry_after_s))
+        elif outcome.kind == "key_error":
+            self.disabled_reason = KEY_ERROR_REASON
+            if outcome.status is not None:
+                self.disabled_reason = f"{KEY_ERROR_REASON}: upstream answered {outcome.status}"
+        if outcome.ratelimit is not None:
+            self._resync(outcome.ratelimit, now)
+
+    def _count(self, outcome: Outcome) -> None:
+        self.stats.calls += 1
+        if outcome.kind == "ok":
+            self.stats.ok += 1
+        elif outcome.kind == "rate_limited":
+            self.stats.rate_limited += 1
+        else:
+            self.stats.errors += 1
+
+    def _backoff(self, retry_after_s: float | None) -> float:
+        if retry_after_s is not None:
+            return max(0.0, retry_after_s)
+        doublings = min(self.streak_429 - 1, _MAX_DOUBLINGS)
+        return min(self.cooldown.max_s, self.cooldown.base_s * 2.0**doublings)
+
+    def _cool(self, now: float, seconds: float) -> None:
+        self.cooldown_until = max(self.cooldown_until, now + seconds)
+
+    def _resync(self, info: RateLimitInfo, now: float) -> None:
+        if info.remaining_requests is not None:
+            self.requests.limit(now, info.remaining_requests)
+            if info.remaining_requests <= 0 and info.reset_requests_s is not None:
+                self._cool(now, info.reset_requests_s)
+        if info.remaining_tokens is not None:
+            if self.cost is not None:
+                self.cost.limit(now, info.remaining_tokens)
+            if info.remaining_tokens <= 0 and info.reset_tokens_s is not None:
+                self._cool(now, info.reset_tokens_s)
+
+    def snapshot(self, now: float) -> dict:
+        """The key's part of `Scheduler.snapshot` (JSON-able)."""
+        return {
+            "pool": self.spec.pool,
+            "upstream": self.spec.upstream,
+            "tokens": round(self.requests.advance(now), 2),
+            "cost_tokens": None if self.cost is None else round(self.cost.advance(now), 2),
+            "in_flight": self.in_flight,
+            "concurrency": self.spec.concurrency,
+            "breaker": self.breaker.view(now).value,
+            "cooldown_s": round(max(0.0, self.cooldown_until - now), 3),
+            "disabled": self.disabled_reason is not None,
+            "disabled_reason": self.disabled_reason,
+            "calls": self.stats.calls,
+            "ok": self.stats.ok,
+            "rate_limited": self.stats.rate_limited,
+            "errors": self.stats.errors,
+        }

@@ -1,0 +1,252 @@
+"""The scheduler: which queued job runs on which key, and when.
+
+Pure: every time-dependent call takes `now` (monotonic seconds; an earlier `now` than one
+already seen counts as the latest one). `next` returns a decision value the shell carries
+out; `complete`/`cancel` report back. Only the leader dispatcher owns a Scheduler, so it is
+the single writer of key state (design invariant 2), and the shell calls `next` only while
+a worker slot is free, so a spent token is used at once (invariant 3).
+
+Within a tier jobs are FIFO, but `next` looks at up to LOOKAHEAD jobs so a job whose
+upstream has no usable key does not block a job of another upstream behind it. A job does
+not overtake an earlier job of its own upstream (that would starve large jobs).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+
+from .choice import NO_KEY_AVAILABLE, Chain, Reach, never_runnable, pick_key, reach
+from .key import KeyState, Marks
+from .tiers import TierBook, TierQueue
+from .types import (
+    Decision, Dispatch, Idle, KeySpec, Outcome, PendingJob, Reject, Reservation, SchedulerSpec,
+    WaitUntil,
+)
+
+LOOKAHEAD = 16
+
+
+class Scheduler:
+    """Dispatches queued jobs onto keys without exceeding any key's limits.
+
+    Buckets start full; with `conservative=True` (a standby taking over from a leader whose
+    spending it cannot know) the request and cost buckets start empty.
+    """
+
+    def __init__(self, spec: SchedulerSpec, now: float, *, conservative: bool = False) -> None:
+        self._now = now
+        self._keys = _build_keys(spec, now, conservative)
+        self._pool_upstream = {pool.name: pool.upstream for pool in spec.pools}
+        self._tiers = TierBook(spec.tiers, spec.policy)
+        for tier in self._tiers:
+            missing = [p for p in tier.spec.pools if p not in self._pool_upstream]
+            if missing:
+                raise ValueError(f"tier {tier.name!r} names unknown pool(s): {', '.join(missing)}")
+        self._chains: dict[tuple[str, str], Chain] = {}
+        self._active: dict[int, tuple[Reservation, Marks | None]] = {}
+        self._ids = itertools.count(1)
+
+    # -- queue ---------------------------------------------------------------------------
+
+    def add(self, job: PendingJob, now: float) -> None:
+        """Append `job` to its tier's queue; ValueError for an unknown tier or a negative cost."""
+        self._tick(now)
+        if job.cost < 0:
+            raise ValueError(f"job {job.job_id!r}: cost must be >= 0, got {job.cost}")
+        self._tiers.push(self._tiers.get(job.tier), job)
+
+    def discard_pending(self) -> list[PendingJob]:
+        """Drop every queued job (leadership lost) and return them, highest tier first."""
+        return self._tiers.drain()
+
+    def pending(self, tier: str) -> int:
+        return len(self._tiers.get(tier).jobs)
+
+    def in_flight(self, tier: str) -> int:
+        return self._tiers.get(tier).in_flight
+
+    # -- decisions -----------------------------------------------------------------------
+
+    def next(self, now: float) -> Decision:
+        """The next thing for the shell to do; call it only while a worker slot is free.
+
+        Dispatch: run it (tokens, concurrency and any half-open probe are already taken).
+        Reject: publish the job's failure and call `next` again. WaitUntil: call again at
+        `at` or on any add/complete/cancel. Idle: call again on add/complete/cancel. Costs
+        O(tiers x LOOKAHEAD + tiers x keys in the chain), never a scan of whole queues.
+        """
+        now = self._tick(now)
+        waits: list[float] = []
+        for tier in self._tiers.in_order():
+            decision = self._scan(tier, now, waits)
+            if decision is not None:
+                return decision
+        return WaitUntil(min(waits)) if waits else Idle()
+
+    def _scan(self, tier: TierQueue, now: float, waits: list[float]) -> Dispatch | Reject | None:
+        blocked: set[str] = set()
+        reaches: dict[str, Reach] = {}
+        for index, job in enumerate(itertools.islice(tier.jobs, LOOKAHEAD)):
+            chain = self._chain(tier, job.upstream)
+            if job.upstream not in reaches:
+                reaches[job.upstream] = reach(chain)
+            reason = never_runnable(chain, reaches[job.upstream], job)
+            if reason is not None:
+                del tier.jobs[index]
+                return Reject(job, NO_KEY_AVAILABLE, reason)
+            if job.upstream in blocked:
+                continue
+            picked = pick_key(chain, job.cost, now, waits)
+            if picked is not None:
+                del tier.jobs[index]
+                return self._dispatch(tier, job, picked[0], picked[1], now)
+            blocked.add(job.upstream)
+        return None
+
+    def _dispatch(self, tier: TierQueue, job: PendingJob, pool: str, key: KeyState, now: float) -> Dispatch:
+        reservation_id = next(self._ids)
+        probe = key.breaker.take_probe(reservation_id)
+        marks = key.reserve(now, job.cost)
+        reservation = Reservation(
+            id=reservation_id, job=job, key_id=key.spec.id, pool=pool, cost=job.cost,
+            generation=key.breaker.generation, at=now, probe=probe,
+        )
+        self._active[reservation_id] = (reservation, marks)
+        self._tiers.charge(tier)
+        return Dispatch(job, key.spec.id, pool, reservation)
+
+    def _chain(self, tier: TierQueue, upstream: str) -> Chain:
+        chain = self._chains.get((tier.name, upstream))
+        if chain is None:
+            pools = tuple(
+                (name, tuple(k for k in self._keys.values() if k.spec.pool == name))
+                for name in tier.spec.pools
+                if self._pool_upstream[name] == upstream
+            )
+            chain = Chain(tier.name, upstream, tier.spec.pools, pools)
+            self._chains[(tier.name, upstream)] = chain
+        return chain
+
+    # -- reports -------------------------------------------------------------------------
+
+    def cancel(self, reservation: Reservation, now: float) -> None:
+        """The call was not made: give back tokens, slot and probe; requeue the job at the head.
+
+        Cancelling a reservation that is not active (already completed or cancelled) does nothing.
+        """
+        now = self._tick(now)
+        entry = self._active.pop(reservation.id, None)
+        if entry is None:
+            return
+        key = self._keys[reservation.key_id]
+        key.breaker.release_probe(reservation.id)
+        if reservation.adopted or entry[1] is None:
+            key.in_flight -= 1
+            return
+        key.give_back(now, reservation.cost, entry[1])
+        tier = self._tiers.get(reservation.job.tier)
+        self._tiers.uncharge(tier)
+        self._tiers.push(tier, reservation.job, front=True)
+
+    def complete(self, reservation: Reservation, outcome: Outcome, now: float) -> None:
+        """Report the outcome of a reserved call.
+
+        Frees the slot and the probe, feeds the breaker (same generation only), applies the
+        key signals and corrects the cost bucket by the actual cost. A reservation that is
+        not active (completed twice, or after cancel) is treated like `complete_unknown`.
+        """
+        now = self._tick(now)
+        entry = self._active.pop(reservation.id, None)
+        key = self._keys.get(reservation.key_id)
+        if entry is None or key is None:
+            self.complete_unknown(reservation.key_id, outcome, now)
+            return
+        key.in_flight -= 1
+        if not reservation.adopted:
+            self._tiers.get(reservation.job.tier).in_flight -= 1
+        marks = entry[1]
+        if marks is not None:
+            key.correct_cost(now, reservation.cost, outcome.actual_cost, marks.cost)
+        key.observe(outcome, now)
+        key.breaker.settle(reservation.id, reservation.generation, outcome.kind, now)
+
+    def complete_unknown(self, key_id: str, outcome: Outcome, now: float) -> None:
+        """Outcome of a call this scheduler did not reserve: key signals only.
+
+        Applies 429 cooldown, disable and ratelimit resync; no concurrency change and no
+        breaker feed (its generation is unknown). Unknown key ids are ignored.
+        """
+        now = self._tick(now)
+        key = self._keys.get(key_id)
+        if key is not None:
+            key.observe(outcome, now)
+
+    def adopt_in_flight(self, key_id: str, count: int, now: float) -> list[Reservation]:
+        """Count `count` calls a previous leader started on `key_id` against its concurrency.
+
+        Returns placeholder reservations (adopted=True, cost 0, tier "") to `complete` or
+        `cancel` later; their outcomes feed the breaker like any other.
+        """
+        now = self._tick(now)
+        key = self._keys.get(key_id)
+        if key is None:
+            raise ValueError(f"unknown key {key_id!r}")
+        if count < 0:
+            raise ValueError("count must be >= 0")
+        placeholders = []
+        for _ in range(count):
+            reservation_id = next(self._ids)
+            job = PendingJob(f"adopted-{key_id}-{reservation_id}", "", key.spec.upstream, 0.0)
+            reservation = Reservation(
+                id=reservation_id, job=job, key_id=key_id, pool=key.spec.pool, cost=0.0,
+                generation=key.breaker.generation, at=now, probe=False, adopted=True,
+            )
+            self._active[reservation_id] = (reservation, None)
+            key.in_flight += 1
+            placeholders.append(reservation)
+        return placeholders
+
+    # -- status --------------------------------------------------------------------------
+
+    def snapshot(self, now: float) -> dict:
+        """Tiers and keys as JSON-able dicts (key fields: `KeyState.snapshot`)."""
+        now = self._tick(now)
+        tiers = {
+            t.name: {"pending": len(t.jobs), "in_flight": t.in_flight, "dispatched": t.dispatched}
+            for t in self._tiers
+        }
+        return {"tiers": tiers, "keys": {kid: k.snapshot(now) for kid, k in self._keys.items()}}
+
+    def _tick(self, now: float) -> float:
+        self._now = max(self._now, now)
+        return self._now
+
+
+def _build_keys(spec: SchedulerSpec, now: float, conservative: bool) -> dict[str, KeyState]:
+    keys: dict[str, KeyState] = {}
+    for pool in spec.pools:
+        for key in _checked_keys(pool.name, pool.upstream, pool.keys):
+            if key.id in keys:
+                raise ValueError(f"key id {key.id!r} appears twice")
+            keys[key.id] = KeyState(
+                key, safety_s=spec.safety_s, breaker=spec.breaker, cooldown=spec.cooldown,
+                now=now, conservative=conservative,
+            )
+    if len({pool.name for pool in spec.pools}) != len(spec.pools):
+        raise ValueError("pool names must be unique")
+    return keys
+
+
+def _checked_keys(pool: str, upstream: str, keys: Iterable[KeySpec]) -> Iterable[KeySpec]:
+    for key in keys:
+        where = f"pool {pool!r}, key {key.id!r}"
+        if key.pool != pool or key.upstream != upstream:
+            raise ValueError(f"{where}: pool/upstream fields must match the pool ({pool}, {upstream})")
+        if key.rps <= 0 or key.burst < 1:
+            raise ValueError(f"{where}: rps must be > 0 and burst >= 1")
+        if key.concurrency is not None and key.concurrency < 1:
+            raise ValueError(f"{where}: concurrency must be >= 1 when set")
+        if key.cost_per_minute is not None and key.cost_per_minute <= 0:
+            raise ValueError(f"{where}: cost_per_minute must be > 0 when set")
+        yield key

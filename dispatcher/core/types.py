@@ -1,0 +1,166 @@
+"""Values that cross the scheduling core's boundary.
+
+Specs (what the operator configured), jobs and reservations (what the shell hands in and
+gets back), decisions (what `Scheduler.next` returns for the shell to carry out) and
+outcomes (what a worker reports after a call). All are frozen dataclasses: the core never
+keeps a reference it expects the shell to mutate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+OutcomeKind = Literal["ok", "rate_limited", "key_error", "upstream_error", "bad_request"]
+Policy = Literal["weighted", "strict"]
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """One API key's limits: token bucket (rps, burst), calls in flight, cost per minute."""
+
+    id: str
+    pool: str
+    upstream: str
+    rps: float
+    burst: float
+    concurrency: int | None = None
+    cost_per_minute: float | None = None
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """A named group of keys of one upstream."""
+
+    name: str
+    upstream: str
+    keys: tuple[KeySpec, ...]
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    """A priority tier: its share under weighted scheduling and its pool fallback chain."""
+
+    name: str
+    weight: int
+    pools: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class BreakerPolicy:
+    """Open a key's breaker after `fail_max` consecutive upstream errors; probe after the reset."""
+
+    fail_max: int = 5
+    reset_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class CooldownPolicy:
+    """429 without Retry-After: cool down base_s * 2**(n-1), capped at max_s (n = 429 streak)."""
+
+    base_s: float = 1.0
+    max_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    """Everything the scheduler needs; tiers are listed highest priority first.
+
+    `safety_s`: a request bucket never uses the last `safety_s * rps` tokens of its burst
+    (capacity stays >= 1), so network jitter cannot compress a burst into the provider's
+    own bucket.
+    """
+
+    pools: tuple[PoolSpec, ...]
+    tiers: tuple[TierSpec, ...]
+    policy: Policy = "weighted"
+    breaker: BreakerPolicy = BreakerPolicy()
+    cooldown: CooldownPolicy = CooldownPolicy()
+    safety_s: float = 0.05
+
+
+@dataclass(frozen=True)
+class PendingJob:
+    """A queued job as the core sees it; `handle` is the shell's opaque companion object."""
+
+    job_id: str
+    tier: str
+    upstream: str
+    cost: float = 1.0
+    handle: Any = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Tokens, a concurrency slot and (when `probe`) the half-open probe, held for one call.
+
+    `generation` is the key's breaker generation at reservation time; an outcome from an
+    older generation does not feed the breaker. `adopted` marks a placeholder returned by
+    `Scheduler.adopt_in_flight` (a call a previous leader started; no tokens, no tier).
+    """
+
+    id: int
+    job: PendingJob
+    key_id: str
+    pool: str
+    cost: float
+    generation: int
+    at: float
+    probe: bool
+    adopted: bool = False
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Run `job` on `key_id` now; the tokens are already spent."""
+
+    job: PendingJob
+    key_id: str
+    pool: str
+    reservation: Reservation
+
+
+@dataclass(frozen=True)
+class Reject:
+    """`job` can never run with the current configuration; `message` says what to change."""
+
+    job: PendingJob
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class WaitUntil:
+    """Nothing is dispatchable before `at` (monotonic seconds)."""
+
+    at: float
+
+
+@dataclass(frozen=True)
+class Idle:
+    """Nothing to do until add(), complete(), cancel() or adopt changes something."""
+
+
+Decision = Dispatch | Reject | WaitUntil | Idle
+
+
+@dataclass(frozen=True)
+class RateLimitInfo:
+    """x-ratelimit-* values reported by the upstream; reset times in seconds from now."""
+
+    remaining_requests: float | None = None
+    remaining_tokens: float | None = None
+    reset_requests_s: float | None = None
+    reset_tokens_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a worker observed for one call."""
+
+    kind: OutcomeKind
+    status: int | None = None
+    retry_after_s: float | None = None
+    ratelimit: RateLimitInfo | None = None
+    actual_cost: float | None = None
+    latency_ms: float | None = None

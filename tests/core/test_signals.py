@@ -1,0 +1,87 @@
+"""Parsers the worker uses to turn an HTTP answer into an Outcome."""
+
+from __future__ import annotations
+
+import pytest
+
+from dispatcher.core import (
+    RateLimitInfo, classify, is_retryable, parse_duration, parse_ratelimit, parse_retry_after,
+)
+
+NOW = 1_700_000_000.0  # 2023-11-14T22:13:20Z
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (None, None), ("", None), ("  ", None), ("garbage", None), ("nan", None),
+        ("5", 5.0), (" 2.5 ", 2.5), ("-3", 0.0), ("0", 0.0),
+        ("Tue, 14 Nov 2023 22:13:50 GMT", 30.0),
+        ("Tue, 14 Nov 2023 23:13:50 +0100", 30.0),
+        ("Tue, 14 Nov 2023 22:13:50 -0000", 30.0),
+        ("Tue, 14 Nov 2023 22:00:00 GMT", 0.0),  # in the past
+    ],
+)
+def test_parse_retry_after(value, expected):
+    assert parse_retry_after(value, NOW) == expected
+
+
+def test_parse_retry_after_ignores_local_time_zone(non_utc):
+    assert parse_retry_after("Tue, 14 Nov 2023 22:13:50 GMT", NOW) == 30.0
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("1s", 1.0), ("6m0s", 360.0), ("20ms", 0.02), ("1h2m3.5s", 3723.5), ("0.5", 0.5),
+        ("250us", 0.00025), ("1m", 60.0), ("7.66s", 7.66),
+        (None, None), ("", None), ("soon", None), ("1x", None), ("s", None), ("1s2", None),
+    ],
+)
+def test_parse_duration(value, expected):
+    result = parse_duration(value)
+    if expected is None:
+        assert result is None
+    else:
+        assert result == pytest.approx(expected)
+
+
+def test_parse_ratelimit_any_case():
+    info = parse_ratelimit({
+        "X-RateLimit-Remaining-Requests": "59",
+        "x-ratelimit-remaining-tokens": "149984",
+        "X-RATELIMIT-RESET-REQUESTS": "1s",
+        "x-ratelimit-reset-tokens": "6m0s",
+        "content-type": "application/json",
+    })
+    assert info == RateLimitInfo(59.0, 149984.0, 1.0, 360.0)
+
+
+def test_parse_ratelimit_absent_or_unusable():
+    assert parse_ratelimit({"content-type": "text/plain"}) is None
+    assert parse_ratelimit({"x-ratelimit-remaining-requests": "lots"}) is None
+    assert parse_ratelimit({"x-ratelimit-remaining-tokens": "0"}) == RateLimitInfo(remaining_tokens=0.0)
+
+
+@pytest.mark.parametrize(
+    "status, error, kind",
+    [
+        (None, "timeout", "upstream_error"), (None, None, "upstream_error"),
+        (200, None, "ok"), (204, None, "ok"), (429, None, "rate_limited"),
+        (401, None, "key_error"), (403, None, "key_error"),
+        (408, None, "upstream_error"), (500, None, "upstream_error"), (503, None, "upstream_error"),
+        (400, None, "bad_request"), (404, None, "bad_request"), (409, None, "bad_request"),
+        (422, None, "bad_request"),
+    ],
+)
+def test_classify(status, error, kind):
+    assert classify(status, error) == kind
+
+
+@pytest.mark.parametrize(
+    "kind, retry",
+    [("ok", False), ("rate_limited", True), ("key_error", False), ("upstream_error", True),
+     ("bad_request", False)],
+)
+def test_is_retryable(kind, retry):
+    assert is_retryable(kind) is retry
