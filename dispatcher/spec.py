@@ -20,5 +20,5 @@ def scheduler_spec(config: Config) -> SchedulerSpec:
         pools=tuple(pools), tiers=tiers, policy=d.policy,
         breaker=BreakerPolicy(fail_max=d.breaker_fail_max, reset_timeout_s=d.breaker_reset_s),
         cooldown=CooldownPolicy(base_s=d.cooldown_base_s, max_s=d.cooldown_max_s),
-        safety_s=d.safety_ms / 1000,
+        safety_s=d.safety_ms / 1000, priority_reserve=d.priority_reserve,
     )

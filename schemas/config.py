@@ -108,6 +108,7 @@ class DispatcherConfig(_Strict):
     cooldown_base_s: float = Field(default=1.0, gt=0)
     cooldown_max_s: float = Field(default=60.0, gt=0)
     safety_ms: float = Field(default=50.0, ge=0)
+    priority_reserve: float = Field(default=1.0, ge=0)
 
 
 class StreamsConfig(_Strict):

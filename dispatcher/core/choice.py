@@ -67,13 +67,17 @@ def never_runnable(chain: Chain, reach: Reach, job: PendingJob) -> str | None:
     return None
 
 
-def pick_key(chain: Chain, cost: float, now: float, waits: list[float]) -> tuple[str, KeyState] | None:
-    """The (pool, key) to use now, or None; appends future ready times to `waits`."""
+def pick_key(chain: Chain, cost: float, now: float, waits: list[float],
+             reserve: float = 0.0) -> tuple[str, KeyState] | None:
+    """The (pool, key) to use now, or None; appends future ready times to `waits`.
+
+    `reserve` request tokens stay on each key for a higher tier (see SchedulerSpec).
+    """
     for pool, keys in chain.pools:
         best: KeyState | None = None
         best_rank: tuple[float, int] = (math.inf, 0)
         for key in keys:
-            at = key.ready_at(now, cost)
+            at = key.ready_at(now, cost, reserve)
             if at is None:
                 continue
             if at > now:

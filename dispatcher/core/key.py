@@ -69,8 +69,9 @@ class KeyState:
     def cost_capacity(self) -> float:
         return self.cost.capacity if self.cost is not None else math.inf
 
-    def ready_at(self, now: float, cost: float) -> float | None:
-        """Earliest time >= now this key can take a job of `cost`.
+    def ready_at(self, now: float, cost: float, reserve: float = 0.0) -> float | None:
+        """Earliest time >= now this key can take a job of `cost`, leaving `reserve`
+        request tokens (only when the capacity can hold them) for a higher tier.
 
         None when only a completion can free it (concurrency cap, probe in flight) or
         nothing can (disabled, cost above the cost capacity).
@@ -83,7 +84,8 @@ class KeyState:
         gate = self.breaker.gate(now)
         if gate is None:
             return None
-        at = max(now, gate, self.cooldown_until, self.requests.ready_at(now, 1.0))
+        needed = 1.0 + reserve if self.requests.capacity >= 1.0 + reserve else 1.0
+        at = max(now, gate, self.cooldown_until, self.requests.ready_at(now, needed))
         if self.cost is not None:
             at = max(at, self.cost.ready_at(now, cost))
         return at
@@ -112,6 +114,8 @@ class KeyState:
 
     def observe(self, outcome: Outcome, now: float) -> None:
         """Apply a call's key signals: counters, 429 cooldown, disable, ratelimit resync."""
+        if outcome.kind == "lost":
+            return
         self._count(outcome)
         if outcome.kind == "ok":
             self.streak_429 = 0

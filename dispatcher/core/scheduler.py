@@ -46,6 +46,9 @@ class Scheduler:
         self._chains: dict[tuple[str, str], Chain] = {}
         self._active: dict[int, tuple[Reservation, Marks | None]] = {}
         self._ids = itertools.count(1)
+        self._reserve = spec.priority_reserve
+        if self._reserve < 0:
+            raise ValueError("priority_reserve must be >= 0")
 
     # -- queue ---------------------------------------------------------------------------
 
@@ -78,13 +81,15 @@ class Scheduler:
         """
         now = self._tick(now)
         waits: list[float] = []
+        top = next(iter(self._tiers), None)
+        reserve = self._reserve if top is not None and not top.jobs else 0.0
         for tier in self._tiers.in_order():
-            decision = self._scan(tier, now, waits)
+            decision = self._scan(tier, now, waits, 0.0 if tier is top else reserve)
             if decision is not None:
                 return decision
         return WaitUntil(min(waits)) if waits else Idle()
 
-    def _scan(self, tier: TierQueue, now: float, waits: list[float]) -> Dispatch | Reject | None:
+    def _scan(self, tier: TierQueue, now: float, waits: list[float], reserve: float) -> Dispatch | Reject | None:
         blocked: set[str] = set()
         reaches: dict[str, Reach] = {}
         for index, job in enumerate(itertools.islice(tier.jobs, LOOKAHEAD)):
@@ -97,7 +102,7 @@ class Scheduler:
                 return Reject(job, NO_KEY_AVAILABLE, reason)
             if job.upstream in blocked:
                 continue
-            picked = pick_key(chain, job.cost, now, waits)
+            picked = pick_key(chain, job.cost, now, waits, reserve)
             if picked is not None:
                 del tier.jobs[index]
                 return self._dispatch(tier, job, picked[0], picked[1], now)

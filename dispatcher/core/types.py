@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-OutcomeKind = Literal["ok", "rate_limited", "key_error", "upstream_error", "bad_request"]
+# "lost": the call's fate is unknown (its worker died, or the job was returned unrun); it
+# frees the slot and probe but counts as nothing and never feeds the breaker.
+OutcomeKind = Literal["ok", "rate_limited", "key_error", "upstream_error", "bad_request", "lost"]
 Policy = Literal["weighted", "strict"]
 
 
@@ -69,6 +71,12 @@ class SchedulerSpec:
     `safety_s`: a request bucket never uses the last `safety_s * rps` tokens of its burst
     (capacity stays >= 1), so network jitter cannot compress a burst into the provider's
     own bucket.
+
+    `priority_reserve`: while the highest tier has nothing queued, lower tiers leave this
+    many request tokens on every key whose capacity allows it, so a top-tier job that
+    arrives gets a key at once instead of waiting for the next refill. It costs no
+    throughput (the bucket just hovers that much higher) and lapses as soon as top-tier
+    jobs are queued, so weighted shares under contention are unchanged. 0 turns it off.
     """
 
     pools: tuple[PoolSpec, ...]
@@ -77,6 +85,7 @@ class SchedulerSpec:
     breaker: BreakerPolicy = BreakerPolicy()
     cooldown: CooldownPolicy = CooldownPolicy()
     safety_s: float = 0.05
+    priority_reserve: float = 0.0
 
 
 @dataclass(frozen=True)
