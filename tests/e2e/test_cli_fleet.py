@@ -1,0 +1,110 @@
+"""The CLI as a user runs it: `ratefleet up` in one terminal, `submit`/`status`/`request` in
+another; `ratefleet demo`; the breaker seen through `status`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import tomli_w
+
+from fleetkit import SECRETS, FleetKit, chat_job, collect, mock_keys, wait_for_leader
+from ratefleet import Client
+from ratefleet.mock import MockKey, MockSettings, running_mock
+
+pytestmark = [pytest.mark.timeout(120)]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cli(*args: str, env=None, timeout=60, input=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ratefleet", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, input=input)
+
+
+def test_up_serves_jobs_submitted_from_another_terminal(tmp_path):
+    port = free_port()
+    with running_mock(MockSettings(keys=mock_keys(rps=100, burst=10), accept_unknown=False)) as upstream:
+        config = {"nats": {"url": f"nats://127.0.0.1:{port}", "embedded_dir": str(tmp_path / "nats")},
+                  "upstreams": {"mock": {"base_url": upstream.url}},
+                  "pools": {"shared": {"keys": [{"id": "k1", "secret": "env:RF_TEST_K1", "rps": 100, "burst": 10},
+                                                {"id": "k2", "secret": "env:RF_TEST_K2", "rps": 100, "burst": 10}]}},
+                  "workers": {"heartbeat_s": 0.5}}
+        path = tmp_path / "fleet.toml"
+        path.write_text(tomli_w.dumps(config))
+        env = {**os.environ, "RF_TEST_K1": SECRETS["k1"], "RF_TEST_K2": SECRETS["k2"], "RATEFLEET_LOG_FORMAT": "json"}
+        env.pop("RATEFLEET_NATS_URL", None)
+        up = subprocess.Popen([sys.executable, "-m", "ratefleet", "up", "--config", str(path), "--workers", "2"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            jobs = tmp_path / "jobs.jsonl"
+            jobs.write_text("".join(json.dumps(chat_job(i)) + "\n" for i in range(25)))
+            nats = ["--nats", f"nats://127.0.0.1:{port}"]
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and cli("status", "--json", *nats, timeout=20).returncode != 0:
+                time.sleep(0.5)
+            out = tmp_path / "results.jsonl"
+            done = cli("submit", str(jobs), "--tier", "normal", "--wait", "--out", str(out), *nats, timeout=60)
+            assert done.returncode == 0, done.stderr
+            lines = [json.loads(line) for line in out.read_text().splitlines()]
+            assert len(lines) == 25 and {r["status"] for r in lines} == {"succeeded"}
+            assert len({r["job_id"] for r in lines}) == 25
+            status = json.loads(cli("status", "--json", *nats).stdout)
+            assert status["leader"] and len(status["workers"]) == 2
+            assert status["keys"]["k1"]["calls"] + status["keys"]["k2"]["calls"] == 25
+            table = cli("status", *nats)
+            assert "k1" in table.stdout and "leader" in table.stdout
+            one = cli("request", "--tier", "vip", json.dumps(chat_job(99)), *nats)
+            assert one.returncode == 0 and json.loads(one.stdout)["status"] == "succeeded"
+            bad = cli("submit", "-", "--tier", "normal", *nats, input='{"request": {"path": "http://evil/"}}\nnot json\n')
+            assert bad.returncode == 2 and "line 1" in bad.stderr and "line 2" in bad.stderr
+        finally:
+            up.send_signal(signal.SIGINT)
+            output, _ = up.communicate(timeout=60)
+        assert up.returncode == 0, output
+        assert "started embedded nats-server" in output
+        assert not any(SECRETS[k] in output for k in SECRETS)
+    # the embedded server is gone with it
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=0.5)
+
+
+def test_demo_exits_zero_with_its_summary():
+    done = cli("demo", "--jobs", "120", "--vip", "8", timeout=110)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "every job has one result; no key went over its limit" in done.stdout
+    assert "queue wait" in done.stdout and "per key" in done.stdout
+
+
+@pytest.mark.anyio
+async def test_failing_key_opens_its_breaker_and_jobs_move_to_the_healthy_key(tmp_path, nats_server):
+    keys = (MockKey(id="k1", secret=SECRETS["k1"], rps=100, burst=10, status=503),
+            MockKey(id="k2", secret=SECRETS["k2"], rps=100, burst=10))
+    with running_mock(MockSettings(keys=keys, accept_unknown=False)) as upstream:
+        kit = FleetKit(tmp_path, nats_server.url, upstream.url,
+                       keys=[{"id": "k1", "rps": 100, "burst": 10}, {"id": "k2", "rps": 100, "burst": 10}],
+                       overrides={"dispatcher": {"breaker_fail_max": 3, "breaker_reset_s": 60}})
+        kit.dispatcher("d1"), kit.worker("w1", slots=4)
+        try:
+            async with await Client.connect(nats_server.url) as client:
+                await wait_for_leader(client)
+                await client.submit_many([chat_job(i) for i in range(40)], "normal", batch="brk")
+                results = await collect(client, "brk", 40, timeout=40)
+                status = await client.status()
+        finally:
+            kit.stop()
+        k1_calls = upstream.stats()["keys"]["k1"]["calls"]
+    assert len(results) == 40 and all(r.ok and r.key_id == "k2" for r in results.values())
+    assert status["keys"]["k1"]["breaker"] == "open"
+    # the breaker opened after 3 consecutive failures (plus what was already in flight), then no more calls
+    assert 3 <= k1_calls <= 3 + 4, k1_calls
