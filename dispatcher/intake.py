@@ -14,6 +14,7 @@ from nats.aio.msg import Msg
 
 from ratefleet.runtime.store import MSG_ID, REPLY_HEADER
 from schemas import Config, ErrorCode, Job, JobRejected, parse_job
+from schemas.subjects import is_safe_reply, is_token
 
 
 @dataclass(frozen=True)
@@ -53,22 +54,31 @@ def read_message(msg: Msg, tier: str, config: Config) -> Incoming | Refused:
     meta = msg.metadata
     headers = msg.headers or {}
     reply_to = headers.get(REPLY_HEADER)
-    fallback_id = headers.get(MSG_ID) or f"s{meta.sequence.stream}"
+    header_id = headers.get(MSG_ID)
+    fallback_id = header_id if header_id and is_token(header_id) else f"s{meta.sequence.stream}"
     attempt = meta.num_delivered
+    bad_reply = reply_to is not None and not is_safe_reply(reply_to, config.nats.prefix)
+    if bad_reply:
+        reply_to = None
 
     def refuse(status: str, code: ErrorCode, message: str, job_id: str | None = None,
                batch: str | None = None, job: Job | None = None) -> Refused:
         return Refused(status, code, message, job_id or fallback_id, batch, tier, msg.reply, reply_to, attempt,
                        msg.data, job)
 
-    if attempt >= config.streams.max_deliver:
-        return refuse("failed", ErrorCode.POISON_MESSAGE,
-                      f"delivered {attempt} times without finishing (streams.max_deliver); moved to dead letters")
     try:
         job = parse_job(msg.data, max_bytes=config.streams.max_job_bytes)
     except JobRejected as exc:
         return refuse("invalid", exc.code, exc.message, exc.job_id, exc.batch)
     job_id = job.id or fallback_id
+    if attempt >= config.streams.max_deliver:
+        return refuse("failed", ErrorCode.POISON_MESSAGE,
+                      f"delivered {attempt} times without finishing (streams.max_deliver); moved to dead letters",
+                      job_id, job.batch, job)
+    if bad_reply:
+        return refuse("invalid", ErrorCode.FORBIDDEN_TARGET,
+                      f"{REPLY_HEADER} must be an inbox subject, not a system, API or ratefleet subject",
+                      job_id, job.batch, job)
     problem = _check_against_config(job, config)
     if problem is not None:
         return refuse("invalid", problem[0], problem[1], job_id, job.batch, job)

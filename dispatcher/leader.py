@@ -8,6 +8,7 @@ decisions come from the pure core (invariant 4) and outcomes flow back into it (
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 import json
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from nats.aio.msg import Msg
 from dispatcher.core import Dispatch, Idle, Outcome, PendingJob, RateLimitInfo, Reject, Scheduler, WaitUntil
 from dispatcher.fleet import AssignmentRecord, Fleet
 from dispatcher.intake import Incoming, Refused, read_message
-from dispatcher.puller import TierPuller
+from dispatcher.puller import HANDBACK_MARGIN_S, PULL_EXPIRES_S, TierPuller
 from dispatcher.spec import scheduler_spec
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.streams import tier_consumer
@@ -38,7 +39,8 @@ class Held:
 
 
 class LeaderSession:
-    def __init__(self, config: Config, nc: NatsClient, dispatcher_id: str, *, conservative: bool = True):
+    def __init__(self, config: Config, nc: NatsClient, dispatcher_id: str, *, conservative: bool = True,
+                 fence: Callable[[], bool] = lambda: True):
         self.config, self.nc, self.id = config, nc, dispatcher_id
         self.subjects = Subjects(config.nats.prefix)
         self.js = nc.jetstream()
@@ -53,6 +55,9 @@ class LeaderSession:
         self.ready = False
         self.since = time.time()
         self.subs: list = []
+        # False once the lease may have lapsed: a paused-then-woken leader must not dispatch
+        # or nak anything another leader may own by now
+        self.fence = fence
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -72,15 +77,23 @@ class LeaderSession:
                 await self._step_down()
 
     async def _step_down(self) -> None:
-        """Stop pulling and give back every held job at once (best effort: NATS may be away,
-        in which case the jobs come back after ack_wait anyway)."""
+        """Stop pulling and give back every held job at once, if the lease is still ours
+        (best effort: NATS may be away; the jobs then come back after ack_wait)."""
         try:
+            for puller in self.pullers.values():
+                puller.stop_pulling()
+            if self.fence():
+                pulling = any(p.outstanding for p in self.pullers.values())
+                # while our pull requests are open, a job handed back at once would come back to us
+                delay = PULL_EXPIRES_S + HANDBACK_MARGIN_S if pulling else 0.0
+                for held in self.held.values():
+                    await self.finisher.nak(held.incoming.ack, delay)
+                if pulling:
+                    await anyio.sleep(PULL_EXPIRES_S)  # late arrivals are handed back by the pullers
             for puller in self.pullers.values():
                 await puller.stop()
             for sub in self.subs:
                 await sub.unsubscribe()
-            for held in self.held.values():
-                await self.finisher.nak(held.incoming.ack)
             await self.nc.flush(timeout=2)
         except Exception as exc:  # noqa: BLE001 - see docstring
             log.warning("could not hand back held jobs; they return after ack_wait", error=type(exc).__name__)
@@ -104,6 +117,8 @@ class LeaderSession:
     async def _dispatch_ready(self) -> float:
         """Dispatch while workers have free slots; return how long to sleep."""
         while self.fleet.free_slots() > 0:
+            if not self.fence():
+                return 0.1
             now = time.monotonic()
             decision = self.scheduler.next(now)
             if isinstance(decision, Dispatch):
@@ -230,7 +245,7 @@ class LeaderSession:
 
     async def _return(self, record: AssignmentRecord, now: float) -> None:
         self.scheduler.complete(record.reservation, LOST, now)
-        if record.ack:
+        if record.ack and self.fence():
             await self.finisher.nak(record.ack)
 
     async def _housekeeping(self) -> None:
@@ -238,6 +253,8 @@ class LeaderSession:
         keep_alive_after = self.config.streams.ack_wait_s / 3
         while True:
             await anyio.sleep(interval)
+            if not self.fence():
+                continue  # woken after a pause: the lease check ends this session
             now = time.monotonic()
             for worker, records in self.fleet.expire(now):
                 log.warning("worker silent; returning its jobs to the queue", worker=worker.id, jobs=len(records))

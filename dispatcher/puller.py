@@ -18,7 +18,8 @@ from nats.aio.msg import Msg
 from ratefleet.runtime.logs import get_logger
 
 log = get_logger("ratefleet.puller")
-PULL_EXPIRES_S = 5.0
+PULL_EXPIRES_S = 1.0  # short: a stepping-down leader waits this long to hand back late arrivals
+HANDBACK_MARGIN_S = 0.25
 
 
 class TierPuller:
@@ -39,7 +40,13 @@ class TierPuller:
         self.active = True
         await self.top_up()
 
+    def stop_pulling(self) -> None:
+        """No new pulls; messages still arriving for open pull requests are nak'd at once."""
+        self.active = False
+
     async def stop(self) -> None:
+        """Unsubscribe, after the open pull requests expired (call stop_pulling() first and
+        wait up to PULL_EXPIRES_S, or their messages wait out ack_wait on a dead inbox)."""
         self.active = False
         if self._sub is not None:
             await self._sub.unsubscribe()
@@ -72,7 +79,10 @@ class TierPuller:
             return
         self.outstanding = max(0, self.outstanding - 1)
         if not self.active:
-            await self.nc.publish(msg.reply, b"-NAK")  # leadership lost meanwhile: give it back now
+            # stepping down: hand it back, but only after our open pull requests expired, or
+            # it would come straight back to us in a nak loop
+            delay_ns = int((PULL_EXPIRES_S + HANDBACK_MARGIN_S) * 1e9)
+            await self.nc.publish(msg.reply, b'-NAK {"delay": %d}' % delay_ns)
             return
         await self.on_job(self.tier, msg)
 

@@ -17,7 +17,7 @@ from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.store import publish_job
 from schemas import Config, ErrorCode, ErrorInfo, Result, Subjects
 from schemas.job import new_job_id
-from schemas.subjects import is_token
+from schemas.subjects import is_safe_reply, is_token
 from workers.finish import Finisher
 
 log = get_logger("ratefleet.rpc")
@@ -56,6 +56,10 @@ class RpcResponder:
                                        pending_msgs_limit=0)
 
     async def handle(self, msg: Msg) -> None:
+        if msg.reply and not is_safe_reply(msg.reply, self.config.nats.prefix):
+            log.warning("rpc request with a forbidden reply subject dropped; nothing stored",
+                        subject=msg.subject, reply=msg.reply[:80])
+            return
         tier = self.subjects.tier_of(msg.subject)
         job_id, payload = _with_id(msg.data)
         if tier not in self.config.tiers:

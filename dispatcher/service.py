@@ -75,7 +75,8 @@ class Dispatcher:
         conservative = last is not None and time.time() - last < RECENT_LEADER_S
         await self.lease.mark_seen()
         log.info("became leader", dispatcher=self.id, buckets="empty" if conservative else "full")
-        self.session = LeaderSession(self.config, self.nc, self.id, conservative=conservative)
+        self.session = LeaderSession(self.config, self.nc, self.id, conservative=conservative,
+                                     fence=lambda: self.lease.held)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.session.run)

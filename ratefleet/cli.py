@@ -40,6 +40,14 @@ def _run(coro_fn, *args):
         return anyio.run(coro_fn, *args)
     except RatefleetError as exc:
         fail(str(exc), 1)
+    except BaseExceptionGroup as group:  # raised inside a task group: report the first of ours
+        ours = group.subgroup(lambda e: isinstance(e, RatefleetError))
+        if ours is None:
+            raise
+        first = ours.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        fail(str(first), 1)
     except KeyboardInterrupt:
         raise typer.Exit(130)
 

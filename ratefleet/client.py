@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+
+import anyio
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from nats.aio.client import Client as NatsClient
 from nats.js.api import DeliverPolicy
-from nats.js.errors import APIError, NoStreamResponseError
 from pydantic import ValidationError
 
 from ratefleet.errors import JobInvalid, QueueFull, RequestTimeout, SubmitError
 from ratefleet.runtime.connect import connect
-from ratefleet.runtime.store import MSG_ID, TRANSIENT, publish_job
+from ratefleet.runtime.store import publish_job
 from schemas import Job, Result, Subjects
 from schemas.config import DEFAULT_NATS_URL
 from schemas.job import describe_validation_error
@@ -76,44 +77,37 @@ class Client:
             raise
 
     async def submit_many(self, jobs: Iterable[JobLike], tier: str, *, batch: str | None = None,
-                          window: int = 2000, progress: Callable[[int], None] | None = None) -> list[str]:
-        """Store many jobs with pipelined publishes; returns their ids in order.
+                          concurrency: int = 256, progress: Callable[[int], None] | None = None) -> list[str]:
+        """Store many jobs, `concurrency` publishes in flight; returns their ids in order.
 
-        A publish that fails transiently (NATS restarting) is retried one by one with the
-        same id. Stops at the first job the queue refuses (QueueFull says how many were stored).
+        Every job is validated before anything is sent (JobInvalid names the bad one). Each
+        publish rides out a NATS restart with the same id. On the first refusal (QueueFull,
+        unknown tier) no further job is sent and the error says how many were stored.
         """
-        ids: list[str] = []
-        pending: list[tuple[Job, asyncio.Future]] = []
-        for job in jobs:
-            model = as_job(job, batch=batch)
-            ids.append(model.id)
-            try:
-                future = await self.js.publish_async(self.subjects.jobs(tier), model.to_json(),
-                                                     headers={MSG_ID: model.id})
-            except TRANSIENT:
-                future = asyncio.get_running_loop().create_future()
-                future.set_exception(TimeoutError())
-            pending.append((model, future))
-            if len(pending) >= window:
-                await self._settle(pending, len(ids) - len(pending), tier, progress)
-                pending = []
-        await self._settle(pending, len(ids) - len(pending), tier, progress)
-        return ids
+        models = [as_job(job, batch=batch) for job in jobs]
+        stored = 0
+        queue = iter(models)  # shared: each publisher takes the next job
 
-    async def _settle(self, pending: list[tuple[Job, asyncio.Future]], done_before: int, tier: str,
-                      progress: Callable[[int], None] | None) -> None:
-        for index, (model, future) in enumerate(pending):
-            try:
-                await asyncio.wait_for(future, 10.0)
-            except APIError as exc:
-                message = f"stored {done_before + index} jobs, then the queue refused one: {exc.description}"
-                if "maximum" in (exc.description or "").lower():
-                    raise QueueFull(message + "; retry later or raise streams.jobs_max_msgs") from None
-                raise SubmitError(message) from None
-            except (NoStreamResponseError, *TRANSIENT):
-                await self._publish(tier, model)  # one by one, retrying through a reconnect
-            if progress:
-                progress(1)
+        async def publisher() -> None:
+            nonlocal stored
+            for model in queue:
+                await self._publish(tier, model)
+                stored += 1
+                if progress:
+                    progress(1)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(min(concurrency, len(models))):
+                    tg.start_soon(publisher)
+        except BaseExceptionGroup as group:
+            first = group.exceptions[0]
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            if isinstance(first, SubmitError):
+                raise type(first)(f"{first} ({stored} of {len(models)} jobs stored before that)") from None
+            raise
+        return [model.id for model in models]
 
     async def request(self, job: JobLike, tier: str, *, timeout: float = 30.0) -> Result:
         """Submit one job and wait for its Result (over the reply inbox)."""

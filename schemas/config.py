@@ -115,7 +115,7 @@ class StreamsConfig(_Strict):
     jobs_max_msgs: int = Field(default=1_000_000, ge=-1)
     jobs_max_bytes: int = Field(default=-1, ge=-1)
     max_job_bytes: int = Field(default=1 << 20, ge=256)
-    ack_wait_s: float = Field(default=30.0, ge=1)
+    ack_wait_s: float = Field(default=10.0, ge=1)
     max_deliver: int = Field(default=20, ge=2)
     duplicate_window_s: float = Field(default=600.0, gt=0)
     results_max_age_s: float = Field(default=86400.0, gt=0)

@@ -15,6 +15,21 @@ def is_token(value: str) -> bool:
     return bool(_TOKEN.match(value))
 
 
+def is_safe_reply(subject: str | None, prefix: str = "ratefleet") -> bool:
+    """True when a producer-given reply subject may receive a Result.
+
+    Refused: system and API subjects (`$JS.`, `$KV.`, `$SYS.`...), ratefleet's own
+    subjects, wildcards, whitespace and empty tokens: a job must not be able to make a
+    worker publish into a stream, a KV bucket or the fleet's own protocol.
+    """
+    if not subject or len(subject) > 512 or subject.startswith("$"):
+        return False
+    if subject == prefix or subject.startswith(prefix + "."):
+        return False
+    tokens = subject.split(".")
+    return all(t and "*" not in t and ">" not in t and not any(c.isspace() for c in t) for t in tokens)
+
+
 @dataclass(frozen=True)
 class Subjects:
     """All subjects and stream names for one `prefix` (default `ratefleet`)."""

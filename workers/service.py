@@ -145,17 +145,17 @@ class Worker:
         job = Job.model_validate(a.job)
         if job.expired(datetime.now(timezone.utc)):
             log.info("job expired before its call")
-            await self._report(a, None, terminal=True)
             await self.finisher.finish(self._result(a, "expired", error=ErrorInfo(
                 code=ErrorCode.DEADLINE_EXCEEDED, message="the deadline passed before the call could start")),
                 ack=a.ack, reply_to=a.reply_to)
+            await self._report(a, None, terminal=True)
             return
         try:
             secret = self.secrets.get(a.key_id)
         except SecretUnavailable as exc:
             log.error("cannot resolve key secret; job goes back to the queue", problem=str(exc))
-            await self._report(a, None, terminal=False)
             await self.finisher.nak(a.ack, 1.0)
+            await self._report(a, None, terminal=False)
             return
         upstream = self.config.upstreams[a.upstream]
         queued_ms = max(0.0, (time.time() - a.submitted_at) * 1000)
@@ -165,20 +165,22 @@ class Worker:
         await self._conclude(a, call, queued_ms)
 
     async def _conclude(self, a: Assignment, call: CallResult, queued_ms: float) -> None:
+        """Finish or requeue the job, then report the outcome (so a worker killed in between
+        still lists the assignment in flight and the dispatcher returns it at once)."""
         retryable = call.kind in RETRYABLE
         terminal = not retryable or a.attempt >= a.max_attempts
-        await self._report(a, call, terminal=terminal)
         log.debug("call done", kind=call.kind, status=call.response.status if call.response else None,
                   latency_ms=round(call.latency_ms, 1))
         if not terminal:
             delay = retry_delay(call.kind, a.attempt, call.retry_after_s)
             log.info("retrying job", kind=call.kind, delay_s=delay)
             await self.finisher.nak(a.ack, delay)
-            return
-        result = self._call_result(a, call, queued_ms)
-        stored = await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to)
-        if stored and result.error and result.error.code == ErrorCode.ATTEMPTS_EXHAUSTED:
-            await self.finisher.dead(a.tier, result, job=a.job)
+        else:
+            result = self._call_result(a, call, queued_ms)
+            stored = await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to)
+            if stored and result.error and result.error.code == ErrorCode.ATTEMPTS_EXHAUSTED:
+                await self.finisher.dead(a.tier, result, job=a.job)
+        await self._report(a, call, terminal=terminal)
 
     def _call_result(self, a: Assignment, call: CallResult, queued_ms: float) -> Result:
         if call.kind == "ok":

@@ -44,6 +44,8 @@ async def retrying(operation: Callable[[], Awaitable[T]], *, for_s: float,
         try:
             return await operation()
         except TRANSIENT as exc:
+            if isinstance(exc, APIError) and exc.err_code is not None:
+                raise  # the server refused (queue full, already stored): retrying cannot help
             if time.monotonic() + delay > deadline or (permanent is not None and await permanent(exc)):
                 raise
             await asyncio.sleep(delay)

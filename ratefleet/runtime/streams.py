@@ -32,7 +32,9 @@ def stream_configs(config: Config) -> list[StreamConfig]:
     s = config.streams
     return [
         StreamConfig(
-            name=subjects.jobs_stream, subjects=[subjects.jobs("*")], retention=RetentionPolicy.WORK_QUEUE,
+            # only configured tiers: a publish to any other tier fails at once ("unknown tier")
+            name=subjects.jobs_stream, subjects=[subjects.jobs(t) for t in config.tiers],
+            retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE, discard=DiscardPolicy.NEW, max_msgs=s.jobs_max_msgs,
             max_bytes=s.jobs_max_bytes, duplicate_window=s.duplicate_window_s, num_replicas=s.replicas,
             max_msg_size=s.max_job_bytes + 4096,

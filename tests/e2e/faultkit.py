@@ -1,0 +1,284 @@
+"""Helpers for the fault-injection end-to-end tests (tests/e2e/test_faults_*.py).
+
+- `Tracker`: its own NATS connection (reconnects forever, so it survives a NATS restart)
+  that watches every Result publish (arrival time per job) and reads the RESULTS stream's
+  per-subject counts, which is how the tests check "each job id exactly once".
+- `restartable_nats`: an EmbeddedNats whose port is pinned after the first start, so
+  `stop()`/`start()` comes back on the same port with the same store dir.
+- small bounded waits (`until`, `wait_workers`, `wait_leader_is`) and mock helpers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import nats
+
+from fleetkit import mock_keys
+from ratefleet.mock import MockSettings, running_mock
+from ratefleet.runtime.embedded import EmbeddedNats
+from schemas import Result, Subjects
+
+SUBJECTS = Subjects()
+
+
+# -- nats ---------------------------------------------------------------------------------
+
+
+def pinned(server: EmbeddedNats) -> EmbeddedNats:
+    """Pin an already started EmbeddedNats to the port it got, so a restart reuses it."""
+    server.port = urlparse(server.url).port
+    return server
+
+
+def restartable_nats(store_dir: Path) -> EmbeddedNats:
+    """A started EmbeddedNats on a free port, pinned to it for stop()/start()."""
+    return pinned(EmbeddedNats(store_dir).start())
+
+
+# -- waiting ------------------------------------------------------------------------------
+
+
+async def until(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
+    """Await `predicate()` (sync or async) until truthy; AssertionError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+            if asyncio.iscoroutine(last):
+                last = await last
+            if last:
+                return last
+        except Exception as exc:  # noqa: BLE001 - transient (NATS away, no leader yet)
+            last = exc
+        await asyncio.sleep(interval)
+    raise AssertionError(f"{what} not reached within {timeout}s (last: {last!r})")
+
+
+async def status_or_none(client, timeout: float = 1.0) -> dict | None:
+    try:
+        return await client.status(timeout=timeout)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+async def wait_workers(client, names: set[str] | int, timeout: float = 25.0) -> dict:
+    """Until a leader answers status listing these workers (or this many)."""
+
+    async def ok():
+        status = await status_or_none(client)
+        if not status or not status.get("leader"):
+            return None
+        ids = {w["id"] for w in status.get("workers", []) if not w.get("draining")}
+        want = len(ids) >= names if isinstance(names, int) else names <= ids
+        return status if want else None
+
+    return await until(ok, timeout, 0.2, f"leader with workers {names}")
+
+
+async def wait_leader_is(client, predicate, timeout: float) -> dict:
+    async def ok():
+        status = await status_or_none(client, 0.5)
+        return status if status and predicate(status.get("leader")) else None
+
+    return await until(ok, timeout, 0.05, "leader change")
+
+
+def worker_in_flight(status: dict | None, worker: str) -> int:
+    for entry in (status or {}).get("workers", []):
+        if entry.get("id") == worker:
+            return int(entry.get("in_flight") or 0)
+    return 0
+
+
+async def wait_exit(proc: subprocess.Popen, timeout: float) -> int | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return proc.returncode
+        await asyncio.sleep(0.05)
+    return None
+
+
+# -- results ------------------------------------------------------------------------------
+
+
+@dataclass
+class Tracker:
+    """Watches results (core subscription: arrival times, publish attempts) and the stream."""
+
+    url: str
+    nc: object = None
+    js: object = None
+    first_seen: dict[str, float] = field(default_factory=dict)  # job id -> monotonic time
+    publishes: Counter = field(default_factory=Counter)  # job id -> result publishes seen
+    batch_of: dict[str, str] = field(default_factory=dict)
+    _sub: object = None
+
+    async def start(self) -> "Tracker":
+        self.nc = await nats.connect(self.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2,
+                                     connect_timeout=5, name="faultkit-tracker")
+        self.js = self.nc.jetstream(timeout=5)
+
+        async def on_result(msg):
+            parts = msg.subject.split(".")
+            job_id = parts[-1]
+            self.publishes[job_id] += 1
+            self.first_seen.setdefault(job_id, time.monotonic())
+            self.batch_of.setdefault(job_id, parts[-2])
+
+        self._sub = await self.nc.subscribe(SUBJECTS.results("*", "*"), cb=on_result)
+        return self
+
+    async def close(self) -> None:
+        if self.nc is not None and not self.nc.is_closed:
+            await self.nc.close()
+
+    async def __aenter__(self) -> "Tracker":
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    def seen(self, ids) -> int:
+        return sum(1 for i in ids if i in self.first_seen)
+
+    async def stored(self, batch: str | None) -> dict[str, int]:
+        """{job id: stored result count} for one batch, from the RESULTS stream."""
+        info = await self.js.stream_info(SUBJECTS.results_stream, subjects_filter=SUBJECTS.batch_results(batch))
+        return {subject.split(".")[-1]: count for subject, count in (info.state.subjects or {}).items()}
+
+    async def wait_stored(self, batch: str | None, ids, timeout: float) -> dict[str, int]:
+        """Until every id has a stored result (or the timeout); returns the last counts."""
+        want = set(ids)
+        deadline = time.monotonic() + timeout
+        counts: dict[str, int] = {}
+        while time.monotonic() < deadline:
+            try:
+                counts = await self.stored(batch)
+                if want <= set(counts):
+                    return counts
+            except Exception:  # noqa: BLE001 - NATS away for a moment
+                pass
+            await asyncio.sleep(0.25)
+        return counts
+
+    async def result(self, job_id: str, batch: str | None = "*") -> Result | None:
+        try:
+            msg = await self.js.get_last_msg(SUBJECTS.results_stream, SUBJECTS.results(batch, job_id))
+        except Exception:  # noqa: BLE001 - none
+            return None
+        return Result.from_json(msg.data)
+
+    async def results(self, ids, batch: str | None = "*") -> dict[str, Result]:
+        out = {}
+        for job_id in ids:
+            found = await self.result(job_id, batch)
+            if found is not None:
+                out[job_id] = found
+        return out
+
+    async def dead_letters(self, tier: str = "*") -> list[dict]:
+        """Every dead letter (optionally of one tier), oldest first."""
+        try:
+            info = await self.js.stream_info(SUBJECTS.dead_stream)
+        except Exception:  # noqa: BLE001 - no stream: no letters
+            return []
+        letters = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            try:
+                msg = await self.js.get_msg(SUBJECTS.dead_stream, seq)
+            except Exception:  # noqa: BLE001 - deleted
+                continue
+            if tier == "*" or msg.subject == SUBJECTS.dead(tier):
+                letters.append({"_subject": msg.subject, "_seq": seq, **json.loads(msg.data)})
+        return letters
+
+    async def jobs_in_stream(self) -> int:
+        info = await self.js.stream_info(SUBJECTS.jobs_stream)
+        return info.state.messages
+
+
+def assert_exactly_once(counts: dict[str, int], ids) -> None:
+    """Each submitted id has exactly one stored result, and nothing else is in the batch."""
+    ids = list(ids)
+    missing = [i for i in ids if i not in counts]
+    doubled = {i: n for i, n in counts.items() if n != 1}
+    extra = set(counts) - set(ids)
+    assert not missing, f"{len(missing)} of {len(ids)} jobs have no result, e.g. {missing[:5]}"
+    assert not doubled, f"jobs with more than one stored result: {doubled}"
+    assert not extra, f"results for ids nobody submitted: {sorted(extra)[:5]}"
+    assert sum(counts.values()) == len(ids)
+
+
+# -- mock upstream ------------------------------------------------------------------------
+
+
+@contextmanager
+def upstream(**settings):
+    """The real mock upstream with generous limits for k1..k4 (so it never 429s on its own)."""
+    keys = settings.pop("keys", None) or mock_keys(rps=1000, burst=200, ids=("k1", "k2", "k3", "k4"))
+    with running_mock(MockSettings(keys=keys, accept_unknown=False, **settings)) as mock:
+        yield mock
+
+
+def calls(mock, *, path: str | None = None, status: int | None = None, key: str | None = None) -> int:
+    """Upstream requests in the mock's log matching path/status/key."""
+    return sum(1 for row in mock.log(100_000)
+               if (path is None or row["path"] == path) and (status is None or row["status"] == status)
+               and (key is None or row["key"] == key))
+
+
+def assert_only_host(mock) -> None:
+    """The upstream saw no Host header other than its own address."""
+    hosts = set(mock.stats()["hosts"])
+    expected = urlparse(mock.url).netloc
+    assert hosts <= {expected}, f"the upstream saw other hosts: {hosts} (expected only {expected})"
+
+
+def fast_keys(rps: float = 200, burst: float = 20, ids=("k1", "k2")) -> list[dict]:
+    return [{"id": k, "rps": rps, "burst": burst} for k in ids]
+
+
+# -- CLI ----------------------------------------------------------------------------------
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 30.0, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m ratefleet ARGS` as a subprocess; returns the CompletedProcess (text)."""
+    full_env = {**os.environ, "RATEFLEET_LOG_FORMAT": "json", **(env or {})}
+    full_env.pop("RATEFLEET_NATS_URL", None)
+    return subprocess.run([sys.executable, "-m", "ratefleet", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, input=stdin)
+
+
+def embed_job(i: int, **extra) -> dict:
+    """A job on /v1/embeddings (a path the tests keep apart from the chat jobs in the mock log)."""
+    mock = extra.pop("mock", None)
+    body = {"model": "e", "input": f"text {i}"}
+    if mock is not None:
+        body["mock"] = mock
+    return {"request": {"method": "POST", "path": "/v1/embeddings", "json": body}, **extra}
+
+
+def chat(i: int, mock: dict | None = None, **extra) -> dict:
+    body = {"model": "m", "messages": [{"role": "user", "content": f"hello {i}"}]}
+    if mock is not None:
+        body["mock"] = mock
+    return {"request": {"method": "POST", "path": "/v1/chat/completions", "json": body}, **extra}
+
+
+def figure(name: str, **values) -> None:
+    """Print a measured figure so `pytest -s` shows it."""
+    parts = " ".join(f"{k}={round(v, 3) if isinstance(v, float) else v}" for k, v in values.items())
+    print(f"\n[figure] {name}: {parts}", flush=True)
