@@ -239,7 +239,13 @@ class LeaderSession:
         for item in beat.in_flight:
             if item.assignment in self.fleet.by_assignment:
                 continue
-            for reservation in self.scheduler.adopt_in_flight(item.key_id, 1, now):
+            try:
+                adopted = self.scheduler.adopt_in_flight(item.key_id, 1, now)
+            except ValueError:
+                log.error("worker runs a key this dispatcher does not know; deploy one config to the whole fleet",
+                          worker=beat.worker, key_id=item.key_id)
+                continue
+            for reservation in adopted:
                 self.fleet.assign(AssignmentRecord(item.assignment, beat.worker, item.job_id, "?", item.key_id,
                                                    "", reservation, now))
 

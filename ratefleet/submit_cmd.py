@@ -35,7 +35,7 @@ def read_jobs(lines: list[str], batch: str | None) -> tuple[list[Job], list[str]
 
 def _progress(console: Console) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=False, disable=not console.is_terminal and False)
+                    console=console, transient=False)
 
 
 async def run_submit(file: Path, tier: str, batch: str | None, wait: bool, out: Path | None, skip_invalid: bool,

@@ -12,7 +12,7 @@ log = get_logger("ratefleet.nats")
 
 
 async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever: bool = True) -> NatsClient:
-    """Connect to `url`. Long-running roles reconnect forever; one-shot commands fail fast."""
+    """Connect to `url`. Long-running roles reconnect forever; clients give up after ~30 s down."""
 
     holder: list[NatsClient] = []
 
@@ -30,7 +30,7 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
     try:
         nc = await nats.connect(
             url, name=name, connect_timeout=connect_timeout, allow_reconnect=True,
-            max_reconnect_attempts=-1 if forever else 10, reconnect_time_wait=0.5,
+            max_reconnect_attempts=-1 if forever else 60, reconnect_time_wait=0.5,
             disconnected_cb=on_disconnect, reconnected_cb=on_reconnect, error_cb=on_error,
             pending_size=64 * 1024 * 1024,
         )
