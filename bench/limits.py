@@ -32,7 +32,6 @@ import os
 import platform
 import random
 import shlex
-import statistics
 import subprocess
 import sys
 import time

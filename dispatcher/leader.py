@@ -8,23 +8,33 @@ decisions come from the pure core (invariant 4) and outcomes flow back into it (
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from dispatcher.core import Dispatch, Idle, Outcome, PendingJob, RateLimitInfo, Reject, Scheduler, WaitUntil
+from dispatcher.core import (
+    Dispatch,
+    Idle,
+    Outcome,
+    PendingJob,
+    RateLimitInfo,
+    Reject,
+    Scheduler,
+    WaitUntil,
+)
 from dispatcher.fleet import AssignmentRecord, Fleet
 from dispatcher.intake import Incoming, Refused, read_message
 from dispatcher.puller import HANDBACK_MARGIN_S, PULL_EXPIRES_S, TierPuller
+from dispatcher.refusals import finish_refused, refuse_incoming
 from dispatcher.spec import scheduler_spec
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.streams import tier_consumer
-from schemas import Config, ErrorInfo, Result, Subjects, Timings
+from schemas import Config, Subjects
 from schemas.internal import Assignment, Heartbeat, OutcomeReport
 from workers.finish import Finisher
 
@@ -126,7 +136,7 @@ class LeaderSession:
             elif isinstance(decision, Reject):
                 held = self.held.pop(decision.job.handle, None)
                 if held is not None:
-                    await self._refuse_incoming(held.incoming, decision.code, decision.message)
+                    await refuse_incoming(self.finisher, held.incoming, decision.code, decision.message)
             elif isinstance(decision, WaitUntil):
                 return max(0.0, min(1.0, decision.at - now))
             else:
@@ -164,7 +174,7 @@ class LeaderSession:
             await self.finisher.nak(msg.reply, 1.0)
             return
         if isinstance(verdict, Refused):
-            await self._finish_refused(verdict)
+            await finish_refused(self.finisher, verdict)
             return
         if verdict.stream_seq in self.held:
             return  # a redelivery of a job we still hold
@@ -173,27 +183,6 @@ class LeaderSession:
                                       cost=verdict.job.cost, handle=verdict.stream_seq), time.monotonic())
         self.pullers[tier].held = self.scheduler.pending(tier)
         self.wake.set()
-
-    async def _refuse_incoming(self, incoming: Incoming, code: str, message: str) -> None:
-        log.warning("job refused", job_id=incoming.job_id, tier=incoming.tier, code=code, reason=message)
-        result = Result(job_id=incoming.job_id, status="failed", tier=incoming.tier, batch=incoming.job.batch,
-                        error=ErrorInfo(code=code, message=message), attempts=incoming.attempt,
-                        metadata=incoming.job.metadata, timings=_timings(incoming.submitted_at))
-        if await self.finisher.finish(result, ack=incoming.ack, reply_to=incoming.reply_to):
-            await self.finisher.dead(incoming.tier, result, job=incoming.job.model_dump(mode="json", by_alias=True))
-
-    async def _finish_refused(self, refused: Refused) -> None:
-        log.warning("job ended at intake", job_id=refused.job_id, tier=refused.tier, status=refused.status,
-                    code=str(refused.code), reason=refused.message)
-        job = refused.job
-        result = Result(job_id=refused.job_id, status=refused.status, tier=refused.tier, batch=refused.batch,
-                        error=ErrorInfo(code=refused.code, message=refused.message), attempts=refused.attempt,
-                        metadata=job.metadata if job else {})
-        stored = await self.finisher.finish(result, ack=refused.ack, reply_to=refused.reply_to)
-        if stored and refused.status != "expired":
-            await self.finisher.dead(refused.tier, result,
-                                     job=job.model_dump(mode="json", by_alias=True) if job else None,
-                                     raw=None if job else refused.raw)
 
     # -- feedback ---------------------------------------------------------------------------
 
@@ -293,10 +282,3 @@ def _outcome(report: OutcomeReport) -> Outcome:
     limit = RateLimitInfo(**report.ratelimit) if report.ratelimit else None
     return Outcome(kind=report.kind, status=report.status, retry_after_s=report.retry_after_s, ratelimit=limit,
                    actual_cost=report.actual_cost, latency_ms=report.latency_ms)
-
-
-def _timings(submitted_at: float) -> Timings:
-    from datetime import datetime, timezone
-
-    return Timings(submitted_at=datetime.fromtimestamp(submitted_at, timezone.utc),
-                   total_ms=max(0.0, (time.time() - submitted_at) * 1000))

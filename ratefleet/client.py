@@ -19,7 +19,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js.api import DeliverPolicy
 from pydantic import ValidationError
 
-from ratefleet.errors import JobInvalid, QueueFull, RequestTimeout, SubmitError
+from ratefleet.errors import JobInvalid, RequestTimeout, SubmitError
 from ratefleet.runtime.connect import connect
 from ratefleet.runtime.store import publish_job
 from schemas import Job, Result, Subjects

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ratefleet.client import Client, as_job
 from ratefleet.errors import JobInvalid
-from schemas import Job, Result
+from schemas import Job
 
 
 def read_jobs(lines: list[str], batch: str | None) -> tuple[list[Job], list[str]]:

@@ -8,7 +8,6 @@ naks whatever is left so another worker runs it at once.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import time

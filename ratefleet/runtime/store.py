@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 

@@ -1,0 +1,41 @@
+"""Ending jobs the dispatcher will not run: each gets its one Result (and reply), a dead
+letter when it is worth a look, and its JOBS message acked."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+
+from dispatcher.intake import Incoming, Refused
+from ratefleet.runtime.logs import get_logger
+from schemas import ErrorInfo, Result, Timings
+from workers.finish import Finisher
+
+log = get_logger("ratefleet.leader")
+
+
+async def refuse_incoming(finisher: Finisher, incoming: Incoming, code: str, message: str) -> None:
+    """A valid job the scheduler can never run (e.g. no pool for its upstream)."""
+    log.warning("job refused", job_id=incoming.job_id, tier=incoming.tier, code=code, reason=message)
+    submitted = incoming.submitted_at
+    result = Result(job_id=incoming.job_id, status="failed", tier=incoming.tier, batch=incoming.job.batch,
+                    error=ErrorInfo(code=code, message=message), attempts=incoming.attempt,
+                    metadata=incoming.job.metadata,
+                    timings=Timings(submitted_at=datetime.fromtimestamp(submitted, timezone.utc),
+                                    total_ms=max(0.0, (time.time() - submitted) * 1000)))
+    if await finisher.finish(result, ack=incoming.ack, reply_to=incoming.reply_to):
+        await finisher.dead(incoming.tier, result, job=incoming.job.model_dump(mode="json", by_alias=True))
+
+
+async def finish_refused(finisher: Finisher, refused: Refused) -> None:
+    """A message that ends at intake: invalid, expired, out of attempts, or poison."""
+    log.warning("job ended at intake", job_id=refused.job_id, tier=refused.tier, status=refused.status,
+                code=str(refused.code), reason=refused.message)
+    job = refused.job
+    result = Result(job_id=refused.job_id, status=refused.status, tier=refused.tier, batch=refused.batch,
+                    error=ErrorInfo(code=refused.code, message=refused.message), attempts=refused.attempt,
+                    metadata=job.metadata if job else {})
+    stored = await finisher.finish(result, ack=refused.ack, reply_to=refused.reply_to)
+    if stored and refused.status != "expired":
+        await finisher.dead(refused.tier, result, job=job.model_dump(mode="json", by_alias=True) if job else None,
+                            raw=None if job else refused.raw)
