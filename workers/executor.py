@@ -53,9 +53,14 @@ def _dig(data: Any, path: str) -> float | None:
     return float(data) if isinstance(data, (int, float)) and not isinstance(data, bool) else None
 
 
-def _response_info(response: httpx.Response) -> ResponseInfo:
-    headers = {k: v for k, v in response.headers.items() if k in KEPT_HEADERS or k.startswith("x-ratelimit-")}
+def _response_info(response: httpx.Response, secret: str) -> ResponseInfo:
+    """Status, the headers worth keeping, and the body; the key's secret is masked wherever
+    the upstream echoes it (some providers quote the key in their 401 message)."""
+    headers = {k: v.replace(secret, "***") for k, v in response.headers.items()
+               if k in KEPT_HEADERS or k.startswith("x-ratelimit-")}
     text = response.text
+    if secret and secret in text:
+        text = text.replace(secret, "***")
     body_json = None
     if "json" in response.headers.get("content-type", ""):
         try:
@@ -89,7 +94,7 @@ class UpstreamExecutor:
         except httpx.HTTPError as exc:
             return self._failed("connection", f"{type(exc).__name__} calling the upstream", started)
         latency_ms = (time.perf_counter() - started) * 1000
-        info = _response_info(response)
+        info = _response_info(response, secret)
         cost = _dig(info.json_body, upstream.usage_path) if upstream.usage_path else None
         limit = parse_ratelimit(response.headers)
         return CallResult(

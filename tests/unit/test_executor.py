@@ -1,0 +1,97 @@
+"""The upstream executor over httpx.MockTransport: auth header, classification, masking."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from schemas import Job, UpstreamConfig
+from workers.executor import UpstreamExecutor
+
+SECRET = "sk-test-SECRET-123456"
+
+
+def executor(handler) -> UpstreamExecutor:
+    return UpstreamExecutor(httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+
+
+def job(**request) -> Job:
+    return Job.model_validate({"request": {"path": "/v1/chat/completions", "json": {"m": 1}, **request}})
+
+
+UPSTREAM = UpstreamConfig(base_url="https://api.example.test", usage_path="usage.total_tokens")
+
+
+@pytest.mark.anyio
+async def test_call_sends_the_key_only_in_the_auth_header_to_the_upstream():
+    seen = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.update(url=str(request.url), auth=request.headers["authorization"], body=json.loads(request.content))
+        return httpx.Response(200, json={"usage": {"total_tokens": 42}},
+                              headers={"x-ratelimit-remaining-requests": "7", "x-ratelimit-reset-requests": "1s"})
+
+    result = await executor(handler).call(job(query={"a": "1"}), UPSTREAM, SECRET)
+    assert seen == {"url": "https://api.example.test/v1/chat/completions?a=1", "auth": f"Bearer {SECRET}",
+                    "body": {"m": 1}}
+    assert result.kind == "ok" and result.actual_cost == 42.0
+    assert result.ratelimit["remaining_requests"] == 7.0 and result.ratelimit["reset_requests_s"] == 1.0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("status, kind", [(429, "rate_limited"), (401, "key_error"), (403, "key_error"),
+                                          (500, "upstream_error"), (503, "upstream_error"), (400, "bad_request"),
+                                          (404, "bad_request"), (422, "bad_request")])
+async def test_answers_are_classified(status, kind):
+    result = await executor(lambda r: httpx.Response(status, headers={"retry-after": "3"}, json={})).call(
+        job(), UPSTREAM, SECRET)
+    assert result.kind == kind and result.response.status == status and result.retry_after_s == 3.0
+
+
+@pytest.mark.anyio
+async def test_connection_errors_and_timeouts_are_upstream_errors():
+    def refuse(request):
+        raise httpx.ConnectError("refused", request=request)
+
+    def slow(request):
+        raise httpx.ReadTimeout("slow", request=request)
+
+    for handler in (refuse, slow):
+        result = await executor(handler).call(job(), UPSTREAM, SECRET)
+        assert result.kind == "upstream_error" and result.response is None and SECRET not in result.error
+
+
+@pytest.mark.anyio
+async def test_a_secret_echoed_by_the_upstream_is_masked():
+    def handler(request):
+        return httpx.Response(401, json={"error": {"message": f"Incorrect API key provided: {SECRET}."}})
+
+    result = await executor(handler).call(job(), UPSTREAM, SECRET)
+    assert SECRET not in result.response.model_dump_json()
+    assert result.response.json_body["error"]["message"] == "Incorrect API key provided: ***."
+
+
+@pytest.mark.anyio
+async def test_redirects_are_not_followed():
+    def handler(request):
+        if request.url.host == "evil.example":
+            raise AssertionError("followed a redirect with the key")
+        return httpx.Response(302, headers={"location": "https://evil.example/steal"})
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler), follow_redirects=False)
+    result = await UpstreamExecutor(client).call(job(), UPSTREAM, SECRET)
+    assert result.response.status == 302 and result.kind == "bad_request"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("transport", ["aiohttp", "httpcore"])
+async def test_worker_clients_never_follow_redirects_nor_use_env_proxies(transport):
+    from workers.executor import build_client
+
+    client = build_client(transport, 4)
+    try:
+        assert client.follow_redirects is False and client.trust_env is False
+    finally:
+        await client.aclose()
