@@ -160,7 +160,10 @@ class Client:
                 if not follow and msg.metadata.num_pending == 0:
                     return
         finally:
-            await sub.unsubscribe()
+            try:
+                await sub.unsubscribe()
+            except Exception:  # noqa: BLE001 - the connection is already closing: nothing to undo
+                pass
 
     async def status(self, timeout: float = 3.0) -> dict:
         """The fleet's status (tiers, keys, workers) from a dispatcher."""
