@@ -68,13 +68,7 @@ class Client:
         return model.id
 
     async def _publish(self, tier: str, model: Job, reply_to: str | None = None) -> bool:
-        try:
-            return await publish_job(self.js, self.subjects, tier, model.id, model.to_json(), reply_to=reply_to)
-        except SubmitError as exc:
-            if "no stream takes" in str(exc):
-                raise SubmitError(f"unknown tier {tier!r}: no stream takes {self.subjects.jobs(tier)} "
-                                  "(tiers are configured in [tiers]; is a dispatcher running?)") from None
-            raise
+        return await publish_job(self.js, self.subjects, tier, model.id, model.to_json(), reply_to=reply_to)
 
     async def submit_many(self, jobs: Iterable[JobLike], tier: str, *, batch: str | None = None,
                           concurrency: int = 256, progress: Callable[[int], None] | None = None) -> list[str]:

@@ -14,6 +14,11 @@ log = get_logger("ratefleet.nats")
 async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever: bool = True) -> NatsClient:
     """Connect to `url`. Long-running roles reconnect forever; clients give up after ~30 s down."""
 
+    if not forever:
+        from ratefleet.runtime.embedded import port_answers
+
+        if not any(port_answers(u.strip(), timeout=connect_timeout) for u in url.split(",")):
+            raise NatsUnavailable(f"nothing answers at {url}; start NATS with `ratefleet up`, or pass --nats URL")
     holder: list[NatsClient] = []
 
     async def on_disconnect() -> None:

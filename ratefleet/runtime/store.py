@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import nats.errors
 from nats.js import JetStreamContext
-from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from ratefleet.errors import QueueFull, SubmitError
 from schemas import Result, Subjects
@@ -66,11 +66,19 @@ async def publish_job(js: JetStreamContext, subjects: Subjects, tier: str, job_i
     if reply_to:
         headers[REPLY_HEADER] = reply_to
 
+    missing_stream = False
+
     async def unknown_tier(exc: BaseException) -> bool:
+        """No stream answered: a tier that does not exist, or no streams at all (both final),
+        or JetStream still starting after a restart (retry)."""
+        nonlocal missing_stream
         if not isinstance(exc, NoStreamResponseError):
             return False
-        try:  # the stream answers, so nothing takes this subject: a tier that does not exist
+        try:
             await js.stream_info(subjects.jobs_stream)
+            return True
+        except NotFoundError:
+            missing_stream = True
             return True
         except Exception:  # noqa: BLE001 - the server is not ready yet: retry
             return False
@@ -84,8 +92,11 @@ async def publish_job(js: JetStreamContext, subjects: Subjects, tier: str, job_i
                             "Retry later, or raise streams.jobs_max_msgs / jobs_max_bytes") from None
         raise SubmitError(f"job {job_id} was not stored: {exc.description}") from None
     except NoStreamResponseError:
-        raise SubmitError(f"no stream takes {subjects.jobs(tier)}; run `ratefleet up` or a dispatcher "
-                          "once to create the streams") from None
+        if missing_stream:
+            raise SubmitError(f"stream {subjects.jobs_stream} does not exist on this NATS server; start "
+                              "`ratefleet up` or a dispatcher once to create the streams") from None
+        raise SubmitError(f"no stream takes {subjects.jobs(tier)}: unknown tier {tier!r} "
+                          "(tiers are configured in [tiers])") from None
     except TRANSIENT as exc:
         raise SubmitError(f"NATS did not confirm job {job_id} for {retry_for:.0f}s ({type(exc).__name__}); it may or "
                           "may not be stored: is the NATS server up? Resubmitting with the same id is safe") from None

@@ -1,0 +1,36 @@
+"""Submit errors a user sees before any fleet runs: no streams yet, unknown tier, NATS down."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from ratefleet import Client, SubmitError
+from ratefleet.errors import NatsUnavailable
+from ratefleet.runtime.streams import ensure_topology
+from schemas.config import parse_config
+
+pytestmark = pytest.mark.anyio
+JOB = {"request": {"path": "/v1/chat/completions"}}
+
+
+async def test_submit_before_any_stream_exists_says_to_start_the_fleet(nats_server):
+    async with await Client.connect(nats_server.url) as client:
+        started = time.monotonic()
+        with pytest.raises(SubmitError, match="does not exist on this NATS server; start `ratefleet up`"):
+            await client.submit(JOB, "normal")
+        assert time.monotonic() - started < 5  # not a 30 s retry loop
+
+
+async def test_unknown_tier_is_refused_at_once(nats_server):
+    async with await Client.connect(nats_server.url) as client:
+        await ensure_topology(client.js, parse_config({}))
+        with pytest.raises(SubmitError, match="unknown tier 'platinum'"):
+            await client.submit(JOB, "platinum")
+        assert await client.submit(JOB, "guest")
+
+
+async def test_connect_to_nothing_says_how_to_start_nats():
+    with pytest.raises(NatsUnavailable, match="ratefleet up"):
+        await Client.connect("nats://127.0.0.1:1")
