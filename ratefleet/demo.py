@@ -165,7 +165,9 @@ def _pct(values: list[float], q: float) -> float:
 def _summary(console: Console, results: dict[str, list], stats: dict, total: int, elapsed: float) -> int:
     all_results = [r for batch in results.values() for r in batch]
     by_status = Counter(r.status for r in all_results)
-    jobs = Table("status", "jobs", title=f"jobs ({len(all_results)} of {total} in {elapsed:.1f} s)")
+    console.print()
+    console.print(f"[bold]{len(all_results)} of {total} jobs finished in {elapsed:.1f} s[/bold]")
+    jobs = Table("status", "jobs", title="jobs by status")
     for status, count in sorted(by_status.items()):
         jobs.add_row(status, str(count))
     keys = Table("key", "limit req/s", "calls", "ok", "429s", "errors", title="per key (as the upstream counted)")
