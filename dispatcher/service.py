@@ -84,7 +84,7 @@ class Dispatcher:
                 tg.cancel_scope.cancel()
         finally:
             self.session = None
-            log.warning("leadership ended", dispatcher=self.id)
+            log.info("leadership ended", dispatcher=self.id)
 
     async def _keep_lease(self) -> None:
         """Renew the lease; return (ending the session) as soon as it may have lapsed."""

@@ -134,7 +134,10 @@ class Worker:
                 await self._report(a, None, terminal=False)
         except Exception:
             log.exception("assignment failed; job goes back to the queue")
-            await self.finisher.nak(a.ack, 1.0)
+            try:
+                await self.finisher.nak(a.ack, 1.0)
+            except Exception as exc:  # noqa: BLE001 - then ack_wait brings it back
+                log.warning("nak failed; the job returns after ack_wait", error=type(exc).__name__)
             await self._report(a, None, terminal=False)
         finally:
             self._cancel_scopes.pop(a.id, None)

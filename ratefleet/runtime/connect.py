@@ -30,7 +30,8 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
         log.info("nats reconnected", url=url)
 
     async def on_error(exc: Exception) -> None:
-        log.debug("nats error", error=str(exc) or type(exc).__name__)
+        # also where exceptions escaping a subscription callback end up
+        log.warning("nats error", error=type(exc).__name__, detail=str(exc)[:300])
 
     try:
         nc = await nats.connect(
