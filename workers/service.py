@@ -12,7 +12,6 @@ import os
 import socket
 import time
 import uuid
-from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 
 import anyio
@@ -59,6 +58,7 @@ class Worker:
         self.calls = 0
         self.started_at = time.time()
         self._cancel_scopes: dict[str, anyio.CancelScope] = {}
+        self.calling: dict[str, list] = {}  # assignment id -> [ack subject, last in-progress ack]
 
     async def run(self, stop: anyio.Event) -> None:
         for problem in self.secrets.check_all():
@@ -70,6 +70,7 @@ class Worker:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._heartbeats)
+                tg.start_soon(self._keep_calls_alive)
                 tg.start_soon(self._take_assignments, sub, executor, tg)
                 await stop.wait()
                 await self._drain(sub)
@@ -106,6 +107,19 @@ class Worker:
         with anyio.move_on_after(5):
             while self.in_flight:
                 await anyio.sleep(0.02)
+
+    async def _keep_calls_alive(self) -> None:
+        """While slow calls run, keep their JOBS messages alive with in-progress acks
+        (one loop for every call, rather than a task per call)."""
+        interval = max(0.5, self.config.streams.ack_wait_s / 3)
+        while True:
+            await anyio.sleep(min(1.0, interval / 2))
+            now = time.monotonic()
+            for entry in list(self.calling.values()):
+                ack, touched = entry
+                if now - touched >= interval:
+                    entry[1] = now
+                    await self.finisher.in_progress(ack)
 
     async def _heartbeats(self) -> None:
         while True:
@@ -161,8 +175,11 @@ class Worker:
             return
         upstream = self.config.upstreams[a.upstream]
         queued_ms = max(0.0, (time.time() - a.submitted_at) * 1000)
-        async with self._keep_alive(a.ack):
+        self.calling[a.id] = [a.ack, time.monotonic()]
+        try:
             call = await executor.call(job, upstream, secret)
+        finally:
+            self.calling.pop(a.id, None)
         self.calls += 1
         await self._conclude(a, call, queued_ms)
 
@@ -214,23 +231,3 @@ class Worker:
             await self.nc.publish(self.subjects.outcome, report.model_dump_json().encode())
         except Exception as exc:  # noqa: BLE001 - the heartbeat reconciles a lost report
             log.warning("outcome report not sent", error=type(exc).__name__)
-
-    def _keep_alive(self, ack: str):
-        return keep_alive(self.finisher, ack, max(0.5, self.config.streams.ack_wait_s / 3))
-
-
-@asynccontextmanager
-async def keep_alive(finisher: Finisher, ack: str, interval: float):
-    """While a slow call runs, keep its JOBS message alive with in-progress acks."""
-
-    async def beat() -> None:
-        while True:
-            await anyio.sleep(interval)
-            await finisher.in_progress(ack)
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(beat)
-        try:
-            yield
-        finally:
-            tg.cancel_scope.cancel()
