@@ -37,7 +37,7 @@ async def run_role(config: Config, name: str, body: Callable[[object, anyio.Even
 
 
 async def dispatcher_main(config: Config, dispatcher_id: str | None = None) -> None:
-    from dispatcher.service import Dispatcher
+    from dispatcher.shell.service import Dispatcher
 
     async def body(nc, stop):
         await Dispatcher(config, nc, dispatcher_id=dispatcher_id).run(stop)

@@ -28,9 +28,9 @@ from dispatcher.core import (
     WaitUntil,
 )
 from dispatcher.fleet import AssignmentRecord, Fleet
-from dispatcher.intake import Incoming, Refused, read_message
-from dispatcher.puller import HANDBACK_MARGIN_S, PULL_EXPIRES_S, TierPuller
-from dispatcher.refusals import finish_refused, refuse_incoming
+from dispatcher.shell.intake import Incoming, Refused, read_message
+from dispatcher.shell.puller import HANDBACK_MARGIN_S, PULL_EXPIRES_S, TierPuller
+from dispatcher.shell.refusals import finish_refused, refuse_incoming
 from dispatcher.spec import scheduler_spec
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.streams import tier_consumer

@@ -14,9 +14,9 @@ import anyio
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from dispatcher.leader import LeaderSession
-from dispatcher.lease import LeaderLease
-from dispatcher.rpc import RpcResponder
+from dispatcher.shell.leader import LeaderSession
+from dispatcher.shell.lease import LeaderLease
+from dispatcher.shell.rpc import RpcResponder
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.streams import ensure_topology, tier_consumer
 from schemas import Config, Subjects

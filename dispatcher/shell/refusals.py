@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from datetime import datetime, timezone
 
-from dispatcher.intake import Incoming, Refused
+from dispatcher.shell.intake import Incoming, Refused
 from ratefleet.runtime.logs import get_logger
 from schemas import ErrorInfo, Result, Timings
 from workers.finish import Finisher
