@@ -23,7 +23,7 @@ from ratefleet.runtime.logs import get_logger
 from schemas import Config, ErrorCode, ErrorInfo, Job, Result, Subjects, Timings
 from schemas.internal import Assignment, Heartbeat, InFlight, OutcomeReport
 from workers.executor import CallResult, UpstreamExecutor, build_client
-from workers.finish import Finisher
+from ratefleet.runtime.finish import Finisher
 from workers.secrets import SecretResolver
 
 log = get_logger("ratefleet.worker")

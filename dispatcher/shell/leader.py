@@ -36,7 +36,7 @@ from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.streams import tier_consumer
 from schemas import Config, Subjects
 from schemas.internal import Assignment, Heartbeat, OutcomeReport
-from workers.finish import Finisher
+from ratefleet.runtime.finish import Finisher
 
 log = get_logger("ratefleet.leader")
 LOST = Outcome(kind="lost")

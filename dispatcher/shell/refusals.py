@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from dispatcher.shell.intake import Incoming, Refused
 from ratefleet.runtime.logs import get_logger
 from schemas import ErrorInfo, Result, Timings
-from workers.finish import Finisher
+from ratefleet.runtime.finish import Finisher
 
 log = get_logger("ratefleet.leader")
 

@@ -18,7 +18,7 @@ from ratefleet.runtime.store import publish_job
 from schemas import Config, ErrorCode, ErrorInfo, Result, Subjects
 from schemas.job import new_job_id
 from schemas.subjects import is_safe_reply, is_token
-from workers.finish import Finisher
+from ratefleet.runtime.finish import Finisher
 
 log = get_logger("ratefleet.rpc")
 

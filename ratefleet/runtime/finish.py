@@ -1,4 +1,5 @@
-"""Ending a job: store its one Result, answer the reply subject, then ack the JOBS message.
+"""Ending a job, for workers and the dispatcher alike: store its one Result, answer the
+reply subject, then ack the JOBS message.
 
 The order is the invariant: the ack comes only after the Result is stored, so a crash
 anywhere before the ack means redelivery, and a second Result is refused by the stream.
