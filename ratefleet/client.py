@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from ratefleet.errors import JobInvalid, RequestTimeout, SubmitError
 from ratefleet.runtime.connect import connect
-from ratefleet.runtime.store import publish_job
+from ratefleet.runtime.store import publish_job, read_result
 from schemas import Job, Result, Subjects
 from schemas.config import DEFAULT_NATS_URL
 from schemas.job import describe_validation_error
@@ -130,12 +130,8 @@ class Client:
 
     async def stored_result(self, job_id: str, batch: str | None = None) -> Result | None:
         """The stored Result of one job, or None when it has none yet."""
-        subject = self.subjects.results(batch, job_id) if batch is not None else self.subjects.results("*", job_id)
-        try:
-            msg = await self.js.get_last_msg(self.subjects.results_stream, subject)
-        except Exception:  # noqa: BLE001 - not found
-            return None
-        return Result.from_json(msg.data)
+        data = await read_result(self.js, self.subjects, job_id, "*" if batch is None else batch)
+        return None if data is None else Result.from_json(data)
 
     async def results(self, batch: str | None = None, *, follow: bool = False,
                       idle_timeout: float = 1.0) -> AsyncIterator[Result]:

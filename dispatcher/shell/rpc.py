@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 
 from ratefleet.errors import QueueFull, SubmitError
 from ratefleet.runtime.logs import get_logger
-from ratefleet.runtime.store import publish_job
+from ratefleet.runtime.store import publish_job, read_result
 from schemas import Config, ErrorCode, ErrorInfo, Result, Subjects
 from schemas.job import new_job_id
 from schemas.subjects import is_safe_reply, is_token
@@ -82,9 +82,8 @@ class RpcResponder:
 
     async def _answer_duplicate(self, job_id: str, reply: str) -> None:
         """A job id seen before: answer with its stored result when there already is one."""
-        try:
-            stored = await self.js.get_last_msg(self.subjects.results_stream, self.subjects.results("*", job_id))
-        except Exception:  # noqa: BLE001 - still running; the first requester gets the reply
+        stored = await read_result(self.js, self.subjects, job_id)
+        if stored is None:
             log.info("duplicate rpc job still running; its result goes to the first requester", job_id=job_id)
             return
-        await self.nc.publish(reply, stored.data)
+        await self.nc.publish(reply, stored)

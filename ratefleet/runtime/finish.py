@@ -13,7 +13,7 @@ import json
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
-from ratefleet.runtime.store import dead_letter, store_result
+from ratefleet.runtime.store import dead_letter, read_result, store_result
 from schemas import Result, Subjects
 
 
@@ -30,18 +30,12 @@ class Finisher:
     async def _finish(self, result: Result, ack: str | None, reply_to: str | None) -> bool:
         stored = await store_result(self.js, self.subjects, result)
         if reply_to:
-            payload = result.to_json() if stored else await self._stored_result(result) or result.to_json()
+            payload = result.to_json() if stored else (
+                await read_result(self.js, self.subjects, result.job_id, result.batch) or result.to_json())
             await self.nc.publish(reply_to, payload)
         if ack:
             await self.nc.publish(ack, b"+ACK")
         return stored
-
-    async def _stored_result(self, result: Result) -> bytes | None:
-        try:
-            msg = await self.js.get_last_msg(self.subjects.results_stream, self.subjects.results(result.batch, result.job_id))
-        except Exception:  # noqa: BLE001 - the fresh result is an acceptable reply
-            return None
-        return msg.data
 
     async def dead(self, tier: str, result: Result, *, job: dict | None = None, raw: bytes | None = None) -> None:
         error = result.error

@@ -53,7 +53,7 @@ async def retrying(operation: Callable[[], Awaitable[T]], *, for_s: float,
 
 def _is_full(error: APIError) -> bool:
     text = (error.description or "").lower()
-    return "maximum messages" in text or "maximum bytes" in text or error.err_code in (10047, 10048)
+    return "maximum messages" in text or "maximum bytes" in text
 
 
 async def publish_job(js: JetStreamContext, subjects: Subjects, tier: str, job_id: str, payload: bytes,
@@ -114,6 +114,15 @@ async def store_result(js: JetStreamContext, subjects: Subjects, result: Result,
             return False
         raise
     return not ack.duplicate
+
+
+async def read_result(js: JetStreamContext, subjects: Subjects, job_id: str, batch: str | None = "*") -> bytes | None:
+    """The stored Result JSON of one job (any batch by default), or None when it has none."""
+    try:
+        msg = await js.get_last_msg(subjects.results_stream, subjects.results(batch, job_id))
+    except Exception:  # noqa: BLE001 - not found (or the server is away): no result to show
+        return None
+    return msg.data
 
 
 def redact_payload(raw: bytes) -> dict[str, Any]:
