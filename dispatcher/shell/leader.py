@@ -59,7 +59,9 @@ class LeaderSession:
         self.fleet = Fleet(config.dispatcher.worker_timeout_s)
         self.held: dict[int, Held] = {}
         self.pullers = {tier: TierPuller(nc, self.subjects.jobs_stream, tier_consumer(tier), tier,
-                                         config.dispatcher.window, self._on_job) for tier in config.tiers}
+                                         config.dispatcher.window, self._on_job,
+                                         held=lambda tier=tier: self.scheduler.pending(tier))
+                        for tier in config.tiers}
         self.sequence = itertools.count(1)
         self.wake = anyio.Event()
         self.ready = False
@@ -160,9 +162,7 @@ class LeaderSession:
         self.fleet.assign(AssignmentRecord(assignment.id, worker.id, incoming.job_id, incoming.tier, decision.key_id,
                                            incoming.ack, decision.reservation, now))
         await self.nc.publish(self.subjects.assign(worker.id), assignment.model_dump_json().encode())
-        puller = self.pullers[incoming.tier]
-        puller.held = self.scheduler.pending(incoming.tier)
-        await puller.top_up()
+        await self.pullers[incoming.tier].top_up()
 
     # -- intake -----------------------------------------------------------------------------
 
@@ -181,7 +181,6 @@ class LeaderSession:
         self.held[verdict.stream_seq] = Held(verdict, time.monotonic())
         self.scheduler.add(PendingJob(job_id=verdict.job_id, tier=tier, upstream=verdict.upstream,
                                       cost=verdict.job.cost, handle=verdict.stream_seq), time.monotonic())
-        self.pullers[tier].held = self.scheduler.pending(tier)
         self.wake.set()
 
     # -- feedback ---------------------------------------------------------------------------

@@ -24,11 +24,11 @@ HANDBACK_MARGIN_S = 0.25
 
 class TierPuller:
     def __init__(self, nc: NatsClient, stream: str, consumer: str, tier: str, window: int,
-                 on_job: Callable[[str, Msg], Awaitable[None]]):
+                 on_job: Callable[[str, Msg], Awaitable[None]], held: Callable[[], int]):
         self.nc, self.stream, self.consumer, self.tier, self.window = nc, stream, consumer, tier, window
         self.on_job = on_job
         self.outstanding = 0
-        self.held = 0  # jobs of this tier in the scheduler's window, kept up to date by the dispatcher
+        self.held = held  # jobs of this tier waiting in the scheduler's window
         self.active = False
         self._sub = None
         self._inbox = ""
@@ -55,7 +55,7 @@ class TierPuller:
 
     async def top_up(self) -> None:
         """Ask for more when at least half the window is free and nothing much is on its way."""
-        room = self.window - self.held - self.outstanding
+        room = self.window - self.held() - self.outstanding
         if not self.active or room < max(1, self.window // 2):
             return
         request = {"batch": room, "expires": int(PULL_EXPIRES_S * 1e9)}
