@@ -47,9 +47,8 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/limits.py` puts bench/ first, not the repo
     sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _fleet import BenchFleet, KeyLimit  # noqa: E402
+from ratefleet.localfleet import KeyLimit, LocalFleet  # noqa: E402
 
 from ratefleet import Client  # noqa: E402
 from ratefleet.runtime.embedded import nats_server_binary  # noqa: E402
@@ -186,8 +185,8 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def fleet_pids(fleet: BenchFleet) -> dict[str, int]:
-    pids = {p.bench_name: p.pid for p in fleet.procs}  # type: ignore[attr-defined]
+def fleet_pids(fleet: LocalFleet) -> dict[str, int]:
+    pids = {p.fleet_name: p.pid for p in fleet.procs}  # type: ignore[attr-defined]
     if fleet._nats is not None and fleet._nats.process is not None:
         pids["nats-server"] = fleet._nats.process.pid
     pids["bench (this process)"] = os.getpid()
@@ -203,7 +202,7 @@ def job(i: int, tier: str) -> dict:
             "metadata": {"n": i}}
 
 
-async def drive(args: argparse.Namespace, fleet: BenchFleet, console: Console) -> dict:
+async def drive(args: argparse.Namespace, fleet: LocalFleet, console: Console) -> dict:
     expected = {GUEST_BATCH: args.guest_jobs, VIP_BATCH: args.vip_jobs}
     results: dict[str, dict] = {b: {} for b in expected}
     assignments: list[dict] = []
@@ -515,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     keys = [KeyLimit(f"k{i + 1}", args.rps, args.burst) for i in range(args.keys)]
     dispatcher = {"policy": args.policy} if args.policy else {}
     wall_start = datetime.now(timezone.utc)
-    with BenchFleet(keys, workers=args.workers, slots=args.slots, dispatcher=dispatcher,
+    with LocalFleet(keys, workers=args.workers, slots=args.slots, dispatcher=dispatcher,
                     keep_logs=args.keep_logs) as fleet:
         run = anyio.run(drive, args, fleet, console)
         fleet_config = fleet.config()

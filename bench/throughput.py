@@ -20,8 +20,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _fleet import BenchFleet, KeyLimit  # noqa: E402
+from ratefleet.localfleet import KeyLimit, LocalFleet  # noqa: E402
 
 from ratefleet.client import Client  # noqa: E402
 
@@ -37,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def drive(args: argparse.Namespace, fleet: BenchFleet) -> dict:
+async def drive(args: argparse.Namespace, fleet: LocalFleet) -> dict:
     jobs = [{"request": {"path": "/v1/chat/completions", "json": {"model": "m", "messages": []}}}
             for _ in range(args.jobs)]
     async with await Client.connect(fleet.nats_url) as client:
@@ -61,7 +60,7 @@ async def drive(args: argparse.Namespace, fleet: BenchFleet) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     keys = [KeyLimit(f"k{i + 1}", args.rps, max(1.0, args.rps / 10)) for i in range(args.keys)]
-    with BenchFleet(keys, workers=args.workers, slots=args.slots) as fleet:
+    with LocalFleet(keys, workers=args.workers, slots=args.slots) as fleet:
         run = anyio.run(drive, args, fleet)
     out = {"benchmark": "throughput", "command": " ".join(sys.argv), "jobs": args.jobs, "workers": args.workers,
            "slots": args.slots, "keys": args.keys, "configured_rps": args.keys * args.rps, **run,

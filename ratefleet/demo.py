@@ -9,41 +9,20 @@ was ever refused by the upstream for going over its limit.
 
 from __future__ import annotations
 
-import os
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections import Counter
-from pathlib import Path
 
 import anyio
 import httpx
-import tomli_w
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from ratefleet.client import Client
-from ratefleet.runtime.embedded import EmbeddedNats
+from ratefleet.localfleet import KeyLimit, LocalFleet
 
 DEMO_KEYS = {"k1": 20, "k2": 20, "k3": 10, "k4": 10}  # requests per second each
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _config(nats_url: str, upstream: str) -> dict:
-    keys = [{"id": k, "secret": f"env:RATEFLEET_DEMO_{k.upper()}", "rps": rps, "burst": 2} for k, rps in DEMO_KEYS.items()]
-    return {"nats": {"url": nats_url},
-            "upstreams": {"mock": {"base_url": upstream, "usage_path": "usage.total_tokens", "timeout_s": 10}},
-            "pools": {"shared": {"keys": keys}},
-            "workers": {"slots": 32, "heartbeat_s": 0.5}}
 
 
 def _job(i: int, tier: str) -> dict:
@@ -53,73 +32,29 @@ def _job(i: int, tier: str) -> dict:
 
 
 def run_demo(guest_jobs: int = 400, vip_jobs: int = 20, workers: int = 2) -> int:
-    console = Console()
-    with tempfile.TemporaryDirectory(prefix="ratefleet-demo-") as tmp:
-        tmp_path = Path(tmp)
-        secrets = {f"RATEFLEET_DEMO_{k.upper()}": f"sk-demo-{k}-{os.urandom(6).hex()}" for k in DEMO_KEYS}
-        env = {**os.environ, **secrets, "RATEFLEET_LOG_LEVEL": "WARNING", "RATEFLEET_LOG_FORMAT": "json"}
-        port = _free_port()
-        key_flags = [f"--key={k}={secrets[f'RATEFLEET_DEMO_{k.upper()}']}:rps={rps}:burst=2" for k, rps in DEMO_KEYS.items()]
-        with EmbeddedNats(tmp_path / "nats") as server:
-            config_path = tmp_path / "ratefleet.toml"
-            upstream = f"http://127.0.0.1:{port}"
-            config_path.write_text(tomli_w.dumps(_config(server.url, upstream)))
-            procs = _start(env, tmp_path, config_path, port, key_flags, workers)
-            try:
-                return anyio.run(_drive, console, server.url, upstream, guest_jobs, vip_jobs)
-            finally:
-                for proc in procs:
-                    proc.terminate()
-                for proc in procs:
-                    try:
-                        proc.wait(10)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
+    keys = [KeyLimit(key_id, rps, 2) for key_id, rps in DEMO_KEYS.items()]
+    with LocalFleet(keys, workers=workers, slots=32) as fleet:
+        return anyio.run(_drive, Console(), fleet, guest_jobs, vip_jobs)
 
 
-def _start(env, tmp_path: Path, config_path: Path, port: int, key_flags: list[str], workers: int) -> list[subprocess.Popen]:
-    def spawn(*args: str, name: str) -> subprocess.Popen:
-        log = open(tmp_path / f"{name}.log", "ab")
-        return subprocess.Popen([sys.executable, "-m", "ratefleet", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
-
-    procs = [spawn("mock-upstream", "--port", str(port), *key_flags, name="mock")]
-    procs.append(spawn("dispatcher", "--config", str(config_path), name="dispatcher"))
-    procs += [spawn("worker", "--config", str(config_path), name=f"worker{i}") for i in range(workers)]
-    return procs
-
-
-async def _wait_ready(client: Client, upstream: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(trust_env=False) as http:
-        while time.monotonic() < deadline:
-            try:
-                status = await client.status(timeout=1.0)
-                await http.get(upstream + "/_mock/stats")
-                if status.get("leader") and status.get("workers"):
-                    return
-            except Exception:  # noqa: BLE001 - still starting
-                pass
-            await anyio.sleep(0.3)
-    raise RuntimeError("the demo fleet did not come up within 30 s (see the logs above)")
-
-
-async def _drive(console: Console, nats_url: str, upstream: str, guest_jobs: int, vip_jobs: int) -> int:
-    async with await Client.connect(nats_url) as client:
+async def _drive(console: Console, fleet: LocalFleet, guest_jobs: int, vip_jobs: int) -> int:
+    upstream = fleet.upstream
+    async with await Client.connect(fleet.nats_url) as client:
         console.print("[bold]ratefleet demo[/bold]: embedded NATS, mock upstream with 4 keys "
-                      f"({sum(DEMO_KEYS.values())} req/s in all), 1 dispatcher, workers")
-        await _wait_ready(client, upstream)
+                      f"({sum(DEMO_KEYS.values())} req/s in all), 1 dispatcher, {fleet.workers} workers")
+        await fleet.wait_ready(client)
         started = time.monotonic()
         await client.submit_many([_job(i, "guest") for i in range(guest_jobs)], "guest", batch="demo-guest")
         await anyio.sleep(1.0)  # the flood is queued; now the vip jobs arrive behind it
         await client.submit_many([_job(i, "vip") for i in range(vip_jobs)], "vip", batch="demo-vip")
-        results = await _follow(console, client, upstream, {"demo-guest": guest_jobs, "demo-vip": vip_jobs})
+        results = await _follow(console, client, {"demo-guest": guest_jobs, "demo-vip": vip_jobs})
         elapsed = time.monotonic() - started
     async with httpx.AsyncClient(trust_env=False) as http:
         stats = (await http.get(upstream + "/_mock/stats")).json()
     return _summary(console, results, stats, guest_jobs + vip_jobs, elapsed)
 
 
-async def _follow(console: Console, client: Client, upstream: str, expected: dict[str, int]) -> dict[str, list]:
+async def _follow(console: Console, client: Client, expected: dict[str, int]) -> dict[str, list]:
     results: dict[str, dict] = {batch: {} for batch in expected}
 
     def table() -> Table:

@@ -1,9 +1,9 @@
-"""A whole ratefleet on this machine for benchmarks, as real processes.
+"""A whole ratefleet on this machine, as real processes, for `ratefleet demo` and bench/.
 
-The same approach as `ratefleet demo` (ratefleet/demo.py): an embedded nats-server, the
-mock upstream (`ratefleet mock-upstream`) with N keys, one dispatcher and W worker
-processes, each `python -m ratefleet ...` with its own log file in a temporary directory.
-The fleet is configured with exactly the limits the mock enforces.
+An embedded nats-server, the mock upstream (`ratefleet mock-upstream`) with N keys, one
+dispatcher and W worker processes, each `python -m ratefleet ...` with its own log file in
+a temporary directory. The fleet is configured with exactly the limits the mock enforces,
+and the keys' secrets are random and live only in the children's environment.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ class KeyLimit:
 
 
 @dataclass
-class BenchFleet:
-    """`with BenchFleet(keys, workers=2) as fleet:` -> fleet.nats_url, fleet.upstream."""
+class LocalFleet:
+    """`with LocalFleet(keys, workers=2) as fleet:` -> fleet.nats_url, fleet.upstream."""
 
     keys: list[KeyLimit]
     workers: int = 2
@@ -56,15 +56,15 @@ class BenchFleet:
     procs: list[subprocess.Popen] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
-        self._tmpdir = tempfile.TemporaryDirectory(prefix="ratefleet-bench-")
+        self._tmpdir = tempfile.TemporaryDirectory(prefix="ratefleet-local-")
         self.tmp = Path(self._tmpdir.name)
-        self._secrets = {f"RATEFLEET_BENCH_{k.id.upper()}": f"sk-bench-{k.id}-{os.urandom(6).hex()}" for k in self.keys}
+        self._secrets = {f"RATEFLEET_LOCAL_{k.id.upper()}": f"sk-local-{k.id}-{os.urandom(6).hex()}" for k in self.keys}
         self._nats: EmbeddedNats | None = None
 
     # -- config ------------------------------------------------------------------------
 
     def config(self) -> dict:
-        keys = [{"id": k.id, "secret": f"env:RATEFLEET_BENCH_{k.id.upper()}", "rps": k.rps, "burst": k.burst}
+        keys = [{"id": k.id, "secret": f"env:RATEFLEET_LOCAL_{k.id.upper()}", "rps": k.rps, "burst": k.burst}
                 for k in self.keys]
         data = {"nats": {"url": self.nats_url},
                 "upstreams": {"mock": {"base_url": self.upstream, "usage_path": "usage.total_tokens", "timeout_s": 10}},
@@ -82,7 +82,7 @@ class BenchFleet:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def __enter__(self) -> "BenchFleet":
+    def __enter__(self) -> "LocalFleet":
         try:
             self._start()
         except BaseException:
@@ -97,7 +97,7 @@ class BenchFleet:
         self.upstream = f"http://127.0.0.1:{port}"
         config_path = self.tmp / "ratefleet.toml"
         config_path.write_text(tomli_w.dumps(self.config()))
-        key_flags = [f"--key={k.id}={self._secrets[f'RATEFLEET_BENCH_{k.id.upper()}']}:rps={k.rps:g}:burst={k.burst:g}"
+        key_flags = [f"--key={k.id}={self._secrets[f'RATEFLEET_LOCAL_{k.id.upper()}']}:rps={k.rps:g}:burst={k.burst:g}"
                      for k in self.keys]
         self._spawn("mock-upstream", "--port", str(port), *key_flags, name="mock")
         self._spawn("dispatcher", "--config", str(config_path), "--id", "d1", name="dispatcher")
@@ -108,7 +108,7 @@ class BenchFleet:
         with open(self.tmp / f"{name}.log", "ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "ratefleet", *args], env=self._env(),
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        proc.bench_name = name  # type: ignore[attr-defined]
+        proc.fleet_name = name  # type: ignore[attr-defined]
         self.procs.append(proc)
 
     def logs(self) -> str:
@@ -141,7 +141,7 @@ class BenchFleet:
         last: object = None
         async with httpx.AsyncClient(trust_env=False) as http:
             while time.monotonic() < deadline:
-                dead = [p.bench_name for p in self.procs if p.poll() is not None]  # type: ignore[attr-defined]
+                dead = [p.fleet_name for p in self.procs if p.poll() is not None]  # type: ignore[attr-defined]
                 if dead:
                     raise RuntimeError(f"fleet process(es) exited early: {dead}\n{self.logs()}")
                 try:
@@ -153,4 +153,4 @@ class BenchFleet:
                 except Exception as exc:  # noqa: BLE001 - still starting
                     last = exc
                 await anyio.sleep(0.2)
-        raise RuntimeError(f"the bench fleet did not come up within {timeout:.0f} s (last: {last})\n{self.logs()}")
+        raise RuntimeError(f"the local fleet did not come up within {timeout:.0f} s (last: {last})\n{self.logs()}")
