@@ -3,11 +3,20 @@
 dispatcher -> worker   Assignment     on internal.assign.<worker>   run this job on this key
 worker -> dispatcher   OutcomeReport  on internal.outcome           what happened, per call
 worker -> dispatcher   Heartbeat      on internal.heartbeat         alive, slots, calls in flight
+dispatcher -> workers  LeaderAnnounce on internal.leader            the leader and its fencing epoch
+
+Every leadership has an epoch that only grows: (creation time of the lease bucket in ms,
+KV revision at which the lease was taken). Workers drop an assignment whose epoch is below
+the highest they have seen, so a leader that was paused (VM pause, SIGSTOP) and wakes up
+with assignments still in its send buffer cannot make a second call for a job its
+successor already dispatched.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
+
+Epoch = tuple[int, int]
 
 from pydantic import BaseModel, Field
 
@@ -28,6 +37,12 @@ class Assignment(BaseModel):
     max_attempts: int
     submitted_at: float  # epoch seconds, the JOBS message timestamp
     queued_ms: float
+    epoch: Epoch = (0, 0)  # the leadership that issued it (see the module docstring)
+
+
+class LeaderAnnounce(BaseModel):
+    leader: str
+    epoch: Epoch
 
 
 class OutcomeReport(BaseModel):

@@ -88,6 +88,10 @@ class Subjects:
         return f"{self.prefix}.internal.outcome"
 
     @property
+    def leader_announce(self) -> str:
+        return f"{self.prefix}.internal.leader"
+
+    @property
     def leader_status(self) -> str:
         return f"{self.prefix}.internal.status.leader"
 

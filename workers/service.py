@@ -21,7 +21,7 @@ from nats.aio.client import Client as NatsClient
 from ratefleet.errors import SecretUnavailable
 from ratefleet.runtime.logs import get_logger
 from schemas import Config, ErrorCode, ErrorInfo, Job, Result, Subjects, Timings
-from schemas.internal import Assignment, Heartbeat, InFlight, OutcomeReport
+from schemas.internal import Assignment, Epoch, Heartbeat, InFlight, LeaderAnnounce, OutcomeReport
 from workers.executor import CallResult, UpstreamExecutor, build_client
 from ratefleet.runtime.finish import Finisher
 from workers.secrets import SecretResolver
@@ -59,12 +59,15 @@ class Worker:
         self.started_at = time.time()
         self._cancel_scopes: dict[str, anyio.CancelScope] = {}
         self.calling: dict[str, list] = {}  # assignment id -> [ack subject, last in-progress ack]
+        self.epoch: Epoch = (0, 0)  # highest leader epoch seen; older assignments are stale
+        self.stale_dropped = 0
 
     async def run(self, stop: anyio.Event) -> None:
         for problem in self.secrets.check_all():
             log.warning("secret unavailable on this worker", problem=problem)
         client = build_client(self.config.workers.transport, self.slots)
         executor = UpstreamExecutor(client)
+        leader_sub = await self.nc.subscribe(self.subjects.leader_announce, cb=self._on_leader)
         sub = await self.nc.subscribe(self.subjects.assign(self.id), pending_msgs_limit=0)
         log.info("worker started", worker=self.id, slots=self.slots, transport=self.config.workers.transport)
         try:
@@ -77,6 +80,7 @@ class Worker:
                 tg.cancel_scope.cancel()
         finally:
             await client.aclose()
+            await leader_sub.unsubscribe()
             await self._send_heartbeat()
 
     async def _take_assignments(self, sub, executor: UpstreamExecutor, tg: anyio.abc.TaskGroup) -> None:
@@ -86,12 +90,27 @@ class Worker:
             except ValueError:
                 log.error("malformed assignment ignored", worker=self.id)
                 continue
+            if assignment.epoch < self.epoch:
+                # sent by a leader that has been replaced (it was paused with this still in its
+                # send buffer): the job was redelivered to the new leader; never call it twice
+                self.stale_dropped += 1
+                log.warning("assignment from a former leader dropped", worker=self.id, job_id=assignment.job_id,
+                            epoch=list(assignment.epoch), current_epoch=list(self.epoch))
+                continue
+            self.epoch = assignment.epoch
             if self.draining:
                 await self.finisher.nak(assignment.ack)
                 await self._report(assignment, None, terminal=False)
                 continue
             self.in_flight[assignment.id] = InFlight(assignment=assignment.id, key_id=assignment.key_id, job_id=assignment.job_id)
             tg.start_soon(self._run_assignment, assignment, executor)
+
+    async def _on_leader(self, msg) -> None:
+        try:
+            announce = LeaderAnnounce.model_validate_json(msg.data)
+        except ValueError:
+            return
+        self.epoch = max(self.epoch, announce.epoch)
 
     async def _drain(self, sub) -> None:
         self.draining = True

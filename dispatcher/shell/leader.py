@@ -35,7 +35,7 @@ from dispatcher.spec import scheduler_spec
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.streams import tier_consumer
 from schemas import Config, Subjects
-from schemas.internal import Assignment, Heartbeat, OutcomeReport
+from schemas.internal import Assignment, Heartbeat, LeaderAnnounce, OutcomeReport
 from ratefleet.runtime.finish import Finisher
 
 log = get_logger("ratefleet.leader")
@@ -50,7 +50,7 @@ class Held:
 
 class LeaderSession:
     def __init__(self, config: Config, nc: NatsClient, dispatcher_id: str, *, conservative: bool = True,
-                 fence: Callable[[], bool] = lambda: True):
+                 fence: Callable[[], bool] = lambda: True, epoch: tuple[int, int] = (0, 0)):
         self.config, self.nc, self.id = config, nc, dispatcher_id
         self.subjects = Subjects(config.nats.prefix)
         self.js = nc.jetstream()
@@ -60,7 +60,7 @@ class LeaderSession:
         self.held: dict[int, Held] = {}
         self.pullers = {tier: TierPuller(nc, self.subjects.jobs_stream, tier_consumer(tier), tier,
                                          config.dispatcher.window, self._on_job,
-                                         held=lambda tier=tier: self.scheduler.pending(tier))
+                                         held=lambda tier=tier: self.scheduler.pending(tier), fence=fence)
                         for tier in config.tiers}
         self.sequence = itertools.count(1)
         self.wake = anyio.Event()
@@ -70,6 +70,7 @@ class LeaderSession:
         # False once the lease may have lapsed: a paused-then-woken leader must not dispatch
         # or nak anything another leader may own by now
         self.fence = fence
+        self.epoch = epoch  # fencing token on every assignment (see schemas/internal.py)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -80,6 +81,7 @@ class LeaderSession:
             await self.nc.subscribe(self.subjects.outcome, cb=self._on_outcome, pending_msgs_limit=0),
             await self.nc.subscribe(self.subjects.leader_status, cb=self._on_status_request),
         ]
+        await self._announce()
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._housekeeping)
@@ -158,15 +160,23 @@ class LeaderSession:
             job_id=incoming.job_id, tier=incoming.tier, upstream=incoming.upstream, key_id=decision.key_id,
             pool=decision.pool, ack=incoming.ack, reply_to=incoming.reply_to, attempt=incoming.attempt,
             max_attempts=incoming.max_attempts, submitted_at=incoming.submitted_at,
-            queued_ms=max(0.0, (time.time() - incoming.submitted_at) * 1000))
+            queued_ms=max(0.0, (time.time() - incoming.submitted_at) * 1000), epoch=self.epoch)
         self.fleet.assign(AssignmentRecord(assignment.id, worker.id, incoming.job_id, incoming.tier, decision.key_id,
                                            incoming.ack, decision.reservation, now))
         await self.nc.publish(self.subjects.assign(worker.id), assignment.model_dump_json().encode())
         await self.pullers[incoming.tier].top_up()
 
+    async def _announce(self) -> None:
+        """Tell the workers our epoch: from now on they drop assignments of earlier leaders."""
+        if self.fence():
+            announce = LeaderAnnounce(leader=self.id, epoch=self.epoch)
+            await self.nc.publish(self.subjects.leader_announce, announce.model_dump_json().encode())
+
     # -- intake -----------------------------------------------------------------------------
 
     async def _on_job(self, tier: str, msg: Msg) -> None:
+        if not self.fence():
+            return  # the lease may have lapsed: this message may be the new leader's by now
         try:
             verdict = read_message(msg, tier, self.config)
         except Exception:
@@ -258,6 +268,7 @@ class LeaderSession:
                 if now - held.touched > keep_alive_after:
                     held.touched = now
                     await self.finisher.in_progress(held.incoming.ack)
+            await self._announce()  # for workers that joined (or reconnected) since
             if self.ready:
                 for puller in self.pullers.values():
                     await puller.check_stale()

@@ -27,6 +27,8 @@ class LeaderLease:
         self.seen_kv: KeyValue | None = None
         self.revision: int | None = None
         self.renewed_at = 0.0
+        self.epoch: tuple[int, int] = (0, 0)  # of the current (or last) leadership
+        self._bucket_created_ms = 0
 
     @property
     def held(self) -> bool:
@@ -70,7 +72,19 @@ class LeaderLease:
         except KeyWrongLastSequenceError:
             return False
         self.renewed_at = time.monotonic()
+        self.epoch = (await self._bucket_created(), self.revision)
         return True
+
+    async def _bucket_created(self) -> int:
+        """Creation time of the lease bucket (ms): a bucket created anew (server state
+        wiped) restarts its revisions, and this keeps the epochs growing anyway."""
+        try:
+            info = await self.js.stream_info(f"KV_{self.bucket}")
+            if info.created is not None:
+                self._bucket_created_ms = int(info.created.timestamp() * 1000)
+        except Exception as exc:  # noqa: BLE001 - keep the last known value
+            log.debug("lease bucket info unavailable", error=type(exc).__name__)
+        return self._bucket_created_ms
 
     async def renew(self) -> bool:
         """Extend the lease; False when it was lost (expired, or taken by another)."""

@@ -24,9 +24,11 @@ HANDBACK_MARGIN_S = 0.25
 
 class TierPuller:
     def __init__(self, nc: NatsClient, stream: str, consumer: str, tier: str, window: int,
-                 on_job: Callable[[str, Msg], Awaitable[None]], held: Callable[[], int]):
+                 on_job: Callable[[str, Msg], Awaitable[None]], held: Callable[[], int],
+                 fence: Callable[[], bool] = lambda: True):
         self.nc, self.stream, self.consumer, self.tier, self.window = nc, stream, consumer, tier, window
         self.on_job = on_job
+        self.fence = fence  # False once our lease may have lapsed: then nak nothing
         self.outstanding = 0
         self.held = held  # jobs of this tier waiting in the scheduler's window
         self.active = False
@@ -79,6 +81,10 @@ class TierPuller:
             return
         self.outstanding = max(0, self.outstanding - 1)
         if not self.active:
+            if not self.fence():
+                # woken after a pause: this delivery may have been redelivered to the new
+                # leader by now, and a stale nak would make the server deliver it once more
+                return
             # stepping down: hand it back, but only after our open pull requests expired, or
             # it would come straight back to us in a nak loop
             delay_ns = int((PULL_EXPIRES_S + HANDBACK_MARGIN_S) * 1e9)

@@ -74,9 +74,10 @@ class Dispatcher:
         last = await self.lease.last_leader_seen()
         conservative = last is not None and time.time() - last < RECENT_LEADER_S
         await self.lease.mark_seen()
-        log.info("became leader", dispatcher=self.id, buckets="empty" if conservative else "full")
+        log.info("became leader", dispatcher=self.id, buckets="empty" if conservative else "full",
+                 epoch=list(self.lease.epoch))
         self.session = LeaderSession(self.config, self.nc, self.id, conservative=conservative,
-                                     fence=lambda: self.lease.held)
+                                     fence=lambda: self.lease.held, epoch=self.lease.epoch)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.session.run)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from faultkit import Tracker, assert_exactly_once, assert_only_host, chat, fast_keys, figure, upstream, until, wait_exit, \
+from faultkit import Tracker, assert_exactly_once, assert_only_host, calls, chat, fast_keys, figure, upstream, until, wait_exit, \
     wait_leader_is, wait_workers
 from fleetkit import FleetKit
 from ratefleet import Client
@@ -182,4 +182,57 @@ async def test_paused_leader_wakes_up_as_standby_without_double_calls(tmp_path, 
                 assert upstream_calls == n, f"{upstream_calls - n} jobs were called twice after the old leader woke up"
                 assert_only_host(mock)
         finally:
+            kit.stop()
+
+
+async def test_worker_drops_assignments_of_a_former_leader(tmp_path, nats_server):
+    """The fencing epoch: an assignment still in a paused leader's send buffer reaches a worker
+    after the new leader announced itself; the worker must drop it, not call the upstream.
+    Epochs compare as (lease bucket created, lease revision): a bucket created anew (server
+    state wiped) restarts the revisions and must still count as newer."""
+    import nats
+
+    from schemas import Subjects
+    from schemas.internal import Assignment, LeaderAnnounce
+
+    subjects = Subjects()
+    with upstream() as mock:
+        kit = FleetKit(tmp_path, nats_server.url, mock.url, keys=fast_keys())
+        nc = await nats.connect(nats_server.url)
+        try:
+            beats = asyncio.Queue()
+            await nc.subscribe(subjects.heartbeat, cb=beats.put)
+            kit.worker("w1", slots=4)
+            await asyncio.wait_for(beats.get(), 15)
+            await nc.publish(subjects.leader_announce, LeaderAnnounce(leader="d9", epoch=(5, 20)).model_dump_json().encode())
+            await nc.flush()
+            await asyncio.sleep(0.3)  # the announce and the assignments are read by different tasks
+
+            acks: dict[str, list[bytes]] = {}
+
+            async def send(name: str, epoch: tuple[int, int]) -> None:
+                inbox = nc.new_inbox()
+                acks[name] = []
+
+                async def on_ack(msg, name=name):
+                    acks[name].append(msg.data)
+
+                await nc.subscribe(inbox, cb=on_ack)
+                assignment = Assignment(id=f"d9.{name}", job=chat(0, id=name, batch="fence"), job_id=name, tier="normal",
+                                        upstream="mock", key_id="k1", pool="shared", ack=inbox, attempt=1, max_attempts=3,
+                                        submitted_at=time.time(), queued_ms=0.0, epoch=epoch)
+                await nc.publish(subjects.assign("w1"), assignment.model_dump_json().encode())
+
+            await send("stale-revision", (5, 19))
+            await send("stale-bucket", (4, 999))
+            await send("current", (5, 20))
+            await send("newer-bucket", (6, 1))
+            await nc.flush()
+            await until(lambda: acks["current"] and acks["newer-bucket"], 15, 0.05, "the current assignments acked")
+            await asyncio.sleep(1.0)  # time for a wrongly accepted stale call to show up
+            assert acks["stale-revision"] == [] and acks["stale-bucket"] == [], acks
+            assert calls(mock, path="/v1/chat/completions") == 2
+            assert kit.logs().count("assignment from a former leader dropped") == 2
+        finally:
+            await nc.close()
             kit.stop()
