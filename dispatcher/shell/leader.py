@@ -60,7 +60,8 @@ class LeaderSession:
         self.held: dict[int, Held] = {}
         self.pullers = {tier: TierPuller(nc, self.subjects.jobs_stream, tier_consumer(tier), tier,
                                          config.dispatcher.window, self._on_job,
-                                         held=lambda tier=tier: self.scheduler.pending(tier), fence=fence)
+                                         held=lambda tier=tier: self.scheduler.pending(tier), fence=fence,
+                                         max_deliver=config.streams.max_deliver)
                         for tier in config.tiers}
         self.sequence = itertools.count(1)
         self.wake = anyio.Event()
@@ -175,8 +176,9 @@ class LeaderSession:
     # -- intake -----------------------------------------------------------------------------
 
     async def _on_job(self, tier: str, msg: Msg) -> None:
-        if not self.fence():
+        if not self.fence() and msg.metadata.num_delivered < self.config.streams.max_deliver:
             return  # the lease may have lapsed: this message may be the new leader's by now
+        # (the server's last delivery goes on to intake, which ends it: nobody else will get it)
         try:
             verdict = read_message(msg, tier, self.config)
         except Exception:

@@ -25,10 +25,11 @@ HANDBACK_MARGIN_S = 0.25
 class TierPuller:
     def __init__(self, nc: NatsClient, stream: str, consumer: str, tier: str, window: int,
                  on_job: Callable[[str, Msg], Awaitable[None]], held: Callable[[], int],
-                 fence: Callable[[], bool] = lambda: True):
+                 fence: Callable[[], bool] = lambda: True, max_deliver: int = 0):
         self.nc, self.stream, self.consumer, self.tier, self.window = nc, stream, consumer, tier, window
         self.on_job = on_job
         self.fence = fence  # False once our lease may have lapsed: then nak nothing
+        self.max_deliver = max_deliver  # the server's last delivery must never be nak'd (0: unknown)
         self.outstanding = 0
         self.held = held  # jobs of this tier waiting in the scheduler's window
         self.active = False
@@ -81,6 +82,11 @@ class TierPuller:
             return
         self.outstanding = max(0, self.outstanding - 1)
         if not self.active:
+            if self.max_deliver and msg.metadata.num_delivered >= self.max_deliver:
+                # the server will not deliver it again: a nak (or a drop) would leave it in the
+                # stream forever; intake ends it as a poison message instead
+                await self.on_job(self.tier, msg)
+                return
             if not self.fence():
                 # woken after a pause: this delivery may have been redelivered to the new
                 # leader by now, and a stale nak would make the server deliver it once more
