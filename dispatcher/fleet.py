@@ -22,6 +22,8 @@ class AssignmentRecord:
     ack: str
     reservation: Any
     at: float
+    seq: int = 0  # stream sequence of the JOBS message
+    handbacks: int = 0
 
 
 @dataclass

@@ -56,6 +56,10 @@ class Subjects:
     def leader_bucket(self) -> str:
         return "ratefleet_leader" + self.stream_suffix.lower()
 
+    @property
+    def handbacks_bucket(self) -> str:
+        return "ratefleet_handbacks" + self.stream_suffix.lower()
+
     def jobs(self, tier: str = "*") -> str:
         return f"{self.prefix}.jobs.{tier}"
 

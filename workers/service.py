@@ -24,6 +24,7 @@ from schemas import Config, ErrorCode, ErrorInfo, Job, Result, Subjects, Timings
 from schemas.internal import Assignment, Epoch, Heartbeat, InFlight, LeaderAnnounce, OutcomeReport
 from workers.executor import CallResult, UpstreamExecutor, build_client
 from ratefleet.runtime.finish import Finisher
+from ratefleet.runtime.handbacks import Handbacks
 from workers.secrets import SecretResolver
 
 log = get_logger("ratefleet.worker")
@@ -61,10 +62,12 @@ class Worker:
         self.calling: dict[str, list] = {}  # assignment id -> [ack subject, last in-progress ack]
         self.epoch: Epoch = (0, 0)  # highest leader epoch seen; older assignments are stale
         self.stale_dropped = 0
+        self.handbacks = Handbacks(None)
 
     async def run(self, stop: anyio.Event) -> None:
         for problem in self.secrets.check_all():
             log.warning("secret unavailable on this worker", problem=problem)
+        self.handbacks = await Handbacks.open(self.nc.jetstream(), self.subjects.handbacks_bucket)
         client = build_client(self.config.workers.transport, self.slots)
         executor = UpstreamExecutor(client)
         leader_sub = await self.nc.subscribe(self.subjects.leader_announce, cb=self._on_leader)
@@ -99,11 +102,16 @@ class Worker:
                 continue
             self.epoch = assignment.epoch
             if self.draining:
-                await self.finisher.nak(assignment.ack)
+                await self._hand_back(assignment, 0.0)
                 await self._report(assignment, None, terminal=False)
                 continue
             self.in_flight[assignment.id] = InFlight(assignment=assignment.id, key_id=assignment.key_id, job_id=assignment.job_id)
             tg.start_soon(self._run_assignment, assignment, executor)
+
+    async def _hand_back(self, a: Assignment, delay_s: float) -> None:
+        """Return a job this worker did not call; the delivery does not count as an attempt."""
+        await self.handbacks.add(a.seq, a.handbacks)
+        await self.finisher.nak(a.ack, delay_s)
 
     async def _on_leader(self, msg) -> None:
         try:
@@ -189,7 +197,7 @@ class Worker:
             secret = self.secrets.get(a.key_id)
         except SecretUnavailable as exc:
             log.error("cannot resolve key secret; job goes back to the queue", problem=str(exc))
-            await self.finisher.nak(a.ack, 1.0)
+            await self._hand_back(a, 1.0)
             await self._report(a, None, terminal=False)
             return
         upstream = self.config.upstreams[a.upstream]

@@ -31,6 +31,7 @@ class Incoming:
     max_attempts: int
     submitted_at: float
     stream_seq: int
+    handbacks: int = 0  # deliveries of this message that made no call (not attempts)
 
 
 @dataclass(frozen=True)
@@ -50,13 +51,15 @@ class Refused:
     job: Job | None = None
 
 
-def read_message(msg: Msg, tier: str, config: Config) -> Incoming | Refused:
+def read_message(msg: Msg, tier: str, config: Config, handbacks: int = 0) -> Incoming | Refused:
+    """`handbacks`: earlier deliveries that ended without a call; they are not attempts."""
     meta = msg.metadata
     headers = msg.headers or {}
     reply_to = headers.get(REPLY_HEADER)
     header_id = headers.get(MSG_ID)
     fallback_id = header_id if header_id and is_token(header_id) else f"s{meta.sequence.stream}"
-    attempt = meta.num_delivered
+    deliveries = meta.num_delivered
+    attempt = max(1, deliveries - handbacks)
     bad_reply = reply_to is not None and not is_safe_reply(reply_to, config.nats.prefix)
     if bad_reply:
         reply_to = None
@@ -71,9 +74,9 @@ def read_message(msg: Msg, tier: str, config: Config) -> Incoming | Refused:
     except JobRejected as exc:
         return refuse("invalid", exc.code, exc.message, exc.job_id, exc.batch)
     job_id = job.id or fallback_id
-    if attempt >= config.streams.max_deliver:
+    if deliveries >= config.streams.max_deliver:
         return refuse("failed", ErrorCode.POISON_MESSAGE,
-                      f"delivered {attempt} times without finishing (streams.max_deliver); moved to dead letters",
+                      f"delivered {deliveries} times without finishing (streams.max_deliver); moved to dead letters",
                       job_id, job.batch, job)
     if bad_reply:
         return refuse("invalid", ErrorCode.FORBIDDEN_TARGET,
@@ -85,7 +88,7 @@ def read_message(msg: Msg, tier: str, config: Config) -> Incoming | Refused:
     max_attempts = job.max_attempts or config.tiers[tier].max_attempts
     if attempt > max_attempts:
         return refuse("failed", ErrorCode.ATTEMPTS_EXHAUSTED,
-                      f"delivered {attempt} times, more than max_attempts={max_attempts} (a worker stopped mid-call)",
+                      f"{attempt} attempts, more than max_attempts={max_attempts} (a worker stopped mid-call)",
                       job_id, job.batch, job)
     if job.expired(datetime.now(timezone.utc)):
         return refuse("expired", ErrorCode.DEADLINE_EXCEEDED, "the deadline passed before the call could start",
@@ -94,7 +97,7 @@ def read_message(msg: Msg, tier: str, config: Config) -> Incoming | Refused:
     return Incoming(job=job if job.id else job.model_copy(update={"id": job_id}), job_id=job_id, tier=tier,
                     upstream=upstream, ack=msg.reply, reply_to=reply_to, attempt=attempt,
                     max_attempts=max_attempts, submitted_at=meta.timestamp.timestamp(),
-                    stream_seq=meta.sequence.stream)
+                    stream_seq=meta.sequence.stream, handbacks=handbacks)
 
 
 def _check_against_config(job: Job, config: Config) -> tuple[ErrorCode, str] | None:

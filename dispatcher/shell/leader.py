@@ -37,6 +37,7 @@ from ratefleet.runtime.streams import tier_consumer
 from schemas import Config, Subjects
 from schemas.internal import Assignment, Heartbeat, LeaderAnnounce, OutcomeReport
 from ratefleet.runtime.finish import Finisher
+from ratefleet.runtime.handbacks import Handbacks
 
 log = get_logger("ratefleet.leader")
 LOST = Outcome(kind="lost")
@@ -61,7 +62,7 @@ class LeaderSession:
         self.pullers = {tier: TierPuller(nc, self.subjects.jobs_stream, tier_consumer(tier), tier,
                                          config.dispatcher.window, self._on_job,
                                          held=lambda tier=tier: self.scheduler.pending(tier), fence=fence,
-                                         max_deliver=config.streams.max_deliver)
+                                         max_deliver=config.streams.max_deliver, hand_back=self._hand_back_late)
                         for tier in config.tiers}
         self.sequence = itertools.count(1)
         self.wake = anyio.Event()
@@ -72,6 +73,7 @@ class LeaderSession:
         # or nak anything another leader may own by now
         self.fence = fence
         self.epoch = epoch  # fencing token on every assignment (see schemas/internal.py)
+        self.handbacks = Handbacks(None)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -82,6 +84,7 @@ class LeaderSession:
             await self.nc.subscribe(self.subjects.outcome, cb=self._on_outcome, pending_msgs_limit=0),
             await self.nc.subscribe(self.subjects.leader_status, cb=self._on_status_request),
         ]
+        self.handbacks = await Handbacks.open(self.js, self.subjects.handbacks_bucket)
         await self._announce()
         try:
             async with anyio.create_task_group() as tg:
@@ -102,6 +105,8 @@ class LeaderSession:
                 # while our pull requests are open, a job handed back at once would come back to us
                 delay = PULL_EXPIRES_S + HANDBACK_MARGIN_S if pulling else 0.0
                 for held in self.held.values():
+                    # not an attempt: recorded before the nak, so the next leader sees it
+                    await self.handbacks.add(held.incoming.stream_seq, held.incoming.handbacks)
                     await self.finisher.nak(held.incoming.ack, delay)
                 if pulling:
                     await anyio.sleep(PULL_EXPIRES_S)  # late arrivals are handed back by the pullers
@@ -161,9 +166,11 @@ class LeaderSession:
             job_id=incoming.job_id, tier=incoming.tier, upstream=incoming.upstream, key_id=decision.key_id,
             pool=decision.pool, ack=incoming.ack, reply_to=incoming.reply_to, attempt=incoming.attempt,
             max_attempts=incoming.max_attempts, submitted_at=incoming.submitted_at,
-            queued_ms=max(0.0, (time.time() - incoming.submitted_at) * 1000), epoch=self.epoch)
+            queued_ms=max(0.0, (time.time() - incoming.submitted_at) * 1000), epoch=self.epoch,
+            seq=incoming.stream_seq, handbacks=incoming.handbacks)
         self.fleet.assign(AssignmentRecord(assignment.id, worker.id, incoming.job_id, incoming.tier, decision.key_id,
-                                           incoming.ack, decision.reservation, now))
+                                           incoming.ack, decision.reservation, now, incoming.stream_seq,
+                                           incoming.handbacks))
         await self.nc.publish(self.subjects.assign(worker.id), assignment.model_dump_json().encode())
         await self.pullers[incoming.tier].top_up()
 
@@ -179,8 +186,9 @@ class LeaderSession:
         if not self.fence() and msg.metadata.num_delivered < self.config.streams.max_deliver:
             return  # the lease may have lapsed: this message may be the new leader's by now
         # (the server's last delivery goes on to intake, which ends it: nobody else will get it)
+        known = await self.handbacks.count(msg.metadata.sequence.stream) if msg.metadata.num_delivered > 1 else 0
         try:
-            verdict = read_message(msg, tier, self.config)
+            verdict = read_message(msg, tier, self.config, known)
         except Exception:
             log.exception("could not read a job message; it comes back later", tier=tier)
             await self.finisher.nak(msg.reply, 1.0)
@@ -194,6 +202,13 @@ class LeaderSession:
         self.scheduler.add(PendingJob(job_id=verdict.job_id, tier=tier, upstream=verdict.upstream,
                                       cost=verdict.job.cost, handle=verdict.stream_seq), time.monotonic())
         self.wake.set()
+
+    async def _hand_back_late(self, msg: Msg, delay_s: float) -> None:
+        """A job that arrived while stepping down goes back to the queue; not an attempt."""
+        seq = msg.metadata.sequence.stream
+        known = await self.handbacks.count(seq) if msg.metadata.num_delivered > 1 else 0
+        await self.handbacks.add(seq, known)
+        await self.finisher.nak(msg.reply, delay_s)
 
     # -- feedback ---------------------------------------------------------------------------
 
@@ -231,7 +246,7 @@ class LeaderSession:
         for record in lost:
             log.warning("assignment lost on its way; job goes back to the queue", job_id=record.job_id,
                         worker=record.worker)
-            await self._return(record, now)
+            await self._return(record, now, called=False)
         self.wake.set()
 
     def _adopt(self, beat: Heartbeat, now: float) -> None:
@@ -249,9 +264,13 @@ class LeaderSession:
                 self.fleet.assign(AssignmentRecord(item.assignment, beat.worker, item.job_id, "?", item.key_id,
                                                    "", reservation, now))
 
-    async def _return(self, record: AssignmentRecord, now: float) -> None:
+    async def _return(self, record: AssignmentRecord, now: float, *, called: bool = True) -> None:
+        """Give a job back to the queue. `called`: a call may have been made (its worker went
+        silent mid-call), which counts as an attempt."""
         self.scheduler.complete(record.reservation, LOST, now)
         if record.ack and self.fence():
+            if not called:
+                await self.handbacks.add(record.seq, record.handbacks)
             await self.finisher.nak(record.ack)
 
     async def _housekeeping(self) -> None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import time
 
 from nats.js import JetStreamContext
-from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from ratefleet.runtime.logs import get_logger
+from ratefleet.runtime.streams import open_kv
 
 log = get_logger("ratefleet.lease")
 LEASE_KEY = "dispatcher"
@@ -35,14 +36,8 @@ class LeaderLease:
         return self.revision is not None and time.monotonic() - self.renewed_at < self.ttl_s * 0.8
 
     async def open(self) -> None:
-        self.kv = await self._bucket(self.bucket, ttl=self.ttl_s)
-        self.seen_kv = await self._bucket(self.bucket + "_seen", ttl=None)
-
-    async def _bucket(self, name: str, ttl: float | None) -> KeyValue:
-        try:
-            return await self.js.key_value(name)
-        except (BucketNotFoundError, NotFoundError):
-            return await self.js.create_key_value(bucket=name, ttl=ttl, history=1)
+        self.kv = await open_kv(self.js, self.bucket, ttl=self.ttl_s)
+        self.seen_kv = await open_kv(self.js, self.bucket + "_seen", ttl=None)
 
     async def last_leader_seen(self) -> float | None:
         """Wall-clock time a leader last held the lease (None: never). A leader that was

@@ -25,11 +25,13 @@ HANDBACK_MARGIN_S = 0.25
 class TierPuller:
     def __init__(self, nc: NatsClient, stream: str, consumer: str, tier: str, window: int,
                  on_job: Callable[[str, Msg], Awaitable[None]], held: Callable[[], int],
-                 fence: Callable[[], bool] = lambda: True, max_deliver: int = 0):
+                 fence: Callable[[], bool] = lambda: True, max_deliver: int = 0,
+                 hand_back: Callable[[Msg, float], Awaitable[None]] | None = None):
         self.nc, self.stream, self.consumer, self.tier, self.window = nc, stream, consumer, tier, window
         self.on_job = on_job
         self.fence = fence  # False once our lease may have lapsed: then nak nothing
         self.max_deliver = max_deliver  # the server's last delivery must never be nak'd (0: unknown)
+        self.hand_back = hand_back or self._nak  # returns a message to the queue after a delay
         self.outstanding = 0
         self.held = held  # jobs of this tier waiting in the scheduler's window
         self.active = False
@@ -93,10 +95,12 @@ class TierPuller:
                 return
             # stepping down: hand it back, but only after our open pull requests expired, or
             # it would come straight back to us in a nak loop
-            delay_ns = int((PULL_EXPIRES_S + HANDBACK_MARGIN_S) * 1e9)
-            await self.nc.publish(msg.reply, b'-NAK {"delay": %d}' % delay_ns)
+            await self.hand_back(msg, PULL_EXPIRES_S + HANDBACK_MARGIN_S)
             return
         await self.on_job(self.tier, msg)
+
+    async def _nak(self, msg: Msg, delay_s: float) -> None:
+        await self.nc.publish(msg.reply, b'-NAK {"delay": %d}' % int(delay_s * 1e9))
 
     async def _on_status(self, status: str, msg: Msg) -> None:
         if status in ("408", "409", "404"):

@@ -4,6 +4,7 @@ RATEFLEET_JOBS     work-queue, file storage, discard-new at its limits, dedup by
                    one durable pull consumer per tier (`tier-<name>`).
 RATEFLEET_RESULTS  limits retention, one message per subject for good (invariant 7).
 RATEFLEET_DEAD     dead letters, kept `dead_max_age_s`.
+KV ratefleet_handbacks  deliveries that made no call (see ratefleet/runtime/handbacks.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
 
 from schemas import Config, Subjects
 
@@ -65,7 +67,9 @@ async def ensure_topology(js: JetStreamContext, config: Config) -> None:
     """Create or update the three streams and the per-tier consumers. Safe to run concurrently."""
     for stream in stream_configs(config):
         await _ensure_stream(js, stream)
-    jobs_stream = Subjects(config.nats.prefix).jobs_stream
+    subjects = Subjects(config.nats.prefix)
+    await open_kv(js, subjects.handbacks_bucket, ttl=config.streams.results_max_age_s)
+    jobs_stream = subjects.jobs_stream
     for tier in config.tiers:
         wanted = consumer_config(config, tier)
         try:
@@ -73,6 +77,17 @@ async def ensure_topology(js: JetStreamContext, config: Config) -> None:
         except BadRequestError:
             # exists with other settings (e.g. a changed ack_wait): update the mutable fields
             await js.add_consumer(jobs_stream, config=wanted)
+
+
+async def open_kv(js: JetStreamContext, bucket: str, ttl: float | None) -> KeyValue:
+    """A KV bucket (one value per key), created when missing."""
+    try:
+        return await js.key_value(bucket)
+    except (BucketNotFoundError, NotFoundError):
+        try:
+            return await js.create_key_value(bucket=bucket, ttl=ttl, history=1)
+        except BadRequestError:  # created concurrently by another process
+            return await js.key_value(bucket)
 
 
 async def _ensure_stream(js: JetStreamContext, stream: StreamConfig) -> None:

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from faultkit import Tracker, assert_exactly_once, assert_only_host, calls, chat, fast_keys, figure, upstream, until, wait_exit, \
-    wait_leader_is, wait_workers
-from fleetkit import FleetKit
+from faultkit import Tracker, assert_exactly_once, assert_only_host, calls, chat, fast_keys, figure, status_or_none, \
+    upstream, until, wait_exit, wait_leader_is, wait_workers
+from fleetkit import FleetKit, collect
 from ratefleet import Client
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.anyio]
@@ -235,4 +235,41 @@ async def test_worker_drops_assignments_of_a_former_leader(tmp_path, nats_server
             assert kit.logs().count("assignment from a former leader dropped") == 2
         finally:
             await nc.close()
+            kit.stop()
+
+
+async def test_rolling_dispatcher_restarts_do_not_use_up_attempts(tmp_path, nats_server):
+    """Jobs in a leader's window are handed back at every graceful step-down. Those deliveries
+    made no call, so they must not count as attempts: jobs with max_attempts=1 that went
+    through two dispatcher restarts (no worker up yet) are still called, once each."""
+    n = 5
+    with upstream() as mock:
+        kit = FleetKit(tmp_path, nats_server.url, mock.url, keys=fast_keys())
+        try:
+            async with await Client.connect(nats_server.url) as client:
+                first = kit.dispatcher("d1")
+                await wait_leader_is(client, lambda who: who == "d1", timeout=20)
+                ids = await client.submit_many([chat(i, max_attempts=1) for i in range(n)], "normal", batch="rolling")
+
+                async def holding(name: str) -> bool:
+                    status = await status_or_none(client)
+                    return bool(status and status.get("leader") == name
+                                and status["tiers"]["normal"].get("pending") == n)
+
+                for name in ("d1", "d2"):
+                    proc = first if name == "d1" else kit.dispatcher(name)
+                    await until(lambda name=name: holding(name), 20, 0.1, f"{name} holding the {n} jobs")
+                    proc.terminate()
+                    assert await wait_exit(proc, 15) == 0
+                kit.dispatcher("d3")
+                kit.worker("w1", slots=4)
+                results = await collect(client, "rolling", n, timeout=30)
+                assert sorted(results) == sorted(ids)
+                assert {r.status for r in results.values()} == {"succeeded"}, \
+                    {r.job_id: (r.status, r.error) for r in results.values()}
+                assert [r.attempts for r in results.values()] == [1] * n
+                assert calls(mock, path="/v1/chat/completions") == n
+                figure("two rolling dispatcher restarts", jobs=n, max_attempts=1, succeeded=n,
+                       upstream_calls=calls(mock, path="/v1/chat/completions"))
+        finally:
             kit.stop()
