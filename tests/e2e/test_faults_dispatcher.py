@@ -206,7 +206,7 @@ async def test_worker_drops_assignments_of_a_former_leader(tmp_path, nats_server
             await asyncio.wait_for(beats.get(), 15)
             await nc.publish(subjects.leader_announce, LeaderAnnounce(leader="d9", epoch=(5, 20)).model_dump_json().encode())
             await nc.flush()
-            await asyncio.sleep(0.3)  # the announce and the assignments are read by different tasks
+            await asyncio.sleep(1.0)  # the announce and the assignments are read by different tasks
 
             acks: dict[str, list[bytes]] = {}
 
