@@ -104,9 +104,11 @@ class LeaderSession:
                 pulling = any(p.outstanding for p in self.pullers.values())
                 # while our pull requests are open, a job handed back at once would come back to us
                 delay = PULL_EXPIRES_S + HANDBACK_MARGIN_S if pulling else 0.0
+                # not attempts: recorded (all at once) before the naks, so the next leader sees them
+                async with anyio.create_task_group() as tg:
+                    for held in self.held.values():
+                        tg.start_soon(self.handbacks.add, held.incoming.stream_seq, held.incoming.handbacks)
                 for held in self.held.values():
-                    # not an attempt: recorded before the nak, so the next leader sees it
-                    await self.handbacks.add(held.incoming.stream_seq, held.incoming.handbacks)
                     await self.finisher.nak(held.incoming.ack, delay)
                 if pulling:
                     await anyio.sleep(PULL_EXPIRES_S)  # late arrivals are handed back by the pullers
