@@ -33,6 +33,7 @@ from dispatcher.shell.puller import HANDBACK_MARGIN_S, PULL_EXPIRES_S, TierPulle
 from dispatcher.shell.refusals import finish_refused, refuse_incoming
 from dispatcher.spec import scheduler_spec
 from ratefleet.runtime.logs import get_logger
+from ratefleet.runtime.store import read_result
 from ratefleet.runtime.streams import tier_consumer
 from schemas import Config, Subjects
 from schemas.internal import Assignment, Heartbeat, LeaderAnnounce, OutcomeReport
@@ -200,10 +201,23 @@ class LeaderSession:
             return
         if verdict.stream_seq in self.held:
             return  # a redelivery of a job we still hold
+        if msg.metadata.num_delivered > 1 and await self._finished_before(verdict):
+            return
         self.held[verdict.stream_seq] = Held(verdict, time.monotonic())
         self.scheduler.add(PendingJob(job_id=verdict.job_id, tier=tier, upstream=verdict.upstream,
                                       cost=verdict.job.cost, handle=verdict.stream_seq), time.monotonic())
         self.wake.set()
+
+    async def _finished_before(self, incoming: Incoming) -> bool:
+        """A redelivered job may have its Result stored already: its worker stored it and
+        died before the ack. Then it is answered and acked from the store, not called again."""
+        stored = await read_result(self.js, self.subjects, incoming.job_id, incoming.job.batch)
+        if stored is None:
+            return False
+        log.info("redelivered job already has its result; acked without a second call", job_id=incoming.job_id,
+                 tier=incoming.tier, delivery=incoming.attempt + incoming.handbacks)
+        await self.finisher.finish_stored(stored, ack=incoming.ack, reply_to=incoming.reply_to)
+        return True
 
     async def _hand_back_late(self, msg: Msg, delay_s: float) -> None:
         """A job that arrived while stepping down goes back to the queue; not an attempt."""

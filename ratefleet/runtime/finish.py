@@ -37,6 +37,17 @@ class Finisher:
             await self.nc.publish(ack, b"+ACK")
         return stored
 
+    async def finish_stored(self, stored: bytes, *, ack: str | None, reply_to: str | None) -> None:
+        """A job whose Result is stored already (its finisher died before the ack): send
+        that Result to the reply subject, then ack. No call, no second Result."""
+        await asyncio.shield(self._finish_stored(stored, ack, reply_to))
+
+    async def _finish_stored(self, stored: bytes, ack: str | None, reply_to: str | None) -> None:
+        if reply_to:
+            await self.nc.publish(reply_to, stored)
+        if ack:
+            await self.nc.publish(ack, b"+ACK")
+
     async def dead(self, tier: str, result: Result, *, job: dict | None = None, raw: bytes | None = None) -> None:
         error = result.error
         await dead_letter(self.js, self.subjects, tier, code=error.code if error else "unknown",

@@ -11,7 +11,7 @@ import time
 import nats
 import pytest
 
-from faultkit import (SUBJECTS, Tracker, assert_exactly_once, assert_only_host, chat, fast_keys, figure, until,
+from faultkit import (SUBJECTS, Tracker, assert_exactly_once, assert_only_host, calls, chat, fast_keys, figure, until,
                       upstream, wait_workers)
 from fleetkit import FleetKit
 from ratefleet import Client
@@ -157,3 +157,53 @@ async def _until_or_none(predicate, timeout: float):
         return await until(predicate, timeout, 0.2)
     except AssertionError:
         return None
+
+
+async def test_redelivered_job_with_a_stored_result_is_not_called_again(tmp_path, nats_server):
+    """A worker that stored a job's Result and died before the ack leaves the JOBS message to
+    be redelivered. The next delivery must be answered and acked from the store: no second
+    upstream call, the first Result unchanged, the waiter on the reply subject answered."""
+    with upstream() as mock:
+        kit = FleetKit(tmp_path, nats_server.url, mock.url, keys=fast_keys())
+        raw = await nats.connect(nats_server.url)
+        try:
+            first = kit.dispatcher("d1")  # no worker yet: d1 holds the job in its window
+            async with await Client.connect(nats_server.url) as client:
+                await until(lambda: _leader_is(client, "d1", pending=0), 20, 0.1, "d1 leading")
+                replies = asyncio.Queue()
+                inbox = raw.new_inbox()
+                await raw.subscribe(inbox, cb=replies.put)
+                await raw.flush()
+                await raw.jetstream().publish(SUBJECTS.jobs("normal"), json.dumps(chat(1, id="done-1", batch="pre")).encode(),
+                                              headers={"Nats-Msg-Id": "done-1", "Ratefleet-Reply-To": inbox})
+                await until(lambda: _leader_is(client, "d1", pending=1), 20, 0.1, "d1 holding the job")
+                # what the dead worker got done: the Result is stored, the ack never sent
+                earlier = Result(job_id="done-1", status="succeeded", batch="pre", attempts=1, worker="w-dead",
+                                 metadata={"marker": "stored-before-the-crash"})
+                assert await _store(client, earlier) is True
+                first.terminate()  # hands the job back: it is delivered again to the next leader
+                kit.dispatcher("d2")
+                kit.worker("w1")
+                reply = Result.from_json((await asyncio.wait_for(replies.get(), 20)).data)
+                assert reply.worker == "w-dead" and reply.metadata == {"marker": "stored-before-the-crash"}
+                await until(lambda: _consumer_empty(client), 10, 0.1, "the JOBS message acked")
+                await asyncio.sleep(0.5)  # a wrongly dispatched call would reach the mock by now
+                assert calls(mock) == 0, "the job was called again although its Result was stored"
+                assert "already has its result" in kit.logs()
+                figure("redelivered job with a stored result", upstream_calls=calls(mock), replied_from_store=True)
+        finally:
+            await raw.close()
+            kit.stop()
+
+
+async def _leader_is(client, name: str, pending: int) -> bool:
+    try:
+        status = await client.status(timeout=1)
+    except Exception:  # noqa: BLE001 - no leader yet
+        return False
+    return status.get("leader") == name and status["tiers"]["normal"].get("pending") == pending
+
+
+async def _consumer_empty(client) -> bool:
+    info = await client.js.consumer_info(SUBJECTS.jobs_stream, "tier-normal")
+    return info.num_pending == 0 and info.num_ack_pending == 0
