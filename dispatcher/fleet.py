@@ -22,8 +22,7 @@ class AssignmentRecord:
     ack: str
     reservation: Any
     at: float
-    seq: int = 0  # stream sequence of the JOBS message
-    handbacks: int = 0
+    missed: int = 0  # heartbeats in a row that did not list it
 
 
 @dataclass
@@ -49,8 +48,10 @@ class Fleet:
     def beat(self, hb: Heartbeat, now: float) -> tuple[bool, list[AssignmentRecord]]:
         """Record a heartbeat. Returns (is_new_worker, assignments the worker no longer has).
 
-        An assignment older than two heartbeats that the worker does not list was lost on
-        the way (or its outcome was): the caller returns the job to the queue.
+        An assignment older than two seconds that two heartbeats in a row do not list was
+        lost on the way (or its outcome was): the caller returns the job to the queue. One
+        heartbeat is not enough: heartbeats and outcome reports are read by different tasks,
+        so a heartbeat may be read before the outcome that was sent ahead of it.
         """
         state = self.workers.get(hb.worker)
         is_new = state is None
@@ -59,7 +60,14 @@ class Fleet:
         state.slots, state.last_seen, state.draining = hb.slots, now, hb.draining
         state.info = {"pid": hb.pid, "host": hb.host, "calls": hb.calls, "started_at": hb.started_at}
         listed = {item.assignment for item in hb.in_flight}
-        lost = [r for r in state.assigned.values() if r.id not in listed and now - r.at > 2.0]
+        lost = []
+        for record in state.assigned.values():
+            if record.id in listed or now - record.at <= 2.0:
+                record.missed = 0
+                continue
+            record.missed += 1
+            if record.missed >= 2:
+                lost.append(record)
         for record in lost:
             self.finish(record.id)
         return is_new, lost

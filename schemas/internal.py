@@ -38,8 +38,7 @@ class Assignment(BaseModel):
     submitted_at: float  # epoch seconds, the JOBS message timestamp
     queued_ms: float
     epoch: Epoch = (0, 0)  # the leadership that issued it (see the module docstring)
-    seq: int = 0  # stream sequence of the JOBS message
-    handbacks: int = 0  # its deliveries that made no call (ratefleet/runtime/handbacks.py)
+    seq: int = 0  # stream sequence of the JOBS message (for ratefleet/runtime/handbacks.py)
 
 
 class LeaderAnnounce(BaseModel):

@@ -60,14 +60,18 @@ class Worker:
         self.started_at = time.time()
         self._cancel_scopes: dict[str, anyio.CancelScope] = {}
         self.calling: dict[str, list] = {}  # assignment id -> [ack subject, last in-progress ack]
-        self.epoch: Epoch = (0, 0)  # highest leader epoch seen; older assignments are stale
+        self.epoch: Epoch = (0, 0)  # highest recent leader epoch; older assignments are stale
+        self.epoch_seen_at = 0.0
+        # a higher epoch not heard of for this long is forgotten (its leader is gone), so a
+        # leader with a lower one (a lease bucket created anew with an older clock, or an
+        # older dispatcher version) is followed again rather than ignored for good
+        self.epoch_forget_s = 2 * config.dispatcher.lease_ttl_s + 2 * config.workers.heartbeat_s
         self.stale_dropped = 0
-        self.handbacks = Handbacks(None)
+        self.handbacks = Handbacks(nc.jetstream(), self.subjects.handbacks_bucket)
 
     async def run(self, stop: anyio.Event) -> None:
         for problem in self.secrets.check_all():
             log.warning("secret unavailable on this worker", problem=problem)
-        self.handbacks = await Handbacks.open(self.nc.jetstream(), self.subjects.handbacks_bucket)
         client = build_client(self.config.workers.transport, self.slots)
         executor = UpstreamExecutor(client)
         leader_sub = await self.nc.subscribe(self.subjects.leader_announce, cb=self._on_leader)
@@ -93,14 +97,13 @@ class Worker:
             except ValueError:
                 log.error("malformed assignment ignored", worker=self.id)
                 continue
-            if assignment.epoch < self.epoch:
+            if not self._note_epoch(assignment.epoch):
                 # sent by a leader that has been replaced (it was paused with this still in its
                 # send buffer): the job was redelivered to the new leader; never call it twice
                 self.stale_dropped += 1
                 log.warning("assignment from a former leader dropped", worker=self.id, job_id=assignment.job_id,
                             epoch=list(assignment.epoch), current_epoch=list(self.epoch))
                 continue
-            self.epoch = assignment.epoch
             if self.draining:
                 await self._hand_back(assignment, 0.0)
                 await self._report(assignment, None, terminal=False)
@@ -110,15 +113,23 @@ class Worker:
 
     async def _hand_back(self, a: Assignment, delay_s: float) -> None:
         """Return a job this worker did not call; the delivery does not count as an attempt."""
-        await self.handbacks.add(a.seq, a.handbacks)
+        await self.handbacks.add(a.seq)
         await self.finisher.nak(a.ack, delay_s)
+
+    def _note_epoch(self, epoch: Epoch) -> bool:
+        """Follow the highest recent leader epoch; False for an older one (a stale leader)."""
+        now = time.monotonic()
+        if epoch >= self.epoch or now - self.epoch_seen_at > self.epoch_forget_s:
+            self.epoch, self.epoch_seen_at = epoch, now
+            return True
+        return False
 
     async def _on_leader(self, msg) -> None:
         try:
             announce = LeaderAnnounce.model_validate_json(msg.data)
         except ValueError:
             return
-        self.epoch = max(self.epoch, announce.epoch)
+        self._note_epoch(announce.epoch)
 
     async def _drain(self, sub) -> None:
         self.draining = True
@@ -197,7 +208,7 @@ class Worker:
             secret = self.secrets.get(a.key_id)
         except SecretUnavailable as exc:
             log.error("cannot resolve key secret; job goes back to the queue", problem=str(exc))
-            await self._hand_back(a, 1.0)
+            await self.finisher.nak(a.ack, 1.0)  # an attempt: it ends attempts_exhausted if no worker has it
             await self._report(a, None, terminal=False)
             return
         upstream = self.config.upstreams[a.upstream]

@@ -7,6 +7,7 @@ decisions come from the pure core (invariant 4) and outcomes flow back into it (
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import time
@@ -74,20 +75,18 @@ class LeaderSession:
         # or nak anything another leader may own by now
         self.fence = fence
         self.epoch = epoch  # fencing token on every assignment (see schemas/internal.py)
-        self.handbacks = Handbacks(None)
+        self.handbacks = Handbacks(self.js, self.subjects.handbacks_bucket)
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Dispatch until cancelled (lease lost or shutdown); then give back held jobs."""
-        self.subs = [
-            await self.nc.subscribe(self.subjects.heartbeat, cb=self._on_heartbeat, pending_msgs_limit=0),
-            await self.nc.subscribe(self.subjects.outcome, cb=self._on_outcome, pending_msgs_limit=0),
-            await self.nc.subscribe(self.subjects.leader_status, cb=self._on_status_request),
-        ]
-        self.handbacks = await Handbacks.open(self.js, self.subjects.handbacks_bucket)
-        await self._announce()
         try:
+            subscribe = self.nc.subscribe
+            self.subs.append(await subscribe(self.subjects.heartbeat, cb=self._on_heartbeat, pending_msgs_limit=0))
+            self.subs.append(await subscribe(self.subjects.outcome, cb=self._on_outcome, pending_msgs_limit=0))
+            self.subs.append(await subscribe(self.subjects.leader_status, cb=self._on_status_request))
+            await self._announce()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._housekeeping)
                 tg.start_soon(self._schedule)
@@ -102,24 +101,29 @@ class LeaderSession:
             for puller in self.pullers.values():
                 puller.stop_pulling()
             if self.fence():
+                held = list(self.held.values())  # intake may still add to it while we wait
                 pulling = any(p.outstanding for p in self.pullers.values())
                 # while our pull requests are open, a job handed back at once would come back to us
                 delay = PULL_EXPIRES_S + HANDBACK_MARGIN_S if pulling else 0.0
                 # not attempts: recorded (all at once) before the naks, so the next leader sees them
                 async with anyio.create_task_group() as tg:
-                    for held in self.held.values():
-                        tg.start_soon(self.handbacks.add, held.incoming.stream_seq, held.incoming.handbacks)
-                for held in self.held.values():
-                    await self.finisher.nak(held.incoming.ack, delay)
+                    for entry in held:
+                        tg.start_soon(self.handbacks.add, entry.incoming.stream_seq)
+                for entry in held:
+                    await self.finisher.nak(entry.incoming.ack, delay)
                 if pulling:
                     await anyio.sleep(PULL_EXPIRES_S)  # late arrivals are handed back by the pullers
-            for puller in self.pullers.values():
-                await puller.stop()
-            for sub in self.subs:
-                await sub.unsubscribe()
-            await self.nc.flush(timeout=2)
         except Exception as exc:  # noqa: BLE001 - see docstring
             log.warning("could not hand back held jobs; they return after ack_wait", error=type(exc).__name__)
+        for puller in self.pullers.values():
+            with contextlib.suppress(Exception):
+                await puller.stop()
+        for sub in self.subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        with contextlib.suppress(Exception):
+            await self.nc.flush(timeout=2)
+        self.subs.clear()
         self.held.clear()
         self.scheduler.discard_pending()
 
@@ -170,10 +174,9 @@ class LeaderSession:
             pool=decision.pool, ack=incoming.ack, reply_to=incoming.reply_to, attempt=incoming.attempt,
             max_attempts=incoming.max_attempts, submitted_at=incoming.submitted_at,
             queued_ms=max(0.0, (time.time() - incoming.submitted_at) * 1000), epoch=self.epoch,
-            seq=incoming.stream_seq, handbacks=incoming.handbacks)
+            seq=incoming.stream_seq)
         self.fleet.assign(AssignmentRecord(assignment.id, worker.id, incoming.job_id, incoming.tier, decision.key_id,
-                                           incoming.ack, decision.reservation, now, incoming.stream_seq,
-                                           incoming.handbacks))
+                                           incoming.ack, decision.reservation, now))
         await self.nc.publish(self.subjects.assign(worker.id), assignment.model_dump_json().encode())
         await self.pullers[incoming.tier].top_up()
 
@@ -186,22 +189,32 @@ class LeaderSession:
     # -- intake -----------------------------------------------------------------------------
 
     async def _on_job(self, tier: str, msg: Msg) -> None:
-        if not self.fence() and msg.metadata.num_delivered < self.config.streams.max_deliver:
-            return  # the lease may have lapsed: this message may be the new leader's by now
-        # (the server's last delivery goes on to intake, which ends it: nobody else will get it)
-        known = await self.handbacks.count(msg.metadata.sequence.stream) if msg.metadata.num_delivered > 1 else 0
+        """Take a delivery in. While the lease may have lapsed (fenced), nothing is ended, nak'd
+        or dispatched: the message may be the new leader's by now. It is held, and dispatched
+        only if the lease turns out to be ours. The server's last delivery (`max_deliver`) is
+        the exception: nobody else will get it, so intake ends it whatever the fence says."""
+        meta = msg.metadata
+        final = meta.num_delivered >= self.config.streams.max_deliver
+        redelivered = meta.num_delivered > 1
+        known = await self.handbacks.count(meta.sequence.stream) if redelivered else 0
         try:
             verdict = read_message(msg, tier, self.config, known)
         except Exception:
             log.exception("could not read a job message; it comes back later", tier=tier)
-            await self.finisher.nak(msg.reply, 1.0)
+            if self.fence():
+                await self.finisher.nak(msg.reply, 1.0)
             return
         if isinstance(verdict, Refused):
-            await finish_refused(self.finisher, verdict)
+            if final or self.fence():
+                await finish_refused(self.finisher, verdict)
             return
         if verdict.stream_seq in self.held:
             return  # a redelivery of a job we still hold
-        if msg.metadata.num_delivered > 1 and await self._finished_before(verdict):
+        if redelivered and await self._finished_before(verdict):
+            return
+        if not self.pullers[tier].active:  # stepping down began while we looked things up
+            if self.fence():
+                await self._hand_back_late(msg, PULL_EXPIRES_S + HANDBACK_MARGIN_S)
             return
         self.held[verdict.stream_seq] = Held(verdict, time.monotonic())
         self.scheduler.add(PendingJob(job_id=verdict.job_id, tier=tier, upstream=verdict.upstream,
@@ -211,19 +224,20 @@ class LeaderSession:
     async def _finished_before(self, incoming: Incoming) -> bool:
         """A redelivered job may have its Result stored already: its worker stored it and
         died before the ack. Then it is answered and acked from the store, not called again."""
-        stored = await read_result(self.js, self.subjects, incoming.job_id, incoming.job.batch)
+        stored = None
+        with anyio.move_on_after(2.0):  # a slow store must not stall intake: then it is called
+            stored = await read_result(self.js, self.subjects, incoming.job_id, incoming.job.batch)
         if stored is None:
             return False
-        log.info("redelivered job already has its result; acked without a second call", job_id=incoming.job_id,
-                 tier=incoming.tier, delivery=incoming.attempt + incoming.handbacks)
-        await self.finisher.finish_stored(stored, ack=incoming.ack, reply_to=incoming.reply_to)
+        if self.fence():  # (fenced: leave the message alone; its owner finds the Result too)
+            log.info("redelivered job already has its result; acked without a second call", job_id=incoming.job_id,
+                     tier=incoming.tier, delivery=incoming.attempt + incoming.handbacks)
+            await self.finisher.finish_stored(stored, ack=incoming.ack, reply_to=incoming.reply_to)
         return True
 
     async def _hand_back_late(self, msg: Msg, delay_s: float) -> None:
         """A job that arrived while stepping down goes back to the queue; not an attempt."""
-        seq = msg.metadata.sequence.stream
-        known = await self.handbacks.count(seq) if msg.metadata.num_delivered > 1 else 0
-        await self.handbacks.add(seq, known)
+        await self.handbacks.add(msg.metadata.sequence.stream)
         await self.finisher.nak(msg.reply, delay_s)
 
     # -- feedback ---------------------------------------------------------------------------
@@ -262,7 +276,7 @@ class LeaderSession:
         for record in lost:
             log.warning("assignment lost on its way; job goes back to the queue", job_id=record.job_id,
                         worker=record.worker)
-            await self._return(record, now, called=False)
+            await self._return(record, now)
         self.wake.set()
 
     def _adopt(self, beat: Heartbeat, now: float) -> None:
@@ -280,13 +294,11 @@ class LeaderSession:
                 self.fleet.assign(AssignmentRecord(item.assignment, beat.worker, item.job_id, "?", item.key_id,
                                                    "", reservation, now))
 
-    async def _return(self, record: AssignmentRecord, now: float, *, called: bool = True) -> None:
-        """Give a job back to the queue. `called`: a call may have been made (its worker went
-        silent mid-call), which counts as an attempt."""
+    async def _return(self, record: AssignmentRecord, now: float) -> None:
+        """Give a job back to the queue. It counts as an attempt: a call may have been made
+        (its worker went silent mid-call, or only the outcome report went missing)."""
         self.scheduler.complete(record.reservation, LOST, now)
         if record.ack and self.fence():
-            if not called:
-                await self.handbacks.add(record.seq, record.handbacks)
             await self.finisher.nak(record.ack)
 
     async def _housekeeping(self) -> None:

@@ -38,6 +38,8 @@ class LeaderLease:
     async def open(self) -> None:
         self.kv = await open_kv(self.js, self.bucket, ttl=self.ttl_s)
         self.seen_kv = await open_kv(self.js, self.bucket + "_seen", ttl=None)
+        if not await self._bucket_created():
+            log.warning("lease bucket creation time unknown; leader epochs rely on revisions alone")
 
     async def last_leader_seen(self) -> float | None:
         """Wall-clock time a leader last held the lease (None: never). A leader that was

@@ -61,7 +61,7 @@ class TierPuller:
     async def top_up(self) -> None:
         """Ask for more when at least half the window is free and nothing much is on its way."""
         room = self.window - self.held() - self.outstanding
-        if not self.active or room < max(1, self.window // 2):
+        if not self.active or not self.fence() or room < max(1, self.window // 2):
             return
         request = {"batch": room, "expires": int(PULL_EXPIRES_S * 1e9)}
         self.outstanding += room

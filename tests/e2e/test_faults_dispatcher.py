@@ -189,7 +189,8 @@ async def test_worker_drops_assignments_of_a_former_leader(tmp_path, nats_server
     """The fencing epoch: an assignment still in a paused leader's send buffer reaches a worker
     after the new leader announced itself; the worker must drop it, not call the upstream.
     Epochs compare as (lease bucket created, lease revision): a bucket created anew (server
-    state wiped) restarts the revisions and must still count as newer."""
+    state wiped) restarts the revisions and must still count as newer. A higher epoch not heard
+    of for a while is forgotten, so a leader with a lower one is followed again, not ignored."""
     import nats
 
     from schemas import Subjects
@@ -198,16 +199,13 @@ async def test_worker_drops_assignments_of_a_former_leader(tmp_path, nats_server
     subjects = Subjects()
     with upstream() as mock:
         kit = FleetKit(tmp_path, nats_server.url, mock.url, keys=fast_keys())
+        forget_s = 2 * kit.config()["dispatcher"]["lease_ttl_s"] + 2 * kit.config()["workers"]["heartbeat_s"]
         nc = await nats.connect(nats_server.url)
         try:
             beats = asyncio.Queue()
             await nc.subscribe(subjects.heartbeat, cb=beats.put)
             kit.worker("w1", slots=4)
             await asyncio.wait_for(beats.get(), 15)
-            await nc.publish(subjects.leader_announce, LeaderAnnounce(leader="d9", epoch=(5, 20)).model_dump_json().encode())
-            await nc.flush()
-            await asyncio.sleep(1.0)  # the announce and the assignments are read by different tasks
-
             acks: dict[str, list[bytes]] = {}
 
             async def send(name: str, epoch: tuple[int, int]) -> None:
@@ -222,17 +220,34 @@ async def test_worker_drops_assignments_of_a_former_leader(tmp_path, nats_server
                                         upstream="mock", key_id="k1", pool="shared", ack=inbox, attempt=1, max_attempts=3,
                                         submitted_at=time.time(), queued_ms=0.0, epoch=epoch)
                 await nc.publish(subjects.assign("w1"), assignment.model_dump_json().encode())
+                await nc.flush()
 
+            async def announce(epoch: tuple[int, int]) -> None:
+                await nc.publish(subjects.leader_announce, LeaderAnnounce(leader="d9", epoch=epoch).model_dump_json().encode())
+                await nc.flush()
+
+            # assignments are read in order: once "current" is acked, the worker follows (5, 20)
+            await send("current", (5, 20))
+            await until(lambda: acks["current"], 15, 0.05, "the current assignment acked")
             await send("stale-revision", (5, 19))
             await send("stale-bucket", (4, 999))
-            await send("current", (5, 20))
             await send("newer-bucket", (6, 1))
-            await nc.flush()
-            await until(lambda: acks["current"] and acks["newer-bucket"], 15, 0.05, "the current assignments acked")
-            await asyncio.sleep(1.0)  # time for a wrongly accepted stale call to show up
-            assert acks["stale-revision"] == [] and acks["stale-bucket"] == [], acks
-            assert calls(mock, path="/v1/chat/completions") == 2
-            assert kit.logs().count("assignment from a former leader dropped") == 2
+            await until(lambda: acks["newer-bucket"], 15, 0.05, "the newer-bucket assignment acked")
+            # a new leader's announce alone fences the worker against its predecessor too
+            await announce((7, 3))
+            await asyncio.sleep(1.0)  # the announce and the assignments are read by different tasks
+            await send("before-announce", (6, 1))
+            # nobody announces (7, 3) any more: after forget_s a lower leader is followed again
+            await asyncio.sleep(forget_s + 0.5)
+            await announce((3, 1))
+            await asyncio.sleep(1.0)
+            await send("lower-leader-after-forget", (3, 1))
+            await until(lambda: acks["lower-leader-after-forget"], 15, 0.05, "the lower leader's assignment acked")
+            await asyncio.sleep(0.5)  # time for a wrongly accepted stale call to show up
+            dropped = ("stale-revision", "stale-bucket", "before-announce")
+            assert {name: acks[name] for name in dropped} == {name: [] for name in dropped}
+            assert calls(mock, path="/v1/chat/completions") == 3
+            assert kit.logs().count("assignment from a former leader dropped") == 3
         finally:
             await nc.close()
             kit.stop()
