@@ -8,6 +8,7 @@ naks whatever is left so another worker runs it at once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -97,7 +98,7 @@ class Worker:
             except ValueError:
                 log.error("malformed assignment ignored", worker=self.id)
                 continue
-            if not self._note_epoch(assignment.epoch):
+            if not self._note_epoch(assignment.epoch, announced=False):
                 # sent by a leader that has been replaced (it was paused with this still in its
                 # send buffer): the job was redelivered to the new leader; never call it twice
                 self.stale_dropped += 1
@@ -116,10 +117,13 @@ class Worker:
         await self.handbacks.add(a.seq)
         await self.finisher.nak(a.ack, delay_s)
 
-    def _note_epoch(self, epoch: Epoch) -> bool:
-        """Follow the highest recent leader epoch; False for an older one (a stale leader)."""
+    def _note_epoch(self, epoch: Epoch, *, announced: bool) -> bool:
+        """Follow the highest recent leader epoch; False for an older one (a stale leader).
+        Only a leader's announce can make the worker forget a silent higher epoch, never an
+        assignment (which may be exactly the stale one, flushed late)."""
         now = time.monotonic()
-        if epoch >= self.epoch or now - self.epoch_seen_at > self.epoch_forget_s:
+        forget = announced and now - self.epoch_seen_at > self.epoch_forget_s
+        if epoch >= self.epoch or forget:
             self.epoch, self.epoch_seen_at = epoch, now
             return True
         return False
@@ -129,17 +133,21 @@ class Worker:
             announce = LeaderAnnounce.model_validate_json(msg.data)
         except ValueError:
             return
-        self._note_epoch(announce.epoch)
+        self._note_epoch(announce.epoch, announced=True)
 
     async def _drain(self, sub) -> None:
         self.draining = True
-        await sub.unsubscribe()
         await self._send_heartbeat()
         grace = self.config.workers.grace_s
         log.info("worker draining", worker=self.id, in_flight=len(self.in_flight), grace_s=grace)
+        # assignments sent before the leader read that heartbeat still arrive for a moment:
+        # they are handed back (not an attempt), not dropped with the subscription
+        listen_until = time.monotonic() + min(grace, 2 * self.config.workers.heartbeat_s)
         with anyio.move_on_after(grace):
-            while self.in_flight:
+            while self.in_flight or time.monotonic() < listen_until:
                 await anyio.sleep(0.05)
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
         for scope in list(self._cancel_scopes.values()):
             scope.cancel()
         with anyio.move_on_after(5):

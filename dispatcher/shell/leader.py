@@ -11,7 +11,7 @@ import contextlib
 import itertools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import anyio
@@ -53,7 +53,8 @@ class Held:
 
 class LeaderSession:
     def __init__(self, config: Config, nc: NatsClient, dispatcher_id: str, *, conservative: bool = True,
-                 fence: Callable[[], bool] = lambda: True, epoch: tuple[int, int] = (0, 0)):
+                 fence: Callable[[], bool] = lambda: True, epoch: tuple[int, int] = (0, 0),
+                 renew: Callable[[], Awaitable[bool]] | None = None):
         self.config, self.nc, self.id = config, nc, dispatcher_id
         self.subjects = Subjects(config.nats.prefix)
         self.js = nc.jetstream()
@@ -75,6 +76,7 @@ class LeaderSession:
         # or nak anything another leader may own by now
         self.fence = fence
         self.epoch = epoch  # fencing token on every assignment (see schemas/internal.py)
+        self.renew = renew  # extends the lease while stepping down (the renewal loop has ended)
         self.handbacks = Handbacks(self.js, self.subjects.handbacks_bucket)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -100,6 +102,7 @@ class LeaderSession:
         try:
             for puller in self.pullers.values():
                 puller.stop_pulling()
+            await self._renew()
             if self.fence():
                 held = list(self.held.values())  # intake may still add to it while we wait
                 pulling = any(p.outstanding for p in self.pullers.values())
@@ -113,6 +116,7 @@ class LeaderSession:
                     await self.finisher.nak(entry.incoming.ack, delay)
                 if pulling:
                     await anyio.sleep(PULL_EXPIRES_S)  # late arrivals are handed back by the pullers
+                    await self._renew()
         except Exception as exc:  # noqa: BLE001 - see docstring
             log.warning("could not hand back held jobs; they return after ack_wait", error=type(exc).__name__)
         for puller in self.pullers.values():
@@ -126,6 +130,13 @@ class LeaderSession:
         self.subs.clear()
         self.held.clear()
         self.scheduler.discard_pending()
+
+    async def _renew(self) -> None:
+        """Keep the lease through step-down, so late arrivals are still handed back (best
+        effort: if it fails, the fence turns and they return after ack_wait)."""
+        if self.renew is not None and self.fence():
+            with contextlib.suppress(Exception), anyio.fail_after(1.0):
+                await self.renew()
 
     # -- scheduling -------------------------------------------------------------------------
 

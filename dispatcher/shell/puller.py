@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 
+import anyio
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
@@ -20,6 +21,7 @@ from ratefleet.runtime.logs import get_logger
 log = get_logger("ratefleet.puller")
 PULL_EXPIRES_S = 1.0  # short: a stepping-down leader waits this long to hand back late arrivals
 HANDBACK_MARGIN_S = 0.25
+DRAIN_S = 5.0  # longest wait for intake to finish at step-down (its lookups time out sooner)
 
 
 class TierPuller:
@@ -51,12 +53,18 @@ class TierPuller:
 
     async def stop(self) -> None:
         """Unsubscribe, after the open pull requests expired (call stop_pulling() first and
-        wait up to PULL_EXPIRES_S, or their messages wait out ack_wait on a dead inbox)."""
+        wait up to PULL_EXPIRES_S, or their messages wait out ack_wait on a dead inbox).
+        Drains: a job being taken in finishes, and deliveries still queued are handed back."""
         self.active = False
-        if self._sub is not None:
-            await self._sub.unsubscribe()
-            self._sub = None
+        sub, self._sub = self._sub, None
         self.outstanding = 0
+        if sub is None:
+            return
+        try:
+            with anyio.fail_after(DRAIN_S):
+                await sub.drain()
+        except Exception as exc:  # noqa: BLE001 - slow or gone: what is left returns after ack_wait
+            log.warning("pull inbox not drained", tier=self.tier, error=type(exc).__name__)
 
     async def top_up(self) -> None:
         """Ask for more when at least half the window is free and nothing much is on its way."""

@@ -77,7 +77,7 @@ class Dispatcher:
         log.info("became leader", dispatcher=self.id, buckets="empty" if conservative else "full",
                  epoch=list(self.lease.epoch))
         self.session = LeaderSession(self.config, self.nc, self.id, conservative=conservative,
-                                     fence=lambda: self.lease.held, epoch=self.lease.epoch)
+                                     fence=lambda: self.lease.held, epoch=self.lease.epoch, renew=self.lease.renew)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.session.run)
