@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from faultkit import (Tracker, assert_exactly_once, assert_only_host, chat, fast_keys, figure, status_or_none, until,
+from faultkit import (Tracker, assert_exactly_once, assert_only_host, calls, chat, fast_keys, figure, status_or_none, until,
                       upstream, wait_exit, wait_workers, worker_in_flight)
 from fleetkit import FleetKit
 from ratefleet import Client
@@ -70,4 +70,74 @@ async def test_sigterm_worker_finishes_its_calls_and_exits(tmp_path, nats_server
                     all(w.get("draining") for w in final["workers"] if w["id"] == "w1")
                 assert_only_host(mock)
         finally:
+            kit.stop()
+
+
+async def test_draining_worker_hands_back_late_assignments_without_using_an_attempt(tmp_path, nats_server):
+    """An assignment can reach a worker after its SIGTERM (sent before the leader read the
+    draining heartbeat). The worker hands it back at once, recorded in ratefleet_handbacks,
+    so the redelivery is not counted as an attempt; it is never called, never dropped."""
+    import asyncio
+    import json
+
+    import nats
+
+    from schemas import Subjects
+    from schemas.internal import Assignment, Heartbeat
+
+    subjects = Subjects()
+    with upstream(latency_ms=3000) as mock:  # one slow call keeps w1 draining for a while
+        kit = FleetKit(tmp_path, nats_server.url, mock.url, keys=fast_keys(), overrides={"workers": {"grace_s": 10}})
+        nc = await nats.connect(nats_server.url)
+        try:
+            beats: asyncio.Queue = asyncio.Queue()
+
+            async def on_beat(msg):
+                await beats.put(Heartbeat.model_validate_json(msg.data))
+
+            await nc.subscribe(subjects.heartbeat, cb=on_beat)
+            w1 = kit.worker("w1", slots=4)
+            await asyncio.wait_for(beats.get(), 15)  # w1 is up (and has created the streams)
+            js = nc.jetstream()
+            for i in (1, 2):
+                await js.publish(subjects.jobs("normal"), json.dumps(chat(i, id=f"late-{i}", batch="late")).encode(),
+                                 headers={"Nats-Msg-Id": f"late-{i}"})
+            # take both off the tier consumer by hand, as the leader would
+            pull = await js.pull_subscribe_bind("tier-normal", stream=subjects.jobs_stream)
+            first, second = await pull.fetch(2, timeout=5)
+
+            async def assign(msg, n: int) -> None:
+                job = json.loads(msg.data)
+                assignment = Assignment(id=f"d9.{n}", job=job, job_id=job["id"], tier="normal", upstream="mock",
+                                        key_id="k1", pool="shared", ack=msg.reply, attempt=1, max_attempts=1,
+                                        submitted_at=time.time(), queued_ms=0.0, seq=msg.metadata.sequence.stream)
+                await nc.publish(subjects.assign("w1"), assignment.model_dump_json().encode())
+                await nc.flush()
+
+            await assign(first, 1)
+
+            async def running() -> bool:
+                beat = await asyncio.wait_for(beats.get(), 5)
+                return any(item.assignment == "d9.1" for item in beat.in_flight)
+
+            await until(running, 10, 0.0, "the first call running on w1")
+            w1.terminate()
+
+            async def draining() -> bool:
+                beat = await asyncio.wait_for(beats.get(), 5)
+                return beat.worker == "w1" and beat.draining
+
+            await until(draining, 10, 0.0, "w1 draining")
+            await assign(second, 2)  # late: sent before a leader would have read that heartbeat
+            again = (await pull.fetch(1, timeout=5))[0]
+            assert again.metadata.sequence.stream == second.metadata.sequence.stream
+            assert again.metadata.num_delivered == 2
+            entry = await (await js.key_value(subjects.handbacks_bucket)).get(f"s{second.metadata.sequence.stream}")
+            assert int(entry.value) == 1, "the handback was not recorded: the redelivery would count as an attempt"
+            assert await wait_exit(w1, 15) == 0
+            assert calls(mock) == 1, "the late assignment was called by a draining worker"
+            figure("late assignment to a draining worker", handed_back=1, handbacks_recorded=int(entry.value),
+                   upstream_calls=calls(mock))
+        finally:
+            await nc.close()
             kit.stop()
