@@ -67,7 +67,6 @@ class Worker:
         # leader with a lower one (a lease bucket created anew with an older clock, or an
         # older dispatcher version) is followed again rather than ignored for good
         self.epoch_forget_s = 2 * config.dispatcher.lease_ttl_s + 2 * config.workers.heartbeat_s
-        self.stale_dropped = 0
         self.handbacks = Handbacks(nc.jetstream(), self.subjects.handbacks_bucket)
 
     async def run(self, stop: anyio.Event) -> None:
@@ -101,21 +100,16 @@ class Worker:
             if not self._note_epoch(assignment.epoch, announced=False):
                 # sent by a leader that has been replaced (it was paused with this still in its
                 # send buffer): the job was redelivered to the new leader; never call it twice
-                self.stale_dropped += 1
                 log.warning("assignment from a former leader dropped", worker=self.id, job_id=assignment.job_id,
                             epoch=list(assignment.epoch), current_epoch=list(self.epoch))
                 continue
             if self.draining:
-                await self._hand_back(assignment, 0.0)
+                # not called: recorded as a handback, so the redelivery is not an attempt
+                await self.handbacks.hand_back(assignment.seq, self.finisher, assignment.ack)
                 await self._report(assignment, None, terminal=False)
                 continue
             self.in_flight[assignment.id] = InFlight(assignment=assignment.id, key_id=assignment.key_id, job_id=assignment.job_id)
             tg.start_soon(self._run_assignment, assignment, executor)
-
-    async def _hand_back(self, a: Assignment, delay_s: float) -> None:
-        """Return a job this worker did not call; the delivery does not count as an attempt."""
-        await self.handbacks.add(a.seq)
-        await self.finisher.nak(a.ack, delay_s)
 
     def _note_epoch(self, epoch: Epoch, *, announced: bool) -> bool:
         """Follow the highest recent leader epoch; False for an older one (a stale leader).

@@ -91,11 +91,6 @@ class KeyBreaker:
     def state(self) -> BreakerState:
         return _FROM_AIOBREAKER[self._cb.current_state]
 
-    @property
-    def failures(self) -> int:
-        """Consecutive failures counted by aiobreaker."""
-        return self._cb.fail_counter
-
     def gate(self, now: float) -> float | None:
         """When the breaker admits a call: `now`, a later time (open), or None (probe busy).
 

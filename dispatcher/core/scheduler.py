@@ -214,6 +214,10 @@ class Scheduler:
 
     # -- status --------------------------------------------------------------------------
 
+    def is_disabled(self, key_id: str) -> bool:
+        key = self._keys.get(key_id)
+        return key is not None and key.disabled_reason is not None
+
     def snapshot(self, now: float) -> dict:
         """Tiers and keys as JSON-able dicts (key fields: `KeyState.snapshot`)."""
         now = self._tick(now)

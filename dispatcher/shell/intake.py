@@ -31,7 +31,6 @@ class Incoming:
     max_attempts: int
     submitted_at: float
     stream_seq: int
-    handbacks: int = 0  # deliveries of this message that made no call (not attempts)
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,7 @@ def read_message(msg: Msg, tier: str, config: Config, handbacks: int = 0) -> Inc
     return Incoming(job=job if job.id else job.model_copy(update={"id": job_id}), job_id=job_id, tier=tier,
                     upstream=upstream, ack=msg.reply, reply_to=reply_to, attempt=attempt,
                     max_attempts=max_attempts, submitted_at=meta.timestamp.timestamp(),
-                    stream_seq=meta.sequence.stream, handbacks=handbacks)
+                    stream_seq=meta.sequence.stream)
 
 
 def _check_against_config(job: Job, config: Config) -> tuple[ErrorCode, str] | None:

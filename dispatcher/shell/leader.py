@@ -72,6 +72,7 @@ class LeaderSession:
         self.ready = False
         self.since = time.time()
         self.subs: list = []
+        self._tasks: anyio.abc.TaskGroup | None = None  # the session's, for work off the dispatch loop
         # False once the lease may have lapsed: a paused-then-woken leader must not dispatch
         # or nak anything another leader may own by now
         self.fence = fence
@@ -90,6 +91,7 @@ class LeaderSession:
             self.subs.append(await subscribe(self.subjects.leader_status, cb=self._on_status_request))
             await self._announce()
             async with anyio.create_task_group() as tg:
+                self._tasks = tg
                 tg.start_soon(self._housekeeping)
                 tg.start_soon(self._schedule)
         finally:
@@ -108,12 +110,10 @@ class LeaderSession:
                 pulling = any(p.outstanding for p in self.pullers.values())
                 # while our pull requests are open, a job handed back at once would come back to us
                 delay = PULL_EXPIRES_S + HANDBACK_MARGIN_S if pulling else 0.0
-                # not attempts: recorded (all at once) before the naks, so the next leader sees them
-                async with anyio.create_task_group() as tg:
+                async with anyio.create_task_group() as tg:  # all at once: one round trip, not one per job
                     for entry in held:
-                        tg.start_soon(self.handbacks.add, entry.incoming.stream_seq)
-                for entry in held:
-                    await self.finisher.nak(entry.incoming.ack, delay)
+                        tg.start_soon(self.handbacks.hand_back, entry.incoming.stream_seq, self.finisher,
+                                      entry.incoming.ack, delay)
                 if pulling:
                     await anyio.sleep(PULL_EXPIRES_S)  # late arrivals are handed back by the pullers
                     await self._renew()
@@ -163,14 +163,22 @@ class LeaderSession:
                 await self._hand_out(decision, now)
             elif isinstance(decision, Reject):
                 held = self.held.pop(decision.job.handle, None)
-                if held is not None:
-                    await refuse_incoming(self.finisher, held.incoming, decision.code, decision.message)
+                if held is not None and self._tasks is not None:
+                    # storing a Result and a dead letter takes round trips: not on the dispatch loop
+                    self._tasks.start_soon(self._refuse, held.incoming, decision.code, decision.message)
             elif isinstance(decision, WaitUntil):
                 return max(0.0, min(1.0, decision.at - now))
             else:
                 assert isinstance(decision, Idle)
                 return 1.0
         return 1.0
+
+    async def _refuse(self, incoming: Incoming, code: str, message: str) -> None:
+        try:
+            await refuse_incoming(self.finisher, incoming, code, message)
+        except Exception as exc:  # noqa: BLE001 - its JOBS message comes back after ack_wait
+            log.warning("could not end a refused job; it comes back later", job_id=incoming.job_id,
+                        error=type(exc).__name__)
 
     async def _hand_out(self, decision: Dispatch, now: float) -> None:
         held = self.held.pop(decision.job.handle, None)
@@ -206,6 +214,8 @@ class LeaderSession:
         the exception: nobody else will get it, so intake ends it whatever the fence says."""
         meta = msg.metadata
         final = meta.num_delivered >= self.config.streams.max_deliver
+        if meta.sequence.stream in self.held and not final:
+            return  # a redelivery of a job we still hold (its keep-alive came late)
         redelivered = meta.num_delivered > 1
         known = await self.handbacks.count(meta.sequence.stream) if redelivered else 0
         try:
@@ -220,7 +230,7 @@ class LeaderSession:
                 await finish_refused(self.finisher, verdict)
             return
         if verdict.stream_seq in self.held:
-            return  # a redelivery of a job we still hold
+            return  # taken in by an earlier delivery while we looked things up
         if redelivered and await self._finished_before(verdict):
             return
         if not self.pullers[tier].active:  # stepping down began while we looked things up
@@ -242,14 +252,13 @@ class LeaderSession:
             return False
         if self.fence():  # (fenced: leave the message alone; its owner finds the Result too)
             log.info("redelivered job already has its result; acked without a second call", job_id=incoming.job_id,
-                     tier=incoming.tier, delivery=incoming.attempt + incoming.handbacks)
+                     tier=incoming.tier, attempt=incoming.attempt)
             await self.finisher.finish_stored(stored, ack=incoming.ack, reply_to=incoming.reply_to)
         return True
 
     async def _hand_back_late(self, msg: Msg, delay_s: float) -> None:
         """A job that arrived while stepping down goes back to the queue; not an attempt."""
-        await self.handbacks.add(msg.metadata.sequence.stream)
-        await self.finisher.nak(msg.reply, delay_s)
+        await self.handbacks.hand_back(msg.metadata.sequence.stream, self.finisher, msg.reply, delay_s)
 
     # -- feedback ---------------------------------------------------------------------------
 
@@ -261,18 +270,15 @@ class LeaderSession:
         now = time.monotonic()
         record = self.fleet.finish(report.assignment)
         outcome = _outcome(report)
-        was_disabled = report.kind == "key_error" and self._disabled(report.key_id)
+        was_disabled = self.scheduler.is_disabled(report.key_id)
         if record is not None:
             self.scheduler.complete(record.reservation, outcome, now)
         elif report.kind != "none":
             self.scheduler.complete_unknown(report.key_id, outcome, now)
-        if report.kind == "key_error" and not was_disabled and self._disabled(report.key_id):
+        if not was_disabled and self.scheduler.is_disabled(report.key_id):
             log.error("KEY DISABLED: the upstream refused its credentials; fix the secret and restart the dispatcher",
                       key_id=report.key_id, status=report.status)
         self.wake.set()
-
-    def _disabled(self, key_id: str) -> bool:
-        return bool(self.scheduler.snapshot(time.monotonic())["keys"].get(key_id, {}).get("disabled"))
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:

@@ -29,22 +29,22 @@ class Finisher:
 
     async def _finish(self, result: Result, ack: str | None, reply_to: str | None) -> bool:
         stored = await store_result(self.js, self.subjects, result)
-        if reply_to:
+        payload = None
+        if reply_to:  # the stored Result is the answer, also when it was an earlier one
             payload = result.to_json() if stored else (
                 await read_result(self.js, self.subjects, result.job_id, result.batch) or result.to_json())
-            await self.nc.publish(reply_to, payload)
-        if ack:
-            await self.nc.publish(ack, b"+ACK")
+        await self._answer(payload, ack, reply_to)
         return stored
 
     async def finish_stored(self, stored: bytes, *, ack: str | None, reply_to: str | None) -> None:
         """A job whose Result is stored already (its finisher died before the ack): send
         that Result to the reply subject, then ack. No call, no second Result."""
-        await asyncio.shield(self._finish_stored(stored, ack, reply_to))
+        await asyncio.shield(self._answer(stored, ack, reply_to))
 
-    async def _finish_stored(self, stored: bytes, ack: str | None, reply_to: str | None) -> None:
-        if reply_to:
-            await self.nc.publish(reply_to, stored)
+    async def _answer(self, payload: bytes | None, ack: str | None, reply_to: str | None) -> None:
+        """Reply, then ack: the ack ends the job, so it goes last."""
+        if reply_to and payload is not None:
+            await self.nc.publish(reply_to, payload)
         if ack:
             await self.nc.publish(ack, b"+ACK")
 

@@ -21,6 +21,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyDeletedError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
+from ratefleet.runtime.finish import Finisher
 from ratefleet.runtime.logs import get_logger
 
 log = get_logger("ratefleet.handbacks")
@@ -69,3 +70,9 @@ class Handbacks:
         except Exception as exc:  # noqa: BLE001 - see docstring
             self._kv = None
             log.warning("handback not recorded; this delivery counts as an attempt", error=type(exc).__name__)
+
+    async def hand_back(self, stream_seq: int, finisher: Finisher, ack: str, delay_s: float = 0.0) -> None:
+        """Return a delivery that made no call to the queue: recorded first, so whoever gets
+        it next sees it was not an attempt, then nak'd."""
+        await self.add(stream_seq)
+        await finisher.nak(ack, delay_s)
