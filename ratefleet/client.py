@@ -116,9 +116,7 @@ class Client:
                     return stored
             try:
                 msg = await sub.next_msg(timeout=timeout)
-            except (asyncio.TimeoutError, TimeoutError, Exception) as exc:
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
+            except asyncio.TimeoutError:  # (nats.errors.TimeoutError is one); other errors say what they are
                 stored = await self.stored_result(model.id)
                 if stored is not None:
                     return stored

@@ -28,11 +28,10 @@ class Finisher:
         return await asyncio.shield(self._finish(result, ack, reply_to))
 
     async def _finish(self, result: Result, ack: str | None, reply_to: str | None) -> bool:
-        stored = await store_result(self.js, self.subjects, result)
-        payload = None
-        if reply_to:  # the stored Result is the answer, also when it was an earlier one
-            payload = result.to_json() if stored else (
-                await read_result(self.js, self.subjects, result.job_id, result.batch) or result.to_json())
+        payload = result.to_json()  # once: stored, and sent as the reply
+        stored = await store_result(self.js, self.subjects, result, payload=payload)
+        if reply_to and not stored:  # the stored Result is the answer, also when it was an earlier one
+            payload = await read_result(self.js, self.subjects, result.job_id, result.batch) or payload
         await self._answer(payload, ack, reply_to)
         return stored
 

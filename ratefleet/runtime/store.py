@@ -103,11 +103,14 @@ async def publish_job(js: JetStreamContext, subjects: Subjects, tier: str, job_i
     return not ack.duplicate
 
 
-async def store_result(js: JetStreamContext, subjects: Subjects, result: Result, *, timeout: float = 10.0) -> bool:
-    """Store the terminal Result. False when the job already had one (error 10077 or dedup)."""
+async def store_result(js: JetStreamContext, subjects: Subjects, result: Result, *, timeout: float = 10.0,
+                       payload: bytes | None = None) -> bool:
+    """Store the terminal Result (`payload`: its JSON when the caller has it already). False
+    when the job already had one (error 10077 or dedup)."""
     subject = subjects.results(result.batch, result.job_id)
+    payload = payload if payload is not None else result.to_json()
     try:
-        ack = await retrying(lambda: js.publish(subject, result.to_json(), headers={MSG_ID: result.job_id},
+        ack = await retrying(lambda: js.publish(subject, payload, headers={MSG_ID: result.job_id},
                                                 timeout=timeout), for_s=120.0)
     except APIError as exc:
         if exc.err_code == ALREADY_STORED:

@@ -75,7 +75,8 @@ async def ensure_topology(js: JetStreamContext, config: Config) -> None:
         try:
             await js.add_consumer(jobs_stream, config=wanted)
         except BadRequestError:
-            # exists with other settings (e.g. a changed ack_wait): update the mutable fields
+            # another process created it at the same moment; the same request now finds it
+            # (the server updates an existing durable's editable settings, e.g. ack_wait)
             await js.add_consumer(jobs_stream, config=wanted)
 
 

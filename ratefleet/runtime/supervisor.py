@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ratefleet.runtime.embedded import EmbeddedNats, embedded_for, port_answers
@@ -27,11 +27,9 @@ class Child:
     args: list[str]
     process: subprocess.Popen | None = None
     restarts: int = 0
-    started: float = field(default=0.0)
 
     def start(self, env: dict[str, str]) -> None:
         self.process = subprocess.Popen([sys.executable, "-m", "ratefleet", *self.args], env=env)
-        self.started = time.monotonic()
 
 
 def _children(config_path: Path | None, workers: int, dispatchers: int) -> list[Child]:
