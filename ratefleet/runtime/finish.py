@@ -47,12 +47,16 @@ class Finisher:
         if ack:
             await self.nc.publish(ack, b"+ACK")
 
-    async def dead(self, tier: str, result: Result, *, job: dict | None = None, raw: bytes | None = None) -> None:
+    async def dead(self, tier: str, result: Result, *, job: dict | None = None, raw: bytes | None = None,
+                   last_error: dict | None = None) -> None:
+        """A dead letter for `result`. `last_error`: what went wrong last (default: the last
+        upstream answer, if any)."""
         error = result.error
+        if last_error is None and result.response is not None:
+            last_error = result.response.model_dump(by_alias=True)
         await dead_letter(self.js, self.subjects, tier, code=error.code if error else "unknown",
                           message=error.message if error else "", job=job, raw=raw, job_id=result.job_id,
-                          attempts=result.attempts,
-                          last_error=result.response.model_dump(by_alias=True) if result.response else None)
+                          attempts=result.attempts, last_error=last_error)
 
     async def nak(self, ack: str, delay_s: float = 0.0) -> None:
         payload = b"-NAK" if delay_s <= 0 else b"-NAK " + json.dumps({"delay": int(delay_s * 1e9)}).encode()
