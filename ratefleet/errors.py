@@ -7,7 +7,8 @@
     │   ├── QueueFull                     RATEFLEET_JOBS is at its limits (discard-new)
     │   └── JobInvalid                    the job fails validation before it is sent
     ├── RequestTimeout                    no Result arrived in time for a request
-    └── SecretUnavailable                 a worker cannot resolve a key's secret
+    ├── SecretUnavailable                 a worker cannot resolve a key's secret
+    └── InvalidRequest                    a job's HTTP request cannot be built (the job's fault)
 """
 
 from __future__ import annotations
@@ -43,5 +44,10 @@ class SecretUnavailable(RatefleetError):
     """A worker cannot resolve the secret for a key id (variable unset, file unreadable)."""
 
 
-__all__ = ["ConfigError", "JobInvalid", "NatsUnavailable", "QueueFull", "RatefleetError",
+class InvalidRequest(RatefleetError):
+    """A job's HTTP request cannot be built (a header that cannot be encoded, a body that
+    cannot be serialised). The job's fault: it ends `invalid`, nothing is called, no retry."""
+
+
+__all__ = ["ConfigError", "InvalidRequest", "JobInvalid", "NatsUnavailable", "QueueFull", "RatefleetError",
            "RequestTimeout", "SecretUnavailable", "SubmitError"]

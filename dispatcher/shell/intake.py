@@ -86,7 +86,7 @@ def read_message(msg: Msg, tier: str, config: Config, handbacks: int = 0) -> Inc
     if attempt > max_attempts:
         return refuse("failed", ErrorCode.ATTEMPTS_EXHAUSTED,
                       f"{attempt} attempts, more than max_attempts={max_attempts} (the last ones ended without a "
-                      "result: a worker stopped mid-call or could not run the job)",
+                      "stored Result: a worker stopped mid-call, or could not reach NATS to store the Result)",
                       job_id, job.batch, job)
     if job.expired(datetime.now(timezone.utc)):
         return refuse("expired", ErrorCode.DEADLINE_EXCEEDED, "the deadline passed before the call could start",
