@@ -70,7 +70,7 @@ def read_message(msg: Msg, tier: str, config: Config, handbacks: int = 0) -> Inc
                        msg.data, job)
 
     try:
-        job = validate_job(msg.data, config)
+        job = _parse(msg.data, config)
     except JobRejected as exc:
         return refuse("invalid", exc.code, exc.message, exc.job_id, exc.batch)
     job_id = job.id or fallback_id
@@ -82,6 +82,9 @@ def read_message(msg: Msg, tier: str, config: Config, handbacks: int = 0) -> Inc
         return refuse("invalid", ErrorCode.FORBIDDEN_TARGET,
                       f"{REPLY_HEADER} must be an inbox subject, not a system, API or ratefleet subject",
                       job_id, job.batch, job)
+    problem = _check_against_config(job, config)
+    if problem is not None:
+        return refuse("invalid", problem[0], problem[1], job_id, job.batch, job)
     max_attempts = job.max_attempts or config.tiers[tier].max_attempts
     if attempt > max_attempts:
         return refuse("failed", ErrorCode.ATTEMPTS_EXHAUSTED,
@@ -103,16 +106,20 @@ def validate_job(raw: bytes, config: Config) -> Job:
     (schemas/job.py, schemas/wire.py) and this fleet's config (upstream, auth header).
     Raises JobRejected with the code and reason, whatever the bytes are: a failure of the
     validation itself is the payload's fault too (it is deterministic in the bytes)."""
-    try:
-        job = parse_job(raw, max_bytes=config.streams.max_job_bytes)
-    except JobRejected:
-        raise
-    except Exception as exc:  # noqa: BLE001 - see docstring; never let one payload stop intake
-        raise JobRejected(ErrorCode.INVALID_JOB, f"job could not be read ({type(exc).__name__})") from None
+    job = _parse(raw, config)
     problem = _check_against_config(job, config)
     if problem is not None:
         raise JobRejected(problem[0], problem[1], job_id=job.id, batch=job.batch)
     return job
+
+
+def _parse(raw: bytes, config: Config) -> Job:
+    try:
+        return parse_job(raw, max_bytes=config.streams.max_job_bytes)
+    except JobRejected:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see validate_job; never let one payload stop intake
+        raise JobRejected(ErrorCode.INVALID_JOB, f"job could not be read ({type(exc).__name__})") from None
 
 
 def unreadable(msg: Msg, tier: str, error: BaseException) -> Refused:

@@ -18,7 +18,7 @@ from ratefleet.errors import QueueFull, SubmitError
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.store import publish_job, read_result
 from dispatcher.shell.intake import validate_job
-from schemas import Config, ErrorCode, ErrorInfo, JobRejected, Result, Subjects
+from schemas import Config, ErrorCode, ErrorInfo, JobRejected, Result, Subjects, parse_job
 from schemas.job import new_job_id
 from schemas.subjects import is_safe_reply, is_token
 from ratefleet.runtime.finish import Finisher
@@ -44,6 +44,14 @@ def _with_id(raw: bytes) -> tuple[str, bytes]:
         data["id"] = job_id = new_job_id()
         return job_id, json.dumps(data).encode()
     return new_job_id(), raw
+
+
+def _letter_payload(raw: bytes) -> dict:
+    """The dead letter keeps the job when it is one (refused by config: replayable), else the raw bytes."""
+    try:
+        return {"job": parse_job(raw).model_dump(mode="json", by_alias=True)}
+    except Exception:  # noqa: BLE001 - not a Job: the raw payload, redacted by the store
+        return {"raw": raw}
 
 
 class RpcResponder:
@@ -76,7 +84,7 @@ class RpcResponder:
             result = Result(job_id=exc.job_id or job_id, status="invalid", tier=tier, batch=exc.batch,
                             error=ErrorInfo(code=exc.code, message=exc.message))
             if await self.finisher.finish(result, ack=None, reply_to=msg.reply or None):
-                await self.finisher.dead(tier, result, raw=msg.data)
+                await self.finisher.dead(tier, result, **_letter_payload(msg.data))
             return
         try:
             fresh = await publish_job(self.js, self.subjects, tier, job_id, payload, reply_to=msg.reply or None)
