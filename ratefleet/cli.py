@@ -111,8 +111,8 @@ def request(job: str = typer.Argument(..., help="Job JSON, or @FILE"), tier: str
     text = Path(job[1:]).read_text() if job.startswith("@") else job
     try:
         payload = json.loads(text)
-    except ValueError as exc:
-        fail(f"the job is not valid JSON: {exc}")
+    except (ValueError, RecursionError) as exc:
+        fail(f"the job is not valid JSON: {type(exc).__name__}: {exc}")
 
     async def go():
         async with await Client.connect(nats or _default_url(), prefix=prefix) as client:
