@@ -124,7 +124,9 @@ async def test_payloads_that_cannot_go_on_the_wire_are_refused_at_every_door(tmp
                 status = await client.status()
                 assert not any(k["disabled"] for k in status["keys"].values()), status["keys"]
                 assert await _leader(client) == leader_before
-                assert "leadership ended" not in kit.logs() and "Traceback" not in kit.logs()
+                logs = kit.logs()
+                for crash in ("leader session failed", "could not read a job message", "assignment failed"):
+                    assert crash not in logs, crash
                 assert await tracker.jobs_in_stream() == 0
         finally:
             await raw.close()
@@ -196,7 +198,7 @@ async def test_a_worker_handed_an_unsendable_job_ends_it_invalid_without_a_call(
                 assert "U+2013" in (await tracker.result("a-title")).error.message
                 assert await tracker.jobs_in_stream() == 0, "the JOBS messages were not acked"
                 assert mock.stats()["requests"] == 0
-                assert "assignment failed" not in kit.logs() and "Traceback" not in kit.logs()
+                assert "assignment failed" not in kit.logs(), "the worker crashed on the job instead of classifying it"
         finally:
             await raw.close()
             kit.stop()
