@@ -3,6 +3,9 @@ reply subject, then ack the JOBS message.
 
 The order is the invariant: the ack comes only after the Result is stored, so a crash
 anywhere before the ack means redelivery, and a second Result is refused by the stream.
+A Result too large for one message has its body moved to the Object Store first (see
+ratefleet/runtime/bodies.py): the stored Result, the reply and the dead letter then carry
+a reference and stay under the server's max_payload.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
+from ratefleet.runtime.bodies import BodyStore, inline_limit, letter_response
 from ratefleet.runtime.store import dead_letter, read_result, store_result
 from schemas import Result, Subjects
 
@@ -22,6 +26,7 @@ class Finisher:
 
     def __init__(self, nc: NatsClient, js: JetStreamContext, subjects: Subjects):
         self.nc, self.js, self.subjects = nc, js, subjects
+        self.bodies = BodyStore(js, subjects.bodies_bucket)
 
     async def finish(self, result: Result, *, ack: str | None, reply_to: str | None) -> bool:
         """Store, reply, ack; shielded so cancellation cannot lose the ack. True if newly stored."""
@@ -29,6 +34,9 @@ class Finisher:
 
     async def _finish(self, result: Result, ack: str | None, reply_to: str | None) -> bool:
         payload = result.to_json()  # once: stored, and sent as the reply
+        if len(payload) > inline_limit(self.nc.max_payload):
+            result = await self.bodies.offload(result)  # uploaded before the Result that names it
+            payload = result.to_json()
         stored = await store_result(self.js, self.subjects, result, payload=payload)
         if reply_to and not stored:  # the stored Result is the answer, also when it was an earlier one
             payload = await read_result(self.js, self.subjects, result.job_id, result.batch) or payload
@@ -52,7 +60,7 @@ class Finisher:
         await dead_letter(self.js, self.subjects, tier, code=error.code if error else "unknown",
                           message=error.message if error else "", job=job, raw=raw, job_id=result.job_id,
                           attempts=result.attempts,
-                          last_error=result.response.model_dump(by_alias=True) if result.response else None)
+                          last_error=letter_response(result.response))
 
     async def nak(self, ack: str, delay_s: float = 0.0) -> None:
         payload = b"-NAK" if delay_s <= 0 else b"-NAK " + json.dumps({"delay": int(delay_s * 1e9)}).encode()
