@@ -38,10 +38,10 @@ BodyEncoding = Literal["json", "text", "base64"]
 class BodyRef(BaseModel):
     """Where a large body is kept: an object in the fleet's NATS Object Store.
 
-    The object holds plain bytes; `encoding` names the `ResponseInfo` field it stands in for:
-    `json` (UTF-8 JSON -> `json`), `text` (UTF-8 text -> `body`) or `base64` (the upstream's
-    exact bytes -> `body_b64`). `size` is the object's length in bytes and `sha256` its hex
-    digest. Any NATS client can fetch it (object store `bucket`, object `name`, e.g.
+    The object holds the value of one `ResponseInfo` field as UTF-8, named by `encoding`:
+    `json` (compact JSON -> `json`), `text` (the text -> `body`) or `base64` (standard
+    base64 of the upstream's exact bytes -> `body_b64`). `size` is the object's length in
+    bytes and `sha256` its hex digest. Any NATS client can fetch it (object store `bucket`, object `name`, e.g.
     `nats object get <bucket> <name>`); the Python client does it by itself.
     """
 

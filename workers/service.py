@@ -218,10 +218,11 @@ class Worker:
         self.calling[a.id] = [a.ack, time.monotonic()]
         try:
             call = await executor.call(job, upstream, secret)
+            self.calls += 1
+            # still kept alive while the Result is stored: a large body takes seconds to upload
+            await self._conclude(a, call, queued_ms)
         finally:
             self.calling.pop(a.id, None)
-        self.calls += 1
-        await self._conclude(a, call, queued_ms)
 
     async def _conclude(self, a: Assignment, call: CallResult, queued_ms: float) -> None:
         """Finish or requeue the job, then report the outcome (so a worker killed in between
@@ -233,6 +234,7 @@ class Worker:
         if not terminal:
             delay = retry_delay(call.kind, a.attempt, call.retry_after_s)
             log.info("retrying job", kind=call.kind, delay_s=delay)
+            self.calling.pop(a.id, None)  # no in-progress ack after the nak: it would postpone the retry
             await self.finisher.nak(a.ack, delay)
         else:
             result = self._call_result(a, call, queued_ms)

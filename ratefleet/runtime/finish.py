@@ -16,9 +16,19 @@ import json
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
-from ratefleet.runtime.bodies import BodyStore, inline_limit, letter_response
+from ratefleet.runtime.bodies import BodyStore, body_bytes, inline_limit, letter_response
 from ratefleet.runtime.store import dead_letter, read_result, store_result
 from schemas import Result, Subjects
+
+
+def _may_be_large(result: Result, limit: int) -> bool:
+    """False when the body cannot pass `limit` bytes (a text of n characters is at most 4n
+    UTF-8 bytes), so the usual small Result is serialised only once."""
+    response = result.response
+    if response is None:
+        return False
+    text = response.body if response.body is not None else response.body_b64
+    return 4 * len(text) > limit if text is not None else response.json_body is not None
 
 
 class Finisher:
@@ -33,9 +43,13 @@ class Finisher:
         return await asyncio.shield(self._finish(result, ack, reply_to))
 
     async def _finish(self, result: Result, ack: str | None, reply_to: str | None) -> bool:
+        limit = inline_limit(self.nc.max_payload)
+        inline = body_bytes(result.response) if _may_be_large(result, limit) else None
+        if inline is not None and len(inline[0]) > limit:  # too large whatever else the Result holds
+            result = await self.bodies.offload(result, inline)  # uploaded before the Result that names it
         payload = result.to_json()  # once: stored, and sent as the reply
-        if len(payload) > inline_limit(self.nc.max_payload):
-            result = await self.bodies.offload(result)  # uploaded before the Result that names it
+        if len(payload) > limit and body_bytes(result.response) is not None:  # a body near the limit
+            result = await self.bodies.offload(result)
             payload = result.to_json()
         stored = await store_result(self.js, self.subjects, result, payload=payload)
         if reply_to and not stored:  # the stored Result is the answer, also when it was an earlier one

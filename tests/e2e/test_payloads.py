@@ -40,7 +40,8 @@ EMBEDDINGS_RAW = json.dumps(EMBEDDINGS).encode()  # about 2.2 MB
 TEXT = "é" * 1_100_000  # 2.2 MB of UTF-8, 1.1 M characters
 AUDIO = bytes(_rng.randrange(256) for _ in range(1024))
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(_rng.randrange(256) for _ in range(1016))
-CAP = 4 << 20  # workers.max_response_bytes in these tests
+BIG = AUDIO * (24 << 10)  # 24 MiB of binary
+CAP = 32 << 20  # workers.max_response_bytes in these tests
 
 
 class Upstream:
@@ -73,6 +74,8 @@ class Upstream:
             return web.Response(body=TEXT.encode(), headers={"content-type": "text/plain; charset=utf-8"})
         if kind == "audio":
             return web.Response(body=AUDIO, content_type="audio/mpeg")
+        if kind == "big":
+            return web.Response(body=BIG, content_type="application/octet-stream")
         if kind == "png":
             return web.Response(body=PNG, content_type="image/png")
         if kind == "echo":
@@ -113,7 +116,7 @@ async def test_answers_of_any_size_and_type_come_back_whole_after_one_call(tmp_p
             async with await Client.connect(nats_server.url) as client:
                 await wait_workers(client, {"w1"})
                 paths = {"emb": "/embeddings/a", "text": "/text/a", "audio": "/audio/a", "png": "/png/a",
-                         "huge": "/huge/a", "echo": "/echo/a", "fail": "/fail/a"}
+                         "huge": "/huge/a", "echo": "/echo/a", "fail": "/fail/a", "big": "/big/a"}
                 for job_id, path in paths.items():
                     await client.submit(job(path, id=job_id), "normal", batch="payloads")
                 results = await collect(client, "payloads", len(paths), timeout=90)
@@ -144,6 +147,7 @@ async def check_results(results: dict[str, Result]) -> None:
         assert results[job_id].ok and response.body is None and response.body_ref is None
         assert __import__("base64").b64decode(response.body_b64) == raw
         assert response.headers["content-type"] == content_type
+    assert results["big"].ok and __import__("base64").b64decode(results["big"].response.body_b64) == BIG
     huge = results["huge"]
     assert huge.status == "failed" and huge.error.code == "response_too_large" and huge.attempts == 1
     assert huge.response.status == 200 and str(CAP) in huge.error.message
@@ -159,8 +163,7 @@ async def check_stored(client: Client, url: str) -> None:
     letter of the failed job with a 2 MB body was stored (without the body)."""
     raw = await read_result(client.js, SUBJECTS, "emb")
     assert raw is not None and len(raw) < inline_limit(client.nc.max_payload)
-    assert json.loads(raw)["response"]["json"] is None and json.loads(raw)["response"]["body_ref"]["size"] == \
-        len(json.dumps(EMBEDDINGS, separators=(",", ":")).encode())
+    assert json.loads(raw)["response"]["json"] is None and json.loads(raw)["response"]["body_ref"]["size"] > 1 << 20
     assert (await client.stored_result("emb")).response.json_body == EMBEDDINGS
     assert (await client.stored_result("text", batch="payloads")).response.body == TEXT
     dead = await client.js.get_last_msg(SUBJECTS.dead_stream, SUBJECTS.dead("normal"))

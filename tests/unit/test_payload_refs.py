@@ -24,7 +24,7 @@ def test_inline_limit_leaves_headroom_below_max_payload_and_never_passes_one_mib
 
 
 @pytest.mark.parametrize("response, encoding", [
-    (ResponseInfo(status=200, json={"data": [{"embedding": [0.1, -2.5e-7, 3]}], "s": "é\"\n"}), "json"),
+    (ResponseInfo(status=200, json={"data": [{"embedding": [0.1, -2.5e-7, 3, 1e300]}], "s": "é\"\n\u2028", "n": None}), "json"),
     (ResponseInfo(status=200, body="é" * 1000 + "\x00\ud7ff"), "text"),
     (ResponseInfo(status=200, body_b64=base64.b64encode(BINARY).decode()), "base64"),
 ])
@@ -41,9 +41,11 @@ def test_a_body_splits_into_bytes_and_comes_back_the_same(response, encoding):
     assert again.body_ref == ref
 
 
-def test_binary_bytes_in_the_object_are_the_upstream_bytes():
+def test_the_object_holds_the_field_value_as_utf8():
     data, encoding = body_bytes(ResponseInfo(status=200, body_b64=base64.b64encode(BINARY).decode()))
-    assert (data, encoding) == (BINARY, "base64")
+    assert encoding == "base64" and base64.b64decode(data) == BINARY
+    assert body_bytes(ResponseInfo(status=200, body="é")) == ("é".encode(), "text")
+    assert body_bytes(ResponseInfo(status=200, json={"a": [1, "é"]})) == ('{"a":[1,"é"]}'.encode(), "json")
 
 
 def test_an_object_that_does_not_match_its_reference_is_refused():
