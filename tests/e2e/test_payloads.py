@@ -10,6 +10,7 @@ taken for stored; the job stays un-acked until the Result really is stored.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import random
@@ -19,7 +20,7 @@ import nats
 import pytest
 from aiohttp import web
 
-from faultkit import until, wait_workers
+from faultkit import cli, until, wait_workers
 from fleetkit import SECRETS, FleetKit, collect
 from ratefleet import Client
 from ratefleet.errors import ResultNotStored
@@ -127,9 +128,10 @@ async def test_answers_of_any_size_and_type_come_back_whole_after_one_call(tmp_p
                 assert request_result.ok, request_result.error
                 assert request_result.response.json_body == EMBEDDINGS
                 await check_raw_rpc(nats_server.url)
+                await check_submit_out(tmp_path, nats_server.url)
                 await asyncio.sleep(1.0)  # a retry, if any, would have called again by now
-                assert {p: up.calls[p] for p in [*paths.values(), "/embeddings/req", "/embeddings/rpc"]} == \
-                    {p: 1 for p in [*paths.values(), "/embeddings/req", "/embeddings/rpc"]}
+                every = [*paths.values(), "/embeddings/req", "/embeddings/rpc", "/embeddings/cli", "/audio/cli"]
+                assert {p: up.calls[p] for p in every} == {p: 1 for p in every}
                 assert SECRETS["k1"] not in kit.logs()
         finally:
             kit.stop()
@@ -145,9 +147,9 @@ async def check_results(results: dict[str, Result]) -> None:
     for job_id, raw, content_type in (("audio", AUDIO, "audio/mpeg"), ("png", PNG, "image/png")):
         response = results[job_id].response
         assert results[job_id].ok and response.body is None and response.body_ref is None
-        assert __import__("base64").b64decode(response.body_b64) == raw
+        assert base64.b64decode(response.body_b64) == raw
         assert response.headers["content-type"] == content_type
-    assert results["big"].ok and __import__("base64").b64decode(results["big"].response.body_b64) == BIG
+    assert results["big"].ok and base64.b64decode(results["big"].response.body_b64) == BIG
     huge = results["huge"]
     assert huge.status == "failed" and huge.error.code == "response_too_large" and huge.attempts == 1
     assert huge.response.status == 200 and str(CAP) in huge.error.message
@@ -187,6 +189,20 @@ async def check_raw_rpc(url: str) -> None:
         assert json.loads(data) == EMBEDDINGS
     finally:
         await nc.close()
+
+
+async def check_submit_out(tmp_path, url: str) -> None:
+    """`ratefleet submit --wait --out` writes the whole bodies (the client resolves them)."""
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("\n".join(json.dumps(job(p, id=i)) for i, p in (("cli-emb", "/embeddings/cli"),
+                                                                     ("cli-audio", "/audio/cli"))) + "\n")
+    out = tmp_path / "out.jsonl"
+    done = await asyncio.to_thread(cli, "submit", str(jobs), "--tier", "normal", "--wait", "--out", str(out),
+                                   "--nats", url, timeout=90)
+    assert done.returncode == 0, done.stderr[-2000:]
+    written = {r.job_id: r for r in map(Result.from_json, out.read_text().splitlines())}
+    assert written["cli-emb"].response.json_body == EMBEDDINGS
+    assert base64.b64decode(written["cli-audio"].response.body_b64) == AUDIO
 
 
 async def test_a_result_the_stream_refuses_is_not_taken_for_stored(nats_server):
