@@ -23,7 +23,7 @@ from aiohttp import web
 from faultkit import cli, until, wait_workers
 from fleetkit import SECRETS, FleetKit, collect
 from ratefleet import Client
-from ratefleet.errors import ResultNotStored
+from ratefleet.errors import BodyUnavailable, ResultNotStored
 from ratefleet.runtime.bodies import inline_limit
 from ratefleet.runtime.finish import Finisher
 from ratefleet.runtime.store import read_result, store_result
@@ -236,5 +236,30 @@ async def test_a_result_the_stream_refuses_is_not_taken_for_stored(nats_server):
         await until(lambda: js.consumer_info(SUBJECTS.jobs_stream, tier_consumer("normal")), 5)
         consumer = await js.consumer_info(SUBJECTS.jobs_stream, tier_consumer("normal"))
         assert consumer.num_ack_pending == 0
+    finally:
+        await nc.close()
+
+
+async def test_a_body_is_uploaded_once_and_a_missing_one_is_reported(nats_server):
+    """Storing the same large Result twice uploads its body once (the name carries the job id
+    and the digest); a body gone from the bucket is an error naming the job, never a Result
+    that silently lacks its body."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await ensure_topology(js, parse_config({}))
+        finisher = Finisher(nc, js, SUBJECTS)
+        result = Result(job_id="big-1", status="succeeded", response={"status": 200, "body": TEXT})
+        assert await finisher.finish(result, ack=None, reply_to=None) is True
+        stream = f"OBJ_{SUBJECTS.bodies_bucket}"
+        before = (await js.stream_info(stream)).state.last_seq
+        assert await finisher.finish(result, ack=None, reply_to=None) is False
+        assert (await js.stream_info(stream)).state.last_seq == before  # nothing published again
+        client = Client(nc)
+        stored = await client.stored_result("big-1")
+        assert stored.response.body == TEXT and stored.response.body_ref.encoding == "text"
+        await (await js.object_store(SUBJECTS.bodies_bucket)).delete(stored.response.body_ref.name)
+        with pytest.raises(BodyUnavailable, match="big-1"):
+            await client.stored_result("big-1")
     finally:
         await nc.close()
