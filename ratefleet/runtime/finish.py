@@ -23,7 +23,9 @@ from schemas import Result, Subjects
 
 def _may_be_large(result: Result, limit: int) -> bool:
     """False when the body cannot pass `limit` bytes (a text of n characters is at most 4n
-    UTF-8 bytes), so the usual small Result is serialised only once."""
+    UTF-8 bytes): a small text or binary Result is then serialised once. A JSON body is
+    sized by serialising it (microseconds for a usual answer), so a large one is serialised
+    once, not once whole and again for the upload."""
     response = result.response
     if response is None:
         return False
