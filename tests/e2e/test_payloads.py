@@ -104,7 +104,7 @@ def job(path: str, **extra) -> dict:
 
 def fleet(tmp_path, nats_url: str, upstream_url: str) -> FleetKit:
     kit = FleetKit(tmp_path, nats_url, upstream_url, keys=[{"id": "k1", "rps": 100, "burst": 20}],
-                   overrides={"workers": {"max_response_bytes": CAP}, "tiers": {"normal": {"max_attempts": 1}}})
+                   overrides={"workers": {"max_response_bytes": CAP}})
     kit.dispatcher("d1")
     kit.worker("w1")
     return kit
@@ -118,8 +118,9 @@ async def test_answers_of_any_size_and_type_come_back_whole_after_one_call(tmp_p
                 await wait_workers(client, {"w1"})
                 paths = {"emb": "/embeddings/a", "text": "/text/a", "audio": "/audio/a", "png": "/png/a",
                          "huge": "/huge/a", "echo": "/echo/a", "fail": "/fail/a", "big": "/big/a"}
-                for job_id, path in paths.items():
-                    await client.submit(job(path, id=job_id), "normal", batch="payloads")
+                for job_id, path in paths.items():  # (max_attempts 5, the default, except the failing one)
+                    extra = {"max_attempts": 1} if job_id == "fail" else {}
+                    await client.submit(job(path, id=job_id, **extra), "normal", batch="payloads")
                 results = await collect(client, "payloads", len(paths), timeout=90)
                 assert set(results) == set(paths), f"missing: {set(paths) - set(results)}\n{kit.logs()[-3000:]}"
                 await check_results(results)
