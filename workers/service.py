@@ -73,7 +73,7 @@ class Worker:
         for problem in self.secrets.check_all():
             log.warning("secret unavailable on this worker", problem=problem)
         client = build_client(self.config.workers.transport, self.slots)
-        executor = UpstreamExecutor(client)
+        executor = UpstreamExecutor(client, self.config.workers.max_response_bytes)
         leader_sub = await self.nc.subscribe(self.subjects.leader_announce, cb=self._on_leader)
         sub = await self.nc.subscribe(self.subjects.assign(self.id), pending_msgs_limit=0)
         log.info("worker started", worker=self.id, slots=self.slots, transport=self.config.workers.transport)
@@ -218,10 +218,11 @@ class Worker:
         self.calling[a.id] = [a.ack, time.monotonic()]
         try:
             call = await executor.call(job, upstream, secret)
+            self.calls += 1
+            # still kept alive while the Result is stored: a large body takes seconds to upload
+            await self._conclude(a, call, queued_ms)
         finally:
             self.calling.pop(a.id, None)
-        self.calls += 1
-        await self._conclude(a, call, queued_ms)
 
     async def _conclude(self, a: Assignment, call: CallResult, queued_ms: float) -> None:
         """Finish or requeue the job, then report the outcome (so a worker killed in between
@@ -233,6 +234,7 @@ class Worker:
         if not terminal:
             delay = retry_delay(call.kind, a.attempt, call.retry_after_s)
             log.info("retrying job", kind=call.kind, delay_s=delay)
+            self.calling.pop(a.id, None)  # no in-progress ack after the nak: it would postpone the retry
             await self.finisher.nak(a.ack, delay)
         else:
             result = self._call_result(a, call, queued_ms)
@@ -242,6 +244,9 @@ class Worker:
         await self._report(a, call, terminal=terminal)
 
     def _call_result(self, a: Assignment, call: CallResult, queued_ms: float) -> Result:
+        if call.code:  # the call settled the job by itself (e.g. response_too_large): final as it is
+            return self._result(a, "failed", response=call.response, error=ErrorInfo(code=call.code, message=call.error),
+                                queued_ms=queued_ms, upstream_ms=call.latency_ms)
         if call.kind == "ok":
             return self._result(a, "succeeded", response=call.response, queued_ms=queued_ms, upstream_ms=call.latency_ms)
         if call.kind in RETRYABLE:
