@@ -76,7 +76,7 @@ class Worker:
         for problem in self.secrets.check_all():
             log.warning("secret unavailable on this worker", problem=problem)
         client = build_client(self.config.workers.transport, self.slots)
-        executor = UpstreamExecutor(client)
+        executor = UpstreamExecutor(client, self.config.workers.max_response_bytes)
         leader_sub = await self.nc.subscribe(self.subjects.leader_announce, cb=self._on_leader)
         sub = await self.nc.subscribe(self.subjects.assign(self.id), pending_msgs_limit=0)
         log.info("worker started", worker=self.id, slots=self.slots, transport=self.config.workers.transport)
@@ -225,13 +225,13 @@ class Worker:
         self.calling[a.id] = [a.ack, time.monotonic()]
         try:
             call = await executor.call(job, upstream, secret)
-        except InvalidRequest as exc:  # raised before any call
+            self.calls += 1
+            # still kept alive while the Result is stored: a large body takes seconds to upload
+            await self._conclude(a, call, queued_ms)
+        except InvalidRequest as exc:  # raised by executor.call, before any call
             await self._end_invalid(a, ErrorCode.INVALID_REQUEST, str(exc))
-            return
         finally:
             self.calling.pop(a.id, None)
-        self.calls += 1
-        await self._conclude(a, call, queued_ms)
 
     async def _end_invalid(self, a: Assignment, code: ErrorCode, message: str) -> None:
         """The job's own fault, found before any call: `invalid`, one attempt, a dead letter
@@ -253,6 +253,7 @@ class Worker:
         if not terminal:
             delay = retry_delay(call.kind, a.attempt, call.retry_after_s)
             log.info("retrying job", kind=call.kind, delay_s=delay)
+            self.calling.pop(a.id, None)  # no in-progress ack after the nak: it would postpone the retry
             await self.finisher.nak(a.ack, delay)
         else:
             terminal = await self._store(a, self._call_result(a, call, queued_ms))
@@ -267,6 +268,7 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - see docstring
             log.error("could not store the Result; job goes back to the queue", error=type(exc).__name__,
                       detail=str(exc)[:200])
+            self.calling.pop(a.id, None)  # no in-progress ack after the nak: it would postpone the retry
             with contextlib.suppress(Exception):  # else it returns after ack_wait
                 await self.finisher.nak(a.ack, 1.0)
             return False
@@ -278,6 +280,9 @@ class Worker:
         return True
 
     def _call_result(self, a: Assignment, call: CallResult, queued_ms: float) -> Result:
+        if call.code:  # the call settled the job by itself (e.g. response_too_large): final as it is
+            return self._result(a, "failed", response=call.response, error=ErrorInfo(code=call.code, message=call.error),
+                                queued_ms=queued_ms, upstream_ms=call.latency_ms)
         if call.kind == "ok":
             return self._result(a, "succeeded", response=call.response, queued_ms=queued_ms, upstream_ms=call.latency_ms)
         if call.kind in RETRYABLE:
