@@ -213,3 +213,40 @@ async def _heard_worker(nc) -> bool:
         return False
     finally:
         await sub.unsubscribe()
+
+
+async def test_an_answer_json_cannot_store_as_is_is_kept_as_text_after_one_call(tmp_path, nats_server):
+    """The upstream's side of "serialising": JSON text holding a lone surrogate escape or a
+    number past a 64-bit float parses in Python but cannot be written back as JSON. The
+    Result keeps the answer as text after exactly one call; before, storing the Result
+    raised, and the job was called again until its attempts ran out."""
+    from aiohttp import web
+
+    answer = b'{"text": "\\ud83d", "score": 1e400}'
+    seen: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        return web.Response(body=answer, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    kit = FleetKit(tmp_path, nats_server.url, url, keys=fast_keys())
+    try:
+        kit.dispatcher("d1")
+        kit.worker("w1")
+        async with await Client.connect(nats_server.url) as client:
+            await wait_workers(client, {"w1"})
+            result = await client.request(chat(1, id="odd-answer"), "normal", timeout=30)
+            await asyncio.sleep(2)  # time for a second call to show, had the job been retried
+        assert (result.status, result.attempts) == ("succeeded", 1), result
+        assert result.response.json_body is None and result.response.body == answer.decode()
+        assert seen == ["/v1/chat/completions"], f"{len(seen)} upstream calls for one job"
+    finally:
+        kit.stop()
+        await runner.cleanup()
