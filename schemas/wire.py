@@ -64,10 +64,10 @@ def json_problem(value: Any, where: str = "$", depth: int = 0) -> str | None:
     path (``$.messages[0].content``), or None. Never recurses deeper than MAX_JSON_DEPTH."""
     if value is None or isinstance(value, (bool, str)):
         problem = text_problem(value) if isinstance(value, str) else None
-        return f"{where} {problem}" if problem else None
+        return f"{_short(where)} {problem}" if problem else None
     if isinstance(value, int):
         if value.bit_length() > MAX_INT_BITS:
-            return f"{where} is an integer of {value.bit_length()} bits; the limit is {MAX_INT_BITS}"
+            return f"{_short(where)} is an integer of {value.bit_length()} bits; the limit is {MAX_INT_BITS}"
         return None
     if isinstance(value, float):
         if math.isfinite(value):
@@ -76,7 +76,7 @@ def json_problem(value: Any, where: str = "$", depth: int = 0) -> str | None:
                 "which JSON cannot carry (RFC 8259 section 6)")
     if isinstance(value, (list, tuple, dict)):
         if depth >= MAX_JSON_DEPTH:
-            return f"{where} is nested more than {MAX_JSON_DEPTH} levels deep"
+            return f"{_short(where)} is nested more than {MAX_JSON_DEPTH} levels deep"
         if isinstance(value, dict):
             return _object_problem(value, where, depth)
         for index, item in enumerate(value):
@@ -84,16 +84,20 @@ def json_problem(value: Any, where: str = "$", depth: int = 0) -> str | None:
             if problem:
                 return problem
         return None
-    return f"{where} is a {type(value).__name__}, not a JSON value (null, boolean, number, string, array, object)"
+    return f"{_short(where)} is a {type(value).__name__}, not a JSON value (null, boolean, number, string, array, object)"
+
+
+def _short(where: str, limit: int = 60) -> str:
+    return where if len(where) <= limit else f"{where[:limit - 24]}...{where[-20:]}"
 
 
 def _object_problem(value: dict, where: str, depth: int) -> str | None:
     for key, item in value.items():
         if not isinstance(key, str):
-            return f"{where} has the key {key!r} ({type(key).__name__}); JSON object keys are strings"
+            return f"{_short(where)} has the key {key!r} ({type(key).__name__}); JSON object keys are strings"
         problem = text_problem(key)
         if problem:
-            return f"{where} has a key that {problem}"
+            return f"{_short(where)} has a key that {problem}"
         problem = json_problem(item, f"{where}.{key}" if key.isidentifier() else f"{where}[{key!r}]", depth + 1)
         if problem:
             return problem
