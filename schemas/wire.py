@@ -72,7 +72,7 @@ def json_problem(value: Any, where: str = "$", depth: int = 0) -> str | None:
     if isinstance(value, float):
         if math.isfinite(value):
             return None
-        return (f"{where} is {value!r} (NaN or Infinity, or a number too large for a 64-bit float), "
+        return (f"{_short(where)} is {value!r} (NaN or Infinity, or a number too large for a 64-bit float), "
                 "which JSON cannot carry (RFC 8259 section 6)")
     if isinstance(value, (list, tuple, dict)):
         if depth >= MAX_JSON_DEPTH:
@@ -84,7 +84,8 @@ def json_problem(value: Any, where: str = "$", depth: int = 0) -> str | None:
             if problem:
                 return problem
         return None
-    return f"{_short(where)} is a {type(value).__name__}, not a JSON value (null, boolean, number, string, array, object)"
+    return (f"{_short(where)} is a {type(value).__name__}, not a JSON value "
+            "(null, boolean, number, string, array, object)")
 
 
 def _short(where: str, limit: int = 60) -> str:
@@ -94,7 +95,7 @@ def _short(where: str, limit: int = 60) -> str:
 def _object_problem(value: dict, where: str, depth: int) -> str | None:
     for key, item in value.items():
         if not isinstance(key, str):
-            return f"{_short(where)} has the key {key!r} ({type(key).__name__}); JSON object keys are strings"
+            return f"{_short(where)} has the key {key!r:.40} ({type(key).__name__}); JSON object keys are strings"
         problem = text_problem(key)
         if problem:
             return f"{_short(where)} has a key that {problem}"
