@@ -12,8 +12,8 @@ name the field path and the caller can choose the error code. The rules:
 - A JSON value is null, a boolean, a finite number, a string, an array or an object with
   string keys (RFC 8259 section 6: NaN and Infinity are not permitted). Strings must be
   encodable as UTF-8 (RFC 8259 section 8.1), so no lone UTF-16 surrogates (U+D800..U+DFFF).
-  Nesting is capped at `MAX_JSON_DEPTH`; integers at `MAX_INT_BITS` (Python refuses to
-  print integers of more than 4300 digits).
+  Nesting is capped at `MAX_JSON_DEPTH`; integers at what Python writes (4300 digits by
+  default, `sys.get_int_max_str_digits`).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from itertools import chain
 from typing import Any
 
 MAX_JSON_DEPTH = 100  # arrays/objects inside each other; pydantic-core stops serialising near 255
-MAX_INT_BITS = 8192  # about 2466 decimal digits, safely below Python's 4300-digit str() limit
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -59,15 +59,49 @@ def header_value_problem(value: str) -> str | None:
     return None
 
 
-def json_problem(value: Any, where: str = "$", depth: int = 0) -> str | None:
+def json_problem(value: Any, where: str = "$") -> str | None:
     """The first reason `value` is not a JSON value that can be sent as UTF-8, with its
-    path (``$.messages[0].content``), or None. Never recurses deeper than MAX_JSON_DEPTH."""
+    path (``$.messages[0].content``), or None.
+
+    The verdict comes from the encoder the worker uses (`json.dumps`, strict: C speed, a
+    few ms per MiB) plus a walk over the containers only, for the depth; the slow walk that
+    names the path runs only for a value that fails. Object keys that are numbers, booleans
+    or null are accepted: JSON encoders write them as strings."""
+    try:
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (ValueError, TypeError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
+        return _describe(value, where, 0) or f"{_short(where)} cannot be written as JSON ({type(exc).__name__}: {exc})"
+    if _too_deep(value):
+        return _describe(value, where, 0)
+    return None
+
+
+def _too_deep(value: Any) -> bool:
+    """True when arrays/objects nest more than MAX_JSON_DEPTH levels. Breadth first, no
+    recursion, and at C speed where it can (a level of scalars is dismissed by its types)."""
+    level, depth = [value], 0
+    while level:
+        kinds = {kind for kind in set(map(type, level)) if issubclass(kind, (list, tuple, dict))}
+        if not kinds:
+            return False
+        depth += 1
+        if depth > MAX_JSON_DEPTH:
+            return True
+        containers = [item for item in level if type(item) in kinds]
+        level = list(chain.from_iterable(item.values() if isinstance(item, dict) else item for item in containers))
+    return False
+
+
+def _describe(value: Any, where: str, depth: int) -> str | None:
+    """The first problem in `value` with its path (the slow walk; see json_problem)."""
     if value is None or isinstance(value, (bool, str)):
         problem = text_problem(value) if isinstance(value, str) else None
         return f"{_short(where)} {problem}" if problem else None
     if isinstance(value, int):
-        if value.bit_length() > MAX_INT_BITS:
-            return f"{_short(where)} is an integer of {value.bit_length()} bits; the limit is {MAX_INT_BITS}"
+        try:
+            str(value)
+        except ValueError as exc:  # more digits than Python writes (sys.get_int_max_str_digits)
+            return f"{_short(where)} is an integer of {value.bit_length()} bits, too large to write ({exc})"
         return None
     if isinstance(value, float):
         if math.isfinite(value):
@@ -80,7 +114,7 @@ def json_problem(value: Any, where: str = "$", depth: int = 0) -> str | None:
         if isinstance(value, dict):
             return _object_problem(value, where, depth)
         for index, item in enumerate(value):
-            problem = json_problem(item, f"{where}[{index}]", depth + 1)
+            problem = _describe(item, f"{where}[{index}]", depth + 1)
             if problem:
                 return problem
         return None
@@ -94,12 +128,13 @@ def _short(where: str, limit: int = 60) -> str:
 
 def _object_problem(value: dict, where: str, depth: int) -> str | None:
     for key, item in value.items():
-        if not isinstance(key, str):
+        if not isinstance(key, (str, int, float, bool)) and key is not None:
             return f"{_short(where)} has the key {key!r:.40} ({type(key).__name__}); JSON object keys are strings"
+        key = key if isinstance(key, str) else json.dumps(key)
         problem = text_problem(key)
         if problem:
             return f"{_short(where)} has a key that {problem}"
-        problem = json_problem(item, f"{where}.{key}" if key.isidentifier() else f"{where}[{key!r}]", depth + 1)
+        problem = _describe(item, f"{where}.{key}" if key.isidentifier() else f"{where}[{key!r}]", depth + 1)
         if problem:
             return problem
     return None
@@ -109,8 +144,8 @@ def json_safe(value: Any, depth: int = 0) -> Any:
     """A copy of `value` that always serialises as strict JSON, for dead letters and logs:
     lone surrogates become ``\\udXXX`` text, NaN/Infinity their names as strings, other
     types their repr, and nesting past MAX_JSON_DEPTH a marker string."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_INT_BITS:
-        return f"<integer of {value.bit_length()} bits>"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 14_000:
+        return f"<integer of {value.bit_length()} bits>"  # (about Python's 4300-digit limit of str())
     if value is None or isinstance(value, (bool, int)):
         return value
     if isinstance(value, float):
