@@ -80,10 +80,7 @@ def read_text_file(path: Path, what: str = "input file") -> str:
 def _quiet_load(path: Path | None, nats: str | None) -> Config:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a literal secret warns on the roles that use it, not on every client call
-        try:
-            return load_config(path, nats_url=nats)
-        except ConfigError as exc:
-            fail(str(exc))
+        return load_config_or_fail(path, nats)
 
 
 @dataclass(frozen=True)
@@ -128,7 +125,7 @@ def fleet_config(config: Path | None, nats: str | None, role: str) -> tuple[Conf
     return cfg, found
 
 
-def load_config_or_fail(path: Path, nats: str | None) -> Config:
+def load_config_or_fail(path: Path | None, nats: str | None) -> Config:
     """load_config, turning ConfigError into exit 2 with the file, the field and why on one line."""
     try:
         return load_config(path, nats_url=nats)

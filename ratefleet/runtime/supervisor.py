@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ratefleet.runtime.connect import redact_url
 from ratefleet.runtime.embedded import EmbeddedNats, embedded_for, port_answers
 from ratefleet.runtime.logs import get_logger
 from schemas import Config
@@ -62,7 +63,7 @@ def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatc
     try:
         for child in children:
             child.start(env)
-        log.info("fleet up", nats=url, dispatchers=dispatchers, workers=workers)
+        log.info("fleet up", nats=redact_url(url), dispatchers=dispatchers, workers=workers)
         while not stopping:
             time.sleep(0.2)
             if hangups:

@@ -262,3 +262,10 @@ def test_sighup_leaves_up_and_its_worker_running(tmp_path):
         assert up.returncode == 0, output[-3000:]
         assert output.count("SIGHUP ignored") >= 4, output[-3000:]  # up twice, the worker twice (+ the dispatcher)
         assert "child exited" not in output
+
+
+def test_credentials_in_the_nats_url_never_reach_the_terminal(tmp_path):
+    (tmp_path / "creds.toml").write_text(f'[nats]\nurl = "nats://alice:s3cret-pw@127.0.0.1:{free_port()}"\n')
+    done = cli("status", "--config", "creds.toml", cwd=tmp_path)
+    assert done.returncode == 1 and "nothing answers at nats://alice:***@127.0.0.1:" in done.stderr, done.stderr
+    assert "s3cret-pw" not in done.stderr + done.stdout
