@@ -52,8 +52,7 @@ def one_line(message: str) -> str:
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     """Print `error: <message>` as one line on stderr and exit with `code` (2 unless said otherwise)."""
-    make_console(stderr=True).print(f"error: {one_line(message)}", style="red", markup=False, highlight=False,
-                                    soft_wrap=True)
+    _print_error(one_line(message))
     raise typer.Exit(code)
 
 
@@ -162,7 +161,8 @@ def tier_help(what: str = "priority tier") -> str:
 
 
 class RatefleetApp(typer.Typer):
-    """typer.Typer whose unexpected exceptions end as one line and exit 1, not a traceback.
+    """typer.Typer whose errors are one line: usage errors (exit 2) name the help to read, and an
+    unexpected exception ends as `error: unexpected ...` with exit 1, not a traceback.
 
     Set RATEFLEET_DEBUG=1 to get the traceback. Errors ratefleet expects (bad input, no NATS,
     a refused job) never get here: the commands report them with `fail()`.
@@ -170,11 +170,31 @@ class RatefleetApp(typer.Typer):
 
     def __call__(self, *args, **kwargs):
         try:
-            return super().__call__(*args, **kwargs)
+            code = super().__call__(*args, **{**kwargs, "standalone_mode": False})
         except Exception as exc:  # noqa: BLE001 - the last edge: report, do not dump a stack
-            if os.environ.get("RATEFLEET_DEBUG"):
-                raise
-            text = one_line(f"{type(exc).__name__}: {exc}")
-            make_console(stderr=True).print(f"error: unexpected {text} (set RATEFLEET_DEBUG=1 for the traceback)",
-                                            style="red", markup=False, highlight=False, soft_wrap=True)
-            sys.exit(EXIT_FAILED)
+            sys.exit(self._report(exc))
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+    def _report(self, exc: Exception) -> int:
+        """Print one line for `exc`; return the exit code. Click's classes are matched by name:
+        typer vendors its own copy of click in some versions and uses click itself in others."""
+        kinds = {cls.__name__ for cls in type(exc).__mro__}
+        if "NoArgsIsHelpError" in kinds:
+            if self.rich_markup_mode is None:  # rich help was printed already, as typer does
+                exc.show()
+            return exc.exit_code
+        if "ClickException" in kinds:
+            ctx = getattr(exc, "ctx", None)
+            command = ctx.command_path if ctx is not None else "ratefleet"
+            _print_error(f"{one_line(exc.format_message())} (see `{command} --help`)")
+            return exc.exit_code
+        if "Abort" in kinds:  # end of input at a prompt
+            return EXIT_INTERRUPTED
+        if os.environ.get("RATEFLEET_DEBUG"):
+            raise exc
+        _print_error(f"unexpected {one_line(f'{type(exc).__name__}: {exc}')} (set RATEFLEET_DEBUG=1 for the traceback)")
+        return EXIT_FAILED
+
+
+def _print_error(message: str) -> None:
+    make_console(stderr=True).print(f"error: {message}", style="red", markup=False, highlight=False, soft_wrap=True)
