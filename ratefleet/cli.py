@@ -17,7 +17,8 @@ import anyio
 import typer
 
 from ratefleet.cli_support import (EXIT_FAILED, EXIT_INTERRUPTED, RatefleetApp, client_target, fail, fleet_config,
-                                   make_console, plain_output, read_text_file, require_file, tier_help)
+                                   make_console, plain_output, read_text_file, require_file, require_out_path,
+                                   tier_help)
 from ratefleet.errors import RatefleetError
 from ratefleet.runtime.logs import configure_logging
 
@@ -128,6 +129,7 @@ def submit(file: Path = typer.Argument(..., help="JSONL file, one Job per line (
 
     if str(file) != "-":
         require_file(file, "jobs file")
+    require_out_path(out)
     target = client_target(config, nats, prefix)
     code = _run(run_submit, file, tier, batch, wait, out, skip_invalid, target.url, target.prefix)
     raise typer.Exit(code or 0)

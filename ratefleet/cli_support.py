@@ -67,6 +67,17 @@ def require_file(path: Path, what: str = "input file") -> Path:
     fail(f"{what} {path} cannot be read; check its permissions")
 
 
+def require_out_path(path: Path | None, what: str = "--out") -> Path | None:
+    """`path` when a file can be written there (its folder exists and is not a directory itself); else exit 2."""
+    if path is None:
+        return None
+    if path.is_dir():
+        fail(f"{what} {path} is a directory; pass a file path")
+    if not path.parent.is_dir():
+        fail(f"{what} {path}: folder {path.parent} does not exist; create it or pass another path")
+    return path
+
+
 def read_text_file(path: Path, what: str = "input file") -> str:
     """The text of `path`, or exit 2 with one line (missing, a directory, unreadable, not UTF-8)."""
     require_file(path, what)

@@ -89,6 +89,9 @@ def assert_one_line_error(done: subprocess.CompletedProcess, *needles: str) -> N
 def test_missing_input_files_end_in_one_line_and_exit_2(tmp_path):
     assert_one_line_error(cli("submit", "jobs.jsonl", "--tier", "normal", cwd=tmp_path), "jobs.jsonl", "does not exist")
     assert_one_line_error(cli("request", "@job.json", "--tier", "vip", cwd=tmp_path), "job.json", "does not exist")
+    (tmp_path / "jobs.jsonl").write_text("{}\n")
+    assert_one_line_error(cli("submit", "jobs.jsonl", "--tier", "normal", "--out", "no/such/r.jsonl", cwd=tmp_path),
+                          "folder no/such does not exist")
     for command in (["status"], ["dlq", "list"], ["up"], ["worker"]):
         assert_one_line_error(cli(*command, "--config", "nope.toml", cwd=tmp_path), "nope.toml", "does not exist")
     env = clean_env(RATEFLEET_CONFIG=str(tmp_path / "gone.toml"))
