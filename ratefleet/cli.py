@@ -1,7 +1,8 @@
 """The `ratefleet` command line.
 
-Every command takes --config FILE (else $RATEFLEET_CONFIG, else ./ratefleet.toml) and --nats URL
-(or $RATEFLEET_NATS_URL, over the config's [nats].url). Errors are one line with what to do next;
+Every command that talks to NATS takes --config FILE (else $RATEFLEET_CONFIG, else ./ratefleet.toml),
+read through one helper (cli_support.client_target / fleet_config), and --nats URL (or
+$RATEFLEET_NATS_URL, over the config's [nats].url). Errors are one line with what to do next;
 exit codes: 0 all succeeded, 1 some failed, 2 usage or input error, 130 interrupted.
 """
 
