@@ -146,8 +146,8 @@ def request(job: str = typer.Argument(..., help="Job JSON, or @FILE"), tier: str
     text = read_text_file(Path(job[1:]), "job file") if job.startswith("@") else job
     try:
         payload = json.loads(text)
-    except ValueError as exc:
-        fail(f"the job is not valid JSON ({exc}); pass one JSON object or @FILE")
+    except (ValueError, RecursionError) as exc:
+        fail(f"the job is not valid JSON ({type(exc).__name__}: {exc}); pass one JSON object or @FILE")
     target = client_target(config, nats, prefix)
 
     async def go():

@@ -28,19 +28,27 @@ from ratefleet.runtime.connect import connect
 from ratefleet.runtime.store import publish_job, read_result
 from schemas import Job, Result, Subjects
 from schemas.config import DEFAULT_NATS_URL
-from schemas.job import describe_validation_error
+from schemas.job import JobRejected, describe_validation_error
 
 JobLike = Job | dict[str, Any]
 
 
 def as_job(job: JobLike, *, batch: str | None = None) -> Job:
-    """Validate a job (model or dict) and give it an id; raise JobInvalid naming the field."""
+    """Validate a job (model or dict) and give it an id; raise JobInvalid naming the field.
+
+    A Job model is validated again (its fields may have been changed since it was built),
+    and the job is serialised once, so that whatever this returns can be sent."""
     try:
-        model = job if isinstance(job, Job) else Job.model_validate(job)
+        data = job.model_dump(by_alias=True) if isinstance(job, Job) else job
+        model = Job.model_validate(data)
     except ValidationError as exc:
         raise JobInvalid(describe_validation_error(exc)[1]) from None
     if batch is not None and model.batch is None:
         model = model.model_copy(update={"batch": batch})
+    try:
+        model.to_json()
+    except JobRejected as exc:
+        raise JobInvalid(exc.message) from None
     return model.with_id()
 
 

@@ -9,7 +9,8 @@
     ├── RequestTimeout                    no Result arrived in time for a request
     ├── SecretUnavailable                 a worker cannot resolve a key's secret
     ├── ResultNotStored                   the results stream refused a Result and holds none for the job
-    └── BodyUnavailable                   a Result's body_ref cannot be fetched or does not match
+    ├── BodyUnavailable                   a Result's body_ref cannot be fetched or does not match
+    └── InvalidRequest                    a job's HTTP request cannot be built (the job's fault)
 """
 
 from __future__ import annotations
@@ -55,5 +56,10 @@ class BodyUnavailable(RatefleetError):
     results' max age, deleted) or whose size or sha256 does not match the reference."""
 
 
-__all__ = ["BodyUnavailable", "ConfigError", "JobInvalid", "NatsUnavailable", "QueueFull", "RatefleetError",
-           "RequestTimeout", "ResultNotStored", "SecretUnavailable", "SubmitError"]
+class InvalidRequest(RatefleetError):
+    """A job's HTTP request cannot be built (a header that cannot be encoded, a body that
+    cannot be serialised). The job's fault: it ends `invalid`, nothing is called, no retry."""
+
+
+__all__ = ["BodyUnavailable", "ConfigError", "InvalidRequest", "JobInvalid", "NatsUnavailable", "QueueFull",
+           "RatefleetError", "RequestTimeout", "ResultNotStored", "SecretUnavailable", "SubmitError"]

@@ -27,8 +27,8 @@ def read_jobs(lines: list[str], batch: str | None) -> tuple[list[Job], list[str]
             continue
         try:
             jobs.append(as_job(json.loads(line), batch=batch))
-        except ValueError as exc:
-            errors.append(f"line {number}: not valid JSON ({exc})")
+        except (ValueError, RecursionError) as exc:
+            errors.append(f"line {number}: not valid JSON ({type(exc).__name__}: {exc})")
         except JobInvalid as exc:
             errors.append(f"line {number}: {exc}")
     return jobs, errors

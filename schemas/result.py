@@ -7,6 +7,7 @@ from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import PydanticSerializationError
 
 ResultStatus = Literal["succeeded", "failed", "expired", "invalid"]
 
@@ -25,6 +26,7 @@ class ErrorCode(StrEnum):
     KEY_UNAVAILABLE = "key_unavailable"
     POISON_MESSAGE = "poison_message"
     RESPONSE_TOO_LARGE = "response_too_large"
+    INVALID_REQUEST = "invalid_request"  # the job passed validation but its HTTP request could not be built
 
 
 class ErrorInfo(BaseModel):
@@ -102,7 +104,14 @@ class Result(BaseModel):
         return self.status == "succeeded"
 
     def to_json(self) -> bytes:
-        return self.model_dump_json(by_alias=True).encode()
+        """UTF-8 JSON. Never fails on content: text that cannot be encoded (a lone surrogate
+        in an upstream answer or in metadata) is written escaped (see schemas.wire.json_safe)."""
+        try:
+            return self.model_dump_json(by_alias=True).encode()
+        except (PydanticSerializationError, ValueError):
+            from schemas.wire import dumps_safe
+
+            return dumps_safe(self.model_dump(mode="json", by_alias=True))
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> "Result":

@@ -17,10 +17,13 @@ from __future__ import annotations
 import base64
 import codecs
 import json
+import re
 from email.message import Message
 from typing import Any
 
 import httpx
+
+from schemas.wire import json_problem, text_problem
 
 # subtypes that are text whatever the main type says (RFC 6838 structured suffixes included)
 TEXT_SUBTYPES = frozenset({"json", "xml", "javascript", "ecmascript", "x-www-form-urlencoded", "x-ndjson",
@@ -87,11 +90,26 @@ def body_fields(raw: bytes, content_type: str | None, secret: str) -> dict[str, 
     text = _decode(raw, charset or "utf-8") if is_textual(kind, charset) else None
     if text is None:
         return {"body_b64": base64.b64encode(raw).decode("ascii")}
+    if text_problem(text):  # a codec such as unicode_escape can make lone surrogates: not storable text
+        return {"body_b64": base64.b64encode(raw).decode("ascii")}
     if secret and secret in text:
         text = text.replace(secret, MASK)
     if "json" in kind.partition("/")[2]:
         try:
-            return {"json": json.loads(text, parse_constant=_reject_constant)}
+            value = json.loads(text, parse_constant=_reject_constant)
+            if not _suspect(text) or json_problem(value) is None:
+                return {"json": value}
         except (ValueError, RecursionError):
             pass
     return {"body": text}
+
+
+# a \uD800-\uDFFF escape (maybe a lone surrogate) or an exponent past a float's range (1e309
+# parses as inf): rare in answers, so only then is the parsed value walked (a walk of a 3 MB
+# answer costs a few hundred ms; these scans a few)
+_SUSPECT = re.compile(r"\\u[dD][89a-fA-F]|[0-9.][eE]\+?0*(?:[4-9][0-9]{2}|3[1-9][0-9]|30[89]|[0-9]{4})")
+
+
+def _suspect(text: str) -> bool:
+    """True when parsed JSON text may hold what cannot be stored as JSON again (see _SUSPECT)."""
+    return _SUSPECT.search(text) is not None

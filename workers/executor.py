@@ -14,8 +14,12 @@ from typing import Any
 
 import httpx
 
+from pydantic_core import PydanticCustomError
+
 from dispatcher.core.signals import classify, parse_ratelimit, parse_retry_after
+from ratefleet.errors import InvalidRequest
 from schemas import ErrorCode, Job, ResponseInfo, UpstreamConfig
+from schemas.job import check_header
 from workers.body import body_fields, read_capped
 
 KEPT_HEADERS = ("content-type", "retry-after", "x-request-id", "openai-processing-ms")
@@ -70,19 +74,36 @@ class UpstreamExecutor:
         self._client = client
         self._max_response_bytes = max_response_bytes
 
-    async def call(self, job: Job, upstream: UpstreamConfig, secret: str) -> CallResult:
+    def build_request(self, job: Job, upstream: UpstreamConfig) -> httpx.Request:
+        """The HTTP request of `job`, without the key. Raises InvalidRequest when the job
+        cannot go on the wire (its fault, so no call and no retry): a header that is not a
+        token or not latin-1 (RFC 9110 sections 5.1, 5.5; obs-text goes as one byte per
+        character), the upstream's auth header, a body that is not strict JSON or UTF-8."""
         request = job.request
-        auth = f"{upstream.auth_scheme} {secret}" if upstream.auth_scheme else secret
-        headers = {**request.headers, upstream.auth_header: auth}
-        kwargs: dict[str, Any] = {"params": request.query or None, "headers": headers, "timeout": upstream.timeout_s}
-        if request.json_body is not None:
-            kwargs["json"] = request.json_body
-        elif request.body is not None:
-            kwargs["content"] = request.body.encode()
+        try:
+            headers = []
+            for name, value in request.headers.items():
+                check_header(name, value, upstream.auth_header)
+                headers.append((name.encode("ascii"), value.encode("latin-1")))
+            kwargs: dict[str, Any] = {"params": request.query or None, "headers": headers,
+                                      "timeout": upstream.timeout_s}
+            if request.json_body is not None:
+                kwargs["json"] = request.json_body
+            elif request.body is not None:
+                kwargs["content"] = request.body.encode("utf-8")
+            built = self._client.build_request(request.method, upstream.base_url + request.path, **kwargs)
+        except (PydanticCustomError, ValueError, TypeError, RecursionError, httpx.InvalidURL) as exc:
+            message = exc.message() if isinstance(exc, PydanticCustomError) else f"{type(exc).__name__}: {exc}"
+            raise InvalidRequest(f"the job's HTTP request cannot be built: {message}") from None
+        return built
+
+    async def call(self, job: Job, upstream: UpstreamConfig, secret: str) -> CallResult:
+        """One upstream call. Raises InvalidRequest (before any call) when the job cannot be sent."""
+        built = self.build_request(job, upstream)
+        built.headers[upstream.auth_header] = f"{upstream.auth_scheme} {secret}" if upstream.auth_scheme else secret
         started = time.perf_counter()
         try:
-            outgoing = self._client.build_request(request.method, upstream.base_url + request.path, **kwargs)
-            response = await self._client.send(outgoing, stream=True)
+            response = await self._client.send(built, stream=True)
             try:
                 raw = await read_capped(response, self._max_response_bytes)
             finally:

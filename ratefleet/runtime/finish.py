@@ -71,12 +71,16 @@ class Finisher:
         if ack:
             await self.nc.publish(ack, b"+ACK")
 
-    async def dead(self, tier: str, result: Result, *, job: dict | None = None, raw: bytes | None = None) -> None:
+    async def dead(self, tier: str, result: Result, *, job: dict | None = None, raw: bytes | None = None,
+                   last_error: dict | None = None) -> None:
+        """A dead letter for `result`. `last_error`: what went wrong last (default: the last
+        upstream answer, if any)."""
         error = result.error
+        if last_error is None:
+            last_error = letter_response(result.response)
         await dead_letter(self.js, self.subjects, tier, code=error.code if error else "unknown",
                           message=error.message if error else "", job=job, raw=raw, job_id=result.job_id,
-                          attempts=result.attempts,
-                          last_error=letter_response(result.response))
+                          attempts=result.attempts, last_error=last_error)
 
     async def nak(self, ack: str, delay_s: float = 0.0) -> None:
         payload = b"-NAK" if delay_s <= 0 else b"-NAK " + json.dumps({"delay": int(delay_s * 1e9)}).encode()

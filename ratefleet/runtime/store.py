@@ -18,7 +18,8 @@ from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, Servi
 from ratefleet.errors import QueueFull, ResultNotStored, SubmitError
 from ratefleet.runtime.logs import get_logger
 from schemas import Result, Subjects
-from schemas.job import FORBIDDEN_HEADERS
+from schemas.job import FORBIDDEN_HEADERS, normalised_header_name
+from schemas.wire import dumps_safe
 
 REPLY_HEADER = "Ratefleet-Reply-To"
 MSG_ID = "Nats-Msg-Id"
@@ -156,7 +157,7 @@ def redact_payload(raw: bytes) -> dict[str, Any]:
     """The raw payload for a dead letter, with auth-like header values masked."""
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         try:
             return {"raw": raw.decode("utf-8")}
         except UnicodeDecodeError:
@@ -165,7 +166,7 @@ def redact_payload(raw: bytes) -> dict[str, Any]:
     headers = request.get("headers") if isinstance(request, dict) else None
     if isinstance(headers, dict):
         for name in list(headers):
-            if str(name).lower() in FORBIDDEN_HEADERS:
+            if normalised_header_name(str(name)) in FORBIDDEN_HEADERS:
                 headers[name] = "***"
     return {"payload": data}
 
@@ -183,4 +184,5 @@ async def dead_letter(js: JetStreamContext, subjects: Subjects, tier: str, *, co
     elif raw is not None:
         letter.update(redact_payload(raw))
     safe_tier = tier if tier and all(c.isalnum() or c in "_-" for c in tier) else "_"
-    await js.publish(subjects.dead(safe_tier), json.dumps(letter).encode(), timeout=10.0)
+    # dumps_safe: the payload may hold what JSON cannot (lone surrogates, NaN): never fail on it
+    await js.publish(subjects.dead(safe_tier), dumps_safe(letter), timeout=10.0)
