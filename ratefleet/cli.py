@@ -11,6 +11,7 @@ import anyio
 import typer
 
 from ratefleet.errors import RatefleetError
+from ratefleet.keys_cmd import keys_app
 from ratefleet.runtime.logs import configure_logging
 from schemas import ConfigError, load_config
 
@@ -18,6 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="ratefleet: rate-limited API calls at scale over NATS JetStream.")
 dlq_app = typer.Typer(no_args_is_help=True, help="Inspect and replay dead letters.")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(keys_app, name="keys")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config (else $RATEFLEET_CONFIG, else ./ratefleet.toml)")
 NatsOpt = typer.Option(None, "--nats", envvar="RATEFLEET_NATS_URL", help="NATS URL (default nats://127.0.0.1:4222)")

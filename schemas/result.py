@@ -24,6 +24,7 @@ class ErrorCode(StrEnum):
     NO_KEY_AVAILABLE = "no_key_available"
     KEY_UNAVAILABLE = "key_unavailable"
     POISON_MESSAGE = "poison_message"
+    REQUEST_DENIED = "request_denied"  # 401/403 on two keys: the request is refused, not the keys
 
 
 class ErrorInfo(BaseModel):

@@ -60,6 +60,11 @@ class Subjects:
     def handbacks_bucket(self) -> str:
         return "ratefleet_handbacks" + self.stream_suffix.lower()
 
+    @property
+    def keys_bucket(self) -> str:
+        """KV bucket of disabled keys (key id -> state and reason), read by each new leader."""
+        return "ratefleet_keys" + self.stream_suffix.lower()
+
     def jobs(self, tier: str = "*") -> str:
         return f"{self.prefix}.jobs.{tier}"
 
@@ -78,6 +83,11 @@ class Subjects:
     @property
     def admin_status(self) -> str:
         return f"{self.prefix}.admin.status"
+
+    @property
+    def admin_keys(self) -> str:
+        """Core request/reply to the leader: `{"action": "disable"|"enable", "key", "reason"}`."""
+        return f"{self.prefix}.admin.keys"
 
     # internal protocol (not part of the contract)
     def assign(self, worker_id: str) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from dispatcher.core.signals import classify, parse_ratelimit, parse_retry_after
+from dispatcher.core.signals import classify, parse_ratelimit, parse_retry_after, provider_code
 from schemas import Job, ResponseInfo, UpstreamConfig
 
 KEPT_HEADERS = ("content-type", "retry-after", "x-request-id", "openai-processing-ms")
@@ -33,6 +33,7 @@ class CallResult:
     ratelimit: dict[str, float | None] | None
     actual_cost: float | None
     latency_ms: float
+    code: str | None = None  # the provider's error code/type (signals.provider_code)
 
 
 def build_client(transport: str, slots: int) -> httpx.AsyncClient:
@@ -97,8 +98,9 @@ class UpstreamExecutor:
         info = _response_info(response, secret)
         cost = _dig(info.json_body, upstream.usage_path) if upstream.usage_path else None
         limit = parse_ratelimit(response.headers)
+        code = None if response.is_success else provider_code(info.json_body)
         return CallResult(
-            kind=classify(response.status_code, None), response=info, error=None,
+            kind=classify(response.status_code, None, code), response=info, error=None, code=code,
             retry_after_s=parse_retry_after(response.headers.get("retry-after"), time.time()),
             ratelimit=None if limit is None else asdict(limit),
             actual_cost=cost, latency_ms=latency_ms,

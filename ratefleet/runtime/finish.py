@@ -52,7 +52,7 @@ class Finisher:
         await dead_letter(self.js, self.subjects, tier, code=error.code if error else "unknown",
                           message=error.message if error else "", job=job, raw=raw, job_id=result.job_id,
                           attempts=result.attempts,
-                          last_error=result.response.model_dump(by_alias=True) if result.response else None)
+                          last_error=_last_error(result))
 
     async def nak(self, ack: str, delay_s: float = 0.0) -> None:
         payload = b"-NAK" if delay_s <= 0 else b"-NAK " + json.dumps({"delay": int(delay_s * 1e9)}).encode()
@@ -60,3 +60,11 @@ class Finisher:
 
     async def in_progress(self, ack: str) -> None:
         await self.nc.publish(ack, b"+WPI")
+
+
+def _last_error(result: Result) -> dict | None:
+    """The last upstream answer, or (no call made) the error that ended the job: a dead
+    letter always says why."""
+    if result.response is not None:
+        return result.response.model_dump(by_alias=True)
+    return result.error.model_dump() if result.error is not None else None
