@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from schemas import parse_config
+from schemas.config import parse_config
 from workers.secrets import SecretResolver, header_problem
 
 SECRET = "sk-live-Zq93nTQ"
