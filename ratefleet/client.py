@@ -4,6 +4,9 @@
         await client.submit(job, tier="normal")                 # durable once it returns
         result = await client.request(job, tier="vip", timeout=30)
         async for result in client.results(batch="nightly-0412"): ...
+
+A Result whose body was too large to travel inside it (`response.body_ref`) comes back from
+every method here with the body fetched from the fleet's Object Store and filled in.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from nats.js.api import DeliverPolicy
 from pydantic import ValidationError
 
 from ratefleet.errors import JobInvalid, RequestTimeout, SubmitError
+from ratefleet.runtime.bodies import BodyStore
 from ratefleet.runtime.connect import connect
 from ratefleet.runtime.store import publish_job, read_result
 from schemas import Job, Result, Subjects
@@ -45,6 +49,7 @@ class Client:
         self.nc = nc
         self.js = nc.jetstream()
         self.subjects = Subjects(prefix)
+        self.bodies = BodyStore(self.js, self.subjects.bodies_bucket)
 
     @classmethod
     async def connect(cls, url: str = DEFAULT_NATS_URL, *, prefix: str = "ratefleet",
@@ -104,7 +109,8 @@ class Client:
         return [model.id for model in models]
 
     async def request(self, job: JobLike, tier: str, *, timeout: float = 30.0) -> Result:
-        """Submit one job and wait for its Result (over the reply inbox)."""
+        """Submit one job and wait for its Result (over the reply inbox), its body fetched
+        when the reply carries a `body_ref`. Raises RequestTimeout, BodyUnavailable, SubmitError."""
         model = as_job(job)
         inbox = self.nc.new_inbox()
         sub = await self.nc.subscribe(inbox, max_msgs=1)
@@ -122,18 +128,21 @@ class Client:
                     return stored
                 raise RequestTimeout(f"no result for job {model.id} within {timeout}s; it is stored and still runs: "
                                      f"collect it later with Client.results()/stored_result()") from None
-            return Result.from_json(msg.data)
+            return await self.bodies.resolve(Result.from_json(msg.data))
         finally:
             await sub.unsubscribe()
 
     async def stored_result(self, job_id: str, batch: str | None = None) -> Result | None:
-        """The stored Result of one job, or None when it has none yet."""
+        """The stored Result of one job (its body fetched when it has a `body_ref`), or None
+        when it has none yet. Raises BodyUnavailable when the referenced body is gone."""
         data = await read_result(self.js, self.subjects, job_id, "*" if batch is None else batch)
-        return None if data is None else Result.from_json(data)
+        return None if data is None else await self.bodies.resolve(Result.from_json(data))
 
     async def results(self, batch: str | None = None, *, follow: bool = False,
                       idle_timeout: float = 1.0) -> AsyncIterator[Result]:
-        """Results of a batch (`None`: jobs without a batch). Stops when caught up unless `follow`."""
+        """Results of a batch (`None`: jobs without a batch). Stops when caught up unless `follow`.
+
+        Referenced bodies are fetched and filled in (BodyUnavailable when one is gone)."""
         sub = await self.js.subscribe(self.subjects.batch_results(batch), ordered_consumer=True,
                                       deliver_policy=DeliverPolicy.ALL)
         try:
@@ -144,7 +153,7 @@ class Client:
                     if follow:
                         continue
                     return
-                yield Result.from_json(msg.data)
+                yield await self.bodies.resolve(Result.from_json(msg.data))
                 if not follow and msg.metadata.num_pending == 0:
                     return
         finally:

@@ -65,6 +65,11 @@ class Subjects:
         """KV bucket of disabled keys (key id -> state and reason), read by each new leader."""
         return "ratefleet_keys" + self.stream_suffix.lower()
 
+    @property
+    def bodies_bucket(self) -> str:
+        """Object Store bucket for response bodies too large to travel inside a Result."""
+        return "ratefleet_bodies" + self.stream_suffix.lower()
+
     def jobs(self, tier: str = "*") -> str:
         return f"{self.prefix}.jobs.{tier}"
 

@@ -8,7 +8,6 @@ and proxies from the environment are ignored, so a key only ever goes to its ups
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -16,10 +15,10 @@ from typing import Any
 import httpx
 
 from dispatcher.core.signals import classify, parse_ratelimit, parse_retry_after, provider_code
-from schemas import Job, ResponseInfo, UpstreamConfig
+from schemas import ErrorCode, Job, ResponseInfo, UpstreamConfig
+from workers.body import body_fields, read_capped
 
 KEPT_HEADERS = ("content-type", "retry-after", "x-request-id", "openai-processing-ms")
-MAX_BODY_CHARS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -33,7 +32,8 @@ class CallResult:
     ratelimit: dict[str, float | None] | None
     actual_cost: float | None
     latency_ms: float
-    code: str | None = None  # the provider's error code/type (signals.provider_code)
+    code: str | None = None  # an ErrorCode that ends the job as it is (e.g. response_too_large)
+    provider_code: str | None = None  # the provider's error code/type (signals.provider_code)
 
 
 def build_client(transport: str, slots: int) -> httpx.AsyncClient:
@@ -54,29 +54,22 @@ def _dig(data: Any, path: str) -> float | None:
     return float(data) if isinstance(data, (int, float)) and not isinstance(data, bool) else None
 
 
-def _response_info(response: httpx.Response, secret: str) -> ResponseInfo:
-    """Status, the headers worth keeping, and the body; the key's secret is masked wherever
-    the upstream echoes it (some providers quote the key in their 401 message)."""
-    headers = {k: v.replace(secret, "***") for k, v in response.headers.items()
+def _response_info(response: httpx.Response, raw: bytes, secret: str) -> ResponseInfo:
+    """Status, the headers worth keeping, and the body (see workers/body.py); the key's secret
+    is masked wherever the upstream echoes it (some providers quote the key in their 401 message)."""
+    headers = {k: v.replace(secret, "***") if secret else v for k, v in response.headers.items()
                if k in KEPT_HEADERS or k.startswith("x-ratelimit-")}
-    text = response.text
-    if secret and secret in text:
-        text = text.replace(secret, "***")
-    body_json = None
-    if "json" in response.headers.get("content-type", ""):
-        try:
-            body_json = json.loads(text)
-            text = None
-        except ValueError:
-            pass
-    if text is not None and len(text) > MAX_BODY_CHARS:
-        text = text[:MAX_BODY_CHARS]
-    return ResponseInfo(status=response.status_code, headers=headers, json=body_json, body=text or None)
+    return ResponseInfo(status=response.status_code, headers=headers,
+                        **body_fields(raw, response.headers.get("content-type"), secret))
 
 
 class UpstreamExecutor:
-    def __init__(self, client: httpx.AsyncClient):
+    """Makes one upstream call per `call()`. `max_response_bytes`: the largest body read
+    (bytes); a longer answer is cut off there and ends the job `response_too_large`."""
+
+    def __init__(self, client: httpx.AsyncClient, max_response_bytes: int = 64 << 20):
         self._client = client
+        self._max_response_bytes = max_response_bytes
 
     async def call(self, job: Job, upstream: UpstreamConfig, secret: str) -> CallResult:
         request = job.request
@@ -89,22 +82,41 @@ class UpstreamExecutor:
             kwargs["content"] = request.body.encode()
         started = time.perf_counter()
         try:
-            response = await self._client.request(request.method, upstream.base_url + request.path, **kwargs)
+            outgoing = self._client.build_request(request.method, upstream.base_url + request.path, **kwargs)
+            response = await self._client.send(outgoing, stream=True)
+            try:
+                raw = await read_capped(response, self._max_response_bytes)
+            finally:
+                await response.aclose()
         except httpx.TimeoutException:
             return self._failed("timeout", f"no answer from the upstream within {upstream.timeout_s}s", started)
         except httpx.HTTPError as exc:
             return self._failed("connection", f"{type(exc).__name__} calling the upstream", started)
         latency_ms = (time.perf_counter() - started) * 1000
-        info = _response_info(response, secret)
+        if raw is None:
+            return self._too_large(response, secret, latency_ms)
+        info = _response_info(response, raw, secret)
         cost = _dig(info.json_body, upstream.usage_path) if upstream.usage_path else None
         limit = parse_ratelimit(response.headers)
         code = None if response.is_success else provider_code(info.json_body)
         return CallResult(
-            kind=classify(response.status_code, None, code), response=info, error=None, code=code,
+            kind=classify(response.status_code, None, code), response=info, error=None, provider_code=code,
             retry_after_s=parse_retry_after(response.headers.get("retry-after"), time.time()),
             ratelimit=None if limit is None else asdict(limit),
             actual_cost=cost, latency_ms=latency_ms,
         )
+
+    def _too_large(self, response: httpx.Response, secret: str, latency_ms: float) -> CallResult:
+        """The body passed max_response_bytes: final for the job (asking again would cost
+        another call for the same answer), and no fault of the key (the upstream answered)."""
+        limit = parse_ratelimit(response.headers)
+        info = _response_info(response, b"", secret)
+        message = (f"the upstream's answer (HTTP {response.status_code}, "
+                   f"{info.headers.get('content-type') or 'no content-type'}) is larger than "
+                   f"workers.max_response_bytes = {self._max_response_bytes} bytes; reading stopped there")
+        return CallResult(kind="bad_request", response=info, error=message,
+                          retry_after_s=None, ratelimit=None if limit is None else asdict(limit), actual_cost=None,
+                          latency_ms=latency_ms, code=ErrorCode.RESPONSE_TOO_LARGE)
 
     @staticmethod
     def _failed(what: str, message: str, started: float) -> CallResult:

@@ -77,7 +77,7 @@ class Worker:
             log.warning("secret unusable on this worker; the leader sends this key's jobs elsewhere",
                         key_id=key_id, problem=reason)
         client = build_client(self.config.workers.transport, self.slots)
-        executor = UpstreamExecutor(client)
+        executor = UpstreamExecutor(client, self.config.workers.max_response_bytes)
         leader_sub = await self.nc.subscribe(self.subjects.leader_announce, cb=self._on_leader)
         sub = await self.nc.subscribe(self.subjects.assign(self.id), pending_msgs_limit=0)
         log.info("worker started", worker=self.id, slots=self.slots, transport=self.config.workers.transport)
@@ -226,10 +226,11 @@ class Worker:
         self.calling[a.id] = [a.ack, time.monotonic()]
         try:
             call = await executor.call(job, upstream, secret)
+            self.calls += 1
+            # still kept alive while the Result is stored: a large body takes seconds to upload
+            await self._conclude(a, call, queued_ms)
         finally:
             self.calling.pop(a.id, None)
-        self.calls += 1
-        await self._conclude(a, call, queued_ms)
 
     async def _conclude(self, a: Assignment, call: CallResult, queued_ms: float) -> None:
         """Finish or requeue the job, then report the outcome (so a worker killed in between
@@ -241,6 +242,7 @@ class Worker:
         if not terminal:
             delay = retry_delay(call.kind, a.attempt, call.retry_after_s)
             log.info("retrying job", kind=call.kind, delay_s=delay)
+            self.calling.pop(a.id, None)  # no in-progress ack after the nak: it would postpone the retry
             await self.finisher.nak(a.ack, delay)
         else:
             result = self._call_result(a, call, queued_ms)
@@ -250,6 +252,9 @@ class Worker:
         await self._report(a, call, terminal=terminal)
 
     def _call_result(self, a: Assignment, call: CallResult, queued_ms: float) -> Result:
+        if call.code:  # the call settled the job by itself (e.g. response_too_large): final as it is
+            return self._result(a, "failed", response=call.response, error=ErrorInfo(code=call.code, message=call.error),
+                                queued_ms=queued_ms, upstream_ms=call.latency_ms)
         if call.kind == "ok":
             return self._result(a, "succeeded", response=call.response, queued_ms=queued_ms, upstream_ms=call.latency_ms)
         if call.kind == "denied" and a.denial_final:
@@ -276,7 +281,7 @@ class Worker:
             kind=call.kind if call else "none", status=call.response.status if call and call.response else None,
             retry_after_s=call.retry_after_s if call else None, ratelimit=call.ratelimit if call else None,
             actual_cost=call.actual_cost if call else None, latency_ms=call.latency_ms if call else None,
-            code=call.code if call else None)
+            code=call.provider_code if call else None)
         self.in_flight.pop(a.id, None)
         try:
             await self.nc.publish(self.subjects.outcome, report.model_dump_json().encode())
@@ -288,7 +293,7 @@ def _request_denied(a: Assignment, call: CallResult) -> ErrorInfo:
     """A 401/403 on a second key (or on the only key that could take the job): the request
     is refused, not the key; the keys stay in rotation (dispatcher/core/denials.py)."""
     status = call.response.status if call.response else None
-    code = f" ({call.code})" if call.code else ""
+    code = f" ({call.provider_code})" if call.provider_code else ""
     return ErrorInfo(code=ErrorCode.REQUEST_DENIED,
                      message=f"the upstream refused this request with HTTP {status}{code} on key {a.key_id} after "
                              "another key refused it too (or no other key could take it): the request is at fault, "

@@ -3,6 +3,11 @@
 The job is stored in RATEFLEET_JOBS first, with the caller's inbox in the
 `Ratefleet-Reply-To` header; the worker that finishes it sends the Result there. Every
 dispatcher answers (queue group), leader or not, so submissions never wait for failover.
+
+A reply is a core-NATS message, so it must fit in the server's max_payload: a Result whose
+body is larger than about 1 MiB is sent (and stored) with `response.body_ref` instead of the
+body. The Python client fetches it by itself; any other client reads the object named there
+from the Object Store (`nats object get <bucket> <name>`; see the README).
 """
 
 from __future__ import annotations
