@@ -61,7 +61,7 @@ async def test_answers_are_classified(status, kind):
 ])
 async def test_provider_codes_reach_the_outcome(status, body, kind, code):
     result = await executor(lambda r: httpx.Response(status, json=body)).call(job(), UPSTREAM, SECRET)
-    assert (result.kind, result.code) == (kind, code)
+    assert (result.kind, result.provider_code) == (kind, code)
 
 
 @pytest.mark.anyio
