@@ -253,6 +253,7 @@ async def test_a_secret_missing_on_a_worker_sends_its_key_to_workers_that_have_i
         kit.stop()
     assert all(r.status == "succeeded" and r.attempts == 1 for r in mixed.values())
     assert all(r.worker == "w2" for r in mixed.values() if r.key_id == "k1")
+    assert "job handed back" not in kit.logs()  # k1's jobs were never sent to w1 in the first place
     assert k1["disabled_by"] == "secret" and k1["disabled_reason"] == "no worker has its secret (RF_TEST_K1 not set)"
     assert all(r.status == "succeeded" and r.attempts == 1 and r.key_id == "k2" for r in only_w1.values())
     assert SECRETS["k1"] not in kit.logs()
