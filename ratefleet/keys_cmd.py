@@ -16,9 +16,10 @@ from typing import Optional
 import anyio
 import typer
 
+from ratefleet.cli_support import EXIT_FAILED, client_target, fail
 from ratefleet.errors import NatsUnavailable
 from ratefleet.runtime.connect import connect
-from schemas import ConfigError, Subjects, load_config
+from schemas import Subjects
 
 keys_app = typer.Typer(no_args_is_help=True, help="Take keys out of rotation or put them back (operator).")
 
@@ -26,19 +27,6 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config for the NATS 
 NatsOpt = typer.Option(None, "--nats", envvar="RATEFLEET_NATS_URL", help="NATS URL (default nats://127.0.0.1:4222)")
 PrefixOpt = typer.Option(None, "--prefix", help="subject prefix (default from the config, else ratefleet)")
 TimeoutOpt = typer.Option(5.0, "--timeout", help="seconds to wait for the leader's answer")
-
-
-def _target(config: Optional[Path], nats: Optional[str], prefix: Optional[str]) -> tuple[str, str]:
-    try:
-        cfg = load_config(config, nats_url=nats)
-    except ConfigError as exc:
-        _fail(str(exc), 2)
-    return cfg.nats.url, prefix or cfg.nats.prefix
-
-
-def _fail(message: str, code: int) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
 
 
 async def send_key_command(url: str, prefix: str, request: dict, timeout: float) -> dict:
@@ -56,13 +44,13 @@ async def send_key_command(url: str, prefix: str, request: dict, timeout: float)
 
 
 def _run(request: dict, config, nats, prefix, timeout: float) -> None:
-    url, prefix = _target(config, nats, prefix)
+    target = client_target(config, nats, prefix)
     try:
-        answer = anyio.run(send_key_command, url, prefix, request, timeout)
+        answer = anyio.run(send_key_command, target.url, target.prefix, request, timeout)
     except (NatsUnavailable, TimeoutError) as exc:
-        _fail(str(exc), 1)
+        fail(str(exc), EXIT_FAILED)
     if not answer.get("ok"):
-        _fail(str(answer.get("error")), 1)
+        fail(str(answer.get("error")), EXIT_FAILED)
     state = answer.get("state") or {}
     what = "enabled" if state.get("state") == "enabled" else f"disabled ({state.get('disabled_reason')})"
     note = "" if answer.get("changed") else " (no change)"

@@ -243,7 +243,13 @@ class Worker:
             delay = retry_delay(call.kind, a.attempt, call.retry_after_s)
             log.info("retrying job", kind=call.kind, delay_s=delay)
             self.calling.pop(a.id, None)  # no in-progress ack after the nak: it would postpone the retry
+            if call.kind == "denied":
+                # the leader must know which key refused the job before it comes back (else it may
+                # pick that key again); a crash before the nak only delays it by ack_wait
+                await self._report(a, call, terminal=False)
             await self.finisher.nak(a.ack, delay)
+            if call.kind == "denied":
+                return
         else:
             result = self._call_result(a, call, queued_ms)
             stored = await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to)
