@@ -18,7 +18,7 @@ def render_status(answer: dict, console: Console | None = None) -> None:
     keys = Table("key", "pool", "tokens", "cost tokens", "in flight", "breaker", "cooldown s", "calls", "ok",
                  "429s", "errors", "state", title="keys")
     for key_id, k in (answer.get("keys") or {}).items():
-        state = f"DISABLED ({k.get('disabled_reason')})" if k.get("disabled") else "ok"
+        state = key_state(k)
         keys.add_row(key_id, str(k.get("pool")), str(k.get("tokens")), str(k.get("cost_tokens", "-")),
                      f"{k.get('in_flight')}/{k.get('concurrency') or '∞'}", str(k.get("breaker")),
                      str(k.get("cooldown_s")), str(k.get("calls")), str(k.get("ok")), str(k.get("rate_limited")),
@@ -29,3 +29,22 @@ def render_status(answer: dict, console: Console | None = None) -> None:
         workers.add_row(w["id"], str(w["slots"]), str(w["in_flight"]), str(w.get("calls")), str(w.get("host")),
                         str(w.get("pid")), str(w.get("last_seen_s")), "draining" if w.get("draining") else "up")
     console.print(workers)
+
+
+def key_state(k: dict) -> str:
+    """One key's state for people: "ok", "DISABLED by provider evidence: <reason>; probe in
+    42 s", "DISABLED by an operator: <reason>", "no worker has its secret (<reason>)"."""
+    if not k.get("disabled"):
+        return "ok"
+    by = k.get("disabled_by")
+    if by == "secret":
+        return f"no worker has its secret ({k.get('secret_missing')})"
+    if by == "operator":
+        return f"DISABLED by an operator: {k.get('disabled_reason')}"
+    text = f"DISABLED by provider evidence: {k.get('disabled_reason')}"
+    probe = k.get("probe_in_s")
+    if probe is not None:
+        text += "; probe job in flight" if probe == 0 else f"; probe in {probe:.0f} s"
+    if k.get("secret_missing"):
+        text += f"; no worker has its secret ({k.get('secret_missing')})"
+    return text

@@ -112,6 +112,8 @@ class DispatcherConfig(_Strict):
     cooldown_max_s: float = Field(default=60.0, gt=0)
     safety_ms: float = Field(default=50.0, ge=0)
     priority_reserve: float = Field(default=1.0, ge=0)
+    key_probe_s: float = Field(default=60.0, gt=0)  # a key disabled on provider evidence gets a probe job after this
+    key_probe_max_s: float = Field(default=3600.0, gt=0)  # each failed probe doubles the delay, up to this
 
 
 class StreamsConfig(_Strict):

@@ -32,17 +32,18 @@ from ratefleet.runtime.handbacks import Handbacks
 from workers.secrets import SecretResolver
 
 log = get_logger("ratefleet.worker")
-RETRYABLE = {"rate_limited", "upstream_error", "key_error"}
+RETRYABLE = {"rate_limited", "upstream_error", "key_error", "denied"}
 
 
 def retry_delay(kind: str, attempt: int, retry_after_s: float | None) -> float:
     """How long a retryable job waits before its next delivery.
 
-    429 and 401/403 go back at once: the dispatcher cools down (honouring Retry-After) or
-    disables that key, and the job runs on another key as soon as one is free. 5xx,
+    429 and 401/403 go back at once: the dispatcher cools down (honouring Retry-After),
+    disables that key or weighs the refusal (dispatcher/core/denials.py), and the job runs on
+    another key as soon as one is free. 5xx,
     timeouts and connection errors back off exponentially (Retry-After when given).
     """
-    if kind in ("rate_limited", "key_error"):
+    if kind in ("rate_limited", "key_error", "denied"):
         return 0.0
     if retry_after_s is not None:
         return min(retry_after_s, 300.0)
@@ -71,10 +72,13 @@ class Worker:
         # older dispatcher version) is followed again rather than ignored for good
         self.epoch_forget_s = 2 * config.dispatcher.lease_ttl_s + 2 * config.workers.heartbeat_s
         self.handbacks = Handbacks(nc.jetstream(), self.subjects.handbacks_bucket)
+        self.unusable: dict[str, str] = {}  # key id -> why its secret cannot be used here (heartbeat)
 
     async def run(self, stop: anyio.Event) -> None:
-        for problem in self.secrets.check_all():
-            log.warning("secret unavailable on this worker", problem=problem)
+        self.unusable = self.secrets.check_all()
+        for key_id, reason in self.unusable.items():
+            log.warning("secret unusable on this worker; the leader sends this key's jobs elsewhere",
+                        key_id=key_id, problem=reason)
         client = build_client(self.config.workers.transport, self.slots)
         executor = UpstreamExecutor(client, self.config.workers.max_response_bytes)
         leader_sub = await self.nc.subscribe(self.subjects.leader_announce, cb=self._on_leader)
@@ -172,7 +176,7 @@ class Worker:
     async def _send_heartbeat(self) -> None:
         beat = Heartbeat(worker=self.id, slots=self.slots, in_flight=list(self.in_flight.values()),
                          draining=self.draining, pid=os.getpid(), host=socket.gethostname(),
-                         started_at=self.started_at, calls=self.calls)
+                         started_at=self.started_at, calls=self.calls, unusable_keys=self.unusable)
         try:
             await self.nc.publish(self.subjects.heartbeat, beat.model_dump_json().encode())
         except Exception as exc:  # noqa: BLE001 - disconnected: the next beat retries
@@ -216,8 +220,12 @@ class Worker:
         try:
             secret = self.secrets.get(a.key_id)
         except SecretUnavailable as exc:
-            log.error("cannot resolve key secret; job goes back to the queue", problem=str(exc))
-            await self.finisher.nak(a.ack, 1.0)  # an attempt: it ends attempts_exhausted if no worker has it
+            # the leader had not heard yet: tell it (heartbeat), and hand the job back unrun,
+            # not as an attempt; it then goes to a worker and key that can run it
+            log.error("secret unusable; job handed back", problem=exc.reason)
+            self.unusable[a.key_id] = exc.reason
+            await self._send_heartbeat()
+            await self.handbacks.hand_back(a.seq, self.finisher, a.ack)
             await self._report(a, None, terminal=False)
             return
         upstream = self.config.upstreams[a.upstream]
@@ -246,7 +254,7 @@ class Worker:
     async def _conclude(self, a: Assignment, call: CallResult, queued_ms: float) -> None:
         """Finish or requeue the job, then report the outcome (so a worker killed in between
         still lists the assignment in flight and the dispatcher returns it at once)."""
-        retryable = call.kind in RETRYABLE
+        retryable = call.kind in RETRYABLE and not (call.kind == "denied" and a.denial_final)
         terminal = not retryable or a.attempt >= a.max_attempts
         log.debug("call done", kind=call.kind, status=call.response.status if call.response else None,
                   latency_ms=round(call.latency_ms, 1))
@@ -254,7 +262,13 @@ class Worker:
             delay = retry_delay(call.kind, a.attempt, call.retry_after_s)
             log.info("retrying job", kind=call.kind, delay_s=delay)
             self.calling.pop(a.id, None)  # no in-progress ack after the nak: it would postpone the retry
+            if call.kind == "denied":
+                # the leader must know which key refused the job before it comes back (else it may
+                # pick that key again); a crash before the nak only delays it by ack_wait
+                await self._report(a, call, terminal=False)
             await self.finisher.nak(a.ack, delay)
+            if call.kind == "denied":
+                return
         else:
             terminal = await self._store(a, self._call_result(a, call, queued_ms))
         await self._report(a, call, terminal=terminal)
@@ -285,7 +299,9 @@ class Worker:
                                 queued_ms=queued_ms, upstream_ms=call.latency_ms)
         if call.kind == "ok":
             return self._result(a, "succeeded", response=call.response, queued_ms=queued_ms, upstream_ms=call.latency_ms)
-        if call.kind in RETRYABLE:
+        if call.kind == "denied" and a.denial_final:
+            error = _request_denied(a, call)
+        elif call.kind in RETRYABLE:
             what = f"HTTP {call.response.status}" if call.response else call.error
             error = ErrorInfo(code=ErrorCode.ATTEMPTS_EXHAUSTED, message=f"gave up after {a.attempt} attempts; last: {what}")
         else:
@@ -306,9 +322,21 @@ class Worker:
             assignment=a.id, worker=self.id, key_id=a.key_id, job_id=a.job_id, terminal=terminal,
             kind=call.kind if call else "none", status=call.response.status if call and call.response else None,
             retry_after_s=call.retry_after_s if call else None, ratelimit=call.ratelimit if call else None,
-            actual_cost=call.actual_cost if call else None, latency_ms=call.latency_ms if call else None)
+            actual_cost=call.actual_cost if call else None, latency_ms=call.latency_ms if call else None,
+            code=call.provider_code if call else None)
         self.in_flight.pop(a.id, None)
         try:
             await self.nc.publish(self.subjects.outcome, report.model_dump_json().encode())
         except Exception as exc:  # noqa: BLE001 - the heartbeat reconciles a lost report
             log.warning("outcome report not sent", error=type(exc).__name__)
+
+
+def _request_denied(a: Assignment, call: CallResult) -> ErrorInfo:
+    """A 401/403 on a second key (or on the only key that could take the job): the request
+    is refused, not the key; the keys stay in rotation (dispatcher/core/denials.py)."""
+    status = call.response.status if call.response else None
+    code = f" ({call.provider_code})" if call.provider_code else ""
+    return ErrorInfo(code=ErrorCode.REQUEST_DENIED,
+                     message=f"the upstream refused this request with HTTP {status}{code} on key {a.key_id} after "
+                             "another key refused it too (or no other key could take it): the request is at fault, "
+                             "not the keys, which stay in rotation; not retried")

@@ -1,7 +1,7 @@
 """Everything the scheduler knows about one API key, and the signals that change it.
 
-A key is usable for a job of cost c at `now` when it is not disabled, its breaker admits a
-call (closed; half-open with no probe in flight; open past the reset timeout), its cooldown
+A key is usable for a job of cost c at `now` when it is enabled (or its probe is due, see
+keyhealth.py) and some worker holds its secret, its breaker admits a call (closed; half-open with no probe in flight; open past the reset timeout), its cooldown
 has ended, it is below its concurrency cap, and its request bucket holds 1 token and its
 cost bucket (when configured) c tokens. `ready_at` folds all of that into one time.
 """
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 from .breaker import KeyBreaker
 from .bucket import TokenBucket
-from .types import BreakerPolicy, CooldownPolicy, KeySpec, Outcome, RateLimitInfo
+from .keyhealth import KeyHealth
+from .types import BreakerPolicy, CooldownPolicy, KeySpec, Outcome, ProbePolicy, RateLimitInfo
 
-KEY_ERROR_REASON = "401/403"
 _MAX_DOUBLINGS = 62
 
 
@@ -49,6 +49,7 @@ class KeyState:
         cooldown: CooldownPolicy,
         now: float,
         conservative: bool,
+        probe: ProbePolicy = ProbePolicy(),
     ) -> None:
         self.spec = spec
         self.cooldown = cooldown
@@ -62,8 +63,17 @@ class KeyState:
         self.cooldown_until = -math.inf
         self.streak_429 = 0
         self.in_flight = 0
-        self.disabled_reason: str | None = None
+        self.health = KeyHealth(probe)
         self.stats = KeyStats()
+
+    @property
+    def disabled_reason(self) -> str | None:
+        """Why the key takes no jobs (disabled, or no worker holds its secret), else None."""
+        if self.health.reason is not None:
+            return self.health.reason
+        if self.health.secret_missing is not None:
+            return f"no worker has its secret ({self.health.secret_missing})"
+        return None
 
     @property
     def cost_capacity(self) -> float:
@@ -74,9 +84,11 @@ class KeyState:
         request tokens (only when the capacity can hold them) for a higher tier.
 
         None when only a completion can free it (concurrency cap, probe in flight) or
-        nothing can (disabled, cost above the cost capacity).
+        nothing can (operator-disabled, no secret, cost above the cost capacity). A key
+        disabled on provider evidence is ready at its probe time.
         """
-        if self.disabled_reason is not None or cost > self.cost_capacity:
+        health_gate = self.health.gate(now)
+        if health_gate is None or cost > self.cost_capacity:
             return None
         cap = self.spec.concurrency
         if cap is not None and self.in_flight >= cap:
@@ -85,7 +97,7 @@ class KeyState:
         if gate is None:
             return None
         needed = 1.0 + reserve if self.requests.capacity >= 1.0 + reserve else 1.0
-        at = max(now, gate, self.cooldown_until, self.requests.ready_at(now, needed))
+        at = max(now, gate, health_gate, self.cooldown_until, self.requests.ready_at(now, needed))
         if self.cost is not None:
             at = max(at, self.cost.ready_at(now, cost))
         return at
@@ -112,22 +124,23 @@ class KeyState:
         elif actual < reserved:
             self.cost.refund(now, reserved - actual, mark)
 
-    def observe(self, outcome: Outcome, now: float) -> None:
-        """Apply a call's key signals: counters, 429 cooldown, disable, ratelimit resync."""
+    def observe(self, outcome: Outcome, now: float) -> bool:
+        """Apply a call's key signals: counters, 429 cooldown, disable on key-scoped evidence,
+        ratelimit resync. Returns whether the key was disabled by it."""
         if outcome.kind == "lost":
-            return
+            return False
         self._count(outcome)
+        disabled = False
         if outcome.kind == "ok":
             self.streak_429 = 0
         elif outcome.kind == "rate_limited":
             self.streak_429 += 1
             self._cool(now, self._backoff(outcome.retry_after_s))
         elif outcome.kind == "key_error":
-            self.disabled_reason = KEY_ERROR_REASON
-            if outcome.status is not None:
-                self.disabled_reason = f"{KEY_ERROR_REASON}: upstream answered {outcome.status}"
+            disabled = self.health.disable("provider", key_error_reason(outcome), now)
         if outcome.ratelimit is not None:
             self._resync(outcome.ratelimit, now)
+        return disabled
 
     def _count(self, outcome: Outcome) -> None:
         self.stats.calls += 1
@@ -169,6 +182,7 @@ class KeyState:
             "concurrency": self.spec.concurrency,
             "breaker": self.breaker.view(now).value,
             "cooldown_s": round(max(0.0, self.cooldown_until - now), 3),
+            **self.health.view(now),
             "disabled": self.disabled_reason is not None,
             "disabled_reason": self.disabled_reason,
             "calls": self.stats.calls,
@@ -176,3 +190,11 @@ class KeyState:
             "rate_limited": self.stats.rate_limited,
             "errors": self.stats.errors,
         }
+
+
+def key_error_reason(outcome: Outcome) -> str:
+    """Why a key-scoped answer took the key out, e.g. "insufficient_quota (HTTP 429)"."""
+    if outcome.code:
+        status = f"HTTP {outcome.status}" if outcome.status is not None else "no status"
+        return f"{outcome.code} ({status})"
+    return f"401/403: upstream answered {outcome.status}"
