@@ -95,11 +95,18 @@ async def test_slow_call_longer_than_ack_wait_runs_exactly_once(tmp_path, nats_s
                 assert_exactly_once(counts, ids)
                 result = await tracker.result(slow, "slow")
                 took = tracker.first_seen[slow] - started
+                # without in-progress acks the message is redelivered every ack_wait while the
+                # call runs, and each redelivery starts another call: count calls as they arrive
+                # (not as they end), and wait past one more ack_wait so a late one shows too
+                await asyncio.sleep(ack_wait + 1)
+                arrived = sum(k["calls"] for k in mock.stats()["keys"].values())
                 figure("slow call", sleep_ms=sleep_ms, ack_wait_s=ack_wait, result_after_s=took,
                        attempts=result.attempts, slow_calls=calls(mock, path="/v1/embeddings"))
                 assert result.status == "succeeded" and result.attempts == 1
                 assert result.timings.upstream_ms >= sleep_ms * 0.95
                 assert calls(mock, path="/v1/embeddings") == 1, "the slow job was called more than once"
+                assert arrived == 21, f"{arrived} calls reached the upstream for 21 jobs: the slow job was dispatched again"
+                assert tracker.publishes[slow] == 1, "a second Result was published for the slow job"
                 assert calls(mock, path="/v1/chat/completions") == 20
                 assert_only_host(mock)
         finally:
