@@ -173,7 +173,7 @@ class Scheduler:
         marks = entry[1]
         if marks is not None:
             key.correct_cost(now, reservation.cost, outcome.actual_cost, marks.cost)
-        key.observe(outcome, now)
+        key.observe(outcome, now, None if reservation.adopted else reservation.at)
         key.breaker.settle(reservation.id, reservation.generation, outcome.kind, now)
 
     def complete_unknown(self, key_id: str, outcome: Outcome, now: float) -> None:
@@ -240,7 +240,7 @@ def _build_keys(spec: SchedulerSpec, now: float, conservative: bool) -> dict[str
                 raise ValueError(f"key id {key.id!r} appears twice")
             keys[key.id] = KeyState(
                 key, safety_s=spec.safety_s, breaker=spec.breaker, cooldown=spec.cooldown,
-                now=now, conservative=conservative,
+                now=now, conservative=conservative, adapt=spec.adapt,
             )
     if len({pool.name for pool in spec.pools}) != len(spec.pools):
         raise ValueError("pool names must be unique")
