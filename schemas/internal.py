@@ -39,6 +39,8 @@ class Assignment(BaseModel):
     queued_ms: float
     epoch: Epoch = (0, 0)  # the leadership that issued it (see the module docstring)
     seq: int = 0  # stream sequence of the JOBS message (for ratefleet/runtime/handbacks.py)
+    rate_limited: int = 0  # earlier deliveries answered 429 (not attempts)
+    max_rate_limited: int = 50  # the job ends `rate_limited` at this many
 
 
 class LeaderAnnounce(BaseModel):

@@ -24,6 +24,7 @@ class ErrorCode(StrEnum):
     NO_KEY_AVAILABLE = "no_key_available"
     KEY_UNAVAILABLE = "key_unavailable"
     POISON_MESSAGE = "poison_message"
+    RATE_LIMITED = "rate_limited"  # 429 on every try, `max_rate_limited` times
 
 
 class ErrorInfo(BaseModel):

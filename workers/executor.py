@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import anyio
 import httpx
 
 from dispatcher.core.signals import classify, parse_ratelimit, parse_retry_after
@@ -78,6 +79,20 @@ class UpstreamExecutor:
         self._client = client
 
     async def call(self, job: Job, upstream: UpstreamConfig, secret: str) -> CallResult:
+        """One upstream call, bounded as a whole by `upstream.timeout_s` seconds: connect,
+        send, headers and the entire body. httpx's own timeouts are per phase and per read
+        (an upstream dripping a byte a second never trips them), so an overall deadline
+        wraps the request and its body read; past it the call is a `timeout` outcome
+        (an upstream_error: a breaker failure, retried by policy)."""
+        started = time.perf_counter()
+        try:
+            with anyio.fail_after(upstream.timeout_s):
+                return await self._call(job, upstream, secret)
+        except TimeoutError:
+            return self._failed("timeout", f"the call did not finish within timeout_s = {upstream.timeout_s}s "
+                                "(connect, send, headers and body)", started)
+
+    async def _call(self, job: Job, upstream: UpstreamConfig, secret: str) -> CallResult:
         request = job.request
         auth = f"{upstream.auth_scheme} {secret}" if upstream.auth_scheme else secret
         headers = {**request.headers, upstream.auth_header: auth}
@@ -96,7 +111,7 @@ class UpstreamExecutor:
         latency_ms = (time.perf_counter() - started) * 1000
         info = _response_info(response, secret)
         cost = _dig(info.json_body, upstream.usage_path) if upstream.usage_path else None
-        limit = parse_ratelimit(response.headers)
+        limit = parse_ratelimit(response.headers, time.time())
         return CallResult(
             kind=classify(response.status_code, None), response=info, error=None,
             retry_after_s=parse_retry_after(response.headers.get("retry-after"), time.time()),

@@ -5,11 +5,13 @@
     Chain, pick_key     choice.py     pool fallback chain, key choice, never-runnable jobs
     KeyState            key.py        one key: buckets, cooldown, disable, counters
     KeyBreaker          breaker.py    aiobreaker state machine with monotonic timing
-    TokenBucket         bucket.py     x/time/rate-style bucket with safe refunds
+    TokenBucket         bucket.py     x/time/rate-style bucket with safe refunds and rate changes
+    AdaptiveRate        adaptive.py   a key's effective rate: AIMD on 429s, ratelimit header hints
     parse_* / classify  signals.py    HTTP answer -> Outcome fields (used by workers)
     specs and values    types.py
 """
 
+from .adaptive import AdaptiveRate, AdaptPolicy, header_rate
 from .breaker import BreakerState, KeyBreaker
 from .bucket import TokenBucket
 from .scheduler import LOOKAHEAD, Scheduler
@@ -34,6 +36,7 @@ from .types import (
 )
 
 __all__ = [
+    "AdaptPolicy", "AdaptiveRate", "header_rate",
     "BreakerPolicy", "BreakerState", "CooldownPolicy", "Decision", "Dispatch", "Idle",
     "KeyBreaker", "KeySpec", "LOOKAHEAD", "Outcome", "OutcomeKind", "PendingJob", "PoolSpec",
     "RateLimitInfo", "Reject", "Reservation", "Scheduler", "SchedulerSpec", "TierSpec",

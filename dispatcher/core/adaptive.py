@@ -87,7 +87,7 @@ class AdaptiveRate:
             return
         elapsed = min(idle_cap_s, max(0.0, now - self._at))
         self._at = max(self._at, now)
-        if self.rate < self.target:
+        if self.rate < self.target * (1 - 1e-9):
             step = (self.target - self._low) * elapsed / self.policy.recover_s
             self.rate = min(self.target, self.rate + step)
         else:
