@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--claimed-rps", type=float, default=20.0, help="req/s the config claims per key (default 20)")
     p.add_argument("--claimed-burst", type=float, default=5.0, help="burst the config claims per key (default 5)")
     p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    p.add_argument("--no-adapt", action="store_true",
+                   help="keep every key at its configured rate (dispatcher.adaptive_rate = false), for comparison")
     p.add_argument("--timeout-s", type=float, default=300.0, help="give up after this long (default 300)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "adaptive.json", help="JSON output")
     p.add_argument("--keep-logs", type=Path, default=None, help="copy the fleet's process logs to this directory")
@@ -143,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=130)
     real = [KeyLimit(f"k{i + 1}", args.real_rps, args.real_burst) for i in range(args.keys)]
     claimed = [KeyLimit(f"k{i + 1}", args.claimed_rps, args.claimed_burst) for i in range(args.keys)]
-    with LocalFleet(real, workers=args.workers, claimed=claimed, keep_logs=args.keep_logs) as fleet:
+    dispatcher = {"adaptive_rate": False} if args.no_adapt else {}
+    with LocalFleet(real, workers=args.workers, claimed=claimed, dispatcher=dispatcher,
+                    keep_logs=args.keep_logs) as fleet:
         run = anyio.run(drive, args, fleet)
     out = analyse(args, run)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()

@@ -21,5 +21,6 @@ def scheduler_spec(config: Config) -> SchedulerSpec:
         breaker=BreakerPolicy(fail_max=d.breaker_fail_max, reset_timeout_s=d.breaker_reset_s),
         cooldown=CooldownPolicy(base_s=d.cooldown_base_s, max_s=d.cooldown_max_s),
         safety_s=d.safety_ms / 1000, priority_reserve=d.priority_reserve,
-        adapt=AdaptPolicy(enabled=d.adaptive_rate, decrease=d.rate_decrease, recover_s=d.rate_recover_s),
+        adapt=AdaptPolicy(enabled=d.adaptive_rate, decrease=d.rate_decrease, recover_s=d.rate_recover_s,
+                          first_burst=d.first_burst),
     )

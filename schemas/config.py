@@ -114,6 +114,7 @@ class DispatcherConfig(_Strict):
     adaptive_rate: bool = True  # keys' effective rates follow 429s and ratelimit headers (never above rps)
     rate_decrease: float = Field(default=0.5, gt=0, lt=1)  # a 429 multiplies the rate sent by this
     rate_recover_s: float = Field(default=5.0, gt=0)  # successes bring it back near the 429 point in this long
+    first_burst: float | None = Field(default=2.0, ge=1)  # a key's burst until its first answer (none: as configured)
 
 
 class StreamsConfig(_Strict):

@@ -34,6 +34,10 @@ class AdaptPolicy:
     recover_s: seconds of successes to return from the dropped rate to that target.
     probe_per_s: above the target, growth per second of successes, as a fraction of it.
     floor_fraction: the effective rate never goes below this fraction of the configured one.
+    first_burst: until a key's first answer comes back, its burst is at most this many
+        requests (None: the configured burst). A config claiming more than the provider
+        allows would otherwise spend its whole claimed burst into 429s before the first
+        answer (and its headers) could say so; the rate itself is not held back.
     """
 
     enabled: bool = True
@@ -42,12 +46,15 @@ class AdaptPolicy:
     recover_s: float = 5.0
     probe_per_s: float = 0.02
     floor_fraction: float = 0.01
+    first_burst: float | None = None
 
     def __post_init__(self) -> None:
         if not (0 < self.decrease < 1 and 0 < self.target_fraction <= 1 and 0 < self.floor_fraction <= 1):
             raise ValueError("decrease must be in (0, 1); target_fraction and floor_fraction in (0, 1]")
         if self.recover_s <= 0 or self.probe_per_s < 0:
             raise ValueError("recover_s must be > 0 and probe_per_s >= 0")
+        if self.first_burst is not None and self.first_burst < 1:
+            raise ValueError("first_burst must be >= 1 when set")
 
 
 def header_rate(limit: float | None, remaining: float | None, reset_s: float | None) -> float | None:

@@ -65,7 +65,10 @@ class KeyState:
         self.cooldown = cooldown
         self._safety_s = safety_s
         self._capacity = max(1.0, spec.burst - safety_s * spec.rps)
-        self.requests = TokenBucket(spec.rps, self._capacity, 0.0 if conservative else self._capacity, now)
+        self.answered = False  # no answer yet: the burst is held to adapt.first_burst
+        self._first_burst = adapt.first_burst if adapt.enabled else None
+        first = self._capacity if self._first_burst is None else min(self._capacity, self._first_burst)
+        self.requests = TokenBucket(spec.rps, first, 0.0 if conservative else first, now)
         self.request_rate = AdaptiveRate(spec.rps, adapt, now)
         self.cost: TokenBucket | None = None
         self.cost_rate: AdaptiveRate | None = None
@@ -137,6 +140,7 @@ class KeyState:
         unknown: then a 429 counts as fresh)."""
         if outcome.kind == "lost":
             return
+        self.answered = True
         self._count(outcome)
         fresh = sent_at is None or sent_at >= self.throttled_at
         if outcome.kind == "ok":
@@ -183,6 +187,8 @@ class KeyState:
         capacity = max(1.0, self._capacity * rate / self.spec.rps)
         if self.limit_hint is not None:
             capacity = min(capacity, max(1.0, self.limit_hint - self._safety_s * rate))
+        if not self.answered and self._first_burst is not None:
+            capacity = min(capacity, self._first_burst)
         if rate != self.requests.rate or capacity != self.requests.capacity:
             self.requests.set_rate(now, rate, capacity)
         if self.cost is not None and self.cost_rate is not None and self.cost_rate.rate != self.cost.rate:

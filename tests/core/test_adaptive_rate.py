@@ -309,3 +309,14 @@ def test_absolute_resets_need_the_wall_clock():
     info = parse_ratelimit({"x-ratelimit-limit": "60", "x-ratelimit-reset": "1700000042"})
     assert info == RateLimitInfo(limit_requests=60)
     assert not math.isnan(info.limit_requests)
+
+
+def test_first_burst_holds_a_key_until_its_first_answer():
+    s = make(pool("p", key("k1", rps=20, burst=10)), adapt=AdaptPolicy(first_burst=2))
+    for _ in range(20):
+        s.add(job(), t0)
+    first = [dispatch(s, t0), dispatch(s, t0)]
+    assert s.next(t0) == WaitUntil(t0 + 1 / 20)  # the rate is not held back, only the burst
+    s.complete(first[0].reservation, OK, t2)  # answered: the configured burst is back (refilling)
+    assert s.snapshot(t2)["keys"]["k1"]["burst"] == 10.0
+    assert s.snapshot(t2 + 1.0)["keys"]["k1"]["tokens"] == 10.0
