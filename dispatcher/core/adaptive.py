@@ -9,7 +9,10 @@ each key's bucket refills at an *effective* rate that always stays within
                         and the return target = target_fraction x that rate
                         (multiplicative decrease, below what drew the 429)
     header hint         effective and target drop to the rate the provider's
-                        x-ratelimit-* / ratelimit-* headers imply (`header_rate`)
+                        x-ratelimit-* / ratelimit-* headers imply (`header_rate`);
+                        when the lowest hint of the last HINT_WINDOW_S is well above
+                        the target (a key recovering from an outage of 429s), the
+                        target rises to HINT_TRUST x that hint
     success             below the target: a linear (additive) return to it over
                         `recover_s`; at or above it: a slow additive probe upward of
                         `probe_per_s` x target per second; never above configured
@@ -22,7 +25,11 @@ used near what it is really allowed. Everything takes `now` (monotonic seconds).
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
+
+HINT_WINDOW_S = 10.0  # header hints are upper bounds: the lowest recent one is the tightest
+HINT_TRUST = 0.95  # the share of that bound a recovering key returns to before probing
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,7 @@ class AdaptiveRate:
         self.target = configured
         self._low = configured  # where the last drop left the rate; the return starts here
         self._at = now
+        self._hints: deque[tuple[float, float]] = deque(maxlen=64)
 
     def on_success(self, now: float, idle_cap_s: float = 2.0) -> None:
         """A call went through: climb, by the time since the last change (at most
@@ -117,9 +125,15 @@ class AdaptiveRate:
         """The provider's headers imply at most `rate`: never run above it."""
         if not self.policy.enabled or rate is None:
             return
+        self._hints.append((now, rate))
+        while self._hints and self._hints[0][0] < now - HINT_WINDOW_S:
+            self._hints.popleft()
         if rate < self.rate:
             self.rate = self._low = rate
-        self.target = min(self.target, max(rate, self.rate))
+        self.target = min(self.target, rate)
+        room = HINT_TRUST * min(hint for _, hint in self._hints)
+        if room > self.target and room > self.rate:
+            self.target, self._low = room, self.rate
         self._at = max(self._at, now)
         self._clamp()
 

@@ -320,3 +320,16 @@ def test_first_burst_holds_a_key_until_its_first_answer():
     s.complete(first[0].reservation, OK, t2)  # answered: the configured burst is back (refilling)
     assert s.snapshot(t2)["keys"]["k1"]["burst"] == 10.0
     assert s.snapshot(t2 + 1.0)["keys"]["k1"]["tokens"] == 10.0
+
+
+def test_a_key_recovering_from_429s_returns_to_what_the_headers_allow():
+    r = AdaptiveRate(20.0, POLICY, t0)
+    for i in range(8):  # an outage of 429s: down to the floor (0.2)
+        r.on_throttle(i * 1.0, sent_rate=0.5)
+    assert r.rate == pytest.approx(0.2)
+    now = 8.0
+    for _ in range(12):  # then 6 s of successes whose headers say about 2/s is allowed
+        now += 0.5
+        r.on_success(now)
+        r.on_hint(now, 2.0)
+    assert 0.95 * 2.0 <= r.rate <= 2.0  # back within recover_s, not after a minutes-long probe
