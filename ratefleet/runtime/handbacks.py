@@ -14,7 +14,7 @@ calls beyond `max_attempts`. The bucket is read only for redelivered messages an
 only on the handback paths, with short timeouts: it never stalls the hot path.
 
 Deliveries that ended in a 429 are recorded in the same entry, as a second number
-(value `"<handbacks> <rate limited>"`; a lone number is an entry from before): intake
+(value `"<handbacks> <rate limited>"`; a lone number when there were no 429s): intake
 counts them neither as attempts nor toward the poison limit, but against the tier's
 separate `max_rate_limited` budget. Because the counts live in JetStream, a new leader
 after a failover sees the same numbers.
@@ -54,6 +54,9 @@ class DeliveryCounts:
         return cls(max(0, numbers[0]), max(0, numbers[1]))
 
     def encode(self) -> bytes:
+        """A lone number while there are no 429s, as before (readers of that form keep working)."""
+        if not self.rate_limited:
+            return str(self.handbacks).encode()
         return f"{self.handbacks} {self.rate_limited}".encode()
 
 
