@@ -113,3 +113,38 @@ async def test_429s_are_waits_with_their_own_budget_and_retry_after_zero_makes_n
     assert _most_calls_within(times, 0.5) <= 2, f"a burst: {sorted(round(t - min(times), 3) for t in times)}"
     assert max(times) - min(times) >= 3.0, "consecutive 429s did not back off exponentially"
     assert len(letters) == 1 and letters[0]["reason"]["code"] == "rate_limited"
+
+
+async def test_the_429_count_survives_a_leader_failover(tmp_path, nats_server):
+    """The leader is stopped after the job's third 429; its successor reads the count from
+    JetStream and ends the job after exactly max_rate_limited 429s, not later, not sooner."""
+    budget = 6
+    with upstream(keys=mock_keys(rps=50, burst=5)) as mock:
+        kit = FleetKit(tmp_path, nats_server.url, mock.url,
+                       keys=[{"id": "k1", "rps": 50, "burst": 5}, {"id": "k2", "rps": 50, "burst": 5}],
+                       overrides={"tiers": {"normal": {"max_attempts": 2, "max_rate_limited": budget}},
+                                  "dispatcher": {"cooldown_max_s": 2.0}})
+        first = kit.dispatcher("d1")
+        kit.worker("w1")
+        try:
+            async with await Client.connect(nats_server.url) as client, Tracker(nats_server.url) as tracker:
+                await wait_workers(client, {"w1"})
+                kit.dispatcher("d2")
+                hammer = await client.submit(chat(1, id="hammer", mock={"status": 429, "retry_after": 0}), "normal",
+                                             batch="failover")
+                deadline = time.monotonic() + 30
+                while sum(k["rate_limited"] for k in mock.stats()["keys"].values()) < 3:
+                    assert time.monotonic() < deadline, "the job was not tried three times"
+                    await asyncio.sleep(0.05)
+                first.terminate()  # the standby takes over
+                await tracker.wait_stored("failover", [hammer], timeout=60)
+                result = (await tracker.results([hammer], "failover"))[hammer]
+                leader = (await client.status())["leader"]
+        finally:
+            kit.stop()
+        rows = [row for row in mock.log(1000) if row["path"].startswith("/v1/")]
+    figure("429 count across a failover", calls=len(rows), leader_after=leader, status=result.status,
+           code=result.error.code if result.error else None, attempts=result.attempts)
+    assert leader == "d2"
+    assert result.status == "failed" and result.error.code == "rate_limited" and result.attempts == 1, result
+    assert len(rows) == budget and all(row["status"] == 429 for row in rows)
