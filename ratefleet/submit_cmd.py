@@ -13,6 +13,7 @@ import anyio
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ratefleet.cli_support import make_console
 from ratefleet.client import Client, as_job
 from ratefleet.errors import JobInvalid
 from schemas import Job
@@ -26,8 +27,8 @@ def read_jobs(lines: list[str], batch: str | None) -> tuple[list[Job], list[str]
             continue
         try:
             jobs.append(as_job(json.loads(line), batch=batch))
-        except ValueError as exc:
-            errors.append(f"line {number}: not valid JSON ({exc})")
+        except (ValueError, RecursionError) as exc:
+            errors.append(f"line {number}: not valid JSON ({type(exc).__name__}: {exc})")
         except JobInvalid as exc:
             errors.append(f"line {number}: {exc}")
     return jobs, errors
@@ -40,7 +41,7 @@ def _progress(console: Console) -> Progress:
 
 async def run_submit(file: Path, tier: str, batch: str | None, wait: bool, out: Path | None, skip_invalid: bool,
                      url: str, prefix: str) -> int:
-    console = Console(stderr=True)
+    console = make_console(stderr=True)  # plain under NO_COLOR / not a terminal
     text = sys.stdin.read() if str(file) == "-" else file.read_text()
     if wait and batch is None:
         batch = "submit-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
