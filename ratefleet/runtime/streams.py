@@ -4,7 +4,7 @@ RATEFLEET_JOBS     work-queue, file storage, discard-new at its limits, dedup by
                    one durable pull consumer per tier (`tier-<name>`).
 RATEFLEET_RESULTS  limits retention, one message per subject for good (invariant 7).
 RATEFLEET_DEAD     dead letters, kept `dead_max_age_s`.
-KV ratefleet_handbacks  deliveries that made no call (see ratefleet/runtime/handbacks.py).
+KV ratefleet_handbacks  deliveries that made no call or were answered 429 (ratefleet/runtime/handbacks.py).
 Object Store ratefleet_bodies  response bodies too large for a Result (ratefleet/runtime/bodies.py),
                    kept `results_max_age_s` like the Results that name them.
 """
