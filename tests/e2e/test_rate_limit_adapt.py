@@ -9,7 +9,8 @@ against the real mock upstream over HTTP:
   have room, as attempt 1;
 - `Retry-After: 0` on every answer does not make the fleet hammer the upstream: each key
   backs off exponentially, and the job ends `rate_limited` after the tier's
-  max_rate_limited 429s (not after max_attempts), with a dead letter.
+  max_rate_limited 429s (not after max_attempts), with a dead letter;
+- the job's 429 count lives in JetStream, so it survives a leader failover.
 """
 
 from __future__ import annotations
