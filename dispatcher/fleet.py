@@ -2,6 +2,10 @@
 
 Invariant 3: a token is spent only for a free worker slot. Free slots are the slots a
 worker announced minus the assignments this dispatcher handed it and has not seen finish.
+
+Workers report the keys whose secret they cannot use (`Heartbeat.unusable_keys`); a job on
+such a key goes only to a worker that holds it, and a key no live worker holds is out of
+rotation (`missing_everywhere`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class WorkerState:
     draining: bool = False
     assigned: dict[str, AssignmentRecord] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    unusable: dict[str, str] = field(default_factory=dict)  # key id -> why its secret is unusable here
 
     @property
     def free(self) -> int:
@@ -59,6 +64,7 @@ class Fleet:
             state = self.workers[hb.worker] = WorkerState(hb.worker, hb.slots, now)
         state.slots, state.last_seen, state.draining = hb.slots, now, hb.draining
         state.info = {"pid": hb.pid, "host": hb.host, "calls": hb.calls, "started_at": hb.started_at}
+        state.unusable = dict(hb.unusable_keys)
         listed = {item.assignment for item in hb.in_flight}
         lost = []
         for record in state.assigned.values():
@@ -75,9 +81,31 @@ class Fleet:
     def free_slots(self) -> int:
         return sum(w.free for w in self.workers.values())
 
-    def pick(self) -> WorkerState | None:
-        best = max(self.workers.values(), key=lambda w: w.free, default=None)
+    def pick(self, key_id: str | None = None) -> WorkerState | None:
+        """The worker with the most free slots (among those holding `key_id`'s secret)."""
+        holders = (w for w in self.workers.values() if key_id is None or key_id not in w.unusable)
+        best = max(holders, key=lambda w: w.free, default=None)
         return best if best is not None and best.free > 0 else None
+
+    def keys_without_free_holder(self, key_ids) -> frozenset[str]:
+        """Keys no worker with a free slot can call now (cheap when every worker holds every key)."""
+        if not any(w.unusable for w in self.workers.values()):
+            return frozenset()
+        free = [w for w in self.workers.values() if w.free > 0]
+        return frozenset(k for k in key_ids if all(k in w.unusable for w in free))
+
+    def missing_everywhere(self, key_ids) -> dict[str, str]:
+        """{key id: reason} for keys whose secret no live worker can use (none when no worker
+        is known: then nothing can be said)."""
+        live = [w for w in self.workers.values() if not w.draining] or list(self.workers.values())
+        if not live:
+            return {}
+        out = {}
+        for key_id in key_ids:
+            reasons = [w.unusable[key_id] for w in live if key_id in w.unusable]
+            if len(reasons) == len(live):
+                out[key_id] = "; ".join(sorted(set(reasons)))
+        return out
 
     def assign(self, record: AssignmentRecord) -> None:
         self.workers[record.worker].assigned[record.id] = record
@@ -103,4 +131,5 @@ class Fleet:
 
     def snapshot(self, now: float) -> list[dict]:
         return [{"id": w.id, "slots": w.slots, "in_flight": len(w.assigned), "free": w.free, "draining": w.draining,
-                 "last_seen_s": round(now - w.last_seen, 2), **w.info} for w in self.workers.values()]
+                 "last_seen_s": round(now - w.last_seen, 2), "unusable_keys": w.unusable, **w.info}
+                for w in self.workers.values()]

@@ -21,6 +21,7 @@ from ratefleet.cli_support import (EXIT_FAILED, EXIT_INTERRUPTED, RatefleetApp, 
                                    make_console, plain_output, read_text_file, require_file, require_out_path,
                                    tier_help)
 from ratefleet.errors import RatefleetError
+from ratefleet.keys_cmd import keys_app
 from ratefleet.runtime.logs import configure_logging
 
 _MARKUP = None if plain_output() else "rich"  # NO_COLOR / not a terminal: click's plain help and errors
@@ -30,6 +31,7 @@ app = RatefleetApp(add_completion=False, no_args_is_help=True, rich_markup_mode=
 dlq_app = typer.Typer(no_args_is_help=True, rich_markup_mode=_MARKUP, pretty_exceptions_enable=False,
                       help="Inspect and replay dead letters.")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(keys_app, name="keys")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config (else $RATEFLEET_CONFIG, else ./ratefleet.toml)")
 NatsOpt = typer.Option(None, "--nats", envvar="RATEFLEET_NATS_URL",

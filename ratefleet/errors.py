@@ -43,7 +43,13 @@ class RequestTimeout(RatefleetError):
 
 
 class SecretUnavailable(RatefleetError):
-    """A worker cannot resolve the secret for a key id (variable unset, file unreadable)."""
+    """A worker cannot use the secret for a key id (variable unset, file unreadable or empty,
+    a value no HTTP header can carry). `reason` is the short form for status and results
+    ("LOCAL_KEY_1 not set"); neither it nor the message ever holds the value."""
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class ResultNotStored(RatefleetError):

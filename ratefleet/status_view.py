@@ -18,7 +18,7 @@ def render_status(answer: dict, console: Console | None = None) -> None:
     keys = Table("key", "pool", "req/s effective / configured", "tokens", "cost tokens", "in flight", "breaker",
                  "cooldown s", "calls", "ok", "429s", "errors", "state", title="keys")
     for key_id, k in (answer.get("keys") or {}).items():
-        state = f"DISABLED ({k.get('disabled_reason')})" if k.get("disabled") else "ok"
+        state = key_state(k)
         keys.add_row(key_id, str(k.get("pool")), _rate(k), str(k.get("tokens")), str(k.get("cost_tokens", "-")),
                      f"{k.get('in_flight')}/{k.get('concurrency') or '∞'}", str(k.get("breaker")),
                      str(k.get("cooldown_s")), str(k.get("calls")), str(k.get("ok")), str(k.get("rate_limited")),
@@ -38,4 +38,23 @@ def _rate(key: dict) -> str:
     cpm, effective_cpm = key.get("cost_per_minute"), key.get("effective_cost_per_minute")
     if cpm is not None and effective_cpm is not None and effective_cpm < cpm:
         text += f"; {effective_cpm:g} / {cpm:g} cost/min"
+    return text
+
+
+def key_state(k: dict) -> str:
+    """One key's state for people: "ok", "DISABLED by provider evidence: <reason>; probe in
+    42 s", "DISABLED by an operator: <reason>", "no worker has its secret (<reason>)"."""
+    if not k.get("disabled"):
+        return "ok"
+    by = k.get("disabled_by")
+    if by == "secret":
+        return f"no worker has its secret ({k.get('secret_missing')})"
+    if by == "operator":
+        return f"DISABLED by an operator: {k.get('disabled_reason')}"
+    text = f"DISABLED by provider evidence: {k.get('disabled_reason')}"
+    probe = k.get("probe_in_s")
+    if probe is not None:
+        text += "; probe job in flight" if probe == 0 else f"; probe in {probe:.0f} s"
+    if k.get("secret_missing"):
+        text += f"; no worker has its secret ({k.get('secret_missing')})"
     return text

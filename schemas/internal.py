@@ -20,7 +20,9 @@ Epoch = tuple[int, int]
 
 from pydantic import BaseModel, Field
 
-OutcomeKind = Literal["ok", "rate_limited", "key_error", "upstream_error", "bad_request", "none"]
+# "key_error": key-scoped evidence (invalid_api_key, insufficient_quota...); "denied": a 401/403
+# that does not say whether the key or the request is at fault (dispatcher/core/signals.py)
+OutcomeKind = Literal["ok", "rate_limited", "key_error", "denied", "upstream_error", "bad_request", "none"]
 
 
 class Assignment(BaseModel):
@@ -39,6 +41,9 @@ class Assignment(BaseModel):
     queued_ms: float
     epoch: Epoch = (0, 0)  # the leadership that issued it (see the module docstring)
     seq: int = 0  # stream sequence of the JOBS message (for ratefleet/runtime/handbacks.py)
+    # a 401/403 ("denied") on this key ends the job as a request error: it was refused on
+    # another key already, or no other key could take it; else it is tried on another key
+    denial_final: bool = True
     rate_limited: int = 0  # earlier deliveries answered 429 (not attempts)
     max_rate_limited: int = 50  # the job ends `rate_limited` at this many
 
@@ -60,6 +65,7 @@ class OutcomeReport(BaseModel):
     actual_cost: float | None = None
     latency_ms: float | None = None
     terminal: bool = True
+    code: str | None = None  # the provider's error code/type from the answer, e.g. "invalid_api_key"
 
 
 class InFlight(BaseModel):
@@ -77,3 +83,5 @@ class Heartbeat(BaseModel):
     host: str | None = None
     started_at: float | None = None
     calls: int = 0
+    # key id -> why this worker cannot call with it ("LOCAL_KEY_1 not set"); never the value
+    unusable_keys: dict[str, str] = Field(default_factory=dict)

@@ -28,6 +28,7 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"  # 429 on every try, `max_rate_limited` times
     RESPONSE_TOO_LARGE = "response_too_large"
     INVALID_REQUEST = "invalid_request"  # the job passed validation but its HTTP request could not be built
+    REQUEST_DENIED = "request_denied"  # 401/403 on two keys: the request is refused, not the keys
 
 
 class ErrorInfo(BaseModel):

@@ -61,6 +61,11 @@ class Subjects:
         return "ratefleet_handbacks" + self.stream_suffix.lower()
 
     @property
+    def keys_bucket(self) -> str:
+        """KV bucket of disabled keys (key id -> state and reason), read by each new leader."""
+        return "ratefleet_keys" + self.stream_suffix.lower()
+
+    @property
     def bodies_bucket(self) -> str:
         """Object Store bucket for response bodies too large to travel inside a Result."""
         return "ratefleet_bodies" + self.stream_suffix.lower()
@@ -83,6 +88,11 @@ class Subjects:
     @property
     def admin_status(self) -> str:
         return f"{self.prefix}.admin.status"
+
+    @property
+    def admin_keys(self) -> str:
+        """Core request/reply to the leader: `{"action": "disable"|"enable", "key", "reason"}`."""
+        return f"{self.prefix}.admin.keys"
 
     # internal protocol (not part of the contract)
     def assign(self, worker_id: str) -> str:

@@ -17,7 +17,7 @@ import httpx
 
 from pydantic_core import PydanticCustomError
 
-from dispatcher.core.signals import classify, parse_ratelimit, parse_retry_after
+from dispatcher.core.signals import classify, parse_ratelimit, parse_retry_after, provider_code
 from ratefleet.errors import InvalidRequest
 from schemas import ErrorCode, Job, ResponseInfo, UpstreamConfig
 from schemas.job import check_header
@@ -38,6 +38,7 @@ class CallResult:
     actual_cost: float | None
     latency_ms: float
     code: str | None = None  # an ErrorCode that ends the job as it is (e.g. response_too_large)
+    provider_code: str | None = None  # the provider's error code/type (signals.provider_code)
 
 
 def build_client(transport: str, slots: int) -> httpx.AsyncClient:
@@ -134,8 +135,9 @@ class UpstreamExecutor:
         info = _response_info(response, raw, secret)
         cost = _dig(info.json_body, upstream.usage_path) if upstream.usage_path else None
         limit = parse_ratelimit(response.headers, time.time())
+        code = None if response.is_success else provider_code(info.json_body)
         return CallResult(
-            kind=classify(response.status_code, None), response=info, error=None,
+            kind=classify(response.status_code, None, code), response=info, error=None, provider_code=code,
             retry_after_s=parse_retry_after(response.headers.get("retry-after"), time.time()),
             ratelimit=None if limit is None else asdict(limit),
             actual_cost=cost, latency_ms=latency_ms,

@@ -32,7 +32,7 @@ from ratefleet.runtime.handbacks import Handbacks
 from workers.secrets import SecretResolver
 
 log = get_logger("ratefleet.worker")
-RETRYABLE = {"rate_limited", "upstream_error", "key_error"}
+RETRYABLE = {"rate_limited", "upstream_error", "key_error", "denied"}
 
 
 RATE_LIMITED_DELAY_S = (0.25, 5.0)  # a 429'd job's nak delay: doubling from 0.25 s, at most 5 s
@@ -41,15 +41,15 @@ RATE_LIMITED_DELAY_S = (0.25, 5.0)  # a 429'd job's nak delay: doubling from 0.2
 def retry_delay(kind: str, attempt: int, retry_after_s: float | None, rate_limited: int = 0) -> float:
     """How long a retryable job waits before its next delivery, in seconds.
 
-    401/403 go back at once: the dispatcher disables that key and the job runs on another.
-    A 429 goes back after a short delay that doubles with the job's own 429s
+    401/403 go back at once: the dispatcher disables that key or weighs the refusal
+    (dispatcher/core/denials.py), and the job runs on another key. A 429 goes back after a short delay that doubles with the job's own 429s
     (`rate_limited`, this one included: 0.25, 0.5, 1, 2, 4, 5, 5 ... s). The key's wait is
     the dispatcher's business (its cooldown honours Retry-After and backs off
     exponentially), so a job need not wait out one key's Retry-After when another key is
     free; the delay only keeps a job that every key refuses from circling. 5xx, timeouts
     and connection errors back off exponentially (Retry-After when given).
     """
-    if kind == "key_error":
+    if kind in ("key_error", "denied"):
         return 0.0
     if kind == "rate_limited":
         first, cap = RATE_LIMITED_DELAY_S
@@ -81,10 +81,13 @@ class Worker:
         # older dispatcher version) is followed again rather than ignored for good
         self.epoch_forget_s = 2 * config.dispatcher.lease_ttl_s + 2 * config.workers.heartbeat_s
         self.handbacks = Handbacks(nc.jetstream(), self.subjects.handbacks_bucket)
+        self.unusable: dict[str, str] = {}  # key id -> why its secret cannot be used here (heartbeat)
 
     async def run(self, stop: anyio.Event) -> None:
-        for problem in self.secrets.check_all():
-            log.warning("secret unavailable on this worker", problem=problem)
+        self.unusable = self.secrets.check_all()
+        for key_id, reason in self.unusable.items():
+            log.warning("secret unusable on this worker; the leader sends this key's jobs elsewhere",
+                        key_id=key_id, problem=reason)
         client = build_client(self.config.workers.transport, self.slots)
         executor = UpstreamExecutor(client, self.config.workers.max_response_bytes)
         leader_sub = await self.nc.subscribe(self.subjects.leader_announce, cb=self._on_leader)
@@ -182,7 +185,7 @@ class Worker:
     async def _send_heartbeat(self) -> None:
         beat = Heartbeat(worker=self.id, slots=self.slots, in_flight=list(self.in_flight.values()),
                          draining=self.draining, pid=os.getpid(), host=socket.gethostname(),
-                         started_at=self.started_at, calls=self.calls)
+                         started_at=self.started_at, calls=self.calls, unusable_keys=self.unusable)
         try:
             await self.nc.publish(self.subjects.heartbeat, beat.model_dump_json().encode())
         except Exception as exc:  # noqa: BLE001 - disconnected: the next beat retries
@@ -226,8 +229,12 @@ class Worker:
         try:
             secret = self.secrets.get(a.key_id)
         except SecretUnavailable as exc:
-            log.error("cannot resolve key secret; job goes back to the queue", problem=str(exc))
-            await self.finisher.nak(a.ack, 1.0)  # an attempt: it ends attempts_exhausted if no worker has it
+            # the leader had not heard yet: tell it (heartbeat), and hand the job back unrun,
+            # not as an attempt; it then goes to a worker and key that can run it
+            log.error("secret unusable; job handed back", problem=exc.reason)
+            self.unusable[a.key_id] = exc.reason
+            await self._send_heartbeat()
+            await self.handbacks.hand_back(a.seq, self.finisher, a.ack)
             await self._report(a, None, terminal=False)
             return
         upstream = self.config.upstreams[a.upstream]
@@ -256,7 +263,7 @@ class Worker:
     async def _conclude(self, a: Assignment, call: CallResult, queued_ms: float) -> None:
         """Finish or requeue the job, then report the outcome (so a worker killed in between
         still lists the assignment in flight and the dispatcher returns it at once)."""
-        retryable = call.kind in RETRYABLE
+        retryable = call.kind in RETRYABLE and not (call.kind == "denied" and a.denial_final)
         throttled = call.kind == "rate_limited"  # a wait, not an attempt: its own budget
         terminal = (a.rate_limited + 1 >= a.max_rate_limited if throttled
                     else not retryable or a.attempt >= a.max_attempts)
@@ -266,10 +273,16 @@ class Worker:
             delay = retry_delay(call.kind, a.attempt, call.retry_after_s, a.rate_limited + 1)
             log.info("retrying job", kind=call.kind, delay_s=delay)
             self.calling.pop(a.id, None)  # no in-progress ack after the nak: it would postpone the retry
+            if call.kind == "denied":
+                # the leader must know which key refused the job before it comes back (else it may
+                # pick that key again); a crash before the nak only delays it by ack_wait
+                await self._report(a, call, terminal=False)
             if throttled:
                 await self.handbacks.rate_limited(a.seq, self.finisher, a.ack, delay)
             else:
                 await self.finisher.nak(a.ack, delay)
+            if call.kind == "denied":
+                return
         else:
             terminal = await self._store(a, self._call_result(a, call, queued_ms))
         await self._report(a, call, terminal=terminal)
@@ -303,6 +316,8 @@ class Worker:
         if call.kind == "rate_limited":
             error = ErrorInfo(code=ErrorCode.RATE_LIMITED, message=f"answered 429 {a.rate_limited + 1} times "
                               f"(max_rate_limited = {a.max_rate_limited}); the keys never had room for it")
+        elif call.kind == "denied" and a.denial_final:
+            error = _request_denied(a, call)
         elif call.kind in RETRYABLE:
             what = f"HTTP {call.response.status}" if call.response else call.error
             error = ErrorInfo(code=ErrorCode.ATTEMPTS_EXHAUSTED, message=f"gave up after {a.attempt} attempts; last: {what}")
@@ -324,9 +339,21 @@ class Worker:
             assignment=a.id, worker=self.id, key_id=a.key_id, job_id=a.job_id, terminal=terminal,
             kind=call.kind if call else "none", status=call.response.status if call and call.response else None,
             retry_after_s=call.retry_after_s if call else None, ratelimit=call.ratelimit if call else None,
-            actual_cost=call.actual_cost if call else None, latency_ms=call.latency_ms if call else None)
+            actual_cost=call.actual_cost if call else None, latency_ms=call.latency_ms if call else None,
+            code=call.provider_code if call else None)
         self.in_flight.pop(a.id, None)
         try:
             await self.nc.publish(self.subjects.outcome, report.model_dump_json().encode())
         except Exception as exc:  # noqa: BLE001 - the heartbeat reconciles a lost report
             log.warning("outcome report not sent", error=type(exc).__name__)
+
+
+def _request_denied(a: Assignment, call: CallResult) -> ErrorInfo:
+    """A 401/403 on a second key (or on the only key that could take the job): the request
+    is refused, not the key; the keys stay in rotation (dispatcher/core/denials.py)."""
+    status = call.response.status if call.response else None
+    code = f" ({call.provider_code})" if call.provider_code else ""
+    return ErrorInfo(code=ErrorCode.REQUEST_DENIED,
+                     message=f"the upstream refused this request with HTTP {status}{code} on key {a.key_id} after "
+                             "another key refused it too (or no other key could take it): the request is at fault, "
+                             "not the keys, which stay in rotation; not retried")

@@ -4,6 +4,9 @@
     TierBook            tiers.py      tier FIFOs, stride (weighted) / strict ordering
     Chain, pick_key     choice.py     pool fallback chain, key choice, never-runnable jobs
     KeyState            key.py        one key: buckets, cooldown, disable, counters
+    KeyHealth           keyhealth.py  enabled / disabled (provider, operator), key probe, secret
+    DenialBook          denials.py    401/403: the key's fault or the request's
+    KeyAdmin            keyadmin.py   operator disable/enable, persisted state, missing secrets
     KeyBreaker          breaker.py    aiobreaker state machine with monotonic timing
     TokenBucket         bucket.py     x/time/rate-style bucket with safe refunds and rate changes
     AdaptiveRate        adaptive.py   a key's effective rate: AIMD on 429s, ratelimit header hints
@@ -15,7 +18,7 @@ from .adaptive import AdaptiveRate, AdaptPolicy, header_rate
 from .breaker import BreakerState, KeyBreaker
 from .bucket import TokenBucket
 from .scheduler import LOOKAHEAD, Scheduler
-from .signals import classify, is_retryable, parse_duration, parse_ratelimit, parse_retry_after
+from .signals import classify, is_retryable, parse_duration, parse_ratelimit, parse_retry_after, provider_code
 from .types import (
     BreakerPolicy,
     CooldownPolicy,
@@ -27,6 +30,7 @@ from .types import (
     OutcomeKind,
     PendingJob,
     PoolSpec,
+    ProbePolicy,
     RateLimitInfo,
     Reject,
     Reservation,
@@ -39,7 +43,7 @@ __all__ = [
     "AdaptPolicy", "AdaptiveRate", "header_rate",
     "BreakerPolicy", "BreakerState", "CooldownPolicy", "Decision", "Dispatch", "Idle",
     "KeyBreaker", "KeySpec", "LOOKAHEAD", "Outcome", "OutcomeKind", "PendingJob", "PoolSpec",
-    "RateLimitInfo", "Reject", "Reservation", "Scheduler", "SchedulerSpec", "TierSpec",
+    "ProbePolicy", "RateLimitInfo", "Reject", "Reservation", "Scheduler", "SchedulerSpec", "TierSpec",
     "TokenBucket", "WaitUntil", "classify", "is_retryable", "parse_duration",
-    "parse_ratelimit", "parse_retry_after",
+    "parse_ratelimit", "parse_retry_after", "provider_code",
 ]

@@ -38,12 +38,22 @@ class Reach:
     largest_cost: float
 
 
-def reach(chain: Chain) -> Reach:
-    enabled = [key for key in chain.keys() if key.disabled_reason is None]
+def reach(chain: Chain, now: float) -> Reach:
+    """Keys that may still serve a job (enabled, or with a probe due or in flight)."""
+    enabled = [key for key in chain.keys() if key.health.could_serve(now)]
     return Reach(len(enabled), max((key.cost_capacity for key in enabled), default=0.0))
 
 
-def never_runnable(chain: Chain, reach: Reach, job: PendingJob) -> str | None:
+def _unusable(chain: Chain, now: float) -> str:
+    parts = []
+    for key in chain.keys():
+        probe = key.health.view(now)["probe_in_s"]
+        when = f"; next probe in {probe:g} s" if probe is not None else ""
+        parts.append(f"{key.spec.id}: {key.disabled_reason or 'unusable'}{when}")
+    return "; ".join(parts)
+
+
+def never_runnable(chain: Chain, reach: Reach, job: PendingJob, now: float) -> str | None:
     """Why `job` can never run on `chain` (the Reject message), or None if it can."""
     if not chain.pools:
         return (
@@ -55,7 +65,8 @@ def never_runnable(chain: Chain, reach: Reach, job: PendingJob) -> str | None:
     if not reach.enabled:
         return (
             f"every key of pool(s) {names} (upstream {job.upstream!r}) used by tier "
-            f"{chain.tier!r} is disabled after 401/403; replace the keys or add a pool "
+            f"{chain.tier!r} is disabled or has no secret on any worker ({_unusable(chain, now)}); "
+            f"replace the keys, set their secrets on the workers, or add a pool "
             f"with working keys to tiers.{chain.tier}.pools"
         )
     if job.cost > reach.largest_cost:
@@ -68,15 +79,18 @@ def never_runnable(chain: Chain, reach: Reach, job: PendingJob) -> str | None:
 
 
 def pick_key(chain: Chain, cost: float, now: float, waits: list[float],
-             reserve: float = 0.0) -> tuple[str, KeyState] | None:
+             reserve: float = 0.0, skip: frozenset[str] = frozenset()) -> tuple[str, KeyState] | None:
     """The (pool, key) to use now, or None; appends future ready times to `waits`.
 
-    `reserve` request tokens stay on each key for a higher tier (see SchedulerSpec).
+    `reserve` request tokens stay on each key for a higher tier (see SchedulerSpec). Keys
+    in `skip` are passed over (no free worker holds them, or they refused this job).
     """
     for pool, keys in chain.pools:
         best: KeyState | None = None
         best_rank: tuple[float, int] = (math.inf, 0)
         for key in keys:
+            if key.spec.id in skip:
+                continue
             at = key.ready_at(now, cost, reserve)
             if at is None:
                 continue

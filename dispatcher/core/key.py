@@ -1,7 +1,7 @@
 """Everything the scheduler knows about one API key, and the signals that change it.
 
-A key is usable for a job of cost c at `now` when it is not disabled, its breaker admits a
-call (closed; half-open with no probe in flight; open past the reset timeout), its cooldown
+A key is usable for a job of cost c at `now` when it is enabled (or its probe is due, see
+keyhealth.py) and some worker holds its secret, its breaker admits a call (closed; half-open with no probe in flight; open past the reset timeout), its cooldown
 has ended, it is below its concurrency cap, and its request bucket holds 1 token and its
 cost bucket (when configured) c tokens. `ready_at` folds all of that into one time.
 
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from .adaptive import AdaptiveRate, AdaptPolicy, header_rate
 from .breaker import KeyBreaker
 from .bucket import TokenBucket
-from .types import BreakerPolicy, CooldownPolicy, KeySpec, Outcome, RateLimitInfo
+from .keyhealth import KeyHealth
+from .types import BreakerPolicy, CooldownPolicy, KeySpec, Outcome, ProbePolicy, RateLimitInfo
 
-KEY_ERROR_REASON = "401/403"
 _MAX_DOUBLINGS = 62
 SENT_WINDOW_S = 2.0  # the rate a key was actually sent at is measured over this window
 
@@ -59,6 +59,7 @@ class KeyState:
         cooldown: CooldownPolicy,
         now: float,
         conservative: bool,
+        probe: ProbePolicy = ProbePolicy(),
         adapt: AdaptPolicy = AdaptPolicy(),
     ) -> None:
         self.spec = spec
@@ -83,8 +84,17 @@ class KeyState:
         self.cooldown_until = -math.inf
         self.streak_429 = 0
         self.in_flight = 0
-        self.disabled_reason: str | None = None
+        self.health = KeyHealth(probe)
         self.stats = KeyStats()
+
+    @property
+    def disabled_reason(self) -> str | None:
+        """Why the key takes no jobs (disabled, or no worker holds its secret), else None."""
+        if self.health.reason is not None:
+            return self.health.reason
+        if self.health.secret_missing is not None:
+            return f"no worker has its secret ({self.health.secret_missing})"
+        return None
 
     @property
     def cost_capacity(self) -> float:
@@ -95,9 +105,11 @@ class KeyState:
         request tokens (only when the capacity can hold them) for a higher tier.
 
         None when only a completion can free it (concurrency cap, probe in flight) or
-        nothing can (disabled, cost above the cost capacity).
+        nothing can (operator-disabled, no secret, cost above the cost capacity). A key
+        disabled on provider evidence is ready at its probe time.
         """
-        if self.disabled_reason is not None or cost > self.cost_capacity:
+        health_gate = self.health.gate(now)
+        if health_gate is None or cost > self.cost_capacity:
             return None
         cap = self.spec.concurrency
         if cap is not None and self.in_flight >= cap:
@@ -106,7 +118,7 @@ class KeyState:
         if gate is None:
             return None
         needed = 1.0 + reserve if self.requests.capacity >= 1.0 + reserve else 1.0
-        at = max(now, gate, self.cooldown_until, self.requests.ready_at(now, needed))
+        at = max(now, gate, health_gate, self.cooldown_until, self.requests.ready_at(now, needed))
         if self.cost is not None:
             at = max(at, self.cost.ready_at(now, cost))
         return at
@@ -134,14 +146,16 @@ class KeyState:
         elif actual < reserved:
             self.cost.refund(now, reserved - actual, mark)
 
-    def observe(self, outcome: Outcome, now: float, sent_at: float | None = None) -> None:
-        """Apply a call's key signals: counters, 429 backoff and rate drop, disable,
-        ratelimit resync, rate climb. `sent_at`: when the call was dispatched (None when
-        unknown: then a 429 counts as fresh)."""
+    def observe(self, outcome: Outcome, now: float, sent_at: float | None = None) -> bool:
+        """Apply a call's key signals: counters, 429 backoff and rate drop, disable on
+        key-scoped evidence, ratelimit resync, rate climb. `sent_at`: when the call was
+        dispatched (None when unknown: then a 429 counts as fresh). Returns whether the key
+        was disabled by it."""
         if outcome.kind == "lost":
-            return
+            return False
         self.answered = True
         self._count(outcome)
+        disabled = False
         fresh = sent_at is None or sent_at >= self.throttled_at
         if outcome.kind == "ok":
             if fresh:
@@ -152,12 +166,11 @@ class KeyState:
         elif outcome.kind == "rate_limited":
             self._throttled(outcome, now, fresh)
         elif outcome.kind == "key_error":
-            self.disabled_reason = KEY_ERROR_REASON
-            if outcome.status is not None:
-                self.disabled_reason = f"{KEY_ERROR_REASON}: upstream answered {outcome.status}"
+            disabled = self.health.disable("provider", key_error_reason(outcome), now)
         if outcome.ratelimit is not None:
             self._resync(outcome.ratelimit, now)
         self._apply_rates(now)
+        return disabled
 
     def _throttled(self, outcome: Outcome, now: float, fresh: bool) -> None:
         if not fresh:  # an echo of the 429 already acted on
@@ -245,6 +258,7 @@ class KeyState:
             "concurrency": self.spec.concurrency,
             "breaker": self.breaker.view(now).value,
             "cooldown_s": round(max(0.0, self.cooldown_until - now), 3),
+            **self.health.view(now),
             "disabled": self.disabled_reason is not None,
             "disabled_reason": self.disabled_reason,
             "calls": self.stats.calls,
@@ -252,3 +266,11 @@ class KeyState:
             "rate_limited": self.stats.rate_limited,
             "errors": self.stats.errors,
         }
+
+
+def key_error_reason(outcome: Outcome) -> str:
+    """Why a key-scoped answer took the key out, e.g. "insufficient_quota (HTTP 429)"."""
+    if outcome.code:
+        status = f"HTTP {outcome.status}" if outcome.status is not None else "no status"
+        return f"{outcome.code} ({status})"
+    return f"401/403: upstream answered {outcome.status}"

@@ -8,7 +8,11 @@ a worker slot is free, so a spent token is used at once (invariant 3).
 
 Within a tier jobs are FIFO, but `next` looks at up to LOOKAHEAD jobs so a job whose
 upstream has no usable key does not block a job of another upstream behind it. A job does
-not overtake an earlier job of its own upstream (that would starve large jobs).
+not overtake an earlier job of its own upstream (that would starve large jobs), except a job
+that waits for a key other than those that refused it (denials.py).
+
+Key health (disable, probe, operator decisions, missing secrets) is in keyhealth.py; the
+operator-facing methods are in keyadmin.py.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ import itertools
 from collections.abc import Iterable
 
 from .choice import NO_KEY_AVAILABLE, Chain, Reach, never_runnable, pick_key, reach
+from .denials import DenialBook
 from .key import KeyState, Marks
+from .keyadmin import KeyAdmin
+from .keyhealth import probe_verdict
 from .tiers import TierBook, TierQueue
 from .types import (
     Decision, Dispatch, Idle, KeySpec, Outcome, PendingJob, Reject, Reservation, SchedulerSpec,
@@ -27,7 +34,7 @@ from .types import (
 LOOKAHEAD = 16
 
 
-class Scheduler:
+class Scheduler(KeyAdmin):
     """Dispatches queued jobs onto keys without exceeding any key's limits.
 
     Buckets start full; with `conservative=True` (a standby taking over from a leader whose
@@ -49,6 +56,8 @@ class Scheduler:
         self._reserve = spec.priority_reserve
         if self._reserve < 0:
             raise ValueError("priority_reserve must be >= 0")
+        self._denials = DenialBook()
+        self._changed: set[str] = set()  # keys whose health changed since key_changes()
 
     # -- queue ---------------------------------------------------------------------------
 
@@ -71,8 +80,11 @@ class Scheduler:
 
     # -- decisions -----------------------------------------------------------------------
 
-    def next(self, now: float) -> Decision:
+    def next(self, now: float, skip_keys: frozenset[str] = frozenset()) -> Decision:
         """The next thing for the shell to do; call it only while a worker slot is free.
+
+        `skip_keys`: keys no worker with a free slot can call right now (the shell knows
+        which workers hold which secrets); they are passed over like a busy key.
 
         Dispatch: run it (tokens, concurrency and any half-open probe are already taken).
         Reject: publish the job's failure and call `next` again. WaitUntil: call again at
@@ -84,38 +96,53 @@ class Scheduler:
         top = next(iter(self._tiers), None)
         reserve = self._reserve if top is not None and not top.jobs else 0.0
         for tier in self._tiers.in_order():
-            decision = self._scan(tier, now, waits, 0.0 if tier is top else reserve)
+            decision = self._scan(tier, now, waits, 0.0 if tier is top else reserve, skip_keys)
             if decision is not None:
                 return decision
         return WaitUntil(min(waits)) if waits else Idle()
 
-    def _scan(self, tier: TierQueue, now: float, waits: list[float], reserve: float) -> Dispatch | Reject | None:
+    def _scan(self, tier: TierQueue, now: float, waits: list[float], reserve: float,
+              skip_keys: frozenset[str]) -> Dispatch | Reject | None:
         blocked: set[str] = set()
         reaches: dict[str, Reach] = {}
         for index, job in enumerate(itertools.islice(tier.jobs, LOOKAHEAD)):
             chain = self._chain(tier, job.upstream)
             if job.upstream not in reaches:
-                reaches[job.upstream] = reach(chain)
-            reason = never_runnable(chain, reaches[job.upstream], job)
+                reaches[job.upstream] = reach(chain, now)
+            reason = never_runnable(chain, reaches[job.upstream], job, now)
             if reason is not None:
                 del tier.jobs[index]
                 return Reject(job, NO_KEY_AVAILABLE, reason)
             if job.upstream in blocked:
                 continue
-            picked = pick_key(chain, job.cost, now, waits, reserve)
+            avoid = self._avoid(chain, job, now)
+            picked = pick_key(chain, job.cost, now, waits, reserve, skip_keys | avoid)
             if picked is not None:
                 del tier.jobs[index]
-                return self._dispatch(tier, job, picked[0], picked[1], now)
-            blocked.add(job.upstream)
+                return self._dispatch(tier, job, picked[0], picked[1], now, chain)
+            if not avoid:  # a job waiting for another key than those that refused it blocks no one
+                blocked.add(job.upstream)
         return None
 
-    def _dispatch(self, tier: TierQueue, job: PendingJob, pool: str, key: KeyState, now: float) -> Dispatch:
+    def _avoid(self, chain: Chain, job: PendingJob, now: float) -> frozenset[str]:
+        """Keys that refused `job` (401/403), while the chain has another key for it."""
+        denied = self._denials.denied_keys(job.job_id)
+        if denied and any(k.spec.id not in denied and k.health.could_serve(now) for k in chain.keys()):
+            return denied
+        return frozenset()
+
+    def _dispatch(self, tier: TierQueue, job: PendingJob, pool: str, key: KeyState, now: float,
+                  chain: Chain) -> Dispatch:
         reservation_id = next(self._ids)
         probe = key.breaker.take_probe(reservation_id)
+        key_probe = key.health.take_probe(reservation_id)
         marks = key.reserve(now, job.cost)
+        denied = self._denials.denied_keys(job.job_id)
+        others = any(k is not key and k.spec.id not in denied and k.health.could_serve(now) for k in chain.keys())
         reservation = Reservation(
             id=reservation_id, job=job, key_id=key.spec.id, pool=pool, cost=job.cost,
-            generation=key.breaker.generation, at=now, probe=probe,
+            generation=key.breaker.generation, at=now, probe=probe, key_probe=key_probe,
+            denial_final=bool(denied - {key.spec.id}) or not others,
         )
         self._active[reservation_id] = (reservation, marks)
         self._tiers.charge(tier)
@@ -146,6 +173,7 @@ class Scheduler:
             return
         key = self._keys[reservation.key_id]
         key.breaker.release_probe(reservation.id)
+        key.health.release_probe(reservation.id)
         if reservation.adopted or entry[1] is None:
             key.in_flight -= 1
             return
@@ -157,9 +185,10 @@ class Scheduler:
     def complete(self, reservation: Reservation, outcome: Outcome, now: float) -> None:
         """Report the outcome of a reserved call.
 
-        Frees the slot and the probe, feeds the breaker (same generation only), applies the
-        key signals and corrects the cost bucket by the actual cost. A reservation that is
-        not active (completed twice, or after cancel) is treated like `complete_unknown`.
+        Frees the slot and the probes, feeds the breaker (same generation only), applies the
+        key signals (key-scoped evidence disables, 401/403 evidence per denials.py, a key
+        probe's verdict) and corrects the cost bucket by the actual cost. A reservation that
+        is not active (completed twice, or after cancel) is treated like `complete_unknown`.
         """
         now = self._tick(now)
         entry = self._active.pop(reservation.id, None)
@@ -173,8 +202,27 @@ class Scheduler:
         marks = entry[1]
         if marks is not None:
             key.correct_cost(now, reservation.cost, outcome.actual_cost, marks.cost)
-        key.observe(outcome, now, None if reservation.adopted else reservation.at)
+        if key.observe(outcome, now, None if reservation.adopted else reservation.at):
+            self._changed.add(key.spec.id)
+        self._weigh_denials(reservation, outcome, now)
+        if reservation.key_probe and key.health.settle_probe(reservation.id, probe_verdict(outcome), now):
+            self._changed.add(key.spec.id)
+            if not key.health.disabled:
+                self._denials.forget_key(key.spec.id)
         key.breaker.settle(reservation.id, reservation.generation, outcome.kind, now)
+
+    def _weigh_denials(self, reservation: Reservation, outcome: Outcome, now: float) -> None:
+        job_id = reservation.job.job_id
+        if outcome.kind == "denied":
+            verdicts = self._denials.on_denied(job_id, reservation.key_id, outcome.status,
+                                               reservation.denial_final, now)
+        elif outcome.kind == "ok":
+            verdicts = self._denials.on_ok(job_id, reservation.key_id, now)
+        else:
+            return
+        for key_id, reason in verdicts:
+            if self._keys[key_id].health.disable("provider", reason, now):
+                self._changed.add(key_id)
 
     def complete_unknown(self, key_id: str, outcome: Outcome, now: float) -> None:
         """Outcome of a call this scheduler did not reserve: key signals only.
@@ -184,8 +232,8 @@ class Scheduler:
         """
         now = self._tick(now)
         key = self._keys.get(key_id)
-        if key is not None:
-            key.observe(outcome, now)
+        if key is not None and key.observe(outcome, now):
+            self._changed.add(key_id)
 
     def adopt_in_flight(self, key_id: str, count: int, now: float) -> list[Reservation]:
         """Count `count` calls a previous leader started on `key_id` against its concurrency.
@@ -214,10 +262,6 @@ class Scheduler:
 
     # -- status --------------------------------------------------------------------------
 
-    def is_disabled(self, key_id: str) -> bool:
-        key = self._keys.get(key_id)
-        return key is not None and key.disabled_reason is not None
-
     def snapshot(self, now: float) -> dict:
         """Tiers and keys as JSON-able dicts (key fields: `KeyState.snapshot`)."""
         now = self._tick(now)
@@ -240,7 +284,7 @@ def _build_keys(spec: SchedulerSpec, now: float, conservative: bool) -> dict[str
                 raise ValueError(f"key id {key.id!r} appears twice")
             keys[key.id] = KeyState(
                 key, safety_s=spec.safety_s, breaker=spec.breaker, cooldown=spec.cooldown,
-                now=now, conservative=conservative, adapt=spec.adapt,
+                now=now, conservative=conservative, probe=spec.probe, adapt=spec.adapt,
             )
     if len({pool.name for pool in spec.pools}) != len(spec.pools):
         raise ValueError("pool names must be unique")

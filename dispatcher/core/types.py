@@ -15,7 +15,10 @@ from .adaptive import AdaptPolicy
 
 # "lost": the call's fate is unknown (its worker died, or the job was returned unrun); it
 # frees the slot and probe but counts as nothing and never feeds the breaker.
-OutcomeKind = Literal["ok", "rate_limited", "key_error", "upstream_error", "bad_request", "lost"]
+# "key_error": key-scoped evidence (e.g. `invalid_api_key`, `insufficient_quota`): the key is
+# disabled at once. "denied": a 401/403 that does not say whether the key or the request is
+# at fault; the job tries another key and evidence is collected per key (see denials.py).
+OutcomeKind = Literal["ok", "rate_limited", "key_error", "denied", "upstream_error", "bad_request", "lost"]
 Policy = Literal["weighted", "strict"]
 
 
@@ -71,6 +74,16 @@ class CooldownPolicy:
 
 
 @dataclass(frozen=True)
+class ProbePolicy:
+    """A key disabled on provider evidence gets one real job as a probe `base_s` after it was
+    disabled; each failed probe doubles the delay, capped at `max_s` (seconds). Like the
+    breaker's half-open probe, but for credentials."""
+
+    base_s: float = 60.0
+    max_s: float = 3600.0
+
+
+@dataclass(frozen=True)
 class SchedulerSpec:
     """Everything the scheduler needs; tiers are listed highest priority first.
 
@@ -93,6 +106,7 @@ class SchedulerSpec:
     policy: Policy = "weighted"
     breaker: BreakerPolicy = BreakerPolicy()
     cooldown: CooldownPolicy = CooldownPolicy()
+    probe: ProbePolicy = ProbePolicy()
     safety_s: float = 0.05
     priority_reserve: float = 0.0
     adapt: AdaptPolicy = AdaptPolicy()
@@ -127,6 +141,8 @@ class Reservation:
     at: float
     probe: bool
     adopted: bool = False
+    key_probe: bool = False  # the probe of a key disabled on provider evidence (keyhealth.py)
+    denial_final: bool = True  # a 401/403 ends the job: it has no other key left to try
 
 
 @dataclass(frozen=True)
@@ -184,7 +200,8 @@ class RateLimitInfo:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What a worker observed for one call."""
+    """What a worker observed for one call; `code` is the provider's error code or type
+    from the answer's body (`signals.provider_code`), e.g. "invalid_api_key"."""
 
     kind: OutcomeKind
     status: int | None = None
@@ -192,3 +209,4 @@ class Outcome:
     ratelimit: RateLimitInfo | None = None
     actual_cost: float | None = None
     latency_ms: float | None = None
+    code: str | None = None

@@ -30,6 +30,7 @@ from dispatcher.core import (
 )
 from dispatcher.fleet import AssignmentRecord, Fleet
 from dispatcher.shell.intake import Incoming, Refused, read_message, unreadable
+from dispatcher.shell.keycontrol import KeyControl
 from dispatcher.shell.puller import HANDBACK_MARGIN_S, PULL_EXPIRES_S, TierPuller
 from dispatcher.shell.refusals import finish_refused, refuse_incoming
 from dispatcher.spec import scheduler_spec
@@ -79,6 +80,7 @@ class LeaderSession:
         self.epoch = epoch  # fencing token on every assignment (see schemas/internal.py)
         self.renew = renew  # extends the lease while stepping down (the renewal loop has ended)
         self.handbacks = Handbacks(self.js, self.subjects.handbacks_bucket)
+        self.keys = KeyControl(self.scheduler, self.fleet, self.js, self.subjects, fence)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -89,6 +91,8 @@ class LeaderSession:
             self.subs.append(await subscribe(self.subjects.heartbeat, cb=self._on_heartbeat, pending_msgs_limit=0))
             self.subs.append(await subscribe(self.subjects.outcome, cb=self._on_outcome, pending_msgs_limit=0))
             self.subs.append(await subscribe(self.subjects.leader_status, cb=self._on_status_request))
+            await self.keys.restore()  # disabled keys and their reasons, from earlier leaders
+            self.subs.append(await subscribe(self.subjects.admin_keys, cb=self._on_keys_command))
             await self._announce()
             async with anyio.create_task_group() as tg:
                 self._tasks = tg
@@ -158,7 +162,7 @@ class LeaderSession:
             if not self.fence():
                 return 0.1
             now = time.monotonic()
-            decision = self.scheduler.next(now)
+            decision = self.scheduler.next(now, self.fleet.keys_without_free_holder(self.keys.key_ids))
             if isinstance(decision, Dispatch):
                 await self._hand_out(decision, now)
             elif isinstance(decision, Reject):
@@ -182,7 +186,7 @@ class LeaderSession:
 
     async def _hand_out(self, decision: Dispatch, now: float) -> None:
         held = self.held.pop(decision.job.handle, None)
-        worker = self.fleet.pick()
+        worker = self.fleet.pick(decision.key_id)
         if held is None or worker is None:  # cannot happen while slots are free; never leak tokens
             self.scheduler.cancel(decision.reservation, now)
             return
@@ -209,7 +213,8 @@ class LeaderSession:
             pool=decision.pool, ack=incoming.ack, reply_to=incoming.reply_to, attempt=incoming.attempt,
             max_attempts=incoming.max_attempts, submitted_at=incoming.submitted_at,
             queued_ms=max(0.0, (time.time() - incoming.submitted_at) * 1000), epoch=self.epoch,
-            seq=incoming.stream_seq, rate_limited=incoming.rate_limited, max_rate_limited=incoming.max_rate_limited)
+            seq=incoming.stream_seq, denial_final=decision.reservation.denial_final,
+            rate_limited=incoming.rate_limited, max_rate_limited=incoming.max_rate_limited)
         return assignment, assignment.model_dump_json().encode()
 
     async def _announce(self) -> None:
@@ -281,14 +286,15 @@ class LeaderSession:
         now = time.monotonic()
         record = self.fleet.finish(report.assignment)
         outcome = _outcome(report)
-        was_disabled = self.scheduler.is_disabled(report.key_id)
         if record is not None:
             self.scheduler.complete(record.reservation, outcome, now)
         elif report.kind != "none":
             self.scheduler.complete_unknown(report.key_id, outcome, now)
-        if not was_disabled and self.scheduler.is_disabled(report.key_id):
-            log.error("KEY DISABLED: the upstream refused its credentials; fix the secret and restart the dispatcher",
-                      key_id=report.key_id, status=report.status)
+        await self.keys.flush()
+        self.wake.set()
+
+    async def _on_keys_command(self, msg: Msg) -> None:
+        await self.keys.on_command(msg)
         self.wake.set()
 
     async def _on_heartbeat(self, msg: Msg) -> None:
@@ -298,6 +304,7 @@ class LeaderSession:
             return
         now = time.monotonic()
         is_new, lost = self.fleet.beat(beat, now)
+        self.keys.sync_secrets()
         if is_new:
             self._adopt(beat, now)
             log.info("worker joined", worker=beat.worker, slots=beat.slots, in_flight=len(beat.in_flight))
@@ -341,6 +348,7 @@ class LeaderSession:
                 log.warning("worker silent; returning its jobs to the queue", worker=worker.id, jobs=len(records))
                 for record in records:
                     await self._return(record, now)
+            self.keys.sync_secrets()
             for held in self.held.values():
                 if now - held.touched > keep_alive_after:
                     held.touched = now
@@ -368,4 +376,4 @@ def _outcome(report: OutcomeReport) -> Outcome:
         return LOST
     limit = RateLimitInfo.from_dict(report.ratelimit) if report.ratelimit else None
     return Outcome(kind=report.kind, status=report.status, retry_after_s=report.retry_after_s, ratelimit=limit,
-                   actual_cost=report.actual_cost, latency_ms=report.latency_ms)
+                   actual_cost=report.actual_cost, latency_ms=report.latency_ms, code=report.code)

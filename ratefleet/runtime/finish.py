@@ -74,10 +74,10 @@ class Finisher:
     async def dead(self, tier: str, result: Result, *, job: dict | None = None, raw: bytes | None = None,
                    last_error: dict | None = None) -> None:
         """A dead letter for `result`. `last_error`: what went wrong last (default: the last
-        upstream answer, if any)."""
+        upstream answer or, when no call was made, the error that ended the job)."""
         error = result.error
         if last_error is None:
-            last_error = letter_response(result.response)
+            last_error = _last_error(result)
         await dead_letter(self.js, self.subjects, tier, code=error.code if error else "unknown",
                           message=error.message if error else "", job=job, raw=raw, job_id=result.job_id,
                           attempts=result.attempts, last_error=last_error)
@@ -88,3 +88,11 @@ class Finisher:
 
     async def in_progress(self, ack: str) -> None:
         await self.nc.publish(ack, b"+WPI")
+
+
+def _last_error(result: Result) -> dict | None:
+    """The last upstream answer, or (no call made) the error that ended the job: a dead
+    letter always says why."""
+    if result.response is not None:
+        return letter_response(result.response)
+    return result.error.model_dump() if result.error is not None else None

@@ -40,7 +40,26 @@ def _children(config_path: Path | None, workers: int, dispatchers: int) -> list[
             + [Child("worker", ["worker", *conf]) for _ in range(workers)])
 
 
+def unusable_secrets(config: Config) -> str | None:
+    """One line saying what to set when no key of `config` has a usable secret in this
+    environment (which the workers inherit), else None. Never shows a value."""
+    from workers.secrets import SecretResolver
+
+    keys = config.keys()
+    problems = SecretResolver(config).check_all()
+    if not keys or len(problems) < len(keys):
+        return None
+    listed = ", ".join(f"{key_id} ({reason})" for key_id, reason in problems.items())
+    return (f"no key of the config has a usable secret: {listed}; set these environment variables or secret "
+            "files for `ratefleet up`, or fix the keys' `secret` in the config")
+
+
 def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatchers: int) -> int:
+    if workers > 0:
+        problem = unusable_secrets(config)
+        if problem is not None:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     embedded: EmbeddedNats | None = None
     url = config.nats.url
     if not port_answers(url):

@@ -62,6 +62,7 @@ class FleetSim:
         self.in_flight: dict[int, tuple[Reservation, Call | None]] = {}
         self.probes: dict[str, int] = {}
         self.disabled: set[str] = set()
+        self.key_probes: set[str] = set()
         self.attempts: dict[str, int] = {}
         self.cancels: dict[str, int] = {}
         self.record = Record()
@@ -109,7 +110,11 @@ class FleetSim:
     def _on_dispatch(self, d: Dispatch, script: Script) -> None:
         res, key = d.reservation, self.keys[d.key_id]
         assert self.record.state[d.job.job_id] == "pending", "job dispatched twice"
-        assert d.key_id not in self.disabled
+        # a disabled key takes a job only as its key probe (after ProbePolicy.base_s), one at a time
+        assert d.key_id not in self.disabled or res.key_probe, "dispatch on a disabled key that is no probe"
+        if res.key_probe:
+            assert d.key_id not in self.key_probes, "two key probes in flight"
+            self.key_probes.add(d.key_id)
         assert d.key_id not in self.probes, "dispatch on a key whose half-open probe is in flight"
         if res.probe:
             self.probes[d.key_id] = res.id
@@ -133,6 +138,8 @@ class FleetSim:
         if script.outcome is None and self.cancels.get(job_id, 0) < MAX_CANCELS:
             self.cancels[job_id] = self.cancels.get(job_id, 0) + 1
             self.scheduler.cancel(res, self.clock)
+            if res.key_probe:
+                self.key_probes.discard(res.key_id)
             self.record.calls[res.key_id].remove(call)
             self.record.state[job_id] = "pending"
             return
@@ -141,6 +148,10 @@ class FleetSim:
             outcome = Outcome(outcome.kind, outcome.status, outcome.retry_after_s,
                               outcome.ratelimit, actual_cost=call.cost)
         self.scheduler.complete(res, outcome, self.clock)
+        if res.key_probe:
+            self.key_probes.discard(res.key_id)
+            if outcome.kind in ("ok", "rate_limited", "bad_request"):
+                self.disabled.discard(res.key_id)  # the probe brought it back
         if outcome.kind == "key_error":
             self.disabled.add(res.key_id)
         self.attempts[job_id] = self.attempts.get(job_id, 0) + 1

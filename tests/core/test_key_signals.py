@@ -111,16 +111,19 @@ def test_ratelimit_remaining_tokens_resyncs_cost_bucket():
     assert s.snapshot(t0)["keys"]["k1"]["cost_tokens"] == 50
 
 
-def test_key_error_disables_the_key_permanently():
+def test_key_error_disables_the_key_until_its_probe():
+    # (was: "permanently"; a disabled key now gets a probe job after ProbePolicy.base_s = 60 s)
     s = make(pool("p", key("k1"), key("k2")))
-    for _ in range(4):
+    for _ in range(5):
         s.add(job(), t0)
     d = dispatch(s, t0)
     assert d.key_id == "k1"
     s.complete(d.reservation, Outcome("key_error", 401), t0)
     view = s.snapshot(t0)["keys"]["k1"]
     assert view["disabled"] is True and "401/403" in view["disabled_reason"]
-    assert {dispatch(s, t).key_id for t in (t0, t5, t9)} == {"k2"}
+    assert {dispatch(s, t).key_id for t in (t0, t5, t8)} == {"k2"}
+    probe = dispatch(s, t9)
+    assert probe.key_id == "k1" and probe.reservation.key_probe
 
 
 def test_all_keys_disabled_rejects_with_advice():

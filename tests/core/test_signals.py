@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dispatcher.core import (
-    RateLimitInfo, classify, is_retryable, parse_duration, parse_ratelimit, parse_retry_after,
+    RateLimitInfo, classify, is_retryable, parse_duration, parse_ratelimit, parse_retry_after, provider_code,
 )
 
 NOW = 1_700_000_000.0  # 2023-11-14T22:13:20Z
@@ -68,7 +68,7 @@ def test_parse_ratelimit_absent_or_unusable():
     [
         (None, "timeout", "upstream_error"), (None, None, "upstream_error"),
         (200, None, "ok"), (204, None, "ok"), (429, None, "rate_limited"),
-        (401, None, "key_error"), (403, None, "key_error"),
+        (401, None, "denied"), (403, None, "denied"),  # (was key_error: a bare 401/403 no longer disables)
         (408, None, "upstream_error"), (500, None, "upstream_error"), (503, None, "upstream_error"),
         (400, None, "bad_request"), (404, None, "bad_request"), (409, None, "bad_request"),
         (422, None, "bad_request"),
@@ -81,7 +81,63 @@ def test_classify(status, error, kind):
 @pytest.mark.parametrize(
     "kind, retry",
     [("ok", False), ("rate_limited", True), ("key_error", False), ("upstream_error", True),
-     ("bad_request", False)],
+     ("bad_request", False), ("denied", True)],
 )
 def test_is_retryable(kind, retry):
     assert is_retryable(kind) is retry
+
+
+OPENAI_KEY = {"error": {"message": "Incorrect API key provided: sk-...", "type": "invalid_request_error",
+                        "param": None, "code": "invalid_api_key"}}
+OPENAI_QUOTA = {"error": {"message": "You exceeded your current quota", "type": "insufficient_quota",
+                          "param": None, "code": "insufficient_quota"}}
+OPENAI_MODEL = {"error": {"message": "The model `gpt-9` does not exist or you do not have access to it.",
+                          "type": "invalid_request_error", "param": None, "code": "model_not_found"}}
+OPENAI_RATE = {"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}
+
+
+def anthropic(kind: str) -> dict:
+    return {"type": "error", "error": {"type": kind, "message": "..."}}
+
+
+@pytest.mark.parametrize(
+    "body, code",
+    [
+        (OPENAI_KEY, "invalid_api_key"), (OPENAI_QUOTA, "insufficient_quota"), (OPENAI_MODEL, "model_not_found"),
+        (OPENAI_RATE, "rate_limit_exceeded"),
+        ({"error": {"type": "insufficient_quota", "code": None}}, "insufficient_quota"),
+        ({"error": {"type": "insufficient_quota", "code": "quota"}}, "insufficient_quota"),  # key-scoped wins
+        (anthropic("authentication_error"), "authentication_error"), (anthropic("overloaded_error"), "overloaded_error"),
+        (anthropic("permission_error"), "permission_error"), (anthropic("rate_limit_error"), "rate_limit_error"),
+        ({"error": {"code": "401", "message": "Access denied due to invalid subscription key."}}, "401"),  # Azure
+        ({"error": {"code": 429}}, "429"),
+        (None, None), ([], None), ("text", None), ({"error": "bad"}, None), ({"error": {"code": "x" * 200}}, None),
+        ({"error": {"code": True}}, None), ({"error": {"code": "café"}}, None), ({"message": "hi"}, None),
+    ],
+)
+def test_provider_code(body, code):
+    assert provider_code(body) == code
+
+
+@pytest.mark.parametrize(
+    "status, body, kind",
+    [
+        (401, OPENAI_KEY, "key_error"),            # explicit: the key is bad, disable at once
+        (429, OPENAI_QUOTA, "key_error"),          # out of credit: no cooldown cures it
+        (429, OPENAI_RATE, "rate_limited"),
+        (404, OPENAI_MODEL, "bad_request"),        # the request's fault
+        (403, OPENAI_MODEL, "denied"),             # never disables on its own
+        (401, anthropic("authentication_error"), "key_error"),
+        (402, anthropic("billing_error"), "key_error"),
+        (403, anthropic("permission_error"), "denied"),
+        (429, anthropic("rate_limit_error"), "rate_limited"),
+        (529, anthropic("overloaded_error"), "upstream_error"),
+        (400, anthropic("overloaded_error"), "upstream_error"),
+        (401, {"error": {"code": "401", "message": "Access denied"}}, "denied"),  # Azure: only the status
+        (429, {"error": {"code": "429", "message": "Rate limit is exceeded."}}, "rate_limited"),
+        (200, OPENAI_KEY, "ok"),
+        (None, OPENAI_KEY, "upstream_error"),
+    ],
+)
+def test_classify_with_provider_codes(status, body, kind):
+    assert classify(status, None, provider_code(body)) == kind

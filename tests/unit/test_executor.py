@@ -41,13 +41,27 @@ async def test_call_sends_the_key_only_in_the_auth_header_to_the_upstream():
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("status, kind", [(429, "rate_limited"), (401, "key_error"), (403, "key_error"),
+# a bare 401/403 (no provider code) is "denied" now, not "key_error" (see test_provider_codes_reach_the_outcome)
+@pytest.mark.parametrize("status, kind", [(429, "rate_limited"), (401, "denied"), (403, "denied"),
                                           (500, "upstream_error"), (503, "upstream_error"), (400, "bad_request"),
                                           (404, "bad_request"), (422, "bad_request")])
 async def test_answers_are_classified(status, kind):
     result = await executor(lambda r: httpx.Response(status, headers={"retry-after": "3"}, json={})).call(
         job(), UPSTREAM, SECRET)
     assert result.kind == kind and result.response.status == status and result.retry_after_s == 3.0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("status, body, kind, code", [
+    (401, {"error": {"type": "invalid_request_error", "code": "invalid_api_key"}}, "key_error", "invalid_api_key"),
+    (429, {"error": {"type": "insufficient_quota", "code": "insufficient_quota"}}, "key_error", "insufficient_quota"),
+    (403, {"error": {"type": "invalid_request_error", "code": "model_not_found"}}, "denied", "model_not_found"),
+    (529, {"type": "error", "error": {"type": "overloaded_error"}}, "upstream_error", "overloaded_error"),
+    (401, {"type": "error", "error": {"type": "authentication_error"}}, "key_error", "authentication_error"),
+])
+async def test_provider_codes_reach_the_outcome(status, body, kind, code):
+    result = await executor(lambda r: httpx.Response(status, json=body)).call(job(), UPSTREAM, SECRET)
+    assert (result.kind, result.provider_code) == (kind, code)
 
 
 @pytest.mark.anyio

@@ -1,0 +1,76 @@
+"""`ratefleet keys disable KEY [--reason R]` and `ratefleet keys enable KEY`.
+
+The command asks the leader dispatcher over core NATS request/reply on
+`<prefix>.admin.keys` (see dispatcher/shell/keycontrol.py). The leader applies it at once,
+persists it in the KV bucket `ratefleet_keys` (so it survives a failover) and answers with
+the key's state. An operator-disabled key is never probed; it stays out until enabled.
+Exit codes: 0 done, 1 the leader refused (unknown key) or nobody answered, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import anyio
+import typer
+
+from ratefleet.cli_support import EXIT_FAILED, client_target, fail
+from ratefleet.errors import NatsUnavailable
+from ratefleet.runtime.connect import connect
+from schemas import Subjects
+
+keys_app = typer.Typer(no_args_is_help=True, help="Take keys out of rotation or put them back (operator).")
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config for the NATS URL and prefix")
+NatsOpt = typer.Option(None, "--nats", envvar="RATEFLEET_NATS_URL", help="NATS URL (default nats://127.0.0.1:4222)")
+PrefixOpt = typer.Option(None, "--prefix", help="subject prefix (default from the config, else ratefleet)")
+TimeoutOpt = typer.Option(5.0, "--timeout", help="seconds to wait for the leader's answer")
+
+
+async def send_key_command(url: str, prefix: str, request: dict, timeout: float) -> dict:
+    """Send one command to the leader; returns its JSON answer. NatsUnavailable when NATS
+    cannot be reached, TimeoutError when no leader answers."""
+    nc = await connect(url, name="ratefleet-keys", forever=False)
+    try:
+        reply = await nc.request(Subjects(prefix).admin_keys, json.dumps(request).encode(), timeout=timeout)
+        return json.loads(reply.data)
+    except Exception as exc:  # noqa: BLE001 - nats: no responders / timeout
+        raise TimeoutError(f"no leader dispatcher answered {Subjects(prefix).admin_keys} ({type(exc).__name__}); "
+                           "is `ratefleet up` or `ratefleet dispatcher` running?") from None
+    finally:
+        await nc.close()
+
+
+def _run(request: dict, config, nats, prefix, timeout: float) -> None:
+    target = client_target(config, nats, prefix)
+    try:
+        answer = anyio.run(send_key_command, target.url, target.prefix, request, timeout)
+    except (NatsUnavailable, TimeoutError) as exc:
+        fail(str(exc), EXIT_FAILED)
+    if not answer.get("ok"):
+        fail(str(answer.get("error")), EXIT_FAILED)
+    state = answer.get("state") or {}
+    what = "enabled" if state.get("state") == "enabled" else f"disabled ({state.get('disabled_reason')})"
+    note = "" if answer.get("changed") else " (no change)"
+    saved = "" if answer.get("persisted", True) else "; NOT persisted (KV unavailable): a new leader will not know"
+    typer.echo(f"key {answer.get('key')}: {what}{note}{saved}")
+
+
+@keys_app.command("disable")
+def disable(key: str = typer.Argument(..., help="key id from the config"),
+            reason: Optional[str] = typer.Option(None, "--reason", "-r", help="shown in `ratefleet status`"),
+            config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt, prefix: Optional[str] = PrefixOpt,
+            timeout: float = TimeoutOpt):
+    """Take KEY out of rotation until `ratefleet keys enable KEY` (never probed automatically)."""
+    _run({"action": "disable", "key": key, "reason": reason or "disabled by an operator"}, config, nats, prefix,
+         timeout)
+
+
+@keys_app.command("enable")
+def enable(key: str = typer.Argument(..., help="key id from the config"),
+           config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt, prefix: Optional[str] = PrefixOpt,
+           timeout: float = TimeoutOpt):
+    """Put KEY back in rotation (whoever disabled it: provider evidence or an operator)."""
+    _run({"action": "enable", "key": key}, config, nats, prefix, timeout)

@@ -1,0 +1,42 @@
+"""Which workers may take a key's jobs (secrets per worker), and how status shows a key's state."""
+
+from __future__ import annotations
+
+from dispatcher.fleet import Fleet
+from ratefleet.status_view import key_state
+from schemas.internal import Heartbeat
+
+KEYS = ["k1", "k2"]
+
+
+def beat(fleet: Fleet, worker: str, slots: int = 2, **unusable: str) -> None:
+    fleet.beat(Heartbeat(worker=worker, slots=slots, unusable_keys=unusable), 0.0)
+
+
+def test_a_key_goes_only_to_workers_that_hold_its_secret():
+    fleet = Fleet(3.0)
+    beat(fleet, "w1", slots=8, k1="LOCAL_KEY_1 not set")
+    beat(fleet, "w2", slots=1)
+    assert fleet.pick("k1").id == "w2" and fleet.pick("k2").id == "w1"
+    assert fleet.keys_without_free_holder(KEYS) == frozenset()
+    assert fleet.missing_everywhere(KEYS) == {}
+    fleet.workers["w2"].slots = 0  # w2 full: k1 has no free holder, k2 does
+    assert fleet.keys_without_free_holder(KEYS) == {"k1"} and fleet.pick("k1") is None
+
+
+def test_a_key_no_live_worker_holds_is_missing_with_the_workers_reasons():
+    fleet = Fleet(3.0)
+    beat(fleet, "w1", k1="LOCAL_KEY_1 not set")
+    beat(fleet, "w2", k1="LOCAL_KEY_1 not set", k2="file /run/k2 empty")
+    assert fleet.missing_everywhere(KEYS) == {"k1": "LOCAL_KEY_1 not set"}
+    assert Fleet(3.0).missing_everywhere(KEYS) == {}  # no worker known: nothing to say
+
+
+def test_status_says_who_disabled_a_key_and_when_the_probe_is_due():
+    assert key_state({"disabled": False}) == "ok"
+    assert key_state({"disabled": True, "disabled_by": "secret", "secret_missing": "LOCAL_KEY_1 not set"}) == (
+        "no worker has its secret (LOCAL_KEY_1 not set)")
+    assert key_state({"disabled": True, "disabled_by": "provider", "disabled_reason": "invalid_api_key (HTTP 401)",
+                      "probe_in_s": 41.6}) == "DISABLED by provider evidence: invalid_api_key (HTTP 401); probe in 42 s"
+    assert key_state({"disabled": True, "disabled_by": "operator", "disabled_reason": "rotating"}) == (
+        "DISABLED by an operator: rotating")
