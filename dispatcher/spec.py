@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dispatcher.core import BreakerPolicy, CooldownPolicy, KeySpec, PoolSpec, ProbePolicy, SchedulerSpec, TierSpec
+from dispatcher.core import (
+    AdaptPolicy, BreakerPolicy, CooldownPolicy, KeySpec, PoolSpec, ProbePolicy, SchedulerSpec, TierSpec,
+)
 from schemas import Config
 
 
@@ -22,4 +24,6 @@ def scheduler_spec(config: Config) -> SchedulerSpec:
         cooldown=CooldownPolicy(base_s=d.cooldown_base_s, max_s=d.cooldown_max_s),
         probe=ProbePolicy(base_s=d.key_probe_s, max_s=max(d.key_probe_s, d.key_probe_max_s)),
         safety_s=d.safety_ms / 1000, priority_reserve=d.priority_reserve,
+        adapt=AdaptPolicy(enabled=d.adaptive_rate, decrease=d.rate_decrease, recover_s=d.rate_recover_s,
+                          first_burst=d.first_burst),
     )

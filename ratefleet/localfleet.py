@@ -2,8 +2,10 @@
 
 An embedded nats-server, the mock upstream (`ratefleet mock-upstream`) with N keys, one
 dispatcher and W worker processes, each `python -m ratefleet ...` with its own log file in
-a temporary directory. The fleet is configured with exactly the limits the mock enforces,
-and the keys' secrets are random and live only in the children's environment.
+a temporary directory. The fleet is configured with exactly the limits the mock enforces
+(unless `claimed` gives it other ones, e.g. to see it adapt to a provider that allows less
+than the config says), and the keys' secrets are random and live only in the children's
+environment.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class LocalFleet:
     slots: int = 32
     heartbeat_s: float = 0.5
     dispatcher: dict = field(default_factory=dict)  # extra [dispatcher] settings
+    claimed: list[KeyLimit] | None = None  # the limits the fleet's config states (default: `keys`)
     keep_logs: Path | None = None
     tmp: Path = field(init=False)
     nats_url: str = field(init=False, default="")
@@ -65,7 +68,7 @@ class LocalFleet:
 
     def config(self) -> dict:
         keys = [{"id": k.id, "secret": f"env:RATEFLEET_LOCAL_{k.id.upper()}", "rps": k.rps, "burst": k.burst}
-                for k in self.keys]
+                for k in (self.claimed or self.keys)]
         data = {"nats": {"url": self.nats_url},
                 "upstreams": {"mock": {"base_url": self.upstream, "usage_path": "usage.total_tokens", "timeout_s": 10}},
                 "pools": {"shared": {"keys": keys}},

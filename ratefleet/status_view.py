@@ -15,11 +15,11 @@ def render_status(answer: dict, console: Console | None = None) -> None:
         tiers.add_row(name, str(t.get("queued", "?")), str(t.get("pending", "-")), str(t.get("in_flight", "-")),
                       str(t.get("dispatched", "-")), str(t.get("unacked", "-")))
     console.print(tiers)
-    keys = Table("key", "pool", "tokens", "cost tokens", "in flight", "breaker", "cooldown s", "calls", "ok",
-                 "429s", "errors", "state", title="keys")
+    keys = Table("key", "pool", "req/s effective / configured", "tokens", "cost tokens", "in flight", "breaker",
+                 "cooldown s", "calls", "ok", "429s", "errors", "state", title="keys")
     for key_id, k in (answer.get("keys") or {}).items():
         state = key_state(k)
-        keys.add_row(key_id, str(k.get("pool")), str(k.get("tokens")), str(k.get("cost_tokens", "-")),
+        keys.add_row(key_id, str(k.get("pool")), _rate(k), str(k.get("tokens")), str(k.get("cost_tokens", "-")),
                      f"{k.get('in_flight')}/{k.get('concurrency') or '∞'}", str(k.get("breaker")),
                      str(k.get("cooldown_s")), str(k.get("calls")), str(k.get("ok")), str(k.get("rate_limited")),
                      str(k.get("errors")), state)
@@ -29,6 +29,16 @@ def render_status(answer: dict, console: Console | None = None) -> None:
         workers.add_row(w["id"], str(w["slots"]), str(w["in_flight"]), str(w.get("calls")), str(w.get("host")),
                         str(w.get("pid")), str(w.get("last_seen_s")), "draining" if w.get("draining") else "up")
     console.print(workers)
+
+
+def _rate(key: dict) -> str:
+    """"2.1 / 20" (requests per second the key is run at / configured); a cost budget that
+    adapted too is added as "; 900 / 90000 cost/min"."""
+    text = f"{key.get('effective_rps', '?')} / {key.get('rps', '?')}"
+    cpm, effective_cpm = key.get("cost_per_minute"), key.get("effective_cost_per_minute")
+    if cpm is not None and effective_cpm is not None and effective_cpm < cpm:
+        text += f"; {effective_cpm:g} / {cpm:g} cost/min"
+    return text
 
 
 def key_state(k: dict) -> str:

@@ -88,6 +88,8 @@ class TierConfig(_Strict):
     weight: int = Field(default=1, ge=1, le=1000)
     pools: list[str] | None = None
     max_attempts: int = Field(default=5, ge=1, le=100)
+    # 429s are waits, not attempts: a job ends `rate_limited` only after this many (or at its deadline)
+    max_rate_limited: int = Field(default=50, ge=1, le=10000)
 
 
 class WorkersConfig(_Strict):
@@ -112,6 +114,10 @@ class DispatcherConfig(_Strict):
     cooldown_max_s: float = Field(default=60.0, gt=0)
     safety_ms: float = Field(default=50.0, ge=0)
     priority_reserve: float = Field(default=1.0, ge=0)
+    adaptive_rate: bool = True  # keys' effective rates follow 429s and ratelimit headers (never above rps)
+    rate_decrease: float = Field(default=0.5, gt=0, lt=1)  # a 429 multiplies the rate sent by this
+    rate_recover_s: float = Field(default=5.0, gt=0)  # successes bring it back near the 429 point in this long
+    first_burst: float | None = Field(default=2.0, ge=1)  # a key's burst until its first answer (none: as configured)
     key_probe_s: float = Field(default=60.0, gt=0)  # a key disabled on provider evidence gets a probe job after this
     key_probe_max_s: float = Field(default=3600.0, gt=0)  # each failed probe doubles the delay, up to this
 

@@ -44,6 +44,8 @@ class Assignment(BaseModel):
     # a 401/403 ("denied") on this key ends the job as a request error: it was refused on
     # another key already, or no other key could take it; else it is tried on another key
     denial_final: bool = True
+    rate_limited: int = 0  # earlier deliveries answered 429 (not attempts)
+    max_rate_limited: int = 50  # the job ends `rate_limited` at this many
 
 
 class LeaderAnnounce(BaseModel):

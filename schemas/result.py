@@ -25,6 +25,7 @@ class ErrorCode(StrEnum):
     NO_KEY_AVAILABLE = "no_key_available"
     KEY_UNAVAILABLE = "key_unavailable"
     POISON_MESSAGE = "poison_message"
+    RATE_LIMITED = "rate_limited"  # 429 on every try, `max_rate_limited` times
     RESPONSE_TOO_LARGE = "response_too_large"
     INVALID_REQUEST = "invalid_request"  # the job passed validation but its HTTP request could not be built
     REQUEST_DENIED = "request_denied"  # 401/403 on two keys: the request is refused, not the keys

@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import anyio
 import httpx
 
 from pydantic_core import PydanticCustomError
@@ -99,16 +100,31 @@ class UpstreamExecutor:
         return built
 
     async def call(self, job: Job, upstream: UpstreamConfig, secret: str) -> CallResult:
-        """One upstream call. Raises InvalidRequest (before any call) when the job cannot be sent."""
+        """One upstream call, bounded as a whole by `upstream.timeout_s` seconds: connect,
+        send, headers and the entire body. httpx's own timeouts are per phase and per read
+        (an upstream dripping a byte a second never trips them), so an overall deadline
+        wraps the request and its body read; past it the call is a `timeout` outcome (an
+        upstream_error: a breaker failure, retried by policy). Raises InvalidRequest
+        (before any call) when the job cannot be sent."""
         built = self.build_request(job, upstream)
         built.headers[upstream.auth_header] = f"{upstream.auth_scheme} {secret}" if upstream.auth_scheme else secret
         started = time.perf_counter()
+        try:
+            with anyio.fail_after(upstream.timeout_s):
+                return await self._send(built, upstream, secret, started)
+        except TimeoutError:
+            return self._failed("timeout", f"the call did not finish within timeout_s = {upstream.timeout_s}s "
+                                "(connect, send, headers and body)", started)
+
+    async def _send(self, built: httpx.Request, upstream: UpstreamConfig, secret: str, started: float) -> CallResult:
         try:
             response = await self._client.send(built, stream=True)
             try:
                 raw = await read_capped(response, self._max_response_bytes)
             finally:
-                await response.aclose()
+                # also when call()'s deadline cancels the read: the connection is closed, not leaked
+                with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
+                    await response.aclose()
         except httpx.TimeoutException:
             return self._failed("timeout", f"no answer from the upstream within {upstream.timeout_s}s", started)
         except httpx.HTTPError as exc:
@@ -118,7 +134,7 @@ class UpstreamExecutor:
             return self._too_large(response, secret, latency_ms)
         info = _response_info(response, raw, secret)
         cost = _dig(info.json_body, upstream.usage_path) if upstream.usage_path else None
-        limit = parse_ratelimit(response.headers)
+        limit = parse_ratelimit(response.headers, time.time())
         code = None if response.is_success else provider_code(info.json_body)
         return CallResult(
             kind=classify(response.status_code, None, code), response=info, error=None, provider_code=code,
@@ -130,7 +146,7 @@ class UpstreamExecutor:
     def _too_large(self, response: httpx.Response, secret: str, latency_ms: float) -> CallResult:
         """The body passed max_response_bytes: final for the job (asking again would cost
         another call for the same answer), and no fault of the key (the upstream answered)."""
-        limit = parse_ratelimit(response.headers)
+        limit = parse_ratelimit(response.headers, time.time())
         info = _response_info(response, b"", secret)
         message = (f"the upstream's answer (HTTP {response.status_code}, "
                    f"{info.headers.get('content-type') or 'no content-type'}) is larger than "

@@ -35,16 +35,25 @@ log = get_logger("ratefleet.worker")
 RETRYABLE = {"rate_limited", "upstream_error", "key_error", "denied"}
 
 
-def retry_delay(kind: str, attempt: int, retry_after_s: float | None) -> float:
-    """How long a retryable job waits before its next delivery.
+RATE_LIMITED_DELAY_S = (0.25, 5.0)  # a 429'd job's nak delay: doubling from 0.25 s, at most 5 s
 
-    429 and 401/403 go back at once: the dispatcher cools down (honouring Retry-After),
-    disables that key or weighs the refusal (dispatcher/core/denials.py), and the job runs on
-    another key as soon as one is free. 5xx,
-    timeouts and connection errors back off exponentially (Retry-After when given).
+
+def retry_delay(kind: str, attempt: int, retry_after_s: float | None, rate_limited: int = 0) -> float:
+    """How long a retryable job waits before its next delivery, in seconds.
+
+    401/403 go back at once: the dispatcher disables that key or weighs the refusal
+    (dispatcher/core/denials.py), and the job runs on another key. A 429 goes back after a short delay that doubles with the job's own 429s
+    (`rate_limited`, this one included: 0.25, 0.5, 1, 2, 4, 5, 5 ... s). The key's wait is
+    the dispatcher's business (its cooldown honours Retry-After and backs off
+    exponentially), so a job need not wait out one key's Retry-After when another key is
+    free; the delay only keeps a job that every key refuses from circling. 5xx, timeouts
+    and connection errors back off exponentially (Retry-After when given).
     """
-    if kind in ("rate_limited", "key_error", "denied"):
+    if kind in ("key_error", "denied"):
         return 0.0
+    if kind == "rate_limited":
+        first, cap = RATE_LIMITED_DELAY_S
+        return min(cap, first * 2 ** max(0, min(rate_limited - 1, 16)))
     if retry_after_s is not None:
         return min(retry_after_s, 300.0)
     return min(30.0, 0.25 * 2 ** (attempt - 1))
@@ -255,18 +264,23 @@ class Worker:
         """Finish or requeue the job, then report the outcome (so a worker killed in between
         still lists the assignment in flight and the dispatcher returns it at once)."""
         retryable = call.kind in RETRYABLE and not (call.kind == "denied" and a.denial_final)
-        terminal = not retryable or a.attempt >= a.max_attempts
+        throttled = call.kind == "rate_limited"  # a wait, not an attempt: its own budget
+        terminal = (a.rate_limited + 1 >= a.max_rate_limited if throttled
+                    else not retryable or a.attempt >= a.max_attempts)
         log.debug("call done", kind=call.kind, status=call.response.status if call.response else None,
                   latency_ms=round(call.latency_ms, 1))
         if not terminal:
-            delay = retry_delay(call.kind, a.attempt, call.retry_after_s)
+            delay = retry_delay(call.kind, a.attempt, call.retry_after_s, a.rate_limited + 1)
             log.info("retrying job", kind=call.kind, delay_s=delay)
             self.calling.pop(a.id, None)  # no in-progress ack after the nak: it would postpone the retry
             if call.kind == "denied":
                 # the leader must know which key refused the job before it comes back (else it may
                 # pick that key again); a crash before the nak only delays it by ack_wait
                 await self._report(a, call, terminal=False)
-            await self.finisher.nak(a.ack, delay)
+            if throttled:
+                await self.handbacks.rate_limited(a.seq, self.finisher, a.ack, delay)
+            else:
+                await self.finisher.nak(a.ack, delay)
             if call.kind == "denied":
                 return
         else:
@@ -286,7 +300,7 @@ class Worker:
             with contextlib.suppress(Exception):  # else it returns after ack_wait
                 await self.finisher.nak(a.ack, 1.0)
             return False
-        if stored and result.error and result.error.code == ErrorCode.ATTEMPTS_EXHAUSTED:
+        if stored and result.error and result.error.code in (ErrorCode.ATTEMPTS_EXHAUSTED, ErrorCode.RATE_LIMITED):
             try:
                 await self.finisher.dead(a.tier, result, job=a.job)
             except Exception as exc:  # noqa: BLE001 - the Result is stored and acked: the job is done
@@ -299,7 +313,10 @@ class Worker:
                                 queued_ms=queued_ms, upstream_ms=call.latency_ms)
         if call.kind == "ok":
             return self._result(a, "succeeded", response=call.response, queued_ms=queued_ms, upstream_ms=call.latency_ms)
-        if call.kind == "denied" and a.denial_final:
+        if call.kind == "rate_limited":
+            error = ErrorInfo(code=ErrorCode.RATE_LIMITED, message=f"answered 429 {a.rate_limited + 1} times "
+                              f"(max_rate_limited = {a.max_rate_limited}); the keys never had room for it")
+        elif call.kind == "denied" and a.denial_final:
             error = _request_denied(a, call)
         elif call.kind in RETRYABLE:
             what = f"HTTP {call.response.status}" if call.response else call.error

@@ -8,11 +8,13 @@
     DenialBook          denials.py    401/403: the key's fault or the request's
     KeyAdmin            keyadmin.py   operator disable/enable, persisted state, missing secrets
     KeyBreaker          breaker.py    aiobreaker state machine with monotonic timing
-    TokenBucket         bucket.py     x/time/rate-style bucket with safe refunds
+    TokenBucket         bucket.py     x/time/rate-style bucket with safe refunds and rate changes
+    AdaptiveRate        adaptive.py   a key's effective rate: AIMD on 429s, ratelimit header hints
     parse_* / classify  signals.py    HTTP answer -> Outcome fields (used by workers)
     specs and values    types.py
 """
 
+from .adaptive import AdaptiveRate, AdaptPolicy, header_rate
 from .breaker import BreakerState, KeyBreaker
 from .bucket import TokenBucket
 from .scheduler import LOOKAHEAD, Scheduler
@@ -38,6 +40,7 @@ from .types import (
 )
 
 __all__ = [
+    "AdaptPolicy", "AdaptiveRate", "header_rate",
     "BreakerPolicy", "BreakerState", "CooldownPolicy", "Decision", "Dispatch", "Idle",
     "KeyBreaker", "KeySpec", "LOOKAHEAD", "Outcome", "OutcomeKind", "PendingJob", "PoolSpec",
     "ProbePolicy", "RateLimitInfo", "Reject", "Reservation", "Scheduler", "SchedulerSpec", "TierSpec",

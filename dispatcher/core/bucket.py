@@ -8,11 +8,17 @@ Giving tokens back (a cancelled reservation, an actual cost below the estimate) 
 naive bucket overspends: if the bucket refilled to capacity while the tokens were held,
 the refill was clamped and adding them back would let more through than a provider's
 bucket that never saw the call. So `refund` only returns what the bucket could not have
-absorbed: at most `capacity - peak`, where `peak` is the highest level the bucket reached
-since the reservation, in a history where earlier refunds are already applied. Peaks
-are kept as a short decreasing list indexed by mutation sequence numbers ("marks"). This
-keeps the bucket at or below the provider's own bucket (same rate and capacity) as long
-as the actual cost of a call does not exceed its reserved cost.
+absorbed: at most the smallest headroom (`capacity - level`) the bucket had since the
+reservation, in a history where earlier refunds are already applied. The history is kept
+as "fill" values (`level - capacity`, the negated headroom) in a short decreasing list
+indexed by mutation sequence numbers ("marks"), so it stays right when the capacity
+changes. This keeps the bucket at or below the provider's own bucket (same rate and
+capacity) as long as the actual cost of a call does not exceed its reserved cost.
+
+`set_rate(now, rate, capacity)` changes the refill rate (and capacity) at `now`: tokens
+accrued up to `now` at the old rate are kept (cut to a smaller capacity, never raised),
+and from `now` on the new rate applies, so a change never grants more than either rate
+would have.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ class TokenBucket:
         self._tokens = min(tokens, capacity)
         self._last = now
         self._seq = 0
-        self._peaks: list[tuple[int, float]] = []  # (seq, level), levels strictly decreasing
+        self._peaks: list[tuple[int, float]] = []  # (seq, level - capacity), strictly decreasing
         self._forgotten = -1  # marks <= this lost their peak history
 
     def advance(self, now: float) -> float:
@@ -63,7 +69,7 @@ class TokenBucket:
     def refund(self, now: float, n: float, mark: int) -> float:
         """Give back up to `n` tokens spent at `mark`; returns how many were given back."""
         self._move(now)
-        room = self.capacity - self._peak_since(mark)
+        room = -self._peak_since(mark)
         given = max(0.0, min(n, room))
         if given > 0:
             self._tokens += given
@@ -78,6 +84,23 @@ class TokenBucket:
             self._tokens = level
             self._seq += 1
 
+    def set_rate(self, now: float, rate: float, capacity: float | None = None) -> None:
+        """From `now` on, refill at `rate` tokens/s up to `capacity` (unchanged when None).
+
+        The level at `now` is computed with the old rate first, so no accrued token is lost
+        and none is granted early; a smaller capacity cuts the level, a larger one only
+        leaves room to refill. Raises ValueError for a rate or capacity <= 0.
+        """
+        if rate <= 0 or (capacity is not None and capacity <= 0):
+            raise ValueError("bucket rate and capacity must be > 0")
+        self._move(now)
+        self.rate = rate
+        if capacity is not None and capacity != self.capacity:
+            self.capacity = capacity
+            self._tokens = min(self._tokens, capacity)
+            self._seq += 1
+            self._note_peak(self._tokens)
+
     def _move(self, now: float) -> None:
         level = self.advance(now)
         self._last = max(self._last, now)
@@ -85,9 +108,10 @@ class TokenBucket:
         self._note_peak(level)
 
     def _note_peak(self, level: float) -> None:
-        while self._peaks and self._peaks[-1][1] <= level:
+        fill = level - self.capacity
+        while self._peaks and self._peaks[-1][1] <= fill:
             self._peaks.pop()
-        self._peaks.append((self._seq, level))
+        self._peaks.append((self._seq, fill))
         if len(self._peaks) > _MAX_PEAKS:
             dropped = self._peaks[: _MAX_PEAKS // 2]
             del self._peaks[: _MAX_PEAKS // 2]
@@ -107,9 +131,9 @@ class TokenBucket:
         self._peaks = kept + raised
 
     def _peak_since(self, mark: int) -> float:
-        """Highest level reached after the mutation that returned `mark` (now included)."""
+        """Highest fill (level - capacity) after the mutation that returned `mark` (now included)."""
         if mark <= self._forgotten:
-            return self.capacity
+            return 0.0
         i = bisect.bisect_left(self._peaks, mark, key=lambda peak: peak[0])
         earlier = self._peaks[i][1] if i < len(self._peaks) else -math.inf
-        return max(earlier, self._tokens)
+        return max(earlier, self._tokens - self.capacity)

@@ -4,19 +4,29 @@ A key is usable for a job of cost c at `now` when it is enabled (or its probe is
 keyhealth.py) and some worker holds its secret, its breaker admits a call (closed; half-open with no probe in flight; open past the reset timeout), its cooldown
 has ended, it is below its concurrency cap, and its request bucket holds 1 token and its
 cost bucket (when configured) c tokens. `ready_at` folds all of that into one time.
+
+The buckets refill at the key's effective rate (adaptive.py), which 429s and the
+provider's ratelimit headers pull below the configured one and successes lift back.
+A 429 is "fresh" when its call was sent after the last fresh one was seen; the others
+are echoes of the same overload (calls already on the wire): they honour their
+Retry-After but neither lengthen the backoff nor lower the rate again, as TCP reacts to
+one loss per round trip.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
+from .adaptive import AdaptiveRate, AdaptPolicy, header_rate
 from .breaker import KeyBreaker
 from .bucket import TokenBucket
 from .keyhealth import KeyHealth
 from .types import BreakerPolicy, CooldownPolicy, KeySpec, Outcome, ProbePolicy, RateLimitInfo
 
 _MAX_DOUBLINGS = 62
+SENT_WINDOW_S = 2.0  # the rate a key was actually sent at is measured over this window
 
 
 @dataclass
@@ -50,15 +60,26 @@ class KeyState:
         now: float,
         conservative: bool,
         probe: ProbePolicy = ProbePolicy(),
+        adapt: AdaptPolicy = AdaptPolicy(),
     ) -> None:
         self.spec = spec
         self.cooldown = cooldown
-        capacity = max(1.0, spec.burst - safety_s * spec.rps)
-        self.requests = TokenBucket(spec.rps, capacity, 0.0 if conservative else capacity, now)
+        self._safety_s = safety_s
+        self._capacity = max(1.0, spec.burst - safety_s * spec.rps)
+        self.answered = False  # no answer yet: the burst is held to adapt.first_burst
+        self._first_burst = adapt.first_burst if adapt.enabled else None
+        first = self._capacity if self._first_burst is None else min(self._capacity, self._first_burst)
+        self.requests = TokenBucket(spec.rps, first, 0.0 if conservative else first, now)
+        self.request_rate = AdaptiveRate(spec.rps, adapt, now)
         self.cost: TokenBucket | None = None
+        self.cost_rate: AdaptiveRate | None = None
         if spec.cost_per_minute is not None:
             cpm = spec.cost_per_minute
             self.cost = TokenBucket(cpm / 60.0, cpm, 0.0 if conservative else cpm, now)
+            self.cost_rate = AdaptiveRate(cpm / 60.0, adapt, now)
+        self.limit_hint: float | None = None  # the request limit the provider last reported
+        self.throttled_at = -math.inf  # when the last fresh 429 was seen
+        self._sent: deque[float] = deque(maxlen=256)
         self.breaker = KeyBreaker(breaker, name=spec.id)
         self.cooldown_until = -math.inf
         self.streak_429 = 0
@@ -105,6 +126,7 @@ class KeyState:
     def reserve(self, now: float, cost: float) -> Marks:
         """Spend one request token and `cost` cost tokens, and count the call in flight."""
         self.in_flight += 1
+        self._sent.append(now)
         cost_mark = self.cost.take(now, cost) if self.cost is not None else None
         return Marks(self.requests.take(now, 1.0), cost_mark)
 
@@ -124,23 +146,66 @@ class KeyState:
         elif actual < reserved:
             self.cost.refund(now, reserved - actual, mark)
 
-    def observe(self, outcome: Outcome, now: float) -> bool:
-        """Apply a call's key signals: counters, 429 cooldown, disable on key-scoped evidence,
-        ratelimit resync. Returns whether the key was disabled by it."""
+    def observe(self, outcome: Outcome, now: float, sent_at: float | None = None) -> bool:
+        """Apply a call's key signals: counters, 429 backoff and rate drop, disable on
+        key-scoped evidence, ratelimit resync, rate climb. `sent_at`: when the call was
+        dispatched (None when unknown: then a 429 counts as fresh). Returns whether the key
+        was disabled by it."""
         if outcome.kind == "lost":
             return False
+        self.answered = True
         self._count(outcome)
         disabled = False
+        fresh = sent_at is None or sent_at >= self.throttled_at
         if outcome.kind == "ok":
-            self.streak_429 = 0
+            if fresh:
+                self.streak_429 = 0
+            self.request_rate.on_success(now)
+            if self.cost_rate is not None:
+                self.cost_rate.on_success(now)
         elif outcome.kind == "rate_limited":
-            self.streak_429 += 1
-            self._cool(now, self._backoff(outcome.retry_after_s))
+            self._throttled(outcome, now, fresh)
         elif outcome.kind == "key_error":
             disabled = self.health.disable("provider", key_error_reason(outcome), now)
         if outcome.ratelimit is not None:
             self._resync(outcome.ratelimit, now)
+        self._apply_rates(now)
         return disabled
+
+    def _throttled(self, outcome: Outcome, now: float, fresh: bool) -> None:
+        if not fresh:  # an echo of the 429 already acted on
+            self._cool(now, outcome.retry_after_s or 0.0)
+            return
+        self.streak_429 += 1
+        self.throttled_at = now
+        info = outcome.ratelimit
+        tokens_out = (info is not None and info.remaining_tokens is not None and info.remaining_tokens <= 0
+                      and not (info.remaining_requests is not None and info.remaining_requests <= 0))
+        if tokens_out and self.cost_rate is not None:
+            self.cost_rate.on_throttle(now, None)
+        else:
+            self.request_rate.on_throttle(now, self.sent_rate(now))
+        self._cool(now, self._backoff(outcome.retry_after_s))
+
+    def sent_rate(self, now: float) -> float | None:
+        """Calls per second dispatched on this key over the last SENT_WINDOW_S (None if none)."""
+        since = now - SENT_WINDOW_S
+        count = sum(1 for at in self._sent if at > since)
+        return count / SENT_WINDOW_S if count else None
+
+    def _apply_rates(self, now: float) -> None:
+        """Move the buckets to the effective rates; the request burst shrinks with the rate
+        (never below 1) and never exceeds the limit the provider reports."""
+        rate = self.request_rate.rate
+        capacity = max(1.0, self._capacity * rate / self.spec.rps)
+        if self.limit_hint is not None:
+            capacity = min(capacity, max(1.0, self.limit_hint - self._safety_s * rate))
+        if not self.answered and self._first_burst is not None:
+            capacity = min(capacity, self._first_burst)
+        if rate != self.requests.rate or capacity != self.requests.capacity:
+            self.requests.set_rate(now, rate, capacity)
+        if self.cost is not None and self.cost_rate is not None and self.cost_rate.rate != self.cost.rate:
+            self.cost.set_rate(now, self.cost_rate.rate)
 
     def _count(self, outcome: Outcome) -> None:
         self.stats.calls += 1
@@ -152,15 +217,21 @@ class KeyState:
             self.stats.errors += 1
 
     def _backoff(self, retry_after_s: float | None) -> float:
-        if retry_after_s is not None:
-            return max(0.0, retry_after_s)
+        """base * 2**(streak-1) capped at max_s, with Retry-After as a floor under it."""
         doublings = min(self.streak_429 - 1, _MAX_DOUBLINGS)
-        return min(self.cooldown.max_s, self.cooldown.base_s * 2.0**doublings)
+        backoff = min(self.cooldown.max_s, self.cooldown.base_s * 2.0**doublings)
+        return max(backoff, retry_after_s or 0.0)
 
     def _cool(self, now: float, seconds: float) -> None:
         self.cooldown_until = max(self.cooldown_until, now + seconds)
 
     def _resync(self, info: RateLimitInfo, now: float) -> None:
+        if info.limit_requests is not None and info.limit_requests >= 1:
+            self.limit_hint = info.limit_requests
+        self.request_rate.on_hint(now, header_rate(info.limit_requests, info.remaining_requests,
+                                                   info.reset_requests_s))
+        if self.cost_rate is not None:
+            self.cost_rate.on_hint(now, header_rate(info.limit_tokens, info.remaining_tokens, info.reset_tokens_s))
         if info.remaining_requests is not None:
             self.requests.limit(now, info.remaining_requests)
             if info.remaining_requests <= 0 and info.reset_requests_s is not None:
@@ -176,6 +247,11 @@ class KeyState:
         return {
             "pool": self.spec.pool,
             "upstream": self.spec.upstream,
+            "rps": self.spec.rps,
+            "effective_rps": round(self.request_rate.rate, 3),
+            "burst": round(self.requests.capacity, 2),
+            "cost_per_minute": self.spec.cost_per_minute,
+            "effective_cost_per_minute": None if self.cost_rate is None else round(self.cost_rate.rate * 60, 1),
             "tokens": round(self.requests.advance(now), 2),
             "cost_tokens": None if self.cost is None else round(self.cost.advance(now), 2),
             "in_flight": self.in_flight,

@@ -202,7 +202,7 @@ class Scheduler(KeyAdmin):
         marks = entry[1]
         if marks is not None:
             key.correct_cost(now, reservation.cost, outcome.actual_cost, marks.cost)
-        if key.observe(outcome, now):
+        if key.observe(outcome, now, None if reservation.adopted else reservation.at):
             self._changed.add(key.spec.id)
         self._weigh_denials(reservation, outcome, now)
         if reservation.key_probe and key.health.settle_probe(reservation.id, probe_verdict(outcome), now):
@@ -284,7 +284,7 @@ def _build_keys(spec: SchedulerSpec, now: float, conservative: bool) -> dict[str
                 raise ValueError(f"key id {key.id!r} appears twice")
             keys[key.id] = KeyState(
                 key, safety_s=spec.safety_s, breaker=spec.breaker, cooldown=spec.cooldown,
-                now=now, conservative=conservative, probe=spec.probe,
+                now=now, conservative=conservative, probe=spec.probe, adapt=spec.adapt,
             )
     if len({pool.name for pool in spec.pools}) != len(spec.pools):
         raise ValueError("pool names must be unique")

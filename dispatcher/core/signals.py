@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from datetime import timezone
+from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
 from .types import OutcomeKind, RateLimitInfo
@@ -99,14 +99,101 @@ def _number(value: str | None) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def parse_ratelimit(headers: Mapping[str, str]) -> RateLimitInfo | None:
-    """The x-ratelimit-* headers (any case), or None when none of them is usable."""
+_RESET_IS_EPOCH = 1e9  # an x-ratelimit-reset above this is a Unix time (GitHub, Twitter), not a delta
+_LEADING_NUMBER = re.compile(r"\s*(\d+(?:\.\d*)?)")
+_STRUCTURED_PARAM = re.compile(r"(?:^|[;,\s])(r|t|q|limit|remaining|reset)=(\d+(?:\.\d*)?)")
+
+
+def _leading_number(value: str | None) -> float | None:
+    """The first number of a value such as "100" or "100, 100;w=60" (IETF draft list form)."""
+    if value is None:
+        return None
+    match = _LEADING_NUMBER.match(value)
+    return _number(match.group(1)) if match else None
+
+
+def _reset(value: str | None, now_epoch: float | None) -> float | None:
+    """A reset as seconds from now: a duration ("1s", "6m0s", "0.5"), a Unix time, or an
+    RFC 3339 timestamp (Anthropic); absolute forms need `now_epoch`."""
+    if value is None or not value.strip():
+        return None
+    seconds = parse_duration(value)
+    if seconds is not None:
+        if seconds < _RESET_IS_EPOCH:
+            return seconds
+        return None if now_epoch is None else max(0.0, seconds - now_epoch)
+    try:
+        when = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return None if now_epoch is None else max(0.0, when.timestamp() - now_epoch)
+
+
+def _triple(lower: Mapping[str, str], names: tuple[str, str, str], now_epoch: float | None):
+    limit, remaining, reset = (lower.get(name) for name in names)
+    return _leading_number(limit), _leading_number(remaining), _reset(reset, now_epoch)
+
+
+# (limit, remaining, reset) header names for requests, then for tokens (the cost unit),
+# in order of preference; the first family that is present wins.
+_REQUEST_FAMILIES = (
+    ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"),  # OpenAI
+    ("anthropic-ratelimit-requests-limit", "anthropic-ratelimit-requests-remaining",
+     "anthropic-ratelimit-requests-reset"),
+    ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"),  # GitHub and many others
+    ("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"),  # IETF draft (-00 to -06)
+)
+_TOKEN_FAMILIES = (
+    ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"),
+    ("anthropic-ratelimit-tokens-limit", "anthropic-ratelimit-tokens-remaining", "anthropic-ratelimit-tokens-reset"),
+    ("anthropic-ratelimit-input-tokens-limit", "anthropic-ratelimit-input-tokens-remaining",
+     "anthropic-ratelimit-input-tokens-reset"),
+)
+
+
+def _first_family(lower: Mapping[str, str], families, now_epoch: float | None):
+    for names in families:
+        if any(name in lower for name in names):
+            return _triple(lower, names, now_epoch)
+    return None, None, None
+
+
+def _structured(lower: Mapping[str, str]) -> tuple[float | None, float | None, float | None]:
+    """`RateLimit: "default";r=50;t=30` with `RateLimit-Policy: "default";q=100;w=60`
+    (draft-ietf-httpapi-ratelimit-headers-07 and later), or the older
+    `RateLimit: limit=100, remaining=50, reset=5`."""
+    params = {name: _number(value) for name, value in _STRUCTURED_PARAM.findall(lower.get("ratelimit", ""))}
+    policy = {name: _number(value) for name, value in _STRUCTURED_PARAM.findall(lower.get("ratelimit-policy", ""))}
+    limit = params.get("limit", policy.get("q"))
+    remaining = params.get("remaining", params.get("r"))
+    reset = params.get("reset", params.get("t"))
+    return limit, remaining, reset
+
+
+def parse_ratelimit(headers: Mapping[str, str], now_epoch: float | None = None) -> RateLimitInfo | None:
+    """Rate-limit headers (any case) as limit / remaining / seconds-to-reset, for requests
+    and tokens; None when none of them is usable. `now_epoch` (Unix seconds) turns
+    absolute resets into seconds from now.
+
+    Read, first family present wins: OpenAI `x-ratelimit-{limit,remaining,reset}-{requests,
+    tokens}` (resets as durations, "6m0s"; platform.openai.com/docs/guides/rate-limits);
+    Anthropic `anthropic-ratelimit-{requests,tokens,input-tokens}-{limit,remaining,reset}`
+    (RFC 3339 resets; docs.anthropic.com/en/api/rate-limits); `x-ratelimit-{limit,
+    remaining,reset}` (reset in seconds or a Unix time); the IETF draft's
+    `ratelimit-{limit,remaining,reset}` and structured `RateLimit`/`RateLimit-Policy`
+    (draft-ietf-httpapi-ratelimit-headers).
+    """
     lower = {name.lower(): value for name, value in headers.items()}
+    limit, remaining, reset = _first_family(lower, _REQUEST_FAMILIES, now_epoch)
+    if limit is None and remaining is None and reset is None and "ratelimit" in lower:
+        limit, remaining, reset = _structured(lower)
+    limit_t, remaining_t, reset_t = _first_family(lower, _TOKEN_FAMILIES, now_epoch)
     info = RateLimitInfo(
-        remaining_requests=_number(lower.get("x-ratelimit-remaining-requests")),
-        remaining_tokens=_number(lower.get("x-ratelimit-remaining-tokens")),
-        reset_requests_s=parse_duration(lower.get("x-ratelimit-reset-requests")),
-        reset_tokens_s=parse_duration(lower.get("x-ratelimit-reset-tokens")),
+        remaining_requests=remaining, remaining_tokens=remaining_t,
+        reset_requests_s=reset, reset_tokens_s=reset_t,
+        limit_requests=limit, limit_tokens=limit_t,
     )
     return None if info == RateLimitInfo() else info
 

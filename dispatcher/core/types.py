@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .adaptive import AdaptPolicy
+
 # "lost": the call's fate is unknown (its worker died, or the job was returned unrun); it
 # frees the slot and probe but counts as nothing and never feeds the breaker.
 # "key_error": key-scoped evidence (e.g. `invalid_api_key`, `insufficient_quota`): the key is
@@ -61,7 +63,11 @@ class BreakerPolicy:
 
 @dataclass(frozen=True)
 class CooldownPolicy:
-    """429 without Retry-After: cool down base_s * 2**(n-1), capped at max_s (n = 429 streak)."""
+    """n consecutive 429s on a key cool it down base_s * 2**(n-1), capped at max_s.
+
+    A Retry-After is a floor under that backoff (the longer of the two), never a way
+    around it: `Retry-After: 0` on repeated 429s still backs off exponentially.
+    """
 
     base_s: float = 1.0
     max_s: float = 60.0
@@ -90,6 +96,9 @@ class SchedulerSpec:
     arrives gets a key at once instead of waiting for the next refill. It costs no
     throughput (the bucket just hovers that much higher) and lapses as soon as top-tier
     jobs are queued, so weighted shares under contention are unchanged. 0 turns it off.
+
+    `adapt`: how each key's effective rate follows 429s and ratelimit headers
+    (see adaptive.py); `AdaptPolicy(enabled=False)` keeps every key at its configured rate.
     """
 
     pools: tuple[PoolSpec, ...]
@@ -100,6 +109,7 @@ class SchedulerSpec:
     probe: ProbePolicy = ProbePolicy()
     safety_s: float = 0.05
     priority_reserve: float = 0.0
+    adapt: AdaptPolicy = AdaptPolicy()
 
 
 @dataclass(frozen=True)
@@ -171,12 +181,21 @@ Decision = Dispatch | Reject | WaitUntil | Idle
 
 @dataclass(frozen=True)
 class RateLimitInfo:
-    """x-ratelimit-* values reported by the upstream; reset times in seconds from now."""
+    """Rate-limit headers reported by the upstream (see signals.parse_ratelimit): the
+    limit, what remains of it, and the seconds until it is full again, for requests and
+    for tokens (the cost unit)."""
 
     remaining_requests: float | None = None
     remaining_tokens: float | None = None
     reset_requests_s: float | None = None
     reset_tokens_s: float | None = None
+    limit_requests: float | None = None
+    limit_tokens: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RateLimitInfo:
+        """From a report's dict; unknown fields (a newer worker) are ignored."""
+        return cls(**{name: data.get(name) for name in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from nats.aio.msg import Msg
 
 from ratefleet.runtime.store import MSG_ID, REPLY_HEADER
+from ratefleet.runtime.streams import tier_max_deliver
 from schemas import Config, ErrorCode, Job, JobRejected, parse_job
 from schemas.job import normalised_header_name
 from schemas.subjects import is_safe_reply, is_token
@@ -32,6 +33,8 @@ class Incoming:
     max_attempts: int
     submitted_at: float
     stream_seq: int
+    rate_limited: int = 0
+    max_rate_limited: int = 50
 
 
 @dataclass(frozen=True)
@@ -51,15 +54,17 @@ class Refused:
     job: Job | None = None
 
 
-def read_message(msg: Msg, tier: str, config: Config, handbacks: int = 0) -> Incoming | Refused:
-    """`handbacks`: earlier deliveries that ended without a call; they are not attempts."""
+def read_message(msg: Msg, tier: str, config: Config, handbacks: int = 0, rate_limited: int = 0) -> Incoming | Refused:
+    """`handbacks`: earlier deliveries that ended without a call; `rate_limited`: earlier
+    deliveries answered 429. Neither are attempts, and 429s do not count toward the poison
+    limit (the consumer's max_deliver leaves room for them, see `tier_max_deliver`)."""
     meta = msg.metadata
     headers = msg.headers or {}
     reply_to = headers.get(REPLY_HEADER)
     header_id = headers.get(MSG_ID)
     fallback_id = header_id if header_id and is_token(header_id) else f"s{meta.sequence.stream}"
     deliveries = meta.num_delivered
-    attempt = max(1, deliveries - handbacks)
+    attempt = max(1, deliveries - handbacks - rate_limited)
     bad_reply = reply_to is not None and not is_safe_reply(reply_to, config.nats.prefix)
     if bad_reply:
         reply_to = None
@@ -74,10 +79,10 @@ def read_message(msg: Msg, tier: str, config: Config, handbacks: int = 0) -> Inc
     except JobRejected as exc:
         return refuse("invalid", exc.code, exc.message, exc.job_id, exc.batch)
     job_id = job.id or fallback_id
-    if deliveries >= config.streams.max_deliver:
+    if deliveries - rate_limited >= config.streams.max_deliver or deliveries >= tier_max_deliver(config, tier):
         return refuse("failed", ErrorCode.POISON_MESSAGE,
-                      f"delivered {deliveries} times without finishing (streams.max_deliver); moved to dead letters",
-                      job_id, job.batch, job)
+                      f"delivered {deliveries} times without finishing ({rate_limited} answered 429; "
+                      "streams.max_deliver); moved to dead letters", job_id, job.batch, job)
     if bad_reply:
         return refuse("invalid", ErrorCode.FORBIDDEN_TARGET,
                       f"{REPLY_HEADER} must be an inbox subject, not a system, API or ratefleet subject",
@@ -86,6 +91,11 @@ def read_message(msg: Msg, tier: str, config: Config, handbacks: int = 0) -> Inc
     if problem is not None:
         return refuse("invalid", problem[0], problem[1], job_id, job.batch, job)
     max_attempts = job.max_attempts or config.tiers[tier].max_attempts
+    max_rate_limited = config.tiers[tier].max_rate_limited
+    if rate_limited >= max_rate_limited:
+        return refuse("failed", ErrorCode.RATE_LIMITED,
+                      f"answered 429 {rate_limited} times (tiers.{tier}.max_rate_limited = {max_rate_limited})",
+                      job_id, job.batch, job)
     if attempt > max_attempts:
         return refuse("failed", ErrorCode.ATTEMPTS_EXHAUSTED,
                       f"{attempt} attempts, more than max_attempts={max_attempts} (the last ones ended without a "
@@ -98,7 +108,7 @@ def read_message(msg: Msg, tier: str, config: Config, handbacks: int = 0) -> Inc
     return Incoming(job=job if job.id else job.model_copy(update={"id": job_id}), job_id=job_id, tier=tier,
                     upstream=upstream, ack=msg.reply, reply_to=reply_to, attempt=attempt,
                     max_attempts=max_attempts, submitted_at=meta.timestamp.timestamp(),
-                    stream_seq=meta.sequence.stream)
+                    stream_seq=meta.sequence.stream, rate_limited=rate_limited, max_rate_limited=max_rate_limited)
 
 
 def validate_job(raw: bytes, config: Config) -> Job:

@@ -36,11 +36,11 @@ from dispatcher.shell.refusals import finish_refused, refuse_incoming
 from dispatcher.spec import scheduler_spec
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.store import read_result
-from ratefleet.runtime.streams import tier_consumer
+from ratefleet.runtime.streams import tier_consumer, tier_max_deliver
 from schemas import Config, ErrorCode, Subjects
 from schemas.internal import Assignment, Heartbeat, LeaderAnnounce, OutcomeReport
 from ratefleet.runtime.finish import Finisher
-from ratefleet.runtime.handbacks import Handbacks
+from ratefleet.runtime.handbacks import DeliveryCounts, Handbacks
 
 log = get_logger("ratefleet.leader")
 LOST = Outcome(kind="lost")
@@ -66,7 +66,7 @@ class LeaderSession:
         self.pullers = {tier: TierPuller(nc, self.subjects.jobs_stream, tier_consumer(tier), tier,
                                          config.dispatcher.window, self._on_job,
                                          held=lambda tier=tier: self.scheduler.pending(tier), fence=fence,
-                                         max_deliver=config.streams.max_deliver, hand_back=self._hand_back_late)
+                                         max_deliver=tier_max_deliver(config, tier), hand_back=self._hand_back_late)
                         for tier in config.tiers}
         self.sequence = itertools.count(1)
         self.wake = anyio.Event()
@@ -213,7 +213,8 @@ class LeaderSession:
             pool=decision.pool, ack=incoming.ack, reply_to=incoming.reply_to, attempt=incoming.attempt,
             max_attempts=incoming.max_attempts, submitted_at=incoming.submitted_at,
             queued_ms=max(0.0, (time.time() - incoming.submitted_at) * 1000), epoch=self.epoch,
-            seq=incoming.stream_seq, denial_final=decision.reservation.denial_final)
+            seq=incoming.stream_seq, denial_final=decision.reservation.denial_final,
+            rate_limited=incoming.rate_limited, max_rate_limited=incoming.max_rate_limited)
         return assignment, assignment.model_dump_json().encode()
 
     async def _announce(self) -> None:
@@ -230,13 +231,13 @@ class LeaderSession:
         only if the lease turns out to be ours. The server's last delivery (`max_deliver`) is
         the exception: nobody else will get it, so intake ends it whatever the fence says."""
         meta = msg.metadata
-        final = meta.num_delivered >= self.config.streams.max_deliver
+        final = meta.num_delivered >= tier_max_deliver(self.config, tier)
         if meta.sequence.stream in self.held and not final:
             return  # a redelivery of a job we still hold (its keep-alive came late)
         redelivered = meta.num_delivered > 1
-        known = await self.handbacks.count(meta.sequence.stream) if redelivered else 0
+        known = await self.handbacks.counts(meta.sequence.stream) if redelivered else DeliveryCounts()
         try:
-            verdict = read_message(msg, tier, self.config, known)
+            verdict = read_message(msg, tier, self.config, known.handbacks, known.rate_limited)
         except Exception as exc:  # noqa: BLE001 - one message's content must never stop intake
             log.exception("could not read a job message; ended as invalid", tier=tier)
             verdict = unreadable(msg, tier, exc)
@@ -373,6 +374,6 @@ class LeaderSession:
 def _outcome(report: OutcomeReport) -> Outcome:
     if report.kind == "none":
         return LOST
-    limit = RateLimitInfo(**report.ratelimit) if report.ratelimit else None
+    limit = RateLimitInfo.from_dict(report.ratelimit) if report.ratelimit else None
     return Outcome(kind=report.kind, status=report.status, retry_after_s=report.retry_after_s, ratelimit=limit,
                    actual_cost=report.actual_cost, latency_ms=report.latency_ms, code=report.code)

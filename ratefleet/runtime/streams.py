@@ -4,7 +4,7 @@ RATEFLEET_JOBS     work-queue, file storage, discard-new at its limits, dedup by
                    one durable pull consumer per tier (`tier-<name>`).
 RATEFLEET_RESULTS  limits retention, one message per subject for good (invariant 7).
 RATEFLEET_DEAD     dead letters, kept `dead_max_age_s`.
-KV ratefleet_handbacks  deliveries that made no call (see ratefleet/runtime/handbacks.py).
+KV ratefleet_handbacks  deliveries that made no call or were answered 429 (ratefleet/runtime/handbacks.py).
 Object Store ratefleet_bodies  response bodies too large for a Result (ratefleet/runtime/bodies.py),
                    kept `results_max_age_s` like the Results that name them.
 """
@@ -58,11 +58,18 @@ def stream_configs(config: Config) -> list[StreamConfig]:
     ]
 
 
+def tier_max_deliver(config: Config, tier: str) -> int:
+    """The server's delivery limit of a tier's consumer: `streams.max_deliver` deliveries
+    that are not 429s, plus the tier's `max_rate_limited` 429s (which are waits, not
+    failures, and must not make a job a poison message)."""
+    return config.streams.max_deliver + config.tiers[tier].max_rate_limited
+
+
 def consumer_config(config: Config, tier: str) -> ConsumerConfig:
     subjects = Subjects(config.nats.prefix)
     return ConsumerConfig(
         durable_name=tier_consumer(tier), filter_subject=subjects.jobs(tier), ack_policy=AckPolicy.EXPLICIT,
-        deliver_policy=DeliverPolicy.ALL, ack_wait=config.streams.ack_wait_s, max_deliver=config.streams.max_deliver,
+        deliver_policy=DeliverPolicy.ALL, ack_wait=config.streams.ack_wait_s, max_deliver=tier_max_deliver(config, tier),
         max_ack_pending=-1, max_waiting=512,
     )
 

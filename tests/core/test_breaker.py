@@ -57,8 +57,9 @@ def test_non_failures_do_not_count_while_closed(status):
     for _ in range(2):
         s.complete(dispatch(s, t0).reservation, FAIL, t0)
     s.complete(dispatch(s, t0).reservation, Outcome(kind, status, retry_after_s=0.0), t0)
-    s.complete(dispatch(s, t0).reservation, FAIL, t0)  # third consecutive upstream error
-    assert breaker(s, t0) == "open"
+    # a 429 cools the key down for at least cooldown base_s (1 s), whatever Retry-After says
+    s.complete(dispatch(s, t1).reservation, FAIL, t1)  # third consecutive upstream error
+    assert breaker(s, t1) == "open"
 
 
 def test_half_open_admits_exactly_one_probe():

@@ -67,6 +67,7 @@ def test_exponential_backoff_and_reset_on_ok():
         now += expected
     d = dispatch(s, now)
     s.complete(d.reservation, OK, now)
+    now += 1.0  # the effective rate fell with the 429s: the bucket needs a moment
     d = dispatch(s, now)
     s.complete(d.reservation, Outcome("rate_limited", 429), now)
     assert s.next(now) == WaitUntil(now + 1.0)  # the streak restarted after ok
