@@ -10,8 +10,8 @@ import warnings
 
 import pytest
 
-from dispatcher.core import (BreakerPolicy, CooldownPolicy, Dispatch, KeySpec, PendingJob, ProbePolicy, Scheduler,
-                             TierSpec)
+from dispatcher.core import (AdaptPolicy, BreakerPolicy, CooldownPolicy, Dispatch, KeySpec, PendingJob, ProbePolicy,
+                             Scheduler, TierSpec)
 from dispatcher.spec import scheduler_spec
 from schemas.config import parse_config
 
@@ -32,7 +32,8 @@ CONFIG = {
     },
     "dispatcher": {"policy": "strict", "breaker_fail_max": 7, "breaker_reset_s": 12.5, "cooldown_base_s": 0.75,
                    "cooldown_max_s": 45.0, "safety_ms": 200.0, "priority_reserve": 2.5, "key_probe_s": 90.0,
-                   "key_probe_max_s": 1800.0},
+                   "key_probe_max_s": 1800.0, "adaptive_rate": False, "rate_decrease": 0.7, "rate_recover_s": 9.0,
+                   "first_burst": 3.0},
 }
 
 
@@ -72,6 +73,7 @@ def test_dispatcher_policies_come_from_the_config_in_seconds():
     assert spec.probe == ProbePolicy(base_s=90.0, max_s=1800.0)
     assert spec.safety_s == pytest.approx(0.2)  # safety_ms is milliseconds
     assert spec.priority_reserve == 2.5
+    assert spec.adapt == AdaptPolicy(enabled=False, decrease=0.7, recover_s=9.0, first_burst=3.0)
 
 
 def test_defaults_when_the_config_says_nothing():
@@ -81,6 +83,7 @@ def test_defaults_when_the_config_says_nothing():
     assert spec.cooldown == CooldownPolicy(base_s=1.0, max_s=60.0)
     assert spec.probe == ProbePolicy(base_s=60.0, max_s=3600.0)
     assert spec.safety_s == pytest.approx(0.05) and spec.priority_reserve == 1.0
+    assert spec.adapt == AdaptPolicy(enabled=True, decrease=0.5, recover_s=5.0, first_burst=2.0)
 
 
 def test_a_probe_cap_below_the_first_probe_delay_is_raised_to_it():
@@ -106,7 +109,7 @@ def test_the_safety_margin_from_the_config_holds_back_the_last_tokens_of_a_burst
     def dispatched_at_once(safety_ms: float) -> int:
         config = parse_config({"upstreams": {"u": {"base_url": "https://u.example.test"}},
                                "pools": {"p": {"keys": [{"id": "k", "secret": "env:K", "rps": 10, "burst": 5}]}},
-                               "dispatcher": {"safety_ms": safety_ms, "priority_reserve": 0}})
+                               "dispatcher": {"safety_ms": safety_ms, "priority_reserve": 0, "first_burst": None}})
         scheduler = Scheduler(scheduler_spec(config), 0.0)
         for i in range(10):
             scheduler.add(PendingJob(f"j{i}", "normal", "u"), 0.0)

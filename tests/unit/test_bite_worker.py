@@ -343,9 +343,7 @@ async def test_a_draining_worker_hands_an_assignment_back_without_a_call(monkeyp
 
 
 @pytest.mark.parametrize("kind, attempt, retry_after, expected", [
-    ("rate_limited", 1, None, 0.0),  # the dispatcher cools the key down; the job may run elsewhere
-    ("rate_limited", 3, 20.0, 0.0),
-    ("key_error", 2, None, 0.0),
+    ("key_error", 2, None, 0.0),  # the key is disabled; the job runs on another at once
     ("denied", 1, None, 0.0),
     ("upstream_error", 1, None, 0.25),
     ("upstream_error", 2, None, 0.5),
@@ -359,3 +357,14 @@ async def test_a_draining_worker_hands_an_assignment_back_without_a_call(monkeyp
 ])
 def test_retry_delay(kind, attempt, retry_after, expected):
     assert retry_delay(kind, attempt, retry_after) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("rate_limited, retry_after, expected", [
+    (1, None, 0.25), (2, None, 0.5), (3, None, 1.0), (4, None, 2.0), (5, None, 4.0), (6, None, 5.0),
+    (40, None, 5.0),  # capped at 5 s
+    (1, 60.0, 0.25),  # a key's Retry-After is the dispatcher's cooldown, not the job's wait
+    (0, None, 0.25),
+])
+def test_retry_delay_of_a_rate_limited_job_doubles_with_its_own_429s(rate_limited, retry_after, expected):
+    for attempt in (1, 4):  # by the job's 429s, not its attempts
+        assert retry_delay("rate_limited", attempt, retry_after, rate_limited) == pytest.approx(expected)
