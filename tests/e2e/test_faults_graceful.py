@@ -60,7 +60,7 @@ async def test_sigterm_worker_finishes_its_calls_and_exits(tmp_path, nats_server
                        by_worker={w: sum(1 for r in results.values() if r.worker == w) for w in ("w1", "w2")},
                        retried=sum(1 for r in results.values() if r.attempts > 1), upstream_calls=upstream_calls)
                 assert rc == 0, f"w1 exited with {rc} (None: still running {grace_s + 8}s after SIGTERM)"
-                assert exit_s < grace_s + 3
+                assert exit_s < grace_s + 5, f"w1 exited {exit_s:.1f}s after SIGTERM (grace {grace_s}s)"
                 # its calls in flight were finished by w1 itself, not abandoned and redone (the
                 # status snapshot is a little older than the SIGTERM, so some of those `in_flight`
                 # may have finished before it; an abandoned call would show as one call too many)
