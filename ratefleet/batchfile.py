@@ -12,8 +12,8 @@ so the id stays within 128 characters; the hash still covers the whole name. The
 sits in the id so `ratefleet results --order input` can order Results without the file
 (`line_of(job_id)`). A line that carries its own `id` keeps it.
 
-Memory: nothing here holds more than one line, except `IdSet`, 8 bytes per job (a sorted
-`array('Q')` of id hashes: 8 MB for a million lines).
+Memory: nothing here holds more than one line, except `IdSet`, 8 bytes per job (sorted
+`array('Q')`s of id hashes: 8 MB for a million lines).
 """
 
 from __future__ import annotations
@@ -97,40 +97,43 @@ def spool_stdin() -> Path:
 
 
 class IdSet:
-    """The job ids of one run, as sorted 64-bit hashes: membership in O(log n), 8 bytes each."""
+    """The job ids of one run as 64-bit hashes, 8 bytes each: 256 arrays by the hash's top byte,
+    each sorted by `freeze()` (so sorting never needs more than 1/256 of them as Python ints);
+    membership is a binary search in one of them."""
 
     def __init__(self) -> None:
-        self._hashes = array("Q")
-        self._sorted = True
+        self._buckets = [array("Q") for _ in range(256)]
+        self._frozen = False
+        self._size = 0
 
     def add(self, job_id: str) -> None:
-        self._hashes.append(id_hash(job_id))
-        self._sorted = False
+        key = id_hash(job_id)
+        self._buckets[key >> 56].append(key)
+        self._frozen = False
 
     def freeze(self) -> int:
         """Sort and drop repeated ids; return how many repeats were dropped."""
-        before = len(self._hashes)
-        ordered = sorted(self._hashes)  # transient: ~44 bytes per id (no set: that would be ~100)
-        self._hashes = array("Q")
-        previous = None
-        for value in ordered:
-            if value != previous:
-                self._hashes.append(value)
-                previous = value
-        del ordered
-        self._sorted = True
-        return before - len(self._hashes)
+        dropped = 0
+        for index, bucket in enumerate(self._buckets):
+            unique = array("Q", sorted(set(bucket)))
+            dropped += len(bucket) - len(unique)
+            self._buckets[index] = unique
+        self._frozen = True
+        self._size = sum(len(bucket) for bucket in self._buckets)
+        return dropped
 
     def __len__(self) -> int:
-        return len(self._hashes)
+        """How many distinct ids (after `freeze()`)."""
+        return self._size
 
     def __contains__(self, job_id: object) -> bool:
-        assert self._sorted, "freeze() first"
+        assert self._frozen, "freeze() first"
         if not isinstance(job_id, str):
             return False
         key = id_hash(job_id)
-        at = bisect_left(self._hashes, key)
-        return at < len(self._hashes) and self._hashes[at] == key
+        bucket = self._buckets[key >> 56]
+        at = bisect_left(bucket, key)
+        return at < len(bucket) and bucket[at] == key
 
 
 @dataclass

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,7 +32,7 @@ from rich.console import Console
 from ratefleet.batches import BatchRecord, save_record
 from ratefleet.batchfile import LineError, Validation, iter_lines, line_of, parse_line, spool_stdin, validate_file
 from ratefleet.client import Client, Stored
-from ratefleet.errors import NatsUnavailable
+from ratefleet.errors import NatsUnavailable, SubmitError
 from ratefleet.phases import Phases
 from ratefleet.submit_report import Run, check_tier, count_results, report_interrupt, report_end
 from schemas.subjects import is_token
@@ -85,8 +86,9 @@ async def _interruptible(run: Run, client: Client, path: Path, phases: Phases, s
             if run.sink is not None:
                 run.sink.close()
     if run.interrupted:
-        with anyio.CancelScope(shield=True):
-            await _save(client, run, "interrupted")
+        if not run.submitted:  # a finished submission keeps its "submitted" record and count
+            with anyio.CancelScope(shield=True):
+                await _save(client, run, "interrupted")
         report_interrupt(run, phases)
         return 130
     return code
@@ -94,8 +96,6 @@ async def _interruptible(run: Run, client: Client, path: Path, phases: Phases, s
 
 async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_invalid: bool) -> int:
     found = await _validate(run, path, phases)
-    if found is None:
-        return 2
     if found.error_count and not skip_invalid:
         phases.print("nothing was submitted; fix the lines above or pass --skip-invalid")
         return 2
@@ -111,7 +111,13 @@ async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_inv
         if run.wait:
             tg.start_soon(_follow, run, client, phases)
         tg.start_soon(_refresh_record, run, client)
-        await _publish_all(run, client, path, phases)
+        try:
+            await _publish_all(run, client, path, phases)
+        except SubmitError as exc:  # refused mid-way (queue full, NATS gone): say what is stored
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await _save(client, run, "interrupted")
+            raise type(exc)(f"{exc}. {run.stored:,} of {found.jobs:,} jobs are stored; once fixed, run the "
+                            f"same command again (stored lines are not sent again): {run.submit_command()}") from None
         run.submitted = True
         await _save(client, run, "submitted")
         report_end(run, phases, submitted_only=True)
@@ -122,12 +128,21 @@ async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_inv
     return report_end(run, phases) if run.wait else 0
 
 
-async def _validate(run: Run, path: Path, phases: Phases) -> Validation | None:
+async def _validate(run: Run, path: Path, phases: Phases) -> Validation:
     size = max(path.stat().st_size, 1)
     handle = phases.start("validating", size, unit="bytes")
-    found = await anyio.to_thread.run_sync(
-        lambda: validate_file(path, run.batch, lambda n: anyio.from_thread.run_sync(
-            lambda: phases.update(handle, completed=n))), abandon_on_cancel=True)
+    stop = threading.Event()
+
+    def progress(read: int) -> None:
+        if stop.is_set():
+            raise anyio.get_cancelled_exc_class()  # Ctrl-C: end the abandoned thread too
+        anyio.from_thread.run_sync(lambda: phases.update(handle, completed=read))
+
+    try:  # in a thread, so Ctrl-C and the progress display keep working during a long pass
+        found = await anyio.to_thread.run_sync(lambda: validate_file(path, run.batch, progress),
+                                               abandon_on_cancel=True)
+    finally:
+        stop.set()
     phases.update(handle, completed=size)
     phases.finish(handle)
     for line in found.errors:
