@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from ratefleet.errors import JobInvalid, RequestTimeout, SubmitError
 from ratefleet.runtime.connect import connect
+from ratefleet.runtime.pubpipe import PublishPipe
 from ratefleet.runtime.store import MSG_ID, TRANSIENT, publish_job, publish_job_ack, read_result
 from schemas import Job, Result, Subjects
 from schemas.config import DEFAULT_NATS_URL
@@ -126,12 +127,23 @@ class Client:
         a NATS restart). Raises QueueFull / SubmitError on the first refusal; the `Stored`
         already yielded are the jobs stored before it.
         """
-        subject = self.subjects.jobs(tier)
         pending: deque[tuple[Job, bytes, asyncio.Future | None]] = deque()
+        async with PublishPipe(self.nc) as pipe:
+            try:
+                async for stored in self._pipeline(pipe, jobs, tier, pending, window, ack_timeout):
+                    yield stored
+            finally:
+                for _, _, future in pending:  # stopped early: the rest is not waited for
+                    if future is not None and not future.cancel():
+                        future.exception()  # settled: mark it seen (no "never retrieved" noise)
+
+    async def _pipeline(self, pipe: PublishPipe, jobs: Iterable[Job], tier: str, pending: deque, window: int,
+                        ack_timeout: float) -> AsyncIterator[Stored]:
+        subject = self.subjects.jobs(tier)
         for job in jobs:
             payload = job.to_json()
             try:
-                future = await self.js.publish_async(subject, payload, headers={MSG_ID: job.id})
+                future = await pipe.publish(subject, payload, headers={MSG_ID: job.id})
             except TRANSIENT:
                 future = None  # settled below with the one-by-one publish that retries
             pending.append((job, payload, future))
