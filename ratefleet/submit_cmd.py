@@ -155,17 +155,23 @@ async def _validate(run: Run, path: Path, phases: Phases) -> Validation:
     return found
 
 
-def _jobs(path: Path, batch: str):
+def _jobs(run: Run, path: Path):
+    """Pass 2: the valid lines again, as jobs. A line edited since pass 1 (its id is not one
+    pass 1 saw) is not sent: `--wait` could never count its Result."""
     for number, text in iter_lines(path):
         try:
-            yield parse_line(text, number, batch)
+            job = parse_line(text, number, run.batch)
         except LineError:
             continue  # reported by pass 1 (--skip-invalid)
+        if job.id in run.found.ids:
+            yield job
+        else:
+            run.changed.append(number)
 
 
 async def _publish_all(run: Run, client: Client, path: Path, phases: Phases) -> None:
     handle = phases.start("submitting", run.found.jobs, unit="jobs")
-    stream = client.submit_stream(_jobs(path, run.batch), run.tier)
+    stream = client.submit_stream(_jobs(run, path), run.tier)
     async with contextlib.aclosing(stream):
         async for stored in stream:
             await _classify(run, client, stored)

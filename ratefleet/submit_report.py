@@ -42,6 +42,7 @@ class Run:
     foreign_queued: list[tuple[str, str | None]] = field(default_factory=list)
     foreign_queued_more: int = 0
     results_before: int = 0  # Results the batch had when this run started
+    changed: list[int] = field(default_factory=list)  # lines edited between the two passes (not sent)
     collected: int = 0       # this batch's Results seen by --wait
     statuses: Counter = field(default_factory=Counter)
     written: int = 0
@@ -50,7 +51,7 @@ class Run:
 
     @property
     def expected(self) -> int:
-        return (len(self.found.ids) if self.found else 0) - self.foreign
+        return (len(self.found.ids) if self.found else 0) - self.foreign - len(self.changed)
 
     def write(self, result: Result) -> None:
         """Count a Result (and write it to --out)."""
@@ -117,6 +118,9 @@ def report_end(run: Run, phases, *, submitted_only: bool = False) -> int:
         phases.print(f"stored {run.stored:,} jobs in tier {run.tier!r}, batch {run.batch}: {run.fresh:,} new, "
                      f"{run.earlier - done:,} already queued, {done:,} already done")
         _report_foreign(run, phases)
+        if run.changed:
+            phases.print(f"{len(run.changed):,} lines changed while this command ran and were not sent (first: "
+                         f"line {run.changed[0]}); run the command again to send them")
         if not run.wait:
             phases.print(f"collect the Results with: {run.results_command()}")
         return 0
