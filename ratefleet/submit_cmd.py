@@ -118,8 +118,9 @@ async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_inv
                 await _save(client, run, "interrupted")
             raise type(exc)(f"{exc}. {run.stored:,} of {found.jobs:,} jobs are stored; once fixed, run the "
                             f"same command again (stored lines are not sent again): {run.submit_command()}") from None
-        run.submitted = True
-        await _save(client, run, "submitted")
+        async with run.record_lock:
+            run.submitted = True
+            await _save(client, run, "submitted")
         report_end(run, phases, submitted_only=True)
         run.check_collected()
         if run.wait:
@@ -220,10 +221,14 @@ async def _follow(run: Run, client: Client, phases: Phases) -> None:
 
 
 async def _refresh_record(run: Run, client: Client) -> None:
+    """Keep the "submitting" record fresh (so `results --wait` can tell a killed submit) until sent."""
     while True:
         await anyio.sleep(5)
-        with contextlib.suppress(Exception):
-            await _save(client, run, "submitting")
+        async with run.record_lock:  # never after the "submitted" record
+            if run.submitted:
+                return
+            with contextlib.suppress(Exception):
+                await _save(client, run, "submitting")
 
 
 async def _save(client: Client, run: Run, state: str) -> None:

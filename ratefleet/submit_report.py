@@ -48,6 +48,7 @@ class Run:
     written: int = 0
     sink: TextIO | None = None
     all_collected: anyio.Event = field(default_factory=anyio.Event)
+    record_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     @property
     def expected(self) -> int:
@@ -126,7 +127,8 @@ def report_end(run: Run, phases, *, submitted_only: bool = False) -> int:
         return 0
     summary = ", ".join(f"{status} {n:,}" for status, n in sorted(run.statuses.items())) or "none"
     phases.print(f"results: {summary}" + (f"; written to {run.out}" if run.out else ""))
-    ok = run.statuses.get("succeeded", 0) == run.written and not (run.foreign_queued or run.foreign_queued_more)
+    ok = (run.statuses.get("succeeded", 0) == run.written and not (run.foreign_queued or run.foreign_queued_more)
+          and not run.changed)
     return 0 if ok else 1
 
 

@@ -5,6 +5,7 @@ command again, collect with `ratefleet results`; exactly one upstream call per l
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -82,14 +83,17 @@ async def test_ctrl_c_then_rerun_then_results_pays_one_call_per_line(tmp_path, n
     written = read_results(out)  # flushed, each line a whole Result
     assert 0 < len(written) < lines and all(r["status"] == "succeeded" for r in written)
 
-    again = cli(*command)
+    again = cli(*command)  # the same command: nothing is sent twice; it waits for the rest
     assert again.returncode == 0, again.stderr
-    assert "stored 60 jobs in tier 'normal', batch b1: 0 new" in again.stderr
+    said = re.search(r"stored 60 jobs in tier 'normal', batch b1: 0 new, (\d+) already queued, (\d+) already done",
+                     again.stderr)
+    assert said and int(said[1]) + int(said[2]) == lines, again.stderr
     assert len(read_results(out)) == lines
 
-    collected = tmp_path / "all.jsonl"
-    done = cli("results", "--batch", "b1", "--out", str(collected), "--nats", nats_server.url)
+    collected = tmp_path / "all.jsonl"  # the command the interrupt printed, to another file
+    done = cli("results", "--batch", "b1", "--wait", "--out", str(collected), "--nats", nats_server.url)
     assert done.returncode == 0, done.stderr
+    assert f"batch b1: {lines} of {lines} results (succeeded {lines})" in done.stderr
     results = read_results(collected)
     assert len(results) == lines and len({r["job_id"] for r in results}) == lines
     assert upstream.stats()["requests"] == lines  # one call per line, not one per run
