@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -55,8 +56,18 @@ def run_submit(url: str, file: Path, log: Path) -> dict:
         _, status, usage = os.wait4(child.pid, 0)
     elapsed = time.monotonic() - started
     child.returncode = os.waitstatus_to_exitcode(status)
+    text = log.read_text()
     return {"command": " ".join(["ratefleet", *command[3:]]), "exit": child.returncode, "seconds": elapsed,
-            "peak_rss_bytes": usage.ru_maxrss * 1024, "log_tail": log.read_text().strip().splitlines()[-6:]}
+            "peak_rss_bytes": usage.ru_maxrss * 1024, "phase_seconds": phase_seconds(text),
+            "log_tail": text.strip().splitlines()[-4:]}
+
+
+def phase_seconds(log: str) -> dict[str, float]:
+    """{"validating": s, "submitting": s} from the final progress lines (`name: ... (in 12.3s, ...)`)."""
+    found = {}
+    for match in re.finditer(r"^(validating|submitting): .*\(in ([0-9.]+)s", log, re.M):
+        found[match[1]] = float(match[2])
+    return found
 
 
 def main() -> None:
@@ -71,9 +82,13 @@ def main() -> None:
             run = run_submit(server.url, file, Path(tmp) / "submit.log")
     row = {"lines": args.lines, "file_bytes": size, **run, "jobs_per_s": args.lines / run["seconds"],
            "peak_rss_mb": run["peak_rss_bytes"] / 1e6}
-    print(f"{'lines':>10} {'file MB':>8} {'exit':>4} {'seconds':>8} {'jobs/s':>8} {'peak RSS MB':>12}")
+    phases = run["phase_seconds"]
+    validate_rate = args.lines / phases["validating"] if phases.get("validating") else 0
+    send_rate = args.lines / phases["submitting"] if phases.get("submitting") else 0
+    print(f"{'lines':>10} {'file MB':>8} {'exit':>4} {'seconds':>8} {'jobs/s':>8} {'validate/s':>10} "
+          f"{'send/s':>8} {'peak RSS MB':>12}")
     print(f"{row['lines']:>10,} {size / 1e6:>8.1f} {row['exit']:>4} {row['seconds']:>8.1f} "
-          f"{row['jobs_per_s']:>8,.0f} {row['peak_rss_mb']:>12.1f}")
+          f"{row['jobs_per_s']:>8,.0f} {validate_rate:>10,.0f} {send_rate:>8,.0f} {row['peak_rss_mb']:>12.1f}")
     print("\n".join(run["log_tail"]))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(row, indent=2) + "\n")

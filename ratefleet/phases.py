@@ -89,8 +89,9 @@ class Phases:
             phase.finished = True
             self._say(phase, time.monotonic(), final=True)
 
-    def print(self, message: str) -> None:
-        self.console.print(message, highlight=False)
+    def print(self, message: str, style: str | None = None) -> None:
+        """One line of text (never read as markup: it may quote a user's line)."""
+        self.console.print(message, style=style, highlight=False, markup=False)
 
     def _say(self, phase: _Plain, now: float, final: bool = False) -> None:
         elapsed = max(now - phase.started, 1e-6)

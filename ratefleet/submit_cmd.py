@@ -147,7 +147,7 @@ async def _validate(run: Run, path: Path, phases: Phases) -> Validation:
     phases.update(handle, completed=size)
     phases.finish(handle)
     for line in found.errors:
-        phases.print(f"[red]{line}[/red]" if phases.rich else line)
+        phases.print(line, style="red")
     if found.error_count > len(found.errors):
         phases.print(f"... and {found.error_count - len(found.errors)} more invalid lines")
     phases.print(f"{found.jobs:,} valid jobs on {found.lines:,} lines"
