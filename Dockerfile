@@ -7,5 +7,7 @@ COPY dispatcher dispatcher
 COPY workers workers
 COPY ratefleet ratefleet
 RUN pip install --no-cache-dir .
+# compose.yaml and the README run `submit /app/examples/jobs.jsonl`; configs live here too
+COPY examples examples
 ENV RATEFLEET_LOG_FORMAT=json
 ENTRYPOINT ["ratefleet"]

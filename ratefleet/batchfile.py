@@ -29,10 +29,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from schemas import Job
-from schemas.job import describe_validation_error
+from schemas.job import JobRejected, parse_job
 
 MAX_ID = 128
 _GENERATED = re.compile(r"-(\d{1,12})-([0-9a-f]{10})$")
@@ -63,13 +61,14 @@ class LineError(ValueError):
 
 
 def parse_line(text: str, number: int, batch: str) -> Job:
-    """Validate one line as a Job of `batch`, with its id (own or deterministic). Raises LineError."""
+    """Validate one line as a Job of `batch`, with its id (own or deterministic). Raises LineError.
+
+    The same check as every other door into the fleet (`schemas.job.parse_job`), so a line
+    that passes here is not refused later."""
     try:
-        job = Job.model_validate_json(text)
-    except ValidationError as exc:
-        if any(e["type"] == "json_invalid" for e in exc.errors()):
-            raise LineError(f"line {number}: not valid JSON ({exc.errors()[0]['msg']})") from None
-        raise LineError(f"line {number}: {describe_validation_error(exc)[1]}") from None
+        job = parse_job(text.encode("utf-8", "surrogatepass"))
+    except JobRejected as exc:
+        raise LineError(f"line {number}: {exc.message}") from None
     if job.batch is not None and job.batch != batch:
         raise LineError(f"line {number}: batch {job.batch!r} differs from this run's batch {batch!r} "
                         "(one file is one batch: drop the field or pass --batch)")

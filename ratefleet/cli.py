@@ -1,45 +1,72 @@
-"""The `ratefleet` command line. Every command takes --nats URL (or $RATEFLEET_NATS_URL)."""
+"""The `ratefleet` command line.
+
+Every command that talks to NATS takes --config FILE (else $RATEFLEET_CONFIG, else ./ratefleet.toml),
+read through one helper (cli_support.client_target / fleet_config), and --nats URL (or
+$RATEFLEET_NATS_URL, over the config's [nats].url). Errors are one line with what to do next;
+exit codes: 0 all succeeded, 1 some failed, 2 usage or input error, 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Optional
 
 import anyio
 import typer
 
+from ratefleet.cli_support import (EXIT_FAILED, EXIT_INTERRUPTED, RatefleetApp, client_target, fail, fleet_config,
+                                   make_console, plain_output, read_text_file, require_file, require_out_path,
+                                   tier_help)
 from ratefleet.errors import RatefleetError
 from ratefleet.runtime.logs import configure_logging
-from schemas import ConfigError, load_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="ratefleet: rate-limited API calls at scale over NATS JetStream.")
-dlq_app = typer.Typer(no_args_is_help=True, help="Inspect and replay dead letters.")
+_MARKUP = None if plain_output() else "rich"  # NO_COLOR / not a terminal: click's plain help and errors
+app = RatefleetApp(add_completion=False, no_args_is_help=True, rich_markup_mode=_MARKUP,
+                   pretty_exceptions_enable=False,
+                   help="ratefleet: rate-limited API calls at scale over NATS JetStream.")
+dlq_app = typer.Typer(no_args_is_help=True, rich_markup_mode=_MARKUP, pretty_exceptions_enable=False,
+                      help="Inspect and replay dead letters.")
 app.add_typer(dlq_app, name="dlq")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config (else $RATEFLEET_CONFIG, else ./ratefleet.toml)")
-NatsOpt = typer.Option(None, "--nats", envvar="RATEFLEET_NATS_URL", help="NATS URL (default nats://127.0.0.1:4222)")
+NatsOpt = typer.Option(None, "--nats", envvar="RATEFLEET_NATS_URL",
+                       help="NATS URL, over the config's [nats].url (default nats://127.0.0.1:4222)")
+PrefixOpt = typer.Option(None, "--prefix", help="subject prefix, over the config's [nats].prefix (default ratefleet)")
+TierOpt = typer.Option(..., "--tier", "-t", help=tier_help())
 
 
-def fail(message: str, code: int = 2) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
+def Flag(default: bool, *names: str, help: str, **extra):  # noqa: N802 - reads like typer.Option
+    """A boolean option shown as a flag (`--wait`), not as `--wait <bool>` (typer's rich help shows the type)."""
+    return typer.Option(default, *names, is_flag=True, metavar="", help=help, **extra)
 
 
-def _config(config: Optional[Path], nats_url: Optional[str]):
-    try:
-        return load_config(config, nats_url=nats_url)
-    except ConfigError as exc:
-        fail(str(exc))
+JsonOpt = Flag(False, "--json", help="raw JSON instead of tables")
+
+
+def _version(value: bool) -> None:
+    if value:
+        try:
+            typer.echo(f"ratefleet {version('ratefleet')}")
+        except PackageNotFoundError:
+            typer.echo("ratefleet (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(_version_flag: bool = Flag(False, "--version", is_eager=True, callback=_version,
+                                    help="print the version and exit")):
+    """ratefleet: rate-limited API calls at scale over NATS JetStream."""
 
 
 def _run(coro_fn, *args):
+    """Run a coroutine; RatefleetError -> one line, exit 1; Ctrl-C -> exit 130."""
     try:
         return anyio.run(coro_fn, *args)
     except RatefleetError as exc:
-        fail(str(exc), 1)
+        fail(str(exc), EXIT_FAILED)
     except BaseExceptionGroup as group:  # raised inside a task group: report the first of ours
         ours = group.subgroup(lambda e: isinstance(e, RatefleetError))
         if ours is None:
@@ -47,9 +74,9 @@ def _run(coro_fn, *args):
         first = ours.exceptions[0]
         while isinstance(first, BaseExceptionGroup):
             first = first.exceptions[0]
-        fail(str(first), 1)
+        fail(str(first), EXIT_FAILED)
     except KeyboardInterrupt:
-        raise typer.Exit(130)
+        raise typer.Exit(EXIT_INTERRUPTED)
 
 
 @app.command()
@@ -57,21 +84,24 @@ def up(config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt,
        workers: int = typer.Option(2, "--workers", "-w", min=0, help="worker processes"),
        dispatchers: int = typer.Option(1, "--dispatchers", min=1, help="dispatcher processes (leader + standbys)")):
     """The whole fleet here: embedded NATS if none answers, dispatchers, N workers. Ctrl-C drains and stops."""
+    from ratefleet.runtime.roles import log_and_ignore_sighup
     from ratefleet.runtime.supervisor import run_fleet
 
-    cfg = _config(config, nats)
+    log_and_ignore_sighup()  # until run_fleet installs its own handler, which logs each one
+    cfg, path = fleet_config(config, nats, "up")
     configure_logging()
-    sys.exit(run_fleet(cfg, config_path=config, workers=workers, dispatchers=dispatchers))
+    sys.exit(run_fleet(cfg, config_path=path, workers=workers, dispatchers=dispatchers))
 
 
 @app.command()
 def dispatcher(config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt,
                id: Optional[str] = typer.Option(None, "--id", help="dispatcher id (default random)")):
     """Run one dispatcher (run two or more for failover)."""
-    from ratefleet.runtime.roles import dispatcher_main
+    from ratefleet.runtime.roles import dispatcher_main, log_and_ignore_sighup
 
-    cfg = _config(config, nats)
+    cfg, _ = fleet_config(config, nats, "dispatcher")
     configure_logging()
+    log_and_ignore_sighup()
     _run(dispatcher_main, cfg, id)
 
 
@@ -80,65 +110,73 @@ def worker(config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt,
            slots: Optional[int] = typer.Option(None, "--slots", min=1, help="concurrent upstream calls"),
            id: Optional[str] = typer.Option(None, "--id", help="worker id (default random)")):
     """Run one worker process."""
-    from ratefleet.runtime.roles import worker_main
+    from ratefleet.runtime.roles import log_and_ignore_sighup, worker_main
 
-    cfg = _config(config, nats)
+    cfg, _ = fleet_config(config, nats, "worker")
     configure_logging()
+    log_and_ignore_sighup()
     _run(worker_main, cfg, slots, id)
 
 
 @app.command()
 def submit(file: Path = typer.Argument(..., help="JSONL file, one Job per line ('-' for stdin)"),
-           tier: str = typer.Option(..., "--tier", "-t"), batch: Optional[str] = typer.Option(None, "--batch", "-b"),
-           wait: bool = typer.Option(False, "--wait", help="follow results until every job has one"),
+           tier: str = TierOpt, batch: Optional[str] = typer.Option(None, "--batch", "-b"),
+           wait: bool = Flag(False, "--wait", help="follow results until every job has one"),
            out: Optional[Path] = typer.Option(None, "--out", "-o", help="write Results here (JSONL)"),
-           skip_invalid: bool = typer.Option(False, "--skip-invalid", help="submit the valid lines, report the rest"),
-           nats: Optional[str] = NatsOpt, prefix: str = typer.Option("ratefleet", "--prefix")):
+           skip_invalid: bool = Flag(False, "--skip-invalid", help="submit the valid lines, report the rest"),
+           config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt, prefix: Optional[str] = PrefixOpt):
     """Submit a batch of jobs with a progress bar; --wait collects their Results."""
     from ratefleet.submit_cmd import run_submit
 
-    code = _run(run_submit, file, tier, batch, wait, out, skip_invalid, nats or _default_url(), prefix)
+    if str(file) != "-":
+        require_file(file, "jobs file")
+    require_out_path(out)
+    target = client_target(config, nats, prefix)
+    code = _run(run_submit, file, tier, batch, wait, out, skip_invalid, target.url, target.prefix)
     raise typer.Exit(code or 0)
 
 
 @app.command()
-def request(job: str = typer.Argument(..., help="Job JSON, or @FILE"), tier: str = typer.Option(..., "--tier", "-t"),
-            timeout: float = typer.Option(30.0, "--timeout"), nats: Optional[str] = NatsOpt,
-            prefix: str = typer.Option("ratefleet", "--prefix")):
+def request(job: str = typer.Argument(..., help="Job JSON, or @FILE"), tier: str = TierOpt,
+            timeout: float = typer.Option(30.0, "--timeout", help="seconds to wait for the Result"),
+            config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt, prefix: Optional[str] = PrefixOpt):
     """One job over request/reply; prints the Result; exit 0 only if it succeeded."""
     from ratefleet.client import Client
 
-    text = Path(job[1:]).read_text() if job.startswith("@") else job
+    text = read_text_file(Path(job[1:]), "job file") if job.startswith("@") else job
     try:
         payload = json.loads(text)
-    except ValueError as exc:
-        fail(f"the job is not valid JSON: {exc}")
+    except (ValueError, RecursionError) as exc:
+        fail(f"the job is not valid JSON ({type(exc).__name__}: {exc}); pass one JSON object or @FILE")
+    target = client_target(config, nats, prefix)
 
     async def go():
-        async with await Client.connect(nats or _default_url(), prefix=prefix) as client:
+        async with await Client.connect(target.url, prefix=target.prefix) as client:
             return await client.request(payload, tier, timeout=timeout)
 
     result = _run(go)
     typer.echo(result.model_dump_json(by_alias=True, indent=2))
-    raise typer.Exit(0 if result.ok else 1)
+    raise typer.Exit(0 if result.ok else EXIT_FAILED)
 
 
 @app.command()
-def status(nats: Optional[str] = NatsOpt, prefix: str = typer.Option("ratefleet", "--prefix"),
-           as_json: bool = typer.Option(False, "--json", help="raw JSON instead of tables")):
+def status(config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt, prefix: Optional[str] = PrefixOpt,
+           as_json: bool = JsonOpt):
     """Tiers (queued, pending, in flight), keys (tokens, in flight, breaker, 429s), workers."""
     from ratefleet.client import Client
     from ratefleet.status_view import render_status
 
+    target = client_target(config, nats, prefix)
+
     async def go():
-        async with await Client.connect(nats or _default_url(), prefix=prefix) as client:
+        async with await Client.connect(target.url, prefix=target.prefix) as client:
             return await client.status()
 
     answer = _run(go)
     if as_json:
         typer.echo(json.dumps(answer, indent=2))
     else:
-        render_status(answer)
+        render_status(answer, make_console())
 
 
 @app.command("mock-upstream")
@@ -156,7 +194,7 @@ def mock_upstream(port: int = typer.Option(8900, "--port"), host: str = typer.Op
     try:
         keys = [parse_key_spec(spec) for spec in key]
     except ValueError as exc:
-        fail(str(exc))
+        fail(f"{exc}; the form is --key id=SECRET:rps=20:burst=5")
     settings = MockSettings(host=host, port=port, keys=keys, default_rps=rps, default_burst=burst,
                             latency_ms=latency_ms, latency_jitter_ms=latency_jitter_ms, fail_rate=fail_rate,
                             fail_status=fail_status)
@@ -175,24 +213,29 @@ def demo(jobs: int = typer.Option(400, "--jobs", help="guest flood size"), vip: 
 
 
 @dlq_app.command("list")
-def dlq_list(tier: Optional[str] = typer.Option(None, "--tier"), limit: int = typer.Option(50, "--limit"),
-             nats: Optional[str] = NatsOpt, prefix: str = typer.Option("ratefleet", "--prefix"),
-             as_json: bool = typer.Option(False, "--json")):
+def dlq_list(tier: Optional[str] = typer.Option(None, "--tier", help=tier_help("only this tier")),
+             limit: int = typer.Option(50, "--limit"), config: Optional[Path] = ConfigOpt,
+             nats: Optional[str] = NatsOpt, prefix: Optional[str] = PrefixOpt, as_json: bool = JsonOpt):
     """List dead letters: job id, tier, reason, attempts."""
     from ratefleet.dlq import list_dead
 
-    _run(list_dead, nats or _default_url(), prefix, tier, limit, as_json)
+    target = client_target(config, nats, prefix)
+    _run(list_dead, target.url, target.prefix, tier, limit, as_json)
 
 
 @dlq_app.command("replay")
-def dlq_replay(tier: Optional[str] = typer.Option(None, "--tier"), id: Optional[str] = typer.Option(None, "--id"),
-               nats: Optional[str] = NatsOpt, prefix: str = typer.Option("ratefleet", "--prefix"),
-               purge: bool = typer.Option(True, "--purge/--keep", help="remove replayed letters from the DLQ")):
-    """Resubmit dead letters (those holding a job) under a new id that names the original."""
+def dlq_replay(tier: Optional[str] = typer.Option(None, "--tier", help=tier_help("only this tier")),
+               id: Optional[str] = typer.Option(None, "--id"), config: Optional[Path] = ConfigOpt,
+               nats: Optional[str] = NatsOpt, prefix: Optional[str] = PrefixOpt,
+               purge: bool = Flag(True, "--purge/--keep", help="remove replayed letters from the DLQ")):
+    """Resubmit dead letters (those holding a job) under a new id that names the original; prints the new ids."""
     from ratefleet.dlq import replay_dead
 
-    count = _run(replay_dead, nats or _default_url(), prefix, tier, id, purge)
-    typer.echo(f"replayed {count} dead letter(s)")
+    target = client_target(config, nats, prefix)
+    replayed = _run(replay_dead, target.url, target.prefix, tier, id, purge)
+    for original, new_id in replayed:
+        typer.echo(f"{original} -> {new_id}")
+    typer.echo(f"replayed {len(replayed)} dead letter(s)")
 
 
 from ratefleet.results_cmd import register as _register_results  # noqa: E402 - `results`, `result`

@@ -4,6 +4,9 @@
         await client.submit(job, tier="normal")                 # durable once it returns
         result = await client.request(job, tier="vip", timeout=30)
         async for result in client.results(batch="nightly-0412"): ...
+
+A Result whose body was too large to travel inside it (`response.body_ref`) comes back from
+every method here with the body fetched from the fleet's Object Store and filled in.
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ from nats.js.api import DeliverPolicy
 from pydantic import ValidationError
 
 from ratefleet.errors import JobInvalid, RequestTimeout, SubmitError
+from ratefleet.runtime.bodies import BodyStore
 from ratefleet.runtime.connect import connect
 from ratefleet.runtime.pubpipe import PublishPipe
 from ratefleet.runtime.store import MSG_ID, TRANSIENT, publish_job, publish_job_ack, read_result
 from schemas import Job, Result, Subjects
 from schemas.config import DEFAULT_NATS_URL
-from schemas.job import describe_validation_error
+from schemas.job import JobRejected, describe_validation_error
 
 JobLike = Job | dict[str, Any]
 
@@ -44,13 +48,21 @@ class Stored:
 
 
 def as_job(job: JobLike, *, batch: str | None = None) -> Job:
-    """Validate a job (model or dict) and give it an id; raise JobInvalid naming the field."""
+    """Validate a job (model or dict) and give it an id; raise JobInvalid naming the field.
+
+    A Job model is validated again (its fields may have been changed since it was built),
+    and the job is serialised once, so that whatever this returns can be sent."""
     try:
-        model = job if isinstance(job, Job) else Job.model_validate(job)
+        data = job.model_dump(by_alias=True) if isinstance(job, Job) else job
+        model = Job.model_validate(data)
     except ValidationError as exc:
         raise JobInvalid(describe_validation_error(exc)[1]) from None
     if batch is not None and model.batch is None:
         model = model.model_copy(update={"batch": batch})
+    try:
+        model.to_json()
+    except JobRejected as exc:
+        raise JobInvalid(exc.message) from None
     return model.with_id()
 
 
@@ -59,6 +71,7 @@ class Client:
         self.nc = nc
         self.js = nc.jetstream()
         self.subjects = Subjects(prefix)
+        self.bodies = BodyStore(self.js, self.subjects.bodies_bucket)
 
     @classmethod
     async def connect(cls, url: str = DEFAULT_NATS_URL, *, prefix: str = "ratefleet",
@@ -172,7 +185,8 @@ class Client:
             return None
 
     async def request(self, job: JobLike, tier: str, *, timeout: float = 30.0) -> Result:
-        """Submit one job and wait for its Result (over the reply inbox)."""
+        """Submit one job and wait for its Result (over the reply inbox), its body fetched
+        when the reply carries a `body_ref`. Raises RequestTimeout, BodyUnavailable, SubmitError."""
         model = as_job(job)
         inbox = self.nc.new_inbox()
         sub = await self.nc.subscribe(inbox, max_msgs=1)
@@ -190,18 +204,21 @@ class Client:
                     return stored
                 raise RequestTimeout(f"no result for job {model.id} within {timeout}s; it is stored and still runs: "
                                      f"collect it later with Client.results()/stored_result()") from None
-            return Result.from_json(msg.data)
+            return await self.bodies.resolve(Result.from_json(msg.data))
         finally:
             await sub.unsubscribe()
 
     async def stored_result(self, job_id: str, batch: str | None = None) -> Result | None:
-        """The stored Result of one job, or None when it has none yet."""
+        """The stored Result of one job (its body fetched when it has a `body_ref`), or None
+        when it has none yet. Raises BodyUnavailable when the referenced body is gone."""
         data = await read_result(self.js, self.subjects, job_id, "*" if batch is None else batch)
-        return None if data is None else Result.from_json(data)
+        return None if data is None else await self.bodies.resolve(Result.from_json(data))
 
     async def results(self, batch: str | None = None, *, follow: bool = False,
                       idle_timeout: float = 1.0) -> AsyncIterator[Result]:
-        """Results of a batch (`None`: jobs without a batch). Stops when caught up unless `follow`."""
+        """Results of a batch (`None`: jobs without a batch). Stops when caught up unless `follow`.
+
+        Referenced bodies are fetched and filled in (BodyUnavailable when one is gone)."""
         sub = await self.js.subscribe(self.subjects.batch_results(batch), ordered_consumer=True,
                                       deliver_policy=DeliverPolicy.ALL)
         try:
@@ -212,7 +229,7 @@ class Client:
                     if follow:
                         continue
                     return
-                yield Result.from_json(msg.data)
+                yield await self.bodies.resolve(Result.from_json(msg.data))
                 if not follow and msg.metadata.num_pending == 0:
                     return
         finally:

@@ -6,9 +6,9 @@ import asyncio
 import json
 
 from nats.js.api import DeliverPolicy
-from rich.console import Console
 from rich.table import Table
 
+from ratefleet.cli_support import make_console
 from ratefleet.client import Client
 from ratefleet.runtime.store import publish_job
 from schemas.job import new_job_id
@@ -51,12 +51,15 @@ async def list_dead(url: str, prefix: str, tier: str | None, limit: int, as_json
         reason = letter.get("reason") or {}
         table.add_row(str(seq), str(letter.get("job_id")), str(letter.get("tier")), str(reason.get("code")),
                       str(reason.get("message"))[:80], str(letter.get("attempts")), "yes" if letter.get("job") else "no")
-    Console().print(table)
+    make_console().print(table)
 
 
-async def replay_dead(url: str, prefix: str, tier: str | None, job_id: str | None, purge: bool) -> int:
-    """Resubmit letters with a job, each under `<original>-r<n>` so its new Result can be stored."""
-    replayed = 0
+async def replay_dead(url: str, prefix: str, tier: str | None, job_id: str | None,
+                      purge: bool) -> list[tuple[str, str]]:
+    """Resubmit letters with a job, each under `<original>-r<hex>` so its new Result can be stored.
+
+    Returns (original job id, new job id) pairs in replay order."""
+    replayed: list[tuple[str, str]] = []
     async with await Client.connect(url, prefix=prefix) as client:
         for seq, letter in await read_dead(client, tier):
             job = letter.get("job")
@@ -69,5 +72,5 @@ async def replay_dead(url: str, prefix: str, tier: str | None, job_id: str | Non
             await publish_job(client.js, client.subjects, target_tier, job["id"], json.dumps(job).encode())
             if purge:
                 await client.js.delete_msg(client.subjects.dead_stream, seq)
-            replayed += 1
+            replayed.append((original, job["id"]))
     return replayed

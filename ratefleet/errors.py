@@ -7,7 +7,10 @@
     │   ├── QueueFull                     RATEFLEET_JOBS is at its limits (discard-new)
     │   └── JobInvalid                    the job fails validation before it is sent
     ├── RequestTimeout                    no Result arrived in time for a request
-    └── SecretUnavailable                 a worker cannot resolve a key's secret
+    ├── SecretUnavailable                 a worker cannot resolve a key's secret
+    ├── ResultNotStored                   the results stream refused a Result and holds none for the job
+    ├── BodyUnavailable                   a Result's body_ref cannot be fetched or does not match
+    └── InvalidRequest                    a job's HTTP request cannot be built (the job's fault)
 """
 
 from __future__ import annotations
@@ -43,5 +46,20 @@ class SecretUnavailable(RatefleetError):
     """A worker cannot resolve the secret for a key id (variable unset, file unreadable)."""
 
 
-__all__ = ["ConfigError", "JobInvalid", "NatsUnavailable", "QueueFull", "RatefleetError",
-           "RequestTimeout", "SecretUnavailable", "SubmitError"]
+class ResultNotStored(RatefleetError):
+    """RATEFLEET_RESULTS refused a Result (error 10077 or another refusal) and holds no
+    Result for that job: the job must stay un-acked so it is delivered again."""
+
+
+class BodyUnavailable(RatefleetError):
+    """A Result's `response.body_ref` names an object that is gone (expired with the
+    results' max age, deleted) or whose size or sha256 does not match the reference."""
+
+
+class InvalidRequest(RatefleetError):
+    """A job's HTTP request cannot be built (a header that cannot be encoded, a body that
+    cannot be serialised). The job's fault: it ends `invalid`, nothing is called, no retry."""
+
+
+__all__ = ["BodyUnavailable", "ConfigError", "InvalidRequest", "JobInvalid", "NatsUnavailable", "QueueFull",
+           "RatefleetError", "RequestTimeout", "ResultNotStored", "SecretUnavailable", "SubmitError"]

@@ -91,7 +91,7 @@ class Phases:
 
     def print(self, message: str, style: str | None = None) -> None:
         """One line of text (never read as markup: it may quote a user's line)."""
-        self.console.print(message, style=style, highlight=False, markup=False)
+        self.console.print(message, style=style, highlight=False, markup=False, soft_wrap=True)
 
     def _say(self, phase: _Plain, now: float, final: bool = False) -> None:
         elapsed = max(now - phase.started, 1e-6)
@@ -103,4 +103,4 @@ class Phases:
             eta = (phase.total - phase.done) / rate if phase.total and rate > 0 else None
             tail = f"{rate:,.0f}/s" + (f", ETA {eta:.0f}s" if eta is not None else "")
         self.console.print(f"{phase.name}: {phase.done:,.0f}{total} {phase.unit} ({tail})".replace("  ", " "),
-                           highlight=False, markup=False)
+                           highlight=False, markup=False, soft_wrap=True)

@@ -26,6 +26,9 @@ import anyio
 import typer
 from rich.console import Console
 
+from ratefleet.cli_support import EXIT_FAILED, client_target, fail, make_console, require_out_path
+from ratefleet.errors import RatefleetError
+from ratefleet.runtime.connect import redact_url
 from ratefleet.batches import BatchRecord, InputOrder, load_record
 from ratefleet.client import Client
 from ratefleet.phases import Phases
@@ -34,8 +37,11 @@ from schemas.config import DEFAULT_NATS_URL
 from schemas.subjects import is_token
 
 RECORD_POLL_S = 2.0
-NatsOpt = typer.Option(None, "--nats", envvar="RATEFLEET_NATS_URL", help="NATS URL (default nats://127.0.0.1:4222)")
-PrefixOpt = typer.Option("ratefleet", "--prefix")
+# the same options as the other client commands (ratefleet/cli.py)
+ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config (else $RATEFLEET_CONFIG, else ./ratefleet.toml)")
+NatsOpt = typer.Option(None, "--nats", envvar="RATEFLEET_NATS_URL",
+                       help="NATS URL, over the config's [nats].url (default nats://127.0.0.1:4222)")
+PrefixOpt = typer.Option(None, "--prefix", help="subject prefix, over the config's [nats].prefix (default ratefleet)")
 
 
 @dataclass
@@ -69,34 +75,38 @@ class Collect:
 
 
 def results(batch: str = typer.Option(..., "--batch", "-b", help="the batch name `submit` printed first"),
-            wait: bool = typer.Option(False, "--wait", help="follow until every job of the batch has a Result"),
+            wait: bool = typer.Option(False, "--wait", is_flag=True, metavar="",
+                                      help="follow until every job of the batch has a Result"),
             out: Optional[Path] = typer.Option(None, "--out", "-o", help="write Results here (JSONL; default stdout)"),
             order: str = typer.Option("arrival", "--order", help="arrival (as stored) or input (the file's line order)"),
-            nats: Optional[str] = NatsOpt, prefix: str = PrefixOpt):
+            config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt, prefix: Optional[str] = PrefixOpt):
     """Collect the Results of a batch as JSONL; --wait follows until the batch is complete."""
-    console = Console(stderr=True, soft_wrap=True)
     if order not in ("arrival", "input"):
-        _fail(console, f"--order must be 'arrival' or 'input', not {order!r}")
+        fail(f"--order must be 'arrival' or 'input', not {order!r}")
     if not is_token(batch):
-        _fail(console, f"--batch {batch!r} must be 1-128 of A-Z a-z 0-9 _ -")
-    code = _run(_collect_batch, console, batch, wait, out, order == "input", nats or DEFAULT_NATS_URL, prefix)
+        fail(f"--batch {batch!r} must be 1-128 of A-Z a-z 0-9 _ -")
+    require_out_path(out)
+    target = client_target(config, nats, prefix)
+    console = make_console(stderr=True)
+    code = _run(_collect_batch, console, batch, wait, out, order == "input", target.url, target.prefix)
     raise typer.Exit(code)
 
 
-def result(job_id: str = typer.Argument(..., help="a job id"), nats: Optional[str] = NatsOpt, prefix: str = PrefixOpt):
+def result(job_id: str = typer.Argument(..., help="a job id"), config: Optional[Path] = ConfigOpt,
+           nats: Optional[str] = NatsOpt, prefix: Optional[str] = PrefixOpt):
     """Print one job's stored Result (JSON); exit 0 if it succeeded, 1 if not, 2 if none is stored."""
-    console = Console(stderr=True, soft_wrap=True)
     if not is_token(job_id):
-        _fail(console, f"{job_id!r} is not a job id (1-128 of A-Z a-z 0-9 _ -)")
+        fail(f"{job_id!r} is not a job id (1-128 of A-Z a-z 0-9 _ -)")
+    target = client_target(config, nats, prefix)
 
     async def lookup() -> Result | None:
-        async with await Client.connect(nats or DEFAULT_NATS_URL, prefix=prefix) as client:
+        async with await Client.connect(target.url, prefix=target.prefix) as client:
             return await client.stored_result(job_id)
 
     found = _run(lookup)
     if found is None:
-        _fail(console, f"no Result stored for job {job_id}: it is still queued or running, was never submitted, "
-                       "or its Result expired (streams.results_max_age_s)")
+        fail(f"no Result stored for job {job_id}: it is still queued or running, was never submitted, "
+             "or its Result expired (streams.results_max_age_s)")
     typer.echo(found.model_dump_json(by_alias=True, indent=2))
     raise typer.Exit(0 if found.ok else 1)
 
@@ -107,19 +117,11 @@ def register(app: typer.Typer) -> None:
     app.command("result")(result)
 
 
-def _fail(console: Console, message: str) -> None:
-    console.print(f"error: {message}", markup=False, highlight=False)
-    raise typer.Exit(2)
-
-
 def _run(fn, *args):
-    from ratefleet.errors import RatefleetError
-
     try:
         return anyio.run(fn, *args)
     except RatefleetError as exc:
-        Console(stderr=True, soft_wrap=True).print(f"error: {exc}", markup=False, highlight=False)
-        raise typer.Exit(1)
+        fail(str(exc), EXIT_FAILED)
 
 
 async def _collect_batch(console: Console, batch: str, wait: bool, out: Path | None, by_input: bool,
@@ -129,7 +131,7 @@ async def _collect_batch(console: Console, batch: str, wait: bool, out: Path | N
         if wait and record is None:
             console.print(f"error: batch {batch} has no record (it was not sent with `ratefleet submit`, or it "
                           "expired), so --wait cannot know when it is complete; without --wait you get what is "
-                          "stored", markup=False, highlight=False)
+                          "stored", markup=False, highlight=False, soft_wrap=True)
             return 2
         sink = out.open("w", encoding="utf-8") if out else sys.stdout
         run = Collect(batch, sink, InputOrder(record.gaps if record else None) if by_input else None, record, wait)
@@ -186,12 +188,12 @@ async def _watch_record(client: Client, run: Collect, scope: anyio.CancelScope) 
 
 def _report(console: Console, run: Collect, out: Path | None, interrupted: bool, url: str, prefix: str) -> int:
     summary = ", ".join(f"{status} {n:,}" for status, n in sorted(run.statuses.items())) or "no Results stored yet"
-    say = lambda text: console.print(text, markup=False, highlight=False)  # noqa: E731
+    say = lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
     record = run.record
     total = f" of {record.jobs:,}" if record else ""
     say(f"batch {run.batch}: {run.count:,}{total} results ({summary})" + (f"; written to {out}" if out else ""))
     again = ["ratefleet", "results", "--batch", run.batch, "--wait"] + (["--out", str(out)] if out else [])
-    again += ([] if url == DEFAULT_NATS_URL else ["--nats", url]) + ([] if prefix == "ratefleet" else ["--prefix", prefix])
+    again += ([] if url == DEFAULT_NATS_URL else ["--nats", redact_url(url)]) + ([] if prefix == "ratefleet" else ["--prefix", prefix])
     missing = (record.jobs - run.count) if record else 0
     if interrupted:
         say(f"interrupted: {max(missing, 0):,} jobs are still queued or running; collect them with: {shlex.join(again)}")

@@ -27,8 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import anyio
-from rich.console import Console
 
+from ratefleet.cli_support import make_console
 from ratefleet.batches import BatchRecord, save_record
 from ratefleet.batchfile import LineError, Validation, iter_lines, line_of, parse_line, spool_stdin, validate_file
 from ratefleet.client import Client, Stored
@@ -45,19 +45,23 @@ def new_batch_name() -> str:
 async def run_submit(file: Path, tier: str, batch: str | None, wait: bool, out: Path | None, skip_invalid: bool,
                      url: str, prefix: str) -> int:
     """Run the command; returns the exit code (0 all stored/succeeded, 1 some failed, 2 input, 130 Ctrl-C)."""
-    console = Console(stderr=True, soft_wrap=True)
+    console = make_console(stderr=True)  # plain under NO_COLOR / not a terminal
+
+    def say(text: str) -> None:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+
     if batch is not None and not is_token(batch):
-        console.print(f"error: --batch {batch!r} must be 1-128 of A-Z a-z 0-9 _ -", markup=False)
+        say(f"error: --batch {batch!r} must be 1-128 of A-Z a-z 0-9 _ -")
         return 2
     if str(file) != "-" and not file.is_file():
-        console.print(f"error: no such file: {file}", markup=False)
+        say(f"error: no such file: {file}")
         return 2
     run = Run(file=file, tier=tier, batch=batch or new_batch_name(), wait=wait, out=out, url=url, prefix=prefix)
-    console.print(f"batch {run.batch}", markup=False, highlight=False)
+    say(f"batch {run.batch}")  # first: the name a resume needs
     async with await Client.connect(url, prefix=prefix) as client:
         problem = await check_tier(client, tier)
         if problem:
-            console.print(f"error: {problem}", markup=False)
+            say(f"error: {problem}")
             return 2
         path = spool_stdin() if str(file) == "-" else file
         try:

@@ -15,6 +15,7 @@ from nats.js.errors import NotFoundError
 from ratefleet.batchfile import Validation
 from ratefleet.client import Client
 from ratefleet.errors import SubmitError
+from ratefleet.runtime.connect import redact_url
 from schemas import Result
 from schemas.config import DEFAULT_NATS_URL
 
@@ -70,7 +71,7 @@ class Run:
         return False
 
     def _nats_args(self) -> list[str]:
-        args = [] if self.url == DEFAULT_NATS_URL else ["--nats", self.url]
+        args = [] if self.url == DEFAULT_NATS_URL else ["--nats", redact_url(self.url)]  # no password on screen
         return args + ([] if self.prefix == "ratefleet" else ["--prefix", self.prefix])
 
     def results_command(self) -> str:

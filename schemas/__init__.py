@@ -18,11 +18,11 @@ from schemas.config import (
     load_config,
 )
 from schemas.job import HttpRequest, Job, JobRejected, parse_job
-from schemas.result import ErrorCode, ErrorInfo, ResponseInfo, Result, ResultStatus, Timings
+from schemas.result import BodyRef, ErrorCode, ErrorInfo, ResponseInfo, Result, ResultStatus, Timings
 from schemas.subjects import TOKEN_PATTERN, Subjects, is_token
 
 __all__ = [
-    "Config", "ConfigError", "DispatcherConfig", "ErrorCode", "ErrorInfo", "HttpRequest",
+    "BodyRef", "Config", "ConfigError", "DispatcherConfig", "ErrorCode", "ErrorInfo", "HttpRequest",
     "Job", "JobRejected", "KeyConfig", "PoolConfig", "ResponseInfo", "Result",
     "ResultStatus", "StreamsConfig", "Subjects", "TOKEN_PATTERN", "TierConfig", "Timings",
     "UpstreamConfig", "WorkersConfig", "is_token", "load_config", "parse_job",

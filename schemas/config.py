@@ -96,6 +96,9 @@ class WorkersConfig(_Strict):
     heartbeat_s: float = Field(default=1.0, gt=0)
     grace_s: float = Field(default=30.0, ge=0)
     id_prefix: str = Field(default="w", pattern=r"^[A-Za-z0-9_-]+$")
+    # bytes of one upstream answer's body; past it the read stops and the job fails
+    # `response_too_large` (not retried)
+    max_response_bytes: int = Field(default=64 << 20, ge=1024)
 
 
 class DispatcherConfig(_Strict):

@@ -3,6 +3,12 @@
 A job can only name a *path* on its upstream. The worker adds the API key, so anything
 that could send the key elsewhere (an absolute URL, a scheme, a host, `//host`, `..`
 escapes, backslashes, auth or Host headers) is refused with `forbidden_target`.
+
+A valid Job can always go on the wire (see schemas/wire.py): header names are RFC 9110
+tokens, header values RFC 9110 field values, every string is encodable as UTF-8, and the
+JSON body and metadata are strict JSON (no NaN/Infinity, bounded nesting). Whatever
+fails is refused here, at every door (Client, `ratefleet submit`, rpc, intake), with the
+field path and the reason, never later at a worker.
 """
 
 from __future__ import annotations
@@ -21,14 +27,18 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import PydanticCustomError, PydanticSerializationError
 
 from schemas.result import ErrorCode
 from schemas.subjects import TOKEN_PATTERN
+from schemas.wire import MAX_JSON_DEPTH, header_value_problem, is_field_name, json_problem, text_problem
 
+# compared with the header name lower-cased (header names are case-insensitive, RFC 9110
+# section 5.1); the auth-like ones are also masked in dead letters
 FORBIDDEN_HEADERS = frozenset(
-    {"authorization", "proxy-authorization", "host", "x-api-key", "api-key", "cookie",
-     "forwarded", "x-forwarded-host", "x-forwarded-for", "content-length", "transfer-encoding"}
+    {"authorization", "proxy-authorization", "host", "x-api-key", "api-key", "x-goog-api-key",
+     "ocp-apim-subscription-key", "cookie", "forwarded", "x-forwarded-host", "x-forwarded-for",
+     "content-length", "transfer-encoding"}
 )
 Method = Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
@@ -37,8 +47,47 @@ def _forbidden(message: str) -> PydanticCustomError:
     return PydanticCustomError("forbidden_target", message)
 
 
+def _invalid(message: str) -> PydanticCustomError:
+    return PydanticCustomError("invalid_job", message)
+
+
+def normalised_header_name(name: str) -> str:
+    """The name as an HTTP stack would read it: lower-cased, with the whitespace and ':'
+    a sloppy parser trims. `"Authorization: "` and `"authorization"` both name `authorization`."""
+    return name.strip(" \t:").lower()
+
+
+def check_header(name: str, value: str, auth_header: str | None = None) -> None:
+    """Raise (pydantic custom error) unless `name: value` can go on the wire and is not one
+    ratefleet sets itself (FORBIDDEN_HEADERS, or the upstream's configured `auth_header`)."""
+    normal = normalised_header_name(name)
+    if normal in FORBIDDEN_HEADERS or (auth_header is not None and normal == auth_header.lower()):
+        raise _forbidden(f"header {name!r} is set by ratefleet and must not be in a job")
+    if not is_field_name(name):
+        raise _invalid(f"header name {name!r} is not an RFC 9110 token (section 5.1: letters, digits and "
+                       "!#$%&'*+-.^_`|~ only; no spaces, no ':')")
+    problem = header_value_problem(value)
+    if problem:
+        raise _invalid(f"header {name!r} value {problem}")
+
+
+def _check_json(value: Any, what: str) -> Any:
+    problem = json_problem(value)
+    if problem:
+        raise _invalid(f"{what} is not strict JSON: {problem}")
+    return value
+
+
+def _check_text(value: str | None, what: str) -> str | None:
+    problem = text_problem(value) if value is not None else None
+    if problem:
+        raise _invalid(f"{what} {problem}")
+    return value
+
+
 def check_path(path: str) -> str:
     """Return `path` when it is a plain absolute path on the upstream, else raise."""
+    _check_text(path, "path")
     if not path.startswith("/"):
         raise _forbidden("path must start with '/' (a path on the configured upstream)")
     decoded = path
@@ -76,15 +125,32 @@ class HttpRequest(BaseModel):
     def _path(cls, value: str) -> str:
         return check_path(value)
 
+    @field_validator("query")
+    @classmethod
+    def _query(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name, item in value.items():
+            _check_text(name, f"query parameter {name!r}:")
+            problem = json_problem(item, f"query parameter {name!r}")
+            if problem:
+                raise _invalid(problem)
+        return value
+
     @field_validator("headers")
     @classmethod
     def _headers(cls, value: dict[str, str]) -> dict[str, str]:
         for name, header_value in value.items():
-            if name.lower() in FORBIDDEN_HEADERS:
-                raise _forbidden(f"header {name!r} is set by ratefleet and must not be in a job")
-            if any(c in name + header_value for c in "\r\n\0"):
-                raise PydanticCustomError("invalid_header", f"header {name!r} contains a line break")
+            check_header(name, header_value)
         return value
+
+    @field_validator("json_body")
+    @classmethod
+    def _json_body(cls, value: Any) -> Any:
+        return _check_json(value, "the JSON body")
+
+    @field_validator("body")
+    @classmethod
+    def _body(cls, value: str | None) -> str | None:
+        return _check_text(value, "body")
 
 
 class Job(BaseModel):
@@ -101,12 +167,28 @@ class Job(BaseModel):
     batch: str | None = Field(default=None, pattern=TOKEN_PATTERN)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, value: str | None) -> str | None:
+        return _check_text(value, "upstream")
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _check_json(value, "metadata")
+
     def with_id(self) -> "Job":
         """This job with an id (a random one when it had none)."""
         return self if self.id else self.model_copy(update={"id": new_job_id()})
 
     def to_json(self) -> bytes:
-        return self.model_dump_json(by_alias=True, exclude_none=True).encode()
+        """The job as UTF-8 JSON. A validated Job always serialises; a model built or changed
+        without validation (`model_construct`) that cannot raises JobRejected."""
+        try:
+            return self.model_dump_json(by_alias=True, exclude_none=True).encode()
+        except (PydanticSerializationError, ValueError) as exc:
+            raise JobRejected(ErrorCode.INVALID_JOB, f"job cannot be serialised as JSON: {exc}",
+                              job_id=self.id, batch=self.batch) from None
 
     def expired(self, now: datetime) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -127,6 +209,13 @@ class JobRejected(Exception):
         self.batch = batch
 
 
+def _printable(text: str, limit: int = 80) -> str:
+    """A field name from the payload, safe for a message: escaped if not UTF-8, bounded."""
+    if text_problem(text):
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def describe_validation_error(error: ValidationError) -> tuple[ErrorCode, str]:
     """Turn a pydantic error into (code, message) naming every bad field."""
     code = ErrorCode.INVALID_JOB
@@ -134,7 +223,7 @@ def describe_validation_error(error: ValidationError) -> tuple[ErrorCode, str]:
     for item in error.errors(include_url=False, include_input=False):
         if item["type"] == "forbidden_target":
             code = ErrorCode.FORBIDDEN_TARGET
-        where = ".".join(str(p) for p in item["loc"]) or "job"
+        where = ".".join(_printable(str(p)) for p in item["loc"]) or "job"
         parts.append(f"{where}: {item['msg']}")
     return code, "; ".join(parts)
 
@@ -158,6 +247,9 @@ def parse_job(raw: bytes, *, max_bytes: int = 1 << 20) -> Job:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise JobRejected(ErrorCode.INVALID_JOB, f"job is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise JobRejected(ErrorCode.INVALID_JOB,
+                          f"job is nested too deeply to parse (the limit is {MAX_JSON_DEPTH} levels)") from None
     job_id, batch = _salvage(data)
     if not isinstance(data, dict):
         raise JobRejected(ErrorCode.INVALID_JOB, "job must be a JSON object")

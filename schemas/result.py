@@ -7,6 +7,7 @@ from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import PydanticSerializationError
 
 ResultStatus = Literal["succeeded", "failed", "expired", "invalid"]
 
@@ -24,6 +25,8 @@ class ErrorCode(StrEnum):
     NO_KEY_AVAILABLE = "no_key_available"
     KEY_UNAVAILABLE = "key_unavailable"
     POISON_MESSAGE = "poison_message"
+    RESPONSE_TOO_LARGE = "response_too_large"
+    INVALID_REQUEST = "invalid_request"  # the job passed validation but its HTTP request could not be built
 
 
 class ErrorInfo(BaseModel):
@@ -31,13 +34,42 @@ class ErrorInfo(BaseModel):
     message: str
 
 
+BodyEncoding = Literal["json", "text", "base64"]
+
+
+class BodyRef(BaseModel):
+    """Where a large body is kept: an object in the fleet's NATS Object Store.
+
+    The object holds the value of one `ResponseInfo` field as UTF-8, named by `encoding`:
+    `json` (compact JSON -> `json`), `text` (the text -> `body`) or `base64` (standard
+    base64 of the upstream's exact bytes -> `body_b64`). `size` is the object's length in
+    bytes and `sha256` its hex digest. Any NATS client can fetch it (object store `bucket`, object `name`, e.g.
+    `nats object get <bucket> <name>`); the Python client does it by itself.
+    """
+
+    bucket: str
+    name: str
+    size: int = Field(ge=0)
+    sha256: str
+    encoding: BodyEncoding
+
+
 class ResponseInfo(BaseModel):
-    """The upstream's answer: status, selected headers, and the body as JSON or text."""
+    """The upstream's answer: status, selected headers (content-type among them), and the body.
+
+    At most one body field is set: `json` (a JSON content type whose body parses), `body`
+    (a textual content type whose charset, default UTF-8, decodes cleanly) or `body_b64`
+    (anything else, byte-exact, standard base64). A body too large to travel inside the
+    Result is replaced by `body_ref`; the Python client fetches it and fills the field the
+    ref names (keeping `body_ref` as provenance).
+    """
 
     status: int
     headers: dict[str, str] = Field(default_factory=dict)
     json_body: Any = Field(default=None, alias="json")
     body: str | None = None
+    body_b64: str | None = None
+    body_ref: BodyRef | None = None
 
     model_config = ConfigDict(populate_by_name=True)
 
@@ -72,7 +104,14 @@ class Result(BaseModel):
         return self.status == "succeeded"
 
     def to_json(self) -> bytes:
-        return self.model_dump_json(by_alias=True).encode()
+        """UTF-8 JSON. Never fails on content: text that cannot be encoded (a lone surrogate
+        in an upstream answer or in metadata) is written escaped (see schemas.wire.json_safe)."""
+        try:
+            return self.model_dump_json(by_alias=True).encode()
+        except (PydanticSerializationError, ValueError):
+            from schemas.wire import dumps_safe
+
+            return dumps_safe(self.model_dump(mode="json", by_alias=True))
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> "Result":

@@ -60,6 +60,11 @@ class Subjects:
     def handbacks_bucket(self) -> str:
         return "ratefleet_handbacks" + self.stream_suffix.lower()
 
+    @property
+    def bodies_bucket(self) -> str:
+        """Object Store bucket for response bodies too large to travel inside a Result."""
+        return "ratefleet_bodies" + self.stream_suffix.lower()
+
     def jobs(self, tier: str = "*") -> str:
         return f"{self.prefix}.jobs.{tier}"
 

@@ -8,18 +8,21 @@ and proxies from the environment are ignored, so a key only ever goes to its ups
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import httpx
 
+from pydantic_core import PydanticCustomError
+
 from dispatcher.core.signals import classify, parse_ratelimit, parse_retry_after
-from schemas import Job, ResponseInfo, UpstreamConfig
+from ratefleet.errors import InvalidRequest
+from schemas import ErrorCode, Job, ResponseInfo, UpstreamConfig
+from schemas.job import check_header
+from workers.body import body_fields, read_capped
 
 KEPT_HEADERS = ("content-type", "retry-after", "x-request-id", "openai-processing-ms")
-MAX_BODY_CHARS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class CallResult:
     ratelimit: dict[str, float | None] | None
     actual_cost: float | None
     latency_ms: float
+    code: str | None = None  # an ErrorCode that ends the job as it is (e.g. response_too_large)
 
 
 def build_client(transport: str, slots: int) -> httpx.AsyncClient:
@@ -53,48 +57,65 @@ def _dig(data: Any, path: str) -> float | None:
     return float(data) if isinstance(data, (int, float)) and not isinstance(data, bool) else None
 
 
-def _response_info(response: httpx.Response, secret: str) -> ResponseInfo:
-    """Status, the headers worth keeping, and the body; the key's secret is masked wherever
-    the upstream echoes it (some providers quote the key in their 401 message)."""
-    headers = {k: v.replace(secret, "***") for k, v in response.headers.items()
+def _response_info(response: httpx.Response, raw: bytes, secret: str) -> ResponseInfo:
+    """Status, the headers worth keeping, and the body (see workers/body.py); the key's secret
+    is masked wherever the upstream echoes it (some providers quote the key in their 401 message)."""
+    headers = {k: v.replace(secret, "***") if secret else v for k, v in response.headers.items()
                if k in KEPT_HEADERS or k.startswith("x-ratelimit-")}
-    text = response.text
-    if secret and secret in text:
-        text = text.replace(secret, "***")
-    body_json = None
-    if "json" in response.headers.get("content-type", ""):
-        try:
-            body_json = json.loads(text)
-            text = None
-        except ValueError:
-            pass
-    if text is not None and len(text) > MAX_BODY_CHARS:
-        text = text[:MAX_BODY_CHARS]
-    return ResponseInfo(status=response.status_code, headers=headers, json=body_json, body=text or None)
+    return ResponseInfo(status=response.status_code, headers=headers,
+                        **body_fields(raw, response.headers.get("content-type"), secret))
 
 
 class UpstreamExecutor:
-    def __init__(self, client: httpx.AsyncClient):
+    """Makes one upstream call per `call()`. `max_response_bytes`: the largest body read
+    (bytes); a longer answer is cut off there and ends the job `response_too_large`."""
+
+    def __init__(self, client: httpx.AsyncClient, max_response_bytes: int = 64 << 20):
         self._client = client
+        self._max_response_bytes = max_response_bytes
+
+    def build_request(self, job: Job, upstream: UpstreamConfig) -> httpx.Request:
+        """The HTTP request of `job`, without the key. Raises InvalidRequest when the job
+        cannot go on the wire (its fault, so no call and no retry): a header that is not a
+        token or not latin-1 (RFC 9110 sections 5.1, 5.5; obs-text goes as one byte per
+        character), the upstream's auth header, a body that is not strict JSON or UTF-8."""
+        request = job.request
+        try:
+            headers = []
+            for name, value in request.headers.items():
+                check_header(name, value, upstream.auth_header)
+                headers.append((name.encode("ascii"), value.encode("latin-1")))
+            kwargs: dict[str, Any] = {"params": request.query or None, "headers": headers,
+                                      "timeout": upstream.timeout_s}
+            if request.json_body is not None:
+                kwargs["json"] = request.json_body
+            elif request.body is not None:
+                kwargs["content"] = request.body.encode("utf-8")
+            built = self._client.build_request(request.method, upstream.base_url + request.path, **kwargs)
+        except (PydanticCustomError, ValueError, TypeError, RecursionError, httpx.InvalidURL) as exc:
+            message = exc.message() if isinstance(exc, PydanticCustomError) else f"{type(exc).__name__}: {exc}"
+            raise InvalidRequest(f"the job's HTTP request cannot be built: {message}") from None
+        return built
 
     async def call(self, job: Job, upstream: UpstreamConfig, secret: str) -> CallResult:
-        request = job.request
-        auth = f"{upstream.auth_scheme} {secret}" if upstream.auth_scheme else secret
-        headers = {**request.headers, upstream.auth_header: auth}
-        kwargs: dict[str, Any] = {"params": request.query or None, "headers": headers, "timeout": upstream.timeout_s}
-        if request.json_body is not None:
-            kwargs["json"] = request.json_body
-        elif request.body is not None:
-            kwargs["content"] = request.body.encode()
+        """One upstream call. Raises InvalidRequest (before any call) when the job cannot be sent."""
+        built = self.build_request(job, upstream)
+        built.headers[upstream.auth_header] = f"{upstream.auth_scheme} {secret}" if upstream.auth_scheme else secret
         started = time.perf_counter()
         try:
-            response = await self._client.request(request.method, upstream.base_url + request.path, **kwargs)
+            response = await self._client.send(built, stream=True)
+            try:
+                raw = await read_capped(response, self._max_response_bytes)
+            finally:
+                await response.aclose()
         except httpx.TimeoutException:
             return self._failed("timeout", f"no answer from the upstream within {upstream.timeout_s}s", started)
         except httpx.HTTPError as exc:
             return self._failed("connection", f"{type(exc).__name__} calling the upstream", started)
         latency_ms = (time.perf_counter() - started) * 1000
-        info = _response_info(response, secret)
+        if raw is None:
+            return self._too_large(response, secret, latency_ms)
+        info = _response_info(response, raw, secret)
         cost = _dig(info.json_body, upstream.usage_path) if upstream.usage_path else None
         limit = parse_ratelimit(response.headers)
         return CallResult(
@@ -103,6 +124,18 @@ class UpstreamExecutor:
             ratelimit=None if limit is None else asdict(limit),
             actual_cost=cost, latency_ms=latency_ms,
         )
+
+    def _too_large(self, response: httpx.Response, secret: str, latency_ms: float) -> CallResult:
+        """The body passed max_response_bytes: final for the job (asking again would cost
+        another call for the same answer), and no fault of the key (the upstream answered)."""
+        limit = parse_ratelimit(response.headers)
+        info = _response_info(response, b"", secret)
+        message = (f"the upstream's answer (HTTP {response.status_code}, "
+                   f"{info.headers.get('content-type') or 'no content-type'}) is larger than "
+                   f"workers.max_response_bytes = {self._max_response_bytes} bytes; reading stopped there")
+        return CallResult(kind="bad_request", response=info, error=message,
+                          retry_after_s=None, ratelimit=None if limit is None else asdict(limit), actual_cost=None,
+                          latency_ms=latency_ms, code=ErrorCode.RESPONSE_TOO_LARGE)
 
     @staticmethod
     def _failed(what: str, message: str, started: float) -> CallResult:

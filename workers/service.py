@@ -19,9 +19,12 @@ import anyio
 import structlog
 from nats.aio.client import Client as NatsClient
 
-from ratefleet.errors import SecretUnavailable
+from pydantic import ValidationError
+
+from ratefleet.errors import InvalidRequest, SecretUnavailable
 from ratefleet.runtime.logs import get_logger
 from schemas import Config, ErrorCode, ErrorInfo, Job, Result, Subjects, Timings
+from schemas.job import describe_validation_error
 from schemas.internal import Assignment, Epoch, Heartbeat, InFlight, LeaderAnnounce, OutcomeReport
 from workers.executor import CallResult, UpstreamExecutor, build_client
 from ratefleet.runtime.finish import Finisher
@@ -73,7 +76,7 @@ class Worker:
         for problem in self.secrets.check_all():
             log.warning("secret unavailable on this worker", problem=problem)
         client = build_client(self.config.workers.transport, self.slots)
-        executor = UpstreamExecutor(client)
+        executor = UpstreamExecutor(client, self.config.workers.max_response_bytes)
         leader_sub = await self.nc.subscribe(self.subjects.leader_announce, cb=self._on_leader)
         sub = await self.nc.subscribe(self.subjects.assign(self.id), pending_msgs_limit=0)
         log.info("worker started", worker=self.id, slots=self.slots, transport=self.config.workers.transport)
@@ -186,8 +189,8 @@ class Worker:
                 log.warning("call abandoned at shutdown; job goes back to the queue")
                 await self.finisher.nak(a.ack)
                 await self._report(a, None, terminal=False)
-        except Exception:
-            log.exception("assignment failed; job goes back to the queue")
+        except Exception as exc:  # noqa: BLE001 - a fault of this worker or of NATS, not of the job: retried
+            log.exception("assignment failed unexpectedly; job goes back to the queue", error=type(exc).__name__)
             try:
                 await self.finisher.nak(a.ack, 1.0)
             except Exception as exc:  # noqa: BLE001 - then ack_wait brings it back
@@ -198,7 +201,11 @@ class Worker:
             self.in_flight.pop(a.id, None)
 
     async def _execute(self, a: Assignment, executor: UpstreamExecutor) -> None:
-        job = Job.model_validate(a.job)
+        try:
+            job = Job.model_validate(a.job)
+        except ValidationError as exc:  # e.g. a dispatcher of another version let it through
+            await self._end_invalid(a, ErrorCode.INVALID_JOB, describe_validation_error(exc)[1])
+            return
         if job.expired(datetime.now(timezone.utc)):
             log.info("job expired before its call")
             await self.finisher.finish(self._result(a, "expired", error=ErrorInfo(
@@ -218,10 +225,23 @@ class Worker:
         self.calling[a.id] = [a.ack, time.monotonic()]
         try:
             call = await executor.call(job, upstream, secret)
+            self.calls += 1
+            # still kept alive while the Result is stored: a large body takes seconds to upload
+            await self._conclude(a, call, queued_ms)
+        except InvalidRequest as exc:  # raised by executor.call, before any call
+            await self._end_invalid(a, ErrorCode.INVALID_REQUEST, str(exc))
         finally:
             self.calling.pop(a.id, None)
-        self.calls += 1
-        await self._conclude(a, call, queued_ms)
+
+    async def _end_invalid(self, a: Assignment, code: ErrorCode, message: str) -> None:
+        """The job's own fault, found before any call: `invalid`, one attempt, a dead letter
+        naming the error; the key is left alone (the report says no call was made)."""
+        log.warning("job cannot be sent; ended as invalid without a call", code=str(code), reason=message)
+        error = ErrorInfo(code=code, message=message)
+        result = self._result(a, "invalid", error=error)
+        if await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to):
+            await self.finisher.dead(a.tier, result, job=a.job, last_error=error.model_dump())
+        await self._report(a, None, terminal=True)
 
     async def _conclude(self, a: Assignment, call: CallResult, queued_ms: float) -> None:
         """Finish or requeue the job, then report the outcome (so a worker killed in between
@@ -233,15 +253,36 @@ class Worker:
         if not terminal:
             delay = retry_delay(call.kind, a.attempt, call.retry_after_s)
             log.info("retrying job", kind=call.kind, delay_s=delay)
+            self.calling.pop(a.id, None)  # no in-progress ack after the nak: it would postpone the retry
             await self.finisher.nak(a.ack, delay)
         else:
-            result = self._call_result(a, call, queued_ms)
-            stored = await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to)
-            if stored and result.error and result.error.code == ErrorCode.ATTEMPTS_EXHAUSTED:
-                await self.finisher.dead(a.tier, result, job=a.job)
+            terminal = await self._store(a, self._call_result(a, call, queued_ms))
         await self._report(a, call, terminal=terminal)
 
+    async def _store(self, a: Assignment, result: Result) -> bool:
+        """Store the terminal Result (and its dead letter). If NATS cannot take it (after the
+        store's own retries), the job goes back to the queue to be run again: an
+        infrastructure failure is retried, never blamed on the job. True when stored."""
+        try:
+            stored = await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to)
+        except Exception as exc:  # noqa: BLE001 - see docstring
+            log.error("could not store the Result; job goes back to the queue", error=type(exc).__name__,
+                      detail=str(exc)[:200])
+            self.calling.pop(a.id, None)  # no in-progress ack after the nak: it would postpone the retry
+            with contextlib.suppress(Exception):  # else it returns after ack_wait
+                await self.finisher.nak(a.ack, 1.0)
+            return False
+        if stored and result.error and result.error.code == ErrorCode.ATTEMPTS_EXHAUSTED:
+            try:
+                await self.finisher.dead(a.tier, result, job=a.job)
+            except Exception as exc:  # noqa: BLE001 - the Result is stored and acked: the job is done
+                log.error("dead letter not stored", error=type(exc).__name__)
+        return True
+
     def _call_result(self, a: Assignment, call: CallResult, queued_ms: float) -> Result:
+        if call.code:  # the call settled the job by itself (e.g. response_too_large): final as it is
+            return self._result(a, "failed", response=call.response, error=ErrorInfo(code=call.code, message=call.error),
+                                queued_ms=queued_ms, upstream_ms=call.latency_ms)
         if call.kind == "ok":
             return self._result(a, "succeeded", response=call.response, queued_ms=queued_ms, upstream_ms=call.latency_ms)
         if call.kind in RETRYABLE:

@@ -14,6 +14,7 @@ from nats.aio.msg import Msg
 
 from ratefleet.runtime.store import MSG_ID, REPLY_HEADER
 from schemas import Config, ErrorCode, Job, JobRejected, parse_job
+from schemas.job import normalised_header_name
 from schemas.subjects import is_safe_reply, is_token
 
 
@@ -69,7 +70,7 @@ def read_message(msg: Msg, tier: str, config: Config, handbacks: int = 0) -> Inc
                        msg.data, job)
 
     try:
-        job = parse_job(msg.data, max_bytes=config.streams.max_job_bytes)
+        job = _parse(msg.data, config)
     except JobRejected as exc:
         return refuse("invalid", exc.code, exc.message, exc.job_id, exc.batch)
     job_id = job.id or fallback_id
@@ -88,7 +89,7 @@ def read_message(msg: Msg, tier: str, config: Config, handbacks: int = 0) -> Inc
     if attempt > max_attempts:
         return refuse("failed", ErrorCode.ATTEMPTS_EXHAUSTED,
                       f"{attempt} attempts, more than max_attempts={max_attempts} (the last ones ended without a "
-                      "result: a worker stopped mid-call or could not run the job)",
+                      "stored Result: a worker stopped mid-call, or could not reach NATS to store the Result)",
                       job_id, job.batch, job)
     if job.expired(datetime.now(timezone.utc)):
         return refuse("expired", ErrorCode.DEADLINE_EXCEEDED, "the deadline passed before the call could start",
@@ -100,6 +101,36 @@ def read_message(msg: Msg, tier: str, config: Config, handbacks: int = 0) -> Inc
                     stream_seq=meta.sequence.stream)
 
 
+def validate_job(raw: bytes, config: Config) -> Job:
+    """The one validation every door applies to a payload (intake, rpc): the Job model
+    (schemas/job.py, schemas/wire.py) and this fleet's config (upstream, auth header).
+    Raises JobRejected with the code and reason, whatever the bytes are: a failure of the
+    validation itself is the payload's fault too (it is deterministic in the bytes)."""
+    job = _parse(raw, config)
+    problem = _check_against_config(job, config)
+    if problem is not None:
+        raise JobRejected(problem[0], problem[1], job_id=job.id, batch=job.batch)
+    return job
+
+
+def _parse(raw: bytes, config: Config) -> Job:
+    try:
+        return parse_job(raw, max_bytes=config.streams.max_job_bytes)
+    except JobRejected:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see validate_job; never let one payload stop intake
+        raise JobRejected(ErrorCode.INVALID_JOB, f"job could not be read ({type(exc).__name__})") from None
+
+
+def unreadable(msg: Msg, tier: str, error: BaseException) -> Refused:
+    """A message intake failed on in an unforeseen way: ended as `invalid` on this delivery
+    (a redelivery would fail the same way), under its Nats-Msg-Id or `s<stream sequence>`."""
+    header_id = (msg.headers or {}).get(MSG_ID)
+    job_id = header_id if header_id and is_token(header_id) else f"s{msg.metadata.sequence.stream}"
+    return Refused("invalid", ErrorCode.INVALID_JOB, f"job could not be read ({type(error).__name__})", job_id,
+                   None, tier, msg.reply, None, 1, msg.data)
+
+
 def _check_against_config(job: Job, config: Config) -> tuple[ErrorCode, str] | None:
     if job.upstream is None and config.default_upstream() is None:
         return ErrorCode.UNKNOWN_UPSTREAM, f"upstream is required: several are configured ({sorted(config.upstreams)})"
@@ -107,6 +138,6 @@ def _check_against_config(job: Job, config: Config) -> tuple[ErrorCode, str] | N
     if name not in config.upstreams:
         return ErrorCode.UNKNOWN_UPSTREAM, f"unknown upstream {name!r}; configured: {sorted(config.upstreams)}"
     auth_header = config.upstreams[name].auth_header.lower()
-    if any(header.lower() == auth_header for header in job.request.headers):
+    if any(normalised_header_name(header) == auth_header for header in job.request.headers):
         return ErrorCode.FORBIDDEN_TARGET, f"header {config.upstreams[name].auth_header!r} is set by ratefleet"
     return None

@@ -29,14 +29,14 @@ from dispatcher.core import (
     WaitUntil,
 )
 from dispatcher.fleet import AssignmentRecord, Fleet
-from dispatcher.shell.intake import Incoming, Refused, read_message
+from dispatcher.shell.intake import Incoming, Refused, read_message, unreadable
 from dispatcher.shell.puller import HANDBACK_MARGIN_S, PULL_EXPIRES_S, TierPuller
 from dispatcher.shell.refusals import finish_refused, refuse_incoming
 from dispatcher.spec import scheduler_spec
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.store import read_result
 from ratefleet.runtime.streams import tier_consumer
-from schemas import Config, Subjects
+from schemas import Config, ErrorCode, Subjects
 from schemas.internal import Assignment, Heartbeat, LeaderAnnounce, OutcomeReport
 from ratefleet.runtime.finish import Finisher
 from ratefleet.runtime.handbacks import Handbacks
@@ -173,9 +173,9 @@ class LeaderSession:
                 return 1.0
         return 1.0
 
-    async def _refuse(self, incoming: Incoming, code: str, message: str) -> None:
+    async def _refuse(self, incoming: Incoming, code: str, message: str, status: str = "failed") -> None:
         try:
-            await refuse_incoming(self.finisher, incoming, code, message)
+            await refuse_incoming(self.finisher, incoming, code, message, status)
         except Exception as exc:  # noqa: BLE001 - its JOBS message comes back after ack_wait
             log.warning("could not end a refused job; it comes back later", job_id=incoming.job_id,
                         error=type(exc).__name__)
@@ -187,6 +187,22 @@ class LeaderSession:
             self.scheduler.cancel(decision.reservation, now)
             return
         incoming = held.incoming
+        try:
+            assignment, payload = self._assignment(incoming, decision)
+        except Exception as exc:  # noqa: BLE001 - a validated job always serialises; if not, it alone ends
+            self.scheduler.cancel(decision.reservation, now)
+            log.error("job cannot be serialised for a worker; ended as invalid", job_id=incoming.job_id,
+                      error=type(exc).__name__)
+            if self._tasks is not None:
+                self._tasks.start_soon(self._refuse, incoming, ErrorCode.INVALID_JOB,
+                                       f"job cannot be serialised ({type(exc).__name__})", "invalid")
+            return
+        self.fleet.assign(AssignmentRecord(assignment.id, worker.id, incoming.job_id, incoming.tier, decision.key_id,
+                                           incoming.ack, decision.reservation, now))
+        await self.nc.publish(self.subjects.assign(worker.id), payload)
+        await self.pullers[incoming.tier].top_up()
+
+    def _assignment(self, incoming: Incoming, decision: Dispatch) -> tuple[Assignment, bytes]:
         assignment = Assignment(
             id=f"{self.id}.{next(self.sequence)}", job=incoming.job.model_dump(mode="json", by_alias=True, exclude_none=True),
             job_id=incoming.job_id, tier=incoming.tier, upstream=incoming.upstream, key_id=decision.key_id,
@@ -194,10 +210,7 @@ class LeaderSession:
             max_attempts=incoming.max_attempts, submitted_at=incoming.submitted_at,
             queued_ms=max(0.0, (time.time() - incoming.submitted_at) * 1000), epoch=self.epoch,
             seq=incoming.stream_seq)
-        self.fleet.assign(AssignmentRecord(assignment.id, worker.id, incoming.job_id, incoming.tier, decision.key_id,
-                                           incoming.ack, decision.reservation, now))
-        await self.nc.publish(self.subjects.assign(worker.id), assignment.model_dump_json().encode())
-        await self.pullers[incoming.tier].top_up()
+        return assignment, assignment.model_dump_json().encode()
 
     async def _announce(self) -> None:
         """Tell the workers our epoch: from now on they drop assignments of earlier leaders."""
@@ -220,11 +233,9 @@ class LeaderSession:
         known = await self.handbacks.count(meta.sequence.stream) if redelivered else 0
         try:
             verdict = read_message(msg, tier, self.config, known)
-        except Exception:
-            log.exception("could not read a job message; it comes back later", tier=tier)
-            if self.fence():
-                await self.finisher.nak(msg.reply, 1.0)
-            return
+        except Exception as exc:  # noqa: BLE001 - one message's content must never stop intake
+            log.exception("could not read a job message; ended as invalid", tier=tier)
+            verdict = unreadable(msg, tier, exc)
         if isinstance(verdict, Refused):
             if final or self.fence():
                 await finish_refused(self.finisher, verdict)

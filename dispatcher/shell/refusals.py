@@ -14,11 +14,13 @@ from ratefleet.runtime.finish import Finisher
 log = get_logger("ratefleet.leader")
 
 
-async def refuse_incoming(finisher: Finisher, incoming: Incoming, code: str, message: str) -> None:
-    """A valid job the scheduler can never run (e.g. no pool for its upstream)."""
+async def refuse_incoming(finisher: Finisher, incoming: Incoming, code: str, message: str,
+                          status: str = "failed") -> None:
+    """A valid job the scheduler can never run (e.g. no pool for its upstream): `failed`;
+    or one that turned out unsendable after all: `invalid`."""
     log.warning("job refused", job_id=incoming.job_id, tier=incoming.tier, code=code, reason=message)
     submitted = incoming.submitted_at
-    result = Result(job_id=incoming.job_id, status="failed", tier=incoming.tier, batch=incoming.job.batch,
+    result = Result(job_id=incoming.job_id, status=status, tier=incoming.tier, batch=incoming.job.batch,
                     error=ErrorInfo(code=code, message=message), attempts=incoming.attempt,
                     metadata=incoming.job.metadata,
                     timings=Timings(submitted_at=datetime.fromtimestamp(submitted, timezone.utc),

@@ -1,8 +1,15 @@
 """`<prefix>.rpc.<tier>`: request/reply for any NATS client.
 
 The job is stored in RATEFLEET_JOBS first, with the caller's inbox in the
-`Ratefleet-Reply-To` header; the worker that finishes it sends the Result there. Every
+`Ratefleet-Reply-To` header; the worker that finishes it sends the Result there. A
+payload that fails validation (the same as intake's, `validate_job`) is answered with its
+`invalid` Result at once and dead-lettered; nothing is stored in JOBS. Every
 dispatcher answers (queue group), leader or not, so submissions never wait for failover.
+
+A reply is a core-NATS message, so it must fit in the server's max_payload: a Result whose
+body is larger than about 1 MiB is sent (and stored) with `response.body_ref` instead of the
+body. The Python client fetches it by itself; any other client reads the object named there
+from the Object Store (`nats object get <bucket> <name>`; see the README).
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ from nats.aio.msg import Msg
 from ratefleet.errors import QueueFull, SubmitError
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.store import publish_job, read_result
-from schemas import Config, ErrorCode, ErrorInfo, Result, Subjects
+from dispatcher.shell.intake import validate_job
+from schemas import Config, ErrorCode, ErrorInfo, JobRejected, Result, Subjects, parse_job
 from schemas.job import new_job_id
 from schemas.subjects import is_safe_reply, is_token
 from ratefleet.runtime.finish import Finisher
@@ -26,12 +34,11 @@ log = get_logger("ratefleet.rpc")
 def _with_id(raw: bytes) -> tuple[str, bytes]:
     """The job id from the payload, adding a fresh one to a JSON object that has none.
 
-    Payloads that are not JSON objects are stored as they are, under a fresh id: the
-    dispatcher turns them into an `invalid` result sent back to the caller.
+    Payloads that are not JSON objects get a fresh id: the id of their `invalid` Result.
     """
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return new_job_id(), raw
     if not isinstance(data, dict):
         return new_job_id(), raw
@@ -42,6 +49,14 @@ def _with_id(raw: bytes) -> tuple[str, bytes]:
         data["id"] = job_id = new_job_id()
         return job_id, json.dumps(data).encode()
     return new_job_id(), raw
+
+
+def _letter_payload(raw: bytes) -> dict:
+    """The dead letter keeps the job when it is one (refused by config: replayable), else the raw bytes."""
+    try:
+        return {"job": parse_job(raw).model_dump(mode="json", by_alias=True)}
+    except Exception:  # noqa: BLE001 - not a Job: the raw payload, redacted by the store
+        return {"raw": raw}
 
 
 class RpcResponder:
@@ -67,6 +82,14 @@ class RpcResponder:
                 code=ErrorCode.UNKNOWN_TIER, message=f"unknown tier {tier!r}; configured: {list(self.config.tiers)}"))
             await self.finisher.finish(result, ack=None, reply_to=msg.reply or None)
             await self.finisher.dead("_", result, raw=msg.data)
+            return
+        try:
+            validate_job(msg.data, self.config)
+        except JobRejected as exc:  # refused at the door, like intake would: nothing stored in JOBS
+            result = Result(job_id=exc.job_id or job_id, status="invalid", tier=tier, batch=exc.batch,
+                            error=ErrorInfo(code=exc.code, message=exc.message))
+            if await self.finisher.finish(result, ack=None, reply_to=msg.reply or None):
+                await self.finisher.dead(tier, result, **_letter_payload(msg.data))
             return
         try:
             fresh = await publish_job(self.js, self.subjects, tier, job_id, payload, reply_to=msg.reply or None)

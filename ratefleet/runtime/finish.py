@@ -3,6 +3,9 @@ reply subject, then ack the JOBS message.
 
 The order is the invariant: the ack comes only after the Result is stored, so a crash
 anywhere before the ack means redelivery, and a second Result is refused by the stream.
+A Result too large for one message has its body moved to the Object Store first (see
+ratefleet/runtime/bodies.py): the stored Result, the reply and the dead letter then carry
+a reference and stay under the server's max_payload.
 """
 
 from __future__ import annotations
@@ -13,8 +16,21 @@ import json
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
+from ratefleet.runtime.bodies import BodyStore, body_bytes, inline_limit, letter_response
 from ratefleet.runtime.store import dead_letter, read_result, store_result
 from schemas import Result, Subjects
+
+
+def _may_be_large(result: Result, limit: int) -> bool:
+    """False when the body cannot pass `limit` bytes (a text of n characters is at most 4n
+    UTF-8 bytes): a small text or binary Result is then serialised once. A JSON body is
+    sized by serialising it (microseconds for a usual answer), so a large one is serialised
+    once, not once whole and again for the upload."""
+    response = result.response
+    if response is None:
+        return False
+    text = response.body if response.body is not None else response.body_b64
+    return 4 * len(text) > limit if text is not None else response.json_body is not None
 
 
 class Finisher:
@@ -22,13 +38,21 @@ class Finisher:
 
     def __init__(self, nc: NatsClient, js: JetStreamContext, subjects: Subjects):
         self.nc, self.js, self.subjects = nc, js, subjects
+        self.bodies = BodyStore(js, subjects.bodies_bucket)
 
     async def finish(self, result: Result, *, ack: str | None, reply_to: str | None) -> bool:
         """Store, reply, ack; shielded so cancellation cannot lose the ack. True if newly stored."""
         return await asyncio.shield(self._finish(result, ack, reply_to))
 
     async def _finish(self, result: Result, ack: str | None, reply_to: str | None) -> bool:
+        limit = inline_limit(self.nc.max_payload)
+        inline = body_bytes(result.response) if _may_be_large(result, limit) else None
+        if inline is not None and len(inline[0]) > limit:  # too large whatever else the Result holds
+            result = await self.bodies.offload(result, inline)  # uploaded before the Result that names it
         payload = result.to_json()  # once: stored, and sent as the reply
+        if len(payload) > limit and body_bytes(result.response) is not None:  # a body near the limit
+            result = await self.bodies.offload(result)
+            payload = result.to_json()
         stored = await store_result(self.js, self.subjects, result, payload=payload)
         if reply_to and not stored:  # the stored Result is the answer, also when it was an earlier one
             payload = await read_result(self.js, self.subjects, result.job_id, result.batch) or payload
@@ -47,12 +71,16 @@ class Finisher:
         if ack:
             await self.nc.publish(ack, b"+ACK")
 
-    async def dead(self, tier: str, result: Result, *, job: dict | None = None, raw: bytes | None = None) -> None:
+    async def dead(self, tier: str, result: Result, *, job: dict | None = None, raw: bytes | None = None,
+                   last_error: dict | None = None) -> None:
+        """A dead letter for `result`. `last_error`: what went wrong last (default: the last
+        upstream answer, if any)."""
         error = result.error
+        if last_error is None:
+            last_error = letter_response(result.response)
         await dead_letter(self.js, self.subjects, tier, code=error.code if error else "unknown",
                           message=error.message if error else "", job=job, raw=raw, job_id=result.job_id,
-                          attempts=result.attempts,
-                          last_error=result.response.model_dump(by_alias=True) if result.response else None)
+                          attempts=result.attempts, last_error=last_error)
 
     async def nak(self, ack: str, delay_s: float = 0.0) -> None:
         payload = b"-NAK" if delay_s <= 0 else b"-NAK " + json.dumps({"delay": int(delay_s * 1e9)}).encode()

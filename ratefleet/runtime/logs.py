@@ -25,7 +25,7 @@ def configure_logging(level: str | None = None, *, json: bool | None = None) -> 
     use_json = (not sys.stderr.isatty()) if json is None else json
     if os.environ.get("RATEFLEET_LOG_FORMAT") in ("json", "console"):
         use_json = os.environ["RATEFLEET_LOG_FORMAT"] == "json"
-    renderer = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    renderer = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=_colors())
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -39,6 +39,11 @@ def configure_logging(level: str | None = None, *, json: bool | None = None) -> 
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+def _colors() -> bool:
+    """Colour only on a terminal and only without $NO_COLOR (https://no-color.org)."""
+    return sys.stderr.isatty() and not os.environ.get("NO_COLOR")
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:

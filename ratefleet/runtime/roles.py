@@ -1,4 +1,8 @@
-"""Running one role as a process: connect, handle SIGTERM/SIGINT, run until stopped."""
+"""Running one role as a process: connect, handle SIGTERM/SIGINT, run until stopped.
+
+SIGHUP is ignored with a log line: there is no reload (restart the process to apply a new
+config), and a closed terminal must not kill a dispatcher or a worker mid-call.
+"""
 
 from __future__ import annotations
 
@@ -23,15 +27,28 @@ async def _stop_on_signals(stop: anyio.Event) -> None:
             return
 
 
+def log_and_ignore_sighup() -> None:
+    """Ignore SIGHUP from process start on (the role logs each one once its loop runs)."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+async def _log_sighup() -> None:
+    with anyio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _signum in signals:
+            log.info("SIGHUP ignored: no reload; restart the process to apply a new config")
+
+
 async def run_role(config: Config, name: str, body: Callable[[object, anyio.Event], Awaitable[None]]) -> None:
     nc = await connect(config.nats.url, name=name)
     stop = anyio.Event()
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_stop_on_signals, stop)
+            tg.start_soon(_log_sighup)
             await body(nc, stop)
             tg.cancel_scope.cancel()
     finally:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the receiver put back the default (terminate)
         with anyio.CancelScope(shield=True):
             await nc.drain()
 

@@ -16,13 +16,21 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
-from ratefleet.errors import QueueFull, SubmitError
+from ratefleet.errors import QueueFull, ResultNotStored, SubmitError
+from ratefleet.runtime.logs import get_logger
 from schemas import Result, Subjects
-from schemas.job import FORBIDDEN_HEADERS
+from schemas.job import FORBIDDEN_HEADERS, normalised_header_name
+from schemas.wire import dumps_safe
 
 REPLY_HEADER = "Ratefleet-Reply-To"
 MSG_ID = "Nats-Msg-Id"
-ALREADY_STORED = 10077  # maximum messages per subject exceeded: the job already has its result
+# JSStreamStoreFailedErrF, the server's generic "message could not be stored": "maximum messages
+# per subject exceeded" (the job has its Result) but also "maximum messages/bytes exceeded",
+# a full disk... so a 10077 is only "already stored" once the Result is seen in the stream
+STORE_FAILED = 10077
+STORE_ATTEMPTS = 4
+
+log = get_logger("ratefleet.store")
 
 
 T = TypeVar("T")
@@ -114,19 +122,36 @@ async def publish_job_ack(js: JetStreamContext, subjects: Subjects, tier: str, j
 
 
 async def store_result(js: JetStreamContext, subjects: Subjects, result: Result, *, timeout: float = 10.0,
-                       payload: bytes | None = None) -> bool:
-    """Store the terminal Result (`payload`: its JSON when the caller has it already). False
-    when the job already had one (error 10077 or dedup)."""
+                       payload: bytes | None = None, attempts: int = STORE_ATTEMPTS, pause_s: float = 0.5) -> bool:
+    """Store the terminal Result (`payload`: its JSON when the caller has it already).
+
+    True when newly stored, False when the job already had one (dedup, or error 10077 with
+    a Result for the job confirmed in the stream). A 10077 without one is a refusal: the
+    store is tried `attempts` times in all, `pause_s * n` seconds apart, then
+    ResultNotStored is raised so the caller leaves the job un-acked (it is delivered again).
+    """
     subject = subjects.results(result.batch, result.job_id)
     payload = payload if payload is not None else result.to_json()
-    try:
-        ack = await retrying(lambda: js.publish(subject, payload, headers={MSG_ID: result.job_id},
-                                                timeout=timeout), for_s=120.0)
-    except APIError as exc:
-        if exc.err_code == ALREADY_STORED:
-            return False
-        raise
-    return not ack.duplicate
+    refusal = ""
+    for attempt in range(1, attempts + 1):
+        try:
+            ack = await retrying(lambda: js.publish(subject, payload, headers={MSG_ID: result.job_id},
+                                                    timeout=timeout), for_s=120.0)
+            return not ack.duplicate
+        except APIError as exc:
+            if exc.err_code != STORE_FAILED:
+                raise
+            if await read_result(js, subjects, result.job_id, result.batch) is not None:
+                return False  # the one-result-per-subject limit: the job has its Result
+            refusal = exc.description or "message could not be stored"
+            log.warning("results stream refused a result and holds none for the job; storing again",
+                        job_id=result.job_id, refusal=refusal, attempt=attempt, of=attempts)
+        if attempt < attempts:
+            await asyncio.sleep(pause_s * attempt)
+    log.error("result NOT stored; the job stays un-acked and is delivered again", job_id=result.job_id,
+              refusal=refusal, stream=subjects.results_stream)
+    raise ResultNotStored(f"{subjects.results_stream} refused the Result of job {result.job_id} {attempts} times "
+                          f"({refusal}) and holds none for it; check the stream's limits and the server's disk")
 
 
 async def read_result(js: JetStreamContext, subjects: Subjects, job_id: str, batch: str | None = "*") -> bytes | None:
@@ -142,7 +167,7 @@ def redact_payload(raw: bytes) -> dict[str, Any]:
     """The raw payload for a dead letter, with auth-like header values masked."""
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         try:
             return {"raw": raw.decode("utf-8")}
         except UnicodeDecodeError:
@@ -151,7 +176,7 @@ def redact_payload(raw: bytes) -> dict[str, Any]:
     headers = request.get("headers") if isinstance(request, dict) else None
     if isinstance(headers, dict):
         for name in list(headers):
-            if str(name).lower() in FORBIDDEN_HEADERS:
+            if normalised_header_name(str(name)) in FORBIDDEN_HEADERS:
                 headers[name] = "***"
     return {"payload": data}
 
@@ -169,4 +194,5 @@ async def dead_letter(js: JetStreamContext, subjects: Subjects, tier: str, *, co
     elif raw is not None:
         letter.update(redact_payload(raw))
     safe_tier = tier if tier and all(c.isalnum() or c in "_-" for c in tier) else "_"
-    await js.publish(subjects.dead(safe_tier), json.dumps(letter).encode(), timeout=10.0)
+    # dumps_safe: the payload may hold what JSON cannot (lone surrogates, NaN): never fail on it
+    await js.publish(subjects.dead(safe_tier), dumps_safe(letter), timeout=10.0)

@@ -5,6 +5,8 @@ RATEFLEET_JOBS     work-queue, file storage, discard-new at its limits, dedup by
 RATEFLEET_RESULTS  limits retention, one message per subject for good (invariant 7).
 RATEFLEET_DEAD     dead letters, kept `dead_max_age_s`.
 KV ratefleet_handbacks  deliveries that made no call (see ratefleet/runtime/handbacks.py).
+Object Store ratefleet_bodies  response bodies too large for a Result (ratefleet/runtime/bodies.py),
+                   kept `results_max_age_s` like the Results that name them.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    ObjectStoreConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
 from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
 
 from schemas import Config, Subjects
 
@@ -69,6 +73,8 @@ async def ensure_topology(js: JetStreamContext, config: Config) -> None:
         await _ensure_stream(js, stream)
     subjects = Subjects(config.nats.prefix)
     await open_kv(js, subjects.handbacks_bucket, ttl=config.streams.results_max_age_s)
+    await open_object_store(js, subjects.bodies_bucket, ttl=config.streams.results_max_age_s,
+                            replicas=config.streams.replicas)
     jobs_stream = subjects.jobs_stream
     for tier in config.tiers:
         wanted = consumer_config(config, tier)
@@ -89,6 +95,18 @@ async def open_kv(js: JetStreamContext, bucket: str, ttl: float | None) -> KeyVa
             return await js.create_key_value(bucket=bucket, ttl=ttl, history=1)
         except BadRequestError:  # created concurrently by another process
             return await js.key_value(bucket)
+
+
+async def open_object_store(js: JetStreamContext, bucket: str, *, ttl: float, replicas: int) -> ObjectStore:
+    """An Object Store bucket (file storage, objects kept `ttl` seconds), created when missing."""
+    try:
+        return await js.object_store(bucket)
+    except (BucketNotFoundError, NotFoundError):
+        try:
+            return await js.create_object_store(bucket, config=ObjectStoreConfig(
+                ttl=ttl, storage=StorageType.FILE, replicas=replicas))
+        except BadRequestError:  # created concurrently by another process
+            return await js.object_store(bucket)
 
 
 async def _ensure_stream(js: JetStreamContext, stream: StreamConfig) -> None:

@@ -2,6 +2,7 @@
 
 Children that die are restarted (with a short backoff). Ctrl-C or SIGTERM stops the
 workers first (they drain), then the dispatchers (they release the lease), then NATS.
+SIGHUP is logged and ignored (no reload; children ignore it as well).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ratefleet.runtime.connect import redact_url
 from ratefleet.runtime.embedded import EmbeddedNats, embedded_for, port_answers
 from ratefleet.runtime.logs import get_logger
 from schemas import Config
@@ -48,18 +50,25 @@ def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatc
     env = {**os.environ, "RATEFLEET_NATS_URL": url}
     children = _children(config_path, workers, dispatchers)
     stopping = False
+    hangups = 0
 
     def on_signal(signum, _frame):
-        nonlocal stopping
-        stopping = True
+        nonlocal stopping, hangups
+        if signum == signal.SIGHUP:
+            hangups += 1  # logged from the loop: a handler must not take the log lock
+        else:
+            stopping = True
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         for child in children:
             child.start(env)
-        log.info("fleet up", nats=url, dispatchers=dispatchers, workers=workers)
+        log.info("fleet up", nats=redact_url(url), dispatchers=dispatchers, workers=workers)
         while not stopping:
             time.sleep(0.2)
+            if hangups:
+                log.info("SIGHUP ignored: no reload; restart `ratefleet up` to apply a new config", count=hangups)
+                hangups = 0
             for child in children:
                 if child.process and child.process.poll() is not None and not stopping:
                     log.warning("child exited; restarting", role=child.role, code=child.process.returncode)

@@ -1,0 +1,211 @@
+"""What every `ratefleet` command shares: finding the config, one-line errors, plain output.
+
+Exit codes (the README's "Exit codes"): 0 all succeeded, 1 some failed (or the fleet could
+not do it), 2 usage or input error (bad flag, missing file, bad config), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tomllib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+
+from schemas.config import DEFAULT_TIERS, Config, ConfigError, config_path, load_config
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+LOOKED_AT = "--config FILE, $RATEFLEET_CONFIG, ./ratefleet.toml"
+START_HINT = ("copy examples/local.toml (with `ratefleet mock-upstream` as the upstream) or examples/openai.toml "
+              "to ratefleet.toml, or pass --config FILE")
+
+
+def plain_output() -> bool:
+    """True when output must carry no ANSI styling: $NO_COLOR set (any value but empty) or not a terminal.
+
+    Source: https://no-color.org ("when present and not an empty string ... prevents the
+    addition of ANSI color").
+    """
+    if os.environ.get("NO_COLOR"):
+        return True
+    return not (sys.stdout.isatty() and sys.stderr.isatty())
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """A rich Console that prints no escape codes at all when `plain_output()` (colours, bold, cursor moves)."""
+    if plain_output():
+        return Console(stderr=stderr, color_system=None, no_color=True, force_terminal=False, highlight=False,
+                       emoji=False)
+    return Console(stderr=stderr, highlight=False)
+
+
+def one_line(message: str) -> str:
+    """A possibly multi-line message as one line (`; ` between its lines)."""
+    parts = [line.strip() for line in str(message).splitlines() if line.strip()]
+    return "; ".join(parts).replace(":;", ":")
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    """Print `error: <message>` as one line on stderr and exit with `code` (2 unless said otherwise)."""
+    _print_error(one_line(message))
+    raise typer.Exit(code)
+
+
+def require_file(path: Path, what: str = "input file") -> Path:
+    """`path` when it is a readable file; otherwise exit 2 with one line saying what to do next."""
+    if path.is_file() and os.access(path, os.R_OK):
+        return path
+    if not path.exists():
+        fail(f"{what} {path} does not exist; check the path (relative paths start at {Path.cwd()})")
+    if path.is_dir():
+        fail(f"{what} {path} is a directory; pass a file")
+    fail(f"{what} {path} cannot be read; check its permissions")
+
+
+def require_out_path(path: Path | None, what: str = "--out") -> Path | None:
+    """`path` when a file can be written there (its folder exists and is not a directory itself); else exit 2."""
+    if path is None:
+        return None
+    if path.is_dir():
+        fail(f"{what} {path} is a directory; pass a file path")
+    if not path.parent.is_dir():
+        fail(f"{what} {path}: folder {path.parent} does not exist; create it or pass another path")
+    return path
+
+
+def read_text_file(path: Path, what: str = "input file") -> str:
+    """The text of `path`, or exit 2 with one line (missing, a directory, unreadable, not UTF-8)."""
+    require_file(path, what)
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"{what} {path} cannot be read ({exc.__class__.__name__}: {exc}); pass a readable UTF-8 file")
+
+
+def _quiet_load(path: Path | None, nats: str | None) -> Config:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a literal secret warns on the roles that use it, not on every client call
+        return load_config_or_fail(path, nats)
+
+
+@dataclass(frozen=True)
+class ClientTarget:
+    """Where a client command (submit, request, status, dlq, results) sends: NATS URL(s) and subject prefix.
+
+    Credentials ride in the URL (`nats://user:password@host:4222`, `nats://token@host:4222`).
+    """
+
+    url: str
+    prefix: str
+    tiers: tuple[str, ...]
+    source: str  # the config file used, or "<defaults>"
+
+
+def client_target(config: Path | None, nats: str | None, prefix: str | None = None) -> ClientTarget:
+    """Resolve a client command's target: --nats / $RATEFLEET_NATS_URL over [nats].url of the config
+    (--config, else $RATEFLEET_CONFIG, else ./ratefleet.toml if present, else defaults); --prefix over
+    [nats].prefix. Exits 2 with one line when the named config is missing or invalid."""
+    found = config_path(config)
+    if found is not None:
+        require_file(found, "config file")
+    cfg = _quiet_load(found, nats)
+    return ClientTarget(url=cfg.nats.url, prefix=prefix or cfg.nats.prefix, tiers=tuple(cfg.tiers),
+                        source=str(found) if found else "<defaults>")
+
+
+def fleet_config(config: Path | None, nats: str | None, role: str) -> tuple[Config, Path]:
+    """The config of a fleet role (`up`, `dispatcher`, `worker`): a file must exist and define keys.
+
+    Without one the fleet would run with zero keys and every job would fail; exit 2 instead,
+    naming where it looked and what to do.
+    """
+    found = config_path(config)
+    if found is None:
+        fail(f"`ratefleet {role}` found no config file (looked at {LOOKED_AT} in {Path.cwd()}); {START_HINT}")
+    require_file(found, "config file")
+    cfg = load_config_or_fail(found, nats)
+    if not cfg.keys():
+        fail(f"{found} defines no API keys, so no job could be called; add [pools.NAME] with keys = [...] "
+             "(see examples/local.toml)")
+    return cfg, found
+
+
+def load_config_or_fail(path: Path | None, nats: str | None) -> Config:
+    """load_config, turning ConfigError into exit 2 with the file, the field and why on one line."""
+    try:
+        return load_config(path, nats_url=nats)
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def configured_tiers(argv: list[str] | None = None) -> tuple[tuple[str, ...], str]:
+    """(tier names, where from) for help texts: the config named on the command line or found as
+    load_config would, else the default tiers. Never fails: help must always render."""
+    argv = sys.argv[1:] if argv is None else argv
+    explicit = None
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            explicit = argv[i + 1]
+        elif arg.startswith("--config="):
+            explicit = arg.split("=", 1)[1]
+    defaults = tuple(name for name, _ in DEFAULT_TIERS)
+    try:
+        found = config_path(explicit)
+        if found is None:
+            return defaults, "default tiers"
+        data = tomllib.loads(found.read_text())
+        tiers = tuple(data.get("tiers") or {})
+        return (tiers, str(found)) if tiers else (defaults, f"default tiers; {found} sets none")
+    except (OSError, ValueError, AttributeError, TypeError):
+        return defaults, "default tiers"
+
+
+def tier_help(what: str = "priority tier") -> str:
+    """`--tier` help listing the configured tiers, highest priority first."""
+    tiers, source = configured_tiers()
+    return f"{what}: one of {', '.join(tiers)} (highest first; {source})"
+
+
+class RatefleetApp(typer.Typer):
+    """typer.Typer whose errors are one line: usage errors (exit 2) name the help to read, and an
+    unexpected exception ends as `error: unexpected ...` with exit 1, not a traceback.
+
+    Set RATEFLEET_DEBUG=1 to get the traceback. Errors ratefleet expects (bad input, no NATS,
+    a refused job) never get here: the commands report them with `fail()`.
+    """
+
+    def __call__(self, *args, **kwargs):
+        try:
+            code = super().__call__(*args, **{**kwargs, "standalone_mode": False})
+        except Exception as exc:  # noqa: BLE001 - the last edge: report, do not dump a stack
+            sys.exit(self._report(exc))
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+    def _report(self, exc: Exception) -> int:
+        """Print one line for `exc`; return the exit code. Click's classes are matched by name:
+        typer vendors its own copy of click in some versions and uses click itself in others."""
+        kinds = {cls.__name__ for cls in type(exc).__mro__}
+        if "NoArgsIsHelpError" in kinds:
+            if self.rich_markup_mode is None:  # rich help was printed already, as typer does
+                exc.show()
+            return exc.exit_code
+        if "ClickException" in kinds:
+            ctx = getattr(exc, "ctx", None)
+            command = ctx.command_path if ctx is not None else "ratefleet"
+            _print_error(f"{one_line(exc.format_message())} (see `{command} --help`)")
+            return exc.exit_code
+        if "Abort" in kinds:  # end of input at a prompt
+            return EXIT_INTERRUPTED
+        if os.environ.get("RATEFLEET_DEBUG"):
+            raise exc
+        _print_error(f"unexpected {one_line(f'{type(exc).__name__}: {exc}')} (set RATEFLEET_DEBUG=1 for the traceback)")
+        return EXIT_FAILED
+
+
+def _print_error(message: str) -> None:
+    make_console(stderr=True).print(f"error: {message}", style="red", markup=False, highlight=False, soft_wrap=True)

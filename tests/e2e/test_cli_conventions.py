@@ -1,0 +1,275 @@
+"""The `ratefleet` command as a user meets it, run as a real process: one-line errors with exit 2,
+a refusal to start without a config, --version, flags shown as flags, plain output under
+NO_COLOR, --config on client commands, SIGHUP ignored by a running fleet, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+from fleetkit import SECRETS, FleetKit, chat_job, mock_keys
+from ratefleet.mock import MockSettings, running_mock
+
+pytestmark = [pytest.mark.timeout(180)]
+ANSI = re.compile(r"\x1b\[")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RATEFLEET_CONFIG", "RATEFLEET_NATS_URL", "NO_COLOR", "FORCE_COLOR", "TTY_COMPATIBLE")}
+    return {**env, "RATEFLEET_LOG_FORMAT": "json", **extra}
+
+
+def cli(*args: str, cwd: Path, env=None, timeout=60) -> subprocess.CompletedProcess:
+    """Run `ratefleet ARGS` in its own session; on timeout the whole group goes (a fleet it started too)."""
+    proc = subprocess.Popen([sys.executable, "-m", "ratefleet", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=cwd, env=env or clean_env(),
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc.pid)
+        out, err = proc.communicate()
+        raise AssertionError(f"`ratefleet {' '.join(args)}` still running after {timeout}s: {err[-2000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def in_terminal(*args: str, cwd: Path, env: dict[str, str], timeout: float = 60) -> tuple[int, str]:
+    """Run the command with stdout and stderr on a pseudo-terminal; (exit code, everything it printed)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "ratefleet", *args], stdin=slave, stdout=slave, stderr=slave,
+                            cwd=cwd, env={**env, "COLUMNS": "120", "TERM": "xterm-256color"}, close_fds=True)
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's other side is closed
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    return proc.wait(timeout=10), b"".join(chunks).decode(errors="replace")
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, *needles: str) -> None:
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_missing_input_files_end_in_one_line_and_exit_2(tmp_path):
+    assert_one_line_error(cli("submit", "jobs.jsonl", "--tier", "normal", cwd=tmp_path), "jobs.jsonl", "does not exist")
+    assert_one_line_error(cli("request", "@job.json", "--tier", "vip", cwd=tmp_path), "job.json", "does not exist")
+    (tmp_path / "jobs.jsonl").write_text("{}\n")
+    assert_one_line_error(cli("submit", "jobs.jsonl", "--tier", "normal", "--out", "no/such/r.jsonl", cwd=tmp_path),
+                          "folder no/such does not exist")
+    for command in (["status"], ["dlq", "list"], ["up"], ["worker"]):
+        assert_one_line_error(cli(*command, "--config", "nope.toml", cwd=tmp_path), "nope.toml", "does not exist")
+    env = clean_env(RATEFLEET_CONFIG=str(tmp_path / "gone.toml"))
+    assert_one_line_error(cli("status", cwd=tmp_path, env=env), "gone.toml")
+    (tmp_path / "bad.toml").write_text('[pools.a]\nkeys = [{ id = "k1", secret = "env:X", rps = 0 }]\n[nats]\nurll = 1\n')
+    assert_one_line_error(cli("up", "--config", "bad.toml", cwd=tmp_path), "pools.a.keys.0.rps", "nats.urll")
+    (tmp_path / "job.json").write_text("{not json")
+    assert_one_line_error(cli("request", "@job.json", "--tier", "vip", cwd=tmp_path), "not valid JSON")
+
+
+def test_up_without_a_config_says_where_it_looked_and_what_to_do(tmp_path):
+    done = cli("up", cwd=tmp_path, timeout=20)
+    assert_one_line_error(done, "no config file", "./ratefleet.toml", "$RATEFLEET_CONFIG", str(tmp_path),
+                          "examples/local.toml", "mock-upstream")
+    (tmp_path / "ratefleet.toml").write_text('[nats]\nurl = "nats://127.0.0.1:4222"\n')
+    assert_one_line_error(cli("up", cwd=tmp_path, timeout=30), "ratefleet.toml defines no API keys")
+
+
+def test_version_usage_errors_and_flags(tmp_path):
+    done = cli("--version", cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == f"ratefleet {version('ratefleet')}"
+    assert_one_line_error(cli("submit", "x.jsonl", "--tier", "normal", "--bogus", cwd=tmp_path),
+                          "No such option: --bogus", "see `ratefleet submit --help`")
+    assert_one_line_error(cli("submit", "x.jsonl", cwd=tmp_path), "Missing option '--tier'")
+    for terminal in (False, True):
+        for command, flags in ((["submit"], ["--wait", "--skip-invalid"]), (["status"], ["--json"]),
+                               (["dlq", "replay"], ["--purge"])):
+            if terminal:
+                _code, text = in_terminal(*command, "--help", cwd=tmp_path, env=clean_env())
+                text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+            else:
+                text = cli(*command, "--help", cwd=tmp_path).stdout
+            for flag in flags:
+                line = next(line for line in text.splitlines() if re.search(rf"(^|\s){flag}\b", line)
+                            and "Usage" not in line)
+                assert "<bool>" not in line and "BOOLEAN" not in line, (terminal, line)
+
+
+def test_tier_help_lists_the_configured_tiers(tmp_path):
+    assert "one of vip, premium, normal, guest" in cli("submit", "--help", cwd=tmp_path).stdout
+    (tmp_path / "mine.toml").write_text(
+        '[upstreams.u]\nbase_url = "http://127.0.0.1:1"\n[pools.p]\nkeys = [{ id = "k1", secret = "env:X", rps = 1 }]\n'
+        '[tiers.urgent]\nweight = 5\n[tiers.bulk]\nweight = 1\n')
+    for args, env in ((["--config", "mine.toml"], None), ([], clean_env(RATEFLEET_CONFIG="mine.toml"))):
+        text = " ".join(cli("submit", "--help", *args, cwd=tmp_path, env=env).stdout.split())
+        assert "one of urgent, bulk" in text, text
+
+
+def test_no_color_gives_plain_output_in_a_terminal(tmp_path, nats_server):
+    commands = (["--help"], ["submit", "missing.jsonl", "--tier", "normal"], ["bogus"],
+                ["dlq", "list", "--nats", nats_server.url])
+    for command in commands:
+        code, coloured = in_terminal(*command, cwd=tmp_path, env=clean_env())
+        assert ANSI.search(coloured), (command, coloured)  # a terminal does get styles ...
+        code_plain, plain = in_terminal(*command, cwd=tmp_path, env=clean_env(NO_COLOR="1"))
+        assert not ANSI.search(plain), (command, plain)  # ... and NO_COLOR removes every one
+        assert code_plain == code
+    assert "dead letters (0)" in plain
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.anyio
+async def test_client_commands_reach_the_server_named_only_in_the_config(tmp_path, nats_server):
+    with running_mock(MockSettings(keys=mock_keys(rps=100, burst=10), accept_unknown=False)) as upstream:
+        kit = FleetKit(tmp_path, nats_server.url, upstream.url)
+        config = kit.write_config()
+        kit.dispatcher("d1")
+        env = clean_env()  # no $RATEFLEET_NATS_URL: the server is named in the file only
+        try:
+            deadline = time.monotonic() + 30
+            while cli("status", "--json", "--config", str(config), cwd=tmp_path, env=env).returncode != 0:
+                assert time.monotonic() < deadline, "status --config never reached the dispatcher"
+                time.sleep(0.5)
+            # no worker yet: a request waits; Ctrl-C ends it with 130
+            waiting = subprocess.Popen([sys.executable, "-m", "ratefleet", "request", "--tier", "vip", "--config",
+                                        str(config), json.dumps(chat_job(1))], cwd=tmp_path, env=env,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            time.sleep(3)
+            waiting.send_signal(signal.SIGINT)
+            _out, err = waiting.communicate(timeout=30)
+            assert waiting.returncode == 130 and "Traceback" not in err, err
+            kit.worker("w1")
+            jobs = tmp_path / "jobs.jsonl"
+            jobs.write_text("".join(json.dumps(chat_job(i)) + "\n" for i in range(5)))
+            (tmp_path / "ratefleet.toml").write_text(config.read_text())  # ./ratefleet.toml, no flag at all
+            done = cli("submit", str(jobs), "--tier", "normal", "--wait", "--out", "r.jsonl", cwd=tmp_path, env=env)
+            assert done.returncode == 0, done.stderr
+            assert [json.loads(line)["status"] for line in (tmp_path / "r.jsonl").read_text().splitlines()] == \
+                ["succeeded"] * 5
+            one = cli("request", "--tier", "vip", json.dumps(chat_job(9)), cwd=tmp_path,
+                      env=clean_env(RATEFLEET_CONFIG=str(config)))
+            assert one.returncode == 0 and json.loads(one.stdout)["status"] == "succeeded", one.stderr
+            job = {"id": "fail-1", "max_attempts": 1, "request": {"path": "/v1/chat/completions",
+                                                                  "json": {"mock": {"status": 503}}}}
+            failing = cli("request", "--tier", "vip", "--config", str(config), json.dumps(job), cwd=tmp_path, env=env)
+            assert failing.returncode == 1 and json.loads(failing.stdout)["status"] == "failed", failing.stderr
+            deadline = time.monotonic() + 20
+            while "fail-1" not in cli("dlq", "list", "--json", "--config", str(config), cwd=tmp_path, env=env).stdout:
+                assert time.monotonic() < deadline, "no dead letter for fail-1"
+                time.sleep(0.5)
+            replay = cli("dlq", "replay", "--id", "fail-1", "--config", str(config), cwd=tmp_path, env=env)
+            assert replay.returncode == 0, replay.stderr
+            assert re.fullmatch(r"fail-1 -> fail-1-r[0-9a-f]{8}\nreplayed 1 dead letter\(s\)\n", replay.stdout), replay.stdout
+            # --nats still wins over the file: nothing answers there
+            elsewhere = cli("status", "--config", str(config), "--nats", f"nats://127.0.0.1:{free_port()}",
+                            cwd=tmp_path, env=env)
+            assert elsewhere.returncode == 1 and len(elsewhere.stderr.strip().splitlines()) == 1
+            assert "nothing answers" in elsewhere.stderr
+        finally:
+            kit.stop()
+
+
+def _fleet_config(tmp_path: Path, port: int, upstream_url: str) -> Path:
+    config = {"nats": {"url": f"nats://127.0.0.1:{port}", "embedded_dir": str(tmp_path / "nats")},
+              "upstreams": {"mock": {"base_url": upstream_url}},
+              "pools": {"shared": {"keys": [{"id": "k1", "secret": "env:RF_TEST_K1", "rps": 100, "burst": 10}]}},
+              "workers": {"heartbeat_s": 0.5, "grace_s": 5}}
+    path = tmp_path / "fleet.toml"
+    path.write_text(tomli_w.dumps(config))
+    return path
+
+
+def _status(config: Path, cwd: Path) -> dict | None:
+    done = cli("status", "--json", "--config", str(config), cwd=cwd, timeout=20)
+    return json.loads(done.stdout) if done.returncode == 0 else None
+
+
+def _wait_status(config: Path, cwd: Path, ready, timeout: float = 40) -> dict:
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        last = _status(config, cwd)
+        if last and ready(last):
+            return last
+        time.sleep(0.5)
+    raise AssertionError(f"fleet not ready: {last}")
+
+
+def test_sighup_leaves_up_and_its_worker_running(tmp_path):
+    port = free_port()
+    with running_mock(MockSettings(keys=mock_keys(rps=100, burst=10, ids=("k1",)), accept_unknown=False)) as upstream:
+        config = _fleet_config(tmp_path, port, upstream.url)
+        log = open(tmp_path / "up.log", "wb")
+        up = subprocess.Popen([sys.executable, "-m", "ratefleet", "up", "--config", str(config), "--workers", "1"],
+                              env=clean_env(RF_TEST_K1=SECRETS["k1"]), cwd=tmp_path, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        try:
+            before = _wait_status(config, tmp_path, lambda s: s.get("leader") and len(s["workers"]) == 1)
+            worker_pid = before["workers"][0]["pid"]
+            os.kill(up.pid, signal.SIGHUP)                    # to the supervisor
+            os.kill(worker_pid, signal.SIGHUP)                # to the worker itself
+            time.sleep(1.5)
+            os.killpg(up.pid, signal.SIGHUP)                  # to the whole group, as a closed terminal does
+            time.sleep(3)
+            assert up.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
+            after = _wait_status(config, tmp_path, lambda s: s.get("leader") and len(s["workers"]) == 1)
+            assert [w["pid"] for w in after["workers"]] == [worker_pid]  # not restarted: the same process
+            one = cli("request", "--tier", "vip", "--config", str(config), json.dumps(chat_job(1)), cwd=tmp_path)
+            assert one.returncode == 0, one.stderr
+        finally:
+            up.send_signal(signal.SIGINT)
+            try:
+                up.wait(timeout=60)
+            finally:
+                kill_group(up.pid)  # whatever it left (children of a supervisor that died)
+        output = (tmp_path / "up.log").read_text()
+        assert up.returncode == 0, output[-3000:]
+        assert output.count("SIGHUP ignored") >= 4, output[-3000:]  # up twice, the worker twice (+ the dispatcher)
+        assert "child exited" not in output
+
+
+def test_credentials_in_the_nats_url_never_reach_the_terminal(tmp_path):
+    (tmp_path / "creds.toml").write_text(f'[nats]\nurl = "nats://alice:s3cret-pw@127.0.0.1:{free_port()}"\n')
+    done = cli("status", "--config", "creds.toml", cwd=tmp_path)
+    assert done.returncode == 1 and "nothing answers at nats://alice:***@127.0.0.1:" in done.stderr, done.stderr
+    assert "s3cret-pw" not in done.stderr + done.stdout

@@ -1,0 +1,80 @@
+"""The pieces every `ratefleet` command shares: one-line errors with the right exit code, the
+tiers its --tier help lists, credentials masked in NATS URLs."""
+
+from __future__ import annotations
+
+import pytest
+import typer
+
+from ratefleet.cli_support import RatefleetApp, configured_tiers, one_line
+from ratefleet.runtime.connect import redact_url
+
+
+def _app() -> RatefleetApp:
+    app = RatefleetApp(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
+
+    @app.command()
+    def boom(kind: str = typer.Option("bug", "--kind")):
+        if kind == "bug":
+            raise RuntimeError("the index went\nnegative")
+        if kind == "exit":
+            raise typer.Exit(1)
+        if kind == "interrupt":
+            raise KeyboardInterrupt
+
+    @app.command()
+    def fine():
+        pass
+
+    return app
+
+
+@pytest.mark.parametrize("argv, code", [(["boom"], 1), (["boom", "--kind", "exit"], 1),
+                                        (["boom", "--kind", "interrupt"], 130), (["fine"], 0),
+                                        (["boom", "--nope"], 2), (["boom", "--kind"], 2)])
+def test_exit_codes_and_one_line_errors(argv, code, capsys, monkeypatch):
+    monkeypatch.delenv("RATEFLEET_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as done:
+        _app()(argv, prog_name="ratefleet")
+    assert done.value.code == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 1, err
+    if argv == ["boom"]:
+        assert err.strip() == ("error: unexpected RuntimeError: the index went; negative "
+                               "(set RATEFLEET_DEBUG=1 for the traceback)")
+    if code == 2:
+        assert err.startswith("error: ") and "(see `ratefleet" in err and err.rstrip().endswith("--help`)")
+
+
+def test_debug_shows_the_real_exception(monkeypatch):
+    monkeypatch.setenv("RATEFLEET_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="negative"):
+        _app()(["boom"], prog_name="ratefleet")
+
+
+def test_one_line_joins_a_multi_line_message():
+    assert one_line("invalid configuration:\n  f: a: bad\n  f: b: worse\n") == "invalid configuration: f: a: bad; f: b: worse"
+
+
+def test_tiers_for_help_come_from_the_config_named_on_the_command_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RATEFLEET_CONFIG", raising=False)
+    assert configured_tiers([]) == (("vip", "premium", "normal", "guest"), "default tiers")
+    (tmp_path / "a.toml").write_text("[tiers.hot]\nweight = 3\n[tiers.cold]\n")
+    (tmp_path / "broken.toml").write_text("[tiers\n")
+    for argv in (["submit", "--config", "a.toml"], ["submit", "--config=a.toml"], ["-c", "a.toml"]):
+        assert configured_tiers(argv)[0] == ("hot", "cold")
+    monkeypatch.setenv("RATEFLEET_CONFIG", "a.toml")
+    assert configured_tiers([])[0] == ("hot", "cold")
+    for argv in (["--config", "broken.toml"], ["--config", "missing.toml"]):  # help must still render
+        assert configured_tiers(argv)[0] == ("vip", "premium", "normal", "guest")
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("nats://alice:pw@h:4222", "nats://alice:***@h:4222"),
+    ("nats://s3cr3t-token@h:4222", "nats://***@h:4222"),
+    ("nats://a:b@h1:1,nats://c:d@h2:2", "nats://a:***@h1:1,nats://c:***@h2:2"),
+    ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
+])
+def test_nats_credentials_are_masked(url, shown):
+    assert redact_url(url) == shown
