@@ -34,7 +34,7 @@ def test_own_ids_are_kept_and_a_foreign_batch_field_is_refused():
     assert job.id == "mine-1" and job.batch == "nightly" and line_of("mine-1") is None
     with pytest.raises(LineError, match="line 4: batch 'x' differs"):
         parse_line(json.dumps({"batch": "x", **json.loads(LINE)}), 4, "nightly")
-    with pytest.raises(LineError, match="line 5: not valid JSON"):
+    with pytest.raises(LineError, match="line 5: job is not valid JSON"):
         parse_line("{nope", 5, "nightly")
     with pytest.raises(LineError, match="line 6: request.path"):
         parse_line(json.dumps({"request": {"path": "http://evil/"}}), 6, "nightly")
@@ -46,7 +46,7 @@ def test_validation_counts_reports_and_records_the_gaps_input_order_needs(tmp_pa
     path.write_text("\n".join([LINE, "", "not json", LINE, own, own, LINE]) + "\n")
     found = validate_file(path, "b")
     assert (found.jobs, found.lines, found.error_count, found.repeated_ids) == (5, 7, 1, 1)
-    assert len(found.errors) == 1 and found.errors[0].startswith("line 3: not valid JSON")
+    assert len(found.errors) == 1 and found.errors[0].startswith("line 3: job is not valid JSON")
     assert found.gaps == [[2, 3], [5, 6]]
     assert len(found.ids) == 4 and "mine" in found.ids and line_job_id("b", 7, LINE) in found.ids
     assert line_job_id("b", 2, LINE) not in found.ids
