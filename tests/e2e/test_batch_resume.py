@@ -157,3 +157,35 @@ def test_nothing_listening_fails_fast_with_what_to_start(tmp_path):
     assert done.returncode == 1 and "ratefleet up" in done.stderr
     assert time.monotonic() - started < 10  # interpreter start included; the check itself is immediate
     assert done.stderr.startswith("batch submit-")
+
+
+@pytest.mark.anyio
+async def test_ctrl_c_while_sending_then_the_printed_command_sends_only_the_rest(tmp_path, nats_server):
+    async with await Client.connect(nats_server.url) as client:  # streams, no fleet: every job stays queued
+        await ensure_topology(client.js, parse_config({}))
+    lines = 40_000
+    file = tmp_path / "big.jsonl"
+    write_jobs(file, (chat_job(i) for i in range(lines)))
+    proc = subprocess.Popen([sys.executable, "-m", "ratefleet", "submit", str(file), "--tier", "guest", "--batch",
+                             "big", "--nats", nats_server.url], stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:  # plain progress lines: a "submitting:" one means the send pass is under way
+        seen.append(line)
+        if line.startswith("submitting:") and "(in " not in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    seen.append(proc.communicate(timeout=60)[1])
+    err = "".join(seen)
+    assert proc.returncode == 130, err
+    sent = re.search(r"interrupted while submitting: ([\d,]+) of 40,000 jobs stored in batch big", err)
+    assert sent and 0 < int(sent[1].replace(",", "")) < lines, err
+    again = f"send the rest (stored lines are not sent again): ratefleet submit {file} --tier guest --batch big"
+    assert again in err, err
+
+    rest = cli("submit", str(file), "--tier", "guest", "--batch", "big", "--nats", nats_server.url, timeout=180)
+    assert rest.returncode == 0, rest.stderr
+    said = re.search(r"stored 40,000 jobs in tier 'guest', batch big: ([\d,]+) new, ([\d,]+) already queued", rest.stderr)
+    assert said and int(said[2].replace(",", "")) >= int(sent[1].replace(",", "")), rest.stderr
+    async with await Client.connect(nats_server.url) as client:
+        info = await client.js.stream_info(client.subjects.jobs_stream)
+    assert info.state.messages == lines  # each line stored once, none twice
