@@ -46,6 +46,7 @@ class BatchRecord:
 
 
 def bucket_name(subjects: Subjects) -> str:
+    """The KV bucket of batch records for this prefix (`ratefleet_batches`, suffixed like the streams)."""
     return "ratefleet_batches" + subjects.stream_suffix.lower()
 
 

@@ -39,6 +39,7 @@ from schemas.subjects import is_token
 
 
 def new_batch_name() -> str:
+    """`submit-<UTC yyyymmddThhmmss>-<6 hex>`: the batch name when --batch is not given."""
     return "submit-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 

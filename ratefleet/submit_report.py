@@ -65,6 +65,7 @@ class Run:
                 self.sink.flush()
 
     def check_collected(self) -> bool:
+        """True (and wake the waiter) once everything is sent and every expected Result was seen."""
         if self.submitted and self.collected >= self.expected:
             self.all_collected.set()
             return True
@@ -75,10 +76,12 @@ class Run:
         return args + ([] if self.prefix == "ratefleet" else ["--prefix", self.prefix])
 
     def results_command(self) -> str:
+        """The command that collects this batch (NATS password masked)."""
         out = str(self.out) if self.out else f"{self.batch}.results.jsonl"
         return shlex.join(["ratefleet", "results", "--batch", self.batch, "--wait", "--out", out, *self._nats_args()])
 
     def submit_command(self) -> str:
+        """This run's command again, with the batch name: it sends only what is not stored yet."""
         args = ["ratefleet", "submit", str(self.file), "--tier", self.tier, "--batch", self.batch]
         args += (["--wait"] if self.wait else []) + (["--out", str(self.out)] if self.out else [])
         return shlex.join(args + self._nats_args())
