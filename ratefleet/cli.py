@@ -240,6 +240,11 @@ def dlq_replay(tier: Optional[str] = typer.Option(None, "--tier", help=tier_help
     typer.echo(f"replayed {len(replayed)} dead letter(s)")
 
 
+from ratefleet.results_cmd import register as _register_results  # noqa: E402 - `results`, `result`
+
+_register_results(app)
+
+
 def _default_url() -> str:
     from schemas.config import DEFAULT_NATS_URL
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import deque
+from dataclasses import dataclass
 
 import anyio
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -25,12 +27,24 @@ from pydantic import ValidationError
 from ratefleet.errors import JobInvalid, RequestTimeout, SubmitError
 from ratefleet.runtime.bodies import BodyStore
 from ratefleet.runtime.connect import connect
-from ratefleet.runtime.store import publish_job, read_result
+from ratefleet.runtime.pubpipe import PublishPipe
+from ratefleet.runtime.store import MSG_ID, TRANSIENT, publish_job, publish_job_ack, read_result
 from schemas import Job, Result, Subjects
 from schemas.config import DEFAULT_NATS_URL
 from schemas.job import JobRejected, describe_validation_error
 
 JobLike = Job | dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One job as JetStream acknowledged it. `duplicate`: its id was already stored inside the
+    dedup window (`streams.duplicate_window_s`), so this publish added nothing; `seq`: the
+    JOBS stream sequence (for a duplicate, that of the message stored first)."""
+
+    job: Job
+    duplicate: bool
+    seq: int
 
 
 def as_job(job: JobLike, *, batch: str | None = None) -> Job:
@@ -116,6 +130,60 @@ class Client:
             raise
         return [model.id for model in models]
 
+    async def submit_stream(self, jobs: Iterable[Job], tier: str, *, window: int = 1024,
+                            ack_timeout: float = 10.0) -> AsyncIterator[Stored]:
+        """Store validated jobs (with ids) as they come, yielding a `Stored` for each, in order.
+
+        Publishes are pipelined with at most `window` unacknowledged at a time, so memory
+        stays bounded whatever the length of `jobs`. A publish whose acknowledgement fails or
+        takes over `ack_timeout` seconds is redone one by one (same id: dedup-safe; rides out
+        a NATS restart). Raises QueueFull / SubmitError on the first refusal; the `Stored`
+        already yielded are the jobs stored before it.
+        """
+        pending: deque[tuple[Job, bytes, asyncio.Future | None]] = deque()
+        async with PublishPipe(self.nc) as pipe:
+            try:
+                async for stored in self._pipeline(pipe, jobs, tier, pending, window, ack_timeout):
+                    yield stored
+            finally:
+                for _, _, future in pending:  # stopped early: the rest is not waited for
+                    if future is not None and not future.cancel():
+                        future.exception()  # settled: mark it seen (no "never retrieved" noise)
+
+    async def _pipeline(self, pipe: PublishPipe, jobs: Iterable[Job], tier: str, pending: deque, window: int,
+                        ack_timeout: float) -> AsyncIterator[Stored]:
+        subject = self.subjects.jobs(tier)
+        for job in jobs:
+            payload = job.to_json()
+            try:
+                future = await pipe.publish(subject, payload, headers={MSG_ID: job.id})
+            except TRANSIENT:
+                future = None  # settled below with the one-by-one publish that retries
+            pending.append((job, payload, future))
+            while pending and (len(pending) >= window or _settled(pending[0][2])):
+                yield await self._settle(tier, *pending.popleft(), ack_timeout)
+        while pending:
+            yield await self._settle(tier, *pending.popleft(), ack_timeout)
+
+    async def _settle(self, tier: str, job: Job, payload: bytes, future: asyncio.Future | None,
+                      ack_timeout: float) -> Stored:
+        if future is not None:
+            try:
+                ack = future.result() if future.done() else await asyncio.wait_for(asyncio.shield(future), ack_timeout)
+                return Stored(job, bool(ack.duplicate), ack.seq)
+            except Exception:  # noqa: BLE001 - refused, lost or late: the one-by-one path says which
+                pass
+        ack = await publish_job_ack(self.js, self.subjects, tier, job.id, payload)
+        return Stored(job, bool(ack.duplicate), ack.seq)
+
+    async def queued_job(self, seq: int) -> Job | None:
+        """The job stored at JOBS stream sequence `seq`, or None when it is gone (done)."""
+        try:
+            msg = await self.js.get_msg(self.subjects.jobs_stream, seq)
+            return Job.model_validate_json(msg.data)
+        except Exception:  # noqa: BLE001 - acked and removed, or not a job: nothing queued there
+            return None
+
     async def request(self, job: JobLike, tier: str, *, timeout: float = 30.0) -> Result:
         """Submit one job and wait for its Result (over the reply inbox), its body fetched
         when the reply carries a `body_ref`. Raises RequestTimeout, BodyUnavailable, SubmitError."""
@@ -178,3 +246,7 @@ class Client:
             raise SubmitError(f"no dispatcher answered {self.subjects.admin_status} ({type(exc).__name__}); "
                               "is `ratefleet up` or `ratefleet dispatcher` running?") from None
         return json.loads(reply.data)
+
+
+def _settled(future: asyncio.Future | None) -> bool:
+    return future is None or future.done()

@@ -1,102 +1,247 @@
-"""`ratefleet submit`: validate a JSONL file, store every job, optionally collect the Results."""
+"""`ratefleet submit`: a JSONL file in, one durable job per line, optionally the Results out.
+
+Order of work, all in constant memory (one line at a time, 8 bytes per job for the id set):
+
+1. print the batch name (given, or generated) first, so an interrupted run can be resumed;
+2. check NATS and the tier (fails in well under a second when nothing answers);
+3. pass 1 validates every line (nothing is sent if a line is bad, unless --skip-invalid);
+4. pass 2 reads the file again and publishes, pipelined, with a bounded window of
+   unacknowledged publishes; `--wait` follows the batch's Results meanwhile and writes each
+   as it comes.
+
+Lines without an `id` get a deterministic one (`ratefleet.batchfile.line_job_id`), so the same
+command run again inside the dedup window sends nothing twice: it says how many lines were
+already stored and waits only for this batch's jobs. A line whose own id was already stored
+under another batch is looked up: its stored Result is written, or the user is told where it
+is queued; `--wait` never waits for it. Ctrl-C exits 130 and prints how many jobs are still
+queued and the command that collects them.
+"""
 
 from __future__ import annotations
 
-import json
-import sys
+import contextlib
+import signal
+import threading
 import uuid
-from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
 import anyio
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ratefleet.cli_support import make_console
-from ratefleet.client import Client, as_job
-from ratefleet.errors import JobInvalid
-from schemas import Job
+from ratefleet.batches import BatchRecord, save_record
+from ratefleet.batchfile import LineError, Validation, iter_lines, line_of, parse_line, spool_stdin, validate_file
+from ratefleet.client import Client, Stored
+from ratefleet.errors import NatsUnavailable, SubmitError
+from ratefleet.phases import Phases
+from ratefleet.submit_report import Run, check_tier, count_results, report_interrupt, report_end
+from schemas.subjects import is_token
 
 
-def read_jobs(lines: list[str], batch: str | None) -> tuple[list[Job], list[str]]:
-    """Parse and validate every line; return (jobs, 'line N: why' errors)."""
-    jobs, errors = [], []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            jobs.append(as_job(json.loads(line), batch=batch))
-        except (ValueError, RecursionError) as exc:
-            errors.append(f"line {number}: not valid JSON ({type(exc).__name__}: {exc})")
-        except JobInvalid as exc:
-            errors.append(f"line {number}: {exc}")
-    return jobs, errors
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=False)
+def new_batch_name() -> str:
+    """`submit-<UTC yyyymmddThhmmss>-<6 hex>`: the batch name when --batch is not given."""
+    return "submit-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
 async def run_submit(file: Path, tier: str, batch: str | None, wait: bool, out: Path | None, skip_invalid: bool,
                      url: str, prefix: str) -> int:
+    """Run the command; returns the exit code (0 all stored/succeeded, 1 some failed, 2 input, 130 Ctrl-C)."""
     console = make_console(stderr=True)  # plain under NO_COLOR / not a terminal
-    text = sys.stdin.read() if str(file) == "-" else file.read_text()
-    if wait and batch is None:
-        batch = "submit-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    jobs, errors = read_jobs(text.splitlines(), batch)
-    if errors:
-        for line in errors[:20]:
-            console.print(f"[red]{line}[/red]")
-        if len(errors) > 20:
-            console.print(f"[red]... and {len(errors) - 20} more invalid lines[/red]")
-        if not skip_invalid:
-            console.print("nothing was submitted; fix the lines above or pass --skip-invalid")
-            return 2
-    if not jobs:
-        console.print("no jobs to submit")
+
+    def say(text: str) -> None:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    if batch is not None and not is_token(batch):
+        say(f"error: --batch {batch!r} must be 1-128 of A-Z a-z 0-9 _ -")
         return 2
+    if str(file) != "-" and not file.is_file():
+        say(f"error: no such file: {file}")
+        return 2
+    run = Run(file=file, tier=tier, batch=batch or new_batch_name(), wait=wait, out=out, url=url, prefix=prefix)
+    say(f"batch {run.batch}")  # first: the name a resume needs
     async with await Client.connect(url, prefix=prefix) as client:
-        with _progress(console) as progress:
-            sent = progress.add_task("submitted", total=len(jobs))
-            done = progress.add_task("results  ", total=len(jobs), visible=wait)
-            counts: Counter[str] = Counter()
-            async with anyio.create_task_group() as tg:
-                if wait:
-                    tg.start_soon(_collect, client, jobs, out, progress, done, counts)
-                await client.submit_many(jobs, tier, progress=lambda n: progress.advance(sent, n))
-        console.print(f"submitted {len(jobs)} jobs to tier {tier!r}" + (f", batch {batch!r}" if batch else ""))
-        if not wait:
-            return 0
-        console.print("results: " + ", ".join(f"{status} {n}" for status, n in sorted(counts.items())))
-        return 0 if counts.get("succeeded", 0) == len({j.id for j in jobs}) else 1
+        problem = await check_tier(client, tier)
+        if problem:
+            say(f"error: {problem}")
+            return 2
+        path = spool_stdin() if str(file) == "-" else file
+        try:
+            with Phases(console) as phases:
+                return await _interruptible(run, client, path, phases, skip_invalid)
+        finally:
+            if path is not file:
+                path.unlink(missing_ok=True)
 
 
-async def _collect(client: Client, jobs: list[Job], out: Path | None, progress: Progress, task, counts: Counter) -> None:
-    expected = {job.id for job in jobs}
-    batches = {job.batch for job in jobs}
-    seen: set[str] = set()
-    sink = out.open("w") if out else None
-    try:
-        async with anyio.create_task_group() as tg:
-            for batch in batches:
-                tg.start_soon(_follow, client, batch, expected, seen, sink, progress, task, counts, tg)
-    finally:
-        if sink:
-            sink.close()
+async def _interruptible(run: Run, client: Client, path: Path, phases: Phases, skip_invalid: bool) -> int:
+    code = 0
+    async with anyio.create_task_group() as tg:
+        async def watch() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT) as signals:
+                async for _ in signals:
+                    run.interrupted = True
+                    tg.cancel_scope.cancel()
+                    return
 
-
-async def _follow(client: Client, batch, expected, seen, sink, progress, task, counts, tg) -> None:
-    async for result in client.results(batch, follow=True):
-        if result.job_id not in expected or result.job_id in seen:
-            continue
-        seen.add(result.job_id)
-        counts[result.status] += 1
-        if sink:
-            sink.write(result.model_dump_json(by_alias=True) + "\n")
-        failed = sum(n for status, n in counts.items() if status != "succeeded")
-        progress.update(task, advance=1, description=f"results   (failed {failed})")
-        if len(seen) == len(expected):
+        tg.start_soon(watch)
+        try:
+            code = await _submit(run, client, path, phases, skip_invalid)
+        finally:
             tg.cancel_scope.cancel()
-            return
+            if run.sink is not None:
+                run.sink.close()
+    if run.interrupted:
+        if not run.submitted:  # a finished submission keeps its "submitted" record and count
+            with anyio.CancelScope(shield=True):
+                await _save(client, run, "interrupted")
+        report_interrupt(run, phases)
+        return 130
+    return code
+
+
+async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_invalid: bool) -> int:
+    found = await _validate(run, path, phases)
+    if found.error_count and not skip_invalid:
+        phases.print("nothing was submitted; fix the lines above or pass --skip-invalid")
+        return 2
+    if not found.jobs:
+        phases.print("no jobs to submit")
+        return 2
+    run.found = found
+    run.results_before = await count_results(client, run.batch)
+    await _save(client, run, "submitting")
+    if run.out is not None:
+        run.sink = run.out.open("w", encoding="utf-8")
+    async with anyio.create_task_group() as tg:
+        if run.wait:
+            tg.start_soon(_follow, run, client, phases)
+        tg.start_soon(_refresh_record, run, client)
+        try:
+            await _publish_all(run, client, path, phases)
+        except SubmitError as exc:  # refused mid-way (queue full, NATS gone): say what is stored
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await _save(client, run, "interrupted")
+            raise type(exc)(f"{exc}. {run.stored:,} of {found.jobs:,} jobs are stored; once fixed, run the "
+                            f"same command again (stored lines are not sent again): {run.submit_command()}") from None
+        async with run.record_lock:
+            run.submitted = True
+            await _save(client, run, "submitted")
+        report_end(run, phases, submitted_only=True)
+        run.check_collected()
+        if run.wait:
+            await run.all_collected.wait()
+        tg.cancel_scope.cancel()
+    return report_end(run, phases) if run.wait else 0
+
+
+async def _validate(run: Run, path: Path, phases: Phases) -> Validation:
+    size = max(path.stat().st_size, 1)
+    handle = phases.start("validating", size, unit="bytes")
+    stop = threading.Event()
+
+    def progress(read: int) -> None:
+        if stop.is_set():
+            raise anyio.get_cancelled_exc_class()  # Ctrl-C: end the abandoned thread too
+        anyio.from_thread.run_sync(lambda: phases.update(handle, completed=read))
+
+    try:  # in a thread, so Ctrl-C and the progress display keep working during a long pass
+        found = await anyio.to_thread.run_sync(lambda: validate_file(path, run.batch, progress),
+                                               abandon_on_cancel=True)
+    finally:
+        stop.set()
+    phases.update(handle, completed=size)
+    phases.finish(handle)
+    for line in found.errors:
+        phases.print(line, style="red")
+    if found.error_count > len(found.errors):
+        phases.print(f"... and {found.error_count - len(found.errors)} more invalid lines")
+    phases.print(f"{found.jobs:,} valid jobs on {found.lines:,} lines"
+                 + (f", {found.error_count:,} invalid" if found.error_count else "")
+                 + (f", {found.repeated_ids:,} repeat an id of an earlier line" if found.repeated_ids else ""))
+    return found
+
+
+def _jobs(run: Run, path: Path):
+    """Pass 2: the valid lines again, as jobs. A line edited since pass 1 (its id is not one
+    pass 1 saw) is not sent: `--wait` could never count its Result."""
+    for number, text in iter_lines(path):
+        try:
+            job = parse_line(text, number, run.batch)
+        except LineError:
+            continue  # reported by pass 1 (--skip-invalid)
+        if job.id in run.found.ids:
+            yield job
+        else:
+            run.changed.append(number)
+
+
+async def _publish_all(run: Run, client: Client, path: Path, phases: Phases) -> None:
+    handle = phases.start("submitting", run.found.jobs, unit="jobs")
+    stream = client.submit_stream(_jobs(run, path), run.tier)
+    async with contextlib.aclosing(stream):
+        async for stored in stream:
+            await _classify(run, client, stored)
+            phases.update(handle, completed=run.stored)
+    phases.finish(handle)
+
+
+async def _classify(run: Run, client: Client, stored: Stored) -> None:
+    """Count one acknowledged line: new, stored earlier under this batch, or another batch's."""
+    run.stored += 1
+    if not stored.duplicate:
+        run.fresh += 1
+        return
+    job = stored.job
+    if line_of(job.id) is not None and job.id.startswith(run.batch[:100]):
+        run.earlier += 1  # a deterministic id of this batch (the cut batch name keeps >= 100 characters)
+        return
+    result = await client.stored_result(job.id)
+    owner = result.batch if result is not None else None
+    if result is None:
+        queued = await client.queued_job(stored.seq)
+        owner = queued.batch if queued is not None else None
+    if owner == run.batch:
+        run.earlier += 1
+        return
+    run.foreign += 1
+    if result is not None:
+        run.write(result)
+    elif len(run.foreign_queued) < 10:
+        run.foreign_queued.append((job.id, owner))
+    else:
+        run.foreign_queued_more += 1
+
+
+async def _follow(run: Run, client: Client, phases: Phases) -> None:
+    handle = phases.start("results", run.found.jobs, unit="results")
+    async for result in client.results(run.batch, follow=True):
+        if result.job_id not in run.found.ids:
+            continue  # a Result of this batch from an older version of the file
+        run.collected += 1
+        run.write(result)
+        phases.update(handle, completed=run.collected, total=run.expected)
+        if run.check_collected():
+            break
+    phases.finish(handle)
+
+
+async def _refresh_record(run: Run, client: Client) -> None:
+    """Keep the "submitting" record fresh (so `results --wait` can tell a killed submit) until sent."""
+    while True:
+        await anyio.sleep(5)
+        async with run.record_lock:  # never after the "submitted" record
+            if run.submitted:
+                return
+            with contextlib.suppress(Exception):
+                await _save(client, run, "submitting")
+
+
+async def _save(client: Client, run: Run, state: str) -> None:
+    if run.found is None:
+        return
+    record = BatchRecord(batch=run.batch, tier=run.tier, state=state, lines=run.found.lines, gaps=run.found.gaps,
+                         jobs=run.expected if state == "submitted" else run.stored - run.foreign)
+    try:
+        await save_record(client.js, client.subjects, record)
+    except Exception as exc:  # noqa: BLE001 - the batch itself is stored; only `results --wait` loses its count
+        raise NatsUnavailable(f"could not record batch {run.batch} ({type(exc).__name__})") from None

@@ -13,6 +13,7 @@ from typing import TypeVar
 
 import nats.errors
 from nats.js import JetStreamContext
+from nats.js.api import PubAck
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from ratefleet.errors import QueueFull, ResultNotStored, SubmitError
@@ -70,6 +71,15 @@ async def publish_job(js: JetStreamContext, subjects: Subjects, tier: str, job_i
 
     Rides out a NATS restart or reconnect for `retry_for` seconds (same id, so no duplicate).
     """
+    ack = await publish_job_ack(js, subjects, tier, job_id, payload, reply_to=reply_to, timeout=timeout,
+                                retry_for=retry_for)
+    return not ack.duplicate
+
+
+async def publish_job_ack(js: JetStreamContext, subjects: Subjects, tier: str, job_id: str, payload: bytes,
+                          *, reply_to: str | None = None, timeout: float = 5.0, retry_for: float = 30.0) -> PubAck:
+    """`publish_job`, returning JetStream's acknowledgement (`duplicate`, and `seq`: for a
+    duplicate, the sequence of the message stored first)."""
     headers = {MSG_ID: job_id}
     if reply_to:
         headers[REPLY_HEADER] = reply_to
@@ -108,7 +118,7 @@ async def publish_job(js: JetStreamContext, subjects: Subjects, tier: str, job_i
     except TRANSIENT as exc:
         raise SubmitError(f"NATS did not confirm job {job_id} for {retry_for:.0f}s ({type(exc).__name__}); it may or "
                           "may not be stored: is the NATS server up? Resubmitting with the same id is safe") from None
-    return not ack.duplicate
+    return ack
 
 
 async def store_result(js: JetStreamContext, subjects: Subjects, result: Result, *, timeout: float = 10.0,

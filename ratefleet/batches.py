@@ -1,0 +1,137 @@
+"""What `ratefleet submit` records about a batch, so `ratefleet results --batch B --wait` knows
+when it is complete without the input file; and the `--order input` buffer.
+
+The record lives in the KV bucket `ratefleet_batches` (key: the batch name; kept as long as
+Results are, RATEFLEET_RESULTS' max age). Its JSON:
+
+    {"batch": "b", "tier": "normal", "state": "submitting" | "submitted" | "interrupted",
+     "jobs": 300,          # Results that will land in this batch (fresh + stored by an earlier run)
+     "lines": 301,         # last line number of the file
+     "gaps": [[1, 1], [7, 9]],  # line ranges with no numbered Result here (blank, invalid, own id);
+                                # null when there were too many to record
+     "updated_at": 1764400000.0}   # unix seconds; a "submitting" record is refreshed every few seconds
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import time
+from dataclasses import asdict, dataclass
+
+from nats.js import JetStreamContext
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
+
+from ratefleet.batchfile import line_of
+from schemas import Result, Subjects
+
+STALE_AFTER_S = 30.0  # a "submitting" record older than this: its submit died
+
+
+@dataclass
+class BatchRecord:
+    """One batch as `ratefleet submit` left it (see the module docstring for the JSON)."""
+
+    batch: str
+    tier: str
+    state: str = "submitting"
+    jobs: int = 0
+    lines: int = 0
+    gaps: list[list[int]] | None = None
+    updated_at: float = 0.0
+
+    def stale(self, now: float) -> bool:
+        """True when a submit that was still running stopped refreshing its record (killed)."""
+        return self.state == "submitting" and now - self.updated_at > STALE_AFTER_S
+
+
+def bucket_name(subjects: Subjects) -> str:
+    """The KV bucket of batch records for this prefix (`ratefleet_batches`, suffixed like the streams)."""
+    return "ratefleet_batches" + subjects.stream_suffix.lower()
+
+
+async def _bucket(js: JetStreamContext, subjects: Subjects, create: bool):
+    try:
+        return await js.key_value(bucket_name(subjects))
+    except (BucketNotFoundError, NotFoundError):
+        if not create:
+            return None
+    try:
+        info = await js.stream_info(subjects.results_stream)
+        ttl = info.config.max_age
+    except NotFoundError:
+        ttl = 86400.0
+    return await js.create_key_value(bucket=bucket_name(subjects), ttl=ttl, history=1)
+
+
+async def save_record(js: JetStreamContext, subjects: Subjects, record: BatchRecord) -> None:
+    """Store (replace) the record of `record.batch`, stamping `updated_at` now."""
+    record.updated_at = time.time()
+    kv = await _bucket(js, subjects, create=True)
+    await kv.put(record.batch, json.dumps(asdict(record)).encode())
+
+
+async def load_record(js: JetStreamContext, subjects: Subjects, batch: str) -> BatchRecord | None:
+    """The record of `batch`, or None when no `ratefleet submit` recorded it (or it expired)."""
+    kv = await _bucket(js, subjects, create=False)
+    if kv is None:
+        return None
+    try:
+        entry = await kv.get(batch)
+    except (KeyNotFoundError, NotFoundError):
+        return None
+    if entry.value is None:
+        return None
+    return BatchRecord(**json.loads(entry.value))
+
+
+class InputOrder:
+    """Puts Results back in the file's line order, holding only those that arrive early.
+
+    A Result is released as soon as every line before it has been released or is a known
+    gap (`gaps`: line ranges that have no numbered Result, from the batch record). Without
+    gap information, what is held past an unknown gap comes out at `flush()` (in line
+    order). Results of lines that carried their own id have no line number: they come last,
+    in arrival order.
+    """
+
+    def __init__(self, gaps: list[list[int]] | None = None) -> None:
+        self._gaps = sorted((int(a), int(b)) for a, b in gaps or [])
+        self._gaps.reverse()  # pop() from the end: the lowest range
+        self._next = 1
+        self._held: list[tuple[int, int, Result]] = []
+        self._unnumbered: list[Result] = []
+        self._arrival = 0
+
+    @property
+    def held(self) -> int:
+        return len(self._held) + len(self._unnumbered)
+
+    def push(self, result: Result) -> list[Result]:
+        """Take one Result; return those now releasable, in order."""
+        line = line_of(result.job_id)
+        if line is None:
+            self._unnumbered.append(result)
+            return []
+        self._arrival += 1
+        heapq.heappush(self._held, (line, self._arrival, result))
+        out = []
+        while True:
+            self._skip_gaps()
+            if not self._held or self._held[0][0] > self._next:
+                return out
+            line, _, ready = heapq.heappop(self._held)
+            self._next = max(self._next, line + 1)
+            out.append(ready)
+
+    def _skip_gaps(self) -> None:
+        while self._gaps and self._gaps[-1][0] <= self._next:
+            start, end = self._gaps.pop()
+            self._next = max(self._next, end + 1)
+
+    def flush(self) -> list[Result]:
+        """Everything still held: numbered in line order, then the unnumbered ones."""
+        out = [item[2] for item in sorted(self._held)]
+        out.extend(self._unnumbered)
+        self._held, self._unnumbered = [], []
+        return out

@@ -1,0 +1,185 @@
+"""A JSONL batch file read as a stream: the deterministic id rule and the validation pass.
+
+Id rule (so re-running a file is idempotent): a line without an `id` gets
+
+    <batch>-<line number>-<h>      h = blake2b(batch + "\\n" + line text, 5 bytes) in hex
+
+where the line number counts from 1 (blank lines count too) and the line text is the line
+without its trailing whitespace. The same file submitted again under the same batch gives the
+same ids, so JetStream's dedup window (`streams.duplicate_window_s`) drops the repeats; a line
+that was edited gets a new id (it is a different job). When the batch name is long, it is cut
+so the id stays within 128 characters; the hash still covers the whole name. The line number
+sits in the id so `ratefleet results --order input` can order Results without the file
+(`line_of(job_id)`). A line that carries its own `id` keeps it.
+
+Memory: nothing here holds more than one line, except `IdSet`, 8 bytes per job (sorted
+`array('Q')`s of id hashes: 8 MB for a million lines).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import sys
+import tempfile
+from array import array
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from schemas import Job
+from schemas.job import JobRejected, parse_job
+
+MAX_ID = 128
+_GENERATED = re.compile(r"-(\d{1,12})-([0-9a-f]{10})$")
+SHOWN_ERRORS = 20
+MAX_GAPS = 10_000
+
+
+def line_job_id(batch: str, line_number: int, text: str) -> str:
+    """The id of line `line_number` (1-based) of a batch file whose line has no id."""
+    digest = hashlib.blake2b(f"{batch}\n{text}".encode(), digest_size=5).hexdigest()
+    tail = f"-{line_number}-{digest}"
+    return batch[: MAX_ID - len(tail)] + tail
+
+
+def line_of(job_id: str) -> int | None:
+    """The line number a generated id encodes, or None for an id the producer chose."""
+    match = _GENERATED.search(job_id)
+    return int(match.group(1)) if match else None
+
+
+def id_hash(job_id: str) -> int:
+    """A 64-bit hash of a job id, for `IdSet`."""
+    return int.from_bytes(hashlib.blake2b(job_id.encode(), digest_size=8).digest(), "little")
+
+
+class LineError(ValueError):
+    """A line that is not a valid Job; str() is `line N: why`."""
+
+
+def parse_line(text: str, number: int, batch: str) -> Job:
+    """Validate one line as a Job of `batch`, with its id (own or deterministic). Raises LineError.
+
+    The same check as every other door into the fleet (`schemas.job.parse_job`), so a line
+    that passes here is not refused later."""
+    try:
+        job = parse_job(text.encode("utf-8", "surrogatepass"))
+    except JobRejected as exc:
+        raise LineError(f"line {number}: {exc.message}") from None
+    if job.batch is not None and job.batch != batch:
+        raise LineError(f"line {number}: batch {job.batch!r} differs from this run's batch {batch!r} "
+                        "(one file is one batch: drop the field or pass --batch)")
+    update = {"batch": batch}
+    if job.id is None:
+        update["id"] = line_job_id(batch, number, text)
+    return job.model_copy(update=update)
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text without trailing whitespace) of every non-blank line, one at a time."""
+    with path.open("r", encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, 1):
+            text = line.rstrip()
+            if text:
+                yield number, text
+
+
+def spool_stdin() -> Path:
+    """Copy stdin to a temporary file (constant memory) so it can be read twice."""
+    handle = tempfile.NamedTemporaryFile("wb", prefix="ratefleet-stdin-", suffix=".jsonl", delete=False)
+    with handle:
+        shutil.copyfileobj(sys.stdin.buffer, handle, 1 << 20)
+    return Path(handle.name)
+
+
+class IdSet:
+    """The job ids of one run as 64-bit hashes, 8 bytes each: 256 arrays by the hash's top byte,
+    each sorted by `freeze()` (so sorting never needs more than 1/256 of them as Python ints);
+    membership is a binary search in one of them."""
+
+    def __init__(self) -> None:
+        self._buckets = [array("Q") for _ in range(256)]
+        self._frozen = False
+        self._size = 0
+
+    def add(self, job_id: str) -> None:
+        key = id_hash(job_id)
+        self._buckets[key >> 56].append(key)
+        self._frozen = False
+
+    def freeze(self) -> int:
+        """Sort and drop repeated ids; return how many repeats were dropped."""
+        dropped = 0
+        for index, bucket in enumerate(self._buckets):
+            unique = array("Q", sorted(set(bucket)))
+            dropped += len(bucket) - len(unique)
+            self._buckets[index] = unique
+        self._frozen = True
+        self._size = sum(len(bucket) for bucket in self._buckets)
+        return dropped
+
+    def __len__(self) -> int:
+        """How many distinct ids (after `freeze()`)."""
+        return self._size
+
+    def __contains__(self, job_id: object) -> bool:
+        assert self._frozen, "freeze() first"
+        if not isinstance(job_id, str):
+            return False
+        key = id_hash(job_id)
+        bucket = self._buckets[key >> 56]
+        at = bisect_left(bucket, key)
+        return at < len(bucket) and bucket[at] == key
+
+
+@dataclass
+class Validation:
+    """What the validation pass found: jobs (valid lines), the first errors and their count."""
+
+    jobs: int = 0
+    lines: int = 0
+    errors: list[str] = field(default_factory=list)
+    error_count: int = 0
+    repeated_ids: int = 0
+    ids: IdSet = field(default_factory=IdSet)
+    gaps: list[list[int]] | None = field(default_factory=list)
+
+    def gap(self, start: int, end: int) -> None:
+        """Lines start..end have no numbered Result (blank, invalid, own id)."""
+        if self.gaps is None or end < start:
+            return
+        if self.gaps and self.gaps[-1][1] == start - 1:
+            self.gaps[-1][1] = end
+        elif len(self.gaps) >= MAX_GAPS:
+            self.gaps = None  # too scattered to record: --order input holds what it must
+        else:
+            self.gaps.append([start, end])
+
+
+def validate_file(path: Path, batch: str, progress: Callable[[int], None] | None = None) -> Validation:
+    """Pass 1: validate every line in a stream; `progress(bytes read so far)` now and then."""
+    found = Validation()
+    read = 0
+    for number, text in iter_lines(path):
+        found.gap(found.lines + 1, number - 1)  # blank lines before this one
+        found.lines = number
+        read += len(text) + 1
+        if progress and number % 2048 == 0:
+            progress(read)
+        try:
+            job = parse_line(text, number, batch)
+        except LineError as exc:
+            found.error_count += 1
+            if len(found.errors) < SHOWN_ERRORS:
+                found.errors.append(str(exc))
+            found.gap(number, number)
+            continue
+        if line_of(job.id) != number:
+            found.gap(number, number)
+        found.jobs += 1
+        found.ids.add(job.id)
+    found.repeated_ids = found.ids.freeze()
+    return found

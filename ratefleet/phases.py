@@ -1,0 +1,106 @@
+"""Progress of long CLI phases (validating, submitting, results) with rate and ETA.
+
+On a terminal: rich progress bars. Elsewhere (a pipe, a CI log, `NO_COLOR` is honoured by
+rich itself): one plain line per phase every `every_s` seconds and one when it ends, e.g.
+
+    submitting: 120,000/1,000,000 jobs (61,204/s, ETA 14s)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.text import Text
+
+
+class RateColumn(ProgressColumn):
+    """Items per second, e.g. `61,204/s`."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:,.0f}/s" if task.speed else "", style="progress.data.speed")
+
+
+@dataclass
+class _Plain:
+    name: str
+    unit: str
+    total: float | None
+    done: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+    printed: float = field(default_factory=time.monotonic)
+    finished: bool = False
+
+
+class Phases:
+    """Progress display for a few phases. Use as a context manager."""
+
+    def __init__(self, console: Console, every_s: float = 2.0) -> None:
+        self.console = console
+        self.every_s = every_s
+        self.rich = console.is_terminal
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+                                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                  console=console, transient=False) if self.rich else None
+        self._plain: dict[int, _Plain] = {}
+
+    def __enter__(self) -> "Phases":
+        if self._progress:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress:
+            self._progress.stop()
+
+    def start(self, name: str, total: float | None, unit: str = "") -> int:
+        """Begin a phase; returns its handle."""
+        if self._progress:
+            return self._progress.add_task(f"{name:<11}", total=total)
+        handle = len(self._plain)
+        self._plain[handle] = _Plain(name, unit, total)
+        return handle
+
+    def update(self, handle: int, *, completed: float | None = None, advance: float = 0,
+               total: float | None = None) -> None:
+        """Set or advance a phase's count (and its total when it became known)."""
+        if self._progress:
+            self._progress.update(handle, completed=completed, advance=advance or None, total=total)
+            return
+        phase = self._plain[handle]
+        phase.done = completed if completed is not None else phase.done + advance
+        if total is not None:
+            phase.total = total
+        now = time.monotonic()
+        if now - phase.printed >= self.every_s:
+            phase.printed = now
+            self._say(phase, now)
+
+    def finish(self, handle: int) -> None:
+        """The phase ended (it may have stopped short of its total)."""
+        if self._progress:
+            self._progress.stop_task(handle)
+            return
+        phase = self._plain[handle]
+        if not phase.finished:
+            phase.finished = True
+            self._say(phase, time.monotonic(), final=True)
+
+    def print(self, message: str, style: str | None = None) -> None:
+        """One line of text (never read as markup: it may quote a user's line)."""
+        self.console.print(message, style=style, highlight=False, markup=False, soft_wrap=True)
+
+    def _say(self, phase: _Plain, now: float, final: bool = False) -> None:
+        elapsed = max(now - phase.started, 1e-6)
+        rate = phase.done / elapsed
+        total = f"/{phase.total:,.0f}" if phase.total else ""
+        if final:
+            tail = f"in {elapsed:.1f}s, {rate:,.0f}/s"
+        else:
+            eta = (phase.total - phase.done) / rate if phase.total and rate > 0 else None
+            tail = f"{rate:,.0f}/s" + (f", ETA {eta:.0f}s" if eta is not None else "")
+        self.console.print(f"{phase.name}: {phase.done:,.0f}{total} {phase.unit} ({tail})".replace("  ", " "),
+                           highlight=False, markup=False, soft_wrap=True)

@@ -1,0 +1,209 @@
+"""`ratefleet results --batch B [--wait] [--out F] [--order input]` and `ratefleet result JOB_ID`.
+
+`results` writes every Result stored under batch B as JSONL (to F, else stdout), one per job
+(RATEFLEET_RESULTS keeps one per job id). `--wait` follows until the batch is complete: the
+number of jobs comes from the record `ratefleet submit` leaves (`ratefleet.batches`), so the
+input file is not needed. `--order input` puts Results in the file's line order using the line
+number in the deterministic ids, holding back only Results that arrive before an earlier
+line's (known gaps — blank, invalid, own-id lines — are skipped using the record).
+
+Exit codes: 0 every Result succeeded (and, with a record, the batch is complete); 1 some
+failed or are missing; 2 usage error or nothing known of the batch/job; 130 Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import shlex
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, TextIO
+
+import anyio
+import typer
+from rich.console import Console
+
+from ratefleet.cli_support import EXIT_FAILED, client_target, fail, make_console, require_out_path
+from ratefleet.errors import RatefleetError
+from ratefleet.runtime.connect import redact_url
+from ratefleet.batches import BatchRecord, InputOrder, load_record
+from ratefleet.client import Client
+from ratefleet.phases import Phases
+from schemas import Result
+from schemas.config import DEFAULT_NATS_URL
+from schemas.subjects import is_token
+
+RECORD_POLL_S = 2.0
+# the same options as the other client commands (ratefleet/cli.py)
+ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config (else $RATEFLEET_CONFIG, else ./ratefleet.toml)")
+NatsOpt = typer.Option(None, "--nats", envvar="RATEFLEET_NATS_URL",
+                       help="NATS URL, over the config's [nats].url (default nats://127.0.0.1:4222)")
+PrefixOpt = typer.Option(None, "--prefix", help="subject prefix, over the config's [nats].prefix (default ratefleet)")
+
+
+@dataclass
+class Collect:
+    """One `results` run: where Results go, how many came, and the batch's record."""
+
+    batch: str
+    sink: TextIO
+    order: InputOrder | None
+    record: BatchRecord | None
+    wait: bool
+    count: int = 0
+    statuses: Counter = field(default_factory=Counter)
+    stale: bool = False
+
+    def take(self, result: Result) -> None:
+        self.count += 1
+        self.statuses[result.status] += 1
+        for ready in self.order.push(result) if self.order else [result]:
+            self.sink.write(ready.model_dump_json(by_alias=True) + "\n")
+
+    def finish(self) -> None:
+        for ready in self.order.flush() if self.order else []:
+            self.sink.write(ready.model_dump_json(by_alias=True) + "\n")
+        self.sink.flush()
+
+    @property
+    def complete(self) -> bool:
+        record = self.record
+        return record is not None and record.state != "submitting" and self.count >= record.jobs
+
+
+def results(batch: str = typer.Option(..., "--batch", "-b", help="the batch name `submit` printed first"),
+            wait: bool = typer.Option(False, "--wait", is_flag=True, metavar="",
+                                      help="follow until every job of the batch has a Result"),
+            out: Optional[Path] = typer.Option(None, "--out", "-o", help="write Results here (JSONL; default stdout)"),
+            order: str = typer.Option("arrival", "--order", help="arrival (as stored) or input (the file's line order)"),
+            config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt, prefix: Optional[str] = PrefixOpt):
+    """Collect the Results of a batch as JSONL; --wait follows until the batch is complete."""
+    if order not in ("arrival", "input"):
+        fail(f"--order must be 'arrival' or 'input', not {order!r}")
+    if not is_token(batch):
+        fail(f"--batch {batch!r} must be 1-128 of A-Z a-z 0-9 _ -")
+    require_out_path(out)
+    target = client_target(config, nats, prefix)
+    console = make_console(stderr=True)
+    code = _run(_collect_batch, console, batch, wait, out, order == "input", target.url, target.prefix)
+    raise typer.Exit(code)
+
+
+def result(job_id: str = typer.Argument(..., help="a job id"), config: Optional[Path] = ConfigOpt,
+           nats: Optional[str] = NatsOpt, prefix: Optional[str] = PrefixOpt):
+    """Print one job's stored Result (JSON); exit 0 if it succeeded, 1 if not, 2 if none is stored."""
+    if not is_token(job_id):
+        fail(f"{job_id!r} is not a job id (1-128 of A-Z a-z 0-9 _ -)")
+    target = client_target(config, nats, prefix)
+
+    async def lookup() -> Result | None:
+        async with await Client.connect(target.url, prefix=target.prefix) as client:
+            return await client.stored_result(job_id)
+
+    found = _run(lookup)
+    if found is None:
+        fail(f"no Result stored for job {job_id}: it is still queued or running, was never submitted, "
+             "or its Result expired (streams.results_max_age_s)")
+    typer.echo(found.model_dump_json(by_alias=True, indent=2))
+    raise typer.Exit(0 if found.ok else 1)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `results` and `result` to the `ratefleet` command line."""
+    app.command("results")(results)
+    app.command("result")(result)
+
+
+def _run(fn, *args):
+    try:
+        return anyio.run(fn, *args)
+    except RatefleetError as exc:
+        fail(str(exc), EXIT_FAILED)
+
+
+async def _collect_batch(console: Console, batch: str, wait: bool, out: Path | None, by_input: bool,
+                         url: str, prefix: str) -> int:
+    async with await Client.connect(url, prefix=prefix) as client:
+        record = await load_record(client.js, client.subjects, batch)
+        if wait and record is None:
+            console.print(f"error: batch {batch} has no record (it was not sent with `ratefleet submit`, or it "
+                          "expired), so --wait cannot know when it is complete; without --wait you get what is "
+                          "stored", markup=False, highlight=False, soft_wrap=True)
+            return 2
+        sink = out.open("w", encoding="utf-8") if out else sys.stdout
+        run = Collect(batch, sink, InputOrder(record.gaps if record else None) if by_input else None, record, wait)
+        interrupted = False
+        try:
+            with Phases(console) as phases:
+                interrupted = await _follow(client, run, phases)
+        finally:
+            run.finish()
+            if out:
+                sink.close()
+    return _report(console, run, out, interrupted, url, prefix)
+
+
+async def _follow(client: Client, run: Collect, phases: Phases) -> bool:
+    """Read (and with --wait, follow) the batch's Results; True when Ctrl-C stopped it."""
+    handle = phases.start("results", run.record.jobs if run.record else None, unit="results")
+    interrupted = False
+    async with anyio.create_task_group() as tg:
+        async def on_sigint() -> None:
+            nonlocal interrupted
+            with anyio.open_signal_receiver(signal.SIGINT) as signals:
+                async for _ in signals:
+                    interrupted = True
+                    tg.cancel_scope.cancel()
+
+        tg.start_soon(on_sigint)
+        if run.wait:
+            tg.start_soon(_watch_record, client, run, tg.cancel_scope)
+        if not (run.wait and run.complete):
+            async for item in client.results(run.batch, follow=run.wait):
+                run.take(item)
+                phases.update(handle, completed=run.count)
+                if run.wait and run.complete:
+                    break
+        tg.cancel_scope.cancel()
+    phases.finish(handle)
+    return interrupted
+
+
+async def _watch_record(client: Client, run: Collect, scope: anyio.CancelScope) -> None:
+    """With --wait: pick up the final count of a batch still being submitted; stop when complete or when
+    the submit died (its record went stale)."""
+    while True:
+        await anyio.sleep(RECORD_POLL_S)
+        record = await load_record(client.js, client.subjects, run.batch)
+        if record is not None:
+            run.record = record
+        if run.complete or (run.record is not None and run.record.stale(time.time())):
+            run.stale = not run.complete
+            scope.cancel()
+            return
+
+
+def _report(console: Console, run: Collect, out: Path | None, interrupted: bool, url: str, prefix: str) -> int:
+    summary = ", ".join(f"{status} {n:,}" for status, n in sorted(run.statuses.items())) or "no Results stored yet"
+    say = lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+    record = run.record
+    total = f" of {record.jobs:,}" if record else ""
+    say(f"batch {run.batch}: {run.count:,}{total} results ({summary})" + (f"; written to {out}" if out else ""))
+    again = ["ratefleet", "results", "--batch", run.batch, "--wait"] + (["--out", str(out)] if out else [])
+    again += ([] if url == DEFAULT_NATS_URL else ["--nats", redact_url(url)]) + ([] if prefix == "ratefleet" else ["--prefix", prefix])
+    missing = (record.jobs - run.count) if record else 0
+    if interrupted:
+        say(f"interrupted: {max(missing, 0):,} jobs are still queued or running; collect them with: {shlex.join(again)}")
+        return 130
+    if run.stale:
+        say(f"the submit of batch {run.batch} stopped before it finished (no update for a while); run the same "
+            "`ratefleet submit ... --batch` command again to send the rest")
+    elif missing > 0:
+        say(f"{missing:,} jobs have no Result yet; wait for them with: {shlex.join(again)}")
+    if record is None and run.count == 0:
+        return 2
+    failed = run.count - run.statuses.get("succeeded", 0)
+    return 0 if failed == 0 and missing <= 0 and not run.stale else 1

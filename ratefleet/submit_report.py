@@ -1,0 +1,171 @@
+"""State of one `ratefleet submit` run and what it tells the user (summary, Ctrl-C, commands)."""
+
+from __future__ import annotations
+
+import shlex
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import anyio
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from ratefleet.batchfile import Validation
+from ratefleet.client import Client
+from ratefleet.errors import SubmitError
+from ratefleet.runtime.connect import redact_url
+from schemas import Result
+from schemas.config import DEFAULT_NATS_URL
+
+FLUSH_EVERY = 500  # Results written between flushes of --out
+
+
+@dataclass
+class Run:
+    """Counters of one submit run; `expected` is how many Results land in this batch."""
+
+    file: Path
+    tier: str
+    batch: str
+    wait: bool
+    out: Path | None
+    url: str
+    prefix: str
+    found: Validation | None = None
+    interrupted: bool = False
+    submitted: bool = False
+    stored: int = 0          # lines acknowledged by JetStream (new or duplicate)
+    fresh: int = 0           # new jobs
+    earlier: int = 0         # stored before, under this batch (an earlier run or an earlier line)
+    foreign: int = 0         # ids stored before under another batch
+    foreign_queued: list[tuple[str, str | None]] = field(default_factory=list)
+    foreign_queued_more: int = 0
+    results_before: int = 0  # Results the batch had when this run started
+    changed: list[int] = field(default_factory=list)  # lines edited between the two passes (not sent)
+    collected: int = 0       # this batch's Results seen by --wait
+    statuses: Counter = field(default_factory=Counter)
+    written: int = 0
+    sink: TextIO | None = None
+    all_collected: anyio.Event = field(default_factory=anyio.Event)
+    record_lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+    @property
+    def expected(self) -> int:
+        return (len(self.found.ids) if self.found else 0) - self.foreign - len(self.changed)
+
+    def write(self, result: Result) -> None:
+        """Count a Result (and write it to --out)."""
+        self.statuses[result.status] += 1
+        self.written += 1
+        if self.sink is not None:
+            self.sink.write(result.model_dump_json(by_alias=True) + "\n")
+            if self.written % FLUSH_EVERY == 0:
+                self.sink.flush()
+
+    def check_collected(self) -> bool:
+        """True (and wake the waiter) once everything is sent and every expected Result was seen."""
+        if self.submitted and self.collected >= self.expected:
+            self.all_collected.set()
+            return True
+        return False
+
+    def _nats_args(self) -> list[str]:
+        args = [] if self.url == DEFAULT_NATS_URL else ["--nats", redact_url(self.url)]  # no password on screen
+        return args + ([] if self.prefix == "ratefleet" else ["--prefix", self.prefix])
+
+    def results_command(self) -> str:
+        """The command that collects this batch (NATS password masked)."""
+        out = str(self.out) if self.out else f"{self.batch}.results.jsonl"
+        return shlex.join(["ratefleet", "results", "--batch", self.batch, "--wait", "--out", out, *self._nats_args()])
+
+    def submit_command(self) -> str:
+        """This run's command again, with the batch name: it sends only what is not stored yet."""
+        args = ["ratefleet", "submit", str(self.file), "--tier", self.tier, "--batch", self.batch]
+        args += (["--wait"] if self.wait else []) + (["--out", str(self.out)] if self.out else [])
+        return shlex.join(args + self._nats_args())
+
+
+async def check_tier(client: Client, tier: str) -> str | None:
+    """None when the JOBS stream takes `tier`; else what is wrong. Raises SubmitError with no streams."""
+    try:
+        info = await client.js.stream_info(client.subjects.jobs_stream)
+    except NotFoundError:
+        raise SubmitError(f"stream {client.subjects.jobs_stream} does not exist on this NATS server; start "
+                          "`ratefleet up` or a dispatcher once to create the streams") from None
+    subjects = info.config.subjects or []
+    if client.subjects.jobs(tier) in subjects:
+        return None
+    tiers = ", ".join(s.rsplit(".", 1)[-1] for s in subjects)
+    return f"unknown tier {tier!r}; this fleet's tiers: {tiers}"
+
+
+async def count_results(client: Client, batch: str) -> int:
+    """How many Results batch `batch` has stored now (0 when it cannot tell)."""
+    config = ConsumerConfig(filter_subject=client.subjects.batch_results(batch), deliver_policy=DeliverPolicy.ALL,
+                            ack_policy=AckPolicy.NONE, inactive_threshold=10.0, mem_storage=True)
+    try:
+        info = await client.js.add_consumer(client.subjects.results_stream, config=config)
+    except Exception:  # noqa: BLE001 - only a figure for the summary
+        return 0
+    try:
+        await client.js.delete_consumer(client.subjects.results_stream, info.name)
+    except Exception:  # noqa: BLE001 - it expires after inactive_threshold anyway
+        pass
+    return info.num_pending or 0
+
+
+def report_end(run: Run, phases, *, submitted_only: bool = False) -> int:
+    """Print the submission summary (or, at the end, the Results summary); return the exit code."""
+    if submitted_only:
+        done = min(run.earlier, run.results_before)
+        phases.print(f"stored {run.stored:,} jobs in tier {run.tier!r}, batch {run.batch}: {run.fresh:,} new, "
+                     f"{run.earlier - done:,} already queued, {done:,} already done")
+        _report_foreign(run, phases)
+        if run.changed:
+            phases.print(f"{len(run.changed):,} lines changed while this command ran and were not sent (first: "
+                         f"line {run.changed[0]}); run the command again to send them")
+        if not run.wait:
+            phases.print(f"collect the Results with: {run.results_command()}")
+        return 0
+    summary = ", ".join(f"{status} {n:,}" for status, n in sorted(run.statuses.items())) or "none"
+    phases.print(f"results: {summary}" + (f"; written to {run.out}" if run.out else ""))
+    ok = (run.statuses.get("succeeded", 0) == run.written and not (run.foreign_queued or run.foreign_queued_more)
+          and not run.changed)
+    return 0 if ok else 1
+
+
+def _report_foreign(run: Run, phases) -> None:
+    if not run.foreign:
+        return
+    queued = len(run.foreign_queued) + run.foreign_queued_more
+    phases.print(f"{run.foreign:,} lines carry ids already stored under another batch: {run.foreign - queued:,} "
+                 f"have a Result (counted and written with this batch's), {queued:,} are still queued there and "
+                 "are not waited for")
+    for job_id, owner in run.foreign_queued:
+        phases.print(f"  job {job_id} (batch {owner or '?'}): see it with `ratefleet result {job_id}`")
+    if run.foreign_queued_more:
+        phases.print(f"  ... and {run.foreign_queued_more:,} more")
+
+
+def report_interrupt(run: Run, phases) -> None:
+    """What Ctrl-C left behind, and the exact commands to carry on."""
+    if run.found is None:
+        phases.print("interrupted while validating; nothing was sent")
+        return
+    if not run.submitted:
+        ours = run.stored - run.foreign
+        phases.print(f"interrupted while submitting: {run.stored:,} of {run.found.jobs:,} jobs stored in batch "
+                     f"{run.batch}; {run.found.jobs - run.stored:,} not sent")
+        phases.print(f"send the rest (stored lines are not sent again): {run.submit_command()}")
+        if ours:
+            unfinished = ours - run.collected if run.wait else ours
+            phases.print(f"{unfinished:,} stored jobs are still queued or running (they keep running); "
+                         f"collect them with: {run.results_command()}")
+        return
+    left = run.expected - run.collected
+    written = f"{run.written:,} results written" + (f" to {run.out}" if run.out else "")
+    phases.print(f"interrupted: {written}; {left:,} of {run.expected:,} jobs of batch {run.batch} are still "
+                 "queued or running (they keep running)")
+    phases.print(f"collect them with: {run.results_command()}")

@@ -1,0 +1,84 @@
+"""The deterministic id rule, the streaming validation pass and the --order input buffer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ratefleet.batches import InputOrder
+from ratefleet.batchfile import IdSet, LineError, line_job_id, line_of, parse_line, validate_file
+from schemas import Result
+
+LINE = json.dumps({"request": {"path": "/v1/chat/completions", "json": {"model": "m"}}})
+
+
+def test_a_line_without_id_gets_the_same_id_every_run_and_a_new_one_when_anything_changes():
+    first = parse_line(LINE, 7, "nightly").id
+    assert first == parse_line(LINE, 7, "nightly").id == line_job_id("nightly", 7, LINE)
+    assert first.startswith("nightly-7-") and line_of(first) == 7
+    assert parse_line(LINE, 8, "nightly").id != first            # another line
+    assert parse_line(LINE, 7, "other").id != first              # another batch
+    assert parse_line(LINE.replace("m", "n"), 7, "nightly").id != first  # edited content
+
+
+def test_long_batch_names_still_give_valid_ids_that_keep_the_line_number():
+    batch = "b" * 128
+    job_id = parse_line(LINE, 1_000_000, batch).id
+    assert len(job_id) <= 128 and line_of(job_id) == 1_000_000
+    assert job_id != parse_line(LINE, 1_000_000, "b" * 127 + "c").id  # the hash covers the whole name
+
+
+def test_own_ids_are_kept_and_a_foreign_batch_field_is_refused():
+    job = parse_line(json.dumps({"id": "mine-1", **json.loads(LINE)}), 3, "nightly")
+    assert job.id == "mine-1" and job.batch == "nightly" and line_of("mine-1") is None
+    with pytest.raises(LineError, match="line 4: batch 'x' differs"):
+        parse_line(json.dumps({"batch": "x", **json.loads(LINE)}), 4, "nightly")
+    with pytest.raises(LineError, match="line 5: job is not valid JSON"):
+        parse_line("{nope", 5, "nightly")
+    with pytest.raises(LineError, match="line 6: request.path"):
+        parse_line(json.dumps({"request": {"path": "http://evil/"}}), 6, "nightly")
+
+
+def test_validation_counts_reports_and_records_the_gaps_input_order_needs(tmp_path):
+    own = json.dumps({"id": "mine", **json.loads(LINE)})
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("\n".join([LINE, "", "not json", LINE, own, own, LINE]) + "\n")
+    found = validate_file(path, "b")
+    assert (found.jobs, found.lines, found.error_count, found.repeated_ids) == (5, 7, 1, 1)
+    assert len(found.errors) == 1 and found.errors[0].startswith("line 3: job is not valid JSON")
+    assert found.gaps == [[2, 3], [5, 6]]
+    assert len(found.ids) == 4 and "mine" in found.ids and line_job_id("b", 7, LINE) in found.ids
+    assert line_job_id("b", 2, LINE) not in found.ids
+
+
+def _result(job_id: str) -> Result:
+    return Result(job_id=job_id, status="succeeded")
+
+
+def test_input_order_holds_only_what_arrives_early_and_skips_known_gaps():
+    order = InputOrder(gaps=[[2, 2]])
+    ids = {n: line_job_id("b", n, LINE) for n in (1, 3, 4, 5)}
+    assert order.push(_result(ids[3])) == [] and order.held == 1        # line 1 not here yet
+    assert [r.job_id for r in order.push(_result(ids[1]))] == [ids[1], ids[3]]  # 2 is a known gap
+    assert order.push(_result(ids[5])) == [] and order.held == 1
+    assert order.push(_result("mine")) == []                              # no line number: last
+    assert [r.job_id for r in order.push(_result(ids[4]))] == [ids[4], ids[5]]
+    assert [r.job_id for r in order.flush()] == ["mine"]
+
+
+def test_input_order_without_gap_information_releases_the_rest_in_line_order_at_the_end():
+    order = InputOrder()
+    ids = [line_job_id("b", n, LINE) for n in (3, 9, 5)]
+    for job_id in ids:
+        assert order.push(_result(job_id)) == []
+    assert [line_of(r.job_id) for r in order.flush()] == [3, 5, 9]
+
+
+def test_id_set_membership_after_freeze():
+    ids = IdSet()
+    for n in range(1000):
+        ids.add(f"job-{n}")
+    ids.add("job-5")
+    assert ids.freeze() == 1 and len(ids) == 1000
+    assert "job-999" in ids and "job-1000" not in ids
