@@ -1,0 +1,80 @@
+"""Survivors of the mutation run over dispatcher/core that a user would notice, pinned down:
+a cancelled call gives back exactly its slot, request token and cost tokens (else a key
+leaks concurrency until it looks busy for good, or runs slower after every handback), and
+calls adopted from a previous leader count against concurrency and feed the breaker like
+any other (else a failover forgets a failing key's errors or overfills a key).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from core_helpers import dispatch, job, key, make, pool
+from dispatcher.core import Dispatch, Outcome
+
+t0, t1, t2 = 100.0, 100.5, 200.0
+OK = Outcome("ok", 200)
+FAIL = Outcome("upstream_error", 503)
+
+
+def snap(s, key_id: str, now: float) -> dict:
+    return s.snapshot(now)["keys"][key_id]
+
+
+def test_a_cancelled_call_gives_back_its_slot_its_request_token_and_its_cost():
+    s = make(pool("p", key("k1", rps=1, burst=3, concurrency=2, cost_per_minute=60)))
+    for _ in range(3):
+        s.add(job(cost=20), t0)
+    first, second = dispatch(s, t0), dispatch(s, t0)
+    before = snap(s, "k1", t0)
+    assert (before["in_flight"], before["tokens"], before["cost_tokens"]) == (2, 1.0, 20.0)
+    s.cancel(second.reservation, t0)
+    after = snap(s, "k1", t0)
+    assert (after["in_flight"], after["tokens"], after["cost_tokens"]) == (1, 2.0, 40.0)
+    assert s.pending("normal") == 2
+    again = dispatch(s, t0)
+    assert again.job == second.job, "the cancelled job did not go back to the head of its queue"
+    assert snap(s, "k1", t0)["in_flight"] == 2
+    s.complete(first.reservation, OK, t0)
+    s.complete(again.reservation, OK, t0)
+    assert snap(s, "k1", t0)["in_flight"] == 0
+
+
+def test_a_key_without_a_cost_budget_cancels_cleanly():
+    s = make(pool("p", key("k1", rps=1, burst=2, concurrency=1)))
+    s.add(job(), t0)
+    d = dispatch(s, t0)
+    s.cancel(d.reservation, t0)
+    assert (snap(s, "k1", t0)["in_flight"], snap(s, "k1", t0)["tokens"]) == (0, 2.0)
+    assert isinstance(s.next(t0), Dispatch)
+
+
+def test_cancelling_twice_gives_back_once():
+    s = make(pool("p", key("k1", rps=1, burst=3, concurrency=3)))
+    s.add(job(), t0)
+    d = dispatch(s, t0)
+    s.cancel(d.reservation, t0)
+    s.cancel(d.reservation, t0)
+    assert (snap(s, "k1", t0)["in_flight"], snap(s, "k1", t0)["tokens"]) == (0, 3.0)
+
+
+def test_adopted_calls_fill_the_keys_concurrency_until_they_end():
+    s = make(pool("p", key("k1", rps=100, burst=10, concurrency=2)))
+    adopted = s.adopt_in_flight("k1", 2, t0)
+    assert len(adopted) == 2 and len({r.id for r in adopted}) == 2
+    assert all(r.adopted and not r.probe and r.cost == 0.0 and r.key_id == "k1" and r.pool == "p" for r in adopted)
+    s.add(job(), t0)
+    assert not isinstance(s.next(t0), Dispatch), "a key full of adopted calls took another"
+    s.complete(adopted[0], OK, t0)
+    assert isinstance(s.next(t0), Dispatch)
+    assert s.adopt_in_flight("k1", 0, t0) == []
+    with pytest.raises(ValueError, match="count must be >= 0"):
+        s.adopt_in_flight("k1", -1, t0)
+
+
+def test_failures_of_adopted_calls_open_the_breaker():
+    s = make(pool("p", key("k1", rps=100, burst=10)), fail_max=3)
+    for reservation in s.adopt_in_flight("k1", 3, t0):
+        s.complete(reservation, FAIL, t1)
+    assert snap(s, "k1", t1)["breaker"] == "open"
+    assert snap(s, "k1", t1)["in_flight"] == 0
