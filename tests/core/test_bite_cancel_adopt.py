@@ -78,3 +78,29 @@ def test_failures_of_adopted_calls_open_the_breaker():
         s.complete(reservation, FAIL, t1)
     assert snap(s, "k1", t1)["breaker"] == "open"
     assert snap(s, "k1", t1)["in_flight"] == 0
+
+
+# -- a new leader restores the disabled keys its predecessor persisted ---------------------------
+
+
+def test_a_restored_key_keeps_its_probe_backoff_its_next_probe_and_how_long_it_was_disabled():
+    from dispatcher.core import ProbePolicy
+
+    s = make(pool("p", key("k1"), key("k2")), probe=ProbePolicy(base_s=10.0, max_s=1000.0))
+    record = {"by": "provider", "reason": "invalid_api_key (HTTP 401)", "probe_delay_s": 40.0,
+              "probe_in_s": 12.5, "disabled_for_s": 300.0}
+    s.restore_key("k1", record, t0)
+    view = snap(s, "k1", t0)
+    assert (view["disabled"], view["disabled_by"], view["disabled_reason"]) == (True, "provider", record["reason"])
+    assert (view["disabled_for_s"], view["probe_in_s"]) == (300.0, 12.5)
+    assert s.key_record("k1", t0) == record, "a second failover would not carry the same state on"
+    assert s.key_record("k1", t0 + 2.5) == {**record, "probe_in_s": 10.0, "disabled_for_s": 302.5}
+
+
+def test_a_restored_record_without_times_starts_them_at_zero():
+    s = make(pool("p", key("k1")))
+    s.restore_key("k1", {"by": "operator", "reason": "leaked"}, t0)
+    view = snap(s, "k1", t0)
+    assert (view["disabled_by"], view["disabled_for_s"], view["probe_in_s"]) == ("operator", 0.0, None)
+    with pytest.raises(ValueError, match="unknown disabled_by 'nobody'"):
+        s.restore_key("k1", {"by": "nobody", "reason": "x"}, t0)
