@@ -104,3 +104,28 @@ def test_a_restored_record_without_times_starts_them_at_zero():
     assert (view["disabled_by"], view["disabled_for_s"], view["probe_in_s"]) == ("operator", 0.0, None)
     with pytest.raises(ValueError, match="unknown disabled_by 'nobody'"):
         s.restore_key("k1", {"by": "nobody", "reason": "x"}, t0)
+
+
+# -- a 429 slows the budget that ran out -----------------------------------------------------------
+
+
+def _after_429(remaining_requests, remaining_tokens) -> dict:
+    from dispatcher.core import RateLimitInfo
+
+    s = make(pool("p", key("k1", rps=10, burst=5, cost_per_minute=600)))
+    s.add(job(cost=1), t0)
+    d = dispatch(s, t0)
+    info = RateLimitInfo(remaining_requests=remaining_requests, remaining_tokens=remaining_tokens)
+    s.complete(d.reservation, Outcome("rate_limited", 429, ratelimit=info), t0)
+    return snap(s, "k1", t0)
+
+
+def test_a_429_with_the_token_budget_out_slows_tokens_not_requests():
+    view = _after_429(remaining_requests=5, remaining_tokens=0)
+    assert view["effective_rps"] == 10 and view["effective_cost_per_minute"] < 600, view
+
+
+@pytest.mark.parametrize("remaining_requests, remaining_tokens", [(0, 0), (0, 100), (None, None), (3, 50), (3, 1)])
+def test_any_other_429_slows_requests_not_tokens(remaining_requests, remaining_tokens):
+    view = _after_429(remaining_requests, remaining_tokens)
+    assert view["effective_rps"] < 10 and view["effective_cost_per_minute"] == 600, view
