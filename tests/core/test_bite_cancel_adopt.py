@@ -129,3 +129,23 @@ def test_a_429_with_the_token_budget_out_slows_tokens_not_requests():
 def test_any_other_429_slows_requests_not_tokens(remaining_requests, remaining_tokens):
     view = _after_429(remaining_requests, remaining_tokens)
     assert view["effective_rps"] < 10 and view["effective_cost_per_minute"] == 600, view
+
+
+# -- operator decisions --------------------------------------------------------------------------
+
+
+def test_an_operator_disabled_key_is_never_probed_and_a_repeated_decision_is_no_change():
+    s = make(pool("p", key("k1", rps=100, burst=10)))
+    assert s.disable_key("k1", "leaked in a CI log", t0) is True
+    assert s.key_changes() == ["k1"]
+    assert s.disable_key("k1", "leaked in a CI log", t0) is False  # the same decision again
+    assert s.key_changes() == []
+    s.add(job(), t0)
+    assert not isinstance(s.next(t2 + 10_000), Dispatch), "an operator-disabled key took a job (a probe?)"
+    view = snap(s, "k1", t2)
+    assert (view["disabled_by"], view["probe_in_s"]) == ("operator", None)
+    assert s.key_record("k1", t2)["probe_in_s"] is None
+    assert s.disable_key("k1", "rotated", t2) is True and s.key_changes() == ["k1"]  # a new reason is a change
+    assert s.enable_key("k1", t2) is True and s.key_changes() == ["k1"]
+    s.add(job(), t2 + 10_000)
+    assert isinstance(s.next(t2 + 10_000), Dispatch)
