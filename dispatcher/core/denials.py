@@ -118,8 +118,8 @@ class DenialBook:
         confirmed = self._confirmed.get(key_id, set()) & strikes.keys()
         if len(strikes) >= AUTH_JOBS and confirmed:
             self._disabled.add(key_id)
-            return Verdicts(disable=[(key_id, f"401 on {len(strikes)} different jobs, {len(confirmed)} of them "
-                                              "not refused by any other key")])
+            return Verdicts(disable=[(key_id, f"401 on {AUTH_JOBS} different jobs at least ({len(strikes)} so far, "
+                                              f"{len(confirmed)} of them not refused by any other key)")])
         return Verdicts()
 
     def _request_scoped(self, job_id: str) -> Verdicts:
