@@ -26,12 +26,20 @@ WRONG_ORG = {"error": {"message": "OpenAI-Organization header should match organ
 OK = {"choices": [{"message": {"content": "hi"}}], "usage": {"total_tokens": 3}}
 
 
+GEMINI_BAD_KEY = {"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.",
+                            "status": "INVALID_ARGUMENT",
+                            "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                                         "reason": "API_KEY_INVALID", "domain": "googleapis.com"}]}}
+
+
 class OrgUpstream:
-    """Answers 401 mismatched_organization to requests with the wrong organization, after
-    `delay_s`; logs (key, organization header, status)."""
+    """Answers 401 mismatched_organization to requests with the wrong organization, and
+    `broken[key]` = (status, body) for every call with that key, after `delay_s`; logs
+    (key, organization header, status)."""
 
     def __init__(self, delay_s: float = 0.3) -> None:
         self.delay_s = delay_s
+        self.broken: dict[str, tuple[int, dict]] = {}
         self.log: list[tuple[str, str, int]] = []
         self.url = ""
 
@@ -41,6 +49,7 @@ class OrgUpstream:
         await request.read()
         await asyncio.sleep(self.delay_s)
         status, body = (401, WRONG_ORG) if org == "org-wrong" or key == "?" else (200, OK)
+        status, body = self.broken.get(key, (status, body))
         self.log.append((key, org, status))
         return web.json_response(body, status=status)
 
@@ -96,3 +105,26 @@ async def test_concurrent_request_scoped_401s_fail_alone_and_the_keys_stay(tmp_p
     assert {k: v["state"] for k, v in status["keys"].items()} == {"k1": "enabled", "k2": "enabled"}
     assert all(r.status == "succeeded" for r in after.values()), [r.error for r in after.values()]
     assert kit.logs().count("KEY DISABLED") == 0
+
+
+async def test_a_key_gemini_calls_invalid_with_a_400_goes_out_and_its_jobs_succeed_elsewhere(
+        tmp_path, nats_server, org_upstream):
+    org_upstream.broken["k1"] = (400, GEMINI_BAD_KEY)  # a 400 that is about the key, not the request
+    org_upstream.delay_s = 0.05
+    keys = [{"id": "k1", "rps": 200, "burst": 20}, {"id": "k2", "rps": 200, "burst": 20}]
+    kit = FleetKit(tmp_path, nats_server.url, org_upstream.url, keys=keys,
+                   overrides={"dispatcher": {"key_probe_s": 600.0, "key_probe_max_s": 600.0}})
+    kit.dispatcher("d1"), kit.worker("w1")
+    try:
+        async with await Client.connect(nats_server.url) as client, Tracker(nats_server.url) as tracker:
+            await wait_workers(client, {"w1"})
+            ids = await client.submit_many([chat_job(i) for i in range(30)], "normal", batch="g")
+            await tracker.wait_stored("g", ids, timeout=60)
+            results = await tracker.results(ids, "g")
+            k1 = (await client.status())["keys"]["k1"]
+    finally:
+        kit.stop()
+    assert all(r.status == "succeeded" and r.key_id == "k2" for r in results.values()), (
+        Counter((r.status, r.error and r.error.code) for r in results.values()))
+    assert k1["disabled_by"] == "provider" and k1["disabled_reason"] == "API_KEY_INVALID (HTTP 400)", k1
+    assert 1 <= sum(1 for key, _, _ in org_upstream.log if key == "k1") <= 20  # those in flight, no retries on k1
