@@ -114,3 +114,11 @@ def test_a_key_no_probe_can_bring_back_still_rejects_at_once():
     s.add(job(), t0)
     reject = s.next(t0)
     assert isinstance(reject, Reject) and reject.code == "no_key_available" and "leaked" in reject.message
+
+
+def test_a_402_without_a_provider_code_takes_the_key_out_as_payment_required():
+    s = two_keys()
+    s.add(job(job_id="x"), t0)
+    s.complete(dispatch(s, t0).reservation, Outcome("key_error", 402), t0)
+    k1 = s.snapshot(t0)["keys"]["k1"]
+    assert k1["disabled_reason"] == "payment_required (HTTP 402)" and k1["probe_in_s"] == 60.0

@@ -21,9 +21,10 @@ GEMINI_BAD_KEY = {"error": {"code": 400, "message": "API key not valid. Please p
                             "status": "INVALID_ARGUMENT",
                             "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo",
                                          "reason": "API_KEY_INVALID", "domain": "googleapis.com"}]}}
-OPENROUTER_CREDITS = {"error": {"code": 402, "message": "Insufficient credits. Add more using https://openrouter.ai/credits"}}
-ANTHROPIC_CREDIT = {"type": "error", "error": {"type": "invalid_request_error",
-                                               "message": "Your credit balance is too low to access the Anthropic API."}}
+OPENROUTER_CREDITS = {"error": {"code": 402,
+                                "message": "Insufficient credits. Add more using https://openrouter.ai/credits"}}
+ANTHROPIC_CREDIT = {"type": "error", "error": {
+    "type": "invalid_request_error", "message": "Your credit balance is too low to access the Anthropic API."}}
 
 
 class Recorder:
