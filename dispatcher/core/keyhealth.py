@@ -11,8 +11,9 @@ A provider-disabled key takes exactly one real job as its probe once `probe_at` 
 failed probe doubles it up to `max_s`. An operator-disabled key is never probed: it stays
 out until an operator enables it. A plain 401/403 on the probe is no verdict (the job may
 carry a bad request): the next probe comes after the same delay. While a probe is
-scheduled, jobs wait for it rather than fail (`comes_back`). Independently, `secret_missing` holds the reason no
-worker can call with the key (e.g. "LOCAL_KEY_1 not set"); such a key takes no job either.
+scheduled, jobs wait for it rather than fail (`comes_back`). Independently,
+`secret_missing` holds the reason no worker can call with the key (e.g. "LOCAL_KEY_1 not
+set"); such a key takes no job either.
 Only `disable`, `enable` and `settle_probe` change the disabled state.
 """
 
