@@ -276,4 +276,6 @@ def key_error_reason(outcome: Outcome) -> str:
     if outcome.code:
         status = f"HTTP {outcome.status}" if outcome.status is not None else "no status"
         return f"{outcome.code} ({status})"
+    if outcome.status == 402:
+        return "payment_required (HTTP 402)"
     return f"401/403: upstream answered {outcome.status}"
