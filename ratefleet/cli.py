@@ -142,21 +142,40 @@ def submit(file: Path = typer.Argument(..., help="JSONL file, one Job per line (
 def request(job: str = typer.Argument(..., help="Job JSON, or @FILE"), tier: str = TierOpt,
             timeout: float = typer.Option(30.0, "--timeout", help="seconds to wait for the Result"),
             config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt, prefix: Optional[str] = PrefixOpt):
-    """One job over request/reply; prints the Result; exit 0 only if it succeeded."""
-    from ratefleet.client import Client
+    """One job over request/reply; prints the Result; exit 0 only if it succeeded, 2 for a bad job or tier."""
+    from ratefleet.client import Client, as_job
+    from ratefleet.errors import JobInvalid
+    from ratefleet.submit_report import check_tier
 
     text = read_text_file(Path(job[1:]), "job file") if job.startswith("@") else job
     try:
-        payload = json.loads(text)
+        model = as_job(json.loads(text))
     except (ValueError, RecursionError) as exc:
         fail(f"the job is not valid JSON ({type(exc).__name__}: {exc}); pass one JSON object or @FILE")
+    except (JobInvalid, AttributeError, TypeError) as exc:  # an input error, like a bad line in `submit`
+        fail(f"invalid job: {exc}")
     target = client_target(config, nats, prefix)
+    sent = False
 
     async def go():
+        nonlocal sent
         async with await Client.connect(target.url, prefix=target.prefix) as client:
-            return await client.request(payload, tier, timeout=timeout)
+            problem = await check_tier(client, tier)
+            if problem:
+                return problem
+            sent = True  # from here the job may be stored: Ctrl-C says how to find it
+            return await client.request(model, tier, timeout=timeout)
 
-    result = _run(go)
+    try:
+        result = _run(go)
+    except typer.Exit as stop:
+        if stop.exit_code == EXIT_INTERRUPTED and sent:
+            make_console(stderr=True).print(
+                f"interrupted: job {model.id} may be stored and then keeps running; see its Result with "
+                f"`ratefleet result {model.id}`", markup=False, highlight=False, soft_wrap=True)
+        raise
+    if isinstance(result, str):
+        fail(result)
     typer.echo(result.model_dump_json(by_alias=True, indent=2))
     raise typer.Exit(0 if result.ok else EXIT_FAILED)
 

@@ -58,7 +58,8 @@ async def run_submit(file: Path, tier: str, batch: str | None, wait: bool, out: 
         say(f"error: no such file: {file}")
         return 2
     run = Run(file=file, tier=tier, batch=batch or new_batch_name(), wait=wait, out=out, url=url, prefix=prefix)
-    say(f"batch {run.batch}")  # first: the name a resume needs
+    # first: the name a resume needs (a run without --batch would make a new batch and pay again)
+    say(f"batch {run.batch}" if batch else f"batch {run.batch}; re-run with --batch {run.batch} to resume")
     async with await Client.connect(url, prefix=prefix) as client:
         problem = await check_tier(client, tier)
         if problem:

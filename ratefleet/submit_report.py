@@ -152,7 +152,7 @@ def _report_foreign(run: Run, phases) -> None:
 def report_interrupt(run: Run, phases) -> None:
     """What Ctrl-C left behind, and the exact commands to carry on."""
     if run.found is None:
-        phases.print("interrupted while validating; nothing was sent")
+        phases.print(f"interrupted while validating; nothing was sent; run it again with: {run.submit_command()}")
         return
     if not run.submitted:
         ours = run.stored - run.foreign
@@ -169,3 +169,4 @@ def report_interrupt(run: Run, phases) -> None:
     phases.print(f"interrupted: {written}; {left:,} of {run.expected:,} jobs of batch {run.batch} are still "
                  "queued or running (they keep running)")
     phases.print(f"collect them with: {run.results_command()}")
+    phases.print(f"or re-run (stored lines are not sent again): {run.submit_command()}")
