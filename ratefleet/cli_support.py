@@ -21,6 +21,7 @@ from rich.console import Console
 from schemas.config import DEFAULT_TIERS, Config, ConfigError, config_path, load_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+PIPE_WIDTH = 200  # columns of a console that is not a terminal and has no $COLUMNS
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what the shell reports for a standard tool whose reader went away
 LOOKED_AT = "--config FILE, $RATEFLEET_CONFIG, ./ratefleet.toml"
 START_HINT = ("copy examples/local.toml (with `ratefleet mock-upstream` as the upstream) or examples/openai.toml "
@@ -40,10 +41,13 @@ def plain_output() -> bool:
 
 def make_console(*, stderr: bool = False) -> Console:
     """A rich Console that prints no escape codes at all when `plain_output()` (colours, bold, cursor moves)."""
+    stream = sys.stderr if stderr else sys.stdout
+    # not a terminal (a pipe, a file, a CI log): $COLUMNS if set, else 200 columns so tables keep whole ids
+    width = None if os.environ.get("COLUMNS") or stream.isatty() else PIPE_WIDTH
     if plain_output():
         return Console(stderr=stderr, color_system=None, no_color=True, force_terminal=False, highlight=False,
-                       emoji=False)
-    return Console(stderr=stderr, highlight=False)
+                       emoji=False, width=width)
+    return Console(stderr=stderr, highlight=False, width=width)
 
 
 def one_line(message: str) -> str:

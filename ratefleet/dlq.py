@@ -6,7 +6,7 @@ import asyncio
 import json
 
 from nats.js.api import DeliverPolicy
-from rich.table import Table
+from rich.table import Column, Table
 
 from ratefleet.cli_support import make_console
 from ratefleet.client import Client
@@ -46,11 +46,13 @@ async def list_dead(url: str, prefix: str, tier: str | None, limit: int, as_json
         for _seq, letter in letters:
             print(json.dumps(letter))
         return
-    table = Table("seq", "job id", "tier", "code", "reason", "attempts", "replayable", title=f"dead letters ({len(letters)})")
+    table = Table("seq", Column("job id", no_wrap=True, min_width=12), "tier", Column("code", overflow="fold"),
+                  Column("reason", overflow="fold", ratio=1), "attempts", "replayable",
+                  title=f"dead letters ({len(letters)})")  # whole ids: they are copied into `dlq replay --id`
     for seq, letter in letters:
         reason = letter.get("reason") or {}
         table.add_row(str(seq), str(letter.get("job_id")), str(letter.get("tier")), str(reason.get("code")),
-                      str(reason.get("message"))[:80], str(letter.get("attempts")), "yes" if letter.get("job") else "no")
+                      str(reason.get("message"))[:300], str(letter.get("attempts")), "yes" if letter.get("job") else "no")
     make_console().print(table)
 
 
