@@ -74,10 +74,10 @@ class Collect:
         return record is not None and record.state != "submitting" and self.count >= record.jobs
 
 
-def results(batch: str = typer.Option(..., "--batch", "-b", help="the batch name `submit` printed first"),
+def results(batch: str = typer.Option(..., "--batch", "-b", metavar="NAME", help="the batch name `submit` printed first"),
             wait: bool = typer.Option(False, "--wait", is_flag=True, metavar="",
                                       help="follow until every job of the batch has a Result"),
-            out: Optional[Path] = typer.Option(None, "--out", "-o", help="write Results here (JSONL; default stdout)"),
+            out: Optional[Path] = typer.Option(None, "--out", "-o", help="write Results here (JSONL; default or '-': stdout)"),
             order: str = typer.Option("arrival", "--order", help="arrival (as stored) or input (the file's line order)"),
             config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt, prefix: Optional[str] = PrefixOpt):
     """Collect the Results of a batch as JSONL; --wait follows until the batch is complete."""
@@ -85,7 +85,7 @@ def results(batch: str = typer.Option(..., "--batch", "-b", help="the batch name
         fail(f"--order must be 'arrival' or 'input', not {order!r}")
     if not is_token(batch):
         fail(f"--batch {batch!r} must be 1-128 of A-Z a-z 0-9 _ -")
-    require_out_path(out)
+    out = None if out is not None and str(out) == "-" else require_out_path(out)  # `--out -`: stdout
     target = client_target(config, nats, prefix)
     console = make_console(stderr=True)
     code = _run(_collect_batch, console, batch, wait, out, order == "input", target.url, target.prefix)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 import uuid
 from datetime import datetime, timezone
@@ -89,7 +90,9 @@ async def _interruptible(run: Run, client: Client, path: Path, phases: Phases, s
             code = await _submit(run, client, path, phases, skip_invalid)
         finally:
             tg.cancel_scope.cancel()
-            if run.sink is not None:
+            if run.sink is sys.stdout:
+                run.sink.flush()
+            elif run.sink is not None:
                 run.sink.close()
     if run.interrupted:
         if not run.submitted:  # a finished submission keeps its "submitted" record and count
@@ -112,7 +115,7 @@ async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_inv
     run.results_before = await count_results(client, run.batch)
     await _save(client, run, "submitting")
     if run.out is not None:
-        run.sink = run.out.open("w", encoding="utf-8")
+        run.sink = sys.stdout if str(run.out) == "-" else run.out.open("w", encoding="utf-8")
     async with anyio.create_task_group() as tg:
         if run.wait:
             tg.start_soon(_follow, run, client, phases)
@@ -136,8 +139,8 @@ async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_inv
 
 
 async def _validate(run: Run, path: Path, phases: Phases) -> Validation:
-    size = max(path.stat().st_size, 1)
-    handle = phases.start("validating", size, unit="bytes")
+    size = path.stat().st_size
+    handle = phases.start("validating", size or None, unit="bytes")  # an empty file: no "1/1 bytes"
     stop = threading.Event()
 
     def progress(read: int) -> None:
@@ -150,7 +153,8 @@ async def _validate(run: Run, path: Path, phases: Phases) -> Validation:
                                                abandon_on_cancel=True)
     finally:
         stop.set()
-    phases.update(handle, completed=size)
+    if size:
+        phases.update(handle, completed=size)
     phases.finish(handle)
     for line in found.errors:
         phases.print(line, style="red")
