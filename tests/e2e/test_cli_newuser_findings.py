@@ -198,3 +198,38 @@ async def test_ctrl_c_without_batch_prints_the_resume_command(tmp_path, nats_ser
     skipped = cli("submit", str(skipping), "--tier", "normal", "--skip-invalid", "--wait", "--nats", nats_server.url)
     assert skipped.returncode == 1, skipped.stderr
     assert "1 invalid lines were skipped" in skipped.stderr and "not written anywhere (no --out)" in skipped.stderr
+
+
+@pytest.mark.anyio
+async def test_keys_enable_says_why_a_key_stays_out_and_disable_again_keeps_the_reason(nats_server):
+    import anyio
+    import nats
+
+    seen: list[dict] = []
+    nc = await nats.connect(nats_server.url)
+
+    async def leader(msg) -> None:  # a stand-in leader on the real admin subjects
+        request = json.loads(msg.data)
+        seen.append(request)
+        state = ({"state": "disabled", "disabled_by": "secret", "secret_missing": "LOCAL_KEY_2 not set"}
+                 if request["action"] == "enable" else
+                 {"state": "disabled", "disabled_by": "operator", "disabled_reason": request["reason"]})
+        await msg.respond(json.dumps({"ok": True, "key": request["key"], "changed": False, "state": state}).encode())
+
+    async def status(msg) -> None:
+        keys = {"k2": {"disabled": True, "disabled_by": "operator", "disabled_reason": "rotating the secret"}}
+        await msg.respond(json.dumps({"keys": keys}).encode())
+
+    await nc.subscribe("ratefleet.admin.keys", cb=leader)
+    await nc.subscribe("ratefleet.admin.status", cb=status)
+    await nc.flush()
+    try:
+        enable = await anyio.to_thread.run_sync(lambda: cli("keys", "enable", "k2", "--nats", nats_server.url))
+        assert enable.returncode == 1, enable.stdout + enable.stderr
+        assert "key k2 stays out of rotation: no worker has its secret (LOCAL_KEY_2 not set)" in enable.stderr
+        assert "(no change)" not in enable.stdout
+        again = await anyio.to_thread.run_sync(lambda: cli("keys", "disable", "k2", "--nats", nats_server.url))
+        assert again.returncode == 0 and "disabled (rotating the secret)" in again.stdout, again.stderr
+        assert seen[-1] == {"action": "disable", "key": "k2", "reason": "rotating the secret"}
+    finally:
+        await nc.close()
