@@ -1,7 +1,8 @@
 """What every `ratefleet` command shares: finding the config, one-line errors, plain output.
 
 Exit codes (the README's "Exit codes"): 0 all succeeded, 1 some failed (or the fleet could
-not do it), 2 usage or input error (bad flag, missing file, bad config), 130 interrupted.
+not do it), 2 usage or input error (bad flag, missing file, bad config), 130 interrupted, 141 the
+reader of stdout went away (a closed pipe: quiet, like a standard Unix tool).
 """
 
 from __future__ import annotations

@@ -7,8 +7,13 @@ input file is not needed. `--order input` puts Results in the file's line order 
 number in the deterministic ids, holding back only Results that arrive before an earlier
 line's (known gaps — blank, invalid, own-id lines — are skipped using the record).
 
+A `dlq replay` of a job supersedes its Result (ratefleet.results_replays): one Result counts per
+line, the latest replay written in place of the original (at its line with `--order input`).
+`--out -` is stdout.
+
 Exit codes: 0 every Result succeeded (and, with a record, the batch is complete); 1 some
-failed or are missing; 2 usage error or nothing known of the batch/job; 130 Ctrl-C.
+failed or are missing; 2 usage error or nothing known of the batch/job; 130 Ctrl-C; 141 stdout's
+reader went away (cli_support.quiet_broken_pipe).
 """
 
 from __future__ import annotations

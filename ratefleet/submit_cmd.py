@@ -14,7 +14,8 @@ command run again inside the dedup window sends nothing twice: it says how many 
 already stored and waits only for this batch's jobs. A line whose own id was already stored
 under another batch is looked up: its stored Result is written, or the user is told where it
 is queued; `--wait` never waits for it. Ctrl-C exits 130 and prints how many jobs are still
-queued and the command that collects them.
+queued, the command that collects them and this command again with `--batch` (a run without it
+would be a new batch and pay every line again).
 """
 
 from __future__ import annotations
