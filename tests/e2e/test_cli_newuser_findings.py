@@ -192,6 +192,9 @@ async def test_ctrl_c_without_batch_prints_the_resume_command(tmp_path, nats_ser
     assert again.returncode == 0, again.stderr
     assert re.search(rf"stored 60 jobs in tier 'normal', batch {name[1]}: 0 new", again.stderr), again.stderr
     assert upstream.stats()["requests"] == 60
+    piped = _run_into_closed_pipe("submit", str(jobs), "--tier", "normal", "--batch", name[1], "--wait", "--out", "-",
+                                  "--nats", nats_server.url)
+    assert piped.returncode == 141 and "error" not in piped.stderr, piped.stderr
 
     skipping = tmp_path / "skip.jsonl"
     skipping.write_text(json.dumps(chat_job(100)) + "\n{not json\n")
@@ -233,3 +236,13 @@ async def test_keys_enable_says_why_a_key_stays_out_and_disable_again_keeps_the_
         assert seen[-1] == {"action": "disable", "key": "k2", "reason": "rotating the secret"}
     finally:
         await nc.close()
+
+
+def _run_into_closed_pipe(*args: str) -> subprocess.CompletedProcess:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader (`| head -1`) has gone
+    try:
+        return subprocess.run([sys.executable, "-m", "ratefleet", *args], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=90)
+    finally:
+        os.close(write_end)
