@@ -75,3 +75,18 @@ def test_a_replay_of_a_replay_stands_for_the_first_line():
     assert replays.add("a-1-0123456789-r1", "a-1-0123456789") == "a-1-0123456789"
     assert replays.add("a-1-0123456789-r1-r2", "a-1-0123456789-r1") == "a-1-0123456789"
     assert replays.latest == {"a-1-0123456789": "a-1-0123456789-r1-r2"}
+
+
+def test_dlq_list_keeps_job_ids_and_reasons_whole_at_80_and_200_columns():
+    from ratefleet.dlq import render_dead
+
+    job_id = "submit-20261129T093441-abcdef-1234-0123456789"
+    message = "upstream answered 400 Bad Request: the model field is required and must be a string"
+    letters = [(12, {"job_id": job_id, "tier": "normal", "attempts": 3, "job": {"id": job_id},
+                     "reason": {"code": "upstream_status", "message": message}})]
+    for width in (80, 200):
+        console = Console(record=True, width=width)
+        render_dead(letters, console)
+        text = console.export_text()
+        assert job_id in text and "…" not in text, text
+        assert message in " ".join(text.split()) or message in text
