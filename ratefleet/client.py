@@ -203,7 +203,7 @@ class Client:
                 if stored is not None:
                     return stored
                 raise RequestTimeout(f"no result for job {model.id} within {timeout}s; it is stored and still runs: "
-                                     f"collect it later with Client.results()/stored_result()") from None
+                                     f"collect it later with `ratefleet result {model.id}` (or Client.stored_result)") from None
             return await self.bodies.resolve(Result.from_json(msg.data))
         finally:
             await sub.unsubscribe()
