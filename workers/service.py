@@ -3,7 +3,9 @@
 Slots bound the upstream calls in flight. The dispatcher only assigns to a free slot
 (heartbeats carry the slot count and the calls in flight), so assignments never queue
 up here. On SIGTERM the worker stops taking jobs, lets calls finish for `grace_s`, and
-naks whatever is left so another worker runs it at once.
+naks the calls still running so another worker runs them at once. A call that is done is
+never thrown away: its Result is stored (the drain waits for that, up to
+FINISH_BOUND_S seconds more).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pydantic import ValidationError
 
 from ratefleet.errors import InvalidRequest, SecretUnavailable
 from ratefleet.runtime.logs import get_logger
-from schemas import Config, ErrorCode, ErrorInfo, Job, Result, Subjects, Timings
+from schemas import Config, ErrorCode, ErrorInfo, Job, Result, Subjects, Timings, UpstreamConfig
 from schemas.job import describe_validation_error
 from schemas.internal import Assignment, Epoch, Heartbeat, InFlight, LeaderAnnounce, OutcomeReport
 from workers.executor import CallResult, UpstreamExecutor, build_client
@@ -35,6 +37,9 @@ log = get_logger("ratefleet.worker")
 RETRYABLE = {"rate_limited", "upstream_error", "key_error", "denied"}
 
 
+# after grace_s, a drain waits up to this long (seconds) for the Results of calls that are
+# done to be stored (a 60 MB body takes seconds to upload); `ratefleet up` waits for it
+FINISH_BOUND_S = 10.0
 RATE_LIMITED_DELAY_S = (0.25, 5.0)  # a 429'd job's nak delay: doubling from 0.25 s, at most 5 s
 
 
@@ -160,9 +165,14 @@ class Worker:
             await sub.unsubscribe()
         for scope in list(self._cancel_scopes.values()):
             scope.cancel()
-        with anyio.move_on_after(5):
+        # calls still running were cut short and naked; calls that are done are storing a
+        # paid answer (a large body takes seconds to upload): they finish, up to a bound
+        with anyio.move_on_after(FINISH_BOUND_S):
             while self.in_flight:
                 await anyio.sleep(0.02)
+        for entry in self.in_flight.values():
+            log.error("shutdown before this job's Result was stored; it is delivered again after ack_wait",
+                      worker=self.id, job_id=entry.job_id)
 
     async def _keep_calls_alive(self) -> None:
         """While slow calls run, keep their JOBS messages alive with in-progress acks
@@ -193,15 +203,8 @@ class Worker:
 
     async def _run_assignment(self, a: Assignment, executor: UpstreamExecutor) -> None:
         structlog.contextvars.bind_contextvars(job_id=a.job_id, tier=a.tier, key_id=a.key_id, attempt=a.attempt, worker=self.id)
-        scope = anyio.CancelScope()
-        self._cancel_scopes[a.id] = scope
         try:
-            with scope:
-                await self._execute(a, executor)
-            if scope.cancelled_caught:
-                log.warning("call abandoned at shutdown; job goes back to the queue")
-                await self.finisher.nak(a.ack)
-                await self._report(a, None, terminal=False)
+            await self._execute(a, executor)
         except Exception as exc:  # noqa: BLE001 - a fault of this worker or of NATS, not of the job: retried
             log.exception("assignment failed unexpectedly; job goes back to the queue", error=type(exc).__name__)
             try:
@@ -210,7 +213,6 @@ class Worker:
                 log.warning("nak failed; the job returns after ack_wait", error=type(exc).__name__)
             await self._report(a, None, terminal=False)
         finally:
-            self._cancel_scopes.pop(a.id, None)
             self.in_flight.pop(a.id, None)
 
     async def _execute(self, a: Assignment, executor: UpstreamExecutor) -> None:
@@ -241,7 +243,9 @@ class Worker:
         queued_ms = max(0.0, (time.time() - a.submitted_at) * 1000)
         self.calling[a.id] = [a.ack, time.monotonic()]
         try:
-            call = await executor.call(job, upstream, secret)
+            call = await self._call(a, executor, job, upstream, secret)
+            if call is None:
+                return
             self.calls += 1
             # still kept alive while the Result is stored: a large body takes seconds to upload
             await self._conclude(a, call, queued_ms)
@@ -249,6 +253,24 @@ class Worker:
             await self._end_invalid(a, ErrorCode.INVALID_REQUEST, str(exc))
         finally:
             self.calling.pop(a.id, None)
+
+    async def _call(self, a: Assignment, executor: UpstreamExecutor, job: Job, upstream: UpstreamConfig,
+                    secret: str) -> CallResult | None:
+        """The upstream call: the only step a drain may cut short (after grace_s). Then the
+        job goes back to the queue and None is returned. Once the call is done its answer is
+        paid for, so storing its Result is never cancelled by the drain (see _drain)."""
+        scope = anyio.CancelScope()
+        self._cancel_scopes[a.id] = scope
+        try:
+            with scope:
+                return await executor.call(job, upstream, secret)
+        finally:
+            self._cancel_scopes.pop(a.id, None)
+        log.warning("call abandoned at shutdown; job goes back to the queue")
+        self.calling.pop(a.id, None)  # no in-progress ack after the nak
+        await self.finisher.nak(a.ack)
+        await self._report(a, None, terminal=False)
+        return None
 
     async def _end_invalid(self, a: Assignment, code: ErrorCode, message: str) -> None:
         """The job's own fault, found before any call: `invalid`, one attempt, a dead letter
