@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import anyio
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.errors import MaxPayloadError
 
 from dispatcher.core import (
     Dispatch,
@@ -194,17 +195,35 @@ class LeaderSession:
         try:
             assignment, payload = self._assignment(incoming, decision)
         except Exception as exc:  # noqa: BLE001 - a validated job always serialises; if not, it alone ends
-            self.scheduler.cancel(decision.reservation, now)
-            log.error("job cannot be serialised for a worker; ended as invalid", job_id=incoming.job_id,
-                      error=type(exc).__name__)
-            if self._tasks is not None:
-                self._tasks.start_soon(self._refuse, incoming, ErrorCode.INVALID_JOB,
-                                       f"job cannot be serialised ({type(exc).__name__})", "invalid")
+            self._unsendable(incoming, decision, now, f"job cannot be serialised ({type(exc).__name__})")
             return
-        self.fleet.assign(AssignmentRecord(assignment.id, worker.id, incoming.job_id, incoming.tier, decision.key_id,
-                                           incoming.ack, decision.reservation, now))
-        await self.nc.publish(self.subjects.assign(worker.id), payload)
+        if len(payload) > self.nc.max_payload:  # intake bounds jobs below this; a job that grew is its own fault
+            self._unsendable(incoming, decision, now, f"the job's assignment to a worker is {len(payload)} bytes, "
+                             f"more than the NATS server's max_payload = {self.nc.max_payload}; make the job smaller")
+            return
+        record = AssignmentRecord(assignment.id, worker.id, incoming.job_id, incoming.tier, decision.key_id,
+                                  incoming.ack, decision.reservation, now)
+        self.fleet.assign(record)
+        try:
+            await self.nc.publish(self.subjects.assign(worker.id), payload)
+        except MaxPayloadError:  # the job's fault: it alone ends, the leader session goes on
+            self.fleet.finish(record.id)
+            self._unsendable(incoming, decision, now, f"the job's assignment to a worker ({len(payload)} bytes) "
+                             "is more than the NATS server takes in one message; make the job smaller")
+            return
+        except Exception:  # NATS away: the session ends; the job is not held, its message comes back
+            self.fleet.finish(record.id)
+            self.scheduler.cancel(decision.reservation, now)
+            raise
         await self.pullers[incoming.tier].top_up()
+
+    def _unsendable(self, incoming: Incoming, decision: Dispatch, now: float, why: str) -> None:
+        """A job that cannot reach a worker: its reservation is cancelled (no token spent,
+        no call made) and it alone ends `invalid`; the dispatch loop goes on."""
+        self.scheduler.cancel(decision.reservation, now)
+        log.error("job cannot be sent to a worker; ended as invalid", job_id=incoming.job_id, reason=why)
+        if self._tasks is not None:
+            self._tasks.start_soon(self._refuse, incoming, ErrorCode.INVALID_JOB, why, "invalid")
 
     def _assignment(self, incoming: Incoming, decision: Dispatch) -> tuple[Assignment, bytes]:
         assignment = Assignment(
@@ -237,7 +256,8 @@ class LeaderSession:
         redelivered = meta.num_delivered > 1
         known = await self.handbacks.counts(meta.sequence.stream) if redelivered else DeliveryCounts()
         try:
-            verdict = read_message(msg, tier, self.config, known.handbacks, known.rate_limited)
+            verdict = read_message(msg, tier, self.config, known.handbacks, known.rate_limited,
+                                   max_payload=self.nc.max_payload)
         except Exception as exc:  # noqa: BLE001 - one message's content must never stop intake
             log.exception("could not read a job message; ended as invalid", tier=tier)
             verdict = unreadable(msg, tier, exc)
