@@ -29,9 +29,10 @@ from schemas import Config, ErrorCode, ErrorInfo, Job, Result, Subjects, Timings
 from schemas.job import describe_validation_error
 from schemas.internal import Assignment, Epoch, Heartbeat, InFlight, LeaderAnnounce, OutcomeReport
 from workers.executor import CallResult, UpstreamExecutor, build_client
-from ratefleet.runtime.finish import Finisher
+from ratefleet.runtime.finish import Finisher, auth_headers
 from ratefleet.runtime.handbacks import Handbacks
 from workers.secrets import SecretResolver
+from workers.unstored import refused, unstorable
 
 log = get_logger("ratefleet.worker")
 RETRYABLE = {"rate_limited", "upstream_error", "key_error", "denied"}
@@ -71,7 +72,7 @@ class Worker:
         self.subjects = Subjects(config.nats.prefix)
         self.slots = slots or config.workers.slots
         self.id = worker_id or f"{config.workers.id_prefix}-{uuid.uuid4().hex[:6]}"
-        self.finisher = Finisher(nc, nc.jetstream(), self.subjects)
+        self.finisher = Finisher(nc, nc.jetstream(), self.subjects, auth_headers(config))
         self.secrets = SecretResolver(config)
         self.in_flight: dict[str, InFlight] = {}
         self.draining = False
@@ -310,24 +311,40 @@ class Worker:
         await self._report(a, call, terminal=terminal)
 
     async def _store(self, a: Assignment, result: Result) -> bool:
-        """Store the terminal Result (and its dead letter). If NATS cannot take it (after the
-        store's own retries), the job goes back to the queue to be run again: an
-        infrastructure failure is retried, never blamed on the job. True when stored."""
+        """Store the terminal Result (and its dead letter). True when stored.
+
+        NATS away (after the store's own retries): the job goes back to the queue, an
+        infrastructure failure is retried, never blamed on the job. NATS refusing (a full
+        Object Store bucket or results stream, error 10077 and the like) is final: the
+        answer is paid for and asking again would meet the same wall, so the job ends
+        `failed` with `result_not_stored`, its response without the body (`unstorable`)."""
         try:
             stored = await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to)
         except Exception as exc:  # noqa: BLE001 - see docstring
-            log.error("could not store the Result; job goes back to the queue", error=type(exc).__name__,
-                      detail=str(exc)[:200])
-            self.calling.pop(a.id, None)  # no in-progress ack after the nak: it would postpone the retry
-            with contextlib.suppress(Exception):  # else it returns after ack_wait
-                await self.finisher.nak(a.ack, 1.0)
-            return False
-        if stored and result.error and result.error.code in (ErrorCode.ATTEMPTS_EXHAUSTED, ErrorCode.RATE_LIMITED):
+            if not refused(exc) or result.response is None:
+                return await self._requeue(a, exc)
+            log.error("NATS refused to store the Result of a paid call; the job ends without its answer",
+                      error=type(exc).__name__, detail=str(exc)[:200])
+            result = unstorable(result, exc)
+            try:
+                stored = await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to)
+            except Exception as again:  # noqa: BLE001 - nothing can be stored: retried later
+                return await self._requeue(a, again)
+        if stored and result.error and result.error.code in (ErrorCode.ATTEMPTS_EXHAUSTED, ErrorCode.RATE_LIMITED,
+                                                             ErrorCode.RESULT_NOT_STORED):
             try:
                 await self.finisher.dead(a.tier, result, job=a.job)
             except Exception as exc:  # noqa: BLE001 - the Result is stored and acked: the job is done
                 log.error("dead letter not stored", error=type(exc).__name__)
         return True
+
+    async def _requeue(self, a: Assignment, exc: BaseException) -> bool:
+        log.error("could not store the Result; job goes back to the queue", error=type(exc).__name__,
+                  detail=str(exc)[:200])
+        self.calling.pop(a.id, None)  # no in-progress ack after the nak: it would postpone the retry
+        with contextlib.suppress(Exception):  # else it returns after ack_wait
+            await self.finisher.nak(a.ack, 1.0)
+        return False
 
     def _call_result(self, a: Assignment, call: CallResult, queued_ms: float) -> Result:
         if call.code:  # the call settled the job by itself (e.g. response_too_large): final as it is

@@ -40,7 +40,7 @@ from ratefleet.runtime.store import read_result
 from ratefleet.runtime.streams import tier_consumer, tier_max_deliver
 from schemas import Config, ErrorCode, Subjects
 from schemas.internal import Assignment, Heartbeat, LeaderAnnounce, OutcomeReport
-from ratefleet.runtime.finish import Finisher
+from ratefleet.runtime.finish import Finisher, auth_headers
 from ratefleet.runtime.handbacks import DeliveryCounts, Handbacks
 
 log = get_logger("ratefleet.leader")
@@ -60,7 +60,7 @@ class LeaderSession:
         self.config, self.nc, self.id = config, nc, dispatcher_id
         self.subjects = Subjects(config.nats.prefix)
         self.js = nc.jetstream()
-        self.finisher = Finisher(nc, self.js, self.subjects)
+        self.finisher = Finisher(nc, self.js, self.subjects, auth_headers(config))
         self.scheduler = Scheduler(scheduler_spec(config), time.monotonic(), conservative=conservative)
         self.fleet = Fleet(config.dispatcher.worker_timeout_s)
         self.held: dict[int, Held] = {}

@@ -26,7 +26,7 @@ from dispatcher.shell.intake import validate_job
 from schemas import Config, ErrorCode, ErrorInfo, JobRejected, Result, Subjects, parse_job
 from schemas.job import new_job_id
 from schemas.subjects import is_safe_reply, is_token
-from ratefleet.runtime.finish import Finisher
+from ratefleet.runtime.finish import Finisher, auth_headers
 
 log = get_logger("ratefleet.rpc")
 
@@ -65,7 +65,7 @@ class RpcResponder:
         self.config, self.nc = config, nc
         self.js = nc.jetstream()
         self.subjects = Subjects(config.nats.prefix)
-        self.finisher = Finisher(nc, self.js, self.subjects)
+        self.finisher = Finisher(nc, self.js, self.subjects, auth_headers(config))
 
     async def subscribe(self):
         return await self.nc.subscribe(self.subjects.rpc("*"), queue="ratefleet-rpc", cb=self.handle,
