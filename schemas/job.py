@@ -257,11 +257,22 @@ def job_size_limit(max_job_bytes: int | None, max_payload: int | None = None) ->
     return max_job_bytes if max_job_bytes is not None else 1 << 62, "streams.max_job_bytes"
 
 
+def _salvage_raw(raw: bytes) -> tuple[str | None, str | None]:
+    """The id and batch of a payload refused before parsing (too large), so its `invalid`
+    Result lands in its batch; (None, None) when it is not JSON."""
+    try:
+        return _salvage(json.loads(raw))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None, None
+
+
 def parse_job(raw: bytes, *, max_bytes: int = 1 << 20, limit_source: str = "streams.max_job_bytes") -> Job:
     """Parse and validate a job payload; raise `JobRejected` with the reason. `max_bytes`
     and `limit_source`: the size limit and where it comes from (see `job_size_limit`)."""
     if len(raw) > max_bytes:
-        raise JobRejected(ErrorCode.INVALID_JOB, f"job is {len(raw)} bytes; the limit is {max_bytes} ({limit_source})")
+        job_id, batch = _salvage_raw(raw)
+        raise JobRejected(ErrorCode.INVALID_JOB, f"job is {len(raw)} bytes; the limit is {max_bytes} ({limit_source})",
+                          job_id=job_id, batch=batch)
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:

@@ -192,30 +192,36 @@ class LeaderSession:
             self.scheduler.cancel(decision.reservation, now)
             return
         incoming = held.incoming
+        problem = await self._send(incoming, decision, worker.id, now)
+        if problem is not None:
+            self._unsendable(incoming, decision, now, problem)
+        await self.pullers[incoming.tier].top_up()
+
+    async def _send(self, incoming: Incoming, decision: Dispatch, worker_id: str, now: float) -> str | None:
+        """Assign the job and send it to the worker; why it cannot be sent when it is the
+        job's fault (too large for one NATS message, not serialisable), else None. NATS
+        being away ends the session (re-raised, the assignment undone: no token spent)."""
         try:
             assignment, payload = self._assignment(incoming, decision)
         except Exception as exc:  # noqa: BLE001 - a validated job always serialises; if not, it alone ends
-            self._unsendable(incoming, decision, now, f"job cannot be serialised ({type(exc).__name__})")
-            return
+            return f"job cannot be serialised ({type(exc).__name__})"
         if len(payload) > self.nc.max_payload:  # intake bounds jobs below this; a job that grew is its own fault
-            self._unsendable(incoming, decision, now, f"the job's assignment to a worker is {len(payload)} bytes, "
-                             f"more than the NATS server's max_payload = {self.nc.max_payload}; make the job smaller")
-            return
-        record = AssignmentRecord(assignment.id, worker.id, incoming.job_id, incoming.tier, decision.key_id,
+            return (f"the job's assignment to a worker is {len(payload)} bytes, more than the NATS server's "
+                    f"max_payload = {self.nc.max_payload}; make the job smaller")
+        record = AssignmentRecord(assignment.id, worker_id, incoming.job_id, incoming.tier, decision.key_id,
                                   incoming.ack, decision.reservation, now)
         self.fleet.assign(record)
         try:
-            await self.nc.publish(self.subjects.assign(worker.id), payload)
+            await self.nc.publish(self.subjects.assign(worker_id), payload)
         except MaxPayloadError:  # the job's fault: it alone ends, the leader session goes on
             self.fleet.finish(record.id)
-            self._unsendable(incoming, decision, now, f"the job's assignment to a worker ({len(payload)} bytes) "
-                             "is more than the NATS server takes in one message; make the job smaller")
-            return
+            return (f"the job's assignment to a worker ({len(payload)} bytes) is more than the NATS server "
+                    "takes in one message; make the job smaller")
         except Exception:  # NATS away: the session ends; the job is not held, its message comes back
             self.fleet.finish(record.id)
             self.scheduler.cancel(decision.reservation, now)
             raise
-        await self.pullers[incoming.tier].top_up()
+        return None
 
     def _unsendable(self, incoming: Incoming, decision: Dispatch, now: float, why: str) -> None:
         """A job that cannot reach a worker: its reservation is cancelled (no token spent,
