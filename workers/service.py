@@ -280,7 +280,10 @@ class Worker:
         error = ErrorInfo(code=code, message=message)
         result = self._result(a, "invalid", error=error)
         if await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to):
-            await self.finisher.dead(a.tier, result, job=a.job, last_error=error.model_dump())
+            try:
+                await self.finisher.dead(a.tier, result, job=a.job, last_error=error.model_dump())
+            except Exception as exc:  # noqa: BLE001 - the Result is stored and acked: the job is done
+                log.error("dead letter not stored", error=type(exc).__name__)
         await self._report(a, None, terminal=True)
 
     async def _conclude(self, a: Assignment, call: CallResult, queued_ms: float) -> None:

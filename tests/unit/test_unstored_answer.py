@@ -76,3 +76,18 @@ async def test_nats_away_still_sends_the_job_back(monkeypatch):
     worker, _ = make_worker(monkeypatch, finisher)
     await worker._run_assignment(assignment(json={"m": 1}), big_answer([]))
     assert finisher.naks == [("$JS.ACK.x", 1.0)] and finisher.finished == []
+
+
+async def test_a_dead_letter_that_fails_after_the_stored_result_does_not_send_the_job_back(monkeypatch):
+    class LetterFails(RecordingFinisher):
+        async def dead(self, tier, result, *, job=None, raw=None, last_error=None):
+            raise nats.errors.MaxPayloadError()
+
+    finisher = LetterFails()
+    worker, nc = make_worker(monkeypatch, finisher, "X-Custom-Auth")
+    calls: list = []
+    await worker._run_assignment(assignment(headers={"x-custom-auth": "mine"}), big_answer(calls))
+    assert calls == [] and [r.status for r in finisher.finished] == ["invalid"]
+    assert finisher.naks == [], "a job ended and acked was naked as well"
+    [report] = nc.reports()
+    assert (report.kind, report.terminal) == ("none", True)
