@@ -219,14 +219,15 @@ class LeaderSession:
                     "takes in one message; make the job smaller")
         except Exception:  # NATS away: the session ends; the job is not held, its message comes back
             self.fleet.finish(record.id)
-            self.scheduler.cancel(decision.reservation, now)
+            self.scheduler.complete(decision.reservation, LOST, now)  # not cancel: that requeues the job
             raise
         return None
 
     def _unsendable(self, incoming: Incoming, decision: Dispatch, now: float, why: str) -> None:
-        """A job that cannot reach a worker: its reservation is cancelled (no token spent,
-        no call made) and it alone ends `invalid`; the dispatch loop goes on."""
-        self.scheduler.cancel(decision.reservation, now)
+        """A job that cannot reach a worker: its reservation ends as LOST (no call made: the
+        slot is freed and the key learns nothing; a cancel would requeue the job, which is no
+        longer held, and the dispatch loop would spin on it) and it alone ends `invalid`."""
+        self.scheduler.complete(decision.reservation, LOST, now)
         log.error("job cannot be sent to a worker; ended as invalid", job_id=incoming.job_id, reason=why)
         if self._tasks is not None:
             self._tasks.start_soon(self._refuse, incoming, ErrorCode.INVALID_JOB, why, "invalid")

@@ -41,9 +41,9 @@ def sized_job(job_id: str, size: int) -> bytes:
 
 
 def growing_job(job_id: str) -> bytes:
-    """~800 KB as sent, ~1.8 MB once re-serialised for a worker (1e5 becomes 100000.0)."""
+    """~300 KB as sent, ~1.1 MB once re-serialised for a worker (1e15 becomes 1000000000000000.0)."""
     return (f'{{"id":"{job_id}","batch":"b","request":{{"path":"/v1/x","json":{{"v":['
-            + ",".join(["1e5"] * 200_000) + "]}}}").encode()
+            + ",".join(["1e15"] * 60_000) + "]}}}").encode()
 
 
 async def test_jobs_a_worker_cannot_be_sent_end_invalid_and_the_rest_run(tmp_path, nats_server):
