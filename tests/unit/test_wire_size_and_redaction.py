@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import nats.errors
 import pytest
 
 from dispatcher.shell.intake import validate_job
@@ -116,3 +117,39 @@ async def test_an_upstreams_custom_auth_header_is_masked_in_dead_letters(as_job)
     [letter] = js.published
     assert b"tok-SECRET" not in letter and b'"X-Title":"t"' in letter.replace(b" ", b"")
     assert job["request"]["headers"]["x-custom-token"] == "tok-SECRET", "the caller's job was changed"
+
+
+class RefusingNats:
+    """A connection whose JetStream publish fails in a way the store does not translate."""
+    max_payload = MIB
+
+    def __init__(self):
+        self.replies: list[tuple[str, bytes]] = []
+
+    def jetstream(self):
+        class Js:
+            async def publish(self, *args, **kwargs):
+                raise nats.errors.MaxPayloadError()
+
+        return Js()
+
+    async def publish(self, subject, payload):
+        self.replies.append((subject, payload))
+
+
+async def test_rpc_answers_a_failed_result_whatever_the_store_raises():
+    from dispatcher.shell.rpc import RpcResponder
+
+    nc = RefusingNats()
+    responder = RpcResponder(CONFIG, nc)
+
+    class Msg:
+        subject = "ratefleet.rpc.normal"
+        reply = "_INBOX.abc"
+        data = json.dumps({"id": "j1", "request": {"path": "/v1/x", "json": {}}}).encode()
+
+    await responder.handle(Msg())
+    [(subject, payload)] = nc.replies
+    answer = json.loads(payload)
+    assert subject == "_INBOX.abc" and answer["status"] == "failed" and answer["job_id"] == "j1"
+    assert answer["error"]["code"] == "submit_failed" and "MaxPayloadError" in answer["error"]["message"]
