@@ -111,7 +111,8 @@ def _stop_all(children: list[Child], grace_s: float) -> None:
         group = [c.process for c in children if c.role == role and c.process and c.process.poll() is None]
         for process in group:
             process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s + 5
+        # grace_s for calls, then up to 10 s (workers/service.py FINISH_BOUND_S) to store paid answers
+        deadline = time.monotonic() + grace_s + 15
         for process in group:
             try:
                 process.wait(max(0.1, deadline - time.monotonic()))
