@@ -64,6 +64,7 @@ def test_discard_pending_returns_every_queued_job():
     assert sum(s.pending(t) for t in ("vip", "premium", "normal", "guest")) == 0
     assert s.next(t9) == Idle()
     s.complete(d.reservation, OK, t9)  # in-flight calls still complete normally
+    assert s.in_flight(d.job.tier) == 0 and s.snapshot(t9)["keys"]["k1"]["in_flight"] == 0
 
 
 def test_unknown_tier_and_bad_cost_are_refused():

@@ -90,7 +90,8 @@ async def test_dripping_body_ends_as_a_timeout_within_timeout_s(transport):
     figure("dripping body", transport=transport, timeout_s=3, took_s=took, kind=result.kind, error=result.error)
     assert result.kind == "upstream_error" and result.response is None, result
     assert "timeout_s = 3" in result.error
-    assert 2.9 <= took <= 3.0 + 1.5, f"the call took {took:.1f}s under timeout_s = 3"
+    # the body would take 25 s to drip: the upper bound leaves a loaded machine room
+    assert 2.9 <= took <= 3.0 + 4.0, f"the call took {took:.1f}s under timeout_s = 3"
 
 
 @pytest.mark.timeout(90)

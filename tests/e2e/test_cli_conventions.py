@@ -174,7 +174,9 @@ async def test_client_commands_reach_the_server_named_only_in_the_config(tmp_pat
             waiting = subprocess.Popen([sys.executable, "-m", "ratefleet", "request", "--tier", "vip", "--config",
                                         str(config), json.dumps(chat_job(1))], cwd=tmp_path, env=env,
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            time.sleep(3)
+            # Ctrl-C once the request is waiting: its job is stored (a fixed sleep could land
+            # in the interpreter's start-up on a loaded machine)
+            _wait_status(config, tmp_path, lambda s: _held(s, "vip") >= 1, timeout=30)
             waiting.send_signal(signal.SIGINT)
             _out, err = waiting.communicate(timeout=30)
             assert waiting.returncode == 130 and "Traceback" not in err, err
@@ -222,6 +224,12 @@ def _fleet_config(tmp_path: Path, port: int, upstream_url: str) -> Path:
 def _status(config: Path, cwd: Path) -> dict | None:
     done = cli("status", "--json", "--config", str(config), cwd=cwd, timeout=20)
     return json.loads(done.stdout) if done.returncode == 0 else None
+
+
+def _held(status: dict, tier: str) -> int:
+    """Jobs of `tier` stored and not yet running: still in the stream, or in the leader's window."""
+    entry = (status.get("tiers") or {}).get(tier) or {}
+    return sum(v for v in (entry.get("queued"), entry.get("pending")) if isinstance(v, int))
 
 
 def _wait_status(config: Path, cwd: Path, ready, timeout: float = 40) -> dict:

@@ -85,7 +85,7 @@ async def test_fallback_pool_used_only_when_the_first_is_exhausted(tmp_path, nat
         try:
             async with await Client.connect(nats_server.url) as client:
                 await wait_for_leader(client)
-                await client.submit_many([chat_job(i) for i in range(60)], "vip", batch="fb")
+                ids = await client.submit_many([chat_job(i) for i in range(60)], "vip", batch="fb")
                 results = await collect(client, "fb", 60, timeout=30)
         finally:
             kit.stop()
@@ -93,6 +93,8 @@ async def test_fallback_pool_used_only_when_the_first_is_exhausted(tmp_path, nat
     pools = [r.pool for r in results.values()]
     assert len(results) == 60 and all(r.ok for r in results.values())
     assert pools.count("vip") >= 1 and pools.count("shared") >= 30
+    # the chain is tried in the written order: the first job (full buckets) takes the vip pool
+    assert results[ids[0]].pool == "vip", [results[i].pool for i in ids[:5]]
     assert sum(k["rate_limited"] for k in stats["keys"].values()) == 0
 
 

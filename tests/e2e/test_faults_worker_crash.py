@@ -22,7 +22,10 @@ pytestmark = [pytest.mark.timeout(60), pytest.mark.anyio]
 async def test_sigkill_worker_mid_batch_loses_nothing(tmp_path, nats_server):
     n = 240
     with upstream(latency_ms=300) as mock:
-        kit = FleetKit(tmp_path, nats_server.url, mock.url, keys=fast_keys(rps=120, burst=20))
+        # ack_wait 20 s: orphaned calls must come back through the missed heartbeat (2 s),
+        # and the bound below leaves a loaded machine room without reaching ack_wait
+        kit = FleetKit(tmp_path, nats_server.url, mock.url, keys=fast_keys(rps=120, burst=20),
+                       overrides={"streams": {"ack_wait_s": 20}})
         try:
             kit.dispatcher("d1")
             w1 = kit.worker("w1", slots=12)
@@ -66,7 +69,7 @@ async def test_sigkill_worker_mid_batch_loses_nothing(tmp_path, nats_server):
                        upstream_calls=upstream_calls, extra_calls=upstream_calls - n,
                        slowest_retried=sorted((round(tracker.first_seen[r.job_id] - killed_at, 2), r.attempts)
                                               for r in retried)[-3:])
-                assert recovered < 7.0, f"orphaned jobs took {recovered:.1f}s to recover (ack_wait is 10 s)"
+                assert recovered < 12.0, f"orphaned jobs took {recovered:.1f}s to recover (ack_wait is 20 s)"
                 # calls repeated only for what the crash interrupted
                 assert n <= upstream_calls <= n + in_flight_w1 + 12
                 assert_only_host(mock)
@@ -95,11 +98,18 @@ async def test_slow_call_longer_than_ack_wait_runs_exactly_once(tmp_path, nats_s
                 assert_exactly_once(counts, ids)
                 result = await tracker.result(slow, "slow")
                 took = tracker.first_seen[slow] - started
+                # without in-progress acks the message is redelivered every ack_wait while the
+                # call runs, and each redelivery starts another call: count calls as they arrive
+                # (not as they end), and wait past one more ack_wait so a late one shows too
+                await asyncio.sleep(ack_wait + 1)
+                arrived = sum(k["calls"] for k in mock.stats()["keys"].values())
                 figure("slow call", sleep_ms=sleep_ms, ack_wait_s=ack_wait, result_after_s=took,
                        attempts=result.attempts, slow_calls=calls(mock, path="/v1/embeddings"))
                 assert result.status == "succeeded" and result.attempts == 1
                 assert result.timings.upstream_ms >= sleep_ms * 0.95
                 assert calls(mock, path="/v1/embeddings") == 1, "the slow job was called more than once"
+                assert arrived == 21, f"{arrived} calls reached the upstream for 21 jobs: the slow job was dispatched again"
+                assert tracker.publishes[slow] == 1, "a second Result was published for the slow job"
                 assert calls(mock, path="/v1/chat/completions") == 20
                 assert_only_host(mock)
         finally:

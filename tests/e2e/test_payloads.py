@@ -226,7 +226,7 @@ async def test_a_result_the_stream_refuses_is_not_taken_for_stored(nats_server):
         result = Result(job_id="j1", status="succeeded", tier="normal")
         with pytest.raises(ResultNotStored, match="maximum messages"):
             await finisher.finish(result, ack=msg.reply, reply_to=None)
-        await asyncio.sleep(0.5)
+        await nc.flush()  # any ack the finisher published has reached the server by now
         consumer = await js.consumer_info(SUBJECTS.jobs_stream, tier_consumer("normal"))
         assert consumer.num_ack_pending == 1 and await read_result(js, SUBJECTS, "j1") is None
 

@@ -87,16 +87,61 @@ async def test_a_secret_echoed_by_the_upstream_is_masked():
     assert result.response.json_body["error"]["message"] == "Incorrect API key provided: ***."
 
 
-@pytest.mark.anyio
-async def test_redirects_are_not_followed():
-    def handler(request):
-        if request.url.host == "evil.example":
-            raise AssertionError("followed a redirect with the key")
-        return httpx.Response(302, headers={"location": "https://evil.example/steal"})
+class _Http:
+    """A tiny real HTTP/1.1 server on 127.0.0.1: answers every request with `reply(path)`
+    (status, headers) and records (path, authorization header) per request."""
 
-    client = httpx.AsyncClient(transport=httpx.MockTransport(handler), follow_redirects=False)
-    result = await UpstreamExecutor(client).call(job(), UPSTREAM, SECRET)
+    def __init__(self, reply):
+        self.reply, self.seen, self.url = reply, [], ""
+
+    async def __aenter__(self) -> "_Http":
+        import asyncio
+
+        async def handle(reader, writer):
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            fields = dict(line.split(": ", 1) for line in head[1:] if ": " in line)
+            length = int({k.lower(): v for k, v in fields.items()}.get("content-length", 0))
+            if length:
+                await reader.readexactly(length)
+            path = head[0].split(" ")[1]
+            self.seen.append((path, {k.lower(): v for k, v in fields.items()}.get("authorization")))
+            status, headers = self.reply(path)
+            extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            writer.write(f"HTTP/1.1 {status} X\r\n{extra}content-length: 0\r\nconnection: close\r\n\r\n".encode())
+            await writer.drain()
+            writer.close()
+
+        self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("transport", ["aiohttp", "httpcore"])
+async def test_redirects_are_not_followed(transport):
+    # the worker's own client (build_client) against real servers: a 302 to another host, or
+    # to another path of the upstream, is the answer; the key goes to no second address
+    from workers.executor import build_client
+
+    async with _Http(lambda path: (200, {})) as evil:
+        def upstream_reply(path):
+            return (302, {"location": f"{evil.url}/steal"}) if path.startswith("/v1/chat") else (301, {"location": "/v1/other"})
+
+        async with _Http(upstream_reply) as upstream:
+            client = build_client(transport, 4)
+            try:
+                config = UpstreamConfig(base_url=upstream.url)
+                result = await UpstreamExecutor(client).call(job(), config, SECRET)
+                moved = await UpstreamExecutor(client).call(job(path="/v1/moved"), config, SECRET)
+            finally:
+                await client.aclose()
     assert result.response.status == 302 and result.kind == "bad_request"
+    assert moved.response.status == 301 and moved.kind == "bad_request"
+    assert evil.seen == [], "followed a redirect with the key"
+    assert upstream.seen == [("/v1/chat/completions", f"Bearer {SECRET}"), ("/v1/moved", f"Bearer {SECRET}")]
 
 
 @pytest.mark.anyio

@@ -1,0 +1,128 @@
+"""The first invariant, deterministically: a JOBS message is acked only after its Result is
+stored, and a Result that could not be stored means no ack (the job is delivered again).
+
+Over a recording fake NATS connection and JetStream context: every step (store started,
+store returned, reply, ack) is written to one shared log, so the order is asserted, not
+hoped for. The SIGKILL end-to-end tests stay as the second line of defence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from types import SimpleNamespace
+
+import pytest
+from nats.js.errors import APIError
+
+import ratefleet.runtime.finish as finish_module
+from ratefleet.errors import ResultNotStored
+from ratefleet.runtime.finish import Finisher
+from ratefleet.runtime.store import STORE_FAILED, store_result
+from schemas import ResponseInfo, Result, Subjects
+
+pytestmark = pytest.mark.anyio
+ACK = "$JS.ACK.RATEFLEET_JOBS.d.1.7.7.0.1"
+REPLY = "_INBOX.caller.1"
+
+
+class RecordingJetStream:
+    """`publish` logs its start and its return (with a scheduling point between, where a
+    wrong-order finisher could slip its ack in); `fail` makes it raise instead."""
+
+    def __init__(self, log: list, fail: Exception | None = None, duplicate: bool = False, stored: bytes | None = None):
+        self.log, self.fail, self.duplicate, self.stored = log, fail, duplicate, stored
+
+    async def publish(self, subject, payload, headers=None, timeout=None):
+        self.log.append(("store-start", subject))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        if self.fail is not None:
+            self.log.append(("store-failed", subject))
+            raise self.fail
+        self.log.append(("store-done", subject))
+        return SimpleNamespace(duplicate=True if self.duplicate else None)
+
+    async def get_last_msg(self, stream, subject):
+        if self.stored is None:
+            raise LookupError("no message")
+        return SimpleNamespace(data=self.stored)
+
+
+class RecordingNats:
+    max_payload = 1 << 20
+
+    def __init__(self, log: list):
+        self.log = log
+
+    async def publish(self, subject, payload=b"", **_):
+        self.log.append(("ack" if subject == ACK else "reply", subject, payload))
+
+
+def finisher(fail: Exception | None = None, **js) -> tuple[Finisher, list]:
+    log: list = []
+    f = Finisher(RecordingNats(log), RecordingJetStream(log, fail, **js), Subjects())
+    return f, log
+
+
+def result(job_id: str = "j1") -> Result:
+    return Result(job_id=job_id, status="succeeded", tier="normal", attempts=1,
+                  response=ResponseInfo(status=200, json={"answer": 42}))
+
+
+def steps(log: list) -> list[str]:
+    return [entry[0] for entry in log]
+
+
+async def test_the_ack_is_published_only_after_the_result_store_returned():
+    f, log = finisher()
+    assert await f.finish(result(), ack=ACK, reply_to=REPLY) is True
+    assert steps(log) == ["store-start", "store-done", "reply", "ack"]
+    assert log[1][1] == "ratefleet.results._.j1"
+    assert log[3] == ("ack", ACK, b"+ACK")
+
+
+async def test_the_ack_follows_the_store_without_a_reply_subject_too():
+    f, log = finisher()
+    await f.finish(result(), ack=ACK, reply_to=None)
+    assert steps(log) == ["store-start", "store-done", "ack"]
+
+
+async def test_an_already_stored_result_is_answered_from_the_stream_then_acked():
+    earlier = result().model_copy(update={"attempts": 2}).to_json()
+    f, log = finisher(duplicate=True, stored=earlier)
+    assert await f.finish(result(), ack=ACK, reply_to=REPLY) is False
+    assert steps(log) == ["store-start", "store-done", "reply", "ack"]
+    assert log[2][2] == earlier, "the caller got a Result other than the stored one"
+
+
+async def test_a_store_refused_by_the_server_means_no_ack_and_no_reply():
+    f, log = finisher(fail=APIError(code=500, err_code=10999, description="stream is sealed"))
+    with pytest.raises(APIError):
+        await f.finish(result(), ack=ACK, reply_to=REPLY)
+    assert "ack" not in steps(log) and "reply" not in steps(log), log
+
+
+async def test_a_result_the_stream_will_not_hold_means_no_ack(monkeypatch):
+    # 10077 with no Result for the job in the stream: the store gives up with
+    # ResultNotStored (pauses shortened here), and the job must stay un-acked
+    monkeypatch.setattr(finish_module, "store_result", functools.partial(store_result, pause_s=0.0))
+    f, log = finisher(fail=APIError(code=503, err_code=STORE_FAILED, description="maximum bytes exceeded"))
+    with pytest.raises(ResultNotStored):
+        await f.finish(result(), ack=ACK, reply_to=REPLY)
+    assert steps(log).count("store-failed") == 4
+    assert "ack" not in steps(log) and "reply" not in steps(log), log
+
+
+async def test_a_cancelled_finisher_still_stores_before_it_acks():
+    # finish() is shielded: cancelling the caller mid-store neither loses the ack nor
+    # moves it ahead of the store
+    f, log = finisher()
+    task = asyncio.create_task(f.finish(result(), ack=ACK, reply_to=None))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert steps(log) == ["store-start", "store-done", "ack"]
