@@ -298,7 +298,6 @@ class KeyState:
             "calls": self.stats.calls,
             "ok": self.stats.ok,
             "rate_limited": self.stats.rate_limited,
-            "request_scoped_429": self.stats.request_scoped_429,
             "errors": self.stats.errors,
         }
 
