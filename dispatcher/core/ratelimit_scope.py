@@ -131,4 +131,7 @@ def _number(text: str) -> float | None:
 
 
 def _fmt(value: float | None) -> str:
-    return "?" if value is None else f"{value:g}" if value != int(value) else str(int(value))
+    if value is None:
+        return "?"
+    value = float(value)
+    return str(int(value)) if value.is_integer() else f"{value:g}"

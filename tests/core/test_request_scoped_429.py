@@ -5,6 +5,8 @@ do. The classification table first, then the scheduler over named instants."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from core_helpers import dispatch, job, key, make, pool
 from dispatcher.core import CooldownPolicy, Dispatch, Outcome, RateLimitInfo
@@ -59,6 +61,25 @@ def test_too_large_names_the_limit_and_the_requested_amount():
     verdict = rate_limit_scope(ROOM, TOO_LARGE, 1.0)
     assert (verdict.limit, verdict.requested, verdict.unit) == (30000, 50000, "tokens per min (TPM)")
     assert verdict.describe_too_large() == "requests 50000 tokens per min (TPM), more than the limit of 30000"
+
+
+_json = st.recursive(st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=60),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                     max_leaves=12)
+_messages = st.builds(lambda a, b, c: {"error": {"message": f"{a} Limit {b}, Requested {c}"}},
+                      st.sampled_from(["Request too large", "Rate limit reached", "x"]),
+                      st.text("0123456789,.", max_size=30), st.text("0123456789,.", max_size=30))
+_maybe = st.none() | st.floats(allow_nan=False, allow_infinity=False, min_value=-1e12, max_value=1e12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=_json | _messages, remaining=_maybe, tokens=_maybe, limit=_maybe, cost=_maybe)
+def test_any_body_and_headers_give_a_verdict_or_none_never_an_error(body, remaining, tokens, limit, cost):
+    info = RateLimitInfo(remaining_requests=remaining, remaining_tokens=tokens, limit_tokens=limit)
+    verdict = rate_limit_scope(info, body, cost)
+    assert verdict is None or verdict.scope in ("key", "request")
+    if verdict is not None and verdict.never_fits:
+        assert verdict.scope == "request" and verdict.describe_too_large()
 
 
 # -- the scheduler ------------------------------------------------------------------------
