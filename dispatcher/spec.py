@@ -25,5 +25,5 @@ def scheduler_spec(config: Config) -> SchedulerSpec:
         probe=ProbePolicy(base_s=d.key_probe_s, max_s=max(d.key_probe_s, d.key_probe_max_s)),
         safety_s=d.safety_ms / 1000, priority_reserve=d.priority_reserve,
         adapt=AdaptPolicy(enabled=d.adaptive_rate, decrease=d.rate_decrease, recover_s=d.rate_recover_s,
-                          first_burst=d.first_burst),
+                          increase_per_s=d.rate_increase_per_s, first_burst=d.first_burst),
     )

@@ -117,6 +117,8 @@ class DispatcherConfig(_Strict):
     adaptive_rate: bool = True  # keys' effective rates follow 429s and ratelimit headers (never above rps)
     rate_decrease: float = Field(default=0.5, gt=0, lt=1)  # a 429 multiplies the rate sent by this
     rate_recover_s: float = Field(default=5.0, gt=0)  # successes bring it back near the 429 point in this long
+    # past the 429 point, successes add this fraction of rps per second (0.05: floor to rps in ~20 s)
+    rate_increase_per_s: float = Field(default=0.05, gt=0, le=1)
     first_burst: float | None = Field(default=2.0, ge=1)  # a key's burst until its first answer (none: as configured)
     key_probe_s: float = Field(default=60.0, gt=0)  # a key disabled on provider evidence gets a probe job after this
     key_probe_max_s: float = Field(default=3600.0, gt=0)  # each failed probe doubles the delay, up to this

@@ -273,15 +273,15 @@ class Worker:
             delay = retry_delay(call.kind, a.attempt, call.retry_after_s, a.rate_limited + 1)
             log.info("retrying job", kind=call.kind, delay_s=delay)
             self.calling.pop(a.id, None)  # no in-progress ack after the nak: it would postpone the retry
-            if call.kind == "denied":
-                # the leader must know which key refused the job before it comes back (else it may
-                # pick that key again); a crash before the nak only delays it by ack_wait
+            if call.kind in ("denied", "key_error"):
+                # the leader must know which key refused the job (or was disabled) before it comes
+                # back, else it may pick that key again; a crash before the nak only delays it by ack_wait
                 await self._report(a, call, terminal=False)
             if throttled:
                 await self.handbacks.rate_limited(a.seq, self.finisher, a.ack, delay)
             else:
                 await self.finisher.nak(a.ack, delay)
-            if call.kind == "denied":
+            if call.kind in ("denied", "key_error"):
                 return
         else:
             terminal = await self._store(a, self._call_result(a, call, queued_ms))

@@ -6,21 +6,30 @@ each key's bucket refills at an *effective* rate that always stays within
 [floor, configured] (floor = `floor_fraction` x configured) and moves on three signals:
 
     429 (a fresh one)   effective = decrease x min(effective, rate actually sent)
-                        and the return target = target_fraction x that rate
-                        (multiplicative decrease, below what drew the 429)
+                        (the caller passes the rate sent only when its window
+                        holds enough calls to say something); the rate that drew
+                        it is remembered as the peak, the return target is
+                        target_fraction x that rate
     header hint         effective and target drop to the rate the provider's
                         x-ratelimit-* / ratelimit-* headers imply (`header_rate`);
                         when the lowest hint of the last HINT_WINDOW_S is well above
                         the target (a key recovering from an outage of 429s), the
                         target rises to HINT_TRUST x that hint
     success             below the target: a linear (additive) return to it over
-                        `recover_s`; at or above it: a slow additive probe upward of
-                        `probe_per_s` x target per second; never above configured
+                        `recover_s`; between the target and the peak: a slow probe
+                        of `probe_per_s` x target per second; above the peak: an
+                        additive increase of `increase_per_s` x configured per
+                        second; never above configured
 
 This is AIMD (as in TCP congestion avoidance, RFC 5681 section 3.1) with the memory of
 where the last 429 happened, as CUBIC (RFC 9438) keeps W_max: the rate returns quickly
-to just below the point that failed and then creeps, so 429s stay rare while the key is
-used near what it is really allowed. Everything takes `now` (monotonic seconds).
+to just below the point that failed, creeps past it, and once past it climbs by a fixed
+share of the configured rate per second, so 429s stay rare while the key is used near
+what it is really allowed, and a key pulled down by an outage of 429s is back at its
+configured rate within 1 / increase_per_s seconds of successes (20 s by default), with
+or without rate-limit headers. Time between successes counts as climbing only up to
+max(`idle_cap_s`, IDLE_CALLS / rate), the spacing of a key used at its own rate, so an
+idle key does not jump on its first answer. Everything takes `now` (monotonic seconds).
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from dataclasses import dataclass
 
 HINT_WINDOW_S = 10.0  # header hints are upper bounds: the lowest recent one is the tightest
 HINT_TRUST = 0.95  # the share of that bound a recovering key returns to before probing
+IDLE_CALLS = 2.0  # a gap of up to this many calls at the current rate is use, not idleness
 
 
 @dataclass(frozen=True)
@@ -39,7 +49,10 @@ class AdaptPolicy:
     decrease: factor applied on a 429 (0 < decrease < 1).
     target_fraction: the rate to return to after a 429, as a fraction of the rate that drew it.
     recover_s: seconds of successes to return from the dropped rate to that target.
-    probe_per_s: above the target, growth per second of successes, as a fraction of it.
+    probe_per_s: between the target and the peak (the rate that drew the last 429), growth
+        per second of successes, as a fraction of the target.
+    increase_per_s: above the peak, growth per second of successes, as a fraction of the
+        configured rate (0.05: from the floor to configured in about 20 s).
     floor_fraction: the effective rate never goes below this fraction of the configured one.
     first_burst: until a key's first answer comes back, its burst is at most this many
         requests (None: the configured burst). A config claiming more than the provider
@@ -52,14 +65,15 @@ class AdaptPolicy:
     target_fraction: float = 0.9
     recover_s: float = 5.0
     probe_per_s: float = 0.02
+    increase_per_s: float = 0.05
     floor_fraction: float = 0.01
     first_burst: float | None = None
 
     def __post_init__(self) -> None:
         if not (0 < self.decrease < 1 and 0 < self.target_fraction <= 1 and 0 < self.floor_fraction <= 1):
             raise ValueError("decrease must be in (0, 1); target_fraction and floor_fraction in (0, 1]")
-        if self.recover_s <= 0 or self.probe_per_s < 0:
-            raise ValueError("recover_s must be > 0 and probe_per_s >= 0")
+        if self.recover_s <= 0 or self.probe_per_s < 0 or self.increase_per_s <= 0:
+            raise ValueError("recover_s and increase_per_s must be > 0, probe_per_s >= 0")
         if self.first_burst is not None and self.first_burst < 1:
             raise ValueError("first_burst must be >= 1 when set")
 
@@ -91,31 +105,40 @@ class AdaptiveRate:
         self.floor = configured * policy.floor_fraction
         self.rate = configured
         self.target = configured
+        self.peak = configured  # the rate that drew the last 429 (no 429 yet: configured)
         self._low = configured  # where the last drop left the rate; the return starts here
         self._at = now
         self._hints: deque[tuple[float, float]] = deque(maxlen=64)
 
     def on_success(self, now: float, idle_cap_s: float = 2.0) -> None:
         """A call went through: climb, by the time since the last change (at most
-        `idle_cap_s`, so a key idle for an hour does not jump on its first answer)."""
+        max(`idle_cap_s`, IDLE_CALLS / rate), so a key idle for an hour does not jump on
+        its first answer while a key held at a low rate still climbs per second)."""
         if not self.policy.enabled:
             return
-        elapsed = min(idle_cap_s, max(0.0, now - self._at))
+        cap = max(idle_cap_s, IDLE_CALLS / self.rate)
+        elapsed = min(cap, max(0.0, now - self._at))
         self._at = max(self._at, now)
         if self.rate < self.target * (1 - 1e-9):
             step = (self.target - self._low) * elapsed / self.policy.recover_s
             self.rate = min(self.target, self.rate + step)
         else:
-            self.rate += self.target * self.policy.probe_per_s * elapsed
+            per_s = self.configured * self.policy.increase_per_s
+            if self.rate < self.peak:  # near the point that failed: creep
+                per_s = self.target * self.policy.probe_per_s
+            self.rate += per_s * elapsed
             self.target = self.rate
         self._clamp()
 
     def on_throttle(self, now: float, sent_rate: float | None) -> None:
         """A fresh 429: drop below the rate that drew it (the effective rate, or the rate
-        actually sent when that was lower, e.g. because workers were the limit)."""
+        actually sent when that was lower, e.g. because workers were the limit). The
+        caller passes `sent_rate` None when too few calls were sent to measure it: a
+        quiet key's lone call says nothing about the rate the provider refused."""
         if not self.policy.enabled:
             return
         drawn = self.rate if sent_rate is None or sent_rate <= 0 else min(self.rate, sent_rate)
+        self.peak = drawn
         self.target = drawn * self.policy.target_fraction
         self.rate = self._low = drawn * self.policy.decrease
         self._at = max(self._at, now)
@@ -141,3 +164,4 @@ class AdaptiveRate:
         self.rate = min(self.configured, max(self.floor, self.rate))
         self.target = min(self.configured, max(self.floor, self.target))
         self._low = min(self.rate, max(self.floor, self._low))
+        self.peak = min(self.configured, max(self.floor, self.peak))

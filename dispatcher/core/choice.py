@@ -32,15 +32,17 @@ class Chain:
 
 @dataclass(frozen=True)
 class Reach:
-    """What a chain can ever serve: enabled keys and the largest cost capacity among them."""
+    """What a chain can ever serve: keys that are enabled or will be probed, and the largest
+    cost capacity among them."""
 
     enabled: int
     largest_cost: float
 
 
 def reach(chain: Chain, now: float) -> Reach:
-    """Keys that may still serve a job (enabled, or with a probe due or in flight)."""
-    enabled = [key for key in chain.keys() if key.health.could_serve(now)]
+    """Keys that may still serve a job (enabled, or provider-disabled with a probe
+    scheduled: a job waits for that probe rather than fail)."""
+    enabled = [key for key in chain.keys() if key.health.comes_back(now)]
     return Reach(len(enabled), max((key.cost_capacity for key in enabled), default=0.0))
 
 

@@ -4,12 +4,17 @@ A job denied (401/403 without a key-scoped code) on one key is tried on another 
 happens next is the evidence:
 
 * denied again on a second key: the request is at fault (a model the keys may not use, a
-  bad header). The job fails; its denials count against no key.
-* it succeeds on another key: each earlier denial was about the key. A key is disabled
-  after 403s on FORBIDDEN_JOBS different jobs that succeeded elsewhere.
-* 401 means "who are you": a key is disabled after 401s on AUTH_JOBS different jobs
-  (pending ones count, so a revoked key goes out fast), unless those jobs turn out to be
-  request-scoped. A success on the key clears its 401 record (it authenticated fine).
+  wrong OpenAI-Organization header). The job fails; its denials count against no key.
+* it succeeds on another key: each earlier denial was about the key (a "confirmed"
+  strike). A key is disabled after 403s on FORBIDDEN_JOBS different confirmed jobs.
+* 401 means "who are you": a key is disabled after 401s on AUTH_JOBS different jobs of
+  which at least one is confirmed (succeeded on another key, or no other key could take
+  it). Jobs still waiting for their second key count too, so a revoked key goes out after
+  one round trip; but 401s that are all still unjudged never disable a key, so a burst of
+  concurrent request-scoped 401s cannot take healthy keys out before their jobs are
+  judged. When such a job is then refused on a second key its strike is withdrawn, and a
+  key this book disabled whose strikes fall below AUTH_JOBS is enabled again.
+  A success on the key clears its 401 record (it authenticated fine).
 
 Memory is bounded: job records and strikes older than MEMORY_S are dropped, and at most
 MAX_JOBS jobs are remembered (oldest first out). The book lives in the leader only; a new
@@ -33,68 +38,99 @@ class _JobDenials:
     keys: dict[str, int] = field(default_factory=dict)  # key id -> status it answered
 
 
+@dataclass
+class Verdicts:
+    """What the book concluded from one answer: keys to disable (key id, reason) and keys
+    it disabled earlier whose evidence was withdrawn (to enable again)."""
+
+    disable: list[tuple[str, str]] = field(default_factory=list)
+    enable: list[str] = field(default_factory=list)
+
+
 class DenialBook:
-    """Denials per job and strikes per key; methods return (key id, reason) to disable."""
+    """Denials per job and strikes per key (monotonic seconds)."""
 
     def __init__(self) -> None:
         self._jobs: OrderedDict[str, _JobDenials] = OrderedDict()
-        self._auth: dict[str, dict[str, float]] = {}  # key -> job -> when (401s)
+        self._auth: dict[str, dict[str, float]] = {}  # key -> job -> when (401s, confirmed or pending)
+        self._confirmed: dict[str, set[str]] = {}  # key -> jobs whose 401 is confirmed
         self._forbidden: dict[str, dict[str, float]] = {}  # key -> job -> when (403s confirmed)
+        self._disabled: set[str] = set()  # keys this book disabled on 401 evidence
 
     def denied_keys(self, job_id: str) -> frozenset[str]:
         """Keys that already refused this job (it should try another one)."""
         entry = self._jobs.get(job_id)
         return frozenset(entry.keys) if entry else frozenset()
 
-    def on_denied(self, job_id: str, key_id: str, status: int | None, final: bool,
-                  now: float) -> list[tuple[str, str]]:
-        """A 401/403 for `job_id` on `key_id`; `final`: the job ends with it (no other key)."""
+    def on_denied(self, job_id: str, key_id: str, status: int | None, final: bool, now: float) -> Verdicts:
+        """A 401/403 for `job_id` on `key_id`; `final`: the job ends with it (another key
+        refused it too, or no other key could take it)."""
         self._prune(now)
         entry = self._jobs.get(job_id)
         if final and entry is not None and set(entry.keys) - {key_id}:
-            self._request_scoped(job_id)  # refused on two keys: the request's fault
-            return []
-        if entry is None:
-            entry = self._jobs[job_id] = _JobDenials(now)
-            while len(self._jobs) > MAX_JOBS:
-                self._jobs.popitem(last=False)
-        entry.keys[key_id] = status or 0
+            return self._request_scoped(job_id)  # refused on two keys: the request's fault
         if final:
             self._jobs.pop(job_id, None)
-        if status != 401:
-            return []
-        strikes = self._auth.setdefault(key_id, {})
-        strikes[job_id] = now
-        if len(strikes) >= AUTH_JOBS:
-            return [(key_id, f"401 on {len(strikes)} different jobs")]
-        return []
+            if status != 401:
+                return Verdicts()
+            self._confirmed.setdefault(key_id, set()).add(job_id)  # no other key could judge it
+        else:
+            if entry is None:
+                entry = self._jobs[job_id] = _JobDenials(now)
+                while len(self._jobs) > MAX_JOBS:
+                    self._jobs.popitem(last=False)
+            entry.keys[key_id] = status or 0
+            if status != 401:
+                return Verdicts()
+        self._auth.setdefault(key_id, {})[job_id] = now
+        return self._judge_auth(key_id)
 
-    def on_ok(self, job_id: str, key_id: str, now: float) -> list[tuple[str, str]]:
+    def on_ok(self, job_id: str, key_id: str, now: float) -> Verdicts:
         """`job_id` succeeded on `key_id`: the keys that refused it earlier were at fault."""
         self._prune(now)
         self._auth.pop(key_id, None)
+        self._confirmed.pop(key_id, None)
         entry = self._jobs.pop(job_id, None)
-        if entry is None:
-            return []
-        out = []
-        for other, status in entry.keys.items():
-            if other == key_id or status == 401:  # 401s already count in _auth
+        out = Verdicts()
+        for other, status in (entry.keys.items() if entry else ()):
+            if other == key_id:
+                continue
+            if status == 401:
+                self._auth.setdefault(other, {})[job_id] = now
+                self._confirmed.setdefault(other, set()).add(job_id)
+                out.disable += self._judge_auth(other).disable
                 continue
             confirmed = self._forbidden.setdefault(other, {})
             confirmed[job_id] = now
             if len(confirmed) >= FORBIDDEN_JOBS:
-                out.append((other, f"{status} on {len(confirmed)} different jobs that succeeded on other keys"))
+                out.disable.append((other, f"{status} on {len(confirmed)} different jobs that succeeded on other keys"))
         return out
 
     def forget_key(self, key_id: str) -> None:
         """The key was enabled again: its strikes start over."""
         self._auth.pop(key_id, None)
+        self._confirmed.pop(key_id, None)
         self._forbidden.pop(key_id, None)
+        self._disabled.discard(key_id)
 
-    def _request_scoped(self, job_id: str) -> None:
+    def _judge_auth(self, key_id: str) -> Verdicts:
+        strikes = self._auth.get(key_id, {})
+        confirmed = self._confirmed.get(key_id, set()) & strikes.keys()
+        if len(strikes) >= AUTH_JOBS and confirmed:
+            self._disabled.add(key_id)
+            return Verdicts(disable=[(key_id, f"401 on {AUTH_JOBS} different jobs at least ({len(strikes)} so far, "
+                                              f"{len(confirmed)} of them not refused by any other key)")])
+        return Verdicts()
+
+    def _request_scoped(self, job_id: str) -> Verdicts:
         self._jobs.pop(job_id, None)
-        for strikes in self._auth.values():
-            strikes.pop(job_id, None)
+        out = Verdicts()
+        for key_id, strikes in self._auth.items():
+            if strikes.pop(job_id, None) is not None and key_id in self._disabled and (
+                    not self._judge_auth(key_id).disable):
+                self._disabled.discard(key_id)
+                out.enable.append(key_id)
+        return out
 
     def _prune(self, now: float) -> None:
         horizon = now - MEMORY_S
@@ -107,3 +143,5 @@ class DenialBook:
             for strikes in book.values():
                 for job_id in [j for j, at in strikes.items() if at < horizon]:
                     del strikes[job_id]
+        for key_id, jobs in self._confirmed.items():
+            jobs &= self._auth.get(key_id, {}).keys()

@@ -36,6 +36,7 @@ from .types import BreakerPolicy, CooldownPolicy, KeySpec, Outcome, ProbePolicy,
 
 _MAX_DOUBLINGS = 62
 SENT_WINDOW_S = 2.0  # the rate a key was actually sent at is measured over this window
+MIN_SENT_CALLS = 5  # fewer calls in the window measure nothing (1 call in 2 s is not "0.5/s")
 JOB_429_MEMORY = 256  # jobs whose last 429 on this key is remembered (to see one job repeat)
 
 
@@ -222,10 +223,12 @@ class KeyState:
             self._job_429_at.popitem(last=False)
 
     def sent_rate(self, now: float) -> float | None:
-        """Calls per second dispatched on this key over the last SENT_WINDOW_S (None if none)."""
+        """Calls per second dispatched on this key over the last SENT_WINDOW_S, or None
+        when the window holds fewer than MIN_SENT_CALLS calls (too few to be a rate: a
+        quiet key's lone call would read as a rate far below what the key can do)."""
         since = now - SENT_WINDOW_S
         count = sum(1 for at in self._sent if at > since)
-        return count / SENT_WINDOW_S if count else None
+        return count / SENT_WINDOW_S if count >= MIN_SENT_CALLS else None
 
     def _apply_rates(self, now: float) -> None:
         """Move the buckets to the effective rates; the request burst shrinks with the rate
@@ -307,4 +310,6 @@ def key_error_reason(outcome: Outcome) -> str:
     if outcome.code:
         status = f"HTTP {outcome.status}" if outcome.status is not None else "no status"
         return f"{outcome.code} ({status})"
+    if outcome.status == 402:
+        return "payment_required (HTTP 402)"
     return f"401/403: upstream answered {outcome.status}"

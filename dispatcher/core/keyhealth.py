@@ -9,8 +9,11 @@ whether any worker holds its secret.
 A provider-disabled key takes exactly one real job as its probe once `probe_at` has come
 (like the breaker's half-open state); the first delay is `ProbePolicy.base_s`, and each
 failed probe doubles it up to `max_s`. An operator-disabled key is never probed: it stays
-out until an operator enables it. Independently, `secret_missing` holds the reason no
-worker can call with the key (e.g. "LOCAL_KEY_1 not set"); such a key takes no job either.
+out until an operator enables it. A plain 401/403 on the probe is no verdict (the job may
+carry a bad request): the next probe comes after the same delay. While a probe is
+scheduled, jobs wait for it rather than fail (`comes_back`). Independently,
+`secret_missing` holds the reason no worker can call with the key (e.g. "LOCAL_KEY_1 not
+set"); such a key takes no job either.
 Only `disable`, `enable` and `settle_probe` change the disabled state.
 """
 
@@ -25,10 +28,11 @@ DisabledBy = Literal["provider", "operator"]
 
 def probe_verdict(outcome: Outcome) -> bool | None:
     """True: the provider accepted the credentials (2xx, 429, other 4xx); False: it refused
-    them again (key_error, 401/403); None: says nothing (5xx, timeout, lost call)."""
+    them again with a key-scoped answer (key_error); None: says nothing (5xx, timeout, lost
+    call, and a plain 401/403: the probe's job may carry a bad request, see denials.py)."""
     if outcome.kind in ("ok", "rate_limited", "bad_request"):
         return True
-    if outcome.kind in ("key_error", "denied"):
+    if outcome.kind == "key_error":
         return False
     return None
 
@@ -69,6 +73,12 @@ class KeyHealth:
         if self.by is None:
             return True
         return self.probe is not None or (self.probe_at is not None and now >= self.probe_at)
+
+    def comes_back(self, now: float) -> bool:
+        """Whether a job may end up on this key by waiting, without anyone acting: it could
+        serve now (`could_serve`), or it is provider-disabled with a probe scheduled."""
+        return self.could_serve(now) or (self.secret_missing is None and self.by == "provider"
+                                         and self.probe_at is not None)
 
     def disable(self, by: DisabledBy, reason: str, now: float) -> bool:
         """Take the key out; returns whether anything changed. Provider evidence never
@@ -112,6 +122,17 @@ class KeyHealth:
             return self.enable()
         self.probe_delay_s = min(self.policy.max_s, self.probe_delay_s * 2.0)
         self.probe_at = now + self.probe_delay_s
+        return True
+
+    def postpone_probe(self, reservation_id: int, now: float) -> bool:
+        """The probe's answer said nothing about the key but came from it (a plain 401/403,
+        maybe the job's own fault): no verdict, the next probe comes after the same delay
+        (not doubled). Returns whether the call was the probe."""
+        if self.probe != reservation_id:
+            return False
+        self.probe = None
+        if self.by == "provider":
+            self.probe_at = now + self.probe_delay_s
         return True
 
     def restore(self, by: DisabledBy, reason: str, now: float, *, probe_delay_s: float,

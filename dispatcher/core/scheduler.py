@@ -206,7 +206,9 @@ class Scheduler(KeyAdmin):
         if key.observe(outcome, now, sent_at, job_id):
             self._changed.add(key.spec.id)
         self._weigh_denials(reservation, outcome, now)
-        if reservation.key_probe and key.health.settle_probe(reservation.id, probe_verdict(outcome), now):
+        if reservation.key_probe and outcome.kind == "denied":
+            key.health.postpone_probe(reservation.id, now)  # no verdict (denials.py judges the job)
+        elif reservation.key_probe and key.health.settle_probe(reservation.id, probe_verdict(outcome), now):
             self._changed.add(key.spec.id)
             if not key.health.disabled:
                 self._denials.forget_key(key.spec.id)
@@ -221,8 +223,13 @@ class Scheduler(KeyAdmin):
             verdicts = self._denials.on_ok(job_id, reservation.key_id, now)
         else:
             return
-        for key_id, reason in verdicts:
+        for key_id, reason in verdicts.disable:
             if self._keys[key_id].health.disable("provider", reason, now):
+                self._changed.add(key_id)
+        for key_id in verdicts.enable:  # its 401 evidence was withdrawn: the jobs were at fault
+            health = self._keys[key_id].health
+            if health.by == "provider" and health.probe is None and health.enable():
+                self._denials.forget_key(key_id)
                 self._changed.add(key_id)
 
     def complete_unknown(self, key_id: str, outcome: Outcome, now: float) -> None:

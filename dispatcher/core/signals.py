@@ -8,6 +8,7 @@ headers. Classification (`classify`), by the provider's error code first, then t
     code in KEY_SCOPED_CODES, any status   -> key_error        (key disabled at once, probed later)
     code in OVERLOADED_CODES (e.g. 529)    -> upstream_error   (breaker failure, retryable)
     429                                    -> rate_limited     (cooldown, retryable)
+    402 (Payment Required), any code       -> key_error        (out of credit: OpenRouter, Anthropic)
     401, 403 without a key-scoped code     -> denied           (try another key; evidence per key)
     408, 5xx                               -> upstream_error   (breaker failure, retryable)
     any other status (other 4xx incl. 409) -> bad_request      (the job's fault; final)
@@ -19,6 +20,20 @@ OpenAI `{"error": {"code": "invalid_api_key", "type": "invalid_request_error"}}`
 "error": {"type": "authentication_error"}}` (docs.anthropic.com/en/api/errors: 401
 authentication_error, 402 billing_error, 403 permission_error, 429 rate_limit_error, 529
 overloaded_error); Azure OpenAI `{"error": {"code": "401"}}` / `"429"` (a bare status).
+Answers that are about the key but do not look like it:
+* Gemini and other Google APIs answer a bad key with 400 `{"error": {"code": 400, "status":
+  "INVALID_ARGUMENT", "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo",
+  "reason": "API_KEY_INVALID"}]}}`; the ErrorInfo `reason` (google/api/error_reason.proto)
+  is read, and GOOGLE_KEY_REASONS are key-scoped.
+* OpenRouter answers 402 `{"error": {"code": 402, "message": "Insufficient credits ..."}}`
+  when the account or the key's credit limit is spent (openrouter.ai/docs/api_reference/limits,
+  "Handling 402 errors"); the bare 402 reads as `payment_required`, and any 402 is
+  key-scoped. (A single request too large for the remaining credit also gets a 402: the
+  key then waits for its probe, which a normal job passes.)
+* Anthropic answers an exhausted prepaid balance with 400 `invalid_request_error` and the
+  message "Your credit balance is too low to access the Anthropic API" (no distinct type;
+  anthropics/anthropic-sdk-typescript#618); that message reads as
+  `credit_balance_too_low`, key-scoped.
 A 401/403 whose code only repeats the status (Azure) or names the request (permission_error,
 model_not_found) is `denied`, not `key_error`: only the key-scoped codes disable at once.
 """
@@ -34,7 +49,13 @@ from email.utils import parsedate_to_datetime
 from .types import OutcomeKind, RateLimitInfo
 
 # out of credit or credentials refused: no cooldown cures these, the key goes out of rotation
-KEY_SCOPED_CODES = frozenset({"invalid_api_key", "authentication_error", "insufficient_quota", "billing_error"})
+# Google ErrorInfo reasons about the key or its project, not the request (google.api.ErrorReason);
+# the referrer/IP/app restrictions are left out: they depend on where a call comes from
+GOOGLE_KEY_REASONS = frozenset({"API_KEY_INVALID", "API_KEY_SERVICE_BLOCKED", "SERVICE_DISABLED", "BILLING_DISABLED",
+                                "CONSUMER_SUSPENDED", "CONSUMER_INVALID"})
+KEY_SCOPED_CODES = frozenset({"invalid_api_key", "authentication_error", "insufficient_quota", "billing_error",
+                              "payment_required", "credit_balance_too_low", *GOOGLE_KEY_REASONS})
+_CREDIT_TOO_LOW = "credit balance is too low"  # Anthropic's 400 message for an exhausted balance
 OVERLOADED_CODES = frozenset({"overloaded_error"})
 _MAX_CODE_CHARS = 64
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|h|m|s)")
@@ -201,10 +222,12 @@ def parse_ratelimit(headers: Mapping[str, str], now_epoch: float | None = None) 
 def provider_code(body: object) -> str | None:
     """The provider's error code from a parsed JSON body, or None.
 
-    OpenAI/Azure: `error.code` (a string; a number is read as its text), else `error.type`;
-    Anthropic: `error.type` (the top-level `type` is just "error"). A key-scoped or
-    overloaded code in either field wins. Codes are short ASCII identifiers; anything else
-    (long text, other shapes) gives None.
+    OpenAI/Azure: `error.code` (a string; a number is read as its text, 402 as
+    "payment_required"), else `error.type`; Anthropic: `error.type` (the top-level `type` is
+    just "error"); Google: `error.details[].reason` of an ErrorInfo. A key-scoped or
+    overloaded code wins; an Anthropic "credit balance is too low" message gives
+    "credit_balance_too_low" (module docstring). Codes are short ASCII identifiers;
+    anything else (long text, other shapes) gives None.
     """
     if not isinstance(body, dict):
         return None
@@ -212,9 +235,22 @@ def provider_code(body: object) -> str | None:
     if not isinstance(error, dict):
         return None
     found = [_code_text(error.get(field)) for field in ("code", "type")]
-    found = [value for value in found if value is not None]
+    found = ["payment_required" if value == "402" else value for value in found if value is not None]
+    found = [*_google_reasons(error), *found]
+    message = error.get("message")
+    if isinstance(message, str) and _CREDIT_TOO_LOW in message[:500].lower():
+        found.insert(0, "credit_balance_too_low")
     known = [value for value in found if value in KEY_SCOPED_CODES or value in OVERLOADED_CODES]
     return (known or found or [None])[0]
+
+
+def _google_reasons(error: dict) -> list[str]:
+    """Key-scoped `reason`s of the ErrorInfo entries in a Google error's `details`."""
+    details = error.get("details")
+    if not isinstance(details, list):
+        return []
+    reasons = [_code_text(d.get("reason")) for d in details[:16] if isinstance(d, dict)]
+    return [r for r in reasons if r in GOOGLE_KEY_REASONS]
 
 
 def _code_text(value: object) -> str | None:
@@ -235,6 +271,8 @@ def classify(status: int | None, error: str | None, code: str | None = None) -> 
         return "key_error"
     if code in OVERLOADED_CODES:
         return "upstream_error"
+    if status == 402:  # Payment Required: the account behind the key is out of credit
+        return "key_error"
     if status == 429:
         return "rate_limited"
     if status in (401, 403):

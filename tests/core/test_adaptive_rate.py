@@ -171,9 +171,12 @@ def test_successes_lift_the_rate_back_toward_configured():
     for _ in range(1000):
         s.add(job(), now)
         decision = s.next(now)
-        now = max(now, decision.at) if isinstance(decision, WaitUntil) else now
-        s.complete(dispatch(s, now).reservation, OK, now)
-    assert low < 1.0 and s.snapshot(now)["keys"]["k1"]["effective_rps"] == 10.0
+        if isinstance(decision, WaitUntil):
+            now = max(now, decision.at)
+            decision = dispatch(s, now)
+        s.complete(decision.reservation, OK, now)
+    assert low == 5.0  # one call in the window is no rate: halved from the effective 10
+    assert s.snapshot(now)["keys"]["k1"]["effective_rps"] == 10.0
 
 
 # -- TokenBucket.set_rate ------------------------------------------------------------------
@@ -333,3 +336,95 @@ def test_a_key_recovering_from_429s_returns_to_what_the_headers_allow():
         r.on_success(now)
         r.on_hint(now, 2.0)
     assert 0.95 * 2.0 <= r.rate <= 2.0  # back within recover_s, not after a minutes-long probe
+
+
+# -- a quiet key's lone 429, and the climb back without rate-limit headers ---------------------
+
+
+def _run_until(s, now, done, stop, *, kind_at=lambda now: "ok", answer_after=0.0):
+    """Feed the scheduler one job at a time, answering each call `answer_after` s later
+    with `kind_at(sent)`, until `stop(now, calls)`; returns (now, calls, first ok time)."""
+    calls, first_ok = 0, None
+    while not stop(now, calls):
+        s.add(job(), now)
+        while True:
+            d = s.next(now)
+            if isinstance(d, WaitUntil):
+                now = d.at
+                continue
+            kind = kind_at(now)
+            outcome = OK if kind == "ok" else throttled()
+            s.complete(d.reservation, outcome, now + answer_after)
+            if kind == "ok" and first_ok is None:
+                first_ok = now
+            calls += 1
+            break
+    return now, calls, first_ok
+
+
+def test_one_429_on_a_quiet_key_halves_its_rate_instead_of_dropping_to_the_floor():
+    """1 call in the last 2 s says nothing about the rate that drew the 429 (0.5/s): the drop
+    is decrease x effective, and 3000 jobs at 50/s take about a minute (before: 0.5 req/s
+    after the 429, 240 s for the batch)."""
+    s = make(pool("p", key("k1", rps=50, burst=10)))
+    s.add(job(), t0)
+    s.complete(dispatch(s, t0).reservation, throttled(), t0 + 0.1)
+    assert s.snapshot(t0 + 0.1)["keys"]["k1"]["effective_rps"] == pytest.approx(25.0)
+    start = 2.0
+    now, calls, _ = _run_until(s, start, 0, lambda now, calls: calls >= 3000)
+    assert s.snapshot(now)["keys"]["k1"]["effective_rps"] == 50.0
+    assert now - start <= 3000 / 50 * 1.1  # within 10 % of the configured 60 s
+
+
+def test_a_busy_key_still_drops_below_the_rate_it_really_sent():
+    """With enough calls in the window the estimate is trusted: configured 20, sent 4/s."""
+    s = make(pool("p", key("k1", rps=20, burst=1)))
+    now = _run_until(s, t0, 0, lambda now, calls: now >= 3.0, kind_at=lambda _: "ok")[0]
+    view = s.snapshot(now)["keys"]["k1"]
+    assert view["effective_rps"] == 20.0
+    base = now + 5.0  # earlier calls out of the window
+    for _ in range(8):  # 4/s for 2 s, then a 429
+        s.add(job(), base)
+    sent = [dispatch(s, base + i * 0.25) for i in range(8)]
+    for d in sent[:-1]:
+        s.complete(d.reservation, OK, base + 1.8)
+    s.complete(sent[-1].reservation, throttled(), base + 1.9)
+    assert s.snapshot(base + 1.9)["keys"]["k1"]["effective_rps"] == pytest.approx(0.5 * 8 / 2.0)
+
+
+def test_after_a_minute_of_429s_without_headers_the_key_is_back_at_its_rate_in_tens_of_seconds():
+    """10 req/s configured, a 60 s storm of header-less 429s, then a healthy provider:
+    the key climbs from the floor to its configured rate within 40 s of its first success
+    (before: 0.82 req/s at t=300 s, 10 only at t=600 s)."""
+    s = make(pool("p", key("k1", rps=10, burst=10)), cooldown=CooldownPolicy(base_s=1.0, max_s=60.0))
+    storm_end = 60.0
+    now, _, _ = _run_until(s, t0, 0, lambda now, calls: now >= storm_end,
+                           kind_at=lambda sent: "rate_limited", answer_after=0.2)
+    assert s.snapshot(now)["keys"]["k1"]["effective_rps"] <= 0.2  # the storm took it to the floor
+    end, _, first_ok = _run_until(s, now, 0, lambda t, calls: s.snapshot(t)["keys"]["k1"]["effective_rps"] >= 10.0
+                                  or t > storm_end + 600, answer_after=0.2)
+    assert first_ok is not None and end - first_ok <= 40.0
+
+
+def test_additive_increase_is_a_fraction_of_the_configured_rate_per_second():
+    r = AdaptiveRate(100.0, AdaptPolicy(increase_per_s=0.05), t0)
+    for i in range(50):
+        r.on_throttle(i * 0.1, sent_rate=None)
+    assert r.rate == pytest.approx(1.0)  # the floor
+    now = 10.0
+    while r.rate < 100.0 and now < 100.0:  # calls at the key's own pace
+        now += 1.0 / r.rate
+        r.on_success(now)
+    assert now - 10.0 <= 25.0  # 5 %/s of 100: from the floor in about 20 s
+
+
+def test_rate_increase_per_s_reaches_the_policy_from_the_config(tmp_path):
+    from dispatcher.spec import scheduler_spec
+    from schemas import load_config
+
+    path = tmp_path / "ratefleet.toml"
+    path.write_text('[upstreams.u]\nbase_url = "http://127.0.0.1:1"\n'
+                    '[pools.p]\nkeys = [{ id = "k1", secret = "env:K1", rps = 10 }]\n'
+                    '[dispatcher]\nrate_increase_per_s = 0.2\n')
+    assert scheduler_spec(load_config(path)).adapt.increase_per_s == 0.2
+    assert AdaptPolicy().increase_per_s == 0.05

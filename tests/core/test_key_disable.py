@@ -117,7 +117,8 @@ P = ProbePolicy(base_s=60.0, max_s=200.0)
     ([OK], [60.0]),
     ([INVALID_KEY, OK], [60.0, 120.0]),
     ([INVALID_KEY, INVALID_KEY, INVALID_KEY, OK], [60.0, 120.0, 200.0, 200.0]),  # capped at max_s
-    ([DENIED_401, Outcome("rate_limited", 429)], [60.0, 120.0]),  # a plain 429 means the key authenticated
+    ([INVALID_KEY, Outcome("rate_limited", 429)], [60.0, 120.0]),  # a plain 429 means the key authenticated
+    ([DENIED_401, OK], [60.0, 60.0]),  # a plain 401 on the probe is no verdict: same delay, not doubled
     ([Outcome("upstream_error", 503), OK], [60.0, 0.0]),  # a 5xx says nothing: the next job probes again
 ])
 def test_a_disabled_key_is_probed_with_one_job_and_comes_back(probe_outcomes, expected_delays):
@@ -128,9 +129,8 @@ def test_a_disabled_key_is_probed_with_one_job_and_comes_back(probe_outcomes, ex
     for outcome, delay in zip(probe_outcomes, expected_delays):
         assert view(s, "k1", now)["probe_in_s"] == delay
         if delay:
-            s.add(job(), now + delay - 1)  # no key, no probe due: refused at once, with the probe time
-            reject = s.next(now + delay - 1)
-            assert isinstance(reject, Reject) and "next probe in 1 s" in reject.message
+            s.add(job(), now + delay - 1)  # no key, no probe due: the job waits for the probe, it does not fail
+            assert s.next(now + delay - 1) == WaitUntil(now + delay)
         now += delay
         probe = run_on(s, f"probe{now}", now)
         assert probe.reservation.key_probe and view(s, "k1", now)["probe_in_s"] == 0.0
@@ -209,7 +209,7 @@ def test_a_persisted_state_restores_on_a_new_scheduler():
     assert fresh.snapshot(500.0)["keys"]["k1"]["probe_in_s"] == 30.0
     assert view(fresh, "k2", 500.0)["disabled_reason"] == "rotating"
     fresh.add(job(), 529.0)
-    assert isinstance(fresh.next(529.0), Reject)  # k2 stays out, k1's probe is not due yet
+    assert fresh.next(529.0) == WaitUntil(530.0)  # k2 stays out; the job waits for k1's probe
     assert run_on(fresh, "probe", 530.0).reservation.key_probe
     with pytest.raises(ValueError):
         fresh.restore_key("k1", {"by": "nobody", "reason": "x"}, 500.0)

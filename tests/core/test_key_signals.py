@@ -132,6 +132,8 @@ def test_all_keys_disabled_rejects_with_advice():
     s.add(job(), t0)
     d = dispatch(s, t0)
     s.complete(d.reservation, Outcome("key_error", 403), t0)
+    assert s.next(t0) == WaitUntil(60.0)  # provider-disabled: the job waits for the key's probe
+    s.disable_key("k1", "revoked", t0)  # an operator's decision is never probed: nothing to wait for
     reject = s.next(t0)
     assert isinstance(reject, Reject) and reject.code == "no_key_available"
     assert "disabled" in reject.message and "replace the keys" in reject.message

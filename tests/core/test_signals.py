@@ -141,3 +141,40 @@ def test_provider_code(body, code):
 )
 def test_classify_with_provider_codes(status, body, kind):
     assert classify(status, None, provider_code(body)) == kind
+
+
+# answers about the key that arrive as a 400 or a 402 (dispatcher/core/signals.py docstring)
+GEMINI_BAD_KEY = {"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.",
+                            "status": "INVALID_ARGUMENT",
+                            "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
+                                         "domain": "googleapis.com",
+                                         "metadata": {"service": "generativelanguage.googleapis.com"}},
+                                        {"@type": "type.googleapis.com/google.rpc.LocalizedMessage", "locale": "en-US",
+                                         "message": "API key not valid. Please pass a valid API key."}]}}
+GEMINI_BAD_ARG = {"error": {"code": 400, "message": "Invalid value at 'contents'", "status": "INVALID_ARGUMENT",
+                            "details": [{"@type": "type.googleapis.com/google.rpc.BadRequest",
+                                         "fieldViolations": [{"field": "contents"}]}]}}
+OPENROUTER_CREDITS = {"error": {"code": 402, "message": "Insufficient credits. Add more using https://openrouter.ai/credits"}}
+ANTHROPIC_CREDIT = {"type": "error", "error": {"type": "invalid_request_error", "message": (
+    "Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade or purchase "
+    "credits.")}}
+ANTHROPIC_BAD_REQUEST = {"type": "error", "error": {"type": "invalid_request_error", "message": "max_tokens: Field required"}}
+
+
+@pytest.mark.parametrize(
+    "status, body, code, kind",
+    [
+        (400, GEMINI_BAD_KEY, "API_KEY_INVALID", "key_error"),
+        (400, GEMINI_BAD_ARG, "400", "bad_request"),  # the request's fault stays the request's
+        (402, OPENROUTER_CREDITS, "payment_required", "key_error"),
+        (402, {"error": {"message": "no code at all"}}, None, "key_error"),  # any 402: out of credit
+        (400, ANTHROPIC_CREDIT, "credit_balance_too_low", "key_error"),
+        (400, ANTHROPIC_BAD_REQUEST, "invalid_request_error", "bad_request"),
+        (403, {"error": {"code": 403, "status": "PERMISSION_DENIED", "details": [
+            {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "SERVICE_DISABLED"}]}},
+         "SERVICE_DISABLED", "key_error"),
+    ],
+)
+def test_key_scoped_answers_that_do_not_look_like_it(status, body, code, kind):
+    assert provider_code(body) == code
+    assert classify(status, None, provider_code(body)) == kind
