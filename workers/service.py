@@ -361,7 +361,8 @@ def _request_denied(a: Assignment, call: CallResult) -> ErrorInfo:
 
 def _rate_limited_message(a: Assignment, call: CallResult) -> str:
     """Why a job ended `rate_limited`, from what its last 429 said (ratelimit_scope.py)."""
-    head = f"answered 429 {a.rate_limited + 1} times (max_rate_limited = {a.max_rate_limited}); the last one, on key {a.key_id}, "
+    head = (f"answered 429 {a.rate_limited + 1} times (max_rate_limited = {a.max_rate_limited}); "
+            f"the last one, on key {a.key_id}, ")
     scope = call.scope
     if scope is None:
         return head + ("gave no rate-limit headers or error detail saying whether the key was out of room "
