@@ -16,7 +16,7 @@ over, for the whole fleet. `rate_limit_scope` reads the evidence in order:
     body states Limit L, Requested R with R > L        request, never fits  (L, R kept)
     body says "Request too large"                      request
     the job's cost > x-ratelimit-limit-tokens          request, never fits
-    body says "Rate limit reached … Used U, Requested R" (R <= L)   key (out of room for now)
+    body says "Rate limit reached" / "would exceed" (R <= L)   key (out of room for now)
     remaining requests or tokens <= 0                  key
     remaining tokens < the job's cost                  key  (not enough room for this one)
     remaining requests > 0, tokens > 0 or absent       request (the key had room)
@@ -41,7 +41,9 @@ from .types import RateLimitInfo
 Scope = Literal["key", "request"]
 
 _TOO_LARGE = re.compile(r"\brequest too large\b", re.IGNORECASE)
-_REACHED = re.compile(r"\brate limit reached\b", re.IGNORECASE)
+# the key is out of room for now: OpenAI "Rate limit reached for … on tokens per min (TPM):
+# Limit 30000, Used 29937, Requested 385", Anthropic "This request would exceed the rate limit …"
+_REACHED = re.compile(r"\brate limit reached\b|\bwould exceed\b", re.IGNORECASE)
 _LIMIT_REQUESTED = re.compile(
     r"\blimit:?\s+([\d,]+(?:\.\d+)?)\s*,\s*(?:used:?\s+[\d,]+(?:\.\d+)?\s*,\s*)?requested:?\s+([\d,]+(?:\.\d+)?)",
     re.IGNORECASE)
@@ -97,7 +99,7 @@ def _from_body(message: str | None) -> RateLimitScope | None:
     if _TOO_LARGE.search(message):
         return RateLimitScope("request", "the provider says the request is too large", limit=limit,
                               requested=requested, unit=unit, never_fits=True)
-    if _REACHED.search(message) and numbers is not None:
+    if _REACHED.search(message):
         return RateLimitScope("key", "the provider says the key's limit is reached for now")
     return None
 

@@ -41,6 +41,11 @@ MOCK_BODY = {"error": {"message": "The mock upstream was told to answer 429.", "
         (NO_ROOM, TOO_LARGE, 1.0, "request", True),  # the body outranks the headers
         (None, {"error": {"message": "Request too large for model m."}}, None, "request", True),
         (ROOM, REACHED, 1.0, "key", False),  # "Rate limit reached ... Used": the key is full for now
+        (ROOM, {"error": {"message": "Rate limit reached for key k1 on tokens. Please try again in 1s."}},
+         1.0, "key", False),  # the mock's own token limit: remaining tokens > 0 but fewer than a call needs
+        (ROOM, {"type": "error", "error": {"type": "rate_limit_error", "message": "This request would exceed the "
+                                           "rate limit for your organization of 50,000 input tokens per minute."}},
+         1.0, "key", False),  # Anthropic
         (ROOM, MOCK_BODY, 1.0, "request", False),  # the key's own headers showed room
         (RateLimitInfo(remaining_requests=4), None, None, "request", False),  # tokens absent
         (NO_ROOM, MOCK_BODY, 1.0, "key", False),  # remaining 0
