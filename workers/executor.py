@@ -167,8 +167,8 @@ class UpstreamExecutor:
 
 
 def _scoped(result: CallResult, cost: float) -> CallResult:
-    """A 429 with its scope; one that can never fit ends the job (`request_too_large`),
-    still reported as a request-scoped 429 so the key is left alone."""
+    """A 429 with its scope; one that can never fit ends the job (`request_too_large`) and is
+    reported as a bad request (the job's fault, like a 413), so the key is left alone."""
     info = RateLimitInfo.from_dict(result.ratelimit) if result.ratelimit else None
     body = result.response.json_body if result.response is not None else None
     scope = rate_limit_scope(info, body, cost)
@@ -176,4 +176,4 @@ def _scoped(result: CallResult, cost: float) -> CallResult:
         return replace(result, scope=scope)
     message = (f"the upstream answered 429 because this request {scope.describe_too_large()} "
                f"({scope.reason}); waiting cannot make it fit, so it is not retried: make the request smaller")
-    return replace(result, scope=scope, code=ErrorCode.REQUEST_TOO_LARGE, error=message)
+    return replace(result, kind="bad_request", scope=scope, code=ErrorCode.REQUEST_TOO_LARGE, error=message)

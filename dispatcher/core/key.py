@@ -20,6 +20,9 @@ key's, unless the same job was answered 429 on this key before, other jobs succe
 since, and no other fresh 429 came in between: then it is that job's own (its retries
 back off on their own nak delay), so one job cannot hold a key down for everyone; the
 first such 429 of a job still acts on the key, which bounds what a misreading costs.
+Headers showing room can mislead (a limit they do not report, such as concurrency): when
+429s of different jobs come back to back on a key with no success in between, the key is
+refusing everyone, and such a 429 is the key's whatever its headers said.
 """
 
 from __future__ import annotations
@@ -94,6 +97,7 @@ class KeyState:
         self.throttled_at = -math.inf  # when the last fresh 429 was seen
         self.ok_at = -math.inf  # when the last success was seen
         self._job_429_at: OrderedDict[str, float] = OrderedDict()  # job id -> its last 429 here
+        self._last_429: tuple[str | None, float] = (None, -math.inf)  # (job id, when) of the last 429
         self._sent: deque[float] = deque(maxlen=256)
         self.breaker = KeyBreaker(breaker, name=spec.id)
         self.cooldown_until = -math.inf
@@ -209,12 +213,16 @@ class KeyState:
 
     def request_scoped(self, outcome: Outcome, job_id: str | None) -> bool:
         """Whether a 429 is about its request rather than this key (module docstring)."""
+        last_job, last_at = self._last_429
+        if last_at > self.ok_at and last_job != job_id:
+            return False  # another job's 429 just before, no success since: everyone is refused
         if outcome.scope is not None:
             return outcome.scope == "request"
         last = self._job_429_at.get(job_id) if job_id is not None else None
         return last is not None and self.ok_at > last and self.throttled_at <= last
 
     def _note_job_429(self, job_id: str | None, now: float) -> None:
+        self._last_429 = (job_id, now)
         if job_id is None:
             return
         self._job_429_at[job_id] = now

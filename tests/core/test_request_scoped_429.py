@@ -163,3 +163,13 @@ def test_without_evidence_429s_of_different_jobs_are_the_keys():
     at = _run(s, "good2", at, OK)[1]
     at = _run(s, "a", at, bare)[1]  # a's repeat, but b's 429 came after a's first: still the key's
     assert s.snapshot(at)["keys"]["k1"]["cooldown_s"] > 0.0
+
+
+def test_headers_showing_room_do_not_hide_a_key_that_refuses_everyone():
+    s = make(pool("p", key("k1", rps=20, burst=5)), cooldown=CooldownPolicy(base_s=1.0, max_s=45.0))
+    roomy = Outcome("rate_limited", 429, ratelimit=ROOM, scope="request")
+    at = _run(s, "a", t0, roomy)[1]
+    assert s.snapshot(at)["keys"]["k1"]["cooldown_s"] == 0.0  # one job: its own
+    at = _run(s, "b", at, roomy)[1]  # another job refused right after, nothing succeeded between
+    assert s.snapshot(at)["keys"]["k1"]["cooldown_s"] == 1.0
+    assert s.snapshot(at)["keys"]["k1"]["effective_rps"] < 20.0

@@ -1,6 +1,6 @@
 """The worker's side of request-scoped 429s, over httpx.MockTransport and a recording
 finisher: a 429 saying the request exceeds the whole limit ends the job `request_too_large`
-after that one call (reported as a request-scoped 429, so the key is left alone), and a job
+after that one call (reported as a bad request, the job's fault, so the key is left alone), and a job
 that used up its 429 budget is told what its last 429 said."""
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ async def test_a_request_larger_than_the_whole_limit_ends_after_one_call(monkeyp
     assert "50000" in result.error.message and "30000" in result.error.message, result.error.message
     assert result.response.status == 429
     [report] = nc.reports()
-    assert (report.kind, report.scope, report.terminal) == ("rate_limited", "request", True)
+    assert (report.kind, report.scope, report.terminal) == ("bad_request", "request", True)
 
 
 @pytest.mark.parametrize("headers, scope, says", [
