@@ -34,6 +34,7 @@ from schemas.job import JobRejected, parse_job
 
 MAX_ID = 128
 _GENERATED = re.compile(r"-(\d{1,12})-([0-9a-f]{10})$")
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes that are not UTF-8, as iter_lines keeps them
 SHOWN_ERRORS = 20
 MAX_GAPS = 10_000
 
@@ -65,6 +66,10 @@ def parse_line(text: str, number: int, batch: str) -> Job:
 
     The same check as every other door into the fleet (`schemas.job.parse_job`), so a line
     that passes here is not refused later."""
+    bad = _UNDECODABLE.search(text)
+    if bad:
+        raise LineError(f"line {number}: not UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x} at character "
+                        f"{bad.start() + 1}); save the file as UTF-8")
     try:
         job = parse_job(text.encode("utf-8", "surrogatepass"))
     except JobRejected as exc:
@@ -79,8 +84,9 @@ def parse_line(text: str, number: int, batch: str) -> Job:
 
 
 def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text without trailing whitespace) of every non-blank line, one at a time."""
-    with path.open("r", encoding="utf-8", errors="replace") as handle:
+    """(line number, text without trailing whitespace) of every non-blank line, one at a time.
+    Bytes that are not UTF-8 stay as lone surrogates (errors="surrogateescape"): parse_line names them."""
+    with path.open("r", encoding="utf-8", errors="surrogateescape") as handle:
         for number, line in enumerate(handle, 1):
             text = line.rstrip()
             if text:

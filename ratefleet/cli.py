@@ -122,9 +122,13 @@ def worker(config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt,
 
 @app.command()
 def submit(file: Path = typer.Argument(..., help="JSONL file, one Job per line ('-' for stdin)"),
-           tier: str = TierOpt, batch: Optional[str] = typer.Option(None, "--batch", "-b"),
-           wait: bool = Flag(False, "--wait", help="follow results until every job has one"),
-           out: Optional[Path] = typer.Option(None, "--out", "-o", help="write Results here (JSONL)"),
+           tier: str = TierOpt,
+           batch: Optional[str] = typer.Option(None, "--batch", "-b", metavar="NAME",
+                                               help="batch name (default: a new submit-<time>-<hex>); the same "
+                                                    "name again resumes and sends only lines not stored yet"),
+           wait: bool = Flag(False, "--wait", help="follow results until every job has one (written to --out)"),
+           out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FILE",
+                                              help="write Results here (JSONL; '-' for stdout)"),
            skip_invalid: bool = Flag(False, "--skip-invalid", help="submit the valid lines, report the rest"),
            config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt, prefix: Optional[str] = PrefixOpt):
     """Submit a batch of jobs with a progress bar; --wait collects their Results."""
@@ -132,7 +136,8 @@ def submit(file: Path = typer.Argument(..., help="JSONL file, one Job per line (
 
     if str(file) != "-":
         require_file(file, "jobs file")
-    require_out_path(out)
+    if out is None or str(out) != "-":  # `--out -`: stdout
+        require_out_path(out)
     target = client_target(config, nats, prefix)
     code = _run(run_submit, file, tier, batch, wait, out, skip_invalid, target.url, target.prefix)
     raise typer.Exit(code or 0)
@@ -142,21 +147,40 @@ def submit(file: Path = typer.Argument(..., help="JSONL file, one Job per line (
 def request(job: str = typer.Argument(..., help="Job JSON, or @FILE"), tier: str = TierOpt,
             timeout: float = typer.Option(30.0, "--timeout", help="seconds to wait for the Result"),
             config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt, prefix: Optional[str] = PrefixOpt):
-    """One job over request/reply; prints the Result; exit 0 only if it succeeded."""
-    from ratefleet.client import Client
+    """One job over request/reply; prints the Result; exit 0 only if it succeeded, 2 for a bad job or tier."""
+    from ratefleet.client import Client, as_job
+    from ratefleet.errors import JobInvalid
+    from ratefleet.submit_report import check_tier
 
     text = read_text_file(Path(job[1:]), "job file") if job.startswith("@") else job
     try:
-        payload = json.loads(text)
+        model = as_job(json.loads(text))
     except (ValueError, RecursionError) as exc:
         fail(f"the job is not valid JSON ({type(exc).__name__}: {exc}); pass one JSON object or @FILE")
+    except (JobInvalid, AttributeError, TypeError) as exc:  # an input error, like a bad line in `submit`
+        fail(f"invalid job: {exc}")
     target = client_target(config, nats, prefix)
+    sent = False
 
     async def go():
+        nonlocal sent
         async with await Client.connect(target.url, prefix=target.prefix) as client:
-            return await client.request(payload, tier, timeout=timeout)
+            problem = await check_tier(client, tier)
+            if problem:
+                return problem
+            sent = True  # from here the job may be stored: Ctrl-C says how to find it
+            return await client.request(model, tier, timeout=timeout)
 
-    result = _run(go)
+    try:
+        result = _run(go)
+    except typer.Exit as stop:
+        if stop.exit_code == EXIT_INTERRUPTED and sent:
+            make_console(stderr=True).print(
+                f"interrupted: job {model.id} may be stored and then keeps running; see its Result with "
+                f"`ratefleet result {model.id}`", markup=False, highlight=False, soft_wrap=True)
+        raise
+    if isinstance(result, str):
+        fail(result)
     typer.echo(result.model_dump_json(by_alias=True, indent=2))
     raise typer.Exit(0 if result.ok else EXIT_FAILED)
 
@@ -183,7 +207,7 @@ def status(config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt, pr
 
 @app.command("mock-upstream")
 def mock_upstream(port: int = typer.Option(8900, "--port"), host: str = typer.Option("127.0.0.1", "--host"),
-                  key: list[str] = typer.Option([], "--key", help="id=SECRET:rps=20:burst=5[:concurrency=N][:cost_per_minute=N]"),
+                  key: list[str] = typer.Option([], "--key", metavar="SPEC", help="id=SECRET:rps=20:burst=5[:concurrency=N][:cost_per_minute=N]"),
                   rps: float = typer.Option(20.0, "--rps", help="limit for keys not listed"),
                   burst: float = typer.Option(5.0, "--burst"),
                   latency_ms: float = typer.Option(0.0, "--latency-ms"),
@@ -227,7 +251,9 @@ def dlq_list(tier: Optional[str] = typer.Option(None, "--tier", help=tier_help("
 
 @dlq_app.command("replay")
 def dlq_replay(tier: Optional[str] = typer.Option(None, "--tier", help=tier_help("only this tier")),
-               id: Optional[str] = typer.Option(None, "--id"), config: Optional[Path] = ConfigOpt,
+               id: Optional[str] = typer.Option(None, "--id", metavar="JOB_ID",
+                                                help="only the dead letter of this job id (as `dlq list` shows it)"),
+               config: Optional[Path] = ConfigOpt,
                nats: Optional[str] = NatsOpt, prefix: Optional[str] = PrefixOpt,
                purge: bool = Flag(True, "--purge/--keep", help="remove replayed letters from the DLQ")):
     """Resubmit dead letters (those holding a job) under a new id that names the original; prints the new ids."""

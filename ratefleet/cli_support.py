@@ -1,11 +1,13 @@
 """What every `ratefleet` command shares: finding the config, one-line errors, plain output.
 
 Exit codes (the README's "Exit codes"): 0 all succeeded, 1 some failed (or the fleet could
-not do it), 2 usage or input error (bad flag, missing file, bad config), 130 interrupted.
+not do it), 2 usage or input error (bad flag, missing file, bad config), 130 interrupted, 141 the
+reader of stdout went away (a closed pipe: quiet, like a standard Unix tool).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tomllib
@@ -20,6 +22,8 @@ from rich.console import Console
 from schemas.config import DEFAULT_TIERS, Config, ConfigError, config_path, load_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+PIPE_WIDTH = 200  # columns of a console that is not a terminal and has no $COLUMNS
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what the shell reports for a standard tool whose reader went away
 LOOKED_AT = "--config FILE, $RATEFLEET_CONFIG, ./ratefleet.toml"
 START_HINT = ("copy examples/local.toml (with `ratefleet mock-upstream` as the upstream) or examples/openai.toml "
               "to ratefleet.toml, or pass --config FILE")
@@ -38,10 +42,13 @@ def plain_output() -> bool:
 
 def make_console(*, stderr: bool = False) -> Console:
     """A rich Console that prints no escape codes at all when `plain_output()` (colours, bold, cursor moves)."""
+    stream = sys.stderr if stderr else sys.stdout
+    # not a terminal (a pipe, a file, a CI log): $COLUMNS if set, else 200 columns so tables keep whole ids
+    width = None if os.environ.get("COLUMNS") or stream.isatty() else PIPE_WIDTH
     if plain_output():
         return Console(stderr=stderr, color_system=None, no_color=True, force_terminal=False, highlight=False,
-                       emoji=False)
-    return Console(stderr=stderr, highlight=False)
+                       emoji=False, width=width)
+    return Console(stderr=stderr, highlight=False, width=width)
 
 
 def one_line(message: str) -> str:
@@ -182,13 +189,20 @@ class RatefleetApp(typer.Typer):
     def __call__(self, *args, **kwargs):
         try:
             code = super().__call__(*args, **{**kwargs, "standalone_mode": False})
+            sys.stdout.flush()  # a reader that went away shows here, not as a warning at exit
         except Exception as exc:  # noqa: BLE001 - the last edge: report, do not dump a stack
             sys.exit(self._report(exc))
         sys.exit(code if isinstance(code, int) else EXIT_OK)
 
     def _report(self, exc: Exception) -> int:
         """Print one line for `exc`; return the exit code. Click's classes are matched by name:
-        typer vendors its own copy of click in some versions and uses click itself in others."""
+        typer vendors its own copy of click in some versions and uses click itself in others.
+
+        A closed pipe (`ratefleet results ... | head -1`) ends quietly with 141 (128 + SIGPIPE),
+        as a standard Unix tool does; a task group's ExceptionGroup of one error is named by that error."""
+        if is_broken_pipe(exc):
+            return quiet_broken_pipe()
+        exc = unwrap_group(exc)
         kinds = {cls.__name__ for cls in type(exc).__mro__}
         if "NoArgsIsHelpError" in kinds:
             if self.rich_markup_mode is None:  # rich help was printed already, as typer does
@@ -205,6 +219,32 @@ class RatefleetApp(typer.Typer):
             raise exc
         _print_error(f"unexpected {one_line(f'{type(exc).__name__}: {exc}')} (set RATEFLEET_DEBUG=1 for the traceback)")
         return EXIT_FAILED
+
+
+def unwrap_group(exc: BaseException) -> BaseException:
+    """The one error inside (nested) ExceptionGroups of a single error; `exc` itself otherwise."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def is_broken_pipe(exc: BaseException) -> bool:
+    """True for BrokenPipeError, or an ExceptionGroup holding nothing but BrokenPipeErrors (and cancellations)."""
+    if isinstance(exc, BaseExceptionGroup):
+        rest = exc.subgroup(lambda e: not isinstance(e, (BrokenPipeError, BaseExceptionGroup))
+                            and type(e).__name__ != "CancelledError")
+        return rest is None and exc.subgroup(lambda e: isinstance(e, BrokenPipeError)) is not None
+    return isinstance(exc, BrokenPipeError)
+
+
+def quiet_broken_pipe() -> int:
+    """Point stdout at /dev/null (so the exit flush cannot fail again) and return EXIT_BROKEN_PIPE.
+
+    Source: Python docs, "Note on SIGPIPE" (library/signal.html)."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_BROKEN_PIPE
 
 
 def _print_error(message: str) -> None:

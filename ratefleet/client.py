@@ -31,7 +31,7 @@ from ratefleet.runtime.pubpipe import PublishPipe
 from ratefleet.runtime.store import MSG_ID, TRANSIENT, publish_job, publish_job_ack, read_result
 from schemas import Job, Result, Subjects
 from schemas.config import DEFAULT_NATS_URL
-from schemas.job import JobRejected, describe_validation_error
+from schemas.job import JobRejected, describe_validation_error, job_size_limit
 
 JobLike = Job | dict[str, Any]
 
@@ -94,8 +94,18 @@ class Client:
         await self._publish(tier, model)
         return model.id
 
-    async def _publish(self, tier: str, model: Job, reply_to: str | None = None) -> bool:
-        return await publish_job(self.js, self.subjects, tier, model.id, model.to_json(), reply_to=reply_to)
+    async def _publish(self, tier: str, model: Job, reply_to: str | None = None, payload: bytes | None = None) -> bool:
+        payload = payload if payload is not None else self._payload(model)
+        return await publish_job(self.js, self.subjects, tier, model.id, payload, reply_to=reply_to)
+
+    def _payload(self, model: Job) -> bytes:
+        """The job's JSON; JobInvalid when it is larger than a job can be on this fleet's NATS
+        server (`job_size_limit`: the server's max_payload less what the assignment adds)."""
+        payload = model.to_json()
+        limit, source = job_size_limit(None, self.nc.max_payload)
+        if len(payload) > limit:
+            raise JobInvalid(f"job {model.id} is {len(payload)} bytes; the limit is {limit} ({source})")
+        return payload
 
     async def submit_many(self, jobs: Iterable[JobLike], tier: str, *, batch: str | None = None,
                           concurrency: int = 256, progress: Callable[[int], None] | None = None) -> list[str]:
@@ -106,13 +116,14 @@ class Client:
         unknown tier) no further job is sent and the error says how many were stored.
         """
         models = [as_job(job, batch=batch) for job in jobs]
+        payloads = [self._payload(model) for model in models]
         stored = 0
-        queue = iter(models)  # shared: each publisher takes the next job
+        queue = iter(zip(models, payloads))  # shared: each publisher takes the next job
 
         async def publisher() -> None:
             nonlocal stored
-            for model in queue:
-                await self._publish(tier, model)
+            for model, payload in queue:
+                await self._publish(tier, model, payload=payload)
                 stored += 1
                 if progress:
                     progress(1)
@@ -154,7 +165,7 @@ class Client:
                         ack_timeout: float) -> AsyncIterator[Stored]:
         subject = self.subjects.jobs(tier)
         for job in jobs:
-            payload = job.to_json()
+            payload = self._payload(job)
             try:
                 future = await pipe.publish(subject, payload, headers={MSG_ID: job.id})
             except TRANSIENT:
@@ -203,7 +214,7 @@ class Client:
                 if stored is not None:
                     return stored
                 raise RequestTimeout(f"no result for job {model.id} within {timeout}s; it is stored and still runs: "
-                                     f"collect it later with Client.results()/stored_result()") from None
+                                     f"collect it later with `ratefleet result {model.id}` (or Client.stored_result)") from None
             return await self.bodies.resolve(Result.from_json(msg.data))
         finally:
             await sub.unsubscribe()

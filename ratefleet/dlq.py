@@ -6,12 +6,14 @@ import asyncio
 import json
 
 from nats.js.api import DeliverPolicy
-from rich.table import Table
+from rich.table import Column, Table
 
 from ratefleet.cli_support import make_console
 from ratefleet.client import Client
 from ratefleet.runtime.store import publish_job
 from schemas.job import new_job_id
+
+NARROW = 120  # columns below which `dlq list` prints one block per letter instead of a table
 
 
 async def read_dead(client: Client, tier: str | None, limit: int | None = None) -> list[tuple[int, dict]]:
@@ -46,12 +48,27 @@ async def list_dead(url: str, prefix: str, tier: str | None, limit: int, as_json
         for _seq, letter in letters:
             print(json.dumps(letter))
         return
-    table = Table("seq", "job id", "tier", "code", "reason", "attempts", "replayable", title=f"dead letters ({len(letters)})")
+    render_dead(letters, make_console())
+
+
+def render_dead(letters: list[tuple[int, dict]], console) -> None:
+    """Dead letters for people: a table, or below NARROW columns one block per letter; job ids whole."""
+    if console.width < NARROW:  # a table of 7 columns would cut ids: one block per letter, ids whole
+        console.print(f"dead letters ({len(letters)})", markup=False)
+        for seq, letter in letters:
+            reason = letter.get("reason") or {}
+            console.print(f"{seq}  {letter.get('job_id')}  tier {letter.get('tier')}  attempts {letter.get('attempts')}"
+                          f"  replayable {'yes' if letter.get('job') else 'no'}\n    {reason.get('code')}: "
+                          f"{reason.get('message')}", markup=False, highlight=False, soft_wrap=True)
+        return
+    table = Table("seq", Column("job id", no_wrap=True, min_width=12), "tier", Column("code", overflow="fold"),
+                  Column("reason", overflow="fold", ratio=1), "attempts", "replayable",
+                  title=f"dead letters ({len(letters)})")  # whole ids: they are copied into `dlq replay --id`
     for seq, letter in letters:
         reason = letter.get("reason") or {}
         table.add_row(str(seq), str(letter.get("job_id")), str(letter.get("tier")), str(reason.get("code")),
-                      str(reason.get("message"))[:80], str(letter.get("attempts")), "yes" if letter.get("job") else "no")
-    make_console().print(table)
+                      str(reason.get("message"))[:300], str(letter.get("attempts")), "yes" if letter.get("job") else "no")
+    console.print(table)
 
 
 async def replay_dead(url: str, prefix: str, tier: str | None, job_id: str | None,

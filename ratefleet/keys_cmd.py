@@ -43,29 +43,50 @@ async def send_key_command(url: str, prefix: str, request: dict, timeout: float)
         await nc.close()
 
 
+async def earlier_reason(url: str, prefix: str, key: str, timeout: float) -> str | None:
+    """The reason `key` is operator-disabled with now (from the leader's status), else None."""
+    nc = await connect(url, name="ratefleet-keys", forever=False)
+    try:
+        reply = await nc.request(Subjects(prefix).admin_status, b"", timeout=timeout)
+        state = (json.loads(reply.data).get("keys") or {}).get(key) or {}
+    except Exception:  # noqa: BLE001 - no answer: the leader's default reason is used
+        return None
+    finally:
+        await nc.close()
+    return state.get("disabled_reason") if state.get("disabled_by") == "operator" else None
+
+
 def _run(request: dict, config, nats, prefix, timeout: float) -> None:
     target = client_target(config, nats, prefix)
     try:
+        if request["action"] == "disable" and not request.get("reason"):  # disabling again keeps the reason
+            request["reason"] = (anyio.run(earlier_reason, target.url, target.prefix, request["key"], timeout)
+                                 or "disabled by an operator")
         answer = anyio.run(send_key_command, target.url, target.prefix, request, timeout)
     except (NatsUnavailable, TimeoutError) as exc:
         fail(str(exc), EXIT_FAILED)
     if not answer.get("ok"):
         fail(str(answer.get("error")), EXIT_FAILED)
     state = answer.get("state") or {}
+    key = answer.get("key")
+    if request["action"] == "enable" and state.get("state") != "enabled":
+        why = (f"no worker has its secret ({state.get('secret_missing')})" if state.get("disabled_by") == "secret"
+               else f"it is disabled ({state.get('disabled_reason')})")
+        fail(f"key {key} stays out of rotation: {why}; give the workers its secret (see `ratefleet status`); it "
+             "comes back by itself once a worker reports it", EXIT_FAILED)
     what = "enabled" if state.get("state") == "enabled" else f"disabled ({state.get('disabled_reason')})"
     note = "" if answer.get("changed") else " (no change)"
     saved = "" if answer.get("persisted", True) else "; NOT persisted (KV unavailable): a new leader will not know"
-    typer.echo(f"key {answer.get('key')}: {what}{note}{saved}")
+    typer.echo(f"key {key}: {what}{note}{saved}")
 
 
 @keys_app.command("disable")
 def disable(key: str = typer.Argument(..., help="key id from the config"),
-            reason: Optional[str] = typer.Option(None, "--reason", "-r", help="shown in `ratefleet status`"),
+            reason: Optional[str] = typer.Option(None, "--reason", "-r", help="shown in `ratefleet status` (default: the earlier reason when disabled again)"),
             config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt, prefix: Optional[str] = PrefixOpt,
             timeout: float = TimeoutOpt):
     """Take KEY out of rotation until `ratefleet keys enable KEY` (never probed automatically)."""
-    _run({"action": "disable", "key": key, "reason": reason or "disabled by an operator"}, config, nats, prefix,
-         timeout)
+    _run({"action": "disable", "key": key, "reason": reason}, config, nats, prefix, timeout)
 
 
 @keys_app.command("enable")

@@ -7,8 +7,13 @@ input file is not needed. `--order input` puts Results in the file's line order 
 number in the deterministic ids, holding back only Results that arrive before an earlier
 line's (known gaps — blank, invalid, own-id lines — are skipped using the record).
 
+A `dlq replay` of a job supersedes its Result (ratefleet.results_replays): one Result counts per
+line, the latest replay written in place of the original (at its line with `--order input`).
+`--out -` is stdout.
+
 Exit codes: 0 every Result succeeded (and, with a record, the batch is complete); 1 some
-failed or are missing; 2 usage error or nothing known of the batch/job; 130 Ctrl-C.
+failed or are missing; 2 usage error or nothing known of the batch/job; 130 Ctrl-C; 141 stdout's
+reader went away (cli_support.quiet_broken_pipe).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from ratefleet.runtime.connect import redact_url
 from ratefleet.batches import BatchRecord, InputOrder, load_record
 from ratefleet.client import Client
 from ratefleet.phases import Phases
+from ratefleet.results_replays import Replays, replay_of, scan_replays
 from schemas import Result
 from schemas.config import DEFAULT_NATS_URL
 from schemas.subjects import is_token
@@ -53,19 +59,50 @@ class Collect:
     order: InputOrder | None
     record: BatchRecord | None
     wait: bool
-    count: int = 0
+    count: int = 0           # lines with a Result (a replay counts for the line it replays)
     statuses: Counter = field(default_factory=Counter)
     stale: bool = False
+    replays: Replays = field(default_factory=Replays)
+    open_lines: dict[str, str] = field(default_factory=dict)  # root id -> status, lines not succeeded
+    swap: dict[str, Result] = field(default_factory=dict)      # held for --order input: original -> replay
+    superseded: int = 0      # Results replaced by a later replay of the same line
 
-    def take(self, result: Result) -> None:
-        self.count += 1
-        self.statuses[result.status] += 1
+    async def take(self, client: Client, result: Result) -> None:
+        """Count and write one stored Result; a replay stands in for the Result it replays."""
+        root = self.replays.roots.get(result.job_id)
+        if root is not None:
+            return  # found by the first scan: written in place of its original
+        root = self.replays.add(result.job_id, replay_of(result.metadata))
+        if root is not None:  # stored since the scan (--wait): its original may be written already
+            if root in self.open_lines:
+                self.statuses[self.open_lines.pop(root)] -= 1
+                self.count -= 1
+                self.superseded += 1
+            self._count(root, result)
+            self._write(result)
+            return
+        shown, latest = result, self.replays.latest.get(result.job_id)
+        if latest is not None:
+            shown = await client.stored_result(latest) or result
+            self.superseded += shown is not result
+        self._count(result.job_id, shown)
+        if shown is not result:
+            self.swap[result.job_id] = shown
         for ready in self.order.push(result) if self.order else [result]:
-            self.sink.write(ready.model_dump_json(by_alias=True) + "\n")
+            self._write(self.swap.pop(ready.job_id, ready))
+
+    def _count(self, root: str, shown: Result) -> None:
+        self.count += 1
+        self.statuses[shown.status] += 1
+        if shown.status != "succeeded":
+            self.open_lines[root] = shown.status
+
+    def _write(self, result: Result) -> None:
+        self.sink.write(result.model_dump_json(by_alias=True) + "\n")
 
     def finish(self) -> None:
         for ready in self.order.flush() if self.order else []:
-            self.sink.write(ready.model_dump_json(by_alias=True) + "\n")
+            self._write(self.swap.pop(ready.job_id, ready))
         self.sink.flush()
 
     @property
@@ -74,10 +111,10 @@ class Collect:
         return record is not None and record.state != "submitting" and self.count >= record.jobs
 
 
-def results(batch: str = typer.Option(..., "--batch", "-b", help="the batch name `submit` printed first"),
+def results(batch: str = typer.Option(..., "--batch", "-b", metavar="NAME", help="the batch name `submit` printed first"),
             wait: bool = typer.Option(False, "--wait", is_flag=True, metavar="",
                                       help="follow until every job of the batch has a Result"),
-            out: Optional[Path] = typer.Option(None, "--out", "-o", help="write Results here (JSONL; default stdout)"),
+            out: Optional[Path] = typer.Option(None, "--out", "-o", help="write Results here (JSONL; default or '-': stdout)"),
             order: str = typer.Option("arrival", "--order", help="arrival (as stored) or input (the file's line order)"),
             config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt, prefix: Optional[str] = PrefixOpt):
     """Collect the Results of a batch as JSONL; --wait follows until the batch is complete."""
@@ -85,7 +122,7 @@ def results(batch: str = typer.Option(..., "--batch", "-b", help="the batch name
         fail(f"--order must be 'arrival' or 'input', not {order!r}")
     if not is_token(batch):
         fail(f"--batch {batch!r} must be 1-128 of A-Z a-z 0-9 _ -")
-    require_out_path(out)
+    out = None if out is not None and str(out) == "-" else require_out_path(out)  # `--out -`: stdout
     target = client_target(config, nats, prefix)
     console = make_console(stderr=True)
     code = _run(_collect_batch, console, batch, wait, out, order == "input", target.url, target.prefix)
@@ -133,8 +170,10 @@ async def _collect_batch(console: Console, batch: str, wait: bool, out: Path | N
                           "expired), so --wait cannot know when it is complete; without --wait you get what is "
                           "stored", markup=False, highlight=False, soft_wrap=True)
             return 2
+        replays = await scan_replays(client, batch)
         sink = out.open("w", encoding="utf-8") if out else sys.stdout
-        run = Collect(batch, sink, InputOrder(record.gaps if record else None) if by_input else None, record, wait)
+        run = Collect(batch, sink, InputOrder(record.gaps if record else None) if by_input else None, record, wait,
+                      replays=replays)
         interrupted = False
         try:
             with Phases(console) as phases:
@@ -163,7 +202,7 @@ async def _follow(client: Client, run: Collect, phases: Phases) -> bool:
             tg.start_soon(_watch_record, client, run, tg.cancel_scope)
         if not (run.wait and run.complete):
             async for item in client.results(run.batch, follow=run.wait):
-                run.take(item)
+                await run.take(client, item)
                 phases.update(handle, completed=run.count)
                 if run.wait and run.complete:
                     break
@@ -187,7 +226,8 @@ async def _watch_record(client: Client, run: Collect, scope: anyio.CancelScope) 
 
 
 def _report(console: Console, run: Collect, out: Path | None, interrupted: bool, url: str, prefix: str) -> int:
-    summary = ", ".join(f"{status} {n:,}" for status, n in sorted(run.statuses.items())) or "no Results stored yet"
+    summary = (", ".join(f"{status} {n:,}" for status, n in sorted(run.statuses.items()) if n > 0)
+               or "no Results stored yet")
     say = lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
     record = run.record
     total = f" of {record.jobs:,}" if record else ""
@@ -195,6 +235,12 @@ def _report(console: Console, run: Collect, out: Path | None, interrupted: bool,
     again = ["ratefleet", "results", "--batch", run.batch, "--wait"] + (["--out", str(out)] if out else [])
     again += ([] if url == DEFAULT_NATS_URL else ["--nats", redact_url(url)]) + ([] if prefix == "ratefleet" else ["--prefix", prefix])
     missing = (record.jobs - run.count) if record else 0
+    if run.superseded:
+        say(f"{run.superseded:,} Results were replaced by a later `dlq replay` of the same line (counted once, "
+            "the latest replay written in their place)")
+    if record is not None and record.jobs == 0 and record.lines and run.count == 0:
+        say(f"none of the {record.lines:,} lines of batch {run.batch} has a job of its own here: their ids were "
+            "already stored under other batches (or the lines were invalid); see each with `ratefleet result ID`")
     if interrupted:
         say(f"interrupted: {max(missing, 0):,} jobs are still queued or running; collect them with: {shlex.join(again)}")
         return 130

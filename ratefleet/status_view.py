@@ -3,32 +3,58 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
+
+
+NARROW = 150  # columns below which the keys table becomes one block per key
+
+
+def _cell(value) -> str:
+    """A table cell: "-" for a missing value (None), else the value as text."""
+    return "-" if value is None else str(value)
+
+
+def _columns(first: str, *rest: str) -> list[Column]:
+    """The first column (an id people copy) is never cut; long cells fold onto more lines
+    instead of ending in "…". (Not a terminal: the console is 200 wide, see make_console.)"""
+    return [Column(first, no_wrap=True), *(Column(name, overflow="fold") for name in rest)]
 
 
 def render_status(answer: dict, console: Console | None = None) -> None:
     console = console or Console()
     leader = answer.get("leader") or "none (no dispatcher holds the lease)"
-    console.print(f"[bold]leader[/bold]: {leader}   answered by: {answer.get('dispatcher')}")
+    console.print(f"[bold]leader[/bold]: {leader}   answered by: {_cell(answer.get('dispatcher'))}")
     tiers = Table("tier", "queued", "pending (window)", "in flight", "dispatched", "unacked", title="tiers")
     for name, t in (answer.get("tiers") or {}).items():
-        tiers.add_row(name, str(t.get("queued", "?")), str(t.get("pending", "-")), str(t.get("in_flight", "-")),
-                      str(t.get("dispatched", "-")), str(t.get("unacked", "-")))
+        tiers.add_row(name, str(t.get("queued", "?")), _cell(t.get("pending")), _cell(t.get("in_flight")),
+                      _cell(t.get("dispatched")), _cell(t.get("unacked")))
     console.print(tiers)
-    keys = Table("key", "pool", "req/s effective / configured", "tokens", "cost tokens", "in flight", "breaker",
-                 "cooldown s", "calls", "ok", "429s", "errors", "state", title="keys")
-    for key_id, k in (answer.get("keys") or {}).items():
-        state = key_state(k)
-        keys.add_row(key_id, str(k.get("pool")), _rate(k), str(k.get("tokens")), str(k.get("cost_tokens", "-")),
-                     f"{k.get('in_flight')}/{k.get('concurrency') or '∞'}", str(k.get("breaker")),
-                     str(k.get("cooldown_s")), str(k.get("calls")), str(k.get("ok")), str(k.get("rate_limited")),
-                     str(k.get("errors")), state)
-    console.print(keys)
-    workers = Table("worker", "slots", "in flight", "calls", "host", "pid", "seen s ago", "state", title="workers")
+    headers = ("key", "pool", "req/s effective / configured", "tokens", "cost tokens", "in flight", "breaker",
+               "cooldown s", "calls", "ok", "429s", "errors", "state")
+    rows = [_key_row(key_id, k) for key_id, k in (answer.get("keys") or {}).items()]
+    if console.width < NARROW:  # 13 columns do not fit: one block per key, every value whole
+        console.print("keys", markup=False)
+        for row in rows:
+            console.print(f"  {row[0]}: " + ", ".join(f"{h} {v}" for h, v in zip(headers[1:], row[1:])),
+                          markup=False, highlight=False, soft_wrap=True)
+    else:
+        keys = Table(*_columns(*headers), title="keys")
+        for row in rows:
+            keys.add_row(*row)
+        console.print(keys)
+    workers = Table(*_columns("worker", "slots", "in flight", "calls", "host", "pid", "seen s ago", "state"),
+                    title="workers")
     for w in answer.get("workers") or []:
-        workers.add_row(w["id"], str(w["slots"]), str(w["in_flight"]), str(w.get("calls")), str(w.get("host")),
-                        str(w.get("pid")), str(w.get("last_seen_s")), "draining" if w.get("draining") else "up")
+        workers.add_row(w["id"], str(w["slots"]), str(w["in_flight"]), _cell(w.get("calls")), _cell(w.get("host")),
+                        _cell(w.get("pid")), _cell(w.get("last_seen_s")), "draining" if w.get("draining") else "up")
     console.print(workers)
+
+
+def _key_row(key_id: str, k: dict) -> list[str]:
+    return [key_id, _cell(k.get("pool")), _rate(k), _cell(k.get("tokens")), _cell(k.get("cost_tokens")),
+            f"{_cell(k.get('in_flight'))}/{k.get('concurrency') or '∞'}", _cell(k.get("breaker")),
+            _cell(k.get("cooldown_s")), _cell(k.get("calls")), _cell(k.get("ok")), _cell(k.get("rate_limited")),
+            _cell(k.get("errors")), key_state(k)]
 
 
 def _rate(key: dict) -> str:

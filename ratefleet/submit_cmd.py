@@ -14,13 +14,15 @@ command run again inside the dedup window sends nothing twice: it says how many 
 already stored and waits only for this batch's jobs. A line whose own id was already stored
 under another batch is looked up: its stored Result is written, or the user is told where it
 is queued; `--wait` never waits for it. Ctrl-C exits 130 and prints how many jobs are still
-queued and the command that collects them.
+queued, the command that collects them and this command again with `--batch` (a run without it
+would be a new batch and pay every line again).
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 import uuid
 from datetime import datetime, timezone
@@ -58,7 +60,8 @@ async def run_submit(file: Path, tier: str, batch: str | None, wait: bool, out: 
         say(f"error: no such file: {file}")
         return 2
     run = Run(file=file, tier=tier, batch=batch or new_batch_name(), wait=wait, out=out, url=url, prefix=prefix)
-    say(f"batch {run.batch}")  # first: the name a resume needs
+    # first: the name a resume needs (a run without --batch would make a new batch and pay again)
+    say(f"batch {run.batch}" if batch else f"batch {run.batch}; re-run with --batch {run.batch} to resume")
     async with await Client.connect(url, prefix=prefix) as client:
         problem = await check_tier(client, tier)
         if problem:
@@ -88,7 +91,9 @@ async def _interruptible(run: Run, client: Client, path: Path, phases: Phases, s
             code = await _submit(run, client, path, phases, skip_invalid)
         finally:
             tg.cancel_scope.cancel()
-            if run.sink is not None:
+            if run.sink is sys.stdout:
+                run.sink.flush()
+            elif run.sink is not None:
                 run.sink.close()
     if run.interrupted:
         if not run.submitted:  # a finished submission keeps its "submitted" record and count
@@ -111,7 +116,7 @@ async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_inv
     run.results_before = await count_results(client, run.batch)
     await _save(client, run, "submitting")
     if run.out is not None:
-        run.sink = run.out.open("w", encoding="utf-8")
+        run.sink = sys.stdout if str(run.out) == "-" else run.out.open("w", encoding="utf-8")
     async with anyio.create_task_group() as tg:
         if run.wait:
             tg.start_soon(_follow, run, client, phases)
@@ -135,8 +140,8 @@ async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_inv
 
 
 async def _validate(run: Run, path: Path, phases: Phases) -> Validation:
-    size = max(path.stat().st_size, 1)
-    handle = phases.start("validating", size, unit="bytes")
+    size = path.stat().st_size
+    handle = phases.start("validating", size or None, unit="bytes")  # an empty file: no "1/1 bytes"
     stop = threading.Event()
 
     def progress(read: int) -> None:
@@ -149,7 +154,8 @@ async def _validate(run: Run, path: Path, phases: Phases) -> Validation:
                                                abandon_on_cancel=True)
     finally:
         stop.set()
-    phases.update(handle, completed=size)
+    if size:
+        phases.update(handle, completed=size)
     phases.finish(handle)
     for line in found.errors:
         phases.print(line, style="red")

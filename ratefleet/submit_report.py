@@ -77,7 +77,7 @@ class Run:
 
     def results_command(self) -> str:
         """The command that collects this batch (NATS password masked)."""
-        out = str(self.out) if self.out else f"{self.batch}.results.jsonl"
+        out = str(self.out) if self.out and str(self.out) != "-" else f"{self.batch}.results.jsonl"
         return shlex.join(["ratefleet", "results", "--batch", self.batch, "--wait", "--out", out, *self._nats_args()])
 
     def submit_command(self) -> str:
@@ -130,9 +130,14 @@ def report_end(run: Run, phases, *, submitted_only: bool = False) -> int:
             phases.print(f"collect the Results with: {run.results_command()}")
         return 0
     summary = ", ".join(f"{status} {n:,}" for status, n in sorted(run.statuses.items())) or "none"
-    phases.print(f"results: {summary}" + (f"; written to {run.out}" if run.out else ""))
+    where = (f"; written to {'stdout' if str(run.out) == '-' else run.out}" if run.out else
+             f"; not written anywhere (no --out): write them with {run.results_command()}")
+    phases.print(f"results: {summary}{where}")
+    skipped = run.found.error_count if run.found else 0
+    if skipped:  # --skip-invalid: those lines were not done, so the batch did not all succeed
+        phases.print(f"{skipped:,} invalid lines were skipped (not submitted); exit code 1")
     ok = (run.statuses.get("succeeded", 0) == run.written and not (run.foreign_queued or run.foreign_queued_more)
-          and not run.changed)
+          and not run.changed and not skipped)
     return 0 if ok else 1
 
 
@@ -152,7 +157,7 @@ def _report_foreign(run: Run, phases) -> None:
 def report_interrupt(run: Run, phases) -> None:
     """What Ctrl-C left behind, and the exact commands to carry on."""
     if run.found is None:
-        phases.print("interrupted while validating; nothing was sent")
+        phases.print(f"interrupted while validating; nothing was sent; run it again with: {run.submit_command()}")
         return
     if not run.submitted:
         ours = run.stored - run.foreign
@@ -169,3 +174,4 @@ def report_interrupt(run: Run, phases) -> None:
     phases.print(f"interrupted: {written}; {left:,} of {run.expected:,} jobs of batch {run.batch} are still "
                  "queued or running (they keep running)")
     phases.print(f"collect them with: {run.results_command()}")
+    phases.print(f"or re-run (stored lines are not sent again): {run.submit_command()}")

@@ -239,10 +239,40 @@ def _salvage(data: Any) -> tuple[str | None, str | None]:
             batch if isinstance(batch, str) and is_token(batch) else None)
 
 
-def parse_job(raw: bytes, *, max_bytes: int = 1 << 20) -> Job:
-    """Parse and validate a job payload; raise `JobRejected` with the reason."""
+# bytes the leader's Assignment adds around a job on its way to a worker (ids, ack and reply
+# subjects, counters: about 500) and the defaults a re-serialised job gains, with margin
+ASSIGNMENT_OVERHEAD = 8 << 10
+
+
+def job_size_limit(max_job_bytes: int | None, max_payload: int | None = None) -> tuple[int, str]:
+    """(largest job in bytes, where that limit comes from) for a fleet whose NATS server has
+    `max_payload` (bytes, from its INFO; None when unknown): min(max_job_bytes, max_payload -
+    ASSIGNMENT_OVERHEAD), since a job reaches its worker inside one core-NATS message.
+    `max_job_bytes` None: not known here (a client without the fleet's config)."""
+    if max_payload is not None and (max_job_bytes is None or max_payload - ASSIGNMENT_OVERHEAD < max_job_bytes):
+        configured = "" if max_job_bytes is None else f"; streams.max_job_bytes = {max_job_bytes}"
+        return (max(0, max_payload - ASSIGNMENT_OVERHEAD),
+                f"the NATS server's max_payload = {max_payload} less {ASSIGNMENT_OVERHEAD} bytes for the "
+                f"assignment that carries the job to a worker{configured}")
+    return max_job_bytes if max_job_bytes is not None else 1 << 62, "streams.max_job_bytes"
+
+
+def _salvage_raw(raw: bytes) -> tuple[str | None, str | None]:
+    """The id and batch of a payload refused before parsing (too large), so its `invalid`
+    Result lands in its batch; (None, None) when it is not JSON."""
+    try:
+        return _salvage(json.loads(raw))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None, None
+
+
+def parse_job(raw: bytes, *, max_bytes: int = 1 << 20, limit_source: str = "streams.max_job_bytes") -> Job:
+    """Parse and validate a job payload; raise `JobRejected` with the reason. `max_bytes`
+    and `limit_source`: the size limit and where it comes from (see `job_size_limit`)."""
     if len(raw) > max_bytes:
-        raise JobRejected(ErrorCode.INVALID_JOB, f"job is {len(raw)} bytes; the limit is {max_bytes} (streams.max_job_bytes)")
+        job_id, batch = _salvage_raw(raw)
+        raise JobRejected(ErrorCode.INVALID_JOB, f"job is {len(raw)} bytes; the limit is {max_bytes} ({limit_source})",
+                          job_id=job_id, batch=batch)
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:

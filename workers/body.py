@@ -8,8 +8,10 @@ Sizes are bytes, never characters. The body lands in exactly one field:
 
 "Strictly" means RFC 8259 JSON: `NaN`/`Infinity` (which Python's json accepts) make the
 body text, so a stored Result never rewrites a value. The key's secret is masked wherever
-the upstream echoes it: in the bytes (any content type) and in the decoded text (charsets
-in which the secret's bytes differ from UTF-8).
+the upstream echoes it: in the bytes (any content type), in the decoded text (charsets
+in which the secret's bytes differ from UTF-8) and in every string and object key of parsed
+JSON (an upstream may escape it: PHP's json_encode writes `/` as `\\/`, .NET writes `+` as
+`\\u002B`; RFC 8259 section 7 lets any character be escaped).
 """
 
 from __future__ import annotations
@@ -92,16 +94,67 @@ def body_fields(raw: bytes, content_type: str | None, secret: str) -> dict[str, 
         return {"body_b64": base64.b64encode(raw).decode("ascii")}
     if text_problem(text):  # a codec such as unicode_escape can make lone surrogates: not storable text
         return {"body_b64": base64.b64encode(raw).decode("ascii")}
-    if secret and secret in text:
-        text = text.replace(secret, MASK)
+    if secret:
+        text = _mask_text(text, secret)
     if "json" in kind.partition("/")[2]:
         try:
             value = json.loads(text, parse_constant=_reject_constant)
+            if secret and "\\" in text:  # without an escape every parsed string is a piece of `text`
+                value = mask_parsed(value, secret)
             if not _suspect(text) or json_problem(value) is None:
                 return {"json": value}
         except (ValueError, RecursionError):
             pass
     return {"body": text}
+
+
+def _escaped_forms(secret: str) -> list[str]:
+    """`secret` as JSON-escaping upstreams write it inside a string: plain, `\\/` for `/`,
+    and every non-alphanumeric character as `\\uXXXX` (upper- and lower-case hex)."""
+    forms = {secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]}
+    forms |= {form.replace("/", "\\/") for form in forms}
+    for hex_format in ("\\u%04X", "\\u%04x"):
+        forms.add("".join(c if c.isascii() and c.isalnum() else hex_format % ord(c) for c in secret))
+    return sorted(forms, key=len, reverse=True)
+
+
+def _mask_text(text: str, secret: str) -> str:
+    """`text` with `secret` masked, also in the escaped forms of a JSON-ish body that does not
+    parse (its `body` field still shows the secret to anyone who unescapes it)."""
+    for form in _escaped_forms(secret):
+        if form in text:
+            text = text.replace(form, MASK)
+    return text
+
+
+def mask_parsed(value: Any, secret: str) -> Any:
+    """`value` (parsed JSON) with `secret` replaced by MASK in every string and object key.
+
+    Changes containers in place (they are freshly parsed) and walks them with a stack, so
+    nesting as deep as json.loads accepts is fine; returns the value (a new one when `value`
+    itself is a string)."""
+    if isinstance(value, str):
+        return value.replace(secret, MASK)
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if any(secret in key for key in node):
+                items = list(node.items())
+                node.clear()
+                node.update((key.replace(secret, MASK), item) for key, item in items)
+            pairs = node.items()
+        elif isinstance(node, list):
+            pairs = enumerate(node)
+        else:
+            continue
+        for where, item in list(pairs):
+            if isinstance(item, str):
+                if secret in item:
+                    node[where] = item.replace(secret, MASK)
+            elif isinstance(item, (dict, list)):
+                stack.append(item)
+    return value
 
 
 # a \uD800-\uDFFF escape (maybe a lone surrogate) or an exponent past a float's range (1e309

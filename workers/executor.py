@@ -26,6 +26,10 @@ from schemas.job import check_header
 from workers.body import body_fields, read_capped
 
 KEPT_HEADERS = ("content-type", "retry-after", "x-request-id", "openai-processing-ms")
+try:  # the Content-Encodings httpx decodes here (br and zstd only with brotli/zstandard installed)
+    from httpx._decoders import SUPPORTED_DECODERS as _DECODED
+except ImportError:  # pragma: no cover - a future httpx: assume the always-present ones
+    _DECODED = {"identity": None, "gzip": None, "deflate": None}
 
 
 @dataclass(frozen=True)
@@ -62,13 +66,23 @@ def _dig(data: Any, path: str) -> float | None:
     return float(data) if isinstance(data, (int, float)) and not isinstance(data, bool) else None
 
 
+def still_encoded(content_encoding: str | None) -> bool:
+    """True when httpx leaves a body with this Content-Encoding (RFC 9110 8.4) as it came:
+    a coding it cannot decode here, e.g. `br` without the brotli package."""
+    codings = [c.strip().lower() for c in (content_encoding or "").split(",") if c.strip()]
+    return any(c not in _DECODED for c in codings)
+
+
 def _response_info(response: httpx.Response, raw: bytes, secret: str) -> ResponseInfo:
     """Status, the headers worth keeping, and the body (see workers/body.py); the key's secret
-    is masked wherever the upstream echoes it (some providers quote the key in their 401 message)."""
+    is masked wherever the upstream echoes it (some providers quote the key in their 401 message).
+    A body httpx could not decode keeps its `content-encoding` header and comes as `body_b64`
+    (the exact encoded bytes), so the caller can decode it; a decoded body drops the header."""
+    encoded = still_encoded(response.headers.get("content-encoding"))
     headers = {k: v.replace(secret, "***") if secret else v for k, v in response.headers.items()
-               if k in KEPT_HEADERS or k.startswith("x-ratelimit-")}
-    return ResponseInfo(status=response.status_code, headers=headers,
-                        **body_fields(raw, response.headers.get("content-type"), secret))
+               if k in KEPT_HEADERS or k.startswith("x-ratelimit-") or (encoded and k == "content-encoding")}
+    content_type = "application/octet-stream" if encoded else response.headers.get("content-type")
+    return ResponseInfo(status=response.status_code, headers=headers, **body_fields(raw, content_type, secret))
 
 
 class UpstreamExecutor:
@@ -82,8 +96,10 @@ class UpstreamExecutor:
     def build_request(self, job: Job, upstream: UpstreamConfig) -> httpx.Request:
         """The HTTP request of `job`, without the key. Raises InvalidRequest when the job
         cannot go on the wire (its fault, so no call and no retry): a header that is not a
-        token or not latin-1 (RFC 9110 sections 5.1, 5.5; obs-text goes as one byte per
-        character), the upstream's auth header, a body that is not strict JSON or UTF-8."""
+        token or not latin-1 (RFC 9110 sections 5.1, 5.5), the upstream's auth header, a
+        body that is not strict JSON or UTF-8. A non-ASCII (obs-text) header value goes as
+        one latin-1 byte per character with the `httpcore` transport, and as UTF-8 with
+        `aiohttp` (aiohttp encodes every header value so); ASCII values are the same on both."""
         request = job.request
         try:
             headers = []
@@ -111,6 +127,8 @@ class UpstreamExecutor:
         that can never fit (the request exceeds the whole limit) ends the job as
         `request_too_large`. Raises InvalidRequest (before any call) when the job cannot be sent."""
         built = self.build_request(job, upstream)
+        # latin-1, as the job's headers were encoded (httpx would guess and may double-encode)
+        built.headers.encoding = "iso-8859-1"
         built.headers[upstream.auth_header] = f"{upstream.auth_scheme} {secret}" if upstream.auth_scheme else secret
         started = time.perf_counter()
         try:

@@ -3,7 +3,9 @@
 Slots bound the upstream calls in flight. The dispatcher only assigns to a free slot
 (heartbeats carry the slot count and the calls in flight), so assignments never queue
 up here. On SIGTERM the worker stops taking jobs, lets calls finish for `grace_s`, and
-naks whatever is left so another worker runs it at once.
+naks the calls still running so another worker runs them at once. A call that is done is
+never thrown away: its Result is stored (the drain waits for that, up to
+FINISH_BOUND_S seconds more).
 """
 
 from __future__ import annotations
@@ -23,18 +25,22 @@ from pydantic import ValidationError
 
 from ratefleet.errors import InvalidRequest, SecretUnavailable
 from ratefleet.runtime.logs import get_logger
-from schemas import Config, ErrorCode, ErrorInfo, Job, Result, Subjects, Timings
+from schemas import Config, ErrorCode, ErrorInfo, Job, Result, Subjects, Timings, UpstreamConfig
 from schemas.job import describe_validation_error
 from schemas.internal import Assignment, Epoch, Heartbeat, InFlight, LeaderAnnounce, OutcomeReport
 from workers.executor import CallResult, UpstreamExecutor, build_client
-from ratefleet.runtime.finish import Finisher
+from ratefleet.runtime.finish import Finisher, auth_headers
 from ratefleet.runtime.handbacks import Handbacks
 from workers.secrets import SecretResolver
+from workers.unstored import refused, unstorable
 
 log = get_logger("ratefleet.worker")
 RETRYABLE = {"rate_limited", "upstream_error", "key_error", "denied"}
 
 
+# after grace_s, a drain waits up to this long (seconds) for the Results of calls that are
+# done to be stored (a 60 MB body takes seconds to upload); `ratefleet up` waits for it
+FINISH_BOUND_S = 10.0
 RATE_LIMITED_DELAY_S = (0.25, 5.0)  # a 429'd job's nak delay: doubling from 0.25 s, at most 5 s
 
 
@@ -66,7 +72,7 @@ class Worker:
         self.subjects = Subjects(config.nats.prefix)
         self.slots = slots or config.workers.slots
         self.id = worker_id or f"{config.workers.id_prefix}-{uuid.uuid4().hex[:6]}"
-        self.finisher = Finisher(nc, nc.jetstream(), self.subjects)
+        self.finisher = Finisher(nc, nc.jetstream(), self.subjects, auth_headers(config))
         self.secrets = SecretResolver(config)
         self.in_flight: dict[str, InFlight] = {}
         self.draining = False
@@ -160,9 +166,14 @@ class Worker:
             await sub.unsubscribe()
         for scope in list(self._cancel_scopes.values()):
             scope.cancel()
-        with anyio.move_on_after(5):
+        # calls still running were cut short and naked; calls that are done are storing a
+        # paid answer (a large body takes seconds to upload): they finish, up to a bound
+        with anyio.move_on_after(FINISH_BOUND_S):
             while self.in_flight:
                 await anyio.sleep(0.02)
+        for entry in self.in_flight.values():
+            log.error("shutdown before this job's Result was stored; it is delivered again after ack_wait",
+                      worker=self.id, job_id=entry.job_id)
 
     async def _keep_calls_alive(self) -> None:
         """While slow calls run, keep their JOBS messages alive with in-progress acks
@@ -193,15 +204,8 @@ class Worker:
 
     async def _run_assignment(self, a: Assignment, executor: UpstreamExecutor) -> None:
         structlog.contextvars.bind_contextvars(job_id=a.job_id, tier=a.tier, key_id=a.key_id, attempt=a.attempt, worker=self.id)
-        scope = anyio.CancelScope()
-        self._cancel_scopes[a.id] = scope
         try:
-            with scope:
-                await self._execute(a, executor)
-            if scope.cancelled_caught:
-                log.warning("call abandoned at shutdown; job goes back to the queue")
-                await self.finisher.nak(a.ack)
-                await self._report(a, None, terminal=False)
+            await self._execute(a, executor)
         except Exception as exc:  # noqa: BLE001 - a fault of this worker or of NATS, not of the job: retried
             log.exception("assignment failed unexpectedly; job goes back to the queue", error=type(exc).__name__)
             try:
@@ -210,7 +214,6 @@ class Worker:
                 log.warning("nak failed; the job returns after ack_wait", error=type(exc).__name__)
             await self._report(a, None, terminal=False)
         finally:
-            self._cancel_scopes.pop(a.id, None)
             self.in_flight.pop(a.id, None)
 
     async def _execute(self, a: Assignment, executor: UpstreamExecutor) -> None:
@@ -241,7 +244,9 @@ class Worker:
         queued_ms = max(0.0, (time.time() - a.submitted_at) * 1000)
         self.calling[a.id] = [a.ack, time.monotonic()]
         try:
-            call = await executor.call(job, upstream, secret)
+            call = await self._call(a, executor, job, upstream, secret)
+            if call is None:
+                return
             self.calls += 1
             # still kept alive while the Result is stored: a large body takes seconds to upload
             await self._conclude(a, call, queued_ms)
@@ -250,6 +255,24 @@ class Worker:
         finally:
             self.calling.pop(a.id, None)
 
+    async def _call(self, a: Assignment, executor: UpstreamExecutor, job: Job, upstream: UpstreamConfig,
+                    secret: str) -> CallResult | None:
+        """The upstream call: the only step a drain may cut short (after grace_s). Then the
+        job goes back to the queue and None is returned. Once the call is done its answer is
+        paid for, so storing its Result is never cancelled by the drain (see _drain)."""
+        scope = anyio.CancelScope()
+        self._cancel_scopes[a.id] = scope
+        try:
+            with scope:
+                return await executor.call(job, upstream, secret)
+        finally:
+            self._cancel_scopes.pop(a.id, None)
+        log.warning("call abandoned at shutdown; job goes back to the queue")
+        self.calling.pop(a.id, None)  # no in-progress ack after the nak
+        await self.finisher.nak(a.ack)
+        await self._report(a, None, terminal=False)
+        return None
+
     async def _end_invalid(self, a: Assignment, code: ErrorCode, message: str) -> None:
         """The job's own fault, found before any call: `invalid`, one attempt, a dead letter
         naming the error; the key is left alone (the report says no call was made)."""
@@ -257,7 +280,10 @@ class Worker:
         error = ErrorInfo(code=code, message=message)
         result = self._result(a, "invalid", error=error)
         if await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to):
-            await self.finisher.dead(a.tier, result, job=a.job, last_error=error.model_dump())
+            try:
+                await self.finisher.dead(a.tier, result, job=a.job, last_error=error.model_dump())
+            except Exception as exc:  # noqa: BLE001 - the Result is stored and acked: the job is done
+                log.error("dead letter not stored", error=type(exc).__name__)
         await self._report(a, None, terminal=True)
 
     async def _conclude(self, a: Assignment, call: CallResult, queued_ms: float) -> None:
@@ -288,24 +314,40 @@ class Worker:
         await self._report(a, call, terminal=terminal)
 
     async def _store(self, a: Assignment, result: Result) -> bool:
-        """Store the terminal Result (and its dead letter). If NATS cannot take it (after the
-        store's own retries), the job goes back to the queue to be run again: an
-        infrastructure failure is retried, never blamed on the job. True when stored."""
+        """Store the terminal Result (and its dead letter). True when stored.
+
+        NATS away (after the store's own retries): the job goes back to the queue, an
+        infrastructure failure is retried, never blamed on the job. NATS refusing (a full
+        Object Store bucket or results stream, error 10077 and the like) is final: the
+        answer is paid for and asking again would meet the same wall, so the job ends
+        `failed` with `result_not_stored`, its response without the body (`unstorable`)."""
         try:
             stored = await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to)
         except Exception as exc:  # noqa: BLE001 - see docstring
-            log.error("could not store the Result; job goes back to the queue", error=type(exc).__name__,
-                      detail=str(exc)[:200])
-            self.calling.pop(a.id, None)  # no in-progress ack after the nak: it would postpone the retry
-            with contextlib.suppress(Exception):  # else it returns after ack_wait
-                await self.finisher.nak(a.ack, 1.0)
-            return False
-        if stored and result.error and result.error.code in (ErrorCode.ATTEMPTS_EXHAUSTED, ErrorCode.RATE_LIMITED):
+            if not refused(exc) or result.response is None:
+                return await self._requeue(a, exc)
+            log.error("NATS refused to store the Result of a paid call; the job ends without its answer",
+                      error=type(exc).__name__, detail=str(exc)[:200])
+            result = unstorable(result, exc)
+            try:
+                stored = await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to)
+            except Exception as again:  # noqa: BLE001 - nothing can be stored: retried later
+                return await self._requeue(a, again)
+        if stored and result.error and result.error.code in (ErrorCode.ATTEMPTS_EXHAUSTED, ErrorCode.RATE_LIMITED,
+                                                             ErrorCode.RESULT_NOT_STORED):
             try:
                 await self.finisher.dead(a.tier, result, job=a.job)
             except Exception as exc:  # noqa: BLE001 - the Result is stored and acked: the job is done
                 log.error("dead letter not stored", error=type(exc).__name__)
         return True
+
+    async def _requeue(self, a: Assignment, exc: BaseException) -> bool:
+        log.error("could not store the Result; job goes back to the queue", error=type(exc).__name__,
+                  detail=str(exc)[:200])
+        self.calling.pop(a.id, None)  # no in-progress ack after the nak: it would postpone the retry
+        with contextlib.suppress(Exception):  # else it returns after ack_wait
+            await self.finisher.nak(a.ack, 1.0)
+        return False
 
     def _call_result(self, a: Assignment, call: CallResult, queued_ms: float) -> Result:
         if call.code:  # the call settled the job by itself (e.g. response_too_large): final as it is

@@ -68,8 +68,8 @@ def never_runnable(chain: Chain, reach: Reach, job: PendingJob, now: float) -> s
         return (
             f"every key of pool(s) {names} (upstream {job.upstream!r}) used by tier "
             f"{chain.tier!r} is disabled or has no secret on any worker ({_unusable(chain, now)}); "
-            f"replace the keys, set their secrets on the workers, or add a pool "
-            f"with working keys to tiers.{chain.tier}.pools"
+            f"enable an operator-disabled key (`ratefleet keys enable KEY`), set the secrets on "
+            f"the workers, replace the keys, or add a pool with working keys to tiers.{chain.tier}.pools"
         )
     if job.cost > reach.largest_cost:
         return (

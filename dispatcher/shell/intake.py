@@ -15,7 +15,7 @@ from nats.aio.msg import Msg
 from ratefleet.runtime.store import MSG_ID, REPLY_HEADER
 from ratefleet.runtime.streams import tier_max_deliver
 from schemas import Config, ErrorCode, Job, JobRejected, parse_job
-from schemas.job import normalised_header_name
+from schemas.job import job_size_limit, normalised_header_name
 from schemas.subjects import is_safe_reply, is_token
 
 
@@ -54,10 +54,12 @@ class Refused:
     job: Job | None = None
 
 
-def read_message(msg: Msg, tier: str, config: Config, handbacks: int = 0, rate_limited: int = 0) -> Incoming | Refused:
+def read_message(msg: Msg, tier: str, config: Config, handbacks: int = 0, rate_limited: int = 0,
+                 max_payload: int | None = None) -> Incoming | Refused:
     """`handbacks`: earlier deliveries that ended without a call; `rate_limited`: earlier
     deliveries answered 429. Neither are attempts, and 429s do not count toward the poison
-    limit (the consumer's max_deliver leaves room for them, see `tier_max_deliver`)."""
+    limit (the consumer's max_deliver leaves room for them, see `tier_max_deliver`).
+    `max_payload`: the NATS server's (bytes), which bounds a job too (`job_size_limit`)."""
     meta = msg.metadata
     headers = msg.headers or {}
     reply_to = headers.get(REPLY_HEADER)
@@ -75,7 +77,7 @@ def read_message(msg: Msg, tier: str, config: Config, handbacks: int = 0, rate_l
                        msg.data, job)
 
     try:
-        job = _parse(msg.data, config)
+        job = _parse(msg.data, config, max_payload)
     except JobRejected as exc:
         return refuse("invalid", exc.code, exc.message, exc.job_id, exc.batch)
     job_id = job.id or fallback_id
@@ -111,21 +113,23 @@ def read_message(msg: Msg, tier: str, config: Config, handbacks: int = 0, rate_l
                     stream_seq=meta.sequence.stream, rate_limited=rate_limited, max_rate_limited=max_rate_limited)
 
 
-def validate_job(raw: bytes, config: Config) -> Job:
+def validate_job(raw: bytes, config: Config, max_payload: int | None = None) -> Job:
     """The one validation every door applies to a payload (intake, rpc): the Job model
-    (schemas/job.py, schemas/wire.py) and this fleet's config (upstream, auth header).
+    (schemas/job.py, schemas/wire.py), its size (`job_size_limit` of the server's
+    `max_payload`) and this fleet's config (upstream, auth header).
     Raises JobRejected with the code and reason, whatever the bytes are: a failure of the
     validation itself is the payload's fault too (it is deterministic in the bytes)."""
-    job = _parse(raw, config)
+    job = _parse(raw, config, max_payload)
     problem = _check_against_config(job, config)
     if problem is not None:
         raise JobRejected(problem[0], problem[1], job_id=job.id, batch=job.batch)
     return job
 
 
-def _parse(raw: bytes, config: Config) -> Job:
+def _parse(raw: bytes, config: Config, max_payload: int | None = None) -> Job:
+    limit, source = job_size_limit(config.streams.max_job_bytes, max_payload)
     try:
-        return parse_job(raw, max_bytes=config.streams.max_job_bytes)
+        return parse_job(raw, max_bytes=limit, limit_source=source)
     except JobRejected:
         raise
     except Exception as exc:  # noqa: BLE001 - see validate_job; never let one payload stop intake

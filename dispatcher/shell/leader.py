@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import anyio
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.errors import MaxPayloadError
 
 from dispatcher.core import (
     Dispatch,
@@ -39,7 +40,7 @@ from ratefleet.runtime.store import read_result
 from ratefleet.runtime.streams import tier_consumer, tier_max_deliver
 from schemas import Config, ErrorCode, Subjects
 from schemas.internal import Assignment, Heartbeat, LeaderAnnounce, OutcomeReport
-from ratefleet.runtime.finish import Finisher
+from ratefleet.runtime.finish import Finisher, auth_headers
 from ratefleet.runtime.handbacks import DeliveryCounts, Handbacks
 
 log = get_logger("ratefleet.leader")
@@ -59,7 +60,7 @@ class LeaderSession:
         self.config, self.nc, self.id = config, nc, dispatcher_id
         self.subjects = Subjects(config.nats.prefix)
         self.js = nc.jetstream()
-        self.finisher = Finisher(nc, self.js, self.subjects)
+        self.finisher = Finisher(nc, self.js, self.subjects, auth_headers(config))
         self.scheduler = Scheduler(scheduler_spec(config), time.monotonic(), conservative=conservative)
         self.fleet = Fleet(config.dispatcher.worker_timeout_s)
         self.held: dict[int, Held] = {}
@@ -191,20 +192,45 @@ class LeaderSession:
             self.scheduler.cancel(decision.reservation, now)
             return
         incoming = held.incoming
+        problem = await self._send(incoming, decision, worker.id, now)
+        if problem is not None:
+            self._unsendable(incoming, decision, now, problem)
+        await self.pullers[incoming.tier].top_up()
+
+    async def _send(self, incoming: Incoming, decision: Dispatch, worker_id: str, now: float) -> str | None:
+        """Assign the job and send it to the worker; why it cannot be sent when it is the
+        job's fault (too large for one NATS message, not serialisable), else None. NATS
+        being away ends the session (re-raised, the assignment undone: no token spent)."""
         try:
             assignment, payload = self._assignment(incoming, decision)
         except Exception as exc:  # noqa: BLE001 - a validated job always serialises; if not, it alone ends
-            self.scheduler.cancel(decision.reservation, now)
-            log.error("job cannot be serialised for a worker; ended as invalid", job_id=incoming.job_id,
-                      error=type(exc).__name__)
-            if self._tasks is not None:
-                self._tasks.start_soon(self._refuse, incoming, ErrorCode.INVALID_JOB,
-                                       f"job cannot be serialised ({type(exc).__name__})", "invalid")
-            return
-        self.fleet.assign(AssignmentRecord(assignment.id, worker.id, incoming.job_id, incoming.tier, decision.key_id,
-                                           incoming.ack, decision.reservation, now))
-        await self.nc.publish(self.subjects.assign(worker.id), payload)
-        await self.pullers[incoming.tier].top_up()
+            return f"job cannot be serialised ({type(exc).__name__})"
+        if len(payload) > self.nc.max_payload:  # intake bounds jobs below this; a job that grew is its own fault
+            return (f"the job's assignment to a worker is {len(payload)} bytes, more than the NATS server's "
+                    f"max_payload = {self.nc.max_payload}; make the job smaller")
+        record = AssignmentRecord(assignment.id, worker_id, incoming.job_id, incoming.tier, decision.key_id,
+                                  incoming.ack, decision.reservation, now)
+        self.fleet.assign(record)
+        try:
+            await self.nc.publish(self.subjects.assign(worker_id), payload)
+        except MaxPayloadError:  # the job's fault: it alone ends, the leader session goes on
+            self.fleet.finish(record.id)
+            return (f"the job's assignment to a worker ({len(payload)} bytes) is more than the NATS server "
+                    "takes in one message; make the job smaller")
+        except Exception:  # NATS away: the session ends; the job is not held, its message comes back
+            self.fleet.finish(record.id)
+            self.scheduler.complete(decision.reservation, LOST, now)  # not cancel: that requeues the job
+            raise
+        return None
+
+    def _unsendable(self, incoming: Incoming, decision: Dispatch, now: float, why: str) -> None:
+        """A job that cannot reach a worker: its reservation ends as LOST (no call made: the
+        slot is freed and the key learns nothing; a cancel would requeue the job, which is no
+        longer held, and the dispatch loop would spin on it) and it alone ends `invalid`."""
+        self.scheduler.complete(decision.reservation, LOST, now)
+        log.error("job cannot be sent to a worker; ended as invalid", job_id=incoming.job_id, reason=why)
+        if self._tasks is not None:
+            self._tasks.start_soon(self._refuse, incoming, ErrorCode.INVALID_JOB, why, "invalid")
 
     def _assignment(self, incoming: Incoming, decision: Dispatch) -> tuple[Assignment, bytes]:
         assignment = Assignment(
@@ -237,7 +263,8 @@ class LeaderSession:
         redelivered = meta.num_delivered > 1
         known = await self.handbacks.counts(meta.sequence.stream) if redelivered else DeliveryCounts()
         try:
-            verdict = read_message(msg, tier, self.config, known.handbacks, known.rate_limited)
+            verdict = read_message(msg, tier, self.config, known.handbacks, known.rate_limited,
+                                   max_payload=self.nc.max_payload)
         except Exception as exc:  # noqa: BLE001 - one message's content must never stop intake
             log.exception("could not read a job message; ended as invalid", tier=tier)
             verdict = unreadable(msg, tier, exc)

@@ -26,7 +26,7 @@ async def refuse_incoming(finisher: Finisher, incoming: Incoming, code: str, mes
                     timings=Timings(submitted_at=datetime.fromtimestamp(submitted, timezone.utc),
                                     total_ms=max(0.0, (time.time() - submitted) * 1000)))
     if await finisher.finish(result, ack=incoming.ack, reply_to=incoming.reply_to):
-        await finisher.dead(incoming.tier, result, job=incoming.job.model_dump(mode="json", by_alias=True))
+        await _letter(finisher, incoming.tier, result, job=incoming.job.model_dump(mode="json", by_alias=True))
 
 
 async def finish_refused(finisher: Finisher, refused: Refused) -> None:
@@ -39,5 +39,14 @@ async def finish_refused(finisher: Finisher, refused: Refused) -> None:
                     metadata=job.metadata if job else {})
     stored = await finisher.finish(result, ack=refused.ack, reply_to=refused.reply_to)
     if stored and refused.status != "expired":
-        await finisher.dead(refused.tier, result, job=job.model_dump(mode="json", by_alias=True) if job else None,
-                            raw=None if job else refused.raw)
+        await _letter(finisher, refused.tier, result, job=job.model_dump(mode="json", by_alias=True) if job else None,
+                      raw=None if job else refused.raw)
+
+
+async def _letter(finisher: Finisher, tier: str, result: Result, **payload) -> None:
+    """The dead letter of a job whose Result is stored and acked: a failure here is logged
+    (the job is done; nothing comes back), never raised as if the job were not ended."""
+    try:
+        await finisher.dead(tier, result, **payload)
+    except Exception as exc:  # noqa: BLE001 - see docstring
+        log.error("dead letter not stored; the job's Result is", job_id=result.job_id, error=type(exc).__name__)

@@ -26,7 +26,7 @@ from dispatcher.shell.intake import validate_job
 from schemas import Config, ErrorCode, ErrorInfo, JobRejected, Result, Subjects, parse_job
 from schemas.job import new_job_id
 from schemas.subjects import is_safe_reply, is_token
-from ratefleet.runtime.finish import Finisher
+from ratefleet.runtime.finish import Finisher, auth_headers
 
 log = get_logger("ratefleet.rpc")
 
@@ -47,7 +47,8 @@ def _with_id(raw: bytes) -> tuple[str, bytes]:
         return job_id, raw
     if job_id is None:
         data["id"] = job_id = new_job_id()
-        return job_id, json.dumps(data).encode()
+        # compact UTF-8, as received: ensure_ascii would triple an emoji-heavy job (\ud83d\ude00)
+        return job_id, json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
     return new_job_id(), raw
 
 
@@ -64,7 +65,7 @@ class RpcResponder:
         self.config, self.nc = config, nc
         self.js = nc.jetstream()
         self.subjects = Subjects(config.nats.prefix)
-        self.finisher = Finisher(nc, self.js, self.subjects)
+        self.finisher = Finisher(nc, self.js, self.subjects, auth_headers(config))
 
     async def subscribe(self):
         return await self.nc.subscribe(self.subjects.rpc("*"), queue="ratefleet-rpc", cb=self.handle,
@@ -84,7 +85,7 @@ class RpcResponder:
             await self.finisher.dead("_", result, raw=msg.data)
             return
         try:
-            validate_job(msg.data, self.config)
+            validate_job(msg.data, self.config, self.nc.max_payload)
         except JobRejected as exc:  # refused at the door, like intake would: nothing stored in JOBS
             result = Result(job_id=exc.job_id or job_id, status="invalid", tier=tier, batch=exc.batch,
                             error=ErrorInfo(code=exc.code, message=exc.message))
@@ -93,11 +94,12 @@ class RpcResponder:
             return
         try:
             fresh = await publish_job(self.js, self.subjects, tier, job_id, payload, reply_to=msg.reply or None)
-        except SubmitError as exc:
+        except Exception as exc:  # noqa: BLE001 - any refusal is answered: the caller must not wait in vain
             code = "queue_full" if isinstance(exc, QueueFull) else "submit_failed"
-            log.warning("rpc job not stored", job_id=job_id, tier=tier, reason=str(exc))
+            reason = str(exc) if isinstance(exc, SubmitError) else f"job {job_id} was not stored ({type(exc).__name__})"
+            log.warning("rpc job not stored", job_id=job_id, tier=tier, reason=reason)
             if msg.reply:
-                refused = Result(job_id=job_id, status="failed", tier=tier, error=ErrorInfo(code=code, message=str(exc)))
+                refused = Result(job_id=job_id, status="failed", tier=tier, error=ErrorInfo(code=code, message=reason))
                 await self.nc.publish(msg.reply, refused.to_json())
             return
         if not fresh and msg.reply:

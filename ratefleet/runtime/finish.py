@@ -18,7 +18,7 @@ from nats.js import JetStreamContext
 
 from ratefleet.runtime.bodies import BodyStore, body_bytes, inline_limit, letter_response
 from ratefleet.runtime.store import dead_letter, read_result, store_result
-from schemas import Result, Subjects
+from schemas import Config, Result, Subjects
 
 
 def _may_be_large(result: Result, limit: int) -> bool:
@@ -36,8 +36,12 @@ def _may_be_large(result: Result, limit: int) -> bool:
 class Finisher:
     """Stores results, sends replies, acks and naks JOBS messages for any role."""
 
-    def __init__(self, nc: NatsClient, js: JetStreamContext, subjects: Subjects):
+    def __init__(self, nc: NatsClient, js: JetStreamContext, subjects: Subjects,
+                 mask_headers: frozenset[str] = frozenset()):
+        """`mask_headers`: lower-case header names whose values dead letters mask besides
+        FORBIDDEN_HEADERS (the upstreams' auth headers, see `auth_headers`)."""
         self.nc, self.js, self.subjects = nc, js, subjects
+        self.mask_headers = mask_headers
         self.bodies = BodyStore(js, subjects.bodies_bucket)
 
     async def finish(self, result: Result, *, ack: str | None, reply_to: str | None) -> bool:
@@ -80,7 +84,8 @@ class Finisher:
             last_error = _last_error(result)
         await dead_letter(self.js, self.subjects, tier, code=error.code if error else "unknown",
                           message=error.message if error else "", job=job, raw=raw, job_id=result.job_id,
-                          attempts=result.attempts, last_error=last_error)
+                          attempts=result.attempts, last_error=last_error, mask_headers=self.mask_headers,
+                          max_payload=self.nc.max_payload)
 
     async def nak(self, ack: str, delay_s: float = 0.0) -> None:
         payload = b"-NAK" if delay_s <= 0 else b"-NAK " + json.dumps({"delay": int(delay_s * 1e9)}).encode()
@@ -88,6 +93,11 @@ class Finisher:
 
     async def in_progress(self, ack: str) -> None:
         await self.nc.publish(ack, b"+WPI")
+
+
+def auth_headers(config: Config) -> frozenset[str]:
+    """The lower-case auth header names of every configured upstream (e.g. `x-custom-token`)."""
+    return frozenset(upstream.auth_header.lower() for upstream in config.upstreams.values())
 
 
 def _last_error(result: Result) -> dict | None:

@@ -163,8 +163,9 @@ async def read_result(js: JetStreamContext, subjects: Subjects, job_id: str, bat
     return msg.data
 
 
-def redact_payload(raw: bytes) -> dict[str, Any]:
-    """The raw payload for a dead letter, with auth-like header values masked."""
+def redact_payload(raw: bytes, mask_headers: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The raw payload for a dead letter, with auth-like header values masked: the names in
+    FORBIDDEN_HEADERS and `mask_headers` (lower case: the upstreams' own auth headers)."""
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -172,27 +173,70 @@ def redact_payload(raw: bytes) -> dict[str, Any]:
             return {"raw": raw.decode("utf-8")}
         except UnicodeDecodeError:
             return {"raw_b64": base64.b64encode(raw).decode()}
+    return {"payload": redact_job(data, mask_headers)}
+
+
+def redact_job(data: Any, mask_headers: frozenset[str] = frozenset()) -> Any:
+    """`data` (a job as JSON) with the values of auth-like request headers masked; `data`
+    itself is left as it is (the job, its request and headers are copied when masked)."""
     request = data.get("request") if isinstance(data, dict) else None
     headers = request.get("headers") if isinstance(request, dict) else None
-    if isinstance(headers, dict):
-        for name in list(headers):
-            if normalised_header_name(str(name)) in FORBIDDEN_HEADERS:
-                headers[name] = "***"
-    return {"payload": data}
+    if not isinstance(headers, dict):
+        return data
+    masked = {name: "***" if _auth_like(str(name), mask_headers) else value for name, value in headers.items()}
+    if masked == headers:
+        return data
+    return {**data, "request": {**request, "headers": masked}}
+
+
+def _auth_like(name: str, mask_headers: frozenset[str]) -> bool:
+    normalised = normalised_header_name(name)
+    return normalised in FORBIDDEN_HEADERS or normalised in mask_headers
+
+
+LETTER_HEADROOM = 4096  # bytes kept free under max_payload for the message's headers and framing
+LETTER_JOB_HEAD = 2048  # characters of an oversized job a dead letter still shows
 
 
 async def dead_letter(js: JetStreamContext, subjects: Subjects, tier: str, *, code: str, message: str,
                       raw: bytes | None = None, job: dict | None = None, job_id: str | None = None,
-                      attempts: int = 0, last_error: dict | None = None) -> None:
-    """Record a dead letter with the reason, the payload (raw, redacted) or job, and attempts."""
+                      attempts: int = 0, last_error: dict | None = None,
+                      mask_headers: frozenset[str] = frozenset(), max_payload: int | None = None) -> None:
+    """Record a dead letter with the reason, the payload (raw, redacted) or job, and attempts.
+
+    Auth-like header values are masked (`redact_job`). A letter that would pass the server's
+    `max_payload` (bytes) drops the last answer's body, then keeps only the head of the job
+    (`job_omitted` says how large it was), so it is always stored."""
     letter: dict[str, Any] = {
         "job_id": job_id, "tier": tier, "reason": {"code": code, "message": message},
         "attempts": attempts, "last_error": last_error, "at": time.time(),
     }
     if job is not None:
-        letter["job"] = job
+        letter["job"] = redact_job(job, mask_headers)
     elif raw is not None:
-        letter.update(redact_payload(raw))
+        letter.update(redact_payload(raw, mask_headers))
+    data = dumps_safe(letter)
+    if max_payload is not None and len(data) > max_payload - LETTER_HEADROOM:
+        data = dumps_safe(_shrunk(letter, max_payload - LETTER_HEADROOM))
     safe_tier = tier if tier and all(c.isalnum() or c in "_-" for c in tier) else "_"
     # dumps_safe: the payload may hold what JSON cannot (lone surrogates, NaN): never fail on it
-    await js.publish(subjects.dead(safe_tier), dumps_safe(letter), timeout=10.0)
+    await js.publish(subjects.dead(safe_tier), data, timeout=10.0)
+
+
+def _shrunk(letter: dict[str, Any], limit: int) -> dict[str, Any]:
+    """`letter` made to fit `limit` bytes: first without the last answer's body, then with the
+    job cut to its first LETTER_JOB_HEAD characters of JSON."""
+    last = letter.get("last_error")
+    if isinstance(last, dict) and any(last.get(f) is not None for f in ("json", "body", "body_b64")):
+        letter = {**letter, "last_error": {**last, "json": None, "body": None, "body_b64": None,
+                                           "body_omitted": "left out so that the dead letter fits in one message"}}
+        if len(dumps_safe(letter)) <= limit:
+            return letter
+    shown = next((f for f in ("job", "payload", "raw", "raw_b64") if f in letter), None)
+    if shown is None:
+        return letter
+    text = dumps_safe(letter[shown]).decode("utf-8", "replace")
+    letter = {k: v for k, v in letter.items() if k != shown}
+    letter["job_omitted"] = {"field": shown, "bytes": len(text.encode("utf-8", "replace")),
+                             "why": "larger than the NATS server takes in one dead letter", "head": text[:LETTER_JOB_HEAD]}
+    return letter

@@ -70,6 +70,7 @@ def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatc
     children = _children(config_path, workers, dispatchers)
     stopping = False
     hangups = 0
+    hangups_total = 0
 
     def on_signal(signum, _frame):
         nonlocal stopping, hangups
@@ -86,7 +87,9 @@ def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatc
         while not stopping:
             time.sleep(0.2)
             if hangups:
-                log.info("SIGHUP ignored: no reload; restart `ratefleet up` to apply a new config", count=hangups)
+                hangups_total += hangups
+                log.info("SIGHUP ignored: no reload; restart `ratefleet up` to apply a new config",
+                         count=hangups_total)
                 hangups = 0
             for child in children:
                 if child.process and child.process.poll() is not None and not stopping:
@@ -108,7 +111,8 @@ def _stop_all(children: list[Child], grace_s: float) -> None:
         group = [c.process for c in children if c.role == role and c.process and c.process.poll() is None]
         for process in group:
             process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s + 5
+        # grace_s for calls, then up to 10 s (workers/service.py FINISH_BOUND_S) to store paid answers
+        deadline = time.monotonic() + grace_s + 15
         for process in group:
             try:
                 process.wait(max(0.1, deadline - time.monotonic()))

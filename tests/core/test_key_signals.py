@@ -137,6 +137,7 @@ def test_all_keys_disabled_rejects_with_advice():
     reject = s.next(t0)
     assert isinstance(reject, Reject) and reject.code == "no_key_available"
     assert "disabled" in reject.message and "replace the keys" in reject.message
+    assert "ratefleet keys enable" in reject.message
     assert s.next(t0) == Idle()
 
 

@@ -14,7 +14,7 @@ import pytest
 from dispatcher.shell.intake import validate_job
 from ratefleet.client import as_job
 from ratefleet.errors import InvalidRequest, JobInvalid
-from ratefleet.submit_cmd import read_jobs
+from ratefleet.batchfile import LineError, parse_line
 from schemas import ErrorCode, Job, JobRejected, ResponseInfo, Result, UpstreamConfig, parse_job
 from schemas.config import parse_config
 from schemas.wire import MAX_JSON_DEPTH, dumps_safe, json_problem
@@ -206,7 +206,12 @@ def test_submit_lines_are_checked_serialisation_included_before_anything_is_sent
              '{"request": {"path": "/v1/c", "headers": {"X-Title": "Café – 日本語"}}}',
              '{"request": {"path": "/v1/d", "json": NaN}}',
              '{"request": {"path": "/v1/e", "json": ' + nested(3000) + "}}"]
-    jobs, errors = read_jobs(lines, batch=None)
+    jobs, errors = [], []
+    for number, line in enumerate(lines, 1):
+        try:
+            jobs.append(parse_line(line, number, "b1"))
+        except LineError as exc:
+            errors.append(str(exc))
     assert len(jobs) == 1
     assert [e.split(":")[0] for e in errors] == ["line 2", "line 3", "line 4", "line 5"], errors
     assert "surrogate" in errors[0] and "U+2013" in errors[1] and "RFC 8259" in errors[2]

@@ -1,0 +1,248 @@
+"""A new user's first session with the real `ratefleet` command, a real nats-server and (where a
+job must run) a real fleet with the mock upstream: resume hints, closed pipes, dlq replays in
+`results`, `request` errors, key enable, and the small things around them."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fleetkit import FleetKit, chat_job, mock_keys, wait_for_leader
+from ratefleet import Client
+from ratefleet.batches import BatchRecord, save_record
+from ratefleet.batchfile import line_job_id
+from ratefleet.mock import MockSettings, running_mock
+from ratefleet.runtime.store import store_result
+from ratefleet.runtime.streams import ensure_topology
+from schemas import Result
+from schemas.config import parse_config
+
+pytestmark = [pytest.mark.timeout(240)]
+
+
+def cli(*args: str, timeout: float = 90, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ratefleet", *args], capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def write_jobs(path, jobs) -> None:
+    path.write_text("".join(json.dumps(job) + "\n" for job in jobs))
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout}s: {what}")
+
+
+async def _streams(url: str) -> None:
+    async with await Client.connect(url) as client:  # streams, but no fleet: nothing runs
+        await ensure_topology(client.js, parse_config({}))
+
+
+async def _store_replayed_batch(url: str, batch: str, lines: int) -> list[str]:
+    """A batch of `lines` lines whose every line failed, then was replayed and succeeded (line 2
+    was replayed twice: the first replay failed too). Returns the original ids in line order."""
+    async with await Client.connect(url) as client:
+        await ensure_topology(client.js, parse_config({}))
+        ids = [line_job_id(batch, n, f"line {n}") for n in range(1, lines + 1)]
+        for n, job_id in enumerate(ids, 1):
+            await store_result(client.js, client.subjects, Result(job_id=job_id, status="failed", batch=batch,
+                                                                  metadata={"row": n}))
+        r2 = f"{ids[1]}-rdeadbeef"
+        await store_result(client.js, client.subjects, Result(job_id=r2, status="failed", batch=batch,
+                                                              metadata={"row": 2, "replay_of": ids[1]}))
+        for n, job_id in reversed(list(enumerate(ids, 1))):  # replays come back in another order
+            of = r2 if n == 2 else job_id
+            await store_result(client.js, client.subjects,
+                               Result(job_id=f"{of}-r{n:08x}", status="succeeded", batch=batch,
+                                      metadata={"row": n, "replay_of": of}))
+        await save_record(client.js, client.subjects,
+                          BatchRecord(batch=batch, tier="normal", state="submitted", jobs=lines, lines=lines))
+    return ids
+
+
+@pytest.mark.anyio
+async def test_results_count_a_replay_once_for_its_line(tmp_path, nats_server):
+    ids = await _store_replayed_batch(nats_server.url, "rb", 5)
+    done = cli("results", "--batch", "rb", "--wait", "--order", "input", "--nats", nats_server.url, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "batch rb: 5 of 5 results (succeeded 5)" in done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["metadata"]["row"] for r in rows] == [1, 2, 3, 4, 5]
+    assert all(r["status"] == "succeeded" and r["metadata"]["replay_of"] for r in rows)
+    assert rows[1]["job_id"].startswith(ids[1] + "-rdeadbeef-r")  # the latest replay of line 2
+    assert "5 Results were replaced by a later `dlq replay`" in done.stderr
+
+    dash = cli("results", "--batch", "rb", "--out", "-", "--nats", nats_server.url)  # `--out -` is stdout
+    assert dash.returncode == 0 and len(dash.stdout.splitlines()) == 5, dash.stderr
+    assert not (tmp_path / "-").exists()
+
+
+@pytest.mark.anyio
+async def test_results_of_a_batch_made_of_other_batches_ids_says_where_they_are(nats_server):
+    async with await Client.connect(nats_server.url) as client:
+        await ensure_topology(client.js, parse_config({}))
+        await save_record(client.js, client.subjects,
+                          BatchRecord(batch="b1", tier="normal", state="submitted", jobs=0, lines=4))
+    done = cli("results", "--batch", "b1", "--nats", nats_server.url)
+    assert "none of the 4 lines of batch b1" in done.stderr and "ratefleet result ID" in done.stderr, done.stderr
+
+
+@pytest.mark.anyio
+async def test_closed_pipe_ends_quietly(nats_server):
+    await _store_replayed_batch(nats_server.url, "pipe", 3)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `| head -1` that has already gone
+    try:
+        done = subprocess.run([sys.executable, "-m", "ratefleet", "results", "--batch", "pipe", "--nats",
+                               nats_server.url], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141, done.stderr
+    assert "error" not in done.stderr and "ExceptionGroup" not in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.anyio
+async def test_request_errors_match_submit_and_name_the_result_command(tmp_path, nats_server):
+    await _streams(nats_server.url)
+    job = json.dumps(chat_job(1, id="req-1"))
+    tier = cli("request", job, "--tier", "nosuchtier", "--nats", nats_server.url)
+    assert tier.returncode == 2 and "unknown tier 'nosuchtier'; this fleet's tiers: " in tier.stderr, tier.stderr
+    write_jobs(tmp_path / "j.jsonl", [chat_job(1)])
+    sub = cli("submit", str(tmp_path / "j.jsonl"), "--tier", "nosuchtier", "--nats", nats_server.url)
+    assert sub.returncode == 2 and "unknown tier 'nosuchtier'; this fleet's tiers: " in sub.stderr
+
+    bad = cli("request", json.dumps({"request": {"path": "/v1/x"}, "tier_hint": 1, "max_attempts": -3}),
+              "--tier", "normal", "--nats", nats_server.url)
+    assert bad.returncode == 2 and "invalid job" in bad.stderr, bad.stderr
+
+    late = cli("request", job, "--tier", "normal", "--timeout", "1", "--nats", nats_server.url)
+    assert late.returncode == 1 and "`ratefleet result req-1`" in late.stderr, late.stderr
+
+    waiting = subprocess.Popen([sys.executable, "-m", "ratefleet", "request", json.dumps(chat_job(2, id="req-2")),
+                                "--tier", "normal", "--timeout", "60", "--nats", nats_server.url],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)  # connected and waiting (nothing runs the job)
+    waiting.send_signal(signal.SIGINT)
+    _, err = waiting.communicate(timeout=30)
+    assert waiting.returncode == 130 and "`ratefleet result req-2`" in err, err
+
+
+@pytest.mark.anyio
+async def test_submit_small_things(tmp_path, nats_server):
+    await _streams(nats_server.url)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    done = cli("submit", str(empty), "--tier", "normal", "--nats", nats_server.url)
+    assert done.returncode == 2 and "1/1 bytes" not in done.stderr and "no jobs to submit" in done.stderr
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes(json.dumps(chat_job(1, metadata={"name": "X"})).replace("X", "\xe9").encode("latin-1") + b"\n")
+    done = cli("submit", str(latin), "--tier", "normal", "--nats", nats_server.url)
+    assert done.returncode == 2 and "line 1: not UTF-8 (byte 0xe9" in done.stderr, done.stderr
+    assert "not valid JSON" not in done.stderr
+
+
+@pytest.fixture
+def fleet(tmp_path, nats_server):
+    """A fleet whose upstream answers each call after 250 ms; 4 slots: about 16 calls a second."""
+    settings = MockSettings(keys=mock_keys(rps=1000, burst=100), accept_unknown=False, latency_ms=250)
+    with running_mock(settings) as upstream:
+        kit = FleetKit(tmp_path, nats_server.url, upstream.url,
+                       keys=[{"id": "k1", "rps": 500, "burst": 50}, {"id": "k2", "rps": 500, "burst": 50}])
+        kit.dispatcher("d1"), kit.worker("w1", slots=4)
+        try:
+            yield kit, upstream
+        finally:
+            kit.stop()
+
+
+@pytest.mark.anyio
+async def test_ctrl_c_without_batch_prints_the_resume_command(tmp_path, nats_server, fleet):
+    kit, upstream = fleet
+    async with await Client.connect(nats_server.url) as client:
+        await wait_for_leader(client)
+    jobs, out = tmp_path / "jobs.jsonl", tmp_path / "r1.jsonl"
+    write_jobs(jobs, [chat_job(i) for i in range(60)])
+    command = ["submit", str(jobs), "--tier", "normal", "--wait", "--out", str(out), "--nats", nats_server.url]
+    first = subprocess.Popen([sys.executable, "-m", "ratefleet", *command], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: upstream.stats()["requests"] >= 10, 60, "10 upstream calls")
+    first.send_signal(signal.SIGINT)
+    _, err = first.communicate(timeout=30)
+    assert first.returncode == 130, err
+    name = re.match(r"batch (submit-\S+); re-run with --batch (\S+) to resume$", err.splitlines()[0])
+    assert name and name[1] == name[2], err
+    rerun = re.search(r"or re-run \(stored lines are not sent again\): ratefleet (submit .*)$", err, re.M)
+    assert rerun and f"--batch {name[1]}" in rerun[1], err
+    assert f"ratefleet results --batch {name[1]}" in err
+
+    again = cli(*shlex.split(rerun[1]))  # the printed command, as printed
+    assert again.returncode == 0, again.stderr
+    assert re.search(rf"stored 60 jobs in tier 'normal', batch {name[1]}: 0 new", again.stderr), again.stderr
+    assert upstream.stats()["requests"] == 60
+    piped = _run_into_closed_pipe("submit", str(jobs), "--tier", "normal", "--batch", name[1], "--wait", "--out", "-",
+                                  "--nats", nats_server.url)
+    assert piped.returncode == 141 and "error" not in piped.stderr, piped.stderr
+
+    skipping = tmp_path / "skip.jsonl"
+    skipping.write_text(json.dumps(chat_job(100)) + "\n{not json\n")
+    skipped = cli("submit", str(skipping), "--tier", "normal", "--skip-invalid", "--wait", "--nats", nats_server.url)
+    assert skipped.returncode == 1, skipped.stderr
+    assert "1 invalid lines were skipped" in skipped.stderr and "not written anywhere (no --out)" in skipped.stderr
+
+
+@pytest.mark.anyio
+async def test_keys_enable_says_why_a_key_stays_out_and_disable_again_keeps_the_reason(nats_server):
+    import anyio
+    import nats
+
+    seen: list[dict] = []
+    nc = await nats.connect(nats_server.url)
+
+    async def leader(msg) -> None:  # a stand-in leader on the real admin subjects
+        request = json.loads(msg.data)
+        seen.append(request)
+        state = ({"state": "disabled", "disabled_by": "secret", "secret_missing": "LOCAL_KEY_2 not set"}
+                 if request["action"] == "enable" else
+                 {"state": "disabled", "disabled_by": "operator", "disabled_reason": request["reason"]})
+        await msg.respond(json.dumps({"ok": True, "key": request["key"], "changed": False, "state": state}).encode())
+
+    async def status(msg) -> None:
+        keys = {"k2": {"disabled": True, "disabled_by": "operator", "disabled_reason": "rotating the secret"}}
+        await msg.respond(json.dumps({"keys": keys}).encode())
+
+    await nc.subscribe("ratefleet.admin.keys", cb=leader)
+    await nc.subscribe("ratefleet.admin.status", cb=status)
+    await nc.flush()
+    try:
+        enable = await anyio.to_thread.run_sync(lambda: cli("keys", "enable", "k2", "--nats", nats_server.url))
+        assert enable.returncode == 1, enable.stdout + enable.stderr
+        assert "key k2 stays out of rotation: no worker has its secret (LOCAL_KEY_2 not set)" in enable.stderr
+        assert "(no change)" not in enable.stdout
+        again = await anyio.to_thread.run_sync(lambda: cli("keys", "disable", "k2", "--nats", nats_server.url))
+        assert again.returncode == 0 and "disabled (rotating the secret)" in again.stdout, again.stderr
+        assert seen[-1] == {"action": "disable", "key": "k2", "reason": "rotating the secret"}
+    finally:
+        await nc.close()
+
+
+def _run_into_closed_pipe(*args: str) -> subprocess.CompletedProcess:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader (`| head -1`) has gone
+    try:
+        return subprocess.run([sys.executable, "-m", "ratefleet", *args], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=90)
+    finally:
+        os.close(write_end)
