@@ -66,6 +66,8 @@ class OutcomeReport(BaseModel):
     latency_ms: float | None = None
     terminal: bool = True
     code: str | None = None  # the provider's error code/type from the answer, e.g. "invalid_api_key"
+    # a 429's scope: "key" (no room), "request" (this request alone), None (no evidence)
+    scope: Literal["key", "request"] | None = None
 
 
 class InFlight(BaseModel):

@@ -30,6 +30,7 @@ class ErrorCode(StrEnum):
     INVALID_REQUEST = "invalid_request"  # the job passed validation but its HTTP request could not be built
     REQUEST_DENIED = "request_denied"  # 401/403 on two keys: the request is refused, not the keys
     RESULT_NOT_STORED = "result_not_stored"  # NATS refused the answer (bucket/stream full): not called again
+    REQUEST_TOO_LARGE = "request_too_large"  # a 429 saying the request exceeds the whole limit: never fits
 
 
 class ErrorInfo(BaseModel):

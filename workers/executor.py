@@ -9,7 +9,7 @@ and proxies from the environment are ignored, so a key only ever goes to its ups
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import anyio
@@ -17,8 +17,10 @@ import httpx
 
 from pydantic_core import PydanticCustomError
 
+from dispatcher.core.ratelimit_scope import RateLimitScope, rate_limit_scope
 from dispatcher.core.signals import classify, parse_ratelimit, parse_retry_after, provider_code
 from ratefleet.errors import InvalidRequest
+from dispatcher.core.types import RateLimitInfo
 from schemas import ErrorCode, Job, ResponseInfo, UpstreamConfig
 from schemas.job import check_header
 from workers.body import body_fields, read_capped
@@ -43,6 +45,7 @@ class CallResult:
     latency_ms: float
     code: str | None = None  # an ErrorCode that ends the job as it is (e.g. response_too_large)
     provider_code: str | None = None  # the provider's error code/type (signals.provider_code)
+    scope: RateLimitScope | None = None  # a 429's verdict: the key's or this request's (ratelimit_scope.py)
 
 
 def build_client(transport: str, slots: int) -> httpx.AsyncClient:
@@ -120,8 +123,9 @@ class UpstreamExecutor:
         send, headers and the entire body. httpx's own timeouts are per phase and per read
         (an upstream dripping a byte a second never trips them), so an overall deadline
         wraps the request and its body read; past it the call is a `timeout` outcome (an
-        upstream_error: a breaker failure, retried by policy). Raises InvalidRequest
-        (before any call) when the job cannot be sent."""
+        upstream_error: a breaker failure, retried by policy). A 429 carries its scope; one
+        that can never fit (the request exceeds the whole limit) ends the job as
+        `request_too_large`. Raises InvalidRequest (before any call) when the job cannot be sent."""
         built = self.build_request(job, upstream)
         # latin-1, as the job's headers were encoded (httpx would guess and may double-encode)
         built.headers.encoding = "iso-8859-1"
@@ -129,10 +133,11 @@ class UpstreamExecutor:
         started = time.perf_counter()
         try:
             with anyio.fail_after(upstream.timeout_s):
-                return await self._send(built, upstream, secret, started)
+                result = await self._send(built, upstream, secret, started)
         except TimeoutError:
             return self._failed("timeout", f"the call did not finish within timeout_s = {upstream.timeout_s}s "
                                 "(connect, send, headers and body)", started)
+        return _scoped(result, job.cost) if result.kind == "rate_limited" else result
 
     async def _send(self, built: httpx.Request, upstream: UpstreamConfig, secret: str, started: float) -> CallResult:
         try:
@@ -177,3 +182,16 @@ class UpstreamExecutor:
     def _failed(what: str, message: str, started: float) -> CallResult:
         return CallResult(kind=classify(None, what), response=None, error=message, retry_after_s=None,
                           ratelimit=None, actual_cost=None, latency_ms=(time.perf_counter() - started) * 1000)
+
+
+def _scoped(result: CallResult, cost: float) -> CallResult:
+    """A 429 with its scope; one that can never fit ends the job (`request_too_large`) and is
+    reported as a bad request (the job's fault, like a 413), so the key is left alone."""
+    info = RateLimitInfo.from_dict(result.ratelimit) if result.ratelimit else None
+    body = result.response.json_body if result.response is not None else None
+    scope = rate_limit_scope(info, body, cost)
+    if scope is None or not scope.never_fits:
+        return replace(result, scope=scope)
+    message = (f"the upstream answered 429 because this request {scope.describe_too_large()} "
+               f"({scope.reason}); waiting cannot make it fit, so it is not retried: make the request smaller")
+    return replace(result, kind="bad_request", scope=scope, code=ErrorCode.REQUEST_TOO_LARGE, error=message)

@@ -291,8 +291,8 @@ class Worker:
         still lists the assignment in flight and the dispatcher returns it at once)."""
         retryable = call.kind in RETRYABLE and not (call.kind == "denied" and a.denial_final)
         throttled = call.kind == "rate_limited"  # a wait, not an attempt: its own budget
-        terminal = (a.rate_limited + 1 >= a.max_rate_limited if throttled
-                    else not retryable or a.attempt >= a.max_attempts)
+        terminal = bool(call.code) or (a.rate_limited + 1 >= a.max_rate_limited if throttled
+                                       else not retryable or a.attempt >= a.max_attempts)
         log.debug("call done", kind=call.kind, status=call.response.status if call.response else None,
                   latency_ms=round(call.latency_ms, 1))
         if not terminal:
@@ -356,8 +356,7 @@ class Worker:
         if call.kind == "ok":
             return self._result(a, "succeeded", response=call.response, queued_ms=queued_ms, upstream_ms=call.latency_ms)
         if call.kind == "rate_limited":
-            error = ErrorInfo(code=ErrorCode.RATE_LIMITED, message=f"answered 429 {a.rate_limited + 1} times "
-                              f"(max_rate_limited = {a.max_rate_limited}); the keys never had room for it")
+            error = ErrorInfo(code=ErrorCode.RATE_LIMITED, message=_rate_limited_message(a, call))
         elif call.kind == "denied" and a.denial_final:
             error = _request_denied(a, call)
         elif call.kind in RETRYABLE:
@@ -382,7 +381,8 @@ class Worker:
             kind=call.kind if call else "none", status=call.response.status if call and call.response else None,
             retry_after_s=call.retry_after_s if call else None, ratelimit=call.ratelimit if call else None,
             actual_cost=call.actual_cost if call else None, latency_ms=call.latency_ms if call else None,
-            code=call.provider_code if call else None)
+            code=call.provider_code if call else None,
+            scope=call.scope.scope if call and call.scope else None)
         self.in_flight.pop(a.id, None)
         try:
             await self.nc.publish(self.subjects.outcome, report.model_dump_json().encode())
@@ -399,3 +399,17 @@ def _request_denied(a: Assignment, call: CallResult) -> ErrorInfo:
                      message=f"the upstream refused this request with HTTP {status}{code} on key {a.key_id} after "
                              "another key refused it too (or no other key could take it): the request is at fault, "
                              "not the keys, which stay in rotation; not retried")
+
+
+def _rate_limited_message(a: Assignment, call: CallResult) -> str:
+    """Why a job ended `rate_limited`, from what its last 429 said (ratelimit_scope.py)."""
+    head = (f"answered 429 {a.rate_limited + 1} times (max_rate_limited = {a.max_rate_limited}); "
+            f"the last one, on key {a.key_id}, ")
+    scope = call.scope
+    if scope is None:
+        return head + ("gave no rate-limit headers or error detail saying whether the key was out of room "
+                       "or the provider refused this request; it was counted against the key")
+    if scope.scope == "request":
+        return head + (f"was about this request, not the key: {scope.reason}; the key kept serving other "
+                       "jobs, so the provider refuses this request itself (check its size and model)")
+    return head + f"said the key was out of room: {scope.reason}; the keys stayed busy for as long as it waited"

@@ -11,12 +11,24 @@ A 429 is "fresh" when its call was sent after the last fresh one was seen; the o
 are echoes of the same overload (calls already on the wire): they honour their
 Retry-After but neither lengthen the backoff nor lower the rate again, as TCP reacts to
 one loss per round trip.
+
+Only a key-scoped 429 throttles the key. A request-scoped one (the worker's
+`Outcome.scope == "request"`: the key's own headers showed room, or the provider said the
+request itself is too large; see ratelimit_scope.py) is counted and nothing more: no
+cooldown, no rate drop, no streak. Without evidence either way (`scope` None), a 429 is the
+key's, unless the same job was answered 429 on this key before, other jobs succeeded on it
+since, and no other fresh 429 came in between: then it is that job's own (its retries
+back off on their own nak delay), so one job cannot hold a key down for everyone; the
+first such 429 of a job still acts on the key, which bounds what a misreading costs.
+Headers showing room can mislead (a limit they do not report, such as concurrency): when
+429s of different jobs come back to back on a key with no success in between, the key is
+refusing everyone, and such a 429 is the key's whatever its headers said.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from .adaptive import AdaptiveRate, AdaptPolicy, header_rate
@@ -28,16 +40,19 @@ from .types import BreakerPolicy, CooldownPolicy, KeySpec, Outcome, ProbePolicy,
 _MAX_DOUBLINGS = 62
 SENT_WINDOW_S = 2.0  # the rate a key was actually sent at is measured over this window
 MIN_SENT_CALLS = 5  # fewer calls in the window measure nothing (1 call in 2 s is not "0.5/s")
+JOB_429_MEMORY = 256  # jobs whose last 429 on this key is remembered (to see one job repeat)
 
 
 @dataclass
 class KeyStats:
-    """Outcome counters; `errors` counts upstream_error, key_error and bad_request."""
+    """Outcome counters; `errors` counts upstream_error, key_error and bad_request;
+    `rate_limited` every 429, `request_scoped_429` those that did not throttle the key."""
 
     calls: int = 0
     ok: int = 0
     rate_limited: int = 0
     errors: int = 0
+    request_scoped_429: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,9 @@ class KeyState:
             self.cost_rate = AdaptiveRate(cpm / 60.0, adapt, now)
         self.limit_hint: float | None = None  # the request limit the provider last reported
         self.throttled_at = -math.inf  # when the last fresh 429 was seen
+        self.ok_at = -math.inf  # when the last success was seen
+        self._job_429_at: OrderedDict[str, float] = OrderedDict()  # job id -> its last 429 here
+        self._last_429: tuple[str | None, float] = (None, -math.inf)  # (job id, when) of the last 429
         self._sent: deque[float] = deque(maxlen=256)
         self.breaker = KeyBreaker(breaker, name=spec.id)
         self.cooldown_until = -math.inf
@@ -147,11 +165,11 @@ class KeyState:
         elif actual < reserved:
             self.cost.refund(now, reserved - actual, mark)
 
-    def observe(self, outcome: Outcome, now: float, sent_at: float | None = None) -> bool:
-        """Apply a call's key signals: counters, 429 backoff and rate drop, disable on
-        key-scoped evidence, ratelimit resync, rate climb. `sent_at`: when the call was
-        dispatched (None when unknown: then a 429 counts as fresh). Returns whether the key
-        was disabled by it."""
+    def observe(self, outcome: Outcome, now: float, sent_at: float | None = None, job_id: str | None = None) -> bool:
+        """Apply a call's key signals: counters, 429 backoff and rate drop (key-scoped 429s
+        only), disable on key-scoped evidence, ratelimit resync, rate climb. `sent_at`: when
+        the call was dispatched (None when unknown: then a 429 counts as fresh); `job_id`:
+        the job it was for (None when unknown). Returns whether the key was disabled by it."""
         if outcome.kind == "lost":
             return False
         self.answered = True
@@ -161,11 +179,16 @@ class KeyState:
         if outcome.kind == "ok":
             if fresh:
                 self.streak_429 = 0
+            self.ok_at = now
             self.request_rate.on_success(now)
             if self.cost_rate is not None:
                 self.cost_rate.on_success(now)
         elif outcome.kind == "rate_limited":
-            self._throttled(outcome, now, fresh)
+            if self.request_scoped(outcome, job_id):
+                self.stats.request_scoped_429 += 1
+            else:
+                self._throttled(outcome, now, fresh)
+            self._note_job_429(job_id, now)
         elif outcome.kind == "key_error":
             disabled = self.health.disable("provider", key_error_reason(outcome), now)
         if outcome.ratelimit is not None:
@@ -187,6 +210,25 @@ class KeyState:
         else:
             self.request_rate.on_throttle(now, self.sent_rate(now))
         self._cool(now, self._backoff(outcome.retry_after_s))
+
+    def request_scoped(self, outcome: Outcome, job_id: str | None) -> bool:
+        """Whether a 429 is about its request rather than this key (module docstring)."""
+        last_job, last_at = self._last_429
+        if last_at > self.ok_at and last_job != job_id:
+            return False  # another job's 429 just before, no success since: everyone is refused
+        if outcome.scope is not None:
+            return outcome.scope == "request"
+        last = self._job_429_at.get(job_id) if job_id is not None else None
+        return last is not None and self.ok_at > last and self.throttled_at <= last
+
+    def _note_job_429(self, job_id: str | None, now: float) -> None:
+        self._last_429 = (job_id, now)
+        if job_id is None:
+            return
+        self._job_429_at[job_id] = now
+        self._job_429_at.move_to_end(job_id)
+        while len(self._job_429_at) > JOB_429_MEMORY:
+            self._job_429_at.popitem(last=False)
 
     def sent_rate(self, now: float) -> float | None:
         """Calls per second dispatched on this key over the last SENT_WINDOW_S, or None

@@ -202,7 +202,8 @@ class Scheduler(KeyAdmin):
         marks = entry[1]
         if marks is not None:
             key.correct_cost(now, reservation.cost, outcome.actual_cost, marks.cost)
-        if key.observe(outcome, now, None if reservation.adopted else reservation.at):
+        sent_at, job_id = (None, None) if reservation.adopted else (reservation.at, reservation.job.job_id)
+        if key.observe(outcome, now, sent_at, job_id):
             self._changed.add(key.spec.id)
         self._weigh_denials(reservation, outcome, now)
         if reservation.key_probe and outcome.kind == "denied":

@@ -201,7 +201,9 @@ class RateLimitInfo:
 @dataclass(frozen=True)
 class Outcome:
     """What a worker observed for one call; `code` is the provider's error code or type
-    from the answer's body (`signals.provider_code`), e.g. "invalid_api_key"."""
+    from the answer's body (`signals.provider_code`), e.g. "invalid_api_key". `scope`, for a
+    429 only: "key" (the key had no room), "request" (this request alone was refused while
+    the key had room, ratelimit_scope.py), or None (no evidence either way)."""
 
     kind: OutcomeKind
     status: int | None = None
@@ -210,3 +212,4 @@ class Outcome:
     actual_cost: float | None = None
     latency_ms: float | None = None
     code: str | None = None
+    scope: Literal["key", "request"] | None = None

@@ -403,4 +403,5 @@ def _outcome(report: OutcomeReport) -> Outcome:
         return LOST
     limit = RateLimitInfo.from_dict(report.ratelimit) if report.ratelimit else None
     return Outcome(kind=report.kind, status=report.status, retry_after_s=report.retry_after_s, ratelimit=limit,
-                   actual_cost=report.actual_cost, latency_ms=report.latency_ms, code=report.code)
+                   actual_cost=report.actual_cost, latency_ms=report.latency_ms, code=report.code,
+                   scope=report.scope if report.kind == "rate_limited" else None)
