@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-fast mutants bench up clean
+.PHONY: install lint demo test test-fast mutants bench up clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,12 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/ratefleet demo
 
-test: install
+# style gates, run first by `make test`: ruff (lint and import order); the layer contracts
+# (.importlinter) run as tests/unit/test_layers.py
+lint: install
+	$(BIN)/ruff check .
+
+test: install lint
 	$(BIN)/pytest -q
 
 test-fast: install

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     out["command"] = " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/adaptive.py", *(argv or sys.argv[1:])])
     out["commit"] = commit or None
-    out["at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    out["at"] = datetime.now(UTC).isoformat(timespec="seconds")
     print_report(console, out)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))

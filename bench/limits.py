@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -48,9 +48,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/limits.py` puts bench/ first, not the repo
     sys.path.insert(0, str(ROOT))
 
-from ratefleet.localfleet import KeyLimit, LocalFleet  # noqa: E402
-
 from ratefleet import Client  # noqa: E402
+from ratefleet.localfleet import KeyLimit, LocalFleet  # noqa: E402
 from ratefleet.runtime.embedded import nats_server_binary  # noqa: E402
 
 GUEST_BATCH, VIP_BATCH = "bench-guest", "bench-vip"
@@ -79,7 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-s", type=float, default=None, help="start of the run left out of utilization (default 2; --quick 1)")
     p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--slots", type=int, default=32, help="slots per worker (default 32)")
-    p.add_argument("--policy", choices=["weighted", "strict"], default=None, help="dispatcher tier policy (default: the product default)")
+    p.add_argument("--policy", choices=["weighted", "strict"], default=None,
+                   help="dispatcher tier policy (default: the product default)")
     p.add_argument("--no-trace", action="store_true", help="do not listen to the dispatcher's assignments")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "limits.json", help="JSON output")
     p.add_argument("--raw", type=Path, default=None,
@@ -513,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     keys = [KeyLimit(f"k{i + 1}", args.rps, args.burst) for i in range(args.keys)]
     dispatcher = {"policy": args.policy} if args.policy else {}
-    wall_start = datetime.now(timezone.utc)
+    wall_start = datetime.now(UTC)
     with LocalFleet(keys, workers=args.workers, slots=args.slots, dispatcher=dispatcher,
                     keep_logs=args.keep_logs) as fleet:
         run = anyio.run(drive, args, fleet, console)

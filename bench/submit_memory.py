@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ratefleet.runtime.embedded import EmbeddedNats
 from ratefleet.runtime.streams import ensure_topology
-from schemas.config import parse_config
+from ratefleet.schemas.config import parse_config
 
 RESULTS = Path(__file__).parent / "results" / "submit_memory.json"
 

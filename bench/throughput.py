@@ -20,9 +20,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from ratefleet.localfleet import KeyLimit, LocalFleet  # noqa: E402
-
 from ratefleet.client import Client  # noqa: E402
+from ratefleet.localfleet import KeyLimit, LocalFleet  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas.internal import Heartbeat
+from ratefleet.schemas.internal import Heartbeat
 
 
 @dataclass

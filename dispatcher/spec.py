@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from dispatcher.core import (
-    AdaptPolicy, BreakerPolicy, CooldownPolicy, KeySpec, PoolSpec, ProbePolicy, SchedulerSpec, TierSpec,
+from ratefleet.dispatcher.core import (
+    AdaptPolicy,
+    BreakerPolicy,
+    CooldownPolicy,
+    KeySpec,
+    PoolSpec,
+    ProbePolicy,
+    SchedulerSpec,
+    TierSpec,
 )
-from schemas import Config
+from ratefleet.schemas import Config
 
 
 def scheduler_spec(config: Config) -> SchedulerSpec:

@@ -2,10 +2,41 @@
 
 Producers submit jobs by priority tier; one leader dispatcher spends each key's limits
 exactly; a fleet of workers makes the calls and stores one Result per job.
+
+One import package: `ratefleet.schemas` (the contract), `ratefleet.runtime` (the job
+lifecycle), `ratefleet.dispatcher` and `ratefleet.workers`, and the application (CLI,
+client, supervisor, demo) at the top. The names below are loaded on first use (PEP 562), so
+importing a lower layer (a worker, the dispatcher) never loads the client.
 """
 
-from ratefleet.client import Client
-from ratefleet.errors import JobInvalid, QueueFull, RatefleetError, RequestTimeout, SubmitError
-from schemas import Job, Result
+from __future__ import annotations
 
-__all__ = ["Client", "Job", "JobInvalid", "QueueFull", "RatefleetError", "RequestTimeout", "Result", "SubmitError"]
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ratefleet.client import Client
+    from ratefleet.schemas import Job, Result
+    from ratefleet.schemas.errors import ConfigError, JobInvalid, QueueFull, RatefleetError, RequestTimeout, SubmitError
+
+_EXPORTS = {
+    "Client": "ratefleet.client",
+    "Job": "ratefleet.schemas",
+    "Result": "ratefleet.schemas",
+    "ConfigError": "ratefleet.schemas.errors",
+    "JobInvalid": "ratefleet.schemas.errors",
+    "QueueFull": "ratefleet.schemas.errors",
+    "RatefleetError": "ratefleet.schemas.errors",
+    "RequestTimeout": "ratefleet.schemas.errors",
+    "SubmitError": "ratefleet.schemas.errors",
+}
+__all__ = ["Client", "ConfigError", "Job", "JobInvalid", "QueueFull", "RatefleetError", "RequestTimeout", "Result",
+           "SubmitError"]
+
+
+def __getattr__(name: str) -> Any:
+    """`ratefleet.Client` and the other public names, imported on first access."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ratefleet' has no attribute {name!r}")
+    return getattr(import_module(module), name)

@@ -23,7 +23,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
 from ratefleet.batchfile import line_of
-from schemas import Result, Subjects
+from ratefleet.schemas import Result, Subjects
 
 STALE_AFTER_S = 30.0  # a "submitting" record older than this: its submit died
 

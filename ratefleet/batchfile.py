@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from schemas import Job
-from schemas.job import JobRejected, parse_job
+from ratefleet.schemas import Job
+from ratefleet.schemas.job import JobRejected, parse_job
 
 MAX_ID = 128
 _GENERATED = re.compile(r"-(\d{1,12})-([0-9a-f]{10})$")

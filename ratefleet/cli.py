@@ -12,17 +12,27 @@ import json
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Optional
 
 import anyio
 import typer
 
-from ratefleet.cli_support import (EXIT_FAILED, EXIT_INTERRUPTED, RatefleetApp, client_target, fail, fleet_config,
-                                   make_console, plain_output, read_text_file, require_file, require_out_path,
-                                   tier_help)
-from ratefleet.errors import RatefleetError
+from ratefleet.cli_support import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    RatefleetApp,
+    client_target,
+    fail,
+    fleet_config,
+    make_console,
+    plain_output,
+    read_text_file,
+    require_file,
+    require_out_path,
+    tier_help,
+)
 from ratefleet.keys_cmd import keys_app
 from ratefleet.runtime.logs import configure_logging
+from ratefleet.schemas.errors import RatefleetError
 
 _MARKUP = None if plain_output() else "rich"  # NO_COLOR / not a terminal: click's plain help and errors
 app = RatefleetApp(add_completion=False, no_args_is_help=True, rich_markup_mode=_MARKUP,
@@ -78,16 +88,16 @@ def _run(coro_fn, *args):
             first = first.exceptions[0]
         fail(str(first), EXIT_FAILED)
     except KeyboardInterrupt:
-        raise typer.Exit(EXIT_INTERRUPTED)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 @app.command()
-def up(config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt,
+def up(config: Path | None = ConfigOpt, nats: str | None = NatsOpt,
        workers: int = typer.Option(2, "--workers", "-w", min=0, help="worker processes"),
        dispatchers: int = typer.Option(1, "--dispatchers", min=1, help="dispatcher processes (leader + standbys)")):
     """The whole fleet here: embedded NATS if none answers, dispatchers, N workers. Ctrl-C drains and stops."""
-    from ratefleet.runtime.roles import log_and_ignore_sighup
-    from ratefleet.runtime.supervisor import run_fleet
+    from ratefleet.roles import log_and_ignore_sighup
+    from ratefleet.supervisor import run_fleet
 
     log_and_ignore_sighup()  # until run_fleet installs its own handler, which logs each one
     cfg, path = fleet_config(config, nats, "up")
@@ -96,10 +106,10 @@ def up(config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt,
 
 
 @app.command()
-def dispatcher(config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt,
-               id: Optional[str] = typer.Option(None, "--id", help="dispatcher id (default random)")):
+def dispatcher(config: Path | None = ConfigOpt, nats: str | None = NatsOpt,
+               id: str | None = typer.Option(None, "--id", help="dispatcher id (default random)")):
     """Run one dispatcher (run two or more for failover)."""
-    from ratefleet.runtime.roles import dispatcher_main, log_and_ignore_sighup
+    from ratefleet.roles import dispatcher_main, log_and_ignore_sighup
 
     cfg, _ = fleet_config(config, nats, "dispatcher")
     configure_logging()
@@ -108,11 +118,11 @@ def dispatcher(config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt
 
 
 @app.command()
-def worker(config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt,
-           slots: Optional[int] = typer.Option(None, "--slots", min=1, help="concurrent upstream calls"),
-           id: Optional[str] = typer.Option(None, "--id", help="worker id (default random)")):
+def worker(config: Path | None = ConfigOpt, nats: str | None = NatsOpt,
+           slots: int | None = typer.Option(None, "--slots", min=1, help="concurrent upstream calls"),
+           id: str | None = typer.Option(None, "--id", help="worker id (default random)")):
     """Run one worker process."""
-    from ratefleet.runtime.roles import log_and_ignore_sighup, worker_main
+    from ratefleet.roles import log_and_ignore_sighup, worker_main
 
     cfg, _ = fleet_config(config, nats, "worker")
     configure_logging()
@@ -123,14 +133,14 @@ def worker(config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt,
 @app.command()
 def submit(file: Path = typer.Argument(..., help="JSONL file, one Job per line ('-' for stdin)"),
            tier: str = TierOpt,
-           batch: Optional[str] = typer.Option(None, "--batch", "-b", metavar="NAME",
+           batch: str | None = typer.Option(None, "--batch", "-b", metavar="NAME",
                                                help="batch name (default: a new submit-<time>-<hex>); the same "
                                                     "name again resumes and sends only lines not stored yet"),
            wait: bool = Flag(False, "--wait", help="follow results until every job has one (written to --out)"),
-           out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FILE",
+           out: Path | None = typer.Option(None, "--out", "-o", metavar="FILE",
                                               help="write Results here (JSONL; '-' for stdout)"),
            skip_invalid: bool = Flag(False, "--skip-invalid", help="submit the valid lines, report the rest"),
-           config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt, prefix: Optional[str] = PrefixOpt):
+           config: Path | None = ConfigOpt, nats: str | None = NatsOpt, prefix: str | None = PrefixOpt):
     """Submit a batch of jobs with a progress bar; --wait collects their Results."""
     from ratefleet.submit_cmd import run_submit
 
@@ -146,10 +156,10 @@ def submit(file: Path = typer.Argument(..., help="JSONL file, one Job per line (
 @app.command()
 def request(job: str = typer.Argument(..., help="Job JSON, or @FILE"), tier: str = TierOpt,
             timeout: float = typer.Option(30.0, "--timeout", help="seconds to wait for the Result"),
-            config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt, prefix: Optional[str] = PrefixOpt):
+            config: Path | None = ConfigOpt, nats: str | None = NatsOpt, prefix: str | None = PrefixOpt):
     """One job over request/reply; prints the Result; exit 0 only if it succeeded, 2 for a bad job or tier."""
     from ratefleet.client import Client, as_job
-    from ratefleet.errors import JobInvalid
+    from ratefleet.schemas.errors import JobInvalid
     from ratefleet.submit_report import check_tier
 
     text = read_text_file(Path(job[1:]), "job file") if job.startswith("@") else job
@@ -186,7 +196,7 @@ def request(job: str = typer.Argument(..., help="Job JSON, or @FILE"), tier: str
 
 
 @app.command()
-def status(config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt, prefix: Optional[str] = PrefixOpt,
+def status(config: Path | None = ConfigOpt, nats: str | None = NatsOpt, prefix: str | None = PrefixOpt,
            as_json: bool = JsonOpt):
     """Tiers (queued, pending, in flight), keys (tokens, in flight, breaker, 429s), workers."""
     from ratefleet.client import Client
@@ -207,7 +217,8 @@ def status(config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt, pr
 
 @app.command("mock-upstream")
 def mock_upstream(port: int = typer.Option(8900, "--port"), host: str = typer.Option("127.0.0.1", "--host"),
-                  key: list[str] = typer.Option([], "--key", metavar="SPEC", help="id=SECRET:rps=20:burst=5[:concurrency=N][:cost_per_minute=N]"),
+                  key: list[str] = typer.Option([], "--key", metavar="SPEC",
+                                                  help="id=SECRET:rps=20:burst=5[:concurrency=N][:cost_per_minute=N]"),
                   rps: float = typer.Option(20.0, "--rps", help="limit for keys not listed"),
                   burst: float = typer.Option(5.0, "--burst"),
                   latency_ms: float = typer.Option(0.0, "--latency-ms"),
@@ -239,9 +250,9 @@ def demo(jobs: int = typer.Option(400, "--jobs", help="guest flood size"), vip: 
 
 
 @dlq_app.command("list")
-def dlq_list(tier: Optional[str] = typer.Option(None, "--tier", help=tier_help("only this tier")),
-             limit: int = typer.Option(50, "--limit"), config: Optional[Path] = ConfigOpt,
-             nats: Optional[str] = NatsOpt, prefix: Optional[str] = PrefixOpt, as_json: bool = JsonOpt):
+def dlq_list(tier: str | None = typer.Option(None, "--tier", help=tier_help("only this tier")),
+             limit: int = typer.Option(50, "--limit"), config: Path | None = ConfigOpt,
+             nats: str | None = NatsOpt, prefix: str | None = PrefixOpt, as_json: bool = JsonOpt):
     """List dead letters: job id, tier, reason, attempts."""
     from ratefleet.dlq import list_dead
 
@@ -250,11 +261,11 @@ def dlq_list(tier: Optional[str] = typer.Option(None, "--tier", help=tier_help("
 
 
 @dlq_app.command("replay")
-def dlq_replay(tier: Optional[str] = typer.Option(None, "--tier", help=tier_help("only this tier")),
-               id: Optional[str] = typer.Option(None, "--id", metavar="JOB_ID",
+def dlq_replay(tier: str | None = typer.Option(None, "--tier", help=tier_help("only this tier")),
+               id: str | None = typer.Option(None, "--id", metavar="JOB_ID",
                                                 help="only the dead letter of this job id (as `dlq list` shows it)"),
-               config: Optional[Path] = ConfigOpt,
-               nats: Optional[str] = NatsOpt, prefix: Optional[str] = PrefixOpt,
+               config: Path | None = ConfigOpt,
+               nats: str | None = NatsOpt, prefix: str | None = PrefixOpt,
                purge: bool = Flag(True, "--purge/--keep", help="remove replayed letters from the DLQ")):
     """Resubmit dead letters (those holding a job) under a new id that names the original; prints the new ids."""
     from ratefleet.dlq import replay_dead
@@ -272,6 +283,6 @@ _register_results(app)
 
 
 def _default_url() -> str:
-    from schemas.config import DEFAULT_NATS_URL
+    from ratefleet.schemas.config import DEFAULT_NATS_URL
 
     return DEFAULT_NATS_URL

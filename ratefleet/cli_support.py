@@ -19,7 +19,7 @@ from typing import NoReturn
 import typer
 from rich.console import Console
 
-from schemas.config import DEFAULT_TIERS, Config, ConfigError, config_path, load_config
+from ratefleet.schemas.config import DEFAULT_TIERS, Config, ConfigError, config_path, load_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 PIPE_WIDTH = 200  # columns of a console that is not a terminal and has no $COLUMNS

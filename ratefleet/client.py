@@ -14,24 +14,23 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import deque
-from dataclasses import dataclass
-
-import anyio
 from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
+import anyio
 from nats.aio.client import Client as NatsClient
 from nats.js.api import DeliverPolicy
 from pydantic import ValidationError
 
-from ratefleet.errors import JobInvalid, RequestTimeout, SubmitError
 from ratefleet.runtime.bodies import BodyStore
 from ratefleet.runtime.connect import connect
 from ratefleet.runtime.pubpipe import PublishPipe
 from ratefleet.runtime.store import MSG_ID, TRANSIENT, publish_job, publish_job_ack, read_result
-from schemas import Job, Result, Subjects
-from schemas.config import DEFAULT_NATS_URL
-from schemas.job import JobRejected, describe_validation_error, job_size_limit
+from ratefleet.schemas import Job, Result, Subjects
+from ratefleet.schemas.config import DEFAULT_NATS_URL
+from ratefleet.schemas.errors import JobInvalid, RequestTimeout, SubmitError
+from ratefleet.schemas.job import JobRejected, describe_validation_error, job_size_limit
 
 JobLike = Job | dict[str, Any]
 
@@ -75,10 +74,10 @@ class Client:
 
     @classmethod
     async def connect(cls, url: str = DEFAULT_NATS_URL, *, prefix: str = "ratefleet",
-                      name: str = "ratefleet-client") -> "Client":
+                      name: str = "ratefleet-client") -> Client:
         return cls(await connect(url, name=name, forever=False), prefix)
 
-    async def __aenter__(self) -> "Client":
+    async def __aenter__(self) -> Client:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -209,7 +208,7 @@ class Client:
                     return stored
             try:
                 msg = await sub.next_msg(timeout=timeout)
-            except asyncio.TimeoutError:  # (nats.errors.TimeoutError is one); other errors say what they are
+            except TimeoutError:  # (nats.errors.TimeoutError is one); other errors say what they are
                 stored = await self.stored_result(model.id)
                 if stored is not None:
                     return stored
@@ -236,7 +235,7 @@ class Client:
             while True:
                 try:
                     msg = await sub.next_msg(timeout=idle_timeout)
-                except (asyncio.TimeoutError, TimeoutError):
+                except TimeoutError:
                     if follow:
                         continue
                     return

@@ -113,7 +113,8 @@ def _summary(console: Console, results: dict[str, list], stats: dict, total: int
         jobs.add_row(status, str(count))
     keys = Table("key", "limit req/s", "calls", "ok", "429s", "errors", title="per key (as the upstream counted)")
     for key_id, k in sorted(stats.get("keys", {}).items()):
-        keys.add_row(key_id, str(DEMO_KEYS.get(key_id, "?")), str(k["calls"]), str(k["ok"]), str(k["rate_limited"]), str(k["errors"]))
+        keys.add_row(key_id, str(DEMO_KEYS.get(key_id, "?")), str(k["calls"]), str(k["ok"]),
+                      str(k["rate_limited"]), str(k["errors"]))
     waits = Table("tier", "jobs", "wait median ms", "wait p95 ms", "wait max ms", title="queue wait (submitted -> call)")
     medians: dict[str, float] = {}
     for batch, label in (("demo-vip", "vip"), ("demo-guest", "guest")):

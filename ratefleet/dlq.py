@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 from nats.js.api import DeliverPolicy
@@ -11,7 +10,7 @@ from rich.table import Column, Table
 from ratefleet.cli_support import make_console
 from ratefleet.client import Client
 from ratefleet.runtime.store import publish_job
-from schemas.job import new_job_id
+from ratefleet.schemas.job import new_job_id
 
 NARROW = 120  # columns below which `dlq list` prints one block per letter instead of a table
 
@@ -31,7 +30,7 @@ async def read_dead(client: Client, tier: str | None, limit: int | None = None) 
         while limit is None or len(letters) < limit:
             try:
                 msg = await sub.next_msg(timeout=1.0)
-            except (asyncio.TimeoutError, TimeoutError):
+            except TimeoutError:
                 break
             letters.append((msg.metadata.sequence.stream, json.loads(msg.data)))
             if msg.metadata.num_pending == 0:

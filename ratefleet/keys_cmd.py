@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import anyio
 import typer
 
 from ratefleet.cli_support import EXIT_FAILED, client_target, fail
-from ratefleet.errors import NatsUnavailable
 from ratefleet.runtime.connect import connect
-from schemas import Subjects
+from ratefleet.schemas import Subjects
+from ratefleet.schemas.errors import NatsUnavailable
 
 keys_app = typer.Typer(no_args_is_help=True, help="Take keys out of rotation or put them back (operator).")
 
@@ -82,8 +81,9 @@ def _run(request: dict, config, nats, prefix, timeout: float) -> None:
 
 @keys_app.command("disable")
 def disable(key: str = typer.Argument(..., help="key id from the config"),
-            reason: Optional[str] = typer.Option(None, "--reason", "-r", help="shown in `ratefleet status` (default: the earlier reason when disabled again)"),
-            config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt, prefix: Optional[str] = PrefixOpt,
+            reason: str | None = typer.Option(None, "--reason", "-r",
+                                          help="shown in `ratefleet status` (default: the earlier reason when disabled again)"),
+            config: Path | None = ConfigOpt, nats: str | None = NatsOpt, prefix: str | None = PrefixOpt,
             timeout: float = TimeoutOpt):
     """Take KEY out of rotation until `ratefleet keys enable KEY` (never probed automatically)."""
     _run({"action": "disable", "key": key, "reason": reason}, config, nats, prefix, timeout)
@@ -91,7 +91,7 @@ def disable(key: str = typer.Argument(..., help="key id from the config"),
 
 @keys_app.command("enable")
 def enable(key: str = typer.Argument(..., help="key id from the config"),
-           config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt, prefix: Optional[str] = PrefixOpt,
+           config: Path | None = ConfigOpt, nats: str | None = NatsOpt, prefix: str | None = PrefixOpt,
            timeout: float = TimeoutOpt):
     """Put KEY back in rotation (whoever disabled it: provider evidence or an operator)."""
     _run({"action": "enable", "key": key}, config, nats, prefix, timeout)

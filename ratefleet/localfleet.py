@@ -85,7 +85,7 @@ class LocalFleet:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def __enter__(self) -> "LocalFleet":
+    def __enter__(self) -> LocalFleet:
         try:
             self._start()
         except BaseException:

@@ -12,8 +12,16 @@ import time
 from dataclasses import dataclass, field
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
 
@@ -47,7 +55,7 @@ class Phases:
                                   console=console, transient=False) if self.rich else None
         self._plain: dict[int, _Plain] = {}
 
-    def __enter__(self) -> "Phases":
+    def __enter__(self) -> Phases:
         if self._progress:
             self._progress.start()
         return self

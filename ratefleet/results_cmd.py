@@ -25,22 +25,22 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, TextIO
+from typing import TextIO
 
 import anyio
 import typer
 from rich.console import Console
 
-from ratefleet.cli_support import EXIT_FAILED, client_target, fail, make_console, require_out_path
-from ratefleet.errors import RatefleetError
-from ratefleet.runtime.connect import redact_url
 from ratefleet.batches import BatchRecord, InputOrder, load_record
+from ratefleet.cli_support import EXIT_FAILED, client_target, fail, make_console, require_out_path
 from ratefleet.client import Client
 from ratefleet.phases import Phases
 from ratefleet.results_replays import Replays, replay_of, scan_replays
-from schemas import Result
-from schemas.config import DEFAULT_NATS_URL
-from schemas.subjects import is_token
+from ratefleet.runtime.connect import redact_url
+from ratefleet.schemas import Result
+from ratefleet.schemas.config import DEFAULT_NATS_URL
+from ratefleet.schemas.errors import RatefleetError
+from ratefleet.schemas.subjects import is_token
 
 RECORD_POLL_S = 2.0
 # the same options as the other client commands (ratefleet/cli.py)
@@ -114,9 +114,9 @@ class Collect:
 def results(batch: str = typer.Option(..., "--batch", "-b", metavar="NAME", help="the batch name `submit` printed first"),
             wait: bool = typer.Option(False, "--wait", is_flag=True, metavar="",
                                       help="follow until every job of the batch has a Result"),
-            out: Optional[Path] = typer.Option(None, "--out", "-o", help="write Results here (JSONL; default or '-': stdout)"),
+            out: Path | None = typer.Option(None, "--out", "-o", help="write Results here (JSONL; default or '-': stdout)"),
             order: str = typer.Option("arrival", "--order", help="arrival (as stored) or input (the file's line order)"),
-            config: Optional[Path] = ConfigOpt, nats: Optional[str] = NatsOpt, prefix: Optional[str] = PrefixOpt):
+            config: Path | None = ConfigOpt, nats: str | None = NatsOpt, prefix: str | None = PrefixOpt):
     """Collect the Results of a batch as JSONL; --wait follows until the batch is complete."""
     if order not in ("arrival", "input"):
         fail(f"--order must be 'arrival' or 'input', not {order!r}")
@@ -129,8 +129,8 @@ def results(batch: str = typer.Option(..., "--batch", "-b", metavar="NAME", help
     raise typer.Exit(code)
 
 
-def result(job_id: str = typer.Argument(..., help="a job id"), config: Optional[Path] = ConfigOpt,
-           nats: Optional[str] = NatsOpt, prefix: Optional[str] = PrefixOpt):
+def result(job_id: str = typer.Argument(..., help="a job id"), config: Path | None = ConfigOpt,
+           nats: str | None = NatsOpt, prefix: str | None = PrefixOpt):
     """Print one job's stored Result (JSON); exit 0 if it succeeded, 1 if not, 2 if none is stored."""
     if not is_token(job_id):
         fail(f"{job_id!r} is not a job id (1-128 of A-Z a-z 0-9 _ -)")
@@ -233,7 +233,8 @@ def _report(console: Console, run: Collect, out: Path | None, interrupted: bool,
     total = f" of {record.jobs:,}" if record else ""
     say(f"batch {run.batch}: {run.count:,}{total} results ({summary})" + (f"; written to {out}" if out else ""))
     again = ["ratefleet", "results", "--batch", run.batch, "--wait"] + (["--out", str(out)] if out else [])
-    again += ([] if url == DEFAULT_NATS_URL else ["--nats", redact_url(url)]) + ([] if prefix == "ratefleet" else ["--prefix", prefix])
+    again += [] if url == DEFAULT_NATS_URL else ["--nats", redact_url(url)]
+    again += [] if prefix == "ratefleet" else ["--prefix", prefix]
     missing = (record.jobs - run.count) if record else 0
     if run.superseded:
         say(f"{run.superseded:,} Results were replaced by a later `dlq replay` of the same line (counted once, "

@@ -9,7 +9,6 @@ per line and writes the latest replay in place of the Result it supersedes.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import dataclass, field
 
@@ -52,7 +51,7 @@ async def scan_replays(client: Client, batch: str, idle_timeout: float = 1.0) ->
         while True:
             try:
                 msg = await sub.next_msg(timeout=idle_timeout)
-            except (asyncio.TimeoutError, TimeoutError):
+            except TimeoutError:
                 return found
             try:
                 data = json.loads(msg.data)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Column, Table
 
-
 NARROW = 150  # columns below which the keys table becomes one block per key
 
 

@@ -25,24 +25,24 @@ import signal
 import sys
 import threading
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
 
-from ratefleet.cli_support import make_console
 from ratefleet.batches import BatchRecord, save_record
 from ratefleet.batchfile import LineError, Validation, iter_lines, line_of, parse_line, spool_stdin, validate_file
+from ratefleet.cli_support import make_console
 from ratefleet.client import Client, Stored
-from ratefleet.errors import NatsUnavailable, SubmitError
 from ratefleet.phases import Phases
-from ratefleet.submit_report import Run, check_tier, count_results, report_interrupt, report_end
-from schemas.subjects import is_token
+from ratefleet.schemas.errors import NatsUnavailable, SubmitError
+from ratefleet.schemas.subjects import is_token
+from ratefleet.submit_report import Run, check_tier, count_results, report_end, report_interrupt
 
 
 def new_batch_name() -> str:
     """`submit-<UTC yyyymmddThhmmss>-<6 hex>`: the batch name when --batch is not given."""
-    return "submit-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    return "submit-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
 async def run_submit(file: Path, tier: str, batch: str | None, wait: bool, out: Path | None, skip_invalid: bool,

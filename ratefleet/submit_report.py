@@ -14,10 +14,10 @@ from nats.js.errors import NotFoundError
 
 from ratefleet.batchfile import Validation
 from ratefleet.client import Client
-from ratefleet.errors import SubmitError
 from ratefleet.runtime.connect import redact_url
-from schemas import Result
-from schemas.config import DEFAULT_NATS_URL
+from ratefleet.schemas import Result
+from ratefleet.schemas.config import DEFAULT_NATS_URL
+from ratefleet.schemas.errors import SubmitError
 
 FLUSH_EVERY = 500  # Results written between flushes of --out
 

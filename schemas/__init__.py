@@ -5,7 +5,7 @@ names every NATS subject and stream. `internal` holds the dispatcher/worker prot
 which is not part of the public contract.
 """
 
-from schemas.config import (
+from ratefleet.schemas.config import (
     Config,
     ConfigError,
     DispatcherConfig,
@@ -17,9 +17,9 @@ from schemas.config import (
     WorkersConfig,
     load_config,
 )
-from schemas.job import HttpRequest, Job, JobRejected, parse_job
-from schemas.result import BodyRef, ErrorCode, ErrorInfo, ResponseInfo, Result, ResultStatus, Timings
-from schemas.subjects import TOKEN_PATTERN, Subjects, is_token
+from ratefleet.schemas.job import HttpRequest, Job, JobRejected, parse_job
+from ratefleet.schemas.result import BodyRef, ErrorCode, ErrorInfo, ResponseInfo, Result, ResultStatus, Timings
+from ratefleet.schemas.subjects import TOKEN_PATTERN, Subjects, is_token
 
 __all__ = [
     "BodyRef", "Config", "ConfigError", "DispatcherConfig", "ErrorCode", "ErrorInfo", "HttpRequest",

@@ -15,14 +15,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from schemas.subjects import TOKEN_PATTERN
+from ratefleet.schemas.errors import ConfigError
+from ratefleet.schemas.subjects import TOKEN_PATTERN
 
 DEFAULT_TIERS = (("vip", 8), ("premium", 4), ("normal", 2), ("guest", 1))
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
-
-
-class ConfigError(Exception):
-    """The configuration cannot be used; the message names the file, the field and why."""
 
 
 class _Strict(BaseModel):
@@ -156,7 +153,7 @@ class Config(_Strict):
         return data
 
     @model_validator(mode="after")
-    def _references(self) -> "Config":
+    def _references(self) -> Config:
         for name in [*self.tiers, *self.pools, *self.upstreams]:
             if not name.replace("_", "a").replace("-", "a").isalnum():
                 raise ValueError(f"name {name!r} must match [A-Za-z0-9_-]+")

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-Epoch = tuple[int, int]
-
 from pydantic import BaseModel, Field
 
+Epoch = tuple[int, int]
+
 # "key_error": key-scoped evidence (invalid_api_key, insufficient_quota...); "denied": a 401/403
-# that does not say whether the key or the request is at fault (dispatcher/core/signals.py)
+# that does not say whether the key or the request is at fault (schemas/signals.py)
 OutcomeKind = Literal["ok", "rate_limited", "key_error", "denied", "upstream_error", "bad_request", "none"]
 
 

@@ -29,9 +29,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError, PydanticSerializationError
 
-from schemas.result import ErrorCode
-from schemas.subjects import TOKEN_PATTERN
-from schemas.wire import MAX_JSON_DEPTH, header_value_problem, is_field_name, json_problem, text_problem
+from ratefleet.schemas.result import ErrorCode
+from ratefleet.schemas.subjects import TOKEN_PATTERN
+from ratefleet.schemas.wire import MAX_JSON_DEPTH, header_value_problem, is_field_name, json_problem, text_problem
 
 # compared with the header name lower-cased (header names are case-insensitive, RFC 9110
 # section 5.1); the auth-like ones are also masked in dead letters
@@ -177,7 +177,7 @@ class Job(BaseModel):
     def _metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
         return _check_json(value, "metadata")
 
-    def with_id(self) -> "Job":
+    def with_id(self) -> Job:
         """This job with an id (a random one when it had none)."""
         return self if self.id else self.model_copy(update={"id": new_job_id()})
 
@@ -232,7 +232,7 @@ def _salvage(data: Any) -> tuple[str | None, str | None]:
     """Best-effort id and batch of an invalid job, so its `invalid` result can be found."""
     if not isinstance(data, dict):
         return None, None
-    from schemas.subjects import is_token
+    from ratefleet.schemas.subjects import is_token
 
     job_id, batch = data.get("id"), data.get("batch")
     return (job_id if isinstance(job_id, str) and is_token(job_id) else None,

@@ -113,10 +113,10 @@ class Result(BaseModel):
         try:
             return self.model_dump_json(by_alias=True).encode()
         except (PydanticSerializationError, ValueError):
-            from schemas.wire import dumps_safe
+            from ratefleet.schemas.wire import dumps_safe
 
             return dumps_safe(self.model_dump(mode="json", by_alias=True))
 
     @classmethod
-    def from_json(cls, raw: bytes | str) -> "Result":
+    def from_json(cls, raw: bytes | str) -> Result:
         return cls.model_validate_json(raw)

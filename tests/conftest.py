@@ -33,7 +33,7 @@ class ContainerNats:
         self.container = NatsContainer().with_command("-js")
         self.url = ""
 
-    def start(self) -> "ContainerNats":
+    def start(self) -> ContainerNats:
         self.container.start()
         self.url = self.container.nats_uri()
         return self

@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from schemas.wire import json_problem, text_problem
+from ratefleet.schemas.wire import json_problem, text_problem
 
 # subtypes that are text whatever the main type says (RFC 6838 structured suffixes included)
 TEXT_SUBTYPES = frozenset({"json", "xml", "javascript", "ecmascript", "x-www-form-urlencoded", "x-ndjson",

@@ -14,16 +14,15 @@ from typing import Any
 
 import anyio
 import httpx
-
 from pydantic_core import PydanticCustomError
 
-from dispatcher.core.ratelimit_scope import RateLimitScope, rate_limit_scope
-from dispatcher.core.signals import classify, parse_ratelimit, parse_retry_after, provider_code
-from ratefleet.errors import InvalidRequest
-from dispatcher.core.types import RateLimitInfo
-from schemas import ErrorCode, Job, ResponseInfo, UpstreamConfig
-from schemas.job import check_header
-from workers.body import body_fields, read_capped
+from ratefleet.schemas import ErrorCode, Job, ResponseInfo, UpstreamConfig
+from ratefleet.schemas.errors import InvalidRequest
+from ratefleet.schemas.job import check_header
+from ratefleet.schemas.outcome import RateLimitInfo
+from ratefleet.schemas.ratelimit_scope import RateLimitScope, rate_limit_scope
+from ratefleet.schemas.signals import classify, parse_ratelimit, parse_retry_after, provider_code
+from ratefleet.workers.body import body_fields, read_capped
 
 KEPT_HEADERS = ("content-type", "retry-after", "x-request-id", "openai-processing-ms")
 try:  # the Content-Encodings httpx decodes here (br and zstd only with brotli/zstandard installed)

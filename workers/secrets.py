@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ratefleet.errors import SecretUnavailable
-from schemas import Config
+from ratefleet.schemas import Config
+from ratefleet.schemas.errors import SecretUnavailable
 
 
 def header_problem(value: str) -> str | None:

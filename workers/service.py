@@ -15,24 +15,23 @@ import os
 import socket
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import anyio
 import structlog
 from nats.aio.client import Client as NatsClient
-
 from pydantic import ValidationError
 
-from ratefleet.errors import InvalidRequest, SecretUnavailable
-from ratefleet.runtime.logs import get_logger
-from schemas import Config, ErrorCode, ErrorInfo, Job, Result, Subjects, Timings, UpstreamConfig
-from schemas.job import describe_validation_error
-from schemas.internal import Assignment, Epoch, Heartbeat, InFlight, LeaderAnnounce, OutcomeReport
-from workers.executor import CallResult, UpstreamExecutor, build_client
 from ratefleet.runtime.finish import Finisher, auth_headers
 from ratefleet.runtime.handbacks import Handbacks
-from workers.secrets import SecretResolver
-from workers.unstored import refused, unstorable
+from ratefleet.runtime.logs import get_logger
+from ratefleet.schemas import Config, ErrorCode, ErrorInfo, Job, Result, Subjects, Timings, UpstreamConfig
+from ratefleet.schemas.errors import InvalidRequest, SecretUnavailable
+from ratefleet.schemas.internal import Assignment, Epoch, Heartbeat, InFlight, LeaderAnnounce, OutcomeReport
+from ratefleet.schemas.job import describe_validation_error
+from ratefleet.workers.executor import CallResult, UpstreamExecutor, build_client
+from ratefleet.workers.secrets import SecretResolver
+from ratefleet.workers.unstored import refused, unstorable
 
 log = get_logger("ratefleet.worker")
 RETRYABLE = {"rate_limited", "upstream_error", "key_error", "denied"}
@@ -48,7 +47,8 @@ def retry_delay(kind: str, attempt: int, retry_after_s: float | None, rate_limit
     """How long a retryable job waits before its next delivery, in seconds.
 
     401/403 go back at once: the dispatcher disables that key or weighs the refusal
-    (dispatcher/core/denials.py), and the job runs on another key. A 429 goes back after a short delay that doubles with the job's own 429s
+    (dispatcher/core/denials.py), and the job runs on another key. A 429 goes back after a short delay that doubles with
+the job's own 429s
     (`rate_limited`, this one included: 0.25, 0.5, 1, 2, 4, 5, 5 ... s). The key's wait is
     the dispatcher's business (its cooldown honours Retry-After and backs off
     exponentially), so a job need not wait out one key's Retry-After when another key is
@@ -222,7 +222,7 @@ class Worker:
         except ValidationError as exc:  # e.g. a dispatcher of another version let it through
             await self._end_invalid(a, ErrorCode.INVALID_JOB, describe_validation_error(exc)[1])
             return
-        if job.expired(datetime.now(timezone.utc)):
+        if job.expired(datetime.now(UTC)):
             log.info("job expired before its call")
             await self.finisher.finish(self._result(a, "expired", error=ErrorInfo(
                 code=ErrorCode.DEADLINE_EXCEEDED, message="the deadline passed before the call could start")),
@@ -368,7 +368,7 @@ class Worker:
         return self._result(a, "failed", response=call.response, error=error, queued_ms=queued_ms, upstream_ms=call.latency_ms)
 
     def _result(self, a: Assignment, status: str, *, response=None, error=None, queued_ms=None, upstream_ms=None) -> Result:
-        submitted = datetime.fromtimestamp(a.submitted_at, timezone.utc)
+        submitted = datetime.fromtimestamp(a.submitted_at, UTC)
         return Result(job_id=a.job_id, status=status, tier=a.tier, batch=a.job.get("batch"), response=response,
                       error=error, attempts=a.attempt, key_id=a.key_id, pool=a.pool, worker=self.id,
                       metadata=a.job.get("metadata") or {},

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from nats.js.errors import APIError
 
-from ratefleet.errors import ResultNotStored
-from schemas import ErrorCode, ErrorInfo, Result
+from ratefleet.schemas import ErrorCode, ErrorInfo, Result
+from ratefleet.schemas.errors import ResultNotStored
 
 
 def refused(exc: BaseException) -> bool:

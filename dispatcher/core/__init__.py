@@ -14,11 +14,12 @@
     specs and values    types.py
 """
 
+from ratefleet.schemas.signals import classify, is_retryable, parse_duration, parse_ratelimit, parse_retry_after, provider_code
+
 from .adaptive import AdaptiveRate, AdaptPolicy, header_rate
 from .breaker import BreakerState, KeyBreaker
 from .bucket import TokenBucket
 from .scheduler import LOOKAHEAD, Scheduler
-from .signals import classify, is_retryable, parse_duration, parse_ratelimit, parse_retry_after, provider_code
 from .types import (
     BreakerPolicy,
     CooldownPolicy,

@@ -24,7 +24,7 @@ frees the probe slot: the key is disabled anyway.
 from __future__ import annotations
 
 from datetime import timedelta
-from enum import Enum
+from enum import StrEnum
 
 from aiobreaker import CircuitBreaker, CircuitBreakerError, CircuitBreakerListener
 from aiobreaker.state import CircuitBreakerState
@@ -32,7 +32,7 @@ from aiobreaker.state import CircuitBreakerState
 from .types import BreakerPolicy, OutcomeKind
 
 
-class BreakerState(str, Enum):
+class BreakerState(StrEnum):
     """The three states, named as the status output spells them."""
 
     CLOSED = "closed"

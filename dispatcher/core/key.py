@@ -1,9 +1,10 @@
 """Everything the scheduler knows about one API key, and the signals that change it.
 
 A key is usable for a job of cost c at `now` when it is enabled (or its probe is due, see
-keyhealth.py) and some worker holds its secret, its breaker admits a call (closed; half-open with no probe in flight; open past the reset timeout), its cooldown
-has ended, it is below its concurrency cap, and its request bucket holds 1 token and its
-cost bucket (when configured) c tokens. `ready_at` folds all of that into one time.
+keyhealth.py) and some worker holds its secret, its breaker admits a call (closed;
+half-open with no probe in flight; open past the reset timeout), its cooldown has ended,
+it is below its concurrency cap, and its request bucket holds 1 token and its cost bucket
+(when configured) c tokens. `ready_at` folds all of that into one time.
 
 The buckets refill at the key's effective rate (adaptive.py), which 429s and the
 provider's ratelimit headers pull below the configured one and successes lift back.

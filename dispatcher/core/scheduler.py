@@ -27,7 +27,15 @@ from .keyadmin import KeyAdmin
 from .keyhealth import probe_verdict
 from .tiers import TierBook, TierQueue
 from .types import (
-    Decision, Dispatch, Idle, KeySpec, Outcome, PendingJob, Reject, Reservation, SchedulerSpec,
+    Decision,
+    Dispatch,
+    Idle,
+    KeySpec,
+    Outcome,
+    PendingJob,
+    Reject,
+    Reservation,
+    SchedulerSpec,
     WaitUntil,
 )
 

@@ -8,15 +8,15 @@ redelivery past its attempts, and poison messages that keep coming back.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from nats.aio.msg import Msg
 
 from ratefleet.runtime.store import MSG_ID, REPLY_HEADER
 from ratefleet.runtime.streams import tier_max_deliver
-from schemas import Config, ErrorCode, Job, JobRejected, parse_job
-from schemas.job import job_size_limit, normalised_header_name
-from schemas.subjects import is_safe_reply, is_token
+from ratefleet.schemas import Config, ErrorCode, Job, JobRejected, parse_job
+from ratefleet.schemas.job import job_size_limit, normalised_header_name
+from ratefleet.schemas.subjects import is_safe_reply, is_token
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def read_message(msg: Msg, tier: str, config: Config, handbacks: int = 0, rate_l
                       f"{attempt} attempts, more than max_attempts={max_attempts} (the last ones ended without a "
                       "stored Result: a worker stopped mid-call, or could not reach NATS to store the Result)",
                       job_id, job.batch, job)
-    if job.expired(datetime.now(timezone.utc)):
+    if job.expired(datetime.now(UTC)):
         return refuse("expired", ErrorCode.DEADLINE_EXCEEDED, "the deadline passed before the call could start",
                       job_id, job.batch, job)
     upstream = job.upstream or config.default_upstream()

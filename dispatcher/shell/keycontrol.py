@@ -22,11 +22,11 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, NoKeysError
 
-from dispatcher.core import Scheduler
-from dispatcher.fleet import Fleet
+from ratefleet.dispatcher.core import Scheduler
+from ratefleet.dispatcher.fleet import Fleet
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.streams import open_kv
-from schemas import Subjects
+from ratefleet.schemas import Subjects
 
 log = get_logger("ratefleet.keys")
 MAX_REASON_CHARS = 500

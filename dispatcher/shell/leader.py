@@ -19,7 +19,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.errors import MaxPayloadError
 
-from dispatcher.core import (
+from ratefleet.dispatcher.core import (
     Dispatch,
     Idle,
     Outcome,
@@ -29,19 +29,19 @@ from dispatcher.core import (
     Scheduler,
     WaitUntil,
 )
-from dispatcher.fleet import AssignmentRecord, Fleet
-from dispatcher.shell.intake import Incoming, Refused, read_message, unreadable
-from dispatcher.shell.keycontrol import KeyControl
-from dispatcher.shell.puller import HANDBACK_MARGIN_S, PULL_EXPIRES_S, TierPuller
-from dispatcher.shell.refusals import finish_refused, refuse_incoming
-from dispatcher.spec import scheduler_spec
+from ratefleet.dispatcher.fleet import AssignmentRecord, Fleet
+from ratefleet.dispatcher.shell.intake import Incoming, Refused, read_message, unreadable
+from ratefleet.dispatcher.shell.keycontrol import KeyControl
+from ratefleet.dispatcher.shell.puller import HANDBACK_MARGIN_S, PULL_EXPIRES_S, TierPuller
+from ratefleet.dispatcher.shell.refusals import finish_refused, refuse_incoming
+from ratefleet.dispatcher.spec import scheduler_spec
+from ratefleet.runtime.finish import Finisher, auth_headers
+from ratefleet.runtime.handbacks import DeliveryCounts, Handbacks
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.store import read_result
 from ratefleet.runtime.streams import tier_consumer, tier_max_deliver
-from schemas import Config, ErrorCode, Subjects
-from schemas.internal import Assignment, Heartbeat, LeaderAnnounce, OutcomeReport
-from ratefleet.runtime.finish import Finisher, auth_headers
-from ratefleet.runtime.handbacks import DeliveryCounts, Handbacks
+from ratefleet.schemas import Config, ErrorCode, Subjects
+from ratefleet.schemas.internal import Assignment, Heartbeat, LeaderAnnounce, OutcomeReport
 
 log = get_logger("ratefleet.leader")
 LOST = Outcome(kind="lost")

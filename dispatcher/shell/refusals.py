@@ -4,12 +4,12 @@ letter when it is worth a look, and its JOBS message acked."""
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
-from dispatcher.shell.intake import Incoming, Refused
-from ratefleet.runtime.logs import get_logger
-from schemas import ErrorInfo, Result, Timings
+from ratefleet.dispatcher.shell.intake import Incoming, Refused
 from ratefleet.runtime.finish import Finisher
+from ratefleet.runtime.logs import get_logger
+from ratefleet.schemas import ErrorInfo, Result, Timings
 
 log = get_logger("ratefleet.leader")
 
@@ -23,7 +23,7 @@ async def refuse_incoming(finisher: Finisher, incoming: Incoming, code: str, mes
     result = Result(job_id=incoming.job_id, status=status, tier=incoming.tier, batch=incoming.job.batch,
                     error=ErrorInfo(code=code, message=message), attempts=incoming.attempt,
                     metadata=incoming.job.metadata,
-                    timings=Timings(submitted_at=datetime.fromtimestamp(submitted, timezone.utc),
+                    timings=Timings(submitted_at=datetime.fromtimestamp(submitted, UTC),
                                     total_ms=max(0.0, (time.time() - submitted) * 1000)))
     if await finisher.finish(result, ack=incoming.ack, reply_to=incoming.reply_to):
         await _letter(finisher, incoming.tier, result, job=incoming.job.model_dump(mode="json", by_alias=True))

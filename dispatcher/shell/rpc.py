@@ -19,14 +19,14 @@ import json
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from ratefleet.errors import QueueFull, SubmitError
+from ratefleet.dispatcher.shell.intake import validate_job
+from ratefleet.runtime.finish import Finisher, auth_headers
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.store import publish_job, read_result
-from dispatcher.shell.intake import validate_job
-from schemas import Config, ErrorCode, ErrorInfo, JobRejected, Result, Subjects, parse_job
-from schemas.job import new_job_id
-from schemas.subjects import is_safe_reply, is_token
-from ratefleet.runtime.finish import Finisher, auth_headers
+from ratefleet.schemas import Config, ErrorCode, ErrorInfo, JobRejected, Result, Subjects, parse_job
+from ratefleet.schemas.errors import QueueFull, SubmitError
+from ratefleet.schemas.job import new_job_id
+from ratefleet.schemas.subjects import is_safe_reply, is_token
 
 log = get_logger("ratefleet.rpc")
 

@@ -14,12 +14,12 @@ import anyio
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from dispatcher.shell.leader import LeaderSession
-from dispatcher.shell.lease import LeaderLease
-from dispatcher.shell.rpc import RpcResponder
+from ratefleet.dispatcher.shell.leader import LeaderSession
+from ratefleet.dispatcher.shell.lease import LeaderLease
+from ratefleet.dispatcher.shell.rpc import RpcResponder
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.streams import ensure_topology, tier_consumer
-from schemas import Config, Subjects
+from ratefleet.schemas import Config, Subjects
 
 log = get_logger("ratefleet.dispatcher")
 # A leader active this recently may have spent tokens a provider still counts (cost buckets

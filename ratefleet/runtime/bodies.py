@@ -26,9 +26,9 @@ from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, DigestMismatchError, NotFoundError
 from nats.js.object_store import ObjectStore
 
-from ratefleet.errors import BodyUnavailable
 from ratefleet.runtime.store import retrying
-from schemas import BodyRef, ResponseInfo, Result
+from ratefleet.schemas import BodyRef, ResponseInfo, Result
+from ratefleet.schemas.errors import BodyUnavailable
 
 INLINE_CEILING = 1 << 20  # a Result is never larger than this, whatever max_payload the server allows
 HEADROOM = 64 << 10  # for message headers and the reply/ack framing around the Result

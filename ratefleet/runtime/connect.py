@@ -7,8 +7,8 @@ import re
 import nats
 from nats.aio.client import Client as NatsClient
 
-from ratefleet.errors import NatsUnavailable
 from ratefleet.runtime.logs import get_logger
+from ratefleet.schemas.errors import NatsUnavailable
 
 log = get_logger("ratefleet.nats")
 _USERINFO = re.compile(r"(//)([^/@,\s]+)@")

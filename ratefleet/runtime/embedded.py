@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ratefleet.errors import NatsUnavailable
+from ratefleet.schemas.errors import NatsUnavailable
 
 
 def nats_server_binary() -> str:
@@ -52,7 +52,7 @@ class EmbeddedNats:
     process: subprocess.Popen | None = field(default=None, init=False)
     url: str = field(default="", init=False)
 
-    def start(self, timeout: float = 10.0) -> "EmbeddedNats":
+    def start(self, timeout: float = 10.0) -> EmbeddedNats:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         ports_dir = self.store_dir / "ports"
         ports_dir.mkdir(exist_ok=True)
@@ -97,7 +97,7 @@ class EmbeddedNats:
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
-    def __enter__(self) -> "EmbeddedNats":
+    def __enter__(self) -> EmbeddedNats:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -18,7 +18,7 @@ from nats.js import JetStreamContext
 
 from ratefleet.runtime.bodies import BodyStore, body_bytes, inline_limit, letter_response
 from ratefleet.runtime.store import dead_letter, read_result, store_result
-from schemas import Config, Result, Subjects
+from ratefleet.schemas import Config, Result, Subjects
 
 
 def _may_be_large(result: Result, limit: int) -> bool:

@@ -31,7 +31,7 @@ class PublishPipe:
         self._next = 0
         self._sub = None
 
-    async def __aenter__(self) -> "PublishPipe":
+    async def __aenter__(self) -> PublishPipe:
         self._sub = await self.nc.subscribe(self._prefix + ".*", cb=self._on_reply)
         return self
 

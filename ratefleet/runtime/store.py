@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
-from typing import Any
-
-import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
-from ratefleet.errors import QueueFull, ResultNotStored, SubmitError
 from ratefleet.runtime.logs import get_logger
-from schemas import Result, Subjects
-from schemas.job import FORBIDDEN_HEADERS, normalised_header_name
-from schemas.wire import dumps_safe
+from ratefleet.schemas import Result, Subjects
+from ratefleet.schemas.errors import QueueFull, ResultNotStored, SubmitError
+from ratefleet.schemas.job import FORBIDDEN_HEADERS, normalised_header_name
+from ratefleet.schemas.wire import dumps_safe
 
 REPLY_HEADER = "Ratefleet-Reply-To"
 MSG_ID = "Nats-Msg-Id"

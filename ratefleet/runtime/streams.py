@@ -26,7 +26,7 @@ from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
-from schemas import Config, Subjects
+from ratefleet.schemas import Config, Subjects
 
 
 def tier_consumer(tier: str) -> str:
@@ -48,7 +48,8 @@ def stream_configs(config: Config) -> list[StreamConfig]:
         StreamConfig(
             name=subjects.results_stream, subjects=[subjects.results("*", "*")], retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE, max_age=s.results_max_age_s, max_msgs_per_subject=1,
-            discard=DiscardPolicy.NEW, discard_new_per_subject=True, duplicate_window=min(s.duplicate_window_s, s.results_max_age_s),
+            discard=DiscardPolicy.NEW, discard_new_per_subject=True,
+            duplicate_window=min(s.duplicate_window_s, s.results_max_age_s),
             num_replicas=s.replicas,
         ),
         StreamConfig(

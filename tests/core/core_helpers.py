@@ -6,7 +6,7 @@ import os
 import time
 from contextlib import contextmanager
 
-from dispatcher.core import (
+from ratefleet.dispatcher.core import (
     BreakerPolicy,
     CooldownPolicy,
     Dispatch,

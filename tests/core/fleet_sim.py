@@ -13,8 +13,16 @@ import heapq
 import itertools
 from dataclasses import dataclass, field
 
-from dispatcher.core import (
-    Dispatch, Idle, Outcome, PendingJob, Reject, Reservation, Scheduler, SchedulerSpec, WaitUntil,
+from ratefleet.dispatcher.core import (
+    Dispatch,
+    Idle,
+    Outcome,
+    PendingJob,
+    Reject,
+    Reservation,
+    Scheduler,
+    SchedulerSpec,
+    WaitUntil,
 )
 
 MAX_ATTEMPTS = 3

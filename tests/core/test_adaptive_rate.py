@@ -6,12 +6,12 @@ from __future__ import annotations
 import math
 
 import pytest
+from core_helpers import dispatch, job, key, make, pool
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core_helpers import dispatch, job, key, make, pool
-from dispatcher.core import CooldownPolicy, Outcome, RateLimitInfo, TokenBucket, WaitUntil, parse_ratelimit
-from dispatcher.core.adaptive import AdaptiveRate, AdaptPolicy, header_rate
+from ratefleet.dispatcher.core import CooldownPolicy, Outcome, RateLimitInfo, TokenBucket, WaitUntil, parse_ratelimit
+from ratefleet.dispatcher.core.adaptive import AdaptiveRate, AdaptPolicy, header_rate
 
 t0, t1, t2, t3, t4, t5, t6, t7, t8, t9 = 0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 100.0
 OK = Outcome("ok", 200)
@@ -419,8 +419,8 @@ def test_additive_increase_is_a_fraction_of_the_configured_rate_per_second():
 
 
 def test_rate_increase_per_s_reaches_the_policy_from_the_config(tmp_path):
-    from dispatcher.spec import scheduler_spec
-    from schemas import load_config
+    from ratefleet.dispatcher.spec import scheduler_spec
+    from ratefleet.schemas import load_config
 
     path = tmp_path / "ratefleet.toml"
     path.write_text('[upstreams.u]\nbase_url = "http://127.0.0.1:1"\n'

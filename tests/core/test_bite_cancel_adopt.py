@@ -8,9 +8,9 @@ any other (else a failover forgets a failing key's errors or overfills a key).
 from __future__ import annotations
 
 import pytest
-
 from core_helpers import dispatch, job, key, make, pool
-from dispatcher.core import Dispatch, Outcome
+
+from ratefleet.dispatcher.core import Dispatch, Outcome
 
 t0, t1, t2 = 100.0, 100.5, 200.0
 OK = Outcome("ok", 200)
@@ -84,7 +84,7 @@ def test_failures_of_adopted_calls_open_the_breaker():
 
 
 def test_a_restored_key_keeps_its_probe_backoff_its_next_probe_and_how_long_it_was_disabled():
-    from dispatcher.core import ProbePolicy
+    from ratefleet.dispatcher.core import ProbePolicy
 
     s = make(pool("p", key("k1"), key("k2")), probe=ProbePolicy(base_s=10.0, max_s=1000.0))
     record = {"by": "provider", "reason": "invalid_api_key (HTTP 401)", "probe_delay_s": 40.0,
@@ -110,7 +110,7 @@ def test_a_restored_record_without_times_starts_them_at_zero():
 
 
 def _after_429(remaining_requests, remaining_tokens) -> dict:
-    from dispatcher.core import RateLimitInfo
+    from ratefleet.dispatcher.core import RateLimitInfo
 
     s = make(pool("p", key("k1", rps=10, burst=5, cost_per_minute=600)))
     s.add(job(cost=1), t0)

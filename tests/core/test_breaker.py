@@ -7,9 +7,9 @@ own time properties are wrong outside UTC, and the core must not depend on them.
 from __future__ import annotations
 
 import pytest
-
 from core_helpers import dispatch, job, key, make, pool
-from dispatcher.core import Idle, Outcome, WaitUntil
+
+from ratefleet.dispatcher.core import Idle, Outcome, WaitUntil
 
 pytestmark = pytest.mark.usefixtures("non_utc")
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 
 import pytest
+from core_helpers import dispatch, job, key, make, pool
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core_helpers import dispatch, job, key, make, pool
-from dispatcher.core import Dispatch, TokenBucket, WaitUntil
+from ratefleet.dispatcher.core import Dispatch, TokenBucket, WaitUntil
 
 t0, t1, t2, t3, t4, t5, t6, t7, t8, t9 = 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 10.0, 100.0
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections import Counter
 
 from core_helpers import dispatch, job, key, make, pool
-from dispatcher.core import Dispatch, Idle, Outcome, ProbePolicy, Reject, WaitUntil
+
+from ratefleet.dispatcher.core import Dispatch, Idle, Outcome, ProbePolicy, Reject, WaitUntil
 
 t0, t1 = 0.0, 1.0
 OK = Outcome("ok", 200)

@@ -4,10 +4,10 @@ secrets, over named instants (fake clock, no sleeping)."""
 from __future__ import annotations
 
 import pytest
-
 from core_helpers import dispatch, job, key, make, pool
-from dispatcher.core import Dispatch, Idle, Outcome, ProbePolicy, Reject, WaitUntil
-from dispatcher.core.denials import AUTH_JOBS, FORBIDDEN_JOBS
+
+from ratefleet.dispatcher.core import Dispatch, Idle, Outcome, ProbePolicy, Reject, WaitUntil
+from ratefleet.dispatcher.core.denials import AUTH_JOBS, FORBIDDEN_JOBS
 
 t0, t1, t2, t3 = 0.0, 1.0, 2.0, 3.0
 OK = Outcome("ok", 200)

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import pytest
-
 from core_helpers import dispatch, job, key, make, pool
-from dispatcher.core import (
-    CooldownPolicy, Dispatch, Idle, Outcome, RateLimitInfo, Reject, WaitUntil,
+
+from ratefleet.dispatcher.core import (
+    CooldownPolicy,
+    Dispatch,
+    Idle,
+    Outcome,
+    RateLimitInfo,
+    Reject,
+    WaitUntil,
 )
 
 t0, t1, t2, t3, t4, t5, t6, t7, t8, t9 = 0.0, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 40.0, 100.0

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections import Counter
 
 from core_helpers import dispatch, job, key, make, pool
-from dispatcher.core import Dispatch, Outcome, WaitUntil
+
+from ratefleet.dispatcher.core import Dispatch, Outcome, WaitUntil
 
 t0, t1, t2, t3 = 0.0, 0.1, 0.2, 0.3
 

@@ -10,15 +10,22 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from core_helpers import time_zone
+from fleet_sim import FleetSim, Script, max_window_excess
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from core_helpers import time_zone
-from dispatcher.core import (
-    BreakerPolicy, CooldownPolicy, KeySpec, Outcome, PendingJob, PoolSpec, RateLimitInfo,
-    SchedulerSpec, TierSpec,
+from ratefleet.dispatcher.core import (
+    BreakerPolicy,
+    CooldownPolicy,
+    KeySpec,
+    Outcome,
+    PendingJob,
+    PoolSpec,
+    RateLimitInfo,
+    SchedulerSpec,
+    TierSpec,
 )
-from fleet_sim import FleetSim, Script, max_window_excess
 
 START = 50_000.0  # monotonic clocks are large; float rounding must not matter
 EPS = 1e-6

@@ -5,12 +5,12 @@ do. The classification table first, then the scheduler over named instants."""
 from __future__ import annotations
 
 import pytest
+from core_helpers import job, key, make, pool
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core_helpers import dispatch, job, key, make, pool
-from dispatcher.core import CooldownPolicy, Dispatch, Outcome, RateLimitInfo
-from dispatcher.core.ratelimit_scope import rate_limit_scope
+from ratefleet.dispatcher.core import CooldownPolicy, Dispatch, Outcome, RateLimitInfo
+from ratefleet.schemas.ratelimit_scope import rate_limit_scope
 
 t0, t1, t2, t3, t4, t5, t6, t7, t8, t9 = 0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 100.0
 OK = Outcome("ok", 200)
@@ -131,7 +131,7 @@ def test_key_scoped_429s_still_cool_down_with_backoff_and_drop_the_rate():
     s = make(pool("p", key("k1", rps=20, burst=5)), cooldown=CooldownPolicy(base_s=1.0, max_s=45.0))
     full = Outcome("rate_limited", 429, retry_after_s=0.0, ratelimit=RateLimitInfo(remaining_requests=0), scope="key")
     cooldowns, at = [], t0
-    for i in range(3):
+    for _ in range(3):
         at = _run(s, "j", at, full)[1]
         cooldowns.append(s.snapshot(at)["keys"]["k1"]["cooldown_s"])
     assert cooldowns == [1.0, 2.0, 4.0]

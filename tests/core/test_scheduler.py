@@ -5,10 +5,18 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from core_helpers import dispatch, job, key, make, pool
-from dispatcher.core import (
-    Dispatch, Idle, KeySpec, Outcome, PoolSpec, Scheduler, SchedulerSpec, TierSpec, WaitUntil,
+
+from ratefleet.dispatcher.core import (
+    Dispatch,
+    Idle,
+    KeySpec,
+    Outcome,
+    PoolSpec,
+    Scheduler,
+    SchedulerSpec,
+    TierSpec,
+    WaitUntil,
 )
 
 t0, t1, t2, t3, t4, t5, t6, t7, t8, t9 = 100.0, 100.1, 100.2, 100.5, 101.0, 102.0, 105.0, 110.0, 130.0, 200.0

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from dispatcher.core import (
-    RateLimitInfo, classify, is_retryable, parse_duration, parse_ratelimit, parse_retry_after, provider_code,
+from ratefleet.dispatcher.core import (
+    RateLimitInfo,
+    classify,
+    is_retryable,
+    parse_duration,
+    parse_ratelimit,
+    parse_retry_after,
+    provider_code,
 )
 
 NOW = 1_700_000_000.0  # 2023-11-14T22:13:20Z
@@ -143,7 +149,7 @@ def test_classify_with_provider_codes(status, body, kind):
     assert classify(status, None, provider_code(body)) == kind
 
 
-# answers about the key that arrive as a 400 or a 402 (dispatcher/core/signals.py docstring)
+# answers about the key that arrive as a 400 or a 402 (schemas/signals.py docstring)
 GEMINI_BAD_KEY = {"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.",
                             "status": "INVALID_ARGUMENT",
                             "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-
 from core_helpers import dispatch, job, key, make, pool
-from dispatcher.core import Dispatch, WaitUntil
+
+from ratefleet.dispatcher.core import Dispatch, WaitUntil
 
 t0, t1, t2 = 0.0, 1.0, 2.0
 

@@ -23,11 +23,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import nats
-
 from fleetkit import mock_keys
+
 from ratefleet.mock import MockSettings, running_mock
 from ratefleet.runtime.embedded import EmbeddedNats
-from schemas import Result, Subjects
+from ratefleet.schemas import Result, Subjects
 
 SUBJECTS = Subjects()
 
@@ -126,7 +126,7 @@ class Tracker:
     batch_of: dict[str, str] = field(default_factory=dict)
     _sub: object = None
 
-    async def start(self) -> "Tracker":
+    async def start(self) -> Tracker:
         self.nc = await nats.connect(self.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2,
                                      connect_timeout=5, name="faultkit-tracker")
         self.js = self.nc.jetstream(timeout=5)
@@ -145,7 +145,7 @@ class Tracker:
         if self.nc is not None and not self.nc.is_closed:
             await self.nc.close()
 
-    async def __aenter__(self) -> "Tracker":
+    async def __aenter__(self) -> Tracker:
         return await self.start()
 
     async def __aexit__(self, *exc) -> None:

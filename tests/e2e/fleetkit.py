@@ -120,7 +120,7 @@ async def collect(client, batch: str | None, count: int, timeout: float = 60.0) 
 
     try:
         await asyncio.wait_for(follow(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     return results
 

@@ -12,12 +12,12 @@ import sys
 import time
 
 import pytest
-
 from fleetkit import FleetKit, chat_job, mock_keys, wait_for_leader
+
 from ratefleet import Client
 from ratefleet.mock import MockSettings, running_mock
 from ratefleet.runtime.streams import ensure_topology
-from schemas.config import parse_config
+from ratefleet.schemas.config import parse_config
 
 pytestmark = [pytest.mark.timeout(240)]
 

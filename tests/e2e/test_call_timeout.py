@@ -10,12 +10,12 @@ import contextlib
 import time
 
 import pytest
-
 from faultkit import Tracker, figure, wait_workers
 from fleetkit import FleetKit, chat_job
+
 from ratefleet import Client
-from schemas import Job, UpstreamConfig
-from workers.executor import UpstreamExecutor, build_client
+from ratefleet.schemas import Job, UpstreamConfig
+from ratefleet.workers.executor import UpstreamExecutor, build_client
 
 pytestmark = pytest.mark.anyio
 DRIP_BYTES = 25  # one a second: 25 s in all
@@ -30,7 +30,7 @@ class DripServer:
         self.server: asyncio.base_events.Server | None = None
         self.url = ""
 
-    async def __aenter__(self) -> "DripServer":
+    async def __aenter__(self) -> DripServer:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         port = self.server.sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-
 from fleetkit import SECRETS, FleetKit, chat_job, mock_keys
+
 from ratefleet.mock import MockSettings, running_mock
 
 pytestmark = [pytest.mark.timeout(180)]

@@ -13,8 +13,8 @@ import time
 
 import pytest
 import tomli_w
-
 from fleetkit import SECRETS, FleetKit, chat_job, collect, mock_keys, wait_for_leader
+
 from ratefleet import Client
 from ratefleet.mock import MockKey, MockSettings, running_mock
 

@@ -14,16 +14,16 @@ import sys
 import time
 
 import pytest
-
 from fleetkit import FleetKit, chat_job, mock_keys, wait_for_leader
+
 from ratefleet import Client
 from ratefleet.batches import BatchRecord, save_record
 from ratefleet.batchfile import line_job_id
 from ratefleet.mock import MockSettings, running_mock
 from ratefleet.runtime.store import store_result
 from ratefleet.runtime.streams import ensure_topology
-from schemas import Result
-from schemas.config import parse_config
+from ratefleet.schemas import Result
+from ratefleet.schemas.config import parse_config
 
 pytestmark = [pytest.mark.timeout(240)]
 

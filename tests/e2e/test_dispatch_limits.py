@@ -8,11 +8,10 @@ import statistics
 from datetime import timedelta
 
 import pytest
+from fleetkit import SECRETS, FleetKit, chat_job, collect, mock_keys, wait_for_leader
 
-from fleetkit import FleetKit, chat_job, collect, mock_keys, wait_for_leader
 from ratefleet import Client
 from ratefleet.mock import MockKey, MockSettings, running_mock
-from fleetkit import SECRETS
 
 pytestmark = [pytest.mark.timeout(150), pytest.mark.anyio]
 

@@ -9,9 +9,9 @@ import time
 
 import pytest
 from aiohttp import web
-
 from faultkit import until, wait_exit
 from fleetkit import FleetKit, collect, wait_for_leader
+
 from ratefleet import Client
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.anyio]

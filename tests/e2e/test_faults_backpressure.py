@@ -12,11 +12,11 @@ import time
 
 import nats
 import pytest
-
 from faultkit import Tracker, assert_exactly_once, chat, cli, fast_keys, figure, until, upstream, wait_workers
 from fleetkit import FleetKit
+
 from ratefleet import Client, QueueFull
-from schemas import Result
+from ratefleet.schemas import Result
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.anyio]
 
@@ -28,7 +28,7 @@ async def _timed(coro):
     started = time.monotonic()
     try:
         return await asyncio.wait_for(coro, PROMPT_S), None, time.monotonic() - started
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return None, f"no answer within {PROMPT_S}s", time.monotonic() - started
     except Exception as exc:  # noqa: BLE001 - the refusal under test
         return None, exc, time.monotonic() - started

@@ -7,10 +7,23 @@ import asyncio
 import time
 
 import pytest
-
-from faultkit import Tracker, assert_exactly_once, assert_only_host, calls, chat, fast_keys, figure, status_or_none, \
-    upstream, until, wait_exit, wait_leader_is, wait_workers
+from faultkit import (
+    Tracker,
+    assert_exactly_once,
+    assert_only_host,
+    calls,
+    chat,
+    fast_keys,
+    figure,
+    status_or_none,
+    until,
+    upstream,
+    wait_exit,
+    wait_leader_is,
+    wait_workers,
+)
 from fleetkit import FleetKit, collect
+
 from ratefleet import Client
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.anyio]
@@ -196,8 +209,8 @@ async def test_worker_drops_assignments_of_a_former_leader(tmp_path, nats_server
     of for a while is forgotten, so a leader with a lower one is followed again, not ignored."""
     import nats
 
-    from schemas import Subjects
-    from schemas.internal import Assignment, LeaderAnnounce
+    from ratefleet.schemas import Subjects
+    from ratefleet.schemas.internal import Assignment, LeaderAnnounce
 
     subjects = Subjects()
     with upstream() as mock:

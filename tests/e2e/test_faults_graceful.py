@@ -7,10 +7,23 @@ from __future__ import annotations
 import time
 
 import pytest
-
-from faultkit import (Tracker, assert_exactly_once, assert_only_host, calls, chat, fast_keys, figure, status_or_none, until,
-                      upstream, wait_exit, wait_workers, worker_in_flight)
+from faultkit import (
+    Tracker,
+    assert_exactly_once,
+    assert_only_host,
+    calls,
+    chat,
+    fast_keys,
+    figure,
+    status_or_none,
+    until,
+    upstream,
+    wait_exit,
+    wait_workers,
+    worker_in_flight,
+)
 from fleetkit import FleetKit
+
 from ratefleet import Client
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.anyio]
@@ -91,8 +104,8 @@ async def test_draining_worker_hands_back_late_assignments_without_using_an_atte
 
     import nats
 
-    from schemas import Subjects
-    from schemas.internal import Assignment, Heartbeat
+    from ratefleet.schemas import Subjects
+    from ratefleet.schemas.internal import Assignment, Heartbeat
 
     subjects = Subjects()
     with upstream(latency_ms=3000) as mock:  # one slow call keeps w1 draining for a while

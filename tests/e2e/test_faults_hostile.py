@@ -11,14 +11,13 @@ import json
 
 import nats
 import pytest
+from faultkit import Tracker, assert_exactly_once, assert_only_host, chat, cli, fast_keys, figure, until, upstream, wait_workers
+from fleetkit import FleetKit
 from nats.js.errors import APIError, NoStreamResponseError
 
-from faultkit import (Tracker, assert_exactly_once, assert_only_host, chat, cli, fast_keys, figure, until, upstream,
-                      wait_workers)
-from fleetkit import FleetKit
 from ratefleet import Client
-from ratefleet.errors import SubmitError
-from schemas import Result
+from ratefleet.schemas import Result
+from ratefleet.schemas.errors import SubmitError
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.anyio]
 
@@ -102,7 +101,7 @@ async def test_hostile_messages_end_invalid_and_good_jobs_behind_them_run(tmp_pa
 
                 problems = []
                 letters = {x["job_id"]: x for x in await tracker.dead_letters("normal")}
-                for case_id, payload, status, code, lettered in CASES:
+                for case_id, _payload, status, code, lettered in CASES:
                     result = await tracker.result(case_id)
                     if result is None:
                         problems.append(f"{case_id}: no result")
@@ -319,7 +318,7 @@ async def test_job_on_an_unknown_tier_is_refused_or_answered(tmp_path, nats_serv
                 # a timeout or a lost connection is no refusal: it fails the test as raised
                 for name, job_id in (("client", "u-client"), ("raw", "u-raw")):
                     if outcomes[name] == "accepted":
-                        result = await until(lambda: tracker.result(job_id), 15, 0.2, f"a result for {job_id}")
+                        result = await until(lambda job_id=job_id: tracker.result(job_id), 15, 0.2, f"a result for {job_id}")
                         outcomes[name] = f"accepted, result: {result and (result.status, result.error and result.error.code)}"
                 stuck = await tracker.jobs_in_stream()
                 figure("unknown tier", outcomes=outcomes, jobs_stuck_in_stream=stuck)

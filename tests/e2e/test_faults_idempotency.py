@@ -10,13 +10,24 @@ import time
 
 import nats
 import pytest
-
-from faultkit import (SUBJECTS, Tracker, assert_exactly_once, assert_only_host, calls, chat, fast_keys, figure, until,
-                      upstream, wait_workers)
+from faultkit import (
+    SUBJECTS,
+    Tracker,
+    assert_exactly_once,
+    assert_only_host,
+    calls,
+    chat,
+    fast_keys,
+    figure,
+    until,
+    upstream,
+    wait_workers,
+)
 from fleetkit import FleetKit
+
 from ratefleet import Client
 from ratefleet.runtime.store import store_result
-from schemas import ErrorInfo, Result
+from ratefleet.schemas import ErrorInfo, Result
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.anyio]
 
@@ -83,7 +94,7 @@ async def _store(client, result: Result, within: float = 10.0):
     started = time.monotonic()
     try:
         return await asyncio.wait_for(store_result(client.js, SUBJECTS, result), within)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise AssertionError(f"store_result of a second result for {result.job_id} did not return within "
                              f"{within}s (it should answer False at once)") from None
     finally:

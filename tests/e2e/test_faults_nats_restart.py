@@ -7,10 +7,20 @@ import asyncio
 import time
 
 import pytest
-
-from faultkit import (Tracker, assert_exactly_once, assert_only_host, chat, fast_keys, figure, restartable_nats, until,
-                      upstream, wait_workers)
+from faultkit import (
+    Tracker,
+    assert_exactly_once,
+    assert_only_host,
+    chat,
+    fast_keys,
+    figure,
+    restartable_nats,
+    until,
+    upstream,
+    wait_workers,
+)
 from fleetkit import FleetKit
+
 from ratefleet import Client
 
 pytestmark = [pytest.mark.timeout(75), pytest.mark.anyio]

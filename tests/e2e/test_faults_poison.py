@@ -8,10 +8,22 @@ from __future__ import annotations
 import time
 
 import pytest
-
-from faultkit import (Tracker, assert_exactly_once, assert_only_host, calls, chat, embed_job, fast_keys, figure, until,
-                      upstream, wait_exit, wait_workers)
+from faultkit import (
+    Tracker,
+    assert_exactly_once,
+    assert_only_host,
+    calls,
+    chat,
+    embed_job,
+    fast_keys,
+    figure,
+    until,
+    upstream,
+    wait_exit,
+    wait_workers,
+)
 from fleetkit import FleetKit
+
 from ratefleet import Client
 
 pytestmark = [pytest.mark.timeout(75), pytest.mark.anyio]

@@ -7,10 +7,21 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from faultkit import (Tracker, assert_exactly_once, assert_only_host, calls, chat, cli, fast_keys, figure, until,
-                      upstream, wait_workers)
+from faultkit import (
+    Tracker,
+    assert_exactly_once,
+    assert_only_host,
+    calls,
+    chat,
+    cli,
+    fast_keys,
+    figure,
+    until,
+    upstream,
+    wait_workers,
+)
 from fleetkit import FleetKit
+
 from ratefleet import Client
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.anyio]

@@ -10,10 +10,21 @@ import asyncio
 import time
 
 import pytest
-
-from faultkit import (Tracker, assert_exactly_once, assert_only_host, calls, chat, embed_job, fast_keys, figure,
-                      upstream, wait_workers, worker_in_flight)
+from faultkit import (
+    Tracker,
+    assert_exactly_once,
+    assert_only_host,
+    calls,
+    chat,
+    embed_job,
+    fast_keys,
+    figure,
+    upstream,
+    wait_workers,
+    worker_in_flight,
+)
 from fleetkit import FleetKit
+
 from ratefleet import Client
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.anyio]

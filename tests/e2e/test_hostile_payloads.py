@@ -11,15 +11,15 @@ import time
 
 import nats
 import pytest
-
 from faultkit import Tracker, assert_exactly_once, calls, chat, cli, fast_keys, until, upstream, wait_workers
 from fleetkit import FleetKit
+
 from ratefleet import Client
-from ratefleet.errors import JobInvalid
 from ratefleet.runtime.streams import ensure_topology, tier_consumer
-from schemas import Result, Subjects
-from schemas.config import load_config
-from schemas.internal import Assignment
+from ratefleet.schemas import Result, Subjects
+from ratefleet.schemas.config import load_config
+from ratefleet.schemas.errors import JobInvalid
+from ratefleet.schemas.internal import Assignment
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.anyio]
 SUBJECTS = Subjects("ratefleet")

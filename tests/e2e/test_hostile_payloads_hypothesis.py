@@ -14,11 +14,11 @@ import json
 
 import nats
 import pytest
+from faultkit import Tracker, chat, fast_keys, upstream, wait_workers
+from fleetkit import FleetKit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from faultkit import Tracker, chat, fast_keys, upstream, wait_workers
-from fleetkit import FleetKit
 from ratefleet import Client
 
 pytestmark = pytest.mark.timeout(240)

@@ -9,12 +9,12 @@ import json
 import nats
 import pytest
 from aiohttp import web
-
 from faultkit import Tracker
 from fleetkit import FleetKit, collect, wait_for_leader
+
 from ratefleet import Client
 from ratefleet.runtime.store import MSG_ID
-from schemas import Subjects
+from ratefleet.schemas import Subjects
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.anyio]
 SUBJECTS = Subjects("ratefleet")

@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 
 import pytest
 from aiohttp import web
-
 from faultkit import Tracker, cli, until, wait_workers
 from fleetkit import SECRETS, FleetKit, chat_job
+
 from ratefleet import Client
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.anyio]
 
 KEY_OF = {secret: key_id for key_id, secret in SECRETS.items()}
-# OpenAI-style and Anthropic-style error bodies (see dispatcher/core/signals.py)
+# OpenAI-style and Anthropic-style error bodies (see schemas/signals.py)
 BODIES = {
     "bare401": (401, {"error": {"message": "Unauthorized"}}),
     "invalid_api_key": (401, {"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",

@@ -13,9 +13,9 @@ from collections import Counter
 
 import pytest
 from aiohttp import web
-
 from faultkit import Tracker, wait_workers
 from fleetkit import SECRETS, FleetKit, chat_job
+
 from ratefleet import Client
 
 pytestmark = [pytest.mark.timeout(150), pytest.mark.anyio]

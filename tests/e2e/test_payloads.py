@@ -19,17 +19,17 @@ from collections import Counter
 import nats
 import pytest
 from aiohttp import web
-
 from faultkit import cli, until, wait_workers
 from fleetkit import SECRETS, FleetKit, collect
+
 from ratefleet import Client
-from ratefleet.errors import BodyUnavailable, ResultNotStored
 from ratefleet.runtime.bodies import inline_limit
 from ratefleet.runtime.finish import Finisher
 from ratefleet.runtime.store import read_result, store_result
 from ratefleet.runtime.streams import ensure_topology, tier_consumer
-from schemas import Result, Subjects
-from schemas.config import parse_config
+from ratefleet.schemas import Result, Subjects
+from ratefleet.schemas.config import parse_config
+from ratefleet.schemas.errors import BodyUnavailable, ResultNotStored
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.anyio]
 SUBJECTS = Subjects()
@@ -53,7 +53,7 @@ class Upstream:
         self.url = ""
         self._runner: web.AppRunner | None = None
 
-    async def __aenter__(self) -> "Upstream":
+    async def __aenter__(self) -> Upstream:
         app = web.Application()
         app.router.add_route("*", "/{kind}/{name}", self.handle)
         self._runner = web.AppRunner(app)

@@ -12,9 +12,9 @@ import time
 import nats
 import pytest
 
-from dispatcher.shell.puller import HANDBACK_MARGIN_S, PULL_EXPIRES_S, TierPuller
+from ratefleet.dispatcher.shell.puller import HANDBACK_MARGIN_S, PULL_EXPIRES_S, TierPuller
 from ratefleet.runtime.streams import ensure_topology, tier_consumer
-from schemas import Config, Subjects
+from ratefleet.schemas import Config, Subjects
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.anyio]
 

@@ -19,9 +19,9 @@ import asyncio
 import time
 
 import pytest
-
 from faultkit import Tracker, assert_exactly_once, chat, figure, upstream, wait_workers
 from fleetkit import FleetKit, mock_keys
+
 from ratefleet import Client
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.anyio]

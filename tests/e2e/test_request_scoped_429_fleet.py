@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import pytest
 from aiohttp import web
-
 from faultkit import Tracker, figure, until, wait_workers
 from fleetkit import SECRETS, FleetKit, chat_job
+
 from ratefleet import Client
 
 pytestmark = [pytest.mark.timeout(150), pytest.mark.anyio]

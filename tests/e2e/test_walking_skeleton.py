@@ -7,11 +7,11 @@ import json
 
 import nats
 import pytest
-
 from fleetkit import SECRETS, FleetKit, chat_job, collect, mock_keys, wait_for_leader
+
 from ratefleet import Client
 from ratefleet.mock import MockSettings, running_mock
-from schemas import Result, Subjects
+from ratefleet.schemas import Result, Subjects
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.anyio]
 

@@ -8,7 +8,7 @@ import pytest
 
 from ratefleet.batches import InputOrder
 from ratefleet.batchfile import IdSet, LineError, line_job_id, line_of, parse_line, validate_file
-from schemas import Result
+from ratefleet.schemas import Result
 
 LINE = json.dumps({"request": {"path": "/v1/chat/completions", "json": {"model": "m"}}})
 

@@ -16,10 +16,10 @@ import pytest
 from nats.js.errors import APIError
 
 import ratefleet.runtime.finish as finish_module
-from ratefleet.errors import ResultNotStored
 from ratefleet.runtime.finish import Finisher
 from ratefleet.runtime.store import STORE_FAILED, store_result
-from schemas import ResponseInfo, Result, Subjects
+from ratefleet.schemas import ResponseInfo, Result, Subjects
+from ratefleet.schemas.errors import ResultNotStored
 
 pytestmark = pytest.mark.anyio
 ACK = "$JS.ACK.RATEFLEET_JOBS.d.1.7.7.0.1"

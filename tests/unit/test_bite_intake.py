@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import warnings
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from types import SimpleNamespace
 
 import pytest
 
-from dispatcher.shell.intake import Incoming, Refused, read_message
-from schemas.config import parse_config
-from schemas.subjects import is_safe_reply
+from ratefleet.dispatcher.shell.intake import Incoming, Refused, read_message
+from ratefleet.schemas.config import parse_config
+from ratefleet.schemas.subjects import is_safe_reply
 
 ACK = "$JS.ACK.RATEFLEET_JOBS.d.1.9.9.0.1"
 
@@ -31,7 +31,7 @@ def config(**sections):
 def message(job: dict | bytes | None = None, *, delivered: int = 1, headers: dict | None = None, seq: int = 9):
     data = job if isinstance(job, bytes) else json.dumps(job or {"id": "j1", "request": {"path": "/v1/x"}}).encode()
     meta = SimpleNamespace(num_delivered=delivered, sequence=SimpleNamespace(stream=seq, consumer=seq),
-                           timestamp=datetime(2026, 11, 29, 9, 0, tzinfo=timezone.utc))
+                           timestamp=datetime(2026, 11, 29, 9, 0, tzinfo=UTC))
     return SimpleNamespace(metadata=meta, headers=headers, data=data, reply=ACK)
 
 
@@ -53,7 +53,7 @@ def test_the_attempt_is_deliveries_less_handbacks_and_429s(delivered, handbacks,
     got = read_message(message(delivered=delivered), "normal", config(), handbacks, rate_limited)
     assert isinstance(got, Incoming), got
     assert (got.attempt, got.max_attempts, got.ack, got.stream_seq, got.job_id) == (attempt, 5, ACK, 9, "j1")
-    assert got.submitted_at == datetime(2026, 11, 29, 9, 0, tzinfo=timezone.utc).timestamp()
+    assert got.submitted_at == datetime(2026, 11, 29, 9, 0, tzinfo=UTC).timestamp()
 
 
 def test_past_max_attempts_the_job_fails_attempts_exhausted():
@@ -151,7 +151,7 @@ def test_an_ordinary_header_passes_with_a_custom_auth_header():
 
 
 def at(seconds: float) -> str:
-    return (datetime.now(timezone.utc) + timedelta(seconds=seconds)).isoformat()
+    return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
 
 
 def test_a_job_past_its_deadline_is_expired_at_intake():

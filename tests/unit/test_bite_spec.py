@@ -10,10 +10,19 @@ import warnings
 
 import pytest
 
-from dispatcher.core import (AdaptPolicy, BreakerPolicy, CooldownPolicy, Dispatch, KeySpec, PendingJob, ProbePolicy,
-                             Scheduler, TierSpec)
-from dispatcher.spec import scheduler_spec
-from schemas.config import parse_config
+from ratefleet.dispatcher.core import (
+    AdaptPolicy,
+    BreakerPolicy,
+    CooldownPolicy,
+    Dispatch,
+    KeySpec,
+    PendingJob,
+    ProbePolicy,
+    Scheduler,
+    TierSpec,
+)
+from ratefleet.dispatcher.spec import scheduler_spec
+from ratefleet.schemas.config import parse_config
 
 CONFIG = {
     "upstreams": {"openai": {"base_url": "https://api.example.test"},

@@ -7,18 +7,18 @@ assignments from a former leader, the worker-side deadline check, attempt counti
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 import anyio
 import pytest
 
 from ratefleet.runtime.handbacks import Handbacks
-from schemas import ResponseInfo
-from schemas.config import parse_config
-from schemas.internal import Assignment, LeaderAnnounce, OutcomeReport
-from workers.executor import CallResult
-from workers.service import Worker, retry_delay
+from ratefleet.schemas import ResponseInfo
+from ratefleet.schemas.config import parse_config
+from ratefleet.schemas.internal import Assignment, LeaderAnnounce, OutcomeReport
+from ratefleet.workers.executor import CallResult
+from ratefleet.workers.service import Worker, retry_delay
 
 pytestmark = pytest.mark.anyio
 ACK = "$JS.ACK.RATEFLEET_JOBS.d.1.3.3.0.1"
@@ -158,7 +158,7 @@ class BusWithAssignments(FakeNats):
 
 async def test_a_running_worker_keeps_its_slow_call_alive(monkeypatch):
     # the whole Worker.run, over a fake bus and executor: the keep-alive loop is wired in
-    import workers.service as service
+    import ratefleet.workers.service as service
 
     monkeypatch.setenv("RF_BITE_K1", "sk-bite-0000000000")
     config = parse_config({"upstreams": {"u": {"base_url": "https://api.example.test"}},
@@ -182,7 +182,7 @@ async def test_a_running_worker_keeps_its_slow_call_alive(monkeypatch):
 
 async def test_finisher_in_progress_is_a_wpi_to_the_ack_subject():
     from ratefleet.runtime.finish import Finisher
-    from schemas import Subjects
+    from ratefleet.schemas import Subjects
 
     nc = FakeNats()
     nc.max_payload = 1 << 20
@@ -236,7 +236,7 @@ async def test_a_silent_higher_epoch_is_forgotten_only_on_an_announce(monkeypatc
 
 
 def deadline(seconds: float) -> str:
-    return (datetime.now(timezone.utc) + timedelta(seconds=seconds)).isoformat()
+    return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
 
 
 async def test_a_job_past_its_deadline_ends_expired_without_a_call(monkeypatch):

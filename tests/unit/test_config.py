@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from schemas import ConfigError, load_config
+from ratefleet.schemas import ConfigError, load_config
 
 GOOD = """
 [upstreams.openai]

@@ -7,8 +7,8 @@ import json
 import httpx
 import pytest
 
-from schemas import Job, UpstreamConfig
-from workers.executor import UpstreamExecutor
+from ratefleet.schemas import Job, UpstreamConfig
+from ratefleet.workers.executor import UpstreamExecutor
 
 SECRET = "sk-test-SECRET-123456"
 
@@ -94,7 +94,7 @@ class _Http:
     def __init__(self, reply):
         self.reply, self.seen, self.url = reply, [], ""
 
-    async def __aenter__(self) -> "_Http":
+    async def __aenter__(self) -> _Http:
         import asyncio
 
         async def handle(reader, writer):
@@ -124,7 +124,7 @@ class _Http:
 async def test_redirects_are_not_followed(transport):
     # the worker's own client (build_client) against real servers: a 302 to another host, or
     # to another path of the upstream, is the answer; the key goes to no second address
-    from workers.executor import build_client
+    from ratefleet.workers.executor import build_client
 
     async with _Http(lambda path: (200, {})) as evil:
         def upstream_reply(path):
@@ -147,7 +147,7 @@ async def test_redirects_are_not_followed(transport):
 @pytest.mark.anyio
 @pytest.mark.parametrize("transport", ["aiohttp", "httpcore"])
 async def test_worker_clients_never_follow_redirects_nor_use_env_proxies(transport):
-    from workers.executor import build_client
+    from ratefleet.workers.executor import build_client
 
     client = build_client(transport, 4)
     try:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dispatcher.fleet import AssignmentRecord, Fleet
-from schemas.internal import Heartbeat, InFlight
+from ratefleet.dispatcher.fleet import AssignmentRecord, Fleet
+from ratefleet.schemas.internal import Heartbeat, InFlight
 
 
 def beat(*listed: str) -> Heartbeat:

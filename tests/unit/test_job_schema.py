@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from schemas import ErrorCode, Job, JobRejected, Result, parse_job
+from ratefleet.schemas import ErrorCode, Job, JobRejected, Result, parse_job
 
 
 def job(path: str = "/v1/chat/completions", **request) -> bytes:

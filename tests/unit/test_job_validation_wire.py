@@ -6,19 +6,19 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import httpx
 import pytest
 
-from dispatcher.shell.intake import validate_job
-from ratefleet.client import as_job
-from ratefleet.errors import InvalidRequest, JobInvalid
 from ratefleet.batchfile import LineError, parse_line
-from schemas import ErrorCode, Job, JobRejected, ResponseInfo, Result, UpstreamConfig, parse_job
-from schemas.config import parse_config
-from schemas.wire import MAX_JSON_DEPTH, dumps_safe, json_problem
-from workers.executor import UpstreamExecutor
+from ratefleet.client import as_job
+from ratefleet.dispatcher.shell.intake import validate_job
+from ratefleet.schemas import ErrorCode, Job, JobRejected, ResponseInfo, Result, UpstreamConfig, parse_job
+from ratefleet.schemas.config import parse_config
+from ratefleet.schemas.errors import InvalidRequest, JobInvalid
+from ratefleet.schemas.wire import MAX_JSON_DEPTH, dumps_safe, json_problem
+from ratefleet.workers.executor import UpstreamExecutor
 
 LONE = "\ud83d"  # half of a surrogate pair: not Unicode text, cannot be UTF-8
 
@@ -157,7 +157,7 @@ def test_deeper_nesting_is_refused_with_a_clear_error_never_a_crash(depth):
 # -- odd Python values at the Client door -----------------------------------------------------
 
 @pytest.mark.parametrize("value, why", [
-    ({1, 2}, "is a set"), (b"bytes", "is a bytes"), (datetime.now(timezone.utc), "is a datetime"),
+    ({1, 2}, "is a set"), (b"bytes", "is a bytes"), (datetime.now(UTC), "is a datetime"),
     (object(), "is a object"), ({(1, 2): "tuple key"}, "has the key (1, 2)"), (float("nan"), "is nan"),
     ({"deep": json.loads(nested(150))}, "nested more than 100"),
 ])

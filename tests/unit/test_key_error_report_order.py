@@ -10,10 +10,10 @@ import time
 import httpx
 import pytest
 
-from schemas.config import parse_config
-from schemas.internal import Assignment, OutcomeReport
-from workers.executor import UpstreamExecutor
-from workers.service import Worker
+from ratefleet.schemas.config import parse_config
+from ratefleet.schemas.internal import Assignment, OutcomeReport
+from ratefleet.workers.executor import UpstreamExecutor
+from ratefleet.workers.service import Worker
 
 pytestmark = pytest.mark.anyio
 

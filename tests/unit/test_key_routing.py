@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dispatcher.fleet import Fleet
+from ratefleet.dispatcher.fleet import Fleet
+from ratefleet.schemas.internal import Heartbeat
 from ratefleet.status_view import key_state
-from schemas.internal import Heartbeat
 
 KEYS = ["k1", "k2"]
 

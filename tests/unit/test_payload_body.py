@@ -9,9 +9,9 @@ import json
 import httpx
 import pytest
 
-from schemas import ErrorCode, Job, UpstreamConfig
-from workers.body import body_fields, media_type
-from workers.executor import UpstreamExecutor
+from ratefleet.schemas import ErrorCode, Job, UpstreamConfig
+from ratefleet.workers.body import body_fields, media_type
+from ratefleet.workers.executor import UpstreamExecutor
 
 SECRET = "sk-test-SECRET-123456"
 UPSTREAM = UpstreamConfig(base_url="https://api.example.test")

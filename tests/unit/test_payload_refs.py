@@ -9,10 +9,17 @@ import json
 
 import pytest
 
-from ratefleet.errors import BodyUnavailable
-from ratefleet.runtime.bodies import (LETTER_BODY_BYTES, body_bytes, inline_limit, letter_response, object_name,
-                                      with_body, without_body)
-from schemas import BodyRef, ResponseInfo, Result
+from ratefleet.runtime.bodies import (
+    LETTER_BODY_BYTES,
+    body_bytes,
+    inline_limit,
+    letter_response,
+    object_name,
+    with_body,
+    without_body,
+)
+from ratefleet.schemas import BodyRef, ResponseInfo, Result
+from ratefleet.schemas.errors import BodyUnavailable
 
 BINARY = bytes(range(256)) * 4
 

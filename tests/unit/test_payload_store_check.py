@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import pytest
 from nats.js.errors import APIError, NotFoundError
 
-from ratefleet.errors import ResultNotStored
 from ratefleet.runtime.finish import Finisher
 from ratefleet.runtime.store import store_result
-from schemas import Result, Subjects
+from ratefleet.schemas import Result, Subjects
+from ratefleet.schemas.errors import ResultNotStored
 
 SUBJECTS = Subjects()
 RESULT = Result(job_id="job-1", status="succeeded", batch="b1")

@@ -8,11 +8,11 @@ import json
 import pytest
 from nats.aio.msg import Msg
 
-from dispatcher.shell.intake import Incoming, Refused, read_message
+from ratefleet.dispatcher.shell.intake import Incoming, Refused, read_message
 from ratefleet.runtime.handbacks import DeliveryCounts
 from ratefleet.runtime.streams import consumer_config, tier_max_deliver
-from schemas import Config
-from workers.service import retry_delay
+from ratefleet.schemas import Config
+from ratefleet.workers.service import retry_delay
 
 CONFIG = Config.model_validate({
     "upstreams": {"u": {"base_url": "http://127.0.0.1:9"}},

@@ -8,9 +8,9 @@ import json
 import httpx
 import pytest
 
-from schemas import Job, UpstreamConfig
-from workers.body import body_fields, mask_parsed
-from workers.executor import UpstreamExecutor
+from ratefleet.schemas import Job, UpstreamConfig
+from ratefleet.workers.body import body_fields, mask_parsed
+from ratefleet.workers.executor import UpstreamExecutor
 
 SECRET = "sk-live/AbC+dEf12345"
 

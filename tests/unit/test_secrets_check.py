@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from schemas.config import parse_config
-from workers.secrets import SecretResolver, header_problem
+from ratefleet.schemas.config import parse_config
+from ratefleet.workers.secrets import SecretResolver, header_problem
 
 SECRET = "sk-live-Zq93nTQ"
 

@@ -7,9 +7,9 @@ import time
 import pytest
 
 from ratefleet import Client, SubmitError
-from ratefleet.errors import NatsUnavailable
 from ratefleet.runtime.streams import ensure_topology
-from schemas.config import parse_config
+from ratefleet.schemas.config import parse_config
+from ratefleet.schemas.errors import NatsUnavailable
 
 pytestmark = pytest.mark.anyio
 JOB = {"request": {"path": "/v1/chat/completions"}}

@@ -8,10 +8,10 @@ import httpx
 import nats.errors
 import pytest
 from nats.js.errors import APIError
-
-from ratefleet.errors import ResultNotStored
 from test_worker_job_faults import RecordingFinisher, assignment, make_worker
-from workers.executor import UpstreamExecutor
+
+from ratefleet.schemas.errors import ResultNotStored
+from ratefleet.workers.executor import UpstreamExecutor
 
 pytestmark = pytest.mark.anyio
 FULL = APIError(code=503, description="maximum bytes exceeded", err_code=10077)

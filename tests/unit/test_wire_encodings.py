@@ -9,8 +9,8 @@ import base64
 
 import pytest
 
-from schemas import Job, UpstreamConfig
-from workers.executor import UpstreamExecutor, build_client, still_encoded
+from ratefleet.schemas import Job, UpstreamConfig
+from ratefleet.workers.executor import UpstreamExecutor, build_client, still_encoded
 
 pytestmark = pytest.mark.anyio
 BROTLI_BYTES = b"\x1b\x0b\x00\x00\xa4\x02"

@@ -9,14 +9,14 @@ import json
 import nats.errors
 import pytest
 
-from dispatcher.shell.intake import validate_job
-from dispatcher.shell.rpc import _with_id
 from ratefleet import Client
-from ratefleet.errors import JobInvalid
+from ratefleet.dispatcher.shell.intake import validate_job
+from ratefleet.dispatcher.shell.rpc import _with_id
 from ratefleet.runtime.store import dead_letter
-from schemas import JobRejected, Subjects
-from schemas.config import parse_config
-from schemas.job import ASSIGNMENT_OVERHEAD, job_size_limit
+from ratefleet.schemas import JobRejected, Subjects
+from ratefleet.schemas.config import parse_config
+from ratefleet.schemas.errors import JobInvalid
+from ratefleet.schemas.job import ASSIGNMENT_OVERHEAD, job_size_limit
 
 pytestmark = pytest.mark.anyio
 MIB = 1 << 20
@@ -138,7 +138,7 @@ class RefusingNats:
 
 
 async def test_rpc_answers_a_failed_result_whatever_the_store_raises():
-    from dispatcher.shell.rpc import RpcResponder
+    from ratefleet.dispatcher.shell.rpc import RpcResponder
 
     nc = RefusingNats()
     responder = RpcResponder(CONFIG, nc)

@@ -12,10 +12,10 @@ import httpx
 import nats.errors
 import pytest
 
-from schemas.config import parse_config
-from schemas.internal import Assignment, OutcomeReport
-from workers.executor import UpstreamExecutor
-from workers.service import Worker
+from ratefleet.schemas.config import parse_config
+from ratefleet.schemas.internal import Assignment, OutcomeReport
+from ratefleet.workers.executor import UpstreamExecutor
+from ratefleet.workers.service import Worker
 
 pytestmark = pytest.mark.anyio
 SECRET = "sk-test-SECRET-123456"

@@ -36,7 +36,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from .types import RateLimitInfo
+from ratefleet.schemas.outcome import RateLimitInfo
 
 Scope = Literal["key", "request"]
 

@@ -43,10 +43,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
-from .types import OutcomeKind, RateLimitInfo
+from ratefleet.schemas.outcome import OutcomeKind, RateLimitInfo
 
 # out of credit or credentials refused: no cooldown cures these, the key goes out of rotation
 # Google ErrorInfo reasons about the key or its project, not the request (google.api.ErrorReason);
@@ -75,7 +75,7 @@ def parse_retry_after(value: str | None, now_epoch: float) -> float | None:
         except (TypeError, ValueError, IndexError):
             return None
         if when.tzinfo is None:  # "-0000" zone: RFC 5322 says UTC
-            when = when.replace(tzinfo=timezone.utc)
+            when = when.replace(tzinfo=UTC)
         seconds = when.timestamp() - now_epoch
     if not math.isfinite(seconds):
         return None
@@ -148,7 +148,7 @@ def _reset(value: str | None, now_epoch: float | None) -> float | None:
     except ValueError:
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     return None if now_epoch is None else max(0.0, when.timestamp() - now_epoch)
 
 

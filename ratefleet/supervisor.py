@@ -18,7 +18,7 @@ from pathlib import Path
 from ratefleet.runtime.connect import redact_url
 from ratefleet.runtime.embedded import EmbeddedNats, embedded_for, port_answers
 from ratefleet.runtime.logs import get_logger
-from schemas import Config
+from ratefleet.schemas import Config
 
 log = get_logger("ratefleet.up")
 
@@ -43,7 +43,7 @@ def _children(config_path: Path | None, workers: int, dispatchers: int) -> list[
 def unusable_secrets(config: Config) -> str | None:
     """One line saying what to set when no key of `config` has a usable secret in this
     environment (which the workers inherit), else None. Never shows a value."""
-    from workers.secrets import SecretResolver
+    from ratefleet.workers.secrets import SecretResolver
 
     keys = config.keys()
     problems = SecretResolver(config).check_all()

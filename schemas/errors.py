@@ -1,7 +1,7 @@
 """The ratefleet error tree. Exceptions from nats-py and httpx are translated at the edge.
 
     RatefleetError
-    ├── ConfigError (schemas.config)      bad configuration, names file, field and why
+    ├── ConfigError                       bad configuration, names file, field and why
     ├── NatsUnavailable                   no NATS server could be reached or started
     ├── SubmitError                       a job could not be stored
     │   ├── QueueFull                     RATEFLEET_JOBS is at its limits (discard-new)
@@ -15,11 +15,13 @@
 
 from __future__ import annotations
 
-from schemas.config import ConfigError
-
 
 class RatefleetError(Exception):
     """Base of every error ratefleet raises on purpose."""
+
+
+class ConfigError(RatefleetError):
+    """The configuration cannot be used; the message names the file, the field and why."""
 
 
 class NatsUnavailable(RatefleetError):

@@ -14,7 +14,7 @@ import anyio
 from ratefleet.runtime.connect import connect
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.streams import ensure_topology
-from schemas import Config
+from ratefleet.schemas import Config
 
 log = get_logger("ratefleet.role")
 
@@ -54,7 +54,7 @@ async def run_role(config: Config, name: str, body: Callable[[object, anyio.Even
 
 
 async def dispatcher_main(config: Config, dispatcher_id: str | None = None) -> None:
-    from dispatcher.shell.service import Dispatcher
+    from ratefleet.dispatcher.shell.service import Dispatcher
 
     async def body(nc, stop):
         await Dispatcher(config, nc, dispatcher_id=dispatcher_id).run(stop)
@@ -63,7 +63,7 @@ async def dispatcher_main(config: Config, dispatcher_id: str | None = None) -> N
 
 
 async def worker_main(config: Config, slots: int | None = None, worker_id: str | None = None) -> None:
-    from workers.service import Worker
+    from ratefleet.workers.service import Worker
 
     async def body(nc, stop):
         await ensure_topology(nc.jetstream(), config)
