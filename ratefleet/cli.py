@@ -94,7 +94,8 @@ def _run(coro_fn, *args):
 @app.command()
 def up(config: Path | None = ConfigOpt, nats: str | None = NatsOpt,
        workers: int = typer.Option(2, "--workers", "-w", min=0, help="worker processes"),
-       dispatchers: int = typer.Option(1, "--dispatchers", min=1, help="dispatcher processes (leader + standbys)")):
+       dispatchers: int = typer.Option(1, "--dispatchers", min=1, help="dispatcher processes (leader + standbys)"),
+       gateway: bool = Flag(False, "--gateway", help="also run `ratefleet gateway` (on [gateway].listen)")):
     """The whole fleet here: embedded NATS if none answers, dispatchers, N workers. Ctrl-C drains and stops."""
     from ratefleet.roles import log_and_ignore_sighup
     from ratefleet.supervisor import run_fleet
@@ -102,7 +103,7 @@ def up(config: Path | None = ConfigOpt, nats: str | None = NatsOpt,
     log_and_ignore_sighup()  # until run_fleet installs its own handler, which logs each one
     cfg, path = fleet_config(config, nats, "up")
     configure_logging()
-    sys.exit(run_fleet(cfg, config_path=path, workers=workers, dispatchers=dispatchers))
+    sys.exit(run_fleet(cfg, config_path=path, workers=workers, dispatchers=dispatchers, gateway=gateway))
 
 
 @app.command()
@@ -280,6 +281,10 @@ def dlq_replay(tier: str | None = typer.Option(None, "--tier", help=tier_help("o
 from ratefleet.results_cmd import register as _register_results  # noqa: E402 - `results`, `result`
 
 _register_results(app)
+
+from ratefleet.gateway.command import register as _register_gateway  # noqa: E402 - `gateway`
+
+_register_gateway(app)
 
 
 def _default_url() -> str:
