@@ -141,16 +141,25 @@ def submit(file: Path = typer.Argument(..., help="JSONL file, one Job per line (
            out: Path | None = typer.Option(None, "--out", "-o", metavar="FILE",
                                               help="write Results here (JSONL; '-' for stdout)"),
            skip_invalid: bool = Flag(False, "--skip-invalid", help="submit the valid lines, report the rest"),
+           out_format: str = typer.Option("ratefleet", "--out-format", metavar="FORMAT",
+                                          help="ratefleet (Result JSON) or openai (OpenAI Batch output lines)"),
+           order: str = typer.Option("arrival", "--order", help="--out order: arrival or input (the file's line order)"),
            config: Path | None = ConfigOpt, nats: str | None = NatsOpt, prefix: str | None = PrefixOpt):
-    """Submit a batch of jobs with a progress bar; --wait collects their Results."""
+    """Submit a batch of jobs (Job lines or OpenAI Batch API lines) with a progress bar; --wait collects their Results."""
     from ratefleet.submit_cmd import run_submit
+
+    if out_format not in ("ratefleet", "openai"):
+        fail(f"--out-format must be 'ratefleet' or 'openai', not {out_format!r}")
+    if order not in ("arrival", "input"):
+        fail(f"--order must be 'arrival' or 'input', not {order!r}")
 
     if str(file) != "-":
         require_file(file, "jobs file")
     if out is None or str(out) != "-":  # `--out -`: stdout
         require_out_path(out)
     target = client_target(config, nats, prefix)
-    code = _run(run_submit, file, tier, batch, wait, out, skip_invalid, target.url, target.prefix)
+    code = _run(run_submit, file, tier, batch, wait, out, skip_invalid, target.url, target.prefix, out_format,
+                order == "input")
     raise typer.Exit(code or 0)
 
 
