@@ -3,7 +3,8 @@
 One request: identify the caller by its ratefleet key (401) -> read the body (413, 400,
 415) -> the caller's own limits (429 + Retry-After) -> the Job -> request/reply through the
 fleet (`Client.request`: stored durably first; 503 + Retry-After when the queue is full, 504
-after the caller's timeout) -> the upstream's answer, passed through. `GET /healthz` answers
+after the caller's timeout) -> the upstream's answer, passed through; `"stream": true` answers are
+relayed chunk by chunk as server-sent events (streaming.py). `GET /healthz` answers
 200 without a key.
 """
 
@@ -15,17 +16,19 @@ from datetime import UTC, datetime
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ratefleet.client import Client
 from ratefleet.gateway.callers import Caller, CallerTable
 from ratefleet.gateway.errors import GatewayRefusal, bad_request, over_limit, queue_full, timed_out, unauthorized
 from ratefleet.gateway.limits import Admission, CallerLimits, Refusal, estimate_tokens
+from ratefleet.gateway.streaming import ChunkStream, start_stream
 from ratefleet.gateway.translate import answer_of, build_job, parse_body, used_tokens
 from ratefleet.runtime.logs import get_logger
 from ratefleet.schemas import Job, Result
 from ratefleet.schemas.errors import JobInvalid, QueueFull, RequestTimeout, SubmitError
+from ratefleet.workers.relay import wants_stream
 
 log = get_logger("ratefleet.gateway")
 ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
@@ -51,9 +54,14 @@ class Gateway:
             if caller is None:
                 raise unauthorized()
             job, admission = await self._admit(request, caller)
-            result = await self._run(job, caller)
-            self.limits.settle(admission, self.clock(), used_tokens(result))
-            status, headers, body = answer_of(result)
+            answer = await self._run(job, caller)
+            if isinstance(answer, ChunkStream):  # the token estimate stays: a stream reports no usage here
+                log.info("gateway stream", caller=caller.name, path=request.url.path, job_id=job.id,
+                         first_byte_ms=round((time.perf_counter() - started) * 1000, 1))
+                return StreamingResponse(answer.chunks(), media_type="text/event-stream",
+                                         headers={"x-ratefleet-job-id": job.id or "", "cache-control": "no-cache"})
+            self.limits.settle(admission, self.clock(), used_tokens(answer))
+            status, headers, body = answer_of(answer)
         except GatewayRefusal as refusal:
             status, body = refusal.status, refusal.body()
             headers = {**refusal.headers(), "content-type": "application/json"}
@@ -81,14 +89,18 @@ class Gateway:
             raise over_limit(verdict.limit, verdict.retry_after_s)
         return job, verdict
 
-    async def _run(self, job: Job, caller: Caller) -> Result:
+    async def _run(self, job: Job, caller: Caller) -> Result | ChunkStream:
+        """The job's Result over request/reply, or for `"stream": true` its streamed answer once
+        the first chunk is in (or its Result, when that comes first)."""
         try:
+            if wants_stream(job):
+                return await start_stream(self.client, job, caller.tier, caller.timeout_s)
             return await self.client.request(job, caller.tier, timeout=caller.timeout_s)
         except QueueFull:
             raise queue_full() from None
         except JobInvalid as exc:
             raise bad_request(str(exc), code="invalid_job") from None
-        except RequestTimeout:
+        except (RequestTimeout, TimeoutError):
             raise timed_out(job.id, caller.timeout_s) from None
         except SubmitError as exc:
             raise GatewayRefusal(503, f"The job could not be stored: {exc}", type="server_error",

@@ -87,9 +87,6 @@ def build_job(caller: Caller, *, method: str, path: str, query: Iterable[tuple[s
     timeout as its deadline (a job still queued when the caller gave up is not paid for).
     `headers` keys lower-case. GatewayRefusal 400/403 for what cannot become a valid job."""
     check_model(caller, json_body)
-    if isinstance(json_body, dict) and json_body.get("stream") is True:
-        raise bad_request("Streaming (\"stream\": true) is not served by the ratefleet gateway yet; "
-                          "send the request without it.", code="stream_unsupported", param="stream")
     forwarded = {name: value for name, value in headers.items() if name in FORWARDED_HEADERS}
     if text_body is not None and "content-type" in headers:
         forwarded["content-type"] = headers["content-type"]
