@@ -4,8 +4,9 @@ worker -> upstream against a direct call to the same mock upstream.
 A local fleet (embedded nats-server, the mock upstream with 2 keys x 1000 req/s, one dispatcher,
 W workers, `ratefleet gateway` with one caller), then N chat completions with C in flight, each
 pair sent direct (httpx with a key's secret) and through the gateway (httpx with the caller's
-key, as the OpenAI SDK would send it) alternately, so both see the same machine load. Prints a
-table, writes bench/results/gateway.json.
+key, as the OpenAI SDK would send it) alternately, so both see the same machine load; then
+streamed chat completions ("stream": true), timing the first byte of the body and its end. Prints
+tables, writes bench/results/gateway.json.
 Run: .venv/bin/python bench/gateway.py [--requests N] [--concurrency C] [--workers W]
 """
 
@@ -29,6 +30,8 @@ from ratefleet.localfleet import KeyLimit, LocalFleet
 
 CALLER_ENV = "RATEFLEET_BENCH_CALLER"
 BODY = {"model": "mock", "messages": [{"role": "user", "content": "how long does this take?"}]}
+# streamed: 8 events (role, 5 words, finish, [DONE]), 20 ms apart at the upstream
+STREAM_BODY = {**BODY, "stream": True, "mock": {"chunk_ms": 20}}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,6 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=400, help="requests per path (direct, gateway)")
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--stream-requests", type=int, default=100, help="streamed requests per path (time to first byte)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gateway.json")
     return parser.parse_args(argv)
@@ -72,6 +76,27 @@ async def timed(http: httpx.AsyncClient, url: str, key: str) -> float:
     return elapsed
 
 
+async def first_byte(http: httpx.AsyncClient, url: str, key: str) -> tuple[float, float]:
+    """(ms to the first byte of the body, ms to its end) of one streamed chat completion."""
+    started = time.perf_counter()
+    first = None
+    async with http.stream("POST", url, json=STREAM_BODY, headers={"authorization": f"Bearer {key}"}) as answer:
+        if answer.status_code != 200 or not answer.headers.get("content-type", "").startswith("text/event-stream"):
+            raise RuntimeError(f"{url} answered {answer.status_code} {answer.headers.get('content-type')}")
+        async for _ in answer.aiter_raw():
+            first = first if first is not None else (time.perf_counter() - started) * 1000
+    return first or 0.0, (time.perf_counter() - started) * 1000
+
+
+async def drive_streams(args: argparse.Namespace, http: httpx.AsyncClient, paths: dict[str, tuple[str, str]]) -> dict:
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
+    for _ in range(args.stream_requests):
+        for name, (url, key) in paths.items():
+            samples[name].append(await first_byte(http, url, key))
+    return {f"{name}_stream": {"first_byte": summary([s[0] for s in values]), "complete": summary([s[1] for s in values])}
+            for name, values in samples.items()}
+
+
 async def drive(args: argparse.Namespace, fleet: LocalFleet, caller_key: str) -> dict:
     direct_url = fleet.upstream + "/v1/chat/completions"
     gateway_url = fleet.gateway_url + "/v1/chat/completions"
@@ -97,7 +122,9 @@ async def drive(args: argparse.Namespace, fleet: LocalFleet, caller_key: str) ->
             for _ in range(args.concurrency):
                 tg.start_soon(runner)
         elapsed = time.monotonic() - started
-    return {"direct": summary(samples["direct"]), "gateway": summary(samples["gateway"]), "elapsed_s": elapsed}
+        streams = await drive_streams(args, http, {"direct": (direct_url, direct_key), "gateway": (gateway_url, caller_key)})
+    return {"direct": summary(samples["direct"]), "gateway": summary(samples["gateway"]), "elapsed_s": elapsed,
+            **streams}
 
 
 def report(args: argparse.Namespace, measured: dict) -> None:
@@ -112,6 +139,13 @@ def report(args: argparse.Namespace, measured: dict) -> None:
     table.add_row("added", f"{added['p50_ms']:.2f}", "", f"{added['p99_ms']:.2f}", f"{added['mean_ms']:.2f}", "")
     measured["added"] = added
     Console().print(table)
+    streams = Table(title=f"streamed chat completions ({args.stream_requests} per path; 8 events 20 ms apart upstream)")
+    for column in ("path", "first byte p50 ms", "first byte p99 ms", "complete p50 ms", "complete p99 ms"):
+        streams.add_column(column, justify="right" if column != "path" else "left")
+    for path in ("direct", "gateway"):
+        row = measured[f"{path}_stream"]
+        streams.add_row(path, *(f"{row[part][k]:.2f}" for part in ("first_byte", "complete") for k in ("p50_ms", "p99_ms")))
+    Console().print(streams)
 
 
 def main(argv: list[str] | None = None) -> int:
