@@ -55,3 +55,18 @@ def test_up_with_gateway_serves_the_sdk_and_stops_it_on_ctrl_c(tmp_path):
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://127.0.0.1:{gateway_port}/healthz", timeout=2, trust_env=False)
         assert "rk-app-42" not in output
+
+
+def test_gateway_refuses_to_start_without_config_or_with_an_unreadable_caller_key(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RATEFLEET_CONFIG", "RATEFLEET_NATS_URL", "RF_CALLER_X")}
+    missing = subprocess.run([sys.executable, "-m", "ratefleet", "gateway"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "found no config file" in missing.stderr
+    path = tmp_path / "gw.toml"
+    path.write_text(tomli_w.dumps({"callers": {"x": {"key": "env:RF_CALLER_X", "tier": "vip"}}}))
+    unset = subprocess.run([sys.executable, "-m", "ratefleet", "gateway", "--config", str(path)], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert unset.returncode == 2 and "callers.x.key: RF_CALLER_X not set" in unset.stderr
+    bad = subprocess.run([sys.executable, "-m", "ratefleet", "gateway", "--config", str(path), "--listen", "nowhere"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "give HOST:PORT" in bad.stderr
