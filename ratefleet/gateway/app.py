@@ -27,7 +27,7 @@ from ratefleet.gateway.streaming import ChunkStream, start_stream
 from ratefleet.gateway.translate import answer_of, build_job, parse_body, used_tokens
 from ratefleet.runtime.logs import get_logger
 from ratefleet.schemas import Job, Result
-from ratefleet.schemas.errors import JobInvalid, QueueFull, RequestTimeout, SubmitError
+from ratefleet.schemas.errors import JobInvalid, QueueFull, RatefleetError, RequestTimeout, SubmitError
 from ratefleet.workers.relay import wants_stream
 
 log = get_logger("ratefleet.gateway")
@@ -105,6 +105,8 @@ class Gateway:
         except SubmitError as exc:
             raise GatewayRefusal(503, f"The job could not be stored: {exc}", type="server_error",
                                  code="submit_failed", retry_after_s=1.0) from None
+        except RatefleetError as exc:  # e.g. BodyUnavailable: a large answer's stored body is gone
+            raise GatewayRefusal(502, f"Job {job.id}: {exc}", type="server_error", code="gateway_error") from None
 
 
 def _too_large(size: int, limit: int) -> GatewayRefusal:
