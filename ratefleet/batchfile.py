@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ratefleet.openai_batch import openai_line_as_job
 from ratefleet.schemas import Job
 from ratefleet.schemas.job import JobRejected, parse_job
 
@@ -63,6 +64,7 @@ class LineError(ValueError):
 
 def parse_line(text: str, number: int, batch: str) -> Job:
     """Validate one line as a Job of `batch`, with its id (own or deterministic). Raises LineError.
+    A line may also be an OpenAI Batch API input line (`ratefleet.openai_batch`).
 
     The same check as every other door into the fleet (`schemas.job.parse_job`), so a line
     that passes here is not refused later."""
@@ -71,7 +73,11 @@ def parse_line(text: str, number: int, batch: str) -> Job:
         raise LineError(f"line {number}: not UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x} at character "
                         f"{bad.start() + 1}); save the file as UTF-8")
     try:
-        job = parse_job(text.encode("utf-8", "surrogatepass"))
+        converted = openai_line_as_job(text)  # an OpenAI Batch API input line, taken as it is
+    except ValueError as exc:
+        raise LineError(f"line {number}: {exc}") from None
+    try:
+        job = parse_job(converted if converted is not None else text.encode("utf-8", "surrogatepass"))
     except JobRejected as exc:
         raise LineError(f"line {number}: {exc.message}") from None
     if job.batch is not None and job.batch != batch:

@@ -94,7 +94,8 @@ def _run(coro_fn, *args):
 @app.command()
 def up(config: Path | None = ConfigOpt, nats: str | None = NatsOpt,
        workers: int = typer.Option(2, "--workers", "-w", min=0, help="worker processes"),
-       dispatchers: int = typer.Option(1, "--dispatchers", min=1, help="dispatcher processes (leader + standbys)")):
+       dispatchers: int = typer.Option(1, "--dispatchers", min=1, help="dispatcher processes (leader + standbys)"),
+       gateway: bool = Flag(False, "--gateway", help="also run `ratefleet gateway` (on [gateway].listen)")):
     """The whole fleet here: embedded NATS if none answers, dispatchers, N workers. Ctrl-C drains and stops."""
     from ratefleet.roles import log_and_ignore_sighup
     from ratefleet.supervisor import run_fleet
@@ -102,7 +103,7 @@ def up(config: Path | None = ConfigOpt, nats: str | None = NatsOpt,
     log_and_ignore_sighup()  # until run_fleet installs its own handler, which logs each one
     cfg, path = fleet_config(config, nats, "up")
     configure_logging()
-    sys.exit(run_fleet(cfg, config_path=path, workers=workers, dispatchers=dispatchers))
+    sys.exit(run_fleet(cfg, config_path=path, workers=workers, dispatchers=dispatchers, gateway=gateway))
 
 
 @app.command()
@@ -140,16 +141,25 @@ def submit(file: Path = typer.Argument(..., help="JSONL file, one Job per line (
            out: Path | None = typer.Option(None, "--out", "-o", metavar="FILE",
                                               help="write Results here (JSONL; '-' for stdout)"),
            skip_invalid: bool = Flag(False, "--skip-invalid", help="submit the valid lines, report the rest"),
+           out_format: str = typer.Option("ratefleet", "--out-format", metavar="FORMAT",
+                                          help="ratefleet (Result JSON) or openai (OpenAI Batch output lines)"),
+           order: str = typer.Option("arrival", "--order", help="--out order: arrival or input (the file's line order)"),
            config: Path | None = ConfigOpt, nats: str | None = NatsOpt, prefix: str | None = PrefixOpt):
-    """Submit a batch of jobs with a progress bar; --wait collects their Results."""
+    """Submit a batch of jobs (Job lines or OpenAI Batch API lines) with a progress bar; --wait collects their Results."""
     from ratefleet.submit_cmd import run_submit
+
+    if out_format not in ("ratefleet", "openai"):
+        fail(f"--out-format must be 'ratefleet' or 'openai', not {out_format!r}")
+    if order not in ("arrival", "input"):
+        fail(f"--order must be 'arrival' or 'input', not {order!r}")
 
     if str(file) != "-":
         require_file(file, "jobs file")
     if out is None or str(out) != "-":  # `--out -`: stdout
         require_out_path(out)
     target = client_target(config, nats, prefix)
-    code = _run(run_submit, file, tier, batch, wait, out, skip_invalid, target.url, target.prefix)
+    code = _run(run_submit, file, tier, batch, wait, out, skip_invalid, target.url, target.prefix, out_format,
+                order == "input")
     raise typer.Exit(code or 0)
 
 
@@ -280,6 +290,10 @@ def dlq_replay(tier: str | None = typer.Option(None, "--tier", help=tier_help("o
 from ratefleet.results_cmd import register as _register_results  # noqa: E402 - `results`, `result`
 
 _register_results(app)
+
+from ratefleet.gateway.command import register as _register_gateway  # noqa: E402 - `gateway`
+
+_register_gateway(app)
 
 
 def _default_url() -> str:

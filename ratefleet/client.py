@@ -93,6 +93,14 @@ class Client:
         await self._publish(tier, model)
         return model.id
 
+    async def submit_for_reply(self, job: JobLike, tier: str, reply_to: str) -> Job:
+        """Store one job durably whose Result is then also published to `reply_to` (subscribe
+        there first); a streamed answer's chunks go to `<reply_to>.s` as they are read
+        (workers/relay.py). Returns the job as stored. Raises QueueFull, JobInvalid, SubmitError."""
+        model = as_job(job)
+        await self._publish(tier, model, reply_to=reply_to)
+        return model
+
     async def _publish(self, tier: str, model: Job, reply_to: str | None = None, payload: bytes | None = None) -> bool:
         payload = payload if payload is not None else self._payload(model)
         return await publish_job(self.js, self.subjects, tier, model.id, payload, reply_to=reply_to)

@@ -53,9 +53,11 @@ class LocalFleet:
     dispatcher: dict = field(default_factory=dict)  # extra [dispatcher] settings
     claimed: list[KeyLimit] | None = None  # the limits the fleet's config states (default: `keys`)
     keep_logs: Path | None = None
+    callers: dict | None = None  # [callers]: also run `ratefleet gateway` on `gateway_url`
     tmp: Path = field(init=False)
     nats_url: str = field(init=False, default="")
     upstream: str = field(init=False, default="")
+    gateway_url: str = field(init=False, default="")
     procs: list[subprocess.Popen] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -75,7 +77,13 @@ class LocalFleet:
                 "workers": {"slots": self.slots, "heartbeat_s": self.heartbeat_s}}
         if self.dispatcher:
             data["dispatcher"] = dict(self.dispatcher)
+        if self.callers:
+            data["callers"] = self.callers
         return data
+
+    def secret(self, key_id: str) -> str:
+        """The random secret of mock key `key_id` (to call the mock directly, e.g. as a baseline)."""
+        return self._secrets[f"RATEFLEET_LOCAL_{key_id.upper()}"]
 
     def _env(self) -> dict[str, str]:
         env = {**os.environ, **self._secrets, "RATEFLEET_LOG_LEVEL": "WARNING", "RATEFLEET_LOG_FORMAT": "json"}
@@ -106,6 +114,10 @@ class LocalFleet:
         self._spawn("dispatcher", "--config", str(config_path), "--id", "d1", name="dispatcher")
         for i in range(self.workers):
             self._spawn("worker", "--config", str(config_path), "--id", f"w{i + 1}", name=f"worker{i + 1}")
+        if self.callers:
+            gateway_port = free_port()
+            self.gateway_url = f"http://127.0.0.1:{gateway_port}"
+            self._spawn("gateway", "--config", str(config_path), "--listen", f"127.0.0.1:{gateway_port}", name="gateway")
 
     def _spawn(self, *args: str, name: str) -> None:
         with open(self.tmp / f"{name}.log", "ab") as log:

@@ -1,4 +1,4 @@
-"""`ratefleet results --batch B [--wait] [--out F] [--order input]` and `ratefleet result JOB_ID`.
+"""`ratefleet results --batch B [--wait] [--out F] [--order input] [--out-format openai]` and `ratefleet result JOB_ID`.
 
 `results` writes every Result stored under batch B as JSONL (to F, else stdout), one per job
 (RATEFLEET_RESULTS keeps one per job id). `--wait` follows until the batch is complete: the
@@ -34,6 +34,7 @@ from rich.console import Console
 from ratefleet.batches import BatchRecord, InputOrder, load_record
 from ratefleet.cli_support import EXIT_FAILED, client_target, fail, make_console, require_out_path
 from ratefleet.client import Client
+from ratefleet.openai_batch import format_result
 from ratefleet.phases import Phases
 from ratefleet.results_replays import Replays, replay_of, scan_replays
 from ratefleet.runtime.connect import redact_url
@@ -63,6 +64,7 @@ class Collect:
     statuses: Counter = field(default_factory=Counter)
     stale: bool = False
     replays: Replays = field(default_factory=Replays)
+    out_format: str = "ratefleet"  # or "openai": OpenAI Batch output lines
     open_lines: dict[str, str] = field(default_factory=dict)  # root id -> status, lines not succeeded
     swap: dict[str, Result] = field(default_factory=dict)      # held for --order input: original -> replay
     superseded: int = 0      # Results replaced by a later replay of the same line
@@ -98,7 +100,7 @@ class Collect:
             self.open_lines[root] = shown.status
 
     def _write(self, result: Result) -> None:
-        self.sink.write(result.model_dump_json(by_alias=True) + "\n")
+        self.sink.write(format_result(result, self.out_format) + "\n")
 
     def finish(self) -> None:
         for ready in self.order.flush() if self.order else []:
@@ -116,16 +118,20 @@ def results(batch: str = typer.Option(..., "--batch", "-b", metavar="NAME", help
                                       help="follow until every job of the batch has a Result"),
             out: Path | None = typer.Option(None, "--out", "-o", help="write Results here (JSONL; default or '-': stdout)"),
             order: str = typer.Option("arrival", "--order", help="arrival (as stored) or input (the file's line order)"),
+            out_format: str = typer.Option("ratefleet", "--out-format", metavar="FORMAT",
+                                           help="ratefleet (Result JSON) or openai (OpenAI Batch output lines)"),
             config: Path | None = ConfigOpt, nats: str | None = NatsOpt, prefix: str | None = PrefixOpt):
     """Collect the Results of a batch as JSONL; --wait follows until the batch is complete."""
     if order not in ("arrival", "input"):
         fail(f"--order must be 'arrival' or 'input', not {order!r}")
+    if out_format not in ("ratefleet", "openai"):
+        fail(f"--out-format must be 'ratefleet' or 'openai', not {out_format!r}")
     if not is_token(batch):
         fail(f"--batch {batch!r} must be 1-128 of A-Z a-z 0-9 _ -")
     out = None if out is not None and str(out) == "-" else require_out_path(out)  # `--out -`: stdout
     target = client_target(config, nats, prefix)
     console = make_console(stderr=True)
-    code = _run(_collect_batch, console, batch, wait, out, order == "input", target.url, target.prefix)
+    code = _run(_collect_batch, console, batch, wait, out, order == "input", target.url, target.prefix, out_format)
     raise typer.Exit(code)
 
 
@@ -162,7 +168,7 @@ def _run(fn, *args):
 
 
 async def _collect_batch(console: Console, batch: str, wait: bool, out: Path | None, by_input: bool,
-                         url: str, prefix: str) -> int:
+                         url: str, prefix: str, out_format: str = "ratefleet") -> int:
     async with await Client.connect(url, prefix=prefix) as client:
         record = await load_record(client.js, client.subjects, batch)
         if wait and record is None:
@@ -173,7 +179,7 @@ async def _collect_batch(console: Console, batch: str, wait: bool, out: Path | N
         replays = await scan_replays(client, batch)
         sink = out.open("w", encoding="utf-8") if out else sys.stdout
         run = Collect(batch, sink, InputOrder(record.gaps if record else None) if by_input else None, record, wait,
-                      replays=replays)
+                      replays=replays, out_format=out_format)
         interrupted = False
         try:
             with Phases(console) as phases:

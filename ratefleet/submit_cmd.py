@@ -30,7 +30,7 @@ from pathlib import Path
 
 import anyio
 
-from ratefleet.batches import BatchRecord, save_record
+from ratefleet.batches import BatchRecord, InputOrder, save_record
 from ratefleet.batchfile import LineError, Validation, iter_lines, line_of, parse_line, spool_stdin, validate_file
 from ratefleet.cli_support import make_console
 from ratefleet.client import Client, Stored
@@ -46,8 +46,10 @@ def new_batch_name() -> str:
 
 
 async def run_submit(file: Path, tier: str, batch: str | None, wait: bool, out: Path | None, skip_invalid: bool,
-                     url: str, prefix: str) -> int:
-    """Run the command; returns the exit code (0 all stored/succeeded, 1 some failed, 2 input, 130 Ctrl-C)."""
+                     url: str, prefix: str, out_format: str = "ratefleet", by_input: bool = False) -> int:
+    """Run the command; returns the exit code (0 all stored/succeeded, 1 some failed, 2 input, 130 Ctrl-C).
+    `out_format`: "ratefleet" (Result JSON) or "openai" (OpenAI Batch output lines); `by_input`: write
+    Results in the file's line order (holding back only those that arrive before an earlier line's)."""
     console = make_console(stderr=True)  # plain under NO_COLOR / not a terminal
 
     def say(text: str) -> None:
@@ -59,7 +61,8 @@ async def run_submit(file: Path, tier: str, batch: str | None, wait: bool, out: 
     if str(file) != "-" and not file.is_file():
         say(f"error: no such file: {file}")
         return 2
-    run = Run(file=file, tier=tier, batch=batch or new_batch_name(), wait=wait, out=out, url=url, prefix=prefix)
+    run = Run(file=file, tier=tier, batch=batch or new_batch_name(), wait=wait, out=out, url=url, prefix=prefix,
+              out_format=out_format, by_input=by_input)
     # first: the name a resume needs (a run without --batch would make a new batch and pay again)
     say(f"batch {run.batch}" if batch else f"batch {run.batch}; re-run with --batch {run.batch} to resume")
     async with await Client.connect(url, prefix=prefix) as client:
@@ -91,6 +94,7 @@ async def _interruptible(run: Run, client: Client, path: Path, phases: Phases, s
             code = await _submit(run, client, path, phases, skip_invalid)
         finally:
             tg.cancel_scope.cancel()
+            run.flush_held()
             if run.sink is sys.stdout:
                 run.sink.flush()
             elif run.sink is not None:
@@ -113,6 +117,7 @@ async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_inv
         phases.print("no jobs to submit")
         return 2
     run.found = found
+    run.order = InputOrder(found.gaps) if run.by_input else None
     run.results_before = await count_results(client, run.batch)
     await _save(client, run, "submitting")
     if run.out is not None:

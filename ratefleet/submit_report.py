@@ -12,8 +12,10 @@ import anyio
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from ratefleet.batches import InputOrder
 from ratefleet.batchfile import Validation
 from ratefleet.client import Client
+from ratefleet.openai_batch import format_result
 from ratefleet.runtime.connect import redact_url
 from ratefleet.schemas import Result
 from ratefleet.schemas.config import DEFAULT_NATS_URL
@@ -48,6 +50,9 @@ class Run:
     statuses: Counter = field(default_factory=Counter)
     written: int = 0
     sink: TextIO | None = None
+    out_format: str = "ratefleet"  # or "openai": OpenAI Batch output lines
+    by_input: bool = False
+    order: InputOrder | None = None  # --order input: holds Results that arrive before an earlier line's
     all_collected: anyio.Event = field(default_factory=anyio.Event)
     record_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
@@ -59,10 +64,19 @@ class Run:
         """Count a Result (and write it to --out)."""
         self.statuses[result.status] += 1
         self.written += 1
+        for ready in self.order.push(result) if self.order is not None else [result]:
+            self._emit(ready)
+
+    def _emit(self, result: Result) -> None:
         if self.sink is not None:
-            self.sink.write(result.model_dump_json(by_alias=True) + "\n")
+            self.sink.write(format_result(result, self.out_format) + "\n")
             if self.written % FLUSH_EVERY == 0:
                 self.sink.flush()
+
+    def flush_held(self) -> None:
+        """Write what --order input still holds (in line order), e.g. at the end or on Ctrl-C."""
+        for ready in self.order.flush() if self.order is not None else []:
+            self._emit(ready)
 
     def check_collected(self) -> bool:
         """True (and wake the waiter) once everything is sent and every expected Result was seen."""
@@ -78,13 +92,18 @@ class Run:
     def results_command(self) -> str:
         """The command that collects this batch (NATS password masked)."""
         out = str(self.out) if self.out and str(self.out) != "-" else f"{self.batch}.results.jsonl"
-        return shlex.join(["ratefleet", "results", "--batch", self.batch, "--wait", "--out", out, *self._nats_args()])
+        return shlex.join(["ratefleet", "results", "--batch", self.batch, "--wait", "--out", out, *self._format_args(),
+                           *self._nats_args()])
+
+    def _format_args(self) -> list[str]:
+        return ((["--out-format", self.out_format] if self.out_format != "ratefleet" else [])
+                + (["--order", "input"] if self.by_input else []))
 
     def submit_command(self) -> str:
         """This run's command again, with the batch name: it sends only what is not stored yet."""
         args = ["ratefleet", "submit", str(self.file), "--tier", self.tier, "--batch", self.batch]
         args += (["--wait"] if self.wait else []) + (["--out", str(self.out)] if self.out else [])
-        return shlex.join(args + self._nats_args())
+        return shlex.join(args + self._format_args() + self._nats_args())
 
 
 async def check_tier(client: Client, tier: str) -> str | None:

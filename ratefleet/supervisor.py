@@ -34,10 +34,11 @@ class Child:
         self.process = subprocess.Popen([sys.executable, "-m", "ratefleet", *self.args], env=env)
 
 
-def _children(config_path: Path | None, workers: int, dispatchers: int) -> list[Child]:
+def _children(config_path: Path | None, workers: int, dispatchers: int, gateway: bool = False) -> list[Child]:
     conf = ["--config", str(config_path)] if config_path else []
     return ([Child("dispatcher", ["dispatcher", *conf]) for _ in range(dispatchers)]
-            + [Child("worker", ["worker", *conf]) for _ in range(workers)])
+            + [Child("worker", ["worker", *conf]) for _ in range(workers)]
+            + ([Child("gateway", ["gateway", *conf])] if gateway else []))
 
 
 def unusable_secrets(config: Config) -> str | None:
@@ -54,7 +55,8 @@ def unusable_secrets(config: Config) -> str | None:
             "files for `ratefleet up`, or fix the keys' `secret` in the config")
 
 
-def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatchers: int) -> int:
+def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatchers: int,
+              gateway: bool = False) -> int:
     if workers > 0:
         problem = unusable_secrets(config)
         if problem is not None:
@@ -67,7 +69,7 @@ def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatc
         url = embedded.url
         log.info("started embedded nats-server", url=url, store=str(embedded.store_dir))
     env = {**os.environ, "RATEFLEET_NATS_URL": url}
-    children = _children(config_path, workers, dispatchers)
+    children = _children(config_path, workers, dispatchers, gateway)
     stopping = False
     hangups = 0
     hangups_total = 0
@@ -83,7 +85,8 @@ def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatc
     try:
         for child in children:
             child.start(env)
-        log.info("fleet up", nats=redact_url(url), dispatchers=dispatchers, workers=workers)
+        log.info("fleet up", nats=redact_url(url), dispatchers=dispatchers, workers=workers,
+                 gateway=config.gateway.listen if gateway else None)
         while not stopping:
             time.sleep(0.2)
             if hangups:
@@ -107,7 +110,7 @@ def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatc
 
 
 def _stop_all(children: list[Child], grace_s: float) -> None:
-    for role in ("worker", "dispatcher"):
+    for role in ("gateway", "worker", "dispatcher"):  # the front door first: no new jobs while draining
         group = [c.process for c in children if c.role == role and c.process and c.process.poll() is None]
         for process in group:
             process.send_signal(signal.SIGTERM)

@@ -133,6 +133,57 @@ class StreamsConfig(_Strict):
     replicas: int = Field(default=1, ge=1, le=5)
 
 
+# -- the gateway (`ratefleet gateway`): callers and where it listens -------------------------
+
+def _secret_ref_problem(raw: str) -> str | None:
+    """Why a secret reference (`env:NAME`, `file:PATH` or a literal) is malformed, or None."""
+    if not raw:
+        return "must not be empty (use env:NAME, file:PATH or a literal)"
+    if raw.startswith("env:") and not raw[4:]:
+        return "env: needs a variable name, e.g. env:RATEFLEET_CALLER_KEY"
+    if raw.startswith("file:") and not raw[5:]:
+        return "file: needs a path, e.g. file:/run/secrets/caller"
+    return None
+
+
+class CallerConfig(_Strict):
+    """`[callers.<name>]`: who may call the gateway, on which tier, with which limits.
+
+    `key` is the caller's ratefleet key (sent as `Authorization: Bearer <key>`), given like a
+    key secret: `env:NAME`, `file:PATH` or a literal (local use; warns). The gateway keeps only
+    its SHA-256 digest. `upstreams` / `models` (None: any) restrict what the caller may use;
+    `rps` + `burst` (requests per second, token bucket) and `tokens_per_minute` (model tokens,
+    charged from the answer's `usage.total_tokens`) are the caller's own limits, kept by each
+    gateway process; `timeout_s` is how long one request may take, queue wait included."""
+
+    key: SecretStr
+    tier: str
+    upstreams: list[str] | None = None
+    models: list[str] | None = None
+    rps: float | None = Field(default=None, gt=0)
+    burst: float | None = Field(default=None, ge=1)
+    tokens_per_minute: float | None = Field(default=None, gt=0)
+    timeout_s: float = Field(default=60.0, gt=0)
+
+    @field_validator("key")
+    @classmethod
+    def _key_form(cls, value: SecretStr) -> SecretStr:
+        problem = _secret_ref_problem(value.get_secret_value())
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @property
+    def key_is_literal(self) -> bool:
+        return not self.key.get_secret_value().startswith(("env:", "file:"))
+
+
+class GatewayConfig(_Strict):
+    """`[gateway]`: `listen` is the HOST:PORT `ratefleet gateway` (and `up --gateway`) serves on."""
+
+    listen: str = "127.0.0.1:8080"
+
+
 class Config(_Strict):
     """The whole file. Tiers are listed highest priority first."""
 
@@ -143,6 +194,8 @@ class Config(_Strict):
     workers: WorkersConfig = WorkersConfig()
     dispatcher: DispatcherConfig = DispatcherConfig()
     streams: StreamsConfig = StreamsConfig()
+    callers: dict[str, CallerConfig] = Field(default_factory=dict)
+    gateway: GatewayConfig = GatewayConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -171,6 +224,17 @@ class Config(_Strict):
             for pool_name in tier.pools or []:
                 if pool_name not in self.pools:
                     raise ValueError(f"tiers.{tier_name}.pools: unknown pool {pool_name!r}; known: {sorted(self.pools)}")
+        return self
+
+    @model_validator(mode="after")
+    def _caller_references(self) -> Config:
+        for name, caller in self.callers.items():
+            if caller.tier not in self.tiers:
+                raise ValueError(f"callers.{name}.tier: unknown tier {caller.tier!r}; known: {list(self.tiers)}")
+            for upstream in caller.upstreams or []:
+                if upstream not in self.upstreams:
+                    raise ValueError(f"callers.{name}.upstreams: unknown upstream {upstream!r}; "
+                                     f"known: {sorted(self.upstreams)}")
         return self
 
     def pool_upstream(self, pool_name: str) -> str | None:
@@ -210,6 +274,10 @@ def parse_config(data: dict, *, source: str = "<config>") -> Config:
     for key_id, key in config.keys().items():
         if key.secret_is_literal:
             warnings.warn(f"{source}: key {key_id!r} has a literal secret; use env:NAME or file:PATH outside local tests",
+                          stacklevel=2)
+    for name, caller in config.callers.items():
+        if caller.key_is_literal:
+            warnings.warn(f"{source}: caller {name!r} has a literal key; use env:NAME or file:PATH outside local tests",
                           stacklevel=2)
     return config
 

@@ -20,6 +20,7 @@ import base64
 import codecs
 import json
 import re
+from collections.abc import Awaitable, Callable
 from email.message import Message
 from typing import Any
 
@@ -33,11 +34,13 @@ TEXT_SUBTYPES = frozenset({"json", "xml", "javascript", "ecmascript", "x-www-for
 MASK = "***"
 
 
-async def read_capped(response: httpx.Response, cap: int) -> bytes | None:
+async def read_capped(response: httpx.Response, cap: int,
+                      on_chunk: Callable[[bytes], Awaitable[None]] | None = None) -> bytes | None:
     """The whole body of a streamed response, or None once it passes `cap` bytes.
 
     Reading stops at the first chunk past the cap, so at most `cap` plus one chunk is ever
     held in memory; the caller closes the response (dropping the rest of the body).
+    `on_chunk`, when given, is awaited with each chunk (within the cap) as it is read.
     """
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > cap:
@@ -49,6 +52,8 @@ async def read_capped(response: httpx.Response, cap: int) -> bytes | None:
         if size > cap:
             return None
         parts.append(chunk)
+        if on_chunk is not None:
+            await on_chunk(chunk)
     return b"".join(parts)
 
 

@@ -9,6 +9,7 @@ and proxies from the environment are ignored, so a key only ever goes to its ups
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -24,6 +25,7 @@ from ratefleet.schemas.ratelimit_scope import RateLimitScope, rate_limit_scope
 from ratefleet.schemas.signals import classify, parse_ratelimit, parse_retry_after, provider_code
 from ratefleet.workers.body import body_fields, read_capped
 
+ChunkSink = Callable[[bytes], Awaitable[None]]
 KEPT_HEADERS = ("content-type", "retry-after", "x-request-id", "openai-processing-ms")
 try:  # the Content-Encodings httpx decodes here (br and zstd only with brotli/zstandard installed)
     from httpx._decoders import SUPPORTED_DECODERS as _DECODED
@@ -117,14 +119,15 @@ class UpstreamExecutor:
             raise InvalidRequest(f"the job's HTTP request cannot be built: {message}") from None
         return built
 
-    async def call(self, job: Job, upstream: UpstreamConfig, secret: str) -> CallResult:
+    async def call(self, job: Job, upstream: UpstreamConfig, secret: str, on_chunk: ChunkSink | None = None) -> CallResult:
         """One upstream call, bounded as a whole by `upstream.timeout_s` seconds: connect,
         send, headers and the entire body. httpx's own timeouts are per phase and per read
         (an upstream dripping a byte a second never trips them), so an overall deadline
         wraps the request and its body read; past it the call is a `timeout` outcome (an
         upstream_error: a breaker failure, retried by policy). A 429 carries its scope; one
         that can never fit (the request exceeds the whole limit) ends the job as
-        `request_too_large`. Raises InvalidRequest (before any call) when the job cannot be sent."""
+        `request_too_large`. Raises InvalidRequest (before any call) when the job cannot be sent.
+        `on_chunk` is awaited with each chunk of a successful server-sent-events answer as it is read."""
         built = self.build_request(job, upstream)
         # latin-1, as the job's headers were encoded (httpx would guess and may double-encode)
         built.headers.encoding = "iso-8859-1"
@@ -132,17 +135,19 @@ class UpstreamExecutor:
         started = time.perf_counter()
         try:
             with anyio.fail_after(upstream.timeout_s):
-                result = await self._send(built, upstream, secret, started)
+                result = await self._send(built, upstream, secret, started, on_chunk)
         except TimeoutError:
             return self._failed("timeout", f"the call did not finish within timeout_s = {upstream.timeout_s}s "
                                 "(connect, send, headers and body)", started)
         return _scoped(result, job.cost) if result.kind == "rate_limited" else result
 
-    async def _send(self, built: httpx.Request, upstream: UpstreamConfig, secret: str, started: float) -> CallResult:
+    async def _send(self, built: httpx.Request, upstream: UpstreamConfig, secret: str, started: float,
+                    on_chunk: ChunkSink | None = None) -> CallResult:
         try:
             response = await self._client.send(built, stream=True)
             try:
-                raw = await read_capped(response, self._max_response_bytes)
+                relay = on_chunk if on_chunk is not None and _event_stream(response) else None
+                raw = await read_capped(response, self._max_response_bytes, relay)
             finally:
                 # also when call()'s deadline cancels the read: the connection is closed, not leaked
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
@@ -181,6 +186,13 @@ class UpstreamExecutor:
     def _failed(what: str, message: str, started: float) -> CallResult:
         return CallResult(kind=classify(None, what), response=None, error=message, retry_after_s=None,
                           ratelimit=None, actual_cost=None, latency_ms=(time.perf_counter() - started) * 1000)
+
+
+def _event_stream(response: httpx.Response) -> bool:
+    """A successful answer streamed as server-sent events (WHATWG HTML 9.2), decoded by httpx."""
+    content_type = response.headers.get("content-type", "")
+    return (response.is_success and content_type.split(";", 1)[0].strip().lower() == "text/event-stream"
+            and not still_encoded(response.headers.get("content-encoding")))
 
 
 def _scoped(result: CallResult, cost: float) -> CallResult:

@@ -30,6 +30,7 @@ from ratefleet.schemas.errors import InvalidRequest, SecretUnavailable
 from ratefleet.schemas.internal import Assignment, Epoch, Heartbeat, InFlight, LeaderAnnounce, OutcomeReport
 from ratefleet.schemas.job import describe_validation_error
 from ratefleet.workers.executor import CallResult, UpstreamExecutor, build_client
+from ratefleet.workers.relay import chunk_relay
 from ratefleet.workers.secrets import SecretResolver
 from ratefleet.workers.unstored import refused, unstorable
 
@@ -264,7 +265,10 @@ class Worker:
         self._cancel_scopes[a.id] = scope
         try:
             with scope:
-                return await executor.call(job, upstream, secret)
+                relay = chunk_relay(self.nc, a.reply_to, a.attempt, job)  # "stream": true over request/reply
+                if relay is None:
+                    return await executor.call(job, upstream, secret)
+                return await executor.call(job, upstream, secret, relay)
         finally:
             self._cancel_scopes.pop(a.id, None)
         log.warning("call abandoned at shutdown; job goes back to the queue")

@@ -3,7 +3,8 @@
 Order matters and is part of the mock's behaviour:
 401 (no or unknown secret) -> 404/405 (unknown route) -> 400 (bad body) -> the key's
 forced status -> 429 (concurrency, requests, tokens; nothing spent) -> the call runs
-(latency, ``"mock"`` directive, ``fail_rate``) and holds a concurrency slot until answered.
+(latency, ``"mock"`` directive, ``fail_rate``) and holds a concurrency slot until answered
+(a streamed answer, ``"stream": true`` on chat completions: until its events start).
 Only calls that got past the limits spend tokens. The secret never leaves `read_secret`.
 """
 
@@ -13,11 +14,11 @@ import asyncio
 import json
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ratefleet.mock import openai
 from ratefleet.mock.limits import format_duration, ratelimit_headers
@@ -41,6 +42,8 @@ class Directive:
     status: int | None = None
     sleep_s: float = 0.0
     retry_after: int = 1
+    chunk_s: float = 0.0  # with "stream": true, the pause before each streamed chunk after the first
+    stream: bool = False  # the body asked for "stream": true (chat completions answer as server-sent events)
 
 
 def error(status: int, message: str, headers: Mapping[str, str] | None = None, **kw: Any) -> Response:
@@ -74,7 +77,19 @@ def parse_directive(body: dict[str, Any]) -> Directive:
         raise ValueError("mock.sleep_ms must be a number of milliseconds within 0..600000")
     if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
         raise ValueError("mock.retry_after must be a whole number of seconds >= 0")
-    return Directive(status=status, sleep_s=sleep_ms / 1000.0, retry_after=retry_after)
+    chunk_ms = raw.get("chunk_ms", 0)
+    if isinstance(chunk_ms, bool) or not isinstance(chunk_ms, (int, float)) or not 0 <= chunk_ms <= 60_000:
+        raise ValueError("mock.chunk_ms must be a number of milliseconds within 0..60000")
+    return Directive(status=status, sleep_s=sleep_ms / 1000.0, retry_after=retry_after, chunk_s=chunk_ms / 1000.0)
+
+
+async def _events(chunks: list[dict[str, Any]], pause_s: float) -> Any:
+    """Server-sent events as OpenAI streams them: `data: <chunk JSON>` blocks, then `data: [DONE]`."""
+    for index, chunk in enumerate(chunks):
+        if index and pause_s:
+            await asyncio.sleep(pause_s)
+        yield f"data: {json.dumps(chunk)}\n\n".encode()
+    yield b"data: [DONE]\n\n"
 
 
 async def read_body(request: Request) -> dict[str, Any]:
@@ -130,7 +145,7 @@ class MockApi:
             return error(405, f"Method {request.method} not allowed for {request.url.path}")
         try:
             body = await read_body(request)
-            directive = parse_directive(body)
+            directive = replace(parse_directive(body), stream=body.get("stream") is True)
             payload = endpoint.build(body, self.state.settings.tokens_per_call)
         except ValueError as exc:
             return error(400, str(exc))
@@ -156,6 +171,9 @@ class MockApi:
             status = directive.status
             if status is None and self.state.should_fail():
                 status = self.state.config.fail_status
+            if payload.get("object") == "chat.completion" and directive.stream and status in (None, 200):
+                return StreamingResponse(_events(openai.chat_completion_chunks(payload), directive.chunk_s),
+                                         headers=headers, media_type="text/event-stream")
             return self._forced(status, headers, payload, retry_after=directive.retry_after)
         finally:
             entry.limiter.release()

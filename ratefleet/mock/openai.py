@@ -100,3 +100,17 @@ def models(body: dict[str, Any], tokens: int) -> dict[str, Any]:
             for name in ("mock", "mock-embedding")
         ],
     }
+
+
+def chat_completion_chunks(completion: dict[str, Any]) -> list[dict[str, Any]]:
+    """A completion as the `chat.completion.chunk` objects OpenAI streams for `"stream": true`
+    (API reference, "The chat completion chunk object"): the role, then the answer a word at a
+    time, then an empty delta with the finish reason."""
+    choice = completion["choices"][0]
+    words = choice["message"]["content"].split(" ")
+    deltas = [{"role": "assistant", "content": ""}]
+    deltas += [{"content": word if i == 0 else " " + word} for i, word in enumerate(words)]
+    chunks = [{"index": 0, "delta": delta, "finish_reason": None} for delta in deltas]
+    chunks.append({"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]})
+    base = {key: completion[key] for key in ("id", "created", "model")}
+    return [{**base, "object": "chat.completion.chunk", "choices": [chunk]} for chunk in chunks]

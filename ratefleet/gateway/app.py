@@ -1,0 +1,125 @@
+"""The gateway's ASGI app: any path (`/v1/...`, any method) becomes a job on the caller's tier.
+
+One request: identify the caller by its ratefleet key (401) -> read the body (413, 400,
+415) -> the caller's own limits (429 + Retry-After) -> the Job -> request/reply through the
+fleet (`Client.request`: stored durably first; 503 + Retry-After when the queue is full, 504
+after the caller's timeout) -> the upstream's answer, passed through; `"stream": true` answers are
+relayed chunk by chunk as server-sent events (streaming.py). `GET /healthz` answers
+200 without a key.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ratefleet.client import Client
+from ratefleet.gateway.callers import Caller, CallerTable
+from ratefleet.gateway.errors import GatewayRefusal, bad_request, over_limit, queue_full, timed_out, unauthorized
+from ratefleet.gateway.limits import Admission, CallerLimits, Refusal, estimate_tokens
+from ratefleet.gateway.streaming import ChunkStream, start_stream
+from ratefleet.gateway.translate import answer_of, build_job, parse_body, used_tokens
+from ratefleet.runtime.logs import get_logger
+from ratefleet.schemas import Job, Result
+from ratefleet.schemas.errors import JobInvalid, QueueFull, RatefleetError, RequestTimeout, SubmitError
+from ratefleet.workers.relay import wants_stream
+
+log = get_logger("ratefleet.gateway")
+ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+
+
+class Gateway:
+    """The request handler, built from the fleet's client, the callers and their limits."""
+
+    def __init__(self, client: Client, callers: CallerTable, *, max_body_bytes: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.client = client
+        self.callers = callers
+        self.limits = CallerLimits()
+        self.max_body_bytes = max_body_bytes
+        self.clock = clock
+
+    async def handle(self, request: Request) -> Response:
+        started = time.perf_counter()
+        caller: Caller | None = None
+        job: Job | None = None
+        try:
+            caller = self.callers.identify(request.headers.get("authorization"))
+            if caller is None:
+                raise unauthorized()
+            job, admission = await self._admit(request, caller)
+            answer = await self._run(job, caller)
+            if isinstance(answer, ChunkStream):  # the token estimate stays: a stream reports no usage here
+                log.info("gateway stream", caller=caller.name, path=request.url.path, job_id=job.id,
+                         first_byte_ms=round((time.perf_counter() - started) * 1000, 1))
+                return StreamingResponse(answer.chunks(), media_type="text/event-stream",
+                                         headers={"x-ratefleet-job-id": job.id or "", "cache-control": "no-cache"})
+            self.limits.settle(admission, self.clock(), used_tokens(answer))
+            status, headers, body = answer_of(answer)
+        except GatewayRefusal as refusal:
+            status, body = refusal.status, refusal.body()
+            headers = {**refusal.headers(), "content-type": "application/json"}
+            if job is not None:
+                headers["x-ratefleet-job-id"] = job.id
+        log.info("gateway request", caller=caller.name if caller else None, method=request.method,
+                 path=request.url.path, status=status, job_id=job.id if job else None,
+                 ms=round((time.perf_counter() - started) * 1000, 1))
+        media = headers.pop("content-type", None)
+        return Response(body, status_code=status, headers=headers, media_type=media)
+
+    async def _admit(self, request: Request, caller: Caller) -> tuple[Job, Admission]:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise _too_large(int(declared), self.max_body_bytes)
+        raw = await request.body()
+        if len(raw) > self.max_body_bytes:
+            raise _too_large(len(raw), self.max_body_bytes)
+        json_body, text_body = parse_body(raw, request.headers.get("content-type"))
+        job = build_job(caller, method=request.method, path=request.url.path,
+                        query=request.query_params.multi_items(), headers=dict(request.headers),
+                        json_body=json_body, text_body=text_body, now=datetime.now(UTC))
+        verdict = self.limits.admit(caller, self.clock(), estimate_tokens(len(raw), json_body))
+        if isinstance(verdict, Refusal):
+            raise over_limit(verdict.limit, verdict.retry_after_s)
+        return job, verdict
+
+    async def _run(self, job: Job, caller: Caller) -> Result | ChunkStream:
+        """The job's Result over request/reply, or for `"stream": true` its streamed answer once
+        the first chunk is in (or its Result, when that comes first)."""
+        try:
+            if wants_stream(job):
+                return await start_stream(self.client, job, caller.tier, caller.timeout_s)
+            return await self.client.request(job, caller.tier, timeout=caller.timeout_s)
+        except QueueFull:
+            raise queue_full() from None
+        except JobInvalid as exc:
+            raise bad_request(str(exc), code="invalid_job") from None
+        except (RequestTimeout, TimeoutError):
+            raise timed_out(job.id, caller.timeout_s) from None
+        except SubmitError as exc:
+            raise GatewayRefusal(503, f"The job could not be stored: {exc}", type="server_error",
+                                 code="submit_failed", retry_after_s=1.0) from None
+        except RatefleetError as exc:  # e.g. BodyUnavailable: a large answer's stored body is gone
+            raise GatewayRefusal(502, f"Job {job.id}: {exc}", type="server_error", code="gateway_error") from None
+
+
+def _too_large(size: int, limit: int) -> GatewayRefusal:
+    return GatewayRefusal(413, f"The request body is {size} bytes; the limit is {limit} (streams.max_job_bytes).",
+                          type="invalid_request_error", code="request_too_large")
+
+
+async def _healthz(request: Request) -> Response:
+    return JSONResponse({"ok": True})
+
+
+def create_app(gateway: Gateway) -> Starlette:
+    """The Starlette app serving `gateway` on every path (the upstream's), plus `/healthz`."""
+    routes = [Route("/healthz", _healthz, methods=["GET"]),
+              Route("/{path:path}", gateway.handle, methods=ALL_METHODS)]
+    return Starlette(routes=routes)

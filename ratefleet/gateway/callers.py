@@ -1,0 +1,89 @@
+"""Who is calling the gateway: ratefleet keys -> callers -> tier, upstreams, models, limits.
+
+A caller presents its ratefleet key as `Authorization: Bearer <key>` (what the OpenAI SDK
+sends for `api_key`). The keys are resolved once at start exactly like key secrets
+(`env:NAME`, `file:PATH` or a literal: `workers.secrets.SecretResolver`) and only their
+SHA-256 digests are kept; a presented key is hashed and looked up. The key itself is never
+stored, logged or put in an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from ratefleet.schemas import Config
+from ratefleet.schemas.config import CallerConfig
+from ratefleet.schemas.errors import ConfigError, SecretUnavailable
+from ratefleet.workers.secrets import SecretResolver
+
+
+@dataclass(frozen=True)
+class Caller:
+    """One configured caller, without its key. `upstreams`/`models`: None means any."""
+
+    name: str
+    tier: str
+    upstreams: tuple[str, ...] | None
+    models: frozenset[str] | None
+    timeout_s: float
+    rps: float | None
+    burst: float | None
+    tokens_per_minute: float | None
+
+    @classmethod
+    def from_config(cls, name: str, caller: CallerConfig) -> Caller:
+        return cls(name=name, tier=caller.tier,
+                   upstreams=None if caller.upstreams is None else tuple(caller.upstreams),
+                   models=None if caller.models is None else frozenset(caller.models),
+                   timeout_s=caller.timeout_s, rps=caller.rps, burst=caller.burst,
+                   tokens_per_minute=caller.tokens_per_minute)
+
+
+def key_digest(key: str) -> bytes:
+    """SHA-256 of a caller key (UTF-8): what the gateway keeps instead of the key."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header (scheme case-insensitive,
+    RFC 6750 section 2.1), or None when there is none."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+class CallerTable:
+    """Callers by the SHA-256 digest of their key. `identify` never sees a stored key: a
+    match needs a presented key with the same digest (a dict lookup of the digest, so the
+    time taken says nothing about any stored key)."""
+
+    def __init__(self, by_digest: dict[bytes, Caller]) -> None:
+        self._by_digest = by_digest
+
+    @classmethod
+    def from_config(cls, config: Config) -> CallerTable:
+        """Resolve every caller's key; ConfigError naming the caller (never the key) when a key
+        cannot be read or two callers share one."""
+        by_digest: dict[bytes, Caller] = {}
+        for name, caller in config.callers.items():
+            try:
+                key = SecretResolver._resolve(f"caller {name}", caller.key.get_secret_value())  # noqa: SLF001
+            except SecretUnavailable as exc:
+                raise ConfigError(f"callers.{name}.key: {exc.reason}") from None
+            digest = key_digest(key)
+            if digest in by_digest:
+                raise ConfigError(f"callers.{name}.key: the same key as caller {by_digest[digest].name!r}; "
+                                  "every caller needs its own key")
+            by_digest[digest] = Caller.from_config(name, caller)
+        return cls(by_digest)
+
+    def __len__(self) -> int:
+        return len(self._by_digest)
+
+    def identify(self, authorization: str | None) -> Caller | None:
+        """The caller whose key the `Authorization` header carries, or None."""
+        token = bearer_token(authorization)
+        return None if token is None else self._by_digest.get(key_digest(token))

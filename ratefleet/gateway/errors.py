@@ -1,0 +1,62 @@
+"""The gateway's own refusals, as OpenAI-style error bodies.
+
+Body shape (OpenAI API reference, "Error codes"; what the OpenAI SDKs parse into their
+`APIStatusError` subclasses): `{"error": {"message", "type", "param", "code"}}`. Errors the
+upstream itself answered are passed through unchanged, never rewritten into this shape.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+
+class GatewayRefusal(Exception):
+    """A request the gateway answers itself: HTTP `status`, OpenAI error `type` and `code`,
+    a message for the caller (never a key), and `retry_after_s` for 429/503."""
+
+    def __init__(self, status: int, message: str, *, type: str, code: str | None,  # noqa: A002 - OpenAI's name
+                 param: str | None = None, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.retry_after_s = retry_after_s
+
+    def body(self) -> bytes:
+        return json.dumps({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                     "code": self.code}}).encode()
+
+    def headers(self) -> dict[str, str]:
+        """`Retry-After` in whole seconds, rounded up (RFC 9110 section 10.2.3: delay-seconds)."""
+        if self.retry_after_s is None:
+            return {}
+        return {"retry-after": str(max(1, math.ceil(self.retry_after_s)))}
+
+
+def unauthorized() -> GatewayRefusal:
+    return GatewayRefusal(401, "Incorrect or missing ratefleet key: send 'Authorization: Bearer <your ratefleet key>' "
+                          "(the OpenAI SDK's api_key).", type="invalid_request_error", code="invalid_api_key")
+
+
+def over_limit(limit: str, retry_after_s: float) -> GatewayRefusal:
+    what = "requests per second" if limit == "requests" else "tokens per minute"
+    return GatewayRefusal(429, f"Rate limit reached for this caller ({what}); retry after {retry_after_s:.2f} s.",
+                          type=limit, code="rate_limit_exceeded", retry_after_s=retry_after_s)
+
+
+def queue_full(retry_after_s: float = 1.0) -> GatewayRefusal:
+    return GatewayRefusal(503, "The ratefleet job queue is full; retry later.", type="server_error",
+                          code="queue_full", retry_after_s=retry_after_s)
+
+
+def timed_out(job_id: str, timeout_s: float) -> GatewayRefusal:
+    return GatewayRefusal(504, f"No answer within this caller's timeout ({timeout_s:g} s) for job {job_id}; "
+                          f"if it ran, its Result is stored: `ratefleet result {job_id}`.",
+                          type="timeout", code="job_timeout")
+
+
+def bad_request(message: str, *, code: str = "invalid_request", param: str | None = None) -> GatewayRefusal:
+    return GatewayRefusal(400, message, type="invalid_request_error", code=code, param=param)

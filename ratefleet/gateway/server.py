@@ -1,0 +1,79 @@
+"""Running the gateway: NATS connection, streams, callers, then uvicorn until SIGTERM/Ctrl-C.
+
+`ratefleet gateway` runs this as a role (`roles.run_role`: signals, drain on exit); uvicorn's
+own signal handling is turned off so that the role owns Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from collections.abc import Iterator
+
+import anyio
+import uvicorn
+
+from ratefleet.client import Client
+from ratefleet.gateway.app import Gateway, create_app
+from ratefleet.gateway.callers import CallerTable
+from ratefleet.runtime.logs import get_logger
+from ratefleet.runtime.streams import ensure_topology
+from ratefleet.schemas import Config
+from ratefleet.schemas.errors import ConfigError
+
+log = get_logger("ratefleet.gateway")
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """`HOST:PORT` (or `[IPv6]:PORT`) -> (host, port); ConfigError when it is neither."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise ConfigError(f"--listen {listen!r}: give HOST:PORT, e.g. 127.0.0.1:8080")
+    return host.strip("[]"), int(port)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn.Server that leaves signals to the role (run_role) that owns the loop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def uvicorn_server(app, host: str, port: int) -> uvicorn.Server:
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    config = uvicorn.Config(app, host=host, port=port, http=http, ws="none", loop="asyncio", lifespan="off",
+                            log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    return _Server(config)
+
+
+async def serve_gateway(config: Config, nc, stop: anyio.Event, listen: str) -> None:
+    """Serve until `stop` is set: callers from `config`, jobs through `nc`'s fleet."""
+    host, port = parse_listen(listen)
+    callers = CallerTable.from_config(config)
+    if not len(callers):
+        log.warning("no [callers.<name>] in the config: every request will be refused with 401")
+    await ensure_topology(nc.jetstream(), config)
+    client = Client(nc, config.nats.prefix)
+    gateway = Gateway(client, callers, max_body_bytes=config.streams.max_job_bytes)
+    server = uvicorn_server(create_app(gateway), host, port)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve)
+        while not server.started and not server.should_exit:
+            await anyio.sleep(0.05)
+        if server.started:
+            log.info("gateway listening", url=f"http://{listen}", callers=len(callers))
+        await stop.wait()
+        server.should_exit = True
+
+
+async def gateway_main(config: Config, listen: str) -> None:
+    """The `ratefleet gateway` process."""
+    from ratefleet.roles import run_role
+
+    CallerTable.from_config(config)  # a caller key that cannot be read stops the start, before NATS
+
+    async def body(nc, stop):
+        await serve_gateway(config, nc, stop, listen)
+
+    await run_role(config, "ratefleet-gateway", body)

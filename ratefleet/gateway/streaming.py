@@ -1,0 +1,77 @@
+"""Streamed answers through the gateway: `"stream": true` relayed as server-sent events.
+
+The job goes out with reply subject `<inbox>.r`; one subscription on `<inbox>.>` receives the
+chunks the worker relays to `<inbox>.r.s` while it reads the upstream's answer
+(workers/relay.py) and then the Result on `<inbox>.r`, in that order (one publisher, one
+subscription). If the Result comes first (the upstream answered an error, or not as a stream),
+the caller gets it as a normal answer; otherwise the answer starts with the first chunk and
+ends with the Result, which also holds the complete body for later (`ratefleet result ID`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from nats.aio.subscription import Subscription
+
+from ratefleet.client import Client
+from ratefleet.runtime.logs import get_logger
+from ratefleet.schemas import Job, Result
+
+log = get_logger("ratefleet.gateway")
+ATTEMPT_HEADER = "Ratefleet-Attempt"  # set by workers/relay.py on every chunk
+
+
+@dataclass
+class ChunkStream:
+    """A streamed answer under way: its first chunk, then the rest as they come until the Result.
+    `idle_timeout_s`: the longest wait for the next chunk (seconds)."""
+
+    sub: Subscription
+    reply_to: str
+    first: bytes
+    attempt: str | None
+    idle_timeout_s: float
+    job_id: str
+    result: Result | None = None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The chunks as the upstream sent them. Ends at the Result; early when the job's call is
+        retried (a new attempt would repeat what the caller already has) or nothing comes for
+        `idle_timeout_s`: the caller then sees a stream without its end ([DONE])."""
+        try:
+            yield self.first
+            while True:
+                try:
+                    msg = await self.sub.next_msg(timeout=self.idle_timeout_s)
+                except TimeoutError:
+                    log.warning("stream idle; ended early", job_id=self.job_id, idle_s=self.idle_timeout_s)
+                    return
+                if msg.subject == self.reply_to:
+                    self.result = Result.from_json(msg.data)
+                    return
+                if (msg.headers or {}).get(ATTEMPT_HEADER) != self.attempt:
+                    log.warning("streamed call retried; stream ended early", job_id=self.job_id)
+                    return
+                yield msg.data
+        finally:
+            await self.sub.unsubscribe()
+
+
+async def start_stream(client: Client, job: Job, tier: str, timeout_s: float) -> Result | ChunkStream:
+    """Store `job` and wait up to `timeout_s` seconds for its first chunk or its Result.
+    Raises TimeoutError, and what `Client.submit_for_reply` raises (QueueFull, JobInvalid, SubmitError)."""
+    inbox = client.nc.new_inbox()
+    reply_to = inbox + ".r"
+    sub = await client.nc.subscribe(inbox + ".>")
+    try:
+        await client.submit_for_reply(job, tier, reply_to)
+        msg = await sub.next_msg(timeout=timeout_s)
+    except BaseException:
+        await sub.unsubscribe()
+        raise
+    if msg.subject == reply_to:
+        await sub.unsubscribe()
+        return await client.bodies.resolve(Result.from_json(msg.data))
+    return ChunkStream(sub, reply_to, msg.data, (msg.headers or {}).get(ATTEMPT_HEADER), timeout_s, job.id or "")

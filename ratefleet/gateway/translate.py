@@ -1,0 +1,158 @@
+"""HTTP request -> Job, Result -> HTTP answer: the pure half of the gateway.
+
+The request path is the path on the upstream (an SDK's `base_url = http://HOST:PORT/v1`
+sends `/v1/chat/completions`, which is what the job asks the upstream for). Only a few
+provider headers are forwarded (FORWARDED_HEADERS); the caller's Authorization never is: the
+worker adds the fleet's key. The answer is the upstream's status, content type and body, so
+provider errors reach the caller unchanged; the gateway adds `x-ratefleet-job-id` and
+`x-ratefleet-queued-ms`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import ValidationError
+
+from ratefleet.gateway.callers import Caller
+from ratefleet.gateway.errors import GatewayRefusal, bad_request
+from ratefleet.schemas import Job, Result
+from ratefleet.schemas.job import describe_validation_error, new_job_id
+
+UPSTREAM_HEADER = "x-ratefleet-upstream"  # picks one of the caller's upstreams
+FORWARDED_HEADERS = frozenset({"openai-organization", "openai-project", "openai-beta", "anthropic-version",
+                               "anthropic-beta"})
+# headers of the upstream's answer passed on (the worker keeps content-type, retry-after,
+# x-request-id, openai-processing-ms, content-encoding of an undecoded body, x-ratelimit-*;
+# the x-ratelimit-* ones describe the fleet's key, not the caller, so they stay behind)
+ANSWER_HEADERS = frozenset({"content-type", "retry-after", "x-request-id", "openai-processing-ms", "content-encoding"})
+
+
+def _query(items: Iterable[tuple[str, str]]) -> dict[str, str | list[str]]:
+    query: dict[str, str | list[str]] = {}
+    for name, value in items:
+        if name in query:
+            previous = query[name]
+            query[name] = [*previous, value] if isinstance(previous, list) else [previous, value]
+        else:
+            query[name] = value
+    return query
+
+
+def parse_body(raw: bytes, content_type: str | None) -> tuple[Any, str | None]:
+    """(JSON value, None) for a JSON body, (None, text) for another UTF-8 body, (None, None) for
+    none. GatewayRefusal 400 for JSON that does not parse, 415 for a body that is not UTF-8."""
+    if not raw:
+        return None, None
+    kind = (content_type or "application/json").split(";", 1)[0].strip().lower()
+    if kind == "application/json" or kind.endswith("+json"):
+        try:
+            return json.loads(raw), None
+        except (ValueError, RecursionError) as exc:
+            raise bad_request(f"The request body is not valid JSON ({exc}).", code="invalid_json") from None
+    try:
+        return None, raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise GatewayRefusal(415, f"Request bodies of type {kind} are not supported by the ratefleet gateway "
+                             "(JSON or UTF-8 text only).", type="invalid_request_error", code="unsupported_media_type") from None
+
+
+def choose_upstream(caller: Caller, asked: str | None) -> str | None:
+    """The upstream for this request: the one asked for (`x-ratefleet-upstream`) if the caller
+    may use it, else the caller's first, else None (the config's only upstream)."""
+    if asked:
+        if caller.upstreams is not None and asked not in caller.upstreams:
+            raise GatewayRefusal(403, f"Caller {caller.name!r} may not use upstream {asked!r}.",
+                                 type="invalid_request_error", code="upstream_not_allowed")
+        return asked
+    return caller.upstreams[0] if caller.upstreams else None
+
+
+def check_model(caller: Caller, body: Any) -> None:
+    """GatewayRefusal 403 when the body names a model the caller may not use."""
+    if caller.models is None or not isinstance(body, dict) or "model" not in body:
+        return
+    if body["model"] not in caller.models:
+        raise GatewayRefusal(403, f"Caller {caller.name!r} may not use model {body['model']!r}.",
+                             type="invalid_request_error", code="model_not_allowed", param="model")
+
+
+def build_job(caller: Caller, *, method: str, path: str, query: Iterable[tuple[str, str]],
+              headers: Mapping[str, str], json_body: Any, text_body: str | None, now: datetime) -> Job:
+    """The Job for one gateway request on behalf of `caller`, with a fresh id and the caller's
+    timeout as its deadline (a job still queued when the caller gave up is not paid for).
+    `headers` keys lower-case. GatewayRefusal 400/403 for what cannot become a valid job."""
+    check_model(caller, json_body)
+    forwarded = {name: value for name, value in headers.items() if name in FORWARDED_HEADERS}
+    if text_body is not None and "content-type" in headers:
+        forwarded["content-type"] = headers["content-type"]
+    request: dict[str, Any] = {"method": method, "path": path, "query": _query(query), "headers": forwarded}
+    if json_body is not None:
+        request["json"] = json_body
+    elif text_body is not None:
+        request["body"] = text_body
+    data = {"id": new_job_id(), "request": request, "deadline": now + timedelta(seconds=caller.timeout_s),
+            "metadata": {"caller": caller.name}}
+    upstream = choose_upstream(caller, headers.get(UPSTREAM_HEADER))
+    if upstream is not None:
+        data["upstream"] = upstream
+    try:
+        return Job.model_validate(data)
+    except ValidationError as exc:
+        code, message = describe_validation_error(exc)
+        raise bad_request(message, code=str(code)) from None
+
+
+def _body_bytes(result: Result) -> bytes:
+    response = result.response
+    assert response is not None
+    if response.body_b64 is not None:
+        return base64.b64decode(response.body_b64)
+    if response.body is not None:
+        return response.body.encode("utf-8", "surrogatepass")
+    if response.json_body is not None:
+        return json.dumps(response.json_body, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    return b""
+
+
+def _refusal_of(result: Result) -> GatewayRefusal:
+    """The answer for a Result without an upstream answer (nothing to pass through)."""
+    code = result.error.code if result.error else "upstream_error"
+    message = result.error.message if result.error else f"job {result.job_id} ended {result.status}"
+    if result.status == "invalid":
+        return bad_request(message, code=code)
+    if result.status == "expired":
+        return GatewayRefusal(504, f"Job {result.job_id} was still queued at this caller's timeout: {message}",
+                              type="timeout", code=code)
+    if code == "no_key_available":
+        return GatewayRefusal(503, message, type="server_error", code=code, retry_after_s=5.0)
+    return GatewayRefusal(502, message, type="server_error", code=code)
+
+
+def answer_of(result: Result) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) of the HTTP answer for a job's Result: the upstream's own answer
+    when there is one (succeeded or not), else an OpenAI-style error of the gateway."""
+    headers = {"x-ratefleet-job-id": result.job_id}
+    if result.timings.queued_ms is not None:
+        headers["x-ratefleet-queued-ms"] = f"{result.timings.queued_ms:.1f}"
+    if result.response is None:
+        refusal = _refusal_of(result)
+        headers.update(refusal.headers())
+        headers["content-type"] = "application/json"
+        return refusal.status, headers, refusal.body()
+    for name, value in result.response.headers.items():
+        if name.lower() in ANSWER_HEADERS:
+            headers[name.lower()] = value
+    return result.response.status, headers, _body_bytes(result)
+
+
+def used_tokens(result: Result) -> float | None:
+    """`usage.total_tokens` of the upstream's JSON answer (OpenAI's usage object), or None."""
+    body = result.response.json_body if result.response is not None else None
+    usage = body.get("usage") if isinstance(body, dict) else None
+    total = usage.get("total_tokens") if isinstance(usage, dict) else None
+    return float(total) if isinstance(total, int | float) and not isinstance(total, bool) else None

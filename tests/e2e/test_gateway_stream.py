@@ -1,0 +1,64 @@
+"""`"stream": true` through the gateway with the OpenAI SDK: chunks relayed as server-sent
+events while the worker reads them, the stored Result holding the whole answer."""
+
+from __future__ import annotations
+
+import time
+
+import openai
+import pytest
+from fleetkit import FleetKit, mock_keys, wait_for_leader
+from gatewaykit import CALLER_KEYS, caller_env, callers, free_port, start_gateway
+
+from ratefleet import Client
+from ratefleet.mock import MockSettings, running_mock
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.anyio]
+
+
+@pytest.fixture
+def gateway(tmp_path, nats_server, monkeypatch):
+    caller_env(monkeypatch)
+    with running_mock(MockSettings(keys=mock_keys(rps=200, burst=20), accept_unknown=False)) as upstream:
+        kit = FleetKit(tmp_path, nats_server.url, upstream.url, overrides={"callers": callers()})
+        kit.dispatcher("d1")
+        kit.worker("w1")
+        try:
+            kit.gateway_url = start_gateway(kit, free_port())  # type: ignore[attr-defined]
+            kit.upstream = upstream  # type: ignore[attr-defined]
+            yield kit
+        finally:
+            kit.stop()
+
+
+async def test_a_streamed_chat_arrives_chunk_by_chunk_and_its_result_holds_the_whole_answer(gateway, nats_server):
+    async with await Client.connect(nats_server.url) as client:
+        await wait_for_leader(client)
+        async with openai.AsyncOpenAI(base_url=gateway.gateway_url + "/v1", api_key=CALLER_KEYS["alice"],
+                                      max_retries=0, timeout=30) as ai:
+            started = time.monotonic()
+            raw = await ai.chat.completions.with_raw_response.create(
+                model="mock", messages=[{"role": "user", "content": "one two three four"}], stream=True,
+                extra_body={"mock": {"chunk_ms": 400}})
+            job_id = raw.headers["x-ratefleet-job-id"]
+            arrivals, text = [], []
+            async for chunk in raw.parse():
+                arrivals.append(time.monotonic() - started)
+                text.append(chunk.choices[0].delta.content or "")
+        stored = await client.stored_result(job_id)
+    assert "".join(text) == "echo: one two three four"
+    assert len(arrivals) == 7  # role, 5 words, finish: 6 pauses of 0.4 s after the first
+    assert arrivals[-1] - arrivals[0] >= 2.0  # the first chunk came while the upstream was still sending
+    assert stored is not None and stored.ok and stored.metadata == {"caller": "alice"}
+    assert stored.response.headers["content-type"].startswith("text/event-stream")
+    assert stored.response.body.count("data: ") == 8 and stored.response.body.endswith("data: [DONE]\n\n")
+    assert gateway.upstream.stats()["keys"]["k1"]["calls"] + gateway.upstream.stats()["keys"]["k2"]["calls"] == 1
+
+
+async def test_a_streamed_request_the_provider_refuses_gets_its_error_unchanged(gateway):
+    async with openai.AsyncOpenAI(base_url=gateway.gateway_url + "/v1", api_key=CALLER_KEYS["alice"],
+                                  max_retries=0, timeout=30) as ai:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await ai.chat.completions.create(model="mock", messages=[{"role": "user", "content": "x"}], stream=True,
+                                             extra_body={"mock": {"status": 400}})
+    assert caught.value.body["message"] == "The mock upstream was told to answer 400."

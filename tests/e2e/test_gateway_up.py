@@ -1,0 +1,72 @@
+"""`ratefleet up --gateway`: the whole fleet and its front door from one command."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+import tomli_w
+from fleetkit import SECRETS, mock_keys
+from gatewaykit import free_port
+
+from ratefleet.mock import MockSettings, running_mock
+
+pytestmark = [pytest.mark.timeout(120)]
+
+
+def test_up_with_gateway_serves_the_sdk_and_stops_it_on_ctrl_c(tmp_path):
+    nats_port, gateway_port = free_port(), free_port()
+    with running_mock(MockSettings(keys=mock_keys(rps=100, burst=10), accept_unknown=False)) as upstream:
+        config = {"nats": {"url": f"nats://127.0.0.1:{nats_port}", "embedded_dir": str(tmp_path / "nats")},
+                  "upstreams": {"mock": {"base_url": upstream.url}},
+                  "pools": {"shared": {"keys": [{"id": "k1", "secret": "env:RF_TEST_K1", "rps": 100, "burst": 10}]}},
+                  "workers": {"heartbeat_s": 0.5},
+                  "callers": {"app": {"key": "env:RF_CALLER_APP", "tier": "premium"}},
+                  "gateway": {"listen": f"127.0.0.1:{gateway_port}"}}
+        path = tmp_path / "fleet.toml"
+        path.write_text(tomli_w.dumps(config))
+        env = {**os.environ, "RF_TEST_K1": SECRETS["k1"], "RF_CALLER_APP": "rk-app-42", "RATEFLEET_LOG_FORMAT": "json"}
+        env.pop("RATEFLEET_NATS_URL", None)
+        up = subprocess.Popen([sys.executable, "-m", "ratefleet", "up", "--config", str(path), "--workers", "1",
+                               "--gateway"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            ai = openai.OpenAI(base_url=f"http://127.0.0.1:{gateway_port}/v1", api_key="rk-app-42", max_retries=0,
+                               timeout=20)
+            deadline = time.monotonic() + 60
+            while True:  # until the gateway listens and a worker serves its first job
+                try:
+                    chat = ai.chat.completions.create(model="mock", messages=[{"role": "user", "content": "up"}])
+                    break
+                except (openai.APIConnectionError, openai.InternalServerError):
+                    if time.monotonic() > deadline or up.poll() is not None:
+                        raise
+                    time.sleep(0.5)
+            assert chat.choices[0].message.content == "echo: up"
+        finally:
+            up.send_signal(signal.SIGINT)
+            output, _ = up.communicate(timeout=60)
+        assert up.returncode == 0, output[-3000:]
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{gateway_port}/healthz", timeout=2, trust_env=False)
+        assert "rk-app-42" not in output
+
+
+def test_gateway_refuses_to_start_without_config_or_with_an_unreadable_caller_key(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RATEFLEET_CONFIG", "RATEFLEET_NATS_URL", "RF_CALLER_X")}
+    missing = subprocess.run([sys.executable, "-m", "ratefleet", "gateway"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "found no config file" in missing.stderr
+    path = tmp_path / "gw.toml"
+    path.write_text(tomli_w.dumps({"callers": {"x": {"key": "env:RF_CALLER_X", "tier": "vip"}}}))
+    unset = subprocess.run([sys.executable, "-m", "ratefleet", "gateway", "--config", str(path)], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert unset.returncode == 2 and "callers.x.key: RF_CALLER_X not set" in unset.stderr
+    bad = subprocess.run([sys.executable, "-m", "ratefleet", "gateway", "--config", str(path), "--listen", "nowhere"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "give HOST:PORT" in bad.stderr

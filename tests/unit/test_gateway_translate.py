@@ -1,0 +1,119 @@
+"""HTTP request -> Job and Result -> HTTP answer, the gateway's pure translation."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from ratefleet.gateway.callers import Caller
+from ratefleet.gateway.errors import GatewayRefusal, over_limit, queue_full, unauthorized
+from ratefleet.gateway.translate import answer_of, build_job, parse_body, used_tokens
+from ratefleet.schemas import Result
+
+NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+ALICE = Caller(name="alice", tier="vip", upstreams=None, models=frozenset({"m"}), timeout_s=30, rps=None, burst=None,
+               tokens_per_minute=None)
+ROUTED = Caller(name="bob", tier="guest", upstreams=("openai", "anthropic"), models=None, timeout_s=5, rps=None,
+                burst=None, tokens_per_minute=None)
+
+
+def job(caller=ALICE, *, method="POST", path="/v1/chat/completions", query=(), headers=None, json_body=None,
+        text_body=None):
+    return build_job(caller, method=method, path=path, query=query, headers=headers or {}, json_body=json_body,
+                     text_body=text_body, now=NOW)
+
+
+def test_a_request_becomes_a_job_with_the_callers_deadline_and_only_provider_headers():
+    made = job(query=[("a", "1"), ("b", "2"), ("a", "3")], json_body={"model": "m", "messages": []},
+               headers={"authorization": "Bearer rk-alice", "openai-beta": "assistants=v2", "x-stainless-os": "Linux",
+                        "content-type": "application/json", "cookie": "c=1", "openai-organization": "org-1"})
+    assert made.request.path == "/v1/chat/completions" and made.request.method == "POST"
+    assert made.request.query == {"a": ["1", "3"], "b": "2"}
+    assert made.request.headers == {"openai-beta": "assistants=v2", "openai-organization": "org-1"}
+    assert made.request.json_body == {"model": "m", "messages": []}
+    assert made.deadline == NOW + timedelta(seconds=30)
+    assert made.metadata == {"caller": "alice"} and made.upstream is None and made.id
+    assert "rk-alice" not in made.model_dump_json()
+
+
+def test_a_text_body_keeps_its_content_type_and_a_get_has_no_body():
+    made = job(headers={"content-type": "text/plain; charset=utf-8"}, text_body="héllo")
+    assert made.request.body == "héllo" and made.request.headers == {"content-type": "text/plain; charset=utf-8"}
+    assert job(method="GET", path="/v1/models").request.json_body is None
+
+
+def test_upstream_choice_follows_the_callers_list():
+    assert job(ROUTED).upstream == "openai"
+    assert job(ROUTED, headers={"x-ratefleet-upstream": "anthropic"}).upstream == "anthropic"
+    with pytest.raises(GatewayRefusal) as denied:
+        job(ROUTED, headers={"x-ratefleet-upstream": "gemini"})
+    assert (denied.value.status, denied.value.code) == (403, "upstream_not_allowed")
+
+
+@pytest.mark.parametrize(("kwargs", "status", "code"), [
+    ({"json_body": {"model": "gpt-4o"}}, 403, "model_not_allowed"),
+    ({"path": "/v1/../admin"}, 400, "forbidden_target"),
+    ({"path": "/v1/%2e%2e/x"}, 400, "forbidden_target"),
+    ({"json_body": {"model": "m", "x": float("nan")}}, 400, "invalid_job"),
+])
+def test_requests_that_cannot_become_a_valid_job_are_refused(kwargs, status, code):
+    with pytest.raises(GatewayRefusal) as refused:
+        job(**kwargs)
+    assert (refused.value.status, refused.value.code) == (status, code)
+    assert set(json.loads(refused.value.body())["error"]) == {"message", "type", "param", "code"}
+
+
+def test_parse_body():
+    assert parse_body(b"", None) == (None, None)
+    assert parse_body(b'{"a": 1}', None) == ({"a": 1}, None)
+    assert parse_body(b'{"a": 1}', "application/vnd.x+json") == ({"a": 1}, None)
+    assert parse_body(b"hi", "text/plain") == (None, "hi")
+    with pytest.raises(GatewayRefusal) as broken:
+        parse_body(b"{", "application/json")
+    assert broken.value.status == 400
+    with pytest.raises(GatewayRefusal) as binary:
+        parse_body(b"\xff\xfe", "application/octet-stream")
+    assert binary.value.status == 415
+
+
+def result(**fields) -> Result:
+    return Result.model_validate({"job_id": "j1", "status": "succeeded", "timings": {"queued_ms": 3.25}, **fields})
+
+
+def test_the_upstreams_answer_passes_through_with_the_job_headers():
+    ok = result(response={"status": 200, "headers": {"content-type": "application/json", "x-ratelimit-limit-requests": "5",
+                                                      "x-request-id": "req-1"},
+                          "json": {"usage": {"total_tokens": 42}, "text": "é"}})
+    status, headers, body = answer_of(ok)
+    assert status == 200 and json.loads(body) == {"usage": {"total_tokens": 42}, "text": "é"}
+    assert headers == {"x-ratefleet-job-id": "j1", "x-ratefleet-queued-ms": "3.2", "content-type": "application/json",
+                       "x-request-id": "req-1"}  # the fleet key's x-ratelimit-* stay behind
+    assert used_tokens(ok) == 42
+    provider_error = result(status="failed", response={"status": 429, "headers": {"retry-after": "7"},
+                                                       "body": "slow down"})
+    assert answer_of(provider_error)[0] == 429 and answer_of(provider_error)[2] == b"slow down"
+    assert answer_of(provider_error)[1]["retry-after"] == "7" and used_tokens(provider_error) is None
+    audio = result(response={"status": 200, "headers": {"content-type": "audio/mpeg"},
+                             "body_b64": base64.b64encode(b"\x00\xffID3").decode()})
+    assert answer_of(audio)[2] == b"\x00\xffID3"
+
+
+@pytest.mark.parametrize(("status", "code", "http"), [
+    ("invalid", "forbidden_target", 400), ("expired", "deadline_exceeded", 504),
+    ("failed", "no_key_available", 503), ("failed", "attempts_exhausted", 502),
+])
+def test_results_without_an_answer_become_openai_errors(status, code, http):
+    answer = answer_of(result(status=status, error={"code": code, "message": "why"}))
+    assert answer[0] == http and answer[1]["x-ratefleet-job-id"] == "j1"
+    assert json.loads(answer[2])["error"]["code"] == code
+
+
+def test_the_gateways_own_errors_have_openai_shape_and_whole_second_retry_after():
+    assert unauthorized().status == 401 and unauthorized().headers() == {}
+    assert over_limit("tokens", 0.2).headers() == {"retry-after": "1"}
+    assert over_limit("requests", 2.01).headers() == {"retry-after": "3"}
+    assert json.loads(queue_full().body()) == {"error": {"message": "The ratefleet job queue is full; retry later.",
+                                                         "type": "server_error", "param": None, "code": "queue_full"}}

@@ -1,0 +1,108 @@
+"""OpenAI Batch API lines: input lines as jobs, Results as output lines, in input order on request."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from ratefleet.batches import InputOrder
+from ratefleet.batchfile import LineError, line_of, parse_line
+from ratefleet.openai_batch import format_result, openai_output_line
+from ratefleet.schemas import Result
+from ratefleet.submit_report import Run
+
+CHAT = {"custom_id": "request-1", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello world!"}], "max_tokens": 1000}}
+
+
+def test_an_openai_input_line_is_taken_as_it_is():
+    text = json.dumps(CHAT)
+    job = parse_line(text, 3, "nightly")
+    assert job.request.method == "POST" and job.request.path == "/v1/chat/completions"
+    assert job.request.json_body == CHAT["body"] and job.metadata == {"custom_id": "request-1"}
+    assert job.batch == "nightly" and line_of(job.id) == 3
+    assert parse_line(text, 3, "nightly").id == job.id  # deterministic: a re-run sends nothing twice
+
+
+def test_query_in_the_url_and_a_bodiless_get():
+    job = parse_line(json.dumps({"custom_id": "m", "method": "GET", "url": "/v1/models?limit=2&after=x"}), 1, "b")
+    assert job.request.method == "GET" and job.request.path == "/v1/models"
+    assert job.request.query == {"limit": "2", "after": "x"} and job.request.json_body is None
+
+
+def test_job_lines_are_unchanged_even_when_they_mention_custom_id():
+    line = {"request": {"path": "/v1/embeddings", "json": {"input": "a"}}, "metadata": {"custom_id": "x"}}
+    job = parse_line(json.dumps(line), 1, "b")
+    assert job.request.path == "/v1/embeddings" and job.metadata == {"custom_id": "x"}
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ({**CHAT, "model": "x"}, "unexpected field(s) model"),
+    ({**CHAT, "custom_id": ""}, "custom_id must be a non-empty string"),
+    ({**CHAT, "custom_id": 7}, "custom_id must be a non-empty string"),
+    ({**CHAT, "url": 5}, "url must be a path"),
+    ({**CHAT, "body": [1]}, "body must be a JSON object"),
+    ({**CHAT, "url": "https://evil.example/v1/chat/completions"}, "request.path: path must start with '/'"),
+    ({**CHAT, "url": "//evil.example/v1"}, "must not name a scheme or host"),
+    ({**CHAT, "method": "BREW"}, "request.method"),
+])
+def test_malformed_openai_lines_are_refused_with_the_line_and_why(line, message):
+    with pytest.raises(LineError, match=r"^line 4: .*" + message.replace("(", r"\(").replace(")", r"\)")):
+        parse_line(json.dumps(line), 4, "b")
+
+
+def test_nan_in_an_openai_body_is_refused():
+    with pytest.raises(LineError, match="not strict JSON"):
+        parse_line('{"custom_id": "a", "url": "/v1/embeddings", "body": {"x": NaN}}', 1, "b")
+
+
+def result(job_id: str, custom_id: str = "request-1", **fields) -> Result:
+    return Result.model_validate({"job_id": job_id, "status": "succeeded", "metadata": {"custom_id": custom_id},
+                                  **fields})
+
+
+def test_output_lines_follow_openais_batch_output_object():
+    ok = result("b-1-aa", response={"status": 200, "headers": {"x-request-id": "req_1"}, "json": {"id": "c1"}})
+    assert openai_output_line(ok) == {"id": "batch_req_b-1-aa", "custom_id": "request-1",
+                                      "response": {"status_code": 200, "request_id": "req_1", "body": {"id": "c1"}},
+                                      "error": None}
+    provider = result("b-2-bb", "request-2", status="failed",
+                      response={"status": 400, "json": {"error": {"message": "bad"}}},
+                      error={"code": "upstream_error", "message": "HTTP 400"})
+    line = openai_output_line(provider)
+    assert line["response"] == {"status_code": 400, "request_id": "b-2-bb", "body": {"error": {"message": "bad"}}}
+    assert line["error"] is None
+    nothing = result("b-3-cc", "request-3", status="expired", error={"code": "deadline_exceeded", "message": "late"})
+    assert openai_output_line(nothing)["response"] is None
+    assert openai_output_line(nothing)["error"] == {"code": "deadline_exceeded", "message": "late"}
+    assert json.loads(format_result(ok, "ratefleet"))["job_id"] == "b-1-aa"
+    escaped = result("b-4-dd", response={"status": 200, "body": "\ud800"})
+    assert json.loads(format_result(escaped, "openai"))["response"]["body"] == "\ud800"
+
+
+def test_submit_writes_openai_lines_in_input_order_on_request(tmp_path: Path):
+    run = Run(file=tmp_path / "in.jsonl", tier="normal", batch="b", wait=True, out=None, url="", prefix="ratefleet",
+              out_format="openai", by_input=True)
+    run.order = InputOrder([[2, 2]])  # line 2 is blank
+    run.sink = io.StringIO()
+    for line in (4, 1, 3):
+        run.write(result(f"b-{line}-0123456789", f"request-{line}"))
+    assert [json.loads(x)["custom_id"] for x in run.sink.getvalue().splitlines()] == ["request-1", "request-3",
+                                                                                       "request-4"]
+    assert run.written == 3 and run.statuses["succeeded"] == 3
+    assert "--out-format openai --order input" in run.submit_command()
+    assert "--out-format openai --order input" in run.results_command()
+
+
+def test_results_are_held_back_until_the_earlier_lines_arrive_and_flushed_at_the_end(tmp_path: Path):
+    run = Run(file=tmp_path / "in.jsonl", tier="normal", batch="b", wait=True, out=None, url="", prefix="ratefleet",
+              by_input=True)
+    run.order = InputOrder([])
+    run.sink = io.StringIO()
+    run.write(result("b-3-0123456789", "c"))
+    assert run.sink.getvalue() == ""
+    run.flush_held()  # Ctrl-C or the end: what was held comes out, in line order
+    assert json.loads(run.sink.getvalue())["job_id"] == "b-3-0123456789"
