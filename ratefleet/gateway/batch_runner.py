@@ -13,11 +13,11 @@ gateway that starts runs every unfinished batch again from its record: a batch c
 while submitting is submitted again without the lines that have a Result (the others are
 dropped by JetStream's dedup window if already queued), then followed and finalized.
 
-Cancel (and the end of the completion window): no further line is sent, the batch's jobs
-still queued are deleted from RATEFLEET_JOBS (found by stream sequence between the first and
-last one the batch stored), and after `cancel_grace_s` the files hold what was answered. A
-job a worker had already started finishes and its Result is stored (`ratefleet results
---batch <batch id>`); it is in the files when it ended within the grace.
+Cancel (and the end of the completion window): no further line is sent; the batch's jobs
+that no dispatcher has taken yet (stream sequence past the tier consumer's last delivered one)
+are deleted from RATEFLEET_JOBS, so they are never called nor paid; the jobs already taken
+(held in the dispatcher's window or being called) finish, and the batch becomes `cancelled`
+once they have their Results (at most `stop_wait_s`), with the files holding what was answered.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from ratefleet.gateway.callers import Caller
 from ratefleet.gateway.files import FileStore
 from ratefleet.openai_batch import format_result
 from ratefleet.runtime.logs import get_logger
+from ratefleet.runtime.streams import tier_consumer
 from ratefleet.schemas import Job, Result
 
 log = get_logger("ratefleet.gateway")
@@ -62,10 +63,11 @@ class BatchRunner:
     """Runs batches inside `serve()`'s task group; `start(batch_id)` adds one."""
 
     def __init__(self, client: Client, book: BatchBook, files: FileStore, callers: dict[str, Caller], *,
-                 poll_s: float = 1.0, cancel_grace_s: float = 2.0) -> None:
+                 poll_s: float = 1.0, cancel_grace_s: float = 1.0, stop_wait_s: float = 600.0) -> None:
         self.client, self.book, self.files, self.callers = client, book, files, callers
         self.poll_s = poll_s
         self.cancel_grace_s = cancel_grace_s
+        self.stop_wait_s = stop_wait_s
         self._tg: anyio.abc.TaskGroup | None = None
 
     async def serve(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
@@ -117,7 +119,7 @@ class BatchRunner:
         final = "completed"
         if progress.stop_reason is not None:
             final = "cancelled" if progress.stop_reason == "cancelling" else "expired"
-            await self._stop_queued(batch_id, progress)
+            await self._stop_queued(batch_id, record[PRIVATE]["tier"], progress)
             await anyio.sleep(self.cancel_grace_s)
         await self._finalize(batch_id, found, final, tmp)
 
@@ -210,20 +212,34 @@ class BatchRunner:
                 scope.cancel()
                 return
 
-    async def _stop_queued(self, batch_id: str, progress: _Progress) -> None:
-        """Delete the batch's jobs still queued in RATEFLEET_JOBS (none is paid for then)."""
+    async def _stop_queued(self, batch_id: str, tier: str, progress: _Progress) -> None:
+        """Delete the batch's jobs no dispatcher has taken yet (none of them is paid for),
+        then wait for those already taken (their calls may be under way) to end with a
+        Result: the JOBS message of a job is gone once its Result is stored (invariant 1)."""
         if progress.first_seq is None:
             return
-        stream = self.client.subjects.jobs_stream
-        last = (await self.client.js.stream_info(stream)).state.last_seq
-        deleted = 0
+        js, stream = self.client.js, self.client.subjects.jobs_stream
+        last = (await js.stream_info(stream)).state.last_seq
+        delivered = (await js.consumer_info(stream, tier_consumer(tier))).delivered.stream_seq
+        taken, deleted = [], 0
         for seq in range(progress.first_seq, last + 1):
             job = await self.client.queued_job(seq)
-            if job is not None and job.batch == batch_id:
-                with contextlib.suppress(Exception):  # taken meanwhile: it finishes on its own
-                    await self.client.js.delete_msg(stream, seq)
+            if job is None or job.batch != batch_id:
+                continue
+            if seq > delivered:
+                try:
+                    await js.delete_msg(stream, seq)
                     deleted += 1
-        log.info("batch stopped; its queued jobs were deleted", batch=batch_id, deleted=deleted)
+                    continue
+                except Exception:  # noqa: BLE001 - taken and finished meanwhile
+                    pass
+            taken.append(seq)
+        log.info("batch stopped: queued jobs deleted, taken ones finish", batch=batch_id, deleted=deleted,
+                 taken=len(taken))
+        with anyio.move_on_after(self.stop_wait_s):
+            while taken:
+                await anyio.sleep(self.poll_s)
+                taken = [seq for seq in taken if await self.client.queued_job(seq) is not None]
 
     async def _finalize(self, batch_id: str, found: Checked, final: str, tmp: Path) -> None:
         if final == "completed":
