@@ -12,7 +12,7 @@ import time
 import anyio
 import openai
 import pytest
-from fleetkit import FleetKit, mock_keys, wait_for_leader
+from fleetkit import FleetKit, collect, mock_keys, wait_for_leader
 from gatewaykit import CALLER_KEYS, caller_env, callers, free_port, start_gateway
 
 from ratefleet import Client
@@ -54,16 +54,18 @@ def upstream():
         yield mock
 
 
-def fleet(tmp_path, nats_server, upstream, monkeypatch, keys=None, window: int = 64) -> FleetKit:
+def fleet(tmp_path, nats_server, upstream, monkeypatch, keys=None, window: int = 64, start: bool = True,
+          streams: dict | None = None) -> FleetKit:
     caller_env(monkeypatch)
     kit = FleetKit(tmp_path, nats_server.url, upstream.url,
-                   overrides={"callers": callers(), "dispatcher": {"window": window}})
+                   overrides={"callers": callers(), "dispatcher": {"window": window}, "streams": streams or {}})
     if keys is not None:
         kit.keys = keys
     kit.dispatcher("d1")
     kit.worker("w1")
     kit.gateway_port = free_port()  # type: ignore[attr-defined]
-    kit.gateway_url = start_gateway(kit, kit.gateway_port)  # type: ignore[attr-defined]
+    if start:
+        kit.gateway_url = start_gateway(kit, kit.gateway_port)  # type: ignore[attr-defined]
     return kit
 
 
@@ -197,7 +199,7 @@ async def test_cancel_stops_the_queued_lines(slow_gateway, nats_server, upstream
 
 
 async def test_batch_survives_a_gateway_restart(slow_gateway, nats_server, upstream):
-    lines = [chat_line(f"r{i}", f"n{i}") for i in range(14)]
+    lines = [chat_line(f"r{i}", f"n{i}") for i in range(24)]
     kit = slow_gateway
     async with await Client.connect(nats_server.url) as client, sdk(kit) as ai:
         await wait_for_leader(client)
@@ -205,16 +207,65 @@ async def test_batch_survives_a_gateway_restart(slow_gateway, nats_server, upstr
         batch = await ai.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
                                         completion_window="24h")
         await wait_status(ai, batch.id, {"in_progress"})
-        await anyio.sleep(1.5)
+        await anyio.sleep(2)
+        at_kill = await ai.batches.retrieve(batch.id)
     gateway = next(p for p in kit.processes if p.name == "gateway")
     gateway.send_signal(signal.SIGKILL)  # a crash: nothing is finished on the way out
     gateway.wait(10)
+    killed_at = time.time()
     start_gateway(kit, kit.gateway_port)
     async with sdk(kit) as ai:
-        before = await ai.batches.retrieve(batch.id)
         done, _ = await wait_status(ai, batch.id, {"completed", "failed", "cancelled"}, timeout=120)
         output = [json.loads(line) for line in (await ai.files.content(done.output_file_id)).text.splitlines()]
-    assert before.status == "in_progress"
-    assert done.status == "completed" and done.request_counts.completed == 14
-    assert [o["custom_id"] for o in output] == [f"r{i}" for i in range(14)]
-    assert sum(key["calls"] for key in upstream.stats()["keys"].values()) == 14  # no line paid twice
+    assert at_kill.status == "in_progress" and at_kill.request_counts.completed < 24
+    assert done.status == "completed" and done.completed_at >= int(killed_at)  # finished by the new gateway
+    assert done.request_counts.completed == 24
+    assert [o["custom_id"] for o in output] == [f"r{i}" for i in range(24)]
+    assert sum(key["calls"] for key in upstream.stats()["keys"].values()) == 24  # no line paid twice
+
+
+async def test_a_batch_cut_short_while_submitting_is_submitted_by_the_next_gateway(
+        tmp_path, nats_server, upstream, monkeypatch):
+    """The record says in_progress, not all submitted (the gateway died mid-submit): the next
+    gateway sends the lines that have no Result yet, and none twice, also past JetStream's dedup
+    window (1 s here), which alone would let a stored line be sent and paid again."""
+    kit = fleet(tmp_path, nats_server, upstream, monkeypatch, start=False, streams={"duplicate_window_s": 1.0})
+    lines = [chat_line(f"r{i}", f"n{i}") for i in range(10)]
+    try:
+        async with await Client.connect(nats_server.url) as client:
+            await wait_for_leader(client)
+            record = await cut_short_batch(client, tmp_path, lines, sent=4)
+            await anyio.sleep(1.5)  # past the dedup window
+            kit.gateway_url = start_gateway(kit, kit.gateway_port)  # type: ignore[attr-defined]
+            async with sdk(kit) as ai:
+                done, _ = await wait_status(ai, record["id"], {"completed", "failed"}, timeout=120)
+                output = [json.loads(line) for line in (await ai.files.content(done.output_file_id)).text.splitlines()]
+    finally:
+        kit.stop()
+    assert done.status == "completed" and done.request_counts.completed == 10
+    assert [o["custom_id"] for o in output] == [f"r{i}" for i in range(10)]
+    assert sum(key["calls"] for key in upstream.stats()["keys"].values()) == 10
+
+
+async def cut_short_batch(client: Client, tmp_path, lines: list, sent: int) -> dict:
+    """A batch as a gateway leaves it when killed after storing `sent` of its jobs (answered)."""
+    from ratefleet.gateway.batch_book import PRIVATE, BatchBook, new_batch, set_status
+    from ratefleet.gateway.batch_lines import batch_jobs
+    from ratefleet.gateway.callers import Caller
+    from ratefleet.gateway.files import FileStore
+
+    files = FileStore(client.js, client.subjects, ttl_s=3600)
+    meta = await files.put("alice", "in.jsonl", "batch", jsonl(lines), len(jsonl(lines)))
+    record = new_batch(caller="alice", tier="vip", upstream=None, input_file_id=meta["id"],
+                       endpoint="/v1/chat/completions", completion_window="24h", metadata=None, now=time.time())
+    path = tmp_path / "input.jsonl"
+    path.write_bytes(jsonl(lines))
+    alice = Caller("alice", "vip", None, None, 60.0, None, None, None)
+    jobs = [job for _, job in batch_jobs(path, record["id"], "/v1/chat/completions", alice)][:sent]
+    seqs = [stored.seq async for stored in client.submit_stream(jobs, "vip")]
+    await collect(client, record["id"], sent)
+    record = set_status(record, "in_progress")
+    record["request_counts"]["total"] = len(lines)
+    record[PRIVATE].update(first_seq=min(seqs), last_seq=max(seqs), submitted=False)
+    await BatchBook(client.js, client.subjects, ttl_s=3600).create(record)
+    return record
