@@ -11,13 +11,16 @@ OpenAI-style error bodies (errors.py): 400 for a bad request, 404 `No such File 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, BinaryIO
 
+import anyio
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ratefleet.gateway import batch_book, files
@@ -111,10 +114,19 @@ class BatchApi:
 
     async def file_content(self, request: Request, caller: Caller) -> Response:
         file_id = request.path_params["file_id"]
-        found = await self.files.content(caller.name, file_id)
-        if found is None:
+        handle = tempfile.TemporaryFile()  # noqa: SIM115 - closed by the response's last chunk
+        try:
+            meta = await self.files.read_into(caller.name, file_id, handle)
+        except BaseException:
+            handle.close()
+            raise
+        if meta is None:
+            handle.close()
             raise not_found("File", file_id)
-        return Response(found[1], media_type="application/octet-stream")
+        size = handle.seek(0, os.SEEK_END)
+        handle.seek(0)
+        return StreamingResponse(_chunks(handle), media_type="application/octet-stream",
+                                 headers={"content-length": str(size)})
 
     async def delete_file(self, request: Request, caller: Caller) -> Response:
         file_id = request.path_params["file_id"]
@@ -194,6 +206,15 @@ async def _json_object(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.", code="invalid_json")
     return body
+
+
+async def _chunks(handle: BinaryIO) -> AsyncIterator[bytes]:
+    """A file's bytes 1 MiB at a time (constant memory); closes it at the end."""
+    try:
+        while chunk := await anyio.to_thread.run_sync(handle.read, 1 << 20):
+            yield chunk
+    finally:
+        handle.close()
 
 
 def _too_large() -> GatewayRefusal:

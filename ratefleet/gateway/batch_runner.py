@@ -114,8 +114,8 @@ class BatchRunner:
         progress = _Progress(first_seq=record[PRIVATE]["first_seq"], last_seq=record[PRIVATE]["last_seq"])
         if record["status"] == "in_progress":
             await self._progress(record, found, path, caller, progress)
-        else:
-            progress.stop_reason = record["status"]  # cancelling (or validating cancelled)
+        elif record["status"] == "cancelling":  # (also a batch cancelled while validating)
+            progress.stop_reason = "cancelling"
         final = "completed"
         if progress.stop_reason is not None:
             final = "cancelled" if progress.stop_reason == "cancelling" else "expired"
@@ -242,7 +242,7 @@ class BatchRunner:
                 taken = [seq for seq in taken if await self.client.queued_job(seq) is not None]
 
     async def _finalize(self, batch_id: str, found: Checked, final: str, tmp: Path) -> None:
-        if final == "completed":
+        if final == "completed":  # (a batch found `finalizing` after a restart is finalized again)
             await self.book.update(batch_id, lambda r: set_status(r, "finalizing"))
         caller_name = (await self.book.get(batch_id))[PRIVATE]["caller"]
         paths = {"output": tmp / "output.jsonl", "error": tmp / "error.jsonl"}

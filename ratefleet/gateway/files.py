@@ -87,14 +87,6 @@ class FileStore:
         await (await self._open()).get(file_id, writeinto=handle)
         return meta
 
-    async def content(self, owner: str, file_id: str) -> tuple[dict[str, Any], bytes] | None:
-        """(metadata, bytes) of the file, or None."""
-        meta = await self.info(owner, file_id)
-        if meta is None:
-            return None
-        result = await (await self._open()).get(file_id)
-        return meta, bytes(result.data or b"")
-
     async def list(self, owner: str, purpose: str | None = None) -> list[dict[str, Any]]:
         """`owner`'s files, newest first (optionally of one purpose)."""
         store = await self._open()
