@@ -112,7 +112,9 @@ class BatchRunner:
                 return
             record = await self.book.update(batch_id, lambda r: _started(r, found.jobs))
         progress = _Progress(first_seq=record[PRIVATE]["first_seq"], last_seq=record[PRIVATE]["last_seq"])
-        if record["status"] == "in_progress":
+        if record["status"] == "in_progress" and time.time() >= record["expires_at"]:
+            progress.stop_reason = "expired"  # e.g. a gateway down past the window: nothing more is sent
+        elif record["status"] == "in_progress":
             await self._progress(record, found, path, caller, progress)
         elif record["status"] == "cancelling":  # (also a batch cancelled while validating)
             progress.stop_reason = "cancelling"

@@ -247,7 +247,29 @@ async def test_a_batch_cut_short_while_submitting_is_submitted_by_the_next_gatew
     assert sum(key["calls"] for key in upstream.stats()["keys"].values()) == 10
 
 
-async def cut_short_batch(client: Client, tmp_path, lines: list, sent: int) -> dict:
+async def test_a_batch_past_its_completion_window_expires_with_what_was_answered(
+        tmp_path, nats_server, upstream, monkeypatch):
+    """A gateway that finds an in-progress batch past `expires_at` sends no more of it: the
+    batch is `expired`, its output file holds the lines answered in time."""
+    kit = fleet(tmp_path, nats_server, upstream, monkeypatch, start=False)
+    lines = [chat_line(f"r{i}", f"n{i}") for i in range(8)]
+    try:
+        async with await Client.connect(nats_server.url) as client:
+            await wait_for_leader(client)
+            record = await cut_short_batch(client, tmp_path, lines, sent=3, expires_at=int(time.time()) - 1)
+            kit.gateway_url = start_gateway(kit, kit.gateway_port)  # type: ignore[attr-defined]
+            async with sdk(kit) as ai:
+                done, _ = await wait_status(ai, record["id"], {"completed", "expired", "failed"}, timeout=60)
+                output = [json.loads(line) for line in (await ai.files.content(done.output_file_id)).text.splitlines()]
+    finally:
+        kit.stop()
+    assert done.status == "expired" and done.expired_at
+    assert (done.request_counts.total, done.request_counts.completed) == (8, 3)
+    assert [o["custom_id"] for o in output] == ["r0", "r1", "r2"]
+    assert sum(key["calls"] for key in upstream.stats()["keys"].values()) == 3
+
+
+async def cut_short_batch(client: Client, tmp_path, lines: list, sent: int, expires_at: int | None = None) -> dict:
     """A batch as a gateway leaves it when killed after storing `sent` of its jobs (answered)."""
     from ratefleet.gateway.batch_book import PRIVATE, BatchBook, new_batch, set_status
     from ratefleet.gateway.batch_lines import batch_jobs
@@ -267,5 +289,7 @@ async def cut_short_batch(client: Client, tmp_path, lines: list, sent: int) -> d
     record = set_status(record, "in_progress")
     record["request_counts"]["total"] = len(lines)
     record[PRIVATE].update(first_seq=min(seqs), last_seq=max(seqs), submitted=False)
+    if expires_at is not None:
+        record["expires_at"] = expires_at
     await BatchBook(client.js, client.subjects, ttl_s=3600).create(record)
     return record
