@@ -264,25 +264,19 @@ def _code_text(value: object) -> str | None:
 def classify(status: int | None, error: str | None, code: str | None = None) -> OutcomeKind:
     """The outcome class of one call from its status and provider `code` (module docstring)."""
     if status is None:
-        return "upstream_error"
+        return OutcomeKind.UPSTREAM_ERROR
     if 200 <= status < 300:
-        return "ok"
+        return OutcomeKind.OK
     if code in KEY_SCOPED_CODES:
-        return "key_error"
+        return OutcomeKind.KEY_ERROR
     if code in OVERLOADED_CODES:
-        return "upstream_error"
+        return OutcomeKind.UPSTREAM_ERROR
     if status == 402:  # Payment Required: the account behind the key is out of credit
-        return "key_error"
+        return OutcomeKind.KEY_ERROR
     if status == 429:
-        return "rate_limited"
+        return OutcomeKind.RATE_LIMITED
     if status in (401, 403):
-        return "denied"
+        return OutcomeKind.DENIED
     if status == 408 or status >= 500:
-        return "upstream_error"
-    return "bad_request"
-
-
-def is_retryable(kind: OutcomeKind) -> bool:
-    """Whether a job with this outcome should be tried again (on any key); a `denied` job
-    is tried once more on another key (the scheduler decides whether one is left)."""
-    return kind in ("rate_limited", "upstream_error", "denied")
+        return OutcomeKind.UPSTREAM_ERROR
+    return OutcomeKind.BAD_REQUEST

@@ -29,7 +29,9 @@ from enum import StrEnum
 from aiobreaker import CircuitBreaker, CircuitBreakerError, CircuitBreakerListener
 from aiobreaker.state import CircuitBreakerState
 
-from .types import BreakerPolicy, OutcomeKind
+from ratefleet.schemas.outcome import OutcomeKind
+
+from .types import BreakerPolicy
 
 
 class BreakerState(StrEnum):
@@ -62,11 +64,11 @@ class _OnStateChange(CircuitBreakerListener):
 
 def verdict(kind: OutcomeKind, probe: bool) -> bool | None:
     """True = success, False = failure, None = does not feed the breaker."""
-    if kind == "upstream_error":
+    if kind == OutcomeKind.UPSTREAM_ERROR:
         return False
-    if kind == "ok":
+    if kind == OutcomeKind.OK:
         return True
-    if probe and kind in ("rate_limited", "bad_request"):
+    if probe and kind in (OutcomeKind.RATE_LIMITED, OutcomeKind.BAD_REQUEST):
         return True
     return None
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from ratefleet.schemas.outcome import OutcomeKind
+
 from .types import Outcome, ProbePolicy
 
 DisabledBy = Literal["provider", "operator"]
@@ -30,9 +32,9 @@ def probe_verdict(outcome: Outcome) -> bool | None:
     """True: the provider accepted the credentials (2xx, 429, other 4xx); False: it refused
     them again with a key-scoped answer (key_error); None: says nothing (5xx, timeout, lost
     call, and a plain 401/403: the probe's job may carry a bad request, see denials.py)."""
-    if outcome.kind in ("ok", "rate_limited", "bad_request"):
+    if outcome.kind in (OutcomeKind.OK, OutcomeKind.RATE_LIMITED, OutcomeKind.BAD_REQUEST):
         return True
-    if outcome.kind == "key_error":
+    if outcome.kind == OutcomeKind.KEY_ERROR:
         return False
     return None
 

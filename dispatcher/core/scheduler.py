@@ -20,6 +20,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 
+from ratefleet.schemas.outcome import OutcomeKind
+
 from .choice import NO_KEY_AVAILABLE, Chain, Reach, never_runnable, pick_key, reach
 from .denials import DenialBook
 from .key import KeyState, Marks
@@ -214,7 +216,7 @@ class Scheduler(KeyAdmin):
         if key.observe(outcome, now, sent_at, job_id):
             self._changed.add(key.spec.id)
         self._weigh_denials(reservation, outcome, now)
-        if reservation.key_probe and outcome.kind == "denied":
+        if reservation.key_probe and outcome.kind == OutcomeKind.DENIED:
             key.health.postpone_probe(reservation.id, now)  # no verdict (denials.py judges the job)
         elif reservation.key_probe and key.health.settle_probe(reservation.id, probe_verdict(outcome), now):
             self._changed.add(key.spec.id)
@@ -224,10 +226,10 @@ class Scheduler(KeyAdmin):
 
     def _weigh_denials(self, reservation: Reservation, outcome: Outcome, now: float) -> None:
         job_id = reservation.job.job_id
-        if outcome.kind == "denied":
+        if outcome.kind == OutcomeKind.DENIED:
             verdicts = self._denials.on_denied(job_id, reservation.key_id, outcome.status,
                                                reservation.denial_final, now)
-        elif outcome.kind == "ok":
+        elif outcome.kind == OutcomeKind.OK:
             verdicts = self._denials.on_ok(job_id, reservation.key_id, now)
         else:
             return
