@@ -29,6 +29,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError, PydanticSerializationError
 
+from ratefleet.schemas.errors import JobRejected
 from ratefleet.schemas.result import ErrorCode
 from ratefleet.schemas.subjects import TOKEN_PATTERN
 from ratefleet.schemas.wire import MAX_JSON_DEPTH, header_value_problem, is_field_name, json_problem, text_problem
@@ -196,17 +197,6 @@ class Job(BaseModel):
 
 def new_job_id() -> str:
     return uuid.uuid4().hex
-
-
-class JobRejected(Exception):
-    """A job payload that cannot run. Carries a stable error code and a readable reason."""
-
-    def __init__(self, code: ErrorCode, message: str, *, job_id: str | None = None, batch: str | None = None):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.job_id = job_id
-        self.batch = batch
 
 
 def _printable(text: str, limit: int = 80) -> str:

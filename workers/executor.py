@@ -42,7 +42,7 @@ class CallResult:
     ratelimit: RateLimitInfo | None
     actual_cost: float | None
     latency_ms: float
-    code: str | None = None  # an ErrorCode that ends the job as it is (e.g. response_too_large)
+    code: ErrorCode | None = None  # ends the job as it is (e.g. response_too_large)
     provider_code: str | None = None  # the provider's error code/type (signals.provider_code)
     scope: RateLimitScope | None = None  # a 429's verdict: the key's or this request's (ratelimit_scope.py)
 

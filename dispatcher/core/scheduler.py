@@ -21,8 +21,9 @@ import itertools
 from collections.abc import Iterable
 
 from ratefleet.schemas.outcome import OutcomeKind
+from ratefleet.schemas.result import ErrorCode
 
-from .choice import NO_KEY_AVAILABLE, Chain, Reach, never_runnable, pick_key, reach
+from .choice import Chain, Reach, never_runnable, pick_key, reach
 from .denials import DenialBook
 from .key import KeyState, Marks
 from .keyadmin import KeyAdmin
@@ -122,7 +123,7 @@ class Scheduler(KeyAdmin):
             reason = never_runnable(chain, reaches[job.upstream], job, now)
             if reason is not None:
                 del tier.jobs[index]
-                return Reject(job, NO_KEY_AVAILABLE, reason)
+                return Reject(job, ErrorCode.NO_KEY_AVAILABLE, reason)
             if job.upstream in blocked:
                 continue
             avoid = self._avoid(chain, job, now)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from ratefleet.schemas.internal import OutcomeReport
 from ratefleet.schemas.outcome import OutcomeKind, RateLimitInfo
+from ratefleet.schemas.result import ErrorCode
 
 from .adaptive import AdaptPolicy
 
@@ -157,7 +158,7 @@ class Reject:
     """`job` can never run with the current configuration; `message` says what to change."""
 
     job: PendingJob
-    code: str
+    code: ErrorCode
     message: str
 
 
