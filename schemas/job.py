@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import unquote
 
 from pydantic import (
@@ -42,6 +42,8 @@ FORBIDDEN_HEADERS = frozenset(
      "content-length", "transfer-encoding"}
 )
 Method = Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+_T = TypeVar("_T")
 
 
 def _forbidden(message: str) -> PydanticCustomError:
@@ -72,7 +74,7 @@ def check_header(name: str, value: str, auth_header: str | None = None) -> None:
         raise _invalid(f"header {name!r} value {problem}")
 
 
-def _check_json(value: Any, what: str) -> Any:
+def _check_json(value: _T, what: str) -> _T:
     problem = json_problem(value)
     if problem:
         raise _invalid(f"{what} is not strict JSON: {problem}")

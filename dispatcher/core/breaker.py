@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from enum import StrEnum
+from typing import Any
 
 from aiobreaker import CircuitBreaker, CircuitBreakerError, CircuitBreakerListener
 from aiobreaker.state import CircuitBreakerState
@@ -53,11 +54,11 @@ class _CallFailed(Exception):
     """Marker raised inside `CircuitBreaker.call` to report a failed upstream call."""
 
 
-class _OnStateChange(CircuitBreakerListener):
+class _OnStateChange(CircuitBreakerListener):  # type: ignore[misc]  # aiobreaker ships no type information
     def __init__(self, owner: KeyBreaker) -> None:
         self._owner = owner
 
-    def state_change(self, breaker, old, new) -> None:  # noqa: ANN001 (aiobreaker's API)
+    def state_change(self, breaker: CircuitBreaker, old: Any, new: Any) -> None:  # aiobreaker's CircuitBreakerState (untyped)
         if old is None or old.state is not new.state:
             self._owner._changed(new.state)
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import Any
 
 from ratefleet.schemas.outcome import OutcomeKind, RateLimitInfo
 
@@ -290,7 +291,7 @@ class KeyState:
             if info.remaining_tokens <= 0 and info.reset_tokens_s is not None:
                 self._cool(now, info.reset_tokens_s)
 
-    def snapshot(self, now: float) -> dict:
+    def snapshot(self, now: float) -> dict[str, Any]:
         """The key's part of `Scheduler.snapshot` (JSON-able)."""
         return {
             "pool": self.spec.pool,

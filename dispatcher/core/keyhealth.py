@@ -19,7 +19,7 @@ Only `disable`, `enable` and `settle_probe` change the disabled state.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from ratefleet.schemas.outcome import OutcomeKind
 
@@ -144,7 +144,7 @@ class KeyHealth:
         self.probe_delay_s = min(self.policy.max_s, max(self.policy.base_s, probe_delay_s))
         self.probe_at = now + max(0.0, probe_in_s or 0.0) if by == "provider" else None
 
-    def view(self, now: float) -> dict:
+    def view(self, now: float) -> dict[str, Any]:
         """JSON-able state for status: `state` (enabled/disabled), `disabled_by` (provider,
         operator, or secret when no worker holds it), `disabled_for_s`, `probe_in_s` (None
         when no probe is scheduled), `probe_delay_s`, `secret_missing`. The scheduler adds

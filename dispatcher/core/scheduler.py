@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
+from typing import Any
 
 from ratefleet.schemas.outcome import OutcomeKind
 from ratefleet.schemas.result import ErrorCode
@@ -281,7 +282,7 @@ class Scheduler(KeyAdmin):
 
     # -- status --------------------------------------------------------------------------
 
-    def snapshot(self, now: float) -> dict:
+    def snapshot(self, now: float) -> dict[str, Any]:
         """Tiers and keys as JSON-able dicts (key fields: `KeyState.snapshot`)."""
         now = self._tick(now)
         tiers = {
