@@ -8,8 +8,8 @@ tree: schemas/errors.py) for the failures ratefleet knows about:
              (NoServersError, ConnectionClosedError, ConnectionReconnectingError,
               ConnectionDrainingError, StaleConnectionError, OutboundBufferLimitError,
               UnexpectedEOF, nats' TimeoutError and FlushTimeoutError)
-    nats-py: any other error (JetStream API errors, a missing stream, no responders...)
-                                                          -> NatsError
+    nats-py: a stream or consumer that does not exist     -> NatsError (saying to start the fleet)
+    nats-py: any other error (JetStream API errors, no responders...) -> NatsError
     httpx:   HTTPError, InvalidURL                        -> UpstreamUnavailable
     an exception group (a task group) whose first leaf is one of these -> that leaf, translated
 
@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import httpx
 import nats.errors
+import nats.js.errors
 
 from ratefleet.schemas.errors import NatsError, NatsUnavailable, RatefleetError, UpstreamUnavailable
 
@@ -49,9 +50,12 @@ def translate(exc: BaseException, what: str = "talking to NATS") -> RatefleetErr
     if isinstance(exc, _GONE):
         return NatsUnavailable(f"NATS did not answer or the connection was lost while {what} ({name}); "
                                "check that NATS runs (`ratefleet up`) and that --nats names it")
+    if isinstance(exc, nats.js.errors.NotFoundError):
+        return NatsError(f"NATS has no such stream or consumer ({name}) while {what}; the fleet creates its streams "
+                         "when it starts (`ratefleet up` or `ratefleet dispatcher`)")
     if isinstance(exc, nats.errors.Error):
-        detail = getattr(exc, "description", None) or str(exc)
-        return NatsError(f"NATS refused {what} ({name}{': ' + detail[:200] if detail else ''})")
+        detail = getattr(exc, "description", None)  # JetStream API errors; str() of the others is a repr
+        return NatsError(f"NATS refused {what} ({name}{': ' + str(detail)[:200] if detail else ''})")
     if isinstance(exc, (httpx.HTTPError, httpx.InvalidURL)):
         return UpstreamUnavailable(f"HTTP call failed while {what} ({name}: {str(exc)[:200]})")
     return None
