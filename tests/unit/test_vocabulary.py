@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import re
 import typing
 from pathlib import Path
 
@@ -186,6 +187,19 @@ def test_every_code_a_writer_names_is_an_error_code_member():
                 if isinstance(value, ast.Attribute) and getattr(value.value, "id", None) == "ErrorCode":
                     assert value.attr in ErrorCode.__members__, f"{where}: ErrorCode.{value.attr} does not exist"
     assert checked >= 20
+
+
+def test_no_writer_passes_a_code_through_a_bare_string_variable():
+    """`code = "queue_full" if ... else "submit_failed"; ErrorInfo(code=code, ...)` hides a
+    bare string from the check above: in a module that writes codes, no code-shaped string
+    literal is assigned to a variable named `code`."""
+    writers = {path for name in CODE_ARGUMENT for path, _ in _calls(name)}
+    for path in writers:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "code" for t in node.targets):
+                literals = [c.value for c in ast.walk(node.value) if isinstance(c, ast.Constant)
+                            and isinstance(c.value, str) and re.fullmatch(r"[a-z]+(_[a-z]+)+", c.value)]
+                assert literals == [], f"{path.relative_to(ROOT)}:{node.lineno}: code {literals} as bare strings"
 
 
 def test_no_key_available_is_defined_once():
