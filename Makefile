@@ -16,10 +16,14 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/ratefleet demo
 
-# style gates, run first by `make test`: ruff (lint and import order); the layer contracts
-# (.importlinter) run as tests/unit/test_layers.py
+# style gates, run first by `make test`: ruff (lint and import order), mypy --strict over
+# ratefleet.schemas and ratefleet.dispatcher.core ([tool.mypy] in pyproject.toml; mypy reads the
+# installed layout from the symlink tree tools/package_tree.py builds); the layer contracts
+# (.importlinter) run as tests/unit/test_layers.py, the typing gate also as tests/unit/test_typing.py
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/python tools/package_tree.py .typecheck > /dev/null
+	$(BIN)/mypy
 
 test: install lint
 	$(BIN)/pytest -q
@@ -42,4 +46,4 @@ up: install
 	$(BIN)/ratefleet up
 
 clean:
-	rm -rf $(VENV) .ratefleet .pytest_cache .hypothesis mutants
+	rm -rf $(VENV) .ratefleet .pytest_cache .hypothesis mutants .typecheck .mypy_cache

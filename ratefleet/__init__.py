@@ -17,21 +17,36 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ratefleet.client import Client
     from ratefleet.schemas import Job, Result
-    from ratefleet.schemas.errors import ConfigError, JobInvalid, QueueFull, RatefleetError, RequestTimeout, SubmitError
+    from ratefleet.schemas.errors import (
+        BodyUnavailable,
+        ConfigError,
+        DispatcherUnavailable,
+        JobInvalid,
+        NatsError,
+        NatsUnavailable,
+        QueueFull,
+        RatefleetError,
+        RequestTimeout,
+        SubmitError,
+    )
 
 _EXPORTS = {
     "Client": "ratefleet.client",
     "Job": "ratefleet.schemas",
     "Result": "ratefleet.schemas",
+    "BodyUnavailable": "ratefleet.schemas.errors",
     "ConfigError": "ratefleet.schemas.errors",
+    "DispatcherUnavailable": "ratefleet.schemas.errors",
+    "NatsError": "ratefleet.schemas.errors",
+    "NatsUnavailable": "ratefleet.schemas.errors",
     "JobInvalid": "ratefleet.schemas.errors",
     "QueueFull": "ratefleet.schemas.errors",
     "RatefleetError": "ratefleet.schemas.errors",
     "RequestTimeout": "ratefleet.schemas.errors",
     "SubmitError": "ratefleet.schemas.errors",
 }
-__all__ = ["Client", "ConfigError", "Job", "JobInvalid", "QueueFull", "RatefleetError", "RequestTimeout", "Result",
-           "SubmitError"]
+__all__ = ["BodyUnavailable", "Client", "ConfigError", "DispatcherUnavailable", "Job", "JobInvalid", "NatsError",
+           "NatsUnavailable", "QueueFull", "RatefleetError", "RequestTimeout", "Result", "SubmitError"]
 
 
 def __getattr__(name: str) -> Any:

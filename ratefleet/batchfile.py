@@ -31,7 +31,8 @@ from pathlib import Path
 
 from ratefleet.openai_batch import openai_line_as_job
 from ratefleet.schemas import Job
-from ratefleet.schemas.job import JobRejected, parse_job
+from ratefleet.schemas.errors import JobInvalid, JobRejected
+from ratefleet.schemas.job import parse_job
 
 MAX_ID = 128
 _GENERATED = re.compile(r"-(\d{1,12})-([0-9a-f]{10})$")
@@ -58,8 +59,9 @@ def id_hash(job_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(job_id.encode(), digest_size=8).digest(), "little")
 
 
-class LineError(ValueError):
-    """A line that is not a valid Job; str() is `line N: why`."""
+class LineError(JobInvalid, ValueError):
+    """A line that is not a valid Job; str() is `line N: why`. A JobInvalid (nothing of it
+    is sent) and, as before, a ValueError."""
 
 
 def parse_line(text: str, number: int, batch: str) -> Job:

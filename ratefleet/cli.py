@@ -13,7 +13,6 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import anyio
 import typer
 
 from ratefleet.cli_support import (
@@ -28,11 +27,11 @@ from ratefleet.cli_support import (
     read_text_file,
     require_file,
     require_out_path,
+    run_async,
     tier_help,
 )
 from ratefleet.keys_cmd import keys_app
 from ratefleet.runtime.logs import configure_logging
-from ratefleet.schemas.errors import RatefleetError
 
 _MARKUP = None if plain_output() else "rich"  # NO_COLOR / not a terminal: click's plain help and errors
 app = RatefleetApp(add_completion=False, no_args_is_help=True, rich_markup_mode=_MARKUP,
@@ -74,21 +73,8 @@ def _main(_version_flag: bool = Flag(False, "--version", is_eager=True, callback
 
 
 def _run(coro_fn, *args):
-    """Run a coroutine; RatefleetError -> one line, exit 1; Ctrl-C -> exit 130."""
-    try:
-        return anyio.run(coro_fn, *args)
-    except RatefleetError as exc:
-        fail(str(exc), EXIT_FAILED)
-    except BaseExceptionGroup as group:  # raised inside a task group: report the first of ours
-        ours = group.subgroup(lambda e: isinstance(e, RatefleetError))
-        if ours is None:
-            raise
-        first = ours.exceptions[0]
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        fail(str(first), EXIT_FAILED)
-    except KeyboardInterrupt:
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+    """Run a coroutine; RatefleetError (or a NATS/httpx failure) -> one line, exit 1; Ctrl-C -> exit 130."""
+    return run_async(coro_fn, *args)
 
 
 @app.command()

@@ -12,15 +12,19 @@ import os
 import sys
 import tomllib
 import warnings
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
+import anyio
 import typer
 from rich.console import Console
 
+from ratefleet.runtime.edge import translate
 from ratefleet.schemas.config import DEFAULT_TIERS, Config, ConfigError, config_path, load_config
 
+T = TypeVar("T")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 PIPE_WIDTH = 200  # columns of a console that is not a terminal and has no $COLUMNS
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what the shell reports for a standard tool whose reader went away
@@ -61,6 +65,24 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     """Print `error: <message>` as one line on stderr and exit with `code` (2 unless said otherwise)."""
     _print_error(one_line(message))
     raise typer.Exit(code)
+
+
+def run_async(coro_fn: Callable[..., Awaitable[T]], *args: object) -> T:
+    """Run a command's coroutine. A ratefleet error, or a NATS/httpx failure it stands for
+    (runtime/edge.py), becomes one line and exit 1 (the first one of a task group's errors);
+    Ctrl-C exits 130; anything else (a bug) keeps its traceback."""
+    try:
+        return anyio.run(coro_fn, *args)
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except BaseException as exc:
+        known: BaseException | None = exc
+        if isinstance(exc, BaseExceptionGroup):  # raised inside a task group: the first error we know
+            known = exc.subgroup(lambda e: not isinstance(e, BaseExceptionGroup) and translate(e) is not None)
+        ours = translate(known, "running the command") if known is not None else None
+        if ours is None:
+            raise
+        fail(str(ours), EXIT_FAILED)
 
 
 def require_file(path: Path, what: str = "input file") -> Path:

@@ -20,17 +20,19 @@ from typing import Any
 
 import anyio
 from nats.aio.client import Client as NatsClient
+from nats.errors import NoRespondersError
 from nats.js.api import DeliverPolicy
 from pydantic import ValidationError
 
 from ratefleet.runtime.bodies import BodyStore
 from ratefleet.runtime.connect import connect
+from ratefleet.runtime.edge import translated
 from ratefleet.runtime.pubpipe import PublishPipe
 from ratefleet.runtime.store import MSG_ID, TRANSIENT, publish_job, publish_job_ack, read_result
 from ratefleet.schemas import Job, Result, Subjects
 from ratefleet.schemas.config import DEFAULT_NATS_URL
-from ratefleet.schemas.errors import JobInvalid, RequestTimeout, SubmitError
-from ratefleet.schemas.job import JobRejected, describe_validation_error, job_size_limit
+from ratefleet.schemas.errors import DispatcherUnavailable, JobInvalid, JobRejected, RequestTimeout, SubmitError
+from ratefleet.schemas.job import describe_validation_error, job_size_limit
 
 JobLike = Job | dict[str, Any]
 
@@ -66,6 +68,11 @@ def as_job(job: JobLike, *, batch: str | None = None) -> Job:
 
 
 class Client:
+    """A producer's connection to the fleet: submit jobs, request one Result, read results,
+    ask for the status. Every failure ratefleet knows about is raised as a RatefleetError
+    subclass (schemas/errors.py); nats-py and httpx exceptions never reach the caller
+    (they are translated at runtime/edge.py)."""
+
     def __init__(self, nc: NatsClient, prefix: str = "ratefleet"):
         self.nc = nc
         self.js = nc.jetstream()
@@ -83,10 +90,12 @@ class Client:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    @translated("closing the connection")
     async def close(self) -> None:
         if not self.nc.is_closed:
             await self.nc.drain()
 
+    @translated("storing a job")
     async def submit(self, job: JobLike, tier: str, *, batch: str | None = None) -> str:
         """Store one job durably and return its id. Raises QueueFull, JobInvalid, SubmitError."""
         model = as_job(job, batch=batch)
@@ -114,6 +123,7 @@ class Client:
             raise JobInvalid(f"job {model.id} is {len(payload)} bytes; the limit is {limit} ({source})")
         return payload
 
+    @translated("storing jobs")
     async def submit_many(self, jobs: Iterable[JobLike], tier: str, *, batch: str | None = None,
                           concurrency: int = 256, progress: Callable[[int], None] | None = None) -> list[str]:
         """Store many jobs, `concurrency` publishes in flight; returns their ids in order.
@@ -148,6 +158,7 @@ class Client:
             raise
         return [model.id for model in models]
 
+    @translated("storing jobs")
     async def submit_stream(self, jobs: Iterable[Job], tier: str, *, window: int = 1024,
                             ack_timeout: float = 10.0) -> AsyncIterator[Stored]:
         """Store validated jobs (with ids) as they come, yielding a `Stored` for each, in order.
@@ -202,6 +213,7 @@ class Client:
         except Exception:  # noqa: BLE001 - acked and removed, or not a job: nothing queued there
             return None
 
+    @translated("requesting a job's result")
     async def request(self, job: JobLike, tier: str, *, timeout: float = 30.0) -> Result:
         """Submit one job and wait for its Result (over the reply inbox), its body fetched
         when the reply carries a `body_ref`. Raises RequestTimeout, BodyUnavailable, SubmitError."""
@@ -226,12 +238,14 @@ class Client:
         finally:
             await sub.unsubscribe()
 
+    @translated("reading a stored result")
     async def stored_result(self, job_id: str, batch: str | None = None) -> Result | None:
         """The stored Result of one job (its body fetched when it has a `body_ref`), or None
         when it has none yet. Raises BodyUnavailable when the referenced body is gone."""
         data = await read_result(self.js, self.subjects, job_id, "*" if batch is None else batch)
         return None if data is None else await self.bodies.resolve(Result.from_json(data))
 
+    @translated("reading results")
     async def results(self, batch: str | None = None, *, follow: bool = False,
                       idle_timeout: float = 1.0) -> AsyncIterator[Result]:
         """Results of a batch (`None`: jobs without a batch). Stops when caught up unless `follow`.
@@ -256,13 +270,16 @@ class Client:
             except Exception:  # noqa: BLE001 - the connection is already closing: nothing to undo
                 pass
 
+    @translated("asking a dispatcher for the fleet's status")
     async def status(self, timeout: float = 3.0) -> dict:
-        """The fleet's status (tiers, keys, workers) from a dispatcher."""
+        """The fleet's status (tiers, keys, workers) from the leader dispatcher. Raises
+        DispatcherUnavailable when none answers within `timeout` seconds, NatsUnavailable
+        when NATS itself is gone."""
         try:
             reply = await self.nc.request(self.subjects.admin_status, b"", timeout=timeout)
-        except Exception as exc:  # noqa: BLE001 - nobody answers
-            raise SubmitError(f"no dispatcher answered {self.subjects.admin_status} ({type(exc).__name__}); "
-                              "is `ratefleet up` or `ratefleet dispatcher` running?") from None
+        except (NoRespondersError, TimeoutError) as exc:  # (nats' TimeoutError is a TimeoutError)
+            raise DispatcherUnavailable(f"no dispatcher answered {self.subjects.admin_status} ({type(exc).__name__}); "
+                                        "is `ratefleet up` or `ratefleet dispatcher` running?") from None
         return json.loads(reply.data)
 
 

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from ratefleet.cli_support import make_console
+from ratefleet.cli_support import make_console, run_async
 from ratefleet.client import Client
 from ratefleet.localfleet import KeyLimit, LocalFleet
 
@@ -35,7 +35,7 @@ def _job(i: int, tier: str) -> dict:
 def run_demo(guest_jobs: int = 400, vip_jobs: int = 20, workers: int = 2) -> int:
     keys = [KeyLimit(key_id, rps, 2) for key_id, rps in DEMO_KEYS.items()]
     with LocalFleet(keys, workers=workers, slots=32) as fleet:
-        return anyio.run(_drive, make_console(), fleet, guest_jobs, vip_jobs)
+        return run_async(_drive, make_console(), fleet, guest_jobs, vip_jobs)
 
 
 async def _drive(console: Console, fleet: LocalFleet, guest_jobs: int, vip_jobs: int) -> int:

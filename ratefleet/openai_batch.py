@@ -25,11 +25,12 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from ratefleet.schemas import Result
+from ratefleet.schemas.errors import RatefleetError
 
 INPUT_FIELDS = frozenset({"custom_id", "method", "url", "body"})
 
 
-class NotAnOpenAILine(Exception):
+class NotAnOpenAILine(RatefleetError):
     """The line is not an OpenAI Batch input line (it is read as a Job instead)."""
 
 

@@ -32,7 +32,7 @@ import typer
 from rich.console import Console
 
 from ratefleet.batches import BatchRecord, InputOrder, load_record
-from ratefleet.cli_support import EXIT_FAILED, client_target, fail, make_console, require_out_path
+from ratefleet.cli_support import client_target, fail, make_console, require_out_path, run_async
 from ratefleet.client import Client
 from ratefleet.openai_batch import format_result
 from ratefleet.phases import Phases
@@ -40,7 +40,6 @@ from ratefleet.results_replays import Replays, replay_of, scan_replays
 from ratefleet.runtime.connect import redact_url
 from ratefleet.schemas import Result
 from ratefleet.schemas.config import DEFAULT_NATS_URL
-from ratefleet.schemas.errors import RatefleetError
 from ratefleet.schemas.subjects import is_token
 
 RECORD_POLL_S = 2.0
@@ -161,10 +160,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _run(fn, *args):
-    try:
-        return anyio.run(fn, *args)
-    except RatefleetError as exc:
-        fail(str(exc), EXIT_FAILED)
+    return run_async(fn, *args)
 
 
 async def _collect_batch(console: Console, batch: str, wait: bool, out: Path | None, by_input: bool,

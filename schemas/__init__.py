@@ -7,7 +7,6 @@ which is not part of the public contract.
 
 from ratefleet.schemas.config import (
     Config,
-    ConfigError,
     DispatcherConfig,
     KeyConfig,
     PoolConfig,
@@ -17,7 +16,8 @@ from ratefleet.schemas.config import (
     WorkersConfig,
     load_config,
 )
-from ratefleet.schemas.job import HttpRequest, Job, JobRejected, parse_job
+from ratefleet.schemas.errors import ConfigError, JobRejected
+from ratefleet.schemas.job import HttpRequest, Job, parse_job
 from ratefleet.schemas.result import BodyRef, ErrorCode, ErrorInfo, ResponseInfo, Result, ResultStatus, Timings
 from ratefleet.schemas.subjects import TOKEN_PATTERN, Subjects, is_token
 

@@ -11,7 +11,7 @@ import os
 import tomllib
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
@@ -199,7 +199,7 @@ class Config(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _defaults(cls, data: dict) -> dict:
+    def _defaults(cls, data: Any) -> Any:
         if isinstance(data, dict) and not data.get("tiers"):
             pools = list((data.get("pools") or {}).keys())
             data = {**data, "tiers": {name: {"weight": w, "pools": pools} for name, w in DEFAULT_TIERS}}
@@ -256,7 +256,7 @@ class Config(_Strict):
         return {key.id: key for pool in self.pools.values() for key in pool.keys}
 
 
-def config_path(explicit: str | os.PathLike | None) -> Path | None:
+def config_path(explicit: str | os.PathLike[str] | None) -> Path | None:
     """The config file to use: explicit, else $RATEFLEET_CONFIG, else ./ratefleet.toml if present."""
     if explicit:
         return Path(explicit)
@@ -266,7 +266,7 @@ def config_path(explicit: str | os.PathLike | None) -> Path | None:
     return default if default.exists() else None
 
 
-def parse_config(data: dict, *, source: str = "<config>") -> Config:
+def parse_config(data: dict[str, Any], *, source: str = "<config>") -> Config:
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
@@ -282,11 +282,11 @@ def parse_config(data: dict, *, source: str = "<config>") -> Config:
     return config
 
 
-def load_config(path: str | os.PathLike | None = None, *, nats_url: str | None = None) -> Config:
+def load_config(path: str | os.PathLike[str] | None = None, *, nats_url: str | None = None) -> Config:
     """Load and validate the config; raise ConfigError naming the file, the field and why."""
     found = config_path(path)
     if found is None:
-        data: dict = {}
+        data: dict[str, Any] = {}
         source = "<defaults>"
     else:
         source = str(found)

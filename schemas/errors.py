@@ -1,19 +1,29 @@
-"""The ratefleet error tree. Exceptions from nats-py and httpx are translated at the edge.
+"""The ratefleet error tree: every exception ratefleet raises on purpose, and every
+failure of NATS or of an HTTP call that ratefleet knows about, reaches a caller of the
+Client or the CLI as one of these (nats-py and httpx exceptions are translated at one
+edge, ratefleet/runtime/edge.py; the upstream calls of jobs become outcomes instead,
+workers/executor.py).
 
     RatefleetError
     ├── ConfigError                       bad configuration, names file, field and why
-    ├── NatsUnavailable                   no NATS server could be reached or started
+    ├── NatsError                         NATS failed or refused an operation (the nats-py error is named)
+    │   └── NatsUnavailable               no NATS server could be reached or started, or the connection is gone
+    ├── DispatcherUnavailable             no dispatcher answered a request only the leader serves (status)
     ├── SubmitError                       a job could not be stored
     │   ├── QueueFull                     RATEFLEET_JOBS is at its limits (discard-new)
     │   └── JobInvalid                    the job fails validation before it is sent
+    ├── JobRejected                       a job payload that cannot run: a stable ErrorCode and the reason
     ├── RequestTimeout                    no Result arrived in time for a request
     ├── SecretUnavailable                 a worker cannot resolve a key's secret
     ├── ResultNotStored                   the results stream refused a Result and holds none for the job
     ├── BodyUnavailable                   a Result's body_ref cannot be fetched or does not match
-    └── InvalidRequest                    a job's HTTP request cannot be built (the job's fault)
+    ├── InvalidRequest                    a job's HTTP request cannot be built (the job's fault)
+    └── UpstreamUnavailable               an HTTP call ratefleet makes outside a job failed (the demo's upstream)
 """
 
 from __future__ import annotations
+
+from ratefleet.schemas.result import ErrorCode
 
 
 class RatefleetError(Exception):
@@ -24,8 +34,19 @@ class ConfigError(RatefleetError):
     """The configuration cannot be used; the message names the file, the field and why."""
 
 
-class NatsUnavailable(RatefleetError):
-    """No NATS server could be reached (or started); the message says what to do."""
+class NatsError(RatefleetError):
+    """NATS failed or refused an operation ratefleet does not handle by itself (a JetStream
+    API error, a stream that does not exist...); the message names the nats-py error."""
+
+
+class NatsUnavailable(NatsError):
+    """No NATS server could be reached (or started), or the connection was lost or timed
+    out during an operation; the message says what to do."""
+
+
+class DispatcherUnavailable(RatefleetError):
+    """No dispatcher answered a request that only the leader serves (`Client.status()`):
+    none runs, or none is leader yet. NATS itself is reachable."""
 
 
 class SubmitError(RatefleetError):
@@ -38,6 +59,19 @@ class QueueFull(SubmitError):
 
 class JobInvalid(SubmitError):
     """The job fails validation; nothing was sent."""
+
+
+class JobRejected(RatefleetError):
+    """A job payload that cannot run (schemas.job.parse_job, the dispatcher's intake and
+    request/reply). `code` is the stable ErrorCode for its Result, `message` the readable
+    reason; `job_id` and `batch` when the payload named them (for its Result)."""
+
+    def __init__(self, code: ErrorCode, message: str, *, job_id: str | None = None, batch: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.job_id = job_id
+        self.batch = batch
 
 
 class RequestTimeout(RatefleetError):
@@ -69,5 +103,11 @@ class InvalidRequest(RatefleetError):
     cannot be serialised). The job's fault: it ends `invalid`, nothing is called, no retry."""
 
 
-__all__ = ["BodyUnavailable", "ConfigError", "InvalidRequest", "JobInvalid", "NatsUnavailable", "QueueFull",
-           "RatefleetError", "RequestTimeout", "ResultNotStored", "SecretUnavailable", "SubmitError"]
+class UpstreamUnavailable(RatefleetError):
+    """An HTTP call ratefleet makes outside a job (the demo reading its mock upstream's
+    statistics) found no answer or an error status; the message names the httpx error."""
+
+
+__all__ = ["BodyUnavailable", "ConfigError", "DispatcherUnavailable", "InvalidRequest", "JobInvalid", "JobRejected",
+           "NatsError", "NatsUnavailable", "QueueFull", "RatefleetError", "RequestTimeout", "ResultNotStored",
+           "SecretUnavailable", "SubmitError", "UpstreamUnavailable"]

@@ -18,11 +18,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-Epoch = tuple[int, int]
+from ratefleet.schemas.outcome import OutcomeKind, RateLimitInfo
 
-# "key_error": key-scoped evidence (invalid_api_key, insufficient_quota...); "denied": a 401/403
-# that does not say whether the key or the request is at fault (schemas/signals.py)
-OutcomeKind = Literal["ok", "rate_limited", "key_error", "denied", "upstream_error", "bad_request", "none"]
+Epoch = tuple[int, int]
 
 
 class Assignment(BaseModel):
@@ -54,14 +52,18 @@ class LeaderAnnounce(BaseModel):
 
 
 class OutcomeReport(BaseModel):
+    """What one assignment came to, sent by the worker after the job is finished or sent
+    back (`terminal`: whether it ended). `kind`, `ratelimit`: see schemas/outcome.py;
+    `latency_ms`: the call's duration in milliseconds; `actual_cost`: in the pool's cost unit."""
+
     assignment: str
     worker: str
     key_id: str
     job_id: str
-    kind: OutcomeKind  # "none": no call was made (expired, invalid, secret missing)
+    kind: OutcomeKind  # the JSON values of OutcomeKind; "none": no call was made (expired, invalid, secret missing)
     status: int | None = None
     retry_after_s: float | None = None
-    ratelimit: dict[str, float | None] | None = None
+    ratelimit: RateLimitInfo | None = None  # a JSON object with RateLimitInfo's fields
     actual_cost: float | None = None
     latency_ms: float | None = None
     terminal: bool = True

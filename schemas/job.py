@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import unquote
 
 from pydantic import (
@@ -29,6 +29,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError, PydanticSerializationError
 
+from ratefleet.schemas.errors import JobRejected
 from ratefleet.schemas.result import ErrorCode
 from ratefleet.schemas.subjects import TOKEN_PATTERN
 from ratefleet.schemas.wire import MAX_JSON_DEPTH, header_value_problem, is_field_name, json_problem, text_problem
@@ -41,6 +42,8 @@ FORBIDDEN_HEADERS = frozenset(
      "content-length", "transfer-encoding"}
 )
 Method = Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+_T = TypeVar("_T")
 
 
 def _forbidden(message: str) -> PydanticCustomError:
@@ -71,7 +74,7 @@ def check_header(name: str, value: str, auth_header: str | None = None) -> None:
         raise _invalid(f"header {name!r} value {problem}")
 
 
-def _check_json(value: Any, what: str) -> Any:
+def _check_json(value: _T, what: str) -> _T:
     problem = json_problem(value)
     if problem:
         raise _invalid(f"{what} is not strict JSON: {problem}")
@@ -196,17 +199,6 @@ class Job(BaseModel):
 
 def new_job_id() -> str:
     return uuid.uuid4().hex
-
-
-class JobRejected(Exception):
-    """A job payload that cannot run. Carries a stable error code and a readable reason."""
-
-    def __init__(self, code: ErrorCode, message: str, *, job_id: str | None = None, batch: str | None = None):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.job_id = job_id
-        self.batch = batch
 
 
 def _printable(text: str, limit: int = 80) -> str:

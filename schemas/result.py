@@ -13,7 +13,9 @@ ResultStatus = Literal["succeeded", "failed", "expired", "invalid"]
 
 
 class ErrorCode(StrEnum):
-    """Stable error codes carried in `Result.error.code`."""
+    """Stable error codes carried in `Result.error.code`: the only codes any part of
+    ratefleet writes (tests/unit/test_vocabulary.py checks the writers). Codes are only ever
+    added, never renamed or removed, so every Result stored so far still parses."""
 
     INVALID_JOB = "invalid_job"
     UNKNOWN_TIER = "unknown_tier"
@@ -31,10 +33,16 @@ class ErrorCode(StrEnum):
     REQUEST_DENIED = "request_denied"  # 401/403 on two keys: the request is refused, not the keys
     RESULT_NOT_STORED = "result_not_stored"  # NATS refused the answer (bucket/stream full): not called again
     REQUEST_TOO_LARGE = "request_too_large"  # a 429 saying the request exceeds the whole limit: never fits
+    # only in the reply to `ratefleet.rpc.<tier>` (nothing is stored): the job was not stored
+    QUEUE_FULL = "queue_full"  # RATEFLEET_JOBS is at its limits (discard-new)
+    SUBMIT_FAILED = "submit_failed"  # any other refusal or failure of the JOBS publish
 
 
 class ErrorInfo(BaseModel):
-    code: str
+    """Why a job did not succeed: a stable `code` (ErrorCode; its JSON value is the code's
+    string) and a readable `message` (never a secret)."""
+
+    code: ErrorCode
     message: str
 
 

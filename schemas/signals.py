@@ -45,6 +45,7 @@ import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 from ratefleet.schemas.outcome import OutcomeKind, RateLimitInfo
 
@@ -89,6 +90,7 @@ def parse_duration(value: str | None) -> float | None:
     text = value.strip()
     if not text:
         return None
+    seconds: float | None
     try:
         seconds = float(text)
     except ValueError:
@@ -152,7 +154,10 @@ def _reset(value: str | None, now_epoch: float | None) -> float | None:
     return None if now_epoch is None else max(0.0, when.timestamp() - now_epoch)
 
 
-def _triple(lower: Mapping[str, str], names: tuple[str, str, str], now_epoch: float | None):
+_Triple = tuple[float | None, float | None, float | None]  # limit, remaining, seconds to reset
+
+
+def _triple(lower: Mapping[str, str], names: tuple[str, str, str], now_epoch: float | None) -> _Triple:
     limit, remaining, reset = (lower.get(name) for name in names)
     return _leading_number(limit), _leading_number(remaining), _reset(reset, now_epoch)
 
@@ -174,14 +179,15 @@ _TOKEN_FAMILIES = (
 )
 
 
-def _first_family(lower: Mapping[str, str], families, now_epoch: float | None):
+def _first_family(lower: Mapping[str, str], families: tuple[tuple[str, str, str], ...],
+                  now_epoch: float | None) -> _Triple:
     for names in families:
         if any(name in lower for name in names):
             return _triple(lower, names, now_epoch)
     return None, None, None
 
 
-def _structured(lower: Mapping[str, str]) -> tuple[float | None, float | None, float | None]:
+def _structured(lower: Mapping[str, str]) -> _Triple:
     """`RateLimit: "default";r=50;t=30` with `RateLimit-Policy: "default";q=100;w=60`
     (draft-ietf-httpapi-ratelimit-headers-07 and later), or the older
     `RateLimit: limit=100, remaining=50, reset=5`."""
@@ -244,7 +250,7 @@ def provider_code(body: object) -> str | None:
     return (known or found or [None])[0]
 
 
-def _google_reasons(error: dict) -> list[str]:
+def _google_reasons(error: dict[str, Any]) -> list[str]:
     """Key-scoped `reason`s of the ErrorInfo entries in a Google error's `details`."""
     details = error.get("details")
     if not isinstance(details, list):
@@ -264,25 +270,19 @@ def _code_text(value: object) -> str | None:
 def classify(status: int | None, error: str | None, code: str | None = None) -> OutcomeKind:
     """The outcome class of one call from its status and provider `code` (module docstring)."""
     if status is None:
-        return "upstream_error"
+        return OutcomeKind.UPSTREAM_ERROR
     if 200 <= status < 300:
-        return "ok"
+        return OutcomeKind.OK
     if code in KEY_SCOPED_CODES:
-        return "key_error"
+        return OutcomeKind.KEY_ERROR
     if code in OVERLOADED_CODES:
-        return "upstream_error"
+        return OutcomeKind.UPSTREAM_ERROR
     if status == 402:  # Payment Required: the account behind the key is out of credit
-        return "key_error"
+        return OutcomeKind.KEY_ERROR
     if status == 429:
-        return "rate_limited"
+        return OutcomeKind.RATE_LIMITED
     if status in (401, 403):
-        return "denied"
+        return OutcomeKind.DENIED
     if status == 408 or status >= 500:
-        return "upstream_error"
-    return "bad_request"
-
-
-def is_retryable(kind: OutcomeKind) -> bool:
-    """Whether a job with this outcome should be tried again (on any key); a `denied` job
-    is tried once more on another key (the scheduler decides whether one is left)."""
-    return kind in ("rate_limited", "upstream_error", "denied")
+        return OutcomeKind.UPSTREAM_ERROR
+    return OutcomeKind.BAD_REQUEST

@@ -126,7 +126,7 @@ def _short(where: str, limit: int = 60) -> str:
     return where if len(where) <= limit else f"{where[:limit - 24]}...{where[-20:]}"
 
 
-def _object_problem(value: dict, where: str, depth: int) -> str | None:
+def _object_problem(value: dict[Any, Any], where: str, depth: int) -> str | None:
     for key, item in value.items():
         if not isinstance(key, (str, int, float, bool)) and key is not None:
             return f"{_short(where)} has the key {key!r:.40} ({type(key).__name__}); JSON object keys are strings"

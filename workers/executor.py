@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -20,7 +20,7 @@ from pydantic_core import PydanticCustomError
 from ratefleet.schemas import ErrorCode, Job, ResponseInfo, UpstreamConfig
 from ratefleet.schemas.errors import InvalidRequest
 from ratefleet.schemas.job import check_header
-from ratefleet.schemas.outcome import RateLimitInfo
+from ratefleet.schemas.outcome import OutcomeKind, RateLimitInfo
 from ratefleet.schemas.ratelimit_scope import RateLimitScope, rate_limit_scope
 from ratefleet.schemas.signals import classify, parse_ratelimit, parse_retry_after, provider_code
 from ratefleet.workers.body import body_fields, read_capped
@@ -37,14 +37,14 @@ except ImportError:  # pragma: no cover - a future httpx: assume the always-pres
 class CallResult:
     """What one upstream call produced, already classified for the dispatcher."""
 
-    kind: str
+    kind: OutcomeKind
     response: ResponseInfo | None
     error: str | None
     retry_after_s: float | None
-    ratelimit: dict[str, float | None] | None
+    ratelimit: RateLimitInfo | None
     actual_cost: float | None
     latency_ms: float
-    code: str | None = None  # an ErrorCode that ends the job as it is (e.g. response_too_large)
+    code: ErrorCode | None = None  # ends the job as it is (e.g. response_too_large)
     provider_code: str | None = None  # the provider's error code/type (signals.provider_code)
     scope: RateLimitScope | None = None  # a 429's verdict: the key's or this request's (ratelimit_scope.py)
 
@@ -139,7 +139,7 @@ class UpstreamExecutor:
         except TimeoutError:
             return self._failed("timeout", f"the call did not finish within timeout_s = {upstream.timeout_s}s "
                                 "(connect, send, headers and body)", started)
-        return _scoped(result, job.cost) if result.kind == "rate_limited" else result
+        return _scoped(result, job.cost) if result.kind == OutcomeKind.RATE_LIMITED else result
 
     async def _send(self, built: httpx.Request, upstream: UpstreamConfig, secret: str, started: float,
                     on_chunk: ChunkSink | None = None) -> CallResult:
@@ -161,25 +161,22 @@ class UpstreamExecutor:
             return self._too_large(response, secret, latency_ms)
         info = _response_info(response, raw, secret)
         cost = _dig(info.json_body, upstream.usage_path) if upstream.usage_path else None
-        limit = parse_ratelimit(response.headers, time.time())
         code = None if response.is_success else provider_code(info.json_body)
         return CallResult(
             kind=classify(response.status_code, None, code), response=info, error=None, provider_code=code,
             retry_after_s=parse_retry_after(response.headers.get("retry-after"), time.time()),
-            ratelimit=None if limit is None else asdict(limit),
-            actual_cost=cost, latency_ms=latency_ms,
+            ratelimit=parse_ratelimit(response.headers, time.time()), actual_cost=cost, latency_ms=latency_ms,
         )
 
     def _too_large(self, response: httpx.Response, secret: str, latency_ms: float) -> CallResult:
         """The body passed max_response_bytes: final for the job (asking again would cost
         another call for the same answer), and no fault of the key (the upstream answered)."""
-        limit = parse_ratelimit(response.headers, time.time())
         info = _response_info(response, b"", secret)
         message = (f"the upstream's answer (HTTP {response.status_code}, "
                    f"{info.headers.get('content-type') or 'no content-type'}) is larger than "
                    f"workers.max_response_bytes = {self._max_response_bytes} bytes; reading stopped there")
-        return CallResult(kind="bad_request", response=info, error=message,
-                          retry_after_s=None, ratelimit=None if limit is None else asdict(limit), actual_cost=None,
+        return CallResult(kind=OutcomeKind.BAD_REQUEST, response=info, error=message,
+                          retry_after_s=None, ratelimit=parse_ratelimit(response.headers, time.time()), actual_cost=None,
                           latency_ms=latency_ms, code=ErrorCode.RESPONSE_TOO_LARGE)
 
     @staticmethod
@@ -198,11 +195,10 @@ def _event_stream(response: httpx.Response) -> bool:
 def _scoped(result: CallResult, cost: float) -> CallResult:
     """A 429 with its scope; one that can never fit ends the job (`request_too_large`) and is
     reported as a bad request (the job's fault, like a 413), so the key is left alone."""
-    info = RateLimitInfo.from_dict(result.ratelimit) if result.ratelimit else None
     body = result.response.json_body if result.response is not None else None
-    scope = rate_limit_scope(info, body, cost)
+    scope = rate_limit_scope(result.ratelimit, body, cost)
     if scope is None or not scope.never_fits:
         return replace(result, scope=scope)
     message = (f"the upstream answered 429 because this request {scope.describe_too_large()} "
                f"({scope.reason}); waiting cannot make it fit, so it is not retried: make the request smaller")
-    return replace(result, kind="bad_request", scope=scope, code=ErrorCode.REQUEST_TOO_LARGE, error=message)
+    return replace(result, kind=OutcomeKind.BAD_REQUEST, scope=scope, code=ErrorCode.REQUEST_TOO_LARGE, error=message)

@@ -29,13 +29,13 @@ from ratefleet.schemas import Config, ErrorCode, ErrorInfo, Job, Result, Subject
 from ratefleet.schemas.errors import InvalidRequest, SecretUnavailable
 from ratefleet.schemas.internal import Assignment, Epoch, Heartbeat, InFlight, LeaderAnnounce, OutcomeReport
 from ratefleet.schemas.job import describe_validation_error
+from ratefleet.schemas.outcome import OutcomeKind, is_retryable
 from ratefleet.workers.executor import CallResult, UpstreamExecutor, build_client
 from ratefleet.workers.relay import chunk_relay
 from ratefleet.workers.secrets import SecretResolver
 from ratefleet.workers.unstored import refused, unstorable
 
 log = get_logger("ratefleet.worker")
-RETRYABLE = {"rate_limited", "upstream_error", "key_error", "denied"}
 
 
 # after grace_s, a drain waits up to this long (seconds) for the Results of calls that are
@@ -293,7 +293,7 @@ class Worker:
     async def _conclude(self, a: Assignment, call: CallResult, queued_ms: float) -> None:
         """Finish or requeue the job, then report the outcome (so a worker killed in between
         still lists the assignment in flight and the dispatcher returns it at once)."""
-        retryable = call.kind in RETRYABLE and not (call.kind == "denied" and a.denial_final)
+        retryable = is_retryable(call.kind, denial_final=a.denial_final)
         throttled = call.kind == "rate_limited"  # a wait, not an attempt: its own budget
         terminal = bool(call.code) or (a.rate_limited + 1 >= a.max_rate_limited if throttled
                                        else not retryable or a.attempt >= a.max_attempts)
@@ -363,7 +363,7 @@ class Worker:
             error = ErrorInfo(code=ErrorCode.RATE_LIMITED, message=_rate_limited_message(a, call))
         elif call.kind == "denied" and a.denial_final:
             error = _request_denied(a, call)
-        elif call.kind in RETRYABLE:
+        elif is_retryable(call.kind):
             what = f"HTTP {call.response.status}" if call.response else call.error
             error = ErrorInfo(code=ErrorCode.ATTEMPTS_EXHAUSTED, message=f"gave up after {a.attempt} attempts; last: {what}")
         else:
@@ -382,7 +382,7 @@ class Worker:
     async def _report(self, a: Assignment, call: CallResult | None, *, terminal: bool) -> None:
         report = OutcomeReport(
             assignment=a.id, worker=self.id, key_id=a.key_id, job_id=a.job_id, terminal=terminal,
-            kind=call.kind if call else "none", status=call.response.status if call and call.response else None,
+            kind=call.kind if call else OutcomeKind.NONE, status=call.response.status if call and call.response else None,
             retry_after_s=call.retry_after_s if call else None, ratelimit=call.ratelimit if call else None,
             actual_cost=call.actual_cost if call else None, latency_ms=call.latency_ms if call else None,
             code=call.provider_code if call else None,

@@ -14,7 +14,8 @@
     specs and values    types.py
 """
 
-from ratefleet.schemas.signals import classify, is_retryable, parse_duration, parse_ratelimit, parse_retry_after, provider_code
+from ratefleet.schemas.outcome import OutcomeKind, RateLimitInfo, is_retryable
+from ratefleet.schemas.signals import classify, parse_duration, parse_ratelimit, parse_retry_after, provider_code
 
 from .adaptive import AdaptiveRate, AdaptPolicy, header_rate
 from .breaker import BreakerState, KeyBreaker
@@ -28,11 +29,9 @@ from .types import (
     Idle,
     KeySpec,
     Outcome,
-    OutcomeKind,
     PendingJob,
     PoolSpec,
     ProbePolicy,
-    RateLimitInfo,
     Reject,
     Reservation,
     SchedulerSpec,

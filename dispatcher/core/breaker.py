@@ -25,11 +25,14 @@ from __future__ import annotations
 
 from datetime import timedelta
 from enum import StrEnum
+from typing import Any
 
 from aiobreaker import CircuitBreaker, CircuitBreakerError, CircuitBreakerListener
 from aiobreaker.state import CircuitBreakerState
 
-from .types import BreakerPolicy, OutcomeKind
+from ratefleet.schemas.outcome import OutcomeKind
+
+from .types import BreakerPolicy
 
 
 class BreakerState(StrEnum):
@@ -51,22 +54,22 @@ class _CallFailed(Exception):
     """Marker raised inside `CircuitBreaker.call` to report a failed upstream call."""
 
 
-class _OnStateChange(CircuitBreakerListener):
+class _OnStateChange(CircuitBreakerListener):  # type: ignore[misc]  # aiobreaker ships no type information
     def __init__(self, owner: KeyBreaker) -> None:
         self._owner = owner
 
-    def state_change(self, breaker, old, new) -> None:  # noqa: ANN001 (aiobreaker's API)
+    def state_change(self, breaker: CircuitBreaker, old: Any, new: Any) -> None:  # aiobreaker's CircuitBreakerState (untyped)
         if old is None or old.state is not new.state:
             self._owner._changed(new.state)
 
 
 def verdict(kind: OutcomeKind, probe: bool) -> bool | None:
     """True = success, False = failure, None = does not feed the breaker."""
-    if kind == "upstream_error":
+    if kind == OutcomeKind.UPSTREAM_ERROR:
         return False
-    if kind == "ok":
+    if kind == OutcomeKind.OK:
         return True
-    if probe and kind in ("rate_limited", "bad_request"):
+    if probe and kind in (OutcomeKind.RATE_LIMITED, OutcomeKind.BAD_REQUEST):
         return True
     return None
 

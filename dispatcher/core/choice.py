@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from .key import KeyState
 from .types import PendingJob
 
-NO_KEY_AVAILABLE = "no_key_available"
-
 
 @dataclass(frozen=True)
 class Chain:

@@ -31,12 +31,15 @@ from __future__ import annotations
 import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import Any
+
+from ratefleet.schemas.outcome import OutcomeKind, RateLimitInfo
 
 from .adaptive import AdaptiveRate, AdaptPolicy, header_rate
 from .breaker import KeyBreaker
 from .bucket import TokenBucket
 from .keyhealth import KeyHealth
-from .types import BreakerPolicy, CooldownPolicy, KeySpec, Outcome, ProbePolicy, RateLimitInfo
+from .types import BreakerPolicy, CooldownPolicy, KeySpec, Outcome, ProbePolicy
 
 _MAX_DOUBLINGS = 62
 SENT_WINDOW_S = 2.0  # the rate a key was actually sent at is measured over this window
@@ -171,26 +174,26 @@ class KeyState:
         only), disable on key-scoped evidence, ratelimit resync, rate climb. `sent_at`: when
         the call was dispatched (None when unknown: then a 429 counts as fresh); `job_id`:
         the job it was for (None when unknown). Returns whether the key was disabled by it."""
-        if outcome.kind == "lost":
+        if outcome.kind == OutcomeKind.NONE:
             return False
         self.answered = True
         self._count(outcome)
         disabled = False
         fresh = sent_at is None or sent_at >= self.throttled_at
-        if outcome.kind == "ok":
+        if outcome.kind == OutcomeKind.OK:
             if fresh:
                 self.streak_429 = 0
             self.ok_at = now
             self.request_rate.on_success(now)
             if self.cost_rate is not None:
                 self.cost_rate.on_success(now)
-        elif outcome.kind == "rate_limited":
+        elif outcome.kind == OutcomeKind.RATE_LIMITED:
             if self.request_scoped(outcome, job_id):
                 self.stats.request_scoped_429 += 1
             else:
                 self._throttled(outcome, now, fresh)
             self._note_job_429(job_id, now)
-        elif outcome.kind == "key_error":
+        elif outcome.kind == OutcomeKind.KEY_ERROR:
             disabled = self.health.disable("provider", key_error_reason(outcome), now)
         if outcome.ratelimit is not None:
             self._resync(outcome.ratelimit, now)
@@ -255,9 +258,9 @@ class KeyState:
 
     def _count(self, outcome: Outcome) -> None:
         self.stats.calls += 1
-        if outcome.kind == "ok":
+        if outcome.kind == OutcomeKind.OK:
             self.stats.ok += 1
-        elif outcome.kind == "rate_limited":
+        elif outcome.kind == OutcomeKind.RATE_LIMITED:
             self.stats.rate_limited += 1
         else:
             self.stats.errors += 1
@@ -288,7 +291,7 @@ class KeyState:
             if info.remaining_tokens <= 0 and info.reset_tokens_s is not None:
                 self._cool(now, info.reset_tokens_s)
 
-    def snapshot(self, now: float) -> dict:
+    def snapshot(self, now: float) -> dict[str, Any]:
         """The key's part of `Scheduler.snapshot` (JSON-able)."""
         return {
             "pool": self.spec.pool,

@@ -9,8 +9,8 @@ wall clock).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .denials import DenialBook
@@ -22,6 +22,7 @@ class KeyAdmin:
 
     _keys: dict[str, KeyState]
     _changed: set[str]
+    _tick: Callable[[float], float]  # the Scheduler's: advances every key to `now`, returns it
     _denials: DenialBook
 
     def key_ids(self) -> list[str]:
@@ -56,7 +57,7 @@ class KeyAdmin:
         for key_id, key in self._keys.items():
             key.health.secret_missing = missing.get(key_id)
 
-    def restore_key(self, key_id: str, record: Mapping, now: float) -> None:
+    def restore_key(self, key_id: str, record: Mapping[str, Any], now: float) -> None:
         """Apply a `key_record` a previous leader persisted; unknown ids and malformed
         records raise KeyError/ValueError/TypeError (the shell logs and skips them)."""
         now = self._tick(now)
@@ -68,7 +69,7 @@ class KeyAdmin:
             probe_in_s=None if record.get("probe_in_s") is None else float(record["probe_in_s"]),
             disabled_for_s=float(record.get("disabled_for_s") or 0.0))
 
-    def key_record(self, key_id: str, now: float) -> dict | None:
+    def key_record(self, key_id: str, now: float) -> dict[str, Any] | None:
         """The persistable state of a disabled key (None when enabled): `by`, `reason`,
         `probe_delay_s`, `probe_in_s`, `disabled_for_s` (seconds)."""
         health = self._keys[key_id].health

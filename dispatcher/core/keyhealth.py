@@ -19,7 +19,9 @@ Only `disable`, `enable` and `settle_probe` change the disabled state.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
+
+from ratefleet.schemas.outcome import OutcomeKind
 
 from .types import Outcome, ProbePolicy
 
@@ -30,9 +32,9 @@ def probe_verdict(outcome: Outcome) -> bool | None:
     """True: the provider accepted the credentials (2xx, 429, other 4xx); False: it refused
     them again with a key-scoped answer (key_error); None: says nothing (5xx, timeout, lost
     call, and a plain 401/403: the probe's job may carry a bad request, see denials.py)."""
-    if outcome.kind in ("ok", "rate_limited", "bad_request"):
+    if outcome.kind in (OutcomeKind.OK, OutcomeKind.RATE_LIMITED, OutcomeKind.BAD_REQUEST):
         return True
-    if outcome.kind == "key_error":
+    if outcome.kind == OutcomeKind.KEY_ERROR:
         return False
     return None
 
@@ -142,7 +144,7 @@ class KeyHealth:
         self.probe_delay_s = min(self.policy.max_s, max(self.policy.base_s, probe_delay_s))
         self.probe_at = now + max(0.0, probe_in_s or 0.0) if by == "provider" else None
 
-    def view(self, now: float) -> dict:
+    def view(self, now: float) -> dict[str, Any]:
         """JSON-able state for status: `state` (enabled/disabled), `disabled_by` (provider,
         operator, or secret when no worker holds it), `disabled_for_s`, `probe_in_s` (None
         when no probe is scheduled), `probe_delay_s`, `secret_missing`. The scheduler adds

@@ -19,8 +19,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
+from typing import Any
 
-from .choice import NO_KEY_AVAILABLE, Chain, Reach, never_runnable, pick_key, reach
+from ratefleet.schemas.outcome import OutcomeKind
+from ratefleet.schemas.result import ErrorCode
+
+from .choice import Chain, Reach, never_runnable, pick_key, reach
 from .denials import DenialBook
 from .key import KeyState, Marks
 from .keyadmin import KeyAdmin
@@ -120,7 +124,7 @@ class Scheduler(KeyAdmin):
             reason = never_runnable(chain, reaches[job.upstream], job, now)
             if reason is not None:
                 del tier.jobs[index]
-                return Reject(job, NO_KEY_AVAILABLE, reason)
+                return Reject(job, ErrorCode.NO_KEY_AVAILABLE, reason)
             if job.upstream in blocked:
                 continue
             avoid = self._avoid(chain, job, now)
@@ -214,7 +218,7 @@ class Scheduler(KeyAdmin):
         if key.observe(outcome, now, sent_at, job_id):
             self._changed.add(key.spec.id)
         self._weigh_denials(reservation, outcome, now)
-        if reservation.key_probe and outcome.kind == "denied":
+        if reservation.key_probe and outcome.kind == OutcomeKind.DENIED:
             key.health.postpone_probe(reservation.id, now)  # no verdict (denials.py judges the job)
         elif reservation.key_probe and key.health.settle_probe(reservation.id, probe_verdict(outcome), now):
             self._changed.add(key.spec.id)
@@ -224,10 +228,10 @@ class Scheduler(KeyAdmin):
 
     def _weigh_denials(self, reservation: Reservation, outcome: Outcome, now: float) -> None:
         job_id = reservation.job.job_id
-        if outcome.kind == "denied":
+        if outcome.kind == OutcomeKind.DENIED:
             verdicts = self._denials.on_denied(job_id, reservation.key_id, outcome.status,
                                                reservation.denial_final, now)
-        elif outcome.kind == "ok":
+        elif outcome.kind == OutcomeKind.OK:
             verdicts = self._denials.on_ok(job_id, reservation.key_id, now)
         else:
             return
@@ -278,7 +282,7 @@ class Scheduler(KeyAdmin):
 
     # -- status --------------------------------------------------------------------------
 
-    def snapshot(self, now: float) -> dict:
+    def snapshot(self, now: float) -> dict[str, Any]:
         """Tiers and keys as JSON-able dicts (key fields: `KeyState.snapshot`)."""
         now = self._tick(now)
         tiers = {

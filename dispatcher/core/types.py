@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ratefleet.schemas.internal import OutcomeReport
 from ratefleet.schemas.outcome import OutcomeKind, RateLimitInfo
+from ratefleet.schemas.result import ErrorCode
 
 from .adaptive import AdaptPolicy
 
@@ -156,7 +158,7 @@ class Reject:
     """`job` can never run with the current configuration; `message` says what to change."""
 
     job: PendingJob
-    code: str
+    code: ErrorCode
     message: str
 
 
@@ -190,3 +192,16 @@ class Outcome:
     latency_ms: float | None = None
     code: str | None = None
     scope: Literal["key", "request"] | None = None
+
+    def __post_init__(self) -> None:
+        # a plain string ("ok") becomes the enum; one outside the vocabulary fails here, loudly
+        if type(self.kind) is not OutcomeKind:
+            object.__setattr__(self, "kind", OutcomeKind(self.kind))
+
+    @classmethod
+    def from_report(cls, report: OutcomeReport) -> Outcome:
+        """The core's view of a worker's report: the same kind and rate-limit info; a scope
+        only for a 429 (it means nothing for another kind)."""
+        return cls(kind=report.kind, status=report.status, retry_after_s=report.retry_after_s,
+                   ratelimit=report.ratelimit, actual_cost=report.actual_cost, latency_ms=report.latency_ms,
+                   code=report.code, scope=report.scope if report.kind == OutcomeKind.RATE_LIMITED else None)

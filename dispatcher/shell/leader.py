@@ -23,8 +23,8 @@ from ratefleet.dispatcher.core import (
     Dispatch,
     Idle,
     Outcome,
+    OutcomeKind,
     PendingJob,
-    RateLimitInfo,
     Reject,
     Scheduler,
     WaitUntil,
@@ -399,9 +399,4 @@ class LeaderSession:
 
 
 def _outcome(report: OutcomeReport) -> Outcome:
-    if report.kind == "none":
-        return LOST
-    limit = RateLimitInfo.from_dict(report.ratelimit) if report.ratelimit else None
-    return Outcome(kind=report.kind, status=report.status, retry_after_s=report.retry_after_s, ratelimit=limit,
-                   actual_cost=report.actual_cost, latency_ms=report.latency_ms, code=report.code,
-                   scope=report.scope if report.kind == "rate_limited" else None)
+    return LOST if report.kind == OutcomeKind.NONE else Outcome.from_report(report)

@@ -9,12 +9,12 @@ from datetime import UTC, datetime
 from ratefleet.dispatcher.shell.intake import Incoming, Refused
 from ratefleet.runtime.finish import Finisher
 from ratefleet.runtime.logs import get_logger
-from ratefleet.schemas import ErrorInfo, Result, Timings
+from ratefleet.schemas import ErrorCode, ErrorInfo, Result, Timings
 
 log = get_logger("ratefleet.leader")
 
 
-async def refuse_incoming(finisher: Finisher, incoming: Incoming, code: str, message: str,
+async def refuse_incoming(finisher: Finisher, incoming: Incoming, code: ErrorCode, message: str,
                           status: str = "failed") -> None:
     """A valid job the scheduler can never run (e.g. no pool for its upstream): `failed`;
     or one that turned out unsendable after all: `invalid`."""

@@ -95,7 +95,7 @@ class RpcResponder:
         try:
             fresh = await publish_job(self.js, self.subjects, tier, job_id, payload, reply_to=msg.reply or None)
         except Exception as exc:  # noqa: BLE001 - any refusal is answered: the caller must not wait in vain
-            code = "queue_full" if isinstance(exc, QueueFull) else "submit_failed"
+            code = ErrorCode.QUEUE_FULL if isinstance(exc, QueueFull) else ErrorCode.SUBMIT_FAILED
             reason = str(exc) if isinstance(exc, SubmitError) else f"job {job_id} was not stored ({type(exc).__name__})"
             log.warning("rpc job not stored", job_id=job_id, tier=tier, reason=reason)
             if msg.reply:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import math
 
+from ratefleet.schemas.errors import RatefleetError
 
-class GatewayRefusal(Exception):
+
+class GatewayRefusal(RatefleetError):
     """A request the gateway answers itself: HTTP `status`, OpenAI error `type` and `code`,
     a message for the caller (never a key), and `retry_after_s` for 429/503."""
 

@@ -37,7 +37,7 @@ async def test_call_sends_the_key_only_in_the_auth_header_to_the_upstream():
     assert seen == {"url": "https://api.example.test/v1/chat/completions?a=1", "auth": f"Bearer {SECRET}",
                     "body": {"m": 1}}
     assert result.kind == "ok" and result.actual_cost == 42.0
-    assert result.ratelimit["remaining_requests"] == 7.0 and result.ratelimit["reset_requests_s"] == 1.0
+    assert result.ratelimit.remaining_requests == 7.0 and result.ratelimit.reset_requests_s == 1.0
 
 
 @pytest.mark.anyio

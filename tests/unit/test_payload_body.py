@@ -108,7 +108,7 @@ async def test_a_body_past_max_response_bytes_ends_the_job_without_reading_on(wi
     assert result.code == ErrorCode.RESPONSE_TOO_LARGE and result.kind == "bad_request"
     assert result.response.status == 200 and result.response.headers["content-type"] == "application/json"
     assert result.response.json_body is None and result.response.body is None and result.response.body_b64 is None
-    assert "1048576 bytes" in result.error and result.ratelimit["remaining_requests"] == 9.0
+    assert "1048576 bytes" in result.error and result.ratelimit.remaining_requests == 9.0
     if not with_length:
         assert len(sent) <= 17  # stopped at the first chunk past 1 MiB, not after 4 MiB
 
