@@ -118,8 +118,9 @@ async def _healthz(request: Request) -> Response:
     return JSONResponse({"ok": True})
 
 
-def create_app(gateway: Gateway) -> Starlette:
-    """The Starlette app serving `gateway` on every path (the upstream's), plus `/healthz`."""
-    routes = [Route("/healthz", _healthz, methods=["GET"]),
+def create_app(gateway: Gateway, own_routes: list[Route] | None = None) -> Starlette:
+    """The Starlette app serving `gateway` on every path (the upstream's), plus `/healthz` and
+    `own_routes` (paths the gateway answers itself: `/v1/files`, `/v1/batches`), matched first."""
+    routes = [Route("/healthz", _healthz, methods=["GET"]), *(own_routes or []),
               Route("/{path:path}", gateway.handle, methods=ALL_METHODS)]
     return Starlette(routes=routes)

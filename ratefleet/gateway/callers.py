@@ -83,6 +83,10 @@ class CallerTable:
     def __len__(self) -> int:
         return len(self._by_digest)
 
+    def by_name(self) -> dict[str, Caller]:
+        """The callers by name (a batch record names its caller)."""
+        return {caller.name: caller for caller in self._by_digest.values()}
+
     def identify(self, authorization: str | None) -> Caller | None:
         """The caller whose key the `Authorization` header carries, or None."""
         token = bearer_token(authorization)

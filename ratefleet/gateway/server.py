@@ -15,7 +15,11 @@ import uvicorn
 
 from ratefleet.client import Client
 from ratefleet.gateway.app import Gateway, create_app
+from ratefleet.gateway.batch_book import BatchBook
+from ratefleet.gateway.batch_routes import BatchApi
+from ratefleet.gateway.batch_runner import BatchRunner
 from ratefleet.gateway.callers import CallerTable
+from ratefleet.gateway.files import FileStore
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.streams import ensure_topology
 from ratefleet.schemas import Config
@@ -56,8 +60,16 @@ async def serve_gateway(config: Config, nc, stop: anyio.Event, listen: str) -> N
     await ensure_topology(nc.jetstream(), config)
     client = Client(nc, config.nats.prefix)
     gateway = Gateway(client, callers, max_body_bytes=config.streams.max_job_bytes)
-    server = uvicorn_server(create_app(gateway), host, port)
+    runner, batch_api = batch_service(config, client, callers)
+    server = uvicorn_server(create_app(gateway, batch_api.routes()), host, port)
     async with anyio.create_task_group() as tg:
+        runs = anyio.CancelScope()
+
+        async def run_batches(*, task_status=anyio.TASK_STATUS_IGNORED) -> None:
+            with runs:
+                await runner.serve(task_status=task_status)
+
+        await tg.start(run_batches)  # unfinished batches of an earlier gateway carry on
         tg.start_soon(server.serve)
         while not server.started and not server.should_exit:
             await anyio.sleep(0.05)
@@ -65,6 +77,17 @@ async def serve_gateway(config: Config, nc, stop: anyio.Event, listen: str) -> N
             log.info("gateway listening", url=f"http://{listen}", callers=len(callers))
         await stop.wait()
         server.should_exit = True
+        runs.cancel()  # a batch's state is in KV and JetStream: the next start carries on
+
+
+def batch_service(config: Config, client: Client, callers: CallerTable) -> tuple[BatchRunner, BatchApi]:
+    """The OpenAI Files and Batch API: files in the Object Store, batch records in KV, both
+    kept as long as Results (`streams.results_max_age_s`)."""
+    ttl = config.streams.results_max_age_s
+    files = FileStore(client.js, client.subjects, ttl_s=ttl, replicas=config.streams.replicas)
+    book = BatchBook(client.js, client.subjects, ttl_s=ttl)
+    runner = BatchRunner(client, book, files, callers.by_name())
+    return runner, BatchApi(callers, files, book, runner)
 
 
 async def gateway_main(config: Config, listen: str) -> None:

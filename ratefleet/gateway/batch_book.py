@@ -1,0 +1,141 @@
+"""The gateway's OpenAI batches (`/v1/batches`), one record each in a KV bucket.
+
+Bucket `ratefleet_openai_batches` (suffixed like the streams), key: the batch id
+(`batch_<24 hex>`, also the fleet batch of its jobs), records kept as long as Results. A
+record is the OpenAI Batch object (OpenAI API reference, "Batch" -> "The batch object") plus
+what the gateway needs to carry on after a restart:
+
+    {"id": "batch_...", "object": "batch", "endpoint": "/v1/chat/completions", "errors": null,
+     "input_file_id": "file-...", "completion_window": "24h", "status": "in_progress",
+     "output_file_id": null, "error_file_id": null, "created_at": 1764400000, "in_progress_at": ...,
+     "expires_at": ..., "finalizing_at": null, "completed_at": null, "failed_at": null,
+     "expired_at": null, "cancelling_at": null, "cancelled_at": null,
+     "request_counts": {"total": 10, "completed": 4, "failed": 1}, "metadata": null,
+     "ratefleet": {"caller": "app", "tier": "premium", "upstream": null, "submitted": false,
+                   "first_seq": 120, "last_seq": 131}}
+
+Statuses: validating -> failed | in_progress -> finalizing -> completed; in_progress ->
+cancelling -> cancelled; in_progress -> expired after the completion window. Records change
+by compare-and-set on the KV revision (`update`), so a cancel and the runner's progress never
+overwrite each other.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from nats.js import JetStreamContext
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError, NotFoundError
+
+from ratefleet.schemas import Subjects
+
+PRIVATE = "ratefleet"
+TERMINAL = frozenset({"failed", "completed", "expired", "cancelled"})
+WINDOW_S = {"24h": 86400}  # OpenAI's only completion window
+
+
+def book_bucket(subjects: Subjects) -> str:
+    return "ratefleet_openai_batches" + subjects.stream_suffix.lower()
+
+
+def new_batch(*, caller: str, tier: str, upstream: str | None, input_file_id: str, endpoint: str,
+              completion_window: str, metadata: dict | None, now: float) -> dict[str, Any]:
+    """A new record in status `validating`."""
+    created = int(now)
+    record: dict[str, Any] = {
+        "id": "batch_" + uuid.uuid4().hex[:24], "object": "batch", "endpoint": endpoint, "errors": None,
+        "input_file_id": input_file_id, "completion_window": completion_window, "status": "validating",
+        "output_file_id": None, "error_file_id": None, "created_at": created, "in_progress_at": None,
+        "expires_at": created + WINDOW_S[completion_window], "finalizing_at": None, "completed_at": None,
+        "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,
+        "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": metadata,
+        PRIVATE: {"caller": caller, "tier": tier, "upstream": upstream, "submitted": False,
+                  "first_seq": None, "last_seq": None},
+    }
+    return record
+
+
+def public(record: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAI Batch object (without the gateway's own fields)."""
+    return {name: value for name, value in record.items() if name != PRIVATE}
+
+
+def set_status(record: dict[str, Any], status: str, now: float | None = None) -> dict[str, Any]:
+    """`record` moved to `status`, with its `<status>_at` stamp (unix seconds)."""
+    record["status"] = status
+    stamp = f"{status}_at"
+    if stamp in record and record[stamp] is None:
+        record[stamp] = int(now if now is not None else time.time())
+    return record
+
+
+class BatchBook:
+    """The records in KV: create, get, compare-and-set update, list."""
+
+    def __init__(self, js: JetStreamContext, subjects: Subjects, *, ttl_s: float) -> None:
+        self.js = js
+        self.bucket = book_bucket(subjects)
+        self.ttl_s = ttl_s
+        self._kv = None
+
+    async def _open(self):
+        if self._kv is None:
+            try:
+                self._kv = await self.js.key_value(self.bucket)
+            except (BucketNotFoundError, NotFoundError):
+                try:
+                    self._kv = await self.js.create_key_value(bucket=self.bucket, ttl=self.ttl_s, history=1)
+                except Exception:  # noqa: BLE001 - created concurrently by another gateway
+                    self._kv = await self.js.key_value(self.bucket)
+        return self._kv
+
+    async def create(self, record: dict[str, Any]) -> None:
+        await (await self._open()).create(record["id"], json.dumps(record).encode())
+
+    async def get(self, batch_id: str) -> dict[str, Any] | None:
+        found = await self._get(batch_id)
+        return None if found is None else found[0]
+
+    async def _get(self, batch_id: str) -> tuple[dict[str, Any], int] | None:
+        kv = await self._open()
+        try:
+            entry = await kv.get(batch_id)
+        except (KeyNotFoundError, NotFoundError):
+            return None
+        except Exception:  # noqa: BLE001 - not a valid key (a made-up id): no such batch
+            return None
+        if not entry.value:
+            return None
+        return json.loads(entry.value), entry.revision
+
+    async def update(self, batch_id: str, change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> dict[str, Any]:
+        """Apply `change` (record -> new record, or None for no change) with compare-and-set,
+        reading again on a concurrent write. Returns the stored record. KeyError when absent."""
+        kv = await self._open()
+        while True:
+            found = await self._get(batch_id)
+            if found is None:
+                raise KeyError(batch_id)
+            record, revision = found
+            changed = change(json.loads(json.dumps(record)))
+            if changed is None:
+                return record
+            try:
+                await kv.update(batch_id, json.dumps(changed).encode(), last=revision)
+                return changed
+            except KeyWrongLastSequenceError:
+                continue
+
+    async def all(self) -> list[dict[str, Any]]:
+        """Every record, newest first."""
+        kv = await self._open()
+        try:
+            keys = await kv.keys()
+        except (NoKeysError, NotFoundError):
+            return []
+        records = [record for key in keys if (record := await self.get(key)) is not None]
+        return sorted(records, key=lambda r: (r["created_at"], r["id"]), reverse=True)

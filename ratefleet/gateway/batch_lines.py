@@ -1,0 +1,106 @@
+"""An OpenAI Batch input file read for one gateway batch: each line a Job of the caller, or why not.
+
+Every line goes through `batchfile.parse_line` (the rules and deterministic ids of `ratefleet
+submit`: an OpenAI line keeps `custom_id` in `metadata`), then the Batch API's own rules
+(OpenAI API reference, "Batch" -> "Create batch": the file holds request input objects whose
+`url` is the batch's endpoint, each `custom_id` unique) and the caller's (its models, its
+upstream). A file with any bad line is refused whole, with the line numbers, as OpenAI fails
+such a batch during `validating`: nothing of it is sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ratefleet.batchfile import SHOWN_ERRORS, IdSet, LineError, iter_lines, line_of, parse_line
+from ratefleet.gateway.callers import Caller
+from ratefleet.gateway.errors import GatewayRefusal
+from ratefleet.gateway.translate import check_model, choose_upstream
+from ratefleet.schemas import Job
+
+ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses"})
+
+
+def line_error(number: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
+    """One entry of a failed batch's `errors.data` (OpenAI's BatchError: code, message, param, line)."""
+    return {"code": code, "message": message, "param": param, "line": number}
+
+
+def batch_jobs(path: Path, batch: str, endpoint: str, caller: Caller) -> Iterator[tuple[int, Job | dict[str, Any]]]:
+    """(line number, Job) for each good line, (line number, error entry) for each bad one."""
+    upstream = choose_upstream(caller, None)
+    for number, text in iter_lines(path):
+        try:
+            job = parse_line(text, number, batch)
+        except LineError as exc:
+            yield number, line_error(number, "invalid_json_line", str(exc))
+            continue
+        custom_id = job.metadata.get("custom_id")
+        if not isinstance(custom_id, str):
+            yield number, line_error(number, "invalid_request", f"line {number}: not an OpenAI batch request "
+                                     "input line (custom_id, method, url, body)", "custom_id")
+            continue
+        if job.request.path != endpoint:
+            yield number, line_error(number, "mismatched_endpoint", f"line {number}: url {job.request.path!r} "
+                                     f"differs from the batch's endpoint {endpoint!r}", "url")
+            continue
+        try:
+            check_model(caller, job.request.json_body)
+        except GatewayRefusal as refusal:
+            yield number, line_error(number, "model_not_allowed", f"line {number}: {refusal.message}", "body.model")
+            continue
+        update: dict[str, Any] = {"metadata": {**job.metadata, "caller": caller.name}}
+        if upstream is not None and job.upstream is None:
+            update["upstream"] = upstream
+        yield number, job.model_copy(update=update)
+
+
+@dataclass
+class Checked:
+    """What the validation pass found: the jobs' ids, the line gaps (for input order), errors."""
+
+    jobs: int = 0
+    ids: IdSet = field(default_factory=IdSet)
+    gaps: list[list[int]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    error_count: int = 0
+
+
+def check_file(path: Path, batch: str, endpoint: str, caller: Caller) -> Checked:
+    """Pass 1 over the file (constant memory but 8 bytes per job)."""
+    found = Checked()
+    custom_ids: set[str] = set()
+    last = 0
+    for number, item in batch_jobs(path, batch, endpoint, caller):
+        if number > last + 1:
+            _gap(found.gaps, last + 1, number - 1)
+        last = number
+        if isinstance(item, Job):
+            custom_id = item.metadata["custom_id"]
+            if custom_id in custom_ids:
+                item = line_error(number, "duplicate_custom_id", f"line {number}: custom_id {custom_id!r} "
+                                  "is used by an earlier line; each request needs its own", "custom_id")
+            else:
+                custom_ids.add(custom_id)
+        if isinstance(item, dict):
+            found.error_count += 1
+            if len(found.errors) < SHOWN_ERRORS:
+                found.errors.append(item)
+            _gap(found.gaps, number, number)
+            continue
+        if line_of(item.id) != number:
+            _gap(found.gaps, number, number)
+        found.jobs += 1
+        found.ids.add(item.id)
+    found.ids.freeze()
+    return found
+
+
+def _gap(gaps: list[list[int]], start: int, end: int) -> None:
+    if gaps and gaps[-1][1] == start - 1:
+        gaps[-1][1] = end
+    else:
+        gaps.append([start, end])

@@ -1,0 +1,222 @@
+"""`/v1/files` and `/v1/batches` of the OpenAI API, served by the gateway itself.
+
+OpenAI API reference, "Files" (upload with purpose `batch` as multipart/form-data fields
+`file` and `purpose`, retrieve, content, list, delete) and "Batch" (create, retrieve, list,
+cancel). Each caller (its ratefleet key, as for every gateway path) sees only its own files
+and batches; another's id is a 404, as OpenAI answers for an unknown one. Refusals are
+OpenAI-style error bodies (errors.py): 400 for a bad request, 404 `No such File object` /
+`No such Batch object`, 409 cancelling a finished batch, 413 a file over MAX_FILE_BYTES.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, BinaryIO
+
+import anyio
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ratefleet.gateway import batch_book, files
+from ratefleet.gateway.batch_book import WINDOW_S, BatchBook, new_batch, set_status
+from ratefleet.gateway.batch_lines import ENDPOINTS
+from ratefleet.gateway.batch_runner import BatchRunner
+from ratefleet.gateway.callers import Caller, CallerTable
+from ratefleet.gateway.errors import GatewayRefusal, bad_request, unauthorized
+from ratefleet.gateway.files import FileStore
+from ratefleet.gateway.translate import choose_upstream
+from ratefleet.runtime.logs import get_logger
+
+log = get_logger("ratefleet.gateway")
+MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's limit for a batch input file
+CANCELLABLE = frozenset({"validating", "in_progress"})
+
+
+def not_found(kind: str, object_id: str) -> GatewayRefusal:
+    return GatewayRefusal(404, f"No such {kind} object: {object_id}", type="invalid_request_error", code=None,
+                          param="id")
+
+
+class BatchApi:
+    """The handlers; every one identifies the caller first (401 without a known key)."""
+
+    def __init__(self, callers: CallerTable, files_store: FileStore, book: BatchBook, runner: BatchRunner) -> None:
+        self.callers, self.files, self.book, self.runner = callers, files_store, book, runner
+
+    def routes(self) -> list[Route]:
+        return [Route("/v1/files", self._guard(self.upload), methods=["POST"]),
+                Route("/v1/files", self._guard(self.list_files), methods=["GET"]),
+                Route("/v1/files/{file_id}", self._guard(self.retrieve_file), methods=["GET"]),
+                Route("/v1/files/{file_id}", self._guard(self.delete_file), methods=["DELETE"]),
+                Route("/v1/files/{file_id}/content", self._guard(self.file_content), methods=["GET"]),
+                Route("/v1/batches", self._guard(self.create_batch), methods=["POST"]),
+                Route("/v1/batches", self._guard(self.list_batches), methods=["GET"]),
+                Route("/v1/batches/{batch_id}", self._guard(self.retrieve_batch), methods=["GET"]),
+                Route("/v1/batches/{batch_id}/cancel", self._guard(self.cancel_batch), methods=["POST"])]
+
+    def _guard(self, handler: Callable[[Request, Caller], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            caller = None
+            try:
+                caller = self.callers.identify(request.headers.get("authorization"))
+                if caller is None:
+                    raise unauthorized()
+                response = await handler(request, caller)
+            except GatewayRefusal as refusal:
+                response = Response(refusal.body(), status_code=refusal.status, headers=refusal.headers(),
+                                     media_type="application/json")
+            log.info("gateway request", caller=caller.name if caller else None, method=request.method,
+                     path=request.url.path, status=response.status_code)
+            return response
+        return endpoint
+
+    # -- files -----------------------------------------------------------------------------
+
+    async def upload(self, request: Request, caller: Caller) -> Response:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > MAX_FILE_BYTES + 65536:
+            raise _too_large()
+        if "multipart/form-data" not in request.headers.get("content-type", ""):
+            raise bad_request("Upload the file as multipart/form-data with fields 'file' and 'purpose'.",
+                              code="invalid_content_type")
+        async with request.form(max_files=1, max_fields=8) as form:
+            purpose, upload = form.get("purpose"), form.get("file")
+            if purpose != "batch":
+                raise bad_request(f"purpose must be 'batch' (got {purpose!r}); the ratefleet gateway keeps batch "
+                                  "input files only.", code="invalid_purpose", param="purpose")
+            if not isinstance(upload, UploadFile):
+                raise bad_request("The 'file' field is missing or is not a file.", param="file")
+            size = upload.size if upload.size is not None else len(await upload.read())
+            if size > MAX_FILE_BYTES:
+                raise _too_large()
+            if size == 0:
+                raise bad_request("The file is empty.", code="empty_file", param="file")
+            await upload.seek(0)
+            meta = await self.files.put(caller.name, upload.filename or "upload.jsonl", "batch", upload.file, size)
+        return JSONResponse(files.public(meta))
+
+    async def list_files(self, request: Request, caller: Caller) -> Response:
+        found = await self.files.list(caller.name, request.query_params.get("purpose"))
+        return JSONResponse({"object": "list", "data": [files.public(m) for m in found], "has_more": False})
+
+    async def retrieve_file(self, request: Request, caller: Caller) -> Response:
+        file_id = request.path_params["file_id"]
+        meta = await self.files.info(caller.name, file_id)
+        if meta is None:
+            raise not_found("File", file_id)
+        return JSONResponse(files.public(meta))
+
+    async def file_content(self, request: Request, caller: Caller) -> Response:
+        file_id = request.path_params["file_id"]
+        handle = tempfile.TemporaryFile()  # noqa: SIM115 - closed by the response's last chunk
+        try:
+            meta = await self.files.read_into(caller.name, file_id, handle)
+        except BaseException:
+            handle.close()
+            raise
+        if meta is None:
+            handle.close()
+            raise not_found("File", file_id)
+        size = handle.seek(0, os.SEEK_END)
+        handle.seek(0)
+        return StreamingResponse(_chunks(handle), media_type="application/octet-stream",
+                                 headers={"content-length": str(size)})
+
+    async def delete_file(self, request: Request, caller: Caller) -> Response:
+        file_id = request.path_params["file_id"]
+        if not await self.files.delete(caller.name, file_id):
+            raise not_found("File", file_id)
+        return JSONResponse({"id": file_id, "object": "file", "deleted": True})
+
+    # -- batches ---------------------------------------------------------------------------
+
+    async def create_batch(self, request: Request, caller: Caller) -> Response:
+        body = await _json_object(request)
+        input_file_id, endpoint = body.get("input_file_id"), body.get("endpoint")
+        window, metadata = body.get("completion_window"), body.get("metadata")
+        if not isinstance(input_file_id, str) or not input_file_id:
+            raise bad_request("input_file_id is required.", param="input_file_id")
+        if endpoint not in ENDPOINTS:
+            raise bad_request(f"endpoint must be one of {', '.join(sorted(ENDPOINTS))}.", param="endpoint")
+        if window not in WINDOW_S:
+            raise bad_request("completion_window must be '24h'.", param="completion_window")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise bad_request("metadata must be an object.", param="metadata")
+        meta = await self.files.info(caller.name, input_file_id)
+        if meta is None:
+            raise not_found("File", input_file_id)
+        if meta["purpose"] != "batch":
+            raise bad_request(f"File {input_file_id} has purpose {meta['purpose']!r}, not 'batch'.",
+                              param="input_file_id")
+        record = new_batch(caller=caller.name, tier=caller.tier, upstream=choose_upstream(caller, None),
+                           input_file_id=input_file_id, endpoint=endpoint, completion_window=window,
+                           metadata=metadata, now=time.time())
+        await self.book.create(record)
+        self.runner.start(record["id"])
+        return JSONResponse(batch_book.public(record))
+
+    async def _mine(self, caller: Caller, batch_id: str) -> dict[str, Any]:
+        record = await self.book.get(batch_id)
+        if record is None or record[batch_book.PRIVATE]["caller"] != caller.name:
+            raise not_found("Batch", batch_id)
+        return record
+
+    async def retrieve_batch(self, request: Request, caller: Caller) -> Response:
+        return JSONResponse(batch_book.public(await self._mine(caller, request.path_params["batch_id"])))
+
+    async def list_batches(self, request: Request, caller: Caller) -> Response:
+        limit_text = request.query_params.get("limit", "20")
+        if not limit_text.isdigit() or not 1 <= int(limit_text) <= 100:
+            raise bad_request("limit must be a whole number from 1 to 100.", param="limit")
+        mine = [r for r in await self.book.all() if r[batch_book.PRIVATE]["caller"] == caller.name]
+        after = request.query_params.get("after")
+        if after is not None:
+            ids = [r["id"] for r in mine]
+            mine = mine[ids.index(after) + 1:] if after in ids else []
+        page = mine[: int(limit_text)]
+        return JSONResponse({"object": "list", "data": [batch_book.public(r) for r in page],
+                             "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None,
+                             "has_more": len(mine) > len(page)})
+
+    async def cancel_batch(self, request: Request, caller: Caller) -> Response:
+        batch_id = request.path_params["batch_id"]
+        await self._mine(caller, batch_id)
+
+        def change(record: dict[str, Any]) -> dict[str, Any] | None:
+            return set_status(record, "cancelling") if record["status"] in CANCELLABLE else None
+
+        record = await self.book.update(batch_id, change)
+        if record["status"] not in {"cancelling", "cancelled"}:
+            raise GatewayRefusal(409, f"Cannot cancel a batch with status {record['status']}.",
+                                 type="invalid_request_error", code="batch_not_cancellable")
+        return JSONResponse(batch_book.public(record))
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, RecursionError) as exc:
+        raise bad_request(f"The request body is not valid JSON ({exc}).", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+async def _chunks(handle: BinaryIO) -> AsyncIterator[bytes]:
+    """A file's bytes 1 MiB at a time (constant memory); closes it at the end."""
+    try:
+        while chunk := await anyio.to_thread.run_sync(handle.read, 1 << 20):
+            yield chunk
+    finally:
+        handle.close()
+
+
+def _too_large() -> GatewayRefusal:
+    return GatewayRefusal(413, f"The file is larger than {MAX_FILE_BYTES} bytes.", type="invalid_request_error",
+                          code="file_too_large", param="file")

@@ -1,0 +1,291 @@
+"""Running the gateway's OpenAI batches through the fleet, surviving a gateway restart.
+
+One batch: read its input file from the Object Store to a temporary file -> check every line
+(`batch_lines.check_file`; a bad line fails the batch with `errors.data`, nothing is sent) ->
+`in_progress`: submit the lines as jobs of fleet batch `<batch id>` on the caller's tier
+(`Client.submit_stream`, the deterministic ids of `ratefleet submit`) while following the
+batch's Results to keep `request_counts` -> `finalizing`: the output file (answers with a 2xx
+status) and the error file (other answers, and jobs that ended without one) in input order,
+as OpenAI Batch output lines (`openai_batch.format_result`) -> `completed`.
+
+Durability: the record (KV) says where a batch is, the jobs and Results are in JetStream. A
+gateway that starts runs every unfinished batch again from its record: a batch cut short
+while submitting is submitted again without the lines that have a Result (the others are
+dropped by JetStream's dedup window if already queued), then followed and finalized.
+
+Cancel (and the end of the completion window): no further line is sent; the batch's jobs
+that no dispatcher has taken yet (stream sequence past the tier consumer's last delivered one)
+are deleted from RATEFLEET_JOBS, so they are never called nor paid; the jobs already taken
+(held in the dispatcher's window or being called) finish, and the batch becomes `cancelled`
+once they have their Results (at most `stop_wait_s`), with the files holding what was answered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from ratefleet.batches import InputOrder
+from ratefleet.batchfile import IdSet
+from ratefleet.client import Client
+from ratefleet.gateway.batch_book import PRIVATE, TERMINAL, BatchBook, set_status
+from ratefleet.gateway.batch_lines import Checked, batch_jobs, check_file, line_error
+from ratefleet.gateway.callers import Caller
+from ratefleet.gateway.files import FileStore
+from ratefleet.openai_batch import format_result
+from ratefleet.runtime.logs import get_logger
+from ratefleet.runtime.streams import tier_consumer
+from ratefleet.schemas import Job, Result
+
+log = get_logger("ratefleet.gateway")
+
+
+@dataclass
+class _Progress:
+    completed: int = 0
+    failed: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+    stop_reason: str | None = None  # "cancelling" | "expired" | None (all answered)
+
+
+def _answered(result: Result) -> bool:
+    return result.response is not None and 200 <= result.response.status < 300
+
+
+class BatchRunner:
+    """Runs batches inside `serve()`'s task group; `start(batch_id)` adds one."""
+
+    def __init__(self, client: Client, book: BatchBook, files: FileStore, callers: dict[str, Caller], *,
+                 poll_s: float = 1.0, cancel_grace_s: float = 1.0, stop_wait_s: float = 600.0) -> None:
+        self.client, self.book, self.files, self.callers = client, book, files, callers
+        self.poll_s = poll_s
+        self.cancel_grace_s = cancel_grace_s
+        self.stop_wait_s = stop_wait_s
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    async def serve(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
+        """Run every unfinished batch of the book, then those `start`ed, until cancelled."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            task_status.started()
+            for record in await self.book.all():
+                if record["status"] not in TERMINAL:
+                    log.info("resuming batch", batch=record["id"], status=record["status"])
+                    tg.start_soon(self.run, record["id"])
+            await anyio.sleep_forever()
+
+    def start(self, batch_id: str) -> None:
+        assert self._tg is not None, "serve() first"
+        self._tg.start_soon(self.run, batch_id)
+
+    async def run(self, batch_id: str) -> None:
+        """Carry one batch to its end; an unexpected error leaves it for the next gateway start."""
+        try:
+            with tempfile.TemporaryDirectory(prefix="ratefleet-batch-") as tmp:
+                await self._run(batch_id, Path(tmp))
+        except Exception:  # noqa: BLE001 - one batch's trouble must not stop the gateway
+            log.exception("batch stopped; it carries on at the next gateway start", batch=batch_id)
+
+    async def _run(self, batch_id: str, tmp: Path) -> None:
+        record = await self.book.get(batch_id)
+        if record is None or record["status"] in TERMINAL:
+            return
+        caller = self.callers.get(record[PRIVATE]["caller"])
+        path = tmp / "input.jsonl"
+        with path.open("wb") as handle:
+            meta = None if caller is None else await self.files.read_into(caller.name, record["input_file_id"], handle)
+        if caller is None or meta is None:
+            why = "the caller is no longer configured" if caller is None else "the input file is gone"
+            await self._fail(batch_id, [line_error(0, "input_unavailable", why)])
+            return
+        found = await anyio.to_thread.run_sync(check_file, path, batch_id, record["endpoint"], caller)
+        if record["status"] == "validating":
+            if found.error_count or not found.jobs:
+                await self._fail(batch_id, found.errors or [line_error(0, "empty_file", "the input file has no lines")])
+                return
+            record = await self.book.update(batch_id, lambda r: _started(r, found.jobs))
+        progress = _Progress(first_seq=record[PRIVATE]["first_seq"], last_seq=record[PRIVATE]["last_seq"])
+        if record["status"] == "in_progress" and time.time() >= record["expires_at"]:
+            progress.stop_reason = "expired"  # e.g. a gateway down past the window: nothing more is sent
+        elif record["status"] == "in_progress":
+            await self._progress(record, found, path, caller, progress)
+        elif record["status"] == "cancelling":  # (also a batch cancelled while validating)
+            progress.stop_reason = "cancelling"
+        final = "completed"
+        if progress.stop_reason is not None:
+            final = "cancelled" if progress.stop_reason == "cancelling" else "expired"
+            await self._stop_queued(batch_id, record[PRIVATE]["tier"], progress)
+            await anyio.sleep(self.cancel_grace_s)
+        await self._finalize(batch_id, found, final, tmp)
+
+    async def _fail(self, batch_id: str, errors: list[dict[str, Any]]) -> None:
+        def change(record: dict[str, Any]) -> dict[str, Any]:
+            record["errors"] = {"object": "list", "data": errors}
+            return set_status(record, "failed")
+
+        await self.book.update(batch_id, change)
+        log.info("batch failed validation", batch=batch_id, errors=len(errors))
+
+    async def _progress(self, record: dict[str, Any], found: Checked, path: Path, caller: Caller,
+                        progress: _Progress) -> None:
+        """Submit (unless done before) and follow until every job has a Result, or a stop."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watch, record, progress, tg.cancel_scope)
+            tg.start_soon(self._follow, record["id"], found, progress, tg.cancel_scope)
+            if not record[PRIVATE]["submitted"]:
+                await self._submit(record, found, path, caller, progress)
+
+    async def _submit(self, record: dict[str, Any], found: Checked, path: Path, caller: Caller,
+                      progress: _Progress) -> None:
+        batch_id = record["id"]
+        done = await self._answered_ids(batch_id) if progress.first_seq is not None else None
+        jobs = (job for _, job in batch_jobs(path, batch_id, record["endpoint"], caller)
+                if isinstance(job, Job) and job.id in found.ids and (done is None or job.id not in done))
+        saved_at = 0.0
+        try:
+            stream = self.client.submit_stream(jobs, caller.tier)
+            async with contextlib.aclosing(stream):
+                async for stored in stream:
+                    progress.first_seq = min(progress.first_seq or stored.seq, stored.seq)
+                    progress.last_seq = max(progress.last_seq or stored.seq, stored.seq)
+                    if time.monotonic() - saved_at > self.poll_s:
+                        saved_at = time.monotonic()
+                        await self._save_seqs(batch_id, progress, submitted=False)
+            await self._save_seqs(batch_id, progress, submitted=True)
+            log.info("batch submitted", batch=batch_id, jobs=found.jobs, tier=caller.tier)
+        finally:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await self._save_seqs(batch_id, progress, submitted=None)
+
+    async def _answered_ids(self, batch_id: str) -> IdSet:
+        """Ids of the batch's jobs that have a Result already (a resumed submit skips them)."""
+        done = IdSet()
+        async for result in self.client.results(batch_id):
+            done.add(result.job_id)
+        done.freeze()
+        return done
+
+    async def _save_seqs(self, batch_id: str, progress: _Progress, *, submitted: bool | None) -> None:
+        def change(record: dict[str, Any]) -> dict[str, Any]:
+            private = record[PRIVATE]
+            private["first_seq"], private["last_seq"] = progress.first_seq, progress.last_seq
+            if submitted is not None:
+                private["submitted"] = submitted
+            return record
+
+        await self.book.update(batch_id, change)
+
+    async def _follow(self, batch_id: str, found: Checked, progress: _Progress, scope: anyio.CancelScope) -> None:
+        async for result in self.client.results(batch_id, follow=True):
+            if result.job_id not in found.ids:
+                continue
+            if _answered(result):
+                progress.completed += 1
+            else:
+                progress.failed += 1
+            if progress.completed + progress.failed >= found.jobs:
+                scope.cancel()
+                return
+
+    async def _watch(self, record: dict[str, Any], progress: _Progress, scope: anyio.CancelScope) -> None:
+        """Every `poll_s`: store the counts; stop on a cancel or at the end of the window."""
+        while True:
+            await anyio.sleep(self.poll_s)
+
+            def change(current: dict[str, Any]) -> dict[str, Any] | None:
+                if current["status"] != "in_progress":
+                    return None
+                counts = {**current["request_counts"], "completed": progress.completed, "failed": progress.failed}
+                if counts == current["request_counts"]:
+                    return None
+                current["request_counts"] = counts
+                return current
+
+            current = await self.book.update(record["id"], change)
+            if current["status"] != "in_progress" or time.time() >= current["expires_at"]:
+                progress.stop_reason = current["status"] if current["status"] != "in_progress" else "expired"
+                scope.cancel()
+                return
+
+    async def _stop_queued(self, batch_id: str, tier: str, progress: _Progress) -> None:
+        """Delete the batch's jobs no dispatcher has taken yet (none of them is paid for),
+        then wait for those already taken (their calls may be under way) to end with a
+        Result: the JOBS message of a job is gone once its Result is stored (invariant 1)."""
+        if progress.first_seq is None:
+            return
+        js, stream = self.client.js, self.client.subjects.jobs_stream
+        last = (await js.stream_info(stream)).state.last_seq
+        delivered = (await js.consumer_info(stream, tier_consumer(tier))).delivered.stream_seq
+        taken, deleted = [], 0
+        for seq in range(progress.first_seq, last + 1):
+            job = await self.client.queued_job(seq)
+            if job is None or job.batch != batch_id:
+                continue
+            if seq > delivered:
+                try:
+                    await js.delete_msg(stream, seq)
+                    deleted += 1
+                    continue
+                except Exception:  # noqa: BLE001 - taken and finished meanwhile
+                    pass
+            taken.append(seq)
+        log.info("batch stopped: queued jobs deleted, taken ones finish", batch=batch_id, deleted=deleted,
+                 taken=len(taken))
+        with anyio.move_on_after(self.stop_wait_s):
+            while taken:
+                await anyio.sleep(self.poll_s)
+                taken = [seq for seq in taken if await self.client.queued_job(seq) is not None]
+
+    async def _finalize(self, batch_id: str, found: Checked, final: str, tmp: Path) -> None:
+        if final == "completed":  # (a batch found `finalizing` after a restart is finalized again)
+            await self.book.update(batch_id, lambda r: set_status(r, "finalizing"))
+        caller_name = (await self.book.get(batch_id))[PRIVATE]["caller"]
+        paths = {"output": tmp / "output.jsonl", "error": tmp / "error.jsonl"}
+        counts = await self._write_files(batch_id, found, paths)
+        ids: dict[str, str | None] = {}
+        for kind, path in paths.items():
+            size = path.stat().st_size
+            ids[kind] = None
+            if size:
+                with path.open("rb") as handle:
+                    meta = await self.files.put(caller_name, f"{batch_id}_{kind}.jsonl", "batch_output", handle, size)
+                ids[kind] = meta["id"]
+
+        def change(record: dict[str, Any]) -> dict[str, Any]:
+            record["output_file_id"], record["error_file_id"] = ids["output"], ids["error"]
+            record["request_counts"] = {"total": found.jobs, "completed": counts[0], "failed": counts[1]}
+            return set_status(record, final)
+
+        await self.book.update(batch_id, change)
+        log.info("batch finished", batch=batch_id, status=final, completed=counts[0], failed=counts[1])
+
+    async def _write_files(self, batch_id: str, found: Checked, paths: dict[str, Path]) -> tuple[int, int]:
+        """The output and error files, in input order; (answered, failed) counts."""
+        order = InputOrder(found.gaps)
+        counts = [0, 0]
+        with paths["output"].open("w", encoding="utf-8") as out, paths["error"].open("w", encoding="utf-8") as err:
+            def write(results: list[Result]) -> None:
+                for result in results:
+                    ok = _answered(result)
+                    counts[0 if ok else 1] += 1
+                    (out if ok else err).write(format_result(result, "openai") + "\n")
+
+            async for result in self.client.results(batch_id):
+                if result.job_id in found.ids:
+                    write(order.push(result))
+            write(order.flush())
+        return counts[0], counts[1]
+
+
+def _started(record: dict[str, Any], jobs: int) -> dict[str, Any] | None:
+    if record["status"] != "validating":
+        return None  # cancelled while validating
+    record["request_counts"] = {"total": jobs, "completed": 0, "failed": 0}
+    return set_status(record, "in_progress")

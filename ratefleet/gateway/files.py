@@ -1,0 +1,115 @@
+"""Files of the OpenAI Files API (`/v1/files`), kept in the NATS Object Store.
+
+Bucket `ratefleet_files` (suffixed like the streams for another prefix), objects kept as
+long as Results (`streams.results_max_age_s`). One object per file, named by its id
+(`file-<24 hex>`); its description holds the OpenAI File object plus its owner, as JSON:
+
+    {"id": "file-...", "object": "file", "bytes": 1234, "created_at": 1764400000,
+     "filename": "batchinput.jsonl", "purpose": "batch" | "batch_output", "status": "processed",
+     "owner": "<caller name>"}
+
+(OpenAI API reference, "Files" -> "The file object"). A caller sees only its own files: any
+other id is "not found", as OpenAI answers for another organisation's file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, BinaryIO
+
+from nats.js import JetStreamContext
+from nats.js.api import ObjectMeta
+from nats.js.errors import NotFoundError, ObjectDeletedError, ObjectNotFoundError
+
+from ratefleet.runtime.streams import open_object_store
+from ratefleet.schemas import Subjects
+
+OWNER = "owner"
+
+
+def files_bucket(subjects: Subjects) -> str:
+    """The Object Store bucket of gateway files for this prefix."""
+    return "ratefleet_files" + subjects.stream_suffix.lower()
+
+
+def new_file_id() -> str:
+    return "file-" + uuid.uuid4().hex[:24]
+
+
+def public(meta: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAI File object (without the owner)."""
+    return {name: value for name, value in meta.items() if name != OWNER}
+
+
+class FileStore:
+    """Upload, describe, read, list and delete files in the bucket; every call names the owner."""
+
+    def __init__(self, js: JetStreamContext, subjects: Subjects, *, ttl_s: float, replicas: int = 1) -> None:
+        self.js = js
+        self.bucket = files_bucket(subjects)
+        self.ttl_s = ttl_s
+        self.replicas = replicas
+        self._store = None
+
+    async def _open(self):
+        if self._store is None:
+            self._store = await open_object_store(self.js, self.bucket, ttl=self.ttl_s, replicas=self.replicas)
+        return self._store
+
+    async def put(self, owner: str, filename: str, purpose: str, data: bytes | BinaryIO, size: int) -> dict[str, Any]:
+        """Store a file (`data`: bytes or a binary file object read to its end, `size` bytes);
+        returns its metadata (the File object plus the owner)."""
+        meta = {"id": new_file_id(), "object": "file", "bytes": size, "created_at": int(time.time()),
+                "filename": filename, "purpose": purpose, "status": "processed", OWNER: owner}
+        store = await self._open()
+        await store.put(meta["id"], data, meta=ObjectMeta(name=meta["id"], description=json.dumps(meta)))
+        return meta
+
+    async def info(self, owner: str, file_id: str) -> dict[str, Any] | None:
+        """The metadata of `owner`'s file `file_id`, or None (absent, deleted, another's)."""
+        store = await self._open()
+        try:
+            info = await store.get_info(file_id)
+        except (ObjectNotFoundError, ObjectDeletedError, NotFoundError):
+            return None
+        except Exception:  # noqa: BLE001 - an id that is not a valid object name: no such file
+            return None
+        meta = _meta_of(info.description)
+        return meta if meta is not None and meta.get(OWNER) == owner else None
+
+    async def read_into(self, owner: str, file_id: str, handle: BinaryIO) -> dict[str, Any] | None:
+        """Write the file's bytes to `handle` (constant memory); its metadata, or None."""
+        meta = await self.info(owner, file_id)
+        if meta is None:
+            return None
+        await (await self._open()).get(file_id, writeinto=handle)
+        return meta
+
+    async def list(self, owner: str, purpose: str | None = None) -> list[dict[str, Any]]:
+        """`owner`'s files, newest first (optionally of one purpose)."""
+        store = await self._open()
+        try:
+            infos = await store.list(ignore_deletes=True)
+        except NotFoundError:
+            return []
+        metas = [_meta_of(info.description) for info in infos if not info.deleted]
+        mine = [m for m in metas if m is not None and m.get(OWNER) == owner
+                and (purpose is None or m.get("purpose") == purpose)]
+        return sorted(mine, key=lambda m: (m["created_at"], m["id"]), reverse=True)
+
+    async def delete(self, owner: str, file_id: str) -> bool:
+        """Delete `owner`'s file; False when there was none."""
+        if await self.info(owner, file_id) is None:
+            return False
+        await (await self._open()).delete(file_id)
+        return True
+
+
+def _meta_of(description: str | None) -> dict[str, Any] | None:
+    try:
+        meta = json.loads(description or "")
+    except ValueError:
+        return None
+    return meta if isinstance(meta, dict) and "id" in meta else None

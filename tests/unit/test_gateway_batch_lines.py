@@ -1,0 +1,68 @@
+"""The gateway's reading of an OpenAI Batch input file and its batch records (pure parts)."""
+
+from __future__ import annotations
+
+import json
+
+from ratefleet.batchfile import line_job_id
+from ratefleet.gateway.batch_book import PRIVATE, new_batch, public, set_status
+from ratefleet.gateway.batch_lines import batch_jobs, check_file
+from ratefleet.gateway.callers import Caller
+
+ENDPOINT = "/v1/chat/completions"
+
+
+def caller(models=None, upstreams=None) -> Caller:
+    return Caller("app", "premium", upstreams, models, 60.0, None, None, None)
+
+
+def chat(custom_id: str, model: str = "gpt-4o-mini", url: str = ENDPOINT) -> str:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": url,
+                       "body": {"model": model, "messages": [{"role": "user", "content": custom_id}]}})
+
+
+def write(tmp_path, lines: list[str]):
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def test_good_lines_become_jobs_with_the_ids_ratefleet_submit_gives(tmp_path):
+    lines = [chat("a"), "", chat("b")]
+    path = write(tmp_path, lines)
+    found = check_file(path, "batch_x", ENDPOINT, caller(upstreams=("openai",)))
+    jobs = [job for _, job in batch_jobs(path, "batch_x", ENDPOINT, caller(upstreams=("openai",)))]
+    assert found.jobs == 2 and found.error_count == 0
+    assert [job.id for job in jobs] == [line_job_id("batch_x", 1, lines[0]), line_job_id("batch_x", 3, lines[2])]
+    assert all(job.id in found.ids for job in jobs)
+    assert found.gaps == [[2, 2]]  # the blank line: input order skips it
+    assert jobs[1].metadata == {"custom_id": "b", "caller": "app"}
+    assert jobs[0].batch == "batch_x" and jobs[0].upstream == "openai"
+    assert jobs[0].request.json_body["model"] == "gpt-4o-mini"
+
+
+def test_each_bad_line_is_named_with_openai_error_fields(tmp_path):
+    job_line = json.dumps({"request": {"method": "POST", "path": ENDPOINT}})
+    lines = [chat("a"), "{oops", chat("b", url="/v1/embeddings"), chat("a"), chat("c", model="gpt-4o"), job_line]
+    found = check_file(write(tmp_path, lines), "batch_x", ENDPOINT, caller(models=frozenset({"gpt-4o-mini"})))
+    assert found.jobs == 1 and found.error_count == 5
+    by_line = {error["line"]: error for error in found.errors}
+    assert set(by_line) == {2, 3, 4, 5, 6}
+    assert by_line[2]["code"] == "invalid_json_line" and by_line[2]["message"].startswith("line 2:")
+    assert (by_line[3]["code"], by_line[3]["param"]) == ("mismatched_endpoint", "url")
+    assert by_line[4]["code"] == "duplicate_custom_id"
+    assert by_line[5]["code"] == "model_not_allowed"
+    assert by_line[6]["param"] == "custom_id"  # a ratefleet Job line is not an OpenAI batch line
+    assert set(by_line[2]) == {"code", "message", "param", "line"}
+
+
+def test_batch_record_statuses_and_public_shape():
+    record = new_batch(caller="app", tier="premium", upstream=None, input_file_id="file-1", endpoint=ENDPOINT,
+                       completion_window="24h", metadata={"k": "v"}, now=1000.0)
+    assert record["status"] == "validating" and record["expires_at"] == 1000 + 86400
+    assert record["id"].startswith("batch_") and PRIVATE not in public(record)
+    set_status(record, "in_progress", now=1001.0)
+    set_status(record, "in_progress", now=1005.0)  # the first stamp stays
+    assert record["in_progress_at"] == 1001
+    shown = public(record)
+    assert shown["object"] == "batch" and shown["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
