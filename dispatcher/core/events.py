@@ -45,7 +45,8 @@ class JobDelivered:
     """One delivery of a JOBS message on `tier`'s pull inbox.
 
     `delivered`: the server's delivery count (`num_delivered`); `verdict`: what intake made of
-    it (with the hand-back and 429 counts of earlier deliveries); `stored`: the job's Result
+    it (with the hand-back and 429 counts of earlier deliveries; None: not read, because the
+    leader steps down and it is not the last delivery); `stored`: the job's Result
     when one is stored already (looked up for redeliveries only); `wall`: epoch seconds at
     delivery (for the job's queue time)."""
 
@@ -53,7 +54,7 @@ class JobDelivered:
     seq: int
     delivered: int
     ack: str
-    verdict: Incoming | Refused
+    verdict: Incoming | Refused | None
     stored: bytes | None = None
     wall: float = 0.0
 

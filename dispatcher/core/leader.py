@@ -91,7 +91,7 @@ class LeaderMachine:
         self.pulls = PullBook(dict(settings.windows), now)
         self.held: dict[int, Held] = {}
         self.lease_until = lease_until
-        self.ready_at = now + settings.ready_after_s
+        self.ready_at = float("inf")  # SessionStarted sets it
         self.ready = False
         self.stepping_down = False
         self.next_housekeeping = now + settings.housekeeping_s
@@ -131,6 +131,7 @@ class LeaderMachine:
         elif isinstance(event, ev.LeaseLost):
             self.lease_until = float("-inf")
         elif isinstance(event, ev.SessionStarted):
+            self.ready_at = now + self.settings.ready_after_s  # learn the fleet before spending a token
             return [*self.keys.restore(event.key_records, event.wall, now), *self._announce(now)]
         elif isinstance(event, ev.KeyCommand):
             return self.keys.command(event.request, event.reply, event.error, now) if self.owns(now) else []
@@ -153,6 +154,8 @@ class LeaderMachine:
         if event.seq in self.held and not final:
             return []  # a redelivery of a job we still hold (its keep-alive came late)
         verdict = event.verdict
+        if verdict is None:
+            return []  # not read (the shell reads every delivery but late ones at step-down)
         if not isinstance(verdict, Incoming):
             # the last delivery ends here whatever the fence says: nobody else will get it
             return [EndRefused(verdict)] if final or owned else []
