@@ -95,7 +95,7 @@ class LeaderMachine:
         self.ready = False
         self.stepping_down = False
         self.next_housekeeping = now + settings.housekeeping_s
-        self.dispatch_at = now
+        self.dispatch_at = float("inf")  # set by each dispatch pass once ready
         self._sequence = itertools.count(1)
 
     # -- the one entry point -----------------------------------------------------------------
@@ -109,7 +109,9 @@ class LeaderMachine:
         return out
 
     def wake_at(self) -> float:
-        """When the machine wants a `Tick` at the latest (monotonic seconds)."""
+        """When the machine wants a `Tick` at the latest (monotonic seconds; inf: never)."""
+        if self.stepping_down:
+            return float("inf")
         soonest = min(self.next_housekeeping, self.dispatch_at)
         return soonest if self.ready else min(soonest, self.ready_at)
 
