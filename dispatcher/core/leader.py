@@ -21,7 +21,7 @@ Rules it keeps (design invariants 1-3, 6, 8):
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,10 +102,20 @@ class LeaderMachine:
 
     def handle(self, event: ev.Event, now: float) -> list[Command]:
         """Apply one event at `now` (monotonic seconds); return what the shell must do, in order."""
-        out = self._apply(event, now)
+        return self.handle_all((event,), now)
+
+    def handle_all(self, events: Iterable[ev.Event], now: float) -> list[Command]:
+        """Apply events that arrived together, then dispatch once (a burst of deliveries or
+        outcomes costs one pass over the queue, not one per event)."""
+        out: list[Command] = []
+        changed = False
+        for event in events:
+            out += self._apply(event, now)
+            changed = changed or not isinstance(event, ev.Tick | ev.PullStatus)
         if not self.stepping_down:
             out += self._timers(now)
-            out += self._dispatch(now)
+            if changed or now >= self.dispatch_at:  # a Tick before a WaitUntil changes nothing
+                out += self._dispatch(now)
         return out
 
     def wake_at(self) -> float:
