@@ -36,6 +36,7 @@ from ratefleet.schemas.internal import Heartbeat, OutcomeReport
 
 log = get_logger("ratefleet.leader")
 LOST = Outcome(kind="lost")
+BURST = 256  # events handed to the machine at once (one dispatch pass)
 Renew = Callable[[], Awaitable[float | None]]  # extends the lease: its new end (monotonic), None: lost
 
 
@@ -122,23 +123,29 @@ class LeaderSession:
                 await self._step_down()
 
     async def _read(self, tg: TaskGroup, until: float = math.inf) -> None:
-        """Hand events (or a Tick when none comes in time) to the machine; carry out its commands."""
+        """Hand events (or a Tick when none comes in time) to the machine, a burst at a time;
+        carry out its commands."""
         while time.monotonic() < until:
-            try:
-                event: ev.Event = self._receive.receive_nowait()
-            except anyio.WouldBlock:
-                event = ev.Tick()
+            events = self._queued()
+            if not events:
+                event: ev.Event = ev.Tick()
                 with anyio.move_on_after(max(0.0, min(until, self.machine.wake_at()) - time.monotonic())):
                     event = await self._receive.receive()
-            await self._handle(event, tg)
+                events = [event, *self._queued()]
+            await self._carry_out(self.machine.handle_all(events, time.monotonic()), tg)
+
+    def _queued(self, most: int = BURST) -> list[ev.Event]:
+        events: list[ev.Event] = []
+        while len(events) < most:
+            try:
+                events.append(self._receive.receive_nowait())
+            except anyio.WouldBlock:
+                break
+        return events
 
     async def _read_queued(self, tg: TaskGroup) -> None:
-        while True:
-            try:
-                event = self._receive.receive_nowait()
-            except anyio.WouldBlock:
-                return
-            await self._handle(event, tg)
+        while events := self._queued():
+            await self._carry_out(self.machine.handle_all(events, time.monotonic()), tg)
 
     async def _handle(self, event: ev.Event, tg: TaskGroup) -> None:
         await self._carry_out(self.machine.handle(event, time.monotonic()), tg)
