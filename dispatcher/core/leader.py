@@ -21,12 +21,11 @@ Rules it keeps (design invariants 1-3, 6, 8):
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any
 
 from ratefleet.schemas import ErrorCode
-from ratefleet.schemas.internal import Assignment, LeaderAnnounce
+from ratefleet.schemas.internal import LeaderAnnounce
 
 from . import events as ev
 from .commands import (
@@ -43,39 +42,12 @@ from .commands import (
 )
 from .delivery import Incoming
 from .fleet import AssignmentRecord, Fleet
+from .handout import Held, LeaderSettings, build_assignment
 from .leader_fleet import LOST, FleetKeeper
 from .leader_keys import KeyKeeper
 from .pulls import HANDBACK_MARGIN_S, PULL_EXPIRES_S, PullBook
 from .scheduler import Scheduler
 from .types import Dispatch, PendingJob, Reject, SchedulerSpec, WaitUntil
-
-
-@dataclass(frozen=True)
-class LeaderSettings:
-    """What the machine needs from the config. `windows`/`max_deliver`: per tier, jobs kept
-    in memory and the server's last delivery (`tier_max_deliver`); times in seconds;
-    `max_payload`: the NATS server's, bytes; `since`: epoch seconds the leadership began."""
-
-    leader_id: str
-    epoch: tuple[int, int]
-    windows: Mapping[str, int]
-    max_deliver: Mapping[str, int]
-    ready_after_s: float
-    housekeeping_s: float
-    keep_alive_after_s: float
-    worker_timeout_s: float
-    max_payload: int
-    since: float = 0.0
-
-
-@dataclass
-class Held:
-    """A job taken in and waiting for a key; `at`/`wall`: when (monotonic/epoch seconds)."""
-
-    incoming: Incoming
-    touched: float
-    at: float
-    wall: float
 
 
 class LeaderMachine:
@@ -231,7 +203,7 @@ class LeaderMachine:
             return []
         incoming = held.incoming
         try:
-            assignment = self._assignment(held, decision, now)
+            assignment = build_assignment(self.settings, held, decision, now, next(self._sequence))
             payload = assignment.model_dump_json().encode()
         except Exception as exc:  # noqa: BLE001 - a validated job always serialises; if not, it alone ends
             return [*self._unsendable(incoming, decision, now, f"job cannot be serialised ({type(exc).__name__})"),
@@ -243,19 +215,6 @@ class LeaderMachine:
         self.fleet.assign(AssignmentRecord(assignment.id, worker.id, incoming.job_id, incoming.tier,
                                            decision.key_id, incoming.ack, decision.reservation, now))
         return [Assign(worker.id, assignment.id, payload, incoming), *self._top_up(incoming.tier, now)]
-
-    def _assignment(self, held: Held, decision: Dispatch, now: float) -> Assignment:
-        incoming = held.incoming
-        queued_s = held.wall + (now - held.at) - incoming.submitted_at
-        return Assignment(
-            id=f"{self.settings.leader_id}.{next(self._sequence)}",
-            job=incoming.job.model_dump(mode="json", by_alias=True, exclude_none=True),
-            job_id=incoming.job_id, tier=incoming.tier, upstream=incoming.upstream, key_id=decision.key_id,
-            pool=decision.pool, ack=incoming.ack, reply_to=incoming.reply_to, attempt=incoming.attempt,
-            max_attempts=incoming.max_attempts, submitted_at=incoming.submitted_at,
-            queued_ms=max(0.0, queued_s * 1000), epoch=self.settings.epoch, seq=incoming.stream_seq,
-            denial_final=decision.reservation.denial_final, rate_limited=incoming.rate_limited,
-            max_rate_limited=incoming.max_rate_limited)
 
     def _unsendable(self, incoming: Incoming, decision: Dispatch, now: float, why: str) -> list[Command]:
         """A job that cannot reach a worker: its reservation ends as LOST (no call made: the
