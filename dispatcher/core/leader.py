@@ -189,7 +189,7 @@ class LeaderMachine:
                 if held is not None:
                     out.append(EndJob(held.incoming, decision.code, decision.message))
             elif isinstance(decision, WaitUntil):
-                self.dispatch_at = now + max(0.0, min(1.0, decision.at - now))
+                self.dispatch_at = max(now, decision.at)
                 break
             else:  # Idle
                 break
