@@ -45,7 +45,7 @@ def build_assignment(settings: LeaderSettings, held: Held, decision: Dispatch, n
     this leadership. Its queue time runs from the JOBS message's timestamp to `now`."""
     incoming = held.incoming
     queued_s = held.wall + (now - held.at) - incoming.submitted_at
-    return Assignment(
+    return Assignment.model_construct(  # every field is already valid: no second validation per hand-out
         id=f"{settings.leader_id}.{number}", job=incoming.job.model_dump(mode="json", by_alias=True, exclude_none=True),
         job_id=incoming.job_id, tier=incoming.tier, upstream=incoming.upstream, key_id=decision.key_id,
         pool=decision.pool, ack=incoming.ack, reply_to=incoming.reply_to, attempt=incoming.attempt,

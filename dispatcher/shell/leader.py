@@ -112,10 +112,10 @@ class LeaderSession:
             self.subs.append(await subscribe(self.subjects.outcome, self._on_outcome))
             self.subs.append(await subscribe(self.subjects.leader_status, self._on_status_request))
             records = await self.bus.load_keys()  # disabled keys and their reasons, from earlier leaders
+            self.post(ev.SessionStarted(records, time.time()))  # (applied before any operator command)
             self.subs.append(await subscribe(self.subjects.admin_keys, self._on_keys_command))
             for inbox in self.inboxes.values():
                 await inbox.start()
-            self.post(ev.SessionStarted(records, time.time()))
             async with anyio.create_task_group() as tg:
                 await self._read(tg)
         finally:

@@ -82,6 +82,7 @@ class FleetSim:
         self.cancels: dict[str, int] = {}
         self.deliveries: dict[str, int] = {}
         self.stream_seq: dict[str, int] = {}
+        self.bodies: dict[str, Job] = {}
         self.script: itertools.cycle[Script] = itertools.cycle([Script(Outcome("ok", 200), 0.0)])
         self.record = Record()
         self._handle(ev.SessionStarted())
@@ -141,7 +142,10 @@ class FleetSim:
         """One more delivery of the job's JOBS message, as intake reads it."""
         n = self.deliveries[job.job_id] = self.deliveries.get(job.job_id, 0) + 1
         seq = self.stream_seq[job.job_id]
-        body = Job(id=job.job_id, upstream=job.upstream, request={"path": "/x"}, cost=job.cost)  # type: ignore[arg-type]
+        body = self.bodies.get(job.job_id)
+        if body is None:
+            body = self.bodies[job.job_id] = Job(id=job.job_id, upstream=job.upstream, request={"path": "/x"},  # type: ignore[arg-type]
+                                                 cost=job.cost)
         ack = f"ack.{seq}.{n}"
         incoming = Incoming(job=body, job_id=job.job_id, tier=job.tier, upstream=job.upstream, ack=ack,
                             reply_to=None, attempt=n, max_attempts=1_000, submitted_at=0.0, stream_seq=seq)
