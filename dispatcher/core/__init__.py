@@ -1,5 +1,8 @@
 """ratefleet's scheduling core: pure Python, `now` passed in, decisions returned as values.
 
+    LeaderMachine       leader.py     the leader as a state machine: handle(event, now) -> commands
+    events, commands    events.py, commands.py  its inputs and outputs (frozen dataclasses)
+    (leader parts)      leader_fleet.py, leader_keys.py, pulls.py, handout.py, fleet.py, delivery.py
     Scheduler           scheduler.py  queue -> key decisions, outcome feedback, status
     TierBook            tiers.py      tier FIFOs, stride (weighted) / strict ordering
     Chain, pick_key     choice.py     pool fallback chain, key choice, never-runnable jobs

@@ -7,51 +7,16 @@ redelivery past its attempts, and poison messages that keep coming back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from nats.aio.msg import Msg
 
+from ratefleet.dispatcher.core.delivery import Incoming, Refused
 from ratefleet.runtime.store import MSG_ID, REPLY_HEADER
 from ratefleet.runtime.streams import tier_max_deliver
 from ratefleet.schemas import Config, ErrorCode, Job, JobRejected, parse_job
 from ratefleet.schemas.job import job_size_limit, normalised_header_name
 from ratefleet.schemas.subjects import is_safe_reply, is_token
-
-
-@dataclass(frozen=True)
-class Incoming:
-    """A validated job with everything the dispatcher needs to run and finish it."""
-
-    job: Job
-    job_id: str
-    tier: str
-    upstream: str
-    ack: str
-    reply_to: str | None
-    attempt: int
-    max_attempts: int
-    submitted_at: float
-    stream_seq: int
-    rate_limited: int = 0
-    max_rate_limited: int = 50
-
-
-@dataclass(frozen=True)
-class Refused:
-    """A message that ends here: an invalid, expired or exhausted job, or a poison message."""
-
-    status: str  # invalid, expired, failed
-    code: ErrorCode
-    message: str
-    job_id: str
-    batch: str | None
-    tier: str
-    ack: str
-    reply_to: str | None
-    attempt: int
-    raw: bytes
-    job: Job | None = None
 
 
 def read_message(msg: Msg, tier: str, config: Config, handbacks: int = 0, rate_limited: int = 0,

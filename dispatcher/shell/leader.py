@@ -1,401 +1,267 @@
-"""The leader's session: pull jobs, ask the core what to dispatch, hand jobs to workers.
+"""The leader's session: NATS in, events to the state machine, its commands out to NATS.
 
-It lives while this dispatcher holds the lease. It is the only writer of key state
-(invariant 2); it spends a token only when a worker slot is free (invariant 3); the
-decisions come from the pure core (invariant 4) and outcomes flow back into it (6).
+It lives while this dispatcher holds the lease. Every decision is the pure state machine's
+(dispatcher/core/leader.py); this shell only translates. Heartbeats, outcome reports,
+operator commands and pull-inbox deliveries become events (events.py) on ONE memory
+stream; the session's task group reads it, hands each event with the monotonic time to
+`LeaderMachine.handle`, and carries the commands out through a LeaderBus (bus.py). No NATS
+callback changes the leader's state. The stream's reader also keeps time: when nothing
+arrives before `wake_at()`, it hands in a `Tick`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
+import math
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import anyio
-from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
-from nats.errors import MaxPayloadError
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ratefleet.dispatcher.core import (
-    Dispatch,
-    Idle,
-    Outcome,
-    OutcomeKind,
-    PendingJob,
-    Reject,
-    Scheduler,
-    WaitUntil,
-)
-from ratefleet.dispatcher.fleet import AssignmentRecord, Fleet
-from ratefleet.dispatcher.shell.intake import Incoming, Refused, read_message, unreadable
-from ratefleet.dispatcher.shell.keycontrol import KeyControl
-from ratefleet.dispatcher.shell.puller import HANDBACK_MARGIN_S, PULL_EXPIRES_S, TierPuller
-from ratefleet.dispatcher.shell.refusals import finish_refused, refuse_incoming
+from ratefleet.dispatcher.core import Outcome, OutcomeKind
+from ratefleet.dispatcher.core import commands as cmd
+from ratefleet.dispatcher.core import events as ev
+from ratefleet.dispatcher.core.leader import LeaderMachine, LeaderSettings
+from ratefleet.dispatcher.shell.bus import LeaderBus, PayloadTooLarge
+from ratefleet.dispatcher.shell.puller import TierInbox
 from ratefleet.dispatcher.spec import scheduler_spec
-from ratefleet.runtime.finish import Finisher, auth_headers
-from ratefleet.runtime.handbacks import DeliveryCounts, Handbacks
 from ratefleet.runtime.logs import get_logger
-from ratefleet.runtime.store import read_result
 from ratefleet.runtime.streams import tier_consumer, tier_max_deliver
-from ratefleet.schemas import Config, ErrorCode, Subjects
-from ratefleet.schemas.internal import Assignment, Heartbeat, LeaderAnnounce, OutcomeReport
+from ratefleet.schemas import Config
+from ratefleet.schemas.internal import Heartbeat, OutcomeReport
 
 log = get_logger("ratefleet.leader")
-LOST = Outcome(kind="lost")
+LOST = Outcome(kind=OutcomeKind.NONE)
+BURST = 256  # events handed to the machine at once (one dispatch pass)
+Renew = Callable[[], Awaitable[float | None]]  # extends the lease: its new end (monotonic), None: lost
 
 
-@dataclass
-class Held:
-    incoming: Incoming
-    touched: float
+def leader_settings(config: Config, leader_id: str, epoch: tuple[int, int], max_payload: int) -> LeaderSettings:
+    """The state machine's settings from the config (seconds, bytes)."""
+    return LeaderSettings(
+        leader_id=leader_id, epoch=epoch, windows={tier: config.dispatcher.window for tier in config.tiers},
+        max_deliver={tier: tier_max_deliver(config, tier) for tier in config.tiers},
+        ready_after_s=config.workers.heartbeat_s * 1.5,
+        housekeeping_s=max(0.2, min(1.0, config.workers.heartbeat_s / 2)),
+        keep_alive_after_s=config.streams.ack_wait_s / 3, worker_timeout_s=config.dispatcher.worker_timeout_s,
+        max_payload=max_payload, since=time.time())
 
 
 class LeaderSession:
-    def __init__(self, config: Config, nc: NatsClient, dispatcher_id: str, *, conservative: bool = True,
-                 fence: Callable[[], bool] = lambda: True, epoch: tuple[int, int] = (0, 0),
-                 renew: Callable[[], Awaitable[bool]] | None = None):
-        self.config, self.nc, self.id = config, nc, dispatcher_id
-        self.subjects = Subjects(config.nats.prefix)
-        self.js = nc.jetstream()
-        self.finisher = Finisher(nc, self.js, self.subjects, auth_headers(config))
-        self.scheduler = Scheduler(scheduler_spec(config), time.monotonic(), conservative=conservative)
-        self.fleet = Fleet(config.dispatcher.worker_timeout_s)
-        self.held: dict[int, Held] = {}
-        self.pullers = {tier: TierPuller(nc, self.subjects.jobs_stream, tier_consumer(tier), tier,
-                                         config.dispatcher.window, self._on_job,
-                                         held=lambda tier=tier: self.scheduler.pending(tier), fence=fence,
-                                         max_deliver=tier_max_deliver(config, tier), hand_back=self._hand_back_late)
-                        for tier in config.tiers}
-        self.sequence = itertools.count(1)
-        self.wake = anyio.Event()
-        self.ready = False
-        self.since = time.time()
-        self.subs: list = []
-        self._tasks: anyio.abc.TaskGroup | None = None  # the session's, for work off the dispatch loop
-        # False once the lease may have lapsed: a paused-then-woken leader must not dispatch
-        # or nak anything another leader may own by now
-        self.fence = fence
-        self.epoch = epoch  # fencing token on every assignment (see schemas/internal.py)
+    def __init__(self, config: Config, bus: LeaderBus, dispatcher_id: str, *, conservative: bool = True,
+                 epoch: tuple[int, int] = (0, 0), lease_until: float = math.inf, renew: Renew | None = None):
+        self.config, self.bus, self.id = config, bus, dispatcher_id
+        self.subjects = bus.subjects
+        settings = leader_settings(config, dispatcher_id, epoch, bus.max_payload)
+        self.machine = LeaderMachine(settings, scheduler_spec(config), time.monotonic(), conservative=conservative,
+                                     lease_until=lease_until)
         self.renew = renew  # extends the lease while stepping down (the renewal loop has ended)
-        self.handbacks = Handbacks(self.js, self.subjects.handbacks_bucket)
-        self.keys = KeyControl(self.scheduler, self.fleet, self.js, self.subjects, fence)
+        self._send: MemoryObjectSendStream[ev.Event]
+        self._receive: MemoryObjectReceiveStream[ev.Event]
+        self._send, self._receive = anyio.create_memory_object_stream[ev.Event](math.inf)
+        self.inboxes = {tier: TierInbox(bus, config, tier, self.subjects.jobs_stream, tier_consumer(tier),
+                                        tier_max_deliver(config, tier), self.post) for tier in config.tiers}
+        self.subs: list[Any] = []
 
-    # -- lifecycle -------------------------------------------------------------------------
+    # -- events in ------------------------------------------------------------------------
+
+    def post(self, event: ev.Event) -> None:
+        """Queue an event for the session's reader (never blocks; callable from any callback)."""
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._send.send_nowait(event)
+
+    def lease_renewed(self, until: float) -> None:
+        self.post(ev.LeaseRenewed(until))
+
+    def lease_lost(self) -> None:
+        self.post(ev.LeaseLost())
+
+    async def _on_heartbeat(self, msg: Any) -> None:
+        try:
+            self.post(ev.HeartbeatReceived(Heartbeat.model_validate_json(msg.data)))
+        except ValueError:
+            return
+
+    async def _on_outcome(self, msg: Any) -> None:
+        try:
+            report = OutcomeReport.model_validate_json(msg.data)
+        except ValueError:
+            return
+        self.post(ev.OutcomeReported(report.assignment, report.key_id, _outcome(report)))
+
+    async def _on_keys_command(self, msg: Any) -> None:
+        try:
+            self.post(ev.KeyCommand(json.loads(msg.data), msg.reply))
+        except (ValueError, TypeError) as exc:
+            self.post(ev.KeyCommand(None, msg.reply, type(exc).__name__))
+
+    async def _on_status_request(self, msg: Any) -> None:
+        await self.bus.publish(msg.reply, json.dumps(self.status()).encode())
+
+    # -- lifecycle --------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Dispatch until cancelled (lease lost or shutdown); then give back held jobs."""
+        """Lead until cancelled (lease lost or shutdown); then step down."""
         try:
-            subscribe = self.nc.subscribe
-            self.subs.append(await subscribe(self.subjects.heartbeat, cb=self._on_heartbeat, pending_msgs_limit=0))
-            self.subs.append(await subscribe(self.subjects.outcome, cb=self._on_outcome, pending_msgs_limit=0))
-            self.subs.append(await subscribe(self.subjects.leader_status, cb=self._on_status_request))
-            await self.keys.restore()  # disabled keys and their reasons, from earlier leaders
-            self.subs.append(await subscribe(self.subjects.admin_keys, cb=self._on_keys_command))
-            await self._announce()
+            subscribe = self.bus.subscribe
+            self.subs.append(await subscribe(self.subjects.heartbeat, self._on_heartbeat))
+            self.subs.append(await subscribe(self.subjects.outcome, self._on_outcome))
+            self.subs.append(await subscribe(self.subjects.leader_status, self._on_status_request))
+            records = await self.bus.load_keys()  # disabled keys and their reasons, from earlier leaders
+            self.post(ev.SessionStarted(records, time.time()))  # (applied before any operator command)
+            self.subs.append(await subscribe(self.subjects.admin_keys, self._on_keys_command))
+            for inbox in self.inboxes.values():
+                await inbox.start()
             async with anyio.create_task_group() as tg:
-                self._tasks = tg
-                tg.start_soon(self._housekeeping)
-                tg.start_soon(self._schedule)
+                await self._read(tg)
         finally:
             with anyio.CancelScope(shield=True):
                 await self._step_down()
+
+    async def _read(self, tg: TaskGroup, until: float = math.inf) -> None:
+        """Hand events (or a Tick when none comes in time) to the machine, a burst at a time;
+        carry out its commands."""
+        while time.monotonic() < until:
+            events = self._queued()
+            if not events:
+                event: ev.Event = ev.Tick()
+                with anyio.move_on_after(max(0.0, min(until, self.machine.wake_at()) - time.monotonic())):
+                    event = await self._receive.receive()
+                events = [event, *self._queued()]
+            await self._carry_out(self.machine.handle_all(events, time.monotonic()), tg)
+
+    def _queued(self, most: int = BURST) -> list[ev.Event]:
+        events: list[ev.Event] = []
+        while len(events) < most:
+            try:
+                events.append(self._receive.receive_nowait())
+            except anyio.WouldBlock:
+                break
+        return events
+
+    async def _read_queued(self, tg: TaskGroup) -> None:
+        while events := self._queued():
+            await self._carry_out(self.machine.handle_all(events, time.monotonic()), tg)
+
+    async def _handle(self, event: ev.Event, tg: TaskGroup) -> None:
+        await self._carry_out(self.machine.handle(event, time.monotonic()), tg)
 
     async def _step_down(self) -> None:
         """Stop pulling and give back every held job at once, if the lease is still ours
         (best effort: NATS may be away; the jobs then come back after ack_wait)."""
         try:
-            for puller in self.pullers.values():
-                puller.stop_pulling()
             await self._renew()
-            if self.fence():
-                held = list(self.held.values())  # intake may still add to it while we wait
-                pulling = any(p.outstanding for p in self.pullers.values())
-                # while our pull requests are open, a job handed back at once would come back to us
-                delay = PULL_EXPIRES_S + HANDBACK_MARGIN_S if pulling else 0.0
-                async with anyio.create_task_group() as tg:  # all at once: one round trip, not one per job
-                    for entry in held:
-                        tg.start_soon(self.handbacks.hand_back, entry.incoming.stream_seq, self.finisher,
-                                      entry.incoming.ack, delay)
-                if pulling:
-                    await anyio.sleep(PULL_EXPIRES_S)  # late arrivals are handed back by the pullers
+            commands = self.machine.handle(ev.StepDown(), time.monotonic())
+            for inbox in self.inboxes.values():
+                inbox.reading = False
+            async with anyio.create_task_group() as tg:  # all at once: one round trip, not one per job
+                await self._carry_out(commands, tg)
+                for linger in (c for c in commands if isinstance(c, cmd.Linger)):
+                    await self._read(tg, time.monotonic() + linger.seconds)
                     await self._renew()
         except Exception as exc:  # noqa: BLE001 - see docstring
             log.warning("could not hand back held jobs; they return after ack_wait", error=type(exc).__name__)
-        for puller in self.pullers.values():
+        for inbox in self.inboxes.values():
             with contextlib.suppress(Exception):
-                await puller.stop()
+                await inbox.stop()
+        with contextlib.suppress(Exception):
+            async with anyio.create_task_group() as tg:
+                await self._read_queued(tg)  # what the drains turned into events
         for sub in self.subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         with contextlib.suppress(Exception):
-            await self.nc.flush(timeout=2)
+            await self.bus.flush(timeout=2)
         self.subs.clear()
-        self.held.clear()
-        self.scheduler.discard_pending()
+        self._send.close()
 
     async def _renew(self) -> None:
         """Keep the lease through step-down, so late arrivals are still handed back (best
         effort: if it fails, the fence turns and they return after ack_wait)."""
-        if self.renew is not None and self.fence():
-            with contextlib.suppress(Exception), anyio.fail_after(1.0):
-                await self.renew()
-
-    # -- scheduling -------------------------------------------------------------------------
-
-    async def _schedule(self) -> None:
-        # learn the fleet (and the calls in flight on each key) before spending a token
-        await anyio.sleep(self.config.workers.heartbeat_s * 1.5)
-        self.ready = True
-        for puller in self.pullers.values():
-            await puller.start()
-        while True:
-            timeout = await self._dispatch_ready()
-            with anyio.move_on_after(timeout):
-                await self.wake.wait()
-            self.wake = anyio.Event()
-
-    async def _dispatch_ready(self) -> float:
-        """Dispatch while workers have free slots; return how long to sleep."""
-        while self.fleet.free_slots() > 0:
-            if not self.fence():
-                return 0.1
-            now = time.monotonic()
-            decision = self.scheduler.next(now, self.fleet.keys_without_free_holder(self.keys.key_ids))
-            if isinstance(decision, Dispatch):
-                await self._hand_out(decision, now)
-            elif isinstance(decision, Reject):
-                held = self.held.pop(decision.job.handle, None)
-                if held is not None and self._tasks is not None:
-                    # storing a Result and a dead letter takes round trips: not on the dispatch loop
-                    self._tasks.start_soon(self._refuse, held.incoming, decision.code, decision.message)
-            elif isinstance(decision, WaitUntil):
-                return max(0.0, min(1.0, decision.at - now))
-            else:
-                assert isinstance(decision, Idle)
-                return 1.0
-        return 1.0
-
-    async def _refuse(self, incoming: Incoming, code: str, message: str, status: str = "failed") -> None:
-        try:
-            await refuse_incoming(self.finisher, incoming, code, message, status)
-        except Exception as exc:  # noqa: BLE001 - its JOBS message comes back after ack_wait
-            log.warning("could not end a refused job; it comes back later", job_id=incoming.job_id,
-                        error=type(exc).__name__)
-
-    async def _hand_out(self, decision: Dispatch, now: float) -> None:
-        held = self.held.pop(decision.job.handle, None)
-        worker = self.fleet.pick(decision.key_id)
-        if held is None or worker is None:  # cannot happen while slots are free; never leak tokens
-            self.scheduler.cancel(decision.reservation, now)
+        if self.renew is None or not self.machine.owns(time.monotonic()):
             return
-        incoming = held.incoming
-        problem = await self._send(incoming, decision, worker.id, now)
-        if problem is not None:
-            self._unsendable(incoming, decision, now, problem)
-        await self.pullers[incoming.tier].top_up()
+        until: float | None = math.nan
+        with contextlib.suppress(Exception), anyio.fail_after(1.0):
+            until = await self.renew()
+        if until is None:
+            self.machine.handle(ev.LeaseLost(), time.monotonic())
+        elif not math.isnan(until):
+            self.machine.handle(ev.LeaseRenewed(until), time.monotonic())
 
-    async def _send(self, incoming: Incoming, decision: Dispatch, worker_id: str, now: float) -> str | None:
-        """Assign the job and send it to the worker; why it cannot be sent when it is the
-        job's fault (too large for one NATS message, not serialisable), else None. NATS
-        being away ends the session (re-raised, the assignment undone: no token spent)."""
-        try:
-            assignment, payload = self._assignment(incoming, decision)
-        except Exception as exc:  # noqa: BLE001 - a validated job always serialises; if not, it alone ends
-            return f"job cannot be serialised ({type(exc).__name__})"
-        if len(payload) > self.nc.max_payload:  # intake bounds jobs below this; a job that grew is its own fault
-            return (f"the job's assignment to a worker is {len(payload)} bytes, more than the NATS server's "
-                    f"max_payload = {self.nc.max_payload}; make the job smaller")
-        record = AssignmentRecord(assignment.id, worker_id, incoming.job_id, incoming.tier, decision.key_id,
-                                  incoming.ack, decision.reservation, now)
-        self.fleet.assign(record)
-        try:
-            await self.nc.publish(self.subjects.assign(worker_id), payload)
-        except MaxPayloadError:  # the job's fault: it alone ends, the leader session goes on
-            self.fleet.finish(record.id)
-            return (f"the job's assignment to a worker ({len(payload)} bytes) is more than the NATS server "
-                    "takes in one message; make the job smaller")
-        except Exception:  # NATS away: the session ends; the job is not held, its message comes back
-            self.fleet.finish(record.id)
-            self.scheduler.complete(decision.reservation, LOST, now)  # not cancel: that requeues the job
-            raise
-        return None
+    # -- commands out -----------------------------------------------------------------------
 
-    def _unsendable(self, incoming: Incoming, decision: Dispatch, now: float, why: str) -> None:
-        """A job that cannot reach a worker: its reservation ends as LOST (no call made: the
-        slot is freed and the key learns nothing; a cancel would requeue the job, which is no
-        longer held, and the dispatch loop would spin on it) and it alone ends `invalid`."""
-        self.scheduler.complete(decision.reservation, LOST, now)
-        log.error("job cannot be sent to a worker; ended as invalid", job_id=incoming.job_id, reason=why)
-        if self._tasks is not None:
-            self._tasks.start_soon(self._refuse, incoming, ErrorCode.INVALID_JOB, why, "invalid")
-
-    def _assignment(self, incoming: Incoming, decision: Dispatch) -> tuple[Assignment, bytes]:
-        assignment = Assignment(
-            id=f"{self.id}.{next(self.sequence)}", job=incoming.job.model_dump(mode="json", by_alias=True, exclude_none=True),
-            job_id=incoming.job_id, tier=incoming.tier, upstream=incoming.upstream, key_id=decision.key_id,
-            pool=decision.pool, ack=incoming.ack, reply_to=incoming.reply_to, attempt=incoming.attempt,
-            max_attempts=incoming.max_attempts, submitted_at=incoming.submitted_at,
-            queued_ms=max(0.0, (time.time() - incoming.submitted_at) * 1000), epoch=self.epoch,
-            seq=incoming.stream_seq, denial_final=decision.reservation.denial_final,
-            rate_limited=incoming.rate_limited, max_rate_limited=incoming.max_rate_limited)
-        return assignment, assignment.model_dump_json().encode()
-
-    async def _announce(self) -> None:
-        """Tell the workers our epoch: from now on they drop assignments of earlier leaders."""
-        if self.fence():
-            announce = LeaderAnnounce(leader=self.id, epoch=self.epoch)
-            await self.nc.publish(self.subjects.leader_announce, announce.model_dump_json().encode())
-
-    # -- intake -----------------------------------------------------------------------------
-
-    async def _on_job(self, tier: str, msg: Msg) -> None:
-        """Take a delivery in. While the lease may have lapsed (fenced), nothing is ended, nak'd
-        or dispatched: the message may be the new leader's by now. It is held, and dispatched
-        only if the lease turns out to be ours. The server's last delivery (`max_deliver`) is
-        the exception: nobody else will get it, so intake ends it whatever the fence says."""
-        meta = msg.metadata
-        final = meta.num_delivered >= tier_max_deliver(self.config, tier)
-        if meta.sequence.stream in self.held and not final:
-            return  # a redelivery of a job we still hold (its keep-alive came late)
-        redelivered = meta.num_delivered > 1
-        known = await self.handbacks.counts(meta.sequence.stream) if redelivered else DeliveryCounts()
-        try:
-            verdict = read_message(msg, tier, self.config, known.handbacks, known.rate_limited,
-                                   max_payload=self.nc.max_payload)
-        except Exception as exc:  # noqa: BLE001 - one message's content must never stop intake
-            log.exception("could not read a job message; ended as invalid", tier=tier)
-            verdict = unreadable(msg, tier, exc)
-        if isinstance(verdict, Refused):
-            if final or self.fence():
-                await finish_refused(self.finisher, verdict)
-            return
-        if verdict.stream_seq in self.held:
-            return  # taken in by an earlier delivery while we looked things up
-        if redelivered and await self._finished_before(verdict):
-            return
-        if not self.pullers[tier].active:  # stepping down began while we looked things up
-            if self.fence():
-                await self._hand_back_late(msg, PULL_EXPIRES_S + HANDBACK_MARGIN_S)
-            return
-        self.held[verdict.stream_seq] = Held(verdict, time.monotonic())
-        self.scheduler.add(PendingJob(job_id=verdict.job_id, tier=tier, upstream=verdict.upstream,
-                                      cost=verdict.job.cost, handle=verdict.stream_seq), time.monotonic())
-        self.wake.set()
-
-    async def _finished_before(self, incoming: Incoming) -> bool:
-        """A redelivered job may have its Result stored already: its worker stored it and
-        died before the ack. Then it is answered and acked from the store, not called again."""
-        stored = None
-        with anyio.move_on_after(2.0):  # a slow store must not stall intake: then it is called
-            stored = await read_result(self.js, self.subjects, incoming.job_id, incoming.job.batch)
-        if stored is None:
-            return False
-        if self.fence():  # (fenced: leave the message alone; its owner finds the Result too)
-            log.info("redelivered job already has its result; acked without a second call", job_id=incoming.job_id,
-                     tier=incoming.tier, attempt=incoming.attempt)
-            await self.finisher.finish_stored(stored, ack=incoming.ack, reply_to=incoming.reply_to)
-        return True
-
-    async def _hand_back_late(self, msg: Msg, delay_s: float) -> None:
-        """A job that arrived while stepping down goes back to the queue; not an attempt."""
-        await self.handbacks.hand_back(msg.metadata.sequence.stream, self.finisher, msg.reply, delay_s)
-
-    # -- feedback ---------------------------------------------------------------------------
-
-    async def _on_outcome(self, msg: Msg) -> None:
-        try:
-            report = OutcomeReport.model_validate_json(msg.data)
-        except ValueError:
-            return
-        now = time.monotonic()
-        record = self.fleet.finish(report.assignment)
-        outcome = _outcome(report)
-        if record is not None:
-            self.scheduler.complete(record.reservation, outcome, now)
-        elif report.kind != "none":
-            self.scheduler.complete_unknown(report.key_id, outcome, now)
-        await self.keys.flush()
-        self.wake.set()
-
-    async def _on_keys_command(self, msg: Msg) -> None:
-        await self.keys.on_command(msg)
-        self.wake.set()
-
-    async def _on_heartbeat(self, msg: Msg) -> None:
-        try:
-            beat = Heartbeat.model_validate_json(msg.data)
-        except ValueError:
-            return
-        now = time.monotonic()
-        is_new, lost = self.fleet.beat(beat, now)
-        self.keys.sync_secrets()
-        if is_new:
-            self._adopt(beat, now)
-            log.info("worker joined", worker=beat.worker, slots=beat.slots, in_flight=len(beat.in_flight))
-        for record in lost:
-            log.warning("assignment lost on its way; job goes back to the queue", job_id=record.job_id,
-                        worker=record.worker)
-            await self._return(record, now)
-        self.wake.set()
-
-    def _adopt(self, beat: Heartbeat, now: float) -> None:
-        """Calls a worker already has in flight (from an earlier leader) count against their keys."""
-        for item in beat.in_flight:
-            if item.assignment in self.fleet.by_assignment:
+    async def _carry_out(self, commands: Sequence[cmd.Command], tg: TaskGroup) -> None:
+        for command in commands:
+            if isinstance(command, cmd.Assign):
+                await self._assign(command, tg)
                 continue
             try:
-                adopted = self.scheduler.adopt_in_flight(item.key_id, 1, now)
-            except ValueError:
-                log.error("worker runs a key this dispatcher does not know; deploy one config to the whole fleet",
-                          worker=beat.worker, key_id=item.key_id)
-                continue
-            for reservation in adopted:
-                self.fleet.assign(AssignmentRecord(item.assignment, beat.worker, item.job_id, "?", item.key_id,
-                                                   "", reservation, now))
+                await self._do(command, tg)
+            except Exception as exc:  # noqa: BLE001 - NATS away: what was not done comes back after ack_wait
+                log.warning("leader command failed", command=type(command).__name__, error=type(exc).__name__)
 
-    async def _return(self, record: AssignmentRecord, now: float) -> None:
-        """Give a job back to the queue. It counts as an attempt: a call may have been made
-        (its worker went silent mid-call, or only the outcome report went missing)."""
-        self.scheduler.complete(record.reservation, LOST, now)
-        if record.ack and self.fence():
-            await self.finisher.nak(record.ack)
+    async def _assign(self, command: cmd.Assign, tg: TaskGroup) -> None:
+        """Send the assignment; too large: the job alone ends. NATS away ends the session."""
+        try:
+            await self.bus.publish(self.subjects.assign(command.worker), command.payload)
+        except PayloadTooLarge:
+            await self._handle(ev.AssignFailed(command.assignment, command.incoming, True, len(command.payload)), tg)
+        except Exception:
+            await self._handle(ev.AssignFailed(command.assignment, command.incoming, False), tg)
+            raise
 
-    async def _housekeeping(self) -> None:
-        interval = max(0.2, min(1.0, self.config.workers.heartbeat_s / 2))
-        keep_alive_after = self.config.streams.ack_wait_s / 3
-        while True:
-            await anyio.sleep(interval)
-            if not self.fence():
-                continue  # woken after a pause: the lease check ends this session
-            now = time.monotonic()
-            for worker, records in self.fleet.expire(now):
-                log.warning("worker silent; returning its jobs to the queue", worker=worker.id, jobs=len(records))
-                for record in records:
-                    await self._return(record, now)
-            self.keys.sync_secrets()
-            for held in self.held.values():
-                if now - held.touched > keep_alive_after:
-                    held.touched = now
-                    await self.finisher.in_progress(held.incoming.ack)
-            await self._announce()  # for workers that joined (or reconnected) since
-            if self.ready:
-                for puller in self.pullers.values():
-                    await puller.check_stale()
-            self.wake.set()
+    async def _do(self, command: cmd.Command, tg: TaskGroup) -> None:
+        bus = self.bus
+        if isinstance(command, cmd.Pull):
+            await self.inboxes[command.tier].pull(command.batch, command.expires_s)
+        elif isinstance(command, cmd.Nak):
+            await bus.nak(command.ack, command.delay_s)
+        elif isinstance(command, cmd.InProgress):
+            await bus.in_progress(command.ack)
+        elif isinstance(command, cmd.HandBack):
+            tg.start_soon(bus.hand_back, command.seq, command.ack, command.delay_s)
+        elif isinstance(command, cmd.EndRefused):
+            tg.start_soon(self._background, command.refused.job_id, bus.end_refused, command.refused)
+        elif isinstance(command, cmd.EndJob):
+            c = command
+            tg.start_soon(self._background, c.incoming.job_id, bus.end_job, c.incoming, c.code, c.message, c.status)
+        elif isinstance(command, cmd.AnswerStored):
+            await bus.answer_stored(command.stored, command.ack, command.reply_to)
+        elif isinstance(command, cmd.Announce):
+            await bus.publish(self.subjects.leader_announce, command.payload)
+        elif isinstance(command, cmd.SaveKey):
+            await bus.save_key(command.key_id, command.record)
+        elif isinstance(command, cmd.Respond):
+            await self._respond(command)
+        elif isinstance(command, cmd.Log):
+            getattr(log, command.level)(command.message, **command.fields)
+
+    async def _respond(self, command: cmd.Respond) -> None:
+        answer = dict(command.answer)
+        if command.saves:
+            persisted = True
+            for save in command.saves:
+                persisted = await self.bus.save_key(save.key_id, save.record) and persisted
+            answer["persisted"] = persisted
+        await self.bus.publish(command.reply, json.dumps(answer).encode())
+
+    @staticmethod
+    async def _background(job_id: str, work: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Ending a job takes round trips: off the reader. A failure leaves its message to come back."""
+        try:
+            await work(*args)
+        except Exception as exc:  # noqa: BLE001 - its JOBS message comes back after ack_wait
+            log.warning("could not end a refused job; it comes back later", job_id=job_id, error=type(exc).__name__)
 
     # -- status -----------------------------------------------------------------------------
 
-    async def _on_status_request(self, msg: Msg) -> None:
-        await msg.respond(json.dumps(self.status()).encode())
-
-    def status(self) -> dict:
-        now = time.monotonic()
-        snap = self.scheduler.snapshot(now)
-        return {"leader": self.id, "leader_since": self.since, "keys": snap["keys"], "tiers": snap["tiers"],
-                "workers": self.fleet.snapshot(now)}
+    def status(self) -> dict[str, Any]:
+        """The leader's view (read only): keys, tiers, workers."""
+        return self.machine.status(time.monotonic())
 
 
 def _outcome(report: OutcomeReport) -> Outcome:

@@ -33,7 +33,13 @@ class LeaderLease:
 
     @property
     def held(self) -> bool:
-        return self.revision is not None and time.monotonic() - self.renewed_at < self.ttl_s * 0.8
+        return self.revision is not None and time.monotonic() < self.held_until
+
+    @property
+    def held_until(self) -> float:
+        """Until when (monotonic seconds) the lease is surely ours: 0.8 of the TTL after the
+        last renewal began (-inf when not held)."""
+        return self.renewed_at + self.ttl_s * 0.8 if self.revision is not None else float("-inf")
 
     async def open(self) -> None:
         self.kv = await open_kv(self.js, self.bucket, ttl=self.ttl_s)

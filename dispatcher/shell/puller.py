@@ -1,63 +1,60 @@
-"""Per-tier pull of the JOBS stream with our own pull requests (invariant 8).
+"""Per-tier pull inbox of the JOBS stream, with our own pull requests (invariant 8).
 
 nats-py's `fetch()` costs a round trip per batch and caps throughput (measurements.md:
-~20k/s vs 75-82k/s). Here each tier has one inbox subscription; pull requests ask for
-just enough messages to keep `window` jobs in memory, so a backlog of millions stays in
-JetStream. Status messages (408/409) tell how much of a request went unfilled.
+~20k/s vs 75-82k/s). Here each tier has one inbox subscription; the leader's state machine
+decides how many messages to ask for (core/pulls.py) and this module sends the requests and
+turns what arrives into events: a delivery (read by intake, with the lookups a redelivery
+needs) or a pull status (408/409/404: how much of a request went unfilled).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from typing import Any
 
 import anyio
-from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
 
+from ratefleet.dispatcher.core.delivery import Incoming
+from ratefleet.dispatcher.core.events import Event, JobDelivered, PullStatus
+from ratefleet.dispatcher.core.pulls import HANDBACK_MARGIN_S, PULL_EXPIRES_S
+from ratefleet.dispatcher.shell.bus import LeaderBus, Subscription
+from ratefleet.dispatcher.shell.intake import read_message, unreadable
+from ratefleet.runtime.handbacks import DeliveryCounts
 from ratefleet.runtime.logs import get_logger
+from ratefleet.schemas import Config
 
+__all__ = ["DRAIN_S", "HANDBACK_MARGIN_S", "PULL_EXPIRES_S", "TierInbox"]
 log = get_logger("ratefleet.puller")
-PULL_EXPIRES_S = 1.0  # short: a stepping-down leader waits this long to hand back late arrivals
-HANDBACK_MARGIN_S = 0.25
 DRAIN_S = 5.0  # longest wait for intake to finish at step-down (its lookups time out sooner)
+STORED_LOOKUP_S = 2.0  # a slow store must not stall intake: then the job is called
 
 
-class TierPuller:
-    def __init__(self, nc: NatsClient, stream: str, consumer: str, tier: str, window: int,
-                 on_job: Callable[[str, Msg], Awaitable[None]], held: Callable[[], int],
-                 fence: Callable[[], bool] = lambda: True, max_deliver: int = 0,
-                 hand_back: Callable[[Msg, float], Awaitable[None]] | None = None):
-        self.nc, self.stream, self.consumer, self.tier, self.window = nc, stream, consumer, tier, window
-        self.on_job = on_job
-        self.fence = fence  # False once our lease may have lapsed: then nak nothing
-        self.max_deliver = max_deliver  # the server's last delivery must never be nak'd (0: unknown)
-        self.hand_back = hand_back or self._nak  # returns a message to the queue after a delay
-        self.outstanding = 0
-        self.held = held  # jobs of this tier waiting in the scheduler's window
-        self.active = False
-        self._sub = None
-        self._inbox = ""
-        self.last_activity = time.monotonic()
+class TierInbox:
+    """One tier's pull inbox. `post` puts an event on the session's stream (never blocks);
+    nothing here changes the leader's state."""
+
+    def __init__(self, bus: LeaderBus, config: Config, tier: str, stream: str, consumer: str,
+                 max_deliver: int, post: Callable[[Event], None]) -> None:
+        self.bus, self.config, self.tier, self.max_deliver, self.post = bus, config, tier, max_deliver, post
+        self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self.inbox = ""
+        self.reading = True  # False once stepping down: then only the last delivery is read
+        self._sub: Subscription | None = None
 
     async def start(self) -> None:
-        self._inbox = self.nc.new_inbox()
-        self._sub = await self.nc.subscribe(self._inbox, cb=self._on_msg, pending_msgs_limit=0)
-        self.active = True
-        await self.top_up()
+        self.inbox = self.bus.new_inbox()
+        self._sub = await self.bus.subscribe(self.inbox, self._on_msg)
 
-    def stop_pulling(self) -> None:
-        """No new pulls; messages still arriving for open pull requests are nak'd at once."""
-        self.active = False
+    async def pull(self, batch: int, expires_s: float) -> None:
+        request = {"batch": batch, "expires": int(expires_s * 1e9)}
+        await self.bus.publish(self.next_subject, json.dumps(request).encode(), reply=self.inbox)
 
     async def stop(self) -> None:
-        """Unsubscribe, after the open pull requests expired (call stop_pulling() first and
-        wait up to PULL_EXPIRES_S, or their messages wait out ack_wait on a dead inbox).
-        Drains: a job being taken in finishes, and deliveries still queued are handed back."""
-        self.active = False
+        """Unsubscribe, after the open pull requests expired (or their messages wait out
+        ack_wait on a dead inbox). Drains: deliveries still queued become events."""
         sub, self._sub = self._sub, None
-        self.outstanding = 0
         if sub is None:
             return
         try:
@@ -66,55 +63,32 @@ class TierPuller:
         except Exception as exc:  # noqa: BLE001 - slow or gone: what is left returns after ack_wait
             log.warning("pull inbox not drained", tier=self.tier, error=type(exc).__name__)
 
-    async def top_up(self) -> None:
-        """Ask for more when at least half the window is free and nothing much is on its way."""
-        room = self.window - self.held() - self.outstanding
-        if not self.active or not self.fence() or room < max(1, self.window // 2):
-            return
-        request = {"batch": room, "expires": int(PULL_EXPIRES_S * 1e9)}
-        self.outstanding += room
-        self.last_activity = time.monotonic()
-        await self.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.consumer}",
-                              json.dumps(request).encode(), reply=self._inbox)
-
-    async def check_stale(self) -> None:
-        """A pull request lost to a reconnect never reports back: forget it and ask again."""
-        if self.outstanding and time.monotonic() - self.last_activity > PULL_EXPIRES_S + 2:
-            self.outstanding = 0
-            self.last_activity = time.monotonic()
-        await self.top_up()
-
-    async def _on_msg(self, msg: Msg) -> None:
-        self.last_activity = time.monotonic()
+    async def _on_msg(self, msg: Any) -> None:
         status = msg.headers.get("Status") if msg.headers else None
         if status is not None and not msg.data:
-            await self._on_status(status, msg)
-            return
-        self.outstanding = max(0, self.outstanding - 1)
-        if not self.active:
-            if self.max_deliver and msg.metadata.num_delivered >= self.max_deliver:
-                # the server will not deliver it again: a nak (or a drop) would leave it in the
-                # stream forever; intake ends it as a poison message instead
-                await self.on_job(self.tier, msg)
-                return
-            if not self.fence():
-                # woken after a pause: this delivery may have been redelivered to the new
-                # leader by now, and a stale nak would make the server deliver it once more
-                return
-            # stepping down: hand it back, but only after our open pull requests expired, or
-            # it would come straight back to us in a nak loop
-            await self.hand_back(msg, PULL_EXPIRES_S + HANDBACK_MARGIN_S)
-            return
-        await self.on_job(self.tier, msg)
-
-    async def _nak(self, msg: Msg, delay_s: float) -> None:
-        await self.nc.publish(msg.reply, b'-NAK {"delay": %d}' % int(delay_s * 1e9))
-
-    async def _on_status(self, status: str, msg: Msg) -> None:
-        if status in ("408", "409", "404"):
             unfilled = int(msg.headers.get("Nats-Pending-Messages", 0) or 0)
-            self.outstanding = max(0, self.outstanding - unfilled) if unfilled else 0
-            if status == "409":
-                log.warning("pull request ended by the server", tier=self.tier,
-                            reason=msg.headers.get("Description"))
-            await self.top_up()
+            self.post(PullStatus(self.tier, status, unfilled, msg.headers.get("Description")))
+            return
+        self.post(await self.delivery(msg))
+
+    async def delivery(self, msg: Any) -> JobDelivered:
+        """A JOBS message as an event: read by intake, with the hand-back and 429 counts of
+        earlier deliveries and, for a redelivery, its Result if one is stored already."""
+        meta = msg.metadata
+        seq, delivered = meta.sequence.stream, meta.num_delivered
+        final = self.max_deliver > 0 and delivered >= self.max_deliver
+        if not self.reading and not final:  # stepping down: handed back unread
+            return JobDelivered(self.tier, seq, delivered, msg.reply, None, wall=time.time())
+        redelivered = delivered > 1
+        known = await self.bus.delivery_counts(seq) if redelivered else DeliveryCounts()
+        try:
+            verdict = read_message(msg, self.tier, self.config, known.handbacks, known.rate_limited,
+                                   max_payload=self.bus.max_payload)
+        except Exception as exc:  # noqa: BLE001 - one message's content must never stop intake
+            log.exception("could not read a job message; ended as invalid", tier=self.tier)
+            verdict = unreadable(msg, self.tier, exc)
+        stored = None
+        if redelivered and isinstance(verdict, Incoming):
+            with anyio.move_on_after(STORED_LOOKUP_S):
+                stored = await self.bus.stored_result(verdict.job_id, verdict.job.batch)
+        return JobDelivered(self.tier, seq, delivered, msg.reply, verdict, stored, time.time())

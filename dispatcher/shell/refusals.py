@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
-from ratefleet.dispatcher.shell.intake import Incoming, Refused
+from ratefleet.dispatcher.core.delivery import Incoming, Refused
 from ratefleet.runtime.finish import Finisher
 from ratefleet.runtime.logs import get_logger
 from ratefleet.schemas import ErrorCode, ErrorInfo, Result, Timings

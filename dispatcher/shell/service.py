@@ -14,6 +14,7 @@ import anyio
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
+from ratefleet.dispatcher.shell.bus import NatsLeaderBus
 from ratefleet.dispatcher.shell.leader import LeaderSession
 from ratefleet.dispatcher.shell.lease import LeaderLease
 from ratefleet.dispatcher.shell.rpc import RpcResponder
@@ -76,8 +77,9 @@ class Dispatcher:
         await self.lease.mark_seen()
         log.info("became leader", dispatcher=self.id, buckets="empty" if conservative else "full",
                  epoch=list(self.lease.epoch))
-        self.session = LeaderSession(self.config, self.nc, self.id, conservative=conservative,
-                                     fence=lambda: self.lease.held, epoch=self.lease.epoch, renew=self.lease.renew)
+        self.session = LeaderSession(self.config, NatsLeaderBus(self.config, self.nc), self.id,
+                                     conservative=conservative, epoch=self.lease.epoch,
+                                     lease_until=self.lease.held_until, renew=self._renew_for_session)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.session.run)
@@ -87,6 +89,17 @@ class Dispatcher:
             self.session = None
             log.info("leadership ended", dispatcher=self.id)
 
+    async def _renew_for_session(self) -> float | None:
+        """Renew now (the session steps down): the lease's new end, or None when it was lost."""
+        return self.lease.held_until if await self.lease.renew() else None
+
+    def _tell_session(self) -> None:
+        if self.session is not None:
+            if self.lease.held:
+                self.session.lease_renewed(self.lease.held_until)
+            else:
+                self.session.lease_lost()
+
     async def _keep_lease(self) -> None:
         """Renew the lease; return (ending the session) as soon as it may have lapsed."""
         interval = self.config.dispatcher.lease_ttl_s / 4
@@ -94,7 +107,9 @@ class Dispatcher:
             await anyio.sleep(interval)
             try:
                 with anyio.fail_after(interval):
-                    if not await self.lease.renew():
+                    renewed = await self.lease.renew()
+                    self._tell_session()
+                    if not renewed:
                         return
                     await self.lease.mark_seen()
             except Exception as exc:  # noqa: BLE001 - timeout or disconnect

@@ -138,6 +138,7 @@ def test_limits_hold_and_every_job_ends_in_one_place(scenario):
     assert all(v["in_flight"] == 0 for v in sim.scheduler.snapshot(sim.clock)["keys"].values())
 
 
+@pytest.mark.timeout(360)  # up to 1280 jobs per example through the real leader machine
 @SETTINGS
 @given(
     weights=st.tuples(st.integers(1, 8), st.integers(1, 8)),

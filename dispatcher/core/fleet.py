@@ -1,0 +1,138 @@
+"""The leader's view of the worker fleet: slots, assignments in flight, liveness.
+
+Invariant 3: a token is spent only for a free worker slot. Free slots are the slots a
+worker announced minus the assignments this dispatcher handed it and has not seen finish.
+
+Workers report the keys whose secret they cannot use (`Heartbeat.unusable_keys`); a job on
+such a key goes only to a worker that holds it, and a key no live worker holds is out of
+rotation (`missing_everywhere`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ratefleet.schemas.internal import Heartbeat
+
+from .types import Reservation
+
+
+@dataclass
+class AssignmentRecord:
+    id: str
+    worker: str
+    job_id: str
+    tier: str
+    key_id: str
+    ack: str
+    reservation: Reservation
+    at: float
+    missed: int = 0  # heartbeats in a row that did not list it
+
+
+@dataclass
+class WorkerState:
+    id: str
+    slots: int
+    last_seen: float
+    draining: bool = False
+    assigned: dict[str, AssignmentRecord] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    unusable: dict[str, str] = field(default_factory=dict)  # key id -> why its secret is unusable here
+
+    @property
+    def free(self) -> int:
+        return 0 if self.draining else max(0, self.slots - len(self.assigned))
+
+
+class Fleet:
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.workers: dict[str, WorkerState] = {}
+        self.by_assignment: dict[str, AssignmentRecord] = {}
+
+    def beat(self, hb: Heartbeat, now: float) -> tuple[bool, list[AssignmentRecord]]:
+        """Record a heartbeat. Returns (is_new_worker, assignments the worker no longer has).
+
+        An assignment older than two seconds that two heartbeats in a row do not list was
+        lost on the way (or its outcome was): the caller returns the job to the queue. One
+        heartbeat is not enough: heartbeats and outcome reports are read by different tasks,
+        so a heartbeat may be read before the outcome that was sent ahead of it.
+        """
+        state = self.workers.get(hb.worker)
+        is_new = state is None
+        if state is None:
+            state = self.workers[hb.worker] = WorkerState(hb.worker, hb.slots, now)
+        state.slots, state.last_seen, state.draining = hb.slots, now, hb.draining
+        state.info = {"pid": hb.pid, "host": hb.host, "calls": hb.calls, "started_at": hb.started_at}
+        state.unusable = dict(hb.unusable_keys)
+        listed = {item.assignment for item in hb.in_flight}
+        lost: list[AssignmentRecord] = []
+        for record in state.assigned.values():
+            if record.id in listed or now - record.at <= 2.0:
+                record.missed = 0
+                continue
+            record.missed += 1
+            if record.missed >= 2:
+                lost.append(record)
+        for record in lost:
+            self.finish(record.id)
+        return is_new, lost
+
+    def free_slots(self) -> int:
+        return sum(w.free for w in self.workers.values())
+
+    def pick(self, key_id: str | None = None) -> WorkerState | None:
+        """The worker with the most free slots (among those holding `key_id`'s secret)."""
+        holders = (w for w in self.workers.values() if key_id is None or key_id not in w.unusable)
+        best = max(holders, key=lambda w: w.free, default=None)
+        return best if best is not None and best.free > 0 else None
+
+    def keys_without_free_holder(self, key_ids: Iterable[str]) -> frozenset[str]:
+        """Keys no worker with a free slot can call now (cheap when every worker holds every key)."""
+        if not any(w.unusable for w in self.workers.values()):
+            return frozenset()
+        free = [w for w in self.workers.values() if w.free > 0]
+        return frozenset(k for k in key_ids if all(k in w.unusable for w in free))
+
+    def missing_everywhere(self, key_ids: Iterable[str]) -> dict[str, str]:
+        """{key id: reason} for keys whose secret no live worker can use (none when no worker
+        is known: then nothing can be said)."""
+        live = [w for w in self.workers.values() if not w.draining] or list(self.workers.values())
+        if not live:
+            return {}
+        out: dict[str, str] = {}
+        for key_id in key_ids:
+            reasons = [w.unusable[key_id] for w in live if key_id in w.unusable]
+            if len(reasons) == len(live):
+                out[key_id] = "; ".join(sorted(set(reasons)))
+        return out
+
+    def assign(self, record: AssignmentRecord) -> None:
+        self.workers[record.worker].assigned[record.id] = record
+        self.by_assignment[record.id] = record
+
+    def finish(self, assignment_id: str) -> AssignmentRecord | None:
+        record = self.by_assignment.pop(assignment_id, None)
+        if record is not None and record.worker in self.workers:
+            self.workers[record.worker].assigned.pop(assignment_id, None)
+        return record
+
+    def expire(self, now: float) -> list[tuple[WorkerState, list[AssignmentRecord]]]:
+        """Remove workers silent for longer than the timeout; return them with their assignments."""
+        dead = [w for w in self.workers.values() if now - w.last_seen > self.timeout_s]
+        out: list[tuple[WorkerState, list[AssignmentRecord]]] = []
+        for worker in dead:
+            records = list(worker.assigned.values())
+            for record in records:
+                self.by_assignment.pop(record.id, None)
+            del self.workers[worker.id]
+            out.append((worker, records))
+        return out
+
+    def snapshot(self, now: float) -> list[dict[str, Any]]:
+        return [{"id": w.id, "slots": w.slots, "in_flight": len(w.assigned), "free": w.free, "draining": w.draining,
+                 "last_seen_s": round(now - w.last_seen, 2), "unusable_keys": w.unusable, **w.info}
+                for w in self.workers.values()]

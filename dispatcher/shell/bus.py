@@ -1,0 +1,137 @@
+"""The leader's seam to NATS: `LeaderBus`, a small protocol, and its nats-py implementation.
+
+The leader shell (leader.py) talks to NATS only through a LeaderBus: core publish and
+subscribe, and the job-lifecycle operations it carries out for the state machine's commands
+(end a job with its Result and dead letter, answer from a stored Result, ack/nak/in-progress,
+hand-backs, delivery counts, key records). `NatsLeaderBus` is the real one; `MemoryBus`
+(memory_bus.py) is an in-memory twin for fast tests, like httpx's MockTransport.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
+
+from nats.aio.client import Client as NatsClient
+from nats.errors import MaxPayloadError
+
+from ratefleet.dispatcher.core.delivery import Incoming, Refused
+from ratefleet.dispatcher.shell.keycontrol import KeyStore
+from ratefleet.dispatcher.shell.refusals import finish_refused, refuse_incoming
+from ratefleet.runtime.finish import Finisher, auth_headers
+from ratefleet.runtime.handbacks import DeliveryCounts, Handbacks
+from ratefleet.runtime.store import read_result
+from ratefleet.schemas import Config, Subjects
+from ratefleet.schemas.errors import RatefleetError
+
+
+class PayloadTooLarge(RatefleetError):
+    """The server refused a publish larger than its max_payload (the payload's fault)."""
+
+
+class Subscription(Protocol):
+    async def unsubscribe(self) -> None: ...
+
+    async def drain(self) -> None: ...
+
+
+Handler = Callable[[Any], Awaitable[None]]
+
+
+class LeaderBus(Protocol):
+    """What the leader shell needs from NATS. Messages handed to a handler have `subject`,
+    `data`, `headers`, `reply` and, for JOBS deliveries, `metadata` (nats-py's Msg shape)."""
+
+    subjects: Subjects
+    max_payload: int
+
+    def new_inbox(self) -> str: ...
+
+    async def subscribe(self, subject: str, handler: Handler) -> Subscription: ...
+
+    async def publish(self, subject: str, payload: bytes, reply: str = "") -> None:
+        """Raises PayloadTooLarge when the server will not take that many bytes."""
+
+    async def flush(self, timeout: float) -> None: ...
+
+    async def nak(self, ack: str, delay_s: float = 0.0) -> None: ...
+
+    async def in_progress(self, ack: str) -> None: ...
+
+    async def hand_back(self, seq: int, ack: str, delay_s: float) -> None: ...
+
+    async def delivery_counts(self, seq: int) -> DeliveryCounts: ...
+
+    async def stored_result(self, job_id: str, batch: str | None) -> bytes | None: ...
+
+    async def answer_stored(self, stored: bytes, ack: str, reply_to: str | None) -> None: ...
+
+    async def end_refused(self, refused: Refused) -> None: ...
+
+    async def end_job(self, incoming: Incoming, code: str, message: str, status: str) -> None: ...
+
+    async def load_keys(self) -> dict[str, dict[str, Any]]: ...
+
+    async def save_key(self, key_id: str, record: Mapping[str, Any] | None) -> bool: ...
+
+
+class NatsLeaderBus:
+    """LeaderBus over a nats-py client (see the protocol)."""
+
+    def __init__(self, config: Config, nc: NatsClient) -> None:
+        self.nc = nc
+        self.subjects = Subjects(config.nats.prefix)
+        js = nc.jetstream()
+        self._js = js
+        self._finisher = Finisher(nc, js, self.subjects, auth_headers(config))
+        self._handbacks = Handbacks(js, self.subjects.handbacks_bucket)
+        self._keys = KeyStore(js, self.subjects.keys_bucket)
+
+    @property
+    def max_payload(self) -> int:
+        return self.nc.max_payload
+
+    def new_inbox(self) -> str:
+        return self.nc.new_inbox()
+
+    async def subscribe(self, subject: str, handler: Handler) -> Subscription:
+        return await self.nc.subscribe(subject, cb=handler, pending_msgs_limit=0)
+
+    async def publish(self, subject: str, payload: bytes, reply: str = "") -> None:
+        try:
+            await self.nc.publish(subject, payload, reply=reply)
+        except MaxPayloadError as exc:
+            raise PayloadTooLarge(str(exc)) from None
+
+    async def flush(self, timeout: float) -> None:
+        await self.nc.flush(timeout=int(timeout))
+
+    async def nak(self, ack: str, delay_s: float = 0.0) -> None:
+        await self._finisher.nak(ack, delay_s)
+
+    async def in_progress(self, ack: str) -> None:
+        await self._finisher.in_progress(ack)
+
+    async def hand_back(self, seq: int, ack: str, delay_s: float) -> None:
+        await self._handbacks.hand_back(seq, self._finisher, ack, delay_s)
+
+    async def delivery_counts(self, seq: int) -> DeliveryCounts:
+        return await self._handbacks.counts(seq)
+
+    async def stored_result(self, job_id: str, batch: str | None) -> bytes | None:
+        return await read_result(self._js, self.subjects, job_id, batch)
+
+    async def answer_stored(self, stored: bytes, ack: str, reply_to: str | None) -> None:
+        await self._finisher.finish_stored(stored, ack=ack, reply_to=reply_to)
+
+    async def end_refused(self, refused: Refused) -> None:
+        await finish_refused(self._finisher, refused)
+
+    async def end_job(self, incoming: Incoming, code: str, message: str, status: str) -> None:
+        await refuse_incoming(self._finisher, incoming, code, message, status)
+
+    async def load_keys(self) -> dict[str, dict[str, Any]]:
+        return await self._keys.load()
+
+    async def save_key(self, key_id: str, record: Mapping[str, Any] | None) -> bool:
+        return await self._keys.save(key_id, record)
