@@ -41,7 +41,10 @@ async def _steady(call: Callable[[], Awaitable[None]], rate: float, seconds: flo
     interval = 1.0 / rate
 
     async def one(at: float) -> None:
-        await call()
+        try:
+            await call()
+        except Exception:  # noqa: BLE001 - a failed call has no latency; counted by the caller (n)
+            return
         out.append((time.perf_counter() - at) * 1000)
 
     async with anyio.create_task_group() as tg:
@@ -55,17 +58,21 @@ async def _steady(call: Callable[[], Awaitable[None]], rate: float, seconds: flo
     return out
 
 
-def _row(load: str, direct: list[float], fleet: list[float]) -> dict:
+def _row(load: str, direct: list[float], fleet: list[float], sent: int | None = None) -> dict:
+    if not direct or not fleet:
+        return {"load": load, "n": len(fleet), "failed": "every call failed"}
     d50, d99, f50, f99 = _pct(direct, 0.5), _pct(direct, 0.99), _pct(fleet, 0.5), _pct(fleet, 0.99)
     return {"load": load, "n": len(fleet), "direct_p50_ms": round(d50, 2), "direct_p99_ms": round(d99, 2),
             "fleet_p50_ms": round(f50, 2), "fleet_p99_ms": round(f99, 2), "overhead_p50_ms": round(f50 - d50, 2),
-            "overhead_p99_ms": round(f99 - d99, 2), "fleet_mean_ms": round(statistics.fmean(fleet), 2)}
+            "overhead_p99_ms": round(f99 - d99, 2), "fleet_mean_ms": round(statistics.fmean(fleet), 2),
+            "failed_direct": (sent or len(direct)) - len(direct), "failed_fleet": (sent or len(fleet)) - len(fleet)}
 
 
 async def measure_overhead(client: Client, upstream: str, rates: list[float], seconds: float,
                            serial_n: int = 300) -> list[dict]:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    async with httpx.AsyncClient(transport=AiohttpTransport(limits=limits, trust_env=False), trust_env=False) as http:
+    async with httpx.AsyncClient(transport=AiohttpTransport(limits=limits, trust_env=False), trust_env=False,
+                                 timeout=60.0) as http:
         async def direct() -> None:
             (await http.post(upstream + JOB["request"]["path"], json=JOB["request"]["json"])).raise_for_status()
 
@@ -79,5 +86,5 @@ async def measure_overhead(client: Client, upstream: str, rates: list[float], se
         rows = [_row("1 in flight", await _serial(direct, serial_n), await _serial(fleet, serial_n))]
         for rate in rates:
             rows.append(_row(f"{rate:g}/s arrivals", await _steady(direct, rate, seconds),
-                             await _steady(fleet, rate, seconds)))
+                             await _steady(fleet, rate, seconds), int(rate * seconds)))
     return rows

@@ -161,6 +161,9 @@ def report(args: argparse.Namespace, out: dict) -> None:
         lat = Table("load", "direct p50 / p99 ms", "Client.request p50 / p99 ms", "overhead p50 / p99 ms", "n",
                     title="Client.request over a direct httpx call to the same upstream")
         for row in out["overhead"]:
+            if "failed" in row:
+                lat.add_row(row["load"], row["failed"], "", "", str(row["n"]))
+                continue
             lat.add_row(row["load"], f"{row['direct_p50_ms']} / {row['direct_p99_ms']}",
                         f"{row['fleet_p50_ms']} / {row['fleet_p99_ms']}",
                         f"{row['overhead_p50_ms']} / {row['overhead_p99_ms']}", str(row["n"]))
