@@ -22,6 +22,7 @@ import json
 import re
 from collections.abc import Awaitable, Callable
 from email.message import Message
+from functools import lru_cache
 from typing import Any
 
 import httpx
@@ -57,8 +58,10 @@ async def read_capped(response: httpx.Response, cap: int,
     return b"".join(parts)
 
 
+@lru_cache(maxsize=256)
 def media_type(content_type: str | None) -> tuple[str, str | None]:
-    """(`type/subtype` in lower case, charset or None) of a Content-Type value (RFC 9110 8.3)."""
+    """(`type/subtype` in lower case, charset or None) of a Content-Type value (RFC 9110 8.3).
+    Cached: an upstream sends the same few values, and email.message parsing costs ~20 µs."""
     if not content_type:
         return "", None
     message = Message()
@@ -113,14 +116,16 @@ def body_fields(raw: bytes, content_type: str | None, secret: str) -> dict[str, 
     return {"body": text}
 
 
-def _escaped_forms(secret: str) -> list[str]:
+@lru_cache(maxsize=64)
+def _escaped_forms(secret: str) -> tuple[str, ...]:
     """`secret` as JSON-escaping upstreams write it inside a string: plain, `\\/` for `/`,
-    and every non-alphanumeric character as `\\uXXXX` (upper- and lower-case hex)."""
+    and every non-alphanumeric character as `\\uXXXX` (upper- and lower-case hex). Cached
+    per secret (a worker holds its keys' secrets anyway): built once, not once per answer."""
     forms = {secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]}
     forms |= {form.replace("/", "\\/") for form in forms}
     for hex_format in ("\\u%04X", "\\u%04x"):
         forms.add("".join(c if c.isascii() and c.isalnum() else hex_format % ord(c) for c in secret))
-    return sorted(forms, key=len, reverse=True)
+    return tuple(sorted(forms, key=len, reverse=True))
 
 
 def _mask_text(text: str, secret: str) -> str:
