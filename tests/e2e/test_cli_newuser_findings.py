@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import anyio
 import pytest
 from fleetkit import FleetKit, chat_job, mock_keys, wait_for_leader
 
@@ -49,6 +50,12 @@ def wait_until(predicate, timeout: float, what: str) -> None:
 async def _streams(url: str) -> None:
     async with await Client.connect(url) as client:  # streams, but no fleet: nothing runs
         await ensure_topology(client.js, parse_config({}))
+
+
+async def _stored_jobs(url: str) -> int:
+    """How many messages RATEFLEET_JOBS holds now."""
+    async with await Client.connect(url) as client:
+        return (await client.js.stream_info("RATEFLEET_JOBS")).state.messages
 
 
 async def _store_replayed_batch(url: str, batch: str, lines: int) -> list[str]:
@@ -134,7 +141,14 @@ async def test_request_errors_match_submit_and_name_the_result_command(tmp_path,
     waiting = subprocess.Popen([sys.executable, "-m", "ratefleet", "request", json.dumps(chat_job(2, id="req-2")),
                                 "--tier", "normal", "--timeout", "60", "--nats", nats_server.url],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(3)  # connected and waiting (nothing runs the job)
+    # interrupt only once it is connected and waiting: its job is stored (nothing runs it);
+    # a fixed sleep interrupted the import itself on a loaded machine
+    for _ in range(600):
+        if await _stored_jobs(nats_server.url) >= 2:
+            break
+        await anyio.sleep(0.1)
+    else:
+        raise AssertionError("the waiting request's job was not stored within 60 s")
     waiting.send_signal(signal.SIGINT)
     _, err = waiting.communicate(timeout=30)
     assert waiting.returncode == 130 and "`ratefleet result req-2`" in err, err
