@@ -28,3 +28,11 @@ def test_a_utf8_byte_order_mark_and_crlf_line_ends_are_read_as_plain_lines(tmp_p
     jobs = [job for _, job in batch_jobs(path, "batch_x", ENDPOINT, caller())]
     assert [job.metadata["custom_id"] for job in jobs] == ["a", "b"]
 
+
+def test_a_line_with_another_method_than_post_fails_validation_naming_it(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text(f"{chat('a')}\n{chat('b', method='GET')}\n{chat('c', method='post')}\n")
+    found = check_file(path, "batch_x", ENDPOINT, caller())
+    assert found.jobs == 2 and found.error_count == 1  # "post" is POST: HTTP methods are case-blind here
+    assert found.errors[0]["line"] == 2 and found.errors[0]["param"] == "method"
+    assert "POST" in found.errors[0]["message"]
