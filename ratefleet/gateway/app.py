@@ -15,6 +15,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -114,6 +115,17 @@ def _too_large(size: int, limit: int) -> GatewayRefusal:
                           type="invalid_request_error", code="request_too_large")
 
 
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (405 for a method no route takes, 400 for a broken multipart
+    upload, 404 for an absolute-form target) as OpenAI-style error bodies, so SDKs parse them."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    detail = exc.detail if isinstance(exc, HTTPException) else "Internal error"
+    refusal = GatewayRefusal(status, f"{detail} ({request.method} {request.url.path})",
+                             type="invalid_request_error" if status < 500 else "server_error", code=None)
+    headers = {**(getattr(exc, "headers", None) or {}), **refusal.headers()}
+    return Response(refusal.body(), status_code=status, headers=headers, media_type="application/json")
+
+
 async def _healthz(request: Request) -> Response:
     return JSONResponse({"ok": True})
 
@@ -123,4 +135,4 @@ def create_app(gateway: Gateway, own_routes: list[Route] | None = None) -> Starl
     `own_routes` (paths the gateway answers itself: `/v1/files`, `/v1/batches`), matched first."""
     routes = [Route("/healthz", _healthz, methods=["GET"]), *(own_routes or []),
               Route("/{path:path}", gateway.handle, methods=ALL_METHODS)]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})

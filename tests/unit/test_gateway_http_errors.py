@@ -1,0 +1,48 @@
+"""Errors raised by the HTTP layer itself (Starlette: a method no route takes, a broken
+multipart upload) reach an SDK as OpenAI-style error bodies, like every other gateway refusal."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from ratefleet.gateway.app import Gateway, create_app
+from ratefleet.gateway.batch_routes import BatchApi
+from ratefleet.gateway.callers import Caller, CallerTable, key_digest
+
+pytestmark = pytest.mark.anyio
+KEY = "rk-app-0123456789"
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+def app():
+    callers = CallerTable({key_digest(KEY): Caller("app", "premium", None, None, 60.0, None, None, None)})
+    gateway = Gateway(client=None, callers=callers, max_body_bytes=1 << 20)  # type: ignore[arg-type]
+    batches = BatchApi(callers, files_store=None, book=None, runner=None)  # type: ignore[arg-type]
+    return create_app(gateway, batches.routes())
+
+
+async def ask(method: str, path: str, **kwargs) -> httpx.Response:
+    transport = httpx.ASGITransport(app=app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+        return await http.request(method, path, headers={"authorization": f"Bearer {KEY}",
+                                                         **kwargs.pop("headers", {})}, **kwargs)
+
+
+@pytest.mark.parametrize(("method", "path", "headers", "content", "status"), [
+    ("OPTIONS", "/v1/models", {}, b"", 405),
+    ("TRACE", "/v1/chat/completions", {}, b"", 405),
+    ("POST", "/v1/files", {"content-type": "multipart/form-data"}, b"abc", 400),  # no boundary
+])
+async def test_http_layer_errors_are_openai_error_bodies(method, path, headers, content, status):
+    answer = await ask(method, path, headers=headers, content=content)
+    assert answer.status_code == status
+    assert answer.headers["content-type"] == "application/json"
+    error = answer.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert KEY not in answer.text
