@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ratefleet.client import Client
-from ratefleet.gateway.callers import Caller, CallerTable
+from ratefleet.gateway.callers import Caller, CallerTable, single_field
 from ratefleet.gateway.errors import GatewayRefusal, bad_request, over_limit, queue_full, timed_out, unauthorized
 from ratefleet.gateway.limits import Admission, CallerLimits, Refusal, estimate_tokens
 from ratefleet.gateway.streaming import ChunkStream, start_stream
@@ -51,7 +51,7 @@ class Gateway:
         caller: Caller | None = None
         job: Job | None = None
         try:
-            caller = self.callers.identify(request.headers.get("authorization"))
+            caller = self.callers.identify(single_field(request.headers.getlist("authorization")))
             if caller is None:
                 raise unauthorized()
             job, admission = await self._admit(request, caller)

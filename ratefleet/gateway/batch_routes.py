@@ -27,7 +27,7 @@ from ratefleet.gateway import batch_book, files
 from ratefleet.gateway.batch_book import WINDOW_S, BatchBook, new_batch, set_status
 from ratefleet.gateway.batch_lines import ENDPOINTS
 from ratefleet.gateway.batch_runner import BatchRunner
-from ratefleet.gateway.callers import Caller, CallerTable
+from ratefleet.gateway.callers import Caller, CallerTable, single_field
 from ratefleet.gateway.errors import GatewayRefusal, bad_request, unauthorized
 from ratefleet.gateway.files import FileStore
 from ratefleet.gateway.translate import choose_upstream
@@ -64,7 +64,7 @@ class BatchApi:
         async def endpoint(request: Request) -> Response:
             caller = None
             try:
-                caller = self.callers.identify(request.headers.get("authorization"))
+                caller = self.callers.identify(single_field(request.headers.getlist("authorization")))
                 if caller is None:
                     raise unauthorized()
                 response = await handler(request, caller)

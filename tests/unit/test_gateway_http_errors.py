@@ -46,3 +46,13 @@ async def test_http_layer_errors_are_openai_error_bodies(method, path, headers, 
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == "invalid_request_error" and error["message"]
     assert KEY not in answer.text
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/files"])
+async def test_two_authorization_headers_name_no_caller(path):
+    transport = httpx.ASGITransport(app=app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+        answer = await http.get(path, headers=[("authorization", f"Bearer {KEY}"),
+                                               ("authorization", "Bearer rk-someone-else")])
+    assert answer.status_code == 401
+    assert answer.json()["error"]["code"] == "invalid_api_key"
