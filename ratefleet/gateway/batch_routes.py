@@ -36,6 +36,7 @@ from ratefleet.runtime.logs import get_logger
 log = get_logger("ratefleet.gateway")
 MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's limit for a batch input file
 CANCELLABLE = frozenset({"validating", "in_progress"})
+METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512  # OpenAI's metadata limits
 
 
 def not_found(kind: str, object_id: str) -> GatewayRefusal:
@@ -146,8 +147,7 @@ class BatchApi:
             raise bad_request(f"endpoint must be one of {', '.join(sorted(ENDPOINTS))}.", param="endpoint")
         if window not in WINDOW_S:
             raise bad_request("completion_window must be '24h'.", param="completion_window")
-        if metadata is not None and not isinstance(metadata, dict):
-            raise bad_request("metadata must be an object.", param="metadata")
+        _check_metadata(metadata)
         meta = await self.files.info(caller.name, input_file_id)
         if meta is None:
             raise not_found("File", input_file_id)
@@ -196,6 +196,20 @@ class BatchApi:
             raise GatewayRefusal(409, f"Cannot cancel a batch with status {record['status']}.",
                                  type="invalid_request_error", code="batch_not_cancellable")
         return JSONResponse(batch_book.public(record))
+
+
+def _check_metadata(metadata: Any) -> None:
+    """OpenAI's rule for `metadata` (API reference, "Batch" -> "Create batch"): at most 16
+    pairs, keys up to 64 characters, values strings up to 512. GatewayRefusal 400 otherwise
+    (a larger record would not fit in a KV message)."""
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict) or len(metadata) > METADATA_PAIRS:
+        raise bad_request(f"metadata must be an object of at most {METADATA_PAIRS} pairs.", param="metadata")
+    for key, value in metadata.items():
+        if len(key) > METADATA_KEY_CHARS or not isinstance(value, str) or len(value) > METADATA_VALUE_CHARS:
+            raise bad_request(f"metadata keys are at most {METADATA_KEY_CHARS} characters and values strings of "
+                              f"at most {METADATA_VALUE_CHARS}.", param="metadata")
 
 
 async def _json_object(request: Request) -> dict[str, Any]:

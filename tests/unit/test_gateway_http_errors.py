@@ -56,3 +56,13 @@ async def test_two_authorization_headers_name_no_caller(path):
                                                ("authorization", "Bearer rk-someone-else")])
     assert answer.status_code == 401
     assert answer.json()["error"]["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize("metadata", [{"note": "x" * (2 << 20)}, {f"k{i}": "v" for i in range(17)},
+                                      {"k" * 65: "v"}, {"n": 5}, ["not", "an", "object"]])
+async def test_batch_metadata_over_openais_limits_is_a_400_naming_metadata(metadata):
+    body = {"input_file_id": "file-x", "endpoint": "/v1/chat/completions", "completion_window": "24h",
+            "metadata": metadata}
+    answer = await ask("POST", "/v1/batches", json=body)
+    assert answer.status_code == 400
+    assert answer.json()["error"]["param"] == "metadata"
