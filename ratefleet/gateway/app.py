@@ -75,12 +75,7 @@ class Gateway:
         return Response(body, status_code=status, headers=headers, media_type=media)
 
     async def _admit(self, request: Request, caller: Caller) -> tuple[Job, Admission]:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise _too_large(int(declared), self.max_body_bytes)
-        raw = await request.body()
-        if len(raw) > self.max_body_bytes:
-            raise _too_large(len(raw), self.max_body_bytes)
+        raw = await read_body(request, self.max_body_bytes)
         json_body, text_body = parse_body(raw, request.headers.get("content-type"))
         job = build_job(caller, method=request.method, path=request.url.path,
                         query=request.query_params.multi_items(), headers=dict(request.headers),
@@ -110,8 +105,25 @@ class Gateway:
             raise GatewayRefusal(502, f"Job {job.id}: {exc}", type="server_error", code="gateway_error") from None
 
 
-def _too_large(size: int, limit: int) -> GatewayRefusal:
-    return GatewayRefusal(413, f"The request body is {size} bytes; the limit is {limit} (streams.max_job_bytes).",
+async def read_body(request: Request, limit: int, setting: str = "streams.max_job_bytes") -> bytes:
+    """The request body, read as it comes and refused (GatewayRefusal 413) as soon as it
+    passes `limit` bytes, whether declared by Content-Length or sent chunked without one:
+    never more than `limit` plus one chunk in memory."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit, setting)
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise _too_large(size, limit, setting, at_least=True)
+        parts.append(part)
+    return b"".join(parts)
+
+
+def _too_large(size: int, limit: int, setting: str, *, at_least: bool = False) -> GatewayRefusal:
+    more = "more than " if at_least else ""
+    return GatewayRefusal(413, f"The request body is {more}{size} bytes; the limit is {limit} ({setting}).",
                           type="invalid_request_error", code="request_too_large")
 
 

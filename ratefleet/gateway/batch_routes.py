@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ratefleet.gateway import batch_book, files
+from ratefleet.gateway.app import read_body
 from ratefleet.gateway.batch_book import WINDOW_S, BatchBook, new_batch, set_status
 from ratefleet.gateway.batch_lines import ENDPOINTS
 from ratefleet.gateway.batch_runner import BatchRunner
@@ -36,6 +37,7 @@ from ratefleet.runtime.logs import get_logger
 log = get_logger("ratefleet.gateway")
 MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's limit for a batch input file
 CANCELLABLE = frozenset({"validating", "in_progress"})
+MAX_REQUEST_BYTES = 1 << 20  # a create-batch request body (a few hundred bytes in practice)
 METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512  # OpenAI's metadata limits
 
 
@@ -214,7 +216,7 @@ def _check_metadata(metadata: Any) -> None:
 
 async def _json_object(request: Request) -> dict[str, Any]:
     try:
-        body = json.loads(await request.body())
+        body = json.loads(await read_body(request, MAX_REQUEST_BYTES, "a create-batch request"))
     except (ValueError, RecursionError) as exc:
         raise bad_request(f"The request body is not valid JSON ({exc}).", code="invalid_json") from None
     if not isinstance(body, dict):

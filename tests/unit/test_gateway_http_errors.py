@@ -58,7 +58,7 @@ async def test_two_authorization_headers_name_no_caller(path):
     assert answer.json()["error"]["code"] == "invalid_api_key"
 
 
-@pytest.mark.parametrize("metadata", [{"note": "x" * (2 << 20)}, {f"k{i}": "v" for i in range(17)},
+@pytest.mark.parametrize("metadata", [{"note": "x" * 513}, {f"k{i}": "v" for i in range(17)},
                                       {"k" * 65: "v"}, {"n": 5}, ["not", "an", "object"]])
 async def test_batch_metadata_over_openais_limits_is_a_400_naming_metadata(metadata):
     body = {"input_file_id": "file-x", "endpoint": "/v1/chat/completions", "completion_window": "24h",
@@ -66,3 +66,28 @@ async def test_batch_metadata_over_openais_limits_is_a_400_naming_metadata(metad
     answer = await ask("POST", "/v1/batches", json=body)
     assert answer.status_code == 400
     assert answer.json()["error"]["param"] == "metadata"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/batches"])
+async def test_a_chunked_body_without_length_is_refused_once_past_the_limit_not_read_whole(path):
+    chunk, chunks = b"x" * 65536, 200  # 12.5 MiB sent chunked; the limits are 1 MiB
+    received = 0
+
+    async def receive():
+        nonlocal received
+        received += 1
+        return {"type": "http.request", "body": chunk, "more_body": received < chunks}
+
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "server": ("127.0.0.1", 8080), "client": ("127.0.0.1", 5000),
+             "headers": [(b"authorization", f"Bearer {KEY}".encode()), (b"content-type", b"application/json"),
+                         (b"transfer-encoding", b"chunked")]}
+    await app()(scope, receive, send)
+    assert sent[0]["status"] == 413
+    assert received <= (1 << 20) // len(chunk) + 1  # stopped reading just past the limit
