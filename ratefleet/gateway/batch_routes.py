@@ -88,7 +88,7 @@ class BatchApi:
         if "multipart/form-data" not in request.headers.get("content-type", ""):
             raise bad_request("Upload the file as multipart/form-data with fields 'file' and 'purpose'.",
                               code="invalid_content_type")
-        async with request.form(max_files=1, max_fields=8) as form:
+        async with _capped(request, MAX_FILE_BYTES + 65536).form(max_files=1, max_fields=8) as form:
             purpose, upload = form.get("purpose"), form.get("file")
             if purpose != "batch":
                 raise bad_request(f"purpose must be 'batch' (got {purpose!r}); the ratefleet gateway keeps batch "
@@ -222,6 +222,22 @@ async def _json_object(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.", code="invalid_json")
     return body
+
+
+def _capped(request: Request, limit: int) -> Request:
+    """`request` whose body stops with GatewayRefusal 413 once past `limit` bytes, so an upload
+    sent chunked (no Content-Length) is not spooled to disk whole before its size is known."""
+    received = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        message = await request.receive()
+        received += len(message.get("body", b""))
+        if received > limit:
+            raise _too_large()
+        return message
+
+    return Request(request.scope, receive)
 
 
 async def _chunks(handle: BinaryIO) -> AsyncIterator[bytes]:

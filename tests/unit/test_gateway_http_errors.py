@@ -91,3 +91,34 @@ async def test_a_chunked_body_without_length_is_refused_once_past_the_limit_not_
     await app()(scope, receive, send)
     assert sent[0]["status"] == 413
     assert received <= (1 << 20) // len(chunk) + 1  # stopped reading just past the limit
+
+
+async def test_a_chunked_upload_without_length_stops_being_read_past_the_file_limit(monkeypatch):
+    import ratefleet.gateway.batch_routes as batch_routes
+
+    monkeypatch.setattr(batch_routes, "MAX_FILE_BYTES", 1 << 20)
+    head = (b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+            b'--b\r\nContent-Disposition: form-data; name="file"; filename="in.jsonl"\r\n'
+            b"Content-Type: application/jsonl\r\n\r\n")
+    chunk, chunks = b"{}\n" * 21845, 200  # 12.5 MiB of file sent chunked; the limit is 1 MiB
+    received = 0
+
+    async def receive():
+        nonlocal received
+        received += 1
+        body = head if received == 1 else b"\r\n--b--\r\n" if received == chunks else chunk
+        return {"type": "http.request", "body": body, "more_body": received < chunks}
+
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/files", "raw_path": b"/v1/files", "query_string": b"",
+             "root_path": "", "server": ("127.0.0.1", 8080), "client": ("127.0.0.1", 5000),
+             "headers": [(b"authorization", f"Bearer {KEY}".encode()),
+                         (b"content-type", b"multipart/form-data; boundary=b"), (b"transfer-encoding", b"chunked")]}
+    await app()(scope, receive, send)
+    assert sent[0]["status"] == 413
+    assert received <= (1 << 20) // len(chunk) + 3  # stopped reading just past the limit
