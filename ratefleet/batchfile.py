@@ -93,8 +93,9 @@ def parse_line(text: str, number: int, batch: str) -> Job:
 
 def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, text without trailing whitespace) of every non-blank line, one at a time.
-    Bytes that are not UTF-8 stay as lone surrogates (errors="surrogateescape"): parse_line names them."""
-    with path.open("r", encoding="utf-8", errors="surrogateescape") as handle:
+    Bytes that are not UTF-8 stay as lone surrogates (errors="surrogateescape"): parse_line names them.
+    A UTF-8 byte order mark at the start (Notepad, PowerShell's Out-File) is dropped ("utf-8-sig")."""
+    with path.open("r", encoding="utf-8-sig", errors="surrogateescape") as handle:
         for number, line in enumerate(handle, 1):
             text = line.rstrip()
             if text:

@@ -15,12 +15,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ratefleet.client import Client
-from ratefleet.gateway.callers import Caller, CallerTable
+from ratefleet.gateway.callers import Caller, CallerTable, single_field
 from ratefleet.gateway.errors import GatewayRefusal, bad_request, over_limit, queue_full, timed_out, unauthorized
 from ratefleet.gateway.limits import Admission, CallerLimits, Refusal, estimate_tokens
 from ratefleet.gateway.streaming import ChunkStream, start_stream
@@ -50,7 +51,7 @@ class Gateway:
         caller: Caller | None = None
         job: Job | None = None
         try:
-            caller = self.callers.identify(request.headers.get("authorization"))
+            caller = self.callers.identify(single_field(request.headers.getlist("authorization")))
             if caller is None:
                 raise unauthorized()
             job, admission = await self._admit(request, caller)
@@ -74,12 +75,7 @@ class Gateway:
         return Response(body, status_code=status, headers=headers, media_type=media)
 
     async def _admit(self, request: Request, caller: Caller) -> tuple[Job, Admission]:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise _too_large(int(declared), self.max_body_bytes)
-        raw = await request.body()
-        if len(raw) > self.max_body_bytes:
-            raise _too_large(len(raw), self.max_body_bytes)
+        raw = await read_body(request, self.max_body_bytes)
         json_body, text_body = parse_body(raw, request.headers.get("content-type"))
         job = build_job(caller, method=request.method, path=request.url.path,
                         query=request.query_params.multi_items(), headers=dict(request.headers),
@@ -109,9 +105,37 @@ class Gateway:
             raise GatewayRefusal(502, f"Job {job.id}: {exc}", type="server_error", code="gateway_error") from None
 
 
-def _too_large(size: int, limit: int) -> GatewayRefusal:
-    return GatewayRefusal(413, f"The request body is {size} bytes; the limit is {limit} (streams.max_job_bytes).",
+async def read_body(request: Request, limit: int, setting: str = "streams.max_job_bytes") -> bytes:
+    """The request body, read as it comes and refused (GatewayRefusal 413) as soon as it
+    passes `limit` bytes, whether declared by Content-Length or sent chunked without one:
+    never more than `limit` plus one chunk in memory."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit, setting)
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise _too_large(size, limit, setting, at_least=True)
+        parts.append(part)
+    return b"".join(parts)
+
+
+def _too_large(size: int, limit: int, setting: str, *, at_least: bool = False) -> GatewayRefusal:
+    more = "more than " if at_least else ""
+    return GatewayRefusal(413, f"The request body is {more}{size} bytes; the limit is {limit} ({setting}).",
                           type="invalid_request_error", code="request_too_large")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (405 for a method no route takes, 400 for a broken multipart
+    upload, 404 for an absolute-form target) as OpenAI-style error bodies, so SDKs parse them."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    detail = exc.detail if isinstance(exc, HTTPException) else "Internal error"
+    refusal = GatewayRefusal(status, f"{detail} ({request.method} {request.url.path})",
+                             type="invalid_request_error" if status < 500 else "server_error", code=None)
+    headers = {**(getattr(exc, "headers", None) or {}), **refusal.headers()}
+    return Response(refusal.body(), status_code=status, headers=headers, media_type="application/json")
 
 
 async def _healthz(request: Request) -> Response:
@@ -123,4 +147,4 @@ def create_app(gateway: Gateway, own_routes: list[Route] | None = None) -> Starl
     `own_routes` (paths the gateway answers itself: `/v1/files`, `/v1/batches`), matched first."""
     routes = [Route("/healthz", _healthz, methods=["GET"]), *(own_routes or []),
               Route("/{path:path}", gateway.handle, methods=ALL_METHODS)]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})

@@ -2,10 +2,10 @@
 
 Every line goes through `batchfile.parse_line` (the rules and deterministic ids of `ratefleet
 submit`: an OpenAI line keeps `custom_id` in `metadata`), then the Batch API's own rules
-(OpenAI API reference, "Batch" -> "Create batch": the file holds request input objects whose
-`url` is the batch's endpoint, each `custom_id` unique) and the caller's (its models, its
-upstream). A file with any bad line is refused whole, with the line numbers, as OpenAI fails
-such a batch during `validating`: nothing of it is sent.
+(OpenAI API reference, "Batch" -> "Create batch" and "The request input object": the file holds
+request input objects whose `method` is POST and `url` the batch's endpoint, each `custom_id`
+unique) and the caller's (its models, its upstream). A file with any bad line is refused whole,
+with the line numbers, as OpenAI fails such a batch during `validating`: nothing of it is sent.
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ def batch_jobs(path: Path, batch: str, endpoint: str, caller: Caller) -> Iterato
         if not isinstance(custom_id, str):
             yield number, line_error(number, "invalid_request", f"line {number}: not an OpenAI batch request "
                                      "input line (custom_id, method, url, body)", "custom_id")
+            continue
+        if job.request.method != "POST":
+            yield number, line_error(number, "invalid_method", f"line {number}: method {job.request.method!r}; "
+                                     "the Batch API takes POST requests only", "method")
             continue
         if job.request.path != endpoint:
             yield number, line_error(number, "mismatched_endpoint", f"line {number}: url {job.request.path!r} "

@@ -24,10 +24,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ratefleet.gateway import batch_book, files
+from ratefleet.gateway.app import read_body
 from ratefleet.gateway.batch_book import WINDOW_S, BatchBook, new_batch, set_status
 from ratefleet.gateway.batch_lines import ENDPOINTS
 from ratefleet.gateway.batch_runner import BatchRunner
-from ratefleet.gateway.callers import Caller, CallerTable
+from ratefleet.gateway.callers import Caller, CallerTable, single_field
 from ratefleet.gateway.errors import GatewayRefusal, bad_request, unauthorized
 from ratefleet.gateway.files import FileStore
 from ratefleet.gateway.translate import choose_upstream
@@ -36,6 +37,8 @@ from ratefleet.runtime.logs import get_logger
 log = get_logger("ratefleet.gateway")
 MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's limit for a batch input file
 CANCELLABLE = frozenset({"validating", "in_progress"})
+MAX_REQUEST_BYTES = 1 << 20  # a create-batch request body (a few hundred bytes in practice)
+METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512  # OpenAI's metadata limits
 
 
 def not_found(kind: str, object_id: str) -> GatewayRefusal:
@@ -64,7 +67,7 @@ class BatchApi:
         async def endpoint(request: Request) -> Response:
             caller = None
             try:
-                caller = self.callers.identify(request.headers.get("authorization"))
+                caller = self.callers.identify(single_field(request.headers.getlist("authorization")))
                 if caller is None:
                     raise unauthorized()
                 response = await handler(request, caller)
@@ -85,7 +88,7 @@ class BatchApi:
         if "multipart/form-data" not in request.headers.get("content-type", ""):
             raise bad_request("Upload the file as multipart/form-data with fields 'file' and 'purpose'.",
                               code="invalid_content_type")
-        async with request.form(max_files=1, max_fields=8) as form:
+        async with _capped(request, MAX_FILE_BYTES + 65536).form(max_files=1, max_fields=8) as form:
             purpose, upload = form.get("purpose"), form.get("file")
             if purpose != "batch":
                 raise bad_request(f"purpose must be 'batch' (got {purpose!r}); the ratefleet gateway keeps batch "
@@ -146,8 +149,7 @@ class BatchApi:
             raise bad_request(f"endpoint must be one of {', '.join(sorted(ENDPOINTS))}.", param="endpoint")
         if window not in WINDOW_S:
             raise bad_request("completion_window must be '24h'.", param="completion_window")
-        if metadata is not None and not isinstance(metadata, dict):
-            raise bad_request("metadata must be an object.", param="metadata")
+        _check_metadata(metadata)
         meta = await self.files.info(caller.name, input_file_id)
         if meta is None:
             raise not_found("File", input_file_id)
@@ -198,14 +200,44 @@ class BatchApi:
         return JSONResponse(batch_book.public(record))
 
 
+def _check_metadata(metadata: Any) -> None:
+    """OpenAI's rule for `metadata` (API reference, "Batch" -> "Create batch"): at most 16
+    pairs, keys up to 64 characters, values strings up to 512. GatewayRefusal 400 otherwise
+    (a larger record would not fit in a KV message)."""
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict) or len(metadata) > METADATA_PAIRS:
+        raise bad_request(f"metadata must be an object of at most {METADATA_PAIRS} pairs.", param="metadata")
+    for key, value in metadata.items():
+        if len(key) > METADATA_KEY_CHARS or not isinstance(value, str) or len(value) > METADATA_VALUE_CHARS:
+            raise bad_request(f"metadata keys are at most {METADATA_KEY_CHARS} characters and values strings of "
+                              f"at most {METADATA_VALUE_CHARS}.", param="metadata")
+
+
 async def _json_object(request: Request) -> dict[str, Any]:
     try:
-        body = json.loads(await request.body())
+        body = json.loads(await read_body(request, MAX_REQUEST_BYTES, "a create-batch request"))
     except (ValueError, RecursionError) as exc:
         raise bad_request(f"The request body is not valid JSON ({exc}).", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.", code="invalid_json")
     return body
+
+
+def _capped(request: Request, limit: int) -> Request:
+    """`request` whose body stops with GatewayRefusal 413 once past `limit` bytes, so an upload
+    sent chunked (no Content-Length) is not spooled to disk whole before its size is known."""
+    received = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        message = await request.receive()
+        received += len(message.get("body", b""))
+        if received > limit:
+            raise _too_large()
+        return message
+
+    return Request(request.scope, receive)
 
 
 async def _chunks(handle: BinaryIO) -> AsyncIterator[bytes]:

@@ -55,6 +55,13 @@ def bearer_token(authorization: str | None) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
+def single_field(values: list[str]) -> str | None:
+    """The one value of a header that may appear once (`Authorization`: RFC 9110 section 5.3,
+    a singleton field), or None when it is absent or sent more than once: two keys in one
+    request name no caller, rather than whichever came first."""
+    return values[0] if len(values) == 1 else None
+
+
 class CallerTable:
     """Callers by the SHA-256 digest of their key. `identify` never sees a stored key: a
     match needs a presented key with the same digest (a dict lookup of the digest, so the
