@@ -1,0 +1,117 @@
+"""Storing a job (ratefleet/runtime/store.py `publish_job`), the intake of every producer:
+the dedup id and reply header on the message, a duplicate reported as such, and each
+refusal turned into the error a producer can act on (queue full, unknown tier, no
+streams, NATS away: may or may not be stored). Over a fake JetStream context whose
+publish answers as the server would. Deterministic, no server.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
+
+from ratefleet.runtime.store import MSG_ID, REPLY_HEADER, publish_job, publish_job_ack
+from ratefleet.schemas import Subjects
+from ratefleet.schemas.errors import QueueFull, SubmitError
+
+pytestmark = pytest.mark.anyio
+SUBJECTS = Subjects()
+
+
+class FakeJetStream:
+    """`answers`: what each publish does in turn (an exception to raise, or a bool: duplicate);
+    the last one repeats. `stream`: what stream_info does (None: the stream exists)."""
+
+    def __init__(self, *answers, stream: BaseException | None = None):
+        self.answers, self.stream, self.published, self.infos = list(answers), stream, [], []
+
+    async def publish(self, subject, payload, headers=None, timeout=None):
+        self.published.append((subject, payload, headers, timeout))
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, BaseException):
+            raise answer
+        return SimpleNamespace(duplicate=answer, seq=len(self.published))
+
+    async def stream_info(self, name):
+        self.infos.append(name)
+        if self.stream is not None:
+            raise self.stream
+        return SimpleNamespace()
+
+
+async def test_a_job_is_published_with_its_id_for_dedup_and_the_reply_subject():
+    js = FakeJetStream(False)
+    assert await publish_job(js, SUBJECTS, "vip", "job-1", b"{}", reply_to="_INBOX.r") is True
+    assert js.published == [(SUBJECTS.jobs("vip"), b"{}", {MSG_ID: "job-1", REPLY_HEADER: "_INBOX.r"}, 5.0)]
+    await publish_job(js, SUBJECTS, "vip", "job-2", b"{}", timeout=2.5)
+    assert js.published[1][2:] == ({MSG_ID: "job-2"}, 2.5)
+
+
+async def test_a_duplicate_inside_the_dedup_window_is_reported():
+    js = FakeJetStream(True)
+    assert await publish_job(js, SUBJECTS, "normal", "job-1", b"{}") is False
+    ack = await publish_job_ack(js, SUBJECTS, "normal", "job-1", b"{}")
+    assert ack.duplicate is True and ack.seq == 2
+
+
+@pytest.mark.parametrize("description", ["maximum messages exceeded", "Maximum Bytes exceeded"])
+async def test_a_full_queue_is_queue_full_saying_the_job_was_not_stored(description):
+    js = FakeJetStream(APIError(code=503, description=description, err_code=10077))
+    with pytest.raises(QueueFull) as refused:
+        await publish_job(js, SUBJECTS, "normal", "job-7", b"{}")
+    text = str(refused.value)
+    assert "job job-7 was NOT stored" in text and description in text and "jobs_max_msgs" in text
+    assert len(js.published) == 1  # a refusal is not retried
+
+
+async def test_another_refusal_is_a_submit_error_with_the_servers_reason():
+    js = FakeJetStream(APIError(code=400, description="bad header", err_code=10999))
+    with pytest.raises(SubmitError) as refused:
+        await publish_job(js, SUBJECTS, "normal", "job-7", b"{}")
+    assert not isinstance(refused.value, QueueFull)
+    assert str(refused.value) == "job job-7 was not stored: bad header"
+    js = FakeJetStream(APIError(code=400, description=None, err_code=10999))
+    with pytest.raises(SubmitError) as refused:
+        await publish_job(js, SUBJECTS, "normal", "job-8", b"{}")
+    assert not isinstance(refused.value, QueueFull)
+
+
+async def test_no_stream_for_the_tier_is_an_unknown_tier_at_once():
+    js = FakeJetStream(NoStreamResponseError())
+    with pytest.raises(SubmitError) as refused:
+        await publish_job(js, SUBJECTS, "gold", "job-1", b"{}", retry_for=30.0)
+    assert f"no stream takes {SUBJECTS.jobs('gold')}: unknown tier 'gold'" in str(refused.value)
+    assert "[tiers]" in str(refused.value)
+    assert js.infos == [SUBJECTS.jobs_stream] and len(js.published) == 1
+
+
+async def test_no_jobs_stream_at_all_says_so_at_once():
+    js = FakeJetStream(NoStreamResponseError(), stream=NotFoundError())
+    with pytest.raises(SubmitError) as refused:
+        await publish_job(js, SUBJECTS, "normal", "job-1", b"{}", retry_for=30.0)
+    assert f"stream {SUBJECTS.jobs_stream} does not exist" in str(refused.value)
+    assert len(js.published) == 1
+
+
+async def test_jetstream_still_starting_is_retried_and_the_job_stored():
+    js = FakeJetStream(NoStreamResponseError(), False, stream=RuntimeError("not ready"))
+    assert await publish_job(js, SUBJECTS, "normal", "job-1", b"{}", retry_for=30.0) is True
+    assert len(js.published) == 2 and js.published[0][2] == js.published[1][2] == {MSG_ID: "job-1"}
+
+
+async def test_a_restart_is_ridden_out_with_the_same_id():
+    js = FakeJetStream(TimeoutError(), False)
+    assert await publish_job(js, SUBJECTS, "normal", "job-1", b"{}", retry_for=30.0) is True
+    assert [p[2] for p in js.published] == [{MSG_ID: "job-1"}] * 2
+
+
+async def test_nats_away_for_retry_for_is_a_submit_error_saying_resubmitting_is_safe():
+    js = FakeJetStream(TimeoutError())
+    with pytest.raises(SubmitError) as refused:
+        await publish_job(js, SUBJECTS, "normal", "job-1", b"{}", retry_for=0.15)
+    text = str(refused.value)
+    assert "NATS did not confirm job job-1 for 0s (TimeoutError)" in text
+    assert "Resubmitting with the same id is safe" in text
+    assert len(js.published) >= 2
