@@ -26,6 +26,7 @@ from ratefleet.dispatcher.core import Outcome, OutcomeKind
 from ratefleet.dispatcher.core import commands as cmd
 from ratefleet.dispatcher.core import events as ev
 from ratefleet.dispatcher.core.leader import LeaderMachine, LeaderSettings
+from ratefleet.dispatcher.core.leader_fleet import LOST
 from ratefleet.dispatcher.shell.bus import LeaderBus, PayloadTooLarge
 from ratefleet.dispatcher.shell.puller import TierInbox
 from ratefleet.dispatcher.spec import scheduler_spec
@@ -35,7 +36,6 @@ from ratefleet.schemas import Config
 from ratefleet.schemas.internal import Heartbeat, OutcomeReport
 
 log = get_logger("ratefleet.leader")
-LOST = Outcome(kind=OutcomeKind.NONE)
 BURST = 256  # events handed to the machine at once (one dispatch pass)
 Renew = Callable[[], Awaitable[float | None]]  # extends the lease: its new end (monotonic), None: lost
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ratefleet.dispatcher.fleet import AssignmentRecord, Fleet
+from ratefleet.dispatcher.core.fleet import AssignmentRecord, Fleet
 from ratefleet.schemas.internal import Heartbeat, InFlight
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ratefleet.dispatcher.fleet import Fleet
+from ratefleet.dispatcher.core.fleet import Fleet
 from ratefleet.schemas.internal import Heartbeat
 from ratefleet.status_view import key_state
 
