@@ -36,9 +36,10 @@ from ratefleet.schemas.errors import ConfigError
 from ratefleet.schemas.key_versions import IMPLICIT_VERSION_ID, is_literal, secret_ref_problem
 
 
-class RotateError(ValueError):
-    """The rotation cannot be done as asked (unknown key, literal secret, bad time, ...);
-    the message says why and what to do. Never contains a secret value."""
+class RotateError(ConfigError):
+    """The rotation cannot be done as asked (unknown key, literal secret, bad time, ...); a
+    config change refused, so a ConfigError. The message says why and what to do; it never
+    contains a secret value."""
 
 
 class UnknownKey(RotateError):
