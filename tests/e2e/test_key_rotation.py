@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from aiohttp import web
-from faultkit import Tracker, wait_workers
+from faultkit import Tracker, until, wait_workers
 from fleetkit import FleetKit, chat_job
 
 from ratefleet import Client
@@ -170,3 +170,35 @@ async def test_a_file_secret_rewritten_mid_run_is_used_from_the_next_call(tmp_pa
     assert {r.key_version for r in results.values()} == {"v1"}
     logs = kit.logs()
     assert OLD not in logs and NEW not in logs and NEWER not in logs
+
+
+async def test_a_file_secret_that_appears_after_the_worker_started_brings_its_key_back(tmp_path, nats_server,
+                                                                                      upstream):
+    secret_file = tmp_path / "k1.secret"  # not there yet: the worker reports the key unusable
+    upstream.windows = {NEW: (0.0, float("inf"))}
+    kit = RotationKit(tmp_path, nats_server.url, upstream.url)
+    kit.key = {"secret": f"file:{secret_file}"}
+    kit.dispatcher("d1"), kit.worker("w1")
+    try:
+        async with await Client.connect(nats_server.url) as client, Tracker(nats_server.url) as tracker:
+            await wait_workers(client, {"w1"})
+            missing = await until(_k1_where(client, lambda view: view.get("disabled_by") == "secret"), 20, 0.2,
+                                  "k1 reported without a usable secret")
+            secret_file.write_text(NEW)
+            await until(_k1_where(client, lambda view: not view.get("disabled")), 20, 0.2, "k1 back in rotation")
+            ids = await client.submit_many([chat_job(i) for i in range(50)], "normal", batch="back")
+            await tracker.wait_stored("back", ids, timeout=60)
+            results = await tracker.results(ids, "back")
+    finally:
+        kit.stop()
+    assert "unreadable" in missing["disabled_reason"] and str(secret_file) in missing["disabled_reason"]
+    assert len(results) == 50 and all(r.status == "succeeded" for r in results.values())
+    assert upstream.count(NEW, 200) == 50 and upstream.count(status=401) == 0
+    assert NEW not in kit.logs()
+
+
+def _k1_where(client, predicate):
+    async def check():
+        view = (await client.status(timeout=1.0))["keys"]["k1"]
+        return view if predicate(view) else None
+    return check
