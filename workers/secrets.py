@@ -145,9 +145,11 @@ def _file_stamp(path: str) -> FileStamp | None:
     """(mtime ns, inode, device, size) of `path`, following symlinks, or None when it cannot
     be read. A rewrite in place changes mtime (and usually size); an atomic replace
     (rename, or a Kubernetes secret volume swapping its `..data` symlink) changes the inode.
-    One stat (~2 µs) per call, instead of a file watcher: it needs no task or thread, follows
-    symlink swaps that an inotify watch on the path would miss, and is exact at the moment of
-    the call rather than one event-loop turn later."""
+    One stat per call (a few µs; 12 µs measured on a loaded 2-core machine) instead of a file
+    watcher (watchfiles): it needs no task or thread, follows symlink swaps that an inotify
+    watch on the path would miss, and is exact at the moment of the call rather than one
+    event-loop turn later. A rewrite that keeps size and inode within one mtime tick (ns on
+    ext4/tmpfs, 1-2 s on some network filesystems) is not seen until the next change."""
     try:
         st = os.stat(path)
     except OSError:
