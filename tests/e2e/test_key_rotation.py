@@ -11,15 +11,18 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import tomllib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from aiohttp import web
-from faultkit import Tracker, until, wait_workers
+from faultkit import Tracker, cli, until, wait_workers
 from fleetkit import FleetKit, chat_job
 
 from ratefleet import Client
+from ratefleet.schemas.config import parse_config
+from ratefleet.schemas.key_versions import KeyVersion
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.anyio]
 
@@ -95,13 +98,18 @@ async def submit_paced(client, count: int, start: float, end: float, batch: str)
 
 
 async def test_a_key_rotated_during_a_2000_job_batch_loses_no_job_and_gets_no_401(tmp_path, nats_server, upstream):
+    """`ratefleet keys rotate --at T` on the fleet's config, then a batch across T and T + timeout_s."""
     switch = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=25)
     t = switch.timestamp()
     upstream.windows = {OLD: (0.0, t + TIMEOUT_S), NEW: (t, float("inf"))}
     kit = RotationKit(tmp_path, nats_server.url, upstream.url)
-    # what `ratefleet keys rotate k1 --secret env:RF_ROT_NEW --at <switch>` writes (tests/unit/test_keys_rotate.py)
-    kit.key = {"versions": [{"id": "v1", "secret": "env:RF_ROT_OLD", "not_after": switch},
-                            {"id": "v2", "secret": "env:RF_ROT_NEW", "not_before": switch}]}
+    kit.key = {"secret": "env:RF_ROT_OLD"}
+    path = kit.write_config()
+    done = cli("keys", "rotate", "k1", "--secret", "env:RF_ROT_NEW", "--at", switch.isoformat(), "--config", str(path))
+    assert done.returncode == 0, done.stderr
+    assert parse_config(tomllib.loads(path.read_text())).keys()["k1"].secret_versions() == [
+        KeyVersion(id="v1", secret="env:RF_ROT_OLD", not_after=switch),
+        KeyVersion(id="v2", secret="env:RF_ROT_NEW", not_before=switch)]
     kit.dispatcher("d1"), kit.worker("w1")
     try:
         async with await Client.connect(nats_server.url) as client, Tracker(nats_server.url) as tracker:
