@@ -47,6 +47,21 @@ NatsOpt = typer.Option(None, "--nats", envvar="RATEFLEET_NATS_URL",
                        help="NATS URL, over the config's [nats].url (default nats://127.0.0.1:4222)")
 PrefixOpt = typer.Option(None, "--prefix", help="subject prefix, over the config's [nats].prefix (default ratefleet)")
 TierOpt = typer.Option(..., "--tier", "-t", help=tier_help())
+HttpOpt = typer.Option(None, "--http", metavar="HOST:PORT",
+                       help="serve /metrics (Prometheus), /healthz and /readyz here (port 0: any free port)")
+
+
+def _http_or_fail(address: str | None) -> str | None:
+    """`--http` checked before anything starts: exit 2 with why when it is not HOST:PORT."""
+    from ratefleet.runtime.probes import parse_http
+    from ratefleet.schemas.errors import ConfigError
+
+    if address is not None:
+        try:
+            parse_http(address)
+        except ConfigError as exc:
+            fail(str(exc))
+    return address
 
 
 def Flag(default: bool, *names: str, help: str, **extra):  # noqa: N802 - reads like typer.Option
@@ -94,27 +109,31 @@ def up(config: Path | None = ConfigOpt, nats: str | None = NatsOpt,
 
 @app.command()
 def dispatcher(config: Path | None = ConfigOpt, nats: str | None = NatsOpt,
-               id: str | None = typer.Option(None, "--id", help="dispatcher id (default random)")):
+               id: str | None = typer.Option(None, "--id", help="dispatcher id (default random)"),
+               http: str | None = HttpOpt):
     """Run one dispatcher (run two or more for failover)."""
     from ratefleet.roles import dispatcher_main, log_and_ignore_sighup
 
+    http = _http_or_fail(http)
     cfg, _ = fleet_config(config, nats, "dispatcher")
     configure_logging()
     log_and_ignore_sighup()
-    _run(dispatcher_main, cfg, id)
+    _run(dispatcher_main, cfg, id, http)
 
 
 @app.command()
 def worker(config: Path | None = ConfigOpt, nats: str | None = NatsOpt,
            slots: int | None = typer.Option(None, "--slots", min=1, help="concurrent upstream calls"),
-           id: str | None = typer.Option(None, "--id", help="worker id (default random)")):
+           id: str | None = typer.Option(None, "--id", help="worker id (default random)"),
+           http: str | None = HttpOpt):
     """Run one worker process."""
     from ratefleet.roles import log_and_ignore_sighup, worker_main
 
+    http = _http_or_fail(http)
     cfg, _ = fleet_config(config, nats, "worker")
     configure_logging()
     log_and_ignore_sighup()
-    _run(worker_main, cfg, slots, id)
+    _run(worker_main, cfg, slots, id, http)
 
 
 @app.command()
