@@ -96,7 +96,12 @@ def _run(coro_fn, *args):
 def up(config: Path | None = ConfigOpt, nats: str | None = NatsOpt,
        workers: int = typer.Option(2, "--workers", "-w", min=0, help="worker processes"),
        dispatchers: int = typer.Option(1, "--dispatchers", min=1, help="dispatcher processes (leader + standbys)"),
-       gateway: bool = Flag(False, "--gateway", help="also run `ratefleet gateway` (on [gateway].listen)")):
+       gateway: bool = Flag(False, "--gateway", help="also run `ratefleet gateway` (on [gateway].listen)"),
+       http_host: str = typer.Option("127.0.0.1", "--http-host", metavar="HOST",
+                                     help="where each process serves /metrics, /healthz, /readyz ('' for none)"),
+       http_base_port: int = typer.Option(9464, "--http-base-port", min=0, max=65535, metavar="PORT",
+                                          help="first probe port; each process takes the next free one "
+                                               "(0: ports the system picks); printed at start")):
     """The whole fleet here: embedded NATS if none answers, dispatchers, N workers. Ctrl-C drains and stops."""
     from ratefleet.roles import log_and_ignore_sighup
     from ratefleet.supervisor import run_fleet
@@ -104,7 +109,8 @@ def up(config: Path | None = ConfigOpt, nats: str | None = NatsOpt,
     log_and_ignore_sighup()  # until run_fleet installs its own handler, which logs each one
     cfg, path = fleet_config(config, nats, "up")
     configure_logging()
-    sys.exit(run_fleet(cfg, config_path=path, workers=workers, dispatchers=dispatchers, gateway=gateway))
+    sys.exit(run_fleet(cfg, config_path=path, workers=workers, dispatchers=dispatchers, gateway=gateway,
+                       http_host=http_host or None, http_base_port=http_base_port))
 
 
 @app.command()
