@@ -257,3 +257,20 @@ def test_up_gives_each_process_its_own_probe_port(tmp_path, upstream):
     finally:
         up.send_signal(signal.SIGINT)
         up.communicate(timeout=60)
+
+
+def test_the_gateway_serves_readyz_and_metrics_beside_its_api(nats_server, tmp_path, monkeypatch):
+    from gatewaykit import CALLER_KEYS, caller_env, callers, start_gateway
+
+    caller_env(monkeypatch)
+    kit = FleetKit(tmp_path, nats_server.url, "http://127.0.0.1:9", overrides={"callers": callers()})
+    try:
+        url = start_gateway(kit, free_port())
+        assert wait_until(lambda: readyz(url) == (200, {"ready": True}), 30, "the gateway ready")
+        text, _ = scrape(url)
+        assert not [key for key in CALLER_KEYS.values() if key in text]
+        nats_server.stop()  # NATS away: the gateway cannot take jobs, and says so
+        code, body = wait_until(lambda: (r := readyz(url))[0] == 503 and r, 30, "the gateway to notice")
+        assert "NATS" in body["reason"]
+    finally:
+        kit.stop()
