@@ -197,3 +197,17 @@ def test_up_assigns_each_process_its_own_free_port():
     picked = [Child("worker", []), Child("worker", [])]
     assign_http(picked, "127.0.0.1", 0)
     assert all(c.http and not c.http.endswith(":0") for c in picked)
+
+
+@pytest.mark.anyio
+async def test_the_finisher_reports_each_result_it_stores_once_never_a_duplicate():
+    """The dispatcher counts its ratefleet_jobs_total through Finisher.on_stored: a Result
+    already stored (a redelivery finished twice) is not counted again."""
+    from test_mut_finish import ACK, finisher, text_result
+
+    f, _, _, _ = finisher()
+    seen = []
+    f.on_stored = seen.append
+    assert await f.finish(text_result("hi"), ack=ACK, reply_to=None) is True
+    assert await f.finish(text_result("again"), ack=ACK, reply_to=None) is False
+    assert [(r.job_id, r.status) for r in seen] == [("j1", "succeeded")]
