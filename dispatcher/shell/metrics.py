@@ -6,6 +6,7 @@ its service last read) and turns it into gauges; it runs on the event loop's thr
 probes' uvicorn shares the role's loop), between two steps of the leader.
 
     ratefleet_is_leader                      1 on the leader, 0 on a standby
+    ratefleet_desired_workers                worker processes the fleet should run now (core/scaling.py); 0 on a standby
     ratefleet_queue_depth{tier}              jobs waiting: not yet delivered by JetStream + held by the leader, undispatched
     ratefleet_key_in_flight{key}             calls in flight on the key
     ratefleet_key_tokens{key}                request tokens in the key's bucket now
@@ -27,6 +28,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ratefleet.runtime.metrics import (
+    DESIRED_WORKERS,
     IS_LEADER,
     KEY_EFFECTIVE_RPS,
     KEY_IN_FLIGHT,
@@ -42,10 +44,12 @@ from ratefleet.runtime.metrics import (
 @dataclass(frozen=True)
 class LeaderView:
     """What the collector reads: `status` is `LeaderMachine.status(now)` (None on a standby);
-    `backlog` maps a tier to its consumer's `num_pending` (jobs JetStream has not delivered yet)."""
+    `backlog` maps a tier to its consumer's `num_pending` (jobs JetStream has not delivered yet);
+    `desired_workers`: the leader's scaling signal (None on a standby)."""
 
     status: Mapping[str, Any] | None
     backlog: Mapping[str, int] = field(default_factory=dict)
+    desired_workers: int | None = None
 
 
 class LeaderCollector(Collector):
@@ -59,6 +63,10 @@ class LeaderCollector(Collector):
         leader = GaugeMetricFamily(IS_LEADER, "1 when this dispatcher holds the leader lease")
         leader.add_metric([], 1 if view.status is not None else 0)
         yield leader
+        desired = GaugeMetricFamily(DESIRED_WORKERS, "Worker processes needed to clear the backlog within a minute "
+                                    "while keeping up with arrivals, capped by the keys (0 on a standby)")
+        desired.add_metric([], view.desired_workers or 0)
+        yield desired
         if view.status is None:
             return
         yield _queue_depth(view)

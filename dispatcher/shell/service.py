@@ -16,6 +16,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry
 
+from ratefleet.dispatcher.core.scaling import desired_workers, inputs_from_status
 from ratefleet.dispatcher.shell.bus import NatsLeaderBus
 from ratefleet.dispatcher.shell.discovery import Peers, start_service
 from ratefleet.dispatcher.shell.leader import LeaderSession
@@ -182,9 +183,17 @@ class Dispatcher:
         return None
 
     def _leader_view(self) -> LeaderView:
-        """Read at scrape time (dispatcher/shell/metrics.py): the leader's state, or None on a standby."""
+        """Read at scrape time (dispatcher/shell/metrics.py): the leader's state and scaling
+        signal, or None on a standby."""
         session = self.session
-        return LeaderView(status=session.status() if session is not None else None, backlog=dict(self.backlog))
+        if session is None:
+            return LeaderView(status=None)
+        now = time.monotonic()
+        status = session.status()
+        waiting = sum(self.backlog.values()) + sum(t.get("pending", 0) for t in status.get("tiers", {}).values())
+        inputs = inputs_from_status(status, session.machine.scaling, now, backlog=waiting,
+                                    default_slots=self.config.workers.slots)
+        return LeaderView(status=status, backlog=dict(self.backlog), desired_workers=desired_workers(inputs))
 
     async def _watch_backlog(self) -> None:
         """While leading, read each tier's undelivered backlog once a second for the queue gauge."""

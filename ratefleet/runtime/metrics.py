@@ -15,6 +15,7 @@ what (names without the `ratefleet_` prefix):
                                      workers, per upstream call
     worker_slots{state}              workers (busy, free)
     is_leader                        dispatchers (1 on the leader)
+    desired_workers                  dispatchers: the leader's scaling signal (dispatcher/core/scaling.py), 0 on a standby
     queue_depth{tier}, key_*{key}    the leader only (read from its state at scrape time)
 """
 
@@ -36,10 +37,11 @@ KEY_EFFECTIVE_RPS = "ratefleet_key_effective_rps"
 KEY_STATE = "ratefleet_key_state"
 IS_LEADER = "ratefleet_is_leader"
 WORKER_SLOTS = "ratefleet_worker_slots"
+DESIRED_WORKERS = "ratefleet_desired_workers"
 
 # every metric of the fleet, for the dashboard test and the README table
 ALL_METRICS = (JOBS_TOTAL, QUEUE_DEPTH, QUEUE_WAIT, UPSTREAM_REQUESTS, UPSTREAM_DURATION, KEY_IN_FLIGHT, KEY_TOKENS,
-               KEY_EFFECTIVE_RPS, KEY_STATE, IS_LEADER, WORKER_SLOTS)
+               KEY_EFFECTIVE_RPS, KEY_STATE, IS_LEADER, WORKER_SLOTS, DESIRED_WORKERS)
 
 # seconds: queue waits run from milliseconds (an idle fleet) to hours (a backlog behind a limit)
 QUEUE_WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)

@@ -127,6 +127,7 @@ def test_metrics_count_every_job_and_call_and_name_no_secret(nats_server, tmp_pa
 
         dsamples = scraped["d1"][1]
         assert total(dsamples, "ratefleet_is_leader") == 1
+        assert total(dsamples, "ratefleet_desired_workers") >= 1  # jobs arrived lately, k1 has room
         assert {lab["tier"] for n, lab, _ in dsamples if n == "ratefleet_queue_depth"} == {"vip", "premium", "normal",
                                                                                             "guest"}
         assert total(dsamples, "ratefleet_queue_depth") == 0  # every job is done
@@ -196,6 +197,8 @@ def test_readyz_follows_nats_streams_and_the_leader(tmp_path):
             assert readyz(urls[name]) == (200, {"ready": True})
         leaders = [total(scrape(urls[n])[1], "ratefleet_is_leader") for n in ("d1", "d2")]
         assert sorted(leaders) == [0, 1]
+        standby = urls["d1" if leaders[0] == 0 else "d2"]
+        assert total(scrape(standby)[1], "ratefleet_desired_workers") == 0
         assert sorted(asyncio.run(_ping_all(server.url))) == ["d1", "d2"]
         # the dispatchers go: the worker stops being ready once no leader is heard
         for proc in kit.processes[1:]:

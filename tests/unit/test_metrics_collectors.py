@@ -54,11 +54,12 @@ def test_key_state_picks_one_state_disabled_first(snapshot, state):
 
 
 def test_the_leader_collector_reads_the_snapshot_at_scrape_time():
-    view = {"now": LeaderView(LEADER, backlog={"vip": 5, "normal": 7})}
+    view = {"now": LeaderView(LEADER, backlog={"vip": 5, "normal": 7}, desired_workers=3)}
     registry = new_registry()
     DispatcherMetrics(registry, lambda: view["now"])
     got = _samples(registry)
     assert got[("ratefleet_is_leader", ())] == 1
+    assert got[("ratefleet_desired_workers", ())] == 3
     assert got[("ratefleet_queue_depth", (("tier", "vip"),))] == 7  # 5 undelivered + 2 held
     assert got[("ratefleet_queue_depth", (("tier", "normal"),))] == 7
     assert got[("ratefleet_key_in_flight", (("key", "k1"),))] == 2
@@ -69,6 +70,7 @@ def test_the_leader_collector_reads_the_snapshot_at_scrape_time():
     view["now"] = LeaderView(None)  # lost the lease: the next scrape says so, and no stale key gauges
     got = _samples(registry)
     assert got[("ratefleet_is_leader", ())] == 0
+    assert got[("ratefleet_desired_workers", ())] == 0  # standbys say 0: max() over dispatchers is the leader's
     assert not [name for name, _ in got if name.startswith(("ratefleet_key_", "ratefleet_queue_depth"))]
 
 
