@@ -20,17 +20,20 @@ from datetime import UTC, datetime
 import anyio
 import structlog
 from nats.aio.client import Client as NatsClient
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from ratefleet.runtime.finish import Finisher, auth_headers
 from ratefleet.runtime.handbacks import Handbacks
 from ratefleet.runtime.logs import get_logger
+from ratefleet.runtime.metrics import new_registry
 from ratefleet.schemas import Config, ErrorCode, ErrorInfo, Job, Result, Subjects, Timings, UpstreamConfig
 from ratefleet.schemas.errors import InvalidRequest, SecretUnavailable
 from ratefleet.schemas.internal import Assignment, Epoch, Heartbeat, InFlight, LeaderAnnounce, OutcomeReport
 from ratefleet.schemas.job import describe_validation_error
 from ratefleet.schemas.outcome import OutcomeKind, is_retryable
 from ratefleet.workers.executor import CallResult, UpstreamExecutor, build_client
+from ratefleet.workers.metrics import WorkerMetrics
 from ratefleet.workers.relay import chunk_relay
 from ratefleet.workers.secrets import SecretResolver
 from ratefleet.workers.unstored import refused, unstorable
@@ -67,7 +70,10 @@ the job's own 429s
 
 
 class Worker:
-    def __init__(self, config: Config, nc: NatsClient, *, slots: int | None = None, worker_id: str | None = None):
+    def __init__(self, config: Config, nc: NatsClient, *, slots: int | None = None, worker_id: str | None = None,
+                 registry: CollectorRegistry | None = None, http: str | None = None):
+        """`registry`: where the worker's metrics go (workers/metrics.py; default: its own);
+        `http`: the URL of its /metrics and probes, told to the leader in heartbeats."""
         self.config = config
         self.nc = nc
         self.subjects = Subjects(config.nats.prefix)
@@ -90,6 +96,9 @@ class Worker:
         self.handbacks = Handbacks(nc.jetstream(), self.subjects.handbacks_bucket)
         self.unusable: dict[str, str] = {}  # key id -> why its secret cannot be used here (heartbeat)
         self.key_versions: dict[str, str] = {}  # assignment id -> the key version its call uses
+        self.http = http
+        self.metrics = WorkerMetrics(registry or new_registry(), lambda: (self.slots, len(self.in_flight)))
+        self.leader_heard_at: float | None = None  # monotonic time of the last leader announce
 
     async def run(self, stop: anyio.Event) -> None:
         self.unusable = self.secrets.check_all()
@@ -154,7 +163,20 @@ class Worker:
             announce = LeaderAnnounce.model_validate_json(msg.data)
         except ValueError:
             return
+        self.leader_heard_at = time.monotonic()
         self._note_epoch(announce.epoch, announced=True)
+
+    async def not_ready(self) -> str | None:
+        """/readyz: why this worker cannot take jobs now (None: it can). A leader must have
+        announced itself within `epoch_forget_s` (2 lease TTLs + 2 heartbeats)."""
+        if self.draining:
+            return "draining (stopping)"
+        if self.leader_heard_at is None:
+            return "no leader heard yet"
+        silent = time.monotonic() - self.leader_heard_at
+        if silent > self.epoch_forget_s:
+            return f"no leader heard for {silent:.1f} s"
+        return None
 
     async def _drain(self, sub) -> None:
         self.draining = True
@@ -204,7 +226,7 @@ class Worker:
     async def _send_heartbeat(self) -> None:
         beat = Heartbeat(worker=self.id, slots=self.slots, in_flight=list(self.in_flight.values()),
                          draining=self.draining, pid=os.getpid(), host=socket.gethostname(),
-                         started_at=self.started_at, calls=self.calls, unusable_keys=self.unusable)
+                         started_at=self.started_at, calls=self.calls, unusable_keys=self.unusable, http=self.http)
         try:
             await self.nc.publish(self.subjects.heartbeat, beat.model_dump_json().encode())
         except Exception as exc:  # noqa: BLE001 - disconnected: the next beat retries
@@ -232,9 +254,10 @@ class Worker:
             return
         if job.expired(datetime.now(UTC)):
             log.info("job expired before its call")
-            await self.finisher.finish(self._result(a, "expired", error=ErrorInfo(
-                code=ErrorCode.DEADLINE_EXCEEDED, message="the deadline passed before the call could start")),
-                ack=a.ack, reply_to=a.reply_to)
+            if await self.finisher.finish(self._result(a, "expired", error=ErrorInfo(
+                    code=ErrorCode.DEADLINE_EXCEEDED, message="the deadline passed before the call could start")),
+                    ack=a.ack, reply_to=a.reply_to):
+                self.metrics.job_ended(a.tier, "expired")
             await self._report(a, None, terminal=True)
             return
         try:
@@ -253,11 +276,13 @@ class Worker:
         queued_ms = max(0.0, (time.time() - a.submitted_at) * 1000)
         self.calling[a.id] = [a.ack, time.monotonic()]
         self.key_versions[a.id] = version
+        self.metrics.call_started(a.tier, queued_ms / 1000)
         try:
             call = await self._call(a, executor, job, upstream, secret)
             if call is None:
                 return
             self.calls += 1
+            self.metrics.call_done(a.key_id, a.upstream, str(call.kind), call.latency_ms / 1000)
             # still kept alive while the Result is stored: a large body takes seconds to upload
             await self._conclude(a, call, queued_ms)
         except InvalidRequest as exc:  # raised by executor.call, before any call
@@ -294,6 +319,7 @@ class Worker:
         error = ErrorInfo(code=code, message=message)
         result = self._result(a, "invalid", error=error)
         if await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to):
+            self.metrics.job_ended(a.tier, "invalid")
             try:
                 await self.finisher.dead(a.tier, result, job=a.job, last_error=error.model_dump())
             except Exception as exc:  # noqa: BLE001 - the Result is stored and acked: the job is done
@@ -347,6 +373,8 @@ class Worker:
                 stored = await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to)
             except Exception as again:  # noqa: BLE001 - nothing can be stored: retried later
                 return await self._requeue(a, again)
+        if stored:
+            self.metrics.job_ended(a.tier, result.status)
         if stored and result.error and result.error.code in (ErrorCode.ATTEMPTS_EXHAUSTED, ErrorCode.RATE_LIMITED,
                                                              ErrorCode.RESULT_NOT_STORED):
             try:
