@@ -22,6 +22,7 @@ import structlog
 from nats.aio.client import Client as NatsClient
 from pydantic import ValidationError
 
+from ratefleet.runtime.cache import ResultCache, cache_key
 from ratefleet.runtime.finish import Finisher, auth_headers
 from ratefleet.runtime.handbacks import Handbacks
 from ratefleet.runtime.logs import get_logger
@@ -88,6 +89,7 @@ class Worker:
         # older dispatcher version) is followed again rather than ignored for good
         self.epoch_forget_s = 2 * config.dispatcher.lease_ttl_s + 2 * config.workers.heartbeat_s
         self.handbacks = Handbacks(nc.jetstream(), self.subjects.handbacks_bucket)
+        self.cache = ResultCache.from_config(nc.jetstream(), config)  # written after 2xx calls of opted-in jobs
         self.unusable: dict[str, str] = {}  # key id -> why its secret cannot be used here (heartbeat)
 
     async def run(self, stop: anyio.Event) -> None:
@@ -250,7 +252,9 @@ class Worker:
                 return
             self.calls += 1
             # still kept alive while the Result is stored: a large body takes seconds to upload
-            await self._conclude(a, call, queued_ms)
+            stored = await self._conclude(a, call, queued_ms)
+            if stored is not None and stored.ok and job.cache_ttl_s is not None:
+                await self.cache.store(cache_key(a.upstream, job), stored, job.cache_ttl_s)
         except InvalidRequest as exc:  # raised by executor.call, before any call
             await self._end_invalid(a, ErrorCode.INVALID_REQUEST, str(exc))
         finally:
@@ -290,15 +294,17 @@ class Worker:
                 log.error("dead letter not stored", error=type(exc).__name__)
         await self._report(a, None, terminal=True)
 
-    async def _conclude(self, a: Assignment, call: CallResult, queued_ms: float) -> None:
+    async def _conclude(self, a: Assignment, call: CallResult, queued_ms: float) -> Result | None:
         """Finish or requeue the job, then report the outcome (so a worker killed in between
-        still lists the assignment in flight and the dispatcher returns it at once)."""
+        still lists the assignment in flight and the dispatcher returns it at once). Returns
+        the Result this call stored, or None."""
         retryable = is_retryable(call.kind, denial_final=a.denial_final)
         throttled = call.kind == "rate_limited"  # a wait, not an attempt: its own budget
         terminal = bool(call.code) or (a.rate_limited + 1 >= a.max_rate_limited if throttled
                                        else not retryable or a.attempt >= a.max_attempts)
         log.debug("call done", kind=call.kind, status=call.response.status if call.response else None,
                   latency_ms=round(call.latency_ms, 1))
+        result: Result | None = None
         if not terminal:
             delay = retry_delay(call.kind, a.attempt, call.retry_after_s, a.rate_limited + 1)
             log.info("retrying job", kind=call.kind, delay_s=delay)
@@ -312,10 +318,12 @@ class Worker:
             else:
                 await self.finisher.nak(a.ack, delay)
             if call.kind in ("denied", "key_error"):
-                return
+                return None
         else:
-            terminal = await self._store(a, self._call_result(a, call, queued_ms))
+            result = self._call_result(a, call, queued_ms)
+            terminal = await self._store(a, result)
         await self._report(a, call, terminal=terminal)
+        return result if terminal else None
 
     async def _store(self, a: Assignment, result: Result) -> bool:
         """Store the terminal Result (and its dead letter). True when stored.
@@ -374,7 +382,7 @@ class Worker:
     def _result(self, a: Assignment, status: str, *, response=None, error=None, queued_ms=None, upstream_ms=None) -> Result:
         submitted = datetime.fromtimestamp(a.submitted_at, UTC)
         return Result(job_id=a.job_id, status=status, tier=a.tier, batch=a.job.get("batch"), response=response,
-                      error=error, attempts=a.attempt, key_id=a.key_id, pool=a.pool, worker=self.id,
+                      error=error, attempts=a.attempt, key_id=a.key_id, pool=a.pool, worker=self.id, variant=a.variant,
                       metadata=a.job.get("metadata") or {},
                       timings=Timings(submitted_at=submitted, queued_ms=queued_ms, upstream_ms=upstream_ms,
                                       total_ms=max(0.0, (time.time() - a.submitted_at) * 1000)))
