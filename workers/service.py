@@ -22,7 +22,7 @@ import structlog
 from nats.aio.client import Client as NatsClient
 from pydantic import ValidationError
 
-from ratefleet.runtime.cache import ResultCache, cache_key
+from ratefleet.runtime.cache import ResultCache, cache_key, wants_write
 from ratefleet.runtime.finish import Finisher, auth_headers
 from ratefleet.runtime.handbacks import Handbacks
 from ratefleet.runtime.logs import get_logger
@@ -252,9 +252,7 @@ class Worker:
                 return
             self.calls += 1
             # still kept alive while the Result is stored: a large body takes seconds to upload
-            stored = await self._conclude(a, call, queued_ms)
-            if stored is not None and stored.ok and job.cache_ttl_s is not None:
-                await self.cache.store(cache_key(a.upstream, job), stored, job.cache_ttl_s)
+            await self._conclude(a, call, queued_ms, job)
         except InvalidRequest as exc:  # raised by executor.call, before any call
             await self._end_invalid(a, ErrorCode.INVALID_REQUEST, str(exc))
         finally:
@@ -294,17 +292,17 @@ class Worker:
                 log.error("dead letter not stored", error=type(exc).__name__)
         await self._report(a, None, terminal=True)
 
-    async def _conclude(self, a: Assignment, call: CallResult, queued_ms: float) -> Result | None:
+    async def _conclude(self, a: Assignment, call: CallResult, queued_ms: float, job: Job) -> None:
         """Finish or requeue the job, then report the outcome (so a worker killed in between
-        still lists the assignment in flight and the dispatcher returns it at once). Returns
-        the Result this call stored, or None."""
+        still lists the assignment in flight and the dispatcher returns it at once). A 2xx
+        answer of a job with `cache_ttl_s` is cached before its Result is stored, so whoever
+        has seen the Result finds the entry."""
         retryable = is_retryable(call.kind, denial_final=a.denial_final)
         throttled = call.kind == "rate_limited"  # a wait, not an attempt: its own budget
         terminal = bool(call.code) or (a.rate_limited + 1 >= a.max_rate_limited if throttled
                                        else not retryable or a.attempt >= a.max_attempts)
         log.debug("call done", kind=call.kind, status=call.response.status if call.response else None,
                   latency_ms=round(call.latency_ms, 1))
-        result: Result | None = None
         if not terminal:
             delay = retry_delay(call.kind, a.attempt, call.retry_after_s, a.rate_limited + 1)
             log.info("retrying job", kind=call.kind, delay_s=delay)
@@ -318,12 +316,13 @@ class Worker:
             else:
                 await self.finisher.nak(a.ack, delay)
             if call.kind in ("denied", "key_error"):
-                return None
+                return
         else:
             result = self._call_result(a, call, queued_ms)
+            if result.ok and job.cache_ttl_s is not None and wants_write(job):
+                await self.cache.store(cache_key(a.upstream, job), result, job.cache_ttl_s)
             terminal = await self._store(a, result)
         await self._report(a, call, terminal=terminal)
-        return result if terminal else None
 
     async def _store(self, a: Assignment, result: Result) -> bool:
         """Store the terminal Result (and its dead letter). True when stored.

@@ -18,6 +18,7 @@ from ratefleet.dispatcher.shell.bus import NatsLeaderBus
 from ratefleet.dispatcher.shell.leader import LeaderSession
 from ratefleet.dispatcher.shell.lease import LeaderLease
 from ratefleet.dispatcher.shell.rpc import RpcResponder
+from ratefleet.runtime.cache import ResultCache
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.streams import ensure_topology, tier_consumer
 from ratefleet.schemas import Config, Subjects
@@ -36,6 +37,7 @@ class Dispatcher:
         self.js = nc.jetstream()
         self.lease = LeaderLease(self.js, self.subjects.leader_bucket, self.id, config.dispatcher.lease_ttl_s)
         self.session: LeaderSession | None = None
+        self.cache = ResultCache.from_config(self.js, config)  # intake's lookups; counters kept across leaderships
 
     async def run(self, stop: anyio.Event) -> None:
         await ensure_topology(self.js, self.config)
@@ -77,7 +79,7 @@ class Dispatcher:
         await self.lease.mark_seen()
         log.info("became leader", dispatcher=self.id, buckets="empty" if conservative else "full",
                  epoch=list(self.lease.epoch))
-        self.session = LeaderSession(self.config, NatsLeaderBus(self.config, self.nc), self.id,
+        self.session = LeaderSession(self.config, NatsLeaderBus(self.config, self.nc, self.cache), self.id,
                                      conservative=conservative, epoch=self.lease.epoch,
                                      lease_until=self.lease.held_until, renew=self._renew_for_session)
         try:

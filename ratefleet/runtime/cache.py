@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
@@ -47,6 +48,7 @@ from ratefleet.schemas import Config, Job, Result, Subjects
 from ratefleet.schemas.result import ResponseInfo, Timings
 
 log = get_logger("ratefleet.cache")
+IO_TIMEOUT_S = 2.0  # a cache read or write slower than this is given up (a miss / not written)
 HIT_HEADER = "x-ratefleet-cache"  # gateway answers: "hit", "miss" or "bypass"
 
 
@@ -68,7 +70,13 @@ def cache_key(upstream: str, job: Job) -> str:
 
 def wants_lookup(job: Job) -> bool:
     """True when `job` asks for the cache, not to bypass it, and is not streamed."""
-    return job.cache_ttl_s is not None and not job.cache_refresh and not _streamed(job)
+    return wants_write(job) and not job.cache_refresh
+
+
+def wants_write(job: Job) -> bool:
+    """True when a 2xx answer of `job` is to be cached: it has `cache_ttl_s` and is not
+    streamed (`"stream": true`: its answer is relayed as it comes, not replayed)."""
+    return job.cache_ttl_s is not None and not _streamed(job)
 
 
 def _streamed(job: Job) -> bool:
@@ -126,8 +134,9 @@ class ResultCache:
         now = time.time() if now is None else now
         entry = None
         try:
-            kv = await self._bucket()
-            found = await kv.get(key)
+            with anyio.fail_after(IO_TIMEOUT_S):
+                kv = await self._bucket()
+                found = await kv.get(key)
             if found.value:
                 entry = CacheEntry.model_validate_json(found.value)
         except (KeyNotFoundError, NotFoundError):
@@ -155,9 +164,11 @@ class ResultCache:
         if len(payload) > self.max_entry_bytes:
             return False
         try:
-            await self._bucket()
-            # per-message TTL (whole seconds, at least 1): the server drops the entry itself
-            await self.js.publish(f"$KV.{self.bucket}.{key}", payload, msg_ttl=max(1, math.ceil(ttl)))
+            with anyio.fail_after(IO_TIMEOUT_S):
+                await self._bucket()
+                # per-message TTL (whole seconds, at least 1): the server drops the entry itself
+                await self.js.publish(f"$KV.{self.bucket}.{key}", payload, msg_ttl=max(1, math.ceil(ttl)),
+                                      timeout=IO_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - the answer is stored as the Result: the cache is a bonus
             self.stats.errors += 1
             log.warning("cache entry not written", error=type(exc).__name__)
