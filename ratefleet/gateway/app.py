@@ -82,7 +82,7 @@ class Gateway:
             if job is not None:
                 headers["x-ratefleet-job-id"] = job.id
         log.info("gateway request", caller=caller.name if caller else None, method=request.method,
-                 path=request.url.path, status=status, job_id=job.id if job else None,
+                 path=request.url.path, status=status, job_id=job.id if job else None, cache=cache_state,
                  ms=round((time.perf_counter() - started) * 1000, 1))
         if cache_state is not None:
             headers[HIT_HEADER] = cache_state
