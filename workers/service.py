@@ -91,12 +91,16 @@ class Worker:
         self.handbacks = Handbacks(nc.jetstream(), self.subjects.handbacks_bucket)
         self.cache = ResultCache.from_config(nc.jetstream(), config)  # written after 2xx calls of opted-in jobs
         self.unusable: dict[str, str] = {}  # key id -> why its secret cannot be used here (heartbeat)
+        self.key_versions: dict[str, str] = {}  # assignment id -> the key version its call uses
 
     async def run(self, stop: anyio.Event) -> None:
         self.unusable = self.secrets.check_all()
         for key_id, reason in self.unusable.items():
             log.warning("secret unusable on this worker; the leader sends this key's jobs elsewhere",
                         key_id=key_id, problem=reason)
+        for version, reason in self.secrets.check_pending().items():
+            log.warning("secret of a key version not yet active is unusable on this worker; fix it before "
+                        "the version takes over", key_version=version, problem=reason)
         client = build_client(self.config.workers.transport, self.slots)
         executor = UpstreamExecutor(client, self.config.workers.max_response_bytes)
         leader_sub = await self.nc.subscribe(self.subjects.leader_announce, cb=self._on_leader)
@@ -193,6 +197,9 @@ class Worker:
 
     async def _heartbeats(self) -> None:
         while True:
+            # keys whose secret became usable (a fixed file, a version that took over) come back,
+            # and one whose new version cannot be used here is reported before a job fails on it
+            self.unusable = self.secrets.check_all()
             await self._send_heartbeat()
             await anyio.sleep(self.config.workers.heartbeat_s)
 
@@ -233,7 +240,8 @@ class Worker:
             await self._report(a, None, terminal=True)
             return
         try:
-            secret = self.secrets.get(a.key_id)
+            version, secret = self.secrets.pick(a.key_id)
+            structlog.contextvars.bind_contextvars(key_version=version)
         except SecretUnavailable as exc:
             # the leader had not heard yet: tell it (heartbeat), and hand the job back unrun,
             # not as an attempt; it then goes to a worker and key that can run it
@@ -246,6 +254,7 @@ class Worker:
         upstream = self.config.upstreams[a.upstream]
         queued_ms = max(0.0, (time.time() - a.submitted_at) * 1000)
         self.calling[a.id] = [a.ack, time.monotonic()]
+        self.key_versions[a.id] = version
         try:
             call = await self._call(a, executor, job, upstream, secret)
             if call is None:
@@ -257,6 +266,7 @@ class Worker:
             await self._end_invalid(a, ErrorCode.INVALID_REQUEST, str(exc))
         finally:
             self.calling.pop(a.id, None)
+            self.key_versions.pop(a.id, None)
 
     async def _call(self, a: Assignment, executor: UpstreamExecutor, job: Job, upstream: UpstreamConfig,
                     secret: str) -> CallResult | None:
@@ -381,7 +391,8 @@ class Worker:
     def _result(self, a: Assignment, status: str, *, response=None, error=None, queued_ms=None, upstream_ms=None) -> Result:
         submitted = datetime.fromtimestamp(a.submitted_at, UTC)
         return Result(job_id=a.job_id, status=status, tier=a.tier, batch=a.job.get("batch"), response=response,
-                      error=error, attempts=a.attempt, key_id=a.key_id, pool=a.pool, worker=self.id, variant=a.variant,
+                      error=error, attempts=a.attempt, key_id=a.key_id, pool=a.pool, worker=self.id,
+                      key_version=self.key_versions.get(a.id), variant=a.variant,
                       metadata=a.job.get("metadata") or {},
                       timings=Timings(submitted_at=submitted, queued_ms=queued_ms, upstream_ms=upstream_ms,
                                       total_ms=max(0.0, (time.time() - a.submitted_at) * 1000)))
