@@ -108,9 +108,20 @@ class PoolConfig(_Strict):
     keys: list[KeyConfig] = Field(min_length=1)
 
 
+class SplitConfig(_Strict):
+    """`[tiers.<t>.split]`: A/B routing. `share` (0..1) of the tier's jobs, chosen from the
+    job id (sha256; the same id always lands on the same side), use the pool chain `pools`
+    instead of the tier's own; a job whose upstream has no pool in `pools` stays on the
+    tier's own chain. Results say which side ran them (`variant`: "control" or "split")."""
+
+    pools: list[str] = Field(min_length=1)
+    share: float = Field(ge=0, le=1)
+
+
 class TierConfig(_Strict):
     weight: int = Field(default=1, ge=1, le=1000)
     pools: list[str] | None = None
+    split: SplitConfig | None = None
     max_attempts: int = Field(default=5, ge=1, le=100)
     # 429s are waits, not attempts: a job ends `rate_limited` only after this many (or at its deadline)
     max_rate_limited: int = Field(default=50, ge=1, le=10000)
@@ -181,7 +192,9 @@ class CallerConfig(_Strict):
     its SHA-256 digest. `upstreams` / `models` (None: any) restrict what the caller may use;
     `rps` + `burst` (requests per second, token bucket) and `tokens_per_minute` (model tokens,
     charged from the answer's `usage.total_tokens`) are the caller's own limits, kept by each
-    gateway process; `timeout_s` is how long one request may take, queue wait included."""
+    gateway process; `timeout_s` is how long one request may take, queue wait included.
+    `cache_ttl_s` (seconds; None: off) answers a repeated identical request from the fleet's
+    cache for that long (see ratefleet/runtime/cache.py)."""
 
     key: SecretStr
     tier: str
@@ -191,6 +204,7 @@ class CallerConfig(_Strict):
     burst: float | None = Field(default=None, ge=1)
     tokens_per_minute: float | None = Field(default=None, gt=0)
     timeout_s: float = Field(default=60.0, gt=0)
+    cache_ttl_s: float | None = Field(default=None, gt=0)
 
     @field_validator("key")
     @classmethod
@@ -203,6 +217,15 @@ class CallerConfig(_Strict):
     @property
     def key_is_literal(self) -> bool:
         return not self.key.get_secret_value().startswith(("env:", "file:"))
+
+
+class CacheConfig(_Strict):
+    """`[cache]`: the fleet's answer cache (KV bucket `ratefleet_cache`). `max_ttl_s` is the
+    bucket's max age, so the upper bound of any entry's life (a longer `cache_ttl_s` is
+    capped); `max_entry_bytes` the largest entry kept (bigger answers are not cached)."""
+
+    max_ttl_s: float = Field(default=86400.0, gt=0)
+    max_entry_bytes: int = Field(default=512 << 10, ge=1024)
 
 
 class GatewayConfig(_Strict):
@@ -223,6 +246,7 @@ class Config(_Strict):
     streams: StreamsConfig = StreamsConfig()
     callers: dict[str, CallerConfig] = Field(default_factory=dict)
     gateway: GatewayConfig = GatewayConfig()
+    cache: CacheConfig = CacheConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -251,6 +275,10 @@ class Config(_Strict):
             for pool_name in tier.pools or []:
                 if pool_name not in self.pools:
                     raise ValueError(f"tiers.{tier_name}.pools: unknown pool {pool_name!r}; known: {sorted(self.pools)}")
+            for pool_name in tier.split.pools if tier.split else []:
+                if pool_name not in self.pools:
+                    raise ValueError(f"tiers.{tier_name}.split.pools: unknown pool {pool_name!r}; "
+                                     f"known: {sorted(self.pools)}")
         return self
 
     @model_validator(mode="after")

@@ -45,6 +45,7 @@ class Assignment(BaseModel):
     denial_final: bool = True
     rate_limited: int = 0  # earlier deliveries answered 429 (not attempts)
     max_rate_limited: int = 50  # the job ends `rate_limited` at this many
+    variant: str | None = None  # A/B routing: "control" or "split" when the tier has a split
 
 
 class LeaderAnnounce(BaseModel):

@@ -111,6 +111,10 @@ class Result(BaseModel):
     worker: str | None = None
     timings: Timings = Field(default_factory=Timings)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    # served from the fleet's cache (ratefleet/runtime/cache.py): no call, no key token spent
+    cached: bool = False
+    # A/B routing (`[tiers.<t>.split]`): "control" (the tier's pools) or "split"; None: no split
+    variant: str | None = None
 
     @property
     def ok(self) -> bool:

@@ -70,6 +70,11 @@ class Subjects:
         """Object Store bucket for response bodies too large to travel inside a Result."""
         return "ratefleet_bodies" + self.stream_suffix.lower()
 
+    @property
+    def cache_bucket(self) -> str:
+        """KV bucket of cached 2xx answers (cache key -> entry), see ratefleet/runtime/cache.py."""
+        return "ratefleet_cache" + self.stream_suffix.lower()
+
     def jobs(self, tier: str = "*") -> str:
         return f"{self.prefix}.jobs.{tier}"
 

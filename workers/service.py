@@ -23,6 +23,7 @@ from nats.aio.client import Client as NatsClient
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
+from ratefleet.runtime.cache import ResultCache, cache_key, wants_write
 from ratefleet.runtime.finish import Finisher, auth_headers
 from ratefleet.runtime.handbacks import Handbacks
 from ratefleet.runtime.logs import get_logger
@@ -94,6 +95,7 @@ class Worker:
         # older dispatcher version) is followed again rather than ignored for good
         self.epoch_forget_s = 2 * config.dispatcher.lease_ttl_s + 2 * config.workers.heartbeat_s
         self.handbacks = Handbacks(nc.jetstream(), self.subjects.handbacks_bucket)
+        self.cache = ResultCache.from_config(nc.jetstream(), config)  # written after 2xx calls of opted-in jobs
         self.unusable: dict[str, str] = {}  # key id -> why its secret cannot be used here (heartbeat)
         self.key_versions: dict[str, str] = {}  # assignment id -> the key version its call uses
         self.http = http
@@ -284,7 +286,7 @@ class Worker:
             self.calls += 1
             self.metrics.call_done(a.key_id, a.upstream, str(call.kind), call.latency_ms / 1000)
             # still kept alive while the Result is stored: a large body takes seconds to upload
-            await self._conclude(a, call, queued_ms)
+            await self._conclude(a, call, queued_ms, job)
         except InvalidRequest as exc:  # raised by executor.call, before any call
             await self._end_invalid(a, ErrorCode.INVALID_REQUEST, str(exc))
         finally:
@@ -326,9 +328,11 @@ class Worker:
                 log.error("dead letter not stored", error=type(exc).__name__)
         await self._report(a, None, terminal=True)
 
-    async def _conclude(self, a: Assignment, call: CallResult, queued_ms: float) -> None:
+    async def _conclude(self, a: Assignment, call: CallResult, queued_ms: float, job: Job) -> None:
         """Finish or requeue the job, then report the outcome (so a worker killed in between
-        still lists the assignment in flight and the dispatcher returns it at once)."""
+        still lists the assignment in flight and the dispatcher returns it at once). A 2xx
+        answer of a job with `cache_ttl_s` is cached before its Result is stored, so whoever
+        has seen the Result finds the entry."""
         retryable = is_retryable(call.kind, denial_final=a.denial_final)
         throttled = call.kind == "rate_limited"  # a wait, not an attempt: its own budget
         terminal = bool(call.code) or (a.rate_limited + 1 >= a.max_rate_limited if throttled
@@ -350,7 +354,10 @@ class Worker:
             if call.kind in ("denied", "key_error"):
                 return
         else:
-            terminal = await self._store(a, self._call_result(a, call, queued_ms))
+            result = self._call_result(a, call, queued_ms)
+            if result.ok and job.cache_ttl_s is not None and wants_write(job):
+                await self.cache.store(cache_key(a.upstream, job), result, job.cache_ttl_s)
+            terminal = await self._store(a, result)
         await self._report(a, call, terminal=terminal)
 
     async def _store(self, a: Assignment, result: Result) -> bool:
@@ -413,7 +420,7 @@ class Worker:
         submitted = datetime.fromtimestamp(a.submitted_at, UTC)
         return Result(job_id=a.job_id, status=status, tier=a.tier, batch=a.job.get("batch"), response=response,
                       error=error, attempts=a.attempt, key_id=a.key_id, pool=a.pool, worker=self.id,
-                      key_version=self.key_versions.get(a.id),
+                      key_version=self.key_versions.get(a.id), variant=a.variant,
                       metadata=a.job.get("metadata") or {},
                       timings=Timings(submitted_at=submitted, queued_ms=queued_ms, upstream_ms=upstream_ms,
                                       total_ms=max(0.0, (time.time() - a.submitted_at) * 1000)))

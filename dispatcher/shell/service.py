@@ -23,6 +23,7 @@ from ratefleet.dispatcher.shell.leader import LeaderSession
 from ratefleet.dispatcher.shell.lease import LeaderLease
 from ratefleet.dispatcher.shell.metrics import DispatcherMetrics, LeaderView
 from ratefleet.dispatcher.shell.rpc import RpcResponder
+from ratefleet.runtime.cache import ResultCache
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.metrics import new_registry
 from ratefleet.runtime.streams import ensure_topology, tier_consumer
@@ -50,6 +51,7 @@ class Dispatcher:
         self.backlog: dict[str, int] = {}  # tier -> jobs JetStream has not delivered (leader, with --http)
         self.metrics = DispatcherMetrics(registry or new_registry(), self._leader_view)
         self.peers = Peers(forget_after_s=3 * config.workers.heartbeat_s + 1)
+        self.cache = ResultCache.from_config(self.js, config)  # intake's lookups; counters kept across leaderships
 
     def _count(self, result: Result) -> None:
         self.metrics.job_ended(result.tier, result.status)
@@ -99,7 +101,7 @@ class Dispatcher:
         await self.lease.mark_seen()
         log.info("became leader", dispatcher=self.id, buckets="empty" if conservative else "full",
                  epoch=list(self.lease.epoch))
-        bus = NatsLeaderBus(self.config, self.nc)
+        bus = NatsLeaderBus(self.config, self.nc, self.cache)
         bus.finisher.on_stored = self._count
         self.session = LeaderSession(self.config, bus, self.id,
                                      conservative=conservative, epoch=self.lease.epoch,
