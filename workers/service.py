@@ -27,7 +27,7 @@ from ratefleet.runtime.cache import ResultCache, cache_key, wants_write
 from ratefleet.runtime.finish import Finisher, auth_headers
 from ratefleet.runtime.handbacks import Handbacks
 from ratefleet.runtime.logs import get_logger
-from ratefleet.runtime.metrics import new_registry
+from ratefleet.runtime.metrics import new_registry, register_cache
 from ratefleet.schemas import Config, ErrorCode, ErrorInfo, Job, Result, Subjects, Timings, UpstreamConfig
 from ratefleet.schemas.errors import InvalidRequest, SecretUnavailable
 from ratefleet.schemas.internal import Assignment, Epoch, Heartbeat, InFlight, LeaderAnnounce, OutcomeReport
@@ -99,7 +99,9 @@ class Worker:
         self.unusable: dict[str, str] = {}  # key id -> why its secret cannot be used here (heartbeat)
         self.key_versions: dict[str, str] = {}  # assignment id -> the key version its call uses
         self.http = http
-        self.metrics = WorkerMetrics(registry or new_registry(), lambda: (self.slots, len(self.in_flight)))
+        registry = registry or new_registry()
+        self.metrics = WorkerMetrics(registry, lambda: (self.slots, len(self.in_flight)))
+        register_cache(registry, lambda: self.cache.stats)
         self.leader_heard_at: float | None = None  # monotonic time of the last leader announce
 
     async def run(self, stop: anyio.Event) -> None:

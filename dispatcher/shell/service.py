@@ -25,7 +25,7 @@ from ratefleet.dispatcher.shell.metrics import DispatcherMetrics, LeaderView
 from ratefleet.dispatcher.shell.rpc import RpcResponder
 from ratefleet.runtime.cache import ResultCache
 from ratefleet.runtime.logs import get_logger
-from ratefleet.runtime.metrics import new_registry
+from ratefleet.runtime.metrics import new_registry, register_cache
 from ratefleet.runtime.streams import ensure_topology, tier_consumer
 from ratefleet.schemas import Config, Result, Subjects
 from ratefleet.schemas.internal import DispatcherBeat
@@ -49,9 +49,11 @@ class Dispatcher:
         self.session: LeaderSession | None = None
         self.http = http
         self.backlog: dict[str, int] = {}  # tier -> jobs JetStream has not delivered (leader, with --http)
-        self.metrics = DispatcherMetrics(registry or new_registry(), self._leader_view)
+        registry = registry or new_registry()
+        self.metrics = DispatcherMetrics(registry, self._leader_view)
         self.peers = Peers(forget_after_s=3 * config.workers.heartbeat_s + 1)
         self.cache = ResultCache.from_config(self.js, config)  # intake's lookups; counters kept across leaderships
+        register_cache(registry, lambda: self.cache.stats)
 
     def _count(self, result: Result) -> None:
         self.metrics.job_ended(result.tier, result.status)

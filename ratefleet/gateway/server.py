@@ -22,6 +22,7 @@ from ratefleet.gateway.callers import CallerTable
 from ratefleet.gateway.files import FileStore
 from ratefleet.runtime.cache import ResultCache
 from ratefleet.runtime.logs import get_logger
+from ratefleet.runtime.metrics import register_cache
 from ratefleet.runtime.probes import Probes
 from ratefleet.runtime.streams import ensure_topology
 from ratefleet.schemas import Config
@@ -62,8 +63,11 @@ async def serve_gateway(config: Config, nc, stop: anyio.Event, listen: str, prob
         log.warning("no [callers.<name>] in the config: every request will be refused with 401")
     await ensure_topology(nc.jetstream(), config)
     client = Client(nc, config.nats.prefix)
+    cache = ResultCache.from_config(client.js, config)
     gateway = Gateway(client, callers, max_body_bytes=config.streams.max_job_bytes,
-                      cache=ResultCache.from_config(client.js, config), default_upstream=config.default_upstream())
+                      cache=cache, default_upstream=config.default_upstream())
+    if probes is not None:
+        register_cache(probes.registry, lambda: cache.stats)
     runner, batch_api = batch_service(config, client, callers)
     own = [*(probes.routes(healthz=False) if probes else []), *batch_api.routes()]
     server = uvicorn_server(create_app(gateway, own), host, port)

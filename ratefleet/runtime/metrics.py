@@ -17,14 +17,20 @@ what (names without the `ratefleet_` prefix):
     is_leader                        dispatchers (1 on the leader)
     desired_workers                  dispatchers: the leader's scaling signal (dispatcher/core/scaling.py), 0 on a standby
     queue_depth{tier}, key_*{key}    the leader only (read from its state at scrape time)
+    cache_requests_total{result}     gateways and the leader's intake: answer-cache lookups (hit, miss)
+    cache_writes_total               workers: answer-cache entries written after a 2xx call
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from ratefleet.runtime.cache import CacheStats
 
 JOBS_TOTAL = "ratefleet_jobs_total"
 QUEUE_DEPTH = "ratefleet_queue_depth"
@@ -38,10 +44,12 @@ KEY_STATE = "ratefleet_key_state"
 IS_LEADER = "ratefleet_is_leader"
 WORKER_SLOTS = "ratefleet_worker_slots"
 DESIRED_WORKERS = "ratefleet_desired_workers"
+CACHE_REQUESTS = "ratefleet_cache_requests_total"
+CACHE_WRITES = "ratefleet_cache_writes_total"
 
 # every metric of the fleet, for the dashboard test and the README table
 ALL_METRICS = (JOBS_TOTAL, QUEUE_DEPTH, QUEUE_WAIT, UPSTREAM_REQUESTS, UPSTREAM_DURATION, KEY_IN_FLIGHT, KEY_TOKENS,
-               KEY_EFFECTIVE_RPS, KEY_STATE, IS_LEADER, WORKER_SLOTS, DESIRED_WORKERS)
+               KEY_EFFECTIVE_RPS, KEY_STATE, IS_LEADER, WORKER_SLOTS, DESIRED_WORKERS, CACHE_REQUESTS, CACHE_WRITES)
 
 # seconds: queue waits run from milliseconds (an idle fleet) to hours (a backlog behind a limit)
 QUEUE_WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
@@ -76,3 +84,27 @@ def key_state(snapshot: Mapping[str, Any]) -> str:
     if (snapshot.get("cooldown_s") or 0) > 0:
         return "cooling"
     return "closed"
+
+
+class CacheCollector(Collector):
+    """`ratefleet_cache_requests_total{result="hit|miss"}` and `ratefleet_cache_writes_total`,
+    read at scrape time from a process's answer-cache counters (`ResultCache.stats`; a lookup
+    NATS failed counts as a miss)."""
+
+    def __init__(self, read: Callable[[], CacheStats]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        stats = self._read()
+        requests = CounterMetricFamily("ratefleet_cache_requests", "Answer-cache lookups by result", labels=["result"])
+        requests.add_metric(["hit"], stats.hits)
+        requests.add_metric(["miss"], stats.misses)
+        yield requests
+        writes = CounterMetricFamily("ratefleet_cache_writes", "Answer-cache entries written after a 2xx call")
+        writes.add_metric([], stats.writes)
+        yield writes
+
+
+def register_cache(registry: CollectorRegistry, read: Callable[[], CacheStats]) -> None:
+    """Export the cache counters `read` returns in `registry` (once per registry)."""
+    registry.register(CacheCollector(read))

@@ -11,6 +11,7 @@ import openai
 import pytest
 from fleetkit import FleetKit, chat_job, mock_keys, wait_for_leader
 from gatewaykit import CALLER_KEYS, caller_env, callers, free_port, start_gateway
+from prometheus_client.parser import text_string_to_metric_families
 
 from ratefleet import Client
 from ratefleet.mock import MockSettings, running_mock
@@ -76,6 +77,11 @@ async def test_the_same_chat_twice_is_answered_from_the_cache_without_a_call(gat
     assert hit.response.json_body == paid.response.json_body and hit.metadata == {"caller": "cached"}
     # no key token spent: the leader dispatched one job in all
     assert sum(tier.get("dispatched", 0) for tier in status["tiers"].values()) == 1
+    # the gateway's /metrics counts the lookup results
+    scraped = httpx.get(gateway.gateway_url + "/metrics", timeout=10, trust_env=False).text
+    lookups = {s.labels["result"]: s.value for family in text_string_to_metric_families(scraped)
+               if family.name == "ratefleet_cache_requests" for s in family.samples if s.name.endswith("_total")}
+    assert lookups == {"hit": 1.0, "miss": 1.0}, scraped
 
 
 async def test_canonical_body_shares_the_entry_and_another_body_does_not(gateway, upstream):

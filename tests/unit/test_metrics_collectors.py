@@ -16,14 +16,15 @@ from starlette.testclient import TestClient
 
 from ratefleet.dispatcher.shell.metrics import DispatcherMetrics, LeaderView
 from ratefleet.runtime import probes as probes_module
-from ratefleet.runtime.metrics import ALL_METRICS, KEY_STATES, key_state, new_registry
+from ratefleet.runtime.cache import CacheStats
+from ratefleet.runtime.metrics import ALL_METRICS, KEY_STATES, key_state, new_registry, register_cache
 from ratefleet.runtime.probes import Probes, parse_http
 from ratefleet.schemas.errors import ConfigError
 from ratefleet.supervisor import Child, assign_http
 from ratefleet.workers.metrics import WorkerMetrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "examples" / "grafana" / "ratefleet.json"
-ALLOWED_LABELS = {"tier", "status", "key", "outcome", "upstream", "state", "le"}
+ALLOWED_LABELS = {"tier", "status", "key", "outcome", "upstream", "state", "le", "result"}
 
 
 def _key(**fields):
@@ -97,6 +98,7 @@ def test_worker_metrics_count_calls_jobs_and_read_slots_when_scraped():
 def test_names_units_and_labels_follow_prometheus_practice():
     worker, leader = new_registry(), new_registry()
     WorkerMetrics(worker, lambda: (4, 1)).call_done("k1", "mock", "ok", 0.1)
+    register_cache(worker, lambda: CacheStats(hits=1, misses=2, writes=3))
     DispatcherMetrics(leader, lambda: LeaderView(LEADER, {"vip": 1})).job_ended("vip", "invalid")
     families = [f for registry in (worker, leader) for f in text_string_to_metric_families(generate_latest(registry).decode())]
     exported = set()
@@ -213,3 +215,15 @@ async def test_the_finisher_reports_each_result_it_stores_once_never_a_duplicate
     assert await f.finish(text_result("hi"), ack=ACK, reply_to=None) is True
     assert await f.finish(text_result("again"), ack=ACK, reply_to=None) is False
     assert [(r.job_id, r.status) for r in seen] == [("j1", "succeeded")]
+
+
+def test_cache_counters_are_read_at_scrape_time():
+    stats = CacheStats()
+    registry = new_registry()
+    register_cache(registry, lambda: stats)
+    stats.hits, stats.misses, stats.writes, stats.errors = 3, 5, 2, 1  # errors are already among the misses
+    samples = {(s.name, s.labels.get("result")): s.value
+               for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples}
+    assert samples[("ratefleet_cache_requests_total", "hit")] == 3
+    assert samples[("ratefleet_cache_requests_total", "miss")] == 5
+    assert samples[("ratefleet_cache_writes_total", None)] == 2
