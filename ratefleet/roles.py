@@ -39,7 +39,7 @@ async def _log_sighup() -> None:
 
 
 async def run_role(config: Config, name: str, body: Callable[[object, anyio.Event], Awaitable[None]]) -> None:
-    nc = await connect(config.nats.url, name=name)
+    nc = await connect(config.nats.url, name=name, auth=config.nats)
     stop = anyio.Event()
     try:
         async with anyio.create_task_group() as tg:
