@@ -113,8 +113,8 @@ async def test_an_ordinary_producer_gets_the_whole_fleet_through_the_account_con
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("".join(json.dumps(chat_job(i)) + "\n" for i in range(5)))
     out = tmp_path / "out.jsonl"
-    done = await asyncio.to_thread(run_cli, ["submit", str(jobs), "--tier", "normal", "--batch", "cli", "--wait", "--out", str(out),
-                    "--config", str(config)], fleet.env())  # in a thread: the upstream serves on this loop
+    args = ["submit", str(jobs), "--tier", "normal", "--batch", "cli", "--wait", "--out", str(out), "--config", str(config)]
+    done = await asyncio.to_thread(run_cli, args, fleet.env())  # in a thread: the upstream serves on this loop
     assert done.returncode == 0, done.stderr
     assert [json.loads(line)["status"] for line in out.read_text().splitlines()] == ["succeeded"] * 5
     assert PASSWORDS["producer"] not in done.stderr + done.stdout
