@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ratefleet.client import Client
     from ratefleet.schemas import Job, Result
+    from ratefleet.schemas.config_nats import NatsAuthConfig
     from ratefleet.schemas.errors import (
         BodyUnavailable,
         ConfigError,
@@ -34,6 +35,7 @@ _EXPORTS = {
     "Client": "ratefleet.client",
     "Job": "ratefleet.schemas",
     "Result": "ratefleet.schemas",
+    "NatsAuthConfig": "ratefleet.schemas.config_nats",
     "BodyUnavailable": "ratefleet.schemas.errors",
     "ConfigError": "ratefleet.schemas.errors",
     "DispatcherUnavailable": "ratefleet.schemas.errors",
@@ -45,8 +47,8 @@ _EXPORTS = {
     "RequestTimeout": "ratefleet.schemas.errors",
     "SubmitError": "ratefleet.schemas.errors",
 }
-__all__ = ["BodyUnavailable", "Client", "ConfigError", "DispatcherUnavailable", "Job", "JobInvalid", "NatsError",
-           "NatsUnavailable", "QueueFull", "RatefleetError", "RequestTimeout", "Result", "SubmitError"]
+__all__ = ["BodyUnavailable", "Client", "ConfigError", "DispatcherUnavailable", "Job", "JobInvalid", "NatsAuthConfig",
+           "NatsError", "NatsUnavailable", "QueueFull", "RatefleetError", "RequestTimeout", "Result", "SubmitError"]
 
 
 def __getattr__(name: str) -> Any:

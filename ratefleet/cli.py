@@ -170,7 +170,7 @@ def submit(file: Path = typer.Argument(..., help="JSONL file, one Job per line (
         require_out_path(out)
     target = client_target(config, nats, prefix)
     code = _run(run_submit, file, tier, batch, wait, out, skip_invalid, target.url, target.prefix, out_format,
-                order == "input")
+                order == "input", target.nats)
     raise typer.Exit(code or 0)
 
 
@@ -195,7 +195,7 @@ def request(job: str = typer.Argument(..., help="Job JSON, or @FILE"), tier: str
 
     async def go():
         nonlocal sent
-        async with await Client.connect(target.url, prefix=target.prefix) as client:
+        async with await Client.connect(target.url, prefix=target.prefix, auth=target.nats) as client:
             problem = await check_tier(client, tier)
             if problem:
                 return problem
@@ -226,7 +226,7 @@ def status(config: Path | None = ConfigOpt, nats: str | None = NatsOpt, prefix: 
     target = client_target(config, nats, prefix)
 
     async def go():
-        async with await Client.connect(target.url, prefix=target.prefix) as client:
+        async with await Client.connect(target.url, prefix=target.prefix, auth=target.nats) as client:
             return await client.status()
 
     answer = _run(go)
@@ -278,7 +278,7 @@ def dlq_list(tier: str | None = typer.Option(None, "--tier", help=tier_help("onl
     from ratefleet.dlq import list_dead
 
     target = client_target(config, nats, prefix)
-    _run(list_dead, target.url, target.prefix, tier, limit, as_json)
+    _run(list_dead, target.url, target.prefix, tier, limit, as_json, target.nats)
 
 
 @dlq_app.command("replay")
@@ -292,7 +292,7 @@ def dlq_replay(tier: str | None = typer.Option(None, "--tier", help=tier_help("o
     from ratefleet.dlq import replay_dead
 
     target = client_target(config, nats, prefix)
-    replayed = _run(replay_dead, target.url, target.prefix, tier, id, purge)
+    replayed = _run(replay_dead, target.url, target.prefix, tier, id, purge, target.nats)
     for original, new_id in replayed:
         typer.echo(f"{original} -> {new_id}")
     typer.echo(f"replayed {len(replayed)} dead letter(s)")

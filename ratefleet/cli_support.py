@@ -22,7 +22,8 @@ import typer
 from rich.console import Console
 
 from ratefleet.runtime.edge import translate
-from ratefleet.schemas.config import DEFAULT_TIERS, Config, ConfigError, config_path, load_config
+from ratefleet.runtime.logs import redact_text
+from ratefleet.schemas.config import DEFAULT_TIERS, Config, ConfigError, NatsConfig, config_path, load_config
 
 T = TypeVar("T")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -126,13 +127,15 @@ def _quiet_load(path: Path | None, nats: str | None) -> Config:
 class ClientTarget:
     """Where a client command (submit, request, status, dlq, results) sends: NATS URL(s) and subject prefix.
 
-    Credentials ride in the URL (`nats://user:password@host:4222`, `nats://token@host:4222`).
+    Credentials ride in the URL (`nats://user:password@host:4222`, `nats://token@host:4222`) or
+    in the config's [nats] (user/password, token, nkey_seed, creds, tls_*): `nats`.
     """
 
     url: str
     prefix: str
     tiers: tuple[str, ...]
     source: str  # the config file used, or "<defaults>"
+    nats: NatsConfig | None = None
 
 
 def client_target(config: Path | None, nats: str | None, prefix: str | None = None) -> ClientTarget:
@@ -144,7 +147,7 @@ def client_target(config: Path | None, nats: str | None, prefix: str | None = No
         require_file(found, "config file")
     cfg = _quiet_load(found, nats)
     return ClientTarget(url=cfg.nats.url, prefix=prefix or cfg.nats.prefix, tiers=tuple(cfg.tiers),
-                        source=str(found) if found else "<defaults>")
+                        source=str(found) if found else "<defaults>", nats=cfg.nats)
 
 
 def fleet_config(config: Path | None, nats: str | None, role: str) -> tuple[Config, Path]:
@@ -270,4 +273,5 @@ def quiet_broken_pipe() -> int:
 
 
 def _print_error(message: str) -> None:
+    message = redact_text(message)  # a NATS URL's password, a token: never on screen
     make_console(stderr=True).print(f"error: {message}", style="red", markup=False, highlight=False, soft_wrap=True)

@@ -30,6 +30,7 @@ from ratefleet.runtime.pubpipe import PublishPipe
 from ratefleet.runtime.store import MSG_ID, TRANSIENT, publish_job, publish_job_ack, read_result
 from ratefleet.schemas import Job, Result, Subjects
 from ratefleet.schemas.config import DEFAULT_NATS_URL
+from ratefleet.schemas.config_nats import NatsAuthConfig
 from ratefleet.schemas.errors import DispatcherUnavailable, JobInvalid, JobRejected, RequestTimeout, SubmitError
 from ratefleet.schemas.job import describe_validation_error, job_size_limit
 
@@ -80,8 +81,15 @@ class Client:
 
     @classmethod
     async def connect(cls, url: str = DEFAULT_NATS_URL, *, prefix: str = "ratefleet",
-                      name: str = "ratefleet-client") -> Client:
-        return cls(await connect(url, name=name, forever=False), prefix)
+                      name: str = "ratefleet-client", auth: NatsAuthConfig | None = None) -> Client:
+        """Connect to the fleet's NATS at `url` (credentials may ride in it: `nats://user:password@host`).
+
+        `auth`: credentials and TLS, e.g. `load_config(...).nats`, or
+        `NatsAuthConfig(user="producer", password="env:NATS_PASSWORD", inbox_prefix="_INBOX.producer",
+        tls_ca="ca.pem")` (secrets as `env:NAME`, `file:PATH` or the value itself). Raises
+        NatsUnavailable (nothing answers, or the server refused the credentials) and ConfigError
+        (a secret reference cannot be read); neither message holds a credential."""
+        return cls(await connect(url, name=name, forever=False, auth=auth), prefix)
 
     async def __aenter__(self) -> Client:
         return self
@@ -239,8 +247,9 @@ class Client:
         """Results of a batch (`None`: jobs without a batch). Stops when caught up unless `follow`.
 
         Referenced bodies are fetched and filled in (BodyUnavailable when one is gone)."""
-        sub = await self.js.subscribe(self.subjects.batch_results(batch), ordered_consumer=True,
-                                      deliver_policy=DeliverPolicy.ALL)
+        # the stream named: no $JS.API.STREAM.NAMES lookup (a producer's account permissions need not allow it)
+        sub = await self.js.subscribe(self.subjects.batch_results(batch), stream=self.subjects.results_stream,
+                                      ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
         try:
             while True:
                 try:

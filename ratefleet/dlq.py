@@ -10,6 +10,7 @@ from rich.table import Column, Table
 from ratefleet.cli_support import make_console
 from ratefleet.client import Client
 from ratefleet.runtime.store import publish_job
+from ratefleet.schemas.config_nats import NatsAuthConfig
 from ratefleet.schemas.job import new_job_id
 
 NARROW = 120  # columns below which `dlq list` prints one block per letter instead of a table
@@ -24,7 +25,8 @@ async def read_dead(client: Client, tier: str | None, limit: int | None = None) 
         return []
     if info.state.messages == 0:
         return []
-    sub = await client.js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    sub = await client.js.subscribe(subject, stream=client.subjects.dead_stream, ordered_consumer=True,
+                                    deliver_policy=DeliverPolicy.ALL)
     letters = []
     try:
         while limit is None or len(letters) < limit:
@@ -40,8 +42,9 @@ async def read_dead(client: Client, tier: str | None, limit: int | None = None) 
     return letters
 
 
-async def list_dead(url: str, prefix: str, tier: str | None, limit: int, as_json: bool) -> None:
-    async with await Client.connect(url, prefix=prefix) as client:
+async def list_dead(url: str, prefix: str, tier: str | None, limit: int, as_json: bool,
+                    auth: NatsAuthConfig | None = None) -> None:
+    async with await Client.connect(url, prefix=prefix, auth=auth) as client:
         letters = await read_dead(client, tier, limit)
     if as_json:
         for _seq, letter in letters:
@@ -71,12 +74,12 @@ def render_dead(letters: list[tuple[int, dict]], console) -> None:
 
 
 async def replay_dead(url: str, prefix: str, tier: str | None, job_id: str | None,
-                      purge: bool) -> list[tuple[str, str]]:
+                      purge: bool, auth: NatsAuthConfig | None = None) -> list[tuple[str, str]]:
     """Resubmit letters with a job, each under `<original>-r<hex>` so its new Result can be stored.
 
     Returns (original job id, new job id) pairs in replay order."""
     replayed: list[tuple[str, str]] = []
-    async with await Client.connect(url, prefix=prefix) as client:
+    async with await Client.connect(url, prefix=prefix, auth=auth) as client:
         for seq, letter in await read_dead(client, tier):
             job = letter.get("job")
             if not job or (job_id and letter.get("job_id") != job_id):

@@ -23,6 +23,7 @@ from ratefleet.keys_rotate import RotateError, UnknownKey, rotate_file
 from ratefleet.runtime.connect import connect
 from ratefleet.schemas import Subjects
 from ratefleet.schemas.config import config_path, load_config
+from ratefleet.schemas.config_nats import NatsAuthConfig
 from ratefleet.schemas.errors import NatsUnavailable
 
 keys_app = typer.Typer(no_args_is_help=True, help="Take keys out of rotation or put them back (operator).")
@@ -33,10 +34,11 @@ PrefixOpt = typer.Option(None, "--prefix", help="subject prefix (default from th
 TimeoutOpt = typer.Option(5.0, "--timeout", help="seconds to wait for the leader's answer")
 
 
-async def send_key_command(url: str, prefix: str, request: dict, timeout: float) -> dict:
+async def send_key_command(url: str, prefix: str, request: dict, timeout: float,
+                           auth: NatsAuthConfig | None = None) -> dict:
     """Send one command to the leader; returns its JSON answer. NatsUnavailable when NATS
     cannot be reached, TimeoutError when no leader answers."""
-    nc = await connect(url, name="ratefleet-keys", forever=False)
+    nc = await connect(url, name="ratefleet-keys", forever=False, auth=auth)
     try:
         reply = await nc.request(Subjects(prefix).admin_keys, json.dumps(request).encode(), timeout=timeout)
         return json.loads(reply.data)
@@ -47,9 +49,10 @@ async def send_key_command(url: str, prefix: str, request: dict, timeout: float)
         await nc.close()
 
 
-async def earlier_reason(url: str, prefix: str, key: str, timeout: float) -> str | None:
+async def earlier_reason(url: str, prefix: str, key: str, timeout: float,
+                         auth: NatsAuthConfig | None = None) -> str | None:
     """The reason `key` is operator-disabled with now (from the leader's status), else None."""
-    nc = await connect(url, name="ratefleet-keys", forever=False)
+    nc = await connect(url, name="ratefleet-keys", forever=False, auth=auth)
     try:
         reply = await nc.request(Subjects(prefix).admin_status, b"", timeout=timeout)
         state = (json.loads(reply.data).get("keys") or {}).get(key) or {}
@@ -64,9 +67,9 @@ def _run(request: dict, config, nats, prefix, timeout: float) -> None:
     target = client_target(config, nats, prefix)
     try:
         if request["action"] == "disable" and not request.get("reason"):  # disabling again keeps the reason
-            request["reason"] = (anyio.run(earlier_reason, target.url, target.prefix, request["key"], timeout)
+            request["reason"] = (anyio.run(earlier_reason, target.url, target.prefix, request["key"], timeout, target.nats)
                                  or "disabled by an operator")
-        answer = anyio.run(send_key_command, target.url, target.prefix, request, timeout)
+        answer = anyio.run(send_key_command, target.url, target.prefix, request, timeout, target.nats)
     except (NatsUnavailable, TimeoutError) as exc:
         fail(str(exc), EXIT_FAILED)
     if not answer.get("ok"):

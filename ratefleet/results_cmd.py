@@ -40,6 +40,7 @@ from ratefleet.results_replays import Replays, replay_of, scan_replays
 from ratefleet.runtime.connect import redact_url
 from ratefleet.schemas import Result
 from ratefleet.schemas.config import DEFAULT_NATS_URL
+from ratefleet.schemas.config_nats import NatsAuthConfig
 from ratefleet.schemas.subjects import is_token
 
 RECORD_POLL_S = 2.0
@@ -130,7 +131,8 @@ def results(batch: str = typer.Option(..., "--batch", "-b", metavar="NAME", help
     out = None if out is not None and str(out) == "-" else require_out_path(out)  # `--out -`: stdout
     target = client_target(config, nats, prefix)
     console = make_console(stderr=True)
-    code = _run(_collect_batch, console, batch, wait, out, order == "input", target.url, target.prefix, out_format)
+    code = _run(_collect_batch, console, batch, wait, out, order == "input", target.url, target.prefix, out_format,
+                target.nats)
     raise typer.Exit(code)
 
 
@@ -142,7 +144,7 @@ def result(job_id: str = typer.Argument(..., help="a job id"), config: Path | No
     target = client_target(config, nats, prefix)
 
     async def lookup() -> Result | None:
-        async with await Client.connect(target.url, prefix=target.prefix) as client:
+        async with await Client.connect(target.url, prefix=target.prefix, auth=target.nats) as client:
             return await client.stored_result(job_id)
 
     found = _run(lookup)
@@ -164,8 +166,9 @@ def _run(fn, *args):
 
 
 async def _collect_batch(console: Console, batch: str, wait: bool, out: Path | None, by_input: bool,
-                         url: str, prefix: str, out_format: str = "ratefleet") -> int:
-    async with await Client.connect(url, prefix=prefix) as client:
+                         url: str, prefix: str, out_format: str = "ratefleet",
+                         auth: NatsAuthConfig | None = None) -> int:
+    async with await Client.connect(url, prefix=prefix, auth=auth) as client:
         record = await load_record(client.js, client.subjects, batch)
         if wait and record is None:
             console.print(f"error: batch {batch} has no record (it was not sent with `ratefleet submit`, or it "

@@ -45,7 +45,8 @@ async def scan_replays(client: Client, batch: str, idle_timeout: float = 1.0) ->
     """Read the batch's stored Results once (only job id and metadata are parsed, no body is
     fetched) and return its replays."""
     found = Replays()
-    sub = await client.js.subscribe(client.subjects.batch_results(batch), ordered_consumer=True,
+    sub = await client.js.subscribe(client.subjects.batch_results(batch), stream=client.subjects.results_stream,
+                                    ordered_consumer=True,
                                     deliver_policy=DeliverPolicy.ALL)
     try:
         while True:

@@ -51,7 +51,7 @@ async def run_role(config: Config, name: str, body: Callable[[object, anyio.Even
         if http:
             probes = probes or Probes()
             probes.url = await served.start(serve_probes, probes, http)
-        nc = await connect(config.nats.url, name=name)
+        nc = await connect(config.nats.url, name=name, auth=config.nats)
         if probes is not None:  # served here (`http`) or by the role's own app (the gateway)
             probes.nc = nc
             probes.checks.insert(0, streams_check(nc.jetstream(), Subjects(config.nats.prefix)))

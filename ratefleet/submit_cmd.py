@@ -35,6 +35,7 @@ from ratefleet.batchfile import LineError, Validation, iter_lines, line_of, pars
 from ratefleet.cli_support import make_console
 from ratefleet.client import Client, Stored
 from ratefleet.phases import Phases
+from ratefleet.schemas.config_nats import NatsAuthConfig
 from ratefleet.schemas.errors import NatsUnavailable, SubmitError
 from ratefleet.schemas.subjects import is_token
 from ratefleet.submit_report import Run, check_tier, count_results, report_end, report_interrupt
@@ -46,7 +47,8 @@ def new_batch_name() -> str:
 
 
 async def run_submit(file: Path, tier: str, batch: str | None, wait: bool, out: Path | None, skip_invalid: bool,
-                     url: str, prefix: str, out_format: str = "ratefleet", by_input: bool = False) -> int:
+                     url: str, prefix: str, out_format: str = "ratefleet", by_input: bool = False,
+                     auth: NatsAuthConfig | None = None) -> int:
     """Run the command; returns the exit code (0 all stored/succeeded, 1 some failed, 2 input, 130 Ctrl-C).
     `out_format`: "ratefleet" (Result JSON) or "openai" (OpenAI Batch output lines); `by_input`: write
     Results in the file's line order (holding back only those that arrive before an earlier line's)."""
@@ -65,7 +67,7 @@ async def run_submit(file: Path, tier: str, batch: str | None, wait: bool, out: 
               out_format=out_format, by_input=by_input)
     # first: the name a resume needs (a run without --batch would make a new batch and pay again)
     say(f"batch {run.batch}" if batch else f"batch {run.batch}; re-run with --batch {run.batch} to resume")
-    async with await Client.connect(url, prefix=prefix) as client:
+    async with await Client.connect(url, prefix=prefix, auth=auth) as client:
         problem = await check_tier(client, tier)
         if problem:
             say(f"error: {problem}")

@@ -124,6 +124,11 @@ def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatc
             return 2
     embedded: EmbeddedNats | None = None
     url = config.nats.url
+    if not port_answers(url) and (config.nats.has_credentials or "@" in url):
+        # an embedded server is open to anyone: never start one in place of a secured NATS
+        print(f"error: nothing answers at {redact_url(url)}, and with NATS credentials or TLS configured "
+              "`ratefleet up` does not start an open embedded server; start your nats-server", file=sys.stderr)
+        return 2
     if not port_answers(url):
         embedded = embedded_for(url, config.nats.embedded_dir).start()
         url = embedded.url

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from ratefleet.schemas.config_nats import NatsAuthConfig
 from ratefleet.schemas.errors import ConfigError
 from ratefleet.schemas.key_versions import (
     IMPLICIT_VERSION_ID,
@@ -33,7 +34,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class NatsConfig(_Strict):
+class NatsConfig(NatsAuthConfig):
+    """`[nats]`: where (url), the subject prefix, and credentials/TLS (schemas/config_nats.py)."""
+
     url: str = DEFAULT_NATS_URL
     prefix: str = Field(default="ratefleet", pattern=r"^[A-Za-z0-9_-]+$")
     embedded_dir: str = ".ratefleet/nats"
@@ -330,6 +333,9 @@ def parse_config(data: dict[str, Any], *, source: str = "<config>") -> Config:
         if key.secret_is_literal:
             warnings.warn(f"{source}: key {key_id!r} has a literal secret; use env:NAME or file:PATH outside local tests",
                           stacklevel=2)
+    for name in config.nats.literal_secrets():
+        warnings.warn(f"{source}: nats.{name} is a literal secret; use env:NAME or file:PATH outside local tests",
+                      stacklevel=2)
     for name, caller in config.callers.items():
         if caller.key_is_literal:
             warnings.warn(f"{source}: caller {name!r} has a literal key; use env:NAME or file:PATH outside local tests",

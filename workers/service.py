@@ -35,6 +35,7 @@ from ratefleet.schemas.job import describe_validation_error
 from ratefleet.schemas.outcome import OutcomeKind, is_retryable
 from ratefleet.workers.executor import CallResult, UpstreamExecutor, build_client
 from ratefleet.workers.metrics import WorkerMetrics
+from ratefleet.workers.pairing import pairing_problem
 from ratefleet.workers.relay import chunk_relay
 from ratefleet.workers.secrets import SecretResolver
 from ratefleet.workers.unstored import refused, unstorable
@@ -251,6 +252,10 @@ class Worker:
             self.in_flight.pop(a.id, None)
 
     async def _execute(self, a: Assignment, executor: UpstreamExecutor) -> None:
+        problem = pairing_problem(self.config, a.key_id, a.upstream, a.job)
+        if problem is not None:
+            await self._refuse_pairing(a, problem)
+            return
         try:
             job = Job.model_validate(a.job)
         except ValidationError as exc:  # e.g. a dispatcher of another version let it through
@@ -315,6 +320,18 @@ class Worker:
         await self.finisher.nak(a.ack)
         await self._report(a, None, terminal=False)
         return None
+
+    async def _refuse_pairing(self, a: Assignment, problem: str) -> None:
+        """A key paired with an upstream none of its pools serves: no secret is resolved, nothing
+        is called or stored; the delivery is nak'd (it counts, so a leader that keeps pairing them
+        ends the job `poison_message` after `streams.max_deliver`: it still ends exactly once)."""
+        log.error("assignment refused: the key does not belong to a pool of the job's upstream; job handed back",
+                  problem=problem, upstream=a.upstream, assignment=a.id)
+        try:
+            await self.finisher.nak(a.ack, 1.0)
+        except Exception as exc:  # noqa: BLE001 - then ack_wait brings it back
+            log.warning("nak failed; the job returns after ack_wait", error=type(exc).__name__)
+        await self._report(a, None, terminal=False)
 
     async def _end_invalid(self, a: Assignment, code: ErrorCode, message: str) -> None:
         """The job's own fault, found before any call: `invalid`, one attempt, a dead letter

@@ -1,30 +1,71 @@
-"""Connecting to NATS: one place that sets reconnect policy and translates errors."""
+"""Connecting to NATS: one place that sets reconnect policy, credentials and TLS, and
+translates errors. No URL, password, token or seed leaves here unredacted: the disconnect,
+reconnect and error callbacks and every error message pass through `redact_url`/`_Scrubber`.
+"""
 
 from __future__ import annotations
 
-import re
+import contextlib
+import ssl
 
-import nats
+import nats.errors
 from nats.aio.client import Client as NatsClient
 
-from ratefleet.runtime.logs import get_logger
+from ratefleet.runtime.logs import get_logger, redact_text
+from ratefleet.runtime.nats_auth import connect_options, secret_values
+from ratefleet.schemas.config_nats import NatsAuthConfig
 from ratefleet.schemas.errors import NatsUnavailable
 
 log = get_logger("ratefleet.nats")
-_USERINFO = re.compile(r"(//)([^/@,\s]+)@")
 
 
 def redact_url(url: str) -> str:
     """`url` with its credentials masked, for messages and logs: `nats://user:***@host:4222`,
-    `nats://***@host:4222` (a token). Every URL of a comma-separated list is masked."""
-    def mask(m: re.Match) -> str:
-        user, _, password = m.group(2).partition(":")
-        return f"{m.group(1)}{user}:***@" if password else f"{m.group(1)}***@"
-    return _USERINFO.sub(mask, url)
+    `nats://***@host:4222` (a token). Every URL of a comma-separated list is masked, with or
+    without a scheme (nats-py takes `user:password@host:4222` too)."""
+    parts = []
+    for part in url.split(","):
+        if "@" in part and "://" not in part:  # scheme-less: everything before the last "@" is user info
+            info, _, host = part.rpartition("@")
+            lead = info[: len(info) - len(info.lstrip())]
+            user, colon, _ = info.strip().partition(":")
+            part = f"{lead}{user}:***@{host}" if colon else f"{lead}***@{host}"
+        parts.append(redact_text(part))
+    return ",".join(parts)
 
 
-async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever: bool = True) -> NatsClient:
-    """Connect to `url`. Long-running roles reconnect forever; clients give up after ~30 s down."""
+class _Scrubber:
+    """Masks the URL's credentials and the configured secrets in a text from nats-py."""
+
+    def __init__(self, url: str, secrets: list[str]):
+        self.url, self.redacted = url, redact_url(url)
+        self.secrets = sorted((s for s in secrets if s), key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        text = text.replace(self.url, self.redacted)
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return redact_url(text)
+
+
+def _url_secrets(url: str) -> list[str]:
+    """The user-info parts of every URL in `url` (password, token), for the scrubber."""
+    found = []
+    for part in url.split(","):
+        if "@" in part:
+            info = part.split("://", 1)[-1].rpartition("@")[0]
+            found += [p for p in (info.partition(":")[2] if ":" in info else info,) if p]
+    return found
+
+
+async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever: bool = True,
+                  auth: NatsAuthConfig | None = None) -> NatsClient:
+    """Connect to `url` with the credentials and TLS of `auth` (`[nats]`; None: the URL's
+    only). Long-running roles reconnect forever; clients give up after ~30 s down. Raises
+    NatsUnavailable (nothing answers, or the server refused us) and ConfigError (a
+    credential reference cannot be resolved), both without any credential in the message."""
+    options = connect_options(auth)
+    scrub = _Scrubber(url, secret_values(options) + _url_secrets(url))
 
     if not forever:
         from ratefleet.runtime.embedded import port_answers
@@ -43,18 +84,46 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
         log.info("nats reconnected", url=redact_url(url))
 
     async def on_error(exc: Exception) -> None:
+        if not holder[0].is_connected and not holder[0].is_reconnecting and _refused(exc):
+            raise _Refused(exc)  # the first connect: wrong credentials or TLS fail now, not retried forever
         # also where exceptions escaping a subscription callback end up
-        log.warning("nats error", error=type(exc).__name__, detail=str(exc)[:300])
+        log.warning("nats error", error=type(exc).__name__, detail=scrub(str(exc))[:300])
 
+    holder.append(NatsClient())
     try:
-        nc = await nats.connect(
+        await holder[0].connect(
             url, name=name, connect_timeout=connect_timeout, allow_reconnect=True,
             max_reconnect_attempts=-1 if forever else 60, reconnect_time_wait=0.5,
             disconnected_cb=on_disconnect, reconnected_cb=on_reconnect, error_cb=on_error,
-            pending_size=64 * 1024 * 1024,
+            pending_size=64 * 1024 * 1024, **options,
         )
     except Exception as exc:  # nats raises several unrelated types for "nobody there"
-        raise NatsUnavailable(f"cannot reach NATS at {redact_url(url)} ({type(exc).__name__}: {exc}); "
-                              "start one with `ratefleet up`, or pass --nats URL") from None
-    holder.append(nc)
-    return nc
+        cause = exc.cause if isinstance(exc, _Refused) else exc
+        with contextlib.suppress(Exception):
+            await holder[0].close()
+        raise NatsUnavailable(f"cannot reach NATS at {redact_url(url)} ({type(cause).__name__}: "
+                              f"{scrub(str(cause))}); {_hint(cause)}") from None
+    return holder[0]
+
+
+class _Refused(Exception):
+    """Raised from the error callback to end nats-py's first-connect loop on a refusal."""
+
+    def __init__(self, cause: Exception):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _refused(exc: Exception) -> bool:
+    """True for the server refusing our credentials, or a TLS failure: retrying cannot help."""
+    text = str(exc).lower()
+    return (isinstance(exc, (nats.errors.AuthorizationError, ssl.SSLError))
+            or "authorization violation" in text or "authentication" in text)
+
+
+def _hint(exc: Exception) -> str:
+    if _refused(exc) and not isinstance(exc, ssl.SSLError):
+        return "the server refused the credentials: check [nats] user/password, token, nkey_seed, creds or the URL"
+    if isinstance(exc, ssl.SSLError):
+        return "TLS failed: check [nats] tls_ca, tls_cert, tls_key and the server's certificate"
+    return "start one with `ratefleet up`, or pass --nats URL"

@@ -9,14 +9,33 @@ import sys
 
 import structlog
 
-_SECRETISH = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._\-]{6,}|\bsk-[A-Za-z0-9_\-]{6,}")
+_SECRETISH = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._\-]{6,}|\bsk-[A-Za-z0-9_\-]{6,}"
+                        # NKey seeds (user, account, operator...): "S" + type + 56 base32 characters
+                        r"|(?-i:\bS[UAONCPX][A-Z2-7]{56}\b)")
+# user info of a URL (`nats://user:password@host`, `nats://token@host`): up to the last "@"
+# before the host, so a password holding "@" is masked whole
+_URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)([^\s/,'\"<>]*)@")
+
+
+def _mask_userinfo(m: re.Match) -> str:
+    user, colon, _ = m.group(2).partition(":")
+    return f"{m.group(1)}{user}:***@" if colon else f"{m.group(1)}***@"
+
+
+def redact_text(text: str) -> str:
+    """`text` with URL credentials (`scheme://user:***@host`, `scheme://***@host`), bearer
+    tokens, `sk-` keys and NKey seeds masked. Used on every log line and CLI error."""
+    if "@" in text:
+        text = _URL_USERINFO.sub(_mask_userinfo, text)
+    return _SECRETISH.sub(lambda m: (m.group(1) or "") + "***", text)
 
 
 def _scrub(_logger: object, _name: str, event: dict) -> dict:
-    """Last line of defence: mask anything shaped like a bearer token or an sk- key."""
+    """Last line of defence: mask URL credentials and anything shaped like a bearer token,
+    an sk- key or an NKey seed, in every string value of the event."""
     for field, value in event.items():
-        if isinstance(value, str) and _SECRETISH.search(value):
-            event[field] = _SECRETISH.sub(lambda m: (m.group(1) or "") + "***", value)
+        if isinstance(value, str) and (("@" in value and "://" in value) or _SECRETISH.search(value)):
+            event[field] = redact_text(value)
     return event
 
 
