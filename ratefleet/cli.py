@@ -72,6 +72,15 @@ def _main(_version_flag: bool = Flag(False, "--version", is_eager=True, callback
     """ratefleet: rate-limited API calls at scale over NATS JetStream."""
 
 
+def _traced_from_environment():
+    """$TRACEPARENT (W3C Trace Context) as the parent of the jobs a command sends."""
+    import os
+
+    from ratefleet.runtime.tracing import environment_carrier, remote_parent
+
+    return remote_parent(environment_carrier(os.environ))
+
+
 def _run(coro_fn, *args):
     """Run a coroutine; RatefleetError (or a NATS/httpx failure) -> one line, exit 1; Ctrl-C -> exit 130."""
     return run_async(coro_fn, *args)
@@ -144,8 +153,9 @@ def submit(file: Path = typer.Argument(..., help="JSONL file, one Job per line (
     if out is None or str(out) != "-":  # `--out -`: stdout
         require_out_path(out)
     target = client_target(config, nats, prefix)
-    code = _run(run_submit, file, tier, batch, wait, out, skip_invalid, target.url, target.prefix, out_format,
-                order == "input")
+    with _traced_from_environment():
+        code = _run(run_submit, file, tier, batch, wait, out, skip_invalid, target.url, target.prefix, out_format,
+                    order == "input")
     raise typer.Exit(code or 0)
 
 
@@ -178,7 +188,8 @@ def request(job: str = typer.Argument(..., help="Job JSON, or @FILE"), tier: str
             return await client.request(model, tier, timeout=timeout)
 
     try:
-        result = _run(go)
+        with _traced_from_environment():
+            result = _run(go)
     except typer.Exit as stop:
         if stop.exit_code == EXIT_INTERRUPTED and sent:
             make_console(stderr=True).print(

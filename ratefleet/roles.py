@@ -14,6 +14,7 @@ import anyio
 from ratefleet.runtime.connect import connect
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.streams import ensure_topology
+from ratefleet.runtime.tracing_setup import setup_tracing
 from ratefleet.schemas import Config
 
 log = get_logger("ratefleet.role")
@@ -39,6 +40,17 @@ async def _log_sighup() -> None:
 
 
 async def run_role(config: Config, name: str, body: Callable[[object, anyio.Event], Awaitable[None]]) -> None:
+    """Connect, run `body(nc, stop)` until SIGTERM/SIGINT, drain. Spans are exported while it
+    runs when tracing is on (runtime/tracing_setup.py), and flushed at the end."""
+    stop_tracing = setup_tracing(config.tracing, name.removeprefix("ratefleet-"))
+    try:
+        await _run_connected(config, name, body)
+    finally:
+        if stop_tracing is not None:
+            stop_tracing()
+
+
+async def _run_connected(config: Config, name: str, body: Callable[[object, anyio.Event], Awaitable[None]]) -> None:
     nc = await connect(config.nats.url, name=name)
     stop = anyio.Event()
     try:

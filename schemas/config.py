@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from ratefleet.schemas.config_tracing import TracingConfig
 from ratefleet.schemas.errors import ConfigError
 from ratefleet.schemas.subjects import TOKEN_PATTERN
 
@@ -196,6 +197,7 @@ class Config(_Strict):
     streams: StreamsConfig = StreamsConfig()
     callers: dict[str, CallerConfig] = Field(default_factory=dict)
     gateway: GatewayConfig = GatewayConfig()
+    tracing: TracingConfig = TracingConfig()
 
     @model_validator(mode="before")
     @classmethod

@@ -110,6 +110,9 @@ class Result(BaseModel):
     worker: str | None = None
     timings: Timings = Field(default_factory=Timings)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    # the job's W3C trace id (32 lower-case hex digits, https://www.w3.org/TR/trace-context/#trace-id):
+    # from the producer's traceparent, or a fresh trace the dispatcher started for the job
+    trace_id: str | None = None
 
     @property
     def ok(self) -> bool:

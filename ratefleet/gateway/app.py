@@ -27,6 +27,7 @@ from ratefleet.gateway.limits import Admission, CallerLimits, Refusal, estimate_
 from ratefleet.gateway.streaming import ChunkStream, start_stream
 from ratefleet.gateway.translate import answer_of, build_job, parse_body, used_tokens
 from ratefleet.runtime.logs import get_logger
+from ratefleet.runtime.tracing import remote_parent
 from ratefleet.schemas import Job, Result
 from ratefleet.schemas.errors import JobInvalid, QueueFull, RatefleetError, RequestTimeout, SubmitError
 from ratefleet.workers.relay import wants_stream
@@ -55,7 +56,8 @@ class Gateway:
             if caller is None:
                 raise unauthorized()
             job, admission = await self._admit(request, caller)
-            answer = await self._run(job, caller)
+            with remote_parent(request.headers):  # the HTTP caller's traceparent becomes the job's
+                answer = await self._run(job, caller)
             if isinstance(answer, ChunkStream):  # the token estimate stays: a stream reports no usage here
                 log.info("gateway stream", caller=caller.name, path=request.url.path, job_id=job.id,
                          first_byte_ms=round((time.perf_counter() - started) * 1000, 1))
