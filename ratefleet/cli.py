@@ -204,12 +204,21 @@ def request(job: str = typer.Argument(..., help="Job JSON, or @FILE"), tier: str
 
 @app.command()
 def status(config: Path | None = ConfigOpt, nats: str | None = NatsOpt, prefix: str | None = PrefixOpt,
-           as_json: bool = JsonOpt):
-    """Tiers (queued, pending, in flight), keys (tokens, in flight, breaker, 429s), workers."""
+           as_json: bool = JsonOpt,
+           watch: bool = Flag(False, "--watch", help="a live view refreshed in place until Ctrl-C (tiers with done/s, "
+                                                   "keys, workers, leader, config revision)"),
+           interval: float = typer.Option(2.0, "--interval", min=0.2, metavar="S", help="--watch: seconds between refreshes")):
+    """Tiers (queued, pending, in flight), keys (tokens, in flight, breaker, 429s), workers; --watch: live."""
     from ratefleet.client import Client
     from ratefleet.status_view import render_status
 
     target = client_target(config, nats, prefix)
+    if watch:
+        if as_json:
+            fail("--json is one answer for scripts; use --watch without --json, or run --json on a schedule")
+        from ratefleet.status_watch import run_watch
+
+        raise typer.Exit(_run(run_watch, target.url, target.prefix, interval, make_console()))
 
     async def go():
         async with await Client.connect(target.url, prefix=target.prefix) as client:
