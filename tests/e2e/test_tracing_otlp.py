@@ -127,3 +127,34 @@ async def test_real_processes_export_one_trace_per_job_and_log_its_id(tmp_path, 
     lines = [json.loads(line) for line in (tmp_path / "w1.log").read_text().splitlines() if line.startswith("{")]
     job_lines = [line for line in lines if line.get("job_id") == "cli-1"]
     assert job_lines and all(line.get("trace_id") == PRODUCER_TRACE for line in job_lines), job_lines
+
+
+async def test_the_gateways_incoming_traceparent_becomes_the_jobs_trace(tmp_path, nats_server, monkeypatch):
+    from gatewaykit import CALLER_KEYS, caller_env, callers, free_port, start_gateway
+
+    gateway_trace = "5af7651916cd43dd8448eb211c80319d"
+    caller_env(monkeypatch)
+    async with HeaderKeepingUpstream() as upstream:
+        kit = FleetKit(tmp_path, nats_server.url, upstream.url, keys=[{"id": "k1", "rps": 50, "burst": 5}],
+                       overrides={"callers": callers()})
+        kit.dispatcher("d1")
+        kit.worker("w1")
+        try:
+            url = await asyncio.to_thread(start_gateway, kit, free_port())
+            async with await Client.connect(nats_server.url) as client:
+                await wait_for_leader(client)
+                import httpx
+
+                async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
+                    answer = await http.post(url + "/v1/chat/completions", json={
+                        "model": "mock", "messages": [{"role": "user", "content": "hi"}]}, headers={
+                        "authorization": f"Bearer {CALLER_KEYS['alice']}",
+                        "traceparent": f"00-{gateway_trace}-{RPC_SPAN}-01"})
+                assert answer.status_code == 200, answer.text
+                stored = await client.stored_result(answer.headers["x-ratefleet-job-id"])
+        finally:
+            kit.stop()
+    assert stored is not None and stored.ok and stored.trace_id == gateway_trace
+    # the upstream call carried the same trace (and the caller's own key never went upstream)
+    sent = [h for h in upstream.requests if h.get("traceparent", "").startswith(f"00-{gateway_trace}-")]
+    assert len(sent) == 1 and CALLER_KEYS["alice"] not in json.dumps(sent[0])
