@@ -12,10 +12,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from ratefleet.runtime.tracing import TRACEPARENT, TRACESTATE, current_trace_id, parent_context, tracer
+from ratefleet.runtime.tracing import (
+    TRACEPARENT,
+    TRACESTATE,
+    current_trace_id,
+    parent_context,
+    tracer,
+    tracing_active,
+)
 from ratefleet.schemas import ErrorInfo
 from ratefleet.schemas.internal import Assignment
 
@@ -25,6 +33,13 @@ def run_span(a: Assignment, worker: str, trace_headers: dict[str, str]) -> Itera
     """Make `ratefleet.run` current for the block. Without a valid `traceparent` (an
     assignment from a dispatcher of an older version) the span starts a trace of its own."""
     parent = parent_context(trace_headers.get(TRACEPARENT), trace_headers.get(TRACESTATE))
+    if not tracing_active():  # no SDK: the job's context is current (logs, Result, upstream), no span built
+        token = otel_context.attach(parent)
+        try:
+            yield trace.get_current_span()
+        finally:
+            otel_context.detach(token)
+        return
     attributes = {"ratefleet.job_id": a.job_id, "ratefleet.tier": a.tier, "ratefleet.attempt": a.attempt,
                   "ratefleet.key_id": a.key_id, "ratefleet.pool": a.pool, "ratefleet.worker": worker,
                   "messaging.system": "nats"}

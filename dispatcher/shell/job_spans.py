@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from opentelemetry.trace import SpanKind
 
 from ratefleet.dispatcher.core.commands import Assign
-from ratefleet.runtime.tracing import headers_of, parent_context, tracer
+from ratefleet.runtime.tracing import TRACEPARENT, TRACESTATE, headers_of, parent_context, tracer, tracing_active
 
 
 @contextmanager
@@ -26,6 +26,9 @@ def dispatch_spans(command: Assign) -> Iterator[dict[str, str]]:
     yields the `traceparent`/`tracestate` headers for the assignment message. An exception
     in the block is recorded on `dispatched` and re-raised."""
     incoming = command.incoming
+    if not tracing_active():  # no SDK: the worker's parent is the job's own traceparent, no span built
+        yield _forwarded(incoming.traceparent, incoming.tracestate)
+        return
     parent = parent_context(incoming.traceparent, incoming.tracestate)
     now_ns = time.time_ns()
     job = {"ratefleet.job_id": incoming.job_id, "ratefleet.tier": incoming.tier,
@@ -39,3 +42,10 @@ def dispatch_spans(command: Assign) -> Iterator[dict[str, str]]:
     with fleet_tracer.start_as_current_span("ratefleet.dispatched", context=parent, kind=SpanKind.PRODUCER,
                                             attributes=dispatched, start_time=now_ns) as span:
         yield headers_of(span)
+
+
+def _forwarded(traceparent: str | None, tracestate: str | None) -> dict[str, str]:
+    headers = {TRACEPARENT: traceparent} if traceparent else {}
+    if traceparent and tracestate:
+        headers[TRACESTATE] = tracestate
+    return headers

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 TRACEPARENT = "traceparent"
@@ -99,10 +99,15 @@ def fresh_traceparent(*identity: object) -> str:
 def parent_context(traceparent: str | None, tracestate: str | None = None) -> otel_context.Context:
     """An OpenTelemetry context whose current span is the remote parent `traceparent`
     (the empty context when it is missing or invalid: a new trace)."""
-    carrier = {TRACEPARENT: traceparent} if valid_traceparent(traceparent) else {}
-    if carrier and tracestate:
-        carrier[TRACESTATE] = tracestate
-    return _PROPAGATOR.extract(carrier, context=otel_context.Context())
+    if not valid_traceparent(traceparent):
+        return otel_context.Context()
+    return trace.set_span_in_context(remote_span(traceparent, tracestate), otel_context.Context())
+
+
+def tracing_active() -> bool:
+    """True when an SDK tracer provider is installed (spans are recorded). Without one the
+    fleet skips building spans and only forwards the job's traceparent: nothing is paid."""
+    return not isinstance(trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
 
 
 def current_trace_id() -> str | None:
@@ -118,11 +123,12 @@ def headers_of(span: trace.Span) -> dict[str, str]:
     return carrier
 
 
-def remote_span(traceparent: str) -> NonRecordingSpan:
-    """A non-recording span standing for a valid remote `traceparent` (for tests and tools)."""
-    _, trace_id, span_id, flags = traceparent.split("-")
+def remote_span(traceparent: str, tracestate: str | None = None) -> NonRecordingSpan:
+    """A non-recording span standing for a valid remote `traceparent` (checked by the caller)."""
+    _, trace_id, span_id, flags = traceparent.strip().lower().split("-")
+    state = TraceState.from_header([tracestate]) if tracestate else None
     return NonRecordingSpan(SpanContext(int(trace_id, 16), int(span_id, 16), is_remote=True,
-                                        trace_flags=TraceFlags(int(flags, 16))))
+                                        trace_flags=TraceFlags(int(flags, 16)), trace_state=state))
 
 
 @contextmanager

@@ -129,7 +129,7 @@ async def test_real_processes_export_one_trace_per_job_and_log_its_id(tmp_path, 
     assert job_lines and all(line.get("trace_id") == PRODUCER_TRACE for line in job_lines), job_lines
 
 
-async def test_the_gateways_incoming_traceparent_becomes_the_jobs_trace(tmp_path, nats_server, monkeypatch):
+async def test_the_gateways_incoming_traceparent_becomes_the_jobs_trace_without_the_sdk_too(tmp_path, nats_server, monkeypatch):
     from gatewaykit import CALLER_KEYS, caller_env, callers, free_port, start_gateway
 
     gateway_trace = "5af7651916cd43dd8448eb211c80319d"
@@ -137,6 +137,8 @@ async def test_the_gateways_incoming_traceparent_becomes_the_jobs_trace(tmp_path
     async with HeaderKeepingUpstream() as upstream:
         kit = FleetKit(tmp_path, nats_server.url, upstream.url, keys=[{"id": "k1", "rps": 50, "burst": 5}],
                        overrides={"callers": callers()})
+        plain_env = kit.env
+        kit.env = lambda: {**plain_env(), "RATEFLEET_LOG_LEVEL": "DEBUG"}  # no OTEL_*: no SDK, no export
         kit.dispatcher("d1")
         kit.worker("w1")
         try:
@@ -158,3 +160,8 @@ async def test_the_gateways_incoming_traceparent_becomes_the_jobs_trace(tmp_path
     # the upstream call carried the same trace (and the caller's own key never went upstream)
     sent = [h for h in upstream.requests if h.get("traceparent", "").startswith(f"00-{gateway_trace}-")]
     assert len(sent) == 1 and CALLER_KEYS["alice"] not in json.dumps(sent[0])
+    # without the SDK (nothing exported) the job's log lines still carry its trace id
+    lines = [json.loads(line) for line in (tmp_path / "w1.log").read_text().splitlines() if line.startswith("{")]
+    job_lines = [line for line in lines if line.get("job_id") == stored.job_id]
+    assert job_lines and all(line.get("trace_id") == gateway_trace for line in job_lines), job_lines
+    assert "tracing on" not in (tmp_path / "w1.log").read_text()
