@@ -12,6 +12,7 @@ from ratefleet.dispatcher.core import (
     SchedulerSpec,
     TierSpec,
 )
+from ratefleet.dispatcher.core.split import SplitSpec
 from ratefleet.schemas import Config
 
 
@@ -22,7 +23,8 @@ def scheduler_spec(config: Config) -> SchedulerSpec:
         keys = tuple(KeySpec(id=k.id, pool=name, upstream=upstream, rps=k.rps, burst=k.effective_burst,
                              concurrency=k.concurrency, cost_per_minute=k.cost_per_minute) for k in pool.keys)
         pools.append(PoolSpec(name=name, upstream=upstream, keys=keys))
-    tiers = tuple(TierSpec(name=name, weight=tier.weight, pools=tuple(config.tier_pools(name)))
+    tiers = tuple(TierSpec(name=name, weight=tier.weight, pools=tuple(config.tier_pools(name)),
+                           split=SplitSpec(pools=tuple(tier.split.pools), share=tier.split.share) if tier.split else None)
                   for name, tier in config.tiers.items())
     d = config.dispatcher
     return SchedulerSpec(

@@ -1,5 +1,8 @@
 """Running one role as a process: connect, handle SIGTERM/SIGINT, run until stopped.
 
+With `--http HOST:PORT` the role serves /metrics, /healthz and /readyz (runtime/probes.py)
+from before it connects to NATS (/readyz says 503 "not connected to NATS yet" until then).
+
 SIGHUP is ignored with a log line: there is no reload (restart the process to apply a new
 config), and a closed terminal must not kill a dispatcher or a worker mid-call.
 """
@@ -13,9 +16,10 @@ import anyio
 
 from ratefleet.runtime.connect import connect
 from ratefleet.runtime.logs import get_logger
+from ratefleet.runtime.probes import Probes, serve_probes, streams_check
 from ratefleet.runtime.streams import ensure_topology
 from ratefleet.runtime.tracing_setup import setup_tracing
-from ratefleet.schemas import Config
+from ratefleet.schemas import Config, Subjects
 
 log = get_logger("ratefleet.role")
 
@@ -39,19 +43,37 @@ async def _log_sighup() -> None:
             log.info("SIGHUP ignored: no reload; restart the process to apply a new config")
 
 
-async def run_role(config: Config, name: str, body: Callable[[object, anyio.Event], Awaitable[None]]) -> None:
-    """Connect, run `body(nc, stop)` until SIGTERM/SIGINT, drain. Spans are exported while it
-    runs when tracing is on (runtime/tracing_setup.py), and flushed at the end."""
+async def run_role(config: Config, name: str, body: Callable[[object, anyio.Event], Awaitable[None]],
+                   *, probes: Probes | None = None, http: str | None = None) -> None:
+    """Connect, run `body(nc, stop)` until SIGTERM/SIGINT sets `stop`, drain. With `http`,
+    `probes` are served there (from before the connection; `probes.url` is set) and learn
+    the connection once it is up. Spans are exported while it runs when tracing is on
+    (runtime/tracing_setup.py), and flushed at the end."""
     stop_tracing = setup_tracing(config.tracing, name.removeprefix("ratefleet-"))
     try:
-        await _run_connected(config, name, body)
+        await _run_probed(config, name, body, probes=probes, http=http)
     finally:
         if stop_tracing is not None:
             stop_tracing()
 
 
-async def _run_connected(config: Config, name: str, body: Callable[[object, anyio.Event], Awaitable[None]]) -> None:
-    nc = await connect(config.nats.url, name=name)
+async def _run_probed(config: Config, name: str, body: Callable[[object, anyio.Event], Awaitable[None]],
+                      *, probes: Probes | None, http: str | None) -> None:
+    async with anyio.create_task_group() as served:
+        if http:
+            probes = probes or Probes()
+            probes.url = await served.start(serve_probes, probes, http)
+        nc = await connect(config.nats.url, name=name)
+        if probes is not None:  # served here (`http`) or by the role's own app (the gateway)
+            probes.nc = nc
+            probes.checks.insert(0, streams_check(nc.jetstream(), Subjects(config.nats.prefix)))
+        try:
+            await _run_body(nc, body)
+        finally:
+            served.cancel_scope.cancel()
+
+
+async def _run_body(nc, body: Callable[[object, anyio.Event], Awaitable[None]]) -> None:
     stop = anyio.Event()
     try:
         async with anyio.create_task_group() as tg:
@@ -65,20 +87,31 @@ async def _run_connected(config: Config, name: str, body: Callable[[object, anyi
             await nc.drain()
 
 
-async def dispatcher_main(config: Config, dispatcher_id: str | None = None) -> None:
+async def dispatcher_main(config: Config, dispatcher_id: str | None = None, http: str | None = None) -> None:
+    """The `ratefleet dispatcher` process (`http`: HOST:PORT of its probes, or None)."""
     from ratefleet.dispatcher.shell.service import Dispatcher
 
+    probes = Probes()
+
     async def body(nc, stop):
-        await Dispatcher(config, nc, dispatcher_id=dispatcher_id).run(stop)
+        dispatcher = Dispatcher(config, nc, dispatcher_id=dispatcher_id, registry=probes.registry, http=probes.url)
+        probes.checks.append(dispatcher.not_ready)
+        await dispatcher.run(stop)
 
-    await run_role(config, "ratefleet-dispatcher", body)
+    await run_role(config, "ratefleet-dispatcher", body, probes=probes, http=http)
 
 
-async def worker_main(config: Config, slots: int | None = None, worker_id: str | None = None) -> None:
+async def worker_main(config: Config, slots: int | None = None, worker_id: str | None = None,
+                      http: str | None = None) -> None:
+    """The `ratefleet worker` process (`http`: HOST:PORT of its probes, or None)."""
     from ratefleet.workers.service import Worker
+
+    probes = Probes()
 
     async def body(nc, stop):
         await ensure_topology(nc.jetstream(), config)
-        await Worker(config, nc, slots=slots, worker_id=worker_id).run(stop)
+        worker = Worker(config, nc, slots=slots, worker_id=worker_id, registry=probes.registry, http=probes.url)
+        probes.checks.append(worker.not_ready)
+        await worker.run(stop)
 
-    await run_role(config, "ratefleet-worker", body)
+    await run_role(config, "ratefleet-worker", body, probes=probes, http=http)

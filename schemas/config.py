@@ -17,6 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from ratefleet.schemas.config_tracing import TracingConfig
 from ratefleet.schemas.errors import ConfigError
+from ratefleet.schemas.key_versions import (
+    IMPLICIT_VERSION_ID,
+    KeyVersion,
+    check_versions,
+    is_literal,
+    secret_ref_problem,
+)
 from ratefleet.schemas.subjects import TOKEN_PATTERN
 
 DEFAULT_TIERS = (("vip", 8), ("premium", 4), ("normal", 2), ("guest", 1))
@@ -49,8 +56,13 @@ class UpstreamConfig(_Strict):
 
 
 class KeyConfig(_Strict):
+    """One key id of a pool: limits (they belong to the id, whatever version is in use) and
+    its secret, either one `secret` reference or `versions` for rotation (see
+    schemas/key_versions.py); exactly one of the two."""
+
     id: str = Field(pattern=TOKEN_PATTERN)
-    secret: SecretStr
+    secret: SecretStr | None = None
+    versions: list[KeyVersion] | None = None
     rps: float = Field(gt=0)
     burst: float | None = Field(default=None, ge=1)
     concurrency: int | None = Field(default=None, ge=1)
@@ -62,19 +74,34 @@ class KeyConfig(_Strict):
 
     @field_validator("secret")
     @classmethod
-    def _secret_form(cls, value: SecretStr) -> SecretStr:
-        raw = value.get_secret_value()
-        if not raw:
-            raise ValueError("must not be empty (use env:NAME, file:PATH or a literal)")
-        if raw.startswith("env:") and not raw[4:]:
-            raise ValueError("env: needs a variable name, e.g. env:OPENAI_KEY_1")
-        if raw.startswith("file:") and not raw[5:]:
-            raise ValueError("file: needs a path, e.g. file:/run/secrets/k1")
+    def _secret_form(cls, value: SecretStr | None) -> SecretStr | None:
+        problem = secret_ref_problem(value.get_secret_value()) if value is not None else None
+        if problem:
+            raise ValueError(problem)
         return value
+
+    @field_validator("versions")
+    @classmethod
+    def _versions_form(cls, value: list[KeyVersion] | None) -> list[KeyVersion] | None:
+        return check_versions(value) if value is not None else None
+
+    @model_validator(mode="after")
+    def _one_secret_form(self) -> KeyConfig:
+        if (self.secret is None) == (self.versions is None):
+            raise ValueError("give either `secret` or `versions` (a list of {id, secret, status, not_before, "
+                             "not_after}), not " + ("both" if self.secret is not None else "neither"))
+        return self
+
+    def secret_versions(self) -> list[KeyVersion]:
+        """The key's versions; a single `secret` is one active version with id `v1`."""
+        if self.versions is not None:
+            return self.versions
+        assert self.secret is not None  # _one_secret_form
+        return [KeyVersion(id=IMPLICIT_VERSION_ID, secret=self.secret)]
 
     @property
     def secret_is_literal(self) -> bool:
-        return not self.secret.get_secret_value().startswith(("env:", "file:"))
+        return any(is_literal(version.secret_ref) for version in self.secret_versions())
 
 
 class PoolConfig(_Strict):
@@ -82,9 +109,20 @@ class PoolConfig(_Strict):
     keys: list[KeyConfig] = Field(min_length=1)
 
 
+class SplitConfig(_Strict):
+    """`[tiers.<t>.split]`: A/B routing. `share` (0..1) of the tier's jobs, chosen from the
+    job id (sha256; the same id always lands on the same side), use the pool chain `pools`
+    instead of the tier's own; a job whose upstream has no pool in `pools` stays on the
+    tier's own chain. Results say which side ran them (`variant`: "control" or "split")."""
+
+    pools: list[str] = Field(min_length=1)
+    share: float = Field(ge=0, le=1)
+
+
 class TierConfig(_Strict):
     weight: int = Field(default=1, ge=1, le=1000)
     pools: list[str] | None = None
+    split: SplitConfig | None = None
     max_attempts: int = Field(default=5, ge=1, le=100)
     # 429s are waits, not attempts: a job ends `rate_limited` only after this many (or at its deadline)
     max_rate_limited: int = Field(default=50, ge=1, le=10000)
@@ -155,7 +193,9 @@ class CallerConfig(_Strict):
     its SHA-256 digest. `upstreams` / `models` (None: any) restrict what the caller may use;
     `rps` + `burst` (requests per second, token bucket) and `tokens_per_minute` (model tokens,
     charged from the answer's `usage.total_tokens`) are the caller's own limits, kept by each
-    gateway process; `timeout_s` is how long one request may take, queue wait included."""
+    gateway process; `timeout_s` is how long one request may take, queue wait included.
+    `cache_ttl_s` (seconds; None: off) answers a repeated identical request from the fleet's
+    cache for that long (see ratefleet/runtime/cache.py)."""
 
     key: SecretStr
     tier: str
@@ -165,6 +205,7 @@ class CallerConfig(_Strict):
     burst: float | None = Field(default=None, ge=1)
     tokens_per_minute: float | None = Field(default=None, gt=0)
     timeout_s: float = Field(default=60.0, gt=0)
+    cache_ttl_s: float | None = Field(default=None, gt=0)
 
     @field_validator("key")
     @classmethod
@@ -177,6 +218,15 @@ class CallerConfig(_Strict):
     @property
     def key_is_literal(self) -> bool:
         return not self.key.get_secret_value().startswith(("env:", "file:"))
+
+
+class CacheConfig(_Strict):
+    """`[cache]`: the fleet's answer cache (KV bucket `ratefleet_cache`). `max_ttl_s` is the
+    bucket's max age, so the upper bound of any entry's life (a longer `cache_ttl_s` is
+    capped); `max_entry_bytes` the largest entry kept (bigger answers are not cached)."""
+
+    max_ttl_s: float = Field(default=86400.0, gt=0)
+    max_entry_bytes: int = Field(default=512 << 10, ge=1024)
 
 
 class GatewayConfig(_Strict):
@@ -197,6 +247,7 @@ class Config(_Strict):
     streams: StreamsConfig = StreamsConfig()
     callers: dict[str, CallerConfig] = Field(default_factory=dict)
     gateway: GatewayConfig = GatewayConfig()
+    cache: CacheConfig = CacheConfig()
     tracing: TracingConfig = TracingConfig()
 
     @model_validator(mode="before")
@@ -226,6 +277,10 @@ class Config(_Strict):
             for pool_name in tier.pools or []:
                 if pool_name not in self.pools:
                     raise ValueError(f"tiers.{tier_name}.pools: unknown pool {pool_name!r}; known: {sorted(self.pools)}")
+            for pool_name in tier.split.pools if tier.split else []:
+                if pool_name not in self.pools:
+                    raise ValueError(f"tiers.{tier_name}.split.pools: unknown pool {pool_name!r}; "
+                                     f"known: {sorted(self.pools)}")
         return self
 
     @model_validator(mode="after")

@@ -169,6 +169,10 @@ class Job(BaseModel):
     max_attempts: int | None = Field(default=None, ge=1, le=100)
     batch: str | None = Field(default=None, pattern=TOKEN_PATTERN)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    # the fleet's answer cache (ratefleet/runtime/cache.py): seconds a 2xx answer is kept and
+    # served to identical jobs (None: off); cache_refresh skips the lookup but still writes
+    cache_ttl_s: float | None = Field(default=None, gt=0)
+    cache_refresh: bool | None = None
 
     @field_validator("upstream")
     @classmethod

@@ -106,10 +106,15 @@ class Result(BaseModel):
     error: ErrorInfo | None = None
     attempts: int = 0
     key_id: str | None = None
+    key_version: str | None = None  # the version of the key's secret the call used (never the secret)
     pool: str | None = None
     worker: str | None = None
     timings: Timings = Field(default_factory=Timings)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    # served from the fleet's cache (ratefleet/runtime/cache.py): no call, no key token spent
+    cached: bool = False
+    # A/B routing (`[tiers.<t>.split]`): "control" (the tier's pools) or "split"; None: no split
+    variant: str | None = None
     # the job's W3C trace id (32 lower-case hex digits, https://www.w3.org/TR/trace-context/#trace-id):
     # from the producer's traceparent, or a fresh trace the dispatcher started for the job
     trace_id: str | None = None

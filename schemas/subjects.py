@@ -70,6 +70,11 @@ class Subjects:
         """Object Store bucket for response bodies too large to travel inside a Result."""
         return "ratefleet_bodies" + self.stream_suffix.lower()
 
+    @property
+    def cache_bucket(self) -> str:
+        """KV bucket of cached 2xx answers (cache key -> entry), see ratefleet/runtime/cache.py."""
+        return "ratefleet_cache" + self.stream_suffix.lower()
+
     def jobs(self, tier: str = "*") -> str:
         return f"{self.prefix}.jobs.{tier}"
 
@@ -113,6 +118,11 @@ class Subjects:
     @property
     def leader_status(self) -> str:
         return f"{self.prefix}.internal.status.leader"
+
+    @property
+    def dispatcher_beat(self) -> str:
+        """Every dispatcher's presence (id, role, probe URL), for `status`."""
+        return f"{self.prefix}.internal.dispatcher"
 
     def tier_of(self, subject: str) -> str:
         """The tier token of a `<prefix>.jobs.<tier>` or `<prefix>.rpc.<tier>` subject."""

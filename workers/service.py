@@ -20,11 +20,14 @@ from datetime import UTC, datetime
 import anyio
 import structlog
 from nats.aio.client import Client as NatsClient
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
+from ratefleet.runtime.cache import ResultCache, cache_key, wants_write
 from ratefleet.runtime.finish import Finisher, auth_headers
 from ratefleet.runtime.handbacks import Handbacks
 from ratefleet.runtime.logs import get_logger
+from ratefleet.runtime.metrics import new_registry
 from ratefleet.runtime.tracing import trace_headers
 from ratefleet.schemas import Config, ErrorCode, ErrorInfo, Job, Result, Subjects, Timings, UpstreamConfig
 from ratefleet.schemas.errors import InvalidRequest, SecretUnavailable
@@ -32,6 +35,7 @@ from ratefleet.schemas.internal import Assignment, Epoch, Heartbeat, InFlight, L
 from ratefleet.schemas.job import describe_validation_error
 from ratefleet.schemas.outcome import OutcomeKind, is_retryable
 from ratefleet.workers.executor import CallResult, UpstreamExecutor, build_client
+from ratefleet.workers.metrics import WorkerMetrics
 from ratefleet.workers.relay import chunk_relay
 from ratefleet.workers.secrets import SecretResolver
 from ratefleet.workers.spans import note_result, run_span
@@ -69,7 +73,10 @@ the job's own 429s
 
 
 class Worker:
-    def __init__(self, config: Config, nc: NatsClient, *, slots: int | None = None, worker_id: str | None = None):
+    def __init__(self, config: Config, nc: NatsClient, *, slots: int | None = None, worker_id: str | None = None,
+                 registry: CollectorRegistry | None = None, http: str | None = None):
+        """`registry`: where the worker's metrics go (workers/metrics.py; default: its own);
+        `http`: the URL of its /metrics and probes, told to the leader in heartbeats."""
         self.config = config
         self.nc = nc
         self.subjects = Subjects(config.nats.prefix)
@@ -90,13 +97,21 @@ class Worker:
         # older dispatcher version) is followed again rather than ignored for good
         self.epoch_forget_s = 2 * config.dispatcher.lease_ttl_s + 2 * config.workers.heartbeat_s
         self.handbacks = Handbacks(nc.jetstream(), self.subjects.handbacks_bucket)
+        self.cache = ResultCache.from_config(nc.jetstream(), config)  # written after 2xx calls of opted-in jobs
         self.unusable: dict[str, str] = {}  # key id -> why its secret cannot be used here (heartbeat)
+        self.key_versions: dict[str, str] = {}  # assignment id -> the key version its call uses
+        self.http = http
+        self.metrics = WorkerMetrics(registry or new_registry(), lambda: (self.slots, len(self.in_flight)))
+        self.leader_heard_at: float | None = None  # monotonic time of the last leader announce
 
     async def run(self, stop: anyio.Event) -> None:
         self.unusable = self.secrets.check_all()
         for key_id, reason in self.unusable.items():
             log.warning("secret unusable on this worker; the leader sends this key's jobs elsewhere",
                         key_id=key_id, problem=reason)
+        for version, reason in self.secrets.check_pending().items():
+            log.warning("secret of a key version not yet active is unusable on this worker; fix it before "
+                        "the version takes over", key_version=version, problem=reason)
         client = build_client(self.config.workers.transport, self.slots,
                               [upstream.auth_header for upstream in self.config.upstreams.values()])
         executor = UpstreamExecutor(client, self.config.workers.max_response_bytes)
@@ -153,7 +168,20 @@ class Worker:
             announce = LeaderAnnounce.model_validate_json(msg.data)
         except ValueError:
             return
+        self.leader_heard_at = time.monotonic()
         self._note_epoch(announce.epoch, announced=True)
+
+    async def not_ready(self) -> str | None:
+        """/readyz: why this worker cannot take jobs now (None: it can). A leader must have
+        announced itself within `epoch_forget_s` (2 lease TTLs + 2 heartbeats)."""
+        if self.draining:
+            return "draining (stopping)"
+        if self.leader_heard_at is None:
+            return "no leader heard yet"
+        silent = time.monotonic() - self.leader_heard_at
+        if silent > self.epoch_forget_s:
+            return f"no leader heard for {silent:.1f} s"
+        return None
 
     async def _drain(self, sub) -> None:
         self.draining = True
@@ -194,13 +222,16 @@ class Worker:
 
     async def _heartbeats(self) -> None:
         while True:
+            # keys whose secret became usable (a fixed file, a version that took over) come back,
+            # and one whose new version cannot be used here is reported before a job fails on it
+            self.unusable = self.secrets.check_all()
             await self._send_heartbeat()
             await anyio.sleep(self.config.workers.heartbeat_s)
 
     async def _send_heartbeat(self) -> None:
         beat = Heartbeat(worker=self.id, slots=self.slots, in_flight=list(self.in_flight.values()),
                          draining=self.draining, pid=os.getpid(), host=socket.gethostname(),
-                         started_at=self.started_at, calls=self.calls, unusable_keys=self.unusable)
+                         started_at=self.started_at, calls=self.calls, unusable_keys=self.unusable, http=self.http)
         try:
             await self.nc.publish(self.subjects.heartbeat, beat.model_dump_json().encode())
         except Exception as exc:  # noqa: BLE001 - disconnected: the next beat retries
@@ -232,13 +263,15 @@ class Worker:
             return
         if job.expired(datetime.now(UTC)):
             log.info("job expired before its call")
-            await self.finisher.finish(self._result(a, "expired", error=ErrorInfo(
-                code=ErrorCode.DEADLINE_EXCEEDED, message="the deadline passed before the call could start")),
-                ack=a.ack, reply_to=a.reply_to)
+            if await self.finisher.finish(self._result(a, "expired", error=ErrorInfo(
+                    code=ErrorCode.DEADLINE_EXCEEDED, message="the deadline passed before the call could start")),
+                    ack=a.ack, reply_to=a.reply_to):
+                self.metrics.job_ended(a.tier, "expired")
             await self._report(a, None, terminal=True)
             return
         try:
-            secret = self.secrets.get(a.key_id)
+            version, secret = self.secrets.pick(a.key_id)
+            structlog.contextvars.bind_contextvars(key_version=version)
         except SecretUnavailable as exc:
             # the leader had not heard yet: tell it (heartbeat), and hand the job back unrun,
             # not as an attempt; it then goes to a worker and key that can run it
@@ -251,17 +284,21 @@ class Worker:
         upstream = self.config.upstreams[a.upstream]
         queued_ms = max(0.0, (time.time() - a.submitted_at) * 1000)
         self.calling[a.id] = [a.ack, time.monotonic()]
+        self.key_versions[a.id] = version
+        self.metrics.call_started(a.tier, queued_ms / 1000)
         try:
             call = await self._call(a, executor, job, upstream, secret)
             if call is None:
                 return
             self.calls += 1
+            self.metrics.call_done(a.key_id, a.upstream, str(call.kind), call.latency_ms / 1000)
             # still kept alive while the Result is stored: a large body takes seconds to upload
-            await self._conclude(a, call, queued_ms)
+            await self._conclude(a, call, queued_ms, job)
         except InvalidRequest as exc:  # raised by executor.call, before any call
             await self._end_invalid(a, ErrorCode.INVALID_REQUEST, str(exc))
         finally:
             self.calling.pop(a.id, None)
+            self.key_versions.pop(a.id, None)
 
     async def _call(self, a: Assignment, executor: UpstreamExecutor, job: Job, upstream: UpstreamConfig,
                     secret: str) -> CallResult | None:
@@ -291,15 +328,18 @@ class Worker:
         error = ErrorInfo(code=code, message=message)
         result = self._result(a, "invalid", error=error)
         if await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to):
+            self.metrics.job_ended(a.tier, "invalid")
             try:
                 await self.finisher.dead(a.tier, result, job=a.job, last_error=error.model_dump())
             except Exception as exc:  # noqa: BLE001 - the Result is stored and acked: the job is done
                 log.error("dead letter not stored", error=type(exc).__name__)
         await self._report(a, None, terminal=True)
 
-    async def _conclude(self, a: Assignment, call: CallResult, queued_ms: float) -> None:
+    async def _conclude(self, a: Assignment, call: CallResult, queued_ms: float, job: Job) -> None:
         """Finish or requeue the job, then report the outcome (so a worker killed in between
-        still lists the assignment in flight and the dispatcher returns it at once)."""
+        still lists the assignment in flight and the dispatcher returns it at once). A 2xx
+        answer of a job with `cache_ttl_s` is cached before its Result is stored, so whoever
+        has seen the Result finds the entry."""
         retryable = is_retryable(call.kind, denial_final=a.denial_final)
         throttled = call.kind == "rate_limited"  # a wait, not an attempt: its own budget
         terminal = bool(call.code) or (a.rate_limited + 1 >= a.max_rate_limited if throttled
@@ -321,7 +361,10 @@ class Worker:
             if call.kind in ("denied", "key_error"):
                 return
         else:
-            terminal = await self._store(a, self._call_result(a, call, queued_ms))
+            result = self._call_result(a, call, queued_ms)
+            if result.ok and job.cache_ttl_s is not None and wants_write(job):
+                await self.cache.store(cache_key(a.upstream, job), result, job.cache_ttl_s)
+            terminal = await self._store(a, result)
         await self._report(a, call, terminal=terminal)
 
     async def _store(self, a: Assignment, result: Result) -> bool:
@@ -344,6 +387,8 @@ class Worker:
                 stored = await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to)
             except Exception as again:  # noqa: BLE001 - nothing can be stored: retried later
                 return await self._requeue(a, again)
+        if stored:
+            self.metrics.job_ended(a.tier, result.status)
         if stored and result.error and result.error.code in (ErrorCode.ATTEMPTS_EXHAUSTED, ErrorCode.RATE_LIMITED,
                                                              ErrorCode.RESULT_NOT_STORED):
             try:
@@ -382,6 +427,7 @@ class Worker:
         submitted = datetime.fromtimestamp(a.submitted_at, UTC)
         return Result(job_id=a.job_id, status=status, tier=a.tier, batch=a.job.get("batch"), response=response,
                       error=error, attempts=a.attempt, key_id=a.key_id, pool=a.pool, worker=self.id,
+                      key_version=self.key_versions.get(a.id), variant=a.variant,
                       metadata=a.job.get("metadata") or {}, trace_id=note_result(status, error),
                       timings=Timings(submitted_at=submitted, queued_ms=queued_ms, upstream_ms=upstream_ms,
                                       total_ms=max(0.0, (time.time() - a.submitted_at) * 1000)))

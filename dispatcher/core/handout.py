@@ -52,4 +52,4 @@ def build_assignment(settings: LeaderSettings, held: Held, decision: Dispatch, n
         max_attempts=incoming.max_attempts, submitted_at=incoming.submitted_at,
         queued_ms=max(0.0, queued_s * 1000), epoch=settings.epoch, seq=incoming.stream_seq,
         denial_final=decision.reservation.denial_final, rate_limited=incoming.rate_limited,
-        max_rate_limited=incoming.max_rate_limited)
+        max_rate_limited=incoming.max_rate_limited, variant=decision.variant)

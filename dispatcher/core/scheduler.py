@@ -29,6 +29,7 @@ from .denials import DenialBook
 from .key import KeyState, Marks
 from .keyadmin import KeyAdmin
 from .keyhealth import probe_verdict
+from .split import Variant, variant_of
 from .tiers import TierBook, TierQueue
 from .types import (
     Decision,
@@ -59,10 +60,11 @@ class Scheduler(KeyAdmin):
         self._pool_upstream = {pool.name: pool.upstream for pool in spec.pools}
         self._tiers = TierBook(spec.tiers, spec.policy)
         for tier in self._tiers:
-            missing = [p for p in tier.spec.pools if p not in self._pool_upstream]
+            split_pools = tier.spec.split.pools if tier.spec.split else ()
+            missing = [p for p in (*tier.spec.pools, *split_pools) if p not in self._pool_upstream]
             if missing:
                 raise ValueError(f"tier {tier.name!r} names unknown pool(s): {', '.join(missing)}")
-        self._chains: dict[tuple[str, str], Chain] = {}
+        self._chains: dict[tuple[str, str, Variant | None], Chain] = {}
         self._active: dict[int, tuple[Reservation, Marks | None]] = {}
         self._ids = itertools.count(1)
         self._reserve = spec.priority_reserve
@@ -115,26 +117,38 @@ class Scheduler(KeyAdmin):
 
     def _scan(self, tier: TierQueue, now: float, waits: list[float], reserve: float,
               skip_keys: frozenset[str]) -> Dispatch | Reject | None:
-        blocked: set[str] = set()
-        reaches: dict[str, Reach] = {}
+        blocked: set[tuple[str, Variant | None]] = set()
+        reaches: dict[tuple[str, Variant | None], Reach] = {}
         for index, job in enumerate(itertools.islice(tier.jobs, LOOKAHEAD)):
-            chain = self._chain(tier, job.upstream)
-            if job.upstream not in reaches:
-                reaches[job.upstream] = reach(chain, now)
-            reason = never_runnable(chain, reaches[job.upstream], job, now)
+            variant, chain = self._route(tier, job)
+            route = (job.upstream, variant)
+            if route not in reaches:
+                reaches[route] = reach(chain, now)
+            reason = never_runnable(chain, reaches[route], job, now)
             if reason is not None:
                 del tier.jobs[index]
                 return Reject(job, ErrorCode.NO_KEY_AVAILABLE, reason)
-            if job.upstream in blocked:
+            if route in blocked:
                 continue
             avoid = self._avoid(chain, job, now)
             picked = pick_key(chain, job.cost, now, waits, reserve, skip_keys | avoid)
             if picked is not None:
                 del tier.jobs[index]
-                return self._dispatch(tier, job, picked[0], picked[1], now, chain)
+                return self._dispatch(tier, job, picked[0], picked[1], now, chain, variant)
             if not avoid:  # a job waiting for another key than those that refused it blocks no one
-                blocked.add(job.upstream)
+                blocked.add(route)
         return None
+
+    def _route(self, tier: TierQueue, job: PendingJob) -> tuple[Variant | None, Chain]:
+        """The job's A/B side and its chain: the split chain for a "split" job when that chain
+        has a pool of the job's upstream, else the tier's own (variant "control")."""
+        variant = variant_of(job.job_id, tier.spec.split)
+        if variant == "split":
+            chain = self._chain(tier, job.upstream, variant)
+            if chain.pools:
+                return variant, chain
+            variant = "control"
+        return variant, self._chain(tier, job.upstream, variant)
 
     def _avoid(self, chain: Chain, job: PendingJob, now: float) -> frozenset[str]:
         """Keys that refused `job` (401/403), while the chain has another key for it."""
@@ -144,7 +158,7 @@ class Scheduler(KeyAdmin):
         return frozenset()
 
     def _dispatch(self, tier: TierQueue, job: PendingJob, pool: str, key: KeyState, now: float,
-                  chain: Chain) -> Dispatch:
+                  chain: Chain, variant: Variant | None = None) -> Dispatch:
         reservation_id = next(self._ids)
         probe = key.breaker.take_probe(reservation_id)
         key_probe = key.health.take_probe(reservation_id)
@@ -158,18 +172,20 @@ class Scheduler(KeyAdmin):
         )
         self._active[reservation_id] = (reservation, marks)
         self._tiers.charge(tier)
-        return Dispatch(job, key.spec.id, pool, reservation)
+        return Dispatch(job, key.spec.id, pool, reservation, variant)
 
-    def _chain(self, tier: TierQueue, upstream: str) -> Chain:
-        chain = self._chains.get((tier.name, upstream))
+    def _chain(self, tier: TierQueue, upstream: str, variant: Variant | None = None) -> Chain:
+        chain = self._chains.get((tier.name, upstream, variant))
         if chain is None:
+            split = tier.spec.split
+            names = split.pools if variant == "split" and split is not None else tier.spec.pools
             pools = tuple(
                 (name, tuple(k for k in self._keys.values() if k.spec.pool == name))
-                for name in tier.spec.pools
+                for name in names
                 if self._pool_upstream[name] == upstream
             )
-            chain = Chain(tier.name, upstream, tier.spec.pools, pools)
-            self._chains[(tier.name, upstream)] = chain
+            chain = Chain(tier.name, upstream, names, pools)
+            self._chains[(tier.name, upstream, variant)] = chain
         return chain
 
     # -- reports -------------------------------------------------------------------------

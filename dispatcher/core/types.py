@@ -16,6 +16,7 @@ from ratefleet.schemas.outcome import OutcomeKind, RateLimitInfo
 from ratefleet.schemas.result import ErrorCode
 
 from .adaptive import AdaptPolicy
+from .split import SplitSpec
 
 Policy = Literal["weighted", "strict"]
 
@@ -44,11 +45,13 @@ class PoolSpec:
 
 @dataclass(frozen=True)
 class TierSpec:
-    """A priority tier: its share under weighted scheduling and its pool fallback chain."""
+    """A priority tier: its share under weighted scheduling and its pool fallback chain;
+    `split`: A/B routing of a share of its jobs to another chain (split.py), None: off."""
 
     name: str
     weight: int
     pools: tuple[str, ...]
+    split: SplitSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,7 @@ class Dispatch:
     key_id: str
     pool: str
     reservation: Reservation
+    variant: str | None = None  # A/B routing: "control" or "split"; None when the tier has no split
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,10 @@ from nats.errors import MaxPayloadError
 from ratefleet.dispatcher.core.delivery import Incoming, Refused
 from ratefleet.dispatcher.shell.keycontrol import KeyStore
 from ratefleet.dispatcher.shell.refusals import finish_refused, refuse_incoming
+from ratefleet.runtime.cache import ResultCache, cache_key, cached_result
 from ratefleet.runtime.finish import Finisher, auth_headers
 from ratefleet.runtime.handbacks import DeliveryCounts, Handbacks
-from ratefleet.runtime.store import read_result
+from ratefleet.runtime.store import read_result, store_result
 from ratefleet.schemas import Config, Subjects
 from ratefleet.schemas.errors import RatefleetError
 
@@ -68,6 +69,12 @@ class LeaderBus(Protocol):
 
     async def answer_stored(self, stored: bytes, ack: str, reply_to: str | None) -> None: ...
 
+    async def cached_result(self, incoming: Incoming) -> bytes | None:
+        """For a job that asks for the cache: a live cache entry stored as the job's Result
+        (`cached: true`) and that stored Result's JSON, or None on a miss (nothing stored)."""
+
+    def cache_stats(self) -> dict[str, int]: ...
+
     async def end_refused(self, refused: Refused) -> None: ...
 
     async def end_job(self, incoming: Incoming, code: str, message: str, status: str) -> None: ...
@@ -80,12 +87,14 @@ class LeaderBus(Protocol):
 class NatsLeaderBus:
     """LeaderBus over a nats-py client (see the protocol)."""
 
-    def __init__(self, config: Config, nc: NatsClient) -> None:
+    def __init__(self, config: Config, nc: NatsClient, cache: ResultCache | None = None) -> None:
+        """`cache`: the dispatcher's (its counters outlive a leadership); else a new one."""
         self.nc = nc
         self.subjects = Subjects(config.nats.prefix)
         js = nc.jetstream()
         self._js = js
-        self._finisher = Finisher(nc, js, self.subjects, auth_headers(config))
+        self._cache = cache or ResultCache.from_config(js, config)
+        self._finisher = self.finisher = Finisher(nc, js, self.subjects, auth_headers(config))
         self._handbacks = Handbacks(js, self.subjects.handbacks_bucket)
         self._keys = KeyStore(js, self.subjects.keys_bucket)
 
@@ -126,6 +135,19 @@ class NatsLeaderBus:
 
     async def answer_stored(self, stored: bytes, ack: str, reply_to: str | None) -> None:
         await self._finisher.finish_stored(stored, ack=ack, reply_to=reply_to)
+
+    async def cached_result(self, incoming: Incoming) -> bytes | None:
+        entry = await self._cache.lookup(cache_key(incoming.upstream, incoming.job))
+        if entry is None:
+            return None
+        result = cached_result(incoming.job, incoming.job_id, incoming.tier, entry, submitted_at=incoming.submitted_at)
+        payload = result.to_json()
+        if await store_result(self._js, self.subjects, result, payload=payload):
+            return payload
+        return await read_result(self._js, self.subjects, incoming.job_id, incoming.job.batch)  # it had one already
+
+    def cache_stats(self) -> dict[str, int]:
+        return self._cache.stats.as_dict()
 
     async def end_refused(self, refused: Refused) -> None:
         await finish_refused(self._finisher, refused)

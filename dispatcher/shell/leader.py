@@ -262,8 +262,9 @@ class LeaderSession:
     # -- status -----------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """The leader's view (read only): keys, tiers, workers."""
-        return self.machine.status(time.monotonic())
+        """The leader's view (read only): keys, tiers, workers, and its cache lookups
+        (`cache`: hits, misses, writes, errors; see ratefleet/runtime/cache.py)."""
+        return {**self.machine.status(time.monotonic()), "cache": self.bus.cache_stats()}
 
 
 def _outcome(report: OutcomeReport) -> Outcome:

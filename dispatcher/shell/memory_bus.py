@@ -54,6 +54,7 @@ class MemoryBus:
     answered: list[tuple[bytes, str, str | None]] = field(default_factory=list)
     ended: list[Incoming | Refused] = field(default_factory=list)
     results: dict[str, bytes] = field(default_factory=dict)
+    cache: dict[str, bytes] = field(default_factory=dict)  # job id -> the cached Result a lookup stores
     counts: dict[int, DeliveryCounts] = field(default_factory=dict)
     keys: dict[str, dict[str, Any]] = field(default_factory=dict)
     _inboxes: itertools.count[int] = field(default_factory=itertools.count)
@@ -101,6 +102,15 @@ class MemoryBus:
 
     async def answer_stored(self, stored: bytes, ack: str, reply_to: str | None) -> None:
         self.answered.append((stored, ack, reply_to))
+
+    async def cached_result(self, incoming: Incoming) -> bytes | None:
+        hit = self.cache.get(incoming.job_id)
+        if hit is not None:
+            self.results.setdefault(incoming.job_id, hit)
+        return hit
+
+    def cache_stats(self) -> dict[str, int]:
+        return {}
 
     async def end_refused(self, refused: Refused) -> None:
         self.ended.append(refused)

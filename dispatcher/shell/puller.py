@@ -21,6 +21,7 @@ from ratefleet.dispatcher.core.events import Event, JobDelivered, PullStatus
 from ratefleet.dispatcher.core.pulls import HANDBACK_MARGIN_S, PULL_EXPIRES_S
 from ratefleet.dispatcher.shell.bus import LeaderBus, Subscription
 from ratefleet.dispatcher.shell.intake import read_message, unreadable
+from ratefleet.runtime.cache import wants_lookup
 from ratefleet.runtime.handbacks import DeliveryCounts
 from ratefleet.runtime.logs import get_logger
 from ratefleet.schemas import Config
@@ -73,7 +74,10 @@ class TierInbox:
 
     async def delivery(self, msg: Any) -> JobDelivered:
         """A JOBS message as an event: read by intake, with the hand-back and 429 counts of
-        earlier deliveries and, for a redelivery, its Result if one is stored already."""
+        earlier deliveries and, for a redelivery, its Result if one is stored already. A job
+        that asks for the cache (`cache_ttl_s`) and has no Result is looked up: a hit is
+        stored as its Result (`cached: true`) and answered like a stored one, with no token
+        (ratefleet/runtime/cache.py)."""
         meta = msg.metadata
         seq, delivered = meta.sequence.stream, meta.num_delivered
         final = self.max_deliver > 0 and delivered >= self.max_deliver
@@ -91,4 +95,7 @@ class TierInbox:
         if redelivered and isinstance(verdict, Incoming):
             with anyio.move_on_after(STORED_LOOKUP_S):
                 stored = await self.bus.stored_result(verdict.job_id, verdict.job.batch)
+        if stored is None and isinstance(verdict, Incoming) and wants_lookup(verdict.job):
+            with anyio.move_on_after(STORED_LOOKUP_S):  # a slow cache is a miss: the job is called
+                stored = await self.bus.cached_result(verdict)
         return JobDelivered(self.tier, seq, delivered, msg.reply, verdict, stored, time.time())

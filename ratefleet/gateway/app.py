@@ -6,6 +6,11 @@ fleet (`Client.request`: stored durably first; 503 + Retry-After when the queue 
 after the caller's timeout) -> the upstream's answer, passed through; `"stream": true` answers are
 relayed chunk by chunk as server-sent events (streaming.py). `GET /healthz` answers
 200 without a key.
+
+A caller with `cache_ttl_s` is looked up in the fleet's answer cache before anything is
+submitted (ratefleet/runtime/cache.py): a hit is stored as the job's one Result (`cached:
+true`) and answered at once, with no job queued and no key token spent; answers of such
+callers carry `x-ratefleet-cache: hit | miss | bypass` (bypass: `Cache-Control: no-cache`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from ratefleet.gateway.errors import GatewayRefusal, bad_request, over_limit, qu
 from ratefleet.gateway.limits import Admission, CallerLimits, Refusal, estimate_tokens
 from ratefleet.gateway.streaming import ChunkStream, start_stream
 from ratefleet.gateway.translate import answer_of, build_job, parse_body, used_tokens
+from ratefleet.runtime.cache import HIT_HEADER, ResultCache, cache_key, cached_result, wants_write
 from ratefleet.runtime.logs import get_logger
+from ratefleet.runtime.store import store_result
 from ratefleet.runtime.tracing import remote_parent
 from ratefleet.schemas import Job, Result
 from ratefleet.schemas.errors import JobInvalid, QueueFull, RatefleetError, RequestTimeout, SubmitError
@@ -40,30 +47,36 @@ class Gateway:
     """The request handler, built from the fleet's client, the callers and their limits."""
 
     def __init__(self, client: Client, callers: CallerTable, *, max_body_bytes: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, cache: ResultCache | None = None,
+                 default_upstream: str | None = None) -> None:
+        """`cache`: the fleet's answer cache (None: no lookups here); `default_upstream`: the
+        config's only upstream (a job without `upstream` runs there: part of the cache key)."""
         self.client = client
         self.callers = callers
         self.limits = CallerLimits()
         self.max_body_bytes = max_body_bytes
         self.clock = clock
+        self.cache = cache
+        self.default_upstream = default_upstream
 
     async def handle(self, request: Request) -> Response:
         started = time.perf_counter()
         caller: Caller | None = None
         job: Job | None = None
+        cache_state: str | None = None
         try:
             caller = self.callers.identify(single_field(request.headers.getlist("authorization")))
             if caller is None:
                 raise unauthorized()
             job, admission = await self._admit(request, caller)
             with remote_parent(request.headers):  # the HTTP caller's traceparent becomes the job's
-                answer = await self._run(job, caller)
+                answer, cache_state = await self._through_cache(job, caller)
             if isinstance(answer, ChunkStream):  # the token estimate stays: a stream reports no usage here
                 log.info("gateway stream", caller=caller.name, path=request.url.path, job_id=job.id,
                          first_byte_ms=round((time.perf_counter() - started) * 1000, 1))
                 return StreamingResponse(answer.chunks(), media_type="text/event-stream",
                                          headers={"x-ratefleet-job-id": job.id or "", "cache-control": "no-cache"})
-            self.limits.settle(admission, self.clock(), used_tokens(answer))
+            self.limits.settle(admission, self.clock(), 0.0 if cache_state == "hit" else used_tokens(answer))
             status, headers, body = answer_of(answer)
         except GatewayRefusal as refusal:
             status, body = refusal.status, refusal.body()
@@ -71,8 +84,10 @@ class Gateway:
             if job is not None:
                 headers["x-ratefleet-job-id"] = job.id
         log.info("gateway request", caller=caller.name if caller else None, method=request.method,
-                 path=request.url.path, status=status, job_id=job.id if job else None,
+                 path=request.url.path, status=status, job_id=job.id if job else None, cache=cache_state,
                  ms=round((time.perf_counter() - started) * 1000, 1))
+        if cache_state is not None:
+            headers[HIT_HEADER] = cache_state
         media = headers.pop("content-type", None)
         return Response(body, status_code=status, headers=headers, media_type=media)
 
@@ -86,6 +101,27 @@ class Gateway:
         if isinstance(verdict, Refusal):
             raise over_limit(verdict.limit, verdict.retry_after_s)
         return job, verdict
+
+    async def _through_cache(self, job: Job, caller: Caller) -> tuple[Result | ChunkStream, str | None]:
+        """The answer and what the cache did ("hit", "miss", "bypass"; None: not asked).
+        Looked up here, before the job is submitted; after a miss the job goes with
+        `cache_refresh` set, so the dispatcher's intake does not look it up a second time."""
+        upstream = job.upstream or self.default_upstream
+        if self.cache is None or upstream is None or not wants_write(job):
+            return await self._run(job, caller), None
+        if job.cache_refresh:
+            return await self._run(job, caller), "bypass"
+        entry = await self.cache.lookup(cache_key(upstream, job))
+        if entry is None:
+            return await self._run(job.model_copy(update={"cache_refresh": True}), caller), "miss"
+        result = cached_result(job, job.id or "", caller.tier, entry)
+        try:
+            await store_result(self.client.js, self.client.subjects, result)  # the job's one Result
+        except Exception as exc:  # noqa: BLE001 - not stored: not answered either (like a failed submit)
+            raise GatewayRefusal(503, f"The cached answer could not be stored as job {job.id}'s Result "
+                                 f"({type(exc).__name__}).", type="server_error", code="submit_failed",
+                                 retry_after_s=1.0) from None
+        return result, "hit"
 
     async def _run(self, job: Job, caller: Caller) -> Result | ChunkStream:
         """The job's Result over request/reply, or for `"stream": true` its streamed answer once

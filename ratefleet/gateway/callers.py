@@ -30,6 +30,7 @@ class Caller:
     rps: float | None
     burst: float | None
     tokens_per_minute: float | None
+    cache_ttl_s: float | None = None  # the answer cache (ratefleet/runtime/cache.py); None: off
 
     @classmethod
     def from_config(cls, name: str, caller: CallerConfig) -> Caller:
@@ -37,7 +38,7 @@ class Caller:
                    upstreams=None if caller.upstreams is None else tuple(caller.upstreams),
                    models=None if caller.models is None else frozenset(caller.models),
                    timeout_s=caller.timeout_s, rps=caller.rps, burst=caller.burst,
-                   tokens_per_minute=caller.tokens_per_minute)
+                   tokens_per_minute=caller.tokens_per_minute, cache_ttl_s=caller.cache_ttl_s)
 
 
 def key_digest(key: str) -> bytes:

@@ -81,11 +81,22 @@ def check_model(caller: Caller, body: Any) -> None:
                              type="invalid_request_error", code="model_not_allowed", param="model")
 
 
+def no_cache(cache_control: str | None) -> bool:
+    """True when a request's `Cache-Control` has the `no-cache` directive (RFC 9111 section
+    5.2.1.4: do not answer from a cache without going to the origin; directives are
+    case-insensitive, comma-separated)."""
+    if not cache_control:
+        return False
+    return any(part.split("=", 1)[0].strip().lower() == "no-cache" for part in cache_control.split(","))
+
+
 def build_job(caller: Caller, *, method: str, path: str, query: Iterable[tuple[str, str]],
               headers: Mapping[str, str], json_body: Any, text_body: str | None, now: datetime) -> Job:
     """The Job for one gateway request on behalf of `caller`, with a fresh id and the caller's
-    timeout as its deadline (a job still queued when the caller gave up is not paid for).
-    `headers` keys lower-case. GatewayRefusal 400/403 for what cannot become a valid job."""
+    timeout as its deadline (a job still queued when the caller gave up is not paid for), and
+    the caller's `cache_ttl_s` (`Cache-Control: no-cache`: `cache_refresh`, the lookup is
+    skipped, the answer still cached). `headers` keys lower-case. GatewayRefusal 400/403 for
+    what cannot become a valid job."""
     check_model(caller, json_body)
     forwarded = {name: value for name, value in headers.items() if name in FORWARDED_HEADERS}
     if text_body is not None and "content-type" in headers:
@@ -100,6 +111,10 @@ def build_job(caller: Caller, *, method: str, path: str, query: Iterable[tuple[s
     upstream = choose_upstream(caller, headers.get(UPSTREAM_HEADER))
     if upstream is not None:
         data["upstream"] = upstream
+    if caller.cache_ttl_s is not None:
+        data["cache_ttl_s"] = caller.cache_ttl_s
+        if no_cache(headers.get("cache-control")):
+            data["cache_refresh"] = True
     try:
         return Job.model_validate(data)
     except ValidationError as exc:
