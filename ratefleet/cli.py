@@ -87,6 +87,15 @@ def _main(_version_flag: bool = Flag(False, "--version", is_eager=True, callback
     """ratefleet: rate-limited API calls at scale over NATS JetStream."""
 
 
+def _traced_from_environment():
+    """$TRACEPARENT (W3C Trace Context) as the parent of the jobs a command sends."""
+    import os
+
+    from ratefleet.runtime.tracing import environment_carrier, remote_parent
+
+    return remote_parent(environment_carrier(os.environ))
+
+
 def _run(coro_fn, *args):
     """Run a coroutine; RatefleetError (or a NATS/httpx failure) -> one line, exit 1; Ctrl-C -> exit 130."""
     return run_async(coro_fn, *args)
@@ -169,8 +178,9 @@ def submit(file: Path = typer.Argument(..., help="JSONL file, one Job per line (
     if out is None or str(out) != "-":  # `--out -`: stdout
         require_out_path(out)
     target = client_target(config, nats, prefix)
-    code = _run(run_submit, file, tier, batch, wait, out, skip_invalid, target.url, target.prefix, out_format,
-                order == "input", target.nats)
+    with _traced_from_environment():
+        code = _run(run_submit, file, tier, batch, wait, out, skip_invalid, target.url, target.prefix, out_format,
+                    order == "input", target.nats)
     raise typer.Exit(code or 0)
 
 
@@ -203,7 +213,8 @@ def request(job: str = typer.Argument(..., help="Job JSON, or @FILE"), tier: str
             return await client.request(model, tier, timeout=timeout)
 
     try:
-        result = _run(go)
+        with _traced_from_environment():
+            result = _run(go)
     except typer.Exit as stop:
         if stop.exit_code == EXIT_INTERRUPTED and sent:
             make_console(stderr=True).print(
@@ -218,12 +229,21 @@ def request(job: str = typer.Argument(..., help="Job JSON, or @FILE"), tier: str
 
 @app.command()
 def status(config: Path | None = ConfigOpt, nats: str | None = NatsOpt, prefix: str | None = PrefixOpt,
-           as_json: bool = JsonOpt):
-    """Tiers (queued, pending, in flight), keys (tokens, in flight, breaker, 429s), workers."""
+           as_json: bool = JsonOpt,
+           watch: bool = Flag(False, "--watch", help="a live view refreshed in place until Ctrl-C (tiers with done/s, "
+                                                   "keys, workers, leader, config revision)"),
+           interval: float = typer.Option(2.0, "--interval", min=0.2, metavar="S", help="--watch: seconds between refreshes")):
+    """Tiers (queued, pending, in flight), keys (tokens, in flight, breaker, 429s), workers; --watch: live."""
     from ratefleet.client import Client
     from ratefleet.status_view import render_status
 
     target = client_target(config, nats, prefix)
+    if watch:
+        if as_json:
+            fail("--json is one answer for scripts; use --watch without --json, or run --json on a schedule")
+        from ratefleet.status_watch import run_watch
+
+        raise typer.Exit(_run(run_watch, target.url, target.prefix, interval, make_console(), target.nats))
 
     async def go():
         async with await Client.connect(target.url, prefix=target.prefix, auth=target.nats) as client:

@@ -28,6 +28,7 @@ from ratefleet.runtime.connect import connect
 from ratefleet.runtime.edge import translated
 from ratefleet.runtime.pubpipe import PublishPipe
 from ratefleet.runtime.store import MSG_ID, TRANSIENT, publish_job, publish_job_ack, read_result
+from ratefleet.runtime.tracing import current_headers
 from ratefleet.schemas import Job, Result, Subjects
 from ratefleet.schemas.config import DEFAULT_NATS_URL
 from ratefleet.schemas.config_nats import NatsAuthConfig
@@ -178,27 +179,28 @@ class Client:
     async def _pipeline(self, pipe: PublishPipe, jobs: Iterable[Job], tier: str, pending: deque, window: int,
                         ack_timeout: float) -> AsyncIterator[Stored]:
         subject = self.subjects.jobs(tier)
+        trace = current_headers()  # the caller's span, if any: each job's traceparent
         for job in jobs:
             payload = self._payload(job)
             try:
-                future = await pipe.publish(subject, payload, headers={MSG_ID: job.id})
+                future = await pipe.publish(subject, payload, headers={**trace, MSG_ID: job.id})
             except TRANSIENT:
                 future = None  # settled below with the one-by-one publish that retries
             pending.append((job, payload, future))
             while pending and (len(pending) >= window or _settled(pending[0][2])):
-                yield await self._settle(tier, *pending.popleft(), ack_timeout)
+                yield await self._settle(tier, *pending.popleft(), ack_timeout, trace)
         while pending:
-            yield await self._settle(tier, *pending.popleft(), ack_timeout)
+            yield await self._settle(tier, *pending.popleft(), ack_timeout, trace)
 
     async def _settle(self, tier: str, job: Job, payload: bytes, future: asyncio.Future | None,
-                      ack_timeout: float) -> Stored:
+                      ack_timeout: float, trace: dict[str, str]) -> Stored:
         if future is not None:
             try:
                 ack = future.result() if future.done() else await asyncio.wait_for(asyncio.shield(future), ack_timeout)
                 return Stored(job, bool(ack.duplicate), ack.seq)
             except Exception:  # noqa: BLE001 - refused, lost or late: the one-by-one path says which
                 pass
-        ack = await publish_job_ack(self.js, self.subjects, tier, job.id, payload)
+        ack = await publish_job_ack(self.js, self.subjects, tier, job.id, payload, trace=trace)
         return Stored(job, bool(ack.duplicate), ack.seq)
 
     async def queued_job(self, seq: int) -> Job | None:

@@ -18,6 +18,7 @@ from ratefleet.runtime.connect import connect
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.probes import Probes, serve_probes, streams_check
 from ratefleet.runtime.streams import ensure_topology
+from ratefleet.runtime.tracing_setup import setup_tracing
 from ratefleet.schemas import Config, Subjects
 
 log = get_logger("ratefleet.role")
@@ -46,7 +47,18 @@ async def run_role(config: Config, name: str, body: Callable[[object, anyio.Even
                    *, probes: Probes | None = None, http: str | None = None) -> None:
     """Connect, run `body(nc, stop)` until SIGTERM/SIGINT sets `stop`, drain. With `http`,
     `probes` are served there (from before the connection; `probes.url` is set) and learn
-    the connection once it is up."""
+    the connection once it is up. Spans are exported while it runs when tracing is on
+    (runtime/tracing_setup.py), and flushed at the end."""
+    stop_tracing = setup_tracing(config.tracing, name.removeprefix("ratefleet-"))
+    try:
+        await _run_probed(config, name, body, probes=probes, http=http)
+    finally:
+        if stop_tracing is not None:
+            stop_tracing()
+
+
+async def _run_probed(config: Config, name: str, body: Callable[[object, anyio.Event], Awaitable[None]],
+                      *, probes: Probes | None, http: str | None) -> None:
     async with anyio.create_task_group() as served:
         if http:
             probes = probes or Probes()

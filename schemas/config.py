@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from ratefleet.schemas.config_nats import NatsAuthConfig
+from ratefleet.schemas.config_tracing import TracingConfig
 from ratefleet.schemas.errors import ConfigError
 from ratefleet.schemas.key_versions import (
     IMPLICIT_VERSION_ID,
@@ -250,6 +251,7 @@ class Config(_Strict):
     callers: dict[str, CallerConfig] = Field(default_factory=dict)
     gateway: GatewayConfig = GatewayConfig()
     cache: CacheConfig = CacheConfig()
+    tracing: TracingConfig = TracingConfig()
 
     @model_validator(mode="before")
     @classmethod

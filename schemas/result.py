@@ -115,6 +115,9 @@ class Result(BaseModel):
     cached: bool = False
     # A/B routing (`[tiers.<t>.split]`): "control" (the tier's pools) or "split"; None: no split
     variant: str | None = None
+    # the job's W3C trace id (32 lower-case hex digits, https://www.w3.org/TR/trace-context/#trace-id):
+    # from the producer's traceparent, or a fresh trace the dispatcher started for the job
+    trace_id: str | None = None
 
     @property
     def ok(self) -> bool:

@@ -9,7 +9,7 @@ and proxies from the environment are ignored, so a key only ever goes to its ups
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -17,6 +17,7 @@ import anyio
 import httpx
 from pydantic_core import PydanticCustomError
 
+from ratefleet.runtime.tracing import inject
 from ratefleet.schemas import ErrorCode, Job, ResponseInfo, UpstreamConfig
 from ratefleet.schemas.errors import InvalidRequest
 from ratefleet.schemas.job import check_header
@@ -24,6 +25,7 @@ from ratefleet.schemas.outcome import OutcomeKind, RateLimitInfo
 from ratefleet.schemas.ratelimit_scope import RateLimitScope, rate_limit_scope
 from ratefleet.schemas.signals import classify, parse_ratelimit, parse_retry_after, provider_code
 from ratefleet.workers.body import body_fields, read_capped
+from ratefleet.workers.http_spans import traced_transport
 
 ChunkSink = Callable[[bytes], Awaitable[None]]
 KEPT_HEADERS = ("content-type", "retry-after", "x-request-id", "openai-processing-ms")
@@ -49,14 +51,19 @@ class CallResult:
     scope: RateLimitScope | None = None  # a 429's verdict: the key's or this request's (ratelimit_scope.py)
 
 
-def build_client(transport: str, slots: int) -> httpx.AsyncClient:
+def build_client(transport: str, slots: int, secret_headers: Iterable[str] = ()) -> httpx.AsyncClient:
+    """The worker's client. With opentelemetry-instrumentation-httpx installed (the `[otel]`
+    extra) each call is an HTTP client span (see workers/http_spans.py; `secret_headers`,
+    the upstreams' auth headers, are never recorded on it)."""
     limits = httpx.Limits(max_connections=slots, max_keepalive_connections=slots)
     if transport == "aiohttp":
         from httpx_aiohttp import AiohttpTransport
 
-        return httpx.AsyncClient(transport=AiohttpTransport(limits=limits, trust_env=False), trust_env=False,
-                                 follow_redirects=False)
-    return httpx.AsyncClient(limits=limits, trust_env=False, follow_redirects=False)
+        inner: httpx.AsyncBaseTransport = AiohttpTransport(limits=limits, trust_env=False)
+    else:
+        inner = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+    return httpx.AsyncClient(transport=traced_transport(inner, secret_headers), trust_env=False,
+                             follow_redirects=False)
 
 
 def _dig(data: Any, path: str) -> float | None:
@@ -154,6 +161,7 @@ class UpstreamExecutor:
         # latin-1, as the job's headers were encoded (httpx would guess and may double-encode)
         built.headers.encoding = "iso-8859-1"
         built.headers[upstream.auth_header] = f"{upstream.auth_scheme} {secret}" if upstream.auth_scheme else secret
+        inject(built.headers)  # the job's trace goes on to the upstream (the HTTP span's, when instrumented)
         started = time.perf_counter()
         try:
             with anyio.fail_after(upstream.timeout_s):

@@ -28,6 +28,7 @@ from ratefleet.runtime.finish import Finisher, auth_headers
 from ratefleet.runtime.handbacks import Handbacks
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.metrics import new_registry, register_cache
+from ratefleet.runtime.tracing import trace_headers
 from ratefleet.schemas import Config, ErrorCode, ErrorInfo, Job, Result, Subjects, Timings, UpstreamConfig
 from ratefleet.schemas.errors import InvalidRequest, SecretUnavailable
 from ratefleet.schemas.internal import Assignment, Epoch, Heartbeat, InFlight, LeaderAnnounce, OutcomeReport
@@ -38,6 +39,7 @@ from ratefleet.workers.metrics import WorkerMetrics
 from ratefleet.workers.pairing import pairing_problem
 from ratefleet.workers.relay import chunk_relay
 from ratefleet.workers.secrets import SecretResolver
+from ratefleet.workers.spans import note_result, run_span
 from ratefleet.workers.unstored import refused, unstorable
 
 log = get_logger("ratefleet.worker")
@@ -113,7 +115,8 @@ class Worker:
         for version, reason in self.secrets.check_pending().items():
             log.warning("secret of a key version not yet active is unusable on this worker; fix it before "
                         "the version takes over", key_version=version, problem=reason)
-        client = build_client(self.config.workers.transport, self.slots)
+        client = build_client(self.config.workers.transport, self.slots,
+                              [upstream.auth_header for upstream in self.config.upstreams.values()])
         executor = UpstreamExecutor(client, self.config.workers.max_response_bytes)
         leader_sub = await self.nc.subscribe(self.subjects.leader_announce, cb=self._on_leader)
         sub = await self.nc.subscribe(self.subjects.assign(self.id), pending_msgs_limit=0)
@@ -150,7 +153,7 @@ class Worker:
                 await self._report(assignment, None, terminal=False)
                 continue
             self.in_flight[assignment.id] = InFlight(assignment=assignment.id, key_id=assignment.key_id, job_id=assignment.job_id)
-            tg.start_soon(self._run_assignment, assignment, executor)
+            tg.start_soon(self._run_assignment, assignment, executor, trace_headers(getattr(msg, "headers", None)))
 
     def _note_epoch(self, epoch: Epoch, *, announced: bool) -> bool:
         """Follow the highest recent leader epoch; False for an older one (a stale leader).
@@ -237,8 +240,12 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - disconnected: the next beat retries
             log.debug("heartbeat not sent", error=type(exc).__name__)
 
-    async def _run_assignment(self, a: Assignment, executor: UpstreamExecutor) -> None:
+    async def _run_assignment(self, a: Assignment, executor: UpstreamExecutor, trace: dict[str, str] | None = None) -> None:
         structlog.contextvars.bind_contextvars(job_id=a.job_id, tier=a.tier, key_id=a.key_id, attempt=a.attempt, worker=self.id)
+        with run_span(a, self.id, trace or {}):  # the job's trace: its log lines, Result and upstream call carry it
+            await self._run_traced(a, executor)
+
+    async def _run_traced(self, a: Assignment, executor: UpstreamExecutor) -> None:
         try:
             await self._execute(a, executor)
         except Exception as exc:  # noqa: BLE001 - a fault of this worker or of NATS, not of the job: retried
@@ -440,7 +447,7 @@ class Worker:
         return Result(job_id=a.job_id, status=status, tier=a.tier, batch=a.job.get("batch"), response=response,
                       error=error, attempts=a.attempt, key_id=a.key_id, pool=a.pool, worker=self.id,
                       key_version=self.key_versions.get(a.id), variant=a.variant,
-                      metadata=a.job.get("metadata") or {},
+                      metadata=a.job.get("metadata") or {}, trace_id=note_result(status, error),
                       timings=Timings(submitted_at=submitted, queued_ms=queued_ms, upstream_ms=upstream_ms,
                                       total_ms=max(0.0, (time.time() - a.submitted_at) * 1000)))
 

@@ -19,6 +19,8 @@ class Assign:
     assignment: str
     payload: bytes
     incoming: Incoming
+    key_id: str = ""  # the key and pool chosen (also in the payload), for the shell's dispatch span
+    pool: str = ""
 
 
 @dataclass(frozen=True)

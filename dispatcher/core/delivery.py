@@ -30,6 +30,9 @@ class Incoming:
     stream_seq: int
     rate_limited: int = 0
     max_rate_limited: int = 50
+    # the job's W3C traceparent (from the JOBS message, or a fresh one derived from it) and tracestate
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 @dataclass(frozen=True)

@@ -220,7 +220,8 @@ class LeaderMachine:
             return [*self._unsendable(incoming, decision, now, why), *self._top_up(incoming.tier, now)]
         self.fleet.assign(AssignmentRecord(assignment.id, worker.id, incoming.job_id, incoming.tier,
                                            decision.key_id, incoming.ack, decision.reservation, now))
-        return [Assign(worker.id, assignment.id, payload, incoming), *self._top_up(incoming.tier, now)]
+        return [Assign(worker.id, assignment.id, payload, incoming, decision.key_id, decision.pool),
+                *self._top_up(incoming.tier, now)]
 
     def _unsendable(self, incoming: Incoming, decision: Dispatch, now: float, why: str) -> list[Command]:
         """A job that cannot reach a worker: its reservation ends as LOST (no call made: the

@@ -50,8 +50,10 @@ class LeaderBus(Protocol):
 
     async def subscribe(self, subject: str, handler: Handler) -> Subscription: ...
 
-    async def publish(self, subject: str, payload: bytes, reply: str = "") -> None:
-        """Raises PayloadTooLarge when the server will not take that many bytes."""
+    async def publish(self, subject: str, payload: bytes, reply: str = "",
+                      headers: Mapping[str, str] | None = None) -> None:
+        """Raises PayloadTooLarge when the server will not take that many bytes. `headers`:
+        NATS message headers (e.g. an assignment's `traceparent`)."""
 
     async def flush(self, timeout: float) -> None: ...
 
@@ -106,9 +108,10 @@ class NatsLeaderBus:
     async def subscribe(self, subject: str, handler: Handler) -> Subscription:
         return await self.nc.subscribe(subject, cb=handler, pending_msgs_limit=0)
 
-    async def publish(self, subject: str, payload: bytes, reply: str = "") -> None:
+    async def publish(self, subject: str, payload: bytes, reply: str = "",
+                      headers: Mapping[str, str] | None = None) -> None:
         try:
-            await self.nc.publish(subject, payload, reply=reply)
+            await self.nc.publish(subject, payload, reply=reply, headers=dict(headers) if headers else None)
         except MaxPayloadError as exc:
             raise PayloadTooLarge(str(exc)) from None
 

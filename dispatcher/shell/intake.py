@@ -14,6 +14,7 @@ from nats.aio.msg import Msg
 from ratefleet.dispatcher.core.delivery import Incoming, Refused
 from ratefleet.runtime.store import MSG_ID, REPLY_HEADER
 from ratefleet.runtime.streams import tier_max_deliver
+from ratefleet.runtime.tracing import TRACEPARENT, TRACESTATE, fresh_traceparent, trace_headers
 from ratefleet.schemas import Config, ErrorCode, Job, JobRejected, parse_job
 from ratefleet.schemas.job import job_size_limit, normalised_header_name
 from ratefleet.schemas.subjects import is_safe_reply, is_token
@@ -72,10 +73,13 @@ def read_message(msg: Msg, tier: str, config: Config, handbacks: int = 0, rate_l
         return refuse("expired", ErrorCode.DEADLINE_EXCEEDED, "the deadline passed before the call could start",
                       job_id, job.batch, job)
     upstream = job.upstream or config.default_upstream()
+    trace = trace_headers(headers)  # else a fresh trace, the same for every delivery of this message
+    traceparent = trace.get(TRACEPARENT) or fresh_traceparent(job_id, meta.sequence.stream, meta.timestamp.timestamp())
     return Incoming(job=job if job.id else job.model_copy(update={"id": job_id}), job_id=job_id, tier=tier,
                     upstream=upstream, ack=msg.reply, reply_to=reply_to, attempt=attempt,
                     max_attempts=max_attempts, submitted_at=meta.timestamp.timestamp(),
-                    stream_seq=meta.sequence.stream, rate_limited=rate_limited, max_rate_limited=max_rate_limited)
+                    stream_seq=meta.sequence.stream, rate_limited=rate_limited, max_rate_limited=max_rate_limited,
+                    traceparent=traceparent, tracestate=trace.get(TRACESTATE))
 
 
 def validate_job(raw: bytes, config: Config, max_payload: int | None = None) -> Job:

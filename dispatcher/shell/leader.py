@@ -28,6 +28,7 @@ from ratefleet.dispatcher.core import events as ev
 from ratefleet.dispatcher.core.leader import LeaderMachine, LeaderSettings
 from ratefleet.dispatcher.core.leader_fleet import LOST
 from ratefleet.dispatcher.shell.bus import LeaderBus, PayloadTooLarge
+from ratefleet.dispatcher.shell.job_spans import dispatch_spans
 from ratefleet.dispatcher.shell.puller import TierInbox
 from ratefleet.dispatcher.spec import scheduler_spec
 from ratefleet.runtime.logs import get_logger
@@ -207,7 +208,8 @@ class LeaderSession:
     async def _assign(self, command: cmd.Assign, tg: TaskGroup) -> None:
         """Send the assignment; too large: the job alone ends. NATS away ends the session."""
         try:
-            await self.bus.publish(self.subjects.assign(command.worker), command.payload)
+            with dispatch_spans(command) as headers:  # the worker's parent span travels in the header
+                await self.bus.publish(self.subjects.assign(command.worker), command.payload, headers=headers)
         except PayloadTooLarge:
             await self._handle(ev.AssignFailed(command.assignment, command.incoming, True, len(command.payload)), tg)
         except Exception:

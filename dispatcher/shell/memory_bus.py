@@ -67,11 +67,12 @@ class MemoryBus:
         self.subs.setdefault(subject, []).append(sub)
         return sub
 
-    async def publish(self, subject: str, payload: bytes, reply: str = "") -> None:
+    async def publish(self, subject: str, payload: bytes, reply: str = "",
+                      headers: Mapping[str, str] | None = None) -> None:
         if len(payload) > self.max_payload:
             raise PayloadTooLarge(f"{len(payload)} bytes")
         self.published.append((subject, payload, reply))
-        await self.deliver(MemoryMessage(subject, payload, reply))
+        await self.deliver(MemoryMessage(subject, payload, reply, dict(headers) if headers else None))
 
     async def deliver(self, msg: MemoryMessage) -> None:
         """Hand a message to the subscribers of its subject (a test's way in)."""

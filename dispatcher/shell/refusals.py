@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from ratefleet.dispatcher.core.delivery import Incoming, Refused
 from ratefleet.runtime.finish import Finisher
 from ratefleet.runtime.logs import get_logger
+from ratefleet.runtime.tracing import trace_id_of
 from ratefleet.schemas import ErrorCode, ErrorInfo, Result, Timings
 
 log = get_logger("ratefleet.leader")
@@ -22,7 +23,7 @@ async def refuse_incoming(finisher: Finisher, incoming: Incoming, code: ErrorCod
     submitted = incoming.submitted_at
     result = Result(job_id=incoming.job_id, status=status, tier=incoming.tier, batch=incoming.job.batch,
                     error=ErrorInfo(code=code, message=message), attempts=incoming.attempt,
-                    metadata=incoming.job.metadata,
+                    metadata=incoming.job.metadata, trace_id=trace_id_of(incoming.traceparent),
                     timings=Timings(submitted_at=datetime.fromtimestamp(submitted, UTC),
                                     total_ms=max(0.0, (time.time() - submitted) * 1000)))
     if await finisher.finish(result, ack=incoming.ack, reply_to=incoming.reply_to):

@@ -24,6 +24,7 @@ from ratefleet.dispatcher.shell.intake import validate_job
 from ratefleet.runtime.finish import Finisher, auth_headers
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.store import publish_job, read_result
+from ratefleet.runtime.tracing import trace_headers
 from ratefleet.schemas import Config, ErrorCode, ErrorInfo, JobRejected, Result, Subjects, parse_job
 from ratefleet.schemas.errors import QueueFull, SubmitError
 from ratefleet.schemas.job import new_job_id
@@ -90,7 +91,8 @@ class RpcResponder:
                 await self.finisher.dead(tier, result, **_letter_payload(msg.data))
             return
         try:
-            fresh = await publish_job(self.js, self.subjects, tier, job_id, payload, reply_to=msg.reply or None)
+            fresh = await publish_job(self.js, self.subjects, tier, job_id, payload, reply_to=msg.reply or None,
+                                      trace=trace_headers(msg.headers))  # the request's traceparent, if valid
         except Exception as exc:  # noqa: BLE001 - any refusal is answered: the caller must not wait in vain
             code = ErrorCode.QUEUE_FULL if isinstance(exc, QueueFull) else ErrorCode.SUBMIT_FAILED
             reason = str(exc) if isinstance(exc, SubmitError) else f"job {job_id} was not stored ({type(exc).__name__})"

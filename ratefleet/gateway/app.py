@@ -34,6 +34,7 @@ from ratefleet.gateway.translate import answer_of, build_job, parse_body, used_t
 from ratefleet.runtime.cache import HIT_HEADER, ResultCache, cache_key, cached_result, wants_write
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.store import store_result
+from ratefleet.runtime.tracing import remote_parent
 from ratefleet.schemas import Job, Result
 from ratefleet.schemas.errors import JobInvalid, QueueFull, RatefleetError, RequestTimeout, SubmitError
 from ratefleet.workers.relay import wants_stream
@@ -68,7 +69,8 @@ class Gateway:
             if caller is None:
                 raise unauthorized()
             job, admission = await self._admit(request, caller)
-            answer, cache_state = await self._through_cache(job, caller)
+            with remote_parent(request.headers):  # the HTTP caller's traceparent becomes the job's
+                answer, cache_state = await self._through_cache(job, caller)
             if isinstance(answer, ChunkStream):  # the token estimate stays: a stream reports no usage here
                 log.info("gateway stream", caller=caller.name, path=request.url.path, job_id=job.id,
                          first_byte_ms=round((time.perf_counter() - started) * 1000, 1))

@@ -8,6 +8,7 @@ import re
 import sys
 
 import structlog
+from opentelemetry import trace
 
 _SECRETISH = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._\-]{6,}|\bsk-[A-Za-z0-9_\-]{6,}"
                         # NKey seeds (user, account, operator...): "S" + type + 56 base32 characters
@@ -39,6 +40,16 @@ def _scrub(_logger: object, _name: str, event: dict) -> dict:
     return event
 
 
+def add_trace_id(_logger: object, _name: str, event: dict) -> dict:
+    """Every line written inside a job's span carries the job's `trace_id` (32 hex digits,
+    the W3C trace id of runtime/tracing.py), unless the line names one itself."""
+    if "trace_id" not in event:
+        span_context = trace.get_current_span().get_span_context()
+        if span_context.is_valid:
+            event["trace_id"] = format(span_context.trace_id, "032x")
+    return event
+
+
 def configure_logging(level: str | None = None, *, json: bool | None = None) -> None:
     level_name = (level or os.environ.get("RATEFLEET_LOG_LEVEL") or "INFO").upper()
     use_json = (not sys.stderr.isatty()) if json is None else json
@@ -48,6 +59,7 @@ def configure_logging(level: str | None = None, *, json: bool | None = None) -> 
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            add_trace_id,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

@@ -6,7 +6,7 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import nats.errors
@@ -15,6 +15,7 @@ from nats.js.api import PubAck
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from ratefleet.runtime.logs import get_logger
+from ratefleet.runtime.tracing import current_headers
 from ratefleet.schemas import Result, Subjects
 from ratefleet.schemas.errors import QueueFull, ResultNotStored, SubmitError
 from ratefleet.schemas.job import FORBIDDEN_HEADERS, normalised_header_name
@@ -64,21 +65,25 @@ def _is_full(error: APIError) -> bool:
 
 
 async def publish_job(js: JetStreamContext, subjects: Subjects, tier: str, job_id: str, payload: bytes,
-                      *, reply_to: str | None = None, timeout: float = 5.0, retry_for: float = 30.0) -> bool:
+                      *, reply_to: str | None = None, timeout: float = 5.0, retry_for: float = 30.0,
+                      trace: Mapping[str, str] | None = None) -> bool:
     """Store one job durably. Returns False when it was a duplicate inside the dedup window.
 
     Rides out a NATS restart or reconnect for `retry_for` seconds (same id, so no duplicate).
+    `trace`: the job's `traceparent`/`tracestate` headers; None: the current context's
+    (runtime/tracing.py).
     """
     ack = await publish_job_ack(js, subjects, tier, job_id, payload, reply_to=reply_to, timeout=timeout,
-                                retry_for=retry_for)
+                                retry_for=retry_for, trace=trace)
     return not ack.duplicate
 
 
 async def publish_job_ack(js: JetStreamContext, subjects: Subjects, tier: str, job_id: str, payload: bytes,
-                          *, reply_to: str | None = None, timeout: float = 5.0, retry_for: float = 30.0) -> PubAck:
+                          *, reply_to: str | None = None, timeout: float = 5.0, retry_for: float = 30.0,
+                          trace: Mapping[str, str] | None = None) -> PubAck:
     """`publish_job`, returning JetStream's acknowledgement (`duplicate`, and `seq`: for a
     duplicate, the sequence of the message stored first)."""
-    headers = {MSG_ID: job_id}
+    headers = {**(current_headers() if trace is None else trace), MSG_ID: job_id}
     if reply_to:
         headers[REPLY_HEADER] = reply_to
 
