@@ -22,10 +22,12 @@ import structlog
 from nats.aio.client import Client as NatsClient
 from pydantic import ValidationError
 
+from ratefleet.runtime.config_kv import ConfigFollower
 from ratefleet.runtime.finish import Finisher, auth_headers
 from ratefleet.runtime.handbacks import Handbacks
 from ratefleet.runtime.logs import get_logger
 from ratefleet.schemas import Config, ErrorCode, ErrorInfo, Job, Result, Subjects, Timings, UpstreamConfig
+from ratefleet.schemas.config_store import fleet_view
 from ratefleet.schemas.errors import InvalidRequest, SecretUnavailable
 from ratefleet.schemas.internal import Assignment, Epoch, Heartbeat, InFlight, LeaderAnnounce, OutcomeReport
 from ratefleet.schemas.job import describe_validation_error
@@ -89,6 +91,7 @@ class Worker:
         self.epoch_forget_s = 2 * config.dispatcher.lease_ttl_s + 2 * config.workers.heartbeat_s
         self.handbacks = Handbacks(nc.jetstream(), self.subjects.handbacks_bucket)
         self.unusable: dict[str, str] = {}  # key id -> why its secret cannot be used here (heartbeat)
+        self.config_revision: int | None = None  # the fleet config revision applied (None: the local file)
 
     async def run(self, stop: anyio.Event) -> None:
         self.unusable = self.secrets.check_all()
@@ -100,8 +103,10 @@ class Worker:
         leader_sub = await self.nc.subscribe(self.subjects.leader_announce, cb=self._on_leader)
         sub = await self.nc.subscribe(self.subjects.assign(self.id), pending_msgs_limit=0)
         log.info("worker started", worker=self.id, slots=self.slots, transport=self.config.workers.transport)
+        follower = ConfigFollower(self.nc.jetstream(), self.subjects, self._apply_config, role="worker")
         try:
             async with anyio.create_task_group() as tg:
+                tg.start_soon(follower.run)
                 tg.start_soon(self._heartbeats)
                 tg.start_soon(self._keep_calls_alive)
                 tg.start_soon(self._take_assignments, sub, executor, tg)
@@ -133,6 +138,22 @@ class Worker:
                 continue
             self.in_flight[assignment.id] = InFlight(assignment=assignment.id, key_id=assignment.key_id, job_id=assignment.job_id)
             tg.start_soon(self._run_assignment, assignment, executor)
+
+    async def _apply_config(self, revision: int, stored: Config) -> None:
+        """A new fleet config revision (runtime/config_kv.py): the upstream and key tables are
+        rebuilt and the secrets resolved here, locally (invariant 5). Calls in flight keep the
+        upstream and secret they started with; an assignment for a key this worker does not
+        know (yet, or any more) is handed back unrun (`_execute`)."""
+        config = fleet_view(self.config, stored)
+        secrets = SecretResolver(config)
+        unusable = secrets.check_all()
+        self.config, self.secrets, self.unusable, self.config_revision = config, secrets, unusable, revision
+        self.finisher.mask_headers = auth_headers(config)
+        for key_id, reason in unusable.items():
+            log.warning("secret unusable on this worker; the leader sends this key's jobs elsewhere",
+                        key_id=key_id, problem=reason, revision=revision)
+        log.info("config revision applied", worker=self.id, revision=revision, keys=len(config.keys()))
+        await self._send_heartbeat()
 
     def _note_epoch(self, epoch: Epoch, *, announced: bool) -> bool:
         """Follow the highest recent leader epoch; False for an older one (a stale leader).
@@ -197,7 +218,8 @@ class Worker:
     async def _send_heartbeat(self) -> None:
         beat = Heartbeat(worker=self.id, slots=self.slots, in_flight=list(self.in_flight.values()),
                          draining=self.draining, pid=os.getpid(), host=socket.gethostname(),
-                         started_at=self.started_at, calls=self.calls, unusable_keys=self.unusable)
+                         started_at=self.started_at, calls=self.calls, unusable_keys=self.unusable,
+                         config_revision=self.config_revision)
         try:
             await self.nc.publish(self.subjects.heartbeat, beat.model_dump_json().encode())
         except Exception as exc:  # noqa: BLE001 - disconnected: the next beat retries
@@ -232,6 +254,9 @@ class Worker:
             return
         try:
             secret = self.secrets.get(a.key_id)
+            if a.upstream not in self.config.upstreams:  # a config revision this worker has not applied yet
+                raise SecretUnavailable(f"upstream {a.upstream!r} is not in this worker's config",
+                                        reason="upstream not in this worker's config")
         except SecretUnavailable as exc:
             # the leader had not heard yet: tell it (heartbeat), and hand the job back unrun,
             # not as an attempt; it then goes to a worker and key that can run it

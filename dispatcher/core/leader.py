@@ -294,7 +294,8 @@ class LeaderMachine:
         """Tell the workers our epoch: from now on they drop assignments of earlier leaders."""
         if not self.owns(now):
             return []
-        announce = LeaderAnnounce(leader=self.settings.leader_id, epoch=self.settings.epoch)
+        announce = LeaderAnnounce(leader=self.settings.leader_id, epoch=self.settings.epoch,
+                                  config_revision=self.config_revision)
         return [Announce(announce.model_dump_json().encode())]
 
     # -- step-down ---------------------------------------------------------------------------

@@ -18,9 +18,11 @@ from ratefleet.dispatcher.shell.bus import NatsLeaderBus
 from ratefleet.dispatcher.shell.leader import LeaderSession
 from ratefleet.dispatcher.shell.lease import LeaderLease
 from ratefleet.dispatcher.shell.rpc import RpcResponder
+from ratefleet.runtime.config_kv import ConfigFollower
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.streams import ensure_topology, tier_consumer
 from ratefleet.schemas import Config, Subjects
+from ratefleet.schemas.config_store import fleet_view
 
 log = get_logger("ratefleet.dispatcher")
 # A leader active this recently may have spent tokens a provider still counts (cost buckets
@@ -36,15 +38,19 @@ class Dispatcher:
         self.js = nc.jetstream()
         self.lease = LeaderLease(self.js, self.subjects.leader_bucket, self.id, config.dispatcher.lease_ttl_s)
         self.session: LeaderSession | None = None
+        self.config_revision: int | None = None  # the fleet config revision applied (None: the local file)
+        self.rpc = RpcResponder(config, nc)
 
     async def run(self, stop: anyio.Event) -> None:
         await ensure_topology(self.js, self.config)
         await self.lease.open()
-        rpc_sub = await RpcResponder(self.config, self.nc).subscribe()
+        rpc_sub = await self.rpc.subscribe()
+        follower = ConfigFollower(self.js, self.subjects, self._apply_config, role="dispatcher")
         status_sub = await self.nc.subscribe(self.subjects.admin_status, queue="ratefleet-status", cb=self._on_status)
         log.info("dispatcher started", dispatcher=self.id, tiers=list(self.config.tiers))
         try:
             async with anyio.create_task_group() as tg:
+                tg.start_soon(follower.run)
                 tg.start_soon(self._campaign)
                 await stop.wait()
                 tg.cancel_scope.cancel()
@@ -79,7 +85,8 @@ class Dispatcher:
                  epoch=list(self.lease.epoch))
         self.session = LeaderSession(self.config, NatsLeaderBus(self.config, self.nc), self.id,
                                      conservative=conservative, epoch=self.lease.epoch,
-                                     lease_until=self.lease.held_until, renew=self._renew_for_session)
+                                     lease_until=self.lease.held_until, renew=self._renew_for_session,
+                                     config_revision=self.config_revision)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.session.run)
@@ -88,6 +95,21 @@ class Dispatcher:
         finally:
             self.session = None
             log.info("leadership ended", dispatcher=self.id)
+
+    async def _apply_config(self, revision: int, stored: Config) -> None:
+        """A new fleet config revision (runtime/config_kv.py): consumers for new tiers (and
+        new delivery limits) first, then intake, request/reply and the leader session. A
+        tier's consumer is never deleted here: a removed tier's jobs wait in JetStream."""
+        config = fleet_view(self.config, stored)
+        if config.tiers != self.config.tiers:
+            both = config.model_copy(update={"tiers": {**self.config.tiers, **config.tiers}})
+            await ensure_topology(self.js, both)
+        self.config, self.config_revision = config, revision
+        self.rpc.config = config
+        if self.session is not None:
+            await self.session.reconfigure(config, revision)
+        log.info("config revision applied", dispatcher=self.id, revision=revision,
+                 leader=self.session is not None, keys=len(config.keys()), tiers=list(config.tiers))
 
     async def _renew_for_session(self) -> float | None:
         """Renew now (the session steps down): the lease's new end, or None when it was lost."""
@@ -119,7 +141,8 @@ class Dispatcher:
 
     async def _on_status(self, msg: Msg) -> None:
         """Any dispatcher answers; the leader's answer carries key and worker state."""
-        answer = {"dispatcher": self.id, "leader": await self.lease.current_holder(), "tiers": {}}
+        answer = {"dispatcher": self.id, "leader": await self.lease.current_holder(), "tiers": {},
+                  "dispatcher_config_revision": self.config_revision}
         if self.session is not None:
             answer.update(self.session.status())
         else:
