@@ -6,6 +6,8 @@
   that fails changes nothing (exit 2). Pushing the content of the current revision again
   makes no new revision.
 * `show [--revision N] [--json]`: the stored config as TOML (secret references only).
+* `watch FILE [--nats URL]`: push FILE now and whenever it changes (`ratefleet up --config
+  FILE` runs it); a bad edit is reported and not pushed (config_watch.py).
 
 Exit codes: 0 done, 1 NATS unreachable or nothing stored, 2 bad file or usage.
 """
@@ -93,6 +95,23 @@ def show(revision: int | None = typer.Option(None, "--revision", min=1, help="an
     typer.echo(f"# config revision {number}, pushed {when} from {document.source}"
                f"{' on ' + document.pushed_by if document.pushed_by else ''}; sha256 {document.sha256[:16]}")
     typer.echo(tomli_w.dumps(document.config), nl=False)
+
+
+@config_app.command("watch")
+def watch(file: Path = FileArg, nats: str | None = NatsOpt, prefix: str | None = PrefixOpt) -> None:
+    """Push FILE now and each time it changes; a bad edit is reported and not pushed."""
+    from ratefleet.config_watch import watch_and_push
+    from ratefleet.roles import log_and_ignore_sighup
+    from ratefleet.runtime.logs import configure_logging
+
+    log_and_ignore_sighup()
+    require_file(file, "config file")
+    configure_logging()
+    target = client_target(file, nats, prefix)
+    try:
+        _run(watch_and_push, file, target.url, target.prefix)
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
 
 
 def _run(fn, *args):

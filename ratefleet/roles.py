@@ -1,7 +1,8 @@
 """Running one role as a process: connect, handle SIGTERM/SIGINT, run until stopped.
 
-SIGHUP is ignored with a log line: there is no reload (restart the process to apply a new
-config), and a closed terminal must not kill a dispatcher or a worker mid-call.
+SIGHUP is ignored with a log line: a new config is applied live from the config bucket
+(`ratefleet config push`; runtime/config_kv.py), not on a signal; and a closed terminal must
+not kill a dispatcher or a worker mid-call.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def log_and_ignore_sighup() -> None:
 async def _log_sighup() -> None:
     with anyio.open_signal_receiver(signal.SIGHUP) as signals:
         async for _signum in signals:
-            log.info("SIGHUP ignored: no reload; restart the process to apply a new config")
+            log.info("SIGHUP ignored: push a new config with `ratefleet config push FILE`; it is applied live")
 
 
 async def run_role(config: Config, name: str, body: Callable[[object, anyio.Event], Awaitable[None]]) -> None:

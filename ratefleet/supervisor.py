@@ -2,7 +2,8 @@
 
 Children that die are restarted (with a short backoff). Ctrl-C or SIGTERM stops the
 workers first (they drain), then the dispatchers (they release the lease), then NATS.
-SIGHUP is logged and ignored (no reload; children ignore it as well).
+SIGHUP is logged and ignored (children ignore it as well): with `--config FILE` a child
+(`ratefleet config watch`) pushes the file on every change, and the fleet applies it live.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ class Child:
 
 def _children(config_path: Path | None, workers: int, dispatchers: int, gateway: bool = False) -> list[Child]:
     conf = ["--config", str(config_path)] if config_path else []
-    return ([Child("dispatcher", ["dispatcher", *conf]) for _ in range(dispatchers)]
+    # the file is pushed as the fleet's config revision now and on every change (config_watch.py)
+    watcher = [Child("config-watch", ["config", "watch", str(config_path)])] if config_path else []
+    return (watcher + [Child("dispatcher", ["dispatcher", *conf]) for _ in range(dispatchers)]
             + [Child("worker", ["worker", *conf]) for _ in range(workers)]
             + ([Child("gateway", ["gateway", *conf])] if gateway else []))
 
@@ -91,7 +94,7 @@ def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatc
             time.sleep(0.2)
             if hangups:
                 hangups_total += hangups
-                log.info("SIGHUP ignored: no reload; restart `ratefleet up` to apply a new config",
+                log.info("SIGHUP ignored: edits of the config file are pushed and applied live (`ratefleet config push`)",
                          count=hangups_total)
                 hangups = 0
             for child in children:
@@ -110,7 +113,7 @@ def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatc
 
 
 def _stop_all(children: list[Child], grace_s: float) -> None:
-    for role in ("gateway", "worker", "dispatcher"):  # the front door first: no new jobs while draining
+    for role in ("config-watch", "gateway", "worker", "dispatcher"):  # the front door first: no new jobs while draining
         group = [c.process for c in children if c.role == role and c.process and c.process.poll() is None]
         for process in group:
             process.send_signal(signal.SIGTERM)
