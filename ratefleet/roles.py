@@ -12,10 +12,11 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 
+from ratefleet.runtime.config_kv import startup_config
 from ratefleet.runtime.connect import connect
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.streams import ensure_topology
-from ratefleet.schemas import Config
+from ratefleet.schemas import Config, Subjects
 
 log = get_logger("ratefleet.role")
 
@@ -58,7 +59,8 @@ async def dispatcher_main(config: Config, dispatcher_id: str | None = None) -> N
     from ratefleet.dispatcher.shell.service import Dispatcher
 
     async def body(nc, stop):
-        await Dispatcher(config, nc, dispatcher_id=dispatcher_id).run(stop)
+        fleet, revision = await startup_config(nc.jetstream(), Subjects(config.nats.prefix), config)
+        await Dispatcher(fleet, nc, dispatcher_id=dispatcher_id, config_revision=revision).run(stop)
 
     await run_role(config, "ratefleet-dispatcher", body)
 
@@ -67,7 +69,8 @@ async def worker_main(config: Config, slots: int | None = None, worker_id: str |
     from ratefleet.workers.service import Worker
 
     async def body(nc, stop):
-        await ensure_topology(nc.jetstream(), config)
-        await Worker(config, nc, slots=slots, worker_id=worker_id).run(stop)
+        fleet, revision = await startup_config(nc.jetstream(), Subjects(config.nats.prefix), config)
+        await ensure_topology(nc.jetstream(), fleet)
+        await Worker(fleet, nc, slots=slots, worker_id=worker_id, config_revision=revision).run(stop)
 
     await run_role(config, "ratefleet-worker", body)

@@ -69,7 +69,8 @@ the job's own 429s
 
 
 class Worker:
-    def __init__(self, config: Config, nc: NatsClient, *, slots: int | None = None, worker_id: str | None = None):
+    def __init__(self, config: Config, nc: NatsClient, *, slots: int | None = None, worker_id: str | None = None,
+                 config_revision: int | None = None):
         self.config = config
         self.nc = nc
         self.subjects = Subjects(config.nats.prefix)
@@ -91,7 +92,7 @@ class Worker:
         self.epoch_forget_s = 2 * config.dispatcher.lease_ttl_s + 2 * config.workers.heartbeat_s
         self.handbacks = Handbacks(nc.jetstream(), self.subjects.handbacks_bucket)
         self.unusable: dict[str, str] = {}  # key id -> why its secret cannot be used here (heartbeat)
-        self.config_revision: int | None = None  # the fleet config revision applied (None: the local file)
+        self.config_revision = config_revision  # the fleet config revision applied (None: the local file)
 
     async def run(self, stop: anyio.Event) -> None:
         self.unusable = self.secrets.check_all()
@@ -103,7 +104,8 @@ class Worker:
         leader_sub = await self.nc.subscribe(self.subjects.leader_announce, cb=self._on_leader)
         sub = await self.nc.subscribe(self.subjects.assign(self.id), pending_msgs_limit=0)
         log.info("worker started", worker=self.id, slots=self.slots, transport=self.config.workers.transport)
-        follower = ConfigFollower(self.nc.jetstream(), self.subjects, self._apply_config, role="worker")
+        follower = ConfigFollower(self.nc.jetstream(), self.subjects, self._apply_config, role="worker",
+                                  revision=self.config_revision)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(follower.run)

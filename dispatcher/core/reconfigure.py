@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .adaptive import AdaptiveRate
 from .bucket import TokenBucket
 from .key import KeyState
 from .tiers import TierBook
@@ -70,8 +71,6 @@ def relimit(key: KeyState, spec: KeySpec, now: float) -> None:
     if spec.cost_per_minute is None:
         key.cost, key.cost_rate = None, None
     elif key.cost is None or key.cost_rate is None:
-        from .adaptive import AdaptiveRate
-
         cpm = spec.cost_per_minute
         key.cost = TokenBucket(cpm / 60.0, cpm, 0.0, now)
         key.cost_rate = AdaptiveRate(cpm / 60.0, key.request_rate.policy, now)
@@ -118,7 +117,9 @@ class Reconfigure:
         keys: dict[str, KeyState] = {}
         for key_id, spec in specs.items():
             if key_id in plan.added:
-                keys[key_id] = self._retired.pop(key_id, None) or self._new_key(spec, now)
+                # a key removed and added back while its calls still run keeps its state
+                retired = self._retired.pop(key_id) if key_id in self._retired else None
+                keys[key_id] = retired or self._new_key(spec, now)
                 if keys[key_id].spec != spec:
                     relimit(keys[key_id], spec, now)
             else:

@@ -31,21 +31,23 @@ RECENT_LEADER_S = 65.0
 
 
 class Dispatcher:
-    def __init__(self, config: Config, nc: NatsClient, *, dispatcher_id: str | None = None):
+    def __init__(self, config: Config, nc: NatsClient, *, dispatcher_id: str | None = None,
+                 config_revision: int | None = None):
         self.config, self.nc = config, nc
         self.id = dispatcher_id or f"d-{uuid.uuid4().hex[:6]}"
         self.subjects = Subjects(config.nats.prefix)
         self.js = nc.jetstream()
         self.lease = LeaderLease(self.js, self.subjects.leader_bucket, self.id, config.dispatcher.lease_ttl_s)
         self.session: LeaderSession | None = None
-        self.config_revision: int | None = None  # the fleet config revision applied (None: the local file)
+        self.config_revision = config_revision  # the fleet config revision applied (None: the local file)
         self.rpc = RpcResponder(config, nc)
 
     async def run(self, stop: anyio.Event) -> None:
         await ensure_topology(self.js, self.config)
         await self.lease.open()
         rpc_sub = await self.rpc.subscribe()
-        follower = ConfigFollower(self.js, self.subjects, self._apply_config, role="dispatcher")
+        follower = ConfigFollower(self.js, self.subjects, self._apply_config, role="dispatcher",
+                                  revision=self.config_revision)
         status_sub = await self.nc.subscribe(self.subjects.admin_status, queue="ratefleet-status", cb=self._on_status)
         log.info("dispatcher started", dispatcher=self.id, tiers=list(self.config.tiers))
         try:

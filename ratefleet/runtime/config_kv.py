@@ -23,7 +23,7 @@ from nats.js.kv import KeyValue
 
 from ratefleet.runtime.logs import get_logger
 from ratefleet.schemas import Config, Subjects
-from ratefleet.schemas.config_store import CURRENT_KEY, StoredConfig, storable
+from ratefleet.schemas.config_store import CURRENT_KEY, StoredConfig, fleet_view, storable
 from ratefleet.schemas.errors import ConfigError
 
 log = get_logger("ratefleet.config")
@@ -81,6 +81,24 @@ async def read_config(js: JetStreamContext, subjects: Subjects,
     return entry.revision, StoredConfig.model_validate_json(entry.value)
 
 
+async def startup_config(js: JetStreamContext, subjects: Subjects, local: Config) -> tuple[Config, int | None]:
+    """The config a dispatcher or worker starts with: `local` with the live sections of the
+    current stored revision (schemas/config_store.py `fleet_view`), and that revision; `local`
+    and None when nothing was pushed, or when the stored revision is unreadable or invalid
+    (logged; the follower reports it again)."""
+    try:
+        found = await read_config(js, subjects)
+        if found is None:
+            return local, None
+        revision, document = found
+        return fleet_view(local, document.validated(revision)), revision
+    except (ConfigError, ValueError) as exc:
+        log.error("stored config revision is invalid; starting with the local file", error=str(exc)[:500])
+    except Exception as exc:  # noqa: BLE001 - NATS trouble: the follower catches up
+        log.warning("stored config not read; starting with the local file", error=type(exc).__name__)
+    return local, None
+
+
 Apply = Callable[[int, Config], Awaitable[None]]
 
 
@@ -90,10 +108,11 @@ class ConfigFollower:
     and skipped (the running revision stays)."""
 
     def __init__(self, js: JetStreamContext, subjects: Subjects, apply: Apply, *, poll_s: float = 5.0,
-                 role: str = "process") -> None:
+                 role: str = "process", revision: int | None = None) -> None:
+        """`revision`: the one the process started with (`startup_config`), not applied again."""
         self.js, self.subjects, self.apply, self.poll_s, self.role = js, subjects, apply, poll_s, role
-        self.revision: int | None = None  # the revision applied last
-        self._seen = 0  # the highest revision looked at (applied or refused)
+        self.revision = revision  # the revision applied last
+        self._seen = revision or 0  # the highest revision looked at (applied or refused)
 
     async def run(self) -> None:
         """Follow until cancelled; NATS trouble is retried every second."""
