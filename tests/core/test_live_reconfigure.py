@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import pytest
 from core_helpers import key, make, pool
+from hypothesis import given
+from hypothesis import settings as settings_
+from hypothesis import strategies as st
 from leader_helpers import T0, Run, assigned, beat, delivery, machine, outcome, settings
 
 from ratefleet.dispatcher.core import Dispatch, Outcome, SchedulerSpec, TierSpec
@@ -168,3 +171,17 @@ def test_the_leader_keeps_its_revision_when_the_scheduler_refuses_the_spec() -> 
     assert m.config_revision == 4
     assert any(isinstance(c, cmd.Log) and c.level == "error" for c in out)
     assert settings().windows  # the helpers' settings are untouched
+
+
+@settings_(max_examples=200, deadline=None)
+@given(rps=st.floats(0.5, 50), burst=st.floats(1, 20), spend=st.integers(0, 25), new_rps=st.floats(0.5, 50),
+       new_burst=st.floats(1, 20), at=st.floats(0, 5))
+def test_property_a_reload_never_adds_tokens(rps, burst, spend, new_rps, new_burst, at) -> None:
+    s = make(pool("p", key("k1", rps=rps, burst=burst)), tiers=TIERS, safety_s=0.0)
+    for d in drain(s, n=spend, now=0.0):
+        s.complete(d.reservation, OK, 0.0)
+    before = s._keys["k1"].requests.advance(at)
+    s.reconfigure(spec_of(pool("p", key("k1", rps=new_rps, burst=new_burst))), at)
+    after = s._keys["k1"].requests.advance(at)
+    assert after <= before + 1e-9
+    assert after == pytest.approx(min(before, s._keys["k1"].requests.capacity))
