@@ -159,8 +159,9 @@ class ConfigFollower:
             return
         try:
             await self.apply(revision, config)
-        except Exception:  # noqa: BLE001 - this process keeps the running revision; the next push may fix it
-            log.exception("config revision could not be applied; the running one stays", role=self.role,
-                          revision=revision, running=self.revision)
+        except Exception:  # noqa: BLE001 - e.g. NATS away while creating a new tier's consumer
+            log.exception("config revision could not be applied; the running one stays, retried in "
+                          f"{self.poll_s:g} s", role=self.role, revision=revision, running=self.revision)
+            self._seen = self.revision or 0  # the next poll offers it again
             return
         self.revision = revision
