@@ -49,6 +49,21 @@ NatsOpt = typer.Option(None, "--nats", envvar="RATEFLEET_NATS_URL",
                        help="NATS URL, over the config's [nats].url (default nats://127.0.0.1:4222)")
 PrefixOpt = typer.Option(None, "--prefix", help="subject prefix, over the config's [nats].prefix (default ratefleet)")
 TierOpt = typer.Option(..., "--tier", "-t", help=tier_help())
+HttpOpt = typer.Option(None, "--http", metavar="HOST:PORT",
+                       help="serve /metrics (Prometheus), /healthz and /readyz here (port 0: any free port)")
+
+
+def _http_or_fail(address: str | None) -> str | None:
+    """`--http` checked before anything starts: exit 2 with why when it is not HOST:PORT."""
+    from ratefleet.runtime.probes import parse_http
+    from ratefleet.schemas.errors import ConfigError
+
+    if address is not None:
+        try:
+            parse_http(address)
+        except ConfigError as exc:
+            fail(str(exc))
+    return address
 
 
 def Flag(default: bool, *names: str, help: str, **extra):  # noqa: N802 - reads like typer.Option
@@ -83,7 +98,12 @@ def _run(coro_fn, *args):
 def up(config: Path | None = ConfigOpt, nats: str | None = NatsOpt,
        workers: int = typer.Option(2, "--workers", "-w", min=0, help="worker processes"),
        dispatchers: int = typer.Option(1, "--dispatchers", min=1, help="dispatcher processes (leader + standbys)"),
-       gateway: bool = Flag(False, "--gateway", help="also run `ratefleet gateway` (on [gateway].listen)")):
+       gateway: bool = Flag(False, "--gateway", help="also run `ratefleet gateway` (on [gateway].listen)"),
+       http_host: str = typer.Option("127.0.0.1", "--http-host", metavar="HOST",
+                                     help="where each process serves /metrics, /healthz, /readyz ('' for none)"),
+       http_base_port: int = typer.Option(9464, "--http-base-port", min=0, max=65535, metavar="PORT",
+                                          help="first probe port; each process takes the next free one "
+                                               "(0: ports the system picks); printed at start")):
     """The whole fleet here: embedded NATS if none answers, dispatchers, N workers. Ctrl-C drains and stops."""
     from ratefleet.roles import log_and_ignore_sighup
     from ratefleet.supervisor import run_fleet
@@ -91,32 +111,37 @@ def up(config: Path | None = ConfigOpt, nats: str | None = NatsOpt,
     log_and_ignore_sighup()  # until run_fleet installs its own handler, which logs each one
     cfg, path = fleet_config(config, nats, "up")
     configure_logging()
-    sys.exit(run_fleet(cfg, config_path=path, workers=workers, dispatchers=dispatchers, gateway=gateway))
+    sys.exit(run_fleet(cfg, config_path=path, workers=workers, dispatchers=dispatchers, gateway=gateway,
+                       http_host=http_host or None, http_base_port=http_base_port))
 
 
 @app.command()
 def dispatcher(config: Path | None = ConfigOpt, nats: str | None = NatsOpt,
-               id: str | None = typer.Option(None, "--id", help="dispatcher id (default random)")):
+               id: str | None = typer.Option(None, "--id", help="dispatcher id (default random)"),
+               http: str | None = HttpOpt):
     """Run one dispatcher (run two or more for failover)."""
     from ratefleet.roles import dispatcher_main, log_and_ignore_sighup
 
+    http = _http_or_fail(http)
     cfg, _ = fleet_config(config, nats, "dispatcher")
     configure_logging()
     log_and_ignore_sighup()
-    _run(dispatcher_main, cfg, id)
+    _run(dispatcher_main, cfg, id, http)
 
 
 @app.command()
 def worker(config: Path | None = ConfigOpt, nats: str | None = NatsOpt,
            slots: int | None = typer.Option(None, "--slots", min=1, help="concurrent upstream calls"),
-           id: str | None = typer.Option(None, "--id", help="worker id (default random)")):
+           id: str | None = typer.Option(None, "--id", help="worker id (default random)"),
+           http: str | None = HttpOpt):
     """Run one worker process."""
     from ratefleet.roles import log_and_ignore_sighup, worker_main
 
+    http = _http_or_fail(http)
     cfg, _ = fleet_config(config, nats, "worker")
     configure_logging()
     log_and_ignore_sighup()
-    _run(worker_main, cfg, slots, id)
+    _run(worker_main, cfg, slots, id, http)
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""`ratefleet keys disable KEY [--reason R]` and `ratefleet keys enable KEY`.
+"""`ratefleet keys disable KEY [--reason R]`, `ratefleet keys enable KEY` and
+`ratefleet keys rotate KEY --secret env:NEW [--at TIME]` (a config file edit, see keys_rotate.py).
 
 The command asks the leader dispatcher over core NATS request/reply on
 `<prefix>.admin.keys` (see dispatcher/shell/keycontrol.py). The leader applies it at once,
@@ -10,14 +11,18 @@ Exit codes: 0 done, 1 the leader refused (unknown key) or nobody answered, 2 bad
 from __future__ import annotations
 
 import json
+import warnings
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import anyio
 import typer
 
-from ratefleet.cli_support import EXIT_FAILED, client_target, fail
+from ratefleet.cli_support import EXIT_FAILED, EXIT_USAGE, LOOKED_AT, client_target, fail
+from ratefleet.keys_rotate import RotateError, UnknownKey, rotate_file
 from ratefleet.runtime.connect import connect
 from ratefleet.schemas import Subjects
+from ratefleet.schemas.config import config_path, load_config
 from ratefleet.schemas.errors import NatsUnavailable
 
 keys_app = typer.Typer(no_args_is_help=True, help="Take keys out of rotation or put them back (operator).")
@@ -95,3 +100,53 @@ def enable(key: str = typer.Argument(..., help="key id from the config"),
            timeout: float = TimeoutOpt):
     """Put KEY back in rotation (whoever disabled it: provider evidence or an operator)."""
     _run({"action": "enable", "key": key}, config, nats, prefix, timeout)
+
+
+def parse_at(text: str | None, now: datetime) -> datetime:
+    """--at as an aware datetime (RFC 3339, e.g. 2026-12-01T00:00:00Z), `now` when absent;
+    exits 2 naming the expected form otherwise."""
+    if text is None:
+        return now.replace(microsecond=0)
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        fail(f"--at {text!r} is not an RFC 3339 time; e.g. 2026-12-01T00:00:00Z")
+    if at.utcoffset() is None:
+        fail(f"--at {text!r} needs a UTC offset (RFC 3339), e.g. 2026-12-01T00:00:00Z")
+    return at
+
+
+@keys_app.command("rotate")
+def rotate(key: str = typer.Argument(..., help="key id from the config"),
+           secret: str = typer.Option(..., "--secret", "-s", help="the new secret's reference: env:NAME or file:PATH"),
+           at: str | None = typer.Option(None, "--at", help="switch time, RFC 3339 (default: now)"),
+           config: Path | None = typer.Option(None, "--config", "-c", help="TOML config file to edit in place")):
+    """Add a new version of KEY with the secret --secret, used for new calls from --at on; the
+    version in use until then turns draining at --at (calls in flight finish). Edits the file."""
+    found = config_path(config)
+    if found is None:
+        fail(f"no config file to edit (looked at {LOOKED_AT})")
+    when = parse_at(at, datetime.now(UTC))
+    try:
+        version = rotate_file(found, key, secret, when)
+    except RotateError as exc:
+        fail(str(exc), EXIT_FAILED if isinstance(exc, UnknownKey) else EXIT_USAGE)
+    timeout = _upstream_timeout(found, key)
+    typer.echo(f"key {key}: version {version} ({secret}) takes new calls from {when.isoformat()}; "
+               f"the earlier version turns draining then. Written to {found}.")
+    typer.echo(f"  1. every worker needs {secret} before that time (workers re-read file: secrets by themselves)")
+    typer.echo("  2. workers use the switch once they run this config (restart them, or push the config)")
+    typer.echo(f"  3. revoke the old secret at the provider only after {(when + timedelta(seconds=timeout)).isoformat()}"
+               f" (the switch + the upstream's timeout_s = {timeout:g} s, for calls picked just before it)")
+
+
+def _upstream_timeout(path: Path, key: str) -> float:
+    """The timeout_s of the upstream of `key`'s pool in the config at `path` (60 s default)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a literal secret elsewhere in the file is not this command's business
+        loaded = load_config(path)
+    for pool_name, pool in loaded.pools.items():
+        if any(k.id == key for k in pool.keys):
+            upstream = loaded.pool_upstream(pool_name)
+            return loaded.upstreams[upstream].timeout_s if upstream else 60.0
+    return 60.0

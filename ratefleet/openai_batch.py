@@ -54,6 +54,10 @@ def job_from_openai_line(data: Any) -> dict[str, Any]:
         raise ValueError("OpenAI batch line: url must be a path such as \"/v1/chat/completions\"")
     if body is not None and not isinstance(body, dict):
         raise ValueError("OpenAI batch line: body must be a JSON object")
+    if body is not None and body.get("stream") is True:
+        # a batch answer is stored whole; the OpenAI Batch API takes no streaming lines either
+        raise ValueError("OpenAI batch line: body.stream must not be true (a batch line's answer is stored "
+                         "whole; remove \"stream\" or set it to false)")
     path, _, query = url.partition("?")
     request: dict[str, Any] = {"method": method, "path": path}
     if query:

@@ -1,5 +1,8 @@
 """Running one role as a process: connect, handle SIGTERM/SIGINT, run until stopped.
 
+With `--http HOST:PORT` the role serves /metrics, /healthz and /readyz (runtime/probes.py)
+from before it connects to NATS (/readyz says 503 "not connected to NATS yet" until then).
+
 SIGHUP is ignored with a log line: a new config is applied live from the config bucket
 (`ratefleet config push`; runtime/config_kv.py), not on a signal; and a closed terminal must
 not kill a dispatcher or a worker mid-call.
@@ -15,6 +18,7 @@ import anyio
 from ratefleet.runtime.config_kv import startup_config
 from ratefleet.runtime.connect import connect
 from ratefleet.runtime.logs import get_logger
+from ratefleet.runtime.probes import Probes, serve_probes, streams_check
 from ratefleet.runtime.streams import ensure_topology
 from ratefleet.schemas import Config, Subjects
 
@@ -40,8 +44,26 @@ async def _log_sighup() -> None:
             log.info("SIGHUP ignored: push a new config with `ratefleet config push FILE`; it is applied live")
 
 
-async def run_role(config: Config, name: str, body: Callable[[object, anyio.Event], Awaitable[None]]) -> None:
-    nc = await connect(config.nats.url, name=name)
+async def run_role(config: Config, name: str, body: Callable[[object, anyio.Event], Awaitable[None]],
+                   *, probes: Probes | None = None, http: str | None = None) -> None:
+    """Connect, run `body(nc, stop)` until SIGTERM/SIGINT sets `stop`, drain. With `http`,
+    `probes` are served there (from before the connection; `probes.url` is set) and learn
+    the connection once it is up."""
+    async with anyio.create_task_group() as served:
+        if http:
+            probes = probes or Probes()
+            probes.url = await served.start(serve_probes, probes, http)
+        nc = await connect(config.nats.url, name=name)
+        if probes is not None:  # served here (`http`) or by the role's own app (the gateway)
+            probes.nc = nc
+            probes.checks.insert(0, streams_check(nc.jetstream(), Subjects(config.nats.prefix)))
+        try:
+            await _run_body(nc, body)
+        finally:
+            served.cancel_scope.cancel()
+
+
+async def _run_body(nc, body: Callable[[object, anyio.Event], Awaitable[None]]) -> None:
     stop = anyio.Event()
     try:
         async with anyio.create_task_group() as tg:
@@ -55,22 +77,35 @@ async def run_role(config: Config, name: str, body: Callable[[object, anyio.Even
             await nc.drain()
 
 
-async def dispatcher_main(config: Config, dispatcher_id: str | None = None) -> None:
+async def dispatcher_main(config: Config, dispatcher_id: str | None = None, http: str | None = None) -> None:
+    """The `ratefleet dispatcher` process (`http`: HOST:PORT of its probes, or None)."""
     from ratefleet.dispatcher.shell.service import Dispatcher
+
+    probes = Probes()
 
     async def body(nc, stop):
         fleet, revision = await startup_config(nc.jetstream(), Subjects(config.nats.prefix), config)
-        await Dispatcher(fleet, nc, dispatcher_id=dispatcher_id, config_revision=revision).run(stop)
+        dispatcher = Dispatcher(fleet, nc, dispatcher_id=dispatcher_id, registry=probes.registry, http=probes.url,
+                                config_revision=revision)
+        probes.checks.append(dispatcher.not_ready)
+        await dispatcher.run(stop)
 
-    await run_role(config, "ratefleet-dispatcher", body)
+    await run_role(config, "ratefleet-dispatcher", body, probes=probes, http=http)
 
 
-async def worker_main(config: Config, slots: int | None = None, worker_id: str | None = None) -> None:
+async def worker_main(config: Config, slots: int | None = None, worker_id: str | None = None,
+                      http: str | None = None) -> None:
+    """The `ratefleet worker` process (`http`: HOST:PORT of its probes, or None)."""
     from ratefleet.workers.service import Worker
+
+    probes = Probes()
 
     async def body(nc, stop):
         fleet, revision = await startup_config(nc.jetstream(), Subjects(config.nats.prefix), config)
         await ensure_topology(nc.jetstream(), fleet)
-        await Worker(fleet, nc, slots=slots, worker_id=worker_id, config_revision=revision).run(stop)
+        worker = Worker(fleet, nc, slots=slots, worker_id=worker_id, registry=probes.registry, http=probes.url,
+                        config_revision=revision)
+        probes.checks.append(worker.not_ready)
+        await worker.run(stop)
 
-    await run_role(config, "ratefleet-worker", body)
+    await run_role(config, "ratefleet-worker", body, probes=probes, http=http)

@@ -4,12 +4,18 @@ Children that die are restarted (with a short backoff). Ctrl-C or SIGTERM stops 
 workers first (they drain), then the dispatchers (they release the lease), then NATS.
 SIGHUP is logged and ignored (children ignore it as well): with `--config FILE` a child
 (`ratefleet config watch`) pushes the file on every change, and the fleet applies it live.
+
+Each dispatcher and worker gets its own `--http` port for /metrics, /healthz and /readyz:
+from `http_base_port` upwards, skipping ports something else listens on (0: any free
+port); the list is printed at start, and a restarted child keeps its port. The gateway
+serves its probes on its own `[gateway].listen`.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,9 +36,62 @@ class Child:
     args: list[str]
     process: subprocess.Popen | None = None
     restarts: int = 0
+    http: str | None = None  # HOST:PORT of its probes
 
     def start(self, env: dict[str, str]) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "ratefleet", *self.args], env=env)
+        http = ["--http", self.http] if self.http else []
+        self.process = subprocess.Popen([sys.executable, "-m", "ratefleet", *self.args, *http], env=env)
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def assign_http(children: list[Child], host: str, base_port: int) -> None:
+    """Give each dispatcher and worker its own probe address on `host`: the free ports from
+    `base_port` upwards (0: a free port the system picks). Raises OSError when none is left."""
+    port = base_port
+    for child in children:
+        if child.role == "gateway":
+            continue
+        if base_port == 0:
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+                sock.bind((host, 0))
+                chosen = sock.getsockname()[1]
+        else:
+            while port < 65536 and not _port_free(host, port):
+                port += 1
+            if port >= 65536:
+                raise OSError(f"no free port from {base_port} upwards on {host}")
+            chosen, port = port, port + 1
+        child.http = f"[{host}]:{chosen}" if ":" in host else f"{host}:{chosen}"
+
+
+def _keep_http_free(child: Child) -> None:
+    """Before a restart: a probe port taken meanwhile (the child may have died of it) is
+    replaced by a free one, printed like the first ones."""
+    if not child.http:
+        return
+    host, _, port = child.http.rpartition(":")
+    host = host.strip("[]")
+    if not _port_free(host, int(port)):
+        assign_http([child], host, 0)
+        print(f"{child.role} restarted: http://{child.http}/metrics  /healthz  /readyz", flush=True)
+
+
+def print_addresses(children: list[Child], gateway_listen: str | None) -> None:
+    """One line per process: its role, number and probe URL (stdout)."""
+    counts: dict[str, int] = {}
+    for child in children:
+        counts[child.role] = counts.get(child.role, 0) + 1
+        address = child.http if child.role != "gateway" else gateway_listen
+        if address:
+            print(f"{child.role} {counts[child.role]}: http://{address}/metrics  /healthz  /readyz", flush=True)
 
 
 def _children(config_path: Path | None, workers: int, dispatchers: int, gateway: bool = False) -> list[Child]:
@@ -59,7 +118,8 @@ def unusable_secrets(config: Config) -> str | None:
 
 
 def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatchers: int,
-              gateway: bool = False) -> int:
+              gateway: bool = False, http_host: str | None = "127.0.0.1", http_base_port: int = 9464) -> int:
+    """Run the fleet until Ctrl-C/SIGTERM; the exit code. `http_host` None: no probes."""
     if workers > 0:
         problem = unusable_secrets(config)
         if problem is not None:
@@ -73,6 +133,12 @@ def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatc
         log.info("started embedded nats-server", url=url, store=str(embedded.store_dir))
     env = {**os.environ, "RATEFLEET_NATS_URL": url}
     children = _children(config_path, workers, dispatchers, gateway)
+    if http_host:
+        try:
+            assign_http(children, http_host, http_base_port)
+        except OSError as exc:
+            print(f"error: --http-host {http_host} --http-base-port {http_base_port}: {exc}", file=sys.stderr)
+            return 2
     stopping = False
     hangups = 0
     hangups_total = 0
@@ -90,6 +156,7 @@ def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatc
             child.start(env)
         log.info("fleet up", nats=redact_url(url), dispatchers=dispatchers, workers=workers,
                  gateway=config.gateway.listen if gateway else None)
+        print_addresses(children, config.gateway.listen if gateway else None)
         while not stopping:
             time.sleep(0.2)
             if hangups:
@@ -102,6 +169,7 @@ def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatc
                     log.warning("child exited; restarting", role=child.role, code=child.process.returncode)
                     time.sleep(min(5.0, 0.5 * 2 ** min(child.restarts, 4)))
                     child.restarts += 1
+                    _keep_http_free(child)
                     child.start(env)
     finally:
         _stop_all(children, config.workers.grace_s)

@@ -17,6 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from ratefleet.schemas.config_env import EnvOverrides
 from ratefleet.schemas.errors import ConfigError
+from ratefleet.schemas.key_versions import (
+    IMPLICIT_VERSION_ID,
+    KeyVersion,
+    check_versions,
+    is_literal,
+    secret_ref_problem,
+)
 from ratefleet.schemas.subjects import TOKEN_PATTERN
 
 DEFAULT_TIERS = (("vip", 8), ("premium", 4), ("normal", 2), ("guest", 1))
@@ -49,8 +56,13 @@ class UpstreamConfig(_Strict):
 
 
 class KeyConfig(_Strict):
+    """One key id of a pool: limits (they belong to the id, whatever version is in use) and
+    its secret, either one `secret` reference or `versions` for rotation (see
+    schemas/key_versions.py); exactly one of the two."""
+
     id: str = Field(pattern=TOKEN_PATTERN)
-    secret: SecretStr
+    secret: SecretStr | None = None
+    versions: list[KeyVersion] | None = None
     rps: float = Field(gt=0)
     burst: float | None = Field(default=None, ge=1)
     concurrency: int | None = Field(default=None, ge=1)
@@ -62,19 +74,34 @@ class KeyConfig(_Strict):
 
     @field_validator("secret")
     @classmethod
-    def _secret_form(cls, value: SecretStr) -> SecretStr:
-        raw = value.get_secret_value()
-        if not raw:
-            raise ValueError("must not be empty (use env:NAME, file:PATH or a literal)")
-        if raw.startswith("env:") and not raw[4:]:
-            raise ValueError("env: needs a variable name, e.g. env:OPENAI_KEY_1")
-        if raw.startswith("file:") and not raw[5:]:
-            raise ValueError("file: needs a path, e.g. file:/run/secrets/k1")
+    def _secret_form(cls, value: SecretStr | None) -> SecretStr | None:
+        problem = secret_ref_problem(value.get_secret_value()) if value is not None else None
+        if problem:
+            raise ValueError(problem)
         return value
+
+    @field_validator("versions")
+    @classmethod
+    def _versions_form(cls, value: list[KeyVersion] | None) -> list[KeyVersion] | None:
+        return check_versions(value) if value is not None else None
+
+    @model_validator(mode="after")
+    def _one_secret_form(self) -> KeyConfig:
+        if (self.secret is None) == (self.versions is None):
+            raise ValueError("give either `secret` or `versions` (a list of {id, secret, status, not_before, "
+                             "not_after}), not " + ("both" if self.secret is not None else "neither"))
+        return self
+
+    def secret_versions(self) -> list[KeyVersion]:
+        """The key's versions; a single `secret` is one active version with id `v1`."""
+        if self.versions is not None:
+            return self.versions
+        assert self.secret is not None  # _one_secret_form
+        return [KeyVersion(id=IMPLICIT_VERSION_ID, secret=self.secret)]
 
     @property
     def secret_is_literal(self) -> bool:
-        return not self.secret.get_secret_value().startswith(("env:", "file:"))
+        return any(is_literal(version.secret_ref) for version in self.secret_versions())
 
 
 class PoolConfig(_Strict):

@@ -3,6 +3,7 @@
 dispatcher -> worker   Assignment     on internal.assign.<worker>   run this job on this key
 worker -> dispatcher   OutcomeReport  on internal.outcome           what happened, per call
 worker -> dispatcher   Heartbeat      on internal.heartbeat         alive, slots, calls in flight
+dispatcher -> all      DispatcherBeat on internal.dispatcher        alive, leader or standby, probe URL
 dispatcher -> workers  LeaderAnnounce on internal.leader            the leader and its fencing epoch
 
 Every leadership has an epoch that only grows: (creation time of the lease bucket in ms,
@@ -91,3 +92,13 @@ class Heartbeat(BaseModel):
     # key id -> why this worker cannot call with it ("LOCAL_KEY_1 not set"); never the value
     unusable_keys: dict[str, str] = Field(default_factory=dict)
     config_revision: int | None = None  # the fleet config revision the worker runs (None: its local file)
+    http: str | None = None  # URL of the worker's /metrics and probes (`--http`), None without
+
+
+class DispatcherBeat(BaseModel):
+    """A dispatcher's presence, every heartbeat_s: `status` lists the dispatchers heard
+    lately with their probe URL (`http`, None without `--http`)."""
+
+    dispatcher: str
+    leader: bool = False
+    http: str | None = None

@@ -106,6 +106,7 @@ class Result(BaseModel):
     error: ErrorInfo | None = None
     attempts: int = 0
     key_id: str | None = None
+    key_version: str | None = None  # the version of the key's secret the call used (never the secret)
     pool: str | None = None
     worker: str | None = None
     timings: Timings = Field(default_factory=Timings)

@@ -119,6 +119,11 @@ class Subjects:
     def leader_status(self) -> str:
         return f"{self.prefix}.internal.status.leader"
 
+    @property
+    def dispatcher_beat(self) -> str:
+        """Every dispatcher's presence (id, role, probe URL), for `status`."""
+        return f"{self.prefix}.internal.dispatcher"
+
     def tier_of(self, subject: str) -> str:
         """The tier token of a `<prefix>.jobs.<tier>` or `<prefix>.rpc.<tier>` subject."""
         return subject.rsplit(".", 1)[-1]

@@ -20,12 +20,14 @@ from datetime import UTC, datetime
 import anyio
 import structlog
 from nats.aio.client import Client as NatsClient
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from ratefleet.runtime.config_kv import ConfigFollower
 from ratefleet.runtime.finish import Finisher, auth_headers
 from ratefleet.runtime.handbacks import Handbacks
 from ratefleet.runtime.logs import get_logger
+from ratefleet.runtime.metrics import new_registry
 from ratefleet.schemas import Config, ErrorCode, ErrorInfo, Job, Result, Subjects, Timings, UpstreamConfig
 from ratefleet.schemas.config_store import fleet_view
 from ratefleet.schemas.errors import InvalidRequest, SecretUnavailable
@@ -33,6 +35,7 @@ from ratefleet.schemas.internal import Assignment, Epoch, Heartbeat, InFlight, L
 from ratefleet.schemas.job import describe_validation_error
 from ratefleet.schemas.outcome import OutcomeKind, is_retryable
 from ratefleet.workers.executor import CallResult, UpstreamExecutor, build_client
+from ratefleet.workers.metrics import WorkerMetrics
 from ratefleet.workers.relay import chunk_relay
 from ratefleet.workers.secrets import SecretResolver
 from ratefleet.workers.unstored import refused, unstorable
@@ -70,7 +73,10 @@ the job's own 429s
 
 class Worker:
     def __init__(self, config: Config, nc: NatsClient, *, slots: int | None = None, worker_id: str | None = None,
-                 config_revision: int | None = None):
+                 registry: CollectorRegistry | None = None, http: str | None = None, config_revision: int | None = None):
+        """`registry`: where the worker's metrics go (workers/metrics.py; default: its own);
+        `http`: the URL of its /metrics and probes, told to the leader in heartbeats;
+        `config_revision`: the fleet config revision `config` comes from (None: the local file)."""
         self.config = config
         self.nc = nc
         self.subjects = Subjects(config.nats.prefix)
@@ -93,12 +99,19 @@ class Worker:
         self.handbacks = Handbacks(nc.jetstream(), self.subjects.handbacks_bucket)
         self.unusable: dict[str, str] = {}  # key id -> why its secret cannot be used here (heartbeat)
         self.config_revision = config_revision  # the fleet config revision applied (None: the local file)
+        self.key_versions: dict[str, str] = {}  # assignment id -> the key version its call uses
+        self.http = http
+        self.metrics = WorkerMetrics(registry or new_registry(), lambda: (self.slots, len(self.in_flight)))
+        self.leader_heard_at: float | None = None  # monotonic time of the last leader announce
 
     async def run(self, stop: anyio.Event) -> None:
         self.unusable = self.secrets.check_all()
         for key_id, reason in self.unusable.items():
             log.warning("secret unusable on this worker; the leader sends this key's jobs elsewhere",
                         key_id=key_id, problem=reason)
+        for version, reason in self.secrets.check_pending().items():
+            log.warning("secret of a key version not yet active is unusable on this worker; fix it before "
+                        "the version takes over", key_version=version, problem=reason)
         client = build_client(self.config.workers.transport, self.slots)
         executor = UpstreamExecutor(client, self.config.workers.max_response_bytes)
         leader_sub = await self.nc.subscribe(self.subjects.leader_announce, cb=self._on_leader)
@@ -173,7 +186,20 @@ class Worker:
             announce = LeaderAnnounce.model_validate_json(msg.data)
         except ValueError:
             return
+        self.leader_heard_at = time.monotonic()
         self._note_epoch(announce.epoch, announced=True)
+
+    async def not_ready(self) -> str | None:
+        """/readyz: why this worker cannot take jobs now (None: it can). A leader must have
+        announced itself within `epoch_forget_s` (2 lease TTLs + 2 heartbeats)."""
+        if self.draining:
+            return "draining (stopping)"
+        if self.leader_heard_at is None:
+            return "no leader heard yet"
+        silent = time.monotonic() - self.leader_heard_at
+        if silent > self.epoch_forget_s:
+            return f"no leader heard for {silent:.1f} s"
+        return None
 
     async def _drain(self, sub) -> None:
         self.draining = True
@@ -214,13 +240,16 @@ class Worker:
 
     async def _heartbeats(self) -> None:
         while True:
+            # keys whose secret became usable (a fixed file, a version that took over) come back,
+            # and one whose new version cannot be used here is reported before a job fails on it
+            self.unusable = self.secrets.check_all()
             await self._send_heartbeat()
             await anyio.sleep(self.config.workers.heartbeat_s)
 
     async def _send_heartbeat(self) -> None:
         beat = Heartbeat(worker=self.id, slots=self.slots, in_flight=list(self.in_flight.values()),
                          draining=self.draining, pid=os.getpid(), host=socket.gethostname(),
-                         started_at=self.started_at, calls=self.calls, unusable_keys=self.unusable,
+                         started_at=self.started_at, calls=self.calls, unusable_keys=self.unusable, http=self.http,
                          config_revision=self.config_revision)
         try:
             await self.nc.publish(self.subjects.heartbeat, beat.model_dump_json().encode())
@@ -249,13 +278,15 @@ class Worker:
             return
         if job.expired(datetime.now(UTC)):
             log.info("job expired before its call")
-            await self.finisher.finish(self._result(a, "expired", error=ErrorInfo(
-                code=ErrorCode.DEADLINE_EXCEEDED, message="the deadline passed before the call could start")),
-                ack=a.ack, reply_to=a.reply_to)
+            if await self.finisher.finish(self._result(a, "expired", error=ErrorInfo(
+                    code=ErrorCode.DEADLINE_EXCEEDED, message="the deadline passed before the call could start")),
+                    ack=a.ack, reply_to=a.reply_to):
+                self.metrics.job_ended(a.tier, "expired")
             await self._report(a, None, terminal=True)
             return
         try:
-            secret = self.secrets.get(a.key_id)
+            version, secret = self.secrets.pick(a.key_id)
+            structlog.contextvars.bind_contextvars(key_version=version)
             if a.upstream not in self.config.upstreams:  # a config revision this worker has not applied yet
                 raise SecretUnavailable(f"upstream {a.upstream!r} is not in this worker's config",
                                         reason="upstream not in this worker's config")
@@ -271,17 +302,21 @@ class Worker:
         upstream = self.config.upstreams[a.upstream]
         queued_ms = max(0.0, (time.time() - a.submitted_at) * 1000)
         self.calling[a.id] = [a.ack, time.monotonic()]
+        self.key_versions[a.id] = version
+        self.metrics.call_started(a.tier, queued_ms / 1000)
         try:
             call = await self._call(a, executor, job, upstream, secret)
             if call is None:
                 return
             self.calls += 1
+            self.metrics.call_done(a.key_id, a.upstream, str(call.kind), call.latency_ms / 1000)
             # still kept alive while the Result is stored: a large body takes seconds to upload
             await self._conclude(a, call, queued_ms)
         except InvalidRequest as exc:  # raised by executor.call, before any call
             await self._end_invalid(a, ErrorCode.INVALID_REQUEST, str(exc))
         finally:
             self.calling.pop(a.id, None)
+            self.key_versions.pop(a.id, None)
 
     async def _call(self, a: Assignment, executor: UpstreamExecutor, job: Job, upstream: UpstreamConfig,
                     secret: str) -> CallResult | None:
@@ -311,6 +346,7 @@ class Worker:
         error = ErrorInfo(code=code, message=message)
         result = self._result(a, "invalid", error=error)
         if await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to):
+            self.metrics.job_ended(a.tier, "invalid")
             try:
                 await self.finisher.dead(a.tier, result, job=a.job, last_error=error.model_dump())
             except Exception as exc:  # noqa: BLE001 - the Result is stored and acked: the job is done
@@ -364,6 +400,8 @@ class Worker:
                 stored = await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to)
             except Exception as again:  # noqa: BLE001 - nothing can be stored: retried later
                 return await self._requeue(a, again)
+        if stored:
+            self.metrics.job_ended(a.tier, result.status)
         if stored and result.error and result.error.code in (ErrorCode.ATTEMPTS_EXHAUSTED, ErrorCode.RATE_LIMITED,
                                                              ErrorCode.RESULT_NOT_STORED):
             try:
@@ -402,6 +440,7 @@ class Worker:
         submitted = datetime.fromtimestamp(a.submitted_at, UTC)
         return Result(job_id=a.job_id, status=status, tier=a.tier, batch=a.job.get("batch"), response=response,
                       error=error, attempts=a.attempt, key_id=a.key_id, pool=a.pool, worker=self.id,
+                      key_version=self.key_versions.get(a.id),
                       metadata=a.job.get("metadata") or {},
                       timings=Timings(submitted_at=submitted, queued_ms=queued_ms, upstream_ms=upstream_ms,
                                       total_ms=max(0.0, (time.time() - a.submitted_at) * 1000)))

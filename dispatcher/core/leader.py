@@ -47,6 +47,7 @@ from .leader_config import apply_config
 from .leader_fleet import LOST, FleetKeeper
 from .leader_keys import KeyKeeper
 from .pulls import HANDBACK_MARGIN_S, PULL_EXPIRES_S, PullBook
+from .scaling import ScalingMeter
 from .scheduler import Scheduler
 from .types import Dispatch, PendingJob, Reject, SchedulerSpec, WaitUntil
 
@@ -70,6 +71,7 @@ class LeaderMachine:
         self.next_housekeeping = now + settings.housekeeping_s
         self.dispatch_at = float("inf")  # set by each dispatch pass once ready
         self._sequence = itertools.count(1)
+        self.scaling = ScalingMeter()  # arrivals and call latency for the scaling signal
         self.config_revision: int | None = None  # the fleet config revision applied (None: the local file's)
 
     # -- the one entry point -----------------------------------------------------------------
@@ -105,10 +107,14 @@ class LeaderMachine:
 
     def _apply(self, event: ev.Event, now: float) -> list[Command]:
         if isinstance(event, ev.JobDelivered):
+            if event.delivered == 1:
+                self.scaling.arrived(now)
             return self._on_job(event, now)
         if isinstance(event, ev.HeartbeatReceived):
             return self.workers.heartbeat(event.beat, now, self.owns(now))
         if isinstance(event, ev.OutcomeReported):
+            if event.outcome.latency_ms is not None:
+                self.scaling.called(event.outcome.latency_ms / 1000)
             return self.workers.outcome(event.assignment, event.key_id, event.outcome, now)
         if isinstance(event, ev.PullStatus):
             return self._on_pull_status(event, now)

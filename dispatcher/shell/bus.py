@@ -83,7 +83,7 @@ class NatsLeaderBus:
         self.subjects = Subjects(config.nats.prefix)
         js = nc.jetstream()
         self._js = js
-        self._finisher = Finisher(nc, js, self.subjects, auth_headers(config))
+        self._finisher = self.finisher = Finisher(nc, js, self.subjects, auth_headers(config))
         self._handbacks = Handbacks(js, self.subjects.handbacks_bucket)
         self._keys = KeyStore(js, self.subjects.keys_bucket)
 

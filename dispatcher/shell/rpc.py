@@ -4,7 +4,8 @@ The job is stored in RATEFLEET_JOBS first, with the caller's inbox in the
 `Ratefleet-Reply-To` header; the worker that finishes it sends the Result there. A
 payload that fails validation (the same as intake's, `validate_job`) is answered with its
 `invalid` Result at once and dead-lettered; nothing is stored in JOBS. Every
-dispatcher answers (queue group), leader or not, so submissions never wait for failover.
+dispatcher answers (queue group), leader or not, so submissions never wait for failover;
+`handle` is the `rpc` endpoint of the dispatcher's NATS micro service (discovery.py).
 
 A reply is a core-NATS message, so it must fit in the server's max_payload: a Result whose
 body is larger than about 1 MiB is sent (and stored) with `response.body_ref` instead of the
@@ -66,10 +67,6 @@ class RpcResponder:
         self.js = nc.jetstream()
         self.subjects = Subjects(config.nats.prefix)
         self.finisher = Finisher(nc, self.js, self.subjects, auth_headers(config))
-
-    async def subscribe(self):
-        return await self.nc.subscribe(self.subjects.rpc("*"), queue="ratefleet-rpc", cb=self.handle,
-                                       pending_msgs_limit=0)
 
     async def handle(self, msg: Msg) -> None:
         if msg.reply and not is_safe_reply(msg.reply, self.config.nats.prefix):

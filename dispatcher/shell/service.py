@@ -1,7 +1,8 @@
 """The dispatcher process: topology, request/reply intake, leader election, status.
 
-Every dispatcher answers `rpc.<tier>` requests. Only the lease holder runs a
-LeaderSession; standbys poll the lease and take over when it lapses or is released.
+Every dispatcher answers `rpc.<tier>` requests (as endpoints of the NATS micro service
+`ratefleet`, discovery.py). Only the lease holder runs a LeaderSession; standbys poll the
+lease and take over when it lapses or is released. Metrics: dispatcher/shell/metrics.py.
 """
 
 from __future__ import annotations
@@ -13,16 +14,22 @@ import uuid
 import anyio
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from prometheus_client import CollectorRegistry
 
+from ratefleet.dispatcher.core.scaling import desired_workers, inputs_from_status
 from ratefleet.dispatcher.shell.bus import NatsLeaderBus
+from ratefleet.dispatcher.shell.discovery import Peers, start_service
 from ratefleet.dispatcher.shell.leader import LeaderSession
 from ratefleet.dispatcher.shell.lease import LeaderLease
+from ratefleet.dispatcher.shell.metrics import DispatcherMetrics, LeaderView
 from ratefleet.dispatcher.shell.rpc import RpcResponder
 from ratefleet.runtime.config_kv import ConfigFollower
 from ratefleet.runtime.logs import get_logger
+from ratefleet.runtime.metrics import new_registry
 from ratefleet.runtime.streams import ensure_topology, tier_consumer
-from ratefleet.schemas import Config, Subjects
+from ratefleet.schemas import Config, Result, Subjects
 from ratefleet.schemas.config_store import fleet_view
+from ratefleet.schemas.internal import DispatcherBeat
 
 log = get_logger("ratefleet.dispatcher")
 # A leader active this recently may have spent tokens a provider still counts (cost buckets
@@ -32,34 +39,49 @@ RECENT_LEADER_S = 65.0
 
 class Dispatcher:
     def __init__(self, config: Config, nc: NatsClient, *, dispatcher_id: str | None = None,
-                 config_revision: int | None = None):
+                 registry: CollectorRegistry | None = None, http: str | None = None, config_revision: int | None = None):
+        """`registry`: where its metrics go (default: its own); `http`: the URL of its
+        /metrics and probes, told to the other dispatchers and to `status`; `config_revision`:
+        the fleet config revision `config` comes from (None: the local file)."""
         self.config, self.nc = config, nc
         self.id = dispatcher_id or f"d-{uuid.uuid4().hex[:6]}"
         self.subjects = Subjects(config.nats.prefix)
         self.js = nc.jetstream()
         self.lease = LeaderLease(self.js, self.subjects.leader_bucket, self.id, config.dispatcher.lease_ttl_s)
         self.session: LeaderSession | None = None
+        self.http = http
+        self.backlog: dict[str, int] = {}  # tier -> jobs JetStream has not delivered (leader, with --http)
+        self.metrics = DispatcherMetrics(registry or new_registry(), self._leader_view)
+        self.peers = Peers(forget_after_s=3 * config.workers.heartbeat_s + 1)
         self.config_revision = config_revision  # the fleet config revision applied (None: the local file)
         self.rpc = RpcResponder(config, nc)
+
+    def _count(self, result: Result) -> None:
+        self.metrics.job_ended(result.tier, result.status)
 
     async def run(self, stop: anyio.Event) -> None:
         await ensure_topology(self.js, self.config)
         await self.lease.open()
-        rpc_sub = await self.rpc.subscribe()
+        responder = self.rpc
+        responder.finisher.on_stored = self._count
         follower = ConfigFollower(self.js, self.subjects, self._apply_config, role="dispatcher",
                                   revision=self.config_revision)
-        status_sub = await self.nc.subscribe(self.subjects.admin_status, queue="ratefleet-status", cb=self._on_status)
+        peers_sub = await self.nc.subscribe(self.subjects.dispatcher_beat, cb=self.peers.on_beat)
+        service = await start_service(self.nc, self.subjects, self.id, self.http, responder.handle, self._on_status)
         log.info("dispatcher started", dispatcher=self.id, tiers=list(self.config.tiers))
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(follower.run)
                 tg.start_soon(self._campaign)
+                tg.start_soon(self._beat)
+                if self.http:
+                    tg.start_soon(self._watch_backlog)
                 await stop.wait()
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
-                await rpc_sub.unsubscribe()
-                await status_sub.unsubscribe()
+                await service.stop()
+                await peers_sub.unsubscribe()
                 await self.lease.release()
                 await self.nc.flush()
             log.info("dispatcher stopped", dispatcher=self.id)
@@ -85,7 +107,9 @@ class Dispatcher:
         await self.lease.mark_seen()
         log.info("became leader", dispatcher=self.id, buckets="empty" if conservative else "full",
                  epoch=list(self.lease.epoch))
-        self.session = LeaderSession(self.config, NatsLeaderBus(self.config, self.nc), self.id,
+        bus = NatsLeaderBus(self.config, self.nc)
+        bus.finisher.on_stored = self._count
+        self.session = LeaderSession(self.config, bus, self.id,
                                      conservative=conservative, epoch=self.lease.epoch,
                                      lease_until=self.lease.held_until, renew=self._renew_for_session,
                                      config_revision=self.config_revision)
@@ -143,7 +167,7 @@ class Dispatcher:
 
     async def _on_status(self, msg: Msg) -> None:
         """Any dispatcher answers; the leader's answer carries key and worker state."""
-        answer = {"dispatcher": self.id, "leader": await self.lease.current_holder(), "tiers": {},
+        answer = {"dispatcher": self.id, "http": self.http, "leader": await self.lease.current_holder(), "tiers": {},
                   "dispatcher_config_revision": self.config_revision}
         if self.session is not None:
             answer.update(self.session.status())
@@ -154,6 +178,7 @@ class Dispatcher:
             except Exception:  # noqa: BLE001 - no leader right now; say so
                 answer["leader"] = None
         answer["tiers"] = await self._tier_backlog(answer.get("tiers", {}))
+        answer["dispatchers"] = self.peers.listing()
         answer["at"] = time.time()
         await msg.respond(json.dumps(answer).encode())
 
@@ -169,3 +194,52 @@ class Dispatcher:
                 pass
             out[tier] = entry
         return out
+
+    # -- probes and metrics -----------------------------------------------------------------
+
+    async def not_ready(self) -> str | None:
+        """/readyz: None when this dispatcher leads or knows who does (a standby), else why not."""
+        if self.session is not None:
+            return None
+        if self.lease.kv is None:
+            return "starting: leader lease not opened yet"
+        if await self.lease.current_holder() is None:
+            return "no leader elected yet"
+        return None
+
+    def _leader_view(self) -> LeaderView:
+        """Read at scrape time (dispatcher/shell/metrics.py): the leader's state and scaling
+        signal, or None on a standby."""
+        session = self.session
+        if session is None:
+            return LeaderView(status=None)
+        now = time.monotonic()
+        status = session.status()
+        waiting = sum(self.backlog.values()) + sum(t.get("pending", 0) for t in status.get("tiers", {}).values())
+        inputs = inputs_from_status(status, session.machine.scaling, now, backlog=waiting,
+                                    default_slots=self.config.workers.slots)
+        return LeaderView(status=status, backlog=dict(self.backlog), desired_workers=desired_workers(inputs))
+
+    async def _watch_backlog(self) -> None:
+        """While leading, read each tier's undelivered backlog once a second for the queue gauge."""
+        while True:
+            await anyio.sleep(1.0)
+            if self.session is None:
+                self.backlog.clear()
+                continue
+            for tier in self.config.tiers:
+                try:
+                    info = await self.js.consumer_info(self.subjects.jobs_stream, tier_consumer(tier))
+                    self.backlog[tier] = info.num_pending or 0
+                except Exception as exc:  # noqa: BLE001 - NATS away: the last value stays
+                    log.debug("backlog not read", tier=tier, error=type(exc).__name__)
+
+    async def _beat(self) -> None:
+        """Presence for the other dispatchers and `status` (discovery.py)."""
+        while True:
+            beat = DispatcherBeat(dispatcher=self.id, leader=self.session is not None, http=self.http)
+            try:
+                await self.nc.publish(self.subjects.dispatcher_beat, beat.model_dump_json().encode())
+            except Exception as exc:  # noqa: BLE001 - disconnected: the next beat retries
+                log.debug("dispatcher beat not sent", error=type(exc).__name__)
+            await anyio.sleep(self.config.workers.heartbeat_s)

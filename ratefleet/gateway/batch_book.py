@@ -18,6 +18,11 @@ Statuses: validating -> failed | in_progress -> finalizing -> completed; in_prog
 cancelling -> cancelled; in_progress -> expired after the completion window. Records change
 by compare-and-set on the KV revision (`update`), so a cancel and the runner's progress never
 overwrite each other.
+
+Runner lease: with several gateway replicas, one runs a batch at a time. The runner holds
+`ratefleet.runner = {"id": <runner id>, "until": <unix seconds>}` and renews it; another
+replica takes the batch over only once `until` has passed (`claim`), e.g. after its runner
+was killed, so a batch is submitted, followed and finalized by one gateway at a time.
 """
 
 from __future__ import annotations
@@ -71,6 +76,27 @@ def set_status(record: dict[str, Any], status: str, now: float | None = None) ->
     if stamp in record and record[stamp] is None:
         record[stamp] = int(now if now is not None else time.time())
     return record
+
+
+def claim(record: dict[str, Any], runner: str, now: float, lease_s: float) -> dict[str, Any] | None:
+    """`record` with its runner lease given to (or renewed for) `runner` until `now + lease_s`
+    (unix seconds), or None when another runner's lease is still live at `now`."""
+    if held_by_other(record, runner, now):
+        return None
+    record[PRIVATE]["runner"] = {"id": runner, "until": now + lease_s}
+    return record
+
+
+def held_by_other(record: dict[str, Any], runner: str | None, now: float) -> bool:
+    """Whether a runner other than `runner` holds a lease on `record` that is live at `now`."""
+    held = record[PRIVATE].get("runner")
+    return bool(held) and held["id"] != runner and held["until"] > now
+
+
+def holder(record: dict[str, Any]) -> str | None:
+    """The id of the runner holding (or last holding) `record`'s lease."""
+    held = record[PRIVATE].get("runner")
+    return held["id"] if held else None
 
 
 class BatchBook:

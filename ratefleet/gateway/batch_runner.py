@@ -13,6 +13,13 @@ gateway that starts runs every unfinished batch again from its record: a batch c
 while submitting is submitted again without the lines that have a Result (the others are
 dropped by JetStream's dedup window if already queued), then followed and finalized.
 
+Several gateways: each batch has one runner at a time, by a lease in its record
+(`batch_book.claim`, renewed every `lease_s / 3`); every gateway looks for unfinished batches
+whose lease has lapsed every `lease_s` and takes them over, so a batch whose gateway was
+killed carries on at another replica within about `2 * lease_s`, and two replicas never
+submit, follow or finalize the same batch together (before, each replica that started ran
+every unfinished batch, and finalizing could run twice).
+
 Cancel (and the end of the completion window): no further line is sent; the batch's jobs
 that no dispatcher has taken yet (stream sequence past the tier consumer's last delivered one)
 are deleted from RATEFLEET_JOBS, so they are never called nor paid; the jobs already taken
@@ -25,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +42,8 @@ import anyio
 from ratefleet.batches import InputOrder
 from ratefleet.batchfile import IdSet
 from ratefleet.client import Client
-from ratefleet.gateway.batch_book import PRIVATE, TERMINAL, BatchBook, set_status
+from ratefleet.gateway.batch_book import PRIVATE, TERMINAL, BatchBook, held_by_other, holder, set_status
+from ratefleet.gateway.batch_lease import BatchLease
 from ratefleet.gateway.batch_lines import Checked, batch_jobs, check_file, line_error
 from ratefleet.gateway.callers import Caller
 from ratefleet.gateway.files import FileStore
@@ -60,38 +69,67 @@ def _answered(result: Result) -> bool:
 
 
 class BatchRunner:
-    """Runs batches inside `serve()`'s task group; `start(batch_id)` adds one."""
+    """Runs batches inside `serve()`'s task group; `start(batch_id)` adds one.
+
+    `poll_s`: how often counts are stored and a cancel is looked for (seconds);
+    `lease_s`: how long a runner's claim on a batch lasts without renewal (seconds)."""
 
     def __init__(self, client: Client, book: BatchBook, files: FileStore, callers: dict[str, Caller], *,
-                 poll_s: float = 1.0, cancel_grace_s: float = 1.0, stop_wait_s: float = 600.0) -> None:
+                 poll_s: float = 1.0, cancel_grace_s: float = 1.0, stop_wait_s: float = 600.0,
+                 lease_s: float = 10.0) -> None:
         self.client, self.book, self.files, self.callers = client, book, files, callers
         self.poll_s = poll_s
         self.cancel_grace_s = cancel_grace_s
         self.stop_wait_s = stop_wait_s
+        self.lease_s = lease_s
+        self.lease = BatchLease(book, uuid.uuid4().hex[:12], lease_s)
+        self._running: set[str] = set()
         self._tg: anyio.abc.TaskGroup | None = None
 
     async def serve(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
-        """Run every unfinished batch of the book, then those `start`ed, until cancelled."""
+        """Run every unfinished batch nobody else runs, then those `start`ed, and every
+        `lease_s` those whose runner's lease lapsed, until cancelled."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            await self._sweep(tg, first=True)
             task_status.started()
-            for record in await self.book.all():
-                if record["status"] not in TERMINAL:
-                    log.info("resuming batch", batch=record["id"], status=record["status"])
-                    tg.start_soon(self.run, record["id"])
-            await anyio.sleep_forever()
+            while True:
+                await anyio.sleep(self.lease_s)
+                with contextlib.suppress(Exception):  # NATS away for a moment: the next sweep
+                    await self._sweep(tg, first=False)
+
+    async def _sweep(self, tg: anyio.abc.TaskGroup, *, first: bool) -> None:
+        now = time.time()
+        for record in await self.book.all():
+            if record["status"] in TERMINAL or record["id"] in self._running or held_by_other(record, None, now):
+                continue
+            log.info("resuming batch" if first else "taking over batch", batch=record["id"], status=record["status"])
+            self._running.add(record["id"])
+            tg.start_soon(self.run, record["id"])
 
     def start(self, batch_id: str) -> None:
         assert self._tg is not None, "serve() first"
+        self._running.add(batch_id)
         self._tg.start_soon(self.run, batch_id)
 
     async def run(self, batch_id: str) -> None:
-        """Carry one batch to its end; an unexpected error leaves it for the next gateway start."""
+        """Carry one batch to its end if this runner gets its lease; an unexpected error (or a
+        lost lease) leaves it to the next sweep of any gateway."""
+        self._running.add(batch_id)
         try:
+            if not await self.lease.claim(batch_id):
+                return
             with tempfile.TemporaryDirectory(prefix="ratefleet-batch-") as tmp:
-                await self._run(batch_id, Path(tmp))
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self.lease.keep, batch_id, tg.cancel_scope)
+                    await self._run(batch_id, Path(tmp))
+                    tg.cancel_scope.cancel()
         except Exception:  # noqa: BLE001 - one batch's trouble must not stop the gateway
-            log.exception("batch stopped; it carries on at the next gateway start", batch=batch_id)
+            log.exception("batch stopped; another sweep carries it on", batch=batch_id)
+        finally:
+            self._running.discard(batch_id)
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await self.lease.release(batch_id)
 
     async def _run(self, batch_id: str, tmp: Path) -> None:
         record = await self.book.get(batch_id)
@@ -258,7 +296,9 @@ class BatchRunner:
                     meta = await self.files.put(caller_name, f"{batch_id}_{kind}.jsonl", "batch_output", handle, size)
                 ids[kind] = meta["id"]
 
-        def change(record: dict[str, Any]) -> dict[str, Any]:
+        def change(record: dict[str, Any]) -> dict[str, Any] | None:
+            if holder(record) != self.lease.runner_id:
+                return None  # the lease lapsed and another gateway runs it now: its files count
             record["output_file_id"], record["error_file_id"] = ids["output"], ids["error"]
             record["request_counts"] = {"total": found.jobs, "completed": counts[0], "failed": counts[1]}
             return set_status(record, final)

@@ -21,6 +21,7 @@ from ratefleet.gateway.batch_runner import BatchRunner
 from ratefleet.gateway.callers import CallerTable
 from ratefleet.gateway.files import FileStore
 from ratefleet.runtime.logs import get_logger
+from ratefleet.runtime.probes import Probes
 from ratefleet.runtime.streams import ensure_topology
 from ratefleet.schemas import Config
 from ratefleet.schemas.errors import ConfigError
@@ -51,8 +52,9 @@ def uvicorn_server(app, host: str, port: int) -> uvicorn.Server:
     return _Server(config)
 
 
-async def serve_gateway(config: Config, nc, stop: anyio.Event, listen: str) -> None:
-    """Serve until `stop` is set: callers from `config`, jobs through `nc`'s fleet."""
+async def serve_gateway(config: Config, nc, stop: anyio.Event, listen: str, probes: Probes | None = None) -> None:
+    """Serve until `stop` is set: callers from `config`, jobs through `nc`'s fleet; with
+    `probes`, also its /readyz and /metrics (runtime/probes.py) beside the gateway's /healthz."""
     host, port = parse_listen(listen)
     callers = CallerTable.from_config(config)
     if not len(callers):
@@ -61,7 +63,8 @@ async def serve_gateway(config: Config, nc, stop: anyio.Event, listen: str) -> N
     client = Client(nc, config.nats.prefix)
     gateway = Gateway(client, callers, max_body_bytes=config.streams.max_job_bytes)
     runner, batch_api = batch_service(config, client, callers)
-    server = uvicorn_server(create_app(gateway, batch_api.routes()), host, port)
+    own = [*(probes.routes(healthz=False) if probes else []), *batch_api.routes()]
+    server = uvicorn_server(create_app(gateway, own), host, port)
     async with anyio.create_task_group() as tg:
         runs = anyio.CancelScope()
 
@@ -95,8 +98,9 @@ async def gateway_main(config: Config, listen: str) -> None:
     from ratefleet.roles import run_role
 
     CallerTable.from_config(config)  # a caller key that cannot be read stops the start, before NATS
+    probes = Probes()  # served on `listen` by the gateway's own app
 
     async def body(nc, stop):
-        await serve_gateway(config, nc, stop, listen)
+        await serve_gateway(config, nc, stop, listen, probes)
 
-    await run_role(config, "ratefleet-gateway", body)
+    await run_role(config, "ratefleet-gateway", body, probes=probes)

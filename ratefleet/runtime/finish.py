@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
@@ -43,6 +44,9 @@ class Finisher:
         self.nc, self.js, self.subjects = nc, js, subjects
         self.mask_headers = mask_headers
         self.bodies = BodyStore(js, subjects.bodies_bucket)
+        # called with each Result this finisher newly stored (e.g. to count it in
+        # ratefleet_jobs_total); never with one that was stored before
+        self.on_stored: Callable[[Result], None] | None = None
 
     async def finish(self, result: Result, *, ack: str | None, reply_to: str | None) -> bool:
         """Store, reply, ack; shielded so cancellation cannot lose the ack. True if newly stored."""
@@ -58,6 +62,8 @@ class Finisher:
             result = await self.bodies.offload(result)
             payload = result.to_json()
         stored = await store_result(self.js, self.subjects, result, payload=payload)
+        if stored and self.on_stored is not None:
+            self.on_stored(result)
         if reply_to and not stored:  # the stored Result is the answer, also when it was an earlier one
             payload = await read_result(self.js, self.subjects, result.job_id, result.batch) or payload
         await self._answer(payload, ack, reply_to)

@@ -34,9 +34,9 @@ def caller_env(monkeypatch) -> None:
         monkeypatch.setenv(f"RF_CALLER_{name.upper()}", key)
 
 
-def start_gateway(kit: FleetKit, port: int, timeout: float = 30.0) -> str:
-    """Spawn the gateway on 127.0.0.1:`port`; its base URL once /healthz answers."""
-    proc = kit.spawn("gateway", "--listen", f"127.0.0.1:{port}", name="gateway")
+def start_gateway(kit: FleetKit, port: int, timeout: float = 30.0, name: str = "gateway") -> str:
+    """Spawn a gateway process `name` on 127.0.0.1:`port`; its base URL once /healthz answers."""
+    proc = kit.spawn("gateway", "--listen", f"127.0.0.1:{port}", name=name)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

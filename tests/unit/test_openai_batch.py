@@ -48,6 +48,7 @@ def test_job_lines_are_unchanged_even_when_they_mention_custom_id():
     ({**CHAT, "url": "https://evil.example/v1/chat/completions"}, "request.path: path must start with '/'"),
     ({**CHAT, "url": "//evil.example/v1"}, "must not name a scheme or host"),
     ({**CHAT, "method": "BREW"}, "request.method"),
+    ({**CHAT, "body": {**CHAT["body"], "stream": True}}, "body.stream must not be true"),
 ])
 def test_malformed_openai_lines_are_refused_with_the_line_and_why(line, message):
     with pytest.raises(LineError, match=r"^line 4: .*" + message.replace("(", r"\(").replace(")", r"\)")):

@@ -1,0 +1,60 @@
+"""A worker's metrics: counted where the call happens (runtime/metrics.py has the names).
+
+    ratefleet_jobs_total{tier,status}                          Results this worker stored
+    ratefleet_queue_wait_seconds{tier}                         submit -> call start (histogram)
+    ratefleet_upstream_requests_total{key,outcome}             upstream calls by key id and outcome class
+    ratefleet_upstream_request_duration_seconds{upstream}      upstream call duration (histogram)
+    ratefleet_worker_slots{state}                              busy / free slots, read at scrape time
+
+`outcome` is the OutcomeKind value of the call (ok, rate_limited, key_error, denied,
+upstream_error, bad_request).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ratefleet.runtime.metrics import QUEUE_WAIT_BUCKETS, UPSTREAM_BUCKETS, WORKER_SLOTS, jobs_counter
+
+
+class SlotsCollector(Collector):
+    """`ratefleet_worker_slots{state}` from `read() -> (slots, busy)` at scrape time."""
+
+    def __init__(self, read: Callable[[], tuple[int, int]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        slots, busy = self.read()
+        family = GaugeMetricFamily(WORKER_SLOTS, "Worker slots (concurrent upstream calls) by state", labels=["state"])
+        family.add_metric(["busy"], busy)
+        family.add_metric(["free"], max(0, slots - busy))
+        yield family
+
+
+class WorkerMetrics:
+    """The worker's counters and histograms in `registry`; `slots() -> (slots, busy)` feeds
+    the slot gauge when the registry is scraped."""
+
+    def __init__(self, registry: CollectorRegistry, slots: Callable[[], tuple[int, int]]) -> None:
+        self.jobs = jobs_counter(registry)
+        self.queue_wait = Histogram("ratefleet_queue_wait_seconds", "Time from submit to the start of the upstream call",
+                                    ("tier",), buckets=QUEUE_WAIT_BUCKETS, registry=registry)
+        self.requests = Counter("ratefleet_upstream_requests", "Upstream calls by key id and outcome class",
+                                ("key", "outcome"), registry=registry)
+        self.duration = Histogram("ratefleet_upstream_request_duration_seconds", "Upstream call duration",
+                                  ("upstream",), buckets=UPSTREAM_BUCKETS, registry=registry)
+        registry.register(SlotsCollector(slots))
+
+    def job_ended(self, tier: str, status: str) -> None:
+        self.jobs.labels(tier, status).inc()
+
+    def call_started(self, tier: str, waited_s: float) -> None:
+        self.queue_wait.labels(tier).observe(max(0.0, waited_s))
+
+    def call_done(self, key_id: str, upstream: str, outcome: str, latency_s: float) -> None:
+        self.requests.labels(key_id, outcome).inc()
+        self.duration.labels(upstream).observe(max(0.0, latency_s))
