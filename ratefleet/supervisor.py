@@ -57,7 +57,7 @@ def assign_http(children: list[Child], host: str, base_port: int) -> None:
     `base_port` upwards (0: a free port the system picks). Raises OSError when none is left."""
     port = base_port
     for child in children:
-        if child.role == "gateway":
+        if child.role not in ("dispatcher", "worker"):  # the gateway serves on its listen; config-watch has none
             continue
         if base_port == 0:
             with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
