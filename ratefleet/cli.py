@@ -30,6 +30,7 @@ from ratefleet.cli_support import (
     run_async,
     tier_help,
 )
+from ratefleet.config_cmd import config_app
 from ratefleet.keys_cmd import keys_app
 from ratefleet.runtime.logs import configure_logging
 
@@ -41,6 +42,7 @@ dlq_app = typer.Typer(no_args_is_help=True, rich_markup_mode=_MARKUP, pretty_exc
                       help="Inspect and replay dead letters.")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(keys_app, name="keys")
+app.add_typer(config_app, name="config")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config (else $RATEFLEET_CONFIG, else ./ratefleet.toml)")
 NatsOpt = typer.Option(None, "--nats", envvar="RATEFLEET_NATS_URL",

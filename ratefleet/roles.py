@@ -3,8 +3,9 @@
 With `--http HOST:PORT` the role serves /metrics, /healthz and /readyz (runtime/probes.py)
 from before it connects to NATS (/readyz says 503 "not connected to NATS yet" until then).
 
-SIGHUP is ignored with a log line: there is no reload (restart the process to apply a new
-config), and a closed terminal must not kill a dispatcher or a worker mid-call.
+SIGHUP is ignored with a log line: a new config is applied live from the config bucket
+(`ratefleet config push`; runtime/config_kv.py), not on a signal; and a closed terminal must
+not kill a dispatcher or a worker mid-call.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 
+from ratefleet.runtime.config_kv import startup_config
 from ratefleet.runtime.connect import connect
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.probes import Probes, serve_probes, streams_check
@@ -40,7 +42,7 @@ def log_and_ignore_sighup() -> None:
 async def _log_sighup() -> None:
     with anyio.open_signal_receiver(signal.SIGHUP) as signals:
         async for _signum in signals:
-            log.info("SIGHUP ignored: no reload; restart the process to apply a new config")
+            log.info("SIGHUP ignored: push a new config with `ratefleet config push FILE`; it is applied live")
 
 
 async def run_role(config: Config, name: str, body: Callable[[object, anyio.Event], Awaitable[None]],
@@ -94,7 +96,9 @@ async def dispatcher_main(config: Config, dispatcher_id: str | None = None, http
     probes = Probes()
 
     async def body(nc, stop):
-        dispatcher = Dispatcher(config, nc, dispatcher_id=dispatcher_id, registry=probes.registry, http=probes.url)
+        fleet, revision = await startup_config(nc.jetstream(), Subjects(config.nats.prefix), config)
+        dispatcher = Dispatcher(fleet, nc, dispatcher_id=dispatcher_id, registry=probes.registry, http=probes.url,
+                                config_revision=revision)
         probes.checks.append(dispatcher.not_ready)
         await dispatcher.run(stop)
 
@@ -109,8 +113,10 @@ async def worker_main(config: Config, slots: int | None = None, worker_id: str |
     probes = Probes()
 
     async def body(nc, stop):
-        await ensure_topology(nc.jetstream(), config)
-        worker = Worker(config, nc, slots=slots, worker_id=worker_id, registry=probes.registry, http=probes.url)
+        fleet, revision = await startup_config(nc.jetstream(), Subjects(config.nats.prefix), config)
+        await ensure_topology(nc.jetstream(), fleet)
+        worker = Worker(fleet, nc, slots=slots, worker_id=worker_id, registry=probes.registry, http=probes.url,
+                        config_revision=revision)
         probes.checks.append(worker.not_ready)
         await worker.run(stop)
 

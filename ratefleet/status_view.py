@@ -23,6 +23,8 @@ def render_status(answer: dict, console: Console | None = None) -> None:
     console = console or Console()
     leader = answer.get("leader") or "none (no dispatcher holds the lease)"
     console.print(f"[bold]leader[/bold]: {leader}   answered by: {_cell(answer.get('dispatcher'))}")
+    console.print(f"[bold]config revision[/bold]: leader {_revision(answer.get('config_revision'))}, "
+                  f"answering dispatcher {_revision(answer.get('dispatcher_config_revision'))}")
     tiers = Table("tier", "queued", "pending (window)", "in flight", "dispatched", "unacked", title="tiers")
     for name, t in (answer.get("tiers") or {}).items():
         tiers.add_row(name, str(t.get("queued", "?")), _cell(t.get("pending")), _cell(t.get("in_flight")),
@@ -41,12 +43,18 @@ def render_status(answer: dict, console: Console | None = None) -> None:
         for row in rows:
             keys.add_row(*row)
         console.print(keys)
-    workers = Table(*_columns("worker", "slots", "in flight", "calls", "host", "pid", "seen s ago", "state"),
+    workers = Table(*_columns("worker", "slots", "in flight", "calls", "host", "pid", "seen s ago", "state", "config"),
                     title="workers")
     for w in answer.get("workers") or []:
         workers.add_row(w["id"], str(w["slots"]), str(w["in_flight"]), _cell(w.get("calls")), _cell(w.get("host")),
-                        _cell(w.get("pid")), _cell(w.get("last_seen_s")), "draining" if w.get("draining") else "up")
+                        _cell(w.get("pid")), _cell(w.get("last_seen_s")), "draining" if w.get("draining") else "up",
+                        _revision(w.get("config_revision")))
     console.print(workers)
+
+
+def _revision(revision: int | None) -> str:
+    """A process's config revision; None: it runs its local file (nothing pushed yet)."""
+    return "local file" if revision is None else str(revision)
 
 
 def _key_row(key_id: str, k: dict) -> list[str]:

@@ -2,7 +2,8 @@
 
 Children that die are restarted (with a short backoff). Ctrl-C or SIGTERM stops the
 workers first (they drain), then the dispatchers (they release the lease), then NATS.
-SIGHUP is logged and ignored (no reload; children ignore it as well).
+SIGHUP is logged and ignored (children ignore it as well): with `--config FILE` a child
+(`ratefleet config watch`) pushes the file on every change, and the fleet applies it live.
 
 Each dispatcher and worker gets its own `--http` port for /metrics, /healthz and /readyz:
 from `http_base_port` upwards, skipping ports something else listens on (0: any free
@@ -56,7 +57,7 @@ def assign_http(children: list[Child], host: str, base_port: int) -> None:
     `base_port` upwards (0: a free port the system picks). Raises OSError when none is left."""
     port = base_port
     for child in children:
-        if child.role == "gateway":
+        if child.role not in ("dispatcher", "worker"):  # the gateway serves on its listen; config-watch has none
             continue
         if base_port == 0:
             with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
@@ -95,7 +96,9 @@ def print_addresses(children: list[Child], gateway_listen: str | None) -> None:
 
 def _children(config_path: Path | None, workers: int, dispatchers: int, gateway: bool = False) -> list[Child]:
     conf = ["--config", str(config_path)] if config_path else []
-    return ([Child("dispatcher", ["dispatcher", *conf]) for _ in range(dispatchers)]
+    # the file is pushed as the fleet's config revision now and on every change (config_watch.py)
+    watcher = [Child("config-watch", ["config", "watch", str(config_path)])] if config_path else []
+    return (watcher + [Child("dispatcher", ["dispatcher", *conf]) for _ in range(dispatchers)]
             + [Child("worker", ["worker", *conf]) for _ in range(workers)]
             + ([Child("gateway", ["gateway", *conf])] if gateway else []))
 
@@ -163,7 +166,7 @@ def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatc
             time.sleep(0.2)
             if hangups:
                 hangups_total += hangups
-                log.info("SIGHUP ignored: no reload; restart `ratefleet up` to apply a new config",
+                log.info("SIGHUP ignored: edits of the config file are pushed and applied live (`ratefleet config push`)",
                          count=hangups_total)
                 hangups = 0
             for child in children:
@@ -183,7 +186,7 @@ def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatc
 
 
 def _stop_all(children: list[Child], grace_s: float) -> None:
-    for role in ("gateway", "worker", "dispatcher"):  # the front door first: no new jobs while draining
+    for role in ("config-watch", "gateway", "worker", "dispatcher"):  # the front door first: no new jobs while draining
         group = [c.process for c in children if c.role == role and c.process and c.process.poll() is None]
         for process in group:
             process.send_signal(signal.SIGTERM)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from ratefleet.schemas.config_env import EnvOverrides
 from ratefleet.schemas.config_nats import NatsAuthConfig
 from ratefleet.schemas.config_tracing import TracingConfig
 from ratefleet.schemas.errors import ConfigError
@@ -320,8 +321,9 @@ def config_path(explicit: str | os.PathLike[str] | None) -> Path | None:
     """The config file to use: explicit, else $RATEFLEET_CONFIG, else ./ratefleet.toml if present."""
     if explicit:
         return Path(explicit)
-    if os.environ.get("RATEFLEET_CONFIG"):
-        return Path(os.environ["RATEFLEET_CONFIG"])
+    from_env = EnvOverrides().config
+    if from_env:
+        return Path(from_env)
     default = Path("ratefleet.toml")
     return default if default.exists() else None
 
@@ -359,10 +361,10 @@ def load_config(path: str | os.PathLike[str] | None = None, *, nats_url: str | N
             raise ConfigError(f"{source}: no such config file (pass --config FILE or set RATEFLEET_CONFIG)") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    url = nats_url or os.environ.get("RATEFLEET_NATS_URL")
-    if url:
-        data = {**data, "nats": {**data.get("nats", {}), "url": url}}
-    return parse_config(data, source=source)
+    data, used = EnvOverrides().apply(data)  # RATEFLEET_* (config_env.py); a flag still wins
+    if nats_url:
+        data = {**data, "nats": {**data.get("nats", {}), "url": nats_url}}
+    return parse_config(data, source=f"{source} (with {', '.join(used)})" if used else source)
 
 
 def _describe(error: ValidationError, source: str) -> str:

@@ -51,6 +51,7 @@ class Assignment(BaseModel):
 class LeaderAnnounce(BaseModel):
     leader: str
     epoch: Epoch
+    config_revision: int | None = None  # the fleet config revision the leader runs (None: its local file)
 
 
 class OutcomeReport(BaseModel):
@@ -91,6 +92,7 @@ class Heartbeat(BaseModel):
     calls: int = 0
     # key id -> why this worker cannot call with it ("LOCAL_KEY_1 not set"); never the value
     unusable_keys: dict[str, str] = Field(default_factory=dict)
+    config_revision: int | None = None  # the fleet config revision the worker runs (None: its local file)
     http: str | None = None  # URL of the worker's /metrics and probes (`--http`), None without
 
 

@@ -66,6 +66,11 @@ class Subjects:
         return "ratefleet_keys" + self.stream_suffix.lower()
 
     @property
+    def config_bucket(self) -> str:
+        """KV bucket of the fleet config: key `current`, one revision per push (schemas/config_store.py)."""
+        return "ratefleet_config" + self.stream_suffix.lower()
+
+    @property
     def bodies_bucket(self) -> str:
         """Object Store bucket for response bodies too large to travel inside a Result."""
         return "ratefleet_bodies" + self.stream_suffix.lower()

@@ -24,12 +24,14 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from ratefleet.runtime.cache import ResultCache, cache_key, wants_write
+from ratefleet.runtime.config_kv import ConfigFollower
 from ratefleet.runtime.finish import Finisher, auth_headers
 from ratefleet.runtime.handbacks import Handbacks
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.metrics import new_registry, register_cache
 from ratefleet.runtime.tracing import trace_headers
 from ratefleet.schemas import Config, ErrorCode, ErrorInfo, Job, Result, Subjects, Timings, UpstreamConfig
+from ratefleet.schemas.config_store import fleet_view
 from ratefleet.schemas.errors import InvalidRequest, SecretUnavailable
 from ratefleet.schemas.internal import Assignment, Epoch, Heartbeat, InFlight, LeaderAnnounce, OutcomeReport
 from ratefleet.schemas.job import describe_validation_error
@@ -75,9 +77,10 @@ the job's own 429s
 
 class Worker:
     def __init__(self, config: Config, nc: NatsClient, *, slots: int | None = None, worker_id: str | None = None,
-                 registry: CollectorRegistry | None = None, http: str | None = None):
+                 registry: CollectorRegistry | None = None, http: str | None = None, config_revision: int | None = None):
         """`registry`: where the worker's metrics go (workers/metrics.py; default: its own);
-        `http`: the URL of its /metrics and probes, told to the leader in heartbeats."""
+        `http`: the URL of its /metrics and probes, told to the leader in heartbeats;
+        `config_revision`: the fleet config revision `config` comes from (None: the local file)."""
         self.config = config
         self.nc = nc
         self.subjects = Subjects(config.nats.prefix)
@@ -100,6 +103,7 @@ class Worker:
         self.handbacks = Handbacks(nc.jetstream(), self.subjects.handbacks_bucket)
         self.cache = ResultCache.from_config(nc.jetstream(), config)  # written after 2xx calls of opted-in jobs
         self.unusable: dict[str, str] = {}  # key id -> why its secret cannot be used here (heartbeat)
+        self.config_revision = config_revision  # the fleet config revision applied (None: the local file)
         self.key_versions: dict[str, str] = {}  # assignment id -> the key version its call uses
         self.http = http
         registry = registry or new_registry()
@@ -121,8 +125,11 @@ class Worker:
         leader_sub = await self.nc.subscribe(self.subjects.leader_announce, cb=self._on_leader)
         sub = await self.nc.subscribe(self.subjects.assign(self.id), pending_msgs_limit=0)
         log.info("worker started", worker=self.id, slots=self.slots, transport=self.config.workers.transport)
+        follower = ConfigFollower(self.nc.jetstream(), self.subjects, self._apply_config, role="worker",
+                                  revision=self.config_revision)
         try:
             async with anyio.create_task_group() as tg:
+                tg.start_soon(follower.run)
                 tg.start_soon(self._heartbeats)
                 tg.start_soon(self._keep_calls_alive)
                 tg.start_soon(self._take_assignments, sub, executor, tg)
@@ -154,6 +161,22 @@ class Worker:
                 continue
             self.in_flight[assignment.id] = InFlight(assignment=assignment.id, key_id=assignment.key_id, job_id=assignment.job_id)
             tg.start_soon(self._run_assignment, assignment, executor, trace_headers(getattr(msg, "headers", None)))
+
+    async def _apply_config(self, revision: int, stored: Config) -> None:
+        """A new fleet config revision (runtime/config_kv.py): the upstream and key tables are
+        rebuilt and the secrets resolved here, locally (invariant 5). Calls in flight keep the
+        upstream and secret they started with; an assignment for a key this worker does not
+        know (yet, or any more) is handed back unrun (`_execute`)."""
+        config = fleet_view(self.config, stored)
+        secrets = SecretResolver(config)
+        unusable = secrets.check_all()
+        self.config, self.secrets, self.unusable, self.config_revision = config, secrets, unusable, revision
+        self.finisher.mask_headers = auth_headers(config)
+        for key_id, reason in unusable.items():
+            log.warning("secret unusable on this worker; the leader sends this key's jobs elsewhere",
+                        key_id=key_id, problem=reason, revision=revision)
+        log.info("config revision applied", worker=self.id, revision=revision, keys=len(config.keys()))
+        await self._send_heartbeat()
 
     def _note_epoch(self, epoch: Epoch, *, announced: bool) -> bool:
         """Follow the highest recent leader epoch; False for an older one (a stale leader).
@@ -234,7 +257,8 @@ class Worker:
     async def _send_heartbeat(self) -> None:
         beat = Heartbeat(worker=self.id, slots=self.slots, in_flight=list(self.in_flight.values()),
                          draining=self.draining, pid=os.getpid(), host=socket.gethostname(),
-                         started_at=self.started_at, calls=self.calls, unusable_keys=self.unusable, http=self.http)
+                         started_at=self.started_at, calls=self.calls, unusable_keys=self.unusable, http=self.http,
+                         config_revision=self.config_revision)
         try:
             await self.nc.publish(self.subjects.heartbeat, beat.model_dump_json().encode())
         except Exception as exc:  # noqa: BLE001 - disconnected: the next beat retries
@@ -279,6 +303,9 @@ class Worker:
         try:
             version, secret = self.secrets.pick(a.key_id)
             structlog.contextvars.bind_contextvars(key_version=version)
+            if a.upstream not in self.config.upstreams:  # a config revision this worker has not applied yet
+                raise SecretUnavailable(f"upstream {a.upstream!r} is not in this worker's config",
+                                        reason="upstream not in this worker's config")
         except SecretUnavailable as exc:
             # the leader had not heard yet: tell it (heartbeat), and hand the job back unrun,
             # not as an attempt; it then goes to a worker and key that can run it

@@ -160,6 +160,19 @@ class AdaptiveRate:
         self._at = max(self._at, now)
         self._clamp()
 
+    def reconfigure(self, configured: float) -> None:
+        """A new configured rate (a live config change). A rate running at the old configured
+        rate moves to the new one; an adapted (lowered) rate keeps its value, capped at the
+        new configured rate. ValueError for a rate <= 0."""
+        if configured <= 0:
+            raise ValueError("configured rate must be > 0")
+        at_full = self.rate >= self.configured * (1 - 1e-9)
+        self.configured = configured
+        self.floor = configured * self.policy.floor_fraction
+        if at_full:
+            self.rate = self.target = self.peak = self._low = configured
+        self._clamp()
+
     def _clamp(self) -> None:
         self.rate = min(self.configured, max(self.floor, self.rate))
         self.target = min(self.configured, max(self.floor, self.target))

@@ -14,7 +14,7 @@ from typing import Any
 from ratefleet.schemas.internal import Heartbeat
 
 from .delivery import Incoming, Refused
-from .types import Outcome
+from .types import Outcome, SchedulerSpec
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,18 @@ class AssignFailed:
 
 
 @dataclass(frozen=True)
+class ConfigChanged:
+    """A new fleet config revision (`revision`: its KV revision in the config bucket).
+    `spec`: the scheduler's new spec; `windows`/`max_deliver`: per tier, as in LeaderSettings.
+    The shell has already made a pull inbox for every tier it names."""
+
+    revision: int
+    spec: SchedulerSpec
+    windows: Mapping[str, int]
+    max_deliver: Mapping[str, int]
+
+
+@dataclass(frozen=True)
 class Tick:
     """Time passed (the shell's timer, at `LeaderMachine.wake_at()` or sooner)."""
 
@@ -118,4 +130,4 @@ class StepDown:
 
 
 Event = (SessionStarted | LeaseRenewed | LeaseLost | JobDelivered | PullStatus | HeartbeatReceived | OutcomeReported
-         | KeyCommand | AssignFailed | Tick | StepDown)
+         | KeyCommand | AssignFailed | ConfigChanged | Tick | StepDown)

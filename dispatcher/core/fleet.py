@@ -66,7 +66,8 @@ class Fleet:
         if state is None:
             state = self.workers[hb.worker] = WorkerState(hb.worker, hb.slots, now)
         state.slots, state.last_seen, state.draining = hb.slots, now, hb.draining
-        state.info = {"pid": hb.pid, "host": hb.host, "calls": hb.calls, "started_at": hb.started_at, "http": hb.http}
+        state.info = {"pid": hb.pid, "host": hb.host, "calls": hb.calls, "started_at": hb.started_at, "http": hb.http,
+                      "config_revision": hb.config_revision}
         state.unusable = dict(hb.unusable_keys)
         listed = {item.assignment for item in hb.in_flight}
         lost: list[AssignmentRecord] = []

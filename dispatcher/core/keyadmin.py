@@ -81,6 +81,6 @@ class KeyAdmin:
 
     def key_changes(self) -> list[str]:
         """Ids of keys whose disabled state changed since the last call (then forgotten)."""
-        changed = sorted(self._changed)
+        changed = sorted(k for k in self._changed if k in self._keys)  # not keys removed by a config change
         self._changed.clear()
         return changed

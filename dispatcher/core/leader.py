@@ -43,6 +43,7 @@ from .commands import (
 from .delivery import Incoming
 from .fleet import AssignmentRecord, Fleet
 from .handout import Held, LeaderSettings, build_assignment
+from .leader_config import apply_config
 from .leader_fleet import LOST, FleetKeeper
 from .leader_keys import KeyKeeper
 from .pulls import HANDBACK_MARGIN_S, PULL_EXPIRES_S, PullBook
@@ -71,6 +72,7 @@ class LeaderMachine:
         self.dispatch_at = float("inf")  # set by each dispatch pass once ready
         self._sequence = itertools.count(1)
         self.scaling = ScalingMeter()  # arrivals and call latency for the scaling signal
+        self.config_revision: int | None = None  # the fleet config revision applied (None: the local file's)
 
     # -- the one entry point -----------------------------------------------------------------
 
@@ -127,6 +129,8 @@ class LeaderMachine:
             return self.keys.command(event.request, event.reply, event.error, now) if self.owns(now) else []
         elif isinstance(event, ev.AssignFailed):
             return self._on_assign_failed(event, now)
+        elif isinstance(event, ev.ConfigChanged):
+            return apply_config(self, event, now)
         elif isinstance(event, ev.StepDown):
             return self._step_down(now)
         return []
@@ -134,6 +138,8 @@ class LeaderMachine:
     # -- intake ------------------------------------------------------------------------------
 
     def _on_job(self, event: ev.JobDelivered, now: float) -> list[Command]:
+        if event.tier not in self.pulls.tiers:
+            return self._on_removed_tier(event, now)
         self.pulls.delivered(event.tier, now)
         final = event.delivered >= self.settings.max_deliver[event.tier]
         owned = self.owns(now)
@@ -162,7 +168,20 @@ class LeaderMachine:
                                       cost=verdict.job.cost, handle=event.seq), now)
         return []
 
+    def _on_removed_tier(self, event: ev.JobDelivered, now: float) -> list[Command]:
+        """A late delivery on the inbox of a tier a config change removed: handed back (no
+        call; it waits in JetStream for the tier to come back), ended if it is the last one."""
+        if not self.owns(now):
+            return []
+        if event.delivered < self.settings.max_deliver.get(event.tier, 1 << 30):
+            return [HandBack(event.seq, event.ack, 0.0)]
+        if isinstance(event.verdict, Incoming):
+            return [EndJob(event.verdict, ErrorCode.UNKNOWN_TIER, f"tier {event.tier!r} is no longer configured")]
+        return [EndRefused(event.verdict)] if event.verdict is not None else []
+
     def _on_pull_status(self, event: ev.PullStatus, now: float) -> list[Command]:
+        if event.tier not in self.pulls.tiers:
+            return []
         if event.status not in ("408", "409", "404"):
             return []
         self.pulls.status(event.tier, event.unfilled, now)
@@ -173,6 +192,8 @@ class LeaderMachine:
         return [*out, *self._top_up(event.tier, now)]
 
     def _top_up(self, tier: str, now: float) -> list[Command]:
+        if tier not in self.pulls.tiers:
+            return []  # removed by a config change
         return list(self.pulls.top_up(tier, self.scheduler.pending(tier), now, self.owns(now)))
 
     # -- dispatch ----------------------------------------------------------------------------
@@ -280,7 +301,8 @@ class LeaderMachine:
         """Tell the workers our epoch: from now on they drop assignments of earlier leaders."""
         if not self.owns(now):
             return []
-        announce = LeaderAnnounce(leader=self.settings.leader_id, epoch=self.settings.epoch)
+        announce = LeaderAnnounce(leader=self.settings.leader_id, epoch=self.settings.epoch,
+                                  config_revision=self.config_revision)
         return [Announce(announce.model_dump_json().encode())]
 
     # -- step-down ---------------------------------------------------------------------------
@@ -307,4 +329,4 @@ class LeaderMachine:
         """The leader's part of the status answer: keys, tiers, workers."""
         snap = self.scheduler.snapshot(now)
         return {"leader": self.settings.leader_id, "leader_since": self.settings.since, "keys": snap["keys"],
-                "tiers": snap["tiers"], "workers": self.fleet.snapshot(now)}
+                "tiers": snap["tiers"], "workers": self.fleet.snapshot(now), "config_revision": self.config_revision}

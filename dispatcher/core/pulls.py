@@ -35,6 +35,18 @@ class PullBook:
         self.tiers = {tier: TierPulls(window, 0, now) for tier, window in windows.items()}
         self.active = False
 
+    def set_windows(self, windows: dict[str, int], now: float) -> None:
+        """A config change: new tiers get a book, removed ones lose theirs (nothing more is
+        asked for them), the others take the new window size."""
+        for tier in list(self.tiers):
+            if tier not in windows:
+                del self.tiers[tier]
+        for tier, window in windows.items():
+            if tier in self.tiers:
+                self.tiers[tier].window = window
+            else:
+                self.tiers[tier] = TierPulls(window, 0, now)
+
     def top_up(self, tier: str, pending: int, now: float, owned: bool) -> list[Pull]:
         """Ask for more when at least half the window is free (`pending`: the tier's jobs
         waiting in the scheduler) and the lease is ours."""

@@ -18,7 +18,6 @@ operator-facing methods are in keyadmin.py.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
 from typing import Any
 
 from ratefleet.schemas.outcome import OutcomeKind
@@ -29,13 +28,13 @@ from .denials import DenialBook
 from .key import KeyState, Marks
 from .keyadmin import KeyAdmin
 from .keyhealth import probe_verdict
+from .reconfigure import Reconfigure, checked_keys
 from .split import Variant, variant_of
 from .tiers import TierBook, TierQueue
 from .types import (
     Decision,
     Dispatch,
     Idle,
-    KeySpec,
     Outcome,
     PendingJob,
     Reject,
@@ -47,7 +46,7 @@ from .types import (
 LOOKAHEAD = 16
 
 
-class Scheduler(KeyAdmin):
+class Scheduler(KeyAdmin, Reconfigure):
     """Dispatches queued jobs onto keys without exceeding any key's limits.
 
     Buckets start full; with `conservative=True` (a standby taking over from a leader whose
@@ -56,7 +55,9 @@ class Scheduler(KeyAdmin):
 
     def __init__(self, spec: SchedulerSpec, now: float, *, conservative: bool = False) -> None:
         self._now = now
+        self._spec = spec
         self._keys = _build_keys(spec, now, conservative)
+        self._retired: dict[str, KeyState] = {}  # removed by a config change, calls still in flight
         self._pool_upstream = {pool.name: pool.upstream for pool in spec.pools}
         self._tiers = TierBook(spec.tiers, spec.policy)
         for tier in self._tiers:
@@ -199,16 +200,20 @@ class Scheduler(KeyAdmin):
         entry = self._active.pop(reservation.id, None)
         if entry is None:
             return
-        key = self._keys[reservation.key_id]
+        key = self._key(reservation.key_id)
+        assert key is not None  # a reserved key stays known (retired) until its calls end
         key.breaker.release_probe(reservation.id)
         key.health.release_probe(reservation.id)
         if reservation.adopted or entry[1] is None:
             key.in_flight -= 1
+            self.retire_if_idle(reservation.key_id)
             return
         key.give_back(now, reservation.cost, entry[1])
-        tier = self._tiers.get(reservation.job.tier)
-        self._tiers.uncharge(tier)
-        self._tiers.push(tier, reservation.job, front=True)
+        self.retire_if_idle(reservation.key_id)
+        tier = self._tiers.find(reservation.job.tier)
+        if tier is not None:  # else (its tier removed) the job comes back from JetStream
+            self._tiers.uncharge(tier)
+            self._tiers.push(tier, reservation.job, front=True)
 
     def complete(self, reservation: Reservation, outcome: Outcome, now: float) -> None:
         """Report the outcome of a reserved call.
@@ -220,13 +225,14 @@ class Scheduler(KeyAdmin):
         """
         now = self._tick(now)
         entry = self._active.pop(reservation.id, None)
-        key = self._keys.get(reservation.key_id)
+        key = self._key(reservation.key_id)
         if entry is None or key is None:
             self.complete_unknown(reservation.key_id, outcome, now)
             return
         key.in_flight -= 1
-        if not reservation.adopted:
-            self._tiers.get(reservation.job.tier).in_flight -= 1
+        tier = None if reservation.adopted else self._tiers.find(reservation.job.tier)
+        if tier is not None:
+            tier.in_flight -= 1
         marks = entry[1]
         if marks is not None:
             key.correct_cost(now, reservation.cost, outcome.actual_cost, marks.cost)
@@ -241,6 +247,8 @@ class Scheduler(KeyAdmin):
             if not key.health.disabled:
                 self._denials.forget_key(key.spec.id)
         key.breaker.settle(reservation.id, reservation.generation, outcome.kind, now)
+        self.retire_if_idle(reservation.key_id)
+
 
     def _weigh_denials(self, reservation: Reservation, outcome: Outcome, now: float) -> None:
         job_id = reservation.job.job_id
@@ -252,9 +260,11 @@ class Scheduler(KeyAdmin):
         else:
             return
         for key_id, reason in verdicts.disable:
-            if self._keys[key_id].health.disable("provider", reason, now):
+            if key_id in self._keys and self._keys[key_id].health.disable("provider", reason, now):
                 self._changed.add(key_id)
         for key_id in verdicts.enable:  # its 401 evidence was withdrawn: the jobs were at fault
+            if key_id not in self._keys:
+                continue
             health = self._keys[key_id].health
             if health.by == "provider" and health.probe is None and health.enable():
                 self._denials.forget_key(key_id)
@@ -315,7 +325,7 @@ class Scheduler(KeyAdmin):
 def _build_keys(spec: SchedulerSpec, now: float, conservative: bool) -> dict[str, KeyState]:
     keys: dict[str, KeyState] = {}
     for pool in spec.pools:
-        for key in _checked_keys(pool.name, pool.upstream, pool.keys):
+        for key in checked_keys(pool.name, pool.upstream, pool.keys):
             if key.id in keys:
                 raise ValueError(f"key id {key.id!r} appears twice")
             keys[key.id] = KeyState(
@@ -325,17 +335,3 @@ def _build_keys(spec: SchedulerSpec, now: float, conservative: bool) -> dict[str
     if len({pool.name for pool in spec.pools}) != len(spec.pools):
         raise ValueError("pool names must be unique")
     return keys
-
-
-def _checked_keys(pool: str, upstream: str, keys: Iterable[KeySpec]) -> Iterable[KeySpec]:
-    for key in keys:
-        where = f"pool {pool!r}, key {key.id!r}"
-        if key.pool != pool or key.upstream != upstream:
-            raise ValueError(f"{where}: pool/upstream fields must match the pool ({pool}, {upstream})")
-        if key.rps <= 0 or key.burst < 1:
-            raise ValueError(f"{where}: rps must be > 0 and burst >= 1")
-        if key.concurrency is not None and key.concurrency < 1:
-            raise ValueError(f"{where}: concurrency must be >= 1 when set")
-        if key.cost_per_minute is not None and key.cost_per_minute <= 0:
-            raise ValueError(f"{where}: cost_per_minute must be > 0 when set")
-        yield key

@@ -60,6 +60,10 @@ class TierBook:
             known = ", ".join(self._tiers) or "none"
             raise ValueError(f"unknown tier {name!r} (configured: {known})") from None
 
+    def find(self, name: str) -> TierQueue | None:
+        """The tier named `name`, or None (e.g. removed by a config change)."""
+        return self._tiers.get(name)
+
     def push(self, tier: TierQueue, job: PendingJob, *, front: bool = False) -> None:
         """Queue `job` (at the head when `front`), starting the tier's pass fairly."""
         if not tier.jobs:

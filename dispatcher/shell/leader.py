@@ -54,12 +54,14 @@ def leader_settings(config: Config, leader_id: str, epoch: tuple[int, int], max_
 
 class LeaderSession:
     def __init__(self, config: Config, bus: LeaderBus, dispatcher_id: str, *, conservative: bool = True,
-                 epoch: tuple[int, int] = (0, 0), lease_until: float = math.inf, renew: Renew | None = None):
+                 epoch: tuple[int, int] = (0, 0), lease_until: float = math.inf, renew: Renew | None = None,
+                 config_revision: int | None = None):
         self.config, self.bus, self.id = config, bus, dispatcher_id
         self.subjects = bus.subjects
         settings = leader_settings(config, dispatcher_id, epoch, bus.max_payload)
         self.machine = LeaderMachine(settings, scheduler_spec(config), time.monotonic(), conservative=conservative,
                                      lease_until=lease_until)
+        self.machine.config_revision = config_revision
         self.renew = renew  # extends the lease while stepping down (the renewal loop has ended)
         self._send: MemoryObjectSendStream[ev.Event]
         self._receive: MemoryObjectReceiveStream[ev.Event]
@@ -74,6 +76,24 @@ class LeaderSession:
         """Queue an event for the session's reader (never blocks; callable from any callback)."""
         with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
             self._send.send_nowait(event)
+
+    async def reconfigure(self, config: Config, revision: int) -> None:
+        """A new fleet config revision: pull inboxes for new tiers first, then the change goes
+        to the machine as an event, in order with everything else (core/leader_config.py).
+        A removed tier's inbox stays subscribed (its late deliveries are handed back; it is
+        reused if the tier comes back) until the session ends."""
+        for tier in config.tiers:
+            if tier not in self.inboxes:
+                inbox = TierInbox(self.bus, config, tier, self.subjects.jobs_stream, tier_consumer(tier),
+                                  tier_max_deliver(config, tier), self.post)
+                await inbox.start()
+                self.inboxes[tier] = inbox
+            self.inboxes[tier].max_deliver = tier_max_deliver(config, tier)
+        for tier in config.tiers:  # a removed tier's inbox keeps the config that knew it
+            self.inboxes[tier].config = config
+        self.config = config
+        settings = leader_settings(config, self.id, (0, 0), 0)
+        self.post(ev.ConfigChanged(revision, scheduler_spec(config), settings.windows, settings.max_deliver))
 
     def lease_renewed(self, until: float) -> None:
         self.post(ev.LeaseRenewed(until))

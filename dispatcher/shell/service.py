@@ -24,10 +24,12 @@ from ratefleet.dispatcher.shell.lease import LeaderLease
 from ratefleet.dispatcher.shell.metrics import DispatcherMetrics, LeaderView
 from ratefleet.dispatcher.shell.rpc import RpcResponder
 from ratefleet.runtime.cache import ResultCache
+from ratefleet.runtime.config_kv import ConfigFollower
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.metrics import new_registry, register_cache
 from ratefleet.runtime.streams import ensure_topology, tier_consumer
 from ratefleet.schemas import Config, Result, Subjects
+from ratefleet.schemas.config_store import fleet_view
 from ratefleet.schemas.internal import DispatcherBeat
 
 log = get_logger("ratefleet.dispatcher")
@@ -38,9 +40,10 @@ RECENT_LEADER_S = 65.0
 
 class Dispatcher:
     def __init__(self, config: Config, nc: NatsClient, *, dispatcher_id: str | None = None,
-                 registry: CollectorRegistry | None = None, http: str | None = None):
+                 registry: CollectorRegistry | None = None, http: str | None = None, config_revision: int | None = None):
         """`registry`: where its metrics go (default: its own); `http`: the URL of its
-        /metrics and probes, told to the other dispatchers and to `status`."""
+        /metrics and probes, told to the other dispatchers and to `status`; `config_revision`:
+        the fleet config revision `config` comes from (None: the local file)."""
         self.config, self.nc = config, nc
         self.id = dispatcher_id or f"d-{uuid.uuid4().hex[:6]}"
         self.subjects = Subjects(config.nats.prefix)
@@ -54,6 +57,8 @@ class Dispatcher:
         self.peers = Peers(forget_after_s=3 * config.workers.heartbeat_s + 1)
         self.cache = ResultCache.from_config(self.js, config)  # intake's lookups; counters kept across leaderships
         register_cache(registry, lambda: self.cache.stats)
+        self.config_revision = config_revision  # the fleet config revision applied (None: the local file)
+        self.rpc = RpcResponder(config, nc)
 
     def _count(self, result: Result) -> None:
         self.metrics.job_ended(result.tier, result.status)
@@ -61,13 +66,16 @@ class Dispatcher:
     async def run(self, stop: anyio.Event) -> None:
         await ensure_topology(self.js, self.config)
         await self.lease.open()
-        responder = RpcResponder(self.config, self.nc)
+        responder = self.rpc
         responder.finisher.on_stored = self._count
+        follower = ConfigFollower(self.js, self.subjects, self._apply_config, role="dispatcher",
+                                  revision=self.config_revision)
         peers_sub = await self.nc.subscribe(self.subjects.dispatcher_beat, cb=self.peers.on_beat)
         service = await start_service(self.nc, self.subjects, self.id, self.http, responder.handle, self._on_status)
         log.info("dispatcher started", dispatcher=self.id, tiers=list(self.config.tiers))
         try:
             async with anyio.create_task_group() as tg:
+                tg.start_soon(follower.run)
                 tg.start_soon(self._campaign)
                 tg.start_soon(self._beat)
                 if self.http:
@@ -107,7 +115,8 @@ class Dispatcher:
         bus.finisher.on_stored = self._count
         self.session = LeaderSession(self.config, bus, self.id,
                                      conservative=conservative, epoch=self.lease.epoch,
-                                     lease_until=self.lease.held_until, renew=self._renew_for_session)
+                                     lease_until=self.lease.held_until, renew=self._renew_for_session,
+                                     config_revision=self.config_revision)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.session.run)
@@ -116,6 +125,21 @@ class Dispatcher:
         finally:
             self.session = None
             log.info("leadership ended", dispatcher=self.id)
+
+    async def _apply_config(self, revision: int, stored: Config) -> None:
+        """A new fleet config revision (runtime/config_kv.py): consumers for new tiers (and
+        new delivery limits) first, then intake, request/reply and the leader session. A
+        tier's consumer is never deleted here: a removed tier's jobs wait in JetStream."""
+        config = fleet_view(self.config, stored)
+        if config.tiers != self.config.tiers:
+            both = config.model_copy(update={"tiers": {**self.config.tiers, **config.tiers}})
+            await ensure_topology(self.js, both)
+        self.config, self.config_revision = config, revision
+        self.rpc.config = config
+        if self.session is not None:
+            await self.session.reconfigure(config, revision)
+        log.info("config revision applied", dispatcher=self.id, revision=revision,
+                 leader=self.session is not None, keys=len(config.keys()), tiers=list(config.tiers))
 
     async def _renew_for_session(self) -> float | None:
         """Renew now (the session steps down): the lease's new end, or None when it was lost."""
@@ -147,7 +171,8 @@ class Dispatcher:
 
     async def _on_status(self, msg: Msg) -> None:
         """Any dispatcher answers; the leader's answer carries key and worker state."""
-        answer = {"dispatcher": self.id, "http": self.http, "leader": await self.lease.current_holder(), "tiers": {}}
+        answer = {"dispatcher": self.id, "http": self.http, "leader": await self.lease.current_holder(), "tiers": {},
+                  "dispatcher_config_revision": self.config_revision}
         if self.session is not None:
             answer.update(self.session.status())
         else:

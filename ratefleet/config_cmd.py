@@ -1,0 +1,136 @@
+"""`ratefleet config check|push|show`: the fleet config, validated, stored and read back.
+
+* `check FILE`: validate; exit 0 (with a summary), or exit 2 with the file, the field and why.
+* `push FILE [--nats URL]`: validate, refuse literal secrets, store a new revision in the KV
+  bucket `ratefleet_config` (key `current`) that every dispatcher and worker follows; a file
+  that fails changes nothing (exit 2). Pushing the content of the current revision again
+  makes no new revision.
+* `show [--revision N] [--json]`: the stored config as TOML (secret references only).
+* `watch FILE [--nats URL]`: push FILE now and whenever it changes (`ratefleet up --config
+  FILE` runs it); a bad edit is reported and not pushed (config_watch.py).
+
+Exit codes: 0 done, 1 NATS unreachable or nothing stored, 2 bad file or usage.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from datetime import UTC, datetime
+from pathlib import Path
+
+import tomli_w
+import typer
+
+from ratefleet.cli_support import EXIT_FAILED, client_target, fail, require_file
+from ratefleet.runtime.config_kv import document_for, push_config, read_config, read_toml
+from ratefleet.runtime.connect import connect
+from ratefleet.schemas import Subjects
+from ratefleet.schemas.config import parse_config
+from ratefleet.schemas.config_store import literal_secrets
+from ratefleet.schemas.errors import ConfigError, NatsUnavailable
+
+config_app = typer.Typer(no_args_is_help=True, help="Check, push and show the fleet config (live reload).")
+
+FileArg = typer.Argument(..., help="TOML config file")
+NatsOpt = typer.Option(None, "--nats", envvar="RATEFLEET_NATS_URL", help="NATS URL (default nats://127.0.0.1:4222)")
+ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config for the NATS URL and prefix")
+PrefixOpt = typer.Option(None, "--prefix", help="subject prefix (default from the config, else ratefleet)")
+
+
+@config_app.command("check")
+def check(file: Path = FileArg) -> None:
+    """Validate FILE: exit 0, or exit 2 naming the file, the field and why."""
+    require_file(file, "config file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = parse_config(read_toml(file), source=str(file))
+    except ConfigError as exc:
+        fail(str(exc))
+    keys = config.keys()
+    typer.echo(f"{file}: valid ({len(config.upstreams)} upstream(s), {len(config.pools)} pool(s), {len(keys)} key(s), "
+               f"tiers {', '.join(config.tiers)})")
+    for where in literal_secrets(config):
+        typer.echo(f"note: literal secret at {where}: `config push` refuses it (use env:NAME or file:PATH)")
+
+
+@config_app.command("push")
+def push(file: Path = FileArg, nats: str | None = NatsOpt, prefix: str | None = PrefixOpt) -> None:
+    """Validate FILE and store it as the fleet's next config revision (applied live)."""
+    require_file(file, "config file")
+    try:
+        document = document_for(file)
+    except ConfigError as exc:
+        fail(str(exc))
+    target = client_target(file, nats, prefix)
+    try:
+        revision, changed = _run(_push, target.url, target.prefix, document)
+    except NatsUnavailable as exc:
+        fail(str(exc), EXIT_FAILED)
+    if changed:
+        typer.echo(f"pushed {file} as config revision {revision}; dispatchers and workers apply it now")
+    else:
+        typer.echo(f"unchanged: config revision {revision} already holds this config")
+
+
+@config_app.command("show")
+def show(revision: int | None = typer.Option(None, "--revision", min=1, help="an earlier revision (default: current)"),
+         as_json: bool = typer.Option(False, "--json", help="the stored document as JSON"),
+         config: Path | None = ConfigOpt, nats: str | None = NatsOpt, prefix: str | None = PrefixOpt) -> None:
+    """Print the stored fleet config (secret references only)."""
+    target = client_target(config, nats, prefix)
+    try:
+        found = _run(_read, target.url, target.prefix, revision)
+    except NatsUnavailable as exc:
+        fail(str(exc), EXIT_FAILED)
+    if found is None:
+        what = f"revision {revision} is not in the config bucket" if revision else "no config was pushed yet"
+        fail(f"{what} (`ratefleet config push FILE` stores one)", EXIT_FAILED)
+    number, document = found
+    if as_json:
+        typer.echo(json.dumps({"revision": number, **document.model_dump(mode="json")}, indent=2))
+        return
+    when = datetime.fromtimestamp(document.pushed_at, UTC).isoformat(timespec="seconds")
+    typer.echo(f"# config revision {number}, pushed {when} from {document.source}"
+               f"{' on ' + document.pushed_by if document.pushed_by else ''}; sha256 {document.sha256[:16]}")
+    typer.echo(tomli_w.dumps(document.config), nl=False)
+
+
+@config_app.command("watch")
+def watch(file: Path = FileArg, nats: str | None = NatsOpt, prefix: str | None = PrefixOpt) -> None:
+    """Push FILE now and each time it changes; a bad edit is reported and not pushed."""
+    from ratefleet.config_watch import watch_and_push
+    from ratefleet.roles import log_and_ignore_sighup
+    from ratefleet.runtime.logs import configure_logging
+
+    log_and_ignore_sighup()
+    require_file(file, "config file")
+    configure_logging()
+    target = client_target(file, nats, prefix)
+    try:
+        _run(watch_and_push, file, target.url, target.prefix)
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+def _run(fn, *args):
+    import anyio
+
+    return anyio.run(fn, *args)
+
+
+async def _push(url: str, prefix: str, document):
+    nc = await connect(url, name="ratefleet-config", forever=False)
+    try:
+        return await push_config(nc.jetstream(), Subjects(prefix), document)
+    finally:
+        await nc.close()
+
+
+async def _read(url: str, prefix: str, revision: int | None):
+    nc = await connect(url, name="ratefleet-config", forever=False)
+    try:
+        return await read_config(nc.jetstream(), Subjects(prefix), revision)
+    finally:
+        await nc.close()

@@ -1,0 +1,167 @@
+"""The fleet config in NATS KV: push, read, and follow revisions (schemas/config_store.py).
+
+Bucket `ratefleet_config` (history 64: `config show --revision N` reaches the last 64
+pushes), key `current`; the KV revision of a push is the config revision. A follower
+(`ConfigFollower`) watches the key and also re-reads it every `poll_s` seconds, so a watch
+lost to a reconnect delays a change by at most that long, never loses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+import tomllib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import anyio
+import nats.errors
+from nats.js import JetStreamContext
+from nats.js.errors import BadRequestError, BucketNotFoundError, KeyNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+
+from ratefleet.runtime.logs import get_logger
+from ratefleet.schemas import Config, Subjects
+from ratefleet.schemas.config_store import CURRENT_KEY, StoredConfig, fleet_view, storable
+from ratefleet.schemas.errors import ConfigError
+
+log = get_logger("ratefleet.config")
+HISTORY = 64  # the server's most per key
+
+
+async def open_config_bucket(js: JetStreamContext, subjects: Subjects) -> KeyValue:
+    """The config bucket, created (history 64, no expiry) when missing."""
+    try:
+        return await js.key_value(subjects.config_bucket)
+    except (BucketNotFoundError, NotFoundError):
+        try:
+            return await js.create_key_value(bucket=subjects.config_bucket, history=HISTORY)
+        except BadRequestError:  # created concurrently by another process
+            return await js.key_value(subjects.config_bucket)
+
+
+def read_toml(path: Path) -> dict:
+    """The file's tables; ConfigError naming the file when it is missing or not TOML."""
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def document_for(path: Path) -> StoredConfig:
+    """Validate `path` for a push (ConfigError with the file, the field and why; refused
+    when it holds a literal secret)."""
+    return storable(read_toml(path), source=str(path), pushed_at=time.time(), pushed_by=socket.gethostname())
+
+
+async def push_config(js: JetStreamContext, subjects: Subjects, document: StoredConfig) -> tuple[int, bool]:
+    """Store `document` as the current revision unless it equals it: (revision, changed)."""
+    kv = await open_config_bucket(js, subjects)
+    current = await read_config(js, subjects)
+    if current is not None and current[1].sha256 == document.sha256:
+        return current[0], False
+    revision = await kv.put(CURRENT_KEY, document.model_dump_json().encode())
+    return revision, True
+
+
+async def read_config(js: JetStreamContext, subjects: Subjects,
+                      revision: int | None = None) -> tuple[int, StoredConfig] | None:
+    """(revision, document) of the current revision, or of `revision`; None when nothing
+    was pushed (or that revision is not in the bucket's history)."""
+    kv = await open_config_bucket(js, subjects)
+    try:
+        entry = await kv.get(CURRENT_KEY, revision=revision)
+    except (KeyNotFoundError, NotFoundError):
+        return None
+    if entry.value is None or entry.revision is None or entry.key != CURRENT_KEY:
+        return None
+    return entry.revision, StoredConfig.model_validate_json(entry.value)
+
+
+async def startup_config(js: JetStreamContext, subjects: Subjects, local: Config) -> tuple[Config, int | None]:
+    """The config a dispatcher or worker starts with: `local` with the live sections of the
+    current stored revision (schemas/config_store.py `fleet_view`), and that revision; `local`
+    and None when nothing was pushed, or when the stored revision is unreadable or invalid
+    (logged; the follower reports it again)."""
+    try:
+        found = await read_config(js, subjects)
+        if found is None:
+            return local, None
+        revision, document = found
+        return fleet_view(local, document.validated(revision)), revision
+    except (ConfigError, ValueError) as exc:
+        log.error("stored config revision is invalid; starting with the local file", error=str(exc)[:500])
+    except Exception as exc:  # noqa: BLE001 - NATS trouble: the follower catches up
+        log.warning("stored config not read; starting with the local file", error=type(exc).__name__)
+    return local, None
+
+
+Apply = Callable[[int, Config], Awaitable[None]]
+
+
+class ConfigFollower:
+    """Follows the config bucket for one process: each new valid revision goes to `apply`
+    (revision, the stored config validated), in order, once. An invalid document is logged
+    and skipped (the running revision stays)."""
+
+    def __init__(self, js: JetStreamContext, subjects: Subjects, apply: Apply, *, poll_s: float = 5.0,
+                 role: str = "process", revision: int | None = None) -> None:
+        """`revision`: the one the process started with (`startup_config`), not applied again."""
+        self.js, self.subjects, self.apply, self.poll_s, self.role = js, subjects, apply, poll_s, role
+        self.revision = revision  # the revision applied last
+        self._seen = revision or 0  # the highest revision looked at (applied or refused)
+
+    async def run(self) -> None:
+        """Follow until cancelled; NATS trouble is retried every second."""
+        while True:
+            try:
+                await self._watch()
+            except Exception as exc:  # noqa: BLE001 - NATS away or the bucket deleted: try again
+                log.debug("config watch interrupted", role=self.role, error=type(exc).__name__)
+                await anyio.sleep(1.0)
+
+    async def _watch(self) -> None:
+        kv = await open_config_bucket(self.js, self.subjects)
+        watcher = await kv.watch(CURRENT_KEY)
+        try:
+            while True:
+                try:
+                    entry = await watcher.updates(timeout=self.poll_s)
+                except (nats.errors.TimeoutError, TimeoutError):
+                    await self._poll(kv)
+                    continue
+                if entry is not None and entry.value:
+                    await self._offer(entry.revision, entry.value)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+
+    async def _poll(self, kv: KeyValue) -> None:
+        try:
+            entry = await kv.get(CURRENT_KEY)
+        except (KeyNotFoundError, NotFoundError):
+            return
+        if entry.value:
+            await self._offer(entry.revision, entry.value)
+
+    async def _offer(self, revision: int | None, value: bytes) -> None:
+        if revision is None or revision <= self._seen:
+            return
+        self._seen = revision
+        try:
+            config = StoredConfig.model_validate_json(value).validated(revision)
+        except (ConfigError, ValueError) as exc:
+            log.error("stored config revision is invalid; the running one stays", role=self.role,
+                      revision=revision, running=self.revision, error=str(exc)[:500])
+            return
+        try:
+            await self.apply(revision, config)
+        except Exception:  # noqa: BLE001 - e.g. NATS away while creating a new tier's consumer
+            log.exception("config revision could not be applied; the running one stays, retried in "
+                          f"{self.poll_s:g} s", role=self.role, revision=revision, running=self.revision)
+            self._seen = self.revision or 0  # the next poll offers it again
+            return
+        self.revision = revision

@@ -1,0 +1,119 @@
+"""`ratefleet config check|push|show|watch` through the real command and a real nats-server:
+exit codes, the file/field/why of a bad file, literal secrets refused, revisions kept, a
+push that fails validation changes nothing, and a watched file pushed on each good edit."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import tomli_w
+
+pytestmark = [pytest.mark.timeout(240)]
+
+
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ratefleet", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def config(rps: float = 5, *, secret: str = "env:K1", extra_key: bool = False) -> dict:
+    keys = [{"id": "k1", "secret": secret, "rps": rps}]
+    if extra_key:
+        keys.append({"id": "k2", "secret": "file:/run/secrets/k2", "rps": 3})
+    return {"nats": {"url": "nats://127.0.0.1:1"}, "upstreams": {"mock": {"base_url": "http://127.0.0.1:8900"}},
+            "pools": {"shared": {"keys": keys}}}
+
+
+def write(path, data: dict):
+    path.write_text(tomli_w.dumps(data))
+    return path
+
+
+def test_check_passes_a_good_file_and_names_file_field_and_why_for_a_bad_one(tmp_path):
+    good = cli("config", "check", str(write(tmp_path / "good.toml", config())))
+    assert good.returncode == 0, good.stderr
+    assert "valid (1 upstream(s), 1 pool(s), 1 key(s)" in good.stdout
+    bad_path = write(tmp_path / "bad.toml", config(rps=-1))
+    bad = cli("config", "check", str(bad_path))
+    assert bad.returncode == 2
+    assert f"{bad_path}: pools.shared.keys.0.rps: Input should be greater than 0" in bad.stderr, bad.stderr
+    (tmp_path / "broken.toml").write_text("[pools\n")
+    broken = cli("config", "check", str(tmp_path / "broken.toml"))
+    assert broken.returncode == 2 and "broken.toml: not valid TOML" in broken.stderr
+    literal = cli("config", "check", str(write(tmp_path / "lit.toml", config(secret="sk-live-123"))))
+    assert literal.returncode == 0 and "config push` refuses it" in literal.stdout
+    assert "sk-live-123" not in literal.stdout + literal.stderr
+
+
+def test_push_stores_revisions_and_a_refused_push_changes_nothing(tmp_path, nats_server):
+    url = ["--nats", nats_server.url]
+    nothing = cli("config", "show", *url)
+    assert nothing.returncode == 1 and "no config was pushed yet" in nothing.stderr
+    literal = cli("config", "push", str(write(tmp_path / "lit.toml", config(secret="sk-live-123"))), *url)
+    assert literal.returncode == 2 and "literal secret at pools.shared.keys.0.secret (key 'k1')" in literal.stderr
+    assert "sk-live-123" not in literal.stderr + literal.stdout
+    assert cli("config", "show", *url).returncode == 1  # nothing stored
+
+    first = cli("config", "push", str(write(tmp_path / "a.toml", config(rps=5))), *url)
+    assert first.returncode == 0 and "config revision 1" in first.stdout, first.stderr
+    again = cli("config", "push", str(tmp_path / "a.toml"), *url)
+    assert again.returncode == 0 and "unchanged: config revision 1" in again.stdout
+    second = cli("config", "push", str(write(tmp_path / "b.toml", config(rps=9, extra_key=True))), *url)
+    assert second.returncode == 0 and "config revision 2" in second.stdout
+
+    bad = cli("config", "push", str(write(tmp_path / "bad.toml", config(rps=-1))), *url)
+    assert bad.returncode == 2 and "pools.shared.keys.0.rps" in bad.stderr
+    current = json.loads(cli("config", "show", "--json", *url).stdout)
+    assert current["revision"] == 2  # the refused push made no revision
+    assert current["config"]["pools"]["shared"]["keys"][1]["secret"] == "file:/run/secrets/k2"
+    assert "nats" not in current["config"]  # how a process reaches NATS is never stored
+
+    shown = cli("config", "show", "--revision", "1", *url)
+    assert shown.returncode == 0 and shown.stdout.startswith("# config revision 1, pushed ")
+    assert "rps = 5" in shown.stdout and "env:K1" in shown.stdout
+    missing = cli("config", "show", "--revision", "99", *url)
+    assert missing.returncode == 1 and "revision 99 is not in the config bucket" in missing.stderr
+
+
+def test_watch_pushes_each_good_edit_and_reports_a_bad_one(tmp_path, nats_server):
+    url = ["--nats", nats_server.url]
+    path = write(tmp_path / "fleet.toml", config(rps=5))
+    log = open(tmp_path / "watch.log", "wb")
+    watcher = subprocess.Popen([sys.executable, "-m", "ratefleet", "config", "watch", str(path), *url],
+                               stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_revision(url, 1)
+        write(path, config(rps=-2))  # a bad edit: reported, not pushed
+        _wait_log(tmp_path / "watch.log", "config file not pushed")
+        write(path, config(rps=7))
+        _wait_revision(url, 2)
+        shown = json.loads(cli("config", "show", "--json", *url).stdout)
+        assert shown["config"]["pools"]["shared"]["keys"][0]["rps"] == 7
+    finally:
+        watcher.send_signal(signal.SIGTERM)
+        watcher.wait(timeout=10)
+        log.close()
+    assert "pools.shared.keys.0.rps" in (tmp_path / "watch.log").read_text()
+
+
+def _wait_revision(url: list[str], revision: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = cli("config", "show", "--json", *url)
+        if done.returncode == 0 and json.loads(done.stdout)["revision"] == revision:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"revision {revision} not stored within {timeout}s")
+
+
+def _wait_log(path, text: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} not logged within {timeout}s: {path.read_text()[-2000:]}")

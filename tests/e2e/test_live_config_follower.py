@@ -1,0 +1,61 @@
+"""ConfigFollower over a real nats-server: each valid revision is applied once and in order,
+a document that fails validation is skipped (the running revision stays), and a revision
+whose apply fails (e.g. NATS away) is offered again instead of being lost."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import nats
+import pytest
+
+from ratefleet.runtime.config_kv import ConfigFollower, open_config_bucket, push_config
+from ratefleet.schemas import Subjects
+from ratefleet.schemas.config_store import CURRENT_KEY, storable
+
+pytestmark = [pytest.mark.timeout(120)]
+
+
+def document(rps: float):
+    data = {"upstreams": {"u": {"base_url": "http://127.0.0.1:9"}},
+            "pools": {"p": {"keys": [{"id": "k1", "secret": "env:K1", "rps": rps}]}}}
+    return storable(data, source="test.toml", pushed_at=time.time())
+
+
+async def wait_for(predicate, timeout: float = 20.0) -> None:
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.05)
+
+
+@pytest.mark.anyio
+async def test_follower_applies_in_order_skips_invalid_and_retries_a_failed_apply(nats_server):
+    nc = await nats.connect(nats_server.url)
+    js, subjects = nc.jetstream(), Subjects()
+    applied: list[tuple[int, float]] = []
+    failures = {"left": 1}
+
+    async def apply(revision, config):
+        if revision == 4 and failures["left"]:
+            failures["left"] -= 1
+            raise ConnectionError("NATS away")
+        applied.append((revision, config.keys()["k1"].rps))
+
+    follower = ConfigFollower(js, subjects, apply, poll_s=0.2, role="test")
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(follower.run)
+            assert (await push_config(js, subjects, document(5)))[0] == 1
+            await wait_for(lambda: follower.revision == 1)
+            kv = await open_config_bucket(js, subjects)
+            bad = document(6).model_copy(update={"config": {"pools": {"p": {"keys": [{"id": "k1", "rps": -1}]}}}})
+            assert await kv.put(CURRENT_KEY, bad.model_dump_json().encode()) == 2
+            assert (await push_config(js, subjects, document(7)))[0] == 3
+            await wait_for(lambda: follower.revision == 3)
+            assert (await push_config(js, subjects, document(8)))[0] == 4
+            await wait_for(lambda: follower.revision == 4)  # its first apply failed: offered again
+            tg.cancel_scope.cancel()
+    finally:
+        await nc.close()
+    assert applied == [(1, 5.0), (3, 7.0), (4, 8.0)]

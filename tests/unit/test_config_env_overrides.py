@@ -1,0 +1,70 @@
+"""RATEFLEET_* environment overrides (schemas/config_env.py): a flag beats the environment,
+the environment beats the file, a bad value names the field and the variable, and the
+existing variable names (RATEFLEET_CONFIG, RATEFLEET_NATS_URL) keep working."""
+
+from __future__ import annotations
+
+import pytest
+
+from ratefleet.schemas import ConfigError, load_config
+from ratefleet.schemas.config_env import OVERRIDES, EnvOverrides
+
+FILE = """
+[nats]
+url = "nats://file:4222"
+
+[workers]
+slots = 12
+
+[upstreams.u]
+base_url = "http://127.0.0.1:9"
+
+[pools.p]
+keys = [{ id = "k1", secret = "env:K1", rps = 1 }]
+"""
+
+
+@pytest.fixture
+def path(tmp_path, monkeypatch):
+    for name in [*(f"RATEFLEET_{n.upper()}" for n in OVERRIDES), "RATEFLEET_CONFIG"]:
+        monkeypatch.delenv(name, raising=False)
+    file = tmp_path / "fleet.toml"
+    file.write_text(FILE)
+    return file
+
+
+def test_the_environment_beats_the_file_and_a_flag_beats_the_environment(path, monkeypatch):
+    monkeypatch.setenv("RATEFLEET_WORKERS_SLOTS", "7")
+    monkeypatch.setenv("RATEFLEET_NATS_URL", "nats://env:4222")
+    monkeypatch.setenv("RATEFLEET_NATS_PREFIX", "blue")
+    monkeypatch.setenv("RATEFLEET_DISPATCHER_LEASE_TTL_S", "4.5")
+    monkeypatch.setenv("RATEFLEET_GATEWAY_LISTEN", "0.0.0.0:9000")
+    config = load_config(path)
+    assert config.workers.slots == 7 and config.nats.url == "nats://env:4222" and config.nats.prefix == "blue"
+    assert config.dispatcher.lease_ttl_s == 4.5 and config.gateway.listen == "0.0.0.0:9000"
+    assert load_config(path, nats_url="nats://flag:4222").nats.url == "nats://flag:4222"
+
+
+def test_without_variables_the_file_holds(path):
+    config = load_config(path)
+    assert config.workers.slots == 12 and config.nats.url == "nats://file:4222"
+
+
+def test_a_bad_value_names_the_field_and_the_variable(path, monkeypatch):
+    monkeypatch.setenv("RATEFLEET_WORKERS_SLOTS", "many")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert f"{path} (with RATEFLEET_WORKERS_SLOTS): workers.slots:" in message, message
+
+
+def test_ratefleet_config_names_the_file(path, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path / "..")
+    monkeypatch.setenv("RATEFLEET_CONFIG", str(path))
+    assert load_config().workers.slots == 12
+    assert EnvOverrides().config == str(path)
+
+
+def test_an_empty_variable_counts_as_unset(path, monkeypatch):
+    monkeypatch.setenv("RATEFLEET_WORKERS_SLOTS", "")
+    assert load_config(path).workers.slots == 12
