@@ -65,7 +65,7 @@ def push(file: Path = FileArg, nats: str | None = NatsOpt, prefix: str | None = 
         fail(str(exc))
     target = client_target(file, nats, prefix)
     try:
-        revision, changed = _run(_push, target.url, target.prefix, document)
+        revision, changed = _run(_push, target.url, target.prefix, document, target.nats)
     except NatsUnavailable as exc:
         fail(str(exc), EXIT_FAILED)
     if changed:
@@ -81,7 +81,7 @@ def show(revision: int | None = typer.Option(None, "--revision", min=1, help="an
     """Print the stored fleet config (secret references only)."""
     target = client_target(config, nats, prefix)
     try:
-        found = _run(_read, target.url, target.prefix, revision)
+        found = _run(_read, target.url, target.prefix, revision, target.nats)
     except NatsUnavailable as exc:
         fail(str(exc), EXIT_FAILED)
     if found is None:
@@ -109,7 +109,7 @@ def watch(file: Path = FileArg, nats: str | None = NatsOpt, prefix: str | None =
     configure_logging()
     target = client_target(file, nats, prefix)
     try:
-        _run(watch_and_push, file, target.url, target.prefix)
+        _run(watch_and_push, file, target.url, target.prefix, None, target.nats)
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
 
@@ -120,16 +120,16 @@ def _run(fn, *args):
     return anyio.run(fn, *args)
 
 
-async def _push(url: str, prefix: str, document):
-    nc = await connect(url, name="ratefleet-config", forever=False)
+async def _push(url: str, prefix: str, document, auth=None):
+    nc = await connect(url, name="ratefleet-config", forever=False, auth=auth)
     try:
         return await push_config(nc.jetstream(), Subjects(prefix), document)
     finally:
         await nc.close()
 
 
-async def _read(url: str, prefix: str, revision: int | None):
-    nc = await connect(url, name="ratefleet-config", forever=False)
+async def _read(url: str, prefix: str, revision: int | None, auth=None):
+    nc = await connect(url, name="ratefleet-config", forever=False, auth=auth)
     try:
         return await read_config(nc.jetstream(), Subjects(prefix), revision)
     finally:

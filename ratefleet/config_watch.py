@@ -50,10 +50,10 @@ async def _push_until_done(js, subjects: Subjects, path: Path) -> None:
             await anyio.sleep(RETRY_S)
 
 
-async def watch_and_push(path: Path, url: str, prefix: str, stop: anyio.Event | None = None) -> None:
+async def watch_and_push(path: Path, url: str, prefix: str, stop: anyio.Event | None = None, auth=None) -> None:
     """Push `path` now and after every change of it, until `stop` is set (or forever)."""
     path = path.resolve()
-    nc = await connect(url, name="ratefleet-config-watch")
+    nc = await connect(url, name="ratefleet-config-watch", auth=auth)
     js, subjects = nc.jetstream(), Subjects(prefix)
     log.info("watching config file", file=str(path), nats=redact_url(url))
     try:

@@ -11,6 +11,8 @@ import json
 import subprocess
 import sys
 import time
+import tomllib
+from pathlib import Path
 
 import pytest
 import tomli_w
@@ -191,3 +193,35 @@ async def test_the_producer_cannot_use_the_operators_switches(fleet, server):
         await intruder.close()
     status = await leader_up(server.url)
     assert not status["keys"]["k1"].get("disabled")
+
+
+async def test_the_operator_pushes_the_fleet_config_and_the_producer_cannot(fleet, server, tmp_path):
+    """`config push` / `config show` need the operator user; the fleet applies the revision."""
+    await leader_up(server.url)
+    fleet_config = tomllib.loads(fleet.config_path.read_text())
+
+    def config_as(user: str, rps: float) -> Path:
+        doc = {**fleet_config, "nats": {"url": server.url, **role_nats(user)}}
+        doc["pools"] = json.loads(json.dumps(doc["pools"]))
+        for pool in doc["pools"].values():
+            for key in pool["keys"]:
+                key["rps"] = rps
+        path = tmp_path / f"{user}-push.toml"
+        path.write_text(tomli_w.dumps(doc))
+        return path
+
+    refused = await asyncio.to_thread(run_cli, ["config", "push", str(config_as("producer", 7))], fleet.env())
+    assert refused.returncode != 0 and PASSWORDS["producer"] not in refused.stderr + refused.stdout
+    pushed = await asyncio.to_thread(run_cli, ["config", "push", str(config_as("operator", 9))], fleet.env())
+    assert pushed.returncode == 0, pushed.stderr + pushed.stdout
+    shown = await asyncio.to_thread(run_cli, ["config", "show", "--json", "--config", str(config_as("operator", 9))],
+                                    fleet.env())
+    assert shown.returncode == 0, shown.stderr
+    assert '"rps": 9' in shown.stdout.replace("9.0", "9") and PASSWORDS["operator"] not in shown.stdout
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:  # the fleet (its own user) follows the bucket the operator wrote
+        status = await leader_up(server.url)
+        if all(key["rps"] == 9 for key in status["keys"].values()):
+            break
+        assert asyncio.get_running_loop().time() < deadline, status["keys"]
+        await asyncio.sleep(0.5)
