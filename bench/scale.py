@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import sys
 import time
 from collections import Counter
@@ -36,7 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from limits import ROOT, machine_info  # noqa: E402
+from limits import ROOT, dist, machine_info  # noqa: E402
 
 from ratefleet import Client  # noqa: E402
 from ratefleet.localfleet import KeyLimit, LocalFleet  # noqa: E402
@@ -83,12 +84,21 @@ async def drive(fleet: LocalFleet, jobs: int, latency_ms: float) -> dict:
         await fleet.wait_ready(client)
         async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
             (await http.post(fleet.upstream + "/_mock/config", json={"latency_ms": latency_ms})).raise_for_status()
+        handouts: dict[str, float] = {}  # job id -> queued_ms when the dispatcher handed it out
+
+        async def on_assign(msg) -> None:
+            data = json.loads(msg.data)
+            handouts.setdefault(data["job_id"], data["queued_ms"])
+
+        trace = await client.nc.subscribe(f"{client.subjects.prefix}.internal.assign.*", cb=on_assign,
+                                          pending_msgs_limit=0)
         started = time.monotonic()
         await client.submit_many([job(i) for i in range(jobs)], "normal", batch=BATCH)
         stored_s = time.monotonic() - started
         statuses: Counter[str] = Counter()
         seen: set[str] = set()
         upstream_ms: list[float] = []
+        hops: list[float] = []
         with anyio.move_on_after(max(120.0, jobs / 5)):
             async for result in client.results(BATCH, follow=True):
                 if result.job_id not in seen:
@@ -96,15 +106,18 @@ async def drive(fleet: LocalFleet, jobs: int, latency_ms: float) -> dict:
                     statuses[result.status] += 1
                     if result.timings.upstream_ms is not None:
                         upstream_ms.append(result.timings.upstream_ms)
+                    if result.job_id in handouts and result.timings.queued_ms is not None:
+                        hops.append(result.timings.queued_ms - handouts[result.job_id])
                 if len(seen) >= jobs:
                     break
         elapsed = time.monotonic() - started
+        await trace.unsubscribe()
         async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
             stats = (await http.get(fleet.upstream + "/_mock/stats")).json()
             log = (await http.get(fleet.upstream + "/_mock/log", params={"limit": jobs * 3 + 100})).json()
-    upstream_ms.sort()
-    median = upstream_ms[len(upstream_ms) // 2] if upstream_ms else None
-    return {"statuses": dict(statuses), "upstream_ms_p50": median, "stored_s": stored_s, "elapsed_s": elapsed,
+    return {"statuses": dict(statuses), "call_ms_mean": statistics.fmean(upstream_ms) if upstream_ms else None,
+            "handout_to_call_ms_mean": statistics.fmean(hops) if hops else None,
+            "handout_to_call_ms": dist(hops), "call_ms": dist(upstream_ms), "stored_s": stored_s, "elapsed_s": elapsed,
             "stats": stats, "log": log}
 
 
@@ -126,6 +139,18 @@ def measure(run: dict, warmup_s: float) -> dict:
                               "max": max(per_second.values(), default=None)}}
 
 
+def slot_cycle(slots: int, rate: float | None, call_ms: float | None, hop_ms: float | None) -> dict:
+    """How long one slot is busy per job (slots / measured rate, ms), split into the hand-out
+    reaching the worker, the call (worker-measured), and the rest: storing the Result, acking,
+    the outcome report and the dispatcher's next hand-out (means, so the parts add up)."""
+    cycle = slots * 1000 / rate if rate else None
+    rest = None if None in (cycle, call_ms, hop_ms) else cycle - call_ms - hop_ms
+    return {"slot_cycle_ms": None if cycle is None else round(cycle, 1),
+            "handout_to_call_ms": None if hop_ms is None else round(hop_ms, 1),
+            "call_ms": None if call_ms is None else round(call_ms, 1),
+            "after_call_ms": None if rest is None else round(rest, 1)}
+
+
 def run_row(args: argparse.Namespace, workers: int, console: Console) -> dict:
     keys = [KeyLimit(f"k{i + 1}", args.rps, args.burst) for i in range(args.keys)]
     expected, binds = expected_rate(workers, args.slots, args.latency_ms / 1000, args.keys * args.rps)
@@ -140,17 +165,16 @@ def run_row(args: argparse.Namespace, workers: int, console: Console) -> dict:
           and run["statuses"].get("succeeded", 0) == jobs)
     return {"workers": workers, "slots": args.slots, "total_slots": workers * args.slots, "jobs": jobs,
             "expected_rps": round(expected, 2), "binds": binds, **got, "statuses": run["statuses"],
-            "upstream_ms_p50": None if run["upstream_ms_p50"] is None else round(run["upstream_ms_p50"], 1),
-            # how long one slot takes per job (call + storing the Result + report + next hand-out)
-            "slot_cycle_ms": round(workers * args.slots * 1000 / rate, 1) if rate else None,
+            **slot_cycle(workers * args.slots, rate, run["call_ms_mean"], run["handout_to_call_ms_mean"]),
             "submit_s": round(run["stored_s"], 2), "elapsed_s": round(run["elapsed_s"], 2),
+            "handout_to_call_ms_dist": run["handout_to_call_ms"], "call_ms_dist": run["call_ms"],
             "of_expected": round(rate / expected, 3) if rate else None, "met": ok}
 
 
 def print_table(console: Console, args: argparse.Namespace, rows: list[dict]) -> None:
     table = Table("workers", "slots", "expected calls/s", "binds", "measured calls/s", "of expected", "vs first row",
                   "per-second min/max",
-                  "429s", "call ms p50", "slot cycle ms", "jobs ok", "met",
+                  "429s", "slot cycle ms = hand-out->call + call + after", "jobs ok", "met",
                   title=f"ratefleet scale: {args.keys} keys x {args.rps:g} req/s, upstream {args.latency_ms:g} ms/call")
     base = rows[0]["measured_rps"] if rows else None
     for r in rows:
@@ -160,7 +184,7 @@ def print_table(console: Console, args: argparse.Namespace, rows: list[dict]) ->
                       "-" if r["of_expected"] is None else f"{r['of_expected'] * 100:.0f} %",
                       f"x {r['measured_rps'] / base:.2f}" if base and r["measured_rps"] else "-",
                       f"{per_s.get('min')}/{per_s.get('max')}", str(r["rate_limited_429"]),
-                      str(r["upstream_ms_p50"]), str(r["slot_cycle_ms"]),
+                      f"{r['slot_cycle_ms']} = {r['handout_to_call_ms']} + {r['call_ms']} + {r['after_call_ms']}",
                       f"{r['statuses'].get('succeeded', 0)}/{r['jobs']}",
                       "[green]yes[/green]" if r["met"] else "[red]NO[/red]")
     console.print(table)
