@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keys", type=int, default=4, help="API keys (default 4)")
     p.add_argument("--rps", type=float, default=25.0, help="requests/s of each key (default 25)")
     p.add_argument("--burst", type=float, default=5.0, help="burst of each key (default 5)")
+    p.add_argument("--safety-ms", type=float, default=None,
+                   help="dispatcher.safety_ms: the part of each key's burst the fleet leaves unused to absorb "
+                        "jitter between hand-out and call (default: the product default, 50)")
     p.add_argument("--steady-s", type=float, default=None, help="seconds of steady window per row (default 15; --quick 6)")
     p.add_argument("--warmup-s", type=float, default=2.0, help="start of each run left out (default 2)")
     p.add_argument("--quick", action="store_true", help="short rows (6 s steady window)")
@@ -156,7 +159,8 @@ def run_row(args: argparse.Namespace, workers: int, console: Console) -> dict:
     expected, binds = expected_rate(workers, args.slots, args.latency_ms / 1000, args.keys * args.rps)
     jobs = int(expected * (args.steady_s + args.warmup_s + 1))
     console.print(f"{workers} worker(s) x {args.slots} slots: {jobs} jobs, expected {expected:g} calls/s ({binds} bind)")
-    with LocalFleet(keys, workers=workers, slots=args.slots) as fleet:
+    dispatcher = {} if args.safety_ms is None else {"safety_ms": args.safety_ms}
+    with LocalFleet(keys, workers=workers, slots=args.slots, dispatcher=dispatcher) as fleet:
         run = anyio.run(drive, fleet, jobs, args.latency_ms)
     got = measure(run, args.warmup_s)
     rate = got["measured_rps"]
@@ -201,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
               "command": shlex.join([".venv/bin/python", "bench/scale.py", *(sys.argv[1:] if argv is None else argv)]),
               "started_at": started.isoformat(timespec="seconds"), "machine": machine,
               "setup": {"keys": args.keys, "rps": args.rps, "burst": args.burst, "slots": args.slots,
-                        "latency_ms": args.latency_ms, "steady_s": args.steady_s, "warmup_s": args.warmup_s},
+                        "latency_ms": args.latency_ms, "safety_ms": args.safety_ms,
+                        "steady_s": args.steady_s, "warmup_s": args.warmup_s},
               "rows": rows, "targets_met": all(r["met"] for r in rows)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
