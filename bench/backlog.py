@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shlex
 import sys
@@ -45,7 +46,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from limits import ROOT, dist, machine_info  # noqa: E402
+from limits import ROOT, cpu_seconds, dist, fleet_pids, machine_info  # noqa: E402
 
 from ratefleet import Client  # noqa: E402
 from ratefleet.localfleet import KeyLimit, LocalFleet  # noqa: E402
@@ -113,6 +114,17 @@ def rss_summary(samples: list[dict], phases: set[str]) -> dict:
             "slope_mb_per_min": None if slope is None else round(slope, 3)}
 
 
+def phase_usage(samples: list[dict], phase: str) -> dict:
+    """Each process's CPU share (% of one core) and the machine's mean 1-min load over a phase."""
+    rows = [s for s in samples if s["phase"] == phase]
+    if len(rows) < 2:
+        return {}
+    span = rows[-1]["t"] - rows[0]["t"]
+    cpu = {name: round((rows[-1]["cpu_s"][name] - rows[0]["cpu_s"][name]) / span * 100, 1)
+           for name in rows[0]["cpu_s"] if None not in (rows[0]["cpu_s"][name], rows[-1]["cpu_s"][name])}
+    return {"cpu_pct": cpu, "load1_mean": round(sum(r["load1"] for r in rows) / len(rows), 1)}
+
+
 def vip_job(phase: str, i: int) -> dict:
     return {"request": {"path": "/v1/chat/completions",
                         "json": {"model": "bench", "messages": [{"role": "user", "content": f"vip {phase} {i}"}]}}}
@@ -164,11 +176,15 @@ async def drive(args: argparse.Namespace, fleet: LocalFleet, console: Console) -
         trace = await client.nc.subscribe(f"{client.subjects.prefix}.internal.assign.*", cb=on_assign,
                                           pending_msgs_limit=0)
 
+        pids = {name: p for name, p in fleet_pids(fleet).items() if name in ("dispatcher", "worker1", "nats-server", "mock")}
+
         async def sample() -> None:
             while True:
                 kb = vm_rss_kb(pid)
                 if kb is not None:
-                    samples.append({"t": round(time.monotonic() - t0, 2), "rss_mb": kb / 1024, "phase": state["phase"]})
+                    samples.append({"t": round(time.monotonic() - t0, 2), "rss_mb": kb / 1024, "phase": state["phase"],
+                                    "load1": os.getloadavg()[0],
+                                    "cpu_s": {name: cpu_seconds(p) for name, p in pids.items()}})
                 await anyio.sleep(1.0)
 
         async with anyio.create_task_group() as tg:
@@ -220,6 +236,7 @@ def analyse(args: argparse.Namespace, run: dict) -> dict:
             "submit_jobs_per_s": round((args.jobs - args.control_jobs) / run["submit_s"]),
             "guest_queued_at_end": guest_queued, "rss_whole_run": whole, "rss_backlog_phase": backlog,
             "rss_by_phase": {phase: rss_summary(samples, {phase}) for phase in ("empty", "small", "submit", "backlog")},
+            "usage_by_phase": {phase: phase_usage(samples, phase) for phase in ("empty", "small", "submit", "backlog")},
             "vip_queued_ms_empty": empty_q, "vip_queued_ms_small": small_q, "vip_queued_ms_backlog": backlog_q,
             "vip_split_ms": {phase: {part: dist(run[f"vip_{phase}"][part]) for part in ("to_handout", "handout_to_call")}
                              for phase in ("empty", "small", "backlog")},
@@ -250,6 +267,10 @@ def print_report(console: Console, args: argparse.Namespace, out: dict) -> None:
     split = out["vip_split_ms"]
     for part, label in (("to_handout", "stored -> dispatcher hand-out"), ("handout_to_call", "hand-out -> worker call")):
         table.add_row(f"  vip {label} p50 / p99", *(f"{split[p][part]['p50']} / {split[p][part]['p99']}" for p in phases), "")
+    usage = out["usage_by_phase"]
+    for name in ("dispatcher", "worker1", "nats-server", "mock"):
+        table.add_row(f"CPU % of a core: {name}", *(str(usage[p].get("cpu_pct", {}).get(name)) for p in phases), "")
+    table.add_row("machine load (1 min, mean)", *(str(usage[p].get("load1_mean")) for p in phases), "2 cores")
     table.add_row("vip jobs", *(str(d["n"]) for d in q), f"{args.vip} each {mark[t['every_vip_succeeded']]}")
     table.add_row("submit_many", "", "", f"{out['submit_jobs_per_s']:,} jobs/s ({out['submit_s']} s)", "")
     table.add_row("guest jobs still queued at the end", "", "", str(out["guest_queued_at_end"]),
@@ -272,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
               "started_at": started.isoformat(timespec="seconds"), "machine": machine,
               "setup": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               **out, "status_at_end": run["status"],
-              "rss_samples": [{**s, "rss_mb": round(s["rss_mb"], 2)} for s in run["samples"]]}
+              "rss_samples": [{"t": s["t"], "phase": s["phase"], "rss_mb": round(s["rss_mb"], 2), "load1": s["load1"]}
+                              for s in run["samples"]]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     console.print(f"wrote {args.out}")
