@@ -15,8 +15,9 @@ second from the moment the fleet is ready, and runs four phases:
    guest calls flow at the keys' rate (the control for 4);
 3. submit: guest jobs stored with `Client.submit_many` (chunks of 10,000, printing the rate)
    until `--jobs` are queued;
-4. backlog: for `--hold-s` seconds at least, `--vip` vip jobs sent one at a time again while
-   the backlog is queued; at the end the leader's status says how much is still queued.
+4. backlog: `--vip` vip jobs sent one at a time again, spaced as before, while the backlog is
+   queued; the phase lasts `--hold-s` seconds at least (for the RSS slope); at the end the
+   leader's status says how much is still queued.
 
 Reports the dispatcher's RSS min/max per phase and its slope (least squares, MB per minute)
 over the backlog phase, and the vip queue wait (`Result.timings.queued_ms`: stored -> the
@@ -143,9 +144,8 @@ async def send_vips(client: Client, phase: str, count: int, interval_s: float, m
     that wait split into stored -> hand-out and hand-out -> the worker's call."""
     waits: dict[str, list[float]] = {"queued": [], "to_handout": [], "handout_to_call": []}
     started = time.monotonic()
-    gap = max(interval_s, min_s / count) if min_s else interval_s
-    for i in range(count):
-        await anyio.sleep(gap * rng.uniform(0.5, 1.5))
+    for i in range(count):  # the same spacing in every phase; `min_s` only pads the end
+        await anyio.sleep(interval_s * rng.uniform(0.5, 1.5))
         result = await client.request(vip_job(phase, i), "vip", timeout=60)
         if result.status == "succeeded" and result.timings.queued_ms is not None:
             waits["queued"].append(result.timings.queued_ms)
