@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="worker counts, one fleet each (default 1 2 4)")
     p.add_argument("--slots", type=int, default=8, help="slots per worker (default 8)")
     p.add_argument("--latency-ms", type=float, default=200.0, help="upstream time per call (default 200)")
+    p.add_argument("--latency-jitter-ms", type=float, default=0.0,
+                   help="each call takes latency +- uniform(jitter) ms (default 0: slots that start together finish together)")
     p.add_argument("--keys", type=int, default=4, help="API keys (default 4)")
     p.add_argument("--rps", type=float, default=25.0, help="requests/s of each key (default 25)")
     p.add_argument("--burst", type=float, default=5.0, help="burst of each key (default 5)")
@@ -82,11 +84,12 @@ def job(i: int) -> dict:
                         "json": {"model": "bench", "messages": [{"role": "user", "content": f"scale {i}"}]}}}
 
 
-async def drive(fleet: LocalFleet, jobs: int, latency_ms: float) -> dict:
+async def drive(fleet: LocalFleet, jobs: int, latency_ms: float, jitter_ms: float) -> dict:
     async with await Client.connect(fleet.nats_url, name="ratefleet-bench-scale") as client:
         await fleet.wait_ready(client)
         async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
-            (await http.post(fleet.upstream + "/_mock/config", json={"latency_ms": latency_ms})).raise_for_status()
+            latency = {"latency_ms": latency_ms, "latency_jitter_ms": jitter_ms}
+            (await http.post(fleet.upstream + "/_mock/config", json=latency)).raise_for_status()
         handouts: dict[str, float] = {}  # job id -> queued_ms when the dispatcher handed it out
 
         async def on_assign(msg) -> None:
@@ -161,7 +164,7 @@ def run_row(args: argparse.Namespace, workers: int, console: Console) -> dict:
     console.print(f"{workers} worker(s) x {args.slots} slots: {jobs} jobs, expected {expected:g} calls/s ({binds} bind)")
     dispatcher = {} if args.safety_ms is None else {"safety_ms": args.safety_ms}
     with LocalFleet(keys, workers=workers, slots=args.slots, dispatcher=dispatcher) as fleet:
-        run = anyio.run(drive, fleet, jobs, args.latency_ms)
+        run = anyio.run(drive, fleet, jobs, args.latency_ms, args.latency_jitter_ms)
     got = measure(run, args.warmup_s)
     rate = got["measured_rps"]
     floor = KEYS_FLOOR if binds == "keys" else SLOTS_FLOOR
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
               "command": shlex.join([".venv/bin/python", "bench/scale.py", *(sys.argv[1:] if argv is None else argv)]),
               "started_at": started.isoformat(timespec="seconds"), "machine": machine,
               "setup": {"keys": args.keys, "rps": args.rps, "burst": args.burst, "slots": args.slots,
-                        "latency_ms": args.latency_ms, "safety_ms": args.safety_ms,
+                        "latency_ms": args.latency_ms, "latency_jitter_ms": args.latency_jitter_ms, "safety_ms": args.safety_ms,
                         "steady_s": args.steady_s, "warmup_s": args.warmup_s},
               "rows": rows, "targets_met": all(r["met"] for r in rows)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
