@@ -57,6 +57,7 @@ SLOPE_LIMIT_MB_PER_MIN = 1.0
 VIP_SLACK_MS = 20.0
 VIP_P50_SLACK_MS = 5.0
 CHUNK = 10_000
+SPLIT = ("to_handout", "handout_to_call", "handout_to_wire", "wire_to_call")
 WARMUP_VIPS = 5  # first calls (connection set-up, first key answers) left out
 
 
@@ -138,11 +139,12 @@ def guest_job(i: int) -> dict:
 
 
 async def send_vips(client: Client, phase: str, count: int, interval_s: float, min_s: float, rng: random.Random,
-                    handouts: dict[str, float]) -> dict[str, list[float]]:
+                    handouts: dict[str, tuple[float, float]]) -> dict[str, list[float]]:
     """`count` vip jobs one at a time (at least `min_s` seconds in all): their queued_ms, and
     (when the dispatcher's assignment was seen, `handouts`: job id -> queued_ms at hand-out)
     that wait split into stored -> hand-out and hand-out -> the worker's call."""
-    waits: dict[str, list[float]] = {"queued": [], "to_handout": [], "handout_to_call": []}
+    waits: dict[str, list[float]] = {"queued": [], "to_handout": [], "handout_to_call": [], "handout_to_wire": [],
+                                     "wire_to_call": []}
     started = time.monotonic()
     for i in range(count):  # the same spacing in every phase; `min_s` only pads the end
         await anyio.sleep(interval_s * rng.uniform(0.5, 1.5))
@@ -151,8 +153,10 @@ async def send_vips(client: Client, phase: str, count: int, interval_s: float, m
             waits["queued"].append(result.timings.queued_ms)
             handed = handouts.get(result.job_id)
             if handed is not None:
-                waits["to_handout"].append(handed)
-                waits["handout_to_call"].append(result.timings.queued_ms - handed)
+                waits["to_handout"].append(handed[0])
+                waits["handout_to_call"].append(result.timings.queued_ms - handed[0])
+                waits["handout_to_wire"].append(handed[1] - handed[0])
+                waits["wire_to_call"].append(result.timings.queued_ms - handed[1])
     while time.monotonic() - started < min_s:
         await anyio.sleep(0.5)
     return waits
@@ -166,12 +170,12 @@ async def drive(args: argparse.Namespace, fleet: LocalFleet, console: Console) -
         await fleet.wait_ready(client)
         pid = next(p.pid for p in fleet.procs if p.fleet_name == "dispatcher")  # type: ignore[attr-defined]
         t0 = time.monotonic()
-        handouts: dict[str, float] = {}
+        handouts: dict[str, tuple[float, float]] = {}
 
         async def on_assign(msg) -> None:
             data = json.loads(msg.data)
-            if data.get("tier") == "vip":
-                handouts.setdefault(data["job_id"], data["queued_ms"])
+            if data.get("tier") == "vip":  # (queued_ms at hand-out, ms from submit to this bench seeing it)
+                handouts.setdefault(data["job_id"], (data["queued_ms"], (time.time() - data["submitted_at"]) * 1000))
 
         trace = await client.nc.subscribe(f"{client.subjects.prefix}.internal.assign.*", cb=on_assign,
                                           pending_msgs_limit=0)
@@ -238,7 +242,7 @@ def analyse(args: argparse.Namespace, run: dict) -> dict:
             "rss_by_phase": {phase: rss_summary(samples, {phase}) for phase in ("empty", "small", "submit", "backlog")},
             "usage_by_phase": {phase: phase_usage(samples, phase) for phase in ("empty", "small", "submit", "backlog")},
             "vip_queued_ms_empty": empty_q, "vip_queued_ms_small": small_q, "vip_queued_ms_backlog": backlog_q,
-            "vip_split_ms": {phase: {part: dist(run[f"vip_{phase}"][part]) for part in ("to_handout", "handout_to_call")}
+            "vip_split_ms": {phase: {part: dist(run[f"vip_{phase}"][part]) for part in SPLIT}
                              for phase in ("empty", "small", "backlog")},
             "targets": targets, "targets_met": all(targets.values())}
 
@@ -265,7 +269,8 @@ def print_report(console: Console, args: argparse.Namespace, out: dict) -> None:
         table.add_row("vip: large backlog minus empty queue", "", "", f"p50 {diff['p50_ms']:+} / p99 {diff['p99_ms']:+} ms",
                       "(reported; guest calls flow beside it)")
     split = out["vip_split_ms"]
-    for part, label in (("to_handout", "stored -> dispatcher hand-out"), ("handout_to_call", "hand-out -> worker call")):
+    for part, label in (("to_handout", "stored -> dispatcher hand-out"), ("handout_to_call", "hand-out -> worker call"),
+                        ("handout_to_wire", "  hand-out -> seen on NATS"), ("wire_to_call", "  seen on NATS -> worker call")):
         table.add_row(f"  vip {label} p50 / p99", *(f"{split[p][part]['p50']} / {split[p][part]['p99']}" for p in phases), "")
     usage = out["usage_by_phase"]
     for name in ("dispatcher", "worker1", "nats-server", "mock"):
