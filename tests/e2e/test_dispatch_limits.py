@@ -21,7 +21,11 @@ def finished_at(result) -> float:
 
 
 async def test_no_429_with_two_workers_and_vip_overtakes_an_earlier_guest_flood(tmp_path, nats_server):
-    limits = mock_keys(rps=20, burst=3, ids=("k1", "k2", "k3", "k4"))
+    # The fleet spends 20 req/s per key with a burst of 3; the upstream enforces the same 20 req/s
+    # but counts arrivals, and on a loaded 2-core machine a worker's hand-out -> call delay reaches
+    # p99 ~160 ms (bench/scale.py), which bunches calls sent 50 ms apart. Its burst of 6 absorbs
+    # ~150 ms of bunching; the rate itself is the limit, so a fleet that overspends still gets 429s.
+    limits = mock_keys(rps=20, burst=6, ids=("k1", "k2", "k3", "k4"))
     with running_mock(MockSettings(keys=limits, accept_unknown=False, latency_ms=5)) as upstream:
         kit = FleetKit(tmp_path, nats_server.url, upstream.url,
                        keys=[{"id": k.id, "rps": 20, "burst": 3} for k in limits])

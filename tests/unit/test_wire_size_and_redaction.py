@@ -146,6 +146,7 @@ async def test_rpc_answers_a_failed_result_whatever_the_store_raises():
     class Msg:
         subject = "ratefleet.rpc.normal"
         reply = "_INBOX.abc"
+        headers = None  # a nats-py Msg always has it (None: no headers)
         data = json.dumps({"id": "j1", "request": {"path": "/v1/x", "json": {}}}).encode()
 
     await responder.handle(Msg())
