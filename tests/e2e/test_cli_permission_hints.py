@@ -72,3 +72,14 @@ def test_dlq_list_as_operator_without_a_dead_stream_is_empty(tmp_path, server):
     done = cli("dlq", "list", "--json", "--config", str(operator))
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""
+
+
+def test_config_push_connects_as_the_config_option_user_not_as_the_pushed_file_user(tmp_path, server):
+    fleet_file = config_for(tmp_path, server.url, "producer")  # the pushed file's own [nats]: refused
+    operator = config_for(tmp_path, server.url, "operator")
+    done = cli("config", "push", str(fleet_file), "--config", str(operator))
+    assert done.returncode == 0, done.stderr
+    assert "as config revision 1" in done.stdout
+    shown = cli("config", "show", "--json", "--config", str(operator))
+    assert shown.returncode == 0, shown.stderr
+    assert '"revision": 1' in shown.stdout and "NOPE_KEY" in shown.stdout
