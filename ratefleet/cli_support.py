@@ -254,7 +254,7 @@ def _denial_hint() -> str:
     denied = permission_denials()
     if not denied:
         return ""
-    return (f"; NATS refused this user {', '.join(denied[:3])} (permissions violation): use a [nats] user the "
+    return (f"NATS refused this user {', '.join(denied[:3])} (permissions violation): use a [nats] user the "
             "server allows it (examples/nats-accounts.conf: status, keys, dlq and config push|show|watch "
             "need the operator user)")
 
@@ -286,5 +286,6 @@ def quiet_broken_pipe() -> int:
 
 
 def _print_error(message: str) -> None:
-    message = redact_text(message + _denial_hint())  # a NATS URL's password, a token: never on screen
+    hint = _denial_hint()  # the cause first: what follows it ("no dispatcher answered") is its symptom
+    message = redact_text(f"{hint}; then: {message}" if hint else message)  # a NATS URL's password, a token: never on screen
     make_console(stderr=True).print(f"error: {message}", style="red", markup=False, highlight=False, soft_wrap=True)
