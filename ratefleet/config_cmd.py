@@ -1,6 +1,7 @@
 """`ratefleet config check|push|show`: the fleet config, validated, stored and read back.
 
-* `check FILE`: validate; exit 0 (with a summary), or exit 2 with the file, the field and why.
+* `check [FILE]`: validate FILE (default: $RATEFLEET_CONFIG, else ./ratefleet.toml); exit 0 (with a
+  summary), or exit 2 with the file, the field and why.
 * `push FILE [--nats URL] [--config C]`: validate, refuse literal secrets, store a new revision in the KV
   bucket `ratefleet_config` (key `current`) that every dispatcher and worker follows; a file
   that fails changes nothing (exit 2). Pushing the content of the current revision again
@@ -26,7 +27,7 @@ from ratefleet.cli_support import EXIT_FAILED, client_target, fail, require_file
 from ratefleet.runtime.config_kv import document_for, push_config, read_config, read_toml
 from ratefleet.runtime.connect import connect
 from ratefleet.schemas import Subjects
-from ratefleet.schemas.config import parse_config
+from ratefleet.schemas.config import config_path, parse_config
 from ratefleet.schemas.config_store import literal_secrets
 from ratefleet.schemas.errors import ConfigError, NatsUnavailable
 
@@ -41,8 +42,12 @@ PrefixOpt = typer.Option(None, "--prefix", help="subject prefix (default from th
 
 
 @config_app.command("check")
-def check(file: Path = FileArg) -> None:
+def check(file: Path | None = typer.Argument(None, help="TOML config file (default: $RATEFLEET_CONFIG, "
+                                                      "else ./ratefleet.toml)")) -> None:
     """Validate FILE: exit 0, or exit 2 naming the file, the field and why."""
+    file = config_path(file)
+    if file is None:
+        fail(f"no config file to check (looked at FILE, $RATEFLEET_CONFIG, ./ratefleet.toml in {Path.cwd()})")
     require_file(file, "config file")
     try:
         with warnings.catch_warnings():
