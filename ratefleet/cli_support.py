@@ -246,6 +246,19 @@ class RatefleetApp(typer.Typer):
         return EXIT_FAILED
 
 
+def _denial_hint() -> str:
+    """The subjects NATS refused this user, when it did: the real cause behind a timeout or
+    "no dispatcher answered" (nats-py reports a permissions violation only to the error callback)."""
+    from ratefleet.runtime.connect import permission_denials
+
+    denied = permission_denials()
+    if not denied:
+        return ""
+    return (f"NATS refused this user {', '.join(denied[:3])} (permissions violation): use a [nats] user the "
+            "server allows it (examples/nats-accounts.conf: status, keys, dlq and config push|show|watch "
+            "need the operator user)")
+
+
 def unwrap_group(exc: BaseException) -> BaseException:
     """The one error inside (nested) ExceptionGroups of a single error; `exc` itself otherwise."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
@@ -273,5 +286,6 @@ def quiet_broken_pipe() -> int:
 
 
 def _print_error(message: str) -> None:
-    message = redact_text(message)  # a NATS URL's password, a token: never on screen
+    hint = _denial_hint()  # the cause first: what follows it ("no dispatcher answered") is its symptom
+    message = redact_text(f"{hint}; then: {message}" if hint else message)  # a NATS URL's password, a token: never on screen
     make_console(stderr=True).print(f"error: {message}", style="red", markup=False, highlight=False, soft_wrap=True)

@@ -1,12 +1,13 @@
 """`ratefleet config check|push|show`: the fleet config, validated, stored and read back.
 
-* `check FILE`: validate; exit 0 (with a summary), or exit 2 with the file, the field and why.
-* `push FILE [--nats URL]`: validate, refuse literal secrets, store a new revision in the KV
+* `check [FILE]`: validate FILE (default: $RATEFLEET_CONFIG, else ./ratefleet.toml); exit 0 (with a
+  summary), or exit 2 with the file, the field and why.
+* `push FILE [--nats URL] [--config C]`: validate, refuse literal secrets, store a new revision in the KV
   bucket `ratefleet_config` (key `current`) that every dispatcher and worker follows; a file
   that fails changes nothing (exit 2). Pushing the content of the current revision again
   makes no new revision.
 * `show [--revision N] [--json]`: the stored config as TOML (secret references only).
-* `watch FILE [--nats URL]`: push FILE now and whenever it changes (`ratefleet up --config
+* `watch FILE [--nats URL] [--config C]`: push FILE now and whenever it changes (`ratefleet up --config
   FILE` runs it); a bad edit is reported and not pushed (config_watch.py).
 
 Exit codes: 0 done, 1 NATS unreachable or nothing stored, 2 bad file or usage.
@@ -26,7 +27,7 @@ from ratefleet.cli_support import EXIT_FAILED, client_target, fail, require_file
 from ratefleet.runtime.config_kv import document_for, push_config, read_config, read_toml
 from ratefleet.runtime.connect import connect
 from ratefleet.schemas import Subjects
-from ratefleet.schemas.config import parse_config
+from ratefleet.schemas.config import config_path, parse_config
 from ratefleet.schemas.config_store import literal_secrets
 from ratefleet.schemas.errors import ConfigError, NatsUnavailable
 
@@ -35,12 +36,18 @@ config_app = typer.Typer(no_args_is_help=True, help="Check, push and show the fl
 FileArg = typer.Argument(..., help="TOML config file")
 NatsOpt = typer.Option(None, "--nats", envvar="RATEFLEET_NATS_URL", help="NATS URL (default nats://127.0.0.1:4222)")
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config for the NATS URL and prefix")
+ConnectOpt = typer.Option(None, "--config", "-c", help="TOML config whose [nats] (URL, prefix, user) to connect "
+                          "with, e.g. the operator's (default: FILE's own [nats])")
 PrefixOpt = typer.Option(None, "--prefix", help="subject prefix (default from the config, else ratefleet)")
 
 
 @config_app.command("check")
-def check(file: Path = FileArg) -> None:
+def check(file: Path | None = typer.Argument(None, help="TOML config file (default: $RATEFLEET_CONFIG, "
+                                                      "else ./ratefleet.toml)")) -> None:
     """Validate FILE: exit 0, or exit 2 naming the file, the field and why."""
+    file = config_path(file)
+    if file is None:
+        fail(f"no config file to check (looked at FILE, $RATEFLEET_CONFIG, ./ratefleet.toml in {Path.cwd()})")
     require_file(file, "config file")
     try:
         with warnings.catch_warnings():
@@ -56,14 +63,17 @@ def check(file: Path = FileArg) -> None:
 
 
 @config_app.command("push")
-def push(file: Path = FileArg, nats: str | None = NatsOpt, prefix: str | None = PrefixOpt) -> None:
+def push(file: Path = FileArg, nats: str | None = NatsOpt, prefix: str | None = PrefixOpt,
+         config: Path | None = ConnectOpt) -> None:
     """Validate FILE and store it as the fleet's next config revision (applied live)."""
     require_file(file, "config file")
     try:
-        document = document_for(file)
+        with warnings.catch_warnings():  # a literal secret is refused below, in one line, not also warned of
+            warnings.simplefilter("ignore")
+            document = document_for(file)
     except ConfigError as exc:
         fail(str(exc))
-    target = client_target(file, nats, prefix)
+    target = client_target(config or file, nats, prefix)
     try:
         revision, changed = _run(_push, target.url, target.prefix, document, target.nats)
     except NatsUnavailable as exc:
@@ -98,7 +108,8 @@ def show(revision: int | None = typer.Option(None, "--revision", min=1, help="an
 
 
 @config_app.command("watch")
-def watch(file: Path = FileArg, nats: str | None = NatsOpt, prefix: str | None = PrefixOpt) -> None:
+def watch(file: Path = FileArg, nats: str | None = NatsOpt, prefix: str | None = PrefixOpt,
+          config: Path | None = ConnectOpt) -> None:
     """Push FILE now and each time it changes; a bad edit is reported and not pushed."""
     from ratefleet.config_watch import watch_and_push
     from ratefleet.roles import log_and_ignore_sighup
@@ -107,7 +118,7 @@ def watch(file: Path = FileArg, nats: str | None = NatsOpt, prefix: str | None =
     log_and_ignore_sighup()
     require_file(file, "config file")
     configure_logging()
-    target = client_target(file, nats, prefix)
+    target = client_target(config or file, nats, prefix)
     try:
         _run(watch_and_push, file, target.url, target.prefix, None, target.nats)
     except KeyboardInterrupt:

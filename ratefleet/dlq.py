@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import nats.js.errors
 from nats.js.api import DeliverPolicy
 from rich.table import Column, Table
 
@@ -21,7 +22,7 @@ async def read_dead(client: Client, tier: str | None, limit: int | None = None) 
     subject = client.subjects.dead(tier or "*")
     try:
         info = await client.js.stream_info(client.subjects.dead_stream)
-    except Exception:  # noqa: BLE001 - no stream yet: no letters
+    except nats.js.errors.NotFoundError:  # no stream yet: no letters (a refusal or timeout is an error)
         return []
     if info.state.messages == 0:
         return []

@@ -116,9 +116,7 @@ class Worker:
         for key_id, reason in self.unusable.items():
             log.warning("secret unusable on this worker; the leader sends this key's jobs elsewhere",
                         key_id=key_id, problem=reason)
-        for version, reason in self.secrets.check_pending().items():
-            log.warning("secret of a key version not yet active is unusable on this worker; fix it before "
-                        "the version takes over", key_version=version, problem=reason)
+        self._warn_pending()
         client = build_client(self.config.workers.transport, self.slots,
                               [upstream.auth_header for upstream in self.config.upstreams.values()])
         executor = UpstreamExecutor(client, self.config.workers.max_response_bytes)
@@ -175,8 +173,17 @@ class Worker:
         for key_id, reason in unusable.items():
             log.warning("secret unusable on this worker; the leader sends this key's jobs elsewhere",
                         key_id=key_id, problem=reason, revision=revision)
+        self._warn_pending(revision)
         log.info("config revision applied", worker=self.id, revision=revision, keys=len(config.keys()))
         await self._send_heartbeat()
+
+    def _warn_pending(self, revision: int | None = None) -> None:
+        """Warn of each version not yet active whose secret this worker cannot use (at start and
+        on every config revision, e.g. one written by `ratefleet keys rotate`), while there is
+        still time to fix it: at the switch the key would leave rotation on this worker."""
+        for version, reason in self.secrets.check_pending().items():
+            log.warning("secret of a key version not yet active is unusable on this worker; fix it before "
+                        "the version takes over", key_version=version, problem=reason, revision=revision)
 
     def _note_epoch(self, epoch: Epoch, *, announced: bool) -> bool:
         """Follow the highest recent leader epoch; False for an older one (a stale leader).

@@ -6,6 +6,7 @@ reconnect and error callbacks and every error message pass through `redact_url`/
 from __future__ import annotations
 
 import contextlib
+import re
 import ssl
 
 import nats.errors
@@ -87,6 +88,7 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
         if not holder[0].is_connected and not holder[0].is_reconnecting and _refused(exc):
             raise _Refused(exc)  # the first connect: wrong credentials or TLS fail now, not retried forever
         # also where exceptions escaping a subscription callback end up
+        _note_denial(scrub(str(exc)))
         log.warning("nats error", error=type(exc).__name__, detail=scrub(str(exc))[:300])
 
     holder.append(NatsClient())
@@ -104,6 +106,24 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
         raise NatsUnavailable(f"cannot reach NATS at {redact_url(url)} ({type(cause).__name__}: "
                               f"{scrub(str(cause))}); {_hint(cause)}") from None
     return holder[0]
+
+
+_DENIED: list[str] = []  # subjects the server refused this process (permissions violation), for CLI hints
+
+
+def _note_denial(text: str) -> None:
+    """Remember the subject of a `permissions violation for publish|subscription to "X"` error."""
+    match = re.search(r'permissions violation for (publish|subscription) to "([^"]+)"', text, re.IGNORECASE)
+    if match and match.group(2) not in _DENIED:
+        _DENIED.append(match.group(2))
+
+
+def permission_denials() -> list[str]:
+    """Subjects the NATS server refused this process so far (a permissions violation: the
+    user's publish/subscribe allow lists, e.g. examples/nats-accounts.conf). nats-py reports
+    these only to the error callback; the request itself then times out like a missing
+    responder, so the CLI adds them to its error line."""
+    return list(_DENIED)
 
 
 class _Refused(Exception):
