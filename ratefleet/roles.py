@@ -17,6 +17,7 @@ import anyio
 
 from ratefleet.runtime.config_kv import startup_config
 from ratefleet.runtime.connect import connect
+from ratefleet.runtime.flusher import coalesce_writes
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.probes import Probes, serve_probes, streams_check
 from ratefleet.runtime.streams import ensure_topology
@@ -96,6 +97,7 @@ async def dispatcher_main(config: Config, dispatcher_id: str | None = None, http
     probes = Probes()
 
     async def body(nc, stop):
+        await coalesce_writes(nc)  # an assignment per job, spread over loop iterations: fewer socket writes
         fleet, revision = await startup_config(nc.jetstream(), Subjects(config.nats.prefix), config)
         dispatcher = Dispatcher(fleet, nc, dispatcher_id=dispatcher_id, registry=probes.registry, http=probes.url,
                                 config_revision=revision)
@@ -113,6 +115,7 @@ async def worker_main(config: Config, slots: int | None = None, worker_id: str |
     probes = Probes()
 
     async def body(nc, stop):
+        await coalesce_writes(nc)  # a Result, an ack and a report per job: fewer socket writes
         fleet, revision = await startup_config(nc.jetstream(), Subjects(config.nats.prefix), config)
         await ensure_topology(nc.jetstream(), fleet)
         worker = Worker(fleet, nc, slots=slots, worker_id=worker_id, registry=probes.registry, http=probes.url,

@@ -1,0 +1,142 @@
+"""coalesce_writes: publishes of consecutive loop iterations share one socket write, and
+every message still arrives, in order, also after a reconnect (real nats-server)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from urllib.parse import urlparse
+
+import nats
+import pytest
+
+from ratefleet.runtime.embedded import EmbeddedNats
+from ratefleet.runtime.flusher import coalesce_writes
+
+pytestmark = pytest.mark.anyio
+
+
+def count_writes(nc) -> list[bytes]:
+    """Wrap the connection's transport so every writelines call is recorded."""
+    writes: list[bytes] = []
+    transport = nc._transport
+    original = transport.writelines
+
+    def counting(payload):
+        writes.append(b"".join(payload))
+        return original(payload)
+
+    transport.writelines = counting
+    return writes
+
+
+async def publish_over_iterations(nc, subject: str, n: int) -> None:
+    """Pairs of publishes one loop iteration apart (two calls finishing one after the
+    other), each pair sent before the next starts."""
+    for i in range(0, n, 2):
+        await nc.publish(subject, str(i).encode())
+        await asyncio.sleep(0)
+        await nc.publish(subject, str(i + 1).encode())
+        await nc.flush()
+
+
+async def received(nc, subject: str, n: int) -> list[bytes]:
+    got: list[bytes] = []
+    done = asyncio.Event()
+
+    async def on_msg(msg):
+        got.append(msg.data)
+        if len(got) >= n:
+            done.set()
+
+    await nc.subscribe(subject, cb=on_msg)
+    await nc.flush()
+    return got, done
+
+
+@pytest.mark.parametrize("coalesced", [False, True])
+async def test_publishes_of_consecutive_iterations_share_a_write(nats_server, coalesced):
+    nc = await nats.connect(nats_server.url)
+    listener = await nats.connect(nats_server.url)
+    try:
+        got, done = await received(listener, "t.flush", 40)
+        if coalesced:
+            assert await coalesce_writes(nc)
+        await nc.flush()
+        writes = count_writes(nc)
+        await publish_over_iterations(nc, "t.flush", 40)
+        await nc.flush()
+        await asyncio.wait_for(done.wait(), 10)
+        assert got == [str(i).encode() for i in range(40)]
+        ours = [w.count(b"PUB t.flush") for w in writes if b"PUB t.flush" in w]
+        if coalesced:
+            # a pair per write at most (a busy flusher also waits out MIN_GAP_S, so often more)
+            assert sum(ours) == 40 and len(ours) <= 20, f"publishes per write: {ours}"
+        else:
+            assert ours == [1] * 40  # nats-py alone: one write per iteration (what the swap removes)
+    finally:
+        await nc.close()
+        await listener.close()
+
+
+@pytest.mark.parametrize("coalesced", [False, True])
+async def test_the_coalescing_flusher_survives_a_reconnect(tmp_path, coalesced):
+    nats_server = EmbeddedNats(tmp_path / "nats").start()
+    nats_server.port = urlparse(nats_server.url).port  # a restart comes back on the same port
+    back = {"nc": asyncio.Event(), "listener": asyncio.Event()}
+
+    def on_reconnect(name):
+        async def cb():
+            back[name].set()
+        return cb
+
+    options = {"reconnect_time_wait": 0.2, "max_reconnect_attempts": -1}
+    nc = await nats.connect(nats_server.url, reconnected_cb=on_reconnect("nc"), **options)
+    listener = await nats.connect(nats_server.url, reconnected_cb=on_reconnect("listener"), **options)
+    try:
+        if coalesced:
+            assert await coalesce_writes(nc)
+        nats_server.stop()
+        nats_server.start()
+        await asyncio.wait_for(asyncio.gather(back["nc"].wait(), back["listener"].wait()), 30)
+        got, done = await received(listener, "t.after", 10)
+        await publish_over_iterations(nc, "t.after", 10)
+        await asyncio.wait_for(done.wait(), 10)
+        assert got == [str(i).encode() for i in range(10)]
+        assert not coalesced or nc._flusher.__func__.__name__ == "_coalescing_flusher"
+    finally:
+        await nc.close()
+        await listener.close()
+        nats_server.stop()
+
+
+async def test_publishes_close_together_share_a_write_when_busy(nats_server):
+    """Publishes 0.1 ms apart over separate iterations (calls finishing one by one under
+    load) go out in a few writes, not one each."""
+    nc = await nats.connect(nats_server.url)
+    listener = await nats.connect(nats_server.url)
+    try:
+        got, done = await received(listener, "t.busy", 30)
+        assert await coalesce_writes(nc)
+        await nc.flush()
+        writes = count_writes(nc)
+        for i in range(30):
+            await nc.publish("t.busy", str(i).encode())
+            until = time.perf_counter() + 0.0001
+            while time.perf_counter() < until:  # other iterations run meanwhile (not a timer's resolution)
+                await asyncio.sleep(0)
+        await nc.flush()
+        await asyncio.wait_for(done.wait(), 10)
+        assert got == [str(i).encode() for i in range(30)]
+        ours = [w.count(b"PUB t.busy") for w in writes if b"PUB t.busy" in w]
+        assert sum(ours) == 30 and len(ours) <= 15, f"publishes per write: {ours}"
+    finally:
+        await nc.close()
+        await listener.close()
+
+
+async def test_a_client_of_another_shape_is_left_alone():
+    class NotNats:
+        is_connected = True
+
+    assert await coalesce_writes(NotNats()) is False
