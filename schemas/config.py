@@ -178,15 +178,6 @@ class StreamsConfig(_Strict):
 
 # -- the gateway (`ratefleet gateway`): callers and where it listens -------------------------
 
-def _secret_ref_problem(raw: str) -> str | None:
-    """Why a secret reference (`env:NAME`, `file:PATH` or a literal) is malformed, or None."""
-    if not raw:
-        return "must not be empty (use env:NAME, file:PATH or a literal)"
-    if raw.startswith("env:") and not raw[4:]:
-        return "env: needs a variable name, e.g. env:RATEFLEET_CALLER_KEY"
-    if raw.startswith("file:") and not raw[5:]:
-        return "file: needs a path, e.g. file:/run/secrets/caller"
-    return None
 
 
 class CallerConfig(_Strict):
@@ -214,7 +205,7 @@ class CallerConfig(_Strict):
     @field_validator("key")
     @classmethod
     def _key_form(cls, value: SecretStr) -> SecretStr:
-        problem = _secret_ref_problem(value.get_secret_value())
+        problem = secret_ref_problem(value.get_secret_value(), "RATEFLEET_CALLER_KEY", "/run/secrets/caller")
         if problem:
             raise ValueError(problem)
         return value

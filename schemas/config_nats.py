@@ -15,18 +15,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from ratefleet.schemas.key_versions import secret_ref_problem
+
 INBOX_PREFIX_PATTERN = r"^_INBOX(\.[A-Za-z0-9_-]+)*$"
 
-
-def secret_ref_problem(raw: str) -> str | None:
-    """Why a secret reference (`env:NAME`, `file:PATH` or a literal) is malformed, or None."""
-    if not raw:
-        return "must not be empty (use env:NAME, file:PATH or a literal)"
-    if raw.startswith("env:") and not raw[4:]:
-        return "env: needs a variable name, e.g. env:RATEFLEET_NATS_PASSWORD"
-    if raw.startswith("file:") and not raw[5:]:
-        return "file: needs a path, e.g. file:/run/secrets/nats-password"
-    return None
 
 
 def is_literal(ref: SecretStr | None) -> bool:
@@ -62,7 +54,8 @@ class NatsAuthConfig(BaseModel):
     @field_validator("password", "token", "nkey_seed")
     @classmethod
     def _ref_form(cls, value: SecretStr | None) -> SecretStr | None:
-        problem = None if value is None else secret_ref_problem(value.get_secret_value())
+        problem = None if value is None else secret_ref_problem(value.get_secret_value(), "RATEFLEET_NATS_PASSWORD",
+                                                                 "/run/secrets/nats-password")
         if problem:
             raise ValueError(problem)
         return value

@@ -44,14 +44,16 @@ VersionState = Literal["active", "pending", "draining", "retired"]
 IMPLICIT_VERSION_ID = "v1"  # the version id of a key given with a single `secret`
 
 
-def secret_ref_problem(raw: str, example: str = "OPENAI_KEY_1") -> str | None:
-    """Why a secret reference (`env:NAME`, `file:PATH` or a literal) is malformed, or None."""
+def secret_ref_problem(raw: str, example: str = "OPENAI_KEY_1", path_example: str = "/run/secrets/k1") -> str | None:
+    """Why a secret reference (`env:NAME`, `file:PATH` or a literal) is malformed, or None;
+    `example` / `path_example` name a variable / path in the message. One rule for key
+    secrets, caller keys and NATS credentials."""
     if not raw:
         return "must not be empty (use env:NAME, file:PATH or a literal)"
     if raw.startswith("env:") and not raw[4:]:
         return f"env: needs a variable name, e.g. env:{example}"
     if raw.startswith("file:") and not raw[5:]:
-        return "file: needs a path, e.g. file:/run/secrets/k1"
+        return f"file: needs a path, e.g. file:{path_example}"
     return None
 
 
