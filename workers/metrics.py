@@ -5,6 +5,8 @@
     ratefleet_upstream_requests_total{key,outcome}             upstream calls by key id and outcome class
     ratefleet_upstream_request_duration_seconds{upstream}      upstream call duration (histogram)
     ratefleet_worker_slots{state}                              busy / free slots, read at scrape time
+    ratefleet_split_jobs_total{tier,variant,status}            Results of jobs on a tier with an A/B split
+    ratefleet_split_request_duration_seconds{tier,variant}     their upstream call durations (histogram)
 
 `outcome` is the OutcomeKind value of the call (ok, rate_limited, key_error, denied,
 upstream_error, bad_request).
@@ -47,14 +49,26 @@ class WorkerMetrics:
                                 ("key", "outcome"), registry=registry)
         self.duration = Histogram("ratefleet_upstream_request_duration_seconds", "Upstream call duration",
                                   ("upstream",), buckets=UPSTREAM_BUCKETS, registry=registry)
+        self.split_jobs = Counter("ratefleet_split_jobs", "Results of jobs on tiers with an A/B split, by variant",
+                                  ("tier", "variant", "status"), registry=registry)
+        self.split_duration = Histogram("ratefleet_split_request_duration_seconds",
+                                        "Upstream call duration of jobs on tiers with an A/B split, by variant",
+                                        ("tier", "variant"), buckets=UPSTREAM_BUCKETS, registry=registry)
         registry.register(SlotsCollector(slots))
 
-    def job_ended(self, tier: str, status: str) -> None:
+    def job_ended(self, tier: str, status: str, variant: str | None = None) -> None:
+        """Count a stored Result; `variant` ("control" / "split"; None: no split on its tier)."""
         self.jobs.labels(tier, status).inc()
+        if variant is not None:
+            self.split_jobs.labels(tier, variant, status).inc()
 
     def call_started(self, tier: str, waited_s: float) -> None:
         self.queue_wait.labels(tier).observe(max(0.0, waited_s))
 
-    def call_done(self, key_id: str, upstream: str, outcome: str, latency_s: float) -> None:
+    def call_done(self, key_id: str, upstream: str, outcome: str, latency_s: float, *, tier: str | None = None,
+                  variant: str | None = None) -> None:
+        """Count an upstream call (`latency_s` seconds); with a `variant`, also per tier and variant."""
         self.requests.labels(key_id, outcome).inc()
         self.duration.labels(upstream).observe(max(0.0, latency_s))
+        if variant is not None and tier is not None:
+            self.split_duration.labels(tier, variant).observe(max(0.0, latency_s))

@@ -332,7 +332,8 @@ class Worker:
             if call is None:
                 return
             self.calls += 1
-            self.metrics.call_done(a.key_id, a.upstream, str(call.kind), call.latency_ms / 1000)
+            self.metrics.call_done(a.key_id, a.upstream, str(call.kind), call.latency_ms / 1000, tier=a.tier,
+                                   variant=a.variant)
             # still kept alive while the Result is stored: a large body takes seconds to upload
             await self._conclude(a, call, queued_ms, job)
         except InvalidRequest as exc:  # raised by executor.call, before any call
@@ -441,7 +442,7 @@ class Worker:
             except Exception as again:  # noqa: BLE001 - nothing can be stored: retried later
                 return await self._requeue(a, again)
         if stored:
-            self.metrics.job_ended(a.tier, result.status)
+            self.metrics.job_ended(a.tier, result.status, a.variant)
         if stored and result.error and result.error.code in (ErrorCode.ATTEMPTS_EXHAUSTED, ErrorCode.RATE_LIMITED,
                                                              ErrorCode.RESULT_NOT_STORED):
             try:

@@ -4,9 +4,11 @@ must match the ids' sides exactly, and each Result must name its side."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 from fleetkit import FleetKit, chat_job, collect, mock_keys, wait_for_leader
 from gatewaykit import CALLER_KEYS, caller_env, callers, free_port, start_gateway
+from prometheus_client.parser import text_string_to_metric_families
 
 from ratefleet import Client
 from ratefleet.dispatcher.core.split import SplitSpec, variant_of
@@ -32,8 +34,18 @@ def split_kit(tmp_path, nats_server, upstream, **overrides) -> FleetKit:
                    keys=[{"id": "k1", "rps": 200, "burst": 20}, {"id": "k2", "rps": 200, "burst": 20}],
                    overrides={"pools": {"alt": {"keys": alt}}, "tiers": tiers, **overrides})
     kit.dispatcher("d1")
-    kit.worker("w1", slots=32)
+    port = free_port()
+    kit.spawn("worker", "--id", "w1", "--slots", "32", "--http", f"127.0.0.1:{port}", name="w1")
+    kit.worker_metrics = f"http://127.0.0.1:{port}/metrics"  # type: ignore[attr-defined]
     return kit
+
+
+def split_counts(url: str) -> dict[tuple[str, str, str], float]:
+    """ratefleet_split_jobs_total by (tier, variant, status), scraped from a worker."""
+    text = httpx.get(url, timeout=10, trust_env=False).text
+    return {(s.labels["tier"], s.labels["variant"], s.labels["status"]): s.value
+            for family in text_string_to_metric_families(text) if family.name == "ratefleet_split_jobs"
+            for s in family.samples if s.name.endswith("_total")}
 
 
 async def test_a_split_tier_sends_its_share_to_the_split_pool_and_results_say_which(tmp_path, nats_server, upstream):
@@ -47,6 +59,7 @@ async def test_a_split_tier_sends_its_share_to_the_split_pool_and_results_say_wh
                                                batch="ctl")
             results = await collect(client, "ab", JOBS, timeout=90)
             normal = await collect(client, "ctl", 50, timeout=60)
+            counted = split_counts(kit.worker_metrics)
     finally:
         kit.stop()
     assert len(results) == JOBS and all(r.ok for r in results.values())
@@ -60,6 +73,9 @@ async def test_a_split_tier_sends_its_share_to_the_split_pool_and_results_say_wh
     assert keys["k1"]["calls"] + keys["k2"]["calls"] == JOBS - split_count + len(control)
     # a tier without a split is routed as before: no variant, its own pool
     assert {(r.variant, r.pool) for r in normal.values()} == {(None, "shared")}
+    # the worker's metrics carry the variant (tiers without a split are not counted there)
+    assert counted == {("premium", "split", "succeeded"): split_count,
+                       ("premium", "control", "succeeded"): JOBS - split_count}
 
 
 async def test_gateway_requests_on_a_split_tier_carry_the_variant(tmp_path, nats_server, upstream, monkeypatch):

@@ -24,7 +24,7 @@ from ratefleet.supervisor import Child, assign_http
 from ratefleet.workers.metrics import WorkerMetrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "examples" / "grafana" / "ratefleet.json"
-ALLOWED_LABELS = {"tier", "status", "key", "outcome", "upstream", "state", "le", "result"}
+ALLOWED_LABELS = {"tier", "status", "key", "outcome", "upstream", "state", "le", "result", "variant"}
 
 
 def _key(**fields):
@@ -97,7 +97,9 @@ def test_worker_metrics_count_calls_jobs_and_read_slots_when_scraped():
 
 def test_names_units_and_labels_follow_prometheus_practice():
     worker, leader = new_registry(), new_registry()
-    WorkerMetrics(worker, lambda: (4, 1)).call_done("k1", "mock", "ok", 0.1)
+    worker_metrics = WorkerMetrics(worker, lambda: (4, 1))
+    worker_metrics.call_done("k1", "mock", "ok", 0.1, tier="premium", variant="split")
+    worker_metrics.job_ended("premium", "succeeded", "split")
     register_cache(worker, lambda: CacheStats(hits=1, misses=2, writes=3))
     DispatcherMetrics(leader, lambda: LeaderView(LEADER, {"vip": 1})).job_ended("vip", "invalid")
     families = [f for registry in (worker, leader) for f in text_string_to_metric_families(generate_latest(registry).decode())]
