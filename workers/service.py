@@ -109,6 +109,8 @@ class Worker:
         registry = registry or new_registry()
         self.metrics = WorkerMetrics(registry, lambda: (self.slots, len(self.in_flight)))
         register_cache(registry, lambda: self.cache.stats)
+        # every Result this worker newly stores is counted once, whichever path ended the job
+        self.finisher.on_stored = lambda result: self.metrics.job_ended(result.tier, result.status, result.variant)
         self.leader_heard_at: float | None = None  # monotonic time of the last leader announce
 
     async def run(self, stop: anyio.Event) -> None:
@@ -301,10 +303,9 @@ class Worker:
             return
         if job.expired(datetime.now(UTC)):
             log.info("job expired before its call")
-            if await self.finisher.finish(self._result(a, "expired", error=ErrorInfo(
-                    code=ErrorCode.DEADLINE_EXCEEDED, message="the deadline passed before the call could start")),
-                    ack=a.ack, reply_to=a.reply_to):
-                self.metrics.job_ended(a.tier, "expired")
+            await self.finisher.finish(self._result(a, "expired", error=ErrorInfo(
+                code=ErrorCode.DEADLINE_EXCEEDED, message="the deadline passed before the call could start")),
+                ack=a.ack, reply_to=a.reply_to)
             await self._report(a, None, terminal=True)
             return
         try:
@@ -382,7 +383,6 @@ class Worker:
         error = ErrorInfo(code=code, message=message)
         result = self._result(a, "invalid", error=error)
         if await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to):
-            self.metrics.job_ended(a.tier, "invalid")
             try:
                 await self.finisher.dead(a.tier, result, job=a.job, last_error=error.model_dump())
             except Exception as exc:  # noqa: BLE001 - the Result is stored and acked: the job is done
@@ -441,8 +441,6 @@ class Worker:
                 stored = await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to)
             except Exception as again:  # noqa: BLE001 - nothing can be stored: retried later
                 return await self._requeue(a, again)
-        if stored:
-            self.metrics.job_ended(a.tier, result.status, a.variant)
         if stored and result.error and result.error.code in (ErrorCode.ATTEMPTS_EXHAUSTED, ErrorCode.RATE_LIMITED,
                                                              ErrorCode.RESULT_NOT_STORED):
             try:
