@@ -13,6 +13,9 @@ Object Store ratefleet_bodies  response bodies too large for a Result (ratefleet
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -29,7 +32,10 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from ratefleet.runtime.config_kv import HISTORY as CONFIG_HISTORY
+from ratefleet.runtime.logs import get_logger
 from ratefleet.schemas import Config, Subjects
+
+log = get_logger("ratefleet.streams")
 
 
 def tier_consumer(tier: str) -> str:
@@ -92,26 +98,42 @@ def kv_buckets(config: Config) -> list[tuple[str, float | None, int]]:
     ]
 
 
-async def ensure_topology(js: JetStreamContext, config: Config) -> None:
+async def ensure_topology(js: JetStreamContext, config: Config, *, patience_s: float = 30.0) -> None:
     """Create or update the three streams, the KV buckets and the per-tier consumers, all at
     `streams.replicas` (a bucket made before at fewer replicas, e.g. the config bucket that
-    `startup_config` reads first, is scaled up). Safe to run concurrently."""
-    for stream in stream_configs(config):
-        await _ensure_stream(js, stream)
-    subjects = Subjects(config.nats.prefix)
-    for bucket, ttl, history in kv_buckets(config):
-        await open_kv(js, bucket, ttl=ttl, history=history, replicas=config.streams.replicas)
-    await open_object_store(js, subjects.bodies_bucket, ttl=config.streams.results_max_age_s,
-                            replicas=config.streams.replicas)
-    jobs_stream = subjects.jobs_stream
-    for tier in config.tiers:
-        wanted = consumer_config(config, tier)
-        try:
-            await js.add_consumer(jobs_stream, config=wanted)
-        except BadRequestError:
-            # another process created it at the same moment; the same request now finds it
-            # (the server updates an existing durable's editable settings, e.g. ack_wait)
-            await js.add_consumer(jobs_stream, config=wanted)
+    `startup_config` reads first, is scaled up). Safe to run concurrently. Each step is
+    retried on a JetStream API timeout for up to `patience_s` seconds: on a cluster, a
+    stream another process has just created answers nothing until its replicas have elected
+    a leader (the info request times out), as does a stream whose leader's server just died.
+    Raises the last TimeoutError when a step still times out after that."""
+    subjects, replicas = Subjects(config.nats.prefix), config.streams.replicas
+    steps = [lambda stream=stream: _ensure_stream(js, stream) for stream in stream_configs(config)]
+    steps += [lambda b=bucket, t=ttl, h=history: open_kv(js, b, ttl=t, history=h, replicas=replicas)
+              for bucket, ttl, history in kv_buckets(config)]
+    steps.append(lambda: open_object_store(js, subjects.bodies_bucket, ttl=config.streams.results_max_age_s,
+                                           replicas=replicas))
+    steps += [lambda tier=tier: _ensure_consumer(js, subjects.jobs_stream, consumer_config(config, tier))
+              for tier in config.tiers]
+    deadline = time.monotonic() + patience_s
+    for step in steps:
+        while True:
+            try:
+                await step()
+                break
+            except TimeoutError:  # nats.errors.TimeoutError is one too
+                if time.monotonic() >= deadline:
+                    raise
+                log.info("JetStream API timed out; retrying (a cluster electing a stream leader)")
+                await asyncio.sleep(0.5)
+
+
+async def _ensure_consumer(js: JetStreamContext, stream: str, wanted: ConsumerConfig) -> None:
+    try:
+        await js.add_consumer(stream, config=wanted)
+    except BadRequestError:
+        # another process created it at the same moment; the same request now finds it
+        # (the server updates an existing durable's editable settings, e.g. ack_wait)
+        await js.add_consumer(stream, config=wanted)
 
 
 async def open_kv(js: JetStreamContext, bucket: str, ttl: float | None, *, history: int = 1,
