@@ -7,6 +7,7 @@ two. `.url` is the comma-separated list the fleet's `[nats] url` takes.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -72,6 +73,27 @@ class NatsCluster:
     def stop(self) -> None:
         for server in self.servers.values():
             server.stop()
+
+
+def server_of(cluster: NatsCluster, pid: int) -> str | None:
+    """The name of the server process `pid` holds a client connection to (None: none), read
+    from /proc: the pid's socket inodes, matched in /proc/PID/net/tcp to a server's port."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    inodes = set()
+    for fd in fd_dir.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    by_port = {server.port: name for name, server in cluster.servers.items()}
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote_port, state, inode = int(fields[2].split(":")[1], 16), fields[3], fields[9]
+        if inode in inodes and state == "01" and remote_port in by_port:  # 01: ESTABLISHED
+            return by_port[remote_port]
+    return None
 
 
 async def wait_jetstream_ready(urls: list[str], timeout: float = 30.0) -> None:

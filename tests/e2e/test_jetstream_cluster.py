@@ -2,10 +2,12 @@
 with every stream, KV bucket and object store at `streams.replicas = 3`; dispatchers and
 workers get the servers as one comma-separated `[nats] url`.
 
-The kill test SIGKILLs the server that leads RATEFLEET_JOBS mid-batch: the work queue's
-deliveries and acks are sequenced there, so its death forces a stream (and usually a
-consumer) leader election while jobs are being pulled, acked and stored, and every process
-connected to it moves to another server. After a few seconds it comes back with its store.
+The kill test SIGKILLs one server mid-batch and brings it back with its store after 3 s,
+in two variants: the server that leads RATEFLEET_JOBS (the work queue's deliveries and acks
+are sequenced there: its death forces a stream and consumer leader election while jobs are
+pulled, acked and stored), and the server the leader dispatcher is connected to (its
+assignments, the workers' reports and its lease renewals stop until it has moved to another
+server; the lease may lapse and the standby take over).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections import defaultdict
 
 import pytest
 from aiohttp import web
-from clusterkit import NatsCluster, stream_leader, wait_jetstream_ready
+from clusterkit import NatsCluster, server_of, stream_leader, wait_jetstream_ready
 from faultkit import Tracker, assert_exactly_once, fast_keys, figure, until, wait_workers
 from fleetkit import FleetKit
 
@@ -114,7 +116,16 @@ async def test_fleet_runs_on_an_r3_cluster_with_every_store_replicated(tmp_path,
             kit.stop()
 
 
-async def test_killing_the_jobs_leader_mid_batch_loses_nothing(tmp_path, cluster):
+async def pick_victim(kit: FleetKit, cluster: NatsCluster, client: Client, js, which: str) -> str:
+    if which == "jobs-leader":
+        return await stream_leader(js, SUBJECTS.jobs_stream)
+    leader = (await client.status(timeout=5))["leader"]
+    proc = next(p for p in kit.processes if p.name == leader)
+    return server_of(cluster, proc.pid)
+
+
+@pytest.mark.parametrize("which", ["jobs-leader", "leader-dispatcher-server"])
+async def test_killing_a_server_mid_batch_loses_nothing(tmp_path, cluster, which):
     n = 300
     await wait_jetstream_ready(cluster.urls)
     async with CountingUpstream(latency_s=0.1) as upstream:
@@ -124,9 +135,10 @@ async def test_killing_the_jobs_leader_mid_batch_loses_nothing(tmp_path, cluster
                 async with await Client.connect(cluster.url) as client:
                     await wait_workers(client, {"w1", "w2"}, timeout=60)
                     ids = await client.submit_many([job(f"j{i}") for i in range(n)], "normal", batch="kill")
-                await until(lambda: tracker.seen(ids) >= 60, 40, 0.05, "60 results before the kill")
-                victim = await stream_leader(tracker.js, SUBJECTS.jobs_stream)
+                    await until(lambda: tracker.seen(ids) >= 60, 40, 0.05, "60 results before the kill")
+                    victim = await pick_victim(kit, cluster, client, tracker.js, which)
                 assert victim in cluster.servers, victim
+                jobs_leader = await stream_leader(tracker.js, SUBJECTS.jobs_stream)
                 done_before = tracker.seen(ids)
                 killed_at = time.monotonic()
                 cluster.kill(victim)
@@ -152,7 +164,8 @@ async def test_killing_the_jobs_leader_mid_batch_loses_nothing(tmp_path, cluster
             assert all(len(c) == 2 and c[0] <= up_at for c in twice.values()), \
                 {i: [round(t - killed_at, 2) for t in c] for i, c in twice.items()}
             after = sorted(t for t in tracker.first_seen.values() if t > killed_at)
-            figure("JOBS leader killed", victim=victim, jobs=n, done_before=done_before,
+            figure(f"server killed ({which})", victim=victim, victim_led_jobs=victim == jobs_leader, jobs=n,
+                   done_before=done_before,
                    downtime_s=up_at - killed_at, kill_to_next_result_s=(after[0] - killed_at) if after else None,
                    kill_to_all_results_s=all_done_s, calls=sum(len(c) for c in calls.values()),
                    jobs_called_twice=len(twice))
