@@ -56,12 +56,12 @@ async def _bucket(js: JetStreamContext, subjects: Subjects, create: bool):
     except (BucketNotFoundError, NotFoundError):
         if not create:
             return None
-    try:
+    try:  # kept as long as the Results, on as many servers
         info = await js.stream_info(subjects.results_stream)
-        ttl = info.config.max_age
+        ttl, replicas = info.config.max_age, info.config.num_replicas or 1
     except NotFoundError:
-        ttl = 86400.0
-    return await js.create_key_value(bucket=bucket_name(subjects), ttl=ttl, history=1)
+        ttl, replicas = 86400.0, 1
+    return await js.create_key_value(bucket=bucket_name(subjects), ttl=ttl, history=1, replicas=replicas)
 
 
 async def save_record(js: JetStreamContext, subjects: Subjects, record: BatchRecord) -> None:

@@ -102,10 +102,10 @@ def holder(record: dict[str, Any]) -> str | None:
 class BatchBook:
     """The records in KV: create, get, compare-and-set update, list."""
 
-    def __init__(self, js: JetStreamContext, subjects: Subjects, *, ttl_s: float) -> None:
+    def __init__(self, js: JetStreamContext, subjects: Subjects, *, ttl_s: float, replicas: int = 1) -> None:
         self.js = js
         self.bucket = book_bucket(subjects)
-        self.ttl_s = ttl_s
+        self.ttl_s, self.replicas = ttl_s, replicas
         self._kv = None
 
     async def _open(self):
@@ -114,7 +114,8 @@ class BatchBook:
                 self._kv = await self.js.key_value(self.bucket)
             except (BucketNotFoundError, NotFoundError):
                 try:
-                    self._kv = await self.js.create_key_value(bucket=self.bucket, ttl=self.ttl_s, history=1)
+                    self._kv = await self.js.create_key_value(bucket=self.bucket, ttl=self.ttl_s, history=1,
+                                                             replicas=self.replicas)
                 except Exception:  # noqa: BLE001 - created concurrently by another gateway
                     self._kv = await self.js.key_value(self.bucket)
         return self._kv

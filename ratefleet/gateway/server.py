@@ -94,7 +94,7 @@ def batch_service(config: Config, client: Client, callers: CallerTable) -> tuple
     kept as long as Results (`streams.results_max_age_s`)."""
     ttl = config.streams.results_max_age_s
     files = FileStore(client.js, client.subjects, ttl_s=ttl, replicas=config.streams.replicas)
-    book = BatchBook(client.js, client.subjects, ttl_s=ttl)
+    book = BatchBook(client.js, client.subjects, ttl_s=ttl, replicas=config.streams.replicas)
     runner = BatchRunner(client, book, files, callers.by_name())
     return runner, BatchApi(callers, files, book, runner)
 

@@ -112,8 +112,10 @@ class CacheStats:
 class ResultCache:
     """The KV bucket `ratefleet_cache` (one value per key, max age `cache.max_ttl_s`)."""
 
-    def __init__(self, js: JetStreamContext, subjects: Subjects, *, max_ttl_s: float, max_entry_bytes: int) -> None:
-        self.js, self.bucket = js, subjects.cache_bucket
+    def __init__(self, js: JetStreamContext, subjects: Subjects, *, max_ttl_s: float, max_entry_bytes: int,
+                 replicas: int = 1) -> None:
+        """`replicas`: of the bucket when this creates it (`streams.replicas`)."""
+        self.js, self.bucket, self.replicas = js, subjects.cache_bucket, replicas
         self.max_ttl_s, self.max_entry_bytes = max_ttl_s, max_entry_bytes
         self.stats = CacheStats()
         self._kv: KeyValue | None = None
@@ -121,11 +123,11 @@ class ResultCache:
     @classmethod
     def from_config(cls, js: JetStreamContext, config: Config) -> ResultCache:
         return cls(js, Subjects(config.nats.prefix), max_ttl_s=config.cache.max_ttl_s,
-                   max_entry_bytes=config.cache.max_entry_bytes)
+                   max_entry_bytes=config.cache.max_entry_bytes, replicas=config.streams.replicas)
 
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
-            self._kv = await open_kv(self.js, self.bucket, ttl=self.max_ttl_s)
+            self._kv = await open_kv(self.js, self.bucket, ttl=self.max_ttl_s, replicas=self.replicas)
         return self._kv
 
     async def lookup(self, key: str, now: float | None = None) -> CacheEntry | None:

@@ -59,9 +59,18 @@ def _url_secrets(url: str) -> list[str]:
     return found
 
 
+def server_list(url: str) -> list[str]:
+    """The servers of `url`, a comma-separated list (`nats://a:4222,nats://b:4222`, the form
+    of the nats CLI and the Go client), as nats-py wants them: one string per server (it
+    rejects a comma-separated string). Empty parts are dropped; order is kept (nats-py
+    shuffles the pool, then moves to the next server on a disconnect)."""
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
 async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever: bool = True,
                   auth: NatsAuthConfig | None = None) -> NatsClient:
-    """Connect to `url` with the credentials and TLS of `auth` (`[nats]`; None: the URL's
+    """Connect to `url` (one server, or a comma-separated list of a cluster's servers: a
+    disconnect moves on to another) with the credentials and TLS of `auth` (`[nats]`; None: the URL's
     only). Long-running roles reconnect forever; clients give up after ~30 s down. Raises
     NatsUnavailable (nothing answers, or the server refused us) and ConfigError (a
     credential reference cannot be resolved), both without any credential in the message."""
@@ -71,7 +80,7 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
     if not forever:
         from ratefleet.runtime.embedded import port_answers
 
-        if not any(port_answers(u.strip(), timeout=connect_timeout) for u in url.split(",")):
+        if not any(port_answers(u, timeout=connect_timeout) for u in server_list(url)):
             raise NatsUnavailable(f"nothing answers at {redact_url(url)}; start NATS with `ratefleet up`, "
                                   "or pass --nats URL")
     holder: list[NatsClient] = []
@@ -94,7 +103,7 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
     holder.append(NatsClient())
     try:
         await holder[0].connect(
-            url, name=name, connect_timeout=connect_timeout, allow_reconnect=True,
+            server_list(url), name=name, connect_timeout=connect_timeout, allow_reconnect=True,
             max_reconnect_attempts=-1 if forever else 60, reconnect_time_wait=0.5,
             disconnected_cb=on_disconnect, reconnected_cb=on_reconnect, error_cb=on_error,
             pending_size=64 * 1024 * 1024, **options,

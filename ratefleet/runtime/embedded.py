@@ -32,7 +32,10 @@ def nats_server_binary() -> str:
 
 
 def port_answers(url: str, timeout: float = 0.5) -> bool:
-    """True when something accepts TCP connections at the host:port of a nats:// URL."""
+    """True when something accepts TCP connections at the host:port of a nats:// URL (of any
+    URL of a comma-separated list)."""
+    if "," in url:
+        return any(port_answers(part.strip(), timeout) for part in url.split(",") if part.strip())
     parsed = urlparse(url)
     try:
         with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 4222), timeout=timeout):
@@ -105,8 +108,9 @@ class EmbeddedNats:
 
 
 def embedded_for(url: str, store_dir: str | os.PathLike) -> EmbeddedNats:
-    """An embedded server listening where `url` points (loopback hosts only)."""
-    parsed = urlparse(url)
+    """An embedded server listening where `url` points (its first server when it is a
+    comma-separated list; loopback hosts only)."""
+    parsed = urlparse(url.split(",")[0].strip())
     host = parsed.hostname or "127.0.0.1"
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise NatsUnavailable(f"no NATS server answers at {url}, and an embedded one only runs on loopback; "
