@@ -42,7 +42,7 @@ from .commands import (
 )
 from .delivery import Incoming
 from .fleet import AssignmentRecord, Fleet
-from .handout import Held, LeaderSettings, build_assignment
+from .handout import Held, LeaderSettings, assignment_json, build_assignment
 from .leader_config import apply_config
 from .leader_fleet import LOST, FleetKeeper
 from .leader_keys import KeyKeeper
@@ -231,7 +231,7 @@ class LeaderMachine:
         incoming = held.incoming
         try:
             assignment = build_assignment(self.settings, held, decision, now, next(self._sequence))
-            payload = assignment.model_dump_json().encode()
+            payload = assignment_json(assignment)
         except Exception as exc:  # noqa: BLE001 - a validated job always serialises; if not, it alone ends
             return [*self._unsendable(incoming, decision, now, f"job cannot be serialised ({type(exc).__name__})"),
                     *self._top_up(incoming.tier, now)]
