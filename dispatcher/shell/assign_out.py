@@ -23,7 +23,7 @@ from ratefleet.schemas.internal import batch_payload
 
 def traced(payload: bytes, headers: Mapping[str, str]) -> bytes:
     """`payload` (one assignment's JSON object, sent without trace fields: core/handout.py
-    `assignment_json`) with the job's `traceparent` and `tracestate` as its first fields."""
+    `assignment_payload`) with the job's `traceparent` and `tracestate` as its first fields."""
     traceparent = headers.get(TRACEPARENT)
     if not traceparent:
         return payload

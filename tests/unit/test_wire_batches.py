@@ -233,3 +233,23 @@ class _Sub:
     async def messages(self):
         for payload in self.payloads:
             yield MemoryMessage("ratefleet.internal.assign.w-unit", payload)
+
+
+def test_the_leaders_assignment_json_is_a_valid_assignment_with_every_field():
+    from types import SimpleNamespace
+
+    from ratefleet.dispatcher.core.handout import Held, LeaderSettings, assignment_payload
+
+    settings = LeaderSettings("d1", (7, 9), {}, {}, 1, 1, 1, 1, 1 << 20)
+    incoming = _incoming(5)
+    held = Held(incoming, touched=10.0, at=10.0, wall=incoming.submitted_at + 0.25)
+    decision = SimpleNamespace(key_id="k2", pool="p2", variant="split", reservation=SimpleNamespace(denial_final=False))
+    assignment_id, payload = assignment_payload(settings, held, decision, 10.5, 42)
+    sent = set(json.loads(payload))
+    assert sent == set(Assignment.model_fields) - {"job", "traceparent", "tracestate"}  # a new field is sent too
+    a = Assignment.model_validate_json(traced(payload, {"traceparent": TP}))
+    assert assignment_id == a.id == "d1.42"
+    assert (a.job_id, a.key_id, a.pool, a.variant, a.epoch, a.seq, a.ack, a.denial_final, a.traceparent) == (
+        "j5", "k2", "p2", "split", (7, 9), 5, "ack.5", False, TP)
+    assert a.queued_ms == pytest.approx(750.0)
+    assert a.job_model() == incoming.job
