@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, PrivateAttr, TypeAdapter, ValidationError
 
@@ -168,14 +168,17 @@ def read_reports(data: bytes) -> list[OutcomeReport]:
     return _read(data, OutcomeReport, _REPORTS)
 
 
-def _read(data: bytes, model: Any, many: TypeAdapter) -> list[Any]:
-    if not data.lstrip()[:1] == b"[":
+_Model = TypeVar("_Model", Assignment, OutcomeReport)
+
+
+def _read(data: bytes, model: type[_Model], many: TypeAdapter[list[_Model]]) -> list[_Model]:
+    if data.lstrip()[:1] != b"[":
         return [model.model_validate_json(data)]
     try:
         return many.validate_json(data)
     except ValidationError:  # one bad entry: keep the others
         entries = json.loads(data)
-    good = []
+    good: list[_Model] = []
     for entry in entries:
         try:
             good.append(model.model_validate(entry))
