@@ -5,7 +5,8 @@ The command asks the leader dispatcher over core NATS request/reply on
 `<prefix>.admin.keys` (see dispatcher/shell/keycontrol.py). The leader applies it at once,
 persists it in the KV bucket `ratefleet_keys` (so it survives a failover) and answers with
 the key's state. An operator-disabled key is never probed; it stays out until enabled.
-Exit codes: 0 done, 1 the leader refused (unknown key) or nobody answered, 2 bad usage.
+Exit codes: 0 done, 1 the leader refused (unknown key) or nobody answered, 2 bad usage or input
+(`keys rotate` of a key id the config file does not have).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import anyio
 import typer
 
 from ratefleet.cli_support import EXIT_FAILED, EXIT_USAGE, LOOKED_AT, client_target, fail
-from ratefleet.keys_rotate import RotateError, UnknownKey, rotate_file
+from ratefleet.keys_rotate import RotateError, rotate_file
 from ratefleet.runtime.connect import connect
 from ratefleet.schemas import Subjects
 from ratefleet.schemas.config import config_path, load_config
@@ -133,7 +134,7 @@ def rotate(key: str = typer.Argument(..., help="key id from the config"),
     try:
         version = rotate_file(found, key, secret, when)
     except RotateError as exc:
-        fail(str(exc), EXIT_FAILED if isinstance(exc, UnknownKey) else EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)  # the file's content or the arguments: an input error, as an unknown tier
     timeout = _upstream_timeout(found, key)
     typer.echo(f"key {key}: version {version} ({secret}) takes new calls from {when.isoformat()}; "
                f"the earlier version turns draining then. Written to {found}.")

@@ -16,9 +16,12 @@ from ratefleet.schemas import Config
 def pairing_problem(config: Config, key_id: str, upstream: str, job: dict[str, Any]) -> str | None:
     """Why this worker must not call `upstream` with key `key_id` for `job` (the assignment's
     raw job JSON), or None. A key this worker does not know at all is left to the secret
-    resolver (it hands the job back as "key not in this worker's config"). Never names a secret."""
+    resolver (it hands the job back as "key not in this worker's config"), and so is an upstream
+    this worker does not know: a worker one config revision behind the leader hands such a job
+    back unrun and uncounted (workers/service.py), and without the upstream's base URL it could
+    not send the secret anywhere. Never names a secret."""
     if upstream not in config.upstreams:
-        return f"upstream {upstream!r} is not configured on this worker"
+        return None
     named = job.get("upstream") if isinstance(job, dict) else None
     expected = named if isinstance(named, str) else config.default_upstream()
     if expected is not None and expected != upstream:

@@ -48,7 +48,8 @@ class JobDelivered:
     it (with the hand-back and 429 counts of earlier deliveries; None: not read, because the
     leader steps down and it is not the last delivery); `stored`: the job's Result
     when one is stored already (looked up for redeliveries only); `wall`: epoch seconds at
-    delivery (for the job's queue time)."""
+    delivery (for the job's queue time); `cached`: `stored` is an answer-cache hit stored as
+    the job's Result just now, not the Result of an earlier delivery."""
 
     tier: str
     seq: int
@@ -57,6 +58,7 @@ class JobDelivered:
     verdict: Incoming | Refused | None
     stored: bytes | None = None
     wall: float = 0.0
+    cached: bool = False
 
 
 @dataclass(frozen=True)

@@ -158,8 +158,9 @@ class LeaderMachine:
         if event.stored is not None:  # its worker stored the Result and died before the ack
             if not owned:
                 return []  # its owner finds the Result too
-            return [Log("info", "redelivered job already has its result; acked without a second call",
-                        {"job_id": verdict.job_id, "tier": verdict.tier, "attempt": verdict.attempt}),
+            said = ("answered from the cache; acked without a call" if event.cached
+                    else "redelivered job already has its result; acked without a second call")
+            return [Log("info", said, {"job_id": verdict.job_id, "tier": verdict.tier, "attempt": verdict.attempt}),
                     AnswerStored(event.stored, verdict.ack, verdict.reply_to)]
         if self.stepping_down:
             return []  # the last delivery of a job intake accepted: cannot happen (intake ends it)

@@ -91,11 +91,12 @@ class TierInbox:
         except Exception as exc:  # noqa: BLE001 - one message's content must never stop intake
             log.exception("could not read a job message; ended as invalid", tier=self.tier)
             verdict = unreadable(msg, self.tier, exc)
-        stored = None
+        stored, cached = None, False
         if redelivered and isinstance(verdict, Incoming):
             with anyio.move_on_after(STORED_LOOKUP_S):
                 stored = await self.bus.stored_result(verdict.job_id, verdict.job.batch)
         if stored is None and isinstance(verdict, Incoming) and wants_lookup(verdict.job):
             with anyio.move_on_after(STORED_LOOKUP_S):  # a slow cache is a miss: the job is called
                 stored = await self.bus.cached_result(verdict)
-        return JobDelivered(self.tier, seq, delivered, msg.reply, verdict, stored, time.time())
+            cached = stored is not None
+        return JobDelivered(self.tier, seq, delivered, msg.reply, verdict, stored, time.time(), cached)

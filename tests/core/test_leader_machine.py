@@ -125,6 +125,22 @@ def test_a_redelivered_job_with_its_result_stored_is_answered_from_the_store():
     assert not fenced.m.held
 
 
+def test_a_cache_hit_at_intake_is_answered_without_a_call_and_logged_as_a_cache_hit():
+    run = Run(machine())
+    run.at(T0, beat("w1", 4))
+    first = delivery(1, 1, stored=b'{"job_id": "j1", "cached": true}')
+    hit = ev.JobDelivered(first.tier, first.seq, first.delivered, first.ack, first.verdict, first.stored, cached=True)
+    out = run.at(T0 + 0.1, hit)
+    assert out == [cmd.AnswerStored(b'{"job_id": "j1", "cached": true}', hit.ack, None)]
+    assert not run.m.held and run.m.scheduler.pending("normal") == 0
+    said = [c.message for c in run.log if isinstance(c, cmd.Log) and "job_id" in c.fields]
+    assert said == ["answered from the cache; acked without a call"], said
+    redelivered = Run(machine())
+    redelivered.at(T0 + 0.2, delivery(2, 2, stored=b"{}"))
+    assert [c.message for c in redelivered.log if isinstance(c, cmd.Log)] == [
+        "redelivered job already has its result; acked without a second call"]
+
+
 # -- a worker that vanishes ------------------------------------------------------------------------------
 
 

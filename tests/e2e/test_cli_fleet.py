@@ -32,6 +32,15 @@ def cli(*args: str, env=None, timeout=60, input=None) -> subprocess.CompletedPro
                           timeout=timeout, env=env, input=input)
 
 
+def answers(*args: str) -> bool:
+    """Whether the command exits 0 within 20 s (a CLI start-up on a loaded 2-core machine may
+    take most of that: a slow try is a "not yet", as a refused one is)."""
+    try:
+        return cli(*args, timeout=20).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
 def test_up_serves_jobs_submitted_from_another_terminal(tmp_path):
     port = free_port()
     with running_mock(MockSettings(keys=mock_keys(rps=100, burst=10), accept_unknown=False)) as upstream:
@@ -50,8 +59,8 @@ def test_up_serves_jobs_submitted_from_another_terminal(tmp_path):
             jobs = tmp_path / "jobs.jsonl"
             jobs.write_text("".join(json.dumps(chat_job(i)) + "\n" for i in range(25)))
             nats = ["--nats", f"nats://127.0.0.1:{port}"]
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and cli("status", "--json", *nats, timeout=20).returncode != 0:
+            deadline = time.monotonic() + 60  # `up` starts NATS, a dispatcher and two workers
+            while time.monotonic() < deadline and not answers("status", "--json", *nats):
                 time.sleep(0.5)
             out = tmp_path / "results.jsonl"
             done = cli("submit", str(jobs), "--tier", "normal", "--wait", "--out", str(out), *nats, timeout=60)

@@ -72,8 +72,11 @@ async def test_a_key_answering_401_is_disabled_and_jobs_finish_on_the_other(tmp_
         k1_calls = [entry["t"] for entry in upstream.log(limit=1000) if entry["key"] == "k1"]
     assert len(results) == 40 and all(r.ok and r.key_id == "k2" for r in results.values())
     assert status["keys"]["k1"]["disabled"] is True and status["keys"]["k2"]["disabled"] is False
-    # only the calls already in flight when the first 401 came back; none after it
-    assert 1 <= len(k1_calls) < 20 and max(k1_calls) - min(k1_calls) < 0.25, k1_calls
+    # only the calls already handed out when the first 401 came back; none after it. Without the
+    # disable k1 would take about half of the 40 first calls plus retries (>= 20). The calls handed
+    # out before the 401 reach the upstream within the hand-out -> call delay, which a loaded
+    # 2-core machine stretches (0.48 s seen at load 12; ~0.1 s when quiet): 1.5 s is that margin.
+    assert 1 <= len(k1_calls) < 20 and max(k1_calls) - min(k1_calls) < 1.5, k1_calls
     assert kit.logs().count("KEY DISABLED") == 1
 
 

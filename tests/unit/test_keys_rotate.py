@@ -142,7 +142,7 @@ def test_the_command_without_at_switches_now(tmp_path):
 
 
 @pytest.mark.parametrize(("args", "code", "message"), [
-    (["k9", "--secret", "env:X"], 1, "unknown key id 'k9'"),
+    (["k9", "--secret", "env:X"], 2, "unknown key id 'k9'"),  # an input error, as an unknown tier
     (["k1", "--secret", "sk-live-abc123"], 2, "env:NAME or file:PATH, never the secret itself"),
     (["k1", "--secret", "env:X", "--at", "tomorrow"], 2, "not an RFC 3339 time"),
     (["k1", "--secret", "env:X", "--at", "2026-12-01T00:00:00"], 2, "needs a UTC offset"),

@@ -1,0 +1,44 @@
+"""A worker one config revision behind the leader: the leader (new revision) assigns a job of
+an upstream the worker does not know yet. The worker hands it back unrun and uncounted (a
+hand-back, as for a key it does not know yet), instead of refusing it as a forged pairing,
+which naks the delivery so that it counts toward `streams.max_deliver` (poison_message)."""
+
+from __future__ import annotations
+
+import pytest
+from test_bite_worker import ACK, assignment, make_worker, take
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_an_upstream_of_a_newer_revision_is_handed_back_not_refused(monkeypatch):
+    worker, nc, finisher = make_worker(monkeypatch)
+    handed: list = []
+
+    class Recorder:
+        async def hand_back(self, seq, fin, ack, delay_s=0.0):
+            handed.append((seq, ack))
+
+    worker.handbacks = Recorder()
+    lagging = assignment(upstream="fresh").model_copy(update={"upstream": "fresh"})
+    executor = await take(worker, lagging)
+    assert executor.calls == 0 and finisher.finished == []
+    assert handed == [(7, ACK)], "not handed back: the delivery was nak'd and counts toward poison"
+    assert ("nak", ACK, 1.0) not in finisher.log
+    assert [(r.kind, r.terminal) for r in nc.reports()] == [("none", False)]
+
+
+async def test_a_key_paired_with_another_known_upstream_is_still_refused(monkeypatch):
+    worker, nc, finisher = make_worker(monkeypatch)
+    worker.config.upstreams["v"] = worker.config.upstreams["u"].model_copy()
+    handed: list = []
+
+    class Recorder:
+        async def hand_back(self, seq, fin, ack, delay_s=0.0):
+            handed.append((seq, ack))
+
+    worker.handbacks = Recorder()
+    forged = assignment(upstream="v").model_copy(update={"upstream": "v"})
+    executor = await take(worker, forged)
+    assert executor.calls == 0 and handed == [] and finisher.finished == []
+    assert ("nak", ACK, 1.0) in finisher.log
