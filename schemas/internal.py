@@ -11,22 +11,39 @@ KV revision at which the lease was taken). Workers drop an assignment whose epoc
 the highest they have seen, so a leader that was paused (VM pause, SIGSTOP) and wakes up
 with assignments still in its send buffer cannot make a second call for a job its
 successor already dispatched.
+
+Batches: a message on internal.assign.<worker> or internal.outcome holds either ONE object
+(an Assignment, an OutcomeReport) or a JSON array of them (`batch_payload`): the leader
+sends every assignment a worker gets in one dispatch pass in one message, and a worker sends
+the reports that end within one event-loop iteration together. Readers take both forms
+(`read_assignments`, `read_reports`); a batch of one is sent as the bare object. Leader and
+workers must run the same version (an older reader drops an array as malformed).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from collections.abc import Sequence
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr, TypeAdapter, ValidationError
 
+from ratefleet.schemas.job import Job
 from ratefleet.schemas.outcome import OutcomeKind, RateLimitInfo
 
 Epoch = tuple[int, int]
 
 
 class Assignment(BaseModel):
+    """Run job `job_id` on key `key_id`. The job travels as `job_json`, its JSON text exactly
+    as the dispatcher validated it (the worker validates it once, straight from the text:
+    `job_model`), or, from an older dispatcher, as the object `job`. `traceparent`/`tracestate`:
+    the job's W3C trace context for the worker's span (an older dispatcher sent them as NATS
+    headers of a one-assignment message)."""
+
     id: str
-    job: dict[str, Any]
+    job: dict[str, Any] = Field(default_factory=dict)
+    job_json: str | None = None
     job_id: str
     tier: str
     upstream: str
@@ -46,6 +63,30 @@ class Assignment(BaseModel):
     rate_limited: int = 0  # earlier deliveries answered 429 (not attempts)
     max_rate_limited: int = 50  # the job ends `rate_limited` at this many
     variant: str | None = None  # A/B routing: "control" or "split" when the tier has a split
+    traceparent: str | None = None
+    tracestate: str | None = None
+    _job: Job | None = PrivateAttr(default=None)
+
+    def job_model(self) -> Job:
+        """The job, validated once (then remembered). Raises pydantic's ValidationError
+        (a subclass of ValueError) for a job that breaks a rule of schemas/job.py."""
+        if self._job is None:
+            self._job = Job.model_validate_json(self.job_json) if self.job_json is not None else Job.model_validate(self.job)
+        return self._job
+
+    def job_data(self) -> dict[str, Any]:
+        """The job as a JSON object (for dead letters and checks made before validation):
+        the validated job's fields when it was validated, else its raw JSON ({} when that is
+        not a JSON object)."""
+        if self._job is not None:
+            return self._job.model_dump(mode="json", by_alias=True, exclude_none=True)
+        if self.job_json is None:
+            return self.job
+        try:
+            data = json.loads(self.job_json)
+        except (ValueError, RecursionError):
+            return {}
+        return data if isinstance(data, dict) else {}
 
 
 class LeaderAnnounce(BaseModel):
@@ -103,3 +144,46 @@ class DispatcherBeat(BaseModel):
     dispatcher: str
     leader: bool = False
     http: str | None = None
+
+
+_ASSIGNMENTS = TypeAdapter(list[Assignment])
+_REPORTS = TypeAdapter(list[OutcomeReport])
+
+
+def batch_payload(items: Sequence[bytes]) -> bytes:
+    """One message for `items` (each the JSON of one object): the bare object when there is
+    one, else a JSON array of them."""
+    return items[0] if len(items) == 1 else b"[" + b",".join(items) + b"]"
+
+
+def read_assignments(data: bytes) -> list[Assignment]:
+    """The assignments in one message (one object or an array, see the module docstring).
+    A malformed entry of an array is skipped; raises ValueError when none can be read."""
+    return _read(data, Assignment, _ASSIGNMENTS)
+
+
+def read_reports(data: bytes) -> list[OutcomeReport]:
+    """The outcome reports in one message (one object or an array); a malformed entry of an
+    array is skipped; raises ValueError when none can be read."""
+    return _read(data, OutcomeReport, _REPORTS)
+
+
+_Model = TypeVar("_Model", Assignment, OutcomeReport)
+
+
+def _read(data: bytes, model: type[_Model], many: TypeAdapter[list[_Model]]) -> list[_Model]:
+    if data.lstrip()[:1] != b"[":
+        return [model.model_validate_json(data)]
+    try:
+        return many.validate_json(data)
+    except ValidationError:  # one bad entry: keep the others
+        entries = json.loads(data)
+    good: list[_Model] = []
+    for entry in entries:
+        try:
+            good.append(model.model_validate(entry))
+        except ValidationError:
+            continue
+    if not good:
+        raise ValueError("no readable entry in the batch")
+    return good

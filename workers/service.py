@@ -29,15 +29,24 @@ from ratefleet.runtime.finish import Finisher, auth_headers
 from ratefleet.runtime.handbacks import Handbacks
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.metrics import new_registry, register_cache
-from ratefleet.runtime.tracing import trace_headers
+from ratefleet.runtime.tracing import TRACEPARENT, TRACESTATE, trace_headers
 from ratefleet.schemas import Config, ErrorCode, ErrorInfo, Job, Result, Subjects, Timings, UpstreamConfig
 from ratefleet.schemas.config_store import fleet_view
 from ratefleet.schemas.errors import InvalidRequest, SecretUnavailable
-from ratefleet.schemas.internal import Assignment, Epoch, Heartbeat, InFlight, LeaderAnnounce, OutcomeReport
+from ratefleet.schemas.internal import (
+    Assignment,
+    Epoch,
+    Heartbeat,
+    InFlight,
+    LeaderAnnounce,
+    OutcomeReport,
+    read_assignments,
+)
 from ratefleet.schemas.job import describe_validation_error
 from ratefleet.schemas.outcome import OutcomeKind, is_retryable
 from ratefleet.workers.executor import CallResult, UpstreamExecutor, build_client
 from ratefleet.workers.metrics import WorkerMetrics
+from ratefleet.workers.outbox import ReportOutbox
 from ratefleet.workers.pairing import pairing_problem
 from ratefleet.workers.relay import chunk_relay
 from ratefleet.workers.secrets import SecretResolver
@@ -112,6 +121,7 @@ class Worker:
         # every Result this worker newly stores is counted once, whichever path ended the job
         self.finisher.on_stored = lambda result: self.metrics.job_ended(result.tier, result.status, result.variant)
         self.leader_heard_at: float | None = None  # monotonic time of the last leader announce
+        self.reports = ReportOutbox(lambda payload: self.nc.publish(self.subjects.outcome, payload))
 
     async def run(self, stop: anyio.Event) -> None:
         self.unusable = self.secrets.check_all()
@@ -142,25 +152,37 @@ class Worker:
             await self._send_heartbeat()
 
     async def _take_assignments(self, sub, executor: UpstreamExecutor, tg: anyio.abc.TaskGroup) -> None:
+        """Each message holds one assignment or the leader's batch for this worker (schemas/internal.py)."""
         async for msg in sub.messages:
             try:
-                assignment = Assignment.model_validate_json(msg.data)
+                assignments = read_assignments(msg.data)
             except ValueError:
                 log.error("malformed assignment ignored", worker=self.id)
                 continue
-            if not self._note_epoch(assignment.epoch, announced=False):
-                # sent by a leader that has been replaced (it was paused with this still in its
-                # send buffer): the job was redelivered to the new leader; never call it twice
-                log.warning("assignment from a former leader dropped", worker=self.id, job_id=assignment.job_id,
-                            epoch=list(assignment.epoch), current_epoch=list(self.epoch))
-                continue
-            if self.draining:
-                # not called: recorded as a handback, so the redelivery is not an attempt
-                await self.handbacks.hand_back(assignment.seq, self.finisher, assignment.ack)
-                await self._report(assignment, None, terminal=False)
-                continue
-            self.in_flight[assignment.id] = InFlight(assignment=assignment.id, key_id=assignment.key_id, job_id=assignment.job_id)
-            tg.start_soon(self._run_assignment, assignment, executor, trace_headers(getattr(msg, "headers", None)))
+            header = getattr(msg, "headers", None)  # an older leader's one assignment: its trace context
+            for assignment in assignments:
+                await self._take(assignment, executor, tg, header)
+
+    async def _take(self, assignment: Assignment, executor: UpstreamExecutor, tg: anyio.abc.TaskGroup,
+                    header: dict[str, str] | None) -> None:
+        """Start one assignment, unless it is stale (an earlier leader's) or the worker is draining."""
+        if assignment.traceparent is not None:  # the job's own trace context, in the batch entry
+            header = {TRACEPARENT: assignment.traceparent}
+            if assignment.tracestate:
+                header[TRACESTATE] = assignment.tracestate
+        if not self._note_epoch(assignment.epoch, announced=False):
+            # sent by a leader that has been replaced (it was paused with this still in its
+            # send buffer): the job was redelivered to the new leader; never call it twice
+            log.warning("assignment from a former leader dropped", worker=self.id, job_id=assignment.job_id,
+                        epoch=list(assignment.epoch), current_epoch=list(self.epoch))
+            return
+        if self.draining:
+            # not called: recorded as a handback, so the redelivery is not an attempt
+            await self.handbacks.hand_back(assignment.seq, self.finisher, assignment.ack)
+            await self._report(assignment, None, terminal=False)
+            return
+        self.in_flight[assignment.id] = InFlight(assignment=assignment.id, key_id=assignment.key_id, job_id=assignment.job_id)
+        tg.start_soon(self._run_assignment, assignment, executor, trace_headers(header))
 
     async def _apply_config(self, revision: int, stored: Config) -> None:
         """A new fleet config revision (runtime/config_kv.py): the upstream and key tables are
@@ -268,6 +290,7 @@ class Worker:
                          draining=self.draining, pid=os.getpid(), host=socket.gethostname(),
                          started_at=self.started_at, calls=self.calls, unusable_keys=self.unusable, http=self.http,
                          config_revision=self.config_revision)
+        await self.reports.flush()  # the reports of calls this beat no longer lists go first
         try:
             await self.nc.publish(self.subjects.heartbeat, beat.model_dump_json().encode())
         except Exception as exc:  # noqa: BLE001 - disconnected: the next beat retries
@@ -292,14 +315,18 @@ class Worker:
             self.in_flight.pop(a.id, None)
 
     async def _execute(self, a: Assignment, executor: UpstreamExecutor) -> None:
-        problem = pairing_problem(self.config, a.key_id, a.upstream, a.job)
+        try:
+            job = a.job_model()  # the one validation of the job in this process, from its JSON text
+            invalid = None
+        except ValidationError as exc:  # e.g. a dispatcher of another version let it through
+            job, invalid = None, exc
+        problem = pairing_problem(self.config, a.key_id, a.upstream,
+                                  {"upstream": job.upstream} if job is not None else a.job_data())
         if problem is not None:
             await self._refuse_pairing(a, problem)
             return
-        try:
-            job = Job.model_validate(a.job)
-        except ValidationError as exc:  # e.g. a dispatcher of another version let it through
-            await self._end_invalid(a, ErrorCode.INVALID_JOB, describe_validation_error(exc)[1])
+        if job is None:
+            await self._end_invalid(a, ErrorCode.INVALID_JOB, describe_validation_error(invalid)[1])
             return
         if job.expired(datetime.now(UTC)):
             log.info("job expired before its call")
@@ -384,7 +411,7 @@ class Worker:
         result = self._result(a, "invalid", error=error)
         if await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to):
             try:
-                await self.finisher.dead(a.tier, result, job=a.job, last_error=error.model_dump())
+                await self.finisher.dead(a.tier, result, job=a.job_data(), last_error=error.model_dump())
             except Exception as exc:  # noqa: BLE001 - the Result is stored and acked: the job is done
                 log.error("dead letter not stored", error=type(exc).__name__)
         await self._report(a, None, terminal=True)
@@ -407,7 +434,7 @@ class Worker:
             if call.kind in ("denied", "key_error"):
                 # the leader must know which key refused the job (or was disabled) before it comes
                 # back, else it may pick that key again; a crash before the nak only delays it by ack_wait
-                await self._report(a, call, terminal=False)
+                await self._report(a, call, terminal=False, now=True)
             if throttled:
                 await self.handbacks.rate_limited(a.seq, self.finisher, a.ack, delay)
             else:
@@ -444,7 +471,7 @@ class Worker:
         if stored and result.error and result.error.code in (ErrorCode.ATTEMPTS_EXHAUSTED, ErrorCode.RATE_LIMITED,
                                                              ErrorCode.RESULT_NOT_STORED):
             try:
-                await self.finisher.dead(a.tier, result, job=a.job)
+                await self.finisher.dead(a.tier, result, job=a.job_data())
             except Exception as exc:  # noqa: BLE001 - the Result is stored and acked: the job is done
                 log.error("dead letter not stored", error=type(exc).__name__)
         return True
@@ -477,14 +504,17 @@ class Worker:
 
     def _result(self, a: Assignment, status: str, *, response=None, error=None, queued_ms=None, upstream_ms=None) -> Result:
         submitted = datetime.fromtimestamp(a.submitted_at, UTC)
-        return Result(job_id=a.job_id, status=status, tier=a.tier, batch=a.job.get("batch"), response=response,
+        batch, metadata = _batch_and_metadata(a)
+        return Result(job_id=a.job_id, status=status, tier=a.tier, batch=batch, response=response,
                       error=error, attempts=a.attempt, key_id=a.key_id, pool=a.pool, worker=self.id,
                       key_version=self.key_versions.get(a.id), variant=a.variant,
-                      metadata=a.job.get("metadata") or {}, trace_id=note_result(status, error),
+                      metadata=metadata, trace_id=note_result(status, error),
                       timings=Timings(submitted_at=submitted, queued_ms=queued_ms, upstream_ms=upstream_ms,
                                       total_ms=max(0.0, (time.time() - a.submitted_at) * 1000)))
 
-    async def _report(self, a: Assignment, call: CallResult | None, *, terminal: bool) -> None:
+    async def _report(self, a: Assignment, call: CallResult | None, *, terminal: bool, now: bool = False) -> None:
+        """Tell the leader what the assignment came to; sent with the other reports of this
+        loop iteration (workers/outbox.py), or at once with `now`."""
         report = OutcomeReport(
             assignment=a.id, worker=self.id, key_id=a.key_id, job_id=a.job_id, terminal=terminal,
             kind=call.kind if call else OutcomeKind.NONE, status=call.response.status if call and call.response else None,
@@ -493,10 +523,18 @@ class Worker:
             code=call.provider_code if call else None,
             scope=call.scope.scope if call and call.scope else None)
         self.in_flight.pop(a.id, None)
-        try:
-            await self.nc.publish(self.subjects.outcome, report.model_dump_json().encode())
-        except Exception as exc:  # noqa: BLE001 - the heartbeat reconciles a lost report
-            log.warning("outcome report not sent", error=type(exc).__name__)
+        await self.reports.send(report.model_dump_json().encode(), now=now)
+
+
+def _batch_and_metadata(a: Assignment) -> tuple[str | None, dict]:
+    """The job's batch and metadata for its Result: from the validated job, else its raw JSON."""
+    try:
+        job = a.job_model()
+    except ValidationError:
+        data = a.job_data()
+        batch = data.get("batch")
+        return (batch if isinstance(batch, str) else None), data.get("metadata") or {}
+    return job.batch, job.metadata
 
 
 def _request_denied(a: Assignment, call: CallResult) -> ErrorInfo:

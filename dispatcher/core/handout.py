@@ -1,12 +1,11 @@
 """What the leader hands out: its settings, the jobs it holds, and the Assignment a worker
-gets for a dispatched job (schemas/internal.py)."""
+gets for a dispatched job (schemas/internal.py `Assignment`)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-from ratefleet.schemas.internal import Assignment
 
 from .delivery import Incoming
 from .types import Dispatch
@@ -40,16 +39,25 @@ class Held:
     wall: float
 
 
-def build_assignment(settings: LeaderSettings, held: Held, decision: Dispatch, now: float, number: int) -> Assignment:
-    """The worker's Assignment for a dispatched held job; `number` makes its id unique in
-    this leadership. Its queue time runs from the JOBS message's timestamp to `now`."""
+def assignment_payload(settings: LeaderSettings, held: Held, decision: Dispatch, now: float,
+                       number: int) -> tuple[str, bytes]:
+    """The id and JSON of the worker's Assignment (schemas/internal.py) for a dispatched held
+    job; `number` makes the id unique in this leadership. Its queue time runs from the JOBS
+    message's timestamp to `now`. The job goes as JSON text (`job_json`): dumped once here,
+    validated once by the worker. Every field is valid already, so the JSON is written
+    straight from them (no model built per hand-out); `job` is left out (`job_json` has it)
+    and so is the trace context, which the shell puts in front (dispatcher/shell/assign_out.py).
+    Raises pydantic's serialisation error for a job that cannot be dumped."""
     incoming = held.incoming
     queued_s = held.wall + (now - held.at) - incoming.submitted_at
-    return Assignment.model_construct(  # every field is already valid: no second validation per hand-out
-        id=f"{settings.leader_id}.{number}", job=incoming.job.model_dump(mode="json", by_alias=True, exclude_none=True),
-        job_id=incoming.job_id, tier=incoming.tier, upstream=incoming.upstream, key_id=decision.key_id,
-        pool=decision.pool, ack=incoming.ack, reply_to=incoming.reply_to, attempt=incoming.attempt,
-        max_attempts=incoming.max_attempts, submitted_at=incoming.submitted_at,
-        queued_ms=max(0.0, queued_s * 1000), epoch=settings.epoch, seq=incoming.stream_seq,
-        denial_final=decision.reservation.denial_final, rate_limited=incoming.rate_limited,
-        max_rate_limited=incoming.max_rate_limited, variant=decision.variant)
+    assignment_id = f"{settings.leader_id}.{number}"
+    fields = {
+        "id": assignment_id, "job_json": incoming.job.model_dump_json(by_alias=True, exclude_none=True),
+        "job_id": incoming.job_id, "tier": incoming.tier, "upstream": incoming.upstream, "key_id": decision.key_id,
+        "pool": decision.pool, "ack": incoming.ack, "reply_to": incoming.reply_to, "attempt": incoming.attempt,
+        "max_attempts": incoming.max_attempts, "submitted_at": incoming.submitted_at,
+        "queued_ms": max(0.0, queued_s * 1000), "epoch": settings.epoch, "seq": incoming.stream_seq,
+        "denial_final": decision.reservation.denial_final, "rate_limited": incoming.rate_limited,
+        "max_rate_limited": incoming.max_rate_limited, "variant": decision.variant,
+    }
+    return assignment_id, json.dumps(fields, separators=(",", ":"), allow_nan=False).encode()

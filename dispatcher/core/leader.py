@@ -42,7 +42,7 @@ from .commands import (
 )
 from .delivery import Incoming
 from .fleet import AssignmentRecord, Fleet
-from .handout import Held, LeaderSettings, build_assignment
+from .handout import Held, LeaderSettings, assignment_payload
 from .leader_config import apply_config
 from .leader_fleet import LOST, FleetKeeper
 from .leader_keys import KeyKeeper
@@ -231,8 +231,7 @@ class LeaderMachine:
             return []
         incoming = held.incoming
         try:
-            assignment = build_assignment(self.settings, held, decision, now, next(self._sequence))
-            payload = assignment.model_dump_json().encode()
+            assignment_id, payload = assignment_payload(self.settings, held, decision, now, next(self._sequence))
         except Exception as exc:  # noqa: BLE001 - a validated job always serialises; if not, it alone ends
             return [*self._unsendable(incoming, decision, now, f"job cannot be serialised ({type(exc).__name__})"),
                     *self._top_up(incoming.tier, now)]
@@ -240,9 +239,9 @@ class LeaderMachine:
             why = (f"the job's assignment to a worker is {len(payload)} bytes, more than the NATS server's "
                    f"max_payload = {self.settings.max_payload}; make the job smaller")
             return [*self._unsendable(incoming, decision, now, why), *self._top_up(incoming.tier, now)]
-        self.fleet.assign(AssignmentRecord(assignment.id, worker.id, incoming.job_id, incoming.tier,
+        self.fleet.assign(AssignmentRecord(assignment_id, worker.id, incoming.job_id, incoming.tier,
                                            decision.key_id, incoming.ack, decision.reservation, now))
-        return [Assign(worker.id, assignment.id, payload, incoming, decision.key_id, decision.pool),
+        return [Assign(worker.id, assignment_id, payload, incoming, decision.key_id, decision.pool),
                 *self._top_up(incoming.tier, now)]
 
     def _unsendable(self, incoming: Incoming, decision: Dispatch, now: float, why: str) -> list[Command]:

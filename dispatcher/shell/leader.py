@@ -27,14 +27,14 @@ from ratefleet.dispatcher.core import commands as cmd
 from ratefleet.dispatcher.core import events as ev
 from ratefleet.dispatcher.core.leader import LeaderMachine, LeaderSettings
 from ratefleet.dispatcher.core.leader_fleet import LOST
-from ratefleet.dispatcher.shell.bus import LeaderBus, PayloadTooLarge
-from ratefleet.dispatcher.shell.job_spans import dispatch_spans
+from ratefleet.dispatcher.shell.assign_out import send_assignments
+from ratefleet.dispatcher.shell.bus import LeaderBus
 from ratefleet.dispatcher.shell.puller import TierInbox
 from ratefleet.dispatcher.spec import scheduler_spec
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.streams import tier_consumer, tier_max_deliver
 from ratefleet.schemas import Config
-from ratefleet.schemas.internal import Heartbeat, OutcomeReport
+from ratefleet.schemas.internal import Heartbeat, OutcomeReport, read_reports
 
 log = get_logger("ratefleet.leader")
 BURST = 256  # events handed to the machine at once (one dispatch pass)
@@ -108,11 +108,13 @@ class LeaderSession:
             return
 
     async def _on_outcome(self, msg: Any) -> None:
+        """One report, or a worker's batch of them (schemas/internal.py): each its own event."""
         try:
-            report = OutcomeReport.model_validate_json(msg.data)
+            reports = read_reports(msg.data)
         except ValueError:
             return
-        self.post(ev.OutcomeReported(report.assignment, report.key_id, _outcome(report)))
+        for report in reports:
+            self.post(ev.OutcomeReported(report.assignment, report.key_id, _outcome(report)))
 
     async def _on_keys_command(self, msg: Any) -> None:
         try:
@@ -216,25 +218,28 @@ class LeaderSession:
     # -- commands out -----------------------------------------------------------------------
 
     async def _carry_out(self, commands: Sequence[cmd.Command], tg: TaskGroup) -> None:
+        """Carry out `commands` in order, except the assignments: they go last, one message
+        per worker for the whole pass (assign_out.py)."""
+        assigns: dict[str, list[cmd.Assign]] = {}
         for command in commands:
             if isinstance(command, cmd.Assign):
-                await self._assign(command, tg)
+                assigns.setdefault(command.worker, []).append(command)
                 continue
             try:
                 await self._do(command, tg)
             except Exception as exc:  # noqa: BLE001 - NATS away: what was not done comes back after ack_wait
                 log.warning("leader command failed", command=type(command).__name__, error=type(exc).__name__)
+        for worker, batch in assigns.items():
+            await self._assign(worker, batch, tg)
 
-    async def _assign(self, command: cmd.Assign, tg: TaskGroup) -> None:
-        """Send the assignment; too large: the job alone ends. NATS away ends the session."""
-        try:
-            with dispatch_spans(command) as headers:  # the worker's parent span travels in the header
-                await self.bus.publish(self.subjects.assign(command.worker), command.payload, headers=headers)
-        except PayloadTooLarge:
-            await self._handle(ev.AssignFailed(command.assignment, command.incoming, True, len(command.payload)), tg)
-        except Exception:
-            await self._handle(ev.AssignFailed(command.assignment, command.incoming, False), tg)
-            raise
+    async def _assign(self, worker: str, batch: list[cmd.Assign], tg: TaskGroup) -> None:
+        """Send a worker its assignments; one too large: that job alone ends. NATS away ends
+        the session (after the machine learnt which were not sent)."""
+        failed, error = await send_assignments(self.bus, self.subjects.assign(worker), batch)
+        for event in failed:
+            await self._handle(event, tg)
+        if error is not None:
+            raise error
 
     async def _do(self, command: cmd.Command, tg: TaskGroup) -> None:
         bus = self.bus
