@@ -3,8 +3,7 @@ look-ahead pass; the side is the same as `variant_of` says, also after the memo 
 
 from __future__ import annotations
 
-from ratefleet.dispatcher.core import (Dispatch, KeySpec, PendingJob, PoolSpec, Scheduler, SchedulerSpec, TierSpec,
-                                       WaitUntil)
+from ratefleet.dispatcher.core import Dispatch, KeySpec, PendingJob, PoolSpec, Scheduler, SchedulerSpec, TierSpec, WaitUntil
 from ratefleet.dispatcher.core import scheduler as scheduler_module
 from ratefleet.dispatcher.core.split import SplitSpec, variant_of
 
