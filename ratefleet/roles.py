@@ -18,6 +18,7 @@ import anyio
 from ratefleet.runtime.config_kv import startup_config
 from ratefleet.runtime.connect import connect
 from ratefleet.runtime.flusher import coalesce_writes
+from ratefleet.runtime.gctune import quiet_gc
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.probes import Probes, serve_probes, streams_check
 from ratefleet.runtime.streams import ensure_topology
@@ -102,6 +103,7 @@ async def dispatcher_main(config: Config, dispatcher_id: str | None = None, http
         dispatcher = Dispatcher(fleet, nc, dispatcher_id=dispatcher_id, registry=probes.registry, http=probes.url,
                                 config_revision=revision)
         probes.checks.append(dispatcher.not_ready)
+        quiet_gc()  # started: what it holds now lives as long as the process (runtime/gctune.py)
         await dispatcher.run(stop)
 
     await run_role(config, "ratefleet-dispatcher", body, probes=probes, http=http)
@@ -121,6 +123,7 @@ async def worker_main(config: Config, slots: int | None = None, worker_id: str |
         worker = Worker(fleet, nc, slots=slots, worker_id=worker_id, registry=probes.registry, http=probes.url,
                         config_revision=revision)
         probes.checks.append(worker.not_ready)
+        quiet_gc()  # started: what it holds now lives as long as the process (runtime/gctune.py)
         await worker.run(stop)
 
     await run_role(config, "ratefleet-worker", body, probes=probes, http=http)

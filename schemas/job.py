@@ -14,6 +14,7 @@ field path and the reason, never later at a worker.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from datetime import datetime
 from typing import Any, Literal, TypeVar
@@ -33,6 +34,8 @@ from ratefleet.schemas.errors import JobRejected
 from ratefleet.schemas.result import ErrorCode
 from ratefleet.schemas.subjects import TOKEN_PATTERN
 from ratefleet.schemas.wire import MAX_JSON_DEPTH, header_value_problem, is_field_name, json_problem, text_problem
+
+_CONTROL_OR_BACKSLASH = re.compile(r"[\x00-\x1f\\\x7f]")  # not allowed in a decoded path
 
 # compared with the header name lower-cased (header names are case-insensitive, RFC 9110
 # section 5.1); the auth-like ones are also masked in dead letters
@@ -96,7 +99,7 @@ def check_path(path: str) -> str:
     decoded = path
     for _ in range(3):  # catch %252e%252e style double encoding too
         decoded = unquote(decoded)
-    if any(ord(c) < 0x20 or c in "\\\x7f" for c in decoded):
+    if _CONTROL_OR_BACKSLASH.search(decoded):
         raise _forbidden("path must not contain backslashes or control characters")
     if decoded.startswith("//") or "://" in decoded or "@" in decoded.split("/", 2)[1]:
         raise _forbidden("path must not name a scheme or host; give a path like /v1/chat/completions")
@@ -276,11 +279,11 @@ def parse_job(raw: bytes, *, max_bytes: int = 1 << 20, limit_source: str = "stre
     except RecursionError:
         raise JobRejected(ErrorCode.INVALID_JOB,
                           f"job is nested too deeply to parse (the limit is {MAX_JSON_DEPTH} levels)") from None
-    job_id, batch = _salvage(data)
     if not isinstance(data, dict):
         raise JobRejected(ErrorCode.INVALID_JOB, "job must be a JSON object")
     try:
         return Job.model_validate(data)
     except ValidationError as exc:
         code, message = describe_validation_error(exc)
+        job_id, batch = _salvage(data)  # only for a job that fails: its `invalid` result names them
         raise JobRejected(code, message, job_id=job_id, batch=batch) from None

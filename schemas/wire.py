@@ -68,10 +68,13 @@ def json_problem(value: Any, where: str = "$") -> str | None:
     names the path runs only for a value that fails. Object keys that are numbers, booleans
     or null are accepted: JSON encoders write them as strings."""
     try:
-        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+        text.encode("utf-8")
     except (ValueError, TypeError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
         return _describe(value, where, 0) or f"{_short(where)} cannot be written as JSON ({type(exc).__name__}: {exc})"
-    if _too_deep(value):
+    # every array/object opens with one bracket (brackets inside strings only add to the count),
+    # so a text with no more than MAX_JSON_DEPTH of them cannot nest deeper: no walk needed
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _too_deep(value):
         return _describe(value, where, 0)
     return None
 

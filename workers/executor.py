@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
+from http.cookiejar import CookieJar
 from typing import Any
 
 import anyio
@@ -63,7 +64,20 @@ def build_client(transport: str, slots: int, secret_headers: Iterable[str] = ())
     else:
         inner = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
     return httpx.AsyncClient(transport=traced_transport(inner, secret_headers), trust_env=False,
-                             follow_redirects=False)
+                             follow_redirects=False, cookies=NoCookies())
+
+
+class NoCookies(CookieJar):
+    """A cookie jar that keeps nothing: a `Set-Cookie` of one upstream answer is never sent
+    with a later call, which may be another job's on another key. It also spares the
+    worker httpx's cookie handling of every answer (an email.message.Message built from all
+    response headers, ~40 µs a call measured here)."""
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        return None
+
+    def set_cookie(self, cookie: Any) -> None:
+        return None
 
 
 def _dig(data: Any, path: str) -> float | None:
@@ -81,15 +95,16 @@ def still_encoded(content_encoding: str | None) -> bool:
     return any(c not in _DECODED for c in codings)
 
 
-def _response_info(response: httpx.Response, raw: bytes, secret: str) -> ResponseInfo:
+def _response_info(response: httpx.Response, raw: bytes, secret: str, received: dict[str, str]) -> ResponseInfo:
     """Status, the headers worth keeping, and the body (see workers/body.py); the key's secret
     is masked wherever the upstream echoes it (some providers quote the key in their 401 message).
     A body httpx could not decode keeps its `content-encoding` header and comes as `body_b64`
-    (the exact encoded bytes), so the caller can decode it; a decoded body drops the header."""
-    encoded = still_encoded(response.headers.get("content-encoding"))
-    headers = {k: v.replace(secret, "***") if secret else v for k, v in response.headers.items()
+    (the exact encoded bytes), so the caller can decode it; a decoded body drops the header.
+    `received`: the answer's headers as a dict (see `_send`)."""
+    encoded = still_encoded(received.get("content-encoding"))
+    headers = {k: v.replace(secret, "***") if secret else v for k, v in received.items()
                if k in KEPT_HEADERS or k.startswith("x-ratelimit-") or (encoded and k == "content-encoding")}
-    content_type = "application/octet-stream" if encoded else response.headers.get("content-type")
+    content_type = "application/octet-stream" if encoded else received.get("content-type")
     return ResponseInfo(status=response.status_code, headers=headers, **body_fields(raw, content_type, secret))
 
 
@@ -175,8 +190,11 @@ class UpstreamExecutor:
                     on_chunk: ChunkSink | None = None) -> CallResult:
         try:
             response = await self._client.send(built, stream=True)
+            # read once: each lookup on httpx.Headers decodes and scans every header again
+            # (lower-case names; a repeated header's values joined by ", ", as httpx's get does)
+            received = dict(response.headers.items())
             try:
-                relay = on_chunk if on_chunk is not None and _event_stream(response) else None
+                relay = on_chunk if on_chunk is not None and _event_stream(response, received) else None
                 raw = await read_capped(response, self._max_response_bytes, relay)
             finally:
                 # also when call()'s deadline cancels the read: the connection is closed, not leaked
@@ -184,31 +202,33 @@ class UpstreamExecutor:
                 if not response.is_closed:
                     with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
                         await response.aclose()
+                _unlink(response)
         except httpx.TimeoutException:
             return self._failed("timeout", f"no answer from the upstream within {upstream.timeout_s}s", started)
         except httpx.HTTPError as exc:
             return self._failed("connection", f"{type(exc).__name__} calling the upstream", started)
         latency_ms = (time.perf_counter() - started) * 1000
         if raw is None:
-            return self._too_large(response, secret, latency_ms)
-        info = _response_info(response, raw, secret)
+            return self._too_large(response, secret, latency_ms, received)
+        info = _response_info(response, raw, secret, received)
         cost = _dig(info.json_body, upstream.usage_path) if upstream.usage_path else None
         code = None if response.is_success else provider_code(info.json_body)
         return CallResult(
             kind=classify(response.status_code, None, code), response=info, error=None, provider_code=code,
-            retry_after_s=parse_retry_after(response.headers.get("retry-after"), time.time()),
-            ratelimit=parse_ratelimit(response.headers, time.time()), actual_cost=cost, latency_ms=latency_ms,
+            retry_after_s=parse_retry_after(received.get("retry-after"), time.time()),
+            ratelimit=parse_ratelimit(received, time.time()), actual_cost=cost, latency_ms=latency_ms,
         )
 
-    def _too_large(self, response: httpx.Response, secret: str, latency_ms: float) -> CallResult:
+    def _too_large(self, response: httpx.Response, secret: str, latency_ms: float,
+                   received: dict[str, str]) -> CallResult:
         """The body passed max_response_bytes: final for the job (asking again would cost
         another call for the same answer), and no fault of the key (the upstream answered)."""
-        info = _response_info(response, b"", secret)
+        info = _response_info(response, b"", secret, received)
         message = (f"the upstream's answer (HTTP {response.status_code}, "
                    f"{info.headers.get('content-type') or 'no content-type'}) is larger than "
                    f"workers.max_response_bytes = {self._max_response_bytes} bytes; reading stopped there")
         return CallResult(kind=OutcomeKind.BAD_REQUEST, response=info, error=message,
-                          retry_after_s=None, ratelimit=parse_ratelimit(response.headers, time.time()), actual_cost=None,
+                          retry_after_s=None, ratelimit=parse_ratelimit(received, time.time()), actual_cost=None,
                           latency_ms=latency_ms, code=ErrorCode.RESPONSE_TOO_LARGE)
 
     @staticmethod
@@ -217,11 +237,21 @@ class UpstreamExecutor:
                           ratelimit=None, actual_cost=None, latency_ms=(time.perf_counter() - started) * 1000)
 
 
-def _event_stream(response: httpx.Response) -> bool:
+def _unlink(response: httpx.Response) -> None:
+    """Break the reference cycle httpx leaves between a sent response and its stream
+    (`Response.stream` is a BoundAsyncStream pointing back at the response), once the body
+    is read or the response closed: reference counting then frees the ~45 objects of the
+    call at once, instead of the cyclic collector finding them later (measured: ~160-230 µs
+    of collector time per call over httpx-aiohttp). Status and headers stay readable."""
+    if response.is_closed:
+        response.stream = httpx.ByteStream(b"")
+
+
+def _event_stream(response: httpx.Response, headers: dict[str, str]) -> bool:
     """A successful answer streamed as server-sent events (WHATWG HTML 9.2), decoded by httpx."""
-    content_type = response.headers.get("content-type", "")
+    content_type = headers.get("content-type", "")
     return (response.is_success and content_type.split(";", 1)[0].strip().lower() == "text/event-stream"
-            and not still_encoded(response.headers.get("content-encoding")))
+            and not still_encoded(headers.get("content-encoding")))
 
 
 def _scoped(result: CallResult, cost: float) -> CallResult:

@@ -29,7 +29,7 @@ from .key import KeyState, Marks
 from .keyadmin import KeyAdmin
 from .keyhealth import probe_verdict
 from .reconfigure import Reconfigure, checked_keys
-from .split import Variant, variant_of
+from .split import SplitSpec, Variant, variant_of
 from .tiers import TierBook, TierQueue
 from .types import (
     Decision,
@@ -44,6 +44,8 @@ from .types import (
 )
 
 LOOKAHEAD = 16
+VARIANT_MEMO = 65536  # job ids whose A/B side is remembered (then forgotten all at once)
+_UNKNOWN = object()
 
 
 class Scheduler(KeyAdmin, Reconfigure):
@@ -66,6 +68,8 @@ class Scheduler(KeyAdmin, Reconfigure):
             if missing:
                 raise ValueError(f"tier {tier.name!r} names unknown pool(s): {', '.join(missing)}")
         self._chains: dict[tuple[str, str, Variant | None], Chain] = {}
+        # a job's A/B side, computed once (a SHA-256) rather than on every look-ahead pass
+        self._variants: dict[tuple[str, SplitSpec], Variant | None] = {}
         self._active: dict[int, tuple[Reservation, Marks | None]] = {}
         self._ids = itertools.count(1)
         self._reserve = spec.priority_reserve
@@ -143,13 +147,23 @@ class Scheduler(KeyAdmin, Reconfigure):
     def _route(self, tier: TierQueue, job: PendingJob) -> tuple[Variant | None, Chain]:
         """The job's A/B side and its chain: the split chain for a "split" job when that chain
         has a pool of the job's upstream, else the tier's own (variant "control")."""
-        variant = variant_of(job.job_id, tier.spec.split)
+        split = tier.spec.split
+        variant = None if split is None else self._variant_of(job.job_id, split)
         if variant == "split":
             chain = self._chain(tier, job.upstream, variant)
             if chain.pools:
                 return variant, chain
             variant = "control"
         return variant, self._chain(tier, job.upstream, variant)
+
+    def _variant_of(self, job_id: str, split: SplitSpec) -> Variant | None:
+        """`variant_of`, remembered for the last VARIANT_MEMO jobs seen on split tiers."""
+        variant = self._variants.get((job_id, split), _UNKNOWN)
+        if variant is _UNKNOWN:
+            if len(self._variants) >= VARIANT_MEMO:
+                self._variants.clear()
+            variant = self._variants[(job_id, split)] = variant_of(job_id, split)
+        return variant  # type: ignore[return-value]
 
     def _avoid(self, chain: Chain, job: PendingJob, now: float) -> frozenset[str]:
         """Keys that refused `job` (401/403), while the chain has another key for it."""
