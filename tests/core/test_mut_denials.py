@@ -131,6 +131,24 @@ def test_a_final_denial_on_the_same_key_again_is_not_two_keys():
     # j1 refused on a again as final: only a refused it, so it confirms a (not request-scoped)
     verdicts = book.on_denied("j1", "a", 401, True, t1)
     assert verdicts.disable and verdicts.disable[0][0] == "a" and verdicts.enable == []
+    assert book.denied_keys("j1") == frozenset()  # the job ended: its record goes
+
+
+def test_an_enabled_key_is_not_enabled_again_by_a_later_withdrawal():
+    book = DenialBook()
+    book.on_denied("j1", "a", 401, True, t0)
+    book.on_denied("j2", "a", 401, False, t0)  # disabled
+    assert book.on_denied("j2", "b", 401, True, t1) == Verdicts(enable=["a"])
+    later = t0 + MEMORY_S + 1  # j1's strike is forgotten
+    assert book.on_denied("j3", "a", 401, False, later) == Verdicts()
+    assert book.on_denied("j3", "b", 401, True, later) == Verdicts()  # a is enabled already
+
+
+def test_a_strike_confirmed_by_a_success_ages_from_the_success():
+    book = DenialBook()
+    book.on_denied("j1", "a", 401, False, t0)
+    book.on_ok("j1", "b", t0 + MEMORY_S - 1)
+    assert book.on_denied("j2", "a", 401, False, t0 + MEMORY_S + 10).disable[0][0] == "a"
 
 
 def test_forget_key_starts_its_strikes_over():
@@ -143,6 +161,10 @@ def test_forget_key_starts_its_strikes_over():
     book.on_denied("f9", "a", 403, False, t1)
     assert book.on_ok("f9", "b", t1) == Verdicts()  # one 403 strike, not three
     assert book.on_denied("j2", "a", 401, False, t1) == Verdicts()  # the confirmed 401 is gone
+    pending = DenialBook()
+    pending.on_denied("j1", "a", 401, False, t0)
+    pending.forget_key("a")
+    assert pending.on_denied("j2", "a", 401, True, t1) == Verdicts()  # j1's pending strike is gone too
     # a key forgotten is no longer "disabled by the book": a withdrawn strike does not enable it
     book2 = DenialBook()
     book2.on_denied("j1", "a", 401, True, t0)
@@ -150,6 +172,12 @@ def test_forget_key_starts_its_strikes_over():
     book2.forget_key("a")
     book2.on_denied("j3", "a", 401, True, t0)
     assert book2.on_denied("j2", "b", 401, True, t1) == Verdicts()
+    book3 = DenialBook()
+    book3.on_denied("j1", "a", 401, True, t0)
+    book3.on_denied("j2", "a", 401, False, t0)  # disabled by the book, then enabled by hand
+    book3.forget_key("a")
+    book3.on_denied("j3", "a", 401, False, t1)
+    assert book3.on_denied("j3", "b", 401, True, t1) == Verdicts()
 
 
 @pytest.mark.parametrize("age, remembered", [(MEMORY_S, True), (MEMORY_S + 0.5, False)])
@@ -193,3 +221,48 @@ def test_at_most_max_jobs_are_remembered_oldest_first_out():
     assert book.denied_keys("j0") == frozenset()
     assert book.denied_keys("j1") == frozenset({"a"})
     assert book.denied_keys(f"j{MAX_JOBS}") == frozenset({"a"})
+
+
+def test_strikes_are_pruned_also_while_a_younger_job_record_is_kept():
+    book = DenialBook()
+    book.on_denied("j1", "a", 401, True, t0)  # a confirmed strike, no job record left
+    book.on_denied("j2", "b", 403, False, t0 + MEMORY_S)  # a job record younger than MEMORY_S
+    assert book.on_denied("j3", "a", 401, False, t0 + MEMORY_S + 1) == Verdicts()  # j1 forgotten
+
+
+def test_a_success_judges_every_key_that_refused_the_job():
+    book = DenialBook()
+    for n in range(FORBIDDEN_JOBS):
+        book.on_denied(f"j{n}", "b", 403, False, t0)
+        book.on_denied(f"j{n}", "a", 401, False, t0)
+        verdicts = book.on_ok(f"j{n}", "c", t1)
+    assert ("b", "403 on 3 different jobs that succeeded on other keys") in verdicts.disable
+    assert ("a", "401 on 2 different jobs at least (3 so far, 3 of them not refused by any other key)") \
+        in verdicts.disable
+
+
+def test_a_401_confirmed_after_the_key_authenticated_elsewhere_is_one_strike():
+    book = DenialBook()
+    book.on_denied("j1", "a", 401, False, t0)
+    assert book.on_ok("j2", "a", t0) == Verdicts()  # a authenticated fine: its record is cleared
+    assert book.on_ok("j1", "b", t1) == Verdicts()  # j1's 401 on a is confirmed: one strike
+    assert book.on_denied("j3", "a", 401, False, t1).disable[0][0] == "a"
+
+
+def test_an_expired_job_record_takes_no_younger_one_with_it():
+    book = DenialBook()
+    book.on_denied("j1", "a", 403, False, t0)
+    book.on_denied("j2", "a", 403, False, t0 + MEMORY_S)
+    book.on_denied("j3", "b", 403, False, t0 + MEMORY_S + 1)  # j1 expires
+    assert [book.denied_keys(j) for j in ("j1", "j2", "j3")] == [frozenset(), {"a"}, {"b"}]
+
+
+def test_a_confirmation_is_forgotten_with_its_strike():
+    """The pruned confirmation of a job must not confirm a later, unjudged 401 of a job with the
+    same id (before the fix `_prune` left `_confirmed` as it was: `jobs &= dict.keys()` rebinds
+    the loop variable to a new set, so confirmations were never dropped)."""
+    book = DenialBook()
+    book.on_denied("j1", "a", 401, True, t0)  # confirmed
+    later = t0 + MEMORY_S + 1
+    assert book.on_denied("j1", "a", 401, False, later) == Verdicts()  # j1 again, unjudged
+    assert book.on_denied("j2", "a", 401, False, later) == Verdicts()  # two unjudged strikes
