@@ -24,9 +24,9 @@ def logs(out: list[cmd.Command]) -> list[cmd.Log]:
 def test_a_revision_sets_windows_and_merges_the_poison_limits():
     m = machine(keys=1)
     old = dict(m.settings.max_deliver)
-    out = m.handle(ev.ConfigChanged(3, spec_of("vip", "gold"), {"vip": 6, "gold": 4}, {"gold": 9, "vip": 2}), T0 + 1)
-    assert cmd.Pull("gold", 4, 1.0) in out  # the new tier is fed at once
-    assert m.pulls.tiers["gold"].last_activity == T0 + 1
+    out = m.handle(ev.ConfigChanged(3, spec_of("vip", "gold"), {"vip": 6, "gold": 4}, {"gold": 9, "vip": 2}), T0 + 0.1)
+    assert cmd.Pull("gold", 4, 1.0) in out  # the new tier is fed at once, not at the next housekeeping
+    assert m.pulls.tiers["gold"].last_activity == T0 + 0.1
     assert m.settings.windows == {"vip": 6, "gold": 4}
     assert m.settings.max_deliver == {**old, "gold": 9, "vip": 2}  # a removed tier's limit stays known
     assert set(m.pulls.tiers) == {"vip", "gold"} and m.pulls.tiers["gold"].window == 4
