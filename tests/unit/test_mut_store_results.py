@@ -25,6 +25,7 @@ from ratefleet.runtime.store import (
     MSG_ID,
     STORE_ATTEMPTS,
     dead_letter,
+    publish_job,
     read_result,
     redact_job,
     redact_payload,
@@ -361,3 +362,40 @@ async def test_a_letter_that_fits_exactly_is_not_cut(clock):
     await dead_letter(box, SUBJECTS, "normal", code="c", message="", raw=b"x",
                       max_payload=size + LETTER_HEADROOM - 1)
     assert "raw" not in json.loads(box.published[2][1])
+
+
+async def test_a_letter_fitting_once_the_body_is_dropped_but_not_under_the_limit_cuts_the_job(clock):
+    job = {"id": "j1", "request": {"json": {"text": "y" * (LIMIT + 2000)}}}  # over LIMIT, under MAX + headroom
+    got = await publish_letter(job=job, last_error={"status": 500, "body": "x" * MAX})
+    assert got["job_omitted"]["field"] == "job" and got["last_error"]["body"] is None
+
+
+async def test_a_last_error_without_a_body_is_kept_as_it_is(clock):
+    job = {"id": "j1", "request": {"json": {"text": "y" * MAX}}}
+    got = await publish_letter(job=job, last_error={"status": 500})
+    assert got["last_error"] == {"status": 500} and got["job_omitted"]["field"] == "job"
+
+
+async def test_a_letter_that_fits_exactly_once_the_body_is_dropped_keeps_its_job(clock):
+    job = {"id": "j1", "request": {"path": "/x"}}
+    dropped = {"status": 500, "json": None, "body": None, "body_b64": None,
+               "body_omitted": "left out so that the dead letter fits in one message"}
+    box = LetterBox()
+    await dead_letter(box, SUBJECTS, "normal", code="c", message="m", job=job, last_error=dropped)
+    size = len(box.published[0][1])
+    await dead_letter(box, SUBJECTS, "normal", code="c", message="m", job=job,
+                      last_error={"status": 500, "body": "x" * MAX}, max_payload=size + LETTER_HEADROOM)
+    got = json.loads(box.published[1][1])
+    assert len(box.published[1][1]) == size and got["job"] == job and got["last_error"] == dropped
+
+
+async def test_publish_job_passes_the_jobs_own_trace_headers():
+    class Js:
+        async def publish(self, subject, payload, headers=None, timeout=None):
+            self.headers = headers
+            return SimpleNamespace(duplicate=False)
+
+    js = Js()
+    trace = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    assert await publish_job(js, SUBJECTS, "normal", "j1", b"{}", trace=trace) is True
+    assert js.headers == {**trace, MSG_ID: "j1"}
