@@ -266,3 +266,12 @@ def test_a_confirmation_is_forgotten_with_its_strike():
     later = t0 + MEMORY_S + 1
     assert book.on_denied("j1", "a", 401, False, later) == Verdicts()  # j1 again, unjudged
     assert book.on_denied("j2", "a", 401, False, later) == Verdicts()  # two unjudged strikes
+
+
+def test_a_success_judges_the_keys_after_a_401_too():
+    book = DenialBook()
+    for n in range(FORBIDDEN_JOBS):
+        book.on_denied(f"j{n}", "a", 401, False, t0)
+        book.on_denied(f"j{n}", "b", 403, False, t0)
+        verdicts = book.on_ok(f"j{n}", "c", t1)
+    assert ("b", "403 on 3 different jobs that succeeded on other keys") in verdicts.disable
