@@ -144,4 +144,4 @@ class DenialBook:
                 for job_id in [j for j, at in strikes.items() if at < horizon]:
                     del strikes[job_id]
         for key_id, jobs in self._confirmed.items():
-            jobs &= self._auth.get(key_id, {}).keys()
+            jobs.intersection_update(self._auth.get(key_id, {}))  # in place (`&=` with a keys view rebinds)
