@@ -1,0 +1,92 @@
+"""Where one `Client.request` spends its time, one request at a time, split by hop.
+
+A fleet (1 dispatcher, 1 worker x 64 slots, 2 keys far above the load) on an embedded
+nats-server calls the fast upstream of bench/throughput.py (nginx, else aiohttp). For each
+request (after `--warm` unmeasured ones) the client publishes the job with a reply inbox
+as `Client.request` does, and the hops are read from wall clocks and the Result's timings:
+
+    publish+ack        the client's JetStream publish until its ack
+    t0->stored         request start until the JOBS message's server timestamp
+    queued             stored -> the worker starts the call (Result.timings.queued_ms)
+    upstream           the call (timings.upstream_ms)
+    total              stored -> the Result is ready (timings.total_ms)
+    stored->client     the rest: the Result's store and the reply reaching the client
+    wall               request start until the reply
+
+Prints p50/p90 in ms; writes bench/results/request_latency.json.
+Run: .venv/bin/python bench/request_latency.py [--requests N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import anyio
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fast_upstream import FastUpstream  # noqa: E402
+from throughput import BenchFleet  # noqa: E402
+
+from ratefleet.client import Client, as_job  # noqa: E402
+from ratefleet.localfleet import KeyLimit  # noqa: E402
+from ratefleet.schemas import Result  # noqa: E402
+
+JOB = {"request": {"path": "/v1/chat/completions", "json": {"model": "m", "messages": []}}}
+HOPS = ("publish+ack", "t0->stored", "queued", "upstream", "total", "stored->client", "wall")
+
+
+async def measure(fleet: BenchFleet, requests: int, warm: int) -> list[tuple[float, ...]]:
+    rows = []
+    async with await Client.connect(fleet.nats_url) as client:
+        await fleet.wait_ready(client)
+        for i in range(warm + requests):
+            model = as_job(JOB)
+            inbox = client.nc.new_inbox()
+            t0 = time.time()
+            sub = await client.nc.subscribe(inbox, max_msgs=1)
+            await client._publish("normal", model, reply_to=inbox)
+            t1 = time.time()
+            msg = await sub.next_msg(timeout=30)
+            t2 = time.time()
+            timings = Result.from_json(msg.data).timings
+            stored = timings.submitted_at.timestamp()
+            if i >= warm:
+                rows.append(((t1 - t0) * 1e3, (stored - t0) * 1e3, timings.queued_ms, timings.upstream_ms,
+                             timings.total_ms, (t2 - stored) * 1e3 - timings.total_ms, (t2 - t0) * 1e3))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--warm", type=int, default=20)
+    parser.add_argument("--upstream", choices=("auto", "nginx", "aiohttp"), default="auto")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "request_latency.json")
+    args = parser.parse_args(argv)
+    with FastUpstream(args.upstream) as upstream:
+        fleet = BenchFleet([KeyLimit(f"k{i}", 1000.0, 100.0) for i in range(2)], workers=1, slots=64)
+        fleet.external = upstream.url
+        with fleet:
+            rows = anyio.run(measure, fleet, args.requests, args.warm)
+    table = Table("hop", "p50 ms", "p90 ms", title=f"one Client.request at a time ({len(rows)} requests)")
+    out = {"benchmark": "request_latency", "requests": len(rows), "hops": {}}
+    for i, hop in enumerate(HOPS):
+        values = sorted(row[i] for row in rows)
+        p50, p90 = statistics.median(values), values[int(len(values) * 0.9)]
+        table.add_row(hop, f"{p50:.2f}", f"{p90:.2f}")
+        out["hops"][hop] = {"p50_ms": round(p50, 3), "p90_ms": round(p90, 3)}
+    Console().print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
