@@ -47,7 +47,8 @@ def assignment_payload(settings: LeaderSettings, held: Held, decision: Dispatch,
     validated once by the worker. Every field is valid already, so the JSON is written
     straight from them (no model built per hand-out); `job` is left out (`job_json` has it)
     and so is the trace context, which the shell puts in front (dispatcher/shell/assign_out.py).
-    Raises pydantic's serialisation error for a job that cannot be dumped."""
+    The JSON is UTF-8, not ASCII-escaped. Raises pydantic's serialisation error for a job that
+    cannot be dumped."""
     incoming = held.incoming
     queued_s = held.wall + (now - held.at) - incoming.submitted_at
     assignment_id = f"{settings.leader_id}.{number}"
@@ -60,4 +61,6 @@ def assignment_payload(settings: LeaderSettings, held: Held, decision: Dispatch,
         "denial_final": decision.reservation.denial_final, "rate_limited": incoming.rate_limited,
         "max_rate_limited": incoming.max_rate_limited, "variant": decision.variant,
     }
-    return assignment_id, json.dumps(fields, separators=(",", ":"), allow_nan=False).encode()
+    # ensure_ascii=False: the job text stays UTF-8 inside the string (escaped, an emoji is 12
+    # bytes instead of 4: a 600 KB job of emoji made a 1.8 MB assignment, over max_payload)
+    return assignment_id, json.dumps(fields, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode()

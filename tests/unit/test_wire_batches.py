@@ -253,3 +253,24 @@ def test_the_leaders_assignment_json_is_a_valid_assignment_with_every_field():
         "j5", "k2", "p2", "split", (7, 9), 5, "ack.5", False, TP)
     assert a.queued_ms == pytest.approx(750.0)
     assert a.job_model() == incoming.job
+
+
+def test_an_assignment_keeps_its_jobs_utf8_text_unescaped():
+    """A 600 KB job of emoji must not become a 1.8 MB assignment (over max_payload): the job's
+    text inside the assignment stays UTF-8, 4 bytes an emoji, not a 12-byte \\ud83d\\ude00."""
+    from types import SimpleNamespace
+
+    from ratefleet.dispatcher.core.delivery import Incoming
+    from ratefleet.dispatcher.core.handout import Held, LeaderSettings, assignment_payload
+    from ratefleet.schemas import Job
+
+    text = "\U0001F600" * 50_000 + "日" * 50_000
+    job = Job.model_validate({"id": "u1", "request": {"path": "/v1/x", "json": {"content": text}}})
+    incoming = Incoming(job, "u1", "normal", "u", "ack.1", None, 1, 5, time.time(), 1)
+    settings = LeaderSettings("d1", (7, 9), {}, {}, 1, 1, 1, 1, 1 << 20)
+    held = Held(incoming, touched=10.0, at=10.0, wall=incoming.submitted_at)
+    decision = SimpleNamespace(key_id="k1", pool="p", variant=None, reservation=SimpleNamespace(denial_final=True))
+    _, payload = assignment_payload(settings, held, decision, 10.0, 1)
+    job_bytes = len(job.model_dump_json(by_alias=True, exclude_none=True).encode())
+    assert job_bytes > len(text.encode()) and len(payload) < job_bytes + 2_000, (len(payload), job_bytes)
+    assert Assignment.model_validate_json(payload).job_model() == job
