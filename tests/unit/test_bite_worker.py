@@ -324,15 +324,21 @@ async def test_a_handback_is_recorded_before_the_nak_and_counts_up():
     assert await handbacks.count(7) == 2 and await handbacks.count(8) == 0
 
 
-async def test_a_draining_worker_hands_an_assignment_back_without_a_call(monkeypatch):
-    worker, nc, finisher = make_worker(monkeypatch)
-    handed: list = []
+def record_handbacks(worker: Worker) -> list[tuple[int, str]]:
+    """Replace the worker's hand-back book by one that records (seq, ack) of each hand-back."""
+    handed: list[tuple[int, str]] = []
 
     class Recorder:
         async def hand_back(self, seq, fin, ack, delay_s=0.0):
             handed.append((seq, ack))
 
     worker.handbacks = Recorder()
+    return handed
+
+
+async def test_a_draining_worker_hands_an_assignment_back_without_a_call(monkeypatch):
+    worker, nc, finisher = make_worker(monkeypatch)
+    handed = record_handbacks(worker)
     worker.draining = True
     executor = await take(worker, assignment())
     assert executor.calls == 0 and handed == [(7, ACK)] and finisher.finished == []

@@ -6,20 +6,14 @@ which naks the delivery so that it counts toward `streams.max_deliver` (poison_m
 from __future__ import annotations
 
 import pytest
-from test_bite_worker import ACK, assignment, make_worker, take
+from test_bite_worker import ACK, assignment, make_worker, record_handbacks, take
 
 pytestmark = pytest.mark.anyio
 
 
 async def test_an_upstream_of_a_newer_revision_is_handed_back_not_refused(monkeypatch):
     worker, nc, finisher = make_worker(monkeypatch)
-    handed: list = []
-
-    class Recorder:
-        async def hand_back(self, seq, fin, ack, delay_s=0.0):
-            handed.append((seq, ack))
-
-    worker.handbacks = Recorder()
+    handed = record_handbacks(worker)
     lagging = assignment(upstream="fresh").model_copy(update={"upstream": "fresh"})
     executor = await take(worker, lagging)
     assert executor.calls == 0 and finisher.finished == []
@@ -31,13 +25,7 @@ async def test_an_upstream_of_a_newer_revision_is_handed_back_not_refused(monkey
 async def test_a_key_paired_with_another_known_upstream_is_still_refused(monkeypatch):
     worker, nc, finisher = make_worker(monkeypatch)
     worker.config.upstreams["v"] = worker.config.upstreams["u"].model_copy()
-    handed: list = []
-
-    class Recorder:
-        async def hand_back(self, seq, fin, ack, delay_s=0.0):
-            handed.append((seq, ack))
-
-    worker.handbacks = Recorder()
+    handed = record_handbacks(worker)
     forged = assignment(upstream="v").model_copy(update={"upstream": "v"})
     executor = await take(worker, forged)
     assert executor.calls == 0 and handed == [] and finisher.finished == []
