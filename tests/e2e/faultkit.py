@@ -205,6 +205,19 @@ class Tracker:
                 letters.append({"_subject": msg.subject, "_seq": seq, **json.loads(msg.data)})
         return letters
 
+    async def letters_of(self, job_ids, timeout: float = 15.0) -> dict[str, dict]:
+        """The dead letters of `job_ids` by job id, waiting up to `timeout` seconds for each
+        to appear: a job's letter is written after its Result is stored and acked
+        (dispatcher/shell/refusals.py), so seeing the Result does not mean the letter is there.
+        Ids still without a letter at the timeout are missing from the answer."""
+        want = set(job_ids)
+        deadline = time.monotonic() + timeout
+        while True:
+            letters = {x["job_id"]: x for x in await self.dead_letters() if x.get("job_id") in want}
+            if set(letters) == want or time.monotonic() >= deadline:
+                return letters
+            await asyncio.sleep(0.1)
+
     async def jobs_in_stream(self) -> int:
         info = await self.js.stream_info(SUBJECTS.jobs_stream)
         return info.state.messages

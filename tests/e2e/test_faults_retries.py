@@ -65,6 +65,7 @@ async def test_5xx_exhausts_attempts_400_fails_at_once_dead_letter_replays(tmp_p
 
                 assert all(results[i].status == "succeeded" for i in ids[2:])
 
+                await tracker.letters_of(["r503"])  # written after the Result
                 letters = [x for x in await tracker.dead_letters("normal") if x.get("job_id") == "r503"]
                 assert len(letters) == 1, letters
                 letter = letters[0]

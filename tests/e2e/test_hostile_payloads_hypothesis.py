@@ -131,7 +131,8 @@ async def _example(fleet: Fleet, messages: list[tuple[str, bytes]]) -> None:
     deadline = fleet.loop.time() + 30
     while fleet.tracker.seen(want) < len(want) and fleet.loop.time() < deadline:
         await asyncio.sleep(0.05)
-    letters = {x["job_id"] for x in await fleet.tracker.dead_letters()}
+    invalid = [job_id for job_id in hostile if (r := await fleet.tracker.result(job_id)) and r.status == "invalid"]
+    letters = set(await fleet.tracker.letters_of(invalid))
     for job_id in hostile:
         result = await fleet.tracker.result(job_id)
         assert result is not None, f"{job_id}: no terminal Result within 30 s"

@@ -63,13 +63,14 @@ async def test_jobs_a_worker_cannot_be_sent_end_invalid_and_the_rest_run(tmp_pat
                 await client.submit({"id": f"small{i}", "batch": "b",
                                      "request": {"path": "/v1/x", "json": {"i": i}}}, tier="normal")
             results = await collect(client, "b", 7, timeout=60)
-            letters = {letter["job_id"]: letter for letter in await tracker.dead_letters()}
+            letters = await tracker.letters_of(["big", "grows"])
         assert {f"small{i}" for i in range(5)} | {"big", "grows"} == set(results)
         assert all(results[f"small{i}"].status == "succeeded" for i in range(5))
         for job_id, says in (("big", "max_payload"), ("grows", "max_payload")):
             result = results[job_id]
             assert (result.status, result.error.code) == ("invalid", "invalid_job"), result
             assert says in result.error.message and result.attempts == 1
+            assert job_id in letters, f"{job_id}: no dead letter within 15 s of its Result"
             assert letters[job_id]["reason"]["code"] == "invalid_job"
         assert len(calls) == 5, "a job too large for a worker reached the upstream"
         assert "leader session failed" not in kit.logs()

@@ -276,6 +276,7 @@ async def test_a_job_no_key_can_run_says_why_in_its_result_and_dead_letter(tmp_p
             await client.submit(job(0, id="stuck"), "normal", batch="none")
             await tracker.wait_stored("none", ["stuck"], timeout=30)
             result = await tracker.result("stuck", "none")
+            await tracker.letters_of(["stuck"])  # written after the Result
             letters = [x for x in await tracker.dead_letters("normal") if x.get("job_id") == "stuck"]
     finally:
         kit.stop()
