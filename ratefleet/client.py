@@ -27,6 +27,7 @@ from ratefleet.runtime.bodies import BodyStore
 from ratefleet.runtime.connect import connect
 from ratefleet.runtime.edge import translated
 from ratefleet.runtime.pubpipe import PublishPipe
+from ratefleet.runtime.replies import ReplyInbox
 from ratefleet.runtime.store import MSG_ID, TRANSIENT, publish_job, publish_job_ack, read_result
 from ratefleet.runtime.tracing import current_headers
 from ratefleet.schemas import Job, Result, Subjects
@@ -79,6 +80,7 @@ class Client:
         self.js = nc.jetstream()
         self.subjects = Subjects(prefix)
         self.bodies = BodyStore(self.js, self.subjects.bodies_bucket)
+        self.replies = ReplyInbox(nc)  # one reply subscription for every `request`
 
     @classmethod
     async def connect(cls, url: str = DEFAULT_NATS_URL, *, prefix: str = "ratefleet",
@@ -216,8 +218,7 @@ class Client:
         """Submit one job and wait for its Result (over the reply inbox), its body fetched
         when the reply carries a `body_ref`. Raises RequestTimeout, BodyUnavailable, SubmitError."""
         model = as_job(job)
-        inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox, max_msgs=1)
+        inbox, reply = await self.replies.expect()
         try:
             fresh = await self._publish(tier, model, reply_to=inbox)
             if not fresh:
@@ -225,7 +226,7 @@ class Client:
                 if stored is not None:
                     return stored
             try:
-                msg = await sub.next_msg(timeout=timeout)
+                msg = await asyncio.wait_for(reply, timeout)
             except TimeoutError:  # (nats.errors.TimeoutError is one); other errors say what they are
                 stored = await self.stored_result(model.id)
                 if stored is not None:
@@ -234,7 +235,7 @@ class Client:
                                      f"collect it later with `ratefleet result {model.id}` (or Client.stored_result)") from None
             return await self.bodies.resolve(Result.from_json(msg.data))
         finally:
-            await sub.unsubscribe()
+            self.replies.discard(inbox)
 
     @translated("reading a stored result")
     async def stored_result(self, job_id: str, batch: str | None = None) -> Result | None:
