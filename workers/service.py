@@ -133,35 +133,46 @@ class Worker:
                               [upstream.auth_header for upstream in self.config.upstreams.values()])
         executor = UpstreamExecutor(client, self.config.workers.max_response_bytes)
         leader_sub = await self.nc.subscribe(self.subjects.leader_announce, cb=self._on_leader)
-        sub = await self.nc.subscribe(self.subjects.assign(self.id), pending_msgs_limit=0)
-        log.info("worker started", worker=self.id, slots=self.slots, transport=self.config.workers.transport)
         follower = ConfigFollower(self.nc.jetstream(), self.subjects, self._apply_config, role="worker",
                                   revision=self.config_revision)
+        sub = None
         try:
             async with anyio.create_task_group() as tg:
+                async def on_assignments(msg) -> None:
+                    await self._on_assignments(msg, executor, tg)
+
+                # a callback, not `sub.messages`: nats-py's iterator makes a task and waits at
+                # least one loop iteration per message even when more are queued, so on a busy
+                # worker assignments queued up behind each other (a vip job waited 60 ms on
+                # average, up to 250 ms, between arriving and being started: bench/backlog.py)
+                sub = await self.nc.subscribe(self.subjects.assign(self.id), cb=on_assignments,
+                                              pending_msgs_limit=0)
+                log.info("worker started", worker=self.id, slots=self.slots, transport=self.config.workers.transport)
                 tg.start_soon(follower.run)
                 tg.start_soon(self._heartbeats)
                 tg.start_soon(self._keep_calls_alive)
-                tg.start_soon(self._take_assignments, sub, executor, tg)
                 await stop.wait()
                 await self._drain(sub)
                 tg.cancel_scope.cancel()
         finally:
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()  # (done by the drain, unless the task group failed)
             await client.aclose()
             await leader_sub.unsubscribe()
             await self._send_heartbeat()
 
-    async def _take_assignments(self, sub, executor: UpstreamExecutor, tg: anyio.abc.TaskGroup) -> None:
-        """Each message holds one assignment or the leader's batch for this worker (schemas/internal.py)."""
-        async for msg in sub.messages:
-            try:
-                assignments = read_assignments(msg.data)
-            except ValueError:
-                log.error("malformed assignment ignored", worker=self.id)
-                continue
-            header = getattr(msg, "headers", None)  # an older leader's one assignment: its trace context
-            for assignment in assignments:
-                await self._take(assignment, executor, tg, header)
+    async def _on_assignments(self, msg, executor: UpstreamExecutor, tg: anyio.abc.TaskGroup) -> None:
+        """One message on this worker's assign subject: one assignment or the leader's batch
+        for this worker (schemas/internal.py); each is started in `tg`."""
+        try:
+            assignments = read_assignments(msg.data)
+        except ValueError:
+            log.error("malformed assignment ignored", worker=self.id)
+            return
+        header = getattr(msg, "headers", None)  # an older leader's one assignment: its trace context
+        for assignment in assignments:
+            await self._take(assignment, executor, tg, header)
 
     async def _take(self, assignment: Assignment, executor: UpstreamExecutor, tg: anyio.abc.TaskGroup,
                     header: dict[str, str] | None) -> None:

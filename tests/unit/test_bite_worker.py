@@ -6,6 +6,7 @@ assignments from a former leader, the worker-side deadline check, attempt counti
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
@@ -136,24 +137,28 @@ async def test_no_keep_alive_after_a_retryable_job_is_sent_back(monkeypatch):
 
 class BusWithAssignments(FakeNats):
     """subscribe(): the leader-announce subscription stays silent; the assignment
-    subscription yields the given assignments, then waits (as a live subscription does)."""
+    subscription's callback gets the given assignments, from a task of its own (as nats-py
+    runs a subscription's callback)."""
 
     def __init__(self, *assignments: Assignment):
         super().__init__()
         self.assignments = assignments
+        self.deliveries: list[asyncio.Task] = []
 
     async def subscribe(self, subject, cb=None, **_):
-        items = [SimpleNamespace(data=a.model_dump_json().encode()) for a in self.assignments] if cb is None else []
+        if ".internal.assign." in subject:
+            items = [SimpleNamespace(data=a.model_dump_json().encode()) for a in self.assignments]
 
-        async def messages():
-            for item in items:
-                yield item
-            await anyio.sleep_forever()
+            async def deliver():
+                for item in items:
+                    await cb(item)
+
+            self.deliveries.append(asyncio.get_running_loop().create_task(deliver()))
 
         async def unsubscribe():
             return None
 
-        return SimpleNamespace(messages=messages(), unsubscribe=unsubscribe)
+        return SimpleNamespace(unsubscribe=unsubscribe)
 
 
 async def test_a_running_worker_keeps_its_slow_call_alive(monkeypatch):
@@ -206,7 +211,8 @@ class FakeSub:
 async def take(worker: Worker, *assignments: Assignment) -> FakeExecutor:
     executor = FakeExecutor()
     async with anyio.create_task_group() as tg:
-        await worker._take_assignments(FakeSub(*assignments), executor, tg)
+        async for msg in FakeSub(*assignments).messages:
+            await worker._on_assignments(msg, executor, tg)
     return executor
 
 

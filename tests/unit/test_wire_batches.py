@@ -201,7 +201,8 @@ async def test_a_worker_takes_every_assignment_of_a_batch_with_its_own_trace_and
 
     monkeypatch.setattr(worker, "_run_assignment", recording)
     async with anyio.create_task_group() as tg:
-        await worker._take_assignments(_Sub([batch]), executor, tg)
+        async for msg in _Sub([batch]).messages:
+            await worker._on_assignments(msg, executor, tg)
     assert traces == {"j1": TP, "j2": other}
     assert sorted(r.url.path for r in calls) == ["/v1/a", "/v1/b"]
     assert sorted(r.job_id for r in finisher.finished) == ["j1", "j2"]
