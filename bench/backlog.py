@@ -51,6 +51,7 @@ from limits import ROOT, cpu_seconds, dist, fleet_pids, machine_info  # noqa: E4
 
 from ratefleet import Client  # noqa: E402
 from ratefleet.localfleet import KeyLimit, LocalFleet  # noqa: E402
+from ratefleet.schemas.internal import read_assignments  # noqa: E402
 
 RSS_LIMIT_MB = 150.0
 SLOPE_LIMIT_MB_PER_MIN = 1.0
@@ -173,9 +174,9 @@ async def drive(args: argparse.Namespace, fleet: LocalFleet, console: Console) -
         handouts: dict[str, tuple[float, float]] = {}
 
         async def on_assign(msg) -> None:
-            data = json.loads(msg.data)
-            if data.get("tier") == "vip":  # (queued_ms at hand-out, ms from submit to this bench seeing it)
-                handouts.setdefault(data["job_id"], (data["queued_ms"], (time.time() - data["submitted_at"]) * 1000))
+            for a in read_assignments(msg.data):  # one message may carry a dispatch pass's batch
+                if a.tier == "vip":  # (queued_ms at hand-out, ms from submit to this bench seeing it)
+                    handouts.setdefault(a.job_id, (a.queued_ms, (time.time() - a.submitted_at) * 1000))
 
         trace = await client.nc.subscribe(f"{client.subjects.prefix}.internal.assign.*", cb=on_assign,
                                           pending_msgs_limit=0)

@@ -51,6 +51,7 @@ if str(ROOT) not in sys.path:  # `python bench/limits.py` puts bench/ first, not
 from ratefleet import Client  # noqa: E402
 from ratefleet.localfleet import KeyLimit, LocalFleet  # noqa: E402
 from ratefleet.runtime.embedded import nats_server_binary  # noqa: E402
+from ratefleet.schemas.internal import read_assignments  # noqa: E402
 
 GUEST_BATCH, VIP_BATCH = "bench-guest", "bench-vip"
 UTIL_TARGET = 0.98
@@ -219,10 +220,10 @@ async def drive(args: argparse.Namespace, fleet: LocalFleet, console: Console) -
         cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
 
         async def on_assign(msg) -> None:
-            data = json.loads(msg.data)
-            assignments.append({"job_id": data["job_id"], "tier": data["tier"], "key_id": data["key_id"],
-                                "attempt": data["attempt"], "submitted_at": data["submitted_at"],
-                                "queued_ms": data["queued_ms"], "seen_at": time.time()})
+            seen_at = time.time()
+            for a in read_assignments(msg.data):  # one message may carry a dispatch pass's batch
+                assignments.append({"job_id": a.job_id, "tier": a.tier, "key_id": a.key_id, "attempt": a.attempt,
+                                    "submitted_at": a.submitted_at, "queued_ms": a.queued_ms, "seen_at": seen_at})
 
         trace = None
         if not args.no_trace:

@@ -41,6 +41,7 @@ from limits import ROOT, dist, machine_info  # noqa: E402
 
 from ratefleet import Client  # noqa: E402
 from ratefleet.localfleet import KeyLimit, LocalFleet  # noqa: E402
+from ratefleet.schemas.internal import read_assignments  # noqa: E402
 
 BATCH = "bench-scale"
 # the keys' rate is a hard ceiling the fleet should fill; slots/latency is an upper bound, since
@@ -93,8 +94,8 @@ async def drive(fleet: LocalFleet, jobs: int, latency_ms: float, jitter_ms: floa
         handouts: dict[str, float] = {}  # job id -> queued_ms when the dispatcher handed it out
 
         async def on_assign(msg) -> None:
-            data = json.loads(msg.data)
-            handouts.setdefault(data["job_id"], data["queued_ms"])
+            for a in read_assignments(msg.data):  # one message may carry a dispatch pass's batch
+                handouts.setdefault(a.job_id, a.queued_ms)
 
         trace = await client.nc.subscribe(f"{client.subjects.prefix}.internal.assign.*", cb=on_assign,
                                           pending_msgs_limit=0)

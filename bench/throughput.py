@@ -118,8 +118,10 @@ async def drive(args: argparse.Namespace, fleet: LocalFleet) -> dict:
                 break
         elapsed = time.monotonic() - started
         cpu = {name: round((cpu_s(pid) - cpu_before[name]) * 1e6 / args.jobs) for name, pid in procs.items()}
-        overhead = None if args.no_overhead else await measure_overhead(client, fleet.upstream, args.rates,
-                                                                        args.overhead_s)
+        fleet_side = {**procs, "nats-server": fleet._nats.process.pid, "client": os.getpid()}
+        overhead = None if args.no_overhead else await measure_overhead(
+            client, fleet.upstream, args.rates, args.overhead_s,
+            cpu=lambda: {name: cpu_s(pid) for name, pid in fleet_side.items()})
     rate_limited = calls = None
     if args.upstream == "mock":
         async with httpx.AsyncClient(trust_env=False) as http:
@@ -159,14 +161,18 @@ def report(args: argparse.Namespace, out: dict) -> None:
         console.print(f"one leader's ceiling on one core: {out['dispatcher_ceiling_jobs_per_s']:,} jobs/s")
     if out["overhead"]:
         lat = Table("load", "direct p50 / p99 ms", "Client.request p50 / p99 ms", "overhead p50 / p99 ms", "n",
+                    "fleet CPU µs/request", "cores needed",
                     title="Client.request over a direct httpx call to the same upstream")
         for row in out["overhead"]:
             if "failed" in row:
                 lat.add_row(row["load"], row["failed"], "", "", str(row["n"]))
                 continue
+            per = row.get("fleet_cpu_us_per_request") or {}
             lat.add_row(row["load"], f"{row['direct_p50_ms']} / {row['direct_p99_ms']}",
                         f"{row['fleet_p50_ms']} / {row['fleet_p99_ms']}",
-                        f"{row['overhead_p50_ms']} / {row['overhead_p99_ms']}", str(row["n"]))
+                        f"{row['overhead_p50_ms']} / {row['overhead_p99_ms']}", str(row["n"]),
+                        " + ".join(f"{name} {us}" for name, us in per.items()) + f" = {row.get('fleet_cpu_us_total')}"
+                        if per else "-", str(row.get("cores_needed") or "-"))
         console.print(lat)
 
 
