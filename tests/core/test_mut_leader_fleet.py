@@ -152,3 +152,13 @@ def test_a_silent_worker_s_jobs_go_back_each_with_its_nak():
     fenced = fk.expire(T + 20.0, False)
     assert [type(c) for c in fenced] == [Log]  # a fenced leader naks nothing
     assert fk.scheduler.snapshot(T + 20)["tiers"]["normal"]["in_flight"] == 0
+
+
+def test_a_joining_worker_s_news_about_missing_secrets_is_kept_with_its_welcome():
+    fk = keeper()
+    beat = Heartbeat(worker="w1", slots=2, unusable_keys={"k1": "K1 not set"},
+                     in_flight=[InFlight(assignment="a1", key_id="k2", job_id="job-a1")])
+    out = fk.heartbeat(beat, T, True)
+    assert [(c.level, c.fields) for c in out] == [("error", {"key_id": "k1", "problem": "K1 not set"}),
+                                                   ("info", {"worker": "w1", "slots": 2, "in_flight": 1})]
+    assert "a1" in fk.fleet.by_assignment

@@ -39,10 +39,14 @@ def inputs(**changes) -> ScalingInputs:
     (dict(arrival_rate=40.0, key_concurrency=12), {}, 12),
     (dict(arrival_rate=40.0, key_concurrency=12, slots_per_worker=8), {}, 2),
     (dict(arrival_rate=40.0, key_concurrency=500), {}, 40),
-    # key capacity below 1 req/s still serves work: at least one worker
-    (dict(backlog=1, key_capacity_rps=0.5), {}, 1),
-    (dict(arrival_rate=0.5, latency_s=0.01), {}, 1),
-    (dict(in_flight=2, latency_s=0.01), {}, 1),
+    # work waiting means at least one worker, also when the rule itself gives 0 calls in flight
+    # (calls seen to take no time, or nothing left to drain but calls running), and also when
+    # the keys carry less than 1 req/s or arrivals are under 1 job/s
+    (dict(backlog=1, key_capacity_rps=0.5, latency_s=0.0), {}, 1),
+    (dict(arrival_rate=0.5, latency_s=0.0), {}, 1),
+    (dict(in_flight=2), {}, 1),
+    (dict(backlog=1, latency_s=0.0), {}, 1),
+    (dict(latency_s=0.0), {}, 0),
     # no key can serve: no worker for the backlog, min_workers still holds
     (dict(backlog=500, key_capacity_rps=0.0), {}, 0),
     (dict(backlog=500, key_capacity_rps=0.0), dict(min_workers=2), 2),

@@ -131,6 +131,12 @@ def test_a_tier_that_fills_again_starts_at_the_lowest_busy_pass_not_below():
     tiers.charge(normal)  # normal at 6, vip at 12: guest starts at 6
     fill(tiers, guest=1)
     assert guest.pass_value == 6
+    idle = book(("a", 1), ("b", 1), ("c", 1))  # c never had a job: its pass 0 is not a busy one
+    fill(idle, b=1)
+    for _ in range(4):
+        idle.charge(idle.get("b"))
+    fill(idle, a=1)
+    assert idle.get("a").pass_value == 4
     fresh = book(("a", 1), ("b", 1))
     fresh.charge(fresh.get("a"))
     fill(fresh, a=1)  # no other tier busy: its own pass stays
@@ -150,11 +156,11 @@ def test_push_keeps_fifo_order_and_front_puts_a_job_first():
 def test_charge_and_uncharge_move_pass_in_flight_and_dispatched_by_one_dispatch():
     tiers = book(("vip", 3), ("normal", 1))  # strides 1 and 3
     normal = tiers.get("normal")
-    tiers.charge(normal)
-    tiers.charge(normal)
-    assert (normal.pass_value, normal.in_flight, normal.dispatched) == (6, 2, 2)
+    for _ in range(3):
+        tiers.charge(normal)
+    assert (normal.pass_value, normal.in_flight, normal.dispatched) == (9, 3, 3)
     tiers.uncharge(normal)
-    assert (normal.pass_value, normal.in_flight, normal.dispatched) == (3, 1, 1)
+    assert (normal.pass_value, normal.in_flight, normal.dispatched) == (6, 2, 2)
     assert (tiers.get("vip").pass_value, tiers.get("vip").in_flight) == (0, 0)
 
 
