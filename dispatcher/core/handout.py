@@ -4,7 +4,7 @@ gets for a dispatched job (schemas/internal.py `Assignment`)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Container, Iterator, Mapping
 from dataclasses import dataclass
 
 from .delivery import Incoming
@@ -39,10 +39,28 @@ class Held:
     wall: float
 
 
+def assignment_id(leader_id: str, number: int) -> str:
+    """The id of a dispatcher's `number`-th hand-out in a leadership: `{leader_id}.{number}`."""
+    return f"{leader_id}.{number}"
+
+
+def next_number(numbers: Iterator[int], leader_id: str, running: Container[str]) -> int:
+    """The next of `numbers` whose assignment id is not in `running` (the calls the fleet
+    tracks). A dispatcher that leads again keeps its id and numbers from 1 while the workers
+    still run calls of its earlier leadership under those ids; the leader adopts them from the
+    workers' first heartbeats, before its first hand-out (`ready_after_s`), and a new call
+    under one of them would be taken for the old one (its outcome, its slot)."""
+    number = next(numbers)
+    while assignment_id(leader_id, number) in running:
+        number = next(numbers)
+    return number
+
+
 def assignment_payload(settings: LeaderSettings, held: Held, decision: Dispatch, now: float,
                        number: int) -> tuple[str, bytes]:
     """The id and JSON of the worker's Assignment (schemas/internal.py) for a dispatched held
-    job; `number` makes the id unique in this leadership. Its queue time runs from the JOBS
+    job; `number` makes the id unique in this leadership (`next_number`: and among the calls
+    still running from an earlier one). Its queue time runs from the JOBS
     message's timestamp to `now`. The job goes as JSON text (`job_json`): dumped once here,
     validated once by the worker. Every field is valid already, so the JSON is written
     straight from them (no model built per hand-out); `job` is left out (`job_json` has it)
@@ -51,9 +69,9 @@ def assignment_payload(settings: LeaderSettings, held: Held, decision: Dispatch,
     cannot be dumped."""
     incoming = held.incoming
     queued_s = held.wall + (now - held.at) - incoming.submitted_at
-    assignment_id = f"{settings.leader_id}.{number}"
+    new_id = assignment_id(settings.leader_id, number)
     fields = {
-        "id": assignment_id, "job_json": incoming.job.model_dump_json(by_alias=True, exclude_none=True),
+        "id": new_id, "job_json": incoming.job.model_dump_json(by_alias=True, exclude_none=True),
         "job_id": incoming.job_id, "tier": incoming.tier, "upstream": incoming.upstream, "key_id": decision.key_id,
         "pool": decision.pool, "ack": incoming.ack, "reply_to": incoming.reply_to, "attempt": incoming.attempt,
         "max_attempts": incoming.max_attempts, "submitted_at": incoming.submitted_at,
@@ -63,4 +81,4 @@ def assignment_payload(settings: LeaderSettings, held: Held, decision: Dispatch,
     }
     # ensure_ascii=False: the job text stays UTF-8 inside the string (escaped, an emoji is 12
     # bytes instead of 4: a 600 KB job of emoji made a 1.8 MB assignment, over max_payload)
-    return assignment_id, json.dumps(fields, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode()
+    return new_id, json.dumps(fields, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode()

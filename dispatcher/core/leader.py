@@ -42,7 +42,7 @@ from .commands import (
 )
 from .delivery import Incoming
 from .fleet import AssignmentRecord, Fleet
-from .handout import Held, LeaderSettings, assignment_payload
+from .handout import Held, LeaderSettings, assignment_payload, next_number
 from .leader_config import apply_config
 from .leader_fleet import LOST, FleetKeeper
 from .leader_keys import KeyKeeper
@@ -231,7 +231,7 @@ class LeaderMachine:
             return []
         incoming = held.incoming
         try:
-            assignment_id, payload = assignment_payload(self.settings, held, decision, now, next(self._sequence))
+            assignment_id, payload = assignment_payload(self.settings, held, decision, now, self._number())
         except Exception as exc:  # noqa: BLE001 - a validated job always serialises; if not, it alone ends
             return [*self._unsendable(incoming, decision, now, f"job cannot be serialised ({type(exc).__name__})"),
                     *self._top_up(incoming.tier, now)]
@@ -243,6 +243,10 @@ class LeaderMachine:
                                            decision.key_id, incoming.ack, decision.reservation, now))
         return [Assign(worker.id, assignment_id, payload, incoming, decision.key_id, decision.pool),
                 *self._top_up(incoming.tier, now)]
+
+    def _number(self) -> int:
+        """The next hand-out number; skips ids of calls still running from an earlier leadership."""
+        return next_number(self._sequence, self.settings.leader_id, self.fleet.by_assignment)
 
     def _unsendable(self, incoming: Incoming, decision: Dispatch, now: float, why: str) -> list[Command]:
         """A job that cannot reach a worker: its reservation ends as LOST (no call made: the
