@@ -260,3 +260,10 @@ def test_a_key_whose_secret_no_worker_holds_is_out_until_a_worker_has_it():
     assert heartbeat("w1", {}, T0 + 5) == [  # now w1 holds k1
         cmd.Log("info", "a worker has this key's secret again", {"key_id": "k1"})]
     assert key_view(m, "k1", T0 + 5)["secret_missing"] is None
+
+
+def test_a_reason_that_cannot_be_made_text_is_a_malformed_request():
+    m = machine(keys=2)
+    too_long = 10 ** 5000  # str() refuses ints over 4300 digits (ValueError)
+    assert command(m, {"action": "disable", "key": "k1", "reason": too_long}) == [malformed("ValueError")]
+    assert not key_view(m, "k1")["disabled"]
