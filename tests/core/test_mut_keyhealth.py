@@ -173,3 +173,60 @@ def test_a_restored_record_without_a_delay_starts_at_the_base_delay():
     s.restore_key("k1", {"by": "provider", "reason": "r"}, 0.0)
     assert s.key_record("k1", 0.0) == {"by": "provider", "reason": "r", "probe_delay_s": 0.5, "probe_in_s": 0.0,
                                        "disabled_for_s": 0.0}
+
+
+# -- a job one key refused (401) goes to another key only if that key could take it ------------
+
+def refused_on_k1_while_k2_is_disabled(s, at: float) -> None:
+    first = on(s, "a", 0.0, "k1")
+    assert not first.reservation.denial_final  # k2 could take it: a 401 is not the end yet
+    s.complete(first.reservation, DENIED_401, 0.0)
+    s.complete_unknown("k2", INVALID_KEY, 0.0)  # then k2 goes out, its probe due at 60 s
+    s.add(job(job_id="a"), at)
+
+
+def test_a_refused_job_goes_back_to_its_key_as_final_while_the_other_key_waits_for_its_probe():
+    s = two_keys()
+    refused_on_k1_while_k2_is_disabled(s, 2.0)
+    again = s.next(2.0)
+    assert isinstance(again, Dispatch) and again.key_id == "k1" and again.reservation.denial_final
+
+
+def test_a_refused_job_becomes_the_probe_of_the_other_key_once_the_probe_is_due():
+    s = two_keys()
+    refused_on_k1_while_k2_is_disabled(s, 60.0)  # exactly when the probe is due
+    again = s.next(60.0)
+    assert isinstance(again, Dispatch) and again.key_id == "k2" and again.reservation.key_probe
+
+
+# -- status: how a key's state reads ----------------------------------------------------------
+
+def test_a_probe_in_flight_reads_as_due_now():
+    health = provider_disabled(0.0)
+    health.take_probe(3)
+    assert health.view(10.0)["probe_in_s"] == 0.0
+    assert health.could_serve(10.0) and health.gate(10.0) is None
+
+
+def test_status_times_are_rounded_to_milliseconds():
+    health = provider_disabled(0.0)
+    view = health.view(0.00012)
+    assert (view["disabled_for_s"], view["probe_in_s"]) == (0.0, 60.0)
+    view = health.view(1.23456)
+    assert (view["disabled_for_s"], view["probe_in_s"]) == (1.235, 58.765)
+
+
+def test_a_key_without_its_secret_reads_as_disabled_by_secret():
+    health = KeyHealth(P)
+    health.secret_missing = "LOCAL_KEY_1 not set"
+    view = health.view(0.0)
+    assert (view["state"], view["disabled_by"], view["secret_missing"]) == ("disabled", "secret", "LOCAL_KEY_1 not set")
+    assert health.gate(0.0) is None and not health.could_serve(0.0) and not health.comes_back(0.0)
+
+
+def test_is_disabled_names_every_reason_a_key_takes_no_job():
+    s = make(pool("p", key("k1"), key("k2"), key("k3"), key("k4")))
+    s.disable_key("k1", "leaked", 0.0)
+    s.complete_unknown("k2", INVALID_KEY, 0.0)
+    s.set_secret_missing({"k3": "LOCAL_KEY_3 not set"})
+    assert [s.is_disabled(k) for k in ("k1", "k2", "k3", "k4", "unknown")] == [True, True, True, False, False]
