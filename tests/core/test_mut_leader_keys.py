@@ -7,7 +7,7 @@ because no worker holds their secret. Named instants, no clock."""
 from __future__ import annotations
 
 import pytest
-from leader_helpers import T0, beat, machine
+from leader_helpers import T0, TIERS, beat, machine, spec
 
 from ratefleet.dispatcher.core import Outcome
 from ratefleet.dispatcher.core import commands as cmd
@@ -267,3 +267,13 @@ def test_a_reason_that_cannot_be_made_text_is_a_malformed_request():
     too_long = 10 ** 5000  # str() refuses ints over 4300 digits (ValueError)
     assert command(m, {"action": "disable", "key": "k1", "reason": too_long}) == [malformed("ValueError")]
     assert not key_view(m, "k1")["disabled"]
+
+
+def test_removing_a_key_whose_secret_was_missing_does_not_claim_a_worker_has_it():
+    m = machine(keys=3)
+    b = beat("w1")
+    b.beat.unusable_keys = {"k2": "LOCAL_KEY_2 not set", "k3": "LOCAL_KEY_3 not set"}
+    m.handle(b, T0 + 1)
+    out = handle(m, ev.ConfigChanged(2, spec(keys=1), {t: 8 for t in TIERS}, {t: 5 for t in TIERS}), T0 + 2)
+    assert [c for c in out if isinstance(c, cmd.Log) and "secret" in c.message] == []  # k2, k3 gone, not fixed
+    assert m.keys.key_ids == ["k1"]
