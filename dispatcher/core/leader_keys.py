@@ -79,8 +79,9 @@ class KeyKeeper:
             if self._missing.get(key_id) != reason:
                 out.append(Log("error", "no worker has this key's secret; key out of rotation",
                                {"key_id": key_id, "problem": reason}))
-        for key_id in self._missing.keys() - missing.keys():
-            out.append(Log("info", "a worker has this key's secret again", {"key_id": key_id}))
+        for key_id in sorted(self._missing.keys() - missing.keys()):
+            if key_id in self.key_ids:  # a key a config change removed: no news about secrets
+                out.append(Log("info", "a worker has this key's secret again", {"key_id": key_id}))
         self._missing = missing
         self.scheduler.set_secret_missing(missing)
         return out
