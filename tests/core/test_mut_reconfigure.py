@@ -15,6 +15,7 @@ from ratefleet.dispatcher.core import (
     Dispatch,
     Outcome,
     PoolSpec,
+    ProbePolicy,
     Scheduler,
     SchedulerSpec,
     TierSpec,
@@ -28,6 +29,7 @@ from ratefleet.dispatcher.core.types import KeySpec
 OK = Outcome(kind="ok", status=200)  # type: ignore[arg-type]
 ERROR = Outcome(kind="upstream_error", status=500)  # type: ignore[arg-type]
 THROTTLED = Outcome(kind="rate_limited", status=429)  # type: ignore[arg-type]
+KEY_ERROR = Outcome(kind="key_error", status=401, code="invalid_api_key")  # type: ignore[arg-type]
 TIERS = (("vip", 2), ("normal", 1))
 
 
@@ -122,7 +124,7 @@ def test_a_key_added_follows_the_new_specs_policies_like_a_key_at_leader_start()
     old = spec_of(pool("p", key("k1", rps=2.0, burst=5.0)), chains={"vip": ("p",), "normal": ("p",)})
     new_pools = (pool("p", key("k1", rps=2.0, burst=5.0)), pool("q", key("k2", pool="q", rps=2.0, burst=5.0)))
     policies = dict(breaker=BreakerPolicy(fail_max=1, reset_timeout_s=7.0), cooldown=CooldownPolicy(4.0, 40.0),
-                    safety_s=0.5, adapt=AdaptPolicy(enabled=False))
+                    probe=ProbePolicy(9.0, 90.0), safety_s=0.5, adapt=AdaptPolicy(enabled=False))
     new = spec_of(*new_pools, chains={"vip": ("q",), "normal": ("p",)}, **policies)
     reloaded = Scheduler(old, 0.0)
     reloaded.reconfigure(new, 3.0)
@@ -140,6 +142,21 @@ def test_a_key_added_follows_the_new_specs_policies_like_a_key_at_leader_start()
         s.complete(probe.reservation, THROTTLED, 10.3)
     assert view(reloaded, "k2", 10.3) == view(fresh, "k2", 10.3)
     assert view(reloaded, "k2", 10.3)["cooldown_s"] == pytest.approx(4.0)
+    for s in (reloaded, fresh):
+        (d,) = run(s, "vip", 1, 60.0)
+        s.complete(d.reservation, KEY_ERROR, 60.1)  # disabled on provider evidence: probed later
+    assert view(reloaded, "k2", 60.1) == view(fresh, "k2", 60.1)
+    assert view(reloaded, "k2", 60.1)["probe_in_s"] == pytest.approx(9.0)
+
+
+def test_a_cost_limit_added_by_a_reload_adapts_with_the_key():
+    s = make(pool("p", key("k1", rps=10.0, burst=5.0)), tiers=TIERS)
+    s.reconfigure(spec_of(pool("p", key("k1", rps=10.0, burst=5.0, cost_per_minute=60.0))), 1.0)
+    assert view(s, "k1", 1.0)["cost_tokens"] == pytest.approx(0.0)
+    (d,) = run(s, "normal", 1, 2.0)  # 1 s at 1/s: one cost unit
+    s.complete(d.reservation, OK, 3.0)  # the cost rate climbs from where it was set
+    assert view(s, "k1", 3.0)["effective_cost_per_minute"] == pytest.approx(60.0)
+    assert view(s, "k1", 3.0)["cost_tokens"] == pytest.approx(1.0)
 
 
 def test_a_key_added_is_full_and_usable_at_once():
@@ -282,7 +299,7 @@ def test_an_unknown_split_pool_is_refused():
 
 def test_a_negative_priority_reserve_is_refused():
     s = make(pool("p", key("k1")), tiers=TIERS)
-    refused(s, spec_of(pool("p", key("k1")), priority_reserve=-1.0), "priority_reserve must be >= 0")
+    refused(s, spec_of(pool("p", key("k1")), priority_reserve=-1.0), "^priority_reserve must be >= 0$")
 
 
 def test_duplicate_pools_and_keys_are_refused():
@@ -310,3 +327,16 @@ def test_a_bad_key_is_refused_naming_pool_key_and_problem(bad, problem):
 def test_keys_at_the_limits_are_accepted():
     edge = [key("k1", rps=0.001, burst=1.0, concurrency=1, cost_per_minute=0.01), key("k2")]
     assert list(checked_keys("p", "u", edge)) == edge
+
+
+def test_a_removed_key_is_kept_until_its_last_call_ends():
+    s = make(pool("p", key("k1", rps=1.0, burst=2.0)), pool("q", key("k2", pool="q", rps=1.0, burst=1.0)), tiers=TIERS)
+    on_k1 = [d for d in run(s, "normal", 3, 0.0) if d.key_id == "k1"]
+    assert len(on_k1) == 2
+    s.reconfigure(spec_of(pool("q", key("k2", pool="q", rps=1.0, burst=1.0))), 0.1)
+    s.complete(on_k1[0].reservation, OK, 0.2)
+    s.complete(on_k1[1].reservation, OK, 0.3)  # the key is still known: its count comes down
+    assert s.in_flight("normal") == 1  # k2's call
+    s.reconfigure(spec_of(pool("p", key("k1", rps=1.0, burst=2.0)), pool("q", key("k2", pool="q", rps=1.0, burst=1.0))),
+                  0.4)
+    assert view(s, "k1", 0.4)["calls"] == 0  # forgotten after the last call: back as a new key
