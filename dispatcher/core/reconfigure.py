@@ -101,10 +101,14 @@ class Reconfigure:
         specs = self._check_spec(spec)
         tiers = TierBook(spec.tiers, spec.policy)
         pool_upstream = {pool.name: pool.upstream for pool in spec.pools}
+        if spec.priority_reserve < 0:
+            raise ValueError("priority_reserve must be >= 0")
         for tier in tiers:
-            missing = [p for p in tier.spec.pools if p not in pool_upstream]
+            split_pools = tier.spec.split.pools if tier.spec.split else ()
+            missing = [p for p in (*tier.spec.pools, *split_pools) if p not in pool_upstream]
             if missing:
                 raise ValueError(f"tier {tier.name!r} names unknown pool(s): {', '.join(missing)}")
+        self._spec = spec  # the policies of keys added from now on (`_new_key`)
         plan = plan_keys({k: key.spec for k, key in self._keys.items()}, specs)
         self._apply_keys(plan, specs, now)
         old_tiers = {t.name for t in self._tiers}
