@@ -16,7 +16,7 @@ from ratefleet.dispatcher.core.bucket import EPSILON, TokenBucket
 
 @pytest.mark.parametrize("rate, capacity", [(0.0, 5.0), (-1.0, 5.0), (1.0, 0.0), (1.0, -2.0)])
 def test_a_bucket_without_a_positive_rate_and_capacity_is_refused(rate, capacity):
-    with pytest.raises(ValueError, match="rate and capacity"):
+    with pytest.raises(ValueError, match=r"^bucket rate and capacity must be > 0$"):
         TokenBucket(rate, capacity, 0.0, 0.0)
 
 
@@ -57,6 +57,7 @@ def test_an_earlier_now_counts_as_the_last_one_seen():
 @pytest.mark.parametrize("n, expected", [
     (10.0, 4.5),  # a full burst: (10 - 1) / 2 s after t=0
     (10.0 + EPSILON / 2, 4.5 + EPSILON / 4),  # within the tolerance of the capacity
+    (10.0 + EPSILON, 4.5 + EPSILON / 2),  # the tolerance itself: still a full burst
     (10.0 + 1e-6, math.inf),  # more than the bucket can ever hold
     (1.0, 0.0),  # exactly the level: now
     (1.0 + EPSILON / 2, 0.0),  # within the tolerance of the level: now
@@ -67,6 +68,12 @@ def test_an_earlier_now_counts_as_the_last_one_seen():
 def test_ready_at_is_the_instant_the_level_reaches_n(n, expected):
     b = TokenBucket(2.0, 10.0, 1.0, 0.0)
     assert b.ready_at(0.0, n) == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_shortfall_of_exactly_the_tolerance_is_ready_now():
+    b = TokenBucket(2.0, 10.0, 0.0, 0.0)
+    assert b.ready_at(0.0, EPSILON) == 0.0
+    assert b.ready_at(0.0, 2 * EPSILON) == EPSILON
 
 
 def test_ready_at_from_a_later_now_counts_only_what_is_still_missing():
@@ -182,7 +189,7 @@ def test_a_limit_after_a_take_caps_what_a_refund_of_it_can_give_back():
 @pytest.mark.parametrize("rate, capacity", [(0.0, None), (-1.0, None), (1.0, 0.0), (1.0, -1.0)])
 def test_set_rate_refuses_a_rate_or_capacity_that_is_not_positive(rate, capacity):
     b = TokenBucket(1.0, 10.0, 0.0, 0.0)
-    with pytest.raises(ValueError, match="rate and capacity"):
+    with pytest.raises(ValueError, match=r"^bucket rate and capacity must be > 0$"):
         b.set_rate(1.0, rate, capacity)
     assert (b.rate, b.capacity) == (1.0, 10.0)
 
