@@ -20,7 +20,7 @@ def state(r: AdaptiveRate) -> tuple[float, float, float, float]:
 
 @pytest.mark.parametrize("configured", [0.0, -1.0])
 def test_a_configured_rate_that_is_not_positive_is_refused(configured):
-    with pytest.raises(ValueError, match="configured rate must be > 0"):
+    with pytest.raises(ValueError, match=r"^configured rate must be > 0$"):
         AdaptiveRate(configured, P, 0.0)
 
 
@@ -81,6 +81,44 @@ def test_above_the_peak_a_success_climbs_by_increase_per_s_of_the_configured_rat
     assert state(r) == (52.5, 52.5, 40.0, 20.0)  # 5 % of 100 per second
     r.on_success(8.0)
     assert r.rate == pytest.approx(62.5)
+
+
+def test_a_key_at_the_floor_climbs_by_increase_per_s_not_by_the_probe():
+    r = AdaptiveRate(100.0, P, 0.0)
+    for i in range(20):
+        r.on_throttle(i * 0.1, None)
+    assert state(r) == (1.0, 1.0, 1.0, 1.0)  # rate, target and peak all at the floor
+    r.on_success(2.9)
+    assert r.rate == pytest.approx(6.0)  # 5 % of 100 in the 1 s since the last 429
+
+
+def test_a_measured_rate_below_one_call_per_second_still_counts():
+    r = AdaptiveRate(10.0, P, 0.0)
+    r.on_throttle(1.0, 0.5)
+    assert state(r) == (0.25, 0.45, 0.5, 0.25)
+
+
+def test_hint_room_equal_to_the_rate_does_not_raise_the_target():
+    policy = AdaptPolicy(decrease=0.95, target_fraction=0.5)  # a drop that leaves rate > target
+    r = AdaptiveRate(100.0, policy, 0.0)
+    r.on_throttle(0.0, None)
+    assert state(r) == (95.0, 50.0, 100.0, 95.0)
+    r.on_hint(0.0, 100.0)  # room 0.95 x 100 = 95: not above the rate
+    assert state(r) == (95.0, 50.0, 100.0, 95.0)
+    r.on_success(1.0)
+    assert r.rate == pytest.approx(96.0)  # creeps at 2 % of the target 50
+
+
+def test_only_the_last_64_hints_are_remembered():
+    r = AdaptiveRate(100.0, P, 0.0)
+    for i in range(20):
+        r.on_throttle(i * 0.1, None)
+    r.on_hint(20.0, 40.0)
+    for _ in range(63):
+        r.on_hint(20.0, 60.0)
+    r.on_throttle(20.0, None)
+    r.on_hint(20.0, 60.0)  # the 65th hint pushes out the 40
+    assert r.target == pytest.approx(57.0)
 
 
 def test_a_key_at_its_configured_rate_stays_there():
@@ -221,7 +259,7 @@ def test_a_reconfigured_adapted_key_keeps_its_rate_capped_at_the_new_one():
 @pytest.mark.parametrize("configured", [0.0, -2.0])
 def test_reconfigure_refuses_a_rate_that_is_not_positive(configured):
     r = AdaptiveRate(10.0, P, 0.0)
-    with pytest.raises(ValueError, match="configured rate must be > 0"):
+    with pytest.raises(ValueError, match=r"^configured rate must be > 0$"):
         r.reconfigure(configured)
     assert r.configured == 10.0
 

@@ -166,6 +166,40 @@ def test_after_more_than_256_history_entries_the_oldest_marks_refund_nothing():
     assert b.advance(0.0) == 701.0
 
 
+def _given_back(takes: int, index: int) -> float:
+    b = TokenBucket(1.0, 1000.0, 1000.0, 0.0)
+    marks = [b.take(0.0, 1.0) for _ in range(takes)]
+    return b.refund(0.0, 1.0, marks[index])
+
+
+@pytest.mark.parametrize("takes, given", [
+    (256, (0.0, 1.0, 1.0, 1.0, 1.0)),  # the refund's own entry is the 257th: drops the oldest 128
+    (383, (0.0, 1.0, 1.0, 1.0, 1.0)),
+    (384, (0.0, 0.0, 0.0, 0.0, 1.0)),  # and 128 entries later the next 128
+])
+def test_the_refund_history_forgets_in_halves_of_128_once_it_exceeds_256(takes, given):
+    assert tuple(_given_back(takes, i) for i in (126, 127, 200, 254, 255)) == given
+
+
+def test_zero_cost_takes_at_the_same_level_do_not_push_out_the_history():
+    b = TokenBucket(1.0, 1000.0, 1000.0, 0.0)
+    mark = b.take(0.0, 1.0)
+    for _ in range(300):
+        b.take(0.0, 0.0)  # the same level each time: one history entry, not 300
+    assert b.refund(0.0, 1.0, mark) == 1.0
+
+
+def test_a_refund_raises_only_the_history_after_its_own_mark():
+    b = TokenBucket(1.0, 10.0, 10.0, 0.0)
+    first = b.take(0.0, 4.0)  # 6
+    second = b.take(2.0, 4.0)  # 8, then 4
+    assert b.refund(2.0, 4.0, second) == 4.0
+    # the 8 at t=2 came before `second`: `first` may still give back 2 (a provider that saw
+    # neither call is full at 10)
+    assert b.refund(2.0, 4.0, first) == 2.0
+    assert b.advance(2.0) == 10.0
+
+
 def test_limit_lowers_the_level_and_never_raises_it():
     b = TokenBucket(1.0, 10.0, 4.0, 0.0)
     b.limit(2.0, 7.0)  # 6 at t=2, below 7: unchanged
