@@ -98,16 +98,8 @@ class Reconfigure:
         nothing changed) for a spec `Scheduler(spec)` would refuse. Breaker, cooldown, probe,
         adapt and safety policies apply to keys added from now on."""
         now = self._tick(now)
-        specs = self._check_spec(spec)
-        tiers = TierBook(spec.tiers, spec.policy)
-        pool_upstream = {pool.name: pool.upstream for pool in spec.pools}
-        if spec.priority_reserve < 0:
-            raise ValueError("priority_reserve must be >= 0")
-        for tier in tiers:
-            split_pools = tier.spec.split.pools if tier.spec.split else ()
-            missing = [p for p in (*tier.spec.pools, *split_pools) if p not in pool_upstream]
-            if missing:
-                raise ValueError(f"tier {tier.name!r} names unknown pool(s): {', '.join(missing)}")
+        checked = check_spec(spec)
+        specs, tiers, pool_upstream = checked.keys, checked.tiers, checked.pool_upstream
         self._spec = spec  # the policies of keys added from now on (`_new_key`)
         plan = plan_keys({k: key.spec for k, key in self._keys.items()}, specs)
         self._apply_keys(plan, specs, now)
@@ -156,28 +148,52 @@ class Reconfigure:
         return self._keys.get(key_id) or self._retired.get(key_id)
 
     def _new_key(self, spec: KeySpec, now: float) -> KeyState:
-        s = self._spec
-        return KeyState(spec, safety_s=s.safety_s, breaker=s.breaker, cooldown=s.cooldown, now=now,
-                        conservative=False, probe=s.probe, adapt=s.adapt)
-
-    @staticmethod
-    def _check_spec(spec: SchedulerSpec) -> dict[str, KeySpec]:
-        """Key specs by id of a valid spec; ValueError naming the problem."""
-        if len({pool.name for pool in spec.pools}) != len(spec.pools):
-            raise ValueError("pool names must be unique")
-        specs: dict[str, KeySpec] = {}
-        for pool in spec.pools:
-            for key in checked_keys(pool.name, pool.upstream, pool.keys):
-                if key.id in specs:
-                    raise ValueError(f"key id {key.id!r} appears twice")
-                specs[key.id] = key
-        return specs
+        return key_state(self._spec, spec, now, conservative=False)
 
     def retire_if_idle(self, key_id: str) -> None:
         """Forget a removed key once its last call in flight completed."""
         key = self._retired.get(key_id)
         if key is not None and key.in_flight <= 0:
             del self._retired[key_id]
+
+
+@dataclass(frozen=True)
+class CheckedSpec:
+    """A valid spec's key specs by id, its tiers, and the upstream of each pool by name."""
+
+    keys: dict[str, KeySpec]
+    tiers: TierBook
+    pool_upstream: dict[str, str]
+
+
+def check_spec(spec: SchedulerSpec) -> CheckedSpec:
+    """Everything `Scheduler(spec)` and `reconfigure(spec)` refuse, in one place: ValueError
+    naming the problem (pool names twice, a key's own checks, a key id twice, a negative
+    `priority_reserve`, tier names twice, a tier or its A/B split naming an unknown pool)."""
+    if len({pool.name for pool in spec.pools}) != len(spec.pools):
+        raise ValueError("pool names must be unique")
+    keys: dict[str, KeySpec] = {}
+    for pool in spec.pools:
+        for key in checked_keys(pool.name, pool.upstream, pool.keys):
+            if key.id in keys:
+                raise ValueError(f"key id {key.id!r} appears twice")
+            keys[key.id] = key
+    if spec.priority_reserve < 0:
+        raise ValueError("priority_reserve must be >= 0")
+    tiers = TierBook(spec.tiers, spec.policy)
+    pool_upstream = {pool.name: pool.upstream for pool in spec.pools}
+    for tier in tiers:
+        split_pools = tier.spec.split.pools if tier.spec.split else ()
+        missing = [p for p in (*tier.spec.pools, *split_pools) if p not in pool_upstream]
+        if missing:
+            raise ValueError(f"tier {tier.name!r} names unknown pool(s): {', '.join(missing)}")
+    return CheckedSpec(keys, tiers, pool_upstream)
+
+
+def key_state(spec: SchedulerSpec, key: KeySpec, now: float, *, conservative: bool) -> KeyState:
+    """A key's state, started under `spec`'s breaker, cooldown, probe, adapt and safety policies."""
+    return KeyState(key, safety_s=spec.safety_s, breaker=spec.breaker, cooldown=spec.cooldown, now=now,
+                    conservative=conservative, probe=spec.probe, adapt=spec.adapt)
 
 
 def checked_keys(pool: str, upstream: str, keys: Iterable[KeySpec]) -> Iterable[KeySpec]:

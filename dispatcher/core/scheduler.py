@@ -28,9 +28,9 @@ from .denials import DenialBook
 from .key import KeyState, Marks
 from .keyadmin import KeyAdmin
 from .keyhealth import probe_verdict
-from .reconfigure import Reconfigure, checked_keys
+from .reconfigure import Reconfigure, check_spec, key_state
 from .split import SplitSpec, Variant, variant_of
-from .tiers import TierBook, TierQueue
+from .tiers import TierQueue
 from .types import (
     Decision,
     Dispatch,
@@ -58,23 +58,18 @@ class Scheduler(KeyAdmin, Reconfigure):
     def __init__(self, spec: SchedulerSpec, now: float, *, conservative: bool = False) -> None:
         self._now = now
         self._spec = spec
-        self._keys = _build_keys(spec, now, conservative)
+        checked = check_spec(spec)
+        self._keys = {key_id: key_state(spec, key, now, conservative=conservative)
+                      for key_id, key in checked.keys.items()}
         self._retired: dict[str, KeyState] = {}  # removed by a config change, calls still in flight
-        self._pool_upstream = {pool.name: pool.upstream for pool in spec.pools}
-        self._tiers = TierBook(spec.tiers, spec.policy)
-        for tier in self._tiers:
-            split_pools = tier.spec.split.pools if tier.spec.split else ()
-            missing = [p for p in (*tier.spec.pools, *split_pools) if p not in self._pool_upstream]
-            if missing:
-                raise ValueError(f"tier {tier.name!r} names unknown pool(s): {', '.join(missing)}")
+        self._pool_upstream = checked.pool_upstream
+        self._tiers = checked.tiers
         self._chains: dict[tuple[str, str, Variant | None], Chain] = {}
         # a job's A/B side, computed once (a SHA-256) rather than on every look-ahead pass
         self._variants: dict[tuple[str, SplitSpec], Variant | None] = {}
         self._active: dict[int, tuple[Reservation, Marks | None]] = {}
         self._ids = itertools.count(1)
         self._reserve = spec.priority_reserve
-        if self._reserve < 0:
-            raise ValueError("priority_reserve must be >= 0")
         self._denials = DenialBook()
         self._changed: set[str] = set()  # keys whose health changed since key_changes()
 
@@ -334,18 +329,3 @@ class Scheduler(KeyAdmin, Reconfigure):
     def _tick(self, now: float) -> float:
         self._now = max(self._now, now)
         return self._now
-
-
-def _build_keys(spec: SchedulerSpec, now: float, conservative: bool) -> dict[str, KeyState]:
-    keys: dict[str, KeyState] = {}
-    for pool in spec.pools:
-        for key in checked_keys(pool.name, pool.upstream, pool.keys):
-            if key.id in keys:
-                raise ValueError(f"key id {key.id!r} appears twice")
-            keys[key.id] = KeyState(
-                key, safety_s=spec.safety_s, breaker=spec.breaker, cooldown=spec.cooldown,
-                now=now, conservative=conservative, probe=spec.probe, adapt=spec.adapt,
-            )
-    if len({pool.name for pool in spec.pools}) != len(spec.pools):
-        raise ValueError("pool names must be unique")
-    return keys
