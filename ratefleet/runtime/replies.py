@@ -1,34 +1,43 @@
 """One reply subscription for many requests: a wildcard inbox and a future per request.
 
-`Client.request` used to subscribe to a fresh inbox per request and unsubscribe after the
-answer: two more protocol messages per request, and a subscription added to and removed
-from the server's interest graph each time. Here a client subscribes once to
-`<inbox>.*` (its connection's inbox prefix, so `[nats] inbox_prefix` permissions hold) and
-each request waits on `<inbox>.<n>`; the reply's last token names the waiting future. This
-is what nats-py does for its own `request()` (the "new style" response mux), kept separate
-because a job's reply comes from a worker long after the JetStream publish that carried
-the reply subject, and only the first reply counts (a redelivered job may answer again).
+A subscriber subscribes once to `<inbox>.*` (its connection's inbox prefix, so `[nats]
+inbox_prefix` permissions hold) and each request waits on `<inbox>.<n>`; the reply's last
+token names the waiting future. This is what nats-py does for its own `request()` (the "new
+style" response mux), kept separate because the replies here come long after the publish
+that carried the reply subject (a job's Result from a worker: `Client.request`), or need
+their own reading (JetStream's PubAcks: runtime/pubpipe.py); only the first reply counts (a
+redelivered job may answer again). Before, `Client.request` subscribed and unsubscribed per
+request: two more protocol messages each, and the server's interest graph changed each time.
 
-A reply nobody waits for any more (timed out, or a second answer) is dropped. A streamed
-answer's chunks go to `<reply subject>.s` (workers/relay.py), one token deeper than the
-wildcard, so they never reach this subscription.
+A reply nobody waits for any more (timed out, discarded, or a second answer) is dropped. A
+streamed answer's chunks go to `<reply subject>.s` (workers/relay.py), one token deeper than
+the wildcard, so they never reach this subscription.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from nats.aio.client import Client as NatsClient
 
+Settle = Callable[[Any, "asyncio.Future[Any]"], None]
+
+
+def _as_message(msg: Any, future: asyncio.Future[Any]) -> None:
+    future.set_result(msg)
+
 
 class ReplyInbox:
     """Reply subjects for one connection. `expect()` gives a subject and the future its
-    first message resolves (the nats-py `Msg`); `discard(subject)` forgets it."""
+    first message resolves; `discard(subject)` forgets it. `settle(msg, future)` turns a
+    reply into the future's outcome (default: the nats-py `Msg` itself)."""
 
-    def __init__(self, nc: NatsClient) -> None:
+    def __init__(self, nc: NatsClient, settle: Settle = _as_message) -> None:
         self.nc = nc
         self.prefix = ""
+        self._settle = settle
         self._waiting: dict[str, asyncio.Future[Any]] = {}
         self._next = 0
         self._sub: Any = None
@@ -36,10 +45,10 @@ class ReplyInbox:
 
     async def expect(self) -> tuple[str, asyncio.Future[Any]]:
         """A fresh reply subject and the future of its first message. Subscribes on first
-        use; nats-py renews the subscription after a reconnect. Raises what nats-py raises
-        when the subscription cannot be made (e.g. the connection is closed)."""
+        use (`open`); nats-py renews the subscription after a reconnect. Raises what nats-py
+        raises when the subscription cannot be made (e.g. the connection is closed)."""
         if self._sub is None:
-            await self._open()
+            await self.open()
         self._next += 1
         token = str(self._next)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -57,7 +66,8 @@ class ReplyInbox:
         """Requests still waiting for their reply."""
         return len(self._waiting)
 
-    async def _open(self) -> None:
+    async def open(self) -> None:
+        """Subscribe now (once; `expect` does it on first use otherwise)."""
         if self._opening is None:
             self._opening = asyncio.Lock()
         async with self._opening:
@@ -66,7 +76,20 @@ class ReplyInbox:
                 self._sub = await self.nc.subscribe(prefix + ".*", cb=self._on_reply)
                 self.prefix = prefix
 
+    async def close(self) -> None:
+        """Cancel every future still waiting and unsubscribe (nothing to undo when the
+        connection is closed already)."""
+        for future in self._waiting.values():
+            future.cancel()
+        self._waiting.clear()
+        sub, self._sub = self._sub, None
+        if sub is not None and not self.nc.is_closed:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # noqa: BLE001 - the connection is going away: nothing to undo
+                pass
+
     async def _on_reply(self, msg: Any) -> None:
         future = self._waiting.pop(msg.subject.rsplit(".", 1)[-1], None)
         if future is not None and not future.done():
-            future.set_result(msg)
+            self._settle(msg, future)
