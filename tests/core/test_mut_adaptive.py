@@ -18,6 +18,14 @@ def state(r: AdaptiveRate) -> tuple[float, float, float, float]:
     return (round(r.rate, 9), round(r.target, 9), round(r.peak, 9), round(r._low, 9))
 
 
+def at_the_floor() -> AdaptiveRate:
+    """A 100/s key after 20 throttles 0.1 s apart: at the floor (1/s), target 1 (floored), at t = 1.9 s."""
+    r = AdaptiveRate(100.0, P, 0.0)
+    for i in range(20):
+        r.on_throttle(i * 0.1, None)
+    return r
+
+
 @pytest.mark.parametrize("configured", [0.0, -1.0])
 def test_a_configured_rate_that_is_not_positive_is_refused(configured):
     with pytest.raises(ValueError, match=r"^configured rate must be > 0$"):
@@ -84,9 +92,7 @@ def test_above_the_peak_a_success_climbs_by_increase_per_s_of_the_configured_rat
 
 
 def test_a_key_at_the_floor_climbs_by_increase_per_s_not_by_the_probe():
-    r = AdaptiveRate(100.0, P, 0.0)
-    for i in range(20):
-        r.on_throttle(i * 0.1, None)
+    r = at_the_floor()
     assert state(r) == (1.0, 1.0, 1.0, 1.0)  # rate, target and peak all at the floor
     r.on_success(2.9)
     assert r.rate == pytest.approx(6.0)  # 5 % of 100 in the 1 s since the last 429
@@ -110,9 +116,7 @@ def test_hint_room_equal_to_the_rate_does_not_raise_the_target():
 
 
 def test_only_the_last_64_hints_are_remembered():
-    r = AdaptiveRate(100.0, P, 0.0)
-    for i in range(20):
-        r.on_throttle(i * 0.1, None)
+    r = at_the_floor()
     r.on_hint(20.0, 40.0)
     for _ in range(63):
         r.on_hint(20.0, 60.0)
@@ -172,9 +176,7 @@ def test_a_hint_above_the_rate_but_below_the_target_lowers_only_the_target():
 
 
 def test_a_recovering_key_returns_to_95_percent_of_the_lowest_recent_hint():
-    r = AdaptiveRate(100.0, P, 0.0)
-    for i in range(20):
-        r.on_throttle(i * 0.1, None)  # down to the floor, 1/s; target 1 (floored)
+    r = at_the_floor()  # down to the floor, 1/s; target 1 (floored)
     r.on_hint(20.0, 50.0)
     assert state(r) == (1.0, 47.5, 1.0, 1.0)
     r.on_hint(21.0, 40.0)  # a lower hint: caps the target at 40; 0.95 x 40 is below it
@@ -182,9 +184,7 @@ def test_a_recovering_key_returns_to_95_percent_of_the_lowest_recent_hint():
 
 
 def test_a_hint_exactly_10_s_old_still_bounds_the_return_target():
-    r = AdaptiveRate(100.0, P, 0.0)
-    for i in range(20):
-        r.on_throttle(i * 0.1, None)
+    r = at_the_floor()
     r.on_hint(20.0, 40.0)
     assert r.target == pytest.approx(38.0)
     r.on_throttle(25.0, None)  # back to the floor target
@@ -193,9 +193,7 @@ def test_a_hint_exactly_10_s_old_still_bounds_the_return_target():
 
 
 def test_a_hint_older_than_10_s_leaves_the_window():
-    r = AdaptiveRate(100.0, P, 0.0)
-    for i in range(20):
-        r.on_throttle(i * 0.1, None)
+    r = at_the_floor()
     r.on_hint(20.0, 40.0)
     assert r.target == pytest.approx(38.0)
     r.on_throttle(25.0, None)  # back to the floor target
@@ -265,9 +263,7 @@ def test_reconfigure_refuses_a_rate_that_is_not_positive(configured):
 
 
 def test_a_raised_floor_lifts_a_low_rate_on_reconfigure():
-    r = AdaptiveRate(100.0, P, 0.0)
-    for i in range(20):
-        r.on_throttle(i * 0.1, None)
+    r = at_the_floor()
     assert r.rate == pytest.approx(1.0)
     r.reconfigure(500.0)  # floor 5
     assert state(r) == (5.0, 5.0, 5.0, 5.0)
