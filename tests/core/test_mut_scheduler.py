@@ -217,6 +217,26 @@ def test_429_echoes_of_adopted_calls_back_off_once_like_our_own_calls():
     assert after_four_429s(adopted=True) == (5.0, pytest.approx(0.9))
 
 
+@pytest.mark.parametrize("adopted", [False, True])
+def test_429s_of_two_calls_back_to_back_are_the_keys_even_when_headers_show_room(adopted):
+    """The first 429 with room in the key's headers is the request's own; a second one of
+    another call right after it (no success between) means the key refuses everyone (key.py).
+    Two calls adopted from a previous leader are two different calls, as our own are."""
+    s = make(pool("p", key("k1", rps=10, burst=10)), now=t0)
+    if adopted:
+        calls = s.adopt_in_flight("k1", 2, t0)
+    else:
+        s.add(job(), t0)
+        s.add(job(), t0)
+        calls = [dispatch(s, t0).reservation, dispatch(s, t0).reservation]
+    room = Outcome("rate_limited", 429, scope="request")
+    s.complete(calls[0], room, t1)
+    assert view(s, "k1", t1)["cooldown_s"] == 0.0  # the request's own: the key is not throttled
+    s.complete(calls[1], room, t1)
+    k1 = view(s, "k1", t1)
+    assert k1["cooldown_s"] > 0.0 and k1["effective_rps"] < 10, "two calls refused back to back left the key alone"
+
+
 # -- removed keys ---------------------------------------------------------------------------
 
 def spec_with(*key_ids: str) -> SchedulerSpec:
