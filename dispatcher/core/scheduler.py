@@ -245,8 +245,9 @@ class Scheduler(KeyAdmin, Reconfigure):
         marks = entry[1]
         if marks is not None:
             key.correct_cost(now, reservation.cost, outcome.actual_cost, marks.cost)
-        sent_at, job_id = (None, None) if reservation.adopted else (reservation.at, reservation.job.job_id)
-        if key.observe(outcome, now, sent_at, job_id):
+        # an adopted call was sent at or before its adoption (`at`), so a 429 of it after a fresh
+        # one is an echo like our own calls'; its placeholder job id is its own, like a job's
+        if key.observe(outcome, now, reservation.at, reservation.job.job_id):
             self._changed.add(key.spec.id)
         self._weigh_denials(reservation, outcome, now)
         if reservation.key_probe and outcome.kind == OutcomeKind.DENIED:
