@@ -179,12 +179,14 @@ def test_burst_passes_then_429_with_retry_after() -> None:
 
 
 def test_bucket_refills_after_one_over_rps_and_429s_spend_nothing() -> None:
-    with mock_and_client(MockKey(id="k1", secret="sk-one", rps=20, burst=1)) as (_, client):
+    # 2 rps: a token comes back after 0.5 s, so the three refusals hold on a loaded machine
+    # (at 20 rps, three calls taking over 50 ms had already earned the next token)
+    with mock_and_client(MockKey(id="k1", secret="sk-one", rps=2, burst=1)) as (_, client):
         assert client.post(CHAT, headers=bearer("sk-one"), json=HELLO).status_code == 200
         refused = [client.post(CHAT, headers=bearer("sk-one"), json=HELLO) for _ in range(3)]
         assert [r.status_code for r in refused] == [429, 429, 429]
         assert refused[0].headers["x-ratelimit-reset-requests"].endswith("ms")
-        time.sleep(1 / 20 + 0.01)
+        time.sleep(1 / 2 + 0.02)
         assert client.post(CHAT, headers=bearer("sk-one"), json=HELLO).status_code == 200
 
 

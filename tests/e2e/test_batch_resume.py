@@ -155,7 +155,9 @@ def test_nothing_listening_fails_fast_with_what_to_start(tmp_path):
     started = time.monotonic()
     done = cli("submit", str(file), "--tier", "normal", "--nats", "nats://127.0.0.1:1")
     assert done.returncode == 1 and "ratefleet up" in done.stderr
-    assert time.monotonic() - started < 10  # interpreter start included; the check itself is immediate
+    # interpreter start included (4 s seen on a loaded machine); the check itself is immediate,
+    # where nats-py's reconnect attempts would take 30 s
+    assert time.monotonic() - started < 20
     assert done.stderr.startswith("batch submit-")
 
 
