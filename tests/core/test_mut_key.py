@@ -16,6 +16,7 @@ from ratefleet.dispatcher.core import BreakerPolicy, CooldownPolicy, Outcome, Ra
 from ratefleet.dispatcher.core.adaptive import AdaptPolicy
 from ratefleet.dispatcher.core.key import JOB_429_MEMORY, KeyState, key_error_reason
 from ratefleet.dispatcher.core.types import KeySpec
+from ratefleet.schemas.outcome import OutcomeKind
 
 OK = Outcome("ok", 200)
 THROTTLED = Outcome("rate_limited", 429)
@@ -204,3 +205,200 @@ def test_a_429_drops_the_rate_below_the_rate_actually_sent():
     k2.reserve(0.5, 1.0)  # one call measures nothing: the effective rate is halved
     throttle(k2, 1.0)
     assert k2.request_rate.rate == pytest.approx(50.0)
+
+
+# -- when a key is ready -----------------------------------------------------------------------
+
+def test_a_key_at_its_concurrency_cap_waits_for_a_completion():
+    k = state(concurrency=2)
+    first = k.reserve(0.0, 1.0)
+    assert k.ready_at(0.0, 1.0) == 0.0  # one below the cap
+    k.reserve(0.0, 1.0)
+    assert k.in_flight == 2 and k.ready_at(0.0, 1.0) is None
+    k.give_back(0.0, 1.0, first)
+    assert k.in_flight == 1 and k.ready_at(0.0, 1.0) == 0.0
+
+
+@pytest.mark.parametrize("cost, ready", [(60.0, 0.0), (60.5, None), (1.0, 0.0)])
+def test_a_job_costing_more_than_the_cost_capacity_never_fits(cost, ready):
+    assert state(cost_per_minute=60.0).ready_at(0.0, cost) == ready
+    assert state().ready_at(0.0, 1e9) == 0.0  # no cost limit: any cost
+
+
+@pytest.mark.parametrize("burst, reserve, taken, ready", [
+    (3.0, 2.0, 0, 0.0),  # 3 tokens: 1 for the job, 2 kept
+    (3.0, 2.0, 1, 1.0),  # 2 left: one more must refill (1/s)
+    (2.0, 2.0, 1, 0.0),  # the burst cannot hold 1 + 2: the reserve is not kept
+    (2.5, 1.5, 1, 1.0),  # it can (exactly): kept
+])
+def test_a_priority_reserve_is_kept_only_when_the_burst_can_hold_it(burst, reserve, taken, ready):
+    k = state(rps=1.0, burst=burst)
+    for _ in range(taken):
+        k.reserve(0.0, 1.0)
+    assert k.ready_at(0.0, 1.0, reserve) == ready
+
+
+def test_ready_is_the_latest_of_cooldown_and_both_buckets():
+    k = state(rps=1.0, burst=1.0, cost_per_minute=60.0)  # 1 cost unit/s
+    k.reserve(0.0, 60.0)
+    assert k.ready_at(0.0, 1.0) == 1.0  # the request bucket
+    assert k.ready_at(0.0, 30.0) == 30.0  # the cost bucket
+    k.cooldown_until = 40.0
+    assert k.ready_at(0.0, 30.0) == 40.0 and k.ready_at(41.0, 1.0) == 41.0
+
+
+def open_breaker(k: KeyState, now: float) -> None:
+    for _ in range(BreakerPolicy().fail_max):
+        k.breaker.settle(0, k.breaker.generation, OutcomeKind.UPSTREAM_ERROR, now)
+
+
+def test_an_open_breaker_holds_the_key_and_a_probe_in_flight_takes_no_other_job():
+    k = state()
+    open_breaker(k, 1.0)
+    assert k.ready_at(2.0, 1.0) == 1.0 + BreakerPolicy().reset_timeout_s
+    assert k.ready_at(31.0, 1.0) == 31.0  # half-open: one call may go
+    assert k.breaker.take_probe(7)
+    assert k.ready_at(31.0, 1.0) is None  # only its completion frees the key
+
+
+# -- reserving, giving back, the actual cost ----------------------------------------------------
+
+def test_a_reservation_given_back_restores_both_buckets():
+    k = state(rps=1.0, burst=2.0, cost_per_minute=60.0)
+    marks = k.reserve(0.0, 10.0)
+    assert (k.requests.advance(0.0), k.cost.advance(0.0), k.in_flight) == (1.0, 50.0, 1)
+    k.give_back(0.0, 10.0, marks)
+    assert (k.requests.advance(0.0), k.cost.advance(0.0), k.in_flight) == (2.0, 60.0, 0)
+
+
+def test_a_reservation_on_a_key_without_cost_limit_has_no_cost_mark():
+    k = state()
+    marks = k.reserve(0.0, 10.0)
+    assert marks.cost is None and marks.requests > 0
+    k.give_back(0.0, 10.0, marks)
+    assert k.requests.advance(0.0) == 5.0
+
+
+@pytest.mark.parametrize("actual, level", [
+    (30.0, 30.0), (45.0, 15.0), (20.0, 40.0), (None, 30.0), (0.0, 60.0),
+])
+def test_the_actual_cost_is_charged_back(actual, level):
+    k = state(cost_per_minute=60.0)
+    marks = k.reserve(0.0, 30.0)
+    k.correct_cost(0.0, 30.0, actual, marks.cost)
+    assert k.cost.advance(0.0) == level
+
+
+def test_no_cost_correction_without_a_mark_or_a_cost_bucket():
+    k = state(cost_per_minute=60.0)
+    k.reserve(0.0, 30.0)
+    k.correct_cost(0.0, 30.0, 50.0, None)
+    assert k.cost.advance(0.0) == 30.0
+    plain = state()
+    plain.correct_cost(0.0, 30.0, 50.0, 1)  # nothing to correct, nothing raised
+    assert plain.cost is None
+
+
+# -- the provider's ratelimit headers ----------------------------------------------------------
+
+def answered(k: KeyState, now: float, **info) -> None:
+    k.observe(Outcome("ok", 200, ratelimit=RateLimitInfo(**info)), now)
+
+
+@pytest.mark.parametrize("limit, hint, burst", [(3.0, 3.0, 3.0), (1.0, 1.0, 1.0), (0.5, None, 5.0), (None, None, 5.0)])
+def test_the_reported_request_limit_caps_the_burst(limit, hint, burst):
+    k = state(rps=10.0, burst=5.0)
+    answered(k, 0.0, limit_requests=limit)
+    assert k.limit_hint == hint and k.requests.capacity == burst
+
+
+def test_the_reported_limit_less_the_safety_margin_caps_the_burst_never_below_one():
+    k = state(rps=2.0, burst=20.0, safety_s=1.0)  # burst 20 - 2 = 18
+    answered(k, 0.0, limit_requests=6.0)
+    assert k.requests.capacity == 4.0  # 6 - 1 s x 2/s
+    answered(k, 0.0, limit_requests=2.0)
+    assert k.requests.capacity == 1.0
+
+
+@pytest.mark.parametrize("remaining, reset, cooldown", [(0.0, 6.0, 6.0), (-1.0, 6.0, 6.0), (0.5, 6.0, 0.0), (0.0, None, 0.0)])
+def test_an_empty_request_bucket_cools_the_key_until_its_reset(remaining, reset, cooldown):
+    k = state(rps=1.0, burst=5.0)
+    answered(k, 1.0, remaining_requests=remaining, reset_requests_s=reset)
+    assert k.requests.advance(1.0) == remaining
+    assert max(0.0, k.cooldown_until - 1.0) == cooldown
+
+
+@pytest.mark.parametrize("remaining, reset, cooldown", [(0.0, 3.0, 3.0), (-5.0, 3.0, 3.0), (1.0, 3.0, 0.0), (0.0, None, 0.0)])
+def test_an_empty_token_budget_cools_the_key_until_its_reset(remaining, reset, cooldown):
+    for k in (state(cost_per_minute=600.0), state()):  # with or without a cost bucket of its own
+        answered(k, 1.0, remaining_tokens=remaining, reset_tokens_s=reset)
+        assert max(0.0, k.cooldown_until - 1.0) == cooldown
+    k = state(cost_per_minute=600.0)
+    answered(k, 1.0, remaining_tokens=remaining, reset_tokens_s=reset)
+    assert k.cost.advance(1.0) == remaining
+
+
+def test_the_headers_cap_the_effective_request_and_cost_rates():
+    k = state(rps=100.0, burst=10.0, cost_per_minute=60000.0, adapt=AdaptPolicy())
+    answered(k, 0.0, limit_requests=60.0, remaining_requests=30.0, reset_requests_s=10.0,
+             limit_tokens=1000.0, remaining_tokens=200.0, reset_tokens_s=10.0)
+    assert k.request_rate.rate == pytest.approx(3.0)  # max(30 used, 30 left) / 10 s
+    assert k.cost_rate.rate == pytest.approx(80.0)  # 800 used / 10 s
+    assert k.requests.rate == pytest.approx(3.0) and k.cost.rate == pytest.approx(80.0)  # the buckets follow
+
+
+@pytest.mark.parametrize("info, cost_dropped", [
+    (RateLimitInfo(remaining_tokens=0.0, remaining_requests=5.0), True),  # out of tokens, not requests
+    (RateLimitInfo(remaining_tokens=0.0), True),
+    (RateLimitInfo(remaining_tokens=0.0, remaining_requests=0.0), False),  # out of both: the request rate
+    (RateLimitInfo(remaining_tokens=1.0, remaining_requests=5.0), False),
+    (RateLimitInfo(remaining_requests=5.0), False),
+    (None, False),
+])
+def test_a_429_out_of_tokens_drops_the_cost_rate_not_the_request_rate(info, cost_dropped):
+    k = state(rps=100.0, burst=10.0, cost_per_minute=6000.0, adapt=AdaptPolicy())
+    throttle(k, 1.0, ratelimit=info)
+    assert (k.cost_rate.rate < 100.0, k.request_rate.rate < 100.0) == (cost_dropped, not cost_dropped)
+    plain = state(rps=100.0, burst=10.0, adapt=AdaptPolicy())  # no cost bucket: the request rate drops
+    throttle(plain, 1.0, ratelimit=info)
+    assert plain.request_rate.rate == pytest.approx(50.0)
+
+
+# -- the burst a key starts with and the one it adapts to --------------------------------------
+
+@pytest.mark.parametrize("burst, safety_s, rps, capacity", [(10.0, 0.5, 4.0, 8.0), (2.0, 1.0, 4.0, 1.0), (10.0, 0.0, 4.0, 10.0)])
+def test_the_burst_keeps_a_safety_margin_of_safety_s_times_the_rate(burst, safety_s, rps, capacity):
+    k = state(rps=rps, burst=burst, safety_s=safety_s)
+    assert k.requests.capacity == capacity and k.requests.advance(0.0) == capacity and k.requests.rate == rps
+
+
+@pytest.mark.parametrize("conservative, level", [(False, 5.0), (True, 0.0)])
+def test_a_conservative_start_begins_with_empty_buckets(conservative, level):
+    k = state(rps=1.0, burst=5.0, cost_per_minute=120.0, conservative=conservative)
+    assert k.requests.advance(0.0) == level and k.cost.advance(0.0) == level * 24.0
+    assert (k.cost.rate, k.cost.capacity, k.cost_rate.rate) == (2.0, 120.0, 2.0)
+    assert k.requests.advance(10.0) == 5.0 and k.cost.advance(60.0) == 120.0
+
+
+def test_the_burst_is_held_to_first_burst_until_the_first_answer():
+    k = state(rps=10.0, burst=8.0, adapt=AdaptPolicy(first_burst=2.0))
+    assert k.requests.capacity == 2.0 and k.requests.advance(0.0) == 2.0 and k.requests.rate == 10.0
+    k.observe(Outcome("none"), 0.1)  # no answer (never sent): still held
+    assert k.requests.capacity == 2.0
+    k.observe(Outcome("upstream_error", 500), 0.2)  # any answer lets the whole burst refill
+    assert k.answered and k.requests.capacity == 8.0 and k.requests.advance(1.2) == 8.0
+
+
+def test_first_burst_means_nothing_without_adaptation_or_above_the_burst():
+    assert state(burst=8.0, adapt=AdaptPolicy(enabled=False, first_burst=2.0)).requests.capacity == 8.0
+    assert state(burst=8.0, adapt=AdaptPolicy(first_burst=20.0)).requests.capacity == 8.0
+
+
+def test_the_burst_shrinks_with_the_rate_never_below_one():
+    k = state(rps=10.0, burst=4.0, adapt=AdaptPolicy())
+    throttle(k, 0.0)
+    assert (k.requests.rate, k.requests.capacity) == (5.0, 2.0)
+    throttle(k, 10.0)
+    assert (k.requests.rate, k.requests.capacity) == (2.5, 1.0)
+    throttle(k, 20.0)
+    assert k.requests.capacity == 1.0
