@@ -8,8 +8,6 @@ view gives for a key taken out. Each decides when and how often a key is called.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from ratefleet.dispatcher.core import BreakerPolicy, CooldownPolicy, Outcome, RateLimitInfo
