@@ -8,6 +8,8 @@ view gives for a key taken out. Each decides when and how often a key is called.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from ratefleet.dispatcher.core import BreakerPolicy, CooldownPolicy, Outcome, RateLimitInfo
@@ -400,3 +402,16 @@ def test_the_burst_shrinks_with_the_rate_never_below_one():
     assert (k.requests.rate, k.requests.capacity) == (2.5, 1.0)
     throttle(k, 20.0)
     assert k.requests.capacity == 1.0
+
+
+@pytest.mark.parametrize("before, after", [(None, 600.0), (600.0, None)])
+def test_a_reservation_from_before_a_cost_limit_was_added_or_removed_is_given_back(before, after):
+    """A live config change adds or drops a key's cost limit while a reservation made under the
+    old one is still out: giving it back restores the request token and leaves the cost alone."""
+    from ratefleet.dispatcher.core.reconfigure import relimit
+    k = state(rps=1.0, burst=2.0, cost_per_minute=before)
+    marks = k.reserve(0.0, 10.0)
+    relimit(k, KeySpec(id="k1", pool="p", upstream="u", rps=1.0, burst=2.0, cost_per_minute=after), 0.0)
+    k.give_back(0.0, 10.0, marks)
+    assert k.in_flight == 0 and k.requests.advance(0.0) == 2.0
+    assert k.cost_capacity == (after if after else math.inf)
