@@ -415,3 +415,43 @@ def test_a_reservation_from_before_a_cost_limit_was_added_or_removed_is_given_ba
     k.give_back(0.0, 10.0, marks)
     assert k.in_flight == 0 and k.requests.advance(0.0) == 2.0
     assert k.cost_capacity == (after if after else math.inf)
+
+
+# -- the key's line in the status view ---------------------------------------------------------
+
+def test_the_status_view_rounds_rates_levels_and_times_to_readable_precision():
+    k = state(rps=10 / 3, burst=10 / 3, cost_per_minute=100 / 3, adapt=AdaptPolicy(), concurrency=3)
+    k.reserve(0.0, 1.0)
+    k.observe(Outcome("rate_limited", 429, retry_after_s=7 / 3), 0.0)
+    assert k.snapshot(0.1) == {
+        "pool": "p", "upstream": "u", "rps": 10 / 3, "cost_per_minute": 100 / 3, "concurrency": 3,
+        "effective_rps": 1.667, "burst": 1.67, "tokens": 1.67,  # halved by the 429
+        "effective_cost_per_minute": 33.3, "cost_tokens": 32.39,  # 100/3 - 1 + 0.1 s x 100/180
+        "in_flight": 1, "breaker": "closed", "cooldown_s": 2.233,
+        "state": "enabled", "disabled_by": None, "disabled_for_s": None, "probe_in_s": None,
+        "probe_delay_s": None, "secret_missing": None, "disabled": False, "disabled_reason": None,
+        "calls": 1, "ok": 0, "rate_limited": 1, "errors": 0,
+    }
+    assert k.snapshot(5.0)["cooldown_s"] == 0.0  # over: never negative
+
+
+@pytest.mark.parametrize("outcome, counts", [
+    (OK, (1, 1, 0, 0)), (THROTTLED, (1, 0, 1, 0)), (Outcome("upstream_error", 500), (1, 0, 0, 1)),
+    (Outcome("bad_request", 400), (1, 0, 0, 1)), (Outcome("key_error", 401), (1, 0, 0, 1)), (Outcome("none"), (0, 0, 0, 0)),
+])
+def test_each_answer_is_counted_once_under_its_kind(outcome, counts):
+    k = state()
+    k.observe(outcome, 1.0)
+    view = k.snapshot(1.0)
+    assert (view["calls"], view["ok"], view["rate_limited"], view["errors"]) == counts
+
+
+def test_a_key_without_a_secret_says_so_and_takes_no_job():
+    k = state()
+    k.health.secret_missing = "since 12:00"
+    assert k.disabled_reason == "no worker has its secret (since 12:00)"
+    view = k.snapshot(0.0)
+    assert view["disabled"] is True and view["disabled_reason"] == k.disabled_reason
+    assert k.ready_at(0.0, 1.0) is None
+    k.observe(Outcome("key_error", 401), 1.0)  # taken out as well: the provider's reason comes first
+    assert k.disabled_reason == "401/403: upstream answered 401"
