@@ -91,6 +91,13 @@ def test_an_echo_honours_its_retry_after_but_neither_lengthens_nor_shortens_the_
     assert (k.streak_429, k.cooldown_until) == (2, 12.0)
 
 
+def test_an_echo_without_retry_after_after_the_cooldown_does_not_cool_the_key_again():
+    k = state(cooldown=CooldownPolicy(1.0, 60.0))
+    throttle(k, 1.0)  # until 2
+    k.observe(THROTTLED, 5.0, sent_at=0.5)  # a late echo of the same overload
+    assert k.ready_at(5.0, 1.0) == 5.0 and k.snapshot(5.0)["cooldown_s"] == 0.0
+
+
 def test_only_a_fresh_success_ends_the_streak():
     k = state(cooldown=CooldownPolicy(1.0, 60.0))
     throttle(k, 1.0)
@@ -349,6 +356,7 @@ def test_the_headers_cap_the_effective_request_and_cost_rates():
 
 @pytest.mark.parametrize("info, cost_dropped", [
     (RateLimitInfo(remaining_tokens=0.0, remaining_requests=5.0), True),  # out of tokens, not requests
+    (RateLimitInfo(remaining_tokens=-2.0, remaining_requests=1.0), True),
     (RateLimitInfo(remaining_tokens=0.0), True),
     (RateLimitInfo(remaining_tokens=0.0, remaining_requests=0.0), False),  # out of both: the request rate
     (RateLimitInfo(remaining_tokens=1.0, remaining_requests=5.0), False),
