@@ -463,3 +463,15 @@ def test_a_key_without_a_secret_says_so_and_takes_no_job():
     assert k.ready_at(0.0, 1.0) is None
     k.observe(Outcome("key_error", 401), 1.0)  # taken out as well: the provider's reason comes first
     assert k.disabled_reason == "401/403: upstream answered 401"
+
+
+def test_the_rate_sent_is_measured_on_fast_keys_as_well():
+    """A key sending 200 calls/s (OpenAI's 12,000 RPM tier): a 429 halves the 200/s it was
+    sent at. (The window once kept only the last 256 calls: any key above 128/s read as
+    128/s, and a 429 dropped it to 64/s, a third of its rate lost until it climbed back.)"""
+    k = state(rps=250.0, burst=500.0, adapt=AdaptPolicy())
+    for n in range(400):
+        k.reserve(n / 200.0, 1.0)  # 0 .. 1.995 s
+    assert k.sent_rate(2.0) == pytest.approx(199.5)  # the call at exactly 2 s back is out
+    throttle(k, 2.0)
+    assert k.request_rate.rate == pytest.approx(199.5 / 2)
