@@ -216,6 +216,14 @@ def test_a_429_drops_the_rate_below_the_rate_actually_sent():
 
 # -- when a key is ready -----------------------------------------------------------------------
 
+def test_without_a_reserve_the_last_token_is_used():
+    k = state(rps=1.0, burst=2.0)
+    k.reserve(0.0, 1.0)
+    assert k.ready_at(0.0, 1.0) == 0.0
+    k.reserve(0.0, 1.0)
+    assert k.ready_at(0.0, 1.0) == 1.0
+
+
 def test_a_key_at_its_concurrency_cap_waits_for_a_completion():
     k = state(concurrency=2)
     first = k.reserve(0.0, 1.0)
@@ -397,6 +405,17 @@ def test_the_burst_is_held_to_first_burst_until_the_first_answer():
     assert k.answered and k.requests.capacity == 8.0 and k.requests.advance(1.2) == 8.0
 
 
+def test_a_reload_before_the_first_answer_keeps_the_burst_held():
+    from ratefleet.dispatcher.core.reconfigure import relimit
+    k = state(rps=10.0, burst=8.0, adapt=AdaptPolicy(first_burst=2.0))
+    relimit(k, KeySpec(id="k1", pool="p", upstream="u", rps=10.0, burst=10.0), 0.0)
+    assert k.requests.capacity == 2.0
+    relimit(k, KeySpec(id="k1", pool="p", upstream="u", rps=10.0, burst=1.5), 0.0)  # below first_burst
+    assert k.requests.capacity == 1.5 and k.requests.advance(0.0) == 1.5
+    k.observe(OK, 0.1)
+    assert k.requests.capacity == 1.5
+
+
 def test_first_burst_means_nothing_without_adaptation_or_above_the_burst():
     assert state(burst=8.0, adapt=AdaptPolicy(enabled=False, first_burst=2.0)).requests.capacity == 8.0
     assert state(burst=8.0, adapt=AdaptPolicy(first_burst=20.0)).requests.capacity == 8.0
@@ -449,9 +468,21 @@ def test_the_status_view_rounds_rates_levels_and_times_to_readable_precision():
 ])
 def test_each_answer_is_counted_once_under_its_kind(outcome, counts):
     k = state()
-    k.observe(outcome, 1.0)
-    view = k.snapshot(1.0)
-    assert (view["calls"], view["ok"], view["rate_limited"], view["errors"]) == counts
+    for n in (1, 2):
+        k.observe(outcome, float(n))
+        view = k.snapshot(float(n))
+        assert (view["calls"], view["ok"], view["rate_limited"], view["errors"]) == tuple(n * c for c in counts)
+
+
+@pytest.mark.parametrize("outcome, disabled", [
+    (Outcome("none"), False), (OK, False), (THROTTLED, False), (Outcome("upstream_error", 500), False),
+    (Outcome("key_error", 401), True),
+])
+def test_only_a_key_error_reports_the_key_taken_out(outcome, disabled):
+    """The leader logs and saves the record of every key `observe` reports as taken out."""
+    k = state()
+    assert bool(k.observe(outcome, 1.0)) is disabled
+    assert (k.disabled_reason is not None) is disabled
 
 
 def test_a_key_without_a_secret_says_so_and_takes_no_job():
