@@ -102,7 +102,7 @@ class KeyState:
         self.ok_at = -math.inf  # when the last success was seen
         self._job_429_at: OrderedDict[str, float] = OrderedDict()  # job id -> its last 429 here
         self._last_429: tuple[str | None, float] = (None, -math.inf)  # (job id, when) of the last 429
-        self._sent: deque[float] = deque(maxlen=256)
+        self._sent: deque[float] = deque()  # dispatch times of the last SENT_WINDOW_S (`reserve` prunes)
         self.breaker = KeyBreaker(breaker, name=spec.id)
         self.cooldown_until = -math.inf
         self.streak_429 = 0
@@ -150,6 +150,8 @@ class KeyState:
         """Spend one request token and `cost` cost tokens, and count the call in flight."""
         self.in_flight += 1
         self._sent.append(now)
+        while self._sent[0] <= now - SENT_WINDOW_S:  # only the window is measured, at any rate
+            self._sent.popleft()
         cost_mark = self.cost.take(now, cost) if self.cost is not None else None
         return Marks(self.requests.take(now, 1.0), cost_mark)
 

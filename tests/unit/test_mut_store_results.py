@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
+from structlog.testing import capture_logs
 
 from ratefleet.runtime import store
 from ratefleet.runtime.store import (
@@ -204,6 +205,20 @@ async def test_a_result_refused_every_time_is_not_stored_and_says_why(clock):
     assert str(raised.value) == (
         f"{SUBJECTS.results_stream} refused the Result of job j9 4 times (maximum bytes exceeded) and "
         "holds none for it; check the stream's limits and the server's disk")
+
+
+async def test_each_refusal_and_the_last_are_logged_with_the_job_and_why(clock):
+    """An operator reading the log sees which job's Result was refused, why, which attempt of
+    how many, and, when it is given up, in which stream."""
+    js = FakeJetStream(refused("maximum bytes exceeded"))
+    with capture_logs() as logs, pytest.raises(ResultNotStored):
+        await store_result(js, SUBJECTS, result("j9"), attempts=2, pause_s=1.0)
+    retry = "results stream refused a result and holds none for the job; storing again"
+    assert logs == [
+        {"event": retry, "log_level": "warning", "job_id": "j9", "refusal": "maximum bytes exceeded",
+         "attempt": n, "of": 2} for n in (1, 2)
+    ] + [{"event": "result NOT stored; the job stays un-acked and is delivered again", "log_level": "error",
+          "job_id": "j9", "refusal": "maximum bytes exceeded", "stream": SUBJECTS.results_stream}]
 
 
 async def test_the_attempts_and_pause_are_the_callers(clock):
