@@ -6,7 +6,20 @@ housekeeping, step-down, and the status answer. No NATS, no clock."""
 from __future__ import annotations
 
 import pytest
-from leader_helpers import MAX_DELIVER, T0, Run, ack, beat, delivery, incoming, machine, settings, spec
+from leader_helpers import (
+    MAX_DELIVER,
+    T0,
+    Run,
+    ack,
+    assigned,
+    beat,
+    delivery,
+    incoming,
+    machine,
+    outcome,
+    settings,
+    spec,
+)
 
 from ratefleet.dispatcher.core import KeySpec, PoolSpec, SchedulerSpec, TierSpec
 from ratefleet.dispatcher.core import commands as cmd
@@ -14,6 +27,7 @@ from ratefleet.dispatcher.core import events as ev
 from ratefleet.dispatcher.core.leader import LeaderMachine
 from ratefleet.dispatcher.core.pulls import PULL_EXPIRES_S, STALE_AFTER_S
 from ratefleet.schemas import ErrorCode
+from ratefleet.schemas.internal import Heartbeat
 
 WINDOW = 8  # leader_helpers.settings: every tier keeps 8 jobs in memory
 
@@ -89,7 +103,7 @@ def pulled() -> Run:
 @pytest.mark.parametrize("status", ["408", "409", "404"])
 def test_a_pull_request_that_ended_empty_is_asked_again_at_once(status):
     run = pulled()
-    out = run.at(T0 + 1.1, ev.PullStatus("vip", status))
+    out = run.at(T0 + 0.3, ev.PullStatus("vip", status))  # before the first housekeeping tops up
     assert pulls(out) == [cmd.Pull("vip", WINDOW, PULL_EXPIRES_S)]
     assert run.m.pulls.tiers["normal"].outstanding == WINDOW  # the other tier's request is still open
 
@@ -126,6 +140,109 @@ def test_a_request_ended_by_the_server_is_logged_with_its_reason():
         cmd.Log("warning", "pull request ended by the server", {"tier": "vip", "reason": "Leadership Change"})]
     run.at(T0 + 1.2, ev.PullStatus("normal", "408", description="Request Timeout"))
     assert len([c for c in run.log if isinstance(c, cmd.Log)]) == 1  # an expiry is routine: not logged
+
+
+# -- hand-out ----------------------------------------------------------------------------------
+
+
+def small_windows(window: int = 2, **overrides: object) -> Run:
+    """Ready, a window of `window` jobs per tier, its pull request sent; no housekeeping before T0 + 0.5."""
+    m = LeaderMachine(settings(windows={t: window for t in ("vip", "normal")}, **overrides), spec(), T0,
+                      conservative=False)
+    run = Run(m)
+    run.at(T0, ev.SessionStarted())
+    return run
+
+
+def test_a_dispatched_job_goes_to_a_worker_holding_its_key_with_the_key_and_pool_named():
+    run = small_windows()
+    no_secret = Heartbeat(worker="w1", slots=4, unusable_keys={"k1": "secret not set"})
+    run.at(T0, ev.HeartbeatReceived(no_secret))  # the most free slots, but no k1 secret
+    run.at(T0, beat("w2", 1))
+    first, second = delivery(1), delivery(2)
+    run.at(T0 + 0.1, first)
+    out = run.at(T0 + 0.2, second)  # both asked-for messages arrived: the window is full until one leaves
+    [sent] = assigned(run.log)
+    assert (sent.worker, sent.assignment, sent.key_id, sent.pool) == ("w2", "d1.1", "k1", "p")
+    assert sent.incoming == first.verdict
+    assert run.m.fleet.by_assignment["d1.1"].job_id == "j1"
+    assert out == [] and run.m.scheduler.pending("normal") == 1  # w2 is full; w1 cannot call k1
+
+
+def test_a_job_leaving_the_queue_frees_window_room_at_once():
+    run = small_windows()
+    run.at(T0, beat("w1", 1))
+    # one of the two asked for arrives and goes out at once: its room is asked for in the same step
+    out = run.at(T0 + 0.1, delivery(1))
+    assert [a.incoming.job_id for a in assigned(out)] == ["j1"]
+    assert pulls(out) == [cmd.Pull("normal", 1, PULL_EXPIRES_S)]
+    assert pulls(run.at(T0 + 0.2, delivery(2))) == []  # held (w1 is busy): no room
+
+
+def test_an_assignment_of_exactly_max_payload_bytes_is_sent_one_more_is_not():
+    size = len(assigned(hand_out_one(1 << 20).log)[0].payload)
+    assert [type(c).__name__ for c in hand_out_one(size).log if isinstance(c, cmd.Assign | cmd.EndJob)] == [
+        "Assign"]
+    run = hand_out_one(size - 1)
+    why = (f"the job's assignment to a worker is {size} bytes, more than the NATS server's "
+           f"max_payload = {size - 1}; make the job smaller")
+    assert unsent(run) == [cmd.Log("error", "job cannot be sent to a worker; ended as invalid",
+                                   {"job_id": "j1", "reason": why}),
+                           cmd.EndJob(delivery(1).verdict, ErrorCode.INVALID_JOB, why, "invalid")]  # type: ignore[arg-type]
+
+
+def hand_out_one(max_payload: int) -> Run:
+    run = small_windows(max_payload=max_payload)
+    run.at(T0, beat("w1", 1))
+    run.at(T0 + 0.1, delivery(1))
+    return run
+
+
+def unsent(run: Run) -> list[cmd.Command]:
+    return [c for c in run.log if isinstance(c, cmd.Log) and c.level == "error" or isinstance(c, cmd.EndJob)]
+
+
+def test_a_job_whose_assignment_cannot_be_serialised_ends_alone_and_frees_its_slot():
+    run = small_windows()
+    run.at(T0, beat("w1", 1))
+    broken = delivery(1)
+    broken.verdict.job.metadata["x"] = object()  # type: ignore[union-attr]  # no JSON for this
+    run.at(T0 + 0.1, delivery(2))  # j2 goes out at once (its slot and token are free again later)
+    run.at(T0 + 0.15, outcome("d1.1"))
+    out = run.m.handle(broken, T0 + 0.2)
+    why = "job cannot be serialised (PydanticSerializationError)"
+    assert [c for c in out if not isinstance(c, cmd.Pull)] == [
+        cmd.Log("error", "job cannot be sent to a worker; ended as invalid", {"job_id": "j1", "reason": why}),
+        cmd.EndJob(broken.verdict, ErrorCode.INVALID_JOB, why, "invalid")]  # type: ignore[arg-type]
+    assert pulls(out) == [cmd.Pull("normal", 1, PULL_EXPIRES_S)]  # its room is asked for at once
+    assert run.m.fleet.free_slots() == 1 and not run.m.held
+    assert run.m.scheduler.snapshot(T0 + 0.2)["keys"]["k1"]["in_flight"] == 0  # the reservation ended, no call
+    assert [a.incoming.job_id for a in assigned(run.at(T0 + 0.3, delivery(3)))] == ["j3"]
+
+
+def test_an_assignment_a_worker_never_lists_is_logged_with_its_job():
+    run = Run(machine())
+    run.at(T0, beat("w1", 2))
+    [sent] = assigned(run.at(T0 + 0.1, delivery(1)))
+    run.at(T0 + 2.5, beat("w1", 2))
+    run.at(T0 + 3.0, beat("w1", 2))
+    lost = [c for c in run.log if isinstance(c, cmd.Log) and c.level == "warning"]
+    assert [c.fields for c in lost] == [{"job_id": "j1", "worker": "w1"}], lost
+    assert cmd.Nak(sent.incoming.ack) in run.log
+
+
+# -- housekeeping --------------------------------------------------------------------------------
+
+
+def test_a_held_job_is_kept_alive_once_per_keep_alive_period():
+    run = Run(machine())
+    run.at(T0 + 0.1, delivery(1))  # held: no worker
+    kept = []
+    for step in range(1, 61):  # housekeeping every 0.5 s for 30 s; keep_alive_after_s = 10
+        out = run.at(T0 + 0.1 + step * 0.5, ev.Tick())
+        kept += [(step * 0.5, c) for c in out if isinstance(c, cmd.InProgress)]
+    assert [c for _, c in kept] == [cmd.InProgress(delivery(1).ack)] * 2
+    assert [at for at, _ in kept] == [10.5, 21.0]
 
 
 # -- status ---------------------------------------------------------------------------------
