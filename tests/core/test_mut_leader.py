@@ -5,6 +5,8 @@ housekeeping, step-down, and the status answer. No NATS, no clock."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from leader_helpers import (
     MAX_DELIVER,
@@ -17,6 +19,7 @@ from leader_helpers import (
     incoming,
     machine,
     outcome,
+    poison,
     settings,
     spec,
 )
@@ -26,6 +29,7 @@ from ratefleet.dispatcher.core import commands as cmd
 from ratefleet.dispatcher.core import events as ev
 from ratefleet.dispatcher.core.leader import LeaderMachine
 from ratefleet.dispatcher.core.pulls import PULL_EXPIRES_S, STALE_AFTER_S
+from ratefleet.dispatcher.core.split import SplitSpec, variant_of
 from ratefleet.schemas import ErrorCode
 from ratefleet.schemas.internal import Heartbeat
 
@@ -142,6 +146,57 @@ def test_a_request_ended_by_the_server_is_logged_with_its_reason():
     assert len([c for c in run.log if isinstance(c, cmd.Log)]) == 1  # an expiry is routine: not logged
 
 
+# -- intake ------------------------------------------------------------------------------------
+
+
+def test_a_refused_delivery_that_is_not_the_last_is_left_alone_without_the_lease():
+    run = Run(machine(lease_until=T0 + 1))
+    refused = ev.JobDelivered("normal", 1, 2, ack(1, 2), poison(1, 2))
+    assert run.at(T0 + 2, refused) == []  # the next delivery (the new leader's) ends it
+    run.at(T0 + 2.1, ev.LeaseRenewed(T0 + 10))
+    assert run.at(T0 + 2.2, refused) == [cmd.EndRefused(refused.verdict)]  # type: ignore[arg-type]
+
+
+def test_a_stored_result_is_sent_to_the_job_s_reply_subject_and_logged_with_the_job():
+    run = Run(machine())
+    verdict = replace(incoming(1, 3), reply_to="_INBOX.client.7")
+    stored = ev.JobDelivered("normal", 1, 3, verdict.ack, verdict, b'{"job_id": "j1"}')
+    out = run.m.handle(stored, T0 + 0.1)
+    assert out == [cmd.Log("info", "redelivered job already has its result; acked without a second call",
+                           {"job_id": "j1", "tier": "normal", "attempt": 3}),
+                   cmd.AnswerStored(b'{"job_id": "j1"}', verdict.ack, "_INBOX.client.7")]
+
+
+def test_an_a_b_split_routes_each_job_by_its_id():
+    split = SplitSpec(("alt",), 0.5)
+    pools = (PoolSpec("main", "u", (KeySpec("m1", "main", "u", 1e6, 1e6),)),
+             PoolSpec("alt", "u", (KeySpec("a1", "alt", "u", 1e6, 1e6),)))
+    tiers = tuple(TierSpec(t, 1, ("main",), split) for t in ("vip", "normal"))
+    m = LeaderMachine(settings(), SchedulerSpec(pools=pools, tiers=tiers), T0, conservative=False)
+    run = Run(m)
+    run.at(T0, ev.SessionStarted())
+    run.at(T0, beat("w1", 20))
+    for seq in range(1, 11):
+        run.at(T0 + 0.01 * seq, delivery(seq))
+    sent = assigned(run.log)
+    want = {f"j{seq}": variant_of(f"j{seq}", split) for seq in range(1, 11)}
+    assert {"split", "control"} <= set(want.values())
+    assert {a.incoming.job_id: a.pool for a in sent} == {j: "alt" if v == "split" else "main" for j, v in want.items()}
+
+
+def test_a_job_spends_its_cost_on_the_key_s_cost_budget():
+    keys = (KeySpec("k1", "p", "u", 100.0, 10.0, cost_per_minute=60.0),)
+    tiers = tuple(TierSpec(t, 1, ("p",)) for t in ("vip", "normal"))
+    m = LeaderMachine(settings(), SchedulerSpec(pools=(PoolSpec("p", "u", keys),), tiers=tiers), T0,
+                      conservative=False)
+    run = Run(m)
+    run.at(T0, ev.SessionStarted())
+    run.at(T0, beat("w1", 4))
+    before = m.scheduler.snapshot(T0)["keys"]["k1"]["cost_tokens"]
+    assert assigned(run.at(T0, delivery(1, cost=7.0)))
+    assert m.scheduler.snapshot(T0)["keys"]["k1"]["cost_tokens"] == pytest.approx(before - 7.0)
+
+
 # -- hand-out ----------------------------------------------------------------------------------
 
 
@@ -184,6 +239,7 @@ def test_an_assignment_of_exactly_max_payload_bytes_is_sent_one_more_is_not():
     assert [type(c).__name__ for c in hand_out_one(size).log if isinstance(c, cmd.Assign | cmd.EndJob)] == [
         "Assign"]
     run = hand_out_one(size - 1)
+    assert pulls(run.log[-3:]) == [cmd.Pull("normal", 1, PULL_EXPIRES_S)]  # its room is asked for at once
     why = (f"the job's assignment to a worker is {size} bytes, more than the NATS server's "
            f"max_payload = {size - 1}; make the job smaller")
     assert unsent(run) == [cmd.Log("error", "job cannot be sent to a worker; ended as invalid",
