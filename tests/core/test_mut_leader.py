@@ -287,6 +287,76 @@ def test_an_assignment_a_worker_never_lists_is_logged_with_its_job():
     assert cmd.Nak(sent.incoming.ack) in run.log
 
 
+# -- a failed publish of an assignment ---------------------------------------------------------
+
+
+def test_an_assignment_the_server_refuses_as_too_large_ends_its_job_alone():
+    run = Run(machine())
+    run.at(T0, beat("w1", 1))
+    [sent] = assigned(run.at(T0 + 0.1, delivery(1)))
+    out = run.m.handle(ev.AssignFailed(sent.assignment, sent.incoming, True, 2_000_000), T0 + 0.2)
+    why = ("the job's assignment to a worker (2000000 bytes) is more than the NATS server "
+           "takes in one message; make the job smaller")
+    assert out[:2] == [cmd.Log("error", "job cannot be sent to a worker; ended as invalid", {"job_id": "j1", "reason": why}),
+                       cmd.EndJob(sent.incoming, ErrorCode.INVALID_JOB, why, "invalid")]
+    assert run.m.fleet.free_slots() == 1 and sent.assignment not in run.m.fleet.by_assignment
+    assert run.m.scheduler.snapshot(T0 + 0.2)["keys"]["k1"]["in_flight"] == 0
+    assert [a.incoming.job_id for a in assigned(run.at(T0 + 0.3, delivery(2)))] == ["j2"]  # the slot is free
+
+
+def test_an_assignment_not_published_because_nats_is_away_frees_its_slot_and_ends_nothing():
+    run = Run(machine())
+    run.at(T0, beat("w1", 1))
+    [sent] = assigned(run.at(T0 + 0.1, delivery(1)))
+    out = run.m.handle(ev.AssignFailed(sent.assignment, sent.incoming, False), T0 + 0.2)
+    assert [c for c in out if isinstance(c, cmd.EndJob | cmd.Log | cmd.Nak)] == []  # its message comes back
+    assert run.m.fleet.free_slots() == 1 and run.m.scheduler.snapshot(T0 + 0.2)["keys"]["k1"]["in_flight"] == 0
+    again = run.m.handle(ev.AssignFailed(sent.assignment, sent.incoming, True, 9), T0 + 0.3)
+    assert [c for c in again if isinstance(c, cmd.EndJob | cmd.Log)] == []  # reported twice: once is enough
+
+
+# -- readiness, wake-ups, step-down -------------------------------------------------------------
+
+
+def test_a_leader_taking_over_starts_with_empty_buckets():
+    # the default: the leader before it may have spent the burst just now
+    m = LeaderMachine(settings(), spec(rps=1.0, burst=5.0), T0)
+    run = Run(m)
+    run.at(T0, ev.SessionStarted())
+    run.at(T0, beat("w1", 4))
+    assert assigned(run.at(T0, delivery(1))) == []
+    assert m.scheduler.snapshot(T0)["keys"]["k1"]["tokens"] == pytest.approx(0.0)
+    assert [a.incoming.job_id for a in assigned(run.at(T0 + 1.01, ev.Tick()))] == ["j1"]  # one token a second
+    fresh = Run(machine(rps=1.0, burst=5.0))  # conservative=False: the burst is there at once
+    fresh.at(T0, beat("w1", 4))
+    assert [a.incoming.job_id for a in assigned(fresh.at(T0, delivery(1)))] == ["j1"]
+
+
+def test_before_the_session_starts_nothing_is_pulled_or_dispatched():
+    m = LeaderMachine(settings(housekeeping_s=5.0), spec(), T0, conservative=False)
+    assert m.wake_at() == T0 + 5.0
+    out = m.handle(beat("w1", 2), T0 + 0.1) + m.handle(delivery(1), T0 + 0.2) + m.handle(ev.Tick(), T0 + 0.3)
+    assert not [c for c in out if isinstance(c, cmd.Pull | cmd.Assign)]
+
+
+def test_the_leader_wakes_at_readiness_and_then_never_in_the_past():
+    m = LeaderMachine(settings(ready_after_s=1.5, housekeeping_s=5.0), spec(), T0, conservative=False)
+    m.handle(ev.SessionStarted(), T0)
+    assert m.wake_at() == T0 + 1.5  # readiness comes before the first housekeeping
+    m.handle(ev.Tick(), T0 + 1.5)
+    assert m.ready and m.wake_at() == T0 + 5.0  # the next housekeeping, not the readiness instant gone by
+
+
+def test_a_stepping_down_leader_asks_for_no_more_messages_and_no_wake_up():
+    run = Run(machine())
+    run.at(T0, ev.Tick())
+    run.at(T0 + 0.1, ev.StepDown())
+    assert run.m.wake_at() == float("inf")
+    # its pull requests end meanwhile: nothing new is asked for
+    assert pulls(run.m.handle(ev.PullStatus("vip", "408"), T0 + 1.2)) == []
+    assert pulls(run.m.handle(ev.PullStatus("normal", "409"), T0 + 1.3)) == []
+
+
 # -- housekeeping --------------------------------------------------------------------------------
 
 
