@@ -387,3 +387,61 @@ def test_the_status_answer_names_the_leader_keys_tiers_workers_and_revision():
     assert set(status["keys"]) == {"k1"} and status["keys"]["k1"]["rps"] == 100.0
     assert status["tiers"] == {"vip": {"pending": 0, "in_flight": 0, "dispatched": 0}}
     assert [(w["id"], w["slots"], w["last_seen_s"]) for w in status["workers"]] == [("w1", 3, 0.2)]
+
+
+# -- batches, fencing, rejections, wake-ups ----------------------------------------------------
+
+
+def test_events_handled_together_keep_every_command():
+    run = Run(machine())
+    first, second = delivery(1, MAX_DELIVER), delivery(2, MAX_DELIVER)
+    out = run.m.handle_all((first, second), T0 + 0.1)
+    assert [c for c in out if isinstance(c, cmd.EndRefused)] == [cmd.EndRefused(first.verdict),  # type: ignore[arg-type]
+                                                                 cmd.EndRefused(second.verdict)]  # type: ignore[arg-type]
+    assert run.m.scaling.arrival_rate(T0 + 0.2) == 0.0  # last deliveries are not new arrivals
+    run.m.handle_all((delivery(3), delivery(4)), T0 + 0.3)
+    assert run.m.scaling.arrival_rate(T0 + 0.4) > 0.0
+
+
+def test_a_lost_lease_fences_the_leader_at_once_and_the_lease_ends_at_its_instant():
+    run = Run(machine(lease_until=T0 + 5))
+    run.at(T0, beat("w1", 4))
+    assert assigned(run.at(T0 + 5, delivery(1))) == []  # ours until T0 + 5, not at it
+    assert run.m.wake_at() == T0 + 5 + 0.1  # looked at again soon: a renewal may come
+    run.at(T0 + 5.05, ev.LeaseRenewed(T0 + 20))
+    assert len(assigned(run.log)) == 1
+    run.at(T0 + 6, ev.LeaseLost())
+    assert assigned(run.at(T0 + 6.1, delivery(2))) == []
+    assert run.at(T0 + 6.2, ev.KeyCommand({"action": "disable", "key": "k1"}, "inbox")) == []
+
+
+def test_a_job_no_key_can_ever_serve_ends_as_no_key_available():
+    run = Run(machine())
+    run.at(T0, beat("w1", 4))
+    stray = replace(incoming(1), upstream="elsewhere")
+    out = run.at(T0 + 0.1, ev.JobDelivered("normal", 1, 1, stray.ack, stray))
+    [end] = [c for c in out if isinstance(c, cmd.EndJob)]
+    assert (end.incoming, end.code, end.status) == (stray, ErrorCode.NO_KEY_AVAILABLE, "failed")
+    assert isinstance(end.message, str) and end.message
+    assert not run.m.held and assigned(out) == []
+
+
+def test_the_announce_carries_the_applied_config_revision():
+    run = Run(machine())
+    run.at(T0, only_vip())
+    out = run.m.handle(ev.Tick(), T0 + 0.5)
+    [announce] = [c for c in out if isinstance(c, cmd.Announce)]
+    assert b'"config_revision":2' in announce.payload
+
+
+def test_wake_ups_follow_the_housekeeping_period_and_the_dispatch_passes():
+    run = Run(machine(rps=1.0, burst=1.0))
+    run.at(T0, beat("w1", 4))
+    assert run.m.wake_at() == T0 + 0.5  # the first housekeeping
+    run.at(T0 + 0.5, ev.Tick())
+    assert run.m.wake_at() == T0 + 1.0  # the next one, housekeeping_s later
+    run.at(T0 + 0.6, delivery(1))  # takes the one token
+    run.at(T0 + 0.7, delivery(2))  # waits for the next token, at about T0 + 1.6
+    assert T0 + 0.7 < run.m.wake_at() <= T0 + 1.0
+    run.at(T0 + 1.0, ev.Tick())
+    assert T0 + 1.0 < run.m.wake_at() <= T0 + 1.6 + 1e-6
