@@ -89,3 +89,22 @@ def kinds(commands: list[cmd.Command]) -> list[str]:
 
 def assigned(commands: list[cmd.Command]) -> list[cmd.Assign]:
     return [c for c in commands if isinstance(c, cmd.Assign)]
+
+
+WINDOW = 8  # settings(): every tier keeps 8 jobs in memory
+
+
+def only_vip() -> ev.ConfigChanged:
+    """A revision that removes the tier "normal" (its last delivery, 5, stays known)."""
+    spec = SchedulerSpec(pools=(PoolSpec("p", "u", (KeySpec("k1", "p", "u", 100.0, 10.0),)),),
+                         tiers=(TierSpec("vip", 2, ("p",)),))
+    return ev.ConfigChanged(2, spec, {"vip": WINDOW}, {"vip": MAX_DELIVER})
+
+
+def acts(out: list[cmd.Command]) -> list[cmd.Command]:
+    """The commands of a step without the epoch announce housekeeping repeats."""
+    return [c for c in out if not isinstance(c, cmd.Announce)]
+
+
+def pulls(out: list[cmd.Command]) -> list[cmd.Pull]:
+    return [c for c in out if isinstance(c, cmd.Pull)]

@@ -1,0 +1,179 @@
+"""The leader machine's own rules for what comes in (dispatcher/core/leader.py), command for
+command at named instants: a late delivery on a removed tier, the pull statuses that free a
+tier's window, and intake (a refused delivery without the lease, a stored Result, A/B routing, a
+job's cost). No NATS, no clock."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from leader_helpers import (
+    MAX_DELIVER,
+    T0,
+    WINDOW,
+    Run,
+    ack,
+    acts,
+    assigned,
+    beat,
+    delivery,
+    incoming,
+    machine,
+    only_vip,
+    poison,
+    pulls,
+    settings,
+)
+
+from ratefleet.dispatcher.core import KeySpec, PoolSpec, SchedulerSpec, TierSpec
+from ratefleet.dispatcher.core import commands as cmd
+from ratefleet.dispatcher.core import events as ev
+from ratefleet.dispatcher.core.leader import LeaderMachine
+from ratefleet.dispatcher.core.pulls import PULL_EXPIRES_S, STALE_AFTER_S
+from ratefleet.dispatcher.core.split import SplitSpec, variant_of
+from ratefleet.schemas import ErrorCode
+
+# -- a late delivery on a removed tier ---------------------------------------------------------
+
+
+def removed_normal() -> Run:
+    run = Run(machine())
+    run.at(T0, only_vip())
+    return run
+
+
+def test_a_late_delivery_on_a_removed_tier_is_handed_back_at_once_until_its_last():
+    run = removed_normal()
+    for delivered in range(1, MAX_DELIVER):
+        late = delivery(1, delivered)
+        assert run.at(T0 + 0.1, late) == [cmd.HandBack(1, late.ack, 0.0)], delivered
+    assert not run.m.held
+
+
+def test_the_last_delivery_on_a_removed_tier_ends_the_job_as_an_unknown_tier():
+    run = removed_normal()
+    last = ev.JobDelivered("normal", 1, MAX_DELIVER, ack(1, MAX_DELIVER), incoming(1, MAX_DELIVER))
+    assert run.at(T0 + 0.1, last) == [cmd.EndJob(last.verdict, ErrorCode.UNKNOWN_TIER,  # type: ignore[arg-type]
+                                                 "tier 'normal' is no longer configured")]
+    refused = delivery(2, MAX_DELIVER)  # intake refused it (poison): ended as that
+    assert run.at(T0 + 0.2, refused) == [cmd.EndRefused(refused.verdict)]  # type: ignore[arg-type]
+    unread = ev.JobDelivered("normal", 3, MAX_DELIVER, ack(3, MAX_DELIVER), None)
+    assert run.at(T0 + 0.3, unread) == []  # nothing to end it with
+
+
+def test_a_delivery_on_a_tier_the_leader_never_knew_is_handed_back_whatever_its_count():
+    run = Run(machine())
+    stray = ev.JobDelivered("gold", 1, 50, "a1", incoming(1, 50, tier="gold"))
+    assert run.at(T0 + 0.1, stray) == [cmd.HandBack(1, "a1", 0.0)]
+
+
+def test_a_late_delivery_on_a_removed_tier_is_left_alone_without_the_lease():
+    run = Run(machine(lease_until=T0 + 1))
+    run.at(T0, only_vip())
+    assert run.at(T0 + 2, delivery(1, 2)) == []
+    assert run.at(T0 + 2, delivery(2, MAX_DELIVER)) == []
+
+
+# -- pull statuses -----------------------------------------------------------------------------
+
+
+def pulled() -> Run:
+    """Ready; each tier's whole window asked for and nothing arrived yet."""
+    run = Run(machine(start=False))
+    out = run.at(T0, ev.SessionStarted())
+    assert sorted((p.tier, p.batch) for p in pulls(out)) == [("normal", WINDOW), ("vip", WINDOW)]
+    return run
+
+
+@pytest.mark.parametrize("status", ["408", "409", "404"])
+def test_a_pull_request_that_ended_empty_is_asked_again_at_once(status):
+    run = pulled()
+    out = run.at(T0 + 0.3, ev.PullStatus("vip", status))  # before the first housekeeping tops up
+    assert pulls(out) == [cmd.Pull("vip", WINDOW, PULL_EXPIRES_S)]
+    assert run.m.pulls.tiers["normal"].outstanding == WINDOW  # the other tier's request is still open
+
+
+@pytest.mark.parametrize("status", ["100", "503", "400"])
+def test_other_statuses_on_a_pull_inbox_change_nothing(status):
+    run = pulled()
+    assert acts(run.at(T0 + 1.1, ev.PullStatus("vip", status))) == []
+    assert run.m.pulls.tiers["vip"].outstanding == WINDOW
+
+
+def test_a_status_on_a_removed_tier_s_inbox_is_ignored():
+    run = pulled()
+    run.at(T0 + 0.5, only_vip())
+    assert acts(run.at(T0 + 1.1, ev.PullStatus("normal", "408"))) == []
+
+
+def test_a_partly_filled_request_frees_only_what_will_not_come():
+    run = pulled()
+    # 3 of the 8 asked for will not come: 5 are still on their way, 3 free are less than half
+    assert acts(run.at(T0 + 1.1, ev.PullStatus("vip", "408", unfilled=3))) == []
+    assert run.m.pulls.tiers["vip"].outstanding == WINDOW - 3
+    # the 5 never come (a request lost to a reconnect): forgotten once stale, counted from the status
+    stale_at = T0 + 1.1 + STALE_AFTER_S
+    assert [p for p in pulls(run.at(stale_at - 0.05, ev.Tick())) if p.tier == "vip"] == []
+    assert run.m.pulls.tiers["vip"].outstanding == WINDOW - 3
+    assert cmd.Pull("vip", WINDOW, PULL_EXPIRES_S) in run.at(stale_at + 0.5, ev.Tick())
+
+
+def test_a_request_ended_by_the_server_is_logged_with_its_reason():
+    run = pulled()
+    run.at(T0 + 1.1, ev.PullStatus("vip", "409", description="Leadership Change"))
+    assert [c for c in run.log if isinstance(c, cmd.Log)] == [
+        cmd.Log("warning", "pull request ended by the server", {"tier": "vip", "reason": "Leadership Change"})]
+    run.at(T0 + 1.2, ev.PullStatus("normal", "408", description="Request Timeout"))
+    assert len([c for c in run.log if isinstance(c, cmd.Log)]) == 1  # an expiry is routine: not logged
+
+
+# -- intake ------------------------------------------------------------------------------------
+
+
+def test_a_refused_delivery_that_is_not_the_last_is_left_alone_without_the_lease():
+    run = Run(machine(lease_until=T0 + 1))
+    refused = ev.JobDelivered("normal", 1, 2, ack(1, 2), poison(1, 2))
+    assert run.at(T0 + 2, refused) == []  # the next delivery (the new leader's) ends it
+    run.at(T0 + 2.1, ev.LeaseRenewed(T0 + 10))
+    assert run.at(T0 + 2.2, refused) == [cmd.EndRefused(refused.verdict)]  # type: ignore[arg-type]
+
+
+def test_a_stored_result_is_sent_to_the_job_s_reply_subject_and_logged_with_the_job():
+    run = Run(machine())
+    verdict = replace(incoming(1, 3), reply_to="_INBOX.client.7")
+    stored = ev.JobDelivered("normal", 1, 3, verdict.ack, verdict, b'{"job_id": "j1"}')
+    out = run.m.handle(stored, T0 + 0.1)
+    assert out == [cmd.Log("info", "redelivered job already has its result; acked without a second call",
+                           {"job_id": "j1", "tier": "normal", "attempt": 3}),
+                   cmd.AnswerStored(b'{"job_id": "j1"}', verdict.ack, "_INBOX.client.7")]
+
+
+def test_an_a_b_split_routes_each_job_by_its_id():
+    split = SplitSpec(("alt",), 0.5)
+    pools = (PoolSpec("main", "u", (KeySpec("m1", "main", "u", 1e6, 1e6),)),
+             PoolSpec("alt", "u", (KeySpec("a1", "alt", "u", 1e6, 1e6),)))
+    tiers = tuple(TierSpec(t, 1, ("main",), split) for t in ("vip", "normal"))
+    m = LeaderMachine(settings(), SchedulerSpec(pools=pools, tiers=tiers), T0, conservative=False)
+    run = Run(m)
+    run.at(T0, ev.SessionStarted())
+    run.at(T0, beat("w1", 20))
+    for seq in range(1, 11):
+        run.at(T0 + 0.01 * seq, delivery(seq))
+    sent = assigned(run.log)
+    want = {f"j{seq}": variant_of(f"j{seq}", split) for seq in range(1, 11)}
+    assert {"split", "control"} <= set(want.values())
+    assert {a.incoming.job_id: a.pool for a in sent} == {j: "alt" if v == "split" else "main" for j, v in want.items()}
+
+
+def test_a_job_spends_its_cost_on_the_key_s_cost_budget():
+    keys = (KeySpec("k1", "p", "u", 100.0, 10.0, cost_per_minute=60.0),)
+    tiers = tuple(TierSpec(t, 1, ("p",)) for t in ("vip", "normal"))
+    m = LeaderMachine(settings(), SchedulerSpec(pools=(PoolSpec("p", "u", keys),), tiers=tiers), T0,
+                      conservative=False)
+    run = Run(m)
+    run.at(T0, ev.SessionStarted())
+    run.at(T0, beat("w1", 4))
+    before = m.scheduler.snapshot(T0)["keys"]["k1"]["cost_tokens"]
+    assert assigned(run.at(T0, delivery(1, cost=7.0)))
+    assert m.scheduler.snapshot(T0)["keys"]["k1"]["cost_tokens"] == pytest.approx(before - 7.0)
