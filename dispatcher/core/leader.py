@@ -330,7 +330,13 @@ class LeaderMachine:
     # -- status ------------------------------------------------------------------------------
 
     def status(self, now: float) -> dict[str, Any]:
-        """The leader's part of the status answer: keys, tiers, workers."""
+        """The leader's part of the status answer: keys, tiers, workers. Until SessionStarted
+        (the persisted key records loaded) it is `{"leader", "leader_since", "starting": True,
+        "config_revision"}` without keys or workers: the keys' state is not known yet, and an
+        operator-disabled key must not read as enabled in the first moments of a new leader."""
+        if self.ready_at == float("inf") and not self.ready:
+            return {"leader": self.settings.leader_id, "leader_since": self.settings.since, "starting": True,
+                    "config_revision": self.config_revision}
         snap = self.scheduler.snapshot(now)
         return {"leader": self.settings.leader_id, "leader_since": self.settings.since, "keys": snap["keys"],
                 "tiers": snap["tiers"], "workers": self.fleet.snapshot(now), "config_revision": self.config_revision}

@@ -223,6 +223,21 @@ def test_the_status_answer_names_the_leader_keys_tiers_workers_and_revision():
     assert [(w["id"], w["slots"], w["last_seen_s"]) for w in status["workers"]] == [("w1", 3, 0.2)]
 
 
+def test_before_the_session_starts_the_status_has_no_key_state_to_report():
+    """A new leader answers status requests before it has loaded the persisted key records:
+    an operator-disabled key must not read as enabled then (a CI failure: `disabled_by` None
+    right after a failover)."""
+    m = LeaderMachine(settings(since=1_700_000_000.0), spec(), T0, conservative=False)
+    early = m.status(T0)
+    assert early == {"leader": "d1", "leader_since": 1_700_000_000.0, "starting": True, "config_revision": None}
+    record = {"by": "operator", "reason": "leaked in a CI log", "probe_delay_s": None, "probe_in_s": None,
+              "disabled_for_s": 3.0, "saved_at": 1_700_000_000.0}
+    m.handle(ev.SessionStarted({"k1": record}, 1_700_000_002.0), T0 + 0.1)
+    k1 = m.status(T0 + 0.1)["keys"]["k1"]
+    assert (k1["disabled_by"], k1["disabled_reason"]) == ("operator", "leaked in a CI log")
+    assert "starting" not in m.status(T0 + 0.1)
+
+
 # -- batches, fencing, rejections, wake-ups ----------------------------------------------------
 
 
