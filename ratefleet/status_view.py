@@ -22,6 +22,8 @@ def _columns(first: str, *rest: str) -> list[Column]:
 def render_status(answer: dict, console: Console | None = None) -> None:
     console = console or Console()
     leader = answer.get("leader") or "none (no dispatcher holds the lease)"
+    if answer.get("starting"):
+        leader += " (taking over: loading key states; ask again in a moment)"
     console.print(f"[bold]leader[/bold]: {leader}   answered by: {_cell(answer.get('dispatcher'))}")
     console.print(f"[bold]config revision[/bold]: leader {_revision(answer.get('config_revision'))}, "
                   f"answering dispatcher {_revision(answer.get('dispatcher_config_revision'))}")

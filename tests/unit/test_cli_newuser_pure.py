@@ -56,6 +56,15 @@ def test_status_cells_show_dash_for_missing_and_keep_ids_whole():
     assert "│ openai-primary-key-1 │ p " in wide.export_text() and "None" not in wide.export_text()
 
 
+def test_status_of_a_leader_still_taking_over_says_so():
+    console = Console(record=True, width=120)
+    render_status({"leader": "d2", "starting": True}, console)
+    assert "leader: d2 (taking over: loading key states; ask again in a moment)" in console.export_text()
+    settled = Console(record=True, width=120)
+    render_status({"leader": "d2", "keys": {}}, settled)
+    assert "taking over" not in settled.export_text()
+
+
 def test_interrupt_while_sending_prints_the_command_with_the_batch():
     run = Run(file=Path("jobs.jsonl"), tier="normal", batch="submit-20260101T000000-abcdef", wait=True,
               out=Path("r1.jsonl"), url="nats://127.0.0.1:4222", prefix="ratefleet", found=Validation(jobs=10),
