@@ -158,13 +158,15 @@ def batch_payload(items: Sequence[bytes]) -> bytes:
 
 def read_assignments(data: bytes) -> list[Assignment]:
     """The assignments in one message (one object or an array, see the module docstring).
-    A malformed entry of an array is skipped; raises ValueError when none can be read."""
+    A malformed entry of an array is skipped; raises ValueError when none can be read (an
+    empty array is no error: it gives [])."""
     return _read(data, Assignment, _ASSIGNMENTS)
 
 
 def read_reports(data: bytes) -> list[OutcomeReport]:
     """The outcome reports in one message (one object or an array); a malformed entry of an
-    array is skipped; raises ValueError when none can be read."""
+    array is skipped; raises ValueError when none can be read (an empty array is no error:
+    it gives [])."""
     return _read(data, OutcomeReport, _REPORTS)
 
 
