@@ -204,3 +204,104 @@ async def test_a_failed_call_says_what_failed(error, says):
 
     result = await executor(handler).call(job(), UPSTREAM, SECRET)
     assert result.error == says
+
+
+# -- the request on the wire: the job's headers, the call's timeout, httpx's own headers ------
+
+
+@pytest.mark.parametrize("query", [None, {"a": "1"}], ids=["own-path", "httpx-path"])
+async def test_the_request_carries_the_jobs_headers_the_timeout_and_the_clients_headers(query):
+    seen: list[httpx.Request] = []
+
+    def handler(request):
+        seen.append(request)
+        return httpx.Response(200, json={})
+
+    upstream = UpstreamConfig(base_url="https://api.example.test", timeout_s=7.5)
+    request = {"headers": {"x-custom": "1"}, **({"query": query} if query else {})}
+    await executor(handler).call(job(**request), upstream, SECRET)
+    await executor(handler).call(job(**request), upstream, SECRET)  # the second from the parsed-URL cache
+    for sent in seen:
+        assert sent.headers["x-custom"] == "1" and sent.headers["authorization"] == f"Bearer {SECRET}"
+        assert sent.extensions["timeout"] == {"connect": 7.5, "read": 7.5, "write": 7.5, "pool": 7.5}
+        assert sent.headers["user-agent"].startswith("python-httpx/") and "gzip" in sent.headers["accept-encoding"]
+        assert str(sent.url) == "https://api.example.test/v1/x" + ("?a=1" if query else "")
+
+
+async def test_a_retry_after_date_is_read_against_the_wall_clock(clock):
+    from email.utils import formatdate
+
+    headers = {"retry-after": formatdate(NOW + 30, usegmt=True)}
+    result = await executor(lambda r: httpx.Response(503, json={}, headers=headers)).call(job(), UPSTREAM, SECRET)
+    assert result.kind == "upstream_error" and result.retry_after_s == 30.0
+
+
+async def test_a_successful_answer_has_no_provider_code_even_if_its_body_looks_like_an_error():
+    body = {"error": {"type": "insufficient_quota", "code": "insufficient_quota"}}
+    result = await executor(lambda r: httpx.Response(200, json=body)).call(job(), UPSTREAM, SECRET)
+    assert (result.kind, result.provider_code) == ("ok", None)
+
+
+async def test_a_text_body_goes_as_utf8_bytes():
+    seen: list[bytes] = []
+
+    def handler(request):
+        seen.append(request.content)
+        return httpx.Response(200, json={})
+
+    result = await executor(handler).call(
+        Job.model_validate({"request": {"path": "/v1/x", "body": "a=1&é=2", "headers": {"content-type": "text/plain"}}}),
+        UPSTREAM, SECRET)
+    assert result.kind == "ok" and seen == ["a=1&é=2".encode()]
+
+
+async def test_a_header_the_wire_cannot_carry_is_refused_with_the_checks_own_words():
+    from ratefleet.schemas.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest) as refused:
+        await executor(lambda r: httpx.Response(200)).call(
+            job(headers={"X-Fleet-Auth": "x"}), UpstreamConfig(base_url="https://a.test", auth_header="x-fleet-auth"), SECRET)
+    message = str(refused.value)
+    assert message.startswith("the job's HTTP request cannot be built: ") and "x-fleet-auth" in message.lower()
+    assert "PydanticCustomError" not in message
+
+
+@pytest.mark.parametrize("scheme, sent", [("", SECRET), ("Bearer", f"Bearer {SECRET}"), ("Token", f"Token {SECRET}")])
+async def test_the_key_goes_in_the_auth_header_with_or_without_a_scheme(scheme, sent):
+    seen: list[httpx.Request] = []
+    upstream = UpstreamConfig(base_url="https://api.example.test", auth_header="x-api-key", auth_scheme=scheme)
+    await executor(lambda r: seen.append(r) or httpx.Response(200, json={})).call(job(), upstream, SECRET)
+    assert seen[0].headers["x-api-key"] == sent and "authorization" not in seen[0].headers
+
+
+async def test_the_whole_call_is_bounded_by_timeout_s():
+    stream = Dribble([b"x"] * 100, delay=0.05)  # 5 s of body, each read well inside httpx's own timeouts
+    upstream = UpstreamConfig(base_url="https://api.example.test", timeout_s=0.3)
+    with anyio.fail_after(20):
+        result = await executor(lambda r: httpx.Response(200, stream=stream)).call(job(), upstream, SECRET)
+    assert result.kind == "upstream_error" and result.response is None
+    assert result.error.startswith("the call did not finish within timeout_s = 0.3s")
+    assert 250 <= result.latency_ms < 20_000
+
+
+@pytest.mark.parametrize("status", [200, 400, 413])
+async def test_only_a_429_is_given_a_scope(status):
+    body = {"error": {"message": "Request too large: Limit 30000, Requested 50000"}}
+    result = await executor(lambda r: httpx.Response(status, json=body)).call(job(), UPSTREAM, SECRET)
+    assert result.scope is None and result.code is None
+    assert result.kind == ("ok" if status == 200 else "bad_request")
+
+
+async def test_the_jobs_trace_context_goes_on_to_the_upstream():
+    from opentelemetry import context as otel_context
+
+    from ratefleet.runtime.tracing import parent_context
+
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    seen: list[httpx.Request] = []
+    token = otel_context.attach(parent_context(traceparent, None))
+    try:
+        await executor(lambda r: seen.append(r) or httpx.Response(200, json={})).call(job(), UPSTREAM, SECRET)
+    finally:
+        otel_context.detach(token)
+    assert seen[0].headers["traceparent"] == traceparent
