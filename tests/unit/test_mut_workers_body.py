@@ -141,3 +141,8 @@ def test_mask_parsed_masks_keys_and_strings_and_leaves_the_rest():
     assert mask_parsed(f"{SECRET}!", SECRET) == "***!"
     # a number before a list: the walk goes on past values that are not containers
     assert mask_parsed({"n": 1, "l": [f"{SECRET}"]}, SECRET) == {"n": 1, "l": ["***"]}
+
+
+def test_a_declared_charset_makes_any_type_text():
+    assert body_fields(b"hi", "application/octet-stream; charset=utf-8", SECRET) == {"body": "hi"}
+    assert body_fields(b"hi", "application/octet-stream", SECRET) == {"body_b64": "aGk="}
