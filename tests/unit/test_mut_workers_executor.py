@@ -305,3 +305,43 @@ async def test_the_jobs_trace_context_goes_on_to_the_upstream():
     finally:
         otel_context.detach(token)
     assert seen[0].headers["traceparent"] == traceparent
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpcore"])
+async def test_the_workers_client_ignores_proxies_from_the_environment(monkeypatch, transport):
+    from test_executor import _Http
+
+    from ratefleet.workers.executor import build_client
+
+    async with _Http(lambda path: (200, {})) as proxy, _Http(lambda path: (200, {})) as upstream:
+        for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.setenv(name, proxy.url)
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        client = build_client(transport, 2)
+        try:
+            result = await UpstreamExecutor(client).call(job(), UpstreamConfig(base_url=upstream.url), SECRET)
+        finally:
+            await client.aclose()
+    assert result.response.status == 200
+    assert proxy.seen == [], "the key went through a proxy named by the environment"
+    assert upstream.seen == [("/v1/x", f"Bearer {SECRET}")]
+
+
+def test_the_pool_holds_one_connection_per_slot():
+    from ratefleet.workers.executor import build_client
+
+    inner = build_client("httpcore", 3)._transport.inner
+    assert (inner._pool._max_connections, inner._pool._max_keepalive_connections) == (3, 3)
+    limits = build_client("aiohttp", 5)._transport.inner.limits
+    assert (limits.max_connections, limits.max_keepalive_connections) == (5, 5)
+
+
+def test_the_upstreams_auth_headers_are_redacted_on_http_spans():
+    import re
+
+    from ratefleet.workers.executor import build_client
+
+    traced = build_client("httpcore", 1, ["X-Fleet-Auth"])._transport.traced
+    patterns = [re.compile(p, re.IGNORECASE) for p in traced._sensitive_headers]
+    assert any(p.fullmatch("x-fleet-auth") for p in patterns) and any(p.fullmatch("authorization") for p in patterns)

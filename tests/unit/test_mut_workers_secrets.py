@@ -45,7 +45,7 @@ def test_check_pending_and_pick_use_the_instant_given(monkeypatch):
 
 
 @pytest.mark.parametrize("value, problem", [
-    ("sk-\u00ff", None), ("sk-\u0100", "contains a character outside latin-1, which an HTTP header cannot carry"),
+    ("sk-XyZ-\u00ff", None), ("sk-\u0100", "contains a character outside latin-1, which an HTTP header cannot carry"),
     ("sk-a b\tc", None), ("sk-\x1f", "contains a control character"), ("sk-\x7f", "contains a control character"),
     ("sk-\x80", None), ("sk-\x00", "contains a control character"), ("sk-!~", None),
     ("sk-\r", "contains a line break (CR/LF)"), ("sk-\n", "contains a line break (CR/LF)"),
