@@ -104,3 +104,26 @@ async def test_a_job_that_cannot_be_sent_is_logged_with_its_code_and_reason(monk
     [line] = [entry for entry in logs if entry["log_level"] == "warning"]
     assert line["event"] == "job cannot be sent; ended as invalid without a call"
     assert line["code"] == str(result.error.code) and line["reason"] == result.error.message
+
+
+async def test_a_result_that_cannot_be_stored_sends_the_job_back_and_says_why(monkeypatch):
+    worker, nc, finisher = make_worker(monkeypatch)
+    a = assignment()
+    worker.calling[a.id] = [ACK, time.monotonic()]
+    with capture_logs() as logs:
+        assert await worker._requeue(a, ConnectionError("x" * 300)) is False
+    assert a.id not in worker.calling, "in-progress acks would go on after the nak and postpone the retry"
+    assert finisher.log == [("nak", ACK, 1.0)]
+    [line] = logs
+    assert line["event"] == "could not store the Result; job goes back to the queue" and line["log_level"] == "error"
+    assert line["error"] == "ConnectionError" and line["detail"] == "x" * 200
+
+
+async def test_a_failed_nak_after_a_failed_store_is_not_raised(monkeypatch):
+    worker, nc, finisher = make_worker(monkeypatch)
+
+    async def nak(ack, delay_s=0.0):
+        raise ConnectionError("away")
+
+    finisher.nak = nak
+    assert await worker._requeue(assignment(), ConnectionError("store away")) is False  # ack_wait brings it back
