@@ -306,3 +306,17 @@ async def test_no_renewal_once_the_lease_is_not_ours():
 
 async def _append(into: list[bytes], data: bytes) -> None:
     into.append(data)
+
+
+@pytest.mark.anyio
+async def test_an_assignment_the_server_refuses_as_too_large_ends_that_job():
+    from test_leader_session_memory import Running, job_message, until
+
+    bus = MemoryBus()
+    async with Running(bus) as run:
+        bus.max_payload = 200  # the server's limit turned out lower than the session was told
+        await bus.deliver(MemoryMessage(SUBJECTS.heartbeat, Heartbeat(worker="w1", slots=1).model_dump_json().encode()))
+        await bus.deliver(job_message(run.session, 1))
+        await until(lambda: bus.ended)
+        assert [e.job_id for e in bus.ended] == ["j1"]
+        assert not bus.sent_to(SUBJECTS.assign("w1"))

@@ -186,3 +186,28 @@ def test_a_payload_without_an_id_gets_one_in_compact_utf8():
     assert payload == ('{"request":{"path":"/x","json":{"t":"é\ud83d"}},"id":"' + job_id + '"}').encode(
         "utf-8", "surrogatepass")
 
+
+
+class Untouchable:
+    """A NATS connection that must not be used: an rpc request dropped at the door."""
+
+    max_payload = 1 << 20
+
+    def jetstream(self):
+        return self
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the connection was used ({name})")
+
+
+async def test_a_reply_subject_in_the_fleets_own_namespace_is_dropped_under_a_custom_prefix():
+    conf = config().model_copy(update={"nats": config().nats.model_copy(update={"prefix": "acme"})})
+    responder = RpcResponder(conf, Untouchable())
+
+    class Msg:
+        subject = "acme.rpc.normal"
+        reply = "acme.admin.keys"
+        headers = None
+        data = job(id="j11")
+
+    await responder.handle(Msg())  # dropped: nothing stored, nothing published
