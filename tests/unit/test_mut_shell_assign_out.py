@@ -38,6 +38,7 @@ async def test_runs_split_exactly_where_the_array_passes_max_payload():
     assert len(batch_payload(items)) == 9
     assert runs(items, 9) == [(0, 2)]  # "[aaa,bbb]" is 9 bytes: it fits
     assert runs(items, 8) == [(0, 1), (1, 2)]
+    assert runs([b"aaa", b"bbb", b"ccc", b"ddd"], 9) == [(0, 2), (2, 4)]  # a new run starts counting afresh
     assert runs([], 9) == []
 
 
