@@ -180,3 +180,15 @@ async def test_stop_drains_once_and_survives_a_drain_that_fails():
     await tier.stop()
     assert drained == [1] and tier._sub is None
     assert DRAIN_S == 5.0
+
+
+async def test_an_empty_message_without_headers_is_a_delivery_ended_as_invalid_not_a_pull_status():
+    bus = MemoryBus()
+    tier, events = inbox(bus)
+    await tier.start()
+    msg = delivery(body=b"")
+    msg.subject, msg.headers = tier.inbox, None
+    await bus.deliver(msg)
+    [event] = events
+    assert isinstance(event, JobDelivered) and isinstance(event.verdict, Refused)
+    assert (event.verdict.status, event.verdict.job_id) == ("invalid", "s3")
