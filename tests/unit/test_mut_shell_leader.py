@@ -320,3 +320,19 @@ async def test_an_assignment_the_server_refuses_as_too_large_ends_that_job():
         await until(lambda: bus.ended)
         assert [e.job_id for e in bus.ended] == ["j1"]
         assert not bus.sent_to(SUBJECTS.assign("w1"))
+
+
+@pytest.mark.anyio
+async def test_a_running_session_answers_status_and_keeps_an_earlier_leaders_disabled_key_with_its_age():
+    from test_leader_session_memory import Running, until
+
+    saved = {"by": "operator", "reason": "rotating", "disabled_for_s": 30.0, "saved_at": time.time() - 40.0}
+    bus = MemoryBus(keys={"k1": saved})
+    async with Running(bus):
+        answers: list[bytes] = []
+        await bus.subscribe("r", lambda msg: _append(answers, msg.data))
+        await bus.deliver(MemoryMessage(SUBJECTS.leader_status, b"", "r"))
+        await until(lambda: answers)
+        key = json.loads(answers[0])["keys"]["k1"]
+        assert key["disabled"] and key["disabled_reason"] == "rotating"
+        assert 69.0 <= key["disabled_for_s"] <= 75.0  # 30 s before, plus the 40 s since it was saved
