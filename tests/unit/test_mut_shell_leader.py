@@ -19,7 +19,7 @@ from ratefleet.dispatcher.core.leader_fleet import LOST
 from ratefleet.dispatcher.shell.leader import BURST, LeaderSession, _outcome, leader_settings
 from ratefleet.dispatcher.shell.memory_bus import MemoryBus, MemoryMessage
 from ratefleet.schemas import Config, ErrorCode, Job, Subjects
-from ratefleet.schemas.internal import Heartbeat, OutcomeReport
+from ratefleet.schemas.internal import Heartbeat, OutcomeReport, read_assignments
 
 pytestmark = [pytest.mark.timeout(30)]
 SUBJECTS = Subjects()
@@ -336,3 +336,62 @@ async def test_a_running_session_answers_status_and_keeps_an_earlier_leaders_dis
         key = json.loads(answers[0])["keys"]["k1"]
         assert key["disabled"] and key["disabled_reason"] == "rotating"
         assert 69.0 <= key["disabled_for_s"] <= 75.0  # 30 s before, plus the 40 s since it was saved
+
+
+class DrainingBus(MemoryBus):
+    """A pull inbox whose drain still hands over one queued delivery (as nats-py's does)."""
+
+    late: MemoryMessage | None = None
+
+    async def subscribe(self, subject, handler):
+        sub = await super().subscribe(subject, handler)
+        bus = self
+
+        class Draining:
+            async def unsubscribe(self):
+                await sub.unsubscribe()
+
+            async def drain(self):
+                if bus.late is not None and subject == bus.late.subject:
+                    late, bus.late = bus.late, None
+                    await handler(late)
+                await sub.unsubscribe()
+
+        return Draining()
+
+
+@pytest.mark.anyio
+async def test_a_delivery_the_drain_hands_over_at_step_down_is_handed_back():
+    from test_leader_session_memory import Running, job_message
+
+    bus = DrainingBus()
+    async with Running(bus) as run:
+        bus.late = job_message(run.session, 5)
+    assert [(seq, ack) for seq, ack, _ in bus.handed_back] == [(5, "ack.5.1")]
+
+
+@pytest.mark.anyio
+async def test_jobs_waiting_for_tokens_go_out_as_the_bucket_refills_not_a_second_apart():
+    from test_leader_session_memory import job_message, until
+
+    bus = MemoryBus()
+    conf = config(pools={"p": {"keys": [{"id": "k1", "rps": 20, "burst": 1, "secret": "env:UNUSED"}]}},
+                  workers={"heartbeat_s": 0.1})
+    session = LeaderSession(conf, bus, "d-mem", conservative=False)
+    assigned: list[float] = []
+
+    async def on_assign(msg):
+        assigned.extend(time.monotonic() for _ in read_assignments(msg.data))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(session.run)
+        await until(lambda: session.inboxes["normal"].inbox and session.machine.ready)
+        await bus.subscribe(SUBJECTS.assign("w1"), on_assign)
+        await bus.deliver(MemoryMessage(SUBJECTS.heartbeat, Heartbeat(worker="w1", slots=10).model_dump_json().encode()))
+        for seq in range(1, 7):
+            await bus.deliver(job_message(session, seq))
+        await until(lambda: len(assigned) == 6, timeout=10)
+        tg.cancel_scope.cancel()
+    # 6 jobs at 20 rps with a bucket of 1: about 0.25 s; a reader that sleeps a second when
+    # nothing arrives would take 5 s
+    assert assigned[-1] - assigned[0] < 3.0
