@@ -395,3 +395,24 @@ async def test_jobs_waiting_for_tokens_go_out_as_the_bucket_refills_not_a_second
     # 6 jobs at 20 rps with a bucket of 1: about 0.25 s; a reader that sleeps a second when
     # nothing arrives would take 5 s
     assert assigned[-1] - assigned[0] < 3.0
+
+
+@pytest.mark.anyio
+async def test_a_delivery_arriving_while_the_leader_lingers_at_step_down_is_handed_back():
+    from test_leader_session_memory import job_message, until
+
+    bus = MemoryBus()
+    session = LeaderSession(config(workers={"heartbeat_s": 0.1}), bus, "d-mem", conservative=False)
+    scope = anyio.CancelScope()
+
+    async def lead():
+        with scope:
+            await session.run()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lead)
+        await until(lambda: session.inboxes["normal"].inbox and session.machine.ready)
+        scope.cancel()
+        await until(lambda: session.machine.stepping_down)
+        await bus.deliver(job_message(session, 8))
+        await until(lambda: any(seq == 8 for seq, _, _ in bus.handed_back))
