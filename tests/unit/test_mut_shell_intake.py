@@ -4,7 +4,7 @@ fields of what `read_message` makes of a delivery, field by field. No NATS neede
 from __future__ import annotations
 
 import pytest
-from test_bite_intake import config, job, message
+from test_bite_intake import ACK, config, job, message
 
 from ratefleet.dispatcher.shell.intake import Incoming, Refused, read_message, validate_job
 from ratefleet.schemas import ErrorCode, JobRejected
@@ -49,3 +49,9 @@ def test_a_reply_subject_in_a_custom_prefixs_own_namespace_is_refused():
 def test_a_refused_job_keeps_its_batch():
     got = read_message(message(job(batch="b7"), delivered=99), "normal", config())
     assert isinstance(got, Refused) and got.batch == "b7" and got.job_id == "j1"
+
+
+def test_a_refused_job_is_acked_on_its_own_message_in_its_tier_and_answered_on_its_inbox():
+    got = read_message(message(job(), delivered=99, headers={"Ratefleet-Reply-To": "_INBOX.abc"}), "vip", config())
+    assert isinstance(got, Refused) and got.code == ErrorCode.POISON_MESSAGE
+    assert (got.tier, got.ack, got.reply_to) == ("vip", ACK, "_INBOX.abc")

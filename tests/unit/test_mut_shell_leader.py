@@ -416,3 +416,34 @@ async def test_a_delivery_arriving_while_the_leader_lingers_at_step_down_is_hand
         await until(lambda: session.machine.stepping_down)
         await bus.deliver(job_message(session, 8))
         await until(lambda: any(seq == 8 for seq, _, _ in bus.handed_back))
+
+
+class AwayBus(MemoryBus):
+    """NATS gone at step-down: draining, unsubscribing and flushing all fail."""
+
+    async def subscribe(self, subject, handler):
+        sub = await super().subscribe(subject, handler)
+
+        class Gone:
+            async def unsubscribe(self):
+                await sub.unsubscribe()
+                raise ConnectionError("away")
+
+            async def drain(self):
+                raise ConnectionError("away")
+
+        return Gone()
+
+    async def flush(self, timeout):
+        raise ConnectionError("away")
+
+
+@pytest.mark.anyio
+async def test_step_down_ends_cleanly_when_nats_is_away():
+    from test_leader_session_memory import Running
+
+    bus = AwayBus()
+    async with Running(bus) as run:
+        pass
+    assert run.session.subs == [] and not bus.subs.get(SUBJECTS.heartbeat)  # every subscription tried
+    run.session.post(ev.Tick())  # the session's stream is closed: dropped
