@@ -447,3 +447,16 @@ async def test_step_down_ends_cleanly_when_nats_is_away():
         pass
     assert run.session.subs == [] and not bus.subs.get(SUBJECTS.heartbeat)  # every subscription tried
     run.session.post(ev.Tick())  # the session's stream is closed: dropped
+
+
+@pytest.mark.anyio
+async def test_a_renewal_that_hangs_at_step_down_is_given_up_within_about_a_second():
+    async def renew() -> float | None:
+        await anyio.sleep(60)
+        return None
+
+    until = time.monotonic() + 30.0
+    session = LeaderSession(config(), MemoryBus(), "d-1", lease_until=until, renew=renew)
+    with anyio.fail_after(10):
+        await session._renew()
+    assert session.machine.lease_until == until  # unknown: the lease is kept as it was
