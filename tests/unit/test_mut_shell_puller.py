@@ -192,3 +192,36 @@ async def test_an_empty_message_without_headers_is_a_delivery_ended_as_invalid_n
     [event] = events
     assert isinstance(event, JobDelivered) and isinstance(event.verdict, Refused)
     assert (event.verdict.status, event.verdict.job_id) == ("invalid", "s3")
+
+
+async def test_an_unread_delivery_at_step_down_names_its_tier_and_arrival():
+    tier, _ = inbox(MemoryBus(), max_deliver=4)
+    tier.reading = False
+    before = time.time()
+    unread = await tier.delivery(delivery(delivered=1))
+    assert unread.tier == "normal" and before <= unread.wall <= time.time()
+
+
+async def test_intake_is_told_the_servers_max_payload():
+    tier, _ = inbox(MemoryBus(max_payload=9000))  # jobs up to max_payload less the assignment overhead
+    event = await tier.delivery(delivery(body={"id": "j3", "request": {"path": "/x"}, "metadata": {"p": "x" * 2000}}))
+    assert isinstance(event.verdict, Refused) and "max_payload" in event.verdict.message
+
+
+async def test_an_unreadable_message_is_ended_in_its_tier_naming_the_cause():
+    tier, _ = inbox(MemoryBus())
+    msg = delivery()
+    msg.metadata.timestamp = None
+    event = await tier.delivery(msg)
+    assert event.verdict.tier == "normal" and "NoneType" not in event.verdict.message
+    assert event.verdict.message.startswith("job could not be read (")
+
+
+async def test_a_redelivered_batch_job_finds_its_result_in_its_batch():
+    class Bus(MemoryBus):
+        async def stored_result(self, job_id, batch):
+            return b"stored" if (job_id, batch) == ("j3", "b1") else None
+
+    tier, _ = inbox(Bus())
+    event = await tier.delivery(delivery(delivered=2, body={"id": "j3", "batch": "b1", "request": {"path": "/x"}}))
+    assert event.stored == b"stored"
