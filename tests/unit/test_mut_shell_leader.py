@@ -16,6 +16,7 @@ from ratefleet.dispatcher.core import commands as cmd
 from ratefleet.dispatcher.core import events as ev
 from ratefleet.dispatcher.core.delivery import Incoming, Refused
 from ratefleet.dispatcher.core.leader_fleet import LOST
+from ratefleet.dispatcher.shell.bus import PayloadTooLarge
 from ratefleet.dispatcher.shell.leader import BURST, LeaderSession, _outcome, leader_settings
 from ratefleet.dispatcher.shell.memory_bus import MemoryBus, MemoryMessage
 from ratefleet.schemas import Config, ErrorCode, Job, Subjects
@@ -308,13 +309,21 @@ async def _append(into: list[bytes], data: bytes) -> None:
     into.append(data)
 
 
+class SmallAssignBus(MemoryBus):
+    """The server's limit turned out lower than it told: assignments over 200 bytes refused."""
+
+    async def publish(self, subject, payload, reply="", headers=None):
+        if subject.startswith(SUBJECTS.assign("")) and len(payload) > 200:
+            raise PayloadTooLarge(f"{len(payload)} bytes")
+        await super().publish(subject, payload, reply, headers)
+
+
 @pytest.mark.anyio
 async def test_an_assignment_the_server_refuses_as_too_large_ends_that_job():
     from test_leader_session_memory import Running, job_message, until
 
-    bus = MemoryBus()
+    bus = SmallAssignBus()
     async with Running(bus) as run:
-        bus.max_payload = 200  # the server's limit turned out lower than the session was told
         await bus.deliver(MemoryMessage(SUBJECTS.heartbeat, Heartbeat(worker="w1", slots=1).model_dump_json().encode()))
         await bus.deliver(job_message(run.session, 1))
         await until(lambda: bus.ended)
