@@ -469,3 +469,16 @@ async def test_a_renewal_that_hangs_at_step_down_is_given_up_within_about_a_seco
     with anyio.fail_after(10):
         await session._renew()
     assert session.machine.lease_until == until  # unknown: the lease is kept as it was
+
+
+@pytest.mark.anyio
+async def test_commands_after_an_assignment_are_still_carried_out_and_assignments_go_last():
+    bus = MemoryBus()
+    session = LeaderSession(config(), bus, "d-1")
+    order: list[str] = []
+    await bus.subscribe(SUBJECTS.assign("w1"), lambda msg: _append(order, b"assign"))
+    await bus.subscribe(SUBJECTS.leader_announce, lambda msg: _append(order, b"announce"))
+    assign = cmd.Assign("w1", "a1", b'{"id":"a1"}', incoming("j1"))
+    async with anyio.create_task_group() as tg:
+        await session._carry_out([assign, cmd.InProgress("a2"), cmd.Announce(b"x")], tg)
+    assert bus.kept_alive == ["a2"] and order == [b"announce", b"assign"]
