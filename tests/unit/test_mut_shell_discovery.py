@@ -1,0 +1,36 @@
+"""Presence of the fleet's dispatchers (dispatcher/shell/discovery.py `Peers`): beats kept per
+dispatcher, listed sorted with role and probe URL, forgotten after `forget_after_s`, and a
+beat that is not one ignored."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from ratefleet.dispatcher.shell.discovery import Peers
+from ratefleet.schemas.internal import DispatcherBeat
+
+pytestmark = pytest.mark.anyio
+
+
+def beat(dispatcher: str, leader: bool = False, http: str | None = None) -> SimpleNamespace:
+    return SimpleNamespace(data=DispatcherBeat(dispatcher=dispatcher, leader=leader, http=http).model_dump_json().encode())
+
+
+async def test_peers_are_listed_sorted_with_their_role_and_forgotten_when_silent():
+    peers = Peers(forget_after_s=5.0)
+    await peers.on_beat(beat("d-b", leader=True, http="http://b:9"))
+    await peers.on_beat(beat("d-a"))
+    await peers.on_beat(SimpleNamespace(data=b"not a beat"))
+    listing = peers.listing()
+    assert [(p["id"], p["leader"], p["http"]) for p in listing] == [("d-a", False, None), ("d-b", True, "http://b:9")]
+    assert all(0 <= p["last_seen_s"] < 5 for p in listing)
+    b, _ = peers.seen["d-b"]
+    peers.seen["d-b"] = (b, time.monotonic() - 5.5)  # silent longer than forget_after_s
+    assert [p["id"] for p in peers.listing()] == ["d-a"]
+    assert "d-b" not in peers.seen
+    a, _ = peers.seen["d-a"]
+    peers.seen["d-a"] = (a, time.monotonic() - 4.0)  # within it: still listed, with its age
+    assert peers.listing()[0]["last_seen_s"] == pytest.approx(4.0, abs=0.5)

@@ -1,0 +1,97 @@
+"""Ending the jobs the dispatcher will not run (dispatcher/shell/refusals.py): each gets its
+one Result with the right status, code, attempts, batch and metadata, acked on its own
+message; a dead letter when worth a look (never for an expired job, nor when the Result was
+not stored), and a dead letter that fails never un-ends the job. A recording Finisher."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from ratefleet.dispatcher.core.delivery import Incoming, Refused
+from ratefleet.dispatcher.shell.refusals import finish_refused, refuse_incoming
+from ratefleet.schemas import ErrorCode, Job
+
+pytestmark = pytest.mark.anyio
+TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+class Finisher:
+    def __init__(self, stored: bool = True, dead_fails: bool = False) -> None:
+        self.stored, self.dead_fails = stored, dead_fails
+        self.finished: list[tuple] = []
+        self.letters: list[tuple] = []
+
+    async def finish(self, result, *, ack, reply_to):
+        self.finished.append((result, ack, reply_to))
+        return self.stored
+
+    async def dead(self, tier, result, *, job=None, raw=None):
+        if self.dead_fails:
+            raise ConnectionError("away")
+        self.letters.append((tier, result.job_id, job, raw))
+
+
+def a_job() -> Job:
+    return Job.model_validate({"id": "j1", "batch": "b1", "metadata": {"m": 1}, "request": {"path": "/x"}})
+
+
+def incoming() -> Incoming:
+    return Incoming(job=a_job(), job_id="j1", tier="vip", upstream="u", ack="ack.1", reply_to="inbox.1", attempt=2,
+                    max_attempts=3, submitted_at=time.time() - 2.0, stream_seq=4, traceparent=TP)
+
+
+async def test_a_job_refused_by_the_leader_gets_its_result_its_ack_and_a_replayable_dead_letter():
+    finisher = Finisher()
+    await refuse_incoming(finisher, incoming(), ErrorCode.NO_KEY_AVAILABLE, "no pool serves 'u'", status="invalid")
+    [(result, ack, reply_to)] = finisher.finished
+    assert (ack, reply_to) == ("ack.1", "inbox.1")
+    assert (result.job_id, result.status, result.tier, result.batch, result.attempts) == ("j1", "invalid", "vip", "b1", 2)
+    assert (result.error.code, result.error.message) == (ErrorCode.NO_KEY_AVAILABLE, "no pool serves 'u'")
+    assert result.metadata == {"m": 1} and result.trace_id == TP.split("-")[1]
+    assert result.timings.submitted_at.timestamp() == pytest.approx(incoming().submitted_at, abs=0.01)
+    assert 1500 < result.timings.total_ms < 60_000
+    [(tier, job_id, job, raw)] = finisher.letters
+    assert (tier, job_id, raw) == ("vip", "j1", None) and job["id"] == "j1" and job["batch"] == "b1"
+
+
+async def test_refuse_incoming_defaults_to_failed_and_letters_nothing_when_not_stored():
+    finisher = Finisher(stored=False)
+    await refuse_incoming(finisher, incoming(), ErrorCode.NO_KEY_AVAILABLE, "x")
+    assert finisher.finished[0][0].status == "failed" and finisher.letters == []
+
+
+def refused(status: str, job: Job | None) -> Refused:
+    return Refused(status, ErrorCode.INVALID_JOB, "bad", "j1", "b1", "vip", "ack.1", "inbox.1", 3, b"raw bytes", job)
+
+
+async def test_a_job_ended_at_intake_gets_its_result_and_a_dead_letter_with_the_job_or_raw_bytes():
+    finisher = Finisher()
+    await finish_refused(finisher, refused("failed", a_job()))
+    await finish_refused(finisher, refused("invalid", None))
+    (with_job, ack, reply_to), (without, _, _) = finisher.finished
+    assert (ack, reply_to) == ("ack.1", "inbox.1")
+    assert (with_job.job_id, with_job.status, with_job.tier, with_job.batch, with_job.attempts) == (
+        "j1", "failed", "vip", "b1", 3)
+    assert (with_job.error.code, with_job.error.message) == (ErrorCode.INVALID_JOB, "bad")
+    assert with_job.metadata == {"m": 1} and without.metadata == {} and without.status == "invalid"
+    (tier, _, job, raw), (_, _, no_job, raw_bytes) = finisher.letters
+    assert tier == "vip" and job["id"] == "j1" and raw is None
+    assert no_job is None and raw_bytes == b"raw bytes"
+
+
+async def test_an_expired_job_or_one_not_stored_gets_no_dead_letter():
+    finisher = Finisher()
+    await finish_refused(finisher, refused("expired", a_job()))
+    assert finisher.finished[0][0].status == "expired" and finisher.letters == []
+    not_stored = Finisher(stored=False)
+    await finish_refused(not_stored, refused("failed", a_job()))
+    assert not_stored.letters == []
+
+
+async def test_a_dead_letter_that_fails_does_not_raise():
+    finisher = Finisher(dead_fails=True)
+    await finish_refused(finisher, refused("failed", a_job()))
+    await refuse_incoming(finisher, incoming(), ErrorCode.NO_KEY_AVAILABLE, "x")
+    assert len(finisher.finished) == 2
