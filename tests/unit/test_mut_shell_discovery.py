@@ -34,3 +34,12 @@ async def test_peers_are_listed_sorted_with_their_role_and_forgotten_when_silent
     a, _ = peers.seen["d-a"]
     peers.seen["d-a"] = (a, time.monotonic() - 4.0)  # within it: still listed, with its age
     assert peers.listing()[0]["last_seen_s"] == pytest.approx(4.0, abs=0.5)
+
+
+async def test_a_peers_age_is_shown_in_seconds_to_the_hundredth():
+    peers = Peers(forget_after_s=5.0)
+    await peers.on_beat(beat("d-a"))
+    a, _ = peers.seen["d-a"]
+    peers.seen["d-a"] = (a, time.monotonic() - 2.3456)
+    age = peers.listing()[0]["last_seen_s"]
+    assert isinstance(age, float) and age == round(age, 2) and age == pytest.approx(2.35, abs=0.05)

@@ -73,3 +73,22 @@ async def test_a_renewal_extends_from_when_it_began_and_a_lost_one_ends_the_leas
     held.kv.revision = 99  # another dispatcher wrote it
     assert not await held.renew()
     assert held.revision is None and not held.held and held.held_until == float("-inf")
+
+
+async def test_a_renewal_writes_this_dispatchers_name_under_the_lease_key():
+    held = lease(Kv())
+    await held.try_acquire()
+    assert await held.renew()
+    assert held.kv.calls[-1] == ("update", LEASE_KEY, b"d-1", 6)
+
+
+class JsAway:
+    async def stream_info(self, name):
+        raise ConnectionError("away")
+
+
+async def test_without_the_buckets_creation_time_the_epoch_still_orders_by_revision():
+    held = LeaderLease(JsAway(), "leader", "d-1", ttl_s=10.0)
+    held.kv = Kv()
+    assert await held.try_acquire()
+    assert held.epoch == (0, 6)  # an int, so workers can still compare it with other leaders' epochs

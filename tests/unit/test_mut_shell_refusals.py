@@ -5,9 +5,12 @@ not stored), and a dead letter that fails never un-ends the job. A recording Fin
 
 from __future__ import annotations
 
+import json
 import time
+from datetime import timedelta
 
 import pytest
+from structlog.testing import capture_logs
 
 from ratefleet.dispatcher.core.delivery import Incoming, Refused
 from ratefleet.dispatcher.shell.refusals import finish_refused, refuse_incoming
@@ -95,3 +98,54 @@ async def test_a_dead_letter_that_fails_does_not_raise():
     await finish_refused(finisher, refused("failed", a_job()))
     await refuse_incoming(finisher, incoming(), ErrorCode.NO_KEY_AVAILABLE, "x")
     assert len(finisher.finished) == 2
+
+
+# -- what an operator and a replay read: the log lines, the times, the dead letter's job ------
+
+
+def full_job() -> Job:
+    """A job with an aliased field (`request.json`) and a datetime (`deadline`)."""
+    return Job.model_validate({"id": "j1", "batch": "b1", "request": {"path": "/x", "json": {"q": 1}},
+                               "deadline": "2099-01-01T00:00:00+00:00"})
+
+
+async def test_a_refusal_is_logged_with_the_job_its_tier_code_and_reason():
+    with capture_logs() as logs:
+        await refuse_incoming(Finisher(), incoming(), ErrorCode.NO_KEY_AVAILABLE, "no pool serves 'u'")
+        await finish_refused(Finisher(), refused("invalid", None))
+    assert [line for line in logs if line["log_level"] == "warning"] == [
+        {"event": "job refused", "log_level": "warning", "job_id": "j1", "tier": "vip",
+         "code": ErrorCode.NO_KEY_AVAILABLE, "reason": "no pool serves 'u'"},
+        {"event": "job ended at intake", "log_level": "warning", "job_id": "j1", "tier": "vip", "status": "invalid",
+         "code": str(ErrorCode.INVALID_JOB), "reason": "bad"}]
+
+
+async def test_a_dead_letter_that_fails_is_logged_with_the_job_and_the_error():
+    with capture_logs() as logs:
+        await finish_refused(Finisher(dead_fails=True), refused("failed", a_job()))
+    [line] = [line for line in logs if line["log_level"] == "error"]
+    assert line == {"event": "dead letter not stored; the job's Result is", "log_level": "error", "job_id": "j1",
+                    "error": "ConnectionError"}
+
+
+async def test_a_refused_jobs_times_are_utc_and_in_milliseconds():
+    finisher = Finisher()
+    job = incoming()
+    job = Incoming(**{**job.__dict__, "submitted_at": time.time() - 100.0})
+    await refuse_incoming(finisher, job, ErrorCode.NO_KEY_AVAILABLE, "x")
+    timings = finisher.finished[0][0].timings
+    assert timings.submitted_at.utcoffset() == timedelta(0)
+    assert timings.total_ms == pytest.approx(100_000, abs=50)  # 100 s in ms (not 1.001 x)
+
+
+async def test_the_dead_letter_keeps_the_job_as_the_producer_wrote_it():
+    finisher = Finisher()
+    job = incoming()
+    await refuse_incoming(finisher, Incoming(**{**job.__dict__, "job": full_job()}), ErrorCode.NO_KEY_AVAILABLE, "x")
+    await finish_refused(finisher, refused("failed", full_job()))
+    assert len(finisher.letters) == 2
+    for _, _, letter_job, _ in finisher.letters:
+        assert json.loads(json.dumps(letter_job)) == letter_job  # JSON as it is (no datetime objects)
+        assert (letter_job["id"], letter_job["batch"], letter_job["deadline"]) == ("j1", "b1", "2099-01-01T00:00:00Z")
+        assert letter_job["request"]["json"] == {"q": 1} and "json_body" not in letter_job["request"]
+        assert Job.model_validate(letter_job) == full_job()  # replayable as it is
