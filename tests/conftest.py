@@ -66,3 +66,11 @@ def nats_server(tmp_path):
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
+
+
+@pytest.fixture
+def no_tracing_sdk(monkeypatch):
+    """The dispatcher's hand-out as in a fleet without an OpenTelemetry SDK, whatever an earlier
+    test in this process installed (the tracer provider is global and set once per process)."""
+    from ratefleet.dispatcher.shell import job_spans
+    monkeypatch.setattr(job_spans, "tracing_active", lambda: False)

@@ -334,7 +334,7 @@ class LeaderMachine:
         (the persisted key records loaded) it is `{"leader", "leader_since", "starting": True,
         "config_revision"}` without keys or workers: the keys' state is not known yet, and an
         operator-disabled key must not read as enabled in the first moments of a new leader."""
-        if self.ready_at == float("inf") and not self.ready:
+        if self.ready_at == float("inf"):  # SessionStarted not applied yet (it sets ready_at; ready follows it)
             return {"leader": self.settings.leader_id, "leader_since": self.settings.since, "starting": True,
                     "config_revision": self.config_revision}
         snap = self.scheduler.snapshot(now)

@@ -12,22 +12,14 @@ import pytest
 from ratefleet.dispatcher.core.commands import Assign
 from ratefleet.dispatcher.core.delivery import Incoming
 from ratefleet.dispatcher.core.events import AssignFailed
-from ratefleet.dispatcher.shell import job_spans
 from ratefleet.dispatcher.shell.assign_out import runs, send_assignments
 from ratefleet.dispatcher.shell.bus import PayloadTooLarge
 from ratefleet.dispatcher.shell.memory_bus import MemoryBus
 from ratefleet.schemas import Job
 from ratefleet.schemas.internal import batch_payload
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("no_tracing_sdk")]
 SUBJECT = "ratefleet.assign.w1"
-
-
-@pytest.fixture(autouse=True)
-def _no_tracing_sdk(monkeypatch):
-    """As in a fleet without an SDK, whatever an earlier test in this process installed (the
-    OpenTelemetry tracer provider is global and set once per process)."""
-    monkeypatch.setattr(job_spans, "tracing_active", lambda: False)
 
 
 def incoming(n: int) -> Incoming:

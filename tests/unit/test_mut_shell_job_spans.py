@@ -7,18 +7,11 @@ import pytest
 
 from ratefleet.dispatcher.core.commands import Assign
 from ratefleet.dispatcher.core.delivery import Incoming
-from ratefleet.dispatcher.shell import job_spans
 from ratefleet.dispatcher.shell.job_spans import dispatch_spans
 from ratefleet.schemas import Job
 
+pytestmark = pytest.mark.usefixtures("no_tracing_sdk")
 TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-
-
-@pytest.fixture(autouse=True)
-def _no_tracing_sdk(monkeypatch):
-    """As in a fleet without an SDK, whatever an earlier test in this process installed (the
-    OpenTelemetry tracer provider is global and set once per process)."""
-    monkeypatch.setattr(job_spans, "tracing_active", lambda: False)
 
 
 def command(traceparent: str | None, tracestate: str | None) -> Assign:
