@@ -25,8 +25,13 @@ lint: install
 	$(BIN)/python tools/package_tree.py .typecheck > /dev/null
 	$(BIN)/mypy
 
+# the suite in TEST_WORKERS pytest-xdist processes: most end-to-end tests wait on processes,
+# servers and timers, so 4 on 2 cores; --dist worksteal lets an idle worker take queued tests
+# from a busy one (the long end-to-end tests would otherwise queue behind each other at the end).
+# TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 4
 test: install lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: install
 	$(BIN)/pytest -q tests/core tests/unit
