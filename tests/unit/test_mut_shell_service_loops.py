@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from structlog.testing import capture_logs
 from test_mut_shell_service import FakeJS, FakeLease, FakeNC, FakeSession
@@ -366,16 +367,22 @@ class RunNC(FakeNC):
 
         class Sub:
             async def unsubscribe(self) -> None:
+                await anyio.lowlevel.checkpoint()  # where a cancelled, unshielded stop would end
                 events.append("unsubscribed")
 
         return Sub()
 
     async def flush(self) -> None:
+        await anyio.lowlevel.checkpoint()
         self.events.append("flushed")
 
 
-@pytest.mark.parametrize("http", [None, "http://d1:9100"])
-async def test_run_starts_topology_lease_presence_service_and_loops_and_undoes_them_at_stop(monkeypatch, http):
+@pytest.mark.parametrize(("http", "cancelled"), [(None, False), ("http://d1:9100", False), (None, True)])
+async def test_run_starts_topology_lease_presence_service_and_loops_and_undoes_them_at_stop(monkeypatch, http,
+                                                                                            cancelled):
+    """Stopped by its event or cancelled from outside (the process shutting down): the service,
+    the presence subscription and the lease are given up either way (the lease at once, not
+    after its TTL)."""
     nc = RunNC()
     events = nc.events
     d = Dispatcher(config(), nc, dispatcher_id="d-1", http=http, config_revision=2)  # type: ignore[arg-type]
@@ -393,6 +400,7 @@ async def test_run_starts_topology_lease_presence_service_and_loops_and_undoes_t
 
     class Service:
         async def stop(self) -> None:
+            await anyio.lowlevel.checkpoint()
             events.append("service stopped")
 
     async def start_service(nc_, subjects, dispatcher_id, http_, rpc, status) -> Service:
@@ -404,6 +412,7 @@ async def test_run_starts_topology_lease_presence_service_and_loops_and_undoes_t
             events.append("lease opened")
 
         async def release(self) -> None:
+            await anyio.lowlevel.checkpoint()
             events.append("lease released")
 
     def loop(name: str):
@@ -424,7 +433,10 @@ async def test_run_starts_topology_lease_presence_service_and_loops_and_undoes_t
             tg.start_soon(d.run, stop)
             await until(lambda: loops <= {e for e in events if isinstance(e, str)})
             started = list(events)
-            stop.set()
+            if cancelled:
+                tg.cancel_scope.cancel()
+            else:
+                stop.set()
     assert started[:5] == [("topology", d.js, d.config), "lease opened",
                            ("follower", d.js, d.subjects, d._apply_config, "dispatcher", 2),
                            ("subscribe", SUBJECTS.dispatcher_beat, d.peers.on_beat),
