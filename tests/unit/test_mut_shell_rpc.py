@@ -72,7 +72,12 @@ class Fleet:
         return msgs
 
     async def letters(self, tier: str) -> list[dict]:
-        return [json.loads(m.data) for m in await self._stored(SUBJECTS.dead_stream, SUBJECTS.dead(tier))]
+        """The tier's dead letters once there is one: the answer goes out before the letter is
+        stored, so a loaded machine may read the stream in between (bounded wait)."""
+        with anyio.fail_after(10):
+            while not (found := await self._stored(SUBJECTS.dead_stream, SUBJECTS.dead(tier))):
+                await anyio.sleep(0.05)
+        return [json.loads(m.data) for m in found]
 
     async def jobs(self, tier: str) -> list:
         return await self._stored(SUBJECTS.jobs_stream, SUBJECTS.jobs(tier))
