@@ -250,8 +250,17 @@ async def test_an_invalid_job_ends_with_a_dead_letter_naming_the_error(monkeypat
         dead.append((tier, result.status, job, last_error))
 
     finisher.dead = dead_letter
-    a = assignment(extra="x")
+    replies = []
+    finish = finisher.finish
+
+    async def finish_recording(result, *, ack, reply_to):
+        replies.append((ack, reply_to))
+        return await finish(result, ack=ack, reply_to=reply_to)
+
+    finisher.finish = finish_recording
+    a = assignment(extra="x").model_copy(update={"reply_to": "_INBOX.caller"})
     await worker._end_invalid(a, ErrorCode.INVALID_REQUEST, "the body is not JSON")
+    assert replies == [(ACK, "_INBOX.caller")]
     [result] = finisher.finished
     assert (result.status, result.error.code, result.error.message) == ("invalid", "invalid_request",
                                                                          "the body is not JSON")

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 import anyio
+import nats.errors
 import pytest
 from structlog.testing import capture_logs
 from test_bite_worker import ACK, BusWithAssignments, FakeExecutor, FakeNats, RecordingFinisher, assignment, make_worker
@@ -295,17 +296,21 @@ async def test_a_drain_that_cannot_unsubscribe_still_drains(monkeypatch):
 
 
 class Bus(BusWithAssignments):
-    """Also records the subscriptions and unsubscriptions."""
+    """Also records the subscriptions and unsubscriptions; unsubscribing twice raises, as in
+    nats-py (the drain unsubscribes, then `run`'s cleanup tries again)."""
 
     def __init__(self, *assignments):
         super().__init__(*assignments)
-        self.subscribed, self.gone = [], []
+        self.subscribed, self.gone, self.callbacks = [], [], {}
 
     async def subscribe(self, subject, cb=None, **kwargs):
         self.subscribed.append((subject, kwargs))
+        self.callbacks[subject] = cb
         sub = await super().subscribe(subject, cb=cb, **kwargs)
 
         async def unsubscribe():
+            if subject in self.gone:
+                raise nats.errors.BadSubscriptionError
             self.gone.append(subject)
 
         return SimpleNamespace(unsubscribe=unsubscribe, inner=sub)
@@ -326,8 +331,24 @@ async def test_a_run_listens_to_its_subjects_and_ends_with_a_last_heartbeat(monk
         return executor
 
     monkeypatch.setattr(service, "UpstreamExecutor", executor_for)
+    built, followers = [], []
+    real_build_client = service.build_client
+
+    def build_client(transport, slots, secret_headers):
+        built.append((transport, slots, list(secret_headers)))
+        return real_build_client(transport, slots, secret_headers)
+
+    class Follower:
+        def __init__(self, js, subjects, apply, **kwargs):
+            followers.append((js, subjects, apply, kwargs))
+
+        async def run(self):
+            await anyio.sleep_forever()
+
+    monkeypatch.setattr(service, "build_client", build_client)
+    monkeypatch.setattr(service, "ConfigFollower", Follower)
     bus = Bus(assignment())
-    worker = Worker(cfg, bus, worker_id="w-run")
+    worker = Worker(cfg, bus, worker_id="w-run", slots=5, config_revision=3)
     worker.finisher = finisher = RecordingFinisher()
     stop = anyio.Event()
     with capture_logs() as logs, anyio.fail_after(20):
@@ -347,4 +368,9 @@ async def test_a_run_listens_to_its_subjects_and_ends_with_a_last_heartbeat(monk
     warned = [e for e in logs if e["event"].startswith("secret unusable on this worker")]
     assert [(e["key_id"], e["problem"]) for e in warned] == [("k2", "RF_RUN_K2 not set")]
     [started] = [e for e in logs if e["event"] == "worker started"]
-    assert (started["worker"], started["slots"], started["transport"]) == ("w-run", 64, "httpcore")
+    assert (started["worker"], started["slots"], started["transport"]) == ("w-run", 5, "httpcore")
+    assert built == [("httpcore", 5, ["Authorization"])]
+    assert bus.callbacks["ratefleet.internal.leader"] == worker._on_leader, "the worker would never hear a leader"
+    [(js, subjects, apply, kwargs)] = followers
+    assert (subjects, apply, kwargs) == (worker.subjects, worker._apply_config, {"role": "worker", "revision": 3})
+    assert js is not None

@@ -18,7 +18,7 @@ from ratefleet.schemas.internal import InFlight
 from ratefleet.schemas.outcome import RateLimitInfo
 from ratefleet.schemas.ratelimit_scope import RateLimitScope
 from ratefleet.workers.executor import CallResult
-from ratefleet.workers.service import _batch_and_metadata
+from ratefleet.workers.service import _batch_and_metadata, _rate_limited_message
 
 pytestmark = pytest.mark.anyio
 
@@ -158,3 +158,18 @@ async def test_the_result_of_a_final_429_says_how_many_it_got(monkeypatch):
     assert (result.status, result.error.code, result.response.status) == ("failed", "rate_limited", 429)
     assert result.error.message.startswith("answered 429 10 times (max_rate_limited = 10); the last one, on key k1, ")
 
+
+
+@pytest.mark.parametrize("scope, says", [
+    (None, "gave no rate-limit headers or error detail saying whether the key was out of room or the provider "
+           "refused this request; it was counted against the key"),
+    (RateLimitScope(scope="request", reason="8000 tokens asked, 6000 left"),
+     "was about this request, not the key: 8000 tokens asked, 6000 left; the key kept serving other jobs, so the "
+     "provider refuses this request itself (check its size and model)"),
+    (RateLimitScope(scope="key", reason="0 requests left"),
+     "said the key was out of room: 0 requests left; the keys stayed busy for as long as it waited"),
+])
+def test_the_message_of_a_job_ended_rate_limited_says_what_the_last_429_said(scope, says):
+    a = assignment().model_copy(update={"rate_limited": 4, "max_rate_limited": 5})
+    assert _rate_limited_message(a, call("rate_limited", 429, scope=scope)) == (
+        "answered 429 5 times (max_rate_limited = 5); the last one, on key k1, " + says)
