@@ -35,6 +35,7 @@ class Books:
 
     async def hand_back(self, seq, finisher, ack, delay_s=0.0):
         self.log.append(("hand_back", seq, ack, delay_s))
+        await finisher.nak(ack, delay_s)
 
     async def store(self, key, result, ttl_s):
         self.log.append(("cache", key, result.status, ttl_s))

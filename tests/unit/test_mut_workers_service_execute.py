@@ -330,4 +330,14 @@ async def test_a_stale_assignment_is_dropped_with_a_warning(monkeypatch):
     assert tg.started == [] and worker.in_flight == {}
     [line] = logs
     assert line["event"] == "assignment from a former leader dropped" and line["log_level"] == "warning"
-    assert (line["job_id"], line["epoch"], line["current_epoch"]) == ("j1", [4, 9], [5, 1])
+    assert (line["worker"], line["job_id"], line["epoch"], line["current_epoch"]) == ("w-bite", "j1", [4, 9], [5, 1])
+
+
+async def test_a_draining_worker_hands_an_assignment_back_through_its_finisher(monkeypatch):
+    worker, nc, finisher = make_worker(monkeypatch)
+    books = Books(worker)
+    worker.draining = True
+    tg = Group()
+    await worker._take(assignment(), "executor", tg, None)
+    assert tg.started == [] and books.log == [("hand_back", 7, ACK, 0.0)] and finisher.log == [("nak", ACK, 0.0)]
+    assert [(r.kind, r.terminal) for r in nc.reports()] == [("none", False)]

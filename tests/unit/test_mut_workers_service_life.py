@@ -55,6 +55,28 @@ def test_a_worker_takes_its_slots_id_and_fencing_time_from_the_config(monkeypatc
     assert Worker(cfg, FakeNats()).id != worker.id
 
 
+class OneStream(FakeNats):
+    """A connection whose JetStream context is always the same object."""
+
+    def __init__(self):
+        super().__init__()
+        self.js = object()
+
+    def jetstream(self):
+        return self.js
+
+
+def test_a_worker_keeps_its_results_handbacks_and_cache_on_its_own_connection(monkeypatch):
+    nc = OneStream()
+    before = time.time()
+    worker = Worker(config(monkeypatch, nats={"prefix": "acme"}), nc)
+    assert (worker.finisher.nc, worker.finisher.js, worker.finisher.subjects) == (nc, nc.js, worker.subjects)
+    assert (worker.handbacks.js, worker.handbacks.bucket) == (nc.js, "ratefleet_handbacks_acme")
+    assert (worker.cache.js, worker.cache.bucket) == (nc.js, worker.subjects.cache_bucket)
+    assert worker.subjects.heartbeat == "acme.internal.heartbeat"
+    assert before <= worker.started_at <= time.time()
+
+
 def test_a_worker_counts_every_result_it_stores_by_tier_status_and_variant(monkeypatch):
     from ratefleet.runtime.metrics import new_registry
     from ratefleet.schemas import Result
