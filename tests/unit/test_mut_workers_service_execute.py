@@ -76,6 +76,25 @@ async def test_while_the_call_runs_the_worker_keeps_it_alive_and_knows_its_key_v
     assert result.key_version == "v1" and worker.calls == 1
 
 
+async def test_every_log_line_of_a_job_names_the_job_tier_key_attempt_and_worker(monkeypatch):
+    import structlog
+
+    worker, nc, finisher = make_worker(monkeypatch)
+    bound = []
+
+    class Looking:
+        async def call(self, job, upstream, secret):
+            bound.append(structlog.contextvars.get_contextvars())
+            return call("ok", 200)
+
+    structlog.contextvars.clear_contextvars()
+    await worker._run_assignment(assignment(attempt=2).model_copy(update={"tier": "vip"}), Looking())
+    [context] = bound
+    assert {k: context.get(k) for k in ("job_id", "tier", "key_id", "attempt", "worker", "key_version")} == {
+        "job_id": "j1", "tier": "vip", "key_id": "k1", "attempt": 2, "worker": "w-bite", "key_version": "v1"}
+    structlog.contextvars.clear_contextvars()
+
+
 async def test_the_calling_entry_starts_with_the_call_time(monkeypatch):
     worker, nc, finisher = make_worker(monkeypatch)
     stamps = []

@@ -259,7 +259,7 @@ async def test_a_drain_tells_the_leader_listens_a_moment_and_unsubscribes(monkey
     [beat] = beats(nc)
     assert beat.draining is True
     [line] = logs
-    assert (line["event"], line["in_flight"], line["grace_s"]) == ("worker draining", 0, 5.0)
+    assert (line["event"], line["worker"], line["in_flight"], line["grace_s"]) == ("worker draining", "w-bite", 0, 5.0)
 
 
 async def test_a_drain_listens_no_longer_than_its_grace(monkeypatch):
