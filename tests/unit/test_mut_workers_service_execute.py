@@ -95,6 +95,26 @@ async def test_every_log_line_of_a_job_names_the_job_tier_key_attempt_and_worker
     structlog.contextvars.clear_contextvars()
 
 
+@pytest.mark.parametrize("trace, expected", [({"traceparent": TRACEPARENT}, {"traceparent": TRACEPARENT}),
+                                             (None, {})])
+async def test_the_jobs_span_names_the_worker_and_continues_the_jobs_trace(monkeypatch, trace, expected):
+    from contextlib import contextmanager
+
+    import ratefleet.workers.service as service
+
+    spans = []
+
+    @contextmanager
+    def run_span(a, worker, headers):
+        spans.append((a.job_id, worker, headers))
+        yield None
+
+    monkeypatch.setattr(service, "run_span", run_span)
+    worker, nc, finisher = make_worker(monkeypatch)
+    await worker._run_assignment(assignment(), FakeExecutor(), trace)
+    assert spans == [("j1", "w-bite", expected)] and len(finisher.finished) == 1
+
+
 async def test_the_calling_entry_starts_with_the_call_time(monkeypatch):
     worker, nc, finisher = make_worker(monkeypatch)
     stamps = []
@@ -124,12 +144,28 @@ async def test_the_queue_wait_and_the_call_are_measured(monkeypatch):
     assert worker.calls == 1
 
 
-async def test_the_result_carries_the_time_the_job_waited(monkeypatch):
+async def test_the_result_and_the_metrics_carry_the_time_the_job_waited(monkeypatch):
+    from types import SimpleNamespace
+
+    import ratefleet.workers.service as service
+
     worker, nc, finisher = make_worker(monkeypatch)
-    a = assignment().model_copy(update={"submitted_at": time.time() - 2.0})
+    sample = measured(worker).get_sample_value
+    monkeypatch.setattr(service, "time", SimpleNamespace(time=lambda: 1000.0, monotonic=time.monotonic))
+    a = assignment().model_copy(update={"submitted_at": 997.5})
     await worker._run_assignment(a, FakeExecutor())
     [result] = finisher.finished
-    assert 2000.0 <= result.timings.queued_ms < 60_000.0
+    assert (result.timings.queued_ms, result.timings.total_ms) == (2500.0, 2500.0)
+    assert sample("ratefleet_queue_wait_seconds_sum", {"tier": "normal"}) == 2.5
+
+
+async def test_every_call_is_counted(monkeypatch):
+    worker, nc, finisher = make_worker(monkeypatch)
+    for job_id in ("j1", "j2", "j3"):
+        await worker._run_assignment(assignment(job_id=job_id), FakeExecutor())
+    assert worker.calls == 3
+    await worker._send_heartbeat()
+    assert [Heartbeat.model_validate_json(p).calls for s, p in nc.published if s.endswith(".heartbeat")] == [3]
 
 
 async def test_a_job_submitted_in_the_future_waited_no_time(monkeypatch):
