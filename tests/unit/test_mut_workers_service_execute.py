@@ -183,7 +183,9 @@ async def test_an_expired_job_is_answered_to_its_waiting_caller(monkeypatch):
     worker, nc, finisher = make_worker(monkeypatch)
     worker.finisher = finisher = ReplyFinisher()
     a = assignment(deadline=deadline(-1)).model_copy(update={"reply_to": "_INBOX.caller"})
-    await worker._run_assignment(a, FakeExecutor())
+    with capture_logs() as logs:
+        await worker._run_assignment(a, FakeExecutor())
+    assert [(e["event"], e["log_level"]) for e in logs] == [("job expired before its call", "info")]
     assert finisher.replies == ["_INBOX.caller"] and finisher.log[0][:2] == ("finish", ACK)
     [result] = finisher.finished
     assert result.error.message == "the deadline passed before the call could start"
@@ -214,6 +216,21 @@ async def test_an_upstream_of_a_revision_not_applied_yet_hands_the_job_back(monk
     assert worker.unusable == {"k1": "upstream not in this worker's config"}
     [line] = [entry for entry in logs if entry["log_level"] == "error"]
     assert line["event"] == "secret unusable; job handed back" and line["problem"] == "upstream not in this worker's config"
+
+
+async def test_a_job_for_one_upstream_is_never_sent_to_another_with_that_ones_key(monkeypatch):
+    from ratefleet.schemas.config import parse_config
+
+    worker, nc, finisher = make_worker(monkeypatch)
+    monkeypatch.setenv("RF_MUT_K2", "sk-other-00000000")
+    worker.config = parse_config({
+        "upstreams": {"u": {"base_url": "https://api.example.test"}, "v": {"base_url": "https://other.example.test"}},
+        "pools": {"p": {"upstream": "u", "keys": [{"id": "k1", "secret": "env:RF_BITE_K1", "rps": 10}]},
+                  "q": {"upstream": "v", "keys": [{"id": "k2", "secret": "env:RF_MUT_K2", "rps": 10}]}}})
+    a = assignment(upstream="u").model_copy(update={"upstream": "v", "key_id": "k2"})  # the job names u
+    executor = FakeExecutor()
+    await worker._run_assignment(a, executor)
+    assert executor.calls == 0 and finisher.finished == [] and finisher.log == [("nak", ACK, 1.0)]
 
 
 class Refusing:
