@@ -101,6 +101,13 @@ async def test_a_refused_key_is_reported_before_the_job_goes_back_at_once(monkey
     assert [(r.kind, r.terminal) for r in nc.reports()] == [(kind, False)]
 
 
+async def test_a_call_that_got_no_answer_goes_back_with_its_backoff(monkeypatch):
+    worker, nc, finisher, books, a = await conclude(monkeypatch, call("upstream_error", None, error="ReadTimeout"),
+                                                    attempt=2, max_attempts=5)
+    assert finisher.log == [("nak", ACK, 0.5)] and finisher.finished == []
+    assert [(r.kind, r.status, r.terminal) for r in nc.reports()] == [("upstream_error", None, False)]
+
+
 async def test_a_call_that_settled_the_job_ends_it_even_when_its_kind_is_retried(monkeypatch):
     too_large = call("upstream_error", 200, code=ErrorCode.RESPONSE_TOO_LARGE, error="larger than 10 bytes")
     worker, nc, finisher, books, a = await conclude(monkeypatch, too_large, attempt=1, max_attempts=5)
@@ -193,7 +200,7 @@ class RefusingOnce(RecordingFinisher):
         return await super().finish(result, ack=ack, reply_to=reply_to)
 
 
-@pytest.mark.parametrize("exc", [ResultNotStored("bucket full"), APIError(code=400, err_code=10077,
+@pytest.mark.parametrize("exc", [ResultNotStored("bucket full " + "x" * 300), APIError(code=400, err_code=10077,
                                                                              description="maximum bytes exceeded")])
 async def test_a_refused_paid_answer_ends_failed_without_its_body_with_a_dead_letter(monkeypatch, exc):
     worker, nc, finisher = make_worker(monkeypatch)

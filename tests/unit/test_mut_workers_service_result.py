@@ -100,6 +100,23 @@ async def test_a_result_names_the_job_key_version_pool_worker_and_its_times(monk
     assert 2000.0 <= result.timings.total_ms < 60_000.0
 
 
+async def test_a_result_carries_the_trace_id_of_the_span_that_noted_how_the_job_ended(monkeypatch):
+    import ratefleet.workers.service as service
+    from ratefleet.schemas import ErrorInfo
+
+    noted = []
+
+    def note_result(status, error):
+        noted.append((status, error))
+        return "4bf92f3577b34da6a3ce929d0e0e4736"
+
+    monkeypatch.setattr(service, "note_result", note_result)
+    worker, nc, finisher = make_worker(monkeypatch)
+    error = ErrorInfo(code="deadline_exceeded", message="late")
+    result = worker._result(assignment(), "expired", error=error)
+    assert noted == [("expired", error)] and result.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
 async def test_a_result_of_a_job_submitted_in_the_future_has_no_negative_total(monkeypatch):
     worker, nc, finisher = make_worker(monkeypatch)
     a = assignment().model_copy(update={"submitted_at": time.time() + 60})  # a producer's clock ahead
