@@ -54,7 +54,7 @@ async def conclude(monkeypatch, the_call, **fields):
 # -- back to the queue or the end --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rate_limited, terminal", [(7, False), (8, False), (9, True)])
+@pytest.mark.parametrize("rate_limited, terminal", [(2, False), (7, False), (8, False), (9, True)])
 async def test_a_429_goes_back_through_the_429_book_until_its_budget_is_spent(monkeypatch, rate_limited, terminal):
     worker, nc, finisher, books, a = await conclude(monkeypatch, call("rate_limited", 429, retry_after_s=30.0),
                                                     attempt=5, max_attempts=5, rate_limited=rate_limited,
@@ -65,6 +65,7 @@ async def test_a_429_goes_back_through_the_429_book_until_its_budget_is_spent(mo
         assert [r.job_id for r in finisher.dead_letters] == ["j1"] and books.log == []
     else:  # the 5th attempt of 5: a 429 is not an attempt
         delay = retry_delay("rate_limited", 5, 30.0, rate_limited + 1)
+        assert delay == {2: 1.0, 7: 5.0, 8: 5.0}[rate_limited]  # its 3rd 429 waits 1 s; the 8th and 9th, 5 s
         assert finisher.finished == [] and books.log == [("rate_limited", 7, ACK, delay)]
         assert finisher.log == [("nak", ACK, delay)] and a.id not in worker.calling
     assert [(r.kind, r.terminal) for r in nc.reports()] == [("rate_limited", terminal)]
@@ -72,8 +73,11 @@ async def test_a_429_goes_back_through_the_429_book_until_its_budget_is_spent(mo
 
 @pytest.mark.parametrize("attempt, terminal", [(3, False), (4, False), (5, True)])
 async def test_a_5xx_goes_back_with_its_backoff_until_the_last_attempt(monkeypatch, attempt, terminal):
-    worker, nc, finisher, books, a = await conclude(monkeypatch, call("upstream_error", 503, retry_after_s=2.0),
-                                                    attempt=attempt, max_attempts=5)
+    with capture_logs() as logs:
+        worker, nc, finisher, books, a = await conclude(monkeypatch, call("upstream_error", 503, retry_after_s=2.0),
+                                                        attempt=attempt, max_attempts=5)
+    retrying = [(e["event"], e["log_level"], e["kind"], e["delay_s"]) for e in logs if e["log_level"] == "info"]
+    assert retrying == ([] if terminal else [("retrying job", "info", "upstream_error", 2.0)])
     assert [(r.kind, r.terminal) for r in nc.reports()] == [("upstream_error", terminal)]
     if terminal:
         assert [r.error.code for r in finisher.finished] == ["attempts_exhausted"] and "nak" not in finisher.kinds()

@@ -44,11 +44,13 @@ class Watching:
 
     def __init__(self, worker, answer=None):
         self.worker, self.answer, self.seen, self.relays = worker, answer or call("ok", 200, latency_ms=250.0), [], []
+        self.jobs = []
 
     async def call(self, job, upstream, secret, relay=None):
         a_id = next(iter(self.worker.calling))
         self.seen.append((self.worker.calling[a_id][0], self.worker.key_versions.get(a_id), secret,
                           str(upstream.base_url), a_id in self.worker._cancel_scopes))
+        self.jobs.append(job.id)
         self.relays.append(relay)
         return self.answer
 
@@ -259,6 +261,7 @@ async def test_a_streamed_job_with_a_waiting_caller_gets_a_chunk_relay(monkeypat
     await worker._run_assignment(assignment(job_id="j2", **streamed), executor)  # nobody waits for chunks
     [relay, none] = executor.relays
     assert relay is not None and none is None
+    assert executor.jobs == ["j1", "j2"] and [seen[2] for seen in executor.seen] == ["sk-bite-0000000000"] * 2
     published = []
 
     async def publish(subject, payload=b"", headers=None):
@@ -276,13 +279,24 @@ async def test_a_call_cut_short_at_shutdown_goes_back_at_once_and_is_not_counted
     worker, nc, finisher = make_worker(monkeypatch)
     executor = FakeExecutor(seconds=30)
     a = assignment()
-    with anyio.fail_after(10):
+    kept_alive_at_nak = []
+    nak = finisher.nak
+
+    async def nak_noting(ack, delay_s=0.0):
+        kept_alive_at_nak.append(a.id in worker.calling)
+        await nak(ack, delay_s)
+
+    finisher.nak = nak_noting
+    with capture_logs() as logs, anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             tg.start_soon(worker._run_assignment, a, executor)
             while a.id not in worker._cancel_scopes:
                 await anyio.sleep(0.01)
             worker._cancel_scopes[a.id].cancel()
     assert finisher.log == [("nak", ACK, 0.0)] and finisher.finished == []
+    assert kept_alive_at_nak == [False], "an in-progress ack after the nak would postpone the redelivery"
+    assert [(e["event"], e["log_level"]) for e in logs] == [
+        ("call abandoned at shutdown; job goes back to the queue", "warning")]
     assert worker.calls == 0 and worker.calling == {} and worker._cancel_scopes == {}
     assert [(r.kind, r.terminal) for r in nc.reports()] == [("none", False)]
 
