@@ -99,6 +99,7 @@ async def test_a_refused_key_is_reported_before_the_job_goes_back_at_once(monkey
         order.append(("nak", ack, delay_s))
 
     nc.publish, finisher.nak = publish, nak
+    worker.reports._round_open = True  # another job's report opened this loop iteration's round
     a = assignment().model_copy(update={"denial_final": False})
     await worker._conclude(a, call(kind, 401, retry_after_s=9.0), 0.0, a.job_model())
     assert order == ["report", ("nak", ACK, 0.0)], "the job may come back to the key that refused it"
@@ -158,6 +159,19 @@ async def test_no_cache_write_for_other_answers(monkeypatch, the_call, job):
 async def test_which_ended_jobs_get_a_dead_letter(monkeypatch, the_call, fields, dead):
     worker, nc, finisher, books, a = await conclude(monkeypatch, the_call, max_attempts=5, **fields)
     assert len(finisher.finished) == 1 and len(finisher.dead_letters) == int(dead)
+
+
+async def test_a_dead_letter_goes_to_the_jobs_tier_with_the_job(monkeypatch):
+    worker, nc, finisher = make_worker(monkeypatch)
+    letters = []
+
+    async def dead(tier, result, *, job=None, raw=None, last_error=None):
+        letters.append((tier, result.error.code, job, raw, last_error))
+
+    finisher.dead = dead
+    a = assignment(attempt=5, max_attempts=5).model_copy(update={"tier": "vip"})
+    assert await worker._store(a, worker._call_result(a, call("upstream_error", 503), 0.0)) is True
+    assert letters == [("vip", "attempts_exhausted", a.job_data(), None, None)]
 
 
 class DuplicateFinisher(RecordingFinisher):
@@ -230,7 +244,10 @@ async def test_a_result_that_cannot_be_stored_sends_the_job_back(monkeypatch, ex
     worker.finisher = finisher = RefusingOnce(exc, then)
     a = assignment()
     worker.calling[a.id] = [ACK, 0.0]
-    assert await worker._store(a, worker._call_result(a, call("ok", 200), 0.0)) is False
+    with capture_logs() as logs:
+        assert await worker._store(a, worker._call_result(a, call("ok", 200), 0.0)) is False
+    [line] = [e for e in logs if e["event"] == "could not store the Result; job goes back to the queue"]
+    assert (line["error"], line["detail"]) == ("ConnectionError", "away")
     assert finisher.finished == [] and finisher.log == [("nak", ACK, 1.0)] and a.id not in worker.calling
 
 
