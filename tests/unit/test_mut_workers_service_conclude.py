@@ -161,6 +161,14 @@ async def test_which_ended_jobs_get_a_dead_letter(monkeypatch, the_call, fields,
     assert len(finisher.finished) == 1 and len(finisher.dead_letters) == int(dead)
 
 
+async def test_a_stored_result_is_sent_to_the_waiting_caller(monkeypatch):
+    worker, nc, finisher = make_worker(monkeypatch)
+    worker.finisher = finisher = RefusingOnce()
+    a = assignment().model_copy(update={"reply_to": "_INBOX.caller"})
+    assert await worker._store(a, worker._call_result(a, call("ok", 200), 0.0)) is True
+    assert finisher.replies == ["_INBOX.caller"] and finisher.log[0][:2] == ("finish", ACK)
+
+
 async def test_a_dead_letter_goes_to_the_jobs_tier_with_the_job(monkeypatch):
     worker, nc, finisher = make_worker(monkeypatch)
     letters = []
@@ -205,12 +213,15 @@ async def test_a_dead_letter_that_fails_is_logged_and_the_job_still_ends(monkeyp
 class RefusingOnce(RecordingFinisher):
     """The first store is refused with `exc`; the next ones as `then` says."""
 
-    def __init__(self, exc, then=None):
+    def __init__(self, exc=None, then=None):
         super().__init__()
-        self.exc, self.then, self.tries = exc, then, 0
+        self.exc, self.then, self.tries, self.replies = exc, then, 0, []
 
     async def finish(self, result, *, ack, reply_to):
         self.tries += 1
+        self.replies.append(reply_to)
+        if self.exc is None:
+            return await super().finish(result, ack=ack, reply_to=reply_to)
         if self.tries == 1:
             raise self.exc
         if self.then is not None:
@@ -223,11 +234,13 @@ class RefusingOnce(RecordingFinisher):
 async def test_a_refused_paid_answer_ends_failed_without_its_body_with_a_dead_letter(monkeypatch, exc):
     worker, nc, finisher = make_worker(monkeypatch)
     worker.finisher = finisher = RefusingOnce(exc)
-    a = assignment()
+    a = assignment().model_copy(update={"reply_to": "_INBOX.caller"})
     with capture_logs() as logs:
         assert await worker._store(a, worker._call_result(a, call("ok", 200), 0.0)) is True
     [result] = finisher.finished
     assert (result.status, result.error.code, result.response.status) == ("failed", "result_not_stored", 200)
+    assert finisher.replies == ["_INBOX.caller"] * 2, "the waiting caller would not get the answer"
+    assert f"({type(exc).__name__}: " in result.error.message
     assert result.response.json_body is None and [r.job_id for r in finisher.dead_letters] == ["j1"]
     assert finisher.log[-1][:2] == ("finish", ACK)
     [line] = [entry for entry in logs if entry["log_level"] == "error"]
