@@ -1,0 +1,398 @@
+"""A worker's life around its jobs (workers/service.py): its identity and settings
+(`__init__`), heartbeats (what they say, that reports go first, a lost beat), the keep-alive
+loop's cadence (`_keep_calls_alive`, on a fake clock), readiness, a new fleet config revision
+and warnings of pending key versions, the drain at shutdown and the whole `run`. Over the
+recording fake bus and finisher of test_bite_worker; deterministic, no NATS, no HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+
+import anyio
+import nats.errors
+import pytest
+from structlog.testing import capture_logs
+from test_bite_worker import ACK, BusWithAssignments, FakeExecutor, FakeNats, RecordingFinisher, assignment, make_worker
+
+import ratefleet.workers.service as service
+from ratefleet.schemas.config import parse_config
+from ratefleet.schemas.internal import Heartbeat, InFlight
+from ratefleet.workers.service import Worker
+
+pytestmark = pytest.mark.anyio
+
+
+def beats(nc) -> list[Heartbeat]:
+    return [Heartbeat.model_validate_json(p) for s, p in nc.published if s == "ratefleet.internal.heartbeat"]
+
+
+def config(monkeypatch, **sections):
+    monkeypatch.setenv("RF_BITE_K1", "sk-bite-0000000000")
+    return parse_config({"upstreams": {"u": {"base_url": "https://api.example.test", "auth_header": "X-Api-Token"}},
+                         "pools": {"p": {"keys": [{"id": "k1", "secret": "env:RF_BITE_K1", "rps": 10}]}},
+                         **sections})
+
+
+# -- identity and settings ---------------------------------------------------------------------
+
+
+def test_a_worker_takes_its_slots_id_and_fencing_time_from_the_config(monkeypatch):
+    cfg = config(monkeypatch, workers={"slots": 12, "id_prefix": "gpu", "heartbeat_s": 1.5},
+                 dispatcher={"lease_ttl_s": 4.0})
+    worker = Worker(cfg, FakeNats())
+    assert worker.slots == 12 and re.fullmatch(r"gpu-[0-9a-f]{6}", worker.id), worker.id
+    assert worker.epoch_forget_s == 2 * 4.0 + 2 * 1.5
+    assert (worker.epoch, worker.draining, worker.calls, worker.leader_heard_at) == ((0, 0), False, 0, None)
+    assert worker.finisher.mask_headers == frozenset({"x-api-token"})
+    assert Worker(cfg, FakeNats(), slots=3, worker_id="w9").slots == 3
+    assert Worker(cfg, FakeNats(), slots=3, worker_id="w9").id == "w9"
+    assert Worker(cfg, FakeNats()).id != worker.id
+
+
+class OneStream(FakeNats):
+    """A connection whose JetStream context is always the same object."""
+
+    def __init__(self):
+        super().__init__()
+        self.js = object()
+
+    def jetstream(self):
+        return self.js
+
+
+def test_a_worker_keeps_its_results_handbacks_and_cache_on_its_own_connection(monkeypatch):
+    nc = OneStream()
+    before = time.time()
+    worker = Worker(config(monkeypatch, nats={"prefix": "acme"}), nc)
+    assert (worker.finisher.nc, worker.finisher.js, worker.finisher.subjects) == (nc, nc.js, worker.subjects)
+    assert (worker.handbacks.js, worker.handbacks.bucket) == (nc.js, "ratefleet_handbacks_acme")
+    assert (worker.cache.js, worker.cache.bucket) == (nc.js, worker.subjects.cache_bucket)
+    assert worker.subjects.heartbeat == "acme.internal.heartbeat"
+    assert before <= worker.started_at <= time.time()
+
+
+def test_a_worker_counts_every_result_it_stores_by_tier_status_and_variant(monkeypatch):
+    from ratefleet.runtime.metrics import new_registry
+    from ratefleet.schemas import Result
+
+    registry = new_registry()
+    worker = Worker(config(monkeypatch), FakeNats(), registry=registry, http="http://127.0.0.1:9", config_revision=4)
+    worker.finisher.on_stored(Result(job_id="j", status="failed", tier="vip", variant="split"))
+    assert registry.get_sample_value("ratefleet_jobs_total", {"tier": "vip", "status": "failed"}) == 1
+    assert registry.get_sample_value("ratefleet_split_jobs_total",
+                                     {"tier": "vip", "variant": "split", "status": "failed"}) == 1
+    worker.in_flight["a"] = InFlight(assignment="a", key_id="k1", job_id="j")
+    assert registry.get_sample_value("ratefleet_worker_slots", {"state": "busy"}) == 1
+    assert registry.get_sample_value("ratefleet_worker_slots", {"state": "free"}) == 63
+    assert (worker.http, worker.config_revision) == ("http://127.0.0.1:9", 4)
+
+
+# -- heartbeats ----------------------------------------------------------------------------------
+
+
+async def test_a_heartbeat_says_who_the_worker_is_and_what_it_runs(monkeypatch):
+    worker, nc, finisher = make_worker(monkeypatch)
+    worker.http, worker.config_revision, worker.calls, worker.draining = "http://127.0.0.1:9465", 7, 3, True
+    worker.unusable = {"k2": "RF_K2 not set"}
+    worker.in_flight["a1"] = InFlight(assignment="a1", key_id="k1", job_id="j1")
+    await worker._send_heartbeat()
+    [beat] = beats(nc)
+    assert beat.model_dump() == {
+        "worker": "w-bite", "slots": 64, "in_flight": [{"assignment": "a1", "key_id": "k1", "job_id": "j1"}],
+        "draining": True, "pid": os.getpid(), "host": socket.gethostname(), "started_at": worker.started_at,
+        "calls": 3, "unusable_keys": {"k2": "RF_K2 not set"}, "config_revision": 7, "http": "http://127.0.0.1:9465"}
+
+
+async def test_the_reports_waiting_go_out_before_the_heartbeat(monkeypatch):
+    worker, nc, finisher = make_worker(monkeypatch)
+    worker.reports._round_open = True  # a report waits for its round
+    await worker._report(assignment(), None, terminal=True)
+    await worker._send_heartbeat()
+    assert [s.rsplit(".", 1)[-1] for s, _ in nc.published] == ["outcome", "heartbeat"]
+
+
+async def test_a_heartbeat_that_cannot_be_sent_is_not_raised(monkeypatch):
+    worker, nc, finisher = make_worker(monkeypatch)
+
+    async def publish(subject, payload=b""):
+        raise ConnectionError("away")
+
+    nc.publish = publish
+    with capture_logs() as logs:
+        await worker._send_heartbeat()
+    assert [(e["event"], e["error"]) for e in logs] == [("heartbeat not sent", "ConnectionError")]
+
+
+class Stop(Exception):
+    pass
+
+
+def fake_sleeps(monkeypatch, count: int) -> list[float]:
+    """service.anyio.sleep records its durations and stops the loop at the `count`th."""
+    slept: list[float] = []
+
+    async def sleep(seconds):
+        slept.append(seconds)
+        if len(slept) >= count:
+            raise Stop
+
+    monkeypatch.setattr(service, "anyio", SimpleNamespace(sleep=sleep))
+    return slept
+
+
+async def test_heartbeats_recheck_the_secrets_every_beat(monkeypatch):
+    worker, nc, finisher = make_worker(monkeypatch)
+    worker.config = worker.config.model_copy(update={"workers": worker.config.workers.model_copy(
+        update={"heartbeat_s": 2.5})})
+    worker.unusable = {"k1": "stale"}
+    slept = fake_sleeps(monkeypatch, 2)
+    with pytest.raises(Stop):
+        await worker._heartbeats()
+    assert slept == [2.5, 2.5] and [b.unusable_keys for b in beats(nc)] == [{}, {}]
+
+
+# -- in-progress acks, on a fake clock ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ack_wait_s, interval, tick", [(30, 10.0, 1.0), (6, 2.0, 1.0), (1, 0.5, 0.25),
+                                                        (3, 1.0, 0.5)])
+async def test_slow_calls_get_an_in_progress_ack_every_third_of_ack_wait(monkeypatch, ack_wait_s, interval, tick):
+    worker, nc, finisher = make_worker(monkeypatch, ack_wait_s=ack_wait_s)
+    clock = [1000.0]
+    monkeypatch.setattr(service, "time", SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
+    worker.calling = {"due": ["ack-due", 1000.0 - interval], "fresh": ["ack-fresh", 1000.0 - interval + 0.01]}
+    slept = fake_sleeps(monkeypatch, 2)
+    with pytest.raises(Stop):
+        await worker._keep_calls_alive()
+    assert slept == [tick, tick]
+    assert [entry[:2] for entry in finisher.log] == [("wpi", "ack-due")]
+    assert worker.calling == {"due": ["ack-due", 1000.0], "fresh": ["ack-fresh", 1000.0 - interval + 0.01]}
+
+
+# -- readiness -------------------------------------------------------------------------------------
+
+
+async def test_readiness(monkeypatch):
+    worker, nc, finisher = make_worker(monkeypatch)
+    clock = [500.0]
+    monkeypatch.setattr(service, "time", SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
+    assert await worker.not_ready() == "no leader heard yet"
+    worker.leader_heard_at = 500.0 - worker.epoch_forget_s
+    assert await worker.not_ready() is None  # silent exactly that long: still ready
+    clock[0] += 0.25
+    assert await worker.not_ready() == f"no leader heard for {worker.epoch_forget_s + 0.25:.1f} s"
+    worker.draining = True
+    assert await worker.not_ready() == "draining (stopping)"
+
+
+# -- a new fleet config revision --------------------------------------------------------------------
+
+
+async def test_a_config_revision_is_applied_told_to_the_leader_and_its_problems_warned(monkeypatch):
+    worker, nc, finisher = make_worker(monkeypatch)
+    monkeypatch.delenv("RF_REV_K2", raising=False)
+    monkeypatch.delenv("RF_REV_K3", raising=False)
+    soon = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+    stored = parse_config({"upstreams": {"u": {"base_url": "https://api.example.test"},
+                                         "w": {"base_url": "https://w.example.test", "auth_header": "X-W-Key"}},
+                           "pools": {"p": {"upstream": "u", "keys": [{"id": "k1", "secret": "env:RF_BITE_K1", "rps": 10},
+                                                                     {"id": "k2", "secret": "env:RF_REV_K2", "rps": 10}]},
+                                     "q": {"upstream": "w", "keys": [
+                                         {"id": "k3", "rps": 10, "versions": [
+                                             {"id": "v1", "secret": "env:RF_BITE_K1"},
+                                             {"id": "v2", "secret": "env:RF_REV_K3", "not_before": soon}]}]}}})
+    with capture_logs() as logs:
+        await worker._apply_config(12, stored)
+    assert set(worker.config.upstreams) == {"u", "w"} and worker.config_revision == 12
+    assert worker.secrets.pick("k3")[0] == "v1"
+    assert worker.unusable == {"k2": "RF_REV_K2 not set"}
+    assert worker.finisher.mask_headers == frozenset({"authorization", "x-w-key"})
+    [beat] = beats(nc)
+    assert (beat.config_revision, beat.unusable_keys) == (12, {"k2": "RF_REV_K2 not set"})
+    def logged(start):
+        [entry] = [e for e in logs if e["event"].startswith(start)]
+        return entry
+
+    unusable = logged("secret unusable on this worker; the leader sends")
+    assert (unusable["log_level"], unusable["key_id"], unusable["problem"], unusable["revision"]) == (
+        "warning", "k2", "RF_REV_K2 not set", 12)
+    pending = logged("secret of a key version not yet active is unusable on this worker; fix it before")
+    assert (pending["log_level"], pending["key_version"], pending["problem"], pending["revision"]) == (
+        "warning", "k3 v2", "version v2: RF_REV_K3 not set", 12)
+    applied = logged("config revision applied")
+    assert (applied["log_level"], applied["worker"], applied["revision"], applied["keys"]) == ("info", "w-bite", 12, 3)
+
+
+# -- the drain ----------------------------------------------------------------------------------------
+
+
+class Sub:
+    def __init__(self):
+        self.unsubscribed = 0
+
+    async def unsubscribe(self):
+        self.unsubscribed += 1
+
+
+def drained(monkeypatch, grace_s: float, heartbeat_s: float = 1.0):
+    worker, nc, finisher = make_worker(monkeypatch)
+    worker.config = worker.config.model_copy(update={"workers": worker.config.workers.model_copy(
+        update={"grace_s": grace_s, "heartbeat_s": heartbeat_s})})
+    return worker, nc, finisher
+
+
+async def test_a_drain_tells_the_leader_listens_a_moment_and_unsubscribes(monkeypatch):
+    worker, nc, finisher = drained(monkeypatch, grace_s=5.0, heartbeat_s=0.3)
+    sub = Sub()
+    started = time.monotonic()
+    with capture_logs() as logs:
+        await worker._drain(sub)
+    waited = time.monotonic() - started
+    assert 0.55 <= waited < 4.0, f"listened {waited:.2f}s, not 2 heartbeats"  # assignments sent meanwhile
+    assert worker.draining and sub.unsubscribed == 1
+    [beat] = beats(nc)
+    assert beat.draining is True
+    [line] = logs
+    assert (line["event"], line["worker"], line["in_flight"], line["grace_s"]) == ("worker draining", "w-bite", 0, 5.0)
+
+
+async def test_a_drain_listens_no_longer_than_its_grace(monkeypatch):
+    worker, nc, finisher = drained(monkeypatch, grace_s=0.2, heartbeat_s=5.0)
+    started = time.monotonic()
+    await worker._drain(Sub())
+    assert time.monotonic() - started < 3.0
+
+
+async def test_a_drain_waits_for_running_calls_then_cuts_them_short(monkeypatch):
+    worker, nc, finisher = drained(monkeypatch, grace_s=0.3, heartbeat_s=0.05)
+    a = assignment()
+    with anyio.fail_after(15):
+        async with anyio.create_task_group() as tg:
+            worker.in_flight[a.id] = InFlight(assignment=a.id, key_id="k1", job_id="j1")
+            tg.start_soon(worker._run_assignment, a, FakeExecutor(seconds=30))
+            await worker._drain(Sub())
+    assert finisher.log == [("nak", ACK, 0.0)] and worker.in_flight == {}
+    assert [(r.kind, r.terminal) for r in nc.reports()] == [("none", False)]
+
+
+async def test_a_drain_lets_a_call_within_its_grace_finish(monkeypatch):
+    worker, nc, finisher = drained(monkeypatch, grace_s=10.0, heartbeat_s=0.05)
+    a = assignment()
+    with anyio.fail_after(15):
+        async with anyio.create_task_group() as tg:
+            worker.in_flight[a.id] = InFlight(assignment=a.id, key_id="k1", job_id="j1")
+            tg.start_soon(worker._run_assignment, a, FakeExecutor(seconds=0.5))
+            await worker._drain(Sub())
+    assert [r.status for r in finisher.finished] == ["succeeded"] and "nak" not in finisher.kinds()
+
+
+async def test_a_drain_names_the_jobs_whose_result_was_not_stored(monkeypatch):
+    worker, nc, finisher = drained(monkeypatch, grace_s=0.0, heartbeat_s=0.05)
+    monkeypatch.setattr(service, "FINISH_BOUND_S", 0.1)
+    worker.in_flight["a9"] = InFlight(assignment="a9", key_id="k1", job_id="j9")  # storing, stuck
+    with capture_logs() as logs:
+        await worker._drain(Sub())
+    [line] = [e for e in logs if e["log_level"] == "error"]
+    assert line["event"].startswith("shutdown before this job's Result was stored")
+    assert (line["worker"], line["job_id"]) == ("w-bite", "j9")
+
+
+async def test_a_drain_that_cannot_unsubscribe_still_drains(monkeypatch):
+    worker, nc, finisher = drained(monkeypatch, grace_s=0.0, heartbeat_s=0.05)
+
+    class Gone:
+        async def unsubscribe(self):
+            raise ConnectionError("away")
+
+    await worker._drain(Gone())
+    assert worker.draining
+
+
+# -- the whole run ------------------------------------------------------------------------------------
+
+
+class Bus(BusWithAssignments):
+    """Also records the subscriptions and unsubscriptions; unsubscribing twice raises, as in
+    nats-py (the drain unsubscribes, then `run`'s cleanup tries again)."""
+
+    def __init__(self, *assignments):
+        super().__init__(*assignments)
+        self.subscribed, self.gone, self.callbacks = [], [], {}
+
+    async def subscribe(self, subject, cb=None, **kwargs):
+        self.subscribed.append((subject, kwargs))
+        self.callbacks[subject] = cb
+        sub = await super().subscribe(subject, cb=cb, **kwargs)
+
+        async def unsubscribe():
+            if subject in self.gone:
+                raise nats.errors.BadSubscriptionError
+            self.gone.append(subject)
+
+        return SimpleNamespace(unsubscribe=unsubscribe, inner=sub)
+
+
+async def test_a_run_listens_to_its_subjects_and_ends_with_a_last_heartbeat(monkeypatch):
+    monkeypatch.delenv("RF_RUN_K2", raising=False)
+    monkeypatch.setenv("RF_BITE_K1", "sk-bite-0000000000")
+    cfg = parse_config({"upstreams": {"u": {"base_url": "https://api.example.test"}},
+                        "pools": {"p": {"keys": [{"id": "k1", "secret": "env:RF_BITE_K1", "rps": 10},
+                                                 {"id": "k2", "secret": "env:RF_RUN_K2", "rps": 10}]}},
+                        "workers": {"heartbeat_s": 0.1, "grace_s": 5, "transport": "httpcore"}})
+    executor = FakeExecutor()
+    clients = []
+
+    def executor_for(client, limit):
+        clients.append((client, limit))
+        return executor
+
+    monkeypatch.setattr(service, "UpstreamExecutor", executor_for)
+    built, followers = [], []
+    real_build_client = service.build_client
+
+    def build_client(transport, slots, secret_headers):
+        built.append((transport, slots, list(secret_headers)))
+        return real_build_client(transport, slots, secret_headers)
+
+    class Follower:
+        def __init__(self, js, subjects, apply, **kwargs):
+            followers.append((js, subjects, apply, kwargs))
+
+        async def run(self):
+            await anyio.sleep_forever()
+
+    monkeypatch.setattr(service, "build_client", build_client)
+    monkeypatch.setattr(service, "ConfigFollower", Follower)
+    bus = Bus(assignment())
+    worker = Worker(cfg, bus, worker_id="w-run", slots=5, config_revision=3)
+    worker.finisher = finisher = RecordingFinisher()
+    stop = anyio.Event()
+    with capture_logs() as logs, anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run, stop)
+            while not finisher.finished:
+                await anyio.sleep(0.02)
+            stop.set()
+    assert executor.calls == 1 and worker.unusable == {"k2": "RF_RUN_K2 not set"}
+    assert [s for s, _ in bus.subscribed] == ["ratefleet.internal.leader", "ratefleet.internal.assign.w-run"]
+    assert bus.subscribed[1][1] == {"pending_msgs_limit": 0}, "assignments would be dropped past the default"
+    assert set(bus.gone) == {"ratefleet.internal.assign.w-run", "ratefleet.internal.leader"}
+    [(client, limit)] = clients
+    assert limit == cfg.workers.max_response_bytes and client.is_closed
+    last = beats(bus)[-1]
+    assert last.draining and last.in_flight == []
+    warned = [e for e in logs if e["event"].startswith("secret unusable on this worker")]
+    assert [(e["key_id"], e["problem"]) for e in warned] == [("k2", "RF_RUN_K2 not set")]
+    [started] = [e for e in logs if e["event"] == "worker started"]
+    assert (started["worker"], started["slots"], started["transport"]) == ("w-run", 5, "httpcore")
+    assert built == [("httpcore", 5, ["Authorization"])]
+    assert bus.callbacks["ratefleet.internal.leader"] == worker._on_leader, "the worker would never hear a leader"
+    [(js, subjects, apply, kwargs)] = followers
+    assert (subjects, apply, kwargs) == (worker.subjects, worker._apply_config, {"role": "worker", "revision": 3})
+    assert js is not None
