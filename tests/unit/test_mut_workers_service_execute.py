@@ -1,9 +1,9 @@
 """How a worker runs one assignment (workers/service.py `_take`, `_execute`, `_call`,
 `_run_traced`): what it does while the call runs (in-progress acks, the key version, the
 calls count, the metrics), a secret it cannot use, an expired job, a request the executor
-refuses, a streamed job's chunk relay, a call cut short at shutdown and a fault of the worker
-itself. Over the recording fake bus, finisher and executors of test_bite_worker;
-deterministic, no NATS, no HTTP.
+refuses, a streamed job's chunk relay and a call cut short at shutdown (a fault of the worker
+itself and taking assignments: test_mut_workers_service_take.py). Over the recording fake
+bus, finisher and executors of test_bite_worker; deterministic, no NATS, no HTTP.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import anyio
 import pytest
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
-from test_bite_worker import ACK, FakeExecutor, RecordingFinisher, assignment, deadline, make_worker, take
+from test_bite_worker import ACK, FakeExecutor, RecordingFinisher, assignment, deadline, make_worker
 from test_mut_workers_service_conclude import Books
 from test_mut_workers_service_result import call
 
@@ -298,132 +298,4 @@ async def test_a_call_cut_short_at_shutdown_goes_back_at_once_and_is_not_counted
     assert [(e["event"], e["log_level"]) for e in logs] == [
         ("call abandoned at shutdown; job goes back to the queue", "warning")]
     assert worker.calls == 0 and worker.calling == {} and worker._cancel_scopes == {}
-    assert [(r.kind, r.terminal) for r in nc.reports()] == [("none", False)]
-
-
-# -- a fault of the worker -----------------------------------------------------------------------
-
-
-class Broken:
-    async def call(self, job, upstream, secret):
-        raise RuntimeError("bug")
-
-
-async def test_a_fault_of_the_worker_sends_the_job_back_and_frees_the_slot(monkeypatch):
-    worker, nc, finisher = make_worker(monkeypatch)
-    a = assignment()
-    worker.in_flight[a.id] = object()
-    with capture_logs() as logs:
-        await worker._run_traced(a, Broken())
-    assert finisher.log == [("nak", ACK, 1.0)] and worker.in_flight == {}
-    [line] = [entry for entry in logs if entry["log_level"] == "error"]
-    assert line["event"] == "assignment failed unexpectedly; job goes back to the queue"
-    assert line["error"] == "RuntimeError"
-    assert [(r.kind, r.terminal) for r in nc.reports()] == [("none", False)]
-
-
-async def test_a_failed_nak_after_a_fault_is_a_warning_and_the_slot_is_freed(monkeypatch):
-    worker, nc, finisher = make_worker(monkeypatch)
-
-    async def nak(ack, delay_s=0.0):
-        raise ConnectionError("away")
-
-    finisher.nak = nak
-    a = assignment()
-    worker.in_flight[a.id] = object()
-    with capture_logs() as logs:
-        await worker._run_traced(a, Broken())
-    [line] = [entry for entry in logs if entry["log_level"] == "warning"]
-    assert (line["event"], line["error"]) == ("nak failed; the job returns after ack_wait", "ConnectionError")
-    assert worker.in_flight == {} and [(r.kind, r.terminal) for r in nc.reports()] == [("none", False)]
-
-
-async def test_a_finished_job_frees_its_slot(monkeypatch):
-    worker, nc, finisher = make_worker(monkeypatch)
-    await take(worker, assignment())
-    assert worker.in_flight == {} and len(finisher.finished) == 1
-
-
-# -- taking an assignment -------------------------------------------------------------------------
-
-
-class Group:
-    """A task group that records what it is asked to start."""
-
-    def __init__(self):
-        self.started = []
-
-    def start_soon(self, fn, *args):
-        self.started.append(args)
-
-
-@pytest.mark.parametrize("tracestate, header", [
-    (None, {"traceparent": TRACEPARENT}),
-    ("vendor=1", {"traceparent": TRACEPARENT, "tracestate": "vendor=1"}),
-])
-async def test_an_assignment_is_started_with_its_own_trace_context(monkeypatch, tracestate, header):
-    worker, nc, finisher = make_worker(monkeypatch)
-    a = assignment().model_copy(update={"traceparent": TRACEPARENT, "tracestate": tracestate})
-    tg = Group()
-    await worker._take(a, "executor", tg, {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"})
-    [(started, executor, trace)] = tg.started
-    assert (started, executor, trace) == (a, "executor", header)
-    assert worker.in_flight[a.id].model_dump() == {"assignment": a.id, "key_id": "k1", "job_id": "j1"}
-
-
-async def test_an_older_leaders_assignment_keeps_the_message_header(monkeypatch):
-    worker, nc, finisher = make_worker(monkeypatch)
-    tg = Group()
-    older = {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}
-    await worker._take(assignment(), "executor", tg, older)
-    [(_, _, trace)] = tg.started
-    assert trace == older
-
-
-async def test_a_malformed_assignment_is_logged_and_ignored(monkeypatch):
-    from types import SimpleNamespace
-
-    worker, nc, finisher = make_worker(monkeypatch)
-    tg = Group()
-    with capture_logs() as logs:
-        await worker._on_assignments(SimpleNamespace(data=b"{not json"), "executor", tg)
-    assert tg.started == [] and worker.in_flight == {}
-    [line] = logs
-    assert (line["event"], line["log_level"], line["worker"]) == ("malformed assignment ignored", "error", "w-bite")
-
-
-async def test_a_batch_of_assignments_starts_each_with_the_message_header(monkeypatch):
-    from types import SimpleNamespace
-
-    from ratefleet.schemas.internal import batch_payload
-
-    worker, nc, finisher = make_worker(monkeypatch)
-    tg = Group()
-    one, two = assignment(job_id="j1"), assignment(job_id="j2")
-    msg = SimpleNamespace(data=batch_payload([one.model_dump_json().encode(), two.model_dump_json().encode()]),
-                          headers={"traceparent": TRACEPARENT})
-    await worker._on_assignments(msg, "executor", tg)
-    assert [(a.job_id, trace) for a, _, trace in tg.started] == [("j1", {"traceparent": TRACEPARENT}),
-                                                                 ("j2", {"traceparent": TRACEPARENT})]
-
-
-async def test_a_stale_assignment_is_dropped_with_a_warning(monkeypatch):
-    worker, nc, finisher = make_worker(monkeypatch)
-    worker.epoch = (5, 1)
-    tg = Group()
-    with capture_logs() as logs:
-        await worker._take(assignment(epoch=(4, 9)), "executor", tg, None)
-    assert tg.started == [] and worker.in_flight == {}
-    [line] = logs
-    assert line["event"] == "assignment from a former leader dropped" and line["log_level"] == "warning"
-    assert (line["worker"], line["job_id"], line["epoch"], line["current_epoch"]) == ("w-bite", "j1", [4, 9], [5, 1])
-
-
-async def test_a_draining_worker_hands_an_assignment_back_through_its_finisher(monkeypatch):
-    worker, nc, finisher = make_worker(monkeypatch)
-    books = Books(worker)
-    worker.draining = True
-    tg = Group()
-    await worker._take(assignment(), "executor", tg, None)
-    assert tg.started == [] and books.log == [("hand_back", 7, ACK, 0.0)] and finisher.log == [("nak", ACK, 0.0)]
     assert [(r.kind, r.terminal) for r in nc.reports()] == [("none", False)]

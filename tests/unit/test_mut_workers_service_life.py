@@ -1,7 +1,8 @@
 """A worker's life around its jobs (workers/service.py): its identity and settings
 (`__init__`), heartbeats (what they say, that reports go first, a lost beat), the keep-alive
 loop's cadence (`_keep_calls_alive`, on a fake clock), readiness, a new fleet config revision
-and warnings of pending key versions, the drain at shutdown and the whole `run`. Over the
+and warnings of pending key versions (the drain and the whole `run`:
+test_mut_workers_service_drain.py). Over the
 recording fake bus and finisher of test_bite_worker; deterministic, no NATS, no HTTP.
 """
 
@@ -14,11 +15,9 @@ import time
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
-import anyio
-import nats.errors
 import pytest
 from structlog.testing import capture_logs
-from test_bite_worker import ACK, BusWithAssignments, FakeExecutor, FakeNats, RecordingFinisher, assignment, make_worker
+from test_bite_worker import FakeNats, assignment, make_worker
 
 import ratefleet.workers.service as service
 from ratefleet.schemas.config import parse_config
@@ -227,172 +226,3 @@ async def test_a_config_revision_is_applied_told_to_the_leader_and_its_problems_
         "warning", "k3 v2", "version v2: RF_REV_K3 not set", 12)
     applied = logged("config revision applied")
     assert (applied["log_level"], applied["worker"], applied["revision"], applied["keys"]) == ("info", "w-bite", 12, 3)
-
-
-# -- the drain ----------------------------------------------------------------------------------------
-
-
-class Sub:
-    def __init__(self):
-        self.unsubscribed = 0
-
-    async def unsubscribe(self):
-        self.unsubscribed += 1
-
-
-def drained(monkeypatch, grace_s: float, heartbeat_s: float = 1.0):
-    worker, nc, finisher = make_worker(monkeypatch)
-    worker.config = worker.config.model_copy(update={"workers": worker.config.workers.model_copy(
-        update={"grace_s": grace_s, "heartbeat_s": heartbeat_s})})
-    return worker, nc, finisher
-
-
-async def test_a_drain_tells_the_leader_listens_a_moment_and_unsubscribes(monkeypatch):
-    worker, nc, finisher = drained(monkeypatch, grace_s=5.0, heartbeat_s=0.3)
-    sub = Sub()
-    started = time.monotonic()
-    with capture_logs() as logs:
-        await worker._drain(sub)
-    waited = time.monotonic() - started
-    assert 0.55 <= waited < 4.0, f"listened {waited:.2f}s, not 2 heartbeats"  # assignments sent meanwhile
-    assert worker.draining and sub.unsubscribed == 1
-    [beat] = beats(nc)
-    assert beat.draining is True
-    [line] = logs
-    assert (line["event"], line["worker"], line["in_flight"], line["grace_s"]) == ("worker draining", "w-bite", 0, 5.0)
-
-
-async def test_a_drain_listens_no_longer_than_its_grace(monkeypatch):
-    worker, nc, finisher = drained(monkeypatch, grace_s=0.2, heartbeat_s=5.0)
-    started = time.monotonic()
-    await worker._drain(Sub())
-    assert time.monotonic() - started < 3.0
-
-
-async def test_a_drain_waits_for_running_calls_then_cuts_them_short(monkeypatch):
-    worker, nc, finisher = drained(monkeypatch, grace_s=0.3, heartbeat_s=0.05)
-    a = assignment()
-    with anyio.fail_after(15):
-        async with anyio.create_task_group() as tg:
-            worker.in_flight[a.id] = InFlight(assignment=a.id, key_id="k1", job_id="j1")
-            tg.start_soon(worker._run_assignment, a, FakeExecutor(seconds=30))
-            await worker._drain(Sub())
-    assert finisher.log == [("nak", ACK, 0.0)] and worker.in_flight == {}
-    assert [(r.kind, r.terminal) for r in nc.reports()] == [("none", False)]
-
-
-async def test_a_drain_lets_a_call_within_its_grace_finish(monkeypatch):
-    worker, nc, finisher = drained(monkeypatch, grace_s=10.0, heartbeat_s=0.05)
-    a = assignment()
-    with anyio.fail_after(15):
-        async with anyio.create_task_group() as tg:
-            worker.in_flight[a.id] = InFlight(assignment=a.id, key_id="k1", job_id="j1")
-            tg.start_soon(worker._run_assignment, a, FakeExecutor(seconds=0.5))
-            await worker._drain(Sub())
-    assert [r.status for r in finisher.finished] == ["succeeded"] and "nak" not in finisher.kinds()
-
-
-async def test_a_drain_names_the_jobs_whose_result_was_not_stored(monkeypatch):
-    worker, nc, finisher = drained(monkeypatch, grace_s=0.0, heartbeat_s=0.05)
-    monkeypatch.setattr(service, "FINISH_BOUND_S", 0.1)
-    worker.in_flight["a9"] = InFlight(assignment="a9", key_id="k1", job_id="j9")  # storing, stuck
-    with capture_logs() as logs:
-        await worker._drain(Sub())
-    [line] = [e for e in logs if e["log_level"] == "error"]
-    assert line["event"].startswith("shutdown before this job's Result was stored")
-    assert (line["worker"], line["job_id"]) == ("w-bite", "j9")
-
-
-async def test_a_drain_that_cannot_unsubscribe_still_drains(monkeypatch):
-    worker, nc, finisher = drained(monkeypatch, grace_s=0.0, heartbeat_s=0.05)
-
-    class Gone:
-        async def unsubscribe(self):
-            raise ConnectionError("away")
-
-    await worker._drain(Gone())
-    assert worker.draining
-
-
-# -- the whole run ------------------------------------------------------------------------------------
-
-
-class Bus(BusWithAssignments):
-    """Also records the subscriptions and unsubscriptions; unsubscribing twice raises, as in
-    nats-py (the drain unsubscribes, then `run`'s cleanup tries again)."""
-
-    def __init__(self, *assignments):
-        super().__init__(*assignments)
-        self.subscribed, self.gone, self.callbacks = [], [], {}
-
-    async def subscribe(self, subject, cb=None, **kwargs):
-        self.subscribed.append((subject, kwargs))
-        self.callbacks[subject] = cb
-        sub = await super().subscribe(subject, cb=cb, **kwargs)
-
-        async def unsubscribe():
-            if subject in self.gone:
-                raise nats.errors.BadSubscriptionError
-            self.gone.append(subject)
-
-        return SimpleNamespace(unsubscribe=unsubscribe, inner=sub)
-
-
-async def test_a_run_listens_to_its_subjects_and_ends_with_a_last_heartbeat(monkeypatch):
-    monkeypatch.delenv("RF_RUN_K2", raising=False)
-    monkeypatch.setenv("RF_BITE_K1", "sk-bite-0000000000")
-    cfg = parse_config({"upstreams": {"u": {"base_url": "https://api.example.test"}},
-                        "pools": {"p": {"keys": [{"id": "k1", "secret": "env:RF_BITE_K1", "rps": 10},
-                                                 {"id": "k2", "secret": "env:RF_RUN_K2", "rps": 10}]}},
-                        "workers": {"heartbeat_s": 0.1, "grace_s": 5, "transport": "httpcore"}})
-    executor = FakeExecutor()
-    clients = []
-
-    def executor_for(client, limit):
-        clients.append((client, limit))
-        return executor
-
-    monkeypatch.setattr(service, "UpstreamExecutor", executor_for)
-    built, followers = [], []
-    real_build_client = service.build_client
-
-    def build_client(transport, slots, secret_headers):
-        built.append((transport, slots, list(secret_headers)))
-        return real_build_client(transport, slots, secret_headers)
-
-    class Follower:
-        def __init__(self, js, subjects, apply, **kwargs):
-            followers.append((js, subjects, apply, kwargs))
-
-        async def run(self):
-            await anyio.sleep_forever()
-
-    monkeypatch.setattr(service, "build_client", build_client)
-    monkeypatch.setattr(service, "ConfigFollower", Follower)
-    bus = Bus(assignment())
-    worker = Worker(cfg, bus, worker_id="w-run", slots=5, config_revision=3)
-    worker.finisher = finisher = RecordingFinisher()
-    stop = anyio.Event()
-    with capture_logs() as logs, anyio.fail_after(20):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(worker.run, stop)
-            while not finisher.finished:
-                await anyio.sleep(0.02)
-            stop.set()
-    assert executor.calls == 1 and worker.unusable == {"k2": "RF_RUN_K2 not set"}
-    assert [s for s, _ in bus.subscribed] == ["ratefleet.internal.leader", "ratefleet.internal.assign.w-run"]
-    assert bus.subscribed[1][1] == {"pending_msgs_limit": 0}, "assignments would be dropped past the default"
-    assert set(bus.gone) == {"ratefleet.internal.assign.w-run", "ratefleet.internal.leader"}
-    [(client, limit)] = clients
-    assert limit == cfg.workers.max_response_bytes and client.is_closed
-    last = beats(bus)[-1]
-    assert last.draining and last.in_flight == []
-    warned = [e for e in logs if e["event"].startswith("secret unusable on this worker")]
-    assert [(e["key_id"], e["problem"]) for e in warned] == [("k2", "RF_RUN_K2 not set")]
-    [started] = [e for e in logs if e["event"] == "worker started"]
-    assert (started["worker"], started["slots"], started["transport"]) == ("w-run", 5, "httpcore")
-    assert built == [("httpcore", 5, ["Authorization"])]
-    assert bus.callbacks["ratefleet.internal.leader"] == worker._on_leader, "the worker would never hear a leader"
-    [(js, subjects, apply, kwargs)] = followers
-    assert (subjects, apply, kwargs) == (worker.subjects, worker._apply_config, {"role": "worker", "revision": 3})
-    assert js is not None
