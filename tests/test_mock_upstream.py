@@ -159,7 +159,7 @@ def test_missing_or_unknown_secret_gets_401_and_no_secret_is_ever_echoed() -> No
 
 
 def test_unknown_secret_gets_default_limits_under_a_hashed_id() -> None:
-    with mock_and_client(default_rps=1, default_burst=2) as (mock, client):
+    with mock_and_client(default_rps=0.01, default_burst=2) as (mock, client):  # no refill within the test
         statuses = [client.post(CHAT, headers=bearer("sk-walk-in"), json=HELLO).status_code for _ in range(3)]
         assert statuses == [200, 200, 429]
         key_id = "unknown-" + hashlib.sha256(b"sk-walk-in").hexdigest()[:8]
@@ -167,7 +167,7 @@ def test_unknown_secret_gets_default_limits_under_a_hashed_id() -> None:
 
 
 def test_burst_passes_then_429_with_retry_after() -> None:
-    with mock_and_client(MockKey(id="k1", secret="sk-one", rps=1, burst=3)) as (mock, client):
+    with mock_and_client(MockKey(id="k1", secret="sk-one", rps=0.01, burst=3)) as (mock, client):  # no refill
         answers = [client.post(CHAT, headers=bearer("sk-one"), json=HELLO) for _ in range(5)]
         assert [a.status_code for a in answers] == [200, 200, 200, 429, 429]
         assert [a.headers["x-ratelimit-remaining-requests"] for a in answers] == ["2", "1", "0", "0", "0"]
@@ -179,14 +179,14 @@ def test_burst_passes_then_429_with_retry_after() -> None:
 
 
 def test_bucket_refills_after_one_over_rps_and_429s_spend_nothing() -> None:
-    # 2 rps: a token comes back after 0.5 s, so the three refusals hold on a loaded machine
+    # 1 rps: a token comes back after 1 s, so the three refusals hold on a loaded machine
     # (at 20 rps, three calls taking over 50 ms had already earned the next token)
-    with mock_and_client(MockKey(id="k1", secret="sk-one", rps=2, burst=1)) as (_, client):
+    with mock_and_client(MockKey(id="k1", secret="sk-one", rps=1, burst=1)) as (_, client):
         assert client.post(CHAT, headers=bearer("sk-one"), json=HELLO).status_code == 200
         refused = [client.post(CHAT, headers=bearer("sk-one"), json=HELLO) for _ in range(3)]
         assert [r.status_code for r in refused] == [429, 429, 429]
         assert refused[0].headers["x-ratelimit-reset-requests"].endswith("ms")
-        time.sleep(1 / 2 + 0.02)
+        time.sleep(1 + 0.02)
         assert client.post(CHAT, headers=bearer("sk-one"), json=HELLO).status_code == 200
 
 
@@ -207,7 +207,7 @@ def test_concurrency_cap_refuses_calls_beyond_it() -> None:
 
 
 def test_cost_per_minute_limits_tokens() -> None:
-    key = MockKey(id="k1", secret="sk-one", rps=1, burst=100, cost_per_minute=25)
+    key = MockKey(id="k1", secret="sk-one", rps=0.01, burst=100, cost_per_minute=25)  # no request refill
     with mock_and_client(key, tokens_per_call=10) as (_, client):
         answers = [client.post(CHAT, headers=bearer("sk-one"), json=HELLO) for _ in range(3)]
         assert [a.status_code for a in answers] == [200, 200, 429]

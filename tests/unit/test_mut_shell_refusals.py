@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import time
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 from structlog.testing import capture_logs
 
 from ratefleet.dispatcher.core.delivery import Incoming, Refused
+from ratefleet.dispatcher.shell import refusals
 from ratefleet.dispatcher.shell.refusals import finish_refused, refuse_incoming
 from ratefleet.schemas import ErrorCode, Job
 
@@ -47,13 +49,14 @@ def incoming() -> Incoming:
 
 async def test_a_job_refused_by_the_leader_gets_its_result_its_ack_and_a_replayable_dead_letter():
     finisher = Finisher()
-    await refuse_incoming(finisher, incoming(), ErrorCode.NO_KEY_AVAILABLE, "no pool serves 'u'", status="invalid")
+    job = incoming()
+    await refuse_incoming(finisher, job, ErrorCode.NO_KEY_AVAILABLE, "no pool serves 'u'", status="invalid")
     [(result, ack, reply_to)] = finisher.finished
     assert (ack, reply_to) == ("ack.1", "inbox.1")
     assert (result.job_id, result.status, result.tier, result.batch, result.attempts) == ("j1", "invalid", "vip", "b1", 2)
     assert (result.error.code, result.error.message) == (ErrorCode.NO_KEY_AVAILABLE, "no pool serves 'u'")
     assert result.metadata == {"m": 1} and result.trace_id == TP.split("-")[1]
-    assert result.timings.submitted_at.timestamp() == pytest.approx(incoming().submitted_at, abs=0.01)
+    assert result.timings.submitted_at.timestamp() == pytest.approx(job.submitted_at, abs=1e-6)
     assert 1500 < result.timings.total_ms < 60_000
     [(tier, job_id, job, raw)] = finisher.letters
     assert (tier, job_id, raw) == ("vip", "j1", None) and job["id"] == "j1" and job["batch"] == "b1"
@@ -128,14 +131,15 @@ async def test_a_dead_letter_that_fails_is_logged_with_the_job_and_the_error():
                     "error": "ConnectionError"}
 
 
-async def test_a_refused_jobs_times_are_utc_and_in_milliseconds():
+async def test_a_refused_jobs_times_are_utc_and_in_milliseconds(monkeypatch):
+    monkeypatch.setattr(refusals, "time", SimpleNamespace(time=lambda: 1_700_000_100.0))  # the refusal's clock
     finisher = Finisher()
-    job = incoming()
-    job = Incoming(**{**job.__dict__, "submitted_at": time.time() - 100.0})
+    job = Incoming(**{**incoming().__dict__, "submitted_at": 1_700_000_000.0})
     await refuse_incoming(finisher, job, ErrorCode.NO_KEY_AVAILABLE, "x")
     timings = finisher.finished[0][0].timings
     assert timings.submitted_at.utcoffset() == timedelta(0)
-    assert timings.total_ms == pytest.approx(100_000, abs=50)  # 100 s in ms (not 1.001 x)
+    assert timings.submitted_at.timestamp() == 1_700_000_000.0
+    assert timings.total_ms == pytest.approx(100_000.0)  # 100 s in ms (not 1.001 x)
 
 
 async def test_the_dead_letter_keeps_the_job_as_the_producer_wrote_it():

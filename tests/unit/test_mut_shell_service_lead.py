@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -54,14 +55,19 @@ class RecordedSession:
         await anyio.Event().wait()
 
 
-@pytest.mark.parametrize(("ago", "conservative"), [(None, False), (10.0, True), (64.0, True), (66.0, False)])
+NOW = 1_700_000_000.0  # the dispatcher's wall clock in these tests (epoch seconds)
+
+
+@pytest.mark.parametrize(("ago", "conservative"),
+                         [(None, False), (10.0, True), (64.0, True), (64.999, True), (65.0, False), (66.0, False)])
 async def test_a_new_leader_starts_empty_after_a_recent_leader_and_leads_until_the_lease_is_kept_no_more(
         monkeypatch, ago, conservative):
+    monkeypatch.setattr(service, "time", SimpleNamespace(time=lambda: NOW, monotonic=time.monotonic))
     monkeypatch.setattr(service, "LeaderSession", RecordedSession)
     RecordedSession.made.clear()
     nc = FakeNC()
     d = Dispatcher(config(), nc, dispatcher_id="d-3", config_revision=6)  # type: ignore[arg-type]
-    d.lease = LeadLease(None if ago is None else time.time() - ago)
+    d.lease = LeadLease(None if ago is None else NOW - ago)
     seen_during: list[Any] = []
 
     async def keep_lease() -> None:  # the lease is lost once the session runs
