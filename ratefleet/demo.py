@@ -39,9 +39,10 @@ def _job(i: int, tier: str) -> dict:
 
 
 def run_demo(guest_jobs: int = 400, vip_jobs: int = 20, workers: int = 2) -> int:
-    upstream_keys = [KeyLimit(key_id, rps, UPSTREAM_BURST) for key_id, rps in DEMO_KEYS.items()]
-    fleet_keys = [KeyLimit(key_id, rps, FLEET_BURST) for key_id, rps in DEMO_KEYS.items()]
-    with LocalFleet(upstream_keys, workers=workers, slots=32, claimed=fleet_keys) as fleet:
+    def keys(burst: int) -> list[KeyLimit]:
+        return [KeyLimit(key_id, rps, burst) for key_id, rps in DEMO_KEYS.items()]
+
+    with LocalFleet(keys(UPSTREAM_BURST), workers=workers, slots=32, claimed=keys(FLEET_BURST)) as fleet:
         return run_async(_drive, make_console(), fleet, guest_jobs, vip_jobs)
 
 

@@ -87,19 +87,12 @@ async def routed(nc, listener) -> None:
     loaded machine, fewer than ten messages that plain nats-py published right after both
     reconnected callbacks arrived within 10 s; not reproduced in 24 runs beside four busy
     loops. Core NATS is at most once around a reconnect; the fleet's jobs go through JetStream.)"""
-    probe = asyncio.Event()
-
-    async def on_probe(msg):
-        probe.set()
-
-    sub = await listener.subscribe("t.probe", cb=on_probe)
-    await listener.flush()
+    _, probe = await received(listener, "t.probe", 1)
     while not probe.is_set():
         await nc.publish("t.probe", b"?")
         await nc.flush()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(probe.wait(), 0.5)
-    await sub.unsubscribe()
 
 
 @pytest.mark.parametrize("coalesced", [False, True])
