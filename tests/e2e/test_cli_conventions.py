@@ -247,7 +247,8 @@ def test_sighup_leaves_up_and_its_worker_running(tmp_path):
     with running_mock(MockSettings(keys=mock_keys(rps=100, burst=10, ids=("k1",)), accept_unknown=False)) as upstream:
         config = _fleet_config(tmp_path, port, upstream.url)
         log = open(tmp_path / "up.log", "wb")
-        up = subprocess.Popen([sys.executable, "-m", "ratefleet", "up", "--config", str(config), "--workers", "1"],
+        up = subprocess.Popen([sys.executable, "-m", "ratefleet", "up", "--config", str(config), "--workers", "1",
+                               "--http-base-port", "0"],
                               env=clean_env(RF_TEST_K1=SECRETS["k1"]), cwd=tmp_path, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
         log.close()

@@ -53,7 +53,8 @@ def test_up_serves_jobs_submitted_from_another_terminal(tmp_path):
         path.write_text(tomli_w.dumps(config))
         env = {**os.environ, "RF_TEST_K1": SECRETS["k1"], "RF_TEST_K2": SECRETS["k2"], "RATEFLEET_LOG_FORMAT": "json"}
         env.pop("RATEFLEET_NATS_URL", None)
-        up = subprocess.Popen([sys.executable, "-m", "ratefleet", "up", "--config", str(path), "--workers", "2"],
+        up = subprocess.Popen([sys.executable, "-m", "ratefleet", "up", "--config", str(path), "--workers", "2",
+                               "--http-base-port", "0"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             jobs = tmp_path / "jobs.jsonl"

@@ -34,7 +34,8 @@ def test_up_with_gateway_serves_the_sdk_and_stops_it_on_ctrl_c(tmp_path):
         env = {**os.environ, "RF_TEST_K1": SECRETS["k1"], "RF_CALLER_APP": "rk-app-42", "RATEFLEET_LOG_FORMAT": "json"}
         env.pop("RATEFLEET_NATS_URL", None)
         up = subprocess.Popen([sys.executable, "-m", "ratefleet", "up", "--config", str(path), "--workers", "1",
-                               "--gateway"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               "--gateway", "--http-base-port", "0"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             ai = openai.OpenAI(base_url=f"http://127.0.0.1:{gateway_port}/v1", api_key="rk-app-42", max_retries=0,
                                timeout=20)

@@ -57,7 +57,8 @@ async def test_up_pushes_its_config_file_on_every_good_edit(tmp_path):
     env = {**os.environ, "RF_TEST_K1": SECRETS["k1"], "RATEFLEET_LOG_FORMAT": "json"}
     env.pop("RATEFLEET_NATS_URL", None)
     log = open(tmp_path / "up.log", "wb")
-    up = subprocess.Popen([sys.executable, "-m", "ratefleet", "up", "--config", str(path), "--workers", "1"],
+    up = subprocess.Popen([sys.executable, "-m", "ratefleet", "up", "--config", str(path), "--workers", "1",
+                           "--http-base-port", "0"],
                           env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         first = await wait_status(url, revision_everywhere(1))
