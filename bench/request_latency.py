@@ -7,10 +7,15 @@ as `Client.request` does, and the hops are read from wall clocks and the Result'
 
     publish+ack        the client's JetStream publish until its ack
     t0->stored         request start until the JOBS message's server timestamp
-    queued             stored -> the worker starts the call (Result.timings.queued_ms)
+    queued             stored -> the worker starts the call (Result.timings.queued_ms), split in
+      stored->handout    stored -> the dispatcher's assignment seen on NATS (the benchmark
+                         listens read-only to `<prefix>.internal.assign.*`)
+      handout->call      the assignment seen -> the worker starts the call
     upstream           the call (timings.upstream_ms)
     total              stored -> the Result is ready (timings.total_ms)
-    stored->client     the rest: the Result's store and the reply reaching the client
+    stored->client     the rest: the Result's store and the reply reaching the client, split in
+      ready->published   the Result ready -> its publish to RATEFLEET_RESULTS seen on NATS
+      published->client  that publish -> the reply reaching the client
     wall               request start until the reply
 
 Prints p50/p90 in ms; writes bench/results/request_latency.json.
@@ -37,15 +42,29 @@ from throughput import BenchFleet  # noqa: E402
 from ratefleet.client import Client, as_job  # noqa: E402
 from ratefleet.localfleet import KeyLimit  # noqa: E402
 from ratefleet.schemas import Result  # noqa: E402
+from ratefleet.schemas.internal import read_assignments  # noqa: E402
 
 JOB = {"request": {"path": "/v1/chat/completions", "json": {"model": "m", "messages": []}}}
-HOPS = ("publish+ack", "t0->stored", "queued", "upstream", "total", "stored->client", "wall")
+HOPS = ("publish+ack", "t0->stored", "queued", "stored->handout", "handout->call", "upstream", "total",
+        "stored->client", "ready->published", "published->client", "wall")
 
 
 async def measure(fleet: BenchFleet, requests: int, warm: int) -> list[tuple[float, ...]]:
     rows = []
+    seen: dict[tuple[str, str], float] = {}  # (what, job id) -> wall time the benchmark saw it on NATS
+
+    async def on_assign(msg) -> None:
+        now = time.time()
+        for assignment in read_assignments(msg.data):
+            seen.setdefault(("handout", assignment.job_id), now)
+
+    async def on_result(msg) -> None:
+        seen.setdefault(("published", msg.subject.rsplit(".", 1)[-1]), time.time())
+
     async with await Client.connect(fleet.nats_url) as client:
         await fleet.wait_ready(client)
+        await client.nc.subscribe(f"{client.subjects.prefix}.internal.assign.*", cb=on_assign)
+        await client.nc.subscribe(client.subjects.results(), cb=on_result)
         for i in range(warm + requests):
             model = as_job(JOB)
             inbox = client.nc.new_inbox()
@@ -57,9 +76,13 @@ async def measure(fleet: BenchFleet, requests: int, warm: int) -> list[tuple[flo
             t2 = time.time()
             timings = Result.from_json(msg.data).timings
             stored = timings.submitted_at.timestamp()
+            handout, published = seen[("handout", model.id)], seen[("published", model.id)]
+            ready = stored + timings.total_ms / 1e3
             if i >= warm:
-                rows.append(((t1 - t0) * 1e3, (stored - t0) * 1e3, timings.queued_ms, timings.upstream_ms,
-                             timings.total_ms, (t2 - stored) * 1e3 - timings.total_ms, (t2 - t0) * 1e3))
+                rows.append(((t1 - t0) * 1e3, (stored - t0) * 1e3, timings.queued_ms, (handout - stored) * 1e3,
+                             timings.queued_ms - (handout - stored) * 1e3, timings.upstream_ms,
+                             timings.total_ms, (t2 - ready) * 1e3, (published - ready) * 1e3,
+                             (t2 - published) * 1e3, (t2 - t0) * 1e3))
     return rows
 
 
