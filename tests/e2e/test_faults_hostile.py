@@ -265,6 +265,7 @@ async def test_hostile_reply_subject_cannot_purge_queue_or_spoof_results(tmp_pat
                 victims = [await client.submit(chat(1, id="v-1"), "normal", batch="victim"),
                            await client.submit(chat(2, id="v-2"), "normal", batch="victim")]
                 counts = await tracker.wait_stored("queued", ids, timeout=30)
+                await tracker.wait_stored("victim", victims, timeout=30)  # sent after the queue: may still run
                 victim_results = await tracker.results(victims, "victim")
                 step_downs = kit.logs().count("leadership ended")
                 figure("hostile reply subject", queued=n, jobs_in_stream_after_hostile=queued_now,
