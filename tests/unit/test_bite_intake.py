@@ -12,6 +12,8 @@ from datetime import UTC, datetime, timedelta, timezone
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ratefleet.dispatcher.shell.intake import Incoming, Refused, read_message
 from ratefleet.schemas.config import parse_config
@@ -108,6 +110,29 @@ def test_429s_do_not_count_toward_the_poison_limit_but_have_their_own_budget():
 ])
 def test_is_safe_reply(subject, safe):
     assert is_safe_reply(subject) is safe
+
+
+def _per_token_rule(subject: str) -> bool:
+    """The rule is_safe_reply's one regex scan stands for, token by token (after the length,
+    `$` and prefix checks): no empty token, no wildcard, no whitespace as str.isspace sees it."""
+    return all(t and "*" not in t and ">" not in t and not any(c.isspace() for c in t) for t in subject.split("."))
+
+
+# every character str.isspace calls whitespace (Unicode: NBSP, U+2028, U+3000, the ASCII
+# separators U+001C-U+001F, ...), so the regex's \s is held to exactly that set
+_SPACES = "".join(chr(c) for c in range(0x110000) if chr(c).isspace())
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.text(alphabet=st.sampled_from("ab_-.*>9\u00e9" + _SPACES), min_size=1, max_size=40))
+def test_is_safe_reply_is_the_per_token_rule(subject):
+    assert is_safe_reply(subject) is _per_token_rule(subject)  # (never `$...` nor the prefix here)
+    assert is_safe_reply("_INBOX." + subject) is _per_token_rule("_INBOX." + subject)
+
+
+@pytest.mark.parametrize("space", list(_SPACES))
+def test_every_kind_of_whitespace_is_refused(space):
+    assert not is_safe_reply(f"_INBOX.a{space}b")
 
 
 def test_a_custom_prefix_is_reserved_too():
