@@ -29,11 +29,20 @@ log = get_logger("ratefleet.role")
 
 
 async def _stop_on_signals(stop: anyio.Event) -> None:
+    """The first SIGTERM/SIGINT sets `stop`; later ones are logged and change nothing, for
+    as long as the role runs (its drain included). A Ctrl-C in a terminal reaches every
+    process of `ratefleet up` and the supervisor then sends each child SIGTERM: a second
+    signal must not kill a worker that is finishing paid calls (its jobs would be called
+    again). SIGKILL still stops a process at once."""
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
-            log.info("stopping", signal=signal.Signals(signum).name)
+            name = signal.Signals(signum).name
+            if stop.is_set():
+                log.info("already stopping; this signal does not cut the drain short (SIGKILL does, and the "
+                         "jobs in flight are then called again)", signal=name)
+                continue
+            log.info("stopping", signal=name)
             stop.set()
-            return
 
 
 def log_and_ignore_sighup() -> None:
@@ -83,12 +92,14 @@ async def _run_body(nc, body: Callable[[object, anyio.Event], Awaitable[None]]) 
         async with anyio.create_task_group() as tg:
             tg.start_soon(_stop_on_signals, stop)
             tg.start_soon(_log_sighup)
-            await body(nc, stop)
+            try:
+                await body(nc, stop)
+            finally:  # still under the signal receivers: a late SIGTERM/SIGINT is logged, not fatal
+                with anyio.CancelScope(shield=True):
+                    await nc.drain()
             tg.cancel_scope.cancel()
     finally:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the receiver put back the default (terminate)
-        with anyio.CancelScope(shield=True):
-            await nc.drain()
 
 
 async def dispatcher_main(config: Config, dispatcher_id: str | None = None, http: str | None = None) -> None:

@@ -163,3 +163,43 @@ async def test_draining_worker_hands_back_late_assignments_without_using_an_atte
         finally:
             await nc.close()
             kit.stop()
+
+
+@pytest.mark.parametrize("second", ["SIGTERM", "SIGINT"])
+async def test_a_second_signal_does_not_cut_a_workers_drain_short(tmp_path, nats_server, second):
+    """Ctrl-C in a terminal running `ratefleet up` sends SIGINT to every process of the fleet,
+    and the supervisor then sends each child SIGTERM: a worker gets two signals within
+    milliseconds. The second must not kill it while it finishes its paid calls (they would be
+    abandoned and called again): it finishes them, stores each Result once and exits 0."""
+    import signal
+
+    n, latency_ms = 6, 1500
+    with upstream(latency_ms=latency_ms) as mock:
+        kit = FleetKit(tmp_path, nats_server.url, mock.url, keys=fast_keys(), overrides={"workers": {"grace_s": 10}})
+        try:
+            kit.dispatcher("d1")
+            w1 = kit.worker("w1", slots=n)
+            async with await Client.connect(nats_server.url) as client, Tracker(nats_server.url) as tracker:
+                await wait_workers(client, {"w1"})
+                ids = await client.submit_many([chat(i) for i in range(n)], "normal", batch="twice")
+
+                async def all_in_flight():
+                    status = await status_or_none(client)
+                    return worker_in_flight(status, "w1") == n and status
+
+                await until(all_in_flight, 20, 0.05, "every job in flight on w1")
+                w1.send_signal(signal.SIGINT)
+                time.sleep(0.05)
+                w1.send_signal(getattr(signal, second))
+                rc = await wait_exit(w1, 15)
+                counts = await tracker.wait_stored("twice", ids, timeout=10)
+                results = await tracker.results(ids, "twice")
+                figure("second signal while draining", second=second, w1_exit_code=rc, stored=len(counts),
+                       upstream_calls=calls(mock))
+                assert rc == 0, f"w1 exited with {rc} after SIGINT + {second} (None: still running)"
+                assert_exactly_once(counts, ids)
+                assert all(r.status == "succeeded" and r.worker == "w1" and r.attempts == 1 for r in results.values())
+                assert calls(mock) == n, f"{calls(mock) - n} calls more than jobs: a paid call was abandoned"
+                assert "already stopping" in kit.logs()
+        finally:
+            kit.stop()
