@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -67,35 +68,87 @@ async def run_submit(file: Path, tier: str, batch: str | None, wait: bool, out: 
               out_format=out_format, by_input=by_input)
     # first: the name a resume needs (a run without --batch would make a new batch and pay again)
     say(f"batch {run.batch}" if batch else f"batch {run.batch}; re-run with --batch {run.batch} to resume")
-    async with await Client.connect(url, prefix=prefix, auth=auth) as client:
-        problem = await check_tier(client, tier)
+    work = _Work(run)  # what Ctrl-C stops; the report of what it left behind runs after it
+    try:
+        async with anyio.create_task_group() as guard:
+            guard.start_soon(_watch_sigint, work)
+            try:
+                return await _connected(run, work, file, skip_invalid, auth, console, say)
+            finally:
+                guard.cancel_scope.cancel()
+    finally:
+        if run.interrupted:  # the report is out and only the exit is left: one more Ctrl-C must not
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # turn it into a KeyboardInterrupt traceback
+
+
+class _Work:
+    """The steps Ctrl-C stops, one cancel scope each (`step()`); once interrupted, a step
+    that starts is cancelled at once."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.scope: anyio.CancelScope | None = None
+
+    def stop(self) -> None:
+        self.run.interrupted = True
+        if self.scope is not None:
+            self.scope.cancel()
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        with anyio.CancelScope() as scope:
+            if self.run.interrupted:
+                scope.cancel()
+            self.scope = scope
+            try:
+                yield
+            finally:
+                self.scope = None
+
+
+async def _watch_sigint(work: _Work) -> None:
+    """From before the connection until the command's last line: the first Ctrl-C stops the
+    work (the report of what is stored and the commands to carry on follow); later ones change
+    nothing, so they cannot cut that report short."""
+    with anyio.open_signal_receiver(signal.SIGINT) as signals:
+        async for _ in signals:
+            work.stop()
+
+
+async def _connected(run: Run, work: _Work, file: Path, skip_invalid: bool,
+                     auth: NatsAuthConfig | None, console, say) -> int:
+    client: Client | None = None
+    with work.step():
+        client = await Client.connect(run.url, prefix=run.prefix, auth=auth)
+    if client is None:  # Ctrl-C while connecting
+        say(f"interrupted before anything was sent; run it again with: {run.submit_command()}")
+        return 130
+    async with client:
+        problem: str | None = None
+        with work.step():
+            problem = await check_tier(client, run.tier)
+        if run.interrupted:
+            say(f"interrupted before anything was sent; run it again with: {run.submit_command()}")
+            return 130
         if problem:
             say(f"error: {problem}")
             return 2
         path = spool_stdin() if str(file) == "-" else file
         try:
             with Phases(console) as phases:
-                return await _interruptible(run, client, path, phases, skip_invalid)
+                return await _interruptible(run, work, client, path, phases, skip_invalid)
         finally:
             if path is not file:
                 path.unlink(missing_ok=True)
 
 
-async def _interruptible(run: Run, client: Client, path: Path, phases: Phases, skip_invalid: bool) -> int:
+async def _interruptible(run: Run, work: _Work, client: Client, path: Path, phases: Phases,
+                         skip_invalid: bool) -> int:
     code = 0
-    async with anyio.create_task_group() as tg:
-        async def watch() -> None:
-            with anyio.open_signal_receiver(signal.SIGINT) as signals:
-                async for _ in signals:
-                    run.interrupted = True
-                    tg.cancel_scope.cancel()
-                    return
-
-        tg.start_soon(watch)
+    with work.step():
         try:
             code = await _submit(run, client, path, phases, skip_invalid)
         finally:
-            tg.cancel_scope.cancel()
             run.flush_held()
             if run.sink is sys.stdout:
                 run.sink.flush()

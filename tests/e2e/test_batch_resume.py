@@ -191,3 +191,38 @@ async def test_ctrl_c_while_sending_then_the_printed_command_sends_only_the_rest
     async with await Client.connect(nats_server.url) as client:
         info = await client.js.stream_info(client.subjects.jobs_stream)
     assert info.state.messages == lines  # each line stored once, none twice
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("phase", ["submitting:", "stored "])
+async def test_a_second_ctrl_c_does_not_cut_the_resume_instructions_short(tmp_path, nats_server, phase):
+    """Ctrl-C pressed twice (while sending, and while `--wait` waits): one exit 130 with the
+    whole report and the commands to carry on, no traceback. The receiver lives from before
+    the connection until the last line, so the second signal finds it still there."""
+    async with await Client.connect(nats_server.url) as client:  # streams, no fleet: every job stays queued
+        await ensure_topology(client.js, parse_config({}))
+    sending = phase == "submitting:"  # a file long enough to be caught mid-send; else --wait waits forever
+    lines = 40_000 if sending else 50
+    file = tmp_path / "jobs.jsonl"
+    write_jobs(file, (chat_job(i) for i in range(lines)))
+    wait = [] if sending else ["--wait", "--out", str(tmp_path / "out.jsonl")]
+    proc = subprocess.Popen([sys.executable, "-m", "ratefleet", "submit", str(file), "--tier", "guest", "--batch",
+                             "twice", *wait, "--nats", nats_server.url], stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith(phase) and "(in " not in line:
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            break
+    seen.append(proc.communicate(timeout=60)[1])
+    err = "".join(seen)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "never retrieved" not in err, err
+    again = f"ratefleet submit {file} --tier guest --batch twice" + ("" if sending else f" --wait --out {tmp_path / 'out.jsonl'}")
+    if sending:
+        assert "interrupted while submitting:" in err and f"send the rest (stored lines are not sent again): {again}" in err, err
+    else:
+        assert "interrupted: 0 results written" in err and "50 of 50 jobs of batch twice are still queued" in err, err
+        assert "collect them with: ratefleet results --batch twice" in err and "or re-run" in err and again in err, err
