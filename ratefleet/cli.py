@@ -179,6 +179,9 @@ def submit(file: Path = typer.Argument(..., help="JSONL file, one Job per line (
         require_file(file, "jobs file")
     if out is None or str(out) != "-":  # `--out -`: stdout
         require_out_path(out)
+    if out is not None and str(out) != "-" and str(file) != "-" and out.exists() and out.samefile(file):
+        fail(f"--out {out} is the jobs file itself: writing Results there would erase the jobs before they are "
+             "sent; pass another path")
     target = client_target(config, nats, prefix)
     with _traced_from_environment():
         code = _run(run_submit, file, tier, batch, wait, out, skip_invalid, target.url, target.prefix, out_format,

@@ -32,7 +32,7 @@ from pathlib import Path
 import anyio
 
 from ratefleet.batches import BatchRecord, InputOrder, save_record
-from ratefleet.batchfile import LineError, Validation, iter_lines, line_of, parse_line, spool_stdin, validate_file
+from ratefleet.batchfile import IdSet, LineError, Validation, iter_lines, line_of, parse_line, spool_stdin, validate_file
 from ratefleet.cli_support import make_console
 from ratefleet.client import Client, Stored
 from ratefleet.phases import Phases
@@ -196,7 +196,7 @@ async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_inv
         if run.wait:
             await run.all_collected.wait()
         tg.cancel_scope.cancel()
-    return report_end(run, phases) if run.wait else 0
+    return report_end(run, phases) if run.wait else (1 if run.gone else 0)
 
 
 async def _validate(run: Run, path: Path, phases: Phases) -> Validation:
@@ -229,16 +229,23 @@ async def _validate(run: Run, path: Path, phases: Phases) -> Validation:
 
 def _jobs(run: Run, path: Path):
     """Pass 2: the valid lines again, as jobs. A line edited since pass 1 (its id is not one
-    pass 1 saw) is not sent: `--wait` could never count its Result."""
+    pass 1 saw) is not sent: `--wait` could never count its Result. At the end, the ids pass 1
+    saw that pass 2 did not (lines gone from a file that shrank or was rewritten meanwhile)
+    leave what `--wait` expects (`Run.sent_ids`) and are reported (`Run.gone`)."""
+    sent = IdSet()
     for number, text in iter_lines(path):
         try:
             job = parse_line(text, number, run.batch)
         except LineError:
             continue  # reported by pass 1 (--skip-invalid)
         if job.id in run.found.ids:
+            sent.add(job.id)
             yield job
         else:
             run.changed.append(number)
+    sent.freeze()
+    run.sent_ids = len(sent)
+    run.gone = max(0, len(run.found.ids) - len(sent) - len(run.changed))
 
 
 async def _publish_all(run: Run, client: Client, path: Path, phases: Phases) -> None:

@@ -226,3 +226,19 @@ async def test_a_second_ctrl_c_does_not_cut_the_resume_instructions_short(tmp_pa
     else:
         assert "interrupted: 0 results written" in err and "50 of 50 jobs of batch twice are still queued" in err, err
         assert "collect them with: ratefleet results --batch twice" in err and "or re-run" in err and again in err, err
+
+
+def test_out_naming_the_jobs_file_is_refused_and_the_file_kept(tmp_path):
+    """`submit F --out F` opened F for the Results before the send pass read it again: the
+    jobs file was emptied, nothing was sent, and the command said it stored 0 jobs with exit 0
+    (with --wait it hung). It is refused before anything is read, also through a symlink."""
+    file = tmp_path / "jobs.jsonl"
+    write_jobs(file, [chat_job(i) for i in range(3)])
+    before = file.read_text()
+    (tmp_path / "link.jsonl").symlink_to(file)
+    for out in (str(file), str(tmp_path / "link.jsonl")):
+        done = cli("submit", str(file), "--tier", "normal", "--out", out, "--nats", "nats://127.0.0.1:1")
+        assert done.returncode == 2, done.stderr
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "is the jobs file itself" in lines[0] and "pass another path" in lines[0], lines
+        assert file.read_text() == before

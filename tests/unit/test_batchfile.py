@@ -82,3 +82,41 @@ def test_id_set_membership_after_freeze():
     ids.add("job-5")
     assert ids.freeze() == 1 and len(ids) == 1000
     assert "job-999" in ids and "job-1000" not in ids
+
+
+def _send_pass(tmp_path, before: list[str], after: list[str]):
+    """Validate `before` (pass 1), then rewrite the file as `after` and read it as pass 2
+    does; the Run and the jobs pass 2 would send."""
+    from pathlib import Path
+
+    from ratefleet.submit_cmd import _jobs
+    from ratefleet.submit_report import Run
+
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("".join(line + "\n" for line in before))
+    run = Run(file=path, tier="normal", batch="b", wait=True, out=None, url="nats://127.0.0.1:4222",
+              prefix="ratefleet")
+    run.found = validate_file(path, "b")
+    assert run.expected == len(before)
+    path.write_text("".join(line + "\n" for line in after))
+    return run, list(_jobs(run, Path(path)))
+
+
+def test_lines_gone_between_the_two_passes_are_reported_and_not_waited_for(tmp_path):
+    """A file that shrinks while `submit` runs (e.g. `--out` pointed at it, or a rewrite):
+    what pass 1 counted but pass 2 no longer finds is `gone`, and `--wait` no longer waits
+    for it (it hung forever on a Result that could never come)."""
+    lines = [json.dumps({"request": {"path": f"/v1/x/{i}"}}) for i in range(5)]
+    run, sent = _send_pass(tmp_path, lines, lines[:2])
+    assert len(sent) == 2 and run.gone == 3 and run.expected == 2
+    run, sent = _send_pass(tmp_path, lines, [])
+    assert sent == [] and run.gone == 5 and run.expected == 0
+
+
+def test_an_edited_line_is_changed_not_gone_and_an_intact_file_loses_nothing(tmp_path):
+    lines = [json.dumps({"request": {"path": f"/v1/x/{i}"}}) for i in range(4)]
+    edited = [*lines[:3], json.dumps({"request": {"path": "/v1/other"}})]
+    run, sent = _send_pass(tmp_path, lines, edited)
+    assert len(sent) == 3 and run.changed == [4] and run.gone == 0 and run.expected == 3
+    run, sent = _send_pass(tmp_path, lines, lines)
+    assert len(sent) == 4 and run.changed == [] and run.gone == 0 and run.expected == 4
