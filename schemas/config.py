@@ -33,7 +33,7 @@ DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # TOML has inf and nan
 
 
 class NatsConfig(NatsAuthConfig):

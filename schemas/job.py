@@ -162,7 +162,7 @@ class HttpRequest(BaseModel):
 class Job(BaseModel):
     """One job. Only `request` is required (and `upstream` when several are configured)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)  # cost, cache_ttl_s
 
     id: str | None = Field(default=None, pattern=TOKEN_PATTERN)
     upstream: str | None = None

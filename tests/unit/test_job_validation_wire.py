@@ -305,3 +305,30 @@ async def test_obs_text_header_values_go_out_as_latin_1_bytes_and_the_key_once()
     assert result.kind == "ok"
     assert (b"X-Title", b"Caf\xe9") in seen[0]
     assert [v for k, v in seen[0] if k.lower() == b"authorization"] == [b"Bearer sk-test-SECRET-123456"]
+
+
+@pytest.mark.parametrize("field", ["cost", "cache_ttl_s"])
+@pytest.mark.parametrize("number", ["Infinity", "-Infinity", "NaN", "1e400"])
+def test_a_job_field_that_is_not_a_finite_number_is_refused_by_every_entry_point(field, number):
+    """`"cost": Infinity` passed the Client and `submit` and ended `invalid` only at intake
+    (pydantic writes inf as null); NaN was refused with a misleading "greater than or equal
+    to 0". Every entry point now refuses it as not finite, before anything is sent."""
+    text = '{"request": {"path": "/v1/x"}, "%s": %s}' % (field, number)
+    error = rejected(text.encode())  # intake and rpc
+    assert error.code == ErrorCode.INVALID_JOB and field in error.message and "finite" in error.message, error.message
+    with pytest.raises(JobInvalid, match=rf"{field}.*finite"):  # the Client (`as_job`), `ratefleet request`
+        as_job({"request": {"path": "/v1/x"}, field: float(number)})
+    with pytest.raises(LineError, match=rf"{field}.*finite"):  # `ratefleet submit`
+        parse_line(text, 1, "b")
+
+
+@pytest.mark.parametrize("line", ["rps = inf", "rps = nan", "rps = 5\nburst = inf",
+                                  "rps = 5\ncost_per_minute = inf"])
+def test_a_config_limit_that_is_not_a_finite_number_is_refused(line):
+    """TOML has `inf` and `nan`: `rps = inf` was accepted (pydantic's `gt=0` lets inf through)."""
+    import tomllib
+
+    doc = tomllib.loads('[upstreams.u]\nbase_url = "http://127.0.0.1:9"\n[[pools.p.keys]]\nid = "k"\n'
+                       f'secret = "env:X"\n{line}\n')
+    with pytest.raises(Exception, match=r"pools\.p\.keys\.0\.\w+: Input should be a finite number"):
+        parse_config(doc)
