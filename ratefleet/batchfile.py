@@ -160,6 +160,10 @@ class Validation:
     error_count: int = 0
     repeated_ids: int = 0
     ids: IdSet = field(default_factory=IdSet)
+    # lines whose metadata.custom_id (an OpenAI Batch line's) repeats an earlier line's: OpenAI's
+    # Batch API refuses such a file, and their Results could not be told apart in its output
+    repeated_custom_ids: int = 0
+    custom_ids: IdSet = field(default_factory=IdSet)
     gaps: list[list[int]] | None = field(default_factory=list)
 
     def gap(self, start: int, end: int) -> None:
@@ -196,5 +200,9 @@ def validate_file(path: Path, batch: str, progress: Callable[[int], None] | None
             found.gap(number, number)
         found.jobs += 1
         found.ids.add(job.id)
+        custom_id = job.metadata.get("custom_id")
+        if isinstance(custom_id, str):
+            found.custom_ids.add(custom_id)
     found.repeated_ids = found.ids.freeze()
+    found.repeated_custom_ids = found.custom_ids.freeze()
     return found

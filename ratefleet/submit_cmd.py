@@ -165,6 +165,12 @@ async def _interruptible(run: Run, work: _Work, client: Client, path: Path, phas
 
 async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_invalid: bool) -> int:
     found = await _validate(run, path, phases)
+    if found.repeated_custom_ids:  # not a bad line to skip: which of the lines is meant cannot be told
+        n = found.repeated_custom_ids
+        phases.print(f"{n:,} {'line repeats' if n == 1 else 'lines repeat'} the custom_id of an earlier line; OpenAI's Batch "
+                     "API refuses such a file and their Results could not be told apart; nothing was submitted: "
+                     "give each line its own custom_id")
+        return 2
     if found.error_count and not skip_invalid:
         phases.print("nothing was submitted; fix the lines above or pass --skip-invalid")
         return 2

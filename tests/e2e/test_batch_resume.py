@@ -242,3 +242,21 @@ def test_out_naming_the_jobs_file_is_refused_and_the_file_kept(tmp_path):
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and "is the jobs file itself" in lines[0] and "pass another path" in lines[0], lines
         assert file.read_text() == before
+
+
+@pytest.mark.anyio
+async def test_an_openai_batch_file_with_a_repeated_custom_id_is_refused_before_sending(tmp_path, nats_server):
+    """As OpenAI's Batch API and the gateway's /v1/batches refuse it; --skip-invalid cannot
+    skip it (which of the two lines is meant cannot be told): exit 2, nothing stored."""
+    async with await Client.connect(nats_server.url) as client:
+        await ensure_topology(client.js, parse_config({}))
+    file = tmp_path / "batch.jsonl"
+    write_jobs(file, [{"custom_id": c, "method": "POST", "url": "/v1/chat/completions",
+                       "body": {"model": "m", "messages": [{"role": "user", "content": str(i)}]}}
+                      for i, c in enumerate(["c1", "c2", "c1"])])
+    done = cli("submit", str(file), "--tier", "normal", "--skip-invalid", "--nats", nats_server.url)
+    assert done.returncode == 2, done.stderr
+    assert "1 line repeats the custom_id of an earlier line" in done.stderr and "nothing was submitted" in done.stderr
+    async with await Client.connect(nats_server.url) as client:
+        info = await client.js.stream_info(client.subjects.jobs_stream)
+    assert info.state.messages == 0

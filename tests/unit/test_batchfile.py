@@ -120,3 +120,18 @@ def test_an_edited_line_is_changed_not_gone_and_an_intact_file_loses_nothing(tmp
     assert len(sent) == 3 and run.changed == [4] and run.gone == 0 and run.expected == 3
     run, sent = _send_pass(tmp_path, lines, lines)
     assert len(sent) == 4 and run.changed == [] and run.gone == 0 and run.expected == 4
+
+
+def test_repeated_custom_ids_are_counted_by_the_validation_pass(tmp_path):
+    """OpenAI's Batch API refuses a file whose custom_ids repeat (so does the gateway's
+    /v1/batches); `submit` sent it and wrote two output lines with the same custom_id."""
+    def line(custom_id: str, text: str) -> str:
+        return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+                           "body": {"model": "m", "messages": [{"role": "user", "content": text}]}})
+
+    path = tmp_path / "batch.jsonl"
+    path.write_text("\n".join([line("c1", "a"), line("c2", "b"), line("c1", "c"), line("c3", "d")]) + "\n")
+    found = validate_file(path, "b")
+    assert found.jobs == 4 and found.repeated_custom_ids == 1
+    path.write_text("\n".join([line("c1", "a"), line("c2", "b")]) + "\n")
+    assert validate_file(path, "b").repeated_custom_ids == 0
