@@ -281,8 +281,7 @@ def mock_upstream(port: int = typer.Option(8900, "--port"), host: str = typer.Op
     settings = MockSettings(host=host, port=port, keys=keys, default_rps=rps, default_burst=burst,
                             latency_ms=latency_ms, latency_jitter_ms=latency_jitter_ms, fail_rate=fail_rate,
                             fail_status=fail_status)
-    typer.echo(f"mock upstream on http://{host}:{port} (stats: /_mock/stats)")
-    serve_forever(settings)
+    serve_forever(settings, announce=typer.echo)  # one line, once bound (with --port 0 the port it got)
 
 
 @app.command()

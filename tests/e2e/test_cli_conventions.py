@@ -282,3 +282,20 @@ def test_credentials_in_the_nats_url_never_reach_the_terminal(tmp_path):
     done = cli("status", "--config", "creds.toml", cwd=tmp_path)
     assert done.returncode == 1 and "nothing answers at nats://alice:***@127.0.0.1:" in done.stderr, done.stderr
     assert "s3cret-pw" not in done.stderr + done.stdout
+
+
+def test_mock_upstream_says_once_where_it_listens_with_the_port_it_got(tmp_path):
+    """It printed two lines, the first before binding (`--port 0` showed port 0)."""
+    import httpx
+
+    mock = subprocess.Popen([sys.executable, "-m", "ratefleet", "mock-upstream", "--port", "0", "--key",
+                             "k1=sk-x:rps=5"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = mock.stdout.readline()
+        found = re.match(r"mock upstream listening on (http://127\.0\.0\.1:(\d+)) \(1 keys\)", first)
+        assert found and int(found[2]) > 0, first
+        assert httpx.get(found[1] + "/_mock/stats", timeout=10).status_code == 200
+    finally:
+        mock.terminate()
+        out, err = mock.communicate(timeout=15)
+    assert "listening" not in out + err, (out, err)  # no second announcement
