@@ -94,6 +94,9 @@ def require_file(path: Path, what: str = "input file") -> Path:
         fail(f"{what} {path} does not exist; check the path (relative paths start at {Path.cwd()})")
     if path.is_dir():
         fail(f"{what} {path} is a directory; pass a file")
+    if not path.is_file():
+        fail(f"{what} {path} is not a regular file (a pipe, socket or device); pass a regular file, or feed "
+             "it on standard input as '-' where the command takes that")
     fail(f"{what} {path} cannot be read; check its permissions")
 
 

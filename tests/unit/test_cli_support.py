@@ -78,3 +78,20 @@ def test_tiers_for_help_come_from_the_config_named_on_the_command_line(tmp_path,
 ])
 def test_nats_credentials_are_masked(url, shown):
     assert redact_url(url) == shown
+
+
+def test_a_fifo_as_input_file_is_named_for_what_it_is(tmp_path, capsys):
+    """A FIFO was reported as "cannot be read; check its permissions"."""
+    import os
+
+    import typer
+
+    from ratefleet.cli_support import require_file
+
+    fifo = tmp_path / "jobs.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(typer.Exit) as exit_info:
+        require_file(fifo, "jobs file")
+    assert exit_info.value.exit_code == 2
+    err = capsys.readouterr().err
+    assert "is not a regular file (a pipe, socket or device)" in err and "permissions" not in err, err
