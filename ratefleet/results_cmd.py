@@ -256,6 +256,9 @@ def _report(console: Console, run: Collect, out: Path | None, interrupted: bool,
     elif missing > 0:
         say(f"{missing:,} jobs have no Result yet; wait for them with: {shlex.join(again)}")
     if record is None and run.count == 0:
+        say(f"no batch {run.batch} is known at {redact_url(url)}" + ("" if prefix == "ratefleet" else f" (prefix {prefix})")
+            + ": no record of its submit and no Result; check the name (`ratefleet submit` printed it first) and "
+            "--nats, or it is older than the streams keep")
         return 2
     failed = run.count - run.statuses.get("succeeded", 0)
     return 0 if failed == 0 and missing <= 0 and not run.stale else 1

@@ -260,3 +260,15 @@ async def test_an_openai_batch_file_with_a_repeated_custom_id_is_refused_before_
     async with await Client.connect(nats_server.url) as client:
         info = await client.js.stream_info(client.subjects.jobs_stream)
     assert info.state.messages == 0
+
+
+@pytest.mark.anyio
+async def test_results_of_an_unknown_batch_says_so_and_what_to_check(tmp_path, nats_server):
+    """It said "0 results (no Results stored yet)", as if the batch were still running (e.g.
+    a typo, or `ratefleet up` started from another folder with an empty embedded store)."""
+    async with await Client.connect(nats_server.url) as client:
+        await ensure_topology(client.js, parse_config({}))
+    done = cli("results", "--batch", "nosuch-batch", "--nats", nats_server.url)
+    assert done.returncode == 2, done.stderr
+    assert f"no batch nosuch-batch is known at {nats_server.url}" in done.stderr, done.stderr
+    assert "check the name" in done.stderr and "--nats" in done.stderr
