@@ -19,6 +19,7 @@ Memory: nothing here holds more than one line, except `IdSet`, 8 bytes per job (
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import sys
@@ -102,11 +103,23 @@ def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
                 yield number, text
 
 
-def spool_stdin() -> Path:
-    """Copy stdin to a temporary file (constant memory) so it can be read twice."""
-    handle = tempfile.NamedTemporaryFile("wb", prefix="ratefleet-stdin-", suffix=".jsonl", delete=False)
+def spool_stdin(target: Path | None = None) -> Path:
+    """Copy stdin to `target` (default: a new temporary file) in constant memory, so it can be
+    read twice; the path written. It reads the file descriptor itself, not `sys.stdin.buffer`:
+    a copy abandoned in a daemon thread (Ctrl-C) then holds no lock that the interpreter needs
+    at exit ("could not acquire lock for <stdin> at interpreter shutdown")."""
+    if target is None:
+        handle = tempfile.NamedTemporaryFile("wb", prefix="ratefleet-stdin-", suffix=".jsonl", delete=False)
+    else:
+        handle = target.open("wb")
     with handle:
-        shutil.copyfileobj(sys.stdin.buffer, handle, 1 << 20)
+        try:
+            fd = sys.stdin.fileno()
+        except (AttributeError, OSError, ValueError):  # no real descriptor (e.g. replaced in tests)
+            shutil.copyfileobj(sys.stdin.buffer, handle, 1 << 20)
+        else:
+            while chunk := os.read(fd, 1 << 20):
+                handle.write(chunk)
     return Path(handle.name)
 
 

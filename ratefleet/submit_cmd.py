@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
@@ -133,13 +134,48 @@ async def _connected(run: Run, work: _Work, file: Path, skip_invalid: bool,
         if problem:
             say(f"error: {problem}")
             return 2
-        path = spool_stdin() if str(file) == "-" else file
+        path = await _spool_stdin(work) if str(file) == "-" else file
+        if path is None:  # Ctrl-C while reading standard input
+            say(f"interrupted while reading standard input; nothing was sent; run it again with: "
+                f"{run.submit_command()}")
+            return 130
         try:
             with Phases(console) as phases:
                 return await _interruptible(run, work, client, path, phases, skip_invalid)
         finally:
             if path is not file:
                 path.unlink(missing_ok=True)
+
+
+async def _spool_stdin(work: _Work) -> Path | None:
+    """Standard input copied to a temporary file, or None when Ctrl-C came first (the file is
+    then removed). The copy runs in a daemon thread: a blocking read in the event loop would
+    hold the Ctrl-C back until the producer closes the pipe, and an abandoned copy must not
+    keep the process from exiting."""
+    handle = tempfile.NamedTemporaryFile("wb", prefix="ratefleet-stdin-", suffix=".jsonl", delete=False)
+    handle.close()
+    path = Path(handle.name)
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    def copy() -> None:
+        try:
+            spool_stdin(path)
+        except BaseException as exc:  # noqa: BLE001 - raised again below, in the command
+            failure.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=copy, name="ratefleet-stdin", daemon=True).start()
+    with work.step():
+        while not done.is_set():
+            await anyio.sleep(0.05)
+    if not done.is_set() or failure:
+        path.unlink(missing_ok=True)
+        if failure and done.is_set():
+            raise failure[0]
+        return None
+    return path
 
 
 async def _interruptible(run: Run, work: _Work, client: Client, path: Path, phases: Phases,
@@ -198,11 +234,14 @@ async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_inv
             run.submitted = True
             await _save(client, run, "submitted")
         report_end(run, phases, submitted_only=True)
+        if run.unsent:  # what --wait would wait for is not known: never a wrong "complete", never a hang
+            tg.cancel_scope.cancel()
+            return 1
         run.check_collected()
         if run.wait:
             await run.all_collected.wait()
         tg.cancel_scope.cancel()
-    return report_end(run, phases) if run.wait else (1 if run.gone else 0)
+    return report_end(run, phases) if run.wait else 0
 
 
 async def _validate(run: Run, path: Path, phases: Phases) -> Validation:
@@ -235,9 +274,9 @@ async def _validate(run: Run, path: Path, phases: Phases) -> Validation:
 
 def _jobs(run: Run, path: Path):
     """Pass 2: the valid lines again, as jobs. A line edited since pass 1 (its id is not one
-    pass 1 saw) is not sent: `--wait` could never count its Result. At the end, the ids pass 1
-    saw that pass 2 did not (lines gone from a file that shrank or was rewritten meanwhile)
-    leave what `--wait` expects (`Run.sent_ids`) and are reported (`Run.gone`)."""
+    pass 1 saw) is not sent: `--wait` could never count its Result. At the end, `Run.unsent`
+    is how many distinct ids pass 1 validated that pass 2 did not send (lines edited, or gone
+    from a file that shrank or was rewritten meanwhile)."""
     sent = IdSet()
     for number, text in iter_lines(path):
         try:
@@ -250,8 +289,7 @@ def _jobs(run: Run, path: Path):
         else:
             run.changed.append(number)
     sent.freeze()
-    run.sent_ids = len(sent)
-    run.gone = max(0, len(run.found.ids) - len(sent) - len(run.changed))
+    run.unsent = len(run.found.ids) - len(sent)
 
 
 async def _publish_all(run: Run, client: Client, path: Path, phases: Phases) -> None:

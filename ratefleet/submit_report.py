@@ -46,8 +46,7 @@ class Run:
     foreign_queued_more: int = 0
     results_before: int = 0  # Results the batch had when this run started
     changed: list[int] = field(default_factory=list)  # lines edited between the two passes (not sent)
-    sent_ids: int | None = None  # distinct ids the send pass found (None until it has read the whole file)
-    gone: int = 0            # ids of the validation pass that the send pass no longer found (not sent)
+    unsent: int = 0          # distinct ids the validation pass found that the send pass did not send
     collected: int = 0       # this batch's Results seen by --wait
     statuses: Counter = field(default_factory=Counter)
     written: int = 0
@@ -60,10 +59,6 @@ class Run:
 
     @property
     def expected(self) -> int:
-        """How many Results `--wait` waits for: this run's distinct ids, less those stored under
-        another batch and those not sent (edited or gone between the two passes)."""
-        if self.sent_ids is not None:
-            return self.sent_ids - self.foreign
         return (len(self.found.ids) if self.found else 0) - self.foreign - len(self.changed)
 
     def write(self, result: Result) -> None:
@@ -151,9 +146,11 @@ def report_end(run: Run, phases, *, submitted_only: bool = False) -> int:
         if run.changed:
             phases.print(f"{len(run.changed):,} lines changed while this command ran and were not sent (first: "
                          f"line {run.changed[0]}); run the command again to send them")
-        if run.gone:
-            phases.print(f"{run.gone:,} valid lines were gone from {run.file} when they were to be sent (it shrank "
-                         "or was rewritten while this command ran) and were not sent; exit code 1")
+        if run.unsent:
+            phases.print(f"{run.unsent:,} of the {len(run.found.ids):,} validated jobs were not sent: {run.file} changed "
+                         "while this command ran (lines edited, or gone as it shrank or was rewritten)"
+                         + (" and this run does not wait for Results" if run.wait else "")
+                         + f"; exit code 1. Run the same command again to send them: {run.submit_command()}")
         if not run.wait:
             phases.print(f"collect the Results with: {run.results_command()}")
         return 0
@@ -165,7 +162,7 @@ def report_end(run: Run, phases, *, submitted_only: bool = False) -> int:
     if skipped:  # --skip-invalid: those lines were not done, so the batch did not all succeed
         phases.print(f"{skipped:,} invalid lines were skipped (not submitted); exit code 1")
     ok = (run.statuses.get("succeeded", 0) == run.written and not (run.foreign_queued or run.foreign_queued_more)
-          and not run.changed and not run.gone and not skipped)
+          and not run.changed and not run.unsent and not skipped)
     return 0 if ok else 1
 
 

@@ -272,3 +272,35 @@ async def test_results_of_an_unknown_batch_says_so_and_what_to_check(tmp_path, n
     assert done.returncode == 2, done.stderr
     assert f"no batch nosuch-batch is known at {nats_server.url}" in done.stderr, done.stderr
     assert "check the name" in done.stderr and "--nats" in done.stderr
+
+
+@pytest.mark.anyio
+async def test_ctrl_c_while_submit_reads_a_pipe_that_stays_open(tmp_path, nats_server):
+    """`ratefleet submit -` copies standard input before validating it; a producer that never
+    closes the pipe (or a terminal) must not hold the Ctrl-C back: exit 130 at once, nothing
+    sent, the spool file removed."""
+    import glob
+    import tempfile
+
+    async with await Client.connect(nats_server.url) as client:
+        await ensure_topology(client.js, parse_config({}))
+    spools = set(glob.glob(f"{tempfile.gettempdir()}/ratefleet-stdin-*"))
+    proc = subprocess.Popen([sys.executable, "-m", "ratefleet", "submit", "-", "--tier", "guest", "--batch", "pipe",
+                             "--nats", nats_server.url], stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        proc.stdin.write(json.dumps(chat_job(0)) + "\n")
+        proc.stdin.flush()
+        assert proc.stderr.readline().startswith("batch pipe")
+        time.sleep(1.0)  # connected, tier checked, copying the pipe (it stays open)
+        proc.send_signal(signal.SIGINT)
+        err = proc.stderr.read() if proc.wait(timeout=15) is not None else ""
+    finally:
+        proc.stdin.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted while reading standard input; nothing was sent" in err, err
+    assert set(glob.glob(f"{tempfile.gettempdir()}/ratefleet-stdin-*")) <= spools
+    async with await Client.connect(nats_server.url) as client:
+        info = await client.js.stream_info(client.subjects.jobs_stream)
+    assert info.state.messages == 0

@@ -97,29 +97,41 @@ def _send_pass(tmp_path, before: list[str], after: list[str]):
     run = Run(file=path, tier="normal", batch="b", wait=True, out=None, url="nats://127.0.0.1:4222",
               prefix="ratefleet")
     run.found = validate_file(path, "b")
-    assert run.expected == len(before)
+    assert run.expected == len(run.found.ids)
     path.write_text("".join(line + "\n" for line in after))
     return run, list(_jobs(run, Path(path)))
 
 
-def test_lines_gone_between_the_two_passes_are_reported_and_not_waited_for(tmp_path):
+def test_lines_gone_between_the_two_passes_are_counted_as_unsent(tmp_path):
     """A file that shrinks while `submit` runs (e.g. `--out` pointed at it, or a rewrite):
-    what pass 1 counted but pass 2 no longer finds is `gone`, and `--wait` no longer waits
-    for it (it hung forever on a Result that could never come)."""
+    the distinct ids pass 1 validated that pass 2 did not send are `unsent` (then `submit`
+    exits 1 and does not wait: `--wait` hung forever on Results that could never come)."""
     lines = [json.dumps({"request": {"path": f"/v1/x/{i}"}}) for i in range(5)]
     run, sent = _send_pass(tmp_path, lines, lines[:2])
-    assert len(sent) == 2 and run.gone == 3 and run.expected == 2
+    assert len(sent) == 2 and run.unsent == 3
     run, sent = _send_pass(tmp_path, lines, [])
-    assert sent == [] and run.gone == 5 and run.expected == 0
+    assert sent == [] and run.unsent == 5
 
 
-def test_an_edited_line_is_changed_not_gone_and_an_intact_file_loses_nothing(tmp_path):
+def test_unsent_counts_ids_not_lines_with_repeats_edits_and_invalid_lines(tmp_path):
+    """Subtracting edited lines from lost ids undercounted: a line repeating an earlier one's
+    id, or an invalid line filled in, is edited without taking an id of pass 1 with it."""
+    a = json.dumps({"id": "a", "request": {"path": "/v1/a"}})
+    c = json.dumps({"id": "c", "request": {"path": "/v1/c"}})
+    x = json.dumps({"id": "x", "request": {"path": "/v1/x"}})
+    run, sent = _send_pass(tmp_path, [a, a, c], [a, x])          # c gone, the repeat of a edited
+    assert [job.id for job in sent] == ["a"] and run.changed == [2] and run.unsent == 1
+    run, sent = _send_pass(tmp_path, [a, "{not json", c], [a, x])  # c gone, the invalid line edited
+    assert [job.id for job in sent] == ["a"] and run.unsent == 1
+
+
+def test_an_edited_line_is_changed_and_unsent_and_an_intact_file_loses_nothing(tmp_path):
     lines = [json.dumps({"request": {"path": f"/v1/x/{i}"}}) for i in range(4)]
     edited = [*lines[:3], json.dumps({"request": {"path": "/v1/other"}})]
     run, sent = _send_pass(tmp_path, lines, edited)
-    assert len(sent) == 3 and run.changed == [4] and run.gone == 0 and run.expected == 3
+    assert len(sent) == 3 and run.changed == [4] and run.unsent == 1
     run, sent = _send_pass(tmp_path, lines, lines)
-    assert len(sent) == 4 and run.changed == [] and run.gone == 0 and run.expected == 4
+    assert len(sent) == 4 and run.changed == [] and run.unsent == 0 and run.expected == 4
 
 
 def test_repeated_custom_ids_are_counted_by_the_validation_pass(tmp_path):
