@@ -123,6 +123,9 @@ def spool_stdin(target: Path | None = None) -> Path:
     return Path(handle.name)
 
 
+REPEATS_KEPT = 10  # repeated ids whose lines `submit` names (the count covers them all)
+
+
 class IdSet:
     """The job ids of one run as 64-bit hashes, 8 bytes each: 256 arrays by the hash's top byte,
     each sorted by `freeze()` (so sorting never needs more than 1/256 of them as Python ints);
@@ -132,6 +135,9 @@ class IdSet:
         self._buckets = [array("Q") for _ in range(256)]
         self._frozen = False
         self._size = 0
+        # hashes of ids added more than once (the first REPEATS_KEPT found by `freeze()`), so a
+        # later pass can name the lines that repeat an id
+        self.repeated: set[int] = set()
 
     def add(self, job_id: str) -> None:
         key = id_hash(job_id)
@@ -143,6 +149,9 @@ class IdSet:
         dropped = 0
         for index, bucket in enumerate(self._buckets):
             unique = array("Q", sorted(set(bucket)))
+            if len(unique) < len(bucket) and len(self.repeated) < REPEATS_KEPT:
+                ordered = sorted(bucket)
+                self.repeated.update(key for key, after in zip(ordered, ordered[1:]) if key == after)
             dropped += len(bucket) - len(unique)
             self._buckets[index] = unique
         self._frozen = True

@@ -33,14 +33,14 @@ from pathlib import Path
 import anyio
 
 from ratefleet.batches import BatchRecord, InputOrder, save_record
-from ratefleet.batchfile import IdSet, LineError, Validation, iter_lines, line_of, parse_line, spool_stdin, validate_file
+from ratefleet.batchfile import IdSet, LineError, Validation, id_hash, iter_lines, line_of, parse_line, spool_stdin, validate_file
 from ratefleet.cli_support import make_console
 from ratefleet.client import Client, Stored
 from ratefleet.phases import Phases
 from ratefleet.schemas.config_nats import NatsAuthConfig
 from ratefleet.schemas.errors import NatsUnavailable, SubmitError
 from ratefleet.schemas.subjects import is_token
-from ratefleet.submit_report import Run, check_tier, count_results, report_end, report_interrupt
+from ratefleet.submit_report import REPEATS_SHOWN, Run, check_tier, count_results, report_end, report_interrupt
 
 
 def new_batch_name() -> str:
@@ -278,11 +278,19 @@ def _jobs(run: Run, path: Path):
     is how many distinct ids pass 1 validated that pass 2 did not send (lines edited, or gone
     from a file that shrank or was rewritten meanwhile)."""
     sent = IdSet()
+    repeated = run.found.ids.repeated
+    first_line: dict[str, int] = {}  # of the few ids pass 1 found repeated
     for number, text in iter_lines(path):
         try:
             job = parse_line(text, number, run.batch)
         except LineError:
             continue  # reported by pass 1 (--skip-invalid)
+        if repeated and id_hash(job.id) in repeated:
+            if job.id in first_line:
+                if len(run.repeats) < REPEATS_SHOWN:
+                    run.repeats.append((number, job.id, first_line[job.id]))
+            else:
+                first_line[job.id] = number
         if job.id in run.found.ids:
             sent.add(job.id)
             yield job

@@ -47,6 +47,7 @@ class Run:
     results_before: int = 0  # Results the batch had when this run started
     changed: list[int] = field(default_factory=list)  # lines edited between the two passes (not sent)
     unsent: int = 0          # distinct ids the validation pass found that the send pass did not send
+    repeats: list[tuple[int, str, int]] = field(default_factory=list)  # (line, id, its first line): the first 10
     collected: int = 0       # this batch's Results seen by --wait
     statuses: Counter = field(default_factory=Counter)
     written: int = 0
@@ -136,6 +137,9 @@ async def count_results(client: Client, batch: str) -> int:
     return info.num_pending or 0
 
 
+REPEATS_SHOWN = 10
+
+
 def report_end(run: Run, phases, *, submitted_only: bool = False) -> int:
     """Print the submission summary (or, at the end, the Results summary); return the exit code."""
     if submitted_only:
@@ -146,6 +150,12 @@ def report_end(run: Run, phases, *, submitted_only: bool = False) -> int:
         if run.changed:
             phases.print(f"{len(run.changed):,} lines changed while this command ran and were not sent (first: "
                          f"line {run.changed[0]}); run the command again to send them")
+        for line, job_id, first in run.repeats:
+            phases.print(f"line {line} repeats the id {job_id!r} of line {first}: a job id is one job, so its request "
+                         "does not run (JetStream keeps the first); give it its own id, or drop `id` for a line id")
+        more = (run.found.repeated_ids if run.found else 0) - len(run.repeats)
+        if run.repeats and more > 0:
+            phases.print(f"... and {more:,} more lines repeat an id of an earlier line")
         if run.unsent:
             phases.print(f"{run.unsent:,} of the {len(run.found.ids):,} validated jobs were not sent: {run.file} changed "
                          "while this command ran (lines edited, or gone as it shrank or was rewritten)"

@@ -304,3 +304,15 @@ async def test_ctrl_c_while_submit_reads_a_pipe_that_stays_open(tmp_path, nats_s
     async with await Client.connect(nats_server.url) as client:
         info = await client.js.stream_info(client.subjects.jobs_stream)
     assert info.state.messages == 0
+
+
+@pytest.mark.anyio
+async def test_submit_names_the_line_that_repeats_an_id(tmp_path, nats_server):
+    async with await Client.connect(nats_server.url) as client:
+        await ensure_topology(client.js, parse_config({}))
+    file = tmp_path / "jobs.jsonl"
+    write_jobs(file, [chat_job(0, id="dup1"), chat_job(1, id="own"), chat_job(2, id="dup1")])
+    done = cli("submit", str(file), "--tier", "guest", "--batch", "rep", "--nats", nats_server.url)
+    assert done.returncode == 0, done.stderr
+    assert "1 repeat an id of an earlier line" in done.stderr
+    assert "line 3 repeats the id 'dup1' of line 1: a job id is one job" in done.stderr, done.stderr

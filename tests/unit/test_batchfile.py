@@ -147,3 +147,23 @@ def test_repeated_custom_ids_are_counted_by_the_validation_pass(tmp_path):
     assert found.jobs == 4 and found.repeated_custom_ids == 1
     path.write_text("\n".join([line("c1", "a"), line("c2", "b")]) + "\n")
     assert validate_file(path, "b").repeated_custom_ids == 0
+
+
+def test_a_repeated_own_id_is_named_with_its_line_and_the_line_it_repeats(tmp_path):
+    """Two lines with one `id` and different requests: the second never runs (JetStream keeps
+    the first), and `submit` only said "1 repeat an id of an earlier line"."""
+    first = json.dumps({"id": "dup1", "request": {"path": "/v1/a"}})
+    other = json.dumps({"id": "ok", "request": {"path": "/v1/b"}})
+    again = json.dumps({"id": "dup1", "request": {"path": "/v1/c"}})
+    run, sent = _send_pass(tmp_path, [first, other, again, again], [first, other, again, again])
+    assert run.found.repeated_ids == 2 and len(run.found.ids.repeated) == 1
+    assert run.repeats == [(3, "dup1", 1), (4, "dup1", 1)] and run.unsent == 0
+
+
+def test_freeze_keeps_the_hashes_of_repeated_ids_only():
+    ids = IdSet()
+    for job_id in ["a", "b", "a", "c", "c", "c"]:
+        ids.add(job_id)
+    assert ids.freeze() == 3 and len(ids) == 3
+    from ratefleet.batchfile import id_hash
+    assert ids.repeated == {id_hash("a"), id_hash("c")}
