@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import sys
 import tempfile
 from array import array
@@ -103,27 +102,23 @@ def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
                 yield number, text
 
 
-def spool_stdin(target: Path | None = None) -> Path:
-    """Copy stdin to `target` (default: a new temporary file) in constant memory, so it can be
-    read twice; the path written. It reads the file descriptor itself, not `sys.stdin.buffer`:
-    a copy abandoned in a daemon thread (Ctrl-C) then holds no lock that the interpreter needs
-    at exit ("could not acquire lock for <stdin> at interpreter shutdown")."""
-    if target is None:
-        handle = tempfile.NamedTemporaryFile("wb", prefix="ratefleet-stdin-", suffix=".jsonl", delete=False)
-    else:
-        handle = target.open("wb")
-    with handle:
-        try:
-            fd = sys.stdin.fileno()
-        except (AttributeError, OSError, ValueError):  # no real descriptor (e.g. replaced in tests)
-            shutil.copyfileobj(sys.stdin.buffer, handle, 1 << 20)
-        else:
-            while chunk := os.read(fd, 1 << 20):
-                handle.write(chunk)
-    return Path(handle.name)
+def stdin_spool_path() -> Path:
+    """A new empty temporary file for `spool_stdin` (the caller removes it)."""
+    with tempfile.NamedTemporaryFile("wb", prefix="ratefleet-stdin-", suffix=".jsonl", delete=False) as handle:
+        return Path(handle.name)
 
 
-REPEATS_KEPT = 10  # repeated ids whose lines `submit` names (the count covers them all)
+def spool_stdin(target: Path) -> None:
+    """Copy stdin to `target` in constant memory, so it can be read twice. It reads the file
+    descriptor itself, not `sys.stdin.buffer`: a copy abandoned in a daemon thread (Ctrl-C)
+    then holds no lock that the interpreter needs at exit ("could not acquire lock for
+    <stdin> at interpreter shutdown")."""
+    with target.open("wb") as handle:
+        while chunk := os.read(sys.stdin.fileno(), 1 << 20):
+            handle.write(chunk)
+
+
+REPEATS_KEPT = 10  # repeated ids `IdSet.freeze` keeps, and lines `submit` names (the count covers them all)
 
 
 class IdSet:
@@ -140,7 +135,10 @@ class IdSet:
         self.repeated: set[int] = set()
 
     def add(self, job_id: str) -> None:
-        key = id_hash(job_id)
+        self.add_key(id_hash(job_id))
+
+    def add_key(self, key: int) -> None:
+        """Add an id by its `id_hash` (for a caller that has the hash already)."""
         self._buckets[key >> 56].append(key)
         self._frozen = False
 
@@ -163,10 +161,11 @@ class IdSet:
         return self._size
 
     def __contains__(self, job_id: object) -> bool:
+        return isinstance(job_id, str) and self.has_key(id_hash(job_id))
+
+    def has_key(self, key: int) -> bool:
+        """Whether an id with this `id_hash` was added (after `freeze()`)."""
         assert self._frozen, "freeze() first"
-        if not isinstance(job_id, str):
-            return False
-        key = id_hash(job_id)
         bucket = self._buckets[key >> 56]
         at = bisect_left(bucket, key)
         return at < len(bucket) and bucket[at] == key

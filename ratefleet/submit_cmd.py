@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
-import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
@@ -33,14 +32,26 @@ from pathlib import Path
 import anyio
 
 from ratefleet.batches import BatchRecord, InputOrder, save_record
-from ratefleet.batchfile import IdSet, LineError, Validation, id_hash, iter_lines, line_of, parse_line, spool_stdin, validate_file
+from ratefleet.batchfile import (
+    REPEATS_KEPT,
+    IdSet,
+    LineError,
+    Validation,
+    id_hash,
+    iter_lines,
+    line_of,
+    parse_line,
+    spool_stdin,
+    stdin_spool_path,
+    validate_file,
+)
 from ratefleet.cli_support import make_console
 from ratefleet.client import Client, Stored
 from ratefleet.phases import Phases
 from ratefleet.schemas.config_nats import NatsAuthConfig
 from ratefleet.schemas.errors import NatsUnavailable, SubmitError
 from ratefleet.schemas.subjects import is_token
-from ratefleet.submit_report import REPEATS_SHOWN, Run, check_tier, count_results, report_end, report_interrupt
+from ratefleet.submit_report import Run, check_tier, count_results, report_end, report_interrupt
 
 
 def new_batch_name() -> str:
@@ -118,15 +129,10 @@ async def _watch_sigint(work: _Work) -> None:
 
 async def _connected(run: Run, work: _Work, file: Path, skip_invalid: bool,
                      auth: NatsAuthConfig | None, console, say) -> int:
-    client: Client | None = None
-    with work.step():
-        client = await Client.connect(run.url, prefix=run.prefix, auth=auth)
-    if client is None:  # Ctrl-C while connecting
-        say(f"interrupted before anything was sent; run it again with: {run.submit_command()}")
-        return 130
-    async with client:
+    async with contextlib.AsyncExitStack() as stack:
         problem: str | None = None
-        with work.step():
+        with work.step():  # Ctrl-C while connecting or checking the tier: the client (if any) is closed
+            client = await stack.enter_async_context(await Client.connect(run.url, prefix=run.prefix, auth=auth))
             problem = await check_tier(client, run.tier)
         if run.interrupted:
             say(f"interrupted before anything was sent; run it again with: {run.submit_command()}")
@@ -152,9 +158,7 @@ async def _spool_stdin(work: _Work) -> Path | None:
     then removed). The copy runs in a daemon thread: a blocking read in the event loop would
     hold the Ctrl-C back until the producer closes the pipe, and an abandoned copy must not
     keep the process from exiting."""
-    handle = tempfile.NamedTemporaryFile("wb", prefix="ratefleet-stdin-", suffix=".jsonl", delete=False)
-    handle.close()
-    path = Path(handle.name)
+    path = stdin_spool_path()
     done = threading.Event()
     failure: list[BaseException] = []
 
@@ -170,12 +174,12 @@ async def _spool_stdin(work: _Work) -> Path | None:
     with work.step():
         while not done.is_set():
             await anyio.sleep(0.05)
-    if not done.is_set() or failure:
-        path.unlink(missing_ok=True)
-        if failure and done.is_set():
-            raise failure[0]
-        return None
-    return path
+    if done.is_set() and not failure:
+        return path
+    path.unlink(missing_ok=True)
+    if failure:
+        raise failure[0]
+    return None
 
 
 async def _interruptible(run: Run, work: _Work, client: Client, path: Path, phases: Phases,
@@ -285,14 +289,14 @@ def _jobs(run: Run, path: Path):
             job = parse_line(text, number, run.batch)
         except LineError:
             continue  # reported by pass 1 (--skip-invalid)
-        if repeated and id_hash(job.id) in repeated:
-            if job.id in first_line:
-                if len(run.repeats) < REPEATS_SHOWN:
-                    run.repeats.append((number, job.id, first_line[job.id]))
-            else:
+        key = id_hash(job.id)  # once per line: the lookup, the sent set and the repeats share it
+        if key in repeated:
+            if job.id not in first_line:
                 first_line[job.id] = number
-        if job.id in run.found.ids:
-            sent.add(job.id)
+            elif len(run.repeats) < REPEATS_KEPT:
+                run.repeats.append((number, job.id, first_line[job.id]))
+        if run.found.ids.has_key(key):
+            sent.add_key(key)
             yield job
         else:
             run.changed.append(number)

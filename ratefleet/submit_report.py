@@ -137,9 +137,6 @@ async def count_results(client: Client, batch: str) -> int:
     return info.num_pending or 0
 
 
-REPEATS_SHOWN = 10
-
-
 def report_end(run: Run, phases, *, submitted_only: bool = False) -> int:
     """Print the submission summary (or, at the end, the Results summary); return the exit code."""
     if submitted_only:
