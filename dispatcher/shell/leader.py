@@ -219,18 +219,24 @@ class LeaderSession:
 
     async def _carry_out(self, commands: Sequence[cmd.Command], tg: TaskGroup) -> None:
         """Carry out `commands` in order, except the assignments: they go last, one message
-        per worker for the whole pass (assign_out.py)."""
-        assigns: dict[str, list[cmd.Assign]] = {}
-        for command in commands:
-            if isinstance(command, cmd.Assign):
-                assigns.setdefault(command.worker, []).append(command)
-                continue
-            try:
-                await self._do(command, tg)
-            except Exception as exc:  # noqa: BLE001 - NATS away: what was not done comes back after ack_wait
-                log.warning("leader command failed", command=type(command).__name__, error=type(exc).__name__)
-        for worker, batch in assigns.items():
-            await self._assign(worker, batch, tg)
+        per worker for the whole pass (assign_out.py).
+
+        Shielded from cancellation: the machine counts a pass's assignments as sent once it
+        returns them, so a stop (SIGTERM, lease lost) in the middle of a pass would leave those
+        jobs with no worker and no hand-back until ack_wait. A stop waits for the pass instead;
+        each bus call in it is bounded by its NATS timeout."""
+        with anyio.CancelScope(shield=True):
+            assigns: dict[str, list[cmd.Assign]] = {}
+            for command in commands:
+                if isinstance(command, cmd.Assign):
+                    assigns.setdefault(command.worker, []).append(command)
+                    continue
+                try:
+                    await self._do(command, tg)
+                except Exception as exc:  # noqa: BLE001 - NATS away: what was not done comes back after ack_wait
+                    log.warning("leader command failed", command=type(command).__name__, error=type(exc).__name__)
+            for worker, batch in assigns.items():
+                await self._assign(worker, batch, tg)
 
     async def _assign(self, worker: str, batch: list[cmd.Assign], tg: TaskGroup) -> None:
         """Send a worker its assignments; one too large: that job alone ends. NATS away ends

@@ -483,3 +483,42 @@ async def test_commands_after_an_assignment_are_still_carried_out_and_assignment
     async with anyio.create_task_group() as tg:
         await session._carry_out([assign, cmd.InProgress("a2"), cmd.Announce(b"x")], tg)
     assert bus.kept_alive == ["a2"] and order == [b"announce", b"assign"]
+
+
+class SlowKeepAliveBus(MemoryBus):
+    """A keep-alive that waits for `go`: a bus call still under way when the session stops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting, self.go = anyio.Event(), anyio.Event()
+
+    async def in_progress(self, ack: str) -> None:
+        self.waiting.set()
+        await self.go.wait()
+        await super().in_progress(ack)
+
+
+@pytest.mark.anyio
+async def test_a_stop_in_the_middle_of_a_pass_still_sends_its_assignments():
+    # the machine counts a pass's assignments as sent once it returns them: a stop that cut
+    # the pass short left those jobs with no worker and no hand-back until ack_wait (30 s)
+    bus = SlowKeepAliveBus()
+    session = LeaderSession(config(), bus, "d-1")
+    sent: list[bytes] = []
+    await bus.subscribe(SUBJECTS.assign("w1"), lambda msg: _append(sent, msg.data))
+    assign = cmd.Assign("w1", "a1", b'{"id":"a1"}', incoming("j1"))
+    scope = anyio.CancelScope()
+
+    async def one_pass() -> None:
+        with scope:
+            async with anyio.create_task_group() as tg:
+                await session._carry_out([cmd.InProgress("a0"), assign], tg)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one_pass)
+        with anyio.fail_after(5):
+            await bus.waiting.wait()
+        scope.cancel()  # the dispatcher stops (SIGTERM) while the keep-alive is under way
+        await anyio.sleep(0.05)
+        bus.go.set()
+    assert bus.kept_alive == ["a0"] and sent == [b'{"id":"a1"}']
