@@ -201,6 +201,7 @@ class LeaderSession:
             await self.bus.flush(timeout=2)
         self.subs.clear()
         self._send.close()
+        self._receive.close()  # (else anyio warns of an unclosed stream when the session is collected)
 
     async def _renew(self) -> None:
         """Keep the lease through step-down, so late arrivals are still handed back (best
