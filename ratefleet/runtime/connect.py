@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import re
 import ssl
+from urllib.parse import urlparse
 
+import anyio
 import nats.errors
 from nats.aio.client import Client as NatsClient
 
@@ -67,6 +69,22 @@ def server_list(url: str) -> list[str]:
     return [part.strip() for part in url.split(",") if part.strip()]
 
 
+async def _any_answers(urls: list[str], timeout: float) -> bool:
+    """True when something accepts TCP connections at the host:port of one of the nats://
+    `urls`, each tried in order for up to `timeout` seconds. Awaited, not blocking the loop
+    (as `socket.create_connection` did): a Ctrl-C (a cancel) ends the wait at once."""
+    for url in urls:
+        parsed = urlparse(url if "://" in url else f"nats://{url}")
+        with anyio.move_on_after(timeout):
+            try:
+                stream = await anyio.connect_tcp(parsed.hostname or "127.0.0.1", parsed.port or 4222)
+            except OSError:
+                continue
+            await stream.aclose()
+            return True
+    return False
+
+
 async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever: bool = True,
                   auth: NatsAuthConfig | None = None) -> NatsClient:
     """Connect to `url` (one server, or a comma-separated list of a cluster's servers: a
@@ -78,9 +96,7 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
     scrub = _Scrubber(url, secret_values(options) + _url_secrets(url))
 
     if not forever:
-        from ratefleet.runtime.embedded import port_answers
-
-        if not any(port_answers(u, timeout=connect_timeout) for u in server_list(url)):
+        if not await _any_answers(server_list(url), connect_timeout):
             raise NatsUnavailable(f"nothing answers at {redact_url(url)}; start NATS with `ratefleet up`, "
                                   "or pass --nats URL")
     holder: list[NatsClient] = []

@@ -91,3 +91,40 @@ async def test_ensure_topology_creates_every_kv_bucket(nats_server):
         assert {f"KV_{bucket}" for bucket, _, _ in kv_buckets(config(nats_server.url))} <= streams
     finally:
         await nc.close()
+
+
+async def test_a_cancel_ends_the_reachability_probe_of_a_server_that_never_answers():
+    # a listener with a full backlog drops further SYNs: a connect to it hangs, like one to a
+    # firewalled host. The probe used to block the loop for connect_timeout (5 s a server), so a
+    # Ctrl-C of `ratefleet submit` waited that long; now it is a cancellable wait
+    import contextlib
+    import socket
+    import time
+
+    import anyio
+
+    from ratefleet.schemas.errors import NatsUnavailable
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    backlog = []
+    for _ in range(8):
+        pending = socket.socket()
+        pending.setblocking(False)
+        try:
+            pending.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        backlog.append(pending)
+    try:
+        started = time.monotonic()
+        with anyio.move_on_after(0.3), contextlib.suppress(NatsUnavailable):  # (a kernel that refuses: at once)
+            await connect(f"nats://127.0.0.1:{port}", name="t", forever=False, connect_timeout=5)
+        assert time.monotonic() - started < 2.0
+        with pytest.raises(NatsUnavailable, match="nothing answers"):  # and a short timeout still says so
+            await connect(f"nats://127.0.0.1:{port},{DEAD}", name="t", forever=False, connect_timeout=0.2)
+    finally:
+        for sock in [*backlog, listener]:
+            sock.close()
