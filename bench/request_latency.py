@@ -1,11 +1,10 @@
 """Where one `Client.request` spends its time, one request at a time, split by hop.
 
 A fleet (1 dispatcher, 1 worker x 64 slots, 2 keys far above the load) on an embedded
-nats-server calls the fast upstream of bench/throughput.py (nginx, else aiohttp). For each
-request (after `--warm` unmeasured ones) the client publishes the job with a reply inbox
-as `Client.request` does, and the hops are read from wall clocks and the Result's timings:
+nats-server calls the fast upstream of bench/throughput.py (nginx, else aiohttp). Each
+request (after `--warm` unmeasured ones) is a `Client.request`, and the hops are read from
+wall clocks and the Result's timings:
 
-    publish+ack        the client's JetStream publish until its ack
     t0->stored         request start until the JOBS message's server timestamp
     queued             stored -> the worker starts the call (Result.timings.queued_ms), split in
       stored->handout    stored -> the dispatcher's assignment seen on NATS (the benchmark
@@ -15,7 +14,8 @@ as `Client.request` does, and the hops are read from wall clocks and the Result'
     total              stored -> the Result is ready (timings.total_ms)
     stored->client     the rest: the Result's store and the reply reaching the client, split in
       ready->published   the Result ready -> its publish to RATEFLEET_RESULTS seen on NATS
-      published->client  that publish -> the reply reaching the client
+      published->client  that publish -> the Result reaching the client (republished by the
+                         server on `<prefix>.stored.<batch>.<job>`, or the worker's reply)
     wall               request start until the reply
 
 Prints p50/p90 in ms; writes bench/results/request_latency.json.
@@ -41,11 +41,10 @@ from throughput import BenchFleet  # noqa: E402
 
 from ratefleet.client import Client, as_job  # noqa: E402
 from ratefleet.localfleet import KeyLimit  # noqa: E402
-from ratefleet.schemas import Result  # noqa: E402
 from ratefleet.schemas.internal import read_assignments  # noqa: E402
 
 JOB = {"request": {"path": "/v1/chat/completions", "json": {"model": "m", "messages": []}}}
-HOPS = ("publish+ack", "t0->stored", "queued", "stored->handout", "handout->call", "upstream", "total",
+HOPS = ("t0->stored", "queued", "stored->handout", "handout->call", "upstream", "total",
         "stored->client", "ready->published", "published->client", "wall")
 
 
@@ -67,19 +66,15 @@ async def measure(fleet: BenchFleet, requests: int, warm: int) -> list[tuple[flo
         await client.nc.subscribe(client.subjects.results(), cb=on_result)
         for i in range(warm + requests):
             model = as_job(JOB)
-            inbox = client.nc.new_inbox()
             t0 = time.time()
-            sub = await client.nc.subscribe(inbox, max_msgs=1)
-            await client._publish("normal", model, reply_to=inbox)
-            t1 = time.time()
-            msg = await sub.next_msg(timeout=30)
+            result = await client.request(model, "normal", timeout=30)
             t2 = time.time()
-            timings = Result.from_json(msg.data).timings
+            timings = result.timings
             stored = timings.submitted_at.timestamp()
             handout, published = seen[("handout", model.id)], seen[("published", model.id)]
             ready = stored + timings.total_ms / 1e3
             if i >= warm:
-                rows.append(((t1 - t0) * 1e3, (stored - t0) * 1e3, timings.queued_ms, (handout - stored) * 1e3,
+                rows.append(((stored - t0) * 1e3, timings.queued_ms, (handout - stored) * 1e3,
                              timings.queued_ms - (handout - stored) * 1e3, timings.upstream_ms,
                              timings.total_ms, (t2 - ready) * 1e3, (published - ready) * 1e3,
                              (t2 - published) * 1e3, (t2 - t0) * 1e3))
