@@ -221,8 +221,9 @@ class Client:
         when the reply carries a `body_ref`. Raises RequestTimeout, BodyUnavailable, SubmitError."""
         model = as_job(job)
         inbox, reply = await self.replies.expect()
-        stored_sub = await self._listen_stored(model, reply)
+        stored_sub = None
         try:
+            stored_sub = await self._listen_stored(model, reply)
             fresh = await self._publish(tier, model, reply_to=inbox)
             if not fresh:
                 stored = await self.stored_result(model.id)
