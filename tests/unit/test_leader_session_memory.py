@@ -125,11 +125,15 @@ async def test_a_session_that_stepped_down_leaves_no_open_event_stream():
     import gc
     import warnings
 
+    import weakref
+
     gc.collect()  # what earlier tests left to the collector warns here, outside the record
     async with Running(MemoryBus()) as run:
         pass
+    stream = weakref.ref(run.session._receive)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         del run
         gc.collect()
+    assert stream() is None  # collected: had it been open, it would have warned just now
     assert [str(w.message) for w in caught if "MemoryObject" in str(w.message)] == []
