@@ -69,6 +69,10 @@ async def measure(fleet: BenchFleet, requests: int, warm: int) -> list[tuple[flo
             t0 = time.time()
             result = await client.request(model, "normal", timeout=30)
             t2 = time.time()
+            for _ in range(1000):  # the republished Result can reach the request before the listener's copy
+                if ("published", model.id) in seen and ("handout", model.id) in seen:
+                    break
+                await anyio.sleep(0.001)
             timings = result.timings
             stored = timings.submitted_at.timestamp()
             handout, published = seen[("handout", model.id)], seen[("published", model.id)]
