@@ -14,8 +14,7 @@ wall clocks and the Result's timings:
     total              stored -> the Result is ready (timings.total_ms)
     stored->client     the rest: the Result's store and the reply reaching the client, split in
       ready->published   the Result ready -> its publish to RATEFLEET_RESULTS seen on NATS
-      published->client  that publish -> the Result reaching the client (republished by the
-                         server on `<prefix>.stored.<batch>.<job>`, or the worker's reply)
+      published->client  that publish -> the worker's reply reaching the client
     wall               request start until the reply
 
 Prints p50/p90 in ms; writes bench/results/request_latency.json.
@@ -69,7 +68,7 @@ async def measure(fleet: BenchFleet, requests: int, warm: int) -> list[tuple[flo
             t0 = time.time()
             result = await client.request(model, "normal", timeout=30)
             t2 = time.time()
-            for _ in range(1000):  # the republished Result can reach the request before the listener's copy
+            for _ in range(1000):  # (bounded) the listener's callbacks may run after the request returns
                 if ("published", model.id) in seen and ("handout", model.id) in seen:
                     break
                 await anyio.sleep(0.001)

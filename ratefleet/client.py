@@ -12,7 +12,6 @@ every method here with the body fetched from the fleet's Object Store and filled
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -25,7 +24,7 @@ from nats.js.api import DeliverPolicy
 from pydantic import ValidationError
 
 from ratefleet.runtime.bodies import BodyStore
-from ratefleet.runtime.connect import connect, permission_denials
+from ratefleet.runtime.connect import connect
 from ratefleet.runtime.edge import translated
 from ratefleet.runtime.pubpipe import PublishPipe
 from ratefleet.runtime.replies import ReplyInbox
@@ -82,7 +81,6 @@ class Client:
         self.subjects = Subjects(prefix)
         self.bodies = BodyStore(self.js, self.subjects.bodies_bucket)
         self.replies = ReplyInbox(nc)  # one reply subscription for every `request`
-        self._stored_refused = False  # the server refused us a `stored` subscription (permissions)
 
     @classmethod
     async def connect(cls, url: str = DEFAULT_NATS_URL, *, prefix: str = "ratefleet",
@@ -221,9 +219,7 @@ class Client:
         when the reply carries a `body_ref`. Raises RequestTimeout, BodyUnavailable, SubmitError."""
         model = as_job(job)
         inbox, reply = await self.replies.expect()
-        stored_sub = None
         try:
-            stored_sub = await self._listen_stored(model, reply)
             fresh = await self._publish(tier, model, reply_to=inbox)
             if not fresh:
                 stored = await self.stored_result(model.id)
@@ -240,27 +236,6 @@ class Client:
             return await self.bodies.resolve(Result.from_json(msg.data))
         finally:
             self.replies.discard(inbox)
-            if stored_sub is not None:
-                self._stored_refused = self._stored_refused or stored_sub.subject in permission_denials()
-                with contextlib.suppress(Exception):  # the connection is going away: nothing to undo
-                    await stored_sub.unsubscribe()
-
-    async def _listen_stored(self, model: Job, reply: asyncio.Future[Any]) -> Any:
-        """Subscribe to the job's `Subjects.stored` subject, where the server republishes its
-        Result the moment RATEFLEET_RESULTS stores it; the first message there or on the reply
-        inbox resolves `reply`. The reply inbox stays: it answers a job whose Result was stored
-        before (a second Result is refused, so nothing is republished) and fleets whose streams
-        predate the republish. Returns the subscription, or None once the server has refused
-        this connection such a subscription (NATS permissions without `<prefix>.stored.>`, see
-        examples/nats-accounts.conf: then the reply inbox alone serves, about 0.7 ms later)."""
-        if self._stored_refused:
-            return None
-
-        async def on_stored(msg: Any) -> None:
-            if not reply.done():
-                reply.set_result(msg)
-
-        return await self.nc.subscribe(self.subjects.stored(model.batch, model.id), cb=on_stored)
 
     @translated("reading a stored result")
     async def stored_result(self, job_id: str, batch: str | None = None) -> Result | None:

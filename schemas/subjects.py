@@ -88,13 +88,6 @@ class Subjects:
     def results(self, batch: str | None = "*", job_id: str = "*") -> str:
         return f"{self.prefix}.results.{batch or NO_BATCH}.{job_id}"
 
-    def stored(self, batch: str | None = "*", job_id: str = "*") -> str:
-        """Where the server republishes each Result as RATEFLEET_RESULTS stores it (core NATS,
-        JetStream `republish`): `<prefix>.stored.<batch>.<job id>`, the Result JSON as stored,
-        sent only once it is stored (a refused second Result is never republished).
-        `Client.request` listens here besides its reply inbox."""
-        return f"{self.prefix}.stored.{batch or NO_BATCH}.{job_id}"
-
     def batch_results(self, batch: str | None) -> str:
         return f"{self.prefix}.results.{batch or NO_BATCH}.*"
 

@@ -2,8 +2,7 @@
 
 RATEFLEET_JOBS     work-queue, file storage, discard-new at its limits, dedup by job id;
                    one durable pull consumer per tier (`tier-<name>`).
-RATEFLEET_RESULTS  limits retention, one message per subject for good (invariant 7); each
-                   stored Result is republished to <prefix>.stored.<batch>.<job> (Subjects.stored).
+RATEFLEET_RESULTS  limits retention, one message per subject for good (invariant 7).
 RATEFLEET_DEAD     dead letters, kept `dead_max_age_s`.
 KV ratefleet_handbacks  deliveries that made no call or were answered 429 (ratefleet/runtime/handbacks.py).
 KV ratefleet_leader, ratefleet_leader_seen, ratefleet_keys, ratefleet_config  the lease, the
@@ -24,7 +23,6 @@ from nats.js.api import (
     DeliverPolicy,
     DiscardPolicy,
     ObjectStoreConfig,
-    RePublish,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -62,10 +60,6 @@ def stream_configs(config: Config) -> list[StreamConfig]:
             discard=DiscardPolicy.NEW, discard_new_per_subject=True,
             duplicate_window=min(s.duplicate_window_s, s.results_max_age_s),
             num_replicas=s.replicas,
-            # each stored Result also goes out on <prefix>.stored.<batch>.<job>: a waiting
-            # Client.request gets it from the server at once, not after the worker's ack round trip
-            republish=RePublish(src=subjects.results("*", "*"),
-                                dest=subjects.stored("{{wildcard(1)}}", "{{wildcard(2)}}")),
         ),
         StreamConfig(
             name=subjects.dead_stream, subjects=[subjects.dead("*")], retention=RetentionPolicy.LIMITS,
