@@ -38,6 +38,8 @@ from ratefleet.schemas.internal import Heartbeat, OutcomeReport, read_reports
 
 log = get_logger("ratefleet.leader")
 BURST = 256  # events handed to the machine at once (one dispatch pass)
+PASS_GRACE_S = 30.0  # longest a dispatch pass may hold off a stop (only a stalled NATS takes that long)
+STOP_GRACE_S = 10.0  # at a stop, how much longer the jobs' ends and hand-backs under way may take
 Renew = Callable[[], Awaitable[float | None]]  # extends the lease: its new end (monotonic), None: lost
 
 
@@ -69,6 +71,8 @@ class LeaderSession:
         self.inboxes = {tier: TierInbox(bus, config, tier, self.subjects.jobs_stream, tier_consumer(tier),
                                         tier_max_deliver(config, tier), self.post) for tier in config.tiers}
         self.subs: list[Any] = []
+        self._finishing: set[anyio.CancelScope] = set()  # the ends and hand-backs under way (`_background`)
+        self._stop_at: float | None = None  # (anyio clock) their deadline once the session stops
 
     # -- events in ------------------------------------------------------------------------
 
@@ -140,7 +144,10 @@ class LeaderSession:
             for inbox in self.inboxes.values():
                 await inbox.start()
             async with anyio.create_task_group() as tg:
-                await self._read(tg)
+                try:
+                    await self._read(tg)
+                finally:
+                    self._stopping()  # the ends under way get STOP_GRACE_S more; then the group is left
         finally:
             with anyio.CancelScope(shield=True):
                 await self._step_down()
@@ -224,9 +231,10 @@ class LeaderSession:
 
         Shielded from cancellation: the machine counts a pass's assignments as sent once it
         returns them, so a stop (SIGTERM, lease lost) in the middle of a pass would leave those
-        jobs with no worker and no hand-back until ack_wait. A stop waits for the pass instead;
-        each bus call in it is bounded by its NATS timeout."""
-        with anyio.CancelScope(shield=True):
+        jobs with no worker and no hand-back until ack_wait. A stop waits for the pass instead,
+        PASS_GRACE_S at most (a stalled NATS): what such a pass left undone comes back as NATS
+        being away does (an assignment no heartbeat lists is returned; the rest after ack_wait)."""
+        with anyio.CancelScope(shield=True, deadline=anyio.current_time() + PASS_GRACE_S) as scope:
             assigns: dict[str, list[cmd.Assign]] = {}
             for command in commands:
                 if isinstance(command, cmd.Assign):
@@ -238,6 +246,9 @@ class LeaderSession:
                     log.warning("leader command failed", command=type(command).__name__, error=type(exc).__name__)
             for worker, batch in assigns.items():
                 await self._assign(worker, batch, tg)
+        if scope.cancelled_caught:
+            log.warning("a dispatch pass was cut after PASS_GRACE_S (NATS stalled); what it did not send comes back "
+                        "after ack_wait", seconds=PASS_GRACE_S)
 
     async def _assign(self, worker: str, batch: list[cmd.Assign], tg: TaskGroup) -> None:
         """Send a worker its assignments; one too large: that job alone ends. NATS away ends
@@ -257,12 +268,13 @@ class LeaderSession:
         elif isinstance(command, cmd.InProgress):
             await bus.in_progress(command.ack)
         elif isinstance(command, cmd.HandBack):
-            tg.start_soon(bus.hand_back, command.seq, command.ack, command.delay_s)
+            tg.start_soon(self._background, "hand back", None, bus.hand_back, command.seq, command.ack, command.delay_s)
         elif isinstance(command, cmd.EndRefused):
-            tg.start_soon(self._background, command.refused.job_id, bus.end_refused, command.refused)
+            tg.start_soon(self._background, "end", command.refused.job_id, bus.end_refused, command.refused)
         elif isinstance(command, cmd.EndJob):
             c = command
-            tg.start_soon(self._background, c.incoming.job_id, bus.end_job, c.incoming, c.code, c.message, c.status)
+            tg.start_soon(self._background, "end", c.incoming.job_id, bus.end_job, c.incoming, c.code, c.message,
+                          c.status)
         elif isinstance(command, cmd.AnswerStored):
             await bus.answer_stored(command.stored, command.ack, command.reply_to)
         elif isinstance(command, cmd.Announce):
@@ -283,13 +295,35 @@ class LeaderSession:
             answer["persisted"] = persisted
         await self.bus.publish(command.reply, json.dumps(answer).encode())
 
-    @staticmethod
-    async def _background(job_id: str, work: Callable[..., Awaitable[None]], *args: Any) -> None:
-        """Ending a job takes round trips: off the reader. A failure leaves its message to come back."""
-        try:
-            await work(*args)
-        except Exception as exc:  # noqa: BLE001 - its JOBS message comes back after ack_wait
-            log.warning("could not end a refused job; it comes back later", job_id=job_id, error=type(exc).__name__)
+    async def _background(self, what: str, job_id: str | None, work: Callable[..., Awaitable[None]],
+                          *args: Any) -> None:
+        """Ending or handing back a job takes round trips: off the reader, and finished even when
+        the session stops (shielded; the stop then allows STOP_GRACE_S more at most). The
+        machine counts it as done once it asked: cut at a stop, the job would wait out ack_wait,
+        and a last delivery (max_deliver) that is not ended never comes back at all. A failure
+        leaves its JOBS message to come back after ack_wait."""
+        with anyio.CancelScope(shield=True) as scope:
+            self._finishing.add(scope)
+            if self._stop_at is not None:
+                scope.deadline = self._stop_at
+            try:
+                await work(*args)
+            except Exception as exc:  # noqa: BLE001 - its JOBS message comes back after ack_wait
+                log.warning(f"could not {what} a job; it comes back after ack_wait", job_id=job_id,
+                            error=type(exc).__name__)
+            finally:
+                self._finishing.discard(scope)
+        if scope.cancelled_caught:
+            log.warning(f"could not {what} a job within STOP_GRACE_S of the stop; it comes back after ack_wait",
+                        job_id=job_id, seconds=STOP_GRACE_S)
+
+    def _stopping(self) -> None:
+        """The session stops: the ends and hand-backs under way (and any started from now on)
+        get STOP_GRACE_S seconds more at most."""
+        if self._stop_at is None:
+            self._stop_at = anyio.current_time() + STOP_GRACE_S
+        for scope in self._finishing:
+            scope.deadline = min(scope.deadline, self._stop_at)
 
     # -- status -----------------------------------------------------------------------------
 
