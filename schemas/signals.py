@@ -32,8 +32,9 @@ Answers that are about the key but do not look like it:
   key then waits for its probe, which a normal job passes.)
 * Anthropic answers an exhausted prepaid balance with 400 `invalid_request_error` and the
   message "Your credit balance is too low to access the Anthropic API" (no distinct type;
-  anthropics/anthropic-sdk-typescript#618); that message reads as
-  `credit_balance_too_low`, key-scoped.
+  anthropics/anthropic-sdk-typescript#618); a message that begins so, in a body with no
+  other code, reads as `credit_balance_too_low`, key-scoped (not the phrase anywhere: a
+  provider's message may quote the caller's input).
 A 401/403 whose code only repeats the status (Azure) or names the request (permission_error,
 model_not_found) is `denied`, not `key_error`: only the key-scoped codes disable at once.
 """
@@ -56,7 +57,8 @@ GOOGLE_KEY_REASONS = frozenset({"API_KEY_INVALID", "API_KEY_SERVICE_BLOCKED", "S
                                 "CONSUMER_SUSPENDED", "CONSUMER_INVALID"})
 KEY_SCOPED_CODES = frozenset({"invalid_api_key", "authentication_error", "insufficient_quota", "billing_error",
                               "payment_required", "credit_balance_too_low", *GOOGLE_KEY_REASONS})
-_CREDIT_TOO_LOW = "credit balance is too low"  # Anthropic's 400 message for an exhausted balance
+_CREDIT_TOO_LOW = "your credit balance is too low"  # how Anthropic's 400 message for an exhausted balance begins
+_GENERIC_TYPES = frozenset({"invalid_request_error"})  # Anthropic's type on that 400: says nothing about the key
 OVERLOADED_CODES = frozenset({"overloaded_error"})
 _MAX_CODE_CHARS = 64
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|h|m|s)")
@@ -231,9 +233,12 @@ def provider_code(body: object) -> str | None:
     OpenAI/Azure: `error.code` (a string; a number is read as its text, 402 as
     "payment_required"), else `error.type`; Anthropic: `error.type` (the top-level `type` is
     just "error"); Google: `error.details[].reason` of an ErrorInfo. A key-scoped or
-    overloaded code wins; an Anthropic "credit balance is too low" message gives
-    "credit_balance_too_low" (module docstring). Codes are short ASCII identifiers;
-    anything else (long text, other shapes) gives None.
+    overloaded code wins. Anthropic's "Your credit balance is too low ..." message gives
+    "credit_balance_too_low" (module docstring), but only as the message's beginning and only
+    when the body has no code but the generic `invalid_request_error`: providers echo the
+    caller's input inside messages (OpenAI's 404 "The model `<model>` does not exist"), and a
+    request must not be able to word its own error so that it disables every key it reaches.
+    Codes are short ASCII identifiers; anything else (long text, other shapes) gives None.
     """
     if not isinstance(body, dict):
         return None
@@ -243,11 +248,15 @@ def provider_code(body: object) -> str | None:
     found = [_code_text(error.get(field)) for field in ("code", "type")]
     found = ["payment_required" if value == "402" else value for value in found if value is not None]
     found = [*_google_reasons(error), *found]
-    message = error.get("message")
-    if isinstance(message, str) and _CREDIT_TOO_LOW in message[:500].lower():
+    if set(found) <= _GENERIC_TYPES and _says_credit_too_low(error.get("message")):
         found.insert(0, "credit_balance_too_low")
     known = [value for value in found if value in KEY_SCOPED_CODES or value in OVERLOADED_CODES]
     return (known or found or [None])[0]
+
+
+def _says_credit_too_low(message: object) -> bool:
+    """Whether an error message begins with Anthropic's "Your credit balance is too low"."""
+    return isinstance(message, str) and message[:64].lstrip().lower().startswith(_CREDIT_TOO_LOW)
 
 
 def _google_reasons(error: dict[str, Any]) -> list[str]:

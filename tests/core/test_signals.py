@@ -179,6 +179,11 @@ ANTHROPIC_BAD_REQUEST = {"type": "error", "error": {"type": "invalid_request_err
         (402, {"error": {"message": "no code at all"}}, None, "key_error"),  # any 402: out of credit
         (400, ANTHROPIC_CREDIT, "credit_balance_too_low", "key_error"),
         (400, ANTHROPIC_BAD_REQUEST, "invalid_request_error", "bad_request"),
+        # OpenAI's 404 quotes the caller's model: a request named "credit balance is too low" must
+        # not disable every key of the pool (it did: the phrase was looked for anywhere)
+        (404, {"error": {"message": "The model `credit balance is too low` does not exist or you do not have "
+                                    "access to it.", "type": "invalid_request_error", "param": None,
+                         "code": "model_not_found"}}, "model_not_found", "bad_request"),
         (403, {"error": {"code": 403, "status": "PERMISSION_DENIED", "details": [
             {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "SERVICE_DISABLED"}]}},
          "SERVICE_DISABLED", "key_error"),

@@ -124,7 +124,6 @@ async def test_a_session_that_stepped_down_leaves_no_open_event_stream():
     # anyio stream behind (collected later, it logs "ResourceWarning: Unclosed ...")
     import gc
     import warnings
-
     import weakref
 
     gc.collect()  # what earlier tests left to the collector warns here, outside the record

@@ -109,8 +109,19 @@ def test_structured_header_is_read_only_when_no_family_says_anything():
 @pytest.mark.parametrize("error, code", [
     ({"code": "rate_limit_exceeded", "type": "overloaded_error"}, "overloaded_error"),  # overloaded wins
     ({"code": "429", "type": "insufficient_quota"}, "insufficient_quota"),  # key-scoped wins
+    ({"type": "invalid_request_error", "message": "Your credit balance is too low to access the API"},
+     "credit_balance_too_low"),  # Anthropic's message wins over the generic type
+    ({"message": "  your credit balance is too low"}, "credit_balance_too_low"),  # (no code at all)
     ({"type": "overloaded_error", "message": "Your credit balance is too low to access the API"},
-     "credit_balance_too_low"),  # the credit message wins over any other code
+     "overloaded_error"),  # a specific code is the provider's word: the message does not override it
+    # the phrase quoted from the caller's input, not the provider's own message: no key is blamed
+    ({"code": "model_not_found", "type": "invalid_request_error",
+      "message": "The model `credit balance is too low` does not exist or you do not have access to it."},
+     "model_not_found"),
+    ({"type": "invalid_request_error", "message": "messages.0.content: `Your credit balance is too low` is not ..."},
+     "invalid_request_error"),
+    ({"type": "invalid_request_error", "message": "x" * 40 + "Your credit balance is too low"},
+     "invalid_request_error"),
     ({"code": 402}, "payment_required"), ({"code": "402"}, "payment_required"), ({"code": 404}, "404"),
     ({"code": 7}, "7"), ({"code": "x"}, "x"), ({"code": "", "type": "server_error"}, "server_error"),
     ({"code": "c" * 64}, "c" * 64), ({"code": "c" * 65}, None), ({"code": False, "type": "t"}, "t"),
