@@ -19,6 +19,7 @@ from ratefleet.dispatcher.core.delivery import Incoming, Refused
 from ratefleet.dispatcher.shell.keycontrol import KeyStore
 from ratefleet.dispatcher.shell.refusals import finish_refused, refuse_incoming
 from ratefleet.runtime.cache import ResultCache, cache_key, cached_result
+from ratefleet.runtime.connect import flush
 from ratefleet.runtime.finish import Finisher, auth_headers
 from ratefleet.runtime.handbacks import DeliveryCounts, Handbacks
 from ratefleet.runtime.store import read_result, store_result
@@ -116,7 +117,7 @@ class NatsLeaderBus:
             raise PayloadTooLarge(str(exc)) from None
 
     async def flush(self, timeout: float) -> None:
-        await self.nc.flush(timeout=int(timeout))
+        await flush(self.nc, timeout)  # (not nc.flush: its timeout breaks the connection, see there)
 
     async def nak(self, ack: str, delay_s: float = 0.0) -> None:
         await self._finisher.nak(ack, delay_s)

@@ -7,6 +7,7 @@ lease and take over when it lapses or is released. Metrics: dispatcher/shell/met
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -25,6 +26,7 @@ from ratefleet.dispatcher.shell.metrics import DispatcherMetrics, LeaderView
 from ratefleet.dispatcher.shell.rpc import RpcResponder
 from ratefleet.runtime.cache import ResultCache
 from ratefleet.runtime.config_kv import ConfigFollower
+from ratefleet.runtime.connect import flush
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.metrics import new_registry, register_cache
 from ratefleet.runtime.streams import ensure_topology, tier_consumer
@@ -87,7 +89,8 @@ class Dispatcher:
                 await service.stop()
                 await peers_sub.unsubscribe()
                 await self.lease.release()
-                await self.nc.flush()
+                with contextlib.suppress(Exception):  # NATS away: nothing more to push out
+                    await flush(self.nc, 5.0)
             log.info("dispatcher stopped", dispatcher=self.id)
 
     async def _campaign(self) -> None:

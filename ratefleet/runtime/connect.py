@@ -5,6 +5,7 @@ reconnect and error callbacks and every error message pass through `redact_url`/
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import ssl
@@ -85,6 +86,27 @@ async def _any_answers(urls: list[str], timeout: float) -> bool:
     return False
 
 
+PING_INTERVAL_S = 10.0  # long-running roles: a PING this often; MAX_OUTSTANDING_PINGS unanswered = stale
+MAX_OUTSTANDING_PINGS = 3  # (nats-py's defaults, 120 s x 2, left a half-dead connection unnoticed for ~5 min)
+PATIENT_FLUSH_S = 600.0  # how long a timed-out `flush` still waits for its PONG in the background
+
+
+async def flush(nc: NatsClient, timeout: float) -> None:
+    """`nc.flush()` (a PING, then wait for the PONG: what was written reached the server),
+    given up after `timeout` seconds with nats.errors.FlushTimeoutError, without breaking
+    the connection. nats-py 2.16's own timeout cancels the PING's future but leaves it
+    queued; the late PONG then raises InvalidStateError in the read loop, which ends it while
+    the client still reports itself connected (nats-io/nats.py#914): nothing is read until the
+    stale-connection check. Here the PING is waited for in a shielded task, so its future is
+    resolved when the PONG comes, whatever the caller stopped waiting for."""
+    waiting = asyncio.ensure_future(nc.flush(timeout=int(PATIENT_FLUSH_S)))
+    waiting.add_done_callback(lambda done: done.cancelled() or done.exception())  # (retrieved: never logged)
+    try:
+        await asyncio.wait_for(asyncio.shield(waiting), timeout)
+    except TimeoutError:
+        raise nats.errors.FlushTimeoutError from None
+
+
 async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever: bool = True,
                   auth: NatsAuthConfig | None = None) -> NatsClient:
     """Connect to `url` (one server, or a comma-separated list of a cluster's servers: a
@@ -123,6 +145,7 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
             max_reconnect_attempts=-1 if forever else 60, reconnect_time_wait=0.5,
             disconnected_cb=on_disconnect, reconnected_cb=on_reconnect, error_cb=on_error,
             pending_size=64 * 1024 * 1024, **options,
+            **({"ping_interval": PING_INTERVAL_S, "max_outstanding_pings": MAX_OUTSTANDING_PINGS} if forever else {}),
         )
     except Exception as exc:  # nats raises several unrelated types for "nobody there"
         cause = exc.cause if isinstance(exc, _Refused) else exc
