@@ -54,7 +54,8 @@ def batch_jobs(path: Path, batch: str, endpoint: str, caller: Caller) -> Iterato
         try:
             check_model(caller, job.request.json_body)
         except GatewayRefusal as refusal:
-            yield number, line_error(number, "model_not_allowed", f"line {number}: {refusal.message}", "body.model")
+            yield number, line_error(number, refusal.code or "model_not_allowed", f"line {number}: {refusal.message}",
+                                     "body.model")
             continue
         update: dict[str, Any] = {"metadata": {**job.metadata, "caller": caller.name}}
         if upstream is not None and job.upstream is None:

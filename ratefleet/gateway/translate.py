@@ -72,12 +72,25 @@ def choose_upstream(caller: Caller, asked: str | None) -> str | None:
     return caller.upstreams[0] if caller.upstreams else None
 
 
-def check_model(caller: Caller, body: Any) -> None:
-    """GatewayRefusal 403 when the body names a model the caller may not use."""
-    if caller.models is None or not isinstance(body, dict) or "model" not in body:
+def check_model(caller: Caller, body: Any, text_body: str | None = None) -> None:
+    """For a caller with a model allow-list (`models`): GatewayRefusal 403 when the JSON body
+    names a model the caller may not use, 400 when its `model` is not a string, and 415 for a
+    text body (`text_body`: the gateway cannot read a model from it, so it must not pass one
+    on). A caller without `models` may send any of these."""
+    if caller.models is None:
         return
-    if body["model"] not in caller.models:
-        raise GatewayRefusal(403, f"Caller {caller.name!r} may not use model {body['model']!r}.",
+    if text_body is not None:
+        raise GatewayRefusal(415, f"Caller {caller.name!r} may use only some models, and the gateway reads the "
+                             "model from a JSON body: send it as application/json.",
+                             type="invalid_request_error", code="unsupported_media_type")
+    if not isinstance(body, dict) or "model" not in body:
+        return
+    model = body["model"]
+    if not isinstance(model, str):
+        raise GatewayRefusal(400, f"`model` must be a string, not {type(model).__name__}.",
+                             type="invalid_request_error", code="invalid_model", param="model")
+    if model not in caller.models:
+        raise GatewayRefusal(403, f"Caller {caller.name!r} may not use model {model!r}.",
                              type="invalid_request_error", code="model_not_allowed", param="model")
 
 
@@ -97,7 +110,7 @@ def build_job(caller: Caller, *, method: str, path: str, query: Iterable[tuple[s
     the caller's `cache_ttl_s` (`Cache-Control: no-cache`: `cache_refresh`, the lookup is
     skipped, the answer still cached). `headers` keys lower-case. GatewayRefusal 400/403 for
     what cannot become a valid job."""
-    check_model(caller, json_body)
+    check_model(caller, json_body, text_body)
     forwarded = {name: value for name, value in headers.items() if name in FORWARDED_HEADERS}
     if text_body is not None and "content-type" in headers:
         forwarded["content-type"] = headers["content-type"]

@@ -66,3 +66,12 @@ def test_batch_record_statuses_and_public_shape():
     assert record["in_progress_at"] == 1001
     shown = public(record)
     assert shown["object"] == "batch" and shown["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
+
+
+def test_a_line_whose_model_is_not_a_string_is_a_line_error_not_a_stuck_batch(tmp_path):
+    # it raised TypeError (unhashable list) inside validation: the batch stayed `validating` for good
+    lines = [chat("a"), chat("b", model=["gpt-4o-mini"]), chat("c", model={"x": 1})]  # type: ignore[arg-type]
+    found = check_file(write(tmp_path, lines), "batch_x", ENDPOINT, caller(models=frozenset({"gpt-4o-mini"})))
+    assert found.jobs == 1 and found.error_count == 2
+    assert [(e["line"], e["code"], e["param"]) for e in found.errors] == [
+        (2, "invalid_model", "body.model"), (3, "invalid_model", "body.model")]

@@ -40,7 +40,7 @@ def test_a_request_becomes_a_job_with_the_callers_deadline_and_only_provider_hea
 
 
 def test_a_text_body_keeps_its_content_type_and_a_get_has_no_body():
-    made = job(headers={"content-type": "text/plain; charset=utf-8"}, text_body="héllo")
+    made = job(ROUTED, headers={"content-type": "text/plain; charset=utf-8"}, text_body="héllo")
     assert made.request.body == "héllo" and made.request.headers == {"content-type": "text/plain; charset=utf-8"}
     assert job(method="GET", path="/v1/models").request.json_body is None
 
@@ -58,6 +58,13 @@ def test_upstream_choice_follows_the_callers_list():
     ({"path": "/v1/../admin"}, 400, "forbidden_target"),
     ({"path": "/v1/%2e%2e/x"}, 400, "forbidden_target"),
     ({"json_body": {"model": "m", "x": float("nan")}}, 400, "invalid_job"),
+    # a model that is not a string: a clear 400 (it was a 500: the allow-list check hashed it)
+    ({"json_body": {"model": ["gpt-4o"], "messages": []}}, 400, "invalid_model"),
+    ({"json_body": {"model": {"a": 1}}}, 400, "invalid_model"),
+    ({"json_body": {"model": 7}}, 400, "invalid_model"),
+    # a body the gateway cannot read a model from must not pass an allow-list (it was forwarded)
+    ({"headers": {"content-type": "text/plain"}, "text_body": '{"model":"gpt-4o","messages":[]}'}, 415,
+     "unsupported_media_type"),
 ])
 def test_requests_that_cannot_become_a_valid_job_are_refused(kwargs, status, code):
     with pytest.raises(GatewayRefusal) as refused:
