@@ -51,7 +51,7 @@ from ratefleet.phases import Phases
 from ratefleet.schemas.config_nats import NatsAuthConfig
 from ratefleet.schemas.errors import NatsUnavailable, SubmitError
 from ratefleet.schemas.subjects import is_token
-from ratefleet.submit_report import Run, check_tier, count_results, report_end, report_interrupt
+from ratefleet.submit_report import Run, check_tier, count_results, report_end, report_interrupt, stored_ids
 
 
 def new_batch_name() -> str:
@@ -220,6 +220,11 @@ async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_inv
     run.found = found
     run.order = InputOrder(found.gaps) if run.by_input else None
     run.results_before = await count_results(client, run.batch)
+    if run.results_before:  # a resumed batch: its lines with a Result are not sent again, also past the
+        handle = phases.start("reading stored Results", run.results_before, unit="results")  # dedup window
+        run.done_ids = await stored_ids(client, run.batch, run.results_before,
+                                        lambda n: phases.update(handle, advance=n))
+        phases.finish(handle)
     await _save(client, run, "submitting")
     if run.out is not None:
         run.sink = sys.stdout if str(run.out) == "-" else run.out.open("w", encoding="utf-8")
@@ -295,11 +300,15 @@ def _jobs(run: Run, path: Path):
                 first_line[job.id] = number
             elif len(run.repeats) < REPEATS_KEPT:
                 run.repeats.append((number, job.id, first_line[job.id]))
-        if run.found.ids.has_key(key):
-            sent.add_key(key)
-            yield job
-        else:
+        if not run.found.ids.has_key(key):
             run.changed.append(number)
+            continue
+        sent.add_key(key)
+        if run.done_ids is not None and run.done_ids.has_key(key):
+            run.stored += 1  # its Result is stored: sending it again past the server's dedup window
+            run.earlier += 1  # (duplicate_window_s) would pay for a call whose Result is then refused
+            continue
+        yield job
     sent.freeze()
     run.unsent = len(run.found.ids) - len(sent)
 

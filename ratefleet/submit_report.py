@@ -13,7 +13,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from ratefleet.batches import InputOrder
-from ratefleet.batchfile import Validation
+from ratefleet.batchfile import IdSet, Validation
 from ratefleet.client import Client
 from ratefleet.openai_batch import format_result
 from ratefleet.runtime.connect import redact_url
@@ -45,6 +45,7 @@ class Run:
     foreign_queued: list[tuple[str, str | None]] = field(default_factory=list)
     foreign_queued_more: int = 0
     results_before: int = 0  # Results the batch had when this run started
+    done_ids: IdSet | None = None  # (their id hashes) lines with one are not sent again, whenever it was
     changed: list[int] = field(default_factory=list)  # lines edited between the two passes (not sent)
     unsent: int = 0          # distinct ids the validation pass found that the send pass did not send
     repeats: list[tuple[int, str, int]] = field(default_factory=list)  # (line, id, its first line): the first 10
@@ -135,6 +136,40 @@ async def count_results(client: Client, batch: str) -> int:
     except Exception:  # noqa: BLE001 - it expires after inactive_threshold anyway
         pass
     return info.num_pending or 0
+
+
+async def stored_ids(client: Client, batch: str, expected: int, progress=None) -> IdSet:
+    """The `id_hash`es of the jobs of batch `batch` that have a stored Result, read from the
+    Results' subjects (`<prefix>.results.<batch>.<job id>`) with a headers-only ordered
+    consumer: no bodies cross the wire. `expected`: how many there are (`count_results`);
+    reading stops there, or when the stream has no more. `progress(n)`: called per 1,000.
+    Raises what nats-py raises when the consumer cannot be made (the caller decides)."""
+    ids = IdSet()
+    if expected <= 0:
+        ids.freeze()
+        return ids
+    sub = await client.js.subscribe(client.subjects.batch_results(batch), stream=client.subjects.results_stream,
+                                    ordered_consumer=True, deliver_policy=DeliverPolicy.ALL, headers_only=True)
+    try:
+        read = 0
+        while read < expected:
+            try:
+                msg = await sub.next_msg(timeout=5.0)
+            except TimeoutError:  # fewer than counted (expired meanwhile): what came is what there is
+                break
+            ids.add(msg.subject.rsplit(".", 1)[-1])
+            read += 1
+            if progress is not None and read % 1000 == 0:
+                progress(1000)
+            if msg.metadata.num_pending == 0:
+                break
+    finally:
+        try:
+            await sub.unsubscribe()
+        except Exception:  # noqa: BLE001 - the connection is closing: nothing to undo
+            pass
+    ids.freeze()
+    return ids
 
 
 def report_end(run: Run, phases, *, submitted_only: bool = False) -> int:

@@ -316,3 +316,33 @@ async def test_submit_names_the_line_that_repeats_an_id(tmp_path, nats_server):
     assert done.returncode == 0, done.stderr
     assert "1 repeat an id of an earlier line" in done.stderr
     assert "line 3 repeats the id 'dup1' of line 1: a job id is one job" in done.stderr, done.stderr
+
+
+@pytest.mark.anyio
+async def test_a_rerun_past_the_dedup_window_does_not_send_lines_whose_result_is_stored(tmp_path, nats_server):
+    # a nightly batch resumed the next morning: the server's dedup window (duplicate_window_s)
+    # has passed, so JetStream would take every line again, and each would be called (paid) again
+    # only for its second Result to be refused. Lines with a stored Result are now skipped.
+    from ratefleet.batchfile import line_job_id
+    from ratefleet.runtime.store import store_result
+    from ratefleet.schemas import Result
+
+    config = parse_config({"streams": {"duplicate_window_s": 1}})
+    async with await Client.connect(nats_server.url) as client:
+        await ensure_topology(client.js, config)
+        file = tmp_path / "jobs.jsonl"
+        lines = [json.dumps(chat_job(i)) for i in range(3)]
+        file.write_text("".join(line + "\n" for line in lines))
+        first = cli("submit", str(file), "--tier", "normal", "--batch", "night", "--nats", nats_server.url)
+        assert first.returncode == 0 and "3 new" in first.stderr, first.stderr
+        for number in (1, 2):  # two lines ran and have their Results; line 3 has none yet
+            job_id = line_job_id("night", number, lines[number - 1])
+            await store_result(client.js, client.subjects,
+                               Result(job_id=job_id, status="succeeded", tier="normal", batch="night", attempts=1))
+        queued_before = (await client.js.stream_info(client.subjects.jobs_stream)).state.messages
+        time.sleep(1.5)  # past the dedup window
+        again = cli("submit", str(file), "--tier", "normal", "--batch", "night", "--nats", nats_server.url)
+        queued_after = (await client.js.stream_info(client.subjects.jobs_stream)).state.messages
+    assert again.returncode == 0, again.stderr
+    assert "1 new, 0 already queued, 2 already done" in again.stderr, again.stderr
+    assert queued_after - queued_before == 1  # only line 3 went out again (it has no Result)
