@@ -4,6 +4,10 @@ On a terminal: rich progress bars. Elsewhere (a pipe, a CI log, `NO_COLOR` is ho
 rich itself): one plain line per phase every `every_s` seconds and one when it ends, e.g.
 
     submitting: 120,000/1,000,000 jobs (61,204/s, ETA 14s)
+
+and, while a phase does not move (`remind`), one every 30 s saying so:
+
+    results: 0/101 results (0/s; nothing new for 30s; `ratefleet status` shows the keys and workers)
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import anyio
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -23,6 +28,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.text import Text
+
+STALL_HINT = "`ratefleet status` shows the keys (cooling, disabled) and the workers"
 
 
 class RateColumn(ProgressColumn):
@@ -40,6 +47,7 @@ class _Plain:
     done: float = 0.0
     started: float = field(default_factory=time.monotonic)
     printed: float = field(default_factory=time.monotonic)
+    changed: float = field(default_factory=time.monotonic)  # when `done` last moved
     finished: bool = False
 
 
@@ -79,13 +87,30 @@ class Phases:
             self._progress.update(handle, completed=completed, advance=advance or None, total=total)
             return
         phase = self._plain[handle]
-        phase.done = completed if completed is not None else phase.done + advance
+        done = completed if completed is not None else phase.done + advance
+        if done != phase.done:
+            phase.done, phase.changed = done, time.monotonic()
         if total is not None:
             phase.total = total
         now = time.monotonic()
         if now - phase.printed >= self.every_s:
             phase.printed = now
             self._say(phase, now)
+
+    async def remind(self, handle: int, quiet_s: float = 30.0, hint: str = "") -> None:
+        """Until the phase finishes (run it as a task; cancel it after): off a terminal, when
+        nothing was printed for `quiet_s` seconds, print the phase's line anyway, saying how
+        long it has not moved, plus `hint` (what to look at). A terminal's bar shows that
+        itself (its elapsed time runs on)."""
+        if self._progress:
+            return
+        phase = self._plain[handle]
+        while not phase.finished:
+            await anyio.sleep(min(5.0, quiet_s))
+            now = time.monotonic()
+            if not phase.finished and now - phase.printed >= quiet_s:
+                phase.printed = now
+                self._say(phase, now, still=f"nothing new for {now - phase.changed:.0f}s" + (f"; {hint}" if hint else ""))
 
     def finish(self, handle: int) -> None:
         """The phase ended (it may have stopped short of its total)."""
@@ -101,7 +126,7 @@ class Phases:
         """One line of text (never read as markup: it may quote a user's line)."""
         self.console.print(message, style=style, highlight=False, markup=False, soft_wrap=True)
 
-    def _say(self, phase: _Plain, now: float, final: bool = False) -> None:
+    def _say(self, phase: _Plain, now: float, final: bool = False, still: str = "") -> None:
         elapsed = max(now - phase.started, 1e-6)
         rate = phase.done / elapsed
         total = f"/{phase.total:,.0f}" if phase.total else ""
@@ -109,6 +134,6 @@ class Phases:
             tail = f"in {elapsed:.1f}s, {rate:,.0f}/s"
         else:
             eta = (phase.total - phase.done) / rate if phase.total and rate > 0 else None
-            tail = f"{rate:,.0f}/s" + (f", ETA {eta:.0f}s" if eta is not None else "")
+            tail = f"{rate:,.0f}/s" + (f", ETA {eta:.0f}s" if eta is not None else "") + (f"; {still}" if still else "")
         self.console.print(f"{phase.name}: {phase.done:,.0f}{total} {phase.unit} ({tail})".replace("  ", " "),
                            highlight=False, markup=False, soft_wrap=True)

@@ -18,6 +18,7 @@ reader went away (cli_support.quiet_broken_pipe).
 
 from __future__ import annotations
 
+import functools
 import shlex
 import signal
 import sys
@@ -35,7 +36,7 @@ from ratefleet.batches import BatchRecord, InputOrder, load_record
 from ratefleet.cli_support import client_target, fail, make_console, require_out_path, run_async
 from ratefleet.client import Client
 from ratefleet.openai_batch import format_result
-from ratefleet.phases import Phases
+from ratefleet.phases import STALL_HINT, Phases
 from ratefleet.results_replays import Replays, replay_of, scan_replays
 from ratefleet.runtime.connect import redact_url
 from ratefleet.schemas import Result
@@ -205,6 +206,7 @@ async def _follow(client: Client, run: Collect, phases: Phases) -> bool:
         tg.start_soon(on_sigint)
         if run.wait:
             tg.start_soon(_watch_record, client, run, tg.cancel_scope)
+            tg.start_soon(functools.partial(phases.remind, handle, hint=STALL_HINT))
         if not (run.wait and run.complete):
             async for item in client.results(run.batch, follow=run.wait):
                 await run.take(client, item)

@@ -21,6 +21,7 @@ would be a new batch and pay every line again).
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import sys
 import threading
@@ -47,7 +48,7 @@ from ratefleet.batchfile import (
 )
 from ratefleet.cli_support import make_console
 from ratefleet.client import Client, Stored
-from ratefleet.phases import Phases
+from ratefleet.phases import STALL_HINT, Phases
 from ratefleet.schemas.config_nats import NatsAuthConfig
 from ratefleet.schemas.errors import NatsUnavailable, SubmitError
 from ratefleet.schemas.subjects import is_token
@@ -352,14 +353,17 @@ async def _classify(run: Run, client: Client, stored: Stored) -> None:
 
 async def _follow(run: Run, client: Client, phases: Phases) -> None:
     handle = phases.start("results", run.found.jobs, unit="results")
-    async for result in client.results(run.batch, follow=True):
-        if result.job_id not in run.found.ids:
-            continue  # a Result of this batch from an older version of the file
-        run.collected += 1
-        run.write(result)
-        phases.update(handle, completed=run.collected, total=run.expected)
-        if run.check_collected():
-            break
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(functools.partial(phases.remind, handle, hint=STALL_HINT))
+        async for result in client.results(run.batch, follow=True):
+            if result.job_id not in run.found.ids:
+                continue  # a Result of this batch from an older version of the file
+            run.collected += 1
+            run.write(result)
+            phases.update(handle, completed=run.collected, total=run.expected)
+            if run.check_collected():
+                break
+        tg.cancel_scope.cancel()
     phases.finish(handle)
 
 

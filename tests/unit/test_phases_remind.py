@@ -1,0 +1,40 @@
+"""Off a terminal, a phase that does not move still says so (ratefleet/phases.py `remind`):
+`submit --wait` and `results --wait` printed nothing for minutes while the keys were cooling
+(a new user's trial: stderr stayed at 5 lines for more than 30 s)."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import anyio
+import pytest
+from rich.console import Console
+
+from ratefleet.phases import Phases
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_phase_that_does_not_move_is_reported_with_what_to_look_at():
+    out = io.StringIO()
+    with Phases(Console(file=out, force_terminal=False, width=200), every_s=0.05) as phases:
+        handle = phases.start("results", 101, unit="results")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(phases.remind, handle, 0.2, "look here")
+            await anyio.sleep(0.5)
+            quiet = out.getvalue()
+            phases.update(handle, completed=3)  # moves: printed (every_s passed), and the quiet clock restarts
+            phases.finish(handle)  # the reminder ends by itself
+    assert re.search(r"^results: 0/101 results \(0/s; nothing new for \d+s; look here\)$", quiet, re.MULTILINE), quiet
+    assert out.getvalue().rstrip().endswith("/s)") and "results: 3/101" in out.getvalue()
+
+
+async def test_a_terminal_gets_no_reminder_lines():
+    out = io.StringIO()
+    with Phases(Console(file=out, force_terminal=True, width=200)) as phases:
+        handle = phases.start("results", 10, unit="results")
+        with anyio.fail_after(1):
+            await phases.remind(handle, 0.1, "x")  # returns at once: the bar shows the time itself
+        phases.finish(handle)
+    assert "nothing new" not in out.getvalue()
