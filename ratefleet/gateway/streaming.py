@@ -10,6 +10,7 @@ ends with the Result, which also holds the complete body for later (`ratefleet r
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -38,8 +39,12 @@ class ChunkStream:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The chunks as the upstream sent them. Ends at the Result; early when the job's call is
-        retried (a new attempt would repeat what the caller already has) or nothing comes for
-        `idle_timeout_s`: the caller then sees a stream without its end ([DONE])."""
+        retried (a new attempt would repeat what the caller already has: its worker stopped
+        mid-answer) or nothing comes for `idle_timeout_s`. An early end is never a clean end:
+        the stream's last event is then an OpenAI-style error (`interrupted`), which the
+        OpenAI SDKs raise as an APIError, rather than a stream that just stops without [DONE]
+        (which they take for a complete answer)."""
+        tail = self.first[-2:]
         try:
             yield self.first
             while True:
@@ -47,16 +52,31 @@ class ChunkStream:
                     msg = await self.sub.next_msg(timeout=self.idle_timeout_s)
                 except TimeoutError:
                     log.warning("stream idle; ended early", job_id=self.job_id, idle_s=self.idle_timeout_s)
+                    yield interrupted(tail, self.job_id, f"no part of the answer came for {self.idle_timeout_s:g}s")
                     return
                 if msg.subject == self.reply_to:
                     self.result = Result.from_json(msg.data)
                     return
                 if (msg.headers or {}).get(ATTEMPT_HEADER) != self.attempt:
                     log.warning("streamed call retried; stream ended early", job_id=self.job_id)
+                    yield interrupted(tail, self.job_id, "the call was cut off mid-answer (its worker stopped) and "
+                                      "is being made again")
                     return
+                tail = (tail + msg.data)[-2:]
                 yield msg.data
         finally:
             await self.sub.unsubscribe()
+
+
+def interrupted(tail: bytes, job_id: str, why: str) -> bytes:
+    """The server-sent event that ends a stream cut short: `data: {"error": {...}}` (type
+    `server_error`, code `stream_interrupted`), after a blank line when the stream so far
+    (`tail`: its last two bytes) stopped inside an event. The message says where the whole
+    answer will be: the job's stored Result (`ratefleet result <job id>`)."""
+    error = {"message": f"The stream was cut short: {why}. The complete answer will be the job's stored Result: "
+                        f"`ratefleet result {job_id}`.", "type": "server_error", "param": None,
+             "code": "stream_interrupted"}
+    return (b"" if tail.endswith(b"\n\n") or not tail else b"\n\n") + b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
 
 
 async def start_stream(client: Client, job: Job, tier: str, timeout_s: float) -> Result | ChunkStream:
