@@ -12,6 +12,7 @@ import tomllib
 import warnings
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
@@ -54,8 +55,22 @@ class UpstreamConfig(_Strict):
     @field_validator("base_url")
     @classmethod
     def _base_url(cls, value: str) -> str:
+        """An http(s) URL with a host, a port in 1-65535 if any, and no `user:password@`:
+        credentials in it would reach `config show`, the stored config and logs, and the
+        HTTP client refuses them next to the key's Authorization header (every call failed);
+        a key's secret goes in `[[pools.<p>.keys]] secret` (sent in `auth_header`)."""
         if not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
+        parsed = urlsplit(value)
+        if parsed.username is not None or parsed.password is not None or "@" in parsed.netloc:
+            raise ValueError("must not hold credentials (user:password@); put the key's secret in "
+                             "pools.<pool>.keys[].secret (sent in the upstream's auth_header)")
+        try:
+            port = parsed.port
+        except ValueError:
+            port = -1
+        if not parsed.hostname or port == -1 or port == 0:
+            raise ValueError("must name a host and, if any, a port from 1 to 65535 (e.g. https://api.openai.com)")
         return value.rstrip("/")
 
 

@@ -92,3 +92,26 @@ def test_which_nats_secrets_are_literal(fields, literal):
     # ResourceWarnings of objects an earlier test left to the garbage collector may land here too
     assert [str(w.message) for w in caught if not issubclass(w.category, ResourceWarning)] == [
         f"<config>: nats.{name} is a literal secret; use env:NAME or file:PATH outside local tests" for name in literal]
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("http://admin:hunter2PW@127.0.0.1:18901", "must not hold credentials"),
+    ("http://user@api.example.com", "must not hold credentials"),
+    ("http://127.0.0.1:99999", "port from 1 to 65535"),
+    ("http://127.0.0.1:0", "port from 1 to 65535"),
+    ("https://", "must name a host"),
+])
+def test_an_upstream_url_with_credentials_or_no_usable_address_is_refused(url, says):
+    # accepted before: credentials then showed in `config show`, and every call failed at the
+    # HTTP client (it refuses them next to the key's Authorization header), as did a bad port
+    with pytest.raises(ConfigError) as refused:
+        parse_config({"upstreams": {"u": {"base_url": url}},
+                      "pools": {"p": {"keys": [{"id": "k1", "rps": 1, "secret": "x"}]}}})
+    assert says in str(refused.value) and "hunter2PW" not in str(refused.value)
+
+
+@pytest.mark.parametrize("url", ["https://api.openai.com", "http://127.0.0.1:8080/v1/", "http://[::1]:8080"])
+def test_ordinary_upstream_urls_pass(url):
+    config = parse_config({"upstreams": {"u": {"base_url": url}},
+                           "pools": {"p": {"keys": [{"id": "k1", "rps": 1, "secret": "x"}]}}})
+    assert config.upstreams["u"].base_url == url.rstrip("/")
