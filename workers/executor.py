@@ -14,6 +14,8 @@ from dataclasses import dataclass, replace
 from http.cookiejar import CookieJar
 from typing import Any
 
+import aiohttp
+import aiohttp.http_exceptions
 import anyio
 import httpx
 from pydantic_core import PydanticCustomError
@@ -50,6 +52,12 @@ class CallResult:
     code: ErrorCode | None = None  # ends the job as it is (e.g. response_too_large)
     provider_code: str | None = None  # the provider's error code/type (signals.provider_code)
     scope: RateLimitScope | None = None  # a 429's verdict: the key's or this request's (ratelimit_scope.py)
+
+
+# answers the HTTP client could not parse, raised by aiohttp through httpx-aiohttp (which maps its
+# connection and timeout errors to httpx's, but not these): an upstream error, never "a fault of
+# the worker" (that path gives the delivery back without counting the paid call)
+_UNREADABLE = (aiohttp.ClientError, aiohttp.http_exceptions.HttpProcessingError)
 
 
 def build_client(transport: str, slots: int, secret_headers: Iterable[str] = ()) -> httpx.AsyncClient:
@@ -207,6 +215,9 @@ class UpstreamExecutor:
             return self._failed("timeout", f"no answer from the upstream within {upstream.timeout_s}s", started)
         except httpx.HTTPError as exc:
             return self._failed("connection", f"{type(exc).__name__} calling the upstream", started)
+        except _UNREADABLE as exc:  # what httpx-aiohttp passes through untranslated: an answer aiohttp cannot parse
+            return self._failed("connection", f"{type(exc).__name__}: the upstream's answer could not be read "
+                                "(not HTTP, or a header line longer than the HTTP client accepts)", started)
         latency_ms = (time.perf_counter() - started) * 1000
         if raw is None:
             return self._too_large(response, secret, latency_ms, received)
