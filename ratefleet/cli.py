@@ -9,6 +9,7 @@ exit codes: 0 all succeeded, 1 some failed, 2 usage or input error, 130 interrup
 from __future__ import annotations
 
 import json
+import math
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -190,7 +191,7 @@ def submit(file: Path = typer.Argument(..., help="JSONL file, one Job per line (
 
 
 @app.command()
-def request(job: str = typer.Argument(..., help="Job JSON, or @FILE"), tier: str = TierOpt,
+def request(job: str = typer.Argument(..., help="Job JSON, @FILE, or - (standard input)"), tier: str = TierOpt,
             timeout: float = typer.Option(30.0, "--timeout", help="seconds to wait for the Result"),
             config: Path | None = ConfigOpt, nats: str | None = NatsOpt, prefix: str | None = PrefixOpt):
     """One job over request/reply; prints the Result; exit 0 only if it succeeded, 2 for a bad job or tier."""
@@ -198,7 +199,12 @@ def request(job: str = typer.Argument(..., help="Job JSON, or @FILE"), tier: str
     from ratefleet.schemas.errors import JobInvalid
     from ratefleet.submit_report import check_tier
 
-    text = read_text_file(Path(job[1:]), "job file") if job.startswith("@") else job
+    if not math.isfinite(timeout) or timeout <= 0:  # checked before the job is stored (and paid for)
+        fail(f"--timeout must be a number of seconds above 0, not {timeout:g}")
+    if job in ("-", "@-"):
+        text = sys.stdin.read()
+    else:
+        text = read_text_file(Path(job[1:]), "job file") if job.startswith("@") else job
     try:
         model = as_job(json.loads(text))
     except (ValueError, RecursionError) as exc:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
@@ -216,7 +217,10 @@ class Client:
     @translated("requesting a job's result")
     async def request(self, job: JobLike, tier: str, *, timeout: float = 30.0) -> Result:
         """Submit one job and wait for its Result (over the reply inbox), its body fetched
-        when the reply carries a `body_ref`. Raises RequestTimeout, BodyUnavailable, SubmitError."""
+        when the reply carries a `body_ref`. `timeout`: seconds, above 0 (ValueError else, before
+        anything is sent). Raises RequestTimeout, BodyUnavailable, SubmitError."""
+        if not math.isfinite(timeout) or timeout <= 0:  # before the job is stored: it would run (and be paid) unseen
+            raise ValueError(f"timeout must be a number of seconds above 0, not {timeout!r}")
         model = as_job(job)
         inbox, reply = await self.replies.expect()
         try:

@@ -299,3 +299,29 @@ def test_mock_upstream_says_once_where_it_listens_with_the_port_it_got(tmp_path)
         mock.terminate()
         out, err = mock.communicate(timeout=15)
     assert "listening" not in out + err, (out, err)  # no second announcement
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf"])
+def test_request_refuses_a_timeout_it_could_not_wait_before_storing_the_job(tmp_path, timeout):
+    # it stored the job (which then ran and was paid) and gave up at once: "no result ... within -1.0s"
+    done = cli("request", '{"request": {"path": "/v1/x"}}', "--tier", "vip", "--timeout", timeout,
+               "--nats", "nats://127.0.0.1:1", cwd=tmp_path)
+    assert done.returncode == 2 and "--timeout must be a number of seconds above 0" in done.stderr, done.stderr
+    assert "nothing answers" not in done.stderr  # refused before connecting
+
+
+@pytest.mark.anyio
+async def test_client_request_refuses_a_timeout_before_sending(nats_server):
+    from ratefleet import Client
+
+    async with await Client.connect(nats_server.url) as client:
+        with pytest.raises(ValueError, match="timeout must be a number of seconds above 0"):
+            await client.request({"request": {"path": "/v1/x"}}, "vip", timeout=0)  # (no stream even exists)
+
+
+def test_request_reads_the_job_from_standard_input(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ratefleet", "request", "-", "--tier", "vip", "--nats",
+                           "nats://127.0.0.1:1"], input='{"request": {"path": "/v1/x"}}', capture_output=True,
+                          text=True, cwd=tmp_path, env=clean_env(), timeout=60)
+    # the job was read and is valid: the command got as far as connecting
+    assert proc.returncode == 1 and "nothing answers at nats://127.0.0.1:1" in proc.stderr, proc.stderr

@@ -118,7 +118,7 @@ class RunNC(FakeNC):
 
         return Sub()
 
-    async def flush(self) -> None:
+    async def flush(self, timeout: float = 10) -> None:  # (nats-py's signature: runtime/connect.py flush passes it)
         await anyio.lowlevel.checkpoint()
         self.events.append("flushed")
 
