@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ratefleet.runtime.connect import redact_url
-from ratefleet.runtime.embedded import EmbeddedNats, embedded_for, port_answers
+from ratefleet.runtime.embedded import EmbeddedNats, die_with_parent, embedded_for, port_answers
 from ratefleet.runtime.logs import get_logger
 from ratefleet.schemas import Config
 
@@ -40,7 +40,9 @@ class Child:
 
     def start(self, env: dict[str, str]) -> None:
         http = ["--http", self.http] if self.http else []
-        self.process = subprocess.Popen([sys.executable, "-m", "ratefleet", *self.args, *http], env=env)
+        # SIGTERM when `up` dies, also by SIGKILL: no fleet left running without its supervisor
+        self.process = subprocess.Popen([sys.executable, "-m", "ratefleet", *self.args, *http], env=env,
+                                        preexec_fn=die_with_parent())
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -133,7 +135,9 @@ def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatc
               "`ratefleet up` does not start an open embedded server; start your nats-server", file=sys.stderr)
         return 2
     if not port_answers(url):
-        embedded = embedded_for(url, config.nats.embedded_dir).start()
+        embedded = embedded_for(url, config.nats.embedded_dir)
+        embedded.die_with_parent = True  # SIGKILL of `up` must not leave an orphaned server behind
+        embedded.start()
         url = embedded.url
         log.info("started embedded nats-server", url=url, store=str(embedded.store_dir))
     env = {**os.environ, "RATEFLEET_NATS_URL": url}

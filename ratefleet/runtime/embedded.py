@@ -6,6 +6,7 @@ local directory, and stop it on exit.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -52,6 +54,7 @@ class EmbeddedNats:
     host: str = "127.0.0.1"
     port: int = -1  # -1: a free port, read back from the ports file
     extra_args: tuple[str, ...] = ()
+    die_with_parent: bool = False  # SIGTERM the server when the process that started it dies (`ratefleet up`)
     process: subprocess.Popen | None = field(default=None, init=False)
     url: str = field(default="", init=False)
 
@@ -64,7 +67,8 @@ class EmbeddedNats:
         args = [nats_server_binary(), "-a", self.host, "-p", str(self.port), "-js",
                 "-sd", str(self.store_dir / "js"), "--ports_file_dir", str(ports_dir), *self.extra_args]
         log = open(self.store_dir / "nats-server.log", "ab")
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                        preexec_fn=die_with_parent() if self.die_with_parent else None)
         log.close()
         self.url = self._wait_for_url(ports_dir, timeout)
         return self
@@ -105,6 +109,24 @@ class EmbeddedNats:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` that has the child sent SIGTERM when the process starting it dies, even
+    by SIGKILL (Linux `prctl(PR_SET_PDEATHSIG)`, prctl(2); the signal follows the death of
+    the *thread* that forked, so start such children from the main thread). None elsewhere.
+    A parent that died before the child set it up makes the child exit at once."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork: nothing to load in the child
+    parent = os.getpid()
+
+    def arm() -> None:
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return arm
 
 
 def embedded_for(url: str, store_dir: str | os.PathLike) -> EmbeddedNats:

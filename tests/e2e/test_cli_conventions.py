@@ -325,3 +325,59 @@ def test_request_reads_the_job_from_standard_input(tmp_path):
                           text=True, cwd=tmp_path, env=clean_env(), timeout=60)
     # the job was read and is valid: the command got as far as connecting
     assert proc.returncode == 1 and "nothing answers at nats://127.0.0.1:1" in proc.stderr, proc.stderr
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended; only its parent's wait is missing
+
+
+def _nats_server_pids(port: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv and argv[0].endswith(b"nats-server") and str(port).encode() in argv:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_up_takes_its_fleet_and_embedded_nats_with_it(tmp_path):
+    # SIGKILL of `up` left nats-server, the dispatcher and the workers running with PPID 1; a
+    # second `up` then joined the orphaned NATS and the orphaned dispatcher stayed leader
+    port = free_port()
+    with running_mock(MockSettings(keys=mock_keys(rps=100, burst=10, ids=("k1",)), accept_unknown=False)) as upstream:
+        config = _fleet_config(tmp_path, port, upstream.url)
+        log = open(tmp_path / "up.log", "wb")
+        up = subprocess.Popen([sys.executable, "-m", "ratefleet", "up", "--config", str(config), "--workers", "1",
+                               "--http-base-port", "0"],
+                              env=clean_env(RF_TEST_K1=SECRETS["k1"]), cwd=tmp_path, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        try:
+            status = _wait_status(config, tmp_path, lambda s: s.get("leader") and len(s["workers"]) == 1)
+            fleet = [status["workers"][0]["pid"], *_nats_server_pids(port)]
+            fleet += [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _child_of(int(p.name), up.pid)]
+            assert len(set(fleet)) >= 4, fleet  # nats-server, dispatcher, worker, config-watch
+            os.kill(up.pid, signal.SIGKILL)
+            up.wait(timeout=10)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and any(_alive(pid) for pid in fleet):
+                time.sleep(0.2)
+            assert [pid for pid in set(fleet) if _alive(pid)] == [], (tmp_path / "up.log").read_text()[-3000:]
+        finally:
+            kill_group(up.pid)
+
+
+def _child_of(pid: int, parent: int) -> bool:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) == parent
+    except (OSError, ValueError, IndexError):
+        return False

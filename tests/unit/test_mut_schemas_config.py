@@ -106,12 +106,12 @@ def test_an_upstream_url_with_credentials_or_no_usable_address_is_refused(url, s
     # HTTP client (it refuses them next to the key's Authorization header), as did a bad port
     with pytest.raises(ConfigError) as refused:
         parse_config({"upstreams": {"u": {"base_url": url}},
-                      "pools": {"p": {"keys": [{"id": "k1", "rps": 1, "secret": "x"}]}}})
+                      "pools": {"p": {"keys": [{"id": "k1", "rps": 1, "secret": "env:UNUSED"}]}}})
     assert says in str(refused.value) and "hunter2PW" not in str(refused.value)
 
 
 @pytest.mark.parametrize("url", ["https://api.openai.com", "http://127.0.0.1:8080/v1/", "http://[::1]:8080"])
 def test_ordinary_upstream_urls_pass(url):
     config = parse_config({"upstreams": {"u": {"base_url": url}},
-                           "pools": {"p": {"keys": [{"id": "k1", "rps": 1, "secret": "x"}]}}})
+                           "pools": {"p": {"keys": [{"id": "k1", "rps": 1, "secret": "env:UNUSED"}]}}})
     assert config.upstreams["u"].base_url == url.rstrip("/")
