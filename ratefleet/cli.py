@@ -326,6 +326,10 @@ def dlq_replay(tier: str | None = typer.Option(None, "--tier", help=tier_help("o
     for original, new_id in replayed:
         typer.echo(f"{original} -> {new_id}")
     typer.echo(f"replayed {len(replayed)} dead letter(s)")
+    if not replayed and (id is not None or tier is not None):  # asked for something that is not there
+        which = " and ".join(part for part in (f"job id {id!r}" if id else "", f"tier {tier!r}" if tier else "") if part)
+        fail(f"no replayable dead letter with {which}; `ratefleet dlq list` shows the dead letters "
+             "(a letter without its job cannot be replayed)", code=1)
 
 
 from ratefleet.results_cmd import register as _register_results  # noqa: E402 - `results`, `result`

@@ -51,7 +51,7 @@ from ratefleet.client import Client, Stored
 from ratefleet.phases import STALL_HINT, Phases
 from ratefleet.schemas.config_nats import NatsAuthConfig
 from ratefleet.schemas.errors import NatsUnavailable, SubmitError
-from ratefleet.schemas.subjects import is_token
+from ratefleet.schemas.subjects import NO_BATCH, is_token
 from ratefleet.submit_report import Run, check_tier, count_results, report_end, report_interrupt, stored_ids
 
 
@@ -73,6 +73,9 @@ async def run_submit(file: Path, tier: str, batch: str | None, wait: bool, out: 
 
     if batch is not None and not is_token(batch):
         say(f"error: --batch {batch!r} must be 1-128 of A-Z a-z 0-9 _ -")
+        return 2
+    if batch == NO_BATCH:  # the results subject's "no batch": its Results would mix with every unbatched job's
+        say(f"error: --batch {NO_BATCH} is reserved (it stands for jobs without a batch); choose another name")
         return 2
     if str(file) != "-" and not file.is_file():
         say(f"error: no such file: {file}")

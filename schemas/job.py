@@ -32,7 +32,7 @@ from pydantic_core import PydanticCustomError, PydanticSerializationError
 
 from ratefleet.schemas.errors import JobRejected
 from ratefleet.schemas.result import ErrorCode
-from ratefleet.schemas.subjects import TOKEN_PATTERN
+from ratefleet.schemas.subjects import NO_BATCH, TOKEN_PATTERN
 from ratefleet.schemas.wire import MAX_JSON_DEPTH, header_value_problem, is_field_name, json_problem, text_problem
 
 _CONTROL_OR_BACKSLASH = re.compile(r"[\x00-\x1f\\\x7f]")  # not allowed in a decoded path
@@ -181,6 +181,15 @@ class Job(BaseModel):
     @classmethod
     def _upstream(cls, value: str | None) -> str | None:
         return _check_text(value, "upstream")
+
+    @field_validator("batch")
+    @classmethod
+    def _batch(cls, value: str | None) -> str | None:
+        """`_` is the results subject's token for "no batch" (Subjects.results): as a batch name it
+        would mix its Results with those of every job sent without one."""
+        if value == NO_BATCH:
+            raise ValueError(f"{NO_BATCH!r} is reserved (it stands for jobs without a batch); choose another name")
+        return value
 
     @field_validator("metadata")
     @classmethod

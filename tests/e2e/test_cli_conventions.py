@@ -381,3 +381,26 @@ def _child_of(pid: int, parent: int) -> bool:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) == parent
     except (OSError, ValueError, IndexError):
         return False
+
+
+def test_submit_refuses_the_no_batch_token_as_a_batch_name(tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"request": {"path": "/v1/x"}}\n')
+    done = cli("submit", str(jobs), "--tier", "normal", "--batch", "_", "--nats", "nats://127.0.0.1:1", cwd=tmp_path)
+    assert done.returncode == 2 and "--batch _ is reserved" in done.stderr, done.stderr
+
+
+@pytest.mark.anyio
+async def test_dlq_replay_of_a_letter_that_is_not_there_says_so(tmp_path, nats_server):
+    # it printed "replayed 0 dead letter(s)" and exited 0, as if the job had been sent again
+    from ratefleet import Client
+    from ratefleet.runtime.streams import ensure_topology
+    from ratefleet.schemas.config import parse_config
+
+    async with await Client.connect(nats_server.url) as client:
+        await ensure_topology(client.js, parse_config({}))
+    done = cli("dlq", "replay", "--id", "nosuch", "--nats", nats_server.url, cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert "no replayable dead letter with job id 'nosuch'; `ratefleet dlq list` shows" in done.stderr
+    everything = cli("dlq", "replay", "--nats", nats_server.url, cwd=tmp_path)  # nothing asked for: nothing to say
+    assert everything.returncode == 0 and "replayed 0 dead letter(s)" in everything.stdout

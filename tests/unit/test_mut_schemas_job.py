@@ -205,3 +205,11 @@ def test_size_limit_is_the_smaller_of_the_config_and_what_fits_in_one_nats_messa
     assert job_size_limit(None, 100)[0] == 0
     limit, source = job_size_limit(None, None)
     assert limit >= 1 << 62 and source == "streams.max_job_bytes"
+
+
+def test_the_no_batch_token_is_not_a_batch_name():
+    # `_` is what the results subject holds for a job without a batch: a batch of that name got
+    # the Results of every unbatched job in `ratefleet results --batch _`
+    with pytest.raises(ValidationError, match="reserved"):
+        Job.model_validate({"request": {"path": "/x"}, "batch": "_"})
+    assert Job.model_validate({"request": {"path": "/x"}, "batch": "_a"}).batch == "_a"
