@@ -139,7 +139,11 @@ def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatc
         embedded.die_with_parent = True  # SIGKILL of `up` must not leave an orphaned server behind
         embedded.start()
         url = embedded.url
-        log.info("started embedded nats-server", url=url, store=str(embedded.store_dir))
+        log.info("started embedded nats-server", url=url, store=str(embedded.store_dir.resolve()))
+    else:  # said plainly: whatever fleet runs there gets these processes, and this file as its live config
+        print(f"a NATS server already answers at {redact_url(url)}: joining it (no embedded server is started); "
+              f"this fleet's config file {config_path or '(none)'} becomes the live config of every ratefleet "
+              "process there (`ratefleet config show` shows what runs now)", file=sys.stderr)
     env = {**os.environ, "RATEFLEET_NATS_URL": url}
     children = _children(config_path, workers, dispatchers, gateway)
     if http_host:

@@ -404,3 +404,28 @@ async def test_dlq_replay_of_a_letter_that_is_not_there_says_so(tmp_path, nats_s
     assert "no replayable dead letter with job id 'nosuch'; `ratefleet dlq list` shows" in done.stderr
     everything = cli("dlq", "replay", "--nats", nats_server.url, cwd=tmp_path)  # nothing asked for: nothing to say
     assert everything.returncode == 0 and "replayed 0 dead letter(s)" in everything.stdout
+
+
+def test_up_says_when_it_joins_a_nats_server_that_runs_already(tmp_path, nats_server):
+    # it joined whatever fleet answered on the URL without a word, and pushed its file as that
+    # fleet's live config (a new user's fleet on 4222 got another user's keys and limits)
+    config = _fleet_config(tmp_path, int(nats_server.url.rsplit(":", 1)[1]), "http://127.0.0.1:9")
+    log = open(tmp_path / "up.log", "wb")
+    up = subprocess.Popen([sys.executable, "-m", "ratefleet", "up", "--config", str(config), "--workers", "0",
+                           "--http-base-port", "0"], env=clean_env(), cwd=tmp_path, stdout=log,
+                          stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "joining it" not in (tmp_path / "up.log").read_text():
+            time.sleep(0.2)
+        output = (tmp_path / "up.log").read_text()
+        assert f"a NATS server already answers at {nats_server.url}: joining it" in output, output[-2000:]
+        assert f"this fleet's config file {config} becomes the live config" in output
+        assert "started embedded nats-server" not in output
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(timeout=60)
+        finally:
+            kill_group(up.pid)
