@@ -44,6 +44,27 @@ class NatsConfig(NatsAuthConfig):
     prefix: str = Field(default="ratefleet", pattern=r"^[A-Za-z0-9_-]+$")
     embedded_dir: str = ".ratefleet/nats"
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        """One NATS server URL or a comma-separated list, each `nats://`, `tls://`, `ws://` or
+        `wss://` (the schemes nats-py connects with) with a host and a port from 1 to 65535 if
+        any (credentials may ride in it: they are never repeated in the error)."""
+        servers = [part.strip() for part in value.split(",") if part.strip()]
+        if not servers:
+            raise ValueError("must name a NATS server, e.g. nats://127.0.0.1:4222")
+        for server in servers:
+            parsed = urlsplit(server if "://" in server else f"nats://{server}")  # (nats-py adds nats:// too)
+            try:
+                port = parsed.port
+            except ValueError:
+                port = -1
+            if parsed.scheme not in ("nats", "tls", "ws", "wss") or not parsed.hostname or port in (-1, 0):
+                shown = f"{parsed.scheme}://{parsed.hostname or ''}" if parsed.scheme else "a server"
+                raise ValueError(f"{shown}... is not a NATS server URL: use nats://HOST:PORT (or tls://, ws://, "
+                                 "wss://), several separated by commas")
+        return value
+
 
 class UpstreamConfig(_Strict):
     base_url: str

@@ -115,3 +115,18 @@ def test_ordinary_upstream_urls_pass(url):
     config = parse_config({"upstreams": {"u": {"base_url": url}},
                            "pools": {"p": {"keys": [{"id": "k1", "rps": 1, "secret": "env:UNUSED"}]}}})
     assert config.upstreams["u"].base_url == url.rstrip("/")
+
+
+@pytest.mark.parametrize("url", ["foo://::::", "nats://127.0.0.1:99999", "nats://127.0.0.1:0", "http://127.0.0.1:4222",
+                                 "nats://a:4222,nats://", ",", "nats://u:s3cret-pw@127.0.0.1:99999"])
+def test_a_nats_url_that_names_no_server_is_a_config_error(url):
+    # `status --nats 'foo://::::'` ended in "unexpected ValueError: Port could not be cast ...", exit 1
+    with pytest.raises(ConfigError, match="nats.url") as refused:
+        parse_config({"nats": {"url": url}})
+    assert "s3cret-pw" not in str(refused.value)
+
+
+@pytest.mark.parametrize("url", ["nats://127.0.0.1:4222", "127.0.0.1:4222", "localhost", "tls://nats.example:4443",
+                                 "nats://a:1, nats://u:p@b:2", "ws://127.0.0.1:8080", "nats://[::1]:4222"])
+def test_nats_urls_nats_py_connects_with_pass(url):
+    assert parse_config({"nats": {"url": url}}).nats.url == url
