@@ -45,15 +45,25 @@ def plain_output() -> bool:
     return not (sys.stdout.isatty() and sys.stderr.isatty())
 
 
+class _Console(Console):
+    """rich's Console, except that a reader that went away (`ratefleet status | head -1`) ends the
+    command with 141 like every other ratefleet command and a standard Unix tool: rich's own
+    `on_broken_pipe` exits 1, which reads as a failure."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise SystemExit(quiet_broken_pipe())
+
+
 def make_console(*, stderr: bool = False) -> Console:
     """A rich Console that prints no escape codes at all when `plain_output()` (colours, bold, cursor moves)."""
     stream = sys.stderr if stderr else sys.stdout
     # not a terminal (a pipe, a file, a CI log): $COLUMNS if set, else 200 columns so tables keep whole ids
     width = None if os.environ.get("COLUMNS") or stream.isatty() else PIPE_WIDTH
     if plain_output():
-        return Console(stderr=stderr, color_system=None, no_color=True, force_terminal=False, highlight=False,
-                       emoji=False, width=width)
-    return Console(stderr=stderr, highlight=False, width=width)
+        return _Console(stderr=stderr, color_system=None, no_color=True, force_terminal=False, highlight=False,
+                        emoji=False, width=width)
+    return _Console(stderr=stderr, highlight=False, width=width)
 
 
 def one_line(message: str) -> str:
@@ -218,6 +228,12 @@ class RatefleetApp(typer.Typer):
         try:
             code = super().__call__(*args, **{**kwargs, "standalone_mode": False})
             sys.stdout.flush()  # a reader that went away shows here, not as a warning at exit
+        except SystemExit as stop:
+            # typer's _main turns an EPIPE from the command's output into exit 1, even outside
+            # standalone mode, after wrapping stdout in click's PacifyFlushWrapper (typer/core.py)
+            if stop.code == 1 and type(sys.stdout).__name__ == "PacifyFlushWrapper":
+                sys.exit(quiet_broken_pipe())
+            raise
         except Exception as exc:  # noqa: BLE001 - the last edge: report, do not dump a stack
             sys.exit(self._report(exc))
         sys.exit(code if isinstance(code, int) else EXIT_OK)

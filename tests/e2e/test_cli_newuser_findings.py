@@ -260,3 +260,18 @@ def _run_into_closed_pipe(*args: str) -> subprocess.CompletedProcess:
                               text=True, timeout=90)
     finally:
         os.close(write_end)
+
+
+@pytest.mark.anyio
+async def test_config_show_into_a_closed_pipe_exits_141_like_the_other_commands(nats_server, tmp_path):
+    # typer turns an EPIPE into exit 1 (and rich's console does the same): `config show | head -1`
+    # and `status | head -1` exited 1 with no message, unlike `results | head -1` (a break-it trial)
+    config = tmp_path / "fleet.toml"
+    config.write_text(f'[nats]\nurl = "{nats_server.url}"\n[upstreams.u]\nbase_url = "http://127.0.0.1:9"\n'
+                      '[pools.p]\nkeys = [{id = "k1", rps = 1, secret = "env:UNUSED_K1"}]\n')
+    async with await Client.connect(nats_server.url) as client:
+        await ensure_topology(client.js, parse_config({}))
+    assert cli("config", "push", str(config)).returncode == 0
+    piped = _run_into_closed_pipe("config", "show", "--config", str(config))
+    assert piped.returncode == 141 and "error" not in piped.stderr, piped.stderr
+
