@@ -23,7 +23,15 @@ from rich.console import Console
 
 from ratefleet.runtime.edge import translate
 from ratefleet.runtime.logs import redact_text
-from ratefleet.schemas.config import DEFAULT_TIERS, Config, ConfigError, NatsConfig, config_path, load_config
+from ratefleet.schemas.config import (
+    DEFAULT_TIERS,
+    Config,
+    ConfigError,
+    NatsConfig,
+    config_path,
+    load_config,
+    load_nats_only,
+)
 
 T = TypeVar("T")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -130,10 +138,16 @@ def read_text_file(path: Path, what: str = "input file") -> str:
         fail(f"{what} {path} cannot be read ({exc.__class__.__name__}: {exc}); pass a readable UTF-8 file")
 
 
-def _quiet_load(path: Path | None, nats: str | None) -> Config:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a literal secret warns on the roles that use it, not on every client call
-        return load_config_or_fail(path, nats)
+def _nats_only_or_fail(found: Path | None, nats: str | None, error: ConfigError) -> Config:
+    """A client command whose config has an error outside `[nats]` goes on with `[nats]` alone,
+    saying so on stderr; exit 2 with the error when `[nats]` itself cannot be read."""
+    try:
+        cfg = load_nats_only(found, nats_url=nats)
+    except ConfigError:
+        fail(str(error))
+    _print_warning(f"{one_line(str(error))}; this command needs only [nats] and goes on with it "
+                   "(fix the file before the fleet reads it: `ratefleet config check`)")
+    return cfg
 
 
 @dataclass(frozen=True)
@@ -158,7 +172,12 @@ def client_target(config: Path | None, nats: str | None, prefix: str | None = No
     found = config_path(config)
     if found is not None:
         require_file(found, "config file")
-    cfg = _quiet_load(found, nats)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a literal secret warns on the roles that use it, not on every client call
+            cfg = load_config(found, nats_url=nats)
+    except ConfigError as exc:
+        cfg = _nats_only_or_fail(found, nats, exc)
     return ClientTarget(url=cfg.nats.url, prefix=prefix or cfg.nats.prefix, tiers=tuple(cfg.tiers),
                         source=str(found) if found else "<defaults>", nats=cfg.nats)
 
@@ -308,3 +327,9 @@ def _print_error(message: str) -> None:
     hint = _denial_hint()  # the cause first: what follows it ("no dispatcher answered") is its symptom
     message = redact_text(f"{hint}; then: {message}" if hint else message)  # a NATS URL's password, a token: never on screen
     make_console(stderr=True).print(f"error: {message}", style="red", markup=False, highlight=False, soft_wrap=True)
+
+
+def _print_warning(message: str) -> None:
+    """`warning: <message>` as one line on stderr (credentials redacted), the command going on."""
+    make_console(stderr=True).print(f"warning: {redact_text(message)}", style="yellow", markup=False,
+                                    highlight=False, soft_wrap=True)

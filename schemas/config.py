@@ -394,6 +394,28 @@ def load_config(path: str | os.PathLike[str] | None = None, *, nats_url: str | N
     return parse_config(data, source=f"{source} (with {', '.join(used)})" if used else source)
 
 
+def load_nats_only(path: str | os.PathLike[str] | None = None, *, nats_url: str | None = None) -> Config:
+    """The config with only its `[nats]` section read (env overrides and `nats_url` applied as by
+    `load_config`), for client commands that need nothing else: an error in another section
+    (a half-done edit of a key) must not lock an operator out of `status` or `results`.
+    Raises ConfigError when the file cannot be read or `[nats]` itself is invalid."""
+    found = config_path(path)
+    data: dict[str, Any] = {}
+    source = "<defaults>" if found is None else str(found)
+    if found is not None:
+        try:
+            data = tomllib.loads(found.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: no such config file (pass --config FILE or set RATEFLEET_CONFIG)") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    data, _ = EnvOverrides().apply(data)
+    nats = dict(data.get("nats") or {}) if isinstance(data.get("nats") or {}, dict) else {}
+    if nats_url:
+        nats["url"] = nats_url
+    return parse_config({"nats": nats}, source=source)
+
+
 def _describe(error: ValidationError, source: str) -> str:
     lines = []
     for item in error.errors(include_url=False):

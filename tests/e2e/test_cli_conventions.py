@@ -429,3 +429,20 @@ def test_up_says_when_it_joins_a_nats_server_that_runs_already(tmp_path, nats_se
             up.wait(timeout=60)
         finally:
             kill_group(up.pid)
+
+
+def test_client_commands_go_on_with_the_nats_section_when_another_section_is_broken(tmp_path):
+    # a half-done edit of a key (rps = -1) locked the operator out of `status` and `results`,
+    # which need only [nats] (a new user's trial)
+    bad_key = tmp_path / "bad_key.toml"
+    bad_key.write_text('[nats]\nurl = "nats://127.0.0.1:1"\n[upstreams.u]\nbase_url = "http://127.0.0.1:9"\n'
+                       '[pools.p]\nkeys = [{id = "k1", rps = -1, secret = "env:X"}]\n')
+    for command in (["status"], ["results", "--batch", "b1"]):
+        done = cli(*command, "--config", str(bad_key), cwd=tmp_path)
+        assert done.returncode == 1, done.stderr  # it went on, to the NATS named in [nats]
+        assert "warning: invalid configuration" in done.stderr and "pools.p.keys.0.rps" in done.stderr
+        assert "nothing answers at nats://127.0.0.1:1" in done.stderr
+    bad_nats = tmp_path / "bad_nats.toml"
+    bad_nats.write_text('[nats]\nurl = "foo://"\n')
+    done = cli("status", "--config", str(bad_nats), cwd=tmp_path)
+    assert done.returncode == 2 and "nats.url" in done.stderr and "warning" not in done.stderr
