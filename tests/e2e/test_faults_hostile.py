@@ -169,7 +169,8 @@ async def test_hostile_messages_end_invalid_and_good_jobs_behind_them_run(tmp_pa
                 assert replayed.status == "invalid" and replayed.error.code == "unknown_upstream"
                 assert replayed.metadata.get("replay_of") == "h-upstream"
                 not_replayable = cli("dlq", "replay", "--id", "h-nonjson", "--nats", nats_server.url)
-                assert not_replayable.returncode == 0 and "replayed 0" in not_replayable.stdout
+                assert not_replayable.returncode == 1 and "replayed 0" in not_replayable.stdout  # said, not done
+                assert "a letter without its job cannot be replayed" in not_replayable.stderr
                 after = {x["job_id"] for x in await tracker.dead_letters()}
                 assert "h-nonjson" in after and "h-upstream" not in after
                 assert mock.stats()["requests"] == n_good
