@@ -244,7 +244,8 @@ def _report(console: Console, run: Collect, out: Path | None, interrupted: bool,
     again += [] if prefix == "ratefleet" else ["--prefix", prefix]
     missing = (record.jobs - run.count) if record else 0
     if run.superseded:
-        say(f"{run.superseded:,} Results were replaced by a later `dlq replay` of the same line (counted once, "
+        noun = "Result was" if run.superseded == 1 else "Results were"
+        say(f"{run.superseded:,} {noun} replaced by a later `dlq replay` of the same line (counted once, "
             "the latest replay written in their place)")
     if record is not None and record.jobs == 0 and record.lines and run.count == 0:
         say(f"none of the {record.lines:,} lines of batch {run.batch} has a job of its own here: their ids were "

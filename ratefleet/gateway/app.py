@@ -30,7 +30,7 @@ from ratefleet.gateway.callers import Caller, CallerTable, single_field
 from ratefleet.gateway.errors import GatewayRefusal, bad_request, over_limit, queue_full, timed_out, unauthorized
 from ratefleet.gateway.limits import Admission, CallerLimits, Refusal, estimate_tokens
 from ratefleet.gateway.streaming import ChunkStream, start_stream
-from ratefleet.gateway.translate import answer_of, build_job, parse_body, used_tokens
+from ratefleet.gateway.translate import UPSTREAM_HEADER, answer_of, build_job, parse_body, used_tokens
 from ratefleet.runtime.cache import HIT_HEADER, ResultCache, cache_key, cached_result, wants_write
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.store import store_result
@@ -48,9 +48,11 @@ class Gateway:
 
     def __init__(self, client: Client, callers: CallerTable, *, max_body_bytes: int,
                  clock: Callable[[], float] = time.monotonic, cache: ResultCache | None = None,
-                 default_upstream: str | None = None) -> None:
+                 default_upstream: str | None = None, upstreams: tuple[str, ...] = ()) -> None:
         """`cache`: the fleet's answer cache (None: no lookups here); `default_upstream`: the
-        config's only upstream (a job without `upstream` runs there: part of the cache key)."""
+        config's only upstream (a job without `upstream` runs there: part of the cache key);
+        `upstreams`: the config's upstream names (with several and none chosen, a request is
+        refused here, naming the header that chooses one)."""
         self.client = client
         self.callers = callers
         self.limits = CallerLimits()
@@ -58,6 +60,7 @@ class Gateway:
         self.clock = clock
         self.cache = cache
         self.default_upstream = default_upstream
+        self.upstreams = upstreams
 
     async def handle(self, request: Request) -> Response:
         started = time.perf_counter()
@@ -97,6 +100,11 @@ class Gateway:
         job = build_job(caller, method=request.method, path=request.url.path,
                         query=request.query_params.multi_items(), headers=dict(request.headers),
                         json_body=json_body, text_body=text_body, now=datetime.now(UTC))
+        if job.upstream is None and self.default_upstream is None and len(self.upstreams) > 1:
+            raise GatewayRefusal(400, f"This fleet has several upstreams ({', '.join(self.upstreams)}) and caller "
+                                 f"{caller.name!r} has none of its own: name one with the {UPSTREAM_HEADER} header, "
+                                 f"or give the caller `upstreams` in the config.", type="invalid_request_error",
+                                 code="upstream_required")
         verdict = self.limits.admit(caller, self.clock(), estimate_tokens(len(raw), json_body))
         if isinstance(verdict, Refusal):
             raise over_limit(verdict.limit, verdict.retry_after_s)

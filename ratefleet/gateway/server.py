@@ -65,7 +65,8 @@ async def serve_gateway(config: Config, nc, stop: anyio.Event, listen: str, prob
     client = Client(nc, config.nats.prefix)
     cache = ResultCache.from_config(client.js, config)
     gateway = Gateway(client, callers, max_body_bytes=config.streams.max_job_bytes,
-                      cache=cache, default_upstream=config.default_upstream())
+                      cache=cache, default_upstream=config.default_upstream(),
+                      upstreams=tuple(config.upstreams))
     if probes is not None:
         register_cache(probes.registry, lambda: cache.stats)
     runner, batch_api = batch_service(config, client, callers)

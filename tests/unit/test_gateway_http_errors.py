@@ -122,3 +122,20 @@ async def test_a_chunked_upload_without_length_stops_being_read_past_the_file_li
     await app()(scope, receive, send)
     assert sent[0]["status"] == 413
     assert received <= (1 << 20) // len(chunk) + 3  # stopped reading just past the limit
+
+
+async def test_a_request_without_an_upstream_in_a_fleet_of_several_names_the_header_that_chooses_one():
+    # it became a job that ended `invalid` / unknown_upstream: "upstream is required", with no word
+    # about the x-ratefleet-upstream header a gateway caller would use (a break-it trial)
+    callers = CallerTable({key_digest(KEY): Caller("app", "premium", None, None, 60.0, None, None, None)})
+    gateway = Gateway(client=None, callers=callers, max_body_bytes=1 << 20,  # type: ignore[arg-type]
+                      upstreams=("openai", "anthropic"))
+    batches = BatchApi(callers, files_store=None, book=None, runner=None)  # type: ignore[arg-type]
+    transport = httpx.ASGITransport(app=create_app(gateway, batches.routes()))
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+        answer = await http.post("/v1/chat/completions", headers={"authorization": f"Bearer {KEY}"},
+                                 json={"model": "m", "messages": []})
+    assert answer.status_code == 400
+    error = answer.json()["error"]
+    assert error["code"] == "upstream_required" and "x-ratefleet-upstream" in error["message"]
+    assert "openai, anthropic" in error["message"]
