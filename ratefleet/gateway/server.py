@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import socket
 from collections.abc import Iterator
 
 import anyio
@@ -23,7 +24,7 @@ from ratefleet.gateway.files import FileStore
 from ratefleet.runtime.cache import ResultCache
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.metrics import register_cache
-from ratefleet.runtime.probes import Probes
+from ratefleet.runtime.probes import Probes, bind_listener
 from ratefleet.runtime.streams import ensure_topology
 from ratefleet.schemas import Config
 from ratefleet.schemas.errors import ConfigError
@@ -54,10 +55,14 @@ def uvicorn_server(app, host: str, port: int) -> uvicorn.Server:
     return _Server(config)
 
 
-async def serve_gateway(config: Config, nc, stop: anyio.Event, listen: str, probes: Probes | None = None) -> None:
+async def serve_gateway(config: Config, nc, stop: anyio.Event, listen: str, probes: Probes | None = None,
+                        sock: socket.socket | None = None) -> None:
     """Serve until `stop` is set: callers from `config`, jobs through `nc`'s fleet; with
-    `probes`, also its /readyz and /metrics (runtime/probes.py) beside the gateway's /healthz."""
+    `probes`, also its /readyz and /metrics (runtime/probes.py) beside the gateway's /healthz.
+    `sock`: `listen` bound already (else bound here; ConfigError when it cannot be)."""
     host, port = parse_listen(listen)
+    if sock is None:
+        sock = bind_listener(host, port, f"--listen {listen}")
     callers = CallerTable.from_config(config)
     if not len(callers):
         log.warning("no [callers.<name>] in the config: every request will be refused with 401")
@@ -80,7 +85,7 @@ async def serve_gateway(config: Config, nc, stop: anyio.Event, listen: str, prob
                 await runner.serve(task_status=task_status)
 
         await tg.start(run_batches)  # unfinished batches of an earlier gateway carry on
-        tg.start_soon(server.serve)
+        tg.start_soon(server.serve, [sock])
         while not server.started and not server.should_exit:
             await anyio.sleep(0.05)
         if server.started:
@@ -105,9 +110,10 @@ async def gateway_main(config: Config, listen: str) -> None:
     from ratefleet.roles import run_role
 
     CallerTable.from_config(config)  # a caller key that cannot be read stops the start, before NATS
+    sock = bind_listener(*parse_listen(listen), f"--listen {listen}")  # a port in use: one line, before NATS
     probes = Probes()  # served on `listen` by the gateway's own app
 
     async def body(nc, stop):
-        await serve_gateway(config, nc, stop, listen, probes)
+        await serve_gateway(config, nc, stop, listen, probes, sock)
 
     await run_role(config, "ratefleet-gateway", body, probes=probes)

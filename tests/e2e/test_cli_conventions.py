@@ -446,3 +446,19 @@ def test_client_commands_go_on_with_the_nats_section_when_another_section_is_bro
     bad_nats.write_text('[nats]\nurl = "foo://"\n')
     done = cli("status", "--config", str(bad_nats), cwd=tmp_path)
     assert done.returncode == 2 and "nats.url" in done.stderr and "warning" not in done.stderr
+
+
+def test_gateway_on_a_port_in_use_says_so_in_one_line(tmp_path):
+    # uvicorn's startup failure came out as ~80 lines of ExceptionGroup traceback, exit 3
+    config = tmp_path / "gw.toml"
+    config.write_text('[nats]\nurl = "nats://127.0.0.1:1"\n[upstreams.u]\nbase_url = "http://127.0.0.1:9"\n'
+                      '[pools.p]\nkeys = [{id = "k1", rps = 1, secret = "env:UNUSED_K1"}]\n'
+                      '[callers.app]\nkey = "env:RF_TEST_GW_KEY"\ntier = "normal"\n')
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = cli("gateway", "--config", str(config), "--listen", f"127.0.0.1:{port}", cwd=tmp_path,
+                   env=clean_env(RF_TEST_GW_KEY="rk-test-0123456789abcdef"))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == f"error: --listen 127.0.0.1:{port}: cannot listen there (Address already in use)"
