@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from ratefleet.gateway import batch_book, files
 from ratefleet.gateway.app import read_body
-from ratefleet.gateway.batch_book import WINDOW_S, BatchBook, new_batch, set_status
+from ratefleet.gateway.batch_book import TERMINAL, WINDOW_S, BatchBook, new_batch, set_status
 from ratefleet.gateway.batch_lines import ENDPOINTS
 from ratefleet.gateway.batch_runner import BatchRunner
 from ratefleet.gateway.callers import Caller, CallerTable, single_field
@@ -132,7 +132,15 @@ class BatchApi:
                                  headers={"content-length": str(size)})
 
     async def delete_file(self, request: Request, caller: Caller) -> Response:
+        """409 while an unfinished batch reads the file: the batch goes on from it after a gateway
+        restart (batch_runner.py), and without it a batch whose calls are paid would end `failed`."""
         file_id = request.path_params["file_id"]
+        using = [record["id"] for record in await self.book.all()
+                 if record.get("input_file_id") == file_id and record.get("status") not in TERMINAL]
+        if using:
+            raise GatewayRefusal(409, f"File {file_id} is the input of batch {using[0]}, which has not ended; delete "
+                                 "it once the batch is completed, failed, expired or cancelled.",
+                                 type="invalid_request_error", code="file_in_use")
         if not await self.files.delete(caller.name, file_id):
             raise not_found("File", file_id)
         return JSONResponse({"id": file_id, "object": "file", "deleted": True})

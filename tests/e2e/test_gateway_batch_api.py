@@ -179,6 +179,10 @@ async def test_cancel_stops_the_queued_lines(slow_gateway, nats_server, upstream
         batch = await ai.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
                                         completion_window="24h")
         running, _ = await wait_status(ai, batch.id, {"in_progress"})
+        # its input file cannot go while it runs: a gateway restart would end the paid batch `failed`
+        with pytest.raises(openai.ConflictError) as in_use:
+            await ai.files.delete(uploaded.id)
+        assert in_use.value.body["code"] == "file_in_use" and batch.id in in_use.value.body["message"]
         deadline = time.monotonic() + 30
         while (await ai.batches.retrieve(batch.id)).request_counts.completed < 2 and time.monotonic() < deadline:
             await anyio.sleep(0.2)
@@ -190,6 +194,7 @@ async def test_cancel_stops_the_queued_lines(slow_gateway, nats_server, upstream
         calls_later = sum(key["calls"] for key in upstream.stats()["keys"].values())
         output = (await ai.files.content(cancelled.output_file_id)).text.splitlines()
         again = await ai.batches.cancel(batch.id)  # a repeated cancel changes nothing
+        assert (await ai.files.delete(uploaded.id)).deleted  # once the batch has ended, it can go
     assert again.status == "cancelled" and again.request_counts == cancelled.request_counts
     assert running.request_counts.total == 30
     assert cancelled.status == "cancelled" and cancelled.cancelled_at and cancelled.cancelling_at
