@@ -30,7 +30,8 @@ def scheduler_spec(config: Config) -> SchedulerSpec:
     return SchedulerSpec(
         pools=tuple(pools), tiers=tiers, policy=d.policy,
         breaker=BreakerPolicy(fail_max=d.breaker_fail_max, reset_timeout_s=d.breaker_reset_s),
-        cooldown=CooldownPolicy(base_s=d.cooldown_base_s, max_s=d.cooldown_max_s),
+        cooldown=CooldownPolicy(base_s=d.cooldown_base_s, max_s=d.cooldown_max_s,
+                                retry_after_max_s=d.retry_after_max_s),
         probe=ProbePolicy(base_s=d.key_probe_s, max_s=max(d.key_probe_s, d.key_probe_max_s)),
         safety_s=d.safety_ms / 1000, priority_reserve=d.priority_reserve,
         adapt=AdaptPolicy(enabled=d.adaptive_rate, decrease=d.rate_decrease, recover_s=d.rate_recover_s,

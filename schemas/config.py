@@ -188,6 +188,7 @@ class DispatcherConfig(_Strict):
     breaker_reset_s: float = Field(default=30.0, gt=0)
     cooldown_base_s: float = Field(default=1.0, gt=0)
     cooldown_max_s: float = Field(default=60.0, gt=0)
+    retry_after_max_s: float = Field(default=3600.0, gt=0)  # the longest wait a provider's answer can impose on a key
     safety_ms: float = Field(default=50.0, ge=0)
     priority_reserve: float = Field(default=1.0, ge=0)
     adaptive_rate: bool = True  # keys' effective rates follow 429s and ratelimit headers (never above rps)

@@ -274,7 +274,9 @@ class KeyState:
         return max(backoff, retry_after_s or 0.0)
 
     def _cool(self, now: float, seconds: float) -> None:
-        self.cooldown_until = max(self.cooldown_until, now + seconds)
+        """Cool the key for `seconds` (never shortening a cooldown under way), at most the
+        policy's retry_after_max_s: every wait a provider names comes through here."""
+        self.cooldown_until = max(self.cooldown_until, now + min(seconds, self.cooldown.retry_after_max_s))
 
     def _resync(self, info: RateLimitInfo, now: float) -> None:
         if info.limit_requests is not None and info.limit_requests >= 1:

@@ -68,10 +68,14 @@ class CooldownPolicy:
 
     A Retry-After is a floor under that backoff (the longer of the two), never a way
     around it: `Retry-After: 0` on repeated 429s still backs off exponentially.
+    A wait the provider names (Retry-After, an x-ratelimit-reset at 0 remaining) counts up to
+    `retry_after_max_s` seconds: a daily quota may say 86,400 s, a faulty or hostile answer a
+    million; the key is then tried again after that long, and another 429 cools it again.
     """
 
     base_s: float = 1.0
     max_s: float = 60.0
+    retry_after_max_s: float = 3600.0
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,23 @@ def test_retry_after_is_a_floor_under_the_backoff(retry_after, wait):
     assert k.cooldown_until == 2.0 + wait and k.ready_at(2.0, 1.0) == 2.0 + wait
 
 
+@pytest.mark.parametrize("retry_after, wait", [(99.0, 99.0), (100.0, 100.0), (101.0, 100.0), (1e6, 100.0)])
+def test_a_provider_named_wait_counts_up_to_retry_after_max_s(retry_after, wait):
+    # a Retry-After of 1,000,000 s cooled both keys of a pool for 11.5 days (a new user's trial)
+    k = state(cooldown=CooldownPolicy(1.0, 60.0, retry_after_max_s=100.0))
+    throttle(k, 2.0, retry_after_s=retry_after)
+    assert k.cooldown_until == 2.0 + wait
+    echo = state(cooldown=CooldownPolicy(1.0, 60.0, retry_after_max_s=100.0))
+    echo.observe(Outcome("rate_limited", 429, retry_after_s=retry_after), 2.0, sent_at=-1.0)  # also as an echo
+    assert echo.cooldown_until <= 2.0 + 100.0
+
+
+def test_an_empty_bucket_s_reset_counts_up_to_retry_after_max_s():
+    k = state(cooldown=CooldownPolicy(1.0, 60.0, retry_after_max_s=100.0))
+    k.observe(Outcome("ok", 200, ratelimit=RateLimitInfo(remaining_requests=0, reset_requests_s=86400.0)), 5.0)
+    assert k.cooldown_until == 105.0
+
+
 def test_an_echo_honours_its_retry_after_but_neither_lengthens_nor_shortens_the_cooldown():
     k = state(cooldown=CooldownPolicy(4.0, 60.0))
     throttle(k, 1.0)  # fresh: 4 s, until 5
