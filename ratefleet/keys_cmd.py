@@ -108,7 +108,7 @@ def enable(key: str = typer.Argument(..., help="key id from the config"),
 
 def parse_at(text: str | None, now: datetime) -> datetime:
     """--at as an aware datetime (RFC 3339, e.g. 2026-12-01T00:00:00Z), `now` when absent;
-    exits 2 naming the expected form otherwise."""
+    exits 2 naming the expected form otherwise, or when it is more than a minute in the past."""
     if text is None:
         return now.replace(microsecond=0)
     try:
@@ -117,6 +117,9 @@ def parse_at(text: str | None, now: datetime) -> datetime:
         fail(f"--at {text!r} is not an RFC 3339 time; e.g. 2026-12-01T00:00:00Z")
     if at.utcoffset() is None:
         fail(f"--at {text!r} needs a UTC offset (RFC 3339), e.g. 2026-12-01T00:00:00Z")
+    if at < now - timedelta(seconds=60):  # the switch would be at once, and the printed revoke time long gone
+        fail(f"--at {text!r} is in the past (now {now.replace(microsecond=0).isoformat()}); leave --at out to switch "
+             "now, or give a later time")
     return at
 
 

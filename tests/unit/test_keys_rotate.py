@@ -123,10 +123,10 @@ def test_the_command_edits_the_file_and_says_when_to_revoke(tmp_path):
     path = tmp_path / "ratefleet.toml"
     path.write_text(FILE)
     run = CliRunner().invoke(app, ["keys", "rotate", "k1", "--secret", "env:OPENAI_KEY_1_NEW",
-                                   "--at", "2026-12-01T00:00:00Z", "--config", str(path)])
+                                   "--at", "2036-12-01T00:00:00Z", "--config", str(path)])
     assert run.exit_code == 0, run.output
-    assert "version v2 (env:OPENAI_KEY_1_NEW) takes new calls from 2026-12-01T00:00:00+00:00" in run.output
-    assert "revoke the old secret at the provider only after 2026-12-01T00:00:30+00:00" in run.output
+    assert "version v2 (env:OPENAI_KEY_1_NEW) takes new calls from 2036-12-01T00:00:00+00:00" in run.output
+    assert "revoke the old secret at the provider only after 2036-12-01T00:00:30+00:00" in run.output
     assert [v.id for v in versions_of(tomllib.loads(path.read_text()), "k1")] == ["v1", "v2"]
 
 
@@ -146,6 +146,8 @@ def test_the_command_without_at_switches_now(tmp_path):
     (["k1", "--secret", "sk-live-abc123"], 2, "env:NAME or file:PATH, never the secret itself"),
     (["k1", "--secret", "env:X", "--at", "tomorrow"], 2, "not an RFC 3339 time"),
     (["k1", "--secret", "env:X", "--at", "2026-12-01T00:00:00"], 2, "needs a UTC offset"),
+    # accepted before, switching at once and printing a revoke time years gone (a new user's trial)
+    (["k1", "--secret", "env:X", "--at", "2020-01-01T00:00:00Z"], 2, "is in the past"),
 ])
 def test_the_command_refuses_with_one_clear_line(tmp_path, args, code, message):
     path = tmp_path / "ratefleet.toml"
