@@ -27,7 +27,15 @@ from starlette.routing import Route
 
 from ratefleet.client import Client
 from ratefleet.gateway.callers import Caller, CallerTable, single_field
-from ratefleet.gateway.errors import GatewayRefusal, bad_request, over_limit, queue_full, timed_out, unauthorized
+from ratefleet.gateway.errors import (
+    GatewayRefusal,
+    bad_request,
+    nats_down,
+    over_limit,
+    queue_full,
+    timed_out,
+    unauthorized,
+)
 from ratefleet.gateway.limits import Admission, CallerLimits, Refusal, estimate_tokens
 from ratefleet.gateway.streaming import ChunkStream, start_stream
 from ratefleet.gateway.translate import UPSTREAM_HEADER, answer_of, build_job, parse_body, used_tokens
@@ -71,6 +79,8 @@ class Gateway:
             caller = self.callers.identify(single_field(request.headers.getlist("authorization")))
             if caller is None:
                 raise unauthorized()
+            if self.client is not None and not self.client.nc.is_connected:
+                raise nats_down()  # at once: the publish would wait out its 30 s ack timeout, then fail
             job, admission = await self._admit(request, caller)
             with remote_parent(request.headers):  # the HTTP caller's traceparent becomes the job's
                 answer, cache_state = await self._through_cache(job, caller)
@@ -184,6 +194,16 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return Response(refusal.body(), status_code=status, headers=headers, media_type="application/json")
 
 
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    """Anything unforeseen as an OpenAI-style 500 (type and where; the details, never a key, go
+    to the gateway's log, where Starlette re-raises it), not Starlette's plain-text page that an
+    SDK cannot parse."""
+    refusal = GatewayRefusal(500, f"The ratefleet gateway failed on this request ({type(exc).__name__} on "
+                             f"{request.method} {request.url.path}); its log has the details. Retrying may help.",
+                             type="server_error", code="internal_error")
+    return Response(refusal.body(), status_code=500, media_type="application/json")
+
+
 async def _healthz(request: Request) -> Response:
     return JSONResponse({"ok": True})
 
@@ -193,4 +213,4 @@ def create_app(gateway: Gateway, own_routes: list[Route] | None = None) -> Starl
     `own_routes` (paths the gateway answers itself: `/v1/files`, `/v1/batches`), matched first."""
     routes = [Route("/healthz", _healthz, methods=["GET"]), *(own_routes or []),
               Route("/{path:path}", gateway.handle, methods=ALL_METHODS)]
-    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _internal_error})

@@ -54,6 +54,14 @@ def queue_full(retry_after_s: float = 1.0) -> GatewayRefusal:
                           code="queue_full", retry_after_s=retry_after_s)
 
 
+def nats_down(retry_after_s: float = 2.0) -> GatewayRefusal:
+    """503 while the gateway's NATS connection is down (it reconnects by itself): nothing was
+    queued, so retrying is safe; `/readyz` says the same."""
+    return GatewayRefusal(503, "The ratefleet gateway has lost its NATS connection and is reconnecting; nothing was "
+                          "queued. Retry shortly.", type="server_error", code="service_unavailable",
+                          retry_after_s=retry_after_s)
+
+
 def timed_out(job_id: str, timeout_s: float) -> GatewayRefusal:
     return GatewayRefusal(504, f"No answer within this caller's timeout ({timeout_s:g} s) for job {job_id}; "
                           f"if it ran, its Result is stored: `ratefleet result {job_id}`.",

@@ -139,3 +139,39 @@ async def test_a_request_without_an_upstream_in_a_fleet_of_several_names_the_hea
     error = answer.json()["error"]
     assert error["code"] == "upstream_required" and "x-ratefleet-upstream" in error["message"]
     assert "openai, anthropic" in error["message"]
+
+
+async def test_while_nats_is_down_a_request_is_refused_at_once_with_retry_after():
+    # it waited out the JetStream publish (about 30 s) and then answered 503 "NATS did not confirm
+    # job ...", while /readyz already said the connection was lost (a new user's trial)
+    from types import SimpleNamespace
+
+    callers = CallerTable({key_digest(KEY): Caller("app", "premium", None, None, 60.0, None, None, None)})
+    offline = SimpleNamespace(nc=SimpleNamespace(is_connected=False))
+    gateway = Gateway(client=offline, callers=callers, max_body_bytes=1 << 20)  # type: ignore[arg-type]
+    batches = BatchApi(callers, files_store=None, book=None, runner=None)  # type: ignore[arg-type]
+    transport = httpx.ASGITransport(app=create_app(gateway, batches.routes()))
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw", timeout=5) as http:
+        answer = await http.post("/v1/chat/completions", headers={"authorization": f"Bearer {KEY}"},
+                                 json={"model": "m", "messages": []})
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "2"
+    assert answer.json()["error"]["code"] == "service_unavailable"
+    assert "nothing was queued" in answer.json()["error"]["message"]
+
+
+async def test_an_unforeseen_failure_in_a_route_is_an_openai_style_500():
+    # /v1/files answered a plain-text "Internal Server Error" when its stream was gone (NATS back
+    # with a fresh store), which the openai SDK cannot parse (a new user's trial)
+    class Broken:
+        async def list(self, caller, purpose=None):
+            raise RuntimeError("stream not found")
+
+    callers = CallerTable({key_digest(KEY): Caller("app", "premium", None, None, 60.0, None, None, None)})
+    gateway = Gateway(client=None, callers=callers, max_body_bytes=1 << 20)  # type: ignore[arg-type]
+    batches = BatchApi(callers, files_store=Broken(), book=None, runner=None)  # type: ignore[arg-type]
+    transport = httpx.ASGITransport(app=create_app(gateway, batches.routes()), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+        answer = await http.get("/v1/files", headers={"authorization": f"Bearer {KEY}"})
+    assert answer.status_code == 500 and answer.headers["content-type"] == "application/json"
+    error = answer.json()["error"]
+    assert error["code"] == "internal_error" and "RuntimeError on GET /v1/files" in error["message"]
