@@ -119,13 +119,33 @@ def body_fields(raw: bytes, content_type: str | None, secret: str) -> dict[str, 
 @lru_cache(maxsize=64)
 def _escaped_forms(secret: str) -> tuple[str, ...]:
     """`secret` as JSON-escaping upstreams write it inside a string: plain, `\\/` for `/`,
-    and every non-alphanumeric character as `\\uXXXX` (upper- and lower-case hex). Cached
-    per secret (a worker holds its keys' secrets anyway): built once, not once per answer."""
+    and every non-alphanumeric character as `\\uXXXX` (upper- and lower-case hex); and its
+    base64 forms (`_base64_forms`). Cached per secret (a worker holds its keys' secrets
+    anyway): built once, not once per answer."""
     forms = {secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]}
+    forms |= _base64_forms(secret)
     forms |= {form.replace("/", "\\/") for form in forms}
     for hex_format in ("\\u%04X", "\\u%04x"):
         forms.add("".join(c if c.isascii() and c.isalnum() else hex_format % ord(c) for c in secret))
     return tuple(sorted(forms, key=len, reverse=True))
+
+
+def _base64_forms(secret: str) -> set[str]:
+    """The base64 characters (standard and URL-safe alphabets) that only `secret`'s bytes
+    determine, at each of the three byte offsets it can have inside longer encoded data (an
+    upstream echoing `Basic <base64>` or an encoded request): base64 char i holds bits
+    6i..6i+6, so the core runs from ceil(4*offset/3) to floor(4*(offset+n)/3). At most two
+    partial characters at each end stay visible; cores under 8 characters are left out (too
+    short to mask without hitting ordinary text)."""
+    raw = secret.encode()
+    forms: set[str] = set()
+    for offset in range(3):
+        start, end = -(-4 * offset // 3), 4 * (offset + len(raw)) // 3
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            core = encode(b"\0" * offset + raw).decode("ascii")[start:end]
+            if len(core) >= 8:
+                forms.add(core)
+    return forms
 
 
 def _mask_text(text: str, secret: str) -> str:

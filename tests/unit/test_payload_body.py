@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 
 import httpx
 import pytest
@@ -119,3 +120,31 @@ async def test_a_body_exactly_at_the_cap_is_kept():
                             cap=len(BINARY)).call(job(), UPSTREAM, SECRET)
     assert result.code is None and base64.b64decode(result.response.body_b64) == BINARY
     assert result.response.headers["content-type"] == "image/png"
+
+
+@pytest.mark.parametrize("prefix", [b"", b"u", b"us", b"user:", b"Bearer "])
+@pytest.mark.parametrize("encode", [base64.b64encode, base64.urlsafe_b64encode])
+@pytest.mark.parametrize("content_type", ["text/plain", "application/json"])
+def test_an_echoed_secret_is_masked_in_base64_at_any_offset(prefix, encode, content_type):
+    # an upstream echoing `Authorization: Basic <base64 of user:key>` (or any encoded request)
+    # showed the key to anyone who decoded the stored body (a break-it trial)
+    encoded = encode(prefix + SECRET.encode() + b"!tail").decode("ascii")
+    raw = (json.dumps({"echo": encoded}) if content_type == "application/json" else f"auth={encoded}").encode()
+    fields = body_fields(raw, content_type, SECRET)
+    shown = json.dumps(fields, ensure_ascii=False)
+    assert encoded not in shown and "***" in shown
+    decoded = _decoded_runs(shown)  # every base64-looking run, at every alignment
+    assert SECRET[:8].encode() not in decoded and SECRET[-8:].encode() not in decoded
+
+
+def _decoded_runs(text: str) -> bytes:
+    out = b""
+    for run in re.findall(r"[A-Za-z0-9+/_-]{4,}", text):
+        for cut in range(4):
+            piece = run[cut:][: (len(run) - cut) // 4 * 4]
+            for decode in (base64.b64decode, base64.urlsafe_b64decode):
+                try:
+                    out += decode(piece) + b"|"
+                except ValueError:
+                    pass
+    return out
