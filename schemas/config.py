@@ -12,7 +12,7 @@ import tomllib
 import warnings
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
@@ -55,15 +55,20 @@ class NatsConfig(NatsAuthConfig):
             raise ValueError("must name a NATS server, e.g. nats://127.0.0.1:4222")
         for server in servers:
             parsed = urlsplit(server if "://" in server else f"nats://{server}")  # (nats-py adds nats:// too)
-            try:
-                port = parsed.port
-            except ValueError:
-                port = -1
-            if parsed.scheme not in ("nats", "tls", "ws", "wss") or not parsed.hostname or port in (-1, 0):
+            if parsed.scheme not in ("nats", "tls", "ws", "wss") or not _has_address(parsed):
                 shown = f"{parsed.scheme}://{parsed.hostname or ''}" if parsed.scheme else "a server"
                 raise ValueError(f"{shown}... is not a NATS server URL: use nats://HOST:PORT (or tls://, ws://, "
                                  "wss://), several separated by commas")
         return value
+
+
+def _has_address(parsed: SplitResult) -> bool:
+    """Whether a parsed URL names a host and, if it has a port, one from 1 to 65535."""
+    try:
+        port = parsed.port  # ValueError: not a number, or out of range
+    except ValueError:
+        return False
+    return bool(parsed.hostname) and port != 0
 
 
 class UpstreamConfig(_Strict):
@@ -86,11 +91,7 @@ class UpstreamConfig(_Strict):
         if parsed.username is not None or parsed.password is not None or "@" in parsed.netloc:
             raise ValueError("must not hold credentials (user:password@); put the key's secret in "
                              "pools.<pool>.keys[].secret (sent in the upstream's auth_header)")
-        try:
-            port = parsed.port
-        except ValueError:
-            port = -1
-        if not parsed.hostname or port == -1 or port == 0:
+        if not _has_address(parsed):
             raise ValueError("must name a host and, if any, a port from 1 to 65535 (e.g. https://api.openai.com)")
         return value.rstrip("/")
 
@@ -377,22 +378,8 @@ def parse_config(data: dict[str, Any], *, source: str = "<config>") -> Config:
 
 def load_config(path: str | os.PathLike[str] | None = None, *, nats_url: str | None = None) -> Config:
     """Load and validate the config; raise ConfigError naming the file, the field and why."""
-    found = config_path(path)
-    if found is None:
-        data: dict[str, Any] = {}
-        source = "<defaults>"
-    else:
-        source = str(found)
-        try:
-            data = tomllib.loads(found.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{source}: no such config file (pass --config FILE or set RATEFLEET_CONFIG)") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    data, used = EnvOverrides().apply(data)  # RATEFLEET_* (config_env.py); a flag still wins
-    if nats_url:
-        data = {**data, "nats": {**data.get("nats", {}), "url": nats_url}}
-    return parse_config(data, source=f"{source} (with {', '.join(used)})" if used else source)
+    data, source = _read_config(path, nats_url)
+    return parse_config(data, source=source)
 
 
 def load_nats_only(path: str | os.PathLike[str] | None = None, *, nats_url: str | None = None) -> Config:
@@ -400,6 +387,15 @@ def load_nats_only(path: str | os.PathLike[str] | None = None, *, nats_url: str 
     `load_config`), for client commands that need nothing else: an error in another section
     (a half-done edit of a key) must not lock an operator out of `status` or `results`.
     Raises ConfigError when the file cannot be read or `[nats]` itself is invalid."""
+    data, source = _read_config(path, nats_url)
+    nats = data.get("nats")
+    return parse_config({"nats": nats if isinstance(nats, dict) else {}}, source=source)
+
+
+def _read_config(path: str | os.PathLike[str] | None, nats_url: str | None) -> tuple[dict[str, Any], str]:
+    """The config file's TOML (none: `{}`) with the RATEFLEET_* overrides (config_env.py) and
+    `nats_url` (a flag: it wins) applied, and the source to name in errors. Raises
+    ConfigError when the file is missing or not TOML."""
     found = config_path(path)
     data: dict[str, Any] = {}
     source = "<defaults>" if found is None else str(found)
@@ -410,11 +406,10 @@ def load_nats_only(path: str | os.PathLike[str] | None = None, *, nats_url: str 
             raise ConfigError(f"{source}: no such config file (pass --config FILE or set RATEFLEET_CONFIG)") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    data, _ = EnvOverrides().apply(data)
-    nats = dict(data.get("nats") or {}) if isinstance(data.get("nats") or {}, dict) else {}
+    data, used = EnvOverrides().apply(data)
     if nats_url:
-        nats["url"] = nats_url
-    return parse_config({"nats": nats}, source=source)
+        data = {**data, "nats": {**data.get("nats", {}), "url": nats_url}}
+    return data, f"{source} (with {', '.join(used)})" if used else source
 
 
 def _describe(error: ValidationError, source: str) -> str:
