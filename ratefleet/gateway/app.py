@@ -110,7 +110,7 @@ class Gateway:
         job = build_job(caller, method=request.method, path=request.url.path,
                         query=request.query_params.multi_items(), headers=dict(request.headers),
                         json_body=json_body, text_body=text_body, now=datetime.now(UTC))
-        if job.upstream is None and self.default_upstream is None and len(self.upstreams) > 1:
+        if job.upstream is None and len(self.upstreams) > 1:  # (one upstream is the config's default)
             raise GatewayRefusal(400, f"This fleet has several upstreams ({', '.join(self.upstreams)}) and caller "
                                  f"{caller.name!r} has none of its own: name one with the {UPSTREAM_HEADER} header, "
                                  f"or give the caller `upstreams` in the config.", type="invalid_request_error",
