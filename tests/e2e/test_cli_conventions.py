@@ -242,16 +242,20 @@ def _wait_status(config: Path, cwd: Path, ready, timeout: float = 40) -> dict:
     raise AssertionError(f"fleet not ready: {last}")
 
 
+def _start_up(tmp_path: Path, config: Path, *, workers: int, env: dict[str, str]) -> subprocess.Popen:
+    """`ratefleet up` with `config` in its own session, system-picked probe ports, its output in
+    tmp_path/up.log."""
+    with open(tmp_path / "up.log", "wb") as log:
+        return subprocess.Popen([sys.executable, "-m", "ratefleet", "up", "--config", str(config), "--workers",
+                                 str(workers), "--http-base-port", "0"], env=env, cwd=tmp_path, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def test_sighup_leaves_up_and_its_worker_running(tmp_path):
     port = free_port()
     with running_mock(MockSettings(keys=mock_keys(rps=100, burst=10, ids=("k1",)), accept_unknown=False)) as upstream:
         config = _fleet_config(tmp_path, port, upstream.url)
-        log = open(tmp_path / "up.log", "wb")
-        up = subprocess.Popen([sys.executable, "-m", "ratefleet", "up", "--config", str(config), "--workers", "1",
-                               "--http-base-port", "0"],
-                              env=clean_env(RF_TEST_K1=SECRETS["k1"]), cwd=tmp_path, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        up = _start_up(tmp_path, config, workers=1, env=clean_env(RF_TEST_K1=SECRETS["k1"]))
         try:
             before = _wait_status(config, tmp_path, lambda s: s.get("leader") and len(s["workers"]) == 1)
             worker_pid = before["workers"][0]["pid"]
@@ -327,12 +331,17 @@ def test_request_reads_the_job_from_standard_input(tmp_path):
     assert proc.returncode == 1 and "nothing answers at nats://127.0.0.1:1" in proc.stderr, proc.stderr
 
 
-def _alive(pid: int) -> bool:
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...); [] when it is gone."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return False
-    return state != "Z"  # a zombie has ended; only its parent's wait is missing
+        return []
+
+
+def _alive(pid: int) -> bool:
+    state = _stat(pid)[:1]
+    return state not in ([], ["Z"])  # a zombie has ended; only its parent's wait is missing
 
 
 def _nats_server_pids(port: int) -> list[int]:
@@ -355,12 +364,7 @@ def test_a_killed_up_takes_its_fleet_and_embedded_nats_with_it(tmp_path):
     port = free_port()
     with running_mock(MockSettings(keys=mock_keys(rps=100, burst=10, ids=("k1",)), accept_unknown=False)) as upstream:
         config = _fleet_config(tmp_path, port, upstream.url)
-        log = open(tmp_path / "up.log", "wb")
-        up = subprocess.Popen([sys.executable, "-m", "ratefleet", "up", "--config", str(config), "--workers", "1",
-                               "--http-base-port", "0"],
-                              env=clean_env(RF_TEST_K1=SECRETS["k1"]), cwd=tmp_path, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        up = _start_up(tmp_path, config, workers=1, env=clean_env(RF_TEST_K1=SECRETS["k1"]))
         try:
             status = _wait_status(config, tmp_path, lambda s: s.get("leader") and len(s["workers"]) == 1)
             fleet = [status["workers"][0]["pid"], *_nats_server_pids(port)]
@@ -377,10 +381,7 @@ def test_a_killed_up_takes_its_fleet_and_embedded_nats_with_it(tmp_path):
 
 
 def _child_of(pid: int, parent: int) -> bool:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) == parent
-    except (OSError, ValueError, IndexError):
-        return False
+    return _stat(pid)[1:2] == [str(parent)]
 
 
 def test_submit_refuses_the_no_batch_token_as_a_batch_name(tmp_path):
@@ -410,11 +411,7 @@ def test_up_says_when_it_joins_a_nats_server_that_runs_already(tmp_path, nats_se
     # it joined whatever fleet answered on the URL without a word, and pushed its file as that
     # fleet's live config (a new user's fleet on 4222 got another user's keys and limits)
     config = _fleet_config(tmp_path, int(nats_server.url.rsplit(":", 1)[1]), "http://127.0.0.1:9")
-    log = open(tmp_path / "up.log", "wb")
-    up = subprocess.Popen([sys.executable, "-m", "ratefleet", "up", "--config", str(config), "--workers", "0",
-                           "--http-base-port", "0"], env=clean_env(), cwd=tmp_path, stdout=log,
-                          stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
+    up = _start_up(tmp_path, config, workers=0, env=clean_env())
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and "joining it" not in (tmp_path / "up.log").read_text():

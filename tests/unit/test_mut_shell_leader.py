@@ -540,27 +540,29 @@ class SlowEndsBus(MemoryBus):
         await super().end_job(incoming, code, message, status)
 
 
+async def pass_then_stop(session: LeaderSession, commands: list, after_s: float) -> None:
+    """Carry out one pass of `commands` in a session task group, then stop it `after_s` seconds
+    later as the dispatcher's stop does (cancel, then `_stopping` as the group is left)."""
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            try:
+                await session._carry_out(commands, tg)
+                await anyio.sleep(after_s)
+                scope.cancel()
+                await anyio.sleep(1)
+            finally:
+                session._stopping()
+
+
 @pytest.mark.anyio
 async def test_a_stop_lets_the_hand_backs_and_ends_of_its_last_pass_finish():
     # the machine counts them as done once asked: cut by the stop, a handed-back job waited out
     # ack_wait, and an end of a last delivery (max_deliver) would never come back at all
     bus = SlowEndsBus(pause=0.05)
     session = LeaderSession(config(), bus, "d-1")
-    scope = anyio.CancelScope()
-
-    async def one_pass() -> None:
-        with scope:
-            async with anyio.create_task_group() as tg:
-                try:
-                    await session._carry_out([cmd.HandBack(5, "ack.5", 0.0),
-                                              cmd.EndJob(incoming("j6"), ErrorCode.INVALID_JOB, "bad", "invalid")], tg)
-                    scope.cancel()  # the stop comes while both are under way
-                    await anyio.sleep(1)
-                finally:
-                    session._stopping()
-
-    with anyio.fail_after(5):
-        await one_pass()
+    with anyio.fail_after(5):  # the stop comes while both are under way
+        await pass_then_stop(session, [cmd.HandBack(5, "ack.5", 0.0),
+                                       cmd.EndJob(incoming("j6"), ErrorCode.INVALID_JOB, "bad", "invalid")], 0.0)
     assert bus.handed_back == [(5, "ack.5", 0.0)] and [i.job_id for i in bus.ended] == ["j6"]
 
 
@@ -571,20 +573,7 @@ async def test_an_end_that_never_finishes_is_given_up_stop_grace_after_the_stop(
     monkeypatch.setattr(shell_leader, "STOP_GRACE_S", 0.3)
     bus = SlowEndsBus(pause=math.inf)  # NATS never answers
     session = LeaderSession(config(), bus, "d-1")
-    scope = anyio.CancelScope()
-
-    async def one_pass() -> None:
-        with scope:
-            async with anyio.create_task_group() as tg:
-                try:
-                    await session._carry_out([cmd.EndJob(incoming("j7"), ErrorCode.INVALID_JOB, "bad", "invalid")], tg)
-                    await anyio.sleep(0.2)  # long under way before the stop
-                    scope.cancel()
-                    await anyio.sleep(1)
-                finally:
-                    session._stopping()
-
     started = time.monotonic()
-    with anyio.fail_after(5):
-        await one_pass()
+    with anyio.fail_after(5):  # long under way before the stop
+        await pass_then_stop(session, [cmd.EndJob(incoming("j7"), ErrorCode.INVALID_JOB, "bad", "invalid")], 0.2)
     assert 0.25 < time.monotonic() - started - 0.2 < 2.0 and bus.ended == [] and session._finishing == set()
