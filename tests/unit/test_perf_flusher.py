@@ -129,7 +129,8 @@ async def test_the_coalescing_flusher_survives_a_reconnect(tmp_path, coalesced):
 
 async def test_publishes_close_together_share_a_write_when_busy(nats_server):
     """Publishes 0.1 ms apart over separate iterations (calls finishing one by one under
-    load) go out in a few writes, not one each."""
+    load) go out in a few writes, not one each: once BUSY_WRITES writes fall within
+    BUSY_WINDOW_S, each waits out MIN_GAP_S."""
     nc = await nats.connect(nats_server.url)
     listener = await nats.connect(nats_server.url)
     try:
@@ -137,16 +138,43 @@ async def test_publishes_close_together_share_a_write_when_busy(nats_server):
         assert await coalesce_writes(nc)
         await nc.flush()
         writes = count_writes(nc)
-        for i in range(30):
-            await nc.publish("t.busy", str(i).encode())
-            until = time.perf_counter() + 0.0001
-            while time.perf_counter() < until:  # other iterations run meanwhile (not a timer's resolution)
-                await asyncio.sleep(0)
+        await publish_spread(nc, "t.busy", 30, 0.0001)
         await nc.flush()
         await asyncio.wait_for(done.wait(), 10)
         assert got == [str(i).encode() for i in range(30)]
         ours = [w.count(b"PUB t.busy") for w in writes if b"PUB t.busy" in w]
         assert sum(ours) == 30 and len(ours) <= 15, f"publishes per write: {ours}"
+    finally:
+        await nc.close()
+        await listener.close()
+
+
+async def publish_spread(nc, subject: str, n: int, apart_s: float) -> None:
+    """`n` publishes `apart_s` apart, other iterations running in between (calls finishing
+    one by one; not a timer's resolution)."""
+    for i in range(n):
+        await nc.publish(subject, str(i).encode())
+        until = time.perf_counter() + apart_s
+        while time.perf_counter() < until:
+            await asyncio.sleep(0)
+
+
+async def test_an_idle_connection_writes_without_waiting_out_the_gap(nats_server):
+    """Three publishes 0.2 ms apart on a connection that wrote nothing for 50 ms (a worker's
+    Result, then its reply once the store is acknowledged) go out as three writes: none waits
+    for MIN_GAP_S after the previous write, which would make the third join the second."""
+    nc = await nats.connect(nats_server.url)
+    listener = await nats.connect(nats_server.url)
+    try:
+        got, done = await received(listener, "t.idle", 3)
+        assert await coalesce_writes(nc)
+        await nc.flush()
+        await asyncio.sleep(0.05)  # idle: no write within BUSY_WINDOW_S
+        writes = count_writes(nc)
+        await publish_spread(nc, "t.idle", 3, 0.0002)
+        await asyncio.wait_for(done.wait(), 10)
+        assert got == [b"0", b"1", b"2"]
+        assert [w.count(b"PUB t.idle") for w in writes if b"PUB t.idle" in w] == [1, 1, 1]
     finally:
         await nc.close()
         await listener.close()
