@@ -68,8 +68,9 @@ class LeaderSession:
         self._send: MemoryObjectSendStream[ev.Event]
         self._receive: MemoryObjectReceiveStream[ev.Event]
         self._send, self._receive = anyio.create_memory_object_stream[ev.Event](math.inf)
-        self.inboxes = {tier: TierInbox(bus, config, tier, self.subjects.jobs_stream, tier_consumer(tier),
-                                        tier_max_deliver(config, tier), self.post) for tier in config.tiers}
+        # called with what is missing when a pull request finds no consumer (NATS lost its store)
+        self.gone: Callable[[str], None] = lambda what: None
+        self.inboxes = {tier: self._inbox(config, tier) for tier in config.tiers}
         self.subs: list[Any] = []
         self._finishing: set[anyio.CancelScope] = set()  # the ends and hand-backs under way (`_background`)
         self._stop_at: float | None = None  # (anyio clock) their deadline once the session stops
@@ -88,8 +89,7 @@ class LeaderSession:
         reused if the tier comes back) until the session ends."""
         for tier in config.tiers:
             if tier not in self.inboxes:
-                inbox = TierInbox(self.bus, config, tier, self.subjects.jobs_stream, tier_consumer(tier),
-                                  tier_max_deliver(config, tier), self.post)
+                inbox = self._inbox(config, tier)
                 await inbox.start()
                 self.inboxes[tier] = inbox
             self.inboxes[tier].max_deliver = tier_max_deliver(config, tier)
@@ -98,6 +98,10 @@ class LeaderSession:
         self.config = config
         settings = leader_settings(config, self.id, (0, 0), 0)
         self.post(ev.ConfigChanged(revision, scheduler_spec(config), settings.windows, settings.max_deliver))
+
+    def _inbox(self, config: Config, tier: str) -> TierInbox:
+        return TierInbox(self.bus, config, tier, self.subjects.jobs_stream, tier_consumer(tier),
+                         tier_max_deliver(config, tier), self.post, gone=lambda what: self.gone(what))
 
     def lease_renewed(self, until: float) -> None:
         self.post(ev.LeaseRenewed(until))

@@ -37,8 +37,11 @@ class TierInbox:
     nothing here changes the leader's state."""
 
     def __init__(self, bus: LeaderBus, config: Config, tier: str, stream: str, consumer: str,
-                 max_deliver: int, post: Callable[[Event], None]) -> None:
+                 max_deliver: int, post: Callable[[Event], None], gone: Callable[[str], None] = lambda what: None) -> None:
+        """`gone(what)`: told when a pull request finds no consumer to serve it (status 503: NATS
+        has lost the stream or the consumer), so the topology is created anew."""
         self.bus, self.config, self.tier, self.max_deliver, self.post = bus, config, tier, max_deliver, post
+        self.gone = gone
         self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self.inbox = ""
         self.reading = True  # False once stepping down: then only the last delivery is read
@@ -67,6 +70,8 @@ class TierInbox:
     async def _on_msg(self, msg: Any) -> None:
         status = msg.headers.get("Status") if msg.headers else None
         if status is not None and not msg.data:
+            if status == "503":  # no responders: the consumer (or its stream) is not there
+                self.gone(f"the consumer of tier {self.tier}")
             unfilled = int(msg.headers.get("Nats-Pending-Messages", 0) or 0)
             self.post(PullStatus(self.tier, status, unfilled, msg.headers.get("Description")))
             return

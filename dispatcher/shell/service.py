@@ -29,7 +29,7 @@ from ratefleet.runtime.config_kv import ConfigFollower
 from ratefleet.runtime.connect import flush
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.metrics import new_registry, register_cache
-from ratefleet.runtime.streams import ensure_topology, tier_consumer
+from ratefleet.runtime.streams import Rebuilder, ensure_topology, stream_gone, tier_consumer
 from ratefleet.schemas import Config, Result, Subjects
 from ratefleet.schemas.config_store import fleet_view
 from ratefleet.schemas.internal import DispatcherBeat
@@ -61,6 +61,7 @@ class Dispatcher:
         register_cache(registry, lambda: self.cache.stats)
         self.config_revision = config_revision  # the fleet config revision applied (None: the local file)
         self.rpc = RpcResponder(config, nc)
+        self.rebuilder = Rebuilder(self.js, lambda: self.config)  # NATS lost the streams: create them anew
 
     def _count(self, result: Result) -> None:
         self.metrics.job_ended(result.tier, result.status)
@@ -99,7 +100,10 @@ class Dispatcher:
             try:
                 acquired = await self.lease.try_acquire()
             except Exception as exc:  # noqa: BLE001 - NATS away: keep trying
-                log.debug("lease attempt failed", error=type(exc).__name__)
+                if stream_gone(exc):  # the lease bucket went with the server's store
+                    await self.rebuilder.rebuild("the lease bucket")
+                else:
+                    log.debug("lease attempt failed", error=type(exc).__name__)
                 acquired = False
             if acquired:
                 try:
@@ -122,6 +126,7 @@ class Dispatcher:
                                      config_revision=self.config_revision)
         try:
             async with anyio.create_task_group() as tg:
+                self.session.gone = lambda what: tg.start_soon(self.rebuilder.rebuild, what)
                 tg.start_soon(self.session.run)
                 await self._keep_lease()
                 tg.cancel_scope.cancel()

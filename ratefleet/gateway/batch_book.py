@@ -36,6 +36,7 @@ from typing import Any
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError, NotFoundError
 
+from ratefleet.runtime.streams import stream_gone
 from ratefleet.schemas import Subjects
 
 PRIVATE = "ratefleet"
@@ -121,7 +122,16 @@ class BatchBook:
         return self._kv
 
     async def create(self, record: dict[str, Any]) -> None:
-        await (await self._open()).create(record["id"], json.dumps(record).encode())
+        """Store a new record. A bucket NATS has lost (a restart without its store) is made
+        anew, once."""
+        payload = json.dumps(record).encode()
+        try:
+            await (await self._open()).create(record["id"], payload)
+        except Exception as exc:
+            if not stream_gone(exc):
+                raise
+            self._kv = None
+            await (await self._open()).create(record["id"], payload)
 
     async def get(self, batch_id: str) -> dict[str, Any] | None:
         found = await self._get(batch_id)

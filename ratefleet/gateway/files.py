@@ -23,7 +23,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ObjectMeta
 from nats.js.errors import NotFoundError, ObjectDeletedError, ObjectNotFoundError
 
-from ratefleet.runtime.streams import open_object_store
+from ratefleet.runtime.streams import open_object_store, stream_gone
 from ratefleet.schemas import Subjects
 
 OWNER = "owner"
@@ -59,12 +59,22 @@ class FileStore:
         return self._store
 
     async def put(self, owner: str, filename: str, purpose: str, data: bytes | BinaryIO, size: int) -> dict[str, Any]:
-        """Store a file (`data`: bytes or a binary file object read to its end, `size` bytes);
-        returns its metadata (the File object plus the owner)."""
+        """Store a file (`data`: bytes or a seekable binary file object read to its end, `size`
+        bytes); returns its metadata (the File object plus the owner). A bucket NATS has lost
+        (a restart without its store) is made anew and the file stored again, once."""
         meta = {"id": new_file_id(), "object": "file", "bytes": size, "created_at": int(time.time()),
                 "filename": filename, "purpose": purpose, "status": "processed", OWNER: owner}
-        store = await self._open()
-        await store.put(meta["id"], data, meta=ObjectMeta(name=meta["id"], description=json.dumps(meta)))
+        object_meta = ObjectMeta(name=meta["id"], description=json.dumps(meta))
+        start = None if isinstance(data, bytes) else data.tell()
+        try:
+            await (await self._open()).put(meta["id"], data, meta=object_meta)
+        except Exception as exc:
+            if not stream_gone(exc):
+                raise
+            self._store = None  # NATS lost the bucket (a restart without its store): made anew, once
+            if start is not None:
+                data.seek(start)
+            await (await self._open()).put(meta["id"], data, meta=object_meta)
         return meta
 
     async def info(self, owner: str, file_id: str) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -27,7 +28,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.errors import BadRequestError, BucketNotFoundError, NoStreamResponseError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
@@ -36,6 +37,8 @@ from ratefleet.runtime.logs import get_logger
 from ratefleet.schemas import Config, Subjects
 
 log = get_logger("ratefleet.streams")
+REBUILD_EVERY_S = 5.0  # seconds between two attempts to create a lost topology anew
+STREAM_NOT_FOUND, CONSUMER_NOT_FOUND = 10059, 10014  # JetStream API err_codes (nats-server errors.json)
 
 
 def tier_consumer(tier: str) -> str:
@@ -185,3 +188,79 @@ async def _ensure_stream(js: JetStreamContext, stream: StreamConfig) -> None:
         except BadRequestError:
             pass  # created concurrently by another process
     await js.update_stream(stream)
+
+
+def stream_gone(exc: BaseException) -> bool:
+    """Whether `exc` says a stream, bucket or consumer of the fleet is missing on the server:
+    a JetStream publish no stream captures (NoStreamResponseError, the server's 503 "no
+    responders": also a KV create or update in a deleted bucket), a bucket lookup that finds
+    none (BucketNotFoundError), or the API's "stream not found" / "consumer not found"
+    (err_code 10059 / 10014). Not a missing key or message (KeyNotFoundError and the like)."""
+    if isinstance(exc, (NoStreamResponseError, BucketNotFoundError)):
+        return True
+    return getattr(exc, "err_code", None) in (STREAM_NOT_FOUND, CONSUMER_NOT_FOUND)
+
+
+class Rebuilder:
+    """Creates the fleet's streams, buckets and consumers anew (`ensure_topology`) once NATS
+    has lost them (`missing_topology`): a server restarted without its store (memory storage, a new volume) or an
+    operator deleted them. Without it the running roles would fail every job until each was
+    restarted. What the lost streams held (queued jobs, Results, dead letters) is gone with
+    them, which is logged as an error. `config` gives the config to create (the fleet's live
+    one); an attempt is made at most once every `every_s` seconds however often it is asked."""
+
+    def __init__(self, js: JetStreamContext, config: Callable[[], Config], every_s: float = REBUILD_EVERY_S) -> None:
+        self.js, self.config, self.every_s = js, config, every_s
+        self._next = float("-inf")
+        self.rebuilt = 0  # times the topology was created anew
+
+    async def rebuild(self, what: str) -> bool:
+        """Create what is missing of the topology anew, asked because `what` (e.g. "the lease
+        bucket") looked missing. True when something was missing and is created now; False when
+        an attempt was made less than `every_s` ago, nothing is missing (a 503 of a cluster
+        electing a stream leader looks the same), or NATS could not be asked (logged; the next
+        ask tries again). Never raises but for cancellation."""
+        now = time.monotonic()
+        if now < self._next:
+            return False
+        self._next = now + self.every_s
+        config = self.config()
+        try:
+            missing = await missing_topology(self.js, config)
+            if not missing:
+                log.debug("topology looked missing but is all there", asked_for=what)
+                return False
+            log.error("the fleet's streams or buckets are gone from NATS (a server restarted without its store, or "
+                      "they were deleted); creating them anew. What they held is lost: queued jobs (submit them "
+                      "again: `ratefleet submit` skips lines whose Result is stored), Results and dead letters",
+                      missing=missing)
+            await ensure_topology(self.js, config, patience_s=self.every_s)
+        except Exception as exc:  # noqa: BLE001 - NATS still away or refusing: the next ask tries again
+            log.warning("could not create the streams and buckets yet; trying again", error=type(exc).__name__,
+                        detail=str(exc)[:200])
+            return False
+        self.rebuilt += 1
+        log.info("streams and buckets created anew", missing=missing)
+        return True
+
+
+async def missing_topology(js: JetStreamContext, config: Config) -> list[str]:
+    """The streams (KV and Object Store buckets as their streams, `KV_<bucket>`, `OBJ_<bucket>`)
+    and tier consumers (`consumer tier-<t>`) of `ensure_topology` that the server does not
+    have; one info request each. Raises what nats-py raises when NATS cannot answer."""
+    subjects = Subjects(config.nats.prefix)
+    names = [stream.name for stream in stream_configs(config)]
+    names += [f"KV_{bucket}" for bucket, _, _ in kv_buckets(config)] + [f"OBJ_{subjects.bodies_bucket}"]
+    missing = []
+    for name in names:
+        try:
+            await js.stream_info(name)
+        except NotFoundError:
+            missing.append(name)
+    if subjects.jobs_stream not in missing:
+        for tier in config.tiers:
+            try:
+                await js.consumer_info(subjects.jobs_stream, tier_consumer(tier))
+            except NotFoundError:
+                missing.append(f"consumer {tier_consumer(tier)}")
+    return missing

@@ -1,0 +1,52 @@
+"""NATS comes back without its store (a restart on memory storage or a new volume), or an
+operator deletes the fleet's streams: the running dispatcher creates the streams, buckets and
+consumers anew (ratefleet/runtime/streams.py `Rebuilder`), and the fleet serves new jobs again
+without any process being restarted."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from faultkit import chat, fast_keys, restartable_nats, until, upstream, wait_workers
+from fleetkit import FleetKit
+
+from ratefleet import Client
+
+pytestmark = [pytest.mark.timeout(90), pytest.mark.anyio]
+
+
+async def served(url: str) -> bool:
+    """Whether a new job is stored, called and answered now."""
+    async with await Client.connect(url) as client:
+        return (await client.request(chat(1), "vip", timeout=3)).status == "succeeded"
+
+
+@pytest.mark.parametrize("loss", ["store wiped", "streams deleted"])
+async def test_the_fleet_recreates_its_streams_after_nats_lost_them(tmp_path, loss):
+    server = restartable_nats(tmp_path / "nats")
+    url = server.url
+    with upstream() as mock:
+        kit = FleetKit(tmp_path, url, mock.url, keys=fast_keys(rps=100, burst=10))
+        try:
+            kit.dispatcher("d1")
+            kit.worker("w1", slots=4)
+            async with await Client.connect(url) as client:
+                await wait_workers(client, {"w1"})
+            assert await served(url)
+            if loss == "store wiped":
+                server.stop()
+                shutil.rmtree(tmp_path / "nats" / "js")
+                server.start()
+                assert server.url == url
+            else:
+                async with await Client.connect(url) as client:
+                    for stream in ("RATEFLEET_JOBS", "RATEFLEET_RESULTS"):
+                        await client.js.delete_stream(stream)
+            await until(lambda: served(url), 45, 0.5, "a job served after NATS lost the fleet's streams")
+            assert all(p.poll() is None for p in kit.processes), \
+                {p.name: p.returncode for p in kit.processes if p.poll() is not None}
+            assert "creating them anew" in kit.logs()  # said to the operator, with what was lost
+        finally:
+            kit.stop()
+            server.stop()

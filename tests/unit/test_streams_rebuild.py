@@ -1,0 +1,89 @@
+"""NATS lost the fleet's topology (a restart without its store, or streams deleted): what
+counts as "gone", what the Rebuilder finds missing and creates anew, how often it tries, and
+the gateway's own buckets made anew on the next write (real nats-server)."""
+
+from __future__ import annotations
+
+import io
+
+import nats
+import pytest
+from nats.js.errors import APIError, BucketNotFoundError, KeyNotFoundError, NoStreamResponseError, NotFoundError
+
+from ratefleet.gateway.batch_book import BatchBook
+from ratefleet.gateway.files import FileStore
+from ratefleet.runtime.streams import Rebuilder, ensure_topology, missing_topology, stream_gone
+from ratefleet.schemas import Subjects
+from ratefleet.schemas.config import parse_config
+
+pytestmark = pytest.mark.anyio
+CONFIG = parse_config({})
+
+
+def test_what_counts_as_a_lost_stream():
+    assert stream_gone(NoStreamResponseError())  # a publish (or KV create/update) no stream captures
+    assert stream_gone(BucketNotFoundError())
+    assert stream_gone(NotFoundError(code=404, err_code=10059, description="stream not found"))
+    assert stream_gone(APIError(code=404, err_code=10014, description="consumer not found"))
+    assert not stream_gone(KeyNotFoundError())  # a missing key is not a missing bucket
+    assert not stream_gone(NotFoundError(code=404, err_code=10037, description="no message found"))
+    assert not stream_gone(TimeoutError())
+
+
+async def test_the_rebuilder_creates_what_is_missing_and_only_that(nats_server):
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await ensure_topology(js, CONFIG)
+        assert await missing_topology(js, CONFIG) == []
+        rebuilder = Rebuilder(js, lambda: CONFIG, every_s=0)
+        assert not await rebuilder.rebuild("a 503 with everything there")  # nothing missing: nothing done
+        await js.delete_stream("RATEFLEET_RESULTS")
+        await js.delete_key_value("ratefleet_leader")
+        await js.delete_consumer("RATEFLEET_JOBS", "tier-vip")
+        assert sorted(await missing_topology(js, CONFIG)) == ["KV_ratefleet_leader", "RATEFLEET_RESULTS",
+                                                               "consumer tier-vip"]
+        assert await rebuilder.rebuild("the lease bucket")
+        assert await missing_topology(js, CONFIG) == []
+        assert rebuilder.rebuilt == 1
+        info = await js.stream_info("RATEFLEET_RESULTS")  # made as ensure_topology makes it (invariant 7)
+        assert info.config.max_msgs_per_subject == 1 and info.config.discard_new_per_subject
+    finally:
+        await nc.close()
+
+
+async def test_the_rebuilder_tries_at_most_once_per_interval(nats_server):
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await ensure_topology(js, CONFIG)
+        rebuilder = Rebuilder(js, lambda: CONFIG, every_s=3600)
+        await js.delete_stream("RATEFLEET_DEAD")
+        assert await rebuilder.rebuild("first")
+        await js.delete_stream("RATEFLEET_DEAD")
+        assert not await rebuilder.rebuild("asked again at once (e.g. every pull's 503)")
+        assert await missing_topology(js, CONFIG) == ["RATEFLEET_DEAD"]
+    finally:
+        await nc.close()
+
+
+async def test_the_gateways_buckets_are_made_anew_on_the_next_write(nats_server):
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        subjects = Subjects("ratefleet")
+        files = FileStore(js, subjects, ttl_s=3600)
+        book = BatchBook(js, subjects, ttl_s=3600)
+        first = await files.put("alice", "a.jsonl", "batch", b"{}\n", 3)
+        await book.create({"id": "batch_1", "created_at": 1})
+        await js.delete_object_store(files.bucket)
+        await js.delete_key_value(book.bucket)
+        second = await files.put("alice", "b.jsonl", "batch", io.BytesIO(b"{}\n{}\n"), 6)  # a file object: read again
+        await book.create({"id": "batch_2", "created_at": 2})
+        assert await files.info("alice", first["id"]) is None  # gone with the old bucket
+        handle = io.BytesIO()
+        assert (await files.read_into("alice", second["id"], handle))["filename"] == "b.jsonl"
+        assert handle.getvalue() == b"{}\n{}\n"
+        assert await book.get("batch_2") == {"id": "batch_2", "created_at": 2}
+    finally:
+        await nc.close()
