@@ -105,22 +105,26 @@ def stop_fleet(proc: subprocess.Popen) -> None:
     try:
         proc.wait(30)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
 
-async def ready(url: str, log: Path) -> Client:
-    """A client of the fleet at `url` once one request succeeds (60 s at most; else the
-    fleet's log tail is raised)."""
+async def ready(url: str, proc: subprocess.Popen, log: Path) -> Client:
+    """A client of the fleet at `url` once one request succeeds (60 s at most, or until the
+    fleet exits; then its log tail is raised)."""
     deadline = time.monotonic() + 60
     client = None
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             client = client or await Client.connect(url)
             if (await client.request(as_job(JOB), "normal", timeout=2)).status == "succeeded":
                 return client
         except Exception:  # noqa: BLE001 - not up yet
-            await anyio.sleep(0.5)
+            pass
+        await anyio.sleep(0.5)
+    if client is not None:
+        await client.close()
     raise RuntimeError(f"fleet did not answer within 60 s:\n{log.read_text(errors='replace')[-3000:]}")
 
 
@@ -128,14 +132,17 @@ def q(values: list[float], p: float) -> float:
     return sorted(values)[min(len(values) - 1, int(len(values) * p))]
 
 
-async def measure(urls: list[str], logs: list[Path], requests: int, rounds: int, warm: int) -> list[dict]:
+async def measure(urls: list[str], procs: list[subprocess.Popen], logs: list[Path], requests: int, rounds: int,
+                  warm: int) -> list[dict]:
     clients: list[Client] = []
     try:
-        for url, log in zip(urls, logs):
-            clients.append(await ready(url, log))
+        for url, proc, log in zip(urls, procs, logs):
+            clients.append(await ready(url, proc, log))
         for _ in range(warm):
             for client in clients:
-                await client.request(as_job(JOB), "normal", timeout=10)
+                result = await client.request(as_job(JOB), "normal", timeout=10)
+                if result.status != "succeeded":
+                    raise RuntimeError(f"a warm-up request ended {result.status}: {result.error}")
         out = []
         for _ in range(rounds):
             lat: list[list[float]] = [[], []]
@@ -165,6 +172,7 @@ def main() -> None:
     parser.add_argument("--warm", type=int, default=50, help="unmeasured requests per fleet first")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ab_latency.json")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the fleets and worktrees are cleaned up
     with tempfile.TemporaryDirectory(prefix="ratefleet-ab-") as tmp_name, FastUpstream("auto") as upstream:
         tmp = Path(tmp_name)
         procs: list[subprocess.Popen] = []
@@ -176,14 +184,16 @@ def main() -> None:
                 procs.append(proc)
                 urls.append(url)
                 logs.append(tmp / f"home-{name}" / "up.log")
-            rows = anyio.run(measure, urls, logs, args.requests, args.rounds, args.warm)
+            rows = anyio.run(measure, urls, procs, logs, args.requests, args.rounds, args.warm)
         finally:
             for proc in procs:
-                stop_fleet(proc)
+                with contextlib.suppress(Exception):  # the other fleet is stopped all the same
+                    stop_fleet(proc)
             for name in "ab":
                 if (tmp / f"tree-{name}").exists():
                     subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / f"tree-{name}")],
                                    check=False)
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], check=False)
     table = Table(title=f"Client.request, one at a time: A = {args.a}, B = {args.b} (upstream: {upstream.kind})")
     for column in ("round", "A p50 / p90 ms", "B p50 / p90 ms", "paired median A - B ms"):
         table.add_column(column)

@@ -62,6 +62,7 @@ class Dispatcher:
         self.config_revision = config_revision  # the fleet config revision applied (None: the local file)
         self.rpc = RpcResponder(config, nc)
         self.rebuilder = Rebuilder(self.js, lambda: self.config)  # NATS lost the streams: create them anew
+        self._tg: anyio.abc.TaskGroup | None = None  # run()'s, for work that outlives a leadership
 
     def _count(self, result: Result) -> None:
         self.metrics.job_ended(result.tier, result.status)
@@ -78,6 +79,7 @@ class Dispatcher:
         log.info("dispatcher started", dispatcher=self.id, tiers=list(self.config.tiers))
         try:
             async with anyio.create_task_group() as tg:
+                self._tg = tg
                 tg.start_soon(follower.run)
                 tg.start_soon(self._campaign)
                 tg.start_soon(self._beat)
@@ -101,7 +103,7 @@ class Dispatcher:
                 acquired = await self.lease.try_acquire()
             except Exception as exc:  # noqa: BLE001 - NATS away: keep trying
                 if stream_gone(exc):  # the lease bucket went with the server's store
-                    await self.rebuilder.rebuild("the lease bucket")
+                    await self._rebuild("the lease bucket")
                 else:
                     log.debug("lease attempt failed", error=type(exc).__name__)
                 acquired = False
@@ -126,13 +128,26 @@ class Dispatcher:
                                      config_revision=self.config_revision)
         try:
             async with anyio.create_task_group() as tg:
-                self.session.gone = lambda what: tg.start_soon(self.rebuilder.rebuild, what)
+                self.session.gone = self._rebuild_soon
                 tg.start_soon(self.session.run)
                 await self._keep_lease()
                 tg.cancel_scope.cancel()
         finally:
             self.session = None
             log.info("leadership ended", dispatcher=self.id)
+
+    async def _rebuild(self, what: str) -> None:
+        """Create the lost topology anew (runtime/streams.py `Rebuilder`); then mark a leader as
+        seen now: the one before the loss may have spent its keys' tokens, and the mark it left
+        went with the store, so the next leader starts with empty buckets (see `_lead`)."""
+        if await self.rebuilder.rebuild(what):
+            await self.lease.mark_seen()
+
+    def _rebuild_soon(self, what: str) -> None:
+        """`_rebuild` in the dispatcher's own task group (it outlives a leadership), unless an
+        attempt was made within the last REBUILD_EVERY_S (a 503 comes with every pull request)."""
+        if self._tg is not None and self.rebuilder.due():
+            self._tg.start_soon(self._rebuild, what)
 
     async def _apply_config(self, revision: int, stored: Config) -> None:
         """A new fleet config revision (runtime/config_kv.py): consumers for new tiers (and

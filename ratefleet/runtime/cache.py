@@ -43,7 +43,7 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
 from ratefleet.runtime.logs import get_logger
-from ratefleet.runtime.streams import open_kv
+from ratefleet.runtime.streams import open_kv, stream_gone
 from ratefleet.schemas import Config, Job, Result, Subjects
 from ratefleet.schemas.result import ResponseInfo, Timings
 
@@ -173,6 +173,8 @@ class ResultCache:
                                       timeout=IO_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - the answer is stored as the Result: the cache is a bonus
             self.stats.errors += 1
+            if stream_gone(exc):  # NATS lost the bucket (a restart without its store): made anew next time
+                self._kv = None
             log.warning("cache entry not written", error=type(exc).__name__)
             return False
         self.stats.writes += 1

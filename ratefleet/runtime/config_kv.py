@@ -113,6 +113,7 @@ class ConfigFollower:
         self.js, self.subjects, self.apply, self.poll_s, self.role = js, subjects, apply, poll_s, role
         self.revision = revision  # the revision applied last
         self._seen = revision or 0  # the highest revision looked at (applied or refused)
+        self._created: object = None  # when the bucket followed was created (its stream's `created`)
 
     async def run(self) -> None:
         """Follow until cancelled; NATS trouble is retried every second."""
@@ -125,6 +126,7 @@ class ConfigFollower:
 
     async def _watch(self) -> None:
         kv = await open_config_bucket(self.js, self.subjects)
+        await self._bucket_is_new()
         watcher = await kv.watch(CURRENT_KEY)
         try:
             while True:
@@ -147,8 +149,25 @@ class ConfigFollower:
         if entry.value:
             await self._offer(entry.revision, entry.value)
 
+    async def _bucket_is_new(self) -> bool:
+        """Whether the bucket was created anew since last asked (NATS lost its store and the
+        fleet made it again): its revisions then start over at 1. False when it cannot tell."""
+        try:
+            created = (await self.js.stream_info(f"KV_{self.subjects.config_bucket}")).created
+        except Exception:  # noqa: BLE001 - NATS away: cannot tell
+            return False
+        new = created is not None and self._created is not None and created != self._created
+        self._created = created or self._created
+        return new
+
     async def _offer(self, revision: int | None, value: bytes) -> None:
-        if revision is None or revision <= self._seen:
+        if revision is None:
+            return
+        if revision < self._seen and await self._bucket_is_new():  # a lower revision: a bucket made anew
+            log.warning("the config bucket was created anew (NATS lost its store); following its revisions from 1",
+                        role=self.role, revision=revision, seen=self._seen)
+            self._seen = 0
+        if revision <= self._seen:
             return
         self._seen = revision
         try:

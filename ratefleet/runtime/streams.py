@@ -17,6 +17,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
+import anyio
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -220,10 +221,9 @@ class Rebuilder:
         an attempt was made less than `every_s` ago, nothing is missing (a 503 of a cluster
         electing a stream leader looks the same), or NATS could not be asked (logged; the next
         ask tries again). Never raises but for cancellation."""
-        now = time.monotonic()
-        if now < self._next:
+        if not self.due():
             return False
-        self._next = now + self.every_s
+        self._next = time.monotonic() + self.every_s
         config = self.config()
         try:
             missing = await missing_topology(self.js, config)
@@ -232,9 +232,12 @@ class Rebuilder:
                 return False
             log.error("the fleet's streams or buckets are gone from NATS (a server restarted without its store, or "
                       "they were deleted); creating them anew. What they held is lost: queued jobs (submit them "
-                      "again: `ratefleet submit` skips lines whose Result is stored), Results and dead letters",
-                      missing=missing)
+                      "again: `ratefleet submit` skips lines whose Result is stored), Results, dead letters and "
+                      "the pushed config (push it again: `ratefleet config push FILE`)", missing=missing)
             await ensure_topology(self.js, config, patience_s=self.every_s)
+        except anyio.get_cancelled_exc_class():
+            self._next = float("-inf")  # cut short (a leadership ending): the next ask tries at once
+            raise
         except Exception as exc:  # noqa: BLE001 - NATS still away or refusing: the next ask tries again
             log.warning("could not create the streams and buckets yet; trying again", error=type(exc).__name__,
                         detail=str(exc)[:200])
@@ -242,6 +245,10 @@ class Rebuilder:
         self.rebuilt += 1
         log.info("streams and buckets created anew", missing=missing)
         return True
+
+    def due(self) -> bool:
+        """Whether `rebuild` would make an attempt now (the last one is `every_s` old)."""
+        return time.monotonic() >= self._next
 
 
 async def missing_topology(js: JetStreamContext, config: Config) -> list[str]:
