@@ -25,14 +25,14 @@ import sys
 import tempfile
 from array import array
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ratefleet.openai_batch import openai_line_as_job
 from ratefleet.schemas import Job
 from ratefleet.schemas.errors import JobInvalid, JobRejected
-from ratefleet.schemas.job import parse_job
+from ratefleet.schemas.job import parse_job, upstream_problem
 
 MAX_ID = 128
 _GENERATED = re.compile(r"-(\d{1,12})-([0-9a-f]{10})$")
@@ -64,12 +64,13 @@ class LineError(JobInvalid, ValueError):
     is sent) and, as before, a ValueError."""
 
 
-def parse_line(text: str, number: int, batch: str) -> Job:
+def parse_line(text: str, number: int, batch: str, upstreams: Mapping[str, str] | None = None) -> Job:
     """Validate one line as a Job of `batch`, with its id (own or deterministic). Raises LineError.
     A line may also be an OpenAI Batch API input line (`ratefleet.openai_batch`).
 
     The same check as every other door into the fleet (`schemas.job.parse_job`), so a line
-    that passes here is not refused later."""
+    that passes here is not refused later; with `upstreams` (the fleet's live config: name ->
+    auth header) also the dispatcher's check of the upstream (`schemas.job.upstream_problem`)."""
     bad = _UNDECODABLE.search(text)
     if bad:
         raise LineError(f"line {number}: not UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x} at character "
@@ -85,6 +86,9 @@ def parse_line(text: str, number: int, batch: str) -> Job:
     if job.batch is not None and job.batch != batch:
         raise LineError(f"line {number}: batch {job.batch!r} differs from this run's batch {batch!r} "
                         "(one file is one batch: drop the field or pass --batch)")
+    if upstreams is not None and (problem := upstream_problem(job, upstreams)) is not None:
+        hint = ' (add "upstream": "<name>" to the line)' if job.upstream is None else ""
+        raise LineError(f"line {number}: {problem[1]}{hint}")
     update = {"batch": batch}
     if job.id is None:
         update["id"] = line_job_id(batch, number, text)
@@ -199,8 +203,10 @@ class Validation:
             self.gaps.append([start, end])
 
 
-def validate_file(path: Path, batch: str, progress: Callable[[int], None] | None = None) -> Validation:
-    """Pass 1: validate every line in a stream; `progress(bytes read so far)` now and then."""
+def validate_file(path: Path, batch: str, progress: Callable[[int], None] | None = None,
+                  upstreams: Mapping[str, str] | None = None) -> Validation:
+    """Pass 1: validate every line in a stream; `progress(bytes read so far)` now and then.
+    `upstreams`: the fleet's (see `parse_line`), when known."""
     found = Validation()
     read = 0
     for number, text in iter_lines(path):
@@ -210,7 +216,7 @@ def validate_file(path: Path, batch: str, progress: Callable[[int], None] | None
         if progress and number % 2048 == 0:
             progress(read)
         try:
-            job = parse_line(text, number, batch)
+            job = parse_line(text, number, batch, upstreams)
         except LineError as exc:
             found.error_count += 1
             if len(found.errors) < SHOWN_ERRORS:

@@ -52,7 +52,15 @@ from ratefleet.phases import STALL_HINT, Phases
 from ratefleet.schemas.config_nats import NatsAuthConfig
 from ratefleet.schemas.errors import NatsUnavailable, SubmitError
 from ratefleet.schemas.subjects import NO_BATCH, is_token
-from ratefleet.submit_report import Run, check_tier, count_results, report_end, report_interrupt, stored_ids
+from ratefleet.submit_report import (
+    Run,
+    check_tier,
+    count_results,
+    fleet_upstreams,
+    report_end,
+    report_interrupt,
+    stored_ids,
+)
 
 
 def new_batch_name() -> str:
@@ -208,6 +216,7 @@ async def _interruptible(run: Run, work: _Work, client: Client, path: Path, phas
 
 
 async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_invalid: bool) -> int:
+    run.upstreams = await fleet_upstreams(client)  # lines the dispatcher would refuse are refused here
     found = await _validate(run, path, phases)
     if found.repeated_custom_ids:  # not a bad line to skip: which of the lines is meant cannot be told
         n = found.repeated_custom_ids
@@ -254,7 +263,12 @@ async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_inv
         if run.wait:
             await run.all_collected.wait()
         tg.cancel_scope.cancel()
-    return report_end(run, phases) if run.wait else 0
+    if run.wait:
+        return report_end(run, phases)
+    if found.error_count:  # --skip-invalid: not every line was submitted (the README's exit code 1)
+        phases.print(f"{found.error_count:,} invalid lines were skipped (not submitted); exit code 1")
+        return 1
+    return 0
 
 
 async def _validate(run: Run, path: Path, phases: Phases) -> Validation:
@@ -268,7 +282,7 @@ async def _validate(run: Run, path: Path, phases: Phases) -> Validation:
         anyio.from_thread.run_sync(lambda: phases.update(handle, completed=read))
 
     try:  # in a thread, so Ctrl-C and the progress display keep working during a long pass
-        found = await anyio.to_thread.run_sync(lambda: validate_file(path, run.batch, progress),
+        found = await anyio.to_thread.run_sync(lambda: validate_file(path, run.batch, progress, run.upstreams),
                                                abandon_on_cancel=True)
     finally:
         stop.set()
@@ -295,7 +309,7 @@ def _jobs(run: Run, path: Path):
     first_line: dict[str, int] = {}  # of the few ids pass 1 found repeated
     for number, text in iter_lines(path):
         try:
-            job = parse_line(text, number, run.batch)
+            job = parse_line(text, number, run.batch, run.upstreams)
         except LineError:
             continue  # reported by pass 1 (--skip-invalid)
         key = id_hash(job.id)  # once per line: the lookup, the sent set and the repeats share it

@@ -19,9 +19,13 @@ from ratefleet.openai_batch import format_result
 from ratefleet.runtime.connect import redact_url
 from ratefleet.schemas import Result
 from ratefleet.schemas.config import DEFAULT_NATS_URL
+from ratefleet.schemas.config_store import CURRENT_KEY, StoredConfig
 from ratefleet.schemas.errors import SubmitError
 
 FLUSH_EVERY = 500  # Results written between flushes of --out
+
+
+CONFIG_READ_S = 0.5  # seconds for reading the fleet's live config (milliseconds when permitted)
 
 
 @dataclass
@@ -56,6 +60,7 @@ class Run:
     out_format: str = "ratefleet"  # or "openai": OpenAI Batch output lines
     by_input: bool = False
     order: InputOrder | None = None  # --order input: holds Results that arrive before an earlier line's
+    upstreams: dict[str, str] | None = None  # the fleet's (name -> auth header), from its live config when readable
     all_collected: anyio.Event = field(default_factory=anyio.Event)
     record_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
@@ -121,6 +126,23 @@ async def check_tier(client: Client, tier: str) -> str | None:
         return None
     tiers = ", ".join(s.rsplit(".", 1)[-1] for s in subjects)
     return f"unknown tier {tier!r}; this fleet's tiers: {tiers}"
+
+
+async def fleet_upstreams(client: Client) -> dict[str, str] | None:
+    """The fleet's upstreams (name -> the header its keys go in) from its live config (the
+    config bucket, which `ratefleet up` and `ratefleet config push` fill), or None when none
+    was pushed or it cannot be read within CONFIG_READ_S seconds (a producer's NATS permissions
+    need not allow the bucket): then only the dispatcher checks each job's upstream."""
+    try:
+        # bounded: a request the account does not permit gets no answer (nats-server sends the
+        # client an -ERR instead), so a producer without the bucket would wait out nats-py's 5 s
+        with anyio.fail_after(CONFIG_READ_S):
+            kv = await client.js.key_value(client.subjects.config_bucket)  # never created here
+            entry = await kv.get(CURRENT_KEY)
+        config = StoredConfig.model_validate_json(entry.value or b"").validated(entry.revision)
+    except Exception:  # noqa: BLE001 - see docstring
+        return None
+    return {name: upstream.auth_header for name, upstream in config.upstreams.items()}
 
 
 async def count_results(client: Client, batch: str) -> int:

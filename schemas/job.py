@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 from urllib.parse import unquote
@@ -250,6 +251,24 @@ def _salvage(data: Any) -> tuple[str | None, str | None]:
 # bytes the leader's Assignment adds around a job on its way to a worker (ids, ack and reply
 # subjects, counters: about 500) and the defaults a re-serialised job gains, with margin
 ASSIGNMENT_OVERHEAD = 8 << 10
+
+
+def upstream_problem(job: Job, upstreams: Mapping[str, str]) -> tuple[ErrorCode, str] | None:
+    """What keeps `job` from running on a fleet whose upstreams are `upstreams` (name -> the
+    header its keys go in, e.g. `Authorization`): no upstream named while several are
+    configured, one that is not configured (both `unknown_upstream`), or the job setting that
+    upstream's auth header itself (`forbidden_target`: the worker sets it). None when it can
+    run. The dispatcher's check at intake; `ratefleet submit` runs it on every line against the
+    fleet's live config before anything is sent."""
+    if job.upstream is None and len(upstreams) != 1:
+        return ErrorCode.UNKNOWN_UPSTREAM, f"upstream is required: several are configured ({sorted(upstreams)})"
+    name = job.upstream or next(iter(upstreams))
+    if name not in upstreams:
+        return ErrorCode.UNKNOWN_UPSTREAM, f"unknown upstream {name!r}; configured: {sorted(upstreams)}"
+    auth_header = upstreams[name].lower()
+    if any(normalised_header_name(header) == auth_header for header in job.request.headers):
+        return ErrorCode.FORBIDDEN_TARGET, f"header {upstreams[name]!r} is set by ratefleet"
+    return None
 
 
 def job_size_limit(max_job_bytes: int | None, max_payload: int | None = None) -> tuple[int, str]:

@@ -16,7 +16,7 @@ from ratefleet.runtime.store import MSG_ID, REPLY_HEADER
 from ratefleet.runtime.streams import tier_max_deliver
 from ratefleet.runtime.tracing import TRACEPARENT, TRACESTATE, fresh_traceparent, trace_headers
 from ratefleet.schemas import Config, ErrorCode, Job, JobRejected, parse_job
-from ratefleet.schemas.job import job_size_limit, normalised_header_name
+from ratefleet.schemas.job import job_size_limit, upstream_problem
 from ratefleet.schemas.subjects import is_safe_reply, is_token
 
 
@@ -115,12 +115,4 @@ def unreadable(msg: Msg, tier: str, error: BaseException) -> Refused:
 
 
 def _check_against_config(job: Job, config: Config) -> tuple[ErrorCode, str] | None:
-    if job.upstream is None and config.default_upstream() is None:
-        return ErrorCode.UNKNOWN_UPSTREAM, f"upstream is required: several are configured ({sorted(config.upstreams)})"
-    name = job.upstream or config.default_upstream()
-    if name not in config.upstreams:
-        return ErrorCode.UNKNOWN_UPSTREAM, f"unknown upstream {name!r}; configured: {sorted(config.upstreams)}"
-    auth_header = config.upstreams[name].auth_header.lower()
-    if any(normalised_header_name(header) == auth_header for header in job.request.headers):
-        return ErrorCode.FORBIDDEN_TARGET, f"header {config.upstreams[name].auth_header!r} is set by ratefleet"
-    return None
+    return upstream_problem(job, {name: upstream.auth_header for name, upstream in config.upstreams.items()})

@@ -1,0 +1,77 @@
+"""`ratefleet submit` checks each line's upstream against the fleet's live config (the pushed
+one) before anything is sent, as the dispatcher would: in a fleet of several upstreams a line
+that names none, or names one the fleet lacks, is a bad line (exit 2, nothing sent; with
+--skip-invalid the rest is sent). Before, every such line was stored, refused by the
+dispatcher one by one (`invalid`, unknown_upstream) and dead-lettered."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import nats
+import pytest
+from faultkit import cli
+
+from ratefleet.runtime.config_kv import push_config
+from ratefleet.runtime.streams import ensure_topology
+from ratefleet.schemas import Subjects
+from ratefleet.schemas.config import parse_config
+from ratefleet.schemas.config_store import storable
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
+FLEET = {"upstreams": {"openai": {"base_url": "http://127.0.0.1:9"},
+                       "anthropic": {"base_url": "http://127.0.0.1:9", "auth_header": "x-api-key", "auth_scheme": ""}},
+         "pools": {"o": {"upstream": "openai", "keys": [{"id": "k1", "secret": "env:K1", "rps": 5}]},
+                   "a": {"upstream": "anthropic", "keys": [{"id": "k2", "secret": "env:K2", "rps": 5}]}}}
+
+
+def line(**fields) -> str:
+    return json.dumps({"request": {"path": "/v1/chat/completions", "json": {"model": "m"}}, **fields}) + "\n"
+
+
+async def queued(url: str) -> int:
+    nc = await nats.connect(url)
+    try:
+        return (await nc.jetstream().stream_info("RATEFLEET_JOBS")).state.messages
+    finally:
+        await nc.close()
+
+
+async def test_lines_the_fleet_cannot_route_are_refused_before_sending(nats_server, tmp_path):
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await ensure_topology(js, parse_config(FLEET))
+        await push_config(js, Subjects(), storable(FLEET, source="fleet.toml", pushed_at=time.time()))
+    finally:
+        await nc.close()
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(line() + line(upstream="openai") + line(upstream="gemini") + line(upstream="anthropic"))
+
+    refused = cli("submit", str(jobs), "--tier", "normal", "--nats", nats_server.url)
+    assert refused.returncode == 2, refused.stderr
+    assert "line 1: upstream is required: several are configured (['anthropic', 'openai'])" in refused.stderr
+    assert 'add "upstream": "<name>" to the line' in refused.stderr
+    assert "line 3: unknown upstream 'gemini'" in refused.stderr
+    assert "2 valid jobs on 4 lines, 2 invalid" in refused.stderr
+    assert await queued(nats_server.url) == 0
+
+    skipped = cli("submit", str(jobs), "--tier", "normal", "--nats", nats_server.url, "--skip-invalid", "--batch", "b1")
+    assert skipped.returncode == 1, skipped.stderr  # not every line was submitted
+    assert "stored 2 jobs" in skipped.stderr and "2 invalid lines were skipped (not submitted)" in skipped.stderr
+    assert await queued(nats_server.url) == 2
+
+
+async def test_without_a_pushed_config_lines_are_sent_as_before(nats_server, tmp_path):
+    """Nothing to check against (a fleet started from its files): the dispatcher checks."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        await ensure_topology(nc.jetstream(), parse_config(FLEET))
+    finally:
+        await nc.close()
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(line() + line(upstream="gemini"))
+    sent = cli("submit", str(jobs), "--tier", "normal", "--nats", nats_server.url)
+    assert sent.returncode == 0, sent.stderr
+    assert await queued(nats_server.url) == 2
