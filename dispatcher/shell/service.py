@@ -88,6 +88,7 @@ class Dispatcher:
                 await stop.wait()
                 tg.cancel_scope.cancel()
         finally:
+            self._tg = None  # (closed: a late ask must not start a task in it)
             with anyio.CancelScope(shield=True):
                 await service.stop()
                 await peers_sub.unsubscribe()
