@@ -87,7 +87,11 @@ def parse_line(text: str, number: int, batch: str, upstreams: Mapping[str, str] 
         raise LineError(f"line {number}: batch {job.batch!r} differs from this run's batch {batch!r} "
                         "(one file is one batch: drop the field or pass --batch)")
     if upstreams is not None and (problem := upstream_problem(job, upstreams)) is not None:
-        hint = ' (add "upstream": "<name>" to the line)' if job.upstream is None else ""
+        hint = ""
+        if job.upstream is None:
+            hint = (" (an OpenAI Batch API line cannot name one: write it as a ratefleet Job line with "
+                    '"upstream", or submit to a fleet of one upstream)' if converted is not None
+                    else ' (add "upstream": "<name>" to the line)')
         raise LineError(f"line {number}: {problem[1]}{hint}")
     update = {"batch": batch}
     if job.id is None:

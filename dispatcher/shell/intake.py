@@ -114,5 +114,11 @@ def unreadable(msg: Msg, tier: str, error: BaseException) -> Refused:
                    None, tier, msg.reply, None, 1, msg.data)
 
 
+_upstreams_of: tuple[Config | None, dict[str, str]] = (None, {})  # the last config's, built once per config
+
+
 def _check_against_config(job: Job, config: Config) -> tuple[ErrorCode, str] | None:
-    return upstream_problem(job, {name: upstream.auth_header for name, upstream in config.upstreams.items()})
+    global _upstreams_of
+    if _upstreams_of[0] is not config:
+        _upstreams_of = (config, {name: upstream.auth_header for name, upstream in config.upstreams.items()})
+    return upstream_problem(job, _upstreams_of[1])

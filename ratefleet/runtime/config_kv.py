@@ -126,7 +126,8 @@ class ConfigFollower:
 
     async def _watch(self) -> None:
         kv = await open_config_bucket(self.js, self.subjects)
-        await self._bucket_is_new()
+        if await self._bucket_is_new():  # made anew while this follower was away (a failed poll)
+            self._forget_revisions()
         watcher = await kv.watch(CURRENT_KEY)
         try:
             while True:
@@ -149,6 +150,11 @@ class ConfigFollower:
         if entry.value:
             await self._offer(entry.revision, entry.value)
 
+    def _forget_revisions(self) -> None:
+        log.warning("the config bucket was created anew (NATS lost its store); following its revisions from 1",
+                    role=self.role, seen=self._seen)
+        self._seen = 0
+
     async def _bucket_is_new(self) -> bool:
         """Whether the bucket was created anew since last asked (NATS lost its store and the
         fleet made it again): its revisions then start over at 1. False when it cannot tell."""
@@ -163,10 +169,10 @@ class ConfigFollower:
     async def _offer(self, revision: int | None, value: bytes) -> None:
         if revision is None:
             return
-        if revision < self._seen and await self._bucket_is_new():  # a lower revision: a bucket made anew
-            log.warning("the config bucket was created anew (NATS lost its store); following its revisions from 1",
-                        role=self.role, revision=revision, seen=self._seen)
-            self._seen = 0
+        # not above the last seen: the same revision, or the first ones of a bucket made anew (NATS
+        # lost its store; its revisions start over at 1), told apart by the bucket's creation time
+        if revision <= self._seen and await self._bucket_is_new():
+            self._forget_revisions()
         if revision <= self._seen:
             return
         self._seen = revision

@@ -89,3 +89,70 @@ async def test_follower_follows_a_config_bucket_made_anew(nats_server):
     finally:
         await nc.close()
     assert (3, 7.0) in applied and applied[-2:] == [(1, 9.0), (2, 10.0)]
+
+
+async def _follow(nats_server, script, poll=None):
+    """Run a follower (poll_s 0.2) beside `script(js, subjects, follower)`; the applied list."""
+    nc = await nats.connect(nats_server.url)
+    js, subjects = nc.jetstream(), Subjects()
+    applied: list[tuple[int, float]] = []
+
+    async def apply(revision, config):
+        applied.append((revision, config.keys()["k1"].rps))
+
+    follower = ConfigFollower(js, subjects, apply, poll_s=0.2, role="test")
+    if poll is not None:
+        follower._poll = poll(follower._poll)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(follower.run)
+            await script(js, subjects, follower, applied)
+            tg.cancel_scope.cancel()
+    finally:
+        await nc.close()
+    return applied
+
+
+@pytest.mark.anyio
+async def test_the_same_revision_number_in_a_bucket_made_anew_is_applied(nats_server):
+    """One push, the bucket lost, the config pushed again as the error log says: revision 1
+    again, with other content (a reviewer's repro: it was dropped as already seen)."""
+    async def script(js, subjects, follower, applied):
+        await push_config(js, subjects, document(5))
+        await wait_for(lambda: follower.revision == 1)
+        await js.delete_key_value(subjects.config_bucket)
+        await anyio.sleep(1.1)
+        assert (await push_config(js, subjects, document(9)))[0] == 1
+        await wait_for(lambda: applied[-1] == (1, 9.0))
+
+    assert (await _follow(nats_server, script))[-1] == (1, 9.0)
+
+
+@pytest.mark.anyio
+async def test_a_bucket_made_anew_while_the_watch_restarted_is_followed(nats_server):
+    """The watch restarts (a poll failed while NATS was away) after the bucket was made anew
+    empty: the new bucket is noticed then, not only when a lower revision comes (a reviewer's
+    repro: revision 1 was never applied)."""
+    fail = {"n": 0}
+
+    def failing(real_poll):
+        async def poll(kv):
+            if fail["n"]:
+                fail["n"] -= 1
+                raise TimeoutError("NATS away")
+            await real_poll(kv)
+        return poll
+
+    async def script(js, subjects, follower, applied):
+        for rps in (5, 6, 7):
+            await push_config(js, subjects, document(rps))
+        await wait_for(lambda: follower.revision == 3)
+        await js.delete_key_value(subjects.config_bucket)
+        await anyio.sleep(1.1)
+        await open_config_bucket(js, subjects)  # made anew, empty (as the Rebuilder does)
+        fail["n"] = 1
+        await anyio.sleep(2.5)  # the follower watches the new, empty bucket again
+        assert (await push_config(js, subjects, document(9)))[0] == 1
+        await wait_for(lambda: applied[-1] == (1, 9.0))
+
+    assert (await _follow(nats_server, script, poll=failing))[-1] == (1, 9.0)

@@ -32,3 +32,20 @@ def test_the_upstreams_own_auth_header_is_the_workers_to_set():
     problem = upstream_problem(job(request={"headers": {"x-custom-token": "t"}}), custom)
     assert problem == (ErrorCode.FORBIDDEN_TARGET, "header 'X-Custom-Token' is set by ratefleet")
     assert upstream_problem(job(request={"headers": {"x-other": "t"}}), custom) is None
+
+
+def test_submit_names_the_fix_a_line_can_take():
+    """parse_line with the fleet's upstreams: a Job line is told to add "upstream"; an OpenAI
+    Batch API line, which has no such field, is told what it can do instead."""
+    import json
+
+    import pytest
+
+    from ratefleet.batchfile import LineError, parse_line
+
+    with pytest.raises(LineError, match=r'line 1: upstream is required.*add "upstream": "<name>" to the line'):
+        parse_line(json.dumps({"request": {"path": "/v1/x"}}), 1, "b", TWO)
+    openai_line = {"custom_id": "c1", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m"}}
+    with pytest.raises(LineError, match="line 2: upstream is required.*an OpenAI Batch API line cannot name one"):
+        parse_line(json.dumps(openai_line), 2, "b", TWO)
+    assert parse_line(json.dumps(openai_line), 2, "b", ONE).upstream is None  # one upstream: the default
