@@ -262,7 +262,7 @@ def upstream_problem(job: Job, upstreams: Mapping[str, str]) -> tuple[ErrorCode,
     fleet's live config before anything is sent."""
     if job.upstream is None and len(upstreams) != 1:
         return ErrorCode.UNKNOWN_UPSTREAM, f"upstream is required: several are configured ({sorted(upstreams)})"
-    name = job.upstream or next(iter(upstreams))
+    name = job.upstream if job.upstream is not None else next(iter(upstreams))  # "" names none configured
     if name not in upstreams:
         return ErrorCode.UNKNOWN_UPSTREAM, f"unknown upstream {name!r}; configured: {sorted(upstreams)}"
     auth_header = upstreams[name].lower()

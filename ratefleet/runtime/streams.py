@@ -231,9 +231,7 @@ class Rebuilder:
                 log.debug("topology looked missing but is all there", asked_for=what)
                 return False
             log.error("the fleet's streams or buckets are gone from NATS (a server restarted without its store, or "
-                      "they were deleted); creating them anew. What they held is lost: queued jobs (submit them "
-                      "again: `ratefleet submit` skips lines whose Result is stored), Results, dead letters and "
-                      "the pushed config (push it again: `ratefleet config push FILE`)", missing=missing)
+                      f"they were deleted); creating them anew. {_what_was_lost(missing, config)}", missing=missing)
             await ensure_topology(self.js, config, patience_s=self.every_s)
         except anyio.get_cancelled_exc_class():
             self._next = float("-inf")  # cut short (a leadership ending): the next ask tries at once
@@ -249,6 +247,18 @@ class Rebuilder:
     def due(self) -> bool:
         """Whether `rebuild` would make an attempt now (the last one is `every_s` old)."""
         return time.monotonic() >= self._next
+
+
+def _what_was_lost(missing: list[str], config: Config) -> str:
+    """What went with the `missing` streams, and what to do about it (for the rebuild's log)."""
+    subjects = Subjects(config.nats.prefix)
+    lost = [what for name, what in (
+        (subjects.jobs_stream, "queued jobs (submit them again: `ratefleet submit` skips lines whose Result is stored)"),
+        (subjects.results_stream, "Results"), (subjects.dead_stream, "dead letters"),
+        (f"KV_{subjects.config_bucket}", "the pushed config (push it again: `ratefleet config push FILE`)"),
+        (f"OBJ_{subjects.bodies_bucket}", "large response bodies"),
+    ) if name in missing]
+    return "Lost with them: " + "; ".join(lost) if lost else "Nothing else was lost with them (fleet state only)"
 
 
 async def missing_topology(js: JetStreamContext, config: Config) -> list[str]:

@@ -52,6 +52,15 @@ async def test_the_rebuilder_creates_what_is_missing_and_only_that(nats_server):
         await nc.close()
 
 
+def test_the_log_names_only_what_was_lost():
+    from ratefleet.runtime.streams import _what_was_lost
+
+    assert _what_was_lost(["KV_ratefleet_leader"], CONFIG) == "Nothing else was lost with them (fleet state only)"
+    both = _what_was_lost(["RATEFLEET_RESULTS", "KV_ratefleet_config"], CONFIG)
+    assert both.startswith("Lost with them: Results; the pushed config (push it again")
+    assert "queued jobs" not in both
+
+
 async def test_the_rebuilder_tries_at_most_once_per_interval(nats_server):
     nc = await nats.connect(nats_server.url)
     try:

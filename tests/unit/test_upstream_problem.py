@@ -25,6 +25,9 @@ def test_several_upstreams_need_a_name_and_a_known_one():
     assert upstream_problem(job(upstream="gemini"), TWO) == (
         ErrorCode.UNKNOWN_UPSTREAM, "unknown upstream 'gemini'; configured: ['anthropic', 'openai']")
     assert upstream_problem(job(upstream="anthropic"), TWO) is None
+    # "" names no configured upstream; it was taken for "none named" and the first one used
+    assert upstream_problem(job(upstream=""), TWO) == (
+        ErrorCode.UNKNOWN_UPSTREAM, "unknown upstream ''; configured: ['anthropic', 'openai']")
 
 
 def test_the_upstreams_own_auth_header_is_the_workers_to_set():
