@@ -123,6 +123,7 @@ class Dispatcher:
                  epoch=list(self.lease.epoch))
         bus = NatsLeaderBus(self.config, self.nc, self.cache)
         bus.finisher.on_stored = self._count
+        bus.finisher.gone = lambda: self._rebuild("the Results stream")
         self.session = LeaderSession(self.config, bus, self.id,
                                      conservative=conservative, epoch=self.lease.epoch,
                                      lease_until=self.lease.held_until, renew=self._renew_for_session,

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
@@ -47,6 +48,9 @@ class Finisher:
         # called with each Result this finisher newly stored (e.g. to count it in
         # ratefleet_jobs_total); never with one that was stored before
         self.on_stored: Callable[[Result], None] | None = None
+        # awaited when no stream takes a Result (NATS lost RATEFLEET_RESULTS): e.g. a Rebuilder's
+        # rebuild; the store is retried meanwhile (runtime/store.py store_result)
+        self.gone: Callable[[], Awaitable[Any]] | None = None
 
     async def finish(self, result: Result, *, ack: str | None, reply_to: str | None) -> bool:
         """Store, reply, ack; shielded so cancellation cannot lose the ack. True if newly stored."""
@@ -61,7 +65,7 @@ class Finisher:
         if len(payload) > limit and body_bytes(result.response) is not None:  # a body near the limit
             result = await self.bodies.offload(result)
             payload = result.to_json()
-        stored = await store_result(self.js, self.subjects, result, payload=payload)
+        stored = await store_result(self.js, self.subjects, result, payload=payload, gone=self.gone)
         if stored and self.on_stored is not None:
             self.on_stored(result)
         if reply_to and not stored:  # the stored Result is the answer, also when it was an earlier one

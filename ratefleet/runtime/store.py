@@ -125,21 +125,31 @@ async def publish_job_ack(js: JetStreamContext, subjects: Subjects, tier: str, j
 
 
 async def store_result(js: JetStreamContext, subjects: Subjects, result: Result, *, timeout: float = 10.0,
-                       payload: bytes | None = None, attempts: int = STORE_ATTEMPTS, pause_s: float = 0.5) -> bool:
+                       payload: bytes | None = None, attempts: int = STORE_ATTEMPTS, pause_s: float = 0.5,
+                       gone: Callable[[], Awaitable[Any]] | None = None) -> bool:
     """Store the terminal Result (`payload`: its JSON when the caller has it already).
 
     True when newly stored, False when the job already had one (dedup, or error 10077 with
     a Result for the job confirmed in the stream). A 10077 without one is a refusal: the
     store is tried `attempts` times in all, `pause_s * n` seconds apart, then
     ResultNotStored is raised so the caller leaves the job un-acked (it is delivered again).
+    `gone()`: awaited each time no stream takes the publish (NoStreamResponseError: NATS is
+    restarting, or it lost the stream), e.g. to create the stream anew; the publish is retried
+    either way, for up to 120 s.
     """
     subject = subjects.results(result.batch, result.job_id)
+
+    async def heal(exc: BaseException) -> bool:  # (never "permanent": retried while it heals)
+        if gone is not None and isinstance(exc, NoStreamResponseError):
+            await gone()
+        return False
+
     payload = payload if payload is not None else result.to_json()
     refusal = ""
     for attempt in range(1, attempts + 1):
         try:
             ack = await retrying(lambda: js.publish(subject, payload, headers={MSG_ID: result.job_id},
-                                                    timeout=timeout), for_s=120.0)
+                                                    timeout=timeout), for_s=120.0, permanent=heal)
             return not ack.duplicate
         except APIError as exc:
             if exc.err_code != STORE_FAILED:

@@ -22,7 +22,7 @@ async def served(url: str) -> bool:
         return (await client.request(chat(1), "vip", timeout=3)).status == "succeeded"
 
 
-@pytest.mark.parametrize("loss", ["store wiped", "streams deleted"])
+@pytest.mark.parametrize("loss", ["store wiped", "streams deleted", "results stream deleted"])
 async def test_the_fleet_recreates_its_streams_after_nats_lost_them(tmp_path, loss):
     server = restartable_nats(tmp_path / "nats")
     url = server.url
@@ -39,15 +39,21 @@ async def test_the_fleet_recreates_its_streams_after_nats_lost_them(tmp_path, lo
                 shutil.rmtree(tmp_path / "nats" / "js")
                 server.start()
                 assert server.url == url
-            else:
+            elif loss == "streams deleted":
                 async with await Client.connect(url) as client:
                     for stream in ("RATEFLEET_JOBS", "RATEFLEET_RESULTS"):
                         await client.js.delete_stream(stream)
+            else:  # only where Results go: no pull request notices; the worker's store does
+                async with await Client.connect(url) as client:
+                    await client.js.delete_stream("RATEFLEET_RESULTS")
+                assert await served(url)  # the first job after it: its store made the stream anew and stored
+                assert sum(k["calls"] for k in mock.stats()["keys"].values()) == 2  # its answer, not called again
             await until(lambda: served(url), 45, 0.5, "a job served after NATS lost the fleet's streams")
             assert all(p.poll() is None for p in kit.processes), \
                 {p.name: p.returncode for p in kit.processes if p.poll() is not None}
-            log = (tmp_path / "d1.log").read_text()
+            log = kit.logs()
             assert "creating them anew" in log  # said to the operator, with what was lost
+            log = (tmp_path / "d1.log").read_text()
             if loss == "store wiped":  # the leader before the loss may have spent tokens: the next one starts empty
                 after = log[log.index("creating them anew"):]
                 assert "became leader" in after, after[:3000]
