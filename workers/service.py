@@ -29,7 +29,7 @@ from ratefleet.runtime.finish import Finisher, auth_headers
 from ratefleet.runtime.handbacks import Handbacks
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.metrics import new_registry, register_cache
-from ratefleet.runtime.streams import Rebuilder, stream_gone
+from ratefleet.runtime.streams import Rebuilder
 from ratefleet.runtime.tracing import TRACEPARENT, TRACESTATE, trace_headers
 from ratefleet.schemas import Config, ErrorCode, ErrorInfo, Job, Result, Subjects, Timings, UpstreamConfig
 from ratefleet.schemas.config_store import fleet_view
@@ -113,7 +113,7 @@ class Worker:
         self.handbacks = Handbacks(nc.jetstream(), self.subjects.handbacks_bucket)
         self.cache = ResultCache.from_config(nc.jetstream(), config)  # written after 2xx calls of opted-in jobs
         self.rebuilder = Rebuilder(nc.jetstream(), lambda: self.config)  # a stream a Result needs is gone
-        self.finisher.gone = lambda: self.rebuilder.rebuild("the Results stream")
+        self.finisher.gone = lambda: self.rebuilder.rebuild("the stream or bucket a Result is stored in")
         self.unusable: dict[str, str] = {}  # key id -> why its secret cannot be used here (heartbeat)
         self.config_revision = config_revision  # the fleet config revision applied (None: the local file)
         self.key_versions: dict[str, str] = {}  # assignment id -> the key version its call uses
@@ -471,7 +471,7 @@ class Worker:
         answer is paid for and asking again would meet the same wall, so the job ends
         `failed` with `result_not_stored`, its response without the body (`unstorable`)."""
         try:
-            stored = await self._finish(a, result)
+            stored = await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to)
         except Exception as exc:  # noqa: BLE001 - see docstring
             if not refused(exc) or result.response is None:
                 return await self._requeue(a, exc)
@@ -489,19 +489,6 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - the Result is stored and acked: the job is done
                 log.error("dead letter not stored", error=type(exc).__name__)
         return True
-
-    async def _finish(self, a: Assignment, result: Result) -> bool:
-        """`Finisher.finish`; when a stream or bucket it stores into is gone (NATS lost its store,
-        or it was deleted: RATEFLEET_RESULTS, the bodies' Object Store), the topology is created
-        anew (runtime/streams.py Rebuilder; by another job a moment ago, when it is not due) and
-        the Result stored once more: the answer is paid for. Raises what the second try raises."""
-        try:
-            return await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to)
-        except Exception as exc:
-            if not stream_gone(exc):
-                raise
-            await self.rebuilder.rebuild("a stream or bucket a Result is stored in")
-        return await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to)
 
     async def _requeue(self, a: Assignment, exc: BaseException) -> bool:
         log.error("could not store the Result; job goes back to the queue", error=type(exc).__name__,

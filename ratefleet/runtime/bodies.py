@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pydantic_core
 from nats.js import JetStreamContext
@@ -111,18 +113,19 @@ class BodyStore:
         return store
 
     async def offload(self, result: Result, inline: tuple[bytes, str] | None = None, *,
-                      retry_for: float = 120.0) -> Result:
+                      retry_for: float = 120.0, gone: Callable[[], Awaitable[Any]] | None = None) -> Result:
         """`result` with its body (`inline`: `body_bytes(result.response)` when the caller has
         it already) moved into the bucket, uploaded and confirmed by the server before this
         returns; unchanged when it has no inline body. Rides out a NATS restart for
-        `retry_for` seconds, then raises the last error."""
+        `retry_for` seconds, then raises the last error; `gone()` is awaited when the bucket
+        is missing (runtime/store.py `retrying`)."""
         inline = inline or body_bytes(result.response)
         if inline is None:
             return result
         data, encoding = inline
         digest = hashlib.sha256(data).hexdigest()
         name = object_name(result.job_id, digest)
-        await retrying(lambda: self._put(name, data), for_s=retry_for)
+        await retrying(lambda: self._put(name, data), for_s=retry_for, gone=gone)
         ref = BodyRef(bucket=self._bucket, name=name, size=len(data), sha256=digest, encoding=encoding)
         return result.model_copy(update={"response": without_body(result.response, ref)})
 

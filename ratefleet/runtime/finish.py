@@ -48,8 +48,8 @@ class Finisher:
         # called with each Result this finisher newly stored (e.g. to count it in
         # ratefleet_jobs_total); never with one that was stored before
         self.on_stored: Callable[[Result], None] | None = None
-        # awaited when no stream takes a Result (NATS lost RATEFLEET_RESULTS): e.g. a Rebuilder's
-        # rebuild; the store is retried meanwhile (runtime/store.py store_result)
+        # awaited when the stream or bucket a Result goes to is missing (NATS lost RATEFLEET_RESULTS
+        # or the bodies' Object Store): e.g. a Rebuilder's rebuild; the store is retried meanwhile
         self.gone: Callable[[], Awaitable[Any]] | None = None
 
     async def finish(self, result: Result, *, ack: str | None, reply_to: str | None) -> bool:
@@ -60,10 +60,10 @@ class Finisher:
         limit = inline_limit(self.nc.max_payload)
         inline = body_bytes(result.response) if _may_be_large(result, limit) else None
         if inline is not None and len(inline[0]) > limit:  # too large whatever else the Result holds
-            result = await self.bodies.offload(result, inline)  # uploaded before the Result that names it
+            result = await self.bodies.offload(result, inline, gone=self.gone)  # before the Result that names it
         payload = result.to_json()  # once: stored, and sent as the reply
         if len(payload) > limit and body_bytes(result.response) is not None:  # a body near the limit
-            result = await self.bodies.offload(result)
+            result = await self.bodies.offload(result, gone=self.gone)
             payload = result.to_json()
         stored = await store_result(self.js, self.subjects, result, payload=payload, gone=self.gone)
         if stored and self.on_stored is not None:

@@ -15,6 +15,7 @@ from nats.js.api import PubAck
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from ratefleet.runtime.logs import get_logger
+from ratefleet.runtime.streams import stream_gone
 from ratefleet.runtime.tracing import current_headers
 from ratefleet.schemas import Result, Subjects
 from ratefleet.schemas.errors import QueueFull, ResultNotStored, SubmitError
@@ -39,8 +40,11 @@ TRANSIENT = (TimeoutError, asyncio.TimeoutError, nats.errors.ConnectionClosedErr
 
 
 async def retrying(operation: Callable[[], Awaitable[T]], *, for_s: float,
-                   permanent: Callable[[BaseException], Awaitable[bool]] | None = None) -> T:
+                   permanent: Callable[[BaseException], Awaitable[bool]] | None = None,
+                   gone: Callable[[], Awaitable[Any]] | None = None) -> T:
     """Run `operation`, retrying transient NATS failures (a restart, a reconnect) for `for_s`.
+    With `gone`, a stream or bucket found missing (`streams.stream_gone`: NATS restarting, or
+    it lost its store) is retried too, `gone()` awaited first (e.g. a Rebuilder's rebuild).
 
     Safe for publishes that carry a `Nats-Msg-Id`: a retry of a publish that did land is a
     duplicate the stream drops.
@@ -50,11 +54,14 @@ async def retrying(operation: Callable[[], Awaitable[T]], *, for_s: float,
     while True:
         try:
             return await operation()
-        except TRANSIENT as exc:
-            if isinstance(exc, APIError) and exc.err_code is not None:
-                raise  # the server refused (queue full, already stored): retrying cannot help
+        except Exception as exc:
+            healing = gone is not None and stream_gone(exc)
+            if not healing and (not isinstance(exc, TRANSIENT) or (isinstance(exc, APIError) and exc.err_code is not None)):
+                raise  # not NATS away, or the server refused (queue full, already stored): retrying cannot help
             if time.monotonic() + delay > deadline or (permanent is not None and await permanent(exc)):
                 raise
+            if gone is not None and healing:
+                await gone()
             await asyncio.sleep(delay)
             delay = min(2.0, delay * 2)
 
@@ -133,23 +140,17 @@ async def store_result(js: JetStreamContext, subjects: Subjects, result: Result,
     a Result for the job confirmed in the stream). A 10077 without one is a refusal: the
     store is tried `attempts` times in all, `pause_s * n` seconds apart, then
     ResultNotStored is raised so the caller leaves the job un-acked (it is delivered again).
-    `gone()`: awaited each time no stream takes the publish (NoStreamResponseError: NATS is
-    restarting, or it lost the stream), e.g. to create the stream anew; the publish is retried
-    either way, for up to 120 s.
+    `gone()`: awaited each time no stream takes the publish (NATS restarting, or it lost the
+    stream), e.g. to create the stream anew (`retrying`).
     """
     subject = subjects.results(result.batch, result.job_id)
-
-    async def heal(exc: BaseException) -> bool:  # (never "permanent": retried while it heals)
-        if gone is not None and isinstance(exc, NoStreamResponseError):
-            await gone()
-        return False
 
     payload = payload if payload is not None else result.to_json()
     refusal = ""
     for attempt in range(1, attempts + 1):
         try:
             ack = await retrying(lambda: js.publish(subject, payload, headers={MSG_ID: result.job_id},
-                                                    timeout=timeout), for_s=120.0, permanent=heal)
+                                                    timeout=timeout), for_s=120.0, gone=gone)
             return not ack.duplicate
         except APIError as exc:
             if exc.err_code != STORE_FAILED:

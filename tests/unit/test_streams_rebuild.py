@@ -98,19 +98,18 @@ async def test_the_gateways_buckets_are_made_anew_on_the_next_write(nats_server)
         await nc.close()
 
 
-async def test_a_worker_stores_a_paid_answer_again_once_its_stream_is_made_anew():
-    """The bodies' Object Store (or RATEFLEET_RESULTS) gone under a finished call: the worker
-    has the topology made anew and stores the Result once more, instead of dropping the paid
-    answer as `result_not_stored` or calling the upstream again; other failures are not retried."""
-    from types import SimpleNamespace
+async def test_a_paid_answer_is_stored_again_once_its_stream_is_made_anew():
+    """The bodies' Object Store (or RATEFLEET_RESULTS) gone under a finished call: the store
+    (runtime/store.py `retrying`, which the Result's store and the bodies' upload use) has the
+    topology made anew and stores once more, instead of dropping the paid answer as
+    `result_not_stored` or calling the upstream again; other failures are not retried."""
+    from ratefleet.runtime.store import retrying
 
-    from ratefleet.workers.service import Worker
-
-    class Finisher:
+    class Store:
         def __init__(self, errors):
             self.errors, self.calls = list(errors), 0
 
-        async def finish(self, result, *, ack, reply_to):
+        async def __call__(self):
             self.calls += 1
             if self.errors:
                 raise self.errors.pop(0)
@@ -118,18 +117,14 @@ async def test_a_worker_stores_a_paid_answer_again_once_its_stream_is_made_anew(
 
     asked: list[str] = []
 
-    class Rebuilder:
-        async def rebuild(self, what):
-            asked.append(what)
-            return True
+    async def rebuild():
+        asked.append("rebuild")
+        return True
 
-    worker = object.__new__(Worker)
-    worker.rebuilder = Rebuilder()
-    assignment = SimpleNamespace(ack="$JS.ACK.x", reply_to=None)
-    worker.finisher = Finisher([NotFoundError(code=404, err_code=10059, description="stream not found")])
-    assert await worker._finish(assignment, object()) is True
-    assert worker.finisher.calls == 2 and len(asked) == 1
-    worker.finisher = Finisher([APIError(code=503, err_code=10077, description="maximum messages per subject")])
+    store = Store([NotFoundError(code=404, err_code=10059, description="stream not found")])
+    assert await retrying(store, for_s=5.0, gone=rebuild) is True
+    assert store.calls == 2 and len(asked) == 1
+    store = Store([APIError(code=503, err_code=10077, description="maximum messages per subject")])
     with pytest.raises(APIError):
-        await worker._finish(assignment, object())
-    assert worker.finisher.calls == 1 and len(asked) == 1
+        await retrying(store, for_s=5.0, gone=rebuild)
+    assert store.calls == 1 and len(asked) == 1
