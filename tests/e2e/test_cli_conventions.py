@@ -4,6 +4,7 @@ NO_COLOR, --config on client commands, SIGHUP ignored by a running fleet, exit c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -251,13 +252,24 @@ def _start_up(tmp_path: Path, config: Path, *, workers: int, env: dict[str, str]
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def test_sighup_leaves_up_and_its_worker_running(tmp_path):
+@contextlib.contextmanager
+def _up_with_one_worker(tmp_path: Path):
+    """`ratefleet up --workers 1` against a mock upstream, once it has a leader and its worker:
+    (the `up` process, its config, that status, its NATS port). Its process group is killed on
+    the way out."""
     port = free_port()
     with running_mock(MockSettings(keys=mock_keys(rps=100, burst=10, ids=("k1",)), accept_unknown=False)) as upstream:
         config = _fleet_config(tmp_path, port, upstream.url)
         up = _start_up(tmp_path, config, workers=1, env=clean_env(RF_TEST_K1=SECRETS["k1"]))
         try:
-            before = _wait_status(config, tmp_path, lambda s: s.get("leader") and len(s["workers"]) == 1)
+            yield up, config, _wait_status(config, tmp_path, lambda s: s.get("leader") and len(s["workers"]) == 1), port
+        finally:
+            kill_group(up.pid)  # whatever it left (children of a supervisor that died)
+
+
+def test_sighup_leaves_up_and_its_worker_running(tmp_path):
+    with _up_with_one_worker(tmp_path) as (up, config, before, _):
+        try:
             worker_pid = before["workers"][0]["pid"]
             os.kill(up.pid, signal.SIGHUP)                    # to the supervisor
             os.kill(worker_pid, signal.SIGHUP)                # to the worker itself
@@ -271,14 +283,11 @@ def test_sighup_leaves_up_and_its_worker_running(tmp_path):
             assert one.returncode == 0, one.stderr
         finally:
             up.send_signal(signal.SIGINT)
-            try:
-                up.wait(timeout=60)
-            finally:
-                kill_group(up.pid)  # whatever it left (children of a supervisor that died)
-        output = (tmp_path / "up.log").read_text()
-        assert up.returncode == 0, output[-3000:]
-        assert output.count("SIGHUP ignored") >= 4, output[-3000:]  # up twice, the worker twice (+ the dispatcher)
-        assert "child exited" not in output
+            up.wait(timeout=60)
+    output = (tmp_path / "up.log").read_text()
+    assert up.returncode == 0, output[-3000:]
+    assert output.count("SIGHUP ignored") >= 4, output[-3000:]  # up twice, the worker twice (+ the dispatcher)
+    assert "child exited" not in output
 
 
 def test_credentials_in_the_nats_url_never_reach_the_terminal(tmp_path):
@@ -361,23 +370,16 @@ def _nats_server_pids(port: int) -> list[int]:
 def test_a_killed_up_takes_its_fleet_and_embedded_nats_with_it(tmp_path):
     # SIGKILL of `up` left nats-server, the dispatcher and the workers running with PPID 1; a
     # second `up` then joined the orphaned NATS and the orphaned dispatcher stayed leader
-    port = free_port()
-    with running_mock(MockSettings(keys=mock_keys(rps=100, burst=10, ids=("k1",)), accept_unknown=False)) as upstream:
-        config = _fleet_config(tmp_path, port, upstream.url)
-        up = _start_up(tmp_path, config, workers=1, env=clean_env(RF_TEST_K1=SECRETS["k1"]))
-        try:
-            status = _wait_status(config, tmp_path, lambda s: s.get("leader") and len(s["workers"]) == 1)
-            fleet = [status["workers"][0]["pid"], *_nats_server_pids(port)]
-            fleet += [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _child_of(int(p.name), up.pid)]
-            assert len(set(fleet)) >= 4, fleet  # nats-server, dispatcher, worker, config-watch
-            os.kill(up.pid, signal.SIGKILL)
-            up.wait(timeout=10)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and any(_alive(pid) for pid in fleet):
-                time.sleep(0.2)
-            assert [pid for pid in set(fleet) if _alive(pid)] == [], (tmp_path / "up.log").read_text()[-3000:]
-        finally:
-            kill_group(up.pid)
+    with _up_with_one_worker(tmp_path) as (up, _, status, port):
+        fleet = [status["workers"][0]["pid"], *_nats_server_pids(port)]
+        fleet += [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _child_of(int(p.name), up.pid)]
+        assert len(set(fleet)) >= 4, fleet  # nats-server, dispatcher, worker, config-watch
+        os.kill(up.pid, signal.SIGKILL)
+        up.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(_alive(pid) for pid in fleet):
+            time.sleep(0.2)
+        assert [pid for pid in set(fleet) if _alive(pid)] == [], (tmp_path / "up.log").read_text()[-3000:]
 
 
 def _child_of(pid: int, parent: int) -> bool:

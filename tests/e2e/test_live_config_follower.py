@@ -61,38 +61,9 @@ async def test_follower_applies_in_order_skips_invalid_and_retries_a_failed_appl
     assert applied == [(1, 5.0), (3, 7.0), (4, 8.0)]
 
 
-@pytest.mark.anyio
-async def test_follower_follows_a_config_bucket_made_anew(nats_server):
-    """NATS lost its store and the fleet made the bucket again (runtime/streams.py Rebuilder):
-    its revisions start over at 1, and a push there is applied, not taken for an old revision."""
-    nc = await nats.connect(nats_server.url)
-    js, subjects = nc.jetstream(), Subjects()
-    applied: list[tuple[int, float]] = []
-
-    async def apply(revision, config):
-        applied.append((revision, config.keys()["k1"].rps))
-
-    follower = ConfigFollower(js, subjects, apply, poll_s=0.2, role="test")
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(follower.run)
-            for rps in (5, 6, 7):
-                await push_config(js, subjects, document(rps))
-            await wait_for(lambda: follower.revision == 3)
-            await js.delete_key_value(subjects.config_bucket)
-            await anyio.sleep(1.1)  # (stream creation times are compared; a new one differs)
-            assert (await push_config(js, subjects, document(9)))[0] == 1  # into the bucket made anew
-            await wait_for(lambda: applied[-1] == (1, 9.0))
-            assert (await push_config(js, subjects, document(10)))[0] == 2
-            await wait_for(lambda: applied[-1] == (2, 10.0))
-            tg.cancel_scope.cancel()
-    finally:
-        await nc.close()
-    assert (3, 7.0) in applied and applied[-2:] == [(1, 9.0), (2, 10.0)]
-
-
 async def _follow(nats_server, script, poll=None):
-    """Run a follower (poll_s 0.2) beside `script(js, subjects, follower)`; the applied list."""
+    """Run a follower (poll_s 0.2; `poll` wraps its poll) beside `script(js, subjects,
+    follower, applied)`; returns the (revision, k1's rps) it applied, in order."""
     nc = await nats.connect(nats_server.url)
     js, subjects = nc.jetstream(), Subjects()
     applied: list[tuple[int, float]] = []
@@ -111,6 +82,25 @@ async def _follow(nats_server, script, poll=None):
     finally:
         await nc.close()
     return applied
+
+
+@pytest.mark.anyio
+async def test_follower_follows_a_config_bucket_made_anew(nats_server):
+    """NATS lost its store and the fleet made the bucket again (runtime/streams.py Rebuilder):
+    its revisions start over at 1, and a push there is applied, not taken for an old revision."""
+    async def script(js, subjects, follower, applied):
+        for rps in (5, 6, 7):
+            await push_config(js, subjects, document(rps))
+        await wait_for(lambda: follower.revision == 3)
+        await js.delete_key_value(subjects.config_bucket)
+        await anyio.sleep(1.1)  # (stream creation times are compared; a new one differs)
+        assert (await push_config(js, subjects, document(9)))[0] == 1  # into the bucket made anew
+        await wait_for(lambda: applied[-1] == (1, 9.0))
+        assert (await push_config(js, subjects, document(10)))[0] == 2
+        await wait_for(lambda: applied[-1] == (2, 10.0))
+
+    applied = await _follow(nats_server, script)
+    assert (3, 7.0) in applied and applied[-2:] == [(1, 9.0), (2, 10.0)]
 
 
 @pytest.mark.anyio

@@ -134,32 +134,45 @@ async def test_publishes_close_together_share_a_write_when_busy(nats_server):
     """Publishes 0.1 ms apart over separate iterations (calls finishing one by one under
     load) go out in a few writes, not one each: once BUSY_WRITES writes fall within
     BUSY_WINDOW_S, each waits out MIN_GAP_S."""
-    nc = await nats.connect(nats_server.url)
-    listener = await nats.connect(nats_server.url)
-    try:
-        got, done = await received(listener, "t.busy", 30)
-        assert await coalesce_writes(nc)
-        await nc.flush()
-        writes = count_writes(nc)
-        await publish_spread(nc, "t.busy", 30, 0.0001)
-        await nc.flush()
-        await asyncio.wait_for(done.wait(), 10)
-        assert got == [str(i).encode() for i in range(30)]
-        ours = [w.count(b"PUB t.busy") for w in writes if b"PUB t.busy" in w]
-        assert sum(ours) == 30 and len(ours) <= 15, f"publishes per write: {ours}"
-    finally:
-        await nc.close()
-        await listener.close()
+    ours = await spread_writes(nats_server.url, "t.busy", 30, 0.0001)
+    assert sum(ours) == 30 and len(ours) <= 15, f"publishes per write: {ours}"
 
 
-async def publish_spread(nc, subject: str, n: int, apart_s: float) -> None:
+async def publish_spread(nc, subject: str, n: int, apart_s: float, work_s: float = 0.0) -> None:
     """`n` publishes `apart_s` apart, other iterations running in between (calls finishing
-    one by one; not a timer's resolution)."""
+    one by one; not a timer's resolution), each iteration spending `work_s` of CPU (other
+    callbacks' work in a loaded process)."""
     for i in range(n):
         await nc.publish(subject, str(i).encode())
         until = time.perf_counter() + apart_s
-        while time.perf_counter() < until:
+        while True:
+            spin = time.perf_counter() + work_s
+            while time.perf_counter() < spin:
+                pass
             await asyncio.sleep(0)
+            if time.perf_counter() >= until:
+                break
+
+
+async def spread_writes(url: str, subject: str, n: int, apart_s: float, work_s: float = 0.0) -> list[int]:
+    """`publish_spread` on a coalescing connection: every message arrives, in order; returns
+    how many of them each socket write carried."""
+    nc = await nats.connect(url)
+    listener = await nats.connect(url)
+    try:
+        got, done = await received(listener, subject, n)
+        assert await coalesce_writes(nc)
+        await nc.flush()
+        writes = count_writes(nc)
+        await publish_spread(nc, subject, n, apart_s, work_s)
+        await nc.flush()
+        await asyncio.wait_for(done.wait(), 10)
+        assert got == [str(i).encode() for i in range(n)]
+        pub = f"PUB {subject} ".encode()
+        return [w.count(pub) for w in writes if pub in w]
+    finally:
+        await nc.close()
+        await listener.close()
 
 
 async def test_an_idle_connection_writes_without_waiting_out_the_gap(nats_server):
@@ -195,31 +208,8 @@ async def test_a_loaded_process_stays_busy_while_its_writes_are_spaced_by_the_ga
     worker): the spaced writes themselves must not end "busy" (four writes 0.5 ms apart span
     more than BUSY_WINDOW_S once iterations overshoot), else every few writes three go out
     unthrottled. Measured: ~25 % as many writes as publishes with the hold, ~57 % without."""
-    nc = await nats.connect(nats_server.url)
-    listener = await nats.connect(nats_server.url)
-    try:
-        got, done = await received(listener, "t.loaded", 400)
-        assert await coalesce_writes(nc)
-        await nc.flush()
-        writes = count_writes(nc)
-        for i in range(400):
-            await nc.publish("t.loaded", str(i).encode())
-            until = time.perf_counter() + 0.0001
-            while True:
-                spin = time.perf_counter() + 0.0003  # other callbacks' CPU work in this iteration
-                while time.perf_counter() < spin:
-                    pass
-                await asyncio.sleep(0)
-                if time.perf_counter() >= until:
-                    break
-        await nc.flush()
-        await asyncio.wait_for(done.wait(), 10)
-        assert got == [str(i).encode() for i in range(400)]
-        ours = [w.count(b"PUB t.loaded ") for w in writes if b"PUB t.loaded " in w]
-        assert sum(ours) == 400 and len(ours) <= 160, f"{len(ours)} writes for 400 publishes"
-    finally:
-        await nc.close()
-        await listener.close()
+    ours = await spread_writes(nats_server.url, "t.loaded", 400, 0.0001, work_s=0.0003)
+    assert sum(ours) == 400 and len(ours) <= 160, f"{len(ours)} writes for 400 publishes"
 
 
 async def test_a_client_of_another_shape_is_left_alone():
