@@ -14,11 +14,13 @@ Results are, RATEFLEET_RESULTS' max age). Its JSON:
 
 from __future__ import annotations
 
+import datetime
 import heapq
 import json
 import time
 from dataclasses import asdict, dataclass
 
+import anyio
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
@@ -26,6 +28,7 @@ from ratefleet.batchfile import line_of
 from ratefleet.schemas import Result, Subjects
 
 STALE_AFTER_S = 30.0  # a "submitting" record older than this: its submit died
+QUEUE_CHECK_S = 5.0  # how often a wait checks that the server still holds the jobs it waits for
 
 
 @dataclass
@@ -69,6 +72,51 @@ async def save_record(js: JetStreamContext, subjects: Subjects, record: BatchRec
     record.updated_at = time.time()
     kv = await _bucket(js, subjects, create=True)
     await kv.put(record.batch, json.dumps(asdict(record)).encode())
+
+
+async def jobs_stream_created(js: JetStreamContext, subjects: Subjects) -> datetime.datetime | None:
+    """When the JOBS stream was created (UTC, as the server reports it), or None when there is
+    no such stream now. Raises what nats-py raises for other errors (NATS away, no permission)."""
+    try:
+        return (await js.stream_info(subjects.jobs_stream)).created
+    except NotFoundError:
+        return None
+
+
+async def queue_mark(js: JetStreamContext, subjects: Subjects) -> datetime.datetime | None:
+    """`jobs_stream_created`, or None when it cannot be read (a producer's NATS permissions need not
+    allow it): `queue_lost` then stays quiet."""
+    try:
+        return await jobs_stream_created(js, subjects)
+    except Exception:  # noqa: BLE001 - see docstring
+        return None
+
+
+async def queue_lost(js: JetStreamContext, subjects: Subjects, since: datetime.datetime | None) -> str:
+    """Wait until the jobs queued before now are lost, and say how; never returns otherwise (run
+    it beside a wait and cancel it after).
+
+    `since`: the JOBS stream's creation time when the wait began (`jobs_stream_created`); None
+    (unknown) waits for ever. Lost means the stream was created anew after it (the server came
+    back without its store, or the stream was deleted, and a dispatcher made it again), or it is
+    missing on two checks in a row (one check can fall between a deletion and its rebuild).
+    Checked every QUEUE_CHECK_S seconds; a check that fails (NATS away, no permission to read the
+    stream) tells nothing and the watch goes on."""
+    missing = 0
+    while True:
+        await anyio.sleep(QUEUE_CHECK_S)
+        if since is None:
+            continue
+        try:
+            created = await jobs_stream_created(js, subjects)
+        except Exception:  # noqa: BLE001 - see docstring
+            continue
+        if created is not None and created != since:
+            return (f"stream {subjects.jobs_stream} was created anew at {created:%Y-%m-%d %H:%M:%S} UTC (the NATS "
+                    "server came back without its store, or the stream was deleted)")
+        missing = missing + 1 if created is None else 0
+        if missing >= 2:
+            return f"stream {subjects.jobs_stream} no longer exists on the NATS server"
 
 
 async def load_record(js: JetStreamContext, subjects: Subjects, batch: str) -> BatchRecord | None:

@@ -32,7 +32,7 @@ import anyio
 import typer
 from rich.console import Console
 
-from ratefleet.batches import BatchRecord, InputOrder, load_record
+from ratefleet.batches import BatchRecord, InputOrder, load_record, queue_lost, queue_mark
 from ratefleet.cli_support import client_target, fail, make_console, require_out_path, run_async
 from ratefleet.client import Client
 from ratefleet.openai_batch import format_result
@@ -64,6 +64,7 @@ class Collect:
     count: int = 0           # lines with a Result (a replay counts for the line it replays)
     statuses: Counter = field(default_factory=Counter)
     stale: bool = False
+    lost: str | None = None  # how the NATS server lost the queued jobs waited for (batches.queue_lost)
     replays: Replays = field(default_factory=Replays)
     out_format: str = "ratefleet"  # or "openai": OpenAI Batch output lines
     open_lines: dict[str, str] = field(default_factory=dict)  # root id -> status, lines not succeeded
@@ -206,6 +207,7 @@ async def _follow(client: Client, run: Collect, phases: Phases) -> bool:
         tg.start_soon(on_sigint)
         if run.wait:
             tg.start_soon(_watch_record, client, run, tg.cancel_scope)
+            tg.start_soon(_watch_queue, client, run, await queue_mark(client.js, client.subjects), tg.cancel_scope)
             tg.start_soon(functools.partial(phases.remind, handle, hint=STALL_HINT))
         if not (run.wait and run.complete):
             async for item in client.results(run.batch, follow=run.wait):
@@ -232,6 +234,12 @@ async def _watch_record(client: Client, run: Collect, scope: anyio.CancelScope) 
             return
 
 
+async def _watch_queue(client: Client, run: Collect, since, scope: anyio.CancelScope) -> None:
+    """With --wait: stop when the NATS server loses the queued jobs (_report says what to do)."""
+    run.lost = await queue_lost(client.js, client.subjects, since)
+    scope.cancel()
+
+
 def _report(console: Console, run: Collect, out: Path | None, interrupted: bool, url: str, prefix: str) -> int:
     summary = (", ".join(f"{status} {n:,}" for status, n in sorted(run.statuses.items()) if n > 0)
                or "no Results stored yet")
@@ -253,6 +261,11 @@ def _report(console: Console, run: Collect, out: Path | None, interrupted: bool,
     if interrupted:
         say(f"interrupted: {max(missing, 0):,} jobs are still queued or running; collect them with: {shlex.join(again)}")
         return 130
+    if run.lost:
+        say(f"error: the NATS server lost the jobs of batch {run.batch} still queued: {run.lost}. "
+            f"{max(missing, 0):,} jobs have no Result and are no longer queued; send them again with the same "
+            f"`ratefleet submit FILE --batch {run.batch}` command (lines with a stored Result are not sent again)")
+        return 1
     if run.stale:
         say(f"the submit of batch {run.batch} stopped before it finished (no update for a while); run the same "
             "`ratefleet submit ... --batch` command again to send the rest")

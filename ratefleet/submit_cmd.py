@@ -32,7 +32,7 @@ from pathlib import Path
 
 import anyio
 
-from ratefleet.batches import BatchRecord, InputOrder, save_record
+from ratefleet.batches import BatchRecord, InputOrder, queue_lost, queue_mark, save_record
 from ratefleet.batchfile import (
     REPEATS_KEPT,
     IdSet,
@@ -239,11 +239,13 @@ async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_inv
                                         lambda n: phases.update(handle, advance=n))
         phases.finish(handle)
     await _save(client, run, "submitting")
+    since = await queue_mark(client.js, client.subjects) if run.wait else None
     if run.out is not None:
         run.sink = sys.stdout if str(run.out) == "-" else run.out.open("w", encoding="utf-8")
     async with anyio.create_task_group() as tg:
         if run.wait:
             tg.start_soon(_follow, run, client, phases)
+            tg.start_soon(_watch_queue, run, client, since)
         tg.start_soon(_refresh_record, run, client)
         try:
             await _publish_all(run, client, path, phases)
@@ -382,6 +384,12 @@ async def _follow(run: Run, client: Client, phases: Phases) -> None:
                 break
         tg.cancel_scope.cancel()
     phases.finish(handle)
+
+
+async def _watch_queue(run: Run, client: Client, since) -> None:
+    """--wait: end the wait when the NATS server loses the queued jobs (report_end says what to do)."""
+    run.lost = await queue_lost(client.js, client.subjects, since)
+    run.all_collected.set()
 
 
 async def _refresh_record(run: Run, client: Client) -> None:

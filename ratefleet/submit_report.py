@@ -61,6 +61,7 @@ class Run:
     by_input: bool = False
     order: InputOrder | None = None  # --order input: holds Results that arrive before an earlier line's
     upstreams: dict[str, str] | None = None  # the fleet's (name -> auth header), from its live config when readable
+    lost: str | None = None  # --wait: how the NATS server lost the queued jobs waited for (batches.queue_lost)
     all_collected: anyio.Event = field(default_factory=anyio.Event)
     record_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
@@ -222,6 +223,12 @@ def report_end(run: Run, phases, *, submitted_only: bool = False) -> int:
     where = (f"; written to {'stdout' if str(run.out) == '-' else run.out}" if run.out else
              f"; not written anywhere (no --out): write them with {run.results_command()}")
     phases.print(f"results: {summary}{where}")
+    if run.lost:
+        left = run.expected - run.collected
+        phases.print(f"error: the NATS server lost the jobs of batch {run.batch} still queued: {run.lost}. "
+                     f"{left:,} of {run.expected:,} jobs have no Result and are no longer queued; send them again (lines "
+                     f"with a stored Result are not sent again): {run.submit_command()}")
+        return 1
     skipped = run.found.error_count if run.found else 0
     if skipped:  # --skip-invalid: those lines were not done, so the batch did not all succeed
         phases.print(f"{skipped:,} invalid lines were skipped (not submitted); exit code 1")

@@ -5,8 +5,12 @@ without any process being restarted."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 
+import anyio
 import pytest
 from faultkit import chat, fast_keys, restartable_nats, until, upstream, wait_workers
 from fleetkit import FleetKit
@@ -59,5 +63,52 @@ async def test_the_fleet_recreates_its_streams_after_nats_lost_them(tmp_path, lo
                 assert "became leader" in after, after[:3000]
                 assert '"buckets": "empty"' in after[max(0, after.index("became leader") - 200):][:400], after[:3000]
         finally:
+            kit.stop()
+            server.stop()
+
+
+
+async def all_queued(url: str, jobs: int) -> bool:
+    async with await Client.connect(url) as client:
+        return (await client.js.stream_info("RATEFLEET_JOBS")).state.messages >= jobs
+
+
+async def test_a_wait_ends_when_nats_lost_the_jobs_it_waits_for(tmp_path):
+    """`submit --wait` and `results --wait` on a batch whose queued jobs the server lost (it came
+    back without its store) end with exit 1, say so and give the command that sends them again,
+    instead of waiting for Results that cannot come (before: "nothing new for 30s", for ever)."""
+    server = restartable_nats(tmp_path / "nats")
+    url = server.url
+    with upstream() as mock:
+        kit = FleetKit(tmp_path, url, mock.url, keys=fast_keys(rps=2, burst=1))  # the batch stays queued
+        waits: list[subprocess.Popen] = []
+        try:
+            kit.dispatcher("d1")
+            kit.worker("w1", slots=4)
+            async with await Client.connect(url) as client:
+                await wait_workers(client, {"w1"})
+            jobs = tmp_path / "jobs.jsonl"
+            jobs.write_text("".join(json.dumps(chat(i)) + "\n" for i in range(200)))
+            ratefleet = [sys.executable, "-m", "ratefleet"]
+            out = str(tmp_path / "out.jsonl")
+            for args in (["submit", str(jobs), "--tier", "normal", "--batch", "b1", "--wait", "--out", out],
+                         ["results", "--batch", "b1", "--wait"]):
+                waits.append(subprocess.Popen([*ratefleet, *args, "--nats", url], stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.PIPE, text=True))
+                await until(lambda: all_queued(url, 190), 30, 0.2, "the batch stored")
+            await anyio.sleep(2)  # both commands are waiting now
+            server.stop()
+            shutil.rmtree(tmp_path / "nats" / "js")
+            server.start()
+            await until(lambda: all(p.poll() is not None for p in waits), 40, 0.5, "both waits ended")
+            for p in waits:
+                err = p.stderr.read()
+                assert p.returncode == 1, err[-3000:]
+                assert "lost the jobs of batch b1 still queued" in err, err[-3000:]
+                assert "ratefleet submit " in err.split("lost the jobs")[1] and "--batch b1" in err, err[-3000:]
+        finally:
+            for p in waits:
+                if p.poll() is None:
+                    p.kill()
             kit.stop()
             server.stop()

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import io
 
+import anyio
 import nats
 import pytest
 from nats.js.errors import APIError, BucketNotFoundError, KeyNotFoundError, NoStreamResponseError, NotFoundError
 
+from ratefleet import batches
 from ratefleet.gateway.batch_book import BatchBook
 from ratefleet.gateway.files import FileStore
 from ratefleet.runtime.streams import Rebuilder, ensure_topology, missing_topology, stream_gone
@@ -128,3 +130,32 @@ async def test_a_paid_answer_is_stored_again_once_its_stream_is_made_anew():
     with pytest.raises(APIError):
         await retrying(store, for_s=5.0, gone=rebuild)
     assert store.calls == 1 and len(asked) == 1
+
+
+async def test_a_wait_hears_when_its_queued_jobs_are_lost(nats_server, monkeypatch):
+    """batches.queue_lost: quiet while the JOBS stream stands; speaks when it was made anew or is
+    missing on two checks in a row; a None mark (stream unreadable at the start) stays quiet."""
+    monkeypatch.setattr(batches, "QUEUE_CHECK_S", 0.05)
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        subjects = Subjects()
+        await ensure_topology(js, CONFIG)
+        mark = await batches.queue_mark(js, subjects)
+        assert mark is not None
+        for since in (mark, None):
+            with anyio.move_on_after(0.5) as quiet:
+                await batches.queue_lost(js, subjects, since)
+            assert quiet.cancelled_caught, since
+        await js.delete_stream(subjects.jobs_stream)
+        assert await batches.queue_mark(js, subjects) is None
+        with anyio.fail_after(5):
+            assert "no longer exists" in await batches.queue_lost(js, subjects, mark)
+        await ensure_topology(js, CONFIG)
+        with anyio.fail_after(5):
+            assert "created anew" in await batches.queue_lost(js, subjects, mark)
+        with anyio.move_on_after(0.5) as quiet:
+            await batches.queue_lost(js, subjects, await batches.queue_mark(js, subjects))
+        assert quiet.cancelled_caught
+    finally:
+        await nc.close()
