@@ -216,7 +216,7 @@ async def _interruptible(run: Run, work: _Work, client: Client, path: Path, phas
 
 
 async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_invalid: bool) -> int:
-    run.upstreams = await fleet_upstreams(client)  # lines the dispatcher would refuse are refused here
+    run.upstreams = await fleet_upstreams(client, warn=phases.print)  # lines the dispatcher would refuse are refused here
     found = await _validate(run, path, phases)
     if found.repeated_custom_ids:  # not a bad line to skip: which of the lines is meant cannot be told
         n = found.repeated_custom_ids

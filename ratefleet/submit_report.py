@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -17,10 +18,11 @@ from ratefleet.batchfile import IdSet, Validation
 from ratefleet.client import Client
 from ratefleet.openai_batch import format_result
 from ratefleet.runtime.connect import redact_url
+from ratefleet.runtime.logs import redact_text
 from ratefleet.schemas import Result
 from ratefleet.schemas.config import DEFAULT_NATS_URL
 from ratefleet.schemas.config_store import CURRENT_KEY, StoredConfig
-from ratefleet.schemas.errors import SubmitError
+from ratefleet.schemas.errors import ConfigError, SubmitError
 
 FLUSH_EVERY = 500  # Results written between flushes of --out
 
@@ -129,19 +131,28 @@ async def check_tier(client: Client, tier: str) -> str | None:
     return f"unknown tier {tier!r}; this fleet's tiers: {tiers}"
 
 
-async def fleet_upstreams(client: Client) -> dict[str, str] | None:
+async def fleet_upstreams(client: Client, warn: Callable[[str], None] | None = None) -> dict[str, str] | None:
     """The fleet's upstreams (name -> the header its keys go in) from its live config (the
     config bucket, which `ratefleet up` and `ratefleet config push` fill), or None when none
     was pushed or it cannot be read within CONFIG_READ_S seconds (a producer's NATS permissions
-    need not allow the bucket): then only the dispatcher checks each job's upstream."""
+    need not allow the bucket): then only the dispatcher checks each job's upstream. A stored
+    config that does not validate (the fleet keeps running on the one before it) also gives
+    None, and `warn(sentence)` says so."""
     try:
         # bounded: a request the account does not permit gets no answer (nats-server sends the
         # client an -ERR instead), so a producer without the bucket would wait out nats-py's 5 s
         with anyio.fail_after(CONFIG_READ_S):
             kv = await client.js.key_value(client.subjects.config_bucket)  # never created here
             entry = await kv.get(CURRENT_KEY)
-        config = StoredConfig.model_validate_json(entry.value or b"").validated(entry.revision)
     except Exception:  # noqa: BLE001 - see docstring
+        return None
+    try:
+        config = StoredConfig.model_validate_json(entry.value or b"").validated(entry.revision)
+    except (ConfigError, ValueError) as exc:
+        if warn is not None:
+            warn(f"warning: the fleet's stored config (revision {entry.revision}) is invalid, so the lines' "
+                 "upstreams are not checked here (the dispatcher still checks each job, on the config it ran before): "
+                 f"{redact_text(str(exc))[:400]}; push a valid one with `ratefleet config push FILE`")
         return None
     return {name: upstream.auth_header for name, upstream in config.upstreams.items()}
 

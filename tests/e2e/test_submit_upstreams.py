@@ -75,3 +75,26 @@ async def test_without_a_pushed_config_lines_are_sent_as_before(nats_server, tmp
     sent = cli("submit", str(jobs), "--tier", "normal", "--nats", nats_server.url)
     assert sent.returncode == 0, sent.stderr
     assert await queued(nats_server.url) == 2
+
+
+async def test_an_invalid_stored_config_is_named_not_skipped_in_silence(nats_server, tmp_path):
+    """A config value written by other means than `config push` that does not validate: the
+    lines go to the dispatcher as without a config, and submit says why it did not check them."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await ensure_topology(js, parse_config(FLEET))
+        await push_config(js, Subjects(), storable(FLEET, source="fleet.toml", pushed_at=time.time()))
+        kv = await js.key_value(Subjects().config_bucket)
+        stored = json.loads((await kv.get("current")).value)
+        stored["config"]["pools"]["o"]["keys"][0]["rps"] = -5
+        await kv.put("current", json.dumps(stored).encode())
+    finally:
+        await nc.close()
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(line() + line(upstream="gemini"))
+    sent = cli("submit", str(jobs), "--tier", "normal", "--nats", nats_server.url)
+    assert sent.returncode == 0, sent.stderr
+    assert "the fleet's stored config (revision 2) is invalid" in sent.stderr, sent.stderr
+    assert "rps" in sent.stderr and "ratefleet config push FILE" in sent.stderr, sent.stderr
+    assert await queued(nats_server.url) == 2
