@@ -64,13 +64,16 @@ class LineError(JobInvalid, ValueError):
     is sent) and, as before, a ValueError."""
 
 
-def parse_line(text: str, number: int, batch: str, upstreams: Mapping[str, str] | None = None) -> Job:
+def parse_line(text: str, number: int, batch: str, upstreams: Mapping[str, str] | None = None, *,
+               upstream: str | None = None) -> Job:
     """Validate one line as a Job of `batch`, with its id (own or deterministic). Raises LineError.
     A line may also be an OpenAI Batch API input line (`ratefleet.openai_batch`).
 
     The same check as every other door into the fleet (`schemas.job.parse_job`), so a line
     that passes here is not refused later; with `upstreams` (the fleet's live config: name ->
-    auth header) also the dispatcher's check of the upstream (`schemas.job.upstream_problem`)."""
+    auth header) also the dispatcher's check of the upstream (`schemas.job.upstream_problem`).
+    `upstream` (`submit --upstream`): the upstream of a line that names none (an OpenAI Batch
+    line never does); a line's own `upstream` wins. The line's id does not depend on it."""
     bad = _UNDECODABLE.search(text)
     if bad:
         raise LineError(f"line {number}: not UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x} at character "
@@ -86,12 +89,13 @@ def parse_line(text: str, number: int, batch: str, upstreams: Mapping[str, str] 
     if job.batch is not None and job.batch != batch:
         raise LineError(f"line {number}: batch {job.batch!r} differs from this run's batch {batch!r} "
                         "(one file is one batch: drop the field or pass --batch)")
+    if upstream is not None and job.upstream is None:
+        job = job.model_copy(update={"upstream": upstream})
     if upstreams is not None and (problem := upstream_problem(job, upstreams)) is not None:
         hint = ""
         if job.upstream is None:
-            hint = (" (an OpenAI Batch API line cannot name one: write it as a ratefleet Job line with "
-                    '"upstream", or submit to a fleet of one upstream)' if converted is not None
-                    else ' (add "upstream": "<name>" to the line)')
+            hint = (" (pass --upstream NAME: an OpenAI Batch API line cannot name one itself)" if converted is not None
+                    else ' (add "upstream": "<name>" to the line, or pass --upstream NAME for the lines that name none)')
         raise LineError(f"line {number}: {problem[1]}{hint}")
     update = {"batch": batch}
     if job.id is None:
@@ -208,9 +212,9 @@ class Validation:
 
 
 def validate_file(path: Path, batch: str, progress: Callable[[int], None] | None = None,
-                  upstreams: Mapping[str, str] | None = None) -> Validation:
+                  upstreams: Mapping[str, str] | None = None, *, upstream: str | None = None) -> Validation:
     """Pass 1: validate every line in a stream; `progress(bytes read so far)` now and then.
-    `upstreams`: the fleet's (see `parse_line`), when known."""
+    `upstreams`: the fleet's, when known; `upstream`: for lines that name none (see `parse_line`)."""
     found = Validation()
     read = 0
     for number, text in iter_lines(path):
@@ -220,7 +224,7 @@ def validate_file(path: Path, batch: str, progress: Callable[[int], None] | None
         if progress and number % 2048 == 0:
             progress(read)
         try:
-            job = parse_line(text, number, batch, upstreams)
+            job = parse_line(text, number, batch, upstreams, upstream=upstream)
         except LineError as exc:
             found.error_count += 1
             if len(found.errors) < SHOWN_ERRORS:

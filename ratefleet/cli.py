@@ -167,6 +167,9 @@ def submit(file: Path = typer.Argument(..., help="JSONL file, one Job per line (
            out_format: str = typer.Option("ratefleet", "--out-format", metavar="FORMAT",
                                           help="ratefleet (Result JSON) or openai (OpenAI Batch output lines)"),
            order: str = typer.Option("arrival", "--order", help="--out order: arrival or input (the file's line order)"),
+           upstream: str | None = typer.Option(None, "--upstream", "-u", metavar="NAME",
+                                               help="upstream of the lines that name none (OpenAI Batch API lines "
+                                                    "never do); a line's own upstream wins"),
            config: Path | None = ConfigOpt, nats: str | None = NatsOpt, prefix: str | None = PrefixOpt):
     """Submit a batch of jobs (Job lines or OpenAI Batch API lines) with a progress bar; --wait collects their Results."""
     from ratefleet.submit_cmd import run_submit
@@ -186,7 +189,7 @@ def submit(file: Path = typer.Argument(..., help="JSONL file, one Job per line (
     target = client_target(config, nats, prefix)
     with _traced_from_environment():
         code = _run(run_submit, file, tier, batch, wait, out, skip_invalid, target.url, target.prefix, out_format,
-                    order == "input", target.nats)
+                    order == "input", target.nats, upstream)
     raise typer.Exit(code or 0)
 
 

@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
+from pydantic import ValidationError
 
 from ratefleet.batches import BatchRecord, InputOrder, queue_lost, queue_mark, save_record
 from ratefleet.batchfile import (
@@ -49,6 +50,7 @@ from ratefleet.batchfile import (
 from ratefleet.cli_support import make_console
 from ratefleet.client import Client, Stored
 from ratefleet.phases import STALL_HINT, Phases
+from ratefleet.schemas import Job
 from ratefleet.schemas.config_nats import NatsAuthConfig
 from ratefleet.schemas.errors import NatsUnavailable, SubmitError
 from ratefleet.schemas.subjects import NO_BATCH, is_token
@@ -70,10 +72,11 @@ def new_batch_name() -> str:
 
 async def run_submit(file: Path, tier: str, batch: str | None, wait: bool, out: Path | None, skip_invalid: bool,
                      url: str, prefix: str, out_format: str = "ratefleet", by_input: bool = False,
-                     auth: NatsAuthConfig | None = None) -> int:
+                     auth: NatsAuthConfig | None = None, upstream: str | None = None) -> int:
     """Run the command; returns the exit code (0 all stored/succeeded, 1 some failed, 2 input, 130 Ctrl-C).
     `out_format`: "ratefleet" (Result JSON) or "openai" (OpenAI Batch output lines); `by_input`: write
-    Results in the file's line order (holding back only those that arrive before an earlier line's)."""
+    Results in the file's line order (holding back only those that arrive before an earlier line's);
+    `upstream`: the upstream of the lines that name none."""
     console = make_console(stderr=True)  # plain under NO_COLOR / not a terminal
 
     def say(text: str) -> None:
@@ -88,8 +91,11 @@ async def run_submit(file: Path, tier: str, batch: str | None, wait: bool, out: 
     if str(file) != "-" and not file.is_file():
         say(f"error: no such file: {file}")
         return 2
+    if upstream is not None and (problem := _upstream_name_problem(upstream)):
+        say(f"error: --upstream {upstream!r}: {problem}")
+        return 2
     run = Run(file=file, tier=tier, batch=batch or new_batch_name(), wait=wait, out=out, url=url, prefix=prefix,
-              out_format=out_format, by_input=by_input)
+              out_format=out_format, by_input=by_input, upstream=upstream)
     # first: the name a resume needs (a run without --batch would make a new batch and pay again)
     say(f"batch {run.batch}" if batch else f"batch {run.batch}; re-run with --batch {run.batch} to resume")
     work = _Work(run)  # what Ctrl-C stops; the report of what it left behind runs after it
@@ -103,6 +109,17 @@ async def run_submit(file: Path, tier: str, batch: str | None, wait: bool, out: 
     finally:
         if run.interrupted:  # the report is out and only the exit is left: one more Ctrl-C must not
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # turn it into a KeyboardInterrupt traceback
+
+
+def _upstream_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a Job's `upstream` (empty, or the Job model's own check), or None."""
+    if not name.strip():
+        return "an upstream name is not empty; name one of the fleet's upstreams"
+    try:
+        Job.model_validate({"request": {"path": "/"}, "upstream": name})
+    except ValidationError as exc:
+        return "; ".join(error["msg"] for error in exc.errors())
+    return None
 
 
 class _Work:
@@ -217,6 +234,10 @@ async def _interruptible(run: Run, work: _Work, client: Client, path: Path, phas
 
 async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_invalid: bool) -> int:
     run.upstreams = await fleet_upstreams(client, warn=phases.print)  # lines the dispatcher would refuse are refused here
+    if run.upstream is not None and run.upstreams is not None and run.upstream not in run.upstreams:
+        phases.print(f"error: --upstream {run.upstream!r} is not one of this fleet's upstreams "
+                     f"({', '.join(sorted(run.upstreams))}); nothing was submitted")
+        return 2
     found = await _validate(run, path, phases)
     if found.repeated_custom_ids:  # not a bad line to skip: which of the lines is meant cannot be told
         n = found.repeated_custom_ids
@@ -284,8 +305,8 @@ async def _validate(run: Run, path: Path, phases: Phases) -> Validation:
         anyio.from_thread.run_sync(lambda: phases.update(handle, completed=read))
 
     try:  # in a thread, so Ctrl-C and the progress display keep working during a long pass
-        found = await anyio.to_thread.run_sync(lambda: validate_file(path, run.batch, progress, run.upstreams),
-                                               abandon_on_cancel=True)
+        found = await anyio.to_thread.run_sync(
+            lambda: validate_file(path, run.batch, progress, run.upstreams, upstream=run.upstream), abandon_on_cancel=True)
     finally:
         stop.set()
     if size:
@@ -311,7 +332,7 @@ def _jobs(run: Run, path: Path):
     first_line: dict[str, int] = {}  # of the few ids pass 1 found repeated
     for number, text in iter_lines(path):
         try:
-            job = parse_line(text, number, run.batch, run.upstreams)
+            job = parse_line(text, number, run.batch, run.upstreams, upstream=run.upstream)
         except LineError:
             continue  # reported by pass 1 (--skip-invalid)
         key = id_hash(job.id)  # once per line: the lookup, the sent set and the repeats share it

@@ -63,6 +63,7 @@ class Run:
     by_input: bool = False
     order: InputOrder | None = None  # --order input: holds Results that arrive before an earlier line's
     upstreams: dict[str, str] | None = None  # the fleet's (name -> auth header), from its live config when readable
+    upstream: str | None = None  # --upstream: for the lines that name none
     lost: str | None = None  # --wait: how the NATS server lost the queued jobs waited for (batches.queue_lost)
     all_collected: anyio.Event = field(default_factory=anyio.Event)
     record_lock: anyio.Lock = field(default_factory=anyio.Lock)
@@ -113,6 +114,7 @@ class Run:
     def submit_command(self) -> str:
         """This run's command again, with the batch name: it sends only what is not stored yet."""
         args = ["ratefleet", "submit", str(self.file), "--tier", self.tier, "--batch", self.batch]
+        args += ["--upstream", self.upstream] if self.upstream is not None else []
         args += (["--wait"] if self.wait else []) + (["--out", str(self.out)] if self.out else [])
         return shlex.join(args + self._format_args() + self._nats_args())
 

@@ -98,3 +98,42 @@ async def test_an_invalid_stored_config_is_named_not_skipped_in_silence(nats_ser
     assert "the fleet's stored config (revision 2) is invalid" in sent.stderr, sent.stderr
     assert "rps" in sent.stderr and "ratefleet config push FILE" in sent.stderr, sent.stderr
     assert await queued(nats_server.url) == 2
+
+
+async def test_upstream_flag_routes_the_lines_that_name_none(nats_server, tmp_path):
+    """`submit --upstream NAME`: lines without an upstream (an OpenAI Batch API line can name
+    none) go to NAME and pass the check; a line's own upstream wins; a name the fleet lacks is
+    refused before anything is sent; the resume command keeps the flag."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await ensure_topology(js, parse_config(FLEET))
+        await push_config(js, Subjects(), storable(FLEET, source="fleet.toml", pushed_at=time.time()))
+    finally:
+        await nc.close()
+    jobs = tmp_path / "jobs.jsonl"
+    openai_line = json.dumps({"custom_id": "c1", "method": "POST", "url": "/v1/chat/completions",
+                              "body": {"model": "m", "messages": []}}) + "\n"
+    jobs.write_text(openai_line + line() + line(upstream="anthropic"))
+
+    refused = cli("submit", str(jobs), "--tier", "normal", "--nats", nats_server.url)
+    assert refused.returncode == 2, refused.stderr
+    assert "line 1: upstream is required" in refused.stderr and "pass --upstream NAME" in refused.stderr
+
+    unknown = cli("submit", str(jobs), "--tier", "normal", "--nats", nats_server.url, "--upstream", "gemini")
+    assert unknown.returncode == 2, unknown.stderr
+    assert "--upstream 'gemini' is not one of this fleet's upstreams (anthropic, openai)" in unknown.stderr
+    assert cli("submit", str(jobs), "--tier", "normal", "--upstream", " ").returncode == 2
+    assert await queued(nats_server.url) == 0
+
+    sent = cli("submit", str(jobs), "--tier", "normal", "--nats", nats_server.url, "--upstream", "openai",
+               "--batch", "b1")
+    assert sent.returncode == 0, sent.stderr
+    assert "stored 3 jobs" in sent.stderr
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        upstreams = [json.loads((await js.get_msg("RATEFLEET_JOBS", seq)).data)["upstream"] for seq in (1, 2, 3)]
+    finally:
+        await nc.close()
+    assert upstreams == ["openai", "openai", "anthropic"]

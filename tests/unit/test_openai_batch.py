@@ -107,3 +107,11 @@ def test_results_are_held_back_until_the_earlier_lines_arrive_and_flushed_at_the
     assert run.sink.getvalue() == ""
     run.flush_held()  # Ctrl-C or the end: what was held comes out, in line order
     assert json.loads(run.sink.getvalue())["job_id"] == "b-3-0123456789"
+
+
+def test_the_resume_command_keeps_the_upstream_of_lines_that_name_none(tmp_path: Path):
+    run = Run(file=tmp_path / "in.jsonl", tier="normal", batch="b", wait=False, out=None, url="", prefix="ratefleet",
+              upstream="open ai")
+    assert "--batch b --upstream 'open ai'" in run.submit_command()
+    assert "--upstream" not in Run(file=tmp_path / "in.jsonl", tier="normal", batch="b", wait=False, out=None, url="",
+                                   prefix="ratefleet").submit_command()
