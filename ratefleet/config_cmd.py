@@ -5,7 +5,8 @@
 * `push FILE [--nats URL] [--config C]`: validate, refuse literal secrets, store a new revision in the KV
   bucket `ratefleet_config` (key `current`) that every dispatcher and worker follows; a file
   that fails changes nothing (exit 2). Pushing the content of the current revision again
-  makes no new revision.
+  makes no new revision. Then, for up to `--wait-s` (10 s), it says whether the leader and
+  every worker run the revision, and which keys no worker can call with (config_applied.py).
 * `show [--revision N] [--json]`: the stored config as TOML (secret references only).
 * `watch FILE [--nats URL] [--config C]`: push FILE now and whenever it changes (`ratefleet up --config
   FILE` runs it); a bad edit is reported and not pushed (config_watch.py).
@@ -24,6 +25,7 @@ import tomli_w
 import typer
 
 from ratefleet.cli_support import EXIT_FAILED, client_target, fail, require_file
+from ratefleet.config_applied import describe, fleet_applied
 from ratefleet.runtime.config_kv import document_for, push_config, read_config, read_toml
 from ratefleet.runtime.connect import connect
 from ratefleet.schemas import Subjects
@@ -64,8 +66,11 @@ def check(file: Path | None = typer.Argument(None, help="TOML config file (defau
 
 @config_app.command("push")
 def push(file: Path = FileArg, nats: str | None = NatsOpt, prefix: str | None = PrefixOpt,
-         config: Path | None = ConnectOpt) -> None:
-    """Validate FILE and store it as the fleet's next config revision (applied live)."""
+         config: Path | None = ConnectOpt,
+         wait_s: float = typer.Option(10.0, "--wait-s", min=0, help="seconds to wait for the fleet to run it "
+                                      "(0: store it and return)")) -> None:
+    """Validate FILE and store it as the fleet's next config revision (applied live); then say
+    whether the leader and the workers run it, and which keys no worker can call with."""
     require_file(file, "config file")
     try:
         with warnings.catch_warnings():  # a literal secret is refused below, in one line, not also warned of
@@ -74,14 +79,20 @@ def push(file: Path = FileArg, nats: str | None = NatsOpt, prefix: str | None = 
     except ConfigError as exc:
         fail(str(exc))
     target = client_target(config or file, nats, prefix)
+    with warnings.catch_warnings():  # validated once above: said then
+        warnings.simplefilter("ignore")
+        settle_s = 2 * document.validated().workers.heartbeat_s
     try:
-        revision, changed = _run(_push, target.url, target.prefix, document, target.nats)
+        revision, changed, seen = _run(_push, target.url, target.prefix, document, target.nats, wait_s, settle_s)
     except NatsUnavailable as exc:
         fail(str(exc), EXIT_FAILED)
     if changed:
-        typer.echo(f"pushed {file} as config revision {revision}; dispatchers and workers apply it now")
+        typer.echo(f"pushed {file} as config revision {revision}"
+                   + ("; dispatchers and workers apply it now" if seen is None else ""))
     else:
         typer.echo(f"unchanged: config revision {revision} already holds this config")
+    for line in describe(seen, wait_s) if seen is not None else []:
+        typer.echo(line)
 
 
 @config_app.command("show")
@@ -131,10 +142,14 @@ def _run(fn, *args):
     return anyio.run(fn, *args)
 
 
-async def _push(url: str, prefix: str, document, auth=None):
+async def _push(url: str, prefix: str, document, auth=None, wait_s: float = 0.0, settle_s: float = 2.0):
+    """(revision, changed, what the fleet runs after at most `wait_s` seconds; None when 0)."""
     nc = await connect(url, name="ratefleet-config", forever=False, auth=auth)
     try:
-        return await push_config(nc.jetstream(), Subjects(prefix), document)
+        subjects = Subjects(prefix)
+        revision, changed = await push_config(nc.jetstream(), subjects, document)
+        seen = await fleet_applied(nc, subjects, revision, wait_s, settle_s) if wait_s > 0 else None
+        return revision, changed, seen
     finally:
         await nc.close()
 

@@ -125,3 +125,25 @@ async def test_a_push_mid_batch_loses_nothing_and_uses_the_new_keys(tmp_path, na
     print(f"\nreload cost: {unacked} jobs delivered and unfinished at the push (upstream calls so far: "
           f"{calls_at_push}), {JOBS - len(results)} lost, 0 x 429; applied by the leader and both workers "
           f"{applied - pushed:.3f} s after the KV write")
+
+
+@pytest.mark.anyio
+async def test_push_says_where_the_revision_runs_and_which_keys_no_worker_can_use(tmp_path, nats_server, fleet):
+    """`config push` waits (up to --wait-s) for the leader and the workers to run the revision
+    and names each key no worker has the secret of (out of rotation until one has it)."""
+    kit, _ = fleet
+    alone = push(kit, BEFORE, "r1.toml")
+    assert alone.returncode == 0, alone.stderr
+    assert "no dispatcher is running: the fleet applies revision 1 when it starts" in alone.stdout, alone.stdout
+    kit.dispatcher("d1"), kit.worker("w1", slots=2), kit.worker("w2", slots=2)
+    async with await Client.connect(nats_server.url) as client:
+        await wait_revision(client, 1, workers=2)
+    pushed = push(kit, [*BEFORE, {"id": "k9", "rps": 1, "burst": 1}], "r2.toml")  # RF_TEST_K9 is set nowhere
+    assert pushed.returncode == 0, pushed.stderr
+    assert "pushed" in pushed.stdout and "config revision 2" in pushed.stdout
+    assert "runs it; its 2 workers run it too" in pushed.stdout, pushed.stdout
+    assert "warning: key k9 is out of rotation: no worker can call with it (" in pushed.stdout, pushed.stdout
+    assert "RF_TEST_K9" in pushed.stdout and "key k1 " not in pushed.stdout, pushed.stdout
+    kit.stop()  # the workers gone, the leader keeps their last word for a while; then no dispatcher at all
+    late = push(kit, BEFORE, "r3.toml")
+    assert late.returncode == 0 and "no dispatcher is running" in late.stdout, late.stdout

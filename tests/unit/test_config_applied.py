@@ -1,0 +1,36 @@
+"""`config push`'s report of where the pushed revision runs (ratefleet/config_applied.py), read
+from status answers shaped like the leader's."""
+
+from __future__ import annotations
+
+from ratefleet.config_applied import Applied, describe
+
+
+def status(leader_revision, *workers, starting=False, keys=None) -> dict:
+    return {"leader": "d1", "starting": starting, "config_revision": leader_revision,
+            "workers": [{"id": f"w{i}", "config_revision": r} for i, r in enumerate(workers, 1)], "keys": keys or {}}
+
+
+def test_the_revision_everywhere_or_who_is_behind():
+    assert Applied.of(3, status(3, 3, 4)).everywhere  # a later revision counts
+    lagging = Applied.of(3, status(3, 3, 2, None))
+    assert not lagging.everywhere and lagging.behind == [("w2", 2), ("w3", None)]
+    assert describe(lagging, 10) == ["worker w2 still runs revision 2 after 10s: its log says why",
+                                     "worker w3 still runs its local file after 10s: its log says why"]
+    refused = describe(Applied.of(3, status(2, 3)), 10)
+    assert refused == ["the leader (d1) still runs revision 2 after 10s: its log says why (a config it cannot "
+                       "apply is logged there and the running one stays)"]
+
+
+def test_no_leader_yet_and_keys_without_a_secret():
+    for answer in (None, status(3, starting=True), {"leader": None}):
+        seen = Applied.of(3, answer)
+        assert seen.leader is None and not seen.everywhere
+        assert describe(seen, 5)[0].startswith("no dispatcher answered within 5s: the fleet applies revision 3")
+    keys = {"k1": {"secret_missing": None}, "k2": {"secret_missing": "K2 not set"}}
+    lines = describe(Applied.of(3, status(3, keys=keys)), 10)
+    assert lines == ["applied: the leader (d1) runs it; no worker is up",
+                     "warning: key k2 is out of rotation: no worker can call with it (K2 not set); give the workers "
+                     "its secret (`ratefleet status` shows when one has it)"]
+    assert describe(Applied(3, absent=True), 10) == ["no dispatcher is running: the fleet applies revision 3 when it "
+                                                     "starts"]
