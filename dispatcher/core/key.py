@@ -16,14 +16,20 @@ one loss per round trip.
 Only a key-scoped 429 throttles the key. A request-scoped one (the worker's
 `Outcome.scope == "request"`: the key's own headers showed room, or the provider said the
 request itself is too large; see ratelimit_scope.py) is counted and nothing more: no
-cooldown, no rate drop, no streak. Without evidence either way (`scope` None), a 429 is the
-key's, unless the same job was answered 429 on this key before, other jobs succeeded on it
-since, and no other fresh 429 came in between: then it is that job's own (its retries
-back off on their own nak delay), so one job cannot hold a key down for everyone; the
-first such 429 of a job still acts on the key, which bounds what a misreading costs.
+cooldown, no rate drop, no streak. Unless its headers say the key is out of room (`scope`
+"key"), a 429 that repeats one the key gave the same job before, with other jobs served
+since and since the key's last fresh throttle, is that job's own (its retries back off on
+their own nak delay), and it is no evidence against the key either: a few jobs that always
+get 429 cannot hold a key down for everyone, however their 429s interleave (before, two
+such jobs alternating kept both keys of a pool near 1 % of their rate). The first 429 of a
+job still acts on the key, which bounds what a misreading costs.
 Headers showing room can mislead (a limit they do not report, such as concurrency): when
 429s of different jobs come back to back on a key with no success in between, the key is
 refusing everyone, and such a 429 is the key's whatever its headers said.
+A key-scoped 429 that nothing confirms (no header or body saying the key is out of room, no
+other job's 429 just before it, and the key served a job since its last throttle) cools
+the key for at most the cooldown policy's max_s whatever Retry-After it names: one job's
+`Retry-After: 3600` does not close a working key for an hour; the next job's 429 confirms it.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from .types import BreakerPolicy, CooldownPolicy, KeySpec, Outcome, ProbePolicy
 _MAX_DOUBLINGS = 62
 SENT_WINDOW_S = 2.0  # the rate a key was actually sent at is measured over this window
 MIN_SENT_CALLS = 5  # fewer calls in the window measure nothing (1 call in 2 s is not "0.5/s")
-JOB_429_MEMORY = 256  # jobs whose last 429 on this key is remembered (to see one job repeat)
+JOB_429_MEMORY = 1024  # jobs whose last 429 is remembered (to see one job repeat)
 
 
 @dataclass
@@ -57,6 +63,26 @@ class KeyStats:
     rate_limited: int = 0
     errors: int = 0
     request_scoped_429: int = 0
+
+
+class RefusedJobs:
+    """When each of the last JOB_429_MEMORY jobs to get a 429 got its last one (any key);
+    a job's 429 on one key then reads as a repeat on another (`KeyState.repeats`)."""
+
+    def __init__(self, memory: int = JOB_429_MEMORY) -> None:
+        self._at: OrderedDict[str, float] = OrderedDict()
+        self._memory = memory
+
+    def get(self, job_id: str | None) -> float | None:
+        return self._at.get(job_id) if job_id is not None else None
+
+    def note(self, job_id: str | None, now: float) -> None:
+        if job_id is None:
+            return
+        self._at[job_id] = now
+        self._at.move_to_end(job_id)
+        while len(self._at) > self._memory:
+            self._at.popitem(last=False)
 
 
 @dataclass(frozen=True)
@@ -100,7 +126,7 @@ class KeyState:
         self.limit_hint: float | None = None  # the request limit the provider last reported
         self.throttled_at = -math.inf  # when the last fresh 429 was seen
         self.ok_at = -math.inf  # when the last success was seen
-        self._job_429_at: OrderedDict[str, float] = OrderedDict()  # job id -> its last 429 here
+        self._job_429s = RefusedJobs()  # job id -> its last 429 here
         self._last_429: tuple[str | None, float] = (None, -math.inf)  # (job id, when) of the last 429
         self._sent: deque[float] = deque()  # dispatch times of the last SENT_WINDOW_S (`reserve` prunes)
         self.breaker = KeyBreaker(breaker, name=spec.id)
@@ -171,11 +197,14 @@ class KeyState:
         elif actual < reserved:
             self.cost.refund(now, reserved - actual, mark)
 
-    def observe(self, outcome: Outcome, now: float, sent_at: float | None = None, job_id: str | None = None) -> bool:
+    def observe(self, outcome: Outcome, now: float, sent_at: float | None = None, job_id: str | None = None,
+                *, refused_at: float | None = None) -> bool:
         """Apply a call's key signals: counters, 429 backoff and rate drop (key-scoped 429s
         only), disable on key-scoped evidence, ratelimit resync, rate climb. `sent_at`: when
         the call was dispatched (None when unknown: then a 429 counts as fresh); `job_id`:
-        the job it was for (None when unknown). Returns whether the key was disabled by it."""
+        the job it was for (None when unknown); `refused_at`: when that job last got a 429 on
+        any key of the fleet (the scheduler's RefusedJobs; None: never, or unknown). Returns
+        whether the key was disabled by it."""
         if outcome.kind == OutcomeKind.NONE:
             return False
         self.answered = True
@@ -190,11 +219,12 @@ class KeyState:
             if self.cost_rate is not None:
                 self.cost_rate.on_success(now)
         elif outcome.kind == OutcomeKind.RATE_LIMITED:
-            if self.request_scoped(outcome, job_id):
+            repeat = outcome.scope != "key" and self.repeats(job_id, refused_at)
+            if repeat or self.request_scoped(outcome, job_id):
                 self.stats.request_scoped_429 += 1
             else:
-                self._throttled(outcome, now, fresh)
-            self._note_job_429(job_id, now)
+                self._throttled(outcome, now, fresh, confirmed=self._confirmed(outcome, job_id))
+            self._note_job_429(job_id, now, repeat)
         elif outcome.kind == OutcomeKind.KEY_ERROR:
             disabled = self.health.disable("provider", key_error_reason(outcome), now)
         if outcome.ratelimit is not None:
@@ -202,9 +232,15 @@ class KeyState:
         self._apply_rates(now)
         return disabled
 
-    def _throttled(self, outcome: Outcome, now: float, fresh: bool) -> None:
+    def _throttled(self, outcome: Outcome, now: float, fresh: bool, confirmed: bool) -> None:
+        """A key-scoped 429: back off and slow down (fresh), or honour its wait (an echo).
+        An unconfirmed one (see `_confirmed`) waits at most the cooldown policy's max_s,
+        whatever Retry-After it names: one job's 429 does not close the key for an hour."""
+        retry_after = outcome.retry_after_s
+        if retry_after is not None and not confirmed:
+            retry_after = min(retry_after, self.cooldown.max_s)
         if not fresh:  # an echo of the 429 already acted on
-            self._cool(now, outcome.retry_after_s or 0.0)
+            self._cool(now, retry_after or 0.0)
             return
         self.streak_429 += 1
         self.throttled_at = now
@@ -215,26 +251,36 @@ class KeyState:
             self.cost_rate.on_throttle(now, None)
         else:
             self.request_rate.on_throttle(now, self.sent_rate(now))
-        self._cool(now, self._backoff(outcome.retry_after_s))
+        self._cool(now, self._backoff(retry_after))
 
     def request_scoped(self, outcome: Outcome, job_id: str | None) -> bool:
-        """Whether a 429 is about its request rather than this key (module docstring)."""
+        """Whether a 429 that is not a repeat (`repeats`) is about its request rather than
+        this key (module docstring)."""
         last_job, last_at = self._last_429
         if last_at > self.ok_at and last_job != job_id:
             return False  # another job's 429 just before, no success since: everyone is refused
-        if outcome.scope is not None:
-            return outcome.scope == "request"
-        last = self._job_429_at.get(job_id) if job_id is not None else None
-        return last is not None and self.ok_at > last and self.throttled_at <= last
+        return outcome.scope == "request"
 
-    def _note_job_429(self, job_id: str | None, now: float) -> None:
-        self._last_429 = (job_id, now)
-        if job_id is None:
-            return
-        self._job_429_at[job_id] = now
-        self._job_429_at.move_to_end(job_id)
-        while len(self._job_429_at) > JOB_429_MEMORY:
-            self._job_429_at.popitem(last=False)
+    def repeats(self, job_id: str | None, refused_at: float | None = None) -> bool:
+        """Whether a 429 for `job_id` now repeats one the same job got before (on this key, or
+        on another: `refused_at`), with other jobs served on this key since, and since its
+        last fresh throttle: the key works, and this job is refused on its own (its retries
+        back off on their own delay)."""
+        known = [at for at in (self._job_429s.get(job_id), refused_at) if at is not None]
+        return bool(known) and self.ok_at > max(known) and self.ok_at > self.throttled_at
+
+    def _confirmed(self, outcome: Outcome, job_id: str | None) -> bool:
+        """Whether more than this one 429 says the key is out of room: its headers or body
+        (`scope == "key"`), another job's 429 just before with no success since, or no
+        success on the key since its last fresh throttle (or ever): nothing shows it works."""
+        last_job, last_at = self._last_429
+        return (outcome.scope == "key" or (last_at > self.ok_at and last_job != job_id)
+                or self.ok_at <= self.throttled_at)
+
+    def _note_job_429(self, job_id: str | None, now: float, repeat: bool = False) -> None:
+        if not repeat:  # a job's own repeat is no sign that the key refuses everyone
+            self._last_429 = (job_id, now)
+        self._job_429s.note(job_id, now)
 
     def sent_rate(self, now: float) -> float | None:
         """Calls per second dispatched on this key over the last SENT_WINDOW_S, or None

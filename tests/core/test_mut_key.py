@@ -160,13 +160,32 @@ def test_a_429_of_an_unknown_or_other_job_is_the_keys(job_id):
     assert k.stats.request_scoped_429 == 0 and k.streak_429 == 1
 
 
-def test_another_fresh_429_in_between_makes_it_the_keys_again():
+def test_another_jobs_429_after_the_last_success_makes_a_repeat_the_keys_again():
     k = state()
     k.observe(THROTTLED, 1.0, job_id="a")
-    k.observe(THROTTLED, 1.5, job_id="c")  # another job's 429 right after: fresh, the key's
     k.observe(OK, 2.0, job_id="b")
-    k.observe(THROTTLED, 3.0, job_id="a")
-    assert k.stats.request_scoped_429 == 0 and k.streak_429 == 1 and k.cooldown_until == 4.0
+    k.observe(THROTTLED, 2.5, job_id="c")  # a first 429 of another job after the success: the key's
+    k.observe(THROTTLED, 3.0, job_id="a")  # no success since c's: the key refuses everyone
+    assert k.stats.request_scoped_429 == 0 and k.streak_429 == 2 and k.cooldown_until == 5.0
+
+
+def test_jobs_whose_429s_interleave_are_each_their_own_once_the_key_served_others():
+    """Two jobs that always get 429, refused back to back at first (the key's), then each
+    again after the key served another job: neither repeat throttles the key, nor counts as
+    the other's 'everyone is refused' (before: each throttled it again, for ever)."""
+    k = state()
+    k.observe(THROTTLED, 1.0, job_id="a")
+    k.observe(THROTTLED, 1.5, job_id="c")  # right after: the key's (streak 2, until 3.5)
+    for at in (4.0, 5.5):
+        k.observe(OK, at, job_id="b")
+        k.observe(THROTTLED, at + 1.0, job_id="a")
+        k.observe(THROTTLED, at + 1.1, job_id="c")  # a's repeat just before is no evidence against the key
+    assert k.stats.request_scoped_429 == 4 and k.streak_429 == 0 and k.cooldown_until == 3.5
+    k.observe(THROTTLED, 6.7, job_id="a")  # no success since its last: nothing shows the key works
+    assert k.stats.request_scoped_429 == 4 and k.streak_429 == 1
+    k.observe(OK, 7.0, job_id="b")
+    k.observe(THROTTLED, 7.5, job_id="d")  # a new job's first 429 still acts on the key
+    assert k.streak_429 == 1 and k.cooldown_until == 8.5
 
 
 @pytest.mark.parametrize("scope", [None, "request"])

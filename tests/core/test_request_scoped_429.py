@@ -153,16 +153,61 @@ def test_without_evidence_the_same_job_repeating_while_others_succeed_is_its_own
     assert s.snapshot(at)["keys"]["k1"]["rate_limited"] == 11
 
 
-def test_without_evidence_429s_of_different_jobs_are_the_keys():
+def test_without_evidence_429s_of_different_jobs_are_the_keys_until_the_key_served_others():
     s = make(pool("p", key("k1", rps=20, burst=5)), cooldown=CooldownPolicy(base_s=1.0, max_s=45.0))
     bare = Outcome("rate_limited", 429)
     _run(s, "a", t0, bare)
     at = _run(s, "good", t0, OK)[1]
     at = _run(s, "b", at, bare)[1]  # another job: the key is short of room again
     assert s.snapshot(at)["keys"]["k1"]["cooldown_s"] > 0.0
-    at = _run(s, "good2", at, OK)[1]
-    at = _run(s, "a", at, bare)[1]  # a's repeat, but b's 429 came after a's first: still the key's
+    at = _run(s, "a", at, bare)[1]  # a's repeat with no success since b's: still the key's
     assert s.snapshot(at)["keys"]["k1"]["cooldown_s"] > 0.0
+    at = _run(s, "good2", at, OK)[1]
+    at = _run(s, "a", at, bare)[1]  # again, after the key served another job since: a's own
+    at = _run(s, "b", at, bare)[1]  # and b's (a's repeat just before is no sign against the key)
+    assert s.snapshot(at)["keys"]["k1"]["cooldown_s"] == 0.0
+
+
+@pytest.mark.parametrize("bad_jobs", [2, 4])
+def test_a_few_jobs_that_always_get_429_leave_a_shared_pool_at_its_rate(bad_jobs):
+    """The kind the helper found: N top-tier jobs refused 429 on every call (no headers) among
+    a backlog of good ones. After each bad job's first 429 the keys serve the backlog at
+    their configured rate, however the bad jobs' retries interleave (before: both keys at
+    about 1 % of their rate, ~450x slower, for as long as the bad jobs lived)."""
+    s = _two_keys()
+    bare = Outcome("rate_limited", 429)
+    at = t0
+    for i in range(bad_jobs):
+        at = _run(s, f"bad{i}", at, bare)[1]  # first 429s: the keys' (back to back, nothing confirms room)
+    rates = []
+    for round_ in range(30):  # each bad job again after 10 good jobs
+        for i in range(10):
+            at = _run(s, f"good{round_}-{i}", at, OK)[1]
+        for i in range(bad_jobs):
+            at = _run(s, f"bad{i}", at, bare)[1]
+        rates.append(sum(rps for rps, _ in _state(s, at).values()))
+        assert all(cooldown == 0.0 for _, cooldown in _state(s, at).values()), (round_, _state(s, at))
+    assert sum(k["rate_limited"] for k in s.snapshot(at)["keys"].values()) == 31 * bad_jobs
+    assert rates == sorted(rates) and rates[-1] > rates[0]  # never pulled down again: climbing back
+
+
+def test_an_unconfirmed_retry_after_waits_at_most_the_cooldown_max_then_a_second_job_confirms_it():
+    """One job's 429 naming Retry-After: 3600 on a key that serves others: the key cools for
+    cooldown max_s (45 s here), not an hour; another job's 429 right after confirms it."""
+    s = make(pool("p", key("k1", rps=20, burst=5)), cooldown=CooldownPolicy(base_s=1.0, max_s=45.0))
+    long_wait = Outcome("rate_limited", 429, retry_after_s=3600.0)
+    at = _run(s, "good", t0, OK)[1]
+    at = _run(s, "a", at, long_wait)[1]
+    assert s.snapshot(at)["keys"]["k1"]["cooldown_s"] == 45.0
+    at = _run(s, "b", at, long_wait)[1]  # nothing succeeded since a's: everyone is refused
+    assert s.snapshot(at)["keys"]["k1"]["cooldown_s"] == 3600.0
+    fresh = make(pool("p", key("k1", rps=20, burst=5)), cooldown=CooldownPolicy(base_s=1.0, max_s=45.0))
+    _run(fresh, "a", t0, long_wait)  # nothing ever served on it: nothing shows the key works
+    assert fresh.snapshot(t0)["keys"]["k1"]["cooldown_s"] == 3600.0
+    told = make(pool("p", key("k1", rps=20, burst=5)), cooldown=CooldownPolicy(base_s=1.0, max_s=45.0))
+    at = _run(told, "good", t0, OK)[1]
+    at = _run(told, "a", at, Outcome("rate_limited", 429, retry_after_s=3600.0, scope="key"))[1]
+    assert told.snapshot(at)["keys"]["k1"]["cooldown_s"] == 3600.0  # its headers said: out of room
 
 
 def test_headers_showing_room_do_not_hide_a_key_that_refuses_everyone():

@@ -36,7 +36,8 @@ BUDGET = 6  # tiers.normal.max_rate_limited
 
 @dataclass
 class Upstream:
-    """Answers by model: "huge" and "stuck" get 429 (Retry-After: 0), anything else 200."""
+    """Answers by model: "huge" and "stuck" get 429 (Retry-After: 0), "plain" a bare 429 (no
+    headers), anything else 200."""
 
     log: list[tuple[str, str, int, float]] = field(default_factory=list)  # (key, model, status, monotonic)
     url: str = ""
@@ -47,6 +48,9 @@ class Upstream:
         headers = {"x-ratelimit-limit-requests": "500", "x-ratelimit-limit-tokens": "30000",
                    "x-ratelimit-remaining-tokens": "29000"}
         status, answer = 200, {"choices": [{"message": {"content": "hi"}}], "usage": {"total_tokens": 3}}
+        if model == "plain":  # a 429 with nothing else: no ratelimit headers, no Retry-After
+            self.log.append((key, model, 429, time.monotonic()))
+            return web.json_response(STUCK, status=429)
         if model in ("huge", "stuck"):
             status, answer = 429, TOO_LARGE if model == "huge" else STUCK
             headers |= {"x-ratelimit-remaining-requests": "4", "retry-after": "0"}
@@ -121,3 +125,32 @@ async def test_one_job_always_429_with_room_on_the_key_leaves_the_keys_alone(tmp
     assert stuck.status == "failed" and stuck.error.code == "rate_limited", stuck
     assert http_upstream.calls("stuck") == BUDGET
     assert "not the key" in stuck.error.message and "never had room" not in stuck.error.message, stuck.error.message
+
+
+async def test_a_few_top_tier_jobs_always_429_do_not_stall_the_pool(tmp_path, nats_server, http_upstream):
+    """Four vip jobs answered a bare 429 on every call (no headers, nothing to tell whose it
+    is), a backlog of 200 normal jobs on the same two keys: after the vip jobs' first 429s the
+    backlog runs near the keys' rate (before: both keys near 1 % of their rate while the vip
+    jobs lived, 25 of 300 normal jobs done in 300 s)."""
+    kit = FleetKit(tmp_path, nats_server.url, http_upstream.url,
+                   keys=[{"id": "k1", "rps": 20, "burst": 5}, {"id": "k2", "rps": 20, "burst": 5}])
+    kit.dispatcher("d1")
+    kit.worker("w1")
+    try:
+        async with await Client.connect(nats_server.url) as client, Tracker(nats_server.url) as tracker:
+            await wait_workers(client, {"w1"})
+            await client.submit_many([job(i, "plain", id=f"plain{i}") for i in range(4)], "vip", batch="loop")
+            await until(lambda: http_upstream.calls("plain") >= 4, 30, what="the vip jobs' first 429s")
+            started = time.monotonic()
+            good = await client.submit_many([job(i) for i in range(10, 210)], "normal", batch="loop")
+            await tracker.wait_stored("loop", good, timeout=90)
+            good_s = time.monotonic() - started
+            keys = (await client.status())["keys"]
+            results = await tracker.results(good, "loop")
+    finally:
+        kit.stop()
+    figure("four vip jobs always 429 beside 200 normal jobs", good_s=good_s, plain_calls=http_upstream.calls("plain"),
+           effective_rps={k: v["effective_rps"] for k, v in keys.items()})
+    assert all(results[j].status == "succeeded" for j in good)
+    assert good_s < 40, f"200 jobs on two 20 req/s keys took {good_s:.1f} s beside the looping vip jobs"
+    assert http_upstream.calls("plain") >= 8  # the vip jobs kept being tried (and refused) meanwhile
