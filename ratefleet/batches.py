@@ -2,7 +2,8 @@
 when it is complete without the input file; and the `--order input` buffer.
 
 The record lives in the KV bucket `ratefleet_batches` (key: the batch name; kept as long as
-Results are, RATEFLEET_RESULTS' max age). Its JSON:
+Results are, RATEFLEET_RESULTS' max age; `cancelled.<batch>` keys there are cancel markers,
+ratefleet/runtime/cancels.py). Its JSON:
 
     {"batch": "b", "tier": "normal", "state": "submitting" | "submitted" | "interrupted",
      "jobs": 300,          # Results that will land in this batch (fresh + stored by an earlier run)
@@ -22,9 +23,10 @@ from dataclasses import asdict, dataclass
 
 import anyio
 from nats.js import JetStreamContext
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
+from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from ratefleet.batchfile import line_of
+from ratefleet.runtime.cancels import batches_bucket, open_batches_bucket
 from ratefleet.schemas import Result, Subjects
 
 STALE_AFTER_S = 30.0  # a "submitting" record older than this: its submit died
@@ -50,21 +52,11 @@ class BatchRecord:
 
 def bucket_name(subjects: Subjects) -> str:
     """The KV bucket of batch records for this prefix (`ratefleet_batches`, suffixed like the streams)."""
-    return "ratefleet_batches" + subjects.stream_suffix.lower()
+    return batches_bucket(subjects)
 
 
 async def _bucket(js: JetStreamContext, subjects: Subjects, create: bool):
-    try:
-        return await js.key_value(bucket_name(subjects))
-    except (BucketNotFoundError, NotFoundError):
-        if not create:
-            return None
-    try:  # kept as long as the Results, on as many servers
-        info = await js.stream_info(subjects.results_stream)
-        ttl, replicas = info.config.max_age, info.config.num_replicas or 1
-    except NotFoundError:
-        ttl, replicas = 86400.0, 1
-    return await js.create_key_value(bucket=bucket_name(subjects), ttl=ttl, history=1, replicas=replicas)
+    return await open_batches_bucket(js, subjects, create)
 
 
 async def save_record(js: JetStreamContext, subjects: Subjects, record: BatchRecord) -> None:

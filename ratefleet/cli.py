@@ -339,6 +339,10 @@ from ratefleet.results_cmd import register as _register_results  # noqa: E402 - 
 
 _register_results(app)
 
+from ratefleet.cancel_cmd import register as _register_cancel  # noqa: E402 - `cancel`
+
+_register_cancel(app)
+
 from ratefleet.gateway.command import register as _register_gateway  # noqa: E402 - `gateway`
 
 _register_gateway(app)

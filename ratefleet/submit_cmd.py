@@ -50,6 +50,7 @@ from ratefleet.batchfile import (
 from ratefleet.cli_support import make_console
 from ratefleet.client import Client, Stored
 from ratefleet.phases import STALL_HINT, Phases
+from ratefleet.runtime.cancels import is_cancelled
 from ratefleet.schemas import Job
 from ratefleet.schemas.config_nats import NatsAuthConfig
 from ratefleet.schemas.errors import NatsUnavailable, SubmitError
@@ -233,6 +234,10 @@ async def _interruptible(run: Run, work: _Work, client: Client, path: Path, phas
 
 
 async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_invalid: bool) -> int:
+    if await _cancelled(client, run.batch):
+        phases.print(f"error: batch {run.batch} was cancelled (`ratefleet cancel`): its jobs would end without a call; "
+                     "nothing was submitted: submit under another --batch name")
+        return 2
     run.upstreams = await fleet_upstreams(client, warn=phases.print)  # lines the dispatcher would refuse are refused here
     if run.upstream is not None and run.upstreams is not None and run.upstream not in run.upstreams:
         phases.print(f"error: --upstream {run.upstream!r} is not one of this fleet's upstreams "
@@ -405,6 +410,15 @@ async def _follow(run: Run, client: Client, phases: Phases) -> None:
                 break
         tg.cancel_scope.cancel()
     phases.finish(handle)
+
+
+async def _cancelled(client: Client, batch: str) -> bool:
+    """Whether `batch` carries a cancel marker (False when it cannot be read: the dispatcher
+    still ends a cancelled batch's jobs)."""
+    try:
+        return await is_cancelled(client.js, client.subjects, batch)
+    except Exception:  # noqa: BLE001 - see docstring
+        return False
 
 
 async def _watch_queue(run: Run, client: Client, since) -> None:

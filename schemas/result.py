@@ -33,6 +33,7 @@ class ErrorCode(StrEnum):
     REQUEST_DENIED = "request_denied"  # 401/403 on two keys: the request is refused, not the keys
     RESULT_NOT_STORED = "result_not_stored"  # NATS refused the answer (bucket/stream full): not called again
     REQUEST_TOO_LARGE = "request_too_large"  # a 429 saying the request exceeds the whole limit: never fits
+    CANCELLED = "cancelled"  # its batch was cancelled (`ratefleet cancel`) before it was called
     # only in the reply to `ratefleet.rpc.<tier>` (nothing is stored): the job was not stored
     QUEUE_FULL = "queue_full"  # RATEFLEET_JOBS is at its limits (discard-new)
     SUBMIT_FAILED = "submit_failed"  # any other refusal or failure of the JOBS publish

@@ -70,6 +70,8 @@ class LeaderSession:
         self._send, self._receive = anyio.create_memory_object_stream[ev.Event](math.inf)
         # called with what is missing when a pull request finds no consumer (NATS lost its store)
         self.gone: Callable[[str], None] = lambda what: None
+        # whether a batch was cancelled (ratefleet/runtime/cancels.py): intake ends its jobs uncalled
+        self.cancelled: Callable[[str | None], bool] = lambda batch: False
         self.inboxes = {tier: self._inbox(config, tier) for tier in config.tiers}
         self.subs: list[Any] = []
         self._finishing: set[anyio.CancelScope] = set()  # the ends and hand-backs under way (`_background`)
@@ -101,7 +103,8 @@ class LeaderSession:
 
     def _inbox(self, config: Config, tier: str) -> TierInbox:
         return TierInbox(self.bus, config, tier, self.subjects.jobs_stream, tier_consumer(tier),
-                         tier_max_deliver(config, tier), self.post, gone=lambda what: self.gone(what))
+                         tier_max_deliver(config, tier), self.post, gone=lambda what: self.gone(what),
+                         cancelled=lambda batch: self.cancelled(batch))
 
     def lease_renewed(self, until: float) -> None:
         self.post(ev.LeaseRenewed(until))

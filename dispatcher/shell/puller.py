@@ -20,7 +20,7 @@ from ratefleet.dispatcher.core.delivery import Incoming
 from ratefleet.dispatcher.core.events import Event, JobDelivered, PullStatus
 from ratefleet.dispatcher.core.pulls import HANDBACK_MARGIN_S, PULL_EXPIRES_S
 from ratefleet.dispatcher.shell.bus import LeaderBus, Subscription
-from ratefleet.dispatcher.shell.intake import read_message, unreadable
+from ratefleet.dispatcher.shell.intake import cancelled_job, read_message, unreadable
 from ratefleet.runtime.cache import wants_lookup
 from ratefleet.runtime.handbacks import DeliveryCounts
 from ratefleet.runtime.logs import get_logger
@@ -37,11 +37,13 @@ class TierInbox:
     nothing here changes the leader's state."""
 
     def __init__(self, bus: LeaderBus, config: Config, tier: str, stream: str, consumer: str,
-                 max_deliver: int, post: Callable[[Event], None], gone: Callable[[str], None] = lambda what: None) -> None:
+                 max_deliver: int, post: Callable[[Event], None], gone: Callable[[str], None] = lambda what: None,
+                 cancelled: Callable[[str | None], bool] = lambda batch: False) -> None:
         """`gone(what)`: told when a pull request finds no consumer to serve it (status 503: NATS
-        has lost the stream or the consumer), so the topology is created anew."""
+        has lost the stream or the consumer), so the topology is created anew. `cancelled(batch)`:
+        whether a batch was cancelled (ratefleet/runtime/cancels.py): its jobs end here."""
         self.bus, self.config, self.tier, self.max_deliver, self.post = bus, config, tier, max_deliver, post
-        self.gone = gone
+        self.gone, self.cancelled = gone, cancelled
         self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self.inbox = ""
         self.reading = True  # False once stepping down: then only the last delivery is read
@@ -96,6 +98,8 @@ class TierInbox:
         except Exception as exc:  # noqa: BLE001 - one message's content must never stop intake
             log.exception("could not read a job message; ended as invalid", tier=self.tier)
             verdict = unreadable(msg, self.tier, exc)
+        if isinstance(verdict, Incoming) and verdict.job.batch is not None and self.cancelled(verdict.job.batch):
+            verdict = cancelled_job(verdict)
         stored, cached = None, False
         if redelivered and isinstance(verdict, Incoming):
             with anyio.move_on_after(STORED_LOOKUP_S):

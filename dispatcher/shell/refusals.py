@@ -31,15 +31,17 @@ async def refuse_incoming(finisher: Finisher, incoming: Incoming, code: ErrorCod
 
 
 async def finish_refused(finisher: Finisher, refused: Refused) -> None:
-    """A message that ends at intake: invalid, expired, out of attempts, or poison."""
-    log.warning("job ended at intake", job_id=refused.job_id, tier=refused.tier, status=refused.status,
-                code=str(refused.code), reason=refused.message)
+    """A message that ends at intake: invalid, expired, out of attempts, poison, or of a
+    cancelled batch (neither logged one by one nor dead-lettered: the cancel is logged once)."""
+    cancelled = refused.code == ErrorCode.CANCELLED
+    (log.debug if cancelled else log.warning)("job ended at intake", job_id=refused.job_id, tier=refused.tier,
+                                              status=refused.status, code=str(refused.code), reason=refused.message)
     job = refused.job
     result = Result(job_id=refused.job_id, status=refused.status, tier=refused.tier, batch=refused.batch,
                     error=ErrorInfo(code=refused.code, message=refused.message), attempts=refused.attempt,
                     metadata=job.metadata if job else {})
     stored = await finisher.finish(result, ack=refused.ack, reply_to=refused.reply_to)
-    if stored and refused.status != "expired":
+    if stored and refused.status != "expired" and not cancelled:
         await _letter(finisher, refused.tier, result, job=job.model_dump(mode="json", by_alias=True) if job else None,
                       raw=None if job else refused.raw)
 

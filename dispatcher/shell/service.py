@@ -25,6 +25,7 @@ from ratefleet.dispatcher.shell.lease import LeaderLease
 from ratefleet.dispatcher.shell.metrics import DispatcherMetrics, LeaderView
 from ratefleet.dispatcher.shell.rpc import RpcResponder
 from ratefleet.runtime.cache import ResultCache
+from ratefleet.runtime.cancels import CancelledBatches
 from ratefleet.runtime.config_kv import ConfigFollower
 from ratefleet.runtime.connect import flush
 from ratefleet.runtime.logs import get_logger
@@ -62,6 +63,7 @@ class Dispatcher:
         self.config_revision = config_revision  # the fleet config revision applied (None: the local file)
         self.rpc = RpcResponder(config, nc)
         self.rebuilder = Rebuilder(self.js, lambda: self.config)  # NATS lost the streams: create them anew
+        self.cancels = CancelledBatches(self.js, self.subjects)  # `ratefleet cancel`: batches not to call
         self._tg: anyio.abc.TaskGroup | None = None  # run()'s, for work that outlives a leadership
 
     def _count(self, result: Result) -> None:
@@ -81,6 +83,7 @@ class Dispatcher:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 tg.start_soon(follower.run)
+                tg.start_soon(self.cancels.run)
                 tg.start_soon(self._campaign)
                 tg.start_soon(self._beat)
                 if self.http:
@@ -131,6 +134,7 @@ class Dispatcher:
         try:
             async with anyio.create_task_group() as tg:
                 self.session.gone = self._rebuild_soon
+                self.session.cancelled = self.cancels.__contains__
                 tg.start_soon(self.session.run)
                 await self._keep_lease()
                 tg.cancel_scope.cancel()

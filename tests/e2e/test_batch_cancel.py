@@ -1,0 +1,71 @@
+"""`ratefleet cancel --batch B` mid-batch, through the real command, a real nats-server, real
+dispatcher and worker processes and the mock upstream: the jobs still queued end `failed` /
+`cancelled` with one Result each and no upstream call; `submit --wait` ends with every line
+accounted for; the batch stays cancelled (a submit into it is refused)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from faultkit import chat, cli, fast_keys, until, upstream, wait_workers
+from fleetkit import FleetKit
+
+from ratefleet import Client
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.anyio]
+JOBS = 200
+
+
+async def test_cancel_ends_the_queued_jobs_without_a_call(tmp_path, nats_server):
+    url = nats_server.url
+    with upstream() as mock:
+        kit = FleetKit(tmp_path, url, mock.url, keys=fast_keys(rps=4, burst=1))  # ~8 calls/s: the batch waits
+        submit = None
+        try:
+            kit.dispatcher("d1")
+            kit.worker("w1", slots=4)
+            async with await Client.connect(url) as client:
+                await wait_workers(client, {"w1"})
+            jobs = tmp_path / "jobs.jsonl"
+            jobs.write_text("".join(json.dumps(chat(i)) + "\n" for i in range(JOBS)))
+            out = tmp_path / "out.jsonl"
+            unknown = cli("cancel", "--batch", "c0", "--nats", url)
+            assert unknown.returncode == 2 and "no batch c0 is known" in unknown.stderr, unknown.stderr
+
+            submit = subprocess.Popen([sys.executable, "-m", "ratefleet", "submit", str(jobs), "--tier", "normal",
+                                       "--batch", "c1", "--wait", "--out", str(out), "--nats", url],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            await until(lambda: mock.stats()["requests"] >= 10, 30, 0.1, "10 calls made")
+            cancelled = cli("cancel", "--batch", "c1", "--nats", url)
+            assert cancelled.returncode == 0, cancelled.stderr
+            assert "batch c1 cancelled: its jobs still queued end `failed` / `cancelled`" in cancelled.stdout
+            assert "ratefleet results --batch c1 --wait" in cancelled.stdout
+            started = time.monotonic()
+            await until(lambda: submit.poll() is not None, 60, 0.2, "submit --wait ended")
+            ended_s = time.monotonic() - started
+            err = submit.stderr.read()
+            assert submit.returncode == 1, err[-3000:]  # not every line succeeded
+            results = [json.loads(line) for line in out.read_text().splitlines()]
+            assert len({r["job_id"] for r in results}) == JOBS == len(results), err[-2000:]
+            ok = [r for r in results if r["status"] == "succeeded"]
+            gone = [r for r in results if r["status"] == "failed" and r["error"]["code"] == "cancelled"]
+            assert len(ok) + len(gone) == JOBS and len(gone) > JOBS // 2, (len(ok), len(gone))
+            assert "was cancelled (`ratefleet cancel`) before this job was called" in gone[0]["error"]["message"]
+            time.sleep(0.5)
+            assert mock.stats()["requests"] == len(ok)  # a cancelled job was never called
+            assert ended_s < 30, ended_s
+
+            again = cli("cancel", "--batch", "c1", "--nats", url)
+            assert again.returncode == 0 and "already cancelled" in again.stdout, again.stdout
+            into = cli("submit", str(jobs), "--tier", "normal", "--batch", "c1", "--nats", url)
+            assert into.returncode == 2 and "batch c1 was cancelled" in into.stderr, into.stderr
+            dead = cli("dlq", "list", "--json", "--nats", url)
+            assert dead.returncode == 0 and "cancelled" not in dead.stdout  # nothing wrong with those jobs: no dead letters
+        finally:
+            if submit is not None and submit.poll() is None:
+                submit.kill()
+            kit.stop()
