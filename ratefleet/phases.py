@@ -45,6 +45,7 @@ class _Plain:
     unit: str
     total: float | None
     done: float = 0.0
+    base: float = 0.0  # done before the phase began (e.g. Results stored before a resume): not in the rate
     started: float = field(default_factory=time.monotonic)
     printed: float = field(default_factory=time.monotonic)
     changed: float = field(default_factory=time.monotonic)  # when `done` last moved
@@ -62,6 +63,7 @@ class Phases:
                                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                                   console=console, transient=False) if self.rich else None
         self._plain: dict[int, _Plain] = {}
+        self._bases: dict[int, float] = {}  # (terminal) a phase's base: its bar never moves below it
 
     def __enter__(self) -> Phases:
         if self._progress:
@@ -72,18 +74,24 @@ class Phases:
         if self._progress:
             self._progress.stop()
 
-    def start(self, name: str, total: float | None, unit: str = "") -> int:
-        """Begin a phase; returns its handle."""
+    def start(self, name: str, total: float | None, unit: str = "", base: float = 0) -> int:
+        """Begin a phase; returns its handle. `base`: how much of it was done before it began
+        (Results stored before a resumed run, read back at once): counted, but left out of the
+        rate and the ETA."""
         if self._progress:
-            return self._progress.add_task(f"{name:<11}", total=total)
+            handle = self._progress.add_task(f"{name:<11}", total=total, completed=base)
+            self._bases[handle] = base
+            return handle
         handle = len(self._plain)
-        self._plain[handle] = _Plain(name, unit, total)
+        self._plain[handle] = _Plain(name, unit, total, base=base)
         return handle
 
     def update(self, handle: int, *, completed: float | None = None, advance: float = 0,
                total: float | None = None) -> None:
         """Set or advance a phase's count (and its total when it became known)."""
         if self._progress:
+            if completed is not None:  # read back from 0: below the base the bar (and its speed) stays put
+                completed = max(completed, self._bases.get(handle, 0))
             self._progress.update(handle, completed=completed, advance=advance or None, total=total)
             return
         phase = self._plain[handle]
@@ -128,7 +136,7 @@ class Phases:
 
     def _say(self, phase: _Plain, now: float, final: bool = False, still: str = "") -> None:
         elapsed = max(now - phase.started, 1e-6)
-        rate = phase.done / elapsed
+        rate = max(0.0, phase.done - phase.base) / elapsed
         total = f"/{phase.total:,.0f}" if phase.total else ""
         if final:
             tail = f"in {elapsed:.1f}s, {rate:,.0f}/s"

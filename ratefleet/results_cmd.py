@@ -43,6 +43,7 @@ from ratefleet.schemas import Result
 from ratefleet.schemas.config import DEFAULT_NATS_URL
 from ratefleet.schemas.config_nats import NatsAuthConfig
 from ratefleet.schemas.subjects import is_token
+from ratefleet.submit_report import count_results
 
 RECORD_POLL_S = 2.0
 # the same options as the other client commands (ratefleet/cli.py)
@@ -64,6 +65,7 @@ class Collect:
     count: int = 0           # lines with a Result (a replay counts for the line it replays)
     statuses: Counter = field(default_factory=Counter)
     stale: bool = False
+    stored_before: int = 0  # Results the batch had when this run began (read back at once: not in the rate)
     lost: str | None = None  # how the NATS server lost the queued jobs waited for (batches.queue_lost)
     replays: Replays = field(default_factory=Replays)
     out_format: str = "ratefleet"  # or "openai": OpenAI Batch output lines
@@ -181,6 +183,8 @@ async def _collect_batch(console: Console, batch: str, wait: bool, out: Path | N
         sink = out.open("w", encoding="utf-8") if out else sys.stdout
         run = Collect(batch, sink, InputOrder(record.gaps if record else None) if by_input else None, record, wait,
                       replays=replays, out_format=out_format)
+        if wait:
+            run.stored_before = await count_results(client, batch)
         interrupted = False
         try:
             with Phases(console) as phases:
@@ -194,7 +198,7 @@ async def _collect_batch(console: Console, batch: str, wait: bool, out: Path | N
 
 async def _follow(client: Client, run: Collect, phases: Phases) -> bool:
     """Read (and with --wait, follow) the batch's Results; True when Ctrl-C stopped it."""
-    handle = phases.start("results", run.record.jobs if run.record else None, unit="results")
+    handle = phases.start("results", run.record.jobs if run.record else None, unit="results", base=run.stored_before)
     interrupted = False
     async with anyio.create_task_group() as tg:
         async def on_sigint() -> None:

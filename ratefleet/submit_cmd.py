@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
+from nats.errors import NoRespondersError
 from pydantic import ValidationError
 
 from ratefleet.batches import BatchRecord, InputOrder, queue_lost, queue_mark, save_record
@@ -239,6 +240,9 @@ async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_inv
                      "nothing was submitted: submit under another --batch name")
         return 2
     run.upstreams = await fleet_upstreams(client, warn=phases.print)  # lines the dispatcher would refuse are refused here
+    if await _no_dispatcher(client):
+        phases.print(f"note: no dispatcher is running (nothing answers {client.subjects.admin_status}): the jobs are "
+                     "stored and wait until one starts (`ratefleet up`, or `ratefleet dispatcher` and workers)")
     if run.upstream is not None and run.upstreams is not None and run.upstream not in run.upstreams:
         phases.print(f"error: --upstream {run.upstream!r} is not one of this fleet's upstreams "
                      f"({', '.join(sorted(run.upstreams))}); nothing was submitted")
@@ -263,10 +267,11 @@ async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_inv
         handle = phases.start("reading stored Results", run.results_before, unit="results")  # dedup window
         run.done_ids = await stored_ids(client, run.batch, run.results_before,
                                         lambda n: phases.update(handle, advance=n))
+        phases.update(handle, completed=len(run.done_ids))  # (progress comes per 1,000)
         phases.finish(handle)
     await _save(client, run, "submitting")
     since = await queue_mark(client.js, client.subjects) if run.wait else None
-    if run.out is not None:
+    if run.wait and run.out is not None:  # without --wait nothing is written here (the results command is)
         run.sink = sys.stdout if str(run.out) == "-" else run.out.open("w", encoding="utf-8")
     async with anyio.create_task_group() as tg:
         if run.wait:
@@ -321,7 +326,8 @@ async def _validate(run: Run, path: Path, phases: Phases) -> Validation:
         phases.print(line, style="red")
     if found.error_count > len(found.errors):
         phases.print(f"... and {found.error_count - len(found.errors)} more invalid lines")
-    phases.print(f"{found.jobs:,} valid jobs on {found.lines:,} lines"
+    phases.print(f"{found.jobs:,} valid {'job' if found.jobs == 1 else 'jobs'} on {found.lines:,} "
+                 f"{'line' if found.lines == 1 else 'lines'}"
                  + (f", {found.error_count:,} invalid" if found.error_count else "")
                  + (f", {found.repeated_ids:,} repeat an id of an earlier line" if found.repeated_ids else ""))
     return found
@@ -397,7 +403,7 @@ async def _classify(run: Run, client: Client, stored: Stored) -> None:
 
 
 async def _follow(run: Run, client: Client, phases: Phases) -> None:
-    handle = phases.start("results", run.found.jobs, unit="results")
+    handle = phases.start("results", run.found.jobs, unit="results", base=run.results_before)
     async with anyio.create_task_group() as tg:
         tg.start_soon(functools.partial(phases.remind, handle, hint=STALL_HINT))
         async for result in client.results(run.batch, follow=True):
@@ -410,6 +416,18 @@ async def _follow(run: Run, client: Client, phases: Phases) -> None:
                 break
         tg.cancel_scope.cancel()
     phases.finish(handle)
+
+
+async def _no_dispatcher(client: Client) -> bool:
+    """True only when NATS says no dispatcher listens (no responders); a slow answer, or a
+    producer not allowed to ask, says nothing."""
+    try:
+        await client.nc.request(client.subjects.admin_status, b"", timeout=0.5)
+    except NoRespondersError:
+        return True
+    except Exception:  # noqa: BLE001 - see docstring
+        return False
+    return False
 
 
 async def _cancelled(client: Client, batch: str) -> bool:

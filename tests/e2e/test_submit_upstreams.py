@@ -137,3 +137,22 @@ async def test_upstream_flag_routes_the_lines_that_name_none(nats_server, tmp_pa
     finally:
         await nc.close()
     assert upstreams == ["openai", "openai", "anthropic"]
+
+
+async def test_submit_without_a_dispatcher_says_so_and_out_without_wait_writes_nothing(nats_server, tmp_path):
+    """A new user's findings: with no dispatcher running, submit stored the jobs without a word
+    (--wait then sat 30 s before saying anything); `--out F` without `--wait` left an empty F
+    that a pipeline would take for the (empty) Results."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        await ensure_topology(nc.jetstream(), parse_config(FLEET))
+    finally:
+        await nc.close()
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(line(upstream="openai"))
+    out = tmp_path / "r.jsonl"
+    sent = cli("submit", str(jobs), "--tier", "normal", "--batch", "b9", "--out", str(out), "--nats", nats_server.url)
+    assert sent.returncode == 0, sent.stderr
+    assert "note: no dispatcher is running (nothing answers ratefleet.admin.status)" in sent.stderr, sent.stderr
+    assert not out.exists()
+    assert f"ratefleet results --batch b9 --wait --out {out}" in sent.stderr, sent.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 
 import anyio
 import pytest
@@ -38,3 +39,23 @@ async def test_a_terminal_gets_no_reminder_lines():
             await phases.remind(handle, 0.1, "x")  # returns at once: the bar shows the time itself
         phases.finish(handle)
     assert "nothing new" not in out.getvalue()
+
+
+def test_results_stored_before_a_resume_are_not_in_the_rate_or_the_eta(monkeypatch):
+    """A resumed `--wait` reads 4,945 stored Results back at once: they count, but the rate is
+    what came since (a new user saw `4,945/20,000 (2,455/s, ETA 6s)` with 7 minutes left)."""
+    clock = [time.monotonic() + 0.001]  # (the phase's own clock fields start from the real one)
+    monkeypatch.setattr("ratefleet.phases.time.monotonic", lambda: clock[0])
+    out = io.StringIO()
+    with Phases(Console(file=out, force_terminal=False, width=200), every_s=1.0) as phases:
+        handle = phases.start("results", 20_000, unit="results", base=4_945)
+        clock[0] += 0.5
+        phases.update(handle, completed=4_945)  # read back
+        clock[0] += 9.5
+        phases.update(handle, completed=5_245)  # 300 new in 10 s
+    assert "results: 5,245/20,000 results (30/s, ETA 492s)" in out.getvalue(), out.getvalue()
+    terminal = io.StringIO()
+    with Phases(Console(file=terminal, force_terminal=True, width=200)) as phases:
+        handle = phases.start("results", 20_000, unit="results", base=4_945)
+        phases.update(handle, completed=12)  # reading back from 0: the bar stays at its base
+        assert phases._progress.tasks[0].completed == 4_945
