@@ -301,7 +301,7 @@ async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_inv
     if found.error_count:  # --skip-invalid: not every line was submitted (the README's exit code 1)
         phases.print(f"{found.error_count:,} invalid lines were skipped (not submitted); exit code 1")
         return 1
-    return 0
+    return 1 if found.repeated_ids else 0  # those lines have no job (and no Result) of their own
 
 
 async def _validate(run: Run, path: Path, phases: Phases) -> Validation:

@@ -212,8 +212,11 @@ def report_end(run: Run, phases, *, submitted_only: bool = False) -> int:
     """Print the submission summary (or, at the end, the Results summary); return the exit code."""
     if submitted_only:
         done = min(run.earlier, run.results_before)
+        repeats = min(run.found.repeated_ids if run.found else 0, run.earlier - done)  # this file's own lines
         phases.print(f"stored {run.stored:,} jobs in tier {run.tier!r}, batch {run.batch}: {run.fresh:,} new, "
-                     f"{run.earlier - done:,} already queued, {done:,} already done")
+                     f"{run.earlier - done - repeats:,} already queued, {done:,} already done"
+                     + (f", {repeats:,} repeat an earlier line's id (one job: not run again; exit code 1)"
+                        if repeats else ""))
         _report_foreign(run, phases)
         if run.changed:
             phases.print(f"{len(run.changed):,} lines changed while this command ran and were not sent (first: "
@@ -246,7 +249,7 @@ def report_end(run: Run, phases, *, submitted_only: bool = False) -> int:
     if skipped:  # --skip-invalid: those lines were not done, so the batch did not all succeed
         phases.print(f"{skipped:,} invalid lines were skipped (not submitted); exit code 1")
     ok = (run.statuses.get("succeeded", 0) == run.written and not (run.foreign_queued or run.foreign_queued_more)
-          and not run.changed and not run.unsent and not skipped)
+          and not run.changed and not run.unsent and not skipped and not (run.found and run.found.repeated_ids))
     return 0 if ok else 1
 
 

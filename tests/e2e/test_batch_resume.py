@@ -313,8 +313,9 @@ async def test_submit_names_the_line_that_repeats_an_id(tmp_path, nats_server):
     file = tmp_path / "jobs.jsonl"
     write_jobs(file, [chat_job(0, id="dup1"), chat_job(1, id="own"), chat_job(2, id="dup1")])
     done = cli("submit", str(file), "--tier", "guest", "--batch", "rep", "--nats", nats_server.url)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 1, done.stderr  # not every line has a job of its own
     assert "1 repeat an id of an earlier line" in done.stderr
+    assert "2 new, 0 already queued, 0 already done, 1 repeat an earlier line's id" in done.stderr, done.stderr
     assert "line 3 repeats the id 'dup1' of line 1: a job id is one job" in done.stderr, done.stderr
 
 
