@@ -34,7 +34,7 @@ import anyio
 from nats.errors import NoRespondersError
 from pydantic import ValidationError
 
-from ratefleet.batches import BatchRecord, InputOrder, queue_lost, queue_mark, save_record
+from ratefleet.batches import BatchRecord, InputOrder, load_record, queue_lost, queue_mark, save_record
 from ratefleet.batchfile import (
     REPEATS_KEPT,
     IdSet,
@@ -261,6 +261,7 @@ async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_inv
         phases.print("no jobs to submit")
         return 2
     run.found = found
+    await _warn_other_lines(client, run, phases)
     run.order = InputOrder(found.gaps) if run.by_input else None
     run.results_before = await count_results(client, run.batch)
     if run.results_before:  # a resumed batch: its lines with a Result are not sent again, also past the
@@ -418,6 +419,21 @@ async def _follow(run: Run, client: Client, phases: Phases) -> None:
     phases.finish(handle)
 
 
+async def _warn_other_lines(client: Client, run: Run, phases: Phases) -> None:
+    """Say so when this batch was submitted before from other lines (another file, or this
+    one edited): those jobs still run and their Results count in the batch."""
+    try:
+        before = await load_record(client.js, client.subjects, run.batch)
+    except Exception:  # noqa: BLE001 - no record to compare with: nothing to say
+        return
+    if before is None or before.digest is None or run.found is None or before.digest == run.found.digest:
+        return
+    phases.print(f"warning: batch {run.batch} was submitted before from other lines (another file, or this one "
+                 "edited since): the jobs of lines not in this file still run, and their Results are part of batch "
+                 f"{run.batch} (`ratefleet cancel --batch {run.batch}` stops what is queued); give a new file its "
+                 "own --batch name")
+
+
 async def _no_dispatcher(client: Client) -> bool:
     """True only when NATS says no dispatcher listens (no responders); a slow answer, or a
     producer not allowed to ask, says nothing."""
@@ -460,7 +476,8 @@ async def _save(client: Client, run: Run, state: str) -> None:
     if run.found is None:
         return
     record = BatchRecord(batch=run.batch, tier=run.tier, state=state, lines=run.found.lines, gaps=run.found.gaps,
-                         jobs=run.expected if state == "submitted" else run.stored - run.foreign)
+                         jobs=run.expected if state == "submitted" else run.stored - run.foreign,
+                         digest=run.found.digest)
     try:
         await save_record(client.js, client.subjects, record)
     except Exception as exc:  # noqa: BLE001 - the batch itself is stored; only `results --wait` loses its count

@@ -347,3 +347,21 @@ async def test_a_rerun_past_the_dedup_window_does_not_send_lines_whose_result_is
     assert again.returncode == 0, again.stderr
     assert "1 new, 0 already queued, 2 already done" in again.stderr, again.stderr
     assert queued_after - queued_before == 1  # only line 3 went out again (it has no Result)
+
+
+@pytest.mark.anyio
+async def test_a_batch_name_used_again_for_other_lines_is_warned_of(tmp_path, nats_server):
+    """A new user's finding: `submit B.jsonl --batch reuse1` after `submit A.jsonl --batch
+    reuse1` merged the two files in silence (`results` then gave 6 of 3). The same file again
+    (a resume) says nothing; other lines get a warning naming what happens and what to do."""
+    async with await Client.connect(nats_server.url) as client:
+        await ensure_topology(client.js, parse_config({}))
+    first, other = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write_jobs(first, [chat_job(i) for i in range(3)])
+    write_jobs(other, [chat_job(i) for i in range(10, 13)])
+    args = ["--tier", "guest", "--batch", "reuse1", "--nats", nats_server.url]
+    for file, warned in ((first, False), (first, False), (other, True)):
+        done = cli("submit", str(file), *args)
+        assert done.returncode == 0, done.stderr
+        assert ("warning: batch reuse1 was submitted before from other lines" in done.stderr) == warned, done.stderr
+    assert "`ratefleet cancel --batch reuse1` stops what is queued" in done.stderr
