@@ -52,6 +52,17 @@ def render_status(answer: dict, console: Console | None = None) -> None:
                         _cell(w.get("pid")), _cell(w.get("last_seen_s")), "draining" if w.get("draining") else "up",
                         _revision(w.get("config_revision")))
     console.print(workers)
+    for w in answer.get("workers") or []:  # a worker "up" that cannot call with some keys says which and why
+        unusable = w.get("unusable_keys") or {}
+        if unusable:
+            why = "; ".join(f"{key_id}: {reason}" for key_id, reason in sorted(unusable.items()))
+            console.print(f"worker {w['id']} cannot call with {len(unusable)} key{'s' if len(unusable) != 1 else ''} "
+                          f"({why})", markup=False, highlight=False, soft_wrap=True)
+    standby = [d for d in answer.get("dispatchers") or [] if not d.get("leader")]
+    if standby:
+        console.print("standby dispatchers: " + ", ".join(f"{d['id']} (seen {_cell(d.get('last_seen_s'))} s ago)"
+                                                          for d in standby), markup=False, highlight=False,
+                      soft_wrap=True)
 
 
 def _revision(revision: int | None) -> str:

@@ -65,6 +65,21 @@ def test_status_of_a_leader_still_taking_over_says_so():
     assert "taking over" not in settled.export_text()
 
 
+def test_status_names_a_workers_unusable_keys_and_the_standby_dispatchers():
+    """A worker started without its keys' secrets showed `up` with 0 calls; why was only in
+    --json (a new user's finding), as were the standby dispatchers."""
+    console = Console(record=True, width=200)
+    worker = {"id": "w1", "slots": 4, "in_flight": 0, "calls": 0, "config_revision": 2,
+              "unusable_keys": {"k2": "LOCAL_KEY_2 not set", "k1": "LOCAL_KEY_1 not set"}}
+    render_status({"leader": "d1", "workers": [worker, {**worker, "id": "w2", "unusable_keys": {}}],
+                   "dispatchers": [{"id": "d1", "leader": True, "last_seen_s": 0.1},
+                                   {"id": "d2", "leader": False, "last_seen_s": 0.4}]}, console)
+    text = console.export_text()
+    assert "worker w1 cannot call with 2 keys (k1: LOCAL_KEY_1 not set; k2: LOCAL_KEY_2 not set)" in text, text
+    assert "worker w2 cannot" not in text
+    assert "standby dispatchers: d2 (seen 0.4 s ago)" in text and "d1 (seen" not in text
+
+
 def test_interrupt_while_sending_prints_the_command_with_the_batch():
     run = Run(file=Path("jobs.jsonl"), tier="normal", batch="submit-20260101T000000-abcdef", wait=True,
               out=Path("r1.jsonl"), url="nats://127.0.0.1:4222", prefix="ratefleet", found=Validation(jobs=10),
