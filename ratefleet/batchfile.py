@@ -74,6 +74,9 @@ def parse_line(text: str, number: int, batch: str, upstreams: Mapping[str, str] 
     auth header) also the dispatcher's check of the upstream (`schemas.job.upstream_problem`).
     `upstream` (`submit --upstream`): the upstream of a line that names none (an OpenAI Batch
     line never does); a line's own `upstream` wins. The line's id does not depend on it."""
+    if isinstance(text, TooLong):
+        raise LineError(f"line {number}: longer than {MAX_LINE_CHARS:,} characters, more than any job can be "
+                        "(a NATS message is at most 64 MiB); is the file one job per line (JSONL)?")
     bad = _UNDECODABLE.search(text)
     if bad:
         raise LineError(f"line {number}: not UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x} at character "
@@ -103,12 +106,32 @@ def parse_line(text: str, number: int, batch: str, upstreams: Mapping[str, str] 
     return job.model_copy(update=update)
 
 
+class TooLong(str):
+    """The start of a line longer than MAX_LINE_CHARS (the rest was read and dropped, never
+    held): parse_line refuses it by its length."""
+
+
+MAX_LINE_CHARS = 64 << 20  # no job is longer: NATS caps a message at 64 MiB (max_payload)
+_SKIP_CHARS = 1 << 20  # the rest of a too long line is read and dropped this much at a time
+
+
 def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, text without trailing whitespace) of every non-blank line, one at a time.
     Bytes that are not UTF-8 stay as lone surrogates (errors="surrogateescape"): parse_line names them.
-    A UTF-8 byte order mark at the start (Notepad, PowerShell's Out-File) is dropped ("utf-8-sig")."""
+    A UTF-8 byte order mark at the start (Notepad, PowerShell's Out-File) is dropped ("utf-8-sig").
+    A line longer than MAX_LINE_CHARS comes as a TooLong of its first 100 characters, so memory
+    stays bounded whatever the file holds (a 200 MB line took 1.2 GB to be refused)."""
     with path.open("r", encoding="utf-8-sig", errors="surrogateescape") as handle:
-        for number, line in enumerate(handle, 1):
+        number = 0
+        while line := handle.readline(MAX_LINE_CHARS + 1):
+            number += 1
+            if len(line) > MAX_LINE_CHARS and not line.endswith("\n"):
+                start = TooLong(line[:100])
+                del line
+                while (rest := handle.readline(_SKIP_CHARS)) and not rest.endswith("\n"):
+                    pass
+                yield number, start
+                continue
             text = line.rstrip()
             if text:
                 yield number, text

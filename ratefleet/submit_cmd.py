@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import shlex
 import signal
 import sys
 import threading
@@ -327,6 +328,8 @@ async def _validate(run: Run, path: Path, phases: Phases) -> Validation:
         phases.print(line, style="red")
     if found.error_count > len(found.errors):
         phases.print(f"... and {found.error_count - len(found.errors)} more invalid lines")
+    if found.error_count and not found.jobs and (hint := _not_jsonl_hint(path)):
+        phases.print(hint)
     phases.print(f"{found.jobs:,} valid {'job' if found.jobs == 1 else 'jobs'} on {found.lines:,} "
                  f"{'line' if found.lines == 1 else 'lines'}"
                  + (f", {found.error_count:,} invalid" if found.error_count else "")
@@ -417,6 +420,24 @@ async def _follow(run: Run, client: Client, phases: Phases) -> None:
                 break
         tg.cancel_scope.cancel()
     phases.finish(handle)
+
+
+def _not_jsonl_hint(path: Path) -> str | None:
+    """What to do with a file of no valid line that looks like JSON but not JSONL: one array,
+    or objects spread over several lines (pretty-printed)."""
+    try:
+        with path.open("r", encoding="utf-8-sig", errors="replace") as handle:
+            head = handle.read(4096).lstrip()
+    except OSError:
+        return None
+    first_line = head.split("\n", 1)[0].strip()
+    if head.startswith("["):
+        return ("the file looks like one JSON array; submit reads JSONL: one job (a JSON object) per line, "
+                f"e.g. jq -c '.[]' {shlex.quote(str(path))} > jobs.jsonl")
+    if head.startswith("{") and not first_line.endswith("}"):
+        return ("the file looks like pretty-printed JSON (an object over several lines); submit reads JSONL: one job "
+                f"per line, e.g. jq -c . {shlex.quote(str(path))} > jobs.jsonl")
+    return None
 
 
 async def _warn_other_lines(client: Client, run: Run, phases: Phases) -> None:

@@ -167,3 +167,21 @@ def test_freeze_keeps_the_hashes_of_repeated_ids_only():
     assert ids.freeze() == 3 and len(ids) == 3
     from ratefleet.batchfile import id_hash
     assert ids.repeated == {id_hash("a"), id_hash("c")}
+
+
+def test_a_line_longer_than_any_job_is_refused_without_holding_it(tmp_path, monkeypatch):
+    """A 200 MB line took 1.2 GB to be refused (a new user's trial); past MAX_LINE_CHARS the
+    rest of the line is read and dropped, and the next lines are read as usual."""
+    import ratefleet.batchfile as batchfile
+    from ratefleet.batchfile import iter_lines
+
+    monkeypatch.setattr(batchfile, "MAX_LINE_CHARS", 1000)
+    monkeypatch.setattr(batchfile, "_SKIP_CHARS", 64)
+    path = tmp_path / "jobs.jsonl"
+    path.write_text(LINE + "\n" + "x" * 5000 + "\n\n" + LINE + "\n" + "y" * 1000 + "\n")
+    lines = list(iter_lines(path))
+    assert [n for n, _ in lines] == [1, 2, 4, 5]
+    assert isinstance(lines[1][1], batchfile.TooLong) and lines[1][1] == "x" * 100
+    assert lines[2][1] == LINE and lines[3][1] == "y" * 1000  # exactly the limit (then its newline): read whole
+    with pytest.raises(LineError, match=r"line 2: longer than 1,000 characters, more than any job can be"):
+        parse_line(lines[1][1], 2, "b")

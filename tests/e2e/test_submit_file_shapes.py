@@ -1,0 +1,39 @@
+"""Files that are JSON but not JSONL (a new user's trial: a pretty-printed array gave 342
+`not valid JSON` lines and nothing to say the file must hold one job per line): refused, with
+the shape named and a command that converts it."""
+
+from __future__ import annotations
+
+import json
+
+import nats
+import pytest
+from faultkit import cli
+
+from ratefleet.runtime.streams import ensure_topology
+from ratefleet.schemas.config import parse_config
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
+JOB = {"request": {"path": "/v1/chat/completions", "json": {"model": "m"}}}
+
+
+async def test_an_array_or_pretty_printed_file_is_named_for_what_it_is(nats_server, tmp_path):
+    nc = await nats.connect(nats_server.url)
+    try:
+        await ensure_topology(nc.jetstream(), parse_config({}))
+    finally:
+        await nc.close()
+    shapes = {"array.json": (json.dumps([JOB, JOB], indent=2), "looks like one JSON array", "jq -c '.[]'"),
+              "pretty.json": (json.dumps(JOB, indent=2) + "\n" + json.dumps(JOB, indent=2), "looks like pretty-printed JSON",
+                              "jq -c ."),
+              "one_line_array.json": (json.dumps([JOB]), "looks like one JSON array", "jq -c '.[]'")}
+    for name, (text, shape, fix) in shapes.items():
+        path = tmp_path / name
+        path.write_text(text + "\n")
+        done = cli("submit", str(path), "--tier", "normal", "--nats", nats_server.url)
+        assert done.returncode == 2, (name, done.stderr)
+        assert shape in done.stderr and fix in done.stderr and "one job" in done.stderr, (name, done.stderr)
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps(JOB) + "\n" + "{not json\n")
+    mixed = cli("submit", str(good), "--tier", "normal", "--nats", nats_server.url)
+    assert mixed.returncode == 2 and "looks like" not in mixed.stderr  # a JSONL file with a bad line: no hint
