@@ -88,7 +88,8 @@ def parse_line(text: str, number: int, batch: str, upstreams: Mapping[str, str] 
     try:
         job = parse_job(converted if converted is not None else text.encode("utf-8", "surrogatepass"))
     except JobRejected as exc:
-        raise LineError(f"line {number}: {exc.message}") from None
+        message = exc.message if converted is None else _openai_names(exc.message)
+        raise LineError(f"line {number}: {message}") from None
     if job.batch is not None and job.batch != batch:
         raise LineError(f"line {number}: batch {job.batch!r} differs from this run's batch {batch!r} "
                         "(one file is one batch: drop the field or pass --batch)")
@@ -113,6 +114,17 @@ class TooLong(str):
 
 MAX_LINE_CHARS = 64 << 20  # no job is longer: NATS caps a message at 64 MiB (max_payload)
 _SKIP_CHARS = 1 << 20  # the rest of a too long line is read and dropped this much at a time
+
+
+# the Job fields an OpenAI Batch input line's fields become (openai_batch.openai_line_as_job)
+_OPENAI_FIELDS = (("request.method", "method"), ("request.path", "url"), ("request.json", "body"))
+
+
+def _openai_names(message: str) -> str:
+    """A Job validation message about an OpenAI Batch line, in the line's own field names."""
+    for ours, theirs in _OPENAI_FIELDS:
+        message = re.sub(rf"\b{re.escape(ours)}\b", theirs, message)
+    return message
 
 
 def iter_lines(path: Path) -> Iterator[tuple[int, str]]:

@@ -239,6 +239,10 @@ def report_end(run: Run, phases, *, submitted_only: bool = False) -> int:
     where = (f"; written to {'stdout' if str(run.out) == '-' else run.out}" if run.out else
              f"; not written anywhere (no --out): write them with {run.results_command()}")
     phases.print(f"results: {summary}{where}")
+    failed = run.written - run.statuses.get("succeeded", 0)
+    if failed > 0 and run.out is not None and str(run.out) != "-" and run.out_format == "ratefleet":
+        phases.print(f"why each of the {failed:,} did not succeed is in its `error`: jq -c 'select(.status != "
+                     f"\"succeeded\") | {{job_id, status, error}}' {shlex.quote(str(run.out))}")
     if run.lost:
         left = run.expected - run.collected
         phases.print(f"error: the NATS server lost the jobs of batch {run.batch} still queued: {run.lost}. "

@@ -45,9 +45,9 @@ def test_job_lines_are_unchanged_even_when_they_mention_custom_id():
     ({**CHAT, "custom_id": 7}, "custom_id must be a non-empty string"),
     ({**CHAT, "url": 5}, "url must be a path"),
     ({**CHAT, "body": [1]}, "body must be a JSON object"),
-    ({**CHAT, "url": "https://evil.example/v1/chat/completions"}, "request.path: path must start with '/'"),
+    ({**CHAT, "url": "https://evil.example/v1/chat/completions"}, "url: path must start with '/'"),
     ({**CHAT, "url": "//evil.example/v1"}, "must not name a scheme or host"),
-    ({**CHAT, "method": "BREW"}, "request.method"),
+    ({**CHAT, "method": "BREW"}, "method: Input should be"),
     ({**CHAT, "body": {**CHAT["body"], "stream": True}}, "body.stream must not be true"),
 ])
 def test_malformed_openai_lines_are_refused_with_the_line_and_why(line, message):
@@ -115,3 +115,15 @@ def test_the_resume_command_keeps_the_upstream_of_lines_that_name_none(tmp_path:
     assert "--batch b --upstream 'open ai'" in run.submit_command()
     assert "--upstream" not in Run(file=tmp_path / "in.jsonl", tier="normal", batch="b", wait=False, out=None, url="",
                                    prefix="ratefleet").submit_command()
+
+
+def test_an_openai_lines_errors_use_its_own_field_names():
+    """A bad `url` was reported as `request.path: ...`, a field the user never wrote."""
+    from ratefleet.batchfile import LineError, parse_line
+
+    line = json.dumps({"custom_id": "c", "method": "POST", "url": "v1/chat/completions", "body": {"model": "m"}})
+    with pytest.raises(LineError, match=r"^line 2: url: path must start with '/'"):
+        parse_line(line, 2, "b")
+    job_line = json.dumps({"request": {"path": "v1/chat/completions"}})
+    with pytest.raises(LineError, match=r"^line 3: request\.path: path must start with '/'"):
+        parse_line(job_line, 3, "b")  # a Job line keeps the Job's names
