@@ -49,7 +49,7 @@ async def test_cancel_ends_the_queued_jobs_without_a_call(tmp_path, nats_server)
             ended_s = time.monotonic() - started
             err = submit.stderr.read()
             assert submit.returncode == 1, err[-3000:]  # not every line succeeded
-            assert f"did not succeed is in its `error`: jq -c 'select(.status != \"succeeded\")" in err, err[-2000:]
+            assert "did not succeed is in its `error`: jq -c 'select(.status != \"succeeded\")" in err, err[-2000:]
             results = [json.loads(line) for line in out.read_text().splitlines()]
             assert len({r["job_id"] for r in results}) == JOBS == len(results), err[-2000:]
             ok = [r for r in results if r["status"] == "succeeded"]
