@@ -33,7 +33,7 @@ PrefixOpt = typer.Option(None, "--prefix", help="subject prefix, over the config
 
 
 def cancel(batch: str = typer.Option(..., "--batch", "-b", metavar="NAME", help="the batch name `submit` printed first"),
-           force: bool = typer.Option(False, "--force", is_flag=True,
+           force: bool = typer.Option(False, "--force",
                                       help="cancel a batch this fleet has no record or Result of (jobs the Python "
                                            "client sent with batch=NAME)"),
            config: Path | None = ConfigOpt, nats: str | None = NatsOpt, prefix: str | None = PrefixOpt):
