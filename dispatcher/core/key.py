@@ -17,7 +17,7 @@ Only a key-scoped 429 throttles the key. A request-scoped one (the worker's
 `Outcome.scope == "request"`: the key's own headers showed room, or the provider said the
 request itself is too large; see ratelimit_scope.py) is counted and nothing more: no
 cooldown, no rate drop, no streak. Unless its headers say the key is out of room (`scope`
-"key"), a 429 that repeats one the key gave the same job before, with other jobs served
+"key"), a 429 that repeats one this key gave the same job before, with other jobs served
 since and since the key's last fresh throttle, is that job's own (its retries back off on
 their own nak delay), and it is no evidence against the key either: a few jobs that always
 get 429 cannot hold a key down for everyone, however their 429s interleave (before, two
@@ -50,7 +50,7 @@ from .types import BreakerPolicy, CooldownPolicy, KeySpec, Outcome, ProbePolicy
 _MAX_DOUBLINGS = 62
 SENT_WINDOW_S = 2.0  # the rate a key was actually sent at is measured over this window
 MIN_SENT_CALLS = 5  # fewer calls in the window measure nothing (1 call in 2 s is not "0.5/s")
-JOB_429_MEMORY = 1024  # jobs whose last 429 is remembered (to see one job repeat)
+JOB_429_MEMORY = 256  # jobs whose last 429 on a key is remembered (to see one job repeat)
 
 
 @dataclass
@@ -66,8 +66,9 @@ class KeyStats:
 
 
 class RefusedJobs:
-    """When each of the last JOB_429_MEMORY jobs to get a 429 got its last one (any key);
-    a job's 429 on one key then reads as a repeat on another (`KeyState.repeats`)."""
+    """When each of the last JOB_429_MEMORY jobs to get a 429 on a key got its last one there
+    (`KeyState.repeats`). Per key only: counting a job's 429 on another key as a repeat let
+    an org-wide limit shared by all keys go unthrottled (a reviewer measured 2-3x the 429s)."""
 
     def __init__(self, memory: int = JOB_429_MEMORY) -> None:
         self._at: OrderedDict[str, float] = OrderedDict()
@@ -197,14 +198,11 @@ class KeyState:
         elif actual < reserved:
             self.cost.refund(now, reserved - actual, mark)
 
-    def observe(self, outcome: Outcome, now: float, sent_at: float | None = None, job_id: str | None = None,
-                *, refused_at: float | None = None) -> bool:
+    def observe(self, outcome: Outcome, now: float, sent_at: float | None = None, job_id: str | None = None) -> bool:
         """Apply a call's key signals: counters, 429 backoff and rate drop (key-scoped 429s
         only), disable on key-scoped evidence, ratelimit resync, rate climb. `sent_at`: when
         the call was dispatched (None when unknown: then a 429 counts as fresh); `job_id`:
-        the job it was for (None when unknown); `refused_at`: when that job last got a 429 on
-        any key of the fleet (the scheduler's RefusedJobs; None: never, or unknown). Returns
-        whether the key was disabled by it."""
+        the job it was for (None when unknown). Returns whether the key was disabled by it."""
         if outcome.kind == OutcomeKind.NONE:
             return False
         self.answered = True
@@ -219,7 +217,7 @@ class KeyState:
             if self.cost_rate is not None:
                 self.cost_rate.on_success(now)
         elif outcome.kind == OutcomeKind.RATE_LIMITED:
-            repeat = outcome.scope != "key" and self.repeats(job_id, refused_at)
+            repeat = outcome.scope != "key" and self.repeats(job_id)
             if repeat or self.request_scoped(outcome, job_id):
                 self.stats.request_scoped_429 += 1
             else:
@@ -261,13 +259,12 @@ class KeyState:
             return False  # another job's 429 just before, no success since: everyone is refused
         return outcome.scope == "request"
 
-    def repeats(self, job_id: str | None, refused_at: float | None = None) -> bool:
-        """Whether a 429 for `job_id` now repeats one the same job got before (on this key, or
-        on another: `refused_at`), with other jobs served on this key since, and since its
-        last fresh throttle: the key works, and this job is refused on its own (its retries
-        back off on their own delay)."""
-        known = [at for at in (self._job_429s.get(job_id), refused_at) if at is not None]
-        return bool(known) and self.ok_at > max(known) and self.ok_at > self.throttled_at
+    def repeats(self, job_id: str | None) -> bool:
+        """Whether a 429 for `job_id` now repeats one this key gave the same job before, with
+        other jobs served on it since, and since its last fresh throttle: the key works, and
+        this job is refused on its own (its retries back off on their own delay)."""
+        last = self._job_429s.get(job_id)
+        return last is not None and self.ok_at > last and self.ok_at > self.throttled_at
 
     def _confirmed(self, outcome: Outcome, job_id: str | None) -> bool:
         """Whether more than this one 429 says the key is out of room: its headers or body

@@ -25,7 +25,7 @@ from ratefleet.schemas.result import ErrorCode
 
 from .choice import Chain, Reach, never_runnable, pick_key, reach
 from .denials import DenialBook
-from .key import KeyState, Marks, RefusedJobs
+from .key import KeyState, Marks
 from .keyadmin import KeyAdmin
 from .keyhealth import probe_verdict
 from .reconfigure import Reconfigure, check_spec, key_state
@@ -72,7 +72,6 @@ class Scheduler(KeyAdmin, Reconfigure):
         self._reserve = spec.priority_reserve
         self._denials = DenialBook()
         self._changed: set[str] = set()  # keys whose health changed since key_changes()
-        self._refused = RefusedJobs()  # each job's last 429, on any key (key.py: a repeat on another key)
 
     # -- queue ---------------------------------------------------------------------------
 
@@ -248,11 +247,8 @@ class Scheduler(KeyAdmin, Reconfigure):
             key.correct_cost(now, reservation.cost, outcome.actual_cost, marks.cost)
         # an adopted call was sent at or before its adoption (`at`), so a 429 of it after a fresh
         # one is an echo like our own calls'; its placeholder job id is its own, like a job's
-        job_id = reservation.job.job_id
-        if key.observe(outcome, now, reservation.at, job_id, refused_at=self._refused.get(job_id)):
+        if key.observe(outcome, now, reservation.at, reservation.job.job_id):
             self._changed.add(key.spec.id)
-        if outcome.kind == OutcomeKind.RATE_LIMITED:
-            self._refused.note(job_id, now)
         self._weigh_denials(reservation, outcome, now)
         if reservation.key_probe and outcome.kind == OutcomeKind.DENIED:
             key.health.postpone_probe(reservation.id, now)  # no verdict (denials.py judges the job)

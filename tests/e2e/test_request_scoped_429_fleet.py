@@ -152,5 +152,7 @@ async def test_a_few_top_tier_jobs_always_429_do_not_stall_the_pool(tmp_path, na
     figure("four vip jobs always 429 beside 200 normal jobs", good_s=good_s, plain_calls=http_upstream.calls("plain"),
            effective_rps={k: v["effective_rps"] for k, v in keys.items()})
     assert all(results[j].status == "succeeded" for j in good)
-    assert good_s < 40, f"200 jobs on two 20 req/s keys took {good_s:.1f} s beside the looping vip jobs"
+    # ~5 s without the vip jobs; about 30 s with them (each one's first 429 on each key halves that
+    # key's rate once, and vip jobs take a cooled key's first tokens); before, most not done in 90 s
+    assert good_s < 60, f"200 jobs on two 20 req/s keys took {good_s:.1f} s beside the looping vip jobs"
     assert http_upstream.calls("plain") >= 8  # the vip jobs kept being tried (and refused) meanwhile
