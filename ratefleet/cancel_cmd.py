@@ -1,7 +1,7 @@
 """`ratefleet cancel --batch B`: stop paying for a batch. Its jobs still queued end `failed` /
 `cancelled` without a call, each with its one Result (so `submit --wait` and `results --wait`
-end as usual, with the count); jobs already handed to a worker, or read into the leader's
-window, finish. The mechanism is a marker every dispatcher follows (ratefleet/runtime/cancels.py).
+end as usual, with the count), those the leader holds in its window included; jobs already
+handed to a worker finish. The mechanism is a marker every dispatcher follows (ratefleet/runtime/cancels.py).
 
 Exit codes: 0 cancelled (or already), 1 NATS unreachable, 2 usage or an unknown batch.
 """
@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import typer
+from nats.errors import NoRespondersError
 
 from ratefleet.batches import load_record
 from ratefleet.cli_support import client_target, fail, run_async
@@ -22,7 +23,6 @@ from ratefleet.client import Client
 from ratefleet.runtime.cancels import is_cancelled, mark_cancelled
 from ratefleet.runtime.connect import redact_url
 from ratefleet.schemas.config import DEFAULT_NATS_URL
-from ratefleet.schemas.errors import DispatcherUnavailable
 from ratefleet.schemas.subjects import NO_BATCH, is_token
 from ratefleet.submit_report import count_results
 
@@ -63,17 +63,19 @@ async def _cancel(batch: str, force: bool, url: str, prefix: str, auth) -> list[
             return ["", f"batch {batch} was already cancelled; {stored:,} Results stored"
                     + (f" of {record.jobs:,}" if record else "")]
         await mark_cancelled(js, subjects, batch, by=_who())
-        try:
-            status = await client.status(timeout=2.0)
-            leader = status.get("leader")
-        except DispatcherUnavailable:
-            leader = None
+        try:  # only "no responders" says none runs: a producer may not ask (no answer), which says nothing
+            await client.nc.request(subjects.admin_status, b"", timeout=1.0)
+            absent = False
+        except NoRespondersError:
+            absent = True
+        except Exception:  # noqa: BLE001 - see above
+            absent = False
     total = f" of {record.jobs:,}" if record and record.state != "submitting" else ""
-    out = ["", f"batch {batch} cancelled: its jobs still queued end `failed` / `cancelled` without a call as the "
-               "leader reads them; those already handed out finish. "
+    out = ["", f"batch {batch} cancelled: its jobs still queued end `failed` / `cancelled` without a call; those "
+               "already handed to a worker finish. "
                f"{stored:,} Results stored so far{total}"]
-    if leader is None:
-        out.append("no dispatcher answered: the fleet ends the queued jobs when one runs")
+    if absent:
+        out.append("no dispatcher is running: the fleet ends the queued jobs when one starts")
     if record is not None and record.state == "submitting" and not record.stale(time.time()):
         out.append(f"a `ratefleet submit` is still sending batch {batch}: what it sends now is cancelled too; stop it "
                    "with Ctrl-C")

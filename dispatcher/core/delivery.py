@@ -50,3 +50,12 @@ class Refused:
     attempt: int
     raw: bytes
     job: Job | None = None
+
+
+def cancelled_job(incoming: Incoming) -> Refused:
+    """A job of a cancelled batch (ratefleet/runtime/cancels.py), ended before any call: `failed`
+    / `cancelled`, with no dead letter (nothing is wrong with it)."""
+    return Refused("failed", ErrorCode.CANCELLED,
+                   f"batch {incoming.job.batch} was cancelled (`ratefleet cancel`) before this job was called",
+                   incoming.job_id, incoming.job.batch, incoming.tier, incoming.ack, incoming.reply_to,
+                   incoming.attempt, b"", incoming.job)

@@ -131,5 +131,13 @@ class StepDown:
     """Leadership ends (lease lost, shutdown): stop pulling, hand back what is held."""
 
 
+@dataclass(frozen=True)
+class BatchCancelled:
+    """`ratefleet cancel --batch B` (ratefleet/runtime/cancels.py): the held jobs of `batch`
+    not yet handed out end here, uncalled."""
+
+    batch: str
+
+
 Event = (SessionStarted | LeaseRenewed | LeaseLost | JobDelivered | PullStatus | HeartbeatReceived | OutcomeReported
-         | KeyCommand | AssignFailed | ConfigChanged | Tick | StepDown)
+         | KeyCommand | AssignFailed | ConfigChanged | Tick | StepDown | BatchCancelled)

@@ -40,7 +40,7 @@ from .commands import (
     Linger,
     Log,
 )
-from .delivery import Incoming
+from .delivery import Incoming, cancelled_job
 from .fleet import AssignmentRecord, Fleet
 from .handout import Held, LeaderSettings, assignment_payload, next_number
 from .leader_config import apply_config
@@ -125,6 +125,8 @@ class LeaderMachine:
         elif isinstance(event, ev.SessionStarted):
             self.ready_at = now + self.settings.ready_after_s  # learn the fleet before spending a token
             return [*self.keys.restore(event.key_records, event.wall, now), *self._announce(now)]
+        elif isinstance(event, ev.BatchCancelled):
+            return self._on_batch_cancelled(event.batch, now)
         elif isinstance(event, ev.KeyCommand):
             return self.keys.command(event.request, event.reply, event.error, now) if self.owns(now) else []
         elif isinstance(event, ev.AssignFailed):
@@ -168,6 +170,26 @@ class LeaderMachine:
         self.scheduler.add(PendingJob(job_id=verdict.job_id, tier=event.tier, upstream=verdict.upstream,
                                       cost=verdict.job.cost, handle=event.seq), now)
         return []
+
+    def _on_batch_cancelled(self, batch: str, now: float) -> list[Command]:
+        """End the held jobs of a cancelled batch that wait for a key (uncalled: `failed` /
+        `cancelled`, no dead letter); those handed out finish. Intake ends the rest as it
+        reads them."""
+        if not self.owns(now):
+            return []
+        handles = {seq for seq, held in self.held.items() if held.incoming.job.batch == batch}
+        out: list[Command] = []
+        tiers: set[str] = set()
+        for job in self.scheduler.remove_pending(handles):
+            held = self.held.pop(job.handle)
+            out.append(EndRefused(cancelled_job(held.incoming)))
+            tiers.add(job.tier)
+        for tier in sorted(tiers):
+            out += self._top_up(tier, now)
+        ended = sum(isinstance(command, EndRefused) for command in out)
+        if ended:
+            out.insert(0, Log("info", "cancelled batch: its held jobs end without a call", {"batch": batch, "jobs": ended}))
+        return out
 
     def _on_removed_tier(self, event: ev.JobDelivered, now: float) -> list[Command]:
         """A late delivery on the inbox of a tier a config change removed: handed back (no

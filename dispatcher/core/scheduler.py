@@ -86,6 +86,11 @@ class Scheduler(KeyAdmin, Reconfigure):
         """Drop every queued job (leadership lost) and return them, highest tier first."""
         return self._tiers.drain()
 
+    def remove_pending(self, handles: set[int]) -> list[PendingJob]:
+        """Drop the queued jobs whose `handle` is in `handles` (e.g. of a cancelled batch) and
+        return them; nothing was reserved for them."""
+        return self._tiers.remove(handles)
+
     def pending(self, tier: str) -> int:
         return len(self._tiers.get(tier).jobs)
 

@@ -94,6 +94,16 @@ class TierBook:
         tier.in_flight -= 1
         tier.dispatched -= 1
 
+    def remove(self, handles: set[int]) -> list[PendingJob]:
+        """Remove and return the queued jobs whose handle is in `handles` (order kept)."""
+        removed: list[PendingJob] = []
+        for tier in self._tiers.values():
+            if any(job.handle in handles for job in tier.jobs):
+                kept = deque(job for job in tier.jobs if job.handle not in handles)
+                removed.extend(job for job in tier.jobs if job.handle in handles)
+                tier.jobs = kept
+        return removed
+
     def drain(self) -> list[PendingJob]:
         """Remove and return every queued job, highest tier first."""
         jobs: list[PendingJob] = []

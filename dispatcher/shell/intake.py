@@ -105,15 +105,6 @@ def _parse(raw: bytes, config: Config, max_payload: int | None = None) -> Job:
         raise JobRejected(ErrorCode.INVALID_JOB, f"job could not be read ({type(exc).__name__})") from None
 
 
-def cancelled_job(incoming: Incoming) -> Refused:
-    """A job of a cancelled batch (ratefleet/runtime/cancels.py), read before any call: ended
-    `failed` / `cancelled` here, with no dead letter (nothing is wrong with it)."""
-    return Refused("failed", ErrorCode.CANCELLED,
-                   f"batch {incoming.job.batch} was cancelled (`ratefleet cancel`) before this job was called",
-                   incoming.job_id, incoming.job.batch, incoming.tier, incoming.ack, incoming.reply_to,
-                   incoming.attempt, b"", incoming.job)
-
-
 def unreadable(msg: Msg, tier: str, error: BaseException) -> Refused:
     """A message intake failed on in an unforeseen way: ended as `invalid` on this delivery
     (a redelivery would fail the same way), under its Nats-Msg-Id or `s<stream sequence>`."""

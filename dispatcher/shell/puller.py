@@ -16,11 +16,11 @@ from typing import Any
 
 import anyio
 
-from ratefleet.dispatcher.core.delivery import Incoming
+from ratefleet.dispatcher.core.delivery import Incoming, cancelled_job
 from ratefleet.dispatcher.core.events import Event, JobDelivered, PullStatus
 from ratefleet.dispatcher.core.pulls import HANDBACK_MARGIN_S, PULL_EXPIRES_S
 from ratefleet.dispatcher.shell.bus import LeaderBus, Subscription
-from ratefleet.dispatcher.shell.intake import cancelled_job, read_message, unreadable
+from ratefleet.dispatcher.shell.intake import read_message, unreadable
 from ratefleet.runtime.cache import wants_lookup
 from ratefleet.runtime.handbacks import DeliveryCounts
 from ratefleet.runtime.logs import get_logger

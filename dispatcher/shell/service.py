@@ -17,6 +17,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry
 
+from ratefleet.dispatcher.core import events as ev
 from ratefleet.dispatcher.core.scaling import desired_workers, inputs_from_status
 from ratefleet.dispatcher.shell.bus import NatsLeaderBus
 from ratefleet.dispatcher.shell.discovery import Peers, start_service
@@ -63,8 +64,13 @@ class Dispatcher:
         self.config_revision = config_revision  # the fleet config revision applied (None: the local file)
         self.rpc = RpcResponder(config, nc)
         self.rebuilder = Rebuilder(self.js, lambda: self.config)  # NATS lost the streams: create them anew
-        self.cancels = CancelledBatches(self.js, self.subjects)  # `ratefleet cancel`: batches not to call
+        # `ratefleet cancel`: batches not to call (the leader also ends those it holds)
+        self.cancels = CancelledBatches(self.js, self.subjects, on_cancel=self._cancelled)
         self._tg: anyio.abc.TaskGroup | None = None  # run()'s, for work that outlives a leadership
+
+    def _cancelled(self, batch: str) -> None:
+        if self.session is not None:
+            self.session.post(ev.BatchCancelled(batch))
 
     def _count(self, result: Result) -> None:
         self.metrics.job_ended(result.tier, result.status)

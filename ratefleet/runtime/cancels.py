@@ -3,10 +3,10 @@
 A cancel is a marker in the batch-record bucket (`ratefleet_batches`, suffixed like the
 streams; see ratefleet/batches.py), key `cancelled.<batch>` (batch names are tokens without
 dots, so markers never meet records), value JSON `{"batch", "at" (unix seconds), "by"}`.
-Every dispatcher follows the markers (`CancelledBatches.run`, a KV watch); the leader's intake
-ends each job of a cancelled batch it reads as `failed` / `cancelled` with its one Result,
-acked, no dead letter, no call (dispatcher/shell/puller.py). Jobs already read into the
-leader's window, or handed to a worker, finish as usual. The marker lives as long as the
+Every dispatcher follows the markers (`CancelledBatches.run`, a KV watch); the leader ends the
+batch's jobs it holds in its window (core/leader.py `BatchCancelled`) and its intake each one
+it reads later (dispatcher/shell/puller.py): `failed` / `cancelled`, with its one Result,
+acked, no dead letter, no call. Jobs already handed to a worker finish as usual. The marker lives as long as the
 bucket keeps records (the Results' max age).
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Callable
 
 import anyio
 import nats.errors
@@ -79,8 +80,11 @@ class CancelledBatches:
     """The cancelled batch names one dispatcher knows, kept current by `run` (a watch on the
     markers). `batch in cancels` is what intake asks, per job (a set lookup)."""
 
-    def __init__(self, js: JetStreamContext, subjects: Subjects, *, retry_s: float = 2.0) -> None:
-        self.js, self.subjects, self.retry_s = js, subjects, retry_s
+    def __init__(self, js: JetStreamContext, subjects: Subjects, *, retry_s: float = 2.0,
+                 on_cancel: Callable[[str], None] = lambda batch: None) -> None:
+        """`on_cancel(batch)`: told of each batch newly cancelled (the leader ends the jobs of it
+        it holds)."""
+        self.js, self.subjects, self.retry_s, self.on_cancel = js, subjects, retry_s, on_cancel
         self.names: set[str] = set()
 
     def __contains__(self, batch: object) -> bool:
@@ -113,7 +117,8 @@ class CancelledBatches:
                 if entry.value and entry.operation in (None, "PUT"):
                     if batch not in self.names:
                         log.info("batch cancelled: its queued jobs end without a call", batch=batch)
-                    self.names.add(batch)
+                        self.names.add(batch)
+                        self.on_cancel(batch)
                 else:
                     self.names.discard(batch)
         finally:
