@@ -80,11 +80,12 @@ class CancelledBatches:
     """The cancelled batch names one dispatcher knows, kept current by `run` (a watch on the
     markers). `batch in cancels` is what intake asks, per job (a set lookup)."""
 
-    def __init__(self, js: JetStreamContext, subjects: Subjects, *, retry_s: float = 2.0,
+    def __init__(self, js: JetStreamContext, subjects: Subjects, *, retry_s: float = 2.0, renew_s: float = 30.0,
                  on_cancel: Callable[[str], None] = lambda batch: None) -> None:
         """`on_cancel(batch)`: told of each batch newly cancelled (the leader ends the jobs of it
-        it holds)."""
+        it holds). `renew_s`: a watch quiet this long is started afresh (seconds)."""
         self.js, self.subjects, self.retry_s, self.on_cancel = js, subjects, retry_s, on_cancel
+        self.renew_s = renew_s
         self.names: set[str] = set()
 
     def __contains__(self, batch: object) -> bool:
@@ -92,7 +93,9 @@ class CancelledBatches:
 
     async def run(self) -> None:
         """Follow the markers until cancelled. No bucket yet (nothing was ever submitted with
-        `ratefleet submit`), NATS away, or the bucket lost: tried again every `retry_s`."""
+        `ratefleet submit`), NATS away, or the bucket lost: tried again every `retry_s`; a
+        quiet watch is renewed every `renew_s`, so one that lost its bucket with the server's
+        store (nats-py's watcher then waits in silence) is replaced."""
         while True:
             try:
                 await self._watch()
@@ -105,16 +108,22 @@ class CancelledBatches:
         if kv is None:
             return
         watcher = await kv.watch(PREFIX + "*")
+        seen: set[str] | None = set()  # the markers of the initial values (None once they are in)
         try:
             while True:
                 try:
-                    entry = await watcher.updates(timeout=60.0)
+                    entry = await watcher.updates(timeout=self.renew_s)
                 except (nats.errors.TimeoutError, TimeoutError):
-                    continue
-                if entry is None:  # the initial values are in
+                    return  # watched afresh (a watch whose bucket went with the server's store stays silent)
+                if entry is None:  # the initial values are in: markers deleted meanwhile are gone
+                    if seen is not None:
+                        self.names &= seen
+                    seen = None
                     continue
                 batch = entry.key[len(PREFIX):]
                 if entry.value and entry.operation in (None, "PUT"):
+                    if seen is not None:
+                        seen.add(batch)
                     if batch not in self.names:
                         log.info("batch cancelled: its queued jobs end without a call", batch=batch)
                         self.names.add(batch)

@@ -46,3 +46,23 @@ async def test_markers_before_and_after_the_start_and_a_deleted_one(nats_server)
             tg.cancel_scope.cancel()
     finally:
         await nc.close()
+
+
+async def test_a_bucket_made_anew_is_followed_again(nats_server):
+    """NATS lost its store (the bucket deleted and made anew): nats-py's watcher then waits in
+    silence, so the watch is renewed when quiet, and a cancel after the loss is seen."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        js, subjects = nc.jetstream(), Subjects()
+        await mark_cancelled(js, subjects, "before", by="test")
+        follower = CancelledBatches(js, subjects, retry_s=0.05, renew_s=0.3)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(follower.run)
+            await until(lambda: "before" in follower)
+            await js.delete_key_value("ratefleet_batches")
+            await anyio.sleep(0.2)
+            await mark_cancelled(js, subjects, "after", by="test")  # makes the bucket anew
+            await until(lambda: "after" in follower)
+            tg.cancel_scope.cancel()
+    finally:
+        await nc.close()
