@@ -248,7 +248,13 @@ def status(config: Path | None = ConfigOpt, nats: str | None = NatsOpt, prefix: 
                                                    "keys, workers, leader, config revision)"),
            interval: float = typer.Option(2.0, "--interval", min=0.2, metavar="S", help="--watch: seconds between refreshes")):
     """Tiers (queued, pending, in flight), keys (tokens, in flight, breaker, 429s), workers; --watch: live."""
+    import contextlib
+
+    import anyio
+
     from ratefleet.client import Client
+    from ratefleet.config_applied import config_drift
+    from ratefleet.runtime.config_kv import read_config
     from ratefleet.status_view import render_status
 
     target = client_target(config, nats, prefix)
@@ -261,13 +267,23 @@ def status(config: Path | None = ConfigOpt, nats: str | None = NatsOpt, prefix: 
 
     async def go():
         async with await Client.connect(target.url, prefix=target.prefix, auth=target.nats) as client:
-            return await client.status()
+            answer = await client.status()
+            stored = None
+            if not as_json and target.source != "<defaults>":
+                with contextlib.suppress(Exception):  # a client may not read the config bucket
+                    with anyio.fail_after(1.0):
+                        found = await read_config(client.js, client.subjects)
+                    stored = found[1] if found else None
+            return answer, stored
 
-    answer = _run(go)
+    answer, stored = _run(go)
     if as_json:
         typer.echo(json.dumps(answer, indent=2))
     else:
-        render_status(answer, make_console())
+        console = make_console()
+        render_status(answer, console)
+        if stored is not None and (note := config_drift(Path(target.source), answer.get("config_revision"), stored)):
+            console.print(note, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("mock-upstream")

@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 
+from ratefleet.runtime.config_kv import document_for, read_toml
+from ratefleet.runtime.logs import redact_text
 from ratefleet.schemas import Subjects
+from ratefleet.schemas.config_store import StoredConfig
+from ratefleet.schemas.errors import ConfigError
 
 POLL_S = 0.5  # between two status reads while the fleet catches up
 
@@ -114,3 +120,25 @@ def describe(seen: Applied, wait_s: float) -> list[str]:
         lines.append(f"warning: key {key_id} is out of rotation: no worker can call with it ({why}); give the "
                      "workers its secret (`ratefleet status` shows when one has it)")
     return lines
+
+
+def config_drift(path: Path, running: int | None, stored: StoredConfig | None) -> str | None:
+    """A note for `ratefleet status` when `path`, a fleet config (it has [pools]), is not what
+    the fleet runs: it has errors (so `up --config`'s watch did not push it; before, only
+    `up`'s log said so) or it differs from the stored revision. None when it is the same, when
+    the fleet runs its local files (`running` None), or when `path` is not a fleet config."""
+    if running is None or stored is None:
+        return None
+    try:
+        if "pools" not in read_toml(path):
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            document = document_for(path)
+    except ConfigError as exc:
+        return (f"note: {path} has errors, so the fleet does not run it (it runs revision {running}): "
+                f"{redact_text(str(exc))[:400]}; `ratefleet config check {path}` shows them")
+    if document.sha256 != stored.sha256:
+        return (f"note: {path} differs from the config the fleet runs (revision {running}); "
+                f"`ratefleet config push {path}` applies it")
+    return None

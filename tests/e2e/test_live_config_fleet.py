@@ -144,6 +144,13 @@ async def test_push_says_where_the_revision_runs_and_which_keys_no_worker_can_us
     assert "runs it; its 2 workers run it too" in pushed.stdout, pushed.stdout
     assert "warning: key k9 is out of rotation: no worker can call with it (" in pushed.stdout, pushed.stdout
     assert "RF_TEST_K9" in pushed.stdout and "key k1 " not in pushed.stdout, pushed.stdout
+    same = cli("status", "--config", str(kit.tmp / "r2.toml"), "--nats", kit.nats_url)
+    assert same.returncode == 0 and "note:" not in same.stdout, same.stdout
+    broken = kit.tmp / "r2.toml"  # an edit `up --config`'s watch refuses: status says so (before: only up's log)
+    broken.write_text(broken.read_text().replace("rps = 8", "rps = -8", 1))
+    told = cli("status", "--config", str(broken), "--nats", kit.nats_url)
+    assert told.returncode == 0, told.stderr
+    assert f"note: {broken} has errors, so the fleet does not run it (it runs revision 2)" in told.stdout, told.stdout
     kit.stop()  # the workers gone, the leader keeps their last word for a while; then no dispatcher at all
     late = push(kit, BEFORE, "r3.toml")
     assert late.returncode == 0 and "no dispatcher is running" in late.stdout, late.stdout

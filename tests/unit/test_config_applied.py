@@ -34,3 +34,27 @@ def test_no_leader_yet_and_keys_without_a_secret():
                      "its secret (`ratefleet status` shows when one has it)"]
     assert describe(Applied(3, absent=True), 10) == ["no dispatcher is running: the fleet applies revision 3 when it "
                                                      "starts"]
+
+
+def test_a_fleet_file_that_is_not_what_runs_is_named(tmp_path):
+    """`ratefleet status --config F` (or ./ratefleet.toml): F with errors, or other than the stored
+    revision, gets a note; a client file (no [pools]) or a fleet on its local files gets none."""
+    from ratefleet.config_applied import config_drift
+    from ratefleet.runtime.config_kv import document_for
+
+    fleet = tmp_path / "fleet.toml"
+    upstream = '[upstreams.u]\nbase_url = "http://127.0.0.1:9"\n[pools.p]\nupstream = "u"\n'
+    fleet.write_text(upstream + 'keys = [{ id = "k1", secret = "env:K1", rps = 5 }]\n')
+    stored = document_for(fleet)
+    assert config_drift(fleet, 3, stored) is None
+    assert config_drift(fleet, None, stored) is None  # the fleet runs its local files
+    fleet.write_text(upstream + 'keys = [{ id = "k1", secret = "env:K1", rps = 6 }]\n')
+    assert config_drift(fleet, 3, stored) == (f"note: {fleet} differs from the config the fleet runs (revision 3); "
+                                              f"`ratefleet config push {fleet}` applies it")
+    fleet.write_text(upstream + 'keys = [{ id = "k1", secret = "env:K1", rps = -6 }]\n')
+    note = config_drift(fleet, 3, stored)
+    assert note.startswith(f"note: {fleet} has errors, so the fleet does not run it (it runs revision 3): ")
+    assert "rps" in note and f"`ratefleet config check {fleet}` shows them" in note
+    client = tmp_path / "client.toml"
+    client.write_text('[nats]\nurl = "nats://127.0.0.1:4222"\n')
+    assert config_drift(client, 3, stored) is None
