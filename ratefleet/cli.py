@@ -269,7 +269,7 @@ def status(config: Path | None = ConfigOpt, nats: str | None = NatsOpt, prefix: 
         async with await Client.connect(target.url, prefix=target.prefix, auth=target.nats) as client:
             answer = await client.status()
             stored = None
-            if not as_json and target.source != "<defaults>":
+            if not as_json and target.source != "<defaults>" and answer.get("config_revision") is not None:
                 with contextlib.suppress(Exception):  # a client may not read the config bucket
                     with anyio.fail_after(1.0):
                         found = await read_config(client.js, client.subjects)
