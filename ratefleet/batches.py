@@ -10,7 +10,6 @@ ratefleet/runtime/cancels.py). Its JSON:
      "lines": 301,         # last line number of the file
      "gaps": [[1, 1], [7, 9]],  # line ranges with no numbered Result here (blank, invalid, own id);
                                 # null when there were too many to record
-     "digest": "300:9f2c...",   # which jobs the file held (order-free), to notice other lines later
      "updated_at": 1764400000.0}   # unix seconds; a "submitting" record is refreshed every few seconds
 """
 
@@ -45,7 +44,6 @@ class BatchRecord:
     lines: int = 0
     gaps: list[list[int]] | None = None
     updated_at: float = 0.0
-    digest: str | None = None  # the file's jobs (batchfile.Validation.digest); None: an older record
 
     def stale(self, now: float) -> bool:
         """True when a submit that was still running stopped refreshing its record (killed)."""

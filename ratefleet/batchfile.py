@@ -233,14 +233,6 @@ class Validation:
     repeated_custom_ids: int = 0
     custom_ids: IdSet = field(default_factory=IdSet)
     gaps: list[list[int]] | None = field(default_factory=list)
-    id_sum: int = 0  # sum of the valid lines' id hashes mod 2**64: with `jobs`, what `digest` names
-
-    @property
-    def digest(self) -> str:
-        """Which jobs the file holds, in a few characters, whatever their order: `<jobs>:<hex>`.
-        A batch submitted again from other lines (another file, or this one edited) has
-        another digest (ratefleet/batches.py keeps it in the batch record)."""
-        return f"{self.jobs}:{self.id_sum:016x}"
 
     def gap(self, start: int, end: int) -> None:
         """Lines start..end have no numbered Result (blank, invalid, own id)."""
@@ -278,7 +270,6 @@ def validate_file(path: Path, batch: str, progress: Callable[[int], None] | None
             found.gap(number, number)
         found.jobs += 1
         found.ids.add(job.id)
-        found.id_sum = (found.id_sum + id_hash(job.id)) & 0xFFFF_FFFF_FFFF_FFFF
         custom_id = job.metadata.get("custom_id")
         if isinstance(custom_id, str):
             found.custom_ids.add(custom_id)

@@ -262,7 +262,6 @@ async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_inv
         phases.print("no jobs to submit")
         return 2
     run.found = found
-    await _warn_other_lines(client, run, phases)
     run.order = InputOrder(found.gaps) if run.by_input else None
     run.results_before = await count_results(client, run.batch)
     if run.results_before:  # a resumed batch: its lines with a Result are not sent again, also past the
@@ -271,6 +270,7 @@ async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_inv
                                         lambda n: phases.update(handle, advance=n))
         phases.update(handle, completed=len(run.done_ids))  # (progress comes per 1,000)
         phases.finish(handle)
+    run.before = await _record_before(client, run.batch)  # before this run's replaces it
     await _save(client, run, "submitting")
     since = await queue_mark(client.js, client.subjects) if run.wait else None
     if run.wait and run.out is not None:  # without --wait nothing is written here (the results command is)
@@ -422,15 +422,21 @@ async def _follow(run: Run, client: Client, phases: Phases) -> None:
     phases.finish(handle)
 
 
+_HINT_LINE_CHARS = 1 << 16  # how much of the first line `_not_jsonl_hint` looks at
+
+
 def _not_jsonl_hint(path: Path) -> str | None:
     """What to do with a file of no valid line that looks like JSON but not JSONL: one array,
     or objects spread over several lines (pretty-printed)."""
     try:
         with path.open("r", encoding="utf-8-sig", errors="replace") as handle:
-            head = handle.read(4096).lstrip()
+            while (first := handle.readline(_HINT_LINE_CHARS)) and not first.strip():
+                pass  # blank lines first
     except OSError:
         return None
-    first_line = head.split("\n", 1)[0].strip()
+    if len(first) >= _HINT_LINE_CHARS and not first.endswith("\n"):
+        return None  # a first line this long is no pretty-printed opening: its own error says enough
+    head, first_line = first.lstrip(), first.strip()
     if head.startswith("["):
         return ("the file looks like one JSON array; submit reads JSONL: one job (a JSON object) per line, "
                 f"e.g. jq -c '.[]' {shlex.quote(str(path))} > jobs.jsonl")
@@ -440,19 +446,12 @@ def _not_jsonl_hint(path: Path) -> str | None:
     return None
 
 
-async def _warn_other_lines(client: Client, run: Run, phases: Phases) -> None:
-    """Say so when this batch was submitted before from other lines (another file, or this
-    one edited): those jobs still run and their Results count in the batch."""
+async def _record_before(client: Client, batch: str) -> BatchRecord | None:
+    """The batch's record from an earlier run (None: none, or it cannot be read)."""
     try:
-        before = await load_record(client.js, client.subjects, run.batch)
-    except Exception:  # noqa: BLE001 - no record to compare with: nothing to say
-        return
-    if before is None or before.digest is None or run.found is None or before.digest == run.found.digest:
-        return
-    phases.print(f"warning: batch {run.batch} was submitted before from other lines (another file, or this one "
-                 "edited since): the jobs of lines not in this file still run, and their Results are part of batch "
-                 f"{run.batch} (`ratefleet cancel --batch {run.batch}` stops what is queued); give a new file its "
-                 "own --batch name")
+        return await load_record(client.js, client.subjects, batch)
+    except Exception:  # noqa: BLE001 - see docstring
+        return None
 
 
 async def _no_dispatcher(client: Client) -> bool:
@@ -497,8 +496,7 @@ async def _save(client: Client, run: Run, state: str) -> None:
     if run.found is None:
         return
     record = BatchRecord(batch=run.batch, tier=run.tier, state=state, lines=run.found.lines, gaps=run.found.gaps,
-                         jobs=run.expected if state == "submitted" else run.stored - run.foreign,
-                         digest=run.found.digest)
+                         jobs=run.expected if state == "submitted" else run.stored - run.foreign)
     try:
         await save_record(client.js, client.subjects, record)
     except Exception as exc:  # noqa: BLE001 - the batch itself is stored; only `results --wait` loses its count

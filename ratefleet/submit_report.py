@@ -13,7 +13,7 @@ import anyio
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from ratefleet.batches import InputOrder
+from ratefleet.batches import BatchRecord, InputOrder
 from ratefleet.batchfile import IdSet, Validation
 from ratefleet.client import Client
 from ratefleet.openai_batch import format_result
@@ -64,6 +64,7 @@ class Run:
     order: InputOrder | None = None  # --order input: holds Results that arrive before an earlier line's
     upstreams: dict[str, str] | None = None  # the fleet's (name -> auth header), from its live config when readable
     upstream: str | None = None  # --upstream: for the lines that name none
+    before: BatchRecord | None = None  # the batch's record from an earlier run (read before this run's)
     lost: str | None = None  # --wait: how the NATS server lost the queued jobs waited for (batches.queue_lost)
     all_collected: anyio.Event = field(default_factory=anyio.Event)
     record_lock: anyio.Lock = field(default_factory=anyio.Lock)
@@ -218,6 +219,7 @@ def report_end(run: Run, phases, *, submitted_only: bool = False) -> int:
                      + (f", {repeats:,} repeat an earlier line's id (one job: not run again; exit code 1)"
                         if repeats else ""))
         _report_foreign(run, phases)
+        _report_other_lines(run, phases, repeats)
         if run.changed:
             phases.print(f"{len(run.changed):,} lines changed while this command ran and were not sent (first: "
                          f"line {run.changed[0]}); run the command again to send them")
@@ -255,6 +257,20 @@ def report_end(run: Run, phases, *, submitted_only: bool = False) -> int:
     ok = (run.statuses.get("succeeded", 0) == run.written and not (run.foreign_queued or run.foreign_queued_more)
           and not run.changed and not run.unsent and not skipped and not (run.found and run.found.repeated_ids))
     return 0 if ok else 1
+
+
+def _report_other_lines(run: Run, phases, repeats: int) -> None:
+    """Warn when jobs of the batch's earlier run are not lines of this file (another file, or
+    lines edited since): they still run, and their Results count in the batch. Fixing a bad
+    line, or appending lines, keeps every earlier job and says nothing."""
+    if run.before is None or run.before.jobs <= 0:
+        return
+    missing = run.before.jobs - (run.earlier - repeats)
+    if missing > 0:
+        phases.print(f"warning: {missing:,} jobs of batch {run.batch}'s earlier run are not lines of this file "
+                     "(another file, or lines edited since): they still run and their Results are part of batch "
+                     f"{run.batch} (`ratefleet cancel --batch {run.batch}` stops what is queued); give a new file "
+                     "its own --batch name")
 
 
 def _report_foreign(run: Run, phases) -> None:

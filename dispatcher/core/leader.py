@@ -156,14 +156,16 @@ class LeaderMachine:
             return []  # not read (the shell reads every delivery but late ones at step-down)
         if not isinstance(verdict, Incoming):
             # the last delivery ends here whatever the fence says: nobody else will get it
-            return [EndRefused(verdict)] if final or owned else []
+            # and the tier pulls on at once: a run of refused jobs (a cancelled batch) would
+            # otherwise be read one window per housekeeping tick (~128 jobs/s)
+            return [EndRefused(verdict), *self._top_up(event.tier, now)] if final or owned else []
         if event.stored is not None:  # its worker stored the Result and died before the ack
             if not owned:
                 return []  # its owner finds the Result too
             said = ("answered from the cache; acked without a call" if event.cached
                     else "redelivered job already has its result; acked without a second call")
             return [Log("info", said, {"job_id": verdict.job_id, "tier": verdict.tier, "attempt": verdict.attempt}),
-                    AnswerStored(event.stored, verdict.ack, verdict.reply_to)]
+                    AnswerStored(event.stored, verdict.ack, verdict.reply_to), *self._top_up(event.tier, now)]
         if self.stepping_down:
             return []  # the last delivery of a job intake accepted: cannot happen (intake ends it)
         self.held[event.seq] = Held(verdict, now, now, event.wall)

@@ -177,3 +177,14 @@ def test_a_job_spends_its_cost_on_the_key_s_cost_budget():
     before = m.scheduler.snapshot(T0)["keys"]["k1"]["cost_tokens"]
     assert assigned(run.at(T0, delivery(1, cost=7.0)))
     assert m.scheduler.snapshot(T0)["keys"]["k1"]["cost_tokens"] == pytest.approx(before - 7.0)
+
+
+def test_a_run_of_refused_jobs_is_followed_by_the_next_pull_at_once():
+    """Jobs intake ends (a cancelled batch's, poison ones) free the window as they come: once
+    half of it is free the tier asks for more on that delivery, not at the next housekeeping
+    tick (a cancelled 150,000-job batch drained at ~128 jobs/s and held up its tier)."""
+    run = pulled()
+    asked = []
+    for seq in range(1, WINDOW // 2 + 1):
+        asked += pulls(run.at(T0 + 0.001 * seq, delivery(seq, MAX_DELIVER, tier="vip")))
+    assert asked == [cmd.Pull("vip", WINDOW // 2, PULL_EXPIRES_S)]

@@ -352,16 +352,25 @@ async def test_a_rerun_past_the_dedup_window_does_not_send_lines_whose_result_is
 @pytest.mark.anyio
 async def test_a_batch_name_used_again_for_other_lines_is_warned_of(tmp_path, nats_server):
     """A new user's finding: `submit B.jsonl --batch reuse1` after `submit A.jsonl --batch
-    reuse1` merged the two files in silence (`results` then gave 6 of 3). The same file again
-    (a resume) says nothing; other lines get a warning naming what happens and what to do."""
+    reuse1` merged the two files in silence (`results` then gave 6 of 3). Other lines get a
+    warning with the count; the same file again, a bad line fixed in place, lines appended say
+    nothing (a reviewer found the first version warning on those two)."""
     async with await Client.connect(nats_server.url) as client:
         await ensure_topology(client.js, parse_config({}))
-    first, other = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    write_jobs(first, [chat_job(i) for i in range(3)])
-    write_jobs(other, [chat_job(i) for i in range(10, 13)])
+    first = tmp_path / "a.jsonl"
+    lines = [json.dumps(chat_job(i)) for i in range(3)]
+    bad = lines[:1] + ['{"request": {"path": "nope"}}'] + lines[1:]
     args = ["--tier", "guest", "--batch", "reuse1", "--nats", nats_server.url]
-    for file, warned in ((first, False), (first, False), (other, True)):
-        done = cli("submit", str(file), *args)
-        assert done.returncode == 0, done.stderr
-        assert ("warning: batch reuse1 was submitted before from other lines" in done.stderr) == warned, done.stderr
+    runs = [(bad, ["--skip-invalid"], None),  # 3 jobs, the bad line skipped
+            (bad, ["--skip-invalid"], None),  # the same file again
+            (lines[:1] + [json.dumps(chat_job(9))] + lines[1:], [], None),  # the bad line fixed in place
+            (lines[:1] + [json.dumps(chat_job(9))] + lines[1:] + [json.dumps(chat_job(10))], [], None),  # appended
+            ([json.dumps(chat_job(i)) for i in range(20, 23)], [], 5)]  # another file: the 5 earlier jobs
+    for text, extra, missing in runs:
+        first.write_text("\n".join(text) + "\n")
+        done = cli("submit", str(first), *args, *extra)
+        assert done.returncode in (0, 1), done.stderr
+        warned = "earlier run are not lines of this file" in done.stderr
+        assert warned == (missing is not None), done.stderr
+    assert f"warning: {missing} jobs of batch reuse1's earlier run are not lines of this file" in done.stderr
     assert "`ratefleet cancel --batch reuse1` stops what is queued" in done.stderr

@@ -33,6 +33,10 @@ async def test_an_array_or_pretty_printed_file_is_named_for_what_it_is(nats_serv
         done = cli("submit", str(path), "--tier", "normal", "--nats", nats_server.url)
         assert done.returncode == 2, (name, done.stderr)
         assert shape in done.stderr and fix in done.stderr and "one job" in done.stderr, (name, done.stderr)
+    long_line = tmp_path / "long.jsonl"  # one line cut at the look-ahead: not "pretty-printed" (a reviewer's find)
+    long_line.write_text('{"request": {"path": "/v1/x", "json": {"a": "' + "y" * 1_100_000 + '"}}}\n')
+    refused = cli("submit", str(long_line), "--tier", "normal", "--nats", nats_server.url)
+    assert refused.returncode == 2 and "looks like" not in refused.stderr, refused.stderr[-500:]
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps(JOB) + "\n" + "{not json\n")
     mixed = cli("submit", str(good), "--tier", "normal", "--nats", nats_server.url)
