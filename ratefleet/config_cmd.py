@@ -143,15 +143,27 @@ def _run(fn, *args):
 
 
 async def _push(url: str, prefix: str, document, auth=None, wait_s: float = 0.0, settle_s: float = 2.0):
-    """(revision, changed, what the fleet runs after at most `wait_s` seconds; None when 0)."""
+    """(revision, changed, what the fleet runs after at most `wait_s` seconds; None when 0).
+    `settle_s`: how long to let the workers report their secrets once they run it; skipped
+    when no key's secret reference changed."""
     nc = await connect(url, name="ratefleet-config", forever=False, auth=auth)
     try:
         subjects = Subjects(prefix)
+        before = await read_config(nc.jetstream(), subjects)
+        if before is not None and _secret_refs(before[1]) == _secret_refs(document):
+            settle_s = 0.0  # no key's secret to learn about: done once the fleet runs it
         revision, changed = await push_config(nc.jetstream(), subjects, document)
         seen = await fleet_applied(nc, subjects, revision, wait_s, settle_s) if wait_s > 0 else None
         return revision, changed, seen
     finally:
         await nc.close()
+
+
+def _secret_refs(document) -> dict:
+    """Each key's id -> its secret reference and versions (what decides whether a worker can
+    call with it), from a stored document's raw config; limits left out."""
+    keys = (key for pool in (document.config.get("pools") or {}).values() for key in pool.get("keys") or [])
+    return {key.get("id"): (key.get("secret"), key.get("versions")) for key in keys if isinstance(key, dict)}
 
 
 async def _read(url: str, prefix: str, revision: int | None, auth=None):

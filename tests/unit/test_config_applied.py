@@ -3,6 +3,8 @@ from status answers shaped like the leader's."""
 
 from __future__ import annotations
 
+import pytest
+
 from ratefleet.config_applied import Applied, describe
 
 
@@ -58,3 +60,27 @@ def test_a_fleet_file_that_is_not_what_runs_is_named(tmp_path):
     client = tmp_path / "client.toml"
     client.write_text('[nats]\nurl = "nats://127.0.0.1:4222"\n')
     assert config_drift(client, 3, stored) is None
+
+
+@pytest.mark.anyio
+async def test_a_push_that_changes_no_secret_does_not_wait_for_the_workers_secrets(nats_server, tmp_path, monkeypatch):
+    """`config push` waits two heartbeats after the fleet runs a revision only when a key's
+    secret reference changed (or a key came): a limits-only push returns once applied."""
+    from ratefleet import config_cmd
+    from ratefleet.runtime.config_kv import document_for
+
+    asked = []
+
+    async def fleet_applied(nc, subjects, revision, wait_s, settle_s):
+        asked.append(settle_s)
+
+    monkeypatch.setattr(config_cmd, "fleet_applied", fleet_applied)
+    path = tmp_path / "fleet.toml"
+    upstream = '[upstreams.u]\nbase_url = "http://127.0.0.1:9"\n[pools.p]\nupstream = "u"\n'
+    for keys in ('{ id = "k1", secret = "env:K1", rps = 5 }',  # the first push: nothing to compare with
+                 '{ id = "k1", secret = "env:K1", rps = 9 }',  # a limit changed
+                 '{ id = "k1", secret = "env:K1B", rps = 9 }',  # a rotated secret
+                 '{ id = "k1", secret = "env:K1B", rps = 9 }, { id = "k2", secret = "env:K2", rps = 1 }'):  # a new key
+        path.write_text(upstream + f"keys = [{keys}]\n")
+        await config_cmd._push(nats_server.url, "ratefleet", document_for(path), None, 5.0, 2.0)
+    assert asked == [2.0, 0.0, 2.0, 2.0]
