@@ -336,11 +336,19 @@ def dlq_replay(tier: str | None = typer.Option(None, "--tier", help=tier_help("o
                                                 help="only the dead letter of this job id (as `dlq list` shows it)"),
                config: Path | None = ConfigOpt,
                nats: str | None = NatsOpt, prefix: str | None = PrefixOpt,
-               purge: bool = Flag(True, "--purge/--keep", help="remove replayed letters from the DLQ")):
+               purge: bool = Flag(True, "--purge/--keep", help="remove replayed letters from the DLQ"),
+               yes: bool = Flag(False, "--yes", "-y", help="replay every letter without asking (at a terminal, "
+                                                          "without --id or --tier, it asks first)")):
     """Resubmit dead letters (those holding a job) under a new id that names the original; prints the new ids."""
     from ratefleet.dlq import replay_dead
 
     target = client_target(config, nats, prefix)
+    if id is None and tier is None and not yes and sys.stdin.isatty() and sys.stderr.isatty():
+        # every letter, each called (and paid for) again: asked at a terminal; a script is not asked
+        if not typer.confirm("replay every dead letter holding a job (each is called again)?", default=False,
+                             err=True):
+            typer.echo("nothing replayed (pass --id JOB_ID or --tier T for some, --yes for all)", err=True)
+            raise typer.Exit(1)
     replayed = _run(replay_dead, target.url, target.prefix, tier, id, purge, target.nats)
     for original, new_id in replayed:
         typer.echo(f"{original} -> {new_id}")

@@ -1,0 +1,59 @@
+"""`ratefleet dlq replay` with neither --id nor --tier replays every dead letter, each called (and
+paid for) again: at a terminal it asks first (a new user's finding: it replayed everything
+without a word); --yes, or a script (no terminal), is not asked."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import nats
+import pytest
+from faultkit import cli
+
+from ratefleet.runtime.streams import ensure_topology
+from ratefleet.schemas.config import parse_config
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
+
+
+def at_a_terminal(args: list[str], answer: str) -> tuple[int, str]:
+    """Run `ratefleet ARGS` with a pseudo-terminal for stdin/stdout/stderr; type `answer`."""
+    main, child = os.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "ratefleet", *args], stdin=child, stdout=child, stderr=child,
+                            close_fds=True)
+    os.close(child)
+    seen, deadline = b"", time.monotonic() + 30
+    answered = False
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:
+            break
+        seen += chunk
+        if not answered and b"[y/N]" in seen:
+            os.write(main, answer.encode() + b"\n")
+            answered = True
+    proc.wait(timeout=10)
+    os.close(main)
+    return proc.returncode, seen.decode(errors="replace")
+
+
+async def test_replaying_every_letter_is_asked_at_a_terminal(nats_server):
+    nc = await nats.connect(nats_server.url)
+    try:
+        await ensure_topology(nc.jetstream(), parse_config({}))
+    finally:
+        await nc.close()
+    url = ["--nats", nats_server.url]
+    code, out = at_a_terminal(["dlq", "replay", *url], "n")
+    assert code == 1 and "replay every dead letter holding a job (each is called again)?" in out, out
+    assert "nothing replayed (pass --id JOB_ID or --tier T for some, --yes for all)" in out, out
+    code, out = at_a_terminal(["dlq", "replay", *url], "y")
+    assert code == 0 and "replayed 0 dead letter(s)" in out, out
+    code, out = at_a_terminal(["dlq", "replay", "--yes", *url], "n")
+    assert code == 0 and "[y/N]" not in out, out
+    script = cli("dlq", "replay", *url)  # no terminal: not asked
+    assert script.returncode == 0 and "replayed 0 dead letter(s)" in script.stdout, script.stderr
