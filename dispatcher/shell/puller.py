@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any
 
 import anyio
@@ -38,10 +38,10 @@ class TierInbox:
 
     def __init__(self, bus: LeaderBus, config: Config, tier: str, stream: str, consumer: str,
                  max_deliver: int, post: Callable[[Event], None], gone: Callable[[str], None] = lambda what: None,
-                 cancelled: Callable[[str | None], bool] = lambda batch: False) -> None:
+                 cancelled: Container[str] = frozenset()) -> None:
         """`gone(what)`: told when a pull request finds no consumer to serve it (status 503: NATS
-        has lost the stream or the consumer), so the topology is created anew. `cancelled(batch)`:
-        whether a batch was cancelled (ratefleet/runtime/cancels.py): its jobs end here."""
+        has lost the stream or the consumer), so the topology is created anew. `cancelled`: the
+        names of cancelled batches (ratefleet/runtime/cancels.py): their jobs end here."""
         self.bus, self.config, self.tier, self.max_deliver, self.post = bus, config, tier, max_deliver, post
         self.gone, self.cancelled = gone, cancelled
         self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
@@ -98,7 +98,7 @@ class TierInbox:
         except Exception as exc:  # noqa: BLE001 - one message's content must never stop intake
             log.exception("could not read a job message; ended as invalid", tier=self.tier)
             verdict = unreadable(msg, self.tier, exc)
-        if isinstance(verdict, Incoming) and verdict.job.batch is not None and self.cancelled(verdict.job.batch):
+        if isinstance(verdict, Incoming) and verdict.job.batch in self.cancelled:
             verdict = cancelled_job(verdict)
         stored, cached = None, False
         if redelivered and isinstance(verdict, Incoming):

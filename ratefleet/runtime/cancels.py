@@ -89,7 +89,7 @@ class CancelledBatches:
         self.names: set[str] = set()
 
     def __contains__(self, batch: object) -> bool:
-        return isinstance(batch, str) and batch in self.names
+        return batch in self.names
 
     async def run(self) -> None:
         """Follow the markers until cancelled. No bucket yet (nothing was ever submitted with
