@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import typer
-from nats.errors import NoRespondersError
 
 from ratefleet.batches import load_record
 from ratefleet.cli_support import client_target, fail, run_async
@@ -63,13 +62,7 @@ async def _cancel(batch: str, force: bool, url: str, prefix: str, auth) -> list[
             return ["", f"batch {batch} was already cancelled; {stored:,} Results stored"
                     + (f" of {record.jobs:,}" if record else "")]
         await mark_cancelled(js, subjects, batch, by=_who())
-        try:  # only "no responders" says none runs: a producer may not ask (no answer), which says nothing
-            await client.nc.request(subjects.admin_status, b"", timeout=1.0)
-            absent = False
-        except NoRespondersError:
-            absent = True
-        except Exception:  # noqa: BLE001 - see above
-            absent = False
+        absent = await client.no_dispatcher()
     total = f" of {record.jobs:,}" if record and record.state != "submitting" else ""
     out = ["", f"batch {batch} cancelled: its jobs still queued end `failed` / `cancelled` without a call; those "
                "already handed to a worker finish. "

@@ -274,6 +274,18 @@ class Client:
             except Exception:  # noqa: BLE001 - the connection is already closing: nothing to undo
                 pass
 
+    async def no_dispatcher(self, timeout: float = 1.0) -> bool:
+        """True only when NATS says no dispatcher listens on the status subject (no responders,
+        at once); an answer, a slow one (`timeout` seconds), or an account not allowed to ask
+        (nats-server answers with an -ERR only) all give False: nothing is known then."""
+        try:
+            await self.nc.request(self.subjects.admin_status, b"", timeout=timeout)
+        except NoRespondersError:
+            return True
+        except Exception:  # noqa: BLE001 - see docstring
+            return False
+        return False
+
     @translated("asking a dispatcher for the fleet's status")
     async def status(self, timeout: float = 3.0) -> dict:
         """The fleet's status (tiers, keys, workers) from the leader dispatcher. Raises

@@ -32,7 +32,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
-from nats.errors import NoRespondersError
 from pydantic import ValidationError
 
 from ratefleet.batches import BatchRecord, InputOrder, load_record, queue_lost, queue_mark, save_record
@@ -241,7 +240,7 @@ async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_inv
                      "nothing was submitted: submit under another --batch name")
         return 2
     run.upstreams = await fleet_upstreams(client, warn=phases.print)  # lines the dispatcher would refuse are refused here
-    if await _no_dispatcher(client):
+    if await client.no_dispatcher(timeout=0.5):
         phases.print(f"note: no dispatcher is running (nothing answers {client.subjects.admin_status}): the jobs are "
                      "stored and wait until one starts (`ratefleet up`, or `ratefleet dispatcher` and workers)")
     if run.upstream is not None and run.upstreams is not None and run.upstream not in run.upstreams:
@@ -452,18 +451,6 @@ async def _record_before(client: Client, batch: str) -> BatchRecord | None:
         return await load_record(client.js, client.subjects, batch)
     except Exception:  # noqa: BLE001 - see docstring
         return None
-
-
-async def _no_dispatcher(client: Client) -> bool:
-    """True only when NATS says no dispatcher listens (no responders); a slow answer, or a
-    producer not allowed to ask, says nothing."""
-    try:
-        await client.nc.request(client.subjects.admin_status, b"", timeout=0.5)
-    except NoRespondersError:
-        return True
-    except Exception:  # noqa: BLE001 - see docstring
-        return False
-    return False
 
 
 async def _cancelled(client: Client, batch: str) -> bool:
