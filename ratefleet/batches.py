@@ -26,7 +26,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from ratefleet.batchfile import line_of
-from ratefleet.runtime.cancels import batches_bucket, open_batches_bucket
+from ratefleet.runtime.cancels import open_batches_bucket
 from ratefleet.schemas import Result, Subjects
 
 STALE_AFTER_S = 30.0  # a "submitting" record older than this: its submit died
@@ -50,19 +50,12 @@ class BatchRecord:
         return self.state == "submitting" and now - self.updated_at > STALE_AFTER_S
 
 
-def bucket_name(subjects: Subjects) -> str:
-    """The KV bucket of batch records for this prefix (`ratefleet_batches`, suffixed like the streams)."""
-    return batches_bucket(subjects)
-
-
-async def _bucket(js: JetStreamContext, subjects: Subjects, create: bool):
-    return await open_batches_bucket(js, subjects, create)
 
 
 async def save_record(js: JetStreamContext, subjects: Subjects, record: BatchRecord) -> None:
     """Store (replace) the record of `record.batch`, stamping `updated_at` now."""
     record.updated_at = time.time()
-    kv = await _bucket(js, subjects, create=True)
+    kv = await open_batches_bucket(js, subjects, create=True)
     await kv.put(record.batch, json.dumps(asdict(record)).encode())
 
 
@@ -113,7 +106,7 @@ async def queue_lost(js: JetStreamContext, subjects: Subjects, since: datetime.d
 
 async def load_record(js: JetStreamContext, subjects: Subjects, batch: str) -> BatchRecord | None:
     """The record of `batch`, or None when no `ratefleet submit` recorded it (or it expired)."""
-    kv = await _bucket(js, subjects, create=False)
+    kv = await open_batches_bucket(js, subjects, create=False)
     if kv is None:
         return None
     try:

@@ -254,8 +254,7 @@ class KeyState:
     def request_scoped(self, outcome: Outcome, job_id: str | None) -> bool:
         """Whether a 429 that is not a repeat (`repeats`) is about its request rather than
         this key (module docstring)."""
-        last_job, last_at = self._last_429
-        if last_at > self.ok_at and last_job != job_id:
+        if self._others_refused(job_id):
             return False  # another job's 429 just before, no success since: everyone is refused
         return outcome.scope == "request"
 
@@ -270,9 +269,12 @@ class KeyState:
         """Whether more than this one 429 says the key is out of room: its headers or body
         (`scope == "key"`), another job's 429 just before with no success since, or no
         success on the key since its last fresh throttle (or ever): nothing shows it works."""
+        return outcome.scope == "key" or self._others_refused(job_id) or self.ok_at <= self.throttled_at
+
+    def _others_refused(self, job_id: str | None) -> bool:
+        """Whether another job's 429 (not a repeat) came last, with no success since."""
         last_job, last_at = self._last_429
-        return (outcome.scope == "key" or (last_at > self.ok_at and last_job != job_id)
-                or self.ok_at <= self.throttled_at)
+        return last_at > self.ok_at and last_job != job_id
 
     def _note_job_429(self, job_id: str | None, now: float, repeat: bool = False) -> None:
         if not repeat:  # a job's own repeat is no sign that the key refuses everyone
