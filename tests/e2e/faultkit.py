@@ -284,6 +284,22 @@ def embed_job(i: int, **extra) -> dict:
     return {"request": {"method": "POST", "path": "/v1/embeddings", "json": body}, **extra}
 
 
+async def start_d1_w1(kit, url: str, slots: int = 4) -> None:
+    """Start dispatcher d1 and worker w1 (`slots`) of `kit` and wait until w1 takes jobs."""
+    from ratefleet import Client
+
+    kit.dispatcher("d1")
+    kit.worker("w1", slots=slots)
+    async with await Client.connect(url) as client:
+        await wait_workers(client, {"w1"})
+
+
+def write_chat_jobs(path: Path, n: int) -> Path:
+    """A JSONL file of `n` chat jobs (chat(0) .. chat(n - 1)); returns `path`."""
+    path.write_text("".join(json.dumps(chat(i)) + "\n" for i in range(n)))
+    return path
+
+
 def chat(i: int, mock: dict | None = None, **extra) -> dict:
     body = {"model": "m", "messages": [{"role": "user", "content": f"hello {i}"}]}
     if mock is not None:

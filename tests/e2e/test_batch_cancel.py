@@ -11,10 +11,8 @@ import sys
 import time
 
 import pytest
-from faultkit import chat, cli, fast_keys, until, upstream, wait_workers
+from faultkit import cli, fast_keys, start_d1_w1, until, upstream, write_chat_jobs
 from fleetkit import FleetKit
-
-from ratefleet import Client
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.anyio]
 JOBS = 200
@@ -26,12 +24,8 @@ async def test_cancel_ends_the_queued_jobs_without_a_call(tmp_path, nats_server)
         kit = FleetKit(tmp_path, url, mock.url, keys=fast_keys(rps=4, burst=1))  # ~8 calls/s: the batch waits
         submit = None
         try:
-            kit.dispatcher("d1")
-            kit.worker("w1", slots=4)
-            async with await Client.connect(url) as client:
-                await wait_workers(client, {"w1"})
-            jobs = tmp_path / "jobs.jsonl"
-            jobs.write_text("".join(json.dumps(chat(i)) + "\n" for i in range(JOBS)))
+            await start_d1_w1(kit, url)
+            jobs = write_chat_jobs(tmp_path / "jobs.jsonl", JOBS)
             out = tmp_path / "out.jsonl"
             unknown = cli("cancel", "--batch", "c0", "--nats", url)
             assert unknown.returncode == 2 and "no batch c0 is known" in unknown.stderr, unknown.stderr

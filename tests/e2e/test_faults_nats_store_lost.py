@@ -5,14 +5,13 @@ without any process being restarted."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
 
 import anyio
 import pytest
-from faultkit import chat, fast_keys, restartable_nats, until, upstream, wait_workers
+from faultkit import chat, fast_keys, restartable_nats, start_d1_w1, until, upstream, write_chat_jobs
 from fleetkit import FleetKit
 
 from ratefleet import Client
@@ -33,10 +32,7 @@ async def test_the_fleet_recreates_its_streams_after_nats_lost_them(tmp_path, lo
     with upstream() as mock:
         kit = FleetKit(tmp_path, url, mock.url, keys=fast_keys(rps=100, burst=10))
         try:
-            kit.dispatcher("d1")
-            kit.worker("w1", slots=4)
-            async with await Client.connect(url) as client:
-                await wait_workers(client, {"w1"})
+            await start_d1_w1(kit, url)
             assert await served(url)
             if loss == "store wiped":
                 server.stop()
@@ -83,12 +79,8 @@ async def test_a_wait_ends_when_nats_lost_the_jobs_it_waits_for(tmp_path):
         kit = FleetKit(tmp_path, url, mock.url, keys=fast_keys(rps=2, burst=1))  # the batch stays queued
         waits: list[subprocess.Popen] = []
         try:
-            kit.dispatcher("d1")
-            kit.worker("w1", slots=4)
-            async with await Client.connect(url) as client:
-                await wait_workers(client, {"w1"})
-            jobs = tmp_path / "jobs.jsonl"
-            jobs.write_text("".join(json.dumps(chat(i)) + "\n" for i in range(200)))
+            await start_d1_w1(kit, url)
+            jobs = write_chat_jobs(tmp_path / "jobs.jsonl", 200)
             ratefleet = [sys.executable, "-m", "ratefleet"]
             out = str(tmp_path / "out.jsonl")
             for args in (["submit", str(jobs), "--tier", "normal", "--batch", "b1", "--wait", "--out", out],

@@ -85,6 +85,15 @@ def job(i: int, model: str = "m", **extra) -> dict:
     return payload
 
 
+async def timed(client: Client, tracker: Tracker, jobs: list[dict], batch: str, timeout: float):
+    """Submit `jobs` to tier normal in `batch`; (their ids, seconds until all are stored, the
+    keys' status then)."""
+    started = time.monotonic()
+    ids = await client.submit_many(jobs, "normal", batch=batch)
+    await tracker.wait_stored(batch, ids, timeout=timeout)
+    return ids, time.monotonic() - started, (await client.status())["keys"]
+
+
 async def test_one_job_always_429_with_room_on_the_key_leaves_the_keys_alone(tmp_path, nats_server, http_upstream):
     kit = FleetKit(tmp_path, nats_server.url, http_upstream.url,
                    keys=[{"id": "k1", "rps": 20, "burst": 5}, {"id": "k2", "rps": 20, "burst": 5}],
@@ -97,11 +106,7 @@ async def test_one_job_always_429_with_room_on_the_key_leaves_the_keys_alone(tmp
             bad = await client.submit_many([job(0, "huge", id="huge"), job(1, "stuck", id="stuck")], "normal",
                                            batch="scoped")
             await until(lambda: http_upstream.calls("stuck") >= 3, 30, what="three 429s for the stuck job")
-            started = time.monotonic()
-            good = await client.submit_many([job(i) for i in range(2, 32)], "normal", batch="scoped")
-            await tracker.wait_stored("scoped", good, timeout=60)
-            good_s = time.monotonic() - started
-            keys_then = (await client.status())["keys"]
+            good, good_s, keys_then = await timed(client, tracker, [job(i) for i in range(2, 32)], "scoped", 60)
             await tracker.wait_stored("scoped", bad, timeout=60)
             results = await tracker.results([*bad, *good], "scoped")
             keys_after = (await client.status())["keys"]
@@ -141,11 +146,7 @@ async def test_a_few_top_tier_jobs_always_429_do_not_stall_the_pool(tmp_path, na
             await wait_workers(client, {"w1"})
             await client.submit_many([job(i, "plain", id=f"plain{i}") for i in range(4)], "vip", batch="loop")
             await until(lambda: http_upstream.calls("plain") >= 4, 30, what="the vip jobs' first 429s")
-            started = time.monotonic()
-            good = await client.submit_many([job(i) for i in range(10, 210)], "normal", batch="loop")
-            await tracker.wait_stored("loop", good, timeout=90)
-            good_s = time.monotonic() - started
-            keys = (await client.status())["keys"]
+            good, good_s, keys = await timed(client, tracker, [job(i) for i in range(10, 210)], "loop", 90)
             results = await tracker.results(good, "loop")
     finally:
         kit.stop()

@@ -38,14 +38,20 @@ async def queued(url: str) -> int:
         await nc.close()
 
 
-async def test_lines_the_fleet_cannot_route_are_refused_before_sending(nats_server, tmp_path):
-    nc = await nats.connect(nats_server.url)
+async def fleet_streams(url: str, *, push: bool) -> None:
+    """The fleet's streams on the server, and with `push` FLEET stored as its live config."""
+    nc = await nats.connect(url)
     try:
         js = nc.jetstream()
         await ensure_topology(js, parse_config(FLEET))
-        await push_config(js, Subjects(), storable(FLEET, source="fleet.toml", pushed_at=time.time()))
+        if push:
+            await push_config(js, Subjects(), storable(FLEET, source="fleet.toml", pushed_at=time.time()))
     finally:
         await nc.close()
+
+
+async def test_lines_the_fleet_cannot_route_are_refused_before_sending(nats_server, tmp_path):
+    await fleet_streams(nats_server.url, push=True)
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(line() + line(upstream="openai") + line(upstream="gemini") + line(upstream="anthropic"))
 
@@ -65,11 +71,7 @@ async def test_lines_the_fleet_cannot_route_are_refused_before_sending(nats_serv
 
 async def test_without_a_pushed_config_lines_are_sent_as_before(nats_server, tmp_path):
     """Nothing to check against (a fleet started from its files): the dispatcher checks."""
-    nc = await nats.connect(nats_server.url)
-    try:
-        await ensure_topology(nc.jetstream(), parse_config(FLEET))
-    finally:
-        await nc.close()
+    await fleet_streams(nats_server.url, push=False)
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(line() + line(upstream="gemini"))
     sent = cli("submit", str(jobs), "--tier", "normal", "--nats", nats_server.url)
@@ -80,12 +82,10 @@ async def test_without_a_pushed_config_lines_are_sent_as_before(nats_server, tmp
 async def test_an_invalid_stored_config_is_named_not_skipped_in_silence(nats_server, tmp_path):
     """A config value written by other means than `config push` that does not validate: the
     lines go to the dispatcher as without a config, and submit says why it did not check them."""
+    await fleet_streams(nats_server.url, push=True)
     nc = await nats.connect(nats_server.url)
     try:
-        js = nc.jetstream()
-        await ensure_topology(js, parse_config(FLEET))
-        await push_config(js, Subjects(), storable(FLEET, source="fleet.toml", pushed_at=time.time()))
-        kv = await js.key_value(Subjects().config_bucket)
+        kv = await nc.jetstream().key_value(Subjects().config_bucket)
         stored = json.loads((await kv.get("current")).value)
         stored["config"]["pools"]["o"]["keys"][0]["rps"] = -5
         await kv.put("current", json.dumps(stored).encode())
@@ -104,13 +104,7 @@ async def test_upstream_flag_routes_the_lines_that_name_none(nats_server, tmp_pa
     """`submit --upstream NAME`: lines without an upstream (an OpenAI Batch API line can name
     none) go to NAME and pass the check; a line's own upstream wins; a name the fleet lacks is
     refused before anything is sent; the resume command keeps the flag."""
-    nc = await nats.connect(nats_server.url)
-    try:
-        js = nc.jetstream()
-        await ensure_topology(js, parse_config(FLEET))
-        await push_config(js, Subjects(), storable(FLEET, source="fleet.toml", pushed_at=time.time()))
-    finally:
-        await nc.close()
+    await fleet_streams(nats_server.url, push=True)
     jobs = tmp_path / "jobs.jsonl"
     openai_line = json.dumps({"custom_id": "c1", "method": "POST", "url": "/v1/chat/completions",
                               "body": {"model": "m", "messages": []}}) + "\n"
@@ -143,11 +137,7 @@ async def test_submit_without_a_dispatcher_says_so_and_out_without_wait_writes_n
     """A new user's findings: with no dispatcher running, submit stored the jobs without a word
     (--wait then sat 30 s before saying anything); `--out F` without `--wait` left an empty F
     that a pipeline would take for the (empty) Results."""
-    nc = await nats.connect(nats_server.url)
-    try:
-        await ensure_topology(nc.jetstream(), parse_config(FLEET))
-    finally:
-        await nc.close()
+    await fleet_streams(nats_server.url, push=False)
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(line(upstream="openai"))
     out = tmp_path / "r.jsonl"
