@@ -57,9 +57,7 @@ def leader_settings(config: Config, leader_id: str, epoch: tuple[int, int], max_
 class LeaderSession:
     def __init__(self, config: Config, bus: LeaderBus, dispatcher_id: str, *, conservative: bool = True,
                  epoch: tuple[int, int] = (0, 0), lease_until: float = math.inf, renew: Renew | None = None,
-                 config_revision: int | None = None, cancelled: Container[str] = frozenset()):
-        """`cancelled`: the names of cancelled batches (ratefleet/runtime/cancels.py
-        CancelledBatches, kept current by its watch): intake ends their jobs uncalled."""
+                 config_revision: int | None = None):
         self.config, self.bus, self.id = config, bus, dispatcher_id
         self.subjects = bus.subjects
         settings = leader_settings(config, dispatcher_id, epoch, bus.max_payload)
@@ -72,7 +70,7 @@ class LeaderSession:
         self._send, self._receive = anyio.create_memory_object_stream[ev.Event](math.inf)
         # called with what is missing when a pull request finds no consumer (NATS lost its store)
         self.gone: Callable[[str], None] = lambda what: None
-        self.cancelled = cancelled
+        self._cancelled: Container[str] = frozenset()
         self.inboxes = {tier: self._inbox(config, tier) for tier in config.tiers}
         self.subs: list[Any] = []
         self._finishing: set[anyio.CancelScope] = set()  # the ends and hand-backs under way (`_background`)
@@ -105,7 +103,19 @@ class LeaderSession:
     def _inbox(self, config: Config, tier: str) -> TierInbox:
         return TierInbox(self.bus, config, tier, self.subjects.jobs_stream, tier_consumer(tier),
                          tier_max_deliver(config, tier), self.post, gone=lambda what: self.gone(what),
-                         cancelled=self.cancelled)
+                         cancelled=self._cancelled)
+
+    @property
+    def cancelled(self) -> Container[str]:
+        """The names of cancelled batches (ratefleet/runtime/cancels.py CancelledBatches, kept
+        current by its watch): the pull inboxes' intake ends their jobs uncalled."""
+        return self._cancelled
+
+    @cancelled.setter
+    def cancelled(self, names: Container[str]) -> None:
+        self._cancelled = names
+        for inbox in self.inboxes.values():  # (an inbox made later, for a new tier, gets it too)
+            inbox.cancelled = names
 
     def lease_renewed(self, until: float) -> None:
         self.post(ev.LeaseRenewed(until))

@@ -136,10 +136,11 @@ class Dispatcher:
         self.session = LeaderSession(self.config, bus, self.id,
                                      conservative=conservative, epoch=self.lease.epoch,
                                      lease_until=self.lease.held_until, renew=self._renew_for_session,
-                                     config_revision=self.config_revision, cancelled=self.cancels)
+                                     config_revision=self.config_revision)
         try:
             async with anyio.create_task_group() as tg:
                 self.session.gone = self._rebuild_soon
+                self.session.cancelled = self.cancels
                 tg.start_soon(self.session.run)
                 await self._keep_lease()
                 tg.cancel_scope.cancel()
