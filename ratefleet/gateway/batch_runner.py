@@ -20,11 +20,14 @@ killed carries on at another replica within about `2 * lease_s`, and two replica
 submit, follow or finalize the same batch together (before, each replica that started ran
 every unfinished batch, and finalizing could run twice).
 
-Cancel (and the end of the completion window): no further line is sent; the batch's jobs
-that no dispatcher has taken yet (stream sequence past the tier consumer's last delivered one)
-are deleted from RATEFLEET_JOBS, so they are never called nor paid; the jobs already taken
-(held in the dispatcher's window or being called) finish, and the batch becomes `cancelled`
-once they have their Results (at most `stop_wait_s`), with the files holding what was answered.
+Cancel (and the end of the completion window): no further line is sent; the fleet's cancel
+marker for the batch is set (ratefleet/runtime/cancels.py, as `ratefleet cancel` does), so the
+leader ends the jobs it holds in its window uncalled (Result `failed` / `cancelled`); the jobs no
+dispatcher has taken yet (stream sequence past the tier consumer's last delivered one) are
+deleted from RATEFLEET_JOBS. None of these is called nor paid, and none is in the output or
+error file or the counts. The calls already under way finish, and the batch becomes `cancelled`
+(or `expired`) once the taken jobs have their Results (at most `stop_wait_s`), with the files
+holding what was answered.
 """
 
 from __future__ import annotations
@@ -48,9 +51,10 @@ from ratefleet.gateway.batch_lines import Checked, batch_jobs, check_file, line_
 from ratefleet.gateway.callers import Caller
 from ratefleet.gateway.files import FileStore
 from ratefleet.openai_batch import format_result
+from ratefleet.runtime.cancels import mark_cancelled
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.streams import tier_consumer
-from ratefleet.schemas import Job, Result
+from ratefleet.schemas import ErrorCode, Job, Result
 
 log = get_logger("ratefleet.gateway")
 
@@ -66,6 +70,11 @@ class _Progress:
 
 def _answered(result: Result) -> bool:
     return result.response is not None and 200 <= result.response.status < 300
+
+
+def _stopped(result: Result) -> bool:
+    """A job the fleet ended uncalled because the batch was cancelled or expired."""
+    return result.error is not None and result.error.code == ErrorCode.CANCELLED
 
 
 class BatchRunner:
@@ -159,6 +168,7 @@ class BatchRunner:
         final = "completed"
         if progress.stop_reason is not None:
             final = "cancelled" if progress.stop_reason == "cancelling" else "expired"
+            await self._mark_cancelled(batch_id, final)
             await self._stop_queued(batch_id, record[PRIVATE]["tier"], progress)
             await anyio.sleep(self.cancel_grace_s)
         await self._finalize(batch_id, found, final, tmp)
@@ -252,6 +262,18 @@ class BatchRunner:
                 scope.cancel()
                 return
 
+    async def _mark_cancelled(self, batch_id: str, final: str) -> None:
+        """The fleet's cancel marker for the batch (ratefleet/runtime/cancels.py): the leader
+        then ends the batch's jobs it holds in its window, and any it reads later, without a
+        call. Without it a dispatcher's window (`dispatcher.window` jobs per tier) would still
+        be called after the cancel. A marker NATS refuses is logged; the queued jobs are
+        deleted all the same."""
+        try:
+            await mark_cancelled(self.client.js, self.client.subjects, batch_id, by=f"gateway ({final})")
+        except Exception as exc:  # noqa: BLE001 - the deletion below still stops what is queued
+            log.warning("batch stop: the fleet's cancel marker was refused; jobs held by the leader are still called",
+                        batch=batch_id, error=str(exc))
+
     async def _stop_queued(self, batch_id: str, tier: str, progress: _Progress) -> None:
         """Delete the batch's jobs no dispatcher has taken yet (none of them is paid for),
         then wait for those already taken (their calls may be under way) to end with a
@@ -313,6 +335,8 @@ class BatchRunner:
         with paths["output"].open("w", encoding="utf-8") as out, paths["error"].open("w", encoding="utf-8") as err:
             def write(results: list[Result]) -> None:
                 for result in results:
+                    if _stopped(result):
+                        continue  # not sent, as the jobs deleted from the queue: in neither file
                     ok = _answered(result)
                     counts[0 if ok else 1] += 1
                     (out if ok else err).write(format_result(result, "openai") + "\n")

@@ -203,6 +203,43 @@ async def test_cancel_stops_the_queued_lines(slow_gateway, nats_server, upstream
     assert calls_later == calls_at_end < 20
 
 
+async def test_cancel_ends_the_jobs_the_leader_holds(tmp_path, nats_server, upstream, monkeypatch):
+    """The dispatcher holds up to `dispatcher.window` jobs of a tier (here 32 of 40) before it
+    hands them out; a cancel ends those too (the fleet's cancel marker), so after it only the
+    calls already under way run, not the window's worth (30 more calls at 2/s before)."""
+    kit = fleet(tmp_path, nats_server, upstream, monkeypatch, keys=[{"id": "k1", "rps": 2, "burst": 1}], window=32)
+    lines = [chat_line(f"r{i}", f"n{i}") for i in range(40)]
+
+    def calls() -> int:
+        return sum(key["calls"] for key in upstream.stats()["keys"].values())
+
+    try:
+        async with await Client.connect(nats_server.url) as client, sdk(kit) as ai:
+            await wait_for_leader(client)
+            uploaded = await ai.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+            batch = await ai.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                            completion_window="24h")
+            deadline = time.monotonic() + 30
+            while (await ai.batches.retrieve(batch.id)).request_counts.completed < 2 and time.monotonic() < deadline:
+                await anyio.sleep(0.2)
+            await ai.batches.cancel(batch.id)
+            at_cancel = calls()
+            cancelled, _ = await wait_status(ai, batch.id, {"cancelled", "completed"}, timeout=60)
+            await anyio.sleep(2)
+            after = calls() - at_cancel
+            output = (await ai.files.content(cancelled.output_file_id)).text.splitlines()
+            results = list((await collect(client, batch.id, 40, timeout=5)).values())
+    finally:
+        kit.stop()
+    assert cancelled.status == "cancelled"
+    assert after <= 8, f"{after} calls after the cancel"
+    # the jobs ended uncalled are in neither file nor in the counts, like those deleted from the queue
+    assert len(output) == cancelled.request_counts.completed == calls() and cancelled.request_counts.failed == 0
+    assert cancelled.error_file_id is None
+    ended = [r for r in results if r.error is not None and r.error.code == "cancelled"]
+    assert len(ended) >= 20, [r.status for r in results]
+
+
 async def test_batch_survives_a_gateway_restart(slow_gateway, nats_server, upstream):
     lines = [chat_line(f"r{i}", f"n{i}") for i in range(24)]
     kit = slow_gateway
