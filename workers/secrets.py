@@ -9,6 +9,12 @@ A secret is usable only if it can be sent as an HTTP header value: RFC 9110 sect
 allows visible ASCII, obs-text (0x80-0xFF, i.e. latin-1) and spaces/tabs inside a field
 value; CR, LF, other control characters and anything beyond latin-1 cannot be sent
 (httpx raises on them). `check_all` finds every unusable secret at worker start.
+
+Whitespace around a secret is dropped, whatever its reference (`env:`, `file:`, literal): a
+field value has none (RFC 9110 5.5; servers strip it before they see or echo the value), and
+a `.env` line, `kubectl create secret --from-file` or a Windows file easily leaves a space,
+tab or line break there. Kept, it would be sent but never seen in that form again, so the
+masking of an upstream's answer (workers/body.py) would miss the echoed, stripped key.
 """
 
 from __future__ import annotations
@@ -114,7 +120,7 @@ class SecretResolver:
         tag = f"version {version}: " if version else ""
         if ref.startswith("env:"):
             name = ref[4:]
-            value = os.environ.get(name)
+            value = os.environ.get(name, "").strip()
             if not value:
                 raise SecretUnavailable(f"{who}: environment variable {name} is not set on this worker",
                                         reason=f"{tag}{name} not set")
@@ -131,7 +137,7 @@ class SecretResolver:
                 raise SecretUnavailable(f"{who}: secret file {path} is empty", reason=f"{tag}file {path} empty")
             where = f"file {path}"
         else:
-            value, where = ref, "literal secret"
+            value, where = ref.strip(), "literal secret"
         problem = header_problem(value)
         if problem is not None:
             raise SecretUnavailable(f"{who}: {where} {problem}", reason=f"{tag}{where} {problem}")

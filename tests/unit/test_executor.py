@@ -154,3 +154,30 @@ async def test_worker_clients_never_follow_redirects_nor_use_env_proxies(transpo
         assert client.follow_redirects is False and client.trust_env is False
     finally:
         await client.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.filterwarnings("ignore:.*literal secret")
+@pytest.mark.parametrize("around", [" ", "\t", "  ", " \t", "\n", "\r\n"])
+@pytest.mark.parametrize("source", ["env", "literal"])
+async def test_whitespace_around_a_secret_never_leaks_through_an_echo(monkeypatch, around, source):
+    """A key set with whitespace around it (a `.env` line, `kubectl create secret --from-file`, a
+    Windows file) is sent without it: an HTTP server strips it from the field (RFC 9110 5.5)
+    before it echoes the value, so the masking must know the key in that form. Before, the
+    resolver kept the spaces, the call worked and the echoed key was stored unmasked."""
+    from ratefleet.schemas.config import parse_config
+    from ratefleet.workers.secrets import SecretResolver
+
+    monkeypatch.setenv("RF_EXEC_KEY", SECRET + around)
+    ref = "env:RF_EXEC_KEY" if source == "env" else SECRET + around
+    cfg = parse_config({"upstreams": {"u": {"base_url": "http://127.0.0.1:9"}},
+                        "pools": {"p": {"keys": [{"id": "k1", "rps": 5, "secret": ref}]}}})
+    _, secret = SecretResolver(cfg).pick("k1")
+
+    def handler(request):
+        sent = request.headers["authorization"].strip()  # what a server sees and echoes
+        return httpx.Response(400, json={"error": {"message": f"Invalid authorization header: {sent}"}})
+
+    result = await executor(handler).call(job(), UPSTREAM, secret)
+    assert SECRET not in result.response.model_dump_json()
+    assert result.response.json_body["error"]["message"] == "Invalid authorization header: Bearer ***"
