@@ -89,8 +89,14 @@ def _rate(key: dict) -> str:
 
 def key_state(k: dict) -> str:
     """One key's state for people: "ok", "DISABLED by provider evidence: <reason>; probe in
-    42 s", "DISABLED by an operator: <reason>", "no worker has its secret (<reason>)"."""
+    42 s", "DISABLED by an operator: <reason>", "no worker has its secret (<reason>)"; an
+    enabled key whose token budget is overdrawn (answers reported more usage than was
+    reserved) says so, and for about how long it gets no call."""
     if not k.get("disabled"):
+        debt, per_minute = k.get("cost_tokens"), k.get("effective_cost_per_minute") or k.get("cost_per_minute")
+        if isinstance(debt, (int, float)) and debt < 0 and per_minute:
+            return (f"ok; token budget overdrawn by {-debt:,.0f} (usage above the estimates): "
+                    f"no call for about {-debt / (per_minute / 60):.0f} s")
         return "ok"
     by = k.get("disabled_by")
     if by == "secret":

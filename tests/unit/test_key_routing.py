@@ -40,3 +40,8 @@ def test_status_says_who_disabled_a_key_and_when_the_probe_is_due():
                       "probe_in_s": 41.6}) == "DISABLED by provider evidence: invalid_api_key (HTTP 401); probe in 42 s"
     assert key_state({"disabled": True, "disabled_by": "operator", "disabled_reason": "rotating"}) == (
         "DISABLED by an operator: rotating")
+    # an enabled key idle on a token debt says so (it read "ok" while it got no call for minutes)
+    assert key_state({"disabled": False, "cost_tokens": -600.0, "cost_per_minute": 600.0,
+                      "effective_cost_per_minute": 300.0}) == (
+        "ok; token budget overdrawn by 600 (usage above the estimates): no call for about 120 s")
+    assert key_state({"disabled": False, "cost_tokens": 12.5, "cost_per_minute": 600.0}) == "ok"
