@@ -16,7 +16,7 @@ over, for the whole fleet. `rate_limit_scope` reads the evidence in order:
     body states Limit L, Requested R with R > L        request, never fits  (L, R kept)
     body says "Request too large"                      request
     the job's cost > x-ratelimit-limit-tokens          request, never fits
-    body says "Rate limit reached" / "would exceed" (R <= L)   key (out of room for now)
+    body says the limit is reached or exceeded (R <= L)  key (out of room for now)
     remaining requests or tokens <= 0                  key
     remaining tokens < the job's cost                  key  (not enough room for this one)
     remaining requests > 0, tokens > 0 or absent       request (the key had room)
@@ -27,7 +27,14 @@ over, for the whole fleet. `rate_limit_scope` reads the evidence in order:
 Message formats: OpenAI "Request too large for …" and "Rate limit reached for … Limit N,
 Used U, Requested R" (platform.openai.com/docs/guides/rate-limits, error-codes; the shape
 users report in e.g. github.com/Aider-AI/aider/issues/1880). Anthropic's too-large request
-is a 413 `request_too_large` (docs.anthropic.com/en/api/errors), a bad_request already.
+is a 413 `request_too_large` (docs.anthropic.com/en/api/errors), a bad_request already; its
+429 `rate_limit_error` says "would exceed" or "exceeded your rate limit". Azure OpenAI:
+"have exceeded call rate limit" / "token rate limit"; Google (Gemini, Vertex):
+`RESOURCE_EXHAUSTED`, "Resource has been exhausted" / "Quota exceeded for metric".
+
+Room in the headers is weak evidence: the remaining counts are per minute while providers
+enforce over seconds, so the scheduler overrules a "request" verdict when other jobs got
+429s on the key moments before (dispatcher/core/key.py).
 """
 
 from __future__ import annotations
@@ -43,7 +50,14 @@ Scope = Literal["key", "request"]
 _TOO_LARGE = re.compile(r"\brequest too large\b", re.IGNORECASE)
 # the key is out of room for now: OpenAI "Rate limit reached for … on tokens per min (TPM):
 # Limit 30000, Used 29937, Requested 385", Anthropic "This request would exceed the rate limit …"
-_REACHED = re.compile(r"\brate limit reached\b|\bwould exceed\b", re.IGNORECASE)
+# and "Number of concurrent connections has exceeded your rate limit", Azure OpenAI "Requests to
+# the ChatCompletions_Create Operation … have exceeded call rate limit of your current … pricing
+# tier" / "exceeded token rate limit", Google "Resource has been exhausted (e.g. check quota)."
+# and "Quota exceeded for metric: … per minute" (a billing quota is an insufficient_quota key
+# error, classified before a 429 gets here)
+_REACHED = re.compile(
+    r"\brate limit reached\b|\bwould exceed\b|\bexceeded (?:the |your )?(?:call |token |request )?rate limit"
+    r"|\bresource (?:has been )?exhausted\b|\bquota exceeded\b", re.IGNORECASE)
 _LIMIT_REQUESTED = re.compile(
     r"\blimit:?\s+([\d,]+(?:\.\d+)?)\s*,\s*(?:used:?\s+[\d,]+(?:\.\d+)?\s*,\s*)?requested:?\s+([\d,]+(?:\.\d+)?)",
     re.IGNORECASE)

@@ -25,7 +25,13 @@ such jobs alternating kept both keys of a pool near 1 % of their rate). The firs
 job still acts on the key, which bounds what a misreading costs.
 Headers showing room can mislead (a limit they do not report, such as concurrency): when
 429s of different jobs come back to back on a key with no success in between, the key is
-refusing everyone, and such a 429 is the key's whatever its headers said.
+refusing everyone, and such a 429 is the key's whatever its headers said. Nor is room in
+them worth much once another job got a 429 on the key within ROOM_429_WINDOW_S, successes
+between or not: the remaining counts are per minute (OpenAI x-ratelimit-remaining-*, Azure
+OpenAI's, anthropic-ratelimit-*-remaining) while the providers enforce over seconds (Azure
+per 1 or 10 s, Anthropic a token bucket and a concurrency cap), so the headers show room
+while the key is out of it. Before, such 429s never slowed the key: 38-43 % of calls came
+back 429 against a provider allowing 2 req/s of the 5 configured.
 A key-scoped 429 that nothing confirms (no header or body saying the key is out of room, no
 other job's 429 just before it, and the key served a job since its last throttle) cools
 the key for at most the cooldown policy's max_s whatever Retry-After it names: one job's
@@ -49,6 +55,7 @@ from .types import BreakerPolicy, CooldownPolicy, KeySpec, Outcome, ProbePolicy
 
 _MAX_DOUBLINGS = 62
 SENT_WINDOW_S = 2.0  # the rate a key was actually sent at is measured over this window
+ROOM_429_WINDOW_S = 10.0  # another job's 429 this recent on the key outweighs headers showing room
 MIN_SENT_CALLS = 5  # fewer calls in the window measure nothing (1 call in 2 s is not "0.5/s")
 JOB_429_MEMORY = 256  # jobs whose last 429 on a key is remembered (to see one job repeat)
 
@@ -225,7 +232,7 @@ class KeyState:
                 self.cost_rate.on_success(now)
         elif outcome.kind == OutcomeKind.RATE_LIMITED:
             repeat = outcome.scope != "key" and self.repeats(job_id)
-            if repeat or self.request_scoped(outcome, job_id):
+            if repeat or self.request_scoped(outcome, job_id, now):
                 self.stats.request_scoped_429 += 1
             else:
                 self._throttled(outcome, now, fresh, confirmed=self._confirmed(outcome, job_id))
@@ -258,11 +265,14 @@ class KeyState:
             self.request_rate.on_throttle(now, self.sent_rate(now))
         self._cool(now, self._backoff(retry_after))
 
-    def request_scoped(self, outcome: Outcome, job_id: str | None) -> bool:
+    def request_scoped(self, outcome: Outcome, job_id: str | None, now: float) -> bool:
         """Whether a 429 that is not a repeat (`repeats`) is about its request rather than
-        this key (module docstring)."""
+        this key (module docstring); `now` in seconds."""
         if self._others_refused(job_id):
             return False  # another job's 429 just before, no success since: everyone is refused
+        last_job, last_at = self._last_429
+        if last_job != job_id and now - last_at <= ROOM_429_WINDOW_S:
+            return False  # two jobs refused within seconds: the headers' per-minute room is not real
         return outcome.scope == "request"
 
     def repeats(self, job_id: str | None) -> bool:

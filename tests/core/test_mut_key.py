@@ -14,7 +14,7 @@ import pytest
 
 from ratefleet.dispatcher.core import BreakerPolicy, CooldownPolicy, Outcome, RateLimitInfo
 from ratefleet.dispatcher.core.adaptive import AdaptPolicy
-from ratefleet.dispatcher.core.key import JOB_429_MEMORY, KeyState, key_error_reason
+from ratefleet.dispatcher.core.key import JOB_429_MEMORY, ROOM_429_WINDOW_S, KeyState, key_error_reason
 from ratefleet.dispatcher.core.types import KeySpec
 from ratefleet.schemas.outcome import OutcomeKind
 
@@ -192,12 +192,31 @@ def test_jobs_whose_429s_interleave_are_each_their_own_once_the_key_served_other
 def test_back_to_back_429s_of_different_jobs_are_the_keys_whatever_the_headers_say(scope):
     k = state()
     one_job_429_then_ok(k)
-    k.observe(Outcome("rate_limited", 429, scope="request"), 3.0, job_id="c")  # after a success: c's own
+    k.observe(OK, 20.0, job_id="b")
+    # after a success, and no other job's 429 within ROOM_429_WINDOW_S: c's own
+    k.observe(Outcome("rate_limited", 429, scope="request"), 20.0, job_id="c")
     assert k.stats.request_scoped_429 == 1
-    k.observe(Outcome("rate_limited", 429, scope=scope), 3.5, job_id="d")  # c's just before, no success since
-    assert k.stats.request_scoped_429 == 1 and k.streak_429 == 1 and k.cooldown_until == 4.5
-    k.observe(Outcome("rate_limited", 429, scope="request"), 4.0, job_id="d")  # d's own again, no success
+    k.observe(Outcome("rate_limited", 429, scope=scope), 20.5, job_id="d")  # c's just before, no success since
+    assert k.stats.request_scoped_429 == 1 and k.streak_429 == 1 and k.cooldown_until == 21.5
+    k.observe(Outcome("rate_limited", 429, scope="request"), 21.0, job_id="d")  # d's own again, no success
     assert k.stats.request_scoped_429 == 2
+
+
+@pytest.mark.parametrize("gap, request_scoped", [
+    (1.0, 0),  # another job's 429 a second before, successes between: the key's
+    (ROOM_429_WINDOW_S, 0),
+    (ROOM_429_WINDOW_S + 0.5, 1),  # long enough ago: the headers' room stands
+])
+def test_room_in_the_headers_does_not_outweigh_another_jobs_recent_429(gap, request_scoped):
+    """Azure / Anthropic: the headers show per-minute room while the key is out of its
+    per-second room; 429s of different jobs interleave with successes."""
+    k = state()
+    k.observe(Outcome("rate_limited", 429, scope="request"), 100.0, job_id="a")  # first: the request's
+    assert k.stats.request_scoped_429 == 1 and k.streak_429 == 0
+    k.observe(OK, 100.0 + gap / 2, job_id="b")
+    k.observe(Outcome("rate_limited", 429, scope="request"), 100.0 + gap, job_id="c")
+    assert k.stats.request_scoped_429 == 1 + request_scoped
+    assert k.streak_429 == 1 - request_scoped  # the key's: it cools down and slows down
 
 
 @pytest.mark.parametrize("others, remembered", [(JOB_429_MEMORY - 1, True), (JOB_429_MEMORY, False)])

@@ -46,6 +46,19 @@ MOCK_BODY = {"error": {"message": "The mock upstream was told to answer 429.", "
         (ROOM, {"type": "error", "error": {"type": "rate_limit_error", "message": "This request would exceed the "
                                            "rate limit for your organization of 50,000 input tokens per minute."}},
          1.0, "key", False),  # Anthropic
+        # the providers' own words for a key out of room, whatever the headers' per-minute counts say
+        (ROOM, {"error": {"code": "429", "message": "Requests to the ChatCompletions_Create Operation under Azure "
+                          "OpenAI API version 2024-02-01 have exceeded call rate limit of your current OpenAI S0 "
+                          "pricing tier. Please retry after 1 second."}}, 1.0, "key", False),  # Azure OpenAI
+        (ROOM, {"error": {"message": "Requests to the Embeddings_Create Operation have exceeded token rate limit "
+                          "of your current pricing tier."}}, 1.0, "key", False),  # Azure, tokens
+        (ROOM, {"type": "error", "error": {"type": "rate_limit_error", "message": "Number of concurrent "
+                                           "connections has exceeded your rate limit."}}, 1.0, "key", False),
+        (ROOM, {"error": {"code": 429, "message": "Resource has been exhausted (e.g. check quota).",
+                          "status": "RESOURCE_EXHAUSTED"}}, 1.0, "key", False),  # Google
+        (None, {"error": {"code": 429, "message": "Quota exceeded for metric: generativelanguage.googleapis.com/"
+                          "generate_content_free_tier_requests, limit: 15", "status": "RESOURCE_EXHAUSTED"}},
+         1.0, "key", False),
         (ROOM, MOCK_BODY, 1.0, "request", False),  # the key's own headers showed room
         (RateLimitInfo(remaining_requests=4), None, None, "request", False),  # tokens absent
         (NO_ROOM, MOCK_BODY, 1.0, "key", False),  # remaining 0
