@@ -24,15 +24,16 @@ Cancel (and the end of the completion window): no further line is sent; the flee
 marker for the batch is set (ratefleet/runtime/cancels.py, as `ratefleet cancel` does), so the
 leader ends the jobs it holds in its window uncalled (Result `failed` / `cancelled`); the jobs no
 dispatcher has taken yet (stream sequence past the tier consumer's last delivered one) are
-deleted from RATEFLEET_JOBS. None of these is called nor paid, and none is in the output or
-error file or the counts. The calls already under way finish, and the batch becomes `cancelled`
-(or `expired`) once the taken jobs have their Results (at most `stop_wait_s`), with the files
-holding what was answered.
+deleted from RATEFLEET_JOBS. None of these is called nor paid; each is an error line
+(`batch_cancelled` / `batch_expired`, as OpenAI writes them) and counts as failed. The calls
+already under way finish, and the batch becomes `cancelled` (or `expired`) once the taken jobs
+have their Results (at most `stop_wait_s`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 import time
 import uuid
@@ -54,7 +55,7 @@ from ratefleet.openai_batch import format_result
 from ratefleet.runtime.cancels import mark_cancelled
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.streams import tier_consumer
-from ratefleet.schemas import ErrorCode, Job, Result
+from ratefleet.schemas import ErrorCode, ErrorInfo, Job, Result
 
 log = get_logger("ratefleet.gateway")
 
@@ -171,7 +172,7 @@ class BatchRunner:
             await self._mark_cancelled(batch_id, final)
             await self._stop_queued(batch_id, record[PRIVATE]["tier"], progress)
             await anyio.sleep(self.cancel_grace_s)
-        await self._finalize(batch_id, found, final, tmp)
+        await self._finalize(batch_id, found, final, tmp, unsent=None if final == "completed" else (path, record, caller))
 
     async def _fail(self, batch_id: str, errors: list[dict[str, Any]]) -> None:
         def change(record: dict[str, Any]) -> dict[str, Any]:
@@ -303,12 +304,16 @@ class BatchRunner:
                 await anyio.sleep(self.poll_s)
                 taken = [seq for seq in taken if await self.client.queued_job(seq) is not None]
 
-    async def _finalize(self, batch_id: str, found: Checked, final: str, tmp: Path) -> None:
+    async def _finalize(self, batch_id: str, found: Checked, final: str, tmp: Path,
+                        unsent: tuple[Path, dict[str, Any], Caller] | None = None) -> None:
+        """Write the output and error files and end the batch `final`. `unsent` (the input
+        file, the record and the caller) for a batch stopped before every line ran: each such
+        line gets its error line (see `_write_files`)."""
         if final == "completed":  # (a batch found `finalizing` after a restart is finalized again)
             await self.book.update(batch_id, lambda r: set_status(r, "finalizing"))
         caller_name = (await self.book.get(batch_id))[PRIVATE]["caller"]
         paths = {"output": tmp / "output.jsonl", "error": tmp / "error.jsonl"}
-        counts = await self._write_files(batch_id, found, paths)
+        counts = await self._write_files(batch_id, found, paths, final, unsent)
         ids: dict[str, str | None] = {}
         for kind, path in paths.items():
             size = path.stat().st_size
@@ -328,24 +333,62 @@ class BatchRunner:
         await self.book.update(batch_id, change)
         log.info("batch finished", batch=batch_id, status=final, completed=counts[0], failed=counts[1])
 
-    async def _write_files(self, batch_id: str, found: Checked, paths: dict[str, Path]) -> tuple[int, int]:
-        """The output and error files, in input order; (answered, failed) counts."""
+    async def _write_files(self, batch_id: str, found: Checked, paths: dict[str, Path], final: str = "completed",
+                           unsent: tuple[Path, dict[str, Any], Caller] | None = None) -> tuple[int, int]:
+        """The output and error files, in input order; (answered, failed) counts.
+
+        A line that was never sent (its job deleted from the queue, or ended uncalled by the
+        fleet's cancel marker) is an error line with OpenAI's code for it, `batch_cancelled`
+        or `batch_expired` (platform.openai.com/docs/guides/batch: "Expired requests will be
+        written to your error file"), and counts as failed: every line of the input is in one
+        of the two files, so a caller can send what never ran again by its custom_id."""
         order = InputOrder(found.gaps)
         counts = [0, 0]
+        seen = IdSet()
         with paths["output"].open("w", encoding="utf-8") as out, paths["error"].open("w", encoding="utf-8") as err:
             def write(results: list[Result]) -> None:
                 for result in results:
                     if _stopped(result):
-                        continue  # not sent, as the jobs deleted from the queue: in neither file
+                        counts[1] += 1
+                        err.write(json.dumps(_unsent_line(result, final), ensure_ascii=False) + "\n")
+                        continue
                     ok = _answered(result)
                     counts[0 if ok else 1] += 1
                     (out if ok else err).write(format_result(result, "openai") + "\n")
 
             async for result in self.client.results(batch_id):
                 if result.job_id in found.ids:
+                    seen.add(result.job_id)
                     write(order.push(result))
+            if unsent is not None:
+                seen.freeze()
+                path, record, caller = unsent
+                for never_run in await anyio.to_thread.run_sync(_never_run, path, record, caller, found, seen):
+                    write(order.push(never_run))
             write(order.flush())
         return counts[0], counts[1]
+
+
+def _never_run(path: Path, record: dict[str, Any], caller: Caller, found: Checked, seen: IdSet) -> list[Result]:
+    """A stand-in Result (`failed` / `cancelled`) for each good line of the input without a
+    Result: the jobs deleted from the queue when the batch stopped."""
+    missing = []
+    for _, job in batch_jobs(path, record["id"], record["endpoint"], caller):
+        if isinstance(job, Job) and job.id in found.ids and job.id not in seen:
+            missing.append(Result(job_id=job.id, status="failed", batch=record["id"], metadata=job.metadata,
+                                  error=ErrorInfo(code=ErrorCode.CANCELLED, message="never sent")))
+    return missing
+
+
+_UNSENT = {"cancelled": ("batch_cancelled", "This request was not executed because the batch was cancelled."),
+           "expired": ("batch_expired", "This request could not be executed before the completion window expired.")}
+
+
+def _unsent_line(result: Result, final: str) -> dict[str, Any]:
+    """The OpenAI Batch error line of a request the batch never ran (`final`: cancelled or expired)."""
+    code, message = _UNSENT.get(final, _UNSENT["cancelled"])
+    return {"id": f"batch_req_{result.job_id}", "custom_id": result.metadata.get("custom_id"), "response": None,
+            "error": {"code": code, "message": message}}
 
 
 def _started(record: dict[str, Any], jobs: int) -> dict[str, Any] | None:

@@ -227,15 +227,20 @@ async def test_cancel_ends_the_jobs_the_leader_holds(tmp_path, nats_server, upst
             cancelled, _ = await wait_status(ai, batch.id, {"cancelled", "completed"}, timeout=60)
             await anyio.sleep(2)
             after = calls() - at_cancel
-            output = (await ai.files.content(cancelled.output_file_id)).text.splitlines()
+            output = [json.loads(line) for line in (await ai.files.content(cancelled.output_file_id)).text.splitlines()]
+            errors = [json.loads(line) for line in (await ai.files.content(cancelled.error_file_id)).text.splitlines()]
             results = list((await collect(client, batch.id, 40, timeout=5)).values())
     finally:
         kit.stop()
     assert cancelled.status == "cancelled"
     assert after <= 8, f"{after} calls after the cancel"
-    # the jobs ended uncalled are in neither file nor in the counts, like those deleted from the queue
-    assert len(output) == cancelled.request_counts.completed == calls() and cancelled.request_counts.failed == 0
-    assert cancelled.error_file_id is None
+    assert len(output) == cancelled.request_counts.completed == calls()
+    # every line never sent (ended uncalled by the leader, or deleted from the queue) is an error
+    # line with OpenAI's code, so the two files hold every line once, in input order
+    assert len(errors) == cancelled.request_counts.failed == 40 - len(output)
+    assert {e["error"]["code"] for e in errors} == {"batch_cancelled"} and {e["response"] for e in errors} == {None}
+    assert sorted(int(line["custom_id"][1:]) for line in output + errors) == list(range(40))
+    assert [int(e["custom_id"][1:]) for e in errors] == sorted(int(e["custom_id"][1:]) for e in errors)
     ended = [r for r in results if r.error is not None and r.error.code == "cancelled"]
     assert len(ended) >= 20, [r.status for r in results]
 
@@ -303,11 +308,16 @@ async def test_a_batch_past_its_completion_window_expires_with_what_was_answered
             async with sdk(kit) as ai:
                 done, _ = await wait_status(ai, record["id"], {"completed", "expired", "failed"}, timeout=60)
                 output = [json.loads(line) for line in (await ai.files.content(done.output_file_id)).text.splitlines()]
+                errors = [json.loads(line) for line in (await ai.files.content(done.error_file_id)).text.splitlines()]
     finally:
         kit.stop()
     assert done.status == "expired" and done.expired_at
-    assert (done.request_counts.total, done.request_counts.completed) == (8, 3)
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (8, 3, 5)
     assert [o["custom_id"] for o in output] == ["r0", "r1", "r2"]
+    # the lines never sent are in the error file, as OpenAI writes expired requests
+    assert [e["custom_id"] for e in errors] == ["r3", "r4", "r5", "r6", "r7"]
+    assert errors[0]["error"] == {"code": "batch_expired", "message": "This request could not be executed before "
+                                  "the completion window expired."} and errors[0]["response"] is None
     assert sum(key["calls"] for key in upstream.stats()["keys"].values()) == 3
 
 
