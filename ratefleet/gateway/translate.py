@@ -76,15 +76,22 @@ def check_model(caller: Caller, body: Any, text_body: str | None = None) -> None
     """For a caller with a model allow-list (`models`): GatewayRefusal 403 when the JSON body
     names a model the caller may not use, 400 when its `model` is not a string, and 415 for a
     text body (`text_body`: the gateway cannot read a model from it, so it must not pass one
-    on). A caller without `models` may send any of these."""
+    on), and 400 `model_required` for a JSON body without a `model` (the upstream would pick its
+    own default, whatever the list says). A request without a body (GET /v1/models) names no
+    model and passes. A caller without `models` may send any of these."""
     if caller.models is None:
         return
     if text_body is not None:
         raise GatewayRefusal(415, f"Caller {caller.name!r} may use only some models, and the gateway reads the "
                              "model from a JSON body: send it as application/json.",
                              type="invalid_request_error", code="unsupported_media_type")
-    if not isinstance(body, dict) or "model" not in body:
+    if body is None:
         return
+    if not isinstance(body, dict) or "model" not in body:
+        allowed = ", ".join(sorted(caller.models))
+        raise GatewayRefusal(400, f"Caller {caller.name!r} may use only some models ({allowed}): name one in the "
+                             "body's `model` (without it the upstream would choose its own default).",
+                             type="invalid_request_error", code="model_required", param="model")
     model = body["model"]
     if not isinstance(model, str):
         raise GatewayRefusal(400, f"`model` must be a string, not {type(model).__name__}.",

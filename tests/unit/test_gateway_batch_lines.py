@@ -43,11 +43,14 @@ def test_good_lines_become_jobs_with_the_ids_ratefleet_submit_gives(tmp_path):
 
 def test_each_bad_line_is_named_with_openai_error_fields(tmp_path):
     job_line = json.dumps({"request": {"method": "POST", "path": ENDPOINT}})
-    lines = [chat("a"), "{oops", chat("b", url="/v1/embeddings"), chat("a"), chat("c", model="gpt-4o"), job_line]
+    no_model = json.dumps({"custom_id": "d", "method": "POST", "url": ENDPOINT, "body": {"messages": []}})
+    lines = [chat("a"), "{oops", chat("b", url="/v1/embeddings"), chat("a"), chat("c", model="gpt-4o"), job_line,
+             no_model]
     found = check_file(write(tmp_path, lines), "batch_x", ENDPOINT, caller(models=frozenset({"gpt-4o-mini"})))
-    assert found.jobs == 1 and found.error_count == 5
+    assert found.jobs == 1 and found.error_count == 6
     by_line = {error["line"]: error for error in found.errors}
-    assert set(by_line) == {2, 3, 4, 5, 6}
+    assert set(by_line) == {2, 3, 4, 5, 6, 7}
+    assert (by_line[7]["code"], by_line[7]["param"]) == ("model_required", "body.model")  # not the upstream's default
     assert by_line[2]["code"] == "invalid_json_line" and by_line[2]["message"].startswith("line 2:")
     assert (by_line[3]["code"], by_line[3]["param"]) == ("mismatched_endpoint", "url")
     assert by_line[4]["code"] == "duplicate_custom_id"

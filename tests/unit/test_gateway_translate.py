@@ -62,6 +62,9 @@ def test_upstream_choice_follows_the_callers_list():
     ({"json_body": {"model": ["gpt-4o"], "messages": []}}, 400, "invalid_model"),
     ({"json_body": {"model": {"a": 1}}}, 400, "invalid_model"),
     ({"json_body": {"model": 7}}, 400, "invalid_model"),
+    # no model named: the upstream's default would slip past the allow-list (it was forwarded)
+    ({"json_body": {"messages": [{"role": "user", "content": "hi"}]}}, 400, "model_required"),
+    ({"json_body": [{"model": "m"}]}, 400, "model_required"),
     # a body the gateway cannot read a model from must not pass an allow-list (it was forwarded)
     ({"headers": {"content-type": "text/plain"}, "text_body": '{"model":"gpt-4o","messages":[]}'}, 415,
      "unsupported_media_type"),
