@@ -60,7 +60,7 @@ def new_batch(*, caller: str, tier: str, upstream: str | None, input_file_id: st
         "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,
         "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": metadata,
         PRIVATE: {"caller": caller, "tier": tier, "upstream": upstream, "submitted": False,
-                  "first_seq": None, "last_seq": None},
+                  "first_seq": None, "last_seq": None, "created_ns": int(now * 1e9)},
     }
     return record
 
@@ -175,4 +175,5 @@ class BatchBook:
         except (NoKeysError, NotFoundError):
             return []
         records = [record for key in keys if (record := await self.get(key)) is not None]
-        return sorted(records, key=lambda r: (r["created_at"], r["id"]), reverse=True)
+        # created_ns orders the batches made within one second (records made before it: 0)
+        return sorted(records, key=lambda r: (r["created_at"], r[PRIVATE].get("created_ns", 0), r["id"]), reverse=True)

@@ -105,8 +105,15 @@ class BatchApi:
         return JSONResponse(files.public(meta))
 
     async def list_files(self, request: Request, caller: Caller) -> Response:
+        """OpenAI's files list: `purpose`, `limit` (1-10000, default 10000), `order` (`desc`, the
+        default, newest first, or `asc`) and `after` (a file id of the list)."""
+        order = request.query_params.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise bad_request("order must be asc or desc.", param="order")
         found = await self.files.list(caller.name, request.query_params.get("purpose"))
-        return JSONResponse({"object": "list", "data": [files.public(m) for m in found], "has_more": False})
+        if order == "asc":
+            found.reverse()
+        return JSONResponse(_page(found, request, default=10000, most=10000, public=files.public))
 
     async def retrieve_file(self, request: Request, caller: Caller) -> Response:
         file_id = request.path_params["file_id"]
@@ -181,18 +188,8 @@ class BatchApi:
         return JSONResponse(batch_book.public(await self._mine(caller, request.path_params["batch_id"])))
 
     async def list_batches(self, request: Request, caller: Caller) -> Response:
-        limit_text = request.query_params.get("limit", "20")
-        if not limit_text.isdigit() or not 1 <= int(limit_text) <= 100:
-            raise bad_request("limit must be a whole number from 1 to 100.", param="limit")
         mine = [r for r in await self.book.all() if r[batch_book.PRIVATE]["caller"] == caller.name]
-        after = request.query_params.get("after")
-        if after is not None:
-            ids = [r["id"] for r in mine]
-            mine = mine[ids.index(after) + 1:] if after in ids else []
-        page = mine[: int(limit_text)]
-        return JSONResponse({"object": "list", "data": [batch_book.public(r) for r in page],
-                             "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None,
-                             "has_more": len(mine) > len(page)})
+        return JSONResponse(_page(mine, request, default=20, most=100, public=batch_book.public))
 
     async def cancel_batch(self, request: Request, caller: Caller) -> Response:
         batch_id = request.path_params["batch_id"]
@@ -206,6 +203,27 @@ class BatchApi:
             raise GatewayRefusal(409, f"Cannot cancel a batch with status {record['status']}.",
                                  type="invalid_request_error", code="batch_not_cancellable")
         return JSONResponse(batch_book.public(record))
+
+
+def _page(items: list[dict[str, Any]], request: Request, *, default: int, most: int,
+          public: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+    """One cursor page of `items` (in list order) as OpenAI lists answer: `data`, `first_id`,
+    `last_id`, `has_more`; query `limit` (1..`most`, default `default`) and `after` (the id
+    after which the page starts). GatewayRefusal 400 for a bad limit, and for an `after` that is
+    no id of the list (an empty page would read as the end of the list)."""
+    limit_text = request.query_params.get("limit", str(default))
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= most:
+        raise bad_request(f"limit must be a whole number from 1 to {most}.", param="limit")
+    after = request.query_params.get("after")
+    if after is not None:
+        ids = [item["id"] for item in items]
+        if after not in ids:
+            raise bad_request(f"after: {after!r} is not in this list (deleted, expired or another caller's); "
+                              "list again from the start, without after.", param="after")
+        items = items[ids.index(after) + 1:]
+    page = items[: int(limit_text)]
+    return {"object": "list", "data": [public(item) for item in page], "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > len(page)}
 
 
 def _check_metadata(metadata: Any) -> None:

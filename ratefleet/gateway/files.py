@@ -5,8 +5,11 @@ long as Results (`streams.results_max_age_s`). One object per file, named by its
 (`file-<24 hex>`); its description holds the OpenAI File object plus its owner, as JSON:
 
     {"id": "file-...", "object": "file", "bytes": 1234, "created_at": 1764400000,
-     "filename": "batchinput.jsonl", "purpose": "batch" | "batch_output", "status": "processed",
-     "owner": "<caller name>"}
+     "expires_at": 1764486400, "filename": "batchinput.jsonl", "purpose": "batch" | "batch_output",
+     "status": "processed", "owner": "<caller name>", "created_ns": 1764400000123456789}
+
+`expires_at` is when the bucket drops it (`created_at` + the bucket's max age, seconds);
+`created_ns` orders files made within one second (not shown).
 
 (OpenAI API reference, "Files" -> "The file object"). A caller sees only its own files: any
 other id is "not found", as OpenAI answers for another organisation's file.
@@ -27,6 +30,8 @@ from ratefleet.runtime.streams import open_object_store, stream_gone
 from ratefleet.schemas import Subjects
 
 OWNER = "owner"
+CREATED_NS = "created_ns"
+_PRIVATE_FIELDS = frozenset({OWNER, CREATED_NS})
 
 
 def files_bucket(subjects: Subjects) -> str:
@@ -39,8 +44,13 @@ def new_file_id() -> str:
 
 
 def public(meta: dict[str, Any]) -> dict[str, Any]:
-    """The OpenAI File object (without the owner)."""
-    return {name: value for name, value in meta.items() if name != OWNER}
+    """The OpenAI File object (without the owner and the ordering stamp)."""
+    return {name: value for name, value in meta.items() if name not in _PRIVATE_FIELDS}
+
+
+def newest_first(meta: dict[str, Any]) -> tuple[int, int, str]:
+    """The sort key of a file, newest first with `reverse=True` (also within one second)."""
+    return meta["created_at"], meta.get(CREATED_NS, 0), meta["id"]
 
 
 class FileStore:
@@ -62,8 +72,11 @@ class FileStore:
         """Store a file (`data`: bytes or a seekable binary file object read to its end, `size`
         bytes); returns its metadata (the File object plus the owner). A bucket NATS has lost
         (a restart without its store) is made anew and the file stored again, once."""
-        meta = {"id": new_file_id(), "object": "file", "bytes": size, "created_at": int(time.time()),
-                "filename": filename, "purpose": purpose, "status": "processed", OWNER: owner}
+        now_ns = time.time_ns()
+        created = now_ns // 1_000_000_000
+        meta = {"id": new_file_id(), "object": "file", "bytes": size, "created_at": created,
+                "expires_at": created + int(self.ttl_s) if self.ttl_s else None,
+                "filename": filename, "purpose": purpose, "status": "processed", OWNER: owner, CREATED_NS: now_ns}
         object_meta = ObjectMeta(name=meta["id"], description=json.dumps(meta))
         start = None if isinstance(data, bytes) else data.tell()
         try:
@@ -107,7 +120,7 @@ class FileStore:
         metas = [_meta_of(info.description) for info in infos if not info.deleted]
         mine = [m for m in metas if m is not None and m.get(OWNER) == owner
                 and (purpose is None or m.get("purpose") == purpose)]
-        return sorted(mine, key=lambda m: (m["created_at"], m["id"]), reverse=True)
+        return sorted(mine, key=newest_first, reverse=True)
 
     async def delete(self, owner: str, file_id: str) -> bool:
         """Delete `owner`'s file; False when there was none."""

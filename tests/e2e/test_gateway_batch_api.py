@@ -160,6 +160,35 @@ async def test_unknown_ids_and_bad_requests_are_openai_errors(gateway):
             await bad_key.files.list()
 
 
+async def test_files_and_batches_list_like_openai(gateway):
+    """files.list takes limit, order and after (it returned every file, newest first, whatever
+    was asked); both lists keep creation order within one second (batches made in one second came
+    back in the order of their random ids); an `after` that is no id of the list is a 400, not an
+    empty page that reads as the end; a File says when the store drops it (`expires_at`)."""
+    async with sdk(gateway) as ai:
+        made = [await ai.files.create(file=(f"in{i}.jsonl", io.BytesIO(jsonl([chat_line("a", str(i))]))),
+                                      purpose="batch") for i in range(4)]
+        first = await ai.files.list(limit=2, order="asc")
+        second = await ai.files.list(limit=2, order="asc", after=first.data[-1].id)
+        newest = await ai.files.list(limit=3)
+        batches = [await ai.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                           completion_window="24h") for f in made[:3]]
+        listed = (await ai.batches.list(limit=3)).data
+        with pytest.raises(openai.BadRequestError) as unknown:
+            await ai.files.list(after="file-doesnotexist")
+        with pytest.raises(openai.BadRequestError):
+            await ai.batches.list(after="batch_doesnotexist")
+        with pytest.raises(openai.BadRequestError):
+            await ai.files.list(order="sideways")
+    ids = [f.id for f in made]
+    assert [f.id for f in first.data] == ids[:2] and first.has_more
+    assert [f.id for f in second.data] == ids[2:] and not second.has_more
+    assert [f.id for f in newest.data] == ids[::-1][:3] and newest.has_more
+    assert [b.id for b in listed] == [b.id for b in batches][::-1]
+    assert unknown.value.body["param"] == "after"
+    assert made[0].expires_at == made[0].created_at + 86400  # streams.results_max_age_s by default
+
+
 @pytest.fixture
 def slow_gateway(tmp_path, nats_server, upstream, monkeypatch):
     """The fleet sends 2 calls a second (one key, rps 2), so a batch stays in progress a while;
