@@ -10,12 +10,13 @@ with the line numbers, as OpenAI fails such a batch during `validating`: nothing
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ratefleet.batchfile import SHOWN_ERRORS, IdSet, LineError, iter_lines, line_of, parse_line
+from ratefleet.batchfile import SHOWN_ERRORS, IdSet, LineError, TooLong, iter_lines, line_of, parse_line
 from ratefleet.gateway.callers import Caller
 from ratefleet.gateway.errors import GatewayRefusal
 from ratefleet.gateway.translate import check_model, choose_upstream
@@ -33,10 +34,18 @@ def batch_jobs(path: Path, batch: str, endpoint: str, caller: Caller) -> Iterato
     """(line number, Job) for each good line, (line number, error entry) for each bad one."""
     upstream = choose_upstream(caller, None)
     for number, text in iter_lines(path):
+        if '"custom_id"' not in text and isinstance(_json_or_none(text), dict):
+            yield number, line_error(number, "invalid_request", f"line {number}: not an OpenAI batch request input "
+                                     "line: it has no custom_id (each line needs custom_id, method, url and body)",
+                                     "custom_id")
+            continue
         try:
             job = parse_line(text, number, batch)
         except LineError as exc:
-            yield number, line_error(number, "invalid_json_line", str(exc))
+            # JSON that parses but breaks a rule (a `stream: true` body, a field of the wrong type)
+            # is not an "invalid JSON line"
+            code = "invalid_json_line" if isinstance(text, TooLong) or _json_or_none(text) is None else "invalid_request"
+            yield number, line_error(number, code, str(exc))
             continue
         custom_id = job.metadata.get("custom_id")
         if not isinstance(custom_id, str):
@@ -101,7 +110,21 @@ def check_file(path: Path, batch: str, endpoint: str, caller: Caller) -> Checked
         found.jobs += 1
         found.ids.add(item.id)
     found.ids.freeze()
+    if found.error_count > len(found.errors):  # the entries stop at SHOWN_ERRORS: say how many more
+        more = found.error_count - len(found.errors)
+        found.errors.append(line_error(0, "more_errors", f"{more:,} more line{'s' if more != 1 else ''} with errors "
+                                       f"({found.error_count:,} in all; the first {len(found.errors)} are listed): "
+                                       "check the whole file before uploading it again"))
+        found.errors[-1]["line"] = None
     return found
+
+
+def _json_or_none(text: str) -> Any:
+    """`text` parsed as JSON, or None when it is not JSON (a JSON `null` line reads as None too)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
 
 
 def _gap(gaps: list[list[int]], start: int, end: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ratefleet.batchfile import line_job_id
+from ratefleet.batchfile import SHOWN_ERRORS, line_job_id
 from ratefleet.gateway.batch_book import PRIVATE, new_batch, public, set_status
 from ratefleet.gateway.batch_lines import batch_jobs, check_file
 from ratefleet.gateway.callers import Caller
@@ -78,3 +78,23 @@ def test_a_line_whose_model_is_not_a_string_is_a_line_error_not_a_stuck_batch(tm
     assert found.jobs == 1 and found.error_count == 2
     assert [(e["line"], e["code"], e["param"]) for e in found.errors] == [
         (2, "invalid_model", "body.model"), (3, "invalid_model", "body.model")]
+
+
+def test_each_kind_of_bad_line_gets_its_own_code_and_the_list_says_how_many_more(tmp_path):
+    """Valid JSON that breaks a rule is not an "invalid JSON line"; a line without custom_id says
+    so (it was read as a ratefleet Job: "request: Field required; method: Extra inputs ..."); past
+    the first SHOWN_ERRORS entries a last one counts the rest (5,000 bad lines gave 20, silently)."""
+    streamed = json.dumps({"custom_id": "s", "method": "POST", "url": ENDPOINT,
+                           "body": {"model": "gpt-4o-mini", "messages": [], "stream": True}})
+    no_id = json.dumps({"method": "POST", "url": ENDPOINT, "body": {"model": "gpt-4o-mini", "messages": []}})
+    lines = [streamed, no_id, "{oops"] + ["{bad"] * 25
+    found = check_file(write(tmp_path, lines), "batch_x", ENDPOINT, caller())
+    by_line = {error["line"]: error for error in found.errors}
+    assert by_line[1]["code"] == "invalid_request" and "stream" in by_line[1]["message"]
+    assert (by_line[2]["code"], by_line[2]["param"]) == ("invalid_request", "custom_id")
+    assert "no custom_id" in by_line[2]["message"] and "Field required" not in by_line[2]["message"]
+    assert by_line[3]["code"] == "invalid_json_line"
+    assert found.error_count == 28 and len(found.errors) == SHOWN_ERRORS + 1
+    assert found.errors[-1] == {"code": "more_errors", "param": None, "line": None, "message":
+                                "8 more lines with errors (28 in all; the first 20 are listed): check the whole "
+                                "file before uploading it again"}
