@@ -57,7 +57,7 @@ class Assignment(BaseModel):
     queued_ms: float
     epoch: Epoch = (0, 0)  # the leadership that issued it (see the module docstring)
     seq: int = 0  # stream sequence of the JOBS message (for ratefleet/runtime/handbacks.py)
-    # a 401/403 ("denied") on this key ends the job as a request error: it was refused on
+    # a 401/403 or a model's 404 ("denied") on this key ends the job as a request error: it was refused on
     # another key already, or no other key could take it; else it is tried on another key
     denial_final: bool = True
     rate_limited: int = 0  # earlier deliveries answered 429 (not attempts)

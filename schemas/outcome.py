@@ -20,7 +20,8 @@ class OutcomeKind(StrEnum):
     RATE_LIMITED    429: the key cools down (not a breaker failure); the job is retried
     KEY_ERROR       key-scoped evidence (`invalid_api_key`, `insufficient_quota`, 402...): the
                     key is disabled at once; the job is retried on another key
-    DENIED          a 401/403 that does not say whether the key or the request is at fault:
+    DENIED          a 401/403 that does not say whether the key or the request is at fault,
+                    or a 404 naming a model/deployment the key cannot reach (signals.py):
                     the job tries another key, evidence is collected per key (denials.py)
     UPSTREAM_ERROR  5xx, 408, timeout, connection error: a breaker failure; retried
     BAD_REQUEST     another 4xx (or an answer that ends the job as it is): not retried

@@ -30,7 +30,7 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"  # 429 on every try, `max_rate_limited` times
     RESPONSE_TOO_LARGE = "response_too_large"
     INVALID_REQUEST = "invalid_request"  # the job passed validation but its HTTP request could not be built
-    REQUEST_DENIED = "request_denied"  # 401/403 on two keys: the request is refused, not the keys
+    REQUEST_DENIED = "request_denied"  # 401/403 or a model's 404 on two keys: the request is refused, not the keys
     RESULT_NOT_STORED = "result_not_stored"  # NATS refused the answer (bucket/stream full): not called again
     REQUEST_TOO_LARGE = "request_too_large"  # a 429 saying the request exceeds the whole limit: never fits
     CANCELLED = "cancelled"  # its batch was cancelled (`ratefleet cancel`) before it was called

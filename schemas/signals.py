@@ -10,6 +10,8 @@ headers. Classification (`classify`), by the provider's error code first, then t
     429                                    -> rate_limited     (cooldown, retryable)
     402 (Payment Required), any code       -> key_error        (out of credit: OpenRouter, Anthropic)
     401, 403 without a key-scoped code     -> denied           (try another key; evidence per key)
+    404 naming a model or deployment the   -> denied           (as a 403: this key may lack it while
+      key cannot reach (MODEL_UNAVAILABLE_CODES)                  another has it; denials.py)
     408, 5xx                               -> upstream_error   (breaker failure, retryable)
     any other status (other 4xx incl. 409) -> bad_request      (the job's fault; final)
 
@@ -37,6 +39,32 @@ Answers that are about the key but do not look like it:
   provider's message may quote the caller's input).
 A 401/403 whose code only repeats the status (Azure) or names the request (permission_error,
 model_not_found) is `denied`, not `key_error`: only the key-scoped codes disable at once.
+
+A 404 about the model is `denied` too, not `bad_request`: which models a key reaches is a
+property of the key (an OpenAI project key restricted to some models, an Azure resource
+without the deployment), so one key of a pool may answer 404 where the others answer 200.
+The job then tries another key, and a 404 on a second key (every key lacks the model, or it
+does not exist) ends it `request_denied` after two calls. Recognised (MODEL_UNAVAILABLE_CODES,
+only with status 404; a 404 with any other code, e.g. a wrong path's, stays `bad_request`):
+* OpenAI `{"error": {"code": "model_not_found", "message": "The model `gpt-4o` does not exist
+  or you do not have access to it."}}` (platform.openai.com/docs/guides/error-codes: 404
+  model_not_found). Its 403 "Project `proj_...` does not have access to model `gpt-4o`"
+  (code model_not_found) is a 403 and so already `denied`.
+* Azure OpenAI `{"error": {"code": "DeploymentNotFound", "message": "The API deployment for
+  this resource does not exist. ..."}}` (learn.microsoft.com/azure/ai-services/openai,
+  "DeploymentNotFound", 404).
+* Anthropic `{"type": "error", "error": {"type": "not_found_error", "message": "model:
+  claude-x"}}` (docs.anthropic.com/en/api/errors: 404 not_found_error): a not_found_error
+  whose message begins with "model:" reads as `model_not_found` (any other not_found_error,
+  such as a wrong path's "Not Found", keeps its type).
+* Google `{"error": {"code": 404, "status": "NOT_FOUND", "message": "models/gemini-x is not
+  found for API version v1beta, ..."}}` (Gemini; ai.google.dev/gemini-api/docs/troubleshooting:
+  404 NOT_FOUND; google.rpc.Code NOT_FOUND) and Vertex AI's "Publisher Model `projects/.../
+  models/x` was not found or your project does not have access to it": a NOT_FOUND whose
+  message begins with "models/" or "Publisher Model" reads as `model_not_found`.
+Only the beginning of a message is read (providers quote the caller's input further on), and
+a request can at most make itself be tried on a second key: no key is blamed unless the same
+job then succeeds on another key (denials.py).
 """
 
 from __future__ import annotations
@@ -60,6 +88,13 @@ KEY_SCOPED_CODES = frozenset({"invalid_api_key", "authentication_error", "insuff
 _CREDIT_TOO_LOW = "your credit balance is too low"  # how Anthropic's 400 message for an exhausted balance begins
 _GENERIC_TYPES = frozenset({"invalid_request_error"})  # Anthropic's type on that 400: says nothing about the key
 OVERLOADED_CODES = frozenset({"overloaded_error"})
+# a 404 saying the model (deployment) is out of this key's reach: `denied`, like a 403 (module docstring)
+MODEL_NOT_FOUND = "model_not_found"
+MODEL_UNAVAILABLE_CODES = frozenset({MODEL_NOT_FOUND, "DeploymentNotFound"})
+_MODEL_MESSAGE_STARTS = {  # (field, value) of the error -> how its message begins when it names the model
+    ("type", "not_found_error"): ("model:",),  # Anthropic
+    ("status", "NOT_FOUND"): ("models/", "publisher model"),  # Google: Gemini, Vertex AI
+}
 _MAX_CODE_CHARS = 64
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|h|m|s)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -238,6 +273,8 @@ def provider_code(body: object) -> str | None:
     when the body has no code but the generic `invalid_request_error`: providers echo the
     caller's input inside messages (OpenAI's 404 "The model `<model>` does not exist"), and a
     request must not be able to word its own error so that it disables every key it reaches.
+    Anthropic's not_found_error and Google's NOT_FOUND give "model_not_found" when their
+    message begins by naming the model (module docstring).
     Codes are short ASCII identifiers; anything else (long text, other shapes) gives None.
     """
     if not isinstance(body, dict):
@@ -250,6 +287,8 @@ def provider_code(body: object) -> str | None:
     found = [*_google_reasons(error), *found]
     if set(found) <= _GENERIC_TYPES and _says_credit_too_low(error.get("message")):
         found.insert(0, "credit_balance_too_low")
+    elif _names_missing_model(error):
+        found.insert(0, MODEL_NOT_FOUND)
     known = [value for value in found if value in KEY_SCOPED_CODES or value in OVERLOADED_CODES]
     return (known or found or [None])[0]
 
@@ -257,6 +296,17 @@ def provider_code(body: object) -> str | None:
 def _says_credit_too_low(message: object) -> bool:
     """Whether an error message begins with Anthropic's "Your credit balance is too low"."""
     return isinstance(message, str) and message[:64].lstrip().lower().startswith(_CREDIT_TOO_LOW)
+
+
+def _names_missing_model(error: dict[str, Any]) -> bool:
+    """Whether an error is Anthropic's not_found_error or Google's NOT_FOUND about the model:
+    its message begins with "model:" (Anthropic) or "models/" / "Publisher Model" (Google)."""
+    message = error.get("message")
+    if not isinstance(message, str):
+        return False
+    head = message[:64].lstrip().lower()
+    return any(error.get(field) == value and head.startswith(starts)
+               for (field, value), starts in _MODEL_MESSAGE_STARTS.items())
 
 
 def _google_reasons(error: dict[str, Any]) -> list[str]:
@@ -290,7 +340,7 @@ def classify(status: int | None, error: str | None, code: str | None = None) -> 
         return OutcomeKind.KEY_ERROR
     if status == 429:
         return OutcomeKind.RATE_LIMITED
-    if status in (401, 403):
+    if status in (401, 403) or (status == 404 and code in MODEL_UNAVAILABLE_CODES):
         return OutcomeKind.DENIED
     if status == 408 or status >= 500:
         return OutcomeKind.UPSTREAM_ERROR

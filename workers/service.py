@@ -66,7 +66,7 @@ RATE_LIMITED_DELAY_S = (0.25, 5.0)  # a 429'd job's nak delay: doubling from 0.2
 def retry_delay(kind: str, attempt: int, retry_after_s: float | None, rate_limited: int = 0) -> float:
     """How long a retryable job waits before its next delivery, in seconds.
 
-    401/403 go back at once: the dispatcher disables that key or weighs the refusal
+    401/403 (and a model's 404) go back at once: the dispatcher disables that key or weighs the refusal
     (dispatcher/core/denials.py), and the job runs on another key. A 429 goes back after a short delay that doubles with
 the job's own 429s
     (`rate_limited`, this one included: 0.25, 0.5, 1, 2, 4, 5, 5 ... s). The key's wait is
@@ -552,8 +552,9 @@ def _batch_and_metadata(a: Assignment) -> tuple[str | None, dict]:
 
 
 def _request_denied(a: Assignment, call: CallResult) -> ErrorInfo:
-    """A 401/403 on a second key (or on the only key that could take the job): the request
-    is refused, not the key; the keys stay in rotation (dispatcher/core/denials.py)."""
+    """A 401/403, or a 404 naming the model (`model_not_found`, `DeploymentNotFound`: see
+    schemas/signals.py), on a second key (or on the only key that could take the job): the
+    request is refused, not the key; the keys stay in rotation (dispatcher/core/denials.py)."""
     status = call.response.status if call.response else None
     code = f" ({call.provider_code})" if call.provider_code else ""
     return ErrorInfo(code=ErrorCode.REQUEST_DENIED,

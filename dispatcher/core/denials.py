@@ -1,12 +1,15 @@
 """Telling a refused key from a refused request, for 401/403 answers that do not say which.
 
-A job denied (401/403 without a key-scoped code) on one key is tried on another key. What
-happens next is the evidence:
+A job denied (401/403 without a key-scoped code, or a 404 naming a model or deployment the
+key cannot reach: OpenAI `model_not_found`, Azure `DeploymentNotFound`, see
+schemas/signals.py) on one key is tried on another key. What happens next is the evidence:
 
-* denied again on a second key: the request is at fault (a model the keys may not use, a
-  wrong OpenAI-Organization header). The job fails; its denials count against no key.
+* denied again on a second key: the request is at fault (a model the keys may not use or
+  that does not exist, a wrong OpenAI-Organization header). The job fails; its denials
+  count against no key.
 * it succeeds on another key: each earlier denial was about the key (a "confirmed"
-  strike). A key is disabled after 403s on FORBIDDEN_JOBS different confirmed jobs.
+  strike). A key is disabled after 403s (or model 404s: any status but 401 counts so) on
+  FORBIDDEN_JOBS different confirmed jobs.
 * 401 means "who are you": a key is disabled after 401s on AUTH_JOBS different jobs of
   which at least one is confirmed (succeeded on another key, or no other key could take
   it). Jobs still waiting for their second key count too, so a revoked key goes out after
@@ -63,7 +66,7 @@ class DenialBook:
         return frozenset(entry.keys) if entry else frozenset()
 
     def on_denied(self, job_id: str, key_id: str, status: int | None, final: bool, now: float) -> Verdicts:
-        """A 401/403 for `job_id` on `key_id`; `final`: the job ends with it (another key
+        """A 401/403 (or a model's 404) for `job_id` on `key_id`; `final`: the job ends with it (another key
         refused it too, or no other key could take it)."""
         self._prune(now)
         entry = self._jobs.get(job_id)

@@ -9,8 +9,8 @@ whether any worker holds its secret.
 A provider-disabled key takes exactly one real job as its probe once `probe_at` has come
 (like the breaker's half-open state); the first delay is `ProbePolicy.base_s`, and each
 failed probe doubles it up to `max_s`. An operator-disabled key is never probed: it stays
-out until an operator enables it. A plain 401/403 on the probe is no verdict (the job may
-carry a bad request): the next probe comes after the same delay. While a probe is
+out until an operator enables it. A plain 401/403 (or a model's 404) on the probe is no
+verdict (the job may carry a bad request): the next probe comes after the same delay. While a probe is
 scheduled, jobs wait for it rather than fail (`comes_back`). Independently,
 `secret_missing` holds the reason no worker can call with the key (e.g. "LOCAL_KEY_1 not
 set"); such a key takes no job either.
@@ -127,8 +127,8 @@ class KeyHealth:
         return True
 
     def postpone_probe(self, reservation_id: int, now: float) -> bool:
-        """The probe's answer said nothing about the key but came from it (a plain 401/403,
-        maybe the job's own fault): no verdict, the next probe comes after the same delay
+        """The probe's answer said nothing about the key but came from it (a plain 401/403 or
+        a model's 404, maybe the job's own fault): no verdict, the next probe comes after the same delay
         (not doubled). Returns whether the call was the probe."""
         if self.probe != reservation_id:
             return False

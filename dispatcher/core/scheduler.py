@@ -166,7 +166,7 @@ class Scheduler(KeyAdmin, Reconfigure):
         return variant  # type: ignore[return-value]
 
     def _avoid(self, chain: Chain, job: PendingJob, now: float) -> frozenset[str]:
-        """Keys that refused `job` (401/403), while the chain has another key for it."""
+        """Keys that refused `job` (401/403, a model's 404), while the chain has another key for it."""
         denied = self._denials.denied_keys(job.job_id)
         if denied and any(k.spec.id not in denied and k.health.could_serve(now) for k in chain.keys()):
             return denied

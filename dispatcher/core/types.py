@@ -147,7 +147,7 @@ class Reservation:
     probe: bool
     adopted: bool = False
     key_probe: bool = False  # the probe of a key disabled on provider evidence (keyhealth.py)
-    denial_final: bool = True  # a 401/403 ends the job: it has no other key left to try
+    denial_final: bool = True  # a "denied" (401/403, a model's 404) ends the job: it has no other key left to try
 
 
 @dataclass(frozen=True)

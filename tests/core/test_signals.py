@@ -134,7 +134,7 @@ def test_provider_code(body, code):
         (401, OPENAI_KEY, "key_error"),            # explicit: the key is bad, disable at once
         (429, OPENAI_QUOTA, "key_error"),          # out of credit: no cooldown cures it
         (429, OPENAI_RATE, "rate_limited"),
-        (404, OPENAI_MODEL, "bad_request"),        # the request's fault
+        (404, OPENAI_MODEL, "denied"),             # this key may lack the model: another key tries it
         (403, OPENAI_MODEL, "denied"),             # never disables on its own
         (401, anthropic("authentication_error"), "key_error"),
         (402, anthropic("billing_error"), "key_error"),
@@ -180,10 +180,11 @@ ANTHROPIC_BAD_REQUEST = {"type": "error", "error": {"type": "invalid_request_err
         (400, ANTHROPIC_CREDIT, "credit_balance_too_low", "key_error"),
         (400, ANTHROPIC_BAD_REQUEST, "invalid_request_error", "bad_request"),
         # OpenAI's 404 quotes the caller's model: a request named "credit balance is too low" must
-        # not disable every key of the pool (it did: the phrase was looked for anywhere)
+        # not disable every key of the pool (it did: the phrase was looked for anywhere); it is a
+        # denial (tried on one more key, blames no key unless it succeeds there), never key_error
         (404, {"error": {"message": "The model `credit balance is too low` does not exist or you do not have "
                                     "access to it.", "type": "invalid_request_error", "param": None,
-                         "code": "model_not_found"}}, "model_not_found", "bad_request"),
+                         "code": "model_not_found"}}, "model_not_found", "denied"),
         (403, {"error": {"code": 403, "status": "PERMISSION_DENIED", "details": [
             {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "SERVICE_DISABLED"}]}},
          "SERVICE_DISABLED", "key_error"),
@@ -192,3 +193,47 @@ ANTHROPIC_BAD_REQUEST = {"type": "error", "error": {"type": "invalid_request_err
 def test_key_scoped_answers_that_do_not_look_like_it(status, body, code, kind):
     assert provider_code(body) == code
     assert classify(status, None, provider_code(body)) == kind
+
+
+# 404s saying the model (deployment) is out of this key's reach, per provider (schemas/signals.py):
+# a key may lack a model its pool's other keys have, so each is a denial (tried on another key)
+AZURE_DEPLOYMENT = {"error": {"code": "DeploymentNotFound", "message": (
+    "The API deployment for this resource does not exist. If you created the deployment within the last 5 minutes, "
+    "please wait a moment and try again.")}}
+ANTHROPIC_MODEL = {"type": "error", "error": {"type": "not_found_error", "message": "model: claude-3-5-sonnet-20241022 "}}
+GEMINI_MODEL = {"error": {"code": 404, "status": "NOT_FOUND", "message": (
+    "models/gemini-1.0-pro is not found for API version v1beta, or is not supported for generateContent. "
+    "Call ListModels to see the list of available models and their supported methods.")}}
+VERTEX_MODEL = {"error": {"code": 404, "status": "NOT_FOUND", "message": (
+    "Publisher Model `projects/p/locations/us-central1/publishers/google/models/gemini-x` was not found or your "
+    "project does not have access to it.")}}
+OPENAI_PROJECT_MODEL = {"error": {"message": "Project `proj_abc` does not have access to model `gpt-4o`",
+                                  "type": "invalid_request_error", "param": None, "code": "model_not_found"}}
+
+
+def test_a_404_naming_the_model_is_a_denial_and_other_404s_stay_bad_requests():
+    cases = [
+        (404, OPENAI_MODEL, "model_not_found", "denied"),
+        (404, AZURE_DEPLOYMENT, "DeploymentNotFound", "denied"),
+        (404, ANTHROPIC_MODEL, "model_not_found", "denied"),
+        (404, GEMINI_MODEL, "model_not_found", "denied"),
+        (404, VERTEX_MODEL, "model_not_found", "denied"),
+        (403, OPENAI_PROJECT_MODEL, "model_not_found", "denied"),  # a 403: denied already
+        # a wrong path, or a 404 that does not name a model: the request's fault, as before
+        (404, {"error": {"message": "Invalid URL (POST /v1/chat/complete)", "type": "invalid_request_error",
+                         "code": "unknown_url"}}, "unknown_url", "bad_request"),
+        (404, {"type": "error", "error": {"type": "not_found_error", "message": "Not Found"}}, "not_found_error",
+         "bad_request"),
+        (404, {"type": "error", "error": {"type": "not_found_error", "message": "file: model: x"}}, "not_found_error",
+         "bad_request"),
+        (404, {"error": {"code": 404, "status": "NOT_FOUND", "message": "Requested entity was not found."}}, "404",
+         "bad_request"),
+        (404, {"error": {"code": 404, "status": "INVALID", "message": "models/x is not found"}}, "404", "bad_request"),
+        (404, None, None, "bad_request"),
+        # a model's code on another status keeps that status's meaning
+        (400, {"error": {"code": "DeploymentNotFound"}}, "DeploymentNotFound", "bad_request"),
+        (500, ANTHROPIC_MODEL, "model_not_found", "upstream_error"),
+    ]
+    got = [(status, provider_code(body), str(classify(status, None, provider_code(body))))
+           for status, body, _, _ in cases]
+    assert got == [(status, code, kind) for status, _, code, kind in cases]

@@ -31,14 +31,22 @@ BODIES = {
 }
 FORBIDDEN = (403, {"type": "error", "error": {"type": "permission_error",
                                               "message": "Your API key does not have permission to use this model."}})
+# a model (deployment) out of a key's reach: OpenAI and Azure OpenAI (schemas/signals.py)
+MODEL_NOT_FOUND = (404, {"error": {"message": "The model `gpt-4o` does not exist or you do not have access to it.",
+                                   "type": "invalid_request_error", "param": None, "code": "model_not_found"}})
+DEPLOYMENT_NOT_FOUND = (404, {"error": {"code": "DeploymentNotFound", "message": (
+    "The API deployment for this resource does not exist. If you created the deployment within the last 5 minutes, "
+    "please wait a moment and try again.")}})
 
 
 @dataclass
 class Upstream:
-    """A real HTTP upstream: `modes[key] = "ok" | "bare401" | ...`, `forbidden_models` get 403."""
+    """A real HTTP upstream: `modes[key] = "ok" | "bare401" | ...`, `forbidden_models` get 403,
+    `missing[(key or "*", model)] = (status, body)` answers that model on that key (every key)."""
 
     modes: dict[str, str] = field(default_factory=dict)
     forbidden_models: set[str] = field(default_factory=set)
+    missing: dict[tuple[str, str], tuple[int, dict]] = field(default_factory=dict)
     log: list[tuple[str, str, int]] = field(default_factory=list)  # (key, model, status)
     url: str = ""
 
@@ -54,6 +62,8 @@ class Upstream:
             status, answer = BODIES[self.modes[key]]
         elif model in self.forbidden_models:
             status, answer = FORBIDDEN
+        elif (key, model) in self.missing or ("*", model) in self.missing:
+            status, answer = self.missing.get((key, model)) or self.missing[("*", model)]
         self.log.append((key, model, status))
         return web.json_response(answer, status=status)
 
@@ -90,8 +100,8 @@ class KeyKit(FleetKit):
         return env
 
 
-def kit_for(tmp_path, nats_url, upstream, **dispatcher) -> KeyKit:
-    keys = [{"id": "k1", "rps": 200, "burst": 20}, {"id": "k2", "rps": 200, "burst": 20}]
+def kit_for(tmp_path, nats_url, upstream, keys: int = 2, **dispatcher) -> KeyKit:
+    keys = [{"id": f"k{i}", "rps": 200, "burst": 20} for i in range(1, keys + 1)]
     return KeyKit(tmp_path, nats_url, upstream.url, keys=keys,
                   overrides={"dispatcher": {"key_probe_s": 2.0, "key_probe_max_s": 4.0, **dispatcher}})
 
@@ -130,6 +140,66 @@ async def test_a_request_refused_on_two_keys_fails_alone_and_the_keys_stay(tmp_p
     assert http_upstream.calls(model="gpt-secret") == 2
     assert all(results[i].status == "succeeded" for i in ids), [results[i].error for i in ids]
     assert not status["keys"]["k1"]["disabled"] and not status["keys"]["k2"]["disabled"]
+
+
+async def test_a_key_without_the_model_passes_its_jobs_on_and_goes_out(tmp_path, nats_server, http_upstream):
+    """k1 of three answers 404 model_not_found (an OpenAI project key restricted to some models):
+    before, a third of every batch failed after one call on k1 and k1 stayed in rotation."""
+    http_upstream.missing[("k1", "gpt-4o")] = MODEL_NOT_FOUND
+    kit = kit_for(tmp_path, nats_server.url, http_upstream, keys=3, key_probe_s=600.0, key_probe_max_s=600.0)
+    kit.dispatcher("d1"), kit.worker("w1")
+    try:
+        async with await Client.connect(nats_server.url) as client, Tracker(nats_server.url) as tracker:
+            await wait_workers(client, {"w1"})
+            ids = await client.submit_many([job(i, model="gpt-4o") for i in range(60)], "normal", batch="m1")
+            await tracker.wait_stored("m1", ids, timeout=40)
+            first = await tracker.results(ids, "m1")
+            k1_calls = http_upstream.calls(key="k1")
+            later = await client.submit_many([job(i, model="gpt-4o") for i in range(30)], "normal", batch="m2")
+            await tracker.wait_stored("m2", later, timeout=40)
+            second = await tracker.results(later, "m2")
+            k1 = await key_view(client, "k1")
+    finally:
+        kit.stop()
+    failed = {j: (r.status, r.error) for j, r in first.items() if r.status != "succeeded"}
+    assert len(first) == 60 and failed == {}
+    assert all(r.status == "succeeded" and r.key_id in ("k2", "k3") for r in [*first.values(), *second.values()])
+    assert k1["disabled"] and k1["disabled_by"] == "provider"
+    assert "404 on 3 different jobs" in k1["disabled_reason"], k1
+    # k1 may take more than its third of the first wave (a 404 frees its slots first) until 3 jobs it
+    # refused have succeeded elsewhere; the later batch never reaches it
+    assert 3 <= k1_calls < 60 and http_upstream.calls(key="k1") == k1_calls
+
+
+async def test_a_model_no_key_has_ends_after_two_calls_and_a_wrong_path_after_one(tmp_path, nats_server,
+                                                                                http_upstream):
+    http_upstream.missing[("*", "gpt-nope")] = DEPLOYMENT_NOT_FOUND
+    kit = kit_for(tmp_path, nats_server.url, http_upstream, keys=3)
+    kit.dispatcher("d1"), kit.worker("w1")
+    try:
+        async with await Client.connect(nats_server.url) as client, Tracker(nats_server.url) as tracker:
+            await wait_workers(client, {"w1"})
+            await client.submit(job(0, model="gpt-nope", id="nope"), "normal", batch="b")
+            wrong = job(1, id="path")
+            wrong["request"]["path"] = "/v1/chat/complete"
+            await client.submit(wrong, "normal", batch="b")
+            await tracker.wait_stored("b", ["nope", "path"], timeout=30)
+            ids = await client.submit_many([job(i, id=f"good{i}") for i in range(9)], "normal", batch="b")
+            await tracker.wait_stored("b", ids, timeout=30)
+            results = await tracker.results(["nope", "path", *ids], "b")
+            status = await client.status()
+    finally:
+        kit.stop()
+    nope, path = results["nope"], results["path"]
+    assert nope.status == "failed" and nope.error.code == "request_denied", nope.error
+    assert "HTTP 404 (DeploymentNotFound)" in nope.error.message
+    assert nope.response.json_body["error"]["code"] == "DeploymentNotFound"
+    assert nope.attempts == 2 and http_upstream.calls(model="gpt-nope") == 2
+    assert len({k for k, m, _ in http_upstream.log if m == "gpt-nope"}) == 2
+    assert path.status == "failed" and path.error.code == "upstream_error" and path.attempts == 1  # as before
+    assert path.response.status == 404
+    assert all(results[i].status == "succeeded" for i in ids)
+    assert not any(status["keys"][k]["disabled"] for k in ("k1", "k2", "k3"))
 
 
 async def test_a_key_answering_401_on_different_jobs_goes_out_and_the_jobs_succeed(tmp_path, nats_server,

@@ -1,0 +1,102 @@
+"""A 404 about the model from one key of a pool (an OpenAI project key restricted to some
+models, an Azure resource without the deployment): the scheduler with the worker's own
+classification and retry rule (signals.classify, outcome.is_retryable), over a fake clock.
+Before, such a 404 was a bad request: the job ended after one call and the key stayed."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+from core_helpers import job, key, make, pool
+
+from ratefleet.dispatcher.core import Dispatch, Outcome, ProbePolicy
+from ratefleet.schemas.outcome import is_retryable
+from ratefleet.schemas.signals import classify, provider_code
+
+OK = (200, {"choices": [{"message": {"content": "hi"}}]})
+OPENAI_MODEL = (404, {"error": {"message": "The model `gpt-4o` does not exist or you do not have access to it.",
+                                "type": "invalid_request_error", "param": None, "code": "model_not_found"}})
+AZURE_DEPLOYMENT = (404, {"error": {"code": "DeploymentNotFound", "message": (
+    "The API deployment for this resource does not exist. If you created the deployment within the last 5 minutes, "
+    "please wait a moment and try again.")}})
+ANTHROPIC_MODEL = (404, {"type": "error", "error": {"type": "not_found_error", "message": "model: claude-x"}})
+GEMINI_MODEL = (404, {"error": {"code": 404, "status": "NOT_FOUND", "message": (
+    "models/gemini-x is not found for API version v1beta, or is not supported for generateContent.")}})
+WRONG_PATH = (404, {"error": {"message": "Invalid URL (POST /v1/chat/complete)", "type": "invalid_request_error",
+                              "code": "unknown_url"}})
+
+Answer = Callable[[str, str], tuple[int, dict]]  # (key id, job id) -> status, body
+
+
+def three_keys():
+    keys = (key(f"k{i}", rps=1000, burst=100) for i in (1, 2, 3))
+    return make(pool("p", *keys), probe=ProbePolicy(base_s=60.0, max_s=3600.0))
+
+
+def run(s, job_ids: list[str], answer: Answer, now: float = 0.0, max_attempts: int = 3):
+    """Dispatch and answer every job as a worker would: classify the answer, requeue it while
+    `is_retryable` (given the reservation's `denial_final`) and attempts are left.
+    Returns each job's (last kind, last key, attempts) and the calls per key."""
+    ended: dict[str, tuple[str, str, int]] = {}
+    attempts: Counter[str] = Counter()
+    calls: Counter[str] = Counter()
+    for job_id in job_ids:
+        s.add(job(job_id=job_id), now)
+    while len(ended) < len(job_ids):
+        decision = s.next(now)
+        assert isinstance(decision, Dispatch), decision
+        job_id, key_id = decision.job.job_id, decision.key_id
+        status, body = answer(key_id, job_id)
+        code = None if status < 300 else provider_code(body)
+        kind = classify(status, None, code)
+        s.complete(decision.reservation, Outcome(kind, status, code=code), now)
+        calls[key_id] += 1
+        attempts[job_id] += 1
+        if is_retryable(kind, denial_final=decision.reservation.denial_final) and attempts[job_id] < max_attempts:
+            s.add(job(job_id=job_id), now)
+        else:
+            ended[job_id] = (str(kind), key_id, attempts[job_id])
+    return ended, calls
+
+
+def test_a_key_without_the_model_passes_its_jobs_on_and_goes_out_after_three():
+    s = three_keys()
+    ended, calls = {}, Counter()
+    for batch in range(10):  # 60 jobs, 6 at a time
+        done, used = run(s, [f"j{batch}.{i}" for i in range(6)], lambda k, _: OPENAI_MODEL if k == "k1" else OK,
+                         now=batch * 0.1)
+        ended.update(done)
+        calls.update(used)
+    failed = {j: e for j, e in ended.items() if e[0] != "ok"}
+    assert len(ended) == 60 and failed == {}  # before: 20 jobs ended bad_request after their one call on k1
+    assert {e[1] for e in ended.values()} == {"k2", "k3"}
+    assert 3 <= calls["k1"] <= 4  # out once FORBIDDEN_JOBS (3) different jobs succeeded elsewhere
+    k1 = s.snapshot(0.0)["keys"]["k1"]
+    assert k1["state"] == "disabled" and k1["disabled_by"] == "provider"
+    assert "404 on 3 different jobs that succeeded on other keys" in k1["disabled_reason"]
+    assert {s.snapshot(0.0)["keys"][k]["state"] for k in ("k2", "k3")} == {"enabled"}
+    # a wrong path stays a bad request: one call, no other key tried
+    ended, calls = run(s, ["path"], lambda k, _: WRONG_PATH, now=1.0)
+    assert ended == {"path": ("bad_request", ended["path"][1], 1)} and sum(calls.values()) == 1
+
+
+@pytest.mark.parametrize("missing", [OPENAI_MODEL, AZURE_DEPLOYMENT, ANTHROPIC_MODEL, GEMINI_MODEL],
+                         ids=["openai", "azure", "anthropic", "google"])
+def test_a_model_no_key_has_ends_after_two_calls_and_blames_no_key(missing):
+    s = three_keys()
+    ended, calls = run(s, ["unknown"], lambda k, _: missing)
+    kind, last_key, attempts = ended["unknown"]
+    assert (kind, attempts) == ("denied", 2)  # final denial: request_denied (before: bad_request, 1 call)
+    assert sum(calls.values()) == 2 and len(calls) == 2
+    ended, _ = run(s, [f"good{i}" for i in range(9)], lambda k, _: OK, now=1.0)
+    assert {e[0] for e in ended.values()} == {"ok"}
+    assert {v["state"] for v in s.snapshot(1.0)["keys"].values()} == {"enabled"}
+
+
+def test_on_the_only_key_of_its_pool_a_model_404_ends_the_job_at_once():
+    s = make(pool("p", key("k1", rps=1000, burst=100)), probe=ProbePolicy(base_s=60.0, max_s=3600.0))
+    ended, calls = run(s, ["j"], lambda k, _: AZURE_DEPLOYMENT)
+    assert ended == {"j": ("denied", "k1", 1)} and calls == {"k1": 1}  # before: bad_request
+    assert s.snapshot(0.0)["keys"]["k1"]["state"] == "enabled"
