@@ -1,7 +1,8 @@
 """`ratefleet config check|push|show`: the fleet config, validated, stored and read back.
 
 * `check [FILE]`: validate FILE (default: $RATEFLEET_CONFIG, else ./ratefleet.toml); exit 0 (with a
-  summary), or exit 2 with the file, the field and why.
+  summary), or exit 2 with the file, the field and why. A caller whose key cannot be resolved on
+  this machine is a warning, not an error: the gateway may run elsewhere.
 * `push FILE [--nats URL] [--config C]`: validate, refuse literal secrets, store a new revision in the KV
   bucket `ratefleet_config` (key `current`) that every dispatcher and worker follows; a file
   that fails changes nothing (exit 2). Pushing the content of the current revision again
@@ -26,6 +27,7 @@ import typer
 
 from ratefleet.cli_support import EXIT_FAILED, client_target, fail, require_file
 from ratefleet.config_applied import describe, fleet_applied
+from ratefleet.gateway.callers import unusable_callers
 from ratefleet.runtime.config_kv import document_for, push_config, read_config, read_toml
 from ratefleet.runtime.connect import connect
 from ratefleet.schemas import Subjects
@@ -62,6 +64,9 @@ def check(file: Path | None = typer.Argument(None, help="TOML config file (defau
                f"tiers {', '.join(config.tiers)})")
     for where in literal_secrets(config):
         typer.echo(f"note: literal secret at {where}: `config push` refuses it (use env:NAME or file:PATH)")
+    for name, reason in unusable_callers(config).items():
+        typer.echo(f"warning: callers.{name}.key: {reason} on this machine: a gateway started here leaves caller "
+                   f"{name!r} out (its requests get 401)", err=True)
 
 
 @config_app.command("push")

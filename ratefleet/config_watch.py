@@ -1,7 +1,8 @@
 """`ratefleet config watch FILE` (and `ratefleet up --config FILE`, which runs it as a child):
 push the file at start and each time it changes (watchfiles), so an edit on this machine
 reaches every dispatcher and worker of the fleet. A bad edit is reported (the file, the
-field and why) and not pushed: the fleet keeps the running revision.
+field and why) and not pushed: the fleet keeps the running revision. A pushed edit with a
+caller whose key cannot be resolved here is logged as a warning (pushed all the same).
 
 The file's folder is watched, not the file: editors save by writing a new file and
 renaming it over the old one.
@@ -9,15 +10,18 @@ renaming it over the old one.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import anyio
 import watchfiles
 
+from ratefleet.gateway.callers import unusable_callers
 from ratefleet.runtime.config_kv import document_for, push_config
 from ratefleet.runtime.connect import connect, redact_url
 from ratefleet.runtime.logs import get_logger
 from ratefleet.schemas import Subjects
+from ratefleet.schemas.config_store import StoredConfig
 from ratefleet.schemas.errors import ConfigError
 
 log = get_logger("ratefleet.config")
@@ -37,7 +41,22 @@ async def push_file(js, subjects: Subjects, path: Path) -> int | None:
         log.info("config pushed", file=str(path), revision=revision)
     else:
         log.info("config unchanged", file=str(path), revision=revision)
+    _warn_unusable_callers(document, path)
     return revision
+
+
+def _warn_unusable_callers(document: StoredConfig, path: Path) -> None:
+    """A caller whose key cannot be resolved here is only a warning: the gateway may run on
+    another machine. Callers are not live: a gateway here leaves it out when next started."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = document.validated()
+    except ConfigError:  # validated once already by document_for; the push stands either way
+        return
+    for name, reason in unusable_callers(config).items():
+        log.warning("caller key not usable on this machine: a gateway started here leaves the caller out "
+                    "(its requests get 401)", file=str(path), caller=name, reason=reason)
 
 
 async def _push_until_done(js, subjects: Subjects, path: Path) -> None:

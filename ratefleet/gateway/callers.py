@@ -5,6 +5,11 @@ sends for `api_key`). The keys are resolved once at start exactly like key secre
 (`env:NAME`, `file:PATH` or a literal: `workers.secrets.SecretResolver`) and only their
 SHA-256 digests are kept; a presented key is hashed and looked up. The key itself is never
 stored, logged or put in an error.
+
+A caller whose key cannot be used on this machine (variable unset or blank, file unreadable
+or empty, not an HTTP header value) is left out, with the reason: its key then names no
+caller (401) and every other caller is served. One caller's missing secret must not take the
+gateway down for all of them (`ratefleet up` restarts a gateway that exits, forever).
 """
 
 from __future__ import annotations
@@ -63,37 +68,59 @@ def single_field(values: list[str]) -> str | None:
     return values[0] if len(values) == 1 else None
 
 
+def _caller_key(name: str, caller: CallerConfig) -> str:
+    """The caller's key, resolved here; SecretUnavailable (`.reason` names no value) when it cannot be used."""
+    return SecretResolver._resolve(f"caller {name}", caller.key.get_secret_value())  # noqa: SLF001
+
+
+def unusable_callers(config: Config) -> dict[str, str]:
+    """{caller name: why its key cannot be used on this machine}, e.g. {"tpm": "TPM_KEY not
+    set"}, for the callers a gateway started here would leave out; reasons never hold a key."""
+    problems = {}
+    for name, caller in config.callers.items():
+        try:
+            _caller_key(name, caller)
+        except SecretUnavailable as exc:
+            problems[name] = exc.reason
+    return problems
+
+
 class CallerTable:
     """Callers by the SHA-256 digest of their key. `identify` never sees a stored key: a
     match needs a presented key with the same digest (a dict lookup of the digest, so the
-    time taken says nothing about any stored key)."""
+    time taken says nothing about any stored key). `left_out`: {caller name: why its key
+    cannot be used here} for the configured callers that are not in the table."""
 
-    def __init__(self, by_digest: dict[bytes, Caller]) -> None:
+    def __init__(self, by_digest: dict[bytes, Caller], left_out: dict[str, str] | None = None) -> None:
         self._by_digest = by_digest
+        self.left_out = dict(left_out or {})
 
     @classmethod
     def from_config(cls, config: Config) -> CallerTable:
-        """Resolve every caller's key; ConfigError naming the caller (never the key) when a key
-        cannot be read or two callers share one."""
+        """Resolve every caller's key. A caller whose key cannot be used here is left out
+        (`left_out`, with the reason). ConfigError naming the caller (never the key) when two
+        callers share a key, or when callers are configured and none of their keys can be used."""
         by_digest: dict[bytes, Caller] = {}
+        left_out: dict[str, str] = {}
         for name, caller in config.callers.items():
             try:
-                key = SecretResolver._resolve(f"caller {name}", caller.key.get_secret_value())  # noqa: SLF001
+                key = _caller_key(name, caller)
             except SecretUnavailable as exc:
-                raise ConfigError(f"callers.{name}.key: {exc.reason}") from None
+                left_out[name] = exc.reason
+                continue
             digest = key_digest(key)
             if digest in by_digest:
                 raise ConfigError(f"callers.{name}.key: the same key as caller {by_digest[digest].name!r}; "
                                   "every caller needs its own key")
             by_digest[digest] = Caller.from_config(name, caller)
-        return cls(by_digest)
+        if left_out and not by_digest:
+            listed = "; ".join(f"callers.{name}.key: {reason}" for name, reason in left_out.items())
+            raise ConfigError(f"no caller has a usable key ({listed}); set the environment variables or secret "
+                              "files for the gateway, or fix the callers' `key` in the config")
+        return cls(by_digest, left_out)
 
     def __len__(self) -> int:
         return len(self._by_digest)
-
-    def by_name(self) -> dict[str, Caller]:
-        """The callers by name (a batch record names its caller)."""
-        return {caller.name: caller for caller in self._by_digest.values()}
 
     def identify(self, authorization: str | None) -> Caller | None:
         """The caller whose key the `Authorization` header carries, or None."""

@@ -19,7 +19,7 @@ from ratefleet.gateway.app import Gateway, create_app
 from ratefleet.gateway.batch_book import BatchBook
 from ratefleet.gateway.batch_routes import BatchApi
 from ratefleet.gateway.batch_runner import BatchRunner
-from ratefleet.gateway.callers import CallerTable
+from ratefleet.gateway.callers import Caller, CallerTable
 from ratefleet.gateway.files import FileStore
 from ratefleet.runtime.cache import ResultCache
 from ratefleet.runtime.logs import get_logger
@@ -56,16 +56,16 @@ def uvicorn_server(app, host: str, port: int) -> uvicorn.Server:
 
 
 async def serve_gateway(config: Config, nc, stop: anyio.Event, listen: str, probes: Probes | None = None,
-                        sock: socket.socket | None = None) -> None:
-    """Serve until `stop` is set: callers from `config`, jobs through `nc`'s fleet; with
-    `probes`, also its /readyz and /metrics (runtime/probes.py) beside the gateway's /healthz.
-    `sock`: `listen` bound already (else bound here; ConfigError when it cannot be)."""
+                        sock: socket.socket | None = None, callers: CallerTable | None = None) -> None:
+    """Serve until `stop` is set: `callers` (default: from `config`, see `load_callers`), jobs
+    through `nc`'s fleet; with `probes`, also its /readyz and /metrics (runtime/probes.py) beside
+    the gateway's /healthz. `sock`: `listen` bound already (else bound here; ConfigError when it
+    cannot be)."""
     host, port = parse_listen(listen)
     if sock is None:
         sock = bind_listener(host, port, f"--listen {listen}")
-    callers = CallerTable.from_config(config)
-    if not len(callers):
-        log.warning("no [callers.<name>] in the config: every request will be refused with 401")
+    if callers is None:
+        callers = load_callers(config, probes)
     await ensure_topology(nc.jetstream(), config)
     client = Client(nc, config.nats.prefix)
     cache = ResultCache.from_config(client.js, config)
@@ -89,19 +89,38 @@ async def serve_gateway(config: Config, nc, stop: anyio.Event, listen: str, prob
         while not server.started and not server.should_exit:
             await anyio.sleep(0.05)
         if server.started:
-            log.info("gateway listening", url=f"http://{listen}", callers=len(callers))
+            log.info("gateway listening", url=f"http://{listen}", callers=len(callers),
+                     **({"left_out": sorted(callers.left_out)} if callers.left_out else {}))
         await stop.wait()
         server.should_exit = True
         runs.cancel()  # a batch's state is in KV and JetStream: the next start carries on
 
 
+def load_callers(config: Config, probes: Probes | None = None) -> CallerTable:
+    """The callers of `config` (`CallerTable.from_config`; ConfigError when none can be used),
+    each one left out logged as a warning with the reason and, with `probes`, listed in every
+    /readyz answer (`callers_left_out`: {name: reason})."""
+    callers = CallerTable.from_config(config)
+    if not config.callers:
+        log.warning("no [callers.<name>] in the config: every request will be refused with 401")
+    for name, reason in callers.left_out.items():
+        log.warning("caller left out: its key cannot be used here; its requests get 401 until the key is "
+                    "set and the gateway restarted", caller=name, reason=reason)
+    if probes is not None and callers.left_out:
+        probes.notes["callers_left_out"] = dict(callers.left_out)
+    return callers
+
+
 def batch_service(config: Config, client: Client, callers: CallerTable) -> tuple[BatchRunner, BatchApi]:
     """The OpenAI Files and Batch API: files in the Object Store, batch records in KV, both
-    kept as long as Results (`streams.results_max_age_s`)."""
+    kept as long as Results (`streams.results_max_age_s`). Batches already accepted run for
+    every configured caller, those left out (key unusable here) included: a missing secret
+    stops new requests, it does not fail the caller's earlier batches."""
     ttl = config.streams.results_max_age_s
     files = FileStore(client.js, client.subjects, ttl_s=ttl, replicas=config.streams.replicas)
     book = BatchBook(client.js, client.subjects, ttl_s=ttl, replicas=config.streams.replicas)
-    runner = BatchRunner(client, book, files, callers.by_name())
+    configured = {name: Caller.from_config(name, caller) for name, caller in config.callers.items()}
+    runner = BatchRunner(client, book, files, configured)
     return runner, BatchApi(callers, files, book, runner)
 
 
@@ -109,11 +128,11 @@ async def gateway_main(config: Config, listen: str) -> None:
     """The `ratefleet gateway` process."""
     from ratefleet.roles import run_role
 
-    CallerTable.from_config(config)  # a caller key that cannot be read stops the start, before NATS
-    sock = bind_listener(*parse_listen(listen), f"--listen {listen}")  # a port in use: one line, before NATS
     probes = Probes()  # served on `listen` by the gateway's own app
+    callers = load_callers(config, probes)  # no usable caller key stops the start, before NATS
+    sock = bind_listener(*parse_listen(listen), f"--listen {listen}")  # a port in use: one line, before NATS
 
     async def body(nc, stop):
-        await serve_gateway(config, nc, stop, listen, probes, sock)
+        await serve_gateway(config, nc, stop, listen, probes, sock, callers)
 
     await run_role(config, "ratefleet-gateway", body, probes=probes)

@@ -7,7 +7,8 @@ collectors read the role's state on the loop's thread, between two of its steps.
     GET /healthz   200 {"ok": true} while the process runs its loop
     GET /readyz    200 {"ready": true}, or 503 {"ready": false, "reason": "..."}: NATS not
                    connected, a stream missing, or the role's own condition (a worker: no
-                   leader heard; a dispatcher: neither leader nor a known leader)
+                   leader heard; a dispatcher: neither leader nor a known leader); both
+                   answers also carry the role's `notes` (the gateway: `callers_left_out`)
 
 Kubernetes: livenessProbe on /healthz, readinessProbe on /readyz; compose: a healthcheck.
 """
@@ -67,13 +68,15 @@ class Probes:
     """What one process serves: its metrics registry and its readiness checks.
 
     `nc` is set once NATS is connected (until then /readyz says so); the role appends its own
-    checks (`checks`), run in order: the first reason found is the answer."""
+    checks (`checks`), run in order: the first reason found is the answer. `notes`: fields
+    added to every /readyz answer, ready or not (the gateway: `callers_left_out`)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or new_registry()
         self.nc: Any = None
         self.checks: list[Check] = []
         self.url: str | None = None  # http://HOST:PORT once served
+        self.notes: dict[str, Any] = {}
 
 
     async def reason(self) -> str | None:
@@ -104,8 +107,8 @@ class Probes:
         async def readyz(_request: Request) -> Response:
             why = await self.reason()
             if why is None:
-                return JSONResponse({"ready": True})
-            return JSONResponse({"ready": False, "reason": why}, status_code=503)
+                return JSONResponse({"ready": True, **self.notes})
+            return JSONResponse({"ready": False, "reason": why, **self.notes}, status_code=503)
 
         routes: list[Route] = [Route("/readyz", readyz, methods=["GET"]),
                                        Route("/metrics", _AsgiApp(make_asgi_app(self.registry)), methods=["GET"])]

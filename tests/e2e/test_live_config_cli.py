@@ -100,6 +100,42 @@ def test_watch_pushes_each_good_edit_and_reports_a_bad_one(tmp_path, nats_server
     assert "pools.shared.keys.0.rps" in (tmp_path / "watch.log").read_text()
 
 
+def with_callers(data: dict) -> dict:
+    """`data` with a caller whose key this machine has (RF_CLI_APP) and one whose variable is unset."""
+    return {**data, "tiers": {"vip": {"pools": ["shared"]}},
+            "callers": {"app": {"key": "env:RF_CLI_APP", "tier": "vip"},
+                        "tpm": {"key": "env:RF_CLI_TPM_UNSET", "tier": "vip"}}}
+
+
+def test_check_warns_about_a_caller_key_not_resolvable_here_and_passes(tmp_path, monkeypatch):
+    monkeypatch.setenv("RF_CLI_APP", "rk-app-cli")
+    done = cli("config", "check", str(write(tmp_path / "callers.toml", with_callers(config()))))
+    assert done.returncode == 0, done.stderr
+    assert ("warning: callers.tpm.key: RF_CLI_TPM_UNSET not set on this machine: a gateway started here leaves "
+            "caller 'tpm' out") in done.stderr
+    assert "callers.app" not in done.stderr
+
+
+def test_watch_warns_about_a_pushed_caller_key_not_resolvable_here(tmp_path, nats_server, monkeypatch):
+    monkeypatch.setenv("RF_CLI_APP", "rk-app-cli")
+    url = ["--nats", nats_server.url]
+    path = write(tmp_path / "fleet.toml", config(rps=5))
+    log = open(tmp_path / "watch.log", "wb")
+    watcher = subprocess.Popen([sys.executable, "-m", "ratefleet", "config", "watch", str(path), *url],
+                               stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_revision(url, 1)
+        write(path, with_callers(config(rps=5)))  # the user trial's edit: a caller appended, its variable unset
+        _wait_revision(url, 2)  # a warning, not a refusal: the gateway may run on another machine
+        _wait_log(tmp_path / "watch.log", "caller key not usable on this machine")
+    finally:
+        watcher.send_signal(signal.SIGTERM)
+        watcher.wait(timeout=10)
+        log.close()
+    text = (tmp_path / "watch.log").read_text()
+    assert '"caller": "tpm"' in text and "RF_CLI_TPM_UNSET not set" in text and '"caller": "app"' not in text
+
+
 def _wait_revision(url: list[str], revision: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ratefleet.gateway.callers import CallerTable, bearer_token, key_digest
+from ratefleet.gateway.callers import CallerTable, bearer_token, key_digest, unusable_callers
 from ratefleet.gateway.limits import Admission, CallerLimits, Refusal, estimate_tokens
 from ratefleet.schemas.config import parse_config
 from ratefleet.schemas.errors import ConfigError
@@ -40,9 +40,42 @@ def test_keys_from_env_file_and_literal_identify_their_caller_and_only_digests_a
     assert "rk-" not in kept and key_digest("rk-alice-secret") in found._by_digest  # noqa: SLF001
 
 
-def test_an_unreadable_or_shared_caller_key_stops_the_start_naming_the_caller_not_the_key(monkeypatch, tmp_path):
+def unusable(tmp_path) -> dict:
+    """Five callers whose keys cannot be used here, and the reasons they are left out with."""
+    (tmp_path / "empty.key").write_text(" \n")
+    return {"unset": ({"key": "env:RF_UNIT_UNSET", "tier": "vip"}, "RF_UNIT_UNSET not set"),
+            "blank": ({"key": "env:RF_UNIT_BLANK", "tier": "vip"}, "RF_UNIT_BLANK not set"),
+            "missing": ({"key": f"file:{tmp_path / 'nope.key'}", "tier": "vip"},
+                        f"file {tmp_path / 'nope.key'} unreadable (No such file or directory)"),
+            "empty": ({"key": f"file:{tmp_path / 'empty.key'}", "tier": "vip"}, f"file {tmp_path / 'empty.key'} empty"),
+            "broken": ({"key": "env:RF_UNIT_BROKEN", "tier": "vip"},
+                       "RF_UNIT_BROKEN contains a line break (CR/LF)")}
+
+
+def test_a_caller_whose_key_cannot_be_used_is_left_out_with_why_and_the_others_are_served(monkeypatch, tmp_path):
+    monkeypatch.delenv("RF_UNIT_UNSET", raising=False)
+    monkeypatch.setenv("RF_UNIT_BLANK", "  ")
+    monkeypatch.setenv("RF_UNIT_BROKEN", "rk-broken\nsecret")
+    bad = unusable(tmp_path)
+    found = table(monkeypatch, tmp_path, alice={"key": "env:RF_UNIT_ALICE", "tier": "vip"},
+                  **{name: caller for name, (caller, _why) in bad.items()})
+    assert found.left_out == {name: why for name, (_caller, why) in bad.items()}
+    assert len(found) == 1 and found.identify("Bearer rk-alice-secret").name == "alice"
+    for presented in ("rk-broken", "rk-broken\nsecret", "  ", ""):  # a left-out caller's key names no caller: 401
+        assert found.identify(f"Bearer {presented}") is None
+    assert "rk-broken" not in repr(found.left_out) + repr(vars(found))
+    assert unusable_callers(config({"alice": {"key": "env:RF_UNIT_ALICE", "tier": "vip"},
+                                    **{name: caller for name, (caller, _why) in bad.items()}})) == found.left_out
+
+
+def test_no_usable_caller_key_or_a_shared_key_stops_the_start_naming_the_caller_not_the_key(monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match=r"callers.dave.key: RF_UNIT_DAVE not set"):
         table(monkeypatch, tmp_path, dave={"key": "env:RF_UNIT_DAVE", "tier": "vip"})
+    with pytest.raises(ConfigError, match=r"no caller has a usable key \(callers.dave.key: RF_UNIT_DAVE not set; "
+                                          r"callers.erin.key: RF_UNIT_ERIN not set\)"):
+        table(monkeypatch, tmp_path, dave={"key": "env:RF_UNIT_DAVE", "tier": "vip"},
+              erin={"key": "env:RF_UNIT_ERIN", "tier": "vip"})
+    assert len(CallerTable.from_config(config({}))) == 0  # no [callers] at all: started, every request 401
     with pytest.raises(ConfigError, match="same key as caller 'alice'") as shared:
         table(monkeypatch, tmp_path, alice={"key": "env:RF_UNIT_ALICE", "tier": "vip"},
               eve={"key": "env:RF_UNIT_ALICE", "tier": "guest"})
