@@ -179,7 +179,13 @@ class UpstreamExecutor:
         upstream_error: a breaker failure, retried by policy). A 429 carries its scope; one
         that can never fit (the request exceeds the whole limit) ends the job as
         `request_too_large`. Raises InvalidRequest (before any call) when the job cannot be sent.
-        `on_chunk` is awaited with each chunk of a successful server-sent-events answer as it is read."""
+        `on_chunk` is awaited with each chunk of a successful server-sent-events answer as it is read.
+
+        A successful server-sent-events answer (`"stream": true`) is bounded by its progress
+        instead: `timeout_s` from each part of it to the next, and STREAM_MAX_FACTOR x
+        timeout_s in all. A long generation streams for minutes while every part comes
+        within seconds; cut at `timeout_s` as a whole, it was retried, and paid, again and again
+        (a gateway trial: 8 parts 1 s apart, timeout_s 5: three calls, then `expired`)."""
         built = self.build_request(job, upstream)
         # latin-1, as the job's headers were encoded (httpx would guess and may double-encode)
         built.headers.encoding = "iso-8859-1"
@@ -187,22 +193,27 @@ class UpstreamExecutor:
         inject(built.headers)  # the job's trace goes on to the upstream (the HTTP span's, when instrumented)
         started = time.perf_counter()
         try:
-            with anyio.fail_after(upstream.timeout_s):
-                result = await self._send(built, upstream, secret, started, on_chunk)
+            with anyio.fail_after(upstream.timeout_s) as deadline:
+                result = await self._send(built, upstream, secret, started, on_chunk, deadline)
         except TimeoutError:
             return self._failed("timeout", f"the call did not finish within timeout_s = {upstream.timeout_s}s "
-                                "(connect, send, headers and body)", started)
+                                "(connect, send, headers and body; a streamed answer: between two parts, "
+                                f"at most {STREAM_MAX_FACTOR} x timeout_s in all)", started)
         return _scoped(result, job.cost) if result.kind == OutcomeKind.RATE_LIMITED else result
 
     async def _send(self, built: httpx.Request, upstream: UpstreamConfig, secret: str, started: float,
-                    on_chunk: ChunkSink | None = None) -> CallResult:
+                    on_chunk: ChunkSink | None = None, deadline: anyio.CancelScope | None = None) -> CallResult:
         try:
             response = await self._client.send(built, stream=True)
             # read once: each lookup on httpx.Headers decodes and scans every header again
             # (lower-case names; a repeated header's values joined by ", ", as httpx's get does)
             received = dict(response.headers.items())
             try:
-                relay = on_chunk if on_chunk is not None and _event_stream(response, received) else None
+                relay = None
+                if _event_stream(response, received):
+                    relay = on_chunk
+                    if deadline is not None:
+                        relay = _progress_deadline(deadline, upstream.timeout_s, relay)
                 raw = await read_capped(response, self._max_response_bytes, relay)
             finally:
                 # also when call()'s deadline cancels the read: the connection is closed, not leaked
@@ -256,6 +267,22 @@ def _unlink(response: httpx.Response) -> None:
     of collector time per call over httpx-aiohttp). Status and headers stay readable."""
     if response.is_closed:
         response.stream = httpx.ByteStream(b"")
+
+
+STREAM_MAX_FACTOR = 10  # a streamed answer may take this many times timeout_s in all (60 s: 10 minutes)
+
+
+def _progress_deadline(deadline: anyio.CancelScope, idle_s: float, relay: ChunkSink | None) -> ChunkSink:
+    """A chunk sink that moves `deadline` to `idle_s` seconds after each chunk (never past
+    STREAM_MAX_FACTOR x idle_s after the call began), then hands the chunk to `relay`."""
+    latest = deadline.deadline - idle_s + STREAM_MAX_FACTOR * idle_s
+
+    async def on_chunk(chunk: bytes) -> None:
+        deadline.deadline = min(latest, anyio.current_time() + idle_s)
+        if relay is not None:
+            await relay(chunk)
+
+    return on_chunk
 
 
 def _event_stream(response: httpx.Response, headers: dict[str, str]) -> bool:

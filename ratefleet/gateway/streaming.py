@@ -39,7 +39,7 @@ class ChunkStream:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The chunks as the upstream sent them. Ends at the Result; early when the job's call is
-        retried (a new attempt would repeat what the caller already has: its worker stopped
+        retried (a new attempt would repeat what the caller already has: the call failed
         mid-answer) or nothing comes for `idle_timeout_s`. An early end is never a clean end:
         the stream's last event is then an OpenAI-style error (`interrupted`), which the
         OpenAI SDKs raise as an APIError, rather than a stream that just stops without [DONE]
@@ -59,8 +59,8 @@ class ChunkStream:
                     return
                 if (msg.headers or {}).get(ATTEMPT_HEADER) != self.attempt:
                     log.warning("streamed call retried; stream ended early", job_id=self.job_id)
-                    yield interrupted(tail, self.job_id, "the call was cut off mid-answer (its worker stopped) and "
-                                      "is being made again")
+                    yield interrupted(tail, self.job_id, "the call failed mid-answer (a timeout, a dropped connection "
+                                      "or a stopped worker) and is being made again")
                     return
                 tail = (tail + msg.data)[-2:]
                 yield msg.data

@@ -181,3 +181,46 @@ async def test_whitespace_around_a_secret_never_leaks_through_an_echo(monkeypatc
     result = await executor(handler).call(job(), UPSTREAM, secret)
     assert SECRET not in result.response.model_dump_json()
     assert result.response.json_body["error"]["message"] == "Invalid authorization header: Bearer ***"
+
+
+def _dripping(content_type: str, gaps: list[float]):
+    """A handler answering 200 with one part after each gap (seconds)."""
+    import anyio
+
+    async def parts():
+        for n, gap in enumerate(gaps):
+            await anyio.sleep(gap)
+            yield f"data: {{\"n\": {n}}}\n\n".encode()
+
+    def handler(request):
+        return httpx.Response(200, headers={"content-type": content_type}, content=parts())
+
+    return handler
+
+
+@pytest.mark.anyio
+async def test_a_streamed_answer_is_bounded_by_its_progress_not_as_a_whole():
+    """8 parts 0.15 s apart with timeout_s = 0.5: a stream taking 1.2 s in all completes (it was
+    cut at 0.5 s, then retried and paid again and again); the same body as JSON is still
+    bounded as a whole; a stream pausing longer than timeout_s is a timeout."""
+    import time as clock
+
+    upstream = UpstreamConfig(base_url="https://api.example.test", timeout_s=0.5)
+    seen: list[bytes] = []
+
+    async def relay(chunk: bytes) -> None:
+        seen.append(chunk)
+
+    streamed = await executor(_dripping("text/event-stream", [0.15] * 8)).call(job(), upstream, SECRET, relay)
+    assert streamed.kind == "ok" and len(seen) == 8
+    unrelayed = await executor(_dripping("text/event-stream; charset=utf-8", [0.15] * 8)).call(job(), upstream, SECRET)
+    assert unrelayed.kind == "ok"  # no relay (a queued job's stream): the same rule
+    whole = await executor(_dripping("application/json", [0.15] * 8)).call(job(), upstream, SECRET)
+    assert whole.kind == "upstream_error" and "timeout_s" in whole.error
+    paused = await executor(_dripping("text/event-stream", [0.1, 0.1, 0.8, 0.1])).call(job(), upstream, SECRET)
+    assert paused.kind == "upstream_error" and "timeout_s" in paused.error
+    started = clock.monotonic()
+    endless = await executor(_dripping("text/event-stream", [0.05] * 1000)).call(
+        job(), UpstreamConfig(base_url="https://api.example.test", timeout_s=0.2), SECRET)
+    took = clock.monotonic() - started
+    assert endless.kind == "upstream_error" and 1.9 <= took < 4.0  # STREAM_MAX_FACTOR x timeout_s in all
