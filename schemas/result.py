@@ -39,6 +39,23 @@ class ErrorCode(StrEnum):
     SUBMIT_FAILED = "submit_failed"  # any other refusal or failure of the JOBS publish
 
 
+def expired_before_call(attempt: int, rate_limited: int) -> str:
+    """The message of a job whose deadline passed before its next call could start, naming
+    what it went through: `attempt` (1 for the first call; more after failed attempts) and
+    `rate_limited` (earlier answers of 429). Without history: "the deadline passed before the
+    call could start"; with it, e.g. "... before call 3 could start, after 7 answers of 429 (the
+    keys' limits: a longer deadline or more key capacity)"."""
+    if attempt <= 1 and rate_limited <= 0:
+        return "the deadline passed before the call could start"
+    history = []
+    if rate_limited > 0:
+        history.append(f"{rate_limited} answer{'s' if rate_limited != 1 else ''} of 429")
+    if attempt > 1:
+        history.append(f"{attempt - 1} failed attempt{'s' if attempt != 2 else ''}")
+    advice = " (the keys' limits: a longer deadline or more key capacity)" if rate_limited > 0 else ""
+    return f"the deadline passed before the job could be called again, after {' and '.join(history)}{advice}"
+
+
 class ErrorInfo(BaseModel):
     """Why a job did not succeed: a stable `code` (ErrorCode; its JSON value is the code's
     string) and a readable `message` (never a secret)."""

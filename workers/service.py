@@ -45,6 +45,7 @@ from ratefleet.schemas.internal import (
 )
 from ratefleet.schemas.job import describe_validation_error
 from ratefleet.schemas.outcome import OutcomeKind, is_retryable
+from ratefleet.schemas.result import expired_before_call
 from ratefleet.workers.executor import CallResult, UpstreamExecutor, build_client
 from ratefleet.workers.metrics import WorkerMetrics
 from ratefleet.workers.outbox import ReportOutbox
@@ -345,7 +346,7 @@ class Worker:
         if job.expired(datetime.now(UTC)):
             log.info("job expired before its call")
             await self.finisher.finish(self._result(a, "expired", error=ErrorInfo(
-                code=ErrorCode.DEADLINE_EXCEEDED, message="the deadline passed before the call could start")),
+                code=ErrorCode.DEADLINE_EXCEEDED, message=expired_before_call(a.attempt, a.rate_limited))),
                 ack=a.ack, reply_to=a.reply_to)
             await self._report(a, None, terminal=True)
             return

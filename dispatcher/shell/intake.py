@@ -17,6 +17,7 @@ from ratefleet.runtime.streams import tier_max_deliver
 from ratefleet.runtime.tracing import TRACEPARENT, TRACESTATE, fresh_traceparent, trace_headers
 from ratefleet.schemas import Config, ErrorCode, Job, JobRejected, parse_job
 from ratefleet.schemas.job import job_size_limit, upstream_problem
+from ratefleet.schemas.result import expired_before_call
 from ratefleet.schemas.subjects import is_safe_reply, is_token
 
 
@@ -70,7 +71,7 @@ def read_message(msg: Msg, tier: str, config: Config, handbacks: int = 0, rate_l
                       "stored Result: a worker stopped mid-call, or could not reach NATS to store the Result)",
                       job_id, job.batch, job)
     if job.expired(datetime.now(UTC)):
-        return refuse("expired", ErrorCode.DEADLINE_EXCEEDED, "the deadline passed before the call could start",
+        return refuse("expired", ErrorCode.DEADLINE_EXCEEDED, expired_before_call(attempt, rate_limited),
                       job_id, job.batch, job)
     upstream = job.upstream or config.default_upstream()
     trace = trace_headers(headers)  # else a fresh trace, the same for every delivery of this message

@@ -150,8 +150,17 @@ def test_a_job_past_its_deadline_is_expired():
     msg, got = deliver(job(batch="b1", deadline=past), delivered=2)
     assert isinstance(got, Refused)
     assert fields(got) == ("expired", ErrorCode.DEADLINE_EXCEEDED, "j1", "b1", "vip", ACK, INBOX, 2)
-    assert got.message == "the deadline passed before the call could start"
+    assert got.message == "the deadline passed before the job could be called again, after 1 failed attempt"
     assert got.raw == msg.data and got.job.id == "j1"
+    _, first = deliver(job(batch="b1", deadline=past))
+    assert first.message == "the deadline passed before the call could start"
+    # a job 429'd until its deadline says so (it said "before the call could start" after 7 calls)
+    _, throttled = deliver(job(batch="b1", deadline=past), delivered=6, rate_limited=5)
+    assert throttled.message == ("the deadline passed before the job could be called again, after 5 answers of 429 "
+                                 "(the keys' limits: a longer deadline or more key capacity)")
+    _, both = deliver(job(batch="b1", deadline=past), delivered=6, rate_limited=3)
+    assert both.message.endswith("after 3 answers of 429 and 2 failed attempts (the keys' limits: a longer deadline "
+                                 "or more key capacity)")
 
 
 # -- size limits ---------------------------------------------------------------------------------

@@ -191,6 +191,10 @@ async def test_an_expired_job_is_answered_to_its_waiting_caller(monkeypatch):
     assert finisher.replies == ["_INBOX.caller"] and finisher.log[0][:2] == ("finish", ACK)
     [result] = finisher.finished
     assert result.error.message == "the deadline passed before the call could start"
+    finisher.finished.clear()
+    await worker._run_assignment(a.model_copy(update={"rate_limited": 4}), FakeExecutor())
+    assert finisher.finished[0].error.message.endswith("after 4 answers of 429 (the keys' limits: a longer deadline "
+                                                       "or more key capacity)")
 
 
 async def test_a_secret_the_worker_cannot_use_hands_the_job_back_and_tells_the_leader(monkeypatch):
