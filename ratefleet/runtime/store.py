@@ -137,7 +137,10 @@ async def store_result(js: JetStreamContext, subjects: Subjects, result: Result,
     """Store the terminal Result (`payload`: its JSON when the caller has it already).
 
     True when newly stored, False when the job already had one (dedup, or error 10077 with
-    a Result for the job confirmed in the stream). A 10077 without one is a refusal: the
+    a Result for the job confirmed in the stream). A dedup hit on a Result of the same job id
+    under another batch (an id reused across batches: the JOBS dedup entry that would have
+    stopped the call was lost in a NATS restart) stores this one too, under msg id
+    `<job id>@<batch>`, so the batch that waits for it gets it. A 10077 without one is a refusal: the
     store is tried `attempts` times in all, `pause_s * n` seconds apart, then
     ResultNotStored is raised so the caller leaves the job un-acked (it is delivered again).
     `gone()`: awaited each time no stream takes the publish (NATS restarting, or it lost the
@@ -147,10 +150,20 @@ async def store_result(js: JetStreamContext, subjects: Subjects, result: Result,
 
     payload = payload if payload is not None else result.to_json()
     refusal = ""
+
+    def publish(msg_id: str) -> Awaitable[Any]:
+        return retrying(lambda: js.publish(subject, payload, headers={MSG_ID: msg_id}, timeout=timeout),
+                        for_s=120.0, gone=gone)
+
     for attempt in range(1, attempts + 1):
         try:
-            ack = await retrying(lambda: js.publish(subject, payload, headers={MSG_ID: result.job_id},
-                                                    timeout=timeout), for_s=120.0, gone=gone)
+            ack = await publish(result.job_id)
+            if ack.duplicate and await _only_elsewhere(js, subjects, result):
+                # the id's Result inside the dedup window is another batch's: this job reuses
+                # the id, and was called (a NATS restart forgot the JOBS message's dedup entry)
+                log.warning("job id already has a Result in another batch; stored under this batch too",
+                            job_id=result.job_id, batch=result.batch)
+                ack = await publish(f"{result.job_id}@{result.batch or ''}")
             return not ack.duplicate
         except APIError as exc:
             if exc.err_code != STORE_FAILED:
@@ -166,6 +179,12 @@ async def store_result(js: JetStreamContext, subjects: Subjects, result: Result,
               refusal=refusal, stream=subjects.results_stream)
     raise ResultNotStored(f"{subjects.results_stream} refused the Result of job {result.job_id} {attempts} times "
                           f"({refusal}) and holds none for it; check the stream's limits and the server's disk")
+
+
+async def _only_elsewhere(js: JetStreamContext, subjects: Subjects, result: Result) -> bool:
+    """Whether the Result that made a publish of `result` a duplicate is not under its own
+    batch's subject (so the job's batch would wait for ever for a Result that never comes)."""
+    return await read_result(js, subjects, result.job_id, result.batch) is None
 
 
 async def read_result(js: JetStreamContext, subjects: Subjects, job_id: str, batch: str | None = "*") -> bytes | None:

@@ -126,6 +126,29 @@ async def test_second_result_for_a_job_is_refused_forever(tmp_path, nats_server)
             kit.stop()
 
 
+async def test_an_id_reused_by_another_batch_inside_the_dedup_window_gets_its_result(tmp_path, nats_server):
+    """A job id already answered under batch A, called again under batch B (a NATS restart lost
+    the JOBS message's dedup entry, so the reuse was not caught at submit): B's Result is stored
+    too, once, and A's stays. Before, the Result publish was a dedup hit and taken for "already
+    stored": the call was paid and `submit --wait` of B waited for ever (a break-it trial)."""
+    with upstream() as mock:
+        kit = FleetKit(tmp_path, nats_server.url, mock.url, keys=fast_keys())
+        try:
+            kit.dispatcher("d1")  # creates the streams
+            async with await Client.connect(nats_server.url) as client, Tracker(nats_server.url) as tracker:
+                await until(lambda: tracker.js.stream_info(SUBJECTS.results_stream), 20, 0.2, "RATEFLEET_RESULTS")
+                first = Result(job_id="reused-1", status="succeeded", batch="wzA", attempts=1)
+                again = Result(job_id="reused-1", status="succeeded", batch="wzC", attempts=1)
+                assert await _store(client, first) is True
+                assert await _store(client, again) is True  # inside the dedup window of "reused-1"
+                assert await _store(client, again) is False  # its redelivery: stored once
+                assert await _store(client, first) is False
+                assert (await tracker.stored("wzA")) == {"reused-1": 1}
+                assert (await tracker.stored("wzC")) == {"reused-1": 1}
+        finally:
+            kit.stop()
+
+
 async def test_job_resubmitted_after_the_dedup_window_keeps_its_first_result(tmp_path, nats_server):
     """Past the JOBS dedup window the same id runs again; its second Result is refused
     (max_msgs_per_subject=1), the first one stays, and the job is still acked promptly."""

@@ -177,9 +177,21 @@ async def test_a_result_is_stored_once_under_its_job_id_on_its_batch_subject(clo
 
 
 async def test_a_duplicate_result_is_not_newly_stored(clock):
-    js = FakeJetStream(True)
+    subject = SUBJECTS.results(None, "j1")
+    js = FakeJetStream(True, held={subject: b"{}"})
     assert await store_result(js, SUBJECTS, result()) is False
-    assert len(js.published) == 1 and js.reads == []
+    assert len(js.published) == 1 and js.reads == [(SUBJECTS.results_stream, subject)]
+
+
+async def test_a_duplicate_of_another_batchs_result_is_stored_under_its_own_msg_id(clock):
+    """The dedup hit came from a Result of the same id in another batch (an id reused; a NATS
+    restart forgot the JOBS dedup entry, so the job was called): this batch gets its Result too,
+    or its `submit --wait` waits for ever."""
+    js = FakeJetStream(True, False)
+    with capture_logs() as logs:
+        assert await store_result(js, SUBJECTS, result()) is True
+    assert [headers[MSG_ID] for _, _, headers, _ in js.published] == ["j1", "j1@"]
+    assert [e["event"] for e in logs] == ["job id already has a Result in another batch; stored under this batch too"]
 
 
 async def test_a_10077_with_the_result_in_the_stream_is_already_stored(clock):
