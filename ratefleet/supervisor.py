@@ -1,6 +1,7 @@
 """`ratefleet up`: embedded NATS when none answers, then dispatcher and worker processes.
 
-Children that die are restarted (with a short backoff). Ctrl-C or SIGTERM stops the
+Children that die are restarted (with a short backoff), and so is the embedded nats-server
+(same port, same store: the children reconnect by themselves). Ctrl-C or SIGTERM stops the
 workers first (they drain), then the dispatchers (they release the lease), then NATS.
 SIGHUP is logged and ignored (children ignore it as well): with `--config FILE` a child
 (`ratefleet config watch`) pushes the file on every change, and the fleet applies it live.
@@ -26,6 +27,7 @@ from ratefleet.runtime.connect import redact_url
 from ratefleet.runtime.embedded import EmbeddedNats, die_with_parent, embedded_for, port_answers
 from ratefleet.runtime.logs import get_logger
 from ratefleet.schemas import Config
+from ratefleet.schemas.errors import NatsUnavailable
 
 log = get_logger("ratefleet.up")
 
@@ -155,6 +157,7 @@ def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatc
     stopping = False
     hangups = 0
     hangups_total = 0
+    nats_restarts = 0
 
     def on_signal(signum, _frame):
         nonlocal stopping, hangups
@@ -177,6 +180,8 @@ def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatc
                 log.info("SIGHUP ignored: edits of the config file are pushed and applied live (`ratefleet config push`)",
                          count=hangups_total)
                 hangups = 0
+            if embedded is not None and not stopping:
+                nats_restarts = _keep_nats_up(embedded, nats_restarts)
             for child in children:
                 if child.process and child.process.poll() is not None and not stopping:
                     log.warning("child exited; restarting", role=child.role, code=child.process.returncode)
@@ -191,6 +196,24 @@ def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatc
         if embedded is not None:
             embedded.stop()
     return 0
+
+
+def _keep_nats_up(embedded: EmbeddedNats, restarts: int) -> int:
+    """Start the embedded nats-server again when it has exited (killed, crashed), on its port
+    and store, so the fleet's processes reconnect and carry on; returns the restart count (a
+    failed start is tried again on the next call, after a growing pause). Before, a killed
+    server stayed down while `up` ran on: every process waited, and the gateway answered 503."""
+    if embedded.process is None or embedded.process.poll() is None:
+        return restarts
+    log.warning("embedded nats-server exited; restarting it on its port and store", code=embedded.process.returncode,
+                url=embedded.url)
+    time.sleep(min(5.0, 0.5 * 2 ** min(restarts, 4)))
+    try:
+        embedded.start()
+        log.info("embedded nats-server restarted", url=embedded.url)
+    except NatsUnavailable as exc:
+        log.error("embedded nats-server did not start again; trying again", error=str(exc))
+    return restarts + 1
 
 
 def _stop_all(children: list[Child], grace_s: float) -> None:

@@ -89,6 +89,47 @@ def test_up_serves_jobs_submitted_from_another_terminal(tmp_path):
         socket.create_connection(("127.0.0.1", port), timeout=0.5)
 
 
+def test_up_restarts_its_embedded_nats_server_after_a_sigkill(tmp_path):
+    """A killed embedded nats-server is started again on its port and store, and the fleet
+    carries on (before, it stayed down while `up` ran on: every process waited, the gateway
+    answered 503 until `up` itself was restarted)."""
+    port = free_port()
+    with running_mock(MockSettings(keys=mock_keys(rps=100, burst=10), accept_unknown=False)) as upstream:
+        store = tmp_path / "nats"
+        config = {"nats": {"url": f"nats://127.0.0.1:{port}", "embedded_dir": str(store)},
+                  "upstreams": {"mock": {"base_url": upstream.url}},
+                  "pools": {"shared": {"keys": [{"id": "k1", "secret": "env:RF_TEST_K1", "rps": 100, "burst": 10}]}},
+                  "workers": {"heartbeat_s": 0.5}}
+        path = tmp_path / "fleet.toml"
+        path.write_text(tomli_w.dumps(config))
+        env = {**os.environ, "RF_TEST_K1": SECRETS["k1"], "RATEFLEET_LOG_FORMAT": "json"}
+        env.pop("RATEFLEET_NATS_URL", None)
+        up = subprocess.Popen([sys.executable, "-m", "ratefleet", "up", "--config", str(path), "--workers", "1",
+                               "--http-base-port", "0"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        nats = ["--nats", f"nats://127.0.0.1:{port}"]
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not answers("status", "--json", *nats):
+                time.sleep(0.5)
+            found = subprocess.run(["pgrep", "-f", f"nats-server.*{store}"], capture_output=True, text=True)
+            pids = [int(pid) for pid in found.stdout.split()]
+            assert len(pids) == 1, found
+            os.kill(pids[0], signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not answers("status", "--json", *nats):
+                time.sleep(0.5)
+            jobs = tmp_path / "jobs.jsonl"
+            jobs.write_text("".join(json.dumps(chat_job(i)) + "\n" for i in range(5)))
+            done = cli("submit", str(jobs), "--tier", "normal", "--wait", *nats, timeout=60)
+            assert done.returncode == 0, done.stdout + done.stderr
+        finally:
+            up.send_signal(signal.SIGINT)
+            output, _ = up.communicate(timeout=60)
+        assert "embedded nats-server exited; restarting it" in output and "embedded nats-server restarted" in output
+        assert up.returncode == 0, output[-3000:]
+
+
 def test_demo_exits_zero_with_its_summary():
     done = cli("demo", "--jobs", "120", "--vip", "8", timeout=110)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
