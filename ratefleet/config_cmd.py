@@ -67,6 +67,12 @@ def check(file: Path | None = typer.Argument(None, help="TOML config file (defau
     for name, reason in unusable_callers(config).items():
         typer.echo(f"warning: callers.{name}.key: {reason} on this machine: a gateway started here leaves caller "
                    f"{name!r} out (its requests get 401)", err=True)
+    if len(config.upstreams) > 1:
+        for name, caller in config.callers.items():
+            if not caller.upstreams:
+                typer.echo(f"note: callers.{name} names no upstreams while {len(config.upstreams)} are configured: "
+                           "each of its requests must say which in the x-ratefleet-upstream header (else 400 "
+                           f"upstream_required); set callers.{name}.upstreams (the first is its default)")
 
 
 @config_app.command("push")

@@ -116,6 +116,26 @@ def test_check_warns_about_a_caller_key_not_resolvable_here_and_passes(tmp_path,
     assert "callers.app" not in done.stderr
 
 
+def test_check_notes_a_caller_without_upstreams_in_a_fleet_of_several(tmp_path, monkeypatch):
+    """Such a caller can call only with the x-ratefleet-upstream header (else 400
+    upstream_required), which `config check` called simply "valid" (a gateway trial)."""
+    monkeypatch.setenv("RF_CLI_APP", "rk-app-cli")
+    monkeypatch.setenv("RF_CLI_TPM_UNSET", "rk-tpm-cli")
+    data = with_callers(config())
+    data["upstreams"]["other"] = {"base_url": "http://127.0.0.1:8901"}
+    data["pools"]["shared"]["upstream"] = "mock"
+    data["pools"]["alt"] = {"upstream": "other", "keys": [{"id": "a1", "secret": "env:K1", "rps": 5}]}
+    data["tiers"]["vip"]["pools"] = ["shared", "alt"]
+    done = cli("config", "check", str(write(tmp_path / "two.toml", data)))
+    assert done.returncode == 0, done.stderr
+    assert ("note: callers.app names no upstreams while 2 are configured: each of its requests must say which in "
+            "the x-ratefleet-upstream header (else 400 upstream_required)") in done.stdout
+    data["callers"]["app"]["upstreams"] = ["other"]
+    data["callers"]["tpm"]["upstreams"] = ["mock"]
+    quiet = cli("config", "check", str(write(tmp_path / "two.toml", data)))
+    assert quiet.returncode == 0 and "names no upstreams" not in quiet.stdout
+
+
 def test_watch_warns_about_a_pushed_caller_key_not_resolvable_here(tmp_path, nats_server, monkeypatch):
     monkeypatch.setenv("RF_CLI_APP", "rk-app-cli")
     url = ["--nats", nats_server.url]
