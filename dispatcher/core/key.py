@@ -199,16 +199,17 @@ class KeyState:
     def correct_cost(self, now: float, reserved: float, actual: float | None, mark: int | None) -> None:
         """Charge the difference between the actual and the reserved cost (tokens).
 
-        The debt this leaves is capped at one bucket (`cost_per_minute` tokens below zero, so
-        the key waits at most two minutes): a provider refuses a request larger than its
-        tokens-per-minute limit before it runs (OpenAI's "Request too large" 429), so a usage
-        figure past that is not a cost the provider's bucket charged. Uncapped, one answer
-        reporting 10,000,000 tokens on a 600/min key left it idle for 11 days, shown `ok`."""
+        One call's overrun is capped at one bucket (`cost_per_minute` tokens): a provider
+        refuses a request larger than its tokens-per-minute limit before it runs (OpenAI's
+        "Request too large" 429), so a usage figure past that is not a cost the provider's
+        bucket charged. Uncapped, one answer reporting 10,000,000 tokens on a 600/min key left
+        it idle for 11 days, shown `ok`. The cap is per call, not on the level: calls in flight
+        together that each overran their estimates all stay charged (capping the level let 60
+        such calls spend 1.9 x the limit, a reviewer's simulation)."""
         if self.cost is None or actual is None or mark is None:
             return
         if actual > reserved:
-            room = self.cost.advance(now) + self.cost.capacity  # what the level may still lose
-            self.cost.take(now, max(0.0, min(actual - reserved, room)))
+            self.cost.take(now, min(actual - reserved, self.cost.capacity))
         elif actual < reserved:
             self.cost.refund(now, reserved - actual, mark)
 

@@ -351,8 +351,8 @@ def test_a_reservation_on_a_key_without_cost_limit_has_no_cost_mark():
 
 @pytest.mark.parametrize("actual, level", [
     (30.0, 30.0), (45.0, 15.0), (20.0, 40.0), (None, 30.0), (0.0, 60.0),
-    (120.0, -60.0), (119.0, -59.0),  # down to one bucket (cost_per_minute) of debt
-    (121.0, -60.0), (10_000_000.0, -60.0),  # never further: a usage figure past the limit is not a charge
+    (80.0, -20.0), (90.0, -30.0),  # an overrun of up to one bucket (cost_per_minute) is charged
+    (91.0, -30.0), (10_000_000.0, -30.0),  # never more: a usage figure past the limit is not a charge
 ])
 def test_the_actual_cost_is_charged_back(actual, level):
     k = state(cost_per_minute=60.0)
@@ -361,13 +361,18 @@ def test_the_actual_cost_is_charged_back(actual, level):
     assert k.cost.advance(0.0) == level
 
 
-def test_a_key_in_debt_already_is_charged_down_to_the_cap_only():
+def test_each_calls_overrun_is_capped_not_the_level():
+    """Calls in flight together that each used more than estimated all stay charged (a cap on
+    the level dropped the real overspend: 60 such calls spent 1.9 x the limit); one call's
+    absurd usage figure costs one bucket at most."""
     k = state(cost_per_minute=60.0)
-    first, second = k.reserve(0.0, 30.0), k.reserve(0.0, 30.0)
-    k.correct_cost(0.0, 30.0, 80.0, first.cost)  # level 0 - 50
-    k.correct_cost(0.0, 30.0, 80.0, second.cost)  # would be -100: capped at -60
-    assert k.cost.advance(0.0) == -60.0
-    assert k.cost.ready_at(0.0, 1.0) == pytest.approx(61.0)  # at 1 token/s: about a minute, not weeks
+    first, second, third = k.reserve(0.0, 10.0), k.reserve(0.0, 10.0), k.reserve(0.0, 10.0)
+    k.correct_cost(0.0, 10.0, 50.0, first.cost)  # 30 - 40 = -10
+    k.correct_cost(0.0, 10.0, 50.0, second.cost)  # -50
+    assert k.cost.advance(0.0) == -50.0
+    k.correct_cost(0.0, 10.0, 10_000_000.0, third.cost)  # at most one bucket more
+    assert k.cost.advance(0.0) == -110.0
+    assert k.cost.ready_at(0.0, 1.0) == pytest.approx(111.0)  # at 1 token/s: about two minutes, not weeks
 
 
 def test_no_cost_correction_without_a_mark_or_a_cost_bucket():
