@@ -273,12 +273,16 @@ STREAM_MAX_FACTOR = 10  # a streamed answer may take this many times timeout_s i
 
 
 def _progress_deadline(deadline: anyio.CancelScope, idle_s: float, relay: ChunkSink | None) -> ChunkSink:
-    """A chunk sink that moves `deadline` to `idle_s` seconds after each chunk (never past
-    STREAM_MAX_FACTOR x idle_s after the call began), then hands the chunk to `relay`."""
+    """A chunk sink that moves `deadline` to `idle_s` seconds after each chunk holding answer
+    data (never past STREAM_MAX_FACTOR x idle_s after the call began), then hands the chunk to
+    `relay`. A chunk of SSE comments only (`: keep-alive`, WHATWG HTML 9.2.6: lines starting
+    with a colon are ignored) is no progress: an upstream sending only those held a key's slot
+    for 10 x timeout_s on every attempt (a reviewer's trial)."""
     latest = deadline.deadline - idle_s + STREAM_MAX_FACTOR * idle_s
 
     async def on_chunk(chunk: bytes) -> None:
-        deadline.deadline = min(latest, anyio.current_time() + idle_s)
+        if b"data" in chunk:
+            deadline.deadline = min(latest, anyio.current_time() + idle_s)
         if relay is not None:
             await relay(chunk)
 

@@ -183,14 +183,14 @@ async def test_whitespace_around_a_secret_never_leaks_through_an_echo(monkeypatc
     assert result.response.json_body["error"]["message"] == "Invalid authorization header: Bearer ***"
 
 
-def _dripping(content_type: str, gaps: list[float]):
-    """A handler answering 200 with one part after each gap (seconds)."""
+def _dripping(content_type: str, gaps: list[float], part: str | None = None):
+    """A handler answering 200 with one part after each gap (seconds): an SSE data event, or `part`."""
     import anyio
 
     async def parts():
         for n, gap in enumerate(gaps):
             await anyio.sleep(gap)
-            yield f"data: {{\"n\": {n}}}\n\n".encode()
+            yield (part or f"data: {{\"n\": {n}}}\n\n").encode()
 
     def handler(request):
         return httpx.Response(200, headers={"content-type": content_type}, content=parts())
@@ -224,3 +224,8 @@ async def test_a_streamed_answer_is_bounded_by_its_progress_not_as_a_whole():
         job(), UpstreamConfig(base_url="https://api.example.test", timeout_s=0.2), SECRET)
     took = clock.monotonic() - started
     assert endless.kind == "upstream_error" and 1.9 <= took < 4.0  # STREAM_MAX_FACTOR x timeout_s in all
+    started = clock.monotonic()
+    comments = await executor(_dripping("text/event-stream", [0.1] * 100, part=": keep-alive\n\n")).call(
+        job(), upstream, SECRET)
+    took = clock.monotonic() - started
+    assert comments.kind == "upstream_error" and took < 1.5  # comments only: no progress, timeout_s as a whole
