@@ -8,8 +8,9 @@ schemas/signals.py) on one key is tried on another key. What happens next is the
   that does not exist, a wrong OpenAI-Organization header). The job fails; its denials
   count against no key.
 * it succeeds on another key: each earlier denial was about the key (a "confirmed"
-  strike). A key is disabled after 403s (or model 404s: any status but 401 counts so) on
-  FORBIDDEN_JOBS different confirmed jobs.
+  strike). A key is disabled after 403s on FORBIDDEN_JOBS different confirmed jobs. A
+  model's 404 is no strike: the key lacks that model only, and serves the others (each job
+  for the missing model costs one call on it before it goes elsewhere).
 * 401 means "who are you": a key is disabled after 401s on AUTH_JOBS different jobs of
   which at least one is confirmed (succeeded on another key, or no other key could take
   it). Jobs still waiting for their second key count too, so a revoked key goes out after
@@ -102,6 +103,11 @@ class DenialBook:
                 self._auth.setdefault(other, {})[job_id] = now
                 self._confirmed.setdefault(other, set()).add(job_id)
                 out.disable += self._judge_auth(other).disable
+                continue
+            if status == 404:
+                # a model (deployment) this key lacks: the job went on elsewhere, and the key
+                # still serves its other models; a strike would let any caller disable healthy
+                # keys with three requests for a model only some keys have (a reviewer's finding)
                 continue
             confirmed = self._forbidden.setdefault(other, {})
             confirmed[job_id] = now

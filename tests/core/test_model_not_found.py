@@ -61,7 +61,7 @@ def run(s, job_ids: list[str], answer: Answer, now: float = 0.0, max_attempts: i
     return ended, calls
 
 
-def test_a_key_without_the_model_passes_its_jobs_on_and_goes_out_after_three():
+def test_a_key_without_the_model_passes_its_jobs_on_and_stays_in_for_its_other_models():
     s = three_keys()
     ended, calls = {}, Counter()
     for batch in range(10):  # 60 jobs, 6 at a time
@@ -72,11 +72,12 @@ def test_a_key_without_the_model_passes_its_jobs_on_and_goes_out_after_three():
     failed = {j: e for j, e in ended.items() if e[0] != "ok"}
     assert len(ended) == 60 and failed == {}  # before: 20 jobs ended bad_request after their one call on k1
     assert {e[1] for e in ended.values()} == {"k2", "k3"}
-    assert 3 <= calls["k1"] <= 4  # out once FORBIDDEN_JOBS (3) different jobs succeeded elsewhere
-    k1 = s.snapshot(0.0)["keys"]["k1"]
-    assert k1["state"] == "disabled" and k1["disabled_by"] == "provider"
-    assert "404 on 3 different jobs that succeeded on other keys" in k1["disabled_reason"]
-    assert {s.snapshot(0.0)["keys"][k]["state"] for k in ("k2", "k3")} == {"enabled"}
+    assert 1 <= calls["k1"] <= 60  # at most one call per job before it goes elsewhere
+    # no strike: k1 lacks this model only, so it is not disabled (three requests for a model only
+    # some keys have would otherwise take healthy keys out for every model: a reviewer's finding)
+    assert {s.snapshot(0.0)["keys"][k]["state"] for k in ("k1", "k2", "k3")} == {"enabled"}
+    served, _ = run(s, [f"other{i}" for i in range(6)], lambda k, _: OK, now=2.0)
+    assert "k1" in {e[1] for e in served.values()}  # its other models: served as before
     # a wrong path stays a bad request: one call, no other key tried
     ended, calls = run(s, ["path"], lambda k, _: WRONG_PATH, now=1.0)
     assert ended == {"path": ("bad_request", ended["path"][1], 1)} and sum(calls.values()) == 1
