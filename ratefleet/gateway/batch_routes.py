@@ -113,7 +113,17 @@ class BatchApi:
         found = await self.files.list(caller.name, request.query_params.get("purpose"))
         if order == "asc":
             found.reverse()
-        return JSONResponse(_page(found, request, default=10000, most=10000, public=files.public))
+
+        def after_gone(cursor: str) -> list[dict[str, Any]] | None:
+            # a cursor file deleted since (the SDK's list-and-delete loop) or expired: its id
+            # still says where it stood in the list
+            key = files.cursor_key(cursor)
+            if key is None:
+                return None
+            later = (lambda m: files.newest_first(m) > key) if order == "asc" else (lambda m: files.newest_first(m) < key)
+            return [m for m in found if later(m)]
+
+        return JSONResponse(_page(found, request, default=10000, most=10000, public=files.public, after_gone=after_gone))
 
     async def retrieve_file(self, request: Request, caller: Caller) -> Response:
         file_id = request.path_params["file_id"]
@@ -206,21 +216,26 @@ class BatchApi:
 
 
 def _page(items: list[dict[str, Any]], request: Request, *, default: int, most: int,
-          public: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+          public: Callable[[dict[str, Any]], dict[str, Any]],
+          after_gone: Callable[[str], list[dict[str, Any]] | None] | None = None) -> dict[str, Any]:
     """One cursor page of `items` (in list order) as OpenAI lists answer: `data`, `first_id`,
     `last_id`, `has_more`; query `limit` (1..`most`, default `default`) and `after` (the id
-    after which the page starts). GatewayRefusal 400 for a bad limit, and for an `after` that is
-    no id of the list (an empty page would read as the end of the list)."""
+    after which the page starts). `after_gone(after)`: the items after a cursor that is no
+    longer in the list, when its id says where it stood (else None). GatewayRefusal 400 for a
+    bad limit, and for an `after` that is nowhere (an empty page would read as the end)."""
     limit_text = request.query_params.get("limit", str(default))
     if not limit_text.isdigit() or not 1 <= int(limit_text) <= most:
         raise bad_request(f"limit must be a whole number from 1 to {most}.", param="limit")
     after = request.query_params.get("after")
     if after is not None:
         ids = [item["id"] for item in items]
-        if after not in ids:
+        if after in ids:
+            items = items[ids.index(after) + 1:]
+        elif (rest := after_gone(after) if after_gone is not None else None) is not None:
+            items = rest
+        else:
             raise bad_request(f"after: {after!r} is not in this list (deleted, expired or another caller's); "
                               "list again from the start, without after.", param="after")
-        items = items[ids.index(after) + 1:]
     page = items[: int(limit_text)]
     return {"object": "list", "data": [public(item) for item in page], "first_id": page[0]["id"] if page else None,
             "last_id": page[-1]["id"] if page else None, "has_more": len(items) > len(page)}

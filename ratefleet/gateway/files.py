@@ -39,8 +39,24 @@ def files_bucket(subjects: Subjects) -> str:
     return "ratefleet_files" + subjects.stream_suffix.lower()
 
 
-def new_file_id() -> str:
-    return "file-" + uuid.uuid4().hex[:24]
+def new_file_id(now_ns: int | None = None) -> str:
+    """`file-` + 24 hex digits: the creation time (ns since the epoch, 16 digits) and 8 random
+    ones, so an id says where it stood in the list even once its file is gone (`cursor_key`)."""
+    stamp = time.time_ns() if now_ns is None else now_ns
+    return f"file-{stamp:016x}{uuid.uuid4().hex[:8]}"
+
+
+def cursor_key(file_id: str) -> tuple[int, int, str] | None:
+    """The `newest_first` sort key a file with this id had (also a deleted or expired one), from
+    the time in its id; None for an id without one (made before ids carried it)."""
+    digits = file_id.removeprefix("file-")
+    if len(digits) != 24 or not file_id.startswith("file-"):
+        return None
+    try:
+        stamp = int(digits[:16], 16)
+    except ValueError:
+        return None
+    return stamp // 1_000_000_000, stamp, file_id
 
 
 def public(meta: dict[str, Any]) -> dict[str, Any]:
@@ -74,7 +90,7 @@ class FileStore:
         (a restart without its store) is made anew and the file stored again, once."""
         now_ns = time.time_ns()
         created = now_ns // 1_000_000_000
-        meta = {"id": new_file_id(), "object": "file", "bytes": size, "created_at": created,
+        meta = {"id": new_file_id(now_ns), "object": "file", "bytes": size, "created_at": created,
                 "expires_at": created + int(self.ttl_s) if self.ttl_s else None,
                 "filename": filename, "purpose": purpose, "status": "processed", OWNER: owner, CREATED_NS: now_ns}
         object_meta = ObjectMeta(name=meta["id"], description=json.dumps(meta))

@@ -189,6 +189,21 @@ async def test_files_and_batches_list_like_openai(gateway):
     assert made[0].expires_at == made[0].created_at + 86400  # streams.results_max_age_s by default
 
 
+async def test_the_sdks_list_and_delete_loop_deletes_every_file(gateway):
+    """`async for f in files.list(limit=10): delete(f)`: each next page starts after a file that is
+    gone by then; its id still says where it stood (a reviewer's finding: the loop stopped after
+    10 of 25 with a 400 on the deleted cursor)."""
+    async with sdk(gateway) as ai:
+        for i in range(25):
+            await ai.files.create(file=(f"in{i}.jsonl", io.BytesIO(jsonl([chat_line("a", str(i))]))), purpose="batch")
+        deleted = 0
+        async for item in ai.files.list(limit=10):
+            await ai.files.delete(item.id)
+            deleted += 1
+        left = (await ai.files.list()).data
+    assert deleted == 25 and left == []
+
+
 @pytest.fixture
 def slow_gateway(tmp_path, nats_server, upstream, monkeypatch):
     """The fleet sends 2 calls a second (one key, rps 2), so a batch stays in progress a while;
