@@ -212,6 +212,10 @@ class BatchApi:
         if record["status"] not in {"cancelling", "cancelled"}:
             raise GatewayRefusal(409, f"Cannot cancel a batch with status {record['status']}.",
                                  type="invalid_request_error", code="batch_not_cancellable")
+        if record["status"] == "cancelling":
+            # the fleet stops calling the batch's jobs now, not when its runner next looks (a
+            # gateway killed in between left them called, and paid, until another took it over)
+            await self.runner.stop_calls(batch_id, "cancelled")
         return JSONResponse(batch_book.public(record))
 
 

@@ -164,12 +164,16 @@ class BatchRunner:
             progress.stop_reason = "expired"  # e.g. a gateway down past the window: nothing more is sent
         elif record["status"] == "in_progress":
             await self._progress(record, found, path, caller, progress)
+            if progress.stop_reason is None and (await self.book.get(batch_id) or {}).get("status") == "cancelling":
+                # cancelled while its last jobs ended (the cancel route's marker ends them uncalled,
+                # so every job can have its Result before the next look at the record)
+                progress.stop_reason = "cancelling"
         elif record["status"] == "cancelling":  # (also a batch cancelled while validating)
             progress.stop_reason = "cancelling"
         final = "completed"
         if progress.stop_reason is not None:
             final = "cancelled" if progress.stop_reason == "cancelling" else "expired"
-            await self._mark_cancelled(batch_id, final)
+            await self.stop_calls(batch_id, final)
             await self._stop_queued(batch_id, record[PRIVATE]["tier"], progress)
             await anyio.sleep(self.cancel_grace_s)
         await self._finalize(batch_id, found, final, tmp, unsent=None if final == "completed" else (path, record, caller))
@@ -263,7 +267,7 @@ class BatchRunner:
                 scope.cancel()
                 return
 
-    async def _mark_cancelled(self, batch_id: str, final: str) -> None:
+    async def stop_calls(self, batch_id: str, final: str) -> None:
         """The fleet's cancel marker for the batch (ratefleet/runtime/cancels.py): the leader
         then ends the batch's jobs it holds in its window, and any it reads later, without a
         call. Without it a dispatcher's window (`dispatcher.window` jobs per tier) would still
