@@ -41,21 +41,26 @@ def answers(*args: str) -> bool:
         return False
 
 
+def start_up(tmp_path, upstream_url: str, port: int, keys: tuple[str, ...], workers: int) -> subprocess.Popen:
+    """`ratefleet up` (embedded NATS on `port`, store in tmp_path/nats) over the mock upstream with
+    `keys` at 100 req/s each, `workers` worker processes; its output on the Popen's stdout."""
+    config = {"nats": {"url": f"nats://127.0.0.1:{port}", "embedded_dir": str(tmp_path / "nats")},
+              "upstreams": {"mock": {"base_url": upstream_url}},
+              "pools": {"shared": {"keys": [{"id": k, "secret": f"env:RF_TEST_{k.upper()}", "rps": 100, "burst": 10}
+                                            for k in keys]}},
+              "workers": {"heartbeat_s": 0.5}}
+    path = tmp_path / "fleet.toml"
+    path.write_text(tomli_w.dumps(config))
+    env = {**os.environ, **{f"RF_TEST_{k.upper()}": SECRETS[k] for k in keys}, "RATEFLEET_LOG_FORMAT": "json"}
+    env.pop("RATEFLEET_NATS_URL", None)
+    return subprocess.Popen([sys.executable, "-m", "ratefleet", "up", "--config", str(path), "--workers", str(workers),
+                             "--http-base-port", "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def test_up_serves_jobs_submitted_from_another_terminal(tmp_path):
     port = free_port()
     with running_mock(MockSettings(keys=mock_keys(rps=100, burst=10), accept_unknown=False)) as upstream:
-        config = {"nats": {"url": f"nats://127.0.0.1:{port}", "embedded_dir": str(tmp_path / "nats")},
-                  "upstreams": {"mock": {"base_url": upstream.url}},
-                  "pools": {"shared": {"keys": [{"id": "k1", "secret": "env:RF_TEST_K1", "rps": 100, "burst": 10},
-                                                {"id": "k2", "secret": "env:RF_TEST_K2", "rps": 100, "burst": 10}]}},
-                  "workers": {"heartbeat_s": 0.5}}
-        path = tmp_path / "fleet.toml"
-        path.write_text(tomli_w.dumps(config))
-        env = {**os.environ, "RF_TEST_K1": SECRETS["k1"], "RF_TEST_K2": SECRETS["k2"], "RATEFLEET_LOG_FORMAT": "json"}
-        env.pop("RATEFLEET_NATS_URL", None)
-        up = subprocess.Popen([sys.executable, "-m", "ratefleet", "up", "--config", str(path), "--workers", "2",
-                               "--http-base-port", "0"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        up = start_up(tmp_path, upstream.url, port, ("k1", "k2"), workers=2)
         try:
             jobs = tmp_path / "jobs.jsonl"
             jobs.write_text("".join(json.dumps(chat_job(i)) + "\n" for i in range(25)))
@@ -96,17 +101,7 @@ def test_up_restarts_its_embedded_nats_server_after_a_sigkill(tmp_path):
     port = free_port()
     with running_mock(MockSettings(keys=mock_keys(rps=100, burst=10), accept_unknown=False)) as upstream:
         store = tmp_path / "nats"
-        config = {"nats": {"url": f"nats://127.0.0.1:{port}", "embedded_dir": str(store)},
-                  "upstreams": {"mock": {"base_url": upstream.url}},
-                  "pools": {"shared": {"keys": [{"id": "k1", "secret": "env:RF_TEST_K1", "rps": 100, "burst": 10}]}},
-                  "workers": {"heartbeat_s": 0.5}}
-        path = tmp_path / "fleet.toml"
-        path.write_text(tomli_w.dumps(config))
-        env = {**os.environ, "RF_TEST_K1": SECRETS["k1"], "RATEFLEET_LOG_FORMAT": "json"}
-        env.pop("RATEFLEET_NATS_URL", None)
-        up = subprocess.Popen([sys.executable, "-m", "ratefleet", "up", "--config", str(path), "--workers", "1",
-                               "--http-base-port", "0"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        up = start_up(tmp_path, upstream.url, port, ("k1",), workers=1)
         nats = ["--nats", f"nats://127.0.0.1:{port}"]
         try:
             deadline = time.monotonic() + 60

@@ -4,6 +4,7 @@ push that fails validation changes nothing, and a watched file pushed on each go
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -82,10 +83,7 @@ def test_push_stores_revisions_and_a_refused_push_changes_nothing(tmp_path, nats
 def test_watch_pushes_each_good_edit_and_reports_a_bad_one(tmp_path, nats_server):
     url = ["--nats", nats_server.url]
     path = write(tmp_path / "fleet.toml", config(rps=5))
-    log = open(tmp_path / "watch.log", "wb")
-    watcher = subprocess.Popen([sys.executable, "-m", "ratefleet", "config", "watch", str(path), *url],
-                               stdout=log, stderr=subprocess.STDOUT)
-    try:
+    with watching(path, url, tmp_path / "watch.log"):
         _wait_revision(url, 1)
         write(path, config(rps=-2))  # a bad edit: reported, not pushed
         _wait_log(tmp_path / "watch.log", "config file not pushed")
@@ -93,10 +91,6 @@ def test_watch_pushes_each_good_edit_and_reports_a_bad_one(tmp_path, nats_server
         _wait_revision(url, 2)
         shown = json.loads(cli("config", "show", "--json", *url).stdout)
         assert shown["config"]["pools"]["shared"]["keys"][0]["rps"] == 7
-    finally:
-        watcher.send_signal(signal.SIGTERM)
-        watcher.wait(timeout=10)
-        log.close()
     assert "pools.shared.keys.0.rps" in (tmp_path / "watch.log").read_text()
 
 
@@ -140,20 +134,26 @@ def test_watch_warns_about_a_pushed_caller_key_not_resolvable_here(tmp_path, nat
     monkeypatch.setenv("RF_CLI_APP", "rk-app-cli")
     url = ["--nats", nats_server.url]
     path = write(tmp_path / "fleet.toml", config(rps=5))
-    log = open(tmp_path / "watch.log", "wb")
-    watcher = subprocess.Popen([sys.executable, "-m", "ratefleet", "config", "watch", str(path), *url],
-                               stdout=log, stderr=subprocess.STDOUT)
-    try:
+    with watching(path, url, tmp_path / "watch.log"):
         _wait_revision(url, 1)
         write(path, with_callers(config(rps=5)))  # the user trial's edit: a caller appended, its variable unset
         _wait_revision(url, 2)  # a warning, not a refusal: the gateway may run on another machine
         _wait_log(tmp_path / "watch.log", "caller key not usable on this machine")
-    finally:
-        watcher.send_signal(signal.SIGTERM)
-        watcher.wait(timeout=10)
-        log.close()
     text = (tmp_path / "watch.log").read_text()
     assert '"caller": "tpm"' in text and "RF_CLI_TPM_UNSET not set" in text and '"caller": "app"' not in text
+
+
+@contextlib.contextmanager
+def watching(path, url: list[str], log_path):
+    """`ratefleet config watch PATH` running, its output in `log_path`, stopped (SIGTERM) after."""
+    with open(log_path, "wb") as log:
+        watcher = subprocess.Popen([sys.executable, "-m", "ratefleet", "config", "watch", str(path), *url],
+                                   stdout=log, stderr=subprocess.STDOUT)
+        try:
+            yield watcher
+        finally:
+            watcher.send_signal(signal.SIGTERM)
+            watcher.wait(timeout=10)
 
 
 def _wait_revision(url: list[str], revision: int, timeout: float = 30) -> None:
