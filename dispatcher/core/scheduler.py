@@ -18,6 +18,7 @@ operator-facing methods are in keyadmin.py.
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from typing import Any
 
 from ratefleet.schemas.outcome import OutcomeKind
@@ -45,6 +46,7 @@ from .types import (
 
 LOOKAHEAD = 16
 VARIANT_MEMO = 65536  # job ids whose A/B side is remembered (then forgotten all at once)
+FAILED_MEMORY = 10_000  # jobs whose failed keys are remembered (their retries avoid those keys)
 _UNKNOWN = object()
 
 
@@ -71,6 +73,8 @@ class Scheduler(KeyAdmin, Reconfigure):
         self._ids = itertools.count(1)
         self._reserve = spec.priority_reserve
         self._denials = DenialBook()
+        # job id -> the keys its calls failed on (5xx, timeout, connection), the last FAILED_MEMORY jobs
+        self._failed_on: OrderedDict[str, frozenset[str]] = OrderedDict()
         self._changed: set[str] = set()  # keys whose health changed since key_changes()
 
     # -- queue ---------------------------------------------------------------------------
@@ -136,7 +140,12 @@ class Scheduler(KeyAdmin, Reconfigure):
             if route in blocked:
                 continue
             avoid = self._avoid(chain, job, now)
-            picked = pick_key(chain, job.cost, now, waits, reserve, skip_keys | avoid)
+            picked = None
+            failed = self._failed_on.get(job.job_id)
+            if failed:  # a retry after an upstream error: another key if one can take it now
+                picked = pick_key(chain, job.cost, now, [], reserve, skip_keys | avoid | failed)
+            if picked is None:
+                picked = pick_key(chain, job.cost, now, waits, reserve, skip_keys | avoid)
             if picked is not None:
                 del tier.jobs[index]
                 return self._dispatch(tier, job, picked[0], picked[1], now, chain, variant)
@@ -171,6 +180,17 @@ class Scheduler(KeyAdmin, Reconfigure):
         if denied and any(k.spec.id not in denied and k.health.could_serve(now) for k in chain.keys()):
             return denied
         return frozenset()
+
+    def _note_failure(self, job_id: str, key_id: str, outcome: Outcome) -> None:
+        """Remember the keys a job's calls failed on (upstream errors), forget them once it
+        succeeds. Its retry then goes to another key that can take it now (else to any): idle
+        keys tie, and the retries went back to a dead key (a reviewer's trial)."""
+        if outcome.kind == OutcomeKind.OK:
+            self._failed_on.pop(job_id, None)
+        elif outcome.kind == OutcomeKind.UPSTREAM_ERROR:
+            self._failed_on[job_id] = self._failed_on.pop(job_id, frozenset()) | {key_id}
+            while len(self._failed_on) > FAILED_MEMORY:
+                self._failed_on.popitem(last=False)
 
     def _dispatch(self, tier: TierQueue, job: PendingJob, pool: str, key: KeyState, now: float,
                   chain: Chain, variant: Variant | None = None) -> Dispatch:
@@ -255,6 +275,7 @@ class Scheduler(KeyAdmin, Reconfigure):
         if key.observe(outcome, now, reservation.at, reservation.job.job_id):
             self._changed.add(key.spec.id)
         self._weigh_denials(reservation, outcome, now)
+        self._note_failure(reservation.job.job_id, reservation.key_id, outcome)
         if reservation.key_probe and outcome.kind == OutcomeKind.DENIED:
             key.health.postpone_probe(reservation.id, now)  # no verdict (denials.py judges the job)
         elif reservation.key_probe and key.health.settle_probe(reservation.id, probe_verdict(outcome), now):

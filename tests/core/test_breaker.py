@@ -153,3 +153,39 @@ def test_open_key_falls_back_to_the_next_pool():
     assert dispatch(s, t1).key_id == "b1"
     assert dispatch(s, t0 + RESET).key_id == "a1"  # half-open probe back on the first pool
     assert dispatch(s, t0 + RESET).key_id == "b1"  # the other pool serves while a1's probe is out
+
+
+def test_a_retry_after_an_upstream_error_goes_to_another_key(non_utc):
+    """Idle keys tie (configuration order), so a job's retries went back to the key that failed:
+    with a dead first key, jobs sent one at a time used up attempts on it (a reviewer's trial:
+    3 of 8 failed). A retry now goes to another key that can take it now."""
+    s = make(pool("p", key("k1", rps=1000, burst=50), key("k2", rps=1000, burst=50)), fail_max=5, reset_s=RESET)
+    calls = {"k1": 0, "k2": 0}
+    for n in range(8):
+        now = t0 + n * 60.0  # one job at a time, the keys idle and full in between
+        s.add(job(job_id=f"j{n}"), now)
+        for attempt in range(3):
+            d = dispatch(s, now + attempt * 5.0)  # after the nak delay: both keys full again, a tie
+            calls[d.key_id] += 1
+            if d.key_id == "k2":
+                s.complete(d.reservation, OK, now + attempt * 5.0)
+                break
+            s.complete(d.reservation, FAIL, now + attempt * 5.0)  # k1 is dead
+            s.add(job(job_id=f"j{n}"), now + attempt * 5.0)  # nak'd, delivered again
+        else:
+            raise AssertionError(f"j{n} used up its attempts on the dead key")
+    assert calls["k2"] == 8 and calls["k1"] <= 8
+
+
+def test_a_retry_goes_back_to_the_failed_key_when_it_is_the_only_one_able_now(non_utc):
+    s = make(pool("p", key("k1", rps=1000, burst=50), key("k2", rps=1000, burst=50, concurrency=1)),
+             fail_max=5, reset_s=RESET)
+    s.add(job(job_id="busy"), t0)
+    s.add(job(job_id="j"), t0)
+    first, second = dispatch(s, t0), dispatch(s, t0)
+    on_k2, on_k1 = (first, second) if first.key_id == "k2" else (second, first)
+    assert (on_k1.key_id, on_k2.key_id) == ("k1", "k2")
+    s.complete(on_k1.reservation, FAIL, t0)
+    s.add(on_k1.job, t0)
+    again = dispatch(s, t0)  # k2 is busy: not held back for it (a soft preference)
+    assert again.key_id == "k1"
