@@ -12,7 +12,12 @@ style of sony/gobreaker:
 * it never reads aiobreaker's time properties and never calls `call` while OPEN;
 * half-open admits exactly one probe in flight (aiobreaker alone lets every call through);
 * every state change starts a new generation; an outcome reserved under an older
-  generation does not feed the breaker, so late results cannot flip a fresh state.
+  generation does not feed the breaker, so late results cannot flip a fresh state;
+* while closed, a job's failures count once until the key's next success: `fail_max`
+  consecutive failures means that many different jobs failed in a row. One request the
+  upstream always answers 500 (retried on the same key, the only one of its pool) opened
+  the breaker on its own before and held every other caller's requests for the reset
+  timeout (a gateway trial: the next healthy request waited 15 s, then timed out).
 
 Verdicts (`verdict`): upstream_error is a failure, ok a success; rate_limited, bad_request
 and key_error do not count while closed. For the half-open probe, rate_limited and
@@ -83,6 +88,7 @@ class KeyBreaker:
         self.opened_at: float | None = None
         self.probe: int | None = None  # reservation id of the half-open probe in flight
         self._now = 0.0
+        self._failed_jobs: set[str] = set()  # jobs that failed since the last success (closed only)
         self._cb = CircuitBreaker(
             fail_max=policy.fail_max,
             timeout_duration=timedelta(seconds=policy.reset_timeout_s),
@@ -129,14 +135,23 @@ class KeyBreaker:
             return True
         return False
 
-    def settle(self, reservation_id: int, generation: int, kind: OutcomeKind, now: float) -> None:
-        """Feed one outcome: frees the probe, then counts it if from the current generation."""
+    def settle(self, reservation_id: int, generation: int, kind: OutcomeKind, now: float,
+               job_id: str | None = None) -> None:
+        """Feed one outcome: frees the probe, then counts it if from the current generation
+        (a failure of `job_id` only once until the next success, while closed; None: always)."""
         was_probe = self.release_probe(reservation_id)
         if generation != self.generation or self.state is BreakerState.OPEN:
             return
         success = verdict(kind, was_probe)
-        if success is not None:
-            self._feed(success, now)
+        if success is None:
+            return
+        if success:
+            self._failed_jobs.clear()
+        elif self.state is BreakerState.CLOSED and job_id is not None:
+            if job_id in self._failed_jobs:
+                return  # this job's own failure again: no more evidence against the key
+            self._failed_jobs.add(job_id)
+        self._feed(success, now)
 
     def _feed(self, success: bool, now: float) -> None:
         def outcome() -> None:
@@ -156,5 +171,6 @@ class KeyBreaker:
     def _changed(self, new: CircuitBreakerState) -> None:
         self.generation += 1
         self.probe = None
+        self._failed_jobs.clear()
         if new is CircuitBreakerState.OPEN:
             self.opened_at = self._now

@@ -282,7 +282,7 @@ class Scheduler(KeyAdmin, Reconfigure):
             self._changed.add(key.spec.id)
             if not key.health.disabled:
                 self._denials.forget_key(key.spec.id)
-        key.breaker.settle(reservation.id, reservation.generation, outcome.kind, now)
+        key.breaker.settle(reservation.id, reservation.generation, outcome.kind, now, reservation.job.job_id)
         self.retire_if_idle(reservation.key_id)
 
 

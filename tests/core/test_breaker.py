@@ -189,3 +189,39 @@ def test_a_retry_goes_back_to_the_failed_key_when_it_is_the_only_one_able_now(no
     s.add(on_k1.job, t0)
     again = dispatch(s, t0)  # k2 is busy: not held back for it (a soft preference)
     assert again.key_id == "k1"
+
+
+def test_one_jobs_failures_count_once_until_the_next_success(non_utc):
+    """One request the upstream always answers 500, retried on the only key of its pool, must
+    not open the breaker for everyone (a gateway trial: the next healthy request waited 15 s,
+    then timed out); fail_max different jobs failing in a row still do."""
+    s = make(pool("p", key("k1", rps=1000, burst=50)), fail_max=3, reset_s=RESET)
+    for _ in range(6):  # the same job back (nak, redelivery) and failing again and again
+        s.add(job(job_id="poison"), t0)
+        s.complete(dispatch(s, t0).reservation, FAIL, t0)
+    assert breaker(s, t0) == "closed"
+    s.add(job(job_id="a"), t1)
+    s.complete(dispatch(s, t1).reservation, FAIL, t1)
+    assert breaker(s, t1) == "closed"  # poison and a: two different jobs
+    s.add(job(job_id="b"), t1)
+    s.complete(dispatch(s, t1).reservation, FAIL, t1)
+    assert breaker(s, t1) == "open"
+
+
+def test_after_a_success_a_jobs_failure_counts_again(non_utc):
+    s = make(pool("p", key("k1", rps=1000, burst=50)), fail_max=3, reset_s=RESET)
+    for who in ("a", "b"):
+        s.add(job(job_id=who), t0)
+        s.complete(dispatch(s, t0).reservation, FAIL, t0)
+    s.add(job(job_id="ok"), t0)
+    s.complete(dispatch(s, t0).reservation, OK, t0)  # the count starts again, and the memory
+    for who in ("a", "b"):
+        s.add(job(job_id=who), t1)
+        s.complete(dispatch(s, t1).reservation, FAIL, t1)
+    assert breaker(s, t1) == "closed"
+    s.add(job(job_id="a"), t1)
+    s.complete(dispatch(s, t1).reservation, FAIL, t1)  # a's again: no more evidence
+    assert breaker(s, t1) == "closed"
+    s.add(job(job_id="c"), t1)
+    s.complete(dispatch(s, t1).reservation, FAIL, t1)
+    assert breaker(s, t1) == "open"
