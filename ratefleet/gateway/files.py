@@ -6,10 +6,10 @@ long as Results (`streams.results_max_age_s`). One object per file, named by its
 
     {"id": "file-...", "object": "file", "bytes": 1234, "created_at": 1764400000,
      "expires_at": 1764486400, "filename": "batchinput.jsonl", "purpose": "batch" | "batch_output",
-     "status": "processed", "owner": "<caller name>", "created_ns": 1764400000123456789}
+     "status": "processed", "owner": "<caller name>"}
 
-`expires_at` is when the bucket drops it (`created_at` + the bucket's max age, seconds);
-`created_ns` orders files made within one second (not shown).
+`expires_at` is when the bucket drops it (`created_at` + the bucket's max age, seconds). The
+id carries the creation time in nanoseconds, which orders files made within one second.
 
 (OpenAI API reference, "Files" -> "The file object"). A caller sees only its own files: any
 other id is "not found", as OpenAI answers for another organisation's file.
@@ -30,8 +30,6 @@ from ratefleet.runtime.streams import open_object_store, stream_gone
 from ratefleet.schemas import Subjects
 
 OWNER = "owner"
-CREATED_NS = "created_ns"
-_PRIVATE_FIELDS = frozenset({OWNER, CREATED_NS})
 
 
 def files_bucket(subjects: Subjects) -> str:
@@ -60,13 +58,14 @@ def cursor_key(file_id: str) -> tuple[int, int, str] | None:
 
 
 def public(meta: dict[str, Any]) -> dict[str, Any]:
-    """The OpenAI File object (without the owner and the ordering stamp)."""
-    return {name: value for name, value in meta.items() if name not in _PRIVATE_FIELDS}
+    """The OpenAI File object (without the owner)."""
+    return {name: value for name, value in meta.items() if name != OWNER}
 
 
 def newest_first(meta: dict[str, Any]) -> tuple[int, int, str]:
-    """The sort key of a file, newest first with `reverse=True` (also within one second)."""
-    return meta["created_at"], meta.get(CREATED_NS, 0), meta["id"]
+    """The sort key of a file, newest first with `reverse=True` (also within one second): the
+    time in its id (`cursor_key`), or its `created_at` for an id without one."""
+    return cursor_key(meta["id"]) or (meta["created_at"], 0, meta["id"])
 
 
 class FileStore:
@@ -92,7 +91,7 @@ class FileStore:
         created = now_ns // 1_000_000_000
         meta = {"id": new_file_id(now_ns), "object": "file", "bytes": size, "created_at": created,
                 "expires_at": created + int(self.ttl_s) if self.ttl_s else None,
-                "filename": filename, "purpose": purpose, "status": "processed", OWNER: owner, CREATED_NS: now_ns}
+                "filename": filename, "purpose": purpose, "status": "processed", OWNER: owner}
         object_meta = ObjectMeta(name=meta["id"], description=json.dumps(meta))
         start = None if isinstance(data, bytes) else data.tell()
         try:
