@@ -73,16 +73,22 @@ def _caller_key(name: str, caller: CallerConfig) -> str:
     return SecretResolver._resolve(f"caller {name}", caller.key.get_secret_value())  # noqa: SLF001
 
 
+def _caller_keys(config: Config) -> tuple[dict[str, str], dict[str, str]]:
+    """({caller name: its key}, {caller name: why its key cannot be used here})."""
+    keys: dict[str, str] = {}
+    left_out: dict[str, str] = {}
+    for name, caller in config.callers.items():
+        try:
+            keys[name] = _caller_key(name, caller)
+        except SecretUnavailable as exc:
+            left_out[name] = exc.reason
+    return keys, left_out
+
+
 def unusable_callers(config: Config) -> dict[str, str]:
     """{caller name: why its key cannot be used on this machine}, e.g. {"tpm": "TPM_KEY not
     set"}, for the callers a gateway started here would leave out; reasons never hold a key."""
-    problems = {}
-    for name, caller in config.callers.items():
-        try:
-            _caller_key(name, caller)
-        except SecretUnavailable as exc:
-            problems[name] = exc.reason
-    return problems
+    return _caller_keys(config)[1]
 
 
 class CallerTable:
@@ -101,18 +107,13 @@ class CallerTable:
         (`left_out`, with the reason). ConfigError naming the caller (never the key) when two
         callers share a key, or when callers are configured and none of their keys can be used."""
         by_digest: dict[bytes, Caller] = {}
-        left_out: dict[str, str] = {}
-        for name, caller in config.callers.items():
-            try:
-                key = _caller_key(name, caller)
-            except SecretUnavailable as exc:
-                left_out[name] = exc.reason
-                continue
+        keys, left_out = _caller_keys(config)
+        for name, key in keys.items():
             digest = key_digest(key)
             if digest in by_digest:
                 raise ConfigError(f"callers.{name}.key: the same key as caller {by_digest[digest].name!r}; "
                                   "every caller needs its own key")
-            by_digest[digest] = Caller.from_config(name, caller)
+            by_digest[digest] = Caller.from_config(name, config.callers[name])
         if left_out and not by_digest:
             listed = "; ".join(f"callers.{name}.key: {reason}" for name, reason in left_out.items())
             raise ConfigError(f"no caller has a usable key ({listed}); set the environment variables or secret "
