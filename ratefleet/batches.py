@@ -50,8 +50,6 @@ class BatchRecord:
         return self.state == "submitting" and now - self.updated_at > STALE_AFTER_S
 
 
-
-
 async def save_record(js: JetStreamContext, subjects: Subjects, record: BatchRecord) -> None:
     """Store (replace) the record of `record.batch`, stamping `updated_at` now."""
     record.updated_at = time.time()

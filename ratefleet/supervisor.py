@@ -185,7 +185,7 @@ def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatc
             for child in children:
                 if child.process and child.process.poll() is not None and not stopping:
                     log.warning("child exited; restarting", role=child.role, code=child.process.returncode)
-                    time.sleep(min(5.0, 0.5 * 2 ** min(child.restarts, 4)))
+                    time.sleep(_restart_pause(child.restarts))
                     child.restarts += 1
                     _keep_http_free(child)
                     child.start(env)
@@ -198,6 +198,12 @@ def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatc
     return 0
 
 
+def _restart_pause(restarts: int) -> float:
+    """Seconds to wait before restarting a process that died `restarts` times already:
+    0.5 s doubling, at most 5 s."""
+    return min(5.0, 0.5 * 2 ** min(restarts, 4))
+
+
 def _keep_nats_up(embedded: EmbeddedNats, restarts: int) -> int:
     """Start the embedded nats-server again when it has exited (killed, crashed), on its port
     and store, so the fleet's processes reconnect and carry on; returns the restart count (a
@@ -207,7 +213,7 @@ def _keep_nats_up(embedded: EmbeddedNats, restarts: int) -> int:
         return restarts
     log.warning("embedded nats-server exited; restarting it on its port and store", code=embedded.process.returncode,
                 url=embedded.url)
-    time.sleep(min(5.0, 0.5 * 2 ** min(restarts, 4)))
+    time.sleep(_restart_pause(restarts))
     try:
         embedded.start()
         log.info("embedded nats-server restarted", url=embedded.url)

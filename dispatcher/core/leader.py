@@ -180,17 +180,14 @@ class LeaderMachine:
         if not self.owns(now):
             return []
         handles = {seq for seq, held in self.held.items() if held.incoming.job.batch == batch}
-        out: list[Command] = []
-        tiers: set[str] = set()
-        for job in self.scheduler.remove_pending(handles):
-            held = self.held.pop(job.handle)
-            out.append(EndRefused(cancelled_job(held.incoming)))
-            tiers.add(job.tier)
-        for tier in sorted(tiers):
+        removed = self.scheduler.remove_pending(handles)
+        if not removed:
+            return []
+        out: list[Command] = [Log("info", "cancelled batch: its held jobs end without a call",
+                                  {"batch": batch, "jobs": len(removed)})]
+        out += [EndRefused(cancelled_job(self.held.pop(job.handle).incoming)) for job in removed]
+        for tier in sorted({job.tier for job in removed}):
             out += self._top_up(tier, now)
-        ended = sum(isinstance(command, EndRefused) for command in out)
-        if ended:
-            out.insert(0, Log("info", "cancelled batch: its held jobs end without a call", {"batch": batch, "jobs": ended}))
         return out
 
     def _on_removed_tier(self, event: ev.JobDelivered, now: float) -> list[Command]:

@@ -25,8 +25,9 @@ from ratefleet.schemas import Job
 ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses"})
 
 
-def line_error(number: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
-    """One entry of a failed batch's `errors.data` (OpenAI's BatchError: code, message, param, line)."""
+def line_error(number: int | None, code: str, message: str, param: str | None = None) -> dict[str, Any]:
+    """One entry of a failed batch's `errors.data` (OpenAI's BatchError: code, message, param,
+    line; `number` None for an entry about no one line)."""
     return {"code": code, "message": message, "param": param, "line": number}
 
 
@@ -112,10 +113,9 @@ def check_file(path: Path, batch: str, endpoint: str, caller: Caller) -> Checked
     found.ids.freeze()
     if found.error_count > len(found.errors):  # the entries stop at SHOWN_ERRORS: say how many more
         more = found.error_count - len(found.errors)
-        found.errors.append(line_error(0, "more_errors", f"{more:,} more line{'s' if more != 1 else ''} with errors "
-                                       f"({found.error_count:,} in all; the first {len(found.errors)} are listed): "
-                                       "check the whole file before uploading it again"))
-        found.errors[-1]["line"] = None
+        found.errors.append(line_error(None, "more_errors", f"{more:,} more line{'s' if more != 1 else ''} with "
+                                       f"errors ({found.error_count:,} in all; the first {len(found.errors)} are "
+                                       "listed): check the whole file before uploading it again"))
     return found
 
 

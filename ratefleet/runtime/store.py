@@ -158,7 +158,7 @@ async def store_result(js: JetStreamContext, subjects: Subjects, result: Result,
     for attempt in range(1, attempts + 1):
         try:
             ack = await publish(result.job_id)
-            if ack.duplicate and await _only_elsewhere(js, subjects, result):
+            if ack.duplicate and await read_result(js, subjects, result.job_id, result.batch) is None:
                 # the id's Result inside the dedup window is another batch's: this job reuses
                 # the id, and was called (a NATS restart forgot the JOBS message's dedup entry)
                 log.warning("job id already has a Result in another batch; stored under this batch too",
@@ -179,12 +179,6 @@ async def store_result(js: JetStreamContext, subjects: Subjects, result: Result,
               refusal=refusal, stream=subjects.results_stream)
     raise ResultNotStored(f"{subjects.results_stream} refused the Result of job {result.job_id} {attempts} times "
                           f"({refusal}) and holds none for it; check the stream's limits and the server's disk")
-
-
-async def _only_elsewhere(js: JetStreamContext, subjects: Subjects, result: Result) -> bool:
-    """Whether the Result that made a publish of `result` a duplicate is not under its own
-    batch's subject (so the job's batch would wait for ever for a Result that never comes)."""
-    return await read_result(js, subjects, result.job_id, result.batch) is None
 
 
 async def read_result(js: JetStreamContext, subjects: Subjects, job_id: str, batch: str | None = "*") -> bytes | None:
