@@ -43,8 +43,8 @@ def expired_before_call(attempt: int, rate_limited: int) -> str:
     """The message of a job whose deadline passed before its next call could start, naming
     what it went through: `attempt` (1 for the first call; more after failed attempts) and
     `rate_limited` (earlier answers of 429). Without history: "the deadline passed before the
-    call could start"; with it, e.g. "... before call 3 could start, after 7 answers of 429 (the
-    keys' limits: a longer deadline or more key capacity)"."""
+    call could start"; with it, e.g. "the deadline passed before the job could be called again,
+    after 7 answers of 429 (the keys' limits: a longer deadline or more key capacity)"."""
     if attempt <= 1 and rate_limited <= 0:
         return "the deadline passed before the call could start"
     history = []

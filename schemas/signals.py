@@ -10,8 +10,8 @@ headers. Classification (`classify`), by the provider's error code first, then t
     429                                    -> rate_limited     (cooldown, retryable)
     402 (Payment Required), any code       -> key_error        (out of credit: OpenRouter, Anthropic)
     401, 403 without a key-scoped code     -> denied           (try another key; evidence per key)
-    404 naming a model or deployment the   -> denied           (as a 403: this key may lack it while
-      key cannot reach (MODEL_UNAVAILABLE_CODES)                  another has it; denials.py)
+    404 naming a model or deployment the   -> denied           (try another key: this one may lack it
+      key cannot reach (MODEL_UNAVAILABLE_CODES)                  while another has it; no strike)
     408, 5xx                               -> upstream_error   (breaker failure, retryable)
     any other status (other 4xx incl. 409) -> bad_request      (the job's fault; final)
 
@@ -63,8 +63,8 @@ only with status 404; a 404 with any other code, e.g. a wrong path's, stays `bad
   models/x` was not found or your project does not have access to it": a NOT_FOUND whose
   message begins with "models/" or "Publisher Model" reads as `model_not_found`.
 Only the beginning of a message is read (providers quote the caller's input further on), and
-a request can at most make itself be tried on a second key: no key is blamed unless the same
-job then succeeds on another key (denials.py).
+a request can at most make itself be tried on a second key: a model's 404 is no strike
+against the key, whatever happens next (denials.py).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ KEY_SCOPED_CODES = frozenset({"invalid_api_key", "authentication_error", "insuff
 _CREDIT_TOO_LOW = "your credit balance is too low"  # how Anthropic's 400 message for an exhausted balance begins
 _GENERIC_TYPES = frozenset({"invalid_request_error"})  # Anthropic's type on that 400: says nothing about the key
 OVERLOADED_CODES = frozenset({"overloaded_error"})
-# a 404 saying the model (deployment) is out of this key's reach: `denied`, like a 403 (module docstring)
+# a 404 saying the model (deployment) is out of this key's reach: `denied` (module docstring)
 MODEL_NOT_FOUND = "model_not_found"
 MODEL_UNAVAILABLE_CODES = frozenset({MODEL_NOT_FOUND, "DeploymentNotFound"})
 _MODEL_MESSAGE_STARTS = {  # (field, value) of the error -> how its message begins when it names the model
