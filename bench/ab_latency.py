@@ -10,10 +10,16 @@ is the figure; it is printed per round with each side's p50 / p90.
 
 `--a` and `--b` are git revisions, checked out in temporary worktrees; `.` is the working
 tree. The fleets run from those trees (PYTHONPATH); the client is the installed ratefleet,
-so both revisions must speak its wire protocol. Measures what is on the request path; CPU and
-throughput belong to bench/throughput.py.
+so both revisions must speak its wire protocol.
 
-Run: .venv/bin/python bench/ab_latency.py --a HEAD~1 --b . [--requests 400] [--rounds 3]
+`--rate R` sends instead R requests/s to each fleet at once (A and B at the same instants, in
+alternating order) and reports each side's p50 / p99 and its CPU per request: the CPU time
+(/proc, user + system) of the fleet's processes (`up`, the dispatcher, the worker and its
+nats-server) over the round, divided by the requests it answered. Idle CPU is in that figure
+too, on both sides alike. CPU is what decides whether a rate queues on a shared machine, and
+per request it varies far less between runs than the latency tail does.
+
+Run: .venv/bin/python bench/ab_latency.py --a HEAD~1 --b . [--requests 400] [--rounds 3] [--rate 200]
 Writes bench/results/ab_latency.json.
 """
 
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -128,12 +135,72 @@ async def ready(url: str, proc: subprocess.Popen, log: Path) -> Client:
     raise RuntimeError(f"fleet did not answer within 60 s:\n{log.read_text(errors='replace')[-3000:]}")
 
 
+def tree_cpu_s(root: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of process `root` and all its descendants, by role
+    (`up`, `dispatcher`, `worker`, `nats-server`, else the program's name), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    procs: dict[int, tuple[int, float, str]] = {}  # pid -> (parent, CPU s, role)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            words = [w.decode(errors="replace") for w in (stat.parent / "cmdline").read_bytes().split(b"\0") if w]
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        role = next((w for w in ("dispatcher", "worker", "up") if w in words), Path(words[0]).name if words else "?")
+        procs[int(stat.parent.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick, role)
+    tree, out = {root}, {}
+    for _ in range(4):  # up -> its children (and a child's own, if any)
+        tree |= {pid for pid, (parent, _, _) in procs.items() if parent in tree}
+    for pid in tree & procs.keys():
+        _, cpu, role = procs[pid]
+        out[role] = out.get(role, 0.0) + cpu
+    return out
+
+
 def q(values: list[float], p: float) -> float:
     return sorted(values)[min(len(values) - 1, int(len(values) * p))]
 
 
+async def steady_round(clients: list[Client], procs: list[subprocess.Popen], requests: int, rate: float) -> dict:
+    """`requests` requests per fleet, `rate` per second to each, A and B sent at the same
+    instants; each side's p50 / p99 ms and CPU µs per answered request by role."""
+    lat: list[list[float]] = [[], []]
+    failed = [0, 0]
+
+    async def one(side: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            result = await clients[side].request(as_job(JOB), "normal", timeout=10)
+        except Exception:  # noqa: BLE001 - counted, not timed
+            failed[side] += 1
+            return
+        if result.status != "succeeded":
+            failed[side] += 1
+            return
+        lat[side].append((time.perf_counter() - t0) * 1e3)
+
+    before = [tree_cpu_s(p.pid) for p in procs]
+    async with anyio.create_task_group() as tg:
+        start = time.perf_counter()
+        for i in range(requests):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await anyio.sleep(delay)
+            for side in ((0, 1) if i % 2 == 0 else (1, 0)):
+                tg.start_soon(one, side)
+    after = [tree_cpu_s(p.pid) for p in procs]
+    row: dict = {"requests": requests, "rate": rate, "failed_a": failed[0], "failed_b": failed[1]}
+    for side, name in enumerate("ab"):
+        answered = max(1, len(lat[side]))
+        cpu = {role: round((after[side][role] - before[side].get(role, 0.0)) * 1e6 / answered) for role in after[side]}
+        row.update({f"{name}_p50_ms": q(lat[side], 0.5) if lat[side] else math.nan,
+                    f"{name}_p99_ms": q(lat[side], 0.99) if lat[side] else math.nan,
+                    f"{name}_cpu_us_per_request": cpu, f"{name}_cpu_us_total": sum(cpu.values())})
+    return row
+
+
 async def measure(urls: list[str], procs: list[subprocess.Popen], logs: list[Path], requests: int, rounds: int,
-                  warm: int) -> list[dict]:
+                  warm: int, rate: float | None = None) -> list[dict]:
     clients: list[Client] = []
     try:
         for url, proc, log in zip(urls, procs, logs):
@@ -145,6 +212,9 @@ async def measure(urls: list[str], procs: list[subprocess.Popen], logs: list[Pat
                     raise RuntimeError(f"a warm-up request ended {result.status}: {result.error}")
         out = []
         for _ in range(rounds):
+            if rate:
+                out.append(await steady_round(clients, procs, requests, rate))
+                continue
             lat: list[list[float]] = [[], []]
             for i in range(requests):
                 for side in ((0, 1) if i % 2 == 0 else (1, 0)):
@@ -170,6 +240,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="requests per fleet per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warm", type=int, default=50, help="unmeasured requests per fleet first")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="requests/s to each fleet at once (default: one request at a time, alternating)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ab_latency.json")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the fleets and worktrees are cleaned up
@@ -184,7 +256,7 @@ def main() -> None:
                 procs.append(proc)
                 urls.append(url)
                 logs.append(tmp / f"home-{name}" / "up.log")
-            rows = anyio.run(measure, urls, procs, logs, args.requests, args.rounds, args.warm)
+            rows = anyio.run(measure, urls, procs, logs, args.requests, args.rounds, args.warm, args.rate)
         finally:
             for proc in procs:
                 with contextlib.suppress(Exception):  # the other fleet is stopped all the same
@@ -194,6 +266,24 @@ def main() -> None:
                     subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / f"tree-{name}")],
                                    check=False)
             subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], check=False)
+    if args.rate:
+        table = Table(title=f"Client.request at {args.rate:g}/s to each: A = {args.a}, B = {args.b} "
+                            f"(upstream: {upstream.kind}); CPU µs per request")
+        roles = sorted({role for row in rows for n in "ab" for role in row[f"{n}_cpu_us_per_request"]})
+        for column in ("round", "side", "p50 / p99 ms", *roles, "total", "failed"):
+            table.add_column(column)
+        for i, row in enumerate(rows, 1):
+            for n in "ab":
+                cpu = row[f"{n}_cpu_us_per_request"]
+                table.add_row(str(i), n.upper(), f"{row[f'{n}_p50_ms']:.2f} / {row[f'{n}_p99_ms']:.2f}",
+                              *(str(cpu.get(role, "-")) for role in roles), str(row[f"{n}_cpu_us_total"]),
+                              str(row[f"failed_{n}"]))
+        Console(width=max(120, Console().width)).print(table)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"a": args.a, "b": args.b, "upstream": upstream.kind, "rate": args.rate,
+                                        "rounds": rows}, indent=2))
+        print(f"wrote {args.out}")
+        return
     table = Table(title=f"Client.request, one at a time: A = {args.a}, B = {args.b} (upstream: {upstream.kind})")
     for column in ("round", "A p50 / p90 ms", "B p50 / p90 ms", "paired median A - B ms"):
         table.add_column(column)
