@@ -62,7 +62,7 @@ def batch_jobs(path: Path, batch: str, endpoint: str, caller: Caller) -> Iterato
                                      f"differs from the batch's endpoint {endpoint!r}", "url")
             continue
         try:
-            check_model(caller, job.request.json_body)
+            check_model(caller, job.request.json_body, path=job.request.path)
         except GatewayRefusal as refusal:
             yield number, line_error(number, refusal.code or "model_not_allowed", f"line {number}: {refusal.message}",
                                      "body.model")

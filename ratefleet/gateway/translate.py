@@ -15,6 +15,7 @@ import json
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import unquote
 
 from pydantic import ValidationError
 
@@ -72,15 +73,47 @@ def choose_upstream(caller: Caller, asked: str | None) -> str | None:
     return caller.upstreams[0] if caller.upstreams else None
 
 
-def check_model(caller: Caller, body: Any, text_body: str | None = None) -> None:
-    """For a caller with a model allow-list (`models`): GatewayRefusal 403 when the JSON body
-    names a model the caller may not use, 400 when its `model` is not a string, and 415 for a
-    text body (`text_body`: the gateway cannot read a model from it, so it must not pass one
-    on), and 400 `model_required` for a JSON body without a `model` (the upstream would pick its
-    own default, whatever the list says). A request without a body (GET /v1/models) names no
-    model and passes. A caller without `models` may send any of these."""
+# path segments after which a provider's URL names the model (or the deployment serving one):
+# Google Gemini `/v1beta/models/{model}:generateContent` and `tunedModels/{model}`, Vertex AI
+# `.../publishers/{publisher}/models/{model}:rawPredict`, Azure OpenAI
+# `/openai/deployments/{deployment}/chat/completions`, AWS Bedrock `/model/{modelId}/converse`,
+# Hugging Face `/models/{org}/{name}`, OpenAI `GET/DELETE /v1/models/{model}`
+MODEL_SEGMENTS = frozenset({"models", "tunedModels", "deployments", "model"})
+
+
+def path_models(path: str) -> list[tuple[str, str | None]]:
+    """The models a request path names, by the providers' URL conventions (MODEL_SEGMENTS):
+    for each such segment, (the next segment, the next two joined by `/` or None), with a
+    Google `:method` suffix cut and percent-escapes decoded (as check_path decodes them). A
+    name may span two segments (Hugging Face's `org/name`), hence the second form.
+    `/v1/models` (a list, no model) names none."""
+    segments = [unquote(unquote(unquote(part))) for part in path.split("?", 1)[0].split("/")]
+    named = []
+    for i, segment in enumerate(segments[:-1]):
+        if segment in MODEL_SEGMENTS and segments[i + 1]:
+            first = segments[i + 1].split(":", 1)[0]
+            second = segments[i + 2].split(":", 1)[0] if i + 2 < len(segments) and segments[i + 2] else None
+            named.append((first, f"{segments[i + 1]}/{second}" if second else None))
+    return named
+
+
+def check_model(caller: Caller, body: Any, text_body: str | None = None, path: str = "") -> None:
+    """For a caller with a model allow-list (`models`): GatewayRefusal 403 when the request
+    names a model the caller may not use, in its JSON body's `model` or in its path
+    (`path_models`: Gemini, Vertex AI, Azure deployments, Bedrock, Hugging Face); 400 when
+    the body's `model` is not a string; 415 for a text body (`text_body`: the gateway cannot
+    read a model from it, so it must not pass one on); and 400 `model_required` for a JSON
+    body that names no model when the path names none either (the upstream would pick its
+    own default, whatever the list says). A request without a body whose path names no model
+    (GET /v1/models) passes. A caller without `models` may send any of these."""
     if caller.models is None:
         return
+    allowed = caller.models
+    named = path_models(path)
+    for first, joined in named:
+        if first not in allowed and joined not in allowed:
+            raise GatewayRefusal(403, f"Caller {caller.name!r} may not use model {joined or first!r} (named in the "
+                                 "request's path).", type="invalid_request_error", code="model_not_allowed")
     if text_body is not None:
         raise GatewayRefusal(415, f"Caller {caller.name!r} may use only some models, and the gateway reads the "
                              "model from a JSON body: send it as application/json.",
@@ -88,15 +121,17 @@ def check_model(caller: Caller, body: Any, text_body: str | None = None) -> None
     if body is None:
         return
     if not isinstance(body, dict) or "model" not in body:
-        allowed = ", ".join(sorted(caller.models))
-        raise GatewayRefusal(400, f"Caller {caller.name!r} may use only some models ({allowed}): name one in the "
+        if named:
+            return  # the path names the model (Gemini, Azure, Bedrock bodies have no `model`)
+        listed = ", ".join(sorted(allowed))
+        raise GatewayRefusal(400, f"Caller {caller.name!r} may use only some models ({listed}): name one in the "
                              "body's `model` (without it the upstream would choose its own default).",
                              type="invalid_request_error", code="model_required", param="model")
     model = body["model"]
     if not isinstance(model, str):
         raise GatewayRefusal(400, f"`model` must be a string, not {type(model).__name__}.",
                              type="invalid_request_error", code="invalid_model", param="model")
-    if model not in caller.models:
+    if model not in allowed:
         raise GatewayRefusal(403, f"Caller {caller.name!r} may not use model {model!r}.",
                              type="invalid_request_error", code="model_not_allowed", param="model")
 
@@ -117,7 +152,7 @@ def build_job(caller: Caller, *, method: str, path: str, query: Iterable[tuple[s
     the caller's `cache_ttl_s` (`Cache-Control: no-cache`: `cache_refresh`, the lookup is
     skipped, the answer still cached). `headers` keys lower-case. GatewayRefusal 400/403 for
     what cannot become a valid job."""
-    check_model(caller, json_body, text_body)
+    check_model(caller, json_body, text_body, path)
     forwarded = {name: value for name, value in headers.items() if name in FORWARDED_HEADERS}
     if text_body is not None and "content-type" in headers:
         forwarded["content-type"] = headers["content-type"]

@@ -127,3 +127,40 @@ def test_the_gateways_own_errors_have_openai_shape_and_whole_second_retry_after(
     assert over_limit("requests", 2.01).headers() == {"retry-after": "3"}
     assert json.loads(queue_full().body()) == {"error": {"message": "The ratefleet job queue is full; retry later.",
                                                          "type": "server_error", "param": None, "code": "queue_full"}}
+
+
+@pytest.mark.parametrize(("path", "named"), [
+    ("/v1beta/models/gemini-1.5-pro:generateContent", "gemini-1.5-pro"),  # Google Gemini API
+    ("/v1beta/models/gemini-1.5-pro:streamGenerateContent", "gemini-1.5-pro"),
+    ("/v1beta/tunedModels/my-tuned:generateContent", "my-tuned"),
+    ("/v1/projects/p/locations/us-central1/publishers/google/models/gemini-ultra:generateContent", "gemini-ultra"),
+    ("/openai/deployments/gpt4-prod/chat/completions", "gpt4-prod"),  # Azure OpenAI
+    ("/model/anthropic.claude-3-opus-20240229-v1%3A0/converse", "anthropic.claude-3-opus-20240229-v1"),  # Bedrock
+    ("/v1beta/models/gemini%2Dultra:generateContent", "gemini-ultra"),  # escaped: the upstream decodes it
+    ("/v1/models/gpt-4o", "gpt-4o"),  # OpenAI retrieve
+])
+def test_a_model_named_in_the_path_is_held_to_the_allow_list(path, named):
+    """A model in the URL (Gemini, Vertex, Azure, Bedrock) passed any allow-list: only the
+    body's `model` was checked, and Gemini's bodies name none."""
+    with pytest.raises(GatewayRefusal) as refused:
+        job(path=path, json_body={"contents": [{"parts": [{"text": "hi"}]}]})
+    assert (refused.value.status, refused.value.code) == (403, "model_not_allowed")
+    assert named in refused.value.message
+    with pytest.raises(GatewayRefusal):  # also without a body
+        job(method="GET", path=path)
+
+
+def test_a_path_that_names_an_allowed_model_needs_no_model_in_the_body():
+    gemini = Caller(name="g", tier="vip", upstreams=None, models=frozenset({"gemini-1.5-pro", "org/name", "dep"}),
+                    timeout_s=30, rps=None, burst=None, tokens_per_minute=None)
+    body = {"contents": [{"parts": [{"text": "hi"}]}]}
+    assert job(gemini, path="/v1beta/models/gemini-1.5-pro:generateContent", json_body=body).request.json_body == body
+    assert job(gemini, path="/models/org/name", json_body={"inputs": "x"})  # Hugging Face: org/name
+    assert job(gemini, path="/openai/deployments/dep/chat/completions", json_body={"messages": []})
+    assert job(gemini, method="GET", path="/v1/models").request.json_body is None  # a list names no model
+    with pytest.raises(GatewayRefusal) as both:  # path and body both name one: both must be allowed
+        job(gemini, path="/openai/deployments/dep/chat/completions", json_body={"model": "gpt-4o"})
+    assert both.value.code == "model_not_allowed"
+    with pytest.raises(GatewayRefusal) as unnamed:  # neither names one: still required
+        job(gemini, path="/v1/chat/completions", json_body={"messages": []})
+    assert unnamed.value.code == "model_required"
