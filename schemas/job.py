@@ -214,6 +214,50 @@ class Job(BaseModel):
         return self.deadline is not None and now >= self.deadline
 
 
+# path segments after which a provider's URL names the model (or the deployment serving one):
+# Google Gemini `/v1beta/models/{model}:generateContent` and `tunedModels/{model}`, Vertex AI
+# `.../publishers/{publisher}/models/{model}:rawPredict`, Azure OpenAI
+# `/openai/deployments/{deployment}/chat/completions`, AWS Bedrock `/model/{modelId}/converse`,
+# Hugging Face `/models/{org}/{name}`, OpenAI `GET/DELETE /v1/models/{model}`
+MODEL_SEGMENTS = frozenset({"models", "tunedModels", "deployments", "model"})
+
+
+def path_models(path: str) -> list[tuple[str, str | None]]:
+    """The models a request path names, by the providers' URL conventions (MODEL_SEGMENTS):
+    for each such segment, (the next segment, the next two joined by `/` or None), with a
+    Google `:method` suffix cut and percent-escapes decoded (as check_path decodes them). A
+    name may span two segments (Hugging Face's `org/name`), hence the second form.
+    `/v1/models` (a list, no model) names none."""
+    segments = [_decoded(part) for part in path.split("?", 1)[0].split("/")]
+    named = []
+    for i, segment in enumerate(segments[:-1]):
+        if segment in MODEL_SEGMENTS and segments[i + 1]:
+            first = segments[i + 1].split(":", 1)[0]
+            second = segments[i + 2].split(":", 1)[0] if i + 2 < len(segments) and segments[i + 2] else None
+            named.append((first, f"{segments[i + 1]}/{second}" if second else None))
+    return named
+
+
+def _decoded(segment: str) -> str:
+    for _ in range(3):  # as check_path: %252D style double escapes too
+        if "%" not in segment:
+            break
+        segment = unquote(segment)
+    return segment
+
+
+def requested_model(request: HttpRequest) -> str | None:
+    """The model a request asks for: its JSON body's `model` (a string), else the first model
+    its path names (`path_models`); None when it names none."""
+    body = request.json_body
+    if isinstance(body, dict):
+        model = body.get("model")
+        if isinstance(model, str):
+            return model
+    named = path_models(request.path)
+    return named[0][0] if named else None
+
+
 def new_job_id() -> str:
     return uuid.uuid4().hex
 

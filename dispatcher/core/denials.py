@@ -9,8 +9,9 @@ schemas/signals.py) on one key is tried on another key. What happens next is the
   count against no key.
 * it succeeds on another key: each earlier denial was about the key (a "confirmed"
   strike). A key is disabled after 403s on FORBIDDEN_JOBS different confirmed jobs. A
-  model's 404 is no strike: the key lacks that model only, and serves the others (each job
-  for the missing model costs one call on it before it goes elsewhere).
+  denial saying the key lacks the model (a 404, or OpenAI's 403 `model_not_found` for a
+  project key restricted to some models) is no strike: the key serves its other models,
+  and the scheduler sends that model's next jobs to other keys for a while (scheduler.py).
 * 401 means "who are you": a key is disabled after 401s on AUTH_JOBS different jobs of
   which at least one is confirmed (succeeded on another key, or no other key could take
   it). Jobs still waiting for their second key count too, so a revoked key goes out after
@@ -40,6 +41,7 @@ MAX_JOBS = 10_000
 class _JobDenials:
     at: float
     keys: dict[str, int] = field(default_factory=dict)  # key id -> status it answered
+    lacking: set[str] = field(default_factory=set)  # keys whose denial said they lack the model (no strike)
 
 
 @dataclass
@@ -66,9 +68,12 @@ class DenialBook:
         entry = self._jobs.get(job_id)
         return frozenset(entry.keys) if entry else frozenset()
 
-    def on_denied(self, job_id: str, key_id: str, status: int | None, final: bool, now: float) -> Verdicts:
+    def on_denied(self, job_id: str, key_id: str, status: int | None, final: bool, now: float,
+                  lacks_model: bool = False) -> Verdicts:
         """A 401/403 (or a model's 404) for `job_id` on `key_id`; `final`: the job ends with it (another key
-        refused it too, or no other key could take it)."""
+        refused it too, or no other key could take it); `lacks_model`: the answer said the key
+        cannot reach the job's model (schemas/signals.py MODEL_UNAVAILABLE_CODES: OpenAI's 403 or
+        404 `model_not_found`, Azure's `DeploymentNotFound`, ...), which is no strike."""
         self._prune(now)
         entry = self._jobs.get(job_id)
         if final and entry is not None and set(entry.keys) - {key_id}:
@@ -84,6 +89,8 @@ class DenialBook:
                 while len(self._jobs) > MAX_JOBS:
                     self._jobs.popitem(last=False)
             entry.keys[key_id] = status or 0
+            if lacks_model:
+                entry.lacking.add(key_id)
             if status != 401:
                 return Verdicts()
         self._auth.setdefault(key_id, {})[job_id] = now
@@ -96,7 +103,9 @@ class DenialBook:
         self._confirmed.pop(key_id, None)
         entry = self._jobs.pop(job_id, None)
         out = Verdicts()
-        for other, status in (entry.keys.items() if entry else ()):
+        if entry is None:
+            return out
+        for other, status in entry.keys.items():
             if other == key_id:
                 continue
             if status == 401:
@@ -104,10 +113,11 @@ class DenialBook:
                 self._confirmed.setdefault(other, set()).add(job_id)
                 out.disable += self._judge_auth(other).disable
                 continue
-            if status == 404:
+            if status == 404 or other in entry.lacking:
                 # a model (deployment) this key lacks: the job went on elsewhere, and the key
                 # still serves its other models; a strike would let any caller disable healthy
-                # keys with three requests for a model only some keys have (a reviewer's finding)
+                # keys with three requests for a model only some keys have (a reviewer's finding;
+                # OpenAI answers a project key restricted to some models with a 403 saying so)
                 continue
             confirmed = self._forbidden.setdefault(other, {})
             confirmed[job_id] = now

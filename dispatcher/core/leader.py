@@ -26,6 +26,7 @@ from typing import Any
 
 from ratefleet.schemas import ErrorCode
 from ratefleet.schemas.internal import LeaderAnnounce
+from ratefleet.schemas.job import requested_model
 
 from . import events as ev
 from .commands import (
@@ -170,7 +171,8 @@ class LeaderMachine:
             return []  # the last delivery of a job intake accepted: cannot happen (intake ends it)
         self.held[event.seq] = Held(verdict, now, now, event.wall)
         self.scheduler.add(PendingJob(job_id=verdict.job_id, tier=event.tier, upstream=verdict.upstream,
-                                      cost=verdict.job.cost, handle=event.seq), now)
+                                      cost=verdict.job.cost, handle=event.seq,
+                                      model=requested_model(verdict.job.request)), now)
         return []
 
     def _on_batch_cancelled(self, batch: str, now: float) -> list[Command]:

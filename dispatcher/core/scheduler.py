@@ -23,6 +23,7 @@ from typing import Any
 
 from ratefleet.schemas.outcome import OutcomeKind
 from ratefleet.schemas.result import ErrorCode
+from ratefleet.schemas.signals import MODEL_UNAVAILABLE_CODES
 
 from .choice import Chain, Reach, never_runnable, pick_key, reach
 from .denials import DenialBook
@@ -47,6 +48,8 @@ from .types import (
 LOOKAHEAD = 16
 VARIANT_MEMO = 65536  # job ids whose A/B side is remembered (then forgotten all at once)
 FAILED_MEMORY = 10_000  # jobs whose failed keys are remembered (their retries avoid those keys)
+LACK_MEMORY_S = 600.0  # seconds a key stays known to lack a model (its next jobs of that model go elsewhere)
+LACK_MEMORY = 10_000  # (key, model) pairs remembered at most
 _UNKNOWN = object()
 
 
@@ -75,6 +78,8 @@ class Scheduler(KeyAdmin, Reconfigure):
         self._denials = DenialBook()
         # job id -> the keys its calls failed on (5xx, timeout, connection), the last FAILED_MEMORY jobs
         self._failed_on: OrderedDict[str, frozenset[str]] = OrderedDict()
+        # model -> key id -> until when (monotonic) the key is known to lack it (a denial said so)
+        self._lacking: dict[str, dict[str, float]] = {}
         self._changed: set[str] = set()  # keys whose health changed since key_changes()
 
     # -- queue ---------------------------------------------------------------------------
@@ -175,11 +180,36 @@ class Scheduler(KeyAdmin, Reconfigure):
         return variant  # type: ignore[return-value]
 
     def _avoid(self, chain: Chain, job: PendingJob, now: float) -> frozenset[str]:
-        """Keys that refused `job` (401/403, a model's 404), while the chain has another key for it."""
+        """Keys that refused `job` (401/403, a model's 404) or are known to lack its model (for
+        LACK_MEMORY_S after a denial said so), while the chain has another key for it."""
         denied = self._denials.denied_keys(job.job_id)
+        lacking = self._lacking.get(job.model) if job.model is not None and self._lacking else None
+        if lacking:
+            denied = denied | {key_id for key_id, until in lacking.items() if until > now}
         if denied and any(k.spec.id not in denied and k.health.could_serve(now) for k in chain.keys()):
             return denied
         return frozenset()
+
+    def _note_lack(self, job: PendingJob, key_id: str, outcome: Outcome, now: float) -> None:
+        """A denial saying `key_id` lacks the job's model: that model's next jobs go to other keys
+        for LACK_MEMORY_S (each paid a call on it before: a third of a batch on a pool where one
+        key of three lacks the model); a success there clears it. LACK_MEMORY pairs at most
+        (past that, the expired go, then all: it is a preference, and refills on the next denial)."""
+        if job.model is None:
+            return
+        if outcome.kind == OutcomeKind.OK:
+            lacking = self._lacking.get(job.model)
+            if lacking is not None and lacking.pop(key_id, None) is not None and not lacking:
+                del self._lacking[job.model]
+            return
+        if outcome.kind != OutcomeKind.DENIED or outcome.code not in MODEL_UNAVAILABLE_CODES:
+            return
+        if sum(map(len, self._lacking.values())) >= LACK_MEMORY:
+            self._lacking = {model: live for model, keys in self._lacking.items()
+                             if (live := {k: until for k, until in keys.items() if until > now})}
+            if sum(map(len, self._lacking.values())) >= LACK_MEMORY:
+                self._lacking.clear()
+        self._lacking.setdefault(job.model, {})[key_id] = now + LACK_MEMORY_S
 
     def _note_failure(self, job_id: str, key_id: str, outcome: Outcome) -> None:
         """Remember the keys a job's calls failed on (upstream errors), forget them once it
@@ -275,6 +305,7 @@ class Scheduler(KeyAdmin, Reconfigure):
         if key.observe(outcome, now, reservation.at, reservation.job.job_id):
             self._changed.add(key.spec.id)
         self._weigh_denials(reservation, outcome, now)
+        self._note_lack(reservation.job, reservation.key_id, outcome, now)
         self._note_failure(reservation.job.job_id, reservation.key_id, outcome)
         if reservation.key_probe and outcome.kind == OutcomeKind.DENIED:
             key.health.postpone_probe(reservation.id, now)  # no verdict (denials.py judges the job)
@@ -290,7 +321,8 @@ class Scheduler(KeyAdmin, Reconfigure):
         job_id = reservation.job.job_id
         if outcome.kind == OutcomeKind.DENIED:
             verdicts = self._denials.on_denied(job_id, reservation.key_id, outcome.status,
-                                               reservation.denial_final, now)
+                                               reservation.denial_final, now,
+                                               lacks_model=outcome.code in MODEL_UNAVAILABLE_CODES)
         elif outcome.kind == OutcomeKind.OK:
             verdicts = self._denials.on_ok(job_id, reservation.key_id, now)
         else:

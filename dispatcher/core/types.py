@@ -126,6 +126,7 @@ class PendingJob:
     upstream: str
     cost: float = 1.0
     handle: Any = field(default=None, compare=False)
+    model: str | None = None  # the model it asks for (schemas/job.py requested_model): keys known to lack it wait
 
 
 @dataclass(frozen=True)

@@ -15,14 +15,13 @@ import json
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import unquote
 
 from pydantic import ValidationError
 
 from ratefleet.gateway.callers import Caller
 from ratefleet.gateway.errors import GatewayRefusal, bad_request
 from ratefleet.schemas import Job, Result
-from ratefleet.schemas.job import describe_validation_error, new_job_id
+from ratefleet.schemas.job import describe_validation_error, new_job_id, path_models
 
 UPSTREAM_HEADER = "x-ratefleet-upstream"  # picks one of the caller's upstreams
 FORWARDED_HEADERS = frozenset({"openai-organization", "openai-project", "openai-beta", "anthropic-version",
@@ -71,30 +70,6 @@ def choose_upstream(caller: Caller, asked: str | None) -> str | None:
                                  type="invalid_request_error", code="upstream_not_allowed")
         return asked
     return caller.upstreams[0] if caller.upstreams else None
-
-
-# path segments after which a provider's URL names the model (or the deployment serving one):
-# Google Gemini `/v1beta/models/{model}:generateContent` and `tunedModels/{model}`, Vertex AI
-# `.../publishers/{publisher}/models/{model}:rawPredict`, Azure OpenAI
-# `/openai/deployments/{deployment}/chat/completions`, AWS Bedrock `/model/{modelId}/converse`,
-# Hugging Face `/models/{org}/{name}`, OpenAI `GET/DELETE /v1/models/{model}`
-MODEL_SEGMENTS = frozenset({"models", "tunedModels", "deployments", "model"})
-
-
-def path_models(path: str) -> list[tuple[str, str | None]]:
-    """The models a request path names, by the providers' URL conventions (MODEL_SEGMENTS):
-    for each such segment, (the next segment, the next two joined by `/` or None), with a
-    Google `:method` suffix cut and percent-escapes decoded (as check_path decodes them). A
-    name may span two segments (Hugging Face's `org/name`), hence the second form.
-    `/v1/models` (a list, no model) names none."""
-    segments = [unquote(unquote(unquote(part))) for part in path.split("?", 1)[0].split("/")]
-    named = []
-    for i, segment in enumerate(segments[:-1]):
-        if segment in MODEL_SEGMENTS and segments[i + 1]:
-            first = segments[i + 1].split(":", 1)[0]
-            second = segments[i + 2].split(":", 1)[0] if i + 2 < len(segments) and segments[i + 2] else None
-            named.append((first, f"{segments[i + 1]}/{second}" if second else None))
-    return named
 
 
 def check_model(caller: Caller, body: Any, text_body: str | None = None, path: str = "") -> None:

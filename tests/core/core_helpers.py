@@ -57,8 +57,9 @@ def make(
 _ids = iter(range(1, 10**9))
 
 
-def job(tier: str = "normal", upstream: str = "u", cost: float = 1.0, job_id: str | None = None) -> PendingJob:
-    return PendingJob(job_id or f"j{next(_ids)}", tier, upstream, cost)
+def job(tier: str = "normal", upstream: str = "u", cost: float = 1.0, job_id: str | None = None,
+        model: str | None = None) -> PendingJob:
+    return PendingJob(job_id or f"j{next(_ids)}", tier, upstream, cost, model=model)
 
 
 def dispatch(s: Scheduler, now: float) -> Dispatch:

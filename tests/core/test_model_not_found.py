@@ -12,10 +12,13 @@ import pytest
 from core_helpers import job, key, make, pool
 
 from ratefleet.dispatcher.core import Dispatch, Outcome, ProbePolicy
+from ratefleet.dispatcher.core.scheduler import LACK_MEMORY_S
 from ratefleet.schemas.outcome import is_retryable
 from ratefleet.schemas.signals import classify, provider_code
 
 OK = (200, {"choices": [{"message": {"content": "hi"}}]})
+OPENAI_PROJECT = (403, {"error": {"message": "Project `proj_abc` does not have access to model `gpt-4o`",
+                                  "type": "invalid_request_error", "param": None, "code": "model_not_found"}})
 OPENAI_MODEL = (404, {"error": {"message": "The model `gpt-4o` does not exist or you do not have access to it.",
                                 "type": "invalid_request_error", "param": None, "code": "model_not_found"}})
 AZURE_DEPLOYMENT = (404, {"error": {"code": "DeploymentNotFound", "message": (
@@ -35,7 +38,7 @@ def three_keys():
     return make(pool("p", *keys), probe=ProbePolicy(base_s=60.0, max_s=3600.0))
 
 
-def run(s, job_ids: list[str], answer: Answer, now: float = 0.0, max_attempts: int = 3):
+def run(s, job_ids: list[str], answer: Answer, now: float = 0.0, max_attempts: int = 3, model: str | None = None):
     """Dispatch and answer every job as a worker would: classify the answer, requeue it while
     `is_retryable` (given the reservation's `denial_final`) and attempts are left.
     Returns each job's (last kind, last key, attempts) and the calls per key."""
@@ -43,7 +46,7 @@ def run(s, job_ids: list[str], answer: Answer, now: float = 0.0, max_attempts: i
     attempts: Counter[str] = Counter()
     calls: Counter[str] = Counter()
     for job_id in job_ids:
-        s.add(job(job_id=job_id), now)
+        s.add(job(job_id=job_id, model=model), now)
     while len(ended) < len(job_ids):
         decision = s.next(now)
         assert isinstance(decision, Dispatch), decision
@@ -55,7 +58,7 @@ def run(s, job_ids: list[str], answer: Answer, now: float = 0.0, max_attempts: i
         calls[key_id] += 1
         attempts[job_id] += 1
         if is_retryable(kind, denial_final=decision.reservation.denial_final) and attempts[job_id] < max_attempts:
-            s.add(job(job_id=job_id), now)
+            s.add(job(job_id=job_id, model=model), now)
         else:
             ended[job_id] = (str(kind), key_id, attempts[job_id])
     return ended, calls
@@ -101,3 +104,43 @@ def test_on_the_only_key_of_its_pool_a_model_404_ends_the_job_at_once():
     ended, calls = run(s, ["j"], lambda k, _: AZURE_DEPLOYMENT)
     assert ended == {"j": ("denied", "k1", 1)} and calls == {"k1": 1}  # before: bad_request
     assert s.snapshot(0.0)["keys"]["k1"]["state"] == "enabled"
+
+
+@pytest.mark.parametrize("missing", [OPENAI_MODEL, OPENAI_PROJECT, AZURE_DEPLOYMENT, ANTHROPIC_MODEL, GEMINI_MODEL],
+                         ids=["openai", "openai-403", "azure", "anthropic", "google"])
+def test_once_a_key_said_it_lacks_a_model_that_models_next_jobs_go_to_other_keys(missing):
+    """Each job of the model paid a call on the key without it before going elsewhere: with
+    one key of three lacking it, a third of a batch's jobs were called twice (and the lacking
+    key's rate spent on 404s). Now the first such denial sends the model's next jobs to the
+    other keys, for LACK_MEMORY_S, while they can take them; other models still use the key."""
+    s = three_keys()
+    lacks = lambda k, _: missing if k == "k1" else OK  # noqa: E731
+    ended, calls = {}, Counter()
+    for batch in range(10):  # 60 jobs, 6 at a time
+        done, used = run(s, [f"j{batch}.{i}" for i in range(6)], lacks, now=batch * 0.1, model="gpt-4o")
+        ended.update(done)
+        calls.update(used)
+    assert {e[0] for e in ended.values()} == {"ok"} and len(ended) == 60
+    assert calls["k1"] == 1  # the first denial only (before: up to one per job, 20 of 60 here)
+    other, used = run(s, [f"o{i}" for i in range(6)], lambda k, _: OK, now=1.0, model="gpt-4o-mini")
+    assert used["k1"] > 0  # it still serves the models it has
+    # the memory lapses: the key is asked again (it may have been given the model meanwhile)
+    later, used = run(s, [f"l{i}" for i in range(6)], lambda k, _: OK, now=1.0 + LACK_MEMORY_S, model="gpt-4o")
+    assert used["k1"] > 0 and {e[0] for e in later.values()} == {"ok"}
+    # and a success there clears it at once: with no other key free it is used as before
+    assert {v["state"] for v in s.snapshot(2.0)["keys"].values()} == {"enabled"}
+
+
+def test_openais_403_for_a_model_outside_a_project_key_is_no_strike():
+    """OpenAI answers a project key restricted to some models with a 403 `model_not_found`.
+    Before, three such jobs that succeeded on other keys disabled the key for every model: any
+    caller could take healthy keys out with three requests for a model only some keys have."""
+    s = three_keys()
+    refused = 0
+    for i in range(6):  # one job at a time, each a model k1 was not yet known to lack
+        ended, calls = run(s, [f"j{i}"], lambda k, _: OPENAI_PROJECT if k == "k1" else OK, now=float(i),
+                           model=f"gpt-4o-{i}")
+        assert ended[f"j{i}"][0] == "ok"
+        refused += calls["k1"]
+    assert refused >= 3  # (idle keys tie in configuration order: k1 is asked first)
+    assert s.snapshot(6.0)["keys"]["k1"]["state"] == "enabled"

@@ -32,7 +32,7 @@ from ratefleet.dispatcher.core import events as ev
 from ratefleet.dispatcher.core.leader import LeaderMachine
 from ratefleet.dispatcher.core.pulls import PULL_EXPIRES_S, STALE_AFTER_S
 from ratefleet.dispatcher.core.split import SplitSpec, variant_of
-from ratefleet.schemas import ErrorCode
+from ratefleet.schemas import ErrorCode, Job
 
 # -- a late delivery on a removed tier ---------------------------------------------------------
 
@@ -188,3 +188,18 @@ def test_a_run_of_refused_jobs_is_followed_by_the_next_pull_at_once():
     for seq in range(1, WINDOW // 2 + 1):
         asked += pulls(run.at(T0 + 0.001 * seq, delivery(seq, MAX_DELIVER, tier="vip")))
     assert asked == [cmd.Pull("vip", WINDOW // 2, PULL_EXPIRES_S)]
+
+
+@pytest.mark.parametrize(("request_", "model"), [
+    ({"path": "/v1/chat/completions", "json": {"model": "gpt-4o", "messages": []}}, "gpt-4o"),
+    ({"path": "/v1beta/models/gemini-1.5-pro:generateContent", "json": {"contents": []}}, "gemini-1.5-pro"),
+    ({"path": "/openai/deployments/prod-4o/chat/completions", "json": {"messages": []}}, "prod-4o"),
+    ({"path": "/v1/embeddings", "json": {"input": "x"}}, None),
+])
+def test_a_queued_job_carries_the_model_it_asks_for(request_, model):
+    """The scheduler learns which keys lack a model (a denial saying so) and sends that model's
+    next jobs elsewhere; for that the queued job must know its model, from the body or the path."""
+    m = machine()  # no worker: the job waits in the scheduler
+    verdict = replace(incoming(1), job=Job.model_validate({"id": "j1", "request": request_}))
+    m.handle(ev.JobDelivered("normal", 1, 1, ack(1, 1), verdict), T0)
+    assert [job.model for job in m.scheduler.discard_pending()] == [model]
