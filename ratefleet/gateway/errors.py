@@ -12,13 +12,18 @@ import math
 
 from ratefleet.schemas.errors import RatefleetError
 
+SHOULD_RETRY = "x-should-retry"  # the OpenAI and Anthropic SDKs obey it over their own retry rules ("true"/"false")
+
 
 class GatewayRefusal(RatefleetError):
     """A request the gateway answers itself: HTTP `status`, OpenAI error `type` and `code`,
-    a message for the caller (never a key), and `retry_after_s` for 429/503."""
+    a message for the caller (never a key), `retry_after_s` for 429/503, and `sdk_retry`:
+    False when an SDK's automatic retry would pay again or repeat what the fleet already
+    retried (sent as `x-should-retry: false`; None: the SDK's own rule, by status)."""
 
     def __init__(self, status: int, message: str, *, type: str, code: str | None,  # noqa: A002 - OpenAI's name
-                 param: str | None = None, retry_after_s: float | None = None) -> None:
+                 param: str | None = None, retry_after_s: float | None = None,
+                 sdk_retry: bool | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -26,16 +31,22 @@ class GatewayRefusal(RatefleetError):
         self.code = code
         self.param = param
         self.retry_after_s = retry_after_s
+        self.sdk_retry = sdk_retry
 
     def body(self) -> bytes:
         return json.dumps({"error": {"message": self.message, "type": self.type, "param": self.param,
                                      "code": self.code}}).encode()
 
     def headers(self) -> dict[str, str]:
-        """`Retry-After` in whole seconds, rounded up (RFC 9110 section 10.2.3: delay-seconds)."""
-        if self.retry_after_s is None:
-            return {}
-        return {"retry-after": str(max(1, math.ceil(self.retry_after_s)))}
+        """`Retry-After` in whole seconds, rounded up (RFC 9110 section 10.2.3: delay-seconds),
+        and `x-should-retry` when `sdk_retry` is set (the OpenAI Python/Node SDKs, generated
+        by Stainless, read it in `_should_retry` before their status rule)."""
+        out = {}
+        if self.retry_after_s is not None:
+            out["retry-after"] = str(max(1, math.ceil(self.retry_after_s)))
+        if self.sdk_retry is not None:
+            out[SHOULD_RETRY] = "true" if self.sdk_retry else "false"
+        return out
 
 
 def unauthorized() -> GatewayRefusal:
@@ -63,9 +74,12 @@ def nats_down(retry_after_s: float = 2.0) -> GatewayRefusal:
 
 
 def timed_out(job_id: str, timeout_s: float) -> GatewayRefusal:
+    """504 for a job without an answer at the caller's timeout. The job may be in its call (and
+    paid for when it ends): an SDK's automatic retry would be a second job and a second call,
+    so the answer says not to (`x-should-retry: false`)."""
     return GatewayRefusal(504, f"No answer within this caller's timeout ({timeout_s:g} s) for job {job_id}; "
                           f"if it ran, its Result is stored: `ratefleet result {job_id}`.",
-                          type="timeout", code="job_timeout")
+                          type="timeout", code="job_timeout", sdk_retry=False)
 
 
 def bad_request(message: str, *, code: str = "invalid_request", param: str | None = None) -> GatewayRefusal:

@@ -5,7 +5,8 @@ sends `/v1/chat/completions`, which is what the job asks the upstream for). Only
 provider headers are forwarded (FORWARDED_HEADERS); the caller's Authorization never is: the
 worker adds the fleet's key. The answer is the upstream's status, content type and body, so
 provider errors reach the caller unchanged; the gateway adds `x-ratefleet-job-id` and
-`x-ratefleet-queued-ms`.
+`x-ratefleet-queued-ms`, and `x-should-retry: false` where an SDK's automatic retry would repeat
+the fleet's own retries or pay again (FLEET_RETRIED, errors.timed_out).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from ratefleet.gateway.callers import Caller
-from ratefleet.gateway.errors import GatewayRefusal, bad_request
-from ratefleet.schemas import Job, Result
+from ratefleet.gateway.errors import SHOULD_RETRY, GatewayRefusal, bad_request
+from ratefleet.schemas import ErrorCode, Job, Result
 from ratefleet.schemas.job import describe_validation_error, new_job_id, path_models
 
 UPSTREAM_HEADER = "x-ratefleet-upstream"  # picks one of the caller's upstreams
@@ -164,18 +165,26 @@ def _body_bytes(result: Result) -> bytes:
     return b""
 
 
+# a job that ended so has had the fleet's own retries (attempts, 429s), was paid for, or waited out
+# the caller's whole timeout: an SDK's automatic retry (2 more by default, on 429 and 5xx) would be
+# new jobs repeating all of it, so answers for them carry `x-should-retry: false`
+FLEET_RETRIED = frozenset({ErrorCode.ATTEMPTS_EXHAUSTED, ErrorCode.RATE_LIMITED, ErrorCode.RESULT_NOT_STORED,
+                           ErrorCode.DEADLINE_EXCEEDED, ErrorCode.UPSTREAM_ERROR})
+
+
 def _refusal_of(result: Result) -> GatewayRefusal:
     """The answer for a Result without an upstream answer (nothing to pass through)."""
     code = result.error.code if result.error else "upstream_error"
     message = result.error.message if result.error else f"job {result.job_id} ended {result.status}"
+    retry = False if code in FLEET_RETRIED else None
     if result.status == "invalid":
         return bad_request(message, code=code)
     if result.status == "expired":
         return GatewayRefusal(504, f"Job {result.job_id} was still queued at this caller's timeout: {message}",
-                              type="timeout", code=code)
+                              type="timeout", code=code, sdk_retry=False)
     if code == "no_key_available":
         return GatewayRefusal(503, message, type="server_error", code=code, retry_after_s=5.0)
-    return GatewayRefusal(502, message, type="server_error", code=code)
+    return GatewayRefusal(502, message, type="server_error", code=code, sdk_retry=retry)
 
 
 def answer_of(result: Result) -> tuple[int, dict[str, str], bytes]:
@@ -192,6 +201,8 @@ def answer_of(result: Result) -> tuple[int, dict[str, str], bytes]:
     for name, value in result.response.headers.items():
         if name.lower() in ANSWER_HEADERS:
             headers[name.lower()] = value
+    if result.error is not None and result.error.code in FLEET_RETRIED:  # the upstream's last answer, passed on
+        headers[SHOULD_RETRY] = "false"
     return result.response.status, headers, _body_bytes(result)
 
 

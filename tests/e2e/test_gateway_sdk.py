@@ -3,6 +3,7 @@ processes: nats-server, the mock upstream, a dispatcher, a worker, `ratefleet ga
 
 from __future__ import annotations
 
+import anyio
 import openai
 import pytest
 from fleetkit import FleetKit, mock_keys, wait_for_leader
@@ -112,3 +113,40 @@ async def test_provider_errors_pass_through_unchanged_and_model_limits_hold(gate
         with pytest.raises(openai.PermissionDeniedError) as denied:
             await ai.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
     assert denied.value.code == "model_not_allowed" and denied.value.param == "model"
+
+
+async def test_the_sdks_own_retries_do_not_repeat_what_the_fleet_retried_or_paid(tmp_path, nats_server, upstream,
+                                                                               monkeypatch):
+    """The OpenAI SDK retries 5xx and 429 answers twice by default. A 500 the fleet already
+    retried max_attempts times came back as a 500, so the SDK sent the request twice more: new
+    jobs, each retried again (15 upstream calls for one request); and a 504 at the caller's
+    timeout, whose job may still be in its call, became a second paid job. The gateway now says
+    `x-should-retry: false` (which the SDK obeys) on both."""
+    caller_env(monkeypatch)
+    overrides = {"callers": {"dave": {"key": "env:RF_CALLER_ALICE", "tier": "normal"},
+                             "erin": {"key": "env:RF_CALLER_BOB", "tier": "normal", "timeout_s": 1.5}},
+                 "tiers": {"normal": {"pools": ["shared"], "max_attempts": 3}}}
+    kit = FleetKit(tmp_path, nats_server.url, upstream.url, overrides=overrides)
+    kit.dispatcher("d1")
+    kit.worker("w1")
+    try:
+        kit.gateway_url = start_gateway(kit, free_port())  # type: ignore[attr-defined]
+        def sdk_with_retries(caller: str) -> openai.AsyncOpenAI:  # the SDK's default: 2 retries
+            return openai.AsyncOpenAI(base_url=kit.gateway_url + "/v1", api_key=CALLER_KEYS[caller], timeout=30)
+
+        async with sdk_with_retries("alice") as ai:
+            with pytest.raises(openai.InternalServerError) as failed:
+                await ai.chat.completions.create(model="mock", messages=[{"role": "user", "content": "x"}],
+                                                 extra_body={"mock": {"status": 500}})
+            assert failed.value.response.headers["x-should-retry"] == "false"
+            assert sum(key["calls"] for key in upstream.stats()["keys"].values()) == 3  # before: 9
+        async with sdk_with_retries("bob") as ai:
+            with pytest.raises(openai.APIStatusError) as late:
+                await ai.chat.completions.create(model="mock", messages=[{"role": "user", "content": "slow"}],
+                                                 extra_body={"mock": {"sleep_ms": 2500}})
+            assert late.value.status_code == 504 and late.value.code == "job_timeout"
+            assert late.value.response.headers["x-should-retry"] == "false"
+            await anyio.sleep(1.5)  # the slow call ends (paid); no retry made another
+            assert sum(key["calls"] for key in upstream.stats()["keys"].values()) == 4  # one call: no second job
+    finally:
+        kit.stop()
