@@ -229,17 +229,41 @@ class Client:
                 stored = await self.stored_result(model.id)
                 if stored is not None:
                     return stored
-            try:
-                msg = await asyncio.wait_for(reply, timeout)
-            except TimeoutError:  # (nats.errors.TimeoutError is one); other errors say what they are
-                stored = await self.stored_result(model.id)
-                if stored is not None:
-                    return stored
+            msg = await self._reply_or_stored(reply, model.id, timeout, duplicate=not fresh)
+            if msg is None:
                 raise RequestTimeout(f"no result for job {model.id} within {timeout}s; it is stored and still runs: "
                                      f"collect it later with `ratefleet result {model.id}` (or Client.stored_result)") from None
+            if isinstance(msg, Result):
+                return msg
             return await self.bodies.resolve(Result.from_json(msg.data))
         finally:
             self.replies.discard(inbox)
+
+    async def _reply_or_stored(self, reply: asyncio.Future, job_id: str, timeout: float,
+                               *, duplicate: bool) -> Any:
+        """The reply message, or the job's stored Result, whichever is seen first; None after
+        `timeout` seconds with neither. The reply is core NATS (at most once): it is lost when
+        this connection or the worker's was away as it was sent (a NATS restart), and a
+        duplicate job id (a job already running) is answered to its first requester only. So
+        the stored Result is read too, after 1 s, then at doubling pauses (at most 5 s), and
+        from 0.25 s on for a duplicate: a Result stored meanwhile is returned at once instead
+        of after the whole timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pause = 0.25 if duplicate else 1.0
+        while True:
+            remaining = deadline - loop.time()
+            if remaining > 0:
+                try:  # shielded: a slice that times out must not cancel the reply's future
+                    return await asyncio.wait_for(asyncio.shield(reply), min(pause, remaining))
+                except TimeoutError:  # (nats.errors.TimeoutError is one); other errors say what they are
+                    pass
+            stored = await self.stored_result(job_id)
+            if stored is not None:
+                return stored
+            if deadline - loop.time() <= 0:
+                return None
+            pause = min(2 * pause, 5.0)
 
     @translated("reading a stored result")
     async def stored_result(self, job_id: str, batch: str | None = None) -> Result | None:

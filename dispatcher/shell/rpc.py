@@ -15,6 +15,7 @@ from the Object Store (`nats object get <bucket> <name>`; see the README).
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from nats.aio.client import Client as NatsClient
@@ -31,6 +32,11 @@ from ratefleet.schemas.job import new_job_id
 from ratefleet.schemas.subjects import is_safe_reply, is_token
 
 log = get_logger("ratefleet.rpc")
+
+# a duplicate rpc request (its job id already running) is answered when the Result is stored:
+# followed at most this long, at most this many at a time
+DUPLICATE_FOLLOW_S = 600.0
+MAX_DUPLICATE_FOLLOWERS = 1000
 
 
 def _with_id(raw: bytes) -> tuple[str, bytes]:
@@ -68,6 +74,7 @@ class RpcResponder:
         self.js = nc.jetstream()
         self.subjects = Subjects(config.nats.prefix)
         self.finisher = Finisher(nc, self.js, self.subjects, auth_headers(config))
+        self._followers: set[asyncio.Task] = set()
 
     async def handle(self, msg: Msg) -> None:
         if msg.reply and not is_safe_reply(msg.reply, self.config.nats.prefix):
@@ -105,9 +112,37 @@ class RpcResponder:
             await self._answer_duplicate(job_id, msg.reply)
 
     async def _answer_duplicate(self, job_id: str, reply: str) -> None:
-        """A job id seen before: answer with its stored result when there already is one."""
+        """A job id seen before: answer with its stored result when there already is one, else
+        (the job still queued or running: its reply goes to the first requester only) follow
+        the results stream in the background and answer once it is stored (a caller that
+        retries with its idempotency key after a timeout must not wait in vain)."""
         stored = await read_result(self.js, self.subjects, job_id)
-        if stored is None:
-            log.info("duplicate rpc job still running; its result goes to the first requester", job_id=job_id)
+        if stored is not None:
+            await self.nc.publish(reply, stored)
             return
-        await self.nc.publish(reply, stored)
+        if len(self._followers) >= MAX_DUPLICATE_FOLLOWERS:
+            log.warning("duplicate rpc job still running and too many duplicates followed already; "
+                        "its result goes to the first requester", job_id=job_id)
+            return
+        task = asyncio.create_task(self._answer_when_stored(job_id, reply))
+        self._followers.add(task)
+        task.add_done_callback(self._followers.discard)
+
+    async def _answer_when_stored(self, job_id: str, reply: str) -> None:
+        """Read the job's stored Result at doubling pauses (0.25 s to 5 s) for at most
+        DUPLICATE_FOLLOW_S and send it to `reply` once there."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DUPLICATE_FOLLOW_S
+        pause = 0.25
+        try:
+            while loop.time() < deadline:
+                await asyncio.sleep(pause)
+                stored = await read_result(self.js, self.subjects, job_id)
+                if stored is not None:
+                    await self.nc.publish(reply, stored)
+                    return
+                pause = min(2 * pause, 5.0)
+            log.info("duplicate rpc job has no result yet; stopped following it", job_id=job_id,
+                     followed_s=DUPLICATE_FOLLOW_S)
+        except Exception as exc:  # noqa: BLE001 - closing, or NATS gone: the caller times out as before
+            log.info("duplicate rpc job not answered", job_id=job_id, error=type(exc).__name__)
