@@ -97,6 +97,14 @@ class RpcResponder:
             if await self.finisher.finish(result, ack=None, reply_to=msg.reply or None):
                 await self.finisher.dead(tier, result, **_letter_payload(msg.data))
             return
+        if payload is msg.data and msg.reply:  # the caller's own id (a fresh one was added otherwise)
+            # an id whose rpc request was refused has its Result but no JOBS message to dedup
+            # against: stored now, the job would be called (paid) and its answer dropped
+            stored = await read_result(self.js, self.subjects, job_id)
+            if stored is not None:
+                log.info("rpc job id has a Result already; answered with it, nothing stored", job_id=job_id)
+                await self.nc.publish(msg.reply, stored)
+                return
         try:
             fresh = await publish_job(self.js, self.subjects, tier, job_id, payload, reply_to=msg.reply or None,
                                       trace=trace_headers(msg.headers))  # the request's traceparent, if valid

@@ -169,9 +169,11 @@ async def test_a_duplicate_is_answered_with_the_stored_result_and_a_fresh_job_ne
     async with Fleet(nats_server.url, config()) as fleet:
         done = Result(job_id="j7", status="succeeded", tier="normal")
         await store_result(fleet.js, SUBJECTS, done)
-        await fleet.no_answer("normal", job(id="j7"))  # new in JOBS: it runs, its worker answers
-        answer = await fleet.request("normal", job(id="j7"))  # a duplicate: the stored Result
+        # the id has its Result (e.g. an earlier rpc request refused as invalid: nothing in JOBS):
+        # answered with it, and not stored in JOBS (it would be called, its answer dropped)
+        answer = await fleet.request("normal", job(id="j7"))
         assert (answer["job_id"], answer["status"]) == ("j7", "succeeded")
+        assert await fleet.jobs("normal") == []
         await fleet.nc.publish(SUBJECTS.rpc("normal"), job(id="j8"))
         await fleet.no_answer("normal", job(id="j8"))  # a duplicate still running: no answer yet
 
