@@ -222,7 +222,10 @@ class UpstreamExecutor:
                     with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
                         await response.aclose()
                 _unlink(response)
-        except httpx.TimeoutException:
+        except httpx.TimeoutException as exc:
+            if isinstance(exc.__cause__, aiohttp.ClientConnectorError):  # httpx-aiohttp calls a refused connect a timeout
+                return self._failed("connection", "ConnectError calling the upstream (could not connect: nothing "
+                                    "answers at its address, or the connection was refused)", started)
             return self._failed("timeout", f"no answer from the upstream within {upstream.timeout_s}s", started)
         except httpx.HTTPError as exc:
             return self._failed("connection", f"{type(exc).__name__} calling the upstream", started)
