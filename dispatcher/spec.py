@@ -33,7 +33,7 @@ def scheduler_spec(config: Config) -> SchedulerSpec:
         cooldown=CooldownPolicy(base_s=d.cooldown_base_s, max_s=d.cooldown_max_s,
                                 retry_after_max_s=d.retry_after_max_s),
         probe=ProbePolicy(base_s=d.key_probe_s, max_s=max(d.key_probe_s, d.key_probe_max_s)),
-        safety_s=d.safety_ms / 1000, priority_reserve=d.priority_reserve,
+        safety_s=d.safety_ms / 1000, priority_reserve=d.priority_reserve, priority_slots=d.priority_slots,
         adapt=AdaptPolicy(enabled=d.adaptive_rate, decrease=d.rate_decrease, recover_s=d.rate_recover_s,
                           increase_per_s=d.rate_increase_per_s, first_burst=d.first_burst),
     )

@@ -192,6 +192,7 @@ class DispatcherConfig(_Strict):
     retry_after_max_s: float = Field(default=3600.0, gt=0)  # the longest wait a provider's answer can impose on a key
     safety_ms: float = Field(default=50.0, ge=0)
     priority_reserve: float = Field(default=1.0, ge=0)
+    priority_slots: int = Field(default=1, ge=0)  # worker slots lower tiers leave for the top tier (see README)
     adaptive_rate: bool = True  # keys' effective rates follow 429s and ratelimit headers (never above rps)
     rate_decrease: float = Field(default=0.5, gt=0, lt=1)  # a 429 multiplies the rate sent by this
     rate_recover_s: float = Field(default=5.0, gt=0)  # successes bring it back near the 429 point in this long

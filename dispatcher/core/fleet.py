@@ -85,6 +85,9 @@ class Fleet:
     def free_slots(self) -> int:
         return sum(w.free for w in self.workers.values())
 
+    def total_slots(self) -> int:
+        return sum(w.slots for w in self.workers.values() if not w.draining)
+
     def pick(self, key_id: str | None = None) -> WorkerState | None:
         """The worker with the most free slots (among those holding `key_id`'s secret)."""
         holders = (w for w in self.workers.values() if key_id is None or key_id not in w.unusable)

@@ -232,7 +232,8 @@ class LeaderMachine:
             if not self.owns(now):
                 self.dispatch_at = now + 0.1
                 break
-            decision = self.scheduler.next(now, self.fleet.keys_without_free_holder(self.keys.key_ids))
+            decision = self.scheduler.next(now, self.fleet.keys_without_free_holder(self.keys.key_ids),
+                                           free_slots=self.fleet.free_slots(), total_slots=self.fleet.total_slots())
             if isinstance(decision, Dispatch):
                 out += self._hand_out(decision, now)
             elif isinstance(decision, Reject):

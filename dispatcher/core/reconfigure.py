@@ -90,6 +90,7 @@ class Reconfigure:
     _tiers: TierBook
     _chains: dict[tuple[str, str, Variant | None], Chain]  # (tier, upstream, A/B variant)
     _reserve: float
+    _slot_reserve: int
     _tick: Callable[[float], float]
     _spec: SchedulerSpec
 
@@ -107,6 +108,7 @@ class Reconfigure:
         removed, dropped = self._move_tiers(tiers)
         self._tiers, self._pool_upstream, self._chains = tiers, pool_upstream, {}
         self._reserve = spec.priority_reserve
+        self._slot_reserve = spec.priority_slots
         added = tuple(t.name for t in tiers if t.name not in old_tiers)
         return Reconfigured(plan, added, tuple(removed), tuple(dropped))
 
@@ -180,6 +182,8 @@ def check_spec(spec: SchedulerSpec) -> CheckedSpec:
             keys[key.id] = key
     if spec.priority_reserve < 0:
         raise ValueError("priority_reserve must be >= 0")
+    if spec.priority_slots < 0:
+        raise ValueError("priority_slots must be >= 0")
     tiers = TierBook(spec.tiers, spec.policy)
     pool_upstream = {pool.name: pool.upstream for pool in spec.pools}
     for tier in tiers:

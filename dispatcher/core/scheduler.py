@@ -48,6 +48,7 @@ from .types import (
 LOOKAHEAD = 16
 VARIANT_MEMO = 65536  # job ids whose A/B side is remembered (then forgotten all at once)
 FAILED_MEMORY = 10_000  # jobs whose failed keys are remembered (their retries avoid those keys)
+SLOT_RESERVE_SHARE = 8  # the slot reserve is at most one slot in this many (a fleet of 4 slots keeps all 4)
 LACK_MEMORY_S = 600.0  # seconds a key stays known to lack a model (its next jobs of that model go elsewhere)
 LACK_MEMORY = 10_000  # (key, model) pairs remembered at most
 _UNKNOWN = object()
@@ -75,6 +76,7 @@ class Scheduler(KeyAdmin, Reconfigure):
         self._active: dict[int, tuple[Reservation, Marks | None]] = {}
         self._ids = itertools.count(1)
         self._reserve = spec.priority_reserve
+        self._slot_reserve = spec.priority_slots
         self._denials = DenialBook()
         # job id -> the keys its calls failed on (5xx, timeout, connection), the last FAILED_MEMORY jobs
         self._failed_on: OrderedDict[str, frozenset[str]] = OrderedDict()
@@ -108,11 +110,14 @@ class Scheduler(KeyAdmin, Reconfigure):
 
     # -- decisions -----------------------------------------------------------------------
 
-    def next(self, now: float, skip_keys: frozenset[str] = frozenset()) -> Decision:
+    def next(self, now: float, skip_keys: frozenset[str] = frozenset(), *, free_slots: int | None = None,
+             total_slots: int = 0) -> Decision:
         """The next thing for the shell to do; call it only while a worker slot is free.
 
         `skip_keys`: keys no worker with a free slot can call right now (the shell knows
         which workers hold which secrets); they are passed over like a busy key.
+        `free_slots` / `total_slots`: the workers' free and total slots (None: not known, no
+        slot reserve); at or below the reserve (`priority_slots`) only the top tier is served.
 
         Dispatch: run it (tokens, concurrency and any half-open probe are already taken).
         Reject: publish the job's failure and call `next` again. WaitUntil: call again at
@@ -123,11 +128,19 @@ class Scheduler(KeyAdmin, Reconfigure):
         waits: list[float] = []
         top = next(iter(self._tiers), None)
         reserve = self._reserve if top is not None and not top.jobs else 0.0
+        top_only = free_slots is not None and free_slots <= self.reserved_slots(total_slots)
         for tier in self._tiers.in_order():
+            if top_only and tier is not top:
+                continue  # the last free slots wait for a top-tier job
             decision = self._scan(tier, now, waits, 0.0 if tier is top else reserve, skip_keys)
             if decision is not None:
                 return decision
         return WaitUntil(min(waits)) if waits else Idle()
+
+    def reserved_slots(self, total_slots: int) -> int:
+        """Worker slots lower tiers leave free for the top tier: `priority_slots`, at most one
+        in SLOT_RESERVE_SHARE of `total_slots` (none below that many slots)."""
+        return min(self._slot_reserve, total_slots // SLOT_RESERVE_SHARE)
 
     def _scan(self, tier: TierQueue, now: float, waits: list[float], reserve: float,
               skip_keys: frozenset[str]) -> Dispatch | Reject | None:

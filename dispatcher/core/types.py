@@ -102,6 +102,13 @@ class SchedulerSpec:
     throughput (the bucket just hovers that much higher) and lapses as soon as top-tier
     jobs are queued, so weighted shares under contention are unchanged. 0 turns it off.
 
+    `priority_slots`: while the highest tier has nothing queued, lower tiers leave this many
+    worker slots free (at most one in SLOT_RESERVE_SHARE of all slots: none below 8), so a
+    top-tier job that arrives while slow calls of a bulk tier fill every slot gets one at once
+    instead of waiting for a call to end (slots filled together free together: a whole call's
+    length). Costs at most that share of throughput when slots, not keys, are the limit. 0 turns
+    it off.
+
     `adapt`: how each key's effective rate follows 429s and ratelimit headers
     (see adaptive.py); `AdaptPolicy(enabled=False)` keeps every key at its configured rate.
     """
@@ -114,6 +121,7 @@ class SchedulerSpec:
     probe: ProbePolicy = ProbePolicy()
     safety_s: float = 0.05
     priority_reserve: float = 0.0
+    priority_slots: int = 0
     adapt: AdaptPolicy = AdaptPolicy()
 
 

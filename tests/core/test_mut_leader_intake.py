@@ -203,3 +203,23 @@ def test_a_queued_job_carries_the_model_it_asks_for(request_, model):
     verdict = replace(incoming(1), job=Job.model_validate({"id": "j1", "request": request_}))
     m.handle(ev.JobDelivered("normal", 1, 1, ack(1, 1), verdict), T0)
     assert [job.model for job in m.scheduler.discard_pending()] == [model]
+
+
+def test_the_leader_keeps_the_last_worker_slot_for_a_top_tier_job():
+    """Normal jobs fill the worker's slots but one (`priority_slots`); a vip job then gets it at once."""
+    m = LeaderMachine(settings(), replace(spec_with_keys(), priority_slots=1), T0, conservative=False,
+                      lease_until=T0 + 1_000)
+    m.handle(ev.SessionStarted(), T0)
+    run = Run(m)
+    run.at(T0, beat("w1", 8))
+    handed = []
+    for seq in range(1, 9):
+        handed += assigned(run.at(T0 + 0.01 * seq, delivery(seq)))
+    assert len(handed) == 7  # 8 slots: the last one stays free
+    urgent = assigned(run.at(T0 + 0.2, delivery(20, tier="vip")))
+    assert [a.incoming.job_id for a in urgent] == ["j20"]
+
+
+def spec_with_keys() -> SchedulerSpec:
+    return SchedulerSpec(pools=(PoolSpec("p", "u", (KeySpec("k1", "p", "u", 1000.0, 100.0),)),),
+                         tiers=(TierSpec("vip", 2, ("p",)), TierSpec("normal", 2, ("p",))))

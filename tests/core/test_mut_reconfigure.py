@@ -273,6 +273,16 @@ def test_a_new_priority_reserve_applies_at_once():
     assert len(run(s, "normal", 0, 0.0)) == 2
 
 
+def test_a_new_slot_reserve_applies_at_once():
+    pools = (pool("p", key("k1", rps=1000.0, burst=100.0)),)
+    s = make(*pools, tiers=TIERS)
+    s.add(job("normal"), 0.0)
+    s.reconfigure(spec_of(*pools, priority_slots=1), 0.0)
+    assert not isinstance(s.next(0.0, free_slots=1, total_slots=16), Dispatch)  # the last slot kept for vip
+    s.reconfigure(spec_of(*pools), 0.0)
+    assert isinstance(s.next(0.0, free_slots=1, total_slots=16), Dispatch)
+
+
 # -- a spec Scheduler(spec) refuses changes nothing -------------------------------------------
 
 def refused(s: Scheduler, spec: SchedulerSpec, match: str) -> None:
@@ -300,6 +310,11 @@ def test_an_unknown_split_pool_is_refused():
 def test_a_negative_priority_reserve_is_refused():
     s = make(pool("p", key("k1")), tiers=TIERS)
     refused(s, spec_of(pool("p", key("k1")), priority_reserve=-1.0), "^priority_reserve must be >= 0$")
+
+
+def test_a_negative_slot_reserve_is_refused():
+    s = make(pool("p", key("k1")), tiers=TIERS)
+    refused(s, spec_of(pool("p", key("k1")), priority_slots=-1), "^priority_slots must be >= 0$")
 
 
 def test_duplicate_pools_and_keys_are_refused():

@@ -69,3 +69,43 @@ def test_lost_outcome_frees_the_slot_and_counts_nothing():
     dispatch(s, t1)
     snap = s.snapshot(t1)["keys"]["k1"]
     assert (snap["calls"], snap["errors"], snap["breaker"]) == (0, 0, "closed")
+
+
+# -- worker slots ----------------------------------------------------------------------------
+
+
+def slotted(slots_reserve=1):
+    return make(pool("p", key("k1", rps=1000.0, burst=100.0)), priority_slots=slots_reserve)
+
+
+def test_lower_tiers_leave_the_last_slot_for_the_top_tier():
+    """Slow bulk calls filled every worker slot, so a vip job waited for a call to end; calls
+    started together end together (a whole call's length: 2.3 s with 4 s calls in a trial)."""
+    s = slotted()
+    for _ in range(10):
+        s.add(job("guest"), t0)
+    assert isinstance(s.next(t0, free_slots=2, total_slots=16), Dispatch)
+    assert not isinstance(s.next(t0, free_slots=1, total_slots=16), Dispatch)  # the last slot is kept
+    s.add(job("vip", job_id="urgent"), t1)
+    assert dispatch_with(s, t1, free_slots=1, total_slots=16).job.job_id == "urgent"  # at once, in the kept slot
+
+
+def test_the_slot_reserve_is_at_most_one_slot_in_eight_and_zero_turns_it_off():
+    s = slotted(slots_reserve=3)
+    for _ in range(10):
+        s.add(job("guest"), t0)
+    assert s.reserved_slots(7) == 0 and s.reserved_slots(8) == 1 and s.reserved_slots(64) == 3
+    assert isinstance(s.next(t0, free_slots=1, total_slots=7), Dispatch)  # a small fleet keeps every slot busy
+    assert not isinstance(s.next(t0, free_slots=2, total_slots=16), Dispatch)  # 16 slots: 2 kept
+    off = slotted(slots_reserve=0)
+    off.add(job("guest"), t0)
+    assert isinstance(off.next(t0, free_slots=1, total_slots=64), Dispatch)
+    plain = slotted()
+    plain.add(job("guest"), t0)
+    assert isinstance(plain.next(t0), Dispatch)  # slots not given: no reserve
+
+
+def dispatch_with(s, now, **slots):
+    decision = s.next(now, **slots)
+    assert isinstance(decision, Dispatch), decision
+    return decision

@@ -40,7 +40,7 @@ CONFIG = {
         "guest": {"weight": 1},
     },
     "dispatcher": {"policy": "strict", "breaker_fail_max": 7, "breaker_reset_s": 12.5, "cooldown_base_s": 0.75,
-                   "cooldown_max_s": 45.0, "safety_ms": 200.0, "priority_reserve": 2.5, "key_probe_s": 90.0,
+                   "cooldown_max_s": 45.0, "safety_ms": 200.0, "priority_reserve": 2.5, "priority_slots": 3, "key_probe_s": 90.0,
                    "key_probe_max_s": 1800.0, "adaptive_rate": False, "rate_decrease": 0.7, "rate_recover_s": 9.0,
                    "first_burst": 3.0},
 }
@@ -81,7 +81,7 @@ def test_dispatcher_policies_come_from_the_config_in_seconds():
     assert spec.cooldown == CooldownPolicy(base_s=0.75, max_s=45.0)
     assert spec.probe == ProbePolicy(base_s=90.0, max_s=1800.0)
     assert spec.safety_s == pytest.approx(0.2)  # safety_ms is milliseconds
-    assert spec.priority_reserve == 2.5
+    assert spec.priority_reserve == 2.5 and spec.priority_slots == 3
     assert spec.adapt == AdaptPolicy(enabled=False, decrease=0.7, recover_s=9.0, first_burst=3.0)
 
 
@@ -91,7 +91,7 @@ def test_defaults_when_the_config_says_nothing():
     assert spec.breaker == BreakerPolicy(fail_max=5, reset_timeout_s=30.0)
     assert spec.cooldown == CooldownPolicy(base_s=1.0, max_s=60.0)
     assert spec.probe == ProbePolicy(base_s=60.0, max_s=3600.0)
-    assert spec.safety_s == pytest.approx(0.05) and spec.priority_reserve == 1.0
+    assert spec.safety_s == pytest.approx(0.05) and spec.priority_reserve == 1.0 and spec.priority_slots == 1
     assert spec.adapt == AdaptPolicy(enabled=True, decrease=0.5, recover_s=5.0, first_burst=2.0)
 
 
