@@ -245,7 +245,8 @@ class Worker:
 
     async def not_ready(self) -> str | None:
         """/readyz: why this worker cannot take jobs now (None: it can). A leader must have
-        announced itself within `epoch_forget_s` (2 lease TTLs + 2 heartbeats)."""
+        announced itself within `epoch_forget_s` (2 lease TTLs + 2 heartbeats), and the worker
+        must be able to call with at least one key (a worker holding no key's secret is sent no job)."""
         if self.draining:
             return "draining (stopping)"
         if self.leader_heard_at is None:
@@ -253,6 +254,10 @@ class Worker:
         silent = time.monotonic() - self.leader_heard_at
         if silent > self.epoch_forget_s:
             return f"no leader heard for {silent:.1f} s"
+        keys = self.config.keys()
+        if keys and all(key_id in self.unusable for key_id in keys):
+            why = "; ".join(f"{key_id}: {self.unusable[key_id]}" for key_id in keys)
+            return f"no key usable on this worker ({why})"
         return None
 
     async def _drain(self, sub) -> None:

@@ -190,6 +190,22 @@ async def test_readiness(monkeypatch):
     assert await worker.not_ready() == "draining (stopping)"
 
 
+async def test_a_worker_that_can_call_with_no_key_is_not_ready(monkeypatch):
+    """A worker started without any key's secret gets no job from the leader: /readyz says so
+    (before: 200 ready while the fleet's status said it could call with nothing)."""
+    worker, nc, finisher = make_worker(monkeypatch)
+    clock = [500.0]
+    monkeypatch.setattr(service, "time", SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
+    worker.leader_heard_at = 500.0
+    assert await worker.not_ready() is None
+    worker.unusable = {key_id: "RF_X not set" for key_id in worker.config.keys()}
+    reason = await worker.not_ready()
+    assert reason is not None and reason.startswith("no key usable on this worker") and "RF_X not set" in reason
+    first = next(iter(worker.config.keys()))
+    worker.unusable = {first: "RF_X not set"} if len(worker.config.keys()) > 1 else {}
+    assert await worker.not_ready() is None
+
+
 # -- a new fleet config revision --------------------------------------------------------------------
 
 
