@@ -40,14 +40,14 @@ def cancel(batch: str = typer.Option(..., "--batch", "-b", metavar="NAME", help=
     if not is_token(batch) or batch == NO_BATCH:
         fail(f"--batch {batch!r} must be a batch name (1-128 of A-Z a-z 0-9 _ -)")
     target = client_target(config, nats, prefix)
-    lines = run_async(_cancel, batch, force, target.url, target.prefix, target.nats)
+    lines = run_async(_cancel, batch, force, target.url, target.prefix, target.nats, target.config_args)
     for line in lines[1:]:
         typer.echo(line)
     if lines[0]:
         fail(lines[0])
 
 
-async def _cancel(batch: str, force: bool, url: str, prefix: str, auth) -> list[str]:
+async def _cancel(batch: str, force: bool, url: str, prefix: str, auth, config_args: tuple[str, ...] = ()) -> list[str]:
     """(an error or "", then the lines to print)."""
     async with await Client.connect(url, prefix=prefix, auth=auth) as client:
         js, subjects = client.js, client.subjects
@@ -72,7 +72,7 @@ async def _cancel(batch: str, force: bool, url: str, prefix: str, auth) -> list[
     if record is not None and record.state == "submitting" and not record.stale(time.time()):
         out.append(f"a `ratefleet submit` is still sending batch {batch}: what it sends now is cancelled too; stop it "
                    "with Ctrl-C")
-    args = ["ratefleet", "results", "--batch", batch, "--wait"]
+    args = ["ratefleet", "results", "--batch", batch, "--wait", *config_args]
     args += [] if url == DEFAULT_NATS_URL else ["--nats", redact_url(url)]
     args += [] if prefix == "ratefleet" else ["--prefix", prefix]
     out.append(f"see how each job ended with: {shlex.join(args)}; a cancelled batch stays cancelled (submit again "

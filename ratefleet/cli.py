@@ -189,7 +189,7 @@ def submit(file: Path = typer.Argument(..., help="JSONL file, one Job per line (
     target = client_target(config, nats, prefix)
     with _traced_from_environment():
         code = _run(run_submit, file, tier, batch, wait, out, skip_invalid, target.url, target.prefix, out_format,
-                    order == "input", target.nats, upstream)
+                    order == "input", target.nats, upstream, target.config_args)
     raise typer.Exit(code or 0)
 
 

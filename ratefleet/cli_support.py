@@ -164,6 +164,19 @@ class ClientTarget:
     source: str  # the config file used, or "<defaults>"
     nats: NatsConfig | None = None
 
+    @property
+    def config_args(self) -> tuple[str, ...]:
+        """`--config FILE` for the commands a client prints to run next (collect, resume) when the
+        file's [nats] carries credentials, TLS or an inbox prefix that no URL can say: without it
+        the printed command connects as nobody (the server refuses it) and reads no reply."""
+        n = self.nats
+        if n is None or self.source == "<defaults>":
+            return ()
+        if (n.user or n.password or n.token or n.nkey_seed or n.creds or n.tls or n.tls_ca or n.tls_cert
+                or n.tls_key or n.inbox_prefix != "_INBOX"):
+            return ("--config", self.source)
+        return ()
+
 
 def client_target(config: Path | None, nats: str | None, prefix: str | None = None) -> ClientTarget:
     """Resolve a client command's target: --nats / $RATEFLEET_NATS_URL over [nats].url of the config

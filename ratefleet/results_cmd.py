@@ -136,7 +136,7 @@ def results(batch: str = typer.Option(..., "--batch", "-b", metavar="NAME", help
     target = client_target(config, nats, prefix)
     console = make_console(stderr=True)
     code = _run(_collect_batch, console, batch, wait, out, order == "input", target.url, target.prefix, out_format,
-                target.nats)
+                target.nats, target.config_args)
     raise typer.Exit(code)
 
 
@@ -171,7 +171,7 @@ def _run(fn, *args):
 
 async def _collect_batch(console: Console, batch: str, wait: bool, out: Path | None, by_input: bool,
                          url: str, prefix: str, out_format: str = "ratefleet",
-                         auth: NatsAuthConfig | None = None) -> int:
+                         auth: NatsAuthConfig | None = None, config_args: tuple[str, ...] = ()) -> int:
     async with await Client.connect(url, prefix=prefix, auth=auth) as client:
         record = await load_record(client.js, client.subjects, batch)
         if wait and record is None:
@@ -193,7 +193,7 @@ async def _collect_batch(console: Console, batch: str, wait: bool, out: Path | N
             run.finish()
             if out:
                 sink.close()
-    return _report(console, run, out, interrupted, url, prefix)
+    return _report(console, run, out, interrupted, url, prefix, config_args)
 
 
 async def _follow(client: Client, run: Collect, phases: Phases) -> bool:
@@ -244,7 +244,8 @@ async def _watch_queue(client: Client, run: Collect, since, scope: anyio.CancelS
     scope.cancel()
 
 
-def _report(console: Console, run: Collect, out: Path | None, interrupted: bool, url: str, prefix: str) -> int:
+def _report(console: Console, run: Collect, out: Path | None, interrupted: bool, url: str, prefix: str,
+            config_args: tuple[str, ...] = ()) -> int:
     summary = (", ".join(f"{status} {n:,}" for status, n in sorted(run.statuses.items()) if n > 0)
                or "no Results stored yet")
     say = lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
@@ -252,7 +253,7 @@ def _report(console: Console, run: Collect, out: Path | None, interrupted: bool,
     total = f" of {record.jobs:,}" if record else ""
     say(f"batch {run.batch}: {run.count:,}{total} results ({summary})" + (f"; written to {out}" if out else ""))
     again = ["ratefleet", "results", "--batch", run.batch, "--wait"] + (["--out", str(out)] if out else [])
-    again += [] if url == DEFAULT_NATS_URL else ["--nats", redact_url(url)]
+    again += [*config_args] + ([] if url == DEFAULT_NATS_URL else ["--nats", redact_url(url)])
     again += [] if prefix == "ratefleet" else ["--prefix", prefix]
     missing = (record.jobs - run.count) if record else 0
     if run.superseded:

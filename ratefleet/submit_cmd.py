@@ -74,7 +74,8 @@ def new_batch_name() -> str:
 
 async def run_submit(file: Path, tier: str, batch: str | None, wait: bool, out: Path | None, skip_invalid: bool,
                      url: str, prefix: str, out_format: str = "ratefleet", by_input: bool = False,
-                     auth: NatsAuthConfig | None = None, upstream: str | None = None) -> int:
+                     auth: NatsAuthConfig | None = None, upstream: str | None = None,
+                     config_args: tuple[str, ...] = ()) -> int:
     """Run the command; returns the exit code (0 all stored/succeeded, 1 some failed, 2 input, 130 Ctrl-C).
     `out_format`: "ratefleet" (Result JSON) or "openai" (OpenAI Batch output lines); `by_input`: write
     Results in the file's line order (holding back only those that arrive before an earlier line's);
@@ -97,7 +98,7 @@ async def run_submit(file: Path, tier: str, batch: str | None, wait: bool, out: 
         say(f"error: --upstream {upstream!r}: {problem}")
         return 2
     run = Run(file=file, tier=tier, batch=batch or new_batch_name(), wait=wait, out=out, url=url, prefix=prefix,
-              out_format=out_format, by_input=by_input, upstream=upstream)
+              out_format=out_format, by_input=by_input, upstream=upstream, config_args=config_args)
     # first: the name a resume needs (a run without --batch would make a new batch and pay again)
     say(f"batch {run.batch}" if batch else f"batch {run.batch}; re-run with --batch {run.batch} to resume")
     work = _Work(run)  # what Ctrl-C stops; the report of what it left behind runs after it

@@ -41,6 +41,7 @@ class Run:
     out: Path | None
     url: str
     prefix: str
+    config_args: tuple[str, ...] = ()  # `--config FILE` when its [nats] holds credentials (ClientTarget)
     found: Validation | None = None
     interrupted: bool = False
     submitted: bool = False
@@ -100,7 +101,7 @@ class Run:
 
     def _nats_args(self) -> list[str]:
         args = [] if self.url == DEFAULT_NATS_URL else ["--nats", redact_url(self.url)]  # no password on screen
-        return args + ([] if self.prefix == "ratefleet" else ["--prefix", self.prefix])
+        return [*self.config_args, *args] + ([] if self.prefix == "ratefleet" else ["--prefix", self.prefix])
 
     def results_command(self) -> str:
         """The command that collects this batch (NATS password masked)."""

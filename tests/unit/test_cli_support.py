@@ -95,3 +95,32 @@ def test_a_fifo_as_input_file_is_named_for_what_it_is(tmp_path, capsys):
     assert exit_info.value.exit_code == 2
     err = capsys.readouterr().err
     assert "is not a regular file (a pipe, socket or device)" in err and "permissions" not in err, err
+
+
+def test_printed_next_commands_carry_the_config_that_holds_the_nats_credentials(tmp_path, monkeypatch):
+    """`submit` prints the command that collects or resumes its batch (and `results`/`cancel` theirs):
+    with the NATS user in the config's [nats] it must name that config, else the printed command
+    connects as nobody and the server refuses it (an operator's trial with examples/nats-accounts.conf:
+    `Authorization Violation`). Without credentials nothing changes."""
+    from pathlib import Path
+
+    from ratefleet.cli_support import client_target
+    from ratefleet.submit_report import Run
+
+    monkeypatch.delenv("RATEFLEET_NATS_URL", raising=False)
+    monkeypatch.delenv("RATEFLEET_CONFIG", raising=False)
+    secured = tmp_path / "producer.toml"
+    secured.write_text('[nats]\nurl = "nats://127.0.0.1:4333"\nuser = "producer"\npassword = "env:NP"\n'
+                       'inbox_prefix = "_INBOX.producer"\n')
+    plain = tmp_path / "plain.toml"
+    plain.write_text('[nats]\nurl = "nats://127.0.0.1:4333"\n')
+    target = client_target(secured, None)
+    assert target.config_args == ("--config", str(secured))
+    assert client_target(plain, None).config_args == ()
+    run = Run(file=Path("jobs.jsonl"), tier="normal", batch="b1", wait=True, out=None, url=target.url,
+              prefix=target.prefix, config_args=target.config_args)
+    assert f"--config {secured}" in run.results_command()
+    assert f"--config {secured}" in run.submit_command()
+    bare = Run(file=Path("jobs.jsonl"), tier="normal", batch="b1", wait=True, out=None, url=target.url,
+               prefix=target.prefix)
+    assert "--config" not in bare.results_command()
