@@ -32,6 +32,11 @@ def render_status(answer: dict, console: Console | None = None) -> None:
         tiers.add_row(name, str(t.get("queued", "?")), _cell(t.get("pending")), _cell(t.get("in_flight")),
                       _cell(t.get("dispatched")), _cell(t.get("unacked")))
     console.print(tiers)
+    for name, t in (answer.get("tiers") or {}).items():
+        if t.get("configured") is False:
+            console.print(f"tier {name}: {t.get('queued', 0)} jobs wait in JetStream, but the live config has no tier "
+                          f"{name} (removed by a config push): nothing runs them until [tiers.{name}] is pushed again",
+                          markup=False, highlight=False, soft_wrap=True)
     headers = ("key", "pool", "req/s effective / configured", "tokens", "cost tokens", "in flight", "breaker",
                "cooldown s", "calls", "ok", "429s", "errors", "state")
     rows = [_key_row(key_id, k) for key_id, k in (answer.get("keys") or {}).items()]

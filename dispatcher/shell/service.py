@@ -232,7 +232,27 @@ class Dispatcher:
             except Exception:  # noqa: BLE001 - stream busy; the leader's view is still useful
                 pass
             out[tier] = entry
+        for tier, (queued, unacked) in (await self._unconfigured_backlog()).items():
+            out[tier] = {"queued": queued, "unacked": unacked, "configured": False}
         return out
+
+    async def _unconfigured_backlog(self) -> dict[str, tuple[int, int]]:
+        """{tier: (queued, unacked)} for tiers the live config no longer has whose consumer still
+        holds jobs: a removed tier's jobs wait in JetStream until it returns, and `status` and the
+        queue gauge must show them (before: they vanished from both while still queued)."""
+        found: dict[str, tuple[int, int]] = {}
+        try:
+            consumers = await self.js.consumers_info(self.subjects.jobs_stream)
+        except Exception:  # noqa: BLE001 - stream busy or gone: nothing to add
+            return found
+        for info in consumers:
+            name = getattr(info, "name", None) or ""
+            tier = name[len(tier_consumer("")):] if name.startswith(tier_consumer("")) else None
+            if not tier or tier in self.config.tiers:
+                continue
+            if (info.num_pending or 0) or (info.num_ack_pending or 0):
+                found[tier] = (info.num_pending or 0, info.num_ack_pending or 0)
+        return found
 
     # -- probes and metrics -----------------------------------------------------------------
 
@@ -272,6 +292,11 @@ class Dispatcher:
                     self.backlog[tier] = info.num_pending or 0
                 except Exception as exc:  # noqa: BLE001 - NATS away: the last value stays
                     log.debug("backlog not read", tier=tier, error=type(exc).__name__)
+            removed = await self._unconfigured_backlog()
+            for tier in [t for t in self.backlog if t not in self.config.tiers]:
+                self.backlog[tier] = removed.get(tier, (0, 0))[0]  # a removed tier: what still waits, else 0
+            for tier, (queued, _unacked) in removed.items():
+                self.backlog[tier] = queued
 
     async def _beat(self) -> None:
         """Presence for the other dispatchers and `status` (discovery.py)."""

@@ -248,3 +248,31 @@ def test_the_arrival_rate_is_read_at_scrape_time():
     d.session.machine.scaling.arrived(time.monotonic(), 600)  # about 14 jobs/s arriving
     # (240 held / 60 s = 4) + 14 arriving = 18 calls/s of 1 s, 4 slots each
     assert d._leader_view().desired_workers == 5
+
+
+@dataclass
+class ListingJS(FakeJS):
+    """FakeJS that also lists the JOBS stream's consumers (a removed tier's consumer stays)."""
+
+    async def consumers_info(self, stream: str) -> list[Any]:
+        return [SimpleNamespace(name=name, num_pending=p, num_ack_pending=u) for name, (p, u) in self.infos.items()]
+
+
+async def test_a_removed_tier_whose_jobs_still_wait_shows_in_status_and_in_the_queue_gauge(monkeypatch):
+    """A config push that removes a tier leaves its queued jobs in JetStream until the tier returns;
+    `status` and ratefleet_queue_depth must still count them (before: the tier vanished from status
+    and the gauge kept its last value, 0, while 100 jobs waited)."""
+    nc = FakeNC(ListingJS({"tier-vip": (5, 2), "tier-normal": (0, 0), "tier-guest": (100, 0), "tier-old": (0, 0)}))
+    d = dispatcher(nc)
+    got = await d._tier_backlog({"vip": {"pending": 1}})
+    assert got["guest"] == {"queued": 100, "unacked": 0, "configured": False}
+    assert "old" not in got  # nothing waits there: not shown
+    assert got["vip"] == {"pending": 1, "queued": 5, "unacked": 2}
+    from io import StringIO
+
+    from rich.console import Console
+
+    from ratefleet.status_view import render_status
+    out = StringIO()
+    render_status({"leader": "d1", "tiers": got, "keys": {}, "workers": []}, Console(file=out, width=200))
+    assert "tier guest: 100 jobs wait in JetStream, but the live config has no tier guest" in out.getvalue()
