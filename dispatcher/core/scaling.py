@@ -58,13 +58,16 @@ def desired_workers(inputs: ScalingInputs, *, drain_s: float = 60.0, min_workers
         raise ValueError("drain_s must be > 0 and slots_per_worker >= 1")
     if min(inputs.backlog, inputs.in_flight, inputs.arrival_rate, inputs.latency_s, inputs.key_capacity_rps) < 0:
         raise ValueError(f"scaling inputs must not be negative: {inputs}")
-    demand = inputs.arrival_rate + inputs.backlog / drain_s
+    # arrivals count while at least one job is expected per drain window: the meter's average
+    # decays exponentially and never reaches 0, so any rate above 0 held one worker for hours
+    arriving = inputs.arrival_rate * drain_s >= 1.0
+    demand = (inputs.arrival_rate if arriving else 0.0) + inputs.backlog / drain_s
     served = min(demand, inputs.key_capacity_rps)
     slots = served * inputs.latency_s
     if inputs.key_concurrency is not None:
         slots = min(slots, float(inputs.key_concurrency))
     wanted = math.ceil(slots / inputs.slots_per_worker - 1e-9)
-    if (inputs.backlog or inputs.in_flight or inputs.arrival_rate > 0) and inputs.key_capacity_rps > 0:
+    if (inputs.backlog or inputs.in_flight or arriving) and inputs.key_capacity_rps > 0:
         wanted = max(wanted, 1)
     wanted = max(wanted, min_workers)
     return wanted if max_workers is None else min(wanted, max_workers)

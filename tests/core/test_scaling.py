@@ -118,3 +118,15 @@ def test_the_leader_feeds_the_meter_and_the_signal_caps_at_its_keys():
     run.at(now, ev.KeyCommand({"action": "disable", "key": "k1"}, "inbox"))
     halved = inputs_from_status(run.m.status(now), run.m.scaling, now, backlog=10_000_000)
     assert desired_workers(halved) == 5  # a disabled key feeds nobody
+
+
+def test_an_idle_fleet_asks_for_no_worker_once_arrivals_have_died_down():
+    """The arrival rate is an exponentially decaying average: after a batch it stays above 0 for
+    hours (1e-6 jobs/s ten minutes later), and the signal held 1 worker all that time, so KEDA's
+    minReplicaCount 0 (examples/keda) never scaled the workers to zero."""
+    meter = ScalingMeter(half_life_s=30.0)
+    meter.arrived(0.0, 600)
+    later = meter.arrival_rate(600.0)
+    assert 0 < later < 1e-3
+    assert desired_workers(inputs(arrival_rate=later)) == 0
+    assert desired_workers(inputs(arrival_rate=1 / 60)) == 1  # one job a minute still keeps one
