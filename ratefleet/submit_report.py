@@ -135,7 +135,8 @@ async def check_tier(client: Client, tier: str) -> str | None:
     return f"unknown tier {tier!r}; this fleet's tiers: {tiers}"
 
 
-async def fleet_upstreams(client: Client, warn: Callable[[str], None] | None = None) -> dict[str, str] | None:
+async def fleet_upstreams(client: Client, warn: Callable[[str], None] | None = None,
+                          tier: str | None = None) -> dict[str, str] | None:
     """The fleet's upstreams (name -> the header its keys go in) from its live config (the
     config bucket, which `ratefleet up` and `ratefleet config push` fill), or None when none
     was pushed or it cannot be read within CONFIG_READ_S seconds (a producer's NATS permissions
@@ -158,6 +159,10 @@ async def fleet_upstreams(client: Client, warn: Callable[[str], None] | None = N
                  "upstreams are not checked here (the dispatcher still checks each job, on the config it ran before): "
                  f"{redact_text(str(exc))[:400]}; push a valid one with `ratefleet config push FILE`")
         return None
+    if tier is not None and warn is not None and tier not in config.tiers:
+        warn(f"warning: tier {tier!r} is not in the fleet's live config (revision {entry.revision}; its tiers: "
+             f"{', '.join(config.tiers)}): the jobs are stored but nothing runs them until a config with "
+             f"[tiers.{tier}] is pushed again (`ratefleet config push FILE`)")
     return {name: upstream.auth_header for name, upstream in config.upstreams.items()}
 
 
