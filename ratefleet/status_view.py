@@ -21,11 +21,15 @@ def _columns(first: str, *rest: str) -> list[Column]:
 
 def render_status(answer: dict, console: Console | None = None) -> None:
     console = console or Console()
-    leader = answer.get("leader") or "none (no dispatcher holds the lease)"
+    silent = answer.get("silent_lease_holder")
+    leader = answer.get("leader") or (
+        f"none answering (the lease is held by {silent}, which did not answer within 1 s; a standby takes over "
+        "once the lease expires, [dispatcher] lease_ttl_s)" if silent else "none (no dispatcher holds the lease)")
     if answer.get("starting"):
         leader += " (taking over: loading key states; ask again in a moment)"
     console.print(f"[bold]leader[/bold]: {leader}   answered by: {_cell(answer.get('dispatcher'))}")
-    console.print(f"[bold]config revision[/bold]: leader {_revision(answer.get('config_revision'))}, "
+    leader_revision = _revision(answer.get("config_revision")) if answer.get("leader") else "-"
+    console.print(f"[bold]config revision[/bold]: leader {leader_revision}, "
                   f"answering dispatcher {_revision(answer.get('dispatcher_config_revision'))}")
     tiers = Table("tier", "queued", "pending (window)", "in flight", "dispatched", "unacked", title="tiers")
     for name, t in (answer.get("tiers") or {}).items():

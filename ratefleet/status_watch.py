@@ -75,7 +75,9 @@ def config_revision(answer: dict) -> str:
 
 def render_watch(answer: dict, rates: dict[str, float | None], interval: float) -> Group:
     """One frame of the live view."""
-    leader = answer.get("leader") or "none (no dispatcher holds the lease)"
+    silent = answer.get("silent_lease_holder")
+    leader = answer.get("leader") or (f"none answering (lease held by {silent}, silent)" if silent
+                                      else "none (no dispatcher holds the lease)")
     at = datetime.fromtimestamp(answer.get("at") or time.time(), UTC).strftime("%H:%M:%S")
     head = Text.assemble(("leader ", "bold"), str(leader), ("   config revision ", "bold"), config_revision(answer),
                          ("   answered by ", "bold"), _cell(answer.get("dispatcher")),

@@ -166,7 +166,8 @@ async def test_a_standby_that_cannot_reach_a_leader_says_there_is_none():
     await d._on_status(msg)
     assert msg.answers[0]["leader"] is None and msg.answers[0]["tiers"] == {"vip": {}, "normal": {}}
     assert set(msg.answers[0]) == {"dispatcher", "http", "leader", "tiers", "dispatcher_config_revision",
-                                   "dispatchers", "at"}
+                                   "dispatchers", "at", "silent_lease_holder"}
+    assert msg.answers[0]["silent_lease_holder"] == "d-gone"
 
 
 async def test_the_leader_answers_status_from_its_session_without_asking_anyone():
@@ -276,3 +277,26 @@ async def test_a_removed_tier_whose_jobs_still_wait_shows_in_status_and_in_the_q
     out = StringIO()
     render_status({"leader": "d1", "tiers": got, "keys": {}, "workers": []}, Console(file=out, width=200))
     assert "tier guest: 100 jobs wait in JetStream, but the live config has no tier guest" in out.getvalue()
+
+
+async def test_status_while_the_lease_holder_does_not_answer_names_it_instead_of_saying_no_one_holds_it():
+    """A frozen or partitioned leader still holds the lease for up to lease_ttl_s: status said
+    'none (no dispatcher holds the lease)' and 'config revision: leader local file', both untrue."""
+    nc = FakeNC(FakeJS({}), leader_answer=None)
+    d = dispatcher(nc, dispatcher_id="d-2")
+    d.lease = FakeLease("d-lead")
+    msg = Msg()
+    await d._on_status(msg)
+    [answer] = msg.answers
+    assert answer["leader"] is None and answer["silent_lease_holder"] == "d-lead"
+    from io import StringIO
+
+    from rich.console import Console
+
+    from ratefleet.status_view import render_status
+    out = StringIO()
+    render_status(answer, Console(file=out, width=200))
+    text = out.getvalue()
+    assert "the lease is held by d-lead, which did not answer" in text
+    assert "no dispatcher holds the lease" not in text
+    assert "leader -," in text and "leader local file" not in text
