@@ -64,6 +64,28 @@ async def earlier_reason(url: str, prefix: str, key: str, timeout: float,
     return state.get("disabled_reason") if state.get("disabled_by") == "operator" else None
 
 
+def pools_left_without_keys(keys: dict) -> list[str]:
+    """Pools of the leader's status `keys` in which no key is in rotation (each disabled)."""
+    pools: dict[str, bool] = {}
+    for state in keys.values():
+        pool = state.get("pool")
+        if pool is not None:
+            pools[pool] = pools.get(pool, False) or not state.get("disabled")
+    return sorted(pool for pool, usable in pools.items() if not usable)
+
+
+async def leader_keys(url: str, prefix: str, timeout: float, auth: NatsAuthConfig | None = None) -> dict:
+    """The leader's view of every key (its status answer), {} when it cannot be read."""
+    nc = await connect(url, name="ratefleet-keys", forever=False, auth=auth)
+    try:
+        reply = await nc.request(Subjects(prefix).admin_status, b"", timeout=timeout)
+        return json.loads(reply.data).get("keys") or {}
+    except Exception:  # noqa: BLE001 - only for a warning
+        return {}
+    finally:
+        await nc.close()
+
+
 def _run(request: dict, config, nats, prefix, timeout: float) -> None:
     target = client_target(config, nats, prefix)
     try:
@@ -86,6 +108,12 @@ def _run(request: dict, config, nats, prefix, timeout: float) -> None:
     note = "" if answer.get("changed") else " (no change)"
     saved = "" if answer.get("persisted", True) else "; NOT persisted (KV unavailable): a new leader will not know"
     typer.echo(f"key {key}: {what}{note}{saved}")
+    if request["action"] == "disable":
+        empty = pools_left_without_keys(anyio.run(leader_keys, target.url, target.prefix, timeout, target.nats))
+        if empty:
+            typer.echo(f"warning: pool(s) {', '.join(empty)} now have no key in rotation: jobs of a tier with no other "
+                       "pool end `failed` / `no_key_available` without a call, the queued ones included, until a key "
+                       "is back (`ratefleet keys enable KEY`)", err=True)
 
 
 @keys_app.command("disable")
