@@ -117,6 +117,10 @@ def describe(seen: Applied, wait_s: float) -> list[str]:
                                                                            f"its {seen.workers} workers run it too")
         lines.append(f"applied: the leader ({seen.leader}) runs it; {workers}")
     for key_id, why in sorted(seen.secret_missing.items()):
+        if why.startswith("no active version"):  # the config's own versions, not a worker's secret
+            lines.append(f"warning: key {key_id} is out of rotation: {why} in this config; give it an active version "
+                         "(status \"active\", not_before passed, not_after ahead) and push again")
+            continue
         lines.append(f"warning: key {key_id} is out of rotation: no worker can call with it ({why}); give the "
                      "workers its secret (`ratefleet status` shows when one has it)")
     return lines

@@ -34,6 +34,7 @@ from ratefleet.schemas import Subjects
 from ratefleet.schemas.config import config_path, parse_config
 from ratefleet.schemas.config_store import literal_secrets
 from ratefleet.schemas.errors import ConfigError, NatsUnavailable
+from ratefleet.schemas.key_versions import current_version, version_state
 
 config_app = typer.Typer(no_args_is_help=True, help="Check, push and show the fleet config (live reload).")
 
@@ -64,6 +65,12 @@ def check(file: Path | None = typer.Argument(None, help="TOML config file (defau
                f"tiers {', '.join(config.tiers)})")
     for where in literal_secrets(config):
         typer.echo(f"note: literal secret at {where}: `config push` refuses it (use env:NAME or file:PATH)")
+    now = datetime.now(UTC)
+    for key_id, key in keys.items():
+        if current_version(key.secret_versions(), now) is None:
+            states = ", ".join(f"{v.id} {version_state(v, now)}" for v in key.secret_versions())
+            typer.echo(f"warning: key {key_id} has no active version now ({states}): it stays out of rotation until "
+                       "one is active", err=True)
     for name, reason in unusable_callers(config).items():
         typer.echo(f"warning: callers.{name}.key: {reason} on this machine: a gateway started here leaves caller "
                    f"{name!r} out (its requests get 401)", err=True)

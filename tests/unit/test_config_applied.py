@@ -84,3 +84,21 @@ async def test_a_push_that_changes_no_secret_does_not_wait_for_the_workers_secre
         path.write_text(upstream + f"keys = [{keys}]\n")
         await config_cmd._push(nats_server.url, "ratefleet", document_for(path), None, 5.0, 2.0)
     assert asked == [2.0, 0.0, 2.0, 2.0]
+
+
+def test_a_key_without_an_active_version_is_a_config_problem_not_a_missing_secret(tmp_path):
+    """A pushed key whose versions are all retired, draining or pending: the push said 'give the
+    workers its secret' (they had it) and `config check` said only 'valid'."""
+    keys = {"k1": {"secret_missing": "no active version (v1 retired)"}}
+    [_, warning] = describe(Applied.of(3, status(3, keys=keys)), 10)
+    assert warning.startswith("warning: key k1 is out of rotation: no active version (v1 retired) in this config")
+    assert "give the workers its secret" not in warning
+    from typer.testing import CliRunner
+
+    from ratefleet.cli import app
+    conf = tmp_path / "fleet.toml"
+    conf.write_text('[upstreams.u]\nbase_url = "https://api.example.test"\n[pools.p]\nkeys = [{ id = "k1", rps = 1, '
+                    'versions = [{ id = "v1", secret = "env:RF_X", status = "retired" }] }]\n')
+    done = CliRunner().invoke(app, ["config", "check", str(conf)])
+    assert done.exit_code == 0
+    assert "warning: key k1 has no active version now (v1 retired)" in done.output
