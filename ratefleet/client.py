@@ -34,7 +34,14 @@ from ratefleet.runtime.tracing import current_headers
 from ratefleet.schemas import Job, Result, Subjects
 from ratefleet.schemas.config import DEFAULT_NATS_URL
 from ratefleet.schemas.config_nats import NatsAuthConfig
-from ratefleet.schemas.errors import DispatcherUnavailable, JobInvalid, JobRejected, RequestTimeout, SubmitError
+from ratefleet.schemas.errors import (
+    DispatcherUnavailable,
+    JobInvalid,
+    JobRejected,
+    NatsUnavailable,
+    RequestTimeout,
+    SubmitError,
+)
 from ratefleet.schemas.job import describe_validation_error, job_size_limit
 
 JobLike = Job | dict[str, Any]
@@ -328,6 +335,9 @@ class Client:
         try:
             reply = await self.nc.request(self.subjects.admin_status, b"", timeout=timeout)
         except (NoRespondersError, TimeoutError) as exc:  # (nats' TimeoutError is a TimeoutError)
+            if not self.nc.is_connected:  # the request never left: NATS itself is away, not the dispatchers
+                raise NatsUnavailable(f"the connection to NATS is lost (reconnecting), so no status could be asked "
+                                      f"for; check that nats-server runs ({type(exc).__name__})") from None
             raise DispatcherUnavailable(f"no dispatcher answered {self.subjects.admin_status} ({type(exc).__name__}); "
                                         "is `ratefleet up` or `ratefleet dispatcher` running?") from None
         return json.loads(reply.data)
