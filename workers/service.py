@@ -33,7 +33,7 @@ from ratefleet.runtime.streams import Rebuilder
 from ratefleet.runtime.tracing import TRACEPARENT, TRACESTATE, trace_headers
 from ratefleet.schemas import Config, ErrorCode, ErrorInfo, Job, Result, Subjects, Timings, UpstreamConfig
 from ratefleet.schemas.config_store import fleet_view
-from ratefleet.schemas.errors import InvalidRequest, SecretUnavailable
+from ratefleet.schemas.errors import ConfigError, InvalidRequest, SecretUnavailable
 from ratefleet.schemas.internal import (
     Assignment,
     Epoch,
@@ -97,6 +97,7 @@ class Worker:
         self.subjects = Subjects(config.nats.prefix)
         self.slots = slots or config.workers.slots
         self.id = worker_id or f"{config.workers.id_prefix}-{uuid.uuid4().hex[:6]}"
+        self.explicit_id = worker_id is not None  # an --id given by hand can be given twice
         self.finisher = Finisher(nc, nc.jetstream(), self.subjects, auth_headers(config))
         self.secrets = SecretResolver(config)
         self.in_flight: dict[str, InFlight] = {}
@@ -127,7 +128,36 @@ class Worker:
         self.leader_heard_at: float | None = None  # monotonic time of the last leader announce
         self.reports = ReportOutbox(lambda payload: self.nc.publish(self.subjects.outcome, payload))
 
+    async def id_in_use(self) -> Heartbeat | None:
+        """Another live worker process heartbeating under this worker's id, else None (listens
+        1.2 heartbeats). Two processes with one id both receive every assignment sent to it and
+        both call it: 404 upstream calls for 200 jobs (an operator's trial with `--id` given twice)."""
+        me = (os.getpid(), socket.gethostname())
+        seen: list[Heartbeat] = []
+
+        async def on_beat(msg) -> None:
+            try:
+                beat = Heartbeat.model_validate_json(msg.data)
+            except ValueError:
+                return
+            if beat.worker == self.id and (beat.pid, beat.host) != me and not beat.draining:
+                seen.append(beat)
+
+        sub = await self.nc.subscribe(self.subjects.heartbeat, cb=on_beat)
+        try:
+            with anyio.move_on_after(1.2 * self.config.workers.heartbeat_s):
+                while not seen:
+                    await anyio.sleep(0.02)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        return seen[0] if seen else None
+
     async def run(self, stop: anyio.Event) -> None:
+        if self.explicit_id and (other := await self.id_in_use()) is not None:
+            raise ConfigError(f"worker id {self.id!r} is already used by a running worker (pid {other.pid} on "
+                              f"{other.host}): two processes with one id would both call every job sent to it; "
+                              "give each worker its own --id, or leave --id out (a random one)")
         self.unusable = self.secrets.check_all()
         for key_id, reason in self.unusable.items():
             log.warning("secret unusable on this worker; the leader sends this key's jobs elsewhere",

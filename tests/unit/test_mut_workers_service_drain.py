@@ -175,9 +175,12 @@ async def test_a_run_listens_to_its_subjects_and_ends_with_a_last_heartbeat(monk
                 await anyio.sleep(0.02)
             stop.set()
     assert executor.calls == 1 and worker.unusable == {"k2": "RF_RUN_K2 not set"}
-    assert [s for s, _ in bus.subscribed] == ["ratefleet.internal.leader", "ratefleet.internal.assign.w-run"]
-    assert bus.subscribed[1][1] == {"pending_msgs_limit": 0}, "assignments would be dropped past the default"
-    assert set(bus.gone) == {"ratefleet.internal.assign.w-run", "ratefleet.internal.leader"}
+    # an explicit --id first listens to the heartbeats for another process using it (then stops)
+    assert [s for s, _ in bus.subscribed] == ["ratefleet.internal.heartbeat", "ratefleet.internal.leader",
+                                              "ratefleet.internal.assign.w-run"]
+    assert bus.subscribed[2][1] == {"pending_msgs_limit": 0}, "assignments would be dropped past the default"
+    assert set(bus.gone) == {"ratefleet.internal.heartbeat", "ratefleet.internal.assign.w-run",
+                             "ratefleet.internal.leader"}
     [(client, limit)] = clients
     assert limit == cfg.workers.max_response_bytes and client.is_closed
     last = beats(bus)[-1]

@@ -15,6 +15,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
+import anyio
 import pytest
 from structlog.testing import capture_logs
 from test_bite_worker import FakeNats, assignment, make_worker
@@ -242,3 +243,34 @@ async def test_a_config_revision_is_applied_told_to_the_leader_and_its_problems_
         "warning", "k3 v2", "version v2: RF_REV_K3 not set", 12)
     applied = logged("config revision applied")
     assert (applied["log_level"], applied["worker"], applied["revision"], applied["keys"]) == ("info", "w-bite", 12, 3)
+
+
+class BeatingNats(FakeNats):
+    """A connection on which another process heartbeats as `other` (pid 999999) once subscribed."""
+
+    def __init__(self, other: str, draining: bool = False):
+        super().__init__()
+        self.other, self.draining = other, draining
+
+    async def subscribe(self, subject, cb=None, **_):
+        if subject.endswith(".internal.heartbeat"):
+            beat = Heartbeat(worker=self.other, slots=4, pid=999999, host="elsewhere", draining=self.draining)
+            await cb(SimpleNamespace(data=beat.model_dump_json().encode()))
+        return SimpleNamespace(unsubscribe=lambda: _done())
+
+
+async def _done():
+    return None
+
+
+async def test_a_worker_given_an_id_already_in_use_refuses_to_start(monkeypatch):
+    """Two `ratefleet worker --id wdup` both received every assignment to wdup and both called it:
+    404 upstream calls for 200 jobs, one worker in status. The second now refuses to start."""
+    cfg = config(monkeypatch, workers={"heartbeat_s": 0.05})
+    worker = Worker(cfg, BeatingNats("wdup"), worker_id="wdup")
+    other = await worker.id_in_use()
+    assert other is not None and other.pid == 999999
+    with pytest.raises(Exception, match="worker id 'wdup' is already used by a running worker"):
+        await worker.run(anyio.Event())
+    assert await Worker(cfg, BeatingNats("w-other"), worker_id="wdup").id_in_use() is None
+    assert await Worker(cfg, BeatingNats("wdup", draining=True), worker_id="wdup").id_in_use() is None  # a restart
