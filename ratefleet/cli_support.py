@@ -81,9 +81,13 @@ def one_line(message: str) -> str:
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    """Print `error: <message>` as one line on stderr and exit with `code` (2 unless said otherwise)."""
+    """Print `error: <message>` as one line on stderr and exit with `code` (2 unless said otherwise).
+    After NATS refused this user a subject, an answer the command read as "none" (exit 2: no Result
+    stored) is not one: the refusal is the cause, exit 1 (NATS could not be used)."""
+    from ratefleet.runtime.connect import permission_denials
+
     _print_error(one_line(message))
-    raise typer.Exit(code)
+    raise typer.Exit(EXIT_FAILED if code == EXIT_USAGE and permission_denials() else code)
 
 
 def run_async(coro_fn: Callable[..., Awaitable[T]], *args: object) -> T:
@@ -305,6 +309,10 @@ def _denial_hint() -> str:
     denied = permission_denials()
     if not denied:
         return ""
+    if all(subject.lower().startswith("_inbox.") for subject in denied):  # replies, not the command's subjects
+        return (f"NATS refused this user {', '.join(denied[:3])} (permissions violation): the user may read only "
+                "its own reply inboxes, so no answer could arrive; set [nats] inbox_prefix in a --config file "
+                "(examples/nats-accounts.conf: inbox_prefix = \"_INBOX.<user>\"; a URL cannot carry it)")
     return (f"NATS refused this user {', '.join(denied[:3])} (permissions violation): use a [nats] user the "
             "server allows it (examples/nats-accounts.conf: status, keys, dlq and config push|show|watch "
             "need the operator user)")

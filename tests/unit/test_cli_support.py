@@ -124,3 +124,23 @@ def test_printed_next_commands_carry_the_config_that_holds_the_nats_credentials(
     bare = Run(file=Path("jobs.jsonl"), tier="normal", batch="b1", wait=True, out=None, url=target.url,
                prefix=target.prefix)
     assert "--config" not in bare.results_command()
+
+
+def test_a_refused_reply_inbox_is_named_as_the_cause_and_the_answer_is_not_trusted(monkeypatch, capsys):
+    """With credentials in the URL (no inbox_prefix possible) under examples/nats-accounts.conf,
+    `ratefleet result ID` printed 'NATS refused this user _inbox.X.* ...: status, keys, dlq ... need
+    the operator user; then: no Result stored for job ID' and exited 2 ("none stored"): a wrong
+    hint and a false answer. The hint now names inbox_prefix, and the exit is 1."""
+    import ratefleet.runtime.connect as connect
+    from ratefleet.cli_support import fail
+
+    monkeypatch.setattr(connect, "_DENIED", ["_inbox.abc123.*"])
+    with pytest.raises(typer.Exit) as done:
+        fail("no Result stored for job x1")
+    assert done.value.exit_code == 1
+    err = capsys.readouterr().err
+    assert "inbox_prefix" in err and "need the operator user" not in err
+    monkeypatch.setattr(connect, "_DENIED", [])
+    with pytest.raises(typer.Exit) as done:
+        fail("no Result stored for job x1")
+    assert done.value.exit_code == 2
