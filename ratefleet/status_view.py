@@ -106,6 +106,11 @@ def key_state(k: dict) -> str:
         if isinstance(debt, (int, float)) and debt < 0 and per_minute:
             return (f"ok; token budget overdrawn by {-debt:,.0f} (usage above the estimates): "
                     f"no call for about {-debt / (per_minute / 60):.0f} s")
+        if k.get("breaker") == "open":  # it read "ok" while the key took no call (upstream unreachable)
+            return ("no calls: breaker open after consecutive upstream errors (5xx, timeouts, connection errors); "
+                    "one probe call after breaker_reset_s; check the upstream (base_url) and its answers")
+        if k.get("breaker") == "half-open":
+            return "probing: breaker half-open, one call at a time until one succeeds"
         return "ok"
     by = k.get("disabled_by")
     if by == "secret":

@@ -45,3 +45,11 @@ def test_status_says_who_disabled_a_key_and_when_the_probe_is_due():
                       "effective_cost_per_minute": 300.0}) == (
         "ok; token budget overdrawn by 600 (usage above the estimates): no call for about 120 s")
     assert key_state({"disabled": False, "cost_tokens": 12.5, "cost_per_minute": 600.0}) == "ok"
+
+
+def test_status_does_not_say_ok_for_a_key_whose_breaker_is_open():
+    """A config push pointing the upstream at a dead port opened every key's breaker: status showed
+    breaker 'open' and state 'ok' side by side, and no word on why nothing was called."""
+    assert key_state({"disabled": False, "breaker": "open"}).startswith("no calls: breaker open")
+    assert key_state({"disabled": False, "breaker": "half-open"}).startswith("probing")
+    assert key_state({"disabled": False, "breaker": "closed"}) == "ok"
