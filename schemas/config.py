@@ -162,7 +162,9 @@ class SplitConfig(_Strict):
 
 class TierConfig(_Strict):
     weight: int = Field(default=1, ge=1, le=1000)
-    pools: list[str] | None = None
+    # None: every pool; an empty list would be a tier no job of which can ever run (each ended
+    # no_key_available at once), so it is refused
+    pools: list[str] | None = Field(default=None, min_length=1)
     split: SplitConfig | None = None
     max_attempts: int = Field(default=5, ge=1, le=100)
     # 429s are waits, not attempts: a job ends `rate_limited` only after this many (or at its deadline)
@@ -289,7 +291,8 @@ class Config(_Strict):
     def _defaults(cls, data: Any) -> Any:
         if isinstance(data, dict) and not data.get("tiers"):
             pools = list((data.get("pools") or {}).keys())
-            data = {**data, "tiers": {name: {"weight": w, "pools": pools} for name, w in DEFAULT_TIERS}}
+            data = {**data, "tiers": {name: {"weight": w, "pools": pools} if pools else {"weight": w}
+                                      for name, w in DEFAULT_TIERS}}  # no pools at all: a client's file
         return data
 
     @model_validator(mode="after")
