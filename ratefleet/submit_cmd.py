@@ -240,7 +240,8 @@ async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_inv
         phases.print(f"error: batch {run.batch} was cancelled (`ratefleet cancel`): its jobs would end without a call; "
                      "nothing was submitted: submit under another --batch name")
         return 2
-    run.upstreams = await fleet_upstreams(client, warn=phases.print, tier=run.tier)  # lines the dispatcher would refuse are refused here
+    # lines the dispatcher would refuse are refused here (and a tier the live config lacks is named)
+    run.upstreams = await fleet_upstreams(client, warn=phases.print, tier=run.tier)
     if await client.no_dispatcher(timeout=0.5):
         phases.print(f"note: no dispatcher is running (nothing answers {client.subjects.admin_status}): the jobs are "
                      "stored and wait until one starts (`ratefleet up`, or `ratefleet dispatcher` and workers)")
