@@ -17,14 +17,15 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
 import nats
-from fleetkit import mock_keys
+from fleetkit import FleetKit, mock_keys
 
+from ratefleet import Client
 from ratefleet.mock import MockSettings, running_mock
 from ratefleet.runtime.embedded import EmbeddedNats
 from ratefleet.schemas import Result, Subjects
@@ -258,6 +259,24 @@ def assert_only_host(mock) -> None:
     hosts = set(mock.stats()["hosts"])
     expected = urlparse(mock.url).netloc
     assert hosts <= {expected}, f"the upstream saw other hosts: {hosts} (expected only {expected})"
+
+
+@asynccontextmanager
+async def one_worker_fleet(tmp_path: Path, url: str):
+    """The mock upstream, a dispatcher d1 and a worker w1 on the NATS at `url`, a raw nats-py
+    connection and a ratefleet Client, once the leader lists w1: yields (mock, raw, client)."""
+    with upstream() as mock:
+        kit = FleetKit(tmp_path, url, mock.url, keys=fast_keys())
+        raw = await nats.connect(url)
+        try:
+            kit.dispatcher("d1")
+            kit.worker("w1")
+            async with await Client.connect(url) as client:
+                await wait_workers(client, {"w1"})
+                yield mock, raw, client
+        finally:
+            await raw.close()
+            kit.stop()
 
 
 def fast_keys(rps: float = 200, burst: float = 20, ids=("k1", "k2")) -> list[dict]:

@@ -11,7 +11,19 @@ import json
 
 import nats
 import pytest
-from faultkit import Tracker, assert_exactly_once, assert_only_host, chat, cli, fast_keys, figure, until, upstream, wait_workers
+from faultkit import (
+    Tracker,
+    assert_exactly_once,
+    assert_only_host,
+    chat,
+    cli,
+    fast_keys,
+    figure,
+    one_worker_fleet,
+    until,
+    upstream,
+    wait_workers,
+)
 from fleetkit import FleetKit
 from nats.js.errors import APIError, NoStreamResponseError
 
@@ -298,38 +310,28 @@ async def test_job_on_an_unknown_tier_is_refused_or_answered(tmp_path, nats_serv
     """`ratefleet.jobs.<tier>` for a tier that is not configured: the producer must learn it
     (an error at publish, or an `invalid` result with unknown_tier), not have the job sit in
     RATEFLEET_JOBS forever with no consumer."""
-    with upstream() as mock:
-        kit = FleetKit(tmp_path, nats_server.url, mock.url, keys=fast_keys())
-        raw = await nats.connect(nats_server.url)
+    async with one_worker_fleet(tmp_path, nats_server.url) as (mock, raw, client), Tracker(nats_server.url) as tracker:
+        outcomes = {}
         try:
-            kit.dispatcher("d1")
-            kit.worker("w1")
-            async with await Client.connect(nats_server.url) as client, Tracker(nats_server.url) as tracker:
-                await wait_workers(client, {"w1"})
-                outcomes = {}
-                try:
-                    await client.submit(chat(1, id="u-client"), "platinum")
-                    outcomes["client"] = "accepted"
-                except SubmitError as exc:
-                    outcomes["client"] = f"refused: {exc}"
-                try:
-                    await raw.jetstream().publish("ratefleet.jobs.platinum", json.dumps(chat(2, id="u-raw")).encode(),
-                                                  headers={"Nats-Msg-Id": "u-raw"}, timeout=3)
-                    outcomes["raw"] = "accepted"
-                except NoStreamResponseError as exc:  # JetStream's refusal: no stream takes the subject
-                    outcomes["raw"] = f"refused: {type(exc).__name__}"
-                # a timeout or a lost connection is no refusal: it fails the test as raised
-                for name, job_id in (("client", "u-client"), ("raw", "u-raw")):
-                    if outcomes[name] == "accepted":
-                        result = await until(lambda job_id=job_id: tracker.result(job_id), 15, 0.2, f"a result for {job_id}")
-                        outcomes[name] = f"accepted, result: {result and (result.status, result.error and result.error.code)}"
-                stuck = await tracker.jobs_in_stream()
-                figure("unknown tier", outcomes=outcomes, jobs_stuck_in_stream=stuck)
-                for name, outcome in outcomes.items():
-                    assert outcome.startswith("refused") or "unknown_tier" in outcome, \
-                        f"{name} publish to an unknown tier: {outcome} (stuck in RATEFLEET_JOBS: {stuck})"
-                assert "unknown_tier" in outcomes["client"] or "unknown tier 'platinum'" in outcomes["client"]
-                assert mock.stats()["requests"] == 0
-        finally:
-            await raw.close()
-            kit.stop()
+            await client.submit(chat(1, id="u-client"), "platinum")
+            outcomes["client"] = "accepted"
+        except SubmitError as exc:
+            outcomes["client"] = f"refused: {exc}"
+        try:
+            await raw.jetstream().publish("ratefleet.jobs.platinum", json.dumps(chat(2, id="u-raw")).encode(),
+                                          headers={"Nats-Msg-Id": "u-raw"}, timeout=3)
+            outcomes["raw"] = "accepted"
+        except NoStreamResponseError as exc:  # JetStream's refusal: no stream takes the subject
+            outcomes["raw"] = f"refused: {type(exc).__name__}"
+        # a timeout or a lost connection is no refusal: it fails the test as raised
+        for name, job_id in (("client", "u-client"), ("raw", "u-raw")):
+            if outcomes[name] == "accepted":
+                result = await until(lambda job_id=job_id: tracker.result(job_id), 15, 0.2, f"a result for {job_id}")
+                outcomes[name] = f"accepted, result: {result and (result.status, result.error and result.error.code)}"
+        stuck = await tracker.jobs_in_stream()
+        figure("unknown tier", outcomes=outcomes, jobs_stuck_in_stream=stuck)
+        for name, outcome in outcomes.items():
+            assert outcome.startswith("refused") or "unknown_tier" in outcome, \
+                f"{name} publish to an unknown tier: {outcome} (stuck in RATEFLEET_JOBS: {stuck})"
+        assert "unknown_tier" in outcomes["client"] or "unknown tier 'platinum'" in outcomes["client"]
+        assert mock.stats()["requests"] == 0
