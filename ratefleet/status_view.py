@@ -98,7 +98,8 @@ def _rate(key: dict) -> str:
 
 def key_state(k: dict) -> str:
     """One key's state for people: "ok", "DISABLED by provider evidence: <reason>; probe in
-    42 s", "DISABLED by an operator: <reason>", "no worker has its secret (<reason>)"; an
+    42 s; once its secret or account is fixed: `ratefleet keys enable KEY`", "DISABLED by an
+    operator: <reason>", "no worker has its secret (<reason>)"; an
     enabled key whose token budget is overdrawn (answers reported more usage than was
     reserved) says so, and for about how long it gets no call."""
     if not k.get("disabled"):
@@ -123,4 +124,5 @@ def key_state(k: dict) -> str:
         text += "; probe job in flight" if probe == 0 else f"; probe in {probe:.0f} s"
     if k.get("secret_missing"):
         text += f"; no worker has its secret ({k.get('secret_missing')})"
-    return text
+    # what the operator can do besides waiting (an operator's trial found only the probe time)
+    return text + "; once its secret or account is fixed: `ratefleet keys enable KEY`"

@@ -37,7 +37,8 @@ def test_status_says_who_disabled_a_key_and_when_the_probe_is_due():
     assert key_state({"disabled": True, "disabled_by": "secret", "secret_missing": "LOCAL_KEY_1 not set"}) == (
         "no worker has its secret (LOCAL_KEY_1 not set)")
     assert key_state({"disabled": True, "disabled_by": "provider", "disabled_reason": "invalid_api_key (HTTP 401)",
-                      "probe_in_s": 41.6}) == "DISABLED by provider evidence: invalid_api_key (HTTP 401); probe in 42 s"
+                      "probe_in_s": 41.6}) == ("DISABLED by provider evidence: invalid_api_key (HTTP 401); probe in 42 s; "
+                                               "once its secret or account is fixed: `ratefleet keys enable KEY`")
     assert key_state({"disabled": True, "disabled_by": "operator", "disabled_reason": "rotating"}) == (
         "DISABLED by an operator: rotating")
     # an enabled key idle on a token debt says so (it read "ok" while it got no call for minutes)
