@@ -246,16 +246,21 @@ def _decoded(segment: str) -> str:
     return segment
 
 
+MAX_MODEL_CHARS = 256  # a longer name is no model the scheduler remembers (its lack memory holds names)
+
+
 def requested_model(request: HttpRequest) -> str | None:
-    """The model a request asks for: its JSON body's `model` (a string), else the first model
-    its path names (`path_models`); None when it names none."""
+    """The model a request asks for: the models its path names (`path_models`) and its JSON
+    body's `model` (a string), joined by `|` when they differ; None when it names none or the
+    name is longer than MAX_MODEL_CHARS. Both count: the upstream picks by the path on Azure,
+    Gemini, Vertex AI and Bedrock (whose bodies' `model` it ignores), so a job for a deployment
+    some keys lack must not mark those keys as lacking another job's body model."""
+    names = [first for first, _ in path_models(request.path)]
     body = request.json_body
-    if isinstance(body, dict):
-        model = body.get("model")
-        if isinstance(model, str):
-            return model
-    named = path_models(request.path)
-    return named[0][0] if named else None
+    if isinstance(body, dict) and isinstance(body.get("model"), str):
+        names.append(body["model"])
+    model = "|".join(dict.fromkeys(names))
+    return model if model and len(model) <= MAX_MODEL_CHARS else None
 
 
 def new_job_id() -> str:
