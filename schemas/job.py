@@ -220,6 +220,7 @@ class Job(BaseModel):
 # `/openai/deployments/{deployment}/chat/completions`, AWS Bedrock `/model/{modelId}/converse`,
 # Hugging Face `/models/{org}/{name}`, OpenAI `GET/DELETE /v1/models/{model}`
 MODEL_SEGMENTS = frozenset({"models", "tunedModels", "deployments", "model"})
+_MODEL_SEGMENTS_LOWER = frozenset(name.lower() for name in MODEL_SEGMENTS)
 
 
 def path_models(path: str) -> list[tuple[str, str | None]]:
@@ -228,10 +229,13 @@ def path_models(path: str) -> list[tuple[str, str | None]]:
     Google `:method` suffix cut and percent-escapes decoded (as check_path decodes them). A
     name may span two segments (Hugging Face's `org/name`), hence the second form.
     `/v1/models` (a list, no model) names none."""
-    segments = [_decoded(part) for part in path.split("?", 1)[0].split("/")]
+    # decoded before the split (as check_path), empty segments dropped and names matched in any
+    # case: `models//m`, `Deployments/m` or `models%2Fm` must not hide a model from the allow-list
+    # from servers that merge slashes, ignore case or decode %2F
+    segments = [part for part in _decoded(path.split("?", 1)[0]).split("/") if part]
     named = []
     for i, segment in enumerate(segments[:-1]):
-        if segment in MODEL_SEGMENTS and segments[i + 1]:
+        if segment.lower() in _MODEL_SEGMENTS_LOWER:
             first = segments[i + 1].split(":", 1)[0]
             second = segments[i + 2].split(":", 1)[0] if i + 2 < len(segments) and segments[i + 2] else None
             named.append((first, f"{segments[i + 1]}/{second}" if second else None))
