@@ -36,7 +36,8 @@ log = get_logger("ratefleet.rpc")
 # a duplicate rpc request (its job id already running) is answered when the Result is stored:
 # followed at most this long, at most this many at a time
 DUPLICATE_FOLLOW_S = 600.0
-MAX_DUPLICATE_FOLLOWERS = 1000
+MAX_DUPLICATE_FOLLOWERS = 1000  # job ids followed at a time
+MAX_REPLIES_PER_JOB = 100  # requesters of one job id answered (a caller retrying every second: the last 100 s)
 
 
 def _with_id(raw: bytes) -> tuple[str, bytes]:
@@ -74,7 +75,8 @@ class RpcResponder:
         self.js = nc.jetstream()
         self.subjects = Subjects(config.nats.prefix)
         self.finisher = Finisher(nc, self.js, self.subjects, auth_headers(config))
-        self._followers: set[asyncio.Task] = set()
+        self._followers: dict[str, asyncio.Task] = {}  # job id -> the task following its Result
+        self._waiting: dict[str, list[str]] = {}  # job id -> the reply subjects its Result goes to
 
     async def handle(self, msg: Msg) -> None:
         if msg.reply and not is_safe_reply(msg.reply, self.config.nats.prefix):
@@ -128,17 +130,28 @@ class RpcResponder:
         if stored is not None:
             await self.nc.publish(reply, stored)
             return
+        waiting = self._waiting.get(job_id)
+        if waiting is not None:  # one follower per job id, however often a caller retries it
+            if len(waiting) < MAX_REPLIES_PER_JOB:
+                waiting.append(reply)
+            return
         if len(self._followers) >= MAX_DUPLICATE_FOLLOWERS:
             log.warning("duplicate rpc job still running and too many duplicates followed already; "
                         "its result goes to the first requester", job_id=job_id)
             return
-        task = asyncio.create_task(self._answer_when_stored(job_id, reply))
-        self._followers.add(task)
-        task.add_done_callback(self._followers.discard)
+        self._waiting[job_id] = [reply]
+        task = asyncio.create_task(self._answer_when_stored(job_id))
+        self._followers[job_id] = task
+        task.add_done_callback(lambda done: self._forget(job_id, done))
 
-    async def _answer_when_stored(self, job_id: str, reply: str) -> None:
+    def _forget(self, job_id: str, task: asyncio.Task) -> None:
+        if self._followers.get(job_id) is task:
+            del self._followers[job_id]
+            self._waiting.pop(job_id, None)
+
+    async def _answer_when_stored(self, job_id: str) -> None:
         """Read the job's stored Result at doubling pauses (0.25 s to 5 s) for at most
-        DUPLICATE_FOLLOW_S and send it to `reply` once there."""
+        DUPLICATE_FOLLOW_S and send it to each reply subject waiting for it once there."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + DUPLICATE_FOLLOW_S
         pause = 0.25
@@ -147,7 +160,8 @@ class RpcResponder:
                 await asyncio.sleep(pause)
                 stored = await read_result(self.js, self.subjects, job_id)
                 if stored is not None:
-                    await self.nc.publish(reply, stored)
+                    for reply in self._waiting.pop(job_id, []):
+                        await self.nc.publish(reply, stored)
                     return
                 pause = min(2 * pause, 5.0)
             log.info("duplicate rpc job has no result yet; stopped following it", job_id=job_id,

@@ -218,3 +218,24 @@ async def test_a_reply_subject_in_the_fleets_own_namespace_is_dropped_under_a_cu
         data = job(id="j11")
 
     await responder.handle(Msg())  # dropped: nothing stored, nothing published
+
+
+async def test_a_job_id_requested_again_and_again_is_followed_once_and_every_requester_answered(nats_server):
+    """A caller retrying a long job with its idempotency key every second started one background
+    follower per retry (each reading the Result store every 5 s for 600 s; 1,000 at most, shared
+    by every caller): one job id now has one follower, and each requester still gets the Result."""
+    async with Fleet(nats_server.url, config()) as fleet:
+        await fleet.nc.publish(SUBJECTS.rpc("normal"), job(id="j30"))  # fresh: queued, runs (no worker here)
+        inboxes = [fleet.nc.new_inbox() for _ in range(20)]
+        subs = [await fleet.nc.subscribe(inbox) for inbox in inboxes]
+        for inbox in inboxes:
+            await fleet.nc.publish(SUBJECTS.rpc("normal"), job(id="j30"), reply=inbox)
+        await fleet.nc.flush()
+        with anyio.fail_after(10):
+            while sum(len(w) for w in getattr(fleet.responder, "_waiting", {}).values()) < 20 \
+                    and len(fleet.responder._followers) < 20:
+                await anyio.sleep(0.05)
+        assert len(fleet.responder._followers) == 1
+        await store_result(fleet.js, SUBJECTS, Result(job_id="j30", status="succeeded", tier="normal"))
+        for sub in subs:
+            assert json.loads((await sub.next_msg(timeout=8)).data)["job_id"] == "j30"
