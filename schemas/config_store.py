@@ -6,7 +6,7 @@ and stores a `StoredConfig` document; its KV revision is the config revision. Ev
 dispatcher and worker follows the bucket and applies a new revision live (`fleet_view`):
 
 * applied live: `[upstreams]`, `[pools]` (keys, limits), `[tiers]` (weights, pools,
-  max_attempts, max_rate_limited), `[dispatcher].policy` and `[dispatcher].priority_reserve`;
+  max_attempts, max_rate_limited), `[dispatcher].policy`, `.priority_reserve` and `.priority_slots`;
 * stored and shown, applied by a process when it (re)starts with that file: every other
   section. `[nats]` is never stored: how a process reaches NATS is its own business.
 """
@@ -23,7 +23,7 @@ from ratefleet.schemas.config import Config, parse_config
 from ratefleet.schemas.errors import ConfigError
 
 CURRENT_KEY = "current"
-LIVE_DISPATCHER_FIELDS = ("policy", "priority_reserve")
+LIVE_DISPATCHER_FIELDS = ("policy", "priority_reserve", "priority_slots")
 LOCAL_SECTIONS = ("nats",)
 
 
