@@ -223,12 +223,13 @@ MODEL_SEGMENTS = frozenset({"models", "tunedModels", "deployments", "model"})
 _MODEL_SEGMENTS_LOWER = frozenset(name.lower() for name in MODEL_SEGMENTS)
 
 
-def path_models(path: str) -> list[tuple[str, str | None]]:
+def path_models(path: str) -> list[tuple[str, ...]]:
     """The models a request path names, by the providers' URL conventions (MODEL_SEGMENTS):
-    for each such segment, (the next segment, the next two joined by `/` or None), with a
-    Google `:method` suffix cut and percent-escapes decoded (as check_path decodes them). A
-    name may span two segments (Hugging Face's `org/name`), hence the second form.
-    `/v1/models` (a list, no model) names none."""
+    for each such segment, the names the next segment may stand for, the first the model
+    itself: with a `:suffix` cut (Google's `:generateContent`), then the segment whole when it
+    had one (a Bedrock id `anthropic.claude-v2:1`, an OpenAI fine-tune `ft:gpt-4o-mini:org::id`),
+    then it and the segment after it joined by `/` (Hugging Face's `org/name`). Percent-escapes
+    are decoded (as check_path decodes them). `/v1/models` (a list, no model) names none."""
     # decoded before the split (as check_path), empty segments dropped and names matched in any
     # case: `models//m`, `Deployments/m` or `models%2Fm` must not hide a model from the allow-list
     # from servers that merge slashes, ignore case or decode %2F
@@ -236,9 +237,13 @@ def path_models(path: str) -> list[tuple[str, str | None]]:
     named = []
     for i, segment in enumerate(segments[:-1]):
         if segment.lower() in _MODEL_SEGMENTS_LOWER:
-            first = segments[i + 1].split(":", 1)[0]
-            second = segments[i + 2].split(":", 1)[0] if i + 2 < len(segments) and segments[i + 2] else None
-            named.append((first, f"{segments[i + 1]}/{second}" if second else None))
+            whole = segments[i + 1]
+            names = [whole.split(":", 1)[0]]
+            if ":" in whole:
+                names.append(whole)
+            if i + 2 < len(segments):
+                names.append(f"{whole}/{segments[i + 2].split(':', 1)[0]}")
+            named.append(tuple(names))
     return named
 
 
@@ -259,7 +264,7 @@ def requested_model(request: HttpRequest) -> str | None:
     name is longer than MAX_MODEL_CHARS. Both count: the upstream picks by the path on Azure,
     Gemini, Vertex AI and Bedrock (whose bodies' `model` it ignores), so a job for a deployment
     some keys lack must not mark those keys as lacking another job's body model."""
-    names = [first for first, _ in path_models(request.path)]
+    names = [candidates[0] for candidates in path_models(request.path)]
     body = request.json_body
     if isinstance(body, dict) and isinstance(body.get("model"), str):
         names.append(body["model"])

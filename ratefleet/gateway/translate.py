@@ -86,9 +86,9 @@ def check_model(caller: Caller, body: Any, text_body: str | None = None, path: s
         return
     allowed = caller.models
     named = path_models(path)
-    for first, joined in named:
-        if first not in allowed and joined not in allowed:
-            raise GatewayRefusal(403, f"Caller {caller.name!r} may not use model {joined or first!r} (named in the "
+    for candidates in named:
+        if allowed.isdisjoint(candidates):
+            raise GatewayRefusal(403, f"Caller {caller.name!r} may not use model {candidates[0]!r} (named in the "
                                  "request's path).", type="invalid_request_error", code="model_not_allowed")
     if text_body is not None:
         raise GatewayRefusal(415, f"Caller {caller.name!r} may use only some models, and the gateway reads the "
@@ -168,8 +168,9 @@ def _body_bytes(result: Result) -> bytes:
 # a job that ended so has had the fleet's own retries (attempts, 429s), was paid for, or waited out
 # the caller's whole timeout: an SDK's automatic retry (2 more by default, on 429 and 5xx) would be
 # new jobs repeating all of it, so answers for them carry `x-should-retry: false`
+# (not `upstream_error`: a final 4xx the fleet did not retry, e.g. a 409 the SDKs retry themselves)
 FLEET_RETRIED = frozenset({ErrorCode.ATTEMPTS_EXHAUSTED, ErrorCode.RATE_LIMITED, ErrorCode.RESULT_NOT_STORED,
-                           ErrorCode.DEADLINE_EXCEEDED, ErrorCode.UPSTREAM_ERROR})
+                           ErrorCode.DEADLINE_EXCEEDED})
 
 
 def _refusal_of(result: Result) -> GatewayRefusal:

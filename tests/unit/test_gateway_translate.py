@@ -164,3 +164,25 @@ def test_a_path_that_names_an_allowed_model_needs_no_model_in_the_body():
     with pytest.raises(GatewayRefusal) as unnamed:  # neither names one: still required
         job(gemini, path="/v1/chat/completions", json_body={"messages": []})
     assert unnamed.value.code == "model_required"
+
+
+def test_a_path_model_id_with_a_colon_is_matched_whole_too():
+    """The `:method` cut is Google's; a Bedrock id (`anthropic.claude-v2:1`) or an OpenAI
+    fine-tune (`ft:gpt-4o-mini:org::abc`) has a colon of its own and was checked cut (a reviewer)."""
+    ids = Caller(name="b", tier="vip", upstreams=None, models=frozenset({"anthropic.claude-v2:1", "ft:gpt-4o-mini:org::abc"}),
+                 timeout_s=30, rps=None, burst=None, tokens_per_minute=None)
+    assert job(ids, path="/model/anthropic.claude-v2:1/invoke", json_body={"prompt": "x"})
+    assert job(ids, method="GET", path="/v1/models/ft:gpt-4o-mini:org::abc")
+    with pytest.raises(GatewayRefusal):
+        job(ids, path="/model/anthropic.claude-v2:2/invoke", json_body={"prompt": "x"})
+
+
+def test_a_final_answer_the_fleet_did_not_retry_leaves_the_sdk_its_own_rule():
+    """`x-should-retry: false` is for what the fleet retried or paid for; a final 409 passed on
+    (upstream_error: not retried by the fleet) is the SDK's to retry (a reviewer)."""
+    conflict = result(status="failed", response={"status": 409, "headers": {}, "body": "busy"},
+                      error={"code": "upstream_error", "message": "refused with HTTP 409; not retried"})
+    assert "x-should-retry" not in answer_of(conflict)[1]
+    exhausted = result(status="failed", response={"status": 500, "headers": {}, "body": "oops"},
+                       error={"code": "attempts_exhausted", "message": "gave up after 3 attempts"})
+    assert answer_of(exhausted)[1]["x-should-retry"] == "false"
