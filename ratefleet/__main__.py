@@ -1,3 +1,3 @@
-from ratefleet.cli import app
+from ratefleet.cli import main
 
-app(prog_name="ratefleet")  # messages name the command users type, not `python -m ratefleet`
+main()

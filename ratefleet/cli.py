@@ -376,3 +376,12 @@ def _default_url() -> str:
     from ratefleet.schemas.config import DEFAULT_NATS_URL
 
     return DEFAULT_NATS_URL
+
+
+def main() -> None:
+    """The `ratefleet` program (the console script and `python -m ratefleet`). Its log lines go
+    to stderr, JSON when that is not a terminal (a role sets them again with its level):
+    structlog's default printed them to stdout, into a command's output (`ratefleet result ID >
+    result.json`; `cancel` as a restricted NATS user got a permissions warning there)."""
+    configure_logging()
+    app(prog_name="ratefleet")  # messages name the command users type, not `python -m ratefleet`

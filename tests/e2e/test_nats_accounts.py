@@ -120,6 +120,12 @@ async def test_an_ordinary_producer_gets_the_whole_fleet_through_the_account_con
     assert done.returncode == 0, done.stderr
     assert [json.loads(line)["status"] for line in out.read_text().splitlines()] == ["succeeded"] * 5
     assert PASSWORDS["producer"] not in done.stderr + done.stdout
+    # a permissions warning NATS sends the producer (its `cancel` asks admin.status) is a log line:
+    # on stderr as JSON, never in the command's output on stdout (structlog's default printed it there)
+    cancelled = await asyncio.to_thread(run_cli, ["cancel", "--batch", "cli", "--config", str(config)], fleet.env())
+    assert "nats error" not in cancelled.stdout and "ermissions" not in cancelled.stdout, cancelled.stdout
+    logged = [json.loads(line) for line in cancelled.stderr.splitlines() if line.startswith("{")]
+    assert any(entry.get("event") == "nats error" for entry in logged), cancelled.stderr
 
 
 async def test_wrong_or_missing_credentials_are_refused_without_showing_them(server):
