@@ -233,7 +233,11 @@ def path_models(path: str) -> list[tuple[str, ...]]:
     # decoded before the split (as check_path), empty segments dropped and names matched in any
     # case: `models//m`, `Deployments/m` or `models%2Fm` must not hide a model from the allow-list
     # from servers that merge slashes, ignore case or decode %2F
-    segments = [part for part in _decoded(path.split("?", 1)[0]).split("/") if part]
+    decoded = _decoded(path.split("?", 1)[0])
+    lowered = decoded.lower()
+    if "model" not in lowered and "deployments" not in lowered:
+        return []  # (every job's path is read by the dispatcher: most name no model)
+    segments = [part for part in decoded.split("/") if part]
     named = []
     for i, segment in enumerate(segments[:-1]):
         if segment.lower() in _MODEL_SEGMENTS_LOWER:
