@@ -277,10 +277,8 @@ class Client:
             pause = min(2 * pause, 5.0)
 
     def _reconnects(self) -> int:
-        """How often this client's connection has reconnected (nats-py counts it; 0 for a
-        connection object without that count)."""
-        stats = getattr(self.nc, "stats", None)
-        return stats.get("reconnects", 0) if isinstance(stats, dict) else 0
+        """How often this client's connection has reconnected (nats-py's count)."""
+        return self.nc.stats["reconnects"]
 
     @translated("reading a stored result")
     async def stored_result(self, job_id: str, batch: str | None = None) -> Result | None:

@@ -97,9 +97,7 @@ def check_path(path: str) -> str:
     _check_text(path, "path")
     if not path.startswith("/"):
         raise _forbidden("path must start with '/' (a path on the configured upstream)")
-    decoded = path
-    for _ in range(3):  # catch %252e%252e style double encoding too
-        decoded = unquote(decoded)
+    decoded = _decoded(path)
     if _CONTROL_OR_BACKSLASH.search(decoded):
         raise _forbidden("path must not contain backslashes or control characters")
     if decoded.startswith("//") or "://" in decoded or "@" in decoded.split("/", 2)[1]:
@@ -219,8 +217,7 @@ class Job(BaseModel):
 # `.../publishers/{publisher}/models/{model}:rawPredict`, Azure OpenAI
 # `/openai/deployments/{deployment}/chat/completions`, AWS Bedrock `/model/{modelId}/converse`,
 # Hugging Face `/models/{org}/{name}`, OpenAI `GET/DELETE /v1/models/{model}`
-MODEL_SEGMENTS = frozenset({"models", "tunedModels", "deployments", "model"})
-_MODEL_SEGMENTS_LOWER = frozenset(name.lower() for name in MODEL_SEGMENTS)
+MODEL_SEGMENTS = frozenset({"models", "tunedmodels", "deployments", "model"})  # compared lower-cased
 
 
 def path_models(path: str) -> list[tuple[str, ...]]:
@@ -240,7 +237,7 @@ def path_models(path: str) -> list[tuple[str, ...]]:
     segments = [part for part in decoded.split("/") if part]
     named = []
     for i, segment in enumerate(segments[:-1]):
-        if segment.lower() in _MODEL_SEGMENTS_LOWER:
+        if segment.lower() in MODEL_SEGMENTS:
             whole = segments[i + 1]
             names = [whole.split(":", 1)[0]]
             if ":" in whole:
@@ -251,12 +248,13 @@ def path_models(path: str) -> list[tuple[str, ...]]:
     return named
 
 
-def _decoded(segment: str) -> str:
-    for _ in range(3):  # as check_path: %252D style double escapes too
-        if "%" not in segment:
+def _decoded(text: str) -> str:
+    """`text` percent-decoded up to three times (%252e%252e style double escapes too)."""
+    for _ in range(3):
+        if "%" not in text:
             break
-        segment = unquote(segment)
-    return segment
+        text = unquote(text)
+    return text
 
 
 MAX_MODEL_CHARS = 256  # a longer name is no model the scheduler remembers (its lack memory holds names)

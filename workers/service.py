@@ -134,6 +134,7 @@ class Worker:
         both call it: 404 upstream calls for 200 jobs (an operator's trial with `--id` given twice)."""
         me = (os.getpid(), socket.gethostname())
         seen: list[Heartbeat] = []
+        heard = anyio.Event()
 
         async def on_beat(msg) -> None:
             try:
@@ -142,12 +143,12 @@ class Worker:
                 return
             if beat.worker == self.id and (beat.pid, beat.host) != me and not beat.draining:
                 seen.append(beat)
+                heard.set()
 
         sub = await self.nc.subscribe(self.subjects.heartbeat, cb=on_beat)
         try:
             with anyio.move_on_after(1.2 * self.config.workers.heartbeat_s):
-                while not seen:
-                    await anyio.sleep(0.02)
+                await heard.wait()
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()

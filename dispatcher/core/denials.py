@@ -113,7 +113,7 @@ class DenialBook:
                 self._confirmed.setdefault(other, set()).add(job_id)
                 out.disable += self._judge_auth(other).disable
                 continue
-            if status == 404 or other in entry.lacking:
+            if other in entry.lacking:
                 # a model (deployment) this key lacks: the job went on elsewhere, and the key
                 # still serves its other models; a strike would let any caller disable healthy
                 # keys with three requests for a model only some keys have (a reviewer's finding;

@@ -228,12 +228,13 @@ class LeaderMachine:
             return []
         out: list[Command] = []
         self.dispatch_at = now + 1.0
-        while self.fleet.free_slots() > 0:
+        total = self.fleet.total_slots()  # (a pass changes what is free, not what there is)
+        while (free := self.fleet.free_slots()) > 0:
             if not self.owns(now):
                 self.dispatch_at = now + 0.1
                 break
             decision = self.scheduler.next(now, self.fleet.keys_without_free_holder(self.keys.key_ids),
-                                           free_slots=self.fleet.free_slots(), total_slots=self.fleet.total_slots())
+                                           free_slots=free, total_slots=total)
             if isinstance(decision, Dispatch):
                 out += self._hand_out(decision, now)
             elif isinstance(decision, Reject):

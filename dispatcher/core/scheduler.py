@@ -23,7 +23,6 @@ from typing import Any
 
 from ratefleet.schemas.outcome import OutcomeKind
 from ratefleet.schemas.result import ErrorCode
-from ratefleet.schemas.signals import MODEL_UNAVAILABLE_CODES
 
 from .choice import Chain, Reach, never_runnable, pick_key, reach
 from .denials import DenialBook
@@ -215,7 +214,7 @@ class Scheduler(KeyAdmin, Reconfigure):
             if lacking is not None and lacking.pop(key_id, None) is not None and not lacking:
                 del self._lacking[job.model]
             return
-        if outcome.kind != OutcomeKind.DENIED or outcome.code not in MODEL_UNAVAILABLE_CODES:
+        if not outcome.lacks_model:
             return
         if sum(map(len, self._lacking.values())) >= LACK_MEMORY:
             self._lacking = {model: live for model, keys in self._lacking.items()
@@ -335,7 +334,7 @@ class Scheduler(KeyAdmin, Reconfigure):
         if outcome.kind == OutcomeKind.DENIED:
             verdicts = self._denials.on_denied(job_id, reservation.key_id, outcome.status,
                                                reservation.denial_final, now,
-                                               lacks_model=outcome.code in MODEL_UNAVAILABLE_CODES)
+                                               lacks_model=outcome.lacks_model)
         elif outcome.kind == OutcomeKind.OK:
             verdicts = self._denials.on_ok(job_id, reservation.key_id, now)
         else:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from ratefleet.schemas.internal import OutcomeReport
 from ratefleet.schemas.outcome import OutcomeKind, RateLimitInfo
 from ratefleet.schemas.result import ErrorCode
+from ratefleet.schemas.signals import MODEL_UNAVAILABLE_CODES
 
 from .adaptive import AdaptPolicy
 from .split import SplitSpec
@@ -222,3 +223,10 @@ class Outcome:
         return cls(kind=report.kind, status=report.status, retry_after_s=report.retry_after_s,
                    ratelimit=report.ratelimit, actual_cost=report.actual_cost, latency_ms=report.latency_ms,
                    code=report.code, scope=report.scope if report.kind == OutcomeKind.RATE_LIMITED else None)
+
+    @property
+    def lacks_model(self) -> bool:
+        """A denial saying the key cannot reach the job's model (schemas/signals.py
+        MODEL_UNAVAILABLE_CODES: OpenAI's 403 or 404 `model_not_found`, Azure's
+        `DeploymentNotFound`, Anthropic's and Google's model 404s): no strike on the key."""
+        return self.kind == OutcomeKind.DENIED and self.code in MODEL_UNAVAILABLE_CODES
