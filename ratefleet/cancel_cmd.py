@@ -17,11 +17,10 @@ from pathlib import Path
 import typer
 
 from ratefleet.batches import load_record
-from ratefleet.cli_support import client_target, fail, run_async
+from ratefleet.cli_support import client_target, connection_args, fail, run_async
 from ratefleet.client import Client
 from ratefleet.runtime.cancels import is_cancelled, mark_cancelled
 from ratefleet.runtime.connect import redact_url
-from ratefleet.schemas.config import DEFAULT_NATS_URL
 from ratefleet.schemas.subjects import NO_BATCH, is_token
 from ratefleet.submit_report import count_results
 
@@ -72,9 +71,7 @@ async def _cancel(batch: str, force: bool, url: str, prefix: str, auth, config_a
     if record is not None and record.state == "submitting" and not record.stale(time.time()):
         out.append(f"a `ratefleet submit` is still sending batch {batch}: what it sends now is cancelled too; stop it "
                    "with Ctrl-C")
-    args = ["ratefleet", "results", "--batch", batch, "--wait", *config_args]
-    args += [] if url == DEFAULT_NATS_URL else ["--nats", redact_url(url)]
-    args += [] if prefix == "ratefleet" else ["--prefix", prefix]
+    args = ["ratefleet", "results", "--batch", batch, "--wait", *connection_args(url, prefix, config_args)]
     out.append(f"see how each job ended with: {shlex.join(args)}; a cancelled batch stays cancelled (submit again "
                "under another --batch name)")
     return out

@@ -24,6 +24,7 @@ from rich.console import Console
 from ratefleet.runtime.edge import translate
 from ratefleet.runtime.logs import redact_text
 from ratefleet.schemas.config import (
+    DEFAULT_NATS_URL,
     DEFAULT_TIERS,
     Config,
     ConfigError,
@@ -180,6 +181,16 @@ class ClientTarget:
                 or n.tls_key or n.inbox_prefix != "_INBOX"):
             return ("--config", self.source)
         return ()
+
+
+def connection_args(url: str, prefix: str, config_args: tuple[str, ...] = ()) -> list[str]:
+    """What a command printed to run next needs to reach the same fleet: `config_args`
+    (ClientTarget.config_args), `--nats URL` unless the default (password masked), `--prefix P`
+    unless the default."""
+    from ratefleet.runtime.connect import redact_url
+
+    return [*config_args, *([] if url == DEFAULT_NATS_URL else ["--nats", redact_url(url)]),
+            *([] if prefix == "ratefleet" else ["--prefix", prefix])]
 
 
 def client_target(config: Path | None, nats: str | None, prefix: str | None = None) -> ClientTarget:

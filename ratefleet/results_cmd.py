@@ -33,14 +33,13 @@ import typer
 from rich.console import Console
 
 from ratefleet.batches import BatchRecord, InputOrder, load_record, queue_lost, queue_mark
-from ratefleet.cli_support import client_target, fail, make_console, require_out_path, run_async
+from ratefleet.cli_support import client_target, connection_args, fail, make_console, require_out_path, run_async
 from ratefleet.client import Client
 from ratefleet.openai_batch import format_result
 from ratefleet.phases import STALL_HINT, Phases
 from ratefleet.results_replays import Replays, replay_of, scan_replays
 from ratefleet.runtime.connect import redact_url
 from ratefleet.schemas import Result
-from ratefleet.schemas.config import DEFAULT_NATS_URL
 from ratefleet.schemas.config_nats import NatsAuthConfig
 from ratefleet.schemas.subjects import is_token
 from ratefleet.submit_report import count_results
@@ -253,8 +252,7 @@ def _report(console: Console, run: Collect, out: Path | None, interrupted: bool,
     total = f" of {record.jobs:,}" if record else ""
     say(f"batch {run.batch}: {run.count:,}{total} results ({summary})" + (f"; written to {out}" if out else ""))
     again = ["ratefleet", "results", "--batch", run.batch, "--wait"] + (["--out", str(out)] if out else [])
-    again += [*config_args] + ([] if url == DEFAULT_NATS_URL else ["--nats", redact_url(url)])
-    again += [] if prefix == "ratefleet" else ["--prefix", prefix]
+    again += connection_args(url, prefix, config_args)
     missing = (record.jobs - run.count) if record else 0
     if run.superseded:
         noun = "Result was" if run.superseded == 1 else "Results were"

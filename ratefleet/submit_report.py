@@ -15,12 +15,11 @@ from nats.js.errors import NotFoundError
 
 from ratefleet.batches import BatchRecord, InputOrder
 from ratefleet.batchfile import IdSet, Validation
+from ratefleet.cli_support import connection_args
 from ratefleet.client import Client
 from ratefleet.openai_batch import format_result
-from ratefleet.runtime.connect import redact_url
 from ratefleet.runtime.logs import redact_text
 from ratefleet.schemas import Result
-from ratefleet.schemas.config import DEFAULT_NATS_URL
 from ratefleet.schemas.config_store import CURRENT_KEY, StoredConfig
 from ratefleet.schemas.errors import ConfigError, SubmitError
 
@@ -100,8 +99,7 @@ class Run:
         return False
 
     def _nats_args(self) -> list[str]:
-        args = [] if self.url == DEFAULT_NATS_URL else ["--nats", redact_url(self.url)]  # no password on screen
-        return [*self.config_args, *args] + ([] if self.prefix == "ratefleet" else ["--prefix", self.prefix])
+        return connection_args(self.url, self.prefix, self.config_args)  # no password on screen
 
     def results_command(self) -> str:
         """The command that collects this batch (NATS password masked)."""
