@@ -30,6 +30,7 @@ from ratefleet.schemas import Config
 from ratefleet.schemas.errors import ConfigError
 
 log = get_logger("ratefleet.gateway")
+LISTEN_INSTEAD = "pass another --listen HOST:PORT (or set [gateway] listen)"
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -63,7 +64,7 @@ async def serve_gateway(config: Config, nc, stop: anyio.Event, listen: str, prob
     cannot be)."""
     host, port = parse_listen(listen)
     if sock is None:
-        sock = bind_listener(host, port, f"--listen {listen}")
+        sock = bind_listener(host, port, f"--listen {listen}", instead=LISTEN_INSTEAD)
     if callers is None:
         callers = load_callers(config, probes)
     await ensure_topology(nc.jetstream(), config)
@@ -130,7 +131,8 @@ async def gateway_main(config: Config, listen: str) -> None:
 
     probes = Probes()  # served on `listen` by the gateway's own app
     callers = load_callers(config, probes)  # no usable caller key stops the start, before NATS
-    sock = bind_listener(*parse_listen(listen), f"--listen {listen}")  # a port in use: one line, before NATS
+    sock = bind_listener(*parse_listen(listen), f"--listen {listen}",  # a port in use: one line, before NATS
+                         instead=LISTEN_INSTEAD)
 
     async def body(nc, stop):
         await serve_gateway(config, nc, stop, listen, probes, sock, callers)

@@ -163,25 +163,26 @@ async def serve_probes(probes: Probes, address: str, *, task_status=anyio.TASK_S
 
 
 def _bind(host: str, port: int, address: str) -> socket.socket:
-    return bind_listener(host, port, f"--http {address}")
+    return bind_listener(host, port, f"--http {address}",
+                         instead="pass another --http HOST:PORT (port 0: any free port)")
 
 
-def bind_listener(host: str, port: int, what: str) -> socket.socket:
+def bind_listener(host: str, port: int, what: str, *, instead: str) -> socket.socket:
     """A listening TCP socket on host:port (non-blocking, SO_REUSEADDR), for a uvicorn server's
     `serve([sock])`. Raises ConfigError naming `what` (the flag and its value) when the address
     does not exist or cannot be listened on (e.g. the port is in use): one line, not the
-    server's startup traceback."""
+    server's startup traceback, ending with `instead` (how to give another address)."""
     try:
         family, kind, proto, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
     except OSError as exc:
-        raise ConfigError(f"{what}: no such address ({exc.strerror or exc})") from None
+        raise ConfigError(f"{what}: no such address ({exc.strerror or exc}); {instead}") from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(sockaddr)
         sock.listen(128)
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"{what}: cannot listen there ({exc.strerror or exc})") from None
+        raise ConfigError(f"{what}: cannot listen there ({exc.strerror or exc}); {instead}") from None
     sock.setblocking(False)
     return sock

@@ -460,4 +460,21 @@ def test_gateway_on_a_port_in_use_says_so_in_one_line(tmp_path):
         done = cli("gateway", "--config", str(config), "--listen", f"127.0.0.1:{port}", cwd=tmp_path,
                    env=clean_env(RF_TEST_GW_KEY="rk-test-0123456789abcdef"))
     assert done.returncode == 2, done.stderr
-    assert done.stderr.strip() == f"error: --listen 127.0.0.1:{port}: cannot listen there (Address already in use)"
+    assert done.stderr.strip() == (f"error: --listen 127.0.0.1:{port}: cannot listen there (Address already in use); "
+                                   "pass another --listen HOST:PORT (or set [gateway] listen)")
+
+
+@pytest.mark.parametrize("role", ["dispatcher", "worker"])
+def test_a_role_whose_http_port_is_taken_says_how_to_pick_another(tmp_path, role):
+    # it said only "cannot listen there (Address already in use)", with nothing to do next
+    config = tmp_path / "fleet.toml"
+    config.write_text('[nats]\nurl = "nats://127.0.0.1:1"\n[upstreams.u]\nbase_url = "http://127.0.0.1:9"\n'
+                      '[pools.p]\nkeys = [{id = "k1", rps = 1, secret = "env:UNUSED_K1"}]\n')
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = cli(role, "--config", str(config), "--http", f"127.0.0.1:{port}", cwd=tmp_path)
+    assert done.returncode != 0, done.stderr
+    assert done.stderr.strip() == (f"error: --http 127.0.0.1:{port}: cannot listen there (Address already in use); "
+                                   "pass another --http HOST:PORT (port 0: any free port)")
