@@ -298,6 +298,7 @@ def mock_upstream(port: int = typer.Option(8900, "--port"), host: str = typer.Op
                   fail_status: int = typer.Option(500, "--fail-status")):
     """A local OpenAI-style upstream enforcing per-key limits (429 + Retry-After, x-ratelimit headers)."""
     from ratefleet.mock import MockSettings, parse_key_spec, serve_forever
+    from ratefleet.mock.server import bind_socket
 
     try:
         keys = [parse_key_spec(spec) for spec in key]
@@ -306,7 +307,12 @@ def mock_upstream(port: int = typer.Option(8900, "--port"), host: str = typer.Op
     settings = MockSettings(host=host, port=port, keys=keys, default_rps=rps, default_burst=burst,
                             latency_ms=latency_ms, latency_jitter_ms=latency_jitter_ms, fail_rate=fail_rate,
                             fail_status=fail_status)
-    serve_forever(settings, announce=typer.echo)  # one line, once bound (with --port 0 the port it got)
+    try:
+        sock = bind_socket(host, port)
+    except OSError as exc:  # a port in use, an address not on this machine: one line, not "unexpected OSError"
+        fail(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); pass another --port "
+             "(0: any free port) and point the fleet's [upstreams.<name>] base_url at it")
+    serve_forever(settings, announce=typer.echo, sock=sock)  # one line, once bound (with --port 0 the port it got)
 
 
 @app.command()

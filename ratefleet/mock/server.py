@@ -202,9 +202,11 @@ def running_mock(settings: MockSettings | None = None, *, port: int | None = 0) 
     return RunningMock(settings)
 
 
-def serve_forever(settings: MockSettings, *, announce: Callable[[str], None] | None = None) -> None:
-    """Serve in the foreground until Ctrl-C or SIGTERM (the CLI's ``mock-upstream``)."""
-    sock = bind_socket(settings.host, settings.port)
+def serve_forever(settings: MockSettings, *, announce: Callable[[str], None] | None = None,
+                  sock: socket.socket | None = None) -> None:
+    """Serve in the foreground until Ctrl-C or SIGTERM (the CLI's ``mock-upstream``), on `sock`
+    when given (bound already), else on ``settings.host``/``port``."""
+    sock = sock if sock is not None else bind_socket(settings.host, settings.port)
     url = url_for(settings.host, sock.getsockname()[1])
     say = announce or (lambda line: print(line, file=sys.stderr, flush=True))
     say(f"mock upstream listening on {url} ({len(settings.keys)} keys); stats at {url}/_mock/stats")

@@ -464,6 +464,19 @@ def test_gateway_on_a_port_in_use_says_so_in_one_line(tmp_path):
                                    "pass another --listen HOST:PORT (or set [gateway] listen)")
 
 
+def test_mock_upstream_on_a_port_in_use_says_how_to_pick_another(tmp_path):
+    # it printed "unexpected OSError: [Errno 98] Address already in use (set RATEFLEET_DEBUG=1 ...)", exit 1
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = cli("mock-upstream", "--port", str(port), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (f"error: --host 127.0.0.1 --port {port}: cannot listen there (Address already in "
+                                   "use); pass another --port (0: any free port) and point the fleet's "
+                                   "[upstreams.<name>] base_url at it")
+
+
 @pytest.mark.parametrize("role", ["dispatcher", "worker"])
 def test_a_role_whose_http_port_is_taken_says_how_to_pick_another(tmp_path, role):
     # it said only "cannot listen there (Address already in use)", with nothing to do next
