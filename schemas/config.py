@@ -270,6 +270,16 @@ class GatewayConfig(_Strict):
 
     listen: str = "127.0.0.1:8080"
 
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        """HOST:PORT (or [IPv6]:PORT), port 1-65535: refused here, so a bad `[gateway] listen` or
+        `RATEFLEET_GATEWAY_LISTEN` is named like any other field (the gateway only parses it)."""
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host.strip("[]"):
+            raise ValueError(f"{value!r}: give HOST:PORT, e.g. 127.0.0.1:8080")
+        return value
+
 
 class Config(_Strict):
     """The whole file. Tiers are listed highest priority first."""

@@ -10,6 +10,7 @@ import typer
 from ratefleet.cli_support import EXIT_FAILED, EXIT_INTERRUPTED, fail, load_config_or_fail
 from ratefleet.runtime.logs import configure_logging
 from ratefleet.schemas.config import config_path
+from ratefleet.schemas.config_env import EnvOverrides
 from ratefleet.schemas.errors import ConfigError, RatefleetError
 
 
@@ -34,10 +35,16 @@ def gateway(config: Path | None = typer.Option(None, "--config", "-c",
         parse_listen(address)
     except ConfigError as exc:
         fail(str(exc))
+    if listen:
+        source = f"--listen {address}"
+    elif EnvOverrides().gateway_listen:
+        source = f"RATEFLEET_GATEWAY_LISTEN={address}"
+    else:
+        source = f"[gateway] listen {address}"
     configure_logging()
     log_and_ignore_sighup()
     try:
-        anyio.run(gateway_main, cfg, address)
+        anyio.run(gateway_main, cfg, address, source)
     except ConfigError as exc:
         fail(str(exc))
     except RatefleetError as exc:

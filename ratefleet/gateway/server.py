@@ -125,13 +125,14 @@ def batch_service(config: Config, client: Client, callers: CallerTable) -> tuple
     return runner, BatchApi(callers, files, book, runner)
 
 
-async def gateway_main(config: Config, listen: str) -> None:
-    """The `ratefleet gateway` process."""
+async def gateway_main(config: Config, listen: str, source: str | None = None) -> None:
+    """The `ratefleet gateway` process; `source` names where `listen` came from in an error
+    (default `--listen LISTEN`)."""
     from ratefleet.roles import run_role
 
     probes = Probes()  # served on `listen` by the gateway's own app
     callers = load_callers(config, probes)  # no usable caller key stops the start, before NATS
-    sock = bind_listener(*parse_listen(listen), f"--listen {listen}",  # a port in use: one line, before NATS
+    sock = bind_listener(*parse_listen(listen), source or f"--listen {listen}",  # a port in use: one line, before NATS
                          instead=LISTEN_INSTEAD)
 
     async def body(nc, stop):

@@ -464,6 +464,28 @@ def test_gateway_on_a_port_in_use_says_so_in_one_line(tmp_path):
                                    "pass another --listen HOST:PORT (or set [gateway] listen)")
 
 
+@pytest.mark.parametrize("source", ["file", "env"])
+def test_gateway_on_a_port_in_use_names_where_the_address_came_from(tmp_path, source):
+    # without --listen the address is [gateway] listen or RATEFLEET_GATEWAY_LISTEN; the error said "--listen ..."
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "gw.toml"
+        config.write_text('[nats]\nurl = "nats://127.0.0.1:1"\n[upstreams.u]\nbase_url = "http://127.0.0.1:9"\n'
+                          '[pools.p]\nkeys = [{id = "k1", rps = 1, secret = "env:UNUSED_K1"}]\n'
+                          '[callers.app]\nkey = "env:RF_TEST_GW_KEY"\ntier = "normal"\n'
+                          + (f'[gateway]\nlisten = "127.0.0.1:{port}"\n' if source == "file" else ""))
+        extra = {"RATEFLEET_GATEWAY_LISTEN": f"127.0.0.1:{port}"} if source == "env" else {}
+        done = cli("gateway", "--config", str(config), cwd=tmp_path,
+                   env=clean_env(RF_TEST_GW_KEY="rk-test-0123456789abcdef", **extra))
+    named = "[gateway] listen" if source == "file" else "RATEFLEET_GATEWAY_LISTEN="
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (f"error: {named}{' ' if source == 'file' else ''}127.0.0.1:{port}: cannot listen "
+                                   "there (Address already in use); pass another --listen HOST:PORT (or set "
+                                   "[gateway] listen)")
+
+
 def test_mock_upstream_on_a_port_in_use_says_how_to_pick_another(tmp_path):
     # it printed "unexpected OSError: [Errno 98] Address already in use (set RATEFLEET_DEBUG=1 ...)", exit 1
     with socket.socket() as taken:

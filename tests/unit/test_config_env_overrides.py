@@ -68,3 +68,19 @@ def test_ratefleet_config_names_the_file(path, monkeypatch, tmp_path):
 def test_an_empty_variable_counts_as_unset(path, monkeypatch):
     monkeypatch.setenv("RATEFLEET_WORKERS_SLOTS", "")
     assert load_config(path).workers.slots == 12
+
+
+@pytest.mark.parametrize("listen", ["nonsense", "8080", "127.0.0.1:0", "127.0.0.1:99999", ":8080"])
+def test_a_bad_gateway_listen_names_the_variable(path, monkeypatch, listen):
+    # it loaded, and `ratefleet gateway` then blamed `--listen 'nonsense'`, a flag nobody gave
+    monkeypatch.setenv("RATEFLEET_GATEWAY_LISTEN", listen)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert f"{path} (with RATEFLEET_GATEWAY_LISTEN): gateway.listen: {listen!r}: give HOST:PORT" in message, message
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:8080", "0.0.0.0:1", "[::1]:8080", "gateway.local:65535"])
+def test_a_gateway_listen_of_host_and_port_loads(path, monkeypatch, listen):
+    monkeypatch.setenv("RATEFLEET_GATEWAY_LISTEN", listen)
+    assert load_config(path).gateway.listen == listen
