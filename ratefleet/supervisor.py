@@ -145,7 +145,9 @@ def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatc
     else:  # said plainly: whatever fleet runs there gets these processes, and this file as its live config
         print(f"a NATS server already answers at {redact_url(url)}: joining it (no embedded server is started); "
               f"this fleet's config file {config_path or '(none)'} becomes the live config of every ratefleet "
-              "process there (`ratefleet config show` shows what runs now)", file=sys.stderr)
+              "process there (`ratefleet config show` shows what runs now); for a fleet of its own, stop this "
+              "(Ctrl-C) and pass --nats nats://127.0.0.1:PORT with a free PORT: an embedded server starts there",
+              file=sys.stderr)
     env = {**os.environ, "RATEFLEET_NATS_URL": url}
     children = _children(config_path, workers, dispatchers, gateway)
     if http_host:

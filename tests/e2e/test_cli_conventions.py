@@ -421,6 +421,9 @@ def test_up_says_when_it_joins_a_nats_server_that_runs_already(tmp_path, nats_se
         output = (tmp_path / "up.log").read_text()
         assert f"a NATS server already answers at {nats_server.url}: joining it" in output, output[-2000:]
         assert f"this fleet's config file {config} becomes the live config" in output
+        # and how to get a server of its own (the port may be another user's NATS)
+        assert ("for a fleet of its own, stop this (Ctrl-C) and pass --nats nats://127.0.0.1:PORT with a free PORT: "
+                "an embedded server starts there") in output
         assert "started embedded nats-server" not in output
     finally:
         up.send_signal(signal.SIGINT)
