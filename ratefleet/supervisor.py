@@ -27,7 +27,7 @@ from ratefleet.runtime.connect import redact_url
 from ratefleet.runtime.embedded import EmbeddedNats, die_with_parent, embedded_for, port_answers
 from ratefleet.runtime.logs import get_logger
 from ratefleet.schemas import Config
-from ratefleet.schemas.errors import NatsUnavailable
+from ratefleet.schemas.errors import ConfigError, NatsUnavailable
 
 log = get_logger("ratefleet.up")
 
@@ -121,6 +121,23 @@ def unusable_secrets(config: Config) -> str | None:
             "files for `ratefleet up`, or fix the keys' `secret` in the config")
 
 
+def gateway_listen_problem(listen: str) -> str | None:
+    """What keeps `up --gateway`'s gateway from listening on `listen` (`[gateway] listen`, or
+    RATEFLEET_GATEWAY_LISTEN over it), e.g. a port in use, else None: said once at start. The
+    gateway itself would exit 2 and be restarted again and again."""
+    from ratefleet.runtime.probes import bind_listener
+    from ratefleet.schemas.config_env import EnvOverrides
+
+    host, _, port = listen.rpartition(":")  # the config checked the form
+    name = "RATEFLEET_GATEWAY_LISTEN=" if EnvOverrides().gateway_listen else "[gateway] listen "
+    try:
+        bind_listener(host.strip("[]"), int(port), f"{name}{listen}",
+                      instead="set another [gateway] listen (or RATEFLEET_GATEWAY_LISTEN), or leave out --gateway").close()
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
 def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatchers: int,
               gateway: bool = False, http_host: str | None = "127.0.0.1", http_base_port: int = 9464) -> int:
     """Run the fleet until Ctrl-C/SIGTERM; the exit code. `http_host` None: no probes."""
@@ -129,6 +146,9 @@ def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatc
         if problem is not None:
             print(f"error: {problem}", file=sys.stderr)
             return 2
+    if gateway and (problem := gateway_listen_problem(config.gateway.listen)) is not None:
+        print(f"error: {problem}", file=sys.stderr)  # not a gateway restarted every few seconds, forever
+        return 2
     embedded: EmbeddedNats | None = None
     url = config.nats.url
     if not port_answers(url) and (config.nats.has_credentials or "@" in url):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -71,3 +72,36 @@ def test_gateway_refuses_to_start_without_config_or_with_an_unreadable_caller_ke
     bad = subprocess.run([sys.executable, "-m", "ratefleet", "gateway", "--config", str(path), "--listen", "nowhere"],
                          env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "give HOST:PORT" in bad.stderr
+
+
+def test_up_with_gateway_on_a_port_in_use_refuses_at_once(tmp_path):
+    # the gateway child exited 2 ("cannot listen there"), and `up` restarted it every few seconds,
+    # forever, after printing "gateway 1: http://127.0.0.1:PORT/metrics" for whatever held the port
+    nats_port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "fleet.toml"
+        config.write_text(tomli_w.dumps({
+            "nats": {"url": f"nats://127.0.0.1:{nats_port}"},
+            "upstreams": {"u": {"base_url": "http://127.0.0.1:9"}},
+            "pools": {"p": {"keys": [{"id": "k1", "rps": 1, "secret": "env:RF_UP_GW_K1"}]}},
+            "callers": {"app": {"key": "env:RF_UP_GW_APP", "tier": "normal"}},
+            "gateway": {"listen": f"127.0.0.1:{port}"}}))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RATEFLEET_")}
+        env.update(RF_UP_GW_K1="sk-1", RF_UP_GW_APP="rk-app-1", RATEFLEET_LOG_FORMAT="json")
+        up = subprocess.Popen([sys.executable, "-m", "ratefleet", "up", "--config", str(config), "--workers", "0",
+                               "--gateway", "--http-base-port", "0"], cwd=tmp_path, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            _, stderr = up.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)  # the fleet it started too
+            _, stderr = up.communicate()
+            pytest.fail(f"`ratefleet up --gateway` still running after 30 s: {stderr[-2000:]}")
+    assert up.returncode == 2, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == (
+        f"error: [gateway] listen 127.0.0.1:{port}: cannot listen there (Address already in use); set another "
+        "[gateway] listen (or RATEFLEET_GATEWAY_LISTEN), or leave out --gateway")
+    assert not (tmp_path / ".ratefleet").exists()  # refused before an embedded nats-server was started
