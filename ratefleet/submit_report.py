@@ -18,6 +18,7 @@ from ratefleet.batchfile import IdSet, Validation
 from ratefleet.cli_support import connection_args
 from ratefleet.client import Client
 from ratefleet.openai_batch import format_result
+from ratefleet.runtime.connect import denial_expected
 from ratefleet.runtime.logs import redact_text
 from ratefleet.schemas import Result
 from ratefleet.schemas.config_store import CURRENT_KEY, StoredConfig
@@ -144,7 +145,8 @@ async def fleet_upstreams(client: Client, warn: Callable[[str], None] | None = N
     try:
         # bounded: a request the account does not permit gets no answer (nats-server sends the
         # client an -ERR instead), so a producer without the bucket would wait out nats-py's 5 s
-        with anyio.fail_after(CONFIG_READ_S):
+        # a refusal is not worth a warning: the read is optional (see above)
+        with denial_expected(f"KV_{client.subjects.config_bucket}"), anyio.fail_after(CONFIG_READ_S):
             kv = await client.js.key_value(client.subjects.config_bucket)  # never created here
             entry = await kv.get(CURRENT_KEY)
     except Exception:  # noqa: BLE001 - see docstring

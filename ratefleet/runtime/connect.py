@@ -135,6 +135,9 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
         if not holder[0].is_connected and not holder[0].is_reconnecting and _refused(exc):
             raise _Refused(exc)  # the first connect: wrong credentials or TLS fail now, not retried forever
         # also where exceptions escaping a subscription callback end up
+        if _expected_denial(str(exc)):
+            log.debug("nats refused an optional read", detail=scrub(str(exc))[:300])
+            return
         _note_denial(scrub(str(exc)))
         log.warning("nats error", error=type(exc).__name__, detail=scrub(str(exc))[:300])
 
@@ -157,6 +160,25 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
 
 
 _DENIED: list[str] = []  # subjects the server refused this process (permissions violation), for CLI hints
+_EXPECTED: list[str] = []  # parts of subjects whose refusal a command expects and gets by without (lower case)
+
+
+@contextlib.contextmanager
+def denial_expected(part: str):
+    """While inside, a permissions violation for a subject containing `part` (any case) is
+    expected: the command reads something optional that a restricted user (e.g. the producer
+    of examples/nats-accounts.conf) may not, and goes on without it. Such a refusal is logged
+    at debug level only and not remembered for the CLI's error hints."""
+    _EXPECTED.append(part.lower())
+    try:
+        yield
+    finally:
+        _EXPECTED.remove(part.lower())
+
+
+def _expected_denial(text: str) -> bool:
+    match = re.search(r'permissions violation for (publish|subscription) to "([^"]+)"', text, re.IGNORECASE)
+    return bool(match) and any(part in match.group(2).lower() for part in _EXPECTED)
 
 
 def _note_denial(text: str) -> None:
