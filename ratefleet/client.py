@@ -25,7 +25,7 @@ from nats.js.api import DeliverPolicy
 from pydantic import ValidationError
 
 from ratefleet.runtime.bodies import BodyStore
-from ratefleet.runtime.connect import connect
+from ratefleet.runtime.connect import connect, denial_expected
 from ratefleet.runtime.edge import translated
 from ratefleet.runtime.pubpipe import PublishPipe
 from ratefleet.runtime.replies import ReplyInbox
@@ -316,9 +316,12 @@ class Client:
     async def no_dispatcher(self, timeout: float = 1.0) -> bool:
         """True only when NATS says no dispatcher listens on the status subject (no responders,
         at once); an answer, a slow one (`timeout` seconds), or an account not allowed to ask
-        (nats-server answers with an -ERR only) all give False: nothing is known then."""
+        (nats-server answers with an -ERR only) all give False: nothing is known then. That
+        refusal is expected (the producer of examples/nats-accounts.conf may not ask), so it
+        is no warning."""
         try:
-            await self.nc.request(self.subjects.admin_status, b"", timeout=timeout)
+            with denial_expected(self.subjects.admin_status):
+                await self.nc.request(self.subjects.admin_status, b"", timeout=timeout)
         except NoRespondersError:
             return True
         except Exception:  # noqa: BLE001 - see docstring
