@@ -28,7 +28,7 @@ import typer
 from ratefleet.cli_support import EXIT_FAILED, client_target, fail, require_file
 from ratefleet.config_applied import describe, fleet_applied
 from ratefleet.gateway.callers import unusable_callers
-from ratefleet.runtime.config_kv import document_for, push_config, read_config, read_toml
+from ratefleet.runtime.config_kv import HISTORY, document_for, push_config, read_config, read_toml
 from ratefleet.runtime.connect import connect
 from ratefleet.schemas import Subjects
 from ratefleet.schemas.config import config_path, parse_config
@@ -124,8 +124,10 @@ def show(revision: int | None = typer.Option(None, "--revision", min=1, help="an
     except NatsUnavailable as exc:
         fail(str(exc), EXIT_FAILED)
     if found is None:
-        what = f"revision {revision} is not in the config bucket" if revision else "no config was pushed yet"
-        fail(f"{what} (`ratefleet config push FILE` stores one)", EXIT_FAILED)
+        if revision:  # pushing a file would not bring an old revision back
+            fail(f"revision {revision} is not in the config bucket (it keeps the last {HISTORY} revisions); "
+                 "`ratefleet config show` prints the current one, with its number", EXIT_FAILED)
+        fail("no config was pushed yet (`ratefleet config push FILE` stores one)", EXIT_FAILED)
     number, document = found
     if as_json:
         typer.echo(json.dumps({"revision": number, **document.model_dump(mode="json")}, indent=2))

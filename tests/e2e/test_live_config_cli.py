@@ -78,6 +78,8 @@ def test_push_stores_revisions_and_a_refused_push_changes_nothing(tmp_path, nats
     assert "rps = 5" in shown.stdout and "env:K1" in shown.stdout
     missing = cli("config", "show", "--revision", "99", *url)
     assert missing.returncode == 1 and "revision 99 is not in the config bucket" in missing.stderr
+    # what to do next: see which revision there is (it said "`ratefleet config push FILE` stores one")
+    assert "(it keeps the last 64 revisions); `ratefleet config show` prints the current one" in missing.stderr
 
 
 def test_watch_pushes_each_good_edit_and_reports_a_bad_one(tmp_path, nats_server):
