@@ -121,13 +121,20 @@ def unusable_secrets(config: Config) -> str | None:
             "files for `ratefleet up`, or fix the keys' `secret` in the config")
 
 
-def gateway_listen_problem(listen: str) -> str | None:
-    """What keeps `up --gateway`'s gateway from listening on `listen` (`[gateway] listen`, or
-    RATEFLEET_GATEWAY_LISTEN over it), e.g. a port in use, else None: said once at start. The
-    gateway itself would exit 2 and be restarted again and again."""
+def gateway_start_problem(config: Config) -> str | None:
+    """What would keep `up --gateway`'s gateway from starting, else None: no caller with a
+    usable key here (or two sharing one), or `[gateway] listen` (RATEFLEET_GATEWAY_LISTEN over
+    it) that cannot be listened on, e.g. a port in use. Said once at start: the gateway itself
+    would exit 2 and be restarted again and again."""
+    from ratefleet.gateway.callers import CallerTable
     from ratefleet.runtime.probes import bind_listener
     from ratefleet.schemas.config_env import EnvOverrides
 
+    try:
+        CallerTable.from_config(config)  # the gateway child inherits this environment
+    except ConfigError as exc:
+        return str(exc)
+    listen = config.gateway.listen
     host, _, port = listen.rpartition(":")  # the config checked the form
     name = "RATEFLEET_GATEWAY_LISTEN=" if EnvOverrides().gateway_listen else "[gateway] listen "
     try:
@@ -146,7 +153,7 @@ def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatc
         if problem is not None:
             print(f"error: {problem}", file=sys.stderr)
             return 2
-    if gateway and (problem := gateway_listen_problem(config.gateway.listen)) is not None:
+    if gateway and (problem := gateway_start_problem(config)) is not None:
         print(f"error: {problem}", file=sys.stderr)  # not a gateway restarted every few seconds, forever
         return 2
     embedded: EmbeddedNats | None = None

@@ -105,3 +105,30 @@ def test_up_with_gateway_on_a_port_in_use_refuses_at_once(tmp_path):
         f"error: [gateway] listen 127.0.0.1:{port}: cannot listen there (Address already in use); set another "
         "[gateway] listen (or RATEFLEET_GATEWAY_LISTEN), or leave out --gateway")
     assert not (tmp_path / ".ratefleet").exists()  # refused before an embedded nats-server was started
+
+
+def test_up_with_gateway_and_no_usable_caller_key_refuses_at_once(tmp_path):
+    # the gateway child refused to start (exit 2, "no caller has a usable key") and `up`
+    # restarted it every few seconds, forever
+    config = tmp_path / "fleet.toml"
+    config.write_text(tomli_w.dumps({
+        "nats": {"url": f"nats://127.0.0.1:{free_port()}"},
+        "upstreams": {"u": {"base_url": "http://127.0.0.1:9"}},
+        "pools": {"p": {"keys": [{"id": "k1", "rps": 1, "secret": "env:RF_UP_GW_K1"}]}},
+        "callers": {"app": {"key": "env:RF_UP_GW_UNSET", "tier": "normal"}},
+        "gateway": {"listen": f"127.0.0.1:{free_port()}"}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RATEFLEET_") and k != "RF_UP_GW_UNSET"}
+    env.update(RF_UP_GW_K1="sk-1", RATEFLEET_LOG_FORMAT="json")
+    up = subprocess.Popen([sys.executable, "-m", "ratefleet", "up", "--config", str(config), "--workers", "0",
+                           "--gateway", "--http-base-port", "0"], cwd=tmp_path, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _, stderr = up.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(up.pid, signal.SIGKILL)  # the fleet it started too
+        _, stderr = up.communicate()
+        pytest.fail(f"`ratefleet up --gateway` still running after 30 s: {stderr[-2000:]}")
+    assert up.returncode == 2, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith(
+        "error: no caller has a usable key (callers.app.key: RF_UP_GW_UNSET not set)"), stderr[-2000:]
+    assert not (tmp_path / ".ratefleet").exists()  # refused before an embedded nats-server was started
