@@ -29,6 +29,7 @@ from ratefleet.schemas.ratelimit_scope import RateLimitScope, rate_limit_scope
 from ratefleet.schemas.signals import classify, parse_ratelimit, parse_retry_after, provider_code
 from ratefleet.workers.body import body_fields, read_capped
 from ratefleet.workers.http_spans import traced_transport
+from ratefleet.workers.usage import answer_cost, stream_cost
 
 ChunkSink = Callable[[bytes], Awaitable[None]]
 KEPT_HEADERS = ("content-type", "retry-after", "x-request-id", "openai-processing-ms")
@@ -86,14 +87,6 @@ class NoCookies(CookieJar):
 
     def set_cookie(self, cookie: Any) -> None:
         return None
-
-
-def _dig(data: Any, path: str) -> float | None:
-    for part in path.split("."):
-        if not isinstance(data, dict) or part not in data:
-            return None
-        data = data[part]
-    return float(data) if isinstance(data, (int, float)) and not isinstance(data, bool) else None
 
 
 def still_encoded(content_encoding: str | None) -> bool:
@@ -236,7 +229,7 @@ class UpstreamExecutor:
         if raw is None:
             return self._too_large(response, secret, latency_ms, received)
         info = _response_info(response, raw, secret, received)
-        cost = _dig(info.json_body, upstream.usage_path) if upstream.usage_path else None
+        cost = _reported_cost(info, raw, upstream.usage_path, streamed=_event_stream(response, received))
         code = None if response.is_success else provider_code(info.json_body)
         return CallResult(
             kind=classify(response.status_code, None, code), response=info, error=None, provider_code=code,
@@ -260,6 +253,16 @@ class UpstreamExecutor:
     def _failed(what: str, message: str, started: float) -> CallResult:
         return CallResult(kind=classify(None, what), response=None, error=message, retry_after_s=None,
                           ratelimit=None, actual_cost=None, latency_ms=(time.perf_counter() - started) * 1000)
+
+
+def _reported_cost(info: ResponseInfo, raw: bytes, usage_path: str | None, streamed: bool) -> float | None:
+    """The answer's actual cost by `usage_path` (workers/usage.py): from its JSON body, or
+    from its events when it was streamed (`streamed`: a successful server-sent-events
+    answer), whose usage comes in a chunk of its own. Before, a streamed answer reported
+    no cost, and jobs estimated below their usage overspent the key's tokens per minute."""
+    if not usage_path:
+        return None
+    return stream_cost(raw, usage_path) if streamed else answer_cost(info.json_body, usage_path)
 
 
 def _unlink(response: httpx.Response) -> None:

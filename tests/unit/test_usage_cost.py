@@ -1,0 +1,80 @@
+"""The actual cost the worker reports (`usage_path`): JSON answers, streamed answers (OpenAI's
+usage chunk, Anthropic's message_start / message_delta) and summed paths, over httpx.MockTransport."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from ratefleet.schemas import Job, UpstreamConfig
+from ratefleet.workers.executor import UpstreamExecutor
+from ratefleet.workers.usage import stream_cost
+
+SECRET = "sk-test-SECRET-123456"
+OPENAI = UpstreamConfig(base_url="https://api.example.test", usage_path="usage.total_tokens")
+ANTHROPIC = UpstreamConfig(base_url="https://api.example.test", usage_path="usage.input_tokens+usage.output_tokens")
+
+
+def sse(*events: tuple[str | None, object]) -> bytes:
+    """A server-sent-events body: each (event name or None, data) as one event."""
+    parts = []
+    for name, data in events:
+        head = f"event: {name}\n" if name else ""
+        parts.append(f"{head}data: {data if isinstance(data, str) else json.dumps(data)}\n\n")
+    return "".join(parts).encode()
+
+
+OPENAI_STREAM = sse(
+    (None, {"object": "chat.completion.chunk", "choices": [{"delta": {"content": "hi"}}], "usage": None}),
+    (None, {"object": "chat.completion.chunk", "choices": [{"delta": {"content": "!"}}], "usage": None}),
+    (None, {"object": "chat.completion.chunk", "choices": [],
+            "usage": {"prompt_tokens": 900, "completion_tokens": 600, "total_tokens": 1500}}),
+    (None, "[DONE]"),
+)
+ANTHROPIC_STREAM = sse(
+    ("message_start", {"type": "message_start",
+                       "message": {"id": "msg_1", "usage": {"input_tokens": 900, "output_tokens": 1}}}),
+    ("ping", {"type": "ping"}),
+    ("content_block_delta", {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "hi"}}),
+    ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 600}}),
+    ("message_stop", {"type": "message_stop"}),
+)
+
+
+async def call(body: bytes, content_type: str, upstream: UpstreamConfig) -> float | None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": content_type}, content=body)
+
+    executor = UpstreamExecutor(httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    job = Job.model_validate({"request": {"path": "/v1/chat/completions", "json": {"stream": True}}})
+    result = await executor.call(job, upstream, SECRET)
+    assert result.kind == "ok"
+    return result.actual_cost
+
+
+@pytest.mark.anyio
+async def test_a_streamed_answer_reports_the_usage_of_its_last_chunk():
+    """OpenAI's `stream_options.include_usage`: 1,500 tokens in the last chunk (before: no cost
+    was reported for a stream, so the key's cost bucket kept a low estimate and overspent)."""
+    assert await call(OPENAI_STREAM, "text/event-stream; charset=utf-8", OPENAI) == 1500.0
+
+
+@pytest.mark.anyio
+async def test_anthropic_usage_is_the_sum_of_input_and_output_tokens_streamed_or_not():
+    answer = json.dumps({"type": "message", "usage": {"input_tokens": 900, "output_tokens": 600}}).encode()
+    assert await call(answer, "application/json", ANTHROPIC) == 1500.0
+    assert await call(ANTHROPIC_STREAM, "text/event-stream", ANTHROPIC) == 1500.0
+
+
+@pytest.mark.anyio
+async def test_an_answer_without_usage_reports_no_cost():
+    assert await call(sse((None, {"choices": []}), (None, "[DONE]")), "text/event-stream", OPENAI) is None
+    assert await call(b'{"usage": {"total_tokens": true}}', "application/json", OPENAI) is None
+    assert await call(b'{"usage": {"total_tokens": 7}}', "application/json", OPENAI) == 7.0
+
+
+def test_stream_events_split_over_lines_and_crlf_are_read():
+    body = b'data: {"usage":\r\ndata:  {"total_tokens": 42}}\r\n\r\n: comment\r\n\r\ndata: [DONE]\r\n\r\n'
+    assert stream_cost(body, "usage.total_tokens") == 42.0

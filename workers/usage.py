@@ -1,0 +1,82 @@
+"""The actual cost an answer reports (`upstreams.<u>.usage_path`), in the pool's cost unit.
+
+`usage_path` is a dotted path into the answer's JSON (`usage.total_tokens`, OpenAI), or
+several joined by `+`, whose values are summed (`usage.input_tokens+usage.output_tokens`,
+Anthropic, which reports no total). A path that is absent, or not a number, counts nothing;
+when none of them is found the answer reports no cost (None) and the reservation stands.
+
+A streamed answer (server-sent events, `"stream": true`) reports its usage in its events,
+not in one JSON body: OpenAI in the last chunk when the request asks for it
+(`stream_options.include_usage`), `{"choices": [], "usage": {...}}`; Anthropic the input
+tokens in `message_start` (under `message.usage`) and the output tokens so far in each
+`message_delta` (`usage.output_tokens`). Each path is read from every event's data, and
+from its `message` object, and the last value found wins: OpenAI's earlier chunks carry
+`"usage": null`, Anthropic's later deltas the larger count.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def usage_terms(usage_path: str) -> list[list[str]]:
+    """The dotted paths of `usage_path`, each split into its keys."""
+    return [term.strip().split(".") for term in usage_path.split("+")]
+
+
+def dig(data: Any, keys: list[str]) -> float | None:
+    """The number at `keys` in `data`, or None (absent, or not an int/float; a bool is no number)."""
+    for part in keys:
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return float(data) if isinstance(data, (int, float)) and not isinstance(data, bool) else None
+
+
+def answer_cost(json_body: Any, usage_path: str) -> float | None:
+    """The sum of `usage_path`'s values in a JSON answer, or None when none is there."""
+    found = [dig(json_body, keys) for keys in usage_terms(usage_path)]
+    values = [value for value in found if value is not None]
+    return sum(values) if values else None
+
+
+def stream_cost(raw: bytes, usage_path: str) -> float | None:
+    """The sum of `usage_path`'s values in a server-sent-events answer (module docstring), or
+    None when no event carries any of them. Only events whose data names a path's first key
+    are parsed, so a long stream of text deltas costs a substring search per event."""
+    terms = usage_terms(usage_path)
+    markers = {f'"{keys[0]}"'.encode() for keys in terms} | {b'"message"'}
+    last: list[float | None] = [None] * len(terms)
+    for data in _event_data(raw):
+        if not any(marker in data for marker in markers):
+            continue
+        try:
+            event = json.loads(data)
+        except ValueError:
+            continue
+        for place in (event, event.get("message") if isinstance(event, dict) else None):
+            for i, keys in enumerate(terms):
+                value = dig(place, keys)
+                if value is not None:
+                    last[i] = value
+    values = [value for value in last if value is not None]
+    return sum(values) if values else None
+
+
+def _event_data(raw: bytes) -> list[bytes]:
+    """The data of each event in a server-sent-events body (WHATWG HTML 9.2.6): the `data:`
+    lines of an event joined by newlines; events end at a blank line; comments are skipped."""
+    events: list[bytes] = []
+    lines: list[bytes] = []
+    for line in raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n"):
+        if not line:
+            if lines:
+                events.append(b"\n".join(lines))
+                lines = []
+        elif line.startswith(b"data:"):
+            value = line[5:]
+            lines.append(value[1:] if value.startswith(b" ") else value)
+    if lines:
+        events.append(b"\n".join(lines))
+    return events
