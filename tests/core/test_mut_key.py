@@ -415,13 +415,13 @@ def test_an_empty_request_bucket_cools_the_key_until_its_reset(remaining, reset,
 
 
 @pytest.mark.parametrize("remaining, reset, cooldown", [(0.0, 3.0, 3.0), (-5.0, 3.0, 3.0), (1.0, 3.0, 0.0), (0.0, None, 0.0)])
-def test_an_empty_token_budget_cools_the_key_until_its_reset(remaining, reset, cooldown):
-    for k in (state(cost_per_minute=600.0), state()):  # with or without a cost bucket of its own
-        answered(k, 1.0, remaining_tokens=remaining, reset_tokens_s=reset)
-        assert max(0.0, k.cooldown_until - 1.0) == cooldown
-    k = state(cost_per_minute=600.0)
+def test_an_empty_token_budget_cools_a_key_without_a_cost_bucket_until_its_reset(remaining, reset, cooldown):
+    k = state()
     answered(k, 1.0, remaining_tokens=remaining, reset_tokens_s=reset)
-    assert k.cost.advance(1.0) == remaining
+    assert max(0.0, k.cooldown_until - 1.0) == cooldown
+    k = state(cost_per_minute=600.0)  # its own bucket, lowered to what remains, waits for the refill instead
+    answered(k, 1.0, remaining_tokens=remaining, reset_tokens_s=reset)
+    assert k.cost.advance(1.0) == remaining and k.cooldown_until == -math.inf
 
 
 def test_the_headers_cap_the_effective_request_and_cost_rates():
