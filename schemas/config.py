@@ -95,6 +95,20 @@ class UpstreamConfig(_Strict):
             raise ValueError("must name a host and, if any, a port from 1 to 65535 (e.g. https://api.openai.com)")
         return value.rstrip("/")
 
+    @field_validator("usage_path")
+    @classmethod
+    def _usage_path(cls, value: str | None) -> str | None:
+        """Dotted paths into the answer's JSON, several joined by `+` to be summed
+        (workers/usage.py): a misspelt one (`usage..total_tokens`, a trailing `+`) would count
+        nothing, every call, and the cost bucket would keep each job's estimate."""
+        if value is None:
+            return None
+        for term in value.split("+"):
+            if not all(part.strip() for part in term.strip().split(".")):
+                raise ValueError(f"{value!r}: give dotted paths into the answer's JSON, several joined by '+', "
+                                 "e.g. usage.total_tokens or usage.input_tokens+usage.output_tokens")
+        return value
+
 
 class KeyConfig(_Strict):
     """One key id of a pool: limits (they belong to the id, whatever version is in use) and

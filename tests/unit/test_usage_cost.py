@@ -7,6 +7,7 @@ import json
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
 from ratefleet.schemas import Job, UpstreamConfig
 from ratefleet.workers.executor import UpstreamExecutor
@@ -78,3 +79,11 @@ async def test_an_answer_without_usage_reports_no_cost():
 def test_stream_events_split_over_lines_and_crlf_are_read():
     body = b'data: {"usage":\r\ndata:  {"total_tokens": 42}}\r\n\r\n: comment\r\n\r\ndata: [DONE]\r\n\r\n'
     assert stream_cost(body, "usage.total_tokens") == 42.0
+
+
+@pytest.mark.parametrize("path", ["usage..total_tokens", "usage.total_tokens+", "+usage.input_tokens",
+                                  "usage.input_tokens++usage.output_tokens", ".usage", " "])
+def test_a_misspelt_usage_path_is_refused_in_the_config(path):
+    # it would count nothing on every call, silently: the cost bucket kept each job's estimate
+    with pytest.raises(ValidationError, match="dotted paths"):
+        UpstreamConfig(base_url="https://api.example.test", usage_path=path)
