@@ -18,11 +18,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from nats.js import JetStreamContext
-from nats.js.errors import KeyDeletedError, KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyDeletedError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from ratefleet.runtime.logs import get_logger
-from ratefleet.runtime.streams import open_kv
+from ratefleet.runtime.streams import kv_keys, open_kv
 
 log = get_logger("ratefleet.keys")
 
@@ -45,10 +45,7 @@ class KeyStore:
         records: dict[str, dict[str, Any]] = {}
         try:
             kv = await self._open()
-            try:
-                names = await kv.keys()
-            except NoKeysError:
-                return records
+            names = await kv_keys(self.js, self.bucket)  # not kv.keys(): it misses keys being written
             for key_id in names:
                 try:
                     entry = await kv.get(key_id)

@@ -34,9 +34,9 @@ from collections.abc import Callable
 from typing import Any
 
 from nats.js import JetStreamContext
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError, NotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 
-from ratefleet.runtime.streams import stream_gone
+from ratefleet.runtime.streams import kv_keys, stream_gone
 from ratefleet.schemas import Subjects
 
 PRIVATE = "ratefleet"
@@ -169,10 +169,10 @@ class BatchBook:
 
     async def all(self) -> list[dict[str, Any]]:
         """Every record, newest first."""
-        kv = await self._open()
+        await self._open()
         try:
-            keys = await kv.keys()
-        except (NoKeysError, NotFoundError):
+            keys = await kv_keys(self.js, self.bucket)  # not kv.keys(): it misses batches being updated
+        except NotFoundError:
             return []
         records = [record for key in keys if (record := await self.get(key)) is not None]
         # created_ns orders the batches made within one second (records made before it: 0)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from nats.js.errors import BucketNotFoundError, KeyDeletedError, KeyNotFoundError, NoKeysError
+from nats.js.errors import BucketNotFoundError, KeyDeletedError, KeyNotFoundError
 from structlog.testing import capture_logs
 
 from ratefleet.dispatcher.shell import keycontrol
@@ -40,11 +41,7 @@ class FakeKV:
     deletes: list[str] = field(default_factory=list)
 
     async def keys(self) -> list[str]:
-        if self.fail:
-            raise self.fail
-        if not self.entries:
-            raise NoKeysError
-        return list(self.entries)
+        raise AssertionError("kv.keys() misses keys written while it lists; the stream's subjects are read")
 
     async def get(self, key_id: str) -> Entry:
         found = self.entries[key_id]
@@ -84,6 +81,14 @@ class FakeJS:
         self.created.append(config)
         self.exists = True
         return self.kv
+
+    async def stream_info(self, name: str, subjects_filter: str | None = None) -> SimpleNamespace:
+        """The KV's stream, its subjects as the server lists them (`$KV.<bucket>.<key>`)."""
+        assert (name, subjects_filter) == (f"KV_{BUCKET}", f"$KV.{BUCKET}.>")
+        if self.kv.fail:
+            raise self.kv.fail
+        subjects = {f"$KV.{BUCKET}.{key}": 1 for key in self.kv.entries} or None  # None: the server omits it
+        return SimpleNamespace(state=SimpleNamespace(subjects=subjects))
 
 
 def store(js: FakeJS) -> KeyStore:
