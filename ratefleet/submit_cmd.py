@@ -98,7 +98,8 @@ async def run_submit(file: Path, tier: str, batch: str | None, wait: bool, out: 
         say(f"error: --upstream {upstream!r}: {problem}")
         return 2
     run = Run(file=file, tier=tier, batch=batch or new_batch_name(), wait=wait, out=out, url=url, prefix=prefix,
-              out_format=out_format, by_input=by_input, upstream=upstream, config_args=config_args)
+              out_format=out_format, by_input=by_input, upstream=upstream, config_args=config_args,
+              skip_invalid=skip_invalid)
     # first: the name a resume needs (a run without --batch would make a new batch and pay again)
     say(f"batch {run.batch}" if batch else f"batch {run.batch}; re-run with --batch {run.batch} to resume")
     work = _Work(run)  # what Ctrl-C stops; the report of what it left behind runs after it

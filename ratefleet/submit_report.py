@@ -65,6 +65,7 @@ class Run:
     order: InputOrder | None = None  # --order input: holds Results that arrive before an earlier line's
     upstreams: dict[str, str] | None = None  # the fleet's (name -> auth header), from its live config when readable
     upstream: str | None = None  # --upstream: for the lines that name none
+    skip_invalid: bool = False  # --skip-invalid: a resume must skip the same bad lines, not refuse the file
     before: BatchRecord | None = None  # the batch's record from an earlier run (read before this run's)
     lost: str | None = None  # --wait: how the NATS server lost the queued jobs waited for (batches.queue_lost)
     all_collected: anyio.Event = field(default_factory=anyio.Event)
@@ -117,6 +118,7 @@ class Run:
         args = ["ratefleet", "submit", str(self.file), "--tier", self.tier, "--batch", self.batch]
         args += ["--upstream", self.upstream] if self.upstream is not None else []
         args += (["--wait"] if self.wait else []) + (["--out", str(self.out)] if self.out else [])
+        args += ["--skip-invalid"] if self.skip_invalid else []
         return shlex.join(args + self._format_args() + self._nats_args())
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -374,3 +375,36 @@ async def test_a_batch_name_used_again_for_other_lines_is_warned_of(tmp_path, na
         assert warned == (missing is not None), done.stderr
     assert f"warning: {missing} jobs of batch reuse1's earlier run are not lines of this file" in done.stderr
     assert "`ratefleet cancel --batch reuse1` stops what is queued" in done.stderr
+
+
+@pytest.mark.anyio
+async def test_the_printed_rerun_of_a_skip_invalid_submit_skips_the_bad_lines_again(tmp_path, nats_server):
+    """Ctrl-C on `submit --skip-invalid --wait` over a file with a bad line printed the re-run
+    command without --skip-invalid: run as printed, it refused the whole file ('nothing was
+    submitted; fix the lines above or pass --skip-invalid', exit 2) instead of resuming. The
+    printed command keeps the flag, so it resumes: nothing sent again, the wait goes on."""
+    async with await Client.connect(nats_server.url) as client:  # streams, no fleet: every job stays queued
+        await ensure_topology(client.js, parse_config({}))
+    file = tmp_path / "jobs.jsonl"
+    file.write_text("".join(json.dumps(chat_job(i)) + "\n" for i in range(20)) + '{"request": \n')
+    out = tmp_path / "out.jsonl"
+
+    def until_stored(argv: list[str]) -> str:
+        """Run a submit, Ctrl-C it once it has stored the file; its stderr."""
+        proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if line.startswith("stored "):
+                proc.send_signal(signal.SIGINT)
+                break
+        seen.append(proc.communicate(timeout=60)[1])
+        assert proc.returncode == 130, "".join(seen)
+        return "".join(seen)
+
+    err = until_stored([sys.executable, "-m", "ratefleet", "submit", str(file), "--tier", "guest", "--batch", "skips",
+                        "--wait", "--out", str(out), "--skip-invalid", "--nats", nats_server.url])
+    printed = re.search(r"or re-run \(stored lines are not sent again\): ratefleet (.*)", err)
+    assert printed and "--skip-invalid" in printed[1], err
+    again = until_stored([sys.executable, "-m", "ratefleet", *shlex.split(printed[1])])
+    assert "stored 20 jobs in tier 'guest', batch skips: 0 new, 20 already queued" in again, again
