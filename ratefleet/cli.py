@@ -327,7 +327,9 @@ def demo(jobs: int = typer.Option(400, "--jobs", help="guest flood size"), vip: 
 
 @dlq_app.command("list")
 def dlq_list(tier: str | None = typer.Option(None, "--tier", help=tier_help("only this tier")),
-             limit: int = typer.Option(50, "--limit"), config: Path | None = ConfigOpt,
+             limit: int = typer.Option(50, "--limit", help="letters shown, oldest first (a note on stderr "
+                                                                  "says how many more are stored)"),
+             config: Path | None = ConfigOpt,
              nats: str | None = NatsOpt, prefix: str | None = PrefixOpt, as_json: bool = JsonOpt):
     """List dead letters: job id, tier, reason, attempts."""
     from ratefleet.dlq import list_dead

@@ -19,16 +19,23 @@ NARROW = 120  # columns below which `dlq list` prints one block per letter inste
 
 async def read_dead(client: Client, tier: str | None, limit: int | None = None) -> list[tuple[int, dict]]:
     """(stream sequence, letter) pairs, oldest first."""
+    return (await read_dead_page(client, tier, limit))[0]
+
+
+async def read_dead_page(client: Client, tier: str | None, limit: int | None) -> tuple[list[tuple[int, dict]], int]:
+    """The first `limit` (stream sequence, letter) pairs, oldest first, and how many letters
+    (of `tier`, else all) come after them."""
     subject = client.subjects.dead(tier or "*")
     try:
         info = await client.js.stream_info(client.subjects.dead_stream)
     except nats.js.errors.NotFoundError:  # no stream yet: no letters (a refusal or timeout is an error)
-        return []
+        return [], 0
     if info.state.messages == 0:
-        return []
+        return [], 0
     sub = await client.js.subscribe(subject, stream=client.subjects.dead_stream, ordered_consumer=True,
                                     deliver_policy=DeliverPolicy.ALL)
     letters = []
+    left = 0
     try:
         while limit is None or len(letters) < limit:
             try:
@@ -36,28 +43,35 @@ async def read_dead(client: Client, tier: str | None, limit: int | None = None) 
             except TimeoutError:
                 break
             letters.append((msg.metadata.sequence.stream, json.loads(msg.data)))
-            if msg.metadata.num_pending == 0:
+            left = msg.metadata.num_pending
+            if left == 0:
                 break
     finally:
         await sub.unsubscribe()
-    return letters
+    return letters, left
 
 
 async def list_dead(url: str, prefix: str, tier: str | None, limit: int, as_json: bool,
                     auth: NatsAuthConfig | None = None) -> None:
+    """Print the first `limit` letters; when more are stored, say how many on stderr (and in the title)."""
     async with await Client.connect(url, prefix=prefix, auth=auth) as client:
-        letters = await read_dead(client, tier, limit)
+        letters, left = await read_dead_page(client, tier, limit)
     if as_json:
         for _seq, letter in letters:
             print(json.dumps(letter))
-        return
-    render_dead(letters, make_console())
+    else:
+        render_dead(letters, make_console(), left)
+    if left:  # on stderr: --json output stays one letter a line
+        make_console(stderr=True).print(f"{left:,} more dead letter(s) not shown: pass --limit "
+                                        f"{len(letters) + left} to see them all", markup=False, highlight=False)
 
 
-def render_dead(letters: list[tuple[int, dict]], console) -> None:
-    """Dead letters for people: a table, or below NARROW columns one block per letter; job ids whole."""
+def render_dead(letters: list[tuple[int, dict]], console, left: int = 0) -> None:
+    """Dead letters for people: a table, or below NARROW columns one block per letter; job ids whole.
+    `left`: letters stored after these (the title then says `<shown> of <all>`)."""
+    count = f"{len(letters)} of {len(letters) + left}" if left else str(len(letters))
     if console.width < NARROW:  # a table of 7 columns would cut ids: one block per letter, ids whole
-        console.print(f"dead letters ({len(letters)})", markup=False)
+        console.print(f"dead letters ({count})", markup=False)
         for seq, letter in letters:
             reason = letter.get("reason") or {}
             console.print(f"{seq}  {letter.get('job_id')}  tier {letter.get('tier')}  attempts {letter.get('attempts')}"
@@ -66,7 +80,7 @@ def render_dead(letters: list[tuple[int, dict]], console) -> None:
         return
     table = Table("seq", Column("job id", no_wrap=True, min_width=12), "tier", Column("code", overflow="fold"),
                   Column("reason", overflow="fold", ratio=1), "attempts", "replayable",
-                  title=f"dead letters ({len(letters)})")  # whole ids: they are copied into `dlq replay --id`
+                  title=f"dead letters ({count})")  # whole ids: they are copied into `dlq replay --id`
     for seq, letter in letters:
         reason = letter.get("reason") or {}
         table.add_row(str(seq), str(letter.get("job_id")), str(letter.get("tier")), str(reason.get("code")),

@@ -516,3 +516,27 @@ def test_a_role_whose_http_port_is_taken_says_how_to_pick_another(tmp_path, role
     assert done.returncode != 0, done.stderr
     assert done.stderr.strip() == (f"error: --http 127.0.0.1:{port}: cannot listen there (Address already in use); "
                                    "pass another --http HOST:PORT (port 0: any free port)")
+
+
+@pytest.mark.anyio
+async def test_dlq_list_says_when_it_shows_only_some_of_the_dead_letters(tmp_path, nats_server):
+    # with 58 dead letters stored it printed "dead letters (50)" and nothing else (the default
+    # --limit 50): a user took 50 for the count and missed the rest
+    from ratefleet import Client
+    from ratefleet.runtime.streams import ensure_topology
+    from ratefleet.schemas.config import parse_config
+
+    async with await Client.connect(nats_server.url) as client:
+        await ensure_topology(client.js, parse_config({}))
+        for i in range(5):
+            letter = {"job_id": f"dead-{i}", "tier": "normal", "attempts": 5, "job": chat_job(i, id=f"dead-{i}"),
+                      "reason": {"code": "attempts_exhausted", "message": "gave up after 5 attempts; last: HTTP 503"}}
+            await client.js.publish(client.subjects.dead("normal"), json.dumps(letter).encode())
+    some = cli("dlq", "list", "--limit", "3", "--nats", nats_server.url, cwd=tmp_path)
+    assert some.returncode == 0, some.stderr
+    assert "dead letters (3 of 5)" in some.stdout and "dead-2" in some.stdout and "dead-3" not in some.stdout, some.stdout
+    assert "2 more dead letter(s) not shown: pass --limit 5 to see them all" in some.stderr, some.stderr
+    as_json = cli("dlq", "list", "--limit", "3", "--json", "--nats", nats_server.url, cwd=tmp_path)
+    assert len(as_json.stdout.splitlines()) == 3 and "2 more dead letter(s)" in as_json.stderr
+    every = cli("dlq", "list", "--nats", nats_server.url, cwd=tmp_path)
+    assert "dead letters (5)" in every.stdout and "not shown" not in every.stderr, every.stderr
