@@ -30,7 +30,8 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from ratefleet.batchfile import line_of
-from ratefleet.runtime.cancels import open_batches_bucket
+from ratefleet.phases import STALL_HINT
+from ratefleet.runtime.cancels import is_cancelled, open_batches_bucket
 from ratefleet.schemas import Result, Subjects
 
 STALE_AFTER_S = 30.0  # a "submitting" record older than this: its submit died
@@ -104,6 +105,21 @@ async def queue_lost(js: JetStreamContext, subjects: Subjects, since: datetime.d
         missing = missing + 1 if created is None else 0
         if missing >= 2:
             return f"stream {subjects.jobs_stream} no longer exists on the NATS server"
+
+
+async def waiting_hint(js: JetStreamContext, subjects: Subjects, batch: str) -> str:
+    """What to look at while a batch's Results do not come: a cancelled batch's queued jobs end
+    `cancelled` (no call) only when the dispatcher reaches them in their tier's queue, behind
+    the jobs queued there before them, so the keys and workers are not the cause; else
+    STALL_HINT. STALL_HINT too when the marker cannot be read."""
+    try:
+        cancelled = await is_cancelled(js, subjects, batch)
+    except Exception:  # noqa: BLE001 - see docstring
+        cancelled = False
+    if not cancelled:
+        return STALL_HINT
+    return (f"batch {batch} is cancelled: its queued jobs end `cancelled` without a call when the dispatcher "
+            "reaches them in their tier's queue, after the jobs queued there before them (`ratefleet status`)")
 
 
 async def load_record(js: JetStreamContext, subjects: Subjects, batch: str) -> BatchRecord | None:

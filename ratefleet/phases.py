@@ -13,6 +13,7 @@ and, while a phase does not move (`remind`), one every 30 s saying so:
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import anyio
@@ -105,10 +106,12 @@ class Phases:
             phase.printed = now
             self._say(phase, now)
 
-    async def remind(self, handle: int, quiet_s: float = 30.0, hint: str = "") -> None:
+    async def remind(self, handle: int, quiet_s: float = 30.0,
+                     hint: str | Callable[[], Awaitable[str]] = "") -> None:
         """Until the phase finishes (run it as a task; cancel it after): off a terminal, when
         nothing was printed for `quiet_s` seconds, print the phase's line anyway, saying how
-        long it has not moved, plus `hint` (what to look at). A terminal's bar shows that
+        long it has not moved, plus `hint` (what to look at; a coroutine function is asked
+        each time, e.g. whether the batch was cancelled since). A terminal's bar shows that
         itself (its elapsed time runs on)."""
         if self._progress:
             return
@@ -118,7 +121,8 @@ class Phases:
             now = time.monotonic()
             if not phase.finished and now - phase.printed >= quiet_s:
                 phase.printed = now
-                self._say(phase, now, still=f"nothing new for {now - phase.changed:.0f}s" + (f"; {hint}" if hint else ""))
+                said = hint if isinstance(hint, str) else await hint()
+                self._say(phase, now, still=f"nothing new for {now - phase.changed:.0f}s" + (f"; {said}" if said else ""))
 
     def finish(self, handle: int) -> None:
         """The phase ended (it may have stopped short of its total)."""

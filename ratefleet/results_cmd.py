@@ -32,11 +32,11 @@ import anyio
 import typer
 from rich.console import Console
 
-from ratefleet.batches import BatchRecord, InputOrder, load_record, queue_lost, queue_mark
+from ratefleet.batches import BatchRecord, InputOrder, load_record, queue_lost, queue_mark, waiting_hint
 from ratefleet.cli_support import client_target, connection_args, fail, make_console, require_out_path, run_async
 from ratefleet.client import Client
 from ratefleet.openai_batch import format_result
-from ratefleet.phases import STALL_HINT, Phases
+from ratefleet.phases import Phases
 from ratefleet.results_replays import Replays, replay_of, scan_replays
 from ratefleet.runtime.connect import redact_url
 from ratefleet.schemas import Result
@@ -211,7 +211,8 @@ async def _follow(client: Client, run: Collect, phases: Phases) -> bool:
         if run.wait:
             tg.start_soon(_watch_record, client, run, tg.cancel_scope)
             tg.start_soon(_watch_queue, client, run, await queue_mark(client.js, client.subjects), tg.cancel_scope)
-            tg.start_soon(functools.partial(phases.remind, handle, hint=STALL_HINT))
+            tg.start_soon(functools.partial(phases.remind, handle,
+                                            hint=functools.partial(waiting_hint, client.js, client.subjects, run.batch)))
         if not (run.wait and run.complete):
             async for item in client.results(run.batch, follow=run.wait):
                 await run.take(client, item)

@@ -34,7 +34,15 @@ from pathlib import Path
 import anyio
 from pydantic import ValidationError
 
-from ratefleet.batches import BatchRecord, InputOrder, load_record, queue_lost, queue_mark, save_record
+from ratefleet.batches import (
+    BatchRecord,
+    InputOrder,
+    load_record,
+    queue_lost,
+    queue_mark,
+    save_record,
+    waiting_hint,
+)
 from ratefleet.batchfile import (
     REPEATS_KEPT,
     IdSet,
@@ -50,7 +58,7 @@ from ratefleet.batchfile import (
 )
 from ratefleet.cli_support import make_console
 from ratefleet.client import Client, Stored
-from ratefleet.phases import STALL_HINT, Phases
+from ratefleet.phases import Phases
 from ratefleet.runtime.cancels import is_cancelled
 from ratefleet.schemas import Job
 from ratefleet.schemas.config_nats import NatsAuthConfig
@@ -411,7 +419,8 @@ async def _classify(run: Run, client: Client, stored: Stored) -> None:
 async def _follow(run: Run, client: Client, phases: Phases) -> None:
     handle = phases.start("results", run.found.jobs, unit="results", base=run.results_before)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(functools.partial(phases.remind, handle, hint=STALL_HINT))
+        tg.start_soon(functools.partial(phases.remind, handle,
+                                        hint=functools.partial(waiting_hint, client.js, client.subjects, run.batch)))
         async for result in client.results(run.batch, follow=True):
             if result.job_id not in run.found.ids:
                 continue  # a Result of this batch from an older version of the file

@@ -59,3 +59,43 @@ def test_results_stored_before_a_resume_are_not_in_the_rate_or_the_eta(monkeypat
         handle = phases.start("results", 20_000, unit="results", base=4_945)
         phases.update(handle, completed=12)  # reading back from 0: the bar stays at its base
         assert phases._progress.tasks[0].completed == 4_945
+
+
+async def test_a_hint_given_as_a_coroutine_function_is_asked_at_each_reminder():
+    out = io.StringIO()
+    asked = []
+
+    async def hint() -> str:
+        asked.append(1)
+        return f"asked {len(asked)} times"
+
+    with Phases(Console(file=out, force_terminal=False, width=200), every_s=0.05) as phases:
+        handle = phases.start("results", 5, unit="results")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(phases.remind, handle, 0.2, hint)
+            await anyio.sleep(0.7)
+            phases.finish(handle)
+    assert "; asked 1 times)" in out.getvalue() and "; asked 2 times)" in out.getvalue(), out.getvalue()
+
+
+async def test_the_wait_of_a_cancelled_batch_says_it_is_cancelled_not_to_look_at_keys(nats_server):
+    """`ratefleet cancel --batch cx1` while 20,000 jobs of another batch were queued before cx1's
+    in tier normal: `submit --wait` of cx1 printed 'results: 0/5,000 results (0/s; nothing new
+    for 120s; `ratefleet status` shows the keys (cooling, disabled) and the workers)' for two
+    minutes, the keys and workers being fine. The reminder now says the batch is cancelled
+    and when its jobs end."""
+    from ratefleet import Client
+    from ratefleet.batches import waiting_hint
+    from ratefleet.phases import STALL_HINT
+    from ratefleet.runtime.cancels import mark_cancelled
+    from ratefleet.runtime.streams import ensure_topology
+    from ratefleet.schemas.config import parse_config
+
+    async with await Client.connect(nats_server.url) as client:
+        await ensure_topology(client.js, parse_config({}))
+        assert await waiting_hint(client.js, client.subjects, "cx1") == STALL_HINT
+        await mark_cancelled(client.js, client.subjects, "cx1", by="test")
+        said = await waiting_hint(client.js, client.subjects, "cx1")
+        assert said.startswith("batch cx1 is cancelled: its queued jobs end `cancelled` without a call when the "
+                               "dispatcher reaches them in their tier's queue"), said
+        assert await waiting_hint(client.js, client.subjects, "other") == STALL_HINT
