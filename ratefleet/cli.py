@@ -329,19 +329,24 @@ def demo(jobs: int = typer.Option(400, "--jobs", help="guest flood size"), vip: 
 def dlq_list(tier: str | None = typer.Option(None, "--tier", help=tier_help("only this tier")),
              limit: int = typer.Option(50, "--limit", help="letters shown, oldest first (a note on stderr "
                                                                   "says how many more are stored)"),
+             batch: str | None = typer.Option(None, "--batch", "-b", metavar="NAME",
+                                              help="only letters of this batch's jobs"),
              config: Path | None = ConfigOpt,
              nats: str | None = NatsOpt, prefix: str | None = PrefixOpt, as_json: bool = JsonOpt):
     """List dead letters: job id, tier, reason, attempts."""
     from ratefleet.dlq import list_dead
 
     target = client_target(config, nats, prefix)
-    _run(list_dead, target.url, target.prefix, tier, limit, as_json, target.nats)
+    _run(list_dead, target.url, target.prefix, tier, limit, as_json, target.nats, batch)
 
 
 @dlq_app.command("replay")
 def dlq_replay(tier: str | None = typer.Option(None, "--tier", help=tier_help("only this tier")),
                id: str | None = typer.Option(None, "--id", metavar="JOB_ID",
                                                 help="only the dead letter of this job id (as `dlq list` shows it)"),
+               batch: str | None = typer.Option(None, "--batch", "-b", metavar="NAME",
+                                                help="only the letters of this batch's jobs (a later `ratefleet "
+                                                     "results --batch NAME` writes their new Results in place)"),
                config: Path | None = ConfigOpt,
                nats: str | None = NatsOpt, prefix: str | None = PrefixOpt,
                purge: bool = Flag(True, "--purge/--keep", help="remove replayed letters from the DLQ"),
@@ -351,18 +356,19 @@ def dlq_replay(tier: str | None = typer.Option(None, "--tier", help=tier_help("o
     from ratefleet.dlq import replay_dead
 
     target = client_target(config, nats, prefix)
-    if id is None and tier is None and not yes and sys.stdin.isatty() and sys.stderr.isatty():
+    if id is None and tier is None and batch is None and not yes and sys.stdin.isatty() and sys.stderr.isatty():
         # every letter, each called (and paid for) again: asked at a terminal; a script is not asked
         if not typer.confirm("replay every dead letter holding a job (each is called again)?", default=False,
                              err=True):
-            typer.echo("nothing replayed (pass --id JOB_ID or --tier T for some, --yes for all)", err=True)
+            typer.echo("nothing replayed (pass --id JOB_ID, --batch B or --tier T for some, --yes for all)", err=True)
             raise typer.Exit(1)
-    replayed = _run(replay_dead, target.url, target.prefix, tier, id, purge, target.nats)
+    replayed = _run(replay_dead, target.url, target.prefix, tier, id, purge, target.nats, batch)
     for original, new_id in replayed:
         typer.echo(f"{original} -> {new_id}")
     typer.echo(f"replayed {len(replayed)} dead letter(s)")
-    if not replayed and (id is not None or tier is not None):  # asked for something that is not there
-        which = " and ".join(part for part in (f"job id {id!r}" if id else "", f"tier {tier!r}" if tier else "") if part)
+    if not replayed and (id is not None or tier is not None or batch is not None):  # asked for what is not there
+        which = " and ".join(part for part in (f"job id {id!r}" if id else "", f"tier {tier!r}" if tier else "",
+                                               f"batch {batch!r}" if batch else "") if part)
         fail(f"no replayable dead letter with {which}; `ratefleet dlq list` shows the dead letters "
              "(a letter without its job cannot be replayed)", code=1)
 

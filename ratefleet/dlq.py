@@ -17,14 +17,23 @@ from ratefleet.schemas.job import new_job_id
 NARROW = 120  # columns below which `dlq list` prints one block per letter instead of a table
 
 
-async def read_dead(client: Client, tier: str | None, limit: int | None = None) -> list[tuple[int, dict]]:
+async def read_dead(client: Client, tier: str | None, limit: int | None = None,
+                    batch: str | None = None) -> list[tuple[int, dict]]:
     """(stream sequence, letter) pairs, oldest first."""
-    return (await read_dead_page(client, tier, limit))[0]
+    return (await read_dead_page(client, tier, limit, batch))[0]
 
 
-async def read_dead_page(client: Client, tier: str | None, limit: int | None) -> tuple[list[tuple[int, dict]], int]:
+def letter_batch(letter: dict) -> str | None:
+    """The batch of the job a dead letter holds (None: no job, or a job without a batch)."""
+    job = letter.get("job")
+    return job.get("batch") if isinstance(job, dict) else None
+
+
+async def read_dead_page(client: Client, tier: str | None, limit: int | None,
+                         batch: str | None = None) -> tuple[list[tuple[int, dict]], int]:
     """The first `limit` (stream sequence, letter) pairs, oldest first, and how many letters
-    (of `tier`, else all) come after them."""
+    (of `tier`, else all) come after them. `batch`: only letters holding a job of that batch
+    (every letter is read to find them; the count after them is then of those only)."""
     subject = client.subjects.dead(tier or "*")
     try:
         info = await client.js.stream_info(client.subjects.dead_stream)
@@ -37,14 +46,21 @@ async def read_dead_page(client: Client, tier: str | None, limit: int | None) ->
     letters = []
     left = 0
     try:
-        while limit is None or len(letters) < limit:
+        while True:
             try:
                 msg = await sub.next_msg(timeout=1.0)
             except TimeoutError:
                 break
-            letters.append((msg.metadata.sequence.stream, json.loads(msg.data)))
-            left = msg.metadata.num_pending
-            if left == 0:
+            letter = json.loads(msg.data)
+            if batch is None or letter_batch(letter) == batch:
+                if limit is not None and len(letters) >= limit:
+                    left += 1
+                else:
+                    letters.append((msg.metadata.sequence.stream, letter))
+            if batch is None and limit is not None and len(letters) >= limit:
+                left = msg.metadata.num_pending
+                break
+            if msg.metadata.num_pending == 0:
                 break
     finally:
         await sub.unsubscribe()
@@ -52,10 +68,11 @@ async def read_dead_page(client: Client, tier: str | None, limit: int | None) ->
 
 
 async def list_dead(url: str, prefix: str, tier: str | None, limit: int, as_json: bool,
-                    auth: NatsAuthConfig | None = None) -> None:
-    """Print the first `limit` letters; when more are stored, say how many on stderr (and in the title)."""
+                    auth: NatsAuthConfig | None = None, batch: str | None = None) -> None:
+    """Print the first `limit` letters (of `batch` only, when given); when more are stored, say
+    how many on stderr (and in the title)."""
     async with await Client.connect(url, prefix=prefix, auth=auth) as client:
-        letters, left = await read_dead_page(client, tier, limit)
+        letters, left = await read_dead_page(client, tier, limit, batch)
     if as_json:
         for _seq, letter in letters:
             print(json.dumps(letter))
@@ -89,13 +106,14 @@ def render_dead(letters: list[tuple[int, dict]], console, left: int = 0) -> None
 
 
 async def replay_dead(url: str, prefix: str, tier: str | None, job_id: str | None,
-                      purge: bool, auth: NatsAuthConfig | None = None) -> list[tuple[str, str]]:
-    """Resubmit letters with a job, each under `<original>-r<hex>` so its new Result can be stored.
+                      purge: bool, auth: NatsAuthConfig | None = None, batch: str | None = None) -> list[tuple[str, str]]:
+    """Resubmit letters with a job (of `batch` only, when given), each under `<original>-r<hex>`
+    so its new Result can be stored.
 
     Returns (original job id, new job id) pairs in replay order."""
     replayed: list[tuple[str, str]] = []
     async with await Client.connect(url, prefix=prefix, auth=auth) as client:
-        for seq, letter in await read_dead(client, tier):
+        for seq, letter in await read_dead(client, tier, batch=batch):
             job = letter.get("job")
             if not job or (job_id and letter.get("job_id") != job_id):
                 continue

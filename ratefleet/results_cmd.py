@@ -37,7 +37,7 @@ from ratefleet.cli_support import client_target, connection_args, fail, make_con
 from ratefleet.client import Client
 from ratefleet.openai_batch import format_result
 from ratefleet.phases import Phases
-from ratefleet.results_replays import Replays, replay_of, scan_replays
+from ratefleet.results_replays import Replays, gave_up, replay_hint, replay_of, scan_replays
 from ratefleet.runtime.connect import redact_url
 from ratefleet.schemas import Result
 from ratefleet.schemas.config_nats import NatsAuthConfig
@@ -71,6 +71,7 @@ class Collect:
     open_lines: dict[str, str] = field(default_factory=dict)  # root id -> status, lines not succeeded
     swap: dict[str, Result] = field(default_factory=dict)      # held for --order input: original -> replay
     superseded: int = 0      # Results replaced by a later replay of the same line
+    given_up: dict[str, bool] = field(default_factory=dict)  # root id -> its Result has a GAVE_UP code
 
     async def take(self, client: Client, result: Result) -> None:
         """Count and write one stored Result; a replay stands in for the Result it replays."""
@@ -99,6 +100,10 @@ class Collect:
     def _count(self, root: str, shown: Result) -> None:
         self.count += 1
         self.statuses[shown.status] += 1
+        if gave_up(shown):
+            self.given_up[root] = True
+        else:  # a replay that ended otherwise stands for its line
+            self.given_up.pop(root, None)
         if shown.status != "succeeded":
             self.open_lines[root] = shown.status
 
@@ -259,6 +264,8 @@ def _report(console: Console, run: Collect, out: Path | None, interrupted: bool,
         noun = "Result was" if run.superseded == 1 else "Results were"
         say(f"{run.superseded:,} {noun} replaced by a later `dlq replay` of the same line (counted once, "
             "the latest replay written in their place)")
+    if run.given_up:
+        say(replay_hint(run.batch, len(run.given_up), connection_args(url, prefix, config_args)))
     if record is not None and record.jobs == 0 and record.lines and run.count == 0:
         say(f"none of the {record.lines:,} lines of batch {run.batch} has a job of its own here: their ids were "
             "already stored under other batches (or the lines were invalid); see each with `ratefleet result ID`")

@@ -10,11 +10,31 @@ per line and writes the latest replay in place of the Result it supersedes.
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass, field
 
 from nats.js.api import DeliverPolicy
 
 from ratefleet.client import Client
+from ratefleet.schemas import Result
+
+# error codes of jobs the fleet gave up on (not the request's fault): each left a dead letter
+# holding its job, which `ratefleet dlq replay` sends again
+GAVE_UP = frozenset({"attempts_exhausted", "rate_limited", "poison_message", "no_key_available"})
+
+
+def gave_up(result: Result) -> bool:
+    """True when `result` ended with one of the GAVE_UP codes."""
+    return result.error is not None and str(result.error.code) in GAVE_UP
+
+
+def replay_hint(batch: str, count: int, nats_args: list[str]) -> str:
+    """The line saying how to run again the `count` jobs of `batch` the fleet gave up on."""
+    replay = shlex.join(["ratefleet", "dlq", "replay", "--batch", batch, *nats_args])
+    noun = "job" if count == 1 else "jobs"
+    return (f"{count:,} {noun} of batch {batch} the fleet gave up on ({', '.join(sorted(GAVE_UP))}; not the "
+            f"request's fault); run them again with: {replay}, then `ratefleet results --batch {batch}` "
+            "writes their new Results in place of these")
 
 
 @dataclass

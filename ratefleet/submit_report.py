@@ -18,6 +18,7 @@ from ratefleet.batchfile import IdSet, Validation
 from ratefleet.cli_support import connection_args
 from ratefleet.client import Client
 from ratefleet.openai_batch import format_result
+from ratefleet.results_replays import gave_up, replay_hint
 from ratefleet.runtime.connect import denial_expected
 from ratefleet.runtime.logs import redact_text
 from ratefleet.schemas import Result
@@ -28,6 +29,7 @@ FLUSH_EVERY = 500  # Results written between flushes of --out
 
 
 CONFIG_READ_S = 0.5  # seconds for reading the fleet's live config (milliseconds when permitted)
+
 
 
 @dataclass
@@ -57,6 +59,7 @@ class Run:
     unsent: int = 0          # distinct ids the validation pass found that the send pass did not send
     repeats: list[tuple[int, str, int]] = field(default_factory=list)  # (line, id, its first line): the first 10
     collected: int = 0       # this batch's Results seen by --wait
+    given_up: int = 0        # Results with a GAVE_UP code (each has a dead letter to replay)
     statuses: Counter = field(default_factory=Counter)
     written: int = 0
     sink: TextIO | None = None
@@ -78,6 +81,7 @@ class Run:
     def write(self, result: Result) -> None:
         """Count a Result (and write it to --out)."""
         self.statuses[result.status] += 1
+        self.given_up += gave_up(result)
         self.written += 1
         for ready in self.order.push(result) if self.order is not None else [result]:
             self._emit(ready)
@@ -253,6 +257,8 @@ def report_end(run: Run, phases, *, submitted_only: bool = False) -> int:
     if failed > 0 and run.out is not None and str(run.out) != "-" and run.out_format == "ratefleet":
         phases.print(f"why each of the {failed:,} did not succeed is in its `error`: jq -c 'select(.status != "
                      f"\"succeeded\") | {{job_id, status, error}}' {shlex.quote(str(run.out))}")
+    if run.given_up:
+        phases.print(replay_hint(run.batch, run.given_up, run._nats_args()))
     if run.lost:
         left = run.expected - run.collected
         phases.print(f"error: the NATS server lost the jobs of batch {run.batch} still queued: {run.lost}. "

@@ -275,3 +275,39 @@ async def test_config_show_into_a_closed_pipe_exits_141_like_the_other_commands(
     piped = _run_into_closed_pipe("config", "show", "--config", str(config))
     assert piped.returncode == 141 and "error" not in piped.stderr, piped.stderr
 
+
+
+@pytest.mark.anyio
+async def test_jobs_the_fleet_gave_up_on_are_named_with_the_replay_of_their_batch_alone(tmp_path, nats_server):
+    """A nightly batch ending with 58 `attempts_exhausted` among 30,000 Results said only how to
+    read each `error` with jq; `dlq replay` could replay one id or a whole tier (every batch's
+    letters in it, other nights' included). `results` now counts the jobs the fleet gave up on
+    and prints `ratefleet dlq replay --batch B`, and `dlq list|replay --batch B` take only that
+    batch's letters."""
+    async with await Client.connect(nats_server.url) as client:
+        await ensure_topology(client.js, parse_config({}))
+        for batch, n in (("night", 1), ("night", 2), ("other", 1)):
+            job_id = line_job_id(batch, n, f"line {n}")
+            error = {"code": "attempts_exhausted", "message": "gave up after 5 attempts; last: HTTP 503"}
+            await store_result(client.js, client.subjects, Result(job_id=job_id, status="failed", batch=batch,
+                                                                  error=error, attempts=5))
+            letter = {"job_id": job_id, "tier": "normal", "attempts": 5, "reason": error,
+                      "job": chat_job(n, id=job_id, batch=batch)}
+            await client.js.publish(client.subjects.dead("normal"), json.dumps(letter).encode())
+        await store_result(client.js, client.subjects, Result(job_id=line_job_id("night", 3, "x"), status="succeeded",
+                                                              batch="night"))
+        await save_record(client.js, client.subjects,
+                          BatchRecord(batch="night", tier="normal", state="submitted", jobs=3, lines=3))
+    url = ["--nats", nats_server.url]
+    done = cli("results", "--batch", "night", "--out", str(tmp_path / "out.jsonl"), *url)
+    assert done.returncode == 1, done.stderr
+    replay = f"ratefleet dlq replay --batch night --nats {nats_server.url}"
+    assert (f"2 jobs of batch night the fleet gave up on (attempts_exhausted, no_key_available, poison_message, "
+            f"rate_limited; not the request's fault); run them again with: {replay}") in done.stderr, done.stderr
+    listed = cli("dlq", "list", "--batch", "night", "--json", *url)
+    assert sorted(json.loads(x)["job"]["batch"] for x in listed.stdout.splitlines()) == ["night", "night"], listed
+    again = cli("dlq", "replay", *shlex.split(replay)[3:])
+    assert again.returncode == 0 and "replayed 2 dead letter(s)" in again.stdout, again.stdout + again.stderr
+    left = cli("dlq", "list", "--json", *url)
+    assert [json.loads(x)["job"]["batch"] for x in left.stdout.splitlines()] == ["other"], left.stdout
+    assert await _stored_jobs(nats_server.url) == 2  # the two replays, queued

@@ -50,7 +50,7 @@ async def test_replaying_every_letter_is_asked_at_a_terminal(nats_server):
     url = ["--nats", nats_server.url]
     code, out = at_a_terminal(["dlq", "replay", *url], "n")
     assert code == 1 and "replay every dead letter holding a job (each is called again)?" in out, out
-    assert "nothing replayed (pass --id JOB_ID or --tier T for some, --yes for all)" in out, out
+    assert "nothing replayed (pass --id JOB_ID, --batch B or --tier T for some, --yes for all)" in out, out
     code, out = at_a_terminal(["dlq", "replay", *url], "y")
     assert code == 0 and "replayed 0 dead letter(s)" in out, out
     code, out = at_a_terminal(["dlq", "replay", "--yes", *url], "n")

@@ -127,3 +127,22 @@ def test_an_openai_lines_errors_use_its_own_field_names():
     job_line = json.dumps({"request": {"path": "v1/chat/completions"}})
     with pytest.raises(LineError, match=r"^line 3: request\.path: path must start with '/'"):
         parse_line(job_line, 3, "b")  # a Job line keeps the Job's names
+
+
+def test_submit_names_the_replay_of_the_jobs_the_fleet_gave_up_on(tmp_path: Path):
+    """`submit --wait` ended a batch with 58 `attempts_exhausted` Results saying only how to read
+    each `error` with jq; it now gives the `dlq replay --batch` command that runs them again."""
+    from ratefleet.submit_report import report_end
+
+    run = Run(file=tmp_path / "in.jsonl", tier="normal", batch="b", wait=True, out=tmp_path / "out.jsonl",
+              url="nats://10.0.0.1:4222", prefix="ratefleet")
+    run.sink = io.StringIO()
+    run.write(result("b-1-0123456789", "a"))
+    gone = {"code": "attempts_exhausted", "message": "gave up after 5 attempts; last: HTTP 503"}
+    run.write(Result(job_id="b-2-0123456789", status="failed", error=gone))
+    run.write(Result(job_id="b-3-0123456789", status="failed", error={"code": "upstream_error", "message": "400"}))
+    said = []
+    report_end(run, type("P", (), {"print": lambda self, text, style=None: said.append(text)})())
+    hint = [line for line in said if "gave up on" in line]
+    assert len(hint) == 1 and hint[0].startswith("1 job of batch b the fleet gave up on (attempts_exhausted"), said
+    assert "run them again with: ratefleet dlq replay --batch b --nats nats://10.0.0.1:4222," in hint[0], hint
