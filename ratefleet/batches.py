@@ -107,6 +107,17 @@ async def queue_lost(js: JetStreamContext, subjects: Subjects, since: datetime.d
             return f"stream {subjects.jobs_stream} no longer exists on the NATS server"
 
 
+def own_ids_note(order: InputOrder | None) -> str | None:
+    """What to say after an `--order input` run that wrote Results of lines carrying their own
+    id (not in line order: a Result names no line then), or None."""
+    if order is None or not order.own_ids:
+        return None
+    n = order.own_ids
+    return (f"{n:,} {'Result' if n == 1 else 'Results'} of lines with their own `id` came after the others, in "
+            "arrival order, not in line order (--order input orders only lines without an `id`); join them "
+            "to your lines by job_id")
+
+
 async def waiting_hint(js: JetStreamContext, subjects: Subjects, batch: str) -> str:
     """What to look at while a batch's Results do not come: a cancelled batch's queued jobs end
     `cancelled` (no call) only when the dispatcher reaches them in their tier's queue, behind
@@ -158,6 +169,7 @@ class InputOrder:
         self._held: list[tuple[int, int, int, int]] = []  # (line, arrival, offset, size) in the spill file
         self._unnumbered: list[tuple[int, int]] = []  # (offset, size)
         self._arrival = 0
+        self.own_ids = 0  # Results without a line number taken so far (written last, in arrival order)
         self._spill: BinaryIO | None = None  # opened on the first Result held
 
     @property
@@ -168,6 +180,7 @@ class InputOrder:
         """Take one Result; return those now releasable, in order."""
         line = line_of(result.job_id)
         if line is None:
+            self.own_ids += 1
             self._unnumbered.append(self._keep(result))
             return []
         if not self._held and not self._waits(line):  # the next line, nothing held: straight through

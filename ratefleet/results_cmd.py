@@ -32,7 +32,15 @@ import anyio
 import typer
 from rich.console import Console
 
-from ratefleet.batches import BatchRecord, InputOrder, load_record, queue_lost, queue_mark, waiting_hint
+from ratefleet.batches import (
+    BatchRecord,
+    InputOrder,
+    load_record,
+    own_ids_note,
+    queue_lost,
+    queue_mark,
+    waiting_hint,
+)
 from ratefleet.cli_support import client_target, connection_args, fail, make_console, require_out_path, run_async
 from ratefleet.client import Client
 from ratefleet.openai_batch import format_result
@@ -266,6 +274,8 @@ def _report(console: Console, run: Collect, out: Path | None, interrupted: bool,
             "the latest replay written in their place)")
     if run.given_up:
         say(replay_hint(run.batch, len(run.given_up), connection_args(url, prefix, config_args)))
+    if note := own_ids_note(run.order):
+        say(note)
     if record is not None and record.jobs == 0 and record.lines and run.count == 0:
         say(f"none of the {record.lines:,} lines of batch {run.batch} has a job of its own here: their ids were "
             "already stored under other batches (or the lines were invalid); see each with `ratefleet result ID`")

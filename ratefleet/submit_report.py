@@ -13,7 +13,7 @@ import anyio
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from ratefleet.batches import BatchRecord, InputOrder
+from ratefleet.batches import BatchRecord, InputOrder, own_ids_note
 from ratefleet.batchfile import IdSet, Validation
 from ratefleet.cli_support import connection_args
 from ratefleet.client import Client
@@ -259,6 +259,8 @@ def report_end(run: Run, phases, *, submitted_only: bool = False) -> int:
                      f"\"succeeded\") | {{job_id, status, error}}' {shlex.quote(str(run.out))}")
     if run.given_up:
         phases.print(replay_hint(run.batch, run.given_up, run._nats_args()))
+    if note := own_ids_note(run.order):
+        phases.print(note)
     if run.lost:
         left = run.expected - run.collected
         phases.print(f"error: the NATS server lost the jobs of batch {run.batch} still queued: {run.lost}. "

@@ -146,3 +146,27 @@ def test_submit_names_the_replay_of_the_jobs_the_fleet_gave_up_on(tmp_path: Path
     hint = [line for line in said if "gave up on" in line]
     assert len(hint) == 1 and hint[0].startswith("1 job of batch b the fleet gave up on (attempts_exhausted"), said
     assert "run them again with: ratefleet dlq replay --batch b --nats nats://10.0.0.1:4222," in hint[0], hint
+
+
+def test_order_input_says_that_lines_with_their_own_id_are_not_in_line_order(tmp_path: Path):
+    """`submit --wait --order input` (and `results --order input`) over a nightly file whose every
+    line carried its own id wrote the Results in arrival order and said nothing: a user relying
+    on line order joined answers to the wrong rows. The summary now says so."""
+    from ratefleet.submit_report import report_end
+
+    run = Run(file=tmp_path / "in.jsonl", tier="normal", batch="b", wait=True, out=tmp_path / "out.jsonl",
+              url="", prefix="ratefleet", by_input=True)
+    run.order = InputOrder([])
+    run.sink = io.StringIO()
+    for job_id in ("row-2", "b-1-0123456789", "row-1"):
+        run.write(result(job_id))
+    run.flush_held()
+    said = []
+    report_end(run, type("P", (), {"print": lambda self, text, style=None: said.append(text)})())
+    assert ("2 Results of lines with their own `id` came after the others, in arrival order, not in line order "
+            "(--order input orders only lines without an `id`); join them to your lines by job_id") in said, said
+    run.order = InputOrder([])
+    run.write(result("b-1-0123456789"))
+    said.clear()
+    report_end(run, type("P", (), {"print": lambda self, text, style=None: said.append(text)})())
+    assert not any("own `id`" in line for line in said), said
