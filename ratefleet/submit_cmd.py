@@ -399,11 +399,17 @@ async def _classify(run: Run, client: Client, stored: Stored) -> None:
     if line_of(job.id) is not None and job.id.startswith(run.batch[:100]):
         run.earlier += 1  # a deterministic id of this batch (the cut batch name keeps >= 100 characters)
         return
-    result = await client.stored_result(job.id)
-    owner = result.batch if result is not None else None
-    if result is None:
-        queued = await client.queued_job(stored.seq)
-        owner = queued.batch if queued is not None else None
+    # whose job is it: the message JetStream kept (at `stored.seq`) while it is queued; once it is
+    # done, its Result, under this batch first (an id reused from an older batch, e.g. last
+    # night's, also has that batch's Result: taking any batch's first sent a resumed run's lines
+    # to the older batch and wrote its old answers in their place)
+    queued = await client.queued_job(stored.seq)
+    result = None
+    if queued is not None:
+        owner = queued.batch
+    else:
+        result = await client.stored_result(job.id, run.batch) or await client.stored_result(job.id)
+        owner = result.batch if result is not None else None
     if owner == run.batch:
         run.earlier += 1
         return

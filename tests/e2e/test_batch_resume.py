@@ -408,3 +408,29 @@ async def test_the_printed_rerun_of_a_skip_invalid_submit_skips_the_bad_lines_ag
     assert printed and "--skip-invalid" in printed[1], err
     again = until_stored([sys.executable, "-m", "ratefleet", *shlex.split(printed[1])])
     assert "stored 20 jobs in tier 'guest', batch skips: 0 new, 20 already queued" in again, again
+
+
+@pytest.mark.anyio
+async def test_a_resume_keeps_its_own_lines_whose_ids_an_older_batch_used(tmp_path, nats_server):
+    """A nightly file whose ids (row keys) were used by last night's batch, resumed after a
+    Ctrl-C: the re-run took every line the cut run had queued for last night's (its stored
+    Result was looked up first, under any batch): '5 lines carry ids already stored under another
+    batch: 5 have a Result (counted and written with this batch's)', a warning that 5 jobs of the
+    earlier run 'are not lines of this file', and `--wait` would have written last night's answers
+    and ended without tonight's. The job JetStream kept for the id decides now."""
+    from ratefleet.runtime.store import store_result
+    from ratefleet.schemas import Result
+
+    async with await Client.connect(nats_server.url) as client:  # streams, no fleet: every job stays queued
+        await ensure_topology(client.js, parse_config({}))
+        for n in range(5):  # last night's Results of the same ids
+            await store_result(client.js, client.subjects, Result(job_id=f"row-{n}", status="succeeded",
+                                                                  batch="lastnight"))
+    file = tmp_path / "tonight.jsonl"
+    write_jobs(file, (chat_job(n, id=f"row-{n}") for n in range(5)))
+    first = cli("submit", str(file), "--tier", "guest", "--batch", "tonight", "--nats", nats_server.url)
+    assert first.returncode == 0 and "5 new, 0 already queued" in first.stderr, first.stderr
+    again = cli("submit", str(file), "--tier", "guest", "--batch", "tonight", "--nats", nats_server.url)
+    assert again.returncode == 0, again.stderr
+    assert "stored 5 jobs in tier 'guest', batch tonight: 0 new, 5 already queued, 0 already done" in again.stderr
+    assert "another batch" not in again.stderr and "not lines of this file" not in again.stderr, again.stderr
