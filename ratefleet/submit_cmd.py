@@ -410,9 +410,10 @@ async def _classify(run: Run, client: Client, stored: Stored) -> None:
     else:
         result = await client.stored_result(job.id, run.batch) or await client.stored_result(job.id)
         owner = result.batch if result is not None else None
-    if owner == run.batch:
+    if owner == run.batch or job.id in run.foreign_ids:  # (a line repeating an id of this file: one job)
         run.earlier += 1
         return
+    run.foreign_ids.add(job.id)
     run.foreign += 1
     if result is not None:
         run.write(result)

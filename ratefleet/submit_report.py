@@ -51,6 +51,7 @@ class Run:
     fresh: int = 0           # new jobs
     earlier: int = 0         # stored before, under this batch (an earlier run or an earlier line)
     foreign: int = 0         # ids stored before under another batch
+    foreign_ids: set[str] = field(default_factory=set)  # those ids: a line repeating one is a repeat, not one more
     foreign_queued: list[tuple[str, str | None]] = field(default_factory=list)
     foreign_queued_more: int = 0
     results_before: int = 0  # Results the batch had when this run started

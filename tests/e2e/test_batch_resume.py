@@ -434,3 +434,23 @@ async def test_a_resume_keeps_its_own_lines_whose_ids_an_older_batch_used(tmp_pa
     assert again.returncode == 0, again.stderr
     assert "stored 5 jobs in tier 'guest', batch tonight: 0 new, 5 already queued, 0 already done" in again.stderr
     assert "another batch" not in again.stderr and "not lines of this file" not in again.stderr, again.stderr
+
+
+@pytest.mark.anyio
+async def test_a_line_repeating_an_id_queued_under_another_batch_is_counted_once(tmp_path, nats_server):
+    """A file with a repeated id, submitted under a second batch while the first batch's jobs of
+    those ids were still in the dedup window: each line counted as another batch's job, the
+    repeat too, so the batch expected one Result less than none (`ratefleet cancel` then said
+    '0 Results stored so far of -1') and the repeat went unreported."""
+    async with await Client.connect(nats_server.url) as client:  # streams, no fleet: every job stays queued
+        await ensure_topology(client.js, parse_config({}))
+    file = tmp_path / "jobs.jsonl"
+    write_jobs(file, [chat_job(0, id="x-0"), chat_job(1, id="x-1"), chat_job(0, id="x-0")])
+    first = cli("submit", str(file), "--tier", "guest", "--batch", "first", "--nats", nats_server.url)
+    assert "2 new" in first.stderr, first.stderr
+    second = cli("submit", str(file), "--tier", "guest", "--batch", "second", "--nats", nats_server.url)
+    assert ("stored 3 jobs in tier 'guest', batch second: 0 new, 0 already queued, 0 already done, 1 repeat an "
+            "earlier line's id") in second.stderr, second.stderr
+    assert "2 lines carry ids already stored under another batch" in second.stderr, second.stderr
+    cancelled = cli("cancel", "--batch", "second", "--nats", nats_server.url)
+    assert "0 Results stored so far of 0" in cancelled.stdout + cancelled.stderr, cancelled.stdout + cancelled.stderr
