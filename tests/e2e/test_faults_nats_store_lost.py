@@ -64,6 +64,10 @@ async def test_the_fleet_recreates_its_streams_after_nats_lost_them(tmp_path, lo
 
 
 
+async def _printed(path) -> bool:
+    return bool(path.read_text().strip())
+
+
 async def all_queued(url: str, jobs: int) -> bool:
     async with await Client.connect(url) as client:
         return (await client.js.stream_info("RATEFLEET_JOBS")).state.messages >= jobs
@@ -83,18 +87,23 @@ async def test_a_wait_ends_when_nats_lost_the_jobs_it_waits_for(tmp_path):
             jobs = write_chat_jobs(tmp_path / "jobs.jsonl", 200)
             ratefleet = [sys.executable, "-m", "ratefleet"]
             out = str(tmp_path / "out.jsonl")
-            for args in (["submit", str(jobs), "--tier", "normal", "--batch", "b1", "--wait", "--out", out],
-                         ["results", "--batch", "b1", "--wait"]):
-                waits.append(subprocess.Popen([*ratefleet, *args, "--nats", url], stdout=subprocess.DEVNULL,
-                                              stderr=subprocess.PIPE, text=True))
+            errs = [tmp_path / "submit.err", tmp_path / "results.err"]
+            for args, err_path in zip((["submit", str(jobs), "--tier", "normal", "--batch", "b1", "--wait", "--out", out],
+                                       ["results", "--batch", "b1", "--wait"]), errs, strict=True):
+                with err_path.open("w") as err_file:
+                    waits.append(subprocess.Popen([*ratefleet, *args, "--nats", url], stdout=subprocess.DEVNULL,
+                                                  stderr=err_file, text=True))
                 await until(lambda: all_queued(url, 190), 30, 0.2, "the batch stored")
-            await anyio.sleep(2)  # both commands are waiting now
+            # both commands are waiting once each printed its progress (a loaded machine can take
+            # seconds to start `results`: started after the loss, it rightly finds no batch record)
+            await until(lambda: _printed(errs[1]), 30, 0.2, "results --wait waiting")
+            await anyio.sleep(1)
             server.stop()
             shutil.rmtree(tmp_path / "nats" / "js")
             server.start()
             await until(lambda: all(p.poll() is not None for p in waits), 40, 0.5, "both waits ended")
-            for p in waits:
-                err = p.stderr.read()
+            for p, err_path in zip(waits, errs, strict=True):
+                err = err_path.read_text()
                 assert p.returncode == 1, err[-3000:]
                 assert "lost the jobs of batch b1 still queued" in err, err[-3000:]
                 assert "ratefleet submit " in err.split("lost the jobs")[1] and "--batch b1" in err, err[-3000:]
