@@ -87,7 +87,9 @@ def openai_line_as_job(text: str) -> bytes | None:
 
 
 def openai_output_line(result: Result) -> dict[str, Any]:
-    """The OpenAI Batch output object for one Result."""
+    """The OpenAI Batch output object for one Result. `custom_id` is the OpenAI line's own;
+    a Job line has none, so its job id (its own `id`, or the one `submit` gave the line)
+    stands in: the key to join the output back to its input either way."""
     response = None
     error = None
     if result.response is not None:
@@ -101,7 +103,8 @@ def openai_output_line(result: Result) -> dict[str, Any]:
         code = result.error.code if result.error else result.status
         message = result.error.message if result.error else f"job ended {result.status}"
         error = {"code": code, "message": message}
-    return {"id": f"batch_req_{result.job_id}", "custom_id": result.metadata.get("custom_id"),
+    custom_id = result.metadata.get("custom_id")
+    return {"id": f"batch_req_{result.job_id}", "custom_id": result.job_id if custom_id is None else custom_id,
             "response": response, "error": error}
 
 

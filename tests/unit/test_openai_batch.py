@@ -170,3 +170,12 @@ def test_order_input_says_that_lines_with_their_own_id_are_not_in_line_order(tmp
     said.clear()
     report_end(run, type("P", (), {"print": lambda self, text, style=None: said.append(text)})())
     assert not any("own `id`" in line for line in said), said
+
+
+def test_a_job_lines_output_line_carries_its_job_id_as_custom_id():
+    # a Job line has no custom_id: its OpenAI output line said null, and the only join key left
+    # was the job id inside "batch_req_<job id>"
+    job_line = Result.model_validate({"job_id": "row-17", "status": "succeeded", "metadata": {"user": "u-1"},
+                                      "response": {"status": 200, "json": {}}})
+    assert openai_output_line(job_line)["custom_id"] == "row-17"
+    assert openai_output_line(result("b-1-aa"))["custom_id"] == "request-1"  # an OpenAI line keeps its own
