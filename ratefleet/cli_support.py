@@ -265,7 +265,8 @@ def tier_help(what: str = "priority tier") -> str:
 
 class RatefleetApp(typer.Typer):
     """typer.Typer whose errors are one line: usage errors (exit 2) name the help to read, and an
-    unexpected exception ends as `error: unexpected ...` with exit 1, not a traceback.
+    unexpected exception ends as `error: unexpected ...` with exit 1, not a traceback, or, when
+    NATS refused this user a subject before it, as that refusal and what to do (exit 1).
 
     Set RATEFLEET_DEBUG=1 to get the traceback. Errors ratefleet expects (bad input, no NATS,
     a refused job) never get here: the commands report them with `fail()`.
@@ -308,6 +309,9 @@ class RatefleetApp(typer.Typer):
             return EXIT_INTERRUPTED
         if os.environ.get("RATEFLEET_DEBUG"):
             raise exc
+        if _denial_hint():  # NATS refused this user a subject: what failed next (a request timing out, as
+            _print_error("the command could not go on without it")  # nats-py tells only its error callback)
+            return EXIT_FAILED                                      # is no "unexpected" error
         _print_error(f"unexpected {one_line(f'{type(exc).__name__}: {exc}')} (set RATEFLEET_DEBUG=1 for the traceback)")
         return EXIT_FAILED
 

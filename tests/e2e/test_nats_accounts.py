@@ -226,6 +226,9 @@ async def test_the_operator_pushes_the_fleet_config_and_the_producer_cannot(flee
 
     refused = await asyncio.to_thread(run_cli, ["config", "push", str(config_as("producer", 7))], fleet.env())
     assert refused.returncode != 0 and PASSWORDS["producer"] not in refused.stderr + refused.stdout
+    last = refused.stderr.strip().splitlines()[-1]  # it ended "error: unexpected TimeoutError: nats: timeout"
+    assert last.lower().startswith("error: nats refused this user $js.api.") and "need the operator user" in last, last
+    assert last.endswith("then: the command could not go on without it") and "unexpected" not in last, last
     pushed = await asyncio.to_thread(run_cli, ["config", "push", str(config_as("operator", 9))], fleet.env())
     assert pushed.returncode == 0, pushed.stderr + pushed.stdout
     shown = await asyncio.to_thread(run_cli, ["config", "show", "--json", "--config", str(config_as("operator", 9))],
