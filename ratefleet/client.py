@@ -25,7 +25,7 @@ from nats.js.api import DeliverPolicy
 from pydantic import ValidationError
 
 from ratefleet.runtime.bodies import BodyStore
-from ratefleet.runtime.connect import connect, denial_expected
+from ratefleet.runtime.connect import connect, denial_expected, refused
 from ratefleet.runtime.edge import translated
 from ratefleet.runtime.pubpipe import PublishPipe
 from ratefleet.runtime.replies import ReplyInbox
@@ -339,6 +339,8 @@ class Client:
             if not self.nc.is_connected:  # the request never left: NATS itself is away, not the dispatchers
                 raise NatsUnavailable(f"the connection to NATS is lost (reconnecting), so no status could be asked "
                                       f"for; check that nats-server runs ({type(exc).__name__})") from None
+            if refused(self.subjects.admin_status):  # the CLI names the refusal first; no dispatcher is to blame
+                raise DispatcherUnavailable(f"this user may not ask {self.subjects.admin_status}") from None
             raise DispatcherUnavailable(f"no dispatcher answered {self.subjects.admin_status} ({type(exc).__name__}); "
                                         "is `ratefleet up` or `ratefleet dispatcher` running?") from None
         return json.loads(reply.data)

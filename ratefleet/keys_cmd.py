@@ -21,7 +21,7 @@ import typer
 
 from ratefleet.cli_support import EXIT_FAILED, EXIT_USAGE, LOOKED_AT, client_target, fail
 from ratefleet.keys_rotate import RotateError, rotate_file
-from ratefleet.runtime.connect import connect
+from ratefleet.runtime.connect import connect, refused
 from ratefleet.schemas import Subjects
 from ratefleet.schemas.config import config_path, load_config
 from ratefleet.schemas.config_nats import NatsAuthConfig
@@ -44,6 +44,8 @@ async def send_key_command(url: str, prefix: str, request: dict, timeout: float,
         reply = await nc.request(Subjects(prefix).admin_keys, json.dumps(request).encode(), timeout=timeout)
         return json.loads(reply.data)
     except Exception as exc:  # noqa: BLE001 - nats: no responders / timeout
+        if refused(Subjects(prefix).admin_keys):  # the CLI names the refusal first; no dispatcher is to blame
+            raise TimeoutError(f"this user may not send {Subjects(prefix).admin_keys}") from None
         raise TimeoutError(f"no leader dispatcher answered {Subjects(prefix).admin_keys} ({type(exc).__name__}); "
                            "is `ratefleet up` or `ratefleet dispatcher` running?") from None
     finally:

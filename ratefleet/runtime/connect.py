@@ -196,6 +196,12 @@ def permission_denials() -> list[str]:
     return list(_DENIED)
 
 
+def refused(subject: str) -> bool:
+    """True when the NATS server refused this process `subject` (a permissions violation;
+    the server names it in lower case)."""
+    return subject.lower() in (denied.lower() for denied in _DENIED)
+
+
 class _Refused(Exception):
     """Raised from the error callback to end nats-py's first-connect loop on a refusal."""
 

@@ -131,6 +131,11 @@ async def test_an_ordinary_producer_gets_the_whole_fleet_through_the_account_con
     # on stderr as JSON, never in the command's output on stdout (structlog's default printed it there)
     status = await asyncio.to_thread(run_cli, ["status", "--config", str(config)], fleet.env())
     assert status.returncode == 1 and "NATS refused this user" in status.stderr, status.stderr
+    last = status.stderr.strip().splitlines()[-1]  # it ended "... is `ratefleet up` or `ratefleet dispatcher` running?"
+    assert last.endswith("then: this user may not ask ratefleet.admin.status") and "running?" not in last, last
+    switched = await asyncio.to_thread(run_cli, ["keys", "disable", "k1", "--config", str(config)], fleet.env())
+    last = switched.stderr.strip().splitlines()[-1]
+    assert switched.returncode == 1 and last.endswith("then: this user may not send ratefleet.admin.keys"), last
     assert "nats error" not in status.stdout and "ermissions" not in status.stdout, status.stdout
     logged = [json.loads(line) for line in status.stderr.splitlines() if line.startswith("{")]
     assert any(entry.get("event") == "nats error" for entry in logged), status.stderr
