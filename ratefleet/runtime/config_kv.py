@@ -70,8 +70,12 @@ async def push_config(js: JetStreamContext, subjects: Subjects, document: Stored
 async def read_config(js: JetStreamContext, subjects: Subjects,
                       revision: int | None = None) -> tuple[int, StoredConfig] | None:
     """(revision, document) of the current revision, or of `revision`; None when nothing
-    was pushed (or that revision is not in the bucket's history)."""
-    kv = await open_config_bucket(js, subjects)
+    was pushed (or that revision is not in the bucket's history). A missing bucket is not
+    created: reading (`config show`, a role's start) leaves a server as it found it."""
+    try:
+        kv = await js.key_value(subjects.config_bucket)
+    except (BucketNotFoundError, NotFoundError):
+        return None
     try:
         entry = await kv.get(CURRENT_KEY, revision=revision)
     except (KeyNotFoundError, NotFoundError):

@@ -54,6 +54,7 @@ def test_push_stores_revisions_and_a_refused_push_changes_nothing(tmp_path, nats
     url = ["--nats", nats_server.url]
     nothing = cli("config", "show", *url)
     assert nothing.returncode == 1 and "no config was pushed yet" in nothing.stderr
+    assert _streams(nats_server.url) == []  # reading made no bucket (it created KV_ratefleet_config)
     literal = cli("config", "push", str(write(tmp_path / "lit.toml", config(secret="sk-live-123"))), *url)
     assert literal.returncode == 2 and "literal secret at pools.shared.keys.0.secret (key 'k1')" in literal.stderr
     assert "sk-live-123" not in literal.stderr + literal.stdout
@@ -175,3 +176,18 @@ def _wait_log(path, text: str, timeout: float = 30) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"{text!r} not logged within {timeout}s: {path.read_text()[-2000:]}")
+
+
+def _streams(url: str) -> list[str]:
+    """The names of the streams on the server at `url`."""
+    import anyio
+    import nats
+
+    async def names() -> list[str]:
+        nc = await nats.connect(url)
+        try:
+            return [info.config.name for info in await nc.jetstream().streams_info()]
+        finally:
+            await nc.close()
+
+    return anyio.run(names)
