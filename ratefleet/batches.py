@@ -21,7 +21,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import BinaryIO
 
@@ -176,8 +176,10 @@ class InputOrder:
     def held(self) -> int:
         return len(self._held) + len(self._unnumbered)
 
-    def push(self, result: Result) -> list[Result]:
-        """Take one Result; return those now releasable, in order."""
+    def push(self, result: Result) -> Iterable[Result]:
+        """Take one Result; return those now releasable, in order. Those it held are read back
+        from the spill file one at a time as they are iterated (all at once, one slow early
+        line's wait came back into memory when it ended): iterate them before the next push."""
         line = line_of(result.job_id)
         if line is None:
             self.own_ids += 1
@@ -188,15 +190,12 @@ class InputOrder:
             return [result]
         self._arrival += 1
         heapq.heappush(self._held, (line, self._arrival, *self._keep(result)))
-        out = []
+        places = []
         while self._held and not self._waits(self._held[0][0]):
             line, _, offset, size = heapq.heappop(self._held)
             self._next = max(self._next, line + 1)
-            out.append(self._load(offset, size))
-        if not self.held and self._spill is not None:  # nothing waits: the file starts over
-            self._spill.seek(0)
-            self._spill.truncate()
-        return out
+            places.append((offset, size))
+        return self._loaded(places) if places else []
 
     def _waits(self, line: int) -> bool:
         """True while a line before `line` has neither been released nor is a known gap."""
@@ -213,19 +212,25 @@ class InputOrder:
         at a time: iterate it before the next push)."""
         held, unnumbered = sorted(self._held), self._unnumbered
         self._held, self._unnumbered = [], []
-        for _, _, offset, size in held:
-            yield self._load(offset, size)
-        for offset, size in unnumbered:
-            yield self._load(offset, size)
+        yield from self._loaded([(offset, size) for _, _, offset, size in held])
+        yield from self._loaded(unnumbered)
 
     def _keep(self, result: Result) -> tuple[int, int]:
         """Append `result` to the spill file; its (offset, size) there."""
         if self._spill is None:
             self._spill = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as this buffer; gone on exit
+        elif not self.held:  # nothing waits (what was released has been read): the file starts over
+            self._spill.seek(0)
+            self._spill.truncate()
         data = result.to_json()
         offset = self._spill.seek(0, os.SEEK_END)
         self._spill.write(data)
         return offset, len(data)
+
+    def _loaded(self, places: list[tuple[int, int]]) -> Iterator[Result]:
+        """The Results kept at `places` ((offset, size) in the spill file), read one at a time."""
+        for offset, size in places:
+            yield self._load(offset, size)
 
     def _load(self, offset: int, size: int) -> Result:
         assert self._spill is not None

@@ -209,9 +209,38 @@ def test_input_order_holds_what_waits_on_disk_not_in_memory():
     finally:
         tracemalloc.stop()
     assert order.held == 800 and grown < 2_000_000, grown
-    released = order.push(_result(late))
+    released = list(order.push(_result(late)))
     assert [line_of(r.job_id) for r in released] == [1, *range(3, 403)]
     assert all(r.response.body == body + str(n) for n, r in enumerate(released[1:]))
     rest = list(order.flush())
     assert [r.job_id for r in rest] == [f"mine-{n}" for n in range(400)] and rest[-1].response.body == body + "399"
     assert order.held == 0
+
+
+def test_input_order_reads_what_one_slow_line_held_back_one_at_a_time_when_it_comes():
+    """One slow early line holds every Result that arrives meanwhile (on disk); when it comes,
+    push() returned them all at once, read back into one list: the memory the spill file saves
+    came back at that moment (400 held 50 kB answers: > 10 MB at once). They are read one at a
+    time now, as the caller writes them."""
+    import tracemalloc
+
+    body = "é" * 25_000
+    order = InputOrder()
+    for n in range(2, 402):
+        held = Result(job_id=line_job_id("b", n, LINE), status="succeeded",
+                      response={"status": 200, "body": body + str(n)})
+        assert list(order.push(held)) == []
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        lines = [line_of(r.job_id) for r in order.push(_result(line_job_id("b", 1, LINE)))]
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert lines == list(range(1, 402)) and order.held == 0
+    assert peak < 2_000_000, peak
+    late = Result(job_id=line_job_id("b", 403, LINE), status="succeeded", response={"status": 200, "body": "x"})
+    assert list(order.push(late)) == []  # the file, started over, still gives back what it holds
+    back = order.push(_result(line_job_id("b", 402, LINE)))
+    assert [r.response and r.response.body for r in back] == [None, "x"]
