@@ -53,7 +53,7 @@ def stream_cost(raw: bytes, usage_path: str) -> float | None:
             continue
         try:
             event = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested too deep to parse: counts nothing, as in a JSON body
             continue
         for place in (event, event.get("message") if isinstance(event, dict) else None):
             for i, keys in enumerate(terms):

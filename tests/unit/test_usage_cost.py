@@ -87,3 +87,15 @@ def test_a_misspelt_usage_path_is_refused_in_the_config(path):
     # it would count nothing on every call, silently: the cost bucket kept each job's estimate
     with pytest.raises(ValidationError, match="dotted paths"):
         UpstreamConfig(base_url="https://api.example.test", usage_path=path)
+
+
+@pytest.mark.anyio
+async def test_an_event_too_deeply_nested_to_parse_counts_nothing_and_the_answer_stands():
+    """A streamed answer whose usage event nests deeper than json.loads goes (RecursionError, not
+    a ValueError) made executor.call raise after the upstream had answered 200: the worker took
+    it for its own fault and handed the job back, to be called (and paid) again each delivery.
+    Such an event counts nothing, as a JSON body that deep does (workers/body.py); the last
+    well-formed usage event still counts."""
+    deep = '{"usage": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    assert await call(sse((None, deep)), "text/event-stream", OPENAI) is None
+    assert await call(OPENAI_STREAM + sse((None, deep)), "text/event-stream", OPENAI) == 1500
