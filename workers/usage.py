@@ -17,6 +17,7 @@ from its `message` object, and the last value found wins: OpenAI's earlier chunk
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -43,25 +44,45 @@ def answer_cost(json_body: Any, usage_path: str) -> float | None:
 
 def stream_cost(raw: bytes, usage_path: str) -> float | None:
     """The sum of `usage_path`'s values in a server-sent-events answer (module docstring), or
-    None when no event carries any of them. Only events whose data names a path's first key
-    are parsed, so a long stream of text deltas costs a substring search per event."""
+    None when no event carries any of them. The events are read from the last one back, and
+    reading stops once every path has its last value: OpenAI's usage chunk is the last but
+    `[DONE]`, while with `include_usage` every chunk before it carries `"usage": null` (parsed
+    one by one from the start, 100,000 chunks took 0.6 s of CPU per answer, on the worker's
+    event loop). Only events whose data names a path's first key are parsed."""
     terms = usage_terms(usage_path)
     markers = {f'"{keys[0]}"'.encode() for keys in terms} | {b'"message"'}
-    last: list[float | None] = [None] * len(terms)
-    for data in _event_data(raw):
+    found: list[float | None] = [None] * len(terms)
+    for data in _event_data_last_first(raw, markers):
         if not any(marker in data for marker in markers):
             continue
         try:
             event = json.loads(data)
         except (ValueError, RecursionError):  # nested too deep to parse: counts nothing, as in a JSON body
             continue
-        for place in (event, event.get("message") if isinstance(event, dict) else None):
+        for place in (event.get("message") if isinstance(event, dict) else None, event):  # its `message` first: it wins
             for i, keys in enumerate(terms):
-                value = dig(place, keys)
-                if value is not None:
-                    last[i] = value
-    values = [value for value in last if value is not None]
+                if found[i] is None:
+                    found[i] = dig(place, keys)
+        if all(value is not None for value in found):
+            break
+    values = [value for value in found if value is not None]
     return sum(values) if values else None
+
+
+def _event_data_last_first(raw: bytes, markers: set[bytes]) -> Iterator[bytes]:
+    """The data of each event of a server-sent-events body (`_event_data`), the last event
+    first. Only the blocks between blank lines that hold one of `markers` are split into lines."""
+    if b"\r" in raw:
+        raw = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    end = len(raw)
+    while end > 0:
+        start = raw.rfind(b"\n\n", 0, end)
+        block = raw[start + 2 if start >= 0 else 0:end]
+        if any(marker in block for marker in markers):
+            yield from reversed(_event_data(block))
+        if start < 0:
+            return
+        end = start
 
 
 def _event_data(raw: bytes) -> list[bytes]:
