@@ -58,7 +58,7 @@ async def read_dead_page(client: Client, tier: str | None, limit: int | None,
                 else:
                     letters.append((msg.metadata.sequence.stream, letter))
             if batch is None and limit is not None and len(letters) >= limit:
-                left = msg.metadata.num_pending
+                left += msg.metadata.num_pending  # (+ this one when it was over the limit: --limit 0)
                 break
             if msg.metadata.num_pending == 0:
                 break

@@ -540,3 +540,8 @@ async def test_dlq_list_says_when_it_shows_only_some_of_the_dead_letters(tmp_pat
     assert len(as_json.stdout.splitlines()) == 3 and "2 more dead letter(s)" in as_json.stderr
     every = cli("dlq", "list", "--nats", nats_server.url, cwd=tmp_path)
     assert "dead letters (5)" in every.stdout and "not shown" not in every.stderr, every.stderr
+    # --limit 0, to see how many there are: the first letter read was left out of the count
+    # ("dead letters (0 of 4)", "4 more dead letter(s) not shown: pass --limit 4")
+    none = cli("dlq", "list", "--limit", "0", "--nats", nats_server.url, cwd=tmp_path)
+    assert "dead letters (0 of 5)" in none.stdout, none.stdout
+    assert "5 more dead letter(s) not shown: pass --limit 5 to see them all" in none.stderr, none.stderr
