@@ -416,7 +416,7 @@ async def _classify(run: Run, client: Client, stored: Stored) -> None:
     run.foreign_ids.add(job.id)
     run.foreign += 1
     if result is not None:
-        run.write(result)
+        run.write(result, foreign=True)
     elif len(run.foreign_queued) < 10:
         run.foreign_queued.append((job.id, owner))
     else:

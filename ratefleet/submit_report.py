@@ -79,10 +79,11 @@ class Run:
     def expected(self) -> int:
         return (len(self.found.ids) if self.found else 0) - self.foreign - len(self.changed)
 
-    def write(self, result: Result) -> None:
-        """Count a Result (and write it to --out)."""
+    def write(self, result: Result, *, foreign: bool = False) -> None:
+        """Count a Result (and write it to --out). `foreign`: another batch's, whose dead letter
+        `dlq replay --batch` of this batch does not take (not counted as given up here)."""
         self.statuses[result.status] += 1
-        self.given_up += gave_up(result)
+        self.given_up += gave_up(result) and not foreign
         self.written += 1
         for ready in self.order.push(result) if self.order is not None else [result]:
             self._emit(ready)

@@ -179,3 +179,35 @@ def test_a_job_lines_output_line_carries_its_job_id_as_custom_id():
                                       "response": {"status": 200, "json": {}}})
     assert openai_output_line(job_line)["custom_id"] == "row-17"
     assert openai_output_line(result("b-1-aa"))["custom_id"] == "request-1"  # an OpenAI line keeps its own
+
+
+@pytest.mark.anyio
+async def test_submit_does_not_offer_to_replay_another_batchs_given_up_jobs(tmp_path: Path):
+    """A line whose id another batch holds gets that batch's Result written with this run's. When
+    that Result had given up (attempts_exhausted), it was counted for the 'gave up on' line, which
+    then offered `ratefleet dlq replay --batch b`: its dead letter holds a job of the other batch,
+    so that command replays nothing ('no replayable dead letter with batch ...', exit 1)."""
+    from ratefleet.client import Stored
+    from ratefleet.schemas import Job
+    from ratefleet.submit_cmd import _classify
+    from ratefleet.submit_report import report_end
+
+    gone = {"code": "attempts_exhausted", "message": "gave up after 5 attempts; last: HTTP 503"}
+    theirs = Result(job_id="row-1", status="failed", batch="lastnight", error=gone)
+
+    class Fleet:  # the stored state: row-1 done under batch lastnight, nothing under b
+        async def queued_job(self, seq):
+            return None
+
+        async def stored_result(self, job_id, batch=None):
+            return theirs if batch in (None, "lastnight") else None
+
+    run = Run(file=tmp_path / "in.jsonl", tier="normal", batch="b", wait=True, out=tmp_path / "out.jsonl",
+              url="nats://10.0.0.1:4222", prefix="ratefleet")
+    run.sink = io.StringIO()
+    job = Job.model_validate({"id": "row-1", "batch": "b", "request": {"path": "/v1/chat/completions"}})
+    await _classify(run, Fleet(), Stored(job=job, duplicate=True, seq=7))
+    assert run.foreign == 1 and "row-1" in run.sink.getvalue()  # still written with this run's Results
+    said = []
+    report_end(run, type("P", (), {"print": lambda self, text, style=None: said.append(text)})())
+    assert not [line for line in said if "dlq replay --batch b" in line], said
