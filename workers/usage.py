@@ -22,8 +22,9 @@ from typing import Any
 
 
 def usage_terms(usage_path: str) -> list[list[str]]:
-    """The dotted paths of `usage_path`, each split into its keys."""
-    return [term.strip().split(".") for term in usage_path.split("+")]
+    """The dotted paths of `usage_path`, each split into its keys (spaces around a key or a `+`
+    ignored, as the config checks them: schemas/config.py)."""
+    return [[part.strip() for part in term.split(".")] for term in usage_path.split("+")]
 
 
 def dig(data: Any, keys: list[str]) -> float | None:

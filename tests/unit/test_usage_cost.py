@@ -123,3 +123,15 @@ def test_a_long_stream_is_read_from_its_end_not_parsed_event_by_event(monkeypatc
     assert stream_cost(body, "usage.total_tokens") == 1500
     assert len(parsed) <= 2, len(parsed)
     assert stream_cost(ANTHROPIC_STREAM, ANTHROPIC.usage_path) == 1500
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("path", ["usage. total_tokens", "usage .total_tokens", " usage . total_tokens "])
+async def test_a_usage_path_the_config_accepts_with_spaces_around_a_dot_counts(path):
+    """The config accepts spaces around a `+` and around a dot (it checks each part stripped), but
+    the reader stripped only around `+`: `usage. total_tokens` looked for the key ' total_tokens'
+    and counted nothing on every call, silently, the slip c69daeb set out to stop. Each part is
+    read stripped now, as the config checks it."""
+    upstream = UpstreamConfig(base_url="https://api.example.test", usage_path=path)
+    assert await call(b'{"usage": {"total_tokens": 7}}', "application/json", upstream) == 7.0
+    assert await call(OPENAI_STREAM, "text/event-stream", upstream) == 1500.0
