@@ -209,16 +209,19 @@ class InputOrder:
 
     def flush(self) -> Iterator[Result]:
         """Everything still held: numbered in line order, then the unnumbered ones (read one
-        at a time: iterate it before the next push)."""
+        at a time: iterate it before the next push). The spill file is closed at the end."""
         held, unnumbered = sorted(self._held), self._unnumbered
         self._held, self._unnumbered = [], []
         yield from self._loaded([(offset, size) for _, _, offset, size in held])
         yield from self._loaded(unnumbered)
+        if self._spill is not None and not self.held:  # all given back: closed (a later Result opens a new one)
+            self._spill.close()
+            self._spill = None
 
     def _keep(self, result: Result) -> tuple[int, int]:
         """Append `result` to the spill file; its (offset, size) there."""
         if self._spill is None:
-            self._spill = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as this buffer; gone on exit
+            self._spill = tempfile.TemporaryFile()  # noqa: SIM115 - closed by flush(); gone on exit
         elif not self.held:  # nothing waits (what was released has been read): the file starts over
             self._spill.seek(0)
             self._spill.truncate()
