@@ -290,7 +290,7 @@ class GatewayConfig(_Strict):
         """HOST:PORT (or [IPv6]:PORT), port 1-65535: refused here, so a bad `[gateway] listen` or
         `RATEFLEET_GATEWAY_LISTEN` is named like any other field (the gateway only parses it)."""
         host, sep, port = value.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host.strip("[]"):
+        if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536 or not host.strip("[]"):
             raise ValueError(f"{value!r}: give HOST:PORT, e.g. 127.0.0.1:8080")
         return value
 

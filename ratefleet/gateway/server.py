@@ -36,7 +36,7 @@ LISTEN_INSTEAD = "pass another --listen HOST:PORT (or set [gateway] listen)"
 def parse_listen(listen: str) -> tuple[str, int]:
     """`HOST:PORT` (or `[IPv6]:PORT`) -> (host, port); ConfigError when it is neither."""
     host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536 or not host:
         raise ConfigError(f"--listen {listen!r}: give HOST:PORT, e.g. 127.0.0.1:8080")
     return host.strip("[]"), int(port)
 

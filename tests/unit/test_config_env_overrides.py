@@ -70,7 +70,8 @@ def test_an_empty_variable_counts_as_unset(path, monkeypatch):
     assert load_config(path).workers.slots == 12
 
 
-@pytest.mark.parametrize("listen", ["nonsense", "8080", "127.0.0.1:0", "127.0.0.1:99999", ":8080"])
+@pytest.mark.parametrize("listen", ["nonsense", "8080", "127.0.0.1:0", "127.0.0.1:99999", ":8080",
+                                    "127.0.0.1:\u00b2", "127.0.0.1:\u0668\u0660\u0668\u0660"])
 def test_a_bad_gateway_listen_names_the_variable(path, monkeypatch, listen):
     # it loaded, and `ratefleet gateway` then blamed `--listen 'nonsense'`, a flag nobody gave
     monkeypatch.setenv("RATEFLEET_GATEWAY_LISTEN", listen)
@@ -84,3 +85,13 @@ def test_a_bad_gateway_listen_names_the_variable(path, monkeypatch, listen):
 def test_a_gateway_listen_of_host_and_port_loads(path, monkeypatch, listen):
     monkeypatch.setenv("RATEFLEET_GATEWAY_LISTEN", listen)
     assert load_config(path).gateway.listen == listen
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:\u00b2", "127.0.0.1:\u0668\u0660\u0668\u0660"])
+def test_the_gateways_listen_flag_refuses_a_port_of_other_digits(listen):
+    # str.isdigit() takes a superscript two or Arabic-Indic digits: the config said "invalid literal
+    # for int()" and `ratefleet gateway --listen 127.0.0.1:²` ended "unexpected ValueError" (exit 1)
+    from ratefleet.gateway.server import parse_listen
+
+    with pytest.raises(ConfigError, match="give HOST:PORT"):
+        parse_listen(listen)
