@@ -132,6 +132,7 @@ class KeyState:
             self.cost = TokenBucket(cpm / 60.0, cpm, 0.0 if conservative else cpm, now)
             self.cost_rate = AdaptiveRate(cpm / 60.0, adapt, now)
         self.limit_hint: float | None = None  # the request limit the provider last reported
+        self.usage_reported = False  # an answer reported its actual cost (usage_path): the cost bucket tracks it
         self.throttled_at = -math.inf  # when the last fresh 429 was seen
         self.ok_at = -math.inf  # when the last success was seen
         self._job_429s = RefusedJobs()  # job id -> its last 429 here
@@ -221,6 +222,8 @@ class KeyState:
         if outcome.kind == OutcomeKind.NONE:
             return False
         self.answered = True
+        if outcome.actual_cost is not None:
+            self.usage_reported = True
         self._count(outcome)
         disabled = False
         fresh = sent_at is None or sent_at >= self.throttled_at
@@ -344,12 +347,15 @@ class KeyState:
     def _resync(self, info: RateLimitInfo, now: float) -> None:
         """Follow the provider's rate-limit headers: cap the effective rates, lower the buckets
         to what remains. An empty budget cools the key until its reset, except the tokens of a
-        key with a cost bucket: the reset is the time until the budget is *full* again
-        (OpenAI's x-ratelimit-reset-tokens, 60 s for an emptied tokens-per-minute limit), while
-        it refills all along, and the bucket, lowered to what remains, already waits just until
-        a job's cost is back (0.6 s for 60 tokens at 6,000/min). Cooled until the reset, a key
-        spending its tokens exactly stood idle a minute each time it reached 0 (measured: 73 %
-        of the limit used, 0 x 429)."""
+        key with a cost bucket whose answers report their usage: the reset is the time until
+        the budget is *full* again (OpenAI's x-ratelimit-reset-tokens, 60 s for an emptied
+        tokens-per-minute limit), while it refills all along, and the bucket, lowered to what
+        remains and charged each call's real usage, already waits just until a job's cost is
+        back (0.6 s for 60 tokens at 6,000/min). Cooled until the reset, a key spending its
+        tokens exactly stood idle a minute each time it reached 0 (measured: 73 % of the limit
+        used, 0 x 429). Without reported usage the bucket holds only the jobs' estimates, which
+        may be low: then the reset is waited out (a simulation with jobs estimated at 10 tokens
+        that used 50: 56 x 429 in 300 jobs waiting for the refill, 12 cooling)."""
         if info.limit_requests is not None and info.limit_requests >= 1:
             self.limit_hint = info.limit_requests
         self.request_rate.on_hint(now, header_rate(info.limit_requests, info.remaining_requests,
@@ -363,7 +369,8 @@ class KeyState:
         if info.remaining_tokens is not None:
             if self.cost is not None:
                 self.cost.limit(now, info.remaining_tokens)
-            elif info.remaining_tokens <= 0 and info.reset_tokens_s is not None:
+            if (info.remaining_tokens <= 0 and info.reset_tokens_s is not None
+                    and (self.cost is None or not self.usage_reported)):
                 self._cool(now, info.reset_tokens_s)
 
     def snapshot(self, now: float) -> dict[str, Any]:

@@ -419,8 +419,12 @@ def test_an_empty_token_budget_cools_a_key_without_a_cost_bucket_until_its_reset
     k = state()
     answered(k, 1.0, remaining_tokens=remaining, reset_tokens_s=reset)
     assert max(0.0, k.cooldown_until - 1.0) == cooldown
-    k = state(cost_per_minute=600.0)  # its own bucket, lowered to what remains, waits for the refill instead
+    k = state(cost_per_minute=600.0)  # a cost bucket holding only estimates (no usage reported): cooled too
     answered(k, 1.0, remaining_tokens=remaining, reset_tokens_s=reset)
+    assert k.cost.advance(1.0) == remaining and max(0.0, k.cooldown_until - 1.0) == cooldown
+    k = state(cost_per_minute=600.0)  # charged real usage, its bucket, lowered to what remains, waits for the refill
+    k.observe(Outcome("ok", 200, actual_cost=50.0, ratelimit=RateLimitInfo(remaining_tokens=remaining,
+                                                                            reset_tokens_s=reset)), 1.0)
     assert k.cost.advance(1.0) == remaining and k.cooldown_until == -math.inf
 
 
