@@ -9,8 +9,9 @@ A streamed answer (server-sent events, `"stream": true`) reports its usage in it
 not in one JSON body: OpenAI in the last chunk when the request asks for it
 (`stream_options.include_usage`), `{"choices": [], "usage": {...}}`; Anthropic the input
 tokens in `message_start` (under `message.usage`) and the output tokens so far in each
-`message_delta` (`usage.output_tokens`). Each path is read from every event's data, and
-from its `message` object, and the last value found wins: OpenAI's earlier chunks carry
+`message_delta` (`usage.output_tokens`); OpenAI's Responses API in its `response.completed`
+event (under `response.usage`). Each path is read from every event's data, and from its
+`message` and `response` objects, and the last value found wins: OpenAI's earlier chunks carry
 `"usage": null`, Anthropic's later deltas the larger count.
 """
 
@@ -60,7 +61,8 @@ def stream_cost(raw: bytes, usage_path: str) -> float | None:
             event = json.loads(data)
         except (ValueError, RecursionError):  # nested too deep to parse: counts nothing, as in a JSON body
             continue
-        for place in (event.get("message") if isinstance(event, dict) else None, event):  # its `message` first: it wins
+        inner = (event.get("message"), event.get("response")) if isinstance(event, dict) else ()
+        for place in (*inner, event):  # its `message` (Anthropic) or `response` (Responses API) first: it wins
             for i, keys in enumerate(terms):
                 if found[i] is None:
                     found[i] = dig(place, keys)

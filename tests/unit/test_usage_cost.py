@@ -135,3 +135,19 @@ async def test_a_usage_path_the_config_accepts_with_spaces_around_a_dot_counts(p
     upstream = UpstreamConfig(base_url="https://api.example.test", usage_path=path)
     assert await call(b'{"usage": {"total_tokens": 7}}', "application/json", upstream) == 7.0
     assert await call(OPENAI_STREAM, "text/event-stream", upstream) == 1500.0
+
+
+RESPONSES_STREAM = sse(  # OpenAI's Responses API: usage only in response.completed, under `response`
+    ("response.created", {"type": "response.created", "response": {"id": "resp_1", "usage": None}}),
+    ("response.output_text.delta", {"type": "response.output_text.delta", "delta": "hi"}),
+    ("response.completed", {"type": "response.completed", "response": {
+        "id": "resp_1", "usage": {"input_tokens": 900, "output_tokens": 600, "total_tokens": 1500}}}),
+)
+
+
+@pytest.mark.anyio
+async def test_a_responses_api_stream_reports_the_usage_of_its_completed_event():
+    # the usage sits under `response` in response.completed: usage.total_tokens found nothing
+    assert await call(RESPONSES_STREAM, "text/event-stream", OPENAI) == 1500.0
+    answer = json.dumps({"id": "resp_1", "object": "response", "usage": {"total_tokens": 1500}}).encode()
+    assert await call(answer, "application/json", OPENAI) == 1500.0
