@@ -279,6 +279,18 @@ class CacheConfig(_Strict):
     max_entry_bytes: int = Field(default=512 << 10, ge=1024)
 
 
+def split_listen(value: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[IPv6]:PORT`, port 1-65535 in ASCII digits -> (host without brackets,
+    port). ValueError saying what to give otherwise: an IPv6 address without brackets
+    (`::1`, the port forgotten, read as host `:` and port 1) included."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536 or not host.strip("[]"):
+        raise ValueError("give HOST:PORT, e.g. 127.0.0.1:8080")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ValueError("write an IPv6 address in brackets, e.g. [::1]:8080")
+    return host.strip("[]"), int(port)
+
+
 class GatewayConfig(_Strict):
     """`[gateway]`: `listen` is the HOST:PORT `ratefleet gateway` (and `up --gateway`) serves on."""
 
@@ -289,9 +301,10 @@ class GatewayConfig(_Strict):
     def _listen(cls, value: str) -> str:
         """HOST:PORT (or [IPv6]:PORT), port 1-65535: refused here, so a bad `[gateway] listen` or
         `RATEFLEET_GATEWAY_LISTEN` is named like any other field (the gateway only parses it)."""
-        host, sep, port = value.rpartition(":")
-        if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536 or not host.strip("[]"):
-            raise ValueError(f"{value!r}: give HOST:PORT, e.g. 127.0.0.1:8080")
+        try:
+            split_listen(value)
+        except ValueError as exc:
+            raise ValueError(f"{value!r}: {exc}") from None
         return value
 
 

@@ -27,6 +27,7 @@ from ratefleet.runtime.metrics import register_cache
 from ratefleet.runtime.probes import Probes, bind_listener
 from ratefleet.runtime.streams import ensure_topology
 from ratefleet.schemas import Config
+from ratefleet.schemas.config import split_listen
 from ratefleet.schemas.errors import ConfigError
 
 log = get_logger("ratefleet.gateway")
@@ -34,11 +35,12 @@ LISTEN_INSTEAD = "pass another --listen HOST:PORT (or set [gateway] listen)"
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
-    """`HOST:PORT` (or `[IPv6]:PORT`) -> (host, port); ConfigError when it is neither."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536 or not host:
-        raise ConfigError(f"--listen {listen!r}: give HOST:PORT, e.g. 127.0.0.1:8080")
-    return host.strip("[]"), int(port)
+    """`HOST:PORT` (or `[IPv6]:PORT`) -> (host, port); ConfigError saying what to give when it
+    is neither (schemas/config.py `split_listen`)."""
+    try:
+        return split_listen(listen)
+    except ValueError as exc:
+        raise ConfigError(f"--listen {listen!r}: {exc}") from None
 
 
 class _Server(uvicorn.Server):

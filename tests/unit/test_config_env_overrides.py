@@ -95,3 +95,16 @@ def test_the_gateways_listen_flag_refuses_a_port_of_other_digits(listen):
 
     with pytest.raises(ConfigError, match="give HOST:PORT"):
         parse_listen(listen)
+
+
+@pytest.mark.parametrize("listen", ["::1", "::1:8080", "fe80::1:443"])
+def test_an_ipv6_gateway_listen_without_brackets_is_refused(path, monkeypatch, listen):
+    # "::1" (the port forgotten) loaded as host ":" and port 1
+    monkeypatch.setenv("RATEFLEET_GATEWAY_LISTEN", listen)
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    assert "write an IPv6 address in brackets, e.g. [::1]:8080" in str(refused.value)
+    from ratefleet.gateway.server import parse_listen  # and as --listen
+
+    with pytest.raises(ConfigError, match=r"--listen .*: write an IPv6 address in brackets"):
+        parse_listen(listen)
