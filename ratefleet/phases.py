@@ -144,6 +144,9 @@ class Phases:
         total = f"/{phase.total:,.0f}" if phase.total else ""
         if final:
             tail = f"in {elapsed:.1f}s, {rate:,.0f}/s"
+        elif phase.done < phase.base:  # still reading back what was stored before: its own rate, no ETA
+            tail = f"reading back the {phase.base:,.0f} stored earlier, {phase.done / elapsed:,.0f}/s" + (
+                f"; {still}" if still else "")
         else:
             eta = (phase.total - phase.done) / rate if phase.total and rate > 0 else None
             tail = f"{rate:,.0f}/s" + (f", ETA {eta:.0f}s" if eta is not None else "") + (f"; {still}" if still else "")

@@ -49,10 +49,14 @@ def test_results_stored_before_a_resume_are_not_in_the_rate_or_the_eta(monkeypat
     out = io.StringIO()
     with Phases(Console(file=out, force_terminal=False, width=200), every_s=1.0) as phases:
         handle = phases.start("results", 20_000, unit="results", base=4_945)
+        clock[0] += 1.0
+        phases.update(handle, completed=1_000)  # read back so far: said as such, not "(0/s)"
         clock[0] += 0.5
         phases.update(handle, completed=4_945)  # read back
-        clock[0] += 9.5
+        clock[0] += 8.5
         phases.update(handle, completed=5_245)  # 300 new in 10 s
+    assert "results: 1,000/20,000 results (reading back the 4,945 stored earlier, " in out.getvalue(), \
+        out.getvalue()
     assert "results: 5,245/20,000 results (30/s, ETA 492s)" in out.getvalue(), out.getvalue()
     terminal = io.StringIO()
     with Phases(Console(file=terminal, force_terminal=True, width=200)) as phases:
