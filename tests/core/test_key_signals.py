@@ -117,32 +117,24 @@ def test_ratelimit_remaining_tokens_resyncs_cost_bucket():
     assert s.snapshot(t0)["keys"]["k1"]["cost_tokens"] == 50
 
 
-def test_a_spent_token_budget_waits_for_the_refill_not_for_the_full_reset():
+@pytest.mark.parametrize("usage, cooldown", [(60.0, 0.0), (None, 60.0)])
+def test_a_spent_token_budget_waits_for_the_refill_when_usage_is_reported(usage, cooldown):
     # OpenAI's x-ratelimit-reset-tokens is the time until the budget is full again: 60 s for an
-    # emptied 6,000 tokens/min, which refills 100 a second all along. The next 60-token job goes
-    # 0.6 s later (before: the key was cooled for the 60 s, idle while its budget came back).
+    # emptied 6,000 tokens/min, which refills 100 a second all along. Charged real usage, the key's
+    # next 60-token job goes 0.6 s later (before: cooled for the 60 s, idle while its budget came
+    # back). Without usage (no usage_path) the bucket holds only the jobs' estimates, which may be
+    # low: waiting just for an estimate to refill drew 429s (56 in 300 jobs estimated at 10 tokens
+    # that used 50, a simulation), so the provider's reset is waited out.
     s = make(pool("p", key("k1", rps=100, burst=10, cost_per_minute=6000)))
     for _ in range(2):
         s.add(job(cost=60), t0)
     d = dispatch(s, t0)
     spent = RateLimitInfo(limit_tokens=6000, remaining_tokens=0, reset_tokens_s=60.0)
-    s.complete(d.reservation, Outcome("ok", 200, ratelimit=spent, actual_cost=60.0), t0)
-    assert s.snapshot(t0)["keys"]["k1"]["cooldown_s"] == 0
-    assert s.next(t0) == WaitUntil(pytest.approx(t0 + 0.6))
-    dispatch(s, t0 + 0.6)
-
-
-def test_a_spent_token_budget_of_a_key_reporting_no_usage_waits_for_the_reset():
-    # without usage (no usage_path) the cost bucket holds only the jobs' estimates, which may be
-    # low: waiting just for a job's estimate to refill drew 429s (56 in 300 jobs estimated at 10
-    # tokens that used 50, a simulation), so the provider's reset is waited out
-    s = make(pool("p", key("k1", rps=100, burst=10, cost_per_minute=6000)))
-    for _ in range(2):
-        s.add(job(cost=60), t0)
-    d = dispatch(s, t0)
-    spent = RateLimitInfo(limit_tokens=6000, remaining_tokens=0, reset_tokens_s=60.0)
-    s.complete(d.reservation, Outcome("ok", 200, ratelimit=spent), t0)
-    assert s.snapshot(t0)["keys"]["k1"]["cooldown_s"] == pytest.approx(60.0)
+    s.complete(d.reservation, Outcome("ok", 200, ratelimit=spent, actual_cost=usage), t0)
+    assert s.snapshot(t0)["keys"]["k1"]["cooldown_s"] == pytest.approx(cooldown)
+    if usage is not None:
+        assert s.next(t0) == WaitUntil(pytest.approx(t0 + 0.6))
+        dispatch(s, t0 + 0.6)
 
 
 def test_key_error_disables_the_key_until_its_probe():

@@ -89,18 +89,8 @@ def test_up_with_gateway_on_a_port_in_use_refuses_at_once(tmp_path):
             "pools": {"p": {"keys": [{"id": "k1", "rps": 1, "secret": "env:RF_UP_GW_K1"}]}},
             "callers": {"app": {"key": "env:RF_UP_GW_APP", "tier": "normal"}},
             "gateway": {"listen": f"127.0.0.1:{port}"}}))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RATEFLEET_")}
-        env.update(RF_UP_GW_K1="sk-1", RF_UP_GW_APP="rk-app-1", RATEFLEET_LOG_FORMAT="json")
-        up = subprocess.Popen([sys.executable, "-m", "ratefleet", "up", "--config", str(config), "--workers", "0",
-                               "--gateway", "--http-base-port", "0"], cwd=tmp_path, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-        try:
-            _, stderr = up.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)  # the fleet it started too
-            _, stderr = up.communicate()
-            pytest.fail(f"`ratefleet up --gateway` still running after 30 s: {stderr[-2000:]}")
-    assert up.returncode == 2, stderr[-2000:]
+        returncode, stderr = refused_up(tmp_path, config, RF_UP_GW_K1="sk-1", RF_UP_GW_APP="rk-app-1")
+    assert returncode == 2, stderr[-2000:]
     assert stderr.strip().splitlines()[-1] == (
         f"error: [gateway] listen 127.0.0.1:{port}: cannot listen there (Address already in use); set another "
         "[gateway] listen (or RATEFLEET_GATEWAY_LISTEN), or leave out --gateway")
@@ -117,8 +107,19 @@ def test_up_with_gateway_and_no_usable_caller_key_refuses_at_once(tmp_path):
         "pools": {"p": {"keys": [{"id": "k1", "rps": 1, "secret": "env:RF_UP_GW_K1"}]}},
         "callers": {"app": {"key": "env:RF_UP_GW_UNSET", "tier": "normal"}},
         "gateway": {"listen": f"127.0.0.1:{free_port()}"}}))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RATEFLEET_") and k != "RF_UP_GW_UNSET"}
-    env.update(RF_UP_GW_K1="sk-1", RATEFLEET_LOG_FORMAT="json")
+    returncode, stderr = refused_up(tmp_path, config, RF_UP_GW_K1="sk-1")
+    assert returncode == 2, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith(
+        "error: no caller has a usable key (callers.app.key: RF_UP_GW_UNSET not set)"), stderr[-2000:]
+    assert not (tmp_path / ".ratefleet").exists()  # refused before an embedded nats-server was started
+
+
+def refused_up(tmp_path, config, **env_vars) -> tuple[int, str]:
+    """Run `ratefleet up --gateway` with `config` and only `env_vars` of ours (no RATEFLEET_* or
+    RF_UP_GW_* of the test run); its exit code and stderr, once it ends by itself (a fleet
+    still running after 30 s is killed, with the test failed)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RATEFLEET_", "RF_UP_GW_"))}
+    env.update(env_vars, RATEFLEET_LOG_FORMAT="json")
     up = subprocess.Popen([sys.executable, "-m", "ratefleet", "up", "--config", str(config), "--workers", "0",
                            "--gateway", "--http-base-port", "0"], cwd=tmp_path, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
@@ -128,7 +129,4 @@ def test_up_with_gateway_and_no_usable_caller_key_refuses_at_once(tmp_path):
         os.killpg(up.pid, signal.SIGKILL)  # the fleet it started too
         _, stderr = up.communicate()
         pytest.fail(f"`ratefleet up --gateway` still running after 30 s: {stderr[-2000:]}")
-    assert up.returncode == 2, stderr[-2000:]
-    assert stderr.strip().splitlines()[-1].startswith(
-        "error: no caller has a usable key (callers.app.key: RF_UP_GW_UNSET not set)"), stderr[-2000:]
-    assert not (tmp_path / ".ratefleet").exists()  # refused before an embedded nats-server was started
+    return up.returncode, stderr
