@@ -30,6 +30,7 @@ class AssignmentRecord:
     reservation: Reservation
     at: float
     missed: int = 0  # heartbeats in a row that did not list it
+    seq: int | None = None  # the JOBS message's stream sequence (None: a call adopted from a heartbeat)
 
 
 @dataclass
@@ -52,6 +53,11 @@ class Fleet:
         self.timeout_s = timeout_s
         self.workers: dict[str, WorkerState] = {}
         self.by_assignment: dict[str, AssignmentRecord] = {}
+        self.by_seq: dict[int, str] = {}  # stream sequence -> the assignment calling it
+
+    def calling(self, seq: int) -> bool:
+        """Whether a worker has the JOBS message `seq` in hand (handed out, not finished)."""
+        return seq in self.by_seq
 
     def beat(self, hb: Heartbeat, now: float) -> tuple[bool, list[AssignmentRecord]]:
         """Record a heartbeat. Returns (is_new_worker, assignments the worker no longer has).
@@ -117,12 +123,20 @@ class Fleet:
     def assign(self, record: AssignmentRecord) -> None:
         self.workers[record.worker].assigned[record.id] = record
         self.by_assignment[record.id] = record
+        if record.seq is not None:
+            self.by_seq[record.seq] = record.id
 
     def finish(self, assignment_id: str) -> AssignmentRecord | None:
         record = self.by_assignment.pop(assignment_id, None)
-        if record is not None and record.worker in self.workers:
-            self.workers[record.worker].assigned.pop(assignment_id, None)
+        if record is not None:
+            self._forget_seq(record)
+            if record.worker in self.workers:
+                self.workers[record.worker].assigned.pop(assignment_id, None)
         return record
+
+    def _forget_seq(self, record: AssignmentRecord) -> None:
+        if record.seq is not None and self.by_seq.get(record.seq) == record.id:
+            del self.by_seq[record.seq]
 
     def expire(self, now: float) -> list[tuple[WorkerState, list[AssignmentRecord]]]:
         """Remove workers silent for longer than the timeout; return them with their assignments."""
@@ -132,6 +146,7 @@ class Fleet:
             records = list(worker.assigned.values())
             for record in records:
                 self.by_assignment.pop(record.id, None)
+                self._forget_seq(record)
             del self.workers[worker.id]
             out.append((worker, records))
         return out

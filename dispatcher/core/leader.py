@@ -152,6 +152,14 @@ class LeaderMachine:
             return [HandBack(event.seq, event.ack, PULL_EXPIRES_S + HANDBACK_MARGIN_S)] if owned else []
         if event.seq in self.held and not final:
             return []  # a redelivery of a job we still hold (its keep-alive came late)
+        if self.fleet.calling(event.seq) and not final:
+            # a worker is calling it: a JetStream consumer whose leader changed (a cluster server
+            # restarted) redelivers at once what it had not replicated as delivered. Handing it
+            # out again would pay twice; the worker's ack, nak or in-progress (by stream sequence)
+            # settles the message, and if the worker dies its jobs are nak'd as usual
+            job_id = event.verdict.job_id if event.verdict is not None else None
+            return [Log("info", "redelivery of a job a worker is calling; not handed out again",
+                        {"job_id": job_id, "tier": event.tier, "attempt": event.delivered})]
         verdict = event.verdict
         if verdict is None:
             return []  # not read (the shell reads every delivery but late ones at step-down)
@@ -265,7 +273,8 @@ class LeaderMachine:
                    f"max_payload = {self.settings.max_payload}; make the job smaller")
             return [*self._unsendable(incoming, decision, now, why), *self._top_up(incoming.tier, now)]
         self.fleet.assign(AssignmentRecord(assignment_id, worker.id, incoming.job_id, incoming.tier,
-                                           decision.key_id, incoming.ack, decision.reservation, now))
+                                           decision.key_id, incoming.ack, decision.reservation, now,
+                                           seq=incoming.stream_seq))
         return [Assign(worker.id, assignment_id, payload, incoming, decision.key_id, decision.pool),
                 *self._top_up(incoming.tier, now)]
 
