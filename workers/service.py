@@ -223,9 +223,11 @@ class Worker:
                         epoch=list(assignment.epoch), current_epoch=list(self.epoch))
             return
         if self.draining:
-            # not called: recorded as a handback, so the redelivery is not an attempt
+            # not called: recorded as a handback, so the redelivery is not an attempt. The report
+            # goes first: the nak (no delay) redelivers at once, and the leader does not hand out
+            # again a job its assignment still holds (it waits ack_wait for it instead)
+            await self._report(assignment, None, terminal=False, now=True)
             await self.handbacks.hand_back(assignment.seq, self.finisher, assignment.ack)
-            await self._report(assignment, None, terminal=False)
             return
         self.in_flight[assignment.id] = InFlight(assignment=assignment.id, key_id=assignment.key_id, job_id=assignment.job_id)
         tg.start_soon(self._run_assignment, assignment, executor, trace_headers(header))
@@ -438,8 +440,8 @@ class Worker:
             self._cancel_scopes.pop(a.id, None)
         log.warning("call abandoned at shutdown; job goes back to the queue")
         self.calling.pop(a.id, None)  # no in-progress ack after the nak
+        await self._report(a, None, terminal=False, now=True)  # before the nak (no delay): see _take
         await self.finisher.nak(a.ack)
-        await self._report(a, None, terminal=False)
         return None
 
     async def _refuse_pairing(self, a: Assignment, problem: str) -> None:

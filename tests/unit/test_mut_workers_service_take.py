@@ -142,3 +142,22 @@ async def test_a_draining_worker_hands_an_assignment_back_through_its_finisher(m
     await worker._take(assignment(), "executor", tg, None)
     assert tg.started == [] and books.log == [("hand_back", 7, ACK, 0.0)] and finisher.log == [("nak", ACK, 0.0)]
     assert [(r.kind, r.terminal) for r in nc.reports()] == [("none", False)]
+
+
+async def test_a_draining_worker_reports_a_handed_back_assignment_before_its_nak(monkeypatch):
+    # the nak has no delay, so the job comes straight back to the leader: if that redelivery
+    # arrived before the report, the leader (which hands out nothing its assignment still holds)
+    # would leave it until ack_wait
+    worker, nc, finisher = make_worker(monkeypatch)
+    Books(worker)
+    reports_at_nak = []
+    nak = finisher.nak
+
+    async def nak_after_report(ack, delay_s=0.0):
+        reports_at_nak.append(len(nc.reports()))
+        await nak(ack, delay_s)
+
+    finisher.nak = nak_after_report
+    worker.draining = True
+    await worker._take(assignment(), "executor", Group(), None)
+    assert reports_at_nak == [1]
