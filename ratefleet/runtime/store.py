@@ -66,6 +66,17 @@ async def retrying(operation: Callable[[], Awaitable[T]], *, for_s: float,
             delay = min(2.0, delay * 2)
 
 
+def subject_matches(pattern: str, subject: str) -> bool:
+    """Whether NATS subject `subject` falls under `pattern` (`*`: one token, `>`: the rest)."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(want) == len(have)
+
+
 def _is_full(error: APIError) -> bool:
     text = (error.description or "").lower()
     return "maximum messages" in text or "maximum bytes" in text
@@ -103,13 +114,16 @@ async def publish_job_ack(js: JetStreamContext, subjects: Subjects, tier: str, j
         if not isinstance(exc, NoStreamResponseError):
             return False
         try:
-            await js.stream_info(subjects.jobs_stream)
-            return True
+            info = await js.stream_info(subjects.jobs_stream)
         except NotFoundError:
             missing_stream = True
             return True
         except Exception:  # noqa: BLE001 - the server is not ready yet: retry
             return False
+        # the stream takes this tier: it had no leader for a moment (a cluster server stopping
+        # or restarting moves it), so no stream answered; retry. Else the tier is unknown.
+        taken = getattr(getattr(info, "config", None), "subjects", None) or []
+        return not any(subject_matches(pattern, subjects.jobs(tier)) for pattern in taken)
 
     try:
         ack = await retrying(lambda: js.publish(subjects.jobs(tier), payload, headers=headers, timeout=timeout),

@@ -24,8 +24,9 @@ class FakeJetStream:
     """`answers`: what each publish does in turn (an exception to raise, or a bool: duplicate);
     the last one repeats. `stream`: what stream_info does (None: the stream exists)."""
 
-    def __init__(self, *answers, stream: BaseException | None = None):
+    def __init__(self, *answers, stream: BaseException | None = None, tiers: tuple[str, ...] = ("vip", "normal")):
         self.answers, self.stream, self.published, self.infos = list(answers), stream, [], []
+        self.tiers = tiers
 
     async def publish(self, subject, payload, headers=None, timeout=None):
         self.published.append((subject, payload, headers, timeout))
@@ -38,7 +39,7 @@ class FakeJetStream:
         self.infos.append(name)
         if self.stream is not None:
             raise self.stream
-        return SimpleNamespace()
+        return SimpleNamespace(config=SimpleNamespace(subjects=[SUBJECTS.jobs(t) for t in self.tiers]))
 
 
 async def test_a_job_is_published_with_its_id_for_dedup_and_the_reply_subject():
@@ -85,6 +86,27 @@ async def test_no_stream_for_the_tier_is_an_unknown_tier_at_once():
     assert f"no stream takes {SUBJECTS.jobs('gold')}: unknown tier 'gold'" in str(refused.value)
     assert "[tiers]" in str(refused.value)
     assert js.infos == [SUBJECTS.jobs_stream] and len(js.published) == 1
+
+
+async def test_a_known_tier_whose_stream_has_no_leader_for_a_moment_is_retried_and_stored():
+    # a cluster server stopping (SIGTERM in a rolling restart) moves the JOBS stream's leader:
+    # for a moment no stream answers a publish (503). A vip request then failed at once with
+    # "no stream takes ratefleet.jobs.vip: unknown tier 'vip'"; the stream takes the tier, so retry
+    js = FakeJetStream(NoStreamResponseError(), NoStreamResponseError(), False)
+    assert await publish_job(js, SUBJECTS, "vip", "job-1", b"{}", retry_for=30.0) is True
+    assert len(js.published) == 3 and {p[2][MSG_ID] for p in js.published} == {"job-1"}
+    # under a wildcard too
+    js = FakeJetStream(NoStreamResponseError(), False, tiers=("*",))
+    assert await publish_job(js, SUBJECTS, "vip", "job-2", b"{}", retry_for=30.0) is True
+
+
+def test_subject_matches_as_nats_does():
+    from ratefleet.runtime.store import subject_matches
+
+    assert subject_matches("a.b.c", "a.b.c") and not subject_matches("a.b.c", "a.b.d")
+    assert subject_matches("a.*.c", "a.x.c") and not subject_matches("a.*", "a.x.c")
+    assert subject_matches("a.>", "a.x.c") and not subject_matches("a.>", "a")
+    assert not subject_matches("a.b", "a.b.c") and not subject_matches("a.b.c", "a.b")
 
 
 async def test_no_jobs_stream_at_all_says_so_at_once():
