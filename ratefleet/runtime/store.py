@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import asyncio as aio  # (tests replace this module's `asyncio` with a fake clock)
 import base64
 import json
 import time
@@ -64,6 +65,33 @@ async def retrying(operation: Callable[[], Awaitable[T]], *, for_s: float,
                 await gone()
             await asyncio.sleep(delay)
             delay = min(2.0, delay * 2)
+
+
+RECONNECT_POLL_S = 0.05
+
+
+async def publish_or_reconnect(js: JetStreamContext, subject: str, payload: bytes, *, headers: dict[str, str],
+                               timeout: float) -> PubAck:
+    """`js.publish`, given up (TimeoutError, so `retrying` sends it again with the same id)
+    as soon as the connection reconnects while it waits for the ack. The ack of a publish
+    sent before a reconnect never comes (it was routed through the server that went away):
+    a worker storing a Result as its server stopped waited the whole `timeout` (10 s) and a
+    vip request waiting for that Result timed out."""
+    stats = getattr(getattr(js, "_nc", None), "stats", None)
+    if not isinstance(stats, dict) or "reconnects" not in stats:
+        return await js.publish(subject, payload, headers=headers, timeout=timeout)
+    before = stats["reconnects"]
+    task = aio.ensure_future(js.publish(subject, payload, headers=headers, timeout=timeout))
+    try:
+        while True:
+            done, _ = await aio.wait({task}, timeout=RECONNECT_POLL_S)
+            if done:
+                return task.result()
+            if stats["reconnects"] != before:
+                raise TimeoutError("NATS reconnected while this publish waited for its ack")
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 def subject_matches(pattern: str, subject: str) -> bool:
@@ -166,13 +194,15 @@ async def store_result(js: JetStreamContext, subjects: Subjects, result: Result,
     refusal = ""
 
     def publish(msg_id: str) -> Awaitable[Any]:
-        return retrying(lambda: js.publish(subject, payload, headers={MSG_ID: msg_id}, timeout=timeout),
+        return retrying(lambda: publish_or_reconnect(js, subject, payload, headers={MSG_ID: msg_id}, timeout=timeout),
                         for_s=120.0, gone=gone)
 
     for attempt in range(1, attempts + 1):
         try:
             ack = await publish(result.job_id)
-            if ack.duplicate and await read_result(js, subjects, result.job_id, result.batch) is None:
+            if ack.duplicate and (existing := await read_result(js, subjects, result.job_id, result.batch)) == payload:
+                return True  # this very Result: an earlier send of it landed, its ack lost in a reconnect
+            if ack.duplicate and existing is None:
                 # the id's Result inside the dedup window is another batch's: this job reuses
                 # the id, and was called (a NATS restart forgot the JOBS message's dedup entry)
                 log.warning("job id already has a Result in another batch; stored under this batch too",

@@ -426,3 +426,44 @@ async def test_publish_job_passes_the_jobs_own_trace_headers():
     trace = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
     assert await publish_job(js, SUBJECTS, "normal", "j1", b"{}", trace=trace) is True
     assert js.headers == {**trace, MSG_ID: "j1"}
+
+
+# --- a reconnect while a Result's publish waits for its ack ------------------------------------
+
+
+class ReconnectingJetStream:
+    """The first publish lands but its ack never comes: the connection reconnects 0.1 s later
+    (the server it went through stopped). Later publishes are duplicates of it."""
+
+    def __init__(self):
+        self._nc = SimpleNamespace(stats={"reconnects": 0})
+        self.published, self.stored = [], None
+
+    async def publish(self, subject, payload, headers=None, timeout=None):
+        import asyncio
+
+        self.published.append((subject, headers, timeout))
+        if len(self.published) == 1:
+            self.stored = payload
+            await asyncio.sleep(0.1)
+            self._nc.stats["reconnects"] += 1
+            await asyncio.sleep(timeout)  # the ack is lost: nats-py waits out the timeout
+            raise TimeoutError
+        return SimpleNamespace(duplicate=True, seq=1)
+
+    async def get_last_msg(self, stream, subject):
+        return SimpleNamespace(data=self.stored)
+
+
+async def test_a_result_whose_ack_is_lost_in_a_reconnect_is_sent_again_at_once_and_counts_as_stored():
+    # a worker storing a vip job's Result as its nats-server stopped (rolling restart) waited
+    # the whole publish timeout (10 s) for an ack that could not come: the Result was stored
+    # 10.3 s after the call and the caller's Client.request(timeout=10) failed
+    import time as real_time
+
+    js = ReconnectingJetStream()
+    result = Result(job_id="vip-1", status="succeeded", tier="vip")
+    started = real_time.monotonic()
+    assert await store_result(js, SUBJECTS, result, timeout=10.0) is True  # its own Result: newly stored
+    assert real_time.monotonic() - started < 2.0
+    assert [h[MSG_ID] for _, h, _ in js.published] == ["vip-1", "vip-1"]
