@@ -76,7 +76,7 @@ async def publish_or_reconnect(js: JetStreamContext, subject: str, payload: byte
     as soon as the connection reconnects while it waits for the ack. The ack of a publish
     sent before a reconnect never comes (it was routed through the server that went away):
     a worker storing a Result as its server stopped waited the whole `timeout` (10 s) and a
-    vip request waiting for that Result timed out."""
+    vip request waiting for that Result timed out; a job's submit waited 5 s."""
     stats = getattr(getattr(js, "_nc", None), "stats", None)
     if not isinstance(stats, dict) or "reconnects" not in stats:
         return await js.publish(subject, payload, headers=headers, timeout=timeout)
@@ -154,7 +154,8 @@ async def publish_job_ack(js: JetStreamContext, subjects: Subjects, tier: str, j
         return not any(subject_matches(pattern, subjects.jobs(tier)) for pattern in taken)
 
     try:
-        ack = await retrying(lambda: js.publish(subjects.jobs(tier), payload, headers=headers, timeout=timeout),
+        ack = await retrying(lambda: publish_or_reconnect(js, subjects.jobs(tier), payload, headers=headers,
+                                                          timeout=timeout),
                              for_s=retry_for, permanent=unknown_tier)
     except APIError as exc:
         if _is_full(exc):

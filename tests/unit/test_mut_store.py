@@ -137,3 +137,29 @@ async def test_nats_away_for_retry_for_is_a_submit_error_saying_resubmitting_is_
     assert "NATS did not confirm job job-1 for 0s (TimeoutError)" in text
     assert "Resubmitting with the same id is safe" in text
     assert len(js.published) >= 2
+
+
+async def test_a_submit_whose_ack_is_lost_in_a_reconnect_is_sent_again_at_once():
+    # a vip request submitted as its nats-server stopped (rolling restart) waited the whole
+    # 5 s publish timeout for an ack that could not come, then was sent again: 5.2-5.3 s
+    import asyncio
+    import time
+
+    nc = SimpleNamespace(stats={"reconnects": 0})
+    published = []
+
+    class Lost:
+        _nc = nc
+
+        async def publish(self, subject, payload, headers=None, timeout=None):
+            published.append(headers[MSG_ID])
+            if len(published) == 1:
+                await asyncio.sleep(0.1)
+                nc.stats["reconnects"] += 1
+                await asyncio.sleep(timeout)
+                raise TimeoutError
+            return SimpleNamespace(duplicate=True, seq=1)  # the first send landed
+
+    started = time.monotonic()
+    assert await publish_job(Lost(), SUBJECTS, "vip", "job-1", b"{}", timeout=5.0) is False
+    assert time.monotonic() - started < 2.0 and published == ["job-1", "job-1"]
