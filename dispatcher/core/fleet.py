@@ -54,10 +54,12 @@ class Fleet:
         self.workers: dict[str, WorkerState] = {}
         self.by_assignment: dict[str, AssignmentRecord] = {}
         self.by_seq: dict[int, str] = {}  # stream sequence -> the assignment calling it
+        self.adopted: dict[str, str] = {}  # job id -> a call adopted from a heartbeat (its sequence unknown)
 
-    def calling(self, seq: int) -> bool:
-        """Whether a worker has the JOBS message `seq` in hand (handed out, not finished)."""
-        return seq in self.by_seq
+    def calling(self, seq: int, job_id: str | None = None) -> bool:
+        """Whether a worker has the JOBS message `seq` in hand (handed out, not finished): one
+        this leader handed out, or a call of an earlier leadership (known by its job id only)."""
+        return seq in self.by_seq or (job_id is not None and job_id in self.adopted)
 
     def beat(self, hb: Heartbeat, now: float) -> tuple[bool, list[AssignmentRecord]]:
         """Record a heartbeat. Returns (is_new_worker, assignments the worker no longer has).
@@ -125,6 +127,8 @@ class Fleet:
         self.by_assignment[record.id] = record
         if record.seq is not None:
             self.by_seq[record.seq] = record.id
+        else:
+            self.adopted[record.job_id] = record.id
 
     def finish(self, assignment_id: str) -> AssignmentRecord | None:
         record = self.by_assignment.pop(assignment_id, None)
@@ -137,6 +141,8 @@ class Fleet:
     def _forget_seq(self, record: AssignmentRecord) -> None:
         if record.seq is not None and self.by_seq.get(record.seq) == record.id:
             del self.by_seq[record.seq]
+        elif record.seq is None and self.adopted.get(record.job_id) == record.id:
+            del self.adopted[record.job_id]
 
     def expire(self, now: float) -> list[tuple[WorkerState, list[AssignmentRecord]]]:
         """Remove workers silent for longer than the timeout; return them with their assignments."""

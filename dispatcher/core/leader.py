@@ -152,12 +152,13 @@ class LeaderMachine:
             return [HandBack(event.seq, event.ack, PULL_EXPIRES_S + HANDBACK_MARGIN_S)] if owned else []
         if event.seq in self.held and not final:
             return []  # a redelivery of a job we still hold (its keep-alive came late)
-        if self.fleet.calling(event.seq) and not final:
+        job_id = event.verdict.job_id if event.verdict is not None else None
+        if self.fleet.calling(event.seq, job_id) and not final:
             # a worker is calling it: a JetStream consumer whose leader changed (a cluster server
             # restarted) redelivers at once what it had not replicated as delivered. Handing it
             # out again would pay twice; the worker's ack, nak or in-progress (by stream sequence)
-            # settles the message, and if the worker dies its jobs are nak'd as usual
-            job_id = event.verdict.job_id if event.verdict is not None else None
+            # settles the message, and if the worker dies its jobs are nak'd as usual. A call
+            # adopted from an earlier leadership is known by its job id (heartbeats carry no sequence)
             return [Log("info", "redelivery of a job a worker is calling; not handed out again",
                         {"job_id": job_id, "tier": event.tier, "attempt": event.delivered})]
         verdict = event.verdict

@@ -158,6 +158,23 @@ def test_a_redelivery_of_a_job_a_worker_is_calling_is_not_handed_out_again():
     assert 1 in run.m.held and run.m.scheduler.pending("normal") == 1
 
 
+def test_a_redelivery_of_a_call_adopted_from_an_earlier_leader_is_not_handed_out_again():
+    # a SIGKILLed cluster server can take both the lease and the consumer's leader: the new
+    # leader knows the calls in flight only from heartbeats (job id, no stream sequence)
+    from dataclasses import replace
+
+    run = Run(machine())
+    run.at(T0, beat("w9", 4, (("old.1", "k1"),)))  # its job id: x-old.1
+    first = delivery(1, 2)
+    redelivery = ev.JobDelivered(first.tier, first.seq, first.delivered, first.ack,
+                                 replace(first.verdict, job_id="x-old.1"))  # type: ignore[arg-type]
+    assert kinds(run.at(T0 + 0.1, redelivery)) == []
+    assert not run.m.held and run.m.scheduler.pending("normal") == 0
+    run.at(T0 + 0.2, outcome("old.1"))  # the call ended: a later delivery is taken
+    later = ev.JobDelivered(first.tier, first.seq, 3, first.ack, replace(first.verdict, job_id="x-old.1"))  # type: ignore[arg-type]
+    assert kinds(run.at(T0 + 0.3, later)) == ["Assign"]
+
+
 # -- a worker that vanishes ------------------------------------------------------------------------------
 
 
