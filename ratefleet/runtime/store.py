@@ -194,21 +194,29 @@ async def store_result(js: JetStreamContext, subjects: Subjects, result: Result,
     payload = payload if payload is not None else result.to_json()
     refusal = ""
 
+    sends = 0  # publishes of this Result: more than one when a send's ack was lost (a reconnect, a timeout)
+
+    async def send(msg_id: str) -> Any:
+        nonlocal sends
+        sends += 1
+        return await publish_or_reconnect(js, subject, payload, headers={MSG_ID: msg_id}, timeout=timeout)
+
     def publish(msg_id: str) -> Awaitable[Any]:
-        return retrying(lambda: publish_or_reconnect(js, subject, payload, headers={MSG_ID: msg_id}, timeout=timeout),
-                        for_s=120.0, gone=gone)
+        return retrying(lambda: send(msg_id), for_s=120.0, gone=gone)
 
     for attempt in range(1, attempts + 1):
         try:
             ack = await publish(result.job_id)
-            if ack.duplicate and (existing := await read_result(js, subjects, result.job_id, result.batch)) == payload:
-                return True  # this very Result: an earlier send of it landed, its ack lost in a reconnect
-            if ack.duplicate and existing is None:
-                # the id's Result inside the dedup window is another batch's: this job reuses
-                # the id, and was called (a NATS restart forgot the JOBS message's dedup entry)
-                log.warning("job id already has a Result in another batch; stored under this batch too",
-                            job_id=result.job_id, batch=result.batch)
-                ack = await publish(f"{result.job_id}@{result.batch or ''}")
+            if ack.duplicate:
+                existing = await read_result(js, subjects, result.job_id, result.batch)
+                if sends > 1 and existing == payload:
+                    return True  # this very Result sent again: the earlier send landed, its ack lost in a reconnect
+                if existing is None:
+                    # the id's Result inside the dedup window is another batch's: this job reuses
+                    # the id, and was called (a NATS restart forgot the JOBS message's dedup entry)
+                    log.warning("job id already has a Result in another batch; stored under this batch too",
+                                job_id=result.job_id, batch=result.batch)
+                    ack = await publish(f"{result.job_id}@{result.batch or ''}")
             return not ack.duplicate
         except APIError as exc:
             if exc.err_code != STORE_FAILED:
