@@ -129,7 +129,10 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
         log.warning("nats disconnected; reconnecting", url=redact_url(url))
 
     async def on_reconnect() -> None:
-        log.info("nats reconnected", url=redact_url(url))
+        from ratefleet.runtime.store import interrupt_ack_waits  # (store imports the layers above this one)
+
+        interrupted = interrupt_ack_waits(holder[0])  # their acks went through the server that went away
+        log.info("nats reconnected", url=redact_url(url), publishes_resent=interrupted)
 
     async def on_error(exc: Exception) -> None:
         if not holder[0].is_connected and not holder[0].is_reconnecting and _refused(exc):

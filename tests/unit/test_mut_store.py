@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
-from ratefleet.runtime.store import MSG_ID, REPLY_HEADER, publish_job, publish_job_ack
+from ratefleet.runtime.store import MSG_ID, REPLY_HEADER, interrupt_ack_waits, publish_job, publish_job_ack
 from ratefleet.schemas import Subjects
 from ratefleet.schemas.errors import QueueFull, SubmitError
 
@@ -145,7 +145,10 @@ async def test_a_submit_whose_ack_is_lost_in_a_reconnect_is_sent_again_at_once()
     import asyncio
     import time
 
-    nc = SimpleNamespace(stats={"reconnects": 0})
+    class Connection:  # stands for a nats-py connection (weakly referenced, hashed by identity)
+        pass
+
+    nc = Connection()
     published = []
 
     class Lost:
@@ -155,7 +158,7 @@ async def test_a_submit_whose_ack_is_lost_in_a_reconnect_is_sent_again_at_once()
             published.append(headers[MSG_ID])
             if len(published) == 1:
                 await asyncio.sleep(0.1)
-                nc.stats["reconnects"] += 1
+                asyncio.get_running_loop().call_soon(interrupt_ack_waits, nc)  # what connect()'s callback does
                 await asyncio.sleep(timeout)
                 raise TimeoutError
             return SimpleNamespace(duplicate=True, seq=1)  # the first send landed
@@ -163,3 +166,41 @@ async def test_a_submit_whose_ack_is_lost_in_a_reconnect_is_sent_again_at_once()
     started = time.monotonic()
     assert await publish_job(Lost(), SUBJECTS, "vip", "job-1", b"{}", timeout=5.0) is False
     assert time.monotonic() - started < 2.0 and published == ["job-1", "job-1"]
+
+
+async def test_only_a_reconnect_turns_an_ack_wait_into_a_resend_and_other_cancels_propagate():
+    # the reconnect callback cancels the tasks waiting for an ack on that connection; a task
+    # cancelled by anyone else (a drain, a timeout scope) must still end cancelled
+    import asyncio
+
+    from ratefleet.runtime.store import publish_or_reconnect
+
+    class Connection:
+        pass
+
+    class Hanging:
+        def __init__(self):
+            self._nc = Connection()
+
+        async def publish(self, subject, payload, headers=None, timeout=None):
+            await asyncio.sleep(timeout)
+            raise TimeoutError
+
+    mine, other = Hanging(), Hanging()
+    waiting = [asyncio.ensure_future(publish_or_reconnect(js, "s", b"x", headers={}, timeout=30))
+               for js in (mine, mine, other)]
+    await asyncio.sleep(0.05)
+    assert interrupt_ack_waits(mine._nc) == 2
+    await asyncio.sleep(0.05)
+    for task in waiting[:2]:
+        assert isinstance(task.exception(), TimeoutError)  # sent again by `retrying`
+    assert not waiting[2].done()  # another connection's wait goes on
+    waiting[2].cancel()
+    await asyncio.sleep(0.05)
+    assert waiting[2].cancelled()
+    both = asyncio.ensure_future(publish_or_reconnect(mine, "s", b"x", headers={}, timeout=30))
+    await asyncio.sleep(0.05)
+    interrupt_ack_waits(mine._nc)
+    both.cancel()  # cancelled by its owner too: stays cancelled
+    await asyncio.sleep(0.05)
+    assert both.cancelled()

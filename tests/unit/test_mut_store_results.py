@@ -26,6 +26,7 @@ from ratefleet.runtime.store import (
     MSG_ID,
     STORE_ATTEMPTS,
     dead_letter,
+    interrupt_ack_waits,
     publish_job,
     read_result,
     redact_job,
@@ -431,12 +432,16 @@ async def test_publish_job_passes_the_jobs_own_trace_headers():
 # --- a reconnect while a Result's publish waits for its ack ------------------------------------
 
 
+class Connection:
+    """Stands for a nats-py connection (weakly referenced, hashed by identity)."""
+
+
 class ReconnectingJetStream:
     """The first publish lands but its ack never comes: the connection reconnects 0.1 s later
     (the server it went through stopped). Later publishes are duplicates of it."""
 
     def __init__(self):
-        self._nc = SimpleNamespace(stats={"reconnects": 0})
+        self._nc = Connection()
         self.published, self.stored = [], None
 
     async def publish(self, subject, payload, headers=None, timeout=None):
@@ -446,7 +451,7 @@ class ReconnectingJetStream:
         if len(self.published) == 1:
             self.stored = payload
             await asyncio.sleep(0.1)
-            self._nc.stats["reconnects"] += 1
+            asyncio.get_running_loop().call_soon(interrupt_ack_waits, self._nc)  # what connect()'s callback does
             await asyncio.sleep(timeout)  # the ack is lost: nats-py waits out the timeout
             raise TimeoutError
         return SimpleNamespace(duplicate=True, seq=1)
