@@ -55,13 +55,17 @@ HttpOpt = typer.Option(None, "--http", metavar="HOST:PORT",
 
 
 def _http_or_fail(address: str | None) -> str | None:
-    """`--http` checked before anything starts: exit 2 with why when it is not HOST:PORT."""
-    from ratefleet.runtime.probes import parse_http
+    """`--http` checked before anything starts: exit 2 with why when it is not HOST:PORT or
+    cannot be listened on (a port in use: the gateway's `--listen` is refused the same way;
+    a role found it only once started, and exited 1)."""
+    from ratefleet.runtime.probes import bind_http, parse_http
     from ratefleet.schemas.errors import ConfigError
 
     if address is not None:
         try:
-            parse_http(address)
+            host, port = parse_http(address)
+            if port:  # (port 0: any free port, nothing to check)
+                bind_http(host, port, address).close()
         except ConfigError as exc:
             fail(str(exc))
     return address

@@ -279,15 +279,18 @@ class CacheConfig(_Strict):
     max_entry_bytes: int = Field(default=512 << 10, ge=1024)
 
 
-def split_listen(value: str) -> tuple[str, int]:
-    """`HOST:PORT` or `[IPv6]:PORT`, port 1-65535 in ASCII digits -> (host without brackets,
-    port). ValueError saying what to give otherwise: an IPv6 address without brackets
-    (`::1`, the port forgotten, read as host `:` and port 1) included."""
+def split_listen(value: str, *, example: str = "127.0.0.1:8080", any_port: bool = False) -> tuple[str, int]:
+    """`HOST:PORT` or `[IPv6]:PORT`, port 1-65535 in ASCII digits (0 too with `any_port`: the
+    system picks one) -> (host without brackets, port). ValueError saying what to give
+    otherwise (`example` shows the form): an IPv6 address without brackets (`::1`, the port
+    forgotten, read as host `:` and port 1) included. One parser for `[gateway] listen`,
+    `--listen` and `--http`."""
     host, sep, port = value.rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536 or not host.strip("[]"):
-        raise ValueError("give HOST:PORT, e.g. 127.0.0.1:8080")
+    lowest = 0 if any_port else 1
+    if not sep or not (port.isascii() and port.isdigit()) or not lowest <= int(port) < 65536 or not host.strip("[]"):
+        raise ValueError(f"give HOST:PORT, e.g. {example}")
     if ":" in host and not (host.startswith("[") and host.endswith("]")):
-        raise ValueError("write an IPv6 address in brackets, e.g. [::1]:8080")
+        raise ValueError(f"write an IPv6 address in brackets, e.g. [::1]:{example.rpartition(':')[2]}")
     return host.strip("[]"), int(port)
 
 

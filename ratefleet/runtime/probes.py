@@ -33,6 +33,7 @@ from starlette.routing import Route
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.metrics import new_registry
 from ratefleet.schemas import Subjects
+from ratefleet.schemas.config import split_listen
 from ratefleet.schemas.errors import ConfigError
 
 log = get_logger("ratefleet.probes")
@@ -57,11 +58,11 @@ def streams_check(js: Any, subjects: Subjects) -> Check:
 
 def parse_http(address: str) -> tuple[str, int]:
     """`HOST:PORT` (or `[IPv6]:PORT`; port 0: any free port) -> (host, port).
-    Raises ConfigError naming the flag when it is neither."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536 or not host:
-        raise ConfigError(f"--http {address!r}: give HOST:PORT, e.g. 127.0.0.1:9464")
-    return host.strip("[]"), int(port)
+    Raises ConfigError naming the flag when it is neither (schemas/config.py `split_listen`)."""
+    try:
+        return split_listen(address, example="127.0.0.1:9464", any_port=True)
+    except ValueError as exc:
+        raise ConfigError(f"--http {address!r}: {exc}") from None
 
 
 class Probes:
@@ -142,7 +143,7 @@ async def serve_probes(probes: Probes, address: str, *, task_status=anyio.TASK_S
     (the real port when 0 was asked for). Raises ConfigError when the address cannot be
     bound (port in use, no such address)."""
     host, port = parse_http(address)
-    sock = _bind(host, port, address)
+    sock = bind_http(host, port, address)
     http = "httptools" if importlib.util.find_spec("httptools") else "h11"
     config = uvicorn.Config(probes.app(), host=host, port=port, http=http, ws="none", loop="asyncio",
                             lifespan="off", log_level="warning", access_log=False, timeout_graceful_shutdown=1)
@@ -162,7 +163,8 @@ async def serve_probes(probes: Probes, address: str, *, task_status=anyio.TASK_S
         sock.close()
 
 
-def _bind(host: str, port: int, address: str) -> socket.socket:
+def bind_http(host: str, port: int, address: str) -> socket.socket:
+    """`bind_listener` for `--http ADDRESS`: ConfigError says how to pick another."""
     return bind_listener(host, port, f"--http {address}",
                          instead="pass another --http HOST:PORT (port 0: any free port)")
 

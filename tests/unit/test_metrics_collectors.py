@@ -183,7 +183,8 @@ def test_readyz_times_out_a_hanging_check(monkeypatch):
     assert answer.status_code == 503 and "timed out" in answer.json()["reason"]
 
 
-@pytest.mark.parametrize("bad", ["9464", "localhost", ":9464", "host:port", "host:70000"])
+@pytest.mark.parametrize("bad", ["9464", "localhost", ":9464", "host:port", "host:70000",
+                                 "127.0.0.1:\u00b2", "::1", "::1:9464"])  # other digits; IPv6 without brackets
 def test_http_address_must_be_host_and_port(bad):
     with pytest.raises(ConfigError, match="--http"):
         parse_http(bad)
