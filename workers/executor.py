@@ -201,9 +201,10 @@ class UpstreamExecutor:
             # read once: each lookup on httpx.Headers decodes and scans every header again
             # (lower-case names; a repeated header's values joined by ", ", as httpx's get does)
             received = dict(response.headers.items())
+            streamed = _event_stream(response, received)  # read once: relayed as it comes, its usage from its events
             try:
                 relay = None
-                if _event_stream(response, received):
+                if streamed:
                     relay = on_chunk
                     if deadline is not None:
                         relay = _progress_deadline(deadline, upstream.timeout_s, relay)
@@ -229,7 +230,7 @@ class UpstreamExecutor:
         if raw is None:
             return self._too_large(response, secret, latency_ms, received)
         info = _response_info(response, raw, secret, received)
-        cost = _reported_cost(info, raw, upstream.usage_path, streamed=_event_stream(response, received))
+        cost = _reported_cost(info, raw, upstream.usage_path, streamed=streamed)
         code = None if response.is_success else provider_code(info.json_body)
         return CallResult(
             kind=classify(response.status_code, None, code), response=info, error=None, provider_code=code,

@@ -17,18 +17,21 @@ event (under `response.usage`). Each path is read from every event's data, and f
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from typing import Any
 
 
-def usage_terms(usage_path: str) -> list[list[str]]:
+@functools.lru_cache(maxsize=64)
+def usage_terms(usage_path: str) -> tuple[tuple[str, ...], ...]:
     """The dotted paths of `usage_path`, each split into its keys (spaces around a key or a `+`
-    ignored, as the config checks them: schemas/config.py)."""
-    return [[part.strip() for part in term.split(".")] for term in usage_path.split("+")]
+    ignored, as the config checks them: schemas/config.py). Remembered per path: an
+    upstream's one `usage_path` is split once, not on every answer."""
+    return tuple(tuple(part.strip() for part in term.split(".")) for term in usage_path.split("+"))
 
 
-def dig(data: Any, keys: list[str]) -> float | None:
+def dig(data: Any, keys: tuple[str, ...]) -> float | None:
     """The number at `keys` in `data`, or None (absent, or not an int/float; a bool is no number)."""
     for part in keys:
         if not isinstance(data, dict) or part not in data:
