@@ -179,16 +179,25 @@ def denial_expected(part: str):
         _EXPECTED.remove(part.lower())
 
 
+_VIOLATION = re.compile(r'permissions violation for (?:publish|subscription) to "([^"]+)"', re.IGNORECASE)
+
+
+def _denied_subject(text: str) -> str | None:
+    """The subject of a `permissions violation for publish|subscription to "X"` error, else None."""
+    match = _VIOLATION.search(text)
+    return match.group(1) if match else None
+
+
 def _expected_denial(text: str) -> bool:
-    match = re.search(r'permissions violation for (publish|subscription) to "([^"]+)"', text, re.IGNORECASE)
-    return bool(match) and any(part in match.group(2).lower() for part in _EXPECTED)
+    subject = _denied_subject(text)
+    return subject is not None and any(part in subject.lower() for part in _EXPECTED)
 
 
 def _note_denial(text: str) -> None:
-    """Remember the subject of a `permissions violation for publish|subscription to "X"` error."""
-    match = re.search(r'permissions violation for (publish|subscription) to "([^"]+)"', text, re.IGNORECASE)
-    if match and match.group(2) not in _DENIED:
-        _DENIED.append(match.group(2))
+    """Remember the subject of a permissions violation (`_denied_subject`)."""
+    subject = _denied_subject(text)
+    if subject is not None and subject not in _DENIED:
+        _DENIED.append(subject)
 
 
 def permission_denials() -> list[str]:
