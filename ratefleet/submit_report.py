@@ -31,7 +31,6 @@ FLUSH_EVERY = 500  # Results written between flushes of --out
 CONFIG_READ_S = 0.5  # seconds for reading the fleet's live config (milliseconds when permitted)
 
 
-
 @dataclass
 class Run:
     """Counters of one submit run; `expected` is how many Results land in this batch."""

@@ -295,10 +295,8 @@ class Dispatcher:
                 except Exception as exc:  # noqa: BLE001 - NATS away: the last value stays
                     log.debug("backlog not read", tier=tier, error=type(exc).__name__)
             removed = await self._unconfigured_backlog()
-            for tier in [t for t in self.backlog if t not in self.config.tiers]:
+            for tier in {*removed, *(t for t in self.backlog if t not in self.config.tiers)}:
                 self.backlog[tier] = removed.get(tier, (0, 0))[0]  # a removed tier: what still waits, else 0
-            for tier, (queued, _unacked) in removed.items():
-                self.backlog[tier] = queued
 
     async def _beat(self) -> None:
         """Presence for the other dispatchers and `status` (discovery.py)."""
