@@ -125,6 +125,7 @@ class Tracker:
     first_seen: dict[str, float] = field(default_factory=dict)  # job id -> monotonic time
     publishes: Counter = field(default_factory=Counter)  # job id -> result publishes seen
     batch_of: dict[str, str] = field(default_factory=dict)
+    worker_of: dict[str, str] = field(default_factory=dict)  # job id -> worker of its first Result seen
     _sub: object = None
 
     async def start(self) -> Tracker:
@@ -138,6 +139,11 @@ class Tracker:
             self.publishes[job_id] += 1
             self.first_seen.setdefault(job_id, time.monotonic())
             self.batch_of.setdefault(job_id, parts[-2])
+            if job_id not in self.worker_of:
+                try:
+                    self.worker_of[job_id] = json.loads(msg.data).get("worker") or ""
+                except ValueError:
+                    self.worker_of[job_id] = ""
 
         self._sub = await self.nc.subscribe(SUBJECTS.results("*", "*"), cb=on_result)
         return self

@@ -47,9 +47,15 @@ async def test_sigterm_worker_finishes_its_calls_and_exits(tmp_path, nats_server
                 asked: list[float] = []
 
                 async def w1_busy():
+                    # the leader's in-flight count can be a moment older than the Results: calls
+                    # whose Results arrived since the ask are finished, not in flight (without
+                    # this, a SIGTERM sent just after w1's wave ended found it idle)
                     asked.append(time.monotonic())
                     status = await status_or_none(client)
-                    return tracker.seen(ids) >= 6 and worker_in_flight(status, "w1") >= 3 and status
+                    finished_since = sum(1 for job_id, seen in tracker.first_seen.items()
+                                         if seen >= asked[-1] - 0.1 and tracker.worker_of.get(job_id) == "w1")
+                    return (tracker.seen(ids) >= 6 and worker_in_flight(status, "w1") - finished_since >= 3
+                            and status)
 
                 status = await until(w1_busy, 20, 0.05, "w1 with calls in flight, mid-batch")
                 in_flight = worker_in_flight(status, "w1")
