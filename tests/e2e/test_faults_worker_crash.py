@@ -49,8 +49,12 @@ async def test_sigkill_worker_mid_batch_loses_nothing(tmp_path, nats_server):
                 deadline = time.monotonic() + 20
                 status = None
                 while time.monotonic() < deadline:
+                    asked = time.monotonic()
                     status = await client.status(timeout=2)
-                    if tracker.seen(ids) >= 40 and worker_in_flight(status, "w1") >= 4:
+                    # the leader's count can be a moment older than the Results seen meanwhile
+                    finished_since = sum(1 for job_id, seen in tracker.first_seen.items()
+                                         if seen >= asked - 0.1 and tracker.worker_of.get(job_id) == "w1")
+                    if tracker.seen(ids) >= 40 and worker_in_flight(status, "w1") - finished_since >= 4:
                         break
                     await _sleep(0.05)
                 in_flight_w1 = worker_in_flight(status, "w1")
