@@ -75,6 +75,7 @@ CASES = [
 ]
 
 
+@pytest.mark.timeout(150)  # 19 hostile cases and five CLI runs: 60 s at load 15, all assertions passed
 async def test_hostile_messages_end_invalid_and_good_jobs_behind_them_run(tmp_path, nats_server):
     n_good = 30
     with upstream() as mock:
