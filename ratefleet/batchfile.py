@@ -19,6 +19,7 @@ Memory: nothing here holds more than one line, except `IdSet`, 8 bytes per job (
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import sys
@@ -246,10 +247,32 @@ class Validation:
             self.gaps.append([start, end])
 
 
+def reject_record(number: int, text: str, error: LineError) -> dict:
+    """One invalid line as `submit --rejects` writes it: {"line": N, "error": why, and the line's
+    own "id" / "custom_id" when it is a JSON object that has them as strings}. Not the line
+    itself: a job's headers may hold credentials, which no file the fleet writes repeats."""
+    why = str(error)
+    prefix = f"line {number}: "
+    record: dict = {"line": number, "error": why[len(prefix):] if why.startswith(prefix) else why}
+    if not isinstance(text, TooLong):
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            for name in ("id", "custom_id"):
+                if isinstance(parsed.get(name), str):
+                    record[name] = parsed[name]
+    return record
+
+
 def validate_file(path: Path, batch: str, progress: Callable[[int], None] | None = None,
-                  upstreams: Mapping[str, str] | None = None, *, upstream: str | None = None) -> Validation:
+                  upstreams: Mapping[str, str] | None = None, *, upstream: str | None = None,
+                  rejects: Callable[[dict], None] | None = None) -> Validation:
     """Pass 1: validate every line in a stream; `progress(bytes read so far)` now and then.
-    `upstreams`: the fleet's, when known; `upstream`: for lines that name none (see `parse_line`)."""
+    `upstreams`: the fleet's, when known; `upstream`: for lines that name none (see `parse_line`).
+    `rejects`: called with every invalid line's `reject_record` (`found.errors` keeps the first
+    SHOWN_ERRORS messages only)."""
     found = Validation()
     read = 0
     for number, text in iter_lines(path):
@@ -264,6 +287,8 @@ def validate_file(path: Path, batch: str, progress: Callable[[int], None] | None
             found.error_count += 1
             if len(found.errors) < SHOWN_ERRORS:
                 found.errors.append(str(exc))
+            if rejects is not None:
+                rejects(reject_record(number, text, exc))
             found.gap(number, number)
             continue
         if line_of(job.id) != number:

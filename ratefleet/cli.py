@@ -168,6 +168,9 @@ def submit(file: Path = typer.Argument(..., help="JSONL file, one Job per line (
            out: Path | None = typer.Option(None, "--out", "-o", metavar="FILE",
                                               help="write Results here (JSONL; '-' for stdout)"),
            skip_invalid: bool = Flag(False, "--skip-invalid", help="submit the valid lines, report the rest"),
+           rejects: Path | None = typer.Option(None, "--rejects", metavar="FILE",
+                                               help="write every invalid line here: its number and error, and "
+                                                    "its id / custom_id (JSONL; the screen lists the first 20)"),
            out_format: str = typer.Option("ratefleet", "--out-format", metavar="FORMAT",
                                           help="ratefleet (Result JSON) or openai (OpenAI Batch output lines)"),
            order: str = typer.Option("arrival", "--order", help="--out order: arrival or input (the file's line order)"),
@@ -190,10 +193,16 @@ def submit(file: Path = typer.Argument(..., help="JSONL file, one Job per line (
     if out is not None and str(out) != "-" and str(file) != "-" and out.exists() and out.samefile(file):
         fail(f"--out {out} is the jobs file itself: writing Results there would erase the jobs before they are "
              "sent; pass another path")
+    if rejects is not None:
+        require_out_path(rejects, "--rejects")
+        for other, what in ((file, "the jobs file"), (out, "the --out file")):
+            if other is not None and str(other) != "-" and rejects.exists() and other.exists() \
+                    and rejects.samefile(other):
+                fail(f"--rejects {rejects} is {what} itself: it would be overwritten; pass another path")
     target = client_target(config, nats, prefix)
     with _traced_from_environment():
         code = _run(run_submit, file, tier, batch, wait, out, skip_invalid, target.url, target.prefix, out_format,
-                    order == "input", target.nats, upstream, target.config_args)
+                    order == "input", target.nats, upstream, target.config_args, rejects)
     raise typer.Exit(code or 0)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import shlex
 import signal
 import sys
@@ -83,8 +84,9 @@ def new_batch_name() -> str:
 async def run_submit(file: Path, tier: str, batch: str | None, wait: bool, out: Path | None, skip_invalid: bool,
                      url: str, prefix: str, out_format: str = "ratefleet", by_input: bool = False,
                      auth: NatsAuthConfig | None = None, upstream: str | None = None,
-                     config_args: tuple[str, ...] = ()) -> int:
+                     config_args: tuple[str, ...] = (), rejects: Path | None = None) -> int:
     """Run the command; returns the exit code (0 all stored/succeeded, 1 some failed, 2 input, 130 Ctrl-C).
+    `rejects`: a file to write every invalid line to, as {"line", "error", "id"?, "custom_id"?} JSON lines.
     `out_format`: "ratefleet" (Result JSON) or "openai" (OpenAI Batch output lines); `by_input`: write
     Results in the file's line order (holding back only those that arrive before an earlier line's);
     `upstream`: the upstream of the lines that name none."""
@@ -107,7 +109,7 @@ async def run_submit(file: Path, tier: str, batch: str | None, wait: bool, out: 
         return 2
     run = Run(file=file, tier=tier, batch=batch or new_batch_name(), wait=wait, out=out, url=url, prefix=prefix,
               out_format=out_format, by_input=by_input, upstream=upstream, config_args=config_args,
-              skip_invalid=skip_invalid)
+              skip_invalid=skip_invalid, rejects=rejects)
     # first: the name a resume needs (a run without --batch would make a new batch and pay again)
     say(f"batch {run.batch}" if batch else f"batch {run.batch}; re-run with --batch {run.batch} to resume")
     work = _Work(run)  # what Ctrl-C stops; the report of what it left behind runs after it
@@ -311,7 +313,7 @@ async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_inv
     if run.wait:
         return report_end(run, phases)
     if found.error_count:  # --skip-invalid: not every line was submitted (the README's exit code 1)
-        phases.print(f"{found.error_count:,} invalid lines were skipped (not submitted); exit code 1")
+        phases.print(f"{found.error_count:,} invalid lines were skipped (not submitted{run.rejects_note()}); exit code 1")
         return 1
     return 1 if found.repeated_ids else 0  # those lines have no job (and no Result) of their own
 
@@ -326,9 +328,15 @@ async def _validate(run: Run, path: Path, phases: Phases) -> Validation:
             raise anyio.get_cancelled_exc_class()  # Ctrl-C: end the abandoned thread too
         anyio.from_thread.run_sync(lambda: phases.update(handle, completed=read))
 
+    def validate() -> Validation:
+        if run.rejects is None:
+            return validate_file(path, run.batch, progress, run.upstreams, upstream=run.upstream)
+        with run.rejects.open("w", encoding="utf-8") as sink:  # rewritten on every run: never last run's lines
+            return validate_file(path, run.batch, progress, run.upstreams, upstream=run.upstream,
+                                 rejects=lambda record: sink.write(json.dumps(record) + "\n"))
+
     try:  # in a thread, so Ctrl-C and the progress display keep working during a long pass
-        found = await anyio.to_thread.run_sync(
-            lambda: validate_file(path, run.batch, progress, run.upstreams, upstream=run.upstream), abandon_on_cancel=True)
+        found = await anyio.to_thread.run_sync(validate, abandon_on_cancel=True)
     finally:
         stop.set()
     if size:
@@ -337,7 +345,11 @@ async def _validate(run: Run, path: Path, phases: Phases) -> Validation:
     for line in found.errors:
         phases.print(line, style="red")
     if found.error_count > len(found.errors):
-        phases.print(f"... and {found.error_count - len(found.errors)} more invalid lines")
+        phases.print(f"... and {found.error_count - len(found.errors):,} more invalid lines"
+                     + (f" (every one is in {run.rejects})" if run.rejects is not None
+                        else " (pass --rejects FILE to have every one written there, one JSON object a line)"))
+    elif found.error_count and run.rejects is not None:
+        phases.print(f"the invalid lines are also in {run.rejects}")
     if found.error_count and not found.jobs and (hint := _not_jsonl_hint(path)):
         phases.print(hint)
     phases.print(f"{found.jobs:,} valid {'job' if found.jobs == 1 else 'jobs'} on {found.lines:,} "

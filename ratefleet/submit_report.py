@@ -69,6 +69,7 @@ class Run:
     upstreams: dict[str, str] | None = None  # the fleet's (name -> auth header), from its live config when readable
     upstream: str | None = None  # --upstream: for the lines that name none
     skip_invalid: bool = False  # --skip-invalid: a resume must skip the same bad lines, not refuse the file
+    rejects: Path | None = None  # --rejects: every invalid line's number and error, one JSON object a line
     before: BatchRecord | None = None  # the batch's record from an earlier run (read before this run's)
     lost: str | None = None  # --wait: how the NATS server lost the queued jobs waited for (batches.queue_lost)
     all_collected: anyio.Event = field(default_factory=anyio.Event)
@@ -118,12 +119,17 @@ class Run:
         return ((["--out-format", self.out_format] if self.out_format != "ratefleet" else [])
                 + (["--order", "input"] if self.by_input else []))
 
+    def rejects_note(self) -> str:
+        """", each in FILE" when --rejects names a file, else ""."""
+        return f", each in {self.rejects}" if self.rejects is not None else ""
+
     def submit_command(self) -> str:
         """This run's command again, with the batch name: it sends only what is not stored yet."""
         args = ["ratefleet", "submit", str(self.file), "--tier", self.tier, "--batch", self.batch]
         args += ["--upstream", self.upstream] if self.upstream is not None else []
         args += (["--wait"] if self.wait else []) + (["--out", str(self.out)] if self.out else [])
         args += ["--skip-invalid"] if self.skip_invalid else []
+        args += ["--rejects", str(self.rejects)] if self.rejects is not None else []
         return shlex.join(args + self._format_args() + self._nats_args())
 
 
@@ -270,7 +276,7 @@ def report_end(run: Run, phases, *, submitted_only: bool = False) -> int:
         return 1
     skipped = run.found.error_count if run.found else 0
     if skipped:  # --skip-invalid: those lines were not done, so the batch did not all succeed
-        phases.print(f"{skipped:,} invalid lines were skipped (not submitted); exit code 1")
+        phases.print(f"{skipped:,} invalid lines were skipped (not submitted{run.rejects_note()}); exit code 1")
     ok = (run.statuses.get("succeeded", 0) == run.written and not (run.foreign_queued or run.foreign_queued_more)
           and not run.changed and not run.unsent and not skipped and not (run.found and run.found.repeated_ids))
     return 0 if ok else 1

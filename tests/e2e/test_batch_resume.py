@@ -457,3 +457,58 @@ async def test_a_line_repeating_an_id_queued_under_another_batch_is_counted_once
     assert "2 lines carry ids already stored under another batch" in second.stderr, second.stderr
     cancelled = cli("cancel", "--batch", "second", "--nats", nats_server.url)
     assert "0 Results stored so far of 0" in cancelled.stdout + cancelled.stderr, cancelled.stdout + cancelled.stderr
+
+
+@pytest.mark.anyio
+async def test_rejects_lists_every_invalid_line_where_the_screen_shows_twenty(tmp_path, nats_server):
+    """A nightly file with 45 bad lines among good ones: the screen names the first 20 and
+    "... and 25 more", which left no way to find the others. `--rejects FILE` writes each
+    one (line number, error, the line's own id / custom_id), never the line itself (a header
+    may hold a credential), is rewritten on a re-run, and the printed re-run command keeps it."""
+    async with await Client.connect(nats_server.url) as client:  # streams, no fleet: every job stays queued
+        await ensure_topology(client.js, parse_config({}))
+    file = tmp_path / "jobs.jsonl"
+    lines, bad = [], {}
+    for i in range(60):
+        if i % 4 == 0:  # a path outside the upstream: refused
+            job = {**chat_job(i), "id": f"bad-{i}"}
+            job["request"] = {**job["request"], "path": "http://elsewhere.example/v1/x",
+                              "headers": {"Authorization": "Bearer sk-never-in-a-file"}}
+            lines.append(json.dumps(job))
+            bad[i + 1] = {"id": f"bad-{i}"}
+        elif i % 4 == 1 and i < 40:  # an OpenAI Batch line whose url is not a path
+            lines.append(json.dumps({"custom_id": f"c-{i}", "method": "POST", "url": "v1/chat/completions", "body": {}}))
+            bad[i + 1] = {"custom_id": f"c-{i}"}
+        elif i == 59:
+            lines.append('{"request": ')  # not JSON at all
+            bad[i + 1] = {}
+        else:
+            lines.append(json.dumps(chat_job(i)))
+    file.write_text("\n".join(lines) + "\n")
+    rejects = tmp_path / "rejects.jsonl"
+
+    done = cli("submit", str(file), "--tier", "guest", "--batch", "rj", "--nats", nats_server.url)
+    assert done.returncode == 2 and f"... and {len(bad) - 20} more invalid lines (pass --rejects FILE" in done.stderr
+
+    done = cli("submit", str(file), "--tier", "guest", "--batch", "rj", "--skip-invalid", "--rejects", str(rejects),
+               "--nats", nats_server.url)
+    assert done.returncode == 1, done.stderr
+    assert f"(every one is in {rejects})" in done.stderr
+    assert f"{len(bad)} invalid lines were skipped (not submitted, each in {rejects})" in done.stderr
+    records = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert [r["line"] for r in records] == sorted(bad)
+    for record in records:
+        assert {k: v for k, v in record.items() if k in ("id", "custom_id")} == bad[record["line"]]
+        assert record["error"] and not record["error"].startswith("line ")
+    assert "sk-never-in-a-file" not in rejects.read_text()
+
+    # a re-run rewrites it (never last run's lines), also when nothing is invalid any more
+    file.write_text("\n".join(line for n, line in enumerate(lines, 1) if n not in bad) + "\n")
+    done = cli("submit", str(file), "--tier", "guest", "--batch", "rj2", "--rejects", str(rejects),
+               "--nats", nats_server.url)
+    assert done.returncode == 0, done.stderr
+    assert rejects.read_text() == ""
+    # the file named twice is refused before anything runs
+    done = cli("submit", str(file), "--tier", "guest", "--rejects", str(file), "--nats", nats_server.url)
+    assert done.returncode == 2 and "is the jobs file itself" in done.stderr
+    assert file.read_text().count("\n") == 60 - len(bad)

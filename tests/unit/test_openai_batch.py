@@ -117,6 +117,14 @@ def test_the_resume_command_keeps_the_upstream_of_lines_that_name_none(tmp_path:
                                    prefix="ratefleet").submit_command()
 
 
+def test_the_resume_command_keeps_skip_invalid_and_the_rejects_file(tmp_path: Path):
+    run = Run(file=tmp_path / "in.jsonl", tier="normal", batch="b", wait=False, out=None, url="", prefix="ratefleet",
+              skip_invalid=True, rejects=tmp_path / "bad lines.jsonl")
+    assert f"--skip-invalid --rejects '{tmp_path}/bad lines.jsonl'" in run.submit_command()
+    assert "--rejects" not in Run(file=tmp_path / "in.jsonl", tier="normal", batch="b", wait=False, out=None, url="",
+                                  prefix="ratefleet").submit_command()
+
+
 def test_an_openai_lines_errors_use_its_own_field_names():
     """A bad `url` was reported as `request.path: ...`, a field the user never wrote."""
     from ratefleet.batchfile import LineError, parse_line
