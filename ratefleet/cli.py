@@ -338,19 +338,43 @@ def demo(jobs: int = typer.Option(400, "--jobs", help="guest flood size"), vip: 
     raise typer.Exit(run_demo(guest_jobs=jobs, vip_jobs=vip, workers=workers))
 
 
+CodeOpt = typer.Option(None, "--code", metavar="CODE",
+                       help="only letters with this reason code (as `dlq list` shows it; repeat for several)")
+GivenUpOpt = Flag(False, "--given-up", help="only letters of jobs the fleet gave up on (attempts_exhausted, "
+                                            "no_key_available, poison_message, rate_limited): not the request's "
+                                            "fault, unlike invalid ones")
+
+
+def _letter_codes(code: list[str] | None, given_up: bool) -> frozenset[str] | None:
+    """The reason codes --code and --given-up select (None: every letter); exit 2 on a code no
+    part of ratefleet writes (`ErrorCode`)."""
+    from ratefleet.results_replays import GAVE_UP
+    from ratefleet.schemas.result import ErrorCode
+
+    known = {str(member) for member in ErrorCode}
+    for one in code or ():
+        if one not in known:
+            fail(f"--code {one!r} is not a reason code ratefleet writes; one of: {', '.join(sorted(known))}")
+    if not code and not given_up:
+        return None
+    return frozenset(code or ()) | (GAVE_UP if given_up else frozenset())
+
+
 @dlq_app.command("list")
 def dlq_list(tier: str | None = typer.Option(None, "--tier", help=tier_help("only this tier")),
              limit: int = typer.Option(50, "--limit", help="letters shown, oldest first (a note on stderr "
                                                                   "says how many more are stored)"),
              batch: str | None = typer.Option(None, "--batch", "-b", metavar="NAME",
                                               help="only letters of this batch's jobs"),
+             code: list[str] | None = CodeOpt, given_up: bool = GivenUpOpt,
              config: Path | None = ConfigOpt,
              nats: str | None = NatsOpt, prefix: str | None = PrefixOpt, as_json: bool = JsonOpt):
     """List dead letters: job id, tier, reason, attempts."""
     from ratefleet.dlq import list_dead
 
+    codes = _letter_codes(code, given_up)
     target = client_target(config, nats, prefix)
-    _run(list_dead, target.url, target.prefix, tier, limit, as_json, target.nats, batch)
+    _run(list_dead, target.url, target.prefix, tier, limit, as_json, target.nats, batch, codes)
 
 
 @dlq_app.command("replay")
@@ -360,6 +384,7 @@ def dlq_replay(tier: str | None = typer.Option(None, "--tier", help=tier_help("o
                batch: str | None = typer.Option(None, "--batch", "-b", metavar="NAME",
                                                 help="only the letters of this batch's jobs (a later `ratefleet "
                                                      "results --batch NAME` writes their new Results in place)"),
+               code: list[str] | None = CodeOpt, given_up: bool = GivenUpOpt,
                config: Path | None = ConfigOpt,
                nats: str | None = NatsOpt, prefix: str | None = PrefixOpt,
                purge: bool = Flag(True, "--purge/--keep", help="remove replayed letters from the DLQ"),
@@ -368,20 +393,23 @@ def dlq_replay(tier: str | None = typer.Option(None, "--tier", help=tier_help("o
     """Resubmit dead letters (those holding a job) under a new id that names the original; prints the new ids."""
     from ratefleet.dlq import replay_dead
 
+    codes = _letter_codes(code, given_up)
     target = client_target(config, nats, prefix)
-    if id is None and tier is None and batch is None and not yes and sys.stdin.isatty() and sys.stderr.isatty():
+    if id is None and tier is None and batch is None and codes is None and not yes and sys.stdin.isatty() \
+            and sys.stderr.isatty():
         # every letter, each called (and paid for) again: asked at a terminal; a script is not asked
         if not typer.confirm("replay every dead letter holding a job (each is called again)?", default=False,
                              err=True):
             typer.echo("nothing replayed (pass --id JOB_ID, --batch B or --tier T for some, --yes for all)", err=True)
             raise typer.Exit(1)
-    replayed = _run(replay_dead, target.url, target.prefix, tier, id, purge, target.nats, batch)
+    replayed = _run(replay_dead, target.url, target.prefix, tier, id, purge, target.nats, batch, codes)
     for original, new_id in replayed:
         typer.echo(f"{original} -> {new_id}")
     typer.echo(f"replayed {len(replayed)} dead letter(s)")
-    if not replayed and (id is not None or tier is not None or batch is not None):  # asked for what is not there
+    if not replayed and (id is not None or tier is not None or batch is not None or codes is not None):
         which = " and ".join(part for part in (f"job id {id!r}" if id else "", f"tier {tier!r}" if tier else "",
-                                               f"batch {batch!r}" if batch else "") if part)
+                                               f"batch {batch!r}" if batch else "",
+                                               f"code {' or '.join(sorted(codes))}" if codes else "") if part)
         fail(f"no replayable dead letter with {which}; `ratefleet dlq list` shows the dead letters "
              "(a letter without its job cannot be replayed)", code=1)
 

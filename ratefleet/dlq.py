@@ -18,9 +18,15 @@ NARROW = 120  # columns below which `dlq list` prints one block per letter inste
 
 
 async def read_dead(client: Client, tier: str | None, limit: int | None = None,
-                    batch: str | None = None) -> list[tuple[int, dict]]:
+                    batch: str | None = None, codes: frozenset[str] | None = None) -> list[tuple[int, dict]]:
     """(stream sequence, letter) pairs, oldest first."""
-    return (await read_dead_page(client, tier, limit, batch))[0]
+    return (await read_dead_page(client, tier, limit, batch, codes))[0]
+
+
+def letter_code(letter: dict) -> str | None:
+    """The reason code of a dead letter (`reason.code`: e.g. attempts_exhausted, invalid)."""
+    reason = letter.get("reason")
+    return str(reason.get("code")) if isinstance(reason, dict) and reason.get("code") is not None else None
 
 
 def letter_batch(letter: dict) -> str | None:
@@ -30,10 +36,13 @@ def letter_batch(letter: dict) -> str | None:
 
 
 async def read_dead_page(client: Client, tier: str | None, limit: int | None,
-                         batch: str | None = None) -> tuple[list[tuple[int, dict]], int]:
+                         batch: str | None = None,
+                         codes: frozenset[str] | None = None) -> tuple[list[tuple[int, dict]], int]:
     """The first `limit` (stream sequence, letter) pairs, oldest first, and how many letters
-    (of `tier`, else all) come after them. `batch`: only letters holding a job of that batch
-    (every letter is read to find them; the count after them is then of those only)."""
+    (of `tier`, else all) come after them. `batch`: only letters holding a job of that batch;
+    `codes`: only letters whose reason code is one of these (with either, every letter is read
+    to find them; the count after them is then of those only)."""
+    filtered = batch is not None or codes is not None
     subject = client.subjects.dead(tier or "*")
     try:
         info = await client.js.stream_info(client.subjects.dead_stream)
@@ -52,12 +61,12 @@ async def read_dead_page(client: Client, tier: str | None, limit: int | None,
             except TimeoutError:
                 break
             letter = json.loads(msg.data)
-            if batch is None or letter_batch(letter) == batch:
+            if (batch is None or letter_batch(letter) == batch) and (codes is None or letter_code(letter) in codes):
                 if limit is not None and len(letters) >= limit:
                     left += 1
                 else:
                     letters.append((msg.metadata.sequence.stream, letter))
-            if batch is None and limit is not None and len(letters) >= limit:
+            if not filtered and limit is not None and len(letters) >= limit:
                 left += msg.metadata.num_pending  # (+ this one when it was over the limit: --limit 0)
                 break
             if msg.metadata.num_pending == 0:
@@ -68,11 +77,12 @@ async def read_dead_page(client: Client, tier: str | None, limit: int | None,
 
 
 async def list_dead(url: str, prefix: str, tier: str | None, limit: int, as_json: bool,
-                    auth: NatsAuthConfig | None = None, batch: str | None = None) -> None:
-    """Print the first `limit` letters (of `batch` only, when given); when more are stored, say
-    how many on stderr (and in the title)."""
+                    auth: NatsAuthConfig | None = None, batch: str | None = None,
+                    codes: frozenset[str] | None = None) -> None:
+    """Print the first `limit` letters (of `batch` only, with one of `codes` only, when given);
+    when more are stored, say how many on stderr (and in the title)."""
     async with await Client.connect(url, prefix=prefix, auth=auth) as client:
-        letters, left = await read_dead_page(client, tier, limit, batch)
+        letters, left = await read_dead_page(client, tier, limit, batch, codes)
     if as_json:
         for _seq, letter in letters:
             print(json.dumps(letter))
@@ -106,14 +116,15 @@ def render_dead(letters: list[tuple[int, dict]], console, left: int = 0) -> None
 
 
 async def replay_dead(url: str, prefix: str, tier: str | None, job_id: str | None,
-                      purge: bool, auth: NatsAuthConfig | None = None, batch: str | None = None) -> list[tuple[str, str]]:
-    """Resubmit letters with a job (of `batch` only, when given), each under `<original>-r<hex>`
-    so its new Result can be stored.
+                      purge: bool, auth: NatsAuthConfig | None = None, batch: str | None = None,
+                      codes: frozenset[str] | None = None) -> list[tuple[str, str]]:
+    """Resubmit letters with a job (of `batch` only, with a reason code of `codes` only, when
+    given), each under `<original>-r<hex>` so its new Result can be stored.
 
     Returns (original job id, new job id) pairs in replay order."""
     replayed: list[tuple[str, str]] = []
     async with await Client.connect(url, prefix=prefix, auth=auth) as client:
-        for seq, letter in await read_dead(client, tier, batch=batch):
+        for seq, letter in await read_dead(client, tier, batch=batch, codes=codes):
             job = letter.get("job")
             if not job or (job_id and letter.get("job_id") != job_id):
                 continue

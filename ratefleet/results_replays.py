@@ -30,7 +30,7 @@ def gave_up(result: Result) -> bool:
 
 def replay_hint(batch: str, count: int, nats_args: list[str]) -> str:
     """The line saying how to run again the `count` jobs of `batch` the fleet gave up on."""
-    replay = shlex.join(["ratefleet", "dlq", "replay", "--batch", batch, *nats_args])
+    replay = shlex.join(["ratefleet", "dlq", "replay", "--batch", batch, "--given-up", *nats_args])
     noun = "job" if count == 1 else "jobs"
     return (f"{count:,} {noun} of batch {batch} the fleet gave up on ({', '.join(sorted(GAVE_UP))}; not the "
             f"request's fault); run them again with: {replay}, then `ratefleet results --batch {batch}` "

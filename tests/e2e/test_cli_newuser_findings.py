@@ -296,18 +296,34 @@ async def test_jobs_the_fleet_gave_up_on_are_named_with_the_replay_of_their_batc
             await client.js.publish(client.subjects.dead("normal"), json.dumps(letter).encode())
         await store_result(client.js, client.subjects, Result(job_id=line_job_id("night", 3, "x"), status="succeeded",
                                                               batch="night"))
+        # a paid call whose answer NATS refused: lettered too, but not one the fleet gave up on, and
+        # `dlq replay --batch night` alone would have paid for it again beside the two counted
+        stored_not = line_job_id("night", 4, "y")
+        error = {"code": "result_not_stored", "message": "NATS refused the answer"}
+        await store_result(client.js, client.subjects, Result(job_id=stored_not, status="failed", batch="night",
+                                                              error=error))
+        await client.js.publish(client.subjects.dead("normal"), json.dumps(
+            {"job_id": stored_not, "tier": "normal", "attempts": 1, "reason": error,
+             "job": chat_job(4, id=stored_not, batch="night")}).encode())
         await save_record(client.js, client.subjects,
-                          BatchRecord(batch="night", tier="normal", state="submitted", jobs=3, lines=3))
+                          BatchRecord(batch="night", tier="normal", state="submitted", jobs=4, lines=4))
     url = ["--nats", nats_server.url]
     done = cli("results", "--batch", "night", "--out", str(tmp_path / "out.jsonl"), *url)
     assert done.returncode == 1, done.stderr
-    replay = f"ratefleet dlq replay --batch night --nats {nats_server.url}"
+    replay = f"ratefleet dlq replay --batch night --given-up --nats {nats_server.url}"
     assert (f"2 jobs of batch night the fleet gave up on (attempts_exhausted, no_key_available, poison_message, "
             f"rate_limited; not the request's fault); run them again with: {replay}") in done.stderr, done.stderr
-    listed = cli("dlq", "list", "--batch", "night", "--json", *url)
+    listed = cli("dlq", "list", "--batch", "night", "--given-up", "--json", *url)
     assert sorted(json.loads(x)["job"]["batch"] for x in listed.stdout.splitlines()) == ["night", "night"], listed
+    listed = cli("dlq", "list", "--code", "result_not_stored", "--json", *url)
+    assert [json.loads(x)["job_id"] for x in listed.stdout.splitlines()] == [stored_not], listed
+    wrong = cli("dlq", "list", "--code", "attempts_exausted", *url)
+    assert wrong.returncode == 2 and "is not a reason code ratefleet writes" in wrong.stderr, wrong.stderr
     again = cli("dlq", "replay", *shlex.split(replay)[3:])
     assert again.returncode == 0 and "replayed 2 dead letter(s)" in again.stdout, again.stdout + again.stderr
     left = cli("dlq", "list", "--json", *url)
-    assert [json.loads(x)["job"]["batch"] for x in left.stdout.splitlines()] == ["other"], left.stdout
+    assert sorted(json.loads(x)["job_id"] for x in left.stdout.splitlines()) == sorted(
+        [stored_not, line_job_id("other", 1, "line 1")]), left.stdout
     assert await _stored_jobs(nats_server.url) == 2  # the two replays, queued
+    none = cli("dlq", "replay", "--batch", "other", "--code", "rate_limited", *url)
+    assert none.returncode == 1 and "no replayable dead letter with batch 'other' and code rate_limited" in none.stderr

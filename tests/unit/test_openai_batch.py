@@ -153,7 +153,7 @@ def test_submit_names_the_replay_of_the_jobs_the_fleet_gave_up_on(tmp_path: Path
     report_end(run, type("P", (), {"print": lambda self, text, style=None: said.append(text)})())
     hint = [line for line in said if "gave up on" in line]
     assert len(hint) == 1 and hint[0].startswith("1 job of batch b the fleet gave up on (attempts_exhausted"), said
-    assert "run them again with: ratefleet dlq replay --batch b --nats nats://10.0.0.1:4222," in hint[0], hint
+    assert "run them again with: ratefleet dlq replay --batch b --given-up --nats nats://10.0.0.1:4222," in hint[0], hint
 
 
 def test_order_input_says_that_lines_with_their_own_id_are_not_in_line_order(tmp_path: Path):
