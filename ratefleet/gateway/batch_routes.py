@@ -152,6 +152,8 @@ class BatchApi:
         """409 while an unfinished batch reads the file: the batch goes on from it after a gateway
         restart (batch_runner.py), and without it a batch whose calls are paid would end `failed`."""
         file_id = request.path_params["file_id"]
+        if await self.files.info(caller.name, file_id) is None:  # another caller's file: not even its batch's id
+            raise not_found("File", file_id)
         using = [record["id"] for record in await self.book.all()
                  if record.get("input_file_id") == file_id and record.get("status") not in TERMINAL]
         if using:

@@ -1,0 +1,65 @@
+"""What an application developer hit driving the gateway with the official `openai` SDK, over
+real processes (nats-server, the mock upstream, a dispatcher, a worker, `ratefleet gateway`):
+each test is one defect found that way, and fails without its fix."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import openai
+import pytest
+from fleetkit import FleetKit, mock_keys
+from gatewaykit import CALLER_KEYS, caller_env, callers, free_port, start_gateway
+
+from ratefleet.mock import MockSettings, running_mock
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.anyio]
+
+
+def chat_line(custom_id: str, text: str) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "mock", "messages": [{"role": "user", "content": text}]}}
+
+
+def jsonl(lines: list) -> bytes:
+    return "".join(json.dumps(line) + "\n" for line in lines).encode()
+
+
+def sdk(kit, caller: str = "alice") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=kit.gateway_url + "/v1", api_key=CALLER_KEYS[caller], max_retries=0, timeout=30)
+
+
+@pytest.fixture
+def upstream():
+    with running_mock(MockSettings(keys=mock_keys(rps=200, burst=20), accept_unknown=False)) as mock:
+        yield mock
+
+
+@pytest.fixture
+def slow_gateway(tmp_path, nats_server, upstream, monkeypatch):
+    """One key at 2 calls a second, so a batch stays in progress a while."""
+    caller_env(monkeypatch)
+    kit = FleetKit(tmp_path, nats_server.url, upstream.url, keys=[{"id": "k1", "rps": 2, "burst": 1}],
+                   overrides={"callers": callers(), "dispatcher": {"window": 4}})
+    kit.dispatcher("d1")
+    kit.worker("w1")
+    kit.gateway_url = start_gateway(kit, free_port())  # type: ignore[attr-defined]
+    try:
+        yield kit
+    finally:
+        kit.stop()
+
+
+async def test_another_callers_file_in_use_is_not_found_and_names_no_batch(slow_gateway):
+    async with sdk(slow_gateway) as alice, sdk(slow_gateway, "bob") as bob:
+        uploaded = await alice.files.create(file=("in.jsonl", io.BytesIO(jsonl([chat_line(f"r{i}", "x")
+                                                                                 for i in range(20)]))),
+                                            purpose="batch")
+        batch = await alice.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                           completion_window="24h")
+        with pytest.raises(openai.NotFoundError) as other:
+            await bob.files.delete(uploaded.id)
+        await alice.batches.cancel(batch.id)
+    assert batch.id not in other.value.message
+    assert other.value.body["message"] == f"No such File object: {uploaded.id}"
