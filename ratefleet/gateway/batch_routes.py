@@ -6,6 +6,8 @@ cancel). Each caller (its ratefleet key, as for every gateway path) sees only it
 and batches; another's id is a 404, as OpenAI answers for an unknown one. Refusals are
 OpenAI-style error bodies (errors.py): 400 for a bad request, 404 `No such File object` /
 `No such Batch object`, 409 cancelling a finished batch, 413 a file over MAX_FILE_BYTES.
+A 409 says `x-should-retry: false`: the OpenAI SDKs retry 409s twice on their own, and a
+finished batch or a running one's input file is no different a second later.
 """
 
 from __future__ import annotations
@@ -159,7 +161,7 @@ class BatchApi:
         if using:
             raise GatewayRefusal(409, f"File {file_id} is the input of batch {using[0]}, which has not ended; delete "
                                  "it once the batch is completed, failed, expired or cancelled.",
-                                 type="invalid_request_error", code="file_in_use")
+                                 type="invalid_request_error", code="file_in_use", sdk_retry=False)
         if not await self.files.delete(caller.name, file_id):
             raise not_found("File", file_id)
         return JSONResponse({"id": file_id, "object": "file", "deleted": True})
@@ -213,7 +215,7 @@ class BatchApi:
         record = await self.book.update(batch_id, change)
         if record["status"] not in {"cancelling", "cancelled"}:
             raise GatewayRefusal(409, f"Cannot cancel a batch with status {record['status']}.",
-                                 type="invalid_request_error", code="batch_not_cancellable")
+                                 type="invalid_request_error", code="batch_not_cancellable", sdk_retry=False)
         if record["status"] == "cancelling":
             # the fleet stops calling the batch's jobs now, not when its runner next looks (a
             # gateway killed in between left them called, and paid, until another took it over)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import json
 
+import anyio
+import httpx
 import openai
 import pytest
 from fleetkit import FleetKit, mock_keys
@@ -63,3 +65,34 @@ async def test_another_callers_file_in_use_is_not_found_and_names_no_batch(slow_
         await alice.batches.cancel(batch.id)
     assert batch.id not in other.value.message
     assert other.value.body["message"] == f"No such File object: {uploaded.id}"
+
+
+async def test_the_gateways_409s_are_not_retried_by_the_sdk(slow_gateway):
+    """A 409 (a running batch's input file, cancelling an ended batch) is no different a moment
+    later: the SDK (max_retries 2, its default) raises it after one request, not three."""
+    sent = []
+
+    async def count(request):
+        sent.append(request.url.path)
+
+    http = httpx.AsyncClient(event_hooks={"request": [count]})
+    async with openai.AsyncOpenAI(base_url=slow_gateway.gateway_url + "/v1", api_key=CALLER_KEYS["alice"],
+                                  http_client=http) as ai:
+        running = await ai.files.create(file=("in.jsonl", io.BytesIO(jsonl([chat_line(f"r{i}", "x")
+                                                                          for i in range(20)]))), purpose="batch")
+        batch = await ai.batches.create(input_file_id=running.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+        bad = await ai.files.create(file=("bad.jsonl", io.BytesIO(b"{not json\n")), purpose="batch")
+        failed = await ai.batches.create(input_file_id=bad.id, endpoint="/v1/chat/completions", completion_window="24h")
+        for _ in range(100):
+            if (await ai.batches.retrieve(failed.id)).status == "failed":
+                break
+            await anyio.sleep(0.1)
+        sent.clear()
+        with pytest.raises(openai.ConflictError):
+            await ai.files.delete(running.id)
+        with pytest.raises(openai.ConflictError):
+            await ai.batches.cancel(failed.id)
+        requests = list(sent)
+        await ai.batches.cancel(batch.id)
+    assert requests == [f"/v1/files/{running.id}", f"/v1/batches/{failed.id}/cancel"]
