@@ -14,8 +14,8 @@ so `--order input` and re-runs work as for Job lines. Output line (OpenAI API re
      "error": null}
 
 `response` is the upstream's answer whenever there is one (a provider error included, as OpenAI
-writes it); when no call answered, `response` is null and `error` holds ratefleet's
-`{"code", "message"}`.
+writes it); when no call answered, or the answer's body was too large to keep
+(`response_too_large`), `response` is null and `error` holds ratefleet's `{"code", "message"}`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import json
 from typing import Any
 from urllib.parse import parse_qsl
 
-from ratefleet.schemas import Result
+from ratefleet.schemas import ErrorCode, Result
 from ratefleet.schemas.errors import RatefleetError
 
 INPUT_FIELDS = frozenset({"custom_id", "method", "url", "body"})
@@ -86,13 +86,20 @@ def openai_line_as_job(text: str) -> bytes | None:
         raise ValueError("OpenAI batch line: body is not strict JSON (NaN or Infinity)") from None
 
 
+def body_withheld(result: Result) -> bool:
+    """The upstream answered, but with a body larger than `workers.max_response_bytes`: the
+    Result keeps its status and headers and no body, so it is no answer to pass on (an empty
+    200 reads as a broken success)."""
+    return result.error is not None and result.error.code == ErrorCode.RESPONSE_TOO_LARGE
+
+
 def openai_output_line(result: Result) -> dict[str, Any]:
     """The OpenAI Batch output object for one Result. `custom_id` is the OpenAI line's own;
     a Job line has none, so its job id (its own `id`, or the one `submit` gave the line)
     stands in: the key to join the output back to its input either way."""
     response = None
     error = None
-    if result.response is not None:
+    if result.response is not None and not body_withheld(result):
         answer = result.response
         body: Any = answer.json_body
         if body is None:

@@ -51,7 +51,7 @@ from ratefleet.gateway.batch_lease import BatchLease
 from ratefleet.gateway.batch_lines import Checked, batch_jobs, check_file, line_error
 from ratefleet.gateway.callers import Caller
 from ratefleet.gateway.files import FileStore
-from ratefleet.openai_batch import format_result
+from ratefleet.openai_batch import body_withheld, format_result
 from ratefleet.runtime.cancels import mark_cancelled
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.streams import tier_consumer
@@ -70,7 +70,7 @@ class _Progress:
 
 
 def _answered(result: Result) -> bool:
-    return result.response is not None and 200 <= result.response.status < 300
+    return result.response is not None and 200 <= result.response.status < 300 and not body_withheld(result)
 
 
 def _stopped(result: Result) -> bool:

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from ratefleet.gateway.callers import Caller
 from ratefleet.gateway.errors import SHOULD_RETRY, GatewayRefusal, bad_request
+from ratefleet.openai_batch import body_withheld
 from ratefleet.schemas import ErrorCode, Job, Result
 from ratefleet.schemas.job import describe_validation_error, new_job_id, path_models
 
@@ -169,8 +170,9 @@ def _body_bytes(result: Result) -> bytes:
 # the caller's whole timeout: an SDK's automatic retry (2 more by default, on 429 and 5xx) would be
 # new jobs repeating all of it, so answers for them carry `x-should-retry: false`
 # (not `upstream_error`: a final 4xx the fleet did not retry, e.g. a 409 the SDKs retry themselves)
+# (`response_too_large`: the call was paid and asking again draws the same answer)
 FLEET_RETRIED = frozenset({ErrorCode.ATTEMPTS_EXHAUSTED, ErrorCode.RATE_LIMITED, ErrorCode.RESULT_NOT_STORED,
-                           ErrorCode.DEADLINE_EXCEEDED})
+                           ErrorCode.DEADLINE_EXCEEDED, ErrorCode.RESPONSE_TOO_LARGE})
 
 
 def _refusal_of(result: Result) -> GatewayRefusal:
@@ -190,11 +192,12 @@ def _refusal_of(result: Result) -> GatewayRefusal:
 
 def answer_of(result: Result) -> tuple[int, dict[str, str], bytes]:
     """(status, headers, body) of the HTTP answer for a job's Result: the upstream's own answer
-    when there is one (succeeded or not), else an OpenAI-style error of the gateway."""
+    when there is one (succeeded or not), else an OpenAI-style error of the gateway (also for
+    an answer whose body was too large to keep: its status with an empty body is no answer)."""
     headers = {"x-ratefleet-job-id": result.job_id}
     if result.timings.queued_ms is not None:
         headers["x-ratefleet-queued-ms"] = f"{result.timings.queued_ms:.1f}"
-    if result.response is None:
+    if result.response is None or body_withheld(result):
         refusal = _refusal_of(result)
         headers.update(refusal.headers())
         headers["content-type"] = "application/json"

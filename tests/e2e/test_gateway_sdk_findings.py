@@ -96,3 +96,51 @@ async def test_the_gateways_409s_are_not_retried_by_the_sdk(slow_gateway):
         requests = list(sent)
         await ai.batches.cancel(batch.id)
     assert requests == [f"/v1/files/{running.id}", f"/v1/batches/{failed.id}/cancel"]
+
+
+@pytest.fixture
+def small_answers_gateway(tmp_path, nats_server, upstream, monkeypatch):
+    """Workers read at most 20,000 bytes of an answer (workers.max_response_bytes)."""
+    caller_env(monkeypatch)
+    kit = FleetKit(tmp_path, nats_server.url, upstream.url,
+                   overrides={"callers": callers(), "workers": {"max_response_bytes": 20000}})
+    kit.dispatcher("d1")
+    kit.worker("w1")
+    kit.gateway_url = start_gateway(kit, free_port())  # type: ignore[attr-defined]
+    try:
+        yield kit
+    finally:
+        kit.stop()
+
+
+def _calls(upstream) -> int:
+    return sum(key["calls"] for key in upstream.stats()["keys"].values())
+
+
+async def test_an_answer_too_large_to_keep_is_an_error_not_an_empty_success(small_answers_gateway, upstream):
+    """Before: HTTP 200 with an empty body (the SDK raised a bare JSONDecodeError), and in a
+    batch an output line `"status_code": 200, "body": null` counted as completed."""
+    many = [f"text {i}" for i in range(400)]  # ~40 kB of embeddings
+    async with openai.AsyncOpenAI(base_url=small_answers_gateway.gateway_url + "/v1", api_key=CALLER_KEYS["alice"],
+                                  max_retries=2) as ai:
+        with pytest.raises(openai.APIStatusError) as refused:
+            await ai.embeddings.create(model="mock-embedding", input=many)
+        calls_for_one_request = _calls(upstream)
+        lines = [{"custom_id": "big", "method": "POST", "url": "/v1/embeddings",
+                  "body": {"model": "mock-embedding", "input": many}},
+                 {"custom_id": "small", "method": "POST", "url": "/v1/embeddings",
+                  "body": {"model": "mock-embedding", "input": "x"}}]
+        uploaded = await ai.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+        batch = await ai.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+        for _ in range(300):
+            if (batch := await ai.batches.retrieve(batch.id)).status == "completed":
+                break
+            await anyio.sleep(0.2)
+        output = [json.loads(line) for line in (await ai.files.content(batch.output_file_id)).text.splitlines()]
+        errors = [json.loads(line) for line in (await ai.files.content(batch.error_file_id)).text.splitlines()]
+    assert refused.value.status_code == 502 and refused.value.body["code"] == "response_too_large"
+    assert calls_for_one_request == 1  # paid once; the SDK was told not to ask again
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (1, 1)
+    assert [line["custom_id"] for line in output] == ["small"]
+    assert [(line["custom_id"], line["response"], line["error"]["code"]) for line in errors] == [
+        ("big", None, "response_too_large")]
