@@ -38,7 +38,8 @@ class ChunkStream:
     result: Result | None = None
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The chunks as the upstream sent them. Ends at the Result; early when the job's call is
+        """The chunks as the upstream sent them. Ends at the Result (after an error event when the
+        Result has an error: the answer stopped short of its end); early when the job's call is
         retried (a new attempt would repeat what the caller already has: the call failed
         mid-answer) or nothing comes for `idle_timeout_s`. An early end is never a clean end:
         the stream's last event is then an OpenAI-style error (`interrupted`), which the
@@ -56,6 +57,8 @@ class ChunkStream:
                     return
                 if msg.subject == self.reply_to:
                     self.result = Result.from_json(msg.data)
+                    if self.result.error is not None:  # e.g. response_too_large: the chunks stopped short
+                        yield ended_badly(tail, self.result)
                     return
                 if (msg.headers or {}).get(ATTEMPT_HEADER) != self.attempt:
                     log.warning("streamed call retried; stream ended early", job_id=self.job_id)
@@ -68,6 +71,18 @@ class ChunkStream:
             await self.sub.unsubscribe()
 
 
+def ended_badly(tail: bytes, result: Result) -> bytes:
+    """The last event of a stream whose job ended with an error after its answer began (the
+    answer passed `workers.max_response_bytes`, or the call broke on its last attempt): an
+    OpenAI-style error event with the Result's code, so the SDKs raise instead of taking what
+    came for the whole answer."""
+    assert result.error is not None
+    error = {"message": f"The stream was cut short: job {result.job_id} ended {result.status} "
+                        f"({result.error.code}: {result.error.message}). `ratefleet result {result.job_id}` "
+                        "shows its Result.", "type": "server_error", "param": None, "code": str(result.error.code)}
+    return _error_event(tail, error)
+
+
 def interrupted(tail: bytes, job_id: str, why: str) -> bytes:
     """The server-sent event that ends a stream cut short: `data: {"error": {...}}` (type
     `server_error`, code `stream_interrupted`), after a blank line when the stream so far
@@ -76,6 +91,12 @@ def interrupted(tail: bytes, job_id: str, why: str) -> bytes:
     error = {"message": f"The stream was cut short: {why}. The complete answer will be the job's stored Result: "
                         f"`ratefleet result {job_id}`.", "type": "server_error", "param": None,
              "code": "stream_interrupted"}
+    return _error_event(tail, error)
+
+
+def _error_event(tail: bytes, error: dict) -> bytes:
+    """`data: {"error": ...}` as one server-sent event, after a blank line when the stream so
+    far (`tail`: its last two bytes) stopped inside an event."""
     return (b"" if tail.endswith(b"\n\n") or not tail else b"\n\n") + b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
 
 

@@ -144,3 +144,25 @@ async def test_an_answer_too_large_to_keep_is_an_error_not_an_empty_success(smal
     assert [line["custom_id"] for line in output] == ["small"]
     assert [(line["custom_id"], line["response"], line["error"]["code"]) for line in errors] == [
         ("big", None, "response_too_large")]
+
+
+async def test_a_streamed_answer_cut_at_max_response_bytes_does_not_end_as_complete(small_answers_gateway):
+    """Before: the stream stopped after ~20 kB (mid-event) and ended like a whole answer: the
+    SDK's loop finished normally with a quarter of the words."""
+    words = " ".join(f"w{i}" for i in range(500))
+    body = {"model": "mock", "messages": [{"role": "user", "content": words}], "stream": True}
+    async with httpx.AsyncClient(timeout=30) as http:
+        answer = await http.post(small_answers_gateway.gateway_url + "/v1/chat/completions", json=body,
+                                 headers={"Authorization": f"Bearer {CALLER_KEYS['alice']}"})
+    last = answer.text.rstrip("\n").rsplit("\n\n", 1)[-1]
+    assert answer.status_code == 200 and last.startswith("data: ")
+    error = json.loads(last.removeprefix("data: "))["error"]
+    assert error["code"] == "response_too_large" and "ratefleet result" in error["message"]
+    received = []
+    async with openai.AsyncOpenAI(base_url=small_answers_gateway.gateway_url + "/v1", api_key=CALLER_KEYS["alice"],
+                                  max_retries=0) as ai:
+        with pytest.raises(Exception) as cut:  # noqa: PT011 - APIError, or the SDK's JSON error on the cut event
+            async for chunk in await ai.chat.completions.create(**body):
+                received.append(chunk.choices[0].delta.content or "")
+    assert isinstance(cut.value, openai.APIError | ValueError)
+    assert len("".join(received).split()) < 500
