@@ -44,6 +44,7 @@ class Directive:
     retry_after: int = 1
     chunk_s: float = 0.0  # with "stream": true, the pause before each streamed chunk after the first
     stream: bool = False  # the body asked for "stream": true (chat completions answer as server-sent events)
+    stream_usage: bool = False  # and "stream_options": {"include_usage": true} (a last chunk with the usage)
 
 
 def error(status: int, message: str, headers: Mapping[str, str] | None = None, **kw: Any) -> Response:
@@ -145,7 +146,9 @@ class MockApi:
             return error(405, f"Method {request.method} not allowed for {request.url.path}")
         try:
             body = await read_body(request)
-            directive = replace(parse_directive(body), stream=body.get("stream") is True)
+            options = body.get("stream_options")
+            directive = replace(parse_directive(body), stream=body.get("stream") is True,
+                                stream_usage=isinstance(options, dict) and options.get("include_usage") is True)
             payload = endpoint.build(body, self.state.settings.tokens_per_call)
         except ValueError as exc:
             return error(400, str(exc))
@@ -172,8 +175,9 @@ class MockApi:
             if status is None and self.state.should_fail():
                 status = self.state.config.fail_status
             if payload.get("object") == "chat.completion" and directive.stream and status in (None, 200):
-                return StreamingResponse(_events(openai.chat_completion_chunks(payload), directive.chunk_s),
-                                         headers=headers, media_type="text/event-stream")
+                chunks = openai.chat_completion_chunks(payload, directive.stream_usage)
+                return StreamingResponse(_events(chunks, directive.chunk_s), headers=headers,
+                                         media_type="text/event-stream")
             return self._forced(status, headers, payload, retry_after=directive.retry_after)
         finally:
             entry.limiter.release()

@@ -44,10 +44,15 @@ def _split_usage(total: int) -> dict[str, int]:
 
 
 def chat_completion(body: dict[str, Any], tokens: int) -> dict[str, Any]:
-    """A completion whose answer echoes the last user message."""
+    """A completion whose answer echoes the last user message, in `n` choices (OpenAI: 1 to 128)."""
     messages = body.get("messages", [])
     if not isinstance(messages, list):
         raise ValueError("'messages' must be an array")
+    n = body.get("n", 1)
+    if n is None:
+        n = 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 128:
+        raise ValueError("'n' must be a whole number from 1 to 128")
     last_user = next(
         (m for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"),
         {},
@@ -59,10 +64,11 @@ def chat_completion(body: dict[str, Any], tokens: int) -> dict[str, Any]:
         "model": str(body.get("model") or "mock"),
         "choices": [
             {
-                "index": 0,
+                "index": index,
                 "message": {"role": "assistant", "content": "echo: " + _text_of(last_user.get("content"))},
                 "finish_reason": "stop",
             }
+            for index in range(n)
         ],
         "usage": _split_usage(tokens),
     }
@@ -102,15 +108,23 @@ def models(body: dict[str, Any], tokens: int) -> dict[str, Any]:
     }
 
 
-def chat_completion_chunks(completion: dict[str, Any]) -> list[dict[str, Any]]:
+def chat_completion_chunks(completion: dict[str, Any], include_usage: bool = False) -> list[dict[str, Any]]:
     """A completion as the `chat.completion.chunk` objects OpenAI streams for `"stream": true`
-    (API reference, "The chat completion chunk object"): the role, then the answer a word at a
-    time, then an empty delta with the finish reason."""
-    choice = completion["choices"][0]
-    words = choice["message"]["content"].split(" ")
-    deltas = [{"role": "assistant", "content": ""}]
-    deltas += [{"content": word if i == 0 else " " + word} for i, word in enumerate(words)]
-    chunks = [{"index": 0, "delta": delta, "finish_reason": None} for delta in deltas]
-    chunks.append({"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]})
+    (API reference, "The chat completion chunk object"): for each choice, the role, then the
+    answer a word at a time, then an empty delta with the finish reason. `include_usage`
+    (`stream_options.include_usage`): every chunk has `"usage": null` and a last chunk with no
+    choices carries the usage, as OpenAI streams it."""
+    chunks = []
+    for choice in completion["choices"]:
+        index = choice["index"]
+        words = choice["message"]["content"].split(" ")
+        deltas = [{"role": "assistant", "content": ""}]
+        deltas += [{"content": word if i == 0 else " " + word} for i, word in enumerate(words)]
+        chunks += [{"index": index, "delta": delta, "finish_reason": None} for delta in deltas]
+        chunks.append({"index": index, "delta": {}, "finish_reason": choice["finish_reason"]})
     base = {key: completion[key] for key in ("id", "created", "model")}
-    return [{**base, "object": "chat.completion.chunk", "choices": [chunk]} for chunk in chunks]
+    extra = {"usage": None} if include_usage else {}
+    events = [{**base, "object": "chat.completion.chunk", "choices": [chunk], **extra} for chunk in chunks]
+    if include_usage:
+        events.append({**base, "object": "chat.completion.chunk", "choices": [], "usage": completion["usage"]})
+    return events

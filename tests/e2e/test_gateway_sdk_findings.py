@@ -166,3 +166,37 @@ async def test_a_streamed_answer_cut_at_max_response_bytes_does_not_end_as_compl
                 received.append(chunk.choices[0].delta.content or "")
     assert isinstance(cut.value, openai.APIError | ValueError)
     assert len("".join(received).split()) < 500
+
+
+@pytest.fixture
+def gateway(tmp_path, nats_server, upstream, monkeypatch):
+    caller_env(monkeypatch)
+    kit = FleetKit(tmp_path, nats_server.url, upstream.url, overrides={"callers": callers()})
+    kit.dispatcher("d1")
+    kit.worker("w1")
+    kit.gateway_url = start_gateway(kit, free_port())  # type: ignore[attr-defined]
+    try:
+        yield kit
+    finally:
+        kit.stop()
+
+
+async def test_the_mock_answers_n_choices_and_streams_usage_when_asked(gateway):
+    """Before: `n=3` got one choice and `stream_options.include_usage` no usage chunk, so neither
+    an app's `n` handling nor the fleet's usage reading of a stream could be tried on the mock."""
+    messages = [{"role": "user", "content": "a b"}]
+    async with sdk(gateway) as ai:
+        three = await ai.chat.completions.create(model="mock", messages=messages, n=3)
+        chunks = [chunk async for chunk in await ai.chat.completions.create(
+            model="mock", messages=messages, n=2, stream=True, stream_options={"include_usage": True})]
+        with pytest.raises(openai.BadRequestError):
+            await ai.chat.completions.create(model="mock", messages=messages, n=0)
+    assert [(c.index, c.message.content) for c in three.choices] == [(0, "echo: a b"), (1, "echo: a b"),
+                                                                       (2, "echo: a b")]
+    streamed: dict[int, str] = {}
+    for chunk in chunks[:-1]:
+        assert chunk.usage is None
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
+    assert streamed == {0: "echo: a b", 1: "echo: a b"}
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens > 0
