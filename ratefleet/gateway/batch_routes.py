@@ -6,7 +6,8 @@ cancel). Each caller (its ratefleet key, as for every gateway path) sees only it
 and batches; another's id is a 404, as OpenAI answers for an unknown one. Refusals are
 OpenAI-style error bodies (errors.py): 400 for a bad request, 404 `No such File object` /
 `No such Batch object`, 409 cancelling a finished batch, 413 a file over MAX_FILE_BYTES.
-A 409 says `x-should-retry: false`: the OpenAI SDKs retry 409s twice on their own, and a
+503 `service_unavailable` with Retry-After while NATS is away (as the other gateway paths
+answer). A 409 says `x-should-retry: false`: the OpenAI SDKs retry 409s twice on their own, and a
 finished batch or a running one's input file is no different a second later.
 """
 
@@ -34,13 +35,22 @@ from ratefleet.gateway.callers import Caller, CallerTable, single_field
 from ratefleet.gateway.errors import GatewayRefusal, bad_request, unauthorized
 from ratefleet.gateway.files import FileStore
 from ratefleet.gateway.translate import choose_upstream
+from ratefleet.runtime.edge import translate
 from ratefleet.runtime.logs import get_logger
+from ratefleet.schemas.errors import NatsUnavailable
 
 log = get_logger("ratefleet.gateway")
 MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's limit for a batch input file
 CANCELLABLE = frozenset({"validating", "in_progress"})
 MAX_REQUEST_BYTES = 1 << 20  # a create-batch request body (a few hundred bytes in practice)
 METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512  # OpenAI's metadata limits
+
+
+def nats_unreachable(why: str) -> GatewayRefusal:
+    """503 with Retry-After when NATS, where files and batches live, is away (an SDK retries it),
+    rather than a 500 after a 5 s timeout."""
+    return GatewayRefusal(503, f"The ratefleet gateway cannot reach NATS, where files and batches are kept ({why}); "
+                          "retry shortly.", type="server_error", code="service_unavailable", retry_after_s=2.0)
 
 
 def not_found(kind: str, object_id: str) -> GatewayRefusal:
@@ -72,7 +82,14 @@ class BatchApi:
                 caller = self.callers.identify(single_field(request.headers.getlist("authorization")))
                 if caller is None:
                     raise unauthorized()
-                response = await handler(request, caller)
+                if self.runner is not None and not self.runner.client.nc.is_connected:
+                    raise nats_unreachable("the connection is lost and reconnecting")  # at once, not after a timeout
+                try:
+                    response = await handler(request, caller)
+                except Exception as exc:
+                    if not isinstance(translate(exc), NatsUnavailable):
+                        raise  # (an OpenAI-style 500: app._internal_error)
+                    raise nats_unreachable(f"{type(exc).__name__}") from None
             except GatewayRefusal as refusal:
                 response = Response(refusal.body(), status_code=refusal.status, headers=refusal.headers(),
                                      media_type="application/json")

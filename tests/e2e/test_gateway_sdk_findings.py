@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import anyio
 import httpx
@@ -200,3 +201,24 @@ async def test_the_mock_answers_n_choices_and_streams_usage_when_asked(gateway):
             streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
     assert streamed == {0: "echo: a b", 1: "echo: a b"}
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens > 0
+
+
+async def test_files_and_batches_answer_503_at_once_while_nats_is_away(gateway, nats_server):
+    """Before: a 500 `internal_error` ("TimeoutError") after 5 s for each, while chat completions
+    answered 503 `service_unavailable` with Retry-After at once."""
+    async with sdk(gateway) as ai:
+        await ai.files.list()
+        nats_server.stop()
+        try:
+            await anyio.sleep(1)
+            refusals = []
+            for call in (ai.files.list, ai.batches.list):
+                started = time.monotonic()
+                with pytest.raises(openai.APIStatusError) as away:
+                    await call()
+                refusals.append((away.value.status_code, away.value.body["code"],
+                                 away.value.response.headers.get("retry-after"), time.monotonic() - started))
+        finally:
+            nats_server.start()
+    for status, code, retry_after, took_s in refusals:
+        assert (status, code, retry_after) == (503, "service_unavailable", "2") and took_s < 2
