@@ -25,9 +25,16 @@ from ratefleet.schemas import Job
 ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses"})
 
 
+MESSAGE_CHARS = 1000  # an entry's message at most: it may quote the line (a custom_id, a url, a model)
+
+
 def line_error(number: int | None, code: str, message: str, param: str | None = None) -> dict[str, Any]:
     """One entry of a failed batch's `errors.data` (OpenAI's BatchError: code, message, param,
-    line; `number` None for an entry about no one line)."""
+    line; `number` None for an entry about no one line). The message is cut at MESSAGE_CHARS:
+    a line up to `streams.max_job_bytes` can quote a value that long, and the entries must fit
+    in the batch's record (one KV message) with the others."""
+    if len(message) > MESSAGE_CHARS:
+        message = message[:MESSAGE_CHARS - 1] + "…"
     return {"code": code, "message": message, "param": param, "line": number}
 
 

@@ -222,3 +222,23 @@ async def test_files_and_batches_answer_503_at_once_while_nats_is_away(gateway, 
             nats_server.start()
     for status, code, retry_after, took_s in refusals:
         assert (status, code, retry_after) == (503, "service_unavailable", "2") and took_s < 2
+
+
+async def test_a_bad_file_quoting_long_values_fails_instead_of_validating_forever(gateway):
+    """Before: six lines repeating one 300 kB custom_id made `errors.data` quote it five times;
+    the record passed NATS's max payload, every gateway sweep failed storing it, and the batch
+    stayed `validating` for good."""
+    custom_id = "x" * 300_000
+    line = {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "mock", "messages": []}}
+    async with sdk(gateway) as ai:
+        uploaded = await ai.files.create(file=("in.jsonl", io.BytesIO(jsonl([line] * 6))), purpose="batch")
+        batch = await ai.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+        for _ in range(150):
+            if (batch := await ai.batches.retrieve(batch.id)).status != "validating":
+                break
+            await anyio.sleep(0.2)
+    assert batch.status == "failed"
+    assert [(error.code, error.line) for error in batch.errors.data] == [("duplicate_custom_id", n) for n in range(2, 7)]
+    assert all(len(error.message) <= 1000 for error in batch.errors.data)
