@@ -38,8 +38,13 @@ def line_error(number: int | None, code: str, message: str, param: str | None = 
     return {"code": code, "message": message, "param": param, "line": number}
 
 
-def batch_jobs(path: Path, batch: str, endpoint: str, caller: Caller) -> Iterator[tuple[int, Job | dict[str, Any]]]:
-    """(line number, Job) for each good line, (line number, error entry) for each bad one."""
+def batch_jobs(path: Path, batch: str, endpoint: str, caller: Caller,
+               size_limit: tuple[int, str] | None = None) -> Iterator[tuple[int, Job | dict[str, Any]]]:
+    """(line number, Job) for each good line, (line number, error entry) for each bad one.
+    `size_limit` (bytes, where it comes from: `job_size_limit` of the fleet's NATS server):
+    a line whose job, as it will be sent (with its id, batch and caller), is larger is a bad
+    one; without it, a line that passed `parse_line`'s 1 MiB could be refused by the submit
+    mid-batch, and the batch would be submitted again and refused again for good."""
     upstream = choose_upstream(caller, None)
     for number, text in iter_lines(path):
         if '"custom_id"' not in text and isinstance(_json_or_none(text), dict):
@@ -77,7 +82,12 @@ def batch_jobs(path: Path, batch: str, endpoint: str, caller: Caller) -> Iterato
         update: dict[str, Any] = {"metadata": {**job.metadata, "caller": caller.name}}
         if upstream is not None and job.upstream is None:
             update["upstream"] = upstream
-        yield number, job.model_copy(update=update)
+        job = job.model_copy(update=update)
+        if size_limit is not None and _may_pass(text, size_limit[0]) and (size := len(job.to_json())) > size_limit[0]:
+            yield number, line_error(number, "invalid_request", f"line {number}: job is {size} bytes; the limit is "
+                                     f"{size_limit[0]} ({size_limit[1]})")
+            continue
+        yield number, job
 
 
 @dataclass
@@ -91,12 +101,13 @@ class Checked:
     error_count: int = 0
 
 
-def check_file(path: Path, batch: str, endpoint: str, caller: Caller) -> Checked:
-    """Pass 1 over the file (constant memory but 8 bytes per job)."""
+def check_file(path: Path, batch: str, endpoint: str, caller: Caller,
+               size_limit: tuple[int, str] | None = None) -> Checked:
+    """Pass 1 over the file (constant memory but 8 bytes per job); `size_limit`: see `batch_jobs`."""
     found = Checked()
     custom_ids: set[str] = set()
     last = 0
-    for number, item in batch_jobs(path, batch, endpoint, caller):
+    for number, item in batch_jobs(path, batch, endpoint, caller, size_limit):
         if number > last + 1:
             _gap(found.gaps, last + 1, number - 1)
         last = number
@@ -124,6 +135,13 @@ def check_file(path: Path, batch: str, endpoint: str, caller: Caller) -> Checked
                                        f"errors ({found.error_count:,} in all; the first {len(found.errors)} are "
                                        "listed): check the whole file before uploading it again"))
     return found
+
+
+def _may_pass(text: str, limit: int) -> bool:
+    """Whether a line's job could pass `limit` bytes once sent: its JSON is the line's, compact
+    and in UTF-8 (at most 4 bytes a character; a number grows less, `1e5` -> `100000.0`), plus
+    its id, batch and caller. Only such lines are serialised to be measured."""
+    return 4 * len(text) + 4096 > limit
 
 
 def _json_or_none(text: str) -> Any:

@@ -56,6 +56,7 @@ from ratefleet.runtime.cancels import mark_cancelled
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.streams import tier_consumer
 from ratefleet.schemas import ErrorCode, ErrorInfo, Job, Result
+from ratefleet.schemas.job import job_size_limit
 
 log = get_logger("ratefleet.gateway")
 
@@ -153,7 +154,8 @@ class BatchRunner:
             why = "the caller is no longer configured" if caller is None else "the input file is gone"
             await self._fail(batch_id, [line_error(0, "input_unavailable", why)])
             return
-        found = await anyio.to_thread.run_sync(check_file, path, batch_id, record["endpoint"], caller)
+        size_limit = job_size_limit(None, self.client.nc.max_payload)  # as Client._payload checks each job
+        found = await anyio.to_thread.run_sync(check_file, path, batch_id, record["endpoint"], caller, size_limit)
         if record["status"] == "validating":
             if found.error_count or not found.jobs:
                 await self._fail(batch_id, found.errors or [line_error(0, "empty_file", "the input file has no lines")])

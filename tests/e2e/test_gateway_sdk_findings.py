@@ -242,3 +242,25 @@ async def test_a_bad_file_quoting_long_values_fails_instead_of_validating_foreve
     assert batch.status == "failed"
     assert [(error.code, error.line) for error in batch.errors.data] == [("duplicate_custom_id", n) for n in range(2, 7)]
     assert all(len(error.message) <= 1000 for error in batch.errors.data)
+
+
+async def test_a_line_too_large_for_the_nats_server_fails_validation_not_the_batch_forever(gateway):
+    """Before: a 1,045,000-byte line passed validation (1 MiB) but not the submit (the NATS
+    server's max_payload less 8 kB): the batch stayed `in_progress` for good, the submit failing
+    again at every gateway sweep."""
+    def line(custom_id: str, size: int) -> dict:
+        return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": "mock", "messages": [{"role": "user", "content": "y" * size}]}}
+
+    async with sdk(gateway) as ai:
+        uploaded = await ai.files.create(file=("in.jsonl", io.BytesIO(jsonl([line("a", 10), line("b", 1_045_000)]))),
+                                         purpose="batch")
+        batch = await ai.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+        for _ in range(150):
+            if (batch := await ai.batches.retrieve(batch.id)).status in {"failed", "completed"}:
+                break
+            await anyio.sleep(0.2)
+    assert batch.status == "failed"
+    [error] = batch.errors.data
+    assert error.line == 2 and "the limit is" in error.message and "max_payload" in error.message
