@@ -225,10 +225,17 @@ class Client:
     async def request(self, job: JobLike, tier: str, *, timeout: float = 30.0) -> Result:
         """Submit one job and wait for its Result (over the reply inbox), its body fetched
         when the reply carries a `body_ref`. `timeout`: seconds, above 0 (ValueError else, before
-        anything is sent). Raises RequestTimeout, BodyUnavailable, SubmitError."""
+        anything is sent). A job with its own `id` that already has a stored Result gets that
+        Result and nothing is sent. Raises RequestTimeout, BodyUnavailable, SubmitError."""
         if not math.isfinite(timeout) or timeout <= 0:  # before the job is stored: it would run (and be paid) unseen
             raise ValueError(f"timeout must be a number of seconds above 0, not {timeout!r}")
         model = as_job(job)
+        if _has_own_id(job):
+            # a repeat of an id with a Result: JetStream's dedup forgets the id after duplicate_window_s,
+            # and an id refused over rpc has a Result but no JOBS message; published, it would be paid again
+            stored = await self.stored_result(model.id)
+            if stored is not None:
+                return stored
         inbox, reply = await self.replies.expect()
         try:
             fresh = await self._publish(tier, model, reply_to=inbox)
@@ -344,6 +351,11 @@ class Client:
             raise DispatcherUnavailable(f"no dispatcher answered {self.subjects.admin_status} ({type(exc).__name__}); "
                                         "is `ratefleet up` or `ratefleet dispatcher` running?") from None
         return json.loads(reply.data)
+
+
+def _has_own_id(job: JobLike) -> bool:
+    """Whether the caller gave the job its id (a generated one cannot have a Result yet)."""
+    return (job.id if isinstance(job, Job) else job.get("id")) is not None
 
 
 def _settled(future: asyncio.Future | None) -> bool:

@@ -268,11 +268,12 @@ def assert_only_host(mock) -> None:
 
 
 @asynccontextmanager
-async def one_worker_fleet(tmp_path: Path, url: str):
+async def one_worker_fleet(tmp_path: Path, url: str, overrides: dict | None = None):
     """The mock upstream, a dispatcher d1 and a worker w1 on the NATS at `url`, a raw nats-py
-    connection and a ratefleet Client, once the leader lists w1: yields (mock, raw, client)."""
+    connection and a ratefleet Client, once the leader lists w1: yields (mock, raw, client).
+    `overrides`: config sections merged into the fleet's (FleetKit.overrides)."""
     with upstream() as mock:
-        kit = FleetKit(tmp_path, url, mock.url, keys=fast_keys())
+        kit = FleetKit(tmp_path, url, mock.url, keys=fast_keys(), overrides=overrides or {})
         raw = await nats.connect(url)
         try:
             kit.dispatcher("d1")

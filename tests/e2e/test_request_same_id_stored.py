@@ -1,0 +1,42 @@
+"""`Client.request` with a job id that already has its stored Result: the README promises that
+requesting the same `id` again "sends nothing new: it returns the stored Result". Before, the
+client published the job to JOBS and only looked for a stored Result when JetStream called the
+publish a duplicate, i.e. inside `streams.duplicate_window_s`: a retry after that window, or
+after an rpc refusal (which stores the Result but no JOBS message), was called and paid a second
+time, its answer refused by the results stream."""
+
+from __future__ import annotations
+
+import json
+
+import anyio
+import pytest
+from faultkit import calls, chat, one_worker_fleet
+
+from ratefleet.schemas import Result
+
+pytestmark = [pytest.mark.timeout(60), pytest.mark.anyio]
+
+
+async def test_a_request_repeated_after_the_dedup_window_is_not_called_again(tmp_path, nats_server):
+    async with one_worker_fleet(tmp_path, nats_server.url, {"streams": {"duplicate_window_s": 1}}) as (mock, _, client):
+        first = await client.request(chat(1, id="svc-retry-1"), "vip", timeout=10)
+        assert first.status == "succeeded"
+        await anyio.sleep(1.5)  # past the JOBS stream's dedup window
+        again = await client.request(chat(1, id="svc-retry-1"), "vip", timeout=10)
+        assert again.job_id == "svc-retry-1" and again.status == "succeeded"
+        assert again.response.json_body == first.response.json_body, "not the stored Result"
+        await anyio.sleep(0.5)  # a second call would be under way by now
+        assert calls(mock, path="/v1/chat/completions") == 1, "the repeated request was called (paid) again"
+
+
+async def test_an_id_refused_over_rpc_then_requested_with_the_client_is_not_called(tmp_path, nats_server):
+    async with one_worker_fleet(tmp_path, nats_server.url) as (mock, raw, client):
+        bad = chat(1, id="refused-py-1")
+        bad["request"]["headers"] = {"X-Api-Key": "oops"}
+        refused = Result.from_json((await raw.request("ratefleet.rpc.vip", json.dumps(bad).encode(), timeout=10)).data)
+        assert refused.status == "invalid"
+        again = await client.request(chat(1, id="refused-py-1"), "vip", timeout=10)
+        assert again.job_id == "refused-py-1" and again.status == "invalid"
+        assert (await client.request(chat(2, id="other-py-1"), "vip", timeout=10)).status == "succeeded"
+        assert calls(mock, path="/v1/chat/completions") == 1, "the re-sent job was called although its id had a Result"
