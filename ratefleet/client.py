@@ -45,6 +45,7 @@ from ratefleet.schemas.errors import (
 from ratefleet.schemas.job import describe_validation_error, job_size_limit
 
 JobLike = Job | dict[str, Any]
+WHY_TIMEOUT_S = 0.5  # the status request that says why a `request` timed out
 
 
 @dataclass(frozen=True)
@@ -245,8 +246,10 @@ class Client:
                     return stored
             msg = await self._reply_or_stored(reply, model.id, timeout, duplicate=not fresh)
             if msg is None:
-                raise RequestTimeout(f"no result for job {model.id} within {timeout}s; it is stored and still runs: "
-                                     f"collect it later with `ratefleet result {model.id}` (or Client.stored_result)") from None
+                reason, why = await self._why_unrun()
+                raise RequestTimeout(f"no result for job {model.id} within {timeout}s; {why}: collect it later with "
+                                     f"`ratefleet result {model.id}` (or Client.stored_result)",
+                                     job_id=model.id, reason=reason) from None
             if isinstance(msg, Result):
                 return msg
             return await self.bodies.resolve(Result.from_json(msg.data))
@@ -282,6 +285,30 @@ class Client:
             if out_of_time:
                 return None
             pause = min(2 * pause, 5.0)
+
+    async def _why_unrun(self) -> tuple[str | None, str]:
+        """After a request timed out (never on the way to a Result): whether the fleet can run
+        the job at all, from one status request of at most WHY_TIMEOUT_S. (reason, text)."""
+        still_runs = "it is stored and still runs"
+        if not self.nc.is_connected:
+            return None, still_runs
+        try:
+            with denial_expected(self.subjects.admin_status):
+                reply = await self.nc.request(self.subjects.admin_status, b"", timeout=WHY_TIMEOUT_S)
+            status = json.loads(reply.data)
+        except NoRespondersError:
+            return "no_dispatcher", (f"no dispatcher is running (nothing answers {self.subjects.admin_status}): the job "
+                                     "is stored and runs (and is paid) once one starts (`ratefleet up`, or "
+                                     "`ratefleet dispatcher` and workers)")
+        except Exception:  # noqa: BLE001 - slow, refused or not JSON: nothing more is known
+            return None, still_runs
+        if not isinstance(status, dict) or status.get("leader") is None:
+            return "no_leader", ("no dispatcher leads (a standby takes over within about lease_ttl_s): the job is "
+                                 "stored and runs (and is paid) once one does")
+        if not status.get("workers"):
+            return "no_worker", ("the leader has no worker: the job is stored and runs (and is paid) once one "
+                                 "starts (`ratefleet worker`)")
+        return None, still_runs
 
     def _reconnects(self) -> int:
         """How often this client's connection has reconnected (nats-py's count)."""
