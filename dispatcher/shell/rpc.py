@@ -38,6 +38,7 @@ log = get_logger("ratefleet.rpc")
 DUPLICATE_FOLLOW_S = 600.0
 MAX_DUPLICATE_FOLLOWERS = 1000  # job ids followed at a time
 MAX_REPLIES_PER_JOB = 100  # requesters of one job id answered (a caller retrying every second: the last 100 s)
+FALLBACK_READ_S = 5.0  # a followed job's store is read this often besides listening for its Result
 
 
 def _with_id(raw: bytes) -> tuple[str, bytes]:
@@ -150,21 +151,32 @@ class RpcResponder:
             self._waiting.pop(job_id, None)
 
     async def _answer_when_stored(self, job_id: str) -> None:
-        """Read the job's stored Result at doubling pauses (0.25 s to 5 s) for at most
-        DUPLICATE_FOLLOW_S and send it to each reply subject waiting for it once there."""
+        """Send the job's stored Result to each reply subject waiting for it once there, for at
+        most DUPLICATE_FOLLOW_S. The Result's own publish is listened for (a core subscription
+        on its subject, only while followed), so the answer leaves as the Result is stored; the
+        store is read as well at the start (stored before the subscription) and every
+        FALLBACK_READ_S (a publish missed while reconnecting)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + DUPLICATE_FOLLOW_S
-        pause = 0.25
         try:
-            while loop.time() < deadline:
-                await asyncio.sleep(pause)
+            sub = await self.nc.subscribe(self.subjects.results("*", job_id))
+            try:
                 stored = await read_result(self.js, self.subjects, job_id)
-                if stored is not None:
-                    for reply in self._waiting.pop(job_id, []):
-                        await self.nc.publish(reply, stored)
-                    return
-                pause = min(2 * pause, 5.0)
-            log.info("duplicate rpc job has no result yet; stopped following it", job_id=job_id,
-                     followed_s=DUPLICATE_FOLLOW_S)
+                while stored is None and loop.time() < deadline:
+                    try:
+                        msg = await sub.next_msg(timeout=max(0.01, min(FALLBACK_READ_S, deadline - loop.time())))
+                    except TimeoutError:  # (nats.errors.TimeoutError is one)
+                        stored = await read_result(self.js, self.subjects, job_id)
+                        continue
+                    # the stored one: a second Result of the job (refused by the stream) is seen here too
+                    stored = await read_result(self.js, self.subjects, job_id) or msg.data
+            finally:
+                await sub.unsubscribe()
+            if stored is None:
+                log.info("duplicate rpc job has no result yet; stopped following it", job_id=job_id,
+                         followed_s=DUPLICATE_FOLLOW_S)
+                return
+            for reply in self._waiting.pop(job_id, []):
+                await self.nc.publish(reply, stored)
         except Exception as exc:  # noqa: BLE001 - closing, or NATS gone: the caller times out as before
             log.info("duplicate rpc job not answered", job_id=job_id, error=type(exc).__name__)

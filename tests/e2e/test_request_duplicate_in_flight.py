@@ -44,6 +44,23 @@ async def test_second_request_for_a_running_job_is_answered_when_it_ends(tmp_pat
         assert calls(mock, path="/v1/chat/completions") == 2, "each job is called once"
 
 
+async def test_a_raw_rpc_retry_is_answered_as_soon_as_the_result_is_stored(tmp_path, nats_server):
+    """The retry's answer follows the stored Result at once, not at the next of the follower's
+    doubling reads (0.25 s to 5 s apart): a 2.5 s call retried after 0.3 s was answered 1.5 s
+    after the first requester's reply, a 4.8 s call's retry 3.3 s after it."""
+    async with one_worker_fleet(tmp_path, nats_server.url) as (mock, raw, _):
+        payload = json.dumps(chat(3, {"sleep_ms": 2500}, id="inflight-3")).encode()
+        first = asyncio.create_task(raw.request("ratefleet.rpc.vip", payload, timeout=30))
+        await asyncio.sleep(0.3)
+        retry = asyncio.create_task(raw.request("ratefleet.rpc.vip", payload, timeout=30))
+        await first
+        answered = time.monotonic()
+        assert Result.from_json((await retry).data).status == "succeeded"
+        late = time.monotonic() - answered
+        assert late < 0.5, f"the retry was answered {late:.2f} s after the first requester"
+        assert calls(mock, path="/v1/chat/completions") == 1
+
+
 async def test_requests_in_flight_over_a_nats_restart_end_when_their_result_is_stored(tmp_path):
     """Every request in flight over a NATS SIGKILL and restart ends, soon after its Result is
     stored. (A reply sent while this client was still reconnecting is lost, and the client used
