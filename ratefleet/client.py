@@ -244,6 +244,7 @@ class Client:
                 stored = await self.stored_result(model.id)
                 if stored is not None:
                     return stored
+                await self._follow_over_rpc(tier, model, inbox)
             msg = await self._reply_or_stored(reply, model.id, timeout, duplicate=not fresh)
             if msg is None:
                 reason, why = await self._why_unrun()
@@ -285,6 +286,18 @@ class Client:
             if out_of_time:
                 return None
             pause = min(2 * pause, 5.0)
+
+    async def _follow_over_rpc(self, tier: str, model: Job, inbox: str) -> None:
+        """A job id already queued or running answers its first requester only. Sent to the
+        dispatchers' rpc endpoint as well, the job is a duplicate there too (nothing is stored
+        twice) and the endpoint answers `inbox` as soon as the job's Result is stored, where the
+        store's own reads below come at doubling pauses. Best effort: no dispatcher, or a user not
+        allowed to publish there, leaves those reads."""
+        try:
+            with denial_expected(self.subjects.rpc(tier)):
+                await self.nc.publish(self.subjects.rpc(tier), self._payload(model), reply=inbox)
+        except Exception:  # noqa: BLE001 - see docstring
+            pass
 
     async def _why_unrun(self) -> tuple[str | None, str]:
         """After a request timed out (never on the way to a Result): whether the fleet can run

@@ -61,6 +61,22 @@ async def test_a_raw_rpc_retry_is_answered_as_soon_as_the_result_is_stored(tmp_p
         assert calls(mock, path="/v1/chat/completions") == 1
 
 
+async def test_a_client_retry_is_answered_as_soon_as_the_result_is_stored(tmp_path, nats_server):
+    """The same for `Client.request`: its retry used to read the store at doubling pauses
+    (0.25 s to 5 s), so a 2.5 s call retried after 0.3 s reached its retry about 1.5 s late."""
+    async with one_worker_fleet(tmp_path, nats_server.url) as (mock, _, client):
+        job = chat(4, {"sleep_ms": 2500}, id="inflight-4")
+        first = asyncio.create_task(client.request(job, "vip", timeout=30))
+        await asyncio.sleep(0.3)
+        retry = asyncio.create_task(client.request(job, "vip", timeout=30))
+        assert (await first).status == "succeeded"
+        answered = time.monotonic()
+        assert (await retry).status == "succeeded"
+        late = time.monotonic() - answered
+        assert late < 0.5, f"the retry was answered {late:.2f} s after the first requester"
+        assert calls(mock, path="/v1/chat/completions") == 1
+
+
 async def test_requests_in_flight_over_a_nats_restart_end_when_their_result_is_stored(tmp_path):
     """Every request in flight over a NATS SIGKILL and restart ends, soon after its Result is
     stored. (A reply sent while this client was still reconnecting is lost, and the client used
