@@ -321,6 +321,11 @@ class Client:
         if not status.get("workers"):
             return "no_worker", ("the leader has no worker: the job is stored and runs (and is paid) once one "
                                  "starts (`ratefleet worker`)")
+        keys = status.get("keys")
+        if isinstance(keys, dict) and keys and not any(_key_ready(key) for key in keys.values()):
+            return "no_key_ready", ("every key is cooling down after 429s, has an open breaker or is disabled "
+                                    "(`ratefleet status` says which and for how long): the job is stored and runs "
+                                    "(and is paid) once a key can take it")
         return None, still_runs
 
     def _reconnects(self) -> int:
@@ -391,6 +396,12 @@ class Client:
             raise DispatcherUnavailable(f"no dispatcher answered {self.subjects.admin_status} ({type(exc).__name__}); "
                                         "is `ratefleet up` or `ratefleet dispatcher` running?") from None
         return json.loads(reply.data)
+
+
+def _key_ready(key: Any) -> bool:
+    """Whether a key of the status answer could take a call now (not cooling, breaker not open, enabled)."""
+    return (isinstance(key, dict) and not key.get("disabled") and key.get("breaker") != "open"
+            and not (key.get("cooldown_s") or 0) > 0)
 
 
 def _has_own_id(job: JobLike) -> bool:

@@ -78,8 +78,9 @@ class RequestTimeout(RatefleetError):
     """No Result arrived within the timeout. The job is stored and runs (and is paid) once the fleet
     can run it; collect its result later. `job_id`: that job. `reason`: why, when the fleet said so
     after the timeout: "no_dispatcher" (nothing answers the status subject), "no_leader" (no
-    dispatcher leads) or "no_worker" (the leader has no worker); None for anything else (queued
-    behind other jobs, keys cooling down, a slow call, or the fleet did not answer in time)."""
+    dispatcher leads), "no_worker" (the leader has no worker) or "no_key_ready" (every key cooling
+    down after 429s, with an open breaker or disabled); None for anything else (queued behind
+    other jobs, a slow call, or the fleet did not answer in time)."""
 
     def __init__(self, message: str, *, job_id: str | None = None, reason: str | None = None) -> None:
         super().__init__(message)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from faultkit import chat, until, upstream, wait_exit
+from faultkit import chat, until, upstream, wait_exit, wait_workers
 from fleetkit import FleetKit
 
 from ratefleet import Client, RequestTimeout
@@ -48,3 +48,21 @@ async def _leads(client: Client) -> bool:
         return bool((await client.status(timeout=1.0)).get("leader"))
     except Exception:  # noqa: BLE001 - not up yet
         return False
+
+
+async def test_a_timeout_while_every_key_answers_429_says_so(tmp_path, nats_server):
+    with upstream() as mock:
+        kit = FleetKit(tmp_path, nats_server.url, mock.url)
+        try:
+            kit.dispatcher("d1")
+            kit.worker("w1")
+            async with await Client.connect(nats_server.url) as client:
+                await wait_workers(client, {"w1"})
+                mock.configure(keys_status={"k1": 429, "k2": 429})
+                with pytest.raises(RequestTimeout) as cooling:
+                    await client.request(chat(3), "vip", timeout=3.0)
+                assert cooling.value.reason == "no_key_ready", str(cooling.value)
+                assert "cooling down" in str(cooling.value)
+        finally:
+            kit.stop()
+
