@@ -57,7 +57,8 @@ async def test_a_raw_rpc_retry_is_answered_as_soon_as_the_result_is_stored(tmp_p
         answered = time.monotonic()
         assert Result.from_json((await retry).data).status == "succeeded"
         late = time.monotonic() - answered
-        assert late < 0.5, f"the retry was answered {late:.2f} s after the first requester"
+        # 1.5 s late before; both answers leave as the Result is stored (1 s: a loaded machine's wake-ups)
+        assert late < 1.0, f"the retry was answered {late:.2f} s after the first requester"
         assert calls(mock, path="/v1/chat/completions") == 1
 
 
@@ -73,7 +74,8 @@ async def test_a_client_retry_is_answered_as_soon_as_the_result_is_stored(tmp_pa
         answered = time.monotonic()
         assert (await retry).status == "succeeded"
         late = time.monotonic() - answered
-        assert late < 0.5, f"the retry was answered {late:.2f} s after the first requester"
+        # 1.5 s late before; both answers leave as the Result is stored (1 s: a loaded machine's wake-ups)
+        assert late < 1.0, f"the retry was answered {late:.2f} s after the first requester"
         assert calls(mock, path="/v1/chat/completions") == 1
 
 
