@@ -11,6 +11,7 @@ from rich.table import Column, Table
 from ratefleet.cli_support import make_console
 from ratefleet.client import Client
 from ratefleet.runtime.store import publish_job
+from ratefleet.runtime.streams import delete_message
 from ratefleet.schemas.config_nats import NatsAuthConfig
 from ratefleet.schemas.job import new_job_id
 
@@ -134,6 +135,6 @@ async def replay_dead(url: str, prefix: str, tier: str | None, job_id: str | Non
             target_tier = letter.get("tier") if letter.get("tier") not in (None, "_") else "normal"
             await publish_job(client.js, client.subjects, target_tier, job["id"], json.dumps(job).encode())
             if purge:
-                await client.js.delete_msg(client.subjects.dead_stream, seq)
+                await delete_message(client.js, client.subjects.dead_stream, seq)
             replayed.append((original, job["id"]))
     return replayed

@@ -32,6 +32,7 @@ have their Results (at most `stop_wait_s`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import tempfile
@@ -54,11 +55,12 @@ from ratefleet.gateway.files import FileStore
 from ratefleet.openai_batch import body_withheld, format_result
 from ratefleet.runtime.cancels import mark_cancelled
 from ratefleet.runtime.logs import get_logger
-from ratefleet.runtime.streams import tier_consumer
+from ratefleet.runtime.streams import delete_message, tier_consumer
 from ratefleet.schemas import ErrorCode, ErrorInfo, Job, Result
 from ratefleet.schemas.job import job_size_limit
 
 log = get_logger("ratefleet.gateway")
+STOP_WINDOW = 256  # JOBS reads and deletes in flight at a time when a batch stops
 
 
 @dataclass
@@ -291,24 +293,34 @@ class BatchRunner:
         last = (await js.stream_info(stream)).state.last_seq
         delivered = (await js.consumer_info(stream, tier_consumer(tier))).delivered.stream_seq
         taken, deleted = [], 0
-        for seq in range(progress.first_seq, last + 1):
+
+        async def stop(seq: int) -> None:
+            nonlocal deleted
             job = await self.client.queued_job(seq)
             if job is None or job.batch != batch_id:
-                continue
+                return
             if seq > delivered:
                 try:
-                    await js.delete_msg(stream, seq)
+                    await delete_message(js, stream, seq)
                     deleted += 1
-                    continue
+                    return
                 except Exception:  # noqa: BLE001 - taken and finished meanwhile
                     pass
             taken.append(seq)
+
+        # STOP_WINDOW reads (and deletes) in flight at a time: one after the other, a 60,000-line
+        # batch's cancel took 44 s of round trips (the JOBS stream is a work queue, so no second
+        # consumer can stream them instead)
+        for start in range(progress.first_seq, last + 1, STOP_WINDOW):
+            await asyncio.gather(*(stop(seq) for seq in range(start, min(start + STOP_WINDOW, last + 1))))
+        taken.sort()
         log.info("batch stopped: queued jobs deleted, taken ones finish", batch=batch_id, deleted=deleted,
                  taken=len(taken))
         with anyio.move_on_after(self.stop_wait_s):
             while taken:
                 await anyio.sleep(self.poll_s)
-                taken = [seq for seq in taken if await self.client.queued_job(seq) is not None]
+                still = await asyncio.gather(*(self.client.queued_job(seq) for seq in taken[:STOP_WINDOW]))
+                taken = [seq for seq, job in zip(taken, still) if job is not None] + taken[STOP_WINDOW:]
 
     async def _finalize(self, batch_id: str, found: Checked, final: str, tmp: Path,
                         unsent: tuple[Path, dict[str, Any], Caller] | None = None) -> None:

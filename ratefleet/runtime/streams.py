@@ -14,6 +14,7 @@ Object Store ratefleet_bodies  response bodies too large for a Result (ratefleet
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 
@@ -171,6 +172,19 @@ async def kv_keys(js: JetStreamContext, bucket: str) -> list[str]:
     info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"$KV.{bucket}.>")
     head = len(f"$KV.{bucket}.")
     return [subject[head:] for subject in (info.state.subjects or {})]
+
+
+async def delete_message(js: JetStreamContext, stream: str, seq: int) -> None:
+    """Remove message `seq` from `stream`, without erasing it on disk first.
+
+    The JetStream API's STREAM.MSG.DELETE takes `no_erase`; without it the server overwrites the
+    message in its file store before removing it (a secure erase). nats-py's `delete_msg` never
+    sends it: measured here (2,000 deletes from a file-store work queue, one at a time) 5.4 ms
+    per delete against 0.28 ms with `no_erase`, so a cancelled batch's queued jobs took minutes
+    to remove. Raises nats-py's APIError as `delete_msg` does (BadRequestError, err_code 10043
+    "sequence N not found": no message at `seq`; ServiceUnavailableError; a TimeoutError)."""
+    await js._api_request(f"{js._prefix}.STREAM.MSG.DELETE.{stream}",
+                          json.dumps({"seq": seq, "no_erase": True}).encode())
 
 
 async def _scale_up(js: JetStreamContext, stream: str, replicas: int) -> None:
