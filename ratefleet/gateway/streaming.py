@@ -38,40 +38,58 @@ class ChunkStream:
     result: Result | None = None
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The chunks as the upstream sent them. Ends at the Result (after an error event when the
-        Result has an error: the answer stopped short of its end); early when the job's call is
-        retried (a new attempt would repeat what the caller already has: the call failed
-        mid-answer) or nothing comes for `idle_timeout_s`. An early end is never a clean end:
-        the stream's last event is then an OpenAI-style error (`interrupted`), which the
-        OpenAI SDKs raise as an APIError, rather than a stream that just stops without [DONE]
-        (which they take for a complete answer)."""
-        tail = self.first[-2:]
+        """The upstream's server-sent events as they come, whole: a chunk is relayed up to its
+        last event boundary (a blank line) and the rest held until the event is complete, so a
+        stream that stops early never ends inside an event (the SDKs would parse the half event
+        and raise a bare JSON error). Ends at the Result (after an error event when the Result
+        has an error: the answer stopped short of its end); early when the job's call is retried
+        (a new attempt would repeat what the caller already has: the call failed mid-answer) or
+        nothing comes for `idle_timeout_s`. An early end is never a clean end: the stream's last
+        event is then an OpenAI-style error (`interrupted`), which the OpenAI SDKs raise as an
+        APIError, rather than a stream that just stops without [DONE] (which they take for a
+        complete answer). What an answer that ended well holds back (a last event without its
+        blank line, or a body that is not event-stream at all) goes out at the Result."""
         try:
-            yield self.first
+            ready, held = split_events(self.first)
+            if ready:
+                yield ready
             while True:
                 try:
                     msg = await self.sub.next_msg(timeout=self.idle_timeout_s)
                 except TimeoutError:
                     log.warning("stream idle; ended early", job_id=self.job_id, idle_s=self.idle_timeout_s)
-                    yield interrupted(tail, self.job_id, f"no part of the answer came for {self.idle_timeout_s:g}s")
+                    yield interrupted(self.job_id, f"no part of the answer came for {self.idle_timeout_s:g}s")
                     return
                 if msg.subject == self.reply_to:
                     self.result = Result.from_json(msg.data)
                     if self.result.error is not None:  # e.g. response_too_large: the chunks stopped short
-                        yield ended_badly(tail, self.result)
+                        yield ended_badly(self.result)
+                    elif held:
+                        yield held
                     return
                 if (msg.headers or {}).get(ATTEMPT_HEADER) != self.attempt:
                     log.warning("streamed call retried; stream ended early", job_id=self.job_id)
-                    yield interrupted(tail, self.job_id, "the call failed mid-answer (a timeout, a dropped connection "
+                    yield interrupted(self.job_id, "the call failed mid-answer (a timeout, a dropped connection "
                                       "or a stopped worker) and is being made again")
                     return
-                tail = (tail + msg.data)[-2:]
-                yield msg.data
+                ready, held = split_events(held + msg.data if held else msg.data)
+                if ready:
+                    yield ready
         finally:
             await self.sub.unsubscribe()
 
 
-def ended_badly(tail: bytes, result: Result) -> bytes:
+def split_events(data: bytes) -> tuple[bytes, bytes]:
+    """(the whole events of `data`, the start of an event after them). An event ends at a blank
+    line: `\n\n` or `\r\n\r\n` (the WHATWG HTML standard, "Server-sent events": lines end in
+    CRLF, LF or CR; a lone-CR stream is not split and goes out whole at its end)."""
+    lf = data.rfind(b"\n\n")
+    crlf = data.rfind(b"\r\n\r\n")
+    end = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+    return data[:end], data[end:]
+
+
+def ended_badly(result: Result) -> bytes:
     """The last event of a stream whose job ended with an error after its answer began (the
     answer passed `workers.max_response_bytes`, or the call broke on its last attempt): an
     OpenAI-style error event with the Result's code, so the SDKs raise instead of taking what
@@ -80,24 +98,23 @@ def ended_badly(tail: bytes, result: Result) -> bytes:
     error = {"message": f"The stream was cut short: job {result.job_id} ended {result.status} "
                         f"({result.error.code}: {result.error.message}). `ratefleet result {result.job_id}` "
                         "shows its Result.", "type": "server_error", "param": None, "code": str(result.error.code)}
-    return _error_event(tail, error)
+    return _error_event(error)
 
 
-def interrupted(tail: bytes, job_id: str, why: str) -> bytes:
+def interrupted(job_id: str, why: str) -> bytes:
     """The server-sent event that ends a stream cut short: `data: {"error": {...}}` (type
-    `server_error`, code `stream_interrupted`), after a blank line when the stream so far
-    (`tail`: its last two bytes) stopped inside an event. The message says where the whole
-    answer will be: the job's stored Result (`ratefleet result <job id>`)."""
+    `server_error`, code `stream_interrupted`). The message says where the whole answer will
+    be: the job's stored Result (`ratefleet result <job id>`)."""
     error = {"message": f"The stream was cut short: {why}. The complete answer will be the job's stored Result: "
                         f"`ratefleet result {job_id}`.", "type": "server_error", "param": None,
              "code": "stream_interrupted"}
-    return _error_event(tail, error)
+    return _error_event(error)
 
 
-def _error_event(tail: bytes, error: dict) -> bytes:
-    """`data: {"error": ...}` as one server-sent event, after a blank line when the stream so
-    far (`tail`: its last two bytes) stopped inside an event."""
-    return (b"" if tail.endswith(b"\n\n") or not tail else b"\n\n") + b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
+def _error_event(error: dict) -> bytes:
+    """`data: {"error": ...}` as one server-sent event (the stream so far ends at an event
+    boundary: `ChunkStream.chunks` relays whole events only)."""
+    return b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
 
 
 async def start_stream(client: Client, job: Job, tier: str, timeout_s: float) -> Result | ChunkStream:
