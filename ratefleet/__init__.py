@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         RatefleetError,
         RequestTimeout,
         SubmitError,
+        UnknownTier,
     )
 
 _EXPORTS = {
@@ -46,9 +47,11 @@ _EXPORTS = {
     "RatefleetError": "ratefleet.schemas.errors",
     "RequestTimeout": "ratefleet.schemas.errors",
     "SubmitError": "ratefleet.schemas.errors",
+    "UnknownTier": "ratefleet.schemas.errors",
 }
 __all__ = ["BodyUnavailable", "Client", "ConfigError", "DispatcherUnavailable", "Job", "JobInvalid", "NatsAuthConfig",
-           "NatsError", "NatsUnavailable", "QueueFull", "RatefleetError", "RequestTimeout", "Result", "SubmitError"]
+           "NatsError", "NatsUnavailable", "QueueFull", "RatefleetError", "RequestTimeout", "Result", "SubmitError",
+           "UnknownTier"]
 
 
 def __getattr__(name: str) -> Any:

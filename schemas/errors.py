@@ -11,7 +11,8 @@ workers/executor.py).
     ├── DispatcherUnavailable             no dispatcher answered a request only the leader serves (status)
     ├── SubmitError                       a job could not be stored
     │   ├── QueueFull                     RATEFLEET_JOBS is at its limits (discard-new)
-    │   └── JobInvalid                    the job fails validation before it is sent
+    │   ├── JobInvalid                    the job fails validation before it is sent
+    │   └── UnknownTier                   no stream takes the tier: the fleet has no such tier
     ├── JobRejected                       a job payload that cannot run: a stable ErrorCode and the reason
     ├── RequestTimeout                    no Result arrived in time for a request
     ├── SecretUnavailable                 a worker cannot resolve a key's secret
@@ -59,6 +60,14 @@ class QueueFull(SubmitError):
 
 class JobInvalid(SubmitError):
     """The job fails validation; nothing was sent."""
+
+
+class UnknownTier(SubmitError):
+    """No stream takes the tier's subject: the fleet has no such tier (tiers are configured in
+    `[tiers]`); nothing was stored. `code` is "unknown_tier", the code a raw rpc caller gets in
+    its reply for the same request."""
+
+    code = ErrorCode.UNKNOWN_TIER
 
 
 class JobRejected(RatefleetError):
@@ -120,4 +129,4 @@ class UpstreamUnavailable(RatefleetError):
 
 __all__ = ["BodyUnavailable", "ConfigError", "DispatcherUnavailable", "InvalidRequest", "JobInvalid", "JobRejected",
            "NatsError", "NatsUnavailable", "QueueFull", "RatefleetError", "RequestTimeout", "ResultNotStored",
-           "SecretUnavailable", "SubmitError", "UpstreamUnavailable"]
+           "SecretUnavailable", "SubmitError", "UnknownTier", "UpstreamUnavailable"]

@@ -20,7 +20,7 @@ from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.streams import stream_gone
 from ratefleet.runtime.tracing import current_headers
 from ratefleet.schemas import Result, Subjects
-from ratefleet.schemas.errors import QueueFull, ResultNotStored, SubmitError
+from ratefleet.schemas.errors import QueueFull, ResultNotStored, SubmitError, UnknownTier
 from ratefleet.schemas.job import FORBIDDEN_HEADERS, normalised_header_name
 from ratefleet.schemas.wire import dumps_safe
 
@@ -184,7 +184,7 @@ async def publish_job_ack(js: JetStreamContext, subjects: Subjects, tier: str, j
         if missing_stream:
             raise SubmitError(f"stream {subjects.jobs_stream} does not exist on this NATS server; start "
                               "`ratefleet up` or a dispatcher once to create the streams") from None
-        raise SubmitError(f"no stream takes {subjects.jobs(tier)}: unknown tier {tier!r} "
+        raise UnknownTier(f"no stream takes {subjects.jobs(tier)}: unknown tier {tier!r} "
                           "(tiers are configured in [tiers])") from None
     except TRANSIENT as exc:
         raise SubmitError(f"NATS did not confirm job {job_id} for {retry_for:.0f}s ({type(exc).__name__}); it may or "

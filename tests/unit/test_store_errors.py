@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from ratefleet import Client, SubmitError
+from ratefleet import Client, SubmitError, UnknownTier
 from ratefleet.runtime.streams import ensure_topology
 from ratefleet.schemas.config import parse_config
 from ratefleet.schemas.errors import NatsUnavailable
@@ -26,8 +26,12 @@ async def test_submit_before_any_stream_exists_says_to_start_the_fleet(nats_serv
 async def test_unknown_tier_is_refused_at_once(nats_server):
     async with await Client.connect(nats_server.url) as client:
         await ensure_topology(client.js, parse_config({}))
-        with pytest.raises(SubmitError, match="unknown tier 'platinum'"):
+        with pytest.raises(UnknownTier, match="unknown tier 'platinum'") as refused:
             await client.submit(JOB, "platinum")
+        # the code a raw rpc caller gets for the same request; still a SubmitError for older callers
+        assert refused.value.code == "unknown_tier" and isinstance(refused.value, SubmitError)
+        with pytest.raises(UnknownTier):  # request/reply too: nothing stored, nothing waited for
+            await client.request(JOB, "platinum", timeout=5)
         assert await client.submit(JOB, "guest")
 
 
