@@ -395,11 +395,12 @@ def dlq_replay(tier: str | None = typer.Option(None, "--tier", help=tier_help("o
 
     codes = _letter_codes(code, given_up)
     target = client_target(config, nats, prefix)
-    if id is None and tier is None and batch is None and codes is None and not yes and sys.stdin.isatty() \
-            and sys.stderr.isatty():
-        # every letter, each called (and paid for) again: asked at a terminal; a script is not asked
-        if not typer.confirm("replay every dead letter holding a job (each is called again)?", default=False,
-                             err=True):
+    if id is None and tier is None and batch is None and not yes and sys.stdin.isatty() and sys.stderr.isatty():
+        # every letter (of every batch, also with --code or --given-up), each called (and paid for)
+        # again: asked at a terminal; a script is not asked
+        which = f" with code {' or '.join(sorted(codes))}" if codes else ""
+        if not typer.confirm(f"replay every dead letter holding a job{which}, of every batch (each is called "
+                             "again)?", default=False, err=True):
             typer.echo("nothing replayed (pass --id JOB_ID, --batch B or --tier T for some, --yes for all)", err=True)
             raise typer.Exit(1)
     replayed = _run(replay_dead, target.url, target.prefix, tier, id, purge, target.nats, batch, codes)

@@ -49,10 +49,13 @@ async def test_replaying_every_letter_is_asked_at_a_terminal(nats_server):
         await nc.close()
     url = ["--nats", nats_server.url]
     code, out = at_a_terminal(["dlq", "replay", *url], "n")
-    assert code == 1 and "replay every dead letter holding a job (each is called again)?" in out, out
+    assert code == 1 and "replay every dead letter holding a job, of every batch (each is called again)?" in out, out
     assert "nothing replayed (pass --id JOB_ID, --batch B or --tier T for some, --yes for all)" in out, out
     code, out = at_a_terminal(["dlq", "replay", *url], "y")
     assert code == 0 and "replayed 0 dead letter(s)" in out, out
+    code, out = at_a_terminal(["dlq", "replay", "--given-up", *url], "n")  # still every batch: asked too
+    assert code == 1 and ("replay every dead letter holding a job with code attempts_exhausted or no_key_available "
+                          "or poison_message or rate_limited, of every batch") in out, out
     code, out = at_a_terminal(["dlq", "replay", "--yes", *url], "n")
     assert code == 0 and "[y/N]" not in out, out
     script = cli("dlq", "replay", *url)  # no terminal: not asked
