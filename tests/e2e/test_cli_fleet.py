@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import tomli_w
@@ -18,7 +19,10 @@ from fleetkit import SECRETS, FleetKit, chat_job, collect, mock_keys, wait_for_l
 from ratefleet import Client
 from ratefleet.mock import MockKey, MockSettings, running_mock
 
-pytestmark = [pytest.mark.timeout(120)]
+# a hang guard: each test waits for `up` (60 s bound), then runs several CLI commands (up to 60 s
+# each); one interpreter start-up alone took 11-29 s on a loaded 2-core machine, so 120 s was
+# cut into by start-ups (a test stopped mid-command, at 120 s, with every step on its way)
+pytestmark = [pytest.mark.timeout(240)]
 
 
 def free_port() -> int:
@@ -39,6 +43,18 @@ def answers(*args: str) -> bool:
         return cli(*args, timeout=20).returncode == 0
     except subprocess.TimeoutExpired:
         return False
+
+
+def _both_workers(*nats: str) -> bool:
+    """Whether status answers within 20 s naming a leader and two workers."""
+    try:
+        done = cli("status", "--json", *nats, timeout=20)
+    except subprocess.TimeoutExpired:
+        return False
+    if done.returncode != 0:
+        return False
+    status = json.loads(done.stdout)
+    return bool(status.get("leader")) and len(status.get("workers") or []) == 2
 
 
 def start_up(tmp_path, upstream_url: str, port: int, keys: tuple[str, ...], workers: int) -> subprocess.Popen:
@@ -65,8 +81,11 @@ def test_up_serves_jobs_submitted_from_another_terminal(tmp_path):
             jobs = tmp_path / "jobs.jsonl"
             jobs.write_text("".join(json.dumps(chat_job(i)) + "\n" for i in range(25)))
             nats = ["--nats", f"nats://127.0.0.1:{port}"]
-            deadline = time.monotonic() + 60  # `up` starts NATS, a dispatcher and two workers
-            while time.monotonic() < deadline and not answers("status", "--json", *nats):
+            # `up` starts NATS, a dispatcher and two workers: until status lists both (a status
+            # answered by the leader alone was taken for "up"; a worker still starting on a loaded
+            # machine was then missing from the status read after the batch)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not _both_workers(*nats):
                 time.sleep(0.5)
             out = tmp_path / "results.jsonl"
             done = cli("submit", str(jobs), "--tier", "normal", "--wait", "--out", str(out), *nats, timeout=60)
@@ -74,15 +93,22 @@ def test_up_serves_jobs_submitted_from_another_terminal(tmp_path):
             lines = [json.loads(line) for line in out.read_text().splitlines()]
             assert len(lines) == 25 and {r["status"] for r in lines} == {"succeeded"}
             assert len({r["job_id"] for r in lines}) == 25
-            status = json.loads(cli("status", "--json", *nats).stdout)
+            # three commands that change nothing, side by side (one interpreter start-up each:
+            # 11-29 s on a loaded 2-core machine); the request comes after the call count is read
+            with ThreadPoolExecutor(max_workers=3) as pool:
+                asked = pool.submit(cli, "status", "--json", *nats)
+                tabled = pool.submit(cli, "status", *nats)
+                refused = pool.submit(cli, "submit", "-", "--tier", "normal", *nats,
+                                      input='{"request": {"path": "http://evil/"}}\nnot json\n')
+            status = json.loads(asked.result().stdout)
             assert status["leader"] and len(status["workers"]) == 2
             assert status["keys"]["k1"]["calls"] + status["keys"]["k2"]["calls"] == 25
-            table = cli("status", *nats)
+            table = tabled.result()
             assert "k1" in table.stdout and "leader" in table.stdout
+            bad = refused.result()
+            assert bad.returncode == 2 and "line 1" in bad.stderr and "line 2" in bad.stderr
             one = cli("request", "--tier", "vip", json.dumps(chat_job(99)), *nats)
             assert one.returncode == 0 and json.loads(one.stdout)["status"] == "succeeded"
-            bad = cli("submit", "-", "--tier", "normal", *nats, input='{"request": {"path": "http://evil/"}}\nnot json\n')
-            assert bad.returncode == 2 and "line 1" in bad.stderr and "line 2" in bad.stderr
         finally:
             up.send_signal(signal.SIGINT)
             output, _ = up.communicate(timeout=60)
