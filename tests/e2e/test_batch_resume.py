@@ -141,9 +141,16 @@ async def test_wait_does_not_hang_on_jobs_queued_under_another_batch(tmp_path, n
         await ensure_topology(client.js, parse_config({}))
     file = tmp_path / "jobs.jsonl"
     write_jobs(file, [{**chat_job(i), "id": f"q-{i}"} for i in range(5)])
-    assert cli("submit", str(file), "--tier", "normal", "--batch", "a", "--nats", nats_server.url).returncode == 0
-    second = cli("submit", str(file), "--tier", "normal", "--batch", "b", "--wait", "--nats", nats_server.url,
-                 timeout=30)
+    # the --wait run imported ahead: its 30 s (a hang would be endless) count from there, not
+    # from an interpreter start-up (11-29 s on a loaded 2-core machine; 30 s ran out with it)
+    waiter = WarmCli("submit", str(file), "--tier", "normal", "--batch", "b", "--wait", "--nats", nats_server.url,
+                     ready_dir=tmp_path, json_logs=False)
+    try:
+        assert cli("submit", str(file), "--tier", "normal", "--batch", "a", "--nats", nats_server.url).returncode == 0
+        waiter.ready()
+        second = waiter.run(timeout=30)
+    finally:
+        waiter.kill()
     assert second.returncode == 1, second.stderr
     assert "5 are still queued there and are not waited for" in second.stderr
     assert "job q-0 (batch a): see it with `ratefleet result q-0`" in second.stderr
