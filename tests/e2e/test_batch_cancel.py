@@ -5,16 +5,19 @@ accounted for; the batch stays cancelled (a submit into it is refused)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 import time
 
 import pytest
-from faultkit import cli, fast_keys, start_d1_w1, until, upstream, write_chat_jobs
+from faultkit import WarmCli, cli, cli_side_by_side, fast_keys, start_d1_w1, until, upstream, write_chat_jobs
 from fleetkit import FleetKit
 
-pytestmark = [pytest.mark.timeout(120), pytest.mark.anyio]
+# a hang guard: a fleet and seven CLI runs, one interpreter start-up 11-29 s on a loaded 2-core
+# machine; with 120 s, three copies at once beside a full suite run stopped in the last commands
+pytestmark = [pytest.mark.timeout(240), pytest.mark.anyio]
 JOBS = 200
 
 
@@ -22,7 +25,7 @@ async def test_cancel_ends_the_queued_jobs_without_a_call(tmp_path, nats_server)
     url = nats_server.url
     with upstream() as mock:
         kit = FleetKit(tmp_path, url, mock.url, keys=fast_keys(rps=4, burst=1))  # ~8 calls/s: the batch waits
-        submit = None
+        submit = canceller = None
         try:
             await start_d1_w1(kit, url)
             jobs = write_chat_jobs(tmp_path / "jobs.jsonl", JOBS)
@@ -30,11 +33,16 @@ async def test_cancel_ends_the_queued_jobs_without_a_call(tmp_path, nats_server)
             unknown = cli("cancel", "--batch", "c0", "--nats", url)
             assert unknown.returncode == 2 and "no batch c0 is known" in unknown.stderr, unknown.stderr
 
+            # the cancel command started and imported ahead: sent once 10 calls are made, not an
+            # interpreter start-up later (11-29 s on a loaded machine, where the batch, at ~8 calls
+            # a second, was more than half called before the cancel)
+            canceller = WarmCli("cancel", "--batch", "c1", "--nats", url, ready_dir=tmp_path)
+            await asyncio.to_thread(canceller.ready)
             submit = subprocess.Popen([sys.executable, "-m", "ratefleet", "submit", str(jobs), "--tier", "normal",
                                        "--batch", "c1", "--wait", "--out", str(out), "--nats", url],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             await until(lambda: mock.stats()["requests"] >= 10, 30, 0.1, "10 calls made")
-            cancelled = cli("cancel", "--batch", "c1", "--nats", url)
+            cancelled = await asyncio.to_thread(canceller.run)
             calls_at_cancel = mock.stats()["requests"]
             assert cancelled.returncode == 0, cancelled.stderr
             assert "batch c1 cancelled: its jobs still queued end `failed` / `cancelled`" in cancelled.stdout
@@ -58,13 +66,16 @@ async def test_cancel_ends_the_queued_jobs_without_a_call(tmp_path, nats_server)
             assert len(ok) - calls_at_cancel <= 8, (calls_at_cancel, len(ok))
             assert ended_s < 30, ended_s
 
-            again = cli("cancel", "--batch", "c1", "--nats", url)
+            # three runs that change nothing, side by side (one interpreter start-up each)
+            again, into, dead = cli_side_by_side(("cancel", "--batch", "c1", "--nats", url),
+                                                 ("submit", str(jobs), "--tier", "normal", "--batch", "c1", "--nats", url),
+                                                 ("dlq", "list", "--json", "--nats", url), timeout=90)
             assert again.returncode == 0 and "already cancelled" in again.stdout, again.stdout
-            into = cli("submit", str(jobs), "--tier", "normal", "--batch", "c1", "--nats", url)
             assert into.returncode == 2 and "batch c1 was cancelled" in into.stderr, into.stderr
-            dead = cli("dlq", "list", "--json", "--nats", url)
             assert dead.returncode == 0 and "cancelled" not in dead.stdout  # nothing wrong with those jobs: no dead letters
         finally:
+            if canceller is not None:
+                canceller.kill()
             if submit is not None and submit.poll() is None:
                 submit.kill()
             kit.stop()
