@@ -18,7 +18,8 @@ from gatewaykit import free_port
 
 from ratefleet.mock import MockSettings, running_mock
 
-pytestmark = [pytest.mark.timeout(120)]
+# a hang guard: up to 120 s for `up` to serve, 60 s for it to stop, the other test's CLI runs
+pytestmark = [pytest.mark.timeout(240)]
 
 
 def test_up_with_gateway_serves_the_sdk_and_stops_it_on_ctrl_c(tmp_path):
@@ -40,7 +41,10 @@ def test_up_with_gateway_serves_the_sdk_and_stops_it_on_ctrl_c(tmp_path):
         try:
             ai = openai.OpenAI(base_url=f"http://127.0.0.1:{gateway_port}/v1", api_key="rk-app-42", max_retries=0,
                                timeout=20)
-            deadline = time.monotonic() + 60
+            # `up` starts NATS, a dispatcher, a worker and the gateway, each an interpreter whose
+            # start-up alone took 11-29 s on a loaded 2-core machine: 60 s ran out there with the
+            # gateway not listening yet (Connection refused). A bound on start-ups, not on the product
+            deadline = time.monotonic() + 120
             while True:  # until the gateway listens and a worker serves its first job
                 try:
                     chat = ai.chat.completions.create(model="mock", messages=[{"role": "user", "content": "up"}])
