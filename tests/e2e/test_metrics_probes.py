@@ -255,8 +255,8 @@ def test_up_gives_each_process_its_own_probe_port(tmp_path, upstream):
         urls = [re.search(r"(http://\S+)/metrics", line).group(1) for line in printed]
         assert [line.split(":")[0] for line in printed] == ["dispatcher 1", "dispatcher 2", "worker 1", "worker 2"]
         assert len(set(urls)) == 4 and urls[0] == f"http://127.0.0.1:{base}"
-        for url in urls:
-            assert wait_until(lambda u=url: readyz(u)[0] == 200, 60, f"{url} ready")
+        for url in urls:  # (120 s: five interpreters start, 11-29 s each on a loaded 2-core machine; 60 ran out)
+            assert wait_until(lambda u=url: readyz(u)[0] == 200, 120, f"{url} ready")
         status = json.loads(subprocess.run([sys.executable, "-m", "ratefleet", "status", "--json", "--nats",
                                             f"nats://127.0.0.1:{port}"], capture_output=True, text=True,
                                            timeout=30, env=env).stdout)
