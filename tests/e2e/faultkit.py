@@ -294,8 +294,10 @@ def fast_keys(rps: float = 200, burst: float = 20, ids=("k1", "k2")) -> list[dic
 # -- CLI ----------------------------------------------------------------------------------
 
 
-def cli(*args: str, env: dict | None = None, timeout: float = 30.0, stdin: str | None = None) -> subprocess.CompletedProcess:
-    """`python -m ratefleet ARGS` as a subprocess; returns the CompletedProcess (text)."""
+def cli(*args: str, env: dict | None = None, timeout: float = 60.0, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m ratefleet ARGS` as a subprocess; returns the CompletedProcess (text). `timeout`
+    is a hang guard only (seconds): at load 25-30 a `submit` of a few lines ran out of 30 s, most
+    of it the interpreter's start-up."""
     full_env = {**os.environ, "RATEFLEET_LOG_FORMAT": "json", **(env or {})}
     full_env.pop("RATEFLEET_NATS_URL", None)
     return subprocess.run([sys.executable, "-m", "ratefleet", *args], capture_output=True, text=True,
