@@ -99,8 +99,13 @@ async def submit_paced(client, count: int, start: float, end: float, batch: str)
 
 async def test_a_key_rotated_during_a_2000_job_batch_loses_no_job_and_gets_no_401(tmp_path, nats_server, upstream):
     """`ratefleet keys rotate --at T` on the fleet's config, then a batch across T and T + timeout_s."""
-    # 40 s ahead: the CLI and the fleet's start take ~5 s on a quiet 2-core machine, over 17 s at load ~10
-    switch = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=40)
+    # ahead by what the CLI and the fleet's start need here now (~5 s on a quiet 2-core machine,
+    # over 17 s at load ~10; at load 25-30 one interpreter's start took 11-29 s and a fixed 40 s
+    # was eaten before the fleet was up): 40 s, more when this machine starts a Python slowly
+    started = time.monotonic()
+    assert cli("--version").returncode == 0
+    startup = time.monotonic() - started
+    switch = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=min(100.0, max(40.0, 4 * startup + 10)))
     t = switch.timestamp()
     upstream.windows = {OLD: (0.0, t + TIMEOUT_S), NEW: (t, float("inf"))}
     kit = RotationKit(tmp_path, nats_server.url, upstream.url)
