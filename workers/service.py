@@ -274,7 +274,10 @@ class Worker:
         except ValueError:
             return
         self.leader_heard_at = time.monotonic()
-        self._note_epoch(announce.epoch, announced=True)
+        before = self.epoch
+        if self._note_epoch(announce.epoch, announced=True) and announce.epoch != before:  # a new leader: rare
+            log.info("worker follows a new leader epoch", leader=announce.leader,
+                     epoch=f"{announce.epoch[0]}.{announce.epoch[1]}")
 
     async def not_ready(self) -> str | None:
         """/readyz: why this worker cannot take jobs now (None: it can). A leader must have

@@ -251,12 +251,16 @@ async def test_worker_drops_assignments_of_a_former_leader(tmp_path, nats_server
             await until(lambda: acks["newer-bucket"], 15, 0.05, "the newer-bucket assignment acked")
             # a new leader's announce alone fences the worker against its predecessor too
             await announce((7, 3))
-            await asyncio.sleep(1.0)  # the announce and the assignments are read by different tasks
+            # the announce and the assignments are read by different tasks: on once it is followed
+            # (a fixed 1 s sleep here raced a worker late by more than that on a loaded machine)
+            await until(lambda: '"epoch": "7.3", "event": "worker follows a new leader epoch"' in kit.logs(), 15, 0.05,
+                        "the announce of (7, 3) followed")
             await send("before-announce", (6, 1))
             # nobody announces (7, 3) any more: after forget_s a lower leader is followed again
             await asyncio.sleep(forget_s + 0.5)
             await announce((3, 1))
-            await asyncio.sleep(1.0)
+            await until(lambda: '"epoch": "3.1", "event": "worker follows' in kit.logs(), 15, 0.05,
+                        "the lower leader's announce followed")
             await send("lower-leader-after-forget", (3, 1))
             await until(lambda: acks["lower-leader-after-forget"], 15, 0.05, "the lower leader's assignment acked")
             await asyncio.sleep(0.5)  # time for a wrongly accepted stale call to show up
