@@ -50,9 +50,11 @@ class ChunkStream:
         complete answer). What an answer that ended well holds back (a last event without its
         blank line, or a body that is not event-stream at all) goes out at the Result."""
         try:
-            ready, held = split_events(self.first)
-            if ready:
-                yield ready
+            held = bytearray(self.first)  # grows in place: a long event in small parts is not copied per part
+            end = event_end(held)
+            if end:
+                yield bytes(held[:end])
+                del held[:end]
             while True:
                 try:
                     msg = await self.sub.next_msg(timeout=self.idle_timeout_s)
@@ -65,28 +67,32 @@ class ChunkStream:
                     if self.result.error is not None:  # e.g. response_too_large: the chunks stopped short
                         yield ended_badly(self.result)
                     elif held:
-                        yield held
+                        yield bytes(held)
                     return
                 if (msg.headers or {}).get(ATTEMPT_HEADER) != self.attempt:
                     log.warning("streamed call retried; stream ended early", job_id=self.job_id)
                     yield interrupted(self.job_id, "the call failed mid-answer (a timeout, a dropped connection "
                                       "or a stopped worker) and is being made again")
                     return
-                ready, held = split_events(held + msg.data if held else msg.data)
-                if ready:
-                    yield ready
+                seen = max(len(held) - 2, 0)  # a blank line may begin in the last 2 bytes held
+                held += msg.data
+                end = event_end(held, seen)
+                if end:
+                    yield bytes(held[:end])
+                    del held[:end]
         finally:
             await self.sub.unsubscribe()
 
 
-def split_events(data: bytes) -> tuple[bytes, bytes]:
-    """(the whole events of `data`, the start of an event after them). An event ends at a blank
-    line: `\n\n` or `\r\n\r\n` (the WHATWG HTML standard, "Server-sent events": lines end in
-    CRLF, LF or CR; a lone-CR stream is not split and goes out whole at its end)."""
-    lf = data.rfind(b"\n\n")
-    crlf = data.rfind(b"\r\n\r\n")
-    end = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
-    return data[:end], data[end:]
+def event_end(data: bytes | bytearray, start: int = 0) -> int:
+    """Where the last whole event of `data` ends (0: none), looking at blank lines that end at
+    or after `start` only (what was looked at before is not scanned again). An event ends at a
+    blank line, and a line ends in CRLF, LF or CR (the WHATWG HTML standard, "Server-sent
+    events"): `\n\n`, `\r\r` or `\n\r\n` (which `\r\n\r\n` ends in)."""
+    lf = data.rfind(b"\n\n", start)
+    cr = data.rfind(b"\r\r", start)
+    crlf = data.rfind(b"\n\r\n", start)
+    return max(lf + 2 if lf >= 0 else 0, cr + 2 if cr >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
 
 
 def ended_badly(result: Result) -> bytes:

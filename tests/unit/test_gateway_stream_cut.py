@@ -77,3 +77,27 @@ async def test_a_stream_that_reaches_its_result_ends_cleanly():
     stream = ChunkStream(sub, "inbox.r", chunk("a").data, "1", 5.0, "job-9")
     body = await collect(stream)
     assert "error" not in body.decode() and stream.result is not None and stream.result.job_id == "job-9"
+
+
+async def test_a_lone_cr_stream_is_relayed_event_by_event():
+    """Lines may end in CR alone (WHATWG "Server-sent events"): such a stream's events go out as
+    they come, and a stream cut short ends after its last whole event, not inside one."""
+    sub = FakeSub([Msg("inbox.r.s", b'data: {"b": 1}\r\rdata: {"c"', {ATTEMPT_HEADER: "1"})])
+    stream = ChunkStream(sub, "inbox.r", b'data: {"a": 1}\r\r', "1", 0.01, "job-10")
+    parts = [part async for part in stream.chunks()]
+    assert parts[0] == b'data: {"a": 1}\r\r' and parts[1] == b'data: {"b": 1}\r\r'
+    assert json.loads(parts[2][len(b"data: "):])["error"]["code"] == "stream_interrupted"
+
+
+async def test_a_long_event_in_small_parts_is_held_in_linear_time():
+    """A 2 MB event (or a stream with no blank line the relay knows) arriving in 100-byte parts:
+    each part used to copy and scan all that was held (quadratic: the gateway's loop blocked
+    for seconds to minutes); now a part costs its own size."""
+    import time
+    part = b"x" * 100
+    result = {"job_id": "job-11", "status": "succeeded", "attempts": 1}
+    msgs = [Msg("inbox.r.s", part, {ATTEMPT_HEADER: "1"}) for _ in range(20_000)]
+    sub = FakeSub([*msgs, Msg("inbox.r", json.dumps(result).encode())])
+    started = time.process_time()
+    body = await collect(ChunkStream(sub, "inbox.r", b"data: ", "1", 5.0, "job-11"))
+    assert len(body) == 6 + 2_000_000 and time.process_time() - started < 2.0
