@@ -196,8 +196,10 @@ def submit(file: Path = typer.Argument(..., help="JSONL file, one Job per line (
     if rejects is not None:
         require_out_path(rejects, "--rejects")
         for other, what in ((file, "the jobs file"), (out, "the --out file")):
-            if other is not None and str(other) != "-" and rejects.exists() and other.exists() \
-                    and rejects.samefile(other):
+            # neither may exist yet (a first run's --out): the same path is the same file all the same
+            if other is not None and str(other) != "-" and (
+                    rejects.samefile(other) if rejects.exists() and other.exists()
+                    else rejects.resolve() == other.resolve()):
                 fail(f"--rejects {rejects} is {what} itself: it would be overwritten; pass another path")
     target = client_target(config, nats, prefix)
     with _traced_from_environment():

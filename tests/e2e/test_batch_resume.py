@@ -524,3 +524,16 @@ async def test_rejects_lists_every_invalid_line_where_the_screen_shows_twenty(tm
     done = cli("submit", str(file), "--tier", "guest", "--rejects", str(file), "--nats", nats_server.url)
     assert done.returncode == 2 and "is the jobs file itself" in done.stderr
     assert file.read_text().count("\n") == 60 - len(bad)
+
+
+def test_rejects_naming_the_out_file_is_refused_before_either_exists(tmp_path):
+    """`--rejects F --out F` on a first run (F not there yet) used to pass the check (it compared
+    existing files only): validation wrote the invalid lines to F, then the Results overwrote
+    them. Refused before anything runs, also spelled differently (./F)."""
+    file = tmp_path / "jobs.jsonl"
+    file.write_text(json.dumps(chat_job(0)) + "\n")
+    out = tmp_path / "out.jsonl"
+    done = cli("submit", str(file), "--tier", "guest", "--skip-invalid", "--out", str(out),
+               "--rejects", str(tmp_path / "." / "out.jsonl"), "--nats", "nats://127.0.0.1:1")
+    assert done.returncode == 2 and "is the --out file itself" in done.stderr, done.stderr
+    assert not out.exists()
