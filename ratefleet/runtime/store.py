@@ -151,12 +151,12 @@ async def publish_job_ack(js: JetStreamContext, subjects: Subjects, tier: str, j
     if reply_to:
         headers[REPLY_HEADER] = reply_to
 
-    missing_stream = False
+    missing_stream = unknown = False
 
     async def unknown_tier(exc: BaseException) -> bool:
         """No stream answered: a tier that does not exist, or no streams at all (both final),
         or JetStream still starting after a restart (retry)."""
-        nonlocal missing_stream
+        nonlocal missing_stream, unknown
         if not isinstance(exc, NoStreamResponseError):
             return False
         try:
@@ -169,7 +169,8 @@ async def publish_job_ack(js: JetStreamContext, subjects: Subjects, tier: str, j
         # the stream takes this tier: it had no leader for a moment (a cluster server stopping
         # or restarting moves it), so no stream answered; retry. Else the tier is unknown.
         taken = getattr(getattr(info, "config", None), "subjects", None) or []
-        return not any(subject_matches(pattern, subjects.jobs(tier)) for pattern in taken)
+        unknown = not any(subject_matches(pattern, subjects.jobs(tier)) for pattern in taken)
+        return unknown
 
     try:
         ack = await retrying(lambda: publish_or_reconnect(js, subjects.jobs(tier), payload, headers=headers,
@@ -184,8 +185,13 @@ async def publish_job_ack(js: JetStreamContext, subjects: Subjects, tier: str, j
         if missing_stream:
             raise SubmitError(f"stream {subjects.jobs_stream} does not exist on this NATS server; start "
                               "`ratefleet up` or a dispatcher once to create the streams") from None
-        raise UnknownTier(f"no stream takes {subjects.jobs(tier)}: unknown tier {tier!r} "
-                          "(tiers are configured in [tiers])") from None
+        if unknown:
+            raise UnknownTier(f"no stream takes {subjects.jobs(tier)}: unknown tier {tier!r} "
+                              "(tiers are configured in [tiers])") from None
+        # retried to the end with no answer: JetStream off or not ready, or the stream leaderless
+        raise SubmitError(f"no JetStream stream answered for {subjects.jobs(tier)} for {retry_for:.0f}s (JetStream "
+                          f"not enabled on this NATS server, or {subjects.jobs_stream} without a leader); job {job_id} "
+                          "was NOT stored. Retry later; resubmitting with the same id is safe") from None
     except TRANSIENT as exc:
         raise SubmitError(f"NATS did not confirm job {job_id} for {retry_for:.0f}s ({type(exc).__name__}); it may or "
                           "may not be stored: is the NATS server up? Resubmitting with the same id is safe") from None
