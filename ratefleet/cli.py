@@ -194,6 +194,8 @@ def submit(file: Path = typer.Argument(..., help="JSONL file, one Job per line (
         fail(f"--out {out} is the jobs file itself: writing Results there would erase the jobs before they are "
              "sent; pass another path")
     if rejects is not None:
+        if str(rejects) == "-":  # not stdout (as for --out): the Results may go there, and a file named '-' surprises
+            fail("--rejects takes a file path ('-' is not stdout here); pass e.g. --rejects rejects.jsonl")
         require_out_path(rejects, "--rejects")
         for other, what in ((file, "the jobs file"), (out, "the --out file")):
             # neither may exist yet (a first run's --out): the same path is the same file all the same

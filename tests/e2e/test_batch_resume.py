@@ -537,3 +537,17 @@ def test_rejects_naming_the_out_file_is_refused_before_either_exists(tmp_path):
                "--rejects", str(tmp_path / "." / "out.jsonl"), "--nats", "nats://127.0.0.1:1")
     assert done.returncode == 2 and "is the --out file itself" in done.stderr, done.stderr
     assert not out.exists()
+
+
+@pytest.mark.anyio
+async def test_rejects_dash_is_refused_not_written_to_a_file_named_dash(tmp_path, nats_server):
+    """`--out -` is stdout, so `--rejects -` read like stdout too, but it wrote a file named '-'
+    in the current folder (and said 'every one is in -'). Refused before anything runs."""
+    async with await Client.connect(nats_server.url) as client:
+        await ensure_topology(client.js, parse_config({}))
+    file = tmp_path / "jobs.jsonl"
+    file.write_text('{"request": \n')
+    done = subprocess.run([sys.executable, "-m", "ratefleet", "submit", str(file), "--tier", "guest", "--rejects", "-",
+                           "--nats", nats_server.url], capture_output=True, text=True, timeout=90, cwd=tmp_path)
+    assert done.returncode == 2 and "--rejects takes a file path" in done.stderr, done.stderr
+    assert not (tmp_path / "-").exists()
