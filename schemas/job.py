@@ -71,7 +71,10 @@ def check_header(name: str, value: str, auth_header: str | None = None) -> None:
     if normal in FORBIDDEN_HEADERS or (auth_header is not None and normal == auth_header.lower()):
         raise _forbidden(f"header {name!r} is set by ratefleet and must not be in a job")
     if not is_field_name(name):
-        raise _invalid(f"header name {name!r} is not an RFC 9110 token (section 5.1: letters, digits and "
+        # a whole header line pasted as a name ("Authorization: Bearer sk-..."): its value is not
+        # quoted back (the message reaches screens, Results, dead letters and submit --rejects)
+        shown = name[:name.index(":") + 1] + " ..." if ":" in name.strip(" \t:") else name
+        raise _invalid(f"header name {shown!r} is not an RFC 9110 token (section 5.1: letters, digits and "
                        "!#$%&'*+-.^_`|~ only; no spaces, no ':')")
     problem = header_value_problem(value)
     if problem:

@@ -332,3 +332,15 @@ def test_a_config_limit_that_is_not_a_finite_number_is_refused(line):
                        f'secret = "env:X"\n{line}\n')
     with pytest.raises(Exception, match=r"pools\.p\.keys\.0\.\w+: Input should be a finite number"):
         parse_config(doc)
+
+
+def test_a_header_line_pasted_as_a_name_does_not_quote_its_value():
+    """`{"Authorization: Bearer sk-...": ""}` (a curl header pasted as a name) was refused with the
+    whole name quoted: the key went into the Result, the dead letter and `submit --rejects`'
+    file, which promises never to hold a line's headers. The name is quoted up to its ':'."""
+    with pytest.raises(JobRejected, match="RFC 9110 token") as caught:
+        parse_job(json.dumps({"request": {"path": "/x", "headers": {"Authorization: Bearer sk-SECRET": ""}}}).encode())
+    assert "sk-SECRET" not in caught.value.message and "'Authorization: ...'" in caught.value.message
+    with pytest.raises(LineError) as caught_line:
+        parse_line(json.dumps({"request": {"path": "/x", "headers": {"X-Api-Key:sk-SECRET": "1"}}}), 1, "b")
+    assert "sk-SECRET" not in str(caught_line.value)
