@@ -351,11 +351,12 @@ GivenUpOpt = Flag(False, "--given-up", help="only letters of jobs the fleet gave
 
 def _letter_codes(code: list[str] | None, given_up: bool) -> frozenset[str] | None:
     """The reason codes --code and --given-up select (None: every letter); exit 2 on a code no
-    part of ratefleet writes (`ErrorCode`)."""
+    part of ratefleet writes in a dead letter (`ErrorCode`, and UNKNOWN_LETTER_CODE)."""
     from ratefleet.results_replays import GAVE_UP
+    from ratefleet.runtime.finish import UNKNOWN_LETTER_CODE
     from ratefleet.schemas.result import ErrorCode
 
-    known = {str(member) for member in ErrorCode}
+    known = {str(member) for member in ErrorCode} | {UNKNOWN_LETTER_CODE}  # (a letter whose Result has no error)
     for one in code or ():
         if one not in known:
             fail(f"--code {one!r} is not a reason code ratefleet writes; one of: {', '.join(sorted(known))}")

@@ -22,6 +22,9 @@ from ratefleet.runtime.bodies import BodyStore, body_bytes, inline_limit, letter
 from ratefleet.runtime.store import dead_letter, read_result, store_result
 from ratefleet.schemas import Config, Result, Subjects
 
+UNKNOWN_LETTER_CODE = "unknown"  # the reason code of a dead letter whose Result carries no error
+
+
 
 def _may_be_large(result: Result, limit: int) -> bool:
     """False when the body cannot pass `limit` bytes (a text of n characters is at most 4n
@@ -92,7 +95,7 @@ class Finisher:
         error = result.error
         if last_error is None:
             last_error = _last_error(result)
-        await dead_letter(self.js, self.subjects, tier, code=error.code if error else "unknown",
+        await dead_letter(self.js, self.subjects, tier, code=error.code if error else UNKNOWN_LETTER_CODE,
                           message=error.message if error else "", job=job, raw=raw, job_id=result.job_id,
                           attempts=result.attempts, last_error=last_error, mask_headers=self.mask_headers,
                           max_payload=self.nc.max_payload)

@@ -319,6 +319,9 @@ async def test_jobs_the_fleet_gave_up_on_are_named_with_the_replay_of_their_batc
     assert [json.loads(x)["job_id"] for x in listed.stdout.splitlines()] == [stored_not], listed
     wrong = cli("dlq", "list", "--code", "attempts_exausted", *url)
     assert wrong.returncode == 2 and "is not a reason code ratefleet writes" in wrong.stderr, wrong.stderr
+    # the code of a letter whose Result has no error (runtime/finish.py) is one ratefleet writes
+    unknown = cli("dlq", "list", "--code", "unknown", "--json", *url)
+    assert unknown.returncode == 0 and unknown.stdout == "", unknown.stderr
     again = cli("dlq", "replay", *shlex.split(replay)[3:])
     assert again.returncode == 0 and "replayed 2 dead letter(s)" in again.stdout, again.stdout + again.stderr
     left = cli("dlq", "list", "--json", *url)
