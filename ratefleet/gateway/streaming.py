@@ -50,12 +50,15 @@ class ChunkStream:
         complete answer). What an answer that ended well holds back (a last event without its
         blank line, or a body that is not event-stream at all) goes out at the Result."""
         try:
-            held = bytearray(self.first)  # grows in place: a long event in small parts is not copied per part
-            end = event_end(held)
-            if end:
-                yield bytes(held[:end])
-                del held[:end]
+            held = bytearray()  # grows in place: a long event in small parts is not copied per part
+            part = self.first
             while True:
+                seen = max(len(held) - 2, 0)  # a blank line may begin in the last 2 bytes held
+                held += part
+                end = event_end(held, seen)
+                if end:
+                    yield bytes(held[:end])
+                    del held[:end]
                 try:
                     msg = await self.sub.next_msg(timeout=self.idle_timeout_s)
                 except TimeoutError:
@@ -74,12 +77,7 @@ class ChunkStream:
                     yield interrupted(self.job_id, "the call failed mid-answer (a timeout, a dropped connection "
                                       "or a stopped worker) and is being made again")
                     return
-                seen = max(len(held) - 2, 0)  # a blank line may begin in the last 2 bytes held
-                held += msg.data
-                end = event_end(held, seen)
-                if end:
-                    yield bytes(held[:end])
-                    del held[:end]
+                part = msg.data
         finally:
             await self.sub.unsubscribe()
 
