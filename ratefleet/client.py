@@ -240,11 +240,8 @@ class Client:
         inbox, reply = await self.replies.expect()
         try:
             fresh = await self._publish(tier, model, reply_to=inbox)
-            if not fresh:
-                stored = await self.stored_result(model.id)
-                if stored is not None:
-                    return stored
-                await self._follow_over_rpc(tier, model, inbox)
+            if not fresh:  # (its stored Result was looked for just before: a duplicate has an own id)
+                await self._follow_over_rpc(tier, model, inbox)  # answered once it is stored, also if meanwhile
             msg = await self._reply_or_stored(reply, model.id, timeout, duplicate=not fresh)
             if msg is None:
                 reason, why = await self._why_unrun()
