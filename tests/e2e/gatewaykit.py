@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
+import openai
 from fleetkit import FleetKit
 
 CALLER_KEYS = {"alice": "rk-alice-0123456789abcdef", "bob": "rk-bob-0123456789abcdef",
@@ -49,3 +52,22 @@ def start_gateway(kit: FleetKit, port: int, timeout: float = 30.0, name: str = "
             pass
         time.sleep(0.2)
     raise AssertionError(f"the gateway did not answer within {timeout}s:\n{kit.logs()[-3000:]}")
+
+
+@contextmanager
+def fleet_with_gateway(kit: FleetKit) -> Iterator[FleetKit]:
+    """`kit` with a dispatcher d1, a worker w1 and a gateway on a free port (`kit.gateway_url`),
+    stopped on the way out."""
+    kit.dispatcher("d1")
+    kit.worker("w1")
+    try:
+        kit.gateway_url = start_gateway(kit, free_port())  # type: ignore[attr-defined]
+        yield kit
+    finally:
+        kit.stop()
+
+
+def sdk(kit: FleetKit, caller: str = "alice", key: str | None = None) -> openai.AsyncOpenAI:
+    """The official SDK against `kit`'s gateway as `caller` (or with `key`): no retries, 30 s."""
+    return openai.AsyncOpenAI(base_url=kit.gateway_url + "/v1", api_key=key or CALLER_KEYS[caller],  # type: ignore[attr-defined]
+                              max_retries=0, timeout=30)

@@ -7,7 +7,7 @@ import anyio
 import openai
 import pytest
 from fleetkit import FleetKit, mock_keys, wait_for_leader
-from gatewaykit import CALLER_KEYS, caller_env, callers, free_port, start_gateway
+from gatewaykit import CALLER_KEYS, caller_env, callers, fleet_with_gateway, free_port, sdk, start_gateway
 
 from ratefleet import Client
 from ratefleet.mock import MockSettings, running_mock
@@ -25,20 +25,8 @@ def upstream():
 @pytest.fixture
 def gateway(tmp_path, nats_server, upstream, monkeypatch):
     caller_env(monkeypatch)
-    kit = FleetKit(tmp_path, nats_server.url, upstream.url, overrides={"callers": callers()})
-    kit.dispatcher("d1")
-    kit.worker("w1")
-    try:
-        url = start_gateway(kit, free_port())
-        kit.gateway_url = url  # type: ignore[attr-defined]
+    with fleet_with_gateway(FleetKit(tmp_path, nats_server.url, upstream.url, overrides={"callers": callers()})) as kit:
         yield kit
-    finally:
-        kit.stop()
-
-
-def sdk(kit, caller: str = "alice", key: str | None = None) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=kit.gateway_url + "/v1", api_key=key or CALLER_KEYS[caller], max_retries=0,
-                              timeout=30)
 
 
 async def test_sdk_chat_embeddings_and_models_run_as_jobs_on_the_callers_tier(gateway, nats_server, upstream):

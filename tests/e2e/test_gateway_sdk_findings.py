@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 from fleetkit import FleetKit, mock_keys
-from gatewaykit import CALLER_KEYS, caller_env, callers, free_port, start_gateway
+from gatewaykit import CALLER_KEYS, caller_env, callers, fleet_with_gateway, sdk
 
 from ratefleet.mock import MockSettings, running_mock
 
@@ -29,10 +29,6 @@ def jsonl(lines: list) -> bytes:
     return "".join(json.dumps(line) + "\n" for line in lines).encode()
 
 
-def sdk(kit, caller: str = "alice") -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=kit.gateway_url + "/v1", api_key=CALLER_KEYS[caller], max_retries=0, timeout=30)
-
-
 @pytest.fixture
 def upstream():
     with running_mock(MockSettings(keys=mock_keys(rps=200, burst=20), accept_unknown=False)) as mock:
@@ -43,15 +39,9 @@ def upstream():
 def slow_gateway(tmp_path, nats_server, upstream, monkeypatch):
     """One key at 2 calls a second, so a batch stays in progress a while."""
     caller_env(monkeypatch)
-    kit = FleetKit(tmp_path, nats_server.url, upstream.url, keys=[{"id": "k1", "rps": 2, "burst": 1}],
-                   overrides={"callers": callers(), "dispatcher": {"window": 4}})
-    kit.dispatcher("d1")
-    kit.worker("w1")
-    kit.gateway_url = start_gateway(kit, free_port())  # type: ignore[attr-defined]
-    try:
+    with fleet_with_gateway(FleetKit(tmp_path, nats_server.url, upstream.url, keys=[{"id": "k1", "rps": 2, "burst": 1}],
+                                     overrides={"callers": callers(), "dispatcher": {"window": 4}})) as kit:
         yield kit
-    finally:
-        kit.stop()
 
 
 async def test_another_callers_file_in_use_is_not_found_and_names_no_batch(slow_gateway):
@@ -103,15 +93,9 @@ async def test_the_gateways_409s_are_not_retried_by_the_sdk(slow_gateway):
 def small_answers_gateway(tmp_path, nats_server, upstream, monkeypatch):
     """Workers read at most 20,000 bytes of an answer (workers.max_response_bytes)."""
     caller_env(monkeypatch)
-    kit = FleetKit(tmp_path, nats_server.url, upstream.url,
-                   overrides={"callers": callers(), "workers": {"max_response_bytes": 20000}})
-    kit.dispatcher("d1")
-    kit.worker("w1")
-    kit.gateway_url = start_gateway(kit, free_port())  # type: ignore[attr-defined]
-    try:
+    with fleet_with_gateway(FleetKit(tmp_path, nats_server.url, upstream.url,
+                                     overrides={"callers": callers(), "workers": {"max_response_bytes": 20000}})) as kit:
         yield kit
-    finally:
-        kit.stop()
 
 
 def _calls(upstream) -> int:
@@ -175,14 +159,8 @@ async def test_a_streamed_answer_cut_at_max_response_bytes_does_not_end_as_compl
 @pytest.fixture
 def gateway(tmp_path, nats_server, upstream, monkeypatch):
     caller_env(monkeypatch)
-    kit = FleetKit(tmp_path, nats_server.url, upstream.url, overrides={"callers": callers()})
-    kit.dispatcher("d1")
-    kit.worker("w1")
-    kit.gateway_url = start_gateway(kit, free_port())  # type: ignore[attr-defined]
-    try:
+    with fleet_with_gateway(FleetKit(tmp_path, nats_server.url, upstream.url, overrides={"callers": callers()})) as kit:
         yield kit
-    finally:
-        kit.stop()
 
 
 async def test_the_mock_answers_n_choices_and_streams_usage_when_asked(gateway):
