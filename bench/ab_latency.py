@@ -46,7 +46,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).parent))
 from fast_upstream import FastUpstream  # noqa: E402
 
-from ratefleet.client import Client, as_job  # noqa: E402
+from ratefleet.client import Client  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB = {"request": {"path": "/v1/chat/completions", "json": {"model": "m", "messages": []}}}
@@ -125,7 +125,7 @@ async def ready(url: str, proc: subprocess.Popen, log: Path) -> Client:
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             client = client or await Client.connect(url)
-            if (await client.request(as_job(JOB), "normal", timeout=2)).status == "succeeded":
+            if (await client.request(JOB, "normal", timeout=2)).status == "succeeded":
                 return client
         except Exception:  # noqa: BLE001 - not up yet
             pass
@@ -170,7 +170,7 @@ async def steady_round(clients: list[Client], procs: list[subprocess.Popen], req
     async def one(side: int) -> None:
         t0 = time.perf_counter()
         try:
-            result = await clients[side].request(as_job(JOB), "normal", timeout=10)
+            result = await clients[side].request(JOB, "normal", timeout=10)
         except Exception:  # noqa: BLE001 - counted, not timed
             failed[side] += 1
             return
@@ -207,7 +207,7 @@ async def measure(urls: list[str], procs: list[subprocess.Popen], logs: list[Pat
             clients.append(await ready(url, proc, log))
         for _ in range(warm):
             for client in clients:
-                result = await client.request(as_job(JOB), "normal", timeout=10)
+                result = await client.request(JOB, "normal", timeout=10)
                 if result.status != "succeeded":
                     raise RuntimeError(f"a warm-up request ended {result.status}: {result.error}")
         out = []
@@ -219,7 +219,7 @@ async def measure(urls: list[str], procs: list[subprocess.Popen], logs: list[Pat
             for i in range(requests):
                 for side in ((0, 1) if i % 2 == 0 else (1, 0)):
                     t0 = time.perf_counter()
-                    result = await clients[side].request(as_job(JOB), "normal", timeout=10)
+                    result = await clients[side].request(JOB, "normal", timeout=10)
                     lat[side].append((time.perf_counter() - t0) * 1e3)
                     if result.status != "succeeded":
                         raise RuntimeError(f"a request ended {result.status}: {result.error}")
