@@ -22,6 +22,7 @@ from typing import Any
 from nats.aio.client import Client as NatsClient
 from nats.errors import NoRespondersError
 from nats.js.api import DeliverPolicy
+from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
 from ratefleet.runtime.bodies import BodyStore
@@ -29,7 +30,15 @@ from ratefleet.runtime.connect import connect, denial_expected, refused
 from ratefleet.runtime.edge import translated
 from ratefleet.runtime.pubpipe import PublishPipe
 from ratefleet.runtime.replies import ReplyInbox
-from ratefleet.runtime.store import MSG_ID, TRANSIENT, publish_job, publish_job_ack, read_result
+from ratefleet.runtime.store import (
+    MSG_ID,
+    READ_RETRY_S,
+    TRANSIENT,
+    publish_job,
+    publish_job_ack,
+    read_result,
+    retrying,
+)
 from ratefleet.runtime.tracing import current_headers
 from ratefleet.schemas import Job, Result, Subjects
 from ratefleet.schemas.config import DEFAULT_NATS_URL
@@ -38,6 +47,7 @@ from ratefleet.schemas.errors import (
     DispatcherUnavailable,
     JobInvalid,
     JobRejected,
+    NatsError,
     NatsUnavailable,
     RequestTimeout,
     SubmitError,
@@ -214,12 +224,23 @@ class Client:
         ack = await publish_job_ack(self.js, self.subjects, tier, job.id, payload, trace=trace)
         return Stored(job, bool(ack.duplicate), ack.seq)
 
-    async def queued_job(self, seq: int) -> Job | None:
-        """The job stored at JOBS stream sequence `seq`, or None when it is gone (done)."""
+    @translated("reading a queued job")
+    async def queued_job(self, seq: int, *, retry_for: float = READ_RETRY_S) -> Job | None:
+        """The job stored at JOBS stream sequence `seq`, or None when it is gone (acked or
+        deleted: JetStream answered 404) or the message there is not a job. A server that does
+        not answer is asked again for `retry_for` seconds, then its error is raised (as
+        `read_result` does): a batch stop that took "no answer" for "gone" stopped waiting for
+        a job still being called, or left one queued."""
+        async def get() -> Any:
+            return await self.js.get_msg(self.subjects.jobs_stream, seq)
+
         try:
-            msg = await self.js.get_msg(self.subjects.jobs_stream, seq)
+            msg = await retrying(get, for_s=retry_for)
+        except NotFoundError:
+            return None
+        try:
             return Job.model_validate_json(msg.data)
-        except Exception:  # noqa: BLE001 - acked and removed, or not a job: nothing queued there
+        except ValueError:  # (ValidationError is one) not a job: nothing queued there
             return None
 
     @translated("requesting a job's result")
@@ -234,7 +255,8 @@ class Client:
         if _has_own_id(job):
             # a repeat of an id with a Result: JetStream's dedup forgets the id after duplicate_window_s,
             # and an id refused over rpc has a Result but no JOBS message; published, it would be paid again
-            stored = await self.stored_result(model.id)
+            # (not known, NATS not answering: NatsUnavailable, nothing sent; sent, it could be paid twice)
+            stored = await self.stored_result(model.id, retry_for=min(READ_RETRY_S, timeout / 2))
             if stored is not None:
                 return stored
         inbox, reply = await self.replies.expect()
@@ -277,7 +299,10 @@ class Client:
                     pass
             out_of_time = deadline - loop.time() <= 0
             if duplicate or out_of_time or self._reconnects() != reconnects:
-                stored = await self.stored_result(job_id)
+                try:  # asked again within what is left of the wait; no answer: the wait goes on
+                    stored = await self.stored_result(job_id, retry_for=max(0.0, min(pause, deadline - loop.time())))
+                except NatsError:  # (NatsUnavailable is one)
+                    stored = None
                 if stored is not None:
                     return stored
             if out_of_time:
@@ -330,10 +355,13 @@ class Client:
         return self.nc.stats["reconnects"]
 
     @translated("reading a stored result")
-    async def stored_result(self, job_id: str, batch: str | None = None) -> Result | None:
+    async def stored_result(self, job_id: str, batch: str | None = None, *,
+                            retry_for: float = READ_RETRY_S) -> Result | None:
         """The stored Result of one job (its body fetched when it has a `body_ref`), or None
-        when it has none yet. Raises BodyUnavailable when the referenced body is gone."""
-        data = await read_result(self.js, self.subjects, job_id, "*" if batch is None else batch)
+        when it has none yet. A NATS that does not answer is asked again for `retry_for`
+        seconds, then NatsUnavailable is raised (no answer is not "no Result"). Raises
+        BodyUnavailable when the referenced body is gone."""
+        data = await read_result(self.js, self.subjects, job_id, "*" if batch is None else batch, retry_for=retry_for)
         return None if data is None else await self.bodies.resolve(Result.from_json(data))
 
     @translated("reading results")

@@ -49,7 +49,9 @@ class JobDelivered:
     leader steps down and it is not the last delivery); `stored`: the job's Result
     when one is stored already (looked up for redeliveries only); `wall`: epoch seconds at
     delivery (for the job's queue time); `cached`: `stored` is an answer-cache hit stored as
-    the job's Result just now, not the Result of an earlier delivery."""
+    the job's Result just now, not the Result of an earlier delivery; `unknown`: the
+    redelivery's Result lookup got no answer (NATS away or slow), so whether the job has a
+    Result already is not known."""
 
     tier: str
     seq: int
@@ -59,6 +61,7 @@ class JobDelivered:
     stored: bytes | None = None
     wall: float = 0.0
     cached: bool = False
+    unknown: bool = False
 
 
 @dataclass(frozen=True)

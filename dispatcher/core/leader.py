@@ -52,6 +52,8 @@ from .scaling import ScalingMeter
 from .scheduler import Scheduler
 from .types import Dispatch, PendingJob, Reject, SchedulerSpec, WaitUntil
 
+LOOKUP_RETRY_S = 2.0  # seconds before a redelivery whose Result lookup got no answer comes back
+
 
 class LeaderMachine:
     """One leadership's state: scheduler, fleet, held jobs, pulls, lease; see the module docstring."""
@@ -176,6 +178,14 @@ class LeaderMachine:
                     else "redelivered job already has its result; acked without a second call")
             return [Log("info", said, {"job_id": verdict.job_id, "tier": verdict.tier, "attempt": verdict.attempt}),
                     AnswerStored(event.stored, verdict.ack, verdict.reply_to), *self._top_up(event.tier, now)]
+        if event.unknown and not final:
+            # its worker may have stored the Result and died before the ack: called now, it could
+            # be paid twice. Handed back, it is looked up again when it comes back
+            if not owned:
+                return []
+            return [Log("warning", "redelivered job's Result could not be looked up; handed back, not called",
+                        {"job_id": verdict.job_id, "tier": verdict.tier, "attempt": verdict.attempt}),
+                    HandBack(event.seq, event.ack, LOOKUP_RETRY_S), *self._top_up(event.tier, now)]
         if self.stepping_down:
             return []  # the last delivery of a job intake accepted: cannot happen (intake ends it)
         self.held[event.seq] = Held(verdict, now, now, event.wall)

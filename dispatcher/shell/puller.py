@@ -29,7 +29,7 @@ from ratefleet.schemas import Config
 __all__ = ["DRAIN_S", "HANDBACK_MARGIN_S", "PULL_EXPIRES_S", "TierInbox"]
 log = get_logger("ratefleet.puller")
 DRAIN_S = 5.0  # longest wait for intake to finish at step-down (its lookups time out sooner)
-STORED_LOOKUP_S = 2.0  # a slow store must not stall intake: then the job is called
+STORED_LOOKUP_S = 2.0  # seconds: a slow store must not stall intake; then the job is handed back (not called)
 
 
 class TierInbox:
@@ -100,12 +100,21 @@ class TierInbox:
             verdict = unreadable(msg, self.tier, exc)
         if isinstance(verdict, Incoming) and verdict.job.batch in self.cancelled:
             verdict = cancelled_job(verdict)
-        stored, cached = None, False
+        stored, cached, unknown = None, False, False
         if redelivered and isinstance(verdict, Incoming):
-            with anyio.move_on_after(STORED_LOOKUP_S):
-                stored = await self.bus.stored_result(verdict.job_id, verdict.job.batch)
-        if stored is None and isinstance(verdict, Incoming) and wants_lookup(verdict.job):
-            with anyio.move_on_after(STORED_LOOKUP_S):  # a slow cache is a miss: the job is called
-                stored = await self.bus.cached_result(verdict)
+            try:  # no answer is not "no Result": the leader hands the job back instead of calling it
+                with anyio.fail_after(STORED_LOOKUP_S):
+                    stored = await self.bus.stored_result(verdict.job_id, verdict.job.batch)
+            except Exception as exc:  # noqa: BLE001 - TimeoutError, or NATS errors after read_result's retries
+                log.warning("a redelivered job's Result lookup got no answer", tier=self.tier,
+                            job_id=verdict.job_id, error=type(exc).__name__)
+                unknown = True
+        if stored is None and not unknown and isinstance(verdict, Incoming) and wants_lookup(verdict.job):
+            try:
+                with anyio.move_on_after(STORED_LOOKUP_S):  # a slow cache is a miss: the job is called
+                    stored = await self.bus.cached_result(verdict)
+            except Exception as exc:  # noqa: BLE001 - a failing cache is a miss too
+                log.warning("answer cache lookup failed; the job is called", tier=self.tier,
+                            job_id=verdict.job_id, error=type(exc).__name__)
             cached = stored is not None
-        return JobDelivered(self.tier, seq, delivered, msg.reply, verdict, stored, time.time(), cached)
+        return JobDelivered(self.tier, seq, delivered, msg.reply, verdict, stored, time.time(), cached, unknown)

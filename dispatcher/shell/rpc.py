@@ -38,6 +38,7 @@ log = get_logger("ratefleet.rpc")
 DUPLICATE_FOLLOW_S = 600.0
 MAX_DUPLICATE_FOLLOWERS = 1000  # job ids followed at a time
 MAX_REPLIES_PER_JOB = 100  # requesters of one job id answered (a caller retrying every second: the last 100 s)
+OWN_ID_LOOKUP_S = 2.0  # seconds an own id's Result lookup is retried before the request is refused
 FALLBACK_READ_S = 5.0  # a followed job's store is read this often besides listening for its Result
 
 
@@ -103,7 +104,16 @@ class RpcResponder:
         if payload is msg.data and msg.reply:  # the caller's own id (a fresh one was added otherwise)
             # an id whose rpc request was refused has its Result but no JOBS message to dedup
             # against: stored now, the job would be called (paid) and its answer dropped
-            stored = await read_result(self.js, self.subjects, job_id)
+            try:
+                stored = await read_result(self.js, self.subjects, job_id, retry_for=OWN_ID_LOOKUP_S)
+            except Exception as exc:  # noqa: BLE001 - not known whether it has one: storing it could pay twice
+                log.warning("rpc job id's Result could not be looked up; nothing stored", job_id=job_id,
+                            error=type(exc).__name__)
+                refused = Result(job_id=job_id, status="failed", tier=tier, error=ErrorInfo(
+                    code=ErrorCode.SUBMIT_FAILED, message=f"job {job_id} was not stored: whether it has a Result "
+                    f"already could not be read ({type(exc).__name__}); send it again with the same id"))
+                await self.nc.publish(msg.reply, refused.to_json())
+                return
             if stored is not None:
                 log.info("rpc job id has a Result already; answered with it, nothing stored", job_id=job_id)
                 await self.nc.publish(msg.reply, stored)
@@ -127,7 +137,7 @@ class RpcResponder:
         (the job still queued or running: its reply goes to the first requester only) follow
         the results stream in the background and answer once it is stored (a caller that
         retries with its idempotency key after a timeout must not wait in vain)."""
-        stored = await read_result(self.js, self.subjects, job_id)
+        stored = await self._read(job_id)
         if stored is not None:
             await self.nc.publish(reply, stored)
             return
@@ -145,6 +155,15 @@ class RpcResponder:
         self._followers[job_id] = task
         task.add_done_callback(lambda done: self._forget(job_id, done))
 
+    async def _read(self, job_id: str) -> bytes | None:
+        """The job's stored Result, None when it has none or NATS does not answer now (a
+        follower reads again, and the first requester is answered by the job's worker)."""
+        try:
+            return await read_result(self.js, self.subjects, job_id, retry_for=FALLBACK_READ_S)
+        except Exception as exc:  # noqa: BLE001 - see docstring
+            log.info("rpc follower could not read a Result; reads again", job_id=job_id, error=type(exc).__name__)
+            return None
+
     def _forget(self, job_id: str, task: asyncio.Task) -> None:
         if self._followers.get(job_id) is task:
             del self._followers[job_id]
@@ -161,15 +180,15 @@ class RpcResponder:
         try:
             sub = await self.nc.subscribe(self.subjects.results("*", job_id))
             try:
-                stored = await read_result(self.js, self.subjects, job_id)
+                stored = await self._read(job_id)
                 while stored is None and loop.time() < deadline:
                     try:
                         msg = await sub.next_msg(timeout=max(0.01, min(FALLBACK_READ_S, deadline - loop.time())))
                     except TimeoutError:  # (nats.errors.TimeoutError is one)
-                        stored = await read_result(self.js, self.subjects, job_id)
+                        stored = await self._read(job_id)
                         continue
                     # the stored one: a second Result of the job (refused by the stream) is seen here too
-                    stored = await read_result(self.js, self.subjects, job_id) or msg.data
+                    stored = await self._read(job_id) or msg.data
             finally:
                 await sub.unsubscribe()
             if stored is None:

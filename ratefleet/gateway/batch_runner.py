@@ -296,7 +296,13 @@ class BatchRunner:
 
         async def stop(seq: int) -> None:
             nonlocal deleted
-            job = await self.client.queued_job(seq)
+            try:
+                job = await self.client.queued_job(seq)
+            except Exception as exc:  # noqa: BLE001 - not known whether it is there: waited for below
+                log.warning("batch stop: a queued job could not be read; waiting for it", batch=batch_id, seq=seq,
+                            error=type(exc).__name__)
+                taken.append(seq)
+                return
             if job is None or job.batch != batch_id:
                 return
             if seq > delivered:
@@ -319,7 +325,8 @@ class BatchRunner:
         with anyio.move_on_after(self.stop_wait_s):
             while taken:
                 await anyio.sleep(self.poll_s)
-                still = await asyncio.gather(*(self.client.queued_job(seq) for seq in taken[:STOP_WINDOW]))
+                still = await asyncio.gather(*(self.client.queued_job(seq) for seq in taken[:STOP_WINDOW]),
+                                             return_exceptions=True)  # no answer: still waited for
                 taken = [seq for seq, job in zip(taken, still) if job is not None] + taken[STOP_WINDOW:]
 
     async def _finalize(self, batch_id: str, found: Checked, final: str, tmp: Path,

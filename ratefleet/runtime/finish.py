@@ -19,8 +19,11 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from ratefleet.runtime.bodies import BodyStore, body_bytes, inline_limit, letter_response
+from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.store import dead_letter, read_result, store_result
 from ratefleet.schemas import Config, Result, Subjects
+
+log = get_logger("ratefleet.finish")
 
 UNKNOWN_LETTER_CODE = "unknown"  # the reason code of a dead letter whose Result carries no error
 
@@ -72,7 +75,11 @@ class Finisher:
         if stored and self.on_stored is not None:
             self.on_stored(result)
         if reply_to and not stored:  # the stored Result is the answer, also when it was an earlier one
-            payload = await read_result(self.js, self.subjects, result.job_id, result.batch) or payload
+            try:
+                payload = await read_result(self.js, self.subjects, result.job_id, result.batch) or payload
+            except Exception as exc:  # noqa: BLE001 - NATS not answering: the caller waits, so this one goes
+                log.warning("the job's stored Result could not be read; its caller gets this worker's",
+                            job_id=result.job_id, error=type(exc).__name__)
         await self._answer(payload, ack, reply_to)
         return stored
 

@@ -36,6 +36,7 @@ log = get_logger("ratefleet.store")
 
 
 T = TypeVar("T")
+READ_RETRY_S = 10.0  # seconds a Result lookup asks again while NATS does not answer (read_result)
 TRANSIENT = (TimeoutError, asyncio.TimeoutError, nats.errors.ConnectionClosedError, nats.errors.NoRespondersError,
              nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError, ServiceUnavailableError,
              NoStreamResponseError)
@@ -258,11 +259,23 @@ async def store_result(js: JetStreamContext, subjects: Subjects, result: Result,
                           f"({refusal}) and holds none for it; check the stream's limits and the server's disk")
 
 
-async def read_result(js: JetStreamContext, subjects: Subjects, job_id: str, batch: str | None = "*") -> bytes | None:
-    """The stored Result JSON of one job (any batch by default), or None when it has none."""
+async def read_result(js: JetStreamContext, subjects: Subjects, job_id: str, batch: str | None = "*", *,
+                      retry_for: float = READ_RETRY_S) -> bytes | None:
+    """The stored Result JSON of one job (any batch by default), or None when it has none:
+    JetStream answered 404 (no message on the job's subject, or no RESULTS stream).
+
+    A server that does not answer (restarting, a reconnect, a timeout: `TRANSIENT`) is asked
+    again for `retry_for` seconds, then that error is raised. "No answer" is not "no Result":
+    taken as one, a worker whose store was a dedup hit stored a second Result under
+    `<job id>@<batch>`, a leader called a redelivered job whose Result was stored (paid twice),
+    and `Client.request` sent again a job id that had its answer. Other errors are raised as
+    they come."""
+    async def get() -> Any:
+        return await js.get_last_msg(subjects.results_stream, subjects.results(batch, job_id))
+
     try:
-        msg = await js.get_last_msg(subjects.results_stream, subjects.results(batch, job_id))
-    except Exception:  # noqa: BLE001 - not found (or the server is away): no result to show
+        msg = await retrying(get, for_s=retry_for)
+    except NotFoundError:
         return None
     return msg.data
 

@@ -29,7 +29,7 @@ from leader_helpers import (
 from ratefleet.dispatcher.core import KeySpec, PoolSpec, SchedulerSpec, TierSpec
 from ratefleet.dispatcher.core import commands as cmd
 from ratefleet.dispatcher.core import events as ev
-from ratefleet.dispatcher.core.leader import LeaderMachine
+from ratefleet.dispatcher.core.leader import LOOKUP_RETRY_S, LeaderMachine
 from ratefleet.dispatcher.core.pulls import PULL_EXPIRES_S, STALE_AFTER_S
 from ratefleet.dispatcher.core.split import SplitSpec, variant_of
 from ratefleet.schemas import ErrorCode, Job
@@ -147,6 +147,28 @@ def test_a_stored_result_is_sent_to_the_job_s_reply_subject_and_logged_with_the_
     assert out == [cmd.Log("info", "redelivered job already has its result; acked without a second call",
                            {"job_id": "j1", "tier": "normal", "attempt": 3}),
                    cmd.AnswerStored(b'{"job_id": "j1"}', verdict.ack, "_INBOX.client.7")]
+
+
+def test_a_redelivery_whose_result_lookup_got_no_answer_is_handed_back_not_called():
+    """Its worker may have stored the Result and died before the ack: called on a lookup that
+    timed out (NATS restarting), the job was paid twice."""
+    run = Run(machine())
+    verdict = incoming(1, 3)
+    unknown = ev.JobDelivered("normal", 1, 3, verdict.ack, verdict, unknown=True)
+    out = run.m.handle(unknown, T0 + 0.1)
+    assert out[:2] == [cmd.Log("warning", "redelivered job's Result could not be looked up; handed back, not called",
+                               {"job_id": "j1", "tier": "normal", "attempt": 3}),
+                       cmd.HandBack(1, verdict.ack, LOOKUP_RETRY_S)]
+    assert all(not isinstance(c, cmd.Assign) for c in out) and not run.m.held and not run.m.scheduler.pending("normal")
+    assert run.at(T0 + 0.2, replace(unknown, unknown=False, delivered=4)) == []  # looked up again: held, called
+    assert 1 in run.m.held
+
+
+def test_the_last_delivery_is_called_even_when_its_result_lookup_got_no_answer():
+    run = Run(machine())
+    verdict = incoming(1, MAX_DELIVER)
+    last = ev.JobDelivered("normal", 1, MAX_DELIVER, verdict.ack, verdict, unknown=True)
+    assert run.at(T0 + 0.1, last) == [] and 1 in run.m.held  # handed back, it would be lost
 
 
 def test_an_a_b_split_routes_each_job_by_its_id():

@@ -13,7 +13,7 @@ import functools
 from types import SimpleNamespace
 
 import pytest
-from nats.js.errors import APIError
+from nats.js.errors import APIError, NotFoundError
 
 import ratefleet.runtime.finish as finish_module
 from ratefleet.runtime.finish import Finisher
@@ -45,7 +45,7 @@ class RecordingJetStream:
 
     async def get_last_msg(self, stream, subject):
         if self.stored is None:
-            raise LookupError("no message")
+            raise NotFoundError(description="no message found")  # as JetStream answers (404)
         return SimpleNamespace(data=self.stored)
 
 

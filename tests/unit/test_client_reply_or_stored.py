@@ -22,7 +22,7 @@ def client(reads: list[float]) -> Client:
     made = Client.__new__(Client)
     made.nc = SimpleNamespace(stats={"reconnects": 0})  # type: ignore[assignment]
 
-    async def stored_result(job_id: str, batch: str | None = None) -> Result | None:
+    async def stored_result(job_id: str, batch: str | None = None, **_: object) -> Result | None:
         reads.append(time.monotonic())
         return STORED if made.nc.stats["reconnects"] else None
 

@@ -125,20 +125,45 @@ async def test_a_stored_result_wins_over_the_cache():
     assert (event.stored, event.cached) == (b"stored", False)
 
 
-async def test_slow_lookups_are_given_up_and_the_job_is_called():
+async def test_a_result_lookup_without_an_answer_marks_the_redelivery_unknown_and_skips_the_cache():
+    """Slow, or failing after read_result's retries (NATS away): whether the job has a Result is
+    not known, so the leader hands it back (it was called before: paid twice when it had one)."""
     class Slow(MemoryBus):
         async def stored_result(self, job_id, batch):
             await anyio.sleep(60)
 
         async def cached_result(self, incoming):
+            raise AssertionError("no cache lookup for a job that may have its Result")
+
+    class Failing(Slow):
+        async def stored_result(self, job_id, batch):
+            raise TimeoutError
+
+    body = {"id": "j3", "request": {"path": "/x"}, "cache_ttl_s": 60}
+    for bus in (Slow(), Failing()):
+        tier, _ = inbox(bus)
+        started = time.monotonic()
+        event = await tier.delivery(delivery(delivered=2, body=body))
+        assert isinstance(event.verdict, Incoming) and event.unknown and event.stored is None and not event.cached
+        assert time.monotonic() - started < STORED_LOOKUP_S + 5
+
+
+async def test_a_slow_or_failing_cache_is_a_miss_and_the_job_is_called():
+    class Slow(MemoryBus):
+        async def cached_result(self, incoming):
             await anyio.sleep(60)
 
-    tier, _ = inbox(Slow())
+    class Failing(MemoryBus):
+        async def cached_result(self, incoming):
+            raise TimeoutError
+
     body = {"id": "j3", "request": {"path": "/x"}, "cache_ttl_s": 60}
-    started = time.monotonic()
-    event = await tier.delivery(delivery(delivered=2, body=body))
-    assert isinstance(event.verdict, Incoming) and event.stored is None and not event.cached
-    assert time.monotonic() - started < 2 * STORED_LOOKUP_S + 5
+    for bus in (Slow(), Failing()):
+        tier, _ = inbox(bus)
+        started = time.monotonic()
+        event = await tier.delivery(delivery(delivered=1, body=body))
+        assert isinstance(event.verdict, Incoming) and event.stored is None and not event.cached
+        assert not event.unknown and time.monotonic() - started < STORED_LOOKUP_S + 5
 
 
 async def test_a_message_intake_cannot_read_is_ended_as_invalid():

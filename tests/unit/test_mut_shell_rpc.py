@@ -188,6 +188,20 @@ async def test_a_full_queue_is_answered_queue_full_with_the_stores_reason(nats_s
         assert await read_result(fleet.js, SUBJECTS, "j10") is None  # nothing stored: resubmit later
 
 
+async def test_an_own_id_whose_result_lookup_gets_no_answer_is_refused_not_stored(nats_server):
+    """Whether the id has a Result could not be read (NATS not answering): storing it anyway
+    called (and paid) an id whose Result existed. The caller is told to send it again."""
+    async with Fleet(nats_server.url, config()) as fleet:
+        async def no_answer(stream, subject, **kwargs):
+            raise TimeoutError
+
+        fleet.responder.js.get_last_msg = no_answer
+        answer = await fleet.request("normal", job(id="j11"))
+        assert (answer["job_id"], answer["status"], answer["error"]["code"]) == ("j11", "failed", "submit_failed")
+        assert "send it again with the same id" in answer["error"]["message"]
+        assert await fleet.jobs("normal") == []
+
+
 def test_a_payload_without_an_id_gets_one_in_compact_utf8():
     job_id, payload = _with_id('{"request": {"path": "/x", "json": {"t": "é\\ud83d"}}}'.encode())
     assert payload == ('{"request":{"path":"/x","json":{"t":"é\ud83d"}},"id":"' + job_id + '"}').encode(

@@ -267,6 +267,45 @@ async def test_read_result_finds_a_job_in_any_batch_or_in_the_one_named():
     assert js.reads[0] == (SUBJECTS.results_stream, SUBJECTS.results("*", "j1"))
 
 
+class SlowReads(FakeJetStream):
+    """Its reads time out `failures` times first (NATS restarting), then answer as the server would."""
+
+    def __init__(self, *answers, failures, held=None):
+        super().__init__(*answers, held=held)
+        self.failures = failures
+
+    async def get_last_msg(self, stream, subject):
+        if self.failures:
+            self.failures -= 1
+            self.reads.append((stream, subject))
+            raise TimeoutError
+        return await super().get_last_msg(stream, subject)
+
+
+async def test_a_read_nats_does_not_answer_is_asked_again_not_taken_for_no_result(clock):
+    subject = SUBJECTS.results("*", "j1")
+    js = SlowReads(False, failures=3, held={subject: b"stored"})
+    assert await read_result(js, SUBJECTS, "j1") == b"stored"
+    assert len(js.reads) == 4 and clock.sleeps == pytest.approx([0.1, 0.2, 0.4])
+
+
+async def test_a_read_that_never_gets_an_answer_raises_after_its_retries(clock):
+    js = SlowReads(False, failures=1000)
+    with pytest.raises(TimeoutError):
+        await read_result(js, SUBJECTS, "j1", retry_for=3.0)
+    assert sum(clock.sleeps) <= 3.0 and len(js.reads) > 1
+    assert await read_result(FakeJetStream(False), SUBJECTS, "j1") is None  # 404: no Result, at once
+
+
+async def test_a_dedup_hit_whose_result_cannot_be_read_stores_no_second_result(clock):
+    """A duplicate publish whose Result lookup got no answer raised before: it read as "no
+    Result in this batch", and the job got a second Result under `j1@<batch>`."""
+    js = SlowReads(True, False, failures=1000)
+    with pytest.raises(TimeoutError):
+        await store_result(js, SUBJECTS, result(batch="b1"))
+    assert [headers[MSG_ID] for _, _, headers, _ in js.published] == ["j1"]
+
+
 # --- redaction ---------------------------------------------------------------------------------
 
 def test_a_raw_payload_that_is_not_json_is_kept_as_text_or_base64():

@@ -131,6 +131,9 @@ class RefusingNats:
             async def publish(self, *args, **kwargs):
                 raise nats.errors.MaxPayloadError()
 
+            async def get_last_msg(self, stream, subject):
+                raise nats.js.errors.NotFoundError(description="no message found")  # the id has no Result
+
         return Js()
 
     async def publish(self, subject, payload):
