@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from nats.js import JetStreamContext
-from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from ratefleet.runtime.logs import get_logger
@@ -53,8 +53,12 @@ class LeaderLease:
         assert self.seen_kv is not None
         try:
             entry = await self.seen_kv.get(LEASE_KEY)
-        except Exception:  # noqa: BLE001 - no entry yet
+        except NotFoundError:  # (KeyNotFoundError, KeyDeletedError are ones) no entry yet
             return None
+        except Exception as exc:  # noqa: BLE001 - not known: as if a leader held it just now (buckets start empty)
+            log.warning("when a leader last held the lease could not be read; starting with empty buckets",
+                        error=type(exc).__name__)
+            return time.time()
         try:
             return float(entry.value.decode()) if entry and entry.value else None
         except ValueError:

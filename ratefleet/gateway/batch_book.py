@@ -34,7 +34,13 @@ from collections.abc import Callable
 from typing import Any
 
 from nats.js import JetStreamContext
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import (
+    BucketNotFoundError,
+    InvalidKeyError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NotFoundError,
+)
 
 from ratefleet.runtime.streams import kv_keys, stream_gone
 from ratefleet.schemas import Subjects
@@ -141,10 +147,9 @@ class BatchBook:
         kv = await self._open()
         try:
             entry = await kv.get(batch_id)
-        except (KeyNotFoundError, NotFoundError):
+        except (KeyNotFoundError, NotFoundError, InvalidKeyError):  # (invalid: a made-up id) no such batch
             return None
-        except Exception:  # noqa: BLE001 - not a valid key (a made-up id): no such batch
-            return None
+        # NATS not answering raises (a 503 at the gateway, the batch runner's next sweep), never "no such batch"
         if not entry.value:
             return None
         return json.loads(entry.value), entry.revision

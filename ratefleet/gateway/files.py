@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 
 from nats.js import JetStreamContext
 from nats.js.api import ObjectMeta
-from nats.js.errors import NotFoundError, ObjectDeletedError, ObjectNotFoundError
+from nats.js.errors import BadObjectMetaError, NotFoundError, ObjectDeletedError, ObjectNotFoundError
 
 from ratefleet.runtime.streams import open_object_store, stream_gone
 from ratefleet.schemas import Subjects
@@ -112,8 +112,10 @@ class FileStore:
             info = await store.get_info(file_id)
         except (ObjectNotFoundError, ObjectDeletedError, NotFoundError):
             return None
-        except Exception:  # noqa: BLE001 - an id that is not a valid object name: no such file
+        except (UnicodeError, ValueError, BadObjectMetaError):  # a made-up id (not UTF-8, not ours): no such file
             return None
+        # NATS not answering raises: taken for "no such file", it failed a batch resumed at a gateway's
+        # start for good ("the input file is gone") and answered 404 where the gateway answers 503
         meta = _meta_of(info.description)
         return meta if meta is not None and meta.get(OWNER) == owner else None
 

@@ -8,8 +8,9 @@ import time
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
+import nats.errors
 import pytest
-from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from ratefleet.dispatcher.shell.lease import LEASE_KEY, LeaderLease
 
@@ -92,3 +93,29 @@ async def test_without_the_buckets_creation_time_the_epoch_still_orders_by_revis
     held.kv = Kv()
     assert await held.try_acquire()
     assert held.epoch == (0, 6)  # an int, so workers can still compare it with other leaders' epochs
+
+
+class SeenKv:
+    """The `<bucket>_seen` KV: `answer` is what its get does (an entry, or an exception raised)."""
+
+    def __init__(self, answer) -> None:
+        self.answer = answer
+
+    async def get(self, key):
+        assert key == LEASE_KEY
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return self.answer
+
+
+async def test_when_a_leader_last_held_the_lease_is_read_and_an_unreadable_time_counts_as_just_now():
+    """No answer is not "never": a new leader that took it so started with full buckets right
+    after the old one had spent them (a burst over the keys' limits at a failover)."""
+    held = lease(Kv())
+    held.seen_kv = SeenKv(SimpleNamespace(value=b"1700000000.5"))
+    assert await held.last_leader_seen() == 1700000000.5
+    held.seen_kv = SeenKv(KeyNotFoundError())
+    assert await held.last_leader_seen() is None  # never held: full buckets
+    held.seen_kv = SeenKv(nats.errors.TimeoutError())
+    before = time.time()
+    assert before <= await held.last_leader_seen() <= time.time()  # not known: empty buckets
