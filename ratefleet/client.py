@@ -33,6 +33,7 @@ from ratefleet.runtime.replies import ReplyInbox
 from ratefleet.runtime.store import (
     MSG_ID,
     READ_RETRY_S,
+    REPEAT_HEADER,
     TRANSIENT,
     publish_job,
     publish_job_ack,
@@ -128,7 +129,7 @@ class Client:
     async def submit(self, job: JobLike, tier: str, *, batch: str | None = None) -> str:
         """Store one job durably and return its id. Raises QueueFull, JobInvalid, SubmitError."""
         model = as_job(job, batch=batch)
-        await self._publish(tier, model)
+        await self._publish(tier, model, repeat=_has_own_id(job))  # own id: maybe resent past the dedup window
         return model.id
 
     async def submit_for_reply(self, job: JobLike, tier: str, reply_to: str) -> Job:
@@ -139,9 +140,10 @@ class Client:
         await self._publish(tier, model, reply_to=reply_to)
         return model
 
-    async def _publish(self, tier: str, model: Job, reply_to: str | None = None, payload: bytes | None = None) -> bool:
+    async def _publish(self, tier: str, model: Job, reply_to: str | None = None, payload: bytes | None = None,
+                       *, repeat: bool = False) -> bool:
         payload = payload if payload is not None else self._payload(model)
-        return await publish_job(self.js, self.subjects, tier, model.id, payload, reply_to=reply_to)
+        return await publish_job(self.js, self.subjects, tier, model.id, payload, reply_to=reply_to, repeat=repeat)
 
     def _payload(self, model: Job) -> bytes:
         """The job's JSON; JobInvalid when it is larger than a job can be on this fleet's NATS
@@ -154,12 +156,14 @@ class Client:
 
     @translated("storing jobs")
     async def submit_many(self, jobs: Iterable[JobLike], tier: str, *, batch: str | None = None,
-                          concurrency: int = 256, progress: Callable[[int], None] | None = None) -> list[str]:
+                          concurrency: int = 256, progress: Callable[[int], None] | None = None,
+                          repeat: bool = False) -> list[str]:
         """Store many jobs, `concurrency` publishes in flight; returns their ids in order.
 
         Every job is validated before anything is sent (JobInvalid names the bad one). Each
         publish rides out a NATS restart with the same id. On the first refusal (QueueFull,
         unknown tier) no further job is sent and the error says how many were stored.
+        `repeat`: as for `submit_stream` (jobs sent again under ids stored before).
         """
         models = [as_job(job, batch=batch) for job in jobs]
         for model in models:
@@ -168,7 +172,7 @@ class Client:
         try:
             # pipelined (one reply subscription, up to `concurrency` PubAcks outstanding): 1.2-2.3x
             # the jobs/s of `concurrency` tasks each awaiting its publish, ~35 % less client CPU
-            async for _ in self.submit_stream(models, tier, window=max(1, concurrency)):
+            async for _ in self.submit_stream(models, tier, window=max(1, concurrency), repeat=repeat):
                 stored += 1
                 if progress:
                     progress(1)
@@ -178,19 +182,23 @@ class Client:
 
     @translated("storing jobs")
     async def submit_stream(self, jobs: Iterable[Job], tier: str, *, window: int = 1024,
-                            ack_timeout: float = 10.0) -> AsyncIterator[Stored]:
+                            ack_timeout: float = 10.0, repeat: bool = False) -> AsyncIterator[Stored]:
         """Store validated jobs (with ids) as they come, yielding a `Stored` for each, in order.
 
         Publishes are pipelined with at most `window` unacknowledged at a time, so memory
         stays bounded whatever the length of `jobs`. A publish whose acknowledgement fails or
         takes over `ack_timeout` seconds is redone one by one (same id: dedup-safe; rides out
         a NATS restart). Raises QueueFull / SubmitError on the first refusal; the `Stored`
-        already yielded are the jobs stored before it.
+        already yielded are the jobs stored before it. `repeat`: these jobs may repeat ids
+        stored longer ago than `streams.duplicate_window_s` (a batch run again): each is
+        marked so that the leader calls it only when it has no Result and no other message of
+        its id is held or being called (one Result lookup per job at intake; see README, Wire
+        contract).
         """
         pending: deque[tuple[Job, bytes, asyncio.Future | None]] = deque()
         async with PublishPipe(self.nc) as pipe:
             try:
-                async for stored in self._pipeline(pipe, jobs, tier, pending, window, ack_timeout):
+                async for stored in self._pipeline(pipe, jobs, tier, pending, window, ack_timeout, repeat):
                     yield stored
             finally:
                 for _, _, future in pending:  # stopped early: the rest is not waited for
@@ -198,9 +206,11 @@ class Client:
                         future.exception()  # settled: mark it seen (no "never retrieved" noise)
 
     async def _pipeline(self, pipe: PublishPipe, jobs: Iterable[Job], tier: str, pending: deque, window: int,
-                        ack_timeout: float) -> AsyncIterator[Stored]:
+                        ack_timeout: float, repeat: bool) -> AsyncIterator[Stored]:
         subject = self.subjects.jobs(tier)
         trace = current_headers()  # the caller's span, if any: each job's traceparent
+        if repeat:
+            trace = {**trace, REPEAT_HEADER: "1"}
         for job in jobs:
             payload = self._payload(job)
             try:
@@ -261,7 +271,8 @@ class Client:
                 return stored
         inbox, reply = await self.replies.expect()
         try:
-            fresh = await self._publish(tier, model, reply_to=inbox)
+            # an own id may be a retry past the dedup window while the first copy is queued or running
+            fresh = await self._publish(tier, model, reply_to=inbox, repeat=_has_own_id(job))
             if not fresh:  # (its stored Result was looked for just before: a duplicate has an own id)
                 await self._follow_over_rpc(tier, model, inbox)  # answered once it is stored, also if meanwhile
             msg = await self._reply_or_stored(reply, model.id, timeout, duplicate=not fresh)

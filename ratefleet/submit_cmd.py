@@ -393,7 +393,8 @@ def _jobs(run: Run, path: Path):
 
 async def _publish_all(run: Run, client: Client, path: Path, phases: Phases) -> None:
     handle = phases.start("submitting", run.found.jobs, unit="jobs")
-    stream = client.submit_stream(_jobs(run, path), run.tier)
+    # a batch run again: lines sent by an earlier run may still be queued past the dedup window
+    stream = client.submit_stream(_jobs(run, path), run.tier, repeat=run.before is not None or bool(run.done_ids))
     async with contextlib.aclosing(stream):
         async for stored in stream:
             await _classify(run, client, stored)

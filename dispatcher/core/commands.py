@@ -87,6 +87,15 @@ class AnswerStored:
 
 
 @dataclass(frozen=True)
+class EndCopy:
+    """A second JOBS message of a job whose first is held or being called (its id sent again
+    past the dedup window): ack it without a call or a Result of its own; its `reply_to`
+    gets the job's Result once the first message's call stores it."""
+
+    incoming: Incoming
+
+
+@dataclass(frozen=True)
 class Announce:
     """Publish `payload` (a `LeaderAnnounce`, JSON) to the workers."""
 
@@ -128,5 +137,5 @@ class Log:
     fields: Mapping[str, Any] = field(default_factory=dict)
 
 
-Command = (Assign | Pull | Nak | InProgress | HandBack | EndRefused | EndJob | AnswerStored | Announce | SaveKey
-           | Respond | Linger | Log)
+Command = (Assign | Pull | Nak | InProgress | HandBack | EndRefused | EndJob | AnswerStored | EndCopy | Announce
+           | SaveKey | Respond | Linger | Log)

@@ -16,7 +16,9 @@ class Incoming:
     """A validated job with everything the dispatcher needs to run and finish it.
 
     `submitted_at`: epoch seconds (the JOBS message timestamp); `stream_seq`: the message's
-    sequence in RATEFLEET_JOBS; `ack`: its reply subject (any connection may ack it)."""
+    sequence in RATEFLEET_JOBS; `ack`: its reply subject (any connection may ack it); `repeat`:
+    the message may repeat a job id stored before, past the dedup window (its producer set
+    the `Ratefleet-Repeat` header): its Result is looked up before a call, as for a redelivery."""
 
     job: Job
     job_id: str
@@ -33,6 +35,7 @@ class Incoming:
     # the job's W3C traceparent (from the JOBS message, or a fresh one derived from it) and tracestate
     traceparent: str | None = None
     tracestate: str | None = None
+    repeat: bool = False
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Container, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .delivery import Incoming
 from .types import Dispatch
@@ -37,6 +38,34 @@ class Held:
     touched: float
     at: float
     wall: float
+
+
+class HeldJobs(dict[int, "Held"]):
+    """The held jobs by stream sequence, with the sequence of each job id (`seq_of`): a
+    second JOBS message of a job (its id sent again past the dedup window) is known at
+    intake while the first is held. Only item assignment, `pop` and `clear` change it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seqs: dict[str, int] = {}  # job id -> the sequence of its held message
+
+    def __setitem__(self, seq: int, held: Held) -> None:
+        super().__setitem__(seq, held)
+        self._seqs[held.incoming.job_id] = seq
+
+    def pop(self, seq: int, *default: Any) -> Any:
+        held = super().pop(seq, *default)
+        if isinstance(held, Held) and self._seqs.get(held.incoming.job_id) == seq:
+            del self._seqs[held.incoming.job_id]
+        return held
+
+    def clear(self) -> None:
+        super().clear()
+        self._seqs.clear()
+
+    def seq_of(self, job_id: str) -> int | None:
+        """The stream sequence of the held message of `job_id`, or None."""
+        return self._seqs.get(job_id)
 
 
 def assignment_id(leader_id: str, number: int) -> str:

@@ -34,6 +34,7 @@ from .commands import (
     AnswerStored,
     Assign,
     Command,
+    EndCopy,
     EndJob,
     EndRefused,
     HandBack,
@@ -43,7 +44,7 @@ from .commands import (
 )
 from .delivery import Incoming, cancelled_job
 from .fleet import AssignmentRecord, Fleet
-from .handout import Held, LeaderSettings, assignment_payload, next_number
+from .handout import Held, HeldJobs, LeaderSettings, assignment_payload, next_number
 from .leader_config import apply_config
 from .leader_fleet import LOST, FleetKeeper
 from .leader_keys import KeyKeeper
@@ -66,7 +67,7 @@ class LeaderMachine:
         self.keys = KeyKeeper(self.scheduler, self.fleet)
         self.workers = FleetKeeper(self.scheduler, self.fleet, self.keys)
         self.pulls = PullBook(dict(settings.windows), now)
-        self.held: dict[int, Held] = {}
+        self.held = HeldJobs()
         self.lease_until = lease_until
         self.ready_at = float("inf")  # SessionStarted sets it
         self.ready = False
@@ -178,6 +179,17 @@ class LeaderMachine:
                     else "redelivered job already has its result; acked without a second call")
             return [Log("info", said, {"job_id": verdict.job_id, "tier": verdict.tier, "attempt": verdict.attempt}),
                     AnswerStored(event.stored, verdict.ack, verdict.reply_to), *self._top_up(event.tier, now)]
+        copy_of = self.held.seq_of(verdict.job_id)
+        if copy_of is None:
+            copy_of = self.fleet.calling_seq(verdict.job_id)
+        if copy_of is not None and copy_of != event.seq:
+            # the same job id in a second message (sent again past the dedup window, or a copy whose
+            # first was handed back): one call, one Result; the first message's
+            if not owned:
+                return []
+            return [Log("info", "a second message of a job held or being called; ended without a call",
+                        {"job_id": verdict.job_id, "tier": verdict.tier, "first_seq": copy_of, "seq": event.seq}),
+                    EndCopy(verdict), *self._top_up(event.tier, now)]
         if event.unknown and not final:
             # its worker may have stored the Result and died before the ack: called now, it could
             # be paid twice. Handed back, it is looked up again when it comes back

@@ -70,6 +70,10 @@ class LeaderBus(Protocol):
 
     async def answer_stored(self, stored: bytes, ack: str, reply_to: str | None) -> None: ...
 
+    async def end_copy(self, incoming: Incoming) -> None:
+        """Ack a second message of a job (cmd.EndCopy); its reply subject, if any, gets the
+        job's Result once stored."""
+
     async def cached_result(self, incoming: Incoming) -> bytes | None:
         """For a job that asks for the cache: a live cache entry stored as the job's Result
         (`cached: true`) and that stored Result's JSON, or None on a miss (nothing stored)."""
@@ -98,6 +102,9 @@ class NatsLeaderBus:
         self._finisher = self.finisher = Finisher(nc, js, self.subjects, auth_headers(config))
         self._handbacks = Handbacks(js, self.subjects.handbacks_bucket)
         self._keys = KeyStore(js, self.subjects.keys_bucket)
+        # (job id, reply subject): answer that subject with the job's Result once stored (the
+        # dispatcher's RpcResponder.follow); None: a second message's requester is not answered
+        self.follow: Callable[[str, str], Awaitable[None]] | None = None
 
     @property
     def max_payload(self) -> int:
@@ -136,6 +143,11 @@ class NatsLeaderBus:
 
     async def answer_stored(self, stored: bytes, ack: str, reply_to: str | None) -> None:
         await self._finisher.finish_stored(stored, ack=ack, reply_to=reply_to)
+
+    async def end_copy(self, incoming: Incoming) -> None:
+        await self.nc.publish(incoming.ack, b"+ACK")
+        if incoming.reply_to and self.follow is not None:
+            await self.follow(incoming.job_id, incoming.reply_to)
 
     async def cached_result(self, incoming: Incoming) -> bytes | None:
         entry = await self._cache.lookup(cache_key(incoming.upstream, incoming.job))

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from nats.aio.msg import Msg
 
 from ratefleet.dispatcher.core.delivery import Incoming, Refused
-from ratefleet.runtime.store import MSG_ID, REPLY_HEADER
+from ratefleet.runtime.store import MSG_ID, REPEAT_HEADER, REPLY_HEADER
 from ratefleet.runtime.streams import tier_max_deliver
 from ratefleet.runtime.tracing import TRACEPARENT, TRACESTATE, fresh_traceparent, trace_headers
 from ratefleet.schemas import Config, ErrorCode, Job, JobRejected, parse_job
@@ -80,7 +80,7 @@ def read_message(msg: Msg, tier: str, config: Config, handbacks: int = 0, rate_l
                     upstream=upstream, ack=msg.reply, reply_to=reply_to, attempt=attempt,
                     max_attempts=max_attempts, submitted_at=meta.timestamp.timestamp(),
                     stream_seq=meta.sequence.stream, rate_limited=rate_limited, max_rate_limited=max_rate_limited,
-                    traceparent=traceparent, tracestate=trace.get(TRACESTATE))
+                    traceparent=traceparent, tracestate=trace.get(TRACESTATE), repeat=headers.get(REPEAT_HEADER) == "1")
 
 
 def validate_job(raw: bytes, config: Config, max_payload: int | None = None) -> Job:

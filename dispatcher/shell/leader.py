@@ -295,6 +295,8 @@ class LeaderSession:
                           c.status)
         elif isinstance(command, cmd.AnswerStored):
             await bus.answer_stored(command.stored, command.ack, command.reply_to)
+        elif isinstance(command, cmd.EndCopy):
+            await bus.end_copy(command.incoming)
         elif isinstance(command, cmd.Announce):
             await bus.publish(self.subjects.leader_announce, command.payload)
         elif isinstance(command, cmd.SaveKey):

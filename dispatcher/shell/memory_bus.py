@@ -52,6 +52,7 @@ class MemoryBus:
     kept_alive: list[str] = field(default_factory=list)
     handed_back: list[tuple[int, str, float]] = field(default_factory=list)
     answered: list[tuple[bytes, str, str | None]] = field(default_factory=list)
+    copies: list[Incoming] = field(default_factory=list)  # the second messages ended (cmd.EndCopy)
     ended: list[Incoming | Refused] = field(default_factory=list)
     results: dict[str, bytes] = field(default_factory=dict)
     cache: dict[str, bytes] = field(default_factory=dict)  # job id -> the cached Result a lookup stores
@@ -102,6 +103,9 @@ class MemoryBus:
 
     async def answer_stored(self, stored: bytes, ack: str, reply_to: str | None) -> None:
         self.answered.append((stored, ack, reply_to))
+
+    async def end_copy(self, incoming: Incoming) -> None:
+        self.copies.append(incoming)
 
     async def cached_result(self, incoming: Incoming) -> bytes | None:
         hit = self.cache.get(incoming.job_id)

@@ -81,7 +81,8 @@ class TierInbox:
 
     async def delivery(self, msg: Any) -> JobDelivered:
         """A JOBS message as an event: read by intake, with the hand-back and 429 counts of
-        earlier deliveries and, for a redelivery, its Result if one is stored already. A job
+        earlier deliveries and, for a redelivery or a message marked as a repeat (`Incoming.repeat`),
+        its Result if one is stored already. A job
         that asks for the cache (`cache_ttl_s`) and has no Result is looked up: a hit is
         stored as its Result (`cached: true`) and answered like a stored one, with no token
         (ratefleet/runtime/cache.py)."""
@@ -101,7 +102,7 @@ class TierInbox:
         if isinstance(verdict, Incoming) and verdict.job.batch in self.cancelled:
             verdict = cancelled_job(verdict)
         stored, cached, unknown = None, False, False
-        if redelivered and isinstance(verdict, Incoming):
+        if isinstance(verdict, Incoming) and (redelivered or verdict.repeat):
             try:  # no answer is not "no Result": the leader hands the job back instead of calling it
                 with anyio.fail_after(STORED_LOOKUP_S):
                     stored = await self.bus.stored_result(verdict.job_id, verdict.job.batch)

@@ -120,7 +120,8 @@ class RpcResponder:
                 return
         try:
             fresh = await publish_job(self.js, self.subjects, tier, job_id, payload, reply_to=msg.reply or None,
-                                      trace=trace_headers(msg.headers))  # the request's traceparent, if valid
+                                      trace=trace_headers(msg.headers),  # the request's traceparent, if valid
+                                      repeat=payload is msg.data)  # an own id may be resent past the dedup window
         except Exception as exc:  # noqa: BLE001 - any refusal is answered: the caller must not wait in vain
             code = ErrorCode.QUEUE_FULL if isinstance(exc, QueueFull) else ErrorCode.SUBMIT_FAILED
             reason = str(exc) if isinstance(exc, SubmitError) else f"job {job_id} was not stored ({type(exc).__name__})"
@@ -131,6 +132,11 @@ class RpcResponder:
             return
         if not fresh and msg.reply:
             await self._answer_duplicate(job_id, msg.reply)
+
+    async def follow(self, job_id: str, reply: str) -> None:
+        """Answer `reply` with the job's Result: at once when it is stored, else once it is
+        (followed in the background for at most DUPLICATE_FOLLOW_S seconds)."""
+        await self._answer_duplicate(job_id, reply)
 
     async def _answer_duplicate(self, job_id: str, reply: str) -> None:
         """A job id seen before: answer with its stored result when there already is one, else

@@ -133,6 +133,7 @@ class Dispatcher:
         bus = NatsLeaderBus(self.config, self.nc, self.cache)
         bus.finisher.on_stored = self._count
         bus.finisher.gone = lambda: self._rebuild("the Results stream")
+        bus.follow = self.rpc.follow  # a second message's requester gets the job's Result once stored
         self.session = LeaderSession(self.config, bus, self.id,
                                      conservative=conservative, epoch=self.lease.epoch,
                                      lease_until=self.lease.held_until, renew=self._renew_for_session,

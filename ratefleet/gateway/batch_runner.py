@@ -207,7 +207,8 @@ class BatchRunner:
                 if isinstance(job, Job) and job.id in found.ids and (done is None or job.id not in done))
         saved_at = 0.0
         try:
-            stream = self.client.submit_stream(jobs, caller.tier)
+            # resumed (done is not None): lines sent before may still be queued past the dedup window
+            stream = self.client.submit_stream(jobs, caller.tier, repeat=done is not None)
             async with contextlib.aclosing(stream):
                 async for stored in stream:
                     progress.first_seq = min(progress.first_seq or stored.seq, stored.seq)

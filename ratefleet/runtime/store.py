@@ -25,6 +25,9 @@ from ratefleet.schemas.job import FORBIDDEN_HEADERS, normalised_header_name
 from ratefleet.schemas.wire import dumps_safe
 
 REPLY_HEADER = "Ratefleet-Reply-To"
+# "1" on a JOBS message that may repeat a job id stored earlier past the dedup window (a job with the
+# caller's own id, a resumed batch): the leader looks up its Result and its other copies before a call
+REPEAT_HEADER = "Ratefleet-Repeat"
 MSG_ID = "Nats-Msg-Id"
 # JSStreamStoreFailedErrF, the server's generic "message could not be stored": "maximum messages
 # per subject exceeded" (the job has its Result) but also "maximum messages/bytes exceeded",
@@ -131,26 +134,30 @@ def _is_full(error: APIError) -> bool:
 
 async def publish_job(js: JetStreamContext, subjects: Subjects, tier: str, job_id: str, payload: bytes,
                       *, reply_to: str | None = None, timeout: float = 5.0, retry_for: float = 30.0,
-                      trace: Mapping[str, str] | None = None) -> bool:
+                      trace: Mapping[str, str] | None = None, repeat: bool = False) -> bool:
     """Store one job durably. Returns False when it was a duplicate inside the dedup window.
 
     Rides out a NATS restart or reconnect for `retry_for` seconds (same id, so no duplicate).
     `trace`: the job's `traceparent`/`tracestate` headers; None: the current context's
-    (runtime/tracing.py).
+    (runtime/tracing.py). `repeat`: the id may have been stored before, longer ago than the
+    dedup window (REPEAT_HEADER: the leader then calls it only if it has no Result and no
+    other message of the same id is held or being called).
     """
     ack = await publish_job_ack(js, subjects, tier, job_id, payload, reply_to=reply_to, timeout=timeout,
-                                retry_for=retry_for, trace=trace)
+                                retry_for=retry_for, trace=trace, repeat=repeat)
     return not ack.duplicate
 
 
 async def publish_job_ack(js: JetStreamContext, subjects: Subjects, tier: str, job_id: str, payload: bytes,
                           *, reply_to: str | None = None, timeout: float = 5.0, retry_for: float = 30.0,
-                          trace: Mapping[str, str] | None = None) -> PubAck:
+                          trace: Mapping[str, str] | None = None, repeat: bool = False) -> PubAck:
     """`publish_job`, returning JetStream's acknowledgement (`duplicate`, and `seq`: for a
     duplicate, the sequence of the message stored first)."""
     headers = {**(current_headers() if trace is None else trace), MSG_ID: job_id}
     if reply_to:
         headers[REPLY_HEADER] = reply_to
+    if repeat:
+        headers[REPEAT_HEADER] = "1"
 
     missing_stream = unknown = False
 

@@ -19,8 +19,10 @@ from leader_helpers import (
     beat,
     delivery,
     incoming,
+    kinds,
     machine,
     only_vip,
+    outcome,
     poison,
     pulls,
     settings,
@@ -162,6 +164,47 @@ def test_a_redelivery_whose_result_lookup_got_no_answer_is_handed_back_not_calle
     assert all(not isinstance(c, cmd.Assign) for c in out) and not run.m.held and not run.m.scheduler.pending("normal")
     assert run.at(T0 + 0.2, replace(unknown, unknown=False, delivered=4)) == []  # looked up again: held, called
     assert 1 in run.m.held
+
+
+def copy_of(seq: int, job_seq: int, delivered: int = 1) -> ev.JobDelivered:
+    """A message at `seq` carrying the job of `incoming(job_seq)` (its id sent again)."""
+    verdict = replace(incoming(seq, delivered), job_id=f"j{job_seq}", job=incoming(job_seq).job)
+    return ev.JobDelivered("normal", seq, delivered, verdict.ack, verdict)
+
+
+def test_a_second_message_of_a_held_job_is_ended_without_a_call():
+    """Its id was sent again past the dedup window (a batch run again): one call, one Result."""
+    run = Run(machine())  # no worker: j1 stays held
+    run.at(T0 + 0.1, delivery(1))
+    copy = copy_of(9, 1)
+    assert kinds(run.at(T0 + 0.2, copy)) == ["EndCopy"] and cmd.EndCopy(copy.verdict) in run.log  # type: ignore[arg-type]
+    assert list(run.m.held) == [1] and run.m.held.seq_of("j1") == 1
+    assert run.log[-2] == cmd.Log("info", "a second message of a job held or being called; ended without a call",
+                                  {"job_id": "j1", "tier": "normal", "first_seq": 1, "seq": 9})
+
+
+def test_a_second_message_of_a_job_being_called_is_ended_and_one_after_the_call_is_taken():
+    run = Run(machine())
+    run.at(T0, beat("w1", 1))
+    [first] = assigned(run.at(T0 + 0.1, delivery(1)))
+    copy = copy_of(9, 1)
+    assert kinds(run.at(T0 + 0.2, copy)) == ["EndCopy"]
+    run.at(T0 + 0.3, outcome(first.assignment))  # the call ended (its Result stored)
+    late = copy_of(10, 1)
+    assert not any(isinstance(c, cmd.EndCopy) for c in run.at(T0 + 0.4, late))  # taken: its Result is looked up
+    assert run.m.fleet.calling_seq("j1") == 10 or run.m.held.seq_of("j1") == 10
+
+
+def test_the_held_jobs_index_follows_every_change():
+    run = Run(machine())
+    for seq in (1, 2, 3):
+        run.at(T0 + 0.1, delivery(seq))
+    held = run.m.held
+    assert [held.seq_of(f"j{s}") for s in (1, 2, 3)] == [1, 2, 3]
+    assert held.pop(2).incoming.job_id == "j2" and held.seq_of("j2") is None
+    assert held.pop(7, None) is None and held.seq_of("j1") == 1
+    held.clear()
+    assert held.seq_of("j1") is None and held.seq_of("j3") is None
 
 
 def test_the_last_delivery_is_called_even_when_its_result_lookup_got_no_answer():

@@ -150,7 +150,8 @@ async def test_an_id_reused_by_another_batch_inside_the_dedup_window_gets_its_re
 
 
 async def test_job_resubmitted_after_the_dedup_window_keeps_its_first_result(tmp_path, nats_server):
-    """Past the JOBS dedup window the same id runs again; its second Result is refused
+    """Past the JOBS dedup window the same id, sent by a producer that does not mark repeats
+    (a raw JetStream publish: `Nats-Msg-Id` only), runs again; its second Result is refused
     (max_msgs_per_subject=1), the first one stays, and the job is still acked promptly."""
     window = 1.0
     with upstream() as mock:
@@ -165,7 +166,8 @@ async def test_job_resubmitted_after_the_dedup_window_keeps_its_first_result(tmp
                 await tracker.wait_stored("once", ["again-1"], timeout=15)
                 first = await tracker.result("again-1", "once")
                 await asyncio.sleep(window + 1.0)
-                await client.submit(chat(1, id="again-1"), "normal", batch="once")
+                await client.js.publish(SUBJECTS.jobs("normal"), json.dumps({**chat(1, id="again-1"), "batch": "once"})
+                                        .encode(), headers={"Nats-Msg-Id": "again-1"})
                 # the second run's result publish shows up on the wire; then the job must be acked
                 await until(lambda: tracker.publishes["again-1"] >= 2, 15, 0.1, "the second run's result publish")
                 drained = await _until_or_none(lambda: _queue_empty(tracker), 8)
@@ -178,6 +180,29 @@ async def test_job_resubmitted_after_the_dedup_window_keeps_its_first_result(tmp
                 assert counts == {"again-1": 1}
                 assert again.timings.total_ms == first.timings.total_ms, "the first result was replaced"
                 assert info.state.messages == 0, "the resubmitted job was not acked (its finisher is stuck)"
+        finally:
+            kit.stop()
+
+
+async def test_job_resubmitted_with_the_client_after_the_dedup_window_is_answered_from_its_result(
+        tmp_path, nats_server):
+    """`Client.submit` of an own id marks the message `Ratefleet-Repeat`: past the dedup window
+    the leader finds the job's Result and acks the message without a second call."""
+    with upstream() as mock:
+        kit = FleetKit(tmp_path, nats_server.url, mock.url, keys=fast_keys(),
+                       overrides={"streams": {"duplicate_window_s": 1.0}})
+        try:
+            kit.dispatcher("d1")
+            kit.worker("w1")
+            async with await Client.connect(nats_server.url) as client, Tracker(nats_server.url) as tracker:
+                await wait_workers(client, {"w1"})
+                await client.submit(chat(1, id="again-2"), "normal", batch="once")
+                await tracker.wait_stored("once", ["again-2"], timeout=15)
+                await asyncio.sleep(2.0)  # past the dedup window
+                await client.submit(chat(1, id="again-2"), "normal", batch="once")
+                await until(lambda: _queue_empty(tracker), 15, 0.1, "the resubmitted message acked")
+                assert mock.stats()["requests"] == 1, "the resubmitted job was called (paid) again"
+                assert tracker.publishes["again-2"] == 1 and await tracker.stored("once") == {"again-2": 1}
         finally:
             kit.stop()
 

@@ -40,3 +40,19 @@ async def test_an_id_refused_over_rpc_then_requested_with_the_client_is_not_call
         assert again.job_id == "refused-py-1" and again.status == "invalid"
         assert (await client.request(chat(2, id="other-py-1"), "vip", timeout=10)).status == "succeeded"
         assert calls(mock, path="/v1/chat/completions") == 1, "the re-sent job was called although its id had a Result"
+
+
+async def test_a_request_retried_past_the_dedup_window_while_its_call_runs_is_answered_by_that_call(
+        tmp_path, nats_server):
+    """The caller's first request timed out while its 3 s call ran; its retry with the same id
+    came after `duplicate_window_s`, so JetStream stored the job again. Before, that second
+    message was called too (paid twice). Now the leader ends it (the first is being called) and
+    the retry gets the first call's Result when it is stored."""
+    async with one_worker_fleet(tmp_path, nats_server.url, {"streams": {"duplicate_window_s": 1}}) as (mock, _, client):
+        slow = chat(2, id="svc-slow-1", mock={"sleep_ms": 3000})
+        with pytest.raises(Exception, match="no result for job svc-slow-1 within 1.5s"):
+            await client.request(slow, "vip", timeout=1.5)
+        again = await client.request(slow, "vip", timeout=15)
+        assert again.job_id == "svc-slow-1" and again.status == "succeeded"
+        await anyio.sleep(0.5)  # a second call would be under way by now
+        assert calls(mock, path="/v1/chat/completions") == 1, "the retry was called (paid) again"

@@ -85,6 +85,19 @@ async def test_a_first_delivery_is_read_without_lookups():
     assert event.stored is None and not event.cached and before <= event.wall <= time.time()
 
 
+async def test_a_first_delivery_marked_as_a_repeat_finds_its_stored_result():
+    """`Ratefleet-Repeat: 1` (a batch run again, an own id retried past the dedup window): the
+    job may have its Result from the first message, so it is looked up like a redelivery."""
+    bus = MemoryBus(results={"j3": b'{"job_id":"j3"}'})
+    tier, _ = inbox(bus)
+    marked = delivery()
+    marked.headers = {**(marked.headers or {}), "Ratefleet-Repeat": "1"}
+    event = await tier.delivery(marked)
+    assert event.verdict.repeat and event.stored == b'{"job_id":"j3"}' and not event.cached
+    plain = await tier.delivery(delivery())
+    assert not plain.verdict.repeat and plain.stored is None  # unmarked first deliveries cost no lookup
+
+
 async def test_a_redelivery_counts_earlier_hand_backs_and_429s_and_finds_its_stored_result():
     bus = MemoryBus(counts={3: DeliveryCounts(handbacks=1, rate_limited=2)}, results={"j3": b'{"job_id":"j3"}'})
     tier, _ = inbox(bus)
