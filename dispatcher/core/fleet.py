@@ -31,6 +31,7 @@ class AssignmentRecord:
     at: float
     missed: int = 0  # heartbeats in a row that did not list it
     seq: int | None = None  # the JOBS message's stream sequence (None: a call adopted from a heartbeat)
+    batch: str | None = None  # the job's batch (known for the calls this leader handed out)
 
 
 @dataclass
@@ -55,17 +56,17 @@ class Fleet:
         self.by_assignment: dict[str, AssignmentRecord] = {}
         self.by_seq: dict[int, str] = {}  # stream sequence -> the assignment calling it
         self.adopted: dict[str, str] = {}  # job id -> a call adopted from a heartbeat (its sequence unknown)
-        self.by_job: dict[str, int] = {}  # job id -> the stream sequence of the message being called for it
+        self.by_job: dict[tuple[str, str | None], int] = {}  # (job id, batch) -> the sequence being called
 
     def calling(self, seq: int, job_id: str | None = None) -> bool:
         """Whether a worker has the JOBS message `seq` in hand (handed out, not finished): one
         this leader handed out, or a call of an earlier leadership (known by its job id only)."""
         return seq in self.by_seq or (job_id is not None and job_id in self.adopted)
 
-    def calling_seq(self, job_id: str) -> int | None:
-        """The stream sequence of the message of `job_id` a worker is calling (handed out by
-        this leader), or None."""
-        return self.by_job.get(job_id)
+    def calling_seq(self, job_id: str, batch: str | None = None) -> int | None:
+        """The stream sequence of the message of job `job_id` in `batch` a worker is calling
+        (handed out by this leader), or None."""
+        return self.by_job.get((job_id, batch))
 
     def beat(self, hb: Heartbeat, now: float) -> tuple[bool, list[AssignmentRecord]]:
         """Record a heartbeat. Returns (is_new_worker, assignments the worker no longer has).
@@ -133,7 +134,7 @@ class Fleet:
         self.by_assignment[record.id] = record
         if record.seq is not None:
             self.by_seq[record.seq] = record.id
-            self.by_job[record.job_id] = record.seq
+            self.by_job[(record.job_id, record.batch)] = record.seq
         else:
             self.adopted[record.job_id] = record.id
 
@@ -148,8 +149,8 @@ class Fleet:
     def _forget_seq(self, record: AssignmentRecord) -> None:
         if record.seq is not None and self.by_seq.get(record.seq) == record.id:
             del self.by_seq[record.seq]
-            if self.by_job.get(record.job_id) == record.seq:
-                del self.by_job[record.job_id]
+            if self.by_job.get((record.job_id, record.batch)) == record.seq:
+                del self.by_job[(record.job_id, record.batch)]
         elif record.seq is None and self.adopted.get(record.job_id) == record.id:
             del self.adopted[record.job_id]
 

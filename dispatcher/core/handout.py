@@ -41,31 +41,35 @@ class Held:
 
 
 class HeldJobs(dict[int, "Held"]):
-    """The held jobs by stream sequence, with the sequence of each job id (`seq_of`): a
-    second JOBS message of a job (its id sent again past the dedup window) is known at
-    intake while the first is held. Only item assignment, `pop` and `clear` change it."""
+    """The held jobs by stream sequence, with the sequence of each job (id and batch,
+    `seq_of`): a second JOBS message of a job (its id sent again past the dedup window) is
+    known at intake while the first is held. Only item assignment, `pop` and `clear` change it."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._seqs: dict[str, int] = {}  # job id -> the sequence of its held message
+        self._seqs: dict[tuple[str, str | None], int] = {}  # (job id, batch) -> the sequence of its held message
 
     def __setitem__(self, seq: int, held: Held) -> None:
         super().__setitem__(seq, held)
-        self._seqs[held.incoming.job_id] = seq
+        self._seqs[_job_key(held.incoming)] = seq
 
     def pop(self, seq: int, *default: Any) -> Any:
         held = super().pop(seq, *default)
-        if isinstance(held, Held) and self._seqs.get(held.incoming.job_id) == seq:
-            del self._seqs[held.incoming.job_id]
+        if isinstance(held, Held) and self._seqs.get(_job_key(held.incoming)) == seq:
+            del self._seqs[_job_key(held.incoming)]
         return held
 
     def clear(self) -> None:
         super().clear()
         self._seqs.clear()
 
-    def seq_of(self, job_id: str) -> int | None:
-        """The stream sequence of the held message of `job_id`, or None."""
-        return self._seqs.get(job_id)
+    def seq_of(self, job_id: str, batch: str | None = None) -> int | None:
+        """The stream sequence of the held message of job `job_id` in `batch`, or None."""
+        return self._seqs.get((job_id, batch))
+
+
+def _job_key(incoming: Incoming) -> tuple[str, str | None]:
+    return incoming.job_id, incoming.job.batch
 
 
 def assignment_id(leader_id: str, number: int) -> str:

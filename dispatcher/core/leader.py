@@ -179,12 +179,13 @@ class LeaderMachine:
                     else "redelivered job already has its result; acked without a second call")
             return [Log("info", said, {"job_id": verdict.job_id, "tier": verdict.tier, "attempt": verdict.attempt}),
                     AnswerStored(event.stored, verdict.ack, verdict.reply_to), *self._top_up(event.tier, now)]
-        copy_of = self.held.seq_of(verdict.job_id)
+        copy_of = self.held.seq_of(verdict.job_id, verdict.job.batch)
         if copy_of is None:
-            copy_of = self.fleet.calling_seq(verdict.job_id)
+            copy_of = self.fleet.calling_seq(verdict.job_id, verdict.job.batch)
         if copy_of is not None and copy_of != event.seq:
-            # the same job id in a second message (sent again past the dedup window, or a copy whose
-            # first was handed back): one call, one Result; the first message's
+            # the same job (id and batch) in a second message (sent again past the dedup window, or a
+            # copy whose first was handed back): one call, one Result; the first message's. (An id
+            # reused by another batch is that batch's own job: it gets its own Result there.)
             if not owned:
                 return []
             return [Log("info", "a second message of a job held or being called; ended without a call",
@@ -297,7 +298,7 @@ class LeaderMachine:
             return [*self._unsendable(incoming, decision, now, why), *self._top_up(incoming.tier, now)]
         self.fleet.assign(AssignmentRecord(assignment_id, worker.id, incoming.job_id, incoming.tier,
                                            decision.key_id, incoming.ack, decision.reservation, now,
-                                           seq=incoming.stream_seq))
+                                           seq=incoming.stream_seq, batch=incoming.job.batch))
         return [Assign(worker.id, assignment_id, payload, incoming, decision.key_id, decision.pool),
                 *self._top_up(incoming.tier, now)]
 

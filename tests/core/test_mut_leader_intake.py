@@ -195,6 +195,16 @@ def test_a_second_message_of_a_job_being_called_is_ended_and_one_after_the_call_
     assert run.m.fleet.calling_seq("j1") == 10 or run.m.held.seq_of("j1") == 10
 
 
+def test_an_id_reused_by_another_batch_is_that_batchs_own_job():
+    """Ended as a copy, the other batch would never get a Result under its name (its
+    `submit --wait` waits for ever): it is taken and called."""
+    run = Run(machine())
+    run.at(T0 + 0.1, delivery(1))  # j1, no batch, held
+    other = copy_of(9, 1)
+    other = replace(other, verdict=replace(other.verdict, job=other.verdict.job.model_copy(update={"batch": "b2"})))
+    assert kinds(run.at(T0 + 0.2, other)) == [] and run.m.held.seq_of("j1", "b2") == 9 and run.m.held.seq_of("j1") == 1
+
+
 def test_the_held_jobs_index_follows_every_change():
     run = Run(machine())
     for seq in (1, 2, 3):
