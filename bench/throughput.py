@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-overhead", action="store_true", help="skip the Client.request overhead")
     parser.add_argument("--rates", type=float, nargs="*", default=[250.0, 500.0], help="arrivals/s for the overhead")
     parser.add_argument("--overhead-s", type=float, default=5.0, help="seconds per overhead rate")
+    parser.add_argument("--repeat", action="store_true",
+                        help="mark the fleet's jobs Ratefleet-Repeat (as a batch run again): each is looked up at intake")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "throughput.json")
     return parser.parse_args(argv)
 
@@ -109,7 +111,7 @@ async def drive(args: argparse.Namespace, fleet: LocalFleet) -> dict:
         await fleet.wait_ready(client)
         cpu_before = {name: cpu_s(pid) for name, pid in procs.items()}
         started = time.monotonic()
-        await client.submit_many(jobs, "normal", batch="tp")
+        await client.submit_many(jobs, "normal", batch="tp", repeat=args.repeat)
         submitted_s = time.monotonic() - started
         statuses: dict[str, int] = {}
         async for result in client.results("tp", follow=True):
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs_per_s = round(args.jobs / run["elapsed_s"], 1)
     leader_us = run["cpu_us_per_job"].get("dispatcher")
     out = {"benchmark": "throughput", "command": " ".join(sys.argv), "jobs": args.jobs, "workers": args.workers,
-           "slots": args.slots, "keys": args.keys, "configured_rps": args.keys * args.rps, **run,
+           "slots": args.slots, "keys": args.keys, "configured_rps": args.keys * args.rps, "repeat": args.repeat, **run,
            "jobs_per_s": jobs_per_s, "submit_per_s": round(args.jobs / run["submitted_s"], 1),
            "ratio": round(jobs_per_s / run["bare"]["jobs_per_s"], 3) if run["bare"] else None,
            "dispatcher_ceiling_jobs_per_s": round(1e6 / leader_us) if leader_us else None,

@@ -263,3 +263,29 @@ async def test_a_redelivered_batch_job_finds_its_result_in_its_batch():
     tier, _ = inbox(Bus())
     event = await tier.delivery(delivery(delivered=2, body={"id": "j3", "batch": "b1", "request": {"path": "/x"}}))
     assert event.stored == b"stored"
+
+
+async def test_result_lookups_run_beside_intake_and_stop_waits_for_them():
+    """A batch run again makes every message a repeat: one 0.3 s lookup after the other, 20 of
+    them took 6 s (a tier read at one round trip per job). Now they overlap, bounded by
+    LOOKUPS_IN_FLIGHT, and a first delivery without a lookup is not held up behind them."""
+    class Slow(MemoryBus):
+        async def stored_result(self, job_id, batch):
+            await anyio.sleep(0.3)
+            return None
+
+    bus = Slow()
+    tier, events = inbox(bus)
+    await tier.start()
+    started = time.monotonic()
+    for seq in range(1, 21):
+        msg = delivery(seq, delivered=2)
+        msg.subject = tier.inbox
+        await bus.deliver(msg)
+    plain = delivery(99)
+    plain.subject = tier.inbox
+    await bus.deliver(plain)
+    assert [e.seq for e in events] == [99]  # read at once, ahead of the 20 lookups
+    await tier.stop()  # waits for the lookups under way
+    assert sorted(e.seq for e in events) == [*range(1, 21), 99]
+    assert time.monotonic() - started < 3.0
