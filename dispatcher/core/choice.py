@@ -103,3 +103,18 @@ def pick_key(chain: Chain, cost: float, now: float, waits: list[float],
         if best is not None:
             return pool, best
     return None
+
+
+def soonest_key(chain: Chain, cost: float, now: float, reserve: float = 0.0,
+                skip: frozenset[str] = frozenset()) -> str | None:
+    """The id of the key outside `skip` that can take a job of `cost` soonest after `now`
+    (seconds), or None when none can without a completion first (all at their concurrency
+    cap, disabled, in a probe). The key a job that cannot run now waits for (scheduler.py)."""
+    soonest: tuple[float, str] | None = None
+    for key in chain.keys():
+        if key.spec.id in skip:
+            continue
+        at = key.ready_at(now, cost, reserve)
+        if at is not None and (soonest is None or at < soonest[0]):
+            soonest = (at, key.spec.id)
+    return None if soonest is None else soonest[1]
