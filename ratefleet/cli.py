@@ -312,7 +312,11 @@ def mock_upstream(port: int = typer.Option(8900, "--port"), host: str = typer.Op
                   latency_ms: float = typer.Option(0.0, "--latency-ms"),
                   latency_jitter_ms: float = typer.Option(0.0, "--latency-jitter-ms"),
                   fail_rate: float = typer.Option(0.0, "--fail-rate", min=0.0, max=1.0),
-                  fail_status: int = typer.Option(500, "--fail-status")):
+                  fail_status: int = typer.Option(500, "--fail-status"),
+                  tokens_per_call: int | None = typer.Option(
+                      None, "--tokens-per-call", min=0,
+                      help="charge and report every call this many tokens (default: by its size, the "
+                           "prompt's characters / 4 plus max_tokens per choice, corrected to the answer's usage)")):
     """A local OpenAI-style upstream enforcing per-key limits (429 + Retry-After, x-ratelimit headers)."""
     from ratefleet.mock import MockSettings, parse_key_spec, serve_forever
     from ratefleet.mock.server import bind_socket
@@ -323,7 +327,7 @@ def mock_upstream(port: int = typer.Option(8900, "--port"), host: str = typer.Op
         fail(f"{exc}; the form is --key id=SECRET:rps=20:burst=5")
     settings = MockSettings(host=host, port=port, keys=keys, default_rps=rps, default_burst=burst,
                             latency_ms=latency_ms, latency_jitter_ms=latency_jitter_ms, fail_rate=fail_rate,
-                            fail_status=fail_status)
+                            fail_status=fail_status, tokens_per_call=tokens_per_call)
     try:
         sock = bind_socket(host, port)
     except OSError as exc:  # a port in use, an address not on this machine: one line, not "unexpected OSError"

@@ -311,3 +311,42 @@ def test_serve_runs_on_the_callers_loop_until_cancelled() -> None:
             await asyncio.open_connection("127.0.0.1", port)
 
     asyncio.run(scenario())
+
+
+def test_without_tokens_per_call_a_call_is_charged_its_size_and_corrected_to_its_usage() -> None:
+    """A sized mock (the CLI's default) charges what a provider's tokens/min limit charges on
+    entry, the prompt's tokens plus max_tokens, and keeps what the answer used; before, every
+    call cost 10 tokens whatever its prompt, so uneven jobs could not be tried against it."""
+    key = MockKey(id="k1", secret="sk-one", rps=100, burst=100, cost_per_minute=1000)
+    prompt = {"model": "m", "max_tokens": 300, "messages": [{"role": "user", "content": "x" * 400}]}  # 100 tokens
+    with mock_and_client(key, tokens_per_call=None) as (mock, client):
+        first = client.post(CHAT, headers=bearer("sk-one"), json=prompt)
+        assert first.status_code == 200
+        assert first.headers["x-ratelimit-remaining-tokens"] == "600"  # 100 + 300 charged on entry
+        usage = first.json()["usage"]
+        assert usage == {"prompt_tokens": 100, "completion_tokens": 102, "total_tokens": 202}  # "echo: " + 400
+        second = client.post(CHAT, headers=bearer("sk-one"), json={**prompt, "mock": {"completion_tokens": 5}})
+        assert second.json()["usage"]["completion_tokens"] == 5
+        assert 390 <= int(second.headers["x-ratelimit-remaining-tokens"]) <= 400  # 1000 - 202 - 400 (+ refill)
+        stats = mock.stats()["keys"]["k1"]
+        assert (stats["tokens"], stats["max_tokens_per_minute"]) == (307, 307)
+
+
+def test_a_request_larger_than_the_whole_budget_gets_request_too_large() -> None:
+    key = MockKey(id="k1", secret="sk-one", rps=100, burst=100, cost_per_minute=1000)
+    huge = {"model": "gpt-x", "max_tokens": 900, "messages": [{"role": "user", "content": "x" * 800}]}
+    with mock_and_client(key, tokens_per_call=None) as (mock, client):
+        refused = client.post(CHAT, headers=bearer("sk-one"), json=huge)
+        assert refused.status_code == 429 and "retry-after" not in refused.headers
+        error = refused.json()["error"]
+        assert error["type"] == "tokens" and error["code"] == "rate_limit_exceeded"
+        assert error["message"].startswith("Request too large for gpt-x on tokens per min (TPM): Limit 1000, "
+                                           "Requested 1100.")
+        assert refused.headers["x-ratelimit-remaining-tokens"] == "1000"  # nothing spent
+        assert mock.stats()["keys"]["k1"]["tokens"] == 0
+
+
+def test_completion_tokens_directive_is_checked() -> None:
+    with mock_and_client(MockKey(id="k1", secret="sk-one", rps=100, burst=100)) as (_, client):
+        bad = client.post(CHAT, headers=bearer("sk-one"), json={**HELLO, "mock": {"completion_tokens": -1}})
+        assert bad.status_code == 400 and "completion_tokens" in bad.json()["error"]["message"]

@@ -5,7 +5,11 @@ Order matters and is part of the mock's behaviour:
 forced status -> 429 (concurrency, requests, tokens; nothing spent) -> the call runs
 (latency, ``"mock"`` directive, ``fail_rate``) and holds a concurrency slot until answered
 (a streamed answer, ``"stream": true`` on chat completions: until its events start).
-Only calls that got past the limits spend tokens. The secret never leaves `read_secret`.
+Only calls that got past the limits spend tokens: `tokens_per_call` each, or with it None what
+a provider charges on entry (the prompt's tokens plus max_tokens per choice, `request_charge`),
+corrected to the answer's usage when the call ends. A request charged more than the key's whole
+`cost_per_minute` gets OpenAI's 429 "Request too large" (no Retry-After: no wait makes it fit).
+The secret never leaves `read_secret`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ratefleet.mock import openai
-from ratefleet.mock.limits import format_duration, ratelimit_headers
+from ratefleet.mock.limits import Admission, format_duration, ratelimit_headers
 from ratefleet.mock.settings import MockSettings, check_status
 from ratefleet.mock.state import KeyEntry, MockState
 
@@ -32,7 +36,7 @@ Builder = Callable[[dict[str, Any], int], dict[str, Any]]
 class Endpoint:
     method: str
     build: Builder
-    charged: bool  # whether the call spends tokens_per_call from the cost bucket
+    charged: bool  # whether the call spends tokens from the cost bucket (tokens_per_call, or sized)
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,26 @@ class Directive:
 
 def error(status: int, message: str, headers: Mapping[str, str] | None = None, **kw: Any) -> Response:
     return JSONResponse(openai.error_body(status, message, **kw), status_code=status, headers=headers)
+
+
+def refusal(entry: KeyEntry, admission: Admission, headers: dict[str, str], payload: dict[str, Any],
+            cost: int) -> Response:
+    """The 429 for a call the key's limits refused, worded as OpenAI words it."""
+    if admission.reason == "too_large":
+        limit = admission.tokens.limit if admission.tokens is not None else 0
+        message = (f"Request too large for {payload.get('model', 'mock')} on tokens per min (TPM): Limit {limit}, "
+                   f"Requested {cost}. The input or output tokens must be reduced in order to run successfully.")
+        return error(429, message, headers, error_type="tokens")
+    wait = "a moment" if math.isinf(admission.retry_after_s) else format_duration(admission.retry_after_s)
+    message = f"Rate limit reached for key {entry.key.id} on {admission.reason}. Please try again in {wait}."
+    return error(429, message, headers, error_type=admission.reason)
+
+
+def _used_tokens(payload: dict[str, Any], charged: int) -> int:
+    """The tokens the answer reports using (its `usage.total_tokens`), else what was charged."""
+    usage = payload.get("usage")
+    total = usage.get("total_tokens") if isinstance(usage, dict) else None
+    return total if isinstance(total, int) and charged else charged
 
 
 def read_secret(headers: Mapping[str, str], settings: MockSettings) -> str | None:
@@ -78,6 +102,9 @@ def parse_directive(body: dict[str, Any]) -> Directive:
         raise ValueError("mock.sleep_ms must be a number of milliseconds within 0..600000")
     if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
         raise ValueError("mock.retry_after must be a whole number of seconds >= 0")
+    completion_tokens = raw.get("completion_tokens", 0)
+    if isinstance(completion_tokens, bool) or not isinstance(completion_tokens, int) or completion_tokens < 0:
+        raise ValueError("mock.completion_tokens must be a whole number of tokens >= 0")
     chunk_ms = raw.get("chunk_ms", 0)
     if isinstance(chunk_ms, bool) or not isinstance(chunk_ms, (int, float)) or not 0 <= chunk_ms <= 60_000:
         raise ValueError("mock.chunk_ms must be a number of milliseconds within 0..60000")
@@ -149,23 +176,24 @@ class MockApi:
             options = body.get("stream_options")
             directive = replace(parse_directive(body), stream=body.get("stream") is True,
                                 stream_usage=isinstance(options, dict) and options.get("include_usage") is True)
-            payload = endpoint.build(body, self.state.settings.tokens_per_call)
+            fixed = self.state.settings.tokens_per_call
+            payload = endpoint.build(body, fixed)
+            cost = 0 if not endpoint.charged else fixed if fixed is not None else openai.request_charge(body)
         except ValueError as exc:
             return error(400, str(exc))
         if entry.forced_status is not None:
             return self._forced(entry.forced_status, {}, payload, retry_after=1)
-        return await self._limited_call(entry, endpoint, directive, payload, now)
+        return await self._limited_call(entry, directive, payload, cost, now)
 
     async def _limited_call(
-        self, entry: KeyEntry, endpoint: Endpoint, directive: Directive, payload: dict[str, Any], now: float
+        self, entry: KeyEntry, directive: Directive, payload: dict[str, Any], cost: int, now: float
     ) -> Response:
-        cost = self.state.settings.tokens_per_call if endpoint.charged else 0
         admission = entry.limiter.admit(now, cost)
         headers = ratelimit_headers(admission)
         if not admission.allowed:
-            wait = "a moment" if math.isinf(admission.retry_after_s) else format_duration(admission.retry_after_s)
-            message = f"Rate limit reached for key {entry.key.id} on {admission.reason}. Please try again in {wait}."
-            return error(429, message, headers, error_type=admission.reason)
+            return refusal(entry, admission, headers, payload, cost)
+        used = _used_tokens(payload, cost)
+        entry.count_tokens(used, now)
         entry.note_in_flight()
         try:
             delay = self.state.latency_s() + directive.sleep_s
@@ -180,6 +208,7 @@ class MockApi:
                                          media_type="text/event-stream")
             return self._forced(status, headers, payload, retry_after=directive.retry_after)
         finally:
+            entry.limiter.settle(cost, used, self.clock())
             entry.limiter.release()
 
     @staticmethod

@@ -119,10 +119,20 @@ class KeyLimiter:
         if wait > 0:
             return "requests", wait
         if self.tokens is not None:
+            if cost > self.tokens.capacity:
+                return "too_large", math.inf  # larger than the whole budget: no wait makes it fit
             wait = self.tokens.wait_for(cost, now)
             if wait > 0:
                 return "tokens", wait
         return None, 0.0
+
+    def settle(self, charged: float, used: float, now: float) -> None:
+        """Correct a call's charge of `charged` tokens to the `used` its answer reports
+        (Anthropic's output tokens: reserved from max_tokens on entry, adjusted at the end);
+        the bucket never goes above its capacity."""
+        if self.tokens is not None and used != charged:
+            self.tokens.level = min(self.tokens.capacity, self.tokens.level_at(now) + charged - used)
+            self.tokens.stamp = max(self.tokens.stamp, now)
 
     def release(self) -> None:
         """A call admitted earlier has finished."""
@@ -171,6 +181,6 @@ def ratelimit_headers(admission: Admission) -> dict[str, str]:
         headers["x-ratelimit-limit-tokens"] = str(admission.tokens.limit)
         headers["x-ratelimit-remaining-tokens"] = str(admission.tokens.remaining)
         headers["x-ratelimit-reset-tokens"] = format_duration(admission.tokens.reset_s)
-    if not admission.allowed:
+    if not admission.allowed and admission.reason != "too_large":
         headers["retry-after"] = str(retry_after_seconds(admission.retry_after_s))
     return headers

@@ -33,7 +33,8 @@ class MockKey:
     """One API key the mock knows, with the limits it enforces for that key.
 
     ``rps``/``burst`` form the request token bucket, ``concurrency`` caps calls in
-    flight, ``cost_per_minute`` is a second bucket charged ``tokens_per_call`` per call,
+    flight, ``cost_per_minute`` is a second bucket charged ``tokens_per_call`` per call (or,
+    without it, each call's size: the prompt's tokens plus max_tokens per choice),
     and ``status`` forces every answer for this key (e.g. 401 for a revoked key).
     """
 
@@ -77,7 +78,7 @@ class MockSettings:
     latency_jitter_ms: float = 0.0
     fail_rate: float = 0.0
     fail_status: int = 500
-    tokens_per_call: int = 10
+    tokens_per_call: int | None = 10  # None: each call charged and answered by its size (api.py)
     auth_header: str = "Authorization"
     auth_scheme: str = "Bearer"
     seed: int = 0
@@ -102,7 +103,7 @@ class MockSettings:
         if not 0 <= self.fail_rate <= 1:
             raise ValueError(f"fail_rate must be within 0..1, got {self.fail_rate!r}")
         check_status("fail_status", self.fail_status)
-        if self.tokens_per_call < 0 or self.log_size < 1:
+        if (self.tokens_per_call is not None and self.tokens_per_call < 0) or self.log_size < 1:
             raise ValueError("tokens_per_call must be >= 0 and log_size >= 1")
 
 

@@ -17,6 +17,7 @@ from ratefleet.mock.settings import MockKey, MockSettings, check_status, unknown
 # Strangers (unknown secrets) remembered at most; beyond this they get 401, so a client
 # inventing secrets cannot grow the mock without bound.
 MAX_UNKNOWN_KEYS = 10_000
+TOKENS_WINDOW_S = 60.0  # the window of a key's max_tokens_per_minute
 
 
 @dataclass
@@ -29,6 +30,8 @@ class KeyStats:
     errors: int = 0
     rejected: int = 0
     max_in_flight: int = 0
+    tokens: int = 0  # tokens the admitted calls used (their usage.total_tokens)
+    max_tokens_per_minute: int = 0  # the most `tokens` of calls admitted within any 60 s
     first_at: float | None = None
     last_at: float | None = None
 
@@ -51,6 +54,17 @@ class KeyEntry:
     limiter: KeyLimiter
     forced_status: int | None
     stats: KeyStats = field(default_factory=KeyStats)
+    _minute: deque[tuple[float, int]] = field(default_factory=deque, repr=False)
+    _minute_sum: int = 0
+
+    def count_tokens(self, tokens: int, now: float) -> None:
+        """Add an admitted call's `tokens` at `now` (s) to the total and the 60 s peak."""
+        self.stats.tokens += tokens
+        self._minute.append((now, tokens))
+        self._minute_sum += tokens
+        while self._minute and self._minute[0][0] <= now - TOKENS_WINDOW_S:
+            self._minute_sum -= self._minute.popleft()[1]
+        self.stats.max_tokens_per_minute = max(self.stats.max_tokens_per_minute, self._minute_sum)
 
     def arrive(self, now: float) -> None:
         self.stats.calls += 1
@@ -209,6 +223,8 @@ class MockState:
                 continue
             entry.limiter.refill(now)
             entry.stats = KeyStats(max_in_flight=entry.limiter.in_flight)
+            entry._minute.clear()
+            entry._minute_sum = 0
         self.requests = 0
         self.hosts.clear()
         self.log.clear()
