@@ -31,6 +31,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError, PydanticSerializationError
 
+from ratefleet.schemas.cost import estimate_tokens
 from ratefleet.schemas.errors import JobRejected
 from ratefleet.schemas.result import ErrorCode
 from ratefleet.schemas.subjects import NO_BATCH, TOKEN_PATTERN
@@ -169,7 +170,7 @@ class Job(BaseModel):
     id: str | None = Field(default=None, pattern=TOKEN_PATTERN)
     upstream: str | None = None
     request: HttpRequest
-    cost: float = Field(default=1.0, ge=0)
+    cost: float | None = Field(default=None, ge=0)  # None: estimated from the request (`charge`)
     deadline: AwareDatetime | None = None
     max_attempts: int | None = Field(default=None, ge=1, le=100)
     batch: str | None = Field(default=None, pattern=TOKEN_PATTERN)
@@ -197,6 +198,13 @@ class Job(BaseModel):
     @classmethod
     def _metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
         return _check_json(value, "metadata")
+
+    def charge(self) -> float:
+        """What a key's cost bucket is charged for this job: its `cost`, else an estimate of
+        its tokens (schemas/cost.py: text characters / 4 plus max_tokens x n)."""
+        if self.cost is not None:
+            return self.cost
+        return float(estimate_tokens(self.request.json_body, self.request.body))
 
     def with_id(self) -> Job:
         """This job with an id (a random one when it had none)."""

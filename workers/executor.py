@@ -303,7 +303,7 @@ def _event_stream(response: httpx.Response, headers: dict[str, str]) -> bool:
             and not still_encoded(headers.get("content-encoding")))
 
 
-def _scoped(result: CallResult, cost: float) -> CallResult:
+def _scoped(result: CallResult, cost: float | None) -> CallResult:
     """A 429 with its scope; one that can never fit ends the job (`request_too_large`) and is
     reported as a bad request (the job's fault, like a 413), so the key is left alone."""
     body = result.response.json_body if result.response is not None else None

@@ -54,7 +54,10 @@ def _unusable(chain: Chain, now: float) -> str:
 
 
 def never_runnable(chain: Chain, reach: Reach, job: PendingJob, now: float) -> str | None:
-    """Why `job` can never run on `chain` (the Reject message), or None if it can."""
+    """Why `job` can never run on `chain` (the Reject message), or None if it can. A cost the
+    fleet estimated (`PendingJob.estimated`) above every key's capacity is no reason: the
+    scheduler charges such a job the largest capacity (`charged_cost`), and the provider says
+    whether it fits."""
     if not chain.pools:
         return (
             f"tier {chain.tier!r} has no pool for upstream {job.upstream!r} "
@@ -69,7 +72,7 @@ def never_runnable(chain: Chain, reach: Reach, job: PendingJob, now: float) -> s
             f"enable an operator-disabled key (`ratefleet keys enable KEY`), set the secrets on "
             f"the workers, replace the keys, or add a pool with working keys to tiers.{chain.tier}.pools"
         )
-    if job.cost > reach.largest_cost:
+    if job.cost > reach.largest_cost and not job.estimated:
         return (
             f"job cost {job.cost:g} exceeds the cost capacity (cost_per_minute) of every "
             f"usable key of pool(s) {names} for tier {chain.tier!r} "
@@ -118,3 +121,9 @@ def soonest_key(chain: Chain, cost: float, now: float, reserve: float = 0.0,
         if at is not None and (soonest is None or at < soonest[0]):
             soonest = (at, key.spec.id)
     return None if soonest is None else soonest[1]
+
+
+def charged_cost(job: PendingJob, reach: Reach) -> float:
+    """What `job` is charged on its route: its cost, but an estimate at most the route's
+    largest cost capacity (an estimate may be far above the real usage: inline data)."""
+    return min(job.cost, reach.largest_cost) if job.estimated else job.cost

@@ -203,7 +203,8 @@ class LeaderMachine:
             return []  # the last delivery of a job intake accepted: cannot happen (intake ends it)
         self.held[event.seq] = Held(verdict, now, now, event.wall)
         self.scheduler.add(PendingJob(job_id=verdict.job_id, tier=event.tier, upstream=verdict.upstream,
-                                      cost=verdict.job.cost, handle=event.seq,
+                                      cost=verdict.job.charge(), estimated=verdict.job.cost is None,
+                                      handle=event.seq,
                                       model=requested_model(verdict.job.request)), now)
         return []
 

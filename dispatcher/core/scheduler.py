@@ -29,7 +29,7 @@ from typing import Any
 from ratefleet.schemas.outcome import OutcomeKind
 from ratefleet.schemas.result import ErrorCode
 
-from .choice import Chain, Reach, never_runnable, pick_key, reach, soonest_key
+from .choice import Chain, Reach, charged_cost, never_runnable, pick_key, reach, soonest_key
 from .denials import DenialBook
 from .key import KeyState, Marks
 from .keyadmin import KeyAdmin
@@ -163,17 +163,18 @@ class Scheduler(KeyAdmin, Reconfigure):
             if waited is None:
                 continue
             avoid = self._avoid(chain, job, now)
+            cost = charged_cost(job, reaches[route])
             picked = None
             failed = self._failed_on.get(job.job_id)
             if failed:  # a retry after an upstream error: another key if one can take it now
-                picked = pick_key(chain, job.cost, now, [], reserve, skip_keys | waited | avoid | failed)
+                picked = pick_key(chain, cost, now, [], reserve, skip_keys | waited | avoid | failed)
             if picked is None:
-                picked = pick_key(chain, job.cost, now, waits, reserve, skip_keys | waited | avoid)
+                picked = pick_key(chain, cost, now, waits, reserve, skip_keys | waited | avoid)
             if picked is not None:
                 del tier.jobs[index]
-                return self._dispatch(tier, job, picked[0], picked[1], now, chain, variant)
+                return self._dispatch(tier, job, picked, now, chain, variant, cost)
             if not avoid:  # a job waiting for another key than those that refused it blocks no one
-                target = soonest_key(chain, job.cost, now, reserve, skip_keys | waited)
+                target = soonest_key(chain, cost, now, reserve, skip_keys | waited)
                 held[route] = None if target is None else waited | {target}
         return None
 
@@ -241,16 +242,17 @@ class Scheduler(KeyAdmin, Reconfigure):
             while len(self._failed_on) > FAILED_MEMORY:
                 self._failed_on.popitem(last=False)
 
-    def _dispatch(self, tier: TierQueue, job: PendingJob, pool: str, key: KeyState, now: float,
-                  chain: Chain, variant: Variant | None = None) -> Dispatch:
+    def _dispatch(self, tier: TierQueue, job: PendingJob, picked: tuple[str, KeyState], now: float,
+                  chain: Chain, variant: Variant | None, cost: float) -> Dispatch:
+        pool, key = picked
         reservation_id = next(self._ids)
         probe = key.breaker.take_probe(reservation_id)
         key_probe = key.health.take_probe(reservation_id)
-        marks = key.reserve(now, job.cost)
+        marks = key.reserve(now, cost)
         denied = self._denials.denied_keys(job.job_id)
         others = any(k is not key and k.spec.id not in denied and k.health.could_serve(now) for k in chain.keys())
         reservation = Reservation(
-            id=reservation_id, job=job, key_id=key.spec.id, pool=pool, cost=job.cost,
+            id=reservation_id, job=job, key_id=key.spec.id, pool=pool, cost=cost,
             generation=key.breaker.generation, at=now, probe=probe, key_probe=key_probe,
             denial_final=bool(denied - {key.spec.id}) or not others,
         )

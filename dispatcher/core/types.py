@@ -136,6 +136,7 @@ class PendingJob:
     cost: float = 1.0
     handle: Any = field(default=None, compare=False)
     model: str | None = None  # the model it asks for (schemas/job.py requested_model): keys known to lack it wait
+    estimated: bool = False  # `cost` is the fleet's estimate (the job gave none): never a reason to refuse it
 
 
 @dataclass(frozen=True)

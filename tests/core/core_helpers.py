@@ -58,8 +58,8 @@ _ids = iter(range(1, 10**9))
 
 
 def job(tier: str = "normal", upstream: str = "u", cost: float = 1.0, job_id: str | None = None,
-        model: str | None = None) -> PendingJob:
-    return PendingJob(job_id or f"j{next(_ids)}", tier, upstream, cost, model=model)
+        model: str | None = None, estimated: bool = False) -> PendingJob:
+    return PendingJob(job_id or f"j{next(_ids)}", tier, upstream, cost, model=model, estimated=estimated)
 
 
 def dispatch(s: Scheduler, now: float) -> Dispatch:

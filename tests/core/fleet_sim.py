@@ -208,7 +208,7 @@ class FleetSim:
 
     def _on_reject(self, end: cmd.EndJob) -> None:
         incoming = end.incoming
-        job = PendingJob(incoming.job_id, incoming.tier, incoming.upstream, incoming.job.cost)
+        job = PendingJob(incoming.job_id, incoming.tier, incoming.upstream, incoming.job.charge())
         assert self.record.state[job.job_id] == "pending"
         tier = next(t for t in self.spec.tiers if t.name == job.tier)
         pools = [p for p in self.spec.pools if p.name in tier.pools and p.upstream == job.upstream]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from core_helpers import job, key, make, pool
 
-from ratefleet.dispatcher.core import Dispatch, WaitUntil
+from ratefleet.dispatcher.core import Dispatch, Reject, WaitUntil
 
 t0, t1 = 100.0, 101.0
 
@@ -46,3 +46,23 @@ def test_a_job_that_waits_for_a_completion_holds_the_whole_route():
     s.add(job(cost=1), t0)
     s.add(job(cost=1), t0)
     assert not isinstance(s.next(t1), Dispatch)  # both keys at their cap: nothing runs, order kept
+
+
+def test_an_estimated_job_goes_past_a_pool_too_small_for_it_to_one_that_fits():
+    """Two pools with different budgets: a job whose estimate is above the first pool's
+    tokens/min runs on the second (before, without a cost, it was charged 1, sent to the
+    small key, and ended request_too_large on the provider's 429)."""
+    s = make(pool("small", key("s1", pool="small", rps=100, burst=100, cost_per_minute=12000)),
+             pool("big", key("b1", pool="big", rps=100, burst=100, cost_per_minute=100000)),
+             chains={"normal": ("small", "big")}, now=t0)
+    s.add(job(cost=50000, estimated=True), t0)
+    assert s.next(t0).reservation.key_id == "b1"
+
+
+def test_an_estimate_above_every_key_is_charged_the_largest_budget_a_stated_cost_is_refused():
+    s = make(pool("p", key("k1", rps=100, burst=100, cost_per_minute=6000)), now=t0)
+    s.add(job(cost=9000, estimated=True), t0)
+    dispatched = s.next(t0)
+    assert isinstance(dispatched, Dispatch) and dispatched.reservation.cost == 6000  # the provider decides
+    s.add(job(cost=9000), t0)
+    assert isinstance(s.next(t0), Reject)

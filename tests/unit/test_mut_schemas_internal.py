@@ -41,7 +41,7 @@ def test_a_validated_job_is_kept_in_a_dead_letter_as_the_job_a_producer_sent():
     a = assignment(job_json=json.dumps(JOB))
     a.job_model()
     data = a.job_data()
-    assert data == {**JOB, "request": {**JOB["request"], "headers": {}, "query": {}}, "cost": 1.0}
+    assert data == {**JOB, "request": {**JOB["request"], "headers": {}, "query": {}}}
     assert json.dumps(data)  # plain JSON: the deadline as RFC 3339 text
     assert Job.model_validate(data).deadline == a.job_model().deadline  # resubmittable as it is
 
