@@ -41,7 +41,8 @@ def render_status(answer: dict, console: Console | None = None) -> None:
             console.print(f"tier {name}: {t.get('queued', 0)} jobs wait in JetStream, but the live config has no tier "
                           f"{name} (removed by a config push): nothing runs them until [tiers.{name}] is pushed again",
                           markup=False, highlight=False, soft_wrap=True)
-    headers = ("key", "pool", "req/s effective / configured", "tokens", "cost tokens", "in flight", "breaker",
+    headers = ("key", "pool", "req/s effective / configured", "req tokens", "token budget left / per min", "in flight",
+               "breaker",
                "cooldown s", "calls", "ok", "429s", "errors", "state")
     rows = [_key_row(key_id, k) for key_id, k in (answer.get("keys") or {}).items()]
     if console.width < NARROW:  # 13 columns do not fit: one block per key, every value whole
@@ -80,10 +81,21 @@ def _revision(revision: int | None) -> str:
 
 
 def _key_row(key_id: str, k: dict) -> list[str]:
-    return [key_id, _cell(k.get("pool")), _rate(k), _cell(k.get("tokens")), _cell(k.get("cost_tokens")),
+    return [key_id, _cell(k.get("pool")), _rate(k), _cell(k.get("tokens")), token_budget(k),
             f"{_cell(k.get('in_flight'))}/{k.get('concurrency') or '∞'}", _cell(k.get("breaker")),
             _cell(k.get("cooldown_s")), _cell(k.get("calls")), _cell(k.get("ok")), _cell(k.get("rate_limited")),
             _cell(k.get("errors")), key_state(k)]
+
+
+def token_budget(key: dict) -> str:
+    """A key's cost bucket for people: "51,833 / 100,000" (tokens it may spend now / its
+    cost_per_minute; negative: overdrawn by answers that used more than estimated), "-"
+    without cost_per_minute. Before, the column read "cost tokens 51832.76" beside "tokens
+    1.69", the request bucket, which a tokens-per-minute user took for the model tokens left."""
+    left, per_minute = key.get("cost_tokens"), key.get("cost_per_minute")
+    if not isinstance(left, (int, float)) or not isinstance(per_minute, (int, float)):
+        return "-"
+    return f"{left:,.0f} / {per_minute:,.0f}"
 
 
 def _rate(key: dict) -> str:

@@ -24,7 +24,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from ratefleet.status_view import _cell, _rate, key_state
+from ratefleet.status_view import _cell, _rate, key_state, token_budget
 
 Fetch = Callable[[], Awaitable[dict]]
 
@@ -88,10 +88,10 @@ def render_watch(answer: dict, rates: dict[str, float | None], interval: float) 
         rate = rates.get(name)
         tiers.add_row(name, _cell(waiting(t)), _cell(t.get("in_flight")), "-" if rate is None else f"{rate:.1f}",
                       _cell(t.get("pending")))
-    keys = Table("key", "req/s effective / configured", "tokens", "in flight", "state", title="keys",
-                 title_justify="left")
+    keys = Table("key", "req/s effective / configured", "req tokens", "token budget left / per min", "in flight",
+                 "state", title="keys", title_justify="left")
     for key_id, k in (answer.get("keys") or {}).items():
-        keys.add_row(key_id, _rate(k), _cell(k.get("tokens")),
+        keys.add_row(key_id, _rate(k), _cell(k.get("tokens")), token_budget(k),
                      f"{_cell(k.get('in_flight'))}/{k.get('concurrency') or '∞'}", key_state(k))
     workers = Table("worker", "slots", "in flight", "calls", "seen s ago", "config rev", "state", title="workers",
                     title_justify="left")

@@ -50,7 +50,8 @@ def test_status_cells_show_dash_for_missing_and_keep_ids_whole():
     render_status({"leader": "d1", "keys": {"openai-primary-key-1": key}}, console)
     text = console.export_text()
     assert "None" not in text and "po…" not in text
-    assert "openai-primary-key-1: pool p, req/s effective / configured 2 / 20, tokens 1.0, cost tokens -" in text
+    assert ("openai-primary-key-1: pool p, req/s effective / configured 2 / 20, req tokens 1.0, "
+            "token budget left / per min -") in text
     wide = Console(record=True, width=PIPE_WIDTH)
     render_status({"leader": "d1", "keys": {"openai-primary-key-1": key}}, wide)
     assert "│ openai-primary-key-1 │ p " in wide.export_text() and "None" not in wide.export_text()

@@ -72,3 +72,18 @@ async def test_not_on_a_terminal_frames_follow_each_other_and_a_signal_ends_the_
     assert await watch(fetch, 0.05, console) == 0
     text = console.file.getvalue()
     assert text.count("leader d1") == 3 and "no status answer (TimeoutError: no dispatcher answered)" in text
+
+
+def test_both_views_show_a_keys_token_budget_as_left_of_per_minute():
+    """A tokens-per-minute key shows what it may spend now of its budget; before, `status`
+    said "cost tokens 51832.76" beside "tokens 1.69" (the request bucket) and `--watch` showed
+    no token budget at all."""
+    from ratefleet.status_view import render_status
+
+    status = answer(100.0, 10, 2)
+    status["keys"]["k1"].update(disabled=False, cost_per_minute=100000, cost_tokens=51832.76, pool="p")
+    for draw in (lambda c: c.print(render_watch(status, {"normal": 2.5}, 1.0)), lambda c: render_status(status, c)):
+        console = Console(file=io.StringIO(), width=200, color_system=None)
+        draw(console)
+        text = console.file.getvalue()
+        assert "token budget left / per min" in text and "51,833 / 100,000" in text and "req tokens" in text
