@@ -16,7 +16,7 @@ callers carry `x-ratefleet-cache: hit | miss | bypass` (bypass: `Cache-Control: 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
 from starlette.applications import Starlette
@@ -36,7 +36,7 @@ from ratefleet.gateway.errors import (
     timed_out,
     unauthorized,
 )
-from ratefleet.gateway.limits import Admission, CallerLimits, Refusal, estimate_tokens
+from ratefleet.gateway.limits import Admission, CallerLimits, Refusal
 from ratefleet.gateway.streaming import ChunkStream, start_stream
 from ratefleet.gateway.translate import UPSTREAM_HEADER, answer_of, build_job, parse_body, used_tokens
 from ratefleet.runtime.cache import HIT_HEADER, ResultCache, cache_key, cached_result, wants_write
@@ -44,11 +44,15 @@ from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.store import store_result
 from ratefleet.runtime.tracing import remote_parent
 from ratefleet.schemas import Job, Result
+from ratefleet.schemas.cost import estimate_tokens
 from ratefleet.schemas.errors import JobInvalid, QueueFull, RatefleetError, RequestTimeout, SubmitError
 from ratefleet.workers.relay import wants_stream
+from ratefleet.workers.usage import stream_cost
 
 log = get_logger("ratefleet.gateway")
 ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+USAGE_PATH = "usage.total_tokens"  # what corrects a caller's tokens_per_minute charge (OpenAI's usage)
+STREAM_TAIL_BYTES = 65536  # the end of a stream read for its usage (the usage chunk is its last event)
 
 
 class Gateway:
@@ -84,10 +88,10 @@ class Gateway:
             job, admission = await self._admit(request, caller)
             with remote_parent(request.headers):  # the HTTP caller's traceparent becomes the job's
                 answer, cache_state = await self._through_cache(job, caller)
-            if isinstance(answer, ChunkStream):  # the token estimate stays: a stream reports no usage here
+            if isinstance(answer, ChunkStream):
                 log.info("gateway stream", caller=caller.name, path=request.url.path, job_id=job.id,
                          first_byte_ms=round((time.perf_counter() - started) * 1000, 1))
-                return StreamingResponse(answer.chunks(), media_type="text/event-stream",
+                return StreamingResponse(self._settled(answer, admission), media_type="text/event-stream",
                                          headers={"x-ratefleet-job-id": job.id or "", "cache-control": "no-cache"})
             self.limits.settle(admission, self.clock(), 0.0 if cache_state == "hit" else used_tokens(answer))
             status, headers, body = answer_of(answer)
@@ -104,6 +108,21 @@ class Gateway:
         media = headers.pop("content-type", None)
         return Response(body, status_code=status, headers=headers, media_type=media)
 
+    async def _settled(self, stream: ChunkStream, admission: Admission) -> AsyncIterator[bytes]:
+        """`stream`'s chunks, then the caller's token charge corrected by the usage its last
+        events report (OpenAI's usage chunk, asked with `stream_options.include_usage`), read
+        from the last STREAM_TAIL_BYTES relayed; none found: the estimate stays. Before, a
+        stream's estimate always stayed: a caller asking max_tokens 4,000 for 50-token answers
+        was held to 1/80 of its tokens_per_minute."""
+        tail = bytearray()
+        try:
+            async for part in stream.chunks():
+                tail += part
+                del tail[:-STREAM_TAIL_BYTES]
+                yield part
+        finally:
+            self.limits.settle(admission, self.clock(), stream_cost(bytes(tail), USAGE_PATH))
+
     async def _admit(self, request: Request, caller: Caller) -> tuple[Job, Admission]:
         raw = await read_body(request, self.max_body_bytes)
         json_body, text_body = parse_body(raw, request.headers.get("content-type"))
@@ -115,7 +134,7 @@ class Gateway:
                                  f"{caller.name!r} has none of its own: name one with the {UPSTREAM_HEADER} header, "
                                  f"or give the caller `upstreams` in the config.", type="invalid_request_error",
                                  code="upstream_required")
-        verdict = self.limits.admit(caller, self.clock(), estimate_tokens(len(raw), json_body))
+        verdict = self.limits.admit(caller, self.clock(), estimate_tokens(json_body, text_body))
         if isinstance(verdict, Refusal):
             raise over_limit(verdict.limit, verdict.retry_after_s)
         return job, verdict

@@ -5,7 +5,8 @@ golang.org/x/time/rate):
 
 - requests: `rps` per second up to `burst` (default max(1, rps)); a request needs one token;
 - model tokens: `tokens_per_minute` / 60 per second up to `tokens_per_minute`. A request is
-  charged an estimate when it is admitted (`estimate_tokens`) and corrected with the answer's
+  charged an estimate when it is admitted (schemas/cost.py `estimate_tokens`, the estimate its
+  job is charged on its key too: text characters / 4 plus max_tokens x n) and corrected with the answer's
   `usage.total_tokens` afterwards (the difference taken, or given back), so the bucket follows
   what the upstream really counted. A request is admitted while the bucket holds its estimate
   (capped at the bucket's capacity, so one large request is never refused forever).
@@ -16,28 +17,10 @@ caller's limits on its own share of the traffic (N replicas allow up to N times 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any
 
 from ratefleet.dispatcher.core.bucket import TokenBucket
 from ratefleet.gateway.callers import Caller
-
-CHARS_PER_TOKEN = 4  # OpenAI's rule of thumb for English text (help.openai.com "What are tokens")
-_MAX_OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
-
-
-def estimate_tokens(body_bytes: int, body: Any) -> int:
-    """Tokens a request may use before its answer says: its body's size / 4 plus the output
-    it asks for at most (`max_tokens`, `max_completion_tokens` or `max_output_tokens`)."""
-    output = 0
-    if isinstance(body, dict):
-        for name in _MAX_OUTPUT_FIELDS:
-            value = body.get(name)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                output = value
-                break
-    return math.ceil(body_bytes / CHARS_PER_TOKEN) + output
 
 
 @dataclass

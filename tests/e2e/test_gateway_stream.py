@@ -62,3 +62,25 @@ async def test_a_streamed_request_the_provider_refuses_gets_its_error_unchanged(
             await ai.chat.completions.create(model="mock", messages=[{"role": "user", "content": "x"}], stream=True,
                                              extra_body={"mock": {"status": 400}})
     assert caught.value.body["message"] == "The mock upstream was told to answer 400."
+
+
+async def test_a_streams_usage_corrects_the_callers_tokens_per_minute(gateway):
+    """carol may use 400 tokens a minute. A stream asking max_tokens 300 is charged ~303 on
+    entry; its usage chunk says 10, and the charge is corrected to that, so her next such
+    request is let through at once (before, the estimate stayed and it was refused for ~30 s)."""
+    ask = {"model": "mock", "messages": [{"role": "user", "content": "one"}], "max_tokens": 300, "stream": True,
+           "stream_options": {"include_usage": True}}
+    async with openai.AsyncOpenAI(base_url=gateway.gateway_url + "/v1", api_key=CALLER_KEYS["carol"],
+                                  max_retries=0, timeout=30) as ai:
+        usage = [chunk.usage async for chunk in await ai.chat.completions.create(**ask) if chunk.usage]
+        assert usage[-1].total_tokens == 10
+        deadline = time.monotonic() + 2.0  # the correction lands once the stream's last part is sent
+        while True:
+            try:
+                second = [chunk async for chunk in await ai.chat.completions.create(**ask)]
+                break
+            except openai.RateLimitError as refused:
+                assert refused.type == "tokens"
+                if time.monotonic() > deadline:
+                    raise
+    assert second

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ratefleet.gateway.callers import CallerTable, bearer_token, key_digest, unusable_callers
-from ratefleet.gateway.limits import Admission, CallerLimits, Refusal, estimate_tokens
+from ratefleet.gateway.limits import Admission, CallerLimits, Refusal
 from ratefleet.schemas.config import parse_config
 from ratefleet.schemas.errors import ConfigError
 
@@ -143,11 +143,3 @@ def test_a_caller_without_limits_is_never_refused(monkeypatch, tmp_path):
     alice = caller(monkeypatch, tmp_path)
     limits = CallerLimits()
     assert all(isinstance(limits.admit(alice, T2, 10**9), Admission) for _ in range(1000))
-
-
-@pytest.mark.parametrize(("size", "body", "estimate"), [
-    (400, {"model": "m"}, 100), (401, {"max_tokens": 50}, 151), (8, {"max_completion_tokens": 7}, 9),
-    (4, {"max_output_tokens": 3, "max_tokens": True}, 4), (0, None, 0), (4, ["max_tokens"], 1),
-])
-def test_estimate_tokens(size, body, estimate):
-    assert estimate_tokens(size, body) == estimate
