@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ratefleet.schemas.result import ErrorCode
+
 from .key import KeyState
 from .types import PendingJob
 
@@ -54,10 +56,8 @@ def _unusable(chain: Chain, now: float) -> str:
 
 
 def never_runnable(chain: Chain, reach: Reach, job: PendingJob, now: float) -> str | None:
-    """Why `job` can never run on `chain` (the Reject message), or None if it can. A cost the
-    fleet estimated (`PendingJob.estimated`) above every key's capacity is no reason: the
-    scheduler charges such a job the largest capacity (`charged_cost`), and the provider says
-    whether it fits."""
+    """Why no key of `chain` can ever serve `job` (the Reject message, code no_key_available),
+    or None if one can; a cost too large for every key is `over_budget`'s."""
     if not chain.pools:
         return (
             f"tier {chain.tier!r} has no pool for upstream {job.upstream!r} "
@@ -72,13 +72,24 @@ def never_runnable(chain: Chain, reach: Reach, job: PendingJob, now: float) -> s
             f"enable an operator-disabled key (`ratefleet keys enable KEY`), set the secrets on "
             f"the workers, replace the keys, or add a pool with working keys to tiers.{chain.tier}.pools"
         )
-    if job.cost > reach.largest_cost and not job.estimated:
-        return (
+    return None
+
+
+def over_budget(chain: Chain, reach: Reach, job: PendingJob) -> tuple[ErrorCode, str] | None:
+    """Why `job`'s stated cost can never be spent on `chain` (above every usable key's
+    cost_per_minute), as the Reject's code and message, or None. The code is
+    request_too_large (the job's own fault, as the provider's "Request too large": a replay
+    fails the same way) unless a key out of use now could hold it (no_key_available). A cost
+    the fleet estimated (`PendingJob.estimated`) is no reason: the scheduler charges such a
+    job the largest capacity (`charged_cost`), and the provider says whether it fits."""
+    if job.estimated or job.cost <= reach.largest_cost:
+        return None
+    names = ", ".join(name for name, _ in chain.pools)
+    fits_one = any(key.cost_capacity >= job.cost for key in chain.keys())
+    return (ErrorCode.NO_KEY_AVAILABLE if fits_one else ErrorCode.REQUEST_TOO_LARGE,
             f"job cost {job.cost:g} exceeds the cost capacity (cost_per_minute) of every "
             f"usable key of pool(s) {names} for tier {chain.tier!r} "
-            f"(largest: {reach.largest_cost:g}); split the job or raise cost_per_minute"
-        )
-    return None
+            f"(largest: {reach.largest_cost:g}); split the job or raise cost_per_minute")
 
 
 def pick_key(chain: Chain, cost: float, now: float, waits: list[float],

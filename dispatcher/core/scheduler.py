@@ -29,7 +29,7 @@ from typing import Any
 from ratefleet.schemas.outcome import OutcomeKind
 from ratefleet.schemas.result import ErrorCode
 
-from .choice import Chain, Reach, charged_cost, never_runnable, pick_key, reach, soonest_key
+from .choice import Chain, Reach, charged_cost, never_runnable, over_budget, pick_key, reach, soonest_key
 from .denials import DenialBook
 from .key import KeyState, Marks
 from .keyadmin import KeyAdmin
@@ -159,6 +159,10 @@ class Scheduler(KeyAdmin, Reconfigure):
             if reason is not None:
                 del tier.jobs[index]
                 return Reject(job, ErrorCode.NO_KEY_AVAILABLE, reason)
+            too_costly = over_budget(chain, reaches[route], job)
+            if too_costly is not None:
+                del tier.jobs[index]
+                return Reject(job, *too_costly)
             waited = held.get(route, frozenset())
             if waited is None:
                 continue

@@ -14,9 +14,9 @@ INVALID_KEY = Outcome("key_error", 401, code="invalid_api_key")
 t0 = 0.0
 
 
-def reject(s, now: float = t0) -> str:
+def reject(s, now: float = t0, code: str = "no_key_available") -> str:
     decision = s.next(now)
-    assert isinstance(decision, Reject) and decision.code == "no_key_available", decision
+    assert isinstance(decision, Reject) and decision.code == code, decision
     return decision.message
 
 
@@ -37,7 +37,7 @@ def test_every_key_out_lists_each_key_with_its_reason_and_next_probe():
 def test_a_job_costing_more_than_every_usable_key_says_the_largest():
     s = make(pool("p", key("k1", cost_per_minute=90.0), key("k2", cost_per_minute=120.5)))
     s.add(job(cost=130.25), t0)
-    assert reject(s) == (
+    assert reject(s, code="request_too_large") == (  # the job's own fault: `dlq replay --given-up` leaves it
         "job cost 130.25 exceeds the cost capacity (cost_per_minute) of every usable key of pool(s) p "
         "for tier 'normal' (largest: 120.5); split the job or raise cost_per_minute")
     s.add(job(cost=120.5), t0)
