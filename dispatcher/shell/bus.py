@@ -16,6 +16,7 @@ from nats.aio.client import Client as NatsClient
 from nats.errors import MaxPayloadError
 
 from ratefleet.dispatcher.core.delivery import Incoming, Refused
+from ratefleet.dispatcher.shell.forgotten import ForgottenIds
 from ratefleet.dispatcher.shell.keycontrol import KeyStore
 from ratefleet.dispatcher.shell.refusals import finish_refused, refuse_incoming
 from ratefleet.runtime.cache import ResultCache, cache_key, cached_result
@@ -23,6 +24,7 @@ from ratefleet.runtime.connect import flush
 from ratefleet.runtime.finish import Finisher, auth_headers
 from ratefleet.runtime.handbacks import DeliveryCounts, Handbacks
 from ratefleet.runtime.store import read_result, store_result
+from ratefleet.runtime.streams import open_kv
 from ratefleet.schemas import Config, Subjects
 from ratefleet.schemas.errors import RatefleetError
 
@@ -68,6 +70,11 @@ class LeaderBus(Protocol):
 
     async def stored_result(self, job_id: str, batch: str | None) -> bytes | None: ...
 
+    async def may_repeat(self, stored_at: float) -> bool:
+        """Whether a first delivery stored at `stored_at` (wall-clock seconds) may be a done job
+        sent again after a NATS restart made JetStream forget its id (dispatcher/shell/forgotten.py),
+        so its stored Result must be looked up. Never raises."""
+
     async def answer_stored(self, stored: bytes, ack: str, reply_to: str | None) -> None: ...
 
     async def end_copy(self, incoming: Incoming) -> None:
@@ -105,6 +112,9 @@ class NatsLeaderBus:
         # (job id, reply subject): answer that subject with the job's Result once stored (the
         # dispatcher's RpcResponder.follow); None: a second message's requester is not answered
         self.follow: Callable[[str, str], Awaitable[None]] | None = None
+        self._forgotten = ForgottenIds(nc, js, self.subjects.results_stream,
+                                       lambda: open_kv(js, self.subjects.leader_bucket + "_seen", ttl=None),
+                                       config.streams.duplicate_window_s)
 
     @property
     def max_payload(self) -> int:
@@ -140,6 +150,9 @@ class NatsLeaderBus:
 
     async def stored_result(self, job_id: str, batch: str | None) -> bytes | None:
         return await read_result(self._js, self.subjects, job_id, batch)
+
+    async def may_repeat(self, stored_at: float) -> bool:
+        return await self._forgotten.may_repeat(stored_at)
 
     async def answer_stored(self, stored: bytes, ack: str, reply_to: str | None) -> None:
         await self._finisher.finish_stored(stored, ack=ack, reply_to=reply_to)

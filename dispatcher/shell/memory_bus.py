@@ -58,6 +58,7 @@ class MemoryBus:
     cache: dict[str, bytes] = field(default_factory=dict)  # job id -> the cached Result a lookup stores
     counts: dict[int, DeliveryCounts] = field(default_factory=dict)
     keys: dict[str, dict[str, Any]] = field(default_factory=dict)
+    forgotten_until: float = 0.0  # messages stored before this (wall-clock s) may repeat a done job
     _inboxes: itertools.count[int] = field(default_factory=itertools.count)
 
     def new_inbox(self) -> str:
@@ -100,6 +101,9 @@ class MemoryBus:
 
     async def stored_result(self, job_id: str, batch: str | None) -> bytes | None:
         return self.results.get(job_id)
+
+    async def may_repeat(self, stored_at: float) -> bool:
+        return stored_at < self.forgotten_until
 
     async def answer_stored(self, stored: bytes, ack: str, reply_to: str | None) -> None:
         self.answered.append((stored, ack, reply_to))

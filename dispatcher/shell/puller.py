@@ -89,7 +89,8 @@ class TierInbox:
             unfilled = int(msg.headers.get("Nats-Pending-Messages", 0) or 0)
             self.post(PullStatus(self.tier, status, unfilled, msg.headers.get("Description")))
             return
-        if not _looked_up(msg) or len(self._lookups) >= LOOKUPS_IN_FLIGHT:
+        looked_up = _looked_up(msg) or await self.bus.may_repeat(_stored_at(msg.metadata))
+        if not looked_up or len(self._lookups) >= LOOKUPS_IN_FLIGHT:
             self.post(await self.delivery(msg))
             return
         # a redelivery or a repeat: its Result lookup (a JetStream round trip) runs beside intake, so a
@@ -107,8 +108,9 @@ class TierInbox:
 
     async def delivery(self, msg: Any) -> JobDelivered:
         """A JOBS message as an event: read by intake, with the hand-back and 429 counts of
-        earlier deliveries and, for a redelivery or a message marked as a repeat (`Incoming.repeat`),
-        its Result if one is stored already. A job
+        earlier deliveries and, for a redelivery, a message marked as a repeat (`Incoming.repeat`)
+        or a first delivery that may repeat a done job whose id a NATS restart made JetStream
+        forget (bus.may_repeat), its Result if one is stored already. A job
         that asks for the cache (`cache_ttl_s`) and has no Result is looked up: a hit is
         stored as its Result (`cached: true`) and answered like a stored one, with no token
         (ratefleet/runtime/cache.py)."""
@@ -128,12 +130,13 @@ class TierInbox:
         if isinstance(verdict, Incoming) and verdict.job.batch in self.cancelled:
             verdict = cancelled_job(verdict)
         stored, cached, unknown = None, False, False
-        if isinstance(verdict, Incoming) and (redelivered or verdict.repeat):
+        if isinstance(verdict, Incoming) and (redelivered or verdict.repeat
+                                               or await self.bus.may_repeat(_stored_at(meta))):
             try:  # no answer is not "no Result": the leader hands the job back instead of calling it
                 with anyio.fail_after(STORED_LOOKUP_S):
                     stored = await self.bus.stored_result(verdict.job_id, verdict.job.batch)
             except Exception as exc:  # noqa: BLE001 - TimeoutError, or NATS errors after read_result's retries
-                log.warning("a redelivered job's Result lookup got no answer", tier=self.tier,
+                log.warning("a job's Result lookup got no answer", tier=self.tier,
                             job_id=verdict.job_id, error=type(exc).__name__)
                 unknown = True
         if stored is None and not unknown and isinstance(verdict, Incoming) and wants_lookup(verdict.job):
@@ -145,3 +148,9 @@ class TierInbox:
                             job_id=verdict.job_id, error=type(exc).__name__)
             cached = stored is not None
         return JobDelivered(self.tier, seq, delivered, msg.reply, verdict, stored, time.time(), cached, unknown)
+
+
+def _stored_at(meta: Any) -> float:
+    """When JetStream stored the message (wall-clock seconds); now when the metadata lacks it."""
+    stamp = getattr(meta, "timestamp", None)
+    return stamp.timestamp() if stamp is not None else time.time()

@@ -289,3 +289,12 @@ async def test_result_lookups_run_beside_intake_and_stop_waits_for_them():
     await tier.stop()  # waits for the lookups under way
     assert sorted(e.seq for e in events) == [*range(1, 21), 99]
     assert time.monotonic() - started < 3.0
+
+
+async def test_a_first_delivery_looks_up_its_stored_result_only_while_ids_may_be_forgotten():
+    # a NATS restart forgot the ids of done jobs: one sent again is a first delivery with a Result
+    bus = MemoryBus(results={"j3": b'{"job_id":"j3"}'})
+    tier, _ = inbox(bus)
+    assert (await tier.delivery(delivery(delivered=1))).stored is None  # no restart: no read
+    bus.forgotten_until = time.time() + 60
+    assert (await tier.delivery(delivery(delivered=1))).stored == b'{"job_id":"j3"}'
