@@ -126,6 +126,10 @@ class Worker:
         # every Result this worker newly stores is counted once, whichever path ended the job
         self.finisher.on_stored = lambda result: self.metrics.job_ended(result.tier, result.status, result.variant)
         self.leader_heard_at: float | None = None  # monotonic time of the last leader announce
+        # silence: a leader that hears no heartbeat for worker_timeout_s gives this worker's jobs to
+        # others, so assignments read after such a silence may have been run elsewhere already
+        self.beat_at: float | None = None  # monotonic time the last heartbeat was sent
+        self.silence_ended_at = float("-inf")  # when a heartbeat found the last one past worker_timeout_s
         self.reports = ReportOutbox(lambda payload: self.nc.publish(self.subjects.outcome, payload))
 
     async def id_in_use(self) -> Heartbeat | None:
@@ -221,6 +225,14 @@ class Worker:
             # send buffer): the job was redelivered to the new leader; never call it twice
             log.warning("assignment from a former leader dropped", worker=self.id, job_id=assignment.job_id,
                         epoch=list(assignment.epoch), current_epoch=list(self.epoch))
+            return
+        if self._given_away_maybe():
+            # read after this worker was silent past worker_timeout_s (frozen, starved of CPU): the
+            # leader may have given it to another worker, which may have run it. Not called, not
+            # nak'd (the message may be out again under another delivery); if the leader did not give
+            # it away, the heartbeats not listing it make the leader return it to the queue
+            log.warning("assignment read after a silence longer than worker_timeout_s dropped; the leader "
+                        "gives the job to a worker again", worker=self.id, job_id=assignment.job_id)
             return
         if self.draining:
             # not called: recorded as a handback, so the redelivery is not an attempt. The report
@@ -341,7 +353,25 @@ class Worker:
             await self._send_heartbeat()
             await anyio.sleep(self.config.workers.heartbeat_s)
 
+    def _given_away_maybe(self) -> bool:
+        """True when this worker has been silent, or just was, for longer than the leader waits
+        for a heartbeat (worker_timeout_s). An assignment read then may have been sent before the
+        silence and handed to another worker since: its queued messages are read just after the
+        first heartbeat once the process runs again, so the heartbeat_s that follow count too."""
+        if self.beat_at is None:
+            return False
+        now = time.monotonic()
+        silent = now - self.beat_at > self.config.dispatcher.worker_timeout_s
+        return silent or now - self.silence_ended_at < self.config.workers.heartbeat_s
+
     async def _send_heartbeat(self) -> None:
+        now = time.monotonic()
+        if self.beat_at is not None and now - self.beat_at > self.config.dispatcher.worker_timeout_s:
+            self.silence_ended_at = now
+            log.warning("worker was silent longer than worker_timeout_s; the leader may have given its jobs "
+                        "to other workers", worker=self.id, silent_s=round(now - self.beat_at, 1),
+                        worker_timeout_s=self.config.dispatcher.worker_timeout_s)
+        self.beat_at = now
         beat = Heartbeat(worker=self.id, slots=self.slots, in_flight=list(self.in_flight.values()),
                          draining=self.draining, pid=os.getpid(), host=socket.gethostname(),
                          started_at=self.started_at, calls=self.calls, unusable_keys=self.unusable, http=self.http,

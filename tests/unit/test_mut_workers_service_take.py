@@ -161,3 +161,28 @@ async def test_a_draining_worker_reports_a_handed_back_assignment_before_its_nak
     worker.draining = True
     await worker._take(assignment(), "executor", Group(), None)
     assert reports_at_nak == [1]
+
+
+# -- a silence past worker_timeout_s ----------------------------------------------------------------
+
+
+async def test_assignments_read_after_a_silence_past_the_worker_timeout_are_dropped_not_called(monkeypatch):
+    # frozen 10 s (worker_timeout_s 3): the leader gave its jobs to others; what it reads now is not called
+    import time
+
+    worker, nc, finisher = make_worker(monkeypatch)
+    await worker._send_heartbeat()
+    tg = Group()
+    await worker._take(assignment(job_id="fresh"), "executor", tg, None)
+    assert len(tg.started) == 1  # beating on time: taken
+    worker.beat_at = time.monotonic() - 10
+    with capture_logs() as logs:
+        await worker._take(assignment(job_id="before-beat"), "executor", tg, None)  # read before the next beat
+        await worker._send_heartbeat()  # the first beat after the silence
+        await worker._take(assignment(job_id="after-beat"), "executor", tg, None)  # read just after it
+    assert len(tg.started) == 1 and finisher.log == []  # neither called, nor nak'd (it may be out again)
+    assert [e["event"] for e in logs].count("assignment read after a silence longer than worker_timeout_s dropped; "
+                                            "the leader gives the job to a worker again") == 2
+    worker.silence_ended_at -= worker.config.workers.heartbeat_s  # a heartbeat later: beating again
+    await worker._take(assignment(job_id="later"), "executor", tg, None)
+    assert len(tg.started) == 2
