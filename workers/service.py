@@ -29,6 +29,7 @@ from ratefleet.runtime.finish import Finisher, auth_headers
 from ratefleet.runtime.handbacks import Handbacks
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.metrics import new_registry, register_cache
+from ratefleet.runtime.store import read_result
 from ratefleet.runtime.streams import Rebuilder
 from ratefleet.runtime.tracing import TRACEPARENT, TRACESTATE, trace_headers
 from ratefleet.schemas import Config, ErrorCode, ErrorInfo, Job, Result, Subjects, Timings, UpstreamConfig
@@ -56,6 +57,7 @@ from ratefleet.workers.spans import note_result, run_span
 from ratefleet.workers.unstored import refused, unstorable
 
 log = get_logger("ratefleet.worker")
+STORED_LOOKUP_S = 2.0  # a late assignment's stored-Result lookup; past it the job is called
 
 
 # after grace_s, a drain waits up to this long (seconds) for the Results of calls that are
@@ -414,6 +416,8 @@ class Worker:
         if job is None:
             await self._end_invalid(a, ErrorCode.INVALID_JOB, describe_validation_error(invalid)[1])
             return
+        if await self._stored_already(a):
+            return
         if job.expired(datetime.now(UTC)):
             log.info("job expired before its call")
             await self.finisher.finish(self._result(a, "expired", error=ErrorInfo(
@@ -455,6 +459,29 @@ class Worker:
         finally:
             self.calling.pop(a.id, None)
             self.key_versions.pop(a.id, None)
+
+    async def _stored_already(self, a: Assignment) -> bool:
+        """For an assignment that reached this worker more than worker_timeout_s after the leader
+        sent it (by the two wall clocks: the path through NATS stalled, e.g. a frozen server of a
+        cluster): the leader may have given the job to another worker meanwhile, so its stored
+        Result is looked up first (one read; a skewed clock costs that read, nothing else). When
+        there is one, it is the answer: sent to the reply subject, the message acked, no call.
+        True then."""
+        late_s = time.time() - (a.submitted_at + a.queued_ms / 1000)
+        if late_s <= self.config.dispatcher.worker_timeout_s:
+            return False
+        try:
+            with anyio.fail_after(STORED_LOOKUP_S):
+                stored = await read_result(self.nc.jetstream(), self.subjects, a.job_id, _batch_and_metadata(a)[0])
+        except Exception:  # noqa: BLE001 - unknown: the job is called, as before the lookup
+            return False
+        if stored is None:
+            return False
+        log.warning("late assignment of a job whose Result is stored; answered with it, not called",
+                    late_s=round(late_s, 1))
+        await self.finisher.finish_stored(stored, ack=a.ack, reply_to=a.reply_to)
+        await self._report(a, None, terminal=True)
+        return True
 
     async def _call(self, a: Assignment, executor: UpstreamExecutor, job: Job, upstream: UpstreamConfig,
                     secret: str) -> CallResult | None:

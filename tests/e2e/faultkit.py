@@ -391,3 +391,61 @@ def figure(name: str, **values) -> None:
     """Print a measured figure so `pytest -s` shows it."""
     parts = " ".join(f"{k}={round(v, 3) if isinstance(v, float) else v}" for k, v in values.items())
     print(f"\n[figure] {name}: {parts}", flush=True)
+
+
+# -- a network path that stalls -------------------------------------------------------------
+
+
+class PausableProxy:
+    """A TCP relay from 127.0.0.1:`port` to 127.0.0.1:`target_port` whose traffic can be held
+    (`pause()`) and let go (`resume()`) in both directions, connections kept open: a stalled
+    network path or a frozen server, for the clients that connect through it only. Runs in the
+    test's event loop: `await start()`, `await close()`."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._open = asyncio.Event()
+        self._open.set()
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    async def start(self) -> PausableProxy:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def pause(self) -> None:
+        self._open.clear()
+
+    def resume(self) -> None:
+        self._open.set()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.ensure_future(self._pipe(source, sink))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                await self._open.wait()
+                sink.write(data)
+                await sink.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            sink.close()

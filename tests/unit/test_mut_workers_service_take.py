@@ -186,3 +186,32 @@ async def test_assignments_read_after_a_silence_past_the_worker_timeout_are_drop
     worker.silence_ended_at -= worker.config.workers.heartbeat_s  # a heartbeat later: beating again
     await worker._take(assignment(job_id="later"), "executor", tg, None)
     assert len(tg.started) == 2
+
+
+async def test_a_late_assignment_of_a_job_with_a_stored_result_is_answered_with_it_not_called(monkeypatch):
+    # sent 5 s ago (worker_timeout_s 3): the leader may have given it to another worker, which stored its Result
+    import time
+
+    from test_bite_worker import take
+
+    import ratefleet.workers.service as service
+
+    worker, nc, finisher = make_worker(monkeypatch)
+    reads = []
+
+    async def read_result(js, subjects, job_id, batch):
+        reads.append(job_id)
+        return b'{"job_id":"late"}' if job_id == "late" else None
+
+    answered = []
+
+    async def finish_stored(stored, *, ack, reply_to):
+        answered.append((stored, ack))
+
+    monkeypatch.setattr(service, "read_result", read_result)
+    finisher.finish_stored = finish_stored
+    late = assignment(job_id="late").model_copy(update={"submitted_at": time.time() - 5})
+    executor = await take(worker, late, assignment(job_id="on-time"))
+    assert reads == ["late"]  # an assignment on time costs no read
+    assert answered == [(b'{"job_id":"late"}', ACK)] and executor.calls == 1  # only on-time was called
+    assert [(r.job_id, r.terminal) for r in nc.reports() if r.job_id == "late"] == [("late", True)]
