@@ -413,6 +413,16 @@ def explained(prev_start: float, start: float, events: list[dict]) -> tuple[str,
     return "none", None
 
 
+def job_detail(stored: list[dict], calls: list, t0: float) -> dict:
+    """A flagged job's calls and stored Result(s), times in seconds from the start of traffic."""
+    wall0 = time.time() - (now() - t0)
+    return {"calls": [{"t": round(c[0] - t0, 2), "end": None if c[1] is None else round(c[1] - t0, 2), "call": c[2]}
+                      for c in sorted(calls)],
+            "stored": [{"t": round(r["_stored_at"] - wall0, 2), "status": r["status"], "worker": r.get("worker"),
+                        "attempts": r.get("attempts"),
+                        "call": ((r.get("response") or {}).get("json") or {}).get("call")} for r in stored]}
+
+
 def event_name(event: dict) -> str:
     return f"{event['action']} {event['target']} {event['name']} at t={event['t']} for {event['down_s']}s"
 
@@ -473,6 +483,8 @@ def check(ledger: Ledger, results: dict, calls: list[list], events: list[dict], 
         if stored and stored[0]["status"] == "succeeded":
             breaks["dead letter for a job that succeeded"].append(letter.get("job_id"))
     not_ok = {j: r[0].get("error") for j, r in results.items() if r and r[0]["status"] != "succeeded"}
+    flagged = {j for ids in breaks.values() for j in ids} | set(not_ok)
+    detail = {j: job_detail(results.get(j, []), by_job.get(j, []), t0) for j in sorted(flagged)[:40]}
     outcomes = Counter(r["outcome"] for r in ledger.requests.values())
     request_errors = Counter((r["error"] or "").split(":")[0] for r in ledger.requests.values() if r["outcome"] == "error")
     return {"jobs": len(submitted), "accepted": len(ledger.accepted), "unconfirmed": len(ledger.unconfirmed),
@@ -481,7 +493,8 @@ def check(ledger: Ledger, results: dict, calls: list[list], events: list[dict], 
             "calls": len(calls), "repeats": {**repeats, "by_target": dict(repeats["by_target"]),
                                                   "outage_detail": repeats["outage_detail"][:20]},
             "dead_letters": dict(letter_reasons), "missing_at_settle": len(missing_at_settle),
-            "breaks": {k: sorted(v)[:20] for k, v in breaks.items()}, "break_counts": {k: len(v) for k, v in breaks.items()}}
+            "breaks": {k: sorted(v)[:20] for k, v in breaks.items()}, "detail": detail,
+            "break_counts": {k: len(v) for k, v in breaks.items()}}
 
 
 # -- a round ------------------------------------------------------------------------------
@@ -564,6 +577,8 @@ def report(rounds: list[dict]) -> None:
             console.print(f"seed {r['seed']} repeats after an outage only: {json.dumps(r['repeats']['outage_detail'])}")
         if r["not_succeeded"]:
             console.print(f"seed {r['seed']} not succeeded: {json.dumps(r['not_succeeded'])[:1500]}")
+        for job_id, detail in list(r["detail"].items())[:10]:
+            console.print(f"seed {r['seed']} {job_id}: {json.dumps(detail)}")
 
 
 def interrupted(signum: int, frame: object) -> None:
