@@ -235,6 +235,7 @@ class Worker:
             # it away, the heartbeats not listing it make the leader return it to the queue
             log.warning("assignment read after a silence longer than worker_timeout_s dropped; the leader "
                         "gives the job to a worker again", worker=self.id, job_id=assignment.job_id)
+            await self.handbacks.add(assignment.seq)  # no call: the delivery is not an attempt (best effort)
             return
         if self.draining:
             # not called: recorded as a handback, so the redelivery is not an attempt. The report

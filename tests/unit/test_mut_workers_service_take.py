@@ -171,6 +171,12 @@ async def test_assignments_read_after_a_silence_past_the_worker_timeout_are_drop
     import time
 
     worker, nc, finisher = make_worker(monkeypatch)
+    recorded = []
+
+    async def add(seq, *, rate_limited=False):
+        recorded.append(seq)
+
+    worker.handbacks.add = add
     await worker._send_heartbeat()
     tg = Group()
     await worker._take(assignment(job_id="fresh"), "executor", tg, None)
@@ -181,6 +187,7 @@ async def test_assignments_read_after_a_silence_past_the_worker_timeout_are_drop
         await worker._send_heartbeat()  # the first beat after the silence
         await worker._take(assignment(job_id="after-beat"), "executor", tg, None)  # read just after it
     assert len(tg.started) == 1 and finisher.log == []  # neither called, nor nak'd (it may be out again)
+    assert recorded == [7, 7]  # each recorded as a delivery without a call: not an attempt
     assert [e["event"] for e in logs].count("assignment read after a silence longer than worker_timeout_s dropped; "
                                             "the leader gives the job to a worker again") == 2
     worker.silence_ended_at -= worker.config.workers.heartbeat_s  # a heartbeat later: beating again
