@@ -104,15 +104,19 @@ class Client:
 
     @classmethod
     async def connect(cls, url: str = DEFAULT_NATS_URL, *, prefix: str = "ratefleet",
-                      name: str = "ratefleet-client", auth: NatsAuthConfig | None = None) -> Client:
-        """Connect to the fleet's NATS at `url` (credentials may ride in it: `nats://user:password@host`).
+                      name: str = "ratefleet-client", auth: NatsAuthConfig | None = None,
+                      connect_timeout: float = 5.0) -> Client:
+        """Connect to the fleet's NATS at `url` (credentials may ride in it: `nats://user:password@host`;
+        several servers: comma-separated).
 
         `auth`: credentials and TLS, e.g. `load_config(...).nats`, or
         `NatsAuthConfig(user="producer", password="env:NATS_PASSWORD", inbox_prefix="_INBOX.producer",
         tls_ca="ca.pem")` (secrets as `env:NAME`, `file:PATH` or the value itself). Raises
-        NatsUnavailable (nothing answers, or the server refused the credentials) and ConfigError
-        (a secret reference cannot be read); neither message holds a credential."""
-        return cls(await connect(url, name=name, forever=False, auth=auth), prefix)
+        NatsUnavailable (nothing answers: at once, or after `connect_timeout` seconds per server
+        when something answers TCP but no NATS handshake comes; or the server refused the
+        credentials: at once) and ConfigError (`url` is no NATS URL, or a secret reference cannot
+        be read); neither message holds a credential."""
+        return cls(await connect(url, name=name, forever=False, auth=auth, connect_timeout=connect_timeout), prefix)
 
     async def __aenter__(self) -> Client:
         return self

@@ -50,16 +50,26 @@ class NatsConfig(NatsAuthConfig):
         """One NATS server URL or a comma-separated list, each `nats://`, `tls://`, `ws://` or
         `wss://` (the schemes nats-py connects with) with a host and a port from 1 to 65535 if
         any (credentials may ride in it: they are never repeated in the error)."""
-        servers = [part.strip() for part in value.split(",") if part.strip()]
-        if not servers:
-            raise ValueError("must name a NATS server, e.g. nats://127.0.0.1:4222")
-        for server in servers:
-            parsed = urlsplit(server if "://" in server else f"nats://{server}")  # (nats-py adds nats:// too)
-            if parsed.scheme not in ("nats", "tls", "ws", "wss") or not _has_address(parsed):
-                shown = f"{parsed.scheme}://{parsed.hostname or ''}" if parsed.scheme else "a server"
-                raise ValueError(f"{shown}... is not a NATS server URL: use nats://HOST:PORT (or tls://, ws://, "
-                                 "wss://), several separated by commas")
+        problem = nats_url_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
+
+
+def nats_url_problem(value: str) -> str | None:
+    """What makes `value` no NATS URL (one server or a comma-separated list, each `nats://`,
+    `tls://`, `ws://` or `wss://` or no scheme, with a host and a port from 1 to 65535 if any),
+    never repeating its credentials; None when it is one."""
+    servers = [part.strip() for part in value.split(",") if part.strip()]
+    if not servers:
+        return "must name a NATS server, e.g. nats://127.0.0.1:4222"
+    for server in servers:
+        parsed = urlsplit(server if "://" in server else f"nats://{server}")  # (nats-py adds nats:// too)
+        if parsed.scheme not in ("nats", "tls", "ws", "wss") or not _has_address(parsed):
+            shown = f"{parsed.scheme}://{parsed.hostname or ''}" if parsed.scheme else "a server"
+            return (f"{shown}... is not a NATS server URL: use nats://HOST:PORT (or tls://, ws://, "
+                    "wss://), several separated by commas")
+    return None
 
 
 def _has_address(parsed: SplitResult) -> bool:

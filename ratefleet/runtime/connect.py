@@ -17,8 +17,9 @@ from nats.aio.client import Client as NatsClient
 
 from ratefleet.runtime.logs import get_logger, redact_text
 from ratefleet.runtime.nats_auth import connect_options, secret_values
+from ratefleet.schemas.config import nats_url_problem
 from ratefleet.schemas.config_nats import NatsAuthConfig
-from ratefleet.schemas.errors import NatsUnavailable
+from ratefleet.schemas.errors import ConfigError, NatsUnavailable
 
 log = get_logger("ratefleet.nats")
 
@@ -60,6 +61,16 @@ def _url_secrets(url: str) -> list[str]:
             info = part.split("://", 1)[-1].rpartition("@")[0]
             found += [p for p in (info.partition(":")[2] if ":" in info else info,) if p]
     return found
+
+
+def check_url(url: str) -> list[str]:
+    """The servers of `url` (`server_list`); ConfigError when it is no NATS URL (a scheme other
+    than nats://, tls://, ws://, wss://, no host, a port outside 1-65535: `nats_url_problem`),
+    at once: before, a port of 99999 raised a bare ValueError, `http://...` retried for 30 s."""
+    problem = nats_url_problem(url)
+    if problem:
+        raise ConfigError(f"NATS URL {redact_url(url)!r}: {problem}")
+    return server_list(url)
 
 
 def server_list(url: str) -> list[str]:
@@ -114,14 +125,16 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
     only). Long-running roles reconnect forever; clients give up after ~30 s down. Raises
     NatsUnavailable (nothing answers, or the server refused us) and ConfigError (a
     credential reference cannot be resolved), both without any credential in the message."""
+    servers = check_url(url)
     options = connect_options(auth)
     scrub = _Scrubber(url, secret_values(options) + _url_secrets(url))
 
     if not forever:
-        if not await _any_answers(server_list(url), connect_timeout):
+        if not await _any_answers(servers, connect_timeout):
             raise NatsUnavailable(f"nothing answers at {redact_url(url)}; start NATS with `ratefleet up`, "
                                   "or pass --nats URL")
     holder: list[NatsClient] = []
+    first_failures = 0  # failed tries of the first connect
 
     async def on_disconnect() -> None:
         if holder and (holder[0].is_closed or holder[0].is_draining):
@@ -135,8 +148,15 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
         log.info("nats reconnected", url=redact_url(url), publishes_resent=interrupted)
 
     async def on_error(exc: Exception) -> None:
-        if not holder[0].is_connected and not holder[0].is_reconnecting and _refused(exc):
-            raise _Refused(exc)  # the first connect: wrong credentials or TLS fail now, not retried forever
+        nonlocal first_failures
+        if not holder[0].is_connected and not holder[0].is_reconnecting:  # the first connect
+            first_failures += 1
+            if _refused(exc):
+                raise _FirstConnectFailed(exc)  # wrong credentials or TLS fail now, not retried forever
+            if not forever and first_failures >= len(servers):
+                # each server tried once: something answered TCP (checked above) but no NATS handshake
+                # came (a wrong port: an HTTP server, NATS' monitoring port): 60 more tries took 5.5 min
+                raise _FirstConnectFailed(exc)
         # also where exceptions escaping a subscription callback end up
         if _expected_denial(str(exc)):
             log.debug("nats refused an optional read", detail=scrub(str(exc))[:300])
@@ -147,14 +167,14 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
     holder.append(NatsClient())
     try:
         await holder[0].connect(
-            server_list(url), name=name, connect_timeout=connect_timeout, allow_reconnect=True,
+            servers, name=name, connect_timeout=connect_timeout, allow_reconnect=True,
             max_reconnect_attempts=-1 if forever else 60, reconnect_time_wait=0.5,
             disconnected_cb=on_disconnect, reconnected_cb=on_reconnect, error_cb=on_error,
             pending_size=64 * 1024 * 1024, **options,
             **({"ping_interval": PING_INTERVAL_S, "max_outstanding_pings": MAX_OUTSTANDING_PINGS} if forever else {}),
         )
     except Exception as exc:  # nats raises several unrelated types for "nobody there"
-        cause = exc.cause if isinstance(exc, _Refused) else exc
+        cause = exc.cause if isinstance(exc, _FirstConnectFailed) else exc
         with contextlib.suppress(Exception):
             await holder[0].close()
         raise NatsUnavailable(f"cannot reach NATS at {redact_url(url)} ({type(cause).__name__}: "
@@ -214,8 +234,9 @@ def refused(subject: str) -> bool:
     return subject.lower() in (denied.lower() for denied in _DENIED)
 
 
-class _Refused(Exception):
-    """Raised from the error callback to end nats-py's first-connect loop on a refusal."""
+class _FirstConnectFailed(Exception):
+    """Raised from the error callback to end nats-py's first-connect loop (a refusal, or every
+    server tried once without a NATS handshake)."""
 
     def __init__(self, cause: Exception):
         super().__init__(str(cause))
@@ -234,4 +255,7 @@ def _hint(exc: Exception) -> str:
         return "the server refused the credentials: check [nats] user/password, token, nkey_seed, creds or the URL"
     if isinstance(exc, ssl.SSLError):
         return "TLS failed: check [nats] tls_ca, tls_cert, tls_key and the server's certificate"
+    if isinstance(exc, (TimeoutError, nats.errors.Error)) and not isinstance(exc, nats.errors.NoServersError):
+        return ("something accepts connections there but no NATS server answered: check the host and port "
+                "(NATS clients connect to 4222 by default; 8222 is its monitoring port)")
     return "start one with `ratefleet up`, or pass --nats URL"
