@@ -48,7 +48,7 @@ def cancel(batch: str = typer.Option(..., "--batch", "-b", metavar="NAME", help=
 
 async def _cancel(batch: str, force: bool, url: str, prefix: str, auth, config_args: tuple[str, ...] = ()) -> list[str]:
     """(an error or "", then the lines to print)."""
-    async with await Client.connect(url, prefix=prefix, auth=auth) as client:
+    async with await Client.connect(url, prefix=prefix, auth=auth, reconnect_forever=False) as client:
         js, subjects = client.js, client.subjects
         record = await load_record(js, subjects, batch)
         stored = await count_results(client, batch)

@@ -236,7 +236,7 @@ def request(job: str = typer.Argument(..., help="Job JSON, @FILE, or - (standard
 
     async def go():
         nonlocal sent
-        async with await Client.connect(target.url, prefix=target.prefix, auth=target.nats) as client:
+        async with await Client.connect(target.url, prefix=target.prefix, auth=target.nats, reconnect_forever=False) as client:
             problem = await check_tier(client, tier)
             if problem:
                 return problem
@@ -283,7 +283,7 @@ def status(config: Path | None = ConfigOpt, nats: str | None = NatsOpt, prefix: 
         raise typer.Exit(_run(run_watch, target.url, target.prefix, interval, make_console(), target.nats))
 
     async def go():
-        async with await Client.connect(target.url, prefix=target.prefix, auth=target.nats) as client:
+        async with await Client.connect(target.url, prefix=target.prefix, auth=target.nats, reconnect_forever=False) as client:
             answer = await client.status()
             stored = None
             if not as_json and target.source != "<defaults>" and answer.get("config_revision") is not None:

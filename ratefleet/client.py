@@ -101,11 +101,12 @@ class Client:
         self.subjects = Subjects(prefix)
         self.bodies = BodyStore(self.js, self.subjects.bodies_bucket)
         self.replies = ReplyInbox(nc)  # one reply subscription for every `request`
+        self._closed_here = False  # `close()` was called (else a closed connection gave up reconnecting)
 
     @classmethod
     async def connect(cls, url: str = DEFAULT_NATS_URL, *, prefix: str = "ratefleet",
                       name: str = "ratefleet-client", auth: NatsAuthConfig | None = None,
-                      connect_timeout: float = 5.0) -> Client:
+                      connect_timeout: float = 5.0, reconnect_forever: bool = True) -> Client:
         """Connect to the fleet's NATS at `url` (credentials may ride in it: `nats://user:password@host`;
         several servers: comma-separated).
 
@@ -115,8 +116,16 @@ class Client:
         NatsUnavailable (nothing answers: at once, or after `connect_timeout` seconds per server
         when something answers TCP but no NATS handshake comes; or the server refused the
         credentials: at once) and ConfigError (`url` is no NATS URL, or a secret reference cannot
-        be read); neither message holds a credential."""
-        return cls(await connect(url, name=name, forever=False, auth=auth, connect_timeout=connect_timeout), prefix)
+        be read); neither message holds a credential.
+
+        `reconnect_forever` (default True, what a long-lived service wants): a connection lost
+        later is re-established for as long as NATS is away; meanwhile `submit` fails after its
+        30 s of retries and `request` after its `timeout`, and both work again once NATS is back.
+        False (the CLI's commands): give up after about 30 s of reconnecting; the Client is closed
+        then and every call raises NatsUnavailable at once, saying so."""
+        nc = await connect(url, name=name, forever=reconnect_forever, fail_fast=True, auth=auth,
+                           connect_timeout=connect_timeout)
+        return cls(nc, prefix)
 
     async def __aenter__(self) -> Client:
         return self
@@ -126,12 +135,28 @@ class Client:
 
     @translated("closing the connection")
     async def close(self) -> None:
-        if not self.nc.is_closed:
+        """Close the connection (what was published is flushed first). Every later call raises
+        NatsUnavailable at once."""
+        self._closed_here = True
+        if not self.nc.is_closed and not self.nc.is_draining:
             await self.nc.drain()
+
+    def _open(self) -> None:
+        """NatsUnavailable at once when this Client's connection is closed or closing: nothing
+        sent through it could arrive (before, a submit retried a closed connection for 30 s and
+        then asked whether the NATS server was up)."""
+        if not (self.nc.is_closed or self.nc.is_draining or self._closed_here):
+            return
+        why = ("Client.close() was called, or its `async with` block ended" if self._closed_here else
+               "its connection was closed: it gives up after about 30 s of NATS unreachable with "
+               "reconnect_forever=False")
+        raise NatsUnavailable(f"this Client is closed ({why}); connect a new one with Client.connect")
 
     @translated("storing a job")
     async def submit(self, job: JobLike, tier: str, *, batch: str | None = None) -> str:
-        """Store one job durably and return its id. Raises QueueFull, JobInvalid, SubmitError."""
+        """Store one job durably and return its id. Raises QueueFull, JobInvalid, SubmitError,
+        NatsUnavailable (this Client is closed)."""
+        self._open()
         model = as_job(job, batch=batch)
         await self._publish(tier, model, repeat=_has_own_id(job))  # own id: maybe resent past the dedup window
         return model.id
@@ -139,7 +164,9 @@ class Client:
     async def submit_for_reply(self, job: JobLike, tier: str, reply_to: str) -> Job:
         """Store one job durably whose Result is then also published to `reply_to` (subscribe
         there first); a streamed answer's chunks go to `<reply_to>.s` as they are read
-        (workers/relay.py). Returns the job as stored. Raises QueueFull, JobInvalid, SubmitError."""
+        (workers/relay.py). Returns the job as stored. Raises QueueFull, JobInvalid, SubmitError,
+        NatsUnavailable (this Client is closed)."""
+        self._open()
         model = as_job(job)
         await self._publish(tier, model, reply_to=reply_to)
         return model
@@ -169,6 +196,7 @@ class Client:
         unknown tier) no further job is sent and the error says how many were stored.
         `repeat`: as for `submit_stream` (jobs sent again under ids stored before).
         """
+        self._open()
         models = [as_job(job, batch=batch) for job in jobs]
         for model in models:
             self._payload(model)  # JobInvalid for a job too large, before anything is sent
@@ -199,6 +227,7 @@ class Client:
         its id is held or being called (one Result lookup per job at intake; see README, Wire
         contract).
         """
+        self._open()
         pending: deque[tuple[Job, bytes, asyncio.Future | None]] = deque()
         async with PublishPipe(self.nc) as pipe:
             try:
@@ -265,6 +294,7 @@ class Client:
         Result and nothing is sent. Raises RequestTimeout, BodyUnavailable, SubmitError."""
         if not math.isfinite(timeout) or timeout <= 0:  # before the job is stored: it would run (and be paid) unseen
             raise ValueError(f"timeout must be a number of seconds above 0, not {timeout!r}")
+        self._open()
         model = as_job(job)
         if _has_own_id(job):
             # a repeat of an id with a Result: JetStream's dedup forgets the id after duplicate_window_s,
@@ -375,7 +405,9 @@ class Client:
         """The stored Result of one job (its body fetched when it has a `body_ref`), or None
         when it has none yet. A NATS that does not answer is asked again for `retry_for`
         seconds, then NatsUnavailable is raised (no answer is not "no Result"). Raises
-        BodyUnavailable when the referenced body is gone."""
+        BodyUnavailable when the referenced body is gone, NatsUnavailable at once when this
+        Client is closed."""
+        self._open()
         data = await read_result(self.js, self.subjects, job_id, "*" if batch is None else batch, retry_for=retry_for)
         return None if data is None else await self.bodies.resolve(Result.from_json(data))
 
@@ -385,6 +417,7 @@ class Client:
         """Results of a batch (`None`: jobs without a batch). Stops when caught up unless `follow`.
 
         Referenced bodies are fetched and filled in (BodyUnavailable when one is gone)."""
+        self._open()
         # the stream named: no $JS.API.STREAM.NAMES lookup (a producer's account permissions need not allow it)
         sub = await self.js.subscribe(self.subjects.batch_results(batch), stream=self.subjects.results_stream,
                                       ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
@@ -425,6 +458,7 @@ class Client:
         """The fleet's status (tiers, keys, workers) from the leader dispatcher. Raises
         DispatcherUnavailable when none answers within `timeout` seconds, NatsUnavailable
         when NATS itself is gone."""
+        self._open()
         try:
             reply = await self.nc.request(self.subjects.admin_status, b"", timeout=timeout)
         except (NoRespondersError, TimeoutError) as exc:  # (nats' TimeoutError is a TimeoutError)

@@ -48,7 +48,7 @@ def run_demo(guest_jobs: int = 400, vip_jobs: int = 20, workers: int = 2) -> int
 
 async def _drive(console: Console, fleet: LocalFleet, guest_jobs: int, vip_jobs: int) -> int:
     upstream = fleet.upstream
-    async with await Client.connect(fleet.nats_url) as client:
+    async with await Client.connect(fleet.nats_url, reconnect_forever=False) as client:
         console.print("[bold]ratefleet demo[/bold]: embedded NATS, mock upstream with 4 keys "
                       f"({sum(DEMO_KEYS.values())} req/s in all), 1 dispatcher, {fleet.workers} workers")
         await fleet.wait_ready(client)

@@ -82,7 +82,7 @@ async def list_dead(url: str, prefix: str, tier: str | None, limit: int, as_json
                     codes: frozenset[str] | None = None) -> None:
     """Print the first `limit` letters (of `batch` only, with one of `codes` only, when given);
     when more are stored, say how many on stderr (and in the title)."""
-    async with await Client.connect(url, prefix=prefix, auth=auth) as client:
+    async with await Client.connect(url, prefix=prefix, auth=auth, reconnect_forever=False) as client:
         letters, left = await read_dead_page(client, tier, limit, batch, codes)
     if as_json:
         for _seq, letter in letters:
@@ -124,7 +124,7 @@ async def replay_dead(url: str, prefix: str, tier: str | None, job_id: str | Non
 
     Returns (original job id, new job id) pairs in replay order."""
     replayed: list[tuple[str, str]] = []
-    async with await Client.connect(url, prefix=prefix, auth=auth) as client:
+    async with await Client.connect(url, prefix=prefix, auth=auth, reconnect_forever=False) as client:
         for seq, letter in await read_dead(client, tier, batch=batch, codes=codes):
             job = letter.get("job")
             if not job or (job_id and letter.get("job_id") != job_id):

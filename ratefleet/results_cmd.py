@@ -160,7 +160,7 @@ def result(job_id: str = typer.Argument(..., help="a job id"), config: Path | No
     target = client_target(config, nats, prefix)
 
     async def lookup() -> Result | None:
-        async with await Client.connect(target.url, prefix=target.prefix, auth=target.nats) as client:
+        async with await Client.connect(target.url, prefix=target.prefix, auth=target.nats, reconnect_forever=False) as client:
             return await client.stored_result(job_id)
 
     found = _run(lookup)
@@ -184,7 +184,7 @@ def _run(fn, *args):
 async def _collect_batch(console: Console, batch: str, wait: bool, out: Path | None, by_input: bool,
                          url: str, prefix: str, out_format: str = "ratefleet",
                          auth: NatsAuthConfig | None = None, config_args: tuple[str, ...] = ()) -> int:
-    async with await Client.connect(url, prefix=prefix, auth=auth) as client:
+    async with await Client.connect(url, prefix=prefix, auth=auth, reconnect_forever=False) as client:
         record = await load_record(client.js, client.subjects, batch)
         if wait and record is None:
             console.print(f"error: batch {batch} has no record (it was not sent with `ratefleet submit`, or it "

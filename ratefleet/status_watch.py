@@ -145,5 +145,5 @@ async def run_watch(url: str, prefix: str, interval: float, console: Console, au
     `watch` the fleet's status."""
     from ratefleet.client import Client
 
-    async with await Client.connect(url, prefix=prefix, auth=auth) as client:
+    async with await Client.connect(url, prefix=prefix, auth=auth, reconnect_forever=False) as client:
         return await watch(lambda: client.status(timeout=max(1.0, min(interval, 3.0))), interval, console)

@@ -175,7 +175,8 @@ async def _connected(run: Run, work: _Work, file: Path, skip_invalid: bool,
     async with contextlib.AsyncExitStack() as stack:
         problem: str | None = None
         with work.step():  # Ctrl-C while connecting or checking the tier: the client (if any) is closed
-            client = await stack.enter_async_context(await Client.connect(run.url, prefix=run.prefix, auth=auth))
+            client = await stack.enter_async_context(await Client.connect(run.url, prefix=run.prefix, auth=auth,
+                                                                          reconnect_forever=False))
             problem = await check_tier(client, run.tier)
         if run.interrupted:
             say(f"interrupted before anything was sent; run it again with: {run.submit_command()}")

@@ -100,6 +100,7 @@ async def _any_answers(urls: list[str], timeout: float) -> bool:
 PING_INTERVAL_S = 10.0  # long-running roles: a PING this often; MAX_OUTSTANDING_PINGS unanswered = stale
 MAX_OUTSTANDING_PINGS = 3  # (nats-py's defaults, 120 s x 2, left a half-dead connection unnoticed for ~5 min)
 PATIENT_FLUSH_S = 600.0  # how long a timed-out `flush` still waits for its PONG in the background
+GIVE_UP_ATTEMPTS = 60  # reconnects, 0.5 s apart, of a connection that gives up (`forever=False`): ~30 s down
 
 
 async def flush(nc: NatsClient, timeout: float) -> None:
@@ -119,17 +120,22 @@ async def flush(nc: NatsClient, timeout: float) -> None:
 
 
 async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever: bool = True,
-                  auth: NatsAuthConfig | None = None) -> NatsClient:
+                  auth: NatsAuthConfig | None = None, fail_fast: bool | None = None) -> NatsClient:
     """Connect to `url` (one server, or a comma-separated list of a cluster's servers: a
     disconnect moves on to another) with the credentials and TLS of `auth` (`[nats]`; None: the URL's
-    only). Long-running roles reconnect forever; clients give up after ~30 s down. Raises
+    only). `forever`: once connected, reconnect for as long as NATS is away (long-running roles, an
+    application's Client); False: give up after GIVE_UP_ATTEMPTS reconnects, ~30 s down (CLI
+    commands), the connection is closed then. `fail_fast` (default: `not forever`): the first
+    connect raises when nothing answers or no NATS handshake comes, instead of waiting for a
+    server to appear as the roles do. Raises
     NatsUnavailable (nothing answers, or the server refused us) and ConfigError (a
     credential reference cannot be resolved), both without any credential in the message."""
     servers = check_url(url)
     options = connect_options(auth)
     scrub = _Scrubber(url, secret_values(options) + _url_secrets(url))
+    fail_fast = not forever if fail_fast is None else fail_fast
 
-    if not forever:
+    if fail_fast:
         if not await _any_answers(servers, connect_timeout):
             raise NatsUnavailable(f"nothing answers at {redact_url(url)}; start NATS with `ratefleet up`, "
                                   "or pass --nats URL")
@@ -153,7 +159,7 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
             first_failures += 1
             if _refused(exc):
                 raise _FirstConnectFailed(exc)  # wrong credentials or TLS fail now, not retried forever
-            if not forever and first_failures >= len(servers):
+            if fail_fast and first_failures >= len(servers):
                 # each server tried once: something answered TCP (checked above) but no NATS handshake
                 # came (a wrong port: an HTTP server, NATS' monitoring port): 60 more tries took 5.5 min
                 raise _FirstConnectFailed(exc)
@@ -168,7 +174,7 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
     try:
         await holder[0].connect(
             servers, name=name, connect_timeout=connect_timeout, allow_reconnect=True,
-            max_reconnect_attempts=-1 if forever else 60, reconnect_time_wait=0.5,
+            max_reconnect_attempts=-1 if forever else GIVE_UP_ATTEMPTS, reconnect_time_wait=0.5,
             disconnected_cb=on_disconnect, reconnected_cb=on_reconnect, error_cb=on_error,
             pending_size=64 * 1024 * 1024, **options,
             **({"ping_interval": PING_INTERVAL_S, "max_outstanding_pings": MAX_OUTSTANDING_PINGS} if forever else {}),

@@ -20,7 +20,7 @@ from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.streams import stream_gone
 from ratefleet.runtime.tracing import current_headers
 from ratefleet.schemas import Result, Subjects
-from ratefleet.schemas.errors import QueueFull, ResultNotStored, SubmitError, UnknownTier
+from ratefleet.schemas.errors import NatsUnavailable, QueueFull, ResultNotStored, SubmitError, UnknownTier
 from ratefleet.schemas.job import FORBIDDEN_HEADERS, normalised_header_name
 from ratefleet.schemas.wire import dumps_safe
 
@@ -48,7 +48,8 @@ TRANSIENT = (TimeoutError, asyncio.TimeoutError, nats.errors.ConnectionClosedErr
 async def retrying(operation: Callable[[], Awaitable[T]], *, for_s: float,
                    permanent: Callable[[BaseException], Awaitable[bool]] | None = None,
                    gone: Callable[[], Awaitable[Any]] | None = None) -> T:
-    """Run `operation`, retrying transient NATS failures (a restart, a reconnect) for `for_s`.
+    """Run `operation`, retrying transient NATS failures (a restart, a reconnect) for `for_s`;
+    a closed connection (ConnectionClosedError) is raised at once, as it never reopens.
     With `gone`, a stream or bucket found missing (`streams.stream_gone`: NATS restarting, or
     it lost its store) is retried too, `gone()` awaited first (e.g. a Rebuilder's rebuild).
 
@@ -62,6 +63,8 @@ async def retrying(operation: Callable[[], Awaitable[T]], *, for_s: float,
             return await operation()
         except Exception as exc:
             healing = gone is not None and stream_gone(exc)
+            if isinstance(exc, nats.errors.ConnectionClosedError):
+                raise  # closed (by its owner, or it gave up reconnecting): a closed connection never reopens
             if not healing and (not isinstance(exc, TRANSIENT) or (isinstance(exc, APIError) and exc.err_code is not None)):
                 raise  # not NATS away, or the server refused (queue full, already stored): retrying cannot help
             if time.monotonic() + delay > deadline or (permanent is not None and await permanent(exc)):
@@ -200,6 +203,10 @@ async def publish_job_ack(js: JetStreamContext, subjects: Subjects, tier: str, j
         raise SubmitError(f"no JetStream stream answered for {subjects.jobs(tier)} for {retry_for:.0f}s (JetStream "
                           f"not enabled on this NATS server, or {subjects.jobs_stream} without a leader); job {job_id} "
                           "was NOT stored. Retry later; resubmitting with the same id is safe") from None
+    except nats.errors.ConnectionClosedError:
+        raise NatsUnavailable(f"the connection to NATS is closed, so job {job_id} could not be stored (if its "
+                              "publish was under way as it closed, it may be stored: resubmitting it with the same "
+                              "id on a new connection is safe)") from None
     except TRANSIENT as exc:
         raise SubmitError(f"NATS did not confirm job {job_id} for {retry_for:.0f}s ({type(exc).__name__}); it may or "
                           "may not be stored: is the NATS server up? Resubmitting with the same id is safe") from None

@@ -15,6 +15,8 @@ pytestmark = pytest.mark.anyio
 
 
 class NC:
+    is_closed = is_draining = False
+
     def __init__(self, connected: bool) -> None:
         self.is_connected = connected
 

@@ -77,7 +77,7 @@ async def test_a_closed_connection_is_nats_unavailable_for_every_client_call(nat
         with pytest.raises(RatefleetError) as caught:
             await call()
         assert isinstance(caught.value, NatsUnavailable), (name, caught.value)
-        assert "connection was lost" in str(caught.value)
+        assert "this Client is closed" in str(caught.value) and "connect a new one" in str(caught.value)
 
 
 @pytest.mark.anyio

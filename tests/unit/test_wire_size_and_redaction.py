@@ -50,6 +50,7 @@ def test_intake_and_rpc_refuse_a_job_whose_assignment_would_not_fit():
 
 class SizedNats:
     max_payload = MIB
+    is_closed = is_draining = False
 
     def jetstream(self):
         return None
