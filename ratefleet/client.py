@@ -290,26 +290,43 @@ class Client:
     async def request(self, job: JobLike, tier: str, *, timeout: float = 30.0) -> Result:
         """Submit one job and wait for its Result (over the reply inbox), its body fetched
         when the reply carries a `body_ref`. `timeout`: seconds, above 0 (ValueError else, before
-        anything is sent). A job with its own `id` that already has a stored Result gets that
-        Result and nothing is sent. Raises RequestTimeout, BodyUnavailable, SubmitError."""
+        anything is sent), for the whole call, storing the job included (a NATS outage too), plus
+        at most 2 x WHY_TIMEOUT_S after it to say why. A job with its own `id` that already has a
+        stored Result gets that Result and nothing is sent. Raises RequestTimeout (`job_id`,
+        `reason`), BodyUnavailable, SubmitError (QueueFull, UnknownTier, JobInvalid: nothing
+        stored), NatsUnavailable (this Client is closed)."""
         if not math.isfinite(timeout) or timeout <= 0:  # before the job is stored: it would run (and be paid) unseen
             raise ValueError(f"timeout must be a number of seconds above 0, not {timeout!r}")
         self._open()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         model = as_job(job)
-        if _has_own_id(job):
-            # a repeat of an id with a Result: JetStream's dedup forgets the id after duplicate_window_s,
-            # and an id refused over rpc has a Result but no JOBS message; published, it would be paid again
-            # (not known, NATS not answering: NatsUnavailable, nothing sent; sent, it could be paid twice)
-            stored = await self.stored_result(model.id, retry_for=min(READ_RETRY_S, timeout / 2))
-            if stored is not None:
-                return stored
-        inbox, reply = await self.replies.expect()
         try:
-            # an own id may be a retry past the dedup window while the first copy is queued or running
-            fresh = await self._publish(tier, model, reply_to=inbox, repeat=_has_own_id(job))
+            async with asyncio.timeout_at(deadline):  # storing it rides out a NATS restart, within `timeout`
+                if _has_own_id(job):
+                    # a repeat of an id with a Result: JetStream's dedup forgets the id after duplicate_window_s,
+                    # and an id refused over rpc has a Result but no JOBS message; published, it would be paid again
+                    # (not known, NATS not answering: NatsUnavailable, nothing sent; sent, it could be paid twice)
+                    stored = await self.stored_result(model.id, retry_for=min(READ_RETRY_S, timeout / 2))
+                    if stored is not None:
+                        return stored
+                inbox, reply = await self.replies.expect()
+                try:
+                    # an own id may be a retry past the dedup window while the first copy is queued or running
+                    fresh = await self._publish(tier, model, reply_to=inbox, repeat=_has_own_id(job))
+                except BaseException:
+                    self.replies.discard(inbox)
+                    raise
+        except TimeoutError:
+            raise RequestTimeout(f"no result for job {model.id} within {timeout}s: NATS did not confirm storing it "
+                                 "(the connection to NATS is away, reconnecting); it may still be stored once NATS is "
+                                 f"back, and then runs (and is paid): collect it later with `ratefleet result "
+                                 f"{model.id}` (or Client.stored_result), or request it again with the same id",
+                                 job_id=model.id, reason="nats_unavailable") from None
+        try:
             if not fresh:  # (its stored Result was looked for just before: a duplicate has an own id)
                 await self._follow_over_rpc(tier, model, inbox)  # answered once it is stored, also if meanwhile
-            msg = await self._reply_or_stored(reply, model.id, timeout, duplicate=not fresh)
+            msg = await self._reply_or_stored(reply, model.id, deadline - loop.time(), duplicate=not fresh)
             if msg is None:
                 reason, why = await self._why_unrun()
                 raise RequestTimeout(f"no result for job {model.id} within {timeout}s; {why}: collect it later with "
@@ -343,10 +360,11 @@ class Client:
                 except TimeoutError:  # (nats.errors.TimeoutError is one); other errors say what they are
                     pass
             out_of_time = deadline - loop.time() <= 0
-            if duplicate or out_of_time or self._reconnects() != reconnects:
-                try:  # asked again within what is left of the wait; no answer: the wait goes on
-                    stored = await self.stored_result(job_id, retry_for=max(0.0, min(pause, deadline - loop.time())))
-                except NatsError:  # (NatsUnavailable is one)
+            if self.nc.is_connected and (duplicate or out_of_time or self._reconnects() != reconnects):
+                try:  # (a read waits for a reconnect: at most what is left of the wait, WHY_TIMEOUT_S at its end)
+                    left = max(WHY_TIMEOUT_S, deadline - loop.time())
+                    stored = await asyncio.wait_for(self.stored_result(job_id, retry_for=min(pause, left)), left)
+                except (TimeoutError, NatsError):  # no answer: the wait goes on (NatsUnavailable is a NatsError)
                     stored = None
                 if stored is not None:
                     return stored
@@ -371,7 +389,8 @@ class Client:
         the job at all, from one status request of at most WHY_TIMEOUT_S. (reason, text)."""
         still_runs = "it is stored and still runs"
         if not self.nc.is_connected:
-            return None, still_runs
+            return "nats_unavailable", ("the connection to NATS is away (reconnecting), so its Result cannot come "
+                                        "yet; the job is stored and runs (and is paid) whether or not it is answered")
         try:
             with denial_expected(self.subjects.admin_status):
                 reply = await self.nc.request(self.subjects.admin_status, b"", timeout=WHY_TIMEOUT_S)

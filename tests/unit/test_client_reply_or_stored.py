@@ -20,7 +20,7 @@ STORED = Result(job_id="j1", status="succeeded", tier="vip")
 def client(reads: list[float]) -> Client:
     """A Client with a stand-in connection (its reconnect count) and stored-Result reader."""
     made = Client.__new__(Client)
-    made.nc = SimpleNamespace(stats={"reconnects": 0})  # type: ignore[assignment]
+    made.nc = SimpleNamespace(stats={"reconnects": 0}, is_connected=True)  # type: ignore[assignment]
 
     async def stored_result(job_id: str, batch: str | None = None, **_: object) -> Result | None:
         reads.append(time.monotonic())
