@@ -102,6 +102,7 @@ class Client:
         self.bodies = BodyStore(self.js, self.subjects.bodies_bucket)
         self.replies = ReplyInbox(nc)  # one reply subscription for every `request`
         self._closed_here = False  # `close()` was called (else a closed connection gave up reconnecting)
+        self._pipes: set[PublishPipe] = set()  # those of the `submit_stream`s under way, abandoned on close
 
     @classmethod
     async def connect(cls, url: str = DEFAULT_NATS_URL, *, prefix: str = "ratefleet",
@@ -135,11 +136,24 @@ class Client:
 
     @translated("closing the connection")
     async def close(self) -> None:
-        """Close the connection (what was published is flushed first). Every later call raises
-        NatsUnavailable at once."""
+        """Close the connection (what was published is flushed first, when connected). Calls
+        under way end at once: a `request` waiting for its Result and a `submit_many` /
+        `submit_stream` waiting for acknowledgements raise NatsUnavailable saying the Client was
+        closed (their jobs stored so far still run); every later call raises it too. Never raises
+        for NATS being away (then nothing is flushed)."""
         self._closed_here = True
-        if not self.nc.is_closed and not self.nc.is_draining:
-            await self.nc.drain()
+        self.replies.abandon()
+        for pipe in list(self._pipes):
+            pipe.abandon()
+        if self.nc.is_closed or self.nc.is_draining:
+            return
+        if self.nc.is_connected:
+            try:
+                await self.nc.drain()
+                return
+            except Exception:  # noqa: BLE001 - NATS went away while draining: close without it
+                pass
+        await self.nc.close()  # reconnecting: nothing can be flushed, and the reconnects must stop
 
     def _open(self) -> None:
         """NatsUnavailable at once when this Client's connection is closed or closing: nothing
@@ -208,7 +222,7 @@ class Client:
                 stored += 1
                 if progress:
                     progress(1)
-        except SubmitError as exc:
+        except (SubmitError, NatsUnavailable) as exc:
             raise type(exc)(f"{exc} ({stored} of {len(models)} jobs stored before that)") from None
         return [model.id for model in models]
 
@@ -230,12 +244,14 @@ class Client:
         self._open()
         pending: deque[tuple[Job, bytes, asyncio.Future | None]] = deque()
         async with PublishPipe(self.nc) as pipe:
+            self._pipes.add(pipe)
             try:
                 async for stored in self._pipeline(pipe, jobs, tier, pending, window, ack_timeout, repeat):
                     yield stored
             finally:
+                self._pipes.discard(pipe)
                 for _, _, future in pending:  # stopped early: the rest is not waited for
-                    if future is not None and not future.cancel():
+                    if future is not None and not future.cancel() and not future.cancelled():
                         future.exception()  # settled: mark it seen (no "never retrieved" noise)
 
     async def _pipeline(self, pipe: PublishPipe, jobs: Iterable[Job], tier: str, pending: deque, window: int,
@@ -264,6 +280,11 @@ class Client:
                 return Stored(job, bool(ack.duplicate), ack.seq)
             except Exception:  # noqa: BLE001 - refused, lost or late: the one-by-one path says which
                 pass
+            except asyncio.CancelledError:
+                if not future.cancelled() or _being_cancelled():
+                    raise
+                # (the future alone was cancelled: this Client closing, `_open` below says so)
+        self._open()
         ack = await publish_job_ack(self.js, self.subjects, tier, job.id, payload, trace=trace)
         return Stored(job, bool(ack.duplicate), ack.seq)
 
@@ -326,7 +347,15 @@ class Client:
         try:
             if not fresh:  # (its stored Result was looked for just before: a duplicate has an own id)
                 await self._follow_over_rpc(tier, model, inbox)  # answered once it is stored, also if meanwhile
-            msg = await self._reply_or_stored(reply, model.id, deadline - loop.time(), duplicate=not fresh)
+            try:
+                msg = await self._reply_or_stored(reply, model.id, deadline - loop.time(), duplicate=not fresh)
+            except asyncio.CancelledError:
+                if not (reply.cancelled() and self._closed_here) or _being_cancelled():
+                    raise
+                raise NatsUnavailable(f"this Client was closed while the request for job {model.id} waited for its "
+                                      "Result; the job is stored and runs (and is paid) all the same: collect its "
+                                      f"Result later with `ratefleet result {model.id}` (or Client.stored_result "
+                                      "on a new Client)") from None
             if msg is None:
                 reason, why = await self._why_unrun()
                 raise RequestTimeout(f"no result for job {model.id} within {timeout}s; {why}: collect it later with "
@@ -446,8 +475,12 @@ class Client:
                     msg = await sub.next_msg(timeout=idle_timeout)
                 except TimeoutError:
                     if follow:
+                        self._open()  # closed meanwhile: say so, not "the connection was lost"
                         continue
                     return
+                except Exception:
+                    self._open()
+                    raise
                 yield await self.bodies.resolve(Result.from_json(msg.data))
                 if not follow and msg.metadata.num_pending == 0:
                     return
@@ -500,6 +533,12 @@ def _key_ready(key: Any) -> bool:
 def _has_own_id(job: JobLike) -> bool:
     """Whether the caller gave the job its id (a generated one cannot have a Result yet)."""
     return (job.id if isinstance(job, Job) else job.get("id")) is not None
+
+
+def _being_cancelled() -> bool:
+    """Whether the current task has a cancellation pending (its own, not a future it awaits)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _settled(future: asyncio.Future | None) -> bool:

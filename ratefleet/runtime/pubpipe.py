@@ -57,6 +57,10 @@ class PublishPipe:
     async def __aexit__(self, *exc: object) -> None:
         await self._replies.close()
 
+    def abandon(self) -> None:
+        """Cancel the futures of every publish still waiting for its PubAck (the owner closing)."""
+        self._replies.abandon()
+
     async def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> asyncio.Future:
         """Send one message; the returned future resolves with its PubAck or the server's refusal."""
         reply, future = await self._replies.expect()

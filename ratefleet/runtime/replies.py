@@ -76,6 +76,13 @@ class ReplyInbox:
                 self._sub = await self.nc.subscribe(prefix + ".*", cb=self._on_reply)
                 self.prefix = prefix
 
+    def abandon(self) -> None:
+        """Cancel every future still waiting (their awaiters see CancelledError without being
+        cancelled themselves: the owner closing); the subscription stays until `close`."""
+        waiting, self._waiting = self._waiting, {}
+        for future in waiting.values():
+            future.cancel()
+
     async def close(self) -> None:
         """Cancel every future still waiting and unsubscribe (nothing to undo when the
         connection is closed already)."""

@@ -1,0 +1,63 @@
+"""Leaving `async with Client` (an app shutting down) while calls are under way ends them at
+once with an error that says the Client was closed, and closing during a NATS outage closes
+quietly. Before: requests in flight waited their whole timeout (30 s by default) and then said
+"no result ... it is stored and still runs"; a `submit_many` in flight retried for 39 s and
+said "is the NATS server up?"; `close()` while NATS was away raised NatsUnavailable
+(ConnectionReconnectingError from drain) and left the connection reconnecting. Real
+nats-server, no fleet (nothing answers the requests)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from faultkit import restartable_nats, until
+
+from ratefleet import Client, NatsUnavailable
+from ratefleet.runtime.streams import ensure_topology
+from ratefleet.schemas.config import parse_config
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
+JOB = {"request": {"path": "/v1/chat/completions", "json": {"model": "m"}}}
+
+
+async def outcome(call) -> tuple[float, BaseException | None]:
+    started = time.monotonic()
+    try:
+        await call
+    except BaseException as exc:  # noqa: BLE001 - what the caller sees is the point
+        return time.monotonic() - started, exc
+    return time.monotonic() - started, None
+
+
+async def test_closing_ends_requests_and_submits_under_way_at_once(nats_server):
+    async with await Client.connect(nats_server.url) as client:
+        await ensure_topology(client.js, parse_config({}))
+        requests = [asyncio.ensure_future(outcome(client.request(JOB, "guest", timeout=30))) for _ in range(3)]
+        batch = asyncio.ensure_future(outcome(client.submit_many([JOB] * 20_000, "guest")))
+        await until(lambda: client.replies.waiting == 3, 20, interval=0.01, what="the requests waiting")
+
+        async def some_of_the_batch_stored() -> bool:
+            return (await client.js.stream_info(client.subjects.jobs_stream)).state.messages > 100
+
+        await until(some_of_the_batch_stored, 20, interval=0.01, what="the batch under way")
+    for took, error in await asyncio.gather(*requests):
+        assert took < 5.0, took  # before: the whole 30 s
+        assert isinstance(error, NatsUnavailable) and "this Client was closed while the request for job" in str(error)
+    took, error = await batch
+    assert took < 5.0, took  # before: 39 s
+    assert isinstance(error, NatsUnavailable) and "this Client is closed" in str(error)
+    assert "of 20000 jobs stored before that" in str(error)
+
+
+async def test_closing_while_nats_is_away_closes_quietly(tmp_path):
+    server = restartable_nats(tmp_path / "nats")
+    try:
+        client = await Client.connect(server.url)
+        server.stop()
+        await until(lambda: not client.nc.is_connected, 10, interval=0.01, what="the client disconnected")
+        await client.close()  # before: NatsUnavailable (ConnectionReconnectingError), still reconnecting
+        assert client.nc.is_closed
+    finally:
+        server.stop()
