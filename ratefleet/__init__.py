@@ -22,14 +22,19 @@ if TYPE_CHECKING:
         BodyUnavailable,
         ConfigError,
         DispatcherUnavailable,
+        InvalidRequest,
         JobInvalid,
+        JobRejected,
         NatsError,
         NatsUnavailable,
         QueueFull,
         RatefleetError,
         RequestTimeout,
+        ResultNotStored,
+        SecretUnavailable,
         SubmitError,
         UnknownTier,
+        UpstreamUnavailable,
     )
 
 _EXPORTS = {
@@ -48,10 +53,16 @@ _EXPORTS = {
     "RequestTimeout": "ratefleet.schemas.errors",
     "SubmitError": "ratefleet.schemas.errors",
     "UnknownTier": "ratefleet.schemas.errors",
+    "JobRejected": "ratefleet.schemas.errors",
+    "SecretUnavailable": "ratefleet.schemas.errors",
+    "ResultNotStored": "ratefleet.schemas.errors",
+    "InvalidRequest": "ratefleet.schemas.errors",
+    "UpstreamUnavailable": "ratefleet.schemas.errors",
 }
-__all__ = ["BodyUnavailable", "Client", "ConfigError", "DispatcherUnavailable", "Job", "JobInvalid", "NatsAuthConfig",
-           "NatsError", "NatsUnavailable", "QueueFull", "RatefleetError", "RequestTimeout", "Result", "SubmitError",
-           "UnknownTier"]
+__all__ = ["BodyUnavailable", "Client", "ConfigError", "DispatcherUnavailable", "InvalidRequest", "Job", "JobInvalid",
+           "JobRejected", "NatsAuthConfig", "NatsError", "NatsUnavailable", "QueueFull", "RatefleetError",
+           "RequestTimeout", "Result", "ResultNotStored", "SecretUnavailable", "SubmitError", "UnknownTier",
+           "UpstreamUnavailable"]
 
 
 def __getattr__(name: str) -> Any:
