@@ -315,7 +315,9 @@ class Client:
         at most 2 x WHY_TIMEOUT_S after it to say why. A job with its own `id` that already has a
         stored Result gets that Result and nothing is sent. Raises RequestTimeout (`job_id`,
         `reason`), BodyUnavailable, SubmitError (QueueFull, UnknownTier, JobInvalid: nothing
-        stored), NatsUnavailable (this Client is closed)."""
+        stored), NatsUnavailable (this Client is closed). Cancelled (its task, a timeout or cancel
+        scope around it), it stops waiting and leaves nothing behind; its job, once stored, runs
+        (and is paid) as after a RequestTimeout: give the job a `deadline` to bound that."""
         if not math.isfinite(timeout) or timeout <= 0:  # before the job is stored: it would run (and be paid) unseen
             raise ValueError(f"timeout must be a number of seconds above 0, not {timeout!r}")
         self._open()
