@@ -341,11 +341,13 @@ class Client:
                     self.replies.discard(inbox)
                     raise
         except TimeoutError:
+            away = not self.nc.is_connected  # else the time was too short for NATS's acknowledgement
+            why = "the connection to NATS is away, reconnecting" if away else "its acknowledgement had not come"
             raise RequestTimeout(f"no result for job {model.id} within {timeout}s: NATS did not confirm storing it "
-                                 "(the connection to NATS is away, reconnecting); it may still be stored once NATS is "
-                                 f"back, and then runs (and is paid): collect it later with `ratefleet result "
+                                 f"({why}); it may {'still be stored once NATS is back' if away else 'be stored'}, "
+                                 "and then runs (and is paid): collect it later with `ratefleet result "
                                  f"{model.id}` (or Client.stored_result), or request it again with the same id",
-                                 job_id=model.id, reason="nats_unavailable") from None
+                                 job_id=model.id, reason="nats_unavailable" if away else None) from None
         try:
             if not fresh:  # (its stored Result was looked for just before: a duplicate has an own id)
                 await self._follow_over_rpc(tier, model, inbox)  # answered once it is stored, also if meanwhile

@@ -49,3 +49,12 @@ async def test_requests_end_within_their_timeout_while_nats_is_away(tmp_path):
             await until(lambda: client.nc.is_connected, 30, what="the client reconnected")
     finally:
         server.stop()
+
+
+async def test_a_timeout_too_short_to_store_the_job_does_not_blame_nats(nats_server):
+    # the reason "nats_unavailable" is for a connection away; a connected one merely ran out of time
+    async with await Client.connect(nats_server.url) as client:
+        await ensure_topology(client.js, parse_config({}))
+        with pytest.raises(RequestTimeout) as timed_out:
+            await client.request(JOB, "guest", timeout=0.0001)
+        assert timed_out.value.reason is None and "away" not in str(timed_out.value)
