@@ -39,7 +39,7 @@ log = get_logger("ratefleet.store")
 
 
 T = TypeVar("T")
-READ_RETRY_S = 10.0  # seconds a Result lookup asks again while NATS does not answer (read_result)
+READ_RETRY_S = 5.0  # seconds a Result lookup asks again while NATS does not answer (read_result)
 TRANSIENT = (TimeoutError, asyncio.TimeoutError, nats.errors.ConnectionClosedError, nats.errors.NoRespondersError,
              nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError, ServiceUnavailableError,
              NoStreamResponseError)
