@@ -54,6 +54,7 @@ from ratefleet.schemas.errors import (
     SubmitError,
 )
 from ratefleet.schemas.job import describe_validation_error, job_size_limit
+from ratefleet.schemas.subjects import is_token
 
 JobLike = Job | dict[str, Any]
 WHY_TIMEOUT_S = 0.5  # the status request that says why a `request` timed out
@@ -77,11 +78,11 @@ def as_job(job: JobLike, *, batch: str | None = None) -> Job:
     and the job is serialised once, so that whatever this returns can be sent."""
     try:
         data = job.model_dump(by_alias=True) if isinstance(job, Job) else job
+        if batch is not None and isinstance(data, dict) and data.get("batch") is None:
+            data = {**data, "batch": batch}  # validated with the job (model_copy would not check it)
         model = Job.model_validate(data)
     except ValidationError as exc:
         raise JobInvalid(describe_validation_error(exc)[1]) from None
-    if batch is not None and model.batch is None:
-        model = model.model_copy(update={"batch": batch})
     try:
         model.to_json()
     except JobRejected as exc:
@@ -468,7 +469,12 @@ class Client:
                       idle_timeout: float = 1.0) -> AsyncIterator[Result]:
         """Results of a batch (`None`: jobs without a batch). Stops when caught up unless `follow`.
 
-        Referenced bodies are fetched and filled in (BodyUnavailable when one is gone)."""
+        Referenced bodies are fetched and filled in (BodyUnavailable when one is gone). ValueError
+        for a `batch` that is no batch name (1-128 of A-Z a-z 0-9 _ -; `_` is None's), before anything
+        is read: a wildcard such as `*` read every batch's Results."""
+        if batch is not None and not is_token(batch):
+            raise ValueError(f"batch must be a batch name (1-128 of A-Z a-z 0-9 _ -) or None (jobs without a "
+                             f"batch), not {batch!r}")
         self._open()
         # the stream named: no $JS.API.STREAM.NAMES lookup (a producer's account permissions need not allow it)
         sub = await self.js.subscribe(self.subjects.batch_results(batch), stream=self.subjects.results_stream,
