@@ -12,6 +12,7 @@ every method here with the body fetched from the fleet's Object Store and filled
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 from collections import deque
@@ -58,6 +59,7 @@ from ratefleet.schemas.subjects import is_token
 
 JobLike = Job | dict[str, Any]
 WHY_TIMEOUT_S = 0.5  # the status request that says why a `request` timed out
+CLOSE_GRACE_S = 5.0  # how long `close()` lets the single publishes under way get their acknowledgements
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,9 @@ class Client:
         self.replies = ReplyInbox(nc)  # one reply subscription for every `request`
         self._closed_here = False  # `close()` was called (else a closed connection gave up reconnecting)
         self._pipes: set[PublishPipe] = set()  # those of the `submit_stream`s under way, abandoned on close
+        self._publishing = 0  # single publishes (submit, request) under way, which `close()` lets finish
+        self._published = asyncio.Event()  # set whenever none is under way
+        self._published.set()
 
     @classmethod
     async def connect(cls, url: str = DEFAULT_NATS_URL, *, prefix: str = "ratefleet",
@@ -137,17 +142,21 @@ class Client:
 
     @translated("closing the connection")
     async def close(self) -> None:
-        """Close the connection (what was published is flushed first, when connected). Calls
-        under way end at once: a `request` waiting for its Result and a `submit_many` /
-        `submit_stream` waiting for acknowledgements raise NatsUnavailable saying the Client was
-        closed (their jobs stored so far still run); every later call raises it too. Never raises
-        for NATS being away (then nothing is flushed)."""
+        """Close the connection. A `submit` under way (and a `request` storing its job) gets its
+        acknowledgement first, for up to CLOSE_GRACE_S seconds while connected, so it returns as
+        usual. Other calls under way end at once: a `request` waiting for its Result and a
+        `submit_many` / `submit_stream` waiting for acknowledgements raise NatsUnavailable saying
+        the Client was closed (their jobs stored so far still run); every later call raises it
+        too. Never raises for NATS being away (then nothing is flushed or waited for)."""
         self._closed_here = True
         self.replies.abandon()
         for pipe in list(self._pipes):
             pipe.abandon()
         if self.nc.is_closed or self.nc.is_draining:
             return
+        if self.nc.is_connected:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._published.wait(), CLOSE_GRACE_S)
         if self.nc.is_connected:
             try:
                 await self.nc.drain()
@@ -189,7 +198,14 @@ class Client:
     async def _publish(self, tier: str, model: Job, reply_to: str | None = None, payload: bytes | None = None,
                        *, repeat: bool = False) -> bool:
         payload = payload if payload is not None else self._payload(model)
-        return await publish_job(self.js, self.subjects, tier, model.id, payload, reply_to=reply_to, repeat=repeat)
+        self._publishing += 1
+        self._published.clear()
+        try:
+            return await publish_job(self.js, self.subjects, tier, model.id, payload, reply_to=reply_to, repeat=repeat)
+        finally:
+            self._publishing -= 1
+            if not self._publishing:
+                self._published.set()
 
     def _payload(self, model: Job) -> bytes:
         """The job's JSON; JobInvalid when it is larger than a job can be on this fleet's NATS
