@@ -244,9 +244,11 @@ class Client:
         return [model.id for model in models]
 
     @translated("storing jobs")
-    async def submit_stream(self, jobs: Iterable[Job], tier: str, *, window: int = 1024,
+    async def submit_stream(self, jobs: Iterable[JobLike], tier: str, *, window: int = 1024,
                             ack_timeout: float = 10.0, repeat: bool = False) -> AsyncIterator[Stored]:
-        """Store validated jobs (with ids) as they come, yielding a `Stored` for each, in order.
+        """Store jobs as they come, yielding a `Stored` for each, in order. A Job model with an
+        id is sent as it is (`as_job` made it); a dict, or a Job without an id, is validated and
+        given an id first, as `submit` does (JobInvalid when it fails, nothing more sent).
 
         Publishes are pipelined with at most `window` unacknowledged at a time, so memory
         stays bounded whatever the length of `jobs`. A publish whose acknowledgement fails or
@@ -271,13 +273,14 @@ class Client:
                     if future is not None and not future.cancel() and not future.cancelled():
                         future.exception()  # settled: mark it seen (no "never retrieved" noise)
 
-    async def _pipeline(self, pipe: PublishPipe, jobs: Iterable[Job], tier: str, pending: deque, window: int,
+    async def _pipeline(self, pipe: PublishPipe, jobs: Iterable[JobLike], tier: str, pending: deque, window: int,
                         ack_timeout: float, repeat: bool) -> AsyncIterator[Stored]:
         subject = self.subjects.jobs(tier)
         trace = current_headers()  # the caller's span, if any: each job's traceparent
         if repeat:
             trace = {**trace, REPEAT_HEADER: "1"}
-        for job in jobs:
+        for item in jobs:
+            job = item if isinstance(item, Job) and item.id is not None else as_job(item)
             payload = self._payload(job)
             try:
                 future = await pipe.publish(subject, payload, headers={**trace, MSG_ID: job.id})
