@@ -59,6 +59,7 @@ from ratefleet.schemas.subjects import is_token
 
 JobLike = Job | dict[str, Any]
 WHY_TIMEOUT_S = 0.5  # the status request that says why a `request` timed out
+WHY_SHARED_S = 1.0  # a status answer saying why requests time out serves those timing out within this
 CLOSE_GRACE_S = 5.0  # how long `close()` lets the single publishes under way get their acknowledgements
 
 
@@ -109,6 +110,7 @@ class Client:
         self._publishing = 0  # single publishes (submit, request) under way, which `close()` lets finish
         self._published = asyncio.Event()  # set whenever none is under way
         self._published.set()
+        self._why: tuple[float, asyncio.Future[tuple[str | None, str]]] | None = None  # (asked at, answer)
 
     @classmethod
     async def connect(cls, url: str = DEFAULT_NATS_URL, *, prefix: str = "ratefleet",
@@ -439,7 +441,17 @@ class Client:
 
     async def _why_unrun(self) -> tuple[str | None, str]:
         """After a request timed out (never on the way to a Result): whether the fleet can run
-        the job at all, from one status request of at most WHY_TIMEOUT_S. (reason, text)."""
+        the job at all, from one status request of at most WHY_TIMEOUT_S, shared by every request
+        of this Client timing out within WHY_SHARED_S of it. (reason, text). Before, each asked:
+        1,000 requests timing out together sent 1,000 status requests to the leader, which
+        answers about 200 a second (a trial fleet), just when the fleet was already slow."""
+        loop = asyncio.get_running_loop()
+        if self._why is None or loop.time() - self._why[0] > WHY_SHARED_S:
+            self._why = (loop.time(), asyncio.ensure_future(self._ask_why()))  # awaited below, by all who share it
+        return await asyncio.shield(self._why[1])
+
+    async def _ask_why(self) -> tuple[str | None, str]:
+        """`_why_unrun`'s one status request (never raises)."""
         still_runs = "it is stored and still runs"
         if not self.nc.is_connected:
             return "nats_unavailable", ("the connection to NATS is away (reconnecting), so its Result cannot come "
