@@ -138,7 +138,7 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
     if fail_fast:
         if not await _any_answers(servers, connect_timeout):
             raise NatsUnavailable(f"nothing answers at {redact_url(url)}; start NATS with `ratefleet up`, "
-                                  "or pass --nats URL")
+                                  "or pass its URL (--nats URL; Client.connect(url) in Python)")
     holder: list[NatsClient] = []
     first_failures = 0  # failed tries of the first connect
 
@@ -264,4 +264,4 @@ def _hint(exc: Exception) -> str:
     if isinstance(exc, (TimeoutError, nats.errors.Error)) and not isinstance(exc, nats.errors.NoServersError):
         return ("something accepts connections there but no NATS server answered: check the host and port "
                 "(NATS clients connect to 4222 by default; 8222 is its monitoring port)")
-    return "start one with `ratefleet up`, or pass --nats URL"
+    return "start one with `ratefleet up`, or pass its URL (--nats URL; Client.connect(url) in Python)"

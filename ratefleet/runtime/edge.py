@@ -49,7 +49,7 @@ def translate(exc: BaseException, what: str = "talking to NATS") -> RatefleetErr
     name = type(exc).__name__
     if isinstance(exc, _GONE):
         return NatsUnavailable(f"NATS did not answer or the connection was lost while {what} ({name}); "
-                               "check that NATS runs (`ratefleet up`) and that --nats names it")
+                               "check that NATS runs (`ratefleet up`) and that --nats (Client.connect's url) names it")
     if isinstance(exc, nats.js.errors.NotFoundError):
         return NatsError(f"NATS has no such stream or consumer ({name}) while {what}; the fleet creates its streams "
                          "when it starts (`ratefleet up` or `ratefleet dispatcher`)")

@@ -43,3 +43,9 @@ async def test_a_port_that_accepts_but_never_speaks_nats_fails_after_one_try():
         for writer in accepted:
             writer.close()
         server.close()
+
+
+async def test_nothing_answering_says_what_a_python_caller_passes():
+    # the hint named only the CLI's --nats flag, which a service using Client.connect does not have
+    with pytest.raises(NatsUnavailable, match=r"Client.connect\(url\)"):
+        await Client.connect("nats://127.0.0.1:1")
