@@ -60,6 +60,10 @@ class TierInbox:
         self._lookups: set[asyncio.Task] = set()  # deliveries read beside intake (their Result looked up)
 
     async def start(self) -> None:
+        # meet the NATS server's incarnation before any job is read (bus.may_repeat): met first at a
+        # later delivery, the Results stored by then (a repeat-marked job's, an rpc refusal's) opened a
+        # window of lookups on a fresh server, as if it had restarted and forgotten their ids
+        await self.bus.may_repeat(time.time())
         self.inbox = self.bus.new_inbox()
         self._sub = await self.bus.subscribe(self.inbox, self._on_msg)
 

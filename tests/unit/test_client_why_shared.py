@@ -42,7 +42,7 @@ async def test_concurrent_timeouts_share_one_status_request():
 
 
 async def test_a_timeout_later_than_the_shared_window_asks_again(monkeypatch):
-    import ratefleet.client as client_module
+    import ratefleet.client_request as client_module
 
     nc = StatusNats()
     client = Client(nc)  # type: ignore[arg-type]

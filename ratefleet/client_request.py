@@ -1,0 +1,214 @@
+"""The Client's request side: `request` and its wait for the Result (a mixin of Client).
+
+One job is stored with a reply subject and its Result awaited on the Client's reply inbox,
+reading the stored Result too where the reply may be lost; after a timeout, one status request
+(shared by the requests timing out together) says why the fleet could not run it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from typing import Any
+
+from nats.aio.client import Client as NatsClient
+from nats.errors import NoRespondersError
+
+from ratefleet.client_submit import JobLike, _being_cancelled, _has_own_id, as_job
+from ratefleet.runtime.bodies import BodyStore
+from ratefleet.runtime.connect import denial_expected
+from ratefleet.runtime.edge import translated
+from ratefleet.runtime.replies import ReplyInbox
+from ratefleet.runtime.store import READ_RETRY_S
+from ratefleet.schemas import Job, Result, Subjects
+from ratefleet.schemas.errors import NatsError, NatsUnavailable, RequestTimeout
+
+WHY_TIMEOUT_S = 0.5  # the status request that says why a `request` timed out
+WHY_SHARED_S = 1.0  # a status answer saying why requests time out serves those timing out within this
+
+
+class Requesting:
+    """Client's `request`; Client provides the connection, `_open`, `_publish`, `_payload` and
+    `stored_result`."""
+
+    nc: NatsClient
+    subjects: Subjects
+    replies: ReplyInbox
+    bodies: BodyStore
+    _closed_here: bool
+    _why: tuple[float, asyncio.Future[tuple[str | None, str]]] | None
+
+    def _open(self) -> None:
+        raise NotImplementedError  # Client's
+
+    async def _publish(self, tier: str, model: Job, reply_to: str | None = None, payload: bytes | None = None,
+                       *, repeat: bool = False) -> bool:
+        raise NotImplementedError  # Submitting's
+
+    def _payload(self, model: Job) -> bytes:
+        raise NotImplementedError  # Submitting's
+
+    async def stored_result(self, job_id: str, batch: str | None = None, *,
+                            retry_for: float = READ_RETRY_S) -> Result | None:
+        raise NotImplementedError  # Client's
+
+    @translated("requesting a job's result")
+    async def request(self, job: JobLike, tier: str, *, timeout: float = 30.0) -> Result:
+        """Submit one job and wait for its Result (over the reply inbox), its body fetched
+        when the reply carries a `body_ref`. `timeout`: seconds, above 0 (ValueError else, before
+        anything is sent), for the whole call, storing the job included (a NATS outage too), plus
+        at most 2 x WHY_TIMEOUT_S after it to say why. A job with its own `id` that already has a
+        stored Result gets that Result and nothing is sent. Raises RequestTimeout (`job_id`,
+        `reason`), BodyUnavailable, SubmitError (QueueFull, UnknownTier, JobInvalid: nothing
+        stored), NatsUnavailable (this Client is closed). Cancelled (its task, a timeout or cancel
+        scope around it), it stops waiting and leaves nothing behind; its job, once stored, runs
+        (and is paid) as after a RequestTimeout: give the job a `deadline` to bound that."""
+        if not math.isfinite(timeout) or timeout <= 0:  # before the job is stored: it would run (and be paid) unseen
+            raise ValueError(f"timeout must be a number of seconds above 0, not {timeout!r}")
+        self._open()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        model = as_job(job)
+        try:
+            async with asyncio.timeout_at(deadline):  # storing it rides out a NATS restart, within `timeout`
+                if _has_own_id(job):
+                    # a repeat of an id with a Result: JetStream's dedup forgets the id after duplicate_window_s,
+                    # and an id refused over rpc has a Result but no JOBS message; published, it would be paid again
+                    # (not known, NATS not answering: NatsUnavailable, nothing sent; sent, it could be paid twice)
+                    stored = await self.stored_result(model.id, retry_for=min(READ_RETRY_S, timeout / 2))
+                    if stored is not None:
+                        return stored
+                inbox, reply = await self.replies.expect()
+                try:
+                    # an own id may be a retry past the dedup window while the first copy is queued or running
+                    fresh = await self._publish(tier, model, reply_to=inbox, repeat=_has_own_id(job))
+                except BaseException:
+                    self.replies.discard(inbox)
+                    raise
+        except TimeoutError:
+            away = not self.nc.is_connected  # else the time was too short for NATS's acknowledgement
+            why = "the connection to NATS is away, reconnecting" if away else "its acknowledgement had not come"
+            raise RequestTimeout(f"no result for job {model.id} within {timeout}s: NATS did not confirm storing it "
+                                 f"({why}); it may {'still be stored once NATS is back' if away else 'be stored'}, "
+                                 "and then runs (and is paid): collect it later with `ratefleet result "
+                                 f"{model.id}` (or Client.stored_result), or request it again with the same id",
+                                 job_id=model.id, reason="nats_unavailable" if away else None) from None
+        try:
+            if not fresh:  # (its stored Result was looked for just before: a duplicate has an own id)
+                await self._follow_over_rpc(tier, model, inbox)  # answered once it is stored, also if meanwhile
+            try:
+                msg = await self._reply_or_stored(reply, model.id, deadline - loop.time(), duplicate=not fresh)
+            except asyncio.CancelledError:
+                if not (reply.cancelled() and self._closed_here) or _being_cancelled():
+                    raise
+                raise NatsUnavailable(f"this Client was closed while the request for job {model.id} waited for its "
+                                      "Result; the job is stored and runs (and is paid) all the same: collect its "
+                                      f"Result later with `ratefleet result {model.id}` (or Client.stored_result "
+                                      "on a new Client)") from None
+            if msg is None:
+                reason, why = await self._why_unrun()
+                raise RequestTimeout(f"no result for job {model.id} within {timeout}s; {why}: collect it later with "
+                                     f"`ratefleet result {model.id}` (or Client.stored_result)",
+                                     job_id=model.id, reason=reason) from None
+            if isinstance(msg, Result):
+                return msg
+            return await self.bodies.resolve(Result.from_json(msg.data))
+        finally:
+            self.replies.discard(inbox)
+
+    async def _reply_or_stored(self, reply: asyncio.Future, job_id: str, timeout: float,
+                               *, duplicate: bool) -> Any:
+        """The reply message, or the job's stored Result, whichever is seen first; None after
+        `timeout` seconds with neither. The reply is core NATS (at most once): it is lost when
+        this connection was away as it was sent (a NATS restart: 21 of 60 requests in flight
+        waited their whole timeout in a trial), and a duplicate job id (a job already running)
+        is answered to its first requester only. So the stored Result is read too, at the end
+        of each slice of the wait (0.25 s for a duplicate, else 1 s, doubling to 5 s), but only
+        for a duplicate or once this connection has reconnected since the request began
+        (nats-py's `stats["reconnects"]`): an ordinary long call costs no reads."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pause = 0.25 if duplicate else 1.0
+        reconnects = self._reconnects()
+        while True:
+            remaining = deadline - loop.time()
+            if remaining > 0:
+                try:  # shielded: a slice that times out must not cancel the reply's future
+                    return await asyncio.wait_for(asyncio.shield(reply), min(pause, remaining))
+                except TimeoutError:  # (nats.errors.TimeoutError is one); other errors say what they are
+                    pass
+            out_of_time = deadline - loop.time() <= 0
+            if self.nc.is_connected and (duplicate or out_of_time or self._reconnects() != reconnects):
+                try:  # (a read waits for a reconnect: at most what is left of the wait, WHY_TIMEOUT_S at its end)
+                    left = max(WHY_TIMEOUT_S, deadline - loop.time())
+                    stored = await asyncio.wait_for(self.stored_result(job_id, retry_for=min(pause, left)), left)
+                except (TimeoutError, NatsError):  # no answer: the wait goes on (NatsUnavailable is a NatsError)
+                    stored = None
+                if stored is not None:
+                    return stored
+            if out_of_time:
+                return None
+            pause = min(2 * pause, 5.0)
+
+    async def _follow_over_rpc(self, tier: str, model: Job, inbox: str) -> None:
+        """A job id already queued or running answers its first requester only. Sent to the
+        dispatchers' rpc endpoint as well, the job is a duplicate there too (nothing is stored
+        twice) and the endpoint answers `inbox` as soon as the job's Result is stored, where the
+        store's own reads below come at doubling pauses. Best effort: no dispatcher, or a user not
+        allowed to publish there, leaves those reads."""
+        try:
+            with denial_expected(self.subjects.rpc(tier)):
+                await self.nc.publish(self.subjects.rpc(tier), self._payload(model), reply=inbox)
+        except Exception:  # noqa: BLE001 - see docstring
+            pass
+
+    async def _why_unrun(self) -> tuple[str | None, str]:
+        """After a request timed out (never on the way to a Result): whether the fleet can run
+        the job at all, from one status request of at most WHY_TIMEOUT_S, shared by every request
+        of this Client timing out within WHY_SHARED_S of it. (reason, text). Before, each asked:
+        1,000 requests timing out together sent 1,000 status requests to the leader, which
+        answers about 200 a second (a trial fleet), just when the fleet was already slow."""
+        loop = asyncio.get_running_loop()
+        if self._why is None or loop.time() - self._why[0] > WHY_SHARED_S:
+            self._why = (loop.time(), asyncio.ensure_future(self._ask_why()))  # awaited below, by all who share it
+        return await asyncio.shield(self._why[1])
+
+    async def _ask_why(self) -> tuple[str | None, str]:
+        """`_why_unrun`'s one status request (never raises)."""
+        still_runs = "it is stored and still runs"
+        if not self.nc.is_connected:
+            return "nats_unavailable", ("the connection to NATS is away (reconnecting), so its Result cannot come "
+                                        "yet; the job is stored and runs (and is paid) whether or not it is answered")
+        try:
+            with denial_expected(self.subjects.admin_status):
+                reply = await self.nc.request(self.subjects.admin_status, b"", timeout=WHY_TIMEOUT_S)
+            status = json.loads(reply.data)
+        except NoRespondersError:
+            return "no_dispatcher", (f"no dispatcher is running (nothing answers {self.subjects.admin_status}): the job "
+                                     "is stored and runs (and is paid) once one starts (`ratefleet up`, or "
+                                     "`ratefleet dispatcher` and workers)")
+        except Exception:  # noqa: BLE001 - slow, refused or not JSON: nothing more is known
+            return None, still_runs
+        if not isinstance(status, dict) or status.get("leader") is None:
+            return "no_leader", ("no dispatcher leads (a standby takes over within about lease_ttl_s): the job is "
+                                 "stored and runs (and is paid) once one does")
+        if not status.get("workers"):
+            return "no_worker", ("the leader has no worker: the job is stored and runs (and is paid) once one "
+                                 "starts (`ratefleet worker`)")
+        keys = status.get("keys")
+        if isinstance(keys, dict) and keys and not any(_key_ready(key) for key in keys.values()):
+            return "no_key_ready", ("every key is cooling down after 429s, has an open breaker or is disabled "
+                                    "(`ratefleet status` says which and for how long): the job is stored and runs "
+                                    "(and is paid) once a key can take it")
+        return None, still_runs
+
+    def _reconnects(self) -> int:
+        """How often this client's connection has reconnected (nats-py's count)."""
+        return self.nc.stats["reconnects"]
+
+
+def _key_ready(key: Any) -> bool:
+    """Whether a key of the status answer could take a call now (not cooling, breaker not open, enabled)."""
+    return (isinstance(key, dict) and not key.get("disabled") and key.get("breaker") != "open"
+            and not (key.get("cooldown_s") or 0) > 0)
