@@ -296,7 +296,8 @@ class LeaderSession:
         elif isinstance(command, cmd.AnswerStored):
             await bus.answer_stored(command.stored, command.ack, command.reply_to)
         elif isinstance(command, cmd.EndCopy):
-            await bus.end_copy(command.incoming)
+            # off the pass: its follow reads the Result first (retried up to rpc.FALLBACK_READ_S)
+            tg.start_soon(self._background, "end a copy of", command.incoming.job_id, bus.end_copy, command.incoming)
         elif isinstance(command, cmd.Announce):
             await bus.publish(self.subjects.leader_announce, command.payload)
         elif isinstance(command, cmd.SaveKey):
