@@ -51,7 +51,9 @@ class JobDelivered:
     delivery (for the job's queue time); `cached`: `stored` is an answer-cache hit stored as
     the job's Result just now, not the Result of an earlier delivery; `unknown`: the
     redelivery's Result lookup got no answer (NATS away or slow), so whether the job has a
-    Result already is not known."""
+    Result already is not known; `looked_up_at`: when (monotonic seconds) that lookup was
+    sent, None when there was none (a call of the job that ended after it may have stored a
+    Result the lookup did not see)."""
 
     tier: str
     seq: int
@@ -62,6 +64,7 @@ class JobDelivered:
     wall: float = 0.0
     cached: bool = False
     unknown: bool = False
+    looked_up_at: float | None = None
 
 
 @dataclass(frozen=True)

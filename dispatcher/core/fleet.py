@@ -10,6 +10,7 @@ rotation (`missing_everywhere`).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,10 @@ from typing import Any
 from ratefleet.schemas.internal import Heartbeat
 
 from .types import Reservation
+
+# seconds a call's end is remembered (Fleet.ended_since): longer than a delivery's Result lookup
+# may take (puller.py: STORED_LOOKUP_S, then the answer cache's, 2 s each)
+ENDED_KEPT_S = 30.0
 
 
 @dataclass
@@ -57,6 +62,8 @@ class Fleet:
         self.by_seq: dict[int, str] = {}  # stream sequence -> the assignment calling it
         self.adopted: dict[str, str] = {}  # job id -> a call adopted from a heartbeat (its sequence unknown)
         self.by_job: dict[tuple[str, str | None], int] = {}  # (job id, batch) -> the sequence being called
+        # (job id, batch) -> when (monotonic) its call last ended here, the last ENDED_KEPT_S seconds
+        self.ended: OrderedDict[tuple[str, str | None], float] = OrderedDict()
 
     def calling(self, seq: int, job_id: str | None = None) -> bool:
         """Whether a worker has the JOBS message `seq` in hand (handed out, not finished): one
@@ -67,6 +74,13 @@ class Fleet:
         """The stream sequence of the message of job `job_id` in `batch` a worker is calling
         (handed out by this leader), or None."""
         return self.by_job.get((job_id, batch))
+
+    def ended_since(self, job_id: str, batch: str | None, at: float) -> bool:
+        """Whether a call of job `job_id` in `batch` handed out here ended at or after `at`
+        (monotonic seconds; remembered for ENDED_KEPT_S): a Result lookup sent at `at` may have
+        missed the Result that call stored."""
+        ended = self.ended.get((job_id, batch))
+        return ended is not None and ended >= at
 
     def beat(self, hb: Heartbeat, now: float) -> tuple[bool, list[AssignmentRecord]]:
         """Record a heartbeat. Returns (is_new_worker, assignments the worker no longer has).
@@ -94,7 +108,7 @@ class Fleet:
             if record.missed >= 2:
                 lost.append(record)
         for record in lost:
-            self.finish(record.id)
+            self.finish(record.id, now)
         return is_new, lost
 
     def free_slots(self) -> int:
@@ -138,21 +152,33 @@ class Fleet:
         else:
             self.adopted[record.job_id] = record.id
 
-    def finish(self, assignment_id: str) -> AssignmentRecord | None:
+    def finish(self, assignment_id: str, now: float | None = None) -> AssignmentRecord | None:
+        """Forget a call (ended, lost, or never sent); `now`: when, for `ended_since`."""
         record = self.by_assignment.pop(assignment_id, None)
         if record is not None:
-            self._forget_seq(record)
+            self._forget_seq(record, now)
             if record.worker in self.workers:
                 self.workers[record.worker].assigned.pop(assignment_id, None)
         return record
 
-    def _forget_seq(self, record: AssignmentRecord) -> None:
+    def _forget_seq(self, record: AssignmentRecord, now: float | None) -> None:
         if record.seq is not None and self.by_seq.get(record.seq) == record.id:
             del self.by_seq[record.seq]
             if self.by_job.get((record.job_id, record.batch)) == record.seq:
                 del self.by_job[(record.job_id, record.batch)]
+            if now is not None:
+                self._ended(record.job_id, record.batch, now)
         elif record.seq is None and self.adopted.get(record.job_id) == record.id:
             del self.adopted[record.job_id]
+
+    def _ended(self, job_id: str, batch: str | None, now: float) -> None:
+        key = (job_id, batch)
+        self.ended[key] = now
+        self.ended.move_to_end(key)  # kept in the order they ended: the oldest go first
+        while self.ended:
+            if next(iter(self.ended.values())) > now - ENDED_KEPT_S:
+                break
+            self.ended.popitem(last=False)
 
     def expire(self, now: float) -> list[tuple[WorkerState, list[AssignmentRecord]]]:
         """Remove workers silent for longer than the timeout; return them with their assignments."""
@@ -162,7 +188,7 @@ class Fleet:
             records = list(worker.assigned.values())
             for record in records:
                 self.by_assignment.pop(record.id, None)
-                self._forget_seq(record)
+                self._forget_seq(record, now)
             del self.workers[worker.id]
             out.append((worker, records))
         return out

@@ -191,6 +191,16 @@ class LeaderMachine:
             return [Log("info", "a second message of a job held or being called; ended without a call",
                         {"job_id": verdict.job_id, "tier": verdict.tier, "first_seq": copy_of, "seq": event.seq}),
                     EndCopy(verdict), *self._top_up(event.tier, now)]
+        if (event.looked_up_at is not None and not final
+                and self.fleet.ended_since(verdict.job_id, verdict.job.batch, event.looked_up_at)):
+            # looked up while a call of the same job ran, and that call ended since: its Result may
+            # be stored now, unseen by the lookup. Called now, it would be paid twice; handed back,
+            # it is looked up again when it comes back
+            if not owned:
+                return []
+            return [Log("info", "a job's Result lookup was older than the end of its call; handed back, not called",
+                        {"job_id": verdict.job_id, "tier": verdict.tier, "seq": event.seq}),
+                    HandBack(event.seq, event.ack, LOOKUP_RETRY_S), *self._top_up(event.tier, now)]
         if event.unknown and not final:
             # its worker may have stored the Result and died before the ack: called now, it could
             # be paid twice. Handed back, it is looked up again when it comes back

@@ -54,7 +54,7 @@ class FleetKeeper:
 
     def outcome(self, assignment: str, key_id: str, outcome: Outcome, now: float) -> list[Command]:
         """A worker's report: frees the slot, feeds the key (also for calls we did not hand out)."""
-        record = self.fleet.finish(assignment)
+        record = self.fleet.finish(assignment, now)
         if record is not None:
             self.scheduler.complete(record.reservation, outcome, now)
         elif outcome.kind != OutcomeKind.NONE:

@@ -133,9 +133,10 @@ class TierInbox:
             verdict = unreadable(msg, self.tier, exc)
         if isinstance(verdict, Incoming) and verdict.job.batch in self.cancelled:
             verdict = cancelled_job(verdict)
-        stored, cached, unknown = None, False, False
+        stored, cached, unknown, looked_up_at = None, False, False, None
         if isinstance(verdict, Incoming) and (redelivered or verdict.repeat
                                                or await self.bus.may_repeat(_stored_at(meta))):
+            looked_up_at = time.monotonic()  # (the leader's clock)
             try:  # no answer is not "no Result": the leader hands the job back instead of calling it
                 with anyio.fail_after(STORED_LOOKUP_S):
                     stored = await self.bus.stored_result(verdict.job_id, verdict.job.batch)
@@ -151,7 +152,8 @@ class TierInbox:
                 log.warning("answer cache lookup failed; the job is called", tier=self.tier,
                             job_id=verdict.job_id, error=type(exc).__name__)
             cached = stored is not None
-        return JobDelivered(self.tier, seq, delivered, msg.reply, verdict, stored, time.time(), cached, unknown)
+        return JobDelivered(self.tier, seq, delivered, msg.reply, verdict, stored, time.time(), cached, unknown,
+                            looked_up_at)
 
 
 def _stored_at(meta: Any) -> float:

@@ -195,6 +195,25 @@ def test_a_second_message_of_a_job_being_called_is_ended_and_one_after_the_call_
     assert run.m.fleet.calling_seq("j1") == 10 or run.m.held.seq_of("j1") == 10
 
 
+def test_a_copy_looked_up_before_its_first_call_ended_is_handed_back_not_called():
+    """The lookup runs beside intake (puller.py): sent while the first call ran, it may have
+    missed the Result that call stored before its report came in."""
+    run = Run(machine())
+    run.at(T0, beat("w1", 2))
+    [first] = assigned(run.at(T0 + 0.1, delivery(1)))
+    run.at(T0 + 0.3, outcome(first.assignment))  # the call ended (its Result stored)
+    stale = replace(copy_of(10, 1), looked_up_at=T0 + 0.2)
+    out = run.at(T0 + 0.4, stale)
+    assert cmd.HandBack(10, stale.ack, LOOKUP_RETRY_S) in out and not assigned(out) and not run.m.held
+    fresh = replace(copy_of(11, 1), looked_up_at=T0 + 0.35)  # sent after the end: it saw what was stored
+    assert assigned(run.at(T0 + 0.5, fresh))
+    last = replace(copy_of(12, 3, MAX_DELIVER), looked_up_at=T0 + 0.5)
+    run.at(T0 + 0.6, beat("w1", 2))
+    [call] = assigned(run.at(T0 + 0.6, delivery(3)))
+    run.at(T0 + 0.7, outcome(call.assignment))
+    assert not any(isinstance(c, cmd.HandBack) for c in run.at(T0 + 0.8, last))  # the last delivery is taken
+
+
 def test_an_id_reused_by_another_batch_is_that_batchs_own_job():
     """Ended as a copy, the other batch would never get a Result under its name (its
     `submit --wait` waits for ever): it is taken and called."""
