@@ -22,6 +22,7 @@ from .types import Reservation
 # seconds a call's end is remembered (Fleet.ended_since): longer than a delivery's Result lookup
 # may take (puller.py: STORED_LOOKUP_S, then the answer cache's, 2 s each)
 ENDED_KEPT_S = 30.0
+ADOPTED = "\x00adopted"  # Fleet.ended's batch of a call adopted from a heartbeat (its batch not known)
 
 
 @dataclass
@@ -80,6 +81,8 @@ class Fleet:
         (monotonic seconds; remembered for ENDED_KEPT_S): a Result lookup sent at `at` may have
         missed the Result that call stored."""
         ended = self.ended.get((job_id, batch))
+        if ended is None:  # a call adopted from an earlier leadership is known by its job id only
+            ended = self.ended.get((job_id, ADOPTED))
         return ended is not None and ended >= at
 
     def beat(self, hb: Heartbeat, now: float) -> tuple[bool, list[AssignmentRecord]]:
@@ -170,6 +173,8 @@ class Fleet:
                 self._ended(record.job_id, record.batch, now)
         elif record.seq is None and self.adopted.get(record.job_id) == record.id:
             del self.adopted[record.job_id]
+            if now is not None:
+                self._ended(record.job_id, ADOPTED, now)
 
     def _ended(self, job_id: str, batch: str | None, now: float) -> None:
         key = (job_id, batch)

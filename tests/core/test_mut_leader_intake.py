@@ -214,6 +214,19 @@ def test_a_copy_looked_up_before_its_first_call_ended_is_handed_back_not_called(
     assert not any(isinstance(c, cmd.HandBack) for c in run.at(T0 + 0.8, last))  # the last delivery is taken
 
 
+def test_a_copy_looked_up_before_an_adopted_call_of_its_id_ended_is_handed_back_not_called():
+    """The same after a failover: the first message's call, adopted from a heartbeat, is
+    known by its job id only."""
+    run = Run(machine())
+    run.at(T0, beat("w1", 2, (("old.1", "k1"),)))  # a call of job x-old.1 from an earlier leadership
+    assert run.m.fleet.calling(99, "x-old.1")
+    run.at(T0 + 0.3, outcome("old.1"))
+    stale = replace(copy_of(10, 1), verdict=replace(copy_of(10, 1).verdict, job_id="x-old.1"),
+                    looked_up_at=T0 + 0.2)
+    out = run.at(T0 + 0.4, stale)
+    assert cmd.HandBack(10, stale.ack, LOOKUP_RETRY_S) in out and not assigned(out)
+
+
 def test_an_id_reused_by_another_batch_is_that_batchs_own_job():
     """Ended as a copy, the other batch would never get a Result under its name (its
     `submit --wait` waits for ever): it is taken and called."""
