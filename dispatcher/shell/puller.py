@@ -152,6 +152,8 @@ class TierInbox:
                 log.warning("answer cache lookup failed; the job is called", tier=self.tier,
                             job_id=verdict.job_id, error=type(exc).__name__)
             cached = stored is not None
+        if stored is None and isinstance(verdict, Incoming) and verdict.job.batch in self.cancelled:
+            verdict = cancelled_job(verdict)  # cancelled while its lookups ran: the leader's sweep is over
         return JobDelivered(self.tier, seq, delivered, msg.reply, verdict, stored, time.time(), cached, unknown,
                             looked_up_at)
 
