@@ -23,13 +23,14 @@ operator-facing methods are in keyadmin.py.
 from __future__ import annotations
 
 import itertools
+import math
 from collections import OrderedDict
 from typing import Any
 
 from ratefleet.schemas.outcome import OutcomeKind
 from ratefleet.schemas.result import ErrorCode
 
-from .choice import Chain, Reach, charged_cost, never_runnable, over_budget, pick_key, reach, soonest_key
+from .choice import Chain, KeyRanking, Reach, charged_cost, never_runnable, over_budget, pick_key, reach
 from .denials import DenialBook
 from .key import KeyState, Marks
 from .keyadmin import KeyAdmin
@@ -150,6 +151,10 @@ class Scheduler(KeyAdmin, Reconfigure):
               skip_keys: frozenset[str]) -> Dispatch | Reject | None:
         held: dict[tuple[str, Variant | None], frozenset[str] | None] = {}  # route -> keys waited for (None: all)
         reaches: dict[tuple[str, Variant | None], Reach] = {}
+        # route -> the least cost no key outside the holds could take now (asked without refused keys): a
+        # later job of the route costing as much has fewer keys to try and cannot run either
+        missed: dict[tuple[str, Variant | None], float] = {}
+        ranks: dict[tuple[tuple[str, Variant | None], float], KeyRanking] = {}  # the keys by when they take a cost
         for index, job in enumerate(itertools.islice(tier.jobs, LOOKAHEAD)):
             variant, chain = self._route(tier, job)
             route = (job.upstream, variant)
@@ -169,16 +174,22 @@ class Scheduler(KeyAdmin, Reconfigure):
             avoid = self._avoid(chain, job, now)
             cost = charged_cost(job, reaches[route])
             picked = None
-            failed = self._failed_on.get(job.job_id)
-            if failed:  # a retry after an upstream error: another key if one can take it now
-                picked = pick_key(chain, cost, now, [], reserve, skip_keys | waited | avoid | failed)
-            if picked is None:
-                picked = pick_key(chain, cost, now, waits, reserve, skip_keys | waited | avoid)
-            if picked is not None:
-                del tier.jobs[index]
-                return self._dispatch(tier, job, picked, now, chain, variant, cost)
+            if cost < missed.get(route, math.inf):  # (else its keys' times are in `waits` already, no later)
+                failed = self._failed_on.get(job.job_id)
+                if failed:  # a retry after an upstream error: another key if one can take it now
+                    picked = pick_key(chain, cost, now, [], reserve, skip_keys | waited | avoid | failed)
+                if picked is None:
+                    picked = pick_key(chain, cost, now, waits, reserve, skip_keys | waited | avoid)
+                if picked is not None:
+                    del tier.jobs[index]
+                    return self._dispatch(tier, job, picked, now, chain, variant, cost)
+                if not avoid:
+                    missed[route] = min(cost, missed.get(route, math.inf))
             if not avoid:  # a job waiting for another key than those that refused it blocks no one
-                target = soonest_key(chain, cost, now, reserve, skip_keys | waited)
+                ranking = ranks.get((route, cost))
+                if ranking is None:
+                    ranking = ranks[(route, cost)] = KeyRanking(chain, cost, now, reserve)
+                target = ranking.soonest(skip_keys | waited)
                 held[route] = None if target is None else waited | {target}
         return None
 

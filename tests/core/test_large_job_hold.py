@@ -66,3 +66,30 @@ def test_an_estimate_above_every_key_is_charged_the_largest_budget_a_stated_cost
     assert isinstance(dispatched, Dispatch) and dispatched.reservation.cost == 6000  # the provider decides
     s.add(job(cost=9000), t0)
     assert isinstance(s.next(t0), Reject)
+
+
+def test_a_pass_with_no_key_ready_reads_each_key_a_few_times_not_once_per_job(monkeypatch):
+    """All keys waiting for a refill (a rate limit's usual state) and a queue behind them:
+    each job behind the first holds the next key in line. Every one of them (LOOKAHEAD) read
+    every key twice before: 64 keys, 1,808 key reads a pass, now 128 (2 per key)."""
+    from ratefleet.dispatcher.core.key import KeyState
+
+    keys = 64
+    s = make(pool("p", *[key(f"k{i}", rps=10, burst=1) for i in range(keys)]), now=t0)
+    for _ in range(keys):  # each key's one request token spent
+        s.add(job(cost=1), t0)
+        assert isinstance(s.next(t0), Dispatch)
+    for _ in range(300):
+        s.add(job(cost=1), t0)
+    reads = 0
+    ready_at = KeyState.ready_at
+
+    def counted(self, *args, **kwargs):
+        nonlocal reads
+        reads += 1
+        return ready_at(self, *args, **kwargs)
+
+    monkeypatch.setattr(KeyState, "ready_at", counted)
+    decision = s.next(t0 + 0.001)
+    assert decision == WaitUntil(pytest.approx(t0 + 0.1))  # the first refill, as before
+    assert reads <= 2 * keys, reads
