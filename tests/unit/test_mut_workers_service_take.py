@@ -222,3 +222,30 @@ async def test_a_late_assignment_of_a_job_with_a_stored_result_is_answered_with_
     assert reads == ["late"]  # an assignment on time costs no read
     assert answered == [(b'{"job_id":"late"}', ACK)] and executor.calls == 1  # only on-time was called
     assert [(r.job_id, r.terminal) for r in nc.reports() if r.job_id == "late"] == [("late", True)]
+
+
+async def test_a_later_attempt_of_a_job_with_a_stored_result_is_answered_with_it_not_called(monkeypatch):
+    """The first worker stalled mid-call and stored the Result after the leader read the
+    redelivery: a second attempt, on time, looks the Result up first (a first attempt does not)."""
+    from test_bite_worker import take
+
+    import ratefleet.workers.service as service
+
+    worker, nc, finisher = make_worker(monkeypatch)
+    reads = []
+
+    async def read_result(js, subjects, job_id, batch):
+        reads.append(job_id)
+        return b'{"job_id":"again"}' if job_id == "again" else None
+
+    answered = []
+
+    async def finish_stored(stored, *, ack, reply_to):
+        answered.append((stored, ack))
+
+    monkeypatch.setattr(service, "read_result", read_result)
+    finisher.finish_stored = finish_stored
+    again = assignment(job_id="again").model_copy(update={"attempt": 2})
+    executor = await take(worker, again, assignment(job_id="first"))
+    assert reads == ["again"]  # a first attempt on time costs no read
+    assert answered == [(b'{"job_id":"again"}', ACK)] and executor.calls == 1  # only "first" was called
