@@ -469,15 +469,22 @@ class Worker:
         called such jobs 1.9 and 3.75 s after their Result was stored): the leader may have given
         the job to another worker meanwhile, so its stored Result is looked up first (one read;
         a skewed clock or a retry after a 429 costs that read, nothing else). When there is one,
-        it is the answer: sent to the reply subject, the message acked, no call. True then."""
+        it is the answer: sent to the reply subject, the message acked, no call. True then.
+        A lookup that gets no answer within STORED_LOOKUP_S is no "none": the assignment is
+        dropped as one read after a silence is (a handback, no call, no nak; the heartbeats
+        that no longer list it make the leader return the job): called, it was paid twice on a
+        loaded machine where the read right after the held path opened took over 2 s. True then."""
         late_s = time.time() - (a.submitted_at + a.queued_ms / 1000)
         if late_s <= self.config.dispatcher.worker_timeout_s and a.attempt <= 1:
             return False
         try:
             with anyio.fail_after(STORED_LOOKUP_S):
                 stored = await read_result(self.nc.jetstream(), self.subjects, a.job_id, _batch_and_metadata(a)[0])
-        except Exception:  # noqa: BLE001 - unknown: the job is called, as before the lookup
-            return False
+        except Exception as exc:  # noqa: BLE001 - TimeoutError, or NATS errors after read_result's retries
+            log.warning("an assignment whose Result could not be looked up dropped; the leader gives the job "
+                        "to a worker again", error=type(exc).__name__, late_s=round(late_s, 1))
+            await self.handbacks.add(a.seq)  # no call: the delivery is not an attempt (best effort)
+            return True
         if stored is None:
             return False
         log.warning("an assignment (late, or a later attempt) of a job whose Result is stored; answered with it, "

@@ -23,12 +23,12 @@ JOB = {"request": {"path": "/v1/chat/completions", "json": {"model": "m"}}}
 
 
 async def outcome(call) -> tuple[float, BaseException | None]:
-    started = time.monotonic()
+    """(when the call ended: time.monotonic(), what it raised)."""
     try:
         await call
     except BaseException as exc:  # noqa: BLE001 - what the caller sees is the point
-        return time.monotonic() - started, exc
-    return time.monotonic() - started, None
+        return time.monotonic(), exc
+    return time.monotonic(), None
 
 
 async def test_closing_ends_requests_and_submits_under_way_at_once(nats_server):
@@ -42,11 +42,13 @@ async def test_closing_ends_requests_and_submits_under_way_at_once(nats_server):
             return (await client.js.stream_info(client.subjects.jobs_stream)).state.messages > 100
 
         await until(some_of_the_batch_stored, 20, interval=0.01, what="the batch under way")
-    for took, error in await asyncio.gather(*requests):
-        assert took < 5.0, took  # before: the whole 30 s
+        closed_at = time.monotonic()  # the block ends here: close() (the calls' own start-up is not timed:
+        # on a loaded CI machine getting them under way took 11 s)
+    for ended_at, error in await asyncio.gather(*requests):
+        assert ended_at - closed_at < 5.0, ended_at - closed_at  # before: the whole 30 s
         assert isinstance(error, NatsUnavailable) and "this Client was closed while the request for job" in str(error)
-    took, error = await batch
-    assert took < 5.0, took  # before: 39 s
+    ended_at, error = await batch
+    assert ended_at - closed_at < 5.0, ended_at - closed_at  # before: 39 s
     assert isinstance(error, NatsUnavailable) and "this Client is closed" in str(error)
     assert "of 20000 jobs stored before that" in str(error)
 

@@ -249,3 +249,29 @@ async def test_a_later_attempt_of_a_job_with_a_stored_result_is_answered_with_it
     executor = await take(worker, again, assignment(job_id="first"))
     assert reads == ["again"]  # a first attempt on time costs no read
     assert answered == [(b'{"job_id":"again"}', ACK)] and executor.calls == 1  # only "first" was called
+
+
+async def test_a_late_assignment_whose_result_cannot_be_looked_up_is_dropped_not_called(monkeypatch):
+    """No answer is not "no Result": called, a late assignment was paid twice when the read
+    right after a held path opened timed out (a loaded CI machine)."""
+    import time
+
+    from test_bite_worker import take
+
+    import ratefleet.workers.service as service
+
+    worker, nc, finisher = make_worker(monkeypatch)
+
+    async def read_result(js, subjects, job_id, batch):
+        raise TimeoutError
+
+    handed_back = []
+
+    async def add(seq, **_):
+        handed_back.append(seq)
+
+    monkeypatch.setattr(service, "read_result", read_result)
+    worker.handbacks.add = add
+    late = assignment(job_id="late").model_copy(update={"submitted_at": time.time() - 5})
+    executor = await take(worker, late)
+    assert executor.calls == 0 and handed_back == [late.seq]
