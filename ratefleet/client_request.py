@@ -98,7 +98,8 @@ class Requesting:
             if not fresh:  # (its stored Result was looked for just before: a duplicate has an own id)
                 await self._follow_over_rpc(tier, model, inbox)  # answered once it is stored, also if meanwhile
             try:
-                msg = await self._reply_or_stored(reply, model.id, deadline - loop.time(), duplicate=not fresh)
+                msg = await self._reply_or_stored(reply, model.id, deadline - loop.time(), duplicate=not fresh,
+                                                  repeat=_has_own_id(job))
             except asyncio.CancelledError:
                 if not (reply.cancelled() and self._closed_here) or _being_cancelled():
                     raise
@@ -118,14 +119,17 @@ class Requesting:
             self.replies.discard(inbox)
 
     async def _reply_or_stored(self, reply: asyncio.Future, job_id: str, timeout: float,
-                               *, duplicate: bool) -> Any:
+                               *, duplicate: bool, repeat: bool = False) -> Any:
         """The reply message, or the job's stored Result, whichever is seen first; None after
         `timeout` seconds with neither. The reply is core NATS (at most once): it is lost when
         this connection was away as it was sent (a NATS restart: 21 of 60 requests in flight
         waited their whole timeout in a trial), and a duplicate job id (a job already running)
         is answered to its first requester only. So the stored Result is read too, at the end
         of each slice of the wait (0.25 s for a duplicate, else 1 s, doubling to 5 s), but only
-        for a duplicate or once this connection has reconnected since the request began
+        for a duplicate, a `repeat` (a job with its own id: stored again past the dedup window
+        while its first message was held or being called, it is answered by the leader's
+        follower of that call, which can be gone: a dispatcher restart, MAX_DUPLICATE_FOLLOWERS,
+        DUPLICATE_FOLLOW_S), or once this connection has reconnected since the request began
         (nats-py's `stats["reconnects"]`): an ordinary long call costs no reads."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -139,7 +143,7 @@ class Requesting:
                 except TimeoutError:  # (nats.errors.TimeoutError is one); other errors say what they are
                     pass
             out_of_time = deadline - loop.time() <= 0
-            if self.nc.is_connected and (duplicate or out_of_time or self._reconnects() != reconnects):
+            if self.nc.is_connected and (duplicate or repeat or out_of_time or self._reconnects() != reconnects):
                 try:  # (a read waits for a reconnect: at most what is left of the wait, WHY_TIMEOUT_S at its end)
                     left = max(WHY_TIMEOUT_S, deadline - loop.time())
                     stored = await asyncio.wait_for(self.stored_result(job_id, retry_for=min(pause, left)), left)

@@ -56,3 +56,23 @@ async def test_a_duplicate_reads_from_a_quarter_second_and_a_reply_still_wins():
     started = time.monotonic()
     assert await made._reply_or_stored(reply, "j1", 30.0, duplicate=True) == "the reply"
     assert len(reads) == 1 and reads[0] - started < 0.4  # read once, at 0.25 s; the reply at 0.6 s
+
+
+async def test_a_request_with_its_own_id_reads_the_store_while_it_waits():
+    """A job with its own id may be a copy the leader ended (its first message was being
+    called): its answer then comes from the leader's follower of that call, which a dispatcher
+    restart or the follower limits can take away. The store is read at each slice, as for a
+    duplicate, but from 1 s (before: only at the timeout)."""
+    reads: list[float] = []
+    made = client(reads)
+    stored_at = time.monotonic() + 1.5
+
+    async def stored_result(job_id: str, batch: str | None = None, **_: object) -> Result | None:
+        reads.append(time.monotonic())
+        return STORED if time.monotonic() >= stored_at else None
+
+    made.stored_result = stored_result  # type: ignore[method-assign]
+    reply = asyncio.get_running_loop().create_future()
+    started = time.monotonic()
+    assert await made._reply_or_stored(reply, "j1", 10.0, duplicate=False, repeat=True) is STORED
+    assert time.monotonic() - started < 4.0 and len(reads) == 2  # read at 1 s and 3 s
