@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import anyio
 import pytest
+from nats.js.errors import NotFoundError
 
 from ratefleet.runtime.handbacks import Handbacks
 from ratefleet.schemas import ResponseInfo
@@ -25,12 +26,19 @@ pytestmark = pytest.mark.anyio
 ACK = "$JS.ACK.RATEFLEET_JOBS.d.1.3.3.0.1"
 
 
+class NoResults:
+    """A JetStream context holding no Result: a later attempt's stored-Result lookup finds none."""
+
+    async def get_last_msg(self, stream, subject):
+        raise NotFoundError(description="no message found")
+
+
 class FakeNats:
     def __init__(self):
         self.published: list[tuple[str, bytes]] = []
 
     def jetstream(self):
-        return object()
+        return NoResults()
 
     async def publish(self, subject: str, payload: bytes = b"") -> None:
         self.published.append((subject, payload))
