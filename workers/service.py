@@ -48,6 +48,7 @@ from ratefleet.schemas.job import describe_validation_error
 from ratefleet.schemas.outcome import OutcomeKind, is_retryable
 from ratefleet.schemas.result import expired_before_call
 from ratefleet.workers.executor import CallResult, UpstreamExecutor, build_client
+from ratefleet.workers.lateness import Lateness
 from ratefleet.workers.metrics import WorkerMetrics
 from ratefleet.workers.outbox import ReportOutbox
 from ratefleet.workers.pairing import pairing_problem
@@ -132,6 +133,7 @@ class Worker:
         # others, so assignments read after such a silence may have been run elsewhere already
         self.beat_at: float | None = None  # monotonic time the last heartbeat was sent
         self.silence_ended_at = float("-inf")  # when a heartbeat found the last one past worker_timeout_s
+        self.lateness = Lateness()  # how late an assignment arrives, the two machines' clock skew taken out
         self.reports = ReportOutbox(lambda payload: self.nc.publish(self.subjects.outcome, payload))
 
     async def id_in_use(self) -> Heartbeat | None:
@@ -463,20 +465,24 @@ class Worker:
 
     async def _stored_already(self, a: Assignment) -> bool:
         """For an assignment that reached this worker more than worker_timeout_s after the leader
-        sent it (by the two wall clocks: the path through NATS stalled, e.g. a frozen server of a
-        cluster), or a later attempt (the first worker stalled or died mid-call, and may have
-        stored the Result since the leader read the redelivery: a crash soak's seeds 603 and 702
-        called such jobs 1.9 and 3.75 s after their Result was stored): the leader may have given
-        the job to another worker meanwhile, so its stored Result is looked up first (one read;
-        a skewed clock or a retry after a 429 costs that read, nothing else). When there is one,
-        it is the answer: sent to the reply subject, the message acked, no call. True then.
-        A lookup that gets no answer within STORED_LOOKUP_S is no "none": the assignment is
-        dropped as one read after a silence is (a handback, no call, no nak; the heartbeats
-        that no longer list it make the leader return the job): called, it was paid twice on a
-        loaded machine where the read right after the held path opened took over 2 s. True then."""
-        late_s = time.time() - (a.submitted_at + a.queued_ms / 1000)
-        if late_s <= self.config.dispatcher.worker_timeout_s and a.attempt <= 1:
-            return False
+        sent it (the path through NATS stalled, e.g. a frozen server of a cluster; measured against
+        the fastest recent arrival, so the skew of the two wall clocks cancels out: workers/lateness.py),
+        or a later attempt (the first worker stalled or died mid-call, and may have stored the
+        Result since the leader read the redelivery: a crash soak's seeds 603 and 702 called such
+        jobs 1.9 and 3.75 s after their Result was stored): the leader may have given the job to
+        another worker meanwhile, so its stored Result is looked up first (one read; a retry after
+        a 429 costs that read, nothing else). When there is one, it is the answer: sent to the
+        reply subject, the message acked, no call. True then. A lookup that gets no answer within
+        STORED_LOOKUP_S is no "none": the assignment is dropped as one read after a silence is (a
+        handback, no call, no nak; the heartbeats that no longer list it make the leader return
+        the job): called, it was paid twice on a loaded machine where the read right after the
+        held path opened took over 2 s. True then."""
+        delay, now = time.time() - (a.submitted_at + a.queued_ms / 1000), time.monotonic()
+        late_s = self.lateness.late_by(delay, now)
+        if late_s <= self.config.dispatcher.worker_timeout_s:
+            self.lateness.record(delay, now)
+            if a.attempt <= 1:
+                return False
         try:
             with anyio.fail_after(STORED_LOOKUP_S):
                 stored = await read_result(self.nc.jetstream(), self.subjects, a.job_id, _batch_and_metadata(a)[0])
@@ -485,7 +491,8 @@ class Worker:
                         "to a worker again", error=type(exc).__name__, late_s=round(late_s, 1))
             await self.handbacks.add(a.seq)  # no call: the delivery is not an attempt (best effort)
             return True
-        if stored is None:
+        if stored is None:  # not run elsewhere: a skewed clock, or held but not given away
+            self.lateness.record(delay, now)
             return False
         log.warning("an assignment (late, or a later attempt) of a job whose Result is stored; answered with it, "
                     "not called",

@@ -275,3 +275,63 @@ async def test_a_late_assignment_whose_result_cannot_be_looked_up_is_dropped_not
     late = assignment(job_id="late").model_copy(update={"submitted_at": time.time() - 5})
     executor = await take(worker, late)
     assert executor.calls == 0 and handed_back == [late.seq]
+
+
+# -- lateness against a skewed clock -------------------------------------------------------------
+
+
+def stamped(job_id: str, leader_ahead_s: float):
+    """An assignment the leader sends now by its own wall clock, `leader_ahead_s` ahead of this worker's."""
+    import time
+
+    return assignment(job_id=job_id).model_copy(update={"submitted_at": time.time() + leader_ahead_s})
+
+
+def reading(monkeypatch, stored_for: set[str]) -> list[str]:
+    import ratefleet.workers.service as service
+
+    reads: list[str] = []
+
+    async def read_result(js, subjects, job_id, batch):
+        reads.append(job_id)
+        return f'{{"job_id":"{job_id}"}}'.encode() if job_id in stored_for else None
+
+    monkeypatch.setattr(service, "read_result", read_result)
+    return reads
+
+
+async def test_a_late_assignment_is_seen_when_the_workers_clock_is_behind_the_leaders(monkeypatch):
+    # the leader's clock 10 s ahead: on-time assignments look 10 s early, one held 5 s on the way
+    # looked 5 s early too and was called, though another worker had stored its Result (paid twice)
+    worker, nc, finisher = make_worker(monkeypatch)
+    reads = reading(monkeypatch, {"held"})
+    answered = []
+
+    async def finish_stored(stored, *, ack, reply_to):
+        answered.append(stored)
+
+    finisher.finish_stored = finish_stored
+    executor = await take(worker, stamped("on-time-1", 10), stamped("on-time-2", 10), stamped("held", 10 - 5))
+    assert reads == ["held"] and answered == [b'{"job_id":"held"}']
+    assert executor.calls == 2  # the on-time ones only
+
+
+async def test_a_workers_clock_ahead_of_the_leaders_does_not_cost_a_read_per_job(monkeypatch):
+    # the leader's clock 10 s behind: every assignment looked 10 s late and paid a Result read first
+    worker, nc, finisher = make_worker(monkeypatch)
+    reads = reading(monkeypatch, set())
+    executor = await take(worker, *(stamped(f"j{i}", -10) for i in range(20)))
+    assert executor.calls == 20 and len(reads) <= 1, f"{len(reads)} Result reads for 20 on-time assignments"
+
+
+async def test_held_assignments_of_jobs_run_elsewhere_do_not_set_the_pace_for_the_next(monkeypatch):
+    # a fresh worker whose path was held: each held assignment is looked up, not only the first
+    worker, nc, finisher = make_worker(monkeypatch)
+    reads = reading(monkeypatch, {"held-1", "held-2"})
+
+    async def finish_stored(stored, *, ack, reply_to):
+        pass
+
+    finisher.finish_stored = finish_stored
+    executor = await take(worker, stamped("held-1", -5), stamped("held-2", -5.1))
+    assert reads == ["held-1", "held-2"] and executor.calls == 0
