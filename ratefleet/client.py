@@ -54,7 +54,7 @@ class Client(Submitting, Requesting):
         self.replies = ReplyInbox(nc)  # one reply subscription for every `request`
         self._closed_here = False  # `close()` was called (else a closed connection gave up reconnecting)
         self._pipes: set[PublishPipe] = set()  # those of the `submit_stream`s under way, abandoned on close
-        self._publishing = 0  # single publishes (submit, request) under way, which `close()` lets finish
+        self._publishing = 0  # single publishes and reads (submit, request, stored_result) under way: `close()` lets them finish
         self._published = asyncio.Event()  # set whenever none is under way
         self._published.set()
         self._why: tuple[float, asyncio.Future[tuple[str | None, str]]] | None = None  # (asked at, answer)
@@ -152,8 +152,8 @@ class Client(Submitting, Requesting):
         seconds, then NatsUnavailable is raised (no answer is not "no Result"). Raises
         BodyUnavailable when the referenced body is gone, NatsUnavailable at once when this
         Client is closed."""
-        self._open()
-        data = await read_result(self.js, self.subjects, job_id, "*" if batch is None else batch, retry_for=retry_for)
+        async with self._under_way():
+            data = await read_result(self.js, self.subjects, job_id, "*" if batch is None else batch, retry_for=retry_for)
         return None if data is None else await self.bodies.resolve(Result.from_json(data))
 
     @translated("reading results")

@@ -7,6 +7,7 @@ a NATS restart with the same id, and many are pipelined with a bounded window of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
@@ -92,10 +93,24 @@ class Submitting:
     async def _publish(self, tier: str, model: Job, reply_to: str | None = None, payload: bytes | None = None,
                        *, repeat: bool = False) -> bool:
         payload = payload if payload is not None else self._payload(model)
+        async with self._under_way():
+            return await publish_job(self.js, self.subjects, tier, model.id, payload, reply_to=reply_to, repeat=repeat)
+
+    @contextlib.asynccontextmanager
+    async def _under_way(self) -> AsyncIterator[None]:
+        """One single operation (a publish, a stored-Result read) that `close()` lets finish.
+        One starting after `close()` began raises NatsUnavailable (closed) at once: it would race
+        the drain, which drops its answer (a request's read of its own id's Result then said,
+        after 5 s, 'NATS did not answer ... check that NATS runs', while NATS was fine). One
+        failing because the Client was closed meanwhile says so too."""
+        self._open()
         self._publishing += 1
         self._published.clear()
         try:
-            return await publish_job(self.js, self.subjects, tier, model.id, payload, reply_to=reply_to, repeat=repeat)
+            yield
+        except Exception:
+            self._open()
+            raise
         finally:
             self._publishing -= 1
             if not self._publishing:

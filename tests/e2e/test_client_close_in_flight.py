@@ -81,3 +81,28 @@ async def test_submits_under_way_at_close_return_their_ids_as_usual(nats_server)
     assert closing_took < 5.0, closing_took
     async with await Client.connect(nats_server.url) as reader:
         assert (await reader.js.stream_info(reader.subjects.jobs_stream)).state.messages == 500
+
+
+async def test_a_request_or_read_racing_close_says_the_client_was_closed_at_once(nats_server):
+    """A request of a job with its own id first reads the job's stored Result; a close landing
+    during that read (an app shutting down as a handler starts) drained the read's response
+    away. Before: the request waited the read's 5 s and then said 'NATS did not answer ...
+    check that NATS runs (`ratefleet up`) and that --nats names it', though NATS was fine; a
+    stored_result racing the close did the same."""
+    client = await Client.connect(nats_server.url)
+    await ensure_topology(client.js, parse_config({}))
+    request = asyncio.ensure_future(outcome(client.request({**JOB, "id": "own-1"}, "guest", timeout=20)))
+    read = asyncio.ensure_future(outcome(client.stored_result("own-2")))
+    await asyncio.sleep(0)  # both started: their reads sent
+    await client.close()
+    for took, error in (await request, await read):
+        assert took < 2.0, took  # before: 5.0 s
+        assert error is None or (isinstance(error, NatsUnavailable) and "this Client is closed" in str(error)), error
+    _, error = await request
+    assert isinstance(error, NatsUnavailable)  # closed before its job was sent: nothing stored
+    assert (await client_for_count(nats_server.url)) == 0
+
+
+async def client_for_count(url: str) -> int:
+    async with await Client.connect(url) as reader:
+        return (await reader.js.stream_info(reader.subjects.jobs_stream)).state.messages
