@@ -25,7 +25,7 @@ from nats.js.errors import NotFoundError
 from ratefleet.client_request import WHY_SHARED_S, WHY_TIMEOUT_S, Requesting
 from ratefleet.client_submit import JobLike, Stored, Submitting, as_job
 from ratefleet.runtime.bodies import BodyStore
-from ratefleet.runtime.connect import connect, denial_expected, refused
+from ratefleet.runtime.connect import close_away, connect, denial_expected, refused
 from ratefleet.runtime.edge import translated
 from ratefleet.runtime.pubpipe import PublishPipe
 from ratefleet.runtime.replies import ReplyInbox
@@ -112,7 +112,7 @@ class Client(Submitting, Requesting):
                 return
             except Exception:  # noqa: BLE001 - NATS went away while draining: close without it
                 pass
-        await self.nc.close()  # reconnecting: nothing can be flushed, and the reconnects must stop
+        await close_away(self.nc)  # reconnecting: nothing can be flushed, and the reconnects must stop
 
     def _open(self) -> None:
         """NatsUnavailable at once when this Client's connection is closed or closing: nothing

@@ -103,6 +103,21 @@ PATIENT_FLUSH_S = 600.0  # how long a timed-out `flush` still waits for its PONG
 GIVE_UP_ATTEMPTS = 60  # reconnects, 0.5 s apart, of a connection that gives up (`forever=False`): ~30 s down
 
 
+async def close_away(nc: NatsClient) -> None:
+    """Close a connection that is not connected (reconnecting, or lost while draining) without
+    raising. What it buffered while away can never be sent once it is closed, yet nats-py's
+    close writes that buffer to the dead socket and awaits it: ConnectionResetError, raised
+    half way through the close (its subscriptions' tasks left running). So the buffer is
+    dropped first; an OSError of the dead socket is logged, not raised."""
+    if hasattr(nc, "_pending") and hasattr(nc, "_pending_data_size"):
+        nc._pending = []
+        nc._pending_data_size = 0
+    try:
+        await nc.close()
+    except OSError as exc:
+        log.debug("closing a connection that was away", error=type(exc).__name__)
+
+
 async def flush(nc: NatsClient, timeout: float) -> None:
     """`nc.flush()` (a PING, then wait for the PONG: what was written reached the server),
     given up after `timeout` seconds with nats.errors.FlushTimeoutError, without breaking

@@ -106,3 +106,22 @@ async def test_a_request_or_read_racing_close_says_the_client_was_closed_at_once
 async def client_for_count(url: str) -> int:
     async with await Client.connect(url) as reader:
         return (await reader.js.stream_info(reader.subjects.jobs_stream)).state.messages
+
+
+async def test_closing_after_a_call_during_a_nats_outage_closes_quietly(tmp_path):
+    """A call made while NATS is away leaves its bytes in nats-py's pending buffer; closing
+    then wrote them to the dead socket. Before: close() (an `async with` block ending while
+    NATS is away, after one failed call) raised ConnectionResetError, a nats-level error the
+    Client promises never to let out, and nats-py's close stopped half way (subscriptions
+    left running)."""
+    server = restartable_nats(tmp_path / "nats")
+    try:
+        client = await Client.connect(server.url)
+        server.stop()
+        await until(lambda: not client.nc.is_connected, 10, interval=0.01, what="the client disconnected")
+        with pytest.raises(NatsUnavailable):
+            await client.status(timeout=0.5)  # its request is buffered, never sent
+        await client.close()  # before: ConnectionResetError('Connection lost')
+        assert client.nc.is_closed
+    finally:
+        server.stop()
