@@ -21,6 +21,7 @@ another server that then leads the JOBS stream goes unnoticed here.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
@@ -43,16 +44,20 @@ class ForgottenIds:
         self.nc, self.js, self.results_stream = nc, js, results_stream
         self.open_seen, self.window_s, self.clock = open_seen, window_s, clock
         self.server_id: str | None = None
-        self.until = 0.0  # wall-clock seconds: messages stored before this get the lookup
+        # wall-clock seconds: messages stored before this get the lookup. One shared answer per
+        # incarnation: the tiers' pull inboxes and the lookup tasks ask concurrently after a
+        # restart, and one asking while another met the new server took the old, closed window
+        self._until: asyncio.Future[float] | None = None
 
     async def may_repeat(self, stored_at: float) -> bool:
         """True when a message stored at `stored_at` (wall-clock seconds) may be a done job sent
         again after a restart of the server. Never raises: an unknown state answers True."""
         server_id = (getattr(self.nc, "_server_info", None) or {}).get("server_id") or ""
-        if server_id != self.server_id:
+        if server_id != self.server_id or self._until is None or self._until.cancelled():
             self.server_id = server_id
-            self.until = await self._deadline(server_id)
-        return stored_at < self.until
+            self._until = asyncio.ensure_future(self._deadline(server_id))
+        met = self._until
+        return stored_at < (met.result() if met.done() else await asyncio.shield(met))
 
     async def _deadline(self, server_id: str) -> float:
         now = self.clock()
@@ -75,7 +80,7 @@ class ForgottenIds:
         except Exception as exc:  # noqa: BLE001 - cannot tell: look up every first delivery of the window
             log.warning("cannot tell whether NATS forgot done jobs; looking up stored Results",
                         error=type(exc).__name__)
-            self.server_id = None  # asked again at the next delivery
+            self._until = None  # asked again at the next delivery
             return now + self.window_s
         if until > now:
             log.info("NATS server incarnation met while Results are stored: first deliveries look up stored "

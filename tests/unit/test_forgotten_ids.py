@@ -77,3 +77,29 @@ async def test_when_nats_cannot_say_every_first_delivery_of_the_window_is_looked
     guard = ForgottenIds(SimpleNamespace(_server_info={"server_id": "S1"}), None, "RESULTS", broken, WINDOW,
                          clock=lambda: T0)
     assert await guard.may_repeat(T0 + 1)
+
+
+async def test_deliveries_read_while_a_new_incarnation_is_being_met_wait_for_its_window():
+    # the tiers' pull inboxes (and the lookup tasks) ask at once after a NATS restart: the one
+    # asking while the first still met the new server got the old, closed window and its job,
+    # a done one resent with its id, was called again (paid twice)
+    import asyncio
+
+    kv = FakeKV()
+    guard = forgotten("S1", results=10, kv=kv)
+    kv.values["server-S1"] = b"0"  # met long ago: its window closed
+    assert await guard.may_repeat(T0 + 1) is False
+    slow = asyncio.Event()
+    opened = guard.open_seen
+
+    async def open_seen():
+        await slow.wait()  # the KV answers after a round trip
+        return await opened()
+
+    guard.open_seen = open_seen
+    guard.nc._server_info = {"server_id": "S2"}  # restarted: a new incarnation
+    first = asyncio.ensure_future(guard.may_repeat(T0 + 1))
+    second = asyncio.ensure_future(guard.may_repeat(T0 + 2))  # another tier's first delivery
+    await asyncio.sleep(0)
+    slow.set()
+    assert await first and await second
