@@ -58,6 +58,7 @@ class Client(Submitting, Requesting):
         self._published = asyncio.Event()  # set whenever none is under way
         self._published.set()
         self._why: tuple[float, asyncio.Future[tuple[str | None, str]]] | None = None  # (asked at, answer)
+        self._closing: asyncio.Future[None] | None = None  # the one closing every `close()` awaits
 
     @classmethod
     async def connect(cls, url: str = DEFAULT_NATS_URL, *, prefix: str = "ratefleet",
@@ -96,7 +97,13 @@ class Client(Submitting, Requesting):
         usual. Other calls under way end at once: a `request` waiting for its Result and a
         `submit_many` / `submit_stream` waiting for acknowledgements raise NatsUnavailable saying
         the Client was closed (their jobs stored so far still run); every later call raises it
-        too. Never raises for NATS being away (then nothing is flushed or waited for)."""
+        too. Never raises for NATS being away (then nothing is flushed or waited for). Closes
+        called together (`async with` ending while another task closes too) share one closing."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)  # a cancelled caller leaves the closing to finish
+
+    async def _close(self) -> None:
         self._closed_here = True
         self.replies.abandon()
         for pipe in list(self._pipes):

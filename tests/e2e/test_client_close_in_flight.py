@@ -125,3 +125,34 @@ async def test_closing_after_a_call_during_a_nats_outage_closes_quietly(tmp_path
         assert client.nc.is_closed
     finally:
         server.stop()
+
+
+async def test_closes_from_several_tasks_close_once_and_promptly(nats_server):
+    """An app's shutdown may close its Client twice at once (`async with` ending while a signal
+    handler or another task closes it too). Each close() drained the connection: nats-py ran a
+    second drain of every subscription beside the first, and now and then (1 in ~12 rounds
+    here) the connection's PONG never resolved the first drain's flush, which waited its 10 s:
+    close took 10.0 s instead of 0.01 s. Now the closes share one closing."""
+    for _ in range(12):
+        client = await Client.connect(nats_server.url)
+        await ensure_topology(client.js, parse_config({}))
+        drains = 0
+        drain = client.nc.drain
+
+        async def counted_drain(drain=drain) -> None:
+            nonlocal drains
+            drains += 1
+            await drain()
+
+        client.nc.drain = counted_drain
+        submits = [asyncio.ensure_future(outcome(client.submit(JOB, "guest"))) for _ in range(300)]
+        request = asyncio.ensure_future(outcome(client.request(JOB, "guest", timeout=20)))
+        await asyncio.sleep(0.01)
+        started = time.monotonic()
+        await asyncio.gather(client.close(), client.close(), client.close())
+        took = time.monotonic() - started
+        assert [error for _, error in await asyncio.gather(*submits) if error is not None] == []
+        _, error = await request
+        assert isinstance(error, NatsUnavailable)
+        assert drains == 1 and client.nc.is_closed
+        assert took < 5.0, took  # before: 10.0 s now and then
