@@ -371,6 +371,17 @@ class Config(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _heartbeat_inside_worker_timeout(self) -> Config:
+        # a leader gives up a worker not heard of for worker_timeout_s, and a worker drops what it
+        # reads after such a silence of its own: beats that far apart mean every job is dropped
+        beat, timeout = self.workers.heartbeat_s, self.dispatcher.worker_timeout_s
+        if beat >= timeout:
+            raise ValueError(f"workers.heartbeat_s ({beat:g}) must be below dispatcher.worker_timeout_s ({timeout:g}), "
+                             "ideally a third of it: a worker beating less often is given up by the leader "
+                             "between its beats and drops the assignments it reads then")
+        return self
+
+    @model_validator(mode="after")
     def _caller_references(self) -> Config:
         for name, caller in self.callers.items():
             if caller.tier not in self.tiers:

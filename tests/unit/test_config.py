@@ -74,3 +74,21 @@ def test_cli_refuses_bad_config_with_the_field_and_exit_2(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "pools.shared.keys.0.rps" in proc.stderr and str(path) in proc.stderr
+
+
+@pytest.mark.parametrize("timing", ["[workers]\nheartbeat_s = 3\n",
+                                    "[workers]\nheartbeat_s = 5\n\n[dispatcher]\nworker_timeout_s = 4\n"])
+def test_a_heartbeat_no_more_often_than_the_worker_timeout_is_refused(tmp_path, timing):
+    # heartbeat_s 3 beside the default worker_timeout_s 3: every beat came a little more than 3 s
+    # after the last, so the leader gave the worker up before each one and the worker, seeing a
+    # silence past worker_timeout_s at every beat, dropped 271 of 300 assignments read over 10 beats
+    # (every one after the first beat): the fleet called nothing
+    path = write(tmp_path, GOOD + "\n" + timing)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert "workers.heartbeat_s" in str(caught.value) and "dispatcher.worker_timeout_s" in str(caught.value)
+
+
+def test_a_heartbeat_well_inside_the_worker_timeout_is_taken(tmp_path):
+    config = load_config(write(tmp_path, GOOD + "\n[workers]\nheartbeat_s = 2.5\n"))
+    assert config.workers.heartbeat_s == 2.5
