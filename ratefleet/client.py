@@ -127,10 +127,14 @@ class Client(Submitting, Requesting):
         then asked whether the NATS server was up)."""
         if not (self.nc.is_closed or self.nc.is_draining or self._closed_here):
             return
-        why = ("Client.close() was called, or its `async with` block ended" if self._closed_here else
-               "its connection was closed: it gives up after about 30 s of NATS unreachable with "
-               "reconnect_forever=False")
-        raise NatsUnavailable(f"this Client is closed ({why}); connect a new one with Client.connect")
+        if self._closed_here:
+            raise NatsUnavailable("this Client is closed (Client.close() was called, or its `async with` block "
+                                  "ended); connect a new one with Client.connect")
+        # the ratefleet commands connect so (reconnect_forever=False): their users run a command, not Python
+        raise NatsUnavailable("this Client is closed (NATS was unreachable for about 30 s and its connection gave up: "
+                              "reconnect_forever=False, as the ratefleet commands connect); check that nats-server "
+                              "runs, then run the command again (in Python: connect a new Client with "
+                              "Client.connect, or keep reconnect_forever=True)")
 
     @translated("reading a queued job")
     async def queued_job(self, seq: int, *, retry_for: float = READ_RETRY_S) -> Job | None:

@@ -77,7 +77,10 @@ async def test_a_closed_connection_is_nats_unavailable_for_every_client_call(nat
         with pytest.raises(RatefleetError) as caught:
             await call()
         assert isinstance(caught.value, NatsUnavailable), (name, caught.value)
-        assert "this Client is closed" in str(caught.value) and "connect a new one" in str(caught.value)
+        assert "this Client is closed" in str(caught.value) and "Client.connect" in str(caught.value)
+        # a ratefleet command's connection gives up so: its user is told what happened and to run it
+        # again, not only (before) 'connect a new one with Client.connect', which a CLI user cannot do
+        assert "NATS was unreachable" in str(caught.value) and "run the command again" in str(caught.value)
 
 
 @pytest.mark.anyio
