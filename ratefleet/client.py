@@ -162,7 +162,14 @@ class Client(Submitting, Requesting):
         when it has none yet. A NATS that does not answer is asked again for `retry_for`
         seconds, then NatsUnavailable is raised (no answer is not "no Result"). Raises
         BodyUnavailable when the referenced body is gone, NatsUnavailable at once when this
-        Client is closed."""
+        Client is closed. ValueError for a `job_id` that is no job id or a `batch` that is no batch
+        name (1-128 of A-Z a-z 0-9 _ -), before anything is read: a wildcard such as `*` answered
+        with the last Result of any job (a service passing a caller's id on: another caller's answer)."""
+        if not is_token(job_id):
+            raise ValueError(f"job_id must be a job id (1-128 of A-Z a-z 0-9 _ -), not {job_id!r}")
+        if batch is not None and not is_token(batch):
+            raise ValueError(f"batch must be a batch name (1-128 of A-Z a-z 0-9 _ -) or None (any batch), "
+                             f"not {batch!r}")
         async with self._under_way():
             data = await read_result(self.js, self.subjects, job_id, "*" if batch is None else batch, retry_for=retry_for)
         return None if data is None else await self.bodies.resolve(Result.from_json(data))
