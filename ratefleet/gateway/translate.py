@@ -170,9 +170,12 @@ def _body_bytes(result: Result) -> bytes:
 # the caller's whole timeout: an SDK's automatic retry (2 more by default, on 429 and 5xx) would be
 # new jobs repeating all of it, so answers for them carry `x-should-retry: false`
 # (not `upstream_error`: a final 4xx the fleet did not retry, e.g. a 409 the SDKs retry themselves)
-# (`response_too_large`: the call was paid and asking again draws the same answer)
+# (`response_too_large`: the call was paid and asking again draws the same answer; `request_too_large`:
+# the request exceeds every key's whole tokens/min, and each SDK retry of the provider's 429 would be
+# a new job charged a key's whole minute budget, holding every caller of that key for about a minute)
 FLEET_RETRIED = frozenset({ErrorCode.ATTEMPTS_EXHAUSTED, ErrorCode.RATE_LIMITED, ErrorCode.RESULT_NOT_STORED,
-                           ErrorCode.DEADLINE_EXCEEDED, ErrorCode.RESPONSE_TOO_LARGE})
+                           ErrorCode.DEADLINE_EXCEEDED, ErrorCode.RESPONSE_TOO_LARGE,
+                           ErrorCode.REQUEST_TOO_LARGE})
 
 
 def _refusal_of(result: Result) -> GatewayRefusal:

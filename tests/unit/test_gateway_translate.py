@@ -186,3 +186,17 @@ def test_a_final_answer_the_fleet_did_not_retry_leaves_the_sdk_its_own_rule():
     exhausted = result(status="failed", response={"status": 500, "headers": {}, "body": "oops"},
                        error={"code": "attempts_exhausted", "message": "gave up after 3 attempts"})
     assert answer_of(exhausted)[1]["x-should-retry"] == "false"
+
+
+def test_a_request_too_large_for_every_key_tells_the_sdk_not_to_retry():
+    """A prompt over every key's tokens/min drew the provider's 429 "Request too large" (or was
+    refused before a call): the OpenAI SDK retried that 429 twice on its own, each retry a new
+    job charged a key's whole minute budget, so the caller waited ~108 s for the same answer
+    and the keys' budgets were drained for everyone else."""
+    too_large = result(status="failed", response={"status": 429, "headers": {}, "body": "Request too large"},
+                       error={"code": "request_too_large", "message": "the provider says this request alone "
+                                                                      "exceeds the limit"})
+    status, headers, _ = answer_of(too_large)
+    assert status == 429 and headers["x-should-retry"] == "false"
+    refused = answer_of(result(status="failed", error={"code": "request_too_large", "message": "cost over every key"}))
+    assert refused[1]["x-should-retry"] == "false"
