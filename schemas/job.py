@@ -300,12 +300,28 @@ def describe_validation_error(error: ValidationError) -> tuple[ErrorCode, str]:
     """Turn a pydantic error into (code, message) naming every bad field."""
     code = ErrorCode.INVALID_JOB
     parts = []
-    for item in error.errors(include_url=False, include_input=False):
+    items = error.errors(include_url=False, include_input=False)
+    for item in items:
         if item["type"] == "forbidden_target":
             code = ErrorCode.FORBIDDEN_TARGET
         where = ".".join(_printable(str(p)) for p in item["loc"]) or "job"
         parts.append(f"{where}: {item['msg']}")
+    if _bare_body(items):
+        parts.append(BARE_BODY_HINT)
     return code, "; ".join(parts)
+
+
+# top-level fields of a provider's request body (OpenAI, Anthropic, Gemini), pasted as a job
+BODY_FIELDS = frozenset({"model", "messages", "input", "prompt", "contents", "max_tokens"})
+BARE_BODY_HINT = ('this looks like a request body, not a job: put it under {"request": {"path": "/v1/...", '
+                  '"json": ...}} (examples/jobs.jsonl shows the form)')
+
+
+def _bare_body(items: Any) -> bool:
+    """No `request`, and top-level fields a provider's body has: the body itself was sent as the job."""
+    missing_request = any(i["type"] == "missing" and tuple(i["loc"]) == ("request",) for i in items)
+    return missing_request and any(i["type"] == "extra_forbidden" and len(i["loc"]) == 1
+                                   and i["loc"][0] in BODY_FIELDS for i in items)
 
 
 def _salvage(data: Any) -> tuple[str | None, str | None]:

@@ -79,3 +79,23 @@ def test_result_round_trip_and_shape():
     data = json.loads(result.to_json())
     assert data["response"]["json"] == {"ok": 1} and data["error"] is None
     assert Result.from_json(result.to_json()) == result
+
+
+@pytest.mark.parametrize("body", [
+    {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+    {"model": "text-embedding-3-small", "input": ["a"]},
+])
+def test_a_bare_provider_body_is_told_how_to_wrap_it(body):
+    """A user pasted a chat-completions body as a job line (or `ratefleet request`): the error said
+    only 'request: Field required; model: Extra inputs are not permitted', not what a job is."""
+    with pytest.raises(JobRejected) as refused:
+        parse_job(json.dumps(body).encode())
+    message = str(refused.value)
+    assert 'put it under {"request": {"path": "/v1/...", "json": ...}}' in message
+    assert "examples/jobs.jsonl" in message
+
+
+def test_a_job_missing_only_its_request_gets_no_body_hint():
+    with pytest.raises(JobRejected) as refused:
+        parse_job(json.dumps({"id": "a1", "cost": 3}).encode())
+    assert "put it under" not in str(refused.value)
