@@ -240,6 +240,17 @@ class StreamsConfig(_Strict):
     dead_max_age_s: float = Field(default=7 * 86400.0, gt=0)
     replicas: int = Field(default=1, ge=1, le=5)
 
+    @model_validator(mode="after")
+    def _results_outlive_dedup(self) -> StreamsConfig:
+        # a job sent again after its Result expired but inside the dedup window is dropped as a
+        # duplicate of a message already acked: it never runs and no Result ever comes
+        if self.results_max_age_s < self.duplicate_window_s:
+            raise ValueError(f"results_max_age_s ({self.results_max_age_s:g}) is shorter than duplicate_window_s "
+                             f"({self.duplicate_window_s:g}): a job re-sent after its Result expired but within "
+                             "the dedup window would be dropped as a duplicate and never end (`submit --wait` "
+                             "would wait for it for ever); make results_max_age_s at least duplicate_window_s")
+        return self
+
 
 # -- the gateway (`ratefleet gateway`): callers and where it listens -------------------------
 

@@ -47,6 +47,10 @@ def test_defaults_give_four_tiers_over_every_pool_in_file_order(tmp_path):
     (GOOD + "\n[workers]\nsloths = 3\n", "workers.sloths"),
     (GOOD + '\n[upstreams.other]\nbase_url = "http://b"\n', "pools.shared.upstream: required"),
     ("[pools\n", "not valid TOML"),
+    # Results kept 20 s under a 600 s dedup window: a re-run after they expired was dropped as
+    # duplicates ("10 already queued") and `submit --wait` waited for ever
+    (GOOD + "\n[streams]\nresults_max_age_s = 20\n",
+     "streams: results_max_age_s (20) is shorter than duplicate_window_s (600)"),
 ])
 def test_bad_config_is_refused_naming_file_and_field(tmp_path, text, fragment):
     path = write(tmp_path, text)
