@@ -35,12 +35,6 @@ LOOKUPS_IN_FLIGHT = 128  # deliveries whose Result lookup runs beside intake; mo
 STORED_LOOKUP_S = 2.0  # seconds: a slow store must not stall intake; then the job is handed back (not called)
 
 
-def _looked_up(msg: Any) -> bool:
-    """Whether `delivery` looks up this message's Result: a redelivery, or marked as a repeat."""
-    meta = msg.metadata
-    return (meta is not None and meta.num_delivered > 1) or bool(msg.headers and msg.headers.get(REPEAT_HEADER) == "1")
-
-
 class TierInbox:
     """One tier's pull inbox. `post` puts an event on the session's stream (never blocks);
     nothing here changes the leader's state."""
@@ -93,9 +87,9 @@ class TierInbox:
             unfilled = int(msg.headers.get("Nats-Pending-Messages", 0) or 0)
             self.post(PullStatus(self.tier, status, unfilled, msg.headers.get("Description")))
             return
-        looked_up = _looked_up(msg) or await self.bus.may_repeat(_stored_at(msg.metadata))
-        if not looked_up or len(self._lookups) >= LOOKUPS_IN_FLIGHT:
-            self.post(await self.delivery(msg))
+        lookup = await self._needs_lookup(msg)
+        if not lookup or len(self._lookups) >= LOOKUPS_IN_FLIGHT:
+            self.post(await self.delivery(msg, lookup))
             return
         # a redelivery or a repeat: its Result lookup (a JetStream round trip) runs beside intake, so a
         # batch run again (every message a repeat) is read at the tier's pace, not one round trip each:
@@ -104,18 +98,25 @@ class TierInbox:
         self._lookups.add(task)
         task.add_done_callback(self._lookups.discard)
 
+    async def _needs_lookup(self, msg: Any) -> bool:
+        """Whether `delivery` looks up this message's Result: a redelivery, a message marked as a
+        repeat, or a first delivery that may repeat a done job whose id a NATS restart made
+        JetStream forget (bus.may_repeat)."""
+        return (msg.metadata.num_delivered > 1 or bool(msg.headers and msg.headers.get(REPEAT_HEADER) == "1")
+                or await self.bus.may_repeat(_stored_at(msg.metadata)))
+
     async def _deliver(self, msg: Any) -> None:
         try:
-            self.post(await self.delivery(msg))
+            self.post(await self.delivery(msg, True))
         except Exception:  # noqa: BLE001 - as a callback's error would be: the message comes back after ack_wait
             log.exception("a delivery could not be read; it comes back after ack_wait", tier=self.tier)
 
-    async def delivery(self, msg: Any) -> JobDelivered:
+    async def delivery(self, msg: Any, lookup: bool | None = None) -> JobDelivered:
         """A JOBS message as an event: read by intake, with the hand-back and 429 counts of
         earlier deliveries and, for a redelivery, a message marked as a repeat (`Incoming.repeat`)
         or a first delivery that may repeat a done job whose id a NATS restart made JetStream
-        forget (bus.may_repeat), its Result if one is stored already. A job
-        that asks for the cache (`cache_ttl_s`) and has no Result is looked up: a hit is
+        forget (bus.may_repeat), its Result if one is stored already (`lookup`: `_needs_lookup(msg)`, when the caller has
+        it). A job that asks for the cache (`cache_ttl_s`) and has no Result is looked up: a hit is
         stored as its Result (`cached: true`) and answered like a stored one, with no token
         (ratefleet/runtime/cache.py)."""
         meta = msg.metadata
@@ -134,8 +135,9 @@ class TierInbox:
         if isinstance(verdict, Incoming) and verdict.job.batch in self.cancelled:
             verdict = cancelled_job(verdict)
         stored, cached, unknown, looked_up_at = None, False, False, None
-        if isinstance(verdict, Incoming) and (redelivered or verdict.repeat
-                                               or await self.bus.may_repeat(_stored_at(meta))):
+        if lookup is None and isinstance(verdict, Incoming):
+            lookup = await self._needs_lookup(msg)
+        if isinstance(verdict, Incoming) and lookup:
             looked_up_at = time.monotonic()  # (the leader's clock)
             try:  # no answer is not "no Result": the leader hands the job back instead of calling it
                 with anyio.fail_after(STORED_LOOKUP_S):
