@@ -58,7 +58,7 @@ from ratefleet.workers.spans import note_result, run_span
 from ratefleet.workers.unstored import refused, unstorable
 
 log = get_logger("ratefleet.worker")
-STORED_LOOKUP_S = 2.0  # a late assignment's stored-Result lookup; past it the job is called
+STORED_LOOKUP_S = 2.0  # a late assignment's stored-Result lookup; past it the assignment is dropped
 
 
 # after grace_s, a drain waits up to this long (seconds) for the Results of calls that are
@@ -479,7 +479,8 @@ class Worker:
         held path opened took over 2 s. True then."""
         delay, now = time.time() - (a.submitted_at + a.queued_ms / 1000), time.monotonic()
         late_s = self.lateness.late_by(delay, now)
-        if late_s <= self.config.dispatcher.worker_timeout_s:
+        late = late_s > self.config.dispatcher.worker_timeout_s
+        if not late:
             self.lateness.record(delay, now)
             if a.attempt <= 1:
                 return False
@@ -491,8 +492,9 @@ class Worker:
                         "to a worker again", error=type(exc).__name__, late_s=round(late_s, 1))
             await self.handbacks.add(a.seq)  # no call: the delivery is not an attempt (best effort)
             return True
-        if stored is None:  # not run elsewhere: a skewed clock, or held but not given away
-            self.lateness.record(delay, now)
+        if stored is None:
+            if late:  # not run elsewhere: a skewed clock, or held but not given away
+                self.lateness.record(delay, now)
             return False
         log.warning("an assignment (late, or a later attempt) of a job whose Result is stored; answered with it, "
                     "not called",

@@ -196,19 +196,15 @@ class LeaderMachine:
             # looked up while a call of the same job ran, and that call ended since: its Result may
             # be stored now, unseen by the lookup. Called now, it would be paid twice; handed back,
             # it is looked up again when it comes back
-            if not owned:
-                return []
-            return [Log("info", "a job's Result lookup was older than the end of its call; handed back, not called",
-                        {"job_id": verdict.job_id, "tier": verdict.tier, "seq": event.seq}),
-                    HandBack(event.seq, event.ack, LOOKUP_RETRY_S), *self._top_up(event.tier, now)]
+            return self._look_up_again(event, now, owned, Log(
+                "info", "a job's Result lookup was older than the end of its call; handed back, not called",
+                {"job_id": verdict.job_id, "tier": verdict.tier, "seq": event.seq}))
         if event.unknown and not final:
             # its worker may have stored the Result and died before the ack: called now, it could
             # be paid twice. Handed back, it is looked up again when it comes back
-            if not owned:
-                return []
-            return [Log("warning", "redelivered job's Result could not be looked up; handed back, not called",
-                        {"job_id": verdict.job_id, "tier": verdict.tier, "attempt": verdict.attempt}),
-                    HandBack(event.seq, event.ack, LOOKUP_RETRY_S), *self._top_up(event.tier, now)]
+            return self._look_up_again(event, now, owned, Log(
+                "warning", "redelivered job's Result could not be looked up; handed back, not called",
+                {"job_id": verdict.job_id, "tier": verdict.tier, "attempt": verdict.attempt}))
         if self.stepping_down:
             return []  # the last delivery of a job intake accepted: cannot happen (intake ends it)
         self.held[event.seq] = Held(verdict, now, now, event.wall)
@@ -217,6 +213,12 @@ class LeaderMachine:
                                       handle=event.seq,
                                       model=requested_model(verdict.job.request)), now)
         return []
+
+    def _look_up_again(self, event: ev.JobDelivered, now: float, owned: bool, why: Log) -> list[Command]:
+        """Hand a delivery back for LOOKUP_RETRY_S (no call), to be looked up again; nothing without the lease."""
+        if not owned:
+            return []
+        return [why, HandBack(event.seq, event.ack, LOOKUP_RETRY_S), *self._top_up(event.tier, now)]
 
     def _on_batch_cancelled(self, batch: str, now: float) -> list[Command]:
         """End the held jobs of a cancelled batch that wait for a key (uncalled: `failed` /
