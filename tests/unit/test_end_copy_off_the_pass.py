@@ -3,20 +3,15 @@ pass: the read is retried up to FALLBACK_READ_S while the Results stream does no
 
 from __future__ import annotations
 
-import json
-from datetime import UTC, datetime
-from types import SimpleNamespace
-
 import anyio
 import pytest
-from test_leader_session_memory import Running, until
+from test_leader_session_memory import Running, job_message, until, worker_w1
 
-from ratefleet.dispatcher.shell.memory_bus import MemoryBus, MemoryMessage
-from ratefleet.schemas import Subjects
-from ratefleet.schemas.internal import Assignment, Heartbeat
+from ratefleet.dispatcher.shell.memory_bus import MemoryBus
+from ratefleet.schemas.internal import Assignment
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
-SUBJECTS = Subjects()
+COPY_REPLY = {"Ratefleet-Reply-To": "_INBOX.copy"}  # each message has a requester waiting
 
 
 class SlowFollowBus(MemoryBus):
@@ -31,29 +26,15 @@ class SlowFollowBus(MemoryBus):
         await self.release.wait()  # the Results stream not answering (read_result retries 5 s)
 
 
-def message(session, seq: int, job_id: str) -> MemoryMessage:
-    meta = SimpleNamespace(num_delivered=1, sequence=SimpleNamespace(stream=seq, consumer=seq),
-                           timestamp=datetime.now(UTC))
-    body = json.dumps({"id": job_id, "request": {"path": "/v1/x"}}).encode()
-    return MemoryMessage(session.inboxes["normal"].inbox, body, f"ack.{seq}.1",
-                         {"Nats-Msg-Id": job_id, "Ratefleet-Reply-To": "_INBOX.copy"}, meta)
-
-
 async def test_a_copys_slow_follow_does_not_hold_the_next_assignment():
     bus = SlowFollowBus()
     async with Running(bus) as run:
-        assigned: list[bytes] = []
-
-        async def on_assign(msg) -> None:
-            assigned.append(msg.data)
-
-        await bus.subscribe(SUBJECTS.assign("w1"), on_assign)
-        await bus.deliver(MemoryMessage(SUBJECTS.heartbeat, Heartbeat(worker="w1", slots=4).model_dump_json().encode()))
-        await bus.deliver(message(run.session, 1, "j1"))
+        assigned = await worker_w1(bus)
+        await bus.deliver(job_message(run.session, 1, job_id="j1", headers=COPY_REPLY))
         await until(lambda: len(assigned) == 1)
-        await bus.deliver(message(run.session, 2, "j1"))  # j1 again: a copy, ended with EndCopy
+        await bus.deliver(job_message(run.session, 2, job_id="j1", headers=COPY_REPLY))  # j1 again: a copy, ended with EndCopy
         await until(lambda: len(bus.copies) == 1)
-        await bus.deliver(message(run.session, 3, "j3"))
+        await bus.deliver(job_message(run.session, 3, job_id="j3", headers=COPY_REPLY))
         try:
             await until(lambda: len(assigned) == 2, timeout=3.0)
         finally:

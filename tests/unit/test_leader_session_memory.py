@@ -29,12 +29,43 @@ def config() -> Config:
     })
 
 
-def job_message(session: LeaderSession, seq: int, delivered: int = 1, tier: str = "normal") -> MemoryMessage:
+def job_message(session: LeaderSession, seq: int, delivered: int = 1, tier: str = "normal", *,
+                job_id: str | None = None, batch: str | None = None,
+                headers: dict[str, str] | None = None) -> MemoryMessage:
+    """A JOBS delivery on `tier`'s pull inbox: job `job_id` (default `j<seq>`), in `batch` if given,
+    with `headers` beside its Nats-Msg-Id."""
+    job_id = job_id or f"j{seq}"
     meta = SimpleNamespace(num_delivered=delivered, sequence=SimpleNamespace(stream=seq, consumer=seq),
                            timestamp=datetime.now(UTC))
-    body = json.dumps({"id": f"j{seq}", "request": {"path": "/v1/x"}}).encode()
-    return MemoryMessage(session.inboxes[tier].inbox, body, f"ack.{seq}.{delivered}", {"Nats-Msg-Id": f"j{seq}"},
-                         meta)
+    body = json.dumps({"id": job_id, **({"batch": batch} if batch else {}), "request": {"path": "/v1/x"}}).encode()
+    return MemoryMessage(session.inboxes[tier].inbox, body, f"ack.{seq}.{delivered}",
+                         {"Nats-Msg-Id": job_id, **(headers or {})}, meta)
+
+
+async def worker_w1(bus: MemoryBus, slots: int = 4) -> list[bytes]:
+    """Worker w1 (`slots` free) heard by the leader; returns the list its assignments are put in."""
+    assigned: list[bytes] = []
+
+    async def on_assign(msg) -> None:
+        assigned.append(msg.data)
+
+    await bus.subscribe(SUBJECTS.assign("w1"), on_assign)
+    await bus.deliver(MemoryMessage(SUBJECTS.heartbeat, Heartbeat(worker="w1", slots=slots).model_dump_json().encode()))
+    return assigned
+
+
+class GatedLookupBus(MemoryBus):
+    """A Result lookup that answers "none" only when the test sets `answer` (`asked`: it began)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = anyio.Event()
+        self.answer = anyio.Event()
+
+    async def stored_result(self, job_id: str, batch: str | None) -> bytes | None:
+        self.asked.set()
+        await self.answer.wait()
+        return None
 
 
 async def until(check, timeout: float = 5.0) -> None:
