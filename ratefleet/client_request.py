@@ -70,9 +70,10 @@ class Requesting:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         model = as_job(job)
+        own_id = _has_own_id(job)  # may repeat an id stored before: its Result is read first, the publish marked
         try:
             async with asyncio.timeout_at(deadline):  # storing it rides out a NATS restart, within `timeout`
-                if _has_own_id(job):
+                if own_id:
                     # a repeat of an id with a Result: JetStream's dedup forgets the id after duplicate_window_s,
                     # and an id refused over rpc has a Result but no JOBS message; published, it would be paid again
                     # (not known, NATS not answering: NatsUnavailable, nothing sent; sent, it could be paid twice)
@@ -82,7 +83,7 @@ class Requesting:
                 inbox, reply = await self.replies.expect()
                 try:
                     # an own id may be a retry past the dedup window while the first copy is queued or running
-                    fresh = await self._publish(tier, model, reply_to=inbox, repeat=_has_own_id(job))
+                    fresh = await self._publish(tier, model, reply_to=inbox, repeat=own_id)
                 except BaseException:
                     self.replies.discard(inbox)
                     raise
@@ -99,7 +100,7 @@ class Requesting:
                 await self._follow_over_rpc(tier, model, inbox)  # answered once it is stored, also if meanwhile
             try:
                 msg = await self._reply_or_stored(reply, model.id, deadline - loop.time(), duplicate=not fresh,
-                                                  repeat=_has_own_id(job))
+                                                  repeat=own_id)
             except asyncio.CancelledError:
                 if not (reply.cancelled() and self._closed_here) or _being_cancelled():
                     raise
