@@ -203,7 +203,8 @@ class Requesting:
                                  "starts (`ratefleet worker`)")
         keys = status.get("keys")
         if isinstance(keys, dict) and keys and not any(_key_ready(key) for key in keys.values()):
-            return "no_key_ready", ("every key is cooling down after 429s, has an open breaker or is disabled "
+            return "no_key_ready", ("every key is cooling down after 429s (or answered 429 at its last call), has "
+                                    "an open breaker or is disabled "
                                     "(`ratefleet status` says which and for how long): the job is stored and runs "
                                     "(and is paid) once a key can take it")
         return None, still_runs
@@ -214,6 +215,9 @@ class Requesting:
 
 
 def _key_ready(key: Any) -> bool:
-    """Whether a key of the status answer could take a call now (not cooling, breaker not open, enabled)."""
+    """Whether a key of the status answer could take a call now: enabled, breaker not open, not
+    cooling down, and its last counted answer not a 429 (`throttled`). A key whose Retry-After
+    has just run out sits between two cooldowns with `cooldown_s` 0; asked at that instant, a
+    fleet whose every key keeps answering 429 looked as if a key were ready."""
     return (isinstance(key, dict) and not key.get("disabled") and key.get("breaker") != "open"
-            and not (key.get("cooldown_s") or 0) > 0)
+            and not (key.get("cooldown_s") or 0) > 0 and not key.get("throttled"))

@@ -88,10 +88,11 @@ class RequestTimeout(RatefleetError):
     can run it; collect its result later. `job_id`: that job. `reason`: why, when the fleet said so
     after the timeout: "no_dispatcher" (nothing answers the status subject), "no_leader" (no
     dispatcher leads), "no_worker" (the leader has no worker) or "no_key_ready" (every key cooling
-    down after 429s, with an open breaker or disabled), "nats_unavailable" (the connection to NATS
-    was away, reconnecting: the job's store was not confirmed in time, or its Result could not
-    come; once NATS is back it may be stored and run); None for anything else (queued behind
-    other jobs, a slow call, or the fleet did not answer in time)."""
+    down after 429s or answering 429 at its last call, with an open breaker or disabled),
+    "nats_unavailable" (the connection to NATS was away, reconnecting: the job's store was not
+    confirmed in time, or its Result could not come; once NATS is back it may be stored and run);
+    None for anything else (queued behind other jobs, a slow call, or the fleet did not answer in
+    time)."""
 
     def __init__(self, message: str, *, job_id: str | None = None, reason: str | None = None) -> None:
         super().__init__(message)

@@ -389,6 +389,9 @@ class KeyState:
             "concurrency": self.spec.concurrency,
             "breaker": self.breaker.view(now).value,
             "cooldown_s": round(max(0.0, self.cooldown_until - now), 3),
+            # its last answer that counted was a 429 (no success since): between two cooldowns it is
+            # not cooling, but a call now would most likely be refused again
+            "throttled": self.throttled_at > self.ok_at,
             **self.health.view(now),
             "disabled": self.disabled_reason is not None,
             "disabled_reason": self.disabled_reason,

@@ -428,3 +428,20 @@ def test_rate_increase_per_s_reaches_the_policy_from_the_config(tmp_path):
                     '[dispatcher]\nrate_increase_per_s = 0.2\n')
     assert scheduler_spec(load_config(path)).adapt.increase_per_s == 0.2
     assert AdaptPolicy().increase_per_s == 0.05
+
+
+def test_a_key_whose_last_answer_was_a_429_says_throttled_after_its_cooldown():
+    """`throttled` in the snapshot: the last counted answer was a 429. Between two cooldowns
+    (Retry-After run out, no call yet) `cooldown_s` is 0 while the key still refuses; a client
+    diagnosing a timeout read that as a key ready to take the job."""
+    s = make(pool("p", key("k1", rps=20, burst=5)), cooldown=CooldownPolicy(base_s=1.0, max_s=60.0))
+    for _ in range(3):
+        s.add(job(), t0)
+    assert s.snapshot(t0)["keys"]["k1"]["throttled"] is False  # never called
+    d = dispatch(s, t0)
+    s.complete(d.reservation, throttled(1.0), t1)
+    after = s.snapshot(t1 + 5.0)["keys"]["k1"]
+    assert after["cooldown_s"] == 0.0 and after["throttled"] is True
+    d = dispatch(s, t1 + 5.0)
+    s.complete(d.reservation, OK, t1 + 5.1)
+    assert s.snapshot(t1 + 5.1)["keys"]["k1"]["throttled"] is False

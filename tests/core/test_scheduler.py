@@ -126,7 +126,7 @@ def test_snapshot_shape():
         # the 429 halved the effective rate (1 call in 2 s is too few to measure a rate sent):
         # 0.5 req/s, burst 5 x 0.5
         "tokens": 2.5, "cost_tokens": 59.1, "in_flight": 0,
-        "concurrency": 4, "breaker": "closed", "cooldown_s": 2.0, "disabled": False,
+        "concurrency": 4, "breaker": "closed", "cooldown_s": 2.0, "throttled": True, "disabled": False,
         "disabled_reason": None, "calls": 1, "ok": 0, "rate_limited": 1, "errors": 0,
         "state": "enabled", "disabled_by": None, "disabled_for_s": None, "probe_in_s": None,
         "probe_delay_s": None, "secret_missing": None,

@@ -51,3 +51,30 @@ async def test_a_timeout_later_than_the_shared_window_asks_again(monkeypatch):
     monkeypatch.setattr(client_module, "WHY_SHARED_S", 0.0)  # the window over: as if WHY_SHARED_S passed
     await client._why_unrun()
     assert nc.asked == 2
+
+
+class KeysNats(StatusNats):
+    def __init__(self, keys: dict) -> None:
+        super().__init__()
+        self.keys = keys
+
+    async def request(self, subject, payload, timeout):
+        self.asked += 1
+        return SimpleNamespace(data=json.dumps({"leader": "d1", "workers": {"w1": {}}, "keys": self.keys}).encode())
+
+
+@pytest.mark.parametrize(("keys", "reason"), [
+    # both keys between two cooldowns (Retry-After run out), each last answered 429: before, no reason
+    ({"k1": {"cooldown_s": 0.0, "throttled": True}, "k2": {"cooldown_s": 0.0, "throttled": True}}, "no_key_ready"),
+    ({"k1": {"cooldown_s": 0.7, "throttled": True}, "k2": {"cooldown_s": 0.0, "throttled": True}}, "no_key_ready"),
+    ({"k1": {"cooldown_s": 0.0, "throttled": True}, "k2": {"disabled": True}}, "no_key_ready"),
+    # one key never refused (or answered since): it can take the job, so no reason is claimed
+    ({"k1": {"cooldown_s": 0.0, "throttled": True}, "k2": {"cooldown_s": 0.0, "throttled": False}}, None),
+    ({"k1": {"cooldown_s": 0.0}, "k2": {"cooldown_s": 2.0, "throttled": True}}, None),
+])
+async def test_keys_that_last_answered_429_count_as_not_ready(keys, reason):
+    client = Client(KeysNats(keys))  # type: ignore[arg-type]
+    got, text = await client._why_unrun()
+    assert got == reason, text
+    if reason:
+        assert "cooling down" in text
