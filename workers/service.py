@@ -15,6 +15,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import anyio
@@ -578,11 +579,25 @@ class Worker:
             result = self._call_result(a, call, queued_ms)
             if result.ok and job.cache_ttl_s is not None and wants_write(job):
                 await self.cache.store(cache_key(a.upstream, job), result, job.cache_ttl_s)
-            terminal = await self._store(a, result)
+            reported = False
+
+            async def report_terminal() -> None:  # right after the ack: joins the reply's and the ack's write
+                nonlocal reported
+                reported = True
+                await self._report(a, call, terminal=True)
+
+            terminal = await self._store(a, result, then=report_terminal)
+            if reported:
+                return
         await self._report(a, call, terminal=terminal)
 
-    async def _store(self, a: Assignment, result: Result) -> bool:
-        """Store the terminal Result (and its dead letter). True when stored.
+    async def _store(self, a: Assignment, result: Result,
+                     then: Callable[[], Awaitable[None]] | None = None) -> bool:
+        """Store the terminal Result (and its dead letter). True when stored (the job acked),
+        False when it went back to the queue. `then` is the finisher's: awaited right after the
+        ack, inside its shield, so the terminal outcome report it sends leaves in the same socket
+        write as the reply and the ack (sent after `_store` returned, it came several loop
+        iterations later in a write of its own: one of a worker's three NATS writes per job).
 
         NATS away (after the store's own retries): the job goes back to the queue, an
         infrastructure failure is retried, never blamed on the job. NATS refusing (a full
@@ -590,7 +605,7 @@ class Worker:
         answer is paid for and asking again would meet the same wall, so the job ends
         `failed` with `result_not_stored`, its response without the body (`unstorable`)."""
         try:
-            stored = await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to)
+            stored = await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to, then=then)
         except Exception as exc:  # noqa: BLE001 - see docstring
             if not refused(exc) or result.response is None:
                 return await self._requeue(a, exc)
@@ -598,7 +613,7 @@ class Worker:
                       error=type(exc).__name__, detail=str(exc)[:200])
             result = unstorable(result, exc)
             try:
-                stored = await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to)
+                stored = await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to, then=then)
             except Exception as again:  # noqa: BLE001 - nothing can be stored: retried later
                 return await self._requeue(a, again)
         if stored and result.error and result.error.code in (ErrorCode.ATTEMPTS_EXHAUSTED, ErrorCode.RATE_LIMITED,

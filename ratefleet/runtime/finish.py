@@ -58,11 +58,17 @@ class Finisher:
         # or the bodies' Object Store): e.g. a Rebuilder's rebuild; the store is retried meanwhile
         self.gone: Callable[[], Awaitable[Any]] | None = None
 
-    async def finish(self, result: Result, *, ack: str | None, reply_to: str | None) -> bool:
-        """Store, reply, ack; shielded so cancellation cannot lose the ack. True if newly stored."""
-        return await asyncio.shield(self._finish(result, ack, reply_to))
+    async def finish(self, result: Result, *, ack: str | None, reply_to: str | None,
+                     then: Callable[[], Awaitable[None]] | None = None) -> bool:
+        """Store, reply, ack; shielded so cancellation cannot lose the ack. True if newly stored.
+        `then` (must not raise) is awaited right after the ack, inside the shield: what it publishes
+        (a worker's outcome report) joins the reply's and the ack's socket write. Awaited after
+        `finish` returned instead, it came several loop iterations later (the shield's task hand-off),
+        after that write, and cost a write of its own: one of a worker's three per request."""
+        return await asyncio.shield(self._finish(result, ack, reply_to, then))
 
-    async def _finish(self, result: Result, ack: str | None, reply_to: str | None) -> bool:
+    async def _finish(self, result: Result, ack: str | None, reply_to: str | None,
+                      then: Callable[[], Awaitable[None]] | None = None) -> bool:
         limit = inline_limit(self.nc.max_payload)
         inline = body_bytes(result.response) if _may_be_large(result, limit) else None
         if inline is not None and len(inline[0]) > limit:  # too large whatever else the Result holds
@@ -81,6 +87,8 @@ class Finisher:
                 log.warning("the job's stored Result could not be read; its caller gets this worker's",
                             job_id=result.job_id, error=type(exc).__name__)
         await self._answer(payload, ack, reply_to)
+        if then is not None:
+            await then()
         return stored
 
     async def finish_stored(self, stored: bytes, *, ack: str | None, reply_to: str | None) -> None:

@@ -43,8 +43,10 @@ class Recorder:
     async def nak(self, ack, delay_s=0.0):
         self.log.append(("nak", delay_s))
 
-    async def finish(self, result, *, ack, reply_to):
+    async def finish(self, result, *, ack, reply_to, then=None):
         self.log.append(("finish", result))
+        if then is not None:
+            await then()
         return True
 
     async def dead(self, tier, result, **kw):

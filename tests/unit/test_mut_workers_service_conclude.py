@@ -183,8 +183,8 @@ async def test_a_dead_letter_goes_to_the_jobs_tier_with_the_job(monkeypatch):
 
 
 class DuplicateFinisher(RecordingFinisher):
-    async def finish(self, result, *, ack, reply_to):
-        await super().finish(result, ack=ack, reply_to=reply_to)
+    async def finish(self, result, *, ack, reply_to, then=None):
+        await super().finish(result, ack=ack, reply_to=reply_to, then=then)
         return False  # another delivery stored it first
 
 
@@ -217,16 +217,16 @@ class RefusingOnce(RecordingFinisher):
         super().__init__()
         self.exc, self.then, self.tries, self.replies = exc, then, 0, []
 
-    async def finish(self, result, *, ack, reply_to):
+    async def finish(self, result, *, ack, reply_to, then=None):
         self.tries += 1
         self.replies.append(reply_to)
         if self.exc is None:
-            return await super().finish(result, ack=ack, reply_to=reply_to)
+            return await super().finish(result, ack=ack, reply_to=reply_to, then=then)
         if self.tries == 1:
             raise self.exc
         if self.then is not None:
             raise self.then
-        return await super().finish(result, ack=ack, reply_to=reply_to)
+        return await super().finish(result, ack=ack, reply_to=reply_to, then=then)
 
 
 @pytest.mark.parametrize("exc", [ResultNotStored("bucket full " + "x" * 300), APIError(code=400, err_code=10077,

@@ -34,9 +34,9 @@ class ReplyFinisher(RecordingFinisher):
         super().__init__()
         self.replies = []
 
-    async def finish(self, result, *, ack, reply_to):
+    async def finish(self, result, *, ack, reply_to, then=None):
         self.replies.append(reply_to)
-        return await super().finish(result, ack=ack, reply_to=reply_to)
+        return await super().finish(result, ack=ack, reply_to=reply_to, then=then)
 
 
 class Watching:

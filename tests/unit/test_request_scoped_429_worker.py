@@ -42,8 +42,10 @@ class RecordingFinisher:
     def __init__(self):
         self.finished, self.dead_letters, self.naks = [], [], []
 
-    async def finish(self, result, *, ack, reply_to):
+    async def finish(self, result, *, ack, reply_to, then=None):
         self.finished.append(result)
+        if then is not None:
+            await then()
         return True
 
     async def dead(self, tier, result, *, job=None, raw=None, last_error=None):

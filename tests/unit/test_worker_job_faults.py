@@ -40,10 +40,12 @@ class RecordingFinisher:
         self.fail_store = fail_store
         self.finished, self.dead_letters, self.naks = [], [], []
 
-    async def finish(self, result, *, ack, reply_to):
+    async def finish(self, result, *, ack, reply_to, then=None):
         if self.fail_store is not None:
             raise self.fail_store
         self.finished.append(result)
+        if then is not None:
+            await then()
         return True
 
     async def dead(self, tier, result, *, job=None, raw=None, last_error=None):
