@@ -584,10 +584,12 @@ class Worker:
             async def report_terminal() -> None:  # right after the ack: joins the reply's and the ack's write
                 nonlocal reported
                 reported = True
-                await self._report(a, call, terminal=True)
+                # still in flight until _store returns: the drain waits for the dead letter
+                await self._report(a, call, terminal=True, ended=False)
 
             terminal = await self._store(a, result, then=report_terminal)
             if reported:
+                self.in_flight.pop(a.id, None)
                 return
         await self._report(a, call, terminal=terminal)
 
@@ -660,7 +662,8 @@ class Worker:
                       timings=Timings(submitted_at=submitted, queued_ms=queued_ms, upstream_ms=upstream_ms,
                                       total_ms=max(0.0, (time.time() - a.submitted_at) * 1000)))
 
-    async def _report(self, a: Assignment, call: CallResult | None, *, terminal: bool, now: bool = False) -> None:
+    async def _report(self, a: Assignment, call: CallResult | None, *, terminal: bool, now: bool = False,
+                      ended: bool = True) -> None:
         """Tell the leader what the assignment came to; sent with the other reports of this
         loop iteration (workers/outbox.py), or at once with `now`."""
         report = OutcomeReport(
@@ -670,7 +673,8 @@ class Worker:
             actual_cost=call.actual_cost if call else None, latency_ms=call.latency_ms if call else None,
             code=call.provider_code if call else None,
             scope=call.scope.scope if call and call.scope else None)
-        self.in_flight.pop(a.id, None)
+        if ended:
+            self.in_flight.pop(a.id, None)
         await self.reports.send(report.model_dump_json().encode(), now=now)
 
 

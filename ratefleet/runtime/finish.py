@@ -61,7 +61,8 @@ class Finisher:
     async def finish(self, result: Result, *, ack: str | None, reply_to: str | None,
                      then: Callable[[], Awaitable[None]] | None = None) -> bool:
         """Store, reply, ack; shielded so cancellation cannot lose the ack. True if newly stored.
-        `then` (must not raise) is awaited right after the ack, inside the shield: what it publishes
+        `then` is awaited right after the ack, inside the shield (an error it raises is logged:
+        the job is stored and acked by then): what it publishes
         (a worker's outcome report) joins the reply's and the ack's socket write. Awaited after
         `finish` returned instead, it came several loop iterations later (the shield's task hand-off),
         after that write, and cost a write of its own: one of a worker's three per request."""
@@ -88,7 +89,10 @@ class Finisher:
                             job_id=result.job_id, error=type(exc).__name__)
         await self._answer(payload, ack, reply_to)
         if then is not None:
-            await then()
+            try:
+                await then()
+            except Exception as exc:  # noqa: BLE001 - the job is stored and acked: nothing to undo or retry
+                log.error("after the ack", job_id=result.job_id, error=type(exc).__name__)
         return stored
 
     async def finish_stored(self, stored: bytes, *, ack: str | None, reply_to: str | None) -> None:

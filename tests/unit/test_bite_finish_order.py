@@ -211,3 +211,20 @@ async def test_a_workers_terminal_report_leaves_in_the_acks_write(monkeypatch):
     assert [r.terminal for r in nc.reports()] == [True]
     order = steps(log)
     assert order.index("ack") < order.index("report") < order.index("write"), order
+
+
+async def test_an_error_in_then_is_logged_and_the_job_counts_as_stored():
+    """`then` runs after the ack: an error there must not read as a failed store (the worker
+    would nak an acked job and report it requeued)."""
+    from structlog.testing import capture_logs
+
+    log: list = []
+    f = Finisher(RecordingNats(log), RecordingJetStream(log), Subjects())
+
+    async def then():
+        raise RuntimeError("boom")
+
+    with capture_logs() as logs:
+        assert await f.finish(result(), ack=ACK, reply_to=REPLY, then=then) is True
+    assert steps(log) == ["store-start", "store-done", "reply", "ack"]
+    assert any(line["event"] == "after the ack" and line["error"] == "RuntimeError" for line in logs)
