@@ -111,7 +111,8 @@ def _rate(key: dict) -> str:
 def key_state(k: dict) -> str:
     """One key's state for people: "ok", "DISABLED by provider evidence: <reason>; probe in
     42 s; once its secret or account is fixed: `ratefleet keys enable KEY`", "DISABLED by an
-    operator: <reason>", "no worker has its secret (<reason>)"; an
+    operator: <reason>", "no worker has its secret (<reason>)", "rate limited: ..." (its last
+    fresh answer was a 429, `throttled`); an
     enabled key whose token budget is overdrawn (answers reported more usage than was
     reserved) says so, and for about how long it gets no call."""
     if not k.get("disabled"):
@@ -124,6 +125,8 @@ def key_state(k: dict) -> str:
                     "one probe call after breaker_reset_s; check the upstream (base_url) and its answers")
         if k.get("breaker") == "half-open":
             return "probing: breaker half-open, one call at a time until one succeeds"
+        if k.get("throttled"):  # between two cooldowns it read "ok" (a timeout's no_key_ready sends people here)
+            return "rate limited: its last answer was a 429; called again after each cooldown"
         return "ok"
     by = k.get("disabled_by")
     if by == "secret":

@@ -134,6 +134,7 @@ class KeyState:
         self.limit_hint: float | None = None  # the request limit the provider last reported
         self.usage_reported = False  # an answer reported its actual cost (usage_path): the cost bucket tracks it
         self.throttled_at = -math.inf  # when the last fresh 429 was seen
+        self.refusing = False  # its last fresh answer was a key-scoped 429 (status: `throttled`)
         self.ok_at = -math.inf  # when the last success was seen
         self._job_429s = RefusedJobs()  # job id -> its last 429 here
         self._last_429: tuple[str | None, float] = (None, -math.inf)  # (job id, when) of the last 429
@@ -227,6 +228,8 @@ class KeyState:
         self._count(outcome)
         disabled = False
         fresh = sent_at is None or sent_at >= self.throttled_at
+        if fresh and outcome.status is not None and outcome.kind != OutcomeKind.RATE_LIMITED:
+            self.refusing = False  # answered past the provider's limiter (a 2xx, a 400, a 5xx)
         if outcome.kind == OutcomeKind.OK:
             if fresh:
                 self.streak_429 = 0
@@ -260,6 +263,7 @@ class KeyState:
             return
         self.streak_429 += 1
         self.throttled_at = now
+        self.refusing = True
         info = outcome.ratelimit
         tokens_out = (info is not None and info.remaining_tokens is not None and info.remaining_tokens <= 0
                       and not (info.remaining_requests is not None and info.remaining_requests <= 0))
@@ -389,9 +393,9 @@ class KeyState:
             "concurrency": self.spec.concurrency,
             "breaker": self.breaker.view(now).value,
             "cooldown_s": round(max(0.0, self.cooldown_until - now), 3),
-            # its last answer that counted was a 429 (no success since): between two cooldowns it is
-            # not cooling, but a call now would most likely be refused again
-            "throttled": self.throttled_at > self.ok_at,
+            # its last fresh answer was a key-scoped 429, within the cooldown cap (max_s): between two
+            # cooldowns it is not cooling, but a call now would most likely be refused again
+            "throttled": self.refusing and now - self.throttled_at <= self.cooldown.max_s,
             **self.health.view(now),
             "disabled": self.disabled_reason is not None,
             "disabled_reason": self.disabled_reason,

@@ -445,3 +445,20 @@ def test_a_key_whose_last_answer_was_a_429_says_throttled_after_its_cooldown():
     d = dispatch(s, t1 + 5.0)
     s.complete(d.reservation, OK, t1 + 5.1)
     assert s.snapshot(t1 + 5.1)["keys"]["k1"]["throttled"] is False
+
+
+def test_throttled_ends_with_any_fresh_answer_past_the_limiter_and_after_the_cooldown_cap():
+    """Found in review: `throttled` read `throttled_at > ok_at`, so a 429 followed by 400s or
+    500s stayed `throttled`, and one 429 an hour ago made an idle key look refusing forever."""
+    s = make(pool("p", key("k1", rps=20, burst=5)), cooldown=CooldownPolicy(base_s=1.0, max_s=60.0))
+    for _ in range(6):
+        s.add(job(), t0)
+    d = dispatch(s, t0)
+    s.complete(d.reservation, throttled(1.0), t1)
+    d = dispatch(s, t1 + 5.0)
+    s.complete(d.reservation, Outcome("bad_request", 400), t1 + 5.1)  # got past the provider's limiter
+    assert s.snapshot(t1 + 5.1)["keys"]["k1"]["throttled"] is False
+    d = dispatch(s, t1 + 6.0)
+    s.complete(d.reservation, throttled(1.0), t1 + 6.1)
+    assert s.snapshot(t1 + 30.0)["keys"]["k1"]["throttled"] is True
+    assert s.snapshot(t1 + 6.1 + 61.0)["keys"]["k1"]["throttled"] is False  # past cooldown max_s: tried again

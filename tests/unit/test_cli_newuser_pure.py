@@ -115,3 +115,14 @@ def test_dlq_list_keeps_job_ids_and_reasons_whole_at_80_and_200_columns():
         text = console.export_text()
         assert job_id in text and "…" not in text, text
         assert message in " ".join(text.split()) or message in text
+
+
+def test_status_shows_a_closed_key_that_last_answered_429():
+    """A timeout's `no_key_ready` sends the reader to `ratefleet status`; a key between two
+    cooldowns (cooldown 0, breaker closed) that keeps answering 429 read there as plain closed."""
+    key = {"pool": "p", "rps": 20, "effective_rps": 2, "tokens": 1.0, "in_flight": 0, "breaker": "closed",
+           "cooldown_s": 0, "calls": 3, "ok": 0, "rate_limited": 3, "errors": 0, "throttled": True}
+    wide = Console(record=True, width=PIPE_WIDTH)
+    render_status({"leader": "d1", "keys": {"k1": key, "k2": {**key, "throttled": False}}}, wide)
+    rows = [line for line in wide.export_text().splitlines() if line.startswith("│ k")]
+    assert "rate limited" in rows[0] and "rate limited" not in rows[1] and rows[1].rstrip(" │").endswith("ok"), rows
