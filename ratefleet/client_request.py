@@ -81,6 +81,8 @@ class Requesting:
                     if stored is not None:
                         return stored
                 inbox, reply = await self.replies.expect()
+                if reply.cancelled():  # this Client closed meanwhile: nothing is sent
+                    self._open()
                 try:
                     # an own id may be a retry past the dedup window while the first copy is queued or running
                     fresh = await self._publish(tier, model, reply_to=inbox, repeat=own_id)

@@ -174,6 +174,7 @@ class Submitting:
         async with PublishPipe(self.nc) as pipe:
             self._pipes.add(pipe)
             try:
+                self._open()  # closed while the pipe subscribed: it was not there to be abandoned
                 async for stored in self._pipeline(pipe, jobs, tier, pending, window, ack_timeout, repeat):
                     yield stored
             finally:

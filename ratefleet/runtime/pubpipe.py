@@ -62,8 +62,11 @@ class PublishPipe:
         self._replies.abandon()
 
     async def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> asyncio.Future:
-        """Send one message; the returned future resolves with its PubAck or the server's refusal."""
+        """Send one message; the returned future resolves with its PubAck or the server's refusal.
+        Once `abandon`ed, nothing is sent and the future comes cancelled."""
         reply, future = await self._replies.expect()
+        if future.cancelled():  # abandoned (the owner closing): nothing more is sent
+            return future
         try:
             await self.nc.publish(subject, payload, reply=reply, headers=headers)
         except BaseException:

@@ -42,17 +42,24 @@ class ReplyInbox:
         self._next = 0
         self._sub: Any = None
         self._opening: asyncio.Lock | None = None
+        self._abandoned = False
 
     async def expect(self) -> tuple[str, asyncio.Future[Any]]:
         """A fresh reply subject and the future of its first message. Subscribes on first
         use (`open`); nats-py renews the subscription after a reconnect. Raises what nats-py
-        raises when the subscription cannot be made (e.g. the connection is closed)."""
-        if self._sub is None:
+        raises when the subscription cannot be made (e.g. the connection is closed). Once
+        `abandon`ed (the owner closing), the future comes cancelled: a caller that was between
+        two steps as its owner closed would else wait for a reply that cannot come (a
+        `submit_many` under way at a Client's close waited its 10 s ack_timeout)."""
+        if self._sub is None and not self._abandoned:
             await self.open()
         self._next += 1
         token = str(self._next)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiting[token] = future
+        if self._abandoned:
+            future.cancel()
+        else:
+            self._waiting[token] = future
         return f"{self.prefix}.{token}", future
 
     def discard(self, subject: str) -> None:
@@ -77,8 +84,10 @@ class ReplyInbox:
                 self.prefix = prefix
 
     def abandon(self) -> None:
-        """Cancel every future still waiting (their awaiters see CancelledError without being
-        cancelled themselves: the owner closing); the subscription stays until `close`."""
+        """Cancel every future still waiting and every one `expect` gives from now on (their
+        awaiters see CancelledError without being cancelled themselves: the owner closing);
+        the subscription stays until `close`."""
+        self._abandoned = True
         waiting, self._waiting = self._waiting, {}
         for future in waiting.values():
             future.cancel()
