@@ -34,6 +34,9 @@ from ratefleet.schemas.outcome import OutcomeKind, RateLimitInfo
 Epoch = tuple[int, int]
 
 
+UNLISTED_LOST_S = 2.0  # the leader returns an assignment older than this that two heartbeats in a row do not list
+
+
 class Assignment(BaseModel):
     """Run job `job_id` on key `key_id`. The job travels as `job_json`, its JSON text exactly
     as the dispatcher validated it (the worker validates it once, straight from the text:
@@ -65,6 +68,10 @@ class Assignment(BaseModel):
     variant: str | None = None  # A/B routing: "control" or "split" when the tier has a split
     traceparent: str | None = None
     tracestate: str | None = None
+    # seconds since the leader last heard this worker's heartbeat, when it sent this: the leader gives
+    # a worker up after worker_timeout_s of silence, so a held assignment may be given away although it
+    # arrives less than worker_timeout_s late (its worker's heartbeats stopped before it was sent)
+    silent_s: float = 0.0
     _job: Job | None = PrivateAttr(default=None)
 
     def job_model(self) -> Job:

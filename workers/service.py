@@ -37,6 +37,7 @@ from ratefleet.schemas import Config, ErrorCode, ErrorInfo, Job, Result, Subject
 from ratefleet.schemas.config_store import fleet_view
 from ratefleet.schemas.errors import ConfigError, InvalidRequest, SecretUnavailable
 from ratefleet.schemas.internal import (
+    UNLISTED_LOST_S,
     Assignment,
     Epoch,
     Heartbeat,
@@ -465,9 +466,12 @@ class Worker:
             self.key_versions.pop(a.id, None)
 
     async def _stored_already(self, a: Assignment) -> bool:
-        """For an assignment that reached this worker more than worker_timeout_s after the leader
-        sent it (the path through NATS stalled, e.g. a frozen server of a cluster; measured against
-        the fastest recent arrival, so the skew of the two wall clocks cancels out: workers/lateness.py),
+        """For an assignment that reached this worker late enough to have been given away meanwhile
+        (the path through NATS stalled, e.g. a frozen server of a cluster): later than
+        worker_timeout_s less the silence the leader had already seen when it sent it (`silent_s`:
+        this worker's heartbeats may have stopped first), or later than UNLISTED_LOST_S (measured
+        against the fastest recent arrival, so the skew of the two wall clocks cancels out:
+        workers/lateness.py),
         or a later attempt (the first worker stalled or died mid-call, and may have stored the
         Result since the leader read the redelivery: a crash soak's seeds 603 and 702 called such
         jobs 1.9 and 3.75 s after their Result was stored): the leader may have given the job to
@@ -480,7 +484,10 @@ class Worker:
         held path opened took over 2 s. True then."""
         delay, now = time.time() - (a.submitted_at + a.queued_ms / 1000), time.monotonic()
         late_s = self.lateness.late_by(delay, now)
-        late = late_s > self.config.dispatcher.worker_timeout_s
+        # given away meanwhile? the leader gives a worker up after worker_timeout_s of silence, counted from its
+        # last heartbeat (`silent_s` of it had passed when this was sent), and returns an assignment that two
+        # heartbeats do not list once it is UNLISTED_LOST_S old
+        late = late_s + a.silent_s > self.config.dispatcher.worker_timeout_s or late_s > UNLISTED_LOST_S
         if not late:
             self.lateness.record(delay, now)
             if a.attempt <= 1:

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ratefleet.schemas.internal import Heartbeat
+from ratefleet.schemas.internal import UNLISTED_LOST_S, Heartbeat
 
 from .types import Reservation
 
@@ -88,7 +88,7 @@ class Fleet:
     def beat(self, hb: Heartbeat, now: float) -> tuple[bool, list[AssignmentRecord]]:
         """Record a heartbeat. Returns (is_new_worker, assignments the worker no longer has).
 
-        An assignment older than two seconds that two heartbeats in a row do not list was
+        An assignment older than UNLISTED_LOST_S (2 s) that two heartbeats in a row do not list was
         lost on the way (or its outcome was): the caller returns the job to the queue. One
         heartbeat is not enough: heartbeats and outcome reports are read by different tasks,
         so a heartbeat may be read before the outcome that was sent ahead of it.
@@ -104,7 +104,7 @@ class Fleet:
         listed = {item.assignment for item in hb.in_flight}
         lost: list[AssignmentRecord] = []
         for record in state.assigned.values():
-            if record.id in listed or now - record.at <= 2.0:
+            if record.id in listed or now - record.at <= UNLISTED_LOST_S:
                 record.missed = 0
                 continue
             record.missed += 1

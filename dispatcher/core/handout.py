@@ -90,7 +90,7 @@ def next_number(numbers: Iterator[int], leader_id: str, running: Container[str])
 
 
 def assignment_payload(settings: LeaderSettings, held: Held, decision: Dispatch, now: float,
-                       number: int) -> tuple[str, bytes]:
+                       number: int, silent_s: float = 0.0) -> tuple[str, bytes]:
     """The id and JSON of the worker's Assignment (schemas/internal.py) for a dispatched held
     job; `number` makes the id unique in this leadership (`next_number`: and among the calls
     still running from an earlier one). Its queue time runs from the JOBS
@@ -99,7 +99,8 @@ def assignment_payload(settings: LeaderSettings, held: Held, decision: Dispatch,
     straight from them (no model built per hand-out); `job` is left out (`job_json` has it)
     and so is the trace context, which the shell puts in front (dispatcher/shell/assign_out.py).
     The JSON is UTF-8, not ASCII-escaped. Raises pydantic's serialisation error for a job that
-    cannot be dumped."""
+    cannot be dumped. `silent_s`: seconds since the leader last heard the receiving worker
+    (`Assignment.silent_s`)."""
     incoming = held.incoming
     queued_s = held.wall + (now - held.at) - incoming.submitted_at
     new_id = assignment_id(settings.leader_id, number)
@@ -111,6 +112,7 @@ def assignment_payload(settings: LeaderSettings, held: Held, decision: Dispatch,
         "queued_ms": max(0.0, queued_s * 1000), "epoch": settings.epoch, "seq": incoming.stream_seq,
         "denial_final": decision.reservation.denial_final, "rate_limited": incoming.rate_limited,
         "max_rate_limited": incoming.max_rate_limited, "variant": decision.variant,
+        "silent_s": round(max(0.0, silent_s), 3),
     }
     # ensure_ascii=False: the job text stays UTF-8 inside the string (escaped, an emoji is 12
     # bytes instead of 4: a 600 KB job of emoji made a 1.8 MB assignment, over max_payload)

@@ -301,7 +301,8 @@ class LeaderMachine:
             return []
         incoming = held.incoming
         try:
-            assignment_id, payload = assignment_payload(self.settings, held, decision, now, self._number())
+            assignment_id, payload = assignment_payload(self.settings, held, decision, now, self._number(),
+                                                        now - worker.last_seen)
         except Exception as exc:  # noqa: BLE001 - a validated job always serialises; if not, it alone ends
             return [*self._unsendable(incoming, decision, now, f"job cannot be serialised ({type(exc).__name__})"),
                     *self._top_up(incoming.tier, now)]

@@ -35,8 +35,8 @@ def decision(*, denial_final: bool = False, variant: str | None = "split") -> Di
     return Dispatch(pending, "k4", "pool2", reservation, variant=variant)
 
 
-def payload(held: Held, now: float, number: int = 12, **kw) -> tuple[str, dict]:
-    new_id, raw = assignment_payload(settings(), held, decision(**kw), now, number)
+def payload(held: Held, now: float, number: int = 12, silent_s: float = 0.4, **kw) -> tuple[str, dict]:
+    new_id, raw = assignment_payload(settings(), held, decision(**kw), now, number, silent_s)
     return new_id, json.loads(raw)
 
 
@@ -51,7 +51,7 @@ def test_every_field_comes_from_the_held_job_the_decision_and_the_leadership():
         "id": "d7.12", "job_id": "j9", "tier": "premium", "upstream": "up1", "key_id": "k4", "pool": "pool2",
         "ack": "$JS.ACK.j9", "reply_to": "_INBOX.r9", "attempt": 3, "max_attempts": 7,
         "submitted_at": SUBMITTED, "epoch": [3, 11], "seq": 41, "denial_final": False, "rate_limited": 2,
-        "max_rate_limited": 9, "variant": "split",
+        "max_rate_limited": 9, "variant": "split", "silent_s": 0.4,
     }
     # the job's text as validated: its aliases ("json", not "json_body") and no nulls
     assert json.loads(job_json) == {"id": "j9", "request": {"method": "POST", "path": "/v1/x", "query": {},
@@ -113,3 +113,9 @@ def test_next_number_skips_every_id_still_running():
     assert next_number(numbers, "d1", running) == 5
     assert next_number(numbers, "d1", running) == 6
     assert next_number(iter([9]), "d1", ()) == 9
+
+
+def test_silent_s_is_never_negative_and_rounded_to_milliseconds():
+    held = Held(incoming(), touched=10.0, at=10.0, wall=SUBMITTED + 0.25)
+    assert payload(held, 10.5, silent_s=1.23456)[1]["silent_s"] == 1.235
+    assert payload(held, 10.5, silent_s=-0.2)[1]["silent_s"] == 0.0  # a heartbeat read after `now` was taken

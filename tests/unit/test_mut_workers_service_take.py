@@ -335,3 +335,38 @@ async def test_held_assignments_of_jobs_run_elsewhere_do_not_set_the_pace_for_th
     finisher.finish_stored = finish_stored
     executor = await take(worker, stamped("held-1", -5), stamped("held-2", -5.1))
     assert reads == ["held-1", "held-2"] and executor.calls == 0
+
+
+async def test_an_assignment_sent_after_its_workers_heartbeats_stopped_is_looked_up_sooner(monkeypatch):
+    """The leader gives a worker up worker_timeout_s after its last heartbeat, not after the
+    assignment: one sent 1.6 s into a silence (silent_s) and held on the way for 0.9 s may be
+    run elsewhere although it is only 0.9 s late. Before, only lateness above worker_timeout_s
+    (3 s) was looked up, so it was called again (tests/e2e/test_late_assignments.py failed so in
+    a fresh-clone suite: w1 called the 4 jobs w2 had run)."""
+    import time
+
+    from test_bite_worker import take
+
+    import ratefleet.workers.service as service
+
+    worker, nc, finisher = make_worker(monkeypatch)
+    reads = []
+
+    async def read_result(js, subjects, job_id, batch):
+        reads.append(job_id)
+        return b'{"job_id":"held"}' if job_id == "held" else None
+
+    answered = []
+
+    async def finish_stored(stored, *, ack, reply_to):
+        answered.append(stored)
+
+    monkeypatch.setattr(service, "read_result", read_result)
+    finisher.finish_stored = finish_stored
+    now = time.time()
+    on_time = assignment(job_id="on-time").model_copy(update={"submitted_at": now, "silent_s": 0.3})
+    held = assignment(job_id="held").model_copy(update={"submitted_at": now - 0.9, "silent_s": 2.4})
+    unlisted = assignment(job_id="unlisted").model_copy(update={"submitted_at": now - 2.5, "silent_s": 0.1})
+    executor = await take(worker, on_time, held, unlisted)
+    assert reads == ["held", "unlisted"]  # the on-time one costs no read
+    assert answered == [b'{"job_id":"held"}'] and executor.calls == 2  # on-time and unlisted (no Result) called
