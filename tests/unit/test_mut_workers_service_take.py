@@ -195,28 +195,34 @@ async def test_assignments_read_after_a_silence_past_the_worker_timeout_are_drop
     assert len(tg.started) == 2
 
 
+def stored_results(monkeypatch, finisher, stored: dict[str, bytes]) -> tuple[list[str], list[tuple[bytes, str]]]:
+    """The worker's stored-Result reads answered from `stored` (job id -> Result JSON; none for
+    the others), and its answers with a stored Result recorded: (ids read, (Result, ack) answered)."""
+    import ratefleet.workers.service as service
+
+    reads: list[str] = []
+    answered: list[tuple[bytes, str]] = []
+
+    async def read_result(js, subjects, job_id, batch):
+        reads.append(job_id)
+        return stored.get(job_id)
+
+    async def finish_stored(result, *, ack, reply_to):
+        answered.append((result, ack))
+
+    monkeypatch.setattr(service, "read_result", read_result)
+    finisher.finish_stored = finish_stored
+    return reads, answered
+
+
 async def test_a_late_assignment_of_a_job_with_a_stored_result_is_answered_with_it_not_called(monkeypatch):
     # sent 5 s ago (worker_timeout_s 3): the leader may have given it to another worker, which stored its Result
     import time
 
     from test_bite_worker import take
 
-    import ratefleet.workers.service as service
-
     worker, nc, finisher = make_worker(monkeypatch)
-    reads = []
-
-    async def read_result(js, subjects, job_id, batch):
-        reads.append(job_id)
-        return b'{"job_id":"late"}' if job_id == "late" else None
-
-    answered = []
-
-    async def finish_stored(stored, *, ack, reply_to):
-        answered.append((stored, ack))
-
-    monkeypatch.setattr(service, "read_result", read_result)
-    finisher.finish_stored = finish_stored
+    reads, answered = stored_results(monkeypatch, finisher, {"late": b'{"job_id":"late"}'})
     late = assignment(job_id="late").model_copy(update={"submitted_at": time.time() - 5})
     executor = await take(worker, late, assignment(job_id="on-time"))
     assert reads == ["late"]  # an assignment on time costs no read
@@ -229,22 +235,8 @@ async def test_a_later_attempt_of_a_job_with_a_stored_result_is_answered_with_it
     redelivery: a second attempt, on time, looks the Result up first (a first attempt does not)."""
     from test_bite_worker import take
 
-    import ratefleet.workers.service as service
-
     worker, nc, finisher = make_worker(monkeypatch)
-    reads = []
-
-    async def read_result(js, subjects, job_id, batch):
-        reads.append(job_id)
-        return b'{"job_id":"again"}' if job_id == "again" else None
-
-    answered = []
-
-    async def finish_stored(stored, *, ack, reply_to):
-        answered.append((stored, ack))
-
-    monkeypatch.setattr(service, "read_result", read_result)
-    finisher.finish_stored = finish_stored
+    reads, answered = stored_results(monkeypatch, finisher, {"again": b'{"job_id":"again"}'})
     again = assignment(job_id="again").model_copy(update={"attempt": 2})
     executor = await take(worker, again, assignment(job_id="first"))
     assert reads == ["again"]  # a first attempt on time costs no read
@@ -347,26 +339,12 @@ async def test_an_assignment_sent_after_its_workers_heartbeats_stopped_is_looked
 
     from test_bite_worker import take
 
-    import ratefleet.workers.service as service
-
     worker, nc, finisher = make_worker(monkeypatch)
-    reads = []
-
-    async def read_result(js, subjects, job_id, batch):
-        reads.append(job_id)
-        return b'{"job_id":"held"}' if job_id == "held" else None
-
-    answered = []
-
-    async def finish_stored(stored, *, ack, reply_to):
-        answered.append(stored)
-
-    monkeypatch.setattr(service, "read_result", read_result)
-    finisher.finish_stored = finish_stored
+    reads, answered = stored_results(monkeypatch, finisher, {"held": b'{"job_id":"held"}'})
     now = time.time()
     on_time = assignment(job_id="on-time").model_copy(update={"submitted_at": now, "silent_s": 0.3})
     held = assignment(job_id="held").model_copy(update={"submitted_at": now - 0.9, "silent_s": 2.4})
     unlisted = assignment(job_id="unlisted").model_copy(update={"submitted_at": now - 2.5, "silent_s": 0.1})
     executor = await take(worker, on_time, held, unlisted)
     assert reads == ["held", "unlisted"]  # the on-time one costs no read
-    assert answered == [b'{"job_id":"held"}'] and executor.calls == 2  # on-time and unlisted (no Result) called
+    assert answered == [(b'{"job_id":"held"}', ACK)] and executor.calls == 2  # on-time and unlisted (no Result) called
