@@ -98,7 +98,8 @@ class Requesting:
                                  f"{model.id}` (or Client.stored_result), or request it again with the same id",
                                  job_id=model.id, reason="nats_unavailable" if away else None) from None
         try:
-            if not fresh:  # (its stored Result was looked for just before: a duplicate has an own id)
+            if not fresh and not reply.cancelled():  # (cancelled: this Client closed meanwhile, nothing more is sent)
+                # (its stored Result was looked for just before: a duplicate has an own id)
                 await self._follow_over_rpc(tier, model, inbox)  # answered once it is stored, also if meanwhile
             try:
                 msg = await self._reply_or_stored(reply, model.id, deadline - loop.time(), duplicate=not fresh,

@@ -68,7 +68,7 @@ class Assignment(BaseModel):
     variant: str | None = None  # A/B routing: "control" or "split" when the tier has a split
     traceparent: str | None = None
     tracestate: str | None = None
-    # seconds since the leader last heard this worker's heartbeat, when it sent this: the leader gives
+    # seconds since the leader last processed this worker's heartbeat, when it handed this out: it gives
     # a worker up after worker_timeout_s of silence, so a held assignment may be given away although it
     # arrives less than worker_timeout_s late (its worker's heartbeats stopped before it was sent)
     silent_s: float = 0.0

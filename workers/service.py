@@ -467,11 +467,11 @@ class Worker:
 
     async def _stored_already(self, a: Assignment) -> bool:
         """For an assignment that reached this worker late enough to have been given away meanwhile
-        (the path through NATS stalled, e.g. a frozen server of a cluster): later than
-        worker_timeout_s less the silence the leader had already seen when it sent it (`silent_s`:
-        this worker's heartbeats may have stopped first), or later than UNLISTED_LOST_S (measured
-        against the fastest recent arrival, so the skew of the two wall clocks cancels out:
-        workers/lateness.py),
+        (the path through NATS stalled, e.g. a frozen server of a cluster; lateness measured against
+        the fastest recent arrival, so the skew of the two wall clocks cancels out:
+        workers/lateness.py): later than worker_timeout_s less the silence the leader had already
+        seen when it handed it out (`silent_s`: this worker's heartbeats may have stopped first),
+        or later than UNLISTED_LOST_S,
         or a later attempt (the first worker stalled or died mid-call, and may have stored the
         Result since the leader read the redelivery: a crash soak's seeds 603 and 702 called such
         jobs 1.9 and 3.75 s after their Result was stored): the leader may have given the job to

@@ -7,7 +7,9 @@ gives w1 up after worker_timeout_s and w2 runs the jobs. When the path opens aga
 the held assignments, late by the time the path was held; w1 itself never stopped, so it did
 not know, and it called each job again (bench/soak.py --cluster, seed 302: 7 jobs called
 after their Result was stored). It now looks up the stored Result of an assignment that
-arrives later than worker_timeout_s and answers with it instead.
+arrives late enough to have been given away (later than worker_timeout_s less the silence the
+leader had seen when it sent it, `silent_s`, or later than UNLISTED_LOST_S) and answers with it
+instead.
 """
 
 from __future__ import annotations

@@ -84,3 +84,31 @@ async def test_a_request_whose_client_closes_while_it_reads_its_stored_result_en
         await client.request({**JOB, "id": "own-id-1"}, "guest", timeout=30)
     assert asyncio.get_running_loop().time() - started < 5.0
     assert not [s for s in sent if s.startswith(client.subjects.jobs(""))]  # the job was not sent
+
+
+async def test_a_duplicate_request_whose_client_closes_while_it_is_stored_asks_no_dispatcher(nats_server):
+    """A job id already queued is followed over rpc as well (a second message to the
+    dispatchers); when the close came while the job was being stored, that message still went
+    (found in review): nothing more is sent once the Client is closed."""
+    client = await Client.connect(nats_server.url)
+    await ensure_topology(client.js, parse_config({}))
+    sent: list[str] = []
+    published = client.nc.publish
+
+    async def publish(subject, payload=b"", reply="", headers=None):
+        sent.append(subject)
+        await published(subject, payload, reply=reply, headers=headers)
+
+    async def stored_result(job_id, batch=None, *, retry_for=0.0):
+        return None
+
+    async def publish_job(tier, model, *, reply_to=None, repeat=False):
+        await client.close()  # the app shuts down while the duplicate is being stored
+        return False  # JetStream's answer: a duplicate of a message it holds
+
+    client.nc.publish = publish
+    client.stored_result = stored_result  # type: ignore[method-assign]
+    client._publish = publish_job  # type: ignore[method-assign]
+    with pytest.raises(NatsUnavailable, match="closed"):
+        await client.request({**JOB, "id": "own-id-2"}, "guest", timeout=30)
+    assert client.subjects.rpc("guest") not in sent
