@@ -119,37 +119,25 @@ def pick_key(chain: Chain, cost: float, now: float, waits: list[float],
     return None
 
 
-def soonest_key(chain: Chain, cost: float, now: float, reserve: float = 0.0,
-                skip: frozenset[str] = frozenset()) -> str | None:
-    """The id of the key outside `skip` that can take a job of `cost` soonest after `now`
-    (seconds), or None when none can without a completion first (all at their concurrency
-    cap, disabled, in a probe). The key a job that cannot run now waits for (scheduler.py)."""
-    soonest: tuple[float, str] | None = None
-    for key in chain.keys():
-        if key.spec.id in skip:
-            continue
-        at = key.ready_at(now, cost, reserve)
-        if at is not None and (soonest is None or at < soonest[0]):
-            soonest = (at, key.spec.id)
-    return None if soonest is None else soonest[1]
-
-
 class KeyRanking:
-    """`soonest_key` for the jobs of one cost in one scheduler pass: the keys' ready times
-    are read once, and each job behind a held one gets the next key in line. Before, every
-    such job read every key twice again: with nothing ready (all keys waiting for a refill, a
-    rate limit's usual state) a pass read the keys up to 2 x LOOKAHEAD times."""
+    """The keys of `chain` in the order they can take a job of `cost` after `now` (seconds),
+    for the jobs of that cost in one scheduler pass: the key a job that cannot run now waits
+    for (scheduler.py). The keys' ready times are read once, and each job behind a held one
+    gets the next key in line. Before, every such job read every key twice again: with nothing
+    ready (all keys waiting for a refill, a rate limit's usual state) a pass read the keys up
+    to 2 x LOOKAHEAD times."""
 
     def __init__(self, chain: Chain, cost: float, now: float, reserve: float = 0.0) -> None:
         times = ((key.ready_at(now, cost, reserve), key.spec.id) for key in chain.keys())
-        # (sorted is stable: keys ready at the same time keep their order, as soonest_key's first wins)
+        # (sorted is stable: keys ready at the same time keep their order, the first one wins)
         self._ids = [key_id for _, key_id in sorted(((at, key_id) for at, key_id in times if at is not None),
                                                     key=lambda item: item[0])]
         self._next = 0
 
     def soonest(self, skip: frozenset[str]) -> str | None:
-        """`soonest_key(chain, cost, now, reserve, skip)` for a `skip` that only grows between
-        calls (the keys held in this pass)."""
+        """The id of the key outside `skip` that can take the job soonest, or None when none can
+        without a completion first (all at their concurrency cap, disabled, in a probe). `skip`
+        only grows between calls (the keys held in this pass)."""
         while self._next < len(self._ids) and self._ids[self._next] in skip:
             self._next += 1  # (skipped once, skipped for the rest of the pass)
         return self._ids[self._next] if self._next < len(self._ids) else None
