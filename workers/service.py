@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from functools import partial
 
 import anyio
 import structlog
@@ -586,16 +587,10 @@ class Worker:
             result = self._call_result(a, call, queued_ms)
             if result.ok and job.cache_ttl_s is not None and wants_write(job):
                 await self.cache.store(cache_key(a.upstream, job), result, job.cache_ttl_s)
-            reported = False
-
-            async def report_terminal() -> None:  # right after the ack: joins the reply's and the ack's write
-                nonlocal reported
-                reported = True
-                # still in flight until _store returns: the drain waits for the dead letter
-                await self._report(a, call, terminal=True, ended=False)
-
-            terminal = await self._store(a, result, then=report_terminal)
-            if reported:
+            # the terminal report goes right after the ack, in its write (`then`); the call stays in
+            # flight until _store returns, so a drain waits for its dead letter
+            terminal = await self._store(a, result, then=partial(self._report, a, call, terminal=True, ended=False))
+            if terminal:
                 self.in_flight.pop(a.id, None)
                 return
         await self._report(a, call, terminal=terminal)
