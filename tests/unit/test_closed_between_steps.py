@@ -58,13 +58,9 @@ async def test_an_abandoned_pipe_sends_nothing_more():
     assert nc.published == ["ratefleet.jobs.guest"]  # the second was not sent
 
 
-async def test_a_request_whose_client_closes_while_it_reads_its_stored_result_ends_at_once(nats_server):
-    """A job with its own id reads its stored Result before it is sent; the close came during
-    that read. Before: the request then took a fresh reply future nothing cancelled and tried to
-    send the job over the closed connection: "NATS did not answer or the connection was lost ...
-    check that NATS runs", about a Client the app had closed itself (a close still draining
-    would have taken the job and left the request waiting its whole timeout)."""
-    client = await Client.connect(nats_server.url)
+async def recording_client(url: str) -> tuple[Client, list[str]]:
+    """A connected Client (its streams made) and the subjects it publishes to from now on."""
+    client = await Client.connect(url)
     await ensure_topology(client.js, parse_config({}))
     sent: list[str] = []
     published = client.nc.publish
@@ -73,11 +69,22 @@ async def test_a_request_whose_client_closes_while_it_reads_its_stored_result_en
         sent.append(subject)
         await published(subject, payload, reply=reply, headers=headers)
 
+    client.nc.publish = publish
+    return client, sent
+
+
+async def test_a_request_whose_client_closes_while_it_reads_its_stored_result_ends_at_once(nats_server):
+    """A job with its own id reads its stored Result before it is sent; the close came during
+    that read. Before: the request then took a fresh reply future nothing cancelled and tried to
+    send the job over the closed connection: "NATS did not answer or the connection was lost ...
+    check that NATS runs", about a Client the app had closed itself (a close still draining
+    would have taken the job and left the request waiting its whole timeout)."""
+    client, sent = await recording_client(nats_server.url)
+
     async def stored_result(job_id, batch=None, *, retry_for=0.0):
         await client.close()  # the app shuts down while the read is under way
         return None
 
-    client.nc.publish = publish
     client.stored_result = stored_result  # type: ignore[method-assign]
     started = asyncio.get_running_loop().time()
     with pytest.raises(NatsUnavailable, match="this Client is closed"):
@@ -90,14 +97,7 @@ async def test_a_duplicate_request_whose_client_closes_while_it_is_stored_asks_n
     """A job id already queued is followed over rpc as well (a second message to the
     dispatchers); when the close came while the job was being stored, that message still went
     (found in review): nothing more is sent once the Client is closed."""
-    client = await Client.connect(nats_server.url)
-    await ensure_topology(client.js, parse_config({}))
-    sent: list[str] = []
-    published = client.nc.publish
-
-    async def publish(subject, payload=b"", reply="", headers=None):
-        sent.append(subject)
-        await published(subject, payload, reply=reply, headers=headers)
+    client, sent = await recording_client(nats_server.url)
 
     async def stored_result(job_id, batch=None, *, retry_for=0.0):
         return None
@@ -106,7 +106,6 @@ async def test_a_duplicate_request_whose_client_closes_while_it_is_stored_asks_n
         await client.close()  # the app shuts down while the duplicate is being stored
         return False  # JetStream's answer: a duplicate of a message it holds
 
-    client.nc.publish = publish
     client.stored_result = stored_result  # type: ignore[method-assign]
     client._publish = publish_job  # type: ignore[method-assign]
     with pytest.raises(NatsUnavailable, match="closed"):
