@@ -75,6 +75,11 @@ async def status_or_none(client, timeout: float = 1.0) -> dict | None:
         return None
 
 
+def worker_entry(status: dict | None, worker: str) -> dict | None:
+    """Worker `worker`'s entry in a status answer (None: no answer, or not listed)."""
+    return next((w for w in (status or {}).get("workers", []) if w.get("id") == worker), None)
+
+
 async def wait_workers(client, names: set[str] | int, timeout: float = 25.0) -> dict:
     """Until a leader answers status listing these workers (or this many)."""
 

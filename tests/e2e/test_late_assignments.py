@@ -26,6 +26,7 @@ from faultkit import (
     until,
     upstream,
     wait_workers,
+    worker_entry,
 )
 from fleetkit import FleetKit
 
@@ -39,10 +40,6 @@ def kit_for(tmp_path, name: str, url: str, upstream_url: str) -> FleetKit:
     folder = tmp_path / name  # each kit writes its own ratefleet.toml
     folder.mkdir()
     return FleetKit(folder, url, upstream_url, keys=fast_keys())
-
-
-def worker_entry(status: dict | None, worker: str) -> dict | None:
-    return next((w for w in (status or {}).get("workers", []) if w.get("id") == worker), None)
 
 
 async def test_assignments_held_on_the_way_do_not_call_jobs_run_elsewhere(tmp_path):

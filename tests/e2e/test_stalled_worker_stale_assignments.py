@@ -12,17 +12,24 @@ from __future__ import annotations
 import signal
 
 import pytest
-from faultkit import Tracker, calls, chat, fast_keys, restartable_nats, status_or_none, until, upstream, wait_workers
+from faultkit import (
+    Tracker,
+    calls,
+    chat,
+    fast_keys,
+    restartable_nats,
+    status_or_none,
+    until,
+    upstream,
+    wait_workers,
+    worker_entry,
+)
 from fleetkit import FleetKit
 
 from ratefleet import Client
 
 pytestmark = [pytest.mark.timeout(150), pytest.mark.anyio]
 N = 4
-
-
-def worker_entry(status: dict | None, worker: str) -> dict | None:
-    return next((w for w in (status or {}).get("workers", []) if w.get("id") == worker), None)
 
 
 async def test_a_resumed_worker_does_not_call_the_jobs_given_away_while_it_was_frozen(tmp_path):
