@@ -60,6 +60,7 @@ from rich.table import Table
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent / "tests" / "e2e"))
 from clusterkit import NatsCluster, wait_jetstream_ready  # noqa: E402
+from faultkit import read_dead_letters  # noqa: E402
 from fleetkit import FleetKit  # noqa: E402
 
 from ratefleet.client import Client  # noqa: E402
@@ -390,20 +391,6 @@ async def wait_settled(client: Client, want: set, timeout: float) -> tuple[set, 
     return missing, now() - started
 
 
-async def dead_letters(client: Client) -> list[dict]:
-    try:
-        info = await client.js.stream_info(SUBJECTS.dead_stream)
-    except Exception:  # noqa: BLE001 - no stream: no letters
-        return []
-    letters = []
-    for seq in range(info.state.first_seq, info.state.last_seq + 1):
-        try:
-            letters.append(json.loads((await client.js.get_msg(SUBJECTS.dead_stream, seq)).data))
-        except Exception:  # noqa: BLE001 - deleted
-            continue
-    return letters
-
-
 def explained(prev_start: float, start: float, events: list[dict]) -> tuple[str, dict | None]:
     """Why a job was called again at `start` after a call at `prev_start`: ("crash", event) when
     a chaos event began between the two starts (the earlier call was in flight, or its outcome
@@ -542,7 +529,7 @@ async def drive(fleet: Fleet, seed: int) -> dict:
         missing, settle_s = await wait_settled(client, want, args.settle)
         await asyncio.sleep(2.0)  # a Result stored twice at the very end shows up as well
         results = await stored_results(client)
-        letters = await dead_letters(client)
+        letters = await read_dead_letters(client.js)
         calls = await fleet.calls()
         summary = check(ledger, results, calls, events, letters, missing, t0)
         summary.update(seed=seed, duration_s=args.duration, settle_s=round(settle_s, 1), batches=ledger.batches,

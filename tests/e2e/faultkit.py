@@ -75,6 +75,24 @@ async def status_or_none(client, timeout: float = 1.0) -> dict | None:
         return None
 
 
+async def read_dead_letters(js, tier: str = "*") -> list[dict]:
+    """Every dead letter in RATEFLEET_DEAD (optionally of one tier), oldest first, each with its
+    `_subject` and `_seq`; none when the stream is not there."""
+    try:
+        info = await js.stream_info(SUBJECTS.dead_stream)
+    except Exception:  # noqa: BLE001 - no stream: no letters
+        return []
+    letters = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        try:
+            msg = await js.get_msg(SUBJECTS.dead_stream, seq)
+        except Exception:  # noqa: BLE001 - deleted
+            continue
+        if tier == "*" or msg.subject == SUBJECTS.dead(tier):
+            letters.append({"_subject": msg.subject, "_seq": seq, **json.loads(msg.data)})
+    return letters
+
+
 def worker_entry(status: dict | None, worker: str) -> dict | None:
     """Worker `worker`'s entry in a status answer (None: no answer, or not listed)."""
     return next((w for w in (status or {}).get("workers", []) if w.get("id") == worker), None)
@@ -203,20 +221,8 @@ class Tracker:
         return out
 
     async def dead_letters(self, tier: str = "*") -> list[dict]:
-        """Every dead letter (optionally of one tier), oldest first."""
-        try:
-            info = await self.js.stream_info(SUBJECTS.dead_stream)
-        except Exception:  # noqa: BLE001 - no stream: no letters
-            return []
-        letters = []
-        for seq in range(info.state.first_seq, info.state.last_seq + 1):
-            try:
-                msg = await self.js.get_msg(SUBJECTS.dead_stream, seq)
-            except Exception:  # noqa: BLE001 - deleted
-                continue
-            if tier == "*" or msg.subject == SUBJECTS.dead(tier):
-                letters.append({"_subject": msg.subject, "_seq": seq, **json.loads(msg.data)})
-        return letters
+        """Every dead letter (optionally of one tier), oldest first (`read_dead_letters`)."""
+        return await read_dead_letters(self.js, tier)
 
     async def letters_of(self, job_ids, timeout: float = 15.0) -> dict[str, dict]:
         """The dead letters of `job_ids` by job id, waiting up to `timeout` seconds for each
