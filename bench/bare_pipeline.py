@@ -3,7 +3,9 @@
 JetStream pull (fetch 256) -> httpx over the aiohttp transport, 64 calls in flight -> the
 answer published to a results stream (awaited PubAck) -> ack. The N jobs are stored with
 publish_async while the pipeline runs; the clock runs from the first submit to the last ack.
-Prints one JSON line. Run: python bench/bare_pipeline.py NATS_URL UPSTREAM_URL [JOBS]
+Each job carries its request body (`PROMPT_KB`: a user message of that many KiB, as
+bench/throughput.py's `--prompt-kb` gives the fleet's jobs), which the pipeline sends as is.
+Prints one JSON line. Run: python bench/bare_pipeline.py NATS_URL UPSTREAM_URL [JOBS [PROMPT_KB]]
 """
 
 from __future__ import annotations
@@ -19,10 +21,17 @@ from httpx_aiohttp import AiohttpTransport
 from nats.js.api import StreamConfig
 
 IN_FLIGHT = 64
-BODY = json.dumps({"model": "m", "messages": []}).encode()
 
 
-async def main(url: str, upstream: str, jobs: int) -> dict:
+def request_body(prompt_kb: int) -> dict:
+    """The chat request both pipelines send: no messages, or one user message of `prompt_kb` KiB."""
+    if not prompt_kb:
+        return {"model": "m", "messages": []}
+    text = ("lorem ipsum dolor sit amet, consectetur adipiscing elit. " * (prompt_kb * 1024 // 57 + 1))[:prompt_kb * 1024]
+    return {"model": "m", "messages": [{"role": "user", "content": text}]}
+
+
+async def main(url: str, upstream: str, jobs: int, prompt_kb: int = 0) -> dict:
     nc = await nats.connect(url)
     js = nc.jetstream()
     for name in ("BARE_JOBS", "BARE_RESULTS"):
@@ -39,16 +48,20 @@ async def main(url: str, upstream: str, jobs: int) -> dict:
     done = 0
     finished = asyncio.Event()
 
+    body = request_body(prompt_kb)
+
     async def submit() -> None:
         for i in range(jobs):
-            await js.publish_async("bare.jobs", json.dumps({"id": str(i), "path": "/v1/chat/completions"}).encode())
+            job = {"id": str(i), "path": "/v1/chat/completions", "json": body}
+            await js.publish_async("bare.jobs", json.dumps(job).encode())
         await js.publish_async_completed()
 
     async def run(msg) -> None:
         nonlocal done
         try:
             job = json.loads(msg.data)
-            response = await http.post(upstream + job["path"], content=BODY, headers={"content-type": "application/json"})
+            response = await http.post(upstream + job["path"], content=json.dumps(job["json"]).encode(),
+                                       headers={"content-type": "application/json"})
             result = {"id": job["id"], "status": response.status_code, "json": response.json()}
             await js.publish(f"bare.results.{job['id']}", json.dumps(result).encode())
             await msg.ack()
@@ -78,4 +91,5 @@ async def main(url: str, upstream: str, jobs: int) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 10000))))
+    print(json.dumps(asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 10000,
+                                      int(sys.argv[4]) if len(sys.argv) > 4 else 0))))

@@ -36,6 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bare_pipeline import request_body  # noqa: E402
 from fast_upstream import FastUpstream  # noqa: E402
 from overhead import measure_overhead  # noqa: E402
 
@@ -53,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keys", type=int, default=10)
     parser.add_argument("--rps", type=float, default=1000.0)
     parser.add_argument("--upstream", choices=("auto", "nginx", "aiohttp", "mock"), default="auto")
+    parser.add_argument("--prompt-kb", type=int, default=0,
+                        help="each job's request carries a user message of this many KiB (both pipelines)")
     parser.add_argument("--no-bare", action="store_true", help="skip the hand-written pipeline")
     parser.add_argument("--no-overhead", action="store_true", help="skip the Client.request overhead")
     parser.add_argument("--rates", type=float, nargs="*", default=[250.0, 500.0], help="arrivals/s for the overhead")
@@ -90,10 +93,10 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def run_bare(fleet: LocalFleet, jobs: int) -> dict:
+def run_bare(fleet: LocalFleet, jobs: int, prompt_kb: int = 0) -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run([sys.executable, str(Path(__file__).parent / "bare_pipeline.py"), fleet.nats_url,
-                          fleet.upstream, str(jobs)], capture_output=True, text=True, timeout=900)
+                          fleet.upstream, str(jobs), str(prompt_kb)], capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
         raise RuntimeError(f"bare pipeline failed: {out.stderr[-2000:]}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -104,8 +107,8 @@ def run_bare(fleet: LocalFleet, jobs: int) -> dict:
 
 
 async def drive(args: argparse.Namespace, fleet: LocalFleet) -> dict:
-    jobs = [{"request": {"path": "/v1/chat/completions", "json": {"model": "m", "messages": []}}}
-            for _ in range(args.jobs)]
+    body = request_body(args.prompt_kb)
+    jobs = [{"request": {"path": "/v1/chat/completions", "json": body}} for _ in range(args.jobs)]
     procs = {p.fleet_name: p.pid for p in fleet.procs if p.fleet_name != "mock"}  # type: ignore[attr-defined]
     async with await Client.connect(fleet.nats_url) as client:
         await fleet.wait_ready(client)
@@ -139,7 +142,7 @@ def run_all(args: argparse.Namespace, upstream: str, kind: str) -> dict:
     fleet = BenchFleet(keys, workers=args.workers, slots=args.slots)
     fleet.external = upstream
     with fleet:
-        bare = None if args.no_bare else run_bare(fleet, args.jobs)
+        bare = None if args.no_bare else run_bare(fleet, args.jobs, args.prompt_kb)
         run = anyio.run(drive, args, fleet)
     return {"upstream": kind, "bare": bare, **run}
 
@@ -147,7 +150,8 @@ def run_all(args: argparse.Namespace, upstream: str, kind: str) -> dict:
 def report(args: argparse.Namespace, out: dict) -> None:
     console = Console(width=150)
     table = Table("jobs", "workers x slots", "upstream", "submit jobs/s", "fleet jobs/s", "bare jobs/s", "ratio",
-                  "429s", "statuses", title="throughput (first submit -> last result)")
+                  "429s", "statuses", title="throughput (first submit -> last result)"
+                  + (f", each job with a {args.prompt_kb} KiB prompt" if args.prompt_kb else ""))
     bare = out["bare"]
     table.add_row(str(args.jobs), f"{args.workers} x {args.slots}", out["upstream"], f"{out['submit_per_s']:g}",
                   f"{out['jobs_per_s']:g}", f"{bare['jobs_per_s']:g}" if bare else "-",
@@ -187,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             run = run_all(args, upstream.url, upstream.kind)
     jobs_per_s = round(args.jobs / run["elapsed_s"], 1)
     leader_us = run["cpu_us_per_job"].get("dispatcher")
-    out = {"benchmark": "throughput", "command": " ".join(sys.argv), "jobs": args.jobs, "workers": args.workers,
+    out = {"benchmark": "throughput", "command": " ".join(sys.argv), "jobs": args.jobs, "prompt_kb": args.prompt_kb,
+           "workers": args.workers,
            "slots": args.slots, "keys": args.keys, "configured_rps": args.keys * args.rps, "repeat": args.repeat, **run,
            "jobs_per_s": jobs_per_s, "submit_per_s": round(args.jobs / run["submitted_s"], 1),
            "ratio": round(jobs_per_s / run["bare"]["jobs_per_s"], 3) if run["bare"] else None,

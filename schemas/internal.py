@@ -28,7 +28,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, PrivateAttr, TypeAdapter, ValidationError
 
-from ratefleet.schemas.job import Job
+from ratefleet.schemas.job import Job, job_from_text
 from ratefleet.schemas.outcome import OutcomeKind, RateLimitInfo
 
 Epoch = tuple[int, int]
@@ -78,7 +78,7 @@ class Assignment(BaseModel):
         """The job, validated once (then remembered). Raises pydantic's ValidationError
         (a subclass of ValueError) for a job that breaks a rule of schemas/job.py."""
         if self._job is None:
-            self._job = Job.model_validate_json(self.job_json) if self.job_json is not None else Job.model_validate(self.job)
+            self._job = job_from_text(self.job_json) if self.job_json is not None else Job.model_validate(self.job)
         return self._job
 
     def job_data(self) -> dict[str, Any]:

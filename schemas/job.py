@@ -27,6 +27,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 from pydantic_core import PydanticCustomError, PydanticSerializationError
@@ -35,7 +36,15 @@ from ratefleet.schemas.cost import estimate_tokens
 from ratefleet.schemas.errors import JobRejected
 from ratefleet.schemas.result import ErrorCode
 from ratefleet.schemas.subjects import NO_BATCH, TOKEN_PATTERN
-from ratefleet.schemas.wire import MAX_JSON_DEPTH, header_value_problem, is_field_name, json_problem, text_problem
+from ratefleet.schemas.wire import (
+    MAX_JSON_DEPTH,
+    depth_problem,
+    header_value_problem,
+    is_field_name,
+    json_problem,
+    read_json,
+    text_problem,
+)
 
 _CONTROL_OR_BACKSLASH = re.compile(r"[\x00-\x1f\\\x7f]")  # not allowed in a decoded path
 
@@ -82,8 +91,16 @@ def check_header(name: str, value: str, auth_header: str | None = None) -> None:
         raise _invalid(f"header {name!r} value {problem}")
 
 
-def _check_json(value: _T, what: str) -> _T:
-    problem = json_problem(value)
+STRICT_JSON = "strict_json"  # validation context key: the values came from text `read_json` found strict
+_STRICT_CONTEXT = {STRICT_JSON: True}
+
+
+def _strict(info: ValidationInfo) -> bool:
+    return isinstance(info.context, dict) and bool(info.context.get(STRICT_JSON))
+
+
+def _check_json(value: _T, what: str, info: ValidationInfo) -> _T:
+    problem = depth_problem(value) if _strict(info) else json_problem(value)
     if problem:
         raise _invalid(f"{what} is not strict JSON: {problem}")
     return value
@@ -136,10 +153,11 @@ class HttpRequest(BaseModel):
 
     @field_validator("query")
     @classmethod
-    def _query(cls, value: dict[str, Any]) -> dict[str, Any]:
+    def _query(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        strict = _strict(info)
         for name, item in value.items():
             _check_text(name, f"query parameter {name!r}:")
-            problem = json_problem(item, f"query parameter {name!r}")
+            problem = (depth_problem if strict else json_problem)(item, f"query parameter {name!r}")
             if problem:
                 raise _invalid(problem)
         return value
@@ -153,8 +171,8 @@ class HttpRequest(BaseModel):
 
     @field_validator("json_body")
     @classmethod
-    def _json_body(cls, value: Any) -> Any:
-        return _check_json(value, "the JSON body")
+    def _json_body(cls, value: Any, info: ValidationInfo) -> Any:
+        return _check_json(value, "the JSON body", info)
 
     @field_validator("body")
     @classmethod
@@ -196,8 +214,8 @@ class Job(BaseModel):
 
     @field_validator("metadata")
     @classmethod
-    def _metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return _check_json(value, "metadata")
+    def _metadata(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return _check_json(value, "metadata", info)
 
     def charge(self) -> float:
         """What a key's cost bucket is charged for this job: its `cost`, else an estimate of
@@ -388,7 +406,7 @@ def parse_job(raw: bytes, *, max_bytes: int = 1 << 20, limit_source: str = "stre
         raise JobRejected(ErrorCode.INVALID_JOB, f"job is {len(raw)} bytes; the limit is {max_bytes} ({limit_source})",
                           job_id=job_id, batch=batch)
     try:
-        data = json.loads(raw)
+        data, strict = read_json(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise JobRejected(ErrorCode.INVALID_JOB, f"job is not valid JSON: {exc}") from None
     except RecursionError:
@@ -397,8 +415,20 @@ def parse_job(raw: bytes, *, max_bytes: int = 1 << 20, limit_source: str = "stre
     if not isinstance(data, dict):
         raise JobRejected(ErrorCode.INVALID_JOB, "job must be a JSON object")
     try:
-        return Job.model_validate(data)
+        return Job.model_validate(data, context=_STRICT_CONTEXT if strict else None)
     except ValidationError as exc:
         code, message = describe_validation_error(exc)
         job_id, batch = _salvage(data)  # only for a job that fails: its `invalid` result names them
         raise JobRejected(code, message, job_id=job_id, batch=batch) from None
+
+
+def job_from_text(text: str) -> Job:
+    """The Job in JSON `text` (`Assignment.job_json`, as a dispatcher validated it), validated
+    the way `parse_job` validates a payload (`read_json`: no encoder pass over a strict text)
+    but with pydantic's errors: raises ValidationError, as `Job.model_validate_json` (which
+    reads a text that `read_json` cannot, e.g. one that is not JSON)."""
+    try:
+        data, strict = read_json(text.encode("utf-8"))
+    except (ValueError, RecursionError):  # not JSON, or a lone surrogate in `text`: pydantic says why
+        return Job.model_validate_json(text)
+    return Job.model_validate(data, context=_STRICT_CONTEXT if strict else None)
