@@ -426,7 +426,8 @@ def job_from_text(text: str) -> Job:
     """The Job in JSON `text` (`Assignment.job_json`, as a dispatcher validated it), validated
     the way `parse_job` validates a payload (`read_json`: no encoder pass over a strict text)
     but with pydantic's errors: raises ValidationError, as `Job.model_validate_json` (which
-    reads a text that `read_json` cannot, e.g. one that is not JSON)."""
+    reads a text that `read_json` cannot, e.g. one that is not JSON). Unlike it, a leading
+    byte-order mark is read past, as `parse_job` reads one (the dispatcher never writes one)."""
     try:
         data, strict = read_json(text.encode("utf-8"))
     except (ValueError, RecursionError):  # not JSON, or a lone surrogate in `text`: pydantic says why

@@ -111,7 +111,8 @@ def read_json(raw: bytes) -> tuple[Any, bool]:
     what `json.loads(raw)` raises (ValueError, RecursionError)."""
     try:
         text = raw.decode("utf-8")
-        if "\\u" not in text or _SURROGATE_ESCAPE.search(text) is None:
+        # (a one-character `in` is a memchr; a two-character one took 27 µs for 32 KiB, the regex 10)
+        if "\\" not in text or _SURROGATE_ESCAPE.search(text) is None:
             return _STRICT_DECODER.decode(text), True
     except ValueError:  # _NotStrict, not UTF-8, not JSON (then json.loads(raw) raises it)
         pass

@@ -101,25 +101,28 @@ def assignment_payload(settings: LeaderSettings, held: Held, decision: Dispatch,
     straight from them (no model built per hand-out); `job` is left out (`job_json` has it)
     and so is the trace context, which the shell puts in front (dispatcher/shell/assign_out.py).
     The JSON is UTF-8, not ASCII-escaped. Raises pydantic's serialisation error for a job that
-    cannot be dumped, ValueError for a NaN or infinite `submitted_at`. `silent_s`: seconds
+    cannot be dumped, ValueError for a time that is NaN or infinite. `silent_s`: seconds
     since the leader last heard the receiving worker (`Assignment.silent_s`)."""
     incoming = held.incoming
-    if not math.isfinite(incoming.submitted_at):  # the one float here not clamped below (NaN is not JSON)
-        raise ValueError(f"the job's submitted_at is {incoming.submitted_at}")
     queued_s = held.wall + (now - held.at) - incoming.submitted_at
     new_id = assignment_id(settings.leader_id, number)
+    queued_ms, silent_s = max(0.0, queued_s * 1000), round(max(0.0, silent_s), 3)
+    if not (math.isfinite(incoming.submitted_at) and math.isfinite(queued_ms) and math.isfinite(silent_s)):
+        # NaN and Infinity are not JSON (RFC 8259 section 6), and to_json below would write them
+        raise ValueError(f"a time of the assignment is not a finite number: submitted_at {incoming.submitted_at}, "
+                         f"queued_ms {queued_ms}, silent_s {silent_s}")
     fields = {
         "id": new_id, "job_json": incoming.job.model_dump_json(by_alias=True, exclude_none=True),
         "job_id": incoming.job_id, "tier": incoming.tier, "upstream": incoming.upstream, "key_id": decision.key_id,
         "pool": decision.pool, "ack": incoming.ack, "reply_to": incoming.reply_to, "attempt": incoming.attempt,
         "max_attempts": incoming.max_attempts, "submitted_at": incoming.submitted_at,
-        "queued_ms": max(0.0, queued_s * 1000), "epoch": settings.epoch, "seq": incoming.stream_seq,
+        "queued_ms": queued_ms, "epoch": settings.epoch, "seq": incoming.stream_seq,
         "denial_final": decision.reservation.denial_final, "rate_limited": incoming.rate_limited,
         "max_rate_limited": incoming.max_rate_limited, "variant": decision.variant,
-        "silent_s": round(max(0.0, silent_s), 3),
+        "silent_s": silent_s,
     }
     # pydantic-core's encoder, compact and UTF-8 (not ASCII-escaped: an emoji escaped is 12 bytes
     # instead of 4, and a 600 KB job of emoji made a 1.8 MB assignment, over max_payload), writes the
-    # job's text into its string 3x faster than json.dumps (33 against 97 µs for a 32 KiB job); every
-    # other number here is finite (clamped clock readings and counts)
+    # job's text into its string 3x faster than json.dumps (33 against 97 µs for a 32 KiB job); the
+    # floats were checked above, the rest are counts
     return new_id, to_json(fields)

@@ -93,12 +93,16 @@ def test_the_json_is_compact_utf8():
     assert "été".encode() in raw  # not \u00e9t\u00e9
 
 
-def test_a_nan_time_is_refused_rather_than_sent_as_invalid_json():
-    """`NaN` is not JSON (RFC 8259 section 6): a job stamped with a NaN time must not go out as
-    a message that strict JSON parsers refuse."""
-    held = Held(incoming(submitted_at=float("nan")), touched=10.0, at=10.0, wall=SUBMITTED)
-    with pytest.raises(ValueError):
-        assignment_payload(settings(), held, decision(), 10.0, 1)
+@pytest.mark.parametrize("submitted_at, wall, silent_s", [
+    (float("nan"), SUBMITTED, 0.0), (float("-inf"), SUBMITTED, 0.0), (SUBMITTED, float("inf"), 0.0),
+    (SUBMITTED, SUBMITTED, float("inf")),
+])
+def test_a_nan_time_is_refused_rather_than_sent_as_invalid_json(submitted_at, wall, silent_s):
+    """`NaN` and `Infinity` are not JSON (RFC 8259 section 6): an assignment with such a time
+    (submitted_at, queued_ms, silent_s) must not go out as a message strict JSON parsers refuse."""
+    held = Held(incoming(submitted_at=submitted_at), touched=10.0, at=10.0, wall=wall)
+    with pytest.raises(ValueError, match="not a finite number"):
+        assignment_payload(settings(), held, decision(), 10.0, 1, silent_s)
 
 
 def test_assignment_ids_are_the_leader_id_and_the_number():

@@ -18,8 +18,9 @@ from ratefleet.schemas import job as job_module
 from ratefleet.schemas.job import job_from_text
 from ratefleet.schemas.wire import MAX_JSON_DEPTH, read_json
 
-PLAIN = b'{"request": {"path": "/v1/chat/completions", "json": {"model": "m", "temperature": 0.7, ' \
-        b'"messages": [{"role": "user", "content": "caf\xc3\xa9 \xf0\x9f\x98\x80 \\"hi\\" \\u00e9"}]}}}'
+PLAIN = b'{"request": {"path": "/v1/chat/completions", "query": {"v": [1, 2.5]}, "json": {"model": "m", ' \
+        b'"temperature": 0.7, "messages": [{"role": "user", "content": "caf\xc3\xa9 \xf0\x9f\x98\x80 \\"hi\\" ' \
+        b'\\u00e9"}]}}, "metadata": {"row": 1.5, "tags": ["a"]}}'
 
 
 def verdict(raw: bytes) -> tuple[str, object]:
@@ -43,6 +44,8 @@ def full_check_verdict(raw: bytes, monkeypatch: pytest.MonkeyPatch) -> tuple[str
     (b'{"a": 1e999}', False), (b'{"a": -1e400}', False),  # overflow to infinity
     (b'{"a": "\\ud83d"}', False), (b'{"a": "\\udc80x"}', False),  # lone surrogates, escaped
     (b'{"a": "\\ud83d\\ude00"}', False),  # a valid pair takes the full check too
+    (b'{"a": "\\uD800"}', False), (b'{"a": "\\uDbFf\\uDfFf"}', False),  # upper- and mixed-case hex
+    (b'{"\\udc80": 1}', False),  # in a key
     (b'\xef\xbb\xbf{"a": 1}', False),  # a UTF-8 BOM: json.loads(bytes) reads it, json.loads(str) does not
     ('{"a": "é"}'.encode("utf-16"), False),  # json.loads detects UTF-16 from the bytes
 ])
@@ -70,7 +73,8 @@ def test_a_strict_text_is_not_encoded_again(monkeypatch):
         raise RuntimeError("json_problem ran on a strict text")  # (not a ValueError: pydantic would take it)
 
     monkeypatch.setattr(job_module, "json_problem", refuse)
-    assert parse_job(PLAIN).request.json_body["messages"][0]["content"] == 'café 😀 "hi" é'
+    job = parse_job(PLAIN)  # the body, metadata and query values all take the fast path
+    assert job.request.json_body["messages"][0]["content"] == 'café 😀 "hi" é' and job.metadata["row"] == 1.5
     text = PLAIN.decode()
     assert job_from_text(text).request.json_body["temperature"] == 0.7
     with pytest.raises(RuntimeError, match="strict text"):  # not strict: the full check runs
@@ -85,6 +89,10 @@ def test_a_strict_text_is_not_encoded_again(monkeypatch):
     b'{"request": {"path": "/x"}, "metadata": {"s": Infinity}}',
     b'{"request": {"path": "/x", "json": {"a": "\\ud83d"}}}',
     b'{"request": {"path": "/x", "json": {"a": "\\ud83d\\ude00"}}}',
+    b'{"request": {"path": "/x", "json": "\\uD800"}}',
+    b'{"request": {"path": "/x", "json": "\\uDBFF\\uDFFF"}}',
+    b'{"request": {"path": "/x"}, "metadata": {"\\uDC80": 1}}',
+    b'{"request": {"path": "/x", "query": {"\\ud800": "v"}}}',
     b'{"request": {"path": "/x", "json": %s}}' % (b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH),
     b'{"request": {"path": "/x", "json": {"deep": %s}}}' % (b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1)),
     b'{"request": {"path": "/x", "query": {"q": "v"}}, "metadata": {"m": %s}}' % (b"{\"a\":" * 101 + b"1" + b"}" * 101),
