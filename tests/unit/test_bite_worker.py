@@ -182,7 +182,7 @@ async def test_a_running_worker_keeps_its_slow_call_alive(monkeypatch):
                            "pools": {"p": {"keys": [{"id": "k1", "secret": "env:RF_BITE_K1", "rps": 10}]}},
                            "streams": {"ack_wait_s": 1}, "workers": {"heartbeat_s": 0.2, "grace_s": 5}})
     executor = FakeExecutor(seconds=1.6)
-    monkeypatch.setattr(service, "UpstreamExecutor", lambda client, limit: executor)
+    monkeypatch.setattr(service, "UpstreamExecutor", lambda client, limit, **options: executor)
     worker = Worker(config, BusWithAssignments(assignment()), worker_id="w-bite")
     worker.finisher = finisher = RecordingFinisher()
     stop = anyio.Event()

@@ -7,6 +7,7 @@ deterministic, no network.
 
 from __future__ import annotations
 
+import json
 import time
 from types import SimpleNamespace
 
@@ -345,3 +346,60 @@ def test_the_upstreams_auth_headers_are_redacted_on_http_spans():
     traced = build_client("httpcore", 1, ["X-Fleet-Auth"])._transport.traced
     patterns = [re.compile(p, re.IGNORECASE) for p in traced._sensitive_headers]
     assert any(p.fullmatch("x-fleet-auth") for p in patterns) and any(p.fullmatch("authorization") for p in patterns)
+
+
+BODIES = [
+    {"model": "m", "messages": [{"role": "user", "content": "café 😀 \"quoted\" \\ back\nline\u2028"}], "n": 2},
+    {"temperature": 0.7, "top_p": 1.0, "big": 10 ** 30, "neg": -0.0, "none": None, "t": True, "nested": [[{}], []]},
+    ["a", 1, 2.5, {"k": "v"}],
+    "just a string",
+]
+
+
+@pytest.mark.parametrize("body", BODIES)
+async def test_a_validated_executor_sends_the_json_body_httpx_would(body):
+    """pydantic-core writes a validated job's body: the same bytes and Content-Type as httpx's json=."""
+    sent = {}
+
+    def handler(request):
+        sent.setdefault("requests", []).append(request)
+        return httpx.Response(200, json={})
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    for validated in (False, True):
+        await UpstreamExecutor(client, validated=validated).call(job(json=body), UPSTREAM, SECRET)
+    plain, fast = sent["requests"]
+    assert fast.content == plain.content and json.loads(fast.content) == body
+    assert fast.headers["content-type"] == plain.headers["content-type"] == "application/json"
+    assert fast.headers["content-length"] == str(len(fast.content))
+
+
+async def test_a_validated_executor_keeps_the_jobs_own_content_type():
+    sent = []
+    client = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: sent.append(r) or httpx.Response(200)))
+    await UpstreamExecutor(client, validated=True).call(
+        job(json={"a": 1}, headers={"content-TYPE": "application/vnd.api+json"}), UPSTREAM, SECRET)
+    assert sent[0].headers.get_list("content-type") == ["application/vnd.api+json"]
+    assert sent[0].content == b'{"a":1}'
+
+
+async def test_an_executor_not_told_its_jobs_are_validated_still_refuses_a_body_that_is_not_json():
+    """(a job built without validation: NaN would go out as `NaN`, a set as an array, with pydantic-core)"""
+    from ratefleet.schemas.errors import InvalidRequest
+
+    calls = []
+    client = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: calls.append(r) or httpx.Response(200)))
+    for body in ({"t": float("nan")}, {"s": {1, 2}}):
+        unvalidated = Job.model_construct(request=job().request.model_copy(update={"json_body": body}))
+        with pytest.raises(InvalidRequest):
+            await UpstreamExecutor(client).call(unvalidated, UPSTREAM, SECRET)
+    assert calls == []
+
+
+async def test_a_validated_executors_body_is_written_by_pydantic_core():
+    """The one byte-level difference, documented: a float's exponent without a leading zero."""
+    sent = []
+    client = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: sent.append(r) or httpx.Response(200)))
+    for validated in (False, True):
+        await UpstreamExecutor(client, validated=validated).call(job(json={"x": 1e-7}), UPSTREAM, SECRET)
+    assert [r.content for r in sent] == [b'{"x":1e-07}', b'{"x":1e-7}']

@@ -143,8 +143,8 @@ async def test_a_run_listens_to_its_subjects_and_ends_with_a_last_heartbeat(monk
     executor = FakeExecutor()
     clients = []
 
-    def executor_for(client, limit):
-        clients.append((client, limit))
+    def executor_for(client, limit, **options):
+        clients.append((client, limit, options))
         return executor
 
     monkeypatch.setattr(service, "UpstreamExecutor", executor_for)
@@ -181,7 +181,8 @@ async def test_a_run_listens_to_its_subjects_and_ends_with_a_last_heartbeat(monk
     assert bus.subscribed[2][1] == {"pending_msgs_limit": 0}, "assignments would be dropped past the default"
     assert set(bus.gone) == {"ratefleet.internal.heartbeat", "ratefleet.internal.assign.w-run",
                              "ratefleet.internal.leader"}
-    [(client, limit)] = clients
+    [(client, limit, options)] = clients
+    assert options == {"validated": True}  # its jobs come from Assignment.job_model: bodies written by pydantic-core
     assert limit == cfg.workers.max_response_bytes and client.is_closed
     last = beats(bus)[-1]
     assert last.draining and last.in_flight == []
