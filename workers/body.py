@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import codecs
 import json
-import re
 from collections.abc import Awaitable, Callable
 from email.message import Message
 from functools import lru_cache
@@ -27,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from ratefleet.schemas.wire import json_problem, text_problem
+from ratefleet.schemas.wire import json_problem, loads_finite, text_problem
 
 # subtypes that are text whatever the main type says (RFC 6838 structured suffixes included)
 TEXT_SUBTYPES = frozenset({"json", "xml", "javascript", "ecmascript", "x-www-form-urlencoded", "x-ndjson",
@@ -78,10 +77,6 @@ def is_textual(kind: str, charset: str | None) -> bool:
     return main == "text" or sub in TEXT_SUBTYPES or sub.endswith(("+json", "+xml"))
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _decode(raw: bytes, charset: str) -> str | None:
     try:
         codecs.lookup(charset)
@@ -106,10 +101,13 @@ def body_fields(raw: bytes, content_type: str | None, secret: str) -> dict[str, 
         text = _mask_text(text, secret)
     if "json" in kind.partition("/")[2]:
         try:
-            value = json.loads(text, parse_constant=_reject_constant)
+            # NaN, Infinity and numbers past a float's range raise (then the body is text); a
+            # surrogate escape (maybe a lone one) is rare in answers, so only then is the parsed
+            # value walked (a walk of a 3 MB answer costs a few hundred ms)
+            value, strict = loads_finite(text)
             if secret and "\\" in text:  # without an escape every parsed string is a piece of `text`
                 value = mask_parsed(value, secret)
-            if not _suspect(text) or json_problem(value) is None:
+            if strict or json_problem(value) is None:
                 return {"json": value}
         except (ValueError, RecursionError):
             pass
@@ -186,13 +184,3 @@ def mask_parsed(value: Any, secret: str) -> Any:
                 stack.append(item)
     return value
 
-
-# a \uD800-\uDFFF escape (maybe a lone surrogate) or an exponent past a float's range (1e309
-# parses as inf): rare in answers, so only then is the parsed value walked (a walk of a 3 MB
-# answer costs a few hundred ms; these scans a few)
-_SUSPECT = re.compile(r"\\u[dD][89a-fA-F]|[0-9.][eE]\+?0*(?:[4-9][0-9]{2}|3[1-9][0-9]|30[89]|[0-9]{4})")
-
-
-def _suspect(text: str) -> bool:
-    """True when parsed JSON text may hold what cannot be stored as JSON again (see _SUSPECT)."""
-    return _SUSPECT.search(text) is not None
