@@ -1,7 +1,7 @@
 """A fast upstream for bench/throughput.py, in its own process: nginx when installed, else aiohttp.
 
-Every request gets 200 with a small chat-completion-like JSON at once, so the upstream is
-never the bottleneck. nginx runs with a temporary config (`daemon off`, its own prefix);
+Every request gets 200 with a small chat-completion-like JSON at once (or one whose message is
+`answer_kb` KiB), so the upstream is never the bottleneck. nginx runs with a temporary config (`daemon off`, its own prefix);
 the fallback is `python bench/fast_upstream.py PORT` (aiohttp.web). `FastUpstream(kind)`:
 kind "auto" (nginx, else aiohttp), "nginx" or "aiohttp"; `.url`, `.kind`, `.pids()`.
 """
@@ -18,6 +18,17 @@ from pathlib import Path
 
 ANSWER = '{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"ok"}}],"usage":{"total_tokens":3}}'  # noqa: E501
 
+
+
+
+def answer_text(answer_kb: int = 0) -> str:
+    """The chat completion every request gets: ANSWER, or one whose message is `answer_kb` KiB."""
+    if not answer_kb:
+        return ANSWER
+    content = ("lorem ipsum dolor sit amet, consectetur adipiscing elit. " * (answer_kb * 1024 // 57 + 1))[:answer_kb * 1024]
+    return ANSWER.replace('"content":"ok"', f'"content":"{content}"')
+
+
 NGINX_CONF = """worker_processes 1;
 daemon off;
 pid {tmp}/nginx.pid;
@@ -31,10 +42,15 @@ http {{
   server {{
     listen 127.0.0.1:{port};
     default_type application/json;
-    location / {{ return 200 '{answer}'; }}
+    {location}
   }}
 }}
 """
+NGINX_INLINE = "location / {{ return 200 '{answer}'; }}"
+# a long answer is a file (an nginx token holds 4 KiB at most); the static handler refuses POST
+# with 405, which error_page turns into the file as a 200
+NGINX_FILE = ("root {tmp}; location / {{ rewrite ^ /answer.json last; }} "
+              "location = /answer.json {{ error_page 405 =200 $uri; }}")
 
 
 def _free_port() -> int:
@@ -55,8 +71,8 @@ def _answers(port: int, timeout: float) -> bool:
 
 
 class FastUpstream:
-    def __init__(self, kind: str = "auto"):
-        self.kind = kind
+    def __init__(self, kind: str = "auto", answer_kb: int = 0):
+        self.kind, self.answer_kb = kind, answer_kb
         self._tmp = tempfile.TemporaryDirectory(prefix="ratefleet-upstream-")
         self.proc: subprocess.Popen | None = None
         self.url = ""
@@ -81,12 +97,20 @@ class FastUpstream:
             return None
         tmp = Path(self._tmp.name)
         conf = tmp / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(tmp=tmp, port=port, answer=ANSWER))
+        answer = answer_text(self.answer_kb)
+        if len(answer) < 3000:
+            location = NGINX_INLINE.format(answer=answer)
+        else:
+            (tmp / "answer.json").write_text(answer)
+            tmp.chmod(0o755)  # nginx's workers run as another user when started by root
+            (tmp / "answer.json").chmod(0o644)
+            location = NGINX_FILE.format(tmp=tmp)
+        conf.write_text(NGINX_CONF.format(tmp=tmp, port=port, location=location))
         return subprocess.Popen([binary, "-p", str(tmp), "-c", str(conf)], stdout=subprocess.DEVNULL,
                                 stderr=open(tmp / "stderr.log", "wb"), start_new_session=True)
 
     def _start_aiohttp(self, port: int) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, __file__, str(port)], start_new_session=True)
+        return subprocess.Popen([sys.executable, __file__, str(port), str(self.answer_kb)], start_new_session=True)
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -99,12 +123,14 @@ class FastUpstream:
         self._tmp.cleanup()
 
 
-def serve(port: int) -> None:
+def serve(port: int, answer_kb: int = 0) -> None:
     from aiohttp import web
+
+    text = answer_text(answer_kb)
 
     async def answer(request: web.Request) -> web.Response:
         await request.read()
-        return web.Response(text=ANSWER, content_type="application/json")
+        return web.Response(text=text, content_type="application/json")
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", answer)
@@ -112,4 +138,4 @@ def serve(port: int) -> None:
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]))
+    serve(int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 0)

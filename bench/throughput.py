@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--upstream", choices=("auto", "nginx", "aiohttp", "mock"), default="auto")
     parser.add_argument("--prompt-kb", type=int, default=0,
                         help="each job's request carries a user message of this many KiB (both pipelines)")
+    parser.add_argument("--answer-kb", type=int, default=0,
+                        help="the upstream answers with a message of this many KiB (both pipelines)")
     parser.add_argument("--no-bare", action="store_true", help="skip the hand-written pipeline")
     parser.add_argument("--no-overhead", action="store_true", help="skip the Client.request overhead")
     parser.add_argument("--rates", type=float, nargs="*", default=[250.0, 500.0], help="arrivals/s for the overhead")
@@ -151,7 +153,8 @@ def report(args: argparse.Namespace, out: dict) -> None:
     console = Console(width=150)
     table = Table("jobs", "workers x slots", "upstream", "submit jobs/s", "fleet jobs/s", "bare jobs/s", "ratio",
                   "429s", "statuses", title="throughput (first submit -> last result)"
-                  + (f", each job with a {args.prompt_kb} KiB prompt" if args.prompt_kb else ""))
+                  + (f", each job with a {args.prompt_kb} KiB prompt" if args.prompt_kb else "")
+                  + (f", answers of {args.answer_kb} KiB" if args.answer_kb else ""))
     bare = out["bare"]
     table.add_row(str(args.jobs), f"{args.workers} x {args.slots}", out["upstream"], f"{out['submit_per_s']:g}",
                   f"{out['jobs_per_s']:g}", f"{bare['jobs_per_s']:g}" if bare else "-",
@@ -187,11 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.upstream == "mock":
         run = run_all(args, "", "mock")
     else:
-        with FastUpstream(args.upstream) as upstream:
+        with FastUpstream(args.upstream, answer_kb=args.answer_kb) as upstream:
             run = run_all(args, upstream.url, upstream.kind)
     jobs_per_s = round(args.jobs / run["elapsed_s"], 1)
     leader_us = run["cpu_us_per_job"].get("dispatcher")
     out = {"benchmark": "throughput", "command": " ".join(sys.argv), "jobs": args.jobs, "prompt_kb": args.prompt_kb,
+           "answer_kb": args.answer_kb,
            "workers": args.workers,
            "slots": args.slots, "keys": args.keys, "configured_rps": args.keys * args.rps, "repeat": args.repeat, **run,
            "jobs_per_s": jobs_per_s, "submit_per_s": round(args.jobs / run["submitted_s"], 1),
