@@ -65,6 +65,19 @@ class LineError(JobInvalid, ValueError):
     is sent) and, as before, a ValueError."""
 
 
+def _undecodable(text: str) -> re.Match[str] | None:
+    """The first byte of `text` that was not UTF-8 (kept as a surrogate escape), or None. ASCII
+    and text that encodes as UTF-8 have none: no scan (the regex costs about 11 ns a character,
+    360 µs for a 32 KiB line)."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        return _UNDECODABLE.search(text)
+
+
 def parse_line(text: str, number: int, batch: str, upstreams: Mapping[str, str] | None = None, *,
                upstream: str | None = None) -> Job:
     """Validate one line as a Job of `batch`, with its id (own or deterministic). Raises LineError.
@@ -78,7 +91,7 @@ def parse_line(text: str, number: int, batch: str, upstreams: Mapping[str, str] 
     if isinstance(text, TooLong):
         raise LineError(f"line {number}: longer than {MAX_LINE_CHARS:,} characters, more than any job can be "
                         "(a NATS message is at most 64 MiB); is the file one job per line (JSONL)?")
-    bad = _UNDECODABLE.search(text)
+    bad = _undecodable(text)
     if bad:
         raise LineError(f"line {number}: not UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x} at character "
                         f"{bad.start() + 1}); save the file as UTF-8")
