@@ -179,7 +179,12 @@ class KeyState:
         needed = 1.0 + reserve if self.requests.capacity >= 1.0 + reserve else 1.0
         at = max(now, gate, health_gate, self.cooldown_until, self.requests.ready_at(now, needed))
         if self.cost is not None:
-            at = max(at, self.cost.ready_at(now, cost))
+            # as a request bucket's burst leaves its last safety_s * rps: the provider's bucket sees a call
+            # up to safety_s sooner than ours when its transit is shorter than the call before it (the
+            # first call of a connection is slower), so the last safety_s of the cost rate stays unspent,
+            # except by a job that needs the whole capacity
+            needed_cost = min(cost + self._safety_s * self.cost.rate, self.cost.capacity)
+            at = max(at, self.cost.ready_at(now, needed_cost))
         return at
 
     def reserve(self, now: float, cost: float) -> Marks:

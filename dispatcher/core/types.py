@@ -94,8 +94,9 @@ class SchedulerSpec:
     """Everything the scheduler needs; tiers are listed highest priority first.
 
     `safety_s`: a request bucket never uses the last `safety_s * rps` tokens of its burst
-    (capacity stays >= 1), so network jitter cannot compress a burst into the provider's
-    own bucket.
+    (capacity stays >= 1), and a cost bucket the last `safety_s` of its cost rate (but for a
+    job that needs the whole budget), so network jitter cannot compress a burst into the
+    provider's own bucket.
 
     `priority_reserve`: while the highest tier has nothing queued, lower tiers leave this
     many request tokens on every key whose capacity allows it, so a top-tier job that
