@@ -18,9 +18,7 @@ class Incoming:
     `submitted_at`: epoch seconds (the JOBS message timestamp); `stream_seq`: the message's
     sequence in RATEFLEET_JOBS; `ack`: its reply subject (any connection may ack it); `repeat`:
     the message may repeat a job id stored before, past the dedup window (its producer set
-    the `Ratefleet-Repeat` header): its Result is looked up before a call, as for a redelivery.
-    `job_text`: the JOBS message's JSON text when it is exactly `job` (the job had its own id):
-    the assignment carries it as it came instead of dumping `job` again (core/handout.py)."""
+    the `Ratefleet-Repeat` header): its Result is looked up before a call, as for a redelivery."""
 
     job: Job
     job_id: str
@@ -38,7 +36,6 @@ class Incoming:
     traceparent: str | None = None
     tracestate: str | None = None
     repeat: bool = False
-    job_text: str | None = None
 
 
 @dataclass(frozen=True)

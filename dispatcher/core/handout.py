@@ -96,8 +96,8 @@ def assignment_payload(settings: LeaderSettings, held: Held, decision: Dispatch,
     """The id and JSON of the worker's Assignment (schemas/internal.py) for a dispatched held
     job; `number` makes the id unique in this leadership (`next_number`: and among the calls
     still running from an earlier one). Its queue time runs from the JOBS
-    message's timestamp to `now`. The job goes as JSON text (`job_json`): the message's own
-    (`Incoming.job_text`), else dumped here; validated once by the worker. Every field is valid already, so the JSON is written
+    message's timestamp to `now`. The job goes as JSON text (`job_json`): dumped once here,
+    validated once by the worker. Every field is valid already, so the JSON is written
     straight from them (no model built per hand-out); `job` is left out (`job_json` has it)
     and so is the trace context, which the shell puts in front (dispatcher/shell/assign_out.py).
     The JSON is UTF-8, not ASCII-escaped. Raises pydantic's serialisation error for a job that
@@ -112,7 +112,7 @@ def assignment_payload(settings: LeaderSettings, held: Held, decision: Dispatch,
         raise ValueError(f"a time of the assignment is not a finite number: submitted_at {incoming.submitted_at}, "
                          f"queued_ms {queued_ms}, silent_s {silent_s}")
     fields = {
-        "id": new_id, "job_json": incoming.job_text or incoming.job.model_dump_json(by_alias=True, exclude_none=True),
+        "id": new_id, "job_json": incoming.job.model_dump_json(by_alias=True, exclude_none=True),
         "job_id": incoming.job_id, "tier": incoming.tier, "upstream": incoming.upstream, "key_id": decision.key_id,
         "pool": decision.pool, "ack": incoming.ack, "reply_to": incoming.reply_to, "attempt": incoming.attempt,
         "max_attempts": incoming.max_attempts, "submitted_at": incoming.submitted_at,

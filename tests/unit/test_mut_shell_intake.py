@@ -55,29 +55,3 @@ def test_a_refused_job_is_acked_on_its_own_message_in_its_tier_and_answered_on_i
     got = read_message(message(job(), delivered=99, headers={"Ratefleet-Reply-To": "_INBOX.abc"}), "vip", config())
     assert isinstance(got, Refused) and got.code == ErrorCode.POISON_MESSAGE
     assert (got.tier, got.ack, got.reply_to) == ("vip", ACK, "_INBOX.abc")
-
-
-@pytest.mark.parametrize(("raw", "own_text"), [
-    (b'{"id": "j1", "request": {"path": "/v1/x", "json": {"q": "\xc3\xa9t\xc3\xa9 \\u00e9"}}}', True),
-    (b'{"request": {"path": "/v1/x"}}', False),  # the id is the message's: the job is not the text
-    (b'\xef\xbb\xbf{"id": "j1", "request": {"path": "/v1/x"}}', False),  # a BOM, which a worker's parser refuses
-    ('{"id": "j1", "request": {"path": "/v1/x"}}'.encode("utf-16"), False),  # not UTF-8
-])
-def test_the_assignment_carries_the_messages_own_text_when_it_is_the_job(raw, own_text):
-    """The job's text as received goes to the worker (no second dump) only when it is the job
-    exactly; a worker reads either to the same job."""
-    from ratefleet.dispatcher.core.handout import Held, LeaderSettings, assignment_payload
-    from ratefleet.dispatcher.core.scheduler import Reservation
-    from ratefleet.dispatcher.core.types import Dispatch, PendingJob
-    from ratefleet.schemas.internal import read_assignments
-
-    got = read_message(message(raw, headers={"Nats-Msg-Id": "hdr-1"}), "normal", config())
-    assert isinstance(got, Incoming)
-    assert got.job_text == (raw.decode() if own_text else None)
-    pending = PendingJob(got.job_id, "normal", got.upstream, 1.0)
-    decision = Dispatch(pending, "k1", "p", Reservation(1, pending, "k1", "p", 1.0, 0, 10.0, False))
-    settings = LeaderSettings("d1", (1, 1), {"normal": 64}, {"normal": 5}, 1.0, 1.0, 1.0, 1.0, 1 << 20)
-    _, payload = assignment_payload(settings, Held(got, touched=10.0, at=10.0, wall=got.submitted_at), decision, 10.0, 1)
-    [assignment] = read_assignments(payload)
-    assert assignment.job_json == (raw.decode() if own_text else got.job.model_dump_json(by_alias=True, exclude_none=True))
-    assert assignment.job_model() == got.job
