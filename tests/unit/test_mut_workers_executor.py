@@ -403,3 +403,16 @@ async def test_a_validated_executors_body_is_written_by_pydantic_core():
     for validated in (False, True):
         await UpstreamExecutor(client, validated=validated).call(job(json={"x": 1e-7}), UPSTREAM, SECRET)
     assert [r.content for r in sent] == [b'{"x":1e-07}', b'{"x":1e-7}']
+
+
+async def test_a_validated_executor_sends_the_same_body_with_query_parameters():
+    """(query parameters take httpx's own build_request: the body and its Content-Type go there too)"""
+    sent = []
+    client = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: sent.append(r) or httpx.Response(200)))
+    for validated in (False, True):
+        await UpstreamExecutor(client, validated=validated).call(job(json={"a": [1, "é"]}, query={"v": "2"}),
+                                                                 UPSTREAM, SECRET)
+    plain, fast = sent
+    assert fast.url == plain.url and fast.url.params["v"] == "2"
+    assert fast.content == plain.content == '{"a":[1,"é"]}'.encode()
+    assert fast.headers.get_list("content-type") == plain.headers.get_list("content-type") == ["application/json"]
