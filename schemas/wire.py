@@ -35,18 +35,23 @@ def is_field_name(name: str) -> bool:
     return _TOKEN.fullmatch(name) is not None
 
 
-def text_problem(text: str) -> str | None:
-    """Why `text` cannot be encoded as UTF-8 (a lone surrogate), or None. An ASCII text (a
-    flag of the string: no scan) or one that encodes is fine; only a text that fails to encode
-    is searched for the position (the regex costs about 11 ns a character, 360 µs for 32 KiB)."""
+def find_surrogate(text: str, surrogates: re.Pattern[str] | None = None) -> re.Match[str] | None:
+    """The first match in `text` of `surrogates` (a class of UTF-16 surrogate code points,
+    U+D800-U+DFFF by default, or part of it), or None. An ASCII text (a flag of the string: no scan) or
+    one that encodes as UTF-8 holds none; only a text that fails to encode is searched (the
+    regex costs about 11 ns a character, 360 µs for 32 KiB)."""
     if text.isascii():
         return None
     try:
         text.encode("utf-8")
         return None
     except UnicodeEncodeError:
-        pass
-    found = _SURROGATE.search(text)
+        return (surrogates or _SURROGATE).search(text)
+
+
+def text_problem(text: str) -> str | None:
+    """Why `text` cannot be encoded as UTF-8 (a lone surrogate), or None."""
+    found = find_surrogate(text)
     if found is None:
         return None
     return (f"contains a lone UTF-16 surrogate U+{ord(found.group()):04X} at character {found.start()}, "
