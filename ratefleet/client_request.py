@@ -15,7 +15,7 @@ from typing import Any
 from nats.aio.client import Client as NatsClient
 from nats.errors import NoRespondersError
 
-from ratefleet.client_submit import JobLike, _being_cancelled, _has_own_id, as_job
+from ratefleet.client_submit import JobLike, _being_cancelled, _has_own_id, checked_job
 from ratefleet.runtime.bodies import BodyStore
 from ratefleet.runtime.connect import denial_expected
 from ratefleet.runtime.edge import translated
@@ -46,7 +46,7 @@ class Requesting:
                        *, repeat: bool = False) -> bool:
         raise NotImplementedError  # Submitting's
 
-    def _payload(self, model: Job) -> bytes:
+    def _payload(self, model: Job, payload: bytes | None = None) -> bytes:
         raise NotImplementedError  # Submitting's
 
     async def stored_result(self, job_id: str, batch: str | None = None, *,
@@ -69,7 +69,7 @@ class Requesting:
         self._open()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        model = as_job(job)
+        model, payload = checked_job(job)
         own_id = _has_own_id(job)  # may repeat an id stored before: its Result is read first, the publish marked
         try:
             async with asyncio.timeout_at(deadline):  # storing it rides out a NATS restart, within `timeout`
@@ -85,7 +85,8 @@ class Requesting:
                     self._open()
                 try:
                     # an own id may be a retry past the dedup window while the first copy is queued or running
-                    fresh = await self._publish(tier, model, reply_to=inbox, repeat=own_id)
+                    fresh = await self._publish(tier, model, reply_to=inbox, payload=self._payload(model, payload),
+                                                repeat=own_id)
                 except BaseException:
                     self.replies.discard(inbox)
                     raise

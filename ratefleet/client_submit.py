@@ -44,18 +44,23 @@ def as_job(job: JobLike, *, batch: str | None = None) -> Job:
 
     A Job model is validated again (its fields may have been changed since it was built),
     and the job is serialised once, so that whatever this returns can be sent."""
+    return checked_job(job, batch=batch)[0]
+
+
+def checked_job(job: JobLike, *, batch: str | None = None) -> tuple[Job, bytes]:
+    """`as_job`, and the job's JSON (UTF-8 bytes): the one serialisation that proves it can be
+    sent is the payload sent, not dumped again per use. Raises JobInvalid."""
     try:
         data = job.model_dump(by_alias=True) if isinstance(job, Job) else job
         if batch is not None and isinstance(data, dict) and data.get("batch") is None:
             data = {**data, "batch": batch}  # validated with the job (model_copy would not check it)
-        model = Job.model_validate(data)
+        model = Job.model_validate(data).with_id()
     except ValidationError as exc:
         raise JobInvalid(describe_validation_error(exc)[1]) from None
     try:
-        model.to_json()
+        return model, model.to_json()
     except JobRejected as exc:
         raise JobInvalid(exc.message) from None
-    return model.with_id()
 
 
 class Submitting:
@@ -76,8 +81,9 @@ class Submitting:
         """Store one job durably and return its id. Raises QueueFull, JobInvalid, SubmitError,
         NatsUnavailable (this Client is closed)."""
         self._open()
-        model = as_job(job, batch=batch)
-        await self._publish(tier, model, repeat=_has_own_id(job))  # own id: maybe resent past the dedup window
+        model, payload = checked_job(job, batch=batch)
+        # own id: maybe resent past the dedup window
+        await self._publish(tier, model, payload=self._payload(model, payload), repeat=_has_own_id(job))
         return model.id
 
     async def submit_for_reply(self, job: JobLike, tier: str, reply_to: str) -> Job:
@@ -86,8 +92,8 @@ class Submitting:
         (workers/relay.py). Returns the job as stored. Raises QueueFull, JobInvalid, SubmitError,
         NatsUnavailable (this Client is closed)."""
         self._open()
-        model = as_job(job)
-        await self._publish(tier, model, reply_to=reply_to)
+        model, payload = checked_job(job)
+        await self._publish(tier, model, reply_to=reply_to, payload=self._payload(model, payload))
         return model
 
     async def _publish(self, tier: str, model: Job, reply_to: str | None = None, payload: bytes | None = None,
@@ -116,10 +122,11 @@ class Submitting:
             if not self._publishing:
                 self._published.set()
 
-    def _payload(self, model: Job) -> bytes:
-        """The job's JSON; JobInvalid when it is larger than a job can be on this fleet's NATS
-        server (`job_size_limit`: the server's max_payload less what the assignment adds)."""
-        payload = model.to_json()
+    def _payload(self, model: Job, payload: bytes | None = None) -> bytes:
+        """The job's JSON (`payload`, when `checked_job` made it already); JobInvalid when it is
+        larger than a job can be on this fleet's NATS server (`job_size_limit`: the server's
+        max_payload less what the assignment adds)."""
+        payload = payload if payload is not None else model.to_json()
         limit, source = job_size_limit(None, self.nc.max_payload)
         if len(payload) > limit:
             raise JobInvalid(f"job {model.id} is {len(payload)} bytes; the limit is {limit} ({source})")
@@ -137,20 +144,22 @@ class Submitting:
         `repeat`: as for `submit_stream` (jobs sent again under ids stored before).
         """
         self._open()
-        models = [as_job(job, batch=batch) for job in jobs]
-        for model in models:
-            self._payload(model)  # JobInvalid for a job too large, before anything is sent
+        checked = [checked_job(job, batch=batch) for job in jobs]
+        for model, payload in checked:
+            self._payload(model, payload)  # JobInvalid for a job too large, before anything is sent
         stored = 0
         try:
             # pipelined (one reply subscription, up to `concurrency` PubAcks outstanding): 1.2-2.3x
             # the jobs/s of `concurrency` tasks each awaiting its publish, ~35 % less client CPU
-            async for _ in self.submit_stream(models, tier, window=max(1, concurrency), repeat=repeat):
-                stored += 1
-                if progress:
-                    progress(1)
+            async with contextlib.aclosing(self._stream(checked, tier, window=max(1, concurrency),
+                                                        repeat=repeat)) as stream:
+                async for _ in stream:
+                    stored += 1
+                    if progress:
+                        progress(1)
         except (SubmitError, NatsUnavailable) as exc:
-            raise type(exc)(f"{exc} ({stored} of {len(models)} jobs stored before that)") from None
-        return [model.id for model in models]
+            raise type(exc)(f"{exc} ({stored} of {len(checked)} jobs stored before that)") from None
+        return [model.id for model, _ in checked]
 
     @translated("storing jobs")
     async def submit_stream(self, jobs: Iterable[JobLike], tier: str, *, window: int = 1024,
@@ -169,6 +178,15 @@ class Submitting:
         its id is held or being called (one Result lookup per job at intake; see README, Wire
         contract).
         """
+        async with contextlib.aclosing(self._stream(jobs, tier, window=window, ack_timeout=ack_timeout,
+                                                    repeat=repeat)) as stream:
+            async for stored in stream:  # (closed with this one: its pipe is let go at once)
+                yield stored
+
+    async def _stream(self, jobs: Iterable[JobLike | tuple[Job, bytes]], tier: str, *, window: int = 1024,
+                      ack_timeout: float = 10.0, repeat: bool = False) -> AsyncIterator[Stored]:
+        """`submit_stream`, also taking (job, payload) pairs that `checked_job` made (sent as
+        they are: `submit_many` checked them all before the first publish)."""
         self._open()
         pending: deque[tuple[Job, bytes, asyncio.Future | None]] = deque()
         async with PublishPipe(self.nc) as pipe:
@@ -183,15 +201,20 @@ class Submitting:
                     if future is not None and not future.cancel() and not future.cancelled():
                         future.exception()  # settled: mark it seen (no "never retrieved" noise)
 
-    async def _pipeline(self, pipe: PublishPipe, jobs: Iterable[JobLike], tier: str, pending: deque, window: int,
-                        ack_timeout: float, repeat: bool) -> AsyncIterator[Stored]:
+    async def _pipeline(self, pipe: PublishPipe, jobs: Iterable[JobLike | tuple[Job, bytes]], tier: str,
+                        pending: deque, window: int, ack_timeout: float, repeat: bool) -> AsyncIterator[Stored]:
         subject = self.subjects.jobs(tier)
         trace = current_headers()  # the caller's span, if any: each job's traceparent
         if repeat:
             trace = {**trace, REPEAT_HEADER: "1"}
         for item in jobs:
-            job = item if isinstance(item, Job) and item.id is not None else as_job(item)
-            payload = self._payload(job)
+            if isinstance(item, tuple):
+                job, payload = item
+            elif isinstance(item, Job) and item.id is not None:
+                job, payload = item, self._payload(item)
+            else:
+                job, payload = checked_job(item)
+                payload = self._payload(job, payload)
             try:
                 future = await pipe.publish(subject, payload, headers={**trace, MSG_ID: job.id})
             except TRANSIENT:

@@ -102,7 +102,7 @@ async def test_a_duplicate_request_whose_client_closes_while_it_is_stored_asks_n
     async def stored_result(job_id, batch=None, *, retry_for=0.0):
         return None
 
-    async def publish_job(tier, model, *, reply_to=None, repeat=False):
+    async def publish_job(tier, model, *, reply_to=None, payload=None, repeat=False):
         await client.close()  # the app shuts down while the duplicate is being stored
         return False  # JetStream's answer: a duplicate of a message it holds
 
