@@ -101,7 +101,7 @@ class Requesting:
         try:
             if not fresh and not reply.cancelled():  # (cancelled: this Client closed meanwhile, nothing more is sent)
                 # (its stored Result was looked for just before: a duplicate has an own id)
-                await self._follow_over_rpc(tier, model, inbox)  # answered once it is stored, also if meanwhile
+                await self._follow_over_rpc(tier, model, inbox, payload)  # answered once it is stored, also if meanwhile
             try:
                 msg = await self._reply_or_stored(reply, model.id, deadline - loop.time(), duplicate=not fresh,
                                                   repeat=own_id)
@@ -160,7 +160,7 @@ class Requesting:
                 return None
             pause = min(2 * pause, 5.0)
 
-    async def _follow_over_rpc(self, tier: str, model: Job, inbox: str) -> None:
+    async def _follow_over_rpc(self, tier: str, model: Job, inbox: str, payload: bytes | None = None) -> None:
         """A job id already queued or running answers its first requester only. Sent to the
         dispatchers' rpc endpoint as well, the job is a duplicate there too (nothing is stored
         twice) and the endpoint answers `inbox` as soon as the job's Result is stored, where the
@@ -168,7 +168,7 @@ class Requesting:
         allowed to publish there, leaves those reads."""
         try:
             with denial_expected(self.subjects.rpc(tier)):
-                await self.nc.publish(self.subjects.rpc(tier), self._payload(model), reply=inbox)
+                await self.nc.publish(self.subjects.rpc(tier), self._payload(model, payload), reply=inbox)
         except Exception:  # noqa: BLE001 - see docstring
             pass
 

@@ -29,6 +29,15 @@ JobLike = Job | dict[str, Any]
 
 
 @dataclass(frozen=True)
+class _Checked:
+    """A job `checked_job` made, with its payload (`submit_many` checks every job before the
+    first publish): sent as it is. A private type, so nothing a caller passes is taken for one."""
+
+    job: Job
+    payload: bytes
+
+
+@dataclass(frozen=True)
 class Stored:
     """One job as JetStream acknowledged it. `duplicate`: its id was already stored inside the
     dedup window (`streams.duplicate_window_s`), so this publish added nothing; `seq`: the
@@ -43,7 +52,8 @@ def as_job(job: JobLike, *, batch: str | None = None) -> Job:
     """Validate a job (model or dict) and give it an id; raise JobInvalid naming the field.
 
     A Job model is validated again (its fields may have been changed since it was built),
-    and the job is serialised once, so that whatever this returns can be sent."""
+    and the job is serialised once, so that whatever this returns can be sent (`checked_job`
+    keeps that JSON for the publish)."""
     return checked_job(job, batch=batch)[0]
 
 
@@ -144,9 +154,9 @@ class Submitting:
         `repeat`: as for `submit_stream` (jobs sent again under ids stored before).
         """
         self._open()
-        checked = [checked_job(job, batch=batch) for job in jobs]
-        for model, payload in checked:
-            self._payload(model, payload)  # JobInvalid for a job too large, before anything is sent
+        checked = [_Checked(*checked_job(job, batch=batch)) for job in jobs]
+        for item in checked:
+            self._payload(item.job, item.payload)  # JobInvalid for a job too large, before anything is sent
         stored = 0
         try:
             # pipelined (one reply subscription, up to `concurrency` PubAcks outstanding): 1.2-2.3x
@@ -159,7 +169,7 @@ class Submitting:
                         progress(1)
         except (SubmitError, NatsUnavailable) as exc:
             raise type(exc)(f"{exc} ({stored} of {len(checked)} jobs stored before that)") from None
-        return [model.id for model, _ in checked]
+        return [item.job.id for item in checked]
 
     @translated("storing jobs")
     async def submit_stream(self, jobs: Iterable[JobLike], tier: str, *, window: int = 1024,
@@ -183,10 +193,10 @@ class Submitting:
             async for stored in stream:  # (closed with this one: its pipe is let go at once)
                 yield stored
 
-    async def _stream(self, jobs: Iterable[JobLike | tuple[Job, bytes]], tier: str, *, window: int = 1024,
+    @translated("storing jobs")  # (a NATS error as ours before submit_many counts what was stored)
+    async def _stream(self, jobs: Iterable[JobLike | _Checked], tier: str, *, window: int = 1024,
                       ack_timeout: float = 10.0, repeat: bool = False) -> AsyncIterator[Stored]:
-        """`submit_stream`, also taking (job, payload) pairs that `checked_job` made (sent as
-        they are: `submit_many` checked them all before the first publish)."""
+        """`submit_stream`, also taking the `_Checked` jobs of `submit_many` (sent as they are)."""
         self._open()
         pending: deque[tuple[Job, bytes, asyncio.Future | None]] = deque()
         async with PublishPipe(self.nc) as pipe:
@@ -201,15 +211,15 @@ class Submitting:
                     if future is not None and not future.cancel() and not future.cancelled():
                         future.exception()  # settled: mark it seen (no "never retrieved" noise)
 
-    async def _pipeline(self, pipe: PublishPipe, jobs: Iterable[JobLike | tuple[Job, bytes]], tier: str,
+    async def _pipeline(self, pipe: PublishPipe, jobs: Iterable[JobLike | _Checked], tier: str,
                         pending: deque, window: int, ack_timeout: float, repeat: bool) -> AsyncIterator[Stored]:
         subject = self.subjects.jobs(tier)
         trace = current_headers()  # the caller's span, if any: each job's traceparent
         if repeat:
             trace = {**trace, REPEAT_HEADER: "1"}
         for item in jobs:
-            if isinstance(item, tuple):
-                job, payload = item
+            if isinstance(item, _Checked):
+                job, payload = item.job, item.payload
             elif isinstance(item, Job) and item.id is not None:
                 job, payload = item, self._payload(item)
             else:

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import json
 
+import nats
 import pytest
 from test_closed_between_steps import recording_client
 
+from ratefleet import JobInvalid, NatsUnavailable, RequestTimeout
+from ratefleet.runtime.pubpipe import PublishPipe
 from ratefleet.schemas import Job, Subjects
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
@@ -58,3 +61,45 @@ async def _jobs(client, n: int):
     stream = Subjects().jobs_stream
     for seq in range(1, n + 1):
         yield await client.js.get_msg(stream, seq)
+
+
+async def test_a_request_dumps_its_job_once(nats_server, dumps):
+    """(no dispatcher runs: the request times out after storing the job, which is all counted here)"""
+    client, _ = await recording_client(nats_server.url)
+    async with client:
+        with pytest.raises(RequestTimeout):
+            await client.request(JOB, "guest", timeout=0.5)
+        [stored] = [json.loads(m.data) async for m in _jobs(client, 1)]
+    assert dumps == [stored["id"]]
+
+
+@pytest.mark.parametrize("items", [
+    [(Job.model_validate({**JOB, "id": "t1"}), b"not json")],  # a pair: not taken for a checked job
+    list({"a": JOB}.items()),
+])
+async def test_submit_stream_refuses_what_is_not_a_job_and_sends_nothing(nats_server, items):
+    client, sent = await recording_client(nats_server.url)
+    async with client:
+        with pytest.raises(JobInvalid):
+            [s async for s in client.submit_stream(items, "guest")]
+    assert not [subject for subject in sent if subject.startswith("ratefleet.jobs.")]
+
+
+async def test_submit_many_says_how_many_were_stored_when_nats_fails_midway(nats_server, monkeypatch):
+    """A raw nats-py error inside the pipeline is ours (NatsUnavailable) before submit_many adds
+    the count of jobs stored, as it was when submit_many went through submit_stream."""
+    client, _ = await recording_client(nats_server.url)
+    publish = PublishPipe.publish
+    calls = 0
+
+    async def failing(self, *args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise nats.errors.ConnectionDrainingError()
+        return await publish(self, *args, **kwargs)
+
+    monkeypatch.setattr(PublishPipe, "publish", failing)
+    async with client:
+        with pytest.raises(NatsUnavailable, match=r"\(2 of 5 jobs stored before that\)"):
+            await client.submit_many([JOB] * 5, "guest", concurrency=1)
