@@ -29,8 +29,7 @@ WHY_SHARED_S = 1.0  # a status answer saying why requests time out serves those 
 
 
 class Requesting:
-    """Client's `request`; Client provides the connection, `_open`, `_publish`, `_payload` and
-    `stored_result`."""
+    """Client's `request`; Client provides the connection, `_open`, `_publish` and `stored_result`."""
 
     nc: NatsClient
     subjects: Subjects
@@ -42,11 +41,8 @@ class Requesting:
     def _open(self) -> None:
         raise NotImplementedError  # Client's
 
-    async def _publish(self, tier: str, model: Job, reply_to: str | None = None, payload: bytes | None = None,
-                       *, repeat: bool = False) -> bool:
-        raise NotImplementedError  # Submitting's
-
-    def _payload(self, model: Job, payload: bytes | None = None) -> bytes:
+    async def _publish(self, tier: str, model: Job, reply_to: str | None = None, *, payload: bytes,
+                       repeat: bool = False) -> bool:
         raise NotImplementedError  # Submitting's
 
     async def stored_result(self, job_id: str, batch: str | None = None, *,
@@ -85,8 +81,7 @@ class Requesting:
                     self._open()
                 try:
                     # an own id may be a retry past the dedup window while the first copy is queued or running
-                    fresh = await self._publish(tier, model, reply_to=inbox, payload=self._payload(model, payload),
-                                                repeat=own_id)
+                    fresh = await self._publish(tier, model, reply_to=inbox, payload=payload, repeat=own_id)
                 except BaseException:
                     self.replies.discard(inbox)
                     raise
@@ -101,7 +96,7 @@ class Requesting:
         try:
             if not fresh and not reply.cancelled():  # (cancelled: this Client closed meanwhile, nothing more is sent)
                 # (its stored Result was looked for just before: a duplicate has an own id)
-                await self._follow_over_rpc(tier, model, inbox, payload)  # answered once it is stored, also if meanwhile
+                await self._follow_over_rpc(tier, inbox, payload)  # answered once it is stored, also if meanwhile
             try:
                 msg = await self._reply_or_stored(reply, model.id, deadline - loop.time(), duplicate=not fresh,
                                                   repeat=own_id)
@@ -160,7 +155,7 @@ class Requesting:
                 return None
             pause = min(2 * pause, 5.0)
 
-    async def _follow_over_rpc(self, tier: str, model: Job, inbox: str, payload: bytes | None = None) -> None:
+    async def _follow_over_rpc(self, tier: str, inbox: str, payload: bytes) -> None:
         """A job id already queued or running answers its first requester only. Sent to the
         dispatchers' rpc endpoint as well, the job is a duplicate there too (nothing is stored
         twice) and the endpoint answers `inbox` as soon as the job's Result is stored, where the
@@ -168,7 +163,7 @@ class Requesting:
         allowed to publish there, leaves those reads."""
         try:
             with denial_expected(self.subjects.rpc(tier)):
-                await self.nc.publish(self.subjects.rpc(tier), self._payload(model, payload), reply=inbox)
+                await self.nc.publish(self.subjects.rpc(tier), payload, reply=inbox)  # (the job as it was stored)
         except Exception:  # noqa: BLE001 - see docstring
             pass
 

@@ -93,7 +93,7 @@ class Submitting:
         self._open()
         model, payload = checked_job(job, batch=batch)
         # own id: maybe resent past the dedup window
-        await self._publish(tier, model, payload=self._payload(model, payload), repeat=_has_own_id(job))
+        await self._publish(tier, model, payload=payload, repeat=_has_own_id(job))
         return model.id
 
     async def submit_for_reply(self, job: JobLike, tier: str, reply_to: str) -> Job:
@@ -103,12 +103,13 @@ class Submitting:
         NatsUnavailable (this Client is closed)."""
         self._open()
         model, payload = checked_job(job)
-        await self._publish(tier, model, reply_to=reply_to, payload=self._payload(model, payload))
+        await self._publish(tier, model, reply_to=reply_to, payload=payload)
         return model
 
-    async def _publish(self, tier: str, model: Job, reply_to: str | None = None, payload: bytes | None = None,
-                       *, repeat: bool = False) -> bool:
-        payload = payload if payload is not None else self._payload(model)
+    async def _publish(self, tier: str, model: Job, reply_to: str | None = None, *, payload: bytes,
+                       repeat: bool = False) -> bool:
+        """Store `model`, whose JSON `checked_job` made (`payload`), after the size check (`_payload`)."""
+        payload = self._payload(model, payload)
         async with self._under_way():
             return await publish_job(self.js, self.subjects, tier, model.id, payload, reply_to=reply_to, repeat=repeat)
 
