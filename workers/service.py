@@ -588,10 +588,9 @@ class Worker:
             if result.ok and job.cache_ttl_s is not None and wants_write(job):
                 await self.cache.store(cache_key(a.upstream, job), result, job.cache_ttl_s)
             # the terminal report goes right after the ack, in its write (`then`); the call stays in
-            # flight until _store returns, so a drain waits for its dead letter
+            # flight until _store returns (_run_traced ends it), so a drain waits for its dead letter
             terminal = await self._store(a, result, then=partial(self._report, a, call, terminal=True, ended=False))
             if terminal:
-                self.in_flight.pop(a.id, None)
                 return
         await self._report(a, call, terminal=terminal)
 
