@@ -95,12 +95,15 @@ STRICT_JSON = "strict_json"  # validation context key: the values came from text
 _STRICT_CONTEXT = {STRICT_JSON: True}
 
 
-def _strict(info: ValidationInfo) -> bool:
-    return isinstance(info.context, dict) and bool(info.context.get(STRICT_JSON))
+def _json_problem(value: Any, info: ValidationInfo, where: str = "$") -> str | None:
+    """`json_problem`, or only `depth_problem` for a value from a text `read_json` found strict
+    (the validation context says so)."""
+    strict = isinstance(info.context, dict) and bool(info.context.get(STRICT_JSON))
+    return (depth_problem if strict else json_problem)(value, where)
 
 
 def _check_json(value: _T, what: str, info: ValidationInfo) -> _T:
-    problem = depth_problem(value) if _strict(info) else json_problem(value)
+    problem = _json_problem(value, info)
     if problem:
         raise _invalid(f"{what} is not strict JSON: {problem}")
     return value
@@ -154,10 +157,9 @@ class HttpRequest(BaseModel):
     @field_validator("query")
     @classmethod
     def _query(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        strict = _strict(info)
         for name, item in value.items():
             _check_text(name, f"query parameter {name!r}:")
-            problem = (depth_problem if strict else json_problem)(item, f"query parameter {name!r}")
+            problem = _json_problem(item, info, f"query parameter {name!r}")
             if problem:
                 raise _invalid(problem)
         return value
@@ -415,11 +417,17 @@ def parse_job(raw: bytes, *, max_bytes: int = 1 << 20, limit_source: str = "stre
     if not isinstance(data, dict):
         raise JobRejected(ErrorCode.INVALID_JOB, "job must be a JSON object")
     try:
-        return Job.model_validate(data, context=_STRICT_CONTEXT if strict else None)
+        return _validated(data, strict)
     except ValidationError as exc:
         code, message = describe_validation_error(exc)
         job_id, batch = _salvage(data)  # only for a job that fails: its `invalid` result names them
         raise JobRejected(code, message, job_id=job_id, batch=batch) from None
+
+
+def _validated(data: Any, strict: bool) -> Job:
+    """`Job.model_validate(data)`, told when `data` came from a text `read_json` found strict
+    (then the validators check only the depth of its JSON values)."""
+    return Job.model_validate(data, context=_STRICT_CONTEXT if strict else None)
 
 
 def job_from_text(text: str) -> Job:
@@ -432,4 +440,4 @@ def job_from_text(text: str) -> Job:
         data, strict = read_json(text.encode("utf-8"))
     except (ValueError, RecursionError):  # not JSON, or a lone surrogate in `text`: pydantic says why
         return Job.model_validate_json(text)
-    return Job.model_validate(data, context=_STRICT_CONTEXT if strict else None)
+    return _validated(data, strict)

@@ -89,9 +89,7 @@ def json_problem(value: Any, where: str = "$") -> str | None:
         return _describe(value, where, 0) or f"{_short(where)} cannot be written as JSON ({type(exc).__name__}: {exc})"
     # every array/object opens with one bracket (brackets inside strings only add to the count),
     # so a text with no more than MAX_JSON_DEPTH of them cannot nest deeper: no walk needed
-    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _too_deep(value):
-        return _describe(value, where, 0)
-    return None
+    return depth_problem(value, where) if text.count("[") + text.count("{") > MAX_JSON_DEPTH else None
 
 
 class _NotStrict(ValueError):
@@ -117,6 +115,8 @@ def loads_finite(text: str) -> tuple[Any, bool]:
     (`1e999`) raise ValueError, as text that is not JSON does (RFC 8259 section 6 has no such
     numbers); and whether the value is strict JSON but for its depth (True unless a string
     escape is a UTF-16 surrogate, even one of a valid pair: then `json_problem` decides).
+    `text` itself must hold no lone surrogate (`text_problem`): a str decoded from UTF-8
+    cannot (`read_json`), one from elsewhere is checked first (workers/body.py).
     Raises ValueError, RecursionError."""
     value = _STRICT_DECODER.decode(text)
     # (a one-character `in` is a memchr; a two-character one took 27 µs for 32 KiB, the regex 10)
