@@ -14,11 +14,15 @@ import asyncio
 import json
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import nats
 from httpx_aiohttp import AiohttpTransport
 from nats.js.api import StreamConfig
+
+sys.path.insert(0, str(Path(__file__).parent))  # run as a script or imported by bench/throughput.py
+from fast_upstream import filler  # noqa: E402
 
 IN_FLIGHT = 64
 
@@ -27,8 +31,7 @@ def request_body(prompt_kb: int) -> dict:
     """The chat request both pipelines send: no messages, or one user message of `prompt_kb` KiB."""
     if not prompt_kb:
         return {"model": "m", "messages": []}
-    text = ("lorem ipsum dolor sit amet, consectetur adipiscing elit. " * (prompt_kb * 1024 // 57 + 1))[:prompt_kb * 1024]
-    return {"model": "m", "messages": [{"role": "user", "content": text}]}
+    return {"model": "m", "messages": [{"role": "user", "content": filler(prompt_kb)}]}
 
 
 async def main(url: str, upstream: str, jobs: int, prompt_kb: int = 0) -> dict:

@@ -21,12 +21,15 @@ ANSWER = '{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"m
 
 
 
+def filler(kib: int) -> str:
+    """`kib` KiB of plain ASCII text (a long prompt or answer for the benchmarks)."""
+    sentence = "lorem ipsum dolor sit amet, consectetur adipiscing elit. "
+    return (sentence * (kib * 1024 // len(sentence) + 1))[:kib * 1024]
+
+
 def answer_text(answer_kb: int = 0) -> str:
     """The chat completion every request gets: ANSWER, or one whose message is `answer_kb` KiB."""
-    if not answer_kb:
-        return ANSWER
-    content = ("lorem ipsum dolor sit amet, consectetur adipiscing elit. " * (answer_kb * 1024 // 57 + 1))[:answer_kb * 1024]
-    return ANSWER.replace('"content":"ok"', f'"content":"{content}"')
+    return ANSWER.replace('"content":"ok"', f'"content":"{filler(answer_kb)}"') if answer_kb else ANSWER
 
 
 NGINX_CONF = """worker_processes 1;
