@@ -67,13 +67,29 @@ def build_client(transport: str, slots: int, secret_headers: Iterable[str] = ())
     the upstreams' auth headers, are never recorded on it)."""
     limits = httpx.Limits(max_connections=slots, max_keepalive_connections=slots)
     if transport == "aiohttp":
-        from httpx_aiohttp import AiohttpTransport
-
-        inner: httpx.AsyncBaseTransport = AiohttpTransport(limits=limits, trust_env=False)
+        inner: httpx.AsyncBaseTransport = _aiohttp_transport(limits)
     else:
         inner = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
     return httpx.AsyncClient(transport=traced_transport(inner, secret_headers), trust_env=False,
                              follow_redirects=False, cookies=NoCookies())
+
+
+def _aiohttp_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport:
+    """httpx-aiohttp's transport over an aiohttp session made as its own `get_client` makes
+    it (a TCPConnector of `limits.max_connections`, its keep-alive expiry, its SSL context),
+    but with aiohttp's `DummyCookieJar`: the session's default jar stored every `Set-Cookie`
+    of an answer from a host name (not from an IP address) and sent it with later calls to
+    that host, past httpx's `NoCookies`. The session is made at the first call, inside the
+    running loop aiohttp needs."""
+    from httpx_aiohttp import AiohttpTransport
+
+    def session() -> aiohttp.ClientSession:
+        limit = {} if limits.max_connections is None else {"limit": limits.max_connections}
+        connector = aiohttp.TCPConnector(keepalive_timeout=limits.keepalive_expiry, ssl=transport.ssl_context, **limit)
+        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+
+    transport = AiohttpTransport(limits=limits, trust_env=False, client=session)
+    return transport
 
 
 class NoCookies(CookieJar):
