@@ -19,12 +19,10 @@ from __future__ import annotations
 import base64
 import codecs
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from email.message import Message
 from functools import lru_cache
-from typing import Any
-
-import httpx
+from typing import Any, Protocol
 
 from ratefleet.schemas.wire import json_problem, loads_finite, text_problem
 
@@ -34,9 +32,20 @@ TEXT_SUBTYPES = frozenset({"json", "xml", "javascript", "ecmascript", "x-www-for
 MASK = "***"
 
 
-async def read_capped(response: httpx.Response, cap: int,
+class Streamed(Protocol):
+    """A response whose body is still to read: `httpx.Response`, or workers/direct.py's
+    `AiohttpAnswer` (its `headers` a dict of lower-case names)."""
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    def aiter_bytes(self) -> AsyncIterator[bytes]: ...
+
+
+async def read_capped(response: Streamed, cap: int,
                       on_chunk: Callable[[bytes], Awaitable[None]] | None = None) -> bytes | None:
-    """The whole body of a streamed response, or None once it passes `cap` bytes.
+    """The whole body of a streamed response, or None once it passes `cap` bytes (a declared
+    Content-Length past it stops before any read).
 
     Reading stops at the first chunk past the cap, so at most `cap` plus one chunk is ever
     held in memory; the caller closes the response (dropping the rest of the body).

@@ -1,0 +1,234 @@
+"""The worker's direct aiohttp path (workers/direct.py) against its httpx path, over a real
+socket: every kind of job puts the same bytes on the wire, and every kind of answer (codings,
+repeated and non-ASCII headers, server-sent events, caps, broken bodies, broken HTTP) comes back
+as the same CallResult. The httpx path is the reference: it is what httpx over httpx-aiohttp did
+before the direct path existed, and what still runs while a span records."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gzip
+import zlib
+
+import pytest
+from opentelemetry import context, trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+from ratefleet.schemas import Job, UpstreamConfig
+from ratefleet.schemas.errors import InvalidRequest
+from ratefleet.workers.executor import UpstreamExecutor, build_client
+
+pytestmark = pytest.mark.anyio
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\":true}"
+
+
+class RawServer:
+    """Records each request's bytes (head and body) and answers every connection with `answer`,
+    then closes it (so no request rides on another's connection)."""
+
+    def __init__(self, answer: bytes = OK) -> None:
+        self.answer, self.seen = answer, []
+
+    async def __aenter__(self) -> RawServer:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                more = await reader.read(65536)
+                if not more:
+                    break
+                data += more
+            head, _, rest = data.partition(b"\r\n\r\n")
+            length = [int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")]
+            while length and len(rest) < length[0]:
+                rest += await reader.read(65536)
+            self.seen.append(head + b"\r\n\r\n" + rest)
+            writer.write(self.answer)
+            await writer.drain()
+            writer.close()
+
+        self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+
+async def both_paths(job: Job, upstream: UpstreamConfig, secret: str = "sk-secret", *, validated: bool = True,
+                     cap: int = 64 << 20):
+    """(direct, httpx): the CallResult or the InvalidRequest message of each path, and the
+    chunks each relayed."""
+    outcomes = []
+    for direct in (True, False):
+        client = build_client("aiohttp", 2, [upstream.auth_header])
+        relayed: list[bytes] = []
+
+        async def relay(chunk: bytes, relayed: list[bytes] = relayed) -> None:
+            relayed.append(chunk)
+
+        try:
+            executor = UpstreamExecutor(client, cap, validated=validated, direct=direct)
+            assert (executor._direct is not None) is direct
+            try:
+                result = await executor.call(job, upstream, secret, relay)
+                outcome = dataclasses.replace(result, latency_ms=0.0)
+            except InvalidRequest as exc:
+                outcome = f"InvalidRequest: {exc}"
+        finally:
+            await client.aclose()
+        outcomes.append((outcome, b"".join(relayed)))
+    return outcomes
+
+
+JOBS = [
+    {"request": {"path": "/v1/chat/completions", "json": {"model": "m", "messages": [{"role": "user", "content": "café 😀"}]}}},
+    {"request": {"method": "GET", "path": "/v1/models"}},
+    {"request": {"method": "POST", "path": "/v1/empty"}},
+    {"request": {"method": "PUT", "path": "/v1/put", "body": ""}},
+    {"request": {"method": "PATCH", "path": "/v1/text", "body": "plain tëxt", "headers": {"Content-Type": "text/plain"}}},
+    {"request": {"method": "DELETE", "path": "/v1/files/f1"}},
+    {"request": {"method": "HEAD", "path": "/v1/head"}},
+    {"request": {"method": "OPTIONS", "path": "/v1/options"}},
+    {"request": {"path": "/v1/x", "json": {"a": 1},
+                 "headers": {"Accept": "text/event-stream", "User-Agent": "mine/1.0", "accept-encoding": "identity",
+                             "Content-Type": "application/json; charset=utf-8", "X-Title": "Café"}}},
+    {"request": {"path": "/v1/x", "json": [1, 2.5, None], "headers": {"X-A": "1", "x-a": "2", "traceparent": "junk"}}},
+    {"request": {"method": "GET", "path": "/v1/search?x=1",
+                 "query": {"q": "a b&c=d", "ü": "ß", "n": 3, "f": 0.5, "t": True, "many": ["x", "y"]}}},
+    {"request": {"path": "/v1/x", "json": "just a string", "query": {"empty": ""}}},
+    {"request": {"path": "/v1/x", "json": {"big": 10 ** 30, "neg": -0.0, "tiny": 1e-7}}},
+]
+
+
+@pytest.mark.parametrize("validated", [True, False])
+@pytest.mark.parametrize("spec", JOBS, ids=lambda spec: spec["request"].get("method", "POST") + spec["request"]["path"])
+async def test_every_kind_of_job_puts_the_same_bytes_on_the_wire(spec, validated):
+    job = Job.model_validate(spec)
+    async with RawServer() as server:
+        for base in (f"http://127.0.0.1:{server.port}", f"http://localhost:{server.port}/prefix"):
+            outcomes = await both_paths(job, UpstreamConfig(base_url=base, timeout_s=5), validated=validated)
+            assert outcomes[0] == outcomes[1]
+    direct, httpx_path = server.seen[0::2], server.seen[1::2]
+    assert len(direct) == len(httpx_path) == 2
+    assert direct == httpx_path
+    if spec["request"].get("query") and "?" in spec["request"]["path"]:  # the path's own query is kept
+        assert direct[0].startswith(b"GET /v1/search?x=1&q=a+b%26c%3Dd&%C3%BC=%C3%9F&n=3&f=0.5&t=true&many=x&many=y ")
+
+
+@pytest.mark.parametrize("header, scheme", [("Authorization", "Bearer"), ("x-api-key", ""), ("X-Goog-Api-Key", "")])
+async def test_the_key_and_the_trace_go_on_the_wire_as_httpx_writes_them(header, scheme):
+    job = Job.model_validate(JOBS[0])
+    parent = SpanContext(trace_id=0x0AF7651916CD43DD8448EB211C80319C, span_id=0xB7AD6B7169203331, is_remote=True,
+                         trace_flags=TraceFlags(1))
+    token = context.attach(trace.set_span_in_context(NonRecordingSpan(parent)))
+    try:
+        async with RawServer() as server:
+            upstream = UpstreamConfig(base_url=f"http://127.0.0.1:{server.port}", auth_header=header, auth_scheme=scheme)
+            outcomes = await both_paths(job, upstream, "sk-é-latin")
+    finally:
+        context.detach(token)
+    assert outcomes[0] == outcomes[1]
+    assert server.seen[0] == server.seen[1]
+    assert b"traceparent: 00-0af7651916cd43dd8448eb211c80319c-" in server.seen[0]
+    assert f"{header.lower()}: {scheme + ' ' if scheme else ''}sk-é-latin".encode() in server.seen[0]
+
+
+@pytest.mark.parametrize("validated", [True, False])
+async def test_a_job_that_cannot_go_on_the_wire_is_refused_alike(validated):
+    bad = []
+    for headers in ({"X-€": "1"}, {"X-Title": "€uro"}, {"Authorization": "Bearer sk-other"}, {"Bad Name": "1"}):
+        job = Job.model_validate(JOBS[0])
+        job.request.headers.update(headers)  # (past the model's own checks, which refuse these first)
+        bad.append(job)
+    nan = Job.model_validate(JOBS[0])
+    nan.request.json_body = {"x": float("nan")}
+    async with RawServer() as server:
+        for job in bad + ([] if validated else [nan]):
+            outcomes = await both_paths(job, UpstreamConfig(base_url=f"http://127.0.0.1:{server.port}"),
+                                        validated=validated)
+            assert outcomes[0] == outcomes[1]
+            assert isinstance(outcomes[0][0], str) and outcomes[0][0].startswith("InvalidRequest")
+    assert server.seen == []
+
+
+def _chunked(*parts: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in parts) + b"0\r\n\r\n"
+
+
+GZIPPED = gzip.compress(b'{"answer":"zipped"}')
+DEFLATED = zlib.compress(b'{"answer":"deflated"}')
+SSE = b'data: {"choices":[{"delta":{"content":"a"}}]}\n\ndata: {"usage":{"total_tokens":7}}\n\ndata: [DONE]\n\n'
+ANSWERS = {
+    "gzip": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n"
+            % len(GZIPPED) + GZIPPED,
+    "deflate-chunked": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: deflate\r\n"
+                       b"Transfer-Encoding: chunked\r\n\r\n" + _chunked(DEFLATED[:5], DEFLATED[5:]),
+    "gzip-then-unknown": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip, x-custom\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(GZIPPED) + GZIPPED,
+    "identity": b"HTTP/1.1 200 OK\r\nContent-Encoding: identity\r\nContent-Length: 2\r\n\r\n{}",
+    "bad-gzip": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\nContent-Length: 9\r\n\r\n"
+                b"not gzip!",
+    "repeated-and-utf8-headers": "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 2\r\nX-RateLimit-Remaining-Requests: 0\r\n"
+                                 "X-Request-Id: r1\r\nX-Request-Id: naïve ✓\r\nContent-Type: application/json\r\n"
+                                 "Content-Length: 41\r\n\r\n{\"error\":{\"code\":\"rate_limit_exceeded\"}}\r\n".encode(),
+    "latin1-header": b"HTTP/1.1 401 Unauthorized\r\nX-Request-Id: caf\xe9\r\nContent-Type: text/plain; charset=latin-1\r\n"
+                     b"Content-Length: 24\r\n\r\nbad key sk-secret here \xe9",
+    "sse": b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+           + _chunked(SSE[:30], SSE[30:]),
+    "sse-gzip": b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n"
+                % len(gzip.compress(SSE)) + gzip.compress(SSE),
+    # (declared past the cap, then cut short: reading would end in a ReadError, so the cap is seen first)
+    "declared-too-large": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n" + b" " * 50,
+    "chunked-too-large": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         + _chunked(b"[" + b" " * 600, b" " * 600 + b"]"),
+    "gzip-grows-too-large": b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n"
+                            % len(gzip.compress(b" " * 5000)) + gzip.compress(b" " * 5000),
+    "cut-short": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"partial\":",
+    "no-answer": b"",
+    "not-http": b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
+    "204": b"HTTP/1.1 204 No Content\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", list(ANSWERS))
+async def test_every_kind_of_answer_comes_back_as_the_same_call_result(name):
+    job = Job.model_validate({**JOBS[0], "cost": 10})
+    async with RawServer(ANSWERS[name]) as server:
+        upstream = UpstreamConfig(base_url=f"http://127.0.0.1:{server.port}", timeout_s=5,
+                                  usage_path="usage.total_tokens")
+        (direct, relayed), (reference, reference_relayed) = await both_paths(job, upstream, cap=1024)
+    assert direct == reference
+    assert relayed == reference_relayed
+    if name.startswith("sse"):
+        assert relayed == SSE and direct.actual_cost == 7
+
+
+async def test_a_recording_span_takes_the_httpx_path(monkeypatch):
+    """The HTTP client span comes from httpx's instrumentation: while the job's span records,
+    the call goes through httpx, not the aiohttp session."""
+    taken: list[str] = []
+    from ratefleet.workers import direct as direct_module
+
+    real_send = direct_module.DirectRequest.send
+
+    async def send(self, transport):
+        taken.append("direct")
+        return await real_send(self, transport)
+
+    monkeypatch.setattr(direct_module.DirectRequest, "send", send)
+    job = Job.model_validate(JOBS[0])
+    async with RawServer(OK.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")) as server:
+        client = build_client("aiohttp", 2)
+        try:
+            executor = UpstreamExecutor(client, validated=True)
+            upstream = UpstreamConfig(base_url=f"http://127.0.0.1:{server.port}")
+            assert (await executor.call(job, upstream, "sk")).kind == "ok"
+            with TracerProvider().get_tracer("test").start_as_current_span("ratefleet.run") as span:
+                assert span.is_recording()
+                assert (await executor.call(job, upstream, "sk")).kind == "ok"
+        finally:
+            await client.aclose()
+    assert taken == ["direct"]
+    assert len(server.seen) == 2
