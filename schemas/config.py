@@ -91,10 +91,11 @@ class UpstreamConfig(_Strict):
     @field_validator("base_url")
     @classmethod
     def _base_url(cls, value: str) -> str:
-        """An http(s) URL with a host, a port in 1-65535 if any, and no `user:password@`:
-        credentials in it would reach `config show`, the stored config and logs, and the
-        HTTP client refuses them next to the key's Authorization header (every call failed);
-        a key's secret goes in `[[pools.<p>.keys]] secret` (sent in `auth_header`)."""
+        """An http(s) URL with a host, a port in 1-65535 if any, no query or fragment (a job's
+        path is appended to it) and no `user:password@`: credentials in it would reach
+        `config show`, the stored config and logs, and the HTTP client refuses them next to the
+        key's Authorization header (every call failed); a key's secret goes in
+        `[[pools.<p>.keys]] secret` (sent in `auth_header`)."""
         if not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
         parsed = urlsplit(value)
@@ -103,6 +104,9 @@ class UpstreamConfig(_Strict):
                              "pools.<pool>.keys[].secret (sent in the upstream's auth_header)")
         if not _has_address(parsed):
             raise ValueError("must name a host and, if any, a port from 1 to 65535 (e.g. https://api.openai.com)")
+        if "?" in value or "#" in value:  # a job's path is appended: `/base?k=v` + `/v1/x` went as `/base?k=v/v1/x`
+            raise ValueError("must not hold a query (?) or a fragment (#): each job's path is appended to it; put "
+                             "query parameters in the job's request.query")
         return value.rstrip("/")
 
     @field_validator("usage_path")

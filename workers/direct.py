@@ -3,7 +3,7 @@
 httpx's object model costs more than the HTTP client under it: against a local nginx, a call
 through `httpx.AsyncClient` over the httpx-aiohttp transport took 290-300 µs of CPU where the
 same request on httpx-aiohttp's own aiohttp session took 80 (16 in flight; 390-440 against 170
-one at a time; ../shared/measurements.md has the same ratio). So while no span records (the
+one at a time). So while no span records (the
 HTTP client span needs httpx's instrumentation), the executor hands the worker's calls to the
 aiohttp session under its httpx client itself, and keeps httpx's rules:
 
@@ -205,7 +205,9 @@ class RequestBuilder:
         (Content-Type); `auth`: (header, value); `trace`: `traceparent`/`tracestate` to set.
         `json_body` (not None): written as httpx's `json=` writes it (httpx/_content.py
         `encode_json`: compact, UTF-8, no NaN). Raises httpx.InvalidURL, ValueError, TypeError
-        (a body that is not JSON), UnicodeEncodeError (a key value beyond latin-1, as httpx)."""
+        (a body that is not JSON), UnicodeEncodeError (a key value beyond latin-1, as httpx).
+        The client's own `base_url`, `params`, `auth` and event hooks are not applied: the
+        clients `build_client` makes have none."""
         target, netloc = self._url(url, params)
         extra: list[tuple[str, str]] = []
         if json_body is not None:

@@ -205,8 +205,9 @@ class UpstreamExecutor:
         """`client.build_request`, without parsing the same URL again for every call: the
         client's headers with the job's over them, the call's timeout. Query parameters, a
         client with a base_url or cookies take httpx's own path (same request either way).
-        `params` are added to a query the path has already (`?x=1`): httpx 0.28's `params=`
-        replaced that query, and a job's own `?x=1` was lost."""
+        `params` are merged into a query the path has already (`?x=1`; a name in both takes the
+        job's `query` values, and the path's query is written again in httpx's encoding): httpx
+        0.28's `params=` replaced that query, and a job's own `?x=1` was lost."""
         client = self._client
         if params or client.cookies or str(client.base_url):
             target = httpx.URL(url).copy_merge_params(params) if params else url
@@ -225,10 +226,13 @@ class UpstreamExecutor:
         return httpx.Request(method, parsed, headers=merged, extensions={"timeout": extension}, **body)
 
     def _direct_request(self, job: Job, upstream: UpstreamConfig, secret: str) -> DirectRequest:
-        """`build_request` plus the key and the trace, for the aiohttp session (same errors)."""
+        """`build_request` plus the key and the trace, for the aiohttp session: InvalidRequest as
+        `build_request` raises it; a secret beyond latin-1 raises UnicodeEncodeError, as httpx does
+        (workers/secrets.py marks such a secret unusable first)."""
         assert self._requests is not None
         request = job.request
         auth = (upstream.auth_header, f"{upstream.auth_scheme} {secret}" if upstream.auth_scheme else secret)
+        auth[1].encode("latin-1")  # httpx sets it with the request headers' latin-1: a UnicodeEncodeError, not the job's
         trace: dict[str, str] = {}
         inject(trace)  # the job's trace goes on to the upstream
         with _invalid_request():
@@ -253,7 +257,7 @@ class UpstreamExecutor:
         within seconds; cut at `timeout_s` as a whole, it was retried, and paid, again and again
         (a gateway trial: 8 parts 1 s apart, timeout_s 5: three calls, then `expired`)."""
         opened: Callable[[], Awaitable[Answer]]
-        if self._direct is not None and not trace.get_current_span().is_recording():
+        if self._direct is not None and not self._client.is_closed and not trace.get_current_span().is_recording():
             direct, transport = self._direct_request(job, upstream, secret), self._direct
             opened = lambda: direct.send(transport)  # noqa: E731
         else:
@@ -292,15 +296,27 @@ class UpstreamExecutor:
             finally:
                 await answer.close()  # (also when call()'s deadline cancels the read: not leaked)
         except httpx.TimeoutException as exc:
-            if isinstance(exc.__cause__, aiohttp.ClientConnectorError):  # httpx-aiohttp calls a refused connect a timeout
+            # httpx-aiohttp maps every aiohttp connection error to ConnectTimeout: what it was is its cause
+            cause = exc.__cause__
+            if isinstance(cause, aiohttp.ClientSSLError):
+                return self._failed("connection", f"{type(cause).__name__} calling the upstream: the TLS handshake "
+                                    "failed (a certificate this worker does not trust, or not TLS at that address)",
+                                    started)
+            if isinstance(cause, aiohttp.ClientConnectorError):
                 return self._failed("connection", "ConnectError calling the upstream (could not connect: nothing "
                                     "answers at its address, or the connection was refused)", started)
+            if isinstance(cause, aiohttp.ServerDisconnectedError):
+                return self._failed("connection", "ServerDisconnectedError calling the upstream: it closed the "
+                                    "connection before its answer was complete", started)
             return self._failed("timeout", f"no answer from the upstream within {upstream.timeout_s}s", started)
         except httpx.HTTPError as exc:
             return self._failed("connection", f"{type(exc).__name__} calling the upstream", started)
         except _UNREADABLE as exc:  # what httpx-aiohttp passes through untranslated: an answer aiohttp cannot parse
             return self._failed("connection", f"{type(exc).__name__}: the upstream's answer could not be read "
                                 "(not HTTP, or a header line longer than the HTTP client accepts)", started)
+        except UnicodeEncodeError:  # httpx-aiohttp's `reason.encode()`, outside its error mapping (the httpx path only)
+            return self._failed("connection", "the upstream's answer could not be passed on by httpx-aiohttp: its "
+                                "status line's reason phrase is not UTF-8", started)
         latency_ms = (time.perf_counter() - started) * 1000
         status = answer.status
         if raw is None:

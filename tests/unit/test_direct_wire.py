@@ -232,3 +232,69 @@ async def test_a_recording_span_takes_the_httpx_path(monkeypatch):
             await client.aclose()
     assert taken == ["direct"]
     assert len(server.seen) == 2
+
+
+async def test_a_reason_phrase_that_is_not_utf8_is_an_answer_directly_and_an_upstream_error_through_httpx():
+    """httpx-aiohttp encodes aiohttp's reason phrase outside its error mapping: through httpx the
+    UnicodeEncodeError escaped `call()`, and the worker took it for its own fault (nak, not an
+    attempt) after a paid call. The direct path reads the answer; the httpx path (while a span
+    records) ends the call as an upstream error that says why."""
+    job = Job.model_validate(JOBS[0])
+    async with RawServer(OK.replace(b"200 OK", b"200 Caf\xe9")) as server:
+        (direct, _), (through_httpx, _) = await both_paths(job, UpstreamConfig(base_url=f"http://127.0.0.1:{server.port}"))
+    assert direct.kind == "ok" and direct.response.json_body == {"ok": True}
+    assert through_httpx.kind == "upstream_error" and "reason phrase is not UTF-8" in through_httpx.error
+
+
+async def _immediate_server(answer: bytes):
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+@pytest.mark.parametrize("scheme, answer, expected", [
+    ("https", OK, "ClientConnectorSSLError calling the upstream: the TLS handshake failed"),
+    ("http", b"", "ServerDisconnectedError calling the upstream: it closed the connection"),
+])
+async def test_what_the_error_mapping_calls_a_timeout_is_named_for_what_it_was(scheme, answer, expected):
+    """httpx-aiohttp maps every aiohttp connection error to ConnectTimeout; the Result said "no
+    answer from the upstream within 60.0s" for a TLS handshake that failed at once, or an upstream
+    that closed the connection without answering."""
+    server, port = await _immediate_server(answer)
+    try:
+        outcomes = await both_paths(Job.model_validate(JOBS[0]), UpstreamConfig(base_url=f"{scheme}://127.0.0.1:{port}"))
+    finally:
+        server.close()
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][0].kind == "upstream_error" and outcomes[0][0].error.startswith(expected)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+async def test_a_secret_beyond_latin1_is_not_blamed_on_the_job(direct):
+    """A key's secret httpx cannot write (latin-1) raises UnicodeEncodeError on both paths, never
+    InvalidRequest, which would end the job as invalid (workers/secrets.py refuses such a secret first)."""
+    async with RawServer() as server:
+        client = build_client("aiohttp", 2)
+        try:
+            with pytest.raises(UnicodeEncodeError):
+                await UpstreamExecutor(client, direct=direct).call(
+                    Job.model_validate(JOBS[0]), UpstreamConfig(base_url=f"http://127.0.0.1:{server.port}"), "sk-€")
+        finally:
+            await client.aclose()
+    assert server.seen == []
+
+
+@pytest.mark.parametrize("direct", [True, False])
+async def test_a_closed_client_sends_nothing(direct):
+    async with RawServer() as server:
+        client = build_client("aiohttp", 2)
+        executor = UpstreamExecutor(client, direct=direct)
+        await client.aclose()
+        with pytest.raises(RuntimeError, match="client has been closed"):
+            await executor.call(Job.model_validate(JOBS[0]), UpstreamConfig(base_url=f"http://127.0.0.1:{server.port}"),
+                                "sk")
+    assert server.seen == []

@@ -100,6 +100,8 @@ def test_which_nats_secrets_are_literal(fields, literal):
     ("http://127.0.0.1:99999", "port from 1 to 65535"),
     ("http://127.0.0.1:0", "port from 1 to 65535"),
     ("https://", "must name a host"),
+    ("https://api.example.com/base?k=v", "must not hold a query (?) or a fragment (#)"),  # sent /base?k=v/v1/x
+    ("https://api.example.com/a#b", "must not hold a query (?) or a fragment (#)"),  # sent /a, the job's path lost
 ])
 def test_an_upstream_url_with_credentials_or_no_usable_address_is_refused(url, says):
     # accepted before: credentials then showed in `config show`, and every call failed at the
