@@ -265,8 +265,10 @@ def test_events_are_handed_over_a_burst_at_a_time():
     assert len(session._queued()) == BURST
     assert len(session._queued()) == 3
     assert session._queued() == []
-    session._send.close()
+    session.post(ev.Tick())
+    session._end_events()
     session.post(ev.Tick())  # after the session ended: dropped, never raised
+    assert session._queued() == []
 
 
 # -- the lease at step-down ---------------------------------------------------------------------
