@@ -281,7 +281,10 @@ class LeaderSession:
         returns them, so a stop (SIGTERM, lease lost) in the middle of a pass would leave those
         jobs with no worker and no hand-back until ack_wait. A stop waits for the pass instead,
         PASS_GRACE_S at most (a stalled NATS): what such a pass left undone comes back as NATS
-        being away does (an assignment no heartbeat lists is returned; the rest after ack_wait)."""
+        being away does (an assignment no heartbeat lists is returned; the rest after ack_wait).
+        A pass with nothing to do (most outcome reports) makes no scope and no timer."""
+        if not commands:
+            return
         with anyio.CancelScope(shield=True, deadline=anyio.current_time() + PASS_GRACE_S) as scope:
             assigns: dict[str, list[cmd.Assign]] = {}
             for command in commands:
