@@ -196,8 +196,11 @@ class LeaderSession:
             await self._carry_out(self.machine.handle_all(events, time.monotonic()), tg)
 
     async def _posted(self, timeout: float) -> None:
-        """Sleep until an event is posted or `timeout` seconds have passed (no wait at 0 or less)."""
+        """Sleep until an event is posted or `timeout` seconds have passed. At 0 or less it still
+        yields to the loop once: a machine whose wake_at stays in the past would else spin the
+        reader without ever letting the callbacks that post events (or anything else) run."""
         if timeout <= 0:
+            await asyncio.sleep(0)
             return
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()

@@ -271,6 +271,30 @@ def test_events_are_handed_over_a_burst_at_a_time():
     assert session._queued() == []
 
 
+@pytest.mark.anyio
+async def test_a_wake_time_in_the_past_never_starves_the_loop():
+    """A machine whose wake_at stays in the past makes the reader hand it a Tick at once, again and
+    again; each pass still lets the loop run other tasks (the callbacks that post events)."""
+    session = LeaderSession(config(), MemoryBus(), "d-1")
+    session.machine.wake_at = lambda: 0.0
+    ticks: list[int] = []
+    session.machine.handle_all = lambda events, now: ticks.append(len(events)) or []
+    others = 0
+
+    async def other() -> None:
+        nonlocal others
+        while True:
+            others += 1
+            await anyio.sleep(0)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(other)
+        with anyio.move_on_after(0.2):
+            await session._read(tg)
+        tg.cancel_scope.cancel()
+    assert len(ticks) > 10 and others > 10  # both ran, taking turns
+
+
 # -- the lease at step-down ---------------------------------------------------------------------
 
 @pytest.mark.anyio
