@@ -2,11 +2,11 @@
 
 It lives while this dispatcher holds the lease. Every decision is the pure state machine's
 (dispatcher/core/leader.py); this shell only translates. Heartbeats, outcome reports,
-operator commands and pull-inbox deliveries become events (events.py) on ONE memory
-stream; the session's task group reads it, hands each event with the monotonic time to
-`LeaderMachine.handle`, and carries the commands out through a LeaderBus (bus.py). No NATS
-callback changes the leader's state. The stream's reader also keeps time: when nothing
-arrives before `wake_at()`, it hands in a `Tick`.
+operator commands and pull-inbox deliveries become events (events.py) on ONE queue
+(`post`); one reader in the session's task group takes them a burst at a time, hands them
+with the monotonic time to `LeaderMachine.handle_all`, and carries the commands out through a
+LeaderBus (bus.py). No NATS callback changes the leader's state. The reader also keeps time:
+when nothing arrives before `wake_at()`, it hands in a `Tick`.
 """
 
 from __future__ import annotations

@@ -278,8 +278,15 @@ async def test_a_wake_time_in_the_past_never_starves_the_loop():
     session = LeaderSession(config(), MemoryBus(), "d-1")
     session.machine.wake_at = lambda: 0.0
     ticks: list[int] = []
-    session.machine.handle_all = lambda events, now: ticks.append(len(events)) or []
     others = 0
+
+    def handle_all(events, now):
+        ticks.append(len(events))
+        if len(ticks) >= 1000 and others == 0:  # (without the yield nothing else ever runs: end it here)
+            raise AssertionError("the reader never let another task run")
+        return []
+
+    session.machine.handle_all = handle_all
 
     async def other() -> None:
         nonlocal others
@@ -293,6 +300,28 @@ async def test_a_wake_time_in_the_past_never_starves_the_loop():
             await session._read(tg)
         tg.cancel_scope.cancel()
     assert len(ticks) > 10 and others > 10  # both ran, taking turns
+
+
+@pytest.mark.anyio
+async def test_a_post_wakes_the_waiting_reader_at_once():
+    """With no wake time at all (wake_at inf), an event posted from a callback is handed to the
+    machine right away, not at the next timer; the reader leaves nothing behind when it ends."""
+    session = LeaderSession(config(), MemoryBus(), "d-1")
+    session.machine.wake_at = lambda: math.inf
+    handled: list[tuple[list, float]] = []
+    session.machine.handle_all = lambda events, now: handled.append((events, time.monotonic())) or []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(session._read, tg)
+        await anyio.sleep(0.05)
+        assert handled == [] and session._waiter is not None  # asleep, no Tick
+        posted = time.monotonic()
+        session.post(ev.Tick())
+        with anyio.fail_after(1.0):
+            while not handled:
+                await anyio.sleep(0)
+        tg.cancel_scope.cancel()
+    assert len(handled) == 1 and handled[0][1] - posted < 0.05
+    assert session._waiter is None
 
 
 # -- the lease at step-down ---------------------------------------------------------------------
