@@ -1,18 +1,18 @@
 """One upstream exchange straight on aiohttp, byte for byte as httpx over httpx-aiohttp makes it.
 
 httpx's object model costs more than the HTTP client under it: against a local nginx, a call
-through `httpx.AsyncClient` over the httpx-aiohttp transport took 290-300 µs of CPU where the
-same request on httpx-aiohttp's own aiohttp session took 80 (16 in flight; 390-440 against 170
-one at a time). So while no span records (the
-HTTP client span needs httpx's instrumentation), the executor hands the worker's calls to the
-aiohttp session under its httpx client itself, and keeps httpx's rules:
+through `httpx.AsyncClient` over the httpx-aiohttp transport took 290-310 µs of CPU where the
+same request on httpx-aiohttp's own aiohttp session took 80-95 (16 in flight; 390-550 against
+160-220 one at a time). So while no span records (the HTTP client span needs httpx's
+instrumentation), the executor hands the worker's calls to the aiohttp session under its httpx
+client itself, and keeps httpx's rules:
 
-- the request (`DirectRequest.of`): httpx's `Request` header list (`Host` first, then
+- the request (`RequestBuilder.build`): httpx's `Request` header list (`Host` first, then
   `Content-Length: 0` for a POST, PUT or PATCH without a body, the client's default headers
   with the job's over them, the content headers, the key, `traceparent`), lower-case names as
   httpx hands them to aiohttp (`Headers.items()`), the URL as httpx writes it, and the
-  session call httpx-aiohttp makes (no redirects, no decompression by aiohttp, the timeouts
-  of `httpx.Timeout(timeout_s)`);
+  session call httpx-aiohttp makes (`DirectRequest.send`: no redirects, no decompression by
+  aiohttp, the timeouts of `httpx.Timeout(timeout_s)`);
 - the answer (`AiohttpAnswer`): the headers as `httpx.Headers.items()` gives them (lower-case
   names, repeats joined by ", ", one encoding for the whole block: ASCII, else UTF-8, else
   latin-1), the body decoded by httpx's own decoders for its Content-Encoding, and aiohttp's
@@ -24,7 +24,7 @@ tests/unit/test_direct_wire.py compares both paths' bytes on a socket for every 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -198,11 +198,13 @@ class RequestBuilder:
         self._urls: dict[str, tuple[yarl.URL, str]] = {}
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
-    def build(self, method: str, url: str, params: dict[str, str] | None, headers: list[tuple[str, str]],
+    def build(self, method: str, url: str, params: Mapping[str, Any] | None, headers: list[tuple[str, str]],
               auth: tuple[str, str], trace: dict[str, str], *, content: bytes | None = None,
               json_body: Any = None, timeout: float) -> DirectRequest:
-        """`headers`: the job's (already checked, latin-1 encodable) then any the executor adds
-        (Content-Type); `auth`: (header, value); `trace`: `traceparent`/`tracestate` to set.
+        """`url`: the upstream's base URL and the job's path; `params`: the job's query (merged into
+        a query the path has, as httpx's `copy_merge_params`); `headers`: the job's (already
+        checked, latin-1 encodable) then any the executor adds (Content-Type); `auth`: (header,
+        value); `trace`: `traceparent`/`tracestate` to set; `timeout`: seconds, per phase.
         `json_body` (not None): written as httpx's `json=` writes it (httpx/_content.py
         `encode_json`: compact, UTF-8, no NaN). Raises httpx.InvalidURL, ValueError, TypeError
         (a body that is not JSON), UnicodeEncodeError (a key value beyond latin-1, as httpx).
@@ -233,7 +235,7 @@ class RequestBuilder:
             merged[key.lower()] = value
         return DirectRequest(method, target, [*front, *merged.items()], content, self._timeout(timeout))
 
-    def _url(self, url: str, params: dict[str, str] | None) -> tuple[yarl.URL, str]:
+    def _url(self, url: str, params: Mapping[str, Any] | None) -> tuple[yarl.URL, str]:
         if params:
             parsed = httpx.URL(url).copy_merge_params(params)
             return yarl.URL(str(parsed)), parsed.netloc.decode("ascii")
