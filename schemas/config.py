@@ -208,6 +208,11 @@ class WorkersConfig(_Strict):
     # bytes of one upstream answer's body; past it the read stops and the job fails
     # `response_too_large` (not retried)
     max_response_bytes: int = Field(default=64 << 20, ge=1024)
+    # seconds an idle upstream connection is kept for the next call. Under the 5 s after which
+    # uvicorn (vLLM's and LiteLLM's servers) and Node close an idle connection: a call sent on a
+    # connection the server is closing fails (ServerDisconnectedError) after being sent, and is
+    # retried as an upstream error. httpx's and aiohttp's own default is 5 s
+    keepalive_s: float = Field(default=4.0, gt=0, le=3600)
 
 
 class DispatcherConfig(_Strict):

@@ -15,6 +15,7 @@ settings (keys, pools, tiers) come from the file or from `ratefleet config push`
 | RATEFLEET_WORKERS_TRANSPORT | `[workers].transport` |
 | RATEFLEET_WORKERS_HEARTBEAT_S | `[workers].heartbeat_s` |
 | RATEFLEET_WORKERS_GRACE_S | `[workers].grace_s` |
+| RATEFLEET_WORKERS_KEEPALIVE_S | `[workers].keepalive_s` |
 | RATEFLEET_DISPATCHER_LEASE_TTL_S | `[dispatcher].lease_ttl_s` |
 | RATEFLEET_GATEWAY_LISTEN | `[gateway].listen` |
 """
@@ -33,6 +34,7 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "workers_transport": ("workers", "transport"),
     "workers_heartbeat_s": ("workers", "heartbeat_s"),
     "workers_grace_s": ("workers", "grace_s"),
+    "workers_keepalive_s": ("workers", "keepalive_s"),
     "dispatcher_lease_ttl_s": ("dispatcher", "lease_ttl_s"),
     "gateway_listen": ("gateway", "listen"),
 }
@@ -51,6 +53,7 @@ class EnvOverrides(BaseSettings):
     workers_transport: str | None = None
     workers_heartbeat_s: str | None = None
     workers_grace_s: str | None = None
+    workers_keepalive_s: str | None = None
     dispatcher_lease_ttl_s: str | None = None
     gateway_listen: str | None = None
 

@@ -77,12 +77,13 @@ class UpstreamClient(httpx.AsyncClient):
         self.direct = direct
 
 
-def build_client(transport: str, slots: int, secret_headers: Iterable[str] = ()) -> UpstreamClient:
-    """The worker's client, `slots` connections at most. With opentelemetry-instrumentation-httpx
-    installed (the `[otel]` extra) each call is an HTTP client span while spans record (see
-    workers/http_spans.py; `secret_headers`, the upstreams' auth headers, are never recorded
-    on it)."""
-    limits = httpx.Limits(max_connections=slots, max_keepalive_connections=slots)
+def build_client(transport: str, slots: int, secret_headers: Iterable[str] = (), *,
+                 keepalive_s: float = 4.0) -> UpstreamClient:
+    """The worker's client, `slots` connections at most, each kept `keepalive_s` seconds idle
+    (`workers.keepalive_s`). With opentelemetry-instrumentation-httpx installed (the `[otel]`
+    extra) each call is an HTTP client span while spans record (see workers/http_spans.py;
+    `secret_headers`, the upstreams' auth headers, are never recorded on it)."""
+    limits = httpx.Limits(max_connections=slots, max_keepalive_connections=slots, keepalive_expiry=keepalive_s)
     direct = _aiohttp_transport(limits) if transport == "aiohttp" else None
     inner: httpx.AsyncBaseTransport
     if direct is not None:

@@ -176,7 +176,8 @@ class Worker:
                         key_id=key_id, problem=reason)
         self._warn_pending()
         client = build_client(self.config.workers.transport, self.slots,
-                              [upstream.auth_header for upstream in self.config.upstreams.values()])
+                              [upstream.auth_header for upstream in self.config.upstreams.values()],
+                              keepalive_s=self.config.workers.keepalive_s)
         executor = UpstreamExecutor(client, self.config.workers.max_response_bytes, validated=True)  # (job_model)
         leader_sub = await self.nc.subscribe(self.subjects.leader_announce, cb=self._on_leader)
         follower = ConfigFollower(self.nc.jetstream(), self.subjects, self._apply_config, role="worker",

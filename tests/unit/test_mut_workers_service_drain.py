@@ -151,9 +151,9 @@ async def test_a_run_listens_to_its_subjects_and_ends_with_a_last_heartbeat(monk
     built, followers = [], []
     real_build_client = service.build_client
 
-    def build_client(transport, slots, secret_headers):
-        built.append((transport, slots, list(secret_headers)))
-        return real_build_client(transport, slots, secret_headers)
+    def build_client(transport, slots, secret_headers, *, keepalive_s):
+        built.append((transport, slots, list(secret_headers), keepalive_s))
+        return real_build_client(transport, slots, secret_headers, keepalive_s=keepalive_s)
 
     class Follower:
         def __init__(self, js, subjects, apply, **kwargs):
@@ -190,7 +190,7 @@ async def test_a_run_listens_to_its_subjects_and_ends_with_a_last_heartbeat(monk
     assert [(e["key_id"], e["problem"]) for e in warned] == [("k2", "RF_RUN_K2 not set")]
     [started] = [e for e in logs if e["event"] == "worker started"]
     assert (started["worker"], started["slots"], started["transport"]) == ("w-run", 5, "httpcore")
-    assert built == [("httpcore", 5, ["Authorization"])]
+    assert built == [("httpcore", 5, ["Authorization"], 4.0)]  # workers.keepalive_s reaches the client
     assert bus.callbacks["ratefleet.internal.leader"] == worker._on_leader, "the worker would never hear a leader"
     [(js, subjects, apply, kwargs)] = followers
     assert (subjects, apply, kwargs) == (worker.subjects, worker._apply_config, {"role": "worker", "revision": 3})
