@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from http.cookiejar import CookieJar
 from typing import Any
 
@@ -33,7 +34,7 @@ from ratefleet.schemas.outcome import OutcomeKind, RateLimitInfo
 from ratefleet.schemas.ratelimit_scope import RateLimitScope, rate_limit_scope
 from ratefleet.schemas.signals import classify, parse_ratelimit, parse_retry_after, provider_code
 from ratefleet.workers.body import body_fields
-from ratefleet.workers.direct import Answer, DirectRequest, HttpxAnswer, RequestBuilder
+from ratefleet.workers.direct import Answer, DirectRequest, HttpxAnswer, RequestBuilder, httpx_url
 from ratefleet.workers.http_spans import traced_transport
 from ratefleet.workers.usage import answer_cost, stream_cost
 
@@ -164,8 +165,6 @@ class UpstreamExecutor:
         self._validated = validated
         self._direct = client.direct if direct and isinstance(client, UpstreamClient) else None
         self._requests = RequestBuilder(client) if self._direct is not None else None
-        self._urls: dict[str, httpx.URL] = {}  # parsed once per upstream URL (httpx parses ~60 µs)
-        self._timeouts: dict[float, dict] = {}
 
     def _parts(self, job: Job, upstream: UpstreamConfig) -> tuple[list[tuple[str, str]], dict[str, Any]]:
         """The job's headers (checked: RFC 9110 tokens, latin-1 values, none ratefleet sets) and
@@ -213,18 +212,10 @@ class UpstreamExecutor:
         if params or client.cookies or str(client.base_url):
             target = httpx.URL(url).copy_merge_params(params) if params else url
             return client.build_request(method, target, headers=headers, timeout=timeout, **body)
-        parsed = self._urls.get(url)
-        if parsed is None:
-            if len(self._urls) >= 1024:
-                self._urls.clear()
-            parsed = self._urls[url] = httpx.URL(url)
-        extension = self._timeouts.get(timeout)
-        if extension is None:
-            extension = self._timeouts[timeout] = httpx.Timeout(timeout).as_dict()
         merged = httpx.Headers(client.headers)
         if headers:
             merged.update(headers)
-        return httpx.Request(method, parsed, headers=merged, extensions={"timeout": extension}, **body)
+        return httpx.Request(method, httpx_url(url), headers=merged, extensions={"timeout": _timeouts(timeout)}, **body)
 
     def _direct_request(self, job: Job, upstream: UpstreamConfig, secret: str) -> DirectRequest:
         """`build_request` plus the key and the trace, for the aiohttp session: InvalidRequest as
@@ -347,6 +338,12 @@ class UpstreamExecutor:
     def _failed(what: str, message: str, started: float) -> CallResult:
         return CallResult(kind=classify(None, what), response=None, error=message, retry_after_s=None,
                           ratelimit=None, actual_cost=None, latency_ms=(time.perf_counter() - started) * 1000)
+
+
+@lru_cache(maxsize=64)
+def _timeouts(seconds: float) -> dict[str, float | None]:
+    """httpx's per-phase timeouts of one call as its request extension (made once per value)."""
+    return httpx.Timeout(seconds).as_dict()
 
 
 @contextmanager
