@@ -51,8 +51,9 @@ def restartable_nats(store_dir: Path) -> EmbeddedNats:
 # -- waiting ------------------------------------------------------------------------------
 
 
-async def until(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
-    """Await `predicate()` (sync or async) until truthy; AssertionError after `timeout`."""
+async def until(predicate, timeout: float, interval: float = 0.1, what: str = "condition", logs=None):
+    """Await `predicate()` (sync or async) until truthy; AssertionError after `timeout`, with
+    the last 60 lines above debug of `logs()` (e.g. FleetKit.logs: what the fleet said)."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -65,7 +66,11 @@ async def until(predicate, timeout: float, interval: float = 0.1, what: str = "c
         except Exception as exc:  # noqa: BLE001 - transient (NATS away, no leader yet)
             last = exc
         await asyncio.sleep(interval)
-    raise AssertionError(f"{what} not reached within {timeout}s (last: {last!r})")
+    said = ""
+    if logs is not None:
+        lines = [line for line in logs().splitlines() if '"level": "debug"' not in line]
+        said = "\nthe fleet's logs (last 60 lines above debug):\n" + "\n".join(lines[-60:])
+    raise AssertionError(f"{what} not reached within {timeout}s (last: {last!r}){said}")
 
 
 async def status_or_none(client, timeout: float = 1.0) -> dict | None:

@@ -48,7 +48,7 @@ async def test_the_fleet_recreates_its_streams_after_nats_lost_them(tmp_path, lo
                     await client.js.delete_stream("RATEFLEET_RESULTS")
                 assert await served(url)  # the first job after it: its store made the stream anew and stored
                 assert sum(k["calls"] for k in mock.stats()["keys"].values()) == 2  # its answer, not called again
-            await until(lambda: served(url), 45, 0.5, "a job served after NATS lost the fleet's streams")
+            await until(lambda: served(url), 45, 0.5, "a job served after NATS lost the fleet's streams", kit.logs)
             assert all(p.poll() is None for p in kit.processes), \
                 {p.name: p.returncode for p in kit.processes if p.poll() is not None}
             log = kit.logs()

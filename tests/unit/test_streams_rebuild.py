@@ -38,7 +38,7 @@ async def test_the_rebuilder_creates_what_is_missing_and_only_that(nats_server):
         js = nc.jetstream()
         await ensure_topology(js, CONFIG)
         assert await missing_topology(js, CONFIG) == []
-        rebuilder = Rebuilder(js, lambda: CONFIG, every_s=0)
+        rebuilder = Rebuilder(js, lambda: CONFIG, every_s=0, settle_s=0)
         assert not await rebuilder.rebuild("a 503 with everything there")  # nothing missing: nothing done
         await js.delete_stream("RATEFLEET_RESULTS")
         await js.delete_key_value("ratefleet_leader")
@@ -68,7 +68,7 @@ async def test_the_rebuilder_tries_at_most_once_per_interval(nats_server):
     try:
         js = nc.jetstream()
         await ensure_topology(js, CONFIG)
-        rebuilder = Rebuilder(js, lambda: CONFIG, every_s=3600)
+        rebuilder = Rebuilder(js, lambda: CONFIG, every_s=3600, settle_s=0)
         await js.delete_stream("RATEFLEET_DEAD")
         assert await rebuilder.rebuild("first")
         await js.delete_stream("RATEFLEET_DEAD")
@@ -157,5 +157,81 @@ async def test_a_wait_hears_when_its_queued_jobs_are_lost(nats_server, monkeypat
         with anyio.move_on_after(0.5) as quiet:
             await batches.queue_lost(js, subjects, await batches.queue_mark(js, subjects))
         assert quiet.cancelled_caught
+    finally:
+        await nc.close()
+
+
+async def test_the_rebuilder_waits_for_deletions_under_way_and_creates_them_in_one_pass(nats_server):
+    """An operator deleting the jobs, then the Results: the first 503 comes between the two.
+    The Rebuilder waits `settle_s` and looks again before it creates anything, so it never
+    creates a stream whose deletion the server is still carrying out (nats-server can leave such
+    a stream unable to take publishes), and one pass creates both."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await ensure_topology(js, CONFIG)
+        rebuilder = Rebuilder(js, lambda: CONFIG, every_s=3600, settle_s=0.6)
+        await js.delete_stream("RATEFLEET_JOBS")
+        async with anyio.create_task_group() as tg:
+            done: list[bool] = []
+
+            async def rebuild() -> None:
+                done.append(await rebuilder.rebuild("the consumer of tier vip"))
+
+            tg.start_soon(rebuild)
+            await anyio.sleep(0.15)
+            assert not done  # still waiting: nothing created yet
+            assert "RATEFLEET_JOBS" in await missing_topology(js, CONFIG)
+            await js.delete_stream("RATEFLEET_RESULTS")
+        assert done == [True]
+        assert await missing_topology(js, CONFIG) == []  # both, in one pass (the next is an hour away)
+        assert rebuilder.rebuilt == 1
+        await js.delete_stream("RATEFLEET_DEAD")
+        async with anyio.create_task_group() as tg:
+            again = Rebuilder(js, lambda: CONFIG, every_s=3600, settle_s=0.6)
+
+            async def rebuild_again() -> None:
+                done.append(await again.rebuild("the dead letters"))
+
+            tg.start_soon(rebuild_again)
+            await anyio.sleep(0.15)
+            await ensure_topology(js, CONFIG)  # another process made it again before the second look
+        assert done == [True, False] and again.rebuilt == 0  # nothing left to create
+    finally:
+        await nc.close()
+
+
+async def test_a_store_not_created_yet_is_retried(nats_server, monkeypatch):
+    """err_code 10049 ("error creating store for stream": the files of a stream of the same
+    name still being removed) is retried within `patience_s`, like an API timeout."""
+    from ratefleet.runtime import streams
+
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        real, refusals = streams._ensure_stream, []
+
+        async def refused_twice(js_, stream):
+            if stream.name == "RATEFLEET_JOBS" and len(refusals) < 2:
+                refusals.append(stream.name)
+                raise APIError(code=500, err_code=10049, description="error creating store for stream")
+            await real(js_, stream)
+
+        monkeypatch.setattr(streams, "_ensure_stream", refused_twice)
+        await ensure_topology(js, CONFIG, patience_s=10)
+        assert refusals == ["RATEFLEET_JOBS"] * 2
+        assert await missing_topology(js, CONFIG) == []
+        refusals.clear()
+        with pytest.raises(APIError):  # not within patience: raised
+            await ensure_topology(js, CONFIG, patience_s=0)
+        other = APIError(code=500, err_code=10074, description="insufficient resources")
+
+        async def refused_otherwise(js_, stream):
+            raise other
+
+        monkeypatch.setattr(streams, "_ensure_stream", refused_otherwise)
+        with pytest.raises(APIError) as caught:  # another refusal: at once
+            await ensure_topology(js, CONFIG, patience_s=10)
+        assert caught.value is other
     finally:
         await nc.close()
