@@ -4,7 +4,9 @@ the gateway's own buckets made anew on the next write (real nats-server)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
+from collections.abc import AsyncIterator
 
 import anyio
 import nats
@@ -22,6 +24,18 @@ pytestmark = pytest.mark.anyio
 CONFIG = parse_config({})
 
 
+@contextlib.asynccontextmanager
+async def topology(url: str) -> AsyncIterator:
+    """A JetStream context on `url` with the whole topology created."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        await ensure_topology(js, CONFIG)
+        yield js
+    finally:
+        await nc.close()
+
+
 def test_what_counts_as_a_lost_stream():
     assert stream_gone(NoStreamResponseError())  # a publish (or KV create/update) no stream captures
     assert stream_gone(BucketNotFoundError())
@@ -33,10 +47,7 @@ def test_what_counts_as_a_lost_stream():
 
 
 async def test_the_rebuilder_creates_what_is_missing_and_only_that(nats_server):
-    nc = await nats.connect(nats_server.url)
-    try:
-        js = nc.jetstream()
-        await ensure_topology(js, CONFIG)
+    async with topology(nats_server.url) as js:
         assert await missing_topology(js, CONFIG) == []
         rebuilder = Rebuilder(js, lambda: CONFIG, every_s=0, settle_s=0)
         assert not await rebuilder.rebuild("a 503 with everything there")  # nothing missing: nothing done
@@ -50,8 +61,6 @@ async def test_the_rebuilder_creates_what_is_missing_and_only_that(nats_server):
         assert rebuilder.rebuilt == 1
         info = await js.stream_info("RATEFLEET_RESULTS")  # made as ensure_topology makes it (invariant 7)
         assert info.config.max_msgs_per_subject == 1 and info.config.discard_new_per_subject
-    finally:
-        await nc.close()
 
 
 def test_the_log_names_only_what_was_lost():
@@ -64,18 +73,13 @@ def test_the_log_names_only_what_was_lost():
 
 
 async def test_the_rebuilder_tries_at_most_once_per_interval(nats_server):
-    nc = await nats.connect(nats_server.url)
-    try:
-        js = nc.jetstream()
-        await ensure_topology(js, CONFIG)
+    async with topology(nats_server.url) as js:
         rebuilder = Rebuilder(js, lambda: CONFIG, every_s=3600, settle_s=0)
         await js.delete_stream("RATEFLEET_DEAD")
         assert await rebuilder.rebuild("first")
         await js.delete_stream("RATEFLEET_DEAD")
         assert not await rebuilder.rebuild("asked again at once (e.g. every pull's 503)")
         assert await missing_topology(js, CONFIG) == ["RATEFLEET_DEAD"]
-    finally:
-        await nc.close()
 
 
 async def test_the_gateways_buckets_are_made_anew_on_the_next_write(nats_server):
@@ -166,11 +170,8 @@ async def test_the_rebuilder_waits_for_deletions_under_way_and_creates_them_in_o
     The Rebuilder waits `settle_s` and looks again before it creates anything, so it never
     creates a stream whose deletion the server is still carrying out (nats-server can leave such
     a stream unable to take publishes), and one pass creates both."""
-    nc = await nats.connect(nats_server.url)
-    try:
-        js = nc.jetstream()
-        await ensure_topology(js, CONFIG)
-        rebuilder = Rebuilder(js, lambda: CONFIG, every_s=3600, settle_s=0.6)
+    async with topology(nats_server.url) as js:
+        rebuilder = Rebuilder(js, lambda: CONFIG, every_s=3600, settle_s=2.0)
         await js.delete_stream("RATEFLEET_JOBS")
         async with anyio.create_task_group() as tg:
             done: list[bool] = []
@@ -188,7 +189,7 @@ async def test_the_rebuilder_waits_for_deletions_under_way_and_creates_them_in_o
         assert rebuilder.rebuilt == 1
         await js.delete_stream("RATEFLEET_DEAD")
         async with anyio.create_task_group() as tg:
-            again = Rebuilder(js, lambda: CONFIG, every_s=3600, settle_s=0.6)
+            again = Rebuilder(js, lambda: CONFIG, every_s=3600, settle_s=2.0)
 
             async def rebuild_again() -> None:
                 done.append(await again.rebuild("the dead letters"))
@@ -197,8 +198,6 @@ async def test_the_rebuilder_waits_for_deletions_under_way_and_creates_them_in_o
             await anyio.sleep(0.15)
             await ensure_topology(js, CONFIG)  # another process made it again before the second look
         assert done == [True, False] and again.rebuilt == 0  # nothing left to create
-    finally:
-        await nc.close()
 
 
 async def test_a_store_not_created_yet_is_retried(nats_server, monkeypatch):
