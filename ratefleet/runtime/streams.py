@@ -258,7 +258,7 @@ class Rebuilder:
     `ensure_topology`) or is created and loses its files to the old stream's removal: its log says
     "Critical write error: error opening msg block file", and no publish to it is acknowledged
     until it is deleted again. Here, a stream created from another connection the moment the old
-    one read as not found came out so about once in 300 to 1,500 tries (once the deletion's reply
+    one read as not found came out so about once in 200 to 1,500 tries (once the deletion's reply
     was awaited: none in 300), and in a fleet the first 503 comes within milliseconds of an
     operator's `nats stream rm`: the Rebuilder made such a JOBS stream in 2 of 20 runs of the
     e2e deletion test beside other load, and no job was stored for the 45 s the test waited. The
