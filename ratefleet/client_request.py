@@ -88,10 +88,14 @@ class Requesting:
         except TimeoutError:
             away = not self.nc.is_connected  # else the time was too short for NATS's acknowledgement
             why = "the connection to NATS is away, reconnecting" if away else "its acknowledgement had not come"
+            # connected: a timeout too short for the acknowledgement, or a JetStream that stores nothing (nats-server
+            # logs why: a stream whose files went with a deletion under way took no job for good, runtime/streams.py)
+            hint = "" if away else ("; if every request ends so while NATS is up, the NATS server's log says why "
+                                    "JetStream stores nothing (e.g. 'JetStream failed to store a msg')")
             raise RequestTimeout(f"no result for job {model.id} within {timeout}s: NATS did not confirm storing it "
                                  f"({why}); it may {'still be stored once NATS is back' if away else 'be stored'}, "
                                  "and then runs (and is paid): collect it later with `ratefleet result "
-                                 f"{model.id}` (or Client.stored_result), or request it again with the same id",
+                                 f"{model.id}` (or Client.stored_result), or request it again with the same id{hint}",
                                  job_id=model.id, reason="nats_unavailable" if away else None) from None
         try:
             if not fresh and not reply.cancelled():  # (cancelled: this Client closed meanwhile, nothing more is sent)

@@ -208,8 +208,12 @@ async def publish_job_ack(js: JetStreamContext, subjects: Subjects, tier: str, j
                               "publish was under way as it closed, it may be stored: resubmitting it with the same "
                               "id on a new connection is safe)") from None
     except TRANSIENT as exc:
+        connected = getattr(getattr(js, "_nc", None), "is_connected", False) is True
+        why = (f"NATS is connected, but JetStream did not acknowledge it: overloaded, or unable to store into "
+               f"{subjects.jobs_stream} (the NATS server's log then says why, e.g. 'JetStream failed to store a msg')."
+               if connected and isinstance(exc, TimeoutError) else "Is the NATS server up?")
         raise SubmitError(f"NATS did not confirm job {job_id} for {retry_for:.0f}s ({type(exc).__name__}); it may or "
-                          "may not be stored: is the NATS server up? Resubmitting with the same id is safe") from None
+                          f"may not be stored. {why} Resubmitting with the same id is safe") from None
     return ack
 
 
