@@ -212,7 +212,7 @@ async def publish_job_ack(js: JetStreamContext, subjects: Subjects, tier: str, j
         why = (f"NATS is connected, but JetStream did not acknowledge it: overloaded, or unable to store into "
                f"{subjects.jobs_stream} (the NATS server's log then says why, e.g. 'JetStream failed to store a msg')."
                if connected and isinstance(exc, TimeoutError) else "Is the NATS server up?")
-        raise SubmitError(f"NATS did not confirm job {job_id} for {retry_for:.0f}s ({type(exc).__name__}); it may or "
+        raise SubmitError(f"NATS did not confirm job {job_id} for {retry_for:g}s ({type(exc).__name__}); it may or "
                           f"may not be stored. {why} Resubmitting with the same id is safe") from None
     return ack
 

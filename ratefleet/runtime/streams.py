@@ -45,6 +45,8 @@ REBUILD_EVERY_S = 5.0  # seconds between two attempts to create a lost topology 
 REBUILD_SETTLE_S = 1.0
 STREAM_NOT_FOUND, CONSUMER_NOT_FOUND = 10059, 10014  # JetStream API err_codes (nats-server errors.json)
 STORE_NOT_CREATED = 10049  # "error creating store for stream": e.g. its name's old files still being removed
+STORE_PATIENCE_S = 5.0  # seconds ensure_topology retries a 10049 at most
+SETTLE_PASSES = 3  # looks after the first a rebuild makes while new deletions keep appearing
 
 
 def tier_consumer(tier: str) -> str:
@@ -115,7 +117,8 @@ async def ensure_topology(js: JetStreamContext, config: Config, *, patience_s: f
     stream another process has just created answers nothing until its replicas have elected
     a leader (the info request times out), as does a stream whose leader's server just died.
     A step refused with err_code 10049 ("error creating store for stream": nats-server had not
-    yet removed the files of a stream of the same name just deleted) is retried the same way.
+    yet removed the files of a stream of the same name just deleted, or its disk is full or
+    unwritable) is retried the same way for up to STORE_PATIENCE_S, with one warning.
     Raises the last TimeoutError (or that APIError) when a step still fails after that."""
     subjects, replicas = Subjects(config.nats.prefix), config.streams.replicas
     steps = [lambda stream=stream: _ensure_stream(js, stream) for stream in stream_configs(config)]
@@ -126,6 +129,8 @@ async def ensure_topology(js: JetStreamContext, config: Config, *, patience_s: f
     steps += [lambda tier=tier: _ensure_consumer(js, subjects.jobs_stream, consumer_config(config, tier))
               for tier in config.tiers]
     deadline = time.monotonic() + patience_s
+    # 10049 is also what a full or unwritable disk answers: retried for less, and said once
+    store_deadline, store_said = time.monotonic() + min(patience_s, STORE_PATIENCE_S), False
     for step in steps:
         while True:
             try:
@@ -135,11 +140,16 @@ async def ensure_topology(js: JetStreamContext, config: Config, *, patience_s: f
                 timed_out = isinstance(exc, TimeoutError)
                 if not timed_out and exc.err_code != STORE_NOT_CREATED:
                     raise
-                if time.monotonic() >= deadline:
+                if time.monotonic() >= (deadline if timed_out else store_deadline):
                     raise
-                log.info("JetStream API timed out; retrying (a cluster electing a stream leader)" if timed_out else
-                         "JetStream could not create a stream's store yet (a deletion of the same name under way); "
-                         "retrying")
+                if timed_out:
+                    log.info("JetStream API timed out; retrying (a cluster electing a stream leader)")
+                elif not store_said:
+                    store_said = True
+                    log.warning("JetStream could not create a stream's store; retrying for up to "
+                                f"{min(patience_s, STORE_PATIENCE_S):g}s. A deletion of the same name under way passes; "
+                                "a full or unwritable disk does not, and the NATS server's log says which",
+                                detail=exc.description)
                 await asyncio.sleep(0.5)
 
 
@@ -276,15 +286,20 @@ class Rebuilder:
         bucket") looked missing. True when something was missing and is created now; False when
         an attempt was made less than `every_s` ago, nothing is missing (a 503 of a cluster
         electing a stream leader looks the same), or NATS could not be asked (logged; the next
-        ask tries again). Something missing is created `settle_s` seconds after it was found
-        missing, if it still is then. Never raises but for cancellation."""
+        ask tries again). Something missing is created once it has been missing for `settle_s`
+        seconds: a look finding new names missing waits again (up to SETTLE_PASSES waits, then
+        all is created). Never raises but for cancellation."""
         if not self.due():
             return False
         self._next = time.monotonic() + self.every_s
         config = self.config()
         try:
             missing = await missing_topology(self.js, config)
-            if missing and self.settle_s > 0:  # a deletion under way ends first (see the class)
+            seen: set[str] = set()
+            for _ in range(SETTLE_PASSES):  # each deletion under way ends first (see the class)
+                if not missing or self.settle_s <= 0 or seen.issuperset(missing):
+                    break  # (all of it missing for settle_s already)
+                seen = set(missing)
                 await anyio.sleep(self.settle_s)
                 missing = await missing_topology(self.js, config)
             if not missing:

@@ -134,7 +134,7 @@ async def test_nats_away_for_retry_for_is_a_submit_error_saying_resubmitting_is_
     with pytest.raises(SubmitError) as refused:
         await publish_job(js, SUBJECTS, "normal", "job-1", b"{}", retry_for=0.15)
     text = str(refused.value)
-    assert "NATS did not confirm job job-1 for 0s (TimeoutError)" in text
+    assert "NATS did not confirm job job-1 for 0.15s (TimeoutError)" in text
     assert "Resubmitting with the same id is safe" in text
     assert len(js.published) >= 2
 

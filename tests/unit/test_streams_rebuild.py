@@ -225,12 +225,44 @@ async def test_a_store_not_created_yet_is_retried(nats_server, monkeypatch):
             await ensure_topology(js, CONFIG, patience_s=0)
         other = APIError(code=500, err_code=10074, description="insufficient resources")
 
+        calls = []
+
         async def refused_otherwise(js_, stream):
+            calls.append(stream.name)
             raise other
 
         monkeypatch.setattr(streams, "_ensure_stream", refused_otherwise)
-        with pytest.raises(APIError) as caught:  # another refusal: at once
+        with pytest.raises(APIError) as caught:  # another refusal: at once, not retried
             await ensure_topology(js, CONFIG, patience_s=10)
-        assert caught.value is other
+        assert caught.value is other and calls == ["RATEFLEET_JOBS"]
     finally:
         await nc.close()
+
+
+async def test_a_deletion_first_seen_on_the_second_look_waits_too(nats_server):
+    """The Results deleted just before the wait for the jobs ends: they are not made at once
+    (their deletion may still be under way), but once missing for `settle_s` themselves."""
+    async with topology(nats_server.url) as js:
+        rebuilder = Rebuilder(js, lambda: CONFIG, every_s=3600, settle_s=1.5)
+        await js.delete_stream("RATEFLEET_JOBS")
+        async with anyio.create_task_group() as tg:
+            done: list[bool] = []
+
+            async def rebuild() -> None:
+                done.append(await rebuilder.rebuild("the consumer of tier vip"))
+
+            tg.start_soon(rebuild)
+            await anyio.sleep(1.2)  # after the first look, before the second
+            await js.delete_stream("RATEFLEET_RESULTS")
+            await anyio.sleep(0.7)  # the second look has seen it missing: it waits again
+            assert not done and "RATEFLEET_RESULTS" in await missing_topology(js, CONFIG)
+        assert done == [True] and await missing_topology(js, CONFIG) == [] and rebuilder.rebuilt == 1
+
+
+def test_the_roles_rebuilders_wait_a_second_by_default():
+    import inspect
+
+    from ratefleet.runtime.streams import REBUILD_SETTLE_S
+
+    assert REBUILD_SETTLE_S >= 1.0  # the dispatcher's and the worker's Rebuilders take the default
+    assert inspect.signature(Rebuilder).parameters["settle_s"].default == REBUILD_SETTLE_S
