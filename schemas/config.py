@@ -199,6 +199,9 @@ class TierConfig(_Strict):
     max_rate_limited: int = Field(default=50, ge=1, le=10000)
 
 
+KEEPALIVE_S = 4.0  # `[workers] keepalive_s`'s default (see WorkersConfig)
+
+
 class WorkersConfig(_Strict):
     slots: int = Field(default=64, ge=1, le=10000)
     transport: Literal["aiohttp", "httpcore"] = "aiohttp"
@@ -212,7 +215,7 @@ class WorkersConfig(_Strict):
     # uvicorn (vLLM's and LiteLLM's servers) and Node close an idle connection: a call sent on a
     # connection the server is closing fails (ServerDisconnectedError) after being sent, and is
     # retried as an upstream error. httpx's and aiohttp's own default is 5 s
-    keepalive_s: float = Field(default=4.0, gt=0, le=3600)
+    keepalive_s: float = Field(default=KEEPALIVE_S, gt=0, le=3600)
 
 
 class DispatcherConfig(_Strict):

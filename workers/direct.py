@@ -209,7 +209,7 @@ class RequestBuilder:
         (a body that is not JSON). The client's own `base_url`, `params`, `auth` and event hooks
         are not applied: the clients `build_client` makes have none."""
         if params:
-            merged_url = httpx.URL(url).copy_merge_params(params)
+            merged_url = httpx_url(url).copy_merge_params(params)
             target, netloc = yarl.URL(str(merged_url)), merged_url.netloc.decode("ascii")
         else:
             target, netloc = _target(url)

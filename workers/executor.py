@@ -28,6 +28,7 @@ from pydantic_core import PydanticCustomError, to_json
 
 from ratefleet.runtime.tracing import inject
 from ratefleet.schemas import ErrorCode, Job, ResponseInfo, UpstreamConfig
+from ratefleet.schemas.config import KEEPALIVE_S
 from ratefleet.schemas.errors import InvalidRequest
 from ratefleet.schemas.job import check_header
 from ratefleet.schemas.outcome import OutcomeKind, RateLimitInfo
@@ -79,7 +80,7 @@ class UpstreamClient(httpx.AsyncClient):
 
 
 def build_client(transport: str, slots: int, secret_headers: Iterable[str] = (), *,
-                 keepalive_s: float = 4.0) -> UpstreamClient:
+                 keepalive_s: float = KEEPALIVE_S) -> UpstreamClient:
     """The worker's client, `slots` connections at most, each kept `keepalive_s` seconds idle
     (`workers.keepalive_s`). With opentelemetry-instrumentation-httpx installed (the `[otel]`
     extra) each call is an HTTP client span while spans record (see workers/http_spans.py;
@@ -210,7 +211,7 @@ class UpstreamExecutor:
         0.28's `params=` replaced that query, and a job's own `?x=1` was lost."""
         client = self._client
         if params or client.cookies or str(client.base_url):
-            target = httpx.URL(url).copy_merge_params(params) if params else url
+            target = httpx_url(url).copy_merge_params(params) if params else url
             return client.build_request(method, target, headers=headers, timeout=timeout, **body)
         merged = httpx.Headers(client.headers)
         if headers:

@@ -56,7 +56,7 @@ def leader_settings(config: Config, leader_id: str, epoch: tuple[int, int], max_
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
-    """Ends the reader's wait (its timeout)."""
+    """Ends the reader's wait (an event posted, or its timeout)."""
     if not waiter.done():
         waiter.set_result(None)
 
@@ -94,9 +94,8 @@ class LeaderSession:
         if self._ended:
             return
         self._events.append(event)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if self._waiter is not None:
+            _wake(self._waiter)
 
     async def reconfigure(self, config: Config, revision: int) -> None:
         """A new fleet config revision: pull inboxes for new tiers first, then the change goes

@@ -130,7 +130,8 @@ async def ensure_topology(js: JetStreamContext, config: Config, *, patience_s: f
               for tier in config.tiers]
     deadline = time.monotonic() + patience_s
     # 10049 is also what a full or unwritable disk answers: retried for less, and said once
-    store_deadline, store_said = time.monotonic() + min(patience_s, STORE_PATIENCE_S), False
+    store_patience = min(patience_s, STORE_PATIENCE_S)
+    store_deadline, store_said = time.monotonic() + store_patience, False
     for step in steps:
         while True:
             try:
@@ -147,7 +148,7 @@ async def ensure_topology(js: JetStreamContext, config: Config, *, patience_s: f
                 elif not store_said:
                     store_said = True
                     log.warning("JetStream could not create a stream's store; retrying for up to "
-                                f"{min(patience_s, STORE_PATIENCE_S):g}s. A deletion of the same name under way passes; "
+                                f"{store_patience:g}s. A deletion of the same name under way passes; "
                                 "a full or unwritable disk does not, and the NATS server's log says which",
                                 detail=exc.description)
                 await asyncio.sleep(0.5)

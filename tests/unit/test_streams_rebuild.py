@@ -36,6 +36,14 @@ async def topology(url: str) -> AsyncIterator:
         await nc.close()
 
 
+def rebuild_soon(tg, rebuilder: Rebuilder, done: list[bool], what: str) -> None:
+    """Start `rebuilder.rebuild(what)` in `tg`; its answer is appended to `done`."""
+    async def rebuild() -> None:
+        done.append(await rebuilder.rebuild(what))
+
+    tg.start_soon(rebuild)
+
+
 def test_what_counts_as_a_lost_stream():
     assert stream_gone(NoStreamResponseError())  # a publish (or KV create/update) no stream captures
     assert stream_gone(BucketNotFoundError())
@@ -173,13 +181,9 @@ async def test_the_rebuilder_waits_for_deletions_under_way_and_creates_them_in_o
     async with topology(nats_server.url) as js:
         rebuilder = Rebuilder(js, lambda: CONFIG, every_s=3600, settle_s=2.0)
         await js.delete_stream("RATEFLEET_JOBS")
+        done: list[bool] = []
         async with anyio.create_task_group() as tg:
-            done: list[bool] = []
-
-            async def rebuild() -> None:
-                done.append(await rebuilder.rebuild("the consumer of tier vip"))
-
-            tg.start_soon(rebuild)
+            rebuild_soon(tg, rebuilder, done, "the consumer of tier vip")
             await anyio.sleep(0.15)
             assert not done  # still waiting: nothing created yet
             assert "RATEFLEET_JOBS" in await missing_topology(js, CONFIG)
@@ -188,13 +192,9 @@ async def test_the_rebuilder_waits_for_deletions_under_way_and_creates_them_in_o
         assert await missing_topology(js, CONFIG) == []  # both, in one pass (the next is an hour away)
         assert rebuilder.rebuilt == 1
         await js.delete_stream("RATEFLEET_DEAD")
+        again = Rebuilder(js, lambda: CONFIG, every_s=3600, settle_s=2.0)
         async with anyio.create_task_group() as tg:
-            again = Rebuilder(js, lambda: CONFIG, every_s=3600, settle_s=2.0)
-
-            async def rebuild_again() -> None:
-                done.append(await again.rebuild("the dead letters"))
-
-            tg.start_soon(rebuild_again)
+            rebuild_soon(tg, again, done, "the dead letters")
             await anyio.sleep(0.15)
             await ensure_topology(js, CONFIG)  # another process made it again before the second look
         assert done == [True, False] and again.rebuilt == 0  # nothing left to create
@@ -245,13 +245,9 @@ async def test_a_deletion_first_seen_on_the_second_look_waits_too(nats_server):
     async with topology(nats_server.url) as js:
         rebuilder = Rebuilder(js, lambda: CONFIG, every_s=3600, settle_s=1.5)
         await js.delete_stream("RATEFLEET_JOBS")
+        done: list[bool] = []
         async with anyio.create_task_group() as tg:
-            done: list[bool] = []
-
-            async def rebuild() -> None:
-                done.append(await rebuilder.rebuild("the consumer of tier vip"))
-
-            tg.start_soon(rebuild)
+            rebuild_soon(tg, rebuilder, done, "the consumer of tier vip")
             await anyio.sleep(1.2)  # after the first look, before the second
             await js.delete_stream("RATEFLEET_RESULTS")
             await anyio.sleep(0.7)  # the second look has seen it missing: it waits again
