@@ -95,6 +95,7 @@ async def test_429s_are_waits_with_their_own_budget_and_retry_after_zero_makes_n
                                              batch="waits")
                 await tracker.wait_stored("waits", [hammer], timeout=60)
                 results = await tracker.results([patient, hammer], "waits")
+                await tracker.letters_of([hammer])  # written after the Result is stored: waited for
                 letters = [x for x in await tracker.dead_letters("normal") if x.get("job_id") == "hammer"]
                 hammer_calls = [row for row in mock.log(1000) if row["path"].startswith("/v1/")]
         finally:
