@@ -33,6 +33,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import anyio
 from nats.js import JetStreamContext
 from nats.js.errors import (
     BucketNotFoundError,
@@ -42,7 +43,7 @@ from nats.js.errors import (
     NotFoundError,
 )
 
-from ratefleet.runtime.streams import kv_keys, stream_gone
+from ratefleet.runtime.streams import Remake, kv_keys, stream_gone
 from ratefleet.schemas import Subjects
 
 PRIVATE = "ratefleet"
@@ -114,9 +115,11 @@ class BatchBook:
         self.bucket = book_bucket(subjects)
         self.ttl_s, self.replicas = ttl_s, replicas
         self._kv = None
+        self._remake = Remake()
 
     async def _open(self):
         if self._kv is None:
+            await anyio.sleep(self._remake.wait_s())  # a bucket found gone: its deletion ends first
             try:
                 self._kv = await self.js.key_value(self.bucket)
             except (BucketNotFoundError, NotFoundError):
@@ -125,11 +128,12 @@ class BatchBook:
                                                              replicas=self.replicas)
                 except Exception:  # noqa: BLE001 - created concurrently by another gateway
                     self._kv = await self.js.key_value(self.bucket)
+            self._remake.made()
         return self._kv
 
     async def create(self, record: dict[str, Any]) -> None:
-        """Store a new record. A bucket NATS has lost (a restart without its store) is made
-        anew, once."""
+        """Store a new record. A bucket NATS has lost (a restart without its store, or deleted)
+        is made anew, once, `streams.REBUILD_SETTLE_S` after it was found gone (`streams.Remake`)."""
         payload = json.dumps(record).encode()
         try:
             await (await self._open()).create(record["id"], payload)
@@ -137,6 +141,7 @@ class BatchBook:
             if not stream_gone(exc):
                 raise
             self._kv = None
+            self._remake.lost()
             await (await self._open()).create(record["id"], payload)
 
     async def get(self, batch_id: str) -> dict[str, Any] | None:

@@ -22,11 +22,12 @@ import time
 import uuid
 from typing import Any, BinaryIO
 
+import anyio
 from nats.js import JetStreamContext
 from nats.js.api import ObjectMeta
 from nats.js.errors import BadObjectMetaError, NotFoundError, ObjectDeletedError, ObjectNotFoundError
 
-from ratefleet.runtime.streams import open_object_store, stream_gone
+from ratefleet.runtime.streams import Remake, open_object_store, stream_gone
 from ratefleet.schemas import Subjects
 
 OWNER = "owner"
@@ -77,16 +78,20 @@ class FileStore:
         self.ttl_s = ttl_s
         self.replicas = replicas
         self._store = None
+        self._remake = Remake()
 
     async def _open(self):
         if self._store is None:
+            await anyio.sleep(self._remake.wait_s())  # a bucket found gone: its deletion ends first
             self._store = await open_object_store(self.js, self.bucket, ttl=self.ttl_s, replicas=self.replicas)
+            self._remake.made()
         return self._store
 
     async def put(self, owner: str, filename: str, purpose: str, data: bytes | BinaryIO, size: int) -> dict[str, Any]:
         """Store a file (`data`: bytes or a seekable binary file object read to its end, `size`
         bytes); returns its metadata (the File object plus the owner). A bucket NATS has lost
-        (a restart without its store) is made anew and the file stored again, once."""
+        (a restart without its store, or deleted) is made anew and the file stored again, once,
+        `streams.REBUILD_SETTLE_S` after it was found gone (`streams.Remake`)."""
         now_ns = time.time_ns()
         created = now_ns // 1_000_000_000
         meta = {"id": new_file_id(now_ns), "object": "file", "bytes": size, "created_at": created,
@@ -100,6 +105,7 @@ class FileStore:
             if not stream_gone(exc):
                 raise
             self._store = None  # NATS lost the bucket (a restart without its store): made anew, once
+            self._remake.lost()
             if start is not None:
                 data.seek(start)
             await (await self._open()).put(meta["id"], data, meta=object_meta)

@@ -43,7 +43,7 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
 from ratefleet.runtime.logs import get_logger
-from ratefleet.runtime.streams import open_kv, stream_gone
+from ratefleet.runtime.streams import Remake, open_kv, stream_gone
 from ratefleet.schemas import Config, Job, Result, Subjects
 from ratefleet.schemas.result import ResponseInfo, Timings
 
@@ -119,6 +119,7 @@ class ResultCache:
         self.max_ttl_s, self.max_entry_bytes = max_ttl_s, max_entry_bytes
         self.stats = CacheStats()
         self._kv: KeyValue | None = None
+        self._remake = Remake()
 
     @classmethod
     def from_config(cls, js: JetStreamContext, config: Config) -> ResultCache:
@@ -128,12 +129,21 @@ class ResultCache:
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
             self._kv = await open_kv(self.js, self.bucket, ttl=self.max_ttl_s, replicas=self.replicas)
+            self._remake.made()
         return self._kv
+
+    def _settling(self) -> bool:
+        """The bucket was found gone less than `streams.REBUILD_SETTLE_S` ago: it is not made anew
+        yet (`streams.Remake`), so lookups miss and writes are skipped, without waiting."""
+        return self._kv is None and self._remake.wait_s() > 0
 
     async def lookup(self, key: str, now: float | None = None) -> CacheEntry | None:
         """The live entry for `key`, or None (absent, expired, unreadable, NATS away).
         `now`: epoch seconds (default: the clock). Counts a hit or a miss."""
         now = time.time() if now is None else now
+        if self._settling():
+            self.stats.misses += 1
+            return None
         entry = None
         try:
             with anyio.fail_after(IO_TIMEOUT_S):
@@ -155,7 +165,8 @@ class ResultCache:
     async def store(self, key: str, result: Result, ttl_s: float, now: float | None = None) -> bool:
         """Keep the 2xx answer of `result` under `key` for `ttl_s` seconds (capped at
         `max_ttl_s`). False (nothing written) for a non-2xx or bodyless answer, a body kept in
-        the Object Store, an entry over `max_entry_bytes`, or a NATS failure (logged)."""
+        the Object Store, an entry over `max_entry_bytes`, a NATS failure (logged), or a bucket
+        found gone less than `streams.REBUILD_SETTLE_S` ago (made anew on the first write after)."""
         response = result.response
         if response is None or not 200 <= response.status < 300 or response.body_ref is not None:
             return False
@@ -163,7 +174,7 @@ class ResultCache:
         ttl = min(ttl_s, self.max_ttl_s)
         entry = CacheEntry(response=response, job_id=result.job_id, stored_at=now, expires_at=now + ttl)
         payload = entry.model_dump_json(by_alias=True).encode()
-        if len(payload) > self.max_entry_bytes:
+        if len(payload) > self.max_entry_bytes or self._settling():
             return False
         try:
             with anyio.fail_after(IO_TIMEOUT_S):
@@ -173,8 +184,9 @@ class ResultCache:
                                       timeout=IO_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - the answer is stored as the Result: the cache is a bonus
             self.stats.errors += 1
-            if stream_gone(exc):  # NATS lost the bucket (a restart without its store): made anew next time
-                self._kv = None
+            if stream_gone(exc):  # NATS lost the bucket (a restart without its store, or deleted): made anew
+                self._kv = None  # once it has been gone for REBUILD_SETTLE_S (`_settling`)
+                self._remake.lost()
             log.warning("cache entry not written", error=type(exc).__name__)
             return False
         self.stats.writes += 1

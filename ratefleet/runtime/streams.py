@@ -244,6 +244,33 @@ async def _ensure_stream(js: JetStreamContext, stream: StreamConfig) -> None:
     await js.update_stream(stream)
 
 
+class Remake:
+    """When a bucket a process opens on first use (the gateway's files and batches buckets, the
+    result cache) may be made anew after NATS lost it: `settle_s` seconds after it was first
+    found gone (`lost`), so that a deletion still under way on the server ends first. A bucket is
+    a stream (`KV_<bucket>`, `OBJ_<bucket>`), exposed to the race measured in the Rebuilder's
+    docstring: made again the moment it reads as missing, it can come out unable to store.
+
+    `wait_s()`: seconds still to wait before making it (0.0: now, or it was never lost);
+    `made()` once it is open again. Losses seen again while waiting keep the first time."""
+
+    def __init__(self, settle_s: float = REBUILD_SETTLE_S) -> None:
+        self.settle_s = settle_s
+        self._lost_at: float | None = None  # time.monotonic() it was first found gone
+
+    def lost(self) -> None:
+        if self._lost_at is None:
+            self._lost_at = time.monotonic()
+
+    def wait_s(self) -> float:
+        if self._lost_at is None:
+            return 0.0
+        return max(0.0, self._lost_at + self.settle_s - time.monotonic())
+
+    def made(self) -> None:
+        self._lost_at = None
+
+
 def stream_gone(exc: BaseException) -> bool:
     """Whether `exc` says a stream, bucket or consumer of the fleet is missing on the server:
     a JetStream publish no stream captures (NoStreamResponseError, the server's 503 "no

@@ -1,6 +1,7 @@
 """NATS lost the fleet's topology (a restart without its store, or streams deleted): what
 counts as "gone", what the Rebuilder finds missing and creates anew, how often it tries, and
-the gateway's own buckets made anew on the next write (real nats-server)."""
+the gateway's own buckets and the result cache's made anew once their deletion has settled
+(real nats-server)."""
 
 from __future__ import annotations
 
@@ -262,3 +263,72 @@ def test_the_roles_rebuilders_wait_a_second_by_default():
 
     assert REBUILD_SETTLE_S >= 1.0  # the dispatcher's and the worker's Rebuilders take the default
     assert inspect.signature(Rebuilder).parameters["settle_s"].default == REBUILD_SETTLE_S
+
+
+async def _missing(js, stream: str) -> bool:
+    try:
+        await js.stream_info(stream)
+    except NotFoundError:
+        return True
+    return False
+
+
+async def test_the_gateways_buckets_found_gone_are_made_only_once_their_deletion_has_settled(nats_server):
+    """A bucket is a stream: made again the moment a write finds it gone, nats-server may still be
+    removing the old one's files (see Rebuilder). The write that finds it gone waits
+    REBUILD_SETTLE_S before making it, then stores."""
+    from ratefleet.runtime.streams import REBUILD_SETTLE_S
+
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        subjects = Subjects("ratefleet")
+        files = FileStore(js, subjects, ttl_s=3600)
+        book = BatchBook(js, subjects, ttl_s=3600)
+        await files.put("alice", "a.jsonl", "batch", b"{}\n", 3)
+        await book.create({"id": "batch_1", "created_at": 1})
+        for stream, write in ((f"OBJ_{files.bucket}", lambda: files.put("alice", "b.jsonl", "batch", b"{}\n", 3)),
+                              (f"KV_{book.bucket}", lambda: book.create({"id": "batch_2", "created_at": 2}))):
+            await js.delete_stream(stream)
+            done: list[object] = []
+            async with anyio.create_task_group() as tg:
+                async def write_soon(write=write, done=done) -> None:
+                    done.append(await write())
+
+                tg.start_soon(write_soon)
+                await anyio.sleep(REBUILD_SETTLE_S * 0.6)
+                assert not done and await _missing(js, stream), stream  # not made yet
+            assert done and not await _missing(js, stream)  # then made, and the write stored
+        assert [f["filename"] for f in await files.list("alice")] == ["b.jsonl"]  # the new bucket holds it
+        assert await book.get("batch_2") == {"id": "batch_2", "created_at": 2}
+    finally:
+        await nc.close()
+
+
+async def test_the_result_cache_misses_without_waiting_until_its_lost_bucket_may_be_made(nats_server):
+    """The result cache never waits in a caller's path: once a write finds its bucket gone,
+    lookups miss and writes are skipped (no error counted) until REBUILD_SETTLE_S has passed,
+    and only then is the bucket made anew."""
+    from ratefleet.runtime.cache import ResultCache
+    from ratefleet.runtime.streams import REBUILD_SETTLE_S
+    from ratefleet.schemas import Result
+    from ratefleet.schemas.result import ResponseInfo
+
+    answer = Result(job_id="j1", status="succeeded", response=ResponseInfo(status=200, json={"answer": 1}))
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        cache = ResultCache(js, Subjects(), max_ttl_s=3600, max_entry_bytes=4096)
+        assert await cache.store("k1", answer, ttl_s=60)
+        await js.delete_stream("KV_ratefleet_cache")
+        assert not await cache.store("k2", answer, ttl_s=60)  # finds it gone (one error)
+        with anyio.fail_after(0.5):  # no wait
+            assert not await cache.store("k3", answer, ttl_s=60)
+            assert await cache.lookup("k1") is None
+        assert await _missing(js, "KV_ratefleet_cache")
+        assert cache.stats.errors == 1
+        await anyio.sleep(REBUILD_SETTLE_S + 0.1)
+        assert await cache.store("k4", answer, ttl_s=60)  # made anew now
+        assert (await cache.lookup("k4")) is not None and not await _missing(js, "KV_ratefleet_cache")
+    finally:
+        await nc.close()
