@@ -79,6 +79,24 @@ class Run:
     def expected(self) -> int:
         return (len(self.found.ids) if self.found else 0) - self.foreign - len(self.changed)
 
+    def earlier_only(self) -> int:
+        """Jobs of the batch's earlier run that are not lines of this file (another file, or lines
+        edited since; as counted so far): they still run and their Results are part of the batch."""
+        if self.before is None or self.before.jobs <= 0:
+            return 0
+        done = min(self.earlier, self.results_before)
+        repeats = min(self.found.repeated_ids if self.found else 0, self.earlier - done)  # this file's own lines
+        return max(0, self.before.jobs - (self.earlier - repeats))
+
+    def batch_jobs(self, *, submitted: bool) -> int:
+        """The batch's jobs for its record (`results --wait` waits for as many Results): this run's
+        (once `submitted`, the file's; before, what is stored so far) and the earlier run's jobs
+        that are not lines of this file. Before, a second file under the same --batch recorded its
+        own lines only, and `results --wait` ended at that count, exit 0, while the rest still ran."""
+        if not submitted and self.before is not None and self.before.jobs > 0:
+            return self.before.jobs + self.fresh  # the earlier run's jobs, and the new ones sent so far
+        return (self.expected if submitted else self.stored - self.foreign) + self.earlier_only()
+
     def write(self, result: Result, *, foreign: bool = False) -> None:
         """Count a Result (and write it to --out). `foreign`: another batch's, whose dead letter
         `dlq replay --batch` of this batch does not take (not counted as given up here)."""
@@ -238,7 +256,7 @@ def report_end(run: Run, phases, *, submitted_only: bool = False) -> int:
                      + (f", {repeats:,} repeat an earlier line's id (one job: not run again; exit code 1)"
                         if repeats else ""))
         _report_foreign(run, phases)
-        _report_other_lines(run, phases, repeats)
+        _report_other_lines(run, phases)
         if run.changed:
             phases.print(f"{len(run.changed):,} lines changed while this command ran and were not sent (first: "
                          f"line {run.changed[0]}); run the command again to send them")
@@ -282,17 +300,16 @@ def report_end(run: Run, phases, *, submitted_only: bool = False) -> int:
     return 0 if ok else 1
 
 
-def _report_other_lines(run: Run, phases, repeats: int) -> None:
+def _report_other_lines(run: Run, phases) -> None:
     """Warn when jobs of the batch's earlier run are not lines of this file (another file, or
     lines edited since): they still run, and their Results count in the batch. Fixing a bad
     line, or appending lines, keeps every earlier job and says nothing."""
-    if run.before is None or run.before.jobs <= 0:
-        return
-    missing = run.before.jobs - (run.earlier - repeats)
+    missing = run.earlier_only()
     if missing > 0:
         phases.print(f"warning: {missing:,} jobs of batch {run.batch}'s earlier run are not lines of this file "
                      "(another file, or lines edited since): they still run and their Results are part of batch "
-                     f"{run.batch} (`ratefleet cancel --batch {run.batch}` stops what is queued); give a new file "
+                     f"{run.batch} (`ratefleet results --batch {run.batch} --wait` waits for them too; `ratefleet "
+                     f"cancel --batch {run.batch}` stops what is queued); give a new file "
                      "its own --batch name")
 
 

@@ -17,6 +17,7 @@ from faultkit import WarmCli
 from fleetkit import FleetKit, chat_job, mock_keys, wait_for_leader
 
 from ratefleet import Client
+from ratefleet.batches import load_record
 from ratefleet.mock import MockSettings, running_mock
 from ratefleet.runtime.streams import ensure_topology
 from ratefleet.schemas.config import parse_config
@@ -382,12 +383,18 @@ async def test_a_batch_name_used_again_for_other_lines_is_warned_of(tmp_path, na
             (lines[:1] + [json.dumps(chat_job(9))] + lines[1:], [], None),  # the bad line fixed in place
             (lines[:1] + [json.dumps(chat_job(9))] + lines[1:] + [json.dumps(chat_job(10))], [], None),  # appended
             ([json.dumps(chat_job(i)) for i in range(20, 23)], [], 5)]  # another file: the 5 earlier jobs
+    recorded = []
     for text, extra, missing in runs:
         first.write_text("\n".join(text) + "\n")
         done = cli("submit", str(first), *args, *extra)
         assert done.returncode in (0, 1), done.stderr
         warned = "earlier run are not lines of this file" in done.stderr
         assert warned == (missing is not None), done.stderr
+        async with await Client.connect(nats_server.url) as client:
+            recorded.append((await load_record(client.js, client.subjects, "reuse1")).jobs)
+    # what `results --batch reuse1 --wait` waits for: every job of the batch, the other file's 3
+    # and the 5 earlier ones (the record said 3: the wait ended "3 of 3", exit 0, with 5 still running)
+    assert recorded == [3, 3, 4, 5, 8]
     assert f"warning: {missing} jobs of batch reuse1's earlier run are not lines of this file" in done.stderr
     assert "`ratefleet cancel --batch reuse1` stops what is queued" in done.stderr
 
