@@ -337,8 +337,9 @@ def mock_upstream(port: int = typer.Option(8900, "--port"), host: str = typer.Op
 
 
 @app.command()
-def demo(jobs: int = typer.Option(400, "--jobs", help="guest flood size"), vip: int = typer.Option(20, "--vip"),
-         workers: int = typer.Option(2, "--workers")):
+def demo(jobs: int = typer.Option(400, "--jobs", min=1, help="guest flood size"),
+         vip: int = typer.Option(20, "--vip", min=0, help="vip jobs sent behind the flood"),
+         workers: int = typer.Option(2, "--workers", min=1, max=16, help="worker processes")):
     """Embedded NATS + mock upstream + fleet; a guest flood and some vip jobs; live progress and a summary."""
     from ratefleet.demo import run_demo
 

@@ -9,6 +9,7 @@ was ever refused by the upstream for going over its limit.
 
 from __future__ import annotations
 
+import signal
 import statistics
 import time
 from collections import Counter
@@ -39,11 +40,18 @@ def _job(i: int, tier: str) -> dict:
 
 
 def run_demo(guest_jobs: int = 400, vip_jobs: int = 20, workers: int = 2) -> int:
+    """Run the demo; its exit code. SIGTERM ends it as Ctrl-C does (exit 130), and the fleet's
+    processes and files go with it (before, they stayed running with no parent); a SIGKILL still
+    takes the processes (`LocalFleet`: each dies with its parent)."""
     def keys(burst: int) -> list[KeyLimit]:
         return [KeyLimit(key_id, rps, burst) for key_id, rps in DEMO_KEYS.items()]
 
-    with LocalFleet(keys(UPSTREAM_BURST), workers=workers, slots=32, claimed=keys(FLEET_BURST)) as fleet:
-        return run_async(_drive, make_console(), fleet, guest_jobs, vip_jobs)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
+    try:
+        with LocalFleet(keys(UPSTREAM_BURST), workers=workers, slots=32, claimed=keys(FLEET_BURST)) as fleet:
+            return run_async(_drive, make_console(), fleet, guest_jobs, vip_jobs)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 async def _drive(console: Console, fleet: LocalFleet, guest_jobs: int, vip_jobs: int) -> int:

@@ -26,7 +26,7 @@ import httpx
 import tomli_w
 
 from ratefleet.client import Client
-from ratefleet.runtime.embedded import EmbeddedNats
+from ratefleet.runtime.embedded import EmbeddedNats, die_with_parent
 
 
 def free_port() -> int:
@@ -102,7 +102,7 @@ class LocalFleet:
         return self
 
     def _start(self) -> None:
-        self._nats = EmbeddedNats(self.tmp / "nats").start()
+        self._nats = EmbeddedNats(self.tmp / "nats", die_with_parent=True).start()
         self.nats_url = self._nats.url
         port = free_port()
         self.upstream = f"http://127.0.0.1:{port}"
@@ -121,8 +121,10 @@ class LocalFleet:
 
     def _spawn(self, *args: str, name: str) -> None:
         with open(self.tmp / f"{name}.log", "ab") as log:
+            # (SIGTERM when this process dies, also by SIGKILL: no fleet left running without it)
             proc = subprocess.Popen([sys.executable, "-m", "ratefleet", *args], env=self._env(),
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=die_with_parent())
         proc.fleet_name = name  # type: ignore[attr-defined]
         self.procs.append(proc)
 
