@@ -217,7 +217,8 @@ def request(job: str = typer.Argument(..., help="Job JSON, @FILE, or - (standard
     """One job over request/reply; prints the Result; exit 0 only if it succeeded, 2 for a bad job or tier."""
     from ratefleet.client import Client, as_job
     from ratefleet.schemas.errors import JobInvalid
-    from ratefleet.submit_report import check_tier
+    from ratefleet.schemas.job import upstream_problem
+    from ratefleet.submit_report import check_tier, fleet_upstreams
 
     if not math.isfinite(timeout) or timeout <= 0:  # checked before the job is stored (and paid for)
         fail(f"--timeout must be a number of seconds above 0, not {timeout:g}")
@@ -240,6 +241,11 @@ def request(job: str = typer.Argument(..., help="Job JSON, @FILE, or - (standard
             problem = await check_tier(client, tier)
             if problem:
                 return problem
+            # as `submit` checks every line: a job the fleet's live config cannot route is refused
+            # here (exit 2), not stored to end `invalid` with a dead letter no replay can help
+            upstreams = await fleet_upstreams(client, warn=lambda text: typer.echo(text, err=True), tier=tier)
+            if upstreams is not None and (routed := upstream_problem(model, upstreams)) is not None:
+                return f"invalid job: {routed[1]} (the fleet's live config); nothing was stored"
             sent = True  # from here the job may be stored: Ctrl-C says how to find it
             return await client.request(model, tier, timeout=timeout)
 

@@ -177,7 +177,10 @@ class Client(Submitting, Requesting):
     @translated("reading results")
     async def results(self, batch: str | None = None, *, follow: bool = False,
                       idle_timeout: float = 1.0) -> AsyncIterator[Result]:
-        """Results of a batch (`None`: jobs without a batch). Stops when caught up unless `follow`.
+        """Results of a batch (`None`: jobs without a batch). Without `follow`: the Results stored so
+        far, ending at the last of them (or after `idle_timeout` seconds when none is stored yet);
+        jobs still running are not waited for. With `follow`: every Result as it is stored, until
+        the caller stops (e.g. after as many as it submitted).
 
         Referenced bodies are fetched and filled in (BodyUnavailable when one is gone). ValueError
         for a `batch` that is no batch name (1-128 of A-Z a-z 0-9 _ -; `_` is None's), before anything

@@ -146,3 +146,16 @@ async def test_submit_without_a_dispatcher_says_so_and_out_without_wait_writes_n
     assert "note: no dispatcher is running (nothing answers ratefleet.admin.status)" in sent.stderr, sent.stderr
     assert not out.exists()
     assert f"ratefleet results --batch b9 --wait --out {out}" in sent.stderr, sent.stderr
+
+
+async def test_request_refuses_a_job_the_fleet_cannot_route_before_storing_it(nats_server):
+    """`ratefleet request` checks the job's upstream as `submit` checks a line (a new user's
+    finding: `request` stored the job, got `invalid` and left a dead letter marked replayable
+    that no replay could help, where `submit` refused the same job with exit 2)."""
+    await fleet_streams(nats_server.url, push=True)
+    for job, why in ((line(upstream="gemini"), "unknown upstream 'gemini'"),
+                     (line(), "upstream is required: several are configured")):
+        refused = cli("request", job.strip(), "--tier", "normal", "--nats", nats_server.url, "--timeout", "3")
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert why in refused.stderr and "nothing was stored" in refused.stderr, refused.stderr
+    assert await queued(nats_server.url) == 0
