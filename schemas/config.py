@@ -66,8 +66,12 @@ def nats_url_problem(value: str) -> str | None:
     for server in servers:
         parsed = urlsplit(server if "://" in server else f"nats://{server}")  # (nats-py adds nats:// too)
         if parsed.scheme not in ("nats", "tls", "ws", "wss") or not _has_address(parsed):
-            shown = f"{parsed.scheme}://{parsed.hostname or ''}" if parsed.scheme else "a server"
-            return (f"{shown}... is not a NATS server URL: use nats://HOST:PORT (or tls://, ws://, "
+            address = parsed.netloc.rpartition("@")[2]  # HOST:PORT, never the credentials before an @
+            shown = f"{parsed.scheme}://{address}" if parsed.scheme else "a server"
+            why = ""
+            if parsed.scheme in ("nats", "tls", "ws", "wss") and parsed.hostname:
+                why = " (its port must be a number from 1 to 65535)"
+            return (f"{shown} is not a NATS server URL{why}: use nats://HOST:PORT (or tls://, ws://, "
                     "wss://), several separated by commas")
     return None
 
@@ -497,6 +501,7 @@ def _read_config(path: str | os.PathLike[str] | None, nats_url: str | None) -> t
     data, used = EnvOverrides().apply(data)
     if nats_url:
         data = {**data, "nats": {**data.get("nats", {}), "url": nats_url}}
+        used = [*used, "--nats or $RATEFLEET_NATS_URL"]  # (the flag wins: name it, not only the file)
     return data, f"{source} (with {', '.join(used)})" if used else source
 
 

@@ -96,3 +96,20 @@ def test_a_heartbeat_no_more_often_than_the_worker_timeout_is_refused(tmp_path, 
 def test_a_heartbeat_well_inside_the_worker_timeout_is_taken(tmp_path):
     config = load_config(write(tmp_path, GOOD + "\n[workers]\nheartbeat_s = 2.5\n"))
     assert config.workers.heartbeat_s == 2.5
+
+
+def test_a_bad_nats_url_shows_its_address_never_its_credentials_and_names_the_flag(tmp_path):
+    """A new user's finding: `--nats nats://127.0.0.1:99999` was reported as "nats://127.0.0.1...
+    is not a NATS server URL", blamed on the config file: the port, the one wrong part, was cut."""
+    from ratefleet.schemas.config import ConfigError, load_config, nats_url_problem
+
+    problem = nats_url_problem("nats://127.0.0.1:99999")
+    assert "nats://127.0.0.1:99999" in problem and "port must be a number from 1 to 65535" in problem
+    hidden = nats_url_problem("nats://alice:s3cretpw@db.internal:99x")
+    assert "nats://db.internal:99x" in hidden and "s3cretpw" not in hidden and "alice" not in hidden
+    assert "port" not in nats_url_problem("http://h:4222")  # the scheme is what is wrong there
+    config = tmp_path / "ratefleet.toml"
+    config.write_text('[nats]\nurl = "nats://127.0.0.1:4222"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(config, nats_url="nats://127.0.0.1:99999")
+    assert "with --nats or $RATEFLEET_NATS_URL" in str(caught.value)
