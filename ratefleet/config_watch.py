@@ -21,7 +21,7 @@ from ratefleet.runtime.config_kv import document_for, push_config
 from ratefleet.runtime.connect import connect, redact_url
 from ratefleet.runtime.logs import get_logger
 from ratefleet.schemas import Subjects
-from ratefleet.schemas.config_store import StoredConfig
+from ratefleet.schemas.config_store import LiteralSecretRefused, StoredConfig
 from ratefleet.schemas.errors import ConfigError
 
 log = get_logger("ratefleet.config")
@@ -32,6 +32,12 @@ async def push_file(js, subjects: Subjects, path: Path) -> int | None:
     """Validate and push `path` once: the revision, or None when the file is refused (logged)."""
     try:
         document = document_for(path)
+    except LiteralSecretRefused as exc:  # a valid file for local use: each process runs it as read at start
+        log.warning("config file not pushed: it holds a literal secret, and a pushed config (live for every "
+                    "process) carries secret references only; each process runs this file as it read it at "
+                    "start, and edits apply on a restart (use env:NAME or file:PATH to have them applied live)",
+                    file=str(path), error=str(exc))
+        return None
     except ConfigError as exc:
         log.error("config file not pushed: it has errors; the fleet keeps its running revision",
                   file=str(path), error=str(exc))

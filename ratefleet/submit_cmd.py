@@ -182,7 +182,7 @@ async def _connected(run: Run, work: _Work, file: Path, skip_invalid: bool,
             say(f"interrupted before anything was sent; run it again with: {run.submit_command()}")
             return 130
         if problem:
-            say(f"error: {problem}")
+            say(f"error: {problem}; nothing was sent")
             return 2
         path = await _spool_stdin(work) if str(file) == "-" else file
         if path is None:  # Ctrl-C while reading standard input

@@ -60,14 +60,19 @@ def literal_secrets(config: Config) -> list[str]:
     return found
 
 
+class LiteralSecretRefused(ConfigError):
+    """A config that is valid but holds a literal secret, so it cannot be pushed (stored in NATS)."""
+
+
 def storable(data: dict[str, Any], *, source: str, pushed_at: float, pushed_by: str | None = None) -> StoredConfig:
     """The document to push for a parsed TOML file: validated (ConfigError with the file,
-    the field and why), refused when it holds a literal secret (ConfigError naming where),
+    the field and why), refused when it holds a literal secret (LiteralSecretRefused, a
+    ConfigError, naming where),
     `[nats]` left out."""
     config = parse_config(data, source=source)
     literals = literal_secrets(config)
     if literals:
-        raise ConfigError(f"{source}: refused: a pushed config is stored in NATS and must hold secret references only "
+        raise LiteralSecretRefused(f"{source}: refused: a pushed config is stored in NATS and must hold secret references only "
                           "(env:NAME or file:PATH, resolved by each worker); literal secret at "
                           + ", ".join(literals))
     kept = {name: value for name, value in data.items() if name not in LOCAL_SECTIONS}
