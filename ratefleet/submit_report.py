@@ -47,6 +47,8 @@ class Run:
     interrupted: bool = False
     submitted: bool = False
     stored: int = 0          # lines acknowledged by JetStream (new or duplicate)
+    handed: int = 0          # lines handed to the pipelined publisher (stored, or sent and not yet acknowledged)
+    skipped_done: int = 0    # lines not sent because their Result is stored (counted in `stored`)
     fresh: int = 0           # new jobs
     earlier: int = 0         # stored before, under this batch (an earlier run or an earlier line)
     foreign: int = 0         # ids stored before under another batch
@@ -333,8 +335,12 @@ def report_interrupt(run: Run, phases) -> None:
         return
     if not run.submitted:
         ours = run.stored - run.foreign
+        # published but not acknowledged when Ctrl-C came (up to the pipeline's window): maybe stored
+        maybe = max(0, run.handed - (run.stored - run.skipped_done))
         phases.print(f"interrupted while submitting: {run.stored:,} of {run.found.jobs:,} jobs stored in batch "
-                     f"{run.batch}; {run.found.jobs - run.stored:,} not sent")
+                     f"{run.batch}" + (f", {maybe:,} more sent whose storing was not confirmed yet (they may be "
+                                       "stored too)" if maybe else "")
+                     + f"; {max(0, run.found.jobs - run.stored - maybe):,} not sent")
         phases.print(f"send the rest (stored lines are not sent again): {run.submit_command()}")
         if ours:
             unfinished = ours - run.collected if run.wait else ours
