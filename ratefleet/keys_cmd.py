@@ -160,6 +160,8 @@ def rotate(key: str = typer.Argument(..., help="key id from the config"),
            config: Path | None = typer.Option(None, "--config", "-c", help="TOML config file to edit in place")):
     """Add a new version of KEY with the secret --secret, used for new calls from --at on; the
     version in use until then turns draining at --at (calls in flight finish). Edits the file."""
+    from ratefleet.workers.secrets import secret_problem
+
     found = config_path(config)
     if found is None:
         fail(f"no config file to edit (looked at {LOOKED_AT})")
@@ -172,6 +174,12 @@ def rotate(key: str = typer.Argument(..., help="key id from the config"),
     typer.echo(f"key {key}: version {version} ({secret}) takes new calls from {when.isoformat()}; "
                f"the earlier version turns draining then. Written to {found}.")
     typer.echo(f"  1. every worker needs {secret} before that time (workers re-read file: secrets by themselves)")
+    if (problem := secret_problem(secret)) is not None:
+        soon = " The switch is now (no --at):" if at is None else ""
+        typer.echo(f"warning: {secret} cannot be used on this machine ({problem}).{soon} a worker that runs this "
+                   f"config without it stops using key {key} at the switch (the leader then sends that key's jobs to "
+                   "workers that have it, or none runs them); set it on every worker first"
+                   + (", or rotate with --at a later time to leave room for that" if at is None else ""), err=True)
     typer.echo("  2. workers use the switch once they run this config (restart them, or push the config)")
     typer.echo(f"  3. revoke the old secret at the provider only after {(when + timedelta(seconds=timeout)).isoformat()}"
                f" (the switch + the upstream's timeout_s = {timeout:g} s, for calls picked just before it)")

@@ -42,6 +42,16 @@ def header_problem(value: str) -> str | None:
     return None
 
 
+def secret_problem(ref: str) -> str | None:
+    """Why the secret reference `ref` (`env:NAME` or `file:PATH`) cannot be used in this process
+    (e.g. "NEW_KEY not set"), or None when it can. Never the value."""
+    try:
+        SecretResolver._resolve("-", ref)
+    except SecretUnavailable as exc:
+        return exc.reason
+    return None
+
+
 class SecretResolver:
     """Secrets by key id for one worker: `pick` chooses the key's version for a new call and
     resolves its secret, `check_all` reports. Values are cached per (key id, version); a

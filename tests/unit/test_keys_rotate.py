@@ -156,3 +156,21 @@ def test_the_command_refuses_with_one_clear_line(tmp_path, args, code, message):
     assert run.exit_code == code, run.output
     assert message in run.output and "sk-live-abc123" not in run.output
     assert path.read_text() == FILE
+
+
+def test_a_new_secret_unusable_here_is_warned_of_with_what_it_does_at_the_switch(tmp_path, monkeypatch):
+    """A new user's finding: `keys rotate k1 --secret env:LOCAL_KEY_1_NEW` with the variable unset,
+    `up` watching the file: within seconds the key left rotation ("no worker has this key's
+    secret") and half the capacity was gone, with no warning from the command."""
+    path = tmp_path / "ratefleet.toml"
+    path.write_text(FILE)
+    monkeypatch.delenv("RF_UNSET_NEW", raising=False)
+    now = CliRunner().invoke(app, ["keys", "rotate", "k1", "--secret", "env:RF_UNSET_NEW", "--config", str(path)])
+    assert now.exit_code == 0, now.output  # written: the workers may hold it on other machines
+    assert "warning: env:RF_UNSET_NEW cannot be used on this machine (RF_UNSET_NEW not set)" in now.output
+    assert "The switch is now" in now.output and "--at a later time" in now.output
+    assert "stops using key k1 at the switch" in now.output
+    path.write_text(FILE)
+    monkeypatch.setenv("RF_SET_NEW", "sk-new-value")
+    ok = CliRunner().invoke(app, ["keys", "rotate", "k1", "--secret", "env:RF_SET_NEW", "--config", str(path)])
+    assert ok.exit_code == 0 and "warning" not in ok.output and "sk-new-value" not in ok.output
