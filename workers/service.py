@@ -428,8 +428,8 @@ class Worker:
         if job.expired(datetime.now(UTC)):
             log.info("job expired before its call")
             await self.finisher.finish(self._result(a, "expired", error=ErrorInfo(
-                code=ErrorCode.DEADLINE_EXCEEDED, message=expired_before_call(a.attempt, a.rate_limited))),
-                ack=a.ack, reply_to=a.reply_to)
+                code=ErrorCode.DEADLINE_EXCEEDED, message=expired_before_call(a.attempt, a.rate_limited)),
+                called=False), ack=a.ack, reply_to=a.reply_to)
             await self._report(a, None, terminal=True)
             return
         try:
@@ -547,11 +547,11 @@ class Worker:
         await self._report(a, None, terminal=False)
 
     async def _end_invalid(self, a: Assignment, code: ErrorCode, message: str) -> None:
-        """The job's own fault, found before any call: `invalid`, one attempt, a dead letter
-        naming the error; the key is left alone (the report says no call was made)."""
+        """The job's own fault, found before any call: `invalid` (this delivery is no attempt), a
+        dead letter naming the error; the key is left alone (the report says no call was made)."""
         log.warning("job cannot be sent; ended as invalid without a call", code=str(code), reason=message)
         error = ErrorInfo(code=code, message=message)
-        result = self._result(a, "invalid", error=error)
+        result = self._result(a, "invalid", error=error, called=False)
         if await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to):
             try:
                 await self.finisher.dead(a.tier, result, job=a.job_data(), last_error=error.model_dump())
@@ -654,11 +654,15 @@ class Worker:
                               message=f"the upstream refused the request with HTTP {call.response.status}; not retried")
         return self._result(a, "failed", response=call.response, error=error, queued_ms=queued_ms, upstream_ms=call.latency_ms)
 
-    def _result(self, a: Assignment, status: str, *, response=None, error=None, queued_ms=None, upstream_ms=None) -> Result:
+    def _result(self, a: Assignment, status: str, *, response=None, error=None, queued_ms=None, upstream_ms=None,
+                called: bool = True) -> Result:
+        """The Result of `a`; `called` False: this delivery ended without a call, so it is not
+        counted in `attempts` (only the deliveries before it, which may have reached one)."""
         submitted = datetime.fromtimestamp(a.submitted_at, UTC)
         batch, metadata = _batch_and_metadata(a)
         return Result(job_id=a.job_id, status=status, tier=a.tier, batch=batch, response=response,
-                      error=error, attempts=a.attempt, key_id=a.key_id, pool=a.pool, worker=self.id,
+                      error=error, attempts=a.attempt if called else max(0, a.attempt - 1),
+                      key_id=a.key_id, pool=a.pool, worker=self.id,
                       key_version=self.key_versions.get(a.id), variant=a.variant,
                       metadata=metadata, trace_id=note_result(status, error),
                       timings=Timings(submitted_at=submitted, queued_ms=queued_ms, upstream_ms=upstream_ms,

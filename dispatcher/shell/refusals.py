@@ -15,6 +15,12 @@ from ratefleet.schemas import ErrorCode, ErrorInfo, Result, Timings
 log = get_logger("ratefleet.leader")
 
 
+def calls_before(attempt: int) -> int:
+    """`Result.attempts` of a job ended without a call in its `attempt`-th delivery: the
+    deliveries before it, which may have reached a call (an expired job never handed out: 0)."""
+    return max(0, attempt - 1)
+
+
 async def refuse_incoming(finisher: Finisher, incoming: Incoming, code: ErrorCode, message: str,
                           status: str = "failed") -> None:
     """A valid job the scheduler can never run (e.g. no pool for its upstream): `failed`;
@@ -22,7 +28,7 @@ async def refuse_incoming(finisher: Finisher, incoming: Incoming, code: ErrorCod
     log.warning("job refused", job_id=incoming.job_id, tier=incoming.tier, code=code, reason=message)
     submitted = incoming.submitted_at
     result = Result(job_id=incoming.job_id, status=status, tier=incoming.tier, batch=incoming.job.batch,
-                    error=ErrorInfo(code=code, message=message), attempts=incoming.attempt,
+                    error=ErrorInfo(code=code, message=message), attempts=calls_before(incoming.attempt),
                     metadata=incoming.job.metadata, trace_id=trace_id_of(incoming.traceparent),
                     timings=Timings(submitted_at=datetime.fromtimestamp(submitted, UTC),
                                     total_ms=max(0.0, (time.time() - submitted) * 1000)))
@@ -38,7 +44,7 @@ async def finish_refused(finisher: Finisher, refused: Refused) -> None:
                                               status=refused.status, code=str(refused.code), reason=refused.message)
     job = refused.job
     result = Result(job_id=refused.job_id, status=refused.status, tier=refused.tier, batch=refused.batch,
-                    error=ErrorInfo(code=refused.code, message=refused.message), attempts=refused.attempt,
+                    error=ErrorInfo(code=refused.code, message=refused.message), attempts=calls_before(refused.attempt),
                     metadata=job.metadata if job else {})
     stored = await finisher.finish(result, ack=refused.ack, reply_to=refused.reply_to)
     if stored and refused.status != "expired" and not cancelled:

@@ -81,7 +81,7 @@ def counting_executor(calls: list) -> UpstreamExecutor:
     ("Authorization", {"headers": {"Authorization:": "Bearer sk-caller-0000000"}}, "invalid_job", "set by ratefleet"),
     ("X-Custom-Auth", {"headers": {"x-custom-auth": "mine"}}, "invalid_request", "set by ratefleet"),
 ])
-async def test_the_jobs_own_fault_ends_invalid_with_no_call_one_attempt_and_a_dead_letter(
+async def test_the_jobs_own_fault_ends_invalid_with_no_call_no_attempt_and_a_dead_letter(
         monkeypatch, auth_header, request_fields, code, why):
     finisher = RecordingFinisher()
     worker, nc = make_worker(monkeypatch, finisher, auth_header)
@@ -89,7 +89,7 @@ async def test_the_jobs_own_fault_ends_invalid_with_no_call_one_attempt_and_a_de
     await worker._run_assignment(assignment(**request_fields), counting_executor(calls))
     assert calls == [], "the upstream was called"
     [result] = finisher.finished
-    assert (result.status, result.error.code, result.attempts) == ("invalid", code, 1)
+    assert (result.status, result.error.code, result.attempts) == ("invalid", code, 0)  # its only delivery, no call: no attempt
     assert why in result.error.message and SECRET not in result.error.message
     [letter] = finisher.dead_letters
     assert letter["code"] == code and letter["last_error"]["code"] == code and why in letter["last_error"]["message"]
