@@ -586,11 +586,17 @@ class Worker:
                 return
         else:
             result = self._call_result(a, call, queued_ms)
-            if result.ok and job.cache_ttl_s is not None and wants_write(job):
-                await self.cache.store(cache_key(a.upstream, job), result, job.cache_ttl_s)
             # the terminal report goes right after the ack, in its write (`then`); the call stays in
             # flight until _store returns (_run_traced ends it), so a drain waits for its dead letter
-            terminal = await self._store(a, result, then=partial(self._report, a, call, terminal=True, ended=False))
+            then = partial(self._report, a, call, terminal=True, ended=False)
+            if result.ok and job.cache_ttl_s is not None and wants_write(job):
+                # beside the Result's store, not before it: a cache bucket that does not answer
+                # (cache.IO_TIMEOUT_S, 2 s) held every cached job's Result back that long
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self.cache.store, cache_key(a.upstream, job), result, job.cache_ttl_s)
+                    terminal = await self._store(a, result, then=then)
+            else:
+                terminal = await self._store(a, result, then=then)
             if terminal:
                 return
         await self._report(a, call, terminal=terminal)
