@@ -165,8 +165,9 @@ async def _ensure_consumer(js: JetStreamContext, stream: str, wanted: ConsumerCo
 
 async def open_kv(js: JetStreamContext, bucket: str, ttl: float | None, *, history: int = 1,
                   replicas: int = 1) -> KeyValue:
-    """A KV bucket (`history` values per key), created at `replicas` when missing; an
-    existing one with fewer replicas is scaled up (a JetStream cluster moves its data)."""
+    """A KV bucket (`history` values per key, each kept `ttl` seconds; None: no limit), created at
+    `replicas` when missing; an existing one is brought to `ttl` and scaled up to `replicas`
+    (`_align`)."""
     try:
         kv = await js.key_value(bucket)
     except (BucketNotFoundError, NotFoundError):
@@ -174,8 +175,7 @@ async def open_kv(js: JetStreamContext, bucket: str, ttl: float | None, *, histo
             return await js.create_key_value(bucket=bucket, ttl=ttl, history=history, replicas=replicas)
         except BadRequestError:  # created concurrently by another process
             return await js.key_value(bucket)
-    if replicas > 1:
-        await _scale_up(js, f"KV_{bucket}", replicas)
+    await _align(js, f"KV_{bucket}", replicas, ttl)
     return kv
 
 
@@ -209,16 +209,31 @@ async def delete_message(js: JetStreamContext, stream: str, seq: int) -> None:
                           json.dumps({"seq": seq, "no_erase": True}).encode())
 
 
-async def _scale_up(js: JetStreamContext, stream: str, replicas: int) -> None:
+async def _align(js: JetStreamContext, stream: str, replicas: int, ttl: float | None) -> None:
+    """Bring the existing bucket behind `stream` to what its opener is configured with: its
+    messages kept `ttl` seconds (None or 0: no limit; nats-py's own `ttl` is the stream's
+    `max_age`) and at least `replicas` copies (a JetStream cluster moves its data). Before, a
+    bucket kept the age it was first made with: a gateway configured for 7-day files wrote into
+    a 1-day bucket, so its files went 6 days before the `expires_at` it had given out (a
+    reviewer's finding). A deduplication window longer than the new age is shortened to it, as
+    nats-py does when it creates a bucket (the server refuses one longer than the max age)."""
     info = await js.stream_info(stream)
-    if (info.config.num_replicas or 1) < replicas:
-        info.config.num_replicas = replicas
-        await js.update_stream(info.config)
+    config, changed = info.config, []
+    if (config.num_replicas or 1) < replicas:
+        config.num_replicas, changed = replicas, [*changed, f"replicas {replicas}"]
+    wanted = float(ttl or 0)
+    if abs(float(config.max_age or 0) - wanted) > 0.001:
+        config.max_age, changed = wanted, [*changed, f"max age {wanted:g} s (was {float(config.max_age or 0):g})"]
+        if wanted and config.duplicate_window and config.duplicate_window > wanted:
+            config.duplicate_window = wanted
+    if changed:
+        await js.update_stream(config)
+        log.info("bucket brought to its configured settings", stream=stream, changed=", ".join(changed))
 
 
 async def open_object_store(js: JetStreamContext, bucket: str, *, ttl: float, replicas: int) -> ObjectStore:
     """An Object Store bucket (file storage, objects kept `ttl` seconds), created at
-    `replicas` when missing; an existing one with fewer replicas is scaled up."""
+    `replicas` when missing; an existing one is brought to `ttl` and scaled up (`_align`)."""
     try:
         store = await js.object_store(bucket)
     except (BucketNotFoundError, NotFoundError):
@@ -227,8 +242,7 @@ async def open_object_store(js: JetStreamContext, bucket: str, *, ttl: float, re
                 ttl=ttl, storage=StorageType.FILE, replicas=replicas))
         except BadRequestError:  # created concurrently by another process
             return await js.object_store(bucket)
-    if replicas > 1:
-        await _scale_up(js, f"OBJ_{bucket}", replicas)
+    await _align(js, f"OBJ_{bucket}", replicas, ttl)
     return store
 
 

@@ -83,10 +83,13 @@ class FakeJS:
         return self.kv
 
     async def stream_info(self, name: str, subjects_filter: str | None = None) -> SimpleNamespace:
-        """The KV's stream, its subjects as the server lists them (`$KV.<bucket>.<key>`)."""
-        assert (name, subjects_filter) == (f"KV_{BUCKET}", f"$KV.{BUCKET}.>")
+        """The KV's stream, its subjects as the server lists them (`$KV.<bucket>.<key>`); without a
+        filter (open_kv checking its settings) a bucket with no age limit, as the keys bucket is."""
         if self.kv.fail:
             raise self.kv.fail
+        if subjects_filter is None and name == f"KV_{BUCKET}":
+            return SimpleNamespace(config=SimpleNamespace(num_replicas=1, max_age=0, duplicate_window=120))
+        assert (name, subjects_filter) == (f"KV_{BUCKET}", f"$KV.{BUCKET}.>")
         subjects = {f"$KV.{BUCKET}.{key}": 1 for key in self.kv.entries} or None  # None: the server omits it
         return SimpleNamespace(state=SimpleNamespace(subjects=subjects))
 

@@ -332,3 +332,30 @@ async def test_the_result_cache_misses_without_waiting_until_its_lost_bucket_may
         assert (await cache.lookup("k4")) is not None and not await _missing(js, "KV_ratefleet_cache")
     finally:
         await nc.close()
+
+
+async def test_an_existing_bucket_is_brought_to_the_age_its_opener_is_configured_with(nats_server):
+    """A reviewer's finding: a gateway configured for 7-day files wrote into a bucket first made
+    for 1 day (its files went 6 days before the `expires_at` it gave out), and a cache bucket
+    kept the max age of whichever config made it first."""
+    from ratefleet.runtime.streams import open_kv, open_object_store
+
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await open_kv(js, "agecheck", ttl=60)
+        await open_kv(js, "agecheck", ttl=3600)
+        config = (await js.stream_info("KV_agecheck")).config
+        assert config.max_age == 3600
+        await open_kv(js, "agecheck", ttl=10)  # shorter than the 60 s dedup window it was made with
+        config = (await js.stream_info("KV_agecheck")).config
+        assert (config.max_age, config.duplicate_window) == (10, 10)
+        await open_kv(js, "agecheck", ttl=None)  # no limit
+        assert not (await js.stream_info("KV_agecheck")).config.max_age
+        await open_object_store(js, "filecheck", ttl=86400, replicas=1)
+        store = await open_object_store(js, "filecheck", ttl=7 * 86400, replicas=1)
+        assert (await js.stream_info("OBJ_filecheck")).config.max_age == 7 * 86400
+        await store.put("a", b"kept")  # the bucket works after the change
+        assert (await store.get("a")).data == b"kept"
+    finally:
+        await nc.close()
