@@ -37,6 +37,7 @@ from ratefleet.gateway.files import FileStore
 from ratefleet.gateway.translate import choose_upstream
 from ratefleet.runtime.edge import translate
 from ratefleet.runtime.logs import get_logger
+from ratefleet.runtime.streams import STORE_NOT_CREATED, stream_gone
 from ratefleet.schemas.errors import NatsUnavailable
 
 log = get_logger("ratefleet.gateway")
@@ -87,9 +88,7 @@ class BatchApi:
                 try:
                     response = await handler(request, caller)
                 except Exception as exc:
-                    if not isinstance(translate(exc), NatsUnavailable):
-                        raise  # (an OpenAI-style 500: app._internal_error)
-                    raise nats_unreachable(f"{type(exc).__name__}") from None
+                    raise self._refusal_for(exc) from None
             except GatewayRefusal as refusal:
                 response = Response(refusal.body(), status_code=refusal.status, headers=refusal.headers(),
                                      media_type="application/json")
@@ -97,6 +96,26 @@ class BatchApi:
                      path=request.url.path, status=response.status_code)
             return response
         return endpoint
+
+    def _refusal_for(self, exc: Exception) -> Exception:
+        """The 503 (with Retry-After: an SDK retries it) for a NATS failure a retry can get past;
+        `exc` itself otherwise (an OpenAI-style 500: app._internal_error). A bucket NATS lost
+        (deleted, or a restart without its store) or could not make yet (err_code 10049) was a 500
+        naming only the exception class (a reviewer's finding); it is made anew on a later
+        request. A timeout while connected is not "cannot reach NATS": the server did not answer."""
+        if stream_gone(exc) or getattr(exc, "err_code", None) == STORE_NOT_CREATED:
+            return GatewayRefusal(503, "NATS has lost the bucket where files and batches are kept (deleted, or a "
+                                  f"restart without its store) or is still removing it ({type(exc).__name__}); it is "
+                                  "made anew on a later request: retry shortly.", type="server_error",
+                                  code="service_unavailable", retry_after_s=2.0)
+        if not isinstance(translate(exc), NatsUnavailable):
+            return exc
+        if self.runner is not None and self.runner.client.nc.is_connected:
+            return GatewayRefusal(503, f"NATS did not answer in time ({type(exc).__name__}) although connected: "
+                                  "overloaded, or unable to store into the files or batches bucket (the NATS "
+                                  "server's log then says why); retry shortly.", type="server_error",
+                                  code="service_unavailable", retry_after_s=2.0)
+        return nats_unreachable(type(exc).__name__)
 
     # -- files -----------------------------------------------------------------------------
 
