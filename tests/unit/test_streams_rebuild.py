@@ -91,13 +91,20 @@ async def test_the_rebuilder_tries_at_most_once_per_interval(nats_server):
         assert await missing_topology(js, CONFIG) == ["RATEFLEET_DEAD"]
 
 
-async def test_the_gateways_buckets_are_made_anew_on_the_next_write(nats_server):
-    nc = await nats.connect(nats_server.url)
+@contextlib.asynccontextmanager
+async def gateway_stores(url: str) -> AsyncIterator:
+    """(js, FileStore, BatchBook) of the gateway on `url`, files and batches kept an hour."""
+    nc = await nats.connect(url)
     try:
         js = nc.jetstream()
         subjects = Subjects("ratefleet")
-        files = FileStore(js, subjects, ttl_s=3600)
-        book = BatchBook(js, subjects, ttl_s=3600)
+        yield js, FileStore(js, subjects, ttl_s=3600), BatchBook(js, subjects, ttl_s=3600)
+    finally:
+        await nc.close()
+
+
+async def test_the_gateways_buckets_are_made_anew_on_the_next_write(nats_server):
+    async with gateway_stores(nats_server.url) as (js, files, book):
         first = await files.put("alice", "a.jsonl", "batch", b"{}\n", 3)
         await book.create({"id": "batch_1", "created_at": 1})
         await js.delete_object_store(files.bucket)
@@ -109,8 +116,6 @@ async def test_the_gateways_buckets_are_made_anew_on_the_next_write(nats_server)
         assert (await files.read_into("alice", second["id"], handle))["filename"] == "b.jsonl"
         assert handle.getvalue() == b"{}\n{}\n"
         assert await book.get("batch_2") == {"id": "batch_2", "created_at": 2}
-    finally:
-        await nc.close()
 
 
 async def test_a_paid_answer_is_stored_again_once_its_stream_is_made_anew():
@@ -279,12 +284,7 @@ async def test_the_gateways_buckets_found_gone_are_made_only_once_their_deletion
     REBUILD_SETTLE_S before making it, then stores."""
     from ratefleet.runtime.streams import REBUILD_SETTLE_S
 
-    nc = await nats.connect(nats_server.url)
-    try:
-        js = nc.jetstream()
-        subjects = Subjects("ratefleet")
-        files = FileStore(js, subjects, ttl_s=3600)
-        book = BatchBook(js, subjects, ttl_s=3600)
+    async with gateway_stores(nats_server.url) as (js, files, book):
         await files.put("alice", "a.jsonl", "batch", b"{}\n", 3)
         await book.create({"id": "batch_1", "created_at": 1})
         for stream, write in ((f"OBJ_{files.bucket}", lambda: files.put("alice", "b.jsonl", "batch", b"{}\n", 3)),
@@ -301,8 +301,6 @@ async def test_the_gateways_buckets_found_gone_are_made_only_once_their_deletion
             assert done and not await _missing(js, stream)  # then made, and the write stored
         assert [f["filename"] for f in await files.list("alice")] == ["b.jsonl"]  # the new bucket holds it
         assert await book.get("batch_2") == {"id": "batch_2", "created_at": 2}
-    finally:
-        await nc.close()
 
 
 async def test_the_result_cache_misses_without_waiting_until_its_lost_bucket_may_be_made(nats_server):
