@@ -312,7 +312,8 @@ class RatefleetApp(typer.Typer):
         if _denial_hint():  # NATS refused this user a subject: what failed next (a request timing out, as
             _print_error("the command could not go on without it")  # nats-py tells only its error callback)
             return EXIT_FAILED                                      # is no "unexpected" error
-        _print_error(f"unexpected {one_line(f'{type(exc).__name__}: {exc}')} (set RATEFLEET_DEBUG=1 for the traceback)")
+        what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        _print_error(f"unexpected {one_line(what)} (set RATEFLEET_DEBUG=1 for the traceback)")
         return EXIT_FAILED
 
 

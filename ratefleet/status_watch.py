@@ -103,7 +103,8 @@ def render_watch(answer: dict, rates: dict[str, float | None], interval: float) 
 
 
 def _failed_frame(error: BaseException, interval: float) -> Text:
-    return Text(f"no status answer ({type(error).__name__}: {error}); trying again in {interval:g} s", style="yellow")
+    what = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__  # (asyncio's TimeoutError: "")
+    return Text(f"no status answer ({what}); trying again in {interval:g} s", style="yellow")
 
 
 async def watch(fetch: Fetch, interval: float, console: Console) -> int:
