@@ -142,7 +142,9 @@ class Phases:
         elapsed = max(now - phase.started, 1e-6)
         rate = max(0.0, phase.done - phase.base) / elapsed
         total = f"/{phase.total:,.0f}" if phase.total else ""
-        if final:
+        if final and phase.base and phase.done <= phase.base:  # nothing new: "in 0.1s, 0/s" read as a stall
+            tail = f"in {elapsed:.1f}s; all stored before this command"
+        elif final:
             tail = f"in {elapsed:.1f}s, {rate:,.0f}/s"
         elif phase.done < phase.base:  # still reading back what was stored before: its own rate, no ETA
             tail = f"reading back the {phase.base:,.0f} stored earlier, {phase.done / elapsed:,.0f}/s" + (

@@ -107,3 +107,18 @@ async def test_the_wait_of_a_cancelled_batch_says_it_is_cancelled_not_to_look_at
         assert said.startswith("batch cx1 is cancelled: its queued jobs end `cancelled` without a call when the "
                                "dispatcher reaches them in their tier's queue"), said
         assert await waiting_hint(client.js, client.subjects, "other") == STALL_HINT
+
+
+def test_a_phase_that_found_everything_stored_before_says_so_not_0_per_s():
+    """A new user's finding: `results --wait` of a finished batch ended "(in 0.1s, 0/s)"."""
+    out = io.StringIO()
+    with Phases(Console(file=out, force_terminal=False, width=200), every_s=60) as phases:
+        handle = phases.start("results", 19, unit="results", base=19)
+        phases.update(handle, completed=19)
+        phases.finish(handle)
+        moved = phases.start("results", 20, unit="results", base=19)
+        phases.update(moved, completed=20)
+        phases.finish(moved)
+    first, second = [line for line in out.getvalue().splitlines() if line.startswith("results: ")][-2:]
+    assert first.endswith("; all stored before this command)") and "0/s" not in first, out.getvalue()
+    assert re.search(r"results: 20/20 results \(in [\d.]+s, [\d,]+/s\)$", second), out.getvalue()
