@@ -188,9 +188,6 @@ def submit(file: Path = typer.Argument(..., help="JSONL file, one Job per line (
 
     if str(file) != "-":
         require_file(file, "jobs file")
-    if out is not None and not wait:  # (a new user's finding: the file never came, and nothing said why)
-        typer.echo(f"note: --out is written while --wait follows the Results; without --wait nothing is written to "
-                   f"{out} now, and the last line prints the `ratefleet results` command that writes it", err=True)
     if out is None or str(out) != "-":  # `--out -`: stdout
         require_out_path(out)
     if out is not None and str(out) != "-" and str(file) != "-" and out.exists() and out.samefile(file):
@@ -207,6 +204,9 @@ def submit(file: Path = typer.Argument(..., help="JSONL file, one Job per line (
                     else rejects.resolve() == other.resolve()):
                 fail(f"--rejects {rejects} is {what} itself: it would be overwritten; pass another path")
     target = client_target(config, nats, prefix)
+    if out is not None and not wait:  # (a new user's finding: the file never came, and nothing said why)
+        typer.echo(f"note: --out is written while --wait follows the Results; without --wait nothing is written to "
+                   f"{out} now, and the last line prints the `ratefleet results` command that writes it", err=True)
     with _traced_from_environment():
         code = _run(run_submit, file, tier, batch, wait, out, skip_invalid, target.url, target.prefix, out_format,
                     order == "input", target.nats, upstream, target.config_args, rejects)
@@ -381,7 +381,7 @@ def _letter_codes(code: list[str] | None, given_up: bool) -> frozenset[str] | No
 
 @dlq_app.command("list")
 def dlq_list(tier: str | None = typer.Option(None, "--tier", help=tier_help("only this tier")),
-             limit: int = typer.Option(50, "--limit", min=1, help="letters shown, oldest first (a note on stderr "
+             limit: int = typer.Option(50, "--limit", min=0, help="letters shown, oldest first (a note on stderr "
                                                                   "says how many more are stored)"),
              batch: str | None = typer.Option(None, "--batch", "-b", metavar="NAME",
                                               help="only letters of this batch's jobs"),
