@@ -43,7 +43,7 @@ from nats.js.errors import (
     NotFoundError,
 )
 
-from ratefleet.runtime.streams import Remake, kv_keys, stream_gone
+from ratefleet.runtime.streams import Remake, align_bucket, kv_keys, stream_gone
 from ratefleet.schemas import Subjects
 
 PRIVATE = "ratefleet"
@@ -122,6 +122,7 @@ class BatchBook:
             await anyio.sleep(self._remake.wait_s())  # a bucket found gone: its deletion ends first
             try:
                 self._kv = await self.js.key_value(self.bucket)
+                await align_bucket(self.js, f"KV_{self.bucket}", self.replicas, self.ttl_s)  # the gateway's own bucket
             except (BucketNotFoundError, NotFoundError):
                 try:
                     self._kv = await self.js.create_key_value(bucket=self.bucket, ttl=self.ttl_s, history=1,

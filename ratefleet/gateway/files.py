@@ -83,7 +83,8 @@ class FileStore:
     async def _open(self):
         if self._store is None:
             await anyio.sleep(self._remake.wait_s())  # a bucket found gone: its deletion ends first
-            self._store = await open_object_store(self.js, self.bucket, ttl=self.ttl_s, replicas=self.replicas)
+            self._store = await open_object_store(self.js, self.bucket, ttl=self.ttl_s, replicas=self.replicas,
+                                                own_age=True)  # the gateway's own bucket
             self._remake.made()
         return self._store
 

@@ -164,10 +164,10 @@ async def _ensure_consumer(js: JetStreamContext, stream: str, wanted: ConsumerCo
 
 
 async def open_kv(js: JetStreamContext, bucket: str, ttl: float | None, *, history: int = 1,
-                  replicas: int = 1) -> KeyValue:
+                  replicas: int = 1, own_age: bool = False) -> KeyValue:
     """A KV bucket (`history` values per key, each kept `ttl` seconds; None: no limit), created at
-    `replicas` when missing; an existing one is brought to `ttl` and scaled up to `replicas`
-    (`_align`)."""
+    `replicas` when missing; an existing one is scaled up to `replicas`, and with `own_age` (the
+    caller owns the bucket's age) brought to `ttl` (`align_bucket`)."""
     try:
         kv = await js.key_value(bucket)
     except (BucketNotFoundError, NotFoundError):
@@ -175,7 +175,7 @@ async def open_kv(js: JetStreamContext, bucket: str, ttl: float | None, *, histo
             return await js.create_key_value(bucket=bucket, ttl=ttl, history=history, replicas=replicas)
         except BadRequestError:  # created concurrently by another process
             return await js.key_value(bucket)
-    await _align(js, f"KV_{bucket}", replicas, ttl)
+    await align_bucket(js, f"KV_{bucket}", replicas, ttl if own_age else KEEP_AGE)
     return kv
 
 
@@ -209,20 +209,27 @@ async def delete_message(js: JetStreamContext, stream: str, seq: int) -> None:
                           json.dumps({"seq": seq, "no_erase": True}).encode())
 
 
-async def _align(js: JetStreamContext, stream: str, replicas: int, ttl: float | None) -> None:
-    """Bring the existing bucket behind `stream` to what its opener is configured with: its
-    messages kept `ttl` seconds (None or 0: no limit; nats-py's own `ttl` is the stream's
-    `max_age`) and at least `replicas` copies (a JetStream cluster moves its data). Before, a
-    bucket kept the age it was first made with: a gateway configured for 7-day files wrote into
-    a 1-day bucket, so its files went 6 days before the `expires_at` it had given out (a
-    reviewer's finding). A deduplication window longer than the new age is shortened to it, as
-    nats-py does when it creates a bucket (the server refuses one longer than the max age)."""
+KEEP_AGE = -1.0  # `align_bucket`: leave the max age as it is
+
+
+async def align_bucket(js: JetStreamContext, stream: str, replicas: int, ttl: float | None) -> None:
+    """Bring the existing bucket behind `stream` to at least `replicas` copies (a JetStream
+    cluster moves its data) and, unless `ttl` is `KEEP_AGE`, to messages kept `ttl` seconds (None or
+    0: no limit; nats-py's `ttl` is the stream's `max_age`). Only the owner of a bucket's age
+    passes one: a gateway configured for 7-day files wrote into a 1-day bucket, so its files went
+    6 days before the `expires_at` it gave out (a reviewer's finding); but the fleet's own buckets
+    keep the age they were made with, since every role opens them with its own file's settings
+    and the lease bucket's age is the lease (a worker shortening it let a second leader in). A
+    deduplication window longer than the new age is shortened to it, as nats-py does when it
+    creates a bucket (the server refuses one longer than the max age)."""
+    if replicas <= 1 and ttl == KEEP_AGE:
+        return
     info = await js.stream_info(stream)
     config, changed = info.config, []
     if (config.num_replicas or 1) < replicas:
         config.num_replicas, changed = replicas, [*changed, f"replicas {replicas}"]
     wanted = float(ttl or 0)
-    if abs(float(config.max_age or 0) - wanted) > 0.001:
+    if ttl != KEEP_AGE and abs(float(config.max_age or 0) - wanted) > 0.001:
         config.max_age, changed = wanted, [*changed, f"max age {wanted:g} s (was {float(config.max_age or 0):g})"]
         if wanted and config.duplicate_window and config.duplicate_window > wanted:
             config.duplicate_window = wanted
@@ -231,9 +238,11 @@ async def _align(js: JetStreamContext, stream: str, replicas: int, ttl: float | 
         log.info("bucket brought to its configured settings", stream=stream, changed=", ".join(changed))
 
 
-async def open_object_store(js: JetStreamContext, bucket: str, *, ttl: float, replicas: int) -> ObjectStore:
+async def open_object_store(js: JetStreamContext, bucket: str, *, ttl: float, replicas: int,
+                            own_age: bool = False) -> ObjectStore:
     """An Object Store bucket (file storage, objects kept `ttl` seconds), created at
-    `replicas` when missing; an existing one is brought to `ttl` and scaled up (`_align`)."""
+    `replicas` when missing; an existing one is scaled up, and with `own_age` brought to `ttl`
+    (`align_bucket`)."""
     try:
         store = await js.object_store(bucket)
     except (BucketNotFoundError, NotFoundError):
@@ -242,7 +251,7 @@ async def open_object_store(js: JetStreamContext, bucket: str, *, ttl: float, re
                 ttl=ttl, storage=StorageType.FILE, replicas=replicas))
         except BadRequestError:  # created concurrently by another process
             return await js.object_store(bucket)
-    await _align(js, f"OBJ_{bucket}", replicas, ttl)
+    await align_bucket(js, f"OBJ_{bucket}", replicas, ttl if own_age else KEEP_AGE)
     return store
 
 

@@ -342,18 +342,43 @@ async def test_an_existing_bucket_is_brought_to_the_age_its_opener_is_configured
     try:
         js = nc.jetstream()
         await open_kv(js, "agecheck", ttl=60)
-        await open_kv(js, "agecheck", ttl=3600)
+        await open_kv(js, "agecheck", ttl=3600, own_age=True)
         config = (await js.stream_info("KV_agecheck")).config
         assert config.max_age == 3600
-        await open_kv(js, "agecheck", ttl=10)  # shorter than the 60 s dedup window it was made with
+        await open_kv(js, "agecheck", ttl=10, own_age=True)  # shorter than the 60 s dedup window it was made with
         config = (await js.stream_info("KV_agecheck")).config
         assert (config.max_age, config.duplicate_window) == (10, 10)
-        await open_kv(js, "agecheck", ttl=None)  # no limit
+        await open_kv(js, "agecheck", ttl=None, own_age=True)  # no limit
         assert not (await js.stream_info("KV_agecheck")).config.max_age
         await open_object_store(js, "filecheck", ttl=86400, replicas=1)
-        store = await open_object_store(js, "filecheck", ttl=7 * 86400, replicas=1)
+        store = await open_object_store(js, "filecheck", ttl=7 * 86400, replicas=1, own_age=True)
         assert (await js.stream_info("OBJ_filecheck")).config.max_age == 7 * 86400
         await store.put("a", b"kept")  # the bucket works after the change
         assert (await store.get("a")).data == b"kept"
+    finally:
+        await nc.close()
+
+
+async def test_the_fleets_own_buckets_keep_their_age_whoever_opens_them(nats_server):
+    """A reviewer's finding against the first version of the above: a worker starting with the
+    default lease_ttl_s (3 s) shortened the lease bucket a dispatcher made with 30 s, and a
+    second dispatcher took the lease the first still held. Only a bucket's owner sets its age
+    (the gateway its files and batches); ensure_topology and other openers leave it."""
+    from ratefleet.runtime.streams import open_kv
+
+    long_lease = parse_config({"dispatcher": {"lease_ttl_s": 30}})
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await ensure_topology(js, long_lease)
+        bucket = f"KV_{Subjects().leader_bucket}"
+        assert (await js.stream_info(bucket)).config.max_age == 30
+        await ensure_topology(js, CONFIG)  # a worker with the default config starting
+        await open_kv(js, Subjects().leader_bucket, ttl=3.0)  # and the lease opened as a dispatcher does
+        assert (await js.stream_info(bucket)).config.max_age == 30
+        subjects = Subjects("ratefleet")
+        await BatchBook(js, subjects, ttl_s=86400).create({"id": "batch_1", "created_at": 1})
+        await BatchBook(js, subjects, ttl_s=7 * 86400).create({"id": "batch_2", "created_at": 2})
+        assert (await js.stream_info(f"KV_{BatchBook(js, subjects, ttl_s=1).bucket}")).config.max_age == 7 * 86400
     finally:
         await nc.close()
