@@ -518,7 +518,7 @@ async def _save(client: Client, run: Run, state: str) -> None:
     if run.found is None:
         return
     record = BatchRecord(batch=run.batch, tier=run.tier, state=state, lines=run.found.lines, gaps=run.found.gaps,
-                         jobs=run.batch_jobs(submitted=state == "submitted"))
+                         jobs=run.expected if state == "submitted" else run.stored - run.foreign)
     try:
         await save_record(client.js, client.subjects, record)
     except Exception as exc:  # noqa: BLE001 - the batch itself is stored; only `results --wait` loses its count

@@ -90,15 +90,6 @@ class Run:
         repeats = min(self.found.repeated_ids if self.found else 0, self.earlier - done)  # this file's own lines
         return max(0, self.before.jobs - (self.earlier - repeats))
 
-    def batch_jobs(self, *, submitted: bool) -> int:
-        """The batch's jobs for its record (`results --wait` waits for as many Results): this run's
-        (once `submitted`, the file's; before, what is stored so far) and the earlier run's jobs
-        that are not lines of this file. Before, a second file under the same --batch recorded its
-        own lines only, and `results --wait` ended at that count, exit 0, while the rest still ran."""
-        if not submitted and self.before is not None and self.before.jobs > 0:
-            return self.before.jobs + self.fresh  # the earlier run's jobs, and the new ones sent so far
-        return (self.expected if submitted else self.stored - self.foreign) + self.earlier_only()
-
     def write(self, result: Result, *, foreign: bool = False) -> None:
         """Count a Result (and write it to --out). `foreign`: another batch's, whose dead letter
         `dlq replay --batch` of this batch does not take (not counted as given up here)."""
@@ -310,7 +301,8 @@ def _report_other_lines(run: Run, phases) -> None:
     if missing > 0:
         phases.print(f"warning: {missing:,} jobs of batch {run.batch}'s earlier run are not lines of this file "
                      "(another file, or lines edited since): they still run and their Results are part of batch "
-                     f"{run.batch} (`ratefleet results --batch {run.batch} --wait` waits for them too; `ratefleet "
+                     f"{run.batch}, but `--wait` and `ratefleet results --batch {run.batch} --wait` wait for this "
+                     f"file's lines only (a later `ratefleet results --batch {run.batch}` lists them all; `ratefleet "
                      f"cancel --batch {run.batch}` stops what is queued); give a new file "
                      "its own --batch name")
 

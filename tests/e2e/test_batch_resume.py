@@ -397,9 +397,11 @@ async def test_a_batch_name_used_again_for_other_lines_is_warned_of(tmp_path, na
         assert warned == (missing is not None), done.stderr
         async with await Client.connect(nats_server.url) as client:
             recorded.append((await load_record(client.js, client.subjects, "reuse1")).jobs)
-    # what `results --batch reuse1 --wait` waits for: every job of the batch, the other file's 3
-    # and the 5 earlier ones (the record said 3: the wait ended "3 of 3", exit 0, with 5 still running)
-    assert recorded == [3, 3, 4, 5, 8]
+    # what `results --batch reuse1 --wait` waits for: this file's lines. Counting the earlier run's
+    # other jobs too was tried and reverted: a rerun of the same file whose queued lines are sent
+    # again as new (past the dedup window) counted them twice, and the wait never ended
+    assert recorded == [3, 3, 4, 5, 3]
+    assert "wait for this file's lines only" in done.stderr and "lists them all" in done.stderr
     assert f"warning: {missing} jobs of batch reuse1's earlier run are not lines of this file" in done.stderr
     assert "`ratefleet cancel --batch reuse1` stops what is queued" in done.stderr
 
