@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import statistics
+import threading
 import time
 from collections import Counter
 
@@ -46,12 +47,14 @@ def run_demo(guest_jobs: int = 400, vip_jobs: int = 20, workers: int = 2) -> int
     def keys(burst: int) -> list[KeyLimit]:
         return [KeyLimit(key_id, rps, burst) for key_id, rps in DEMO_KEYS.items()]
 
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
+    main = threading.current_thread() is threading.main_thread()  # (signal handlers: the main thread's only)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None  # raises KeyboardInterrupt
     try:
         with LocalFleet(keys(UPSTREAM_BURST), workers=workers, slots=32, claimed=keys(FLEET_BURST)) as fleet:
             return run_async(_drive, make_console(), fleet, guest_jobs, vip_jobs)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 async def _drive(console: Console, fleet: LocalFleet, guest_jobs: int, vip_jobs: int) -> int:

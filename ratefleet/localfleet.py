@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,13 @@ class KeyLimit:
     id: str
     rps: float
     burst: float
+
+
+def _main_thread() -> bool:
+    """Whether this is the main thread: a child armed with `die_with_parent` is sent SIGTERM
+    when the thread that started it ends (prctl(2)), so a fleet started from another thread
+    (a thread pool) is not armed (a reviewer saw its whole fleet end with that thread)."""
+    return threading.current_thread() is threading.main_thread()
 
 
 @dataclass
@@ -102,7 +110,7 @@ class LocalFleet:
         return self
 
     def _start(self) -> None:
-        self._nats = EmbeddedNats(self.tmp / "nats", die_with_parent=True).start()
+        self._nats = EmbeddedNats(self.tmp / "nats", die_with_parent=_main_thread()).start()
         self.nats_url = self._nats.url
         port = free_port()
         self.upstream = f"http://127.0.0.1:{port}"
@@ -121,10 +129,11 @@ class LocalFleet:
 
     def _spawn(self, *args: str, name: str) -> None:
         with open(self.tmp / f"{name}.log", "ab") as log:
-            # (SIGTERM when this process dies, also by SIGKILL: no fleet left running without it)
+            # (SIGTERM when this process dies, also by SIGKILL: no fleet left running without it;
+            # only from the main thread: the signal follows the death of the thread that forked)
             proc = subprocess.Popen([sys.executable, "-m", "ratefleet", *args], env=self._env(),
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=die_with_parent())
+                                    preexec_fn=die_with_parent() if _main_thread() else None)
         proc.fleet_name = name  # type: ignore[attr-defined]
         self.procs.append(proc)
 

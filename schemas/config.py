@@ -8,6 +8,7 @@ refuses a bad one with the file, the field and the reason. Secrets stay referenc
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 import warnings
 from pathlib import Path
@@ -66,10 +67,15 @@ def nats_url_problem(value: str) -> str | None:
     for server in servers:
         parsed = urlsplit(server if "://" in server else f"nats://{server}")  # (nats-py adds nats:// too)
         if parsed.scheme not in ("nats", "tls", "ws", "wss") or not _has_address(parsed):
-            address = parsed.netloc.rpartition("@")[2]  # HOST:PORT, never the credentials before an @
+            # HOST:PORT only: what follows the raw text's last "@" (a password holding / ? or # is cut
+            # by urlsplit before its "@", so netloc could show part of it), up to the path
+            rest = server.split("://", 1)[-1]
+            address = re.split(r"[/?#]", rest.rpartition("@")[2], maxsplit=1)[0]
             shown = f"{parsed.scheme}://{address}" if parsed.scheme else "a server"
             why = ""
-            if parsed.scheme in ("nats", "tls", "ws", "wss") and parsed.hostname:
+            if "@" in rest and "@" not in parsed.netloc:  # the "@" fell into the path: a / ? # before it
+                why = " (credentials holding / ? # or @ must be percent-encoded, e.g. %2F for /)"
+            elif parsed.scheme in ("nats", "tls", "ws", "wss") and parsed.hostname:
                 why = " (its port must be a number from 1 to 65535)"
             return (f"{shown} is not a NATS server URL{why}: use nats://HOST:PORT (or tls://, ws://, "
                     "wss://), several separated by commas")

@@ -562,8 +562,10 @@ class Worker:
     async def _conclude(self, a: Assignment, call: CallResult, queued_ms: float, job: Job) -> None:
         """Finish or requeue the job, then report the outcome (so a worker killed in between
         still lists the assignment in flight and the dispatcher returns it at once). A 2xx
-        answer of a job with `cache_ttl_s` is cached before its Result is stored, so whoever
-        has seen the Result finds the entry."""
+        answer of a job with `cache_ttl_s` is written to the cache while its Result is stored
+        (not before: a cache that does not answer held the Result back up to cache.IO_TIMEOUT_S).
+        So a producer that sends the same job again the moment it reads the Result can, within
+        those milliseconds, miss the entry and pay for a second call."""
         retryable = is_retryable(call.kind, denial_final=a.denial_final)
         throttled = call.kind == "rate_limited"  # a wait, not an attempt: its own budget
         terminal = bool(call.code) or (a.rate_limited + 1 >= a.max_rate_limited if throttled

@@ -137,12 +137,15 @@ class BatchRunner:
                     tg.start_soon(self.lease.keep, batch_id, tg.cancel_scope)
                     await self._run(batch_id, Path(tmp))
                     tg.cancel_scope.cancel()
-        except KeyError:  # (BatchBook.update) its record is gone: no sweep can find it again
-            log.error("batch stopped: its record is gone from the batches bucket (deleted, or NATS lost its store); "
-                      "the calls already made stay paid; create the batch again to get an output file",
-                      batch=batch_id)
-        except Exception:  # noqa: BLE001 - one batch's trouble must not stop the gateway
-            log.exception("batch stopped; another sweep carries it on", batch=batch_id)
+        except Exception as exc:  # noqa: BLE001 - one batch's trouble must not stop the gateway
+            # (BatchBook.update's KeyError, raised inside the task group: an ExceptionGroup here)
+            gone = isinstance(exc, KeyError) or (isinstance(exc, BaseExceptionGroup) and exc.subgroup(KeyError))
+            if gone:  # its record is gone: no sweep can find it again
+                log.error("batch stopped: its record is gone from the batches bucket (deleted, or NATS lost its "
+                          "store); the calls already made stay paid; create the batch again to get an output file",
+                          batch=batch_id)
+            else:
+                log.exception("batch stopped; another sweep carries it on", batch=batch_id)
         finally:
             self._running.discard(batch_id)
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):

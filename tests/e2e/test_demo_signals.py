@@ -87,3 +87,23 @@ def test_impossible_demo_sizes_are_refused_before_anything_starts(args, tmp_path
                           timeout=30, env={**os.environ, "TMPDIR": str(tmp_path)})
     assert done.returncode == 2, done.stdout + done.stderr
     assert args[0] in done.stderr and not list(tmp_path.glob("ratefleet-local-*"))
+
+
+def test_a_fleet_started_from_another_thread_outlives_that_thread():
+    """die_with_parent follows the thread that forked (prctl(2)): a LocalFleet started from a
+    thread pool lost its whole fleet when that thread ended (a reviewer's finding). Off the main
+    thread the children are not armed."""
+    import threading
+
+    from ratefleet.localfleet import KeyLimit, LocalFleet
+
+    fleet = LocalFleet([KeyLimit("k1", 10, 2)], workers=1, slots=2)
+    starter = threading.Thread(target=fleet.__enter__)
+    starter.start()
+    starter.join(60)
+    try:
+        time.sleep(1.0)  # (an armed child gets its SIGTERM at once)
+        assert fleet.procs and [p.poll() for p in fleet.procs] == [None] * len(fleet.procs)
+        assert fleet._nats is not None and fleet._nats.process.poll() is None
+    finally:
+        fleet.__exit__(None, None, None)

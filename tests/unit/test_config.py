@@ -108,6 +108,10 @@ def test_a_bad_nats_url_shows_its_address_never_its_credentials_and_names_the_fl
     hidden = nats_url_problem("nats://alice:s3cretpw@db.internal:99x")
     assert "nats://db.internal:99x" in hidden and "s3cretpw" not in hidden and "alice" not in hidden
     assert "port" not in nats_url_problem("http://h:4222")  # the scheme is what is wrong there
+    # a reviewer's finding: a password holding "/" ended netloc early, and part of it was shown
+    cut = nats_url_problem("nats://admin:s3cr/et@host:4222")
+    assert "s3cr" not in cut and "admin" not in cut and "nats://host:4222" in cut and "percent-encoded" in cut
+    assert "port must be" in nats_url_problem("nats://u:pw@host:99999")
     config = tmp_path / "ratefleet.toml"
     config.write_text('[nats]\nurl = "nats://127.0.0.1:4222"\n')
     with pytest.raises(ConfigError) as caught:
