@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import signal
 import statistics
-import threading
 import time
 from collections import Counter
 
@@ -23,7 +22,7 @@ from rich.table import Table
 
 from ratefleet.cli_support import make_console, run_async
 from ratefleet.client import Client
-from ratefleet.localfleet import KeyLimit, LocalFleet
+from ratefleet.localfleet import KeyLimit, LocalFleet, in_main_thread
 
 DEMO_KEYS = {"k1": 20, "k2": 20, "k3": 10, "k4": 10}  # requests per second each
 # The fleet's config states each key's rate with a burst of 2; the mock upstream enforces the
@@ -47,7 +46,7 @@ def run_demo(guest_jobs: int = 400, vip_jobs: int = 20, workers: int = 2) -> int
     def keys(burst: int) -> list[KeyLimit]:
         return [KeyLimit(key_id, rps, burst) for key_id, rps in DEMO_KEYS.items()]
 
-    main = threading.current_thread() is threading.main_thread()  # (signal handlers: the main thread's only)
+    main = in_main_thread()  # (signal handlers: the main thread's only)
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None  # raises KeyboardInterrupt
     try:
         with LocalFleet(keys(UPSTREAM_BURST), workers=workers, slots=32, claimed=keys(FLEET_BURST)) as fleet:

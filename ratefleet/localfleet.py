@@ -43,7 +43,7 @@ class KeyLimit:
     burst: float
 
 
-def _main_thread() -> bool:
+def in_main_thread() -> bool:
     """Whether this is the main thread: a child armed with `die_with_parent` is sent SIGTERM
     when the thread that started it ends (prctl(2)), so a fleet started from another thread
     (a thread pool) is not armed (a reviewer saw its whole fleet end with that thread)."""
@@ -110,7 +110,7 @@ class LocalFleet:
         return self
 
     def _start(self) -> None:
-        self._nats = EmbeddedNats(self.tmp / "nats", die_with_parent=_main_thread()).start()
+        self._nats = EmbeddedNats(self.tmp / "nats", die_with_parent=in_main_thread()).start()
         self.nats_url = self._nats.url
         port = free_port()
         self.upstream = f"http://127.0.0.1:{port}"
@@ -133,7 +133,7 @@ class LocalFleet:
             # only from the main thread: the signal follows the death of the thread that forked)
             proc = subprocess.Popen([sys.executable, "-m", "ratefleet", *args], env=self._env(),
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=die_with_parent() if _main_thread() else None)
+                                    preexec_fn=die_with_parent() if in_main_thread() else None)
         proc.fleet_name = name  # type: ignore[attr-defined]
         self.procs.append(proc)
 

@@ -383,12 +383,11 @@ def _jobs(run: Run, path: Path):
             run.changed.append(number)
             continue
         sent.add_key(key)
+        run.handed += 1  # `stored` counts it too once acknowledged, or now when skipped below
         if run.done_ids is not None and run.done_ids.has_key(key):
             run.stored += 1  # its Result is stored: sending it again past the server's dedup window
-            run.skipped_done += 1
             run.earlier += 1  # (duplicate_window_s) would pay for a call whose Result is then refused
             continue
-        run.handed += 1  # to the pipelined publisher: stored once its acknowledgement counts it
         yield job
     sent.freeze()
     run.unsent = len(run.found.ids) - len(sent)

@@ -47,8 +47,7 @@ class Run:
     interrupted: bool = False
     submitted: bool = False
     stored: int = 0          # lines acknowledged by JetStream (new or duplicate)
-    handed: int = 0          # lines handed to the pipelined publisher (stored, or sent and not yet acknowledged)
-    skipped_done: int = 0    # lines not sent because their Result is stored (counted in `stored`)
+    handed: int = 0          # lines sent or skipped (their Result stored); minus `stored`: sent, not yet acknowledged
     fresh: int = 0           # new jobs
     earlier: int = 0         # stored before, under this batch (an earlier run or an earlier line)
     foreign: int = 0         # ids stored before under another batch
@@ -80,15 +79,6 @@ class Run:
     @property
     def expected(self) -> int:
         return (len(self.found.ids) if self.found else 0) - self.foreign - len(self.changed)
-
-    def earlier_only(self) -> int:
-        """Jobs of the batch's earlier run that are not lines of this file (another file, or lines
-        edited since; as counted so far): they still run and their Results are part of the batch."""
-        if self.before is None or self.before.jobs <= 0:
-            return 0
-        done = min(self.earlier, self.results_before)
-        repeats = min(self.found.repeated_ids if self.found else 0, self.earlier - done)  # this file's own lines
-        return max(0, self.before.jobs - (self.earlier - repeats))
 
     def write(self, result: Result, *, foreign: bool = False) -> None:
         """Count a Result (and write it to --out). `foreign`: another batch's, whose dead letter
@@ -249,7 +239,7 @@ def report_end(run: Run, phases, *, submitted_only: bool = False) -> int:
                      + (f", {repeats:,} repeat an earlier line's id (one job: not run again; exit code 1)"
                         if repeats else ""))
         _report_foreign(run, phases)
-        _report_other_lines(run, phases)
+        _report_other_lines(run, phases, repeats)
         if run.changed:
             phases.print(f"{len(run.changed):,} lines changed while this command ran and were not sent (first: "
                          f"line {run.changed[0]}); run the command again to send them")
@@ -293,11 +283,13 @@ def report_end(run: Run, phases, *, submitted_only: bool = False) -> int:
     return 0 if ok else 1
 
 
-def _report_other_lines(run: Run, phases) -> None:
+def _report_other_lines(run: Run, phases, repeats: int) -> None:
     """Warn when jobs of the batch's earlier run are not lines of this file (another file, or
     lines edited since): they still run, and their Results count in the batch. Fixing a bad
     line, or appending lines, keeps every earlier job and says nothing."""
-    missing = run.earlier_only()
+    if run.before is None or run.before.jobs <= 0:
+        return
+    missing = run.before.jobs - (run.earlier - repeats)
     if missing > 0:
         phases.print(f"warning: {missing:,} jobs of batch {run.batch}'s earlier run are not lines of this file "
                      "(another file, or lines edited since): they still run and their Results are part of batch "
@@ -328,7 +320,7 @@ def report_interrupt(run: Run, phases) -> None:
     if not run.submitted:
         ours = run.stored - run.foreign
         # published but not acknowledged when Ctrl-C came (up to the pipeline's window): maybe stored
-        maybe = max(0, run.handed - (run.stored - run.skipped_done))
+        maybe = max(0, run.handed - run.stored)
         phases.print(f"interrupted while submitting: {run.stored:,} of {run.found.jobs:,} jobs stored in batch "
                      f"{run.batch}" + (f", {maybe:,} more sent whose storing was not confirmed yet (they may be "
                                        "stored too)" if maybe else "")

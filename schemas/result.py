@@ -111,6 +111,13 @@ class Timings(BaseModel):
     total_ms: float | None = None
 
 
+def calls_before(attempt: int) -> int:
+    """`Result.attempts` of a job ended without a call in its `attempt`-th delivery (expired,
+    invalid, refused): the deliveries before it, which may have reached a call (0 for a job
+    ended at its first delivery)."""
+    return max(0, attempt - 1)
+
+
 class Result(BaseModel):
     """A terminal result. `status` is succeeded, failed, expired or invalid."""
 

@@ -49,7 +49,7 @@ from ratefleet.schemas.internal import (
 )
 from ratefleet.schemas.job import describe_validation_error
 from ratefleet.schemas.outcome import OutcomeKind, is_retryable
-from ratefleet.schemas.result import expired_before_call
+from ratefleet.schemas.result import calls_before, expired_before_call
 from ratefleet.workers.executor import CallResult, UpstreamExecutor, build_client
 from ratefleet.workers.lateness import Lateness
 from ratefleet.workers.metrics import WorkerMetrics
@@ -669,7 +669,7 @@ class Worker:
         submitted = datetime.fromtimestamp(a.submitted_at, UTC)
         batch, metadata = _batch_and_metadata(a)
         return Result(job_id=a.job_id, status=status, tier=a.tier, batch=batch, response=response,
-                      error=error, attempts=a.attempt if called else max(0, a.attempt - 1),
+                      error=error, attempts=a.attempt if called else calls_before(a.attempt),
                       key_id=a.key_id, pool=a.pool, worker=self.id,
                       key_version=self.key_versions.get(a.id), variant=a.variant,
                       metadata=metadata, trace_id=note_result(status, error),

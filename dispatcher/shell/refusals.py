@@ -11,14 +11,9 @@ from ratefleet.runtime.finish import Finisher
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.tracing import trace_id_of
 from ratefleet.schemas import ErrorCode, ErrorInfo, Result, Timings
+from ratefleet.schemas.result import calls_before
 
 log = get_logger("ratefleet.leader")
-
-
-def calls_before(attempt: int) -> int:
-    """`Result.attempts` of a job ended without a call in its `attempt`-th delivery: the
-    deliveries before it, which may have reached a call (an expired job never handed out: 0)."""
-    return max(0, attempt - 1)
 
 
 async def refuse_incoming(finisher: Finisher, incoming: Incoming, code: ErrorCode, message: str,

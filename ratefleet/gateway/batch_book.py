@@ -36,14 +36,13 @@ from typing import Any
 import anyio
 from nats.js import JetStreamContext
 from nats.js.errors import (
-    BucketNotFoundError,
     InvalidKeyError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
     NotFoundError,
 )
 
-from ratefleet.runtime.streams import Remake, align_bucket, kv_keys, stream_gone
+from ratefleet.runtime.streams import Remake, kv_keys, open_kv, stream_gone
 from ratefleet.schemas import Subjects
 
 PRIVATE = "ratefleet"
@@ -120,15 +119,8 @@ class BatchBook:
     async def _open(self):
         if self._kv is None:
             await anyio.sleep(self._remake.wait_s())  # a bucket found gone: its deletion ends first
-            try:
-                self._kv = await self.js.key_value(self.bucket)
-                await align_bucket(self.js, f"KV_{self.bucket}", self.replicas, self.ttl_s)  # the gateway's own bucket
-            except (BucketNotFoundError, NotFoundError):
-                try:
-                    self._kv = await self.js.create_key_value(bucket=self.bucket, ttl=self.ttl_s, history=1,
-                                                             replicas=self.replicas)
-                except Exception:  # noqa: BLE001 - created concurrently by another gateway
-                    self._kv = await self.js.key_value(self.bucket)
+            self._kv = await open_kv(self.js, self.bucket, ttl=self.ttl_s, replicas=self.replicas,
+                                     own_age=True)  # the gateway's own bucket
             self._remake.made()
         return self._kv
 

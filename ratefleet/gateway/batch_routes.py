@@ -47,11 +47,16 @@ MAX_REQUEST_BYTES = 1 << 20  # a create-batch request body (a few hundred bytes 
 METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512  # OpenAI's metadata limits
 
 
+def unavailable(message: str) -> GatewayRefusal:
+    """503 with Retry-After (an SDK retries it): `message` says which NATS failure, and ends in
+    what to do."""
+    return GatewayRefusal(503, message, type="server_error", code="service_unavailable", retry_after_s=2.0)
+
+
 def nats_unreachable(why: str) -> GatewayRefusal:
-    """503 with Retry-After when NATS, where files and batches live, is away (an SDK retries it),
-    rather than a 500 after a 5 s timeout."""
-    return GatewayRefusal(503, f"The ratefleet gateway cannot reach NATS, where files and batches are kept ({why}); "
-                          "retry shortly.", type="server_error", code="service_unavailable", retry_after_s=2.0)
+    """503 when NATS, where files and batches live, is away, rather than a 500 after a 5 s timeout."""
+    return unavailable(f"The ratefleet gateway cannot reach NATS, where files and batches are kept ({why}); "
+                       "retry shortly.")
 
 
 def not_found(kind: str, object_id: str) -> GatewayRefusal:
@@ -104,17 +109,15 @@ class BatchApi:
         naming only the exception class (a reviewer's finding); it is made anew on a later
         request. A timeout while connected is not "cannot reach NATS": the server did not answer."""
         if stream_gone(exc) or getattr(exc, "err_code", None) == STORE_NOT_CREATED:
-            return GatewayRefusal(503, "NATS has lost the bucket where files and batches are kept (deleted, or a "
-                                  f"restart without its store) or is still removing it ({type(exc).__name__}); it is "
-                                  "made anew on a later request: retry shortly.", type="server_error",
-                                  code="service_unavailable", retry_after_s=2.0)
+            return unavailable("NATS has lost the bucket where files and batches are kept (deleted, or a restart "
+                               f"without its store) or is still removing it ({type(exc).__name__}); it is made anew "
+                               "on a later request: retry shortly.")
         if not isinstance(translate(exc), NatsUnavailable):
             return exc
         if self.runner is not None and self.runner.client.nc.is_connected:
-            return GatewayRefusal(503, f"NATS did not answer in time ({type(exc).__name__}) although connected: "
-                                  "overloaded, or unable to store into the files or batches bucket (the NATS "
-                                  "server's log then says why); retry shortly.", type="server_error",
-                                  code="service_unavailable", retry_after_s=2.0)
+            return unavailable(f"NATS did not answer in time ({type(exc).__name__}) although connected: overloaded, "
+                               "or unable to store into the files or batches bucket (the NATS server's log then says "
+                               "why); retry shortly.")
         return nats_unreachable(type(exc).__name__)
 
     # -- files -----------------------------------------------------------------------------

@@ -45,6 +45,18 @@ def rebuild_soon(tg, rebuilder: Rebuilder, done: list[bool], what: str) -> None:
     tg.start_soon(rebuild)
 
 
+@contextlib.asynccontextmanager
+async def rebuilding_after_the_jobs_deleted(js, settle_s: float) -> AsyncIterator[tuple[Rebuilder, list[bool]]]:
+    """The JOBS stream deleted and a rebuild (its one pass of the hour) under way in the block;
+    yields the Rebuilder and the list its answer is appended to, once the block's task group ends."""
+    rebuilder = Rebuilder(js, lambda: CONFIG, every_s=3600, settle_s=settle_s)
+    await js.delete_stream("RATEFLEET_JOBS")
+    done: list[bool] = []
+    async with anyio.create_task_group() as tg:
+        rebuild_soon(tg, rebuilder, done, "the consumer of tier vip")
+        yield rebuilder, done
+
+
 def test_what_counts_as_a_lost_stream():
     assert stream_gone(NoStreamResponseError())  # a publish (or KV create/update) no stream captures
     assert stream_gone(BucketNotFoundError())
@@ -185,11 +197,7 @@ async def test_the_rebuilder_waits_for_deletions_under_way_and_creates_them_in_o
     creates a stream whose deletion the server is still carrying out (nats-server can leave such
     a stream unable to take publishes), and one pass creates both."""
     async with topology(nats_server.url) as js:
-        rebuilder = Rebuilder(js, lambda: CONFIG, every_s=3600, settle_s=2.0)
-        await js.delete_stream("RATEFLEET_JOBS")
-        done: list[bool] = []
-        async with anyio.create_task_group() as tg:
-            rebuild_soon(tg, rebuilder, done, "the consumer of tier vip")
+        async with rebuilding_after_the_jobs_deleted(js, settle_s=2.0) as (rebuilder, done):
             await anyio.sleep(0.15)
             assert not done  # still waiting: nothing created yet
             assert "RATEFLEET_JOBS" in await missing_topology(js, CONFIG)
@@ -249,11 +257,7 @@ async def test_a_deletion_first_seen_on_the_second_look_waits_too(nats_server):
     """The Results deleted just before the wait for the jobs ends: they are not made at once
     (their deletion may still be under way), but once missing for `settle_s` themselves."""
     async with topology(nats_server.url) as js:
-        rebuilder = Rebuilder(js, lambda: CONFIG, every_s=3600, settle_s=1.5)
-        await js.delete_stream("RATEFLEET_JOBS")
-        done: list[bool] = []
-        async with anyio.create_task_group() as tg:
-            rebuild_soon(tg, rebuilder, done, "the consumer of tier vip")
+        async with rebuilding_after_the_jobs_deleted(js, settle_s=1.5) as (rebuilder, done):
             await anyio.sleep(1.2)  # after the first look, before the second
             await js.delete_stream("RATEFLEET_RESULTS")
             await anyio.sleep(0.7)  # the second look has seen it missing: it waits again
