@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -223,6 +223,16 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return Response(refusal.body(), status_code=500, media_type="application/json")
 
 
+async def _hung_up(request: Request, exc: Exception) -> Response:
+    """A client that closed its connection before its request body was whole (starlette's
+    ClientDisconnect): one info line, not the "Exception in ASGI application" traceback of a
+    gateway failure. Nothing was stored or sent on; the response goes nowhere (499 is nginx's
+    "client closed request", for the access log)."""
+    log.info("a client hung up before its request body was whole; nothing was done with it",
+             method=request.method, path=request.url.path)
+    return Response(status_code=499)
+
+
 async def _healthz(request: Request) -> Response:
     return JSONResponse({"ok": True})
 
@@ -232,4 +242,5 @@ def create_app(gateway: Gateway, own_routes: list[Route] | None = None) -> Starl
     `own_routes` (paths the gateway answers itself: `/v1/files`, `/v1/batches`), matched first."""
     routes = [Route("/healthz", _healthz, methods=["GET"]), *(own_routes or []),
               Route("/{path:path}", gateway.handle, methods=ALL_METHODS)]
-    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _internal_error})
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error, ClientDisconnect: _hung_up,
+                                                         Exception: _internal_error})

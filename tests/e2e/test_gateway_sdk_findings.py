@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import time
 
 import anyio
@@ -245,3 +246,37 @@ async def test_a_line_too_large_for_the_nats_server_fails_validation_not_the_bat
     assert batch.status == "failed"
     [error] = batch.errors.data
     assert error.line == 2 and "the limit is" in error.message and "max_payload" in error.message
+
+
+def _send_half_and_hang_up(url: str, path: str, head: str, body: bytes) -> None:
+    """Declare `body`'s length, send half of it over a raw socket, then close the connection."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as conn:
+        conn.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n{head}\r\n".encode())
+        conn.sendall(body[: len(body) // 2])
+        time.sleep(0.3)
+
+
+@pytest.mark.parametrize("path", ["/v1/files", "/v1/chat/completions"])
+async def test_a_client_hanging_up_mid_upload_is_one_log_line_not_a_traceback(gateway, path):
+    """Before: a client that closed its connection halfway through a request body left a full
+    "Exception in ASGI application" traceback (starlette's ClientDisconnect) in the gateway's log,
+    as if the gateway had failed. Now one info line says the client hung up; nothing else is kept."""
+    auth = f"Authorization: Bearer {CALLER_KEYS['alice']}\r\n"
+    if path == "/v1/files":
+        boundary = "rfboundary"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
+                f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n"
+                "Content-Type: application/jsonl\r\n\r\n").encode() + jsonl([chat_line("a", "x" * 2000)] * 200)
+        head = auth + f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+    else:
+        body = json.dumps({"model": "mock", "messages": [{"role": "user", "content": "x" * 200_000}]}).encode()
+        head = auth + "Content-Type: application/json\r\n"
+    await anyio.to_thread.run_sync(_send_half_and_hang_up, gateway.gateway_url, path, head, body)
+    deadline = time.monotonic() + 10
+    while "hung up" not in gateway.logs() and time.monotonic() < deadline:
+        await anyio.sleep(0.1)
+    logs = gateway.logs()
+    assert "hung up" in logs and "Traceback" not in logs and "Exception in ASGI application" not in logs, logs[-3000:]
+    async with sdk(gateway) as ai:  # and the gateway serves on
+        assert (await ai.files.list()).data == []
