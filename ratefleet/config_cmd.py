@@ -80,6 +80,11 @@ def check(file: Path | None = typer.Argument(None, help="TOML config file (defau
                 typer.echo(f"note: callers.{name} names no upstreams while {len(config.upstreams)} are configured: "
                            "each of its requests must say which in the x-ratefleet-upstream header (else 400 "
                            f"upstream_required); set callers.{name}.upstreams (the first is its default)")
+    for name, caller in config.callers.items():
+        if config.batch_tier(name) == caller.tier:
+            typer.echo(f"note: callers.{name}'s Batch API batches run on its own tier ({caller.tier}): its online "
+                       "requests queue behind a batch's lines until the batch ends; set callers."
+                       f"{name}.batch_tier to a lower tier (or add one below {caller.tier!r})")
 
 
 @config_app.command("push")

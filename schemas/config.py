@@ -288,10 +288,15 @@ class CallerConfig(_Strict):
     charged from the answer's `usage.total_tokens`) are the caller's own limits, kept by each
     gateway process; `timeout_s` is how long one request may take, queue wait included.
     `cache_ttl_s` (seconds; None: off) answers a repeated identical request from the fleet's
-    cache for that long (see ratefleet/runtime/cache.py)."""
+    cache for that long (see ratefleet/runtime/cache.py). `batch_tier` is the tier its Batch
+    API batches run on (None: the config's lowest tier, its last): a batch's lines queue in
+    order within their tier, so on the caller's own tier they would hold back its online
+    requests until the batch ends. OpenAI runs Batch API work apart from online requests, within
+    a 24-hour window ("Batch API" guide); the lowest tier is ratefleet's form of that."""
 
     key: SecretStr
     tier: str
+    batch_tier: str | None = None
     upstreams: list[str] | None = None
     models: list[str] | None = None
     rps: float | None = Field(default=None, gt=0)
@@ -419,6 +424,9 @@ class Config(_Strict):
         for name, caller in self.callers.items():
             if caller.tier not in self.tiers:
                 raise ValueError(f"callers.{name}.tier: unknown tier {caller.tier!r}; known: {list(self.tiers)}")
+            if caller.batch_tier is not None and caller.batch_tier not in self.tiers:
+                raise ValueError(f"callers.{name}.batch_tier: unknown tier {caller.batch_tier!r}; "
+                                 f"known: {list(self.tiers)}")
             for upstream in caller.upstreams or []:
                 if upstream not in self.upstreams:
                     raise ValueError(f"callers.{name}.upstreams: unknown upstream {upstream!r}; "
@@ -436,6 +444,11 @@ class Config(_Strict):
     def tier_pools(self, tier: str) -> list[str]:
         pools = self.tiers[tier].pools
         return list(self.pools) if pools is None else pools
+
+    def batch_tier(self, caller: str) -> str:
+        """The tier caller `caller`'s Batch API batches run on: its `batch_tier`, else the lowest
+        tier (the last listed). KeyError for an unknown caller."""
+        return self.callers[caller].batch_tier or list(self.tiers)[-1]
 
     def default_upstream(self) -> str | None:
         return next(iter(self.upstreams)) if len(self.upstreams) == 1 else None

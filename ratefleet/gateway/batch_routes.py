@@ -224,9 +224,9 @@ class BatchApi:
         if meta["purpose"] != "batch":
             raise bad_request(f"File {input_file_id} has purpose {meta['purpose']!r}, not 'batch'.",
                               param="input_file_id")
-        record = new_batch(caller=caller.name, tier=caller.tier, upstream=choose_upstream(caller, None),
-                           input_file_id=input_file_id, endpoint=endpoint, completion_window=window,
-                           metadata=metadata, now=time.time())
+        record = new_batch(caller=caller.name, tier=caller.batch_tier or caller.tier,
+                           upstream=choose_upstream(caller, None), input_file_id=input_file_id,
+                           endpoint=endpoint, completion_window=window, metadata=metadata, now=time.time())
         await self.book.create(record)
         self.runner.start(record["id"])
         return JSONResponse(batch_book.public(record))

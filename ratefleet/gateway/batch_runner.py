@@ -2,11 +2,12 @@
 
 One batch: read its input file from the Object Store to a temporary file -> check every line
 (`batch_lines.check_file`; a bad line fails the batch with `errors.data`, nothing is sent) ->
-`in_progress`: submit the lines as jobs of fleet batch `<batch id>` on the caller's tier
-(`Client.submit_stream`, the deterministic ids of `ratefleet submit`) while following the
-batch's Results to keep `request_counts` -> `finalizing`: the output file (answers with a 2xx
-status) and the error file (other answers, and jobs that ended without one) in input order,
-as OpenAI Batch output lines (`openai_batch.format_result`) -> `completed`.
+`in_progress`: submit the lines as jobs of fleet batch `<batch id>` on the caller's batch tier
+(`callers.<name>.batch_tier`, else the lowest tier; kept in the record) with
+`Client.submit_stream` (the deterministic ids of `ratefleet submit`) while following the batch's
+Results to keep `request_counts` -> `finalizing`: the output file (answers with a 2xx status) and
+the error file (other answers, and jobs that ended without one) in input order, as OpenAI
+Batch output lines (`openai_batch.format_result`) -> `completed`.
 
 Durability: the record (KV) says where a batch is, the jobs and Results are in JetStream. A
 gateway that starts runs every unfinished batch again from its record: a batch cut short
@@ -215,7 +216,7 @@ class BatchRunner:
         saved_at = 0.0
         try:
             # resumed (done is not None): lines sent before may still be queued past the dedup window
-            stream = self.client.submit_stream(jobs, caller.tier, repeat=done is not None)
+            stream = self.client.submit_stream(jobs, record[PRIVATE]["tier"], repeat=done is not None)
             async with contextlib.aclosing(stream):
                 async for stored in stream:
                     progress.first_seq = min(progress.first_seq or stored.seq, stored.seq)
@@ -224,7 +225,7 @@ class BatchRunner:
                         saved_at = time.monotonic()
                         await self._save_seqs(batch_id, progress, submitted=False)
             await self._save_seqs(batch_id, progress, submitted=True)
-            log.info("batch submitted", batch=batch_id, jobs=found.jobs, tier=caller.tier)
+            log.info("batch submitted", batch=batch_id, jobs=found.jobs, tier=record[PRIVATE]["tier"])
         finally:
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await self._save_seqs(batch_id, progress, submitted=None)

@@ -36,10 +36,12 @@ class Caller:
     burst: float | None
     tokens_per_minute: float | None
     cache_ttl_s: float | None = None  # the answer cache (ratefleet/runtime/cache.py); None: off
+    batch_tier: str | None = None  # the tier of its Batch API batches (Config.batch_tier); None: `tier`
 
     @classmethod
-    def from_config(cls, name: str, caller: CallerConfig) -> Caller:
-        return cls(name=name, tier=caller.tier,
+    def from_config(cls, name: str, caller: CallerConfig, batch_tier: str | None = None) -> Caller:
+        """`batch_tier`: where its Batch API batches run (`Config.batch_tier(name)`); None: `tier`."""
+        return cls(name=name, tier=caller.tier, batch_tier=batch_tier,
                    upstreams=None if caller.upstreams is None else tuple(caller.upstreams),
                    models=None if caller.models is None else frozenset(caller.models),
                    timeout_s=caller.timeout_s, rps=caller.rps, burst=caller.burst,
@@ -113,7 +115,7 @@ class CallerTable:
             if digest in by_digest:
                 raise ConfigError(f"callers.{name}.key: the same key as caller {by_digest[digest].name!r}; "
                                   "every caller needs its own key")
-            by_digest[digest] = Caller.from_config(name, config.callers[name])
+            by_digest[digest] = Caller.from_config(name, config.callers[name], config.batch_tier(name))
         if left_out and not by_digest:
             listed = "; ".join(f"callers.{name}.key: {reason}" for name, reason in left_out.items())
             raise ConfigError(f"no caller has a usable key ({listed}); set the environment variables or secret "

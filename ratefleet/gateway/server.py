@@ -122,7 +122,8 @@ def batch_service(config: Config, client: Client, callers: CallerTable) -> tuple
     ttl = config.streams.results_max_age_s
     files = FileStore(client.js, client.subjects, ttl_s=ttl, replicas=config.streams.replicas)
     book = BatchBook(client.js, client.subjects, ttl_s=ttl, replicas=config.streams.replicas)
-    configured = {name: Caller.from_config(name, caller) for name, caller in config.callers.items()}
+    configured = {name: Caller.from_config(name, caller, config.batch_tier(name))
+                  for name, caller in config.callers.items()}
     runner = BatchRunner(client, book, files, configured)
     return runner, BatchApi(callers, files, book, runner)
 

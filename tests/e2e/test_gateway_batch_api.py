@@ -109,8 +109,9 @@ async def test_sdk_batch_workflow_output_and_error_files(gateway, nats_server, u
     assert errors[0]["custom_id"] == "refused" and errors[0]["response"]["status_code"] == 400
     assert errors[0]["response"]["body"]["error"]["type"] == "invalid_request_error"
     assert batch.id in [b.id for b in listed.data]
-    # each line is a job of the caller's tier, with the deterministic id `ratefleet submit` gives
-    assert stored is not None and stored.tier == "vip" and stored.batch == batch.id
+    # each line is a job of the caller's batch tier (by default the lowest: alice's own is vip),
+    # with the deterministic id `ratefleet submit` gives
+    assert stored is not None and stored.tier == "guest" and stored.batch == batch.id
     assert stored.metadata == {"custom_id": "third", "caller": "alice"}
     assert sum(key["calls"] for key in upstream.stats()["keys"].values()) == 3
 
@@ -245,6 +246,34 @@ async def test_cancel_stops_the_queued_lines(slow_gateway, nats_server, upstream
     assert 2 <= cancelled.request_counts.completed < 20
     assert len(output) == cancelled.request_counts.completed
     assert calls_later == calls_at_end < 20
+
+
+async def test_a_callers_batch_does_not_hold_back_its_online_requests(slow_gateway, nats_server):
+    """A new user's finding: a caller's batch lines were queued on the caller's own tier, in
+    order, so its online requests waited behind the whole batch (504 after 20 s, three times in a
+    row, while 1,500 lines ran). They now run on the lowest tier (`callers.<name>.batch_tier`)."""
+    lines = [chat_line(f"r{i}", f"n{i}") for i in range(30)]  # 15 s of calls at 2 a second
+    async with await Client.connect(nats_server.url) as client, sdk(slow_gateway) as ai:
+        await wait_for_leader(client)
+        uploaded = await ai.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+        batch = await ai.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+        await wait_status(ai, batch.id, {"in_progress"})
+        deadline = time.monotonic() + 30
+        while (await ai.batches.retrieve(batch.id)).request_counts.completed < 2 and time.monotonic() < deadline:
+            await anyio.sleep(0.2)
+        took = []
+        for _ in range(3):
+            started = time.monotonic()
+            answer = await ai.chat.completions.create(model="mock", messages=[{"role": "user", "content": "now"}])
+            took.append(time.monotonic() - started)
+        progress = await ai.batches.retrieve(batch.id)
+        await ai.batches.cancel(batch.id)
+        first = await client.stored_result(line_job_id(batch.id, 1, json.dumps(lines[0])))
+    assert answer.choices[0].message.content == "echo: now"
+    assert max(took) < 4, took  # behind the batch's queued lines: 12 s and more
+    assert progress.request_counts.completed < 25  # the batch was still running meanwhile
+    assert first is not None and first.tier == "guest"
 
 
 async def test_cancel_ends_the_jobs_the_leader_holds(tmp_path, nats_server, upstream, monkeypatch):

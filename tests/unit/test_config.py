@@ -117,3 +117,45 @@ def test_a_bad_nats_url_shows_its_address_never_its_credentials_and_names_the_fl
     with pytest.raises(ConfigError) as caught:
         load_config(config, nats_url="nats://127.0.0.1:99999")
     assert "with --nats or $RATEFLEET_NATS_URL" in str(caught.value)
+
+
+CALLERS = GOOD + """
+[tiers.vip]
+[tiers.bulk]
+
+[callers.app]
+key = "env:RF_APP"
+tier = "vip"
+
+[callers.night]
+key = "env:RF_NIGHT"
+tier = "bulk"
+
+[callers.own]
+key = "env:RF_OWN"
+tier = "vip"
+batch_tier = "vip"
+"""
+
+
+def test_batch_api_lines_run_on_the_lowest_tier_unless_a_caller_names_one(tmp_path):
+    """A new user's finding: a caller's Batch API lines shared its online requests' tier and held
+    them back. Default: the config's lowest (last) tier; `callers.<name>.batch_tier` sets another."""
+    config = load_config(write(tmp_path, CALLERS))
+    assert [config.batch_tier(name) for name in ("app", "night", "own")] == ["bulk", "bulk", "vip"]
+
+
+def test_an_unknown_batch_tier_is_refused_naming_the_caller(tmp_path):
+    with pytest.raises(ConfigError, match=r"callers\.own\.batch_tier: unknown tier 'nope'; known: \['vip', 'bulk'\]"):
+        load_config(write(tmp_path, CALLERS.replace('batch_tier = "vip"', 'batch_tier = "nope"')))
+
+
+def test_config_check_notes_callers_whose_batches_share_their_own_tier(tmp_path):
+    from typer.testing import CliRunner
+
+    from ratefleet.cli import app
+    done = CliRunner().invoke(app, ["config", "check", str(write(tmp_path, CALLERS))])
+    assert done.exit_code == 0, done.output
+    notes = [line for line in done.output.splitlines() if "Batch API" in line]
+    assert [note.split("'")[0] for note in notes] == ["note: callers.night", "note: callers.own"]
+    assert "set callers.night.batch_tier to a lower tier" in notes[0]
