@@ -83,8 +83,12 @@ from ratefleet.schemas.outcome import OutcomeKind, RateLimitInfo
 # the referrer/IP/app restrictions are left out: they depend on where a call comes from
 GOOGLE_KEY_REASONS = frozenset({"API_KEY_INVALID", "API_KEY_SERVICE_BLOCKED", "SERVICE_DISABLED", "BILLING_DISABLED",
                                 "CONSUMER_SUSPENDED", "CONSUMER_INVALID"})
+# OpenAI's account-level refusals besides insufficient_quota: 400 billing_hard_limit_reached ("Billing
+# hard limit has been reached"), 429 billing_not_active ("Your account is not active, please check your
+# billing details"), 401 account_deactivated: every call on that key fails the same way until someone pays
 KEY_SCOPED_CODES = frozenset({"invalid_api_key", "authentication_error", "insufficient_quota", "billing_error",
-                              "payment_required", "credit_balance_too_low", *GOOGLE_KEY_REASONS})
+                              "payment_required", "credit_balance_too_low", "billing_hard_limit_reached",
+                              "billing_not_active", "account_deactivated", *GOOGLE_KEY_REASONS})
 _CREDIT_TOO_LOW = "your credit balance is too low"  # how Anthropic's 400 message for an exhausted balance begins
 _GENERIC_TYPES = frozenset({"invalid_request_error"})  # Anthropic's type on that 400: says nothing about the key
 OVERLOADED_CODES = frozenset({"overloaded_error"})
@@ -100,11 +104,40 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|h|m|s)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
+def retry_after_of(headers: Mapping[str, str], body: object, now_epoch: float) -> float | None:
+    """The wait (seconds from now) an answer names, wherever its provider puts it, or None:
+    `retry-after-ms` (milliseconds: Azure OpenAI; the openai SDK reads it before Retry-After),
+    then `Retry-After` (RFC 9110 section 10.2.3, `parse_retry_after`), then the `retryDelay` of a
+    `type.googleapis.com/google.rpc.RetryInfo` entry in a Google error's `details` (Gemini's 429:
+    `"retryDelay": "20s"`, a google.protobuf.Duration in its JSON form). `headers`: lower-case names."""
+    millis = _number(headers.get("retry-after-ms"))
+    if millis is not None and millis >= 0:
+        return millis / 1000
+    seconds = parse_retry_after(headers.get("retry-after"), now_epoch)
+    return seconds if seconds is not None else _google_retry_delay(body)
+
+
+def _google_retry_delay(body: object) -> float | None:
+    error = body.get("error") if isinstance(body, dict) else None
+    details = error.get("details") if isinstance(error, dict) else None
+    if not isinstance(details, list):
+        return None
+    for detail in details[:16]:
+        if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("google.rpc.RetryInfo"):
+            delay = detail.get("retryDelay")
+            return parse_duration(delay) if isinstance(delay, str) and delay.endswith("s") else None
+    return None
+
+
 def parse_retry_after(value: str | None, now_epoch: float) -> float | None:
-    """Retry-After as seconds from now: delta-seconds or an HTTP-date; past dates give 0."""
+    """Retry-After as seconds from now: delta-seconds or an HTTP-date; past dates give 0. A
+    header sent twice arrives joined ("120, 120", RFC 9110 section 5.3): its first delta-seconds
+    is read (an HTTP-date holds a comma of its own and is read whole)."""
     if value is None or not value.strip():
         return None
     text = value.strip()
+    if "," in text and text.split(",", 1)[0].strip().isdigit():
+        text = text.split(",", 1)[0].strip()
     try:
         seconds = float(text)
     except ValueError:
@@ -160,6 +193,9 @@ def _number(value: str | None) -> float | None:
 
 
 _RESET_IS_EPOCH = 1e9  # an x-ratelimit-reset above this is a Unix time (GitHub, Twitter), not a delta
+# a Unix time above this is in milliseconds (OpenRouter's X-RateLimit-Reset: "1789138080000"), or finer:
+# 1e11 seconds is the year 5138, 1e11 milliseconds 1973
+_EPOCH_IS_FINER = 1e11
 _LEADING_NUMBER = re.compile(r"\s*(\d+(?:\.\d*)?)")
 _STRUCTURED_PARAM = re.compile(r"(?:^|[;,\s])(r|t|q|limit|remaining|reset)=(\d+(?:\.\d*)?)")
 
@@ -173,14 +209,17 @@ def _leading_number(value: str | None) -> float | None:
 
 
 def _reset(value: str | None, now_epoch: float | None) -> float | None:
-    """A reset as seconds from now: a duration ("1s", "6m0s", "0.5"), a Unix time, or an
-    RFC 3339 timestamp (Anthropic); absolute forms need `now_epoch`."""
+    """A reset as seconds from now: a duration ("1s", "6m0s", "0.5"), a Unix time in seconds
+    (GitHub) or milliseconds (OpenRouter), or an RFC 3339 timestamp (Anthropic); absolute forms
+    need `now_epoch`."""
     if value is None or not value.strip():
         return None
     seconds = parse_duration(value)
     if seconds is not None:
         if seconds < _RESET_IS_EPOCH:
             return seconds
+        while seconds >= _EPOCH_IS_FINER:  # milliseconds (microseconds, ...) since the epoch
+            seconds /= 1000
         return None if now_epoch is None else max(0.0, seconds - now_epoch)
     try:
         when = datetime.fromisoformat(value.strip())
@@ -227,13 +266,42 @@ def _first_family(lower: Mapping[str, str], families: tuple[tuple[str, str, str]
 def _structured(lower: Mapping[str, str]) -> _Triple:
     """`RateLimit: "default";r=50;t=30` with `RateLimit-Policy: "default";q=100;w=60`
     (draft-ietf-httpapi-ratelimit-headers-07 and later), or the older
-    `RateLimit: limit=100, remaining=50, reset=5`."""
-    params = {name: _number(value) for name, value in _STRUCTURED_PARAM.findall(lower.get("ratelimit", ""))}
-    policy = {name: _number(value) for name, value in _STRUCTURED_PARAM.findall(lower.get("ratelimit-policy", ""))}
-    limit = params.get("limit", policy.get("q"))
-    remaining = params.get("remaining", params.get("r"))
-    reset = params.get("reset", params.get("t"))
+    `RateLimit: limit=100, remaining=50, reset=5`.
+
+    The newer form is a list, one item per policy (`"burst";r=0;t=1, "daily";r=9990;t=40000`),
+    each matched to its `RateLimit-Policy` item by name. The triple is the binding one, whatever
+    the order: of the policies with nothing remaining, the one that resets last (no call fits
+    before it); else the one with the shortest window (`w`, else `t`), which paces calls; a
+    longer policy (a daily quota) only stops calls once it is spent. Before, the last item
+    overwrote the others: a daily quota listed last paced a key at 2.5 % of its rate."""
+    items = [item for item in lower.get("ratelimit", "").split(",") if item.strip()]
+    if not any(";" in item for item in items):  # the older form: one policy, its fields as list items
+        params = {name: _number(value) for name, value in _STRUCTURED_PARAM.findall(lower.get("ratelimit", ""))}
+        return params.get("limit"), params.get("remaining"), params.get("reset")
+    policies = {_item_name(item): _item_params(item) for item in lower.get("ratelimit-policy", "").split(",")}
+    found = []
+    for item in items:
+        params = _item_params(item)
+        policy = policies.get(_item_name(item)) or (next(iter(policies.values())) if len(policies) == 1 else {})
+        if params.get("r") is not None or params.get("t") is not None:
+            window = policy.get("w", params.get("t"))
+            found.append((policy.get("q"), params.get("r"), params.get("t"), math.inf if window is None else window))
+    if not found:
+        return None, None, None
+    spent = [p for p in found if p[1] is not None and p[1] <= 0]
+    if spent:
+        limit, remaining, reset, _ = max(spent, key=lambda p: -1.0 if p[2] is None else p[2])
+    else:
+        limit, remaining, reset, _ = min(found, key=lambda p: p[3])
     return limit, remaining, reset
+
+
+def _item_name(item: str) -> str:
+    return item.split(";", 1)[0].strip().strip('"')
+
+
+def _item_params(item: str) -> dict[str, float | None]:
+    return {name: _number(value) for name, value in _STRUCTURED_PARAM.findall(item)}
 
 
 def parse_ratelimit(headers: Mapping[str, str], now_epoch: float | None = None) -> RateLimitInfo | None:

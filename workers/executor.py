@@ -33,11 +33,11 @@ from ratefleet.schemas.errors import InvalidRequest
 from ratefleet.schemas.job import check_header
 from ratefleet.schemas.outcome import OutcomeKind, RateLimitInfo
 from ratefleet.schemas.ratelimit_scope import RateLimitScope, rate_limit_scope
-from ratefleet.schemas.signals import classify, parse_ratelimit, parse_retry_after, provider_code
+from ratefleet.schemas.signals import KEY_SCOPED_CODES, classify, parse_ratelimit, provider_code, retry_after_of
 from ratefleet.workers.body import body_fields
 from ratefleet.workers.direct import Answer, DirectRequest, HttpxAnswer, RequestBuilder, httpx_url
 from ratefleet.workers.http_spans import traced_transport
-from ratefleet.workers.usage import answer_cost, stream_cost
+from ratefleet.workers.usage import answer_cost, stream_cost, stream_error
 
 ChunkSink = Callable[[bytes], Awaitable[None]]
 KEPT_HEADERS = ("content-type", "retry-after", "x-request-id", "openai-processing-ms")
@@ -302,6 +302,8 @@ class UpstreamExecutor:
                 return self._failed("connection", "ServerDisconnectedError calling the upstream: it closed the "
                                     "connection before its answer was complete", started)
             return self._failed("timeout", f"no answer from the upstream within {upstream.timeout_s}s", started)
+        except httpx.DecodingError as exc:
+            return self._undecodable(answer, exc, secret, started)
         except httpx.HTTPError as exc:
             return self._failed("connection", f"{type(exc).__name__} calling the upstream", started)
         except _UNREADABLE as exc:  # what httpx-aiohttp passes through untranslated: an answer aiohttp cannot parse
@@ -316,11 +318,14 @@ class UpstreamExecutor:
             return self._too_large(status, secret, latency_ms, received)
         info = _response_info(status, raw, secret, received)
         cost = _reported_cost(info, raw, upstream.usage_path, streamed=streamed)
+        failure = stream_error(raw) if streamed else None
+        if failure is not None:
+            return _stream_failed(info, failure, received, cost, latency_ms)
         success = 200 <= status < 300
         code = None if success else provider_code(info.json_body)
         return CallResult(
             kind=classify(status, None, code), response=info, error=None, provider_code=code,
-            retry_after_s=parse_retry_after(received.get("retry-after"), time.time()),
+            retry_after_s=retry_after_of(received, info.json_body, time.time()),
             ratelimit=parse_ratelimit(received, time.time()), actual_cost=cost, latency_ms=latency_ms,
         )
 
@@ -334,6 +339,22 @@ class UpstreamExecutor:
         return CallResult(kind=OutcomeKind.BAD_REQUEST, response=info, error=message,
                           retry_after_s=None, ratelimit=parse_ratelimit(received, time.time()), actual_cost=None,
                           latency_ms=latency_ms, code=ErrorCode.RESPONSE_TOO_LARGE)
+
+    @staticmethod
+    def _undecodable(answer: Answer, exc: Exception, secret: str, started: float) -> CallResult:
+        """The upstream answered, but its body is not in the Content-Encoding it names (a proxy
+        labelling plain JSON `gzip`): final, as a bad request (the key is fine), for a call
+        asked again gets the same bytes and is paid again (before: a "connection" error retried
+        to max_attempts, five paid calls each answered 200)."""
+        received = answer.headers
+        info = _response_info(answer.status, b"", secret, received)
+        encoding = received.get("content-encoding") or "none"
+        message = (f"the upstream answered HTTP {answer.status}, but its body could not be decoded as its "
+                   f"Content-Encoding ({encoding}) says ({type(exc).__name__}); not retried (each call is paid): "
+                   "the upstream, or a proxy before it, labels its answers wrongly")
+        return CallResult(kind=OutcomeKind.BAD_REQUEST, response=info, error=message, retry_after_s=None,
+                          ratelimit=parse_ratelimit(received, time.time()), actual_cost=None,
+                          latency_ms=(time.perf_counter() - started) * 1000, code=ErrorCode.UPSTREAM_ERROR)
 
     @staticmethod
     def _failed(what: str, message: str, started: float) -> CallResult:
@@ -385,6 +406,29 @@ def _progress_deadline(deadline: anyio.CancelScope, idle_s: float, relay: ChunkS
             await relay(chunk)
 
     return on_chunk
+
+
+_STREAM_RATE_LIMITED = frozenset({"rate_limit_error", "rate_limit_exceeded"})  # Anthropic's, OpenAI's
+
+
+def _stream_failed(info: ResponseInfo, failure: dict[str, Any], received: dict[str, str], cost: float | None,
+                   latency_ms: float) -> CallResult:
+    """A streamed answer that began with a 2xx and ended with an error event (usage.stream_error):
+    not a success. Its error's code classifies it as the same code would as a status: key-scoped
+    (the key out), a rate limit (a 429's wait), else an upstream error (Anthropic's
+    overloaded_error, a server error: a breaker failure, retried by policy). Before, such an answer
+    was stored `succeeded` with the answer cut off (a provider trial)."""
+    code = provider_code(failure)
+    if code in KEY_SCOPED_CODES:
+        kind = OutcomeKind.KEY_ERROR
+    elif code in _STREAM_RATE_LIMITED:
+        kind = OutcomeKind.RATE_LIMITED
+    else:
+        kind = OutcomeKind.UPSTREAM_ERROR
+    message = (f"the upstream's streamed answer (HTTP {info.status}) ended with an error event"
+               f"{f' ({code})' if code else ''} instead of its end")
+    return CallResult(kind=kind, response=info, error=message, provider_code=code, retry_after_s=None,
+                      ratelimit=parse_ratelimit(received, time.time()), actual_cost=cost, latency_ms=latency_ms)
 
 
 def _event_stream(status: int, headers: dict[str, str]) -> bool:

@@ -655,7 +655,7 @@ class Worker:
         elif call.kind == "denied" and a.denial_final:
             error = _request_denied(a, call)
         elif is_retryable(call.kind):
-            what = f"HTTP {call.response.status}" if call.response else call.error
+            what = call.error or f"HTTP {call.response.status}" if call.response else call.error
             error = ErrorInfo(code=ErrorCode.ATTEMPTS_EXHAUSTED, message=f"gave up after {a.attempt} attempts; last: {what}")
         else:
             error = ErrorInfo(code=ErrorCode.UPSTREAM_ERROR,

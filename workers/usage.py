@@ -107,3 +107,33 @@ def _event_data(raw: bytes) -> list[bytes]:
     if lines:
         events.append(b"\n".join(lines))
     return events
+
+
+STREAM_ERROR_EVENTS = 3  # the last events with data a stream's error is looked for in
+
+
+def stream_error(raw: bytes) -> dict[str, Any] | None:
+    """The error event that ended a server-sent-events answer begun with a 2xx, as a JSON
+    error body (`{"error": {...}}`, for `signals.provider_code`), or None when it ended
+    without one. Anthropic sends `event: error` with `{"type": "error", "error": {"type":
+    "overloaded_error", ...}}` after its 200 (docs.anthropic.com/en/api/messages-streaming,
+    "Error events"); OpenAI a data line `{"error": {...}}`; both SDKs raise an APIError on such
+    an event, so the answer is not a success. Only the last STREAM_ERROR_EVENTS events with data
+    are read (an error ends the stream), and only a top-level `error` object counts (text the
+    model wrote is nested inside `choices`/`delta`)."""
+    seen = 0
+    for data in _event_data_last_first(raw, {b"data"} if b"data" in raw else set()):
+        if data.strip() == b"[DONE]":
+            continue
+        seen += 1
+        if seen > STREAM_ERROR_EVENTS:
+            return None
+        if b'"error"' not in data:
+            continue
+        try:
+            event = json.loads(data)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(event, dict) and isinstance(event.get("error"), dict):
+            return {"error": event["error"]}
+    return None

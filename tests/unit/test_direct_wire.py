@@ -298,3 +298,46 @@ async def test_a_closed_client_sends_nothing(direct):
             await executor.call(Job.model_validate(JOBS[0]), UpstreamConfig(base_url=f"http://127.0.0.1:{server.port}"),
                                 "sk")
     assert server.seen == []
+
+
+ANTHROPIC_CUT = (b'event: message_start\ndata: {"type":"message_start","message":{"usage":{"input_tokens":5}}}\n\n'
+                 b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{"text":"Hello, the"}}\n\n'
+                 b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n')
+OPENAI_CUT = (b'data: {"choices":[{"delta":{"content":"the word \\"error\\": {}"}}]}\n\n'
+              b'data: {"error":{"message":"The server had an error","type":"server_error","code":null}}\n\n'
+              b'data: [DONE]\n\n')
+
+
+def _sse(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n" + _chunked(body)
+
+
+@pytest.mark.parametrize("body, kind, code", [
+    (ANTHROPIC_CUT, "upstream_error", "overloaded_error"),
+    (OPENAI_CUT, "upstream_error", "server_error"),
+    (ANTHROPIC_CUT.replace(b"overloaded_error", b"rate_limit_error"), "rate_limited", "rate_limit_error"),
+    (OPENAI_CUT.replace(b'"server_error","code":null', b'"insufficient_quota","code":"insufficient_quota"'),
+     "key_error", "insufficient_quota"),
+    (SSE.replace(b'"a"', b'"{\\"error\\": {\\"x\\": 1}}"'), "ok", None),  # the model's text naming an error
+])
+async def test_a_stream_begun_with_200_and_ended_by_an_error_event_is_no_success(body, kind, code):
+    """A provider trial: Anthropic's `event: error` (overloaded_error) after its 200 was stored
+    `succeeded`, the answer cut off. Now classified by the error's code, on both paths."""
+    async with RawServer(_sse(body)) as server:
+        upstream = UpstreamConfig(base_url=f"http://127.0.0.1:{server.port}", timeout_s=5)
+        (direct, relayed), (reference, _) = await both_paths(Job.model_validate(JOBS[0]), upstream)
+    assert direct == reference and relayed == body
+    assert (direct.kind, direct.provider_code) == (kind, code)
+    if kind != "ok":
+        assert "ended with an error event" in direct.error
+
+
+async def test_a_body_not_in_its_content_encoding_is_final_not_a_connection_error_paid_five_times():
+    """A provider trial: plain JSON labelled `Content-Encoding: gzip` (a proxy) was a "connection"
+    error ("DecodingError calling the upstream"), retried to max_attempts: five paid 200s."""
+    async with RawServer(ANSWERS["bad-gzip"]) as server:
+        upstream = UpstreamConfig(base_url=f"http://127.0.0.1:{server.port}", timeout_s=5)
+        (direct, _), (reference, _) = await both_paths(Job.model_validate(JOBS[0]), upstream)
+    assert direct == reference
+    assert (direct.kind, direct.code, direct.response.status) == ("bad_request", "upstream_error", 200)
+    assert "answered HTTP 200" in direct.error and "Content-Encoding (gzip)" in direct.error

@@ -1,0 +1,90 @@
+"""Provider conventions a provider trial found read wrongly (schemas/signals.py): each case is
+one convention, and each fails on the code before it."""
+
+from __future__ import annotations
+
+import pytest
+
+from ratefleet.dispatcher.core.adaptive import header_rate
+from ratefleet.schemas.signals import classify, parse_ratelimit, parse_retry_after, provider_code, retry_after_of
+
+NOW = 1_789_138_078.0
+
+
+@pytest.mark.parametrize("scale", [1, 1000, 1_000_000])
+def test_a_reset_given_as_a_unix_time_in_seconds_or_milliseconds_is_seconds_from_now(scale):
+    """OpenRouter's X-RateLimit-Reset is in epoch milliseconds ("1789138080000"): read as seconds
+    it was 1.8e12 s away, the key cooled down for retry_after_max_s (an hour) and its rate fell to
+    the floor on every 200 that carried it."""
+    info = parse_ratelimit({"X-RateLimit-Limit": "10", "X-RateLimit-Remaining": "0",
+                            "X-RateLimit-Reset": str(int((NOW + 2) * scale))}, NOW)
+    assert info.reset_requests_s == pytest.approx(2.0, abs=0.01)
+    assert header_rate(info.limit_requests, 4.0, info.reset_requests_s) == pytest.approx(3.0, rel=0.01)
+
+
+POLICIES = '"burst";q=5;w=1, "daily";q=10000;w=86400'
+
+
+@pytest.mark.parametrize("ratelimit", ['"burst";r=4;t=1, "daily";r=9990;t=40000',
+                                       '"daily";r=9990;t=40000, "burst";r=4;t=1'])
+def test_several_ietf_policies_pace_by_the_shortest_window_whatever_their_order(ratelimit):
+    """draft-ietf-httpapi-ratelimit-headers lists one item per policy: the last item overwrote the
+    others, so a daily quota listed last paced the key at 0.25 req/s (2.5 % of its rate)."""
+    info = parse_ratelimit({"RateLimit": ratelimit, "RateLimit-Policy": POLICIES}, NOW)
+    assert (info.limit_requests, info.remaining_requests, info.reset_requests_s) == (5, 4, 1)
+
+
+@pytest.mark.parametrize("ratelimit, reset", [('"burst";r=0;t=1, "daily";r=9990;t=40000', 1),
+                                              ('"daily";r=0;t=40000, "burst";r=4;t=1', 40000),
+                                              ('"burst";r=0;t=1, "daily";r=0;t=40000', 40000)])
+def test_a_spent_policy_stops_calls_until_it_resets_whatever_the_others_say(ratelimit, reset):
+    info = parse_ratelimit({"RateLimit": ratelimit, "RateLimit-Policy": POLICIES}, NOW)
+    assert (info.remaining_requests, info.reset_requests_s) == (0, reset)
+
+
+def test_the_single_policy_forms_read_as_before():
+    one = parse_ratelimit({"RateLimit": '"default";r=50;t=30', "RateLimit-Policy": '"default";q=100;w=60'}, NOW)
+    old = parse_ratelimit({"RateLimit": "limit=100, remaining=50, reset=5"}, NOW)
+    assert (one.limit_requests, one.remaining_requests, one.reset_requests_s) == (100, 50, 30)
+    assert (old.limit_requests, old.remaining_requests, old.reset_requests_s) == (100, 50, 5)
+
+
+GEMINI_429 = {"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "details": [
+    {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": []},
+    {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "20s"}]}}
+
+
+@pytest.mark.parametrize("headers, body, wait", [
+    ({"retry-after-ms": "3000"}, None, 3.0),  # Azure OpenAI, read first by the openai SDK
+    ({"retry-after-ms": "1500", "retry-after": "9"}, None, 1.5),
+    ({"retry-after": "120, 120"}, None, 120.0),  # sent twice, joined by the HTTP client
+    ({}, GEMINI_429, 20.0),  # Gemini: google.rpc.RetryInfo in the body
+    ({"retry-after": "7"}, GEMINI_429, 7.0),
+    ({}, {"error": {"details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "1.5s"}]}}, 1.5),
+    ({}, {"error": {"message": "no wait named"}}, None),
+])
+def test_the_wait_an_answer_names_is_read_wherever_its_provider_puts_it(headers, body, wait):
+    """Before only `Retry-After` was read: Azure's retry-after-ms and Gemini's retryDelay were not,
+    and the key tried again after 1, 0, 2 s (4 x 429 a key instead of 1; Gemini's first success at 31 s
+    instead of 20)."""
+    assert retry_after_of(headers, body, NOW) == wait
+
+
+def test_an_http_date_retry_after_still_reads_whole():
+    assert parse_retry_after("Thu, 01 Jan 2026 00:00:10 GMT", 1767225600.0) == 10.0
+
+
+@pytest.mark.parametrize("status, body, code", [
+    (400, {"error": {"message": "Billing hard limit has been reached", "type": "invalid_request_error",
+                     "code": "billing_hard_limit_reached"}}, "billing_hard_limit_reached"),
+    (429, {"error": {"message": "Your account is not active, please check your billing details on our website.",
+                     "type": "billing_not_active", "code": "billing_not_active"}}, "billing_not_active"),
+    (401, {"error": {"message": "This account has been deactivated.", "code": "account_deactivated"}},
+     "account_deactivated"),
+])
+def test_openais_account_refusals_take_the_key_out(status, body, code):
+    """Before: a 400 billing_hard_limit_reached failed each job for good (`bad_request`) while the
+    key stayed in rotation and the pool's other keys idled; 429 billing_not_active cooled the key
+    down and tried it again and again as a rate limit."""
+    assert provider_code(body) == code
+    assert classify(status, None, code) == "key_error"
