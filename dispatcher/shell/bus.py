@@ -49,6 +49,11 @@ class LeaderBus(Protocol):
     subjects: Subjects
     max_payload: int
 
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is up now. While it is not, a publish is only buffered by the
+        client, and sent when it reconnects: assignments are not sent then (assign_out.py)."""
+
     def new_inbox(self) -> str: ...
 
     async def subscribe(self, subject: str, handler: Handler) -> Subscription: ...
@@ -119,6 +124,10 @@ class NatsLeaderBus:
     @property
     def max_payload(self) -> int:
         return self.nc.max_payload
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.nc.is_connected)
 
     def new_inbox(self) -> str:
         return self.nc.new_inbox()

@@ -59,6 +59,7 @@ class MemoryBus:
     counts: dict[int, DeliveryCounts] = field(default_factory=dict)
     keys: dict[str, dict[str, Any]] = field(default_factory=dict)
     forgotten_until: float = 0.0  # messages stored before this (wall-clock s) may repeat a done job
+    connected: bool = True  # False: the connection is down (assignments are not sent)
     _inboxes: itertools.count[int] = field(default_factory=itertools.count)
 
     def new_inbox(self) -> str:
