@@ -68,7 +68,9 @@ def read_message(msg: Msg, tier: str, config: Config, handbacks: int = 0, rate_l
     if attempt > max_attempts:
         return refuse("failed", ErrorCode.ATTEMPTS_EXHAUSTED,
                       f"{attempt} attempts, more than max_attempts={max_attempts} (the last ones ended without a "
-                      "stored Result: a worker stopped mid-call, or could not reach NATS to store the Result)",
+                      "stored Result: a worker stopped mid-call or could not reach NATS to store the Result, or a leader "
+                      "holding the job was killed before handing it out; such a delivery counts, as the README's "
+                      "attempts rule says)",
                       job_id, job.batch, job)
     if job.expired(datetime.now(UTC)):
         return refuse("expired", ErrorCode.DEADLINE_EXCEEDED, expired_before_call(attempt, rate_limited),

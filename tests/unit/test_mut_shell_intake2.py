@@ -141,7 +141,9 @@ def test_a_job_out_of_attempts_fails_attempts_exhausted():
     assert isinstance(got, Refused)
     assert fields(got) == ("failed", ErrorCode.ATTEMPTS_EXHAUSTED, "j1", "b1", "vip", ACK, INBOX, 5)
     assert got.message == ("5 attempts, more than max_attempts=4 (the last ones ended without a stored Result: "
-                           "a worker stopped mid-call, or could not reach NATS to store the Result)")
+                           "a worker stopped mid-call or could not reach NATS to store the Result, or a leader holding "
+                           "the job was killed before handing it out; such a delivery counts, as the README's attempts "
+                           "rule says)")
     assert got.raw == msg.data and got.job.id == "j1"
 
 
