@@ -54,6 +54,9 @@ def job_from_openai_line(data: Any) -> dict[str, Any]:
         raise ValueError("OpenAI batch line: url must be a path such as \"/v1/chat/completions\"")
     if body is not None and not isinstance(body, dict):
         raise ValueError("OpenAI batch line: body must be a JSON object")
+    if body is None and method.upper() == "POST":  # (a new user's: sent without one, paid for a 400)
+        raise ValueError("OpenAI batch line: body is required for a POST (the request's JSON object, e.g. "
+                         "{\"model\": ..., \"messages\": [...]})")
     if body is not None and body.get("stream") is True:
         # a batch answer is stored whole; the OpenAI Batch API takes no streaming lines either
         raise ValueError("OpenAI batch line: body.stream must not be true (a batch line's answer is stored "

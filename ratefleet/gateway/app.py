@@ -59,16 +59,19 @@ class Gateway:
     """The request handler, built from the fleet's client, the callers and their limits."""
 
     def __init__(self, client: Client, callers: CallerTable, *, max_body_bytes: int,
+                 body_limit_source: str = "streams.max_job_bytes",
                  clock: Callable[[], float] = time.monotonic, cache: ResultCache | None = None,
                  default_upstream: str | None = None, upstreams: tuple[str, ...] = ()) -> None:
-        """`cache`: the fleet's answer cache (None: no lookups here); `default_upstream`: the
+        """`max_body_bytes`: the largest request body (bytes; larger: 413 naming `body_limit_source`),
+        the fleet's largest job (`job_size_limit`). `cache`: the fleet's answer cache (None: no
+        lookups here); `default_upstream`: the
         config's only upstream (a job without `upstream` runs there: part of the cache key);
         `upstreams`: the config's upstream names (with several and none chosen, a request is
         refused here, naming the header that chooses one)."""
         self.client = client
         self.callers = callers
         self.limits = CallerLimits()
-        self.max_body_bytes = max_body_bytes
+        self.max_body_bytes, self.body_limit_source = max_body_bytes, body_limit_source
         self.clock = clock
         self.cache = cache
         self.default_upstream = default_upstream
@@ -98,8 +101,8 @@ class Gateway:
         except GatewayRefusal as refusal:
             status, body = refusal.status, refusal.body()
             headers = {**refusal.headers(), "content-type": "application/json"}
-            if job is not None:
-                headers["x-ratefleet-job-id"] = job.id
+            if refusal.job_id is not None:  # (not for a job never stored: no Result will ever be under it)
+                headers["x-ratefleet-job-id"] = refusal.job_id
         log.info("gateway request", caller=caller.name if caller else None, method=request.method,
                  path=request.url.path, status=status, job_id=job.id if job else None, cache=cache_state,
                  ms=round((time.perf_counter() - started) * 1000, 1))
@@ -124,7 +127,7 @@ class Gateway:
             self.limits.settle(admission, self.clock(), stream_cost(bytes(tail), USAGE_PATH))
 
     async def _admit(self, request: Request, caller: Caller) -> tuple[Job, Admission]:
-        raw = await read_body(request, self.max_body_bytes)
+        raw = await read_body(request, self.max_body_bytes, self.body_limit_source)
         json_body, text_body = parse_body(raw, request.headers.get("content-type"))
         job = build_job(caller, method=request.method, path=request.url.path,
                         query=request.query_params.multi_items(), headers=dict(request.headers),
@@ -170,6 +173,10 @@ class Gateway:
         except QueueFull:
             raise queue_full() from None
         except JobInvalid as exc:
+            if "; the limit is " in str(exc):  # the job the body became is too large: as a body over the limit
+                raise GatewayRefusal(413, f"{exc}: the request body with what the gateway adds to make it a job "
+                                     "(its id, caller, deadline) is over the limit.", type="invalid_request_error",
+                                     code="request_too_large") from None
             raise bad_request(str(exc), code="invalid_job") from None
         except (RequestTimeout, TimeoutError):
             raise timed_out(job.id, caller.timeout_s) from None
@@ -177,7 +184,9 @@ class Gateway:
             raise GatewayRefusal(503, f"The job could not be stored: {exc}", type="server_error",
                                  code="submit_failed", retry_after_s=1.0) from None
         except RatefleetError as exc:  # e.g. BodyUnavailable: a large answer's stored body is gone
-            raise GatewayRefusal(502, f"Job {job.id}: {exc}", type="server_error", code="gateway_error") from None
+            refusal = GatewayRefusal(502, f"Job {job.id}: {exc}", type="server_error", code="gateway_error")
+            refusal.job_id = job.id
+            raise refusal from None
 
 
 async def read_body(request: Request, limit: int, setting: str = "streams.max_job_bytes") -> bytes:

@@ -32,6 +32,7 @@ class GatewayRefusal(RatefleetError):
         self.param = param
         self.retry_after_s = retry_after_s
         self.sdk_retry = sdk_retry
+        self.job_id: str | None = None  # the job the fleet has for this request (x-ratefleet-job-id)
 
     def body(self) -> bytes:
         return json.dumps({"error": {"message": self.message, "type": self.type, "param": self.param,
@@ -77,9 +78,12 @@ def timed_out(job_id: str, timeout_s: float) -> GatewayRefusal:
     """504 for a job without an answer at the caller's timeout. The job may be in its call (and
     paid for when it ends): an SDK's automatic retry would be a second job and a second call,
     so the answer says not to (`x-should-retry: false`)."""
-    return GatewayRefusal(504, f"No answer within this caller's timeout ({timeout_s:g} s) for job {job_id}; "
-                          f"if it ran, its Result is stored: `ratefleet result {job_id}`.",
-                          type="timeout", code="job_timeout", sdk_retry=False)
+    refusal = GatewayRefusal(504, f"No answer within this caller's timeout ({timeout_s:g} s) for job {job_id}; it "
+                             "may still run (and be paid): sending the request again makes a new job. Its Result "
+                             f"is stored under that id when it ends (`ratefleet result {job_id}` on the fleet).",
+                             type="timeout", code="job_timeout", sdk_retry=False)
+    refusal.job_id = job_id
+    return refusal
 
 
 def bad_request(message: str, *, code: str = "invalid_request", param: str | None = None) -> GatewayRefusal:

@@ -22,6 +22,7 @@ from ratefleet.gateway.batch_runner import BatchRunner
 from ratefleet.gateway.callers import Caller, CallerTable
 from ratefleet.gateway.files import FileStore
 from ratefleet.runtime.cache import ResultCache
+from ratefleet.runtime.config_kv import ConfigFollower, startup_config
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.metrics import register_cache
 from ratefleet.runtime.probes import Probes, bind_listener
@@ -29,6 +30,7 @@ from ratefleet.runtime.streams import ensure_topology
 from ratefleet.schemas import Config
 from ratefleet.schemas.config import split_listen
 from ratefleet.schemas.errors import ConfigError
+from ratefleet.schemas.job import job_size_limit
 
 log = get_logger("ratefleet.gateway")
 LISTEN_INSTEAD = "pass another --listen HOST:PORT (or set [gateway] listen)"
@@ -72,9 +74,22 @@ async def serve_gateway(config: Config, nc, stop: anyio.Event, listen: str, prob
     await ensure_topology(nc.jetstream(), config)
     client = Client(nc, config.nats.prefix)
     cache = ResultCache.from_config(client.js, config)
-    gateway = Gateway(client, callers, max_body_bytes=config.streams.max_job_bytes,
-                      cache=cache, default_upstream=config.default_upstream(),
-                      upstreams=tuple(config.upstreams))
+    fleet, revision = await startup_config(client.js, client.subjects, config)
+    body_limit, limit_source = job_size_limit(config.streams.max_job_bytes, nc.max_payload)
+    gateway = Gateway(client, callers, max_body_bytes=body_limit, body_limit_source=limit_source,
+                      cache=cache, default_upstream=fleet.default_upstream(),
+                      upstreams=tuple(fleet.upstreams))
+
+    async def follow_upstreams(applied: int, live: Config) -> None:
+        """The fleet's upstreams are live (`config push`): which one a request naming none runs
+        on, and whether it must name one, follow them. Before, the gateway kept the ones of its
+        start: after a push added a second upstream, every request naming none was refused by
+        the dispatcher (`unknown_upstream`), with no advice, instead of the gateway's 400
+        `upstream_required` saying how to name one (a new user's finding)."""
+        gateway.default_upstream, gateway.upstreams = live.default_upstream(), tuple(live.upstreams)
+        log.info("gateway follows the fleet's upstreams", revision=applied, upstreams=list(live.upstreams))
+
+    follower = ConfigFollower(client.js, client.subjects, follow_upstreams, role="gateway", revision=revision)
     if probes is not None:
         register_cache(probes.registry, lambda: cache.stats)
     runner, batch_api = batch_service(config, client, callers)
@@ -89,6 +104,13 @@ async def serve_gateway(config: Config, nc, stop: anyio.Event, listen: str, prob
 
         await tg.start(run_batches)  # unfinished batches of an earlier gateway carry on
         tg.start_soon(server.serve, [sock])
+        following = anyio.CancelScope()
+
+        async def follow() -> None:
+            with following:
+                await follower.run()
+
+        tg.start_soon(follow)
         while not server.started and not server.should_exit:
             await anyio.sleep(0.05)
         if server.started:
@@ -97,6 +119,7 @@ async def serve_gateway(config: Config, nc, stop: anyio.Event, listen: str, prob
         await stop.wait()
         server.should_exit = True
         runs.cancel()  # a batch's state is in KV and JetStream: the next start carries on
+        following.cancel()
 
 
 def load_callers(config: Config, probes: Probes | None = None) -> CallerTable:

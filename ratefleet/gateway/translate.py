@@ -97,7 +97,7 @@ def check_model(caller: Caller, body: Any, text_body: str | None = None, path: s
                              type="invalid_request_error", code="unsupported_media_type")
     if body is None:
         return
-    if not isinstance(body, dict) or "model" not in body:
+    if not isinstance(body, dict) or "model" not in body or body["model"] == "":
         if named:
             return  # the path names the model (Gemini, Azure, Bedrock bodies have no `model`)
         listed = ", ".join(sorted(allowed))

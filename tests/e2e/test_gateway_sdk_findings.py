@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+import sys
 import time
 
 import anyio
@@ -280,3 +281,53 @@ async def test_a_client_hanging_up_mid_upload_is_one_log_line_not_a_traceback(ga
     assert "hung up" in logs and "Traceback" not in logs and "Exception in ASGI application" not in logs, logs[-3000:]
     async with sdk(gateway) as ai:  # and the gateway serves on
         assert (await ai.files.list()).data == []
+
+
+async def test_a_push_adding_an_upstream_reaches_the_running_gateway(gateway):
+    """A new user's finding: the gateway kept the upstreams of its start. After a `config push`
+    added a second one, requests naming none went on without one and the dispatcher ended them
+    `unknown_upstream` (400 with no advice); now the gateway's own 400 `upstream_required` says
+    which header names one, and a request naming one runs."""
+    import tomli_w
+
+    data = gateway.config()
+    data["upstreams"]["other"] = {"base_url": gateway.upstream_url, "timeout_s": 10}
+    data["pools"]["shared"]["upstream"] = "mock"
+    path = gateway.tmp / "two.toml"
+    path.write_text(tomli_w.dumps(data))
+    pushed = await anyio.run_process([sys.executable, "-m", "ratefleet", "config", "push", str(path), "--nats",
+                                      gateway.nats_url], check=False)
+    assert pushed.returncode == 0, pushed.stderr.decode()
+    messages = [{"role": "user", "content": "hi"}]
+    async with sdk(gateway) as ai:
+        deadline = time.monotonic() + 15
+        while True:
+            with pytest.raises(openai.BadRequestError) as refused:
+                await ai.chat.completions.create(model="mock", messages=messages)
+            if refused.value.body["code"] == "upstream_required" or time.monotonic() > deadline:
+                break
+            await anyio.sleep(0.5)
+        named = await ai.chat.completions.create(model="mock", messages=messages,
+                                                 extra_headers={"x-ratefleet-upstream": "mock"})
+    assert refused.value.body["code"] == "upstream_required", refused.value.body
+    assert "x-ratefleet-upstream" in refused.value.body["message"]
+    assert "x-ratefleet-job-id" not in refused.value.response.headers  # nothing was stored under one
+    assert named.choices[0].message.content == "echo: hi"
+
+
+async def test_a_body_over_the_fleets_real_job_limit_is_a_413_naming_it(gateway):
+    """A new user's finding: bodies between the NATS server's max_payload less the assignment's
+    room (1,040,384 bytes here) and streams.max_job_bytes (1 MiB) got a 400 `invalid_job`, with an
+    x-ratefleet-job-id for a job never stored; bigger ones a 413 naming only max_job_bytes."""
+    content = "x" * 1_044_000
+    async with httpx.AsyncClient(base_url=gateway.gateway_url, timeout=30) as http:
+        answer = await http.post("/v1/chat/completions", json={"model": "mock", "messages": [
+            {"role": "user", "content": content}]}, headers={"Authorization": f"Bearer {CALLER_KEYS['alice']}"})
+        # under the limit as a body, over it as the job the gateway makes of it (id, caller, deadline)
+        wrapped = await http.post("/v1/chat/completions", json={"model": "mock", "messages": [
+            {"role": "user", "content": content[:1_040_230]}]}, headers={"Authorization": f"Bearer {CALLER_KEYS['alice']}"})
+    assert wrapped.status_code == 413 and wrapped.json()["error"]["code"] == "request_too_large", wrapped.text[:500]
+    assert "x-ratefleet-job-id" not in wrapped.headers
+    assert answer.status_code == 413, answer.text[:500]
+    assert answer.json()["error"]["code"] == "request_too_large" and "max_payload" in answer.json()["error"]["message"]
+    assert "x-ratefleet-job-id" not in answer.headers

@@ -65,6 +65,8 @@ def test_upstream_choice_follows_the_callers_list():
     # no model named: the upstream's default would slip past the allow-list (it was forwarded)
     ({"json_body": {"messages": [{"role": "user", "content": "hi"}]}}, 400, "model_required"),
     ({"json_body": [{"model": "m"}]}, 400, "model_required"),
+    # an empty model names none (a new user's finding: it was a 403 "may not use model ''")
+    ({"json_body": {"model": "", "messages": []}}, 400, "model_required"),
     # a body the gateway cannot read a model from must not pass an allow-list (it was forwarded)
     ({"headers": {"content-type": "text/plain"}, "text_body": '{"model":"gpt-4o","messages":[]}'}, 415,
      "unsupported_media_type"),
