@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 import tomllib
 import warnings
 from collections.abc import Awaitable, Callable
@@ -91,10 +93,25 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     raise typer.Exit(EXIT_FAILED if code == EXIT_USAGE and permission_denials() else code)
 
 
+def _as_ctrl_c(signum: int, frame: object) -> None:
+    """SIGTERM handled as SIGINT: the event loop's runner then cancels the command's task as it
+    does on Ctrl-C, so the command's own cleanup runs (raising KeyboardInterrupt here would cut
+    it wherever the loop happened to be)."""
+    signal.raise_signal(signal.SIGINT)
+
+
 def run_async(coro_fn: Callable[..., Awaitable[T]], *args: object) -> T:
     """Run a command's coroutine. A ratefleet error, or a NATS/httpx failure it stands for
     (runtime/edge.py), becomes one line and exit 1 (the first one of a task group's errors);
-    Ctrl-C exits 130; anything else (a bug) keeps its traceback."""
+    Ctrl-C exits 130, and so does SIGTERM (a job scheduler's or `timeout`'s stop), through the same
+    path: `submit --wait --out` and `results --wait` write what they received and say how to go
+    on (before, SIGTERM killed them at once: an operator's trial lost the 9 Results shown as
+    received, buffered and never written). A role (dispatcher, worker) replaces the handler with
+    its own drain while it runs. Anything else (a bug) keeps its traceback."""
+    previous = signal.getsignal(signal.SIGTERM)
+    main = threading.current_thread() is threading.main_thread()
+    if main and previous == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _as_ctrl_c)
     try:
         return anyio.run(coro_fn, *args)
     except KeyboardInterrupt:
@@ -107,6 +124,9 @@ def run_async(coro_fn: Callable[..., Awaitable[T]], *args: object) -> T:
         if ours is None:
             raise
         fail(str(ours), EXIT_FAILED)
+    finally:
+        if main and previous == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def require_file(path: Path, what: str = "input file") -> Path:

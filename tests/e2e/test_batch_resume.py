@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import anyio
 import pytest
 from faultkit import WarmCli
 from fleetkit import FleetKit, chat_job, mock_keys, wait_for_leader
@@ -103,6 +104,34 @@ async def test_ctrl_c_then_rerun_then_results_pays_one_call_per_line(tmp_path, n
 
     ordered = cli("results", "--batch", "b1", "--order", "input", "--nats", nats_server.url)
     assert [json.loads(row)["metadata"]["row"] for row in ordered.stdout.splitlines()] == list(range(lines))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("command", ["submit", "results"])
+async def test_sigterm_ends_a_wait_as_ctrl_c_does_and_keeps_what_was_received(tmp_path, nats_server, fleet, command):
+    """An operator's trial: `submit --wait --out` stopped with SIGTERM (a job scheduler, `timeout`)
+    died at once: progress had shown 9 Results, the --out file held none. Now SIGTERM takes
+    Ctrl-C's path: exit 130, every Result received written, and the command to go on."""
+    kit, upstream = fleet
+    await _ready(nats_server.url)
+    jobs, out = tmp_path / "jobs.jsonl", tmp_path / "r1.jsonl"
+    write_jobs(jobs, [chat_job(i) for i in range(60)])
+    send = ["submit", str(jobs), "--tier", "normal", "--batch", "bt", "--nats", nats_server.url]
+    if command == "results":
+        assert cli(*send).returncode == 0
+        args = ["results", "--batch", "bt", "--wait", "--out", str(out), "--nats", nats_server.url]
+    else:
+        args = [*send, "--wait", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "ratefleet", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: upstream.stats()["requests"] >= 10, 60, "10 upstream calls")
+    await anyio.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "ratefleet results --batch bt --wait" in err
+    written = read_results(out)
+    assert 0 < len(written) < 60 and all(r["status"] == "succeeded" for r in written)
 
 
 @pytest.mark.anyio
