@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 
 import structlog
 from opentelemetry import trace
@@ -67,7 +68,40 @@ def configure_logging(level: str | None = None, *, json: bool | None = None) -> 
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level_name, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # one write per line (message and newline together): PrintLogger's print() wrote them apart, and
+        # under `ratefleet up`, whose children share its stderr, two lines were glued ("...}{...")
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    if use_json:  # a Python warning (e.g. a literal secret in a watched file) as a JSON line too, not raw text
+        warnings.showwarning = _warning_as_log_line
+
+
+def _warning_as_log_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                         file: object = None, line: str | None = None) -> None:
+    structlog.get_logger("py.warnings").warning(str(message), category=category.__name__)
+
+
+def _message_and_fields(_logger: object, _name: str, event: dict) -> str:
+    """`event` as one line for a standard-library logger: the message, then key=value pairs."""
+    message = str(event.pop("event", ""))
+    return " ".join([message, *(f"{key}={value!r}" for key, value in event.items())])
+
+
+def _library_default() -> None:
+    """Where ratefleet's log lines go in a program that uses it as a library (the Python Client
+    in a service) and configures no structlog of its own: to the standard library's `logging`,
+    under the `ratefleet.*` logger names, so the program's logging set-up decides (before,
+    structlog's default printed every line, warnings of NATS reconnects included, to stdout,
+    whatever the program's logging said: a new user's finding). Without any set-up, Python
+    prints warnings and worse to stderr (logging.lastResort). `configure_logging` (the CLI's
+    roles) replaces this; a program that configured structlog itself first is left alone."""
+    if structlog.is_configured():
+        return
+    structlog.configure(
+        processors=[structlog.contextvars.merge_contextvars, add_trace_id, _scrub, _message_and_fields],
+        wrapper_class=structlog.stdlib.BoundLogger,
+        logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=False,
     )
 
@@ -79,3 +113,6 @@ def _colors() -> bool:
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
     return structlog.get_logger(name)
+
+
+_library_default()
