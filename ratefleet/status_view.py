@@ -136,7 +136,12 @@ def key_state(k: dict) -> str:
     text = f"DISABLED by provider evidence: {k.get('disabled_reason')}"
     probe = k.get("probe_in_s")
     if probe is not None:
-        text += "; probe job in flight" if probe == 0 else f"; probe in {probe:.0f} s"
+        if k.get("probe_in_flight"):
+            text += "; probe job in flight"
+        elif probe == 0:  # (it read "in flight" while no job was there to send: an operator's finding)
+            text += "; probe due: the next job that can run on it is sent as the probe"
+        else:
+            text += f"; probe in {probe:.0f} s"
     if k.get("secret_missing"):
         text += f"; no worker has its secret ({k.get('secret_missing')})"
     # what the operator can do besides waiting (an operator's trial found only the probe time)

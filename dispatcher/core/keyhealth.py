@@ -147,7 +147,8 @@ class KeyHealth:
     def view(self, now: float) -> dict[str, Any]:
         """JSON-able state for status: `state` (enabled/disabled), `disabled_by` (provider,
         operator, or secret when no worker holds it), `disabled_for_s`, `probe_in_s` (None
-        when no probe is scheduled), `probe_delay_s`, `secret_missing`. The scheduler adds
+        when no probe is scheduled; 0: due or in flight), `probe_in_flight` (a probe job is out
+        now), `probe_delay_s`, `secret_missing`. The scheduler adds
         `disabled_reason` (KeyState.disabled_reason)."""
         state = "enabled" if self.by is None else "disabled"
         by: str | None = self.by
@@ -161,6 +162,7 @@ class KeyHealth:
             "disabled_by": by,
             "disabled_for_s": None if self.since is None else round(max(0.0, now - self.since), 3),
             "probe_in_s": probe_in,
+            "probe_in_flight": self.probe is not None,
             "probe_delay_s": self.probe_delay_s if self.by == "provider" else None,
             "secret_missing": self.secret_missing,
         }

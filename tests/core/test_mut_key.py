@@ -530,7 +530,7 @@ def test_the_status_view_rounds_rates_levels_and_times_to_readable_precision():
         "effective_rps": 1.667, "burst": 1.67, "tokens": 1.67,  # halved by the 429
         "effective_cost_per_minute": 33.3, "cost_tokens": 32.39,  # 100/3 - 1 + 0.1 s x 100/180
         "in_flight": 1, "breaker": "closed", "cooldown_s": 2.233, "throttled": True,
-        "state": "enabled", "disabled_by": None, "disabled_for_s": None, "probe_in_s": None,
+        "state": "enabled", "disabled_by": None, "disabled_for_s": None, "probe_in_s": None, "probe_in_flight": False,
         "probe_delay_s": None, "secret_missing": None, "disabled": False, "disabled_reason": None,
         "calls": 1, "ok": 0, "rate_limited": 1, "errors": 0,
     }

@@ -203,9 +203,12 @@ def test_a_refused_job_becomes_the_probe_of_the_other_key_once_the_probe_is_due(
 
 def test_a_probe_in_flight_reads_as_due_now():
     health = provider_disabled(0.0)
+    assert health.view(70.0)["probe_in_flight"] is False  # due, none out yet
     health.take_probe(3)
-    assert health.view(10.0)["probe_in_s"] == 0.0
+    assert health.view(10.0)["probe_in_s"] == 0.0 and health.view(10.0)["probe_in_flight"] is True
     assert health.could_serve(10.0) and health.gate(10.0) is None
+    health.release_probe(3)
+    assert health.view(70.0)["probe_in_flight"] is False
 
 
 def test_status_times_are_rounded_to_milliseconds():

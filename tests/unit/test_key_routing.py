@@ -41,6 +41,11 @@ def test_status_says_who_disabled_a_key_and_when_the_probe_is_due():
                                                "once its secret or account is fixed: `ratefleet keys enable KEY`")
     assert key_state({"disabled": True, "disabled_by": "operator", "disabled_reason": "rotating"}) == (
         "DISABLED by an operator: rotating")
+    # a probe due with no job to send is not "in flight" (an operator's trial: it read so for 90 s, idle)
+    due = {"disabled": True, "disabled_by": "provider", "disabled_reason": "invalid_api_key (HTTP 401)", "probe_in_s": 0.0}
+    assert "; probe due: the next job that can run on it is sent as the probe;" in key_state(
+        {**due, "probe_in_flight": False})
+    assert "; probe job in flight;" in key_state({**due, "probe_in_flight": True})
     # an enabled key idle on a token debt says so (it read "ok" while it got no call for minutes)
     assert key_state({"disabled": False, "cost_tokens": -600.0, "cost_per_minute": 600.0,
                       "effective_cost_per_minute": 300.0}) == (
