@@ -31,8 +31,8 @@ from ratefleet.gateway.callers import unusable_callers
 from ratefleet.runtime.config_kv import HISTORY, document_for, push_config, read_config, read_toml
 from ratefleet.runtime.connect import connect
 from ratefleet.schemas import Subjects
-from ratefleet.schemas.config import config_path, parse_config
-from ratefleet.schemas.config_store import literal_secrets
+from ratefleet.schemas.config import Config, config_path, parse_config
+from ratefleet.schemas.config_store import LIVE_DISPATCHER_FIELDS, LIVE_SECTIONS, LOCAL_SECTIONS, literal_secrets
 from ratefleet.schemas.errors import ConfigError, NatsUnavailable
 from ratefleet.schemas.key_versions import current_version, version_state
 
@@ -74,6 +74,8 @@ def check(file: Path | None = typer.Argument(None, help="TOML config file (defau
     for name, reason in unusable_callers(config).items():
         typer.echo(f"warning: callers.{name}.key: {reason} on this machine: a gateway started here leaves caller "
                    f"{name!r} out (its requests get 401)", err=True)
+    for line in fleet_notes(config, read_toml(file)):
+        typer.echo(line, err=line.startswith("warning"))
     if len(config.upstreams) > 1:
         for name, caller in config.callers.items():
             if not caller.upstreams:
@@ -85,6 +87,38 @@ def check(file: Path | None = typer.Argument(None, help="TOML config file (defau
             typer.echo(f"note: callers.{name}'s Batch API batches run on its own tier ({caller.tier}): its online "
                        "requests queue behind a batch's lines until the batch ends; set callers."
                        f"{name}.batch_tier to a lower tier (or add one below {caller.tier!r})")
+
+
+def fleet_notes(config: Config, data: dict) -> list[str]:
+    """What `config check` and `config push` say about a valid config beyond "valid", from an
+    operator's trial: two keys that are one provider key (the same secret reference: its limit
+    is spent twice over, 13 x 429 in 400 jobs); jobs naming no upstream once several are
+    configured (each is refused `unknown_upstream`: a push that adds a second upstream breaks
+    every producer that names none); and the settings of the file that a push does not apply
+    live (each process takes them from its own file or environment when it starts: `push`
+    said "applied" while two workers kept their 8 slots, even after a restart)."""
+    lines = []
+    owners: dict[str, list[str]] = {}
+    for key_id, key in config.keys().items():
+        for version in key.secret_versions():
+            owners.setdefault(version.secret_ref, []).append(key_id)
+    for ref, key_ids in owners.items():
+        if len(set(key_ids)) > 1:
+            where = ref if ref.startswith(("env:", "file:")) else "the same literal"
+            lines.append(f"warning: keys {', '.join(sorted(set(key_ids)))} have the same secret ({where}): one provider "
+                         "key sent at the sum of their limits draws 429s; give each key its own secret")
+    if len(config.upstreams) > 1:
+        lines.append(f"note: {len(config.upstreams)} upstreams and none is the default: a job that names no `upstream` "
+                     "is refused (invalid, unknown_upstream); producers must name one (`--upstream` for submit)")
+    not_live = [f"[{section}]" for section in data if section not in (*LIVE_SECTIONS, "dispatcher", *LOCAL_SECTIONS)]
+    dispatcher = data.get("dispatcher")
+    if isinstance(dispatcher, dict):
+        not_live += [f"dispatcher.{name}" for name in dispatcher if name not in LIVE_DISPATCHER_FIELDS]
+    if not_live:
+        lines.append(f"note: {', '.join(not_live)} {'is' if len(not_live) == 1 else 'are'} not applied live: each "
+                     "process takes these from its own file or environment when it starts (live: [upstreams], "
+                     "[pools], [tiers], dispatcher.policy / priority_reserve / priority_slots)")
+    return lines
 
 
 @config_app.command("push")
@@ -116,6 +150,10 @@ def push(file: Path = FileArg, nats: str | None = NatsOpt, prefix: str | None = 
         typer.echo(f"unchanged: config revision {revision} already holds this config")
     for line in describe(seen, wait_s) if seen is not None else []:
         typer.echo(line)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for line in fleet_notes(document.validated(), read_toml(file)):
+            typer.echo(line, err=line.startswith("warning"))
 
 
 @config_app.command("show")

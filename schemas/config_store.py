@@ -7,8 +7,10 @@ dispatcher and worker follows the bucket and applies a new revision live (`fleet
 
 * applied live: `[upstreams]`, `[pools]` (keys, limits), `[tiers]` (weights, pools,
   max_attempts, max_rate_limited), `[dispatcher].policy`, `.priority_reserve` and `.priority_slots`;
-* stored and shown, applied by a process when it (re)starts with that file: every other
-  section. `[nats]` is never stored: how a process reaches NATS is its own business.
+* stored and shown, not applied by anyone: every other section; each process takes those
+  from its own file or environment when it starts (a process started after a push runs the
+  live sections of the stored revision over its own file). `[nats]` is never stored: how a
+  process reaches NATS is its own business.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ratefleet.schemas.config import Config, parse_config
 from ratefleet.schemas.errors import ConfigError
 
 CURRENT_KEY = "current"
+LIVE_SECTIONS = ("upstreams", "pools", "tiers")  # (`fleet_view`)
 LIVE_DISPATCHER_FIELDS = ("policy", "priority_reserve", "priority_slots")
 LOCAL_SECTIONS = ("nats",)
 
@@ -86,6 +89,6 @@ def fleet_view(local: Config, stored: Config) -> Config:
     other, so the result is consistent."""
     live_dispatcher = {name: getattr(stored.dispatcher, name) for name in LIVE_DISPATCHER_FIELDS}
     return local.model_copy(update={
-        "upstreams": stored.upstreams, "pools": stored.pools, "tiers": stored.tiers,
+        **{section: getattr(stored, section) for section in LIVE_SECTIONS},
         "dispatcher": local.dispatcher.model_copy(update=live_dispatcher)})
 

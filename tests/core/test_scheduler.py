@@ -128,7 +128,7 @@ def test_snapshot_shape():
         "tokens": 2.5, "cost_tokens": 59.1, "in_flight": 0,
         "concurrency": 4, "breaker": "closed", "cooldown_s": 2.0, "throttled": True, "disabled": False,
         "disabled_reason": None, "calls": 1, "ok": 0, "rate_limited": 1, "errors": 0,
-        "state": "enabled", "disabled_by": None, "disabled_for_s": None, "probe_in_s": None,
+        "state": "enabled", "disabled_by": None, "disabled_for_s": None, "probe_in_s": None, "probe_in_flight": False,
         "probe_delay_s": None, "secret_missing": None,
     }
     assert snap["keys"]["k2"]["cost_tokens"] is None and snap["keys"]["k2"]["concurrency"] is None

@@ -159,3 +159,33 @@ def test_config_check_notes_callers_whose_batches_share_their_own_tier(tmp_path)
     notes = [line for line in done.output.splitlines() if "Batch API" in line]
     assert [note.split("'")[0] for note in notes] == ["note: callers.night", "note: callers.own"]
     assert "set callers.night.batch_tier to a lower tier" in notes[0]
+
+
+def test_config_check_warns_of_shared_secrets_several_upstreams_and_settings_not_live(tmp_path):
+    """An operator's trial: two key ids with one secret ran one provider key at twice its rate
+    (13 x 429 in 400 jobs) without a word; `push` said "applied" for [workers] and
+    dispatcher.lease_ttl_s, which no process applies live; a new user's: a push adding a second
+    upstream broke every producer naming none, with only a note about callers."""
+    from typer.testing import CliRunner
+
+    from ratefleet.cli import app
+    text = GOOD.replace('secret = "file:/run/secrets/k2"', 'secret = "env:K1"') + """
+[upstreams.other]
+base_url = "https://other.example.test"
+
+[workers]
+slots = 16
+
+[dispatcher]
+policy = "strict"
+lease_ttl_s = 6
+"""
+    text = text.replace("[pools.shared]", '[pools.shared]\nupstream = "openai"').replace(
+        "[pools.vip]", '[pools.vip]\nupstream = "openai"')
+    done = CliRunner().invoke(app, ["config", "check", str(write(tmp_path, text))])
+    assert done.exit_code == 0, done.output
+    assert "warning: keys k1, k2 have the same secret (env:K1)" in done.output
+    assert "note: 2 upstreams and none is the default: a job that names no `upstream` is refused" in done.output
+    assert "note: [workers], dispatcher.lease_ttl_s are not applied live" in done.output
+    plain = CliRunner().invoke(app, ["config", "check", str(write(tmp_path, GOOD))])
+    assert "same secret" not in plain.output and "not applied live" not in plain.output
