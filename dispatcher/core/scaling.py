@@ -22,6 +22,7 @@ keys' total rate (or total concurrency) can feed; with any work waiting it is at
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,16 +120,18 @@ class ScalingMeter:
 
 
 def inputs_from_status(status: dict[str, Any], meter: ScalingMeter, now: float, *, backlog: int,
-                       default_slots: int = 8) -> ScalingInputs:
+                       default_slots: int = 8, pools: Collection[str] | None = None) -> ScalingInputs:
     """`ScalingInputs` from the leader's status answer (`LeaderMachine.status`) and its meter.
 
     `backlog`: jobs waiting in the JOBS stream and held by the leader (the shell counts the
     stream; the leader's own `pending` is only its pull window). Keys that are disabled or
     whose circuit breaker is open add no capacity; a worker's `slots` come from its
-    heartbeats (`default_slots` when no worker is known).
+    heartbeats (`default_slots` when no worker is known). `pools`: the pools the tiers with work
+    may use (None: every pool); the keys of other pools add no capacity (an operator's trial: an
+    idle key of a vip-only pool raised the signal for a backlog of normal jobs it never serves).
     """
-    usable = [k for k in status.get("keys", {}).values()
-              if not k.get("disabled") and k.get("breaker") != "open"]
+    usable = [k for k in status.get("keys", {}).values() if not k.get("disabled") and k.get("breaker") != "open"
+              and (pools is None or k.get("pool") is None or k.get("pool") in pools)]
     capacity = sum(float(k.get("effective_rps") or 0.0) for k in usable)
     caps = [k.get("concurrency") for k in usable]
     concurrency = sum(int(c) for c in caps if c is not None) if caps and None not in caps else None

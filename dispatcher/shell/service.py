@@ -279,8 +279,19 @@ class Dispatcher:
         status = session.status()
         waiting = sum(self.backlog.values()) + sum(t.get("pending", 0) for t in status.get("tiers", {}).values())
         inputs = inputs_from_status(status, session.machine.scaling, now, backlog=waiting,
-                                    default_slots=self.config.workers.slots)
+                                    default_slots=self.config.workers.slots, pools=self._pools_with_work(status))
         return LeaderView(status=status, backlog=dict(self.backlog), desired_workers=desired_workers(inputs))
+
+    def _pools_with_work(self, status: dict) -> set[str] | None:
+        """The pools the tiers with jobs (queued in JetStream, held, or in flight) may use, their
+        A/B split's included; None when no tier has any (then no key's capacity is excluded)."""
+        tiers = status.get("tiers", {})
+        busy = [tier for tier in self.config.tiers
+                if self.backlog.get(tier) or tiers.get(tier, {}).get("pending") or tiers.get(tier, {}).get("in_flight")]
+        if not busy:
+            return None
+        pools = {pool for tier in busy for pool in self.config.tier_pools(tier)}
+        return pools | {pool for tier in busy if (split := self.config.tiers[tier].split) for pool in split.pools}
 
     async def _watch_backlog(self) -> None:
         """While leading, read each tier's undelivered backlog once a second for the queue gauge."""

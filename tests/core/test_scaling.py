@@ -130,3 +130,18 @@ def test_an_idle_fleet_asks_for_no_worker_once_arrivals_have_died_down():
     assert 0 < later < 1e-3
     assert desired_workers(inputs(arrival_rate=later)) == 0
     assert desired_workers(inputs(arrival_rate=1 / 60)) == 1  # one job a minute still keeps one
+
+
+def test_keys_of_pools_no_busy_tier_may_use_add_no_capacity():
+    """An operator's trial: 1,500 normal-tier jobs on k1 and k2 (pool shared) with k3 in a
+    vip-only pool: the signal read 3, and disabling the idle k3 dropped it to 1."""
+    from ratefleet.dispatcher.core.scaling import ScalingMeter, inputs_from_status
+
+    status = {"keys": {"k1": {"pool": "shared", "effective_rps": 3.5}, "k2": {"pool": "shared", "effective_rps": 3.5},
+                       "k3": {"pool": "vip", "effective_rps": 10.0}},
+              "workers": [{"slots": 8}], "tiers": {"normal": {"pending": 64, "in_flight": 7}}}
+    meter = ScalingMeter(default_latency_s=1.0)
+    every = inputs_from_status(status, meter, 0.0, backlog=1500)
+    shared = inputs_from_status(status, meter, 0.0, backlog=1500, pools={"shared"})
+    assert every.key_capacity_rps == 17.0 and shared.key_capacity_rps == 7.0
+    assert desired_workers(every) == 3 and desired_workers(shared) == 1

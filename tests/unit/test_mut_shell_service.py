@@ -300,3 +300,21 @@ async def test_status_while_the_lease_holder_does_not_answer_names_it_instead_of
     assert "the lease is held by d-lead, which did not answer" in text
     assert "no dispatcher holds the lease" not in text
     assert "leader -," in text and "leader local file" not in text
+
+
+def test_only_the_keys_of_pools_a_busy_tier_may_use_feed_the_signal():
+    """An operator's trial: a backlog of normal jobs on pool `shared`, beside an idle vip-only pool:
+    the vip pool's key counted as capacity (3 workers wanted instead of 1)."""
+    d = dispatcher()
+    d.config = Config.model_validate({
+        "upstreams": {"u": {"base_url": "http://127.0.0.1:9"}},
+        "pools": {"shared": {"keys": [{"id": "k1", "rps": 4, "secret": "env:UNUSED"}]},
+                  "vip": {"keys": [{"id": "k3", "rps": 100, "secret": "env:UNUSED"}]}},
+        "tiers": {"vip": {"weight": 4, "pools": ["vip"]}, "normal": {"weight": 1, "pools": ["shared"]}},
+        "workers": {"slots": 4, "heartbeat_s": 2}})
+    d.backlog = {"normal": 1500}
+    keys = {"k1": {"pool": "shared", "effective_rps": 4.0}, "k3": {"pool": "vip", "effective_rps": 100.0}}
+    d.session = FakeSession({"keys": keys, "tiers": {"vip": {}, "normal": {"pending": 64}}})
+    assert d._leader_view().desired_workers == 1  # 4 calls/s of 1 s: one worker of 4 slots
+    d.backlog = {"normal": 1500, "vip": 1500}
+    assert d._leader_view().desired_workers == 13  # the vip pool's 100 calls/s feed the vip backlog: 52 / 4 slots
