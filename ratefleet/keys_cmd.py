@@ -12,12 +12,14 @@ Exit codes: 0 done, 1 the leader refused (unknown key) or nobody answered, 2 bad
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import anyio
 import typer
+from nats.errors import NoRespondersError
 
 from ratefleet.cli_support import EXIT_FAILED, EXIT_USAGE, LOOKED_AT, client_target, fail
 from ratefleet.keys_rotate import RotateError, rotate_file
@@ -32,22 +34,38 @@ keys_app = typer.Typer(no_args_is_help=True, help="Take keys out of rotation or 
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config for the NATS URL and prefix")
 NatsOpt = typer.Option(None, "--nats", envvar="RATEFLEET_NATS_URL", help="NATS URL (default nats://127.0.0.1:4222)")
 PrefixOpt = typer.Option(None, "--prefix", help="subject prefix (default from the config, else ratefleet)")
+NO_LEADER_RETRY_S = 0.25  # while no leader listens, the command is sent again this often (seconds)
 TimeoutOpt = typer.Option(5.0, "--timeout", help="seconds to wait for the leader's answer")
 
 
 async def send_key_command(url: str, prefix: str, request: dict, timeout: float,
                            auth: NatsAuthConfig | None = None) -> dict:
     """Send one command to the leader; returns its JSON answer. NatsUnavailable when NATS
-    cannot be reached, TimeoutError when no leader answers."""
+    cannot be reached, TimeoutError when no leader answers within `timeout` seconds.
+
+    While no leader listens (NATS answers "no responders" at once: none runs, or a failover is
+    under way) the command is sent again every NO_LEADER_RETRY_S until `timeout`: nothing
+    received it, so nothing is done twice. An operator's trial: `keys disable` right after the
+    leader's SIGKILL said no dispatcher was running while the standby took over 3 s later."""
     nc = await connect(url, name="ratefleet-keys", forever=False, auth=auth)
+    subject = Subjects(prefix).admin_keys
+    deadline = time.monotonic() + timeout
     try:
-        reply = await nc.request(Subjects(prefix).admin_keys, json.dumps(request).encode(), timeout=timeout)
-        return json.loads(reply.data)
+        while True:
+            try:
+                reply = await nc.request(subject, json.dumps(request).encode(),
+                                         timeout=max(0.1, deadline - time.monotonic()))
+                return json.loads(reply.data)
+            except NoRespondersError:
+                if refused(subject) or time.monotonic() + NO_LEADER_RETRY_S >= deadline:
+                    raise
+                await anyio.sleep(NO_LEADER_RETRY_S)
     except Exception as exc:  # noqa: BLE001 - nats: no responders / timeout
-        if refused(Subjects(prefix).admin_keys):  # the CLI names the refusal first; no dispatcher is to blame
-            raise TimeoutError(f"this user may not send {Subjects(prefix).admin_keys}") from None
-        raise TimeoutError(f"no leader dispatcher answered {Subjects(prefix).admin_keys} ({type(exc).__name__}); "
-                           "is `ratefleet up` or `ratefleet dispatcher` running?") from None
+        if refused(subject):  # the CLI names the refusal first; no dispatcher is to blame
+            raise TimeoutError(f"this user may not send {subject}") from None
+        raise TimeoutError(f"no leader dispatcher answered {subject} within {timeout:g}s ({type(exc).__name__}): "
+                           "is `ratefleet up` or `ratefleet dispatcher` running? A failover takes up to "
+                           "dispatcher.lease_ttl_s and a moment: try again, or give a longer --timeout") from None
     finally:
         await nc.close()
 

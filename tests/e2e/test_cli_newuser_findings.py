@@ -330,3 +330,40 @@ async def test_jobs_the_fleet_gave_up_on_are_named_with_the_replay_of_their_batc
     assert await _stored_jobs(nats_server.url) == 2  # the two replays, queued
     none = cli("dlq", "replay", "--batch", "other", "--code", "rate_limited", *url)
     assert none.returncode == 1 and "no replayable dead letter with batch 'other' and code rate_limited" in none.stderr
+
+
+@pytest.mark.anyio
+async def test_a_key_command_sent_during_a_failover_reaches_the_new_leader(nats_server):
+    """An operator's trial: `keys disable` right after the leader's SIGKILL exited 1 saying no
+    dispatcher ran, while the standby led 3 s later. While nobody listens ("no responders") the
+    command is sent again until --timeout; it reaches a leader that comes up meanwhile."""
+    import nats
+
+    nc = await nats.connect(nats_server.url)
+    seen: list[dict] = []
+
+    async def leader(msg) -> None:
+        request = json.loads(msg.data)
+        seen.append(request)
+        state = {"state": "disabled", "disabled_by": "operator", "disabled_reason": request["reason"]}
+        await msg.respond(json.dumps({"ok": True, "key": request["key"], "changed": True, "state": state}).encode())
+
+    try:
+        async with anyio.create_task_group() as tg:
+            done: list[subprocess.CompletedProcess] = []
+
+            async def run_cli() -> None:
+                done.append(await anyio.to_thread.run_sync(lambda: cli(
+                    "keys", "disable", "k1", "--reason", "failover", "--timeout", "8", "--nats", nats_server.url)))
+
+            tg.start_soon(run_cli)
+            await anyio.sleep(2.0)  # the new leader takes over
+            await nc.subscribe("ratefleet.admin.keys", cb=leader)
+            await nc.flush()
+    finally:
+        await nc.close()
+    nobody = await anyio.to_thread.run_sync(lambda: cli("keys", "disable", "k9", "--timeout", "1", "--nats",
+                                                        nats_server.url))
+    assert done[0].returncode == 0, done[0].stdout + done[0].stderr
+    assert seen == [{"action": "disable", "key": "k1", "reason": "failover"}]  # sent to a listener once
+    assert nobody.returncode == 1 and "within 1s" in nobody.stderr and "failover" in nobody.stderr, nobody.stderr
