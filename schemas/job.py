@@ -29,6 +29,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError, PydanticSerializationError
 
@@ -180,6 +181,13 @@ class HttpRequest(BaseModel):
     @classmethod
     def _body(cls, value: str | None) -> str | None:
         return _check_text(value, "body")
+
+    @model_validator(mode="after")
+    def _one_body(self) -> HttpRequest:
+        # a new user's finding: with both, the worker sent `json` and dropped `body` without a word
+        if self.json_body is not None and self.body is not None:
+            raise _invalid("give the body as `json` (a JSON value) or as `body` (text), not both")
+        return self
 
 
 class Job(BaseModel):

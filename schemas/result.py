@@ -105,6 +105,11 @@ class ResponseInfo(BaseModel):
 
 
 class Timings(BaseModel):
+    """When a job was stored (`submitted_at`) and where its time went, in milliseconds:
+    `queued_ms` from then to the start of the call that ended it (earlier attempts, their
+    backoffs and 429 waits included: a job retried after four 503s shows them all),
+    `upstream_ms` that last call, `total_ms` from `submitted_at` to its Result."""
+
     submitted_at: datetime | None = None
     queued_ms: float | None = None
     upstream_ms: float | None = None

@@ -8,7 +8,9 @@ schemas/signals.py) on one key is tried on another key. What happens next is the
   that does not exist, a wrong OpenAI-Organization header). The job fails; its denials
   count against no key.
 * it succeeds on another key: each earlier denial was about the key (a "confirmed"
-  strike). A key is disabled after 403s on FORBIDDEN_JOBS different confirmed jobs. A
+  strike). A key is disabled after 403s on FORBIDDEN_JOBS different confirmed jobs with no
+  success of its own since the first (a key that serves other jobs is refusing requests, not
+  broken: a model or resource that key may not use, Anthropic's 403 permission_error). A
   denial saying the key lacks the model (a 404, or OpenAI's 403 `model_not_found` for a
   project key restricted to some models) is no strike: the key serves its other models,
   and the scheduler sends that model's next jobs to other keys for a while (scheduler.py).
@@ -101,6 +103,10 @@ class DenialBook:
         self._prune(now)
         self._auth.pop(key_id, None)
         self._confirmed.pop(key_id, None)
+        # the key serves other jobs: its 403s were about those requests (a model or a resource it may
+        # not use: Anthropic's permission_error for one model), not the key. A provider trial: a key
+        # refusing only claude-opus was disabled for every model after 3 such jobs
+        self._forbidden.pop(key_id, None)
         entry = self._jobs.pop(job_id, None)
         out = Verdicts()
         if entry is None:

@@ -275,3 +275,17 @@ def test_a_success_judges_the_keys_after_a_401_too():
         book.on_denied(f"j{n}", "b", 403, False, t0)
         verdicts = book.on_ok(f"j{n}", "c", t1)
     assert ("b", "403 on 3 different jobs that succeeded on other keys") in verdicts.disable
+
+
+def test_a_key_that_serves_other_jobs_between_its_403s_is_not_disabled():
+    """A provider trial: k1 refused only claude-opus (Anthropic's 403 permission_error) and
+    served claude-haiku; after 3 opus jobs that succeeded on k2 it was disabled for every model."""
+    book = DenialBook()
+    for n in range(2 * FORBIDDEN_JOBS):
+        book.on_denied(f"opus{n}", "k1", 403, False, t0)
+        assert book.on_ok(f"opus{n}", "k2", t1) == Verdicts()
+        assert book.on_ok(f"haiku{n}", "k1", t1) == Verdicts()  # k1 works: its 403s were the requests'
+    for n in range(FORBIDDEN_JOBS):  # with no success of its own in between, the rule stands
+        book.on_denied(f"only{n}", "k1", 403, False, t2)
+        verdicts = book.on_ok(f"only{n}", "k2", t3)
+    assert verdicts.disable == [("k1", "403 on 3 different jobs that succeeded on other keys")]

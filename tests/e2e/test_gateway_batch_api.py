@@ -47,6 +47,16 @@ async def wait_status(ai: openai.AsyncOpenAI, batch_id: str, wanted: set[str], t
     raise AssertionError(f"batch {batch_id} never reached {wanted}; statuses seen: {seen[-5:]}")
 
 
+async def running_batch(ai: openai.AsyncOpenAI, lines: list) -> tuple:
+    """Upload `lines`, create a chat-completions batch of them and wait until it is in progress:
+    (the uploaded file, the batch as created)."""
+    uploaded = await ai.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+    batch = await ai.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                    completion_window="24h")
+    await wait_status(ai, batch.id, {"in_progress"})
+    return uploaded, batch
+
+
 @pytest.fixture
 def upstream():
     settings = MockSettings(keys=mock_keys(rps=200, burst=20), accept_unknown=False, tokens_per_call=100)
@@ -255,10 +265,7 @@ async def test_a_callers_batch_does_not_hold_back_its_online_requests(slow_gatew
     lines = [chat_line(f"r{i}", f"n{i}") for i in range(30)]  # 15 s of calls at 2 a second
     async with await Client.connect(nats_server.url) as client, sdk(slow_gateway) as ai:
         await wait_for_leader(client)
-        uploaded = await ai.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
-        batch = await ai.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                        completion_window="24h")
-        await wait_status(ai, batch.id, {"in_progress"})
+        _, batch = await running_batch(ai, lines)
         deadline = time.monotonic() + 30
         while (await ai.batches.retrieve(batch.id)).request_counts.completed < 2 and time.monotonic() < deadline:
             await anyio.sleep(0.2)
@@ -327,10 +334,7 @@ async def test_batch_survives_a_gateway_restart(slow_gateway, nats_server, upstr
     kit = slow_gateway
     async with await Client.connect(nats_server.url) as client, sdk(kit) as ai:
         await wait_for_leader(client)
-        uploaded = await ai.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
-        batch = await ai.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                        completion_window="24h")
-        await wait_status(ai, batch.id, {"in_progress"})
+        _, batch = await running_batch(ai, lines)
         await anyio.sleep(2)
         at_kill = await ai.batches.retrieve(batch.id)
     gateway = next(p for p in kit.processes if p.name == "gateway")

@@ -47,6 +47,9 @@ def test_auth_and_host_headers_are_forbidden(header):
     (b'{"request": {"path": "/x"}, "surprise": 1}', "surprise:"),
     (b'{"request": {"path": "/x", "method": "BREW"}}', "request.method:"),
     (b'{"request": {"path": "/x"}, "deadline": "2026-01-01T00:00:00"}', "deadline:"),
+    # a new user's finding: both were taken and `body` was dropped without a word at the call
+    (b'{"request": {"path": "/x", "json": {"a": 1}, "body": "text"}}',
+     "request: give the body as `json` (a JSON value) or as `body` (text), not both"),
 ])
 def test_invalid_jobs_name_the_field(raw, fragment):
     with pytest.raises(JobRejected) as caught:

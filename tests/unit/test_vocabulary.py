@@ -257,3 +257,17 @@ def test_the_tree_drawn_in_the_docstring_is_the_tree_in_the_code():
     for name, parent in drawn.items():
         assert classes[name].__bases__ == (classes[parent],), f"{name} is drawn under {parent}"
     assert set(error_tree.__all__) == set(classes)
+
+
+def test_every_error_code_is_explained_in_the_readme():
+    """A service team's finding: Results said their codes were listed in the README, which named
+    only a few; a caller in another language had no list of what `error.code` can be."""
+    from pathlib import Path
+
+    from ratefleet.schemas import ErrorCode
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    table = readme[readme.index("| code | status | meaning, and what to do |"):]
+    table = table[:table.index("\n\n")]
+    listed = {row.split("|")[1].strip().strip("`") for row in table.splitlines()[2:]}
+    assert listed == {code.value for code in ErrorCode}
