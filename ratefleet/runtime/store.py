@@ -163,6 +163,7 @@ async def publish_job_ack(js: JetStreamContext, subjects: Subjects, tier: str, j
         headers[REPEAT_HEADER] = "1"
 
     missing_stream = unknown = False
+    known: list[str] = []  # the tiers the JOBS stream takes, for the UnknownTier message
 
     async def unknown_tier(exc: BaseException) -> bool:
         """No stream answered: a tier that does not exist, or no streams at all (both final),
@@ -181,6 +182,7 @@ async def publish_job_ack(js: JetStreamContext, subjects: Subjects, tier: str, j
         # or restarting moves it), so no stream answered; retry. Else the tier is unknown.
         taken = getattr(getattr(info, "config", None), "subjects", None) or []
         unknown = not any(subject_matches(pattern, subjects.jobs(tier)) for pattern in taken)
+        known[:] = [pattern.removeprefix(subjects.jobs("")) for pattern in taken if pattern.startswith(subjects.jobs(""))]
         return unknown
 
     try:
@@ -197,8 +199,8 @@ async def publish_job_ack(js: JetStreamContext, subjects: Subjects, tier: str, j
             raise SubmitError(f"stream {subjects.jobs_stream} does not exist on this NATS server; start "
                               "`ratefleet up` or a dispatcher once to create the streams") from None
         if unknown:
-            raise UnknownTier(f"no stream takes {subjects.jobs(tier)}: unknown tier {tier!r} "
-                              "(tiers are configured in [tiers])") from None
+            raise UnknownTier(f"no stream takes {subjects.jobs(tier)}: unknown tier {tier!r}; the fleet's tiers: "
+                              f"{', '.join(known) or 'none'} (tiers are configured in [tiers])") from None
         # retried to the end with no answer: JetStream off or not ready, or the stream leaderless
         raise SubmitError(f"no JetStream stream answered for {subjects.jobs(tier)} for {retry_for:.0f}s (JetStream "
                           f"not enabled on this NATS server, or {subjects.jobs_stream} without a leader); job {job_id} "

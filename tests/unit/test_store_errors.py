@@ -26,7 +26,9 @@ async def test_submit_before_any_stream_exists_says_to_start_the_fleet(nats_serv
 async def test_unknown_tier_is_refused_at_once(nats_server):
     async with await Client.connect(nats_server.url) as client:
         await ensure_topology(client.js, parse_config({}))
-        with pytest.raises(UnknownTier, match="unknown tier 'platinum'") as refused:
+        # naming the fleet's tiers, as the rpc reply does (a service team's finding: it named none)
+        with pytest.raises(UnknownTier, match="unknown tier 'platinum'; the fleet's tiers: vip, premium, normal, "
+                           "guest") as refused:
             await client.submit(JOB, "platinum")
         # the code a raw rpc caller gets for the same request; still a SubmitError for older callers
         assert refused.value.code == "unknown_tier" and isinstance(refused.value, SubmitError)
