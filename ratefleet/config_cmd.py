@@ -30,6 +30,7 @@ from ratefleet.config_applied import describe, fleet_applied
 from ratefleet.gateway.callers import unusable_callers
 from ratefleet.runtime.config_kv import HISTORY, document_for, push_config, read_config, read_toml
 from ratefleet.runtime.connect import connect
+from ratefleet.runtime.streams import tier_consumer
 from ratefleet.schemas import Subjects
 from ratefleet.schemas.config import Config, config_path, parse_config
 from ratefleet.schemas.config_store import LIVE_DISPATCHER_FIELDS, LIVE_SECTIONS, LOCAL_SECTIONS, literal_secrets
@@ -215,11 +216,39 @@ async def _push(url: str, prefix: str, document, auth=None, wait_s: float = 0.0,
         before = await read_config(nc.jetstream(), subjects)
         if before is not None and _secret_refs(before[1]) == _secret_refs(document):
             settle_s = 0.0  # no key's secret to learn about: done once the fleet runs it
+        stranded = await _queued_in_removed_tiers(nc.jetstream(), subjects, before, document)
         revision, changed = await push_config(nc.jetstream(), subjects, document)
+        for tier, queued in stranded.items():
+            typer.echo(f"warning: tier {tier!r} is not in this revision and {queued:,} of its jobs are queued: nothing "
+                       f"runs them until [tiers.{tier}] is pushed again (they wait in {subjects.jobs_stream})", err=True)
         seen = await fleet_applied(nc, subjects, revision, wait_s, settle_s) if wait_s > 0 else None
         return revision, changed, seen
     finally:
         await nc.close()
+
+
+async def _queued_in_removed_tiers(js, subjects: Subjects, before, document) -> dict[str, int]:
+    """Tier -> jobs queued in it (its consumer's pending count), for the tiers of the running
+    revision (`before`: (revision, document), None when nothing was pushed) that `document`
+    leaves out. An operator's trial: a push dropping a tier with 2,360 queued jobs printed only
+    "applied" (status and submit said so later). Best effort: {} when NATS cannot say."""
+    if before is None:
+        return {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            removed = set(before[1].validated().tiers) - set(document.validated().tiers)
+        except (ConfigError, ValueError):
+            return {}
+    found = {}
+    for tier in sorted(removed):
+        try:
+            info = await js.consumer_info(subjects.jobs_stream, tier_consumer(tier))
+        except Exception:  # noqa: BLE001 - no consumer (never used) or NATS busy: nothing to say
+            continue
+        if info.num_pending:
+            found[tier] = info.num_pending
+    return found
 
 
 def _secret_refs(document) -> dict:

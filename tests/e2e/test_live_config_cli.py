@@ -191,3 +191,26 @@ def _streams(url: str) -> list[str]:
             await nc.close()
 
     return anyio.run(names)
+
+
+@pytest.mark.anyio
+async def test_a_push_leaving_out_a_tier_with_queued_jobs_says_how_many_wait(tmp_path, nats_server):
+    """An operator's trial: a push without [tiers.normal] while 2,360 normal jobs were queued
+    printed only "applied"; nothing runs them until the tier comes back."""
+    from ratefleet import Client
+    from ratefleet.runtime.streams import ensure_topology
+    from ratefleet.schemas.config import parse_config
+
+    url = ["--nats", nats_server.url, "--wait-s", "0"]
+    tiers = {"vip": {"weight": 4}, "normal": {"weight": 1}}
+    assert cli("config", "push", str(write(tmp_path / "a.toml", {**config(), "tiers": tiers})), *url).returncode == 0
+    async with await Client.connect(nats_server.url) as client:
+        await ensure_topology(client.js, parse_config({**config(), "tiers": tiers}))
+        for n in range(7):
+            await client.submit({"request": {"path": "/v1/x", "json": {"n": n}}}, "normal")
+    dropped = cli("config", "push", str(write(tmp_path / "b.toml", {**config(), "tiers": {"vip": {"weight": 4}}})), *url)
+    assert dropped.returncode == 0, dropped.stderr
+    assert ("warning: tier 'normal' is not in this revision and 7 of its jobs are queued: nothing runs them until "
+            "[tiers.normal] is pushed again") in dropped.stderr
+    back = cli("config", "push", str(tmp_path / "a.toml"), *url)
+    assert "warning" not in back.stderr
