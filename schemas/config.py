@@ -142,10 +142,12 @@ class KeyConfig(_Strict):
     id: str = Field(pattern=TOKEN_PATTERN)
     secret: SecretStr | None = None
     versions: list[KeyVersion] | None = None
-    rps: float = Field(gt=0)
-    burst: float | None = Field(default=None, ge=1)
-    concurrency: int | None = Field(default=None, ge=1)
-    cost_per_minute: float | None = Field(default=None, gt=0)
+    # strict: a key's limits are numbers (an operator's trial: `concurrency = true` passed as 1 and
+    # `rps = "10"` as 10); no environment variable sets them, so no string needs converting
+    rps: float = Field(gt=0, strict=True)
+    burst: float | None = Field(default=None, ge=1, strict=True)
+    concurrency: int | None = Field(default=None, ge=1, strict=True)
+    cost_per_minute: float | None = Field(default=None, gt=0, strict=True)
 
     @property
     def effective_burst(self) -> float:
@@ -199,7 +201,7 @@ class SplitConfig(_Strict):
 
 
 class TierConfig(_Strict):
-    weight: int = Field(default=1, ge=1, le=1000)
+    weight: int = Field(default=1, ge=1, le=1000, strict=True)
     # None: every pool; an empty list would be a tier no job of which can ever run (each ended
     # no_key_available at once), so it is refused
     pools: list[str] | None = Field(default=None, min_length=1)
@@ -299,11 +301,11 @@ class CallerConfig(_Strict):
     batch_tier: str | None = None
     upstreams: list[str] | None = None
     models: list[str] | None = None
-    rps: float | None = Field(default=None, gt=0)
-    burst: float | None = Field(default=None, ge=1)
-    tokens_per_minute: float | None = Field(default=None, gt=0)
-    timeout_s: float = Field(default=60.0, gt=0)
-    cache_ttl_s: float | None = Field(default=None, gt=0)
+    rps: float | None = Field(default=None, gt=0, strict=True)
+    burst: float | None = Field(default=None, ge=1, strict=True)
+    tokens_per_minute: float | None = Field(default=None, gt=0, strict=True)
+    timeout_s: float = Field(default=60.0, gt=0, strict=True)
+    cache_ttl_s: float | None = Field(default=None, gt=0, strict=True)
 
     @field_validator("key")
     @classmethod

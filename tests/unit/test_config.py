@@ -189,3 +189,15 @@ lease_ttl_s = 6
     assert "note: [workers], dispatcher.lease_ttl_s are not applied live" in done.output
     plain = CliRunner().invoke(app, ["config", "check", str(write(tmp_path, GOOD))])
     assert "same secret" not in plain.output and "not applied live" not in plain.output
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("concurrency", "true", "concurrency: Input should be a valid integer"),
+    ("rps", '"10"', "rps: Input should be a valid number"),
+    ("burst", "false", "burst: Input should be a valid number"),
+])
+def test_a_keys_limits_must_be_numbers(tmp_path, field, value, message):
+    """An operator's trial: `concurrency = true` was taken as 1 and `rps = "10"` as 10."""
+    text = GOOD.replace("rps = 5 }", f"rps = 5, {field} = {value} }}" if field != "rps" else f"rps = {value} }}")
+    with pytest.raises(ConfigError, match=f"pools.vip.keys.0.{message}"):
+        load_config(write(tmp_path, text))
