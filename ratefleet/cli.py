@@ -103,9 +103,10 @@ def _traced_from_environment():
     return remote_parent(environment_carrier(os.environ))
 
 
-def _run(coro_fn, *args):
-    """Run a coroutine; RatefleetError (or a NATS/httpx failure) -> one line, exit 1; Ctrl-C -> exit 130."""
-    return run_async(coro_fn, *args)
+def _run(coro_fn, *args, term_as_interrupt: bool = False):
+    """Run a coroutine; RatefleetError (or a NATS/httpx failure) -> one line, exit 1; Ctrl-C -> exit 130
+    (SIGTERM too with `term_as_interrupt`: cli_support.run_async)."""
+    return run_async(coro_fn, *args, term_as_interrupt=term_as_interrupt)
 
 
 @app.command()
@@ -209,7 +210,7 @@ def submit(file: Path = typer.Argument(..., help="JSONL file, one Job per line (
                    f"{out} now, and the last line prints the `ratefleet results` command that writes it", err=True)
     with _traced_from_environment():
         code = _run(run_submit, file, tier, batch, wait, out, skip_invalid, target.url, target.prefix, out_format,
-                    order == "input", target.nats, upstream, target.config_args, rejects)
+                    order == "input", target.nats, upstream, target.config_args, rejects, term_as_interrupt=True)
     raise typer.Exit(code or 0)
 
 
@@ -254,7 +255,7 @@ def request(job: str = typer.Argument(..., help="Job JSON, @FILE, or - (standard
 
     try:
         with _traced_from_environment():
-            result = _run(go)
+            result = _run(go, term_as_interrupt=True)
     except typer.Exit as stop:
         if stop.exit_code == EXIT_INTERRUPTED and sent:
             make_console(stderr=True).print(

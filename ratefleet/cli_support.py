@@ -100,17 +100,22 @@ def _as_ctrl_c(signum: int, frame: object) -> None:
     signal.raise_signal(signal.SIGINT)
 
 
-def run_async(coro_fn: Callable[..., Awaitable[T]], *args: object) -> T:
+def run_async(coro_fn: Callable[..., Awaitable[T]], *args: object, term_as_interrupt: bool = False) -> T:
     """Run a command's coroutine. A ratefleet error, or a NATS/httpx failure it stands for
     (runtime/edge.py), becomes one line and exit 1 (the first one of a task group's errors);
-    Ctrl-C exits 130, and so does SIGTERM (a job scheduler's or `timeout`'s stop), through the same
-    path: `submit --wait --out` and `results --wait` write what they received and say how to go
-    on (before, SIGTERM killed them at once: an operator's trial lost the 9 Results shown as
-    received, buffered and never written). A role (dispatcher, worker) replaces the handler with
-    its own drain while it runs. Anything else (a bug) keeps its traceback."""
+    Ctrl-C exits 130; anything else (a bug) keeps its traceback.
+
+    `term_as_interrupt` (the client commands that wait and write as they go: `submit`, `results`,
+    `request`): SIGTERM (a job scheduler's or `timeout`'s stop) takes Ctrl-C's path, so what was
+    received is written and the command to go on printed (an operator's trial: `submit --wait
+    --out` killed by SIGTERM lost the 9 Results shown as received). Only while SIGINT has Python's
+    own handler, which the event loop's runner replaces: a process started with SIGINT ignored (a
+    `cmd &` in a script) keeps SIGTERM's default, else it would not stop at all (a reviewer's
+    finding). The roles keep SIGTERM's default until their own drain handler is in place."""
     previous = signal.getsignal(signal.SIGTERM)
-    main = threading.current_thread() is threading.main_thread()
-    if main and previous == signal.SIG_DFL:
+    armed = (term_as_interrupt and threading.current_thread() is threading.main_thread()
+             and previous == signal.SIG_DFL and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    if armed:
         signal.signal(signal.SIGTERM, _as_ctrl_c)
     try:
         return anyio.run(coro_fn, *args)
@@ -125,7 +130,7 @@ def run_async(coro_fn: Callable[..., Awaitable[T]], *args: object) -> T:
             raise
         fail(str(ours), EXIT_FAILED)
     finally:
-        if main and previous == signal.SIG_DFL:
+        if armed:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 

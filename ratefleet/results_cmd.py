@@ -178,7 +178,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _run(fn, *args):
-    return run_async(fn, *args)
+    return run_async(fn, *args, term_as_interrupt=True)
 
 
 async def _collect_batch(console: Console, batch: str, wait: bool, out: Path | None, by_input: bool,

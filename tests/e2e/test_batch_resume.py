@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import anyio
 import pytest
@@ -594,3 +595,46 @@ async def test_rejects_dash_is_refused_not_written_to_a_file_named_dash(tmp_path
                            "--nats", nats_server.url], capture_output=True, text=True, timeout=90, cwd=tmp_path)
     assert done.returncode == 2 and "--rejects takes a file path" in done.stderr, done.stderr
     assert not (tmp_path / "-").exists()
+
+
+async def _topology(url: str) -> None:
+    async with await Client.connect(url) as client:
+        await ensure_topology(client.js, parse_config({}))
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a `cmd &` in a non-interactive shell script starts it
+
+
+LOCAL = str(Path(__file__).parents[2] / "examples" / "local.toml")
+
+
+@pytest.mark.parametrize("args, sigint_ignored", [
+    (["worker", "--config", LOCAL], False), (["worker", "--config", LOCAL], True),
+    (["dispatcher", "--config", LOCAL], True), (["request", "-", "--tier", "normal", "--timeout", "60"], True),
+])
+def test_sigterm_still_stops_roles_and_commands_started_with_sigint_ignored(tmp_path, nats_server, args,
+                                                                            sigint_ignored):
+    """A reviewer's finding on the first version: SIGTERM was turned into SIGINT for every
+    command, so a role or `request` started with SIGINT ignored (`cmd &` in a script) did not stop
+    at all, and a role SIGTERMed before it connected exited 130, not 143. Now only the waiting
+    client commands take Ctrl-C's path, and only where SIGINT is not ignored. (NATS is not
+    reachable for the roles: they wait for their first connection; `request` waits for a Result
+    no dispatcher will bring.)"""
+    url = "nats://127.0.0.1:1"
+    if args[0] == "request":
+        url = nats_server.url
+        anyio.run(_topology, url)
+    proc = subprocess.Popen([sys.executable, "-m", "ratefleet", *args, "--nats", url],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_ignore_sigint if sigint_ignored else None)
+    if args[0] == "request":
+        proc.stdin.write(json.dumps(chat_job(1)) + "\n")
+    proc.stdin.close()
+    time.sleep(3)
+    assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    proc.wait(timeout=20)
+    assert time.monotonic() - started < 10
+    assert proc.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM), proc.stderr.read()
