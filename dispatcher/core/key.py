@@ -163,8 +163,7 @@ class KeyState:
         """Earliest time >= now this key can take a job of `cost`, leaving `reserve`
         request tokens (only when the capacity can hold them) for a higher tier.
 
-        None when only a completion can free it (concurrency cap, probe in flight, a call
-        out while its last fresh answer was a key-scoped 429) or
+        None when only a completion can free it (concurrency cap, probe in flight) or
         nothing can (operator-disabled, no secret, cost above the cost capacity). A key
         disabled on provider evidence is ready at its probe time.
         """
@@ -173,11 +172,6 @@ class KeyState:
             return None
         cap = self.spec.concurrency
         if cap is not None and self.in_flight >= cap:
-            return None
-        if self.refusing and self.in_flight > 0:
-            # its last fresh answer was a key-scoped 429: after the cooldown one call goes first, and the
-            # next waits for its answer (a provider trial: the bucket's burst sent two calls within 1 ms
-            # at each cooldown's end, both refused, while the key's last answer was still a 429)
             return None
         gate = self.breaker.gate(now)
         if gate is None:

@@ -582,17 +582,3 @@ def test_the_rate_sent_is_measured_on_fast_keys_as_well():
     throttle(k, 2.0)
     assert k.request_rate.rate == pytest.approx(199.5 / 2)
 
-
-def test_after_a_429s_cooldown_one_call_goes_first_and_the_next_waits_for_its_answer():
-    """A provider trial: at the end of each cooldown the bucket's burst sent two calls within
-    1 ms while the key's last answer was still a 429, and both were refused."""
-    k = state(rps=10.0, burst=5.0)
-    throttle(k, 0.0)
-    after = k.cooldown_until + 0.01
-    assert k.ready_at(after, 1.0) == pytest.approx(after)  # one call may go
-    k.reserve(after, 1.0)
-    assert k.ready_at(after, 1.0) is None  # the next waits for the first one's answer
-    k.in_flight -= 1  # (the scheduler's part when the answer comes)
-    k.observe(OK, after + 0.2)  # it passed the provider's limiter: the burst is open again
-    k.reserve(after + 0.2, 1.0)
-    assert k.ready_at(after + 0.2, 1.0) == pytest.approx(after + 0.2)  # two calls out at once again
