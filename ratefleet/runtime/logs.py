@@ -7,6 +7,7 @@ import os
 import re
 import sys
 import warnings
+from typing import Any, cast
 
 import structlog
 from opentelemetry import trace
@@ -82,28 +83,13 @@ def _warning_as_log_line(message: Warning | str, category: type[Warning], filena
     structlog.get_logger("py.warnings").warning(str(message), category=category.__name__)
 
 
-def _message_and_fields(_logger: object, _name: str, event: dict) -> str:
-    """`event` as one line for a standard-library logger: the message, then key=value pairs."""
+def _message_and_fields(_logger: object, _name: str, event: dict) -> tuple[tuple[str], dict]:
+    """`event` as one line for a standard-library logger: the message, then key=value pairs;
+    `exc_info` goes to the logger (it prints the traceback), not into the line."""
+    exc_info = event.pop("exc_info", None)
     message = str(event.pop("event", ""))
-    return " ".join([message, *(f"{key}={value!r}" for key, value in event.items())])
-
-
-def _library_default() -> None:
-    """Where ratefleet's log lines go in a program that uses it as a library (the Python Client
-    in a service) and configures no structlog of its own: to the standard library's `logging`,
-    under the `ratefleet.*` logger names, so the program's logging set-up decides (before,
-    structlog's default printed every line, warnings of NATS reconnects included, to stdout,
-    whatever the program's logging said: a new user's finding). Without any set-up, Python
-    prints warnings and worse to stderr (logging.lastResort). `configure_logging` (the CLI's
-    roles) replaces this; a program that configured structlog itself first is left alone."""
-    if structlog.is_configured():
-        return
-    structlog.configure(
-        processors=[structlog.contextvars.merge_contextvars, add_trace_id, _scrub, _message_and_fields],
-        wrapper_class=structlog.stdlib.BoundLogger,
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        cache_logger_on_first_use=False,
-    )
+    line = " ".join([message, *(f"{key}={value!r}" for key, value in event.items())])
+    return (line,), ({"exc_info": exc_info} if exc_info else {})
 
 
 def _colors() -> bool:
@@ -111,8 +97,32 @@ def _colors() -> bool:
     return sys.stderr.isatty() and not os.environ.get("NO_COLOR")
 
 
+class _RatefleetLogger:
+    """What `get_logger` returns: structlog's logger once structlog is configured (the CLI's
+    `configure_logging`, or the program's own set-up), else one writing to the standard
+    library's `logging` under the same name. In a program that uses ratefleet as a library and
+    configures no structlog (the Python Client in a service), the program's logging set-up then
+    decides where ratefleet's lines go (before, structlog's default printed every line, NATS
+    reconnect warnings included, to stdout whatever it said: a service team's finding). Only
+    ratefleet's loggers take this route: structlog itself is left unconfigured, so a program's
+    own structlog lines are unchanged (a reviewer's finding on the first version, which
+    configured structlog for the whole process at import)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._structlog = structlog.get_logger(name)
+        self._stdlib: Any = None
+
+    def __getattr__(self, method: str) -> Any:
+        if structlog.is_configured():
+            return getattr(self._structlog, method)
+        if self._stdlib is None:
+            self._stdlib = structlog.wrap_logger(
+                logging.getLogger(self._name), wrapper_class=structlog.stdlib.BoundLogger,
+                processors=[structlog.contextvars.merge_contextvars, add_trace_id, _scrub, _message_and_fields])
+        return getattr(self._stdlib, method)
+
+
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
-    return structlog.get_logger(name)
-
-
-_library_default()
+    """The logger `name` (`ratefleet.<part>`), see _RatefleetLogger."""
+    return cast(structlog.typing.FilteringBoundLogger, _RatefleetLogger(name))

@@ -79,3 +79,23 @@ def test_a_program_using_the_client_decides_where_its_log_lines_go():
     bare = _run("")  # no set-up: Python's last-resort handler, warnings and worse, on stderr
     assert bare.stdout == ""
     assert "nats error, reconnecting" in bare.stderr and "hunter2" not in bare.stderr
+
+
+def test_importing_ratefleet_leaves_the_programs_own_structlog_alone():
+    """A reviewer's finding on the first version: it configured structlog for the whole process at
+    import, so a program's own `structlog.get_logger().info(...)` lines went to `logging` (and its
+    info lines vanished). Only ratefleet's loggers take the `logging` route; an exception's
+    traceback is printed by `logging`, not as text in the line."""
+    program = (
+        "import logging, structlog\n"
+        "import ratefleet.client\n"
+        "from ratefleet.runtime.logs import get_logger\n"
+        "structlog.get_logger().info('service started')\n"
+        "print('configured:', structlog.is_configured())\n"
+        "try:\n"
+        "    1 / 0\n"
+        "except ZeroDivisionError:\n"
+        "    get_logger('ratefleet.x').exception('it broke')\n")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True)
+    assert "service started" in done.stdout and "configured: False" in done.stdout
+    assert "it broke" in done.stderr and "ZeroDivisionError" in done.stderr and "exc_info" not in done.stderr
