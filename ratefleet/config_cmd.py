@@ -84,6 +84,11 @@ def check(file: Path | None = typer.Argument(None, help="TOML config file (defau
                            "each of its requests must say which in the x-ratefleet-upstream header (else 400 "
                            f"upstream_required); set callers.{name}.upstreams (the first is its default)")
     for name, caller in config.callers.items():
+        unserved = config.unserved(config.batch_tier(name), name)
+        if unserved:
+            typer.echo(f"warning: callers.{name}'s Batch API batches run on tier {config.batch_tier(name)!r}, which has "
+                       f"no pool for {', '.join(unserved)}: their lines would end no_key_available; set "
+                       f"callers.{name}.batch_tier to a tier whose pools call it", err=True)
         if config.batch_tier(name) == caller.tier:
             typer.echo(f"note: callers.{name}'s Batch API batches run on its own tier ({caller.tier}): its online "
                        "requests queue behind a batch's lines until the batch ends; set callers."

@@ -449,8 +449,25 @@ class Config(_Strict):
 
     def batch_tier(self, caller: str) -> str:
         """The tier caller `caller`'s Batch API batches run on: its `batch_tier`, else the lowest
-        tier (the last listed). KeyError for an unknown caller."""
-        return self.callers[caller].batch_tier or list(self.tiers)[-1]
+        tier (the last listed) with a pool for each upstream the caller may use, else its own
+        tier. KeyError for an unknown caller. (A reviewer's finding on the first version: the
+        lowest tier's pools served another upstream, and every line of a batch ended
+        `no_key_available`.)"""
+        entry = self.callers[caller]
+        if entry.batch_tier is not None:
+            return entry.batch_tier
+        return next((tier for tier in reversed(list(self.tiers)) if not self.unserved(tier, caller)), entry.tier)
+
+    def unserved(self, tier: str, caller: str) -> list[str]:
+        """The upstreams caller `caller` may use (its `upstreams`, else every one) that no pool of
+        `tier` calls. Raises KeyError for an unknown tier or caller."""
+        served = set()
+        for pool in self.tier_pools(tier):
+            try:
+                served.add(self.pool_upstream(pool))
+            except ValueError:  # (refused when the config is read: several upstreams, a pool naming none)
+                continue
+        return [upstream for upstream in self.callers[caller].upstreams or list(self.upstreams) if upstream not in served]
 
     def default_upstream(self) -> str | None:
         return next(iter(self.upstreams)) if len(self.upstreams) == 1 else None

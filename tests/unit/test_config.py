@@ -201,3 +201,49 @@ def test_a_keys_limits_must_be_numbers(tmp_path, field, value, message):
     text = GOOD.replace("rps = 5 }", f"rps = 5, {field} = {value} }}" if field != "rps" else f"rps = {value} }}")
     with pytest.raises(ConfigError, match=f"pools.vip.keys.0.{message}"):
         load_config(write(tmp_path, text))
+
+
+def test_the_default_batch_tier_is_the_lowest_whose_pools_call_the_callers_upstreams(tmp_path):
+    """A reviewer's finding on the first version: the lowest tier's pools served another upstream,
+    and every line of a caller's batch ended no_key_available."""
+    from typer.testing import CliRunner
+
+    from ratefleet.cli import app
+    text = """
+[upstreams.mock]
+base_url = "http://127.0.0.1:1"
+[upstreams.other]
+base_url = "http://127.0.0.1:2"
+[pools.shared]
+upstream = "mock"
+keys = [{ id = "k1", secret = "env:K1", rps = 5 }]
+[pools.cheap]
+upstream = "other"
+keys = [{ id = "k2", secret = "env:K2", rps = 5 }]
+[tiers.vip]
+pools = ["shared"]
+[tiers.normal]
+pools = ["shared", "cheap"]
+[tiers.guest]
+pools = ["cheap"]
+[callers.alice]
+key = "env:RF_ALICE"
+tier = "vip"
+upstreams = ["mock"]
+[callers.bob]
+key = "env:RF_BOB"
+tier = "vip"
+upstreams = ["mock"]
+batch_tier = "guest"
+[callers.carol]
+key = "env:RF_CAROL"
+tier = "normal"
+upstreams = ["other"]
+"""
+    config = load_config(write(tmp_path, text))
+    assert config.batch_tier("alice") == "normal"  # guest has no pool for mock
+    assert config.batch_tier("carol") == "guest"
+    assert config.unserved("guest", "bob") == ["mock"]
+    done = CliRunner().invoke(app, ["config", "check", str(tmp_path / "ratefleet.toml")])
+    assert "warning: callers.bob's Batch API batches run on tier 'guest', which has no pool for mock" in done.output
+    assert "callers.alice's Batch API batches run on tier" not in done.output
