@@ -118,6 +118,7 @@ def retry_after_of(headers: Mapping[str, str], body: object, now_epoch: float) -
 
 
 def _google_retry_delay(body: object) -> float | None:
+    body = _first_of_array(body)
     error = body.get("error") if isinstance(body, dict) else None
     details = error.get("details") if isinstance(error, dict) else None
     if not isinstance(details, list):
@@ -345,6 +346,7 @@ def provider_code(body: object) -> str | None:
     message begins by naming the model (module docstring).
     Codes are short ASCII identifiers; anything else (long text, other shapes) gives None.
     """
+    body = _first_of_array(body)
     if not isinstance(body, dict):
         return None
     error = body.get("error")
@@ -359,6 +361,14 @@ def provider_code(body: object) -> str | None:
         found.insert(0, MODEL_NOT_FOUND)
     known = [value for value in found if value in KEY_SCOPED_CODES or value in OVERLOADED_CODES]
     return (known or found or [None])[0]
+
+
+def _first_of_array(body: object) -> object:
+    """A body that is a JSON array of one error object (Gemini's `streamGenerateContent` answers
+    errors so: `[{"error": {...}}]`) as that object; any other body as it is."""
+    if isinstance(body, list) and body and isinstance(body[0], dict) and "error" in body[0]:
+        return body[0]
+    return body
 
 
 def _says_credit_too_low(message: object) -> bool:

@@ -62,6 +62,7 @@ GEMINI_429 = {"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "details": 
     ({"retry-after": "7"}, GEMINI_429, 7.0),
     ({}, {"error": {"details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "1.5s"}]}}, 1.5),
     ({}, {"error": {"message": "no wait named"}}, None),
+    ({}, [GEMINI_429], 20.0),  # streamGenerateContent answers its error as an array of one (a reviewer's finding)
 ])
 def test_the_wait_an_answer_names_is_read_wherever_its_provider_puts_it(headers, body, wait):
     """Before only `Retry-After` was read: Azure's retry-after-ms and Gemini's retryDelay were not,
@@ -88,3 +89,9 @@ def test_openais_account_refusals_take_the_key_out(status, body, code):
     down and tried it again and again as a rate limit."""
     assert provider_code(body) == code
     assert classify(status, None, code) == "key_error"
+
+
+def test_an_error_answered_as_an_array_of_one_reads_like_the_object():
+    body = [{"error": {"code": 400, "status": "INVALID_ARGUMENT", "details": [
+        {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}]}}]
+    assert provider_code(body) == "API_KEY_INVALID"
