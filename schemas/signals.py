@@ -85,10 +85,12 @@ GOOGLE_KEY_REASONS = frozenset({"API_KEY_INVALID", "API_KEY_SERVICE_BLOCKED", "S
                                 "CONSUMER_SUSPENDED", "CONSUMER_INVALID"})
 # OpenAI's account-level refusals besides insufficient_quota: 400 billing_hard_limit_reached ("Billing
 # hard limit has been reached"), 429 billing_not_active ("Your account is not active, please check your
-# billing details"), 401 account_deactivated: every call on that key fails the same way until someone pays
+# billing details"), 401 account_deactivated; Groq's 400 organization_restricted ("Organization has been
+# restricted"): every call on that key fails the same way until someone pays
 KEY_SCOPED_CODES = frozenset({"invalid_api_key", "authentication_error", "insufficient_quota", "billing_error",
                               "payment_required", "credit_balance_too_low", "billing_hard_limit_reached",
-                              "billing_not_active", "account_deactivated", *GOOGLE_KEY_REASONS})
+                              "billing_not_active", "account_deactivated", "organization_restricted",
+                              *GOOGLE_KEY_REASONS})
 _CREDIT_TOO_LOW = "your credit balance is too low"  # how Anthropic's 400 message for an exhausted balance begins
 _GENERIC_TYPES = frozenset({"invalid_request_error"})  # Anthropic's type on that 400: says nothing about the key
 OVERLOADED_CODES = frozenset({"overloaded_error"})
@@ -110,7 +112,7 @@ def retry_after_of(headers: Mapping[str, str], body: object, now_epoch: float) -
     then `Retry-After` (RFC 9110 section 10.2.3, `parse_retry_after`), then the `retryDelay` of a
     `type.googleapis.com/google.rpc.RetryInfo` entry in a Google error's `details` (Gemini's 429:
     `"retryDelay": "20s"`, a google.protobuf.Duration in its JSON form). `headers`: lower-case names."""
-    millis = _number(headers.get("retry-after-ms"))
+    millis = _leading_number(headers.get("retry-after-ms"))  # (sent twice: "3000, 3000")
     if millis is not None and millis >= 0:
         return millis / 1000
     seconds = parse_retry_after(headers.get("retry-after"), now_epoch)
@@ -137,7 +139,7 @@ def parse_retry_after(value: str | None, now_epoch: float) -> float | None:
     if value is None or not value.strip():
         return None
     text = value.strip()
-    if "," in text and text.split(",", 1)[0].strip().isdigit():
+    if "," in text and _number(text.split(",", 1)[0]) is not None:  # "120, 120", "4.0, 4.0"
         text = text.split(",", 1)[0].strip()
     try:
         seconds = float(text)

@@ -425,8 +425,11 @@ def _stream_failed(info: ResponseInfo, failure: dict[str, Any], received: dict[s
         kind = OutcomeKind.RATE_LIMITED
     else:
         kind = OutcomeKind.UPSTREAM_ERROR
-    message = (f"the upstream's streamed answer (HTTP {info.status}) ended with an error event"
-               f"{f' ({code})' if code else ''} instead of its end")
+    if code == "stream_cut_off":
+        message = f"the upstream's streamed answer (HTTP {info.status}) stopped before its end event (cut off)"
+    else:
+        message = (f"the upstream's streamed answer (HTTP {info.status}) ended with an error event"
+                   f"{f' ({code})' if code else ''} instead of its end")
     return CallResult(kind=kind, response=info, error=message, provider_code=code, retry_after_s=None,
                       ratelimit=parse_ratelimit(received, time.time()), actual_cost=cost, latency_ms=latency_ms)
 

@@ -109,31 +109,50 @@ def _event_data(raw: bytes) -> list[bytes]:
     return events
 
 
-STREAM_ERROR_EVENTS = 3  # the last events with data a stream's error is looked for in
+STREAM_ERROR_EVENTS = 3  # the last events with data (pings aside) a stream's error is looked for in
+# a stream that began with one of these and holds none of its ends was cut off (marker -> its ends)
+_CUT_OFF = ((b'"message_start"', (b'"message_stop"',)),  # Anthropic Messages
+            (b'"response.created"', (b'"response.completed"', b'"response.incomplete"', b'"response.failed"')))
 
 
 def stream_error(raw: bytes) -> dict[str, Any] | None:
-    """The error event that ended a server-sent-events answer begun with a 2xx, as a JSON
-    error body (`{"error": {...}}`, for `signals.provider_code`), or None when it ended
-    without one. Anthropic sends `event: error` with `{"type": "error", "error": {"type":
-    "overloaded_error", ...}}` after its 200 (docs.anthropic.com/en/api/messages-streaming,
-    "Error events"); OpenAI a data line `{"error": {...}}`; both SDKs raise an APIError on such
-    an event, so the answer is not a success. Only the last STREAM_ERROR_EVENTS events with data
-    are read (an error ends the stream), and only a top-level `error` object counts (text the
-    model wrote is nested inside `choices`/`delta`)."""
+    """The error that ended a server-sent-events answer begun with a 2xx, as a JSON error body
+    (`{"error": {...}}`, for `signals.provider_code`), or None when it ended as it should.
+
+    - An error event: Anthropic `event: error` with `{"type": "error", "error": {"type":
+      "overloaded_error", ...}}` after its 200 (docs.anthropic.com/en/api/messages-streaming,
+      "Error events"); OpenAI Chat Completions a data line `{"error": {...}}`; the Responses API
+      `{"type": "error", "code": ..., "message": ...}` or `{"type": "response.failed", "response":
+      {"error": {...}}}`. The SDKs raise an APIError on each. Only the last STREAM_ERROR_EVENTS
+      events with data are read (an error ends the stream; pings after it are skipped), and only a
+      top-level error counts (text the model wrote is nested inside `choices`/`delta`).
+    - A stream cut off: one that began as an Anthropic Messages or a Responses API stream and
+      holds none of its end events (`message_stop`; `response.completed` / `.incomplete` /
+      `.failed`): `{"error": {"type": "stream_cut_off"}}`. (A re-run of a provider trial: both
+      were stored `succeeded`, the answer cut off.)"""
     seen = 0
     for data in _event_data_last_first(raw, {b"data"} if b"data" in raw else set()):
-        if data.strip() == b"[DONE]":
+        if data.strip() == b"[DONE]" or b'"ping"' in data:
             continue
         seen += 1
         if seen > STREAM_ERROR_EVENTS:
-            return None
-        if b'"error"' not in data:
+            break
+        if b'"error' not in data and b"response.failed" not in data:
             continue
         try:
             event = json.loads(data)
         except (ValueError, RecursionError):
             continue
-        if isinstance(event, dict) and isinstance(event.get("error"), dict):
+        if not isinstance(event, dict):
+            continue
+        if isinstance(event.get("error"), dict):
             return {"error": event["error"]}
+        if event.get("type") == "error":  # the Responses API: the error's fields on the event itself
+            return {"error": {key: event[key] for key in ("code", "message", "param") if key in event}}
+        failed = event.get("response") if event.get("type") == "response.failed" else None
+        if isinstance(failed, dict) and isinstance(failed.get("error"), dict):
+            return {"error": failed["error"]}
+    for start, ends in _CUT_OFF:
+        if start in raw and not any(end in raw for end in ends):
+            return {"error": {"type": "stream_cut_off", "message": "the stream ended before its end event"}}
     return None

@@ -30,6 +30,7 @@ leader starts empty (a job then gets one more key to try, a key a few more strik
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -43,6 +44,7 @@ MAX_JOBS = 10_000
 class _JobDenials:
     at: float
     keys: dict[str, int] = field(default_factory=dict)  # key id -> status it answered
+    when: dict[str, float] = field(default_factory=dict)  # key id -> when it refused the job
     lacking: set[str] = field(default_factory=set)  # keys whose denial said they lack the model (no strike)
 
 
@@ -63,6 +65,7 @@ class DenialBook:
         self._auth: dict[str, dict[str, float]] = {}  # key -> job -> when (401s, confirmed or pending)
         self._confirmed: dict[str, set[str]] = {}  # key -> jobs whose 401 is confirmed
         self._forbidden: dict[str, dict[str, float]] = {}  # key -> job -> when (403s confirmed)
+        self._served: dict[str, float] = {}  # key -> its last success (monotonic s)
         self._disabled: set[str] = set()  # keys this book disabled on 401 evidence
 
     def denied_keys(self, job_id: str) -> frozenset[str]:
@@ -91,6 +94,7 @@ class DenialBook:
                 while len(self._jobs) > MAX_JOBS:
                     self._jobs.popitem(last=False)
             entry.keys[key_id] = status or 0
+            entry.when[key_id] = now
             if lacks_model:
                 entry.lacking.add(key_id)
             if status != 401:
@@ -107,6 +111,7 @@ class DenialBook:
         # not use: Anthropic's permission_error for one model), not the key. A provider trial: a key
         # refusing only claude-opus was disabled for every model after 3 such jobs
         self._forbidden.pop(key_id, None)
+        self._served[key_id] = now
         entry = self._jobs.pop(job_id, None)
         out = Verdicts()
         if entry is None:
@@ -125,6 +130,8 @@ class DenialBook:
                 # keys with three requests for a model only some keys have (a reviewer's finding;
                 # OpenAI answers a project key restricted to some models with a 403 saying so)
                 continue
+            if self._served.get(other, -math.inf) > entry.when.get(other, now):
+                continue  # it served another job after refusing this one: the refusal was this request's
             confirmed = self._forbidden.setdefault(other, {})
             confirmed[job_id] = now
             if len(confirmed) >= FORBIDDEN_JOBS:
@@ -136,6 +143,7 @@ class DenialBook:
         self._auth.pop(key_id, None)
         self._confirmed.pop(key_id, None)
         self._forbidden.pop(key_id, None)
+        self._served.pop(key_id, None)
         self._disabled.discard(key_id)
 
     def _judge_auth(self, key_id: str) -> Verdicts:

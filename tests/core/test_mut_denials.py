@@ -285,6 +285,14 @@ def test_a_key_that_serves_other_jobs_between_its_403s_is_not_disabled():
         book.on_denied(f"opus{n}", "k1", 403, False, t0)
         assert book.on_ok(f"opus{n}", "k2", t1) == Verdicts()
         assert book.on_ok(f"haiku{n}", "k1", t1) == Verdicts()  # k1 works: its 403s were the requests'
+    # the order a real fleet has (a re-run of the trial): k1 refuses 3 opus jobs, serves haiku, and only
+    # then do the opus jobs succeed on k2 (they wait for another key): k1 had served since each refusal
+    for n in range(FORBIDDEN_JOBS):
+        book.on_denied(f"late{n}", "k1", 403, False, t1)
+    for n in range(FORBIDDEN_JOBS):
+        assert book.on_ok(f"haiku-late{n}", "k1", t2) == Verdicts()
+    for n in range(FORBIDDEN_JOBS):
+        assert book.on_ok(f"late{n}", "k2", t3) == Verdicts()
     for n in range(FORBIDDEN_JOBS):  # with no success of its own in between, the rule stands
         book.on_denied(f"only{n}", "k1", 403, False, t2)
         verdicts = book.on_ok(f"only{n}", "k2", t3)

@@ -308,6 +308,10 @@ OPENAI_CUT = (b'data: {"choices":[{"delta":{"content":"the word \\"error\\": {}"
               b'data: [DONE]\n\n')
 
 
+RESPONSES = (b'event: response.created\ndata: {"type":"response.created","response":{"status":"in_progress"}}\n\n'
+             b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"Hi"}\n\n')
+
+
 def _sse(body: bytes) -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n" + _chunked(body)
 
@@ -319,6 +323,16 @@ def _sse(body: bytes) -> bytes:
     (OPENAI_CUT.replace(b'"server_error","code":null', b'"insufficient_quota","code":"insufficient_quota"'),
      "key_error", "insufficient_quota"),
     (SSE.replace(b'"a"', b'"{\\"error\\": {\\"x\\": 1}}"'), "ok", None),  # the model's text naming an error
+    # a re-run of the trial: the Responses API's error event and response.failed, an Anthropic
+    # stream cut off (no message_stop), an error event followed by pings
+    (RESPONSES + b'event: error\ndata: {"type":"error","code":"server_error","message":"boom"}\n\n',
+     "upstream_error", "server_error"),
+    (RESPONSES + b'event: response.failed\ndata: {"type":"response.failed","response":{"status":"failed",'
+     b'"error":{"code":"rate_limit_exceeded","message":"slow down"}}}\n\n', "rate_limited", "rate_limit_exceeded"),
+    (RESPONSES + b'event: response.completed\ndata: {"type":"response.completed","response":{"status":"completed"}}\n\n',
+     "ok", None),
+    (ANTHROPIC_CUT.rsplit(b"event: error", 1)[0], "upstream_error", "stream_cut_off"),
+    (ANTHROPIC_CUT + b'event: ping\ndata: {"type": "ping"}\n\n' * 3, "upstream_error", "overloaded_error"),
 ])
 async def test_a_stream_begun_with_200_and_ended_by_an_error_event_is_no_success(body, kind, code):
     """A provider trial: Anthropic's `event: error` (overloaded_error) after its 200 was stored
@@ -329,7 +343,7 @@ async def test_a_stream_begun_with_200_and_ended_by_an_error_event_is_no_success
     assert direct == reference and relayed == body
     assert (direct.kind, direct.provider_code) == (kind, code)
     if kind != "ok":
-        assert "ended with an error event" in direct.error
+        assert "ended with an error event" in direct.error or "stopped before its end event" in direct.error
 
 
 async def test_a_body_not_in_its_content_encoding_is_final_not_a_connection_error_paid_five_times():

@@ -63,6 +63,8 @@ GEMINI_429 = {"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "details": 
     ({}, {"error": {"details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "1.5s"}]}}, 1.5),
     ({}, {"error": {"message": "no wait named"}}, None),
     ({}, [GEMINI_429], 20.0),  # streamGenerateContent answers its error as an array of one (a reviewer's finding)
+    ({"retry-after": "4.0, 4.0"}, None, 4.0),  # a repeated header with decimals (a re-run of the trial)
+    ({"retry-after-ms": "3000, 3000"}, None, 3.0),
 ])
 def test_the_wait_an_answer_names_is_read_wherever_its_provider_puts_it(headers, body, wait):
     """Before only `Retry-After` was read: Azure's retry-after-ms and Gemini's retryDelay were not,
@@ -82,6 +84,8 @@ def test_an_http_date_retry_after_still_reads_whole():
                      "type": "billing_not_active", "code": "billing_not_active"}}, "billing_not_active"),
     (401, {"error": {"message": "This account has been deactivated.", "code": "account_deactivated"}},
      "account_deactivated"),
+    (400, {"error": {"message": "Organization has been restricted. Please reach out to support to resolve this issue.",
+                     "type": "invalid_request_error", "code": "organization_restricted"}}, "organization_restricted"),
 ])
 def test_openais_account_refusals_take_the_key_out(status, body, code):
     """Before: a 400 billing_hard_limit_reached failed each job for good (`bad_request`) while the
