@@ -22,7 +22,7 @@ from ratefleet.runtime.pubpipe import PublishPipe
 from ratefleet.runtime.store import MSG_ID, REPEAT_HEADER, TRANSIENT, publish_job, publish_job_ack
 from ratefleet.runtime.tracing import current_headers
 from ratefleet.schemas import Job, Subjects
-from ratefleet.schemas.errors import JobInvalid, JobRejected, NatsUnavailable, SubmitError
+from ratefleet.schemas.errors import JobInvalid, JobRejected, JobTooLarge, NatsUnavailable, SubmitError
 from ratefleet.schemas.job import describe_validation_error, job_size_limit
 
 JobLike = Job | dict[str, Any]
@@ -140,7 +140,7 @@ class Submitting:
         payload = payload if payload is not None else model.to_json()
         limit, source = job_size_limit(None, self.nc.max_payload)
         if len(payload) > limit:
-            raise JobInvalid(f"job {model.id} is {len(payload)} bytes; the limit is {limit} ({source})")
+            raise JobTooLarge(f"job {model.id} is {len(payload)} bytes; the limit is {limit} ({source})")
         return payload
 
     @translated("storing jobs")

@@ -62,6 +62,11 @@ class JobInvalid(SubmitError):
     """The job fails validation; nothing was sent."""
 
 
+class JobTooLarge(JobInvalid):
+    """The job is larger than a job can be on this fleet's NATS server (`job_size_limit`);
+    nothing was sent. The gateway answers it 413, as a body over its limit."""
+
+
 class UnknownTier(SubmitError):
     """No stream takes the tier's subject: the fleet has no such tier (tiers are configured in
     `[tiers]`); nothing was stored. `code` is "unknown_tier", the code a raw rpc caller gets in

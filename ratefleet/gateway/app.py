@@ -45,7 +45,7 @@ from ratefleet.runtime.store import store_result
 from ratefleet.runtime.tracing import remote_parent
 from ratefleet.schemas import Job, Result
 from ratefleet.schemas.cost import estimate_tokens
-from ratefleet.schemas.errors import JobInvalid, QueueFull, RatefleetError, RequestTimeout, SubmitError
+from ratefleet.schemas.errors import JobInvalid, JobTooLarge, QueueFull, RatefleetError, RequestTimeout, SubmitError
 from ratefleet.workers.relay import wants_stream
 from ratefleet.workers.usage import stream_cost
 
@@ -172,11 +172,11 @@ class Gateway:
             return await self.client.request(job, caller.tier, timeout=caller.timeout_s)
         except QueueFull:
             raise queue_full() from None
+        except JobTooLarge as exc:  # the job the body became: as a body over the limit
+            raise GatewayRefusal(413, f"{exc}: the request body with what the gateway adds to make it a job "
+                                 "(its id, caller, deadline) is over the limit.", type="invalid_request_error",
+                                 code="request_too_large") from None
         except JobInvalid as exc:
-            if "; the limit is " in str(exc):  # the job the body became is too large: as a body over the limit
-                raise GatewayRefusal(413, f"{exc}: the request body with what the gateway adds to make it a job "
-                                     "(its id, caller, deadline) is over the limit.", type="invalid_request_error",
-                                     code="request_too_large") from None
             raise bad_request(str(exc), code="invalid_job") from None
         except (RequestTimeout, TimeoutError):
             raise timed_out(job.id, caller.timeout_s) from None
