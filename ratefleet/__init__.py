@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         InvalidRequest,
         JobInvalid,
         JobRejected,
+        JobTooLarge,
         NatsError,
         NatsUnavailable,
         QueueFull,
@@ -48,6 +49,7 @@ _EXPORTS = {
     "NatsError": "ratefleet.schemas.errors",
     "NatsUnavailable": "ratefleet.schemas.errors",
     "JobInvalid": "ratefleet.schemas.errors",
+    "JobTooLarge": "ratefleet.schemas.errors",
     "QueueFull": "ratefleet.schemas.errors",
     "RatefleetError": "ratefleet.schemas.errors",
     "RequestTimeout": "ratefleet.schemas.errors",
@@ -60,7 +62,7 @@ _EXPORTS = {
     "UpstreamUnavailable": "ratefleet.schemas.errors",
 }
 __all__ = ["BodyUnavailable", "Client", "ConfigError", "DispatcherUnavailable", "InvalidRequest", "Job", "JobInvalid",
-           "JobRejected", "NatsAuthConfig", "NatsError", "NatsUnavailable", "QueueFull", "RatefleetError",
+           "JobRejected", "JobTooLarge", "NatsAuthConfig", "NatsError", "NatsUnavailable", "QueueFull", "RatefleetError",
            "RequestTimeout", "Result", "ResultNotStored", "SecretUnavailable", "SubmitError", "UnknownTier",
            "UpstreamUnavailable"]
 

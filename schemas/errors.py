@@ -12,6 +12,7 @@ workers/executor.py).
     ├── SubmitError                       a job could not be stored
     │   ├── QueueFull                     RATEFLEET_JOBS is at its limits (discard-new)
     │   ├── JobInvalid                    the job fails validation before it is sent
+    │   │   └── JobTooLarge               larger than a job can be on this fleet's NATS server
     │   └── UnknownTier                   no stream takes the tier: the fleet has no such tier
     ├── JobRejected                       a job payload that cannot run: a stable ErrorCode and the reason
     ├── RequestTimeout                    no Result arrived in time for a request
@@ -136,5 +137,6 @@ class UpstreamUnavailable(RatefleetError):
 
 
 __all__ = ["BodyUnavailable", "ConfigError", "DispatcherUnavailable", "InvalidRequest", "JobInvalid", "JobRejected",
+           "JobTooLarge",
            "NatsError", "NatsUnavailable", "QueueFull", "RatefleetError", "RequestTimeout", "ResultNotStored",
            "SecretUnavailable", "SubmitError", "UnknownTier", "UpstreamUnavailable"]
