@@ -231,7 +231,7 @@ class KeyState:
         if outcome.actual_cost is not None:
             self.usage_reported = True
         self._count(outcome)
-        disabled = False
+        disabled = throttled = False
         fresh = sent_at is None or sent_at >= self.throttled_at
         if fresh and outcome.status is not None and outcome.kind != OutcomeKind.RATE_LIMITED:
             self.refusing = False  # answered past the provider's limiter (a 2xx, a 400, a 5xx)
@@ -248,13 +248,28 @@ class KeyState:
                 self.stats.request_scoped_429 += 1
             else:
                 self._throttled(outcome, now, fresh, confirmed=self._confirmed(outcome, job_id))
+                throttled = True
             self._note_job_429(job_id, now, repeat)
         elif outcome.kind == OutcomeKind.KEY_ERROR:
             disabled = self.health.disable("provider", key_error_reason(outcome), now)
         if outcome.ratelimit is not None:
             self._resync(outcome.ratelimit, now)
         self._apply_rates(now)
+        if throttled and self.cooldown_until > now:
+            self._no_burst_after_cooldown(now)
         return disabled
+
+    def _no_burst_after_cooldown(self, now: float) -> None:
+        """Hold the request bucket so that it holds one token when the cooldown ends, not what
+        it would have refilled to while the key stood still: after a key-scoped 429 the first
+        call tests whether the provider's limiter has room again, and the next follows it at
+        the key's (lowered) rate. TCP restarts from one segment after a retransmission timeout
+        the same way (RFC 5681 section 3.1). With the burst refilled, each cooldown ended in
+        `burst` calls within a millisecond, all refused again while the provider still counted
+        the key over its limit (a provider trial: two calls within 1 ms at each cooldown's end,
+        both answered 429)."""
+        wait = self.cooldown_until - now
+        self.requests.limit(now, 1.0 - wait * self.requests.rate)
 
     def _throttled(self, outcome: Outcome, now: float, fresh: bool, confirmed: bool) -> None:
         """A key-scoped 429: back off and slow down (fresh), or honour its wait (an echo).

@@ -527,7 +527,8 @@ def test_the_status_view_rounds_rates_levels_and_times_to_readable_precision():
     k.observe(Outcome("rate_limited", 429, retry_after_s=7 / 3), 0.0)
     assert k.snapshot(0.1) == {
         "pool": "p", "upstream": "u", "rps": 10 / 3, "cost_per_minute": 100 / 3, "concurrency": 3,
-        "effective_rps": 1.667, "burst": 1.67, "tokens": 1.67,  # halved by the 429
+        # halved by the 429; the bucket holds one token at the cooldown's end: 1 - 7/3 x 5/3 + 0.1 x 5/3
+        "effective_rps": 1.667, "burst": 1.67, "tokens": -2.72,
         "effective_cost_per_minute": 33.3, "cost_tokens": 32.39,  # 100/3 - 1 + 0.1 s x 100/180
         "in_flight": 1, "breaker": "closed", "cooldown_s": 2.233, "throttled": True,
         "state": "enabled", "disabled_by": None, "disabled_for_s": None, "probe_in_s": None, "probe_in_flight": False,
@@ -582,3 +583,46 @@ def test_the_rate_sent_is_measured_on_fast_keys_as_well():
     throttle(k, 2.0)
     assert k.request_rate.rate == pytest.approx(199.5 / 2)
 
+
+
+# -- the end of a cooldown ---------------------------------------------------------------------
+
+def test_a_cooldown_ends_with_one_call_then_the_keys_rate_not_its_burst():
+    """A provider trial: with the bucket refilled while the key stood still, each cooldown
+    ended in `burst` calls within a millisecond, all refused again."""
+    k = state(rps=10.0, burst=5.0)
+    throttle(k, 0.0, retry_after_s=2.0)
+    end = k.cooldown_until
+    assert end == pytest.approx(2.0)
+    assert k.ready_at(1.0, 1.0) == pytest.approx(end)
+    k.reserve(end, 1.0)  # the first call after the cooldown
+    assert k.ready_at(end, 1.0) == pytest.approx(end + 0.1)  # the next one 1 / rps later, not at once
+    k.reserve(end + 0.1, 1.0)
+    assert k.ready_at(end + 0.1, 1.0) == pytest.approx(end + 0.2)
+
+
+def test_the_rate_after_a_cooldown_is_the_lowered_one():
+    k = state(rps=10.0, burst=5.0, adapt=AdaptPolicy())
+    throttle(k, 0.0, retry_after_s=2.0)
+    rate = k.requests.rate
+    assert rate < 10.0
+    end = k.cooldown_until
+    assert k.ready_at(end - 0.5, 1.0) == pytest.approx(end)
+    k.reserve(end, 1.0)
+    assert k.ready_at(end, 1.0) == pytest.approx(end + 1.0 / rate)
+
+
+def test_an_echo_that_lengthens_the_cooldown_holds_the_burst_back_to_its_new_end():
+    k = state(rps=10.0, burst=5.0)
+    k.observe(THROTTLED, 1.0, sent_at=0.5)  # fresh: cooled to 2.0
+    k.observe(Outcome("rate_limited", 429, retry_after_s=4.0), 1.5, sent_at=0.9)  # an echo naming a longer wait
+    end = k.cooldown_until
+    assert end == pytest.approx(5.5)
+    k.reserve(end, 1.0)
+    assert k.ready_at(end, 1.0) == pytest.approx(end + 0.1)
+
+
+def test_a_request_scoped_429_leaves_the_burst_alone():
+    k = state(rps=10.0, burst=5.0)
+    k.observe(Outcome("rate_limited", 429, scope="request"), 1.0, job_id="j1")
+    assert k.cooldown_until == -math.inf and k.requests.advance(1.0) == pytest.approx(5.0)

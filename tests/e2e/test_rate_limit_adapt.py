@@ -10,7 +10,8 @@ against the real mock upstream over HTTP:
 - `Retry-After: 0` on every answer does not make the fleet hammer the upstream: each key
   backs off exponentially, and the job ends `rate_limited` after the tier's
   max_rate_limited 429s (not after max_attempts), with a dead letter;
-- the job's 429 count lives in JetStream, so it survives a leader failover.
+- the job's 429 count lives in JetStream, so it survives a leader failover;
+- a cooldown ends with one call, not with the burst the bucket would have refilled to.
 """
 
 from __future__ import annotations
@@ -150,3 +151,37 @@ async def test_the_429_count_survives_a_leader_failover(tmp_path, nats_server):
     assert leader == "d2"
     assert result.status == "failed" and result.error.code == "rate_limited" and result.attempts == 1, result
     assert len(rows) == budget and all(row["status"] == 429 for row in rows)
+
+
+async def test_each_cooldown_ends_with_one_call_not_the_refilled_burst(tmp_path, nats_server):
+    """A provider refuses the key for a few seconds (429, Retry-After: 1) while jobs wait. At the
+    end of each cooldown one call tests the key; the next would follow at the key's lowered rate,
+    and the first one's 429 comes back before it. Before, the bucket refilled during the
+    cooldown and its burst went out within a millisecond, every call of it refused again."""
+    n = 20
+    with upstream(keys=mock_keys(rps=1000, burst=200, ids=("k1",))) as mock:
+        kit = FleetKit(tmp_path, nats_server.url, mock.url, keys=[{"id": "k1", "rps": 20, "burst": 10}],
+                       overrides={"tiers": {"normal": {"max_attempts": 2, "max_rate_limited": 100}},
+                                  "dispatcher": {"cooldown_max_s": 1.0}})
+        kit.dispatcher("d1")
+        kit.worker("w1")
+        try:
+            async with await Client.connect(nats_server.url) as client, Tracker(nats_server.url) as tracker:
+                await wait_workers(client, {"w1"})
+                mock.configure(keys_status={"k1": 429})
+                ids = await client.submit_many([chat(i) for i in range(n)], "normal", batch="ends")
+                await asyncio.sleep(4.5)  # several cooldowns of 1 s
+                mock.configure(keys_status={"k1": None})
+                counts = await tracker.wait_stored("ends", ids, timeout=60)
+                results = await tracker.results(ids, "ends")
+                rows = [row for row in mock.log(10_000) if row["path"].startswith("/v1/")]
+        finally:
+            kit.stop()
+    assert_exactly_once(counts, ids)
+    assert all(r.status == "succeeded" for r in results.values())
+    refused = sorted(row["t"] for row in rows if row["status"] == 429)
+    after_first = [t for t in refused if t > refused[0] + 0.5]  # past the first burst and its cooldown
+    figure("calls at each cooldown's end", refused=len(refused), after_the_first_cooldown=len(after_first),
+           most_within_50_ms=_most_calls_within(after_first, 0.05))
+    assert len(after_first) >= 3, refused  # several cooldowns ended while the provider still refused
+    assert _most_calls_within(after_first, 0.05) == 1, [round(t - refused[0], 3) for t in refused]
