@@ -407,7 +407,8 @@ class KeyState:
             "burst": round(self.requests.capacity, 2),
             "cost_per_minute": self.spec.cost_per_minute,
             "effective_cost_per_minute": None if self.cost_rate is None else round(self.cost_rate.rate * 60, 1),
-            "tokens": round(self.requests.advance(now), 2),
+            # tokens available now: during a 429's cooldown the bucket is in debt (`_no_burst_after_cooldown`)
+            "tokens": round(max(0.0, self.requests.advance(now)), 2),
             "cost_tokens": None if self.cost is None else round(self.cost.advance(now), 2),
             "in_flight": self.in_flight,
             "concurrency": self.spec.concurrency,

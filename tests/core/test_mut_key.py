@@ -527,8 +527,8 @@ def test_the_status_view_rounds_rates_levels_and_times_to_readable_precision():
     k.observe(Outcome("rate_limited", 429, retry_after_s=7 / 3), 0.0)
     assert k.snapshot(0.1) == {
         "pool": "p", "upstream": "u", "rps": 10 / 3, "cost_per_minute": 100 / 3, "concurrency": 3,
-        # halved by the 429; the bucket holds one token at the cooldown's end: 1 - 7/3 x 5/3 + 0.1 x 5/3
-        "effective_rps": 1.667, "burst": 1.67, "tokens": -2.72,
+        # halved by the 429; none available: the bucket holds one token at the cooldown's end (now 1 - 7/3 x 5/3 + 0.1 x 5/3)
+        "effective_rps": 1.667, "burst": 1.67, "tokens": 0.0,
         "effective_cost_per_minute": 33.3, "cost_tokens": 32.39,  # 100/3 - 1 + 0.1 s x 100/180
         "in_flight": 1, "breaker": "closed", "cooldown_s": 2.233, "throttled": True,
         "state": "enabled", "disabled_by": None, "disabled_for_s": None, "probe_in_s": None, "probe_in_flight": False,
