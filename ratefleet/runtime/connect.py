@@ -138,7 +138,7 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
                   auth: NatsAuthConfig | None = None, fail_fast: bool | None = None) -> NatsClient:
     """Connect to `url` (one server, or a comma-separated list of a cluster's servers: a
     disconnect moves on to another) with the credentials and TLS of `auth` (`[nats]`; None: the URL's
-    only). `forever`: once connected, reconnect for as long as NATS is away (long-running roles, an
+    only; user info in the URL wins over its user/password and token). `forever`: once connected, reconnect for as long as NATS is away (long-running roles, an
     application's Client); False: give up after GIVE_UP_ATTEMPTS reconnects, ~30 s down (CLI
     commands), the connection is closed then. `fail_fast` (default: `not forever`): the first
     connect raises when nothing answers or no NATS handshake comes, instead of waiting for a
@@ -148,6 +148,11 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
     servers = check_url(url)
     options = connect_options(auth)
     scrub = _Scrubber(url, secret_values(options) + _url_secrets(url))
+    if any("@" in part for part in url.split(",")):
+        # the URL's user info is the more specific setting (`--nats` over the config file's [nats]):
+        # nats-py sends its `user`/`password` or `token` options before a URL's (Client._connect_command)
+        for name in ("user", "password", "token"):
+            options.pop(name, None)
     fail_fast = not forever if fail_fast is None else fail_fast
 
     if fail_fast:

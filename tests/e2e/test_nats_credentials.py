@@ -160,3 +160,27 @@ def make_pki(tmp: Path) -> dict[str, Path]:
             "-extfile", f"{name}.ext", "-out", f"{name}.pem")
     return paths
 
+
+
+async def test_credentials_in_the_url_win_over_those_of_the_nats_section(tmp_path):
+    """`--nats nats://user:pass@host` on the command line over a config file whose [nats] names
+    another user (an operator's trial: the file's password won, nats-py sends its `user`/`password`
+    options before a URL's user info, and the command was refused)."""
+    port = free_port()
+    server = EmbeddedNats(tmp_path / "nats", port=port, extra_args=("--user", "fleet", "--pass", PASSWORD)).start()
+    url = f"nats://fleet:{PASSWORD}@127.0.0.1:{port}"
+    stale = NatsAuthConfig(user="fleet", password="an-old-password")  # type: ignore[arg-type]
+    tokened = NatsAuthConfig(token="some-token")  # type: ignore[arg-type]
+    try:
+        for auth in (stale, tokened):
+            async with await Client.connect(url, auth=auth) as client:
+                await client.nc.flush(timeout=5)
+        with pytest.raises(NatsUnavailable, match="refused the credentials"):  # without them in the URL: the section's
+            await Client.connect(f"nats://127.0.0.1:{port}", auth=stale)
+        config = tmp_path / "producer.toml"
+        config.write_text('[nats]\nuser = "fleet"\npassword = "an-old-password"\n')
+        run = cli("results", "nothing-here", "--nats", url, "--config", str(config), env=os.environ.copy())
+        assert "refused" not in run.stderr, run.stderr
+        assert PASSWORD not in run.stdout + run.stderr
+    finally:
+        server.stop()
