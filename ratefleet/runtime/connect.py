@@ -138,8 +138,8 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
                   auth: NatsAuthConfig | None = None, fail_fast: bool | None = None) -> NatsClient:
     """Connect to `url` (one server, or a comma-separated list of a cluster's servers: a
     disconnect moves on to another) with the credentials and TLS of `auth` (`[nats]`; None: the URL's
-    only; user info in the URL wins over its user/password and token). `forever`: once connected, reconnect for as long as NATS is away (long-running roles, an
-    application's Client); False: give up after GIVE_UP_ATTEMPTS reconnects, ~30 s down (CLI
+    only; user info in the URL wins over its user/password and token). `forever`: once connected,
+    reconnect for as long as NATS is away (long-running roles, an application's Client); False: give up after GIVE_UP_ATTEMPTS reconnects, ~30 s down (CLI
     commands), the connection is closed then. `fail_fast` (default: `not forever`): the first
     connect raises when nothing answers or no NATS handshake comes, instead of waiting for a
     server to appear as the roles do. Raises
