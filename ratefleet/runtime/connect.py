@@ -137,14 +137,15 @@ async def flush(nc: NatsClient, timeout: float) -> None:
 async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever: bool = True,
                   auth: NatsAuthConfig | None = None, fail_fast: bool | None = None) -> NatsClient:
     """Connect to `url` (one server, or a comma-separated list of a cluster's servers: a
-    disconnect moves on to another) with the credentials and TLS of `auth` (`[nats]`; None: the URL's
-    only; user info in the URL wins over its user/password and token). `forever`: once connected,
-    reconnect for as long as NATS is away (long-running roles, an application's Client); False: give up after GIVE_UP_ATTEMPTS reconnects, ~30 s down (CLI
-    commands), the connection is closed then. `fail_fast` (default: `not forever`): the first
-    connect raises when nothing answers or no NATS handshake comes, instead of waiting for a
-    server to appear as the roles do. Raises
-    NatsUnavailable (nothing answers, or the server refused us) and ConfigError (a
-    credential reference cannot be resolved), both without any credential in the message."""
+    disconnect moves on to another) with the credentials and TLS of `auth` (`[nats]`; None: the
+    URL's only; user info in the URL wins over its user/password and token). `forever`: once
+    connected, reconnect for as long as NATS is away (long-running roles, an application's
+    Client); False: give up after GIVE_UP_ATTEMPTS reconnects, ~30 s down (CLI commands), the
+    connection is closed then. `fail_fast` (default: `not forever`): the first connect raises
+    when nothing answers or no NATS handshake comes, instead of waiting for a server to appear
+    as the roles do. Raises NatsUnavailable (nothing answers, or the server refused us) and
+    ConfigError (a credential reference cannot be resolved), both without any credential in
+    the message."""
     servers = check_url(url)
     options = connect_options(auth)
     scrub = _Scrubber(url, secret_values(options) + _url_secrets(url))
