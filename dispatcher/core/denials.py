@@ -14,6 +14,9 @@ schemas/signals.py) on one key is tried on another key. What happens next is the
   denial saying the key lacks the model (a 404, or OpenAI's 403 `model_not_found` for a
   project key restricted to some models) is no strike: the key serves its other models,
   and the scheduler sends that model's next jobs to other keys for a while (scheduler.py).
+  So does a confirmed 403 that does not say why: its model's next jobs go to other keys, so a
+  key refusing one model (Anthropic's 403 permission_error for claude-opus) costs one call
+  per LACK_MEMORY_S for that model, not one per job, and is not struck again meanwhile.
 * 401 means "who are you": a key is disabled after 401s on AUTH_JOBS different jobs of
   which at least one is confirmed (succeeded on another key, or no other key could take
   it). Jobs still waiting for their second key count too, so a revoked key goes out after
@@ -55,6 +58,10 @@ class Verdicts:
 
     disable: list[tuple[str, str]] = field(default_factory=list)
     enable: list[str] = field(default_factory=list)
+    # keys whose 403 of this job is confirmed (it succeeded on another key): the scheduler sends
+    # the job's model elsewhere for a while, as for a denial saying the key lacks the model
+    # (not compared: a verdict is its disables and enables)
+    refused_model: list[str] = field(default_factory=list, compare=False)
 
 
 class DenialBook:
@@ -130,6 +137,7 @@ class DenialBook:
                 # keys with three requests for a model only some keys have (a reviewer's finding;
                 # OpenAI answers a project key restricted to some models with a 403 saying so)
                 continue
+            out.refused_model.append(other)
             if self._served.get(other, -math.inf) > entry.when.get(other, now):
                 continue  # it served another job after refusing this one: the refusal was this request's
             confirmed = self._forbidden.setdefault(other, {})

@@ -237,7 +237,12 @@ class Scheduler(KeyAdmin, Reconfigure):
             if lacking is not None and lacking.pop(key_id, None) is not None and not lacking:
                 del self._lacking[job.model]
             return
-        if not outcome.lacks_model:
+        if outcome.lacks_model:
+            self._remember_lack(job, key_id, now)
+
+    def _remember_lack(self, job: PendingJob, key_id: str, now: float) -> None:
+        """Send `job.model`'s next jobs to keys other than `key_id` for LACK_MEMORY_S."""
+        if job.model is None:
             return
         if sum(map(len, self._lacking.values())) >= LACK_MEMORY:
             self._lacking = {model: live for model, keys in self._lacking.items()
@@ -363,6 +368,8 @@ class Scheduler(KeyAdmin, Reconfigure):
             verdicts = self._denials.on_ok(job_id, reservation.key_id, now)
         else:
             return
+        for key_id in verdicts.refused_model:
+            self._remember_lack(reservation.job, key_id, now)
         for key_id, reason in verdicts.disable:
             if key_id in self._keys and self._keys[key_id].health.disable("provider", reason, now):
                 self._changed.add(key_id)

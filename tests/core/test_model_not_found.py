@@ -144,3 +144,36 @@ def test_openais_403_for_a_model_outside_a_project_key_is_no_strike():
         refused += calls["k1"]
     assert refused >= 3  # (idle keys tie in configuration order: k1 is asked first)
     assert s.snapshot(6.0)["keys"]["k1"]["state"] == "enabled"
+
+
+ANTHROPIC_FORBIDDEN = (403, {"type": "error", "error": {
+    "type": "permission_error", "message": "Your API key does not have permission to use the specified resource."}})
+
+
+def test_a_403_that_does_not_say_why_sends_its_models_next_jobs_elsewhere_once_confirmed():
+    """A provider trial: k1 refused only claude-opus (Anthropic's 403 permission_error, which names
+    no model). Each opus job paid a call on k1 before going on, and with k1 used for opus only,
+    its strikes disabled it for every model after three jobs. Now the first 403 confirmed by a
+    success on another key sends that model's next jobs to other keys for LACK_MEMORY_S: one
+    call on k1, no strike after it, and k1 still serves its other models."""
+    s = three_keys()
+    refuses_opus = lambda k, _: ANTHROPIC_FORBIDDEN if k == "k1" else OK  # noqa: E731
+    ended, calls = {}, Counter()
+    for batch in range(10):  # 60 opus jobs, 6 at a time
+        done, used = run(s, [f"j{batch}.{i}" for i in range(6)], refuses_opus, now=batch * 0.1, model="claude-opus")
+        ended.update(done)
+        calls.update(used)
+    assert {e[0] for e in ended.values()} == {"ok"} and len(ended) == 60
+    assert calls["k1"] <= 2, calls  # those sent before the first 403 was confirmed (before: 4, and k1 disabled)
+    assert s.snapshot(1.0)["keys"]["k1"]["state"] == "enabled"
+    other, used = run(s, [f"o{i}" for i in range(6)], lambda k, _: OK, now=1.0, model="claude-sonnet")
+    assert used["k1"] > 0 and {e[0] for e in other.values()} == {"ok"}
+
+
+def test_a_403_on_jobs_without_a_model_still_strikes_the_key():
+    """No model to route by: the 403 rule of denials.py alone (a key refusing every job that
+    succeeds elsewhere, serving none, goes out after FORBIDDEN_JOBS of them)."""
+    s = three_keys()
+    for i in range(4):
+        run(s, [f"j{i}"], lambda k, _: ANTHROPIC_FORBIDDEN if k == "k1" else OK, now=float(i))
+    assert s.snapshot(4.0)["keys"]["k1"]["state"] == "disabled"

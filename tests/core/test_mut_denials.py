@@ -297,3 +297,18 @@ def test_a_key_that_serves_other_jobs_between_its_403s_is_not_disabled():
         book.on_denied(f"only{n}", "k1", 403, False, t2)
         verdicts = book.on_ok(f"only{n}", "k2", t3)
     assert verdicts.disable == [("k1", "403 on 3 different jobs that succeeded on other keys")]
+
+
+def test_a_confirmed_403_names_the_key_whose_model_to_avoid_and_a_401_or_a_lacking_key_does_not():
+    """`Verdicts.refused_model`: keys whose 403 of this job was confirmed by its success here;
+    the scheduler then sends the job's model elsewhere for a while (scheduler.py `_remember_lack`).
+    A 401 is about the key (its own rule), a denial saying the key lacks the model already did so."""
+    book = DenialBook()
+    book.on_denied("j1", "a", 403, False, t0)
+    book.on_denied("j1", "b", 401, False, t0)
+    book.on_denied("j1", "c", 404, False, t0, lacks_model=True)
+    assert book.on_ok("j1", "d", t1).refused_model == ["a"]
+    book.on_denied("j2", "a", 403, False, t1)
+    book.on_ok("other", "a", t2)  # it served another job since: no strike, and still the model's refusal
+    assert book.on_ok("j2", "d", t3).refused_model == ["a"]
+    assert book.on_ok("j3", "d", t3).refused_model == []
