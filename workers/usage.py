@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -111,8 +112,14 @@ def _event_data(raw: bytes) -> list[bytes]:
 
 STREAM_ERROR_EVENTS = 3  # the last events with data (pings aside) a stream's error is looked for in
 # a stream that began with one of these and holds none of its ends was cut off (marker -> its ends)
-_CUT_OFF = ((b'"message_start"', (b'"message_stop"',)),  # Anthropic Messages
-            (b'"response.created"', (b'"response.completed"', b'"response.incomplete"', b'"response.failed"')))
+# (a marker every stream of the kind has near its start, what only its proper end has)
+_CUT_OFF = ((b'"message_start"', re.compile(rb'"message_stop"')),  # Anthropic Messages
+            (b'"response.created"', re.compile(rb'"response\.(?:completed|incomplete|failed)"')),  # Responses API
+            # OpenAI Chat Completions and legacy Completions chunks: the `data: [DONE]` line, or a choice's
+            # `finish_reason` given (a server that leaves out [DONE] still ends its last choice with one);
+            # inside the model's text both are escaped JSON, never a line of their own or a bare quote
+            (b'"chat.completion.chunk"', re.compile(rb'(?m)^data: ?\[DONE\]\r?$|"finish_reason" ?: ?"')),
+            (b'"text_completion"', re.compile(rb'(?m)^data: ?\[DONE\]\r?$|"finish_reason" ?: ?"')))
 
 
 def stream_error(raw: bytes) -> dict[str, Any] | None:
@@ -126,10 +133,11 @@ def stream_error(raw: bytes) -> dict[str, Any] | None:
       {"error": {...}}}`. The SDKs raise an APIError on each. Only the last STREAM_ERROR_EVENTS
       events with data are read (an error ends the stream; pings after it are skipped), and only a
       top-level error counts (text the model wrote is nested inside `choices`/`delta`).
-    - A stream cut off: one that began as an Anthropic Messages or a Responses API stream and
-      holds none of its end events (`message_stop`; `response.completed` / `.incomplete` /
-      `.failed`): `{"error": {"type": "stream_cut_off"}}`. (A re-run of a provider trial: both
-      were stored `succeeded`, the answer cut off.)"""
+    - A stream cut off: one that began as an Anthropic Messages, a Responses API, an OpenAI Chat
+      Completions or legacy Completions stream and holds none of its end events (`message_stop`;
+      `response.completed` / `.incomplete` / `.failed`; the `data: [DONE]` line or a choice's
+      `finish_reason`): `{"error": {"type": "stream_cut_off"}}`. (A re-run of a provider trial:
+      such answers were stored `succeeded`, cut off.)"""
     seen = 0
     for data in _event_data_last_first(raw, {b"data"} if b"data" in raw else set()):
         if data.strip() == b"[DONE]" or b'"ping"' in data:
@@ -152,7 +160,7 @@ def stream_error(raw: bytes) -> dict[str, Any] | None:
         failed = event.get("response") if event.get("type") == "response.failed" else None
         if isinstance(failed, dict) and isinstance(failed.get("error"), dict):
             return {"error": failed["error"]}
-    for start, ends in _CUT_OFF:
-        if start in raw and not any(end in raw for end in ends):
+    for start, end in _CUT_OFF:
+        if start in raw and end.search(raw) is None:
             return {"error": {"type": "stream_cut_off", "message": "the stream ended before its end event"}}
     return None

@@ -308,6 +308,10 @@ OPENAI_CUT = (b'data: {"choices":[{"delta":{"content":"the word \\"error\\": {}"
               b'data: [DONE]\n\n')
 
 
+CHAT_CHUNKS = (b'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hello"},'
+               b'"finish_reason":null}]}\n\n'
+               b'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":" wor"},'
+               b'"finish_reason":null}]}\n\n')
 RESPONSES = (b'event: response.created\ndata: {"type":"response.created","response":{"status":"in_progress"}}\n\n'
              b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"Hi"}\n\n')
 
@@ -333,6 +337,15 @@ def _sse(body: bytes) -> bytes:
      "ok", None),
     (ANTHROPIC_CUT.rsplit(b"event: error", 1)[0], "upstream_error", "stream_cut_off"),
     (ANTHROPIC_CUT + b'event: ping\ndata: {"type": "ping"}\n\n' * 3, "upstream_error", "overloaded_error"),
+    # OpenAI Chat Completions (and legacy Completions) cut off: no `data: [DONE]`, no finish_reason
+    (CHAT_CHUNKS, "upstream_error", "stream_cut_off"),
+    (CHAT_CHUNKS.replace(b"chat.completion.chunk", b"text_completion"), "upstream_error", "stream_cut_off"),
+    (CHAT_CHUNKS + b"data: [DONE]\n\n", "ok", None),
+    (CHAT_CHUNKS.replace(b"\n\n", b"\r\n\r\n") + b"data:[DONE]\r\n\r\n", "ok", None),
+    (CHAT_CHUNKS + CHAT_CHUNKS.split(b"\n\n")[0].replace(b'"finish_reason":null', b'"finish_reason": "stop"')
+     + b"\n\n", "ok", None),  # a server that leaves out [DONE]: its last choice still ends
+    (CHAT_CHUNKS.replace(b'"Hello"', b'"data: [DONE] and \\"finish_reason\\": \\"stop\\""'),
+     "upstream_error", "stream_cut_off"),  # the model's text saying both
 ])
 async def test_a_stream_begun_with_200_and_ended_by_an_error_event_is_no_success(body, kind, code):
     """A provider trial: Anthropic's `event: error` (overloaded_error) after its 200 was stored
