@@ -78,6 +78,9 @@ class AdaptPolicy:
             raise ValueError("first_burst must be >= 1 when set")
 
 
+PACING_HORIZON_S = 60.0  # seconds: a reset further off is a quota's, not a pace to keep (`header_rate`)
+
+
 def header_rate(limit: float | None, remaining: float | None, reset_s: float | None) -> float | None:
     """The refill rate (units/s) a provider's limit/remaining/reset triple implies, or None.
 
@@ -86,11 +89,21 @@ def header_rate(limit: float | None, remaining: float | None, reset_s: float | N
     window, remaining / reset is what is left per second of the window. The larger of the
     two is an upper bound for a token bucket and within a factor 2 of a fixed window's
     limit / window, so capping the effective rate with it never starves a key.
+
+    A reset further off than PACING_HORIZON_S is a quota (a day's requests: Groq's
+    x-ratelimit-*-requests are per day, an IETF policy of w=86400), not a pace: what remains
+    may be spent within the horizon, and the key is cooled until the reset once nothing
+    remains (key.py `_resync`). Paced over the whole reset instead, a Groq key that had used
+    half its day was held at 0.167 req/s of its 4 (a provider trial: 24 of 120 jobs in 60 s).
+    So past the horizon the bound is max(used / reset, remaining / PACING_HORIZON_S).
     """
     if limit is None or remaining is None or reset_s is None or reset_s <= 0 or limit <= 0:
         return None
     used = max(0.0, limit - remaining)
-    rate = max(used, remaining) / reset_s
+    if reset_s > PACING_HORIZON_S:
+        rate = max(used / reset_s, max(0.0, remaining) / PACING_HORIZON_S)
+    else:
+        rate = max(used, remaining) / reset_s
     return rate if rate > 0 else None
 
 

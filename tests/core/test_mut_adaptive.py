@@ -289,3 +289,33 @@ def test_a_raised_floor_lifts_a_low_rate_on_reconfigure():
 ])
 def test_header_rate_is_the_larger_of_used_and_remaining_per_second(limit, remaining, reset, expected):
     assert header_rate(limit, remaining, reset) == expected
+
+
+@pytest.mark.parametrize("limit, remaining, reset, expected", [
+    (14400.0, 7200.0, 43200.0, 120.0),  # Groq: half a day's requests used, full again in 12 h
+    (10000.0, 9990.0, 40000.0, 9990 / 60),  # one IETF policy of a day (w=86400)
+    (14400.0, 6.0, 43200.0, 14394 / 43200),  # near the end of the quota: its refill paces
+    (1000.0, 0.0, 1800.0, 1000 / 1800),  # spent: the key is cooled until the reset (key.py)
+    (60.0, 30.0, 60.0, 0.5),  # at the horizon: a pace, as before
+    (60.0, 30.0, 60.5, 0.5),  # just past it: remaining / 60 s
+])
+def test_a_reset_past_the_pacing_horizon_is_a_quota_spent_within_the_horizon(limit, remaining, reset, expected):
+    assert header_rate(limit, remaining, reset) == pytest.approx(expected)
+
+
+def test_a_key_with_half_its_days_requests_left_keeps_its_rate():
+    """A provider trial: Groq's x-ratelimit-*-requests are per day; a key that had used half its
+    day (reset 12h0m0s) was held at 0.167 req/s of its 4."""
+    from ratefleet.dispatcher.core import BreakerPolicy, CooldownPolicy, Outcome, RateLimitInfo
+    from ratefleet.dispatcher.core.key import KeyState
+    from ratefleet.dispatcher.core.types import KeySpec
+    k = KeyState(KeySpec(id="k1", pool="p", upstream="u", rps=4.0, burst=4.0), safety_s=0.0, breaker=BreakerPolicy(),
+                 cooldown=CooldownPolicy(1.0, 60.0), now=0.0, conservative=False, adapt=AdaptPolicy())
+    day = RateLimitInfo(limit_requests=14400, remaining_requests=7200, reset_requests_s=43200.0)
+    for n in range(20):
+        k.observe(Outcome("ok", 200, ratelimit=day), 0.25 * n)
+    assert k.request_rate.rate == pytest.approx(4.0) and k.cooldown_until < 5.0
+    spent = RateLimitInfo(limit_requests=14400, remaining_requests=0, reset_requests_s=43200.0)
+    k.observe(Outcome("ok", 200, ratelimit=spent), 5.0)
+    # none left: cooled until the reset, at most retry_after_max_s (then one call looks again)
+    assert k.cooldown_until == pytest.approx(5.0 + min(43200.0, k.cooldown.retry_after_max_s))
