@@ -241,12 +241,19 @@ def _triple(lower: Mapping[str, str], names: tuple[str, str, str], now_epoch: fl
     return _leading_number(limit), _leading_number(remaining), _reset(reset, now_epoch)
 
 
-# (limit, remaining, reset) header names for requests, then for tokens (the cost unit),
-# in order of preference; the first family that is present wins.
+# (limit, remaining, reset) header names for requests, then for tokens (the cost unit), in
+# order of preference, shorter windows first: of the families present, a spent one (nothing
+# remaining) wins, the one resetting last when several are; else the first one.
 _REQUEST_FAMILIES = (
     ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"),  # OpenAI
     ("anthropic-ratelimit-requests-limit", "anthropic-ratelimit-requests-remaining",
      "anthropic-ratelimit-requests-reset"),
+    # Mistral (per minute; no reset header), Cerebras (per day; reset in seconds, inference-docs.cerebras.ai
+    # "Rate limits": x-ratelimit-*-requests-day, x-ratelimit-*-tokens-minute)
+    ("x-ratelimit-limit-req-minute", "x-ratelimit-remaining-req-minute", "x-ratelimit-reset-req-minute"),
+    ("x-ratelimit-limit-requests-minute", "x-ratelimit-remaining-requests-minute", "x-ratelimit-reset-requests-minute"),
+    ("x-ratelimit-limit-requests-hour", "x-ratelimit-remaining-requests-hour", "x-ratelimit-reset-requests-hour"),
+    ("x-ratelimit-limit-requests-day", "x-ratelimit-remaining-requests-day", "x-ratelimit-reset-requests-day"),
     ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"),  # GitHub and many others
     ("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"),  # IETF draft (-00 to -06)
 )
@@ -255,15 +262,23 @@ _TOKEN_FAMILIES = (
     ("anthropic-ratelimit-tokens-limit", "anthropic-ratelimit-tokens-remaining", "anthropic-ratelimit-tokens-reset"),
     ("anthropic-ratelimit-input-tokens-limit", "anthropic-ratelimit-input-tokens-remaining",
      "anthropic-ratelimit-input-tokens-reset"),
+    ("x-ratelimit-limit-tokens-minute", "x-ratelimit-remaining-tokens-minute", "x-ratelimit-reset-tokens-minute"),
+    ("x-ratelimit-limit-tokens-hour", "x-ratelimit-remaining-tokens-hour", "x-ratelimit-reset-tokens-hour"),
+    ("x-ratelimit-limit-tokens-day", "x-ratelimit-remaining-tokens-day", "x-ratelimit-reset-tokens-day"),
+    ("x-ratelimit-limit-tokens-month", "x-ratelimit-remaining-tokens-month", "x-ratelimit-reset-tokens-month"),
 )
 
 
 def _first_family(lower: Mapping[str, str], families: tuple[tuple[str, str, str], ...],
                   now_epoch: float | None) -> _Triple:
-    for names in families:
-        if any(name in lower for name in names):
-            return _triple(lower, names, now_epoch)
-    return None, None, None
+    """The binding (limit, remaining, reset) of the families present (see the tuples above).
+    Before the spent rule, Cerebras' spent day (remaining-requests-day 0) went unread and the
+    key was called about once a minute all day long (a provider trial: 14 x 429 in 90 s)."""
+    present = [_triple(lower, names, now_epoch) for names in families if any(name in lower for name in names)]
+    spent = [triple for triple in present if triple[1] is not None and triple[1] <= 0]
+    if spent:
+        return max(spent, key=lambda triple: -1.0 if triple[2] is None else triple[2])
+    return present[0] if present else (None, None, None)
 
 
 def _structured(lower: Mapping[str, str]) -> _Triple:

@@ -99,3 +99,38 @@ def test_an_error_answered_as_an_array_of_one_reads_like_the_object():
     body = [{"error": {"code": 400, "status": "INVALID_ARGUMENT", "details": [
         {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}]}}]
     assert provider_code(body) == "API_KEY_INVALID"
+
+
+CEREBRAS = {"x-ratelimit-limit-requests-day": "14400", "x-ratelimit-remaining-requests-day": "14390",
+            "x-ratelimit-reset-requests-day": "33011.38", "x-ratelimit-limit-tokens-minute": "60000",
+            "x-ratelimit-remaining-tokens-minute": "59000", "x-ratelimit-reset-tokens-minute": "11.38"}
+
+
+def test_cerebras_day_and_minute_headers_are_read():
+    """Cerebras names its windows in the header (x-ratelimit-*-requests-day, -tokens-minute):
+    none were read, so a spent day went on being called about once a minute (14 x 429 in 90 s)."""
+    info = parse_ratelimit(CEREBRAS, NOW)
+    assert (info.limit_requests, info.remaining_requests, info.reset_requests_s) == (14400, 14390, 33011.38)
+    assert (info.limit_tokens, info.remaining_tokens, info.reset_tokens_s) == (60000, 59000, 11.38)
+    spent = parse_ratelimit({**CEREBRAS, "x-ratelimit-remaining-requests-day": "0"}, NOW)
+    assert (spent.remaining_requests, spent.reset_requests_s) == (0, 33011.38)
+
+
+def test_mistral_per_minute_and_per_month_headers_are_read():
+    mistral = {"x-ratelimit-limit-req-minute": "60", "x-ratelimit-remaining-req-minute": "59",
+               "x-ratelimit-limit-tokens-minute": "500000", "x-ratelimit-remaining-tokens-minute": "499000",
+               "x-ratelimit-limit-tokens-month": "1000000000", "x-ratelimit-remaining-tokens-month": "999000000"}
+    info = parse_ratelimit(mistral, NOW)
+    assert (info.limit_requests, info.remaining_requests) == (60, 59)
+    assert (info.limit_tokens, info.remaining_tokens) == (500000, 499000)  # the shorter window
+    spent = parse_ratelimit({**mistral, "x-ratelimit-remaining-tokens-month": "0"}, NOW)
+    assert spent.remaining_tokens == 0  # the month is spent, whatever the minute says
+
+
+def test_of_two_families_a_spent_one_binds_and_the_one_resetting_last_of_two_spent():
+    both = {"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "0",
+            "x-ratelimit-reset-requests": "1s", "x-ratelimit-limit-requests-day": "1000",
+            "x-ratelimit-remaining-requests-day": "0", "x-ratelimit-reset-requests-day": "5000"}
+    assert parse_ratelimit(both, NOW).reset_requests_s == 5000
+    minute = {**both, "x-ratelimit-remaining-requests-day": "10"}
+    assert (parse_ratelimit(minute, NOW).remaining_requests, parse_ratelimit(minute, NOW).reset_requests_s) == (0, 1)
