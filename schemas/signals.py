@@ -90,7 +90,15 @@ GOOGLE_KEY_REASONS = frozenset({"API_KEY_INVALID", "API_KEY_SERVICE_BLOCKED", "S
 KEY_SCOPED_CODES = frozenset({"invalid_api_key", "authentication_error", "insufficient_quota", "billing_error",
                               "payment_required", "credit_balance_too_low", "billing_hard_limit_reached",
                               "billing_not_active", "account_deactivated", "organization_restricted",
-                              *GOOGLE_KEY_REASONS})
+                              "credits_exhausted", *GOOGLE_KEY_REASONS})
+# xAI's 429 for a team out of credits or at its spending limit, an `error` that is a string:
+# "Your team <uuid> has either used all available credits or reached its monthly spending limit. ..."
+_XAI_CREDITS = re.compile(r"your team [\w-]{1,64} has either used all available credits or reached its monthly "
+                          r"spending limit")
+# a wait named only in the error's message (checked after every header and RetryInfo): Azure OpenAI's
+# "Please retry after 6 seconds.", OpenAI's and Groq's "Please try again in 6m0s." / "in 2.002s" / "in 250ms"
+_MESSAGE_WAIT = re.compile(r"(?:retry after|try again in) (\d+(?:\.\d+)?) ?(?:seconds?|secs?)\b"
+                           r"|try again in ((?:\d+(?:\.\d*)?(?:ms|us|µs|h|m|s))+)\b")
 _CREDIT_TOO_LOW = "your credit balance is too low"  # how Anthropic's 400 message for an exhausted balance begins
 _GENERIC_TYPES = frozenset({"invalid_request_error"})  # Anthropic's type on that 400: says nothing about the key
 OVERLOADED_CODES = frozenset({"overloaded_error"})
@@ -111,12 +119,31 @@ def retry_after_of(headers: Mapping[str, str], body: object, now_epoch: float) -
     `retry-after-ms` (milliseconds: Azure OpenAI; the openai SDK reads it before Retry-After),
     then `Retry-After` (RFC 9110 section 10.2.3, `parse_retry_after`), then the `retryDelay` of a
     `type.googleapis.com/google.rpc.RetryInfo` entry in a Google error's `details` (Gemini's 429:
-    `"retryDelay": "20s"`, a google.protobuf.Duration in its JSON form). `headers`: lower-case names."""
+    `"retryDelay": "20s"`, a google.protobuf.Duration in its JSON form), then a wait the error's
+    message names (Azure's "Please retry after 6 seconds", OpenAI's "Please try again in 6m0s").
+    `headers`: lower-case names."""
     millis = _leading_number(headers.get("retry-after-ms"))  # (sent twice: "3000, 3000")
     if millis is not None and millis >= 0:
         return millis / 1000
     seconds = parse_retry_after(headers.get("retry-after"), now_epoch)
-    return seconds if seconds is not None else _google_retry_delay(body)
+    if seconds is None:
+        seconds = _google_retry_delay(body)
+    return seconds if seconds is not None else _message_wait(body)
+
+
+def _message_wait(body: object) -> float | None:
+    """A wait named in the error message of a body without any other (`_MESSAGE_WAIT`), in the
+    first 1,000 characters. A provider trial: Azure's 429 saying only "Please retry after 6
+    seconds" drew 14 x 429 where the same wait as a Retry-After header drew 2."""
+    body = _first_of_array(body)
+    error = body.get("error") if isinstance(body, dict) else None
+    message = error.get("message") if isinstance(error, dict) else error
+    if not isinstance(message, str):
+        return None
+    match = _MESSAGE_WAIT.search(message[:1000].lower())
+    if match is None:
+        return None
+    return float(match.group(1)) if match.group(1) is not None else parse_duration(match.group(2))
 
 
 def _google_retry_delay(body: object) -> float | None:
@@ -360,13 +387,17 @@ def provider_code(body: object) -> str | None:
     caller's input inside messages (OpenAI's 404 "The model `<model>` does not exist"), and a
     request must not be able to word its own error so that it disables every key it reaches.
     Anthropic's not_found_error and Google's NOT_FOUND give "model_not_found" when their
-    message begins by naming the model (module docstring).
+    message begins by naming the model (module docstring). xAI's `error` string for a team
+    out of credits or at its spending limit gives "credits_exhausted" (key-scoped), also only
+    as the string's beginning.
     Codes are short ASCII identifiers; anything else (long text, other shapes) gives None.
     """
     body = _first_of_array(body)
     if not isinstance(body, dict):
         return None
     error = body.get("error")
+    if isinstance(error, str):  # xAI: the message itself; only its beginning is read (see above)
+        return "credits_exhausted" if _XAI_CREDITS.match(error[:200].lstrip().lower()) else None
     if not isinstance(error, dict):
         return None
     found = [_code_text(error.get(field)) for field in ("code", "type")]

@@ -134,3 +134,39 @@ def test_of_two_families_a_spent_one_binds_and_the_one_resetting_last_of_two_spe
     assert parse_ratelimit(both, NOW).reset_requests_s == 5000
     minute = {**both, "x-ratelimit-remaining-requests-day": "10"}
     assert (parse_ratelimit(minute, NOW).remaining_requests, parse_ratelimit(minute, NOW).reset_requests_s) == (0, 1)
+
+
+XAI_CREDITS = {"code": "Some resource has been exhausted", "error": (
+    "Your team 16f2151a-40f4-4a80-8ad0-cae00c27e8dd has either used all available credits or reached its monthly "
+    "spending limit. To continue making API requests, please purchase more credits or raise your spending limit.")}
+
+
+def test_xais_team_out_of_credits_is_key_scoped():
+    """xAI answers a team out of credits with 429 and an `error` that is a string (continuedev/continue#10373):
+    read as a rate limit, the key stayed in, its rate cut, and was called about once a minute for good."""
+    assert provider_code(XAI_CREDITS) == "credits_exhausted"
+    assert classify(429, None, provider_code(XAI_CREDITS)) == "key_error"
+    quoted = {"error": "Invalid request: 'Your team x has either used all available credits or reached its monthly "
+                       "spending limit'"}
+    assert provider_code(quoted) is None  # only the string's beginning: a request cannot word it
+    assert provider_code({"error": "Rate limit exceeded"}) is None
+
+
+@pytest.mark.parametrize("message, wait", [
+    ("Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-02-01 have exceeded token "
+     "rate limit of your current OpenAI S0 pricing tier. Please retry after 6 seconds. Please go here: "
+     "https://aka.ms/oai/quotaincrease if you would like to further increase the default rate limit.", 6.0),
+    ("Rate limit reached for gpt-4o in organization org-abc on tokens per min (TPM): Limit 30000, Used 29000, "
+     "Requested 2000. Please try again in 2.002s. Visit https://platform.openai.com/account/rate-limits", 2.002),
+    ("Rate limit reached for model `llama-3.3-70b-versatile` in organization `org_01` on requests per day (RPD): "
+     "Limit 1000, Used 1000, Requested 1. Please try again in 1m26.4s.", 86.4),
+    ("Rate limit reached ... Please try again in 250ms.", 0.25),
+    ("Rate limit reached for requests per minute. Please try again in 6m0s.", 360.0),
+    ("Rate limit exceeded.", None),
+])
+def test_a_wait_named_only_in_the_error_message_is_honoured(message, wait):
+    """A provider trial: Azure's 429 naming its wait only in the message drew 14 x 429 where the
+    same wait in a Retry-After header drew 2."""
+    body = {"error": {"code": "429", "message": message}}
+    assert retry_after_of({}, body, NOW) == (pytest.approx(wait) if wait is not None else None)
+    assert retry_after_of({"retry-after": "3"}, body, NOW) == 3.0  # a header comes first
