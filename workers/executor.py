@@ -67,6 +67,11 @@ class CallResult:
 # connection and timeout errors to httpx's, but not these): an upstream error, never "a fault of
 # the worker" (that path gives the delivery back without counting the paid call)
 _UNREADABLE = (aiohttp.ClientError, aiohttp.http_exceptions.HttpProcessingError)
+# bytes of one header line (and of the status line) the aiohttp transport reads; aiohttp's own limit
+# is 8,190, so a proxy's 10 kB cookie or debug header on a 200 was an unreadable answer, retried and
+# paid max_attempts times (a provider trial: 30 paid calls for 6 jobs, all failed); httpx's own
+# transport (h11) reads up to 16 kB of head
+MAX_HEADER_LINE_BYTES = 64 * 1024
 
 
 class UpstreamClient(httpx.AsyncClient):
@@ -107,7 +112,8 @@ def _aiohttp_transport(limits: httpx.Limits) -> AiohttpTransport:
     def session() -> aiohttp.ClientSession:
         limit = {} if limits.max_connections is None else {"limit": limits.max_connections}
         connector = aiohttp.TCPConnector(keepalive_timeout=limits.keepalive_expiry, ssl=transport.ssl_context, **limit)
-        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
+                                     max_line_size=MAX_HEADER_LINE_BYTES, max_field_size=MAX_HEADER_LINE_BYTES)
 
     transport = AiohttpTransport(limits=limits, trust_env=False, client=session)
     return transport

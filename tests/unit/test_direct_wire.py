@@ -368,3 +368,16 @@ async def test_a_body_not_in_its_content_encoding_is_final_not_a_connection_erro
     assert direct == reference
     assert (direct.kind, direct.code, direct.response.status) == ("bad_request", "upstream_error", 200)
     assert "answered HTTP 200" in direct.error and "Content-Encoding (gzip)" in direct.error
+
+
+@pytest.mark.parametrize("size", [10_000, 40_000])
+async def test_a_header_line_longer_than_aiohttps_default_is_read_on_both_paths(size):
+    """A provider trial: a 200 with a 10,000-byte header (a proxy's cookie or debug trace) passed
+    aiohttp's 8,190-byte limit: an unreadable answer, retried and paid max_attempts times."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Debug-Trace: " + b"t" * size
+    body = b'{"choices":[{"message":{"content":"hi"}}]}'
+    async with RawServer(head + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body) as server:
+        upstream = UpstreamConfig(base_url=f"http://127.0.0.1:{server.port}", timeout_s=5)
+        (direct, _), (through_httpx, _) = await both_paths(Job.model_validate(JOBS[0]), upstream)
+    assert direct.kind == through_httpx.kind == "ok", (direct.error, through_httpx.error)
+    assert direct.response.json_body == through_httpx.response.json_body == {"choices": [{"message": {"content": "hi"}}]}
