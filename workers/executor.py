@@ -37,7 +37,7 @@ from ratefleet.schemas.signals import KEY_SCOPED_CODES, classify, parse_ratelimi
 from ratefleet.workers.body import body_fields
 from ratefleet.workers.direct import Answer, DirectRequest, HttpxAnswer, RequestBuilder, httpx_url
 from ratefleet.workers.http_spans import traced_transport
-from ratefleet.workers.usage import answer_cost, stream_cost, stream_error
+from ratefleet.workers.usage import answer_cost, error_body, stream_cost, stream_error
 
 ChunkSink = Callable[[bytes], Awaitable[None]]
 KEPT_HEADERS = ("content-type", "retry-after", "x-request-id", "openai-processing-ms")
@@ -324,9 +324,9 @@ class UpstreamExecutor:
             return self._too_large(status, secret, latency_ms, received)
         info = _response_info(status, raw, secret, received)
         cost = _reported_cost(info, raw, upstream.usage_path, streamed=streamed)
-        failure = stream_error(raw) if streamed else None
+        failure = stream_error(raw) if streamed else error_body(status, info.json_body)
         if failure is not None:
-            return _stream_failed(info, failure, received, cost, latency_ms)
+            return _stream_failed(info, failure, received, cost, latency_ms, streamed=streamed)
         success = 200 <= status < 300
         code = None if success else provider_code(info.json_body)
         return CallResult(
@@ -418,26 +418,34 @@ _STREAM_RATE_LIMITED = frozenset({"rate_limit_error", "rate_limit_exceeded"})  #
 
 
 def _stream_failed(info: ResponseInfo, failure: dict[str, Any], received: dict[str, str], cost: float | None,
-                   latency_ms: float) -> CallResult:
-    """A streamed answer that began with a 2xx and ended with an error event (usage.stream_error):
-    not a success. Its error's code classifies it as the same code would as a status: key-scoped
+                   latency_ms: float, streamed: bool = True) -> CallResult:
+    """A streamed answer that began with a 2xx and ended with an error event (usage.stream_error),
+    or (`streamed` False) a 2xx whose JSON body is only an error (usage.error_body): not a
+    success. Its error's code classifies it as the same code would as a status: key-scoped
     (the key out), a rate limit (a 429's wait), else an upstream error (Anthropic's
     overloaded_error, a server error: a breaker failure, retried by policy). Before, such an answer
-    was stored `succeeded` with the answer cut off (a provider trial)."""
+    was stored `succeeded` with the answer cut off, or with no answer at all (provider trials)."""
     code = provider_code(failure)
-    if code in KEY_SCOPED_CODES:
+    if code in KEY_SCOPED_CODES and streamed:
+        # (not from a 2xx body that is only an error: an upstream echoing its request would let a
+        # job word the error that takes the key out; such a body is an upstream error, retried)
         kind = OutcomeKind.KEY_ERROR
     elif code in _STREAM_RATE_LIMITED:
         kind = OutcomeKind.RATE_LIMITED
     else:
         kind = OutcomeKind.UPSTREAM_ERROR
-    if code == "stream_cut_off":
+    if not streamed:
+        message = (f"the upstream answered HTTP {info.status} with an error body{f' ({code})' if code else ''} "
+                   "instead of an answer (a proxy passing on the provider's error)")
+    elif code == "stream_cut_off":
         message = f"the upstream's streamed answer (HTTP {info.status}) stopped before its end event (cut off)"
     else:
         message = (f"the upstream's streamed answer (HTTP {info.status}) ended with an error event"
                    f"{f' ({code})' if code else ''} instead of its end")
-    return CallResult(kind=kind, response=info, error=message, provider_code=code, retry_after_s=None,
-                      ratelimit=parse_ratelimit(received, time.time()), actual_cost=cost, latency_ms=latency_ms)
+    now = time.time()
+    return CallResult(kind=kind, response=info, error=message, provider_code=code,
+                      retry_after_s=None if streamed else retry_after_of(received, info.json_body, now),
+                      ratelimit=parse_ratelimit(received, now), actual_cost=cost, latency_ms=latency_ms)
 
 
 def _event_stream(status: int, headers: dict[str, str]) -> bool:

@@ -164,3 +164,30 @@ def stream_error(raw: bytes) -> dict[str, Any] | None:
         if start in raw and end.search(raw) is None:
             return {"error": {"type": "stream_cut_off", "message": "the stream ended before its end event"}}
     return None
+
+
+# keys a body that is only an error may have beside `error` (OpenAI, Anthropic's `"type": "error"`,
+# one-api/new-api style proxies, FastAPI's `detail`)
+_ERROR_ONLY_KEYS = frozenset({"error", "type", "object", "id", "request_id", "code", "message", "msg", "status",
+                              "success", "detail"})
+
+
+def error_body(status: int, body: object) -> dict[str, Any] | None:
+    """The error of a 2xx answer whose JSON body is only an error, as `{"error": {...}}` (for
+    `signals.provider_code`), or None. Some proxies pass a provider's error on with a 200
+    (`{"error": {"type": "rate_limit_error", "code": "rate_limit_exceeded", ...}}`): it was
+    stored `succeeded` with no answer, and a rate limit told so never slowed the key (a provider
+    trial: 40 of 40 jobs `succeeded`). Only a body whose `error` is an object saying something
+    (a message, code or type) and that has no key beside those of an error (`_ERROR_ONLY_KEYS`:
+    no `choices`, `data`, `output`, `content`, ...) counts; an Anthropic-style `type` must be
+    "error". Any other body, and any other status, gives None. The executor classifies it by
+    its code, but never as key-scoped (an upstream echoing its request would let a job word it)."""
+    if not 200 <= status < 300 or not isinstance(body, dict) or not isinstance(body.get("error"), dict):
+        return None
+    error = body["error"]
+    if not any(error.get(field) for field in ("message", "code", "type")):
+        return None
+    if not body.keys() <= _ERROR_ONLY_KEYS or body.get("type", "error") != "error":
+        return None
+    return {"error": error}
+

@@ -381,3 +381,37 @@ async def test_a_header_line_longer_than_aiohttps_default_is_read_on_both_paths(
         (direct, _), (through_httpx, _) = await both_paths(Job.model_validate(JOBS[0]), upstream)
     assert direct.kind == through_httpx.kind == "ok", (direct.error, through_httpx.error)
     assert direct.response.json_body == through_httpx.response.json_body == {"choices": [{"message": {"content": "hi"}}]}
+
+
+def _json200(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+
+
+@pytest.mark.parametrize("body, kind, code", [
+    (b'{"error":{"type":"rate_limit_error","code":"rate_limit_exceeded","message":"Rate limit reached. '
+     b'Please try again in 2s."}}', "rate_limited", "rate_limit_exceeded"),
+    (b'{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota"}}',
+     "upstream_error", "insufficient_quota"),  # never the key out from a 200 (a job could word it)
+    (b'{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}', "upstream_error",
+     "overloaded_error"),
+    (b'{"error":{"message":"upstream connect error","type":"new_api_error"},"success":false}', "upstream_error",
+     "new_api_error"),
+    # answers that are not only an error stand
+    (b'{"choices":[{"message":{"content":"hi"}}],"error":{"message":"a partial warning"}}', "ok", None),
+    (b'{"error":null,"data":[1]}', "ok", None),
+    (b'{"error":{}}', "ok", None),
+    (b'{"type":"message","error":{"message":"x"},"content":[]}', "ok", None),
+])
+async def test_a_200_whose_body_is_only_an_error_is_that_error(body, kind, code):
+    """A provider trial: a proxy passing a rate limit on as 200 {"error": {...}}: 40 of 40 jobs
+    stored `succeeded` with no answer, and the key never slowed."""
+    async with RawServer(_json200(body)) as server:
+        upstream = UpstreamConfig(base_url=f"http://127.0.0.1:{server.port}", timeout_s=5)
+        (direct, _), (reference, _) = await both_paths(Job.model_validate(JOBS[0]), upstream)
+    assert direct == reference
+    assert (direct.kind, direct.provider_code) == (kind, code)
+    if kind == "rate_limited":
+        assert direct.retry_after_s == 2.0  # named in its message
+    if kind != "ok":
+        assert "answered HTTP 200 with an error body" in direct.error
+

@@ -238,9 +238,18 @@ async def test_a_retry_after_date_is_read_against_the_wall_clock(clock):
 
 
 async def test_a_successful_answer_has_no_provider_code_even_if_its_body_looks_like_an_error():
-    body = {"error": {"type": "insufficient_quota", "code": "insufficient_quota"}}
+    body = {"choices": [{"message": {"content": "hi"}}], "error": {"type": "insufficient_quota",
+                                                                    "code": "insufficient_quota"}}
     result = await executor(lambda r: httpx.Response(200, json=body)).call(job(), UPSTREAM, SECRET)
     assert (result.kind, result.provider_code) == ("ok", None)
+
+
+async def test_a_2xx_body_that_is_only_a_key_scoped_error_is_an_upstream_error_not_a_key_error():
+    """usage.error_body: a proxy's 200 carrying only an error is that error, but never takes the
+    key out (an upstream echoing its request would let a job word it)."""
+    body = {"error": {"type": "insufficient_quota", "code": "insufficient_quota"}}
+    result = await executor(lambda r: httpx.Response(200, json=body)).call(job(), UPSTREAM, SECRET)
+    assert (result.kind, result.provider_code) == ("upstream_error", "insufficient_quota")
 
 
 async def test_a_text_body_goes_as_utf8_bytes():
@@ -290,7 +299,7 @@ async def test_only_a_429_is_given_a_scope(status):
     body = {"error": {"message": "Request too large: Limit 30000, Requested 50000"}}
     result = await executor(lambda r: httpx.Response(status, json=body)).call(job(), UPSTREAM, SECRET)
     assert result.scope is None and result.code is None
-    assert result.kind == ("ok" if status == 200 else "bad_request")
+    assert result.kind == ("upstream_error" if status == 200 else "bad_request")  # a 200 only an error: usage.error_body
 
 
 async def test_the_jobs_trace_context_goes_on_to_the_upstream():

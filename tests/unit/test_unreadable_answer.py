@@ -18,7 +18,7 @@ from ratefleet.workers.executor import UpstreamExecutor, build_client
 pytestmark = pytest.mark.anyio
 
 ANSWERS = {
-    "huge_header": b"HTTP/1.1 200 OK\r\nX-Big: " + b"x" * 9000 + b"\r\nContent-Length: 2\r\n\r\n{}",
+    "huge_header": b"HTTP/1.1 200 OK\r\nX-Big: " + b"x" * 70_000 + b"\r\nContent-Length: 2\r\n\r\n{}",
     "not_http": b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
 }
 
