@@ -162,6 +162,11 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
                                   "or pass its URL (--nats URL; Client.connect(url) in Python)")
     holder: list[NatsClient] = []
     first_failures = 0  # failed tries of the first connect
+    # set once the first connect returned: a later handshake error is a reconnect try's, whatever the
+    # client's status says (nats-py reports CONNECTING during each reconnect's handshake, and raising
+    # from this callback there ended its reconnect task for good: a nightly-batch trial's Client never
+    # reconnected after `up` restarted a SIGKILLed nats-server, and `submit --wait` hung)
+    connected_once = False
 
     async def on_disconnect() -> None:
         if holder and (holder[0].is_closed or holder[0].is_draining):
@@ -176,7 +181,7 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
 
     async def on_error(exc: Exception) -> None:
         nonlocal first_failures
-        if not holder[0].is_connected and not holder[0].is_reconnecting:  # the first connect
+        if not connected_once:  # the first connect
             first_failures += 1
             if _refused(exc):
                 raise _FirstConnectFailed(exc)  # wrong credentials or TLS fail now, not retried forever
@@ -206,6 +211,7 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
             await holder[0].close()
         raise NatsUnavailable(f"cannot reach NATS at {redact_url(url)} ({type(cause).__name__}: "
                               f"{scrub(str(cause))}); {_hint(cause)}") from None
+    connected_once = True
     return holder[0]
 
 

@@ -8,6 +8,7 @@ Client (after `close()`, or one that gave up) retried for 30 s the same way, and
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import anyio
@@ -65,3 +66,31 @@ async def test_every_call_on_a_closed_client_fails_at_once_saying_so(nats_server
     with pytest.raises(NatsUnavailable, match="this Client is closed"):
         async for _ in client.results(None):
             pass
+
+
+async def test_a_client_reconnects_through_a_server_that_answers_before_it_speaks_nats(tmp_path):
+    """A nightly-batch trial: after nats-server was SIGKILLed and `up` restarted it, every later
+    `request` of a service's Client timed out for good, and `submit --wait` hung. A reconnect try
+    that reached the server while it was still starting (TCP accepted, no NATS handshake) failed
+    inside nats-py's own handshake, and our error callback took it for the first connect and
+    ended nats-py's reconnect task (raising from it): nothing ever tried again."""
+    server = restartable_nats(tmp_path / "nats")
+    port = int(server.url.rsplit(":", 1)[1])
+
+    async def hang_up(reader, writer) -> None:  # a server not yet speaking NATS: accepts, then closes
+        writer.close()
+
+    try:
+        for client in (await Client.connect(server.url), await Client.connect(server.url, reconnect_forever=False)):
+            async with client:
+                await ensure_topology(client.js, parse_config({}))
+                server.stop()
+                starting = await asyncio.start_server(hang_up, "127.0.0.1", port)
+                await anyio.sleep(2.5)  # several reconnect tries meet it (0.5 s apart)
+                starting.close()
+                await starting.wait_closed()
+                server.start()
+                with anyio.fail_after(20):  # before: never reconnected
+                    assert await client.submit(JOB, "guest")
+    finally:
+        server.stop()
