@@ -14,9 +14,13 @@ schemas/signals.py) on one key is tried on another key. What happens next is the
   denial saying the key lacks the model (a 404, or OpenAI's 403 `model_not_found` for a
   project key restricted to some models) is no strike: the key serves its other models,
   and the scheduler sends that model's next jobs to other keys for a while (scheduler.py).
-  So does a confirmed 403 that does not say why: its model's next jobs go to other keys, so a
-  key refusing one model (Anthropic's 403 permission_error for claude-opus) costs one call
-  per LACK_MEMORY_S for that model, not one per job, and is not struck again meanwhile.
+  So does a 403 that does not say why, from the denial on (the scheduler): its model's next
+  jobs go to other keys, so a key refusing one model (Anthropic's 403 permission_error for
+  claude-opus) costs about one call per LACK_MEMORY_S for that model, not one per job, and is
+  not struck again meanwhile. Waiting for the confirmation was too late under a queue (the
+  refused job's retry queues behind fresh jobs: a re-run saw 30 x 403 and the key disabled
+  before the first confirmation). When another key refuses the job too, the request was at
+  fault and the routing is lifted (`Verdicts.request_refused`).
 * 401 means "who are you": a key is disabled after 401s on AUTH_JOBS different jobs of
   which at least one is confirmed (succeeded on another key, or no other key could take
   it). Jobs still waiting for their second key count too, so a revoked key goes out after
@@ -58,10 +62,12 @@ class Verdicts:
 
     disable: list[tuple[str, str]] = field(default_factory=list)
     enable: list[str] = field(default_factory=list)
-    # keys whose 403 of this job is confirmed (it succeeded on another key): the scheduler sends
-    # the job's model elsewhere for a while, as for a denial saying the key lacks the model
-    # (not compared: a verdict is its disables and enables)
+    # (not compared: a verdict is its disables and enables) keys whose 403 of this job is confirmed
+    # (it succeeded on another key), and keys whose 403 was the request's (another key refused it
+    # too): the scheduler sends the job's model elsewhere for a while from the 403 on, and lifts
+    # that when the request was at fault
     refused_model: list[str] = field(default_factory=list, compare=False)
+    request_refused: list[str] = field(default_factory=list, compare=False)
 
 
 class DenialBook:
@@ -164,8 +170,11 @@ class DenialBook:
         return Verdicts()
 
     def _request_scoped(self, job_id: str) -> Verdicts:
-        self._jobs.pop(job_id, None)
+        entry = self._jobs.pop(job_id, None)
         out = Verdicts()
+        if entry is not None:
+            out.request_refused = [key_id for key_id, status in entry.keys.items()
+                                   if status != 401 and key_id not in entry.lacking]
         for key_id, strikes in self._auth.items():
             if strikes.pop(job_id, None) is not None and key_id in self._disabled and (
                     not self._judge_auth(key_id).disable):

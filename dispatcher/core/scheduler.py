@@ -240,6 +240,12 @@ class Scheduler(KeyAdmin, Reconfigure):
         if outcome.lacks_model:
             self._remember_lack(job, key_id, now)
 
+    def _forget_lack(self, job: PendingJob, key_id: str) -> None:
+        """`key_id` may serve `job.model` again (its refusal was the request's)."""
+        lacking = self._lacking.get(job.model) if job.model is not None else None
+        if lacking is not None and lacking.pop(key_id, None) is not None and not lacking:
+            del self._lacking[job.model]  # type: ignore[arg-type]
+
     def _remember_lack(self, job: PendingJob, key_id: str, now: float) -> None:
         """Send `job.model`'s next jobs to keys other than `key_id` for LACK_MEMORY_S."""
         if job.model is None:
@@ -364,6 +370,10 @@ class Scheduler(KeyAdmin, Reconfigure):
             verdicts = self._denials.on_denied(job_id, reservation.key_id, outcome.status,
                                                reservation.denial_final, now,
                                                lacks_model=outcome.lacks_model)
+            if outcome.status == 403 and not reservation.denial_final:
+                self._remember_lack(reservation.job, reservation.key_id, now)  # lifted if the request was at fault
+            for key_id in verdicts.request_refused:
+                self._forget_lack(reservation.job, key_id)
         elif outcome.kind == OutcomeKind.OK:
             verdicts = self._denials.on_ok(job_id, reservation.key_id, now)
         else:

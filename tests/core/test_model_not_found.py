@@ -177,3 +177,24 @@ def test_a_403_on_jobs_without_a_model_still_strikes_the_key():
     for i in range(4):
         run(s, [f"j{i}"], lambda k, _: ANTHROPIC_FORBIDDEN if k == "k1" else OK, now=float(i))
     assert s.snapshot(4.0)["keys"]["k1"]["state"] == "disabled"
+
+
+def test_a_403_sends_its_model_elsewhere_at_once_even_when_its_confirmation_queues_behind_a_backlog():
+    """A re-run in a real fleet: 60 opus jobs queued at once, k1 refusing opus. The refused job's
+    retry queued behind the fresh jobs, so the first confirmation came after k1's 30th 403, and k1
+    was disabled for every model. Now the model goes elsewhere from the first 403."""
+    s = three_keys()
+    ended, calls = run(s, [f"j{i}" for i in range(60)], lambda k, _: ANTHROPIC_FORBIDDEN if k == "k1" else OK,
+                       model="claude-opus")
+    assert {e[0] for e in ended.values()} == {"ok"} and len(ended) == 60
+    assert calls["k1"] == 1, calls
+    assert s.snapshot(0.0)["keys"]["k1"]["state"] == "enabled"
+
+
+def test_a_403_the_request_earned_lifts_the_routing_of_its_model():
+    """A job refused on a second key too was at fault itself: its model may use k1 again."""
+    s = three_keys()
+    ended, calls = run(s, ["bad"], lambda k, _: ANTHROPIC_FORBIDDEN, model="claude-opus")
+    assert ended["bad"][0] == "denied" and sum(calls.values()) == 2
+    done, used = run(s, [f"g{i}" for i in range(6)], lambda k, _: OK, now=1.0, model="claude-opus")
+    assert used["k1"] > 0
