@@ -96,9 +96,14 @@ KEY_SCOPED_CODES = frozenset({"invalid_api_key", "authentication_error", "insuff
 _XAI_CREDITS = re.compile(r"your team [\w-]{1,64} has either used all available credits or reached its monthly "
                           r"spending limit")
 # a wait named only in the error's message (checked after every header and RetryInfo): Azure OpenAI's
-# "Please retry after 6 seconds.", OpenAI's and Groq's "Please try again in 6m0s." / "in 2.002s" / "in 250ms"
-_MESSAGE_WAIT = re.compile(r"(?:retry after|try again in) (\d+(?:\.\d+)?) ?(?:seconds?|secs?)\b"
-                           r"|try again in ((?:\d+(?:\.\d*)?(?:ms|us|µs|h|m|s))+)\b")
+# "Please retry after 6 seconds.", OpenAI's and Groq's "Please try again in 6m0s." / "in 2.002s" / "in 250ms",
+# Gemini's "Please retry in 46.28s.", and the like ("try again after 20 seconds", "wait 30 seconds",
+# "retry after 1 minute")
+_MESSAGE_WAIT = re.compile(
+    r"(?:retry|try again|wait)(?: after| in| for)? (\d+(?:\.\d+)?) ?(milliseconds?|seconds?|secs?|minutes?|mins?"
+    r"|hours?)\b"
+    r"|(?:retry|try again|wait)(?: after| in| for)? ((?:\d+(?:\.\d*)?(?:ms|us|µs|h|m|s))+)\b")
+_WORD_SECONDS = {"millisecond": 1e-3, "second": 1.0, "sec": 1.0, "minute": 60.0, "min": 60.0, "hour": 3600.0}
 _CREDIT_TOO_LOW = "your credit balance is too low"  # how Anthropic's 400 message for an exhausted balance begins
 _GENERIC_TYPES = frozenset({"invalid_request_error"})  # Anthropic's type on that 400: says nothing about the key
 OVERLOADED_CODES = frozenset({"overloaded_error"})
@@ -110,8 +115,8 @@ _MODEL_MESSAGE_STARTS = {  # (field, value) of the error -> how its message begi
     ("status", "NOT_FOUND"): ("models/", "publisher model"),  # Google: Gemini, Vertex AI
 }
 _MAX_CODE_CHARS = 64
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|h|m|s)")
-_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|d|h|m|s)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def retry_after_of(headers: Mapping[str, str], body: object, now_epoch: float) -> float | None:
@@ -143,7 +148,9 @@ def _message_wait(body: object) -> float | None:
     match = _MESSAGE_WAIT.search(message[:1000].lower())
     if match is None:
         return None
-    return float(match.group(1)) if match.group(1) is not None else parse_duration(match.group(2))
+    if match.group(1) is not None:
+        return float(match.group(1)) * _WORD_SECONDS[match.group(2).rstrip("s") or "s"]
+    return parse_duration(match.group(3))
 
 
 def _google_retry_delay(body: object) -> float | None:

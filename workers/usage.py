@@ -169,7 +169,7 @@ def stream_error(raw: bytes) -> dict[str, Any] | None:
 # keys a body that is only an error may have beside `error` (OpenAI, Anthropic's `"type": "error"`,
 # one-api/new-api style proxies, FastAPI's `detail`)
 _ERROR_ONLY_KEYS = frozenset({"error", "type", "object", "id", "request_id", "code", "message", "msg", "status",
-                              "success", "detail"})
+                              "success", "detail", "model", "created", "log_id", "error_code", "error_msg"})
 
 
 def error_body(status: int, body: object) -> dict[str, Any] | None:
@@ -178,14 +178,19 @@ def error_body(status: int, body: object) -> dict[str, Any] | None:
     (`{"error": {"type": "rate_limit_error", "code": "rate_limit_exceeded", ...}}`): it was
     stored `succeeded` with no answer, and a rate limit told so never slowed the key (a provider
     trial: 40 of 40 jobs `succeeded`). Only a body whose `error` is an object saying something
-    (a message, code or type) and that has no key beside those of an error (`_ERROR_ONLY_KEYS`:
-    no `choices`, `data`, `output`, `content`, ...) counts; an Anthropic-style `type` must be
-    "error". Any other body, and any other status, gives None. The executor classifies it by
+    (a message, code or type), a non-empty string, or Baidu Qianfan's `error_code` /
+    `error_msg` pair, and that has no key beside those of an error (`_ERROR_ONLY_KEYS`: no
+    `choices`, `data`, `output`, `content`, `result`, ...) counts; an Anthropic-style `type`
+    must be "error". Any other body, and any other status, gives None. The executor classifies it by
     its code, but never as key-scoped (an upstream echoing its request would let a job word it)."""
-    if not 200 <= status < 300 or not isinstance(body, dict) or not isinstance(body.get("error"), dict):
+    if not 200 <= status < 300 or not isinstance(body, dict):
         return None
-    error = body["error"]
-    if not any(error.get(field) for field in ("message", "code", "type")):
+    error = body.get("error")
+    if isinstance(error, str) and error.strip():  # `{"error": "text"}`
+        error = {"message": error}
+    elif error is None and body.get("error_code") and isinstance(body.get("error_msg"), str):
+        error = {"code": str(body["error_code"]), "message": body["error_msg"]}  # Baidu Qianfan's 200
+    if not isinstance(error, dict) or not any(error.get(field) for field in ("message", "code", "type")):
         return None
     if not body.keys() <= _ERROR_ONLY_KEYS or body.get("type", "error") != "error":
         return None

@@ -396,10 +396,17 @@ def _json200(body: bytes) -> bytes:
      "overloaded_error"),
     (b'{"error":{"message":"upstream connect error","type":"new_api_error"},"success":false}', "upstream_error",
      "new_api_error"),
+    # a re-run: other shapes of the same kind
+    (b'{"error":"upstream overloaded, retry later"}', "upstream_error", None),
+    (b'{"error_code":18,"error_msg":"Open api qps request limit reached","log_id":"123"}', "upstream_error", "18"),
+    (b'{"error":{"type":"rate_limit_error","code":"rate_limit_exceeded","message":"slow down, try again in 2s"},'
+     b'"model":"m","created":1}', "rate_limited", "rate_limit_exceeded"),
     # answers that are not only an error stand
     (b'{"choices":[{"message":{"content":"hi"}}],"error":{"message":"a partial warning"}}', "ok", None),
     (b'{"error":null,"data":[1]}', "ok", None),
     (b'{"error":{}}', "ok", None),
+    (b'{"error":""}', "ok", None),
+    (b'{"error_code":0,"error_msg":"","result":"hi"}', "ok", None),
     (b'{"type":"message","error":{"message":"x"},"content":[]}', "ok", None),
 ])
 async def test_a_200_whose_body_is_only_an_error_is_that_error(body, kind, code):

@@ -163,6 +163,14 @@ def test_xais_team_out_of_credits_is_key_scoped():
     ("Rate limit reached ... Please try again in 250ms.", 0.25),
     ("Rate limit reached for requests per minute. Please try again in 6m0s.", 360.0),
     ("Rate limit exceeded.", None),
+    # a re-run: other wordings of the same kind
+    ("Resource has been exhausted. Please retry in 46.28s.", 46.28),  # Gemini's, beside its RetryInfo
+    ("Too many requests, retry in 5s", 5.0),
+    ("Please try again after 20 seconds.", 20.0),
+    ("Please wait 30 seconds before retrying.", 30.0),
+    ("Rate limited: retry after 1 minute", 60.0),
+    ("Quota exceeded. Try again in 2 hours.", 7200.0),
+    ("Please wait a moment and try again.", None),
 ])
 def test_a_wait_named_only_in_the_error_message_is_honoured(message, wait):
     """A provider trial: Azure's 429 naming its wait only in the message drew 14 x 429 where the
@@ -170,3 +178,9 @@ def test_a_wait_named_only_in_the_error_message_is_honoured(message, wait):
     body = {"error": {"code": "429", "message": message}}
     assert retry_after_of({}, body, NOW) == (pytest.approx(wait) if wait is not None else None)
     assert retry_after_of({"retry-after": "3"}, body, NOW) == 3.0  # a header comes first
+
+
+def test_a_reset_of_a_day_is_read():
+    assert parse_ratelimit({"x-ratelimit-limit-requests": "1000", "x-ratelimit-remaining-requests": "0",
+                            "x-ratelimit-reset-requests": "1d"}, NOW).reset_requests_s == 86400.0
+
