@@ -17,7 +17,7 @@ from pathlib import Path
 import typer
 
 from ratefleet.batches import load_record
-from ratefleet.cli_support import client_target, connection_args, fail, run_async
+from ratefleet.cli_support import batch_value, client_target, connection_args, fail, run_async
 from ratefleet.client import Client
 from ratefleet.runtime.cancels import is_cancelled, mark_cancelled
 from ratefleet.runtime.connect import redact_url
@@ -30,7 +30,8 @@ NatsOpt = typer.Option(None, "--nats", envvar="RATEFLEET_NATS_URL",
 PrefixOpt = typer.Option(None, "--prefix", help="subject prefix, over the config's [nats].prefix (default ratefleet)")
 
 
-def cancel(batch: str = typer.Option(..., "--batch", "-b", metavar="NAME", help="the batch name `submit` printed first"),
+def cancel(batch: str = typer.Option(..., "--batch", "-b", metavar="NAME", callback=batch_value,
+                                   help="the batch name `submit` printed first"),
            force: bool = typer.Option(False, "--force",
                                       help="cancel a batch this fleet has no record or Result of (jobs the Python "
                                            "client sent with batch=NAME)"),

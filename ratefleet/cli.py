@@ -20,6 +20,7 @@ from ratefleet.cli_support import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     RatefleetApp,
+    batch_value,
     client_target,
     fail,
     fleet_config,
@@ -162,7 +163,7 @@ def worker(config: Path | None = ConfigOpt, nats: str | None = NatsOpt,
 @app.command()
 def submit(file: Path = typer.Argument(..., help="JSONL file, one Job per line ('-' for stdin)"),
            tier: str = TierOpt,
-           batch: str | None = typer.Option(None, "--batch", "-b", metavar="NAME",
+           batch: str | None = typer.Option(None, "--batch", "-b", metavar="NAME", callback=batch_value,
                                                help="batch name (default: a new submit-<time>-<hex>); the same "
                                                     "name again resumes and sends only lines not stored yet"),
            wait: bool = Flag(False, "--wait", help="follow results until every job has one (written to --out)"),
@@ -384,7 +385,7 @@ def _letter_codes(code: list[str] | None, given_up: bool) -> frozenset[str] | No
 def dlq_list(tier: str | None = typer.Option(None, "--tier", help=tier_help("only this tier")),
              limit: int = typer.Option(50, "--limit", min=0, help="letters shown, oldest first (a note on stderr "
                                                                   "says how many more are stored)"),
-             batch: str | None = typer.Option(None, "--batch", "-b", metavar="NAME",
+             batch: str | None = typer.Option(None, "--batch", "-b", metavar="NAME", callback=batch_value,
                                               help="only letters of this batch's jobs"),
              code: list[str] | None = CodeOpt, given_up: bool = GivenUpOpt,
              config: Path | None = ConfigOpt,
@@ -401,7 +402,7 @@ def dlq_list(tier: str | None = typer.Option(None, "--tier", help=tier_help("onl
 def dlq_replay(tier: str | None = typer.Option(None, "--tier", help=tier_help("only this tier")),
                id: str | None = typer.Option(None, "--id", metavar="JOB_ID",
                                                 help="only the dead letter of this job id (as `dlq list` shows it)"),
-               batch: str | None = typer.Option(None, "--batch", "-b", metavar="NAME",
+               batch: str | None = typer.Option(None, "--batch", "-b", metavar="NAME", callback=batch_value,
                                                 help="only the letters of this batch's jobs (a later `ratefleet "
                                                      "results --batch NAME` writes their new Results in place)"),
                code: list[str] | None = CodeOpt, given_up: bool = GivenUpOpt,

@@ -134,6 +134,17 @@ def run_async(coro_fn: Callable[..., Awaitable[T]], *args: object, term_as_inter
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def batch_value(value: str | None) -> str | None:
+    """The `--batch` callback: a value starting with "--" is an option the shell left there
+    when a variable was empty (`--batch $B --wait` with B unset took "--wait" as the name, and a
+    nightly-batch trial's submit stored 20,000 jobs again under that new batch). Raises
+    typer.BadParameter (exit 2, before anything is sent)."""
+    if value is not None and value.startswith("--"):
+        raise typer.BadParameter(f"{value!r} is an option, not a batch name: was a variable after --batch empty? "
+                                 "(batch names cannot start with '--')")
+    return value
+
+
 def require_file(path: Path, what: str = "input file") -> Path:
     """`path` when it is a readable file; otherwise exit 2 with one line saying what to do next."""
     if path.is_file() and os.access(path, os.R_OK):

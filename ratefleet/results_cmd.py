@@ -41,7 +41,7 @@ from ratefleet.batches import (
     queue_mark,
     waiting_hint,
 )
-from ratefleet.cli_support import client_target, connection_args, fail, make_console, require_out_path, run_async
+from ratefleet.cli_support import batch_value, client_target, connection_args, fail, make_console, require_out_path, run_async
 from ratefleet.client import Client
 from ratefleet.openai_batch import format_result
 from ratefleet.phases import Phases
@@ -129,7 +129,8 @@ class Collect:
         return record is not None and record.state != "submitting" and self.count >= record.jobs
 
 
-def results(batch: str = typer.Option(..., "--batch", "-b", metavar="NAME", help="the batch name `submit` printed first"),
+def results(batch: str = typer.Option(..., "--batch", "-b", metavar="NAME", callback=batch_value,
+                                   help="the batch name `submit` printed first"),
             wait: bool = typer.Option(False, "--wait", is_flag=True, metavar="",
                                       help="follow until every job of the batch has a Result"),
             out: Path | None = typer.Option(None, "--out", "-o", help="write Results here (JSONL; default or '-': stdout)"),

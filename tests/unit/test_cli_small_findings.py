@@ -29,3 +29,17 @@ def test_an_error_without_a_message_is_shown_by_its_name_alone():
     assert "(TimeoutError)" in _failed_frame(TimeoutError(), 2.0).plain  # not "(TimeoutError: )"
     assert "(TimeoutError: nats: timeout)" in _failed_frame(nats.errors.TimeoutError(), 2.0).plain
     assert "(ValueError: bad)" in _failed_frame(ValueError("bad"), 2.0).plain
+
+
+def test_a_batch_name_that_is_an_option_is_refused_before_anything_is_sent(tmp_path):
+    """A nightly-batch trial: `submit jobs.jsonl --batch $B --wait` with B empty took "--wait" as the
+    batch name and stored 20,000 jobs again under it (its follow-up command was
+    `results --batch --wait --wait`)."""
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"request": {"path": "/v1/chat/completions", "json": {}}}\n')
+    for argv in (["submit", str(jobs), "--batch", "--wait"], ["results", "--batch", "--wait"],
+                 ["cancel", "--batch", "--wait"], ["dlq", "list", "--batch", "--out"],
+                 ["dlq", "replay", "--batch", "--keep"]):
+        run = CliRunner().invoke(app, [*argv, "--nats", "nats://127.0.0.1:1"])
+        assert run.exit_code == 2, (argv, run.output)
+        assert "is an option, not a batch name: was a variable after --batch empty?" in run.output, argv
