@@ -10,7 +10,9 @@ ratefleet/runtime/cancels.py). Its JSON:
      "lines": 301,         # last line number of the file
      "gaps": [[1, 1], [7, 9]],  # line ranges with no numbered Result here (blank, invalid, own id);
                                 # null when there were too many to record
-     "updated_at": 1764400000.0}   # unix seconds; a "submitting" record is refreshed every few seconds
+     "updated_at": 1764400000.0,   # unix seconds; a "submitting" record is refreshed every few seconds
+     "replays": ["j1-r1a2b3c4d"]}  # jobs `ratefleet dlq replay` sent again for this batch (`results --wait`
+                                   # waits for their Results too); absent in records of earlier versions
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import BinaryIO
 
 import anyio
@@ -49,6 +51,7 @@ class BatchRecord:
     lines: int = 0
     gaps: list[list[int]] | None = None
     updated_at: float = 0.0
+    replays: list[str] = field(default_factory=list)
 
     def stale(self, now: float) -> bool:
         """True when a submit that was still running stopped refreshing its record (killed)."""
@@ -144,7 +147,22 @@ async def load_record(js: JetStreamContext, subjects: Subjects, batch: str) -> B
         return None
     if entry.value is None:
         return None
-    return BatchRecord(**json.loads(entry.value))
+    data = json.loads(entry.value)
+    known = {f.name for f in fields(BatchRecord)}
+    return BatchRecord(**{key: value for key, value in data.items() if key in known})  # (a later version's too)
+
+
+async def note_replays(js: JetStreamContext, subjects: Subjects, batch: str, job_ids: list[str]) -> bool:
+    """Add `job_ids` (jobs `dlq replay` just sent again for `batch`) to the batch's record, so a
+    `results --batch B --wait` waits for their Results instead of ending on the Results they
+    replace (a nightly-batch trial: it ended at once with 5,360 'failed' while the replays ran,
+    and told to replay again). False when the batch has no record (then there is nothing to wait by)."""
+    record = await load_record(js, subjects, batch)
+    if record is None:
+        return False
+    record.replays = [*record.replays, *job_ids]
+    await save_record(js, subjects, record)
+    return True
 
 
 class InputOrder:

@@ -8,13 +8,16 @@ import nats.js.errors
 from nats.js.api import DeliverPolicy
 from rich.table import Column, Table
 
+from ratefleet.batches import note_replays
 from ratefleet.cli_support import make_console
 from ratefleet.client import Client
+from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.store import publish_job
 from ratefleet.runtime.streams import delete_message
 from ratefleet.schemas.config_nats import NatsAuthConfig
 from ratefleet.schemas.job import new_job_id
 
+log = get_logger("ratefleet.dlq")
 NARROW = 120  # columns below which `dlq list` prints one block per letter instead of a table
 
 
@@ -124,6 +127,7 @@ async def replay_dead(url: str, prefix: str, tier: str | None, job_id: str | Non
 
     Returns (original job id, new job id) pairs in replay order."""
     replayed: list[tuple[str, str]] = []
+    by_batch: dict[str, list[str]] = {}  # batch -> the replays sent for it
     async with await Client.connect(url, prefix=prefix, auth=auth, reconnect_forever=False) as client:
         for seq, letter in await read_dead(client, tier, batch=batch, codes=codes):
             job = letter.get("job")
@@ -137,4 +141,12 @@ async def replay_dead(url: str, prefix: str, tier: str | None, job_id: str | Non
             if purge:
                 await delete_message(client.js, client.subjects.dead_stream, seq)
             replayed.append((original, job["id"]))
+            if job.get("batch"):
+                by_batch.setdefault(str(job["batch"]), []).append(job["id"])
+        for name, ids in by_batch.items():
+            try:
+                await note_replays(client.js, client.subjects, name, ids)
+            except Exception as exc:  # noqa: BLE001 - the replays are sent; only `results --wait` waits less
+                log.warning("could not note the replays in the batch's record; `results --wait` may end before "
+                            "their Results", batch=name, error=type(exc).__name__)
     return replayed

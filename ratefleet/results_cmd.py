@@ -125,8 +125,10 @@ class Collect:
 
     @property
     def complete(self) -> bool:
+        """Every line has a Result and every replay `dlq replay` noted in the record has its own."""
         record = self.record
-        return record is not None and record.state != "submitting" and self.count >= record.jobs
+        return (record is not None and record.state != "submitting" and self.count >= record.jobs
+                and all(job_id in self.replays.roots for job_id in record.replays))
 
 
 def results(batch: str = typer.Option(..., "--batch", "-b", metavar="NAME", callback=batch_value,
@@ -273,7 +275,13 @@ def _report(console: Console, run: Collect, out: Path | None, interrupted: bool,
         noun = "Result was" if run.superseded == 1 else "Results were"
         say(f"{run.superseded:,} {noun} replaced by a later `dlq replay` of the same line (counted once, "
             "the latest replay written in their place)")
-    if run.given_up:
+    pending = [job_id for job_id in (record.replays if record else []) if job_id not in run.replays.roots]
+    if pending:  # replayed and not back yet: replaying them again would pay twice
+        one = len(pending) == 1
+        say(f"{len(pending):,} {'job' if one else 'jobs'} of batch {run.batch} {'was' if one else 'were'} sent again "
+            f"by `ratefleet dlq replay` and {'has' if one else 'have'} no Result yet (still queued or running); "
+            f"wait for {'it' if one else 'them'} with: {shlex.join(again)}")
+    elif run.given_up:
         say(replay_hint(run.batch, len(run.given_up), connection_args(url, prefix, config_args)))
     if note := own_ids_note(run.order):
         say(note)

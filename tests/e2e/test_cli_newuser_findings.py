@@ -367,3 +367,49 @@ async def test_a_key_command_sent_during_a_failover_reaches_the_new_leader(nats_
     assert done[0].returncode == 0, done[0].stdout + done[0].stderr
     assert seen == [{"action": "disable", "key": "k1", "reason": "failover"}]  # sent to a listener once
     assert nobody.returncode == 1 and "within 1s" in nobody.stderr and "failover" in nobody.stderr, nobody.stderr
+
+
+@pytest.mark.anyio
+async def test_results_wait_after_a_replay_waits_for_the_replays_results(tmp_path, nats_server):
+    """A nightly-batch trial: after `dlq replay --batch B --given-up`, `results --batch B --wait`
+    ended at once on the Results the replays replace ("failed 5,360") and said to replay them
+    again, while the replays ran; 20 s later all had succeeded. `dlq replay` now notes its jobs
+    in the batch's record, and `--wait` waits for their Results too."""
+    from ratefleet.batches import load_record
+
+    original = line_job_id("night", 1, "line 1")
+    error = {"code": "attempts_exhausted", "message": "gave up after 5 attempts; last: HTTP 503"}
+    async with await Client.connect(nats_server.url) as client:
+        await ensure_topology(client.js, parse_config({}))
+        await store_result(client.js, client.subjects, Result(job_id=original, status="failed", batch="night",
+                                                              error=error, attempts=5))
+        await client.js.publish(client.subjects.dead("normal"), json.dumps(
+            {"job_id": original, "tier": "normal", "attempts": 5, "reason": error,
+             "job": chat_job(1, id=original, batch="night")}).encode())
+        await save_record(client.js, client.subjects,
+                          BatchRecord(batch="night", tier="normal", state="submitted", jobs=1, lines=1))
+        url = ["--nats", nats_server.url]
+        replayed = cli("dlq", "replay", "--batch", "night", "--given-up", *url)
+        assert replayed.returncode == 0, replayed.stderr
+        record = await load_record(client.js, client.subjects, "night")
+        assert record is not None and len(record.replays) == 1 and record.replays[0].startswith(original + "-r")
+        now = cli("results", "--batch", "night", *url)  # without --wait: what is stored, and what is coming
+        assert "1 job of batch night was sent again by `ratefleet dlq replay` and has no Result yet" in now.stderr
+        assert "run them again with" not in now.stderr, now.stderr  # before: told to replay them again
+        out = tmp_path / "out.jsonl"
+        waiting = subprocess.Popen([sys.executable, "-m", "ratefleet", "results", "--batch", "night", "--wait",
+                                    "--out", str(out), *url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            await anyio.sleep(4)
+            assert waiting.poll() is None, waiting.communicate()  # before: ended at once, "failed 1"
+            await store_result(client.js, client.subjects, Result(
+                job_id=record.replays[0], status="succeeded", batch="night", attempts=1,
+                metadata={"replay_of": original}))
+            _, err = waiting.communicate(timeout=60)
+        finally:
+            if waiting.poll() is None:
+                waiting.kill()
+    assert waiting.returncode == 0, err
+    assert "batch night: 1 of 1 results (succeeded 1)" in err, err
+    # (the original was written when read, before its replay came; the count has the line once)
+    assert [json.loads(line)["job_id"] for line in out.read_text().splitlines()] == [original, record.replays[0]]
