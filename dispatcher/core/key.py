@@ -141,6 +141,7 @@ class KeyState:
         self._sent: deque[float] = deque()  # dispatch times of the last SENT_WINDOW_S (`reserve` prunes)
         self.breaker = KeyBreaker(breaker, name=spec.id)
         self.cooldown_until = -math.inf
+        self._burst_held_at: float | None = None  # end of the last 429 cooldown, until a call after it (`_restart`)
         self.streak_429 = 0
         self.in_flight = 0
         self.health = KeyHealth(probe)
@@ -189,6 +190,8 @@ class KeyState:
 
     def reserve(self, now: float, cost: float) -> Marks:
         """Spend one request token and `cost` cost tokens, and count the call in flight."""
+        if self._burst_held_at is not None:
+            self._restart(now)
         self.in_flight += 1
         self._sent.append(now)
         while self._sent[0] <= now - SENT_WINDOW_S:  # only the window is measured, at any rate
@@ -256,20 +259,25 @@ class KeyState:
             self._resync(outcome.ratelimit, now)
         self._apply_rates(now)
         if throttled and self.cooldown_until > now:
-            self._no_burst_after_cooldown(now)
+            # the first call after this cooldown finds one token, not the refilled burst (`_restart`)
+            self._burst_held_at = max(self._burst_held_at or -math.inf, self.cooldown_until)
         return disabled
 
-    def _no_burst_after_cooldown(self, now: float) -> None:
-        """Hold the request bucket so that it holds one token when the cooldown ends, not what
-        it would have refilled to while the key stood still: after a key-scoped 429 the first
-        call tests whether the provider's limiter has room again, and the next follows it at
-        the key's (lowered) rate. TCP restarts from one segment after a retransmission timeout
-        the same way (RFC 5681 section 3.1). With the burst refilled, each cooldown ended in
-        `burst` calls within a millisecond, all refused again while the provider still counted
-        the key over its limit (a provider trial: two calls within 1 ms at each cooldown's end,
-        both answered 429)."""
-        wait = self.cooldown_until - now
-        self.requests.limit(now, 1.0 - wait * self.requests.rate)
+    def _restart(self, now: float) -> None:
+        """At the first reservation after a key-scoped 429's cooldown: the request bucket holds
+        one token as of the cooldown's end, not what it refilled to while the key stood still,
+        so the first call tests whether the provider's limiter has room again and the next
+        follows at the key's (lowered) rate. TCP restarts from one segment after a
+        retransmission timeout the same way (RFC 5681 section 3.1). With the burst refilled,
+        each cooldown ended in `burst` calls within a millisecond, all refused again (a provider
+        trial: two calls within 1 ms at each cooldown's end, both answered 429). Kept as the
+        time the hold applies, not as a debt in tokens: a debt taken at one rate lasted far
+        longer than the cooldown once the rate fell (a reviewer: 1,452 s for a 30 s cooldown
+        after an operator lowered rps)."""
+        held = self._burst_held_at
+        if held is not None and now >= held:
+            self._burst_held_at = None
+            self.requests.limit(held, 1.0)
 
     def _throttled(self, outcome: Outcome, now: float, fresh: bool, confirmed: bool) -> None:
         """A key-scoped 429: back off and slow down (fresh), or honour its wait (an echo).
@@ -407,8 +415,7 @@ class KeyState:
             "burst": round(self.requests.capacity, 2),
             "cost_per_minute": self.spec.cost_per_minute,
             "effective_cost_per_minute": None if self.cost_rate is None else round(self.cost_rate.rate * 60, 1),
-            # tokens available now: during a 429's cooldown the bucket is in debt (`_no_burst_after_cooldown`)
-            "tokens": round(max(0.0, self.requests.advance(now)), 2),
+            "tokens": round(self.requests.advance(now), 2),
             "cost_tokens": None if self.cost is None else round(self.cost.advance(now), 2),
             "in_flight": self.in_flight,
             "concurrency": self.spec.concurrency,

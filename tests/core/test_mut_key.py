@@ -527,8 +527,7 @@ def test_the_status_view_rounds_rates_levels_and_times_to_readable_precision():
     k.observe(Outcome("rate_limited", 429, retry_after_s=7 / 3), 0.0)
     assert k.snapshot(0.1) == {
         "pool": "p", "upstream": "u", "rps": 10 / 3, "cost_per_minute": 100 / 3, "concurrency": 3,
-        # halved by the 429; none available: the bucket holds one token at the cooldown's end (now 1 - 7/3 x 5/3 + 0.1 x 5/3)
-        "effective_rps": 1.667, "burst": 1.67, "tokens": 0.0,
+        "effective_rps": 1.667, "burst": 1.67, "tokens": 1.67,  # halved by the 429
         "effective_cost_per_minute": 33.3, "cost_tokens": 32.39,  # 100/3 - 1 + 0.1 s x 100/180
         "in_flight": 1, "breaker": "closed", "cooldown_s": 2.233, "throttled": True,
         "state": "enabled", "disabled_by": None, "disabled_for_s": None, "probe_in_s": None, "probe_in_flight": False,
@@ -626,3 +625,24 @@ def test_a_request_scoped_429_leaves_the_burst_alone():
     k = state(rps=10.0, burst=5.0)
     k.observe(Outcome("rate_limited", 429, scope="request"), 1.0, job_id="j1")
     assert k.cooldown_until == -math.inf and k.requests.advance(1.0) == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("lowered", ["headers", "reconfigure"])
+def test_a_rate_lowered_during_the_cooldown_does_not_stretch_it(lowered):
+    """A reviewer: held as a debt in tokens at the rate of the 429, the hold lasted far longer
+    than the cooldown once the rate fell during it (an echo's headers: ready at 125 s for a
+    cooldown ending at 51 s; an operator lowering rps to 0.1: 1,452 s for 30 s)."""
+    from ratefleet.dispatcher.core.reconfigure import relimit
+    k = state(rps=10.0, burst=5.0, adapt=AdaptPolicy())
+    throttle(k, 0.0, retry_after_s=30.0)
+    if lowered == "headers":
+        k.observe(Outcome("ok", 200, ratelimit=RateLimitInfo(limit_requests=60, remaining_requests=59,
+                                                             reset_requests_s=60.0)), 1.2, sent_at=-0.5)
+    else:
+        relimit(k, KeySpec(id="k1", pool="p", upstream="u", rps=0.1, burst=5.0), 1.0)
+    end = k.cooldown_until
+    assert end == pytest.approx(30.0)
+    assert k.ready_at(end, 1.0) == pytest.approx(end)  # ready when the cooldown ends
+    k.reserve(end, 1.0)
+    assert k.ready_at(end, 1.0) == pytest.approx(end + 1.0 / k.requests.rate)  # one call, then the rate
+

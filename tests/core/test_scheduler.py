@@ -124,8 +124,8 @@ def test_snapshot_shape():
         "pool": "p", "upstream": "u", "rps": 1, "effective_rps": 0.5, "burst": 2.5, "cost_per_minute": 60,
         "effective_cost_per_minute": 60.0,
         # the 429 halved the effective rate (1 call in 2 s is too few to measure a rate sent):
-        # 0.5 req/s, burst 5 x 0.5; the bucket holds one token when the 2 s cooldown ends: 1 - 2 x 0.5
-        "tokens": 0.0, "cost_tokens": 59.1, "in_flight": 0,
+        # 0.5 req/s, burst 5 x 0.5
+        "tokens": 2.5, "cost_tokens": 59.1, "in_flight": 0,
         "concurrency": 4, "breaker": "closed", "cooldown_s": 2.0, "throttled": True, "disabled": False,
         "disabled_reason": None, "calls": 1, "ok": 0, "rate_limited": 1, "errors": 0,
         "state": "enabled", "disabled_by": None, "disabled_for_s": None, "probe_in_s": None, "probe_in_flight": False,
