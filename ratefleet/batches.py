@@ -10,9 +10,12 @@ ratefleet/runtime/cancels.py). Its JSON:
      "lines": 301,         # last line number of the file
      "gaps": [[1, 1], [7, 9]],  # line ranges with no numbered Result here (blank, invalid, own id);
                                 # null when there were too many to record
-     "updated_at": 1764400000.0,   # unix seconds; a "submitting" record is refreshed every few seconds
-     "replays": ["j1-r1a2b3c4d"]}  # jobs `ratefleet dlq replay` sent again for this batch (`results --wait`
-                                   # waits for their Results too); absent in records of earlier versions
+     "updated_at": 1764400000.0}   # unix seconds; a "submitting" record is refreshed every few seconds
+
+Beside it, key `replays.<batch>` holds how many jobs `ratefleet dlq replay` sent again for the
+batch (a decimal count, raised by compare-and-set), so `results --wait` waits for their Results
+too: a key of its own, so a resumed submit rewriting the record keeps it, an older ratefleet
+reading the record is not met with a field it does not know, and it stays a few bytes.
 """
 
 from __future__ import annotations
@@ -24,12 +27,12 @@ import os
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import BinaryIO
 
 import anyio
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 
 from ratefleet.batchfile import line_of
 from ratefleet.phases import STALL_HINT
@@ -51,7 +54,6 @@ class BatchRecord:
     lines: int = 0
     gaps: list[list[int]] | None = None
     updated_at: float = 0.0
-    replays: list[str] = field(default_factory=list)
 
     def stale(self, now: float) -> bool:
         """True when a submit that was still running stopped refreshing its record (killed)."""
@@ -152,17 +154,49 @@ async def load_record(js: JetStreamContext, subjects: Subjects, batch: str) -> B
     return BatchRecord(**{key: value for key, value in data.items() if key in known})  # (a later version's too)
 
 
-async def note_replays(js: JetStreamContext, subjects: Subjects, batch: str, job_ids: list[str]) -> bool:
-    """Add `job_ids` (jobs `dlq replay` just sent again for `batch`) to the batch's record, so a
-    `results --batch B --wait` waits for their Results instead of ending on the Results they
-    replace (a nightly-batch trial: it ended at once with 5,360 'failed' while the replays ran,
-    and told to replay again). False when the batch has no record (then there is nothing to wait by)."""
-    record = await load_record(js, subjects, batch)
-    if record is None:
+REPLAYS_PREFIX = "replays."  # key of a batch's replay count (batch names are tokens: no dots)
+
+
+async def note_replays(js: JetStreamContext, subjects: Subjects, batch: str, count: int) -> bool:
+    """Add `count` (jobs `dlq replay` just sent again for `batch`) to the batch's replay count
+    (module docstring), so `results --batch B --wait` waits for their Results instead of ending
+    on the Results they replace (a nightly-batch trial: it ended at once with 5,360 'failed'
+    while the replays ran, and told to replay them again). Compare-and-set, so two replays at
+    once both count. False when the batch has no record (nothing to wait by). Raises what
+    nats-py raises when NATS refuses it."""
+    if await load_record(js, subjects, batch) is None:
         return False
-    record.replays = [*record.replays, *job_ids]
-    await save_record(js, subjects, record)
-    return True
+    kv = await open_batches_bucket(js, subjects, create=True)
+    key = REPLAYS_PREFIX + batch
+    for _ in range(20):
+        try:
+            entry = await kv.get(key)
+        except (KeyNotFoundError, NotFoundError):
+            entry = None
+        try:
+            if entry is None or entry.value is None:
+                await kv.create(key, str(count).encode())
+            else:
+                await kv.update(key, str(int(entry.value) + count).encode(), last=entry.revision)
+            return True
+        except (KeyWrongLastSequenceError, BadRequestError):  # another replay counted meanwhile: read again
+            continue
+    raise RuntimeError(f"the replay count of batch {batch} kept changing; run `ratefleet results --wait` later")
+
+
+async def replays_sent(js: JetStreamContext, subjects: Subjects, batch: str) -> int:
+    """How many jobs `dlq replay` sent again for `batch` (0: none, or no bucket)."""
+    kv = await open_batches_bucket(js, subjects, create=False)
+    if kv is None:
+        return 0
+    try:
+        entry = await kv.get(REPLAYS_PREFIX + batch)
+    except (KeyNotFoundError, NotFoundError):
+        return 0
+    try:
+        return int(entry.value or b"0")
+    except ValueError:
+        return 0
 
 
 class InputOrder:

@@ -127,7 +127,7 @@ async def replay_dead(url: str, prefix: str, tier: str | None, job_id: str | Non
 
     Returns (original job id, new job id) pairs in replay order."""
     replayed: list[tuple[str, str]] = []
-    by_batch: dict[str, list[str]] = {}  # batch -> the replays sent for it
+    by_batch: dict[str, int] = {}  # batch -> replays sent for it
     async with await Client.connect(url, prefix=prefix, auth=auth, reconnect_forever=False) as client:
         for seq, letter in await read_dead(client, tier, batch=batch, codes=codes):
             job = letter.get("job")
@@ -142,11 +142,11 @@ async def replay_dead(url: str, prefix: str, tier: str | None, job_id: str | Non
                 await delete_message(client.js, client.subjects.dead_stream, seq)
             replayed.append((original, job["id"]))
             if job.get("batch"):
-                by_batch.setdefault(str(job["batch"]), []).append(job["id"])
-        for name, ids in by_batch.items():
+                by_batch[str(job["batch"])] = by_batch.get(str(job["batch"]), 0) + 1
+        for name, count in by_batch.items():
             try:
-                await note_replays(client.js, client.subjects, name, ids)
+                await note_replays(client.js, client.subjects, name, count)
             except Exception as exc:  # noqa: BLE001 - the replays are sent; only `results --wait` waits less
-                log.warning("could not note the replays in the batch's record; `results --wait` may end before "
+                log.warning("could not count the replays of the batch; `results --wait` may end before "
                             "their Results", batch=name, error=type(exc).__name__)
     return replayed

@@ -39,6 +39,7 @@ from ratefleet.batches import (
     own_ids_note,
     queue_lost,
     queue_mark,
+    replays_sent,
     waiting_hint,
 )
 from ratefleet.cli_support import batch_value, client_target, connection_args, fail, make_console, require_out_path, run_async
@@ -80,6 +81,7 @@ class Collect:
     swap: dict[str, Result] = field(default_factory=dict)      # held for --order input: original -> replay
     superseded: int = 0      # Results replaced by a later replay of the same line
     given_up: dict[str, bool] = field(default_factory=dict)  # root id -> its Result has a GAVE_UP code
+    replays_sent: int = 0    # jobs `dlq replay` sent again for the batch (batches.replays_sent)
 
     async def take(self, client: Client, result: Result) -> None:
         """Count and write one stored Result; a replay stands in for the Result it replays."""
@@ -125,10 +127,10 @@ class Collect:
 
     @property
     def complete(self) -> bool:
-        """Every line has a Result and every replay `dlq replay` noted in the record has its own."""
+        """Every line has a Result, and every replay `dlq replay` counted for the batch its own."""
         record = self.record
         return (record is not None and record.state != "submitting" and self.count >= record.jobs
-                and all(job_id in self.replays.roots for job_id in record.replays))
+                and len(self.replays.roots) >= self.replays_sent)
 
 
 def results(batch: str = typer.Option(..., "--batch", "-b", metavar="NAME", callback=batch_value,
@@ -194,10 +196,11 @@ async def _collect_batch(console: Console, batch: str, wait: bool, out: Path | N
                           "expired), so --wait cannot know when it is complete; without --wait you get what is "
                           "stored", markup=False, highlight=False, soft_wrap=True)
             return 2
+        sent = await replays_sent(client.js, client.subjects, batch)  # (before the scan: a replay counted is seen)
         replays = await scan_replays(client, batch)
         sink = out.open("w", encoding="utf-8") if out else sys.stdout
         run = Collect(batch, sink, InputOrder(record.gaps if record else None) if by_input else None, record, wait,
-                      replays=replays, out_format=out_format)
+                      replays=replays, out_format=out_format, replays_sent=sent)
         if wait:
             run.stored_before = await count_results(client, batch)
         interrupted = False
@@ -248,6 +251,7 @@ async def _watch_record(client: Client, run: Collect, scope: anyio.CancelScope) 
         record = await load_record(client.js, client.subjects, run.batch)
         if record is not None:
             run.record = record
+        run.replays_sent = max(run.replays_sent, await replays_sent(client.js, client.subjects, run.batch))
         if run.complete or (run.record is not None and run.record.stale(time.time())):
             run.stale = not run.complete
             scope.cancel()
@@ -275,10 +279,10 @@ def _report(console: Console, run: Collect, out: Path | None, interrupted: bool,
         noun = "Result was" if run.superseded == 1 else "Results were"
         say(f"{run.superseded:,} {noun} replaced by a later `dlq replay` of the same line (counted once, "
             "the latest replay written in their place)")
-    pending = [job_id for job_id in (record.replays if record else []) if job_id not in run.replays.roots]
-    if pending:  # replayed and not back yet: replaying them again would pay twice
-        one = len(pending) == 1
-        say(f"{len(pending):,} {'job' if one else 'jobs'} of batch {run.batch} {'was' if one else 'were'} sent again "
+    pending = run.replays_sent - len(run.replays.roots)
+    if pending > 0:  # replayed and not back yet: replaying them again would pay twice
+        one = pending == 1
+        say(f"{pending:,} {'job' if one else 'jobs'} of batch {run.batch} {'was' if one else 'were'} sent again "
             f"by `ratefleet dlq replay` and {'has' if one else 'have'} no Result yet (still queued or running); "
             f"wait for {'it' if one else 'them'} with: {shlex.join(again)}")
     elif run.given_up:

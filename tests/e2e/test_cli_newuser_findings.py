@@ -58,6 +58,17 @@ async def _stored_jobs(url: str) -> int:
         return (await client.js.stream_info("RATEFLEET_JOBS")).state.messages
 
 
+async def _queued_job_ids(url: str) -> list[str]:
+    """The ids of the jobs RATEFLEET_JOBS holds now (read by stream sequence, nothing consumed)."""
+    async with await Client.connect(url) as client:
+        state = (await client.js.stream_info("RATEFLEET_JOBS")).state
+        ids = []
+        for seq in range(state.first_seq, state.last_seq + 1):
+            msg = await client.js.get_msg("RATEFLEET_JOBS", seq)
+            ids.append(json.loads(msg.data)["id"])
+        return ids
+
+
 async def _store_replayed_batch(url: str, batch: str, lines: int) -> list[str]:
     """A batch of `lines` lines whose every line failed, then was replayed and succeeded (line 2
     was replayed twice: the first replay failed too). Returns the original ids in line order."""
@@ -375,7 +386,7 @@ async def test_results_wait_after_a_replay_waits_for_the_replays_results(tmp_pat
     ended at once on the Results the replays replace ("failed 5,360") and said to replay them
     again, while the replays ran; 20 s later all had succeeded. `dlq replay` now notes its jobs
     in the batch's record, and `--wait` waits for their Results too."""
-    from ratefleet.batches import load_record
+    from ratefleet.batches import replays_sent
 
     original = line_job_id("night", 1, "line 1")
     error = {"code": "attempts_exhausted", "message": "gave up after 5 attempts; last: HTTP 503"}
@@ -391,8 +402,12 @@ async def test_results_wait_after_a_replay_waits_for_the_replays_results(tmp_pat
         url = ["--nats", nats_server.url]
         replayed = cli("dlq", "replay", "--batch", "night", "--given-up", *url)
         assert replayed.returncode == 0, replayed.stderr
-        record = await load_record(client.js, client.subjects, "night")
-        assert record is not None and len(record.replays) == 1 and record.replays[0].startswith(original + "-r")
+        assert await replays_sent(client.js, client.subjects, "night") == 1
+        # a resumed submit rewriting the record keeps the count (a reviewer: a field of the record was lost)
+        await save_record(client.js, client.subjects,
+                          BatchRecord(batch="night", tier="normal", state="submitted", jobs=1, lines=1))
+        replay_id = (await _queued_job_ids(nats_server.url))[0]
+        assert replay_id.startswith(original + "-r")
         now = cli("results", "--batch", "night", *url)  # without --wait: what is stored, and what is coming
         assert "1 job of batch night was sent again by `ratefleet dlq replay` and has no Result yet" in now.stderr
         assert "run them again with" not in now.stderr, now.stderr  # before: told to replay them again
@@ -403,7 +418,7 @@ async def test_results_wait_after_a_replay_waits_for_the_replays_results(tmp_pat
             await anyio.sleep(4)
             assert waiting.poll() is None, waiting.communicate()  # before: ended at once, "failed 1"
             await store_result(client.js, client.subjects, Result(
-                job_id=record.replays[0], status="succeeded", batch="night", attempts=1,
+                job_id=replay_id, status="succeeded", batch="night", attempts=1,
                 metadata={"replay_of": original}))
             _, err = waiting.communicate(timeout=60)
         finally:
@@ -412,4 +427,26 @@ async def test_results_wait_after_a_replay_waits_for_the_replays_results(tmp_pat
     assert waiting.returncode == 0, err
     assert "batch night: 1 of 1 results (succeeded 1)" in err, err
     # (the original was written when read, before its replay came; the count has the line once)
-    assert [json.loads(line)["job_id"] for line in out.read_text().splitlines()] == [original, record.replays[0]]
+    assert [json.loads(line)["job_id"] for line in out.read_text().splitlines()] == [original, replay_id]
+
+
+@pytest.mark.anyio
+async def test_replays_counted_at_once_all_count_and_the_record_keeps_its_old_shape(nats_server):
+    """A reviewer: replay ids kept in the record were lost by two replays at once (read, then
+    written) and by a resumed submit rewriting it, grew past NATS' payload limit, and the new
+    field made an older ratefleet's `BatchRecord(**json)` fail on every record."""
+    import asyncio
+
+    from ratefleet.batches import note_replays, replays_sent
+    from ratefleet.runtime.cancels import open_batches_bucket
+
+    async with await Client.connect(nats_server.url) as client:
+        await ensure_topology(client.js, parse_config({}))
+        record = BatchRecord(batch="night", tier="normal", state="submitted", jobs=3, lines=3)
+        await save_record(client.js, client.subjects, record)
+        assert not await note_replays(client.js, client.subjects, "no-record", 5)
+        await asyncio.gather(*(note_replays(client.js, client.subjects, "night", 1000) for _ in range(10)))
+        assert await replays_sent(client.js, client.subjects, "night") == 10_000
+        kv = await open_batches_bucket(client.js, client.subjects, create=False)
+        stored = json.loads((await kv.get("night")).value)
+        assert set(stored) == {"batch", "tier", "state", "jobs", "lines", "gaps", "updated_at"}  # as c0f8010 reads it
