@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,7 +211,7 @@ def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatc
                          count=hangups_total)
                 hangups = 0
             if embedded is not None and not stopping:
-                nats_restarts = _keep_nats_up(embedded, nats_restarts)
+                nats_restarts = _keep_nats_up(embedded, nats_restarts, lambda: stopping)
             for child in children:
                 if child.process and child.process.poll() is not None and not stopping:
                     log.warning("child exited; restarting", role=child.role, code=child.process.returncode)
@@ -233,18 +234,19 @@ def _restart_pause(restarts: int) -> float:
     return min(5.0, 0.5 * 2 ** min(restarts, 4))
 
 
-def _keep_nats_up(embedded: EmbeddedNats, restarts: int) -> int:
+def _keep_nats_up(embedded: EmbeddedNats, restarts: int, stopping: Callable[[], bool] = lambda: False) -> int:
     """Start the embedded nats-server again when it has exited (killed, crashed), on its port
     and store, so the fleet's processes reconnect and carry on; returns the restart count (a
     failed start is tried again on the next call, after a growing pause). Before, a killed
-    server stayed down while `up` ran on: every process waited, and the gateway answered 503."""
+    server stayed down while `up` ran on: every process waited, and the gateway answered 503.
+    `stopping()` true (`up` told to stop) ends a start still waiting for the server."""
     if embedded.process is None or embedded.process.poll() is None:
         return restarts
     log.warning("embedded nats-server exited; restarting it on its port and store", code=embedded.process.returncode,
                 url=embedded.url)
     time.sleep(_restart_pause(restarts))
     try:
-        embedded.start()
+        embedded.start(interrupted=stopping)
         log.info("embedded nats-server restarted", url=embedded.url)
     except NatsUnavailable as exc:
         log.error("embedded nats-server did not start again; trying again", error=str(exc))

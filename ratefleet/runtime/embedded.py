@@ -61,11 +61,14 @@ class EmbeddedNats:
     process: subprocess.Popen | None = field(default=None, init=False)
     url: str = field(default="", init=False)
 
-    def start(self, timeout: float = 10.0, recovering_timeout: float = RECOVERING_TIMEOUT_S) -> EmbeddedNats:
+    def start(self, timeout: float = 10.0, recovering_timeout: float = RECOVERING_TIMEOUT_S,
+              interrupted: Callable[[], bool] = lambda: False) -> EmbeddedNats:
         """Start the server and wait until it accepts connections: `timeout` seconds, or, while a
         JetStream store already in `store_dir` is being recovered (its messages read back before
         the server listens), as long as the process lives, up to `recovering_timeout`; a log line
-        says so once `timeout` has passed. Raises NatsUnavailable when it exits or takes longer.
+        says so once `timeout` has passed. `interrupted()` true ends the wait at once (the
+        server is stopped: `up` told to stop while restarting it). Raises NatsUnavailable when it
+        exits, takes longer, or the wait is interrupted.
         (A nightly-batch trial: after a SIGKILL, a 319 MB store took longer than the fixed 10 s,
         and `up` stopped the server mid-recovery and failed.)"""
         self.store_dir.mkdir(parents=True, exist_ok=True)
@@ -81,18 +84,22 @@ class EmbeddedNats:
         log.close()
         store_bytes = _size_of(self.store_dir / "js")
         self.url = self._wait_for_url(ports_dir, timeout, max(timeout, recovering_timeout) if store_bytes else timeout,
-                                      store_bytes)
+                                      store_bytes, interrupted)
         return self
 
-    def _wait_for_url(self, ports_dir: Path, timeout: float, longest: float = 0.0, store_bytes: int = 0) -> str:
+    def _wait_for_url(self, ports_dir: Path, timeout: float, longest: float = 0.0, store_bytes: int = 0,
+                      interrupted: Callable[[], bool] = lambda: False) -> str:
         started = time.monotonic()
         deadline = started + max(timeout, longest)
         said = False
         while time.monotonic() < deadline:
+            if interrupted():
+                self.stop()
+                raise NatsUnavailable("stopped while nats-server was starting")
             if not said and time.monotonic() - started > timeout:
                 said = True
                 get_logger("ratefleet.embedded").warning(
-                    "nats-server is still starting: recovering its JetStream store; waiting",
+                    "nats-server is still starting (it has a JetStream store to recover); waiting",
                     store_mb=round(store_bytes / 1e6), waiting_up_to_s=round(deadline - started),
                     log=str(self.store_dir / "nats-server.log"))
             if self.process and self.process.poll() is not None:
@@ -108,9 +115,10 @@ class EmbeddedNats:
                     return nats_urls[0]
             time.sleep(0.02)
         self.stop()
-        waited = round(deadline - started)
-        raise NatsUnavailable(f"nats-server did not start within {waited}s; see {self.store_dir}/nats-server.log"
-                              + (" (it was recovering its store: start again to give it longer)" if store_bytes else ""))
+        waited = deadline - started
+        raise NatsUnavailable(f"nats-server did not start within {waited:.1f}s; see {self.store_dir}/nats-server.log"
+                              + (f" (it had a JetStream store of {store_bytes / 1e6:.0f} MB to recover)"
+                                 if store_bytes else ""))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:

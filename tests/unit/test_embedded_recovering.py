@@ -40,9 +40,23 @@ def test_a_server_recovering_its_store_is_waited_for_past_the_timeout(tmp_path, 
 
 def test_without_a_store_the_timeout_stands_and_with_one_the_longer_wait_ends_too(tmp_path, monkeypatch):
     monkeypatch.setattr(embedded, "nats_server_binary", lambda: slow_binary(tmp_path, 5.0))
-    with pytest.raises(NatsUnavailable, match=r"did not start within 0s; see .*nats-server.log$"):
+    with pytest.raises(NatsUnavailable, match=r"did not start within 0.5s; see .*nats-server.log$"):
         EmbeddedNats(tmp_path / "fresh").start(timeout=0.5)
     (tmp_path / "kept" / "js").mkdir(parents=True)
     (tmp_path / "kept" / "js" / "kept.blk").write_bytes(b"x")
-    with pytest.raises(NatsUnavailable, match="it was recovering its store: start again to give it longer"):
+    with pytest.raises(NatsUnavailable, match=r"within 1.0s; .*\(it had a JetStream store of 0 MB to recover\)"):
         EmbeddedNats(tmp_path / "kept").start(timeout=0.5, recovering_timeout=1.0)
+
+
+def test_a_wait_told_to_stop_ends_at_once_and_stops_the_server(tmp_path, monkeypatch):
+    """A reviewer: `up` told to stop (SIGTERM, Ctrl-C) while restarting a nats-server with a
+    store waited out the whole recovery wait (600 s) before stopping."""
+    monkeypatch.setattr(embedded, "nats_server_binary", lambda: slow_binary(tmp_path, 30.0))
+    (tmp_path / "kept" / "js").mkdir(parents=True)
+    (tmp_path / "kept" / "js" / "kept.blk").write_bytes(b"x")
+    asked = time.monotonic() + 1.0
+    server = EmbeddedNats(tmp_path / "kept")
+    with pytest.raises(NatsUnavailable, match="stopped while nats-server was starting"):
+        server.start(timeout=0.5, interrupted=lambda: time.monotonic() > asked)
+    assert time.monotonic() - asked < 5.0 and server.process.poll() is not None
+
