@@ -415,6 +415,11 @@ def _progress_deadline(deadline: anyio.CancelScope, idle_s: float, relay: ChunkS
 
 
 _STREAM_RATE_LIMITED = frozenset({"rate_limit_error", "rate_limit_exceeded"})  # Anthropic's, OpenAI's
+# codes and types saying the request itself is wrong (OpenAI's and Anthropic's `invalid_request_error`
+# type, OpenAI's codes for it): such an error in a 2xx body is a bad request, as its 400 would be, not an
+# upstream error retried on every key and counted against their breakers (a reviewer)
+_REQUEST_ERRORS = frozenset({"invalid_request_error", "context_length_exceeded", "string_above_max_length",
+                             "invalid_value", "invalid_prompt", "invalid_type", "bad_request", "validation_error"})
 
 
 def _stream_failed(info: ResponseInfo, failure: dict[str, Any], received: dict[str, str], cost: float | None,
@@ -426,7 +431,10 @@ def _stream_failed(info: ResponseInfo, failure: dict[str, Any], received: dict[s
     overloaded_error, a server error: a breaker failure, retried by policy). Before, such an answer
     was stored `succeeded` with the answer cut off, or with no answer at all (provider trials)."""
     code = provider_code(failure)
-    if code in KEY_SCOPED_CODES and streamed:
+    error = failure.get("error") if isinstance(failure.get("error"), dict) else {}
+    if not streamed and (code in _REQUEST_ERRORS or error.get("type") in _REQUEST_ERRORS):
+        kind = OutcomeKind.BAD_REQUEST
+    elif code in KEY_SCOPED_CODES and streamed:
         # (not from a 2xx body that is only an error: an upstream echoing its request would let a
         # job word the error that takes the key out; such a body is an upstream error, retried)
         kind = OutcomeKind.KEY_ERROR

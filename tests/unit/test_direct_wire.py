@@ -401,6 +401,11 @@ def _json200(body: bytes) -> bytes:
     (b'{"error_code":18,"error_msg":"Open api qps request limit reached","log_id":"123"}', "upstream_error", "18"),
     (b'{"error":{"type":"rate_limit_error","code":"rate_limit_exceeded","message":"slow down, try again in 2s"},'
      b'"model":"m","created":1}', "rate_limited", "rate_limit_exceeded"),
+    # a request's own error wrapped in a 200 is a bad request (no retry, no breaker), as its 400 would be
+    (b'{"error":{"message":"This model\'s maximum context length is 8192 tokens","type":"invalid_request_error",'
+     b'"code":"context_length_exceeded"}}', "bad_request", "context_length_exceeded"),
+    (b'{"type":"error","error":{"type":"invalid_request_error","message":"max_tokens: too large"}}', "bad_request",
+     "invalid_request_error"),
     # answers that are not only an error stand
     (b'{"choices":[{"message":{"content":"hi"}}],"error":{"message":"a partial warning"}}', "ok", None),
     (b'{"error":null,"data":[1]}', "ok", None),
