@@ -112,14 +112,17 @@ def _event_data(raw: bytes) -> list[bytes]:
 
 STREAM_ERROR_EVENTS = 3  # the last events with data (pings aside) a stream's error is looked for in
 # a stream that began with one of these and holds none of its ends was cut off (marker -> its ends)
+# the end of an OpenAI (Chat) Completions stream: a `data: [DONE]` line (spaces around [DONE] and any of
+# the SSE line ends, CRLF, LF or CR, as the openai SDK reads it) or a choice's finish_reason given
+_OPENAI_END = re.compile(rb'(?:^|[\r\n])data:[ \t]*\[DONE\][ \t]*(?:[\r\n]|$)|"finish_reason"\s*:\s*"')
 # (a marker every stream of the kind has near its start, what only its proper end has)
 _CUT_OFF = ((b'"message_start"', re.compile(rb'"message_stop"')),  # Anthropic Messages
             (b'"response.created"', re.compile(rb'"response\.(?:completed|incomplete|failed)"')),  # Responses API
             # OpenAI Chat Completions and legacy Completions chunks: the `data: [DONE]` line, or a choice's
             # `finish_reason` given (a server that leaves out [DONE] still ends its last choice with one);
             # inside the model's text both are escaped JSON, never a line of their own or a bare quote
-            (b'"chat.completion.chunk"', re.compile(rb'(?m)^data: ?\[DONE\]\r?$|"finish_reason" ?: ?"')),
-            (b'"text_completion"', re.compile(rb'(?m)^data: ?\[DONE\]\r?$|"finish_reason" ?: ?"')))
+            (b'"chat.completion.chunk"', _OPENAI_END),
+            (b'"text_completion"', _OPENAI_END))
 
 
 def stream_error(raw: bytes) -> dict[str, Any] | None:

@@ -220,7 +220,11 @@ class Scheduler(KeyAdmin, Reconfigure):
         denied = self._denials.denied_keys(job.job_id)
         lacking = self._lacking.get(job.model) if job.model is not None and self._lacking else None
         if lacking:
-            denied = denied | {key_id for key_id, until in lacking.items() if until > now}
+            avoided = denied | {key_id for key_id, until in lacking.items() if until > now}
+            if any(k.spec.id not in avoided and k.health.could_serve(now) for k in chain.keys()):
+                return avoided
+            # every other key is known to lack the model: still never the keys that refused this job
+            # (a reviewer: with both keys of a pool lacking it, the job went back to a key that refused it)
         if denied and any(k.spec.id not in denied and k.health.could_serve(now) for k in chain.keys()):
             return denied
         return frozenset()

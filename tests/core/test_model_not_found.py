@@ -198,3 +198,26 @@ def test_a_403_the_request_earned_lifts_the_routing_of_its_model():
     assert ended["bad"][0] == "denied" and sum(calls.values()) == 2
     done, used = run(s, [f"g{i}" for i in range(6)], lambda k, _: OK, now=1.0, model="claude-opus")
     assert used["k1"] > 0
+
+
+def test_a_job_is_never_sent_back_to_a_key_that_refused_it_when_every_key_lacks_its_model():
+    """A reviewer: two 403s at once (one key refusing the model, the other a bad request) put both
+    keys of a pool on the model's lack list; the lack routing then gave up, and with it the job's
+    own refusals: the bad job went back to the key that had refused it."""
+    s = make(pool("p", key("k1", rps=1000, burst=100), key("k2", rps=1000, burst=100)),
+             probe=ProbePolicy(base_s=60.0, max_s=3600.0))
+    s.add(job(job_id="bad", model="opus"), 0.0)  # first: to k1, the key idle keys tie to
+    s.add(job(job_id="good", model="opus"), 0.0)
+    first, second = s.next(0.0), s.next(0.0)
+    assert isinstance(first, Dispatch) and isinstance(second, Dispatch)
+    by_job = {first.job.job_id: first, second.job.job_id: second}
+    assert {by_job["good"].key_id, by_job["bad"].key_id} == {"k1", "k2"}
+    refused_bad = by_job["bad"].key_id
+    for d in (first, second):  # both refused: good by a key without opus, bad by the other key
+        s.complete(d.reservation, Outcome("denied", 403), 0.1)
+    s.add(job(job_id="bad", model="opus"), 0.2)
+    again = s.next(0.2)
+    assert isinstance(again, Dispatch) and again.job.job_id in ("bad", "good")
+    if again.job.job_id != "bad":
+        again = s.next(0.2)
+    assert isinstance(again, Dispatch) and again.key_id != refused_bad

@@ -342,6 +342,12 @@ def _sse(body: bytes) -> bytes:
     (CHAT_CHUNKS.replace(b"chat.completion.chunk", b"text_completion"), "upstream_error", "stream_cut_off"),
     (CHAT_CHUNKS + b"data: [DONE]\n\n", "ok", None),
     (CHAT_CHUNKS.replace(b"\n\n", b"\r\n\r\n") + b"data:[DONE]\r\n\r\n", "ok", None),
+    # a review: other spellings of the same end (each was cut off, retried and paid again)
+    (CHAT_CHUNKS + b"data: [DONE] \n\n", "ok", None),
+    (CHAT_CHUNKS + b"data:  [DONE]\n\n", "ok", None),
+    (CHAT_CHUNKS.replace(b"\n\n", b"\r\r") + b"data: [DONE]\r\r", "ok", None),
+    (CHAT_CHUNKS + b"data: [DONE]", "ok", None),
+    (CHAT_CHUNKS.replace(b'"finish_reason":null}]}\n\n', b'"finish_reason":\t"stop"}]}\n\n', 1), "ok", None),
     (CHAT_CHUNKS + CHAT_CHUNKS.split(b"\n\n")[0].replace(b'"finish_reason":null', b'"finish_reason": "stop"')
      + b"\n\n", "ok", None),  # a server that leaves out [DONE]: its last choice still ends
     (CHAT_CHUNKS.replace(b'"Hello"', b'"data: [DONE] and \\"finish_reason\\": \\"stop\\""'),
