@@ -90,7 +90,8 @@ async def test_a_client_reconnects_through_a_server_that_answers_before_it_speak
                 starting.close()
                 await starting.wait_closed()
                 server.start()
-                with anyio.fail_after(20):  # before: never reconnected
+                await until(lambda c=client: c.nc.is_connected, 30, what="reconnected")  # before: never
+                with anyio.fail_after(30):
                     assert await client.submit(JOB, "guest")
     finally:
         server.stop()
