@@ -58,6 +58,15 @@ async def _stored_jobs(url: str) -> int:
         return (await client.js.stream_info("RATEFLEET_JOBS")).state.messages
 
 
+async def _failed_and_lettered(client: Client, job_id: str, error: dict, attempts: int, n: int) -> None:
+    """Job `job_id` of batch night (chat_job `n`) stored failed with `error`, and its dead letter."""
+    await store_result(client.js, client.subjects, Result(job_id=job_id, status="failed", batch="night",
+                                                          error=error, attempts=attempts))
+    await client.js.publish(client.subjects.dead("normal"), json.dumps(
+        {"job_id": job_id, "tier": "normal", "attempts": attempts, "reason": error,
+         "job": chat_job(n, id=job_id, batch="night")}).encode())
+
+
 async def _queued_job_ids(url: str) -> list[str]:
     """The ids of the jobs RATEFLEET_JOBS holds now (read by stream sequence, nothing consumed)."""
     async with await Client.connect(url) as client:
@@ -311,11 +320,7 @@ async def test_jobs_the_fleet_gave_up_on_are_named_with_the_replay_of_their_batc
         # `dlq replay --batch night` alone would have paid for it again beside the two counted
         stored_not = line_job_id("night", 4, "y")
         error = {"code": "result_not_stored", "message": "NATS refused the answer"}
-        await store_result(client.js, client.subjects, Result(job_id=stored_not, status="failed", batch="night",
-                                                              error=error))
-        await client.js.publish(client.subjects.dead("normal"), json.dumps(
-            {"job_id": stored_not, "tier": "normal", "attempts": 1, "reason": error,
-             "job": chat_job(4, id=stored_not, batch="night")}).encode())
+        await _failed_and_lettered(client, stored_not, error, 1, 4)
         await save_record(client.js, client.subjects,
                           BatchRecord(batch="night", tier="normal", state="submitted", jobs=4, lines=4))
     url = ["--nats", nats_server.url]
@@ -392,11 +397,7 @@ async def test_results_wait_after_a_replay_waits_for_the_replays_results(tmp_pat
     error = {"code": "attempts_exhausted", "message": "gave up after 5 attempts; last: HTTP 503"}
     async with await Client.connect(nats_server.url) as client:
         await ensure_topology(client.js, parse_config({}))
-        await store_result(client.js, client.subjects, Result(job_id=original, status="failed", batch="night",
-                                                              error=error, attempts=5))
-        await client.js.publish(client.subjects.dead("normal"), json.dumps(
-            {"job_id": original, "tier": "normal", "attempts": 5, "reason": error,
-             "job": chat_job(1, id=original, batch="night")}).encode())
+        await _failed_and_lettered(client, original, error, 5, 1)
         await save_record(client.js, client.subjects,
                           BatchRecord(batch="night", tier="normal", state="submitted", jobs=1, lines=1))
         url = ["--nats", nats_server.url]
