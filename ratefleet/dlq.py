@@ -129,24 +129,26 @@ async def replay_dead(url: str, prefix: str, tier: str | None, job_id: str | Non
     replayed: list[tuple[str, str]] = []
     by_batch: dict[str, int] = {}  # batch -> replays sent for it
     async with await Client.connect(url, prefix=prefix, auth=auth, reconnect_forever=False) as client:
-        for seq, letter in await read_dead(client, tier, batch=batch, codes=codes):
-            job = letter.get("job")
-            if not job or (job_id and letter.get("job_id") != job_id):
-                continue
-            original = letter.get("job_id") or job.get("id") or "job"
-            job = {**job, "id": f"{original[:100]}-r{new_job_id()[:8]}",
-                   "metadata": {**(job.get("metadata") or {}), "replay_of": original}}
-            target_tier = letter.get("tier") if letter.get("tier") not in (None, "_") else "normal"
-            await publish_job(client.js, client.subjects, target_tier, job["id"], json.dumps(job).encode())
-            if purge:
-                await delete_message(client.js, client.subjects.dead_stream, seq)
-            replayed.append((original, job["id"]))
-            if job.get("batch"):
-                by_batch[str(job["batch"])] = by_batch.get(str(job["batch"]), 0) + 1
-        for name, count in by_batch.items():
-            try:
-                await note_replays(client.js, client.subjects, name, count)
-            except Exception as exc:  # noqa: BLE001 - the replays are sent; only `results --wait` waits less
-                log.warning("could not count the replays of the batch; `results --wait` may end before "
-                            "their Results", batch=name, error=type(exc).__name__)
+        try:
+            for seq, letter in await read_dead(client, tier, batch=batch, codes=codes):
+                job = letter.get("job")
+                if not job or (job_id and letter.get("job_id") != job_id):
+                    continue
+                original = letter.get("job_id") or job.get("id") or "job"
+                job = {**job, "id": f"{original[:100]}-r{new_job_id()[:8]}",
+                       "metadata": {**(job.get("metadata") or {}), "replay_of": original}}
+                target_tier = letter.get("tier") if letter.get("tier") not in (None, "_") else "normal"
+                await publish_job(client.js, client.subjects, target_tier, job["id"], json.dumps(job).encode())
+                if job.get("batch"):  # counted as sent, whatever happens to the next ones
+                    by_batch[str(job["batch"])] = by_batch.get(str(job["batch"]), 0) + 1
+                if purge:
+                    await delete_message(client.js, client.subjects.dead_stream, seq)
+                replayed.append((original, job["id"]))
+        finally:
+            for name, count in by_batch.items():
+                try:
+                    await note_replays(client.js, client.subjects, name, count)
+                except Exception as exc:  # noqa: BLE001 - the replays are sent; only `results --wait` waits less
+                    log.warning("could not count the replays of the batch; `results --wait` may end before "
+                                "their Results", batch=name, error=type(exc).__name__)
     return replayed

@@ -33,7 +33,14 @@ from ratefleet.schemas.errors import InvalidRequest
 from ratefleet.schemas.job import check_header
 from ratefleet.schemas.outcome import OutcomeKind, RateLimitInfo
 from ratefleet.schemas.ratelimit_scope import RateLimitScope, rate_limit_scope
-from ratefleet.schemas.signals import KEY_SCOPED_CODES, classify, parse_ratelimit, provider_code, retry_after_of
+from ratefleet.schemas.signals import (
+    KEY_SCOPED_CODES,
+    MODEL_UNAVAILABLE_CODES,
+    classify,
+    parse_ratelimit,
+    provider_code,
+    retry_after_of,
+)
 from ratefleet.workers.body import body_fields
 from ratefleet.workers.direct import Answer, DirectRequest, HttpxAnswer, RequestBuilder, httpx_url
 from ratefleet.workers.http_spans import traced_transport
@@ -432,7 +439,8 @@ def _stream_failed(info: ResponseInfo, failure: dict[str, Any], received: dict[s
     was stored `succeeded` with the answer cut off, or with no answer at all (provider trials)."""
     code = provider_code(failure)
     error = failure.get("error") if isinstance(failure.get("error"), dict) else {}
-    if not streamed and (code in _REQUEST_ERRORS or error.get("type") in _REQUEST_ERRORS):
+    about_key = code in KEY_SCOPED_CODES or code in MODEL_UNAVAILABLE_CODES  # (invalid_api_key has a request type)
+    if not streamed and not about_key and (code in _REQUEST_ERRORS or error.get("type") in _REQUEST_ERRORS):
         kind = OutcomeKind.BAD_REQUEST
     elif code in KEY_SCOPED_CODES and streamed:
         # (not from a 2xx body that is only an error: an upstream echoing its request would let a

@@ -44,11 +44,28 @@ class TokenBucket:
         self._seq = 0
         self._peaks: list[tuple[int, float]] = []  # (seq, level - capacity), strictly decreasing
         self._forgotten = -1  # marks <= this lost their peak history
+        self._cap: tuple[float, float] | None = None  # (at, level): `cap_at`, not yet reached
 
     def advance(self, now: float) -> float:
         """The level at `now`, without changing anything."""
-        elapsed = max(0.0, now - self._last)
-        return min(self.capacity, self._tokens + elapsed * self.rate)
+        tokens, last = self._tokens, self._last
+        if self._cap is not None and now >= self._cap[0]:
+            at, level = self._cap
+            tokens, last = min(self.capacity, tokens + (at - last) * self.rate, level), at
+        elapsed = max(0.0, now - last)
+        return min(self.capacity, tokens + elapsed * self.rate)
+
+    def cap_at(self, at: float, level: float) -> None:
+        """At time `at` the level is cut to at most `level`, and refills from there (a later call
+        replaces an earlier cap still ahead). Applied when time passes `at`, whatever changes the
+        bucket meanwhile (a rate change, a refund: they act before the cut, as they happened);
+        tokens spent before the cut are not given back after it (their marks lose their history:
+        the cut is a new start). `at` not after the last change: cut now."""
+        if at <= self._last:
+            self._cap = None
+            self._cut(self._last, level)
+        else:
+            self._cap = (at, level)
 
     def ready_at(self, now: float, n: float) -> float:
         """Earliest time >= now at which `n` tokens are available (inf if n > capacity)."""
@@ -102,10 +119,24 @@ class TokenBucket:
             self._note_peak(self._tokens)
 
     def _move(self, now: float) -> None:
+        if self._cap is not None and now >= self._cap[0]:
+            at, level = self._cap
+            self._cap = None
+            self._tokens = min(self.capacity, self._tokens + (at - self._last) * self.rate)
+            self._last = at
+            self._cut(at, level)
         level = self.advance(now)
         self._last = max(self._last, now)
         self._tokens = level
         self._note_peak(level)
+
+    def _cut(self, at: float, level: float) -> None:
+        """The level at `at` (the bucket already moved there) cut to `level`; earlier marks forgotten."""
+        self._tokens = min(self._tokens, level)
+        self._seq += 1
+        self._forgotten = self._seq
+        self._peaks = []
+        self._note_peak(self._tokens)
 
     def _note_peak(self, level: float) -> None:
         fill = level - self.capacity

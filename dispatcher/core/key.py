@@ -141,7 +141,6 @@ class KeyState:
         self._sent: deque[float] = deque()  # dispatch times of the last SENT_WINDOW_S (`reserve` prunes)
         self.breaker = KeyBreaker(breaker, name=spec.id)
         self.cooldown_until = -math.inf
-        self._burst_held_at: float | None = None  # end of the last 429 cooldown, until a call after it (`_restart`)
         self.streak_429 = 0
         self.in_flight = 0
         self.health = KeyHealth(probe)
@@ -190,8 +189,6 @@ class KeyState:
 
     def reserve(self, now: float, cost: float) -> Marks:
         """Spend one request token and `cost` cost tokens, and count the call in flight."""
-        if self._burst_held_at is not None:
-            self._restart(now)
         self.in_flight += 1
         self._sent.append(now)
         while self._sent[0] <= now - SENT_WINDOW_S:  # only the window is measured, at any rate
@@ -259,25 +256,17 @@ class KeyState:
             self._resync(outcome.ratelimit, now)
         self._apply_rates(now)
         if throttled and self.cooldown_until > now:
-            # the first call after this cooldown finds one token, not the refilled burst (`_restart`)
-            self._burst_held_at = max(self._burst_held_at or -math.inf, self.cooldown_until)
+            # At a key-scoped 429's cooldown end the request bucket holds one token, not what it
+            # refilled to while the key stood still: the first call tests whether the provider's
+            # limiter has room again, the next follows at the key's (lowered) rate, as TCP restarts
+            # from one segment after a retransmission timeout (RFC 5681 section 3.1). With the burst
+            # refilled, each cooldown ended in `burst` calls within a millisecond, all refused again
+            # (a provider trial). A cut scheduled at that time (TokenBucket.cap_at), not a debt in
+            # tokens (a debt outlasted the cooldown once the rate fell: a reviewer, 1,452 s for 30 s)
+            # nor a cut at the first call after it (an idle key lost its refilled burst, a refund
+            # undid it, and ready_at did not see it: a second review).
+            self.requests.cap_at(self.cooldown_until, 1.0)
         return disabled
-
-    def _restart(self, now: float) -> None:
-        """At the first reservation after a key-scoped 429's cooldown: the request bucket holds
-        one token as of the cooldown's end, not what it refilled to while the key stood still,
-        so the first call tests whether the provider's limiter has room again and the next
-        follows at the key's (lowered) rate. TCP restarts from one segment after a
-        retransmission timeout the same way (RFC 5681 section 3.1). With the burst refilled,
-        each cooldown ended in `burst` calls within a millisecond, all refused again (a provider
-        trial: two calls within 1 ms at each cooldown's end, both answered 429). Kept as the
-        time the hold applies, not as a debt in tokens: a debt taken at one rate lasted far
-        longer than the cooldown once the rate fell (a reviewer: 1,452 s for a 30 s cooldown
-        after an operator lowered rps)."""
-        held = self._burst_held_at
-        if held is not None and now >= held:
-            self._burst_held_at = None
-            self.requests.limit(held, 1.0)
 
     def _throttled(self, outcome: Outcome, now: float, fresh: bool, confirmed: bool) -> None:
         """A key-scoped 429: back off and slow down (fresh), or honour its wait (an echo).

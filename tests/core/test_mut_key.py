@@ -646,3 +646,31 @@ def test_a_rate_lowered_during_the_cooldown_does_not_stretch_it(lowered):
     k.reserve(end, 1.0)
     assert k.ready_at(end, 1.0) == pytest.approx(end + 1.0 / k.requests.rate)  # one call, then the rate
 
+
+
+def test_a_key_idle_long_after_its_cooldown_keeps_its_refilled_burst():
+    """A second review: the cut was made at the first call after the cooldown, as of the bucket's
+    last change, so a key changed by a late answer an hour later lost its refilled burst."""
+    k = state(rps=1.0, burst=5.0)
+    throttle(k, 0.1, retry_after_s=10.0)
+    k.observe(OK, 3599.0, sent_at=0.0)  # a late answer of a call sent before the 429
+    k.reserve(3600.0, 1.0)
+    assert k.requests.advance(3600.0) == pytest.approx(4.0)
+
+
+def test_a_reservation_given_back_after_the_cooldown_does_not_restore_the_burst():
+    k = state(rps=1.0, burst=5.0)
+    early = [k.reserve(0.0, 1.0) for _ in range(5)]  # drained
+    throttle(k, 0.1, retry_after_s=2.0)
+    end = k.cooldown_until
+    k.reserve(end, 1.0)
+    k.give_back(end, 1.0, early[0])  # a call reserved before the 429, never made
+    assert k.ready_at(end, 1.0) == pytest.approx(end + 1.0)
+
+
+def test_the_priority_reserve_sees_the_one_token_a_cooldown_ends_with():
+    k = state(rps=1.0, burst=5.0)
+    throttle(k, 0.0, retry_after_s=30.0)
+    end = k.cooldown_until
+    assert k.ready_at(end, 1.0, reserve=2.0) == pytest.approx(end + 2.0)  # 1 + 2 tokens: not at once
+    assert k.ready_at(end, 1.0) == pytest.approx(end)

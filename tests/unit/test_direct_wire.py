@@ -412,6 +412,13 @@ def _json200(body: bytes) -> bytes:
      b'"code":"context_length_exceeded"}}', "bad_request", "context_length_exceeded"),
     (b'{"type":"error","error":{"type":"invalid_request_error","message":"max_tokens: too large"}}', "bad_request",
      "invalid_request_error"),
+    # a second review: the key's errors (an invalid_request_error type) stay upstream errors, tried on other keys
+    (b'{"error":{"message":"Incorrect API key provided","type":"invalid_request_error","code":"invalid_api_key"}}',
+     "upstream_error", "invalid_api_key"),
+    (b'{"error":{"message":"The model `gpt-4o` does not exist","type":"invalid_request_error",'
+     b'"code":"model_not_found"}}', "upstream_error", "model_not_found"),
+    (b'{"type":"error","error":{"type":"invalid_request_error","message":"Your credit balance is too low to access '
+     b'the Anthropic API."}}', "upstream_error", "credit_balance_too_low"),
     # answers that are not only an error stand
     (b'{"choices":[{"message":{"content":"hi"}}],"error":{"message":"a partial warning"}}', "ok", None),
     (b'{"error":null,"data":[1]}', "ok", None),
