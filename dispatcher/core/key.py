@@ -231,7 +231,7 @@ class KeyState:
         if outcome.actual_cost is not None:
             self.usage_reported = True
         self._count(outcome)
-        disabled = throttled = False
+        disabled = False
         fresh = sent_at is None or sent_at >= self.throttled_at
         if fresh and outcome.status is not None and outcome.kind != OutcomeKind.RATE_LIMITED:
             self.refusing = False  # answered past the provider's limiter (a 2xx, a 400, a 5xx)
@@ -248,24 +248,12 @@ class KeyState:
                 self.stats.request_scoped_429 += 1
             else:
                 self._throttled(outcome, now, fresh, confirmed=self._confirmed(outcome, job_id))
-                throttled = True
             self._note_job_429(job_id, now, repeat)
         elif outcome.kind == OutcomeKind.KEY_ERROR:
             disabled = self.health.disable("provider", key_error_reason(outcome), now)
         if outcome.ratelimit is not None:
             self._resync(outcome.ratelimit, now)
         self._apply_rates(now)
-        if throttled and self.cooldown_until > now:
-            # At a key-scoped 429's cooldown end the request bucket holds one token, not what it
-            # refilled to while the key stood still: the first call tests whether the provider's
-            # limiter has room again, the next follows at the key's (lowered) rate, as TCP restarts
-            # from one segment after a retransmission timeout (RFC 5681 section 3.1). With the burst
-            # refilled, each cooldown ended in `burst` calls within a millisecond, all refused again
-            # (a provider trial). A cut scheduled at that time (TokenBucket.cap_at), not a debt in
-            # tokens (a debt outlasted the cooldown once the rate fell: a reviewer, 1,452 s for 30 s)
-            # nor a cut at the first call after it (an idle key lost its refilled burst, a refund
-            # undid it, and ready_at did not see it: a second review).
-            self.requests.cap_at(self.cooldown_until, 1.0)
         return disabled
 
     def _throttled(self, outcome: Outcome, now: float, fresh: bool, confirmed: bool) -> None:
@@ -289,6 +277,18 @@ class KeyState:
         else:
             self.request_rate.on_throttle(now, self.sent_rate(now))
         self._cool(now, self._backoff(retry_after))
+
+    def _restart_at_cooldown_end(self) -> None:
+        """At a key-scoped 429's cooldown end the request bucket holds one token, not what it
+        refilled to while the key stood still: the first call tests whether the provider's limiter
+        has room again, the next follows at the key's (lowered) rate, as TCP restarts from one
+        segment after a retransmission timeout (RFC 5681 section 3.1). With the burst refilled,
+        each cooldown ended in `burst` calls within a millisecond, all refused again (a provider
+        trial). A cut the bucket applies when time passes the cooldown's end
+        (TokenBucket.cap_at), so rate changes and refunds before it act as they happened: a
+        debt in tokens outlasted the cooldown once the rate fell (a reviewer, 1,452 s for 30 s),
+        and a cut at the first call after it cost an idle key its refilled burst (a second review)."""
+        self.requests.cap_at(self.cooldown_until, 1.0)
 
     def request_scoped(self, outcome: Outcome, job_id: str | None, now: float) -> bool:
         """Whether a 429 that is not a repeat (`repeats`) is about its request rather than
@@ -362,8 +362,12 @@ class KeyState:
 
     def _cool(self, now: float, seconds: float) -> None:
         """Cool the key for `seconds` (never shortening a cooldown under way), at most the
-        policy's retry_after_max_s: every wait a provider names comes through here."""
+        policy's retry_after_max_s: every wait a provider names comes through here. While the
+        key's last fresh answer is a key-scoped 429 (`refusing`), the cooldown ends with one call
+        (`_restart_at_cooldown_end`), at its end however later waits lengthen it."""
         self.cooldown_until = max(self.cooldown_until, now + min(seconds, self.cooldown.retry_after_max_s))
+        if self.refusing and self.cooldown_until > now:
+            self._restart_at_cooldown_end()
 
     def _resync(self, info: RateLimitInfo, now: float) -> None:
         """Follow the provider's rate-limit headers: cap the effective rates, lower the buckets

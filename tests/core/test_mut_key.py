@@ -674,3 +674,13 @@ def test_the_priority_reserve_sees_the_one_token_a_cooldown_ends_with():
     end = k.cooldown_until
     assert k.ready_at(end, 1.0, reserve=2.0) == pytest.approx(end + 2.0)  # 1 + 2 tokens: not at once
     assert k.ready_at(end, 1.0) == pytest.approx(end)
+
+
+def test_a_cooldown_lengthened_by_the_429s_own_headers_still_ends_with_one_call():
+    k = state(rps=10.0, burst=5.0)
+    throttle(k, 0.0, retry_after_s=2.0,
+             ratelimit=RateLimitInfo(limit_requests=60, remaining_requests=0, reset_requests_s=10.0))
+    end = k.cooldown_until
+    assert end == pytest.approx(10.0)
+    k.reserve(end, 1.0)
+    assert k.ready_at(end, 1.0) == pytest.approx(end + 1.0 / k.requests.rate)
