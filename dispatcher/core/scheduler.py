@@ -237,9 +237,7 @@ class Scheduler(KeyAdmin, Reconfigure):
         if job.model is None:
             return
         if outcome.kind == OutcomeKind.OK:
-            lacking = self._lacking.get(job.model)
-            if lacking is not None and lacking.pop(key_id, None) is not None and not lacking:
-                del self._lacking[job.model]
+            self._forget_lack(job, key_id)
             return
         if outcome.lacks_model:
             self._remember_lack(job, key_id, now)
