@@ -333,7 +333,7 @@ class UpstreamExecutor:
         cost = _reported_cost(info, raw, upstream.usage_path, streamed=streamed)
         failure = stream_error(raw) if streamed else error_body(status, info.json_body)
         if failure is not None:
-            return _stream_failed(info, failure, received, cost, latency_ms, streamed=streamed)
+            return _failed_answer(info, failure, received, cost, latency_ms, streamed=streamed)
         success = 200 <= status < 300
         code = None if success else provider_code(info.json_body)
         return CallResult(
@@ -429,7 +429,7 @@ _REQUEST_ERRORS = frozenset({"invalid_request_error", "context_length_exceeded",
                              "invalid_value", "invalid_prompt", "invalid_type", "bad_request", "validation_error"})
 
 
-def _stream_failed(info: ResponseInfo, failure: dict[str, Any], received: dict[str, str], cost: float | None,
+def _failed_answer(info: ResponseInfo, failure: dict[str, Any], received: dict[str, str], cost: float | None,
                    latency_ms: float, streamed: bool = True) -> CallResult:
     """A streamed answer that began with a 2xx and ended with an error event (usage.stream_error),
     or (`streamed` False) a 2xx whose JSON body is only an error (usage.error_body): not a
