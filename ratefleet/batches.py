@@ -28,7 +28,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import anyio
 from nats.js import JetStreamContext
@@ -169,10 +169,7 @@ async def note_replays(js: JetStreamContext, subjects: Subjects, batch: str, cou
     kv = await open_batches_bucket(js, subjects, create=True)
     key = REPLAYS_PREFIX + batch
     for _ in range(20):
-        try:
-            entry = await kv.get(key)
-        except (KeyNotFoundError, NotFoundError):
-            entry = None
+        entry = await _replay_entry(kv, batch)
         try:
             if entry is None or entry.value is None:
                 await kv.create(key, str(count).encode())
@@ -187,16 +184,19 @@ async def note_replays(js: JetStreamContext, subjects: Subjects, batch: str, cou
 async def replays_sent(js: JetStreamContext, subjects: Subjects, batch: str) -> int:
     """How many jobs `dlq replay` sent again for `batch` (0: none, or no bucket)."""
     kv = await open_batches_bucket(js, subjects, create=False)
-    if kv is None:
-        return 0
+    entry = None if kv is None else await _replay_entry(kv, batch)
     try:
-        entry = await kv.get(REPLAYS_PREFIX + batch)
-    except (KeyNotFoundError, NotFoundError):
-        return 0
-    try:
-        return int(entry.value or b"0")
+        return int(entry.value or b"0") if entry is not None else 0
     except ValueError:
         return 0
+
+
+async def _replay_entry(kv: Any, batch: str) -> Any:
+    """The KV entry of `batch`'s replay count, None when there is none."""
+    try:
+        return await kv.get(REPLAYS_PREFIX + batch)
+    except (KeyNotFoundError, NotFoundError):
+        return None
 
 
 class InputOrder:
