@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -111,18 +111,51 @@ def _event_data(raw: bytes) -> list[bytes]:
 
 
 STREAM_ERROR_EVENTS = 3  # the last events with data (pings aside) a stream's error is looked for in
-# a stream that began with one of these and holds none of its ends was cut off (marker -> its ends)
 # the end of an OpenAI (Chat) Completions stream: a `data: [DONE]` line (spaces around [DONE] and any of
-# the SSE line ends, CRLF, LF or CR, as the openai SDK reads it) or a choice's finish_reason given
-_OPENAI_END = re.compile(rb'(?:^|[\r\n])data:[ \t]*\[DONE\][ \t]*(?:[\r\n]|$)|"finish_reason"\s*:\s*"')
-# (a marker every stream of the kind has near its start, what only its proper end has)
-_CUT_OFF = ((b'"message_start"', re.compile(rb'"message_stop"')),  # Anthropic Messages
-            (b'"response.created"', re.compile(rb'"response\.(?:completed|incomplete|failed)"')),  # Responses API
-            # OpenAI Chat Completions and legacy Completions chunks: the `data: [DONE]` line, or a choice's
-            # `finish_reason` given (a server that leaves out [DONE] still ends its last choice with one);
-            # inside the model's text both are escaped JSON, never a line of their own or a bare quote
-            (b'"chat.completion.chunk"', _OPENAI_END),
-            (b'"text_completion"', _OPENAI_END))
+# the SSE line ends, CRLF, LF or CR, as the openai SDK reads it)
+_OPENAI_DONE = re.compile(rb'(?:^|[\r\n])data:[ \t]*\[DONE\][ \t]*(?:[\r\n]|$)')
+_FINISH_REASON = re.compile(rb'"finish_reason"\s*:\s*"')
+_RESPONSES_END = re.compile(rb'"response\.(?:completed|incomplete|failed)"')
+
+
+def _openai_ended(raw: bytes) -> bool:
+    """Whether an OpenAI Chat Completions or legacy Completions stream reached its end: its
+    `data: [DONE]` line, or (a server that leaves out [DONE]) a `finish_reason` given for every
+    choice index the stream carried. With `n` > 1 choices each ends on its own chunk
+    (platform.openai.com/docs/api-reference/chat-streaming: `choices[].index`,
+    `finish_reason` null until that choice ends), so one choice's finish_reason does not end a
+    stream whose other choices are still open. Inside the model's text both are escaped JSON,
+    never a line of their own or a bare quote."""
+    if _OPENAI_DONE.search(raw) is not None:
+        return True
+    if _FINISH_REASON.search(raw) is None:  # (no chunk parsed when no choice ended at all)
+        return False
+    open_choices: set[object] = set()
+    ended: set[object] = set()
+    for data in _event_data(raw):
+        try:
+            chunk = json.loads(data)
+        except (ValueError, RecursionError):
+            continue
+        choices = chunk.get("choices") if isinstance(chunk, dict) else None
+        for choice in choices if isinstance(choices, list) else ():
+            if isinstance(choice, dict):
+                index = choice.get("index", 0)
+                index = index if isinstance(index, (int, str)) else repr(index)
+                open_choices.add(index)
+                if isinstance(choice.get("finish_reason"), str):  # (null until the choice ends)
+                    ended.add(index)
+    return bool(ended) and open_choices <= ended
+
+
+# a stream that began with one of these and has not reached its end was cut off: (a marker every
+# stream of the kind has near its start, whether the stream reached its proper end)
+_CUT_OFF: tuple[tuple[bytes, Callable[[bytes], bool]], ...] = (
+    (b'"message_start"', lambda raw: b'"message_stop"' in raw),  # Anthropic Messages
+    (b'"response.created"', lambda raw: _RESPONSES_END.search(raw) is not None),  # Responses API
+    # OpenAI Chat Completions and legacy Completions chunks
+    (b'"chat.completion.chunk"', _openai_ended),
+    (b'"text_completion"', _openai_ended))
 
 
 def stream_error(raw: bytes) -> dict[str, Any] | None:
@@ -138,8 +171,8 @@ def stream_error(raw: bytes) -> dict[str, Any] | None:
       top-level error counts (text the model wrote is nested inside `choices`/`delta`).
     - A stream cut off: one that began as an Anthropic Messages, a Responses API, an OpenAI Chat
       Completions or legacy Completions stream and holds none of its end events (`message_stop`;
-      `response.completed` / `.incomplete` / `.failed`; the `data: [DONE]` line or a choice's
-      `finish_reason`): `{"error": {"type": "stream_cut_off"}}`. (A re-run of a provider trial:
+      `response.completed` / `.incomplete` / `.failed`; the `data: [DONE]` line or a
+      `finish_reason` for every choice, `_openai_ended`): `{"error": {"type": "stream_cut_off"}}`. (A re-run of a provider trial:
       such answers were stored `succeeded`, cut off.)"""
     seen = 0
     for data in _event_data_last_first(raw, {b"data"} if b"data" in raw else set()):
@@ -163,8 +196,8 @@ def stream_error(raw: bytes) -> dict[str, Any] | None:
         failed = event.get("response") if event.get("type") == "response.failed" else None
         if isinstance(failed, dict) and isinstance(failed.get("error"), dict):
             return {"error": failed["error"]}
-    for start, end in _CUT_OFF:
-        if start in raw and end.search(raw) is None:
+    for start, reached_end in _CUT_OFF:
+        if start in raw and not reached_end(raw):
             return {"error": {"type": "stream_cut_off", "message": "the stream ended before its end event"}}
     return None
 

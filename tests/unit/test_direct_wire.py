@@ -312,6 +312,16 @@ CHAT_CHUNKS = (b'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"
                b'"finish_reason":null}]}\n\n'
                b'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":" wor"},'
                b'"finish_reason":null}]}\n\n')
+
+
+def _chunk(*choices: bytes) -> bytes:
+    return b'data: {"id":"c2","object":"chat.completion.chunk","choices":[' + b",".join(choices) + b"]}\n\n"
+
+
+TWO_CHOICES = (_chunk(b'{"index":0,"delta":{"content":"Hi"},"finish_reason":null}',
+                      b'{"index":1,"delta":{"content":"Hello"},"finish_reason":null}')
+               + _chunk(b'{"index":0,"delta":{},"finish_reason":"stop"}')
+               + _chunk(b'{"index":1,"delta":{"content":" there"},"finish_reason":null}'))
 RESPONSES = (b'event: response.created\ndata: {"type":"response.created","response":{"status":"in_progress"}}\n\n'
              b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"Hi"}\n\n')
 
@@ -352,6 +362,10 @@ def _sse(body: bytes) -> bytes:
      + b"\n\n", "ok", None),  # a server that leaves out [DONE]: its last choice still ends
     (CHAT_CHUNKS.replace(b'"Hello"', b'"data: [DONE] and \\"finish_reason\\": \\"stop\\""'),
      "upstream_error", "stream_cut_off"),  # the model's text saying both
+    # n = 2 choices and no [DONE]: cut off after one choice's finish_reason, ended once both have one
+    (TWO_CHOICES, "upstream_error", "stream_cut_off"),
+    (TWO_CHOICES + _chunk(b'{"index":1,"delta":{},"finish_reason":"length"}'), "ok", None),
+    (TWO_CHOICES + b"data: [DONE]\n\n", "ok", None),
 ])
 async def test_a_stream_begun_with_200_and_ended_by_an_error_event_is_no_success(body, kind, code):
     """A provider trial: Anthropic's `event: error` (overloaded_error) after its 200 was stored
