@@ -44,6 +44,7 @@ from ratefleet.batches import (
 )
 from ratefleet.cli_support import batch_value, client_target, connection_args, fail, make_console, require_out_path, run_async
 from ratefleet.client import Client
+from ratefleet.key_watch import watch_keys
 from ratefleet.openai_batch import format_result
 from ratefleet.phases import Phases
 from ratefleet.results_replays import Replays, gave_up, replay_hint, replay_of, scan_replays
@@ -232,6 +233,7 @@ async def _follow(client: Client, run: Collect, phases: Phases) -> bool:
             tg.start_soon(_watch_queue, client, run, await queue_mark(client.js, client.subjects), tg.cancel_scope)
             tg.start_soon(functools.partial(phases.remind, handle,
                                             hint=functools.partial(waiting_hint, client.js, client.subjects, run.batch)))
+            tg.start_soon(watch_keys, client.status, phases.print)
         if not (run.wait and run.complete):
             async for item in client.results(run.batch, follow=run.wait):
                 await run.take(client, item)

@@ -6,8 +6,10 @@ and per model."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -369,3 +371,47 @@ def test_up_refuses_to_start_when_no_key_has_a_usable_secret(tmp_path):
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "RF_UNSET_KEY_1 not set" in lines[0] and "/nonexistent/rf-k2" in lines[0], done.stderr
     assert not (tmp_path / "nats").exists()  # nothing was started
+
+
+async def test_submit_wait_says_which_keys_went_out_of_use(tmp_path, nats_server,
+                                                                                   http_upstream):
+    """A nightly-batch trial: a key disabled mid-batch showed only in `ratefleet status`; `submit
+    --wait` just went slower, or stopped with every key out. It now prints each key going out of
+    use (its reason and what to do) and a pool with no key left (a key back in use: the unit tests,
+    as this batch ends as soon as the probe succeeds)."""
+    http_upstream.modes.update(k1="invalid_api_key", k2="invalid_api_key")
+    kit = kit_for(tmp_path, nats_server.url, http_upstream, key_probe_s=6.0, key_probe_max_s=6.0)
+    kit.dispatcher("d1"), kit.worker("w1")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps(job(i)) + "\n" for i in range(10)))
+    env = {**os.environ, "RATEFLEET_LOG_FORMAT": "json"}
+    env.pop("RATEFLEET_NATS_URL", None)
+    lines: list[str] = []
+    try:
+        async with await Client.connect(nats_server.url) as client:
+            await wait_workers(client, {"w1"})
+            submit = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "ratefleet", "submit", str(jobs), "--tier", "normal", "--batch", "kw", "--wait",
+                "--nats", nats_server.url, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env)
+            try:
+                async def read_until(text: str) -> None:
+                    while not any(text in line for line in lines):
+                        line = await submit.stdout.readline()
+                        assert line, f"submit ended before saying {text!r}: {lines}"
+                        lines.append(line.decode())
+                await asyncio.wait_for(read_until("no key of pool"), 60)
+                http_upstream.modes.clear()  # the keys are fixed: the next probe brings them back
+                rest, _ = await asyncio.wait_for(submit.communicate(), 60)
+                lines.extend(rest.decode().splitlines(keepends=True))
+            finally:
+                if submit.returncode is None:
+                    submit.kill()
+    finally:
+        kit.stop()
+    said = "".join(lines)
+    assert submit.returncode == 0, said
+    for key_id in ("k1", "k2"):
+        assert f"key {key_id} (pool " in said and "is out of use: DISABLED by provider evidence: " in said, said
+    assert "`ratefleet keys enable KEY`" in said
+    assert said.count("no key of pool") == 1, said
+    assert "succeeded 10" in said or "10 succeeded" in said, said

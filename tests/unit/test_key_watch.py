@@ -1,0 +1,67 @@
+"""`submit --wait` / `results --wait` name the keys that go out of use and come back (ratefleet/key_watch.py)."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from ratefleet.key_watch import key_changes, watch_keys
+
+
+def _key(pool: str = "main", **state) -> dict:
+    return {"pool": pool, "disabled": False, **state}
+
+
+PROVIDER = {"disabled": True, "disabled_by": "provider", "disabled_reason": "invalid_api_key", "probe_in_s": 30}
+OPERATOR = {"disabled": True, "disabled_by": "operator", "disabled_reason": "leaked in a CI log"}
+
+
+def test_the_first_look_names_the_keys_already_out_of_use_only():
+    keys = {"k1": _key(**PROVIDER), "k2": _key(), "k3": _key(throttled=True, breaker="open")}
+    now, lines = key_changes(None, keys)
+    assert set(now) == {"k1"}  # a 429 cooldown or an open breaker comes back by itself: not named
+    assert lines == ["key k1 (pool main) is out of use: DISABLED by provider evidence: invalid_api_key; probe in "
+                     "30 s; once its secret or account is fixed: `ratefleet keys enable KEY`"]
+
+
+def test_a_key_going_out_and_coming_back_is_said_once_each():
+    before, _ = key_changes(None, {"k1": _key(), "k2": _key()})
+    before, lines = key_changes(before, {"k1": _key(**OPERATOR), "k2": _key()})
+    assert lines == ["key k1 (pool main) is out of use: DISABLED by an operator: leaked in a CI log"]
+    before, lines = key_changes(before, {"k1": _key(**OPERATOR), "k2": _key()})
+    assert lines == []  # no change: nothing printed again
+    before, lines = key_changes(before, {"k1": _key(), "k2": _key()})
+    assert lines == ["key k1 is back in use"]
+    _, lines = key_changes(before, {"k2": _key()})  # k1 removed by a config push: no "back in use"
+    assert lines == []
+
+
+def test_a_pool_losing_its_last_key_is_said_once_and_other_pools_are_not():
+    keys = {"k1": _key(**PROVIDER), "k2": _key(), "k3": _key("other")}
+    before, _ = key_changes(None, keys)
+    before, lines = key_changes(before, {**keys, "k2": _key(**OPERATOR)})
+    assert lines[0].startswith("key k2 (pool main) is out of use: DISABLED by an operator")
+    assert lines[1].startswith("no key of pool main is in use: its jobs wait for a key's probe to succeed")
+    assert "`ratefleet keys enable KEY`" in lines[1] and len(lines) == 2
+    _, lines = key_changes(before, {**keys, "k2": _key(**OPERATOR)})
+    assert lines == []
+
+
+@pytest.mark.anyio
+async def test_the_watch_skips_answers_without_a_leader_or_while_one_loads_its_keys():
+    answers = [RuntimeError("no responders"), {"leader": None, "keys": {}},
+               {"leader": "d1", "starting": True, "keys": {"k1": _key(**OPERATOR)}},
+               {"leader": "d1", "keys": {"k1": _key(**OPERATOR)}}, {"leader": "d1", "keys": {"k1": _key()}}]
+    said: list[str] = []
+
+    async def status():
+        answer = answers.pop(0) if answers else {"leader": "d1", "keys": {"k1": _key()}}
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    with anyio.move_on_after(2):
+        await watch_keys(status, said.append, poll_s=0.01)
+    assert said[0] == "key k1 (pool main) is out of use: DISABLED by an operator: leaked in a CI log"
+    assert said[1].startswith("no key of pool main is in use")  # its only key
+    assert said[2:] == ["key k1 is back in use"]
