@@ -26,7 +26,17 @@ def out_of_use(keys: dict[str, dict[str, Any]]) -> dict[str, str]:
     """The keys the leader does not call now for good reason, `{key id: state text}`: disabled
     (by provider evidence, an operator, or no worker having its secret). A key cooling after a
     429 or with an open breaker is still in use (it comes back by itself)."""
-    return {key_id: key_state(key) for key_id, key in keys.items() if isinstance(key, dict) and key.get("disabled")}
+    return {key_id: key_state(key) for key_id, key in keys.items() if key.get("disabled")}
+
+
+def pools_left_without_keys(keys: dict[str, dict[str, Any]]) -> list[str]:
+    """The pools of a status answer's `keys` in which no key is in rotation (each disabled), sorted."""
+    pools: dict[str, bool] = {}
+    for state in keys.values():
+        pool = state.get("pool")
+        if pool is not None:
+            pools[pool] = pools.get(pool, False) or not state.get("disabled")
+    return sorted(pool for pool, usable in pools.items() if not usable)
 
 
 def key_changes(before: dict[str, str] | None, keys: dict[str, dict[str, Any]]) -> tuple[dict[str, str], list[str]]:
@@ -43,12 +53,8 @@ def key_changes(before: dict[str, str] | None, keys: dict[str, dict[str, Any]]) 
     if before is not None:
         lines += [f"key {key_id} is back in use" for key_id in sorted(before_ids - now.keys())
                   if key_id in keys]
-    pools: dict[str, list[str]] = {}
-    for key_id, key in keys.items():
-        if isinstance(key, dict) and key.get("pool"):
-            pools.setdefault(str(key["pool"]), []).append(key_id)
-    for pool, members in sorted(pools.items()):
-        if all(key_id in now for key_id in members) and not all(key_id in before_ids for key_id in members):
+    for pool in pools_left_without_keys(keys):
+        if not all(key_id in before_ids for key_id, key in keys.items() if key.get("pool") == pool):
             lines.append(f"no key of pool {pool} is in use: its jobs wait for a key's probe to succeed, or fail "
                          "`no_key_available` when every key is disabled by an operator or has no secret on any worker; "
                          "fix a key, then `ratefleet keys enable KEY`")

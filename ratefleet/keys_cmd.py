@@ -22,6 +22,7 @@ import typer
 from nats.errors import NoRespondersError
 
 from ratefleet.cli_support import EXIT_FAILED, EXIT_USAGE, LOOKED_AT, client_target, fail
+from ratefleet.key_watch import pools_left_without_keys
 from ratefleet.keys_rotate import RotateError, rotate_file
 from ratefleet.runtime.connect import connect, refused
 from ratefleet.schemas import Subjects
@@ -82,16 +83,6 @@ async def earlier_reason(url: str, prefix: str, key: str, timeout: float,
     finally:
         await nc.close()
     return state.get("disabled_reason") if state.get("disabled_by") == "operator" else None
-
-
-def pools_left_without_keys(keys: dict) -> list[str]:
-    """Pools of the leader's status `keys` in which no key is in rotation (each disabled)."""
-    pools: dict[str, bool] = {}
-    for state in keys.values():
-        pool = state.get("pool")
-        if pool is not None:
-            pools[pool] = pools.get(pool, False) or not state.get("disabled")
-    return sorted(pool for pool, usable in pools.items() if not usable)
 
 
 async def leader_keys(url: str, prefix: str, timeout: float, auth: NatsAuthConfig | None = None) -> dict:

@@ -2,7 +2,7 @@
 of tiers with no other pool as `failed` / `no_key_available` (an operator's drill failed a whole
 queued batch without a word of warning). The command now says so."""
 
-from ratefleet.keys_cmd import pools_left_without_keys
+from ratefleet.key_watch import pools_left_without_keys
 
 
 def test_a_pool_whose_every_key_is_disabled_is_named():
