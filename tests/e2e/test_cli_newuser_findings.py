@@ -427,8 +427,10 @@ async def test_results_wait_after_a_replay_waits_for_the_replays_results(tmp_pat
                 waiting.kill()
     assert waiting.returncode == 0, err
     assert "batch night: 1 of 1 results (succeeded 1)" in err, err
-    # (the original was written when read, before its replay came; the count has the line once)
-    assert [json.loads(line)["job_id"] for line in out.read_text().splitlines()] == [original, replay_id]
+    # the original is written when it was read before its replay came (a process still starting on a
+    # loaded machine read both at once and rightly wrote the replay's alone); the count has the line once
+    assert [json.loads(line)["job_id"] for line in out.read_text().splitlines()] in ([original, replay_id],
+                                                                                      [replay_id])
 
 
 @pytest.mark.anyio
