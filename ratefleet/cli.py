@@ -34,6 +34,7 @@ from ratefleet.cli_support import (
 )
 from ratefleet.config_cmd import config_app
 from ratefleet.keys_cmd import keys_app
+from ratefleet.runtime.gctune import imports_without_gc
 from ratefleet.runtime.logs import configure_logging
 
 _MARKUP = None if plain_output() else "rich"  # NO_COLOR / not a terminal: click's plain help and errors
@@ -121,8 +122,9 @@ def up(config: Path | None = ConfigOpt, nats: str | None = NatsOpt,
                                           help="first probe port; each process takes the next free one "
                                                "(0: ports the system picks); printed at start")):
     """The whole fleet here: embedded NATS if none answers, dispatchers, N workers. Ctrl-C drains and stops."""
-    from ratefleet.roles import log_and_ignore_sighup
-    from ratefleet.supervisor import run_fleet
+    with imports_without_gc():
+        from ratefleet.roles import log_and_ignore_sighup
+        from ratefleet.supervisor import run_fleet
 
     log_and_ignore_sighup()  # until run_fleet installs its own handler, which logs each one
     cfg, path = fleet_config(config, nats, "up")
@@ -136,7 +138,8 @@ def dispatcher(config: Path | None = ConfigOpt, nats: str | None = NatsOpt,
                id: str | None = typer.Option(None, "--id", help="dispatcher id (default random)"),
                http: str | None = HttpOpt):
     """Run one dispatcher (run two or more for failover)."""
-    from ratefleet.roles import dispatcher_main, log_and_ignore_sighup
+    with imports_without_gc():
+        from ratefleet.roles import dispatcher_main, log_and_ignore_sighup
 
     http = _http_or_fail(http)
     cfg, _ = fleet_config(config, nats, "dispatcher")
@@ -151,7 +154,8 @@ def worker(config: Path | None = ConfigOpt, nats: str | None = NatsOpt,
            id: str | None = typer.Option(None, "--id", help="worker id (default random)"),
            http: str | None = HttpOpt):
     """Run one worker process."""
-    from ratefleet.roles import log_and_ignore_sighup, worker_main
+    with imports_without_gc():
+        from ratefleet.roles import log_and_ignore_sighup, worker_main
 
     http = _http_or_fail(http)
     cfg, _ = fleet_config(config, nats, "worker")

@@ -19,7 +19,7 @@ import anyio
 from ratefleet.runtime.config_kv import startup_config
 from ratefleet.runtime.connect import connect
 from ratefleet.runtime.flusher import coalesce_writes
-from ratefleet.runtime.gctune import quiet_gc
+from ratefleet.runtime.gctune import imports_without_gc, quiet_gc
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.probes import Probes, serve_probes, streams_check
 from ratefleet.runtime.streams import ensure_topology
@@ -119,7 +119,8 @@ async def _drain(nc) -> None:
 
 async def dispatcher_main(config: Config, dispatcher_id: str | None = None, http: str | None = None) -> None:
     """The `ratefleet dispatcher` process (`http`: HOST:PORT of its probes, or None)."""
-    from ratefleet.dispatcher.shell.service import Dispatcher
+    with imports_without_gc():
+        from ratefleet.dispatcher.shell.service import Dispatcher
 
     probes = Probes()
 
@@ -138,7 +139,8 @@ async def dispatcher_main(config: Config, dispatcher_id: str | None = None, http
 async def worker_main(config: Config, slots: int | None = None, worker_id: str | None = None,
                       http: str | None = None) -> None:
     """The `ratefleet worker` process (`http`: HOST:PORT of its probes, or None)."""
-    from ratefleet.workers.service import Worker
+    with imports_without_gc():
+        from ratefleet.workers.service import Worker
 
     probes = Probes()
 

@@ -8,6 +8,7 @@ import anyio
 import typer
 
 from ratefleet.cli_support import EXIT_FAILED, EXIT_INTERRUPTED, fail, load_config_or_fail
+from ratefleet.runtime.gctune import imports_without_gc
 from ratefleet.runtime.logs import configure_logging
 from ratefleet.schemas.config import config_path
 from ratefleet.schemas.config_env import EnvOverrides
@@ -22,8 +23,9 @@ def gateway(config: Path | None = typer.Option(None, "--config", "-c",
             listen: str | None = typer.Option(None, "--listen", metavar="HOST:PORT",
                                               help="where to serve (default: [gateway].listen, 127.0.0.1:8080)")):
     """Serve the upstream's HTTP API (OpenAI SDK: base_url http://HOST:PORT/v1) as jobs on each caller's tier."""
-    from ratefleet.gateway.server import gateway_main, parse_listen
-    from ratefleet.roles import log_and_ignore_sighup
+    with imports_without_gc():
+        from ratefleet.gateway.server import gateway_main, parse_listen
+        from ratefleet.roles import log_and_ignore_sighup
 
     found = config_path(config)
     if found is None:

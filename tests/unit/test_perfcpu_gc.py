@@ -80,3 +80,71 @@ def test_quiet_gc_freezes_what_the_process_holds_and_raises_the_young_threshold(
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def _passes_while(block) -> int:
+    """Collector passes made while `block()` runs (gc.callbacks)."""
+    passes = []
+
+    def count(phase, info):
+        if phase == "start":
+            passes.append(info["generation"])
+
+    gc.callbacks.append(count)
+    try:
+        block()
+    finally:
+        gc.callbacks.remove(count)
+    return len(passes)
+
+
+def _allocate_containers() -> None:
+    junk = [[[i]] for i in range(50_000)]  # 100,000 containers: hundreds of young passes at 700
+    del junk
+
+
+def test_imports_without_gc_makes_no_pass_and_leaves_the_collector_as_it_found_it():
+    from ratefleet.runtime.gctune import imports_without_gc
+
+    def inside():
+        with imports_without_gc():
+            _allocate_containers()
+
+    assert gc.isenabled()
+    assert _passes_while(_allocate_containers) > 0  # (the measure works: the same block, collector on)
+    assert _passes_while(inside) == 0
+    assert gc.isenabled()
+    with pytest.raises(ImportError), imports_without_gc():
+        import ratefleet_no_such_module  # noqa: F401
+    assert gc.isenabled()  # back on after a failed import too
+    gc.disable()
+    try:
+        with imports_without_gc():
+            pass
+        assert not gc.isenabled()  # a caller that had it off keeps it off
+    finally:
+        gc.enable()
+
+
+def test_the_ratefleet_command_and_python_m_ratefleet_start_with_imports_without_gc():
+    import subprocess
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    scripts = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["ratefleet"] == "ratefleet.__main__:main"
+    # each collector pass notes whether ratefleet.cli was importing (False) or done (True, its `main` defined)
+    probe = ("import gc, sys\n"
+             "passes = []\n"
+             "cli = lambda: sys.modules.get('ratefleet.cli')\n"
+             "gc.callbacks.append(lambda phase, info: passes.append(hasattr(cli(), 'main') if cli() else None)"
+             " if phase == 'start' else None)\n"
+             "from ratefleet.__main__ import main\n"
+             "sys.argv = ['ratefleet', '--version']\n"
+             "try:\n    main()\nexcept SystemExit:\n    pass\n"
+             "print('during the import', passes.count(False), 'after', passes.count(True), 'enabled', gc.isenabled())\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1].startswith("during the import 0 after "), done.stdout
+    assert done.stdout.strip().endswith("enabled True"), done.stdout
