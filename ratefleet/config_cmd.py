@@ -64,6 +64,10 @@ def check(file: Path | None = typer.Argument(None, help="TOML config file (defau
     keys = config.keys()
     typer.echo(f"{file}: valid ({len(config.upstreams)} upstream(s), {len(config.pools)} pool(s), {len(keys)} key(s), "
                f"tiers {', '.join(config.tiers)})")
+    if not keys:
+        typer.echo("warning: no API keys: fine for a producer's or an operator's config (submit, status, ...), but "
+                   "`ratefleet up` / `dispatcher` / `worker` refuse it and `config push` refuses to push it; a fleet "
+                   "config needs [pools.NAME] with keys = [...]", err=True)
     for where in literal_secrets(config):
         typer.echo(f"note: literal secret at {where}: `config push` refuses it (use env:NAME or file:PATH)")
     now = datetime.now(UTC)
@@ -226,6 +230,11 @@ async def _push(url: str, prefix: str, document, auth=None, wait_s: float = 0.0,
         for tier, queued in stranded.items():
             typer.echo(f"warning: tier {tier!r} is not in this revision and {queued:,} of its jobs are queued: nothing "
                        f"runs them until [tiers.{tier}] is pushed again (they wait in {subjects.jobs_stream})", err=True)
+        gone = _removed_upstreams(before, document)
+        if gone:
+            typer.echo(f"warning: upstream(s) {', '.join(gone)} are not in this revision: queued jobs naming them end "
+                       "`invalid` / `unknown_upstream` without a call when the leader reaches them; once the upstream "
+                       "is pushed again, `ratefleet dlq replay --code unknown_upstream` sends them again", err=True)
         seen = await fleet_applied(nc, subjects, revision, wait_s, settle_s) if wait_s > 0 else None
         return revision, changed, seen
     finally:
@@ -254,6 +263,19 @@ async def _queued_in_removed_tiers(js, subjects: Subjects, before, document) -> 
         if info.num_pending:
             found[tier] = info.num_pending
     return found
+
+
+def _removed_upstreams(before, document) -> list[str]:
+    """The upstreams of the running revision (`before`: (revision, document), or None) that
+    `document` leaves out, sorted; [] when either cannot be read."""
+    if before is None:
+        return []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return sorted(set(before[1].validated().upstreams) - set(document.validated().upstreams))
+        except (ConfigError, ValueError):
+            return []
 
 
 def _secret_refs(document) -> dict:

@@ -70,9 +70,16 @@ class LiteralSecretRefused(ConfigError):
 def storable(data: dict[str, Any], *, source: str, pushed_at: float, pushed_by: str | None = None) -> StoredConfig:
     """The document to push for a parsed TOML file: validated (ConfigError with the file,
     the field and why), refused when it holds a literal secret (LiteralSecretRefused, a
-    ConfigError, naming where),
-    `[nats]` left out."""
+    ConfigError, naming where) or defines no key (ConfigError: pushed live it would take every
+    key from the running fleet; an operations trial emptied the watched file for 3 s and 242 of
+    300 queued jobs ended `no_key_available` or `unknown_upstream` without a call; `ratefleet up`
+    refuses such a file at start the same way), `[nats]` left out."""
     config = parse_config(data, source=source)
+    if not config.keys():
+        raise ConfigError(f"{source}: refused: it defines no API keys, and pushed live it would leave the fleet no key "
+                          "to call (queued jobs would end failed / no_key_available); a fleet config needs "
+                          "[pools.NAME] with keys = [...] (an empty or half-written file reads this way; the fleet "
+                          "keeps its running revision)")
     literals = literal_secrets(config)
     if literals:
         raise LiteralSecretRefused(f"{source}: refused: a pushed config is stored in NATS and must hold secret references only "

@@ -69,10 +69,23 @@ def test_push_stores_revisions_and_a_refused_push_changes_nothing(tmp_path, nats
 
     bad = cli("config", "push", str(write(tmp_path / "bad.toml", config(rps=-1))), *url)
     assert bad.returncode == 2 and "pools.shared.keys.0.rps" in bad.stderr
+    (tmp_path / "nats-only.toml").write_text(f'[nats]\nurl = "{nats_server.url}"\n')
+    keyless = cli("config", "push", str(tmp_path / "nats-only.toml"), *url)
+    checked = cli("config", "check", str(tmp_path / "nats-only.toml"))
+    # an operations trial: it was pushed and took every key; `check` called it valid with no word
+    assert keyless.returncode == 2 and "refused: it defines no API keys" in keyless.stderr, keyless.stderr
+    assert checked.returncode == 0 and "warning: no API keys" in checked.stderr, checked.stderr
     current = json.loads(cli("config", "show", "--json", *url).stdout)
-    assert current["revision"] == 2  # the refused push made no revision
+    assert current["revision"] == 2  # the refused pushes made no revision
     assert current["config"]["pools"]["shared"]["keys"][1]["secret"] == "file:/run/secrets/k2"
     assert "nats" not in current["config"]  # how a process reaches NATS is never stored
+
+    moved = config(rps=9, extra_key=True)
+    moved["upstreams"] = {"openai": moved["upstreams"]["mock"]}
+    moved["pools"]["shared"]["upstream"] = "openai"
+    third = cli("config", "push", str(write(tmp_path / "c.toml", moved)), *url)
+    assert third.returncode == 0 and "config revision 3" in third.stdout, third.stderr
+    assert "warning: upstream(s) mock are not in this revision: queued jobs naming them end `invalid`" in third.stderr
 
     shown = cli("config", "show", "--revision", "1", *url)
     assert shown.returncode == 0 and shown.stdout.startswith("# config revision 1, pushed ")
@@ -90,6 +103,8 @@ def test_watch_pushes_each_good_edit_and_reports_a_bad_one(tmp_path, nats_server
         _wait_revision(url, 1)
         write(path, config(rps=-2))  # a bad edit: reported, not pushed
         _wait_log(tmp_path / "watch.log", "config file not pushed")
+        path.write_text("")  # an editor's truncate-then-write (an operations trial: pushed, every key gone)
+        _wait_log(tmp_path / "watch.log", "defines no API keys")
         write(path, config(rps=7))
         _wait_revision(url, 2)
         shown = json.loads(cli("config", "show", "--json", *url).stdout)

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 import pytest
 
 from ratefleet.schemas.config import parse_config
-from ratefleet.schemas.config_store import StoredConfig, fleet_view, literal_secrets, storable
+from ratefleet.schemas.config_store import LiteralSecretRefused, StoredConfig, fleet_view, literal_secrets, storable
 from ratefleet.schemas.errors import ConfigError
 
 T1 = datetime(2026, 12, 1, tzinfo=UTC)
@@ -104,3 +104,13 @@ def test_a_process_applies_the_live_sections_of_a_stored_revision_and_keeps_its_
     assert view.dispatcher.lease_ttl_s == 9.0 and view.workers.slots == 8
     assert view.nats.url == "nats://10.0.0.1:4222"
     assert local.dispatcher.policy == "weighted" and list(local.keys()) == ["k1"]  # the local config is untouched
+
+
+@pytest.mark.parametrize("tables", [{}, {"nats": {"url": "nats://127.0.0.1:4222"}},
+                                    {"upstreams": {"mock": {"base_url": "http://127.0.0.1:1"}}}])
+def test_a_config_without_keys_is_refused_for_a_push(tables):
+    """An operations trial: the watched file emptied for 3 s (an editor's truncate-then-write) was
+    pushed live, every key removed, and 242 of 300 queued jobs ended without a call."""
+    with pytest.raises(ConfigError, match=r"^empty\.toml: refused: it defines no API keys") as caught:
+        storable(tables, source="empty.toml", pushed_at=1.0)
+    assert not isinstance(caught.value, LiteralSecretRefused)  # (the watcher logs it as an error, not a note)
