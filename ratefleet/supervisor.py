@@ -49,7 +49,13 @@ class Child:
 
 
 def _port_free(host: str, port: int) -> bool:
+    """Whether a child could listen on host:port: bound as the child binds it (SO_REUSEADDR,
+    runtime/probes.py `bind_listener`), so the connections a killed child left in TIME-WAIT do
+    not make its port look taken (an operations trial: a worker SIGKILLed while Prometheus held a
+    keep-alive connection came back on a random port, 3 of 3 times); a port another socket
+    listens on still is (Linux refuses that bind with or without SO_REUSEADDR)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

@@ -206,6 +206,27 @@ def test_up_assigns_each_process_its_own_free_port():
     assert all(c.http and not c.http.endswith(":0") for c in picked)
 
 
+def test_a_killed_childs_port_with_connections_left_in_time_wait_is_free_again_a_listened_one_is_not():
+    """An operations trial: a worker SIGKILLed while Prometheus held a keep-alive connection to
+    its /metrics came back on a random port (3 of 3): the probe bind saw the port taken."""
+    from ratefleet.supervisor import _port_free
+
+    listener = probes_module.bind_listener("127.0.0.1", 0, "--http", instead="")
+    port = listener.getsockname()[1]
+    listener.setblocking(True)
+    scraper = socket.create_connection(("127.0.0.1", port))
+    served, _ = listener.accept()
+    assert not _port_free("127.0.0.1", port)  # listened on
+    served.close()  # the child's end closes first (it was killed): its side waits in FIN-WAIT / TIME-WAIT
+    listener.close()
+    try:
+        assert _port_free("127.0.0.1", port)
+        again = probes_module.bind_listener("127.0.0.1", port, "--http", instead="")  # what the child then does
+        again.close()
+    finally:
+        scraper.close()
+
+
 @pytest.mark.anyio
 async def test_the_finisher_reports_each_result_it_stores_once_never_a_duplicate():
     """The dispatcher counts its ratefleet_jobs_total through Finisher.on_stored: a Result
