@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         JobRejected,
         JobTooLarge,
         NatsError,
+        NatsRefused,
         NatsUnavailable,
         QueueFull,
         RatefleetError,
@@ -48,6 +49,7 @@ _EXPORTS = {
     "DispatcherUnavailable": "ratefleet.schemas.errors",
     "NatsError": "ratefleet.schemas.errors",
     "NatsUnavailable": "ratefleet.schemas.errors",
+    "NatsRefused": "ratefleet.schemas.errors",
     "JobInvalid": "ratefleet.schemas.errors",
     "JobTooLarge": "ratefleet.schemas.errors",
     "QueueFull": "ratefleet.schemas.errors",
@@ -62,9 +64,9 @@ _EXPORTS = {
     "UpstreamUnavailable": "ratefleet.schemas.errors",
 }
 __all__ = ["BodyUnavailable", "Client", "ConfigError", "DispatcherUnavailable", "InvalidRequest", "Job", "JobInvalid",
-           "JobRejected", "JobTooLarge", "NatsAuthConfig", "NatsError", "NatsUnavailable", "QueueFull", "RatefleetError",
-           "RequestTimeout", "Result", "ResultNotStored", "SecretUnavailable", "SubmitError", "UnknownTier",
-           "UpstreamUnavailable"]
+           "JobRejected", "JobTooLarge", "NatsAuthConfig", "NatsError", "NatsRefused", "NatsUnavailable", "QueueFull",
+           "RatefleetError", "RequestTimeout", "Result", "ResultNotStored", "SecretUnavailable", "SubmitError",
+           "UnknownTier", "UpstreamUnavailable"]
 
 
 def __getattr__(name: str) -> Any:

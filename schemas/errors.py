@@ -8,6 +8,7 @@ workers/executor.py).
     ├── ConfigError                       bad configuration, names file, field and why
     ├── NatsError                         NATS failed or refused an operation (the nats-py error is named)
     │   └── NatsUnavailable               no NATS server could be reached or started, or the connection is gone
+    │       └── NatsRefused               the server refused the credentials, or TLS failed (retrying cannot help)
     ├── DispatcherUnavailable             no dispatcher answered a request only the leader serves (status)
     ├── SubmitError                       a job could not be stored
     │   ├── QueueFull                     RATEFLEET_JOBS is at its limits (discard-new)
@@ -44,6 +45,11 @@ class NatsError(RatefleetError):
 class NatsUnavailable(NatsError):
     """No NATS server could be reached (or started), or the connection was lost or timed
     out during an operation; the message says what to do."""
+
+
+class NatsRefused(NatsUnavailable):
+    """The NATS server refused this process's credentials, or TLS failed: trying again with the
+    same config cannot help (`[nats]` user/password, token, nkey_seed, creds, tls_*)."""
 
 
 class DispatcherUnavailable(RatefleetError):
@@ -138,5 +144,5 @@ class UpstreamUnavailable(RatefleetError):
 
 __all__ = ["BodyUnavailable", "ConfigError", "DispatcherUnavailable", "InvalidRequest", "JobInvalid", "JobRejected",
            "JobTooLarge",
-           "NatsError", "NatsUnavailable", "QueueFull", "RatefleetError", "RequestTimeout", "ResultNotStored",
+           "NatsError", "NatsRefused", "NatsUnavailable", "QueueFull", "RatefleetError", "RequestTimeout", "ResultNotStored",
            "SecretUnavailable", "SubmitError", "UnknownTier", "UpstreamUnavailable"]

@@ -19,7 +19,7 @@ from ratefleet.runtime.logs import get_logger, redact_text
 from ratefleet.runtime.nats_auth import connect_options, secret_values
 from ratefleet.schemas.config import nats_url_problem
 from ratefleet.schemas.config_nats import NatsAuthConfig
-from ratefleet.schemas.errors import ConfigError, NatsUnavailable
+from ratefleet.schemas.errors import ConfigError, NatsRefused, NatsUnavailable
 
 log = get_logger("ratefleet.nats")
 
@@ -143,7 +143,8 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
     Client); False: give up after GIVE_UP_ATTEMPTS reconnects, ~30 s down (CLI commands), the
     connection is closed then. `fail_fast` (default: `not forever`): the first connect raises
     when nothing answers or no NATS handshake comes, instead of waiting for a server to appear
-    as the roles do. Raises NatsUnavailable (nothing answers, or the server refused us) and
+    as the roles do. Raises NatsUnavailable (nothing answers; NatsRefused, a subclass, when the
+    server refused our credentials or TLS failed) and
     ConfigError (a credential reference cannot be resolved), both without any credential in
     the message."""
     servers = check_url(url)
@@ -209,8 +210,9 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
         cause = exc.cause if isinstance(exc, _FirstConnectFailed) else exc
         with contextlib.suppress(Exception):
             await holder[0].close()
-        raise NatsUnavailable(f"cannot reach NATS at {redact_url(url)} ({type(cause).__name__}: "
-                              f"{scrub(str(cause))}); {_hint(cause)}") from None
+        kind = NatsRefused if _refused(cause) else NatsUnavailable
+        raise kind(f"cannot reach NATS at {redact_url(url)} ({type(cause).__name__}: "
+                   f"{scrub(str(cause))}); {_hint(cause)}") from None
     connected_once = True
     return holder[0]
 

@@ -77,9 +77,14 @@ async def test_a_password_in_the_url_is_never_logged_or_printed(tmp_path):
                                            "--nats", f"fleet:{PASSWORD}@127.0.0.1:{free_port()}", env=env)
             up = await asyncio.to_thread(cli, "up", "--config", str(kit.config_path), "--nats",
                                          f"nats://fleet:{PASSWORD}@127.0.0.1:{free_port()}", env=env)
-            for done in (ok, wrong, dead, up):
+            # an operations trial: with a wrong password `up` restarted every child every few seconds, forever
+            up_wrong = await asyncio.to_thread(cli, "up", "--config", str(kit.config_path), "--nats",
+                                               url.replace("Secr3t", "Wrong1"), "--http-host", "", env=env)
+            for done in (ok, wrong, dead, up, up_wrong):
                 printed += [done.stdout, done.stderr]
             assert wrong.returncode == 1 and "refused the credentials" in wrong.stderr
+            assert up_wrong.returncode == 2 and "refused the credentials" in up_wrong.stderr, up_wrong.stderr
+            assert "restarting" not in up_wrong.stderr
             assert dead.returncode != 0 and "fleet:***@127.0.0.1" in dead.stderr + dead.stdout
             assert up.returncode == 2 and "does not start an open embedded server" in up.stderr
         finally:
