@@ -216,9 +216,12 @@ class Dispatcher:
                 reply = await self.nc.request(self.subjects.leader_status, b"", timeout=1.0)
                 answer.update(json.loads(reply.data))
             except Exception:  # noqa: BLE001 - no leader right now; say so
-                if answer["leader"] is not None:  # the lease is held, but its holder did not answer
-                    answer["silent_lease_holder"] = answer["leader"]
-                answer["leader"] = None
+                if answer["leader"] == self.id:  # its own lease, its session not running (yet, or again after a
+                    answer["starting"] = True    # NATS restart: it read "held by <itself>, which did not answer")
+                else:
+                    if answer["leader"] is not None:  # the lease is held, but its holder did not answer
+                        answer["silent_lease_holder"] = answer["leader"]
+                    answer["leader"] = None
         answer["tiers"] = await self._tier_backlog(answer.get("tiers", {}))
         answer["dispatchers"] = self.peers.listing()
         answer["at"] = time.time()

@@ -318,3 +318,22 @@ def test_only_the_keys_of_pools_a_busy_tier_may_use_feed_the_signal():
     assert d._leader_view().desired_workers == 1  # 4 calls/s of 1 s: one worker of 4 slots
     d.backlog = {"normal": 1500, "vip": 1500}
     assert d._leader_view().desired_workers == 13  # the vip pool's 100 calls/s feed the vip backlog: 52 / 4 slots
+
+
+async def test_a_dispatcher_holding_the_lease_while_its_session_restarts_says_it_is_taking_over():
+    """An operations trial: for ~4 s after a NATS restart, status read "none answering (the lease
+    is held by d-1, which did not answer)" while d-1 itself answered, between its sessions."""
+    d = dispatcher(FakeNC(FakeJS({}), leader_answer=None), dispatcher_id="d-1")
+    d.lease = FakeLease("d-1")
+    msg = Msg()
+    await d._on_status(msg)
+    [answer] = msg.answers
+    assert (answer["leader"], answer.get("starting")) == ("d-1", True) and "silent_lease_holder" not in answer
+    from io import StringIO
+
+    from rich.console import Console
+
+    from ratefleet.status_view import render_status
+    out = StringIO()
+    render_status(answer, Console(file=out, width=200))
+    assert "leader: d-1 (taking over: loading key states; ask again in a moment)" in out.getvalue()
