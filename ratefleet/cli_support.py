@@ -23,7 +23,7 @@ import anyio
 import typer
 from rich.console import Console
 
-from ratefleet.runtime.edge import translate
+from ratefleet.runtime.edge import NO_ANSWER, translate
 from ratefleet.runtime.logs import redact_text
 from ratefleet.schemas.config import (
     DEFAULT_NATS_URL,
@@ -398,6 +398,8 @@ def quiet_broken_pipe() -> int:
 
 def _print_error(message: str) -> None:
     hint = _denial_hint()  # the cause first: what follows it ("no dispatcher answered") is its symptom
+    if hint and message.startswith(NO_ANSWER):  # the refused request's timeout: not a NATS that is down (an
+        message = "the command could not go on without it"  # operations trial read "check that NATS runs")
     message = redact_text(f"{hint}; then: {message}" if hint else message)  # a NATS URL's password, a token: never on screen
     make_console(stderr=True).print(f"error: {message}", style="red", markup=False, highlight=False, soft_wrap=True)
 

@@ -39,6 +39,9 @@ _GONE = (nats.errors.NoServersError, nats.errors.ConnectionClosedError, nats.err
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+NO_ANSWER = "NATS did not answer or the connection was lost"  # how a timeout's error begins (cli_support reads it)
+
+
 def translate(exc: BaseException, what: str = "talking to NATS") -> RatefleetError | None:
     """The ratefleet error for `exc` (`exc` itself when it is one); None when ratefleet does
     not know the failure. `what` completes "... while <what>" in the message."""
@@ -48,7 +51,7 @@ def translate(exc: BaseException, what: str = "talking to NATS") -> RatefleetErr
         return translate(exc.exceptions[0], what) if exc.exceptions else None
     name = type(exc).__name__
     if isinstance(exc, _GONE):
-        return NatsUnavailable(f"NATS did not answer or the connection was lost while {what} ({name}); "
+        return NatsUnavailable(f"{NO_ANSWER} while {what} ({name}); "
                                "check that NATS runs (`ratefleet up`) and that --nats (Client.connect's url) names it")
     if isinstance(exc, nats.js.errors.NotFoundError):
         return NatsError(f"NATS has no such stream or consumer ({name}) while {what}; the fleet creates its streams "

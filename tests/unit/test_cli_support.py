@@ -144,3 +144,25 @@ def test_a_refused_reply_inbox_is_named_as_the_cause_and_the_answer_is_not_trust
     with pytest.raises(typer.Exit) as done:
         fail("no Result stored for job x1")
     assert done.value.exit_code == 2
+
+
+def test_a_refused_subjects_timeout_is_not_said_to_be_a_nats_that_is_down(monkeypatch, capsys):
+    """An operations trial: `dlq list` as the producer read "NATS refused this user ...; then: NATS
+    did not answer or the connection was lost ... check that NATS runs": NATS ran; the refusal was all."""
+    import nats.errors
+
+    import ratefleet.runtime.connect as connect
+    from ratefleet.cli_support import fail
+    from ratefleet.runtime.edge import translate
+
+    timeout = translate(nats.errors.TimeoutError(), "reading dead letters")
+    monkeypatch.setattr(connect, "_DENIED", ["$js.api.stream.info.ratefleet_dead"])
+    with pytest.raises(typer.Exit):
+        fail(str(timeout), 1)
+    err = capsys.readouterr().err
+    assert "NATS refused this user $js.api.stream.info.ratefleet_dead (permissions violation)" in err
+    assert err.rstrip().endswith("then: the command could not go on without it") and "NATS runs" not in err, err
+    monkeypatch.setattr(connect, "_DENIED", [])
+    with pytest.raises(typer.Exit):
+        fail(str(timeout), 1)
+    assert "check that NATS runs" in capsys.readouterr().err  # without a refusal, the timeout's own advice
