@@ -200,7 +200,9 @@ def run_fleet(config: Config, *, config_path: Path | None, workers: int, dispatc
         if (refusal := credentials_refused(url, config)) is not None:
             print(f"error: {refusal}", file=sys.stderr)  # not every child restarted every few seconds, forever
             return 2
-        print(f"a NATS server already answers at {redact_url(url)}: joining it (no embedded server is started); "
+        print(f"a NATS server already answers at {redact_url(url)}: joining it (no embedded server is started: "
+              "this fleet runs while that server does, and waits for it when it stops, e.g. with the `ratefleet up` "
+              "that embeds it); "
               f"this fleet's config file {config_path or '(none)'} becomes the live config of every ratefleet "
               "process there (`ratefleet config show` shows what runs now); for a fleet of its own, stop this "
               "(Ctrl-C) and pass --nats nats://127.0.0.1:PORT with a free PORT: an embedded server starts there",

@@ -421,6 +421,8 @@ def test_up_says_when_it_joins_a_nats_server_that_runs_already(tmp_path, nats_se
         output = (tmp_path / "up.log").read_text()
         assert f"a NATS server already answers at {nats_server.url}: joining it" in output, output[-2000:]
         assert f"this fleet's config file {config} becomes the live config" in output
+        # an operations trial: a second `up` joined the first's embedded server and lost NATS with it, unsaid
+        assert "this fleet runs while that server does, and waits for it when it stops" in output
         # and how to get a server of its own (the port may be another user's NATS)
         assert ("for a fleet of its own, stop this (Ctrl-C) and pass --nats nats://127.0.0.1:PORT with a free PORT: "
                 "an embedded server starts there") in output
