@@ -17,6 +17,8 @@ from typing import Any
 
 import anyio
 
+from ratefleet.client import Client
+from ratefleet.runtime.connect import denial_expected, optional_read_refused
 from ratefleet.status_view import key_state
 
 KEY_POLL_S = 5.0  # seconds between two status requests while a wait runs
@@ -61,16 +63,21 @@ def key_changes(before: dict[str, str] | None, keys: dict[str, dict[str, Any]]) 
     return now, lines
 
 
-async def watch_keys(status: Callable[[], Any], say: Callable[[str], None], poll_s: float = KEY_POLL_S) -> None:
-    """Run until cancelled: every `poll_s` seconds ask `status()` (an awaitable returning the
-    status answer, `Client.status`) and `say` each line `key_changes` gives. A status that
-    cannot be had (no leader yet, a leader still loading the key states, NATS reconnecting) is
-    skipped: the wait's own messages cover those."""
+async def watch_keys(client: Client, say: Callable[[str], None], poll_s: float = KEY_POLL_S) -> None:
+    """Run until cancelled: every `poll_s` seconds ask the leader for the fleet's status
+    (`Client.status`) and `say` each line `key_changes` gives. A status that cannot be had (no
+    leader yet, a leader still loading the key states, NATS reconnecting) is skipped: the wait's
+    own messages cover those. A user NATS does not allow to ask (the producer of
+    examples/nats-accounts.conf) is not warned about it: the watch just ends."""
+    subject = client.subjects.admin_status
     before: dict[str, str] | None = None
     while True:
         try:
-            answer = await status()
+            with denial_expected(subject):
+                answer = await client.status()
         except Exception:  # noqa: BLE001 - see docstring
+            if optional_read_refused(subject):
+                return
             answer = None
         keys = answer.get("keys") if isinstance(answer, dict) else None
         if isinstance(keys, dict) and answer.get("leader") and not answer.get("starting"):

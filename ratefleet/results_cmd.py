@@ -233,7 +233,7 @@ async def _follow(client: Client, run: Collect, phases: Phases) -> bool:
             tg.start_soon(_watch_queue, client, run, await queue_mark(client.js, client.subjects), tg.cancel_scope)
             tg.start_soon(functools.partial(phases.remind, handle,
                                             hint=functools.partial(waiting_hint, client.js, client.subjects, run.batch)))
-            tg.start_soon(watch_keys, client.status, phases.print)
+            tg.start_soon(watch_keys, client, phases.print)
         if not (run.wait and run.complete):
             async for item in client.results(run.batch, follow=run.wait):
                 await run.take(client, item)

@@ -444,7 +444,7 @@ async def _follow(run: Run, client: Client, phases: Phases) -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(functools.partial(phases.remind, handle,
                                         hint=functools.partial(waiting_hint, client.js, client.subjects, run.batch)))
-        tg.start_soon(watch_keys, client.status, phases.print)
+        tg.start_soon(watch_keys, client, phases.print)
         async for result in client.results(run.batch, follow=True):
             if result.job_id not in run.found.ids:
                 continue  # a Result of this batch from an older version of the file

@@ -193,6 +193,7 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
         # also where exceptions escaping a subscription callback end up
         if _expected_denial(str(exc)):
             log.debug("nats refused an optional read", detail=scrub(str(exc))[:300])
+            _REFUSED_OPTIONAL.add((_denied_subject(str(exc)) or "").lower())
             return
         _note_denial(scrub(str(exc)))
         log.warning("nats error", error=type(exc).__name__, detail=scrub(str(exc))[:300])
@@ -219,6 +220,7 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
 
 _DENIED: list[str] = []  # subjects the server refused this process (permissions violation), for CLI hints
 _EXPECTED: list[str] = []  # parts of subjects whose refusal a command expects and gets by without (lower case)
+_REFUSED_OPTIONAL: set[str] = set()  # subjects of such expected refusals seen (lower case)
 
 
 @contextlib.contextmanager
@@ -261,6 +263,12 @@ def permission_denials() -> list[str]:
     these only to the error callback; the request itself then times out like a missing
     responder, so the CLI adds them to its error line."""
     return list(_DENIED)
+
+
+def optional_read_refused(subject: str) -> bool:
+    """True when the server refused this process `subject` inside `denial_expected` (the
+    refusal was expected and not logged; a command can stop asking)."""
+    return subject.lower() in _REFUSED_OPTIONAL
 
 
 def refused(subject: str) -> bool:

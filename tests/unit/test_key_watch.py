@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import anyio
 import pytest
 
 from ratefleet.key_watch import key_changes, watch_keys
+from ratefleet.schemas import Subjects
 
 
 def _key(pool: str = "main", **state) -> dict:
@@ -60,8 +63,28 @@ async def test_the_watch_skips_answers_without_a_leader_or_while_one_loads_its_k
             raise answer
         return answer
 
+    client = SimpleNamespace(status=status, subjects=Subjects("ratefleet"))
     with anyio.move_on_after(2):
-        await watch_keys(status, said.append, poll_s=0.01)
+        await watch_keys(client, said.append, poll_s=0.01)
     assert said[0] == "key k1 (pool main) is out of use: DISABLED by an operator: leaked in a CI log"
     assert said[1].startswith("no key of pool main is in use")  # its only key
     assert said[2:] == ["key k1 is back in use"]
+
+
+@pytest.mark.anyio
+async def test_the_watch_ends_quietly_for_a_user_nats_does_not_allow_to_ask(monkeypatch):
+    """A full-suite run: the producer user of examples/nats-accounts.conf got a "nats error ...
+    permissions violation" warning in its `submit --wait` output from the watch's status request."""
+    import ratefleet.runtime.connect as connect
+
+    asked = []
+
+    async def status():
+        asked.append(1)
+        connect._REFUSED_OPTIONAL.add("ratefleet.admin.status")  # what the error callback notes inside denial_expected
+        raise RuntimeError("no dispatcher answered")
+
+    monkeypatch.setattr(connect, "_REFUSED_OPTIONAL", set())
+    with anyio.fail_after(2):
+        await watch_keys(SimpleNamespace(status=status, subjects=Subjects("ratefleet")), print, poll_s=0.01)
+    assert asked == [1]  # asked once, then no more
