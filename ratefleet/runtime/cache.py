@@ -58,13 +58,29 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+# request headers that never change an answer (tracing, per-request ids, the client's own make):
+# left out of the cache key; every other header is in it
+UNKEYED_HEADERS = frozenset({"traceparent", "tracestate", "baggage", "x-request-id", "idempotency-key", "user-agent"})
+UNKEYED_PREFIXES = ("x-stainless-",)  # the openai SDKs' client description and retry count
+
+
 def cache_key(upstream: str, job: Job) -> str:
     """The cache key of `job` on `upstream` (its resolved name): hex SHA-256 of the canonical
     JSON of [upstream, method, path, query, body], where body is the JSON body, or the text
-    body, or null. Headers are not part of it. A valid NATS KV key (64 hex digits)."""
+    body, or null, plus the request's headers (names in lower case) when it has any that can
+    change the answer: everything but UNKEYED_HEADERS and the `x-stainless-*` ones. So the same
+    body sent for another OpenAI project or organization (`OpenAI-Project`,
+    `OpenAI-Organization`), or with another `OpenAI-Beta` / `anthropic-version`, is another
+    entry (a gateway trial: a project B request was served project A's answer). A job without
+    such headers keeps the key it had before headers counted. A valid NATS KV key (64 hex digits)."""
     request = job.request
     body: Any = request.json_body if request.json_body is not None else request.body
-    material = canonical_json([upstream, request.method, request.path, request.query, body])
+    parts: list[Any] = [upstream, request.method, request.path, request.query, body]
+    headers = {name.lower(): value for name, value in request.headers.items()
+               if name.lower() not in UNKEYED_HEADERS and not name.lower().startswith(UNKEYED_PREFIXES)}
+    if headers:
+        parts.append(headers)
+    material = canonical_json(parts)
     return hashlib.sha256(material.encode("utf-8", "surrogatepass")).hexdigest()
 
 

@@ -38,6 +38,27 @@ def test_the_key_covers_upstream_method_path_query_and_body_but_not_order_or_ids
     assert len({cache_key("openai", j) for j in [base, *changed]}) == 5
 
 
+def test_headers_that_can_change_the_answer_are_in_the_key_tracing_and_client_make_are_not():
+    """A gateway trial: the same body with `OpenAI-Project: proj_B` was a hit on project A's entry."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+    def with_headers(**headers) -> Job:
+        return Job.model_validate({"request": {"method": "POST", "path": "/v1/chat/completions", "json": body,
+                                               "headers": headers}})
+
+    keys = {cache_key("openai", with_headers(**headers)) for headers in (
+        {}, {"OpenAI-Project": "proj_A"}, {"OpenAI-Project": "proj_B"}, {"OpenAI-Organization": "org_1"},
+        {"OpenAI-Beta": "assistants=v2"}, {"anthropic-version": "2023-06-01"})}
+    assert len(keys) == 6
+    assert cache_key("openai", with_headers(**{"openai-project": "proj_A"})) == \
+        cache_key("openai", with_headers(**{"OpenAI-Project": "proj_A"}))  # names in any case
+    plain = cache_key("openai", with_headers())
+    assert plain == cache_key("openai", job(body))  # no header: the key it had before headers counted
+    assert cache_key("openai", with_headers(**{"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01",
+                                               "Idempotency-Key": "k-1", "User-Agent": "OpenAI/Python 3.57.0",
+                                               "X-Stainless-Retry-Count": "2"})) == plain
+
+
 def test_which_jobs_are_looked_up_and_written():
     assert not wants_lookup(job({"m": 1})) and not wants_write(job({"m": 1}))  # off by default
     assert wants_lookup(job({"m": 1}, cache_ttl_s=5)) and wants_write(job({"m": 1}, cache_ttl_s=5))
