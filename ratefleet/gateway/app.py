@@ -76,6 +76,7 @@ class Gateway:
         self.cache = cache
         self.default_upstream = default_upstream
         self.upstreams = upstreams
+        self.stop_at: float | None = None  # set when the gateway stops: its open streams end by then (monotonic)
 
     async def handle(self, request: Request) -> Response:
         started = time.perf_counter()
@@ -168,7 +169,7 @@ class Gateway:
         the first chunk is in (or its Result, when that comes first)."""
         try:
             if wants_stream(job):
-                return await start_stream(self.client, job, caller.tier, caller.timeout_s)
+                return await start_stream(self.client, job, caller.tier, caller.timeout_s, lambda: self.stop_at)
             return await self.client.request(job, caller.tier, timeout=caller.timeout_s)
         except QueueFull:
             raise queue_full() from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import socket
+import time
 from collections.abc import Iterator
 
 import anyio
@@ -21,6 +22,7 @@ from ratefleet.gateway.batch_routes import BatchApi
 from ratefleet.gateway.batch_runner import BatchRunner
 from ratefleet.gateway.callers import Caller, CallerTable
 from ratefleet.gateway.files import FileStore
+from ratefleet.gateway.streaming import STOP_GRACE_S
 from ratefleet.runtime.cache import ResultCache
 from ratefleet.runtime.config_kv import ConfigFollower, startup_config
 from ratefleet.runtime.logs import get_logger
@@ -56,7 +58,7 @@ class _Server(uvicorn.Server):
 def uvicorn_server(app, host: str, port: int) -> uvicorn.Server:
     http = "httptools" if importlib.util.find_spec("httptools") else "h11"
     config = uvicorn.Config(app, host=host, port=port, http=http, ws="none", loop="asyncio", lifespan="off",
-                            log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+                            log_level="warning", access_log=False, timeout_graceful_shutdown=STOP_GRACE_S + 2)
     return _Server(config)
 
 
@@ -117,6 +119,7 @@ async def serve_gateway(config: Config, nc, stop: anyio.Event, listen: str, prob
             log.info("gateway listening", url=f"http://{listen}", callers=len(callers),
                      **({"left_out": sorted(callers.left_out)} if callers.left_out else {}))
         await stop.wait()
+        gateway.stop_at = time.monotonic() + STOP_GRACE_S  # open streams end by then, with an error event
         server.should_exit = True
         runs.cancel()  # a batch's state is in KV and JetStream: the next start carries on
         following.cancel()

@@ -10,10 +10,14 @@ ends with the Result, which also holds the complete body for later (`ratefleet r
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import nats.errors
+from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from ratefleet.client import Client
@@ -22,6 +26,8 @@ from ratefleet.schemas import Job, Result
 
 log = get_logger("ratefleet.gateway")
 ATTEMPT_HEADER = "Ratefleet-Attempt"  # set by workers/relay.py on every chunk
+STOP_CHECK_S = 1.0  # a stream waiting for its next part looks at the gateway's stop this often (seconds)
+STOP_GRACE_S = 5.0  # a stopping gateway's open streams may end by themselves this long, then end early (seconds)
 
 
 @dataclass
@@ -36,6 +42,8 @@ class ChunkStream:
     idle_timeout_s: float
     job_id: str
     result: Result | None = None
+    # the monotonic time by which the gateway, stopping, ends its open streams (None while it runs)
+    stop_at: Callable[[], float | None] = lambda: None
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The upstream's server-sent events as they come, whole: a chunk is relayed up to its
@@ -47,8 +55,10 @@ class ChunkStream:
         nothing comes for `idle_timeout_s`. An early end is never a clean end: the stream's last
         event is then an OpenAI-style error (`interrupted`), which the OpenAI SDKs raise as an
         APIError, rather than a stream that just stops without [DONE] (which they take for a
-        complete answer). What an answer that ended well holds back (a last event without its
-        blank line, or a body that is not event-stream at all) goes out at the Result."""
+        complete answer). A stopping gateway (`stop_at`) ends its open streams the same way
+        STOP_GRACE_S after the stop, before uvicorn's graceful shutdown gives up on them. What an
+        answer that ended well holds back (a last event without its blank line, or a body that
+        is not event-stream at all) goes out at the Result."""
         try:
             held = bytearray()  # grows in place: a long event in small parts is not copied per part
             part = self.first
@@ -59,9 +69,13 @@ class ChunkStream:
                 if end:
                     yield bytes(held[:end])
                     del held[:end]
-                try:
-                    msg = await self.sub.next_msg(timeout=self.idle_timeout_s)
-                except TimeoutError:
+                msg = await self._next(time.monotonic() + self.idle_timeout_s)
+                if msg is None and self._stopping():
+                    log.warning("gateway stopping; stream ended early", job_id=self.job_id)
+                    yield interrupted(self.job_id, "the gateway is stopping (a restart or a shutdown) and the job "
+                                      "runs on without it")
+                    return
+                if msg is None:
                     log.warning("stream idle; ended early", job_id=self.job_id, idle_s=self.idle_timeout_s)
                     yield interrupted(self.job_id, f"no part of the answer came for {self.idle_timeout_s:g}s")
                     return
@@ -79,7 +93,29 @@ class ChunkStream:
                     return
                 part = msg.data
         finally:
-            await self.sub.unsubscribe()
+            with contextlib.suppress(nats.errors.Error):  # a connection draining or closed has dropped it already
+                await self.sub.unsubscribe()
+
+    def _stopping(self) -> bool:
+        stop_at = self.stop_at()
+        return stop_at is not None and time.monotonic() >= stop_at
+
+    async def _next(self, idle_until: float) -> Msg | None:
+        """The next message, or None once `idle_until` (monotonic) passes or the gateway's stop
+        deadline does. Waits a second at a time while the gateway runs, so a stop that comes
+        during a long silence of the upstream is seen within a second (a gateway trial: SIGTERM
+        cut a stream with a bare connection reset after uvicorn's graceful timeout, and a
+        ConnectionDrainingError traceback)."""
+        while True:
+            now = time.monotonic()
+            stop_at = self.stop_at()
+            until = idle_until if stop_at is None else min(idle_until, stop_at)
+            if now >= until:
+                return None
+            try:
+                return await self.sub.next_msg(timeout=min(until - now, STOP_CHECK_S))
+            except TimeoutError:
+                continue
 
 
 def event_end(data: bytes | bytearray, start: int = 0) -> int:
@@ -121,9 +157,11 @@ def _error_event(error: dict) -> bytes:
     return b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
 
 
-async def start_stream(client: Client, job: Job, tier: str, timeout_s: float) -> Result | ChunkStream:
+async def start_stream(client: Client, job: Job, tier: str, timeout_s: float,
+                       stop_at: Callable[[], float | None] = lambda: None) -> Result | ChunkStream:
     """Store `job` and wait up to `timeout_s` seconds for its first chunk or its Result.
-    Raises TimeoutError, and what `Client.submit_for_reply` raises (QueueFull, JobInvalid, SubmitError)."""
+    `stop_at`: the gateway's stop deadline (ChunkStream.stop_at). Raises TimeoutError, and what
+    `Client.submit_for_reply` raises (QueueFull, JobInvalid, SubmitError)."""
     inbox = client.nc.new_inbox()
     reply_to = inbox + ".r"
     sub = await client.nc.subscribe(inbox + ".>")
@@ -136,4 +174,5 @@ async def start_stream(client: Client, job: Job, tier: str, timeout_s: float) ->
     if msg.subject == reply_to:
         await sub.unsubscribe()
         return await client.bodies.resolve(Result.from_json(msg.data))
-    return ChunkStream(sub, reply_to, msg.data, (msg.headers or {}).get(ATTEMPT_HEADER), timeout_s, job.id or "")
+    return ChunkStream(sub, reply_to, msg.data, (msg.headers or {}).get(ATTEMPT_HEADER), timeout_s, job.id or "",
+                       stop_at=stop_at)

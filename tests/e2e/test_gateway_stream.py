@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import anyio
 import openai
 import pytest
 from fleetkit import FleetKit, mock_keys, wait_for_leader
@@ -84,3 +85,45 @@ async def test_a_streams_usage_corrects_the_callers_tokens_per_minute(gateway):
                 if time.monotonic() > deadline:
                     raise
     assert second
+
+
+async def test_a_stopping_gateway_ends_an_open_stream_with_an_error_event_naming_the_job(gateway, nats_server):
+    """A gateway trial: SIGTERM to the gateway mid-stream cut the stream with a bare connection
+    reset after uvicorn's 5 s graceful timeout (the SDK: `APIConnectionError`, no job named) and
+    logged a ConnectionDrainingError traceback. Now the stream ends, STOP_GRACE_S after the stop,
+    with the OpenAI-style error event the SDKs raise as an APIError naming the job; the job runs
+    on and its Result is stored."""
+    import signal
+
+    from ratefleet.gateway.streaming import STOP_GRACE_S
+
+    [proc] = [p for p in gateway.processes if p.name == "gateway"]
+    async with await Client.connect(nats_server.url) as client:
+        await wait_for_leader(client)
+        async with openai.AsyncOpenAI(base_url=gateway.gateway_url + "/v1", api_key=CALLER_KEYS["alice"],
+                                      max_retries=0, timeout=60) as ai:
+            raw = await ai.chat.completions.with_raw_response.create(
+                model="mock", messages=[{"role": "user", "content": "one two three four five six seven eight"}],
+                stream=True, extra_body={"mock": {"chunk_ms": 1500}})  # 10 chunks over 13.5 s
+            job_id = raw.headers["x-ratefleet-job-id"]
+            text, stopped = [], None
+            with pytest.raises(openai.APIError) as cut:
+                async for chunk in raw.parse():
+                    text.append(chunk.choices[0].delta.content or "")
+                    if stopped is None:
+                        proc.send_signal(signal.SIGTERM)
+                        stopped = time.monotonic()
+            ended = time.monotonic() - stopped
+        stored = None
+        for _ in range(100):
+            if (stored := await client.stored_result(job_id)) is not None:
+                break
+            await anyio.sleep(0.2)
+    assert cut.value.code == "stream_interrupted" and "the gateway is stopping" in cut.value.message
+    assert f"ratefleet result {job_id}" in cut.value.message
+    assert STOP_GRACE_S - 0.5 <= ended <= STOP_GRACE_S + 1.5, ended  # parts kept coming until then
+    assert 2 <= len(text) < 10
+    assert proc.wait(timeout=30) == 0
+    logs = gateway.logs()
+    assert "Traceback" not in logs and "ConnectionDrainingError" not in logs, logs[-3000:]
+    assert stored is not None and stored.ok  # the job ran on
