@@ -112,7 +112,7 @@ class Requesting:
                                       f"Result later with `ratefleet result {model.id}` (or Client.stored_result "
                                       "on a new Client)") from None
             if msg is None:
-                reason, why = await self._why_unrun()
+                reason, why = await self.why_unrun()
                 raise RequestTimeout(f"no result for job {model.id} within {timeout}s; {why}: collect it later with "
                                      f"`ratefleet result {model.id}` (or Client.stored_result)",
                                      job_id=model.id, reason=reason) from None
@@ -171,7 +171,7 @@ class Requesting:
         except Exception:  # noqa: BLE001 - see docstring
             pass
 
-    async def _why_unrun(self) -> tuple[str | None, str]:
+    async def why_unrun(self) -> tuple[str | None, str]:
         """After a request timed out (never on the way to a Result): whether the fleet can run
         the job at all, from one status request of at most WHY_TIMEOUT_S, shared by every request
         of this Client timing out within WHY_SHARED_S of it. (reason, text). Before, each asked:
@@ -183,7 +183,7 @@ class Requesting:
         return await asyncio.shield(self._why[1])
 
     async def _ask_why(self) -> tuple[str | None, str]:
-        """`_why_unrun`'s one status request (never raises)."""
+        """`why_unrun`'s one status request (never raises)."""
         still_runs = "it is stored and still runs"
         if not self.nc.is_connected:
             return "nats_unavailable", ("the connection to NATS is away (reconnecting), so its Result cannot come "
@@ -205,6 +205,12 @@ class Requesting:
             return "no_worker", ("the leader has no worker: the job is stored and runs (and is paid) once one "
                                  "starts (`ratefleet worker`)")
         keys = status.get("keys")
+        if isinstance(keys, dict) and keys and all(isinstance(key, dict) and key.get("disabled") for key in keys.values()):
+            why = "; ".join(f"{key_id}: {key.get('disabled_reason') or key.get('disabled_by') or 'disabled'}"
+                            for key_id, key in sorted(keys.items()))
+            return "no_key_ready", (f"every key is disabled ({why}): the job is stored and runs (and is paid) once "
+                                    "a key's probe succeeds or an operator enables one (`ratefleet keys enable KEY` "
+                                    "once its secret or account is fixed)")
         if isinstance(keys, dict) and keys and not any(_key_ready(key) for key in keys.values()):
             return "no_key_ready", ("every key is cooling down after 429s (or answered 429 at its last call), has "
                                     "an open breaker or is disabled "

@@ -180,7 +180,8 @@ class Gateway:
         except JobInvalid as exc:
             raise bad_request(str(exc), code="invalid_job") from None
         except (RequestTimeout, TimeoutError):
-            raise timed_out(job.id, caller.timeout_s) from None
+            _, why = await self.client.why_unrun()
+            raise timed_out(job.id, caller.timeout_s, why) from None
         except SubmitError as exc:
             raise GatewayRefusal(503, f"The job could not be stored: {exc}", type="server_error",
                                  code="submit_failed", retry_after_s=1.0) from None

@@ -74,13 +74,17 @@ def nats_down(retry_after_s: float = 2.0) -> GatewayRefusal:
                           retry_after_s=retry_after_s)
 
 
-def timed_out(job_id: str, timeout_s: float) -> GatewayRefusal:
+def timed_out(job_id: str, timeout_s: float, why: str | None = None) -> GatewayRefusal:
     """504 for a job without an answer at the caller's timeout. The job may be in its call (and
     paid for when it ends): an SDK's automatic retry would be a second job and a second call,
-    so the answer says not to (`x-should-retry: false`)."""
-    refusal = GatewayRefusal(504, f"No answer within this caller's timeout ({timeout_s:g} s) for job {job_id}; it "
-                             "may still run (and be paid): sending the request again makes a new job. Its Result "
-                             f"is stored under that id when it ends (`ratefleet result {job_id}` on the fleet).",
+    so the answer says not to (`x-should-retry: false`). `why`: what the fleet said after the
+    timeout (`Client.why_unrun`: no worker, every key disabled or cooling down after 429s, ...);
+    a gateway trial got the same bare 504 for each of those, the provider's refusal of every key
+    and the cause shown only in the dispatcher's log."""
+    cause = why or "it may still run (and be paid)"
+    refusal = GatewayRefusal(504, f"No answer within this caller's timeout ({timeout_s:g} s) for job {job_id}: "
+                             f"{cause}. Sending the request again makes a new job; its Result is stored under that "
+                             f"id when it ends (`ratefleet result {job_id}` on the fleet).",
                              type="timeout", code="job_timeout", sdk_retry=False)
     refusal.job_id = job_id
     return refusal

@@ -32,6 +32,8 @@ async def test_timeout_is_504_then_a_full_queue_is_503_with_retry_after(stalled,
         with pytest.raises(openai.InternalServerError) as late:
             await ai.chat.completions.create(model="mock", messages=[{"role": "user", "content": "one"}])
         assert late.value.status_code == 504 and late.value.code == "job_timeout" and late.value.type == "timeout"
+        # why, as the Python Client's RequestTimeout says it (a gateway trial: a bare "may still run")
+        assert "no dispatcher is running" in late.value.message, late.value.message
         job_id = late.value.response.headers["x-ratefleet-job-id"]
         with pytest.raises(openai.InternalServerError) as full:
             await ai.chat.completions.create(model="mock", messages=[{"role": "user", "content": "two"}])

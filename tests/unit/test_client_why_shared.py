@@ -41,7 +41,7 @@ async def test_concurrent_timeouts_share_one_status_request(monkeypatch):
     monkeypatch.setattr(client_module, "WHY_SHARED_S", 60.0)
     nc = StatusNats()
     client = Client(nc)  # type: ignore[arg-type]
-    answers = await asyncio.gather(*(client._why_unrun() for _ in range(1000)))
+    answers = await asyncio.gather(*(client.why_unrun() for _ in range(1000)))
     assert nc.asked == 1  # before: 1,000
     assert {reason for reason, _ in answers} == {"no_worker"}
 
@@ -51,10 +51,10 @@ async def test_a_timeout_later_than_the_shared_window_asks_again(monkeypatch):
 
     nc = StatusNats()
     client = Client(nc)  # type: ignore[arg-type]
-    await client._why_unrun()
+    await client.why_unrun()
     assert client_module.WHY_SHARED_S > 0
     monkeypatch.setattr(client_module, "WHY_SHARED_S", 0.0)  # the window over: as if WHY_SHARED_S passed
-    await client._why_unrun()
+    await client.why_unrun()
     assert nc.asked == 2
 
 
@@ -79,7 +79,19 @@ class KeysNats(StatusNats):
 ])
 async def test_keys_that_last_answered_429_count_as_not_ready(keys, reason):
     client = Client(KeysNats(keys))  # type: ignore[arg-type]
-    got, text = await client._why_unrun()
+    got, text = await client.why_unrun()
     assert got == reason, text
     if reason:
         assert "cooling down" in text
+
+
+async def test_every_key_disabled_is_named_with_each_keys_reason():
+    """A gateway trial: with the provider refusing both keys (401), each request waited its
+    whole timeout and the answer said only that every key was cooling down, breaker open or
+    disabled; the keys' reasons were only in the dispatcher's log."""
+    keys = {"k1": {"disabled": True, "disabled_by": "provider", "disabled_reason": "invalid_api_key (HTTP 401)"},
+            "k2": {"disabled": True, "disabled_by": "operator", "disabled_reason": "leaked"}}
+    got, text = await Client(KeysNats(keys)).why_unrun()  # type: ignore[arg-type]
+    assert got == "no_key_ready"
+    assert text.startswith("every key is disabled (k1: invalid_api_key (HTTP 401); k2: leaked)")
+    assert "`ratefleet keys enable KEY`" in text
