@@ -294,7 +294,10 @@ class CallerConfig(_Strict):
     API batches run on (None: the config's lowest tier, its last): a batch's lines queue in
     order within their tier, so on the caller's own tier they would hold back its online
     requests until the batch ends. OpenAI runs Batch API work apart from online requests, within
-    a 24-hour window ("Batch API" guide); the lowest tier is ratefleet's form of that."""
+    a 24-hour window ("Batch API" guide); the lowest tier is ratefleet's form of that. `paths`
+    (None: every path but the provider account's stored objects, ratefleet/gateway/translate.py
+    `check_path`) are the request paths the caller may use, as shell-style patterns (`*` any
+    characters, Python's fnmatch), e.g. `/openai/deployments/*/chat/completions`."""
 
     key: SecretStr
     tier: str
@@ -306,6 +309,16 @@ class CallerConfig(_Strict):
     tokens_per_minute: float | None = Field(default=None, gt=0, strict=True)
     timeout_s: float = Field(default=60.0, gt=0, strict=True)
     cache_ttl_s: float | None = Field(default=None, gt=0, strict=True)
+    paths: list[str] | None = None
+
+    @field_validator("paths")
+    @classmethod
+    def _path_patterns(cls, value: list[str] | None) -> list[str] | None:
+        for pattern in value or []:
+            if not pattern.startswith("/"):
+                raise ValueError(f"{pattern!r} is no path: each starts with / (e.g. /v1/chat/completions, "
+                                 "/openai/deployments/*/chat/completions)")
+        return value
 
     @field_validator("key")
     @classmethod

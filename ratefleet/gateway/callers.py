@@ -37,6 +37,7 @@ class Caller:
     tokens_per_minute: float | None
     cache_ttl_s: float | None = None  # the answer cache (ratefleet/runtime/cache.py); None: off
     batch_tier: str | None = None  # the tier of its Batch API batches (Config.batch_tier); None: `tier`
+    paths: tuple[str, ...] | None = None  # path patterns it may use (translate.check_path); None: the default rule
 
     @classmethod
     def from_config(cls, name: str, caller: CallerConfig, batch_tier: str | None = None) -> Caller:
@@ -45,7 +46,8 @@ class Caller:
                    upstreams=None if caller.upstreams is None else tuple(caller.upstreams),
                    models=None if caller.models is None else frozenset(caller.models),
                    timeout_s=caller.timeout_s, rps=caller.rps, burst=caller.burst,
-                   tokens_per_minute=caller.tokens_per_minute, cache_ttl_s=caller.cache_ttl_s)
+                   tokens_per_minute=caller.tokens_per_minute, cache_ttl_s=caller.cache_ttl_s,
+                   paths=None if caller.paths is None else tuple(caller.paths))
 
 
 def key_digest(key: str) -> bytes:

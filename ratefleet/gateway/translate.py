@@ -12,6 +12,7 @@ the fleet's own retries or pay again (FLEET_RETRIED, errors.timed_out).
 from __future__ import annotations
 
 import base64
+import fnmatch
 import json
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
@@ -74,6 +75,52 @@ def choose_upstream(caller: Caller, asked: str | None) -> str | None:
     return caller.upstreams[0] if caller.upstreams else None
 
 
+# paths under which a provider keeps what its account stores (OpenAI: files, batches, uploads, vector
+# stores, assistants and threads, fine-tuning, evals, containers, conversations, the organization's admin
+# API, stored chat completions and responses; Anthropic: message batches, files): every caller shares
+# the fleet's keys, so one caller could read, change or delete what another stored there
+ACCOUNT_PREFIXES = ("/v1/files", "/v1/batches", "/v1/uploads", "/v1/vector_stores", "/v1/assistants", "/v1/threads",
+                    "/v1/fine_tuning", "/v1/fine-tunes", "/v1/evals", "/v1/containers", "/v1/conversations",
+                    "/v1/organization", "/v1/organizations", "/v1/messages/batches", "/v1/chat/completions/",
+                    "/v1/responses/")
+CREATE_ONLY = frozenset({"/v1/chat/completions", "/v1/responses"})  # POST makes one; GET lists the stored ones
+
+
+def check_path(caller: Caller, method: str, path: str) -> None:
+    """GatewayRefusal 403 `path_not_allowed` for a request path the caller may not use. With
+    `paths` (callers.<name>.paths), only paths matching one of its patterns pass (fnmatch, case
+    as given). Without: every path passes but those of what the provider account stores
+    (ACCOUNT_PREFIXES and a bodiless list of stored chat completions or responses,
+    CREATE_ONLY), which the fleet's shared keys would open to every caller (a gateway trial:
+    `GET /v1/chat/completions` listed the organization's stored completions, and `/v1/batches/`
+    and `/v1/files/abc` went to the provider past the gateway's own, per-caller Files and Batch
+    API). OpenAI's paths are matched in lower case with the trailing slash left out."""
+    if caller.paths is not None:
+        if any(fnmatch.fnmatchcase(path, pattern) for pattern in caller.paths):
+            return
+        raise GatewayRefusal(403, f"Caller {caller.name!r} may not use path {path!r} (callers.{caller.name}.paths "
+                             f"lists what it may: {', '.join(caller.paths)}).",
+                             type="invalid_request_error", code="path_not_allowed")
+    trimmed = path.lower().rstrip("/") or "/"
+    if _account_path(trimmed) or (trimmed in CREATE_ONLY and method != "POST"):
+        raise GatewayRefusal(403, f"Path {path!r} reads or changes what the fleet's provider account stores (shared by "
+                             "every caller through the fleet's keys: files, batches, stored completions and responses, "
+                             "vector stores, assistants, fine-tuning, the organization), so the gateway does not pass "
+                             "it on; its own /v1/files and /v1/batches keep each caller's apart. An operator can allow "
+                             f"it for this caller with callers.{caller.name}.paths.",
+                             type="invalid_request_error", code="path_not_allowed")
+
+
+def _account_path(trimmed: str) -> bool:
+    """Whether a path (lower case, no trailing slash) is one of ACCOUNT_PREFIXES or under one; a
+    prefix ending in / stands for what is under it only (the collection itself: CREATE_ONLY)."""
+    for prefix in ACCOUNT_PREFIXES:
+        base = prefix.rstrip("/")
+        if trimmed.startswith(base + "/") or (trimmed == base and not prefix.endswith("/")):
+            return True
+    return False
+
+
 def check_model(caller: Caller, body: Any, text_body: str | None = None, path: str = "") -> None:
     """For a caller with a model allow-list (`models`): GatewayRefusal 403 when the request
     names a model the caller may not use, in its JSON body's `model` or in its path
@@ -129,6 +176,7 @@ def build_job(caller: Caller, *, method: str, path: str, query: Iterable[tuple[s
     the caller's `cache_ttl_s` (`Cache-Control: no-cache`: `cache_refresh`, the lookup is
     skipped, the answer still cached). `headers` keys lower-case. GatewayRefusal 400/403 for
     what cannot become a valid job."""
+    check_path(caller, method, path)
     check_model(caller, json_body, text_body, path)
     forwarded = {name: value for name, value in headers.items() if name in FORWARDED_HEADERS}
     if text_body is not None and "content-type" in headers:

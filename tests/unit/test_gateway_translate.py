@@ -202,3 +202,56 @@ def test_a_request_too_large_for_every_key_tells_the_sdk_not_to_retry():
     assert status == 429 and headers["x-should-retry"] == "false"
     refused = answer_of(result(status="failed", error={"code": "request_too_large", "message": "cost over every key"}))
     assert refused[1]["x-should-retry"] == "false"
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/v1/chat/completions"), ("GET", "/v1/chat/completions/chatcmpl-1"),  # stored completions
+    ("DELETE", "/v1/chat/completions/chatcmpl-1"), ("GET", "/v1/responses/resp_1"), ("DELETE", "/v1/responses/resp_1"),
+    ("GET", "/v1/batches/"), ("POST", "/v1/files/abc"), ("GET", "/v1/files"), ("GET", "/V1/Files/file-1/content"),
+    ("GET", "/v1/vector_stores"), ("POST", "/v1/assistants"), ("GET", "/v1/threads/t1/messages"),
+    ("POST", "/v1/fine_tuning/jobs"), ("GET", "/v1/organization/users"), ("POST", "/v1/messages/batches"),
+    ("POST", "/v1/uploads"), ("GET", "/v1/evals")])
+def test_what_the_provider_account_stores_is_not_passed_on_by_default(method, path):
+    """A gateway trial: every caller shares the fleet's keys, and `GET /v1/chat/completions`
+    (the organization's stored completions), `/v1/batches/` and `/v1/files/abc` went to the
+    provider with them, past the gateway's own per-caller Files and Batch API."""
+    caller = Caller(name="bob", tier="guest", upstreams=None, models=None, timeout_s=5, rps=None, burst=None,
+                    tokens_per_minute=None)
+    with pytest.raises(GatewayRefusal) as refused:
+        job(caller, method=method, path=path, json_body={"model": "m"} if method == "POST" else None)
+    assert (refused.value.status, refused.value.code) == (403, "path_not_allowed")
+    assert "callers.bob.paths" in refused.value.message
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", "/v1/chat/completions"), ("POST", "/v1/responses"), ("POST", "/v1/embeddings"), ("GET", "/v1/models"),
+    ("POST", "/v1/messages"), ("POST", "/v1/completions"), ("POST", "/v1/filesystem"),
+    ("POST", "/openai/deployments/gpt-4o/chat/completions")])
+def test_requests_that_store_nothing_pass_by_default(method, path):
+    caller = Caller(name="bob", tier="guest", upstreams=None, models=None, timeout_s=5, rps=None, burst=None,
+                    tokens_per_minute=None)
+    assert job(caller, method=method, path=path, json_body={"model": "m"} if method == "POST" else None).request.path == path
+
+
+def test_a_callers_paths_are_the_only_ones_it_may_use_and_may_open_a_stored_one():
+    caller = Caller(name="svc", tier="guest", upstreams=None, models=None, timeout_s=5, rps=None, burst=None,
+                    tokens_per_minute=None, paths=("/openai/deployments/*/chat/completions", "/v1/responses/*"))
+    assert job(caller, path="/openai/deployments/gpt-4o/chat/completions", json_body={"model": "m"})
+    assert job(caller, method="GET", path="/v1/responses/resp_1")  # allowed by the operator
+    with pytest.raises(GatewayRefusal) as refused:
+        job(caller, path="/v1/chat/completions", json_body={"model": "m"})
+    assert refused.value.code == "path_not_allowed" and "callers.svc.paths lists what it may" in refused.value.message
+
+
+def test_callers_paths_come_from_the_config_and_a_pattern_must_be_a_path():
+    from ratefleet.schemas import ConfigError
+    from ratefleet.schemas.config import parse_config
+
+    base = {"upstreams": {"u": {"base_url": "http://127.0.0.1:1"}},
+            "pools": {"p": {"keys": [{"id": "k1", "secret": "env:K", "rps": 1}]}}}
+    config = parse_config({**base, "callers": {"svc": {"key": "env:C", "tier": "vip", "paths": ["/v1/embeddings"]}}})
+    assert Caller.from_config("svc", config.callers["svc"]).paths == ("/v1/embeddings",)
+    assert Caller.from_config("svc", parse_config({**base, "callers": {"svc": {"key": "env:C", "tier": "vip"}}})
+                              .callers["svc"]).paths is None
+    with pytest.raises(ConfigError, match=r"callers\.svc\.paths.*'v1/embeddings' is no path"):
+        parse_config({**base, "callers": {"svc": {"key": "env:C", "tier": "vip", "paths": ["v1/embeddings"]}}})
