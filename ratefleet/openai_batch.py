@@ -37,14 +37,19 @@ class NotAnOpenAILine(RatefleetError):
 def job_from_openai_line(data: Any) -> dict[str, Any]:
     """The Job (as a dict, validated later like every job) for an OpenAI Batch input line.
 
-    Raises NotAnOpenAILine for anything without both `custom_id` and `url` (e.g. a Job line),
-    ValueError naming the field for an OpenAI line that is malformed."""
-    if not isinstance(data, dict) or "custom_id" not in data or "url" not in data or "request" in data:
+    Raises NotAnOpenAILine for anything without `custom_id`, or with a Job's `request` (a Job
+    line), ValueError naming the field for an OpenAI line that is malformed: `{"custom_id": "x"}`
+    says its `url` is missing (a gateway trial: it was read as a Job line, "request: Field
+    required; custom_id: Extra inputs are not permitted")."""
+    if not isinstance(data, dict) or "custom_id" not in data or "request" in data:
         raise NotAnOpenAILine
     extra = sorted(set(data) - INPUT_FIELDS)
     if extra:
         raise ValueError(f"OpenAI batch line: unexpected field(s) {', '.join(extra)} (allowed: custom_id, method, "
                          "url, body)")
+    if "url" not in data:
+        raise ValueError('OpenAI batch line: url is missing (the endpoint, e.g. "/v1/chat/completions"; each line '
+                         'is {"custom_id", "method", "url", "body"})')
     custom_id, method, url, body = data["custom_id"], data.get("method", "POST"), data["url"], data.get("body")
     if not isinstance(custom_id, str) or not custom_id:
         raise ValueError("OpenAI batch line: custom_id must be a non-empty string")

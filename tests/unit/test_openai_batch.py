@@ -51,6 +51,9 @@ def test_job_lines_are_unchanged_even_when_they_mention_custom_id():
     ({**CHAT, "body": {**CHAT["body"], "stream": True}}, "body.stream must not be true"),
     # a new user's finding: a POST line without a body was sent, and paid for the upstream's 400
     ({key: value for key, value in CHAT.items() if key != "body"}, "body is required for a POST"),
+    # a gateway trial: read as a Job line, "request: Field required; custom_id: Extra inputs are not permitted"
+    ({"custom_id": "x"}, "OpenAI batch line: url is missing"),
+    ({"custom_id": "x", "body": {"model": "m"}}, "OpenAI batch line: url is missing"),
 ])
 def test_malformed_openai_lines_are_refused_with_the_line_and_why(line, message):
     with pytest.raises(LineError, match=r"^line 4: .*" + message.replace("(", r"\(").replace(")", r"\)")):
