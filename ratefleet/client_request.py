@@ -96,7 +96,10 @@ class Requesting:
                                  f"({why}); it may {'still be stored once NATS is back' if away else 'be stored'}, "
                                  "and then runs (and is paid): collect it later with `ratefleet result "
                                  f"{model.id}` (or Client.stored_result), or request it again with the same id{hint}",
-                                 job_id=model.id, reason="nats_unavailable" if away else None) from None
+                                 job_id=model.id, reason="nats_unavailable" if away else None,
+                                 why=f"NATS did not confirm storing it ({why}); it may "
+                                     f"{'still be stored once NATS is back' if away else 'be stored'}, and then runs "
+                                     "(and is paid)") from None
         try:
             if not fresh and not reply.cancelled():  # (cancelled: this Client closed meanwhile, nothing more is sent)
                 # (its stored Result was looked for just before: a duplicate has an own id)
@@ -115,7 +118,7 @@ class Requesting:
                 reason, why = await self.why_unrun()
                 raise RequestTimeout(f"no result for job {model.id} within {timeout}s; {why}: collect it later with "
                                      f"`ratefleet result {model.id}` (or Client.stored_result)",
-                                     job_id=model.id, reason=reason) from None
+                                     job_id=model.id, reason=reason, why=why) from None
             if isinstance(msg, Result):
                 return msg
             return await self.bodies.resolve(Result.from_json(msg.data))
@@ -201,6 +204,9 @@ class Requesting:
         if not isinstance(status, dict) or status.get("leader") is None:
             return "no_leader", ("no dispatcher leads (a standby takes over within about lease_ttl_s): the job is "
                                  "stored and runs (and is paid) once one does")
+        if status.get("starting"):  # (its answer holds no workers or keys yet: no reason to claim either)
+            return "no_leader", (f"the leader {status.get('leader')} is taking over (loading the key states): the job "
+                                 "is stored and runs (and is paid) once it leads")
         if not status.get("workers"):
             return "no_worker", ("the leader has no worker: the job is stored and runs (and is paid) once one "
                                  "starts (`ratefleet worker`)")

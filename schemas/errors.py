@@ -104,12 +104,14 @@ class RequestTimeout(RatefleetError):
     "nats_unavailable" (the connection to NATS was away, reconnecting: the job's store was not
     confirmed in time, or its Result could not come; once NATS is back it may be stored and run);
     None for anything else (queued behind other jobs, a slow call, or the fleet did not answer in
-    time)."""
+    time). `why`: the cause in words, without the job id or what to do next."""
 
-    def __init__(self, message: str, *, job_id: str | None = None, reason: str | None = None) -> None:
+    def __init__(self, message: str, *, job_id: str | None = None, reason: str | None = None,
+                 why: str | None = None) -> None:
         super().__init__(message)
         self.job_id = job_id
         self.reason = reason
+        self.why = why  # the cause alone, for a caller to word its own message (the gateway's 504)
 
 
 class SecretUnavailable(RatefleetError):

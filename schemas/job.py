@@ -122,7 +122,7 @@ def check_path(path: str) -> str:
     _check_text(path, "path")
     if not path.startswith("/"):
         raise _forbidden("path must start with '/' (a path on the configured upstream)")
-    decoded = _decoded(path)
+    decoded = percent_decoded(path)
     if _CONTROL_OR_BACKSLASH.search(decoded):
         raise _forbidden("path must not contain backslashes or control characters")
     if decoded.startswith("//") or "://" in decoded or "@" in decoded.split("/", 2)[1]:
@@ -269,7 +269,7 @@ def path_models(path: str) -> list[tuple[str, ...]]:
     # decoded before the split (as check_path), empty segments dropped and names matched in any
     # case: `models//m`, `Deployments/m` or `models%2Fm` must not hide a model from the allow-list
     # from servers that merge slashes, ignore case or decode %2F
-    decoded = _decoded(path.split("?", 1)[0])
+    decoded = percent_decoded(path.split("?", 1)[0])
     lowered = decoded.lower()
     if "model" not in lowered and "deployments" not in lowered:
         return []  # (every job's path is read by the dispatcher: most name no model)
@@ -287,7 +287,7 @@ def path_models(path: str) -> list[tuple[str, ...]]:
     return named
 
 
-def _decoded(text: str) -> str:
+def percent_decoded(text: str) -> str:
     """`text` percent-decoded up to three times (%252e%252e style double escapes too)."""
     for _ in range(3):
         if "%" not in text:

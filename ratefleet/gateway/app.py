@@ -37,7 +37,7 @@ from ratefleet.gateway.errors import (
     unauthorized,
 )
 from ratefleet.gateway.limits import Admission, CallerLimits, Refusal
-from ratefleet.gateway.streaming import ChunkStream, start_stream
+from ratefleet.gateway.streaming import ChunkStream, StreamStopped, start_stream
 from ratefleet.gateway.translate import UPSTREAM_HEADER, answer_of, build_job, parse_body, used_tokens
 from ratefleet.runtime.cache import HIT_HEADER, ResultCache, cache_key, cached_result, wants_write
 from ratefleet.runtime.logs import get_logger
@@ -179,9 +179,19 @@ class Gateway:
                                  code="request_too_large") from None
         except JobInvalid as exc:
             raise bad_request(str(exc), code="invalid_job") from None
-        except (RequestTimeout, TimeoutError):
-            _, why = await self.client.why_unrun()
-            raise timed_out(job.id, caller.timeout_s, why) from None
+        except RequestTimeout as exc:
+            raise timed_out(job.id, caller.timeout_s, exc.reason, exc.why) from None
+        except StreamStopped:  # the job is stored (submit_for_reply had its PubAck) and runs: not to be sent again
+            refusal = GatewayRefusal(503, f"The gateway is stopping (a restart or a shutdown) before the answer to job "
+                                     f"{job.id} began; the job is stored and runs (and is paid): its Result is stored "
+                                     f"under that id (`ratefleet result {job.id}` on the fleet). Sending the request "
+                                     "again makes a new job.", type="server_error", code="gateway_stopping",
+                                     sdk_retry=False)
+            refusal.job_id = job.id
+            raise refusal from None
+        except TimeoutError:  # a stream's first chunk (the job is stored: submit_for_reply had its PubAck)
+            reason, why = await self.client.why_unrun()
+            raise timed_out(job.id, caller.timeout_s, reason, why) from None
         except SubmitError as exc:
             raise GatewayRefusal(503, f"The job could not be stored: {exc}", type="server_error",
                                  code="submit_failed", retry_after_s=1.0) from None

@@ -19,7 +19,7 @@ from typing import Any
 from ratefleet.batchfile import SHOWN_ERRORS, IdSet, LineError, TooLong, iter_lines, line_of, parse_line
 from ratefleet.gateway.callers import Caller
 from ratefleet.gateway.errors import GatewayRefusal
-from ratefleet.gateway.translate import check_model, choose_upstream
+from ratefleet.gateway.translate import check_model, check_path, choose_upstream
 from ratefleet.schemas import Job
 
 ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses"})
@@ -74,10 +74,11 @@ def batch_jobs(path: Path, batch: str, endpoint: str, caller: Caller,
                                      f"differs from the batch's endpoint {endpoint!r}", "url")
             continue
         try:
+            check_path(caller, job.request.method, job.request.path)  # (a batch whose endpoint passed: every line)
             check_model(caller, job.request.json_body, path=job.request.path)
         except GatewayRefusal as refusal:
             yield number, line_error(number, refusal.code or "model_not_allowed", f"line {number}: {refusal.message}",
-                                     "body.model")
+                                     "url" if refusal.code == "path_not_allowed" else "body.model")
             continue
         update: dict[str, Any] = {"metadata": {**job.metadata, "caller": caller.name}}
         if upstream is not None and job.upstream is None:

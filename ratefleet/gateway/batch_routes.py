@@ -34,7 +34,7 @@ from ratefleet.gateway.batch_runner import BatchRunner
 from ratefleet.gateway.callers import Caller, CallerTable, single_field
 from ratefleet.gateway.errors import GatewayRefusal, bad_request, unauthorized
 from ratefleet.gateway.files import FileStore
-from ratefleet.gateway.translate import choose_upstream
+from ratefleet.gateway.translate import check_path, choose_upstream
 from ratefleet.runtime.edge import translate
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.streams import STORE_NOT_CREATED, stream_gone
@@ -215,6 +215,7 @@ class BatchApi:
             raise bad_request("input_file_id is required.", param="input_file_id")
         if endpoint not in ENDPOINTS:
             raise bad_request(f"endpoint must be one of {', '.join(sorted(ENDPOINTS))}.", param="endpoint")
+        check_path(caller, "POST", endpoint)  # callers.<name>.paths hold for its batches too (a review)
         if window not in WINDOW_S:
             raise bad_request("completion_window must be '24h'.", param="completion_window")
         _check_metadata(metadata)

@@ -74,13 +74,18 @@ def nats_down(retry_after_s: float = 2.0) -> GatewayRefusal:
                           retry_after_s=retry_after_s)
 
 
-def timed_out(job_id: str, timeout_s: float, why: str | None = None) -> GatewayRefusal:
+def timed_out(job_id: str, timeout_s: float, reason: str | None = None, why: str | None = None) -> GatewayRefusal:
     """504 for a job without an answer at the caller's timeout. The job may be in its call (and
     paid for when it ends): an SDK's automatic retry would be a second job and a second call,
-    so the answer says not to (`x-should-retry: false`). `why`: what the fleet said after the
-    timeout (`Client.why_unrun`: no worker, every key disabled or cooling down after 429s, ...);
-    a gateway trial got the same bare 504 for each of those, the provider's refusal of every key
-    and the cause shown only in the dispatcher's log."""
+    so the answer says not to (`x-should-retry: false`). `reason` / `why`: what the fleet said
+    after the timeout (RequestTimeout's, or `Client.why_unrun`: no worker, every key out of use,
+    ...); a gateway trial got the same bare 504 for each of those, the provider's refusal of
+    every key and the cause shown only in the dispatcher's log. Which keys and why stays with the
+    fleet's operators (`ratefleet status`): a key's reason can name a secret's variable or file."""
+    if reason == "no_key_ready":
+        why = ("no key of the fleet can take it now (each is disabled, cooling down after 429s, or has an open "
+               "breaker; the fleet's operators see which in `ratefleet status`): it is stored and runs (and is paid) "
+               "once a key can take it")
     cause = why or "it may still run (and be paid)"
     refusal = GatewayRefusal(504, f"No answer within this caller's timeout ({timeout_s:g} s) for job {job_id}: "
                              f"{cause}. Sending the request again makes a new job; its Result is stored under that "

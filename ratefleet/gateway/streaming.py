@@ -118,6 +118,28 @@ class ChunkStream:
                 continue
 
 
+class StreamStopped(Exception):
+    """The gateway stopped (its stop deadline passed) before a stream's first part came."""
+
+
+async def _first(sub: Subscription, idle_until: float, stop_at: Callable[[], float | None]) -> Msg:
+    """A stream's first message. Raises TimeoutError once `idle_until` (monotonic) passes, and
+    StreamStopped once the gateway's stop deadline does first (a review: a stream still waiting
+    for its first part got the bare connection reset at shutdown that its open streams no longer
+    get). Waits a second at a time for the same reason as `ChunkStream._next`."""
+    while True:
+        now, deadline = time.monotonic(), stop_at()
+        if deadline is not None and now >= deadline:
+            raise StreamStopped
+        if now >= idle_until:
+            raise TimeoutError
+        until = idle_until if deadline is None else min(idle_until, deadline)
+        try:
+            return await sub.next_msg(timeout=max(0.001, min(until - now, STOP_CHECK_S)))
+        except TimeoutError:
+            continue
+
+
 def event_end(data: bytes | bytearray, start: int = 0) -> int:
     """Where the last whole event of `data` ends (0: none), looking at blank lines that end at
     or after `start` only (what was looked at before is not scanned again). An event ends at a
@@ -167,9 +189,10 @@ async def start_stream(client: Client, job: Job, tier: str, timeout_s: float,
     sub = await client.nc.subscribe(inbox + ".>")
     try:
         await client.submit_for_reply(job, tier, reply_to)
-        msg = await sub.next_msg(timeout=timeout_s)
+        msg = await _first(sub, time.monotonic() + timeout_s, stop_at)
     except BaseException:
-        await sub.unsubscribe()
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
         raise
     if msg.subject == reply_to:
         await sub.unsubscribe()

@@ -24,7 +24,7 @@ from ratefleet.gateway.callers import Caller
 from ratefleet.gateway.errors import SHOULD_RETRY, GatewayRefusal, bad_request
 from ratefleet.openai_batch import body_withheld
 from ratefleet.schemas import ErrorCode, Job, Result
-from ratefleet.schemas.job import describe_validation_error, new_job_id, path_models
+from ratefleet.schemas.job import describe_validation_error, new_job_id, path_models, percent_decoded
 
 UPSTREAM_HEADER = "x-ratefleet-upstream"  # picks one of the caller's upstreams
 FORWARDED_HEADERS = frozenset({"openai-organization", "openai-project", "openai-beta", "anthropic-version",
@@ -75,39 +75,53 @@ def choose_upstream(caller: Caller, asked: str | None) -> str | None:
     return caller.upstreams[0] if caller.upstreams else None
 
 
-# paths under which a provider keeps what its account stores (OpenAI: files, batches, uploads, vector
-# stores, assistants and threads, fine-tuning, evals, containers, conversations, the organization's admin
-# API, stored chat completions and responses; Anthropic: message batches, files): every caller shares
-# the fleet's keys, so one caller could read, change or delete what another stored there
-ACCOUNT_PREFIXES = ("/v1/files", "/v1/batches", "/v1/uploads", "/v1/vector_stores", "/v1/assistants", "/v1/threads",
-                    "/v1/fine_tuning", "/v1/fine-tunes", "/v1/evals", "/v1/containers", "/v1/conversations",
-                    "/v1/organization", "/v1/organizations", "/v1/messages/batches", "/v1/chat/completions/",
-                    "/v1/responses/")
-CREATE_ONLY = frozenset({"/v1/chat/completions", "/v1/responses"})  # POST makes one; GET lists the stored ones
+# where a provider keeps what its account stores (OpenAI, also under Azure OpenAI's /openai and
+# /openai/v1: files, batches, uploads, vector stores, assistants and threads, fine-tuning, evals,
+# containers, conversations, videos, the organization's admin API; stored chat completions and
+# responses; Gemini: files and cached contents; Anthropic: message batches): every caller shares the
+# fleet's keys, so one caller could read, change or delete what another stored there
+_OPENAI_STORES = ("/files", "/batches", "/uploads", "/vector_stores", "/assistants", "/threads", "/fine_tuning",
+                  "/fine-tunes", "/evals", "/containers", "/conversations", "/videos", "/organization",
+                  "/organizations", "/chat/completions/", "/responses/")
+ACCOUNT_PREFIXES = (*(root + store for root in ("/v1", "/openai", "/openai/v1") for store in _OPENAI_STORES),
+                    "/v1beta/files", "/v1beta/cachedcontents", "/upload/v1beta/files", "/v1/messages/batches")
+CREATE_ONLY = frozenset({"/v1/chat/completions", "/v1/responses", "/openai/v1/chat/completions",
+                         "/openai/v1/responses"})  # POST makes one; GET lists the stored ones
+STATELESS = frozenset({"/v1/responses/input_tokens", "/openai/v1/responses/input_tokens"})  # POST, stores nothing
+MODEL_PATHS = ("/v1/models/", "/openai/v1/models/")  # GET reads a model; DELETE removes a fine-tuned one
 
 
 def check_path(caller: Caller, method: str, path: str) -> None:
     """GatewayRefusal 403 `path_not_allowed` for a request path the caller may not use. With
     `paths` (callers.<name>.paths), only paths matching one of its patterns pass (fnmatch, case
     as given). Without: every path passes but those of what the provider account stores
-    (ACCOUNT_PREFIXES and a bodiless list of stored chat completions or responses,
-    CREATE_ONLY), which the fleet's shared keys would open to every caller (a gateway trial:
-    `GET /v1/chat/completions` listed the organization's stored completions, and `/v1/batches/`
-    and `/v1/files/abc` went to the provider past the gateway's own, per-caller Files and Batch
-    API). OpenAI's paths are matched in lower case with the trailing slash left out."""
+    (ACCOUNT_PREFIXES, a bodiless list of stored chat completions or responses, CREATE_ONLY, and
+    anything but GET on a model, MODEL_PATHS), which the fleet's shared keys would open to every
+    caller (a gateway trial: `GET /v1/chat/completions` listed the organization's stored
+    completions, and `/v1/batches/` and `/v1/files/abc` went to the provider past the gateway's
+    own, per-caller Files and Batch API). The path is matched percent-decoded (as the worker's
+    HTTP client may send `/v1/%66iles`: `/v1/files`, a review found), in lower case, without a
+    trailing slash; a path still holding `%` after three decodings is refused."""
+    decoded = percent_decoded(path)
+    if "%" in decoded:
+        raise GatewayRefusal(400, f"The path {path!r} is percent-encoded more than three times over.",
+                             type="invalid_request_error", code="invalid_path")
     if caller.paths is not None:
-        if any(fnmatch.fnmatchcase(path, pattern) for pattern in caller.paths):
+        if any(fnmatch.fnmatchcase(decoded, pattern) for pattern in caller.paths):
             return
         raise GatewayRefusal(403, f"Caller {caller.name!r} may not use path {path!r} (callers.{caller.name}.paths "
                              f"lists what it may: {', '.join(caller.paths)}).",
                              type="invalid_request_error", code="path_not_allowed")
-    trimmed = path.lower().rstrip("/") or "/"
-    if _account_path(trimmed) or (trimmed in CREATE_ONLY and method != "POST"):
+    trimmed = decoded.lower().rstrip("/") or "/"
+    if trimmed in STATELESS and method == "POST":
+        return
+    if (_account_path(trimmed) or (trimmed in CREATE_ONLY and method != "POST")
+            or (trimmed.startswith(MODEL_PATHS) and method not in ("GET", "HEAD"))):
         raise GatewayRefusal(403, f"Path {path!r} reads or changes what the fleet's provider account stores (shared by "
                              "every caller through the fleet's keys: files, batches, stored completions and responses, "
-                             "vector stores, assistants, fine-tuning, the organization), so the gateway does not pass "
-                             "it on; its own /v1/files and /v1/batches keep each caller's apart. An operator can allow "
-                             f"it for this caller with callers.{caller.name}.paths.",
+                             "vector stores, assistants, fine-tuning and its models, the organization), so the gateway "
+                             "does not pass it on; its own /v1/files and /v1/batches keep each caller's apart. An "
+                             f"operator can allow it for this caller with callers.{caller.name}.paths.",
                              type="invalid_request_error", code="path_not_allowed")
 
 
@@ -115,7 +129,7 @@ def _account_path(trimmed: str) -> bool:
     """Whether a path (lower case, no trailing slash) is one of ACCOUNT_PREFIXES or under one; a
     prefix ending in / stands for what is under it only (the collection itself: CREATE_ONLY)."""
     for prefix in ACCOUNT_PREFIXES:
-        base = prefix.rstrip("/")
+        base = prefix.lower().rstrip("/")
         if trimmed.startswith(base + "/") or (trimmed == base and not prefix.endswith("/")):
             return True
     return False
@@ -176,8 +190,8 @@ def build_job(caller: Caller, *, method: str, path: str, query: Iterable[tuple[s
     the caller's `cache_ttl_s` (`Cache-Control: no-cache`: `cache_refresh`, the lookup is
     skipped, the answer still cached). `headers` keys lower-case. GatewayRefusal 400/403 for
     what cannot become a valid job."""
-    check_path(caller, method, path)
     check_model(caller, json_body, text_body, path)
+    check_path(caller, method, path)
     forwarded = {name: value for name, value in headers.items() if name in FORWARDED_HEADERS}
     if text_body is not None and "content-type" in headers:
         forwarded["content-type"] = headers["content-type"]

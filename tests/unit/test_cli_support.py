@@ -162,6 +162,9 @@ def test_a_refused_subjects_timeout_is_not_said_to_be_a_nats_that_is_down(monkey
     err = capsys.readouterr().err
     assert "NATS refused this user $js.api.stream.info.ratefleet_dead (permissions violation)" in err
     assert err.rstrip().endswith("then: the command could not go on without it") and "NATS runs" not in err, err
+    with pytest.raises(typer.Exit):  # a connection really lost after the refusal keeps its own advice (a review)
+        fail(str(translate(nats.errors.ConnectionClosedError(), "reading dead letters")), 1)
+    assert "check that NATS runs" in capsys.readouterr().err
     monkeypatch.setattr(connect, "_DENIED", [])
     with pytest.raises(typer.Exit):
         fail(str(timeout), 1)

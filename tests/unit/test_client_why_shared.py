@@ -95,3 +95,28 @@ async def test_every_key_disabled_is_named_with_each_keys_reason():
     assert got == "no_key_ready"
     assert text.startswith("every key is disabled (k1: invalid_api_key (HTTP 401); k2: leaked)")
     assert "`ratefleet keys enable KEY`" in text
+
+
+async def test_a_leader_taking_over_is_not_called_a_fleet_without_workers():
+    """A review: a dispatcher whose own session restarts answers `starting` with no workers; the
+    timeout's reason read "the leader has no worker ... once one starts (`ratefleet worker`)"."""
+    class TakingOver(StatusNats):
+        async def request(self, subject, payload, timeout):
+            return SimpleNamespace(data=json.dumps({"leader": "d1", "starting": True}).encode())
+
+    got, text = await Client(TakingOver()).why_unrun()  # type: ignore[arg-type]
+    assert got == "no_leader" and text.startswith("the leader d1 is taking over"), text
+
+
+def test_the_gateways_504_keeps_key_reasons_and_a_not_stored_jobs_cause_apart():
+    """A review: the 504 named each key's reason to outside callers (a secret's variable or file
+    can be in it), and said "it is stored and still runs" of a job NATS never confirmed storing."""
+    from ratefleet.gateway.errors import timed_out
+
+    keys = timed_out("j1", 30, "no_key_ready", "every key is disabled (k1: LOCAL_KEY_1 not set)")
+    assert "LOCAL_KEY_1" not in keys.message and "k1" not in keys.message
+    assert "no key of the fleet can take it now" in keys.message and "`ratefleet status`" in keys.message
+    unstored = timed_out("j1", 30, None, "NATS did not confirm storing it (its acknowledgement had not come); it may "
+                         "be stored, and then runs (and is paid)")
+    assert "NATS did not confirm storing it" in unstored.message and "stored and still runs" not in unstored.message
+    assert "it may still run (and be paid)" in timed_out("j1", 30).message  # nothing known: as before

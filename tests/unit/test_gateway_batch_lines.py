@@ -98,3 +98,13 @@ def test_each_kind_of_bad_line_gets_its_own_code_and_the_list_says_how_many_more
     assert found.errors[-1] == {"code": "more_errors", "param": None, "line": None, "message":
                                 "8 more lines with errors (28 in all; the first 20 are listed): check the whole "
                                 "file before uploading it again"}
+
+
+def test_a_callers_paths_hold_for_its_batch_lines(tmp_path):
+    """A review: with callers.<name>.paths = ["/v1/embeddings"], a direct chat request was refused
+    but the same request as a Batch API line ran."""
+    limited = Caller("app", "premium", None, None, 60.0, None, None, None, paths=("/v1/embeddings",))
+    found = check_file(write(tmp_path, [chat("a"), chat("b")]), "batch_x", ENDPOINT, limited)
+    assert found.jobs == 0 and [(e["line"], e["code"], e["param"]) for e in found.errors] == [
+        (1, "path_not_allowed", "url"), (2, "path_not_allowed", "url")]
+    assert check_file(write(tmp_path, [chat("a")]), "batch_x", ENDPOINT, caller()).jobs == 1  # by default: runs
