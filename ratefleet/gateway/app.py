@@ -37,6 +37,7 @@ from ratefleet.gateway.errors import (
     unauthorized,
 )
 from ratefleet.gateway.limits import Admission, CallerLimits, Refusal
+from ratefleet.gateway.metrics import GatewayMetrics
 from ratefleet.gateway.streaming import ChunkStream, StreamStopped, start_stream
 from ratefleet.gateway.translate import UPSTREAM_HEADER, answer_of, build_job, parse_body, used_tokens
 from ratefleet.runtime.cache import HIT_HEADER, ResultCache, cache_key, cached_result, wants_write
@@ -61,14 +62,17 @@ class Gateway:
     def __init__(self, client: Client, callers: CallerTable, *, max_body_bytes: int,
                  body_limit_source: str = "streams.max_job_bytes",
                  clock: Callable[[], float] = time.monotonic, cache: ResultCache | None = None,
-                 default_upstream: str | None = None, upstreams: tuple[str, ...] = ()) -> None:
+                 default_upstream: str | None = None, upstreams: tuple[str, ...] = (),
+                 metrics: GatewayMetrics | None = None) -> None:
         """`max_body_bytes`: the largest request body (bytes; larger: 413 naming `body_limit_source`),
         the fleet's largest job (`job_size_limit`). `cache`: the fleet's answer cache (None: no
         lookups here); `default_upstream`: the
         config's only upstream (a job without `upstream` runs there: part of the cache key);
         `upstreams`: the config's upstream names (with several and none chosen, a request is
-        refused here, naming the header that chooses one)."""
+        refused here, naming the header that chooses one). `metrics`: where each answer is counted
+        (gateway/metrics.py; None: nowhere)."""
         self.client = client
+        self.metrics = metrics
         self.callers = callers
         self.limits = CallerLimits()
         self.max_body_bytes, self.body_limit_source = max_body_bytes, body_limit_source
@@ -95,6 +99,8 @@ class Gateway:
             if isinstance(answer, ChunkStream):
                 log.info("gateway stream", caller=caller.name, path=request.url.path, job_id=job.id,
                          first_byte_ms=round((time.perf_counter() - started) * 1000, 1))
+                if self.metrics is not None:
+                    self.metrics.answered(caller.name, 200, time.perf_counter() - started)
                 return StreamingResponse(self._settled(answer, admission), media_type="text/event-stream",
                                          headers={"x-ratefleet-job-id": job.id or "", "cache-control": "no-cache"})
             self.limits.settle(admission, self.clock(), 0.0 if cache_state == "hit" else used_tokens(answer))
@@ -104,9 +110,15 @@ class Gateway:
             headers = {**refusal.headers(), "content-type": "application/json"}
             if refusal.job_id is not None:  # (not for a job never stored: no Result will ever be under it)
                 headers["x-ratefleet-job-id"] = refusal.job_id
+        except Exception:  # answered 500 by the app's handler (`_internal_error`): counted as such
+            if self.metrics is not None:
+                self.metrics.answered(caller.name if caller else None, 500, time.perf_counter() - started)
+            raise
         log.info("gateway request", caller=caller.name if caller else None, method=request.method,
                  path=request.url.path, status=status, job_id=job.id if job else None, cache=cache_state,
                  ms=round((time.perf_counter() - started) * 1000, 1))
+        if self.metrics is not None:
+            self.metrics.answered(caller.name if caller else None, status, time.perf_counter() - started)
         if cache_state is not None:
             headers[HIT_HEADER] = cache_state
         media = headers.pop("content-type", None)

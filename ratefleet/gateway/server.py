@@ -22,6 +22,7 @@ from ratefleet.gateway.batch_routes import BatchApi
 from ratefleet.gateway.batch_runner import BatchRunner
 from ratefleet.gateway.callers import Caller, CallerTable
 from ratefleet.gateway.files import FileStore
+from ratefleet.gateway.metrics import GatewayMetrics
 from ratefleet.gateway.streaming import STOP_GRACE_S
 from ratefleet.runtime.cache import ResultCache
 from ratefleet.runtime.config_kv import ConfigFollower, startup_config
@@ -80,7 +81,8 @@ async def serve_gateway(config: Config, nc, stop: anyio.Event, listen: str, prob
     body_limit, limit_source = job_size_limit(config.streams.max_job_bytes, nc.max_payload)
     gateway = Gateway(client, callers, max_body_bytes=body_limit, body_limit_source=limit_source,
                       cache=cache, default_upstream=fleet.default_upstream(),
-                      upstreams=tuple(fleet.upstreams))
+                      upstreams=tuple(fleet.upstreams),
+                      metrics=GatewayMetrics(probes.registry) if probes is not None else None)
 
     async def follow_upstreams(applied: int, live: Config) -> None:
         """The fleet's upstreams are live (`config push`): which one a request naming none runs

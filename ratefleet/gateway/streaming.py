@@ -23,6 +23,7 @@ from nats.aio.subscription import Subscription
 from ratefleet.client import Client
 from ratefleet.runtime.logs import get_logger
 from ratefleet.schemas import Job, Result
+from ratefleet.schemas.errors import RatefleetError
 
 log = get_logger("ratefleet.gateway")
 ATTEMPT_HEADER = "Ratefleet-Attempt"  # set by workers/relay.py on every chunk
@@ -118,8 +119,9 @@ class ChunkStream:
                 continue
 
 
-class StreamStopped(Exception):
-    """The gateway stopped (its stop deadline passed) before a stream's first part came."""
+class StreamStopped(RatefleetError):
+    """The gateway stopped (its stop deadline passed) before a stream's first part came; the job
+    is stored and runs (the gateway answers 503 `gateway_stopping` naming it)."""
 
 
 async def _first(sub: Subscription, idle_until: float, stop_at: Callable[[], float | None]) -> Msg:

@@ -21,6 +21,10 @@ what (names without the `ratefleet_` prefix):
     cache_writes_total               workers: answer-cache entries written after a 2xx call
     split_jobs_total{tier,variant,status}, split_request_duration_seconds{tier,variant}
                                      workers: jobs of tiers with an A/B split, by variant
+    gateway_requests_total{caller,status}, gateway_request_duration_seconds{caller}
+                                     gateways: HTTP requests answered, by caller and status code, and the time
+                                     to the answer (a stream's: to its first part); `caller` is a configured
+                                     caller's name, "unknown" for a key no caller has
 """
 
 from __future__ import annotations
@@ -50,11 +54,13 @@ CACHE_REQUESTS = "ratefleet_cache_requests_total"
 CACHE_WRITES = "ratefleet_cache_writes_total"
 SPLIT_JOBS = "ratefleet_split_jobs_total"
 SPLIT_DURATION = "ratefleet_split_request_duration_seconds"
+GATEWAY_REQUESTS = "ratefleet_gateway_requests_total"
+GATEWAY_DURATION = "ratefleet_gateway_request_duration_seconds"
 
 # every metric of the fleet, for the dashboard test and the README table
 ALL_METRICS = (JOBS_TOTAL, QUEUE_DEPTH, QUEUE_WAIT, UPSTREAM_REQUESTS, UPSTREAM_DURATION, KEY_IN_FLIGHT, KEY_TOKENS,
                KEY_EFFECTIVE_RPS, KEY_STATE, IS_LEADER, WORKER_SLOTS, DESIRED_WORKERS, CACHE_REQUESTS, CACHE_WRITES,
-               SPLIT_JOBS, SPLIT_DURATION)
+               SPLIT_JOBS, SPLIT_DURATION, GATEWAY_REQUESTS, GATEWAY_DURATION)
 
 # seconds: queue waits run from milliseconds (an idle fleet) to hours (a backlog behind a limit)
 QUEUE_WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)

@@ -82,6 +82,18 @@ async def test_the_same_chat_twice_is_answered_from_the_cache_without_a_call(gat
     lookups = {s.labels["result"]: s.value for family in text_string_to_metric_families(scraped)
                if family.name == "ratefleet_cache_requests" for s in family.samples if s.name.endswith("_total")}
     assert lookups == {"hit": 1.0, "miss": 1.0}, scraped
+    # and every answer, by caller and status (an operations trial: the cache counters were all there was)
+    async with sdk(gateway, "not-a-caller-key") as ai:
+        with pytest.raises(openai.AuthenticationError):
+            await chat(ai)
+    scraped = httpx.get(gateway.gateway_url + "/metrics", timeout=10, trust_env=False).text
+    answered = {(s.labels["caller"], s.labels["status"]): s.value for family in text_string_to_metric_families(scraped)
+                if family.name == "ratefleet_gateway_requests" for s in family.samples if s.name.endswith("_total")}
+    assert answered == {("cached", "200"): 2.0, ("unknown", "401"): 1.0}, scraped
+    timed = {s.labels["caller"]: s.value for family in text_string_to_metric_families(scraped)
+             if family.name == "ratefleet_gateway_request_duration_seconds" for s in family.samples
+             if s.name.endswith("_count")}
+    assert timed == {"cached": 2.0, "unknown": 1.0}, scraped
 
 
 async def test_canonical_body_shares_the_entry_and_another_body_does_not(gateway, upstream):

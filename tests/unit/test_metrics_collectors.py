@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from ratefleet.dispatcher.shell.metrics import DispatcherMetrics, LeaderView
+from ratefleet.gateway.metrics import GatewayMetrics
 from ratefleet.runtime import probes as probes_module
 from ratefleet.runtime.cache import CacheStats
 from ratefleet.runtime.metrics import ALL_METRICS, KEY_STATES, key_state, new_registry, register_cache
@@ -24,7 +25,7 @@ from ratefleet.supervisor import Child, assign_http
 from ratefleet.workers.metrics import WorkerMetrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "examples" / "grafana" / "ratefleet.json"
-ALLOWED_LABELS = {"tier", "status", "key", "outcome", "upstream", "state", "le", "result", "variant"}
+ALLOWED_LABELS = {"tier", "status", "key", "outcome", "upstream", "state", "le", "result", "variant", "caller"}
 
 
 def _key(**fields):
@@ -102,7 +103,10 @@ def test_names_units_and_labels_follow_prometheus_practice():
     worker_metrics.job_ended("premium", "succeeded", "split")
     register_cache(worker, lambda: CacheStats(hits=1, misses=2, writes=3))
     DispatcherMetrics(leader, lambda: LeaderView(LEADER, {"vip": 1})).job_ended("vip", "invalid")
-    families = [f for registry in (worker, leader) for f in text_string_to_metric_families(generate_latest(registry).decode())]
+    gateway = new_registry()
+    GatewayMetrics(gateway).answered("app", 200, 0.05)
+    families = [f for registry in (worker, leader, gateway)
+                for f in text_string_to_metric_families(generate_latest(registry).decode())]
     exported = set()
     for family in families:
         if family.name.endswith("_created"):
