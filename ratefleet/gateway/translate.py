@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import fnmatch
 import json
+import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
@@ -89,6 +90,7 @@ CREATE_ONLY = frozenset({"/v1/chat/completions", "/v1/responses", "/openai/v1/ch
                          "/openai/v1/responses"})  # POST makes one; GET lists the stored ones
 STATELESS = frozenset({"/v1/responses/input_tokens", "/openai/v1/responses/input_tokens"})  # POST, stores nothing
 MODEL_PATHS = ("/v1/models/", "/openai/v1/models/")  # GET reads a model; DELETE removes a fine-tuned one
+_SEGMENT_PARAMETERS = re.compile(r";[^/]*")  # a path segment's ;parameters, which some servers drop
 
 
 def check_path(caller: Caller, method: str, path: str) -> None:
@@ -101,11 +103,17 @@ def check_path(caller: Caller, method: str, path: str) -> None:
     completions, and `/v1/batches/` and `/v1/files/abc` went to the provider past the gateway's
     own, per-caller Files and Batch API). The path is matched percent-decoded (as the worker's
     HTTP client may send `/v1/%66iles`: `/v1/files`, a review found), in lower case, without a
-    trailing slash; a path still holding `%` after three decodings is refused."""
+    trailing slash and each segment's `;parameters`; a path still holding `%` after three
+    decodings, or with an empty segment (`//`, which nginx merges by default), is refused (400
+    `invalid_path`; a re-run of the trial sent `/v1//files` and `/v1/files;x` on)."""
     decoded = percent_decoded(path)
     if "%" in decoded:
         raise GatewayRefusal(400, f"The path {path!r} is percent-encoded more than three times over.",
                              type="invalid_request_error", code="invalid_path")
+    if "//" in decoded:  # a server or proxy that merges slashes (nginx's default) reads /v1//files as /v1/files
+        raise GatewayRefusal(400, f"The path {path!r} has an empty segment (//).", type="invalid_request_error",
+                             code="invalid_path")
+    decoded = _SEGMENT_PARAMETERS.sub("", decoded)  # /v1/files;x: matched as /v1/files (RFC 3986 3.3)
     if caller.paths is not None:
         if any(fnmatch.fnmatchcase(decoded, pattern) for pattern in caller.paths):
             return

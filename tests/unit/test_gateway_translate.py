@@ -215,7 +215,9 @@ def test_a_request_too_large_for_every_key_tells_the_sdk_not_to_retry():
     # OpenAI's and Gemini's stores, OpenAI videos, a fine-tuned model deleted
     ("GET", "/v1/%2566iles"), ("GET", "/v1/%66iles"), ("GET", "/v1/chat/completion%2573"), ("GET", "/openai/files"),
     ("GET", "/openai/v1/files"), ("GET", "/openai/batches"), ("POST", "/openai/assistants"), ("GET", "/v1beta/files"),
-    ("GET", "/v1beta/cachedContents"), ("GET", "/v1/videos"), ("DELETE", "/v1/models/ft:gpt-4o:org:custom")])
+    ("GET", "/v1beta/cachedContents"), ("GET", "/v1/videos"), ("DELETE", "/v1/models/ft:gpt-4o:org:custom"),
+    # a re-run: segment parameters, which some servers drop
+    ("GET", "/v1/files;x"), ("GET", "/v1/chat/completions;v=1"), ("GET", "/v1;a/batches")])
 def test_what_the_provider_account_stores_is_not_passed_on_by_default(method, path):
     """A gateway trial: every caller shares the fleet's keys, and `GET /v1/chat/completions`
     (the organization's stored completions), `/v1/batches/` and `/v1/files/abc` went to the
@@ -261,3 +263,13 @@ def test_callers_paths_come_from_the_config_and_a_pattern_must_be_a_path():
                               .callers["svc"]).paths is None
     with pytest.raises(ConfigError, match=r"callers\.svc\.paths.*'v1/embeddings' is no path"):
         parse_config({**base, "callers": {"svc": {"key": "env:C", "tier": "vip", "paths": ["v1/embeddings"]}}})
+
+
+@pytest.mark.parametrize("path", ["/v1//files", "/v1/chat//completions", "/v1/%2F/files"])
+def test_a_path_with_an_empty_segment_is_refused(path):
+    """A re-run of the gateway trial: `/v1//files` went to the provider (nginx merges slashes)."""
+    caller = Caller(name="bob", tier="guest", upstreams=None, models=None, timeout_s=5, rps=None, burst=None,
+                    tokens_per_minute=None)
+    with pytest.raises(GatewayRefusal) as refused:
+        job(caller, method="GET", path=path)
+    assert (refused.value.status, refused.value.code) == (400, "invalid_path")
