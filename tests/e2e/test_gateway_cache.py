@@ -5,6 +5,7 @@ and `ratefleet gateway`, driven by the official OpenAI SDK and by the Python cli
 from __future__ import annotations
 
 import asyncio
+import re
 
 import httpx
 import openai
@@ -94,6 +95,11 @@ async def test_the_same_chat_twice_is_answered_from_the_cache_without_a_call(gat
              if family.name == "ratefleet_gateway_request_duration_seconds" for s in family.samples
              if s.name.endswith("_count")}
     assert timed == {"cached": 2.0, "unknown": 1.0}, scraped
+    # every gateway metric the Grafana dashboard queries is on a live gateway's /metrics
+    from test_metrics_probes import dashboard_metrics
+    declared = set(re.findall(r"^(ratefleet_gateway_\w+)(?:\{| )", scraped, re.M))
+    wanted = {name for name in dashboard_metrics() if name.startswith("ratefleet_gateway_")}
+    assert wanted and wanted <= declared, wanted - declared
 
 
 async def test_canonical_body_shares_the_entry_and_another_body_does_not(gateway, upstream):
