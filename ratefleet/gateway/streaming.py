@@ -70,13 +70,14 @@ class ChunkStream:
                 if end:
                     yield bytes(held[:end])
                     del held[:end]
-                msg = await self._next(time.monotonic() + self.idle_timeout_s)
-                if msg is None and self._stopping():
+                try:
+                    msg = await next_part(self.sub, time.monotonic() + self.idle_timeout_s, self.stop_at)
+                except StreamStopped:
                     log.warning("gateway stopping; stream ended early", job_id=self.job_id)
                     yield interrupted(self.job_id, "the gateway is stopping (a restart or a shutdown) and the job "
                                       "runs on without it")
                     return
-                if msg is None:
+                except TimeoutError:
                     log.warning("stream idle; ended early", job_id=self.job_id, idle_s=self.idle_timeout_s)
                     yield interrupted(self.job_id, f"no part of the answer came for {self.idle_timeout_s:g}s")
                     return
@@ -97,38 +98,19 @@ class ChunkStream:
             with contextlib.suppress(nats.errors.Error):  # a connection draining or closed has dropped it already
                 await self.sub.unsubscribe()
 
-    def _stopping(self) -> bool:
-        stop_at = self.stop_at()
-        return stop_at is not None and time.monotonic() >= stop_at
-
-    async def _next(self, idle_until: float) -> Msg | None:
-        """The next message, or None once `idle_until` (monotonic) passes or the gateway's stop
-        deadline does. Waits a second at a time while the gateway runs, so a stop that comes
-        during a long silence of the upstream is seen within a second (a gateway trial: SIGTERM
-        cut a stream with a bare connection reset after uvicorn's graceful timeout, and a
-        ConnectionDrainingError traceback)."""
-        while True:
-            now = time.monotonic()
-            stop_at = self.stop_at()
-            until = idle_until if stop_at is None else min(idle_until, stop_at)
-            if now >= until:
-                return None
-            try:
-                return await self.sub.next_msg(timeout=min(until - now, STOP_CHECK_S))
-            except TimeoutError:
-                continue
-
 
 class StreamStopped(RatefleetError):
     """The gateway stopped (its stop deadline passed) before a stream's first part came; the job
     is stored and runs (the gateway answers 503 `gateway_stopping` naming it)."""
 
 
-async def _first(sub: Subscription, idle_until: float, stop_at: Callable[[], float | None]) -> Msg:
-    """A stream's first message. Raises TimeoutError once `idle_until` (monotonic) passes, and
-    StreamStopped once the gateway's stop deadline does first (a review: a stream still waiting
-    for its first part got the bare connection reset at shutdown that its open streams no longer
-    get). Waits a second at a time for the same reason as `ChunkStream._next`."""
+async def next_part(sub: Subscription, idle_until: float, stop_at: Callable[[], float | None]) -> Msg:
+    """The next message of a stream (its first part, or the next one). Raises TimeoutError once
+    `idle_until` (monotonic) passes, and StreamStopped once the gateway's stop deadline
+    (`stop_at()`, None while it runs) passes first. Waits STOP_CHECK_S at a time, so a stop that
+    comes during a long silence of the upstream is seen within a second (a gateway trial:
+    SIGTERM cut a stream with a bare connection reset after uvicorn's graceful timeout, and a
+    ConnectionDrainingError traceback; a review: also one still waiting for its first part)."""
     while True:
         now, deadline = time.monotonic(), stop_at()
         if deadline is not None and now >= deadline:
@@ -191,7 +173,7 @@ async def start_stream(client: Client, job: Job, tier: str, timeout_s: float,
     sub = await client.nc.subscribe(inbox + ".>")
     try:
         await client.submit_for_reply(job, tier, reply_to)
-        msg = await _first(sub, time.monotonic() + timeout_s, stop_at)
+        msg = await next_part(sub, time.monotonic() + timeout_s, stop_at)
     except BaseException:
         with contextlib.suppress(nats.errors.Error):
             await sub.unsubscribe()

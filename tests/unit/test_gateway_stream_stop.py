@@ -1,4 +1,4 @@
-"""A stopping gateway ends the streams waiting for their first part too (gateway/streaming.py `_first`)."""
+"""A stopping gateway ends the streams waiting for their first part too (gateway/streaming.py `next_part`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from ratefleet.gateway.streaming import StreamStopped, _first
+from ratefleet.gateway.streaming import StreamStopped, next_part
 
 pytestmark = pytest.mark.anyio
 
@@ -32,12 +32,12 @@ async def test_a_stream_waiting_for_its_first_part_ends_at_the_stop_deadline_not
 
     asyncio.ensure_future(stop_soon())
     with pytest.raises(StreamStopped):
-        await _first(Silent(), time.monotonic() + 60, lambda: stop["at"])  # type: ignore[arg-type]
+        await next_part(Silent(), time.monotonic() + 60, lambda: stop["at"])  # type: ignore[arg-type]
     assert time.monotonic() - started < 1.5  # at the deadline (polled each second at most)
 
 
 async def test_without_a_stop_the_first_part_wait_ends_at_its_timeout():
     started = time.monotonic()
     with pytest.raises(TimeoutError):
-        await _first(Silent(), time.monotonic() + 0.3, lambda: None)  # type: ignore[arg-type]
+        await next_part(Silent(), time.monotonic() + 0.3, lambda: None)  # type: ignore[arg-type]
     assert 0.25 <= time.monotonic() - started < 1.0
