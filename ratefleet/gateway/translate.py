@@ -133,14 +133,15 @@ def check_path(caller: Caller, method: str, path: str) -> None:
                              type="invalid_request_error", code="path_not_allowed")
 
 
+# ACCOUNT_PREFIXES as (what is under it, the collection itself or None): a prefix ending in / stands for
+# what is under it only (the collection itself: CREATE_ONLY)
+_UNDER = tuple(prefix.rstrip("/") + "/" for prefix in ACCOUNT_PREFIXES)
+_COLLECTIONS = frozenset(prefix for prefix in ACCOUNT_PREFIXES if not prefix.endswith("/"))
+
+
 def _account_path(trimmed: str) -> bool:
-    """Whether a path (lower case, no trailing slash) is one of ACCOUNT_PREFIXES or under one; a
-    prefix ending in / stands for what is under it only (the collection itself: CREATE_ONLY)."""
-    for prefix in ACCOUNT_PREFIXES:
-        base = prefix.lower().rstrip("/")
-        if trimmed.startswith(base + "/") or (trimmed == base and not prefix.endswith("/")):
-            return True
-    return False
+    """Whether a path (lower case, no trailing slash) is one of ACCOUNT_PREFIXES or under one."""
+    return trimmed in _COLLECTIONS or trimmed.startswith(_UNDER)
 
 
 def check_model(caller: Caller, body: Any, text_body: str | None = None, path: str = "") -> None:
