@@ -398,7 +398,7 @@ def quiet_broken_pipe() -> int:
 
 def _print_error(message: str) -> None:
     hint = _denial_hint()  # the cause first: what follows it ("no dispatcher answered") is its symptom
-    if hint and message.startswith(NO_ANSWER) and "(TimeoutError)" in message:  # the refused request's timeout,
+    if hint and message.startswith(NO_ANSWER):  # the refused request's timeout,
         message = "the command could not go on without it"  # not a NATS that is down (an operations trial read
         # "check that NATS runs"); a connection really lost keeps its own advice (a review)
     message = redact_text(f"{hint}; then: {message}" if hint else message)  # a NATS URL's password, a token: never on screen

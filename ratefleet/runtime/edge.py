@@ -39,7 +39,8 @@ _GONE = (nats.errors.NoServersError, nats.errors.ConnectionClosedError, nats.err
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-NO_ANSWER = "NATS did not answer or the connection was lost"  # how a timeout's error begins (cli_support reads it)
+NO_ANSWER = "NATS did not answer in time"  # how a timeout's error begins (cli_support reads it)
+_TIMEOUTS = (nats.errors.TimeoutError, nats.errors.FlushTimeoutError)
 
 
 def translate(exc: BaseException, what: str = "talking to NATS") -> RatefleetError | None:
@@ -51,7 +52,8 @@ def translate(exc: BaseException, what: str = "talking to NATS") -> RatefleetErr
         return translate(exc.exceptions[0], what) if exc.exceptions else None
     name = type(exc).__name__
     if isinstance(exc, _GONE):
-        return NatsUnavailable(f"{NO_ANSWER} while {what} ({name}); "
+        gone = NO_ANSWER if isinstance(exc, _TIMEOUTS) else "The connection to NATS was lost"
+        return NatsUnavailable(f"{gone} while {what} ({name}); "
                                "check that NATS runs (`ratefleet up`) and that --nats (Client.connect's url) names it")
     if isinstance(exc, nats.js.errors.NotFoundError):
         return NatsError(f"NATS has no such stream or consumer ({name}) while {what}; the fleet creates its streams "
