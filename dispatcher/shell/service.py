@@ -218,10 +218,8 @@ class Dispatcher:
             except Exception:  # noqa: BLE001 - no leader right now; say so
                 if answer["leader"] == self.id:  # its own lease, its session not running (yet, or again after a
                     answer["starting"] = True    # NATS restart: it read "held by <itself>, which did not answer")
-                else:
-                    if answer["leader"] is not None:  # the lease is held, but its holder did not answer
-                        answer["silent_lease_holder"] = answer["leader"]
-                    answer["leader"] = None
+                elif answer["leader"] is not None:  # the lease is held, but its holder did not answer
+                    answer["silent_lease_holder"], answer["leader"] = answer["leader"], None
         answer["tiers"] = await self._tier_backlog(answer.get("tiers", {}))
         answer["dispatchers"] = self.peers.listing()
         answer["at"] = time.time()
