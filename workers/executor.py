@@ -247,7 +247,8 @@ class UpstreamExecutor:
                                         headers, auth, trace, content=body.get("content"), json_body=body.get("json"),
                                         timeout=upstream.timeout_s)
 
-    async def call(self, job: Job, upstream: UpstreamConfig, secret: str, on_chunk: ChunkSink | None = None) -> CallResult:
+    async def call(self, job: Job, upstream: UpstreamConfig, secret: str, on_chunk: ChunkSink | None = None,
+                   on_answer: Callable[[dict[str, str]], None] | None = None) -> CallResult:
         """One upstream call, bounded as a whole by `upstream.timeout_s` seconds: connect,
         send, headers and the entire body. httpx's own timeouts are per phase and per read
         (an upstream dripping a byte a second never trips them), so an overall deadline
@@ -255,7 +256,9 @@ class UpstreamExecutor:
         upstream_error: a breaker failure, retried by policy). A 429 carries its scope; one
         that can never fit (the request exceeds the whole limit) ends the job as
         `request_too_large`. Raises InvalidRequest (before any call) when the job cannot be sent.
-        `on_chunk` is awaited with each chunk of a successful server-sent-events answer as it is read.
+        `on_chunk` is awaited with each chunk of a successful server-sent-events answer as it is read;
+        `on_answer` is called with that answer's KEPT_HEADERS (lower-case names, the secret masked
+        as in the Result) before its first chunk.
 
         A successful server-sent-events answer (`"stream": true`) is bounded by its progress
         instead: `timeout_s` from each part of it to the next, and STREAM_MAX_FACTOR x
@@ -278,7 +281,7 @@ class UpstreamExecutor:
         started = time.perf_counter()
         try:
             with anyio.fail_after(upstream.timeout_s) as deadline:
-                result = await self._send(opened, upstream, secret, started, on_chunk, deadline)
+                result = await self._send(opened, upstream, secret, started, on_chunk, deadline, on_answer)
         except TimeoutError:
             return self._failed("timeout", f"the call did not finish within timeout_s = {upstream.timeout_s}s "
                                 "(connect, send, headers and body; a streamed answer: between two parts, "
@@ -287,7 +290,8 @@ class UpstreamExecutor:
 
     async def _send(self, opened: Callable[[], Awaitable[Answer]], upstream: UpstreamConfig, secret: str,
                     started: float, on_chunk: ChunkSink | None = None,
-                    deadline: anyio.CancelScope | None = None) -> CallResult:
+                    deadline: anyio.CancelScope | None = None,
+                    on_answer: Callable[[dict[str, str]], None] | None = None) -> CallResult:
         try:
             answer = await opened()
             received = answer.headers
@@ -296,6 +300,9 @@ class UpstreamExecutor:
                 relay = None
                 if streamed:
                     relay = on_chunk
+                    if on_answer is not None:  # the headers a Result keeps (secret masked), before the chunks
+                        on_answer({k: v.replace(secret, "***") if secret else v for k, v in received.items()
+                                   if k in KEPT_HEADERS})
                     if deadline is not None:
                         relay = _progress_deadline(deadline, upstream.timeout_s, relay)
                 raw = await answer.read(self._max_response_bytes, relay)

@@ -3,7 +3,10 @@
 A job asked over request/reply (its `reply_to` subject) whose request says `"stream": true`
 gets each chunk of a successful server-sent-events answer published to `<reply_to>.s` as the
 worker reads it, with header `Ratefleet-Attempt: <n>` (a retried call starts again: the
-receiver drops a stream whose attempt changes). The Result, published to `<reply_to>` after
+receiver drops a stream whose attempt changes). The first chunk of an attempt also carries the
+upstream's answer headers the worker keeps (executor.KEPT_HEADERS: `x-request-id`,
+`openai-processing-ms`, ...), each as `Ratefleet-Answer-<name>`, so the gateway can send them
+with the streamed HTTP answer, which begins before any Result exists. The Result, published to `<reply_to>` after
 the last chunk and from the same connection, still holds the whole answer and ends the stream:
 NATS delivers one publisher's messages in order, so a receiver whose reply subject is
 `<inbox>.r` and that subscribes once to `<inbox>.>` sees every chunk before the Result.
@@ -12,7 +15,7 @@ Nothing is sent for other jobs.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Mapping
 
 from nats.aio.client import Client as NatsClient
 
@@ -23,6 +26,7 @@ log = get_logger("ratefleet.worker")
 
 CHUNK_SUFFIX = ".s"
 ATTEMPT_HEADER = "Ratefleet-Attempt"
+ANSWER_HEADER_PREFIX = "Ratefleet-Answer-"  # + a kept header's lower-case name, on an attempt's first chunk
 
 
 def wants_stream(job: Job) -> bool:
@@ -31,16 +35,33 @@ def wants_stream(job: Job) -> bool:
     return isinstance(body, dict) and body.get("stream") is True
 
 
-def chunk_relay(nc: NatsClient, reply_to: str | None, attempt: int, job: Job) -> Callable[[bytes], Awaitable[None]] | None:
-    """The callback that publishes each chunk to `<reply_to>.s`, or None when nobody waits for chunks."""
-    if not reply_to or not wants_stream(job):
-        return None
-    subject, headers = reply_to + CHUNK_SUFFIX, {ATTEMPT_HEADER: str(attempt)}
+class ChunkRelay:
+    """Publishes each chunk of one attempt's streamed answer to `<reply_to>.s` (the executor's
+    `on_chunk`), and the answer's kept headers with the first (`answer`, the executor's `on_answer`).
+    A chunk that cannot be published is logged and dropped: the call is paid, and the Result holds
+    the whole answer."""
 
-    async def relay(chunk: bytes) -> None:
+    def __init__(self, nc: NatsClient, reply_to: str, attempt: int) -> None:
+        self.nc, self.subject = nc, reply_to + CHUNK_SUFFIX
+        self.headers = {ATTEMPT_HEADER: str(attempt)}
+        self._first: dict[str, str] | None = None  # the next chunk's headers, once the answer's are known
+
+    def answer(self, headers: Mapping[str, str]) -> None:
+        """The answer's kept headers (lower-case names, the secret masked: the executor's
+        `on_answer`), before its first chunk: they ride on that chunk."""
+        self._first = {**self.headers, **{ANSWER_HEADER_PREFIX + name: value for name, value in headers.items()}}
+
+    async def __call__(self, chunk: bytes) -> None:
+        headers, self._first = self._first or self.headers, None
         try:
-            await nc.publish(subject, chunk, headers=headers)
+            await self.nc.publish(self.subject, chunk, headers=headers)
         except Exception as exc:  # noqa: BLE001 - a lost chunk must not fail a paid call; the Result has it all
             log.warning("streamed chunk not relayed", error=type(exc).__name__)
 
-    return relay
+
+def chunk_relay(nc: NatsClient, reply_to: str | None, attempt: int, job: Job) -> ChunkRelay | None:
+    """The relay of this job's streamed answer, or None when nobody waits for chunks (no
+    `reply_to`, or the job does not ask for `"stream": true`)."""
+    if not reply_to or not wants_stream(job):
+        return None
+    return ChunkRelay(nc, reply_to, attempt)

@@ -525,7 +525,7 @@ class Worker:
                 relay = chunk_relay(self.nc, a.reply_to, a.attempt, job)  # "stream": true over request/reply
                 if relay is None:
                     return await executor.call(job, upstream, secret)
-                return await executor.call(job, upstream, secret, relay)
+                return await executor.call(job, upstream, secret, relay, relay.answer)
         finally:
             self._cancel_scopes.pop(a.id, None)
         log.warning("call abandoned at shutdown; job goes back to the queue")

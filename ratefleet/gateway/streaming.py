@@ -14,7 +14,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import nats.errors
 from nats.aio.msg import Msg
@@ -27,6 +27,7 @@ from ratefleet.schemas.errors import RatefleetError
 
 log = get_logger("ratefleet.gateway")
 ATTEMPT_HEADER = "Ratefleet-Attempt"  # set by workers/relay.py on every chunk
+ANSWER_HEADER_PREFIX = "Ratefleet-Answer-"  # workers/relay.py: the upstream's kept headers, on an attempt's first chunk
 STOP_CHECK_S = 1.0  # a stream waiting for its next part looks at the gateway's stop this often (seconds)
 STOP_GRACE_S = 5.0  # a stopping gateway's open streams may end by themselves this long, then end early (seconds)
 
@@ -34,7 +35,9 @@ STOP_GRACE_S = 5.0  # a stopping gateway's open streams may end by themselves th
 @dataclass
 class ChunkStream:
     """A streamed answer under way: its first chunk, then the rest as they come until the Result.
-    `idle_timeout_s`: the longest wait for the next chunk (seconds)."""
+    `idle_timeout_s`: the longest wait for the next chunk (seconds). `headers`: the upstream's
+    answer headers the worker relayed with the first chunk (lower-case names: `x-request-id`,
+    `openai-processing-ms`, `content-type`; workers/relay.py)."""
 
     sub: Subscription
     reply_to: str
@@ -43,6 +46,7 @@ class ChunkStream:
     idle_timeout_s: float
     job_id: str
     result: Result | None = None
+    headers: dict[str, str] = field(default_factory=dict)
     # the monotonic time by which the gateway, stopping, ends its open streams (None while it runs)
     stop_at: Callable[[], float | None] = lambda: None
 
@@ -181,5 +185,13 @@ async def start_stream(client: Client, job: Job, tier: str, timeout_s: float,
     if msg.subject == reply_to:
         await sub.unsubscribe()
         return await client.bodies.resolve(Result.from_json(msg.data))
-    return ChunkStream(sub, reply_to, msg.data, (msg.headers or {}).get(ATTEMPT_HEADER), timeout_s, job.id or "",
-                       stop_at=stop_at)
+    headers = msg.headers or {}
+    return ChunkStream(sub, reply_to, msg.data, headers.get(ATTEMPT_HEADER), timeout_s, job.id or "",
+                       headers=answer_headers(headers), stop_at=stop_at)
+
+
+def answer_headers(chunk_headers: dict[str, str]) -> dict[str, str]:
+    """The upstream's answer headers a first chunk carries (`Ratefleet-Answer-<name>`), by name."""
+    size = len(ANSWER_HEADER_PREFIX)
+    return {name[size:].lower(): value for name, value in chunk_headers.items()
+            if name[:size].lower() == ANSWER_HEADER_PREFIX.lower()}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -156,6 +157,8 @@ class MockApi:
             self.state.record(entry, self._summary(request), 499, now)
             raise
         self.state.record(entry, self._summary(request), response.status_code, now)
+        # as OpenAI's API answers (its API reference, "Debugging requests"): an id per request, in every answer
+        response.headers["x-request-id"] = f"req_{uuid.uuid4().hex}"
         return response
 
     @staticmethod

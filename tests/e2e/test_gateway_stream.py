@@ -42,6 +42,8 @@ async def test_a_streamed_chat_arrives_chunk_by_chunk_and_its_result_holds_the_w
                 model="mock", messages=[{"role": "user", "content": "one two three four"}], stream=True,
                 extra_body={"mock": {"chunk_ms": 400}})
             job_id = raw.headers["x-ratefleet-job-id"]
+            # the provider's request id (what its support asks for) comes with the stream, before any Result
+            request_id = raw.headers.get("x-request-id")
             arrivals, text = [], []
             async for chunk in raw.parse():
                 arrivals.append(time.monotonic() - started)
@@ -52,6 +54,8 @@ async def test_a_streamed_chat_arrives_chunk_by_chunk_and_its_result_holds_the_w
     assert arrivals[-1] - arrivals[0] >= 2.0  # the first chunk came while the upstream was still sending
     assert stored is not None and stored.ok and stored.metadata == {"caller": "alice"}
     assert stored.response.headers["content-type"].startswith("text/event-stream")
+    assert request_id is not None and request_id.startswith("req_") and raw.request_id == request_id
+    assert stored.response.headers["x-request-id"] == request_id  # the very answer's, not another call's
     assert stored.response.body.count("data: ") == 8 and stored.response.body.endswith("data: [DONE]\n\n")
     assert gateway.upstream.stats()["keys"]["k1"]["calls"] + gateway.upstream.stats()["keys"]["k2"]["calls"] == 1
 

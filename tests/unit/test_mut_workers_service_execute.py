@@ -44,14 +44,15 @@ class Watching:
 
     def __init__(self, worker, answer=None):
         self.worker, self.answer, self.seen, self.relays = worker, answer or call("ok", 200, latency_ms=250.0), [], []
-        self.jobs = []
+        self.jobs, self.on_answers = [], []
 
-    async def call(self, job, upstream, secret, relay=None):
+    async def call(self, job, upstream, secret, relay=None, on_answer=None):
         a_id = next(iter(self.worker.calling))
         self.seen.append((self.worker.calling[a_id][0], self.worker.key_versions.get(a_id), secret,
                           str(upstream.base_url), a_id in self.worker._cancel_scopes))
         self.jobs.append(job.id)
         self.relays.append(relay)
+        self.on_answers.append(on_answer)
         return self.answer
 
 
@@ -272,8 +273,12 @@ async def test_a_streamed_job_with_a_waiting_caller_gets_a_chunk_relay(monkeypat
         published.append((subject, payload, headers))
 
     nc.publish = publish
+    assert executor.on_answers[1] is None
+    executor.on_answers[0]({"x-request-id": "req_1"})  # the executor tells the relay the stream's kept headers
     await relay(b"data: 1")
-    assert published == [("_INBOX.c.s", b"data: 1", {"Ratefleet-Attempt": "1"})]
+    await relay(b"data: 2")
+    assert published == [("_INBOX.c.s", b"data: 1", {"Ratefleet-Attempt": "1", "Ratefleet-Answer-x-request-id": "req_1"}),
+                         ("_INBOX.c.s", b"data: 2", {"Ratefleet-Attempt": "1"})]
 
 
 # -- cut short at shutdown ------------------------------------------------------------------------

@@ -91,3 +91,34 @@ def test_the_mock_streams_openai_chat_completion_chunks():
     assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "echo: a b"
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant" and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.anyio
+async def test_a_streams_kept_headers_reach_the_relay_before_its_first_chunk_with_the_secret_masked():
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream", "x-request-id": "req_7",
+                                            "openai-processing-ms": "echo sk-x", "x-ratelimit-remaining-requests": "9",
+                                            "set-cookie": "a=b"}, stream=Chunks())
+
+    nc = Recorder()
+    relay = chunk_relay(nc, "_INBOX.abc.r", 3, job())
+    result = await UpstreamExecutor(httpx.AsyncClient(transport=httpx.MockTransport(handler))).call(
+        job(), UPSTREAM, "sk-x", relay, relay.answer)
+    assert result.kind == "ok"
+    assert [payload for _, payload, _ in nc.sent] == EVENTS
+    first, *rest = [headers for _, _, headers in nc.sent]
+    # the answer's kept headers (a Result's, without the fleet key's x-ratelimit-*) ride on the first chunk only
+    assert first == {"Ratefleet-Attempt": "3", "Ratefleet-Answer-content-type": "text/event-stream",
+                     "Ratefleet-Answer-x-request-id": "req_7", "Ratefleet-Answer-openai-processing-ms": "echo ***"}
+    assert rest == [{"Ratefleet-Attempt": "3"}] * (len(EVENTS) - 1)
+
+
+@pytest.mark.anyio
+async def test_an_answer_that_is_no_stream_tells_the_relay_nothing():
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "application/json", "x-request-id": "req_8"}, json={})
+
+    told: list[dict] = []
+    await UpstreamExecutor(httpx.AsyncClient(transport=httpx.MockTransport(handler))).call(
+        job(), UPSTREAM, "sk-x", None, told.append)
+    assert told == []
