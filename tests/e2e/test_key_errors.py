@@ -373,12 +373,13 @@ def test_up_refuses_to_start_when_no_key_has_a_usable_secret(tmp_path):
     assert not (tmp_path / "nats").exists()  # nothing was started
 
 
-async def test_submit_wait_says_which_keys_went_out_of_use(tmp_path, nats_server,
-                                                                                   http_upstream):
+@pytest.mark.parametrize("follower", ["submit --wait", "results --wait"])
+async def test_submit_wait_says_which_keys_went_out_of_use(tmp_path, nats_server, http_upstream, follower):
     """A nightly-batch trial: a key disabled mid-batch showed only in `ratefleet status`; `submit
     --wait` just went slower, or stopped with every key out. It now prints each key going out of
     use (its reason and what to do) and a pool with no key left (a key back in use: the unit tests,
-    as this batch ends as soon as the probe succeeds)."""
+    as this batch ends as soon as the probe succeeds). `results --wait`, following a batch sent
+    by an earlier `submit`, says the same."""
     http_upstream.modes.update(k1="invalid_api_key", k2="invalid_api_key")
     kit = kit_for(tmp_path, nats_server.url, http_upstream, key_probe_s=6.0, key_probe_max_s=6.0)
     kit.dispatcher("d1"), kit.worker("w1")
@@ -390,9 +391,20 @@ async def test_submit_wait_says_which_keys_went_out_of_use(tmp_path, nats_server
     try:
         async with await Client.connect(nats_server.url) as client:
             await wait_workers(client, {"w1"})
+            send = ("submit", str(jobs), "--tier", "normal", "--batch", "kw", "--nats", nats_server.url)
+            if follower == "submit --wait":
+                command = (*send, "--wait")
+            else:  # the batch sent first (its jobs queued behind the failing keys), then followed
+                sent = await asyncio.create_subprocess_exec(sys.executable, "-m", "ratefleet", *send, env=env,
+                                                            stdout=asyncio.subprocess.PIPE,
+                                                            stderr=asyncio.subprocess.STDOUT)
+                out, _ = await asyncio.wait_for(sent.communicate(), 60)
+                assert sent.returncode == 0, out.decode()
+                command = ("results", "--batch", "kw", "--wait", "--out", str(tmp_path / "out.jsonl"),
+                           "--nats", nats_server.url)
             submit = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "ratefleet", "submit", str(jobs), "--tier", "normal", "--batch", "kw", "--wait",
-                "--nats", nats_server.url, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env)
+                sys.executable, "-m", "ratefleet", *command, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, env=env)
             try:
                 async def read_until(text: str) -> None:
                     while not any(text in line for line in lines):
@@ -414,4 +426,4 @@ async def test_submit_wait_says_which_keys_went_out_of_use(tmp_path, nats_server
         assert f"key {key_id} (pool " in said and "is out of use: DISABLED by provider evidence: " in said, said
     assert "`ratefleet keys enable KEY`" in said
     assert said.count("no key of pool") == 1, said
-    assert "succeeded 10" in said or "10 succeeded" in said, said
+    assert "succeeded 10" in said or "10 succeeded" in said, said  # (`results`: "10 of 10 results (succeeded 10)")
