@@ -52,11 +52,12 @@ class ChunkRelay:
         self._first = {**self.headers, **{ANSWER_HEADER_PREFIX + name: value for name, value in headers.items()}}
 
     async def __call__(self, chunk: bytes) -> None:
-        headers, self._first = self._first or self.headers, None
         try:
-            await self.nc.publish(self.subject, chunk, headers=headers)
+            await self.nc.publish(self.subject, chunk, headers=self._first or self.headers)
         except Exception as exc:  # noqa: BLE001 - a lost chunk must not fail a paid call; the Result has it all
             log.warning("streamed chunk not relayed", error=type(exc).__name__)
+            return
+        self._first = None  # (a first chunk not published: the answer's headers go with the next one)
 
 
 def chunk_relay(nc: NatsClient, reply_to: str | None, attempt: int, job: Job) -> ChunkRelay | None:

@@ -39,7 +39,7 @@ from ratefleet.gateway.errors import (
 from ratefleet.gateway.limits import Admission, CallerLimits, Refusal
 from ratefleet.gateway.metrics import GatewayMetrics
 from ratefleet.gateway.streaming import ChunkStream, StreamStopped, start_stream
-from ratefleet.gateway.translate import ANSWER_HEADERS, UPSTREAM_HEADER, answer_of, build_job, parse_body, used_tokens
+from ratefleet.gateway.translate import UPSTREAM_HEADER, answer_of, build_job, parse_body, passed_headers, used_tokens
 from ratefleet.runtime.cache import HIT_HEADER, ResultCache, cache_key, cached_result, wants_write
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.store import store_result
@@ -101,9 +101,8 @@ class Gateway:
                          first_byte_ms=round((time.perf_counter() - started) * 1000, 1))
                 if self.metrics is not None:
                     self.metrics.answered(caller.name, 200, time.perf_counter() - started)
-                passed = {name: value for name, value in answer.headers.items() if name in ANSWER_HEADERS}
                 return StreamingResponse(self._settled(answer, admission), media_type="text/event-stream",
-                                         headers={**passed, "x-ratefleet-job-id": job.id or "",
+                                         headers={**passed_headers(answer.headers), "x-ratefleet-job-id": job.id or "",
                                                   "cache-control": "no-cache"})
             self.limits.settle(admission, self.clock(), 0.0 if cache_state == "hit" else used_tokens(answer))
             status, headers, body = answer_of(answer)

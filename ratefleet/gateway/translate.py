@@ -276,12 +276,28 @@ def answer_of(result: Result) -> tuple[int, dict[str, str], bytes]:
         headers.update(refusal.headers())
         headers["content-type"] = "application/json"
         return refusal.status, headers, refusal.body()
-    for name, value in result.response.headers.items():
-        if name.lower() in ANSWER_HEADERS:
-            headers[name.lower()] = value
+    headers.update(passed_headers(result.response.headers))
     if result.error is not None and result.error.code in FLEET_RETRIED:  # the upstream's last answer, passed on
         headers[SHOULD_RETRY] = "false"
     return result.response.status, headers, _body_bytes(result)
+
+
+def passed_headers(answer_headers: dict[str, str]) -> dict[str, str]:
+    """The upstream answer's headers the caller gets (ANSWER_HEADERS, lower-case names), each
+    value as the bytes the upstream sent. The worker decodes header bytes as httpx does (ASCII,
+    else UTF-8, else latin-1: workers/direct.py `received_headers`), and Starlette writes values
+    as latin-1: a UTF-8 value outside latin-1 (`x-request-id: req_€`) raised UnicodeEncodeError,
+    a 500 for a paid call (a review). Such a value goes out as its UTF-8 bytes, as a proxy
+    passing bytes on would send it."""
+    passed = {}
+    for name, value in answer_headers.items():
+        if name.lower() in ANSWER_HEADERS:
+            try:
+                value.encode("latin-1")
+            except UnicodeEncodeError:
+                value = value.encode("utf-8", "surrogateescape").decode("latin-1")
+            passed[name.lower()] = value
+    return passed
 
 
 def used_tokens(result: Result) -> float | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import typer
 
 from ratefleet.cli import app
@@ -54,6 +55,29 @@ def test_the_role_commands_are_the_whole_clis_with_the_same_options():
     # the group's own option (--version) is on both
     assert [p.opts for p in typer.main.get_command(role_app()).params] == \
         [p.opts for p in typer.main.get_command(app).params]
+
+
+def _answer(typer_app: typer.Typer, argv: list[str], capsys) -> tuple[object, str, str]:
+    """(exit code, stdout, stderr) of `ratefleet ARGV` run by `typer_app` in this process."""
+    try:
+        typer_app(args=argv, prog_name="ratefleet")
+        code: object = 0
+    except SystemExit as stop:
+        code = stop.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("argv", [
+    ["worker", "--help"], ["dispatcher", "--help"], ["up", "--help"], ["gateway", "--help"],
+    ["worker", "--bogus"], ["worker", "--slots", "0"], ["dispatcher", "--http", "no-port"],
+    ["up", "--workers", "-1"], ["gateway", "--config", "/nonexistent/ratefleet.toml"], ["worker", "extra"],
+])
+def test_both_apps_answer_a_role_command_line_alike(argv, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    whole = _answer(app, argv, capsys)
+    assert whole[0] != 1 and (whole[1] or whole[2])  # (help, or a usage or input error: nothing ran)
+    assert _answer(role_app(), argv, capsys) == whole
 
 
 def test_a_role_usage_error_reads_as_in_the_whole_cli():

@@ -273,3 +273,19 @@ def test_a_path_with_an_empty_segment_is_refused(path):
     with pytest.raises(GatewayRefusal) as refused:
         job(caller, method="GET", path=path)
     assert (refused.value.status, refused.value.code) == (400, "invalid_path")
+
+
+def test_an_answer_header_outside_latin_1_goes_out_as_the_bytes_the_upstream_sent():
+    from starlette.responses import Response
+
+    from ratefleet.gateway.translate import passed_headers
+    from ratefleet.workers.direct import received_headers
+
+    # an upstream's UTF-8 request id, decoded by the worker as httpx does
+    decoded = received_headers([(b"X-Request-Id", "req_€".encode()), (b"Content-Type", b"text/event-stream"),
+                                (b"Set-Cookie", b"a=b")])
+    passed = passed_headers(decoded)
+    assert set(passed) == {"x-request-id", "content-type"}
+    raw = dict(Response(b"", headers=passed).raw_headers)  # Starlette writes values as latin-1: it raised before
+    assert raw[b"x-request-id"] == "req_€".encode()
+    assert passed_headers({"X-Request-Id": "req_é"}) == {"x-request-id": "req_é"}  # latin-1 values stay as they are

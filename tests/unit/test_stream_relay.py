@@ -122,3 +122,26 @@ async def test_an_answer_that_is_no_stream_tells_the_relay_nothing():
     await UpstreamExecutor(httpx.AsyncClient(transport=httpx.MockTransport(handler))).call(
         job(), UPSTREAM, "sk-x", None, told.append)
     assert told == []
+
+
+@pytest.mark.anyio
+async def test_the_answers_headers_wait_for_a_first_chunk_that_was_published():
+    class Flaky(Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fail_next = True
+
+        async def publish(self, subject: str, payload: bytes, headers: dict) -> None:
+            if self.fail_next:
+                self.fail_next = False
+                raise ConnectionError("NATS away")
+            await super().publish(subject, payload, headers)
+
+    nc = Flaky()
+    relay = chunk_relay(nc, "_INBOX.abc.r", 1, job())
+    relay.answer({"x-request-id": "req_9"})
+    await relay(b"data: 1\n\n")  # lost (logged): the call is paid, the Result has it all
+    await relay(b"data: 2\n\n")
+    await relay(b"data: 3\n\n")
+    assert [headers for _, _, headers in nc.sent] == [
+        {"Ratefleet-Attempt": "1", "Ratefleet-Answer-x-request-id": "req_9"}, {"Ratefleet-Attempt": "1"}]
