@@ -1,5 +1,8 @@
 """CPU a `ratefleet` process spends starting, per command, for one or more revisions.
 
+A coarse measure: the spread of one command within a sitting here is about ±0.2 s, so a change
+of tens of milliseconds needs many rounds (or timing the imports alone, in-process).
+
 Every fleet process and CLI command is a new Python interpreter that imports the CLI, pydantic,
 nats-py, aiohttp, httpx and OpenTelemetry before it does anything: a worker added by an
 autoscaler, a standby dispatcher, each `ratefleet submit` or `status`. The test suite starts
