@@ -26,9 +26,9 @@ lint: install
 	$(BIN)/mypy
 
 # the suite in TEST_WORKERS pytest-xdist processes: most end-to-end tests wait on processes,
-# servers and timers, so 5 on 2 cores (2026-12-02, one sitting: 4 left the cores idle 17 % of
-# the run, 641 s; 5 kept them busy, 574 s; 6 added contention, 658 s and a timing-bound test
-# failed); --dist worksteal lets an idle worker take queued tests from a busy one (the long
+# servers and timers, so 5 on 2 cores (2026-12-02, four runs within two hours: 4 left the cores
+# idle 17 % of the run, 641 and 635 s; 5 kept them busy, 574 s; 6 added contention, 658 s and a
+# timing-bound test failed); --dist worksteal lets an idle worker take queued tests from a busy one (the long
 # end-to-end tests would otherwise queue behind each other at the end).
 # TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 5
