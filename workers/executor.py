@@ -146,6 +146,16 @@ def still_encoded(content_encoding: str | None) -> bool:
     return any(c not in _DECODED for c in codings)
 
 
+def kept_headers(received: dict[str, str], secret: str, *, ratelimit: bool = True,
+                 encoded: bool = False) -> dict[str, str]:
+    """The answer's headers worth keeping (lower-case names: KEPT_HEADERS, the `x-ratelimit-*`
+    ones unless `ratelimit` is False, `content-encoding` of a body left `encoded`), the key's
+    secret masked as `***` wherever the upstream echoes it. A Result's (`_response_info`) and a
+    streamed answer's first chunk's (`on_answer`) are made here, so both mask alike."""
+    return {k: v.replace(secret, "***") if secret else v for k, v in received.items()
+            if k in KEPT_HEADERS or (ratelimit and k.startswith("x-ratelimit-")) or (encoded and k == "content-encoding")}
+
+
 def _response_info(status: int, raw: bytes, secret: str, received: dict[str, str]) -> ResponseInfo:
     """Status, the headers worth keeping, and the body (see workers/body.py); the key's secret
     is masked wherever the upstream echoes it (some providers quote the key in their 401 message).
@@ -153,8 +163,7 @@ def _response_info(status: int, raw: bytes, secret: str, received: dict[str, str
     (the exact encoded bytes), so the caller can decode it; a decoded body drops the header.
     `received`: the answer's headers as a dict (workers/direct.py `Answer.headers`)."""
     encoded = still_encoded(received.get("content-encoding"))
-    headers = {k: v.replace(secret, "***") if secret else v for k, v in received.items()
-               if k in KEPT_HEADERS or k.startswith("x-ratelimit-") or (encoded and k == "content-encoding")}
+    headers = kept_headers(received, secret, encoded=encoded)
     content_type = "application/octet-stream" if encoded else received.get("content-type")
     return ResponseInfo(status=status, headers=headers, **body_fields(raw, content_type, secret))
 
@@ -301,8 +310,7 @@ class UpstreamExecutor:
                 if streamed:
                     relay = on_chunk
                     if on_answer is not None:  # the headers a Result keeps (secret masked), before the chunks
-                        on_answer({k: v.replace(secret, "***") if secret else v for k, v in received.items()
-                                   if k in KEPT_HEADERS})
+                        on_answer(kept_headers(received, secret, ratelimit=False))
                     if deadline is not None:
                         relay = _progress_deadline(deadline, upstream.timeout_s, relay)
                 raw = await answer.read(self._max_response_bytes, relay)

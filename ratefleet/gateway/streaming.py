@@ -24,10 +24,11 @@ from ratefleet.client import Client
 from ratefleet.runtime.logs import get_logger
 from ratefleet.schemas import Job, Result
 from ratefleet.schemas.errors import RatefleetError
+from ratefleet.workers.relay import ANSWER_HEADER_PREFIX, ATTEMPT_HEADER  # the names the worker's relay sets
+
+__all__ = ["ATTEMPT_HEADER", "ChunkStream", "StreamStopped", "next_part", "start_stream"]
 
 log = get_logger("ratefleet.gateway")
-ATTEMPT_HEADER = "Ratefleet-Attempt"  # set by workers/relay.py on every chunk
-ANSWER_HEADER_PREFIX = "Ratefleet-Answer-"  # workers/relay.py: the upstream's kept headers, on an attempt's first chunk
 STOP_CHECK_S = 1.0  # a stream waiting for its next part looks at the gateway's stop this often (seconds)
 STOP_GRACE_S = 5.0  # a stopping gateway's open streams may end by themselves this long, then end early (seconds)
 
@@ -193,5 +194,4 @@ async def start_stream(client: Client, job: Job, tier: str, timeout_s: float,
 def answer_headers(chunk_headers: dict[str, str]) -> dict[str, str]:
     """The upstream's answer headers a first chunk carries (`Ratefleet-Answer-<name>`), by name."""
     size = len(ANSWER_HEADER_PREFIX)
-    return {name[size:].lower(): value for name, value in chunk_headers.items()
-            if name[:size].lower() == ANSWER_HEADER_PREFIX.lower()}
+    return {name[size:]: value for name, value in chunk_headers.items() if name.startswith(ANSWER_HEADER_PREFIX)}
