@@ -30,6 +30,7 @@ from ratefleet.schemas.wire import json_problem, loads_finite, text_problem
 TEXT_SUBTYPES = frozenset({"json", "xml", "javascript", "ecmascript", "x-www-form-urlencoded", "x-ndjson",
                            "ndjson", "csv", "yaml", "x-yaml", "html", "sql", "graphql"})
 MASK = "***"
+MASK_BYTES = MASK.encode()
 
 
 class Streamed(Protocol):
@@ -135,6 +136,42 @@ def _escaped_forms(secret: str) -> tuple[str, ...]:
     for hex_format in ("\\u%04X", "\\u%04x"):
         forms.add("".join(c if c.isascii() and c.isalnum() else hex_format % ord(c) for c in secret))
     return tuple(sorted(forms, key=len, reverse=True))
+
+
+class StreamMask:
+    """Masks a key's secret in an answer read in chunks cut anywhere (a relayed stream), as
+    `body_fields` masks a whole body's bytes: the secret and its escaped forms (`_escaped_forms`,
+    UTF-8) become MASK. A chunk's end that could begin a form is held back (`feed` returns the
+    rest) until the next chunk shows whether it does; `end()` returns what is held when the answer
+    ends. Without a secret, chunks pass as they are. Cost: one `bytes.replace` per form present and
+    a scan of the chunk's last (longest form - 1) bytes."""
+
+    def __init__(self, secret: str) -> None:
+        self.forms = tuple(form.encode("utf-8") for form in _escaped_forms(secret)) if secret else ()
+        self._reach = max((len(form) for form in self.forms), default=1) - 1  # the longest proper prefix
+        self._starts = frozenset(form[0] for form in self.forms)
+        self._held = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The bytes of `chunk` (after what was held) that can go out now, masked."""
+        if not self.forms:
+            return chunk
+        data = self._held + chunk if self._held else chunk
+        for form in self.forms:  # longest first: a form inside a longer one is masked with it
+            if form in data:
+                data = data.replace(form, MASK_BYTES)
+        keep = 0
+        for at in range(max(0, len(data) - self._reach), len(data)):
+            if data[at] in self._starts and any(form.startswith(data[at:]) for form in self.forms):
+                keep = len(data) - at
+                break
+        self._held = data[len(data) - keep:] if keep else b""
+        return data[:len(data) - keep] if keep else data
+
+    def end(self) -> bytes:
+        """What is held back at the answer's end (a proper prefix of a form: not the secret)."""
+        held, self._held = self._held, b""
+        return held
 
 
 def _base64_forms(secret: str) -> set[str]:

@@ -522,10 +522,13 @@ class Worker:
         self._cancel_scopes[a.id] = scope
         try:
             with scope:
-                relay = chunk_relay(self.nc, a.reply_to, a.attempt, job)  # "stream": true over request/reply
+                relay = chunk_relay(self.nc, a.reply_to, a.attempt, job, secret)  # "stream": true over request/reply
                 if relay is None:
                     return await executor.call(job, upstream, secret)
-                return await executor.call(job, upstream, secret, relay, relay.answer)
+                try:
+                    return await executor.call(job, upstream, secret, relay, relay.answer)
+                finally:
+                    await relay.end()
         finally:
             self._cancel_scopes.pop(a.id, None)
         log.warning("call abandoned at shutdown; job goes back to the queue")

@@ -8,7 +8,7 @@ import time
 import anyio
 import openai
 import pytest
-from fleetkit import FleetKit, mock_keys, wait_for_leader
+from fleetkit import SECRETS, FleetKit, mock_keys, wait_for_leader
 from gatewaykit import CALLER_KEYS, caller_env, callers, free_port, start_gateway
 
 from ratefleet import Client
@@ -58,6 +58,22 @@ async def test_a_streamed_chat_arrives_chunk_by_chunk_and_its_result_holds_the_w
     assert stored.response.headers["x-request-id"] == request_id  # the very answer's, not another call's
     assert stored.response.body.count("data: ") == 8 and stored.response.body.endswith("data: [DONE]\n\n")
     assert gateway.upstream.stats()["keys"]["k1"]["calls"] + gateway.upstream.stats()["keys"]["k2"]["calls"] == 1
+
+
+async def test_a_key_echoed_in_a_stream_reaches_the_caller_masked_as_in_the_result(gateway, nats_server):
+    # a gateway trial: the stored Result had the serving key masked, the streamed bytes had it in clear
+    async with await Client.connect(nats_server.url) as client:
+        await wait_for_leader(client)
+        async with openai.AsyncOpenAI(base_url=gateway.gateway_url + "/v1", api_key=CALLER_KEYS["alice"],
+                                      max_retries=0, timeout=30) as ai:
+            raw = await ai.chat.completions.with_raw_response.create(
+                model="mock", messages=[{"role": "user", "content": f"{SECRETS['k1']} {SECRETS['k2']}"}], stream=True)
+            text = "".join([chunk.choices[0].delta.content or "" async for chunk in raw.parse()])
+        stored = await client.stored_result(raw.headers["x-ratefleet-job-id"])
+    assert stored is not None and stored.key_id in ("k1", "k2")
+    other = "k2" if stored.key_id == "k1" else "k1"  # the caller's own text, not the key this call used
+    assert SECRETS[stored.key_id] not in text and text == f"echo: *** {SECRETS[other]}"
+    assert SECRETS[stored.key_id] not in stored.response.body
 
 
 async def test_a_streamed_request_the_provider_refuses_gets_its_error_unchanged(gateway):
