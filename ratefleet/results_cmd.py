@@ -83,9 +83,18 @@ class Collect:
     superseded: int = 0      # Results replaced by a later replay of the same line
     given_up: dict[str, bool] = field(default_factory=dict)  # root id -> its Result has a GAVE_UP code
     replays_sent: int = 0    # jobs `dlq replay` sent again for the batch (batches.replays_sent)
+    held: dict[str, tuple[Result, Result]] = field(default_factory=dict)  # root -> (its Result, the one shown)
+    doubled: int = 0         # lines written twice: the original went out before `dlq replay` sent it again
+    out: dict[str, bool] = field(default_factory=dict)  # root of a line not succeeded -> written (False: queued)
 
     async def take(self, client: Client, result: Result) -> None:
-        """Count and write one stored Result; a replay stands in for the Result it replays."""
+        """Count and write one stored Result; a replay stands in for the Result it replays.
+
+        With --wait, while `dlq replay` has sent jobs of the batch whose Results are not back
+        (`replays_pending`), a line that did not succeed is held, not written: its replay may come
+        and take its place. It goes out when its replay comes, when no replay is pending any more,
+        or at the end (`finish`). A line written before a replay of it was sent (the replay was
+        sent during this wait) cannot be taken back: the replay is written after it (`doubled`)."""
         root = self.replays.roots.get(result.job_id)
         if root is not None:
             return  # found by the first scan: written in place of its original
@@ -96,17 +105,55 @@ class Collect:
                 self.count -= 1
                 self.superseded += 1
             self._count(root, result)
-            self._write(result)
+            if root in self.held:
+                self.held[root] = (self.held[root][0], result)
+                if not self._holds(result):
+                    self._release(root)
+            elif self.out.get(root) is False:  # in --order input's buffer, not written yet: takes its place
+                self.swap[root] = result
+            else:
+                self.doubled += root in self.out
+                self._write(result)
+            self._release_all_if_none_pending()
             return
         shown, latest = result, self.replays.latest.get(result.job_id)
         if latest is not None:
             shown = await client.stored_result(latest) or result
             self.superseded += shown is not result
         self._count(result.job_id, shown)
-        if shown is not result:
-            self.swap[result.job_id] = shown
-        for ready in self.order.push(result) if self.order else [result]:
-            self._write(self.swap.pop(ready.job_id, ready))
+        self.held[result.job_id] = (result, shown)
+        if not self._holds(shown):
+            self._release(result.job_id)
+        self._release_all_if_none_pending()
+
+    @property
+    def replays_pending(self) -> bool:
+        """`dlq replay` sent jobs of the batch whose Results have not been read yet."""
+        return self.replays_sent > len(self.replays.roots)
+
+    def _holds(self, shown: Result) -> bool:
+        return self.wait and shown.status != "succeeded" and self.replays_pending
+
+    def _release(self, root: str) -> None:
+        """Write a held line: the latest Result for it, at its place with --order input."""
+        original, shown = self.held.pop(root)
+        if shown is not original:
+            self.swap[original.job_id] = shown
+        if shown.status != "succeeded":
+            self.out[root] = False
+        for ready in self.order.push(original) if self.order else [original]:
+            self._put(ready)
+
+    def _put(self, ready: Result) -> None:
+        """Write a line the order releases (its latest replay in its place)."""
+        if ready.job_id in self.out:
+            self.out[ready.job_id] = True
+        self._write(self.swap.pop(ready.job_id, ready))
+
+    def _release_all_if_none_pending(self) -> None:
+        if self.held and not self.replays_pending:
+            for root in list(self.held):
+                self._release(root)
 
     def _count(self, root: str, shown: Result) -> None:
         self.count += 1
@@ -122,8 +169,10 @@ class Collect:
         self.sink.write(format_result(result, self.out_format) + "\n")
 
     def finish(self) -> None:
+        for root in list(self.held):  # the wait ended with replays still out: each line as it stands
+            self._release(root)
         for ready in self.order.flush() if self.order else []:
-            self._write(self.swap.pop(ready.job_id, ready))
+            self._put(ready)
         self.sink.flush()
 
     @property
@@ -295,7 +344,8 @@ def _report(console: Console, run: Collect, out: Path | None, interrupted: bool,
         say(f"none of the {record.lines:,} lines of batch {run.batch} has a job of its own here: their ids were "
             "already stored under other batches (or the lines were invalid); see each with `ratefleet result ID`")
     if interrupted:
-        say(f"interrupted: {max(missing, 0):,} jobs are still queued or running; collect them with: {shlex.join(again)}")
+        still = max(missing, 0) + max(pending, 0)  # a replay not back runs for a line already counted
+        say(f"interrupted: {still:,} jobs are still queued or running; collect them with: {shlex.join(again)}")
         return 130
     if run.lost:
         say(f"error: the NATS server lost the jobs of batch {run.batch} still queued: {run.lost}. "
