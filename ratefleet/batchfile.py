@@ -151,6 +151,26 @@ def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
                 yield number, text
 
 
+# (magic bytes, what the file is, the command that streams it as text): compressed and archive
+# formats a jobs file arrives in; read as text they were "line 1: not UTF-8 (byte 0x8b ...)"
+_PACKED = ((b"\x1f\x8b", "gzip-compressed", "zcat"), (b"\x28\xb5\x2f\xfd", "zstd-compressed", "zstdcat"),
+           (b"BZh", "bzip2-compressed", "bzcat"), (b"\xfd7zXZ\x00", "xz-compressed", "xzcat"),
+           (b"PK\x03\x04", "a zip archive", "unzip -p"), (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive", "7z x -so"),
+           (b"PAR1", "a Parquet file", None), (b"SQLite format 3\x00", "an SQLite database", None))
+
+
+def packed_format(path: Path) -> tuple[str, str | None] | None:
+    """(what the file is, a command that writes it out as text, or None) when `path` starts with the
+    magic bytes of a compressed file or another binary format (gzip RFC 1952, zstd RFC 8878, bzip2,
+    xz, zip, 7z, Parquet, SQLite), else None. Raises OSError when it cannot be read."""
+    with path.open("rb") as handle:
+        head = handle.read(16)
+    for magic, what, command in _PACKED:
+        if head.startswith(magic):
+            return what, command
+    return None
+
+
 def stdin_spool_path() -> Path:
     """A new empty temporary file for `spool_stdin` (the caller removes it)."""
     with tempfile.NamedTemporaryFile("wb", prefix="ratefleet-stdin-", suffix=".jsonl", delete=False) as handle:

@@ -330,6 +330,10 @@ def _report(console: Console, run: Collect, out: Path | None, interrupted: bool,
         noun = "Result was" if run.superseded == 1 else "Results were"
         say(f"{run.superseded:,} {noun} replaced by a later `dlq replay` of the same line (counted once, "
             "the latest replay written in their place)")
+    if run.doubled:
+        say(f"{run.doubled:,} of them had been written before `dlq replay` sent them again (during this wait): "
+            f"{'its line is' if run.doubled == 1 else 'their lines are'} in the output twice, the replay "
+            "after the original; `ratefleet results` again writes each line once")
     pending = run.replays_sent - len(run.replays.roots)
     if pending > 0:  # replayed and not back yet: replaying them again would pay twice
         one = pending == 1

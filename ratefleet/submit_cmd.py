@@ -52,6 +52,7 @@ from ratefleet.batchfile import (
     id_hash,
     iter_lines,
     line_of,
+    packed_format,
     parse_line,
     spool_stdin,
     stdin_spool_path,
@@ -249,6 +250,10 @@ async def _interruptible(run: Run, work: _Work, client: Client, path: Path, phas
 
 
 async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_invalid: bool) -> int:
+    if str(run.file) == "-" and (packed := packed_format(path)) is not None:  # (a named file: checked by the CLI)
+        phases.print(f"error: standard input is {packed[0]}, not JSONL text; pipe the jobs as JSONL text "
+                     f"(one JSON job per line{', e.g. through ' + packed[1] if packed[1] else ''}); nothing was submitted")
+        return 2
     if await _cancelled(client, run.batch):
         phases.print(f"error: batch {run.batch} was cancelled (`ratefleet cancel`): its jobs would end without a call; "
                      "nothing was submitted: submit under another --batch name")

@@ -100,3 +100,24 @@ async def test_stopped_while_replays_are_out_every_line_is_written_once_and_the_
     assert proc.returncode == 130
     assert "2 jobs of batch ri were sent again by `ratefleet dlq replay` and have no Result yet" in stderr
     assert "interrupted: 2 jobs are still queued or running" in stderr
+
+
+async def test_a_line_written_before_its_replay_was_sent_is_counted_as_written_twice():
+    # `dlq replay` run while `results --wait` already wrote the line: it cannot be taken back
+    import io
+
+    from rich.console import Console
+
+    from ratefleet.results_cmd import Collect, _report
+    sink = io.StringIO()
+    record = BatchRecord(batch="b", tier="normal", state="submitted", jobs=1, lines=1)
+    run = Collect("b", sink, None, record, wait=True)
+    await run.take(None, Result(job_id="b-1-aaaaaaaaaa", status="failed", batch="b"))  # type: ignore[arg-type]
+    run.replays_sent = 1  # the replay is sent now
+    await run.take(None, Result(job_id="b-1-aaaaaaaaaa-r00000001", status="succeeded", batch="b",  # type: ignore[arg-type]
+                                metadata={"replay_of": "b-1-aaaaaaaaaa"}))
+    run.finish()
+    assert len(sink.getvalue().splitlines()) == 2 and run.count == 1 and run.doubled == 1
+    console = Console(file=io.StringIO(), width=300)
+    assert _report(console, run, None, False, "nats://127.0.0.1:4222", "ratefleet") == 0
+    assert "1 of them had been written before `dlq replay` sent them again" in console.file.getvalue()
