@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from datetime import UTC, datetime
 from typing import Any
 
 from nats.aio.client import Client as NatsClient
@@ -115,7 +116,7 @@ class Requesting:
                                       f"Result later with `ratefleet result {model.id}` (or Client.stored_result "
                                       "on a new Client)") from None
             if msg is None:
-                reason, why = await self.why_unrun()
+                reason, why = await self.why_unrun(model.deadline)
                 raise RequestTimeout(f"no result for job {model.id} within {timeout}s; {why}: collect it later with "
                                      f"`ratefleet result {model.id}` (or Client.stored_result)",
                                      job_id=model.id, reason=reason, why=why) from None
@@ -174,59 +175,75 @@ class Requesting:
         except Exception:  # noqa: BLE001 - see docstring
             pass
 
-    async def why_unrun(self) -> tuple[str | None, str]:
+    async def why_unrun(self, deadline: datetime | None = None) -> tuple[str | None, str]:
         """After a request timed out (never on the way to a Result): whether the fleet can run
         the job at all, from one status request of at most WHY_TIMEOUT_S, shared by every request
         of this Client timing out within WHY_SHARED_S of it. (reason, text). Before, each asked:
         1,000 requests timing out together sent 1,000 status requests to the leader, which
-        answers about 200 a second (a trial fleet), just when the fleet was already slow."""
+        answers about 200 a second (a trial fleet), just when the fleet was already slow.
+        `deadline`: the job's; once passed, a job still queued is never called (it ends
+        `expired`), and the text says so rather than that it runs later (a gateway trial: its
+        504 said "stored and runs (and is paid) once one starts" of jobs that ended expired)."""
         loop = asyncio.get_running_loop()
         if self._why is None or loop.time() - self._why[0] > WHY_SHARED_S:
             self._why = (loop.time(), asyncio.ensure_future(self._ask_why()))  # awaited below, by all who share it
-        return await asyncio.shield(self._why[1])
+        reason, cause, when = await asyncio.shield(self._why[1])
+        return reason, _fate(cause, when, deadline is not None and datetime.now(UTC) >= deadline)
 
-    async def _ask_why(self) -> tuple[str | None, str]:
-        """`why_unrun`'s one status request (never raises)."""
-        still_runs = "it is stored and still runs"
+    async def _ask_why(self) -> tuple[str | None, str, str | None]:
+        """`why_unrun`'s one status request (never raises): (reason, cause, when the job runs:
+        None when it may be running now)."""
         if not self.nc.is_connected:
             return "nats_unavailable", ("the connection to NATS is away (reconnecting), so its Result cannot come "
-                                        "yet; the job is stored and runs (and is paid) whether or not it is answered")
+                                        "yet"), None
         try:
             with denial_expected(self.subjects.admin_status):
                 reply = await self.nc.request(self.subjects.admin_status, b"", timeout=WHY_TIMEOUT_S)
             status = json.loads(reply.data)
         except NoRespondersError:
-            return "no_dispatcher", (f"no dispatcher is running (nothing answers {self.subjects.admin_status}): the job "
-                                     "is stored and runs (and is paid) once one starts (`ratefleet up`, or "
-                                     "`ratefleet dispatcher` and workers)")
+            return "no_dispatcher", (f"no dispatcher is running (nothing answers {self.subjects.admin_status})"), (
+                "once one starts (`ratefleet up`, or `ratefleet dispatcher` and workers)")
         except Exception:  # noqa: BLE001 - slow, refused or not JSON: nothing more is known
-            return None, still_runs
+            return None, "", None
         if not isinstance(status, dict) or status.get("leader") is None:
-            return "no_leader", ("no dispatcher leads (a standby takes over within about lease_ttl_s): the job is "
-                                 "stored and runs (and is paid) once one does")
+            return "no_leader", "no dispatcher leads (a standby takes over within about lease_ttl_s)", "once one does"
         if status.get("starting"):  # (its answer holds no workers or keys yet: no reason to claim either)
-            return "no_leader", (f"the leader {status.get('leader')} is taking over (loading the key states): the job "
-                                 "is stored and runs (and is paid) once it leads")
+            return "no_leader", (f"the leader {status.get('leader')} is taking over (loading the key states)"), (
+                "once it leads")
         if not status.get("workers"):
-            return "no_worker", ("the leader has no worker: the job is stored and runs (and is paid) once one "
-                                 "starts (`ratefleet worker`)")
+            return "no_worker", "the leader has no worker", "once one starts (`ratefleet worker`)"
         keys = status.get("keys")
         if isinstance(keys, dict) and keys and all(isinstance(key, dict) and key.get("disabled") for key in keys.values()):
             why = "; ".join(f"{key_id}: {key.get('disabled_reason') or key.get('disabled_by') or 'disabled'}"
                             for key_id, key in sorted(keys.items()))
-            return "no_key_ready", (f"every key is disabled ({why}): the job is stored and runs (and is paid) once "
-                                    "a key's probe succeeds or an operator enables one (`ratefleet keys enable KEY` "
-                                    "once its secret or account is fixed)")
+            return "no_key_ready", f"every key is disabled ({why})", (
+                "once a key's probe succeeds or an operator enables one (`ratefleet keys enable KEY` once its secret "
+                "or account is fixed)")
         if isinstance(keys, dict) and keys and not any(_key_ready(key) for key in keys.values()):
             return "no_key_ready", ("every key is cooling down after 429s (or answered 429 at its last call), has "
-                                    "an open breaker or is disabled "
-                                    "(`ratefleet status` says which and for how long): the job is stored and runs "
-                                    "(and is paid) once a key can take it")
-        return None, still_runs
+                                    "an open breaker or is disabled (`ratefleet status` says which and for how long)"), (
+                "once a key can take it")
+        return None, "", None
 
     def _reconnects(self) -> int:
         """How often this client's connection has reconnected (nats-py's count)."""
         return self.nc.stats["reconnects"]
+
+
+def _fate(cause: str, when: str | None, expired: bool) -> str:
+    """`why_unrun`'s text: the cause, then what becomes of the job. `when`: when it runs (None:
+    it may be in its call now); `expired`: the job's deadline has passed, so a job still queued is
+    never called (the leader ends it `expired`, schemas/job.py `Job.expired`)."""
+    if expired:
+        fate = ("its deadline has passed, so it is not called any more: it ends `expired`, unpaid" if when else
+                "its deadline has passed: if it is in its call it may still finish (and be paid); if it is still "
+                "queued it is not called any more and ends `expired`")
+    elif when:
+        fate = f"the job is stored and runs (and is paid) {when}"
+    else:
+        fate = ("the job is stored and runs (and is paid) whether or not it is answered" if cause
+                else "it is stored and still runs")
+    return f"{cause}{'; ' if when is None else ': '}{fate}" if cause else fate
 
 
 def _key_ready(key: Any) -> bool:

@@ -31,6 +31,7 @@ from ratefleet.gateway.errors import (
     GatewayRefusal,
     bad_request,
     nats_down,
+    nats_trouble,
     over_limit,
     queue_full,
     timed_out,
@@ -46,7 +47,15 @@ from ratefleet.runtime.store import store_result
 from ratefleet.runtime.tracing import remote_parent
 from ratefleet.schemas import Job, Result
 from ratefleet.schemas.cost import estimate_tokens
-from ratefleet.schemas.errors import JobInvalid, JobTooLarge, QueueFull, RatefleetError, RequestTimeout, SubmitError
+from ratefleet.schemas.errors import (
+    JobInvalid,
+    JobTooLarge,
+    NatsError,
+    QueueFull,
+    RatefleetError,
+    RequestTimeout,
+    SubmitError,
+)
 from ratefleet.workers.relay import wants_stream
 from ratefleet.workers.usage import stream_cost
 
@@ -203,8 +212,10 @@ class Gateway:
             refusal.job_id = job.id
             raise refusal from None
         except TimeoutError:  # a stream's first chunk (the job is stored: submit_for_reply had its PubAck)
-            reason, why = await self.client.why_unrun()
+            reason, why = await self.client.why_unrun(job.deadline)
             raise timed_out(job.id, caller.timeout_s, reason, why) from None
+        except NatsError as exc:  # NATS away or not answering, the job stored or not: not a bad answer (502)
+            raise nats_trouble(job.id or "", exc) from None
         except SubmitError as exc:
             raise GatewayRefusal(503, f"The job could not be stored: {exc}", type="server_error",
                                  code="submit_failed", retry_after_s=1.0) from None

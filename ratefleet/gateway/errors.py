@@ -74,6 +74,23 @@ def nats_down(retry_after_s: float = 2.0) -> GatewayRefusal:
                           retry_after_s=retry_after_s)
 
 
+def nats_trouble(job_id: str, exc: Exception, retry_after_s: float = 2.0) -> GatewayRefusal:
+    """503 `service_unavailable` with Retry-After when NATS went away or stopped answering after
+    the job was handed to it (a gateway trial, nats-server paused: a 502 `gateway_error` without
+    Retry-After, with NATS-client advice). Whether the job was stored is not known, so the SDK
+    is told not to retry by itself (`x-should-retry: false`): if it was, it runs (and is paid)
+    unless its deadline (the caller's timeout) passes first; `ratefleet result ID` on the fleet
+    says which."""
+    refusal = GatewayRefusal(503, f"NATS, the fleet's queue, did not answer for job {job_id} "
+                             f"({type(exc).__name__}); the job may or may not have been stored. If it was, it runs "
+                             "(and is paid) unless its deadline, this caller's timeout, passes first: the fleet's "
+                             f"operators see which with `ratefleet result {job_id}`. Retry after the Retry-After "
+                             "interval; a retry is a new job.", type="server_error", code="service_unavailable",
+                             retry_after_s=retry_after_s, sdk_retry=False)
+    refusal.job_id = job_id
+    return refusal
+
+
 def timed_out(job_id: str, timeout_s: float, reason: str | None = None, why: str | None = None) -> GatewayRefusal:
     """504 for a job without an answer at the caller's timeout. The job may be in its call (and
     paid for when it ends): an SDK's automatic retry would be a second job and a second call,
@@ -82,10 +99,10 @@ def timed_out(job_id: str, timeout_s: float, reason: str | None = None, why: str
     ...); a gateway trial got the same bare 504 for each of those, the provider's refusal of
     every key and the cause shown only in the dispatcher's log. Which keys and why stays with the
     fleet's operators (`ratefleet status`): a key's reason can name a secret's variable or file."""
-    if reason == "no_key_ready":
+    if reason == "no_key_ready":  # (a gateway job's deadline is the caller's timeout: translate.py)
         why = ("no key of the fleet can take it now (each is disabled, cooling down after 429s, or has an open "
-               "breaker; the fleet's operators see which in `ratefleet status`): it is stored and runs (and is paid) "
-               "once a key can take it")
+               "breaker; the fleet's operators see which in `ratefleet status`): its deadline (this timeout) has "
+               "passed, so it is not called any more: it ends `expired`, unpaid")
     cause = why or "it may still run (and be paid)"
     refusal = GatewayRefusal(504, f"No answer within this caller's timeout ({timeout_s:g} s) for job {job_id}: "
                              f"{cause}. Sending the request again makes a new job; its Result is stored under that "

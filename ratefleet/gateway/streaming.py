@@ -10,6 +10,7 @@ ends with the Result, which also holds the complete body for later (`ratefleet r
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -23,7 +24,7 @@ from nats.aio.subscription import Subscription
 from ratefleet.client import Client
 from ratefleet.runtime.logs import get_logger
 from ratefleet.schemas import Job, Result
-from ratefleet.schemas.errors import RatefleetError
+from ratefleet.schemas.errors import RatefleetError, RequestTimeout
 from ratefleet.workers.relay import ANSWER_HEADER_PREFIX, ATTEMPT_HEADER  # the names the worker's relay sets
 
 __all__ = ["ATTEMPT_HEADER", "ChunkStream", "StreamStopped", "next_part", "start_stream"]
@@ -171,14 +172,23 @@ def _error_event(error: dict) -> bytes:
 async def start_stream(client: Client, job: Job, tier: str, timeout_s: float,
                        stop_at: Callable[[], float | None] = lambda: None) -> Result | ChunkStream:
     """Store `job` and wait up to `timeout_s` seconds for its first chunk or its Result.
-    `stop_at`: the gateway's stop deadline (ChunkStream.stop_at). Raises TimeoutError, and what
-    `Client.submit_for_reply` raises (QueueFull, JobInvalid, SubmitError)."""
+    `stop_at`: the gateway's stop deadline (ChunkStream.stop_at). Raises TimeoutError (no first
+    part in time), RequestTimeout (NATS did not confirm storing the job within `timeout_s`), and
+    what `Client.submit_for_reply` raises (QueueFull, JobInvalid, SubmitError, NatsError)."""
     inbox = client.nc.new_inbox()
     reply_to = inbox + ".r"
     sub = await client.nc.subscribe(inbox + ".>")
+    until = time.monotonic() + timeout_s  # the store's wait counts too (a paused NATS held a stream 33 s for 20)
     try:
-        await client.submit_for_reply(job, tier, reply_to)
-        msg = await next_part(sub, time.monotonic() + timeout_s, stop_at)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await client.submit_for_reply(job, tier, reply_to)
+        except TimeoutError:
+            raise RequestTimeout(f"NATS did not confirm storing job {job.id} within {timeout_s:g}s",
+                                 job_id=job.id, reason="nats_unavailable",
+                                 why="NATS did not confirm storing it in time; it may still be stored, and then runs "
+                                     "(and is paid) unless its deadline passes first") from None
+        msg = await next_part(sub, until, stop_at)
     except BaseException:
         with contextlib.suppress(nats.errors.Error):
             await sub.unsubscribe()

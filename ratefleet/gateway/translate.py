@@ -49,10 +49,17 @@ def _query(items: Iterable[tuple[str, str]]) -> dict[str, str | list[str]]:
 
 def parse_body(raw: bytes, content_type: str | None) -> tuple[Any, str | None]:
     """(JSON value, None) for a JSON body, (None, text) for another UTF-8 body, (None, None) for
-    none. GatewayRefusal 400 for JSON that does not parse, 415 for a body that is not UTF-8."""
+    none. GatewayRefusal 400 for JSON that does not parse, 415 for a body that is not UTF-8 and
+    for a multipart one (RFC 2046 section 5.1: file uploads, which the gateway does not relay,
+    refused whatever bytes the parts hold: a text part passed and the call was paid)."""
     if not raw:
         return None, None
     kind = (content_type or "application/json").split(";", 1)[0].strip().lower()
+    if kind.startswith("multipart/"):
+        raise GatewayRefusal(415, f"Request bodies of type {kind} (file uploads: audio transcriptions, image edits, "
+                             "uploads) are not supported by the ratefleet gateway, which relays JSON and UTF-8 text; "
+                             "send such requests to the provider directly.", type="invalid_request_error",
+                             code="unsupported_media_type")
     if kind == "application/json" or kind.endswith("+json"):
         try:
             return json.loads(raw), None

@@ -120,3 +120,31 @@ def test_the_gateways_504_keeps_key_reasons_and_a_not_stored_jobs_cause_apart():
                          "be stored, and then runs (and is paid)")
     assert "NATS did not confirm storing it" in unstored.message and "stored and still runs" not in unstored.message
     assert "it may still run (and be paid)" in timed_out("j1", 30).message  # nothing known: as before
+
+
+async def test_a_job_past_its_deadline_is_said_to_end_expired_not_to_run_later():
+    """A gateway trial: with the workers stopped, the 504 said "the job is stored and runs (and
+    is paid) once one starts" of a job whose deadline (the caller's timeout) had passed: it ended
+    `expired`, never called. The same status with the deadline not passed keeps the old text."""
+    from datetime import UTC, datetime, timedelta
+
+    class NoWorkers(StatusNats):
+        async def request(self, subject, payload, timeout):
+            return SimpleNamespace(data=json.dumps({"leader": "d1", "workers": {}}).encode())
+
+    past, later = datetime.now(UTC) - timedelta(seconds=1), datetime.now(UTC) + timedelta(minutes=5)
+    client = Client(NoWorkers())  # type: ignore[arg-type]
+    got, text = await client.why_unrun(past)
+    assert got == "no_worker" and text == ("the leader has no worker: its deadline has passed, so it is not called any "
+                                           "more: it ends `expired`, unpaid")
+    for deadline in (later, None):
+        got, text = await client.why_unrun(deadline)
+        assert text == "the leader has no worker: the job is stored and runs (and is paid) once one starts (`ratefleet worker`)"
+
+    class Silent(StatusNats):
+        async def request(self, subject, payload, timeout):
+            raise TimeoutError
+
+    got, text = await Client(Silent()).why_unrun(past)  # nothing known: it may be in its call
+    assert got is None and "if it is in its call it may still finish (and be paid)" in text and "`expired`" in text
+    assert (await Client(Silent()).why_unrun())[1] == "it is stored and still runs"

@@ -83,6 +83,10 @@ def test_parse_body():
     assert parse_body(b'{"a": 1}', None) == ({"a": 1}, None)
     assert parse_body(b'{"a": 1}', "application/vnd.x+json") == ({"a": 1}, None)
     assert parse_body(b"hi", "text/plain") == (None, "hi")
+    for kind in ("multipart/form-data; boundary=x", "Multipart/Mixed; boundary=y"):  # text parts too (a trial's were paid)
+        with pytest.raises(GatewayRefusal) as upload:
+            parse_body(b'--x\r\nContent-Disposition: form-data; name="file"\r\n\r\nhello text\r\n--x--\r\n', kind)
+        assert (upload.value.status, upload.value.code) == (415, "unsupported_media_type")
     with pytest.raises(GatewayRefusal) as broken:
         parse_body(b"{", "application/json")
     assert broken.value.status == 400
