@@ -100,6 +100,22 @@ def _as_ctrl_c(signum: int, frame: object) -> None:
     signal.raise_signal(signal.SIGINT)
 
 
+def nats_lost(exc: BaseException) -> str | None:
+    """When `exc` (also a task group's ExceptionGroup) stands for NATS going away or not answering
+    (runtime/edge.py `translate` gives a NatsUnavailable), a short cause for a CLI user, else None.
+    The wait commands print it with the commands to carry on (a trial: `results --wait` ended 5 s
+    into a restart of `ratefleet up` with Python Client advice and no command to resume)."""
+    from ratefleet.schemas.errors import NatsRefused, NatsUnavailable
+
+    if isinstance(exc, BaseExceptionGroup):
+        return next((cause for leaf in exc.exceptions if (cause := nats_lost(leaf)) is not None), None)
+    ours = translate(exc)
+    if not isinstance(ours, NatsUnavailable) or isinstance(ours, NatsRefused):
+        return None
+    answered = isinstance(exc, TimeoutError) or "did not answer" in str(ours)
+    return ("NATS stopped answering" if answered else "the connection to NATS was lost") + f" ({type(exc).__name__})"
+
+
 def run_async(coro_fn: Callable[..., Awaitable[T]], *args: object, term_as_interrupt: bool = False) -> T:
     """Run a command's coroutine. A ratefleet error, or a NATS/httpx failure it stands for
     (runtime/edge.py), becomes one line and exit 1 (the first one of a task group's errors);

@@ -18,6 +18,7 @@ reader went away (cli_support.quiet_broken_pipe).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import shlex
 import signal
@@ -42,7 +43,16 @@ from ratefleet.batches import (
     replays_sent,
     waiting_hint,
 )
-from ratefleet.cli_support import batch_value, client_target, connection_args, fail, make_console, require_out_path, run_async
+from ratefleet.cli_support import (
+    batch_value,
+    client_target,
+    connection_args,
+    fail,
+    make_console,
+    nats_lost,
+    require_out_path,
+    run_async,
+)
 from ratefleet.client import Client
 from ratefleet.key_watch import watch_keys
 from ratefleet.openai_batch import format_result
@@ -83,6 +93,7 @@ class Collect:
     superseded: int = 0      # Results replaced by a later replay of the same line
     given_up: dict[str, bool] = field(default_factory=dict)  # root id -> its Result has a GAVE_UP code
     replays_sent: int = 0    # jobs `dlq replay` sent again for the batch (batches.replays_sent)
+    lost_nats: str | None = None  # why the read stopped: NATS went away or stopped answering (cli_support.nats_lost)
     held: dict[str, tuple[Result, Result]] = field(default_factory=dict)  # root -> (its Result, the one shown)
     doubled: int = 0         # lines written twice: the original went out before `dlq replay` sent it again
     out: dict[str, bool] = field(default_factory=dict)  # root of a line not succeeded -> written (False: queued)
@@ -257,10 +268,19 @@ async def _collect_batch(console: Console, batch: str, wait: bool, out: Path | N
         try:
             with Phases(console) as phases:
                 interrupted = await _follow(client, run, phases)
+        except BaseException as exc:
+            if (cause := nats_lost(exc)) is None:
+                raise
+            run.lost_nats = cause
         finally:
             run.finish()
             if out:
                 sink.close()
+        if run.lost_nats is not None:  # said now: closing a client whose NATS is gone can fail as well
+            code = _report(console, run, out, interrupted, url, prefix, config_args)
+            with contextlib.suppress(Exception):
+                await client.close()
+            return code
     return _report(console, run, out, interrupted, url, prefix, config_args)
 
 
@@ -347,6 +367,11 @@ def _report(console: Console, run: Collect, out: Path | None, interrupted: bool,
     if record is not None and record.jobs == 0 and record.lines and run.count == 0:
         say(f"none of the {record.lines:,} lines of batch {run.batch} has a job of its own here: their ids were "
             "already stored under other batches (or the lines were invalid); see each with `ratefleet result ID`")
+    if run.lost_nats is not None:
+        still = max(missing, 0) + max(pending, 0)
+        say(f"error: {run.lost_nats} while reading the Results of batch {run.batch}; {still:,} jobs have no Result "
+            f"here yet (they keep running once NATS is back); carry on then with: {shlex.join(again)}")
+        return 1
     if interrupted:
         still = max(missing, 0) + max(pending, 0)  # a replay not back runs for a line already counted
         say(f"interrupted: {still:,} jobs are still queued or running; collect them with: {shlex.join(again)}")

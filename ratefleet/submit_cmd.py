@@ -58,7 +58,7 @@ from ratefleet.batchfile import (
     stdin_spool_path,
     validate_file,
 )
-from ratefleet.cli_support import make_console
+from ratefleet.cli_support import make_console, nats_lost
 from ratefleet.client import Client, Stored
 from ratefleet.key_watch import watch_keys
 from ratefleet.phases import Phases
@@ -234,6 +234,13 @@ async def _interruptible(run: Run, work: _Work, client: Client, path: Path, phas
     with work.step():
         try:
             code = await _submit(run, client, path, phases, skip_invalid)
+        except BaseException as exc:
+            if (cause := nats_lost(exc)) is None or run.found is None:
+                raise
+            phases.print(f"error: {cause} while {'waiting for Results' if run.submitted else 'submitting'}; what "
+                         "is stored stays stored and runs once NATS is back; carry on then with the commands below")
+            report_interrupt(run, phases, head="stopped")
+            return 1
         finally:
             run.flush_held()
             if run.sink is sys.stdout:

@@ -312,16 +312,16 @@ def _report_foreign(run: Run, phases) -> None:
         phases.print(f"  ... and {run.foreign_queued_more:,} more")
 
 
-def report_interrupt(run: Run, phases) -> None:
-    """What Ctrl-C left behind, and the exact commands to carry on."""
+def report_interrupt(run: Run, phases, head: str = "interrupted") -> None:
+    """What Ctrl-C (or, `head` "stopped", NATS going away) left behind, and the exact commands to carry on."""
     if run.found is None:
-        phases.print(f"interrupted while validating; nothing was sent; run it again with: {run.submit_command()}")
+        phases.print(f"{head} while validating; nothing was sent; run it again with: {run.submit_command()}")
         return
     if not run.submitted:
         ours = run.stored - run.foreign
         # published but not acknowledged when Ctrl-C came (up to the pipeline's window): maybe stored
         maybe = max(0, run.handed - run.stored)
-        phases.print(f"interrupted while submitting: {run.stored:,} of {run.found.jobs:,} jobs stored in batch "
+        phases.print(f"{head} while submitting: {run.stored:,} of {run.found.jobs:,} jobs stored in batch "
                      f"{run.batch}" + (f", {maybe:,} more sent whose storing was not confirmed yet (they may be "
                                        "stored too)" if maybe else "")
                      + f"; {max(0, run.found.jobs - run.stored - maybe):,} not sent")
@@ -333,7 +333,7 @@ def report_interrupt(run: Run, phases) -> None:
         return
     left = run.expected - run.collected
     written = f"{run.written:,} results written" + (f" to {run.out}" if run.out else "")
-    phases.print(f"interrupted: {written}; {left:,} of {run.expected:,} jobs of batch {run.batch} are still "
+    phases.print(f"{head}: {written}; {left:,} of {run.expected:,} jobs of batch {run.batch} are still "
                  "queued or running (they keep running)")
     phases.print(f"collect them with: {run.results_command()}")
     phases.print(f"or re-run (stored lines are not sent again): {run.submit_command()}")

@@ -168,17 +168,24 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
     # from this callback there ended its reconnect task for good: a nightly-batch trial's Client never
     # reconnected after `up` restarted a SIGKILLed nats-server, and `submit --wait` hung)
     connected_once = False
+    # while disconnected, each reconnect try's error is logged once, its repeats counted (every 0.5 s they
+    # were one warning each: 64 lines on a CLI user's screen in 30 s of an outage, a trial's finding)
+    away: dict[tuple[str, str], int] | None = None
 
     async def on_disconnect() -> None:
+        nonlocal away
         if holder and (holder[0].is_closed or holder[0].is_draining):
             return  # our own close
+        away = {}
         log.warning("nats disconnected; reconnecting", url=redact_url(url))
 
     async def on_reconnect() -> None:
         from ratefleet.runtime.store import interrupt_ack_waits  # (store imports the layers above this one)
 
+        nonlocal away
+        repeated, away = sum((away or {}).values()), None
         interrupted = interrupt_ack_waits(holder[0])  # their acks went through the server that went away
-        log.info("nats reconnected", url=redact_url(url), publishes_resent=interrupted)
+        log.info("nats reconnected", url=redact_url(url), publishes_resent=interrupted, errors_repeated=repeated)
 
     async def on_error(exc: Exception) -> None:
         nonlocal first_failures
@@ -196,7 +203,15 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
             _REFUSED_OPTIONAL.add((_denied_subject(str(exc)) or "").lower())
             return
         _note_denial(scrub(str(exc)))
-        log.warning("nats error", error=type(exc).__name__, detail=scrub(str(exc))[:300])
+        detail = scrub(str(exc))[:300]
+        if away is not None:  # a reconnect try's: the same error again is counted, not logged
+            key = (type(exc).__name__, detail)
+            if key in away:
+                away[key] += 1
+                log.debug("nats error", error=key[0], detail=detail, repeated=away[key])
+                return
+            away[key] = 0
+        log.warning("nats error", error=type(exc).__name__, detail=detail)
 
     holder.append(NatsClient())
     try:

@@ -48,3 +48,46 @@ def test_a_compressed_jobs_file_is_named_as_such_with_the_command_that_streams_i
 async def _streams(url: str) -> None:
     async with await Client.connect(url) as client:
         await ensure_topology(client.js, parse_config({}))
+
+
+async def _waiting_batch(url: str) -> None:
+    """Batch `b` of three jobs with one Result stored: a wait for it waits on."""
+    from ratefleet.batches import BatchRecord, save_record
+    from ratefleet.runtime.store import store_result
+    from ratefleet.schemas import Result
+    async with await Client.connect(url) as client:
+        await ensure_topology(client.js, parse_config({}))
+        await save_record(client.js, client.subjects, BatchRecord(batch="b", tier="normal", state="submitted",
+                                                                  jobs=3, lines=3))
+        await store_result(client.js, client.subjects, Result(job_id="b-1-aaaaaaaaaa", status="succeeded", batch="b"))
+
+
+@pytest.mark.parametrize("command", ["results", "submit"])
+def test_a_wait_that_loses_nats_says_so_and_prints_how_to_carry_on(tmp_path, nats_server, command):
+    # a trial: a restart of `ratefleet up` ended `results --wait` after 5 s with Client advice and no command
+    import signal
+    import time
+    anyio.run(_waiting_batch, nats_server.url)
+    out = tmp_path / "out.jsonl"
+    if command == "results":
+        args = ["results", "--batch", "b", "--wait", "--out", str(out)]
+    else:
+        jobs = tmp_path / "jobs.jsonl"
+        jobs.write_text("".join(json.dumps({**JOB, "metadata": {"n": n}}) + "\n" for n in range(2)))
+        args = ["submit", str(jobs), "--tier", "normal", "--batch", "s", "--wait", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "ratefleet", *args, "--nats", nats_server.url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(5.0)  # (no fleet: it waits)
+    assert proc.poll() is None
+    nats_server.stop(signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=90)
+    assert proc.returncode == 1, stderr
+    assert "Client.connect" not in stderr and "in Python" not in stderr and "Traceback" not in stderr, stderr
+    assert stderr.count('"event": "nats error"') <= 3, stderr  # each reconnect try's refusal once, not every 0.5 s
+    if command == "results":
+        assert ("while reading the Results of batch b; 2 jobs have no Result here yet (they keep running once NATS "
+                "is back); carry on then with: ratefleet results --batch b --wait --out") in stderr, stderr
+    else:
+        assert "error: " in stderr and "while waiting for Results; what is stored stays stored" in stderr, stderr
+        assert "stopped: 0 results written" in stderr and "collect them with: ratefleet results --batch s" in stderr
+        assert "or re-run (stored lines are not sent again): ratefleet submit" in stderr
