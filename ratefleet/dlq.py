@@ -9,7 +9,7 @@ from nats.js.api import DeliverPolicy
 from rich.table import Column, Table
 
 from ratefleet.batches import note_replays
-from ratefleet.cli_support import make_console
+from ratefleet.cli_support import fail, make_console
 from ratefleet.client import Client
 from ratefleet.runtime.logs import get_logger
 from ratefleet.runtime.store import publish_job
@@ -87,6 +87,8 @@ async def list_dead(url: str, prefix: str, tier: str | None, limit: int, as_json
     when more are stored, say how many on stderr (and in the title)."""
     async with await Client.connect(url, prefix=prefix, auth=auth, reconnect_forever=False) as client:
         letters, left = await read_dead_page(client, tier, limit, batch, codes)
+        if tier is not None and not letters and (problem := await _unknown_tier(client, tier)):
+            fail(f"{problem}; `ratefleet dlq list` without --tier lists every tier's letters")  # (an empty table, exit 0)
     if as_json:
         for _seq, letter in letters:
             print(json.dumps(letter))
@@ -95,6 +97,17 @@ async def list_dead(url: str, prefix: str, tier: str | None, limit: int, as_json
     if left:  # on stderr: --json output stays one letter a line
         make_console(stderr=True).print(f"{left:,} more dead letter(s) not shown: pass --limit "
                                         f"{len(letters) + left} to see them all", markup=False, highlight=False)
+
+
+async def _unknown_tier(client: Client, tier: str) -> str | None:
+    """What is wrong with `tier` when the fleet's jobs stream has no such tier, else None (also when
+    the stream cannot be read: letters of a tier since removed are still listed)."""
+    from ratefleet.submit_report import check_tier
+
+    try:
+        return await check_tier(client, tier)
+    except Exception:  # noqa: BLE001 - no streams, or not readable here: nothing to say about the tier
+        return None
 
 
 def render_dead(letters: list[tuple[int, dict]], console, left: int = 0) -> None:

@@ -277,9 +277,18 @@ async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_inv
     found = await _validate(run, path, phases)
     if found.repeated_custom_ids:  # not a bad line to skip: which of the lines is meant cannot be told
         n = found.repeated_custom_ids
-        phases.print(f"{n:,} {'line repeats' if n == 1 else 'lines repeat'} the custom_id of an earlier line; OpenAI's Batch "
-                     "API refuses such a file and their Results could not be told apart; nothing was submitted: "
-                     "give each line its own custom_id")
+        repeats = _custom_id_repeats(run, path, found.custom_ids.repeated)
+        for number, custom_id, first in repeats:
+            phases.print(f"line {number} repeats the custom_id {custom_id!r} of line {first}")
+        if run.rejects is not None and repeats:  # (pass 1 rewrote the file: this run's lines only)
+            with run.rejects.open("a", encoding="utf-8") as sink:
+                for number, custom_id, first in repeats:
+                    sink.write(json.dumps({"line": number, "error": f"repeats the custom_id of line {first}",
+                                           "custom_id": custom_id}) + "\n")
+        named = "" if len(repeats) >= n else f" ({len(repeats):,} of them named above)" if repeats else ""
+        phases.print(f"{n:,} {'line repeats' if n == 1 else 'lines repeat'} the custom_id of an earlier line{named}; "
+                     "OpenAI's Batch API refuses such a file and their Results could not be told apart; nothing was "
+                     "submitted: give each line its own custom_id")
         return 2
     if found.error_count and not skip_invalid:
         phases.print("nothing was submitted; fix the lines above or pass --skip-invalid")
@@ -330,6 +339,25 @@ async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_inv
         phases.print(f"{found.error_count:,} invalid lines were skipped (not submitted{run.rejects_note()}); exit code 1")
         return 1
     return 1 if found.repeated_ids else 0  # those lines have no job (and no Result) of their own
+
+
+def _custom_id_repeats(run: Run, path: Path, repeated: set[int]) -> list[tuple[int, str, int]]:
+    """(line, custom_id, its first line) of each line repeating the custom_id of an earlier one,
+    for the repeated custom_ids pass 1 kept (`IdSet.repeated`: up to REPEATS_KEPT of them)."""
+    first: dict[str, int] = {}
+    repeats: list[tuple[int, str, int]] = []
+    for number, text in iter_lines(path):
+        try:
+            job = parse_line(text, number, run.batch, run.upstreams, upstream=run.upstream)
+        except LineError:
+            continue
+        custom_id = job.metadata.get("custom_id")
+        if isinstance(custom_id, str) and id_hash(custom_id) in repeated:
+            if custom_id in first:
+                repeats.append((number, custom_id, first[custom_id]))
+            else:
+                first[custom_id] = number
+    return repeats
 
 
 async def _validate(run: Run, path: Path, phases: Phases) -> Validation:

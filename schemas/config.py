@@ -75,6 +75,8 @@ def nats_url_problem(value: str) -> str | None:
             why = ""
             if "@" in rest and "@" not in parsed.netloc:  # the "@" fell into the path: a / ? # before it
                 why = " (credentials holding / ? # or @ must be percent-encoded, e.g. %2F for /)"
+            elif parsed.hostname and not _HOST.fullmatch(parsed.hostname):
+                why = " (its host is no host name or address)"
             elif parsed.scheme in ("nats", "tls", "ws", "wss") and parsed.hostname:
                 why = " (its port must be a number from 1 to 65535)"
             return (f"{shown} is not a NATS server URL{why}: use nats://HOST:PORT (or tls://, ws://, "
@@ -82,8 +84,13 @@ def nats_url_problem(value: str) -> str | None:
     return None
 
 
+_HOST = re.compile(r"[A-Za-z0-9._~%:-]+")  # a DNS name, IPv4, or IPv6 (urlsplit drops its brackets)
+
+
 def _has_address(parsed: SplitResult) -> bool:
     """Whether a parsed URL names a host and, if it has a port, one from 1 to 65535."""
+    if parsed.hostname is not None and not _HOST.fullmatch(parsed.hostname):
+        return False  # "not a url" became host "not a url": then "nothing answers at not a url" (exit 1)
     try:
         port = parsed.port  # ValueError: not a number, or out of range
     except ValueError:
@@ -552,7 +559,8 @@ def _read_config(path: str | os.PathLike[str] | None, nats_url: str | None) -> t
     data, used = EnvOverrides().apply(data)
     if nats_url:
         data = {**data, "nats": {**data.get("nats", {}), "url": nats_url}}
-        used = [*used, "--nats or $RATEFLEET_NATS_URL"]  # (the flag wins: name it, not only the file)
+        # (the flag wins: name it, not only the file; typer passes $RATEFLEET_NATS_URL as the flag too)
+        used = [*(name for name in used if name != "RATEFLEET_NATS_URL"), "--nats or $RATEFLEET_NATS_URL"]
     return data, f"{source} (with {', '.join(used)})" if used else source
 
 

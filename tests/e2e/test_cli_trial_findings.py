@@ -91,3 +91,36 @@ def test_a_wait_that_loses_nats_says_so_and_prints_how_to_carry_on(tmp_path, nat
         assert "error: " in stderr and "while waiting for Results; what is stored stays stored" in stderr, stderr
         assert "stopped: 0 results written" in stderr and "collect them with: ratefleet results --batch s" in stderr
         assert "or re-run (stored lines are not sent again): ratefleet submit" in stderr
+
+
+def test_repeated_custom_ids_are_named_by_line_and_written_to_rejects(tmp_path, nats_server):
+    # a trial: "2 lines repeat the custom_id of an earlier line", no line named, --rejects not written
+    anyio.run(_streams, nats_server.url)
+    path = tmp_path / "batch.jsonl"
+    path.write_text("".join(json.dumps({"custom_id": f"req-{i % 4}", "method": "POST", "url": "/v1/chat/completions",
+                                        "body": {"model": "m", "messages": []}}) + "\n" for i in range(6)))
+    rejects = tmp_path / "rejects.jsonl"
+    done = cli("submit", str(path), "--tier", "normal", "--skip-invalid", "--rejects", str(rejects),
+               "--nats", nats_server.url)
+    assert done.returncode == 2, done.stderr
+    assert "line 5 repeats the custom_id 'req-0' of line 1" in done.stderr
+    assert "line 6 repeats the custom_id 'req-1' of line 2" in done.stderr
+    assert "2 lines repeat the custom_id of an earlier line; OpenAI's Batch API refuses" in done.stderr
+    assert [json.loads(line) for line in rejects.read_text().splitlines()] == [
+        {"line": 5, "error": "repeats the custom_id of line 1", "custom_id": "req-0"},
+        {"line": 6, "error": "repeats the custom_id of line 2", "custom_id": "req-1"}]
+    assert anyio.run(_queued_jobs, nats_server.url) == 0
+
+
+async def _queued_jobs(url: str) -> int:
+    async with await Client.connect(url) as client:
+        return (await client.js.stream_info("RATEFLEET_JOBS")).state.messages
+
+
+def test_dead_letters_of_a_tier_the_fleet_does_not_have_is_an_error_not_an_empty_table(nats_server):
+    anyio.run(_streams, nats_server.url)
+    done = cli("dlq", "list", "--tier", "nosuch", "--nats", nats_server.url)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "unknown tier 'nosuch'; this fleet's tiers: " in done.stderr and "normal" in done.stderr
+    known = cli("dlq", "list", "--tier", "normal", "--nats", nats_server.url)
+    assert known.returncode == 0, known.stderr  # a tier it has, with no letters: an empty list

@@ -119,6 +119,22 @@ def test_a_bad_nats_url_shows_its_address_never_its_credentials_and_names_the_fl
     assert "with --nats or $RATEFLEET_NATS_URL" in str(caught.value)
 
 
+def test_a_nats_url_with_no_host_in_it_is_refused_and_the_env_variable_is_named_once(tmp_path, monkeypatch):
+    """A trial: `--nats "not a url"` was taken (then "nothing answers at not a url", exit 1), and
+    with $RATEFLEET_NATS_URL set the error named its source twice: "(with RATEFLEET_NATS_URL,
+    --nats or $RATEFLEET_NATS_URL)"."""
+    from ratefleet.schemas.config import ConfigError, load_config, nats_url_problem
+
+    assert "its host is no host name or address" in nats_url_problem("not a url")
+    assert "its host is no host name or address" in nats_url_problem("nats://bad host:4222")
+    for good in ("127.0.0.1:4222", "nats://[::1]:4222", "nats://u:p%40ss@nats-1.internal:4222", "tls://h_1:1"):
+        assert nats_url_problem(good) is None, good
+    monkeypatch.setenv("RATEFLEET_NATS_URL", "http://x:1")  # typer passes it on as --nats as well
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, nats_url="http://x:1")
+    assert "(with --nats or $RATEFLEET_NATS_URL)" in str(caught.value) and "RATEFLEET_NATS_URL," not in str(caught.value)
+
+
 CALLERS = GOOD + """
 [tiers.vip]
 [tiers.bulk]
