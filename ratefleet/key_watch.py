@@ -6,7 +6,8 @@ leader for the fleet's status every KEY_POLL_S seconds (the same answer `ratefle
 one NATS request) and prints one line per change: a key disabled (with its reason and what to do,
 `status_view.key_state`), a key enabled again, and a pool with no key left in use (its jobs wait
 for a probe, or fail `no_key_available` when every key is operator-disabled or has no secret on
-any worker: README "Reliability"). Keys already out of use when the wait starts are named once.
+any worker: README "Reliability"), and a key's breaker opening or closing. Keys already out of
+use when the wait starts are named once.
 The status answer holds no secret (key ids, pools and reasons only).
 """
 
@@ -63,6 +64,22 @@ def key_changes(before: dict[str, str] | None, keys: dict[str, dict[str, Any]]) 
     return now, lines
 
 
+def breaker_changes(before: set[str] | None, keys: dict[str, dict[str, Any]]) -> tuple[set[str], list[str]]:
+    """The keys in use whose breaker is open or half-open now, and a line for each that opened or
+    closed since the last look (`before`; None: the first look). A trial's batch stalled 151 s on
+    breakers opened by jobs the upstream always answered 500, and the wait said only "nothing new
+    for 29s"."""
+    now = {key_id for key_id, key in keys.items()
+           if not key.get("disabled") and key.get("breaker") in ("open", "half_open")}
+    lines = [f"key {key_id}'s breaker is open after consecutive upstream errors (5xx, timeouts, connection "
+             "errors): it gets one probe call every `dispatcher.breaker_reset_s` seconds (default 30) until one succeeds"
+             for key_id in sorted(now - (before or set()))]
+    if before is not None:
+        lines += [f"key {key_id}'s breaker has closed: it takes calls again" for key_id in sorted(before - now)
+                  if key_id in keys]
+    return now, lines
+
+
 async def watch_keys(client: Client, say: Callable[[str], None], poll_s: float = KEY_POLL_S) -> None:
     """Run until cancelled: every `poll_s` seconds ask the leader for the fleet's status
     (`Client.status`) and `say` each line `key_changes` gives. A status that cannot be had (no
@@ -71,6 +88,7 @@ async def watch_keys(client: Client, say: Callable[[str], None], poll_s: float =
     examples/nats-accounts.conf) is not warned about it: the watch just ends."""
     subject = client.subjects.admin_status
     before: dict[str, str] | None = None
+    opened: set[str] | None = None
     while True:
         try:
             with denial_expected(subject):
@@ -82,6 +100,7 @@ async def watch_keys(client: Client, say: Callable[[str], None], poll_s: float =
         keys = answer.get("keys") if isinstance(answer, dict) else None
         if isinstance(keys, dict) and answer.get("leader") and not answer.get("starting"):
             before, lines = key_changes(before, keys)
-            for line in lines:
+            opened, more = breaker_changes(opened, keys)
+            for line in lines + more:
                 say(line)
         await anyio.sleep(poll_s)

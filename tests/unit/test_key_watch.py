@@ -88,3 +88,21 @@ async def test_the_watch_ends_quietly_for_a_user_nats_does_not_allow_to_ask(monk
     with anyio.fail_after(2):
         await watch_keys(SimpleNamespace(status=status, subjects=Subjects("ratefleet")), print, poll_s=0.01)
     assert asked == [1]  # asked once, then no more
+
+
+def test_a_wait_says_when_a_keys_breaker_opens_and_closes():
+    """A trial: jobs the upstream always answered 500 opened the keys' breakers and the batch
+    stalled 151 s; the wait said only "nothing new for 29s"."""
+    from ratefleet.key_watch import breaker_changes
+
+    closed = {"k1": {"breaker": "closed"}, "k2": {"breaker": "closed"}}
+    opened, lines = breaker_changes(None, closed)
+    assert opened == set() and lines == []
+    opened, lines = breaker_changes(opened, {"k1": {"breaker": "open"}, "k2": {"breaker": "half_open"},
+                                             "k3": {"breaker": "open", "disabled": True}})  # (disabled: said apart)
+    assert opened == {"k1", "k2"} and len(lines) == 2 and lines[0].startswith("key k1's breaker is open after")
+    assert "`dispatcher.breaker_reset_s`" in lines[0]
+    opened, lines = breaker_changes(opened, {"k1": {"breaker": "half_open"}, "k2": {"breaker": "open"}})
+    assert lines == []  # a probe that failed again: still out, nothing new to say
+    opened, lines = breaker_changes(opened, {"k1": {"breaker": "closed"}, "k2": {"breaker": "open"}})
+    assert lines == ["key k1's breaker has closed: it takes calls again"]
