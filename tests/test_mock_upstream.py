@@ -295,6 +295,21 @@ def test_control_plane_refuses_remote_callers() -> None:
     assert asyncio.run(stats_status(True)) == 200
 
 
+def test_control_plane_refuses_requests_carrying_an_api_key() -> None:
+    """A gateway trial: a caller's POST /_mock/config went through the fleet (a worker on loopback,
+    with the key) and changed the mock's latency for everyone."""
+    async def statuses() -> list[int]:
+        app = create_app(MockSettings())
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://mock") as client:
+            keyed = [(await client.post("/_mock/config", headers={name: "sk-x"}, json={"latency_ms": 7})).status_code
+                     for name in ("Authorization", "api-key", "x-api-key")]
+            return [*keyed, (await client.get("/_mock/stats")).status_code,
+                    (await client.get("/_mock/config")).json()["latency_ms"]]
+
+    assert asyncio.run(statuses()) == [403, 403, 403, 200, 0]
+
+
 def test_serve_runs_on_the_callers_loop_until_cancelled() -> None:
     async def scenario() -> None:
         sock = bind_socket("127.0.0.1", 0)

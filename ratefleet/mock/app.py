@@ -42,6 +42,9 @@ def _is_loopback(request: Request) -> bool:
     return (mapped or address).is_loopback
 
 
+KEY_HEADERS = ("authorization", "api-key", "x-api-key", "x-goog-api-key")  # where upstreams take a key
+
+
 class ControlPlane:
     """Handlers of /_mock/*: read and steer the state of one mock upstream."""
 
@@ -53,6 +56,11 @@ class ControlPlane:
         async def guarded_handler(request: Request) -> Response:
             if not (self.state.settings.control_allow_remote or _is_loopback(request)):
                 return error(403, "The mock control plane only answers loopback clients.")
+            if any(name in request.headers for name in KEY_HEADERS):
+                # a call carrying an API key comes through a fleet (a worker on loopback calling for a
+                # gateway caller): a trial's caller changed the mock's latency through the gateway
+                return error(403, "The mock control plane does not answer requests carrying an API key (they come "
+                                  "through a fleet); call it directly, without the key.")
             return await handler(request)
 
         return guarded_handler
