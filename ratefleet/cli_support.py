@@ -12,12 +12,13 @@ import os
 import signal
 import sys
 import threading
+import time
 import tomllib
 import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 import typer
@@ -35,6 +36,7 @@ from ratefleet.schemas.config import (
     load_config,
     load_nats_only,
 )
+from ratefleet.schemas.errors import NatsUnavailable
 
 T = TypeVar("T")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -100,15 +102,60 @@ def _as_ctrl_c(signum: int, frame: object) -> None:
     signal.raise_signal(signal.SIGINT)
 
 
+WAIT_NATS_ENV = "RATEFLEET_WAIT_NATS_S"
+WAIT_NATS_S = 300.0  # seconds a --wait rides out NATS being away (a restart of `ratefleet up` takes a few)
+
+
+def wait_nats_s() -> float:
+    """How long a --wait rides out NATS being away: $RATEFLEET_WAIT_NATS_S seconds, else WAIT_NATS_S."""
+    try:
+        value = float(os.environ.get(WAIT_NATS_ENV, ""))
+    except ValueError:
+        return WAIT_NATS_S
+    return value if value > 0 else WAIT_NATS_S
+
+
+class WaitOutage(NatsUnavailable):
+    """NATS away longer than a --wait rides out (`ride_out_nats`)."""
+
+
+async def ride_out_nats(client: Any, say: Callable[[str], None], limit_s: float | None = None) -> None:
+    """Run beside a --wait (whose Client reconnects for ever) until cancelled: say once when NATS
+    goes away and when it is back, and raise WaitOutage when it has been away for `limit_s`
+    seconds (default `wait_nats_s()`). A trial: a restart of `ratefleet up` ended `results --wait`
+    after 5 s and `submit --wait` after 30 s, a nightly pipeline's wait with them."""
+    limit = wait_nats_s() if limit_s is None else limit_s
+    away_since: float | None = None
+    while True:
+        await anyio.sleep(0.25)
+        nc = client.nc
+        if nc.is_connected:
+            if away_since is not None:
+                say("NATS is back; the wait goes on")
+                away_since = None
+            continue
+        if nc.is_closed:
+            raise WaitOutage("the connection to NATS was closed")
+        now = time.monotonic()
+        if away_since is None:
+            away_since = now
+            say(f"NATS is away (reconnecting; a restart of `ratefleet up` looks like this): the wait goes on for up "
+                f"to {limit:g} s (${WAIT_NATS_ENV}); Ctrl-C stops it, the jobs keep running")
+        elif now - away_since > limit:
+            raise WaitOutage(f"NATS has been away for {limit:g} s")
+
+
 def nats_lost(exc: BaseException) -> str | None:
     """When `exc` (also a task group's ExceptionGroup) stands for NATS going away or not answering
     (runtime/edge.py `translate` gives a NatsUnavailable), a short cause for a CLI user, else None.
     The wait commands print it with the commands to carry on (a trial: `results --wait` ended 5 s
     into a restart of `ratefleet up` with Python Client advice and no command to resume)."""
-    from ratefleet.schemas.errors import NatsRefused, NatsUnavailable
+    from ratefleet.schemas.errors import NatsRefused
 
     if isinstance(exc, BaseExceptionGroup):
         return next((cause for leaf in exc.exceptions if (cause := nats_lost(leaf)) is not None), None)
+    if isinstance(exc, WaitOutage):
+        return str(exc)
     ours = translate(exc)
     if not isinstance(ours, NatsUnavailable) or isinstance(ours, NatsRefused):
         return None

@@ -51,6 +51,7 @@ from ratefleet.cli_support import (
     make_console,
     nats_lost,
     require_out_path,
+    ride_out_nats,
     run_async,
 )
 from ratefleet.client import Client
@@ -250,7 +251,8 @@ def _run(fn, *args):
 async def _collect_batch(console: Console, batch: str, wait: bool, out: Path | None, by_input: bool,
                          url: str, prefix: str, out_format: str = "ratefleet",
                          auth: NatsAuthConfig | None = None, config_args: tuple[str, ...] = ()) -> int:
-    async with await Client.connect(url, prefix=prefix, auth=auth, reconnect_forever=False) as client:
+    # --wait reconnects for ever and rides out NATS being away for up to wait_nats_s() (ride_out_nats)
+    async with await Client.connect(url, prefix=prefix, auth=auth, reconnect_forever=wait) as client:
         record = await load_record(client.js, client.subjects, batch)
         if wait and record is None:
             console.print(f"error: batch {batch} has no record (it was not sent with `ratefleet submit`, or it "
@@ -298,6 +300,7 @@ async def _follow(client: Client, run: Collect, phases: Phases) -> bool:
 
         tg.start_soon(on_sigint)
         if run.wait:
+            tg.start_soon(ride_out_nats, client, phases.print)
             tg.start_soon(_watch_record, client, run, tg.cancel_scope)
             tg.start_soon(_watch_queue, client, run, await queue_mark(client.js, client.subjects), tg.cancel_scope)
             tg.start_soon(functools.partial(phases.remind, handle,
@@ -319,10 +322,16 @@ async def _watch_record(client: Client, run: Collect, scope: anyio.CancelScope) 
     the submit died (its record went stale)."""
     while True:
         await anyio.sleep(RECORD_POLL_S)
-        record = await load_record(client.js, client.subjects, run.batch)
+        try:
+            record = await load_record(client.js, client.subjects, run.batch)
+            sent = await replays_sent(client.js, client.subjects, run.batch)
+        except Exception as exc:
+            if nats_lost(exc) is None:
+                raise
+            continue  # NATS away: ride_out_nats says so, and ends the wait if it stays away
         if record is not None:
             run.record = record
-        run.replays_sent = max(run.replays_sent, await replays_sent(client.js, client.subjects, run.batch))
+        run.replays_sent = max(run.replays_sent, sent)
         if run.complete or (run.record is not None and run.record.stale(time.time())):
             run.stale = not run.complete
             scope.cancel()

@@ -58,7 +58,7 @@ from ratefleet.batchfile import (
     stdin_spool_path,
     validate_file,
 )
-from ratefleet.cli_support import make_console, nats_lost
+from ratefleet.cli_support import make_console, nats_lost, ride_out_nats
 from ratefleet.client import Client, Stored
 from ratefleet.key_watch import watch_keys
 from ratefleet.phases import Phases
@@ -177,8 +177,9 @@ async def _connected(run: Run, work: _Work, file: Path, skip_invalid: bool,
     async with contextlib.AsyncExitStack() as stack:
         problem: str | None = None
         with work.step():  # Ctrl-C while connecting or checking the tier: the client (if any) is closed
+            # --wait reconnects for ever and rides out NATS being away for up to wait_nats_s() (ride_out_nats)
             client = await stack.enter_async_context(await Client.connect(run.url, prefix=run.prefix, auth=auth,
-                                                                          reconnect_forever=False))
+                                                                          reconnect_forever=run.wait))
             problem = await check_tier(client, run.tier)
         if run.interrupted:
             say(f"interrupted before anything was sent; run it again with: {run.submit_command()}")
@@ -312,6 +313,7 @@ async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_inv
         run.sink = sys.stdout if str(run.out) == "-" else run.out.open("w", encoding="utf-8")
     async with anyio.create_task_group() as tg:
         if run.wait:
+            tg.start_soon(ride_out_nats, client, phases.print)
             tg.start_soon(_follow, run, client, phases)
             tg.start_soon(_watch_queue, run, client, since)
         tg.start_soon(_refresh_record, run, client)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 
@@ -76,12 +77,14 @@ def test_a_wait_that_loses_nats_says_so_and_prints_how_to_carry_on(tmp_path, nat
         jobs.write_text("".join(json.dumps({**JOB, "metadata": {"n": n}}) + "\n" for n in range(2)))
         args = ["submit", str(jobs), "--tier", "normal", "--batch", "s", "--wait", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "ratefleet", *args, "--nats", nats_server.url],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "RATEFLEET_WAIT_NATS_S": "3"})  # (default 300 s)
     time.sleep(5.0)  # (no fleet: it waits)
     assert proc.poll() is None
     nats_server.stop(signal.SIGKILL)
     _, stderr = proc.communicate(timeout=90)
     assert proc.returncode == 1, stderr
+    assert "NATS is away (reconnecting" in stderr and "error: NATS has been away for 3 s while" in stderr, stderr
     assert "Client.connect" not in stderr and "in Python" not in stderr and "Traceback" not in stderr, stderr
     assert stderr.count('"event": "nats error"') <= 3, stderr  # each reconnect try's refusal once, not every 0.5 s
     if command == "results":
@@ -124,3 +127,51 @@ def test_dead_letters_of_a_tier_the_fleet_does_not_have_is_an_error_not_an_empty
     assert "unknown tier 'nosuch'; this fleet's tiers: " in done.stderr and "normal" in done.stderr
     known = cli("dlq", "list", "--tier", "normal", "--nats", nats_server.url)
     assert known.returncode == 0, known.stderr  # a tier it has, with no letters: an empty list
+
+
+@pytest.mark.parametrize("command", ["results", "submit"])
+def test_a_wait_rides_out_a_nats_restart_and_ends_with_every_result(tmp_path, command):
+    # a trial: a restart of `ratefleet up` ended a nightly `--wait`; a command's connection gave up after ~30 s
+    import signal
+    import time
+
+    from faultkit import restartable_nats
+    server = restartable_nats(tmp_path / "nats")
+    try:
+        anyio.run(_waiting_batch, server.url)
+        out = tmp_path / "out.jsonl"
+        if command == "results":
+            args, batch, ids = ["results", "--batch", "b", "--wait", "--out", str(out)], "b", ["b-2-bbbbbbbbbb",
+                                                                                              "b-3-cccccccccc"]
+        else:
+            jobs = tmp_path / "jobs.jsonl"
+            jobs.write_text("".join(json.dumps({"id": f"s-{n}", **JOB}) + "\n" for n in range(2)))
+            args, batch, ids = ["submit", str(jobs), "--tier", "normal", "--batch", "s", "--wait", "--out",
+                                str(out)], "s", ["s-0", "s-1"]
+        proc = subprocess.Popen([sys.executable, "-m", "ratefleet", *args, "--nats", server.url],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)  # --out is opened as the wait begins
+        time.sleep(2.0)
+        assert proc.poll() is None
+        server.kill() if hasattr(server, "kill") else server.stop(signal.SIGKILL)
+        # results: past the ~30 s a command's connection gave up after (nats-py's 60 reconnects 0.5 s apart)
+        time.sleep(33.0 if command == "results" else 4.0)
+        server.start()
+        anyio.run(_store_results, server.url, batch, ids)  # the fleet's work, done after the restart
+        _, stderr = proc.communicate(timeout=90)
+    finally:
+        server.stop()
+    assert proc.returncode == 0, stderr
+    assert "NATS is away (reconnecting" in stderr, stderr  # ("NATS is back" unless the Results came first)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["job_id"] for r in rows} >= set(ids)
+
+
+async def _store_results(url: str, batch: str, ids: list[str]) -> None:
+    from ratefleet.runtime.store import store_result
+    from ratefleet.schemas import Result
+    async with await Client.connect(url) as client:
+        for job_id in ids:
+            await store_result(client.js, client.subjects, Result(job_id=job_id, status="succeeded", batch=batch))
