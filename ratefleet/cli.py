@@ -92,7 +92,7 @@ def submit(file: Path = typer.Argument(..., help="JSONL file, one Job per line (
         from ratefleet.batchfile import packed_format
         if (packed := packed_format(file)) is not None:
             what, command = packed
-            again = shlex.join(["ratefleet", *("-" if arg == str(file) else arg for arg in sys.argv[1:])])
+            again = shlex.join(["ratefleet", *("-" if Path(arg) == file else arg for arg in sys.argv[1:])])
             fail(f"{file} is {what}, not JSONL text; " + (
                 f"decompress it first, or stream it as text: {command} {shlex.quote(str(file))} | {again}"
                 if command else "write the jobs as JSONL text (one JSON job per line)") + "; nothing was submitted")

@@ -76,7 +76,7 @@ def breaker_changes(before: set[str] | None, keys: dict[str, dict[str, Any]]) ->
              for key_id in sorted(now - (before or set()))]
     if before is not None:
         lines += [f"key {key_id}'s breaker has closed: it takes calls again" for key_id in sorted(before - now)
-                  if key_id in keys]
+                  if key_id in keys and not keys[key_id].get("disabled")]  # (disabled: key_changes says so)
     return now, lines
 
 

@@ -360,9 +360,9 @@ def _report(console: Console, run: Collect, out: Path | None, interrupted: bool,
         say(f"{run.superseded:,} {noun} replaced by a later `dlq replay` of the same line (counted once, "
             "the latest replay written in their place)")
     if run.doubled:
-        say(f"{run.doubled:,} of them had been written before `dlq replay` sent them again (during this wait): "
-            f"{'its line is' if run.doubled == 1 else 'their lines are'} in the output twice, the replay "
-            "after the original; `ratefleet results` again writes each line once")
+        say(f"{run.doubled:,} of them had been written before their replay was read (it was sent or stored "
+            f"while this command ran): {'its line is' if run.doubled == 1 else 'their lines are'} in the output "
+            "more than once, the replay after the original; `ratefleet results` again writes each line once")
     pending = run.replays_sent - len(run.replays.roots)
     if pending > 0:  # replayed and not back yet: replaying them again would pay twice
         one = pending == 1

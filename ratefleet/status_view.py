@@ -123,7 +123,7 @@ def key_state(k: dict) -> str:
         if k.get("breaker") == "open":  # it read "ok" while the key took no call (upstream unreachable)
             return ("no calls: breaker open after consecutive upstream errors (5xx, timeouts, connection errors); "
                     "one probe call after breaker_reset_s; check the upstream (base_url) and its answers")
-        if k.get("breaker") == "half-open":
+        if k.get("breaker") in ("half_open", "half-open"):  # (BreakerState.HALF_OPEN is half_open)
             return "probing: breaker half-open, one call at a time until one succeeds"
         if k.get("throttled"):  # between two cooldowns it read "ok" (a timeout's no_key_ready sends people here)
             return "rate limited: its last answer was a 429; called again after each cooldown"

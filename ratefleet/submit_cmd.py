@@ -279,14 +279,16 @@ async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_inv
     if found.repeated_custom_ids:  # not a bad line to skip: which of the lines is meant cannot be told
         n = found.repeated_custom_ids
         repeats = _custom_id_repeats(run, path, found.custom_ids.repeated)
-        for number, custom_id, first in repeats:
+        for number, custom_id, first in repeats[:SHOWN_REPEATS]:
             phases.print(f"line {number} repeats the custom_id {custom_id!r} of line {first}")
         if run.rejects is not None and repeats:  # (pass 1 rewrote the file: this run's lines only)
             with run.rejects.open("a", encoding="utf-8") as sink:
                 for number, custom_id, first in repeats:
                     sink.write(json.dumps({"line": number, "error": f"repeats the custom_id of line {first}",
                                            "custom_id": custom_id}) + "\n")
-        named = "" if len(repeats) >= n else f" ({len(repeats):,} of them named above)" if repeats else ""
+        shown = min(len(repeats), SHOWN_REPEATS)
+        named = "" if shown >= n else f" ({shown:,} of them named above{'; all in --rejects' if run.rejects else ''})" \
+            if shown else ""
         phases.print(f"{n:,} {'line repeats' if n == 1 else 'lines repeat'} the custom_id of an earlier line{named}; "
                      "OpenAI's Batch API refuses such a file and their Results could not be told apart; nothing was "
                      "submitted: give each line its own custom_id")
@@ -341,6 +343,9 @@ async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_inv
         phases.print(f"{found.error_count:,} invalid lines were skipped (not submitted{run.rejects_note()}); exit code 1")
         return 1
     return 1 if found.repeated_ids else 0  # those lines have no job (and no Result) of their own
+
+
+SHOWN_REPEATS = 20  # lines repeating a custom_id named on the screen (--rejects has every one pass 1 kept)
 
 
 def _custom_id_repeats(run: Run, path: Path, repeated: set[int]) -> list[tuple[int, str, int]]:

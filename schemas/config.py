@@ -66,7 +66,8 @@ def nats_url_problem(value: str) -> str | None:
         return "must name a NATS server, e.g. nats://127.0.0.1:4222"
     for server in servers:
         parsed = urlsplit(server if "://" in server else f"nats://{server}")  # (nats-py adds nats:// too)
-        if parsed.scheme not in ("nats", "tls", "ws", "wss") or not _has_address(parsed):
+        bad_host = bool(parsed.hostname and _NOT_HOST.search(parsed.hostname))  # "not a url" was tried as a host
+        if parsed.scheme not in ("nats", "tls", "ws", "wss") or not _has_address(parsed) or bad_host:
             # HOST:PORT only: what follows the raw text's last "@" (a password holding / ? or # is cut
             # by urlsplit before its "@", so netloc could show part of it), up to the path
             rest = server.split("://", 1)[-1]
@@ -75,7 +76,7 @@ def nats_url_problem(value: str) -> str | None:
             why = ""
             if "@" in rest and "@" not in parsed.netloc:  # the "@" fell into the path: a / ? # before it
                 why = " (credentials holding / ? # or @ must be percent-encoded, e.g. %2F for /)"
-            elif parsed.hostname and not _HOST.fullmatch(parsed.hostname):
+            elif bad_host:
                 why = " (its host is no host name or address)"
             elif parsed.scheme in ("nats", "tls", "ws", "wss") and parsed.hostname:
                 why = " (its port must be a number from 1 to 65535)"
@@ -84,13 +85,11 @@ def nats_url_problem(value: str) -> str | None:
     return None
 
 
-_HOST = re.compile(r"[A-Za-z0-9._~%:-]+")  # a DNS name, IPv4, or IPv6 (urlsplit drops its brackets)
+_NOT_HOST = re.compile(r"[\s\x00-\x1f\x7f]")  # no host name or address holds white space or a control character
 
 
 def _has_address(parsed: SplitResult) -> bool:
     """Whether a parsed URL names a host and, if it has a port, one from 1 to 65535."""
-    if parsed.hostname is not None and not _HOST.fullmatch(parsed.hostname):
-        return False  # "not a url" became host "not a url": then "nothing answers at not a url" (exit 1)
     try:
         port = parsed.port  # ValueError: not a number, or out of range
     except ValueError:

@@ -528,7 +528,8 @@ class Worker:
                 try:
                     return await executor.call(job, upstream, secret, relay, relay.answer)
                 finally:
-                    await relay.end()
+                    with anyio.CancelScope(shield=True):  # (a drain's cancel must not drop a paid CallResult)
+                        await relay.end()
         finally:
             self._cancel_scopes.pop(a.id, None)
         log.warning("call abandoned at shutdown; job goes back to the queue")

@@ -50,7 +50,7 @@ from ratefleet.schemas.cost import estimate_tokens
 from ratefleet.schemas.errors import (
     JobInvalid,
     JobTooLarge,
-    NatsError,
+    NatsUnavailable,
     QueueFull,
     RatefleetError,
     RequestTimeout,
@@ -214,7 +214,7 @@ class Gateway:
         except TimeoutError:  # a stream's first chunk (the job is stored: submit_for_reply had its PubAck)
             reason, why = await self.client.why_unrun(job.deadline)
             raise timed_out(job.id, caller.timeout_s, reason, why) from None
-        except NatsError as exc:  # NATS away or not answering, the job stored or not: not a bad answer (502)
+        except NatsUnavailable as exc:  # NATS away or not answering, the job stored or not: not a bad answer (502)
             raise nats_trouble(job.id or "", exc) from None
         except SubmitError as exc:
             raise GatewayRefusal(503, f"The job could not be stored: {exc}", type="server_error",

@@ -186,8 +186,9 @@ async def start_stream(client: Client, job: Job, tier: str, timeout_s: float,
         except TimeoutError:
             raise RequestTimeout(f"NATS did not confirm storing job {job.id} within {timeout_s:g}s",
                                  job_id=job.id, reason="nats_unavailable",
-                                 why="NATS did not confirm storing it in time; it may still be stored, and then runs "
-                                     "(and is paid) unless its deadline passes first") from None
+                                 why="NATS did not confirm storing it in time; if it was stored, its deadline (this "
+                                     "timeout) has passed: it ends `expired`, unpaid, unless a worker took it "
+                                     "already") from None
         msg = await next_part(sub, until, stop_at)
     except BaseException:
         with contextlib.suppress(nats.errors.Error):

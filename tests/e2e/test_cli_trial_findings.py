@@ -38,6 +38,8 @@ def test_a_compressed_jobs_file_is_named_as_such_with_the_command_that_streams_i
     assert done.returncode == 2, done.stderr
     assert f"error: {path} is {what}, not JSONL text" in done.stderr
     assert f"{command} {path} | ratefleet submit - --tier normal --batch nightly" in done.stderr
+    dotted = cli("submit", f"./{path.name}", "--tier", "normal", "--nats", nats_server.url, cwd=tmp_path)
+    assert "| ratefleet submit - --tier normal" in dotted.stderr, dotted.stderr  # (not the file again: a review)
     assert "nothing was submitted" in done.stderr and "not UTF-8" not in done.stderr
     anyio.run(_streams, nats_server.url)
     with path.open("rb") as stdin:

@@ -127,8 +127,11 @@ def test_a_nats_url_with_no_host_in_it_is_refused_and_the_env_variable_is_named_
 
     assert "its host is no host name or address" in nats_url_problem("not a url")
     assert "its host is no host name or address" in nats_url_problem("nats://bad host:4222")
-    for good in ("127.0.0.1:4222", "nats://[::1]:4222", "nats://u:p%40ss@nats-1.internal:4222", "tls://h_1:1"):
+    for good in ("127.0.0.1:4222", "nats://[::1]:4222", "nats://u:p%40ss@nats-1.internal:4222", "tls://h_1:1",
+                 "nats://bücher.example:4222"):  # (an IDNA host too: a review's finding)
         assert nats_url_problem(good) is None, good
+    from ratefleet.schemas import UpstreamConfig
+    assert UpstreamConfig(base_url="https://api.bücher.example").base_url  # upstreams are not held to it
     monkeypatch.setenv("RATEFLEET_NATS_URL", "http://x:1")  # typer passes it on as --nats as well
     with pytest.raises(ConfigError) as caught:
         load_config(None, nats_url="http://x:1")

@@ -14,7 +14,7 @@ import pytest
 from ratefleet.gateway.app import Gateway
 from ratefleet.gateway.errors import GatewayRefusal
 from ratefleet.schemas import Job
-from ratefleet.schemas.errors import NatsError
+from ratefleet.schemas.errors import NatsUnavailable
 
 pytestmark = pytest.mark.anyio
 CALLER = types.SimpleNamespace(name="app", tier="vip", timeout_s=0.5)
@@ -40,7 +40,7 @@ class PausedNats:
         return Sub()
 
     async def request(self, job, tier, timeout):
-        raise NatsError("NATS did not answer in time while reading a stored result (TimeoutError)")
+        raise NatsUnavailable("NATS did not answer in time while reading a stored result (TimeoutError)")
 
     async def submit_for_reply(self, job, tier, reply_to):
         await asyncio.sleep(3600)
@@ -69,3 +69,18 @@ async def test_a_stream_whose_store_nats_does_not_confirm_ends_at_the_callers_ti
     got = refused.value
     assert (got.status, got.code) == (504, "job_timeout")
     assert "NATS did not confirm storing it in time" in json.loads(got.body())["error"]["message"]
+
+
+async def test_a_nats_error_that_is_no_outage_keeps_its_502_and_its_text():
+    from ratefleet.schemas.errors import NatsError as Plain
+
+    class Refusing(PausedNats):
+        async def request(self, job, tier, timeout):
+            raise Plain("stream RATEFLEET_JOBS does not exist")
+
+    made = gateway()
+    made.client = Refusing()  # type: ignore[assignment]
+    with pytest.raises(GatewayRefusal) as refused:
+        await made._run(job(False), CALLER)  # type: ignore[arg-type]
+    assert (refused.value.status, refused.value.code) == (502, "gateway_error")
+    assert "does not exist" in json.loads(refused.value.body())["error"]["message"]

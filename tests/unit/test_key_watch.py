@@ -106,3 +106,16 @@ def test_a_wait_says_when_a_keys_breaker_opens_and_closes():
     assert lines == []  # a probe that failed again: still out, nothing new to say
     opened, lines = breaker_changes(opened, {"k1": {"breaker": "closed"}, "k2": {"breaker": "open"}})
     assert lines == ["key k1's breaker has closed: it takes calls again"]
+
+
+def test_a_key_disabled_while_its_breaker_was_open_is_not_said_to_take_calls_again():
+    from ratefleet.key_watch import breaker_changes
+    opened, _ = breaker_changes(None, {"k1": {"breaker": "open"}})
+    _, lines = breaker_changes(opened, {"k1": {"breaker": "open", "disabled": True}})
+    assert lines == []  # (key_changes says it is out of use)
+
+
+def test_a_half_open_breaker_reads_probing_in_the_status():
+    # the status compared with "half-open" while the leader says "half_open" (BreakerState): never shown
+    from ratefleet.status_view import key_state
+    assert key_state({"breaker": "half_open"}).startswith("probing: breaker half-open")
