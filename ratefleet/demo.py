@@ -50,7 +50,7 @@ def run_demo(guest_jobs: int = 400, vip_jobs: int = 20, workers: int = 2) -> int
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None  # raises KeyboardInterrupt
     try:
         with LocalFleet(keys(UPSTREAM_BURST), workers=workers, slots=32, claimed=keys(FLEET_BURST)) as fleet:
-            return run_async(_drive, make_console(), fleet, guest_jobs, vip_jobs)
+            return run_async(_drive, make_console(), fleet, guest_jobs, vip_jobs, term_as_interrupt=True)
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)

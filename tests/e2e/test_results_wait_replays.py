@@ -120,4 +120,4 @@ async def test_a_line_written_before_its_replay_was_sent_is_counted_as_written_t
     assert len(sink.getvalue().splitlines()) == 2 and run.count == 1 and run.doubled == 1
     console = Console(file=io.StringIO(), width=300)
     assert _report(console, run, None, False, "nats://127.0.0.1:4222", "ratefleet") == 0
-    assert "1 of them had been written before `dlq replay` sent them again" in console.file.getvalue()
+    assert "1 of them had been written before their replay was read" in console.file.getvalue()
