@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import sys
 import tempfile
 from array import array
@@ -159,15 +160,22 @@ _PACKED = ((b"\x1f\x8b", "gzip-compressed", "zcat"), (b"\x28\xb5\x2f\xfd", "zstd
            (b"PAR1", "a Parquet file", None), (b"SQLite format 3\x00", "an SQLite database", None))
 
 
-def packed_format(path: Path) -> tuple[str, str | None] | None:
-    """(what the file is, a command that writes it out as text, or None) when `path` starts with the
-    magic bytes of a compressed file or another binary format (gzip RFC 1952, zstd RFC 8878, bzip2,
-    xz, zip, 7z, Parquet, SQLite), else None. Raises OSError when it cannot be read."""
+def packed_problem(path: Path, name: str, again: str | None = None) -> str | None:
+    """What to tell the user when the jobs file at `path` (called `name`) starts with the magic
+    bytes of a compressed file or another binary format (gzip RFC 1952, zstd RFC 8878, bzip2, xz,
+    zip, 7z, Parquet, SQLite): what it is and, given `again` (the submit command reading standard
+    input), the command that streams it as text into that. None for any other file. Raises OSError
+    when it cannot be read."""
     with path.open("rb") as handle:
         head = handle.read(16)
     for magic, what, command in _PACKED:
         if head.startswith(magic):
-            return what, command
+            if command and again:
+                how = f"decompress it first, or stream it as text: {command} {shlex.quote(name)} | {again}"
+            else:
+                how = "write the jobs as JSONL text (one JSON job per line" + (f", e.g. through {command})" if command
+                                                                               else ")")
+            return f"{name} is {what}, not JSONL text; {how}; nothing was submitted"
     return None
 
 

@@ -89,13 +89,10 @@ def submit(file: Path = typer.Argument(..., help="JSONL file, one Job per line (
         require_file(file, "jobs file")
         import shlex
 
-        from ratefleet.batchfile import packed_format
-        if (packed := packed_format(file)) is not None:
-            what, command = packed
-            again = shlex.join(["ratefleet", *("-" if Path(arg) == file else arg for arg in sys.argv[1:])])
-            fail(f"{file} is {what}, not JSONL text; " + (
-                f"decompress it first, or stream it as text: {command} {shlex.quote(str(file))} | {again}"
-                if command else "write the jobs as JSONL text (one JSON job per line)") + "; nothing was submitted")
+        from ratefleet.batchfile import packed_problem
+        again = shlex.join(["ratefleet", *("-" if Path(arg) == file else arg for arg in sys.argv[1:])])
+        if (problem := packed_problem(file, str(file), again)) is not None:
+            fail(problem)
     if out is None or str(out) != "-":  # `--out -`: stdout
         require_out_path(out)
     if out is not None and str(out) != "-" and str(file) != "-" and out.exists() and out.samefile(file):

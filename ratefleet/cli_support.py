@@ -36,7 +36,7 @@ from ratefleet.schemas.config import (
     load_config,
     load_nats_only,
 )
-from ratefleet.schemas.errors import NatsUnavailable
+from ratefleet.schemas.errors import NatsRefused, NatsUnavailable
 
 T = TypeVar("T")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -150,8 +150,6 @@ def nats_lost(exc: BaseException) -> str | None:
     (runtime/edge.py `translate` gives a NatsUnavailable), a short cause for a CLI user, else None.
     The wait commands print it with the commands to carry on (a trial: `results --wait` ended 5 s
     into a restart of `ratefleet up` with Python Client advice and no command to resume)."""
-    from ratefleet.schemas.errors import NatsRefused
-
     if isinstance(exc, BaseExceptionGroup):
         return next((cause for leaf in exc.exceptions if (cause := nats_lost(leaf)) is not None), None)
     if isinstance(exc, WaitOutage):
@@ -159,7 +157,7 @@ def nats_lost(exc: BaseException) -> str | None:
     ours = translate(exc)
     if not isinstance(ours, NatsUnavailable) or isinstance(ours, NatsRefused):
         return None
-    answered = isinstance(exc, TimeoutError) or "did not answer" in str(ours)
+    answered = NO_ANSWER in str(ours)  # (edge.translate's words for a timeout)
     return ("NATS stopped answering" if answered else "the connection to NATS was lost") + f" ({type(exc).__name__})"
 
 

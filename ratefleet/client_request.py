@@ -188,7 +188,7 @@ class Requesting:
         if self._why is None or loop.time() - self._why[0] > WHY_SHARED_S:
             self._why = (loop.time(), asyncio.ensure_future(self._ask_why()))  # awaited below, by all who share it
         reason, cause, when = await asyncio.shield(self._why[1])
-        return reason, _fate(cause, when, deadline is not None and datetime.now(UTC) >= deadline)
+        return reason, job_fate(cause, when, deadline is not None and datetime.now(UTC) >= deadline)
 
     async def _ask_why(self) -> tuple[str | None, str, str | None]:
         """`why_unrun`'s one status request (never raises): (reason, cause, when the job runs:
@@ -230,10 +230,11 @@ class Requesting:
         return self.nc.stats["reconnects"]
 
 
-def _fate(cause: str, when: str | None, expired: bool) -> str:
-    """`why_unrun`'s text: the cause, then what becomes of the job. `when`: when it runs (None:
-    it may be in its call now); `expired`: the job's deadline has passed, so a job still queued is
-    never called (the leader ends it `expired`, schemas/job.py `Job.expired`)."""
+def job_fate(cause: str, when: str | None, expired: bool) -> str:
+    """`why_unrun`'s text, and the gateway's 504 (gateway/errors.py): the cause, then what becomes
+    of the job. `when`: when it runs (None: it may be in its call now); `expired`: the job's
+    deadline has passed, so a job still queued is never called (the leader ends it `expired`,
+    schemas/job.py `Job.expired`)."""
     if expired:
         fate = ("its deadline has passed, so it is not called any more: it ends `expired`, unpaid" if when else
                 "its deadline has passed: if it is in its call it may still finish (and be paid); if it is still "

@@ -103,7 +103,7 @@ class Collect:
         """Count and write one stored Result; a replay stands in for the Result it replays.
 
         With --wait, while `dlq replay` has sent jobs of the batch whose Results are not back
-        (`replays_pending`), a line that did not succeed is held, not written: its replay may come
+        (`replays_out`), a line that did not succeed is held, not written: its replay may come
         and take its place. It goes out when its replay comes, when no replay is pending any more,
         or at the end (`finish`). A line written before a replay of it was sent (the replay was
         sent during this wait) cannot be taken back: the replay is written after it (`doubled`)."""
@@ -133,24 +133,29 @@ class Collect:
             shown = await client.stored_result(latest) or result
             self.superseded += shown is not result
         self._count(result.job_id, shown)
-        self.held[result.job_id] = (result, shown)
-        if not self._holds(shown):
-            self._release(result.job_id)
-        self._release_all_if_none_pending()
+        if self._holds(shown):
+            self.held[result.job_id] = (result, shown)
+        else:
+            self._emit(result, shown)
+            self._release_all_if_none_pending()
 
     @property
-    def replays_pending(self) -> bool:
-        """`dlq replay` sent jobs of the batch whose Results have not been read yet."""
-        return self.replays_sent > len(self.replays.roots)
+    def replays_out(self) -> int:
+        """Jobs `dlq replay` sent again for the batch whose Results have not been read yet."""
+        return self.replays_sent - len(self.replays.roots)
 
     def _holds(self, shown: Result) -> bool:
-        return self.wait and shown.status != "succeeded" and self.replays_pending
+        return self.wait and shown.status != "succeeded" and self.replays_out > 0
 
     def _release(self, root: str) -> None:
-        """Write a held line: the latest Result for it, at its place with --order input."""
-        original, shown = self.held.pop(root)
+        """Write a held line (`_emit`)."""
+        self._emit(*self.held.pop(root))
+
+    def _emit(self, original: Result, shown: Result) -> None:
+        """Write a line: the latest Result for it (`shown`), at `original`'s place with --order input."""
+        root = original.job_id
         if shown is not original:
-            self.swap[original.job_id] = shown
+            self.swap[root] = shown
         if shown.status != "succeeded":
             self.out[root] = False
         for ready in self.order.push(original) if self.order else [original]:
@@ -163,7 +168,7 @@ class Collect:
         self._write(self.swap.pop(ready.job_id, ready))
 
     def _release_all_if_none_pending(self) -> None:
-        if self.held and not self.replays_pending:
+        if self.held and self.replays_out <= 0:
             for root in list(self.held):
                 self._release(root)
 
@@ -278,12 +283,11 @@ async def _collect_batch(console: Console, batch: str, wait: bool, out: Path | N
             run.finish()
             if out:
                 sink.close()
-        if run.lost_nats is not None:  # said now: closing a client whose NATS is gone can fail as well
-            code = _report(console, run, out, interrupted, url, prefix, config_args)
+        code = _report(console, run, out, interrupted, url, prefix, config_args)
+        if run.lost_nats is not None:  # (said already: closing a client whose NATS is gone can fail as well)
             with contextlib.suppress(Exception):
                 await client.close()
-            return code
-    return _report(console, run, out, interrupted, url, prefix, config_args)
+    return code
 
 
 async def _follow(client: Client, run: Collect, phases: Phases) -> bool:
@@ -363,7 +367,8 @@ def _report(console: Console, run: Collect, out: Path | None, interrupted: bool,
         say(f"{run.doubled:,} of them had been written before their replay was read (it was sent or stored "
             f"while this command ran): {'its line is' if run.doubled == 1 else 'their lines are'} in the output "
             "more than once, the replay after the original; `ratefleet results` again writes each line once")
-    pending = run.replays_sent - len(run.replays.roots)
+    pending = run.replays_out
+    still = max(missing, 0) + max(pending, 0)  # (a replay not back runs for a line already counted)
     if pending > 0:  # replayed and not back yet: replaying them again would pay twice
         one = pending == 1
         say(f"{pending:,} {'job' if one else 'jobs'} of batch {run.batch} {'was' if one else 'were'} sent again "
@@ -377,12 +382,10 @@ def _report(console: Console, run: Collect, out: Path | None, interrupted: bool,
         say(f"none of the {record.lines:,} lines of batch {run.batch} has a job of its own here: their ids were "
             "already stored under other batches (or the lines were invalid); see each with `ratefleet result ID`")
     if run.lost_nats is not None:
-        still = max(missing, 0) + max(pending, 0)
         say(f"error: {run.lost_nats} while reading the Results of batch {run.batch}; {still:,} jobs have no Result "
             f"here yet (they keep running once NATS is back); carry on then with: {shlex.join(again)}")
         return 1
     if interrupted:
-        still = max(missing, 0) + max(pending, 0)  # a replay not back runs for a line already counted
         say(f"interrupted: {still:,} jobs are still queued or running; collect them with: {shlex.join(again)}")
         return 130
     if run.lost:

@@ -52,7 +52,7 @@ from ratefleet.batchfile import (
     id_hash,
     iter_lines,
     line_of,
-    packed_format,
+    packed_problem,
     parse_line,
     spool_stdin,
     stdin_spool_path,
@@ -258,9 +258,8 @@ async def _interruptible(run: Run, work: _Work, client: Client, path: Path, phas
 
 
 async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_invalid: bool) -> int:
-    if str(run.file) == "-" and (packed := packed_format(path)) is not None:  # (a named file: checked by the CLI)
-        phases.print(f"error: standard input is {packed[0]}, not JSONL text; pipe the jobs as JSONL text "
-                     f"(one JSON job per line{', e.g. through ' + packed[1] if packed[1] else ''}); nothing was submitted")
+    if str(run.file) == "-" and (problem := packed_problem(path, "standard input")) is not None:  # (a file: cli.py)
+        phases.print(f"error: {problem}")
         return 2
     if await _cancelled(client, run.batch):
         phases.print(f"error: batch {run.batch} was cancelled (`ratefleet cancel`): its jobs would end without a call; "
@@ -287,8 +286,9 @@ async def _submit(run: Run, client: Client, path: Path, phases: Phases, skip_inv
                     sink.write(json.dumps({"line": number, "error": f"repeats the custom_id of line {first}",
                                            "custom_id": custom_id}) + "\n")
         shown = min(len(repeats), SHOWN_REPEATS)
-        named = "" if shown >= n else f" ({shown:,} of them named above{'; all in --rejects' if run.rejects else ''})" \
-            if shown else ""
+        named = ""
+        if 0 < shown < n:
+            named = f" ({shown:,} of them named above{'; all in --rejects' if run.rejects else ''})"
         phases.print(f"{n:,} {'line repeats' if n == 1 else 'lines repeat'} the custom_id of an earlier line{named}; "
                      "OpenAI's Batch API refuses such a file and their Results could not be told apart; nothing was "
                      "submitted: give each line its own custom_id")

@@ -98,7 +98,7 @@ def _decode(raw: bytes, charset: str) -> str | None:
 def body_fields(raw: bytes, content_type: str | None, secret: str) -> dict[str, Any]:
     """The `ResponseInfo` body field for `raw`: {"json": v}, {"body": s}, {"body_b64": s} or {}."""
     if secret:
-        raw = raw.replace(secret.encode("utf-8"), MASK.encode())
+        raw = raw.replace(secret.encode("utf-8"), MASK_BYTES)
     if not raw:
         return {}
     kind, charset = media_type(content_type)

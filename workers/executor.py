@@ -41,7 +41,7 @@ from ratefleet.schemas.signals import (
     provider_code,
     retry_after_of,
 )
-from ratefleet.workers.body import body_fields
+from ratefleet.workers.body import MASK, body_fields
 from ratefleet.workers.direct import Answer, DirectRequest, HttpxAnswer, RequestBuilder, httpx_url
 from ratefleet.workers.http_spans import traced_transport
 from ratefleet.workers.usage import answer_cost, error_body, stream_cost, stream_error
@@ -150,9 +150,9 @@ def kept_headers(received: dict[str, str], secret: str, *, ratelimit: bool = Tru
                  encoded: bool = False) -> dict[str, str]:
     """The answer's headers worth keeping (lower-case names: KEPT_HEADERS, the `x-ratelimit-*`
     ones unless `ratelimit` is False, `content-encoding` of a body left `encoded`), the key's
-    secret masked as `***` wherever the upstream echoes it. A Result's (`_response_info`) and a
+    secret masked as MASK (`***`) wherever the upstream echoes it. A Result's (`_response_info`) and a
     streamed answer's first chunk's (`on_answer`) are made here, so both mask alike."""
-    return {k: v.replace(secret, "***") if secret else v for k, v in received.items()
+    return {k: v.replace(secret, MASK) if secret else v for k, v in received.items()
             if k in KEPT_HEADERS or (ratelimit and k.startswith("x-ratelimit-")) or (encoded and k == "content-encoding")}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 
+from ratefleet.client_request import job_fate
 from ratefleet.schemas.errors import RatefleetError
 
 SHOULD_RETRY = "x-should-retry"  # the OpenAI and Anthropic SDKs obey it over their own retry rules ("true"/"false")
@@ -99,10 +100,10 @@ def timed_out(job_id: str, timeout_s: float, reason: str | None = None, why: str
     ...); a gateway trial got the same bare 504 for each of those, the provider's refusal of
     every key and the cause shown only in the dispatcher's log. Which keys and why stays with the
     fleet's operators (`ratefleet status`): a key's reason can name a secret's variable or file."""
-    if reason == "no_key_ready":  # (a gateway job's deadline is the caller's timeout: translate.py)
-        why = ("no key of the fleet can take it now (each is disabled, cooling down after 429s, or has an open "
-               "breaker; the fleet's operators see which in `ratefleet status`): its deadline (this timeout) has "
-               "passed, so it is not called any more: it ends `expired`, unpaid")
+    if reason == "no_key_ready":  # (a gateway job's deadline is the caller's timeout, translate.py: it has passed)
+        why = job_fate("no key of the fleet can take it now (each is disabled, cooling down after 429s, or has an "
+                       "open breaker; the fleet's operators see which in `ratefleet status`)", "once a key can take it",
+                       expired=True)
     cause = why or "it may still run (and be paid)"
     refusal = GatewayRefusal(504, f"No answer within this caller's timeout ({timeout_s:g} s) for job {job_id}: "
                              f"{cause}. Sending the request again makes a new job; its Result is stored under that "
