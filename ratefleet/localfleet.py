@@ -11,6 +11,7 @@ environment.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -110,15 +111,16 @@ class LocalFleet:
         return self
 
     def _start(self) -> None:
-        self._nats = EmbeddedNats(self.tmp / "nats", die_with_parent=in_main_thread()).start()
-        self.nats_url = self._nats.url
-        port = free_port()
-        self.upstream = f"http://127.0.0.1:{port}"
-        config_path = self.tmp / "ratefleet.toml"
-        config_path.write_text(tomli_w.dumps(self.config()))
         key_flags = [f"--key={k.id}={self._secrets[f'RATEFLEET_LOCAL_{k.id.upper()}']}:rps={k.rps:g}:burst={k.burst:g}"
                      for k in self.keys]
-        self._spawn("mock-upstream", "--port", str(port), *key_flags, name="mock")
+        # port 0: the mock binds a port the system picks and says which (no port probed here
+        # and taken by another process before the mock binds it); read back once NATS is up
+        self._spawn("mock-upstream", "--port", "0", *key_flags, name="mock")
+        self._nats = EmbeddedNats(self.tmp / "nats", die_with_parent=in_main_thread()).start()
+        self.nats_url = self._nats.url
+        self.upstream = self._mock_url()
+        config_path = self.tmp / "ratefleet.toml"
+        config_path.write_text(tomli_w.dumps(self.config()))
         self._spawn("dispatcher", "--config", str(config_path), "--id", "d1", name="dispatcher")
         for i in range(self.workers):
             self._spawn("worker", "--config", str(config_path), "--id", f"w{i + 1}", name=f"worker{i + 1}")
@@ -126,6 +128,21 @@ class LocalFleet:
             gateway_port = free_port()
             self.gateway_url = f"http://127.0.0.1:{gateway_port}"
             self._spawn("gateway", "--config", str(config_path), "--listen", f"127.0.0.1:{gateway_port}", name="gateway")
+
+    def _mock_url(self, timeout: float = 30.0) -> str:
+        """The mock's base URL from the line it prints once bound ("mock upstream listening on
+        http://127.0.0.1:PORT ..."). Raises RuntimeError (with the logs) when it exits first or
+        says nothing within `timeout` seconds."""
+        mock = next(p for p in self.procs if p.fleet_name == "mock")  # type: ignore[attr-defined]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = re.search(r"listening on (http://\S+)", (self.tmp / "mock.log").read_text(errors="replace"))
+            if found:
+                return found.group(1)
+            if mock.poll() is not None:
+                raise RuntimeError(f"the mock upstream exited with {mock.returncode}\n{self.logs()}")
+            time.sleep(0.05)
+        raise RuntimeError(f"the mock upstream did not say its port within {timeout:.0f} s\n{self.logs()}")
 
     def _spawn(self, *args: str, name: str) -> None:
         with open(self.tmp / f"{name}.log", "ab") as log:

@@ -37,21 +37,40 @@ def caller_env(monkeypatch) -> None:
         monkeypatch.setenv(f"RF_CALLER_{name.upper()}", key)
 
 
-def start_gateway(kit: FleetKit, port: int, timeout: float = 30.0, name: str = "gateway") -> str:
-    """Spawn a gateway process `name` on 127.0.0.1:`port`; its base URL once /healthz answers."""
-    proc = kit.spawn("gateway", "--listen", f"127.0.0.1:{port}", name=name)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the gateway exited with {proc.returncode}:\n{kit.logs()[-3000:]}")
-        try:
-            if httpx.get(url + "/healthz", timeout=1.0, trust_env=False).status_code == 200:
-                return url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"the gateway did not answer within {timeout}s:\n{kit.logs()[-3000:]}")
+def start_gateway(kit: FleetKit, port: int | None = None, timeout: float = 30.0, name: str = "gateway") -> str:
+    """Spawn a gateway process `name` on 127.0.0.1:`port`; its base URL once /healthz answers.
+
+    With no `port`, a free one, and another one (up to 5 tries) when the gateway exits because
+    the port was taken between `free_port()` closing its probe socket and the gateway binding it
+    (other test processes pick free ports at the same time). A given `port` is kept: the caller
+    needs that one (a restart on the same URL).
+
+    Raises AssertionError (with the fleet's logs) when the gateway exits or does not answer within
+    `timeout` seconds."""
+    for _ in range(5 if port is None else 1):
+        chosen = free_port() if port is None else port
+        log = kit.tmp / f"{name}.log"
+        start = log.stat().st_size if log.exists() else 0
+        proc = kit.spawn("gateway", "--listen", f"127.0.0.1:{chosen}", name=name)
+        url = f"http://127.0.0.1:{chosen}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                with open(log, "rb") as f:
+                    f.seek(start)
+                    said = f.read().decode(errors="replace")
+                if port is None and "Address already in use" in said:
+                    break  # taken meanwhile: another free port
+                raise AssertionError(f"the gateway exited with {proc.returncode}:\n{kit.logs()[-3000:]}")
+            try:
+                if httpx.get(url + "/healthz", timeout=1.0, trust_env=False).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"the gateway did not answer within {timeout}s:\n{kit.logs()[-3000:]}")
+    raise AssertionError(f"five free ports in a row were taken before the gateway bound them:\n{kit.logs()[-3000:]}")
 
 
 @contextmanager
@@ -61,7 +80,7 @@ def fleet_with_gateway(kit: FleetKit) -> Iterator[FleetKit]:
     kit.dispatcher("d1")
     kit.worker("w1")
     try:
-        kit.gateway_url = start_gateway(kit, free_port())  # type: ignore[attr-defined]
+        kit.gateway_url = start_gateway(kit)  # type: ignore[attr-defined]
         yield kit
     finally:
         kit.stop()

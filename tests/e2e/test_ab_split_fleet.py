@@ -85,7 +85,7 @@ async def test_gateway_requests_on_a_split_tier_carry_the_variant(tmp_path, nats
     kit = split_kit(tmp_path, nats_server, upstream,
                     callers=callers(alice={"tier": "premium"}, bob={"tier": "normal"}, carol={"tier": "normal"}))
     try:
-        url = start_gateway(kit, free_port())
+        url = start_gateway(kit)
         async with await Client.connect(nats_server.url) as client:
             await wait_for_leader(client)
             async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=CALLER_KEYS["alice"], max_retries=0,

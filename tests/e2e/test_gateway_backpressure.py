@@ -6,7 +6,7 @@ from __future__ import annotations
 import openai
 import pytest
 from fleetkit import FleetKit
-from gatewaykit import CALLER_KEYS, caller_env, callers, free_port, start_gateway
+from gatewaykit import CALLER_KEYS, caller_env, callers, start_gateway
 
 from ratefleet import Client
 
@@ -20,7 +20,7 @@ def stalled(tmp_path, nats_server, monkeypatch):
     kit = FleetKit(tmp_path, nats_server.url, "http://127.0.0.1:9",
                    overrides={"callers": callers(alice={"timeout_s": 2}), "streams": {"jobs_max_msgs": 1}})
     try:
-        kit.gateway_url = start_gateway(kit, free_port())  # type: ignore[attr-defined]
+        kit.gateway_url = start_gateway(kit)  # type: ignore[attr-defined]
         yield kit
     finally:
         kit.stop()

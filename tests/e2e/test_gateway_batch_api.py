@@ -75,7 +75,8 @@ def fleet(tmp_path, nats_server, upstream, monkeypatch, keys=None, window: int =
     kit.worker("w1")
     kit.gateway_port = free_port()  # type: ignore[attr-defined]
     if start:
-        kit.gateway_url = start_gateway(kit, kit.gateway_port)  # type: ignore[attr-defined]
+        kit.gateway_url = start_gateway(kit)  # type: ignore[attr-defined]
+        kit.gateway_port = int(kit.gateway_url.rsplit(":", 1)[1])  # type: ignore[attr-defined]
     return kit
 
 

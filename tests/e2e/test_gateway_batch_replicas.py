@@ -14,7 +14,7 @@ import time
 import anyio
 import pytest
 from fleetkit import mock_keys, wait_for_leader
-from gatewaykit import free_port, start_gateway
+from gatewaykit import start_gateway
 from test_gateway_batch_api import chat_line, fleet, jsonl, sdk, wait_status
 
 from ratefleet import Client
@@ -68,7 +68,7 @@ async def test_a_replica_started_while_a_batch_runs_leaves_it_to_its_runner(two_
         await wait_for_leader(client)
         batch_id = await create_batch(kit, lines)
     # B starts while A runs the batch: before the lease, B resumed it too and both finalized it
-    kit.gateway_url = start_gateway(kit, free_port(), name="gateway_b")
+    kit.gateway_url = start_gateway(kit, name="gateway_b")
     done, output, names = await finish(kit, batch_id)
     await anyio.sleep(1.0)  # a second runner would finalize a moment later
     finished = [line for line in kit.logs().splitlines() if "batch finished" in line and batch_id in line]
@@ -88,7 +88,7 @@ async def test_the_other_replica_takes_over_a_batch_whose_gateway_was_killed(two
     async with await Client.connect(nats_server.url) as client:
         await wait_for_leader(client)
         batch_id = await create_batch(kit, lines)
-        url_b = start_gateway(kit, free_port(), name="gateway_b")
+        url_b = start_gateway(kit, name="gateway_b")
         await anyio.sleep(2.0)
         gateway_a = next(p for p in kit.processes if p.name == "gateway")
         gateway_a.send_signal(signal.SIGKILL)  # a crash: the lease is not given up

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 from fleetkit import FleetKit, chat_job, mock_keys, wait_for_leader
-from gatewaykit import CALLER_KEYS, caller_env, callers, free_port, start_gateway
+from gatewaykit import CALLER_KEYS, caller_env, callers, start_gateway
 from prometheus_client.parser import text_string_to_metric_families
 
 from ratefleet import Client
@@ -40,7 +40,7 @@ def gateway(tmp_path, nats_server, upstream, monkeypatch):
     kit.dispatcher("d1")
     kit.worker("w1")
     try:
-        kit.gateway_url = start_gateway(kit, free_port())  # type: ignore[attr-defined]
+        kit.gateway_url = start_gateway(kit)  # type: ignore[attr-defined]
         yield kit
     finally:
         kit.stop()

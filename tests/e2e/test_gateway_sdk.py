@@ -7,7 +7,7 @@ import anyio
 import openai
 import pytest
 from fleetkit import FleetKit, mock_keys, wait_for_leader
-from gatewaykit import CALLER_KEYS, caller_env, callers, fleet_with_gateway, free_port, sdk, start_gateway
+from gatewaykit import CALLER_KEYS, caller_env, callers, fleet_with_gateway, sdk, start_gateway
 
 from ratefleet import Client
 from ratefleet.mock import MockSettings, running_mock
@@ -118,7 +118,7 @@ async def test_the_sdks_own_retries_do_not_repeat_what_the_fleet_retried_or_paid
     kit.dispatcher("d1")
     kit.worker("w1")
     try:
-        kit.gateway_url = start_gateway(kit, free_port())  # type: ignore[attr-defined]
+        kit.gateway_url = start_gateway(kit)  # type: ignore[attr-defined]
         def sdk_with_retries(caller: str) -> openai.AsyncOpenAI:  # the SDK's default: 2 retries
             return openai.AsyncOpenAI(base_url=kit.gateway_url + "/v1", api_key=CALLER_KEYS[caller], timeout=30)
 

@@ -9,7 +9,7 @@ import anyio
 import openai
 import pytest
 from fleetkit import SECRETS, FleetKit, mock_keys, wait_for_leader
-from gatewaykit import CALLER_KEYS, caller_env, callers, free_port, start_gateway
+from gatewaykit import CALLER_KEYS, caller_env, callers, start_gateway
 
 from ratefleet import Client
 from ratefleet.mock import MockSettings, running_mock
@@ -25,7 +25,7 @@ def gateway(tmp_path, nats_server, monkeypatch):
         kit.dispatcher("d1")
         kit.worker("w1")
         try:
-            kit.gateway_url = start_gateway(kit, free_port())  # type: ignore[attr-defined]
+            kit.gateway_url = start_gateway(kit)  # type: ignore[attr-defined]
             kit.upstream = upstream  # type: ignore[attr-defined]
             yield kit
         finally:

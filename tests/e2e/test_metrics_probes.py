@@ -275,7 +275,7 @@ def test_the_gateway_serves_readyz_and_metrics_beside_its_api(nats_server, tmp_p
     caller_env(monkeypatch)
     kit = FleetKit(tmp_path, nats_server.url, "http://127.0.0.1:9", overrides={"callers": callers()})
     try:
-        url = start_gateway(kit, free_port())
+        url = start_gateway(kit)
         assert wait_until(lambda: readyz(url) == (200, {"ready": True}), 30, "the gateway ready")
         text, _ = scrape(url)
         assert not [key for key in CALLER_KEYS.values() if key in text]

@@ -130,7 +130,7 @@ async def test_real_processes_export_one_trace_per_job_and_log_its_id(tmp_path, 
 
 
 async def test_the_gateways_incoming_traceparent_becomes_the_jobs_trace_without_the_sdk_too(tmp_path, nats_server, monkeypatch):
-    from gatewaykit import CALLER_KEYS, caller_env, callers, free_port, start_gateway
+    from gatewaykit import CALLER_KEYS, caller_env, callers, start_gateway
 
     gateway_trace = "5af7651916cd43dd8448eb211c80319d"
     caller_env(monkeypatch)
@@ -142,7 +142,7 @@ async def test_the_gateways_incoming_traceparent_becomes_the_jobs_trace_without_
         kit.dispatcher("d1")
         kit.worker("w1")
         try:
-            url = await asyncio.to_thread(start_gateway, kit, free_port())
+            url = await asyncio.to_thread(start_gateway, kit)
             async with await Client.connect(nats_server.url) as client:
                 await wait_for_leader(client)
                 import httpx
