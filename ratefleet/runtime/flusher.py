@@ -6,13 +6,21 @@ publishes made by callbacks of different iterations (a worker's 64 calls each fi
 its own) go out as one small write each; on a busy 2-core machine such a write costs about
 as much CPU as the Python work of a job (see ../shared/measurements.md). With one yield
 before the write, the publishes of the next iteration ride along. While the process is busy
-(from BUSY_WRITES writes within BUSY_WINDOW_S, above about 2,000 writes a second, until a
-publish comes BUSY_WINDOW_S after the last write) and the last write is less than MIN_GAP_S
-(0.5 ms) old, the flusher also waits until it is, so a busy
-process writes at most about 2,000 times a second however its publishes are spread: fewer,
-larger writes, for at most 0.5 ms of latency.
+(its last BUSY_WAKES publishes that woke the flusher each came less than MIN_GAP_S after the
+write before: above about 2,000 writes a second wanted) and the last write is less than
+MIN_GAP_S (0.5 ms) old, the flusher also waits until it is, so a busy process writes at most
+about 2,000 times a second however its publishes are spread: fewer, larger writes, for at
+most 0.5 ms of latency (asyncio's epoll timeout counts whole milliseconds, so up to 1 ms in a
+loop with nothing else to do).
 Measured (bench/throughput.py, 4,000 jobs, strace on the fleet): NATS socket writes per job
 in a worker ~1.5 -> ~1.05, in the dispatcher 0.83 -> 0.72.
+
+Busy used to start with 4 writes within 2 ms and last until a publish came 2 ms after the last
+write. A worker at 500 requests/s (a Result, its reply 0.2-0.4 ms later, about 1,000-1,500
+writes a second) met the first now and then and never the second, so from then on every reply
+waited out the gap: `Client.request` at 500 arrivals/s, median 3.9 ms with that wait and
+2.8-3.2 ms without (three runs each, nginx upstream), the same jobs/s and CPU per job in
+bench/throughput.py.
 
 An idle process writes after the one yield. Before, the wait applied whenever the last write
 was recent, so on the request path of a single `Client.request` a worker's reply (sent when
@@ -31,42 +39,40 @@ from __future__ import annotations
 import asyncio
 import math
 import types
-from collections import deque
 
 from nats.aio.client import Client as NatsClient
 
 MIN_GAP_S = 0.0005  # seconds: under load, at most one write per this gap
-BUSY_WRITES = 4  # this many writes ...
-BUSY_WINDOW_S = 0.002  # ... within this many seconds: busy (above about 2,000 writes a second)
+BUSY_WAKES = 4  # busy: this many wakes in a row each came less than MIN_GAP_S after the last write
 
 
 async def _coalescing_flusher(self: NatsClient) -> None:
     """nats-py 2.16's `Client._flusher`, with one `sleep(0)` between waking and writing, and,
-    while busy, a wait until MIN_GAP_S has passed since the last write. Busy starts with
-    BUSY_WRITES writes within BUSY_WINDOW_S and lasts until a publish comes BUSY_WINDOW_S or
-    more after the last write."""
+    while busy, a wait until MIN_GAP_S has passed since the last write. Busy: the last
+    BUSY_WAKES wakes (a publish asking for a write) each came less than MIN_GAP_S after the
+    write before it, i.e. publishes want more than about 2,000 writes a second. Measured on
+    the demand (when a publish comes), not on the writes, so the gap's own spacing does not
+    end it, and a process whose publishes come in pairs 0.2-0.4 ms apart (a worker's Result,
+    then its reply once the store is acknowledged) with more time between pairs is not busy."""
     loop = asyncio.get_running_loop()
-    recent: deque[float] = deque([-math.inf] * BUSY_WRITES, maxlen=BUSY_WRITES)  # times of the last writes
-    busy = False
+    last_write = -math.inf
+    close_wakes = 0  # wakes in a row that came less than MIN_GAP_S after the last write
     while True:
         if not self.is_connected or self.is_connecting:
             break
         future: asyncio.Future = await self._flush_queue.get()
         try:
+            close_wakes = close_wakes + 1 if loop.time() - last_write < MIN_GAP_S else 0
             await asyncio.sleep(0)  # the publishes of the callbacks ready now join this write
-            now = loop.time()
-            # busy from BUSY_WRITES writes within BUSY_WINDOW_S until a publish finds the last write
-            # BUSY_WINDOW_S old (the gap's own spacing must not end it: 4 spaced writes span 1.5 ms+)
-            busy = now - recent[-1] < BUSY_WINDOW_S if busy else now - recent[0] < BUSY_WINDOW_S
-            if busy:  # the publishes of the next half millisecond join this write too
-                gap = now - recent[-1]
+            if close_wakes >= BUSY_WAKES:  # the publishes of the rest of the half millisecond join it too
+                gap = loop.time() - last_write
                 if gap < MIN_GAP_S:
                     await asyncio.sleep(MIN_GAP_S - gap)
             if self._pending_data_size > 0:
                 self._transport.writelines(self._pending[:])
                 self._pending = []
                 self._pending_data_size = 0
-                recent.append(loop.time())
+                last_write = loop.time()
                 await self._transport.drain()
         except OSError as exc:
             await self._error_cb(exc)
