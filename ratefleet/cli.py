@@ -21,6 +21,7 @@ from ratefleet.cli_support import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     batch_value,
+    check_wait_nats_s,
     client_target,
     fail,
     make_console,
@@ -108,6 +109,8 @@ def submit(file: Path = typer.Argument(..., help="JSONL file, one Job per line (
                     rejects.samefile(other) if rejects.exists() and other.exists()
                     else rejects.resolve() == other.resolve()):
                 fail(f"--rejects {rejects} is {what} itself: it would be overwritten; pass another path")
+    if wait:
+        check_wait_nats_s()
     target = client_target(config, nats, prefix)
     if out is not None and not wait:  # (a new user's finding: the file never came, and nothing said why)
         typer.echo(f"note: --out is written while --wait follows the Results; without --wait nothing is written to "

@@ -8,6 +8,7 @@ reader of stdout went away (a closed pipe: quiet, like a standard Unix tool).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -107,12 +108,31 @@ WAIT_NATS_S = 300.0  # seconds a --wait rides out NATS being away (a restart of 
 
 
 def wait_nats_s() -> float:
-    """How long a --wait rides out NATS being away: $RATEFLEET_WAIT_NATS_S seconds, else WAIT_NATS_S."""
-    try:
-        value = float(os.environ.get(WAIT_NATS_ENV, ""))
-    except ValueError:
+    """How long a --wait rides out NATS being away, in seconds: $RATEFLEET_WAIT_NATS_S when set
+    (unset or empty: WAIT_NATS_S). Raises ValueError, naming the variable, for a value that is
+    not a finite number of seconds above 0 (before, `RATEFLEET_WAIT_NATS_S=5m` silently meant
+    300 s: a pipeline meant to give up after five minutes waited five minutes by luck, and one
+    set to `30s` waited ten times longer than asked)."""
+    raw = os.environ.get(WAIT_NATS_ENV, "").strip()
+    if not raw:
         return WAIT_NATS_S
-    return value if value > 0 else WAIT_NATS_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"${WAIT_NATS_ENV}={raw!r} is not a number of seconds above 0 (how long a --wait rides "
+                         f"out NATS being away; unset, {WAIT_NATS_S:g}); set e.g. {WAIT_NATS_ENV}=600 or unset it")
+    return value
+
+
+def check_wait_nats_s() -> None:
+    """`fail` (exit 2) when $RATEFLEET_WAIT_NATS_S is set to something `wait_nats_s` refuses: said
+    before anything is sent, not when NATS first goes away in the middle of a night's wait."""
+    try:
+        wait_nats_s()
+    except ValueError as exc:
+        fail(str(exc))
 
 
 class WaitOutage(NatsUnavailable):

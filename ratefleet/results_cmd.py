@@ -45,6 +45,7 @@ from ratefleet.batches import (
 )
 from ratefleet.cli_support import (
     batch_value,
+    check_wait_nats_s,
     client_target,
     connection_args,
     fail,
@@ -217,6 +218,8 @@ def results(batch: str = typer.Option(..., "--batch", "-b", metavar="NAME", call
     if not is_token(batch):
         fail(f"--batch {batch!r} must be 1-128 of A-Z a-z 0-9 _ -")
     out = None if out is not None and str(out) == "-" else require_out_path(out)  # `--out -`: stdout
+    if wait:
+        check_wait_nats_s()
     target = client_target(config, nats, prefix)
     console = make_console(stderr=True)
     code = _run(_collect_batch, console, batch, wait, out, order == "input", target.url, target.prefix, out_format,

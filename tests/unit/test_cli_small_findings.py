@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import nats.errors
+import pytest
 from typer.testing import CliRunner
 
 from ratefleet.cli import app
@@ -43,3 +44,27 @@ def test_a_batch_name_that_is_an_option_is_refused_before_anything_is_sent(tmp_p
         run = CliRunner().invoke(app, [*argv, "--nats", "nats://127.0.0.1:1"])
         assert run.exit_code == 2, (argv, run.output)
         assert "is an option, not a batch name: was a variable after --batch empty?" in run.output, argv
+
+
+@pytest.mark.parametrize("value", ["5m", "30s", "0", "-1", "nan", "inf"])
+@pytest.mark.parametrize("command", ["submit", "results"])
+def test_a_wait_nats_s_that_is_not_seconds_is_a_usage_error_before_anything_is_sent(tmp_path, monkeypatch,
+                                                                                      value, command):
+    """Before: any value float() refused (or one not above 0) silently meant 300 s."""
+    monkeypatch.setenv("RATEFLEET_WAIT_NATS_S", value)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"upstream": "mock", "request": {"path": "/v1/chat/completions", "json": {}}}\n')
+    argv = ["submit", str(jobs), "--tier", "vip"] if command == "submit" else ["results", "--batch", "b1"]
+    run = CliRunner().invoke(app, [*argv, "--wait", "--nats", "nats://127.0.0.1:1"])
+    assert run.exit_code == 2, run.output
+    assert f"$RATEFLEET_WAIT_NATS_S='{value}' is not a number of seconds above 0" in run.output
+    assert "RATEFLEET_WAIT_NATS_S=600 or unset it" in run.output
+    assert "NATS" not in run.output.split("unset it")[1]  # nothing tried to connect
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("", 300.0), (" 12.5 ", 12.5), ("600", 600.0)])
+def test_wait_nats_s_reads_seconds_and_defaults_when_unset_or_empty(monkeypatch, value, seconds):
+    from ratefleet.cli_support import wait_nats_s
+
+    monkeypatch.setenv("RATEFLEET_WAIT_NATS_S", value)
+    assert wait_nats_s() == seconds
