@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import re
 import ssl
+import types
 from urllib.parse import urlparse
 
 import anyio
@@ -230,7 +231,37 @@ async def connect(url: str, *, name: str, connect_timeout: float = 5.0, forever:
         raise kind(f"cannot reach NATS at {redact_url(url)} ({type(cause).__name__}: "
                    f"{scrub(str(cause))}); {_hint(cause)}") from None
     connected_once = True
+    tolerate_late_pongs(holder[0])
     return holder[0]
+
+
+async def _process_pong_tolerant(self: NatsClient) -> None:
+    """nats-py 2.16's `Client._process_pong`, which skips a PING's future that is done already
+    (its flush timed out or was cancelled) instead of calling `set_result` on it."""
+    if len(self._pongs) > 0:
+        future = self._pongs.pop(0)
+        if not future.done():
+            future.set_result(True)
+        self._pongs_received += 1
+        self._pings_outstanding = 0
+
+
+def tolerate_late_pongs(nc: NatsClient) -> bool:
+    """Make a PONG that comes after its flush gave up harmless on `nc`, whichever flush it was.
+
+    A flush waits for the PONG of its PING; when the wait ends first (nats-py's own timeout, or
+    a cancellation: `Subscription.drain()` under a deadline, a task cancelled mid-flush), nats-py
+    2.16 cancels the PING's future but leaves it queued, and the late PONG's `set_result` raises
+    InvalidStateError in the read loop, which ends it while the client still reports itself
+    connected: nothing is read until the stale-connection check (nats-io/nats.py#914). A break-it
+    trial: a dispatcher stepping down after NATS stalled 8-10 s drained its pull subscriptions
+    under a deadline, and read nothing for 25-30 s more (5 stalls of 5). `flush` above avoids it for
+    its own callers; this covers every other path. Replaces a private method whose shape it
+    checks first; with another nats-py it leaves the client as it is and returns False."""
+    if not all(hasattr(nc, name) for name in ("_process_pong", "_pongs", "_pongs_received", "_pings_outstanding")):
+        return False
+    nc._process_pong = types.MethodType(_process_pong_tolerant, nc)  # type: ignore[method-assign]
+    return True
 
 
 _DENIED: list[str] = []  # subjects the server refused this process (permissions violation), for CLI hints

@@ -72,3 +72,25 @@ async def test_the_leaders_step_down_flush_leaves_the_connection_reading(nats_se
                                     "pools": {"p": {"keys": [{"id": "k1", "rps": 1, "secret": "x"}]}}})
     got = await received_after_a_stalled_flush(nats_server, lambda nc: NatsLeaderBus(config, nc).flush(0.5))
     assert got == [b"still reading"]
+
+
+async def test_a_drain_given_up_under_a_deadline_leaves_the_connection_reading(nats_server):
+    # the step-down path a break-it trial stalled: the leader's pull inboxes drained under
+    # anyio.fail_after (dispatcher/shell/puller.py `stop`); drain() flushes with nats-py's own
+    # flush, and its cancelled PING future met the late PONG (read nothing for 25-30 s after NATS
+    # stalled 8-10 s). Every connection of connect() now takes a late PONG in its stride.
+    import anyio
+
+    async def drain_under_a_deadline(nc) -> None:
+        sub = await nc.subscribe("t.drained")
+        try:
+            with anyio.fail_after(0.5):
+                await sub.drain()
+        except TimeoutError:
+            raise nats.errors.FlushTimeoutError from None
+
+    assert await received_after_a_stalled_flush(nats_server, drain_under_a_deadline) == [b"still reading"]
+
+
+async def test_nats_pys_own_flush_timeout_leaves_a_connect_connection_reading(nats_server):
+    assert await received_after_a_stalled_flush(nats_server, lambda nc: nc.flush(timeout=1)) == [b"still reading"]
