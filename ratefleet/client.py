@@ -51,7 +51,9 @@ class Client(Submitting, Requesting):
         self.js = nc.jetstream()
         self.subjects = Subjects(prefix)
         self.bodies = BodyStore(self.js, self.subjects.bodies_bucket)
-        self.replies = ReplyInbox(nc)  # one reply subscription for every `request`
+        # one reply subscription for every `request`; the 503 "no responders" of its follow-up publish to the
+        # rpc endpoint (no dispatcher) is no Result: it was taken for one (ValidationError, a break-it trial)
+        self.replies = ReplyInbox(nc, status_replies=False)
         self._closed_here = False  # `close()` was called (else a closed connection gave up reconnecting)
         self._pipes: set[PublishPipe] = set()  # those of the `submit_stream`s under way, abandoned on close
         self._publishing = 0  # single publishes and reads (submit, request, stored_result) under way: `close()` lets them finish

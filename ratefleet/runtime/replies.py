@@ -32,12 +32,18 @@ def _as_message(msg: Any, future: asyncio.Future[Any]) -> None:
 class ReplyInbox:
     """Reply subjects for one connection. `expect()` gives a subject and the future its
     first message resolves; `discard(subject)` forgets it. `settle(msg, future)` turns a
-    reply into the future's outcome (default: the nats-py `Msg` itself)."""
+    reply into the future's outcome (default: the nats-py `Msg` itself). `status_replies`
+    False: the server's bare status messages are not replies (`Client.request`, whose inbox
+    also gets the 503 "no responders" of its best-effort publish to the dispatchers' rpc
+    endpoint when no dispatcher runs; a PubAck reader needs them: a 503 there is "no stream")."""
 
-    def __init__(self, nc: NatsClient, settle: Settle = _as_message) -> None:
+    def __init__(self, nc: NatsClient, settle: Settle = _as_message, *, status_replies: bool = True) -> None:
         self.nc = nc
         self.prefix = ""
         self._settle = settle
+        # False: a bare status message (a `Status` header, no data: the server's 503 "no responders"
+        # to a publish nobody subscribed to) is no reply, and its waiter goes on waiting
+        self._status_replies = status_replies
         self._waiting: dict[str, asyncio.Future[Any]] = {}
         self._next = 0
         self._sub: Any = None
@@ -106,6 +112,8 @@ class ReplyInbox:
                 pass
 
     async def _on_reply(self, msg: Any) -> None:
+        if not self._status_replies and not msg.data and msg.headers and msg.headers.get("Status"):
+            return
         future = self._waiting.pop(msg.subject.rsplit(".", 1)[-1], None)
         if future is not None and not future.done():
             self._settle(msg, future)
