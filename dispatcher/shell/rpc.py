@@ -2,8 +2,9 @@
 
 The job is stored in RATEFLEET_JOBS first, with the caller's inbox in the
 `Ratefleet-Reply-To` header; the worker that finishes it sends the Result there. A
-payload that fails validation (the same as intake's, `validate_job`) is answered with its
-`invalid` Result at once and dead-lettered; nothing is stored in JOBS. Every
+payload that fails validation (the same as intake's, `validate_job`), or a tier that does not
+exist, is answered with its `invalid` Result at once and nothing is stored (published without
+a reply subject, its Result is stored and dead-lettered instead: `RpcResponder._refuse`). Every
 dispatcher answers (queue group), leader or not, so submissions never wait for failover;
 `handle` is the `rpc` endpoint of the dispatcher's NATS micro service (discovery.py).
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -90,16 +92,14 @@ class RpcResponder:
         if tier not in self.config.tiers:
             result = Result(job_id=job_id, status="invalid", tier=tier, error=ErrorInfo(
                 code=ErrorCode.UNKNOWN_TIER, message=f"unknown tier {tier!r}; configured: {list(self.config.tiers)}"))
-            await self.finisher.finish(result, ack=None, reply_to=msg.reply or None)
-            await self.finisher.dead("_", result, raw=msg.data)
+            await self._refuse(msg, result, "_", raw=msg.data)
             return
         try:
             validate_job(msg.data, self.config, self.nc.max_payload)
-        except JobRejected as exc:  # refused at the door, like intake would: nothing stored in JOBS
+        except JobRejected as exc:  # refused at the door: nothing stored in JOBS
             result = Result(job_id=exc.job_id or job_id, status="invalid", tier=tier, batch=exc.batch,
                             error=ErrorInfo(code=exc.code, message=exc.message))
-            if await self.finisher.finish(result, ack=None, reply_to=msg.reply or None):
-                await self.finisher.dead(tier, result, **_letter_payload(msg.data))
+            await self._refuse(msg, result, tier, **_letter_payload(msg.data))
             return
         if payload is msg.data and msg.reply:  # the caller's own id (a fresh one was added otherwise)
             # an id whose rpc request was refused has its Result but no JOBS message to dedup
@@ -132,6 +132,21 @@ class RpcResponder:
             return
         if not fresh and msg.reply:
             await self._answer_duplicate(job_id, msg.reply)
+
+    async def _refuse(self, msg: Msg, result: Result, letter_tier: str, **letter: Any) -> None:
+        """Answer a request refused at the door (`result`: `invalid`). A caller waiting on a reply
+        subject gets it and nothing is stored, as `Client.request` (UnknownTier, JobInvalid) and
+        the gateway (400) store nothing: its id stays free for the fixed request. Before, the
+        `invalid` Result was stored and dead-lettered, and a break-it trial's retry on the right
+        tier, with the same id, got the old `unknown_tier` Result for `results_max_age_s` (24 h)
+        while the README said "nothing stored". A publish without a reply subject has no one to
+        answer: its Result is stored and dead-lettered (`letter`: the dead letter's `job`/`raw`),
+        the only way its producer learns of it (`ratefleet result ID`)."""
+        if msg.reply:
+            await self.nc.publish(msg.reply, result.to_json())
+            return
+        if await self.finisher.finish(result, ack=None, reply_to=None):
+            await self.finisher.dead(letter_tier, result, **letter)
 
     async def follow(self, job_id: str, reply: str) -> None:
         """Answer `reply` with the job's Result: at once when it is stored, else once it is

@@ -87,40 +87,57 @@ def job(**fields) -> bytes:
     return json.dumps({"request": {"path": "/v1/x"}, **fields}).encode()
 
 
-async def test_an_unknown_tier_gets_its_invalid_result_stored_and_a_dead_letter(nats_server):
+async def test_an_unknown_tier_is_answered_and_nothing_is_stored(nats_server):
+    """A caller waiting on a reply gets the refusal and its id stays free: before, the `invalid`
+    Result was stored and dead-lettered, and the retry on the right tier with the same id got
+    the old `unknown_tier` Result for 24 h (a break-it trial; the README said "nothing stored")."""
     async with Fleet(nats_server.url, config()) as fleet:
         answer = await fleet.request("platinum", job(id="j1", batch="b1"))
         assert (answer["job_id"], answer["status"], answer["tier"]) == ("j1", "invalid", "platinum")
         assert answer["error"]["code"] == "unknown_tier"
         assert "'platinum'" in answer["error"]["message"] and "'normal'" in answer["error"]["message"]
-        stored = json.loads(await read_result(fleet.js, SUBJECTS, "j1"))
-        assert (stored["status"], stored["error"]["code"]) == ("invalid", "unknown_tier")
-        [letter] = await fleet.letters("_")
-        assert letter["reason"]["code"] == "unknown_tier" and letter["job_id"] == "j1"
-        assert json.loads(json.dumps(letter["payload"]))["id"] == "j1"  # the raw payload, as sent
+        assert await read_result(fleet.js, SUBJECTS, "j1") is None
+        assert await read_result(fleet.js, SUBJECTS, "j1", "b1") is None
+        await anyio.sleep(0.5)  # (a dead letter went out after the answer)
+        assert await fleet._stored(SUBJECTS.dead_stream, "*") == []
         assert await fleet.jobs("*") == []
+        await fleet.nc.publish(SUBJECTS.rpc("normal"), job(id="j1", batch="b1"))  # the fixed one: stored
+        with anyio.fail_after(10):
+            while not (stored := await fleet.jobs("normal")):
+                await anyio.sleep(0.05)
+        assert [m.headers[MSG_ID] for m in stored] == ["j1"]
 
 
 async def test_an_unknown_tier_without_a_reply_subject_is_still_stored(nats_server):
+    """Published without a reply subject, nobody hears the refusal: its Result and dead letter
+    are the producer's only way to learn of it."""
     async with Fleet(nats_server.url, config()) as fleet:
         await fleet.nc.publish(SUBJECTS.rpc("platinum"), job(id="j2"))
         with anyio.fail_after(10):
             while await read_result(fleet.js, SUBJECTS, "j2") is None:
                 await anyio.sleep(0.05)
+        [letter] = await fleet.letters("_")
+        assert letter["reason"]["code"] == "unknown_tier" and letter["job_id"] == "j2"
+        assert json.loads(json.dumps(letter["payload"]))["id"] == "j2"  # the raw payload, as sent
+        assert await fleet.jobs("*") == []
 
 
-async def test_a_refused_job_is_answered_stored_and_dead_lettered_with_its_secret_masked(nats_server):
+async def test_a_refused_job_is_answered_and_not_stored_or_dead_lettered_with_its_secret_masked(nats_server):
     async with Fleet(nats_server.url, config()) as fleet:
         payload = job(id="j3", batch="b3", request={"path": "/v1/x", "headers": {"x-custom-auth": "sekret-123"}})
         answer = await fleet.request("normal", payload)
         assert (answer["job_id"], answer["status"], answer["tier"], answer["batch"]) == ("j3", "invalid", "normal", "b3")
         assert answer["error"]["code"] == "forbidden_target" and "'X-Custom-Auth'" in answer["error"]["message"]
-        stored = json.loads(await read_result(fleet.js, SUBJECTS, "j3", "b3"))
-        assert stored["error"]["code"] == "forbidden_target"
+        assert "sekret" not in json.dumps(answer)
+        assert await read_result(fleet.js, SUBJECTS, "j3", "b3") is None  # the id stays free for the fixed job
+        # without a reply subject: stored and dead-lettered, replayable, the secret masked
+        await fleet.nc.publish(SUBJECTS.rpc("normal"), payload)
         [letter] = await fleet.letters("normal")
         assert letter["reason"]["code"] == "forbidden_target" and letter["job_id"] == "j3"
-        assert letter["job"]["request"]["headers"] == {"x-custom-auth": "***"}  # replayable, secret masked
+        assert letter["job"]["request"]["headers"] == {"x-custom-auth": "***"}
         assert "sekret" not in json.dumps(letter)
+        stored = json.loads(await read_result(fleet.js, SUBJECTS, "j3", "b3"))
+        assert stored["error"]["code"] == "forbidden_target"
         assert await fleet.jobs("normal") == []
 
 
@@ -128,8 +145,9 @@ async def test_a_refused_payload_that_is_no_job_keeps_its_raw_bytes_and_gets_a_f
     async with Fleet(nats_server.url, config()) as fleet:
         answer = await fleet.request("normal", b"[1, 2]")
         assert answer["status"] == "invalid" and answer["job_id"] and answer["tier"] == "normal"
+        await fleet.nc.publish(SUBJECTS.rpc("normal"), b"[1, 2]")  # no reply subject: dead-lettered
         [letter] = await fleet.letters("normal")
-        assert letter["job_id"] == answer["job_id"] and letter["payload"] == [1, 2]
+        assert letter["job_id"] and letter["job_id"] != answer["job_id"] and letter["payload"] == [1, 2]
 
 
 async def test_a_job_too_large_for_the_servers_max_payload_is_refused_at_the_door(nats_server):
