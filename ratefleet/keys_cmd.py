@@ -166,25 +166,40 @@ def parse_at(text: str | None, now: datetime) -> datetime:
 def rotate(key: str = typer.Argument(..., help="key id from the config"),
            secret: str = typer.Option(..., "--secret", "-s", help="the new secret's reference: env:NAME or file:PATH"),
            at: str | None = typer.Option(None, "--at", help="switch time, RFC 3339 (default: now)"),
-           config: Path | None = typer.Option(None, "--config", "-c", help="TOML config file to edit in place")):
+           config: Path | None = typer.Option(None, "--config", "-c", help="TOML config file to edit in place"),
+           force: bool = typer.Option(False, "--force", help="switch now even if --secret cannot be used on this "
+                                                          "machine (the workers run elsewhere and have it)")):
     """Add a new version of KEY with the secret --secret, used for new calls from --at on; the
-    version in use until then turns draining at --at (calls in flight finish). Edits the file."""
+    version in use until then turns draining at --at (calls in flight finish). Edits the file.
+    With the switch now (no --at) and a --secret this machine cannot use, refused (exit 2,
+    nothing written) unless --force: an operations trial rotated to an unset variable under
+    `ratefleet up`, whose file watch pushed it at once, and 263 of 300 queued jobs ended
+    failed / no_key_available within 4 s (no worker had the new version)."""
     from ratefleet.workers.secrets import secret_problem
 
     found = config_path(config)
     if found is None:
         fail(f"no config file to edit (looked at {LOOKED_AT})")
     when = parse_at(at, datetime.now(UTC))
+    problem = secret_problem(secret)
+
+    def refuse_unusable_now() -> None:  # (after the file and the arguments are checked: those errors first)
+        if problem is not None and at is None and not force:
+            fail(f"{secret} cannot be used on this machine ({problem}), and the switch is now: a worker without it "
+                 f"stops using key {key} at once, and queued jobs that no other usable key can take end failed / "
+                 f"no_key_available. Nothing was written to {found}. Set it on every worker first, or rotate with "
+                 "--at a later time to leave room for that, or pass --force if the workers run elsewhere and have it")
+
     try:
-        version = rotate_file(found, key, secret, when)
+        version = rotate_file(found, key, secret, when, before_write=refuse_unusable_now)
     except RotateError as exc:
         fail(str(exc), EXIT_USAGE)  # the file's content or the arguments: an input error, as an unknown tier
     timeout = _upstream_timeout(found, key)
     typer.echo(f"key {key}: version {version} ({secret}) takes new calls from {when.isoformat()}; "
                f"the earlier version turns draining then. Written to {found}.")
     typer.echo(f"  1. every worker needs {secret} before that time (workers re-read file: secrets by themselves)")
-    if (problem := secret_problem(secret)) is not None:
-        soon = " The switch is now (no --at):" if at is None else ""
+    if problem is not None:
+        soon = " The switch is now (no --at, --force):" if at is None else ""
         typer.echo(f"warning: {secret} cannot be used on this machine ({problem}).{soon} a worker that runs this "
                    f"config without it stops using key {key} at the switch (the leader then sends that key's jobs to "
                    "workers that have it, or none runs them); set it on every worker first"

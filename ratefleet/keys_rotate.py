@@ -23,7 +23,7 @@ import os
 import re
 import tempfile
 import tomllib
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -89,10 +89,13 @@ def rotate_entry(entry: MutableMapping[str, Any], secret_ref: str, at: datetime)
     return new_id
 
 
-def rotate_file(path: Path, key_id: str, secret_ref: str, at: datetime) -> str:
+def rotate_file(path: Path, key_id: str, secret_ref: str, at: datetime,
+                before_write: Callable[[], None] | None = None) -> str:
     """Rotate `key_id` in the TOML config file `path` in place (comments kept, written
     atomically with the file's mode); returns the new version id. RotateError when the
-    rotation is refused or the edited file would not be a valid config (nothing written)."""
+    rotation is refused or the edited file would not be a valid config (nothing written).
+    `before_write`: called once the rotation is known to be valid, just before the write
+    (what it raises leaves the file as it was)."""
     try:
         text = path.read_text()
     except OSError as exc:
@@ -107,6 +110,8 @@ def rotate_file(path: Path, key_id: str, secret_ref: str, at: datetime) -> str:
         parse_config(tomllib.loads(edited), source=str(path))
     except (ConfigError, tomllib.TOMLDecodeError) as exc:
         raise RotateError(f"the rotated config would be invalid, nothing written:\n{exc}") from None
+    if before_write is not None:
+        before_write()
     _write_atomically(path, edited)
     return new_id
 
