@@ -33,7 +33,7 @@ from ratefleet.runtime.connect import connect
 from ratefleet.runtime.streams import tier_consumer
 from ratefleet.schemas import Subjects
 from ratefleet.schemas.config import Config, config_path, parse_config
-from ratefleet.schemas.config_store import LIVE_DISPATCHER_FIELDS, LIVE_SECTIONS, LOCAL_SECTIONS, literal_secrets
+from ratefleet.schemas.config_store import LIVE_DISPATCHER_FIELDS, LIVE_SECTIONS, LIVE_SETTINGS, LOCAL_SECTIONS, literal_secrets
 from ratefleet.schemas.errors import ConfigError, NatsUnavailable
 from ratefleet.schemas.key_versions import current_version, version_state
 
@@ -117,10 +117,12 @@ def fleet_notes(config: Config, data: dict) -> list[str]:
             where = ref if ref.startswith(("env:", "file:")) else "the same literal"
             lines.append(f"warning: keys {', '.join(sorted(set(key_ids)))} have the same secret ({where}): one provider "
                          "key sent at the sum of their limits draws 429s; give each key its own secret")
-    if len(config.upstreams) > 1:
+    if len(config.upstreams) > 1 and not config.default_upstream:
         lines.append(f"note: {len(config.upstreams)} upstreams and none is the default: a job that names no `upstream` "
-                     "is refused (invalid, unknown_upstream); producers must name one (`--upstream` for submit)")
-    not_live = [f"[{section}]" for section in data if section not in (*LIVE_SECTIONS, "dispatcher", *LOCAL_SECTIONS)]
+                     "is refused (invalid, unknown_upstream); producers must name one (`--upstream` for submit), or "
+                     f"set `default_upstream = \"{next(iter(config.upstreams))}\"` at the top of the file")
+    not_live = [f"[{section}]" for section in data
+                if section not in (*LIVE_SECTIONS, *LIVE_SETTINGS, "dispatcher", *LOCAL_SECTIONS)]
     dispatcher = data.get("dispatcher")
     if isinstance(dispatcher, dict):
         not_live += [f"dispatcher.{name}" for name in dispatcher if name not in LIVE_DISPATCHER_FIELDS]
@@ -153,6 +155,8 @@ def push(file: Path = FileArg, nats: str | None = NatsOpt, prefix: str | None = 
         revision, changed, seen = _run(_push, target.url, target.prefix, document, target.nats, wait_s, settle_s)
     except NatsUnavailable as exc:
         fail(str(exc), EXIT_FAILED)
+    except ConfigError as exc:  # refused against the running revision (runtime/config_kv.py push_config)
+        fail(str(exc))
     if changed:
         typer.echo(f"pushed {file} as config revision {revision}"
                    + ("; dispatchers and workers apply it now" if seen is None else ""))

@@ -17,7 +17,7 @@ import anyio
 import watchfiles
 
 from ratefleet.gateway.callers import unusable_callers
-from ratefleet.runtime.config_kv import document_for, push_config
+from ratefleet.runtime.config_kv import UpstreamNoLongerImplicit, document_for, push_config
 from ratefleet.runtime.connect import connect, redact_url
 from ratefleet.runtime.logs import get_logger
 from ratefleet.schemas import Subjects
@@ -42,7 +42,12 @@ async def push_file(js, subjects: Subjects, path: Path) -> int | None:
         log.error("config file not pushed: it has errors; the fleet keeps its running revision",
                   file=str(path), error=str(exc))
         return None
-    revision, changed = await push_config(js, subjects, document)
+    try:
+        revision, changed = await push_config(js, subjects, document)
+    except UpstreamNoLongerImplicit as exc:
+        log.error("config file not pushed: it would strand the jobs that name no upstream; the fleet keeps its "
+                  "running revision", file=str(path), error=str(exc))
+        return None
     if changed:
         log.info("config pushed", file=str(path), revision=revision)
     else:

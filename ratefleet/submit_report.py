@@ -24,6 +24,7 @@ from ratefleet.runtime.logs import redact_text
 from ratefleet.schemas import Result
 from ratefleet.schemas.config_store import CURRENT_KEY, StoredConfig
 from ratefleet.schemas.errors import ConfigError, SubmitError
+from ratefleet.schemas.job import UpstreamRoutes
 
 FLUSH_EVERY = 500  # Results written between flushes of --out
 
@@ -149,7 +150,7 @@ async def check_tier(client: Client, tier: str) -> str | None:
 
 
 async def fleet_upstreams(client: Client, warn: Callable[[str], None] | None = None,
-                          tier: str | None = None) -> dict[str, str] | None:
+                          tier: str | None = None) -> UpstreamRoutes | None:
     """The fleet's upstreams (name -> the header its keys go in) from its live config (the
     config bucket, which `ratefleet up` and `ratefleet config push` fill), or None when none
     was pushed or it cannot be read within CONFIG_READ_S seconds (a producer's NATS permissions
@@ -177,7 +178,8 @@ async def fleet_upstreams(client: Client, warn: Callable[[str], None] | None = N
         warn(f"warning: tier {tier!r} is not in the fleet's live config (revision {entry.revision}; its tiers: "
              f"{', '.join(config.tiers)}): the jobs are stored but nothing runs them until a config with "
              f"[tiers.{tier}] is pushed again (`ratefleet config push FILE`)")
-    return {name: upstream.auth_header for name, upstream in config.upstreams.items()}
+    return UpstreamRoutes({name: upstream.auth_header for name, upstream in config.upstreams.items()},
+                          config.default_upstream)
 
 
 async def count_results(client: Client, batch: str) -> int:

@@ -5,8 +5,9 @@
 and stores a `StoredConfig` document; its KV revision is the config revision. Every
 dispatcher and worker follows the bucket and applies a new revision live (`fleet_view`):
 
-* applied live: `[upstreams]`, `[pools]` (keys, limits), `[tiers]` (weights, pools,
-  max_attempts, max_rate_limited), `[dispatcher].policy`, `.priority_reserve` and `.priority_slots`;
+* applied live: `[upstreams]`, `default_upstream`, `[pools]` (keys, limits), `[tiers]` (weights,
+  pools, max_attempts, max_rate_limited), `[dispatcher].policy`, `.priority_reserve` and
+  `.priority_slots`;
 * stored and shown, not applied by anyone: every other section; each process takes those
   from its own file or environment when it starts (a process started after a push runs the
   live sections of the stored revision over its own file). `[nats]` is never stored: how a
@@ -25,7 +26,8 @@ from ratefleet.schemas.config import Config, parse_config
 from ratefleet.schemas.errors import ConfigError
 
 CURRENT_KEY = "current"
-LIVE_SECTIONS = ("upstreams", "pools", "tiers")  # (`fleet_view`)
+LIVE_SECTIONS = ("upstreams", "pools", "tiers")  # (`fleet_view`; and the top-level default_upstream)
+LIVE_SETTINGS = ("default_upstream",)  # top-level settings applied live
 LIVE_DISPATCHER_FIELDS = ("policy", "priority_reserve", "priority_slots")
 LOCAL_SECTIONS = ("nats",)
 
@@ -97,5 +99,6 @@ def fleet_view(local: Config, stored: Config) -> Config:
     live_dispatcher = {name: getattr(stored.dispatcher, name) for name in LIVE_DISPATCHER_FIELDS}
     return local.model_copy(update={
         **{section: getattr(stored, section) for section in LIVE_SECTIONS},
+        "default_upstream": stored.default_upstream,
         "dispatcher": local.dispatcher.model_copy(update=live_dispatcher)})
 

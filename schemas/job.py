@@ -368,16 +368,33 @@ def _salvage(data: Any) -> tuple[str | None, str | None]:
 ASSIGNMENT_OVERHEAD = 8 << 10
 
 
-def upstream_problem(job: Job, upstreams: Mapping[str, str]) -> tuple[ErrorCode, str] | None:
+class UpstreamRoutes(dict[str, str]):
+    """A fleet's upstreams for `upstream_problem`: name -> the header its keys go in, and
+    `default`, where a job that names none goes when several are configured (the config's
+    `default_upstream`; None: nowhere)."""
+
+    def __init__(self, headers: Mapping[str, str], default: str | None = None) -> None:
+        super().__init__(headers)
+        self.default = default or None
+
+
+def upstream_problem(job: Job, upstreams: Mapping[str, str], default: str | None = None
+                     ) -> tuple[ErrorCode, str] | None:
     """What keeps `job` from running on a fleet whose upstreams are `upstreams` (name -> the
     header its keys go in, e.g. `Authorization`): no upstream named while several are
     configured, one that is not configured (both `unknown_upstream`), or the job setting that
     upstream's auth header itself (`forbidden_target`: the worker sets it). None when it can
-    run. The dispatcher's check at intake; `ratefleet submit` runs it on every line against the
-    fleet's live config before anything is sent."""
-    if job.upstream is None and len(upstreams) != 1:
-        return ErrorCode.UNKNOWN_UPSTREAM, f"upstream is required: several are configured ({sorted(upstreams)})"
-    name = job.upstream if job.upstream is not None else next(iter(upstreams))  # "" names none configured
+    run. `default`: where a job naming none goes when several are configured (the config's
+    `default_upstream`; read from `upstreams` when it is an UpstreamRoutes). The dispatcher's check
+    at intake; `ratefleet submit` runs it on every line against the fleet's live config before
+    anything is sent."""
+    if default is None and isinstance(upstreams, UpstreamRoutes):
+        default = upstreams.default
+    implicit = next(iter(upstreams)) if len(upstreams) == 1 else (default or None)
+    name = job.upstream if job.upstream is not None else implicit  # "" names none configured
+    if name is None:
+        return ErrorCode.UNKNOWN_UPSTREAM, (f"upstream is required: several are configured ({sorted(upstreams)}) "
+                                            "and none is the default_upstream")
     if name not in upstreams:
         return ErrorCode.UNKNOWN_UPSTREAM, f"unknown upstream {name!r}; configured: {sorted(upstreams)}"
     auth_header = upstreams[name].lower()

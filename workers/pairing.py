@@ -23,7 +23,7 @@ def pairing_problem(config: Config, key_id: str, upstream: str, job: dict[str, A
     if upstream not in config.upstreams:
         return None
     named = job.get("upstream") if isinstance(job, dict) else None
-    expected = named if isinstance(named, str) else config.default_upstream()
+    expected = named if isinstance(named, str) else config.implicit_upstream()
     if expected is not None and expected != upstream:
         return f"the job is for upstream {expected!r} but the assignment sends it to {upstream!r}"
     serving = {config.pool_upstream(name) for name, pool in config.pools.items()

@@ -16,7 +16,7 @@ from ratefleet.runtime.store import MSG_ID, REPEAT_HEADER, REPLY_HEADER
 from ratefleet.runtime.streams import tier_max_deliver
 from ratefleet.runtime.tracing import TRACEPARENT, TRACESTATE, fresh_traceparent, trace_headers
 from ratefleet.schemas import Config, ErrorCode, Job, JobRejected, parse_job
-from ratefleet.schemas.job import job_size_limit, upstream_problem
+from ratefleet.schemas.job import UpstreamRoutes, job_size_limit, upstream_problem
 from ratefleet.schemas.result import expired_before_call
 from ratefleet.schemas.subjects import is_safe_reply, is_token
 
@@ -75,7 +75,7 @@ def read_message(msg: Msg, tier: str, config: Config, handbacks: int = 0, rate_l
     if job.expired(datetime.now(UTC)):
         return refuse("expired", ErrorCode.DEADLINE_EXCEEDED, expired_before_call(attempt, rate_limited),
                       job_id, job.batch, job)
-    upstream = job.upstream or config.default_upstream()
+    upstream = job.upstream or config.implicit_upstream()
     trace = trace_headers(headers)  # else a fresh trace, the same for every delivery of this message
     traceparent = trace.get(TRACEPARENT) or fresh_traceparent(job_id, meta.sequence.stream, meta.timestamp.timestamp())
     return Incoming(job=job if job.id else job.model_copy(update={"id": job_id}), job_id=job_id, tier=tier,
@@ -117,11 +117,12 @@ def unreadable(msg: Msg, tier: str, error: BaseException) -> Refused:
                    None, tier, msg.reply, None, 1, msg.data)
 
 
-_upstreams_of: tuple[Config | None, dict[str, str]] = (None, {})  # the last config's, built once per config
+_upstreams_of: tuple[Config | None, UpstreamRoutes] = (None, UpstreamRoutes({}))  # the last config's, built once per config
 
 
 def _check_against_config(job: Job, config: Config) -> tuple[ErrorCode, str] | None:
     global _upstreams_of
     if _upstreams_of[0] is not config:
-        _upstreams_of = (config, {name: upstream.auth_header for name, upstream in config.upstreams.items()})
+        _upstreams_of = (config, UpstreamRoutes({name: upstream.auth_header for name, upstream in config.upstreams.items()},
+                                                config.default_upstream))
     return upstream_problem(job, _upstreams_of[1])

@@ -80,7 +80,7 @@ async def serve_gateway(config: Config, nc, stop: anyio.Event, listen: str, prob
     fleet, revision = await startup_config(client.js, client.subjects, config)
     body_limit, limit_source = job_size_limit(config.streams.max_job_bytes, nc.max_payload)
     gateway = Gateway(client, callers, max_body_bytes=body_limit, body_limit_source=limit_source,
-                      cache=cache, default_upstream=fleet.default_upstream(),
+                      cache=cache, default_upstream=fleet.implicit_upstream(),
                       upstreams=tuple(fleet.upstreams),
                       metrics=GatewayMetrics(probes.registry) if probes is not None else None)
 
@@ -90,7 +90,7 @@ async def serve_gateway(config: Config, nc, stop: anyio.Event, listen: str, prob
         start: after a push added a second upstream, every request naming none was refused by
         the dispatcher (`unknown_upstream`), with no advice, instead of the gateway's 400
         `upstream_required` saying how to name one (a new user's finding)."""
-        gateway.default_upstream, gateway.upstreams = live.default_upstream(), tuple(live.upstreams)
+        gateway.default_upstream, gateway.upstreams = live.implicit_upstream(), tuple(live.upstreams)
         log.info("gateway follows the fleet's upstreams", revision=applied, upstreams=list(live.upstreams))
 
     follower = ConfigFollower(client.js, client.subjects, follow_upstreams, role="gateway", revision=revision)

@@ -12,6 +12,7 @@ import contextlib
 import socket
 import time
 import tomllib
+import warnings
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -58,11 +59,15 @@ def document_for(path: Path) -> StoredConfig:
 
 
 async def push_config(js: JetStreamContext, subjects: Subjects, document: StoredConfig) -> tuple[int, bool]:
-    """Store `document` as the current revision unless it equals it: (revision, changed)."""
+    """Store `document` as the current revision unless it equals it: (revision, changed).
+    Raises UpstreamNoLongerImplicit (a ConfigError, nothing stored) for a document that would
+    strand the jobs naming no upstream (`implicit_upstream_lost`)."""
     kv = await open_config_bucket(js, subjects)
     current = await read_config(js, subjects)
     if current is not None and current[1].sha256 == document.sha256:
         return current[0], False
+    if current is not None and (problem := implicit_upstream_lost(current[1], document)) is not None:
+        raise UpstreamNoLongerImplicit(problem)
     revision = await kv.put(CURRENT_KEY, document.model_dump_json().encode())
     return revision, True
 
@@ -194,3 +199,31 @@ class ConfigFollower:
             self._seen = self.revision or 0  # the next poll offers it again
             return
         self.revision = revision
+
+
+class UpstreamNoLongerImplicit(ConfigError):
+    """A push refused by `implicit_upstream_lost`."""
+
+
+def implicit_upstream_lost(running: StoredConfig, document: StoredConfig) -> str | None:
+    """Why `document` may not replace `running`, or None: the running revision sends the jobs (and
+    pools) that name no upstream to its only one, U; `document` has several upstreams and says
+    nothing of `default_upstream`, so every such job queued now, and every one its producers send,
+    would end `invalid` / `unknown_upstream` without a call (a break-it trial: about 100 of 200
+    queued jobs). `default_upstream = "U"` keeps them going to U; `default_upstream = ""` says on
+    purpose that a job must name one."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            before, after = running.validated(), document.validated()
+        except (ConfigError, ValueError):
+            return None
+    implicit = before.implicit_upstream()
+    if implicit is None or len(after.upstreams) < 2 or "default_upstream" in document.config:
+        return None
+    keep = f'default_upstream = "{implicit}"' if implicit in after.upstreams else 'default_upstream = "<one of them>"'
+    return (f"{document.source}: refused: the running config sends the jobs that name no upstream to {implicit!r}, its "
+            f"only one; this one has {len(after.upstreams)} ({', '.join(sorted(after.upstreams))}) and no "
+            f"default_upstream, so such jobs queued now, and every one producers send, would end invalid / "
+            f"unknown_upstream without a call. Add `{keep}` at the top of the file to keep them going there, or "
+            "`default_upstream = \"\"` if every job must name its upstream; the fleet keeps its running revision")

@@ -4,7 +4,7 @@ intake and by `ratefleet submit` against the live config."""
 from __future__ import annotations
 
 from ratefleet.schemas import ErrorCode, Job
-from ratefleet.schemas.job import upstream_problem
+from ratefleet.schemas.job import UpstreamRoutes, upstream_problem
 
 ONE = {"openai": "Authorization"}
 TWO = {"openai": "Authorization", "anthropic": "x-api-key"}
@@ -21,13 +21,27 @@ def test_one_upstream_is_the_default():
 
 def test_several_upstreams_need_a_name_and_a_known_one():
     assert upstream_problem(job(), TWO) == (
-        ErrorCode.UNKNOWN_UPSTREAM, "upstream is required: several are configured (['anthropic', 'openai'])")
+        ErrorCode.UNKNOWN_UPSTREAM,
+        "upstream is required: several are configured (['anthropic', 'openai']) and none is the default_upstream")
     assert upstream_problem(job(upstream="gemini"), TWO) == (
         ErrorCode.UNKNOWN_UPSTREAM, "unknown upstream 'gemini'; configured: ['anthropic', 'openai']")
     assert upstream_problem(job(upstream="anthropic"), TWO) is None
     # "" names no configured upstream; it was taken for "none named" and the first one used
     assert upstream_problem(job(upstream=""), TWO) == (
         ErrorCode.UNKNOWN_UPSTREAM, "unknown upstream ''; configured: ['anthropic', 'openai']")
+
+
+def test_a_default_upstream_takes_the_jobs_that_name_none():
+    """`default_upstream`: a job naming none goes there (given, or carried by UpstreamRoutes, as the
+    dispatcher's intake and `ratefleet submit` pass the live config's)."""
+    routes = UpstreamRoutes(TWO, "openai")
+    assert upstream_problem(job(), routes) is None
+    assert upstream_problem(job(), TWO, "openai") is None
+    assert upstream_problem(job(upstream="anthropic"), routes) is None
+    custom = UpstreamRoutes({"internal": "X-Custom-Token", "anthropic": "x-api-key"}, "internal")
+    assert upstream_problem(job(request={"headers": {"x-custom-token": "t"}}), custom) == (
+        ErrorCode.FORBIDDEN_TARGET, "header 'X-Custom-Token' is set by ratefleet")  # the default's own header
+    assert upstream_problem(job(), UpstreamRoutes(TWO, ""))[0] == ErrorCode.UNKNOWN_UPSTREAM  # "": none
 
 
 def test_the_upstreams_own_auth_header_is_the_workers_to_set():
