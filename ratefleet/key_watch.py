@@ -29,7 +29,7 @@ def out_of_use(keys: dict[str, dict[str, Any]]) -> dict[str, str]:
     """The keys the leader does not call now for good reason, `{key id: state text}`: disabled
     (by provider evidence, an operator, or no worker having its secret). A key cooling after a
     429 or with an open breaker is still in use (it comes back by itself)."""
-    return {key_id: key_state(key) for key_id, key in keys.items() if key.get("disabled")}
+    return {key_id: key_state(key, key_id) for key_id, key in keys.items() if key.get("disabled")}
 
 
 def pools_left_without_keys(keys: dict[str, dict[str, Any]]) -> list[str]:

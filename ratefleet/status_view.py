@@ -84,7 +84,7 @@ def _key_row(key_id: str, k: dict) -> list[str]:
     return [key_id, _cell(k.get("pool")), _rate(k), _cell(k.get("tokens")), token_budget(k),
             f"{_cell(k.get('in_flight'))}/{k.get('concurrency') or '∞'}", _cell(k.get("breaker")),
             _cell(k.get("cooldown_s")), _cell(k.get("calls")), _cell(k.get("ok")), _cell(k.get("rate_limited")),
-            _cell(k.get("errors")), key_state(k)]
+            _cell(k.get("errors")), key_state(k, key_id)]
 
 
 def token_budget(key: dict) -> str:
@@ -108,9 +108,10 @@ def _rate(key: dict) -> str:
     return text
 
 
-def key_state(k: dict) -> str:
+def key_state(k: dict, key_id: str = "KEY") -> str:
     """One key's state for people: "ok", "DISABLED by provider evidence: <reason>; probe in
-    42 s; once its secret or account is fixed: `ratefleet keys enable KEY`", "DISABLED by an
+    42 s; once its secret or account is fixed: `ratefleet keys enable k1`" (`key_id`: the key's id,
+    so the command can be run as printed), "DISABLED by an
     operator: <reason>", "no worker has its secret (<reason>)", "rate limited: ..." (its last
     fresh answer was a 429, `throttled`); an
     enabled key whose token budget is overdrawn (answers reported more usage than was
@@ -145,4 +146,4 @@ def key_state(k: dict) -> str:
     if k.get("secret_missing"):
         text += f"; no worker has its secret ({k.get('secret_missing')})"
     # what the operator can do besides waiting (an operator's trial found only the probe time)
-    return text + "; once its secret or account is fixed: `ratefleet keys enable KEY`"
+    return text + f"; once its secret or account is fixed: `ratefleet keys enable {key_id}`"

@@ -92,7 +92,7 @@ def render_watch(answer: dict, rates: dict[str, float | None], interval: float) 
                  "state", title="keys", title_justify="left")
     for key_id, k in (answer.get("keys") or {}).items():
         keys.add_row(key_id, _rate(k), _cell(k.get("tokens")), token_budget(k),
-                     f"{_cell(k.get('in_flight'))}/{k.get('concurrency') or '∞'}", key_state(k))
+                     f"{_cell(k.get('in_flight'))}/{k.get('concurrency') or '∞'}", key_state(k, key_id))
     workers = Table("worker", "slots", "in flight", "calls", "seen s ago", "config rev", "state", title="workers",
                     title_justify="left")
     for w in answer.get("workers") or []:

@@ -24,7 +24,7 @@ def test_the_first_look_names_the_keys_already_out_of_use_only():
     now, lines = key_changes(None, keys)
     assert set(now) == {"k1"}  # a 429 cooldown or an open breaker comes back by itself: not named
     assert lines == ["key k1 (pool main) is out of use: DISABLED by provider evidence: invalid_api_key; probe in "
-                     "30 s; once its secret or account is fixed: `ratefleet keys enable KEY`"]
+                     "30 s; once its secret or account is fixed: `ratefleet keys enable k1`"]  # (KEY before)
 
 
 def test_a_key_going_out_and_coming_back_is_said_once_each():
