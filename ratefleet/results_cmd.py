@@ -229,20 +229,34 @@ def results(batch: str = typer.Option(..., "--batch", "-b", metavar="NAME", call
 
 def result(job_id: str = typer.Argument(..., help="a job id"), config: Path | None = ConfigOpt,
            nats: str | None = NatsOpt, prefix: str | None = PrefixOpt):
-    """Print one job's stored Result (JSON); exit 0 if it succeeded, 1 if not, 2 if none is stored."""
+    """Print one job's stored Result (JSON); exit 0 if it succeeded, 1 if not, 2 if none is stored.
+    A job that did not succeed and was replayed (`ratefleet dlq replay`) also gets a line on
+    stderr naming its latest replay and how that ended (an operations trial: after a replay of
+    every given-up job succeeded, `result` of an original id said `failed`, with no hint of the
+    replay's id, and the dead letter that held it was gone)."""
     if not is_token(job_id):
         fail(f"{job_id!r} is not a job id (1-128 of A-Z a-z 0-9 _ -)")
     target = client_target(config, nats, prefix)
 
-    async def lookup() -> Result | None:
+    async def lookup() -> tuple[Result | None, Result | None]:
         async with await Client.connect(target.url, prefix=target.prefix, auth=target.nats, reconnect_forever=False) as client:
-            return await client.stored_result(job_id)
+            found = await client.stored_result(job_id)
+            replay = None
+            if found is not None and not found.ok and found.batch is not None:
+                latest = (await scan_replays(client, found.batch)).latest.get(job_id)
+                if latest is not None:
+                    replay = await client.stored_result(latest, found.batch)
+            return found, replay
 
-    found = _run(lookup)
+    found, replay = _run(lookup)
     if found is None:
         fail(f"no Result stored for job {job_id}: it is still queued or running, was never submitted, "
              "or its Result expired (streams.results_max_age_s)")
     typer.echo(found.model_dump_json(by_alias=True, indent=2))
+    if replay is not None:
+        typer.echo(f"note: job {job_id} was replayed (`ratefleet dlq replay`); its latest replay {replay.job_id} "
+                   f"{replay.status}: `ratefleet result {replay.job_id}` (`ratefleet results --batch {found.batch}` "
+                   "writes it in place of this one)", err=True)
     raise typer.Exit(0 if found.ok else 1)
 
 
