@@ -144,6 +144,8 @@ class RpcResponder:
         the only way its producer learns of it (`ratefleet result ID`)."""
         if msg.reply:
             await self.nc.publish(msg.reply, result.to_json())
+            if self.finisher.on_stored is not None:  # counted as a job ended at the door (/metrics), as a stored one
+                self.finisher.on_stored(result)
             return
         if await self.finisher.finish(result, ack=None, reply_to=None):
             await self.finisher.dead(letter_tier, result, **letter)

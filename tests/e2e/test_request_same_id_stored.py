@@ -30,16 +30,29 @@ async def test_a_request_repeated_after_the_dedup_window_is_not_called_again(tmp
         assert calls(mock, path="/v1/chat/completions") == 1, "the repeated request was called (paid) again"
 
 
-async def test_an_id_refused_over_rpc_then_requested_with_the_client_is_not_called(tmp_path, nats_server):
+async def test_an_id_refused_over_rpc_then_requested_with_the_client(tmp_path, nats_server):
+    """Refused to a requester (a reply subject), nothing is stored: the fixed job, requested with
+    the Client under the same id, runs once. Refused to a publish without a reply subject, the
+    `invalid` Result is stored: the Client's request of that id gets it and nothing is called."""
     async with one_worker_fleet(tmp_path, nats_server.url) as (mock, raw, client):
         bad = chat(1, id="refused-py-1")
         bad["request"]["headers"] = {"X-Api-Key": "oops"}
         refused = Result.from_json((await raw.request("ratefleet.rpc.vip", json.dumps(bad).encode(), timeout=10)).data)
         assert refused.status == "invalid"
-        again = await client.request(chat(1, id="refused-py-1"), "vip", timeout=10)
-        assert again.job_id == "refused-py-1" and again.status == "invalid"
+        fixed = await client.request(chat(1, id="refused-py-1"), "vip", timeout=10)
+        assert fixed.job_id == "refused-py-1" and fixed.status == "succeeded"
+        assert calls(mock, path="/v1/chat/completions") == 1
+
+        bad["id"] = "refused-py-2"
+        await raw.publish("ratefleet.rpc.vip", json.dumps(bad).encode())  # nobody to answer: stored
+        for _ in range(100):
+            if await client.stored_result("refused-py-2") is not None:
+                break
+            await anyio.sleep(0.1)
+        again = await client.request(chat(1, id="refused-py-2"), "vip", timeout=10)
+        assert again.job_id == "refused-py-2" and again.status == "invalid"
         assert (await client.request(chat(2, id="other-py-1"), "vip", timeout=10)).status == "succeeded"
-        assert calls(mock, path="/v1/chat/completions") == 1, "the re-sent job was called although its id had a Result"
+        assert calls(mock, path="/v1/chat/completions") == 2, "the re-sent job was called although its id had a Result"
 
 
 async def test_a_request_retried_past_the_dedup_window_while_its_call_runs_is_answered_by_that_call(
