@@ -127,14 +127,20 @@ def body_fields(raw: bytes, content_type: str | None, secret: str) -> dict[str, 
 @lru_cache(maxsize=64)
 def _escaped_forms(secret: str) -> tuple[str, ...]:
     """`secret` as JSON-escaping upstreams write it inside a string: plain, `\\/` for `/`,
-    and every non-alphanumeric character as `\\uXXXX` (upper- and lower-case hex); and its
-    base64 forms (`_base64_forms`). Cached per secret (a worker holds its keys' secrets
-    anyway): built once, not once per answer."""
-    forms = {secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]}
+    and every non-alphanumeric character as `\\uXXXX` (upper- and lower-case hex); each also
+    all in lower and all in upper case (an operations trial's upstream echoed the auth header
+    lower-cased, `bearer sk-secretone-...`, and the Result kept it); and its base64 forms
+    (`_base64_forms`). Cached per secret (a worker holds its keys' secrets anyway): built once,
+    not once per answer."""
+    cases = {secret, secret.lower(), secret.upper()}
+    forms: set[str] = set()
+    for case in cases:
+        forms |= {case, json.dumps(case)[1:-1], json.dumps(case, ensure_ascii=False)[1:-1]}
     forms |= _base64_forms(secret)
     forms |= {form.replace("/", "\\/") for form in forms}
-    for hex_format in ("\\u%04X", "\\u%04x"):
-        forms.add("".join(c if c.isascii() and c.isalnum() else hex_format % ord(c) for c in secret))
+    for case in cases:
+        for hex_format in ("\\u%04X", "\\u%04x"):
+            forms.add("".join(c if c.isascii() and c.isalnum() else hex_format % ord(c) for c in case))
     return tuple(sorted(forms, key=len, reverse=True))
 
 

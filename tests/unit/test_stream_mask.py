@@ -72,3 +72,19 @@ async def test_the_relay_publishes_masked_chunks_and_its_held_bytes_at_the_end()
     await relay.end()
     assert b"".join(nc.sent) == relayed([]) and SECRET.encode() not in b"".join(nc.sent)
     assert all(nc.sent)  # nothing empty is published
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/json"])
+def test_a_secret_echoed_all_lower_or_upper_case_is_masked_stored_and_streamed(content_type):
+    """An operations trial's upstream answered 422 `key was <secret> ... lower bearer <secret in
+    lower case>`: the exact echo was masked, the lower-cased one was stored in the Result."""
+    secret = "sk-SecretOne-AAAA1111"
+    text = f"key {secret}, lower bearer {secret.lower()}, upper {secret.upper()}, other sk-secretone-aaaa1112"
+    raw = json.dumps({"error": text}).encode() if content_type == "application/json" else text.encode()
+    fields = body_fields(raw, content_type, secret)
+    shown = json.dumps(fields)
+    assert secret.lower() not in shown and secret.upper() not in shown and secret not in shown
+    assert shown.count(MASK) == 3 and "sk-secretone-aaaa1112" in shown  # a different value is left alone
+    streamed = relayed([7, 30, 31], secret, raw)
+    assert secret.lower().encode() not in streamed and secret.upper().encode() not in streamed
+    assert streamed.count(MASK.encode()) == 3
