@@ -59,7 +59,7 @@ class Client(Submitting, Requesting):
         self._publishing = 0  # single publishes and reads (submit, request, stored_result) under way: `close()` lets them finish
         self._published = asyncio.Event()  # set whenever none is under way
         self._published.set()
-        self._why: tuple[float, asyncio.Future[tuple[str | None, str]]] | None = None  # (asked at, answer)
+        self._why: tuple[float, asyncio.Future[Any]] | None = None  # (asked at, the shared status answer)
         self._closing: asyncio.Future[None] | None = None  # the one closing every `close()` awaits
 
     @classmethod

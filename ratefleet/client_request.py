@@ -37,7 +37,7 @@ class Requesting:
     replies: ReplyInbox
     bodies: BodyStore
     _closed_here: bool
-    _why: tuple[float, asyncio.Future[tuple[str | None, str]]] | None
+    _why: tuple[float, asyncio.Future[Any]] | None
 
     def _open(self) -> None:
         raise NotImplementedError  # Client's
@@ -116,7 +116,7 @@ class Requesting:
                                       f"Result later with `ratefleet result {model.id}` (or Client.stored_result "
                                       "on a new Client)") from None
             if msg is None:
-                reason, why = await self.why_unrun(model.deadline)
+                reason, why = await self.why_unrun(model.deadline, model.upstream)
                 raise RequestTimeout(f"no result for job {model.id} within {timeout}s; {why}: collect it later with "
                                      f"`ratefleet result {model.id}` (or Client.stored_result)",
                                      job_id=model.id, reason=reason, why=why) from None
@@ -177,7 +177,8 @@ class Requesting:
         except Exception:  # noqa: BLE001 - see docstring
             pass
 
-    async def why_unrun(self, deadline: datetime | None = None) -> tuple[str | None, str]:
+    async def why_unrun(self, deadline: datetime | None = None,
+                        upstream: str | None = None) -> tuple[str | None, str]:
         """After a request timed out (never on the way to a Result): whether the fleet can run
         the job at all, from one status request of at most WHY_TIMEOUT_S, shared by every request
         of this Client timing out within WHY_SHARED_S of it. (reason, text). Before, each asked:
@@ -185,16 +186,21 @@ class Requesting:
         answers about 200 a second (a trial fleet), just when the fleet was already slow.
         `deadline`: the job's; once passed, a job still queued is never called (it ends
         `expired`), and the text says so rather than that it runs later (a gateway trial: its
-        504 said "stored and runs (and is paid) once one starts" of jobs that ended expired)."""
+        504 said "stored and runs (and is paid) once one starts" of jobs that ended expired).
+        `upstream`: the job's, when it names one: only that upstream's keys are judged (a
+        break-it trial: the only key of the job's upstream was disabled, the other upstream's
+        keys were ready, and the reason said nothing)."""
         loop = asyncio.get_running_loop()
         if self._why is None or loop.time() - self._why[0] > WHY_SHARED_S:
             self._why = (loop.time(), asyncio.ensure_future(self._ask_why()))  # awaited below, by all who share it
-        reason, cause, when = await asyncio.shield(self._why[1])
+        answer = await asyncio.shield(self._why[1])
+        reason, cause, when = answer if isinstance(answer, tuple) else _judge(answer, upstream)
         return reason, job_fate(cause, when, deadline is not None and datetime.now(UTC) >= deadline)
 
-    async def _ask_why(self) -> tuple[str | None, str, str | None]:
-        """`why_unrun`'s one status request (never raises): (reason, cause, when the job runs:
-        None when it may be running now)."""
+    async def _ask_why(self) -> tuple[str | None, str, str | None] | dict:
+        """`why_unrun`'s one status request (never raises): the status answer (a dict, judged
+        per request by `_judge`), or (reason, cause, when the job runs: None when it may be
+        running now) when there is none to judge."""
         if not self.nc.is_connected:
             return "nats_unavailable", ("the connection to NATS is away (reconnecting), so its Result cannot come "
                                         "yet"), None
@@ -207,29 +213,41 @@ class Requesting:
                 "once one starts (`ratefleet up`, or `ratefleet dispatcher` and workers)")
         except Exception:  # noqa: BLE001 - slow, refused or not JSON: nothing more is known
             return None, "", None
-        if not isinstance(status, dict) or status.get("leader") is None:
+        if not isinstance(status, dict):
             return "no_leader", "no dispatcher leads (a standby takes over within about lease_ttl_s)", "once one does"
-        if status.get("starting"):  # (its answer holds no workers or keys yet: no reason to claim either)
-            return "no_leader", (f"the leader {status.get('leader')} is taking over (loading the key states)"), (
-                "once it leads")
-        if not status.get("workers"):
-            return "no_worker", "the leader has no worker", "once one starts (`ratefleet worker`)"
-        keys = status.get("keys")
-        if isinstance(keys, dict) and keys and all(isinstance(key, dict) and key.get("disabled") for key in keys.values()):
-            why = "; ".join(f"{key_id}: {key.get('disabled_reason') or key.get('disabled_by') or 'disabled'}"
-                            for key_id, key in sorted(keys.items()))
-            return "no_key_ready", f"every key is disabled ({why})", (
-                "once a key's probe succeeds or an operator enables one (`ratefleet keys enable KEY` once its secret "
-                "or account is fixed)")
-        if isinstance(keys, dict) and keys and not any(_key_ready(key) for key in keys.values()):
-            return "no_key_ready", ("every key is cooling down after 429s (or answered 429 at its last call), has "
-                                    "an open breaker or is disabled (`ratefleet status` says which and for how long)"), (
-                "once a key can take it")
-        return None, "", None
+        return status
 
     def _reconnects(self) -> int:
         """How often this client's connection has reconnected (nats-py's count)."""
         return self.nc.stats["reconnects"]
+
+
+def _judge(status: dict, upstream: str | None) -> tuple[str | None, str, str | None]:
+    """(reason, cause, when the job runs) from a status answer, for a job of `upstream` (None:
+    it names none, so every key is judged; a key answer without `upstream` counts for any)."""
+    if status.get("leader") is None:
+        return "no_leader", "no dispatcher leads (a standby takes over within about lease_ttl_s)", "once one does"
+    if status.get("starting"):  # (its answer holds no workers or keys yet: no reason to claim either)
+        return "no_leader", (f"the leader {status.get('leader')} is taking over (loading the key states)"), (
+            "once it leads")
+    if not status.get("workers"):
+        return "no_worker", "the leader has no worker", "once one starts (`ratefleet worker`)"
+    keys = status.get("keys")
+    if isinstance(keys, dict) and upstream is not None:
+        keys = {key_id: key for key_id, key in keys.items()
+                if not isinstance(key, dict) or key.get("upstream") in (None, upstream)}
+    whose = f" of upstream {upstream!r}" if upstream is not None else ""
+    if isinstance(keys, dict) and keys and all(isinstance(key, dict) and key.get("disabled") for key in keys.values()):
+        why = "; ".join(f"{key_id}: {key.get('disabled_reason') or key.get('disabled_by') or 'disabled'}"
+                        for key_id, key in sorted(keys.items()))
+        return "no_key_ready", f"every key{whose} is disabled ({why})", (
+            "once a key's probe succeeds or an operator enables one (`ratefleet keys enable KEY` once its secret "
+            "or account is fixed)")
+    if isinstance(keys, dict) and keys and not any(_key_ready(key) for key in keys.values()):
+        return "no_key_ready", (f"every key{whose} is cooling down after 429s (or answered 429 at its last call), has "
+                                "an open breaker or is disabled (`ratefleet status` says which and for how long)"), (
+            "once a key can take it")
+    return None, "", None
 
 
 def job_fate(cause: str, when: str | None, expired: bool) -> str:

@@ -212,7 +212,7 @@ class Gateway:
             refusal.job_id = job.id
             raise refusal from None
         except TimeoutError:  # a stream's first chunk (the job is stored: submit_for_reply had its PubAck)
-            reason, why = await self.client.why_unrun(job.deadline)
+            reason, why = await self.client.why_unrun(job.deadline, job.upstream or self.default_upstream)
             raise timed_out(job.id, caller.timeout_s, reason, why) from None
         except NatsUnavailable as exc:  # NATS away or not answering, the job stored or not: not a bad answer (502)
             raise nats_trouble(job.id or "", exc) from None

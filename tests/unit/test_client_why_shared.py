@@ -148,3 +148,24 @@ async def test_a_job_past_its_deadline_is_said_to_end_expired_not_to_run_later()
     got, text = await Client(Silent()).why_unrun(past)  # nothing known: it may be in its call
     assert got is None and "if it is in its call it may still finish (and be paid)" in text and "`expired`" in text
     assert (await Client(Silent()).why_unrun())[1] == "it is stored and still runs"
+
+
+class TwoUpstreamsNats(StatusNats):
+    async def request(self, subject, payload, timeout):
+        self.asked += 1
+        keys = {"a1": {"upstream": "openai", "disabled": False}, "b1": {"upstream": "bad", "disabled": True,
+                                                                           "disabled_by": "provider",
+                                                                           "disabled_reason": "invalid_api_key"}}
+        return SimpleNamespace(data=json.dumps({"leader": "d1", "workers": {"w1": {}}, "keys": keys}).encode())
+
+
+async def test_the_reason_judges_the_keys_of_the_jobs_upstream():
+    """A break-it trial: the only key of the job's upstream was disabled, the other upstream's key
+    ready, and the timeout gave no reason ("it is stored and still runs")."""
+    nc = TwoUpstreamsNats()
+    client = Client(nc)  # type: ignore[arg-type]
+    reason, why = await client.why_unrun(upstream="bad")
+    assert reason == "no_key_ready" and "every key of upstream 'bad' is disabled (b1: invalid_api_key)" in why
+    assert (await client.why_unrun(upstream="openai"))[0] is None
+    assert (await client.why_unrun())[0] is None  # a job naming none: every key, one is ready
+    assert nc.asked == 1  # one status answer, judged per request
