@@ -134,7 +134,12 @@ def request(job: str = typer.Argument(..., help="Job JSON, @FILE, or - (standard
     if not math.isfinite(timeout) or timeout <= 0:  # checked before the job is stored (and paid for)
         fail(f"--timeout must be a number of seconds above 0, not {timeout:g}")
     if job in ("-", "@-"):
-        text = sys.stdin.read()
+        raw = sys.stdin.buffer.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:  # (as a file is: before, a lone surrogate U+DCFF was named)
+            fail(f"the job on standard input is not UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1}); "
+                 "send it as UTF-8")
     else:
         text = read_text_file(Path(job[1:]), "job file") if job.startswith("@") else job
     try:

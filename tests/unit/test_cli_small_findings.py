@@ -68,3 +68,13 @@ def test_wait_nats_s_reads_seconds_and_defaults_when_unset_or_empty(monkeypatch,
 
     monkeypatch.setenv("RATEFLEET_WAIT_NATS_S", value)
     assert wait_nats_s() == seconds
+
+
+def test_a_job_on_standard_input_that_is_not_utf8_is_named_so():
+    """As a job file is; before, `ratefleet request -` said "lone UTF-16 surrogate U+DCFF" (and with
+    the byte in the id, "id: Input should be a valid string"): a break-it trial's finding."""
+    job = b'{"request": {"path": "/v1/chat/completions", "json": {"x": "\xff"}}}'
+    run = CliRunner().invoke(app, ["request", "--tier", "vip", "-", "--nats", "nats://127.0.0.1:1"], input=job)
+    assert run.exit_code == 2, run.output
+    assert "the job on standard input is not UTF-8 (byte 0xff at byte 61)" in run.output
+    assert "surrogate" not in run.output
