@@ -244,6 +244,14 @@ class Client(Submitting, Requesting):
                                       f"for; check that nats-server runs ({type(exc).__name__})") from None
             if refused(self.subjects.admin_status):  # the CLI names the refusal first; no dispatcher is to blame
                 raise DispatcherUnavailable(f"this user may not ask {self.subjects.admin_status}") from None
-            raise DispatcherUnavailable(f"no dispatcher answered {self.subjects.admin_status} ({type(exc).__name__}); "
-                                        "is `ratefleet up` or `ratefleet dispatcher` running?") from None
+            if isinstance(exc, NoRespondersError):
+                raise DispatcherUnavailable(f"no dispatcher answered {self.subjects.admin_status} (NoRespondersError: "
+                                            "none subscribes); is `ratefleet up` or `ratefleet dispatcher` running?"
+                                            ) from None
+            # no answer in time: the dispatchers may be busy or starting, or the NATS server itself may not
+            # respond (a break-it trial froze it and was told only that no dispatcher answered)
+            raise DispatcherUnavailable(f"no dispatcher answered {self.subjects.admin_status} within {timeout:g}s "
+                                        f"({type(exc).__name__}): a dispatcher may be busy or starting, or the NATS "
+                                        "server may not be responding; check that nats-server and `ratefleet up` (or "
+                                        "`ratefleet dispatcher`) run, then ask again") from None
         return json.loads(reply.data)
