@@ -70,6 +70,9 @@ def check(file: Path | None = typer.Argument(None, help="TOML config file (defau
                    "config needs [pools.NAME] with keys = [...]", err=True)
     for where in literal_secrets(config):
         typer.echo(f"note: literal secret at {where}: `config push` refuses it (use env:NAME or file:PATH)")
+    for name in config.nats.literal_secrets():  # (never pushed; each process that reads the file warns of it)
+        typer.echo(f"note: literal secret at nats.{name}: every process reading this file warns of it; use "
+                   "env:NAME or file:PATH outside local tests")
     now = datetime.now(UTC)
     for key_id, key in keys.items():
         if current_version(key.secret_versions(), now) is None:

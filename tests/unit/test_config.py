@@ -266,3 +266,17 @@ upstreams = ["other"]
     done = CliRunner().invoke(app, ["config", "check", str(tmp_path / "ratefleet.toml")])
     assert "warning: callers.bob's Batch API batches run on tier 'guest', which has no pool for mock" in done.output
     assert "callers.alice's Batch API batches run on tier" not in done.output
+
+
+def test_config_check_notes_a_literal_nats_secret(tmp_path):
+    """An operations trial: `config check` said only "valid" of `[nats] password = "S3CRETPASS2"`,
+    which every role then warned of; the note names the field, never the value."""
+    from typer.testing import CliRunner
+
+    from ratefleet.cli import app
+    text = '[nats]\nurl = "nats://127.0.0.1:4222"\nuser = "fleet"\npassword = "S3CRETPASS2"\n\n' + GOOD
+    done = CliRunner().invoke(app, ["config", "check", str(write(tmp_path, text))])
+    assert done.exit_code == 0, done.output
+    assert "note: literal secret at nats.password" in done.output and "S3CRETPASS2" not in done.output
+    plain = CliRunner().invoke(app, ["config", "check", str(write(tmp_path, GOOD))])
+    assert "nats." not in plain.output
