@@ -67,10 +67,12 @@ def read_message(msg: Msg, tier: str, config: Config, handbacks: int = 0, rate_l
                       job_id, job.batch, job)
     if attempt > max_attempts:
         return refuse("failed", ErrorCode.ATTEMPTS_EXHAUSTED,
-                      f"{attempt} attempts, more than max_attempts={max_attempts} (the last ones ended without a "
-                      "stored Result: a worker stopped mid-call or could not reach NATS to store the Result, or a leader "
-                      "holding the job was killed before handing it out; such a delivery counts, as the README's "
-                      "attempts rule says)",
+                      # the count the Result's `attempts` gives (calls_before: the deliveries before this one); it
+                      # said "2 attempts, more than max_attempts=1" beside `"attempts": 1` (an operations trial)
+                      f"delivered again after {attempt - 1} attempts, max_attempts={max_attempts} (the last ones ended "
+                      "without a stored Result: a worker stopped mid-call or could not reach NATS to store the Result, "
+                      "or a leader holding the job was killed before handing it out; such a delivery counts, as the "
+                      "README's attempts rule says)",
                       job_id, job.batch, job)
     if job.expired(datetime.now(UTC)):
         return refuse("expired", ErrorCode.DEADLINE_EXCEEDED, expired_before_call(attempt, rate_limited),

@@ -140,10 +140,10 @@ def test_a_job_out_of_attempts_fails_attempts_exhausted():
     msg, got = deliver(delivered=5)
     assert isinstance(got, Refused)
     assert fields(got) == ("failed", ErrorCode.ATTEMPTS_EXHAUSTED, "j1", "b1", "vip", ACK, INBOX, 5)
-    assert got.message == ("5 attempts, more than max_attempts=4 (the last ones ended without a stored Result: "
-                           "a worker stopped mid-call or could not reach NATS to store the Result, or a leader holding "
-                           "the job was killed before handing it out; such a delivery counts, as the README's attempts "
-                           "rule says)")
+    assert got.message == ("delivered again after 4 attempts, max_attempts=4 (the last ones ended without a stored "
+                           "Result: a worker stopped mid-call or could not reach NATS to store the Result, or a leader "
+                           "holding the job was killed before handing it out; such a delivery counts, as the README's "
+                           "attempts rule says)")  # 4: the Result's `attempts` (calls_before(5))
     assert got.raw == msg.data and got.job.id == "j1"
 
 
