@@ -67,6 +67,9 @@ STORED_LOOKUP_S = 2.0  # a late assignment's stored-Result lookup; past it the a
 # after grace_s, a drain waits up to this long (seconds) for the Results of calls that are
 # done to be stored (a 60 MB body takes seconds to upload); `ratefleet up` waits for it
 FINISH_BOUND_S = 10.0
+# seconds a reply waits for the answer cache's write of its Result (a slow cache bucket holds replies at most
+# this long, not cache.IO_TIMEOUT_S); the write itself goes on after it
+CACHE_SETTLE_S = 0.25
 RATE_LIMITED_DELAY_S = (0.25, 5.0)  # a 429'd job's nak delay: doubling from 0.25 s, at most 5 s
 
 
@@ -568,8 +571,8 @@ class Worker:
         still lists the assignment in flight and the dispatcher returns it at once). A 2xx
         answer of a job with `cache_ttl_s` is written to the cache while its Result is stored
         (not before: a cache that does not answer held the Result back up to cache.IO_TIMEOUT_S).
-        So a producer that sends the same job again the moment it reads the Result can, within
-        those milliseconds, miss the entry and pay for a second call."""
+        The reply (and the ack) wait for the write up to CACHE_SETTLE_S, so a producer that sends
+        the same job again the moment it reads the Result finds the entry."""
         retryable = is_retryable(call.kind, denial_final=a.denial_final)
         throttled = call.kind == "rate_limited"  # a wait, not an attempt: its own budget
         terminal = bool(call.code) or (a.rate_limited + 1 >= a.max_rate_limited if throttled
@@ -597,10 +600,25 @@ class Worker:
             then = partial(self._report, a, call, terminal=True, ended=False)
             if result.ok and job.cache_ttl_s is not None and wants_write(job):
                 # beside the Result's store, not before it: a cache bucket that does not answer
-                # (cache.IO_TIMEOUT_S, 2 s) held every cached job's Result back that long
+                # (cache.IO_TIMEOUT_S, 2 s) held every cached job's Result back that long. The reply
+                # waits for the write up to CACHE_SETTLE_S: sent first, a caller sending the same job
+                # again as it read the answer missed the entry and paid a second call (seen in CI once
+                # the reply path was faster)
+                written = anyio.Event()
+
+                async def write() -> None:
+                    try:
+                        await self.cache.store(cache_key(a.upstream, job), result, job.cache_ttl_s)
+                    finally:
+                        written.set()
+
+                async def settled() -> None:
+                    with anyio.move_on_after(CACHE_SETTLE_S):
+                        await written.wait()
+
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self.cache.store, cache_key(a.upstream, job), result, job.cache_ttl_s)
-                    terminal = await self._store(a, result, then=then)
+                    tg.start_soon(write)
+                    terminal = await self._store(a, result, then=then, before_answer=settled)
             else:
                 terminal = await self._store(a, result, then=then)
             if terminal:
@@ -608,7 +626,8 @@ class Worker:
         await self._report(a, call, terminal=terminal)
 
     async def _store(self, a: Assignment, result: Result,
-                     then: Callable[[], Awaitable[None]] | None = None) -> bool:
+                     then: Callable[[], Awaitable[None]] | None = None,
+                     before_answer: Callable[[], Awaitable[None]] | None = None) -> bool:
         """Store the terminal Result (and its dead letter). True when stored (the job acked),
         False when it went back to the queue. `then` is the finisher's: awaited right after the
         ack, inside its shield, so the terminal outcome report it sends leaves in the same socket
@@ -621,7 +640,8 @@ class Worker:
         answer is paid for and asking again would meet the same wall, so the job ends
         `failed` with `result_not_stored`, its response without the body (`unstorable`)."""
         try:
-            stored = await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to, then=then)
+            stored = await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to, then=then,
+                                                before_answer=before_answer)
         except Exception as exc:  # noqa: BLE001 - see docstring
             if not refused(exc) or result.response is None:
                 return await self._requeue(a, exc)
@@ -629,7 +649,8 @@ class Worker:
                       error=type(exc).__name__, detail=str(exc)[:200])
             result = unstorable(result, exc)
             try:
-                stored = await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to, then=then)
+                stored = await self.finisher.finish(result, ack=a.ack, reply_to=a.reply_to, then=then,
+                                                    before_answer=before_answer)
             except Exception as again:  # noqa: BLE001 - nothing can be stored: retried later
                 return await self._requeue(a, again)
         if stored and result.error and result.error.code in (ErrorCode.ATTEMPTS_EXHAUSTED, ErrorCode.RATE_LIMITED,

@@ -59,17 +59,21 @@ class Finisher:
         self.gone: Callable[[], Awaitable[Any]] | None = None
 
     async def finish(self, result: Result, *, ack: str | None, reply_to: str | None,
-                     then: Callable[[], Awaitable[None]] | None = None) -> bool:
+                     then: Callable[[], Awaitable[None]] | None = None,
+                     before_answer: Callable[[], Awaitable[None]] | None = None) -> bool:
         """Store, reply, ack; shielded so cancellation cannot lose the ack. True if newly stored.
         `then` is awaited right after the ack, inside the shield (an error it raises is logged:
         the job is stored and acked by then): what it publishes
         (a worker's outcome report) joins the reply's and the ack's socket write. Awaited after
         `finish` returned instead, it came several loop iterations later (the shield's task hand-off),
-        after that write, and cost a write of its own: one of a worker's three per request."""
-        return await asyncio.shield(self._finish(result, ack, reply_to, then))
+        after that write, and cost a write of its own: one of a worker's three per request.
+        `before_answer` is awaited once the Result is stored, before the reply and the ack (the
+        answer cache's write, bounded by its caller)."""
+        return await asyncio.shield(self._finish(result, ack, reply_to, then, before_answer))
 
     async def _finish(self, result: Result, ack: str | None, reply_to: str | None,
-                      then: Callable[[], Awaitable[None]] | None = None) -> bool:
+                      then: Callable[[], Awaitable[None]] | None = None,
+                      before_answer: Callable[[], Awaitable[None]] | None = None) -> bool:
         limit = inline_limit(self.nc.max_payload)
         inline = body_bytes(result.response) if _may_be_large(result, limit) else None
         if inline is not None and len(inline[0]) > limit:  # too large whatever else the Result holds
@@ -87,6 +91,8 @@ class Finisher:
             except Exception as exc:  # noqa: BLE001 - NATS not answering: the caller waits, so this one goes
                 log.warning("the job's stored Result could not be read; its caller gets this worker's",
                             job_id=result.job_id, error=type(exc).__name__)
+        if before_answer is not None:
+            await before_answer()
         await self._answer(payload, ack, reply_to)
         if then is not None:
             try:
