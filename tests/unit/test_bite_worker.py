@@ -55,7 +55,7 @@ class RecordingFinisher:
         self.finished, self.dead_letters = [], []
         self.nak_s = nak_s  # how long a nak takes (a slow NATS connection)
 
-    async def finish(self, result, *, ack, reply_to, then=None):
+    async def finish(self, result, *, ack, reply_to, then=None, before_answer=None):
         self.log.append(("finish", ack, time.monotonic()))
         self.finished.append(result)
         if then is not None:  # right after the ack, as the Finisher does

@@ -24,7 +24,7 @@ class SlowLetterFinisher:
     def __init__(self):
         self.dead_letters, self.naks = [], []
 
-    async def finish(self, result, *, ack, reply_to, then=None):
+    async def finish(self, result, *, ack, reply_to, then=None, before_answer=None):
         if then is not None:
             await then()
         return True

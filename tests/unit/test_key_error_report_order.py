@@ -43,7 +43,7 @@ class Recorder:
     async def nak(self, ack, delay_s=0.0):
         self.log.append(("nak", delay_s))
 
-    async def finish(self, result, *, ack, reply_to, then=None):
+    async def finish(self, result, *, ack, reply_to, then=None, before_answer=None):
         self.log.append(("finish", result))
         if then is not None:
             await then()

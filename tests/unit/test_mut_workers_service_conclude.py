@@ -209,7 +209,7 @@ async def test_a_dead_letter_goes_to_the_jobs_tier_with_the_job(monkeypatch):
 
 
 class DuplicateFinisher(RecordingFinisher):
-    async def finish(self, result, *, ack, reply_to, then=None):
+    async def finish(self, result, *, ack, reply_to, then=None, before_answer=None):
         await super().finish(result, ack=ack, reply_to=reply_to, then=then)
         return False  # another delivery stored it first
 
@@ -243,7 +243,7 @@ class RefusingOnce(RecordingFinisher):
         super().__init__()
         self.exc, self.then, self.tries, self.replies = exc, then, 0, []
 
-    async def finish(self, result, *, ack, reply_to, then=None):
+    async def finish(self, result, *, ack, reply_to, then=None, before_answer=None):
         self.tries += 1
         self.replies.append(reply_to)
         if self.exc is None:

@@ -34,7 +34,7 @@ class ReplyFinisher(RecordingFinisher):
         super().__init__()
         self.replies = []
 
-    async def finish(self, result, *, ack, reply_to, then=None):
+    async def finish(self, result, *, ack, reply_to, then=None, before_answer=None):
         self.replies.append(reply_to)
         return await super().finish(result, ack=ack, reply_to=reply_to, then=then)
 

@@ -42,7 +42,7 @@ class RecordingFinisher:
     def __init__(self):
         self.finished, self.dead_letters, self.naks = [], [], []
 
-    async def finish(self, result, *, ack, reply_to, then=None):
+    async def finish(self, result, *, ack, reply_to, then=None, before_answer=None):
         self.finished.append(result)
         if then is not None:
             await then()

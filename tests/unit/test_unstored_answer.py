@@ -24,7 +24,7 @@ class RefusingFinisher(RecordingFinisher):
         super().__init__()
         self.refusal, self.refused = refusal, 0
 
-    async def finish(self, result, *, ack, reply_to, then=None):
+    async def finish(self, result, *, ack, reply_to, then=None, before_answer=None):
         response = result.response
         if response is not None and (response.body is not None or response.json_body is not None):
             self.refused += 1
@@ -59,7 +59,7 @@ async def test_a_refused_paid_answer_ends_failed_and_is_not_called_again(monkeyp
 
 async def test_when_nothing_can_be_stored_the_job_goes_back():
     class NothingStored(RecordingFinisher):
-        async def finish(self, result, *, ack, reply_to, then=None):
+        async def finish(self, result, *, ack, reply_to, then=None, before_answer=None):
             raise FULL
 
     finisher = NothingStored()

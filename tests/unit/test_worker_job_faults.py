@@ -40,7 +40,7 @@ class RecordingFinisher:
         self.fail_store = fail_store
         self.finished, self.dead_letters, self.naks = [], [], []
 
-    async def finish(self, result, *, ack, reply_to, then=None):
+    async def finish(self, result, *, ack, reply_to, then=None, before_answer=None):
         if self.fail_store is not None:
             raise self.fail_store
         self.finished.append(result)
