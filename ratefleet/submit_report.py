@@ -178,8 +178,7 @@ async def fleet_upstreams(client: Client, warn: Callable[[str], None] | None = N
         warn(f"warning: tier {tier!r} is not in the fleet's live config (revision {entry.revision}; its tiers: "
              f"{', '.join(config.tiers)}): the jobs are stored but nothing runs them until a config with "
              f"[tiers.{tier}] is pushed again (`ratefleet config push FILE`)")
-    return UpstreamRoutes({name: upstream.auth_header for name, upstream in config.upstreams.items()},
-                          config.default_upstream)
+    return config.upstream_routes()
 
 
 async def count_results(client: Client, batch: str) -> int:

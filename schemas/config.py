@@ -21,6 +21,7 @@ from ratefleet.schemas.config_env import EnvOverrides
 from ratefleet.schemas.config_nats import NatsAuthConfig
 from ratefleet.schemas.config_tracing import TracingConfig
 from ratefleet.schemas.errors import ConfigError
+from ratefleet.schemas.job import UpstreamRoutes
 from ratefleet.schemas.key_versions import (
     IMPLICIT_VERSION_ID,
     KeyVersion,
@@ -498,6 +499,12 @@ class Config(_Strict):
             except ValueError:  # (refused when the config is read: several upstreams, a pool naming none)
                 continue
         return [upstream for upstream in self.callers[caller].upstreams or list(self.upstreams) if upstream not in served]
+
+    def upstream_routes(self) -> UpstreamRoutes:
+        """The upstreams as `upstream_problem` checks a job against them: name -> the header the
+        keys go in, and `default_upstream` (the dispatcher's intake and `ratefleet submit`)."""
+        return UpstreamRoutes({name: upstream.auth_header for name, upstream in self.upstreams.items()},
+                              self.default_upstream)
 
     def implicit_upstream(self) -> str | None:
         """Where a job or pool that names no upstream goes: the only upstream, else

@@ -26,7 +26,7 @@ from ratefleet.schemas.config import Config, parse_config
 from ratefleet.schemas.errors import ConfigError
 
 CURRENT_KEY = "current"
-LIVE_SECTIONS = ("upstreams", "pools", "tiers")  # (`fleet_view`; and the top-level default_upstream)
+LIVE_SECTIONS = ("upstreams", "pools", "tiers")  # (`fleet_view`)
 LIVE_SETTINGS = ("default_upstream",)  # top-level settings applied live
 LIVE_DISPATCHER_FIELDS = ("policy", "priority_reserve", "priority_slots")
 LOCAL_SECTIONS = ("nats",)
@@ -98,7 +98,6 @@ def fleet_view(local: Config, stored: Config) -> Config:
     other, so the result is consistent."""
     live_dispatcher = {name: getattr(stored.dispatcher, name) for name in LIVE_DISPATCHER_FIELDS}
     return local.model_copy(update={
-        **{section: getattr(stored, section) for section in LIVE_SECTIONS},
-        "default_upstream": stored.default_upstream,
+        **{name: getattr(stored, name) for name in (*LIVE_SECTIONS, *LIVE_SETTINGS)},
         "dispatcher": local.dispatcher.model_copy(update=live_dispatcher)})
 

@@ -125,6 +125,5 @@ _upstreams_of: tuple[Config | None, UpstreamRoutes] = (None, UpstreamRoutes({}))
 def _check_against_config(job: Job, config: Config) -> tuple[ErrorCode, str] | None:
     global _upstreams_of
     if _upstreams_of[0] is not config:
-        _upstreams_of = (config, UpstreamRoutes({name: upstream.auth_header for name, upstream in config.upstreams.items()},
-                                                config.default_upstream))
+        _upstreams_of = (config, config.upstream_routes())
     return upstream_problem(job, _upstreams_of[1])
